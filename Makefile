@@ -1,0 +1,29 @@
+# Two commands do everything: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines install torch from constraints-cpu.txt; a GPU machine sets CONSTRAINTS= (see README).
+CONSTRAINTS ?= -c constraints-cpu.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(CONSTRAINTS) -e '.[service,blender,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/chatpose demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) dist demo_output

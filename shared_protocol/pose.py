@@ -1,0 +1,287 @@
+"""Pose values: one SMPL body pose, and a sequence of them as AMASS-layout `.npz`.
+
+Layout `smpl24_axis_angle`: 24 axis-angle vectors (radians) in SMPL joint order
+(`skeleton.JOINT_NAMES`). Index 0 is the global orientation in the SMPL body frame
+(+Y up, +Z the direction the body faces, +X the body's own left); 1..23 are each
+joint's rotation relative to its parent. The optional translation is the pelvis
+offset in metres, same frame.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+POSE_LAYOUT = "smpl24_axis_angle"
+NUM_JOINTS = 24
+GENDERS = ("neutral", "male", "female")
+DEFAULT_FPS = 30.0
+# AMASS stores SMPL-H poses as 52 joints (156 numbers): the first 22 are the SMPL body, then
+# hand joints. Its first 72 numbers are read as the SMPL pose, as the ChatPose release does.
+_AMASS_POSE_WIDTHS = (72, 156)
+
+
+def _finite_array(
+    value: object, name: str, shape: tuple[int, ...], flat_ok: bool = False
+) -> np.ndarray:
+    """A read-only float64 copy of `value`, checked for shape and finiteness.
+
+    With `flat_ok`, a flat vector of the right size is reshaped (AMASS and smplx store poses so).
+    """
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: not an array of numbers ({exc})") from None
+    if flat_ok and array.shape == (math.prod(shape),):
+        array = array.reshape(shape)
+    if array.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: contains NaN or infinity")
+    array.setflags(write=False)
+    return array
+
+
+def _optional_label(label: object, name: str) -> str | None:
+    if label is None or isinstance(label, str):
+        return label
+    raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
+
+
+@dataclass(frozen=True, eq=False)
+class Pose:
+    """One SMPL body pose. Construction validates and freezes the arrays."""
+
+    axis_angle: np.ndarray
+    translation: np.ndarray | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "axis_angle",
+            _finite_array(self.axis_angle, "axis_angle", (NUM_JOINTS, 3), flat_ok=True),
+        )
+        if self.translation is not None:
+            object.__setattr__(
+                self, "translation", _finite_array(self.translation, "translation", (3,))
+            )
+        _optional_label(self.label, "label")
+
+    @property
+    def global_orient(self) -> np.ndarray:
+        """The root rotation (3,), as smplx's `global_orient`."""
+        return self.axis_angle[0]
+
+    @property
+    def body_pose(self) -> np.ndarray:
+        """The 23 joint rotations flattened (69,), as smplx's `body_pose`."""
+        return self.axis_angle[1:].reshape(-1)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pose):
+            return NotImplemented
+        same_translation = (self.translation is None and other.translation is None) or (
+            self.translation is not None
+            and other.translation is not None
+            and np.array_equal(self.translation, other.translation)
+        )
+        return (
+            np.array_equal(self.axis_angle, other.axis_angle)
+            and same_translation
+            and self.label == other.label
+        )
+
+    __hash__ = None  # mutable-looking arrays inside; equality is by value
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; `from_dict` reads it back exactly."""
+        return {
+            "layout": POSE_LAYOUT,
+            "axis_angle": self.axis_angle.tolist(),
+            "translation": None if self.translation is None else self.translation.tolist(),
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Pose:
+        """Reads `to_dict`'s output; raises ValueError naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"pose: expected an object, got {type(data).__name__}")
+        if data.get("layout") != POSE_LAYOUT:
+            raise ValueError(f"layout: expected {POSE_LAYOUT!r}, got {data.get('layout')!r}")
+        if "axis_angle" not in data:
+            raise ValueError("axis_angle: missing")
+        for key in ("axis_angle", "translation"):
+            _reject_non_numbers(data.get(key), key)
+        return cls(
+            axis_angle=data["axis_angle"],
+            translation=data.get("translation"),
+            label=_optional_label(data.get("label"), "label"),
+        )
+
+
+def _reject_non_numbers(value: object, name: str) -> None:
+    """JSON lists must hold real numbers: numpy would quietly turn True or "1" into 1.0."""
+    if value is None:
+        return
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            raise ValueError(f"{name}: expected numbers, found {type(item).__name__}")
+
+
+@dataclass(frozen=True, eq=False)
+class Motion:
+    """A sequence of poses at a frame rate, as an AMASS-layout `.npz` holds it.
+
+    The file has `poses` (N, 72), `trans` (N, 3), `mocap_framerate`, `gender` and `betas`;
+    per-frame labels, when present, go in an extra `labels` array that AMASS readers ignore.
+    """
+
+    axis_angle: np.ndarray  # (N, 24, 3)
+    translation: np.ndarray  # (N, 3)
+    fps: float = DEFAULT_FPS
+    gender: str = "neutral"
+    betas: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        frames = np.shape(self.axis_angle)[0] if np.ndim(self.axis_angle) == 3 else -1
+        if frames < 0:
+            raise ValueError(
+                f"axis_angle: expected shape (N, 24, 3), got {np.shape(self.axis_angle)}"
+            )
+        object.__setattr__(
+            self,
+            "axis_angle",
+            _finite_array(self.axis_angle, "axis_angle", (frames, NUM_JOINTS, 3)),
+        )
+        object.__setattr__(
+            self, "translation", _finite_array(self.translation, "translation", (frames, 3))
+        )
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int | float | np.number):
+            raise ValueError(f"fps: expected a number, got {type(self.fps).__name__}")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps: expected a positive frame rate, got {self.fps}")
+        object.__setattr__(self, "fps", float(self.fps))
+        if self.gender not in GENDERS:
+            raise ValueError(f"gender: expected one of {GENDERS}, got {self.gender!r}")
+        betas_len = np.shape(self.betas)[0] if np.ndim(self.betas) == 1 else -1
+        object.__setattr__(self, "betas", _finite_array(self.betas, "betas", (betas_len,)))
+        if self.labels is not None:
+            labels = tuple(self.labels)
+            if len(labels) != frames or not all(isinstance(x, str) for x in labels):
+                raise ValueError(f"labels: expected {frames} strings, one per frame")
+            object.__setattr__(self, "labels", labels)
+
+    def __len__(self) -> int:
+        return self.axis_angle.shape[0]
+
+    @classmethod
+    def from_poses(
+        cls,
+        poses: Iterable[Pose],
+        fps: float = DEFAULT_FPS,
+        gender: str = "neutral",
+        betas: Sequence[float] | np.ndarray | None = None,
+    ) -> Motion:
+        """Stacks poses into frames; a pose without translation stands at the origin."""
+        poses = list(poses)
+        if not all(isinstance(p, Pose) for p in poses):
+            raise ValueError("poses: expected Pose values")
+        labels = [p.label or "" for p in poses]
+        return cls(
+            axis_angle=np.stack([p.axis_angle for p in poses]) if poses else np.zeros((0, 24, 3)),
+            translation=np.array(
+                [np.zeros(3) if p.translation is None else p.translation for p in poses]
+            ).reshape(len(poses), 3),
+            fps=fps,
+            gender=gender,
+            betas=np.zeros(10) if betas is None else betas,
+            labels=tuple(labels) if any(labels) else None,
+        )
+
+    def poses(self) -> list[Pose]:
+        labels = self.labels or ("",) * len(self)
+        return [
+            Pose(aa, translation, label or None)
+            for aa, translation, label in zip(
+                self.axis_angle, self.translation, labels, strict=True
+            )
+        ]
+
+    def save_npz(self, path: str | os.PathLike) -> None:
+        arrays = {
+            "poses": self.axis_angle.reshape(len(self), NUM_JOINTS * 3),
+            "trans": self.translation,
+            "mocap_framerate": np.array(self.fps),
+            "gender": np.array(self.gender),
+            "betas": self.betas,
+        }
+        if self.labels is not None:
+            arrays["labels"] = np.array(self.labels, dtype=str)
+        with open(path, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
+            np.savez(stream, **arrays)
+
+    @classmethod
+    def load_npz(cls, path: str | os.PathLike) -> Motion:
+        """Reads an AMASS-layout file; raises ValueError naming the file and the bad entry."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls._from_arrays({key: data[key] for key in data.files})
+        except FileNotFoundError:
+            raise
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
+
+    @classmethod
+    def _from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Motion:
+        if "poses" not in arrays:
+            raise ValueError("poses: missing")
+        poses = arrays["poses"]
+        if poses.ndim != 2 or poses.shape[1] not in _AMASS_POSE_WIDTHS:
+            raise ValueError(
+                f"poses: expected shape (N, 72) or AMASS SMPL-H (N, 156), got {poses.shape}"
+            )
+        frames = poses.shape[0]
+        # AMASS's SMPL-X files spell it mocap_frame_rate.
+        fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
+        if fps_key is None:
+            raise ValueError("mocap_framerate: missing")
+        if arrays[fps_key].size != 1 or arrays[fps_key].dtype.kind not in "iuf":
+            raise ValueError(f"{fps_key}: expected one number")
+        return cls(
+            axis_angle=poses[:, :72].reshape(frames, NUM_JOINTS, 3),
+            translation=arrays.get("trans", np.zeros((frames, 3))),
+            fps=float(arrays[fps_key]),
+            gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
+            betas=arrays.get("betas", np.zeros(10)),
+            labels=_labels(arrays["labels"]) if "labels" in arrays else None,
+        )
+
+
+def _labels(value: np.ndarray) -> tuple[str, ...]:
+    if value.ndim != 1:
+        raise ValueError(f"labels: expected one string per frame, got shape {value.shape}")
+    return tuple(_text(item, "labels") for item in value)
+
+
+def _text(value: np.ndarray, name: str) -> str:
+    """AMASS writes strings as numpy unicode or bytes scalars."""
+    if value.dtype.kind == "U":
+        return str(value.item())
+    if value.dtype.kind == "S":
+        return value.item().decode("utf-8", errors="replace")
+    raise ValueError(f"{name}: expected a string, got an array of {value.dtype}")

@@ -1,0 +1,217 @@
+import json
+
+import numpy as np
+import pytest
+
+from shared_protocol.pose import POSE_LAYOUT, Motion, Pose
+
+
+def random_pose(rng: np.random.Generator, label: str | None = None) -> Pose:
+    return Pose(rng.normal(scale=0.5, size=(24, 3)), rng.normal(size=3), label)
+
+
+def test_pose_accepts_flat_vector_and_freezes_a_copy():
+    values = np.arange(72, dtype=float) / 100
+    pose = Pose(values)
+    assert pose.axis_angle.shape == (24, 3)
+    np.testing.assert_array_equal(pose.axis_angle[1], [0.03, 0.04, 0.05])
+    values[:] = 0  # the pose owns its data
+    assert pose.axis_angle[1, 0] == 0.03
+    with pytest.raises(ValueError):
+        pose.axis_angle[0, 0] = 1.0
+    np.testing.assert_array_equal(pose.global_orient, [0.0, 0.01, 0.02])
+    assert pose.body_pose.shape == (69,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"axis_angle": np.zeros((23, 3))}, r"axis_angle: expected shape \(24, 3\)"),
+        ({"axis_angle": np.zeros(71)}, r"axis_angle: expected shape"),
+        ({"axis_angle": np.full((24, 3), np.nan)}, "axis_angle: contains NaN"),
+        ({"axis_angle": np.full((24, 3), np.inf)}, "axis_angle: contains NaN or infinity"),
+        ({"axis_angle": [["a", "b", "c"]] * 24}, "axis_angle: not an array of numbers"),
+        ({"axis_angle": [[0.0, 0.0]] + [[0.0, 0.0, 0.0]] * 23}, "axis_angle: not an array"),
+        ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0]}, "translation: expected shape"),
+        ({"axis_angle": np.zeros((24, 3)), "translation": [0, np.nan, 0]}, "translation: contains"),
+        ({"axis_angle": np.zeros((24, 3)), "label": 7}, "label: expected a string"),
+    ],
+)
+def test_pose_rejects_bad_values_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Pose(**kwargs)
+
+
+def test_pose_dict_round_trip_is_exact_through_json():
+    rng = np.random.default_rng(0)
+    for label in (None, "kneel on one knee"):
+        pose = random_pose(rng, label)
+        data = json.loads(json.dumps(pose.to_dict()))
+        assert data["layout"] == POSE_LAYOUT
+        assert Pose.from_dict(data) == pose
+    bare = Pose(np.zeros((24, 3)))
+    assert Pose.from_dict(bare.to_dict()) == bare
+    assert Pose.from_dict(bare.to_dict()).translation is None
+
+
+def test_pose_equality_is_by_value():
+    rng = np.random.default_rng(1)
+    pose = random_pose(rng, "a")
+    assert pose == Pose(pose.axis_angle.copy(), pose.translation.copy(), "a")
+    assert pose != Pose(pose.axis_angle, pose.translation, "b")
+    assert pose != Pose(pose.axis_angle, None, "a")
+    assert pose != Pose(pose.axis_angle + 1e-12, pose.translation, "a")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("layout"), "layout: expected 'smpl24_axis_angle', got None"),
+        (lambda d: d.update(layout="smplx55"), "layout: expected"),
+        (lambda d: d.pop("axis_angle"), "axis_angle: missing"),
+        (lambda d: d["axis_angle"][3].__setitem__(1, True), "axis_angle: expected numbers"),
+        (lambda d: d["axis_angle"][3].__setitem__(1, "1"), "axis_angle: expected numbers"),
+        (lambda d: d.update(translation=["0", 0, 0]), "translation: expected numbers"),
+        (lambda d: d.update(label=["x"]), "label: expected a string"),
+    ],
+)
+def test_pose_from_dict_names_the_bad_field(mutate, message):
+    data = Pose(np.zeros((24, 3)), np.zeros(3)).to_dict()
+    mutate(data)
+    with pytest.raises(ValueError, match=message):
+        Pose.from_dict(data)
+
+
+def test_pose_from_dict_rejects_non_objects():
+    with pytest.raises(ValueError, match="pose: expected an object, got list"):
+        Pose.from_dict([0.0] * 72)
+
+
+def test_motion_npz_round_trip_in_amass_layout(tmp_path):
+    rng = np.random.default_rng(2)
+    poses = [random_pose(rng, f"line {i}") for i in range(5)]
+    motion = Motion.from_poses(poses, fps=24, gender="female", betas=np.arange(16) / 10)
+    path = tmp_path / "animation"  # no suffix: written exactly where asked
+    motion.save_npz(path)
+    assert path.exists()
+
+    with np.load(path, allow_pickle=False) as raw:
+        assert raw["poses"].shape == (5, 72)
+        assert raw["trans"].shape == (5, 3)
+        assert float(raw["mocap_framerate"]) == 24.0
+        assert str(raw["gender"]) == "female"
+        assert raw["betas"].shape == (16,)
+        np.testing.assert_array_equal(raw["poses"][2], poses[2].axis_angle.reshape(-1))
+
+    loaded = Motion.load_npz(path)
+    assert loaded.poses() == poses
+    assert loaded.fps == 24.0 and loaded.gender == "female"
+    np.testing.assert_array_equal(loaded.betas, np.arange(16) / 10)
+
+
+def test_motion_without_labels_or_translation():
+    motion = Motion.from_poses([Pose(np.zeros((24, 3))), Pose(np.ones((24, 3)) * 0.1)])
+    assert motion.labels is None
+    np.testing.assert_array_equal(motion.translation, np.zeros((2, 3)))
+    assert [p.label for p in motion.poses()] == [None, None]
+
+
+def test_motion_empty_round_trip(tmp_path):
+    Motion.from_poses([]).save_npz(tmp_path / "empty.npz")
+    assert len(Motion.load_npz(tmp_path / "empty.npz")) == 0
+
+
+def test_motion_reads_real_amass_variants(tmp_path):
+    """AMASS SMPL-H: 156-wide poses, bytes gender; SMPL-X spells the frame rate differently."""
+    rng = np.random.default_rng(3)
+    poses = rng.normal(size=(4, 156))
+    np.savez(
+        tmp_path / "smplh.npz",
+        poses=poses,
+        trans=rng.normal(size=(4, 3)),
+        mocap_framerate=np.array(120.0),
+        gender=np.array(b"male"),
+        betas=np.zeros(16),
+        dmpls=np.zeros((4, 8)),
+    )
+    motion = Motion.load_npz(tmp_path / "smplh.npz")
+    np.testing.assert_array_equal(motion.axis_angle.reshape(4, 72), poses[:, :72])
+    assert motion.gender == "male" and motion.fps == 120.0
+
+    np.savez(tmp_path / "smplx.npz", poses=poses[:, :72], mocap_frame_rate=np.array(30))
+    motion = Motion.load_npz(tmp_path / "smplx.npz")
+    assert motion.fps == 30.0 and motion.gender == "neutral"
+    np.testing.assert_array_equal(motion.translation, np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"trans": np.zeros((2, 3)), "mocap_framerate": 30.0}, "poses: missing"),
+        ({"poses": np.zeros((2, 66)), "mocap_framerate": 30.0}, r"poses: expected shape \(N, 72\)"),
+        ({"poses": np.zeros((2, 72))}, "mocap_framerate: missing"),
+        ({"poses": np.zeros((2, 72)), "mocap_framerate": np.zeros(3)}, "expected one number"),
+        ({"poses": np.zeros((2, 72)), "mocap_framerate": -1.0}, "fps: expected a positive"),
+        ({"poses": np.full((2, 72), np.nan), "mocap_framerate": 30.0}, "axis_angle: contains"),
+        (
+            {"poses": np.zeros((2, 72)), "trans": np.zeros((3, 3)), "mocap_framerate": 30.0},
+            r"translation: expected shape \(2, 3\)",
+        ),
+        (
+            {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "gender": np.array("robot")},
+            "gender: expected one of",
+        ),
+        (
+            {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "labels": np.array(["a"])},
+            "labels: expected 2 strings",
+        ),
+        (
+            {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "gender": np.array(1.0)},
+            "gender: expected a string",
+        ),
+    ],
+)
+def test_motion_load_names_the_file_and_the_bad_entry(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        Motion.load_npz(path)
+    assert str(path) in str(info.value)
+
+
+def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, poses=np.array([{"evil": 1}], dtype=object), mocap_framerate=30.0)
+    with pytest.raises(ValueError, match="pickled.npz"):
+        Motion.load_npz(pickled)
+
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a readable .npz file"):
+        Motion.load_npz(junk)
+
+    with pytest.raises(FileNotFoundError):
+        Motion.load_npz(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"axis_angle": np.zeros((2, 24))}, r"axis_angle: expected shape \(N, 24, 3\)"),
+        ({"fps": 0}, "fps: expected a positive frame rate"),
+        ({"fps": float("nan")}, "fps: expected a positive frame rate"),
+        ({"fps": True}, "fps: expected a number"),
+        ({"gender": "Male"}, "gender: expected one of"),
+        ({"betas": np.zeros((2, 10))}, "betas: expected shape"),
+        ({"labels": ("a", 3)}, "labels: expected 2 strings"),
+    ],
+)
+def test_motion_rejects_bad_values(kwargs, message):
+    fields = {"axis_angle": np.zeros((2, 24, 3)), "translation": np.zeros((2, 3)), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Motion(**fields)
+
+
+def test_motion_from_poses_rejects_non_poses():
+    with pytest.raises(ValueError, match="poses: expected Pose values"):
+        Motion.from_poses([np.zeros((24, 3))])

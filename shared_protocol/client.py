@@ -1,0 +1,178 @@
+"""A protocol v1 client on a ZeroMQ DEALER socket, for the command line and the Blender add-on.
+
+The one module of `shared_protocol` that needs pyzmq (the add-on bundles its wheels); the rest
+is numpy only. It never blocks longer than asked: `poll(0)` from a Blender timer returns at
+once, and `request()` gives up at its timeout with a `ProtocolError` whose code says why:
+`unreachable` when no connection to the service exists, `timeout` when one does but no answer
+came in time. After either, the socket is replaced, so a restarted service is reached again
+without restarting the client.
+
+Whether a connection exists comes from the socket's monitor (a completed handshake), not from
+ZMQ_IMMEDIATE: with that option a DEALER discards replies it has already received when the
+service goes away, and the last items of a batch would be lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from .protocol import (
+    DEFAULT_LIMITS,
+    ErrorCode,
+    ErrorReply,
+    Limits,
+    ProtocolError,
+    Reply,
+    Request,
+    decode_reply,
+    encode_request,
+    is_final,
+)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+# How long to wait for a connection before calling the service unreachable; a local service
+# that is up accepts within milliseconds.
+CONNECT_TIMEOUT_S = 2.0
+_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+@dataclass(frozen=True)
+class ClientCurveKeys:
+    """The client's own key pair file and the server's public key file (see docs/security.md)."""
+
+    client_secret_file: Path
+    server_public_file: Path
+
+
+class Client:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        curve: ClientCurveKeys | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        context: zmq.Context | None = None,
+    ):
+        self.address = address
+        self._curve = curve
+        self._limits = limits
+        self._context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}-{time.monotonic_ns() & 0xFFFFFF:x}"
+        self._socket = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.linger = 0  # closing never waits for a dead service
+        if self._curve is not None:
+            public, secret = zmq.auth.load_certificate(self._curve.client_secret_file)
+            server_public, _ = zmq.auth.load_certificate(self._curve.server_public_file)
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_serverkey = server_public
+        self._monitor = sock.get_monitor_socket(_MONITORED)
+        self._connected = False
+        sock.connect(self.address)
+        return sock
+
+    @property
+    def connected(self) -> bool:
+        """Whether a handshake with the service has completed and not dropped since."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        return self._connected
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.connected:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms <= 0:
+                return False
+            self._monitor.poll(min(remaining_ms, 50))
+        return True
+
+    def reset(self) -> None:
+        """A fresh socket: replies to earlier requests are no longer awaited."""
+        self.close()
+        self._socket = self._connect()
+
+    def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close()
+        self._socket.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def new_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    # --- non-blocking pieces, for an event loop such as Blender's timers ----------------------
+
+    def send(self, request: Request) -> None:
+        """Queues the request; it goes out as soon as a connection exists."""
+        self._socket.send_multipart(encode_request(request))
+
+    def poll(self, timeout_ms: float = 0) -> Reply | None:
+        """One reply if one arrives within `timeout_ms`, else None. A reply that does not
+        decode is returned as an ErrorReply, so the caller sees every problem as a reply."""
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = self._socket.recv_multipart(zmq.NOBLOCK)
+        try:
+            return decode_reply(frames, self._limits)
+        except ProtocolError as err:
+            return ErrorReply(err.request_id, err.op, err.code, f"bad reply: {err}", None)
+
+    # --- blocking conveniences, for the command line and tests ---------------------------------
+    # They serve one request at a time: replies to any other request are dropped.
+
+    def request(self, request: Request, timeout_s: float) -> Reply:
+        """Sends and waits for the final reply; raises ProtocolError(unreachable | timeout)."""
+        replies = list(self.stream(request, timeout_s))
+        return replies[-1]
+
+    def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:
+        """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait
+        for each reply, so a long batch lives as long as items keep coming."""
+        if not self.wait_connected(min(timeout_s, CONNECT_TIMEOUT_S)):
+            self.reset()
+            raise ProtocolError(
+                ErrorCode.UNREACHABLE,
+                f"no service at {self.address}; is chatpose-serve running?",
+                request_id=request.id,
+                op=request.op,
+            )
+        self.send(request)
+        while True:
+            reply = self._wait_for(request, timeout_s)
+            yield reply
+            if is_final(reply):
+                return
+
+    def _wait_for(self, request: Request, timeout_s: float) -> Reply:
+        deadline = time.monotonic() + timeout_s
+        while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
+            reply = self.poll(remaining_ms)
+            if reply is not None and reply.id == request.id:  # skip late replies to old ones
+                return reply
+        code = ErrorCode.TIMEOUT if self.connected else ErrorCode.UNREACHABLE
+        self.reset()
+        raise ProtocolError(
+            code,
+            f"no answer from {self.address} within {timeout_s:g} s",
+            request_id=request.id,
+            op=request.op,
+        )

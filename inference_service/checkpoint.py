@@ -1,0 +1,149 @@
+"""The checkpoint directory format (documented in docs/checkpoints.md).
+
+    my-checkpoint/
+        chatpose.json            ChatPoseConfig below
+        base/                    the transformers model and its processor (or a path elsewhere)
+        adapter/                 optional: a peft LoRA adapter for the base model
+        pose_head.safetensors    the SMPL head (see pose_head.py)
+
+This module only reads, validates and writes that layout; it loads no weights.
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference_service.errors import CheckpointError
+from inference_service.prompts import TEMPLATES
+
+CONFIG_NAME = "chatpose.json"
+HEAD_NAME = "pose_head.safetensors"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+NUM_JOINTS = 24
+# The 6D layout of the release (HMR2): the first two columns of the matrix, one after the other.
+ROTATION_LAYOUT = "6d_two_columns"
+
+
+@dataclass(frozen=True)
+class ChatPoseConfig:
+    """What chatpose.json holds. Construction validates every field."""
+
+    hidden_size: int  # the LLM's hidden size: the pose head's input
+    head_hidden_size: int  # the pose head's inner width (the release: = hidden_size)
+    head_output_size: int = NUM_JOINTS * 6
+    rotation_layout: str = ROTATION_LAYOUT
+    pose_token: str = "<POSE>"  # the official release uses "[SEG]"
+    conversation_template: str = "llava_v1"
+    image_size: int = 336  # side of the square the processor crops images to
+    mm_use_im_start_end: bool = False  # wrap each image marker in <im_start>...<im_end>
+    max_images: int = 1  # images per request the model was trained for
+    base_model: str = "base"  # a directory: relative to the checkpoint, or absolute
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_type(field.name, getattr(self, field.name), _TYPES[field.name])
+        for name in ("hidden_size", "head_hidden_size", "image_size", "max_images"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"field '{name}' must be positive, got {getattr(self, name)}")
+        if self.head_output_size != NUM_JOINTS * 6:
+            raise CheckpointError(
+                f"field 'head_output_size' must be {NUM_JOINTS * 6} ({NUM_JOINTS} joints x 6D), "
+                f"got {self.head_output_size}"
+            )
+        if self.rotation_layout != ROTATION_LAYOUT:
+            raise CheckpointError(
+                f"field 'rotation_layout' must be {ROTATION_LAYOUT!r}, got {self.rotation_layout!r}"
+            )
+        if not self.pose_token or self.pose_token != self.pose_token.strip():
+            raise CheckpointError(
+                f"field 'pose_token' must be a non-empty token without spaces around it, "
+                f"got {self.pose_token!r}"
+            )
+        if self.conversation_template not in TEMPLATES:
+            raise CheckpointError(
+                f"field 'conversation_template' must be one of {sorted(TEMPLATES)}, "
+                f"got {self.conversation_template!r}"
+            )
+        if not self.base_model:
+            raise CheckpointError("field 'base_model' must name a directory")
+        if self.format_version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"field 'format_version' must be {FORMAT_VERSION}, got {self.format_version}"
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ChatPoseConfig":
+        """Read a chatpose.json file (or the one inside a checkpoint directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{path}: unknown field '{unknown[0]}'")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field is missing
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+            raise CheckpointError(f"{path}: missing field '{missing[0]}'") from exc
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write chatpose.json into `directory`; returns the file's path."""
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+_TYPES = typing.get_type_hints(ChatPoseConfig)
+
+
+def _check_type(name: str, value: object, expected: type) -> None:
+    # bool is a subclass of int in Python, but `"hidden_size": true` is still a mistake.
+    ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    if not ok:
+        raise CheckpointError(f"field '{name}' must be of type {expected.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory whose required files exist, with its paths resolved."""
+
+    root: Path
+    config: ChatPoseConfig
+    base_dir: Path
+    head_path: Path
+    adapter_dir: Path | None
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Checkpoint":
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a directory")
+        config = ChatPoseConfig.load(root / CONFIG_NAME)
+        base_dir = root / Path(config.base_model).expanduser()  # absolute paths stay absolute
+        if not (base_dir / "config.json").is_file():
+            raise CheckpointError(
+                f"{root / CONFIG_NAME}: field 'base_model' points to {base_dir}, "
+                f"which has no config.json"
+            )
+        head_path = root / HEAD_NAME
+        if not head_path.is_file():
+            raise CheckpointError(f"{head_path}: file not found")
+        adapter_dir = root / ADAPTER_DIR
+        if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").is_file():
+            raise CheckpointError(f"{adapter_dir}: adapter directory without adapter_config.json")
+        return cls(root, config, base_dir, head_path, adapter_dir if adapter_dir.exists() else None)

@@ -1,0 +1,308 @@
+"""Convert the official ChatPose release into this project's checkpoint format.
+
+    python -m inference_service.convert_official SRC DST --vision-tower CLIP_DIR
+
+SRC is the release's directory (LLaVA-original layout, as written by its
+merge_lora_weights_and_save_hf_model.py): config.json with `mm_*` fields, the tokenizer with
+`[SEG]` added, and weights named
+
+    model.embed_tokens.*, model.layers.*, model.norm.*, lm_head.*      the Llama LLM
+    model.mm_projector.0.*, model.mm_projector.2.*                     the 2-layer projector
+    model.text_hidden_fcs.0.0.*, model.text_hidden_fcs.0.2.*           the SMPL head
+
+The release saves no vision tower (its config names one, e.g. `mm_vision_tower`), and nothing
+can be downloaded here, so CLIP_DIR is a local CLIP (vision) model directory, e.g. a copy of
+openai/clip-vit-large-patch14-336. DST gets chatpose.json, base/ (a transformers
+LlavaForConditionalGeneration with its processor) and pose_head.safetensors; see
+docs/checkpoints.md. Peak memory is about the size of the model's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from inference_service.checkpoint import ChatPoseConfig
+from inference_service.errors import CheckpointError
+from inference_service.pose_head import PoseHead
+
+# Official name prefix -> transformers LlavaForConditionalGeneration name prefix.
+RENAMES = {
+    "model.embed_tokens.": "model.language_model.embed_tokens.",
+    "model.layers.": "model.language_model.layers.",
+    "model.norm.": "model.language_model.norm.",
+    "lm_head.": "lm_head.",
+    "model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
+    "model.mm_projector.2.": "model.multi_modal_projector.linear_2.",
+}
+HEAD_PREFIXES = ("model.text_hidden_fcs.0.", "text_hidden_fcs.0.")
+# Saved by the release but not needed: the vision tower comes from CLIP_DIR, SMPL-X buffers
+# belong to its renderer, rotary frequencies are recomputed.
+IGNORED = ("model.vision_tower.", "model.smplx.", "rotary_emb.inv_freq")
+IMAGE_TOKEN = "<image>"
+# LLaVA's `mm_vision_select_feature` -> transformers' `vision_feature_select_strategy`.
+SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str = "[SEG]") -> Path:
+    """Write the converted checkpoint to `destination`; returns it."""
+    if destination.exists() and any(destination.iterdir()):
+        raise CheckpointError(f"{destination}: exists and is not empty")
+    official = _read_config(source / "config.json")
+    weights = _read_weights(source)
+    tokenizer = _read_tokenizer(source, pose_token)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    vision_config = CLIPVisionConfig.from_pretrained(vision_tower, local_files_only=True)
+    embed = _required(weights, "model.embed_tokens.weight", source)
+    dtype = embed.dtype
+    vocab_size = max(embed.shape[0], len(tokenizer))
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=_llama_config(official, vocab_size, tokenizer),
+        image_token_index=image_token_id,
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        vision_feature_layer=official.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=SELECT_FEATURE[
+            official.get("mm_vision_select_feature", "patch")
+        ],
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    state = _language_and_projector(weights, source, vocab_size)
+    vision = CLIPVisionModel.from_pretrained(vision_tower, local_files_only=True, dtype=dtype)
+    state.update({f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()})
+
+    # Built on the meta device, the model allocates nothing until the converted tensors are
+    # assigned, so conversion needs about one copy of the weights in memory.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: no weights for {_official_name(missing[0])}")
+    model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    base = destination / "base"
+    model.save_pretrained(base)
+    _processor(tokenizer, vision_config, config.vision_feature_select_strategy).save_pretrained(
+        base
+    )
+    head = _pose_head(weights, source, hidden_size=official["hidden_size"])
+    head.save(destination / "pose_head.safetensors")
+    ChatPoseConfig(
+        hidden_size=official["hidden_size"],
+        head_hidden_size=head[0].out_features,
+        pose_token=pose_token,
+        image_size=vision_config.image_size,
+        mm_use_im_start_end=bool(official.get("mm_use_im_start_end", False)),
+    ).save(destination)
+    _report_unused(weights)
+    return destination
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        official = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if name not in official:
+            raise CheckpointError(f"{path}: missing field '{name}'")
+    projector = official.get("mm_projector_type", "mlp2x_gelu")
+    if projector != "mlp2x_gelu":
+        raise CheckpointError(
+            f"{path}: field 'mm_projector_type' is {projector!r}; only 'mlp2x_gelu' (LLaVA-1.5) "
+            f"converts to transformers' Llava"
+        )
+    feature = official.get("mm_vision_select_feature", "patch")
+    if feature not in SELECT_FEATURE:
+        raise CheckpointError(
+            f"{path}: field 'mm_vision_select_feature' must be one of {sorted(SELECT_FEATURE)}, "
+            f"got {feature!r}"
+        )
+    return official
+
+
+def _read_weights(source: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    files = sorted(source.glob("*.safetensors")) or sorted(source.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{source}: no *.safetensors or pytorch_model*.bin weight files")
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                weights.update(load_file(str(file)))
+            else:
+                weights.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+            raise CheckpointError(f"{file}: cannot read the weights ({exc})") from exc
+    return weights
+
+
+def _read_tokenizer(source: Path, pose_token: str):
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if pose_token not in tokenizer.get_vocab():
+        raise CheckpointError(
+            f"{source}: the tokenizer has no pose token {pose_token!r} (see --pose-token)"
+        )
+    # Original LLaVA splices image features in at a placeholder id outside the vocabulary;
+    # transformers' Llava needs a real image token, which then gets an (unused) embedding row.
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token  # as the release does
+    return tokenizer
+
+
+def _llama_config(official: dict, vocab_size: int, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=official["hidden_size"],
+        intermediate_size=official["intermediate_size"],
+        num_hidden_layers=official["num_hidden_layers"],
+        num_attention_heads=official["num_attention_heads"],
+        num_key_value_heads=official.get("num_key_value_heads", official["num_attention_heads"]),
+        max_position_embeddings=official.get("max_position_embeddings", 4096),
+        rms_norm_eps=official.get("rms_norm_eps", 1e-5),
+        rope_parameters={"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)},
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _language_and_projector(
+    weights: dict[str, torch.Tensor], source: Path, vocab_size: int
+) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in weights.items():
+        for old, new in RENAMES.items():
+            if name.startswith(old) and "rotary_emb" not in name:
+                state[new + name[len(old) :]] = tensor
+                break
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            state[name] = _grow_rows(state[name], vocab_size)
+    return state
+
+
+def _grow_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append rows (the mean of the existing ones) up to `rows`: room for the image token."""
+    extra = rows - matrix.shape[0]
+    if extra <= 0:
+        return matrix
+    mean = matrix.float().mean(dim=0, keepdim=True).to(matrix.dtype)
+    return torch.cat([matrix, mean.expand(extra, -1)], dim=0)
+
+
+def _pose_head(weights: dict[str, torch.Tensor], source: Path, hidden_size: int) -> PoseHead:
+    for prefix in HEAD_PREFIXES:
+        if f"{prefix}0.weight" in weights:
+            break
+    else:
+        raise CheckpointError(
+            f"{source}: no weights for {HEAD_PREFIXES[0]}0.weight (the SMPL head)"
+        )
+    state = {}
+    for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        state[name] = _required(weights, prefix + name, source).float()
+    head = PoseHead(hidden_size, state["0.weight"].shape[0], state["2.weight"].shape[0])
+    head.load_state_dict(state)
+    return head
+
+
+def _processor(tokenizer, vision_config: CLIPVisionConfig, select_strategy: str) -> LlavaProcessor:
+    # The release preprocesses with CLIP's processor: shortest side resized, then centre crop.
+    size = vision_config.image_size
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=select_strategy,
+        num_additional_image_tokens=1,  # CLIP's class token
+    )
+
+
+def _required(weights: dict[str, torch.Tensor], name: str, source: Path) -> torch.Tensor:
+    if name not in weights:
+        raise CheckpointError(f"{source}: no weights for {name}")
+    return weights[name]
+
+
+def _official_name(name: str) -> str:
+    """The official name a missing transformers weight would have come from, for errors."""
+    for old, new in RENAMES.items():
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
+def _report_unused(weights: dict[str, torch.Tensor]) -> None:
+    converted = (*RENAMES, *HEAD_PREFIXES)
+    unused = sorted(
+        n for n in weights if not n.startswith(converted) and not any(p in n for p in IGNORED)
+    )
+    if unused:
+        print(
+            f"convert_official: ignored {len(unused)} unknown tensors, e.g. {unused[0]}",
+            file=sys.stderr,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_service.convert_official",
+        description="Convert the official ChatPose release to this project's checkpoint format.",
+    )
+    parser.add_argument("source", type=Path, metavar="SRC", help="the release's directory")
+    parser.add_argument("destination", type=Path, metavar="DST", help="new checkpoint directory")
+    parser.add_argument(
+        "--vision-tower",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="a local CLIP vision model directory (the release names, not ships, it)",
+    )
+    parser.add_argument(
+        "--pose-token",
+        default="[SEG]",
+        help="the release's pose token string (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        convert(args.source, args.destination, args.vision_tower, args.pose_token)
+    except (CheckpointError, OSError, ValueError) as exc:
+        print(f"convert_official: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.destination}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

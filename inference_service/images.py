@@ -1,0 +1,34 @@
+"""Decoding the image bytes of a request into RGB PIL images."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from inference_service.errors import BadImageError
+
+# The formats the protocol promises; anything else is refused rather than guessed at.
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """PNG or JPEG bytes -> an RGB image, fully decoded; anything else raises BadImageError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BadImageError(f"image: expected bytes, got {type(data).__name__}")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+                image.load()  # decode now: truncated files fail here, not inside the model
+                return image.convert("RGB")
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise BadImageError(f"image: not a decodable PNG or JPEG ({exc})") from exc

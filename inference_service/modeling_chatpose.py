@@ -1,0 +1,390 @@
+"""ChatPoseModel: a LLaVA-family model plus the SMPL pose head, loaded from a checkpoint.
+
+Two ways to get poses:
+
+- `predict_poses`, the fast path: the answer template ("Sure, it is <POSE>.") is appended to the
+  prompt and the whole batch goes through ONE forward pass; no decoding.
+- `chat`, the chat path: `generate` with the KV cache writes a free reply, and every pose token
+  it emits yields a pose.
+
+Either way a pose comes from the final layer's hidden state (after the final norm) at the
+position BEFORE a pose token, i.e. the state that predicts the pose token.
+
+Any transformers image-text-to-text model whose processor expands its image marker into image
+tokens (as LlavaProcessor does) and whose base model returns `last_hidden_state` works; the
+reference is `LlavaForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from inference_service.checkpoint import ChatPoseConfig, Checkpoint
+from inference_service.errors import (
+    CheckpointError,
+    EmptyPromptError,
+    MissingDependencyError,
+    ModelError,
+    UnsupportedInputError,
+)
+from inference_service.images import decode_image
+from inference_service.pose_head import PoseHead, decode_pose
+from inference_service.prompts import (
+    POSE_MARKER,
+    Turn,
+    build_prompt,
+    get_template,
+    image_prefix,
+    pose_exchange,
+    with_answer,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+# The release generated up to 512 tokens; more is refused so one request cannot hog the GPU.
+MAX_NEW_TOKENS_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class PoseRequest:
+    """One fast-path request: a description, PNG/JPEG image bytes, or both."""
+
+    text: str | None = None
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """The reply text (pose tokens written as POSE_MARKER) and one pose per pose token."""
+
+    text: str
+    poses: list[np.ndarray]  # each (24, 3) axis-angle; index 0 the global orientation
+
+
+class ChatPoseModel:
+    """Load with `ChatPoseModel.from_checkpoint(path)`; the constructor takes loaded parts."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor,
+        head: PoseHead,
+        config: ChatPoseConfig,
+        max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+    ):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # Right padding keeps every row's positions as if it were alone, so a batched row gives
+        # the same hidden states as the same request on its own (causal attention never looks
+        # at the padding to the right).
+        self.tokenizer.padding_side = "right"
+        self.config = config
+        self.template = get_template(config.conversation_template)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.device = model.device
+        self.dtype = model.dtype
+        self.head = head.to(self.device).eval()
+        self.image_token = processor.image_token
+        self.pose_token_id = _ensure_token(self.tokenizer, model, config.pose_token)
+        if config.mm_use_im_start_end:
+            for token in ("<im_start>", "<im_end>"):
+                if token not in self.tokenizer.get_vocab():
+                    raise CheckpointError(
+                        f"chatpose.json sets mm_use_im_start_end but the tokenizer has no {token}"
+                    )
+        _check_image_size(processor, config.image_size)
+        # The backbone returns the final norm's output without computing logits for every
+        # position; under a peft wrapper the LoRA layers sit inside it, so it still applies them.
+        language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._backbone = language_model.base_model
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+    ) -> ChatPoseModel:
+        """Load a checkpoint directory (docs/checkpoints.md), from local files only.
+
+        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda[:N]". CUDA runs in
+        bfloat16 (float16 where bf16 is unsupported), CPU in float32. load_in_4bit/8bit quantize
+        the LLM with bitsandbytes (CUDA only); a LoRA adapter is then applied unmerged.
+        """
+        checkpoint = Checkpoint.open(path)
+        quantization = _quantization_config(load_in_4bit, load_in_8bit)
+        torch_device, dtype = _select_device(device)
+        if quantization is not None and torch_device.type != "cuda":
+            raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
+        try:
+            processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(
+                checkpoint.base_dir,
+                local_files_only=True,
+                dtype=dtype,
+                device_map=str(torch_device),
+                quantization_config=quantization,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"{checkpoint.base_dir}: cannot load the base model ({exc})"
+            ) from exc
+        # The pose token must exist before an adapter is loaded: the adapter may carry trained
+        # rows for it in the resized embeddings.
+        _ensure_token(processor.tokenizer, model, checkpoint.config.pose_token)
+        if checkpoint.adapter_dir is not None:
+            model = _apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
+        head = PoseHead.load(checkpoint.head_path, checkpoint.config)
+        return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
+
+    # --- fast path ---------------------------------------------------------------------
+
+    def predict_poses(self, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
+        """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
+        texts: list[str] = []
+        images: list[Image.Image] = []
+        for request in requests:
+            decoded = self._decode_images(request.images)
+            self._check_text(request.text or "")
+            try:
+                question, answer = pose_exchange(
+                    request.text, bool(decoded), self.config.pose_token
+                )
+            except ValueError as exc:
+                raise EmptyPromptError(str(exc)) from None
+            prompt = build_prompt(
+                self.template,
+                question,
+                image_markers=self._image_markers(len(decoded)),
+                pose_token=self.config.pose_token,
+            )
+            texts.append(with_answer(prompt, answer))
+            images.extend(decoded)
+        if not texts:
+            return []
+        inputs = self._encode(texts, images)
+        with torch.inference_mode(), _out_of_memory_as_model_error():
+            hidden = self._backbone(**inputs).last_hidden_state
+        input_ids = inputs["input_ids"]
+        # The answer template ends with the only pose token of the answer: take each row's last
+        # pose token, so one typed by the user in the description cannot be picked instead.
+        is_pose = input_ids == self.pose_token_id
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(is_pose, positions, -1).max(dim=1).values
+        if (last < 1).any():
+            raise ModelError("the tokenized answer template has no pose token")
+        states = hidden[torch.arange(len(texts), device=hidden.device), last - 1]
+        return self._poses(states)
+
+    # --- chat path ---------------------------------------------------------------------
+
+    def chat(
+        self,
+        prompt: str,
+        images: Sequence[bytes] = (),
+        history: Sequence[Turn] = (),
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        logits_processor: Sequence[LogitsProcessor] = (),
+    ) -> ChatReply:
+        """A free reply to `prompt` after `history` (greedy decoding, KV cache on).
+
+        The server is stateless: `images` are the conversation's images, re-sent every turn, and
+        go into its first user message. `logits_processor` lets a caller steer decoding (tests
+        force an answer with it).
+        """
+        if not 1 <= max_new_tokens <= self.max_new_tokens_limit:
+            raise UnsupportedInputError(
+                f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, "
+                f"got {max_new_tokens}"
+            )
+        decoded = self._decode_images(images)
+        if not prompt.strip() and not decoded:
+            raise EmptyPromptError("a chat message needs text, an image, or both")
+        for text in [prompt, *(t.user for t in history), *(t.assistant for t in history)]:
+            self._check_text(text)
+        text = build_prompt(
+            self.template,
+            prompt,
+            history,
+            self._image_markers(len(decoded)),
+            self.config.pose_token,
+        )
+        inputs = self._encode([text], decoded)
+        with torch.inference_mode(), _out_of_memory_as_model_error():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList(logits_processor),
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        generated = output.sequences[0, inputs["input_ids"].shape[1] :]
+        # output.hidden_states[t][-1] is the last layer at step t; its last position is the
+        # state that predicted generated token t (step 0 covers the whole prompt).
+        states = [
+            output.hidden_states[step][-1][0, -1]
+            for step, token in enumerate(generated.tolist())
+            if token == self.pose_token_id
+        ]
+        poses = self._poses(torch.stack(states)) if states else []
+        return ChatReply(self._render(generated.tolist()), poses)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
+        if len(images) > self.config.max_images:
+            raise UnsupportedInputError(
+                f"{len(images)} images given; this model takes at most {self.config.max_images}"
+            )
+        return [decode_image(data) for data in images]
+
+    def _check_text(self, text: str) -> None:
+        # A literal image marker would be expanded into image tokens with no image behind them.
+        if self.image_token in text:
+            raise UnsupportedInputError(
+                f"text must not contain the image marker {self.image_token!r}"
+            )
+
+    def _image_markers(self, count: int) -> str:
+        return image_prefix(count, self.image_token, self.config.mm_use_im_start_end)
+
+    def _encode(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        encoded = self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt"
+        )
+        inputs = {name: value.to(self.device) for name, value in encoded.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _poses(self, states: torch.Tensor) -> list[np.ndarray]:
+        # The head runs in float32 whatever the LLM's dtype: it is small, and bf16 rounding
+        # would show in the rotations.
+        with torch.inference_mode():
+            output = self.head(states.to(self.device, torch.float32))
+        return list(decode_pose(output.cpu().numpy()))
+
+    def _render(self, token_ids: list[int]) -> str:
+        """Reply text without end-of-sequence/padding, pose tokens written as POSE_MARKER."""
+        hidden = set(self.tokenizer.all_special_ids) - {self.pose_token_id}
+        text = self.tokenizer.decode(
+            [t for t in token_ids if t not in hidden], skip_special_tokens=False
+        )
+        return text.replace(self.config.pose_token, POSE_MARKER).strip()
+
+
+@contextmanager
+def _out_of_memory_as_model_error() -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelError("out of GPU memory: send fewer or shorter requests") from exc
+
+
+def _select_device(device: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise UnsupportedInputError(
+            f"device must be auto, cpu or cuda[:N], got {device!r}"
+        ) from None
+    if torch_device.type == "cpu":
+        return torch_device, torch.float32
+    if torch_device.type != "cuda":
+        raise UnsupportedInputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if not torch.cuda.is_available():
+        raise UnsupportedInputError(f"device {device!r} requested but CUDA is not available")
+    return torch_device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> BitsAndBytesConfig | None:
+    if load_in_4bit and load_in_8bit:
+        raise UnsupportedInputError("choose one of load_in_4bit and load_in_8bit")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (only to check it is installed)
+    except ImportError as exc:
+        flag = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+        raise MissingDependencyError(
+            f"{flag} needs the 'bitsandbytes' package, which is not installed "
+            f"(pip install bitsandbytes)"
+        ) from exc
+    # The vision side and the output layer stay unquantized, as in the release.
+    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _ensure_token(tokenizer, model: torch.nn.Module, token: str) -> int:
+    """The id of `token`, adding it (and an embedding row) when the tokenizer lacks it.
+
+    The id comes from convert_tokens_to_ids: tokenizing the string can return a "▁" piece
+    instead of the added id with SentencePiece tokenizers.
+    """
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if token_id >= old_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # New rows start as the mean of the old ones: deterministic, so two loads of the same
+        # checkpoint agree, and a neutral start for an untrained token.
+        with torch.no_grad():
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                weight = embedding.weight
+                weight[old_size:] = weight[:old_size].mean(dim=0)
+    return token_id
+
+
+def _apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+    from peft import PeftModel  # imported here: only checkpoints with an adapter need peft
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
+    # Merged weights run at the base model's speed; quantized weights cannot take a merge
+    # without losing precision, so they keep the adapter alongside.
+    return model.merge_and_unload() if merge else model
+
+
+def _check_image_size(processor, image_size: int) -> None:
+    crop = getattr(processor.image_processor, "crop_size", None)
+    if crop is None:
+        return
+    sides = {crop["height"], crop["width"]}
+    if sides != {image_size}:
+        raise CheckpointError(
+            f"chatpose.json says image_size {image_size} but the image processor crops to "
+            f"{crop['height']}x{crop['width']}"
+        )

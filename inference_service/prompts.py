@@ -1,0 +1,125 @@
+"""Prompt text: the llava_v1 conversation template and the pose questions and answers.
+
+Pure Python, no tokenizer: this module only decides which string the model reads. The
+templates follow the ChatPose release (docs: /work/shared/docs/chatpose-method.md, "Prompts").
+
+A conversation in llava_v1 reads
+
+    {system} USER: {question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT:
+
+and with images the first user message starts with one image marker per image and a newline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# How a pose token is written in replies and in history, whatever string the model's own token
+# is (the official release's is "[SEG]").
+POSE_MARKER = "<POSE>"
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    name: str
+    system: str
+    roles: tuple[str, str]
+    sep: str  # after a user message (and after the system prompt)
+    sep2: str  # after an assistant message: the end-of-sequence string
+
+
+LLAVA_V1 = ConversationTemplate(
+    name="llava_v1",
+    system=(
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
+    roles=("USER", "ASSISTANT"),
+    sep=" ",
+    sep2="</s>",
+)
+
+TEMPLATES = {LLAVA_V1.name: LLAVA_V1}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier exchange of a chat; pose tokens in `assistant` are written as POSE_MARKER."""
+
+    user: str
+    assistant: str
+
+
+def get_template(name: str) -> ConversationTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown conversation template {name!r}; known: {', '.join(sorted(TEMPLATES))}"
+        ) from None
+
+
+def image_prefix(count: int, image_token: str, use_im_start_end: bool) -> str:
+    """The markers that open the first user message: one per image, then a newline."""
+    if count == 0:
+        return ""
+    marker = f"<im_start>{image_token}<im_end>" if use_im_start_end else image_token
+    return marker * count + "\n"
+
+
+def build_prompt(
+    template: ConversationTemplate,
+    user_message: str,
+    history: Sequence[Turn] = (),
+    image_markers: str = "",
+    pose_token: str = POSE_MARKER,
+) -> str:
+    """The whole conversation as text, ending with the assistant's role, ready to continue.
+
+    `image_markers` (from `image_prefix`) goes at the start of the first user message, as in
+    LLaVA, so a chat's images stay in its first turn. Earlier answers get their POSE_MARKERs
+    replaced by the model's `pose_token`.
+    """
+    user, assistant = template.roles
+    parts = [template.system, template.sep]
+    for index, turn in enumerate(history):
+        question = image_markers + turn.user if index == 0 else turn.user
+        answer = turn.assistant.replace(POSE_MARKER, pose_token)
+        parts += [f"{user}: {question}", template.sep, f"{assistant}: {answer}", template.sep2]
+    question = user_message if history else image_markers + user_message
+    parts += [f"{user}: {question}", template.sep, f"{assistant}:"]
+    return "".join(parts)
+
+
+def with_answer(prompt: str, answer: str) -> str:
+    """A prompt from `build_prompt` followed by a (forced) assistant answer."""
+    return f"{prompt} {answer}"
+
+
+# The pose questions and answers of the release. Several phrasings were mixed in training; the
+# service always uses these.
+TEXT_QUESTION = "{description}, can you give the SMPL pose of this person?"
+TEXT_ANSWER = "Sure, it is {pose}."
+IMAGE_QUESTION = "Can you provide the SMPL pose of the person in the center of this image?"
+IMAGE_ANSWER = "Sure, the SMPL pose of this person is {pose}."
+# Image and text together (our phrasing): the text says which person or what to look at.
+IMAGE_TEXT_QUESTION = "{description} Can you provide the SMPL pose of this person?"
+
+
+def pose_exchange(
+    description: str | None, has_image: bool, pose_token: str = POSE_MARKER
+) -> tuple[str, str]:
+    """(question, answer) for a pose request; the answer holds exactly one `pose_token`."""
+    text = (description or "").strip()
+    if not text and not has_image:
+        raise ValueError("a pose request needs a description, an image, or both")
+    if not has_image:
+        question = TEXT_QUESTION.format(description=text.rstrip(".!?,;: "))
+        return question, TEXT_ANSWER.format(pose=pose_token)
+    if not text:
+        question = IMAGE_QUESTION
+    else:
+        sentence = text if text[-1] in ".!?" else text + "."
+        question = IMAGE_TEXT_QUESTION.format(description=sentence)
+    return question, IMAGE_ANSWER.format(pose=pose_token)

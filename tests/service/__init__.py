@@ -1,0 +1,1 @@
+"""Tests of the model half of the inference service (tiny in-process LLaVA)."""

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+
+from inference_service.checkpoint import CONFIG_NAME, ChatPoseConfig, Checkpoint
+from inference_service.errors import CheckpointError
+
+
+def write_config(directory, **fields):
+    data = {"hidden_size": 64, "head_hidden_size": 64, **fields}
+    (directory / CONFIG_NAME).write_text(json.dumps(data))
+    return directory / CONFIG_NAME
+
+
+def test_save_then_load_round_trips(tmp_path):
+    config = ChatPoseConfig(
+        hidden_size=5120,
+        head_hidden_size=5120,
+        pose_token="[SEG]",
+        mm_use_im_start_end=True,
+        base_model="/models/llava",
+    )
+    config.save(tmp_path)
+    assert ChatPoseConfig.load(tmp_path) == config
+    assert ChatPoseConfig.load(tmp_path / CONFIG_NAME) == config
+
+
+def test_defaults_follow_the_release():
+    config = ChatPoseConfig(hidden_size=5120, head_hidden_size=5120)
+    assert config.head_output_size == 144
+    assert config.rotation_layout == "6d_two_columns"
+    assert config.conversation_template == "llava_v1"
+    assert config.image_size == 336
+    assert config.base_model == "base"
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"hidden_size": True}, "hidden_size"),
+        ({"head_hidden_size": 0}, "head_hidden_size"),
+        ({"head_output_size": 72}, "head_output_size"),
+        ({"rotation_layout": "6d_interleaved"}, "rotation_layout"),
+        ({"pose_token": " <POSE>"}, "pose_token"),
+        ({"conversation_template": "vicuna"}, "conversation_template"),
+        ({"mm_use_im_start_end": 1}, "mm_use_im_start_end"),
+        ({"max_images": 0}, "max_images"),
+        ({"base_model": ""}, "base_model"),
+        ({"format_version": 2}, "format_version"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_field_names_the_field_and_the_file(tmp_path, fields, named):
+    path = write_config(tmp_path, **fields)
+    with pytest.raises(CheckpointError, match=f"'{named}'") as error:
+        ChatPoseConfig.load(tmp_path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_field_is_named(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="missing field 'head_hidden_size'"):
+        ChatPoseConfig.load(tmp_path)
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable JSON file"):
+        ChatPoseConfig.load(tmp_path)
+    with pytest.raises(CheckpointError, match="file not found"):
+        ChatPoseConfig.load(tmp_path / "elsewhere")
+
+
+def make_checkpoint(root, base_model="base"):
+    write_config(root, base_model=base_model)
+    (root / "pose_head.safetensors").write_bytes(b"")
+    return root
+
+
+def test_open_resolves_relative_and_absolute_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    checkpoint = Checkpoint.open(make_checkpoint(tmp_path))
+    assert checkpoint.base_dir == tmp_path / "base"
+    assert checkpoint.adapter_dir is None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    make_checkpoint(elsewhere, base_model=str(tmp_path / "base"))
+    assert Checkpoint.open(elsewhere).base_dir == tmp_path / "base"
+
+
+def test_open_reports_missing_parts(tmp_path):
+    make_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="'base_model' points to .*no config.json"):
+        Checkpoint.open(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(CheckpointError, match="without adapter_config.json"):
+        Checkpoint.open(tmp_path)
+    (tmp_path / "adapter").rmdir()
+    (tmp_path / "pose_head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="pose_head.safetensors: file not found"):
+        Checkpoint.open(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        Checkpoint.open(tmp_path / "nowhere")

@@ -1,0 +1,184 @@
+"""The converter, on a tiny checkpoint this test writes in the official release's layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel
+
+from inference_service.checkpoint import ChatPoseConfig
+from inference_service.convert_official import RENAMES, convert, main
+from inference_service.errors import CheckpointError
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+
+from . import tiny_llava
+from .forcing import ForceTokens, answer_ids
+
+OFFICIAL_TOKENS = ("<unk>", "<s>", "</s>", *tiny_llava.OFFICIAL_EXTRA_TOKENS)
+REQUESTS = [
+    PoseRequest("a man raising both arms"),
+    PoseRequest(images=(tiny_llava.image_bytes((9, 99, 199)),)),
+]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(official-layout dir, CLIP dir, the same model in this project's format).
+
+    The reference checkpoint's tokenizer is the official one plus "<image>" at the end, which
+    is what the converter makes of it, so both must give the same poses.
+    """
+    root = tmp_path_factory.mktemp("release")
+    official_tokenizer = tiny_llava.build_tokenizer(OFFICIAL_TOKENS)
+    tokenizer = tiny_llava.build_tokenizer(OFFICIAL_TOKENS)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    model = tiny_llava.build_llava(tokenizer, seed=5)
+    head = tiny_llava.build_head(seed=6)
+    reference = tiny_llava.write_checkpoint(
+        root / "reference",
+        model,
+        tiny_llava.build_processor(tokenizer),
+        head,
+        pose_token="[SEG]",
+        mm_use_im_start_end=True,
+    )
+
+    source = root / "official"
+    source.mkdir()
+    official_tokenizer.save_pretrained(source)
+    text = model.config.text_config
+    (source / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["ChatPoseForCausalLM"],
+                "model_type": "llava",
+                "hidden_size": text.hidden_size,
+                "intermediate_size": text.intermediate_size,
+                "num_hidden_layers": text.num_hidden_layers,
+                "num_attention_heads": text.num_attention_heads,
+                "num_key_value_heads": text.num_key_value_heads,
+                "max_position_embeddings": text.max_position_embeddings,
+                "rms_norm_eps": text.rms_norm_eps,
+                "rope_theta": text.rope_parameters["rope_theta"],
+                "vocab_size": len(official_tokenizer),
+                "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+                "mm_vision_select_layer": -2,
+                "mm_vision_select_feature": "patch",
+                "mm_projector_type": "mlp2x_gelu",
+                "mm_use_im_start_end": True,
+                "out_dim": 144,
+            }
+        )
+    )
+    inverse = {new: old for old, new in RENAMES.items()}
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        for new, old in inverse.items():
+            if name.startswith(new):
+                weights[old + name[len(new) :]] = tensor
+    # The official vocabulary has no "<image>" row: original LLaVA splices images in by index.
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][: len(official_tokenizer)]
+    weights.update({f"model.text_hidden_fcs.0.{k}": v for k, v in head.state_dict().items()})
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    weights["model.smplx.shapedirs"] = torch.zeros(2, 3)  # the release saves its body model too
+    weights["model.unknown_extra"] = torch.zeros(1)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(source / "model.safetensors"))
+
+    # The vision tower as a full CLIP model directory, as openai/clip-vit-large-patch14-336 is.
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=tiny_llava.vision_config().to_dict(),
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "vocab_size": 100,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 1,
+            },
+        )
+    )
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    clip.save_pretrained(root / "clip")
+    return source, root / "clip", reference
+
+
+def test_converted_release_gives_the_same_poses_as_the_source_weights(release, tmp_path, capsys):
+    source, clip, reference = release
+    converted = convert(source, tmp_path / "converted", clip)
+    # Known leftovers (SMPL-X buffers, rotary frequencies) pass silently, others are reported.
+    assert "ignored 1 unknown tensors, e.g. model.unknown_extra" in capsys.readouterr().err
+    config = ChatPoseConfig.load(converted)
+    assert (config.pose_token, config.mm_use_im_start_end, config.image_size) == ("[SEG]", True, 32)
+
+    model = ChatPoseModel.from_checkpoint(converted, device="cpu")
+    expected = ChatPoseModel.from_checkpoint(reference, device="cpu")
+    assert model.pose_token_id == model.tokenizer.convert_tokens_to_ids("[SEG]")
+    assert model.pose_token_id == expected.pose_token_id
+    for got, want in zip(
+        model.predict_poses(REQUESTS), expected.predict_poses(REQUESTS), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+    # The release's "[SEG]" is written as "<POSE>" in replies.
+    answer = "Sure, it is [SEG]."
+    forced = answer_ids(model, "Pose?", answer)
+    reply = model.chat("Pose?", logits_processor=[ForceTokens(forced)])
+    assert reply.text == "Sure, it is <POSE>."
+    assert len(reply.poses) == 1
+
+
+def test_missing_weight_is_named_by_its_official_name(release, tmp_path):
+    source, clip, _ = release
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in source.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(broken / "model.safetensors"))
+    del weights["model.norm.weight"]
+    save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no weights for model.norm.weight"):
+        convert(broken, tmp_path / "out", clip)
+
+    del weights["model.text_hidden_fcs.0.2.bias"]
+    weights["model.norm.weight"] = torch.ones(tiny_llava.HIDDEN)
+    save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no weights for model.text_hidden_fcs.0.2.bias"):
+        convert(broken, tmp_path / "out2", clip)
+
+
+def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp_path, capsys):
+    source, clip, _ = release
+    assert (
+        main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+    )
+    assert "config.json: file not found" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    assert main([str(source), str(tmp_path / "full"), "--vision-tower", str(clip)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main([str(source), str(tmp_path / "ok"), "--vision-tower", str(clip)]) == 0
+    assert (tmp_path / "ok" / "chatpose.json").is_file()
+
+
+def test_wrong_pose_token_is_reported(release, tmp_path):
+    source, clip, _ = release
+    with pytest.raises(CheckpointError, match="no pose token '<POSE>'"):
+        convert(source, tmp_path / "out", clip, pose_token="<POSE>")
+
+
+def test_unreadable_weights_are_reported(release, tmp_path):
+    source, clip, _ = release
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((source / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read the weights"):
+        convert(broken, tmp_path / "out", clip)

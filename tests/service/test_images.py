@@ -1,0 +1,29 @@
+import pytest
+
+from inference_service.errors import BadImageError
+from inference_service.images import decode_image
+
+from .tiny_llava import image_bytes
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_png_and_jpeg_decode_to_rgb(fmt):
+    image = decode_image(image_bytes((10, 20, 30), size=(40, 30), fmt=fmt))
+    assert image.mode == "RGB"
+    assert image.size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image", image_bytes((1, 2, 3))[:60], image_bytes((1, 2, 3), fmt="GIF")],
+    ids=["empty", "text", "truncated", "gif"],
+)
+def test_bad_bytes_raise_bad_image(data):
+    with pytest.raises(BadImageError, match="not a decodable PNG or JPEG") as error:
+        decode_image(data)
+    assert error.value.code == "bad_image"
+
+
+def test_non_bytes_raise_bad_image():
+    with pytest.raises(BadImageError, match="expected bytes"):
+        decode_image("image.png")

@@ -1,0 +1,245 @@
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from inference_service import modeling_chatpose
+from inference_service.errors import (
+    BadImageError,
+    EmptyPromptError,
+    MissingDependencyError,
+    ModelError,
+    UnsupportedInputError,
+)
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.prompts import Turn, pose_exchange
+
+from . import tiny_llava
+from .forcing import ForceTokens, answer_ids
+
+TEXT = "a man raising both arms"
+RED = tiny_llava.image_bytes((220, 30, 30))
+BLUE = tiny_llava.image_bytes((20, 40, 230), size=(30, 50), fmt="JPEG")
+
+
+def test_loads_from_directory_on_cpu_in_float32(tiny_model):
+    assert tiny_model.device.type == "cpu"
+    assert tiny_model.dtype == torch.float32
+    assert tiny_model.config.hidden_size == tiny_llava.HIDDEN
+    assert not tiny_model.head.training and not tiny_model.model.training
+
+
+def test_pose_token_is_added_when_missing_and_found_by_id(tiny_checkpoint, tiny_model):
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint / "base", local_files_only=True)
+    assert "<POSE>" not in base_tokenizer.get_vocab()
+    assert tiny_model.pose_token_id == len(base_tokenizer)
+    assert tiny_model.pose_token_id == tiny_model.tokenizer.convert_tokens_to_ids("<POSE>")
+    assert tiny_model.model.get_input_embeddings().weight.shape[0] == len(tiny_model.tokenizer)
+    ids = tiny_model.tokenizer("it is <POSE>.", add_special_tokens=False).input_ids
+    assert ids.count(tiny_model.pose_token_id) == 1
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [PoseRequest(TEXT), PoseRequest(images=(RED,)), PoseRequest("the man on the left", (BLUE,))],
+    ids=["text", "image", "both"],
+)
+def test_fast_path_gives_finite_24x3_poses(tiny_model, request_):
+    (pose,) = tiny_model.predict_poses([request_])
+    assert pose.shape == (24, 3)
+    assert np.isfinite(pose).all()
+    assert (np.linalg.norm(pose, axis=-1) <= np.pi + 1e-9).all()
+
+
+def test_text_image_and_both_give_different_poses(tiny_model):
+    poses = tiny_model.predict_poses(
+        [
+            PoseRequest(TEXT),
+            PoseRequest(images=(RED,)),
+            PoseRequest(TEXT, (RED,)),
+            PoseRequest(images=(BLUE,)),
+        ]
+    )
+    for i in range(len(poses)):
+        for j in range(i + 1, len(poses)):
+            assert np.abs(poses[i] - poses[j]).max() > 1e-3
+
+
+def test_batched_fast_path_equals_one_request_at_a_time(tiny_model):
+    requests = [
+        PoseRequest(TEXT),
+        PoseRequest(images=(RED,)),
+        PoseRequest(
+            "a much longer description: kneeling on the left knee, arms stretched", (BLUE,)
+        ),
+        PoseRequest("sitting"),
+    ]
+    batched = tiny_model.predict_poses(requests)
+    for request, pose in zip(requests, batched, strict=True):
+        (single,) = tiny_model.predict_poses([request])
+        np.testing.assert_allclose(pose, single, atol=1e-5)
+
+
+def test_empty_batch_gives_no_poses(tiny_model):
+    assert tiny_model.predict_poses([]) == []
+
+
+@pytest.mark.parametrize("images", [(), (RED,)], ids=["text", "image"])
+def test_chat_path_with_kv_cache_equals_fast_path(tiny_model, images):
+    question, answer = pose_exchange(TEXT, bool(images), tiny_model.config.pose_token)
+    forced = answer_ids(tiny_model, question, answer, len(images))
+    reply = tiny_model.chat(
+        question, images, logits_processor=[ForceTokens(forced)], max_new_tokens=len(forced) + 5
+    )
+    (fast,) = tiny_model.predict_poses([PoseRequest(TEXT, images)])
+    assert reply.text == answer
+    assert len(reply.poses) == 1
+    np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
+
+
+def test_reply_with_several_pose_tokens_gives_several_poses(tiny_model):
+    answer = "Two poses: first sitting <POSE>, then standing <POSE>."
+    forced = answer_ids(tiny_model, "Show me two poses.", answer, 0)
+    reply = tiny_model.chat("Show me two poses.", logits_processor=[ForceTokens(forced)])
+    assert reply.text == answer
+    assert len(reply.poses) == 2
+    assert all(pose.shape == (24, 3) and np.isfinite(pose).all() for pose in reply.poses)
+    assert np.abs(reply.poses[0] - reply.poses[1]).max() > 1e-3
+
+
+def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
+    history = [Turn("Make him sit.", "Sure, it is <POSE>.")]
+    # A long forced answer without EOS: generation must stop after max_new_tokens.
+    forced = answer_ids(tiny_model, "Now stand up.", "Sure, it is <POSE>. " * 3)[:-1]
+    reply = tiny_model.chat(
+        "Now stand up.", history=history, max_new_tokens=4, logits_processor=[ForceTokens(forced)]
+    )
+    assert reply.text == tiny_model.tokenizer.decode(forced[:4]).strip()
+    assert len(forced) > 4
+    with pytest.raises(UnsupportedInputError, match="max_new_tokens must be between 1 and 512"):
+        tiny_model.chat("Hi", max_new_tokens=513)
+
+
+def test_bad_image_bytes_raise_a_typed_error(tiny_model):
+    with pytest.raises(BadImageError):
+        tiny_model.predict_poses([PoseRequest(TEXT), PoseRequest(images=(b"\x89PNG broken",))])
+    with pytest.raises(BadImageError):
+        tiny_model.chat("What is this?", [b"not an image"])
+
+
+def test_too_many_images_raise_a_typed_error(tiny_model):
+    with pytest.raises(UnsupportedInputError, match="2 images given; .* at most 1") as error:
+        tiny_model.predict_poses([PoseRequest(images=(RED, BLUE))])
+    assert error.value.code == "unsupported_input"
+    with pytest.raises(UnsupportedInputError, match="at most 1"):
+        tiny_model.chat("Compare them", [RED, BLUE])
+
+
+def test_several_images_when_the_checkpoint_allows_them(tiny_model):
+    config = dataclasses.replace(tiny_model.config, max_images=2)
+    model = ChatPoseModel(tiny_model.model, tiny_model.processor, tiny_model.head, config)
+    two, one = model.predict_poses([PoseRequest(images=(RED, BLUE)), PoseRequest(images=(RED,))])
+    assert np.isfinite(two).all()
+    assert np.abs(two - one).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.predict_poses([PoseRequest()]),
+        lambda m: m.predict_poses([PoseRequest("  ")]),
+        lambda m: m.chat(" "),
+    ],
+    ids=["nothing", "blank", "blank-chat"],
+)
+def test_nothing_to_answer_raises_empty_prompt(tiny_model, call):
+    with pytest.raises(EmptyPromptError) as error:
+        call(tiny_model)
+    assert error.value.code == "empty_prompt"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.predict_poses([PoseRequest("look at <image> here")]),
+        lambda m: m.chat("hi", history=[Turn("<image>", "ok")]),
+    ],
+    ids=["image-marker", "image-marker-history"],
+)
+def test_unusable_input_raises_unsupported_input(tiny_model, call):
+    with pytest.raises(UnsupportedInputError):
+        call(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoints(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a LoRA adapter in adapter/, and the same adapter merged."""
+    root = tmp_path_factory.mktemp("lora")
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint / "base")
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,  # random B, so the adapter changes outputs
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+    )
+    peft_model = get_peft_model(base, config)
+    adapter = root / "adapter_ckpt"
+    peft_model.save_pretrained(adapter / "adapter")
+    (adapter / "pose_head.safetensors").write_bytes(
+        (tiny_checkpoint / "pose_head.safetensors").read_bytes()
+    )
+    chatpose_json = (tiny_checkpoint / "chatpose.json").read_text()
+    # This one also exercises a base model given as an absolute path.
+    (adapter / "chatpose.json").write_text(
+        chatpose_json.replace('"base"', f'"{tiny_checkpoint / "base"}"')
+    )
+    merged = root / "merged_ckpt"
+    processor = modeling_chatpose.AutoProcessor.from_pretrained(tiny_checkpoint / "base")
+    tiny_llava.write_checkpoint(
+        merged, peft_model.merge_and_unload(), processor, tiny_llava.build_head()
+    )
+    return adapter, merged
+
+
+def test_lora_adapter_changes_output_and_equals_merged(tiny_model, lora_checkpoints):
+    adapter, merged = lora_checkpoints
+    requests = [PoseRequest(TEXT), PoseRequest(images=(RED,))]
+    plain = tiny_model.predict_poses(requests)
+    with_adapter = ChatPoseModel.from_checkpoint(adapter, device="cpu").predict_poses(requests)
+    premerged = ChatPoseModel.from_checkpoint(merged, device="cpu").predict_poses(requests)
+    for p, a, m in zip(plain, with_adapter, premerged, strict=True):
+        assert np.abs(p - a).max() > 1e-3
+        np.testing.assert_allclose(a, m, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
+def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(MissingDependencyError, match=f"{flag} needs the 'bitsandbytes' package"):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling_chatpose._select_device("auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(UnsupportedInputError, match="CUDA is not available"):
+        modeling_chatpose._select_device("cuda")
+    with pytest.raises(UnsupportedInputError, match="auto, cpu or cuda"):
+        modeling_chatpose._select_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert modeling_chatpose._select_device("auto") == (torch.device("cuda"), torch.bfloat16)
+
+
+def test_out_of_gpu_memory_becomes_a_model_error(tiny_model, monkeypatch):
+    def exhausted(**inputs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_model, "_backbone", exhausted)
+    with pytest.raises(ModelError, match="out of GPU memory"):
+        tiny_model.predict_poses([PoseRequest(TEXT)])

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from inference_service.checkpoint import ChatPoseConfig
+from inference_service.errors import CheckpointError, ModelError
+from inference_service.pose_head import PoseHead, decode_pose, rotation_6d_to_matrix_torch
+from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_rotation_6d
+
+CONFIG = ChatPoseConfig(hidden_size=16, head_hidden_size=8)
+
+
+def test_layout_matches_the_release_sequential():
+    head = PoseHead.from_config(CONFIG)
+    assert list(head.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert head(torch.zeros(3, 16)).shape == (3, 144)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    head = PoseHead.from_config(CONFIG)
+    head.save(tmp_path / "head.safetensors")
+    loaded = PoseHead.load(tmp_path / "head.safetensors", CONFIG)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), head(x))
+
+
+def test_load_checks_shapes_and_names(tmp_path):
+    path = tmp_path / "head.safetensors"
+    PoseHead(16, 4).save(path)
+    with pytest.raises(CheckpointError, match=r"'0.weight' has shape \(4, 16\)"):
+        PoseHead.load(path, CONFIG)
+    state = PoseHead.from_config(CONFIG).state_dict()
+    save_file({**state, "3.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match="unexpected tensor '3.weight'"):
+        PoseHead.load(path, CONFIG)
+    del state["2.bias"]
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="missing tensor '2.bias'"):
+        PoseHead.load(path, CONFIG)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        PoseHead.load(path, CONFIG)
+
+
+def test_decode_pose_inverts_the_two_column_6d_layout():
+    rng = np.random.default_rng(0)
+    axis_angle = rng.uniform(-1.5, 1.5, size=(2, 24, 3))
+    sixd = matrix_to_rotation_6d(axis_angle_to_matrix(axis_angle)).reshape(2, 144)
+    np.testing.assert_allclose(decode_pose(sixd), axis_angle, atol=1e-9)
+    assert decode_pose(sixd[0]).shape == (24, 3)
+
+
+def test_decode_pose_reports_degenerate_output_as_a_model_error():
+    with pytest.raises(ModelError, match="invalid rotation"):
+        decode_pose(np.zeros(144))
+
+
+def test_torch_6d_decode_matches_shared_protocol():
+    from shared_protocol.rotations import rotation_6d_to_matrix
+
+    sixd = torch.randn(5, 24, 6, dtype=torch.float64)
+    np.testing.assert_allclose(
+        rotation_6d_to_matrix_torch(sixd).numpy(), rotation_6d_to_matrix(sixd.numpy()), atol=1e-12
+    )

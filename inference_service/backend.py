@@ -1,0 +1,77 @@
+"""The scheduler's Backend over a ChatPoseModel: protocol-shaped work in, `Pose` values out.
+
+Pose mode takes the prompt and images (history is context for chat, not for the forced pose
+answer); chat mode passes the history on, paired into the model's (user, assistant) turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import Turn as WireTurn
+
+from .errors import UnsupportedInputError
+from .modeling_chatpose import DEFAULT_MAX_NEW_TOKENS, ChatPoseModel, PoseRequest
+from .prompts import POSE_MARKER, Turn, pose_exchange
+from .scheduler import Answer, WorkItem
+from .server import ModelInfo
+
+
+def paired_turns(history: Sequence[WireTurn]) -> tuple[Turn, ...]:
+    """The wire's role/text turns as the model's (user, assistant) exchanges."""
+    if len(history) % 2:
+        raise UnsupportedInputError(
+            f"history: expected user/assistant pairs, got an odd number of turns ({len(history)})"
+        )
+    pairs = []
+    for i in range(0, len(history), 2):
+        user, assistant = history[i], history[i + 1]
+        if (user.role, assistant.role) != ("user", "assistant"):
+            raise UnsupportedInputError(
+                f"history[{i}], history[{i + 1}]: expected roles user then assistant, "
+                f"got {user.role} then {assistant.role}"
+            )
+        pairs.append(Turn(user.text, assistant.text))
+    return tuple(pairs)
+
+
+class ModelBackend:
+    def __init__(
+        self, model: ChatPoseModel, name: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ):
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.info = ModelInfo(
+            model=name,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            supports_images=model.config.max_images > 0,
+            max_images=model.config.max_images,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **options) -> ModelBackend:
+        max_new_tokens = options.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        model = ChatPoseModel.from_checkpoint(path, **options)
+        return cls(model, Path(path).resolve().name, max_new_tokens)
+
+    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
+        requests = [PoseRequest(item.prompt or None, item.images) for item in items]
+        poses = self.model.predict_poses(requests)
+        return [
+            Answer(_forced_answer(item), (Pose(pose, label=item.prompt or None),))
+            for item, pose in zip(items, poses, strict=True)
+        ]
+
+    def answer_chat(self, item: WorkItem) -> Answer:
+        reply = self.model.chat(
+            item.prompt, item.images, paired_turns(item.history), self.max_new_tokens
+        )
+        return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses))
+
+
+def _forced_answer(item: WorkItem) -> str:
+    """The answer the fast path teacher-forces, as the reply text."""
+    return pose_exchange(item.prompt, bool(item.images), POSE_MARKER)[1]

@@ -1,0 +1,396 @@
+"""Micro-batching scheduler: pose requests from every client share batched forward passes.
+
+The scheduler knows nothing of sockets. Requests come in through `submit_pose`,
+`submit_batch` and `cancel` (called by the server's I/O thread); every reply goes out through
+the `emit(client, reply)` callback, from whichever thread produced it.
+
+- Pose-mode work from all clients is grouped, in arrival order, into micro-batches of up to
+  `max_batch` items, waiting at most `max_wait_ms` for a batch to fill. Chat-mode work runs alone.
+- A `batch` request keeps at most `max_batch` of its items queued at a time, so a long batch
+  from one client interleaves with other clients' requests instead of starving them.
+- Deadlines: an item that has not started by its deadline gets a `timeout` error. Work that has
+  started is finished and delivered.
+- Cancel: queued items are dropped at once and the request ends with a `cancelled` error; an
+  answer computed for a cancelled request is discarded.
+- Stop: the micro-batch in flight finishes and is delivered; everything else gets
+  `shutting_down`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import (
+    BatchDoneReply,
+    BatchItemReply,
+    BatchRequest,
+    ErrorCode,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+    Reply,
+    Turn,
+)
+
+from .errors import ChatPoseError, ModelError
+
+log = logging.getLogger(__name__)
+
+ClientId = bytes  # the ROUTER routing identity
+RequestKey = tuple[ClientId, str]  # (client, client-chosen request id)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One prompt for the model: what a pose request or one batch line asks."""
+
+    prompt: str
+    images: tuple[bytes, ...] = ()
+    history: tuple[Turn, ...] = ()
+    mode: str = "pose"
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    poses: tuple[Pose, ...]
+
+
+class Backend(Protocol):
+    """What the scheduler needs from a model."""
+
+    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
+        """Pose-mode items, answered together in one batched pass. Raises ChatPoseError for
+        failures that have a protocol error code."""
+        ...
+
+    def answer_chat(self, item: WorkItem) -> Answer:
+        """One chat-mode item, answered by generation."""
+        ...
+
+
+Emit = Callable[[ClientId, Reply], None]
+
+
+@dataclass(eq=False)
+class _Request:
+    client: ClientId
+    request_id: str
+    op: str  # "pose" or "batch"
+    timeout_s: float
+    waiting: deque[tuple[int, WorkItem]]  # batch items not queued yet: (index, item)
+    total: int
+    queued: int = 0  # items queued or running
+    answered: int = 0  # items with a reply sent, success or error
+    completed: int = 0  # items answered successfully
+    ended: bool = False
+
+    @property
+    def key(self) -> RequestKey:
+        return (self.client, self.request_id)
+
+
+@dataclass(eq=False)
+class _Task:
+    request: _Request
+    index: int | None  # the batch item's index; None for a pose request
+    item: WorkItem
+    deadline: float = field(default=0.0)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        backend: Backend,
+        emit: Emit,
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+        default_timeout_ms: int = 120_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms: expected 0 or more, got {max_wait_ms}")
+        self._backend = backend
+        self._emit = emit
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._max_queue = max_queue
+        self._default_timeout_s = default_timeout_ms / 1000.0
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._queue: deque[_Task] = deque()
+        self._requests: dict[RequestKey, _Request] = {}
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name="chatpose-scheduler", daemon=True)
+
+    # --- called from the I/O thread -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting to run, batch items not yet queued included."""
+        with self._lock:
+            return len(self._queue) + sum(len(r.waiting) for r in self._requests.values())
+
+    def submit_pose(self, client: ClientId, request: PoseRequest) -> None:
+        item = WorkItem(request.prompt, request.images, request.history, request.mode)
+        self._submit(client, request.id, "pose", request.timeout_ms, [item])
+
+    def submit_batch(self, client: ClientId, request: BatchRequest) -> None:
+        items = [WorkItem(prompt, mode=request.mode) for prompt in request.prompts]
+        self._submit(client, request.id, "batch", request.timeout_ms, items)
+
+    def cancel(self, client: ClientId, request_id: str) -> bool:
+        """Ends the request with a `cancelled` error; False if it is not in flight."""
+        with self._lock:
+            request = self._requests.get((client, request_id))
+            if request is None:
+                return False
+            self._end(request, ErrorCode.CANCELLED, "cancelled by the client")
+        return True
+
+    def cancel_client(self, client: ClientId) -> None:
+        """Drops all work of a client that can no longer be reached, without replying."""
+        with self._lock:
+            for request in [r for r in self._requests.values() if r.client == client]:
+                self._forget(request)
+
+    def expire(self) -> None:
+        """Answers `timeout` for queued items whose deadline has passed."""
+        with self._lock:
+            self._expire_locked()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finishes the micro-batch in flight; everything else gets `shutting_down`."""
+        with self._lock:
+            self._stopping = True
+            for request in list(self._requests.values()):
+                request.waiting.clear()
+                self._unqueue(request)
+                if request.queued == 0:  # none of it is running: nothing more will come
+                    self._end(request, ErrorCode.SHUTTING_DOWN, "the service is shutting down")
+            self._lock.notify_all()
+        if self._worker.is_alive():
+            self._worker.join(timeout_s)
+
+    # --- bookkeeping; every method below runs with self._lock held ----------------------------
+
+    def _submit(
+        self,
+        client: ClientId,
+        request_id: str,
+        op: str,
+        timeout_ms: int | None,
+        items: list[WorkItem],
+    ) -> None:
+        with self._lock:
+            if self._stopping:
+                self._emit_error(client, request_id, op, ErrorCode.SHUTTING_DOWN, "shutting down")
+                return
+            if (client, request_id) in self._requests:
+                message = f"id: request {request_id!r} is already in flight"
+                self._emit_error(client, request_id, op, ErrorCode.BAD_SCHEMA, message)
+                return
+            depth = len(self._queue) + sum(len(r.waiting) for r in self._requests.values())
+            if depth + len(items) > self._max_queue:
+                message = f"the queue is full ({depth} items waiting); try again shortly"
+                self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
+                return
+            timeout_s = self._default_timeout_s if timeout_ms is None else timeout_ms / 1000.0
+            request = _Request(
+                client, request_id, op, timeout_s, deque(enumerate(items)), total=len(items)
+            )
+            self._requests[request.key] = request
+            if request.total == 0:  # an empty batch is answered at once
+                self._finish_if_done(request)
+                return
+            self._refill(request)
+            self._lock.notify_all()
+
+    def _expire_locked(self) -> None:
+        now = self._clock()
+        for task in [t for t in self._queue if t.deadline <= now]:
+            self._queue.remove(task)
+            task.request.queued -= 1
+            self._fail_item(task, ErrorCode.TIMEOUT, "the deadline passed before it ran")
+
+    def _refill(self, request: _Request) -> None:
+        """Queues the request's next items, up to its window; each deadline starts now."""
+        window = self._max_batch if request.op == "batch" else 1
+        now = self._clock()
+        while request.waiting and request.queued < window:
+            index, item = request.waiting.popleft()
+            position = index if request.op == "batch" else None
+            self._queue.append(_Task(request, position, item, now + request.timeout_s))
+            request.queued += 1
+
+    def _end(self, request: _Request, code: ErrorCode, message: str) -> None:
+        self._forget(request)
+        self._emit_error(request.client, request.request_id, request.op, code, message)
+
+    def _forget(self, request: _Request) -> None:
+        request.ended = True
+        request.waiting.clear()
+        self._requests.pop(request.key, None)
+        self._unqueue(request)
+
+    def _unqueue(self, request: _Request) -> None:
+        for task in [t for t in self._queue if t.request is request]:
+            self._queue.remove(task)
+            request.queued -= 1
+
+    def _fail_item(self, task: _Task, code: ErrorCode, message: str) -> None:
+        request = task.request
+        if request.op == "pose":
+            self._end(request, code, message)
+            return
+        self._emit_error(request.client, request.request_id, "batch", code, message, task.index)
+        request.answered += 1
+        self._after_item(request)
+
+    def _succeed_item(self, task: _Task, answer: Answer) -> None:
+        request = task.request
+        if request.op == "pose":
+            self._requests.pop(request.key, None)
+            request.ended = True
+            self._send(request.client, PoseReply(request.request_id, answer.text, answer.poses))
+            return
+        reply = BatchItemReply(
+            request.request_id, task.index, request.total, answer.text, answer.poses
+        )
+        self._send(request.client, reply)
+        request.answered += 1
+        request.completed += 1
+        self._after_item(request)
+
+    def _after_item(self, request: _Request) -> None:
+        self._refill(request)
+        self._finish_if_done(request)
+        if self._stopping and request.queued == 0 and not request.ended:
+            self._end(request, ErrorCode.SHUTTING_DOWN, "the service is shutting down")
+
+    def _finish_if_done(self, request: _Request) -> None:
+        if request.answered == request.total and not request.ended:
+            request.ended = True
+            self._requests.pop(request.key, None)
+            done = BatchDoneReply(request.request_id, request.total, request.completed)
+            self._send(request.client, done)
+
+    def _emit_error(
+        self,
+        client: ClientId,
+        request_id: str,
+        op: str,
+        code: ErrorCode,
+        message: str,
+        index: int | None = None,
+    ) -> None:
+        self._send(client, ErrorReply(request_id, op, code, message, index))
+
+    def _send(self, client: ClientId, reply: Reply) -> None:
+        try:
+            self._emit(client, reply)
+        except Exception:  # a reply that cannot be sent must not stop the scheduler
+            log.exception("could not emit a reply for request %r", getattr(reply, "id", None))
+
+    # --- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            group = self._next_group()
+            if group is None:
+                return
+            answers = self._answer(group)
+            with self._lock:
+                for task, outcome in zip(group, answers, strict=True):
+                    task.request.queued -= 1
+                    if task.request.ended:
+                        continue  # cancelled or shut down while it ran: nobody wants it
+                    if isinstance(outcome, Answer):
+                        self._succeed_item(task, outcome)
+                    else:
+                        self._fail_item(task, _error_code(outcome), str(outcome))
+                self._lock.notify_all()
+
+    def _next_group(self) -> list[_Task] | None:
+        """Waits for work and takes the next micro-batch off the queue (None when stopping)."""
+        with self._lock:
+            self._expire_locked()
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._lock.wait()
+                self._expire_locked()
+            first = self._queue.popleft()
+            if first.item.mode != "pose":
+                return [first]
+            group = [first]
+            fill_until = self._clock() + self._max_wait_s
+            while len(group) < self._max_batch and not self._stopping:
+                group.extend(self._take_pose_tasks(self._max_batch - len(group)))
+                remaining = fill_until - self._clock()
+                if len(group) >= self._max_batch or remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            return group
+
+    def _take_pose_tasks(self, limit: int) -> list[_Task]:
+        taken = [t for t in self._queue if t.item.mode == "pose"][:limit]
+        for task in taken:
+            self._queue.remove(task)
+        return taken
+
+    def _answer(self, group: list[_Task]) -> list[Answer | ChatPoseError]:
+        """Runs the model outside the lock. If a batch fails, its items are retried one by one,
+        so one bad item gets the error and the others still get their answers."""
+        started = self._clock()
+        items = [task.item for task in group]
+        try:
+            if items[0].mode == "pose":
+                outcomes: list[Answer | ChatPoseError] = list(self._backend.answer_poses(items))
+            else:
+                outcomes = [self._backend.answer_chat(items[0])]
+            if len(outcomes) != len(items) or not all(isinstance(o, Answer) for o in outcomes):
+                raise RuntimeError(f"the backend gave {len(outcomes)} answers for {len(items)}")
+        except Exception as exc:
+            if len(items) == 1:
+                outcomes = [_as_model_error(exc)]
+            else:
+                outcomes = [self._answer([task])[0] for task in group]
+        log.info(
+            "answered",
+            extra={
+                "event": "batch",
+                "items": len(items),
+                "mode": items[0].mode,
+                "seconds": round(self._clock() - started, 4),
+            },
+        )
+        return outcomes
+
+
+def _as_model_error(exc: Exception) -> ChatPoseError:
+    if isinstance(exc, ChatPoseError):
+        return exc
+    log.exception("model error", exc_info=exc)
+    return ModelError(f"the model failed: {type(exc).__name__}: {exc}")
+
+
+def _error_code(exc: ChatPoseError) -> ErrorCode:
+    try:
+        return ErrorCode(exc.code)
+    except ValueError:  # a code the protocol does not know is still a model failure
+        return ErrorCode.MODEL_ERROR

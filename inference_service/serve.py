@@ -1,0 +1,126 @@
+"""`chatpose-serve`: the ChatPose model behind a ZeroMQ server (see shared_protocol/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import logs
+from .errors import ChatPoseError
+from .server import DEFAULT_BIND, CurveKeys, Server, ServerConfigError, check_bind
+
+log = logging.getLogger("chatpose.serve")
+
+EXIT_CONFIG = 2  # bad arguments, an unsafe bind, a checkpoint that does not load
+# The bundled demo checkpoint, served when no --checkpoint is given.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatpose-serve", description="Serve a ChatPose checkpoint over ZeroMQ."
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="checkpoint directory (default: the bundled demo model)"
+    )
+    parser.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-batch", type=_positive_int, default=8, help="largest micro-batch")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=_non_negative_float,
+        default=2.0,
+        help="how long a micro-batch waits to fill",
+    )
+    parser.add_argument(
+        "--max-queue", type=_positive_int, default=1024, help="items waiting, at most"
+    )
+    parser.add_argument(
+        "--timeout-ms",
+        type=_positive_int,
+        default=120_000,
+        help="deadline of requests that set none",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=256, help="bound on a chat reply's length"
+    )
+    quantize = parser.add_mutually_exclusive_group()
+    quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")
+    quantize.add_argument("--load-in-8bit", action="store_true", help="needs bitsandbytes")
+    parser.add_argument(
+        "--curve-secret-key", type=Path, help="the server's CURVE key pair file (docs/security.md)"
+    )
+    parser.add_argument(
+        "--curve-clients", type=Path, help="folder of authorised clients' CURVE public keys"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        server = _build_server(args)
+    except (ServerConfigError, ChatPoseError) as exc:
+        log.error(str(exc), extra={"event": "config_error"})
+        print(f"chatpose-serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    server.serve_forever()
+    return 0
+
+
+def _build_server(args: argparse.Namespace) -> Server:
+    if (args.curve_secret_key is None) != (args.curve_clients is None):
+        raise ServerConfigError("--curve-secret-key and --curve-clients go together")
+    curve = CurveKeys(args.curve_secret_key, args.curve_clients) if args.curve_secret_key else None
+    check_bind(args.bind, curve)  # before loading a model that may take minutes
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if not checkpoint.exists():
+        if args.checkpoint is None:
+            raise ServerConfigError(
+                "no demo checkpoint is bundled in this version yet; pass --checkpoint DIR"
+            )
+        raise ServerConfigError(f"--checkpoint: {checkpoint} does not exist")
+    from .backend import ModelBackend  # imports torch: only once the arguments are sound
+
+    backend = ModelBackend.from_checkpoint(
+        checkpoint,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return Server(
+        backend,
+        backend.info,
+        args.bind,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        default_timeout_ms=args.timeout_ms,
+        curve=curve,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The ZeroMQ server: one ROUTER socket speaking protocol v1, in front of the scheduler.
+
+Threads:
+- the I/O thread (`serve_forever`) owns the ROUTER socket: it decodes requests, answers
+  `status` and `cancel` itself, hands pose work to the scheduler, and forwards replies;
+- the scheduler's worker thread runs the model.
+ZeroMQ sockets are not thread-safe, so every thread sends its replies through its own inproc
+PUSH socket to a PULL socket that the I/O thread polls, which forwards them to the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from shared_protocol import __version__
+from shared_protocol.protocol import (
+    DEFAULT_LIMITS,
+    BatchRequest,
+    CancelReply,
+    CancelRequest,
+    ErrorCode,
+    ErrorReply,
+    Limits,
+    PoseRequest,
+    ProtocolError,
+    Reply,
+    StatusReply,
+    StatusRequest,
+    decode_request,
+    encode_reply,
+    error_reply_for,
+    is_final,
+)
+
+from .scheduler import Backend, ClientId, Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+_POLL_MS = 50  # how often the I/O loop looks at deadlines and the stop flag
+_instances = itertools.count()
+
+
+class ServerConfigError(Exception):
+    """The server cannot start as configured (unsafe bind, missing key files)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `status` reports about the model behind the server."""
+
+    model: str
+    device: str
+    dtype: str
+    supports_images: bool
+    max_images: int
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """ZeroMQ CURVE: the server's secret key file and a folder of authorised client public keys.
+
+    Make them with `python -m inference_service.keys DIR` (see docs/security.md).
+    """
+
+    server_secret_file: Path
+    authorized_clients_dir: Path
+
+
+def is_loopback(address: str) -> bool:
+    """True for tcp addresses on the loopback interface, and for ipc/inproc (local by nature)."""
+    parts = urlsplit(address)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    if parts.scheme != "tcp":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface name or a host name: not provably loopback
+        return False
+
+
+def check_bind(bind: str, curve: CurveKeys | None) -> None:
+    """Refuses a non-loopback address unless CURVE keys guard it."""
+    if not is_loopback(bind) and curve is None:
+        raise ServerConfigError(
+            f"refusing to listen on {bind}: it is not a loopback address, and without CURVE "
+            "keys anyone who can reach it could use the model. Bind to tcp://127.0.0.1:PORT, "
+            "or configure keys with --curve-secret-key and --curve-clients."
+        )
+
+
+class Server:
+    def __init__(
+        self,
+        backend: Backend,
+        info: ModelInfo,
+        bind: str = DEFAULT_BIND,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+        default_timeout_ms: int = 120_000,
+        curve: CurveKeys | None = None,
+    ):
+        check_bind(bind, curve)
+        self._info = info
+        self._limits = limits
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._authenticator: ThreadAuthenticator | None = None
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not drops
+        self._router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes())
+        self._router.linger = 1000
+        if curve is not None:
+            self._configure_curve(curve)
+        try:
+            self._router.bind(bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
+        self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._inbox_address = f"inproc://chatpose-replies-{next(_instances)}"
+        self._inbox = self._context.socket(zmq.PULL)
+        self._inbox.rcvhwm = 0  # unbounded: a full pipe would block the thread that emits
+        self._inbox.bind(self._inbox_address)
+        self._outboxes: list[zmq.Socket] = []
+        self._outbox_lock = threading.Lock()
+        self._local = threading.local()
+        self._received: dict[tuple[ClientId, str], tuple[float, str]] = {}
+        self._received_lock = threading.Lock()
+        self.scheduler = Scheduler(
+            backend,
+            self._emit,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            default_timeout_ms=default_timeout_ms,
+        )
+
+    def _max_message_bytes(self) -> int:
+        limits = self._limits
+        return limits.max_header_bytes + limits.max_images * limits.max_image_bytes + 4096
+
+    def _configure_curve(self, curve: CurveKeys) -> None:
+        for path in (curve.server_secret_file, curve.authorized_clients_dir):
+            if not path.exists():
+                raise ServerConfigError(f"CURVE key path does not exist: {path}")
+        public, secret = zmq.auth.load_certificate(curve.server_secret_file)
+        if secret is None:
+            raise ServerConfigError(f"{curve.server_secret_file} holds no secret key")
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
+        self._router.curve_secretkey = secret
+        self._router.curve_publickey = public
+        self._router.curve_server = True
+
+    # --- replies, from any thread -------------------------------------------------------------
+
+    def _emit(self, client: ClientId, reply: Reply) -> None:
+        outbox = getattr(self._local, "outbox", None)
+        if outbox is None:
+            outbox = self._context.socket(zmq.PUSH)
+            outbox.sndhwm = 0  # unbounded, as the inbox
+            outbox.connect(self._inbox_address)
+            with self._outbox_lock:
+                self._outboxes.append(outbox)
+            self._local.outbox = outbox
+        outbox.send_multipart([client, *encode_reply(reply)])
+        if is_final(reply):
+            self._log_request_done(client, reply)
+
+    def _log_request_done(self, client: ClientId, reply: Reply) -> None:
+        with self._received_lock:
+            received = self._received.pop((client, reply.id), None)
+        if received is None:
+            return
+        started, op = received
+        failed = isinstance(reply, ErrorReply)
+        log.info(
+            "request done",
+            extra={
+                "event": "request",
+                "id": reply.id,
+                "op": op,
+                "ok": not failed,
+                "code": reply.code.value if failed else None,
+                "ms": round((time.monotonic() - started) * 1000, 2),
+            },
+        )
+
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                frames = self._inbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._router.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
+                log.warning("client unreachable; dropping its work", extra={"error": str(exc)})
+                self.scheduler.cancel_client(frames[0])
+
+    # --- requests, on the I/O thread ----------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        client, content = frames[0], frames[1:]
+        try:
+            request = decode_request(content, self._limits)
+        except ProtocolError as err:
+            log.info(
+                "bad request",
+                extra={
+                    "event": "bad_request",
+                    "code": err.code.value,
+                    "field": err.field,
+                    "detail": err.message,
+                },
+            )
+            self._emit(client, error_reply_for(err))
+            return
+        with self._received_lock:
+            self._received[(client, request.id)] = (time.monotonic(), request.op)
+        match request:
+            case StatusRequest():
+                self._emit(client, self._status(request.id))
+            case CancelRequest():
+                found = self.scheduler.cancel(client, request.target)
+                self._emit(client, CancelReply(request.id, request.target, found))
+            case PoseRequest() if len(request.images) > self._info.max_images:
+                self._emit(client, self._too_many_images(request))
+            case PoseRequest():
+                self.scheduler.submit_pose(client, request)
+            case BatchRequest():
+                self.scheduler.submit_batch(client, request)
+
+    def _too_many_images(self, request: PoseRequest) -> ErrorReply:
+        allowed = self._info.max_images
+        message = (
+            f"images: this model takes at most {allowed} image(s) per request, "
+            f"got {len(request.images)}"
+        )
+        return ErrorReply(request.id, "pose", ErrorCode.UNSUPPORTED_INPUT, message, None)
+
+    def _status(self, request_id: str) -> StatusReply:
+        info = self._info
+        return StatusReply(
+            id=request_id,
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            queue_depth=self.scheduler.queue_depth,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            version=__version__,
+            supports_images=info.supports_images,
+            max_images=info.max_images,
+        )
+
+    # --- running and stopping -----------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serves until `stop()`; then finishes in-flight work and closes everything."""
+        self.scheduler.start()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
+        log.info(
+            "serving",
+            extra={
+                "event": "start",
+                "address": self.address,
+                "model": self._info.model,
+                "device": self._info.device,
+            },
+        )
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(_POLL_MS))
+                if self._router in events:
+                    self._drain_requests()
+                if self._inbox in events:
+                    self._forward_replies()
+                self.scheduler.expire()
+        finally:
+            self.scheduler.stop()
+            self._forward_replies()  # the last answers and the shutting_down errors
+            self.close()
+            log.info("stopped", extra={"event": "stop"})
+
+    def _drain_requests(self, budget: int = 256) -> None:
+        for _ in range(budget):  # bounded so replies keep flowing under a flood
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except Exception:  # one request must never take the server down
+                log.exception("internal error while handling a request")
+                self._emit(
+                    frames[0],
+                    ErrorReply(
+                        None,
+                        None,
+                        ErrorCode.INTERNAL_ERROR,
+                        "internal error; see the service log",
+                        None,
+                    ),
+                )
+
+    def stop(self) -> None:
+        """Asks `serve_forever` to finish; safe from any thread and from signal handlers."""
+        self._stop.set()
+
+    def close(self) -> None:
+        with self._outbox_lock:
+            for outbox in self._outboxes:
+                outbox.close(linger=0)
+            self._outboxes.clear()
+        for sock in (getattr(self, "_inbox", None), self._router):
+            if sock is not None:
+                sock.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()

@@ -1,0 +1,216 @@
+"""The tiny real model behind the scheduler and server, and the chatpose-serve process."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+from inference_service import serve
+from inference_service.backend import ModelBackend, paired_turns
+from inference_service.errors import UnsupportedInputError
+from inference_service.modeling_chatpose import PoseRequest as ModelRequest
+from inference_service.scheduler import WorkItem
+from inference_service.server import Server
+from shared_protocol.client import Client
+from shared_protocol.protocol import (
+    BatchDoneReply,
+    BatchItemReply,
+    BatchRequest,
+    ErrorCode,
+    PoseReply,
+    PoseRequest,
+    StatusReply,
+    StatusRequest,
+    Turn,
+)
+
+TIMEOUT_S = 30.0
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """serve.main configures the root logger; put it back for the tests that follow."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_paired_turns():
+    wire = (Turn("user", "sit down"), Turn("assistant", "Sure, it is <POSE>."))
+    [pair] = paired_turns(wire)
+    assert (pair.user, pair.assistant) == ("sit down", "Sure, it is <POSE>.")
+    assert paired_turns(()) == ()
+    with pytest.raises(UnsupportedInputError, match="odd number of turns"):
+        paired_turns(wire[:1])
+    with pytest.raises(UnsupportedInputError, match=r"history\[0\], history\[1\]"):
+        paired_turns(wire[::-1])
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model) -> ModelBackend:
+    return ModelBackend(tiny_model, "tiny", max_new_tokens=8)
+
+
+def test_backend_answers_are_the_models_poses(backend, tiny_model):
+    items = [WorkItem("raise both arms"), WorkItem("", images=(png_bytes(),)), WorkItem("x")]
+    answers = backend.answer_poses(items)
+    direct = tiny_model.predict_poses([ModelRequest(i.prompt or None, i.images) for i in items])
+    for answer, item, pose in zip(answers, items, direct, strict=True):
+        [got] = answer.poses
+        np.testing.assert_allclose(got.axis_angle, pose, atol=1e-6)
+        assert got.label == (item.prompt or None)
+    assert answers[0].text == "Sure, it is <POSE>."
+    assert answers[1].text == "Sure, the SMPL pose of this person is <POSE>."
+    assert backend.info.model == "tiny" and backend.info.device == "cpu"
+    assert backend.info.dtype == "float32" and backend.info.max_images == 1
+
+
+@pytest.fixture(scope="module")
+def served(backend):
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_batch=8, max_wait_ms=20)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(TIMEOUT_S)
+
+
+def test_text_image_and_chat_requests_over_zeromq(served, backend):
+    with Client(served.address, context=zmq.Context.instance()) as client:
+        status = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+        assert isinstance(status, StatusReply) and status.model == "tiny"
+
+        text = client.request(PoseRequest(client.new_id(), "kneel on one knee"), TIMEOUT_S)
+        assert isinstance(text, PoseReply) and len(text.poses) == 1
+        assert np.isfinite(text.poses[0].axis_angle).all()
+
+        image = client.request(PoseRequest(client.new_id(), "", images=(png_bytes(),)), TIMEOUT_S)
+        assert isinstance(image, PoseReply)
+        expected = backend.answer_poses([WorkItem("", images=(png_bytes(),))])[0].poses
+        np.testing.assert_allclose(image.poses[0].axis_angle, expected[0].axis_angle, atol=1e-5)
+
+        history = (Turn("user", "sit"), Turn("assistant", "Sure, it is <POSE>."))
+        chat = PoseRequest(client.new_id(), "now stand up", history=history, mode="chat")
+        reply = client.request(chat, TIMEOUT_S)
+        assert isinstance(reply, PoseReply) and isinstance(reply.text, str)
+
+        broken = PoseRequest(client.new_id(), "", images=(b"\x89PNG\r\n\x1a\n broken",))
+        assert client.request(broken, TIMEOUT_S).code == ErrorCode.BAD_IMAGE
+
+
+def test_a_batch_over_zeromq_equals_single_requests(served):
+    prompts = [f"pose {i}: lift the left leg" + "!" * i for i in range(6)]
+    with Client(served.address, context=zmq.Context.instance()) as client:
+        singles = [
+            client.request(PoseRequest(client.new_id(), p), TIMEOUT_S).poses[0] for p in prompts
+        ]
+        replies = list(client.stream(BatchRequest(client.new_id(), prompts), TIMEOUT_S))
+    items = sorted((r for r in replies if isinstance(r, BatchItemReply)), key=lambda r: r.index)
+    assert [r.index for r in items] == list(range(6))
+    assert isinstance(replies[-1], BatchDoneReply) and replies[-1].completed == 6
+    for item, single in zip(items, singles, strict=True):
+        np.testing.assert_allclose(item.poses[0].axis_angle, single.axis_angle, atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "inference_service.serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--bind",
+            address,
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with Client(address, context=zmq.Context.instance()) as client:
+            deadline = time.monotonic() + 120
+            while True:  # the model takes a few seconds to load
+                try:
+                    status = client.request(StatusRequest(client.new_id()), timeout_s=2)
+                    break
+                except Exception:
+                    assert process.poll() is None, process.stderr.read()
+                    assert time.monotonic() < deadline
+            assert status.device == "cpu" and status.version
+            reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
+            assert isinstance(reply, PoseReply)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    events = [
+        json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")
+    ]
+    names = [e.get("event") for e in events]
+    assert names[0] == "start" and names[-1] == "stop"
+    timed = [e for e in events if e.get("event") == "request" and e["op"] == "pose"]
+    assert timed and timed[0]["ok"] is True and timed[0]["ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bind", "tcp://0.0.0.0:5555", "--checkpoint", "."], "not a loopback address"),
+        (["--checkpoint", "/no/such/dir"], "/no/such/dir does not exist"),
+        (["--curve-clients", "."], "go together"),
+    ],
+)
+def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
+    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert message in capsys.readouterr().err
+
+
+def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
+    assert serve.main([]) == serve.EXIT_CONFIG
+    assert "no demo checkpoint is bundled" in capsys.readouterr().err
+
+
+def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "chatpose.json").write_text("{not json")
+    assert serve.main(["--checkpoint", str(tmp_path)]) == serve.EXIT_CONFIG
+    assert "chatpose.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-queue", "--timeout-ms"])
+def test_serve_rejects_non_positive_numbers(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        serve.main([flag, "0"])
+    assert info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err

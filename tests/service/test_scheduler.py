@@ -1,0 +1,194 @@
+"""The scheduler on its own: no sockets, a scripted backend, replies collected in a list."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from inference_service.scheduler import Scheduler
+from shared_protocol.protocol import (
+    BatchDoneReply,
+    BatchItemReply,
+    BatchRequest,
+    ErrorCode,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+)
+
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.replies: list[tuple[bytes, object]] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, client: bytes, reply: object) -> None:
+        with self._changed:
+            self.replies.append((client, reply))
+            self._changed.notify_all()
+
+    def wait_for(self, predicate, timeout_s: float = TIMEOUT_S) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: predicate(self.of()), timeout_s), self.replies
+
+    def of(self, client: bytes | None = None) -> list:
+        return [r for c, r in self.replies if client is None or c == client]
+
+
+class RecordingBackend(ScriptedBackend):
+    """Also records which prompts each micro-batch held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[list[str]] = []
+
+    def answer_poses(self, items):
+        self.groups.append([item.prompt for item in items])
+        return super().answer_poses(items)
+
+
+@pytest.fixture
+def backend() -> RecordingBackend:
+    return RecordingBackend()
+
+
+@pytest.fixture
+def collected() -> Collected:
+    return Collected()
+
+
+def make(backend, collected, **options) -> Scheduler:
+    scheduler = Scheduler(backend, collected, **options)
+    scheduler.start()
+    return scheduler
+
+
+def test_a_long_batch_does_not_starve_another_client(backend, collected):
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_batch(b"A", BatchRequest("a", [f"a{i}" for i in range(40)]))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.submit_pose(b"B", PoseRequest("b", "b's only prompt"))
+    backend.release()
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    assert backend.groups[0] == ["a0", "a1", "a2", "a3"]
+    assert "b's only prompt" in backend.groups[1], backend.groups
+    assert collected.of(b"B") == [
+        PoseReply("b", collected.of(b"B")[0].text, (pose_for("b's only prompt"),))
+    ]
+    assert sorted(r.index for r in collected.of(b"A") if isinstance(r, BatchItemReply)) == list(
+        range(40)
+    )
+    scheduler.stop()
+
+
+def test_cancel_client_drops_queued_and_waiting_work_silently(backend, collected):
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_batch(b"gone", BatchRequest("x", [f"p{i}" for i in range(40)]))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.cancel_client(b"gone")
+    assert scheduler.queue_depth == 0
+    backend.release()
+    scheduler.stop()
+    assert backend.groups == [["p0", "p1", "p2", "p3"]]
+    assert collected.of(b"gone") == []  # nobody is there to tell
+
+
+def test_a_failing_batch_is_retried_item_by_item(backend, collected):
+    scheduler = make(backend, collected, max_batch=3, max_wait_ms=50)
+    scheduler.submit_batch(b"A", BatchRequest("a", ["left", "explode", "right"]))
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    scheduler.stop()
+    assert backend.groups == [["left", "explode", "right"], ["left"], ["explode"], ["right"]]
+    replies = collected.of()
+    assert {r.index for r in replies if isinstance(r, BatchItemReply)} == {0, 2}
+    [error] = [r for r in replies if isinstance(r, ErrorReply)]
+    assert (error.index, error.code) == (1, ErrorCode.MODEL_ERROR)
+    assert replies[-1] == BatchDoneReply("a", total=3, completed=2)
+
+
+class MiscountingBackend(ScriptedBackend):
+    def answer_poses(self, items):
+        return []  # a backend bug: no answers at all
+
+
+def test_a_misbehaving_backend_gives_model_errors_and_the_worker_lives_on(collected):
+    scheduler = make(MiscountingBackend(), collected, max_batch=1, max_wait_ms=0)
+    scheduler.submit_pose(b"A", PoseRequest("1", "first"))
+    scheduler.submit_pose(b"A", PoseRequest("2", "second"))
+    collected.wait_for(lambda rs: len(rs) == 2)
+    scheduler.stop()
+    assert [(r.id, r.code) for r in collected.of()] == [
+        ("1", ErrorCode.MODEL_ERROR),
+        ("2", ErrorCode.MODEL_ERROR),
+    ]
+    assert "gave 0 answers for 1" in collected.of()[0].message
+
+
+def test_deadlines_follow_the_clock(backend, collected):
+    now = [1000.0]
+    scheduler = make(backend, collected, max_batch=1, max_wait_ms=0, clock=lambda: now[0])
+    backend.hold()
+    scheduler.submit_pose(b"A", PoseRequest("running", "first"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.submit_pose(b"A", PoseRequest("patient", "second", timeout_ms=60_000))
+    scheduler.submit_pose(b"A", PoseRequest("hurried", "third", timeout_ms=1_000))
+    now[0] += 2.0
+    scheduler.expire()
+    assert [(r.id, r.code) for r in collected.of()] == [("hurried", ErrorCode.TIMEOUT)]
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == 3)
+    scheduler.stop()
+    assert {r.id for r in collected.of() if isinstance(r, PoseReply)} == {"running", "patient"}
+
+
+def test_an_empty_batch_is_done_at_once(backend, collected):
+    scheduler = make(backend, collected)
+    scheduler.submit_batch(b"A", BatchRequest("empty", []))
+    assert collected.of() == [BatchDoneReply("empty", total=0, completed=0)]
+    scheduler.stop()
+
+
+def test_stop_delivers_the_running_items_then_ends_the_batch(backend, collected):
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_batch(b"A", BatchRequest("a", [f"p{i}" for i in range(10)]))
+    assert backend.entered.wait(TIMEOUT_S)
+    stopper = threading.Thread(target=scheduler.stop)
+    stopper.start()
+    time.sleep(0.1)
+    backend.release()
+    stopper.join(TIMEOUT_S)
+    replies = collected.of()
+    assert [r.index for r in replies[:-1]] == [0, 1, 2, 3]
+    assert isinstance(replies[-1], ErrorReply) and replies[-1].code == ErrorCode.SHUTTING_DOWN
+    assert replies[-1].index is None
+
+
+def test_work_after_stop_is_refused(backend, collected):
+    scheduler = make(backend, collected)
+    scheduler.stop()
+    scheduler.submit_pose(b"A", PoseRequest("late", "hello"))
+    assert [(r.id, r.code) for r in collected.of()] == [("late", ErrorCode.SHUTTING_DOWN)]
+
+
+def test_chat_mode_runs_alone_through_generation(backend, collected):
+    scheduler = make(backend, collected, max_batch=8, max_wait_ms=30)
+    scheduler.submit_pose(b"A", PoseRequest("c", "talk", mode="chat"))
+    scheduler.submit_pose(b"A", PoseRequest("p", "pose"))
+    collected.wait_for(lambda rs: len(rs) == 2)
+    scheduler.stop()
+    by_id = {r.id: r for r in collected.of()}
+    assert by_id["c"].text.startswith("Here you go") and len(by_id["c"].poses) == 2
+    assert backend.groups == [["pose"]]
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_batch", 0), ("max_wait_ms", -1)])
+def test_bad_options_are_refused(backend, collected, option, value):
+    with pytest.raises(ValueError, match=option):
+        Scheduler(backend, collected, **{option: value})

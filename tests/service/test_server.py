@@ -1,0 +1,387 @@
+"""The server through real ZeroMQ sockets on loopback, with a scripted backend.
+
+The backend's timing is under the test's control (`hold()`), so cancel, deadlines and shutdown
+are tested deterministically; the real model behind the server is tested in test_backend.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from inference_service.keys import make_keys
+from inference_service.server import (
+    CurveKeys,
+    ModelInfo,
+    Server,
+    ServerConfigError,
+    is_loopback,
+)
+from shared_protocol.client import Client, ClientCurveKeys
+from shared_protocol.protocol import (
+    BatchDoneReply,
+    BatchItemReply,
+    BatchRequest,
+    CancelReply,
+    CancelRequest,
+    ErrorCode,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+    ProtocolError,
+    StatusReply,
+    StatusRequest,
+    decode_reply,
+)
+
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+INFO = ModelInfo(
+    model="scripted", device="cpu", dtype="float32", supports_images=True, max_images=1
+)
+
+
+class Running:
+    """A server on a free loopback port, served from a background thread."""
+
+    def __init__(self, backend: ScriptedBackend, **options) -> None:
+        self.backend = backend
+        self.server = Server(backend, INFO, "tcp://127.0.0.1:*", **options)
+        self.address = self.server.address
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def client(self, **options) -> Client:
+        return Client(self.address, context=zmq.Context.instance(), **options)
+
+    def stop(self) -> None:
+        self.backend.release()
+        self.server.stop()
+        self.thread.join(TIMEOUT_S)
+        assert not self.thread.is_alive(), "serve_forever did not return"
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def running(backend) -> Iterator[Running]:
+    served = Running(backend, max_batch=8, max_wait_ms=20)
+    yield served
+    served.stop()
+
+
+def test_status_reports_the_model(running):
+    with running.client() as client:
+        reply = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+    assert isinstance(reply, StatusReply)
+    assert (reply.model, reply.device, reply.dtype) == ("scripted", "cpu", "float32")
+    assert reply.queue_depth == 0 and reply.uptime_s >= 0
+    assert reply.supports_images and reply.max_images == 1
+
+
+def test_one_pose_request(running):
+    with running.client() as client:
+        reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
+    assert isinstance(reply, PoseReply)
+    assert reply.poses == (pose_for("wave"),)
+    assert "(wave)" in reply.text
+
+
+def test_chat_mode_goes_through_generation(running):
+    with running.client() as client:
+        reply = client.request(PoseRequest(client.new_id(), "two", mode="chat"), TIMEOUT_S)
+    assert reply.text.startswith("Here you go") and len(reply.poses) == 2
+
+
+def test_many_concurrent_clients_get_their_own_answers_in_shared_batches(running):
+    failures: list[str] = []
+
+    def one_client(n: int) -> None:
+        with running.client() as client:
+            for k in range(6):
+                prompt = f"client {n} prompt {k} " + "x" * n
+                reply = client.request(PoseRequest(client.new_id(), prompt), TIMEOUT_S)
+                if not isinstance(reply, PoseReply) or reply.poses != (pose_for(prompt),):
+                    failures.append(f"{prompt!r} got {reply!r}")
+
+    threads = [threading.Thread(target=one_client, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert sum(running.backend.batch_sizes) == 72
+    assert max(running.backend.batch_sizes) > 1, "concurrent requests were never batched"
+    assert max(running.backend.batch_sizes) <= 8
+
+
+def test_batch_streams_every_item_then_done(running):
+    prompts = [f"pose number {i}" for i in range(20)]
+    prompts[7] = "explode"
+    with running.client() as client:
+        replies = list(client.stream(BatchRequest(client.new_id(), prompts), TIMEOUT_S))
+    items = [r for r in replies if isinstance(r, BatchItemReply)]
+    errors = [r for r in replies if isinstance(r, ErrorReply)]
+    assert sorted(r.index for r in items) == [i for i in range(20) if i != 7]
+    assert all(r.poses == (pose_for(prompts[r.index]),) and r.total == 20 for r in items)
+    assert [(e.index, e.code) for e in errors] == [(7, ErrorCode.MODEL_ERROR)]
+    assert replies[-1] == BatchDoneReply(replies[-1].id, total=20, completed=19)
+
+
+def test_cancel_ends_a_batch_and_nothing_follows(running, backend):
+    backend.hold()
+    with running.client() as client:
+        batch = BatchRequest(client.new_id(), [f"item {i}" for i in range(40)])
+        client.send(batch)
+        assert backend.entered.wait(TIMEOUT_S)
+        cancel = CancelRequest(client.new_id(), target=batch.id)
+        client.send(cancel)
+        replies = _collect(client, until=lambda r: isinstance(r, CancelReply))
+        backend.release()
+        time.sleep(0.3)  # anything the running micro-batch produced would arrive now
+        replies += _collect(client, until=None, quiet_s=0.3)
+    cancelled = [r for r in replies if isinstance(r, ErrorReply) and r.id == batch.id]
+    assert [(r.code, r.index) for r in cancelled] == [(ErrorCode.CANCELLED, None)]
+    assert CancelReply(cancel.id, batch.id, True) in replies
+    assert not [r for r in replies if isinstance(r, BatchItemReply | BatchDoneReply)]
+    with running.client() as client:
+        unknown = client.request(CancelRequest(client.new_id(), "no-such-id"), TIMEOUT_S)
+        assert unknown == CancelReply(unknown.id, "no-such-id", False)
+        status = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+        assert status.queue_depth == 0
+
+
+def test_deadline_expires_while_the_model_is_busy(running, backend):
+    backend.hold()
+    with running.client() as client:
+        first = PoseRequest(client.new_id(), "slow one")
+        client.send(first)
+        assert backend.entered.wait(TIMEOUT_S)
+        late = PoseRequest(client.new_id(), "in a hurry", timeout_ms=100)
+        reply = client.request(late, TIMEOUT_S)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.TIMEOUT
+        backend.release()
+        answered = _collect(client, until=lambda r: r.id == first.id)
+        assert client.request(StatusRequest(client.new_id()), TIMEOUT_S).queue_depth == 0
+    assert answered[-1] == PoseReply(first.id, answered[-1].text, (pose_for("slow one"),))
+
+
+def test_a_client_that_disappears_mid_request_does_not_disturb_others(running, backend):
+    backend.hold()
+    leaving = running.client()
+    leaving.send(BatchRequest(leaving.new_id(), [f"p{i}" for i in range(30)]))
+    assert backend.entered.wait(TIMEOUT_S)
+    leaving.close()
+    time.sleep(0.2)
+    backend.release()
+    with running.client() as client:
+        reply = client.request(PoseRequest(client.new_id(), "still here?"), TIMEOUT_S)
+        assert reply.poses == (pose_for("still here?"),)
+        deadline = time.monotonic() + TIMEOUT_S
+        while client.request(StatusRequest(client.new_id()), TIMEOUT_S).queue_depth:
+            assert time.monotonic() < deadline, "the vanished client's work was never dropped"
+            time.sleep(0.05)
+
+
+def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
+    served = Running(backend, max_batch=1, max_wait_ms=0)
+    backend.hold()
+    client = served.client()
+    running_request = PoseRequest(client.new_id(), "already running")
+    queued_request = PoseRequest(client.new_id(), "still queued")
+    client.send(running_request)
+    assert backend.entered.wait(TIMEOUT_S)
+    client.send(queued_request)
+    time.sleep(0.2)  # let the server read the second request
+    served.server.stop()
+    time.sleep(0.1)
+    backend.release()
+    served.thread.join(TIMEOUT_S)
+    assert not served.thread.is_alive()
+    replies = {r.id: r for r in _collect(client, until=None, quiet_s=0.5)}
+    client.close()
+    assert replies[running_request.id].poses == (pose_for("already running"),)
+    assert replies[queued_request.id].code == ErrorCode.SHUTTING_DOWN
+
+
+def test_model_and_image_errors_are_typed_and_the_server_keeps_serving(running):
+    with running.client() as client:
+        exploded = client.request(PoseRequest(client.new_id(), "explode"), TIMEOUT_S)
+        assert exploded.code == ErrorCode.MODEL_ERROR
+        assert "the model exploded" in exploded.message
+        bad_image = PoseRequest(client.new_id(), "", images=(PNG + b"corrupt",))
+        assert client.request(bad_image, TIMEOUT_S).code == ErrorCode.BAD_IMAGE
+        too_many = PoseRequest(client.new_id(), "two people", images=(PNG, PNG))
+        reply = client.request(too_many, TIMEOUT_S)
+        assert reply.code == ErrorCode.UNSUPPORTED_INPUT and "at most 1 image" in reply.message
+        ok = client.request(PoseRequest(client.new_id(), "fine", images=(PNG,)), TIMEOUT_S)
+        assert ok.poses == (pose_for("fine"),)
+
+
+def test_the_same_id_twice_in_flight_is_refused(running, backend):
+    backend.hold()
+    with running.client() as client:
+        request = PoseRequest(client.new_id(), "once")
+        client.send(request)
+        client.send(request)
+        duplicate = _collect(client, until=lambda r: isinstance(r, ErrorReply))[-1]
+        assert duplicate.code == ErrorCode.BAD_SCHEMA and "already in flight" in duplicate.message
+        backend.release()
+        assert _collect(client, until=lambda r: isinstance(r, PoseReply))[-1].id == request.id
+
+
+def test_a_full_queue_answers_busy(backend):
+    served = Running(backend, max_batch=1, max_wait_ms=0, max_queue=3)
+    try:
+        backend.hold()
+        with served.client() as client:
+            reply = client.request(BatchRequest(client.new_id(), ["a"] * 4), TIMEOUT_S)
+            assert reply.code == ErrorCode.BUSY
+            backend.release()
+            again = client.request(BatchRequest(client.new_id(), ["a"] * 3), TIMEOUT_S)
+            assert again.completed == 3
+    finally:
+        served.stop()
+
+
+def test_thousands_of_malformed_messages_then_a_valid_request(running):
+    rng = random.Random(7)
+    valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']
+    junk: list[list[bytes]] = []
+    for n in range(3000):
+        kind = n % 6
+        if kind == 0:
+            junk.append([rng.randbytes(rng.randrange(0, 64))])
+        elif kind == 1:
+            junk.append([b"{not json"])
+        elif kind == 2:
+            junk.append([b'{"protocol": 9, "op": "pose", "id": "a"}'])
+        elif kind == 3:
+            junk.append([b'{"protocol": 1, "op": "dance", "id": "a"}'])
+        elif kind == 4:
+            junk.append(valid + [b"not an image"])
+        else:
+            frame = bytearray(valid[0])
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+            junk.append([bytes(frame)])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(running.address)
+    codes = set()
+    try:
+        for frames in junk:
+            sock.send_multipart(frames)
+        for _ in junk:
+            assert sock.poll(TIMEOUT_S * 1000), "a malformed message got no reply"
+            reply = decode_reply(sock.recv_multipart())
+            assert isinstance(reply, ErrorReply | PoseReply)
+            if isinstance(reply, ErrorReply):
+                codes.add(reply.code)
+    finally:
+        sock.close()
+    assert {
+        ErrorCode.BAD_JSON,
+        ErrorCode.UNSUPPORTED_PROTOCOL,
+        ErrorCode.UNKNOWN_OP,
+        ErrorCode.BAD_IMAGE,
+    } <= codes
+    with running.client() as client:
+        reply = client.request(PoseRequest(client.new_id(), "after the storm"), TIMEOUT_S)
+    assert reply.poses == (pose_for("after the storm"),)
+
+
+def test_unreachable_service_is_reported_quickly_and_clearly():
+    with Client("tcp://127.0.0.1:9") as client:  # nothing listens on the discard port
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as info:
+            client.request(StatusRequest(client.new_id()), timeout_s=0.5)
+    assert info.value.code == ErrorCode.UNREACHABLE
+    assert "is chatpose-serve running?" in str(info.value)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.8.9.10:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///tmp/chatpose.sock", True),
+        ("tcp://*:5555", False),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://192.168.1.20:5555", False),
+        ("tcp://studio-gpu:5555", False),
+        ("udp://127.0.0.1:5555", False),
+    ],
+)
+def test_is_loopback(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_a_non_loopback_bind_needs_curve_keys(backend):
+    with pytest.raises(ServerConfigError, match="not a loopback address"):
+        Server(backend, INFO, "tcp://0.0.0.0:*")
+
+
+def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
+    make_keys(tmp_path, ["animator"])
+    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
+    served = Running(backend, curve=curve)
+    try:
+        keys = ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key")
+        with served.client(curve=keys) as client:
+            assert isinstance(
+                client.request(StatusRequest(client.new_id()), TIMEOUT_S), StatusReply
+            )
+        make_keys(tmp_path / "stranger", ["stranger"])
+        stranger = ClientCurveKeys(
+            tmp_path / "stranger" / "stranger.key_secret", tmp_path / "server.key"
+        )
+        with served.client(curve=stranger) as client, pytest.raises(ProtocolError) as info:
+            client.request(StatusRequest(client.new_id()), timeout_s=1.0)
+        assert info.value.code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT)
+        with served.client() as plain, pytest.raises(ProtocolError):
+            plain.request(StatusRequest(plain.new_id()), timeout_s=1.0)
+    finally:
+        served.stop()
+
+
+def _collect(client: Client, until, quiet_s: float = TIMEOUT_S) -> list:
+    """Replies until one satisfies `until` (or, with until=None, until `quiet_s` of silence)."""
+    replies = []
+    while True:
+        reply = client.poll(quiet_s * 1000 if until is None else TIMEOUT_S * 1000)
+        if reply is None:
+            assert until is None, f"no reply came; so far {replies!r}"
+            return replies
+        replies.append(reply)
+        if until is not None and until(reply):
+            return replies
+
+
+def test_requests_are_logged_as_structured_events(running, caplog):
+    caplog.set_level(logging.INFO)
+    with running.client() as client:
+        client.request(PoseRequest(client.new_id(), "logged"), TIMEOUT_S)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(running.address)
+    raw.send(b'{"protocol": 1, "op": "pose", "id": "blank", "prompt": " "}')
+    assert raw.poll(TIMEOUT_S * 1000)
+    assert decode_reply(raw.recv_multipart()).code == ErrorCode.EMPTY_PROMPT
+    raw.close()
+    done = [r for r in caplog.records if getattr(r, "event", None) == "request"]
+    assert [(r.op, r.ok) for r in done] == [("pose", True)]
+    [bad] = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
+    assert bad.code == "empty_prompt" and bad.detail

@@ -1,0 +1,48 @@
+"""The console scripts install and say clearly what is not built yet."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference_service import cli
+
+SCRIPTS = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["pose", "wave with the right hand"], ["batch", "prompts.txt", "--out", "a.npz"], ["status"]],
+)
+def test_unbuilt_subcommands_exit_nonzero_with_a_clear_message(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_NOT_BUILT
+    message = capsys.readouterr().err
+    assert f"chatpose {argv[0]}: not built yet" in message
+    assert "chatpose-serve" in message
+
+
+def test_demo_says_the_demo_model_is_not_built_yet(capsys):
+    assert cli.main(["demo"]) == cli.EXIT_NOT_BUILT
+    assert "demo model" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_with_argparse_code(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["pose"])
+    assert info.value.code == 2
+    assert "the following arguments are required: text" in capsys.readouterr().err
+
+
+def test_console_scripts_are_installed():
+    chatpose = subprocess.run(
+        [str(SCRIPTS / "chatpose"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert chatpose.returncode == 0
+    assert all(command in chatpose.stdout for command in ("pose", "batch", "status", "demo"))
+
+    serve_run = subprocess.run(
+        [str(SCRIPTS / "chatpose-serve"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert serve_run.returncode == 0
+    assert "--checkpoint" in serve_run.stdout

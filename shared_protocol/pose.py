@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .arrays import finite_array
+
 POSE_LAYOUT = "smpl24_axis_angle"
 NUM_JOINTS = 24
 GENDERS = ("neutral", "male", "female")
@@ -30,20 +32,15 @@ _AMASS_POSE_WIDTHS = (72, 156)
 def _finite_array(
     value: object, name: str, shape: tuple[int, ...], flat_ok: bool = False
 ) -> np.ndarray:
-    """A read-only float64 copy of `value`, checked for shape and finiteness.
+    """A read-only float64 copy of `value` with exactly `shape`, finite.
 
     With `flat_ok`, a flat vector of the right size is reshaped (AMASS and smplx store poses so).
     """
-    try:
-        array = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: not an array of numbers ({exc})") from None
+    array = np.array(finite_array(value, name, ()), dtype=np.float64)
     if flat_ok and array.shape == (math.prod(shape),):
         array = array.reshape(shape)
     if array.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name}: contains NaN or infinity")
     array.setflags(write=False)
     return array
 

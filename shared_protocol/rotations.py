@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import finite_array
+
 __all__ = [
     "ROTATION_TOLERANCE",
     "axis_angle_to_matrix",
@@ -51,28 +53,9 @@ _TINY = 1e-12
 _COLLINEAR = 1e-6
 
 
-def _shape_text(trailing: tuple[int, ...]) -> str:
-    return "(..., " + ", ".join(str(n) for n in trailing) + ")"
-
-
-def _validated(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
-    """Return ``x`` as a float64 array after checking its trailing shape and finiteness."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{name}: expected a numeric array, got {type(x).__name__} ({exc})"
-        ) from exc
-    if arr.ndim < len(trailing) or arr.shape[arr.ndim - len(trailing) :] != trailing:
-        raise ValueError(f"{name}: expected shape {_shape_text(trailing)}, got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: contains NaN or inf")
-    return arr
-
-
 def _validated_rotation(x, name: str) -> np.ndarray:
-    """Like ``_validated`` for (..., 3, 3), and also require (approximately) a rotation."""
-    m = _validated(x, name, (3, 3))
+    """Like ``finite_array`` for (..., 3, 3), and also require (approximately) a rotation."""
+    m = finite_array(x, name, (3, 3))
     if m.size == 0:
         return m
     err = np.abs(np.swapaxes(m, -1, -2) @ m - np.eye(3)).max()
@@ -88,7 +71,7 @@ def _validated_rotation(x, name: str) -> np.ndarray:
 
 def _validated_quaternion(x, name: str) -> np.ndarray:
     """Validate (..., 4) and return the quaternions normalised to unit length."""
-    q = _validated(x, name, (4,))
+    q = finite_array(x, name, (4,))
     norm = np.linalg.norm(q, axis=-1, keepdims=True)
     if np.any(norm < _TINY):
         raise ValueError(f"{name}: zero quaternion cannot be normalised")
@@ -183,7 +166,7 @@ def _rotation_angle(m: np.ndarray) -> np.ndarray:
 
 def axis_angle_to_matrix(axis_angle) -> np.ndarray:
     """(..., 3) axis-angle -> (..., 3, 3) rotation matrix (Rodrigues, stable near 0)."""
-    aa = _validated(axis_angle, "axis_angle", (3,))
+    aa = finite_array(axis_angle, "axis_angle", (3,))
     theta = np.linalg.norm(aa, axis=-1)[..., None, None]
     small = theta < _SMALL_ANGLE
     safe = np.where(small, 1.0, theta)
@@ -213,7 +196,7 @@ def matrix_to_axis_angle(matrix) -> np.ndarray:
 
 def axis_angle_to_quaternion(axis_angle) -> np.ndarray:
     """(..., 3) axis-angle -> (..., 4) unit quaternion (w, x, y, z) with w >= 0."""
-    return _aa_to_quat(_validated(axis_angle, "axis_angle", (3,)))
+    return _aa_to_quat(finite_array(axis_angle, "axis_angle", (3,)))
 
 
 def quaternion_to_axis_angle(quaternion) -> np.ndarray:
@@ -244,7 +227,7 @@ def rotation_6d_to_matrix(rot6d) -> np.ndarray:
     The columns need not be unit or orthogonal (network output), but they must be non-zero and
     not collinear.
     """
-    x = _validated(rot6d, "rot6d", (6,))
+    x = finite_array(rot6d, "rot6d", (6,))
     a1, a2 = x[..., :3], x[..., 3:]
     n1 = np.linalg.norm(a1, axis=-1, keepdims=True)
     n2 = np.linalg.norm(a2, axis=-1, keepdims=True)

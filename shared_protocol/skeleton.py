@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rotations import _validated, axis_angle_to_matrix
+from .arrays import finite_array
+from .rotations import axis_angle_to_matrix
 
 __all__ = [
     "DEFAULT_REST_JOINTS",
@@ -121,7 +122,7 @@ def rest_joints_from_offsets(offsets) -> np.ndarray:
 
     The pelvis offset is taken as the pelvis position.
     """
-    off = _validated(offsets, "offsets", (NUM_JOINTS, 3))
+    off = finite_array(offsets, "offsets", (NUM_JOINTS, 3))
     joints = off.copy()
     for i in range(1, NUM_JOINTS):
         joints[..., i, :] += joints[..., PARENTS[i], :]
@@ -133,7 +134,7 @@ def offsets_from_rest_joints(rest_joints) -> np.ndarray:
 
     The inverse of ``rest_joints_from_offsets`` (the pelvis row is kept as is).
     """
-    joints = _validated(rest_joints, "rest_joints", (NUM_JOINTS, 3))
+    joints = finite_array(rest_joints, "rest_joints", (NUM_JOINTS, 3))
     off = joints.copy()
     off[..., 1:, :] -= joints[..., PARENTS[1:], :]
     return off
@@ -157,13 +158,13 @@ def forward_kinematics(
     broadcast of the three batch shapes. With G the world rotation and p the position:
     G_i = G_parent · R_i, p_i = p_parent + G_parent · (rest_i − rest_parent), p_0 = rest_0 + t.
     """
-    aa = _validated(axis_angle, "axis_angle", (NUM_JOINTS, 3))
+    aa = finite_array(axis_angle, "axis_angle", (NUM_JOINTS, 3))
     rest = (
         DEFAULT_REST_JOINTS
         if rest_joints is None
-        else _validated(rest_joints, "rest_joints", (NUM_JOINTS, 3))
+        else finite_array(rest_joints, "rest_joints", (NUM_JOINTS, 3))
     )
-    trans = np.zeros(3) if translation is None else _validated(translation, "translation", (3,))
+    trans = np.zeros(3) if translation is None else finite_array(translation, "translation", (3,))
     try:
         batch = np.broadcast_shapes(aa.shape[:-2], rest.shape[:-2], trans.shape[:-1])
     except ValueError:
@@ -196,5 +197,5 @@ SMPL_TO_BLENDER: np.ndarray = _read_only(
 
 def smpl_to_blender(points) -> np.ndarray:
     """(..., 3) points in the SMPL frame (Y-up) -> (..., 3) in Blender's frame (Z-up)."""
-    p = _validated(points, "points", (3,))
+    p = finite_array(points, "points", (3,))
     return p @ SMPL_TO_BLENDER.T

@@ -1,58 +1,294 @@
 """`chatpose`: the client command line.
 
-Sub-commands are filled in by later issues; one that is not built yet exits with
-EXIT_NOT_BUILT and says so, rather than pretending to work.
+    chatpose status                      the service's status
+    chatpose pose "TEXT" [--image FILE]  one request; prints the reply and the poses
+    chatpose batch FILE.txt --out a.npz  one prompt per line, streamed, keyed as an animation
+    chatpose demo                        what `make demo` runs
+
+Exit codes follow the protocol's error codes, so scripts can tell what went wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 
 from shared_protocol import __version__
+from shared_protocol.client import DEFAULT_ADDRESS, Client
+from shared_protocol.pose import Motion, Pose
+from shared_protocol.protocol import (
+    DEFAULT_LIMITS,
+    BatchItemReply,
+    BatchRequest,
+    ErrorCode,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+    ProtocolError,
+    StatusRequest,
+    encode_reply,
+)
+from shared_protocol.skeleton import JOINT_NAMES
 
+EXIT_OK = 0
+EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_NOT_BUILT = 3
+EXIT_BAD_INPUT = 4
+EXIT_UNREACHABLE = 5
+EXIT_TIMEOUT = 6
+EXIT_SERVICE_ERROR = 7
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
-# Sub-command -> the part of the project that builds it.
-_PENDING = {
-    "pose": "the client command line (use chatpose-serve with the protocol for now)",
-    "batch": "the client command line (use chatpose-serve with the protocol for now)",
-    "status": "the client command line (use chatpose-serve with the protocol for now)",
-    "demo": "the bundled demo model and the end-to-end demo",
+_EXIT_FOR_CODE = {
+    ErrorCode.UNREACHABLE: EXIT_UNREACHABLE,
+    ErrorCode.TIMEOUT: EXIT_TIMEOUT,
+    **{
+        code: EXIT_BAD_INPUT
+        for code in (
+            ErrorCode.BAD_JSON,
+            ErrorCode.BAD_SCHEMA,
+            ErrorCode.UNSUPPORTED_PROTOCOL,
+            ErrorCode.UNKNOWN_OP,
+            ErrorCode.TOO_LARGE,
+            ErrorCode.BAD_IMAGE,
+            ErrorCode.EMPTY_PROMPT,
+            ErrorCode.UNSUPPORTED_INPUT,
+        )
+    },
 }
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}  success
+  {EXIT_USAGE}  bad command-line arguments
+  {EXIT_NOT_BUILT}  the sub-command is not built yet
+  {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
+  {EXIT_UNREACHABLE}  no service at the address
+  {EXIT_TIMEOUT}  the service did not answer in time
+  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled)"""
+
+
+class CommandError(Exception):
+    """A failure with its exit code and a message for the user."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code_for(code: ErrorCode) -> int:
+    return _EXIT_FOR_CODE.get(code, EXIT_SERVICE_ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chatpose", description="Ask a ChatPose service for SMPL poses from text and images."
+        prog="chatpose",
+        description="Ask a ChatPose service for SMPL poses from text and images.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"chatpose {__version__}")
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--address", default=DEFAULT_ADDRESS, help="the service's address")
+    connection.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for an answer"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pose = commands.add_parser("pose", help="pose from a text prompt and/or an image")
-    pose.add_argument("text", help="what the person should do")
-    pose.add_argument("--image", metavar="FILE", help="a PNG or JPEG reference image")
+    pose = commands.add_parser("pose", parents=[connection], help="pose from text and/or image")
+    pose.add_argument("text", help="what the person should do (may be empty with --image)")
+    pose.add_argument("--image", type=Path, metavar="FILE", help="a PNG or JPEG reference")
+    pose.add_argument("--chat", action="store_true", help="a free reply instead of a pose only")
     pose.add_argument("--json", action="store_true", help="print the protocol reply as JSON")
-    pose.add_argument("--out", metavar="FILE.npz", help="write the poses as AMASS-layout .npz")
+    pose.add_argument("--out", type=Path, metavar="FILE.npz", help="write AMASS-layout .npz")
+    pose.add_argument("--local", action="store_true", help="run the model in this process")
+    pose.add_argument("--checkpoint", type=Path, help="with --local (default: the demo model)")
 
-    batch = commands.add_parser("batch", help="one prompt per line, keyed as an animation")
-    batch.add_argument("file", metavar="FILE.txt")
-    batch.add_argument("--out", metavar="FILE.npz", required=True)
+    batch = commands.add_parser("batch", parents=[connection], help="one prompt per line")
+    batch.add_argument("file", type=Path, metavar="FILE.txt")
+    batch.add_argument("--out", type=Path, metavar="FILE.npz", required=True)
     batch.add_argument("--fps", type=float, default=30.0)
 
-    commands.add_parser("status", help="the service's status")
+    commands.add_parser("status", parents=[connection], help="the service's status")
     commands.add_parser("demo", help="what `make demo` runs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    needs = _PENDING[args.command]
-    print(
-        f"chatpose {args.command}: not built yet in version {__version__}; it needs {needs}.",
-        file=sys.stderr,
+    command: Callable[[argparse.Namespace], int] = {
+        "status": _status,
+        "pose": _pose,
+        "batch": _batch,
+        "demo": _demo,
+    }[args.command]
+    try:
+        return command(args)
+    except CommandError as exc:
+        print(f"chatpose {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ProtocolError as exc:
+        print(f"chatpose {args.command}: {exc.message}", file=sys.stderr)
+        return exit_code_for(exc.code)
+    except KeyboardInterrupt:
+        print(f"chatpose {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# --- sub-commands -----------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    with Client(args.address) as client:
+        reply = _checked(client.request(StatusRequest(client.new_id()), args.timeout))
+    images = f"up to {reply.max_images}" if reply.supports_images else "no"
+    print(f"service   {args.address}")
+    print(f"model     {reply.model} on {reply.device} ({reply.dtype})")
+    print(f"images    {images} per request")
+    print(f"queue     {reply.queue_depth} waiting")
+    print(f"uptime    {reply.uptime_s:.0f} s")
+    print(f"version   {reply.version}")
+    return EXIT_OK
+
+
+def _pose(args: argparse.Namespace) -> int:
+    images = (_read_image(args.image),) if args.image else ()
+    mode = "chat" if args.chat else "pose"
+    if args.local:
+        reply = _local_reply(args, images, mode)
+    else:
+        with Client(args.address) as client:
+            request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
+            reply = _checked(client.request(request, args.timeout))
+    if args.json:
+        print(encode_reply(reply)[0].decode("utf-8"))
+    else:
+        _print_pose_reply(reply)
+    if args.out:
+        _write_motion(args.out, list(reply.poses), fps=30.0)
+        print(f"wrote {len(reply.poses)} pose(s) to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _batch(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args.file)
+    poses: dict[int, Pose] = {}
+    failures: list[str] = []
+    limit = DEFAULT_LIMITS.max_batch_items
+    try:
+        with Client(args.address) as client:
+            for start in range(0, len(prompts), limit):
+                chunk = prompts[start : start + limit]
+                request = BatchRequest(client.new_id(), chunk)
+                for reply in client.stream(request, args.timeout):
+                    if isinstance(reply, BatchItemReply) and reply.poses:
+                        poses[start + reply.index] = reply.poses[0]
+                    elif isinstance(reply, ErrorReply) and reply.index is not None:
+                        line = start + reply.index
+                        failures.append(f"line {line + 1}: {reply.code.value}: {reply.message}")
+                    elif isinstance(reply, ErrorReply):
+                        raise ProtocolError(reply.code, reply.message)
+                    _progress(len(poses) + len(failures), len(prompts))
+    finally:  # what was answered is written even when the run stops half-way
+        print(file=sys.stderr)
+        if poses:
+            _write_motion(args.out, [poses[i] for i in sorted(poses)], fps=args.fps)
+            print(f"wrote {len(poses)} of {len(prompts)} poses to {args.out}", file=sys.stderr)
+    for failure in failures:
+        print(f"chatpose batch: {failure}", file=sys.stderr)
+    return EXIT_SERVICE_ERROR if failures else EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    raise CommandError(
+        EXIT_NOT_BUILT,
+        f"not built yet in version {__version__}; it needs the bundled demo model and the "
+        "end-to-end demo",
     )
-    return EXIT_NOT_BUILT
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _checked(reply):
+    """The reply, or a ProtocolError for an error reply."""
+    if isinstance(reply, ErrorReply):
+        raise ProtocolError(reply.code, reply.message, request_id=reply.id)
+    return reply
+
+
+def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
+    from .backend import ModelBackend  # torch: only when asked to run the model here
+    from .errors import ChatPoseError
+    from .scheduler import WorkItem
+    from .serve import DEMO_CHECKPOINT
+
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if not checkpoint.exists():
+        raise CommandError(EXIT_BAD_INPUT, f"no checkpoint at {checkpoint}; pass --checkpoint")
+    item = WorkItem(args.text, images, mode=mode)
+    try:
+        backend = ModelBackend.from_checkpoint(checkpoint)
+        answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
+    except ChatPoseError as exc:
+        raise ProtocolError(ErrorCode(exc.code), str(exc)) from None
+    return PoseReply("local", answer.text, answer.poses)
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CommandError(
+            EXIT_BAD_INPUT, f"--image: cannot read {path} ({exc.strerror})"
+        ) from None
+    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+        raise CommandError(EXIT_BAD_INPUT, f"--image: {path} is not a PNG or JPEG file")
+    return data
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CommandError(EXIT_BAD_INPUT, f"{path} has no prompts (one per line)")
+    return prompts
+
+
+def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:
+    try:
+        Motion.from_poses(poses, fps=fps).save_npz(path)
+    except OSError as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write {path} ({exc.strerror})") from None
+
+
+def _print_pose_reply(reply: PoseReply) -> None:
+    print(reply.text)
+    for number, pose in enumerate(reply.poses, start=1):
+        print(f"\npose {number} of {len(reply.poses)} (axis-angle; degrees about the axis)")
+        for name, rotation in zip(JOINT_NAMES, pose.axis_angle, strict=True):
+            angle = float(np.linalg.norm(rotation))
+            axis = rotation / angle if angle > 1e-9 else np.zeros(3)
+            print(
+                f"  {name:<15} {np.degrees(angle):7.1f}°  axis ({axis[0]:+.2f}, "
+                f"{axis[1]:+.2f}, {axis[2]:+.2f})"
+            )
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""The `chatpose` sub-commands against a running service, and when there is none."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from inference_service import cli
+from inference_service.server import ModelInfo, Server
+from shared_protocol.pose import Motion
+
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+
+INFO = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def address(backend):
+    server = Server(backend, INFO, "tcp://127.0.0.1:*", max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.address
+    backend.release()
+    server.stop()
+    thread.join(TIMEOUT_S)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status(address, capsys):
+    code, out, _ = run(capsys, "status", "--address", address)
+    assert code == cli.EXIT_OK
+    assert "model     scripted on cpu (float32)" in out
+    assert "images    up to 1 per request" in out
+
+
+def test_pose_prints_the_reply_and_every_joint(address, capsys):
+    code, out, _ = run(capsys, "pose", "raise the left arm", "--address", address)
+    assert code == cli.EXIT_OK
+    assert "Sure, it is <POSE>. (raise the left arm)" in out
+    assert "pose 1 of 1" in out and "left_shoulder" in out and "right_hand" in out
+
+
+def test_pose_json_and_npz(address, capsys, tmp_path):
+    out_file = tmp_path / "pose.npz"
+    code, out, err = run(
+        capsys, "pose", "bow", "--json", "--out", str(out_file), "--address", address
+    )
+    assert code == cli.EXIT_OK
+    header = json.loads(out)
+    assert header["ok"] is True and header["op"] == "pose" and len(header["poses"]) == 1
+    [pose] = Motion.load_npz(out_file).poses()
+    np.testing.assert_array_equal(pose.axis_angle, pose_for("bow").axis_angle)
+    assert pose.label == "bow" and "wrote 1 pose(s)" in err
+
+
+def test_pose_with_an_image(address, capsys, tmp_path):
+    image = tmp_path / "ref.png"
+    image.write_bytes(PNG)
+    code, out, _ = run(capsys, "pose", "", "--image", str(image), "--address", address)
+    assert code == cli.EXIT_OK and "pose 1 of 1" in out
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "cannot read"),
+        (lambda d: (d / "ref.png").write_text("hello"), "is not a PNG or JPEG file"),
+    ],
+)
+def test_pose_with_a_bad_image_file(address, capsys, tmp_path, setup, message):
+    setup(tmp_path)
+    code, _, err = run(
+        capsys, "pose", "x", "--image", str(tmp_path / "ref.png"), "--address", address
+    )
+    assert code == cli.EXIT_BAD_INPUT and message in err
+
+
+def test_empty_prompt_is_bad_input(address, capsys):
+    code, _, err = run(capsys, "pose", "  ", "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and "blank" in err
+
+
+def test_model_errors_are_service_errors(address, capsys):
+    code, _, err = run(capsys, "pose", "explode", "--address", address)
+    assert code == cli.EXIT_SERVICE_ERROR and "the model exploded" in err
+
+
+def test_batch_streams_writes_what_succeeded_and_names_failed_lines(address, capsys, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n\nsit down\nexplode\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    code, _, err = run(
+        capsys, "batch", str(prompts), "--out", str(out_file), "--fps", "24", "--address", address
+    )
+    assert code == cli.EXIT_SERVICE_ERROR
+    assert "line 3: model_error" in err and "wrote 3 of 4 poses" in err
+    motion = Motion.load_npz(out_file)
+    assert motion.fps == 24.0 and motion.labels == ("wave", "sit down", "bow")
+    np.testing.assert_array_equal(motion.axis_angle[1], pose_for("sit down").axis_angle)
+
+
+def test_batch_longer_than_one_protocol_batch(address, capsys, tmp_path):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(300)))
+    out_file = tmp_path / "long.npz"
+    code, _, _ = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_OK
+    assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
+
+
+def test_batch_of_an_empty_file(address, capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    code, _, err = run(
+        capsys, "batch", str(tmp_path / "empty.txt"), "--out", "x.npz", "--address", address
+    )
+    assert code == cli.EXIT_BAD_INPUT and "has no prompts" in err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["pose", "wave"], ["batch", "FILE", "--out", "o"]])
+def test_no_service_is_a_clear_quick_failure(capsys, tmp_path, argv):
+    (tmp_path / "FILE").write_text("wave\n")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    started = time.monotonic()
+    code, _, err = run(capsys, *argv, "--address", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert code == cli.EXIT_UNREACHABLE
+    assert "is chatpose-serve running?" in err
+    assert time.monotonic() - started < 10
+
+
+def test_a_slow_service_times_out(address, backend, capsys):
+    backend.hold()
+    started = time.monotonic()
+    code, _, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.5")
+    assert code == cli.EXIT_TIMEOUT and "within 0.5 s" in err
+    assert time.monotonic() - started < 10
+
+
+def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
+    code, out, _ = run(
+        capsys, "pose", "stand on one leg", "--local", "--checkpoint", str(tiny_checkpoint)
+    )
+    assert code == cli.EXIT_OK and "pose 1 of 1" in out
+
+
+def test_local_mode_without_a_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(tmp_path / "none"))
+    assert code == cli.EXIT_BAD_INPUT and "no checkpoint at" in err

@@ -92,14 +92,16 @@ _MEANINGS = {
     ErrorCode.UNSUPPORTED_INPUT: "Well-formed input the loaded model cannot take, e.g. images "
     "for a text-only model or more images than it accepts.",
     ErrorCode.BUSY: "The server's queue is full. Retry later.",
-    ErrorCode.TIMEOUT: "The request's `timeout_ms` passed before the answer was ready.",
+    ErrorCode.TIMEOUT: "The request's `timeout_ms` passed before its work started (server), "
+    "or no answer came in time over a live connection (client).",
     ErrorCode.CANCELLED: "A cancel request stopped this request or batch.",
     ErrorCode.MODEL_ERROR: "The model ran but its output could not be made into a reply, "
     "e.g. no pose came out in pose mode.",
-    ErrorCode.SHUTTING_DOWN: "The server is stopping and takes or finishes no more work.",
+    ErrorCode.SHUTTING_DOWN: "The server is stopping: it takes no new work, and work that had "
+    "not started gets this error (work already running is finished and sent).",
     ErrorCode.INTERNAL_ERROR: "An unexpected failure inside the server (a bug).",
-    ErrorCode.UNREACHABLE: "Client side only, never sent: no reply came, because the server "
-    "is down or the client's own deadline passed.",
+    ErrorCode.UNREACHABLE: "Client side only, never sent: no connection to the server could be "
+    "made (it is down, or refused the client's CURVE keys).",
 }
 
 

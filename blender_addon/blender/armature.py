@@ -1,0 +1,126 @@
+"""Create the SMPL armature (and its mesh), and recognise SMPL armatures."""
+
+from __future__ import annotations
+
+import bpy
+import numpy as np
+
+from shared_protocol.skeleton import JOINT_NAMES, smpl_to_blender
+
+from ..core.mannequin import mannequin_mesh
+from ..core.rig_spec import RIG_PROPERTY, RIG_VERSION, rest_joints_from_heads, smpl_bone_specs
+from ..core.smpl_model import SmplModel
+from .meshes import create_mannequin, create_smpl_body
+
+
+def is_smpl_armature(obj: bpy.types.Object | None) -> bool:
+    """An armature with a bone for every SMPL joint name (made here or imported)."""
+    if obj is None or obj.type != "ARMATURE":
+        return False
+    bones = obj.data.bones
+    return all(name in bones for name in JOINT_NAMES)
+
+
+def find_smpl_armature(context: bpy.types.Context) -> bpy.types.Object | None:
+    """The active object if it is an SMPL armature, or the SMPL armature a selected mesh is
+    parented to / deformed by."""
+    obj = context.active_object
+    if is_smpl_armature(obj):
+        return obj
+    if obj is not None:
+        if is_smpl_armature(obj.parent):
+            return obj.parent
+        for mod in getattr(obj, "modifiers", ()):
+            if mod.type == "ARMATURE" and is_smpl_armature(mod.object):
+                return mod.object
+    return None
+
+
+def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
+    """(24, 3, 3) rest rotation of each SMPL bone in armature space, in SMPL joint order."""
+    bones = obj.data.bones
+    return np.array([np.array(bones[n].matrix_local.to_3x3()) for n in JOINT_NAMES])
+
+
+def rest_joints(obj: bpy.types.Object) -> np.ndarray:
+    """(24, 3) rest joints in the SMPL frame, read back from the bone heads."""
+    bones = obj.data.bones
+    return rest_joints_from_heads([tuple(bones[n].head_local) for n in JOINT_NAMES])
+
+
+def _ensure_object_mode(context: bpy.types.Context) -> None:
+    if context.mode != "OBJECT" and context.active_object is not None:
+        bpy.ops.object.mode_set(mode="OBJECT")
+
+
+def create_smpl_armature(
+    context: bpy.types.Context,
+    *,
+    name: str = "SMPL",
+    rest_joints_smpl=None,
+    location=(0.0, 0.0, 0.0),
+    on_ground: bool = True,
+    with_mesh: bool = True,
+    model: SmplModel | None = None,
+) -> bpy.types.Object:
+    """A new armature object with the 24 SMPL bones, linked to the active collection and made
+    active; with a mesh child (the SMPL body when ``model`` has one, else the mannequin).
+
+    Bones: head at the rest joint (SMPL -> Blender (x, -z, y)), tail a step along +Z, roll 0
+    (see ``core.rig_spec``). ``on_ground`` lifts the object so that the lowest point (of the mesh,
+    else of the joints) is at ``location``'s height.
+    """
+    if rest_joints_smpl is None and model is not None:
+        rest_joints_smpl = model.rest_joints
+    specs = smpl_bone_specs(rest_joints_smpl)
+    _ensure_object_mode(context)
+
+    arm = bpy.data.armatures.new(name)
+    arm.display_type = "OCTAHEDRAL"
+    arm[RIG_PROPERTY] = RIG_VERSION
+    obj = bpy.data.objects.new(name, arm)
+    obj.show_in_front = True
+    collection = context.collection or context.scene.collection
+    collection.objects.link(obj)
+    for other in context.view_layer.objects:
+        other.select_set(False)
+    context.view_layer.objects.active = obj
+    obj.select_set(True)
+
+    bpy.ops.object.mode_set(mode="EDIT")
+    try:
+        edit_bones = arm.edit_bones
+        for spec in specs:
+            bone = edit_bones.new(spec.name)
+            bone.head = spec.head
+            bone.tail = spec.tail
+            bone.roll = spec.roll
+            bone.use_connect = False
+        for spec in specs:
+            if spec.parent is not None:
+                edit_bones[spec.name].parent = edit_bones[spec.parent]
+    finally:
+        bpy.ops.object.mode_set(mode="OBJECT")
+
+    for pbone in obj.pose.bones:
+        pbone.rotation_mode = "QUATERNION"
+
+    heads = np.array([s.head for s in specs])
+    has_body = model is not None and model.faces is not None and model.weights is not None
+    mannequin = mannequin_mesh(heads) if with_mesh and not has_body else None
+    lift = 0.0
+    if on_ground:
+        if with_mesh and has_body:
+            lift = -smpl_to_blender(model.vertices)[:, 2].min()
+        elif mannequin is not None:
+            lift = -mannequin.vertices[:, 2].min()
+        else:
+            lift = -heads[:, 2].min()
+    obj.location = (location[0], location[1], location[2] + lift)
+
+    if with_mesh:
+        if has_body:
+            create_smpl_body(context, obj, model)
+        else:
+            create_mannequin(context, obj, mannequin)
+    return obj

@@ -1,0 +1,122 @@
+"""Keying poses and motions on the SMPL armature; AMASS-layout .npz import and export."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import bpy
+import numpy as np
+
+from shared_protocol.pose import Motion, Pose
+from shared_protocol.skeleton import JOINT_NAMES
+
+from ..core.timeline import frames_for, keyed_frame_list, motion_fps
+from .anim import action_fcurves, bone_data_path
+from .posing import ApplyResult, apply_pose, read_pose
+
+# Custom properties on the armature object that keep what a pose does not hold.
+GENDER_PROPERTY = "chatpose_gender"
+BETAS_PROPERTY = "chatpose_betas"
+
+
+def key_poses(
+    obj: bpy.types.Object,
+    poses: Sequence[Pose],
+    frames: Sequence[int],
+    *,
+    use_translation: bool = True,
+) -> list[str]:
+    """Keys ``poses[i]`` at ``frames[i]``; returns the bones not in QUATERNION mode."""
+    if len(poses) != len(frames):
+        raise ValueError(f"{len(poses)} poses but {len(frames)} frames")
+    result = ApplyResult()
+    for pose, frame in zip(poses, frames, strict=True):
+        result = apply_pose(obj, pose, use_translation=use_translation, frame=int(frame))
+    return result.non_quaternion_bones
+
+
+def key_motion(
+    obj: bpy.types.Object,
+    motion: Motion,
+    start: int,
+    step: int = 1,
+    *,
+    use_translation: bool = True,
+) -> list[int]:
+    """Keys every frame of ``motion`` from ``start``, ``step`` frames apart; returns the frames.
+
+    The motion's gender and betas are kept on the object for ``motion_from_keys``.
+    """
+    frames = frames_for(len(motion), start, step)
+    key_poses(obj, motion.poses(), frames, use_translation=use_translation)
+    obj[GENDER_PROPERTY] = motion.gender
+    obj[BETAS_PROPERTY] = [float(b) for b in motion.betas]
+    return frames
+
+
+def keyed_frames(obj: bpy.types.Object) -> list[int]:
+    """Frames with a key on any SMPL bone channel, sorted."""
+    prefixes = tuple(bone_data_path(name, "") for name in JOINT_NAMES)
+    return keyed_frame_list(
+        point.co[0]
+        for fc in action_fcurves(obj)
+        if fc.data_path.startswith(prefixes)
+        for point in fc.keyframe_points
+    )
+
+
+def scene_fps(scene: bpy.types.Scene) -> float:
+    return scene.render.fps / scene.render.fps_base
+
+
+def motion_from_keys(
+    obj: bpy.types.Object, fps: float, frames: Sequence[int] | None = None
+) -> Motion:
+    """The armature's keyed frames (or ``frames``) read back as a Motion.
+
+    With no keys at all, the current pose is the one frame. The frame rate is ``fps`` divided by
+    the common gap of evenly spaced frames (keys every 2 frames at 30 fps make 15 fps).
+    """
+    frames = keyed_frames(obj) if frames is None else list(frames)
+    if frames:
+        poses = [read_pose(obj, frame) for frame in frames]
+        rate = motion_fps(frames, fps)
+    else:
+        poses = [read_pose(obj)]
+        rate = fps
+    gender = obj.get(GENDER_PROPERTY, "neutral")
+    betas = obj.get(BETAS_PROPERTY)
+    return Motion.from_poses(
+        poses,
+        fps=rate,
+        gender=gender if gender in ("neutral", "male", "female") else "neutral",
+        betas=None if betas is None else np.array(list(betas), dtype=np.float64),
+    )
+
+
+def import_npz(
+    obj: bpy.types.Object,
+    path: str | os.PathLike,
+    *,
+    start: int,
+    step: int = 1,
+    use_translation: bool = True,
+    scene: bpy.types.Scene | None = None,
+) -> tuple[Motion, list[int]]:
+    """Loads an AMASS-layout .npz and keys it; with ``scene``, sets its frame rate (to the
+    nearest whole fps with a matching base) and frame range to the motion."""
+    motion = Motion.load_npz(path)
+    frames = key_motion(obj, motion, start, step, use_translation=use_translation)
+    if scene is not None and frames:
+        playback = motion.fps * step
+        scene.render.fps = max(1, round(playback))
+        scene.render.fps_base = scene.render.fps / playback
+        scene.frame_start, scene.frame_end = frames[0], frames[-1]
+    return motion, frames
+
+
+def export_npz(obj: bpy.types.Object, path: str | os.PathLike, fps: float) -> Motion:
+    motion = motion_from_keys(obj, fps)
+    motion.save_npz(path)
+    return motion

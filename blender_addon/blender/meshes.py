@@ -1,0 +1,65 @@
+"""Meshes skinned to the SMPL armature: the capsule mannequin or the user's SMPL body."""
+
+from __future__ import annotations
+
+import bpy
+import numpy as np
+
+from shared_protocol.skeleton import JOINT_NAMES, smpl_to_blender
+
+from ..core.mannequin import MeshData
+from ..core.smpl_model import SmplModel
+
+_MIN_WEIGHT = 1e-4
+
+
+def _skinned_mesh_object(
+    context: bpy.types.Context, arm_obj: bpy.types.Object, name: str, vertices, faces, weights
+) -> bpy.types.Object:
+    mesh = bpy.data.meshes.new(name)
+    mesh.from_pydata([tuple(v) for v in vertices], [], [tuple(int(i) for i in f) for f in faces])
+    mesh.validate()
+    mesh.polygons.foreach_set("use_smooth", [True] * len(mesh.polygons))
+    mesh.update()
+    obj = bpy.data.objects.new(name, mesh)
+    for collection in arm_obj.users_collection:
+        collection.objects.link(obj)
+    obj.parent = arm_obj  # identity parent inverse: the mesh sits in armature space
+    weights = np.asarray(weights)
+    for j, bone in enumerate(JOINT_NAMES):
+        group = obj.vertex_groups.new(name=bone)
+        column = weights[:, j]
+        nonzero = np.nonzero(column > _MIN_WEIGHT)[0]
+        if nonzero.size == 0:
+            continue
+        values = column[nonzero]
+        if np.all(values == values[0]):
+            group.add(nonzero.tolist(), float(values[0]), "REPLACE")
+        else:
+            for index, value in zip(nonzero.tolist(), values.tolist(), strict=True):
+                group.add([index], value, "REPLACE")
+    modifier = obj.modifiers.new("Armature", "ARMATURE")
+    modifier.object = arm_obj
+    modifier.use_vertex_groups = True
+    return obj
+
+
+def create_mannequin(
+    context: bpy.types.Context, arm_obj: bpy.types.Object, data: MeshData
+) -> bpy.types.Object:
+    return _skinned_mesh_object(
+        context, arm_obj, f"{arm_obj.name}_mannequin", data.vertices, data.faces, data.weights
+    )
+
+
+def create_smpl_body(
+    context: bpy.types.Context, arm_obj: bpy.types.Object, model: SmplModel
+) -> bpy.types.Object:
+    return _skinned_mesh_object(
+        context,
+        arm_obj,
+        f"{arm_obj.name}_body",
+        smpl_to_blender(model.vertices),
+        model.faces,
+        model.weights,
+    )

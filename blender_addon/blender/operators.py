@@ -1,0 +1,206 @@
+"""Operators: create the SMPL armature, apply a pose, rest pose, import/export .npz."""
+
+from __future__ import annotations
+
+import json
+
+import bpy
+from bpy_extras.io_utils import ExportHelper, ImportHelper
+
+from shared_protocol.pose import Pose
+
+from ..core.smpl_model import SmplModel, load_smpl_model
+from .armature import create_smpl_armature, find_smpl_armature
+from .keyframes import export_npz, import_npz, scene_fps
+from .posing import apply_pose
+
+
+def _report_modes(op: bpy.types.Operator, bones: list[str]) -> None:
+    if bones:
+        op.report(
+            {"INFO"},
+            f"{len(bones)} bone(s) not in Quaternion mode got their rotation converted to "
+            f"their own mode: {', '.join(bones[:4])}{' ...' if len(bones) > 4 else ''}",
+        )
+
+
+def _preferred_model(context) -> SmplModel | None:
+    """The SMPL model file set in the preferences, loaded; None when none is set."""
+    from ..preferences import smpl_model_path
+
+    path = smpl_model_path(context)
+    return load_smpl_model(path) if path else None
+
+
+class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
+    """Add an SMPL armature (24 bones named as SMPL's joints) with a mesh at the 3D cursor"""
+
+    bl_idname = "chatpose.create_armature"
+    bl_label = "Create SMPL Armature"
+    bl_options = {"REGISTER", "UNDO"}
+
+    name: bpy.props.StringProperty(name="Name", default="SMPL")
+    with_mesh: bpy.props.BoolProperty(
+        name="Mesh", description="Add a mesh skinned to the bones", default=True
+    )
+    on_ground: bpy.props.BoolProperty(
+        name="On Ground",
+        description="Lift the armature so the feet stand on the cursor",
+        default=True,
+    )
+    use_model_file: bpy.props.BoolProperty(
+        name="Use SMPL Model File",
+        description="Take rest joints and body mesh from the model file set in the add-on "
+        "preferences (when one is set)",
+        default=True,
+    )
+
+    def execute(self, context):
+        try:
+            model = _preferred_model(context) if self.use_model_file else None
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        obj = create_smpl_armature(
+            context,
+            name=self.name or "SMPL",
+            location=tuple(context.scene.cursor.location),
+            on_ground=self.on_ground,
+            with_mesh=self.with_mesh,
+            model=model,
+        )
+        source = "the SMPL model file" if model is not None else "the built-in skeleton"
+        self.report({"INFO"}, f"Created {obj.name} from {source}")
+        return {"FINISHED"}
+
+
+class _NeedsArmature:
+    @classmethod
+    def poll(cls, context):
+        if find_smpl_armature(context) is None:
+            cls.poll_message_set("Select an SMPL armature (or create one)")
+            return False
+        return context.mode in {"OBJECT", "POSE"}
+
+
+class CHATPOSE_OT_apply_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
+    """Put an SMPL pose (shared_protocol Pose JSON) on the SMPL armature, as one undo step"""
+
+    bl_idname = "chatpose.apply_pose"
+    bl_label = "Apply Pose"
+    bl_options = {"REGISTER", "UNDO"}
+
+    pose_json: bpy.props.StringProperty(
+        name="Pose", description="Pose.to_dict() as JSON", options={"HIDDEN", "SKIP_SAVE"}
+    )
+    use_translation: bpy.props.BoolProperty(
+        name="Translation",
+        description="Set the root bone's location from the pose",
+        default=True,
+    )
+    insert_keyframe: bpy.props.BoolProperty(name="Insert Keyframe", default=False)
+    frame: bpy.props.IntProperty(
+        name="Frame", description="Frame to key (default: the current frame)", default=1
+    )
+
+    def execute(self, context):
+        try:
+            pose = Pose.from_dict(json.loads(self.pose_json))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            self.report({"ERROR"}, f"Not a pose: {exc}")
+            return {"CANCELLED"}
+        obj = find_smpl_armature(context)
+        frame = None
+        if self.insert_keyframe:
+            is_set = self.properties.is_property_set("frame")
+            frame = self.frame if is_set else context.scene.frame_current
+        result = apply_pose(obj, pose, use_translation=self.use_translation, frame=frame)
+        _report_modes(self, result.non_quaternion_bones)
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_rest_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
+    """Put the SMPL armature in its rest pose (zero rotations; the root's location is kept)"""
+
+    bl_idname = "chatpose.rest_pose"
+    bl_label = "Rest Pose"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        import numpy as np
+
+        result = apply_pose(
+            find_smpl_armature(context), Pose(np.zeros((24, 3))), use_translation=False
+        )
+        _report_modes(self, result.non_quaternion_bones)
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
+    """Key an AMASS-layout .npz motion on the SMPL armature (a new one if none is selected)"""
+
+    bl_idname = "chatpose.import_npz"
+    bl_label = "Import SMPL Motion (.npz)"
+    bl_options = {"REGISTER", "UNDO", "PRESET"}
+
+    filename_ext = ".npz"
+    filter_glob: bpy.props.StringProperty(default="*.npz", options={"HIDDEN"})
+    start_frame: bpy.props.IntProperty(name="Start Frame", default=1)
+    frame_step: bpy.props.IntProperty(
+        name="Frame Step", description="Frames between two poses", default=1, min=1
+    )
+    use_translation: bpy.props.BoolProperty(name="Translation", default=True)
+    set_scene: bpy.props.BoolProperty(
+        name="Set Scene Rate and Range",
+        description="Set the scene's frame rate and range to the motion",
+        default=True,
+    )
+
+    def execute(self, context):
+        try:
+            obj = find_smpl_armature(context) or create_smpl_armature(
+                context, model=_preferred_model(context)
+            )
+            motion, frames = import_npz(
+                obj,
+                self.filepath,
+                start=self.start_frame,
+                step=self.frame_step,
+                use_translation=self.use_translation,
+                scene=context.scene if self.set_scene else None,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Keyed {len(frames)} poses on {obj.name}")
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper):  # noqa: N801
+    """Write the SMPL armature's keyed frames (or its current pose) as an AMASS-layout .npz"""
+
+    bl_idname = "chatpose.export_npz"
+    bl_label = "Export SMPL Motion (.npz)"
+    bl_options = {"REGISTER"}
+
+    filename_ext = ".npz"
+    filter_glob: bpy.props.StringProperty(default="*.npz", options={"HIDDEN"})
+
+    def execute(self, context):
+        obj = find_smpl_armature(context)
+        try:
+            motion = export_npz(obj, self.filepath, scene_fps(context.scene))
+        except (OSError, ValueError) as exc:
+            self.report({"ERROR"}, f"Could not write {self.filepath}: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Wrote {len(motion)} frame(s) to {self.filepath}")
+        return {"FINISHED"}
+
+
+CLASSES = (
+    CHATPOSE_OT_create_armature,
+    CHATPOSE_OT_apply_pose,
+    CHATPOSE_OT_rest_pose,
+    CHATPOSE_OT_import_npz,
+    CHATPOSE_OT_export_npz,
+)

@@ -1,0 +1,149 @@
+"""Put an SMPL pose on an armature, and read one back.
+
+Rotation modes: the pose goes into whatever rotation mode each bone has. QUATERNION bones get
+the quaternion (sign chosen to lie next to the bone's current value, so keys interpolate the
+short way), AXIS_ANGLE bones the axis and angle, Euler bones the Euler angles in their order
+(the solution closest to the current value). Nothing in the user's rig is switched over, and
+the keys go into that mode's channel. ``apply_pose`` returns the names of the bones that were
+not in QUATERNION mode so that operators can report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import bpy
+import numpy as np
+from mathutils import Quaternion
+
+from shared_protocol.pose import Pose
+from shared_protocol.skeleton import JOINT_NAMES
+
+from ..core.posing import (
+    axis_angle_from_bone_quaternions,
+    bone_quaternions,
+    root_location,
+    translation_from_root_location,
+)
+from .anim import bone_data_path, fcurve_map
+from .armature import bone_rest_rotations
+
+ROOT = JOINT_NAMES[0]
+
+
+def rotation_data_path(mode: str) -> str:
+    if mode == "QUATERNION":
+        return "rotation_quaternion"
+    if mode == "AXIS_ANGLE":
+        return "rotation_axis_angle"
+    return "rotation_euler"
+
+
+def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz) -> None:
+    """Sets the bone's rotation in its own rotation mode (see the module docstring)."""
+    q = Quaternion([float(c) for c in wxyz])
+    mode = pbone.rotation_mode
+    if mode == "QUATERNION":
+        if q.dot(pbone.rotation_quaternion) < 0:
+            q.negate()
+        pbone.rotation_quaternion = q
+    elif mode == "AXIS_ANGLE":
+        axis, angle = q.to_axis_angle()
+        pbone.rotation_axis_angle = (angle, axis.x, axis.y, axis.z)
+    else:
+        pbone.rotation_euler = q.to_euler(mode, pbone.rotation_euler)
+
+
+def bone_rotation_quaternion(pbone: bpy.types.PoseBone, values=None) -> Quaternion:
+    """The bone's rotation as a unit quaternion, from its mode's channel (or ``values``)."""
+    mode = pbone.rotation_mode
+    if mode == "QUATERNION":
+        q = Quaternion(values if values is not None else pbone.rotation_quaternion)
+        return q.normalized()
+    if mode == "AXIS_ANGLE":
+        angle, x, y, z = values if values is not None else pbone.rotation_axis_angle
+        if x == 0 and y == 0 and z == 0:
+            return Quaternion()
+        return Quaternion((x, y, z), angle)
+    from mathutils import Euler
+
+    euler = Euler(values if values is not None else pbone.rotation_euler, mode)
+    return euler.to_quaternion()
+
+
+@dataclass
+class ApplyResult:
+    non_quaternion_bones: list[str] = field(default_factory=list)
+    keyed_frame: int | None = None
+
+
+def apply_pose(
+    obj: bpy.types.Object,
+    pose: Pose,
+    *,
+    use_translation: bool = True,
+    frame: int | None = None,
+) -> ApplyResult:
+    """Puts ``pose`` on the SMPL armature ``obj``; keys it at ``frame`` when given.
+
+    Every SMPL bone gets its rotation (index 0, the global orientation, on the root bone);
+    non-root bones get zero location, all bones unit scale, so that the joints are exactly the
+    pose's forward kinematics. With ``use_translation`` the root's location becomes the pose's
+    translation (zero when it has none); without, the root's location is left alone.
+    Keys: the rotation channel of every SMPL bone, and the root's location when
+    ``use_translation``.
+    """
+    rests = bone_rest_rotations(obj)
+    quats = bone_quaternions(pose.axis_angle, rests)
+    result = ApplyResult()
+    pbones = obj.pose.bones
+    for i, name in enumerate(JOINT_NAMES):
+        pbone = pbones[name]
+        if pbone.rotation_mode != "QUATERNION":
+            result.non_quaternion_bones.append(name)
+        set_bone_rotation(pbone, quats[i])
+        pbone.scale = (1.0, 1.0, 1.0)
+        if i > 0:
+            pbone.location = (0.0, 0.0, 0.0)
+    if use_translation:
+        root = pbones[ROOT]
+        t = np.zeros(3) if pose.translation is None else pose.translation
+        root.location = tuple(root_location(t, rests[0], root.bone.use_local_location))
+    if frame is not None:
+        for name in JOINT_NAMES:
+            pbone = pbones[name]
+            pbone.keyframe_insert(rotation_data_path(pbone.rotation_mode), frame=frame, group=name)
+        if use_translation:
+            pbones[ROOT].keyframe_insert("location", frame=frame, group=ROOT)
+        result.keyed_frame = frame
+    return result
+
+
+def _channel_values(fcurves, pbone, prop: str, frame: float | None) -> list[float]:
+    current = list(getattr(pbone, prop))
+    if frame is None:
+        return current
+    path = bone_data_path(pbone.name, prop)
+    return [
+        fc.evaluate(frame) if (fc := fcurves.get((path, k))) is not None else current[k]
+        for k in range(len(current))
+    ]
+
+
+def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
+    """The SMPL pose of the armature: its current bone values, or with ``frame`` its action's
+    values at that frame (F-curves evaluated directly; NLA, drivers and constraints are not
+    part of it). The translation is the root's location mapped back to the SMPL frame."""
+    fcurves = fcurve_map(obj) if frame is not None else {}
+    pbones = obj.pose.bones
+    quats = []
+    for name in JOINT_NAMES:
+        pbone = pbones[name]
+        values = _channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frame)
+        quats.append(tuple(bone_rotation_quaternion(pbone, values)))
+    rests = bone_rest_rotations(obj)
+    axis_angle = axis_angle_from_bone_quaternions(np.array(quats), rests)
+    root = pbones[ROOT]
+    location = _channel_values(fcurves, root, "location", frame)
+    translation = translation_from_root_location(location, rests[0], root.bone.use_local_location)
+    return Pose(axis_angle, translation)

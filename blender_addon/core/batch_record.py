@@ -1,0 +1,150 @@
+"""The record of a "batch keyframe from text" run: which prompt lines are keyed at which frames.
+
+A batch turns a text, one prompt per line, into poses keyed at ``start + index * step``. The
+record lives on the armature object (a JSON string custom property, ``RECORD_PROPERTY``) so that
+a run that stops half way (service gone, Blender closed, user cancel) resumes where it stopped:
+``pending`` gives the lines still to do, a rerun keys nothing twice and loses nothing.
+
+Identity of a line: its index among the non-blank lines **and** a hash of its text (stripped).
+- Index alone would miss edits: a line rewritten in place would count as done.
+- Text alone would confuse repeated prompts ("stand" twice) and would not follow the frames.
+- With both, an edited line is pending again (and its new key replaces the old one at that
+  frame); untouched lines stay done; blank lines (added or removed) change nothing, because
+  they are not prompts and are not counted. Inserting or deleting a prompt line moves the
+  lines after it to other frames, so those are pending again: what each frame holds always
+  matches the text.
+- The frame is part of an entry too: changing start or step makes every line pending.
+
+JSON layout (``version`` 1)::
+
+    {"version": 1,
+     "entries": [{"line": 0, "hash": "9f86d081884c7d65", "frame": 1}, ...]}
+
+``hash`` is the first 16 hex digits of SHA-256 of the stripped line, UTF-8. At most one entry
+per line index: recording a line again replaces the entry for that index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .timeline import frames_for
+
+RECORD_PROPERTY = "chatpose_batch_record"
+RECORD_VERSION = 1
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a text: its non-blank lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def line_hash(line: str) -> str:
+    return hashlib.sha256(line.strip().encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Entry:
+    line: int
+    hash: str
+    frame: int
+
+
+@dataclass(frozen=True)
+class PendingLine:
+    """A prompt still to key: its index among the prompts, its text and its frame."""
+
+    line: int
+    text: str
+    frame: int
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    entries: tuple[Entry, ...] = ()
+
+    def __post_init__(self) -> None:
+        lines = [e.line for e in self.entries]
+        if len(set(lines)) != len(lines):
+            raise ValueError("entries: more than one entry for a line")
+        object.__setattr__(self, "entries", tuple(sorted(self.entries, key=lambda e: e.line)))
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def entry(self, line: int) -> Entry | None:
+        return next((e for e in self.entries if e.line == line), None)
+
+    def is_keyed(self, line: int, text: str, frame: int) -> bool:
+        e = self.entry(line)
+        return e is not None and e.hash == line_hash(text) and e.frame == frame
+
+    def pending(self, lines: Sequence[str], start: int, step: int = 1) -> list[PendingLine]:
+        """The prompts of ``lines`` (already split, e.g. by ``prompt_lines``) not keyed yet, in
+        order, with the frame each goes on."""
+        frames = frames_for(len(lines), start, step)
+        return [
+            PendingLine(i, text, frame)
+            for i, (text, frame) in enumerate(zip(lines, frames, strict=True))
+            if not self.is_keyed(i, text, frame)
+        ]
+
+    # --- updates (a new record each time) ---------------------------------------------------
+
+    def recorded(self, line: int, text: str, frame: int) -> BatchRecord:
+        """This record plus ``line`` keyed at ``frame`` (replacing an older entry for it)."""
+        if line < 0:
+            raise ValueError(f"line: expected >= 0, got {line}")
+        kept = tuple(e for e in self.entries if e.line != line)
+        return BatchRecord((*kept, Entry(line, line_hash(text), int(frame))))
+
+    def without_lines(self, lines: Iterable[int]) -> BatchRecord:
+        drop = set(lines)
+        return BatchRecord(tuple(e for e in self.entries if e.line not in drop))
+
+    # --- storage ------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": RECORD_VERSION,
+                "entries": [
+                    {"line": e.line, "hash": e.hash, "frame": e.frame} for e in self.entries
+                ],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> BatchRecord:
+        """Reads ``to_json``'s output; an empty or missing value is an empty record. Raises
+        ValueError for anything else that does not parse."""
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"batch record: not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
+            raise ValueError(f"batch record: expected an object with version {RECORD_VERSION}")
+        raw = data.get("entries")
+        if not isinstance(raw, list):
+            raise ValueError("batch record: entries must be a list")
+        entries = []
+        for item in raw:
+            if not (
+                isinstance(item, dict)
+                and _is_int(item.get("line"))
+                and item["line"] >= 0
+                and _is_int(item.get("frame"))
+                and isinstance(item.get("hash"), str)
+            ):
+                raise ValueError(f"batch record: bad entry {item!r}")
+            entries.append(Entry(item["line"], item["hash"], item["frame"]))
+        return cls(tuple(entries))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

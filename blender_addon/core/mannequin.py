@@ -1,0 +1,133 @@
+"""A simple mannequin mesh for the SMPL armature: one capsule per limb segment, rigidly skinned.
+
+Without the licensed SMPL model there is no body mesh to ship, so the rig gets capsules: one
+from each joint to each of its children (skinned to the joint's bone, which is the bone that
+turns that segment), a sphere for the head, short capsules for hands and feet. Geometry is in
+armature space (Blender frame, Z up), built from the bone heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared_protocol.skeleton import JOINT_NAMES, NUM_JOINTS, PARENTS
+
+# Radius (metres) of the segment from a joint to its children, by joint.
+SEGMENT_RADIUS = {
+    "pelvis": 0.075,
+    "left_hip": 0.065,
+    "right_hip": 0.065,
+    "spine1": 0.085,
+    "left_knee": 0.05,
+    "right_knee": 0.05,
+    "spine2": 0.09,
+    "left_ankle": 0.04,
+    "right_ankle": 0.04,
+    "spine3": 0.055,
+    "neck": 0.045,
+    "left_collar": 0.045,
+    "right_collar": 0.045,
+    "left_shoulder": 0.045,
+    "right_shoulder": 0.045,
+    "left_elbow": 0.037,
+    "right_elbow": 0.037,
+    "left_wrist": 0.03,
+    "right_wrist": 0.03,
+}
+HEAD_RADIUS = 0.1
+HEAD_LIFT = 0.09  # the head sphere's centre above the head joint
+HAND_LENGTH, HAND_RADIUS = 0.08, 0.03
+FOOT_LENGTH, FOOT_RADIUS = 0.05, 0.035
+
+
+@dataclass(frozen=True)
+class MeshData:
+    """Vertices (V, 3), faces (tuples of vertex indices) and skin weights (V, 24)."""
+
+    vertices: np.ndarray
+    faces: list[tuple[int, ...]]
+    weights: np.ndarray
+
+
+def capsule(p0, p1, radius: float, segments: int = 12, rings: int = 4):
+    """Vertices and faces of a capsule around the segment p0-p1 (a sphere when they coincide)."""
+    p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+    axis = p1 - p0
+    length = np.linalg.norm(axis)
+    w = axis / length if length > 1e-9 else np.array([0.0, 0.0, 1.0])
+    helper = np.array([1.0, 0.0, 0.0]) if abs(w[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(w, helper)
+    u /= np.linalg.norm(u)
+    v = np.cross(w, u)
+    around = np.linspace(0, 2 * np.pi, segments, endpoint=False)
+    circle = np.cos(around)[:, None] * u + np.sin(around)[:, None] * v  # (segments, 3)
+
+    verts = [p0 - radius * w]  # bottom pole
+    ring_list = []
+    # Bottom hemisphere from the pole up to the equator at p0, then the top one from p1.
+    for k in range(1, rings + 1):
+        phi = -np.pi / 2 + k * (np.pi / 2) / rings
+        ring_list.append(p0 + radius * (np.sin(phi) * w) + radius * np.cos(phi) * circle)
+    for k in range(0, rings):
+        phi = k * (np.pi / 2) / rings
+        ring_list.append(p1 + radius * (np.sin(phi) * w) + radius * np.cos(phi) * circle)
+    for ring in ring_list:
+        verts.extend(ring)
+    verts.append(p1 + radius * w)  # top pole
+    verts = np.array(verts)
+
+    n_rings = len(ring_list)
+    top = len(verts) - 1
+
+    def idx(r: int, s: int) -> int:
+        return 1 + r * segments + (s % segments)
+
+    faces = [(0, idx(0, s + 1), idx(0, s)) for s in range(segments)]
+    for r in range(n_rings - 1):
+        for s in range(segments):
+            faces.append((idx(r, s), idx(r, s + 1), idx(r + 1, s + 1), idx(r + 1, s)))
+    faces += [(idx(n_rings - 1, s), idx(n_rings - 1, s + 1), top) for s in range(segments)]
+    return verts, faces
+
+
+def _pieces(heads: np.ndarray):
+    """(bone index, p0, p1, radius) for every capsule of the mannequin."""
+    children = {i: [c for c in range(NUM_JOINTS) if PARENTS[c] == i] for i in range(NUM_JOINTS)}
+    up = np.array([0.0, 0.0, 1.0])
+    for i, name in enumerate(JOINT_NAMES):
+        head = heads[i]
+        if children[i]:
+            for c in children[i]:
+                yield i, head, heads[c], SEGMENT_RADIUS[name]
+        elif name == "head":
+            centre = head + HEAD_LIFT * up
+            yield i, centre, centre, HEAD_RADIUS
+        else:  # hands and feet: a short piece further along the parent -> joint direction
+            d = head - heads[PARENTS[i]]
+            if name.endswith("foot"):
+                d[2] = 0.0  # feet point forward, along the floor
+            d /= np.linalg.norm(d)
+            length, radius = (
+                (FOOT_LENGTH, FOOT_RADIUS) if name.endswith("foot") else (HAND_LENGTH, HAND_RADIUS)
+            )
+            yield i, head, head + length * d, radius
+
+
+def mannequin_mesh(heads, segments: int = 12, rings: int = 4) -> MeshData:
+    """The mannequin for bone heads (24, 3) in armature space."""
+    heads = np.asarray(heads, dtype=np.float64)
+    if heads.shape != (NUM_JOINTS, 3):
+        raise ValueError(f"heads: expected shape (24, 3), got {heads.shape}")
+    all_verts, all_faces, owners = [], [], []
+    offset = 0
+    for bone, p0, p1, radius in _pieces(heads):
+        verts, faces = capsule(p0, p1, radius, segments, rings)
+        all_verts.append(verts)
+        all_faces.extend(tuple(offset + k for k in f) for f in faces)
+        owners.extend([bone] * len(verts))
+        offset += len(verts)
+    weights = np.zeros((offset, NUM_JOINTS))
+    weights[np.arange(offset), owners] = 1.0
+    return MeshData(np.concatenate(all_verts), all_faces, weights)

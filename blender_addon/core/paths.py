@@ -1,0 +1,28 @@
+"""Where the add-on keeps per-user data (pure: the caller passes the bpy functions in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def is_extension_package(package: str | None) -> bool:
+    """True when the add-on runs as a Blender 4.2+ extension (``bl_ext.<repo>.<id>``)."""
+    return bool(package) and package.startswith("bl_ext.") and package.count(".") >= 2
+
+
+def user_data_dir(
+    package: str | None,
+    extension_path_user: Callable[..., str] | None,
+    fallback: Callable[[], str],
+) -> str:
+    """``extension_path_user(package, create=True)`` for an extension, else ``fallback()``.
+
+    Legacy installs and tests (the package is not ``bl_ext.*``), and Blender builds without
+    ``bpy.utils.extension_path_user``, get the fallback directory.
+    """
+    if is_extension_package(package) and extension_path_user is not None:
+        try:
+            return extension_path_user(package, create=True)
+        except ValueError:  # "does not name an extension": not registered as one after all
+            pass
+    return fallback()

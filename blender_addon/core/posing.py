@@ -1,0 +1,109 @@
+"""SMPL pose values <-> pose-bone values, for any bone rest orientation.
+
+With C = ``SMPL_TO_BLENDER`` (SMPL axes to armature axes) and B the bone's rest rotation in
+armature space (``bone.matrix_local``), the pose-bone rotation that reproduces the SMPL local
+rotation R is
+
+    R_bone = B⁻¹ · C · R · C⁻¹ · B
+
+and the root's translation t (SMPL frame) is the pose-bone location B⁻¹ · C · t (bone-local
+location, Blender's default) or C · t (``use_local_location`` off). For the rig that
+``rig_spec.smpl_bone_specs`` builds, B = C for every bone, so R_bone = R and the location is t:
+the SMPL values go onto the bones unchanged. Passing ``bone_rest=None`` means that rig.
+
+Quaternions are (w, x, y, z) as in Blender. Every function is batched over leading dimensions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared_protocol.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_quaternion,
+    quaternion_to_matrix,
+)
+from shared_protocol.skeleton import NUM_JOINTS, SMPL_TO_BLENDER, forward_kinematics
+
+from .rig_spec import SMPL_BONE_REST
+
+_C = SMPL_TO_BLENDER
+
+
+def _rest(bone_rest) -> np.ndarray:
+    if bone_rest is None:
+        return np.broadcast_to(SMPL_BONE_REST, (NUM_JOINTS, 3, 3))
+    b = np.asarray(bone_rest, dtype=np.float64)
+    if b.shape[-3:] != (NUM_JOINTS, 3, 3):
+        raise ValueError(f"bone_rest: expected shape (..., 24, 3, 3), got {b.shape}")
+    return b
+
+
+def _orthonormal(b: np.ndarray) -> np.ndarray:
+    """The nearest rotation (Blender stores rest matrices in float32)."""
+    u, _, vt = np.linalg.svd(b)
+    return u @ vt
+
+
+def bone_rotation_matrices(axis_angle, bone_rest=None) -> np.ndarray:
+    """(..., 24, 3) SMPL axis-angle -> (..., 24, 3, 3) pose-bone rotation matrices."""
+    r = axis_angle_to_matrix(axis_angle)
+    if r.shape[-3:] != (NUM_JOINTS, 3, 3):
+        raise ValueError(f"axis_angle: expected shape (..., 24, 3), got {np.shape(axis_angle)}")
+    if bone_rest is None:
+        return r
+    b = _orthonormal(_rest(bone_rest))
+    bt = np.swapaxes(b, -1, -2)
+    return bt @ _C @ r @ _C.T @ b
+
+
+def bone_quaternions(axis_angle, bone_rest=None) -> np.ndarray:
+    """(..., 24, 3) SMPL axis-angle -> (..., 24, 4) pose-bone quaternions (w, x, y, z), w >= 0."""
+    return matrix_to_quaternion(bone_rotation_matrices(axis_angle, bone_rest))
+
+
+def axis_angle_from_bone_quaternions(quaternions, bone_rest=None) -> np.ndarray:
+    """The inverse of ``bone_quaternions``: (..., 24, 4) -> (..., 24, 3) SMPL axis-angle."""
+    m = quaternion_to_matrix(quaternions)
+    if m.shape[-3:] != (NUM_JOINTS, 3, 3):
+        raise ValueError(f"quaternions: expected shape (..., 24, 4), got {np.shape(quaternions)}")
+    if bone_rest is not None:
+        b = _orthonormal(_rest(bone_rest))
+        m = _C.T @ b @ m @ np.swapaxes(b, -1, -2) @ _C
+    return matrix_to_axis_angle(m)
+
+
+def root_location(translation, root_rest=None, use_local_location: bool = True) -> np.ndarray:
+    """(..., 3) SMPL translation -> the root pose bone's ``location``."""
+    t = np.asarray(translation, dtype=np.float64)
+    armature = t @ _C.T
+    if not use_local_location:
+        return armature
+    b = SMPL_BONE_REST if root_rest is None else _orthonormal(np.asarray(root_rest, float))
+    return armature @ b  # B⁻¹ · v for each row v, as B is a rotation
+
+
+def translation_from_root_location(
+    location, root_rest=None, use_local_location: bool = True
+) -> np.ndarray:
+    """The inverse of ``root_location``."""
+    loc = np.asarray(location, dtype=np.float64)
+    if use_local_location:
+        b = SMPL_BONE_REST if root_rest is None else _orthonormal(np.asarray(root_rest, float))
+        loc = loc @ b.T
+    return loc @ _C
+
+
+def expected_heads(axis_angle, rest_joints=None, translation=None, matrix_world=None):
+    """Where the pose bones' heads must be, in Blender world space, for an SMPL pose.
+
+    Forward kinematics in the SMPL frame, mapped to armature space with C, then through the
+    armature object's 4x4 ``matrix_world`` when given. (..., 24, 3).
+    """
+    positions, _ = forward_kinematics(axis_angle, rest_joints, translation)
+    heads = positions @ _C.T
+    if matrix_world is not None:
+        m = np.asarray(matrix_world, dtype=np.float64)
+        heads = heads @ m[:3, :3].T + m[:3, 3]
+    return heads

@@ -1,0 +1,108 @@
+"""The SMPL armature as plain data: bone names, parents, heads, tails and rolls.
+
+Bone orientation (the choice the whole add-on rests on): every bone's head is its SMPL joint
+mapped to Blender with (x, y, z) -> (x, -z, y), and its tail is a short step along armature +Z
+with zero roll. Blender then gives every bone the rest rotation ``SMPL_TO_BLENDER`` in armature
+space (see ``bone_rest_matrix``), so each bone's local X, Y, Z axes are SMPL's X, Y, Z and an
+SMPL local axis-angle is the pose bone's rotation unchanged. ``core.posing`` still handles any
+other bone orientation (an imported rig whose bones follow the limbs) with
+R_bone = B_rest⁻¹ · C · R_smpl · C⁻¹ · B_rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared_protocol.skeleton import (
+    DEFAULT_REST_JOINTS,
+    JOINT_NAMES,
+    NUM_JOINTS,
+    PARENTS,
+    SMPL_TO_BLENDER,
+    smpl_to_blender,
+)
+
+# Length of every bone (metres): the step from head to tail along armature +Z.
+BONE_LENGTH = 0.06
+# Custom property on the armature data that marks a rig made by this add-on (its value: the
+# rig format version).
+RIG_PROPERTY = "chatpose_rig"
+RIG_VERSION = 1
+# The rest rotation, in armature space, of every bone that ``smpl_bone_specs`` builds.
+SMPL_BONE_REST = SMPL_TO_BLENDER
+
+
+@dataclass(frozen=True)
+class BoneSpec:
+    """One bone: head and tail in armature space (Blender frame, metres), roll in radians."""
+
+    name: str
+    parent: str | None
+    head: tuple[float, float, float]
+    tail: tuple[float, float, float]
+    roll: float = 0.0
+
+
+def smpl_bone_specs(rest_joints=None, length: float = BONE_LENGTH) -> tuple[BoneSpec, ...]:
+    """The 24 bones in SMPL joint order; parents come before their children.
+
+    rest_joints: (24, 3) rest joint positions in the SMPL frame (default ``DEFAULT_REST_JOINTS``).
+    """
+    if not length > 0:
+        raise ValueError(f"length: expected a positive bone length, got {length}")
+    joints = DEFAULT_REST_JOINTS if rest_joints is None else np.asarray(rest_joints, float)
+    if joints.shape != (NUM_JOINTS, 3):
+        raise ValueError(f"rest_joints: expected shape (24, 3), got {joints.shape}")
+    if not np.all(np.isfinite(joints)):
+        raise ValueError("rest_joints: contains NaN or inf")
+    heads = smpl_to_blender(joints)
+    specs = []
+    for i, name in enumerate(JOINT_NAMES):
+        head = tuple(float(v) for v in heads[i])
+        tail = (head[0], head[1], head[2] + length)
+        parent = None if PARENTS[i] < 0 else JOINT_NAMES[PARENTS[i]]
+        specs.append(BoneSpec(name, parent, head, tail, 0.0))
+    return tuple(specs)
+
+
+def rest_joints_from_heads(heads) -> np.ndarray:
+    """(..., 24, 3) bone heads in armature space -> rest joints in the SMPL frame."""
+    h = np.asarray(heads, dtype=np.float64)
+    return h @ SMPL_TO_BLENDER  # the inverse of p @ C.T, since C is a rotation
+
+
+def bone_rest_matrix(head, tail, roll: float = 0.0) -> np.ndarray:
+    """The 3x3 rest rotation Blender gives a bone (its ``matrix_local`` rotation part).
+
+    A numpy port of Blender's ``vec_roll_to_mat3_normalized``: the bone's Y axis points from
+    head to tail, the other two follow by the smallest rotation from +Y, then ``roll`` turns
+    them about Y. Columns are the bone's local X, Y, Z axes in armature space.
+    """
+    vec = np.asarray(tail, float) - np.asarray(head, float)
+    norm = np.linalg.norm(vec)
+    if not norm > 0:
+        raise ValueError("head and tail coincide: a bone needs a length")
+    x, y, z = vec / norm
+    theta = 1.0 + y
+    theta_alt = x * x + z * z
+    safe, critical = 6.1e-3, 2.5e-4  # Blender's SAFE_THRESHOLD and CRITICAL_THRESHOLD
+    if theta > safe or theta_alt > critical * critical:
+        if theta <= safe:  # close to -Y: a series that stays accurate there
+            theta = theta_alt * 0.5 + theta_alt * theta_alt * 0.125
+        b = np.array(
+            [
+                [1 - x * x / theta, x, -x * z / theta],
+                [-x, y, -z],
+                [-x * z / theta, z, 1 - z * z / theta],
+            ]
+        )
+    else:  # pointing exactly along -Y
+        b = np.diag([-1.0, -1.0, 1.0])
+    return _axis_angle_matrix(np.array([x, y, z]), roll) @ b
+
+
+def _axis_angle_matrix(axis: np.ndarray, angle: float) -> np.ndarray:
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)

@@ -1,0 +1,241 @@
+"""Talking to the service from Blender's main thread without ever blocking it.
+
+A `Session` owns a protocol client and the requests in flight. The add-on calls `tick()` from
+a `bpy.app.timers` callback; `tick()` polls the socket with a zero timeout and returns events
+for the UI to apply (a pose to put on the rig, a batch item to key, a failure to report).
+Nothing here imports bpy, so all of it is tested without Blender.
+
+Failures are events too, never exceptions out of `tick()`:
+- no connection within `connect_timeout_s` of sending: `unreachable` ("is chatpose-serve
+  running?");
+- the connection drops while requests are in flight (the service died or restarted): those
+  requests fail with `unreachable` at once, rather than at their timeout;
+- no reply within `timeout_s` over a live connection: `timeout` for that request (for a batch,
+  the time between two replies); a reply that comes later is ignored.
+After a lost connection the client's socket is replaced, so the next request reaches a
+restarted service with no Blender restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shared_protocol.client import CONNECT_TIMEOUT_S, Client
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import (
+    BatchDoneReply,
+    BatchItemReply,
+    BatchRequest,
+    CancelReply,
+    CancelRequest,
+    ErrorCode,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+    Reply,
+    Request,
+    StatusReply,
+    StatusRequest,
+    Turn,
+)
+
+
+@dataclass(frozen=True)
+class PoseResult:
+    request_id: str
+    text: str
+    poses: tuple[Pose, ...]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    request_id: str
+    index: int
+    total: int
+    text: str
+    poses: tuple[Pose, ...]
+
+
+@dataclass(frozen=True)
+class BatchFinished:
+    request_id: str
+    total: int
+    completed: int
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    request_id: str
+    status: StatusReply
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """A request (or, with `index`, one item of a batch) failed; `message` is for the user."""
+
+    request_id: str
+    code: ErrorCode
+    message: str
+    index: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.index is None
+
+
+Event = PoseResult | BatchItem | BatchFinished | StatusResult | RequestFailed
+
+
+@dataclass
+class _InFlight:
+    request: Request
+    sent_at: float
+    deadline: float
+
+
+class Session:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        make_client: Callable[[str], Client] = Client,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._make_client = make_client
+        self._clock = clock
+        self._client = make_client(address)
+        self._in_flight: dict[str, _InFlight] = {}
+        self._was_connected = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    def in_flight(self) -> list[str]:
+        return list(self._in_flight)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def request_status(self) -> str:
+        return self._send(StatusRequest(self._client.new_id()))
+
+    def request_pose(
+        self,
+        prompt: str,
+        images: Sequence[bytes] = (),
+        history: Sequence[Turn] = (),
+        mode: str = "pose",
+    ) -> str:
+        """Raises ProtocolError at once for input the service would refuse (empty, too large)."""
+        request = PoseRequest(
+            self._client.new_id(),
+            prompt,
+            tuple(images),
+            tuple(history),
+            mode,
+            timeout_ms=int(self.timeout_s * 1000),
+        )
+        return self._send(request)
+
+    def request_batch(self, prompts: Sequence[str]) -> str:
+        request = BatchRequest(
+            self._client.new_id(), tuple(prompts), timeout_ms=int(self.timeout_s * 1000)
+        )
+        return self._send(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Asks the service to stop a request; its `cancelled` failure arrives through tick()."""
+        if request_id in self._in_flight:
+            self._client.send(CancelRequest(self._client.new_id(), request_id))
+
+    def _send(self, request: Request) -> str:
+        self._client.send(request)  # encodes first: bad input raises here, before anything queues
+        now = self._clock()
+        self._in_flight[request.id] = _InFlight(request, now, now + self.timeout_s)
+        return request.id
+
+    # --- the timer's work -----------------------------------------------------------------------
+
+    def tick(self) -> list[Event]:
+        """Everything that happened since the last tick; never blocks."""
+        events: list[Event] = []
+        while (reply := self._client.poll(0)) is not None:
+            events.extend(self._on_reply(reply))
+        events.extend(self._check_connection())
+        return events
+
+    def _on_reply(self, reply: Reply) -> list[Event]:
+        flight = self._in_flight.get(reply.id) if reply.id is not None else None
+        if flight is None:
+            return []  # a cancel's reply, or a late answer to a request already given up
+        flight.deadline = self._clock() + self.timeout_s
+        match reply:
+            case PoseReply():
+                self._in_flight.pop(reply.id)
+                return [PoseResult(reply.id, reply.text, reply.poses)]
+            case StatusReply():
+                self._in_flight.pop(reply.id)
+                return [StatusResult(reply.id, reply)]
+            case BatchItemReply():
+                return [BatchItem(reply.id, reply.index, reply.total, reply.text, reply.poses)]
+            case BatchDoneReply():
+                self._in_flight.pop(reply.id)
+                return [BatchFinished(reply.id, reply.total, reply.completed)]
+            case ErrorReply():
+                if reply.index is None:
+                    self._in_flight.pop(reply.id)
+                return [RequestFailed(reply.id, reply.code, reply.message, reply.index)]
+            case CancelReply():
+                return []
+        return []
+
+    def _check_connection(self) -> list[Event]:
+        if not self._in_flight:
+            self._was_connected = self._client.connected
+            return []
+        now = self._clock()
+        connected = self._client.connected
+        if self._was_connected and not connected:
+            self._was_connected = False
+            return self._fail_all(
+                ErrorCode.UNREACHABLE,
+                f"the service at {self.address} went away during the request; "
+                "start it again and retry",
+            )
+        self._was_connected = connected
+        if not connected:
+            oldest = min(f.sent_at for f in self._in_flight.values())
+            if now - oldest >= self.connect_timeout_s:
+                return self._fail_all(
+                    ErrorCode.UNREACHABLE,
+                    f"no service at {self.address}; is chatpose-serve running? "
+                    "(the address is set in the add-on's preferences)",
+                )
+            return []
+        expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]
+        for request_id in expired:
+            self._in_flight.pop(request_id)
+            self._client.send(CancelRequest(self._client.new_id(), request_id))  # free the service
+        message = (
+            f"no answer from {self.address} within {self.timeout_s:g} s "
+            "(the timeout is set in the add-on's preferences)"
+        )
+        return [RequestFailed(request_id, ErrorCode.TIMEOUT, message) for request_id in expired]
+
+    def _fail_all(self, code: ErrorCode, message: str) -> list[Event]:
+        """Fails every request in flight and starts over with a fresh socket: replies to them
+        could no longer be told from replies to new requests after a reconnect."""
+        failed = [RequestFailed(request_id, code, message) for request_id in self._in_flight]
+        self._in_flight.clear()
+        self._client.reset()
+        return failed

@@ -1,0 +1,36 @@
+"""Which frames poses go on, and the frame rate of keyed frames read back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def frames_for(count: int, start: int, step: int = 1) -> list[int]:
+    """``count`` frames from ``start``, ``step`` apart (step >= 1)."""
+    if count < 0:
+        raise ValueError(f"count: expected >= 0, got {count}")
+    if step < 1:
+        raise ValueError(f"step: expected >= 1, got {step}")
+    return [start + i * step for i in range(count)]
+
+
+def keyed_frame_list(frames: Iterable[float]) -> list[int]:
+    """Sorted distinct whole frames of keyframe positions (subframe keys round to the nearest)."""
+    return sorted({round(f) for f in frames})
+
+
+def uniform_step(frames: list[int]) -> int | None:
+    """The common gap of evenly spaced frames, None when uneven (or fewer than two)."""
+    if len(frames) < 2:
+        return None
+    gaps = {b - a for a, b in zip(frames, frames[1:], strict=False)}
+    return gaps.pop() if len(gaps) == 1 else None
+
+
+def motion_fps(frames: list[int], scene_fps: float) -> float:
+    """Frame rate of a motion made of the keyed ``frames`` of a scene playing at ``scene_fps``.
+
+    Keys every s frames make a motion at scene_fps / s; uneven keys keep the scene's rate.
+    """
+    step = uniform_step(frames)
+    return scene_fps / step if step else scene_fps

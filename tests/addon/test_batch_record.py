@@ -1,0 +1,135 @@
+"""The batch keyframe record (pure, no bpy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blender_addon.core.batch_record import (
+    BatchRecord,
+    Entry,
+    PendingLine,
+    line_hash,
+    prompt_lines,
+)
+
+TEXT = """
+stand with arms crossed
+
+kneel on one knee
+stand with arms crossed
+   wave with the right hand
+"""
+
+
+def run(record: BatchRecord, lines, start=1, step=10, stop_after=None):
+    """Keys the pending lines (up to stop_after of them) and records each; returns the new
+    record and the (line, frame) pairs keyed."""
+    keyed = []
+    for n, item in enumerate(record.pending(lines, start, step)):
+        if stop_after is not None and n >= stop_after:
+            break
+        keyed.append((item.line, item.frame))
+        record = record.recorded(item.line, item.text, item.frame)
+    return record, keyed
+
+
+def test_prompt_lines_skip_blank_lines_and_strip():
+    assert prompt_lines(TEXT) == [
+        "stand with arms crossed",
+        "kneel on one knee",
+        "stand with arms crossed",
+        "wave with the right hand",
+    ]
+
+
+def test_pending_gives_every_line_with_its_frame():
+    lines = prompt_lines(TEXT)
+    assert BatchRecord().pending(lines, start=1, step=10) == [
+        PendingLine(0, lines[0], 1),
+        PendingLine(1, lines[1], 11),
+        PendingLine(2, lines[2], 21),
+        PendingLine(3, lines[3], 31),
+    ]
+
+
+def test_interrupted_run_resumes_without_keying_twice_or_losing_lines():
+    lines = prompt_lines(TEXT)
+    record, first = run(BatchRecord(), lines, stop_after=2)
+    assert first == [(0, 1), (1, 11)]
+    record = BatchRecord.from_json(record.to_json())  # stored on the armature and read back
+    record, second = run(record, lines)
+    assert second == [(2, 21), (3, 31)]  # the repeated prompt on line 2 is not "already done"
+    assert record.pending(lines, 1, 10) == []
+    _, third = run(record, lines)
+    assert third == []
+
+
+def test_edited_line_is_pending_again_and_replaces_its_entry():
+    lines = prompt_lines(TEXT)
+    record, _ = run(BatchRecord(), lines)
+    edited = list(lines)
+    edited[1] = "kneel on both knees"
+    assert record.pending(edited, 1, 10) == [PendingLine(1, "kneel on both knees", 11)]
+    record, keyed = run(record, edited)
+    assert keyed == [(1, 11)]
+    assert len(record.entries) == 4
+    assert record.entry(1) == Entry(1, line_hash("kneel on both knees"), 11)
+
+
+def test_blank_lines_and_whitespace_change_nothing():
+    record, _ = run(BatchRecord(), prompt_lines(TEXT))
+    more_blanks = "\n\n" + TEXT.replace("\n", "\n\n") + "   \n"
+    assert record.pending(prompt_lines(more_blanks), 1, 10) == []
+
+
+def test_inserted_line_moves_later_lines_to_new_frames():
+    lines = prompt_lines(TEXT)
+    record, _ = run(BatchRecord(), lines)
+    inserted = [lines[0], "jump", *lines[1:]]
+    assert [p.line for p in record.pending(inserted, 1, 10)] == [1, 2, 3, 4]
+
+
+def test_changing_start_or_step_makes_lines_pending():
+    lines = prompt_lines(TEXT)
+    record, _ = run(BatchRecord(), lines)
+    assert len(record.pending(lines, start=1, step=5)) == 3  # line 0 stays at frame 1
+    assert len(record.pending(lines, start=2, step=10)) == 4
+
+
+def test_json_layout_and_round_trip():
+    record = BatchRecord().recorded(2, "jump", 21).recorded(0, "stand", 1)
+    data = json.loads(record.to_json())
+    assert data == {
+        "version": 1,
+        "entries": [
+            {"line": 0, "hash": line_hash("stand"), "frame": 1},
+            {"line": 2, "hash": line_hash("jump"), "frame": 21},
+        ],
+    }
+    assert len(line_hash("x")) == 16
+    assert BatchRecord.from_json(record.to_json()) == record
+    assert BatchRecord.from_json("") == BatchRecord()
+    assert BatchRecord.from_json(None) == BatchRecord()
+    assert record.without_lines([0]).entries == (Entry(2, line_hash("jump"), 21),)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"version": 2, "entries": []}',
+        '{"version": 1}',
+        '{"version": 1, "entries": [{"line": -1, "hash": "ab", "frame": 1}]}',
+        '{"version": 1, "entries": [{"line": true, "hash": "ab", "frame": 1}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": 5, "frame": 1}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1.5}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1},'
+        ' {"line": 0, "hash": "b", "frame": 2}]}',
+    ],
+)
+def test_bad_json_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        BatchRecord.from_json(text)

@@ -1,0 +1,182 @@
+"""Keyframes, motions and AMASS-layout .npz import/export inside (headless) Blender."""
+
+from __future__ import annotations
+
+import bpy
+import numpy as np
+import pytest
+
+from blender_addon.blender.anim import action_fcurves
+from blender_addon.blender.armature import create_smpl_armature
+from blender_addon.blender.keyframes import (
+    export_npz,
+    import_npz,
+    key_motion,
+    key_poses,
+    keyed_frames,
+    motion_from_keys,
+)
+from blender_addon.blender.posing import apply_pose, read_pose
+from shared_protocol.pose import Motion, Pose
+from shared_protocol.skeleton import JOINT_NAMES
+
+from .helpers import FK_TOLERANCE, fk_error, random_pose, transform
+
+
+def motion(n: int, seed: int = 0, fps: float = 30.0) -> Motion:
+    poses = [random_pose(seed * 1000 + i) for i in range(n)]
+    return Motion.from_poses(poses, fps=fps, gender="female", betas=np.linspace(-1, 1, 10))
+
+
+def key_frames_by_path(obj) -> dict[str, set[float]]:
+    out: dict[str, set[float]] = {}
+    for fc in action_fcurves(obj):
+        out.setdefault(fc.data_path, set()).update(p.co[0] for p in fc.keyframe_points)
+    return out
+
+
+def test_poses_are_keyed_exactly_on_their_frames(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    poses = [random_pose(i) for i in range(4)]
+    frames = [3, 10, 11, 40]
+    key_poses(obj, poses, frames)
+    by_path = key_frames_by_path(obj)
+    for name in JOINT_NAMES:
+        assert by_path[f'pose.bones["{name}"].rotation_quaternion'] == set(map(float, frames))
+    assert by_path['pose.bones["pelvis"].location'] == set(map(float, frames))
+    assert 'pose.bones["left_knee"].location' not in by_path  # only the root is translated
+    for fc in action_fcurves(obj):
+        assert [p.co[0] for p in fc.keyframe_points] == list(map(float, frames))
+    assert keyed_frames(obj) == frames
+    # each keyed frame plays back the pose keyed there
+    for pose, frame in zip(poses, frames, strict=True):
+        bpy.context.scene.frame_set(frame)
+        assert fk_error(obj, pose) < FK_TOLERANCE
+        np.testing.assert_allclose(read_pose(obj, frame).axis_angle, pose.axis_angle, atol=1e-5)
+
+
+def test_key_poses_checks_lengths(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    with pytest.raises(ValueError, match="2 poses but 1 frames"):
+        key_poses(obj, [random_pose(0), random_pose(1)], [1])
+
+
+def test_key_motion_at_start_and_step(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    frames = key_motion(obj, motion(5), start=20, step=3)
+    assert frames == [20, 23, 26, 29, 32]
+    assert keyed_frames(obj) == frames
+
+
+def test_rekeying_a_frame_replaces_its_key(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1), random_pose(2)], [5, 5])
+    assert keyed_frames(obj) == [5]
+    np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
+
+
+def test_motion_from_keys_round_trip(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    transform(obj)  # the object's transform is not part of the motion
+    original = motion(6)
+    key_motion(obj, original, start=1, step=2)
+    back = motion_from_keys(obj, fps=60.0)
+    assert len(back) == 6 and back.fps == 30.0
+    assert back.gender == "female"
+    np.testing.assert_allclose(back.betas, original.betas)
+    np.testing.assert_allclose(back.axis_angle, original.axis_angle, atol=1e-5)
+    np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
+
+
+def test_no_keys_exports_the_current_pose(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_pose(obj, random_pose(4))
+    back = motion_from_keys(obj, fps=24.0)
+    assert len(back) == 1 and back.fps == 24.0
+    np.testing.assert_allclose(back.axis_angle[0], random_pose(4).axis_angle, atol=1e-5)
+
+
+def test_npz_import_export_round_trip(blender, tmp_path):
+    source = tmp_path / "in.npz"
+    original = motion(8, seed=3, fps=60.0)
+    original.save_npz(source)
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    scene = bpy.context.scene
+    loaded, frames = import_npz(obj, source, start=10, step=1, scene=scene)
+    assert frames == list(range(10, 18))
+    assert (scene.frame_start, scene.frame_end) == (10, 17)
+    assert scene.render.fps / scene.render.fps_base == pytest.approx(60.0)
+    out = tmp_path / "out.npz"
+    export_npz(obj, out, fps=scene.render.fps / scene.render.fps_base)
+    back = Motion.load_npz(out)
+    assert len(back) == 8 and back.fps == pytest.approx(60.0)
+    assert back.gender == original.gender
+    np.testing.assert_allclose(back.axis_angle, original.axis_angle, atol=1e-5)
+    np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
+
+
+def test_npz_operators_round_trip(blender, tmp_path):
+    source, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    original = motion(4, seed=5)
+    original.save_npz(source)
+    # no armature selected: the import creates one
+    assert bpy.ops.chatpose.import_npz(filepath=str(source), start_frame=1, frame_step=5) == {
+        "FINISHED"
+    }
+    obj = bpy.context.active_object
+    assert keyed_frames(obj) == [1, 6, 11, 16]
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    back = Motion.load_npz(out)
+    assert back.fps == pytest.approx(30.0)
+    np.testing.assert_allclose(back.axis_angle, original.axis_angle, atol=1e-5)
+    np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
+
+
+def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"nope")
+    with pytest.raises(RuntimeError, match="bad.npz"):
+        bpy.ops.chatpose.import_npz(filepath=str(bad))
+
+
+def test_poses_with_labels_and_partial_translation(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    pose = Pose(random_pose(1).axis_angle, None, "kneel")
+    key_poses(obj, [pose], [1])
+    assert read_pose(obj, 1).translation.tolist() == [0.0, 0.0, 0.0]
+
+
+# --- the batch record on the armature ---------------------------------------------------------
+
+
+def test_batch_record_on_the_armature_resumes_a_run(blender):
+    from blender_addon.blender.batch_store import (
+        clear_record,
+        key_batch_line,
+        load_record,
+        save_record,
+    )
+    from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord, prompt_lines
+
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    lines = prompt_lines("stand\nkneel\n\nwave\n")
+    assert load_record(obj) == BatchRecord()
+    for item in load_record(obj).pending(lines, start=1, step=10)[:2]:  # stopped after two
+        key_batch_line(obj, item, random_pose(item.line))
+    assert isinstance(obj[RECORD_PROPERTY], str)
+    rest = load_record(obj).pending(lines, start=1, step=10)
+    assert [(p.line, p.frame) for p in rest] == [(2, 21)]
+    key_batch_line(obj, rest[0], random_pose(2))
+    assert load_record(obj).pending(lines, start=1, step=10) == []
+    assert keyed_frames(obj) == [1, 11, 21]
+    for i, frame in enumerate([1, 11, 21]):
+        np.testing.assert_allclose(
+            read_pose(obj, frame).axis_angle, random_pose(i).axis_angle, atol=1e-5
+        )
+    obj[RECORD_PROPERTY] = "garbage"
+    with pytest.raises(ValueError, match="batch record"):
+        load_record(obj)
+    clear_record(obj)
+    assert len(load_record(obj).pending(lines, 1, 10)) == 3
+    save_record(obj, BatchRecord())
+    assert load_record(obj) == BatchRecord()

@@ -1,0 +1,426 @@
+"""The add-on inside (headless) Blender: registration, the armature, posing exactness."""
+
+from __future__ import annotations
+
+import json
+
+import bpy
+import numpy as np
+import pytest
+
+import blender_addon
+from blender_addon.blender import operators
+from blender_addon.blender.anim import action_fcurves
+from blender_addon.blender.armature import (
+    bone_rest_rotations,
+    create_smpl_armature,
+    find_smpl_armature,
+    is_smpl_armature,
+    rest_joints,
+)
+from blender_addon.blender.keyframes import keyed_frames
+from blender_addon.blender.posing import apply_pose, read_pose
+from blender_addon.core.rig_spec import RIG_PROPERTY, bone_rest_matrix
+from shared_protocol.pose import Pose
+from shared_protocol.skeleton import (
+    DEFAULT_REST_JOINTS,
+    JOINT_NAMES,
+    PARENTS,
+    SMPL_TO_BLENDER,
+    forward_kinematics,
+)
+
+from .conftest import ADDON
+from .helpers import FK_TOLERANCE, fk_error, random_pose, transform
+
+SEEDS = range(20)
+
+
+# --- registration --------------------------------------------------------------------------
+
+
+def test_register_and_unregister_cleanly_twice(blender):
+    import addon_utils  # importable once bpy is imported
+
+    addon_utils.disable(ADDON, default_set=True)
+    assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
+    for _ in range(2):
+        blender_addon.register()
+        assert hasattr(bpy.types, "VIEW3D_PT_chatpose")
+        assert bpy.ops.chatpose.create_armature.get_rna_type() is not None
+        for cls in operators.CLASSES:
+            assert cls.is_registered
+        blender_addon.unregister()
+        assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
+        for cls in operators.CLASSES:
+            assert not cls.is_registered
+    for _ in range(2):  # and as Blender does it, with preferences
+        assert addon_utils.enable(ADDON, default_set=True) is not None
+        assert bpy.context.preferences.addons[ADDON].preferences.service_address
+        addon_utils.disable(ADDON, default_set=True)
+        assert bpy.context.preferences.addons.get(ADDON) is None
+    addon_utils.enable(ADDON, default_set=True)  # for the fixture's teardown
+
+
+def test_preferences_defaults_and_online_access(blender):
+    from blender_addon import preferences
+
+    prefs = preferences.get_preferences()
+    assert prefs.service_address == "tcp://127.0.0.1:5555"
+    assert prefs.request_timeout == pytest.approx(preferences.DEFAULT_TIMEOUT_S)
+    assert prefs.smpl_model_path == ""
+    address, timeout, problem = preferences.service_settings()
+    assert (address, problem) == ("tcp://127.0.0.1:5555", None)
+    prefs.service_address = "tcp://10.0.0.7:5555"
+    _, _, problem = preferences.service_settings()
+    assert (problem is None) == bool(bpy.app.online_access)
+
+
+def test_user_data_dir_falls_back_outside_an_extension(blender, monkeypatch, tmp_path):
+    from blender_addon import preferences
+
+    with pytest.raises(ValueError):  # the tests' package is not an extension
+        bpy.utils.extension_path_user(preferences.ADDON_PACKAGE, create=False)
+    monkeypatch.setattr(preferences, "_fallback_dir", lambda: str(tmp_path))
+    assert preferences.user_data_dir() == str(tmp_path)
+
+
+# --- the armature --------------------------------------------------------------------------
+
+
+def test_create_armature_operator(blender):
+    assert bpy.ops.chatpose.create_armature() == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert is_smpl_armature(obj) and obj.data[RIG_PROPERTY] == 1
+    bones = obj.data.bones
+    assert len(bones) == 24
+    assert sorted(b.name for b in bones) == sorted(JOINT_NAMES)
+    for i, name in enumerate(JOINT_NAMES):
+        parent = bones[name].parent
+        assert (parent.name if parent else None) == (JOINT_NAMES[PARENTS[i]] if i else None)
+    np.testing.assert_allclose(rest_joints(obj), DEFAULT_REST_JOINTS, atol=1e-6)
+    x, y, z = DEFAULT_REST_JOINTS[4]
+    np.testing.assert_allclose(tuple(bones["left_knee"].head_local), (x, -z, y), atol=1e-6)
+    for pbone in obj.pose.bones:
+        assert pbone.rotation_mode == "QUATERNION"
+    # every bone's rest orientation is the SMPL -> Blender map, as rig_spec computes it
+    rests = bone_rest_rotations(obj)
+    np.testing.assert_allclose(rests, np.broadcast_to(SMPL_TO_BLENDER, (24, 3, 3)), atol=1e-6)
+    b = bones["left_wrist"]
+    np.testing.assert_allclose(
+        rests[20], bone_rest_matrix(b.head_local, b.tail_local, 0.0), atol=1e-6
+    )
+    # the mannequin: a child mesh with an Armature modifier and a vertex group per bone
+    (mesh,) = [o for o in bpy.data.objects if o.type == "MESH"]
+    assert mesh.parent is obj
+    assert [m.type for m in mesh.modifiers] == ["ARMATURE"] and mesh.modifiers[0].object is obj
+    assert sorted(g.name for g in mesh.vertex_groups) == sorted(JOINT_NAMES)
+    # on the ground: the lowest mannequin vertex at z = 0
+    lowest = min((obj.matrix_world @ v.co).z for v in mesh.data.vertices)
+    assert lowest == pytest.approx(0.0, abs=1e-3)
+
+
+def test_operators_have_one_undo_step():
+    for cls in (
+        operators.CHATPOSE_OT_create_armature,
+        operators.CHATPOSE_OT_apply_pose,
+        operators.CHATPOSE_OT_rest_pose,
+        operators.CHATPOSE_OT_import_npz,
+    ):
+        assert {"REGISTER", "UNDO"} <= cls.bl_options, cls.__name__
+
+
+def test_find_smpl_armature_from_its_mesh(blender):
+    obj = create_smpl_armature(bpy.context)
+    mesh = next(o for o in bpy.data.objects if o.type == "MESH")
+    bpy.context.view_layer.objects.active = mesh
+    assert find_smpl_armature(bpy.context) is obj
+    other = bpy.data.objects.new("Empty", None)
+    bpy.context.scene.collection.objects.link(other)
+    bpy.context.view_layer.objects.active = other
+    assert find_smpl_armature(bpy.context) is None
+
+
+# --- exactness: bone heads == forward kinematics --------------------------------------------
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["identity", "rotated-scaled-moved"])
+def test_pose_bone_heads_equal_forward_kinematics(blender, moved):
+    obj = create_smpl_armature(bpy.context, with_mesh=False, on_ground=False)
+    if moved:
+        transform(obj)
+    worst = 0.0
+    for seed in SEEDS:
+        pose = random_pose(seed)
+        apply_pose(obj, pose)
+        worst = max(worst, fk_error(obj, pose))
+    print(f"max FK error ({'moved' if moved else 'identity'}): {worst:.2e} m")
+    assert worst < FK_TOLERANCE
+
+
+def test_apply_without_translation_keeps_the_root_location(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_pose(obj, Pose(np.zeros((24, 3)), [0.1, 0.2, 0.3]))
+    root = obj.pose.bones["pelvis"]
+    np.testing.assert_allclose(tuple(root.location), (0.1, 0.2, 0.3), atol=1e-7)
+    pose = random_pose(5, translation=False)
+    apply_pose(obj, pose, use_translation=False)
+    np.testing.assert_allclose(tuple(root.location), (0.1, 0.2, 0.3), atol=1e-7)
+    assert fk_error(obj, Pose(pose.axis_angle, [0.1, 0.2, 0.3])) < FK_TOLERANCE
+    apply_pose(obj, pose)  # a pose without translation stands at the rest position
+    assert tuple(root.location) == (0.0, 0.0, 0.0)
+
+
+def test_exact_for_a_custom_rest_skeleton_and_read_back(blender):
+    rest = DEFAULT_REST_JOINTS * 1.1 + np.random.default_rng(7).normal(size=(24, 3)) * 0.01
+    obj = create_smpl_armature(bpy.context, rest_joints_smpl=rest, with_mesh=False)
+    transform(obj)
+    for seed in range(5):
+        pose = random_pose(100 + seed)
+        apply_pose(obj, pose)
+        assert fk_error(obj, pose, rest) < FK_TOLERANCE
+        back = read_pose(obj)
+        np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
+        np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
+
+
+def _limb_aligned_rig() -> bpy.types.Object:
+    """An imported-style SMPL rig: bones point at their first child, with roll."""
+    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
+    child = {p: c for c, p in reversed(list(enumerate(PARENTS)))}
+    arm = bpy.data.armatures.new("Limbs")
+    obj = bpy.data.objects.new("Limbs", arm)
+    bpy.context.scene.collection.objects.link(obj)
+    bpy.context.view_layer.objects.active = obj
+    bpy.ops.object.mode_set(mode="EDIT")
+    for i, name in enumerate(JOINT_NAMES):
+        bone = arm.edit_bones.new(name)
+        bone.head = heads[i]
+        bone.tail = heads[child[i]] if i in child else heads[i] + (0, 0.05, 0.05)
+        bone.roll = 0.2 * i
+        if i:
+            bone.parent = arm.edit_bones[JOINT_NAMES[PARENTS[i]]]
+    bpy.ops.object.mode_set(mode="OBJECT")
+    return obj
+
+
+def test_limb_aligned_rig_is_converted_exactly(blender):
+    obj = _limb_aligned_rig()
+    assert is_smpl_armature(obj)
+    transform(obj)
+    for seed in range(6):
+        obj.data.bones["pelvis"].use_local_location = seed % 2 == 0
+        pose = random_pose(200 + seed)
+        apply_pose(obj, pose)
+        assert fk_error(obj, pose) < FK_TOLERANCE
+        back = read_pose(obj)
+        np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
+        np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
+
+
+# --- rotation modes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["XYZ", "ZXY", "YXZ", "AXIS_ANGLE"])
+def test_non_quaternion_bones_are_converted_to_their_mode(blender, mode):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    transform(obj)
+    changed = ["left_knee", "spine2", "right_elbow"]
+    for name in changed:
+        obj.pose.bones[name].rotation_mode = mode
+    pose = random_pose(11)
+    result = apply_pose(obj, pose, frame=4)
+    assert result.non_quaternion_bones == changed
+    for name in changed:
+        assert obj.pose.bones[name].rotation_mode == mode  # kept, not switched
+    assert fk_error(obj, pose) < FK_TOLERANCE
+    np.testing.assert_allclose(read_pose(obj).axis_angle, pose.axis_angle, atol=1e-5)
+    np.testing.assert_allclose(read_pose(obj, frame=4).axis_angle, pose.axis_angle, atol=1e-5)
+    paths = {fc.data_path for fc in action_fcurves(obj)}
+    channel = "rotation_axis_angle" if mode == "AXIS_ANGLE" else "rotation_euler"
+    assert f'pose.bones["left_knee"].{channel}' in paths
+    assert 'pose.bones["left_knee"].rotation_quaternion' not in paths
+
+
+def test_quaternion_sign_follows_the_current_value(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    pbone = obj.pose.bones["left_hip"]
+    aa = np.zeros((24, 3))
+    aa[1] = (0, 0, 3.0)
+    apply_pose(obj, Pose(aa))
+    before = pbone.rotation_quaternion.copy()
+    aa[1] = (0, 0, -3.0)  # nearly the same rotation; its canonical quaternion has the other sign
+    apply_pose(obj, Pose(aa))
+    assert before.dot(pbone.rotation_quaternion) > 0.9
+
+
+# --- operators with a pose ----------------------------------------------------------------------
+
+
+def test_apply_pose_operator_takes_pose_json(blender):
+    bpy.ops.chatpose.create_armature(with_mesh=False)
+    obj = bpy.context.active_object
+    pose = random_pose(3)
+    body = json.dumps(pose.to_dict())
+    assert bpy.ops.chatpose.apply_pose(pose_json=body, insert_keyframe=True, frame=7) == {
+        "FINISHED"
+    }
+    assert fk_error(obj, pose) < FK_TOLERANCE
+    assert keyed_frames(obj) == [7]
+    assert bpy.ops.chatpose.rest_pose() == {"FINISHED"}
+    assert all(tuple(p.rotation_quaternion) == (1, 0, 0, 0) for p in obj.pose.bones)
+    with pytest.raises(RuntimeError, match="Not a pose"):
+        bpy.ops.chatpose.apply_pose(pose_json='{"layout": "nope"}')
+
+
+def test_operators_need_an_smpl_armature(blender):
+    assert not bpy.ops.chatpose.apply_pose.poll()
+    assert not bpy.ops.chatpose.export_npz.poll()
+    assert bpy.ops.chatpose.create_armature.poll()
+
+
+# --- the mannequin follows the bones ------------------------------------------------------------
+
+
+def test_mannequin_vertices_follow_their_bone(blender):
+    obj = create_smpl_armature(bpy.context)
+    transform(obj)
+    mesh_obj = next(o for o in bpy.data.objects if o.type == "MESH")
+    pose = random_pose(9)
+    apply_pose(obj, pose)
+    bpy.context.view_layer.update()
+    rest_world_free = [v.co.copy() for v in mesh_obj.data.vertices]  # armature space, at rest
+    owners = [max(v.groups, key=lambda g: g.weight).group for v in mesh_obj.data.vertices]
+    group_bone = {g.index: JOINT_NAMES.index(g.name) for g in mesh_obj.vertex_groups}
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    evaluated = mesh_obj.evaluated_get(depsgraph)
+    posed = evaluated.to_mesh()
+    try:
+        got = np.array([tuple(mesh_obj.matrix_world @ v.co) for v in posed.vertices])
+    finally:
+        evaluated.to_mesh_clear()
+    positions, rotations = forward_kinematics(pose.axis_angle, None, pose.translation)
+    c = SMPL_TO_BLENDER
+    heads_rest = DEFAULT_REST_JOINTS @ c.T
+    world = np.array(obj.matrix_world)
+    expected = []
+    for co, group in zip(rest_world_free, owners, strict=True):
+        j = group_bone[group]
+        local = c @ rotations[j] @ c.T @ (np.array(co) - heads_rest[j]) + c @ positions[j]
+        expected.append(world[:3, :3] @ local + world[:3, 3])
+    assert np.abs(got - np.array(expected)).max() < FK_TOLERANCE
+
+
+# --- the UI draws only registered operators -----------------------------------------------------
+
+
+class _Layout:
+    """Stands in for UILayout: records the operators and properties drawn."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def column(self, **_):
+        return self
+
+    def operator(self, idname, **_):
+        self.calls.append(("operator", idname))
+
+    def prop(self, data, name, **_):
+        self.calls.append(("prop", name))
+
+    def label(self, **kwargs):
+        self.calls.append(("label", kwargs.get("text")))
+
+
+def test_panel_and_preferences_draw(blender):
+    from blender_addon import panel, preferences
+
+    for has_armature in (False, True):
+        if has_armature:
+            create_smpl_armature(bpy.context, with_mesh=False)
+        calls = []
+        panel.VIEW3D_PT_chatpose.draw(type("P", (), {"layout": _Layout(calls)})(), bpy.context)
+        drawn = [name for kind, name in calls if kind == "operator"]
+        assert "chatpose.create_armature" in drawn and "chatpose.import_npz" in drawn
+        assert ("chatpose.rest_pose" in drawn) == has_armature
+        for idname in drawn:
+            module, name = idname.split(".")
+            assert getattr(getattr(bpy.ops, module), name).get_rna_type() is not None
+    prefs = preferences.get_preferences()
+    prefs.service_address = "tcp://10.1.2.3:5555"
+    calls = []
+    preferences.ChatPosePreferences.draw(
+        type("P", (), {"layout": _Layout(calls), "service_address": prefs.service_address})(),
+        bpy.context,
+    )
+    assert [n for k, n in calls if k == "prop"] == [
+        "service_address",
+        "request_timeout",
+        "smpl_model_path",
+    ]
+    warned = any(k == "label" and "online access" in (n or "") for k, n in calls)
+    assert warned == (not bpy.app.online_access)
+
+
+# --- the user's SMPL model file ------------------------------------------------------------------
+
+
+def _fake_smpl_npz(path, seed=0):
+    """A stand-in model: the 24 joints regressed from 24 vertices, 200 more skinned vertices."""
+    rng = np.random.default_rng(seed)
+    joints = DEFAULT_REST_JOINTS * 1.05
+    extra = joints[rng.integers(0, 24, 200)] + rng.normal(size=(200, 3)) * 0.03
+    vertices = np.concatenate([joints, extra])
+    regressor = np.zeros((24, len(vertices)))
+    regressor[np.arange(24), np.arange(24)] = 1.0
+    weights = rng.uniform(size=(len(vertices), 24)) ** 8  # a few bones dominate each vertex
+    weights /= weights.sum(axis=1, keepdims=True)
+    faces = np.array([(i, i + 1, i + 2) for i in range(24, len(vertices) - 2)])
+    np.savez(path, v_template=vertices, J_regressor=regressor, weights=weights, f=faces)
+    return joints, vertices, weights
+
+
+def test_armature_from_the_smpl_model_file_skins_like_smpl(blender, tmp_path):
+    from blender_addon import preferences
+
+    joints, vertices, weights = _fake_smpl_npz(tmp_path / "model.npz")
+    preferences.get_preferences().smpl_model_path = str(tmp_path / "model.npz")
+    assert bpy.ops.chatpose.create_armature() == {"FINISHED"}
+    obj = bpy.context.active_object
+    np.testing.assert_allclose(rest_joints(obj), joints, atol=1e-6)
+    body = next(o for o in bpy.data.objects if o.type == "MESH")
+    assert body.name.endswith("_body") and len(body.data.vertices) == len(vertices)
+    transform(obj)
+    pose = random_pose(21)
+    apply_pose(obj, pose)
+    assert fk_error(obj, pose, joints) < FK_TOLERANCE
+    # linear blend skinning with SMPL's weights, as SMPL does it (no pose blend shapes)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    evaluated = body.evaluated_get(depsgraph)
+    posed = evaluated.to_mesh()
+    try:
+        got = np.array([tuple(body.matrix_world @ v.co) for v in posed.vertices])
+    finally:
+        evaluated.to_mesh_clear()
+    positions, rotations = forward_kinematics(pose.axis_angle, joints, pose.translation)
+    c, world = SMPL_TO_BLENDER, np.array(obj.matrix_world)
+    kept = weights * (weights > 1e-4)
+    kept /= kept.sum(axis=1, keepdims=True)
+    per_joint = (
+        np.einsum("jab,vjb->vja", rotations, vertices[:, None, :] - joints[None]) + positions
+    )
+    smpl = np.einsum("vj,vja->va", kept, per_joint)
+    expected = (smpl @ c.T) @ world[:3, :3].T + world[:3, 3]
+    assert np.abs(got - expected).max() < FK_TOLERANCE
+
+
+def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
+    from blender_addon import preferences
+
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    preferences.get_preferences().smpl_model_path = str(tmp_path / "bad.npz")
+    with pytest.raises(RuntimeError, match="bad.npz"):
+        bpy.ops.chatpose.create_armature()
+    assert not bpy.data.objects
+    assert bpy.ops.chatpose.create_armature(use_model_file=False) == {"FINISHED"}

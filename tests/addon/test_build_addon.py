@@ -1,0 +1,267 @@
+"""build_addon.py: the extension zip, its manifest and wheels, and a real install into Blender.
+
+The first run downloads the pyzmq wheels into build/wheels-cache/ (the package registry must be
+reachable); later runs use the cache. Without network the build tests skip, saying why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+import zipfile
+
+import pytest
+
+import build_addon
+
+pytestmark = pytest.mark.network  # runs in the normal suite; `-m "not network"` deselects it
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    try:
+        return build_addon.build(out)
+    except build_addon.WheelFetchError as exc:
+        if exc.network:
+            pytest.skip(f"pyzmq wheels could not be downloaded (no network?): {exc}")
+        raise
+
+
+def manifest_of(zip_path) -> dict:
+    with zipfile.ZipFile(zip_path) as zf:
+        return tomllib.loads(zf.read("blender_manifest.toml").decode())
+
+
+def test_zip_exists_and_passes_its_checks(built):
+    version = build_addon.project_version()
+    assert built.zip_path.name == f"chatpose-{version}.zip" and built.zip_path.is_file()
+    assert build_addon.archive_problems(built.zip_path) == []
+    assert "validate" in built.validation  # Blender's validator (or bpy's copy of it) ran
+
+
+def test_manifest_is_valid(built):
+    manifest = manifest_of(built.zip_path)
+    for key in build_addon.REQUIRED_MANIFEST_KEYS:
+        assert key in manifest
+    with open(build_addon.PYPROJECT_PATH, "rb") as f:
+        assert manifest["version"] == tomllib.load(f)["project"]["version"]
+    assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "chatpose"
+    assert manifest["blender_version_min"] == "4.2.0"
+    assert set(manifest["permissions"]) == {"network", "files"}
+    # the manifest in the zip is the one in the repository
+    assert manifest == tomllib.loads(build_addon.MANIFEST_PATH.read_text("utf-8"))
+
+
+def test_every_listed_wheel_is_in_the_zip_and_every_platform_is_covered(built):
+    manifest = manifest_of(built.zip_path)
+    with zipfile.ZipFile(built.zip_path) as zf:
+        names = set(zf.namelist())
+    wheels = [w.removeprefix("./") for w in manifest["wheels"]]
+    assert all(w in names for w in wheels)
+    assert f"wheels/{build_addon.shared_wheel_name(manifest['version'])}" in wheels
+    zmq_version = build_addon.manifest_pyzmq_version()
+    for platform in ("linux-x64", "windows-x64", "macos-arm64", "macos-x64"):
+        assert platform in manifest["platforms"]
+        for python in ("3.11", "3.13"):
+            matching = [
+                w
+                for w in wheels
+                if w.startswith(f"wheels/pyzmq-{zmq_version}-")
+                and build_addon.wheel_supports(w.rsplit("/", 1)[1], python, platform)
+            ]
+            assert matching, f"no pyzmq wheel for Python {python} on {platform}"
+
+
+def test_zip_holds_the_addon_and_nothing_of_the_service(built):
+    with zipfile.ZipFile(built.zip_path) as zf:
+        names = zf.namelist()
+        shared = zf.read(f"wheels/{built.shared_wheel_path.name}")
+    assert {"__init__.py", "blender_manifest.toml", "core/posing.py", "blender/posing.py"} <= set(
+        names
+    )
+    assert not any("inference_service" in n or "__pycache__" in n for n in names)
+    assert not any(n.startswith("shared_protocol/") for n in names)  # it comes as a wheel
+    assert built.shared_wheel_path.read_bytes() == shared
+
+
+def test_shared_protocol_wheel_installs_and_imports(built, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+         "--disable-pip-version-check", "--target", str(target), str(built.shared_wheel_path)],
+        check=True,
+    )  # fmt: skip
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(target)!r})
+        import shared_protocol, shared_protocol.pose, shared_protocol.protocol
+        assert shared_protocol.__file__.startswith({str(target)!r}), shared_protocol.__file__
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with zipfile.ZipFile(built.shared_wheel_path) as zf:
+        names = zf.namelist()
+        record = zf.read(next(n for n in names if n.endswith("RECORD"))).decode()
+    assert "shared_protocol/PROTOCOL.md" in names
+    assert all(n.split("/")[0] in {"shared_protocol", "chatpose_shared_protocol-"
+               f"{build_addon.project_version()}.dist-info"} for n in names)  # fmt: skip
+    assert all(n in record for n in names)
+
+
+def test_legacy_zip_is_one_folder_without_manifest(built):
+    with zipfile.ZipFile(built.legacy_zip_path) as zf:
+        names = zf.namelist()
+    assert all(n.startswith("chatpose/") for n in names)
+    assert "chatpose/__init__.py" in names and "chatpose/blender_manifest.toml" not in names
+
+
+def test_builds_are_reproducible(built, tmp_path):
+    again = build_addon.build(tmp_path, legacy=False, validate=False)
+    assert again.zip_path.read_bytes() == built.zip_path.read_bytes()
+
+
+def test_command_line_build(built, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", str(tmp_path),
+         "--no-validate", "--no-legacy"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / built.zip_path.name).is_file()
+
+
+def test_archive_checks_catch_problems(built, tmp_path):
+    def rewrite(name, change_manifest=None, extra=()):
+        path = tmp_path / name
+        with zipfile.ZipFile(built.zip_path) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename == "blender_manifest.toml" and change_manifest:
+                    data = change_manifest(data.decode()).encode()
+                if item.filename.startswith("wheels/pyzmq") and "win_amd64" in item.filename:
+                    if "dropwheel" in name:
+                        continue
+                dst.writestr(item, data)
+            for extra_name in extra:
+                dst.writestr(extra_name, b"")
+        return build_addon.archive_problems(path)
+
+    version = build_addon.project_version()
+    assert any("inference_service" in p for p in rewrite("a.zip", extra=["inference_service/x.py"]))
+    assert any(
+        "version" in p
+        for p in rewrite("b.zip", lambda t: t.replace(f'version = "{version}"', 'version = "9.9"'))
+    )
+    assert any("missing" in p for p in rewrite("dropwheel.zip"))
+    assert any(
+        "no pyzmq wheel" in p
+        for p in rewrite(
+            "c.zip", lambda t: "\n".join(x for x in t.split("\n") if "win_amd64" not in x)
+        )
+    )
+    assert any("network" in p for p in rewrite("d.zip", lambda t: t.replace("network =", "net =")))
+
+
+def test_wheel_supports():
+    ws = build_addon.wheel_supports
+    linux = "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_x86_64.manylinux_2_28_x86_64.whl"
+    assert ws(linux, "3.11", "linux-x64") and not ws(linux, "3.13", "linux-x64")
+    assert not ws(linux, "3.11", "windows-x64")
+    abi3 = "pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl"
+    assert ws(abi3, "3.13", "macos-arm64") and ws(abi3, "3.13", "macos-x64")
+    assert not ws(abi3, "3.11", "macos-arm64")  # abi3 from 3.12 on
+    assert ws("x-1.0-py3-none-any.whl", "3.13", "windows-x64")
+    assert not ws("not-a-wheel.zip", "3.11", "linux-x64")
+
+
+def test_update_manifest_wheels_rewrites_only_the_list():
+    text = 'id = "chatpose"\nwheels = [\n  "./wheels/old.whl",\n]\n\n[permissions]\nfiles = "x"\n'
+    new = build_addon.update_manifest_wheels(text, ["./wheels/a.whl", "./wheels/b.whl"])
+    data = tomllib.loads(new)
+    assert data["wheels"] == ["./wheels/a.whl", "./wheels/b.whl"]
+    assert data["id"] == "chatpose" and data["permissions"] == {"files": "x"}
+
+
+def test_offline_download_failure_is_reported_clearly(tmp_path, monkeypatch):
+    def fake_run(*args, **kwargs):
+        return subprocess.CompletedProcess(
+            args,
+            1,
+            "",
+            "WARNING: Retrying ... NewConnectionError ...\nERROR: No matching distribution",
+        )
+
+    monkeypatch.setattr(build_addon.subprocess, "run", fake_run)
+    with pytest.raises(build_addon.WheelFetchError) as info:
+        build_addon.fetch_pyzmq_wheel("27.3.0", "3.11", "linux-x64", cache_dir=tmp_path)
+    assert info.value.network
+    assert "could not be reached" in str(info.value) and "3.11" in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")
+def test_zip_installs_as_an_extension(built, tmp_path):
+    """Blender's own installer (bpy's extensions operator) in a throw-away user directory:
+    the wheels are set up, ``import shared_protocol`` works, the add-on registers and creates
+    an armature, and per-user data goes to the extension's user directory."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        import bpy
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        result = bpy.ops.extensions.package_install_files(
+            filepath=sys.argv[1], repo="user_default", enable_on_install=True)
+        assert result == {"FINISHED"}, result
+        assert "bl_ext.user_default.chatpose" in bpy.context.preferences.addons
+        import shared_protocol
+        local = os.path.join(bpy.utils.user_resource("EXTENSIONS"), ".local")
+        assert shared_protocol.__file__.startswith(local), shared_protocol.__file__
+        assert any(os.path.isdir(os.path.join(d, "zmq")) for d, _, _ in os.walk(local))
+        from bl_ext.user_default.chatpose import preferences
+        data_dir = preferences.user_data_dir()
+        assert os.sep + ".user" + os.sep in data_dir and os.path.isdir(data_dir), data_dir
+        assert bpy.ops.chatpose.create_armature() == {"FINISHED"}
+        assert len(bpy.context.active_object.data.bones) == 24
+        print("INSTALLED-OK")
+        """
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(home), HOME=str(home))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(built.zip_path)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert "INSTALLED-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")
+def test_legacy_zip_installs_as_a_legacy_addon(built, tmp_path):
+    """Blender's legacy installer; shared_protocol comes from this environment, as it must come
+    from Blender's Python for a legacy install."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import bpy
+        import addon_utils
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        assert bpy.ops.preferences.addon_install(filepath=sys.argv[1]) == {"FINISHED"}
+        assert addon_utils.enable("chatpose", default_set=True) is not None
+        assert bpy.ops.chatpose.create_armature() == {"FINISHED"}
+        addon_utils.disable("chatpose", default_set=True)
+        print("LEGACY-OK")
+        """
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(home), HOME=str(home))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(built.legacy_zip_path)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert "LEGACY-OK" in proc.stdout, proc.stdout + proc.stderr

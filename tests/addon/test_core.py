@@ -1,0 +1,309 @@
+"""The add-on's Blender-free core: no bpy in this file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blender_addon.core import mannequin, netpolicy, paths, posing, rig_spec, smpl_model, timeline
+from shared_protocol.client import DEFAULT_ADDRESS
+from shared_protocol.rotations import axis_angle_to_matrix
+from shared_protocol.skeleton import (
+    DEFAULT_REST_JOINTS,
+    JOINT_NAMES,
+    PARENTS,
+    SMPL_TO_BLENDER,
+    forward_kinematics,
+)
+
+from .conftest import ROOT
+
+
+def random_pose(seed: int, max_angle: float = np.pi / 2) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    axes = rng.normal(size=(24, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    return axes * rng.uniform(0, max_angle, size=(24, 1))
+
+
+def test_core_imports_without_bpy():
+    code = (
+        "import sys; import blender_addon, blender_addon.core.rig_spec, "
+        "blender_addon.core.posing, blender_addon.core.batch_record, "
+        "blender_addon.core.mannequin, blender_addon.core.netpolicy, blender_addon.core.paths, "
+        "blender_addon.core.smpl_model, blender_addon.core.timeline; "
+        "assert 'bpy' not in sys.modules and 'mathutils' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --- rig_spec ---------------------------------------------------------------------------------
+
+
+def test_bone_specs_follow_the_smpl_skeleton():
+    specs = rig_spec.smpl_bone_specs()
+    assert [s.name for s in specs] == list(JOINT_NAMES)
+    for i, s in enumerate(specs):
+        assert s.parent == (None if PARENTS[i] < 0 else JOINT_NAMES[PARENTS[i]])
+        x, y, z = DEFAULT_REST_JOINTS[i]
+        np.testing.assert_allclose(s.head, (x, -z, y))
+        np.testing.assert_allclose(np.subtract(s.tail, s.head), (0, 0, rig_spec.BONE_LENGTH))
+        assert s.roll == 0.0
+    heads = np.array([s.head for s in specs])
+    np.testing.assert_allclose(rig_spec.rest_joints_from_heads(heads), DEFAULT_REST_JOINTS)
+
+
+def test_bone_specs_reject_bad_rest_joints():
+    with pytest.raises(ValueError, match="rest_joints"):
+        rig_spec.smpl_bone_specs(np.zeros((23, 3)))
+    with pytest.raises(ValueError, match="length"):
+        rig_spec.smpl_bone_specs(length=0)
+
+
+def test_z_tail_zero_roll_gives_smpl_axes():
+    """The claim the rig rests on: a +Z tail with zero roll makes the bone's local X, Y, Z the
+    SMPL X, Y, Z (its rest rotation is exactly the SMPL -> Blender map)."""
+    b = rig_spec.bone_rest_matrix((0.1, -0.2, 0.3), (0.1, -0.2, 0.4), 0.0)
+    np.testing.assert_allclose(b, SMPL_TO_BLENDER, atol=1e-15)
+    # Local axis k of the bone, in armature space, is SMPL's axis k mapped to Blender.
+    for k in range(3):
+        np.testing.assert_allclose(b[:, k], SMPL_TO_BLENDER @ np.eye(3)[k], atol=1e-15)
+
+
+def test_bone_rest_matrix_is_a_rotation_with_y_along_the_bone():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        head, tail = rng.normal(size=3), rng.normal(size=3)
+        b = rig_spec.bone_rest_matrix(head, tail, rng.uniform(-np.pi, np.pi))
+        np.testing.assert_allclose(b.T @ b, np.eye(3), atol=1e-12)
+        assert np.linalg.det(b) == pytest.approx(1.0)
+        d = (tail - head) / np.linalg.norm(tail - head)
+        np.testing.assert_allclose(b[:, 1], d, atol=1e-12)
+    np.testing.assert_allclose(
+        rig_spec.bone_rest_matrix((0, 0, 0), (0, -1, 0)), np.diag([-1, -1, 1])
+    )
+    with pytest.raises(ValueError):
+        rig_spec.bone_rest_matrix((0, 0, 0), (0, 0, 0))
+
+
+# --- posing -----------------------------------------------------------------------------------
+
+
+def test_smpl_rig_takes_the_pose_unchanged():
+    aa = random_pose(0)
+    np.testing.assert_allclose(
+        posing.bone_rotation_matrices(aa, np.broadcast_to(SMPL_TO_BLENDER, (24, 3, 3))),
+        axis_angle_to_matrix(aa),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(posing.root_location([0.1, 0.2, 0.3]), [0.1, 0.2, 0.3], atol=1e-15)
+
+
+def _chain_heads(aa, rest_joints, translation, bone_rest):
+    """Blender's pose evaluation, written out: P_i = P_p · B_p⁻¹ · B_i · M_i and
+    head_i = head_p + P_p · B_p⁻¹ · (h_i − h_p), with the root location in bone space."""
+    m = posing.bone_rotation_matrices(aa, bone_rest)
+    h = rest_joints @ SMPL_TO_BLENDER.T
+    rot, heads = np.empty((24, 3, 3)), np.empty((24, 3))
+    rot[0] = bone_rest[0] @ m[0]
+    heads[0] = h[0] + bone_rest[0] @ posing.root_location(translation, bone_rest[0])
+    for i in range(1, 24):
+        p = PARENTS[i]
+        rel = rot[p] @ bone_rest[p].T
+        rot[i] = rel @ bone_rest[i] @ m[i]
+        heads[i] = heads[p] + rel @ (h[i] - h[p])
+    return heads
+
+
+@pytest.mark.parametrize("limb_aligned", [False, True])
+def test_general_formula_reproduces_forward_kinematics(limb_aligned):
+    rest = DEFAULT_REST_JOINTS
+    h = rest @ SMPL_TO_BLENDER.T
+    if limb_aligned:  # bones pointing at their first child, with some roll
+        child = {p: c for c, p in reversed(list(enumerate(PARENTS)))}
+        bone_rest = np.array(
+            [
+                rig_spec.bone_rest_matrix(
+                    h[i], h[child[i]] if i in child else h[i] + (0, 0.1, 0), 0.3 * i
+                )
+                for i in range(24)
+            ]
+        )
+    else:
+        bone_rest = np.broadcast_to(SMPL_TO_BLENDER, (24, 3, 3))
+    for seed in range(10):
+        aa, t = random_pose(seed), np.random.default_rng(seed).normal(size=3)
+        np.testing.assert_allclose(
+            _chain_heads(aa, rest, t, bone_rest), posing.expected_heads(aa, rest, t), atol=1e-12
+        )
+        q = posing.bone_quaternions(aa, bone_rest)
+        np.testing.assert_allclose(
+            posing.axis_angle_from_bone_quaternions(q, bone_rest), aa, atol=1e-9
+        )
+        loc = posing.root_location(t, bone_rest[0])
+        np.testing.assert_allclose(posing.translation_from_root_location(loc, bone_rest[0]), t)
+        loc = posing.root_location(t, bone_rest[0], use_local_location=False)
+        np.testing.assert_allclose(
+            posing.translation_from_root_location(loc, bone_rest[0], use_local_location=False), t
+        )
+
+
+def test_expected_heads_go_through_matrix_world():
+    aa = random_pose(3)
+    world = np.eye(4)
+    world[:3, :3] = 2.0 * axis_angle_to_matrix([0.2, 0.5, -0.1])
+    world[:3, 3] = (1, 2, 3)
+    positions, _ = forward_kinematics(aa)
+    expected = (positions @ SMPL_TO_BLENDER.T) @ world[:3, :3].T + world[:3, 3]
+    np.testing.assert_allclose(posing.expected_heads(aa, matrix_world=world), expected)
+
+
+# --- mannequin ----------------------------------------------------------------------------------
+
+
+def test_mannequin_mesh_is_well_formed_and_rigidly_skinned():
+    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
+    data = mannequin.mannequin_mesh(heads)
+    n = len(data.vertices)
+    assert data.weights.shape == (n, 24)
+    np.testing.assert_array_equal(data.weights.sum(axis=1), 1.0)
+    assert all(0 <= k < n for face in data.faces for k in face)
+    owners = set(np.argmax(data.weights, axis=1).tolist())
+    assert owners == set(range(24))  # every bone moves a piece
+    # the head sphere sits above the head joint
+    head = JOINT_NAMES.index("head")
+    head_verts = data.vertices[data.weights[:, head] == 1]
+    assert head_verts[:, 2].max() > heads[head, 2] + mannequin.HEAD_RADIUS
+
+
+def test_capsule_encloses_its_segment():
+    verts, faces = mannequin.capsule((0, 0, 0), (0, 0, 1), 0.1, segments=8, rings=3)
+    assert verts[:, 2].min() == pytest.approx(-0.1)
+    assert verts[:, 2].max() == pytest.approx(1.1)
+    radial = np.linalg.norm(verts[:, :2], axis=1)
+    assert radial.max() == pytest.approx(0.1)
+    assert len(faces) == 8 * 2 + 8 * (2 * 3 - 1)
+
+
+# --- smpl_model -----------------------------------------------------------------------------------
+
+
+def _fake_model(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    regressor = rng.uniform(size=(24, n))
+    regressor /= regressor.sum(axis=1, keepdims=True)
+    weights = rng.uniform(size=(n, 24))
+    weights /= weights.sum(axis=1, keepdims=True)
+    return {
+        "v_template": rng.normal(size=(n, 3)),
+        "J_regressor": regressor,
+        "f": rng.integers(0, n, size=(10, 3)),
+        "weights": weights,
+        "shapedirs": rng.normal(size=(n, 3, 10)) * 0.01,
+    }
+
+
+def test_smpl_model_rest_joints_come_from_the_regressor(tmp_path):
+    arrays = _fake_model()
+    path = tmp_path / "model.npz"
+    np.savez(path, **arrays)
+    model = smpl_model.load_smpl_model(path)
+    np.testing.assert_allclose(model.rest_joints, arrays["J_regressor"] @ arrays["v_template"])
+    assert model.faces.shape == (10, 3) and model.weights.shape == (30, 24)
+    betas = np.arange(10) * 0.1
+    shaped = smpl_model.load_smpl_model(path, betas=betas)
+    v = arrays["v_template"] + arrays["shapedirs"] @ betas
+    np.testing.assert_allclose(shaped.rest_joints, arrays["J_regressor"] @ v)
+
+
+def test_smpl_model_errors_name_the_problem(tmp_path):
+    arrays = _fake_model()
+    del arrays["J_regressor"]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="J_regressor: missing"):
+        smpl_model.load_smpl_model(path)
+    with pytest.raises(ValueError, match=r"\.pkl"):
+        smpl_model.load_smpl_model(tmp_path / "SMPL_NEUTRAL.pkl")
+    with pytest.raises(ValueError, match="no such file"):
+        smpl_model.load_smpl_model(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz"):
+        smpl_model.load_smpl_model(tmp_path / "junk.npz")
+
+
+# --- netpolicy, paths, timeline -------------------------------------------------------------------
+
+
+def test_default_address_matches_the_client():
+    assert netpolicy.DEFAULT_SERVICE_ADDRESS == DEFAULT_ADDRESS
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "tcp://127.0.0.1:5555",
+        "tcp://127.3.2.1:1",
+        "tcp://localhost:5555",
+        "tcp://LOCALHOST:5555",
+        "tcp://[::1]:5555",
+        "tcp://lo;127.0.0.1:5555",
+        "ipc:///tmp/chatpose.sock",
+        "inproc://chatpose",
+    ],
+)
+def test_loopback_addresses_need_no_online_access(address):
+    assert netpolicy.is_loopback_address(address)
+    assert netpolicy.address_problem(address, online_access=False) is None
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://192.168.1.20:5555", "tcp://gpu-box:5555", "tcp://[2001:db8::1]:5555"]
+)
+def test_remote_addresses_need_online_access(address):
+    assert not netpolicy.is_loopback_address(address)
+    problem = netpolicy.address_problem(address, online_access=False)
+    assert problem is not None and "online access" in problem
+    assert netpolicy.address_problem(address, online_access=True) is None
+
+
+@pytest.mark.parametrize("address", ["", "127.0.0.1:5555", "tcp://127.0.0.1", "http://x:1"])
+def test_malformed_addresses_are_refused_either_way(address):
+    assert "not a ZeroMQ address" in netpolicy.address_problem(address, online_access=True)
+
+
+def test_user_data_dir_uses_extension_path_only_for_extensions():
+    calls = []
+
+    def ext(package, create):
+        calls.append((package, create))
+        return f"/ext/{package}"
+
+    assert paths.is_extension_package("bl_ext.user_default.chatpose")
+    assert not paths.is_extension_package("chatpose")
+    assert not paths.is_extension_package("blender_addon")
+    assert paths.user_data_dir("bl_ext.user_default.chatpose", ext, lambda: "/fb") == (
+        "/ext/bl_ext.user_default.chatpose"
+    )
+    assert calls == [("bl_ext.user_default.chatpose", True)]
+    assert paths.user_data_dir("chatpose", ext, lambda: "/fb") == "/fb"
+    assert paths.user_data_dir("bl_ext.user_default.chatpose", None, lambda: "/fb") == "/fb"
+
+    def not_registered(package, create):
+        raise ValueError('The "package" does not name an extension')
+
+    assert paths.user_data_dir("bl_ext.x.chatpose", not_registered, lambda: "/fb") == "/fb"
+
+
+def test_timeline():
+    assert timeline.frames_for(3, 10, 5) == [10, 15, 20]
+    assert timeline.frames_for(0, 1) == []
+    with pytest.raises(ValueError):
+        timeline.frames_for(2, 1, 0)
+    assert timeline.keyed_frame_list([3.0, 1.0, 3.0, 2.0000001]) == [1, 2, 3]
+    assert timeline.motion_fps([1, 3, 5], 30.0) == 15.0
+    assert timeline.motion_fps([1, 2, 5], 30.0) == 30.0
+    assert timeline.motion_fps([7], 24.0) == 24.0

@@ -1,0 +1,168 @@
+"""The add-on's Session (no bpy): non-blocking requests, and every way the service can fail."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blender_addon.core.session import (
+    BatchFinished,
+    BatchItem,
+    PoseResult,
+    RequestFailed,
+    Session,
+    StatusResult,
+)
+from inference_service.server import ModelInfo, Server
+from shared_protocol.protocol import ErrorCode, ProtocolError
+
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from .test_backend import free_port
+
+INFO = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
+SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
+
+
+def run_until(session: Session, done, timeout_s: float = TIMEOUT_S) -> list:
+    """Ticks like Blender's timer would; each tick must return at once."""
+    events: list = []
+    deadline = time.monotonic() + timeout_s
+    while not done(events):
+        started = time.monotonic()
+        events.extend(session.tick())
+        assert time.monotonic() - started < 0.05, "tick() blocked"
+        assert time.monotonic() < deadline, f"gave up waiting; events so far: {events}"
+        time.sleep(0.01)
+    return events
+
+
+def final_for(request_id: str):
+    def done(events) -> bool:
+        return any(
+            e.request_id == request_id
+            and not isinstance(e, BatchItem)
+            and not (isinstance(e, RequestFailed) and not e.final)
+            for e in events
+        )
+
+    return done
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def address(backend):
+    server = Server(backend, INFO, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.address
+    backend.release()
+    server.stop()
+    thread.join(TIMEOUT_S)
+
+
+def test_pose_status_and_batch(address):
+    session = Session(address, timeout_s=TIMEOUT_S)
+    pose_id = session.request_pose("wave")
+    status_id = session.request_status()
+    events = run_until(session, lambda es: final_for(pose_id)(es) and final_for(status_id)(es))
+    [result] = [e for e in events if isinstance(e, PoseResult)]
+    assert result.poses == (pose_for("wave"),)
+    assert [e.status.model for e in events if isinstance(e, StatusResult)] == ["scripted"]
+
+    batch_id = session.request_batch(["a", "bb", "ccc"])
+    events = run_until(session, final_for(batch_id))
+    assert sorted(e.index for e in events if isinstance(e, BatchItem)) == [0, 1, 2]
+    assert events[-1] == BatchFinished(batch_id, total=3, completed=3)
+    assert not session.busy
+    session.close()
+
+
+def test_bad_input_is_refused_before_anything_is_sent(address):
+    session = Session(address, timeout_s=TIMEOUT_S)
+    with pytest.raises(ProtocolError) as info:
+        session.request_pose("   ")
+    assert info.value.code == ErrorCode.EMPTY_PROMPT
+    assert not session.busy
+    session.close()
+
+
+def test_no_service_fails_clearly_without_blocking():
+    session = Session(f"tcp://127.0.0.1:{free_port()}", timeout_s=30, connect_timeout_s=0.3)
+    request_id = session.request_pose("wave")
+    started = time.monotonic()
+    [failure] = run_until(session, final_for(request_id))
+    assert failure.code == ErrorCode.UNREACHABLE and "is chatpose-serve running?" in failure.message
+    assert time.monotonic() - started < 5
+    session.close()
+
+
+def test_a_stuck_service_times_out_and_the_next_request_still_works(address, backend):
+    session = Session(address, timeout_s=0.3)
+    backend.hold()
+    request_id = session.request_pose("slow")
+    [failure] = run_until(session, final_for(request_id))
+    assert failure.code == ErrorCode.TIMEOUT and "within 0.3 s" in failure.message
+    backend.release()
+    session.timeout_s = TIMEOUT_S
+    again = session.request_pose("quick")
+    events = run_until(session, final_for(again))
+    assert [e.poses for e in events if isinstance(e, PoseResult)] == [(pose_for("quick"),)]
+    session.close()
+
+
+def test_cancel_a_batch(address, backend):
+    session = Session(address, timeout_s=TIMEOUT_S)
+    backend.hold()
+    batch_id = session.request_batch([f"p{i}" for i in range(20)])
+    assert backend.entered.wait(TIMEOUT_S)
+    session.cancel(batch_id)
+    events = run_until(session, final_for(batch_id))
+    backend.release()
+    assert isinstance(events[-1], RequestFailed) and events[-1].code == ErrorCode.CANCELLED
+    session.close()
+
+
+def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPTED_SERVER), address, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_the_service_killed_mid_batch_then_restarted():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    process = start_scripted_server(address, "--stall-after", "5")
+    session = Session(address, timeout_s=TIMEOUT_S)
+    try:
+        batch_id = session.request_batch([f"line {i}" for i in range(12)])
+        events = run_until(session, lambda es: sum(isinstance(e, BatchItem) for e in es) == 5)
+        process.send_signal(signal.SIGKILL)
+        process.wait(TIMEOUT_S)
+        events += run_until(session, final_for(batch_id))
+        failure = events[-1]
+        assert isinstance(failure, RequestFailed) and failure.code == ErrorCode.UNREACHABLE
+        assert "went away" in failure.message
+        kept = sorted(e.index for e in events if isinstance(e, BatchItem))
+        assert kept == [0, 1, 2, 3, 4]
+
+        process = start_scripted_server(address)  # the same address, no Blender restart
+        rest = session.request_batch([f"line {i}" for i in range(5, 12)])
+        events = run_until(session, final_for(rest))
+        assert events[-1] == BatchFinished(rest, total=7, completed=7)
+    finally:
+        process.kill()
+        session.close()

@@ -1,0 +1,147 @@
+"""Automatic captions: the facts name the right side and the right relation for constructed
+poses (left and right being the body's own), and captions are deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference_service.training import actions as A
+from inference_service.training import captions as C
+from inference_service.training.captions import Fact, caption_pose, pose_facts
+from inference_service.training.joint_limits import mirror_pose, sample_plausible_poses
+
+
+def facts_of(pose) -> set[tuple[str, str, str]]:
+    return {(f.kind, f.side, f.value) for f in pose_facts(pose)}
+
+
+def canonical(name: str) -> np.ndarray:
+    return A.get_action(name)(None)
+
+
+def test_rest_pose_is_a_standing_t_pose():
+    facts = facts_of(np.zeros((24, 3)))
+    assert ("elbow", "both", "straight") in facts and ("knee", "both", "straight") in facts
+    assert ("arm_direction", "both", "out to the side") in facts
+    assert ("hands", "both", "wide apart") in facts
+    assert not any(kind in ("torso", "kneel", "one_leg", "posture") for kind, _, _ in facts)
+    assert caption_pose(np.zeros((24, 3))).startswith("The person is standing.")
+
+
+def test_single_joint_rotations():
+    # Left elbow bent by 90° (−Y for the left elbow): only the left elbow is bent.
+    pose = np.zeros((24, 3))
+    pose[18] = [0.0, -np.pi / 2, 0.0]
+    facts = facts_of(pose)
+    assert ("elbow", "left", "bent") in facts and ("elbow", "right", "straight") in facts
+    # Right knee bent by 130° (+X): the right knee is sharply bent, the right foot is lifted.
+    pose = np.zeros((24, 3))
+    pose[5] = [np.radians(130), 0.0, 0.0]
+    facts = facts_of(pose)
+    assert ("knee", "right", "sharply bent") in facts and ("knee", "left", "straight") in facts
+    assert ("one_leg", "left", "standing on the leg") in facts
+    assert ("foot_off", "right", "off the ground") in facts
+    # The left arm raised by +90° about Z: the left hand is above the head.
+    pose = np.zeros((24, 3))
+    pose[16] = [0.0, 0.0, np.pi / 2]
+    facts = facts_of(pose)
+    assert ("hand_height", "left", "above the head") in facts
+    assert not any(kind == "hand_height" and side != "left" for kind, side, _ in facts)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sided_actions_are_described_on_their_side(side):
+    other = "right" if side == "left" else "left"
+    cases = {
+        f"raise_{side}_arm": ("hand_height", side, "above the head"),
+        f"bend_{side}_arm": ("elbow", side, "bent"),
+        f"kneel_on_{side}_knee": ("kneel", side, "on the knee"),
+        f"lunge_{side}": ("foot_front", side, "in front"),
+        f"stand_on_{side}_leg": ("one_leg", side, "standing on the leg"),
+        f"cross_{side}_arm": ("hand_cross", side, "across the body"),
+        f"spread_{side}_arm": ("arm_direction", side, "out to the side"),
+        f"point_{side}_hand": ("arm_direction", side, "forward"),
+        f"lean_{side}": ("torso_side", side, "leaning"),
+        f"twist_{side}": ("twist", side, "twisted"),
+        f"turn_head_{side}": ("head_turn", side, "turned"),
+    }
+    for name, fact in cases.items():
+        facts = facts_of(canonical(name))
+        assert fact in facts, (name, sorted(facts))
+        assert (fact[0], other, fact[2]) not in facts, name
+        assert (fact[0], "both", fact[2]) not in facts, name
+    text = caption_pose(canonical(f"kneel_on_{side}_knee"))
+    assert f"kneeling on their {side} knee" in text
+    text = caption_pose(canonical(f"raise_{side}_arm"))
+    assert f"The {side} hand is above the head." in text
+    assert f"The {other} hand is above the head." not in text
+
+
+def test_whole_body_relations():
+    assert ("torso", "", "bent over") in facts_of(canonical("bend_forward"))
+    assert ("torso", "", "leaning back") in facts_of(canonical("lean_back"))
+    assert ("kneel", "both", "on the knee") in facts_of(canonical("kneel_on_both_knees"))
+    assert ("posture", "", "crouching") in facts_of(canonical("squat"))
+    assert ("posture", "", "sitting") in facts_of(canonical("sit"))
+    assert ("hands", "both", "close together") in facts_of(canonical("clap"))
+    assert ("hand_hip", "both", "on the hip") in facts_of(canonical("hands_on_hips"))
+    assert ("hand_cross", "both", "across the body") in facts_of(canonical("arms_crossed"))
+    assert ("hand_height", "both", "above the head") in facts_of(canonical("stretch"))
+    assert ("feet", "both", "wide apart") in facts_of(canonical("spread_both_legs"))
+    dog = facts_of(canonical("downward_dog"))
+    assert ("ground", "both", "hand on the ground") in dog
+    salute = facts_of(canonical("salute"))
+    assert ("hand_head", "right", "by the head") in salute
+    assert not any(side == "left" and kind.startswith("hand") for kind, side, _ in salute)
+
+
+def test_mirrored_pose_swaps_the_sides():
+    swap = {"left": "right", "right": "left", "both": "both", "": ""}
+    for name in ("raise_left_arm", "kneel_on_left_knee", "stand_on_left_leg", "wave_left_hand"):
+        pose = canonical(name)
+        mirrored = {(k, swap[s], v) for k, s, v in facts_of(pose)}
+        assert facts_of(mirror_pose(pose)) == mirrored, name
+
+
+def test_caption_is_deterministic_given_rng_and_varies_with_it():
+    pose = canonical("tree_pose")
+    a = caption_pose(pose, np.random.default_rng(3))
+    b = caption_pose(pose, np.random.default_rng(3))
+    assert a == b
+    assert caption_pose(pose) == caption_pose(pose)
+    texts = {caption_pose(pose, np.random.default_rng(seed)) for seed in range(10)}
+    assert len(texts) > 3
+    for text in texts:
+        assert text.endswith(".") and "{" not in text
+
+
+def test_random_poses_get_captions_with_bounded_facts():
+    rng = np.random.default_rng(0)
+    for pose in sample_plausible_poses(rng, 50):
+        text = caption_pose(pose, rng, max_facts=4)
+        sentences = text.count(".")
+        assert 1 <= sentences <= 5  # at most 4 facts, plus "is standing"
+        facts = pose_facts(pose)
+        assert all(isinstance(f, Fact) for f in facts)
+        saliences = [f.salience for f in facts]
+        assert saliences == sorted(saliences, reverse=True)
+
+
+def test_every_phrase_formats():
+    for (kind, value), (single, both) in C._PHRASES.items():
+        assert single or both, (kind, value)
+        for template in (*single, *both):
+            text = template.format(side="left", other="right", subject="someone", their="her")
+            assert "{" not in text and text == text.strip()
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="axis_angle"):
+        pose_facts(np.zeros((2, 24, 3)))
+    with pytest.raises(ValueError, match="axis_angle"):
+        pose_facts(np.full((24, 3), np.nan))
+    with pytest.raises(ValueError, match="max_facts"):
+        caption_pose(np.zeros((24, 3)), max_facts=0)
+    with pytest.raises(ValueError, match="rng"):
+        caption_pose(np.zeros((24, 3)), rng=7)

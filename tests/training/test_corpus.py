@@ -1,0 +1,158 @@
+"""The synthetic corpus: deterministic given a seed, held-out phrasings and poses per split,
+and a validated dataset file that AMASS-layout readers can open."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference_service.training import actions as A
+from inference_service.training import corpus as C
+from shared_protocol.pose import Motion
+
+N = 400
+
+
+@pytest.fixture(scope="module")
+def records():
+    return C.generate_corpus(7, N)
+
+
+def renderings(action: A.Action, split: str) -> set[str]:
+    out = set()
+    for template in action.phrasings(split):
+        for subject, their in A.SUBJECTS:
+            text = template.format(subject=subject, their=their)
+            out.add(text[0].upper() + text[1:] + ".")
+    return out
+
+
+def test_same_seed_same_corpus_and_prefix_stability(records):
+    again = C.generate_corpus(7, N)
+    assert again == records
+    assert C.generate_corpus(7, 50) == records[:50]
+    other = C.generate_corpus(8, 50)
+    assert other != records[:50]
+
+
+def test_record_mix_and_splits(records):
+    summary = C.corpus_summary(records)
+    assert set(summary["splits"]) == {"train", "val", "test"}
+    assert 0.7 < summary["splits"]["train"] / N < 0.9
+    assert summary["sources"]["action"] > 0.3 * N and summary["sources"]["auto"] > 0.3 * N
+    assert len([a for a in summary["actions"] if a != "(random pose)"]) > 40
+    for r in records:
+        assert r.pose.shape == (24, 3) and np.all(np.isfinite(r.pose))
+        assert r.caption and r.caption.endswith(".")
+        if r.source == "auto":
+            assert r.action is None or r.action in A.ACTIONS
+        else:
+            assert r.source == f"action:{r.action}"
+
+
+def test_phrasings_are_held_out_per_split(records):
+    for r in records:
+        if r.source.startswith("action:"):
+            action = A.get_action(r.action)
+            assert r.caption in renderings(action, r.split), (r.split, r.caption)
+            if r.split != "train":
+                assert r.caption not in renderings(action, "train")
+
+
+def test_poses_are_not_shared_between_splits(records):
+    by_split = {s: {r.pose.tobytes() for r in records if r.split == s} for s in A.SPLITS}
+    assert not by_split["train"] & by_split["val"]
+    assert not by_split["train"] & by_split["test"]
+    assert not by_split["val"] & by_split["test"]
+
+
+def test_options_and_validation():
+    only = C.generate_corpus(1, 30, action_fraction=1.0, describe_actions=0.0, actions=["clap"])
+    assert all(r.source == "action:clap" and r.action == "clap" for r in only)
+    auto = C.generate_corpus(1, 20, action_fraction=0.0)
+    assert all(r.source == "auto" and r.action is None for r in auto)
+    held = C.generate_corpus(1, 30, val_fraction=0.0, test_fraction=1.0)
+    assert {r.split for r in held} == {"test"}
+    for kwargs, name in (
+        ({"seed": -1, "n": 3}, "seed"),
+        ({"seed": 1, "n": -3}, "n"),
+        ({"seed": 1, "n": 3, "action_fraction": 1.5}, "action_fraction"),
+        ({"seed": 1, "n": 3, "val_fraction": 0.6, "test_fraction": 0.6}, "val_fraction"),
+        ({"seed": 1, "n": 3, "actions": ["moonwalk"]}, "actions"),
+        ({"seed": 1, "n": 3, "variation": float("nan")}, "variation"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            C.generate_corpus(**kwargs)
+
+
+def test_save_and_load_round_trip(records, tmp_path):
+    path = tmp_path / "corpus.npz"
+    C.save_corpus(records, path, seed=7)
+    assert C.load_corpus(path) == records
+    # The file is also an AMASS-layout motion: its poses read back with shared_protocol.
+    motion = Motion.load_npz(path)
+    np.testing.assert_array_equal(motion.axis_angle, np.stack([r.pose for r in records]))
+    empty = tmp_path / "empty.npz"
+    C.save_corpus([], empty)
+    assert C.load_corpus(empty) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: {"captions": None}, r"captions: missing"),
+        (lambda a: {"format": np.array("other-v9")}, r"format: expected"),
+        (lambda a: {"poses": a["poses"][:, :70]}, r"poses: expected a \(N, 72\)"),
+        (lambda a: {"splits": a["splits"][:3]}, r"splits: expected 5 strings"),
+        (
+            lambda a: {"poses": np.where(np.arange(5)[:, None] == 2, np.nan, a["poses"])},
+            r"record 2: poses: contains NaN",
+        ),
+        (
+            lambda a: {"splits": np.array(["train", "val", "test", "holdout", "train"])},
+            r"record 3: split: expected one of",
+        ),
+        (
+            lambda a: {"captions": np.array(["a", "b", " ", "d", "e"])},
+            r"record 2: caption: expected a non-empty string",
+        ),
+        (
+            lambda a: {
+                "sources": np.array(["auto", "auto", "auto", "auto", "action:jump"]),
+                "actions": np.array(["", "", "", "", "clap"]),
+            },
+            r"record 4: source: 'action:jump' does not match action 'clap'",
+        ),
+        (
+            lambda a: {
+                "actions": np.array(["", "moonwalk", "", "", ""]),
+                "sources": np.array(["auto"] * 5),
+            },
+            r"record 1: action: unknown action 'moonwalk'",
+        ),
+    ],
+)
+def test_load_validation_names_file_record_and_field(tmp_path, change, message):
+    path = tmp_path / "bad.npz"
+    C.save_corpus(C.generate_corpus(3, 5), path)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    for key, value in change(arrays).items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        C.load_corpus(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_load_rejects_unreadable_files(tmp_path):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="junk.npz"):
+        C.load_corpus(path)
+    with pytest.raises(FileNotFoundError):
+        C.load_corpus(tmp_path / "missing.npz")

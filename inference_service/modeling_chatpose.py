@@ -99,7 +99,7 @@ class ChatPoseModel:
         self.dtype = model.dtype
         self.head = head.to(self.device).eval()
         self.image_token = processor.image_token
-        self.pose_token_id = _ensure_token(self.tokenizer, model, config.pose_token)
+        self.pose_token_id = ensure_pose_token(self.tokenizer, model, config.pose_token)
         if config.mm_use_im_start_end:
             for token in ("<im_start>", "<im_end>"):
                 if token not in self.tokenizer.get_vocab():
@@ -130,7 +130,7 @@ class ChatPoseModel:
         """
         checkpoint = Checkpoint.open(path)
         quantization = _quantization_config(load_in_4bit, load_in_8bit)
-        torch_device, dtype = _select_device(device)
+        torch_device, dtype = select_device(device)
         if quantization is not None and torch_device.type != "cuda":
             raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
         try:
@@ -148,7 +148,7 @@ class ChatPoseModel:
             ) from exc
         # The pose token must exist before an adapter is loaded: the adapter may carry trained
         # rows for it in the resized embeddings.
-        _ensure_token(processor.tokenizer, model, checkpoint.config.pose_token)
+        ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
         if checkpoint.adapter_dir is not None:
             model = _apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
         head = PoseHead.load(checkpoint.head_path, checkpoint.config)
@@ -301,7 +301,7 @@ def _out_of_memory_as_model_error() -> Iterator[None]:
         raise ModelError("out of GPU memory: send fewer or shorter requests") from exc
 
 
-def _select_device(device: str) -> tuple[torch.device, torch.dtype]:
+def select_device(device: str) -> tuple[torch.device, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -345,7 +345,7 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> BitsAndBytes
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def _ensure_token(tokenizer, model: torch.nn.Module, token: str) -> int:
+def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
     """The id of `token`, adding it (and an embedding row) when the tokenizer lacks it.
 
     The id comes from convert_tokens_to_ids: tokenizing the string can return a "▁" piece

@@ -226,14 +226,14 @@ def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, mo
 
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert modeling_chatpose._select_device("auto") == (torch.device("cpu"), torch.float32)
+    assert modeling_chatpose.select_device("auto") == (torch.device("cpu"), torch.float32)
     with pytest.raises(UnsupportedInputError, match="CUDA is not available"):
-        modeling_chatpose._select_device("cuda")
+        modeling_chatpose.select_device("cuda")
     with pytest.raises(UnsupportedInputError, match="auto, cpu or cuda"):
-        modeling_chatpose._select_device("tpu")
+        modeling_chatpose.select_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert modeling_chatpose._select_device("auto") == (torch.device("cuda"), torch.bfloat16)
+    assert modeling_chatpose.select_device("auto") == (torch.device("cuda"), torch.bfloat16)
 
 
 def test_out_of_gpu_memory_becomes_a_model_error(tiny_model, monkeypatch):

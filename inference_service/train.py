@@ -1,0 +1,181 @@
+"""`python -m inference_service.train`: fine-tune a ChatPose checkpoint (docs/training.md).
+
+    python -m inference_service.train --base CHECKPOINT_DIR --out DIR
+        --data FORMAT PATH [KEY=VALUE ...] [--data ...]
+        [--steps N] [--batch-size B] [--lr 2e-4] [--lora-rank 128] [--lora-alpha 256]
+        [--mix 1:2:1] [--save-every N] [--resume] [--seed S] [--device auto|cpu|cuda]
+
+Data formats (`--data`, repeatable):
+
+    posescript CAPTIONS.json poses=POSES.npz [z_up=true] [phrasing=mixed|release]
+    pairs POSES.npz [images=DIR] [phrasing=mixed|release]
+    llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
+    corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release]
+
+Exit status: 0 done, 1 stopped on a NaN/inf loss (the last good checkpoint is kept), 2 bad
+arguments, data or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from inference_service.errors import ChatPoseError
+from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
+
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _mix(text: str) -> tuple[float, float, float]:
+    parts = text.split(":")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(not v >= 0 for v in values) or not sum(values) > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three ratios text:image:chat such as 1:2:1, got {text!r}"
+        )
+    return values  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_service.train",
+        description="Fine-tune a ChatPose checkpoint: LoRA on the LLM, the pose token's "
+        "embedding rows and the SMPL head (vision tower and projector frozen).",
+    )
+    parser.add_argument("--base", type=Path, required=True, help="checkpoint directory to train")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        action="append",
+        metavar="WORD",
+        default=[],
+        help="FORMAT PATH [KEY=VALUE ...]: posescript CAPTIONS.json poses=POSES.npz [z_up=true]"
+        " | pairs POSES.npz [images=DIR] | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
+        " | corpus CORPUS.npz [split=train]; repeatable",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"
+    )
+    parser.add_argument("--lr", type=_positive_float, default=2e-4)
+    parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
+    parser.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)"
+    )
+    parser.add_argument("--lora-rank", type=_positive_int, default=128)
+    parser.add_argument("--lora-alpha", type=_positive_int, default=256)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--mix",
+        type=_mix,
+        default=(1.0, 2.0, 1.0),
+        help="examples per batch text_to_pose:image_to_pose:chat (default 1:2:1, the paper's "
+        "image:text:VQA = 2:1:1)",
+    )
+    parser.add_argument(
+        "--save-every", type=_non_negative_int, default=100, help="checkpoint period (0: at end)"
+    )
+    parser.add_argument(
+        "--keep-last", type=_non_negative_int, default=0, help="checkpoints kept (0: all)"
+    )
+    parser.add_argument("--log-every", type=_positive_int, default=10)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument(
+        "--head-init",
+        choices=("auto", "fresh", "base"),
+        default="auto",
+        help="SMPL head start: fresh (seeded), the base checkpoint's, or auto (the base's when "
+        "the base has an adapter, else fresh)",
+    )
+    parser.add_argument(
+        "--copy-base",
+        action="store_true",
+        help="copy the base model into OUT/base (self-contained checkpoints) instead of "
+        "referring to it by absolute path",
+    )
+    parser.add_argument("--max-length", type=_positive_int, help="longest example in tokens")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Imported here so that --help works without loading torch.
+    from inference_service.training.loop import TrainConfig, TrainingDiverged, TrainingError, train
+
+    try:
+        specs: list[DataSpec] = [parse_data_spec(words) for words in args.data]
+        config = TrainConfig(
+            base=args.base,
+            out=args.out,
+            data=specs,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            max_grad_norm=args.max_grad_norm,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            mix=args.mix,
+            save_every=args.save_every,
+            keep_last=args.keep_last,
+            log_every=args.log_every,
+            resume=args.resume,
+            seed=args.seed,
+            device=args.device,
+            head_init=args.head_init,
+            copy_base=args.copy_base,
+            max_length=args.max_length,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        result = train(config)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (TrainingError, DatasetError, ChatPoseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,701 @@
+"""Training examples and the readers for the data formats users have. numpy only (no torch).
+
+One record type, `Example`, whatever the source:
+
+- `kind`: "text_to_pose", "image_to_pose" or "chat" (decides the batch mix, see loop.py);
+- `question`: the user message (no image marker: images go in `images`, and the prompt builder
+  puts one marker per image at the start of the first user message, as LLaVA does);
+- `answer`: the assistant's answer; a pose is written as `POSE_MARKER` ("<POSE>"), replaced by
+  the checkpoint's own pose token when the text is encoded;
+- `images`: PNG/JPEG bytes, checked to decode when the record is read;
+- `poses`: the targets, one (24, 3) axis-angle per POSE_MARKER in the answers (earlier turns of
+  `history` first), or empty when the example has no pose supervision (chat);
+- `history`: earlier exchanges of a multi-turn conversation (`prompts.Turn`);
+- `source`: where the record came from ("file#record"), for error messages.
+
+Readers (each returns a list of Example and raises `DatasetError` at load time, naming the file
+and the record, for anything malformed or inconsistent):
+
+- `read_posescript(captions.json, poses.npz)`: PoseScript-style captions joined to poses;
+- `read_image_pose_pairs(poses.npz, images=DIR)`: images with one pose each;
+- `read_llava_conversations(conversations.json, poses=poses.npz, images=DIR)`: LLaVA's format;
+- `read_corpus(corpus.npz, split="train")`: the project's synthetic corpus
+  (`inference_service/training/corpus.py`, `save_corpus`);
+- `examples_from_caption_pose_pairs(pairs)`: (caption, pose) pairs from Python.
+
+`load_data(format, path, options)` dispatches on the format names used by `--data` on the
+command line. The file layouts are documented in docs/training.md.
+
+Question/answer phrasing: with `phrasing="mixed"` (the default) half the pose examples use the
+release's phrasing (`prompts.pose_exchange`, the one the service uses at inference) and half one
+of a few alternatives (`TEXT_PHRASINGS`, `IMAGE_PHRASINGS`), chosen by a seeded generator, so a
+reader gives the same examples for the same seed. `phrasing="release"` uses only the release's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference_service.errors import BadImageError
+from inference_service.images import decode_image
+from inference_service.prompts import (
+    IMAGE_ANSWER,
+    IMAGE_QUESTION,
+    POSE_MARKER,
+    TEXT_ANSWER,
+    TEXT_QUESTION,
+    Turn,
+    pose_exchange,
+)
+from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+
+KINDS = ("text_to_pose", "image_to_pose", "chat")
+POSE_KINDS = ("text_to_pose", "image_to_pose")
+NUM_JOINTS = 24
+# The image marker of LLaVA's data files; stripped from questions (images travel as bytes).
+LLAVA_IMAGE_MARKER = "<image>"
+PHRASING_MODES = ("mixed", "release")
+
+# (question, answer) templates; index 0 is the release's (what the service asks at inference).
+# Text questions take {description} (the caption without its final punctuation).
+TEXT_PHRASINGS: tuple[tuple[str, str], ...] = (
+    (TEXT_QUESTION, TEXT_ANSWER),
+    ("{description}. Please output the SMPL pose of this person.", "Sure, it is {pose}."),
+    (
+        "Generate the SMPL pose of a person described as follows: {description}.",
+        "Sure, here is the SMPL pose: {pose}.",
+    ),
+    ("What is the SMPL pose of someone who matches this: {description}?", "It is {pose}."),
+)
+IMAGE_PHRASINGS: tuple[tuple[str, str], ...] = (
+    (IMAGE_QUESTION, IMAGE_ANSWER),
+    ("What is the SMPL pose of the person in this image?", "The SMPL pose is {pose}."),
+    (
+        "Estimate the 3D pose of the person in the center of this picture as SMPL parameters.",
+        "Sure, it is {pose}.",
+    ),
+)
+
+
+class DatasetError(ValueError):
+    """A malformed or inconsistent dataset file or record; the message names both."""
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    kind: str
+    question: str
+    answer: str
+    images: tuple[bytes, ...] = ()
+    poses: tuple[np.ndarray, ...] = ()
+    history: tuple[Turn, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.source or "example"
+        if self.kind not in KINDS:
+            raise DatasetError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "history", tuple(self.history))
+        poses = tuple(_pose_array(p, f"{where}: pose {i}") for i, p in enumerate(self.poses))
+        object.__setattr__(self, "poses", poses)
+        texts = [
+            ("question", self.question),
+            ("answer", self.answer),
+            *((f"history[{i}].user", t.user) for i, t in enumerate(self.history)),
+            *((f"history[{i}].assistant", t.assistant) for i, t in enumerate(self.history)),
+        ]
+        for name, text in texts:
+            if not isinstance(text, str):
+                raise DatasetError(f"{where}: {name} must be a string, got {type(text).__name__}")
+            if LLAVA_IMAGE_MARKER in text:
+                raise DatasetError(
+                    f"{where}: {name} contains the image marker {LLAVA_IMAGE_MARKER!r}; "
+                    f"images go in `images`"
+                )
+        if not self.answer.strip():
+            raise DatasetError(f"{where}: the answer is empty")
+        if not self.question.strip() and not self.images:
+            raise DatasetError(f"{where}: the question is empty and there is no image")
+        users = [self.question, *(t.user for t in self.history)]
+        if any(POSE_MARKER in text for text in users):
+            raise DatasetError(f"{where}: a user message contains the pose marker {POSE_MARKER}")
+        markers = self.answer.count(POSE_MARKER) + sum(
+            t.assistant.count(POSE_MARKER) for t in self.history
+        )
+        if self.poses and len(self.poses) != markers:
+            raise DatasetError(
+                f"{where}: {len(self.poses)} poses for {markers} {POSE_MARKER} markers "
+                f"in the answers"
+            )
+        if self.kind in POSE_KINDS and not self.poses:
+            raise DatasetError(f"{where}: a {self.kind} example needs a pose and a {POSE_MARKER}")
+        if self.kind == "image_to_pose" and not self.images:
+            raise DatasetError(f"{where}: an image_to_pose example needs an image")
+        for index, image in enumerate(self.images):
+            if not isinstance(image, bytes):
+                raise DatasetError(f"{where}: image {index} must be bytes")
+
+    @property
+    def pose(self) -> np.ndarray | None:
+        """The target of the last pose marker (the one a reply's pose comes from), or None."""
+        return self.poses[-1] if self.poses else None
+
+
+def _pose_array(value: object, where: str) -> np.ndarray:
+    array = np.array(value, dtype=np.float64)
+    if array.shape == (NUM_JOINTS * 3,):
+        array = array.reshape(NUM_JOINTS, 3)
+    if array.shape != (NUM_JOINTS, 3):
+        raise DatasetError(f"{where}: expected shape ({NUM_JOINTS}, 3), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise DatasetError(f"{where}: contains NaN or infinity")
+    array.setflags(write=False)
+    return array
+
+
+# --- phrasing ---------------------------------------------------------------------------------
+
+
+class Phraser:
+    """Chooses the question/answer phrasing of pose examples, reproducibly from a seed."""
+
+    def __init__(self, mode: str = "mixed", seed: int = 0):
+        if mode not in PHRASING_MODES:
+            raise ValueError(f"phrasing must be one of {PHRASING_MODES}, got {mode!r}")
+        self.mode = mode
+        self._rng = np.random.default_rng(seed)
+
+    def _variant(self, count: int) -> int:
+        if self.mode == "release" or self._rng.random() < 0.5:
+            return 0
+        return 1 + int(self._rng.integers(count - 1))
+
+    def text(self, description: str) -> tuple[str, str]:
+        variant = self._variant(len(TEXT_PHRASINGS))
+        if variant == 0:
+            return pose_exchange(description, False, POSE_MARKER)
+        question, answer = TEXT_PHRASINGS[variant]
+        text = description.strip().rstrip(".!?,;: ")
+        return question.format(description=text), answer.format(pose=POSE_MARKER)
+
+    def image(self) -> tuple[str, str]:
+        variant = self._variant(len(IMAGE_PHRASINGS))
+        if variant == 0:
+            return pose_exchange(None, True, POSE_MARKER)
+        question, answer = IMAGE_PHRASINGS[variant]
+        return question, answer.format(pose=POSE_MARKER)
+
+
+def phrasing_texts() -> list[str]:
+    """Every phrasing template with its placeholders filled, e.g. to train a tokenizer."""
+    filled = []
+    for question, answer in (*TEXT_PHRASINGS, *IMAGE_PHRASINGS):
+        filled.append(question.format(description="a person standing"))
+        filled.append(answer.format(pose=POSE_MARKER))
+    return filled
+
+
+# --- shared file helpers ----------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | None = None):
+    """The `poses` of an AMASS-layout .npz as (N, 24, 3) float64.
+
+    Accepted shapes: (N, 72) (what `shared_protocol.pose.Motion.save_npz` writes), AMASS's SMPL-H
+    (N, 156) (the first 72 numbers are the SMPL pose, as the release reads them), or (N, 24, 3).
+    Other arrays (trans, betas, mocap_framerate, ...) are not needed and not read.
+    """
+    path = Path(path)
+    arrays = _read_npz(path) if arrays is None else arrays
+    if "poses" not in arrays:
+        raise DatasetError(f"{path}: no 'poses' array")
+    poses = arrays["poses"]
+    if poses.dtype.kind not in "iuf":
+        raise DatasetError(f"{path}: 'poses' must hold numbers, got dtype {poses.dtype}")
+    if poses.ndim == 3 and poses.shape[1:] == (NUM_JOINTS, 3):
+        poses = poses.reshape(len(poses), NUM_JOINTS * 3)
+    if poses.ndim != 2 or poses.shape[1] not in (72, 156):
+        raise DatasetError(
+            f"{path}: 'poses' must have shape (N, 72), (N, 156) or (N, 24, 3), got {poses.shape}"
+        )
+    poses = poses[:, :72].astype(np.float64).reshape(-1, NUM_JOINTS, 3)
+    bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
+    if bad.size:
+        raise DatasetError(f"{path}: frame {int(bad[0])}: pose contains NaN or infinity")
+    return poses
+
+
+def _string_array(
+    arrays: Mapping[str, np.ndarray], key: str, path: Path, length: int, *, ints_ok: bool = False
+) -> list[str]:
+    value = arrays[key]
+    kinds = "USiu" if ints_ok else "US"
+    if value.ndim != 1 or value.dtype.kind not in kinds:
+        raise DatasetError(
+            f"{path}: '{key}' must be a 1-D array of strings, got shape {value.shape} "
+            f"dtype {value.dtype}"
+        )
+    if len(value) != length:
+        raise DatasetError(
+            f"{path}: '{key}' has {len(value)} entries but 'poses' has {length} frames"
+        )
+    if value.dtype.kind == "S":
+        return [item.decode("utf-8", errors="replace") for item in value]
+    return [str(item) for item in value]
+
+
+def _read_image(folder: Path, name: str, where: str) -> bytes:
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: image file {path} not found") from None
+    except OSError as exc:
+        raise DatasetError(f"{where}: cannot read image file {path} ({exc})") from None
+    try:
+        decode_image(data)
+    except BadImageError:
+        raise DatasetError(f"{where}: {path} is not a decodable PNG or JPEG") from None
+    return data
+
+
+# --- global orientation -----------------------------------------------------------------------
+
+_Z_UP_TO_Y_UP = axis_angle_to_matrix(np.array([-np.pi / 2, 0.0, 0.0]))
+
+
+def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
+    """(N, 24, 3) poses in AMASS's Z-up world -> this project's frame, facing +Z.
+
+    As the PoseScript loader of the release: the global orientation is rotated by -90 degrees
+    about X (Z-up -> Y-up), then about the vertical axis so that the body's forward axis
+    (G_0 · z) has no x component and points to +Z (zero yaw). Joints 1..23 are unchanged.
+    """
+    poses = np.array(axis_angle, dtype=np.float64)
+    rotation = _Z_UP_TO_Y_UP @ axis_angle_to_matrix(poses[:, 0])
+    forward = rotation[:, :, 2]
+    yaw = np.arctan2(forward[:, 0], forward[:, 2])
+    yaw = np.where(np.hypot(forward[:, 0], forward[:, 2]) < 1e-8, 0.0, yaw)
+    axis = np.zeros((len(poses), 3))
+    axis[:, 1] = -yaw
+    poses[:, 0] = matrix_to_axis_angle(axis_angle_to_matrix(axis) @ rotation)
+    return poses
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+def read_posescript(
+    captions: str | os.PathLike,
+    poses: str | os.PathLike,
+    *,
+    z_up: bool = False,
+    phrasing: str = "mixed",
+    seed: int = 0,
+) -> list[Example]:
+    """PoseScript-style captions joined to poses: one text_to_pose Example per caption.
+
+    `captions`: a JSON object {pose_id: caption or [caption, ...]}. `poses`: an AMASS-layout .npz
+    (see `read_pose_array`). A pose id is the frame index in the .npz ("0", "1", ...), unless the
+    .npz has an `ids` array (N,) of strings or integers, one per frame: then ids are looked up
+    there. `z_up`: the poses are raw AMASS (Z-up world); their global orientation is then
+    converted as the release's PoseScript loader does (`z_up_to_y_up_zero_yaw`).
+    """
+    captions_path, poses_path = Path(captions), Path(poses)
+    data = _read_json(captions_path)
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{captions_path}: expected a JSON object {{pose_id: caption(s)}}, "
+            f"got {type(data).__name__}"
+        )
+    arrays = _read_npz(poses_path)
+    pose_array = read_pose_array(poses_path, arrays)
+    if z_up:
+        pose_array = z_up_to_y_up_zero_yaw(pose_array)
+    if "ids" in arrays:
+        ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
+        index: dict[str, int] = {}
+        for row, pose_id in enumerate(ids):
+            if pose_id in index:
+                raise DatasetError(
+                    f"{poses_path}: 'ids' has {pose_id!r} twice (frames {index[pose_id]} and {row})"
+                )
+            index[pose_id] = row
+    else:
+        index = {str(row): row for row in range(len(pose_array))}
+    phraser = Phraser(phrasing, seed)
+    examples = []
+    for pose_id, value in data.items():
+        where = f"{captions_path}: pose id {pose_id!r}"
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise DatasetError(f"{where}: expected a caption or a non-empty list of captions")
+        if pose_id not in index:
+            lookup = "its 'ids' array" if "ids" in arrays else f"frames 0..{len(pose_array) - 1}"
+            raise DatasetError(f"{where}: no such pose in {poses_path} ({lookup})")
+        for number, text in enumerate(texts):
+            if not text.strip() or not text.strip().rstrip(".!?,;: "):
+                raise DatasetError(f"{where}: caption {number} is empty")
+            question, answer = phraser.text(text)
+            examples.append(
+                Example(
+                    "text_to_pose",
+                    question,
+                    answer,
+                    poses=(pose_array[index[pose_id]],),
+                    source=f"{captions_path}#{pose_id}[{number}]",
+                )
+            )
+    return examples
+
+
+def read_image_pose_pairs(
+    poses: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    phrasing: str = "mixed",
+    seed: int = 0,
+) -> list[Example]:
+    """Image/pose pairs: one image_to_pose Example per frame of the .npz.
+
+    `poses`: an AMASS-layout .npz (see `read_pose_array`) with an extra `images` array (N,) of
+    file names, one per frame, relative to `images` (default: the .npz's folder).
+    """
+    poses_path = Path(poses)
+    folder = Path(images) if images is not None else poses_path.parent
+    arrays = _read_npz(poses_path)
+    pose_array = read_pose_array(poses_path, arrays)
+    if "images" not in arrays:
+        raise DatasetError(f"{poses_path}: no 'images' array (one image file name per frame)")
+    names = _string_array(arrays, "images", poses_path, len(pose_array))
+    phraser = Phraser(phrasing, seed)
+    examples = []
+    for row, name in enumerate(names):
+        where = f"{poses_path}: frame {row}"
+        if not name.strip():
+            raise DatasetError(f"{where}: empty image file name")
+        image = _read_image(folder, name, where)
+        question, answer = phraser.image()
+        examples.append(
+            Example(
+                "image_to_pose",
+                question,
+                answer,
+                images=(image,),
+                poses=(pose_array[row],),
+                source=f"{poses_path}#{row}",
+            )
+        )
+    return examples
+
+
+def read_llava_conversations(
+    path: str | os.PathLike,
+    *,
+    poses: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+) -> list[Example]:
+    """Conversations in LLaVA's JSON format, one Example per conversation.
+
+    `path`: `[{"id": ..., "image": "file.jpg" (optional; or a list), "conversations":
+    [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}, ...]`. Turns
+    alternate human/gpt, starting with human and ending with gpt. LLaVA's `<image>` marker is
+    removed from the text (the image goes first, as in LLaVA). Image files are relative to
+    `images` (default: the JSON file's folder).
+
+    Poses: gpt turns may contain `<POSE>`; the poses then come from `poses`, an AMASS-layout
+    .npz with an `ids` array (N,) naming, for each frame, the conversation `id` it belongs to:
+    the k-th frame whose id is X (in file order) is the target of the k-th `<POSE>` of
+    conversation X. Without `poses`, a `<POSE>` in a gpt turn is an error (chat-only data).
+    Kind: image_to_pose or text_to_pose for conversations with poses (by whether there is an
+    image), chat for the others.
+    """
+    json_path = Path(path)
+    folder = Path(images) if images is not None else json_path.parent
+    data = _read_json(json_path)
+    if not isinstance(data, list):
+        raise DatasetError(f"{json_path}: expected a JSON list of conversations")
+    by_id: dict[str, list[np.ndarray]] | None = None
+    if poses is not None:
+        poses_path = Path(poses)
+        arrays = _read_npz(poses_path)
+        pose_array = read_pose_array(poses_path, arrays)
+        if "ids" not in arrays:
+            raise DatasetError(f"{poses_path}: no 'ids' array (the conversation id of each frame)")
+        ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
+        by_id = {}
+        for row, conversation_id in enumerate(ids):
+            by_id.setdefault(conversation_id, []).append(pose_array[row])
+    seen: set[str] = set()
+    examples = []
+    for number, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{json_path}: record {number}: expected an object")
+        raw_id = record.get("id", number)
+        if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+            raise DatasetError(f"{json_path}: record {number}: 'id' must be a string or integer")
+        conversation_id = str(raw_id)
+        where = f"{json_path}: record {number} (id {conversation_id!r})"
+        if by_id is not None and conversation_id in seen:
+            raise DatasetError(f"{where}: id used twice; poses are matched by id")
+        seen.add(conversation_id)
+        image_names = record.get("image")
+        if image_names is None:
+            image_names = []
+        elif isinstance(image_names, str):
+            image_names = [image_names]
+        if not isinstance(image_names, list) or not all(
+            isinstance(n, str) and n.strip() for n in image_names
+        ):
+            raise DatasetError(f"{where}: 'image' must be a file name or a list of file names")
+        turns = _llava_turns(record.get("conversations"), where, has_image=bool(image_names))
+        markers = sum(answer.count(POSE_MARKER) for _, answer in turns)
+        targets: list[np.ndarray] = []
+        if markers:
+            if by_id is None:
+                raise DatasetError(
+                    f"{where}: gpt turns contain {POSE_MARKER} but no poses file was given"
+                )
+            targets = by_id.get(conversation_id, [])
+            if len(targets) != markers:
+                raise DatasetError(
+                    f"{where}: {markers} {POSE_MARKER} markers but {len(targets)} poses with "
+                    f"this id in {poses}"
+                )
+        elif by_id is not None and conversation_id in by_id:
+            raise DatasetError(
+                f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
+            )
+        image_bytes = tuple(_read_image(folder, name, where) for name in image_names)
+        if targets:
+            kind = "image_to_pose" if image_bytes else "text_to_pose"
+        else:
+            kind = "chat"
+        history = tuple(Turn(user, assistant) for user, assistant in turns[:-1])
+        examples.append(
+            Example(
+                kind,
+                turns[-1][0],
+                turns[-1][1],
+                images=image_bytes,
+                poses=tuple(targets),
+                history=history,
+                source=f"{json_path}#{number}",
+            )
+        )
+    if by_id is not None:
+        unused = [key for key in by_id if key not in seen]
+        if unused:
+            raise DatasetError(
+                f"{poses}: poses for conversation id {unused[0]!r}, which is not in {json_path}"
+            )
+    return examples
+
+
+def _llava_turns(conversations: object, where: str, has_image: bool) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list) or not conversations:
+        raise DatasetError(f"{where}: 'conversations' must be a non-empty list")
+    texts = []
+    marker_seen = False
+    for turn_number, turn in enumerate(conversations):
+        expected = "human" if turn_number % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DatasetError(
+                f'{where}: turn {turn_number}: expected {{"from": ..., "value": text}}'
+            )
+        if turn.get("from") != expected:
+            raise DatasetError(
+                f"{where}: turn {turn_number}: expected 'from' {expected!r} (turns alternate "
+                f"human/gpt), got {turn.get('from')!r}"
+            )
+        value = turn["value"]
+        if expected == "human":
+            marker_seen = marker_seen or LLAVA_IMAGE_MARKER in value
+            value = value.replace(LLAVA_IMAGE_MARKER, "").strip()
+            if POSE_MARKER in value:
+                raise DatasetError(f"{where}: turn {turn_number}: {POSE_MARKER} in a human turn")
+            # Only the first message may be the image alone.
+            if not value and (turn_number > 0 or not has_image):
+                raise DatasetError(f"{where}: turn {turn_number}: empty human message")
+        else:
+            if LLAVA_IMAGE_MARKER in value:
+                raise DatasetError(
+                    f"{where}: turn {turn_number}: {LLAVA_IMAGE_MARKER} in a gpt turn"
+                )
+            value = value.strip()
+            if not value:
+                raise DatasetError(f"{where}: turn {turn_number}: empty gpt answer")
+        texts.append(value)
+    if len(texts) % 2:
+        raise DatasetError(f"{where}: the last turn is a human turn without a gpt answer")
+    if marker_seen and not has_image:
+        raise DatasetError(f"{where}: {LLAVA_IMAGE_MARKER} in the text but no 'image'")
+    return [(texts[i], texts[i + 1]) for i in range(0, len(texts), 2)]
+
+
+def read_corpus(
+    path: str | os.PathLike,
+    *,
+    split: str = "train",
+    phrasing: str = "mixed",
+    seed: int = 0,
+) -> list[Example]:
+    """The project's synthetic corpus file (`training/corpus.py`, `save_corpus`): one
+    text_to_pose Example per record of `split` ("train", "val", "test" or "all")."""
+    from inference_service.training import corpus  # numpy only, imported when needed
+
+    corpus_path = Path(path)
+    splits = ("train", "val", "test", "all")
+    if split not in splits:
+        raise DatasetError(f"{corpus_path}: split must be one of {splits}, got {split!r}")
+    try:
+        records = corpus.load_corpus(corpus_path)
+    except FileNotFoundError:
+        raise DatasetError(f"{corpus_path}: file not found") from None
+    except ValueError as exc:  # names the file, the record and the field
+        raise DatasetError(str(exc)) from None
+    chosen = [(i, r) for i, r in enumerate(records) if split == "all" or r.split == split]
+    phraser = Phraser(phrasing, seed)
+    examples = []
+    for index, record in chosen:
+        question, answer = phraser.text(record.caption)
+        examples.append(
+            Example(
+                "text_to_pose",
+                question,
+                answer,
+                poses=(record.pose,),
+                source=f"{corpus_path}#{index}",
+            )
+        )
+    return examples
+
+
+def examples_from_caption_pose_pairs(
+    pairs: Iterable[tuple[str, object]],
+    *,
+    source: str = "pairs",
+    phrasing: str = "mixed",
+    seed: int = 0,
+) -> list[Example]:
+    """(caption, pose) pairs -> text_to_pose Examples; a pose is anything of shape (24, 3) or
+    (72,) axis-angle (a `shared_protocol.pose.Pose` gives its `.axis_angle`).
+
+    The adapter for generated data, such as the synthetic corpus (training/corpus.py).
+    """
+    phraser = Phraser(phrasing, seed)
+    examples = []
+    for number, (caption, pose) in enumerate(pairs):
+        where = f"{source}#{number}"
+        if not isinstance(caption, str) or not caption.strip().rstrip(".!?,;: "):
+            raise DatasetError(f"{where}: the caption must be a non-empty string")
+        pose = getattr(pose, "axis_angle", pose)
+        question, answer = phraser.text(caption)
+        examples.append(Example("text_to_pose", question, answer, poses=(pose,), source=where))
+    return examples
+
+
+# --- dispatch by format name (the --data option) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One `--data FORMAT PATH [KEY=VALUE ...]` of the command line."""
+
+    format: str
+    path: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.format} {self.path}{extra}"
+
+
+# format -> the options it takes (beyond "phrasing" for pose formats)
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "posescript": ("poses", "z_up", "phrasing"),
+    "pairs": ("images", "phrasing"),
+    "llava": ("poses", "images"),
+    "corpus": ("split", "phrasing"),
+}
+
+
+def parse_data_spec(words: Sequence[str]) -> DataSpec:
+    """["posescript", "captions.json", "poses=poses.npz"] -> DataSpec; ValueError if bad."""
+    if len(words) < 2:
+        raise ValueError("--data needs a format and a path: --data FORMAT PATH [KEY=VALUE ...]")
+    fmt, path, *rest = words
+    if fmt not in FORMAT_OPTIONS:
+        raise ValueError(f"unknown data format {fmt!r}; known: {', '.join(FORMAT_OPTIONS)}")
+    options = {}
+    for word in rest:
+        key, sep, value = word.partition("=")
+        if not sep or key not in FORMAT_OPTIONS[fmt]:
+            raise ValueError(
+                f"--data {fmt}: expected KEY=VALUE with KEY one of "
+                f"{', '.join(FORMAT_OPTIONS[fmt])}, got {word!r}"
+            )
+        options[key] = value
+    if fmt == "posescript" and "poses" not in options:
+        raise ValueError("--data posescript CAPTIONS.json needs poses=POSES.npz")
+    return DataSpec(fmt, path, options)
+
+
+def load_data(spec: DataSpec, seed: int = 0) -> list[Example]:
+    """Read the examples one `DataSpec` names; DatasetError if the files are malformed."""
+    options = spec.options
+    phrasing = options.get("phrasing", "mixed")
+    if phrasing not in PHRASING_MODES:
+        raise DatasetError(f"--data {spec.describe()}: phrasing must be one of {PHRASING_MODES}")
+    if spec.format == "posescript":
+        z_up = options.get("z_up", "false").lower()
+        if z_up not in ("true", "false", "1", "0", "yes", "no"):
+            raise DatasetError(f"--data {spec.describe()}: z_up must be true or false")
+        return read_posescript(
+            spec.path,
+            options["poses"],
+            z_up=z_up in ("true", "1", "yes"),
+            phrasing=phrasing,
+            seed=seed,
+        )
+    if spec.format == "pairs":
+        return read_image_pose_pairs(
+            spec.path, images=options.get("images"), phrasing=phrasing, seed=seed
+        )
+    if spec.format == "llava":
+        return read_llava_conversations(
+            spec.path, poses=options.get("poses"), images=options.get("images")
+        )
+    if spec.format == "corpus":
+        return read_corpus(
+            spec.path, split=options.get("split", "train"), phrasing=phrasing, seed=seed
+        )
+    raise DatasetError(f"unknown data format {spec.format!r}")

@@ -1,0 +1,631 @@
+"""The training loop: LoRA on the LLM, the pose token's rows and the SMPL head; checkpoints,
+exact resume and a stop on NaN. The command line is `python -m inference_service.train`.
+
+What is trained (the paper, Sec. 3.2):
+
+- LoRA (peft) on the language model's attention and MLP projections (q/k/v/o, gate/up/down of
+  every layer); the vision tower and the projector are frozen, as is every base weight;
+- the pose token's row of the input embeddings and of the output layer, through peft's
+  `trainable_token_indices` (a LoRA adapter alone never trains a token's embedding, and a new
+  token starts with no meaning). Only that row is trained and saved (2 x H numbers in the
+  adapter), not the whole embedding matrices as `modules_to_save` would (2 x 32000 x 5120
+  numbers for a 13B LLaVA); the service merges it like the LoRA weights;
+- the SMPL head, from a fresh seeded initialisation (or, with head_init "base", from the base
+  checkpoint's head).
+
+Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
+kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch
+of 8 give 2 text, 4 image, 2 chat examples; leftover slots are drawn by the fractional parts);
+each kind is walked in a shuffled order, reshuffled when used up. Everything random comes from
+the seed, so a run is reproducible and `resume` replays the sampler up to the saved step.
+
+Output directory:
+
+    OUT/step-000100/     a checkpoint `chatpose-serve` loads as it is: chatpose.json (whose
+                         base_model is the base's absolute path, or "../base" with copy_base),
+                         adapter/, pose_head.safetensors, and training_state.pt (optimizer
+                         state, step, RNG state, the run's settings) for resume
+    OUT/latest           the name of the newest complete checkpoint ("step-000100")
+    OUT/base/            a copy of the base model, with copy_base only
+    OUT/train_log.jsonl  the logged loss figures
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
+from inference_service.errors import CheckpointError
+from inference_service.modeling_chatpose import ensure_pose_token, select_device
+from inference_service.pose_head import PoseHead
+from inference_service.training.datasets import KINDS, DatasetError, DataSpec, Example, load_data
+from inference_service.training.encoding import Batch, EncodedExample, Encoder
+from inference_service.training.losses import (
+    POSE_WEIGHT,
+    TEXT_WEIGHT,
+    LossTerms,
+    chatpose_loss,
+)
+
+STATE_NAME = "training_state.pt"
+LATEST_NAME = "latest"
+LOG_NAME = "train_log.jsonl"
+STATE_FORMAT = 1
+# LoRA targets: the projections of the language model's layers only (the CLIP tower has
+# q/k/v projections too, which must stay frozen).
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+FROZEN_PREFIXES = ("vision_tower", "multi_modal_projector")
+HEAD_INITS = ("auto", "fresh", "base")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue (bad settings, nothing to resume, ...)."""
+
+
+class TrainingDiverged(TrainingError):
+    """A NaN or infinite loss or gradient; the message names the step and the last checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    base: Path  # a checkpoint directory (docs/checkpoints.md)
+    out: Path
+    data: list[DataSpec] = field(default_factory=list)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    lora_rank: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    mix: tuple[float, float, float] = (1.0, 2.0, 1.0)  # text_to_pose : image_to_pose : chat
+    text_weight: float = TEXT_WEIGHT
+    pose_weight: float = POSE_WEIGHT
+    save_every: int = 100  # 0 = only at the end
+    keep_last: int = 0  # checkpoints kept; 0 = all
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    head_init: str = "auto"  # auto: the base's head if the base has an adapter, else fresh
+    copy_base: bool = False
+    max_length: int | None = None  # default: the LLM's max_position_embeddings
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+    def __post_init__(self) -> None:
+        self.base, self.out = Path(self.base), Path(self.out)
+        self.mix = tuple(float(x) for x in self.mix)
+        positive = ("steps", "batch_size", "grad_accum", "lora_rank", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "keep_last", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.mix) != 3 or any(not x >= 0 for x in self.mix) or not sum(self.mix) > 0:
+            raise ValueError(f"mix must be three ratios >= 0, not all 0, got {self.mix}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+
+    def run_settings(self) -> dict:
+        """What must not change between a run and its resume (the data go by fingerprint)."""
+        keys = (
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "weight_decay",
+            "warmup_steps",
+            "max_grad_norm",
+            "lora_rank",
+            "lora_alpha",
+            "lora_dropout",
+            "mix",
+            "text_weight",
+            "pose_weight",
+            "seed",
+            "head_init",
+            "copy_base",
+        )
+        settings = {key: getattr(self, key) for key in keys}
+        settings["mix"] = list(self.mix)
+        settings["base"] = str(self.base.resolve())
+        return settings
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last completed step
+    checkpoint: Path | None  # the newest checkpoint written
+    losses: list[tuple[int, float, float, float]]  # (step, total, ce, pose_l1) of this process
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+class MixedSampler:
+    """Batches of example indices following the kind ratio; a pure function of the seed."""
+
+    def __init__(self, kinds: Sequence[str], mix: Sequence[float], batch_size: int, seed: int):
+        pools = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in KINDS}
+        weights = dict(zip(KINDS, mix, strict=True))
+        self.kinds = [kind for kind in KINDS if pools[kind] and weights[kind] > 0]
+        if not self.kinds:
+            raise TrainingError(
+                "no examples to train on: the mix ratio gives weight 0 to every kind present "
+                f"(examples per kind: { {k: len(v) for k, v in pools.items()} })"
+            )
+        total = sum(weights[k] for k in self.kinds)
+        self.shares = np.array([weights[k] / total for k in self.kinds])
+        self.pools = {kind: np.array(pools[kind]) for kind in self.kinds}
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.orders = {kind: np.array([], dtype=int) for kind in self.kinds}
+        self.cursors = dict.fromkeys(self.kinds, 0)
+
+    def _counts(self) -> np.ndarray:
+        exact = self.shares * self.batch_size
+        counts = np.floor(exact + 1e-9).astype(int)
+        left = self.batch_size - int(counts.sum())
+        if left > 0:
+            fractions = np.clip(exact - counts, 0, None)
+            chosen = self.rng.choice(
+                len(self.kinds), size=left, replace=False, p=fractions / fractions.sum()
+            )
+            counts[chosen] += 1
+        return counts
+
+    def _draw(self, kind: str) -> int:
+        if self.cursors[kind] >= len(self.orders[kind]):
+            self.orders[kind] = self.rng.permutation(self.pools[kind])
+            self.cursors[kind] = 0
+        index = int(self.orders[kind][self.cursors[kind]])
+        self.cursors[kind] += 1
+        return index
+
+    def next_batch(self) -> list[int]:
+        counts = self._counts()
+        return [
+            self._draw(kind) for kind, n in zip(self.kinds, counts, strict=True) for _ in range(n)
+        ]
+
+
+def unused_kinds(kinds: Sequence[str], mix: Sequence[float]) -> list[str]:
+    present = set(kinds)
+    weights = dict(zip(KINDS, mix, strict=True))
+    return [kind for kind in KINDS if kind in present and weights[kind] == 0] + [
+        f"{kind} (no examples)" for kind in KINDS if kind not in present and weights[kind] > 0
+    ]
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """A hash of every example's content: resume refuses different data."""
+    digest = hashlib.sha256()
+    for example in examples:
+        parts = [example.kind, example.question, example.answer]
+        parts += [f"{t.user}\x00{t.assistant}" for t in example.history]
+        digest.update("\x1f".join(parts).encode("utf-8"))
+        for image in example.images:
+            digest.update(hashlib.sha256(image).digest())
+        for pose in example.poses:
+            digest.update(np.ascontiguousarray(pose, dtype=np.float64).tobytes())
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingModel:
+    model: torch.nn.Module  # the peft model
+    head: PoseHead
+    processor: object
+    config: ChatPoseConfig
+    pose_token_id: int
+    device: torch.device
+    dtype: torch.dtype
+    base_dir: Path
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        named += [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return named
+
+    def forward(self, batch: Batch, text_weight: float, pose_weight: float) -> LossTerms:
+        language_model = self.model.get_base_model()
+        hidden = language_model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+        ).last_hidden_state
+        # The state at position t predicts token t + 1: logits only where an answer token
+        # follows (the lm_head never sees the prompt positions).
+        next_labels = batch.labels[:, 1:]
+        keep = next_labels != -100
+        logits = language_model.get_output_embeddings()(hidden[:, :-1][keep])
+        states = hidden[batch.pose_rows, batch.pose_positions - 1]
+        head_output = self.head(states.float())
+        return chatpose_loss(
+            logits,
+            next_labels[keep],
+            head_output,
+            batch.pose_targets,
+            text_weight=text_weight,
+            pose_weight=pose_weight,
+        )
+
+
+def load_training_model(
+    checkpoint: Checkpoint,
+    config: TrainConfig,
+    adapter_dir: Path | None,
+    head_path: Path | None,
+) -> TrainingModel:
+    """The base model with a trainable adapter (loaded from `adapter_dir`, else a new LoRA) and
+    the head (from `head_path`, else fresh). Seeds torch first: the new weights follow the seed.
+    """
+    device, dtype = select_device(config.device)
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(
+            checkpoint.base_dir, local_files_only=True, dtype=dtype
+        ).to(device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint.base_dir}: cannot load the base model ({exc})") from exc
+    pose_token_id = ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
+    torch.manual_seed(config.seed)
+    with warnings.catch_warnings():
+        # peft asks transformers a question that transformers 5 has renamed; harmless.
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        model = _make_trainable(model, config, adapter_dir, pose_token_id)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and any(f".{p}." in name for p in FROZEN_PREFIXES):
+            raise TrainingError(f"{name} is trainable but the vision side must stay frozen")
+    base_config = checkpoint.config
+    if head_path is not None:
+        head = PoseHead.load(head_path, base_config)
+    else:
+        torch.manual_seed(config.seed + 1)
+        head = PoseHead.from_config(base_config)
+    head = head.to(device).float().train()
+    model.train()
+    return TrainingModel(
+        model, head, processor, base_config, pose_token_id, device, dtype, checkpoint.base_dir
+    )
+
+
+def _make_trainable(model, config: TrainConfig, adapter_dir: Path | None, pose_token_id: int):
+    """The peft model: the adapter in `adapter_dir` made trainable, or a new LoRA."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        indices = getattr(model.peft_config["default"], "trainable_token_indices", None) or {}
+        if not any(pose_token_id in ids for ids in _as_dict(indices).values()):
+            print(
+                f"warning: the adapter in {adapter_dir} does not train the pose token's "
+                f"embedding rows",
+                file=sys.stderr,
+            )
+    else:
+        embed_name = _module_name(model, model.get_input_embeddings())
+        output_name = _module_name(model, model.get_output_embeddings())
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=LORA_TARGETS,
+            trainable_token_indices={embed_name: [pose_token_id], output_name: [pose_token_id]},
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _as_dict(indices) -> dict:
+    return indices if isinstance(indices, dict) else {"embed_tokens": list(indices)}
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The last component of `module`'s name in `model` (what peft matches against)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    raise TrainingError("cannot find the embedding layers of the base model")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    latest = out / LATEST_NAME
+    if not latest.is_file():
+        return None
+    path = out / latest.read_text(encoding="utf-8").strip()
+    if not (path / STATE_NAME).is_file():
+        raise TrainingError(f"{latest} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    tm: TrainingModel,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    base_model: str,
+    state_extra: dict,
+    keep_last: int,
+) -> Path:
+    """Write OUT/step-N atomically (a temporary directory renamed), then point `latest` at it."""
+    final = out / step_dir_name(step)
+    tmp = out / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+    tm.head.save(tmp / HEAD_NAME)
+    dataclasses.replace(tm.config, base_model=base_model).save(tmp)
+    state = {
+        "format": STATE_FORMAT,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "param_names": names,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if tm.device.type == "cuda" else [],
+        **state_extra,
+    }
+    torch.save(state, tmp / STATE_NAME)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = out / f".{LATEST_NAME}.tmp"
+    pointer.write_text(final.name + "\n", encoding="utf-8")
+    os.replace(pointer, out / LATEST_NAME)
+    if keep_last:
+        steps = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
+        for old in steps[: max(0, len(steps) - (keep_last - 1))]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise TrainingError(f"{path / STATE_NAME}: cannot read the training state ({exc})") from exc
+    if state.get("format") != STATE_FORMAT:
+        raise TrainingError(f"{path / STATE_NAME}: unknown format {state.get('format')!r}")
+    return state
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The rate for optimizer step `step` (1-based): linear warmup, then constant."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    return config.lr
+
+
+def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> TrainResult:
+    """Run (or resume) training; `examples` replaces config.data (tests, generated data)."""
+    checkpoint = Checkpoint.open(config.base)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = config.out
+    resume_from = None
+    if config.resume:
+        resume_from = latest_checkpoint(out) if out.is_dir() else None
+        if resume_from is None:
+            raise TrainingError(f"--resume: {out} holds no checkpoint to resume from")
+    elif out.is_dir() and ((out / LATEST_NAME).exists() or any(out.glob("step-*"))):
+        raise TrainingError(
+            f"{out} already holds a training run; pass --resume to continue it or choose "
+            f"another --out"
+        )
+    if examples is None:
+        if not config.data:
+            raise TrainingError("no training data: give at least one --data")
+        examples = []
+        for spec in config.data:
+            examples.extend(load_data(spec, seed=config.seed))
+    examples = list(examples)
+    if not examples:
+        raise DatasetError("the data files hold no examples")
+    data_hash = fingerprint(examples)
+
+    state = None
+    if resume_from is not None:
+        state = load_state(resume_from)
+        _check_resume(config, state, data_hash, resume_from)
+        if state["step"] >= config.steps:
+            raise TrainingError(
+                f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+
+    base_model = str(checkpoint.base_dir.resolve())
+    if config.copy_base:
+        if not (out / "base").exists():
+            shutil.copytree(checkpoint.base_dir, out / ".base.tmp", dirs_exist_ok=True)
+            os.replace(out / ".base.tmp", out / "base")
+        base_model = "../base"
+
+    if resume_from is not None:
+        adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
+    else:
+        adapter_dir = checkpoint.adapter_dir
+        use_base_head = config.head_init == "base" or (
+            config.head_init == "auto" and checkpoint.adapter_dir is not None
+        )
+        head_path = checkpoint.head_path if use_base_head else None
+    tm = load_training_model(checkpoint, config, adapter_dir, head_path)
+
+    max_length = config.max_length or _max_positions(tm.model)
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length)
+    encoded = [encoder.encode(example) for example in examples]
+    _check_encoder(encoder, examples, encoded)
+    kinds = [example.kind for example in examples]
+    for note in unused_kinds(kinds, config.mix):
+        print(f"note: the mix leaves out {note}", file=sys.stderr)
+
+    named = tm.named_trainable()
+    names = [name for name, _ in named]
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named], lr=config.lr, weight_decay=config.weight_decay
+    )
+    sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
+    start = 0
+    if state is not None:
+        if state["param_names"] != names:
+            raise TrainingError(
+                f"{resume_from}: the trainable parameters differ from the saved run's"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        for _ in range(start * config.grad_accum):
+            sampler.next_batch()
+        torch.set_rng_state(state["torch_rng"])
+        if tm.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    state_extra = {"run": config.run_settings(), "data_fingerprint": data_hash}
+    last_saved = resume_from
+    print(
+        f"training {sum(p.numel() for _, p in named):,} parameters on {len(examples)} examples "
+        f"({', '.join(f'{k} {kinds.count(k)}' for k in KINDS)}), steps {start + 1}..{config.steps}"
+        f", device {tm.device.type}",
+        file=sys.stderr,
+    )
+
+    losses: list[tuple[int, float, float, float]] = []
+    window: list[tuple[float, float, float]] = []
+    window_start = time.perf_counter()
+    params = [p for _, p in named]
+    for step in range(start + 1, config.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        optimizer.zero_grad(set_to_none=True)
+        totals = np.zeros(3)
+        for _ in range(config.grad_accum):
+            batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
+            terms = tm.forward(
+                batch.to(tm.device, tm.dtype), config.text_weight, config.pose_weight
+            )
+            figures = terms.floats()
+            if not all(math.isfinite(x) for x in figures):
+                raise TrainingDiverged(_diverged(step, "loss", figures, last_saved))
+            (terms.total / config.grad_accum).backward()
+            totals += np.array(figures) / config.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        )
+        if not torch.isfinite(norm):
+            raise TrainingDiverged(_diverged(step, "gradient", tuple(totals), last_saved))
+        optimizer.step()
+        losses.append((step, *map(float, totals)))
+        window.append(tuple(totals))
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - window_start
+            _log(
+                out,
+                step,
+                config.steps,
+                np.mean(window, axis=0),
+                len(window) / elapsed,
+                optimizer.param_groups[0]["lr"],
+            )
+            window, window_start = [], time.perf_counter()
+        if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            saving = time.perf_counter()
+            last_saved = save_checkpoint(
+                out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
+            )
+            window_start += time.perf_counter() - saving  # steps/s counts training only
+            print(f"saved {last_saved}", file=sys.stderr)
+    return TrainResult(config.steps, last_saved, losses)
+
+
+def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
+    total, ce, pose = figures
+    kept = (
+        f"the last good checkpoint {last_saved} is kept untouched"
+        if last_saved is not None
+        else "no checkpoint was saved yet"
+    )
+    return (
+        f"step {step}: the {what} is not finite (loss {total:.6g}, CE {ce:.6g}, pose L1 "
+        f"{pose:.6g}); training stopped, {kept}"
+    )
+
+
+def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> None:
+    total, ce, pose = (float(x) for x in figures)
+    print(
+        f"step {step}/{steps}  loss {total:.4f}  ce {ce:.4f}  pose_l1 {pose:.4f}  "
+        f"lr {lr:.2e}  {rate:.2f} steps/s",
+        file=sys.stderr,
+        flush=True,
+    )
+    record = {"step": step, "loss": total, "ce": ce, "pose_l1": pose, "lr": lr, "steps_per_s": rate}
+    with open(out / LOG_NAME, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(record) + "\n")
+
+
+def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) -> None:
+    saved = state.get("run", {})
+    for key, value in config.run_settings().items():
+        if key in saved and saved[key] != value:
+            raise TrainingError(
+                f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
+                f"resume with the same settings"
+            )
+    if state.get("data_fingerprint") != data_hash:
+        raise TrainingError(f"--resume: the training data differ from those of the run in {path}")
+
+
+def _check_encoder(
+    encoder: Encoder, examples: Sequence[Example], encoded: Sequence[EncodedExample]
+) -> None:
+    """Compare our tokenization with the processor's on one example with and one without
+    images (the processor is what the service runs)."""
+    checked = set()
+    for example, item in zip(examples, encoded, strict=True):
+        key = bool(example.images)
+        if key not in checked:
+            encoder.check_against_processor(example, item)
+            checked.add(key)
+        if len(checked) == 2:
+            break
+
+
+def _max_positions(model: torch.nn.Module) -> int:
+    config = model.get_base_model().config
+    text = getattr(config, "text_config", config)
+    return int(getattr(text, "max_position_embeddings", 2048))

@@ -1,0 +1,329 @@
+"""A fresh, small LLaVA-family ChatPose model built in-process, written as a checkpoint.
+
+    python -m inference_service.training.scaffold OUT [--size demo|tiny] [--texts FILE ...]
+        [--vocab-size N] [--seed S]
+
+What it builds (random weights, nothing downloaded):
+
+- a CLIP-like vision tower (`CLIPVisionModel`) and LLaVA's two-layer projector;
+- a Llama-like language model (`LlamaForCausalLM` inside `LlavaForConditionalGeneration`);
+- its own byte-level BPE tokenizer, trained here with the `tokenizers` library on the prompt
+  templates plus the given texts, with the special tokens `<unk>`, `<s>`, `</s>`, `<image>` and
+  the pose token `<POSE>` (so loading never has to grow the embeddings);
+- the LLaVA processor (resize shortest side, centre crop, CLIP normalisation);
+- a random SMPL pose head `Linear(H, H) -> ReLU -> Linear(H, 144)`;
+
+and writes them as a checkpoint directory in this project's format (docs/checkpoints.md):
+chatpose.json, base/, pose_head.safetensors. `inference_service.train` then trains it.
+
+Presets (`SIZES`): "tiny" for tests (about 150 k parameters) and "demo": hidden 256, 4 layers,
+64 px images in 16 patches of 16 px; 4.3 M parameters with a template-only vocabulary, 6.1 M
+(24.4 MB of float32 safetensors) at the full 4096-token vocabulary; 0.3-0.5 s per training
+step at batch 8 on a 2-core CPU (docs/training.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from inference_service.checkpoint import ChatPoseConfig
+from inference_service.pose_head import PoseHead
+from inference_service.prompts import (
+    IMAGE_ANSWER,
+    IMAGE_QUESTION,
+    IMAGE_TEXT_QUESTION,
+    LLAVA_V1,
+    POSE_MARKER,
+    TEXT_ANSWER,
+    TEXT_QUESTION,
+)
+
+IMAGE_TOKEN = "<image>"
+POSE_TOKEN = POSE_MARKER
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", IMAGE_TOKEN, POSE_TOKEN)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Every size of a scaffolded model. `vocab_size` is the BPE target: a small training text
+    gives fewer tokens (the model's vocabulary is then the tokenizer's actual size)."""
+
+    vocab_size: int
+    hidden_size: int  # the LLM's width H: also the pose head's input and inner width
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_positions: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+
+
+SIZES: dict[str, ModelSize] = {
+    # For tests: builds, saves and trains a step in milliseconds.
+    "tiny": ModelSize(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_positions=512,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_layers=2,
+        vision_heads=2,
+        image_size=32,
+        patch_size=8,
+    ),
+    # The demo checkpoint: <= 6.1 M parameters (24.4 MB in float32), 64 px images, 16 patches.
+    "demo": ModelSize(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        max_positions=1024,
+        vision_hidden_size=128,
+        vision_intermediate_size=512,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=64,
+        patch_size=16,
+    ),
+}
+
+# Always in the tokenizer's training text: the conversation template and every prompt phrasing,
+# so the strings the model reads most encode into few tokens.
+_BASE_TEXTS = (
+    LLAVA_V1.system,
+    "USER: ASSISTANT: USER: ASSISTANT:",
+    TEXT_QUESTION,
+    TEXT_ANSWER,
+    IMAGE_QUESTION,
+    IMAGE_ANSWER,
+    IMAGE_TEXT_QUESTION,
+    "The person is standing with the left arm raised above the head and the right hand on the hip.",
+    "Someone is kneeling on the right knee, the torso bent forward, both arms stretched out.",
+    "A man sitting on the floor with crossed legs, his hands resting on his knees.",
+    "A woman jumping with both legs bent and the arms spread to the sides.",
+    "The figure leans backward, looking up, with the left leg lifted in front of the body.",
+)
+
+
+def template_texts() -> list[str]:
+    """The texts every scaffolded tokenizer is trained on, including the training phrasings."""
+    from inference_service.training.datasets import phrasing_texts  # no torch there
+
+    return [*_BASE_TEXTS, *phrasing_texts()]
+
+
+def build_tokenizer(
+    texts: Iterable[str] = (), vocab_size: int = SIZES["demo"].vocab_size
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` plus the template texts.
+
+    Byte-level, so every string encodes and decodes exactly; a BOS is prepended as Llama's does;
+    the pad token is `<unk>` as in the ChatPose release.
+    """
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([*template_texts(), *texts], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        additional_special_tokens=[IMAGE_TOKEN, POSE_TOKEN],
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, size: ModelSize) -> LlavaProcessor:
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": size.image_size},
+        crop_size={"height": size.image_size, "width": size.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=size.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+    )
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int = 0
+) -> LlavaForConditionalGeneration:
+    """A LLaVA of `size` with random weights (seeded), its vocabulary the tokenizer's."""
+    if size.image_size % size.patch_size:
+        raise ValueError(
+            f"image_size {size.image_size} is not a multiple of patch_size {size.patch_size}"
+        )
+    vision = CLIPVisionConfig(
+        hidden_size=size.vision_hidden_size,
+        intermediate_size=size.vision_intermediate_size,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=size.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(size.image_size // size.patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def build_head(size: ModelSize, seed: int = 1) -> PoseHead:
+    torch.manual_seed(seed)
+    return PoseHead(size.hidden_size, size.hidden_size)
+
+
+def scaffold_checkpoint(
+    out: str | Path,
+    size: str | ModelSize = "demo",
+    texts: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Build a fresh model of `size` and write it as a checkpoint directory at `out`.
+
+    `out` must not exist or be empty. Returns `out`.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty directory")
+    size = SIZES[size] if isinstance(size, str) else size
+    tokenizer = build_tokenizer(texts, size.vocab_size)
+    model = build_model(tokenizer, size, seed)
+    processor = build_processor(tokenizer, size)
+    head = build_head(size, seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "base")
+    processor.save_pretrained(out / "base")
+    head.save(out / "pose_head.safetensors")
+    ChatPoseConfig(
+        hidden_size=size.hidden_size,
+        head_hidden_size=size.hidden_size,
+        pose_token=POSE_TOKEN,
+        image_size=size.image_size,
+    ).save(out)
+    (out / "scaffold.json").write_text(
+        json.dumps({"size": asdict(size), "seed": seed}, indent=2) + "\n", encoding="utf-8"
+    )
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_texts(paths: Sequence[str | Path]) -> list[str]:
+    """Tokenizer training text from files: .json files contribute every string inside them
+    (captions files, conversation files), .npz files are synthetic-corpus files (their
+    captions), anything else its lines."""
+    texts: list[str] = []
+    for path in paths:
+        path = Path(path)
+        if path.suffix == ".npz":
+            from inference_service.training.corpus import load_corpus
+
+            texts.extend(record.caption for record in load_corpus(path))
+            continue
+        raw = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            stack = [json.loads(raw)]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, str):
+                    texts.append(item)
+                elif isinstance(item, dict):
+                    stack.extend(item.values())
+                elif isinstance(item, list):
+                    stack.extend(item)
+        else:
+            texts.extend(line for line in raw.splitlines() if line.strip())
+    return texts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_service.training.scaffold",
+        description="Write a fresh small LLaVA-family ChatPose checkpoint (random weights).",
+    )
+    parser.add_argument("out", type=Path, help="checkpoint directory to create")
+    parser.add_argument("--size", choices=sorted(SIZES), default="demo")
+    parser.add_argument(
+        "--texts",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="extra tokenizer training text: .json (every string in it), a corpus .npz (its "
+        "captions) or plain text lines",
+    )
+    parser.add_argument("--vocab-size", type=int, help="BPE vocabulary target (preset's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    if args.vocab_size is not None:
+        size = replace(size, vocab_size=args.vocab_size)
+    try:
+        out = scaffold_checkpoint(args.out, size, read_texts(args.texts), args.seed)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    weights = sum(f.stat().st_size for f in (out / "base").glob("*.safetensors"))
+    print(f"wrote {out} ({args.size}, {weights / 1e6:.1f} MB of weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

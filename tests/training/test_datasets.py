@@ -1,0 +1,364 @@
+"""The dataset readers on small files written here, and their errors on malformed ones."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference_service.prompts import IMAGE_ANSWER, IMAGE_QUESTION, POSE_MARKER, pose_exchange
+from inference_service.training.datasets import (
+    TEXT_PHRASINGS,
+    DatasetError,
+    Example,
+    examples_from_caption_pose_pairs,
+    load_data,
+    parse_data_spec,
+    read_corpus,
+    read_image_pose_pairs,
+    read_llava_conversations,
+    read_posescript,
+    z_up_to_y_up_zero_yaw,
+)
+from shared_protocol.pose import Motion, Pose
+from shared_protocol.rotations import axis_angle_to_matrix
+
+RNG = np.random.default_rng(0)
+POSES = RNG.normal(size=(4, 24, 3)) * 0.4
+
+
+def png(color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 16), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_npz(path, poses=POSES, **arrays):
+    with open(path, "wb") as stream:
+        np.savez(stream, poses=np.asarray(poses).reshape(len(poses), -1), **arrays)
+    return path
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+# --- PoseScript --------------------------------------------------------------------------------
+
+
+def test_posescript_frame_index_ids_and_caption_lists(tmp_path):
+    poses = write_npz(tmp_path / "poses.npz")
+    captions = write_json(
+        tmp_path / "captions.json",
+        {"0": "A man raises his left arm.", "3": ["Kneeling on one knee", "knee down"]},
+    )
+    examples = read_posescript(captions, poses, phrasing="release")
+    assert [e.kind for e in examples] == ["text_to_pose"] * 3
+    assert (examples[0].question, examples[0].answer) == pose_exchange(
+        "A man raises his left arm.", False
+    )
+    np.testing.assert_array_equal(examples[0].pose, POSES[0])
+    np.testing.assert_array_equal(examples[2].pose, POSES[3])
+    assert examples[2].source.endswith("captions.json#3[1]")
+
+
+def test_posescript_ids_array_and_motion_files(tmp_path):
+    motion = Motion.from_poses([Pose(p) for p in POSES])
+    motion.save_npz(tmp_path / "motion.npz")
+    with np.load(tmp_path / "motion.npz") as data:
+        arrays = dict(data)
+    np.savez(tmp_path / "with_ids.npz", **arrays, ids=np.array(["a", "b", "c", "d"]))
+    captions = write_json(tmp_path / "c.json", {"c": "someone sitting"})
+    (example,) = read_posescript(captions, tmp_path / "with_ids.npz")
+    np.testing.assert_allclose(example.pose, POSES[2])
+
+
+def test_posescript_amass_width_and_z_up(tmp_path):
+    smplh = np.zeros((2, 156))
+    smplh[:, :72] = POSES[:2].reshape(2, 72)
+    poses = write_npz(tmp_path / "amass.npz", smplh)
+    captions = write_json(tmp_path / "c.json", {"1": "standing"})
+    (plain,) = read_posescript(captions, poses)
+    np.testing.assert_allclose(plain.pose, POSES[1])
+    (converted,) = read_posescript(captions, poses, z_up=True)
+    np.testing.assert_allclose(converted.pose[1:], POSES[1, 1:])
+    forward = axis_angle_to_matrix(converted.pose[0])[:, 2]
+    assert abs(forward[0]) < 1e-9 and forward[2] > 0  # faces +Z, zero yaw
+
+
+def test_z_up_conversion_of_an_upright_amass_body():
+    # An upright AMASS body facing -Y (AMASS's usual start) has root rotation +90 deg about X;
+    # it becomes the identity; turned about the vertical axis, it still becomes the identity.
+    upright = np.zeros((2, 24, 3))
+    upright[0, 0] = [np.pi / 2, 0, 0]
+    turn = axis_angle_to_matrix(np.array([0, 0, 0.8])) @ axis_angle_to_matrix(upright[0, 0])
+    from shared_protocol.rotations import matrix_to_axis_angle
+
+    upright[1, 0] = matrix_to_axis_angle(turn)
+    converted = z_up_to_y_up_zero_yaw(upright)
+    np.testing.assert_allclose(
+        axis_angle_to_matrix(converted[:, 0]), np.tile(np.eye(3), (2, 1, 1)), atol=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    ("captions", "message"),
+    [
+        (["not", "an object"], "expected a JSON object"),
+        ({"0": "fine", "9": "missing"}, "pose id '9': no such pose"),
+        ({"0": ["ok", "  "]}, "pose id '0': caption 1 is empty"),
+        ({"1": 5}, "pose id '1': expected a caption"),
+        ({"2": []}, "pose id '2': expected a caption"),
+    ],
+)
+def test_posescript_bad_captions_name_file_and_record(tmp_path, captions, message):
+    poses = write_npz(tmp_path / "poses.npz")
+    path = write_json(tmp_path / "captions.json", captions)
+    with pytest.raises(DatasetError, match=message) as info:
+        read_posescript(path, poses)
+    assert "captions.json" in str(info.value)
+
+
+def test_bad_pose_files_name_file_and_frame(tmp_path):
+    captions = write_json(tmp_path / "captions.json", {"0": "x"})
+    bad = POSES.copy()
+    bad[2, 5, 1] = np.nan
+    with pytest.raises(DatasetError, match=r"nan\.npz: frame 2: pose contains NaN"):
+        read_posescript(captions, write_npz(tmp_path / "nan.npz", bad))
+    with pytest.raises(DatasetError, match=r"shape\.npz: 'poses' must have shape"):
+        read_posescript(captions, write_npz(tmp_path / "shape.npz", np.zeros((3, 10))))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match=r"junk\.npz: not a readable \.npz"):
+        read_posescript(captions, tmp_path / "junk.npz")
+    with pytest.raises(DatasetError, match=r"missing\.npz: file not found"):
+        read_posescript(captions, tmp_path / "missing.npz")
+    dup = write_npz(tmp_path / "dup.npz", ids=np.array(["a", "b", "a", "c"]))
+    with pytest.raises(DatasetError, match=r"dup\.npz: 'ids' has 'a' twice"):
+        read_posescript(captions, dup)
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"broken\.json: not a readable JSON"):
+        read_posescript(tmp_path / "broken.json", write_npz(tmp_path / "ok.npz"))
+
+
+# --- image/pose pairs ---------------------------------------------------------------------------
+
+
+def test_image_pose_pairs(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    (tmp_path / "img" / "b.png").write_bytes(png((0, 0, 255)))
+    poses = write_npz(tmp_path / "pairs.npz", POSES[:2], images=np.array(["a.png", "b.png"]))
+    examples = read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="release")
+    assert [e.kind for e in examples] == ["image_to_pose"] * 2
+    assert examples[1].images == ((tmp_path / "img" / "b.png").read_bytes(),)
+    assert (examples[0].question, examples[0].answer) == (
+        IMAGE_QUESTION,
+        IMAGE_ANSWER.format(pose=POSE_MARKER),
+    )
+    np.testing.assert_array_equal(examples[1].pose, POSES[1])
+
+
+def test_image_pose_pairs_errors(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    no_images = write_npz(tmp_path / "n.npz", POSES[:1])
+    with pytest.raises(DatasetError, match=r"n\.npz: no 'images' array"):
+        read_image_pose_pairs(no_images)
+    count = write_npz(tmp_path / "c.npz", POSES[:2], images=np.array(["a.png"]))
+    with pytest.raises(DatasetError, match=r"c\.npz: 'images' has 1 entries but 'poses' has 2"):
+        read_image_pose_pairs(count)
+    missing = write_npz(tmp_path / "m.npz", POSES[:2], images=np.array(["a.png", "nope.png"]))
+    with pytest.raises(DatasetError, match=r"m\.npz: frame 1: image file .*nope\.png not found"):
+        read_image_pose_pairs(missing)
+    broken = write_npz(tmp_path / "b.npz", POSES[:1], images=np.array(["bad.png"]))
+    with pytest.raises(DatasetError, match=r"b\.npz: frame 0: .*bad\.png is not a decodable"):
+        read_image_pose_pairs(broken)
+
+
+# --- LLaVA conversations ------------------------------------------------------------------------
+
+
+def test_llava_conversations_with_poses_images_and_chat(tmp_path):
+    (tmp_path / "p.png").write_bytes(png())
+    data = [
+        {
+            "id": "img1",
+            "image": "p.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the person doing?"},
+                {"from": "gpt", "value": "Waving."},
+                {"from": "human", "value": "Give the SMPL pose."},
+                {"from": "gpt", "value": "Sure, it is <POSE>."},
+            ],
+        },
+        {
+            "id": 7,
+            "conversations": [
+                {"from": "human", "value": "Two poses: sitting, then standing."},
+                {"from": "gpt", "value": "First <POSE>, then <POSE>."},
+            ],
+        },
+        {
+            "id": "chat",
+            "conversations": [
+                {"from": "human", "value": "Hello"},
+                {"from": "gpt", "value": "Hi, how can I help?"},
+            ],
+        },
+    ]
+    path = write_json(tmp_path / "conv.json", data)
+    poses = write_npz(tmp_path / "poses.npz", POSES[:3], ids=np.array(["7", "img1", "7"]))
+    examples = read_llava_conversations(path, poses=poses)
+    assert [e.kind for e in examples] == ["image_to_pose", "text_to_pose", "chat"]
+    first = examples[0]
+    assert first.history[0].user == "What is the person doing?"
+    assert first.history[0].assistant == "Waving."
+    assert (first.question, first.answer) == ("Give the SMPL pose.", "Sure, it is <POSE>.")
+    assert first.images == (png(),)
+    np.testing.assert_array_equal(first.pose, POSES[1])
+    assert len(examples[1].poses) == 2
+    np.testing.assert_array_equal(examples[1].poses[0], POSES[0])
+    np.testing.assert_array_equal(examples[1].poses[1], POSES[2])
+    assert examples[2].poses == ()
+
+
+def _conv(*turns, **fields):
+    roles = ["human", "gpt"] * len(turns)
+    conversation = [{"from": r, "value": v} for r, v in zip(roles, turns, strict=False)]
+    return {**fields, "conversations": conversation}
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "a"}, r"record 0 \(id 'a'\): 'conversations' must be a non-empty list"),
+        (
+            {"id": "a", "conversations": [{"from": "gpt", "value": "x"}]},
+            r"record 0 \(id 'a'\): turn 0: expected 'from' 'human'",
+        ),
+        (_conv("hi", id="a"), "the last turn is a human turn"),
+        (_conv("<image>\nhi", "yo", id="a"), r"<image> in the text but no 'image'"),
+        (_conv("hi", "  ", id="a"), "turn 1: empty gpt answer"),
+        (_conv("hi", "yo", " ", "x", id="a"), "turn 2: empty human message"),
+        (_conv("hi <POSE>", "yo", id="a"), r"turn 0: <POSE> in a human turn"),
+        (_conv("hi", "it is <POSE>.", id="a"), "contain <POSE> but no poses file"),
+        (_conv("hi", "yo", id="a", image="missing.png"), "image file .*missing.png not found"),
+        (_conv("hi", "yo", id=True), r"record 0: 'id' must be a string or integer"),
+        ("just text", "record 0: expected an object"),
+    ],
+)
+def test_llava_errors_name_file_and_record(tmp_path, record, message):
+    path = write_json(tmp_path / "conv.json", [record])
+    with pytest.raises(DatasetError, match=message) as info:
+        read_llava_conversations(path)
+    assert "conv.json" in str(info.value)
+
+
+def test_llava_pose_pairing_errors(tmp_path):
+    path = write_json(tmp_path / "conv.json", [_conv("pose?", "<POSE>", id="a")])
+    too_many = write_npz(tmp_path / "two.npz", POSES[:2], ids=np.array(["a", "a"]))
+    with pytest.raises(DatasetError, match=r"id 'a'\): 1 <POSE> markers but 2 poses"):
+        read_llava_conversations(path, poses=too_many)
+    stray = write_npz(tmp_path / "stray.npz", POSES[:2], ids=np.array(["a", "zzz"]))
+    with pytest.raises(DatasetError, match=r"stray\.npz: poses for conversation id 'zzz'"):
+        read_llava_conversations(path, poses=stray)
+    no_ids = write_npz(tmp_path / "noids.npz", POSES[:1])
+    with pytest.raises(DatasetError, match=r"noids\.npz: no 'ids' array"):
+        read_llava_conversations(path, poses=no_ids)
+    twice = write_json(tmp_path / "twice.json", [_conv("x", "<POSE>", id="a")] * 2)
+    with pytest.raises(DatasetError, match=r"record 1 \(id 'a'\): id used twice"):
+        read_llava_conversations(
+            twice, poses=write_npz(tmp_path / "one.npz", POSES[:1], ids=np.array(["a"]))
+        )
+
+
+# --- the synthetic corpus ----------------------------------------------------------------------
+
+
+def test_corpus_file(tmp_path):
+    from inference_service.training.corpus import generate_corpus, save_corpus
+
+    records = generate_corpus(5, 30)
+    save_corpus(records, tmp_path / "corpus.npz", seed=5)
+    train = read_corpus(tmp_path / "corpus.npz")
+    expected = [i for i, r in enumerate(records) if r.split == "train"]
+    assert len(train) == len(expected) and 0 < len(train) < 30
+    first = records[expected[0]]
+    np.testing.assert_allclose(train[0].pose, first.pose)
+    assert train[0].kind == "text_to_pose"
+    assert train[0].source.endswith(f"corpus.npz#{expected[0]}")
+    assert len(read_corpus(tmp_path / "corpus.npz", split="all")) == 30
+    spec = parse_data_spec(["corpus", str(tmp_path / "corpus.npz"), "split=test"])
+    assert len(load_data(spec)) == sum(r.split == "test" for r in records)
+    with np.load(tmp_path / "corpus.npz") as data:
+        arrays = dict(data)
+    arrays["splits"] = arrays["splits"].copy()
+    arrays["splits"][3] = "holiday"
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DatasetError, match=r"bad\.npz: record 3: split"):
+        read_corpus(tmp_path / "bad.npz")
+    with pytest.raises(DatasetError, match=r"none\.npz: file not found"):
+        read_corpus(tmp_path / "none.npz")
+
+
+# --- pairs from Python, Example, phrasing, --data -----------------------------------------------
+
+
+def test_caption_pose_pairs_adapter_and_phrasing_mix():
+    pairs = [(f"person number {i} standing.", Pose(POSES[i % 4])) for i in range(40)]
+    examples = examples_from_caption_pose_pairs(pairs, source="corpus", seed=3)
+    again = examples_from_caption_pose_pairs(pairs, source="corpus", seed=3)
+    assert [(e.question, e.answer) for e in examples] == [(e.question, e.answer) for e in again]
+    release = pose_exchange(pairs[0][0], False)[0].split(",")[-1]
+    used = {
+        e.question.replace(f"person number {i} standing", "{d}") for i, e in enumerate(examples)
+    }
+    assert len(used) == len(TEXT_PHRASINGS)  # all phrasings appear, the release's among them
+    assert any(q.endswith(release) for q in used)
+    assert all(e.answer.count(POSE_MARKER) == 1 for e in examples)
+    np.testing.assert_array_equal(examples[5].pose, POSES[1])
+    with pytest.raises(DatasetError, match="corpus#0: the caption must be a non-empty"):
+        examples_from_caption_pose_pairs([("  ", POSES[0])], source="corpus")
+    with pytest.raises(DatasetError, match=r"corpus#0: pose 0: expected shape \(24, 3\)"):
+        examples_from_caption_pose_pairs([("x", np.zeros(5))], source="corpus")
+
+
+def test_example_validation():
+    pose = POSES[0]
+    with pytest.raises(DatasetError, match="kind must be one of"):
+        Example("dance", "q", "a")
+    with pytest.raises(DatasetError, match="needs a pose"):
+        Example("text_to_pose", "q", "Sure, it is <POSE>.")
+    with pytest.raises(DatasetError, match="1 poses for 2"):
+        Example("text_to_pose", "q", "<POSE> and <POSE>", poses=(pose,))
+    with pytest.raises(DatasetError, match="needs an image"):
+        Example("image_to_pose", "q", "<POSE>", poses=(pose,))
+    with pytest.raises(DatasetError, match="contains NaN"):
+        Example("text_to_pose", "q", "<POSE>", poses=(np.full((24, 3), np.nan),))
+    with pytest.raises(DatasetError, match="image marker"):
+        Example("chat", "<image> hi", "a")
+    assert Example("chat", "q", "a").pose is None
+
+
+def test_parse_and_load_data_specs(tmp_path):
+    poses = write_npz(tmp_path / "poses.npz")
+    captions = write_json(tmp_path / "c.json", {"0": "a"})
+    spec = parse_data_spec(["posescript", str(captions), f"poses={poses}", "z_up=true"])
+    assert spec.options == {"poses": str(poses), "z_up": "true"}
+    (example,) = load_data(spec)
+    assert example.kind == "text_to_pose"
+    with pytest.raises(ValueError, match="unknown data format 'csv'"):
+        parse_data_spec(["csv", "x"])
+    with pytest.raises(ValueError, match="needs poses="):
+        parse_data_spec(["posescript", "c.json"])
+    with pytest.raises(ValueError, match="KEY one of images, phrasing"):
+        parse_data_spec(["pairs", "p.npz", "poses=x"])
+    with pytest.raises(ValueError, match="needs a format and a path"):
+        parse_data_spec(["pairs"])
+    bad = parse_data_spec(["posescript", str(captions), f"poses={poses}", "phrasing=fancy"])
+    with pytest.raises(DatasetError, match="phrasing must be one of"):
+        load_data(bad)

@@ -1,0 +1,83 @@
+"""The scaffold: a fresh small LLaVA written as a checkpoint the service loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inference_service.checkpoint import Checkpoint
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.training import scaffold
+from inference_service.training.scaffold import SIZES
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread, and much faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_scaffold_loads_and_predicts(tmp_path):
+    root = scaffold.scaffold_checkpoint(tmp_path / "ckpt", "tiny", texts=["a dancer spins"])
+    checkpoint = Checkpoint.open(root)
+    assert checkpoint.adapter_dir is None
+    assert checkpoint.config.hidden_size == SIZES["tiny"].hidden_size
+    assert checkpoint.config.image_size == SIZES["tiny"].image_size
+    assert json.loads((root / "scaffold.json").read_text())["size"]["num_layers"] == 2
+    model = ChatPoseModel.from_checkpoint(root, device="cpu")
+    tokenizer = model.tokenizer
+    # Both markers are single tokens already: loading did not have to grow the vocabulary.
+    vocab = tokenizer.get_vocab()
+    assert "<POSE>" in vocab and "<image>" in vocab
+    assert model.model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    text = "Sure, it is <POSE>. Ünïcode ok 😀"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(model.pose_token_id) == 1
+    assert tokenizer.decode(ids) == text
+    poses = model.predict_poses([PoseRequest("a man raising his arms")])
+    assert poses[0].shape == (24, 3) and np.isfinite(poses[0]).all()
+
+
+def test_same_seed_same_weights_and_refuses_nonempty_out(tmp_path):
+    a = scaffold.scaffold_checkpoint(tmp_path / "a", "tiny", seed=4)
+    b = scaffold.scaffold_checkpoint(tmp_path / "b", "tiny", seed=4)
+    assert (a / "pose_head.safetensors").read_bytes() == (b / "pose_head.safetensors").read_bytes()
+    weights = sorted((a / "base").glob("*.safetensors"))
+    assert [w.read_bytes() for w in weights] == [
+        (b / "base" / w.name).read_bytes() for w in weights
+    ]
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        scaffold.scaffold_checkpoint(a, "tiny")
+
+
+def test_demo_preset_fits_the_size_budget():
+    size = SIZES["demo"]
+    tokenizer = scaffold.build_tokenizer(vocab_size=size.vocab_size)
+    model = scaffold.build_model(tokenizer, size)
+    parameters = scaffold.count_parameters(model)
+    # float32 weights of at most 50 MB, counting a full 4096-token vocabulary.
+    full_vocab = parameters + 2 * (size.vocab_size - len(tokenizer)) * size.hidden_size
+    assert full_vocab * 4 <= 50e6
+    assert parameters > 2e6  # not accidentally tiny
+
+
+def test_cli_writes_a_checkpoint(tmp_path, capsys):
+    texts = tmp_path / "captions.json"
+    texts.write_text(json.dumps({"0": ["a person doing a cartwheel"]}), encoding="utf-8")
+    assert scaffold.read_texts([texts]) == ["a person doing a cartwheel"]
+    from inference_service.training.corpus import generate_corpus, save_corpus
+
+    records = generate_corpus(1, 3)
+    save_corpus(records, tmp_path / "corpus.npz")
+    assert scaffold.read_texts([tmp_path / "corpus.npz"]) == [r.caption for r in records]
+    code = scaffold.main([str(tmp_path / "out"), "--size", "tiny", "--texts", str(texts)])
+    assert code == 0
+    assert "wrote" in capsys.readouterr().out
+    Checkpoint.open(tmp_path / "out")
+    assert scaffold.main([str(tmp_path / "out"), "--size", "tiny"]) == 2

@@ -1,0 +1,359 @@
+"""Training end to end on the tiny scaffolded model: loss goes down, checkpoints serve, resume is
+exact, a NaN stops the run; plus the encoding of examples and the batch mix."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from inference_service import train as train_cli
+from inference_service.checkpoint import Checkpoint
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.pose_head import decode_pose
+from inference_service.prompts import Turn, pose_exchange
+from inference_service.training import loop
+from inference_service.training.datasets import DatasetError, Example
+from inference_service.training.encoding import Encoder
+from inference_service.training.losses import IGNORE_INDEX
+from inference_service.training.scaffold import scaffold_checkpoint
+
+RNG = np.random.default_rng(0)
+POSES = RNG.normal(size=(8, 24, 3)) * 0.4
+CAPTIONS = [
+    "a man raising both arms",
+    "a woman kneeling on her left knee",
+    "someone sitting cross-legged",
+    "a person jumping with legs bent",
+]
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+RED, BLUE = png((220, 20, 20)), png((20, 20, 220))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread, and much faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return scaffold_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", "tiny", CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    text = [
+        Example("text_to_pose", *pose_exchange(c, False), poses=(POSES[i],), source=f"t{i}")
+        for i, c in enumerate(CAPTIONS)
+    ]
+    image = [
+        Example("image_to_pose", *pose_exchange(None, True), images=(img,), poses=(POSES[4 + i],))
+        for i, img in enumerate((RED, BLUE))
+    ]
+    chat = [
+        Example("chat", "Hello, who are you?", "I am an assistant that knows about poses."),
+        Example(
+            "chat",
+            "And now show me a pose.",
+            "Here it is: <POSE>.",
+            history=(Turn("What can you do?", "I can chat about human poses."),),
+        ),
+    ]
+    return text + image + chat
+
+
+def settings(base, out, **overrides):
+    values = dict(
+        base=base,
+        out=out,
+        steps=6,
+        batch_size=4,
+        lr=1e-3,
+        lora_rank=8,
+        lora_alpha=16,
+        save_every=3,
+        log_every=3,
+        device="cpu",
+    )
+    return loop.TrainConfig(**{**values, **overrides})
+
+
+def test_training_lowers_loss_and_the_checkpoint_serves(base, examples, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = settings(base, out, steps=30, save_every=10, log_every=10, keep_last=2)
+    result = loop.train(config, examples)
+    totals = [total for _, total, _, _ in result.losses]
+    poses = [pose for _, _, _, pose in result.losses]
+    assert np.mean(totals[:5]) - np.mean(totals[-5:]) > 0.2
+    assert np.mean(poses[:5]) > np.mean(poses[-5:])
+    err = capsys.readouterr().err
+    assert "step 30/30  loss " in err and " ce " in err and " pose_l1 " in err
+    assert "steps/s" in err
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000020", "step-000030"]
+    assert (out / "latest").read_text().strip() == "step-000030"
+    assert result.checkpoint == out / "step-000030"
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+
+    # The adapter holds LoRA for the language model only, and the pose token's two rows.
+    adapter = load_file(result.checkpoint / "adapter" / "adapter_model.safetensors")
+    lora = [k for k in adapter if "lora_" in k]
+    assert lora and all("language_model" in k for k in lora)
+    assert any(k.endswith("lora_B.weight") and adapter[k].abs().sum() > 0 for k in lora)
+    assert not any("vision_tower" in k or "multi_modal_projector" in k for k in adapter)
+    token_rows = [k for k in adapter if "trainable_tokens_delta" in k]
+    assert len(token_rows) == 2  # embed_tokens and lm_head
+
+    # It loads as it is in the service; vision tower and projector are the base's.
+    served = ChatPoseModel.from_checkpoint(result.checkpoint, device="cpu")
+    predicted = served.predict_poses([PoseRequest(CAPTIONS[0]), PoseRequest(images=(RED,))])
+    assert all(p.shape == (24, 3) and np.isfinite(p).all() for p in predicted)
+    original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
+    trained_state = served.model.state_dict()
+    for name, value in original.state_dict().items():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            torch.testing.assert_close(trained_state[name], value, rtol=0, atol=0)
+    pose_id = served.pose_token_id
+    trained_row = served.model.get_input_embeddings().weight[pose_id]
+    assert not torch.allclose(trained_row, original.get_input_embeddings().weight[pose_id])
+
+    # The training forward reads the same hidden state as the service's fast path.
+    tm = loop.load_training_model(
+        Checkpoint.open(base),
+        settings(base, out),
+        result.checkpoint / "adapter",
+        result.checkpoint / "pose_head.safetensors",
+    )
+    tm.model.eval()
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)
+    batch = encoder.collate([encoder.encode(examples[0]), encoder.encode(examples[4])])
+    with torch.no_grad():
+        hidden = (
+            tm.model.get_base_model()
+            .base_model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=batch.pixel_values,
+            )
+            .last_hidden_state
+        )
+        head_out = tm.head(hidden[batch.pose_rows, batch.pose_positions - 1])
+    np.testing.assert_allclose(decode_pose(head_out.numpy()), np.stack(predicted), atol=1e-4)
+
+
+def _snapshot(directory):
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
+    common = dict(batch_size=3, grad_accum=2)  # 3 slots of a 1:2:1 mix: drawn remainders
+    straight = loop.train(settings(base, tmp_path / "a", **common), examples)
+    first = loop.train(settings(base, tmp_path / "b", steps=3, **common), examples)
+    assert first.checkpoint.name == "step-000003"
+    resumed = loop.train(settings(base, tmp_path / "b", resume=True, **common), examples)
+    assert resumed.losses[0][0] == 4
+    np.testing.assert_allclose(
+        [x[1:] for x in resumed.losses], [x[1:] for x in straight.losses[3:]], rtol=1e-5
+    )
+    for name in ("adapter/adapter_model.safetensors", "pose_head.safetensors"):
+        a = load_file(straight.checkpoint / name)
+        b = load_file(resumed.checkpoint / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    state = torch.load(resumed.checkpoint / loop.STATE_NAME, weights_only=True)
+    assert state["step"] == 6
+
+    with pytest.raises(loop.TrainingError, match="already holds a training run"):
+        loop.train(settings(base, tmp_path / "b", steps=9, **common), examples)
+    with pytest.raises(loop.TrainingError, match="batch_size is 4 but the run"):
+        loop.train(settings(base, tmp_path / "b", steps=9, resume=True), examples)
+    with pytest.raises(loop.TrainingError, match="the training data differ"):
+        loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), examples[:-1])
+    with pytest.raises(loop.TrainingError, match="ask for more --steps"):
+        loop.train(settings(base, tmp_path / "b", resume=True, **common), examples)
+    with pytest.raises(loop.TrainingError, match="no checkpoint to resume from"):
+        loop.train(settings(base, tmp_path / "c", resume=True), examples)
+
+
+def test_continue_from_a_trained_checkpoint_and_a_pose_token_new_to_the_base(
+    base, examples, tmp_path
+):
+    first = loop.train(settings(base, tmp_path / "one", steps=3), examples)
+    # A trained checkpoint as the base: its adapter is trained further, its head kept.
+    again = loop.train(settings(first.checkpoint, tmp_path / "two", steps=2), examples)
+    config = json.loads((again.checkpoint / "chatpose.json").read_text())
+    assert config["base_model"] == str(Checkpoint.open(base).base_dir.resolve())
+    assert again.losses[0][1] < first.losses[0][1]
+    ChatPoseModel.from_checkpoint(again.checkpoint, device="cpu")
+
+    # A base whose tokenizer lacks the pose token (like a converted release): the token is
+    # added as the service adds it, and its rows are trained and served.
+    renamed = tmp_path / "seg"
+    shutil.copytree(base, renamed)
+    config = json.loads((renamed / "chatpose.json").read_text())
+    (renamed / "chatpose.json").write_text(json.dumps({**config, "pose_token": "[SEG]"}))
+    result = loop.train(settings(renamed, tmp_path / "three", steps=2), examples)
+    served = ChatPoseModel.from_checkpoint(result.checkpoint, device="cpu")
+    assert served.pose_token_id == len(AutoProcessor.from_pretrained(base / "base").tokenizer)
+    adapter_config = json.loads((result.checkpoint / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["trainable_token_indices"]["embed_tokens"] == [served.pose_token_id]
+    assert np.isfinite(served.predict_poses([PoseRequest("kneeling")])[0]).all()
+
+
+def _write_data(root):
+    np.savez(root / "poses.npz", poses=POSES.reshape(8, 72))
+    (root / "captions.json").write_text(
+        json.dumps({str(i): c for i, c in enumerate(CAPTIONS)}), encoding="utf-8"
+    )
+    (root / "red.png").write_bytes(RED)
+    (root / "blue.png").write_bytes(BLUE)
+    np.savez(root / "pairs.npz", poses=POSES[:2].reshape(2, 72), images=["red.png", "blue.png"])
+    conversations = [
+        {
+            "id": "c1",
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the picture."},
+                {"from": "gpt", "value": "A red rectangle."},
+            ],
+        }
+    ]
+    (root / "chat.json").write_text(json.dumps(conversations), encoding="utf-8")
+    return [
+        *("--data", "posescript", str(root / "captions.json"), f"poses={root / 'poses.npz'}"),
+        *("--data", "pairs", str(root / "pairs.npz")),
+        *("--data", "llava", str(root / "chat.json")),
+    ]
+
+
+def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkeypatch, capsys):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        *("--base", str(base), "--out", str(out), *data),
+        *("--steps", "8", "--save-every", "2", "--batch-size", "2", "--lora-rank", "4"),
+        *("--lora-alpha", "8", "--device", "cpu", "--log-every", "1", "--copy-base"),
+    ]
+    calls = []
+    real_loss, real_save = loop.chatpose_loss, loop.save_checkpoint
+    snapshots = {}
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        terms = real_loss(*args, **kwargs)
+        if len(calls) == 5:
+            return loop.LossTerms(terms.total * float("nan"), terms.ce, terms.pose_l1)
+        return terms
+
+    def recording_save(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        snapshots[path.name] = _snapshot(path)
+        return path
+
+    monkeypatch.setattr(loop, "chatpose_loss", poisoned)
+    monkeypatch.setattr(loop, "save_checkpoint", recording_save)
+    assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "step 5: the loss is not finite" in err
+    assert "step-000004 is kept untouched" in err
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
+    assert (out / "latest").read_text().strip() == "step-000004"
+    assert _snapshot(out / "step-000004") == snapshots["step-000004"]
+
+    monkeypatch.setattr(loop, "chatpose_loss", real_loss)
+    assert train_cli.main([*argv, "--resume", "--steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "steps 5..6" in err and "step 6/6" in err
+    assert json.loads((out / "step-000006" / "chatpose.json").read_text())["base_model"] == (
+        "../base"
+    )
+    served = ChatPoseModel.from_checkpoint(out / "step-000006", device="cpu")
+    assert np.isfinite(served.predict_poses([PoseRequest("standing")])[0]).all()
+
+
+def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"0": "ok", "99": "no such pose"}', encoding="utf-8")
+    np.savez(tmp_path / "p.npz", poses=POSES.reshape(8, 72))
+    argv = ["--base", str(base), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    spec = ["--data", "posescript", str(tmp_path / "c.json"), f"poses={tmp_path / 'p.npz'}"]
+    assert train_cli.main([*argv, *spec]) == train_cli.EXIT_USAGE
+    assert "c.json: pose id '99': no such pose" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        train_cli.main([*argv, *spec, "--mix", "1:2"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        train_cli.main([*argv, "--data", "xml", "f.xml"])
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        loop.TrainConfig(base=base, out=tmp_path, steps=0)
+
+
+def test_encoding_labels_exactly_the_answers(base, examples):
+    processor = AutoProcessor.from_pretrained(Checkpoint.open(base).base_dir)
+    config = Checkpoint.open(base).config
+    pose_id = processor.tokenizer.convert_tokens_to_ids(config.pose_token)
+    encoder = Encoder(processor, config, pose_id, 512)
+    chat = examples[-1]
+    encoded = encoder.encode(chat)
+    encoder.check_against_processor(chat, encoded)
+    pairs = zip(encoded.input_ids, encoded.labels, strict=True)
+    labelled = [token for token, label in pairs if label != IGNORE_INDEX]
+    answers = processor.tokenizer.decode(labelled)
+    assert answers == " I can chat about human poses.</s> Here it is: <POSE>.</s>"
+    assert encoded.pose_positions == []  # a pose token without a target: CE only
+    assert encoded.input_ids.count(pose_id) == 1
+
+    image = examples[4]
+    encoded = encoder.encode(image)
+    encoder.check_against_processor(image, encoded)
+    assert encoded.input_ids.count(encoder.image_token_id) == encoder.tokens_per_image == 16
+    (position,) = encoded.pose_positions
+    assert encoded.input_ids[position] == pose_id and encoded.labels[position] == pose_id
+    np.testing.assert_allclose(encoded.poses[0], POSES[4], atol=1e-6)
+
+    short = Encoder(processor, config, pose_id, 20)
+    with pytest.raises(DatasetError, match="t0: .* tokens, more than the maximum length 20"):
+        short.encode(examples[0])
+    two_images = Example("image_to_pose", "q", "<POSE>", images=(RED, BLUE), poses=(POSES[0],))
+    with pytest.raises(DatasetError, match="2 images; .* max_images=1"):
+        encoder.encode(two_images)
+
+
+def test_sampler_follows_the_mix_and_the_seed():
+    kinds = ["text_to_pose"] * 3 + ["image_to_pose"] * 5 + ["chat"] * 2
+    sampler = loop.MixedSampler(kinds, (1, 2, 1), 8, seed=1)
+    batches = [sampler.next_batch() for _ in range(5)]
+    for batch in batches:
+        assert [kinds[i] for i in batch] == ["text_to_pose"] * 2 + ["image_to_pose"] * 4 + [
+            "chat"
+        ] * 2
+    image_draws = [i for batch in batches for i in batch if kinds[i] == "image_to_pose"]
+    assert sorted(image_draws[:5]) == [3, 4, 5, 6, 7]  # each kind is walked before repeating
+    again = loop.MixedSampler(kinds, (1, 2, 1), 8, seed=1)
+    assert [again.next_batch() for _ in range(5)] == batches
+    no_chat = loop.MixedSampler(kinds[:8], (1, 2, 1), 3, seed=0)
+    assert all(len(no_chat.next_batch()) == 3 for _ in range(4))
+    with pytest.raises(loop.TrainingError, match="no examples to train on"):
+        loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)

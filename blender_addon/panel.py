@@ -1,10 +1,31 @@
-"""The "ChatPose" tab in the 3D View sidebar: only what works today."""
+"""The "ChatPose" tab in the 3D View sidebar: the target armature, the chat (prompt, Send, the
+pictures, keying, the history), batch keyframes from text, the service, motion files.
+
+Drawing reads state only: nothing here talks to the service or waits.
+"""
 
 from __future__ import annotations
 
 import bpy
 
+from .blender import runtime
 from .blender.armature import find_smpl_armature
+from .blender.props import history_messages, target_armature
+from .core import chat
+
+_LEVEL_ICONS = {"INFO": "INFO", "WARNING": "ERROR", "ERROR": "CANCEL"}
+
+
+def _chars_per_line(context) -> int:
+    region = getattr(context, "region", None)
+    width = region.width if region is not None else 300
+    scale = context.preferences.view.ui_scale if context.preferences else 1.0
+    return max(20, int(width / (7.0 * scale)) - 4)
+
+
+def _wrapped(layout, text: str, width: int, icon: str = "NONE") -> None:
+    for i, line in enumerate(chat.wrap(text, width)):
+        layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 
 class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
@@ -16,17 +37,158 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
 
     def draw(self, context):
         layout = self.layout
-        obj = find_smpl_armature(context)
-        col = layout.column(align=True)
-        col.operator("chatpose.create_armature", icon="ARMATURE_DATA")
-        if obj is None:
+        settings = context.scene.chatpose
+        layout.prop(settings, "target", icon="OUTLINER_OB_ARMATURE")
+        target = target_armature(context)
+        row = layout.row(align=True)
+        row.operator("chatpose.create_armature", icon="ARMATURE_DATA")
+        if find_smpl_armature(context) is not None:
+            row.operator("chatpose.rest_pose", icon="LOOP_BACK", text="")
+        if target is None:
             layout.label(text="No SMPL armature selected", icon="INFO")
-        else:
-            layout.label(text=obj.name, icon="OUTLINER_OB_ARMATURE")
-            layout.operator("chatpose.rest_pose", icon="LOOP_BACK")
+        elif settings.target is None:
+            layout.label(text=f"Using the selected {target.name}", icon="RESTRICT_SELECT_OFF")
+        message, level = runtime.last_message()
+        if message:
+            box = layout.box()
+            _wrapped(box, message, _chars_per_line(context), _LEVEL_ICONS.get(level, "INFO"))
+
+
+class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
+    bl_label = "Chat"
+    bl_idname = "VIEW3D_PT_chatpose_chat"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "ChatPose"
+    bl_parent_id = "VIEW3D_PT_chatpose"
+
+    def draw(self, context):
+        layout = self.layout
+        scene = context.scene
+        settings = scene.chatpose
+        layout.prop(settings, "prompt", text="", icon="OUTLINER_DATA_GP_LAYER")
+        row = layout.row(align=True)
+        row.prop(settings, "chat_mode", toggle=True, icon="OUTLINER_DATA_SPEAKER")
+        row.operator("chatpose.send", icon="PLAY")
+        row = layout.row(align=True)
+        row.operator("chatpose.pose_from_viewport", icon="RESTRICT_VIEW_OFF")
+        row.operator("chatpose.pose_from_image", icon="IMAGE_DATA", text="Pose from Image...")
+
         col = layout.column(align=True)
+        col.prop(settings, "insert_keyframe", icon="KEY_HLT")
+        if settings.insert_keyframe:
+            row = col.row(align=True)
+            row.prop(settings, "key_current_frame")
+            sub = row.row(align=True)
+            sub.enabled = not settings.key_current_frame
+            sub.prop(settings, "key_frame")
+        row = layout.row(align=True)
+        row.prop(settings, "use_translation")
+        row.prop(settings, "person_spacing")
+
+        waiting = runtime.pending_jobs()
+        if waiting:
+            box = layout.box()
+            for job in waiting[-3:]:
+                what = job.prompt or job.attachment or "image"
+                box.label(text=f"Waiting: {what[:60]}", icon="SORTTIME")
+            box.operator("chatpose.cancel", icon="CANCEL")
+
+        width = _chars_per_line(context)
+        lines = chat.display_lines(history_messages(scene), width, settings.history_lines)
+        box = layout.box()
+        header = box.row()
+        header.label(text=f"History ({len(settings.history)} messages)", icon="TEXT")
+        header.prop(settings, "history_lines")
+        icons = {chat.USER: "USER", chat.ASSISTANT: "OUTLINER_OB_ARMATURE", chat.ERROR: "ERROR"}
+        previous = None
+        for role, line in lines:
+            icon = icons.get(role, "DOT") if role != previous else "BLANK1"
+            box.label(text=line, icon=icon)
+            previous = role
+        if not lines:
+            box.label(text="Nothing yet")
+        box.operator("chatpose.clear_history", icon="TRASH")
+
+
+class VIEW3D_PT_chatpose_batch(bpy.types.Panel):  # noqa: N801
+    bl_label = "Batch Keyframes from Text"
+    bl_idname = "VIEW3D_PT_chatpose_batch"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "ChatPose"
+    bl_parent_id = "VIEW3D_PT_chatpose"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.chatpose
+        layout.prop(settings, "batch_source", expand=True)
+        if settings.batch_source == "TEXT":
+            layout.prop(settings, "batch_text")
+        else:
+            layout.prop(settings, "batch_file")
+        row = layout.row(align=True)
+        row.prop(settings, "batch_start")
+        row.prop(settings, "batch_step")
+        layout.prop(settings, "batch_translation")
+        run = runtime.current_batch()
+        if run is not None and not run.closed:
+            layout.progress(factor=run.fraction, type="BAR", text=run.status_text())
+            layout.operator("chatpose.cancel", icon="CANCEL")
+        else:
+            row = layout.row(align=True)
+            row.operator("chatpose.batch_keyframe", icon="KEYINGSET")
+            row.operator("chatpose.clear_batch_record", icon="X", text="")
+            if run is not None:
+                _wrapped(layout, run.summary(), _chars_per_line(context), "INFO")
+
+
+class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
+    bl_label = "Service"
+    bl_idname = "VIEW3D_PT_chatpose_service"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "ChatPose"
+    bl_parent_id = "VIEW3D_PT_chatpose"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        from .preferences import draw_local_service, service_settings
+
+        layout = self.layout
+        address, timeout, problem = service_settings(context)
+        layout.label(text=f"{address} (timeout {timeout:g} s)", icon="URL")
+        if problem:
+            _wrapped(layout, problem, _chars_per_line(context), "ERROR")
+        line = runtime.service_line()
+        if line:
+            _wrapped(layout, line, _chars_per_line(context), "CHECKMARK")
+        layout.operator("chatpose.service_status", icon="FILE_REFRESH")
+        draw_local_service(layout)
+
+
+class VIEW3D_PT_chatpose_files(bpy.types.Panel):  # noqa: N801
+    bl_label = "Motion Files"
+    bl_idname = "VIEW3D_PT_chatpose_files"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "ChatPose"
+    bl_parent_id = "VIEW3D_PT_chatpose"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        col = self.layout.column(align=True)
         col.operator("chatpose.import_npz", icon="IMPORT")
         col.operator("chatpose.export_npz", icon="EXPORT")
+        if find_smpl_armature(context) is None:
+            col.label(text="Export: select an SMPL armature", icon="INFO")
 
 
-CLASSES = (VIEW3D_PT_chatpose,)
+CLASSES = (
+    VIEW3D_PT_chatpose,
+    VIEW3D_PT_chatpose_chat,
+    VIEW3D_PT_chatpose_batch,
+    VIEW3D_PT_chatpose_service,
+    VIEW3D_PT_chatpose_files,
+)

@@ -7,6 +7,7 @@ import tempfile
 
 import bpy
 
+from .core.chat import wrap
 from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem
 from .core.paths import user_data_dir as _user_data_dir
 
@@ -41,6 +42,37 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         subtype="FILE_PATH",
     )
 
+    history_pairs: bpy.props.IntProperty(
+        name="Chat Context",
+        description="Earlier exchanges of the chat history sent with a prompt in chat mode "
+        "(the latest ones; 0 sends none)",
+        default=8,
+        min=0,
+        max=32,
+    )
+    service_python: bpy.props.StringProperty(
+        name="Python",
+        description="Python interpreter that has chatpose-blender[service] installed, e.g. "
+        "<repository>/.venv/bin/python (not Blender's own Python)",
+        default="",
+        subtype="FILE_PATH",
+    )
+    service_checkpoint: bpy.props.StringProperty(
+        name="Checkpoint",
+        description="ChatPose checkpoint directory for the local service",
+        default="",
+        subtype="DIR_PATH",
+    )
+    service_device: bpy.props.EnumProperty(
+        name="Device",
+        items=[
+            ("auto", "Auto", "CUDA when available, else CPU"),
+            ("cpu", "CPU", ""),
+            ("cuda", "CUDA", ""),
+        ],
+        default="auto",
+    )
+
     def draw(self, context):
         layout = self.layout
         layout.prop(self, "service_address")
@@ -48,7 +80,30 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         if problem:
             layout.label(text=problem, icon="ERROR")
         layout.prop(self, "request_timeout")
+        layout.prop(self, "history_pairs")
         layout.prop(self, "smpl_model_path")
+        box = layout.box()
+        box.label(text="Local Service (optional)", icon="CONSOLE")
+        box.prop(self, "service_python")
+        box.prop(self, "service_checkpoint")
+        box.prop(self, "service_device")
+        draw_local_service(box)
+
+
+def draw_local_service(layout) -> None:
+    """Start/Stop buttons and the local service's state (preferences and the panel)."""
+    from .blender import runtime
+
+    state = runtime.local_service_state()
+    row = layout.row(align=True)
+    row.operator("chatpose.service_start", icon="PLAY")
+    row.operator("chatpose.service_stop", icon="PAUSE")
+    icon = {"running": "CHECKMARK", "exited": "ERROR"}.get(state.state, "DOT")
+    text = state.describe()
+    if state.alive and runtime.waiting_for_service():
+        text += ", loading the model..."
+    for i, line in enumerate(wrap(f"Local service: {text}", 70)):
+        layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 
 def online_access() -> bool:

@@ -15,17 +15,27 @@ except ImportError as exc:  # a legacy install without the wheels
 import bpy
 
 from . import panel, preferences
-from .blender import operators
+from .blender import chat_operators, operators, props, runtime
 
-CLASSES = (preferences.ChatPosePreferences, *operators.CLASSES, *panel.CLASSES)
+CLASSES = (
+    preferences.ChatPosePreferences,
+    *props.CLASSES,
+    *operators.CLASSES,
+    *chat_operators.CLASSES,
+    *panel.CLASSES,
+)
 
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    props.register()
+    runtime.register()
 
 
 def unregister() -> None:
+    runtime.unregister()  # stops the timer, the session and a local service started here
+    props.unregister()
     for cls in reversed(CLASSES):
         if getattr(cls, "is_registered", False):
             bpy.utils.unregister_class(cls)

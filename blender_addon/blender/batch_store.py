@@ -6,11 +6,14 @@ next to its action, so it is saved with the .blend file and undone with the keys
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import bpy
 
 from shared_protocol.pose import Pose
 
 from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
+from .keyframes import key_poses
 from .posing import apply_pose
 
 
@@ -37,5 +40,29 @@ def key_batch_line(
     keying leaves the line pending, so nothing is lost). Returns the updated record."""
     apply_pose(obj, pose, use_translation=use_translation, frame=line.frame)
     record = load_record(obj).recorded(line.line, line.text, line.frame)
+    save_record(obj, record)
+    return record
+
+
+def key_batch_lines(
+    obj: bpy.types.Object,
+    items: Sequence[tuple[PendingLine, Pose]],
+    *,
+    use_translation: bool = False,
+) -> BatchRecord:
+    """``key_batch_line`` for several lines at once (the lines that arrived since the last
+    timer tick): all keys first (``keyframes.key_poses``, one pass over each F-curve), then one
+    update of the record. Returns the updated record."""
+    if not items:
+        return load_record(obj)
+    key_poses(
+        obj,
+        [pose for _, pose in items],
+        [line.frame for line, _ in items],
+        use_translation=use_translation,
+    )
+    record = load_record(obj)
+    for line, _ in items:
+        record = record.recorded(line.line, line.text, line.frame)
     save_record(obj, record)
     return record

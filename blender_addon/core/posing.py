@@ -107,3 +107,18 @@ def expected_heads(axis_angle, rest_joints=None, translation=None, matrix_world=
         m = np.asarray(matrix_world, dtype=np.float64)
         heads = heads @ m[:3, :3].T + m[:3, 3]
     return heads
+
+
+def continuous_quaternions(quaternions, start=None) -> np.ndarray:
+    """(N, ..., 4) quaternions with signs flipped so that each is on the same side as the one
+    before it (``start`` before the first), so keys interpolate the short way."""
+    q = np.array(quaternions, dtype=np.float64)
+    if q.shape[0] == 0:
+        return q
+    prev = np.asarray(start, dtype=np.float64) if start is not None else q[0]
+    signs = np.empty(q.shape[:-1])
+    signs[0] = np.where(np.sum(q[0] * prev, axis=-1) < 0, -1.0, 1.0)
+    if q.shape[0] > 1:
+        steps = np.where(np.sum(q[1:] * q[:-1], axis=-1) < 0, -1.0, 1.0)
+        signs[1:] = signs[0] * np.cumprod(steps, axis=0)
+    return q * signs[..., None]

@@ -3,7 +3,9 @@ gives the bpy tests a fresh Blender with the add-on enabled."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,88 @@ def blender():
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+# --- services for the chat tests ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The service tests' tiny LLaVA (random weights), built in-process once per session."""
+    from transformers.utils import logging as hf_logging
+
+    from tests.service import tiny_llava
+
+    hf_logging.disable_progress_bar()
+    tokenizer = tiny_llava.build_tokenizer()
+    return tiny_llava.write_checkpoint(
+        tmp_path_factory.mktemp("addon-tiny") / "checkpoint",
+        tiny_llava.build_llava(tokenizer),
+        tiny_llava.build_processor(tokenizer),
+        tiny_llava.build_head(),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_checkpoint, tmp_path_factory):
+    """A real `chatpose-serve` subprocess on loopback serving the tiny model, started with the
+    add-on's own process manager; its address. Stopped at the end of the session."""
+    from blender_addon.core.service_process import ServiceProcess, serve_command
+    from shared_protocol.client import Client
+    from shared_protocol.protocol import StatusRequest
+
+    from .helpers import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    manager = ServiceProcess(str(tmp_path_factory.mktemp("serve-log")))
+    # One torch thread: the tiny model gains nothing from more, and on a small shared machine
+    # extra threads only wait on each other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    manager.start(serve_command(sys.executable, str(tiny_checkpoint), address, "cpu"), env=env)
+    try:
+        with Client(address) as client:
+            deadline = time.monotonic() + 120
+            while True:  # the model takes a few seconds to load
+                try:
+                    client.request(StatusRequest(client.new_id()), timeout_s=2)
+                    break
+                except Exception:
+                    state = manager.poll()
+                    assert state.alive, f"chatpose-serve {state.describe()}"
+                    assert time.monotonic() < deadline, "chatpose-serve did not come up"
+        yield address
+    finally:
+        manager.stop(wait=True)
+
+
+@pytest.fixture
+def scripted_service():
+    """An in-process server with the scripted stand-in model (instant answers; chat mode gives
+    two poses); yields (address, backend). The backend records every work item it gets."""
+    import threading
+
+    from inference_service.server import ModelInfo, Server
+    from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend
+
+    class Recording(ScriptedBackend):
+        def __init__(self):
+            super().__init__()
+            self.items = []
+
+        def answer_poses(self, items):
+            self.items += list(items)
+            return super().answer_poses(items)
+
+        def answer_chat(self, item):
+            self.items.append(item)
+            return super().answer_chat(item)
+
+    backend = Recording()
+    info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
+    server = Server(backend, info, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.address, backend
+    backend.release()
+    server.stop()
+    thread.join(TIMEOUT_S)

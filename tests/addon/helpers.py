@@ -38,3 +38,89 @@ def fk_error(obj, pose: Pose, rest=None) -> float:
 def transform(obj) -> None:
     """Rotated, uniformly scaled and moved."""
     obj.matrix_world = Matrix.LocRotScale((1.5, -2.0, 0.7), Euler((0.4, -0.3, 2.1)), (1.8,) * 3)
+
+
+class FakeLayout:
+    """Stands in for UILayout in draw tests: records operators, properties and labels, and
+    checks that every property drawn exists on its data."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+        self.enabled = True
+        self.active = True
+
+    def _child(self, *_, **__):
+        return self
+
+    column = row = box = split = column_flow = grid_flow = _child
+
+    def operator(self, idname, **_):
+        self.calls.append(("operator", idname))
+
+    def prop(self, data, name, **_):
+        rna = getattr(data, "bl_rna", None)
+        assert rna is None or rna.properties.get(name) is not None, f"{data!r} has no {name!r}"
+        self.calls.append(("prop", name))
+
+    def label(self, **kwargs):
+        self.calls.append(("label", kwargs.get("text")))
+
+    def progress(self, **kwargs):
+        self.calls.append(("progress", kwargs.get("factor")))
+
+    def separator(self, **_):
+        pass
+
+
+def draw_panels(panels, context) -> list:
+    """Draws each panel class with a FakeLayout; the calls of all of them, in order."""
+    calls: list = []
+    for cls in panels:
+        cls.draw(type("P", (), {"layout": FakeLayout(calls)})(), context)
+    return calls
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+MAX_TICK_S = 0.25  # one timer call: 25 ms of applying results, plus at most one result
+
+
+def drive(until, timeout_s: float = 60.0) -> float:
+    """Runs the add-on's timer callback as Blender would (headless Blender runs no timers) until
+    ``until()`` is true; every call must return quickly. Returns the slowest call (s)."""
+    import time
+
+    from blender_addon.blender import runtime
+
+    deadline = time.monotonic() + timeout_s
+    slowest = 0.0
+    while True:
+        started = time.monotonic()
+        runtime.timer_tick()
+        elapsed = time.monotonic() - started
+        slowest = max(slowest, elapsed)
+        assert elapsed < MAX_TICK_S, f"timer_tick() took {elapsed:.3f} s"
+        if until():
+            return slowest
+        assert time.monotonic() < deadline, f"gave up; last message: {runtime.last_message()}"
+        time.sleep(0.01)
+
+
+def idle() -> bool:
+    from blender_addon.blender import runtime
+
+    return not runtime.busy()
+
+
+def use_service(address: str, timeout_s: float = 30.0) -> None:
+    from blender_addon import preferences
+
+    prefs = preferences.get_preferences()
+    prefs.service_address = address
+    prefs.request_timeout = timeout_s

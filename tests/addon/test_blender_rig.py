@@ -31,7 +31,7 @@ from shared_protocol.skeleton import (
 )
 
 from .conftest import ADDON
-from .helpers import FK_TOLERANCE, fk_error, random_pose, transform
+from .helpers import FK_TOLERANCE, FakeLayout, draw_panels, fk_error, random_pose, transform
 
 SEEDS = range(20)
 
@@ -314,33 +314,13 @@ def test_mannequin_vertices_follow_their_bone(blender):
 # --- the UI draws only registered operators -----------------------------------------------------
 
 
-class _Layout:
-    """Stands in for UILayout: records the operators and properties drawn."""
-
-    def __init__(self, calls):
-        self.calls = calls
-
-    def column(self, **_):
-        return self
-
-    def operator(self, idname, **_):
-        self.calls.append(("operator", idname))
-
-    def prop(self, data, name, **_):
-        self.calls.append(("prop", name))
-
-    def label(self, **kwargs):
-        self.calls.append(("label", kwargs.get("text")))
-
-
 def test_panel_and_preferences_draw(blender):
     from blender_addon import panel, preferences
 
     for has_armature in (False, True):
         if has_armature:
             create_smpl_armature(bpy.context, with_mesh=False)
-        calls = []
-        panel.VIEW3D_PT_chatpose.draw(type("P", (), {"layout": _Layout(calls)})(), bpy.context)
+        calls = draw_panels(panel.CLASSES, bpy.context)
         drawn = [name for kind, name in calls if kind == "operator"]
         assert "chatpose.create_armature" in drawn and "chatpose.import_npz" in drawn
         assert ("chatpose.rest_pose" in drawn) == has_armature
@@ -351,14 +331,12 @@ def test_panel_and_preferences_draw(blender):
     prefs.service_address = "tcp://10.1.2.3:5555"
     calls = []
     preferences.ChatPosePreferences.draw(
-        type("P", (), {"layout": _Layout(calls), "service_address": prefs.service_address})(),
+        type("P", (), {"layout": FakeLayout(calls), "service_address": prefs.service_address})(),
         bpy.context,
     )
-    assert [n for k, n in calls if k == "prop"] == [
-        "service_address",
-        "request_timeout",
-        "smpl_model_path",
-    ]
+    props = [n for k, n in calls if k == "prop"]
+    assert props[:3] == ["service_address", "request_timeout", "history_pairs"]
+    assert {"smpl_model_path", "service_python", "service_checkpoint"} <= set(props)
     warned = any(k == "label" and "online access" in (n or "") for k, n in calls)
     assert warned == (not bpy.app.online_access)
 

@@ -31,10 +31,10 @@ def random_pose(seed: int, max_angle: float = np.pi / 2) -> np.ndarray:
 
 def test_core_imports_without_bpy():
     code = (
-        "import sys; import blender_addon, blender_addon.core.rig_spec, "
-        "blender_addon.core.posing, blender_addon.core.batch_record, "
-        "blender_addon.core.mannequin, blender_addon.core.netpolicy, blender_addon.core.paths, "
-        "blender_addon.core.smpl_model, blender_addon.core.timeline; "
+        "import sys, pkgutil, importlib, blender_addon, blender_addon.core as core; "
+        "names = [m.name for m in pkgutil.iter_modules(core.__path__)]; "
+        "[importlib.import_module('blender_addon.core.' + n) for n in names]; "
+        "assert {'session', 'dispatch', 'service_process', 'chat'} <= set(names), names; "
         "assert 'bpy' not in sys.modules and 'mathutils' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -70,24 +70,43 @@ def build_tokenizer(
     )
 
 
-def vision_config() -> CLIPVisionConfig:
+def vision_config(
+    *,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    image_size: int = IMAGE_SIZE,
+    patch: int = PATCH,
+) -> CLIPVisionConfig:
+    """The tiny CLIP tower; the keyword arguments let benchmarks build bigger ones."""
     return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch,
     )
 
 
-def text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def text_config(
+    vocab_size: int,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int = HIDDEN,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+) -> LlamaConfig:
+    """The tiny Llama; the keyword arguments let benchmarks build bigger ones."""
     return LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         vocab_size=vocab_size,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
@@ -96,33 +115,44 @@ def text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(
+    tokenizer: PreTrainedTokenizerFast, *, image_size: int = IMAGE_SIZE, patch: int = PATCH
+) -> LlavaProcessor:
     image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
     )
 
 
-def build_llava(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_llava(
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    *,
+    vision: CLIPVisionConfig | None = None,
+    text: LlamaConfig | None = None,
+) -> LlavaForConditionalGeneration:
+    """The tiny LLaVA, or one made of the given `vision` and `text` configs."""
+    vision = vision if vision is not None else vision_config()
+    text = text if text is not None else text_config(len(tokenizer), tokenizer)
     config = LlavaConfig(
-        vision_config=vision_config(),
-        text_config=text_config(len(tokenizer), tokenizer),
+        vision_config=vision,
+        text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
 
 
-def build_head(seed: int = 1) -> PoseHead:
+def build_head(seed: int = 1, *, hidden_size: int = HIDDEN) -> PoseHead:
     torch.manual_seed(seed)
-    return PoseHead(HIDDEN, HIDDEN)
+    return PoseHead(hidden_size, hidden_size)
 
 
 def write_checkpoint(
@@ -132,14 +162,17 @@ def write_checkpoint(
     head: PoseHead,
     **config_fields,
 ) -> Path:
-    """Save a checkpoint in this project's format: chatpose.json, base/, pose_head.safetensors."""
+    """Save a checkpoint in this project's format: chatpose.json, base/, pose_head.safetensors.
+
+    `config_fields` go into chatpose.json; hidden_size, head_hidden_size and image_size default
+    to the tiny model's.
+    """
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
     head.save(root / "pose_head.safetensors")
-    config = ChatPoseConfig(
-        hidden_size=HIDDEN, head_hidden_size=HIDDEN, image_size=IMAGE_SIZE, **config_fields
-    )
+    sizes = {"hidden_size": HIDDEN, "head_hidden_size": HIDDEN, "image_size": IMAGE_SIZE}
+    config = ChatPoseConfig(**{**sizes, **config_fields})
     config.save(root)
     return root
 

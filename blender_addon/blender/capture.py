@@ -1,0 +1,146 @@
+"""A picture of the scene to send with a prompt ("Pose from Viewport"), as PNG bytes.
+
+- With a window: the active 3D viewport drawn offscreen (``gpu.types.GPUOffScreen`` +
+  ``draw_view3d``) with its own view and shading, read back and encoded with
+  ``core.images.encode_png`` (nothing is written to disk).
+- In background mode (``bpy.app.background``: no GPU drawing) or without a 3D viewport: the
+  scene camera rendered with the Workbench engine at a small resolution into a temporary PNG,
+  read back, and the scene's render settings restored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import bpy
+import numpy as np
+
+from ..core.images import encode_png
+
+VIEWPORT_MAX_SIDE = 512  # the model crops to its own size (336 px for LLaVA-1.5)
+SNAPSHOT_MAX_SIDE = 336
+
+
+class CaptureError(Exception):
+    """No picture could be taken; the message is for the user."""
+
+
+def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def find_view3d(context: bpy.types.Context):
+    """(area, region, space) of the 3D viewport to capture: the context's own, else the
+    largest one on the screen; None when there is none."""
+    area = context.area if context.area is not None and context.area.type == "VIEW_3D" else None
+    if area is None and context.screen is not None:
+        areas = [a for a in context.screen.areas if a.type == "VIEW_3D"]
+        area = max(areas, key=lambda a: a.width * a.height, default=None)
+    if area is None:
+        return None
+    region = next((r for r in area.regions if r.type == "WINDOW"), None)
+    space = area.spaces.active
+    if region is None or space is None or space.region_3d is None:
+        return None
+    return area, region, space
+
+
+def capture_viewport(context: bpy.types.Context, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
+    """PNG bytes of the 3D viewport, or of a camera snapshot where the viewport cannot be
+    drawn (background mode, no 3D view). CaptureError says why nothing came out."""
+    if bpy.app.background:
+        return render_camera_snapshot(context.scene)
+    view = find_view3d(context)
+    if view is None:
+        return render_camera_snapshot(context.scene)
+    _area, region, space = view
+    return draw_viewport(context, region, space, max_side)
+
+
+def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
+    import gpu
+
+    width, height = _scaled(region.width, region.height, max_side)
+    try:
+        offscreen = gpu.types.GPUOffScreen(width, height)
+    except Exception as exc:  # no GPU context, out of memory
+        raise CaptureError(f"could not draw the viewport offscreen ({exc})") from None
+    try:
+        # draw_view3d binds the offscreen itself (as in Blender's GPUOffScreen example); the
+        # pixels stay in its color texture and are read back through its framebuffer.
+        offscreen.draw_view3d(
+            context.scene,
+            context.view_layer,
+            space,
+            region,
+            space.region_3d.view_matrix,
+            space.region_3d.window_matrix,
+            do_color_management=True,
+        )
+        with offscreen.bind():
+            framebuffer = gpu.state.active_framebuffer_get()
+            buffer = framebuffer.read_color(0, 0, width, height, 4, 0, "UBYTE")
+    finally:
+        offscreen.free()
+    buffer.dimensions = width * height * 4
+    pixels = _buffer_array(buffer).reshape(height, width, 4).copy()
+    pixels[..., 3] = 255  # the service sees RGB; an opaque PNG avoids surprises
+    return encode_png(pixels, flip_vertical=True)
+
+
+def _buffer_array(buffer) -> np.ndarray:
+    """A ``gpu.types.Buffer`` of bytes as a numpy array (through the buffer protocol where the
+    Blender version has it, else element by element)."""
+    try:
+        return np.frombuffer(memoryview(buffer), dtype=np.uint8).copy()
+    except TypeError:
+        return np.array(buffer.to_list(), dtype=np.uint8)
+
+
+_RENDER_SETTINGS = ("engine", "resolution_x", "resolution_y", "resolution_percentage", "filepath")
+_IMAGE_SETTINGS = ("file_format", "color_mode", "color_depth")
+
+
+def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_SIDE) -> bytes:
+    """PNG bytes of the scene camera's view, rendered with Workbench at most ``max_side`` px on
+    the long side (the scene's aspect ratio); the scene's settings are put back afterwards."""
+    if scene.camera is None:
+        raise CaptureError(
+            "the scene has no camera to take a picture with (in background mode the viewport "
+            "cannot be drawn): add a camera, or use Pose from Image"
+        )
+    render = scene.render
+    settings = render.image_settings
+    saved = {name: getattr(render, name) for name in _RENDER_SETTINGS}
+    saved_image = {name: getattr(settings, name) for name in _IMAGE_SETTINGS}
+    width, height = _scaled(
+        render.resolution_x * render.resolution_percentage // 100 or 1,
+        render.resolution_y * render.resolution_percentage // 100 or 1,
+        max_side,
+    )
+    with tempfile.TemporaryDirectory(prefix="chatpose-snapshot-") as folder:
+        path = os.path.join(folder, "snapshot.png")
+        try:
+            render.engine = "BLENDER_WORKBENCH"
+            render.resolution_x, render.resolution_y = width, height
+            render.resolution_percentage = 100
+            render.filepath = path
+            settings.file_format = "PNG"
+            settings.color_mode = "RGB"
+            settings.color_depth = "8"
+            try:
+                bpy.ops.render.render(write_still=True, scene=scene.name)
+            except RuntimeError as exc:
+                raise CaptureError(f"the snapshot render failed ({exc})") from None
+            try:
+                with open(path, "rb") as file:
+                    return file.read()
+            except OSError:
+                raise CaptureError("the snapshot render wrote no image") from None
+        finally:
+            for name, value in saved_image.items():
+                setattr(settings, name, value)
+            for name, value in saved.items():
+                setattr(render, name, value)

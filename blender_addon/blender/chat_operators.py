@@ -1,0 +1,221 @@
+"""Operators of the chat panel: send a prompt (text, viewport picture, reference image), clear
+the history, batch keyframes from text, cancel, and the local service's Start/Stop/Check.
+
+They only queue requests (``runtime``) and return at once; answers are applied by the timer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+from bpy_extras.io_utils import ImportHelper
+
+from ..core.images import read_reference_image
+from . import runtime
+from .batch_store import clear_record
+from .capture import CaptureError, capture_viewport
+from .props import target_armature
+
+
+def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
+    try:
+        fn(*args)
+    except runtime.UserError as exc:
+        op.report({"ERROR"}, str(exc))
+        runtime.set_message(str(exc), "ERROR")
+        return {"CANCELLED"}
+    message, level = runtime.last_message()
+    op.report({level}, message)
+    return {"FINISHED"}
+
+
+class _NeedsTarget:
+    @classmethod
+    def poll(cls, context):
+        if target_armature(context) is None:
+            cls.poll_message_set("Pick a target SMPL armature (or create one)")
+            return False
+        return True
+
+
+class CHATPOSE_OT_send(_NeedsTarget, bpy.types.Operator):  # noqa: N801
+    """Send the prompt to the ChatPose service; the answer is put on the target armature"""
+
+    bl_idname = "chatpose.send"
+    bl_label = "Send"
+
+    def execute(self, context):
+        settings = context.scene.chatpose
+        prompt = settings.prompt
+
+        def send():
+            runtime.send_pose(context, prompt)
+            settings.prompt = ""
+
+        return _run(self, send)
+
+
+class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa: N801
+    """Send a picture of the 3D viewport (in background mode: a Workbench render of the scene
+    camera) with the prompt"""
+
+    bl_idname = "chatpose.pose_from_viewport"
+    bl_label = "Pose from Viewport"
+
+    def execute(self, context):
+        try:
+            image = capture_viewport(context)
+        except CaptureError as exc:
+            self.report({"ERROR"}, f"No picture: {exc}")
+            runtime.set_message(f"No picture: {exc}", "ERROR")
+            return {"CANCELLED"}
+        settings = context.scene.chatpose
+        prompt = settings.prompt
+        label = "camera snapshot" if bpy.app.background else "viewport image"
+
+        def send():
+            runtime.send_pose(context, prompt, [image], label)
+            settings.prompt = ""
+
+        return _run(self, send)
+
+
+class CHATPOSE_OT_pose_from_image(_NeedsTarget, bpy.types.Operator, ImportHelper):  # noqa: N801
+    """Send a reference picture (PNG or JPEG) with the prompt"""
+
+    bl_idname = "chatpose.pose_from_image"
+    bl_label = "Pose from Image"
+
+    filter_glob: bpy.props.StringProperty(
+        default="*.png;*.jpg;*.jpeg;*.PNG;*.JPG;*.JPEG", options={"HIDDEN"}
+    )
+
+    def execute(self, context):
+        try:
+            image = read_reference_image(self.filepath)
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            runtime.set_message(str(exc), "ERROR")
+            return {"CANCELLED"}
+        settings = context.scene.chatpose
+        prompt = settings.prompt
+        label = f"image: {os.path.basename(self.filepath)}"
+
+        def send():
+            runtime.send_pose(context, prompt, [image], label)
+            settings.prompt = ""
+
+        return _run(self, send)
+
+
+class CHATPOSE_OT_clear_history(bpy.types.Operator):  # noqa: N801
+    """Forget this scene's chat history (it is no longer sent as context)"""
+
+    bl_idname = "chatpose.clear_history"
+    bl_label = "Clear History"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        context.scene.chatpose.history.clear()
+        runtime.set_message("Chat history cleared")
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N801
+    """Key one pose per line of the text (or file) on the target armature, from the start frame
+    every step frames; lines keyed before are skipped"""
+
+    bl_idname = "chatpose.batch_keyframe"
+    bl_label = "Batch Keyframe"
+
+    @classmethod
+    def poll(cls, context):
+        if runtime.dispatcher().batch_running:
+            cls.poll_message_set("A batch is running")
+            return False
+        return super().poll(context)
+
+    def execute(self, context):
+        return _run(self, runtime.start_batch, context)
+
+
+class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
+    """Stop the running batch and the requests waiting for an answer (what already came back
+    stays keyed)"""
+
+    bl_idname = "chatpose.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context):
+        return runtime.busy()
+
+    def execute(self, context):
+        if not runtime.cancel():
+            self.report({"INFO"}, "Nothing to cancel")
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa: N801
+    """Forget which batch lines are keyed on the target armature: the next batch keys them all
+    again (the keys themselves stay)"""
+
+    bl_idname = "chatpose.clear_batch_record"
+    bl_label = "Clear Batch Record"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        obj = target_armature(context)
+        clear_record(obj)
+        self.report({"INFO"}, f"Batch record of {obj.name} cleared")
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_service_start(bpy.types.Operator):  # noqa: N801
+    """Start chatpose-serve with the interpreter and checkpoint set in the preferences"""
+
+    bl_idname = "chatpose.service_start"
+    bl_label = "Start Local Service"
+
+    def execute(self, context):
+        return _run(self, runtime.start_service, context)
+
+
+class CHATPOSE_OT_service_stop(bpy.types.Operator):  # noqa: N801
+    """Stop the chatpose-serve process started here"""
+
+    bl_idname = "chatpose.service_stop"
+    bl_label = "Stop Local Service"
+
+    @classmethod
+    def poll(cls, context):
+        return runtime.local_service_state().alive
+
+    def execute(self, context):
+        runtime.stop_service()
+        return {"FINISHED"}
+
+
+class CHATPOSE_OT_service_status(bpy.types.Operator):  # noqa: N801
+    """Ask the service which model it runs"""
+
+    bl_idname = "chatpose.service_status"
+    bl_label = "Check Service"
+
+    def execute(self, context):
+        return _run(self, runtime.request_status, context)
+
+
+CLASSES = (
+    CHATPOSE_OT_send,
+    CHATPOSE_OT_pose_from_viewport,
+    CHATPOSE_OT_pose_from_image,
+    CHATPOSE_OT_clear_history,
+    CHATPOSE_OT_batch_keyframe,
+    CHATPOSE_OT_cancel,
+    CHATPOSE_OT_clear_batch_record,
+    CHATPOSE_OT_service_start,
+    CHATPOSE_OT_service_stop,
+    CHATPOSE_OT_service_status,
+)

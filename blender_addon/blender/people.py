@@ -1,0 +1,111 @@
+"""Putting every pose of one answer on an armature: the first on the target, each further one on
+its own SMPL armature beside it (see ``core.placement``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import bpy
+
+from shared_protocol.pose import Pose
+
+from ..core.placement import extra_person_name, person_location
+from ..core.smpl_model import SmplModel, load_smpl_model
+from .armature import create_smpl_armature, is_smpl_armature, rest_joints
+from .posing import apply_pose
+
+
+@dataclass
+class PeopleResult:
+    armatures: list[str] = field(default_factory=list)  # where each pose went, in order
+    created: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # names taken by something else
+    non_quaternion_bones: list[str] = field(default_factory=list)
+
+
+def _preferred_model() -> SmplModel | None:
+    from ..preferences import smpl_model_path
+
+    path = smpl_model_path()
+    if not path:
+        return None
+    try:
+        return load_smpl_model(path)
+    except ValueError:
+        return None  # the create operator reports a bad file; here the mannequin will do
+
+
+@contextlib.contextmanager
+def _kept_selection(context: bpy.types.Context):
+    """Restores the active object, the selection and the mode after creating objects."""
+    view_layer = context.view_layer
+    active = view_layer.objects.active
+    selected = [obj.name for obj in context.selected_objects]
+    mode = context.mode
+    try:
+        yield
+    finally:
+        for obj in view_layer.objects:
+            obj.select_set(obj.name in selected)
+        if active is not None and active.name in view_layer.objects:
+            view_layer.objects.active = active
+            if mode == "POSE" and active.type == "ARMATURE":
+                with contextlib.suppress(RuntimeError):
+                    bpy.ops.object.mode_set(mode="POSE")
+
+
+def person_armature(
+    context: bpy.types.Context, target: bpy.types.Object, k: int, spacing: float
+) -> tuple[bpy.types.Object | None, bool]:
+    """(armature for pose k, created?); None when the name is taken by a non-SMPL object."""
+    name = extra_person_name(target.name, k)
+    obj = bpy.data.objects.get(name)
+    if obj is not None:
+        if not is_smpl_armature(obj):
+            return None, False
+        if obj.name not in context.scene.objects:
+            context.scene.collection.objects.link(obj)
+        return obj, False
+    with _kept_selection(context):
+        obj = create_smpl_armature(
+            context,
+            name=name,
+            rest_joints_smpl=rest_joints(target),
+            location=person_location(target.matrix_world.translation, k, spacing),
+            on_ground=False,
+            with_mesh=True,
+            model=_preferred_model(),
+        )
+    obj.rotation_euler = target.rotation_euler.copy()
+    obj.scale = target.scale.copy()
+    return obj, True
+
+
+def apply_people(
+    context: bpy.types.Context,
+    target: bpy.types.Object,
+    poses: Sequence[Pose],
+    *,
+    frame: int | None = None,
+    use_translation: bool = True,
+    spacing: float = 1.0,
+) -> PeopleResult:
+    """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at
+    ``frame`` when given."""
+    result = PeopleResult()
+    for k, pose in enumerate(poses):
+        if k == 0:
+            obj = target
+        else:
+            obj, created = person_armature(context, target, k, spacing)
+            if obj is None:
+                result.skipped.append(extra_person_name(target.name, k))
+                continue
+            if created:
+                result.created.append(obj.name)
+        applied = apply_pose(obj, pose, use_translation=use_translation, frame=frame)
+        result.armatures.append(obj.name)
+        result.non_quaternion_bones += applied.non_quaternion_bones
+    return result

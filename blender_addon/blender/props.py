@@ -1,0 +1,133 @@
+"""Per-scene settings of the ChatPose panel (``scene.chatpose``), saved in the .blend: the target
+armature, the prompt, chat mode, keying, the chat history and the batch source."""
+
+from __future__ import annotations
+
+import bpy
+
+from ..core import chat
+from ..core.placement import DEFAULT_SPACING_M
+from .armature import find_smpl_armature, is_smpl_armature
+
+
+def _is_armature(self, obj) -> bool:
+    return obj.type == "ARMATURE"
+
+
+class ChatPoseMessage(bpy.types.PropertyGroup):
+    role: bpy.props.EnumProperty(
+        name="Role",
+        items=[
+            (chat.USER, "User", "What was asked"),
+            (chat.ASSISTANT, "Assistant", "The model's reply"),
+            (chat.ERROR, "Error", "Why the request failed (not sent back as context)"),
+        ],
+        default=chat.USER,
+    )
+    text: bpy.props.StringProperty(name="Text")
+    attachment: bpy.props.StringProperty(name="Attachment", description="An image sent along")
+    poses: bpy.props.IntProperty(name="Poses", description="Poses in the reply", min=0)
+
+
+class ChatPoseSceneSettings(bpy.types.PropertyGroup):
+    target: bpy.props.PointerProperty(
+        name="Target",
+        description="The SMPL armature that answers are put on (empty: the selected one)",
+        type=bpy.types.Object,
+        poll=_is_armature,
+    )
+    prompt: bpy.props.StringProperty(
+        name="Prompt", description="What pose to make, e.g. 'a man waving with the right hand'"
+    )
+    chat_mode: bpy.props.BoolProperty(
+        name="Chat",
+        description="Chat mode: a free reply (with poses when the model gives some), the "
+        "chat history sent as context. Off: pose mode, the fast path that always answers with "
+        "one pose",
+        default=False,
+    )
+    insert_keyframe: bpy.props.BoolProperty(
+        name="Insert Keyframe", description="Key the poses that come back", default=False
+    )
+    key_current_frame: bpy.props.BoolProperty(
+        name="Current Frame",
+        description="Key at the current frame (off: at the frame set here)",
+        default=True,
+    )
+    key_frame: bpy.props.IntProperty(name="Frame", description="Frame to key at", default=1)
+    use_translation: bpy.props.BoolProperty(
+        name="Translation",
+        description="Set the root bone's location from the pose (zero when it has none)",
+        default=True,
+    )
+    person_spacing: bpy.props.FloatProperty(
+        name="Spacing",
+        description="Distance along X between the armatures of several people in one answer",
+        default=DEFAULT_SPACING_M,
+        min=0.0,
+        soft_max=5.0,
+        unit="LENGTH",
+    )
+    history: bpy.props.CollectionProperty(type=ChatPoseMessage)
+    history_lines: bpy.props.IntProperty(
+        name="Lines", description="History lines shown in the panel", default=12, min=2, max=200
+    )
+    batch_source: bpy.props.EnumProperty(
+        name="Source",
+        items=[
+            ("TEXT", "Text", "A text datablock (Text Editor), one prompt per line"),
+            ("FILE", "File", "A .txt file, one prompt per line"),
+        ],
+        default="TEXT",
+    )
+    batch_text: bpy.props.PointerProperty(name="Text", type=bpy.types.Text)
+    batch_file: bpy.props.StringProperty(name="File", subtype="FILE_PATH")
+    batch_start: bpy.props.IntProperty(
+        name="Start", description="Frame of the first line", default=1
+    )
+    batch_step: bpy.props.IntProperty(
+        name="Step", description="Frames between two lines", default=10, min=1
+    )
+    batch_translation: bpy.props.BoolProperty(
+        name="Translation",
+        description="Key the root bone's location too (from the pose's translation)",
+        default=False,
+    )
+
+
+CLASSES = (ChatPoseMessage, ChatPoseSceneSettings)
+
+
+def register() -> None:
+    bpy.types.Scene.chatpose = bpy.props.PointerProperty(type=ChatPoseSceneSettings)
+
+
+def unregister() -> None:
+    if hasattr(bpy.types.Scene, "chatpose"):
+        del bpy.types.Scene.chatpose
+
+
+def settings(context: bpy.types.Context) -> ChatPoseSceneSettings:
+    return context.scene.chatpose
+
+
+def target_armature(context: bpy.types.Context) -> bpy.types.Object | None:
+    """The scene's target armature when it is an SMPL armature, else the selected one."""
+    scene = context.scene
+    target = scene.chatpose.target if scene is not None else None
+    if is_smpl_armature(target):
+        return target
+    return find_smpl_armature(context)
+
+
+def history_messages(scene: bpy.types.Scene) -> list[chat.Message]:
+    return [chat.Message(m.role, m.text, m.attachment, m.poses) for m in scene.chatpose.history]
+
+
+def append_history(scene: bpy.types.Scene, messages) -> None:
+    for message in messages:
+        item = scene.chatpose.history.add()
+        item.role = message.role
+        item.text = message.text
+        item.attachment = message.attachment
+        item.poses = message.poses

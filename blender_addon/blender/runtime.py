@@ -1,0 +1,631 @@
+"""The add-on's live state in Blender: one Dispatcher (one Session) polled by one timer, the
+optional local service process, and applying what comes back on the main thread.
+
+Nothing here waits for the service. Operators queue requests and return; ``timer_tick`` (a
+``bpy.app.timers`` callback, every ``TICK_INTERVAL_S`` while anything is in flight, removed when
+idle) takes the session's events and applies them: poses onto armatures, exchanges into the
+scene's chat history, batch lines keyed and recorded one by one. Each tick applies results for
+at most ``TICK_BUDGET_S`` (always at least one), the rest on the next tick, so a burst of 256
+batch items cannot freeze the UI.
+
+Undo: results arrive outside any operator, so after applying a pose (or at the end of a batch)
+the timer pushes one undo step itself (``bpy.ops.ed.undo_push``, when its poll allows, e.g. not
+while Blender has no undo stack); one answer is one undo step, one batch run is one undo step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import bpy
+
+from shared_protocol.protocol import ErrorCode, ProtocolError
+
+from ..core import batch_plan, chat
+from ..core.batch_plan import BatchRun, check_lines
+from ..core.batch_record import prompt_lines
+from ..core.dispatch import (
+    BatchEnded,
+    BatchLineFailed,
+    BatchLineReady,
+    BusyError,
+    Dispatcher,
+    PoseAnswered,
+    PoseFailed,
+    PoseJob,
+    StatusAnswered,
+    StatusFailed,
+)
+from ..core.netpolicy import is_loopback_address
+from ..core.service_process import (
+    ServiceProcess,
+    ServiceProcessError,
+    child_environment,
+    serve_command,
+)
+from .armature import is_smpl_armature
+from .batch_store import key_batch_lines, load_record
+from .people import apply_people
+from .props import append_history, history_messages, target_armature
+
+TICK_INTERVAL_S = 0.05
+TICK_BUDGET_S = 0.025
+PROBE_INTERVAL_S = 1.0
+MAX_LINES_PER_GROUP = 64  # batch lines keyed in one pass
+
+
+@dataclass(frozen=True)
+class _BatchLines:
+    """Consecutive ``BatchLineReady`` outcomes of one run."""
+
+    items: list
+
+
+class UserError(Exception):
+    """Something the user has to fix; operators report the message."""
+
+
+@dataclass
+class _State:
+    dispatcher: Dispatcher | None = None
+    process: ServiceProcess | None = None
+    backlog: deque = field(default_factory=deque)
+    message: str = ""
+    level: str = "INFO"  # INFO, WARNING, ERROR
+    service_line: str = ""  # what the last status check said
+    waiting_ready: bool = False  # a local service was started and has not answered yet
+    next_probe: float = 0.0
+    status_bar: bool = False
+
+
+_state = _State()
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+def dispatcher() -> Dispatcher:
+    if _state.dispatcher is None:
+        _state.dispatcher = Dispatcher()
+    return _state.dispatcher
+
+
+def service_process() -> ServiceProcess:
+    if _state.process is None:
+        from ..preferences import user_data_dir
+
+        _state.process = ServiceProcess(user_data_dir())
+    return _state.process
+
+
+def last_message() -> tuple[str, str]:
+    """(text, level) of the last thing the add-on had to say."""
+    return _state.message, _state.level
+
+
+def service_line() -> str:
+    return _state.service_line
+
+
+def waiting_for_service() -> bool:
+    return _state.waiting_ready
+
+
+def current_batch() -> BatchRun | None:
+    return _state.dispatcher.batch if _state.dispatcher is not None else None
+
+
+def pending_jobs() -> list[PoseJob]:
+    return _state.dispatcher.pending_jobs() if _state.dispatcher is not None else []
+
+
+def busy() -> bool:
+    d = _state.dispatcher
+    return bool(d is not None and (d.busy or d.batch_running)) or bool(_state.backlog)
+
+
+def set_message(text: str, level: str = "INFO", *, popup: bool = False) -> None:
+    _state.message, _state.level = text, level
+    if level != "INFO":
+        print(f"ChatPose {level.lower()}: {text}")
+    if popup:
+        _popup(text, level)
+
+
+def _popup(text: str, level: str) -> None:
+    """A popup where Blender has a window to show one (never in background mode)."""
+    if bpy.app.background:
+        return
+    wm = bpy.context.window_manager
+    if wm is None or not wm.windows:
+        return
+    lines = chat.wrap(text, 80)
+
+    def draw(self, _context):
+        for line in lines:
+            self.layout.label(text=line)
+
+    icon = "ERROR" if level == "ERROR" else "INFO"
+    with contextlib.suppress(Exception):
+        with _window_override():
+            wm.popup_menu(draw, title="ChatPose", icon=icon)
+
+
+# --- the timer ------------------------------------------------------------------------------
+
+
+def ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(timer_tick):
+        bpy.app.timers.register(timer_tick, first_interval=TICK_INTERVAL_S, persistent=True)
+
+
+def timer_tick() -> float | None:
+    """The timer callback: collect events, apply results within the time budget, keep going
+    while anything is in flight. Tests call it directly (headless Blender runs no timers)."""
+    started = time.perf_counter()
+    state = _state
+    if state.dispatcher is not None:
+        try:
+            state.backlog.extend(state.dispatcher.tick())
+        except Exception as exc:  # never let an exception unregister the timer silently
+            traceback.print_exc()
+            set_message(f"ChatPose could not read the service's answers: {exc}", "ERROR")
+    applied = 0
+    with _window_override():
+        while state.backlog and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S):
+            outcome = _next_outcome()
+            applied += 1
+            try:
+                apply_outcome(outcome)
+            except Exception as exc:
+                traceback.print_exc()
+                set_message(f"ChatPose could not apply an answer: {exc}", "ERROR")
+    _watch_local_service()
+    _update_status_bar()
+    if applied:
+        _redraw()
+    if state.backlog:
+        return 0.001
+    if busy() or state.waiting_ready:
+        return TICK_INTERVAL_S
+    return None
+
+
+def _next_outcome():
+    """The next outcome of the backlog; batch lines of one run that wait next to each other
+    come as one ``_BatchLines`` group, keyed in one pass."""
+    backlog = _state.backlog
+    first = backlog.popleft()
+    if not isinstance(first, BatchLineReady):
+        return first
+    group = [first]
+    while (
+        backlog
+        and len(group) < MAX_LINES_PER_GROUP
+        and isinstance(backlog[0], BatchLineReady)
+        and backlog[0].run is first.run
+    ):
+        group.append(backlog.popleft())
+    return _BatchLines(group)
+
+
+def _window_override():
+    """A context with a window for operators run from the timer (which has none)."""
+    context = bpy.context
+    wm = context.window_manager
+    if context.window is not None or wm is None or not wm.windows:
+        return contextlib.nullcontext()
+    window = wm.windows[0]
+    return context.temp_override(window=window, screen=window.screen)
+
+
+def _redraw() -> None:
+    wm = bpy.context.window_manager
+    if wm is None:
+        return
+    for window in wm.windows:
+        for area in window.screen.areas:
+            area.tag_redraw()
+
+
+def _set_status_text(text: str | None) -> None:
+    wm = bpy.context.window_manager
+    workspaces = {w.workspace for w in wm.windows} if wm is not None else set()
+    for workspace in workspaces:
+        with contextlib.suppress(Exception):
+            workspace.status_text_set(text)
+
+
+def _update_status_bar() -> None:
+    run = current_batch()
+    if run is not None and not run.closed:
+        _set_status_text(run.status_text())
+        _state.status_bar = True
+    elif _state.status_bar:
+        _set_status_text(None)
+        _state.status_bar = False
+
+
+def push_undo(message: str) -> None:
+    """One undo step for a change made outside an operator (see the module docstring)."""
+    with contextlib.suppress(RuntimeError), _window_override():
+        if bpy.ops.ed.undo_push.poll():
+            bpy.ops.ed.undo_push(message=message)
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _service(context) -> tuple[str, float]:
+    from ..preferences import service_settings
+
+    address, timeout, problem = service_settings(context)
+    if problem:
+        raise UserError(problem)
+    return address, timeout
+
+
+def send_pose(
+    context: bpy.types.Context, prompt: str, images: Sequence[bytes] = (), attachment: str = ""
+) -> PoseJob:
+    """Queues a pose (or chat) request with the scene's settings; UserError when it cannot be
+    sent (no armature, bad address, input the protocol refuses)."""
+    from ..preferences import get_preferences
+
+    scene = context.scene
+    settings = scene.chatpose
+    target = target_armature(context)
+    if target is None:
+        raise UserError("No SMPL armature: pick a target or create one (Create SMPL Armature)")
+    prompt = prompt.strip()
+    if not prompt and not images:
+        raise UserError("Type a prompt first")
+    address, timeout = _service(context)
+    mode = "chat" if settings.chat_mode else "pose"
+    history = ()
+    if settings.chat_mode:
+        prefs = get_preferences(context)
+        pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
+        history = chat.history_turns(history_messages(scene), max_pairs=pairs)
+    frame = None
+    if settings.insert_keyframe:
+        frame = scene.frame_current if settings.key_current_frame else settings.key_frame
+    job = PoseJob(
+        prompt=prompt,
+        mode=mode,
+        scene=scene.name,
+        armature=target.name,
+        frame=frame,
+        use_translation=settings.use_translation,
+        attachment=attachment,
+        spacing=settings.person_spacing,
+    )
+    try:
+        dispatcher().send_pose(address, timeout, job, images, history)
+    except (ProtocolError, BusyError) as exc:
+        raise UserError(f"Not sent: {exc}") from None
+    ensure_timer()
+    what = f"'{prompt}'" if prompt else "the image"
+    set_message(f"Asked the service for {what} ({mode} mode)")
+    return job
+
+
+def read_batch_lines(context: bpy.types.Context) -> tuple[list[str], str]:
+    """(prompts, source label) of the scene's batch source; UserError when there is none."""
+    settings = context.scene.chatpose
+    if settings.batch_source == "TEXT":
+        text = settings.batch_text
+        if text is None:
+            raise UserError("Pick a text datablock with one prompt per line")
+        content, label = text.as_string(), f"text '{text.name}'"
+    else:
+        path = bpy.path.abspath(settings.batch_file)
+        if not settings.batch_file:
+            raise UserError("Pick a .txt file with one prompt per line")
+        try:
+            with open(path, encoding="utf-8-sig") as file:
+                content = file.read()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:
+            raise UserError(f"{path} could not be read ({exc.strerror or exc})") from None
+        label = bpy.path.basename(path)
+    lines = prompt_lines(content)
+    if not lines:
+        raise UserError(f"{label} has no prompts (one per line)")
+    try:
+        check_lines(lines)
+    except ValueError as exc:
+        raise UserError(f"{label}: {exc}") from None
+    return lines, label
+
+
+def start_batch(context: bpy.types.Context) -> BatchRun:
+    """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
+    target armature. The returned run is already ended when nothing was pending."""
+    settings = context.scene.chatpose
+    if dispatcher().batch_running:
+        raise UserError("A batch is running: cancel it or wait for it to finish")
+    target = target_armature(context)
+    if target is None:
+        raise UserError("No SMPL armature: pick a target or create one (Create SMPL Armature)")
+    lines, label = read_batch_lines(context)
+    try:
+        record = load_record(target)
+    except ValueError as exc:
+        raise UserError(
+            f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
+        ) from None
+    pending = record.pending(lines, settings.batch_start, settings.batch_step)
+    run = BatchRun(
+        armature=target.name,
+        source=label,
+        pending=pending,
+        total_lines=len(lines),
+        use_translation=settings.batch_translation,
+    )
+    if not pending:
+        dispatcher().start_batch("", 0.0, run)  # records it as the last run, sends nothing
+        set_message(f"All {len(lines)} lines of {label} are keyed on {target.name} already")
+        return run
+    address, timeout = _service(context)
+    try:
+        dispatcher().start_batch(address, timeout, run)
+    except (ProtocolError, BusyError) as exc:
+        raise UserError(f"Batch not sent: {exc}") from None
+    ensure_timer()
+    skipped = run.already_keyed
+    note = f" ({skipped} keyed before)" if skipped else ""
+    set_message(
+        f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
+        f"in {-(-len(pending) // batch_plan.MAX_BATCH_ITEMS)} request(s)"
+    )
+    _update_status_bar()
+    return run
+
+
+def cancel() -> int:
+    """Cancels the running batch and the pose requests in flight; how many were cancelled."""
+    d = _state.dispatcher
+    if d is None:
+        return 0
+    count = d.cancel_all()
+    if count:
+        set_message(f"Cancelling {count} request(s)...", "WARNING")
+    return count
+
+
+def request_status(context: bpy.types.Context) -> None:
+    address, timeout = _service(context)
+    dispatcher().request_status(address, timeout)
+    ensure_timer()
+    set_message(f"Asking {address} for its status...")
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+def apply_outcome(outcome) -> None:
+    match outcome:
+        case PoseAnswered():
+            _pose_answered(outcome)
+        case PoseFailed():
+            _pose_failed(outcome)
+        case StatusAnswered():
+            status = outcome.status
+            _state.service_line = (
+                f"{status.model} on {status.device} ({status.dtype}), "
+                f"chatpose {status.version}, images: {status.max_images}"
+            )
+            if outcome.job.probe:
+                _state.waiting_ready = False
+                set_message(f"Local service ready: {_state.service_line}")
+            else:
+                set_message(f"Service: {_state.service_line}")
+        case StatusFailed():
+            if not outcome.job.probe:
+                _state.service_line = f"unavailable: {outcome.message}"
+                set_message(f"Service: {outcome.message}", "ERROR")
+        case BatchLineReady():
+            _batch_lines([outcome])
+        case _BatchLines():
+            _batch_lines(outcome.items)
+        case BatchLineFailed():
+            pass  # counted by the run; reported when it ends
+        case BatchEnded():
+            _batch_ended(outcome.run)
+
+
+def _pose_answered(outcome: PoseAnswered) -> None:
+    job, poses = outcome.job, outcome.poses
+    scene = bpy.data.scenes.get(job.scene)
+    if scene is not None:
+        append_history(
+            scene,
+            chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
+        )
+    if not poses:
+        set_message(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
+        return
+    target = bpy.data.objects.get(job.armature)
+    if not is_smpl_armature(target):
+        gone = f"The armature {job.armature!r} is gone; the answer was not applied"
+        set_message(gone, "ERROR", popup=True)
+        return
+    result = apply_people(
+        bpy.context,
+        target,
+        poses,
+        frame=job.frame,
+        use_translation=job.use_translation,
+        spacing=job.spacing,
+    )
+    label = job.prompt or job.attachment or "pose"
+    push_undo(f"ChatPose: {label[:60]}")
+    where = ", ".join(
+        name + (" (new)" if name in result.created else "") for name in result.armatures
+    )
+    text = f"Applied {len(result.armatures)} pose(s) to {where}"
+    if job.frame is not None:
+        text += f", keyed at frame {job.frame}"
+    level = "INFO"
+    if result.skipped:
+        text += f"; not applied: {', '.join(result.skipped)} (the name is taken)"
+        level = "WARNING"
+    if result.non_quaternion_bones:
+        text += f"; {len(set(result.non_quaternion_bones))} bone(s) converted to their mode"
+    set_message(text, level)
+
+
+def _pose_failed(outcome: PoseFailed) -> None:
+    job = outcome.job
+    message = outcome.message
+    if outcome.code == ErrorCode.UNREACHABLE and _state.waiting_ready:
+        message += " (the local service is still starting; try again when it is ready)"
+    scene = bpy.data.scenes.get(job.scene)
+    if scene is not None:
+        append_history(
+            scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
+        )
+    set_message(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+
+
+def _batch_lines(outcomes: list[BatchLineReady]) -> None:
+    """Keys and records lines of one run (keys first, then the record: see batch_store)."""
+    run = outcomes[0].run
+    obj = bpy.data.objects.get(run.armature)
+    if not is_smpl_armature(obj):
+        for outcome in outcomes:
+            run.item_failed(outcome.line, f"the armature {run.armature!r} is gone")
+        dispatcher().cancel_batch()
+        return
+    items = [(o.line, o.poses[0]) for o in outcomes]
+    try:
+        key_batch_lines(obj, items, use_translation=run.use_translation)
+    except Exception as exc:
+        for line, _ in items:
+            run.item_failed(line, f"could not key it ({exc})")
+        return
+    for line, _ in items:
+        run.item_keyed(line)
+
+
+def _batch_ended(run: BatchRun) -> None:
+    run.close()
+    if run.keyed:
+        push_undo(f"ChatPose: batch keyframes ({run.keyed} lines)")
+    if run.state == batch_plan.FAILED:
+        level, popup = "ERROR", True
+    elif run.remaining:
+        level, popup = "WARNING", False
+    else:
+        level, popup = "INFO", False
+    set_message(run.summary(), level, popup=popup)
+    _update_status_bar()
+
+
+# --- the local service ----------------------------------------------------------------------
+
+
+def start_service(context: bpy.types.Context) -> None:
+    from ..preferences import get_preferences, service_settings
+
+    prefs = get_preferences(context)
+    if prefs is None:
+        raise UserError("The add-on's preferences are not available")
+    address, _timeout, _problem = service_settings(context)
+    if not is_loopback_address(address):
+        raise UserError(
+            f"A local service listens on the Service Address, which must be on this machine "
+            f"(e.g. tcp://127.0.0.1:5555), not {address}"
+        )
+    try:
+        argv = serve_command(
+            bpy.path.abspath(prefs.service_python),
+            bpy.path.abspath(prefs.service_checkpoint),
+            address,
+            prefs.service_device,
+        )
+        state = service_process().start(argv, env=child_environment(dict(os.environ)))
+    except ServiceProcessError as exc:
+        raise UserError(f"Local service not started: {exc}") from None
+    _state.waiting_ready = True
+    _state.next_probe = time.monotonic() + 0.5
+    _state.service_line = ""
+    ensure_timer()
+    set_message(f"Local service {state.describe()}; loading the model...")
+
+
+def stop_service(*, wait: bool = False) -> None:
+    if _state.process is None:
+        return
+    state = _state.process.stop(wait=wait)
+    _state.waiting_ready = False
+    set_message(f"Local service {state.describe()}")
+
+
+def local_service_state():
+    """The local process's state (``core.service_process.ProcessState``), polled now."""
+    return service_process().poll()
+
+
+def _watch_local_service() -> None:
+    if not _state.waiting_ready:
+        return
+    state = service_process().poll()
+    if not state.alive:
+        _state.waiting_ready = False
+        set_message(f"Local service {state.describe()}", "ERROR", popup=True)
+        return
+    d = dispatcher()
+    if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):
+        _state.next_probe = time.monotonic() + PROBE_INTERVAL_S
+        with contextlib.suppress(UserError, ProtocolError, BusyError):
+            address, timeout = _service(bpy.context)
+            d.request_status(address, timeout, probe=True)
+
+
+# --- file loads, unregister -----------------------------------------------------------------
+
+
+@bpy.app.handlers.persistent
+def _on_load_pre(*_args) -> None:
+    """A file is being loaded: answers in flight belong to the old one."""
+    d = _state.dispatcher
+    if d is None:
+        return
+    count = d.cancel_all(forget=True)
+    _state.backlog.clear()
+    if _state.status_bar:
+        _set_status_text(None)
+        _state.status_bar = False
+    if count:
+        set_message(f"A file was loaded: {count} request(s) in flight were cancelled", "WARNING")
+
+
+def register() -> None:
+    if _on_load_pre not in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.append(_on_load_pre)
+
+
+def unregister() -> None:
+    """Stops the timer, closes the session and stops a local service started here."""
+    if bpy.app.timers.is_registered(timer_tick):
+        bpy.app.timers.unregister(timer_tick)
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    if _state.status_bar:
+        _set_status_text(None)
+    if _state.dispatcher is not None:
+        _state.dispatcher.close()
+    if _state.process is not None:
+        _state.process.stop(wait=True)
+    _state.__init__()

@@ -1,0 +1,192 @@
+"""One "batch keyframe from text" run: the pending lines, split into batch requests, and how far
+the run has come.
+
+``batch_record.pending`` says which lines still need a key; a run sends them as ``batch``
+requests of at most ``MAX_BATCH_ITEMS`` prompts each (the protocol's limit), one after the
+other, and keeps count as the items stream in. Each item is keyed and recorded by the caller
+as it arrives, so whatever ends the run (done, cancelled, the service gone) leaves the record
+telling exactly which lines are keyed: the next run sends only the rest.
+
+States: ``running`` -> (``cancelling`` ->) ``finished`` | ``cancelled`` | ``failed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shared_protocol.protocol import DEFAULT_LIMITS
+
+from .batch_record import PendingLine
+
+MAX_BATCH_ITEMS = DEFAULT_LIMITS.max_batch_items
+
+RUNNING = "running"
+CANCELLING = "cancelling"
+FINISHED = "finished"
+CANCELLED = "cancelled"
+FAILED = "failed"
+ENDED = (FINISHED, CANCELLED, FAILED)
+
+
+def split(lines: Sequence[PendingLine], size: int = MAX_BATCH_ITEMS) -> list[list[PendingLine]]:
+    """Consecutive chunks of at most ``size`` lines, in order."""
+    if size < 1:
+        raise ValueError(f"size: expected >= 1, got {size}")
+    return [list(lines[i : i + size]) for i in range(0, len(lines), size)]
+
+
+@dataclass
+class BatchRun:
+    """A run over ``pending`` lines of a text of ``total_lines`` prompts, keyed on the armature
+    named ``armature``. ``use_translation`` is passed on to the keying.
+
+    The dispatcher moves the run through its requests (``next_prompts``, ``line_for``,
+    ``request_finished`` ...); the bpy side reports each line it keyed (``item_keyed``) or could
+    not key (``item_failed``), and ``close()`` once it has shown the end of the run. Lines are
+    counted by their line number, so reports that come after the next request went out still
+    count right."""
+
+    armature: str
+    source: str  # what the lines came from, for messages ("Text 'moves'", "moves.txt")
+    pending: list[PendingLine]
+    total_lines: int
+    use_translation: bool = False
+    chunk_size: int = MAX_BATCH_ITEMS
+    state: str = RUNNING
+    reason: str = ""  # why a run failed
+    requests: int = 0  # batch requests sent
+    closed: bool = False  # the bpy side has applied the end of the run
+    _chunks: list[list[PendingLine]] = field(default_factory=list, repr=False)
+    _chunk: int = -1
+    _keyed: set[int] = field(default_factory=set, repr=False)
+    _failed: dict[int, tuple[PendingLine, str]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._chunks = split(self.pending, self.chunk_size)
+
+    # --- progress -------------------------------------------------------------------------
+
+    @property
+    def keyed(self) -> int:
+        return len(self._keyed)
+
+    @property
+    def failed_lines(self) -> list[tuple[PendingLine, str]]:
+        return [self._failed[k] for k in sorted(self._failed)]
+
+    @property
+    def already_keyed(self) -> int:
+        """Lines keyed by earlier runs (not pending when this one started)."""
+        return self.total_lines - len(self.pending)
+
+    @property
+    def done(self) -> int:
+        return self.already_keyed + self.keyed
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total_lines if self.total_lines else 1.0
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def remaining(self) -> int:
+        """Lines of the text without a key now."""
+        return self.total_lines - self.done
+
+    @property
+    def message(self) -> str:
+        return self.summary() if self.ended else self.status_text()
+
+    def status_text(self) -> str:
+        text = f"ChatPose batch: {self.done}/{self.total_lines} lines keyed on {self.armature}"
+        if self._failed:
+            text += f", {len(self._failed)} failed"
+        if self.state == CANCELLING:
+            text += " (cancelling)"
+        return text
+
+    # --- requests -------------------------------------------------------------------------
+
+    def next_prompts(self) -> list[str] | None:
+        """Moves on to the next chunk and returns its prompts; None when there is none (or the
+        run is stopping)."""
+        if self.state != RUNNING or self._chunk + 1 >= len(self._chunks):
+            return None
+        self._chunk += 1
+        self.requests += 1
+        return [line.text for line in self._chunks[self._chunk]]
+
+    def line_for(self, index: int) -> PendingLine | None:
+        """The line that item ``index`` of the current request answers (None if out of range)."""
+        if not 0 <= self._chunk < len(self._chunks):
+            return None
+        chunk = self._chunks[self._chunk]
+        return chunk[index] if 0 <= index < len(chunk) else None
+
+    # --- events ---------------------------------------------------------------------------
+
+    def item_keyed(self, line: PendingLine) -> None:
+        """``line`` was keyed and recorded."""
+        self._failed.pop(line.line, None)
+        self._keyed.add(line.line)
+
+    def item_failed(self, line: PendingLine, message: str) -> None:
+        if line.line not in self._keyed:
+            self._failed[line.line] = (line, message)
+
+    def cancel(self) -> None:
+        if self.state == RUNNING:
+            self.state = CANCELLING
+
+    def request_finished(self) -> bool:
+        """The current request ended normally; True when another chunk is to be sent (call
+        ``next_prompts``), False when the run has ended."""
+        more = self._chunk + 1 < len(self._chunks)
+        if self.state == RUNNING and more:
+            return True
+        self.state = CANCELLED if more else FINISHED
+        return False
+
+    def request_cancelled(self) -> None:
+        self.state = CANCELLED
+
+    def fail(self, reason: str) -> None:
+        self.state = FAILED
+        self.reason = reason
+
+    def close(self) -> None:
+        self.closed = True
+
+    def summary(self) -> str:
+        keyed = f"{self.keyed} line{'s' if self.keyed != 1 else ''} keyed on {self.armature}"
+        left = self.remaining
+        if not left:
+            return f"Batch from {self.source} done: {keyed}; all {self.total_lines} lines keyed"
+        if self.state == FAILED:
+            parts = [f"Batch from {self.source} stopped: {self.reason}."]
+        elif self.state == CANCELLED:
+            parts = [f"Batch from {self.source} cancelled."]
+        else:
+            parts = [f"Batch from {self.source} done."]
+        parts.append(f"{keyed}; {left} of {self.total_lines} still to key.")
+        failed = self.failed_lines
+        if failed:
+            shown = ", ".join(str(line.line + 1) for line, _ in failed[:5])
+            more = " ..." if len(failed) > 5 else ""
+            parts.append(f"{len(failed)} failed (prompt {shown}{more}: {failed[0][1]}).")
+        parts.append("Run Batch Keyframe again to key the rest (nothing is keyed twice).")
+        return " ".join(parts)
+
+
+def check_lines(lines: Sequence[str], max_chars: int = DEFAULT_LIMITS.max_prompt_chars) -> None:
+    """ValueError naming the first prompt the service would refuse as too long."""
+    for number, line in enumerate(lines, start=1):
+        if len(line) > max_chars:
+            raise ValueError(
+                f"prompt {number} has {len(line)} characters; the service takes at most "
+                f"{max_chars} per prompt"
+            )

@@ -1,0 +1,127 @@
+"""The chat history: what the panel keeps per scene, what goes to the service as context.
+
+The history is a list of messages kept as Blender properties on the scene (so it is saved in
+the .blend). An exchange is always stored as a pair, added when its answer comes back: the
+user's prompt, then the model's reply (role ``assistant``) or the failure (role ``error``).
+Storing both at once keeps the pairs intact when several prompts are in flight.
+
+In chat mode the earlier exchanges go with the prompt as protocol ``Turn``s, user/assistant
+pairs in order (the service wants pairs). Failed exchanges are not sent. The most recent pairs
+are kept within ``max_pairs`` and ``max_chars`` (and the protocol's limits), so that a long
+chat does not overflow the model's context.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared_protocol.protocol import DEFAULT_LIMITS, Turn
+
+USER = "user"
+ASSISTANT = "assistant"
+ERROR = "error"
+ROLES = (USER, ASSISTANT, ERROR)
+
+DEFAULT_MAX_PAIRS = 8
+DEFAULT_MAX_CHARS = 6_000
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    text: str
+    attachment: str = ""  # e.g. "viewport image", "image: photo.png" (shown, never sent)
+    poses: int = 0  # how many poses the reply carried
+
+
+def clean_text(text: str, max_chars: int = DEFAULT_LIMITS.max_text_chars) -> str:
+    """Text safe to keep in a Blender string property and to send back: control characters
+    other than newline and tab removed (Blender strings end at a NUL), surrogates replaced,
+    surrounding whitespace stripped, at most ``max_chars`` characters."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    kept = "".join(
+        c for c in text if c in "\n\t" or not unicodedata.category(c).startswith(("Cc", "Cs"))
+    )
+    return kept.strip()[:max_chars]
+
+
+def exchange(
+    prompt: str, reply: str, *, attachment: str = "", poses: int = 0, failed: bool = False
+) -> tuple[Message, Message]:
+    """The two messages one answered (or failed) prompt adds to the history."""
+    return (
+        Message(USER, clean_text(prompt), attachment=attachment),
+        Message(ERROR if failed else ASSISTANT, clean_text(reply), poses=poses),
+    )
+
+
+def history_turns(
+    messages: Sequence[Message],
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> tuple[Turn, ...]:
+    """The conversation context for a chat request: the latest answered exchanges as
+    user/assistant ``Turn`` pairs, oldest first.
+
+    A user message followed by an assistant message is a pair; anything else (an error reply,
+    a stray message) is skipped. From the newest pair backwards, pairs are kept while there are
+    at most ``max_pairs`` of them (and the protocol's history limit) and their texts total at
+    most ``max_chars`` characters. Pairs with an empty side carry nothing and are skipped.
+    """
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(messages):
+        first = messages[i]
+        second = messages[i + 1] if i + 1 < len(messages) else None
+        if first.role == USER and second is not None and second.role == ASSISTANT:
+            user, assistant = first.text.strip(), second.text.strip()
+            if user and assistant:
+                pairs.append((user, assistant))
+            i += 2
+        else:
+            i += 1
+    limit = min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
+    kept: list[tuple[str, str]] = []
+    used = 0
+    for user, assistant in reversed(pairs):
+        if len(kept) >= limit:
+            break
+        size = len(user) + len(assistant)
+        if used + size > max_chars:
+            break
+        kept.append((user, assistant))
+        used += size
+    turns: list[Turn] = []
+    for user, assistant in reversed(kept):
+        turns += [Turn(USER, user), Turn(ASSISTANT, assistant)]
+    return tuple(turns)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """``text`` broken into lines of at most ``width`` characters (panel labels do not wrap)."""
+    width = max(8, width)
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        lines += textwrap.wrap(paragraph, width, break_long_words=True) or [""]
+    return lines
+
+
+def display_lines(messages: Sequence[Message], width: int, max_lines: int) -> list[tuple[str, str]]:
+    """The last ``max_lines`` lines of the history for the panel, as (role, line); the first
+    line of each message is prefixed with who said it."""
+    out: list[tuple[str, str]] = []
+    for message in messages:
+        head = {USER: "You", ASSISTANT: "ChatPose", ERROR: "Failed"}.get(message.role, "?")
+        extras = []
+        if message.attachment:
+            extras.append(message.attachment)
+        if message.poses:
+            extras.append(f"{message.poses} pose{'s' if message.poses != 1 else ''}")
+        suffix = f" [{', '.join(extras)}]" if extras else ""
+        text = f"{head}: {message.text or '(no text)'}{suffix}"
+        out += [(message.role, line) for line in wrap(text, width)]
+    return out[-max_lines:] if max_lines > 0 else []

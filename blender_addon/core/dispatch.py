@@ -1,0 +1,309 @@
+"""Request bookkeeping between the panel and the service (no bpy).
+
+The add-on has one ``Dispatcher``, which owns the one ``Session`` and remembers what each
+request in flight is for: a pose job (which scene, which armature, which frame to key), a batch
+run (``batch_plan.BatchRun``), or a status check. ``tick()`` is called from the Blender timer;
+it turns the session's events into outcomes for the bpy side to apply on the main thread, and
+moves a batch on to its next request (the protocol caps a batch at 256 prompts).
+
+Nothing here blocks: the session never does, and sending only queues a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import ErrorCode, StatusReply, Turn
+
+from .batch_plan import BatchRun
+from .batch_record import PendingLine
+from .session import (
+    BatchFinished,
+    BatchItem,
+    PoseResult,
+    RequestFailed,
+    Session,
+    StatusResult,
+)
+
+
+@dataclass(frozen=True)
+class PoseJob:
+    """What to do with the answer to one pose request."""
+
+    prompt: str
+    mode: str  # "pose" or "chat"
+    scene: str  # the scene whose chat history gets the exchange
+    armature: str  # the target armature's name: the first pose goes there
+    frame: int | None = None  # key the poses at this frame, or None
+    use_translation: bool = True
+    attachment: str = ""  # "viewport image", "image: photo.jpg"
+    spacing: float = 1.0  # metres between people of one answer
+
+
+@dataclass(frozen=True)
+class StatusJob:
+    probe: bool = False  # sent by the add-on itself, waiting for a starting local service
+
+
+@dataclass(frozen=True)
+class PoseAnswered:
+    job: PoseJob
+    text: str
+    poses: tuple[Pose, ...]
+
+
+@dataclass(frozen=True)
+class PoseFailed:
+    job: PoseJob
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class StatusAnswered:
+    job: StatusJob
+    status: StatusReply
+
+
+@dataclass(frozen=True)
+class StatusFailed:
+    job: StatusJob
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchLineReady:
+    """Key ``poses[0]`` at ``line.frame`` on ``run.armature`` and record the line; then call
+    ``run.item_keyed(line)`` (or ``run.item_failed(line, message)`` when keying failed)."""
+
+    run: BatchRun
+    index: int
+    line: PendingLine
+    text: str
+    poses: tuple[Pose, ...]
+
+
+@dataclass(frozen=True)
+class BatchLineFailed:
+    run: BatchRun
+    line: PendingLine
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchEnded:
+    run: BatchRun  # run.state and run.message say how
+
+
+Outcome = (
+    PoseAnswered
+    | PoseFailed
+    | StatusAnswered
+    | StatusFailed
+    | BatchLineReady
+    | BatchLineFailed
+    | BatchEnded
+)
+
+
+class BusyError(Exception):
+    """The request cannot be made now; the message is for the user."""
+
+
+class Dispatcher:
+    def __init__(self, make_session: Callable[[str, float], Session] = Session):
+        self._make_session = make_session
+        self._session: Session | None = None
+        self._jobs: dict[str, PoseJob | StatusJob | BatchRun] = {}
+        self.batch: BatchRun | None = None  # the current (or last) batch run
+
+    # --- the session ----------------------------------------------------------------------
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    def _session_for(self, address: str, timeout_s: float) -> Session:
+        """The session for ``address``; a new one when the address changed (only when nothing
+        is in flight: replies to the old address would be lost)."""
+        if self._session is not None and self._session.address != address:
+            if self._session.busy:
+                raise BusyError(
+                    "requests to the previous service address are still running; "
+                    "cancel them or wait before using the new address"
+                )
+            self._session.close()
+            self._session = None
+        if self._session is None:
+            self._session = self._make_session(address, timeout_s)
+        self._session.timeout_s = timeout_s
+        return self._session
+
+    @property
+    def busy(self) -> bool:
+        return self._session is not None and self._session.busy
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        self._jobs.clear()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def send_pose(
+        self,
+        address: str,
+        timeout_s: float,
+        job: PoseJob,
+        images: Sequence[bytes] = (),
+        history: Sequence[Turn] = (),
+    ) -> str:
+        """Sends the request; raises ProtocolError at once for input the service would refuse."""
+        session = self._session_for(address, timeout_s)
+        request_id = session.request_pose(job.prompt, images, history, job.mode)
+        self._jobs[request_id] = job
+        return request_id
+
+    def request_status(self, address: str, timeout_s: float, *, probe: bool = False) -> str:
+        session = self._session_for(address, timeout_s)
+        request_id = session.request_status()
+        self._jobs[request_id] = StatusJob(probe)
+        return request_id
+
+    def start_batch(self, address: str, timeout_s: float, run: BatchRun) -> str | None:
+        """Sends the run's first request; None (and the run finished and closed) when nothing is
+        pending."""
+        if self.batch_running:
+            raise BusyError("a batch is running; cancel it or wait for it to finish")
+        prompts = run.next_prompts()
+        if prompts is None:
+            run.request_finished()
+            run.close()
+            self.batch = run
+            return None
+        session = self._session_for(address, timeout_s)
+        request_id = session.request_batch(prompts)
+        self._jobs[request_id] = run
+        self.batch = run
+        return request_id
+
+    @property
+    def batch_running(self) -> bool:
+        """A batch run is in progress, or its last lines are still being keyed."""
+        return self.batch is not None and not self.batch.closed
+
+    def pending_jobs(self) -> list[PoseJob]:
+        """Pose requests still waiting for an answer, oldest first."""
+        return [job for job in self._jobs.values() if isinstance(job, PoseJob)]
+
+    def status_in_flight(self, *, probe: bool | None = None) -> bool:
+        return any(
+            isinstance(job, StatusJob) and (probe is None or job.probe == probe)
+            for job in self._jobs.values()
+        )
+
+    def cancel_batch(self) -> bool:
+        """Asks the service to stop the running batch; what it already answered is still keyed
+        as it arrives. False when no batch is running."""
+        if self.batch is None or self.batch.ended or self._session is None:
+            return False
+        self.batch.cancel()
+        for request_id, job in self._jobs.items():
+            if job is self.batch:
+                self._session.cancel(request_id)
+        return True
+
+    def cancel_all(self, *, forget: bool = False) -> int:
+        """Cancels every request in flight (pose, status, batch). With ``forget`` their answers
+        are dropped when they come (a new file was loaded: nothing to apply them to). Returns
+        how many requests were cancelled."""
+        if self._session is None:
+            return 0
+        if self.batch is not None and not self.batch.ended:
+            self.batch.cancel()
+        for request_id in list(self._jobs):
+            self._session.cancel(request_id)
+        count = len(self._jobs)
+        if forget:
+            if self.batch is not None:
+                if not self.batch.ended:
+                    self.batch.fail("a file was loaded")
+                self.batch.close()
+            self._jobs.clear()
+        return count
+
+    # --- the timer's work -----------------------------------------------------------------
+
+    def tick(self) -> list[Outcome]:
+        if self._session is None:
+            return []
+        outcomes: list[Outcome] = []
+        for event in self._session.tick():
+            job = self._jobs.get(event.request_id)
+            if job is None:
+                continue  # forgotten (file loaded) or not ours
+            outcomes += self._on_event(event, job)
+        return outcomes
+
+    def _on_event(self, event, job) -> list[Outcome]:
+        if isinstance(job, PoseJob):
+            self._jobs.pop(event.request_id, None)
+            if isinstance(event, PoseResult):
+                return [PoseAnswered(job, event.text, event.poses)]
+            if isinstance(event, RequestFailed):
+                return [PoseFailed(job, event.code, event.message)]
+            return []
+        if isinstance(job, StatusJob):
+            self._jobs.pop(event.request_id, None)
+            if isinstance(event, StatusResult):
+                return [StatusAnswered(job, event.status)]
+            if isinstance(event, RequestFailed):
+                return [StatusFailed(job, event.code, event.message)]
+            return []
+        return self._on_batch_event(event, job)
+
+    def _on_batch_event(self, event, run: BatchRun) -> list[Outcome]:
+        if isinstance(event, BatchItem):
+            line = run.line_for(event.index)
+            if line is None:
+                return []
+            if not event.poses:
+                run.item_failed(line, "the answer held no pose")
+                return [BatchLineFailed(run, line, "the answer held no pose")]
+            return [BatchLineReady(run, event.index, line, event.text, event.poses)]
+        if isinstance(event, RequestFailed) and not event.final:
+            line = run.line_for(event.index)
+            if line is None:
+                return []
+            run.item_failed(line, event.message)
+            return [BatchLineFailed(run, line, event.message)]
+        self._jobs.pop(event.request_id, None)
+        if isinstance(event, BatchFinished):
+            if run.request_finished():
+                return self._send_next_chunk(run)
+            return [BatchEnded(run)]
+        if isinstance(event, RequestFailed):
+            if event.code == ErrorCode.CANCELLED:
+                run.request_cancelled()
+            else:
+                run.fail(event.message)
+            return [BatchEnded(run)]
+        return []
+
+    def _send_next_chunk(self, run: BatchRun) -> list[Outcome]:
+        prompts = run.next_prompts()
+        if prompts is None:  # pragma: no cover - request_finished said there is one
+            run.request_finished()
+            return [BatchEnded(run)]
+        try:
+            request_id = self._session.request_batch(prompts)
+        except Exception as exc:  # a ProtocolError for a prompt, or the socket
+            run.fail(f"the next batch request could not be sent ({exc})")
+            return [BatchEnded(run)]
+        self._jobs[request_id] = run
+        return []

@@ -1,0 +1,34 @@
+"""Several people in one answer: which armature each pose goes on, and where new ones stand.
+
+The first pose goes on the target armature. Pose ``k`` (k >= 1) goes on an armature named
+``extra_person_name(target, k)``: created on demand ``k * spacing`` metres along world +X from
+the target, and found again by that name on later answers (where it is left wherever the user
+moved it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DEFAULT_SPACING_M = 1.0
+
+
+def extra_person_name(target_name: str, k: int) -> str:
+    """The name of the armature for pose ``k`` (k >= 1) of an answer: "SMPL" -> "SMPL.person2"
+    for the second person."""
+    if k < 1:
+        raise ValueError(f"k: the target itself is person 0; expected >= 1, got {k}")
+    return f"{target_name}.person{k + 1}"
+
+
+def person_location(
+    target_location: Sequence[float], k: int, spacing: float = DEFAULT_SPACING_M
+) -> tuple[float, float, float]:
+    """Where a new armature for pose ``k`` goes: beside the target, ``k * spacing`` along X."""
+    x, y, z = (float(c) for c in target_location)
+    return (x + k * spacing, y, z)
+
+
+def assign(target_name: str, count: int) -> list[str]:
+    """Armature names for ``count`` poses of one answer, in order."""
+    return [target_name] + [extra_person_name(target_name, k) for k in range(1, count)]

@@ -1,0 +1,271 @@
+"""An optional local ``chatpose-serve`` process, started and stopped from the preferences.
+
+No bpy here. The process is ``<python> -m inference_service.serve --checkpoint DIR --bind ADDR
+--device DEV``; its stdout and stderr go to a log file (never a pipe, which could fill up and
+stall it), whose last line the panel shows when the process has exited. Nothing blocks:
+``start`` returns once the process is spawned (the model loads in the background), ``poll``
+is a non-blocking ``Popen.poll``, ``stop`` sends SIGTERM (chatpose-serve finishes the work it
+is running and exits) and a later ``poll`` kills it if it is still there after the grace time;
+``stop(wait=True)`` waits, for Blender's exit.
+
+A process started here does not outlive Blender: ``atexit`` stops every live one (Blender runs
+``atexit`` hooks when it quits), the add-on's ``unregister`` stops it, and on Linux the child
+also gets SIGTERM from the kernel if Blender dies without running either (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+SERVE_MODULE = "inference_service.serve"
+STOP_GRACE_S = 5.0
+LOG_NAME = "chatpose-serve.log"
+_TAIL_BYTES = 8192
+_MAX_LINE_CHARS = 300
+
+STOPPED = "stopped"
+RUNNING = "running"
+STOPPING = "stopping"
+EXITED = "exited"
+
+
+class ServiceProcessError(Exception):
+    """The process cannot be started as asked; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    state: str  # STOPPED (never started, or stopped here), RUNNING, STOPPING, EXITED
+    pid: int | None = None
+    returncode: int | None = None
+    last_line: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (RUNNING, STOPPING)
+
+    def describe(self) -> str:
+        if self.state == RUNNING:
+            return f"running (pid {self.pid})"
+        if self.state == STOPPING:
+            return f"stopping (pid {self.pid})"
+        if self.state == EXITED:
+            text = f"exited with code {self.returncode}"
+            return f"{text}: {self.last_line}" if self.last_line else text
+        return "stopped"
+
+
+def serve_command(
+    python: str, checkpoint: str, bind: str, device: str = "auto", extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line of a local chatpose-serve; ServiceProcessError names a missing piece."""
+    python = python.strip()
+    if not python:
+        raise ServiceProcessError(
+            "set the Python interpreter that has chatpose-blender[service] installed "
+            "(add-on preferences > Local Service)"
+        )
+    resolved = python if os.path.sep in python else shutil.which(python)
+    if not resolved or not os.path.isfile(resolved):
+        raise ServiceProcessError(f"Python interpreter {python!r} not found")
+    checkpoint = checkpoint.strip()
+    if not checkpoint:
+        raise ServiceProcessError("set the checkpoint directory (add-on preferences)")
+    if not os.path.isdir(checkpoint):
+        raise ServiceProcessError(f"checkpoint directory {checkpoint!r} does not exist")
+    return [
+        resolved,
+        "-m",
+        SERVE_MODULE,
+        "--checkpoint",
+        checkpoint,
+        "--bind",
+        bind,
+        "--device",
+        device or "auto",
+        *extra,
+    ]
+
+
+def summarize_log_line(line: str) -> str:
+    """A log line for the panel: chatpose-serve writes JSON lines (``level``, ``msg``), which
+    are shown as "level: msg"; anything else as it is. Shortened to a few hundred characters."""
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("msg"), str):
+            level = record.get("level", "")
+            line = f"{level}: {record['msg']}" if level else record["msg"]
+            if isinstance(record.get("exception"), str):
+                line += " (" + record["exception"].strip().splitlines()[-1] + ")"
+    return line if len(line) <= _MAX_LINE_CHARS else line[: _MAX_LINE_CHARS - 3] + "..."
+
+
+def last_line(path: str) -> str:
+    """The last non-empty line of a text file ("" when there is none or it cannot be read)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - _TAIL_BYTES))
+            tail = file.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when Blender dies
+    (``PR_SET_PDEATHSIG``). libc is loaded here, in the parent: the hook itself only makes one
+    call, so nothing in the forked child can wait on a lock another thread held."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no usable libc
+        return None
+
+    def hook() -> None:  # pragma: no cover - runs in the child
+        prctl(1, int(signal.SIGTERM))
+
+    return hook
+
+
+_live: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
+
+
+class ServiceProcess:
+    """At most one child process at a time; ``log_dir`` holds its log file."""
+
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+        clock: Callable[[], float] = time.monotonic,
+        grace_s: float = STOP_GRACE_S,
+    ):
+        self.log_dir = log_dir
+        self.log_path = os.path.join(log_dir, LOG_NAME)
+        self.grace_s = grace_s
+        self._popen = popen
+        self._clock = clock
+        self._process: subprocess.Popen | None = None
+        self._stop_deadline: float | None = None
+        self._stopped_here = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> ProcessState:
+        """Spawns ``argv`` (e.g. ``serve_command(...)``); ServiceProcessError when one is still
+        running or the program cannot be started."""
+        state = self.poll()
+        if state.alive:
+            raise ServiceProcessError(f"the local service is already {state.describe()}")
+        os.makedirs(self.log_dir, exist_ok=True)
+        options: dict = {}
+        hook = _die_with_parent_hook()
+        if hook is not None:
+            options["preexec_fn"] = hook
+        if sys.platform == "win32":  # pragma: no cover
+            options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        with open(self.log_path, "wb") as log:
+            try:
+                self._process = self._popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    **options,
+                )
+            except OSError as exc:
+                self._process = None
+                raise ServiceProcessError(
+                    f"could not start {argv[0]}: {exc.strerror or exc}"
+                ) from None
+        self._stop_deadline = None
+        self._stopped_here = False
+        _live.add(self)
+        _register_atexit()
+        return self.poll()
+
+    def poll(self) -> ProcessState:
+        """The process's state now; never blocks. Kills a process that was asked to stop and
+        is still there after the grace time."""
+        process = self._process
+        if process is None:
+            return ProcessState(STOPPED)
+        code = process.poll()
+        if code is None:
+            if self._stop_deadline is not None:
+                if self._clock() >= self._stop_deadline:
+                    process.kill()
+                    self._stop_deadline = self._clock() + self.grace_s
+                return ProcessState(STOPPING, process.pid)
+            return ProcessState(RUNNING, process.pid)
+        if self._stopped_here:
+            return ProcessState(STOPPED, process.pid, code)
+        return ProcessState(EXITED, process.pid, code, summarize_log_line(last_line(self.log_path)))
+
+    def stop(self, *, wait: bool = False, timeout_s: float | None = None) -> ProcessState:
+        """Asks the process to stop (SIGTERM; TerminateProcess on Windows). With ``wait``, waits
+        up to ``timeout_s`` (the grace time by default), then kills it and reaps it."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            if process is not None:
+                self._stopped_here = True
+            return self.poll()
+        self._stopped_here = True
+        process.terminate()
+        self._stop_deadline = self._clock() + self.grace_s
+        if wait:
+            try:
+                process.wait(self.grace_s if timeout_s is None else timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return self.poll()
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(stop_all)
+        _atexit_registered = True
+
+
+def stop_all(timeout_s: float = STOP_GRACE_S) -> None:
+    """Stops every live process started by a ServiceProcess (Blender quitting)."""
+    for manager in list(_live):
+        try:
+            manager.stop(wait=True, timeout_s=timeout_s)
+        except Exception:  # pragma: no cover - never let one failure keep others running
+            pass
+
+
+def child_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The environment for the service's interpreter: Blender's, without the variables that
+    point a Python at Blender's own bundled installation (PYTHONHOME)."""
+    return {k: v for k, v in environ.items() if k != "PYTHONHOME"}

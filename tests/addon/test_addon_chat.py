@@ -1,0 +1,385 @@
+"""The chat panel inside headless Blender: registration, the history in the .blend, pictures,
+several people, undo, a service that is down, the local service buttons. The service here is
+the scripted stand-in (tests/service/scripted_backend.py); test_addon_service.py runs the real
+chatpose-serve with the tiny model."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import bpy
+import numpy as np
+import pytest
+
+import blender_addon
+from blender_addon import panel
+from blender_addon.blender import chat_operators, props, runtime
+from blender_addon.blender.armature import create_smpl_armature
+from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
+from blender_addon.blender.posing import read_pose
+from blender_addon.core import chat
+from blender_addon.core.images import encode_png, png_size
+from blender_addon.core.service_process import ServiceProcess, serve_command
+from shared_protocol.protocol import Turn
+from tests.service.scripted_backend import pose_for
+
+from .conftest import ADDON
+from .helpers import draw_panels, drive, free_port, idle, use_service
+
+SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
+
+
+@pytest.fixture
+def armature(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.scene.chatpose.target = obj
+    return obj
+
+
+def assert_pose(obj, pose, frame=None, atol=1e-5):
+    np.testing.assert_allclose(read_pose(obj, frame).axis_angle, pose.axis_angle, atol=atol)
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def test_everything_registers_and_unregisters_cleanly_twice(blender):
+    import addon_utils
+
+    addon_utils.disable(ADDON, default_set=True)
+    classes = (*chat_operators.CLASSES, *panel.CLASSES, *props.CLASSES)
+    for _ in range(2):
+        blender_addon.register()
+        assert all(cls.is_registered for cls in classes)
+        assert len(bpy.context.scene.chatpose.history) == 0
+        assert runtime._on_load_pre in bpy.app.handlers.load_pre
+        runtime.ensure_timer()
+        blender_addon.unregister()
+        assert not any(cls.is_registered for cls in classes)
+        assert not hasattr(bpy.types.Scene, "chatpose")
+        assert not bpy.app.timers.is_registered(runtime.timer_tick)
+        assert runtime._on_load_pre not in bpy.app.handlers.load_pre
+    addon_utils.enable(ADDON, default_set=True)
+
+
+# --- the chat history -----------------------------------------------------------------------
+
+
+def test_the_chat_history_is_saved_in_the_blend_file(blender, tmp_path):
+    scene = bpy.context.scene
+    props.append_history(scene, chat.exchange("wave", "Sure, <POSE>.", poses=1))
+    props.append_history(
+        scene, chat.exchange("now sit", "no service", attachment="viewport image", failed=True)
+    )
+    scene.chatpose.chat_mode = True
+    path = str(tmp_path / "chat.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.wm.read_homefile(use_empty=True)  # a new file; the add-on stays enabled
+    assert len(bpy.context.scene.chatpose.history) == 0
+    bpy.ops.wm.open_mainfile(filepath=path)
+    loaded = props.history_messages(bpy.context.scene)
+    assert loaded == [
+        chat.Message("user", "wave"),
+        chat.Message("assistant", "Sure, <POSE>.", poses=1),
+        chat.Message("user", "now sit", attachment="viewport image"),
+        chat.Message("error", "no service"),
+    ]
+    assert bpy.context.scene.chatpose.chat_mode
+    assert bpy.ops.chatpose.clear_history() == {"FINISHED"}
+    assert len(bpy.context.scene.chatpose.history) == 0
+
+
+def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    settings = scene.chatpose
+    armature.location = (2.0, 1.0, 0.0)
+    settings.chat_mode = True
+    settings.insert_keyframe = True
+    settings.key_current_frame = False
+    settings.key_frame = 7
+    settings.prompt = "two people dancing"
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    assert settings.prompt == ""  # sent; the history shows it when the answer is back
+    assert [job.prompt for job in runtime.pending_jobs()] == ["two people dancing"]
+    drive(idle)
+
+    expected = pose_for("two people dancing")
+    second = bpy.data.objects["SMPL.person2"]
+    assert_pose(armature, expected)
+    assert_pose(second, expected)
+    assert_pose(second, expected, frame=7)
+    np.testing.assert_allclose(second.location, (3.0, 1.0, armature.location.z), atol=1e-6)
+    assert bpy.context.view_layer.objects.active == armature  # selection left as it was
+    messages = props.history_messages(scene)
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[1].poses == 2
+    assert backend.items[-1].history == ()
+    message = runtime.last_message()[0]
+    assert "Applied 2 pose(s) to SMPL, SMPL.person2 (new), keyed at frame 7" in message
+
+    second.location.x = 10.0  # moved by the user: reused where it is
+    settings.prompt = "again"
+    objects = len(bpy.data.objects)
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert len(bpy.data.objects) == objects
+    assert second.location.x == 10.0 and "(new)" not in runtime.last_message()[0]
+    assert_pose(second, pose_for("again"))
+    assert backend.items[-1].history == (
+        Turn("user", "two people dancing"),
+        Turn("assistant", messages[1].text),
+    )
+
+    settings.chat_mode = False  # pose mode: no history sent
+    settings.prompt = "pose mode"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert backend.items[-1].history == () and backend.items[-1].mode == "pose"
+
+
+def test_an_applied_answer_is_one_undo_step(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.ops.ed.undo_push(message="before")
+    before = read_pose(armature)
+    bpy.context.scene.chatpose.prompt = "a pose to undo"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert_pose(armature, pose_for("a pose to undo"))
+    bpy.ops.ed.undo()
+    obj = bpy.data.objects["SMPL"]  # undo rebuilt the data: look it up again
+    np.testing.assert_allclose(read_pose(obj).axis_angle, before.axis_angle, atol=1e-6)
+
+
+# --- pictures -------------------------------------------------------------------------------
+
+
+def _add_camera():
+    data = bpy.data.cameras.new("Camera")
+    camera = bpy.data.objects.new("Camera", data)
+    bpy.context.scene.collection.objects.link(camera)
+    camera.location = (0.0, -6.0, 1.0)
+    camera.rotation_euler = (np.pi / 2, 0.0, 0.0)
+    bpy.context.scene.camera = camera
+    return camera
+
+
+def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
+    assert bpy.app.background
+    create_smpl_armature(bpy.context, with_mesh=True)  # the mannequin is what renders
+    scene = bpy.context.scene
+    with pytest.raises(CaptureError, match="no camera"):
+        capture_viewport(bpy.context)
+    _add_camera()
+    scene.render.engine = "CYCLES"
+    scene.render.resolution_x, scene.render.resolution_y = 1920, 1080
+    scene.render.image_settings.file_format = "JPEG"
+    scene.render.filepath = "//render_"
+    data = capture_viewport(bpy.context)
+    assert png_size(data) == (336, 189)
+    # The scene's own settings are back.
+    assert scene.render.engine == "CYCLES" and scene.render.resolution_x == 1920
+    assert scene.render.image_settings.file_format == "JPEG"
+    assert scene.render.filepath == "//render_"
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=float)
+    assert pixels.std() > 5.0  # the mannequin is in the picture, not a blank frame
+    assert png_size(render_camera_snapshot(scene, max_side=64)) == (64, 36)
+
+
+def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_service, tmp_path):
+    address, backend = scripted_service
+    use_service(address)
+    _add_camera()
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 64, 64
+    scene.chatpose.prompt = "like this"
+    assert bpy.ops.chatpose.pose_from_viewport() == {"FINISHED"}
+    drive(idle)
+    [item] = backend.items
+    assert len(item.images) == 1 and png_size(item.images[0]) == (64, 64)
+    assert props.history_messages(scene)[0].attachment == "camera snapshot"
+
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"GIF89a not a png")
+    with pytest.raises(RuntimeError, match="photo.png is not a PNG or JPEG file"):
+        bpy.ops.chatpose.pose_from_image(filepath=str(bad))
+    assert "photo.png is not a PNG or JPEG file" in runtime.last_message()[0]
+    assert len(backend.items) == 1  # nothing was sent
+
+    good = tmp_path / "ref.png"
+    good.write_bytes(encode_png(np.full((20, 30, 3), 128)))
+    assert bpy.ops.chatpose.pose_from_image(filepath=str(good)) == {"FINISHED"}
+    drive(idle)
+    assert backend.items[-1].images == (good.read_bytes(),)
+    assert props.history_messages(scene)[-2].attachment == "image: ref.png"
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature):
+    use_service(f"tcp://127.0.0.1:{free_port()}", timeout_s=60)
+    bpy.context.scene.chatpose.prompt = "wave"
+    started = time.monotonic()
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    assert time.monotonic() - started < 0.5  # the operator only queues the request
+    slowest = drive(idle, timeout_s=10)
+    elapsed = time.monotonic() - started
+    message, level = runtime.last_message()
+    assert level == "ERROR" and "is chatpose-serve running?" in message
+    assert elapsed < 5, f"took {elapsed:.1f} s (the connect timeout is 2 s)"
+    assert slowest < 0.1
+    assert props.history_messages(bpy.context.scene)[-1].role == "error"
+
+
+def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch):
+    bpy.context.scene.chatpose.prompt = "wave"
+    assert not bpy.ops.chatpose.send.poll()  # no armature
+    create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.scene.chatpose.prompt = "   "
+    with pytest.raises(RuntimeError, match="Type a prompt first"):
+        bpy.ops.chatpose.send()
+    from blender_addon import preferences
+
+    use_service("tcp://10.9.8.7:5555")
+    monkeypatch.setattr(preferences, "online_access", lambda: False)
+    bpy.context.scene.chatpose.prompt = "wave"
+    with pytest.raises(RuntimeError, match="online access is off"):
+        bpy.ops.chatpose.send()
+    assert runtime.pending_jobs() == []
+
+
+def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "held"
+    bpy.ops.chatpose.send()
+    assert runtime.pending_jobs()
+    bpy.ops.wm.read_homefile(use_empty=True)  # load_pre runs
+    backend.release()
+    assert runtime.pending_jobs() == []
+    assert "1 request(s) in flight were cancelled" in runtime.last_message()[0]
+    drive(idle)
+    assert "SMPL" not in bpy.data.objects
+
+
+# --- the panel and the local service --------------------------------------------------------
+
+
+def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
+    address, backend = scripted_service
+    status_bar = []
+    original = runtime._set_status_text
+
+    def recording(text):
+        status_bar.append(text)
+        original(text)
+
+    monkeypatch.setattr(runtime, "_set_status_text", recording)
+    use_service(address)
+    scene = bpy.context.scene
+    props.append_history(scene, chat.exchange("wave " * 40, "ok", poses=1))
+    text = bpy.data.texts.new("moves")
+    text.write("\n".join(f"move {i}" for i in range(20)))
+    scene.chatpose.batch_text = text
+    scene.chatpose.insert_keyframe = True
+    calls = draw_panels(panel.CLASSES, bpy.context)
+    drawn = [n for k, n in calls if k == "operator"]
+    for idname in (
+        "chatpose.send",
+        "chatpose.pose_from_viewport",
+        "chatpose.pose_from_image",
+        "chatpose.clear_history",
+        "chatpose.batch_keyframe",
+        "chatpose.service_status",
+        "chatpose.service_start",
+    ):
+        assert idname in drawn
+    assert any(k == "label" and n and n.startswith("You: wave") for k, n in calls)
+
+    backend.hold()
+    scene.chatpose.prompt = "waiting one"
+    bpy.ops.chatpose.send()
+    bpy.ops.chatpose.batch_keyframe()
+    calls = draw_panels(panel.CLASSES, bpy.context)
+    assert ("label", "Waiting: waiting one") in calls
+    assert ("progress", 0.0) in calls and "chatpose.cancel" in [n for k, n in calls]
+    assert not bpy.ops.chatpose.batch_keyframe.poll()  # one batch at a time
+    assert status_bar[-1] == "ChatPose batch: 0/20 lines keyed on SMPL"
+    backend.release()
+    drive(idle)
+    assert status_bar[-1] is None  # cleared at the end
+    calls = draw_panels(panel.CLASSES, bpy.context)
+    assert not any(k == "progress" for k, _ in calls)
+    assert any(k == "label" and n and "all 20 lines keyed" in n for k, n in calls)
+
+
+def test_start_and_stop_the_local_service_from_blender(armature, monkeypatch, tmp_path):
+    """The Start button with the scripted server standing in for chatpose-serve (the real one
+    is started by the tiny_service fixture with the same process manager)."""
+    from blender_addon import preferences
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    use_service(address)
+    prefs = preferences.get_preferences()
+    prefs.service_python = sys.executable
+    prefs.service_checkpoint = str(tmp_path)
+    commands = []
+
+    def scripted_command(python, checkpoint, bind, device="auto"):
+        commands.append((python, checkpoint, bind, device))
+        return [python, str(SCRIPTED_SERVER), bind]
+
+    monkeypatch.setattr(runtime, "serve_command", scripted_command)
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+    assert commands == [(sys.executable, str(tmp_path), address, "auto")]
+    assert runtime.local_service_state().alive and runtime.waiting_for_service()
+    drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
+    assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
+    bpy.context.scene.chatpose.prompt = "from the local service"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert_pose(armature, pose_for("from the local service"))
+    with pytest.raises(RuntimeError, match="already running"):
+        bpy.ops.chatpose.service_start()
+    pid = runtime.service_process().pid
+    assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
+    runtime.service_process().stop(wait=True)
+    assert runtime.local_service_state().state == "stopped"
+    monkeypatch.setattr(runtime, "serve_command", serve_command)  # the real one checks
+    prefs.service_python = ""
+    with pytest.raises(RuntimeError, match="set the Python interpreter"):
+        bpy.ops.chatpose.service_start()
+    assert pid is not None
+
+
+def test_unregister_stops_the_local_service(armature, monkeypatch, tmp_path):
+    import addon_utils
+
+    from blender_addon import preferences
+
+    use_service(f"tcp://127.0.0.1:{free_port()}")
+    prefs = preferences.get_preferences()
+    prefs.service_python = sys.executable
+    prefs.service_checkpoint = str(tmp_path)
+    monkeypatch.setattr(
+        runtime,
+        "serve_command",
+        lambda python, checkpoint, bind, device="auto": [python, str(SCRIPTED_SERVER), bind],
+    )
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    bpy.ops.chatpose.service_start()
+    process = runtime.service_process()._process
+    addon_utils.disable(ADDON, default_set=True)
+    assert process.poll() is not None  # stopped, and reaped
+    addon_utils.enable(ADDON, default_set=True)

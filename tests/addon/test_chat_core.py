@@ -1,0 +1,448 @@
+"""The chat panel's Blender-free logic: history -> turns, images, batch planning, placement,
+request bookkeeping. No bpy in this file."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from blender_addon.core import batch_plan, chat, placement
+from blender_addon.core.batch_plan import BatchRun, check_lines, split
+from blender_addon.core.batch_record import BatchRecord, PendingLine
+from blender_addon.core.dispatch import (
+    BatchEnded,
+    BatchLineFailed,
+    BatchLineReady,
+    BusyError,
+    Dispatcher,
+    PoseAnswered,
+    PoseFailed,
+    PoseJob,
+    StatusAnswered,
+    StatusFailed,
+    StatusJob,
+)
+from blender_addon.core.images import (
+    check_reference_image,
+    encode_png,
+    image_kind,
+    png_size,
+    read_reference_image,
+)
+from blender_addon.core.posing import continuous_quaternions
+from blender_addon.core.session import (
+    BatchFinished,
+    BatchItem,
+    PoseResult,
+    RequestFailed,
+    StatusResult,
+)
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import (
+    DEFAULT_LIMITS,
+    JPEG_MAGIC,
+    PNG_MAGIC,
+    ErrorCode,
+    StatusReply,
+    Turn,
+)
+
+# --- chat history ---------------------------------------------------------------------------
+
+
+def _history(*pairs, error_after=None):
+    messages = []
+    for i, (user, reply) in enumerate(pairs):
+        messages += chat.exchange(user, reply, failed=i == error_after)
+    return messages
+
+
+def test_history_becomes_user_assistant_pairs_oldest_first():
+    messages = _history(("wave", "Sure, <POSE>."), ("now sit", "Sitting."))
+    assert chat.history_turns(messages) == (
+        Turn("user", "wave"),
+        Turn("assistant", "Sure, <POSE>."),
+        Turn("user", "now sit"),
+        Turn("assistant", "Sitting."),
+    )
+
+
+def test_failed_exchanges_and_stray_messages_are_not_sent():
+    messages = _history(("a", "A"), ("b", "no service"), ("c", "C"), error_after=1)
+    messages.insert(0, chat.Message(chat.ASSISTANT, "orphan"))
+    messages.append(chat.Message(chat.USER, "unanswered"))
+    turns = chat.history_turns(messages)
+    assert [t.text for t in turns] == ["a", "A", "c", "C"]
+    assert [t.role for t in turns] == ["user", "assistant"] * 2
+
+
+def test_history_keeps_the_latest_pairs_within_the_limits():
+    messages = _history(*[(f"q{i}", f"r{i}") for i in range(50)])
+    turns = chat.history_turns(messages, max_pairs=3)
+    assert [t.text for t in turns] == ["q47", "r47", "q48", "r48", "q49", "r49"]
+    # The protocol allows 64 turns: never more than 32 pairs, whatever is asked.
+    assert len(chat.history_turns(messages, max_pairs=1000, max_chars=10**9)) == 64
+    long = _history(("x" * 3000, "y" * 2000), ("short", "reply"))
+    assert [t.text for t in chat.history_turns(long, max_chars=4000)] == ["short", "reply"]
+    assert chat.history_turns(messages, max_pairs=0) == ()
+
+
+def test_clean_text_keeps_blender_strings_safe():
+    assert chat.clean_text("  a\x00b\x07c\nd\te\ud800  ") == "abc\nd\te?"
+    assert len(chat.clean_text("x" * 70_000)) == DEFAULT_LIMITS.max_text_chars
+
+
+def test_display_lines_wrap_and_keep_the_end():
+    messages = [
+        chat.Message(chat.USER, "make him wave", attachment="viewport image"),
+        chat.Message(chat.ASSISTANT, "word " * 30, poses=2),
+    ]
+    lines = chat.display_lines(messages, width=30, max_lines=100)
+    assert lines[0] == ("user", "You: make him wave [viewport")
+    assert all(len(line) <= 30 for _, line in lines)
+    assert lines[-1][1].endswith("[2 poses]")
+    assert chat.display_lines(messages, 30, 2) == lines[-2:]
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """A minimal reader for what encode_png writes (filter 0, one IDAT)."""
+    width, height = png_size(data)
+    color_type = data[25]
+    channels = 4 if color_type == 6 else 3
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        if kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, -1)
+    assert np.all(rows[:, 0] == 0)
+    return rows[:, 1:].reshape(height, width, channels)
+
+
+def test_encode_png_round_trips_and_flips():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
+    data = encode_png(pixels)
+    assert image_kind(data) == "png" and png_size(data) == (5, 7)
+    np.testing.assert_array_equal(_decode_png(data), pixels)
+    np.testing.assert_array_equal(_decode_png(encode_png(pixels, flip_vertical=True)), pixels[::-1])
+    np.testing.assert_array_equal(_decode_png(encode_png(pixels[..., :3])), pixels[..., :3])
+    with pytest.raises(ValueError, match="expected shape"):
+        encode_png(np.zeros((4, 4)))
+
+
+def test_encode_png_is_readable_by_pillow():
+    image_module = pytest.importorskip("PIL.Image")
+    import io
+
+    pixels = np.zeros((10, 20, 4), np.uint8)
+    pixels[..., 0] = 200
+    pixels[..., 3] = 255
+    with image_module.open(io.BytesIO(encode_png(pixels))) as image:
+        assert image.size == (20, 10) and image.getpixel((3, 3))[:3] == (200, 0, 0)
+
+
+def test_reference_images_are_checked_by_their_bytes(tmp_path):
+    png = encode_png(np.zeros((2, 2, 3)))
+    assert check_reference_image(png) == "png"
+    assert check_reference_image(JPEG_MAGIC + b"\xe0rest") == "jpeg"
+    with pytest.raises(ValueError, match="not a PNG or JPEG file .*47 49 46 38"):
+        check_reference_image(b"GIF89a..", "anim.gif")
+    with pytest.raises(ValueError, match="is empty"):
+        check_reference_image(b"")
+    with pytest.raises(ValueError, match="up to 16 MiB"):
+        check_reference_image(PNG_MAGIC + bytes(DEFAULT_LIMITS.max_image_bytes))
+    (tmp_path / "fake.png").write_text("not really a png")
+    with pytest.raises(ValueError, match="fake.png is not a PNG or JPEG"):
+        read_reference_image(tmp_path / "fake.png")
+    with pytest.raises(ValueError, match="no such file"):
+        read_reference_image(tmp_path / "missing.jpg")
+    (tmp_path / "ok.png").write_bytes(png)
+    assert read_reference_image(tmp_path / "ok.png") == png
+
+
+# --- batch planning -------------------------------------------------------------------------
+
+
+def _pending(n: int, start: int = 1, step: int = 1) -> list[PendingLine]:
+    return BatchRecord().pending([f"prompt {i}" for i in range(n)], start, step)
+
+
+def test_split_caps_each_request_at_the_protocol_limit():
+    lines = _pending(600)
+    chunks = split(lines)
+    assert [len(c) for c in chunks] == [256, 256, 88]
+    assert [line for c in chunks for line in c] == lines
+    assert split([], 256) == []
+    with pytest.raises(ValueError):
+        split(lines, 0)
+
+
+def test_a_run_walks_its_chunks_and_counts_by_line():
+    run = BatchRun("SMPL", "text 'moves'", _pending(300), total_lines=300)
+    first = run.next_prompts()
+    assert len(first) == 256 and first[0] == "prompt 0" and run.requests == 1
+    assert run.line_for(3) == PendingLine(3, "prompt 3", 4) and run.line_for(256) is None
+    for i in range(256):
+        run.item_keyed(run.line_for(i))
+    assert run.request_finished() is True
+    second = run.next_prompts()
+    assert second == [f"prompt {i}" for i in range(256, 300)]
+    run.item_keyed(PendingLine(5, "prompt 5", 6))  # a late report for the first chunk counts once
+    run.item_failed(run.line_for(0), "model_error: no pose")
+    for i in range(1, 44):
+        run.item_keyed(run.line_for(i))
+    assert run.request_finished() is False and run.state == batch_plan.FINISHED
+    assert (run.keyed, run.remaining, len(run.failed_lines)) == (299, 1, 1)
+    summary = run.summary()
+    assert "299 lines keyed on SMPL; 1 of 300 still to key" in summary
+    assert "1 failed (prompt 257: model_error: no pose)" in summary
+    assert "again" in summary
+
+
+def test_cancel_between_chunks_sends_nothing_more():
+    run = BatchRun("SMPL", "f.txt", _pending(300), total_lines=310)  # 10 keyed before
+    assert run.already_keyed == 10
+    run.next_prompts()
+    run.item_keyed(run.line_for(0))
+    run.cancel()
+    assert run.state == batch_plan.CANCELLING and "cancelling" in run.status_text()
+    assert run.next_prompts() is None
+    assert run.request_finished() is False and run.state == batch_plan.CANCELLED
+    assert run.done == 11 and "cancelled" in run.summary()
+
+
+def test_a_failed_run_says_why_and_what_is_left():
+    run = BatchRun("SMPL", "text 't'", _pending(12), total_lines=12)
+    run.next_prompts()
+    for i in range(5):
+        run.item_keyed(run.line_for(i))
+    run.fail("the service at tcp://127.0.0.1:5 went away during the request")
+    assert run.ended and run.state == batch_plan.FAILED
+    assert run.summary().startswith("Batch from text 't' stopped: the service at")
+    assert "5 lines keyed on SMPL; 7 of 12 still to key" in run.summary()
+
+
+def test_a_run_with_nothing_pending_is_done_at_once():
+    run = BatchRun("SMPL", "t", [], total_lines=4)
+    assert run.next_prompts() is None and run.request_finished() is False
+    assert run.state == batch_plan.FINISHED and "all 4 lines keyed" in run.summary()
+
+
+def test_check_lines_names_a_prompt_that_is_too_long():
+    check_lines(["ok", "x" * DEFAULT_LIMITS.max_prompt_chars])
+    with pytest.raises(ValueError, match="prompt 2 has 8001 characters"):
+        check_lines(["ok", "x" * 8001])
+
+
+# --- placement ------------------------------------------------------------------------------
+
+
+def test_people_get_names_and_places_beside_the_target():
+    assert placement.assign("SMPL", 3) == ["SMPL", "SMPL.person2", "SMPL.person3"]
+    assert placement.person_location((1.0, 2.0, 0.9), 2) == (3.0, 2.0, 0.9)
+    assert placement.person_location((0, 0, 0), 1, spacing=1.5) == (1.5, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        placement.extra_person_name("SMPL", 0)
+
+
+def test_continuous_quaternions_follow_the_previous_sign():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(50, 24, 4))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    start = rng.normal(size=(24, 4))
+    out = continuous_quaternions(q, start)
+    assert np.all(np.abs(np.abs(out) - np.abs(q)) < 1e-12)
+    assert np.all(np.sum(out[0] * start, axis=-1) >= 0)
+    assert np.all(np.sum(out[1:] * out[:-1], axis=-1) >= 0)
+
+
+# --- the dispatcher ---------------------------------------------------------------------------
+
+
+class FakeSession:
+    """Session's interface; the test queues the events tick() returns."""
+
+    def __init__(self, address: str, timeout_s: float):
+        self.address, self.timeout_s = address, timeout_s
+        self.sent: list[tuple] = []
+        self.cancelled: list[str] = []
+        self.events: list = []
+        self.closed = False
+        self._ids = 0
+        self._open: set[str] = set()
+
+    def _id(self, *request) -> str:
+        self._ids += 1
+        request_id = f"r{self._ids}"
+        self.sent.append((request_id, *request))
+        self._open.add(request_id)
+        return request_id
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._open)
+
+    def request_pose(self, prompt, images=(), history=(), mode="pose"):
+        return self._id("pose", prompt, tuple(images), tuple(history), mode)
+
+    def request_batch(self, prompts):
+        return self._id("batch", list(prompts))
+
+    def request_status(self):
+        return self._id("status")
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+
+    def tick(self):
+        events, self.events = self.events, []
+        for e in events:
+            if not isinstance(e, BatchItem) and not (isinstance(e, RequestFailed) and not e.final):
+                self._open.discard(e.request_id)
+        return events
+
+    def close(self):
+        self.closed = True
+
+
+POSE = Pose(np.zeros((24, 3)))
+JOB = PoseJob("wave", "pose", "Scene", "SMPL", frame=3)
+STATUS = StatusReply("s", "tiny", "cpu", "float32", 0, 1.0, "0.1.0", True, 1)
+
+
+@pytest.fixture
+def made():
+    return []
+
+
+@pytest.fixture
+def dispatcher(made):
+    def make(address, timeout_s):
+        made.append(FakeSession(address, timeout_s))
+        return made[-1]
+
+    return Dispatcher(make)
+
+
+def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
+    history = (Turn("user", "a"), Turn("assistant", "b"))
+    pose_id = dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB, [b"img"], history)
+    status_id = dispatcher.request_status("tcp://127.0.0.1:5555", 30.0, probe=True)
+    [session] = made
+    assert session.sent[0] == (pose_id, "pose", "wave", (b"img",), history, "pose")
+    assert dispatcher.pending_jobs() == [JOB] and dispatcher.status_in_flight(probe=True)
+    session.events = [
+        PoseResult(pose_id, "Sure.", (POSE, POSE)),
+        StatusResult(status_id, STATUS),
+        PoseResult("someone-else", "x", ()),
+    ]
+    outcomes = dispatcher.tick()
+    assert outcomes[0] == PoseAnswered(JOB, "Sure.", (POSE, POSE))
+    assert isinstance(outcomes[1], StatusAnswered) and outcomes[1].job.probe
+    assert len(outcomes) == 2 and dispatcher.pending_jobs() == []
+
+
+def test_failures_come_back_as_outcomes(dispatcher, made):
+    pose_id = dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB)
+    status_id = dispatcher.request_status("tcp://127.0.0.1:5555", 30.0)
+    made[0].events = [
+        RequestFailed(pose_id, ErrorCode.UNREACHABLE, "no service"),
+        RequestFailed(status_id, ErrorCode.UNREACHABLE, "no service"),
+    ]
+    assert dispatcher.tick() == [
+        PoseFailed(JOB, ErrorCode.UNREACHABLE, "no service"),
+        StatusFailed(StatusJob(probe=False), ErrorCode.UNREACHABLE, "no service"),
+    ]
+
+
+def test_a_new_address_gets_a_new_session_only_when_idle(dispatcher, made):
+    dispatcher.request_status("tcp://127.0.0.1:1", 5.0)
+    with pytest.raises(BusyError):
+        dispatcher.send_pose("tcp://127.0.0.1:2", 5.0, JOB)
+    made[0].events = [StatusResult(made[0].sent[0][0], STATUS)]
+    dispatcher.tick()
+    dispatcher.send_pose("tcp://127.0.0.1:2", 7.0, JOB)
+    assert len(made) == 2 and made[0].closed and made[1].timeout_s == 7.0
+
+
+def _items(request_id, count, total, start=0):
+    return [BatchItem(request_id, i, total, "ok", (POSE,)) for i in range(start, start + count)]
+
+
+def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatcher, made):
+    run = BatchRun("SMPL", "t", _pending(300, start=1, step=2), total_lines=300)
+    first = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    session = made[0]
+    assert session.sent[0][1] == "batch" and len(session.sent[0][2]) == 256
+    assert dispatcher.batch_running
+    session.events = [
+        *_items(first, 255, 256),
+        RequestFailed(first, ErrorCode.MODEL_ERROR, "no pose", index=255),
+        BatchFinished(first, 256, 255),
+    ]
+    outcomes = dispatcher.tick()
+    ready = [o for o in outcomes if isinstance(o, BatchLineReady)]
+    assert [o.line.frame for o in ready[:3]] == [1, 3, 5]
+    assert [o.line.line for o in outcomes if isinstance(o, BatchLineFailed)] == [255]
+    # The next chunk went out at once; the lines are reported by the bpy side afterwards.
+    second_id, kind, prompts = session.sent[1]
+    assert kind == "batch" and prompts == [f"prompt {i}" for i in range(256, 300)]
+    for outcome in ready:
+        run.item_keyed(outcome.line)
+    session.events = [*_items(second_id, 44, 44), BatchFinished(second_id, 44, 44)]
+    outcomes = dispatcher.tick()
+    assert isinstance(outcomes[-1], BatchEnded) and run.state == batch_plan.FINISHED
+    for outcome in outcomes[:-1]:
+        run.item_keyed(outcome.line)
+    assert run.keyed == 299 and run.remaining == 1
+    assert dispatcher.batch_running  # until the bpy side has shown the end
+    run.close()
+    assert not dispatcher.batch_running
+
+
+def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
+    run = BatchRun("SMPL", "t", _pending(10), total_lines=10)
+    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    with pytest.raises(BusyError):
+        dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, BatchRun("SMPL", "t", [], 0))
+    assert dispatcher.cancel_batch() and made[0].cancelled == [batch_id]
+    made[0].events = [*_items(batch_id, 2, 10), RequestFailed(batch_id, ErrorCode.CANCELLED, "x")]
+    outcomes = dispatcher.tick()
+    assert [type(o) for o in outcomes] == [BatchLineReady, BatchLineReady, BatchEnded]
+    assert run.state == batch_plan.CANCELLED
+    run.close()
+
+    again = BatchRun("SMPL", "t", _pending(10)[2:], total_lines=10)
+    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, again)
+    made[0].events = [RequestFailed(batch_id, ErrorCode.UNREACHABLE, "the service went away")]
+    [ended] = dispatcher.tick()
+    assert ended.run is again and again.state == batch_plan.FAILED
+    assert "stopped: the service went away" in again.summary()
+
+
+def test_cancel_all_with_forget_drops_the_answers(dispatcher, made):
+    dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB)
+    run = BatchRun("SMPL", "t", _pending(3), total_lines=3)
+    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    assert dispatcher.cancel_all(forget=True) == 2
+    assert run.closed and run.state == batch_plan.FAILED and not dispatcher.batch_running
+    made[0].events = _items(batch_id, 3, 3)
+    assert dispatcher.tick() == []
+
+
+def test_nothing_pending_sends_nothing(dispatcher, made):
+    run = BatchRun("SMPL", "t", [], total_lines=5)
+    assert dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run) is None
+    assert made == [] and run.closed and not dispatcher.batch_running

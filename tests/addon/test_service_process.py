@@ -1,0 +1,186 @@
+"""The local chatpose-serve process manager, without Blender: real child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from blender_addon.core import service_process
+from blender_addon.core.service_process import (
+    EXITED,
+    RUNNING,
+    STOPPED,
+    ServiceProcess,
+    ServiceProcessError,
+    child_environment,
+    serve_command,
+    summarize_log_line,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie still answers kill(0); it is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_serve_command_names_what_is_missing(tmp_path):
+    with pytest.raises(ServiceProcessError, match="set the Python interpreter"):
+        serve_command("", str(tmp_path), "tcp://127.0.0.1:5555")
+    with pytest.raises(ServiceProcessError, match="not found"):
+        serve_command(str(tmp_path / "nope" / "python"), str(tmp_path), "tcp://127.0.0.1:5555")
+    with pytest.raises(ServiceProcessError, match="set the checkpoint"):
+        serve_command(sys.executable, " ", "tcp://127.0.0.1:5555")
+    with pytest.raises(ServiceProcessError, match="does not exist"):
+        serve_command(sys.executable, str(tmp_path / "ckpt"), "tcp://127.0.0.1:5555")
+    argv = serve_command(sys.executable, str(tmp_path), "tcp://127.0.0.1:5555", "cpu")
+    assert argv == [
+        sys.executable,
+        "-m",
+        "inference_service.serve",
+        "--checkpoint",
+        str(tmp_path),
+        "--bind",
+        "tcp://127.0.0.1:5555",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_a_real_serve_that_fails_shows_its_exit_code_and_last_line(tmp_path):
+    manager = ServiceProcess(str(tmp_path / "logs"))
+    assert manager.poll().state == STOPPED and manager.poll().describe() == "stopped"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    # chatpose-serve refuses this bind before it loads anything (so no torch import here).
+    argv = serve_command(sys.executable, str(checkpoint), "tcp://0.0.0.0:5555", "cpu")
+    started = time.monotonic()
+    state = manager.start(argv, env=child_environment(dict(os.environ)))
+    assert time.monotonic() - started < 1.0, "start() must not wait for the process"
+    assert state.state in (RUNNING, EXITED)
+    wait_for(lambda: manager.poll().state == EXITED, 30)
+    state = manager.poll()
+    assert state.returncode == 2 and not state.alive
+    assert "not a loopback address" in state.last_line  # chatpose-serve's own message
+    assert state.last_line.startswith("chatpose-serve: refusing to listen")
+    assert state.describe().startswith("exited with code 2: ")
+
+
+def test_start_stop_and_kill_after_the_grace_time(tmp_path):
+    manager = ServiceProcess(str(tmp_path), grace_s=0.3)
+    state = manager.start(SLEEPER)
+    assert state.state == RUNNING and f"pid {state.pid}" in state.describe()
+    with pytest.raises(ServiceProcessError, match="already running"):
+        manager.start(SLEEPER)
+    wait_for(lambda: "up" in Path(manager.log_path).read_text())
+    state = manager.stop()  # SIGTERM, returns at once
+    wait_for(lambda: manager.poll().state == STOPPED)
+    assert manager.poll().describe() == "stopped"
+
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)",
+    ]
+    manager.start(stubborn)
+    wait_for(lambda: "up" in Path(manager.log_path).read_text())
+    pid = manager.pid
+    manager.stop()
+    time.sleep(0.1)
+    assert manager.poll().alive  # ignored SIGTERM, grace time not over
+    wait_for(lambda: not manager.poll().alive)  # poll() killed it after the grace time
+    assert gone(pid)
+
+
+def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):
+    manager = ServiceProcess(str(tmp_path))
+    with pytest.raises(ServiceProcessError, match="could not start"):
+        manager.start([str(tmp_path / "missing-python")])
+    assert manager.poll().state == STOPPED
+
+
+def test_the_child_is_stopped_when_the_parent_python_exits(tmp_path):
+    """What happens when Blender quits: atexit stops the service."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from blender_addon.core.service_process import ServiceProcess
+        manager = ServiceProcess({str(tmp_path)!r})
+        manager.start({SLEEPER!r})
+        print(manager.pid, flush=True)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    pid = int(out.stdout.split()[0])
+    wait_for(lambda: gone(pid), 5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_child_dies_with_a_parent_that_is_killed(tmp_path):
+    """Blender crashing (no atexit): the kernel sends the child SIGTERM."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from blender_addon.core.service_process import ServiceProcess
+        manager = ServiceProcess({str(tmp_path)!r})
+        manager.start({SLEEPER!r})
+        print(manager.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    assert not gone(pid)
+    parent.kill()
+    parent.wait(10)
+    wait_for(lambda: gone(pid), 5)
+
+
+def test_stop_all_stops_every_live_process(tmp_path, monkeypatch):
+    import weakref
+
+    # Only this test's processes (the session's tiny service must keep running).
+    monkeypatch.setattr(service_process, "_live", weakref.WeakSet())
+    managers = [ServiceProcess(str(tmp_path / str(i))) for i in range(2)]
+    for manager in managers:
+        manager.start(SLEEPER)
+    service_process.stop_all(timeout_s=5)
+    assert [m.poll().state for m in managers] == [STOPPED, STOPPED]
+
+
+def test_log_lines_are_summarized_for_the_panel():
+    line = '{"ts": "x", "level": "error", "logger": "l", "msg": "model failed to load"}'
+    assert summarize_log_line(line) == "error: model failed to load"
+    with_exc = '{"level": "error", "msg": "boom", "exception": "Traceback\\nValueError: bad"}'
+    assert summarize_log_line(with_exc) == "error: boom (ValueError: bad)"
+    assert summarize_log_line("chatpose-serve: --checkpoint: x does not exist") == (
+        "chatpose-serve: --checkpoint: x does not exist"
+    )
+    assert len(summarize_log_line("y" * 1000)) == 300
+    assert "PYTHONHOME" not in child_environment({"PYTHONHOME": "/blender/python", "A": "1"})

@@ -1,0 +1,538 @@
+"""`python -m inference_service.evaluate`: a report on any checkpoint for a corpus split.
+
+    python -m inference_service.evaluate --checkpoint DIR --data corpus CORPUS.npz
+        [--pairs DIR] [--split test] [--out report.json] [--markdown report.md]
+        [--batch-size 32] [--limit N] [--threads N] [--device cpu]
+
+Sections of the report (docs/evaluation.md explains each and the quality bars):
+
+- ``text_to_pose``: every record of the split (its caption, asked with the service's own prompt
+  through `ChatPoseModel.predict_poses`, the fast path, in batches) against its pose: MPJPE,
+  PA-MPJPE and MPJRE, with and without the global orientation (`metrics.evaluate_poses`), for the
+  model and two baselines fitted on the corpus's *train* split: the mean pose
+  (`baselines.mean_pose`) and TF-IDF nearest-caption retrieval (`baselines.TfidfRetrieval`);
+  overall and by caption kind (a held-out phrasing of a named action, or an automatic caption).
+- ``paraphrases``: every named action asked with its phrasings of the split (never seen in
+  training: `Action.phrasings(split)`) and every subject ("the person", "a woman", ...); the
+  prediction is classified as the nearest action (`baselines.ActionClassifier`); top-1 accuracy
+  against chance, the baselines, and an oracle (a fresh random variation of the right action,
+  classified the same way: the ceiling the confusable actions leave).
+- ``left_right``: text: for every action with a side ("raise the left arm" / "... right ..."),
+  the same prompts as above; correct when the prediction is closer (MPJPE without the global
+  orientation) to the action's canonical pose than to its mirror action's. Images (with
+  ``--pairs``): every pair whose pose comes from a sided action, the same test.
+- ``images`` (with ``--pairs``, a directory `training/render_pairs.py` wrote): image -> pose
+  against the targets (camera-relative global orientation), model vs the mean pose.
+- ``bars``: the quality bars, each with its value, threshold and pass/fail.
+
+Exit status: 0 written (whatever the bars say), 2 bad arguments or files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from inference_service.metrics import evaluate_poses
+from inference_service.training.actions import ACTIONS, SUBJECTS
+from inference_service.training.baselines import (
+    ActionClassifier,
+    TfidfRetrieval,
+    joint_distance,
+    mean_pose,
+)
+
+METRIC_NAMES = (
+    "pa_mpjpe_mm",
+    "mpjpe_mm",
+    "mpjre_deg",
+    "pa_mpjpe_mm_no_root",
+    "mpjpe_mm_no_root",
+    "mpjre_deg_no_root",
+)
+METRIC_LABELS = {
+    "pa_mpjpe_mm": "PA-MPJPE (mm)",
+    "mpjpe_mm": "MPJPE (mm)",
+    "mpjre_deg": "MPJRE (°)",
+    "pa_mpjpe_mm_no_root": "PA-MPJPE, no root",
+    "mpjpe_mm_no_root": "MPJPE, no root",
+    "mpjre_deg_no_root": "MPJRE, no root",
+}
+# Quality bars (docs/evaluation.md).
+REDUCTION_BAR = 0.40  # at least 40 % below the mean pose
+PARAPHRASE_BAR = 0.75  # top-1 accuracy of held-out phrasings
+LEFT_RIGHT_BAR = 0.90  # share of sided prompts/images closer to the right side
+
+
+def swap_side(name: str) -> str | None:
+    """The mirror action's name ("raise_left_arm" -> "raise_right_arm"), None if no side."""
+    if "left" in name:
+        other = name.replace("left", "right")
+    elif "right" in name:
+        other = name.replace("right", "left")
+    else:
+        return None
+    return other if other in ACTIONS else None
+
+
+def sided_actions() -> list[str]:
+    return [name for name, action in ACTIONS.items() if action.side in ("left", "right")]
+
+
+def action_prompts(split: str, names: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(action name, prompt) for every action of `names` (default all), every phrasing of
+    `split` and every subject; imperative phrasings (no subject) once."""
+    prompts = []
+    for name in names if names is not None else ACTIONS:
+        for template in ACTIONS[name].phrasings(split):
+            seen = set()
+            for subject, their in SUBJECTS:
+                text = template.format(subject=subject, their=their)
+                text = text[0].upper() + text[1:] + "."
+                if text not in seen:
+                    seen.add(text)
+                    prompts.append((name, text))
+    return prompts
+
+
+def _metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    if not len(true):
+        return {name: math.nan for name in METRIC_NAMES}
+    means = evaluate_poses(pred, true).means()
+    return {name: means[name] for name in METRIC_NAMES}
+
+
+def _reduction(model: float, baseline: float) -> float:
+    return 1.0 - model / baseline if baseline > 0 else math.nan
+
+
+class ModelPredictor:
+    """The checkpoint through `ChatPoseModel.predict_poses` (the service's fast path)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 32):
+        from inference_service.modeling_chatpose import ChatPoseModel
+
+        self.model = ChatPoseModel.from_checkpoint(checkpoint, device=device)
+        self.batch_size = batch_size
+
+    def _run(self, requests) -> np.ndarray:
+        out = []
+        for start in range(0, len(requests), self.batch_size):
+            out.extend(self.model.predict_poses(requests[start : start + self.batch_size]))
+        return np.stack(out) if out else np.zeros((0, 24, 3))
+
+    def text(self, texts: Sequence[str]) -> np.ndarray:
+        from inference_service.modeling_chatpose import PoseRequest
+
+        return self._run([PoseRequest(text=t) for t in texts])
+
+    def images(self, images: Sequence[bytes]) -> np.ndarray:
+        from inference_service.modeling_chatpose import PoseRequest
+
+        return self._run([PoseRequest(images=(data,)) for data in images])
+
+
+def evaluate(
+    checkpoint: str | Path,
+    corpus: str | Path,
+    *,
+    split: str = "test",
+    pairs: str | Path | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    device: str = "cpu",
+    predictor=None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The report (a JSON-ready dict; sections in the module docstring)."""
+    from inference_service.training.corpus import load_corpus
+
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    records = load_corpus(corpus)
+    train = [r for r in records if r.split == "train"]
+    chosen = [r for r in records if split == "all" or r.split == split]
+    if limit is not None:
+        chosen = chosen[:limit]
+    if not train:
+        raise ValueError(f"{corpus}: no train records to fit the baselines on")
+    if not chosen:
+        raise ValueError(f"{corpus}: no records in split {split!r}")
+    predictor = predictor or ModelPredictor(checkpoint, device, batch_size)
+    train_poses = np.stack([r.pose for r in train])
+    average = mean_pose(train_poses)
+    tfidf = TfidfRetrieval([r.caption for r in train], train_poses)
+    report: dict = {
+        "checkpoint": str(checkpoint),
+        "corpus": str(corpus),
+        "split": split,
+        "pairs": str(pairs) if pairs is not None else None,
+        "train_records": len(train),
+    }
+
+    # --- text to pose --------------------------------------------------------------------
+    log(f"text to pose: {len(chosen)} captions")
+    captions = [r.caption for r in chosen]
+    true = np.stack([r.pose for r in chosen])
+    predictions = {
+        "model": predictor.text(captions),
+        "mean_pose": np.broadcast_to(average, true.shape),
+        "tfidf": tfidf.predict(captions),
+    }
+    kinds = np.array(["auto" if r.source == "auto" else "action" for r in chosen])
+    by_kind = {}
+    for kind, mask in (
+        ("all", np.ones(len(chosen), bool)),
+        ("action", kinds == "action"),
+        ("auto", kinds == "auto"),
+    ):
+        by_kind[kind] = {
+            "count": int(mask.sum()),
+            **{name: _metrics(pred[mask], true[mask]) for name, pred in predictions.items()},
+        }
+    overall = by_kind["all"]
+    report["text_to_pose"] = {
+        "count": len(chosen),
+        "by_caption": by_kind,
+        "reduction_vs_mean_pose": {
+            m: _reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
+        },
+    }
+
+    # --- paraphrases -----------------------------------------------------------------------
+    phrase_split = split if split in ("train", "val", "test") else "test"
+    prompts = action_prompts(phrase_split)
+    log(f"paraphrases: {len(prompts)} prompts")
+    classifier = ActionClassifier()
+    names = [name for name, _ in prompts]
+    texts = [text for _, text in prompts]
+    model_poses = predictor.text(texts)
+    tfidf_poses = tfidf.predict(texts)
+    rng = np.random.default_rng(12345)
+    oracle_poses = np.stack([ACTIONS[name](rng) for name in names])
+    labels = {
+        "model": classifier.classify(model_poses),
+        "tfidf": classifier.classify(tfidf_poses),
+        "mean_pose": classifier.classify(average[None])[0:1] * len(names),
+        "oracle": classifier.classify(oracle_poses),
+    }
+    correct = {
+        key: np.array([a == b for a, b in zip(got, names, strict=True)])
+        for key, got in labels.items()
+    }
+    per_action = {
+        name: float(np.mean([c for c, n in zip(correct["model"], names, strict=True) if n == name]))
+        for name in ACTIONS
+    }
+    confusions: dict[str, int] = {}
+    for got, want in zip(labels["model"], names, strict=True):
+        if got != want:
+            key = f"{want} -> {got}"
+            confusions[key] = confusions.get(key, 0) + 1
+    report["paraphrases"] = {
+        "split": phrase_split,
+        "count": len(prompts),
+        "actions": len(ACTIONS),
+        "chance": 1.0 / len(ACTIONS),
+        "top1": {key: float(value.mean()) for key, value in correct.items()},
+        "per_action": per_action,
+        "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:15]),
+        "examples": [
+            {"prompt": t, "action": n, "predicted": p}
+            for t, n, p in list(zip(texts, names, labels["model"], strict=True))[
+                :: max(1, len(texts) // 12)
+            ]
+        ],
+    }
+
+    # --- left and right: text ----------------------------------------------------------------
+    canonical = {name: ACTIONS[name](None) for name in ACTIONS}
+    sided = sided_actions()
+    lr_prompts = [(n, t) for n, t in prompts if n in sided]
+    lr_names = [n for n, _ in lr_prompts]
+    index = [texts.index(t) for _, t in lr_prompts]
+    left_right = {
+        "text": _left_right(
+            lr_names,
+            {
+                "model": model_poses[index],
+                "tfidf": tfidf_poses[index],
+                "oracle": oracle_poses[index],
+            },
+            canonical,
+        )
+    }
+
+    # --- images ---------------------------------------------------------------------------
+    if pairs is not None:
+        from inference_service.training.render_pairs import read_pairs
+
+        pairs_dir = Path(pairs)
+        arrays = read_pairs(pairs_dir / "pairs.npz")
+        count = len(arrays["poses"]) if limit is None else min(limit, len(arrays["poses"]))
+        log(f"images: {count} pairs")
+        images = [(pairs_dir / str(name)).read_bytes() for name in arrays["images"][:count]]
+        image_true = arrays["poses"][:count]
+        image_pred = predictor.images(images)
+        image_mean = np.broadcast_to(average, image_true.shape)
+        model_metrics = _metrics(image_pred, image_true)
+        mean_metrics = _metrics(image_mean, image_true)
+        report["images"] = {
+            "count": count,
+            "image_size": int(arrays["size"]) if "size" in arrays else None,
+            "model": model_metrics,
+            "mean_pose": mean_metrics,
+            "reduction_vs_mean_pose": {
+                m: _reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
+            },
+        }
+        actions = [str(a) for a in arrays.get("actions", np.array([""] * count))[:count]]
+        picked = [i for i, a in enumerate(actions) if a in sided]
+        if picked:
+            left_right["images"] = _left_right(
+                [actions[i] for i in picked],
+                {"model": image_pred[picked], "oracle": image_true[picked]},
+                canonical,
+            )
+    report["left_right"] = left_right
+    report["bars"] = quality_bars(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _left_right(names: Sequence[str], predictions: dict[str, np.ndarray], canonical) -> dict:
+    """Share of predictions closer (MPJPE, no root) to their action's canonical pose than to
+    the mirror action's; per predictor, and per pair for the first ("model")."""
+    own = np.stack([canonical[n] for n in names])
+    mirror = np.stack([canonical[swap_side(n)] for n in names])
+    result: dict = {"count": len(names)}
+    for key, poses in predictions.items():
+        closer = joint_distance(poses, own) < joint_distance(poses, mirror)
+        result[key] = float(closer.mean())
+        if key == "model":
+            pairs: dict[str, list[bool]] = {}
+            for name, ok in zip(names, closer, strict=True):
+                stem = name if "left" in name else swap_side(name)
+                pairs.setdefault(stem.replace("left", "left/right"), []).append(bool(ok))
+            result["per_pair"] = {k: float(np.mean(v)) for k, v in sorted(pairs.items())}
+    return result
+
+
+def quality_bars(report: dict) -> list[dict]:
+    bars = []
+
+    def bar(name: str, value: float, threshold: float, higher: bool = True) -> None:
+        ok = bool(value >= threshold) if higher else bool(value < threshold)
+        bars.append({"bar": name, "value": value, "threshold": threshold, "pass": ok})
+
+    text = report["text_to_pose"]
+    overall = text["by_caption"]["all"]
+    for metric in ("pa_mpjpe_mm", "mpjre_deg"):
+        bar(
+            f"text: {METRIC_LABELS[metric]} reduction vs mean pose",
+            text["reduction_vs_mean_pose"][metric],
+            REDUCTION_BAR,
+        )
+        bar(
+            f"text: {METRIC_LABELS[metric]} below TF-IDF retrieval "
+            f"({overall['tfidf'][metric]:.1f})",
+            overall["model"][metric],
+            overall["tfidf"][metric],
+            higher=False,
+        )
+    bar(
+        "paraphrases: top-1 action accuracy", report["paraphrases"]["top1"]["model"], PARAPHRASE_BAR
+    )
+    if "images" in report:
+        bar(
+            "images: PA-MPJPE reduction vs mean pose",
+            report["images"]["reduction_vs_mean_pose"]["pa_mpjpe_mm"],
+            REDUCTION_BAR,
+        )
+    bar("left/right: text", report["left_right"]["text"]["model"], LEFT_RIGHT_BAR)
+    if "images" in report["left_right"]:
+        bar("left/right: images", report["left_right"]["images"]["model"], LEFT_RIGHT_BAR)
+    return bars
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}f}"
+    )
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.0f} %"
+
+
+def markdown_summary(report: dict) -> str:
+    """The report's tables as Markdown (what docs/evaluation.md shows)."""
+    lines = []
+    text = report["text_to_pose"]
+    lines += [
+        f"### Text to pose ({report['split']} split, {text['count']} captions)",
+        "",
+        "| caption kind | n | predictor | "
+        + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
+        + " |",
+        "|---|---|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    titles = {"model": "**model**", "mean_pose": "mean pose", "tfidf": "TF-IDF retrieval"}
+    for kind, label in (("all", "all"), ("action", "action phrasing"), ("auto", "automatic")):
+        block = text["by_caption"][kind]
+        for key in ("model", "tfidf", "mean_pose"):
+            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
+            lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
+    lines += [
+        "",
+        "Reduction vs the mean pose (all captions): "
+        + ", ".join(
+            f"{METRIC_LABELS[m]} {_pct(text['reduction_vs_mean_pose'][m])}" for m in METRIC_NAMES
+        )
+        + ".",
+        "",
+    ]
+    para = report["paraphrases"]
+    lines += [
+        f"### Paraphrases ({para['count']} held-out prompts of {para['actions']} named actions)",
+        "",
+        "| predictor | top-1 action accuracy |",
+        "|---|---|",
+        f"| **model** | {_pct(para['top1']['model'])} |",
+        f"| TF-IDF retrieval | {_pct(para['top1']['tfidf'])} |",
+        f"| mean pose | {_pct(para['top1']['mean_pose'])} |",
+        f"| chance | {_pct(para['chance'])} |",
+        f"| oracle (a true pose of the action) | {_pct(para['top1']['oracle'])} |",
+        "",
+    ]
+    if para["confusions"]:
+        top = list(para["confusions"].items())[:6]
+        lines += ["Most frequent confusions: " + "; ".join(f"{k} ({v})" for k, v in top) + ".", ""]
+    if "images" in report:
+        images = report["images"]
+        lines += [
+            f"### Mannequin images ({images['count']} held-out poses, random cameras)",
+            "",
+            "| predictor | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
+            "|---|" + "---|" * len(METRIC_NAMES),
+        ]
+        for key in ("model", "mean_pose"):
+            values = " | ".join(_fmt(images[key][m]) for m in METRIC_NAMES)
+            lines.append(f"| {titles[key]} | {values} |")
+        lines += [
+            "",
+            "Reduction vs the mean pose: "
+            + ", ".join(
+                f"{METRIC_LABELS[m]} {_pct(images['reduction_vs_mean_pose'][m])}"
+                for m in METRIC_NAMES
+            )
+            + ".",
+            "",
+        ]
+    lr = report["left_right"]
+    lines += [
+        "### Left and right",
+        "",
+        "| input | n | model | TF-IDF retrieval | oracle |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (("text", "text (held-out phrasings)"), ("images", "images")):
+        if key in lr:
+            block = lr[key]
+            lines.append(
+                f"| {label} | {block['count']} | {_pct(block['model'])} | "
+                f"{_pct(block.get('tfidf', math.nan))} | {_pct(block['oracle'])} |"
+            )
+    lines += ["", "Per action pair (model, text / images):", ""]
+    lines += ["| pair | text | images |", "|---|---|---|"]
+    image_pairs = lr.get("images", {}).get("per_pair", {})
+    for pair, value in lr["text"]["per_pair"].items():
+        lines.append(f"| {pair} | {_pct(value)} | {_pct(image_pairs.get(pair, math.nan))} |")
+    lines += ["", "### Quality bars", "", "| bar | value | threshold | |", "|---|---|---|---|"]
+    for item in report["bars"]:
+        percent = (
+            "reduction" in item["bar"] or "accuracy" in item["bar"] or "left/right" in item["bar"]
+        )
+        show = _pct if percent else _fmt
+        lines.append(
+            f"| {item['bar']} | {show(item['value'])} | {show(item['threshold'])} | "
+            f"{'pass' if item['pass'] else '**FAIL**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_service.evaluate",
+        description="Evaluate a ChatPose checkpoint on a synthetic-corpus split (and rendered "
+        "image pairs): metrics against the mean-pose and TF-IDF baselines, paraphrases, left "
+        "and right.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument(
+        "--data",
+        nargs=2,
+        metavar=("FORMAT", "PATH"),
+        required=True,
+        help="corpus CORPUS.npz: the synthetic corpus (baselines fit on its train split)",
+    )
+    parser.add_argument("--pairs", type=Path, help="a render_pairs output directory (images)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    parser.add_argument("--out", type=Path, default=Path("report.json"))
+    parser.add_argument("--markdown", type=Path, help="also write the tables (default OUT.md)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, help="at most this many records / pairs")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    args = parser.parse_args(argv)
+    fmt, corpus = args.data
+    if fmt != "corpus":
+        parser.error(f"--data: only the 'corpus' format is evaluated, got {fmt!r}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from inference_service.errors import ChatPoseError
+
+    try:
+        report = evaluate(
+            args.checkpoint,
+            corpus,
+            split=args.split,
+            pairs=args.pairs,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            device=args.device,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except (OSError, ValueError, ChatPoseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    markdown = args.markdown or args.out.with_suffix(".md")
+    markdown.write_text(markdown_summary(report), encoding="utf-8")
+    for item in report["bars"]:
+        status = "pass" if item["pass"] else "FAIL"
+        print(
+            f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f})",
+            file=sys.stderr,
+        )
+    print(f"wrote {args.out} and {markdown} ({report['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Baselines a pose model must beat, and the nearest-action classifier. numpy only.
+
+- `mean_pose(poses)`: the mean pose of a training set, every joint's rotation averaged properly:
+  the arithmetic mean of the rotation *matrices*, projected back onto SO(3) by SVD (the chordal
+  L2 mean; for rotations about one axis it is the rotation by the mean angle). Averaging
+  axis-angle vectors instead would be wrong near ±π and for spread-out rotations.
+- `TfidfRetrieval(captions, poses)`: nearest-neighbour caption retrieval. A query is compared
+  with every training caption by the cosine of their TF-IDF vectors (lower-cased words,
+  smooth idf = ln((1 + N) / (1 + df)) + 1, L2-normalised, as scikit-learn's default) and gets the
+  pose of the most similar caption (ties: the first).
+- `ActionClassifier`: which named action (``actions.py``) a pose is: the action with the nearest
+  prototype (its canonical pose and `samples` random variations, seeded) by MPJPE on the joint
+  positions, pelvis-relative, global orientation included (or left out with `no_root`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from shared_protocol.skeleton import forward_kinematics
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def project_to_rotation(matrix: np.ndarray) -> np.ndarray:
+    """(..., 3, 3) -> the nearest rotation matrices (Frobenius norm), det +1."""
+    u, _, vt = np.linalg.svd(matrix)
+    d = np.sign(np.linalg.det(u @ vt))
+    d = np.where(d == 0, 1.0, d)
+    fix = np.ones((*d.shape, 3))
+    fix[..., 2] = d
+    return (u * fix[..., None, :]) @ vt
+
+
+def mean_pose(poses) -> np.ndarray:
+    """(N, 24, 3) axis-angle -> (24, 3): per joint, the chordal L2 mean rotation."""
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 24, 3)
+    if not len(poses):
+        raise ValueError("poses: empty")
+    mean = axis_angle_to_matrix(poses).mean(axis=0)
+    return matrix_to_axis_angle(project_to_rotation(mean))
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class TfidfRetrieval:
+    """Nearest training caption by TF-IDF cosine similarity; returns its pose."""
+
+    def __init__(self, captions: Sequence[str], poses):
+        self.captions = list(captions)
+        self.poses = np.asarray(poses, dtype=np.float64).reshape(-1, 24, 3)
+        if len(self.captions) != len(self.poses) or not self.captions:
+            raise ValueError("captions, poses: need the same non-zero number")
+        tokenized = [words(c) for c in self.captions]
+        vocabulary = sorted({w for ws in tokenized for w in ws})
+        self.index = {w: i for i, w in enumerate(vocabulary)}
+        counts = self._counts(tokenized)
+        df = (counts > 0).sum(axis=0)
+        n = len(self.captions)
+        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+        self.matrix = self._normalise(counts * self.idf)
+
+    def _counts(self, tokenized: Sequence[Sequence[str]]) -> np.ndarray:
+        counts = np.zeros((len(tokenized), len(self.index)), dtype=np.float32)
+        for row, ws in enumerate(tokenized):
+            for w in ws:
+                column = self.index.get(w)
+                if column is not None:
+                    counts[row, column] += 1.0
+        return counts
+
+    @staticmethod
+    def _normalise(vectors: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms == 0, 1.0, norms)
+
+    def nearest(self, queries: Sequence[str], chunk: int = 256) -> np.ndarray:
+        """Index of the most similar training caption for each query."""
+        found = []
+        for start in range(0, len(queries), chunk):
+            part = [words(q) for q in queries[start : start + chunk]]
+            vectors = self._normalise(self._counts(part) * self.idf)
+            found.append(np.argmax(vectors @ self.matrix.T, axis=1))
+        return np.concatenate(found) if found else np.zeros(0, dtype=int)
+
+    def predict(self, queries: Sequence[str]) -> np.ndarray:
+        """(len(queries), 24, 3): the pose of each query's nearest training caption."""
+        return self.poses[self.nearest(queries)]
+
+
+def _joints(poses, no_root: bool) -> np.ndarray:
+    poses = np.array(poses, dtype=np.float64).reshape(-1, 24, 3)
+    if no_root:
+        poses[:, 0] = 0.0
+    joints = forward_kinematics(poses)[0]
+    return joints - joints[:, :1]
+
+
+class ActionClassifier:
+    """The nearest named action of a pose (see the module docstring)."""
+
+    def __init__(
+        self,
+        names: Sequence[str] | None = None,
+        samples: int = 16,
+        seed: int = 0,
+        no_root: bool = False,
+    ):
+        from inference_service.training.actions import ACTIONS
+
+        self.names = list(names) if names is not None else list(ACTIONS)
+        rng = np.random.default_rng(seed)
+        prototypes, owners = [], []
+        for k, name in enumerate(self.names):
+            action = ACTIONS[name]
+            prototypes.append(action(None))
+            prototypes.extend(action(rng) for _ in range(samples))
+            owners.extend([k] * (samples + 1))
+        self.no_root = no_root
+        self.owners = np.array(owners)
+        self.joints = _joints(np.stack(prototypes), no_root)
+
+    def distances(self, poses) -> np.ndarray:
+        """(N, actions): the MPJPE (mm) from each pose to each action's nearest prototype."""
+        joints = _joints(poses, self.no_root)
+        per_prototype = np.concatenate(
+            [
+                np.linalg.norm(
+                    joints[start : start + 32, None] - self.joints[None], axis=-1
+                ).mean(axis=-1)
+                for start in range(0, len(joints), 32)
+            ]
+        )
+        out = np.full((len(joints), len(self.names)), np.inf)
+        for k in range(len(self.names)):
+            out[:, k] = per_prototype[:, self.owners == k].min(axis=1)
+        return out * 1000.0
+
+    def classify(self, poses) -> list[str]:
+        return [self.names[k] for k in np.argmin(self.distances(poses), axis=1)]
+
+
+def joint_distance(a, b, no_root: bool = True) -> np.ndarray:
+    """MPJPE (mm) between poses a (N, 24, 3) and b (N or 1, 24, 3), pelvis-relative; with
+    `no_root` the global orientations are zeroed first (the body's own shape only)."""
+    ja, jb = _joints(a, no_root), _joints(b, no_root)
+    return np.linalg.norm(ja - jb, axis=-1).mean(axis=-1) * 1000.0

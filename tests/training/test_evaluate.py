@@ -1,0 +1,152 @@
+"""The evaluation command and its baselines: TF-IDF retrieval, the mean pose, nearest action,
+and a report with every section on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference_service import evaluate as ev
+from inference_service.training.actions import ACTIONS
+from inference_service.training.baselines import (
+    ActionClassifier,
+    TfidfRetrieval,
+    mean_pose,
+    project_to_rotation,
+)
+from inference_service.training.corpus import generate_corpus, save_corpus
+from inference_service.training.scaffold import scaffold_checkpoint
+from shared_protocol.rotations import axis_angle_to_matrix
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tfidf_returns_the_pose_of_an_exact_training_caption():
+    rng = np.random.default_rng(0)
+    captions = [
+        "The person raises the left arm above the head.",
+        "The person raises the right arm above the head.",
+        "Someone kneels on the right knee.",
+        "A woman sits with crossed legs.",
+    ]
+    poses = rng.normal(size=(4, 24, 3)) * 0.3
+    retrieval = TfidfRetrieval(captions, poses)
+    for k, caption in enumerate(captions):
+        np.testing.assert_array_equal(retrieval.predict([caption])[0], poses[k])
+    # Words decide: "left" is rarer than "person" so it picks the left-arm caption.
+    assert retrieval.nearest(["lift your LEFT arm"])[0] == 0
+    assert retrieval.nearest(["kneeling on one knee"])[0] == 2
+
+
+def test_mean_pose_of_rotations_about_one_axis_is_the_mean_angle():
+    poses = np.zeros((2, 24, 3))
+    poses[0, 5] = [0, 0, 0.2]
+    poses[1, 5] = [0, 0, 1.0]
+    poses[0, 0] = [0.5, 0, 0]
+    poses[1, 0] = [-0.5, 0, 0]
+    mean = mean_pose(poses)
+    np.testing.assert_allclose(mean[5], [0, 0, 0.6], atol=1e-12)
+    np.testing.assert_allclose(mean[0], 0, atol=1e-12)
+    np.testing.assert_allclose(mean[1:5], 0, atol=1e-12)
+    # Near ±π an axis-angle average would be wrong; the matrix mean is not.
+    flip = np.zeros((2, 24, 3))
+    flip[0, 0] = [0, np.pi - 0.1, 0]
+    flip[1, 0] = [0, -(np.pi - 0.1), 0]
+    assert np.linalg.norm(mean_pose(flip)[0]) == pytest.approx(np.pi, abs=1e-9)
+
+
+def test_projection_gives_a_rotation():
+    m = np.random.default_rng(1).normal(size=(5, 3, 3))
+    r = project_to_rotation(m)
+    np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(3), r.shape),
+                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(r), 1.0)
+    rot = axis_angle_to_matrix(np.array([0.3, -0.2, 0.9]))
+    np.testing.assert_allclose(project_to_rotation(rot), rot, atol=1e-12)
+
+
+def test_nearest_action_of_canonical_poses_and_mirror_names():
+    names = ["raise_left_arm", "raise_right_arm", "squat", "t_pose"]
+    classifier = ActionClassifier(names, samples=2)
+    poses = np.stack([ACTIONS[n](None) for n in names])
+    assert classifier.classify(poses) == names
+    assert ev.swap_side("raise_left_arm") == "raise_right_arm"
+    assert ev.swap_side("lunge_right") == "lunge_left"
+    assert ev.swap_side("squat") is None
+    assert all(ev.swap_side(n) is not None for n in ev.sided_actions())
+
+
+def test_paraphrase_prompts_are_never_training_phrasings():
+    train = {t for a in ACTIONS.values() for t in a.phrasings("train")}
+    prompts = ev.action_prompts("test")
+    assert {name for name, _ in prompts} == set(ACTIONS)
+    for name, _text in prompts:
+        assert not set(ACTIONS[name].phrasings("test")) & train
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    records = generate_corpus(7, 160)
+    save_corpus(records, root / "corpus.npz", 7)
+    checkpoint = scaffold_checkpoint(root / "ckpt", "tiny", [r.caption for r in records])
+    pairs = root / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    actions = ["raise_left_arm", "raise_right_arm", "squat", ""]
+    poses = np.stack([ACTIONS[a](None) if a else np.zeros((24, 3)) for a in actions])
+    names = []
+    for k in range(len(actions)):
+        (pairs / "images" / f"{k}.png").write_bytes(_png(40 * k))
+        names.append(f"images/{k}.png")
+    np.savez(pairs / "pairs.npz", poses=poses.reshape(-1, 72), images=np.array(names),
+             actions=np.array(actions))
+    return root, checkpoint, pairs
+
+
+def test_the_command_writes_a_report_with_every_section(tiny, capsys):
+    root, checkpoint, pairs = tiny
+    out = root / "report.json"
+    code = ev.main(
+        ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+         "--pairs", str(pairs), "--split", "test", "--out", str(out), "--limit", "12"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    for section in ("text_to_pose", "paraphrases", "left_right", "images", "bars"):
+        assert section in report
+    text = report["text_to_pose"]["by_caption"]["all"]
+    assert set(text) == {"count", "model", "mean_pose", "tfidf"}
+    assert set(text["model"]) == set(ev.METRIC_NAMES)
+    assert report["paraphrases"]["top1"]["oracle"] > 0.8
+    assert report["left_right"]["text"]["oracle"] == 1.0
+    assert report["left_right"]["images"]["count"] == 2
+    assert report["images"]["count"] == 4
+    assert {b["bar"].split(":")[0] for b in report["bars"]} >= {"text", "images", "left/right"}
+    markdown = out.with_suffix(".md").read_text()
+    for heading in ("Text to pose", "Paraphrases", "Mannequin images", "Left and right",
+                    "Quality bars"):  # fmt: skip
+        assert heading in markdown
+    assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
+
+
+def test_bad_format_is_refused(tiny):
+    root, checkpoint, _ = tiny
+    with pytest.raises(SystemExit):
+        ev.main(["--checkpoint", str(checkpoint), "--data", "posescript", str(root)])

@@ -1,0 +1,87 @@
+"""Image–pose pairs rendered with Blender (bpy): files, layout, the camera-relative convention."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference_service.training.actions import ACTIONS
+from inference_service.training.datasets import read_image_pose_pairs
+from inference_service.training.render_pairs import (
+    CameraView,
+    camera_relative,
+    read_pairs,
+    sample_views,
+)
+from shared_protocol.rotations import axis_angle_to_matrix
+
+pytest.importorskip("bpy")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    from inference_service.training.render_pairs import render_pairs
+
+    out = tmp_path_factory.mktemp("pairs")
+    poses = np.stack([ACTIONS["raise_left_arm"](None), ACTIONS["raise_right_arm"](None)] * 2)
+    views = [CameraView(0.0, 0.0, 1.1, 0.1)] * 2 + [CameraView(40.0, 20.0, 1.2, 0.2)] * 2
+    actions = ["raise_left_arm", "raise_right_arm"] * 2
+    path = render_pairs(poses, out, views=views, size=48, actions=actions, split=["test"] * 4)
+    return out, path, poses
+
+
+def test_files_and_layout_read_by_the_training_reader(rendered):
+    out, path, poses = rendered
+    arrays = read_pairs(path)
+    assert len(arrays["images"]) == 4
+    for name in arrays["images"]:
+        assert (out / str(name)).is_file()
+    examples = read_image_pose_pairs(path)
+    assert len(examples) == 4
+    assert all(e.kind == "image_to_pose" and len(e.images) == 1 for e in examples)
+    with Image.open(io.BytesIO(examples[0].images[0])) as image:
+        assert image.size == (48, 48)
+    np.testing.assert_allclose(arrays["world_poses"], poses)
+    assert list(arrays["actions"]) == ["raise_left_arm", "raise_right_arm"] * 2
+    # The targets are camera-relative: the front views keep the pose, the 40° views turn it.
+    np.testing.assert_allclose(examples[0].pose, poses[0], atol=1e-9)
+    np.testing.assert_allclose(examples[2].pose, camera_relative(poses[2], 40.0), atol=1e-9)
+
+
+def _pixels(out, name) -> np.ndarray:
+    with Image.open(out / name) as image:
+        return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def test_two_poses_give_different_pictures_and_the_left_arm_is_on_the_right(rendered):
+    out, path, _ = rendered
+    names = [str(n) for n in read_pairs(path)["images"]]
+    left, right = _pixels(out, names[0]), _pixels(out, names[1])
+    assert np.abs(left - right).mean() > 1.0
+    # Seen from the front, the body's left arm is on the picture's right.
+    for picture, side in ((left, 1), (right, -1)):
+        top = picture[: picture.shape[0] // 4]
+        mask = np.abs(top - top[0, 0]) > 30
+        columns = np.nonzero(mask)[1]
+        assert columns.size
+        assert side * (columns.mean() - picture.shape[1] / 2) > 0
+
+
+def test_camera_relative_turns_the_heading_only():
+    pose = ACTIONS["squat"](None)
+    assert np.allclose(camera_relative(pose, 0.0), pose)
+    turned = camera_relative(pose, 30.0)
+    assert np.allclose(turned[1:], pose[1:])
+    forward = axis_angle_to_matrix(turned[0]) @ axis_angle_to_matrix(pose[0]).T @ [0, 0, 1.0]
+    # A camera 30° to the body's left sees the body facing 30° to the viewer's... right (-x).
+    assert np.allclose(forward, [np.sin(np.radians(-30)), 0, np.cos(np.radians(-30))])
+
+
+def test_views_are_seeded_and_in_range():
+    a = sample_views(np.random.default_rng(3), 50)
+    b = sample_views(np.random.default_rng(3), 50)
+    assert a == b
+    assert all(-60 <= v.yaw_deg <= 60 and -5 <= v.pitch_deg <= 30 for v in a)

@@ -1,0 +1,651 @@
+"""Build the demo checkpoint from nothing, in one command (also `make demo-model`):
+
+    python -m inference_service.training.build_demo [--preset demo|tiny] [--steps N]
+        [--out inference_service/demo_checkpoint] [--work build/demo] [--docs docs]
+        [--threads 2] [--seed 0]
+
+Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.md):
+
+1. corpus: the synthetic pose–language corpus (`training/corpus.py`), seeded;
+2. render: image–pose pairs of the add-on's mannequin (`training/render_pairs.py`, Blender's
+   Workbench in a subprocess) for poses of the train split, and for the test split's poses;
+3. scaffold: a fresh model of the preset (`training/scaffold.py`) whose tokenizer is trained on
+   the train split's captions;
+4. train: `python -m inference_service.train` (the project's training command, run in-process)
+   on the corpus's train split (text → pose) and the rendered train pairs (image → pose);
+5. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+   the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
+   the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
+   build_info.json (the command, the settings, the timings, the bars);
+6. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+   WORK/report.json and .md;
+7. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+   and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
+
+`--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
+Everything is seeded: the same command on the same machine gives the same checkpoint (bit for
+bit with the same thread count; float sums depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "inference_service" / "demo_checkpoint"
+DEFAULT_WORK = ROOT / "build" / "demo"
+DEFAULT_DOCS = ROOT / "docs"
+MARK_START = "<!-- results:start (written by inference_service.training.build_demo) -->"
+MARK_END = "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_size: str  # scaffold.SIZES
+    corpus_records: int
+    train_images: int  # rendered poses of the train split (at most the split's size)
+    test_images: int  # rendered poses of the test split
+    image_size: int  # rendered pixels (the processor resizes to the model's input)
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    lora_rank: int
+    lora_alpha: int
+    mix: str  # text:image:chat
+    save_every: int
+    vocab_size: int | None = None
+    condition: bool = True  # condition_base: weight scales for a frozen random base
+
+
+PRESETS = {
+    "demo": Preset(
+        model_size="demo",
+        corpus_records=12000,
+        train_images=6000,
+        test_images=100000,
+        image_size=128,
+        steps=3000,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=100,
+        lora_rank=64,
+        lora_alpha=128,
+        mix="1:1:0",
+        save_every=500,
+    ),
+    "tiny": Preset(
+        model_size="tiny",
+        corpus_records=240,
+        train_images=12,
+        test_images=8,
+        image_size=32,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=0,
+        lora_rank=4,
+        lora_alpha=8,
+        mix="1:1:0",
+        save_every=0,
+    ),
+}
+
+# Docs examples: held-out phrasings (the test split's) of a few actions, and free prompts.
+EXAMPLE_ACTIONS = (
+    "raise_left_arm",
+    "raise_right_arm",
+    "kneel_on_right_knee",
+    "squat",
+    "t_pose",
+    "lunge_left",
+)
+EXAMPLE_PROMPTS = (
+    "A woman stands with her hands on her hips.",
+    "The person bends forward at the hips with the arms hanging down.",
+)
+EXAMPLE_IMAGES = 3
+
+
+def log(message: str) -> None:
+    print(f"[build_demo] {message}", file=sys.stderr, flush=True)
+
+
+class Stages:
+    """Wall time of each stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, function, *args, **kwargs):
+        log(f"stage {name} ...")
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        log(f"stage {name} done in {self.seconds[name]:.1f} s")
+        return result
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def make_corpus(work: Path, records: int, seed: int) -> Path:
+    from inference_service.training.corpus import corpus_summary, generate_corpus, save_corpus
+
+    path = work / "corpus.npz"
+    corpus = generate_corpus(seed, records)
+    save_corpus(corpus, path, seed)
+    summary = corpus_summary(corpus)
+    log(f"corpus: {dict(summary['splits'])}, {dict(summary['sources'])}")
+    return path
+
+
+def render(work: Path, corpus: Path, split: str, count: int, seed: int, size: int) -> Path:
+    out = work / f"pairs_{split}"
+    if out.exists():
+        shutil.rmtree(out)
+    command = [
+        sys.executable,
+        "-m",
+        "inference_service.training.render_pairs",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--split",
+        split,
+        "--count",
+        str(count),
+        "--seed",
+        str(seed),
+        "--size",
+        str(size),
+    ]
+    _subprocess(command)
+    return out
+
+
+def _subprocess(command: Sequence[str]) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines = [line for line in result.stderr.splitlines() if "EGL" not in line]
+    for line in lines[-5:]:
+        log(f"  {line}")
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} failed (exit {result.returncode})")
+
+
+def scaffold(work: Path, corpus: Path, preset: Preset, seed: int) -> Path:
+    from inference_service.training.corpus import load_corpus
+    from inference_service.training.scaffold import SIZES, scaffold_checkpoint
+
+    out = work / "base"
+    if out.exists():
+        shutil.rmtree(out)
+    size = SIZES[preset.model_size]
+    if preset.vocab_size is not None:
+        size = dataclasses.replace(size, vocab_size=preset.vocab_size)
+    captions = [r.caption for r in load_corpus(corpus) if r.split == "train"]
+    scaffold_checkpoint(out, size, captions, seed)
+    if preset.condition:
+        condition_base(out / "base", seed)
+    poses = np.stack([r.pose for r in load_corpus(corpus) if r.split == "train"])
+    head_at_mean_pose(out, poses)
+    return out
+
+
+def head_at_mean_pose(checkpoint: Path, poses: np.ndarray, weight_scale: float = 0.1) -> None:
+    """Make the checkpoint's SMPL head start at the mean pose of `poses`: the last layer's bias
+    is the mean pose's 6D rotations and its weights are scaled down by `weight_scale`, so the
+    first predictions are the mean-pose baseline and training learns the deviations from it.
+    (From a random head a 6D output needs thousands of steps just to find upright.)
+    Training starts from this head with `--head-init base`."""
+    import torch
+
+    from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig
+    from inference_service.pose_head import PoseHead
+    from inference_service.training.baselines import mean_pose
+    from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_rotation_6d
+
+    config = ChatPoseConfig.load(checkpoint)
+    head = PoseHead.load(checkpoint / HEAD_NAME, config)
+    sixd = matrix_to_rotation_6d(axis_angle_to_matrix(mean_pose(poses))).reshape(-1)
+    with torch.no_grad():
+        head[2].weight.mul_(weight_scale)
+        head[2].bias.copy_(torch.as_tensor(sixd, dtype=torch.float32))
+    head.save(checkpoint / HEAD_NAME)
+
+
+def condition_base(base: Path, seed: int, output_std: float = 0.1) -> None:
+    """Re-draw the scaffold's random weights at scales that suit a *frozen* random base.
+
+    The scaffold initialises like a model about to be trained in full (every matrix N(0, 0.02),
+    transformers' default). Frozen, that network passes almost nothing on: attention is uniform,
+    each layer adds little to the residual stream, so the state before the pose token is nearly
+    the same for every caption (cosine ~0.98) and the LoRA layers start with no signal. And
+    after the final RMSNorm the hidden state has norm √H (16) while an output row has norm 0.32:
+    no logit can exceed ~5, the cross-entropy of even a fixed answer cannot fall below ~1.7
+    nats, and its never-fading gradient drowns the pose loss. So, seeded:
+
+    - token embeddings N(0, 1), every projection of the LM N(0, 1/fan_in) (unit-scale
+      activations, attention logits of order 1), the output layer N(0, `output_std`²);
+    - the projector N(0, 1/fan_in), so image tokens are as large as text tokens;
+    - CLIP's position embeddings N(0, 0.5²), as large as the patch embeddings (0.02 × √768), so
+      each image token knows where its patch is (left and right in a picture).
+
+    Everything else (norms, biases, the CLIP layers) is kept. A pretrained LLaVA, as ChatPose
+    fine-tunes, needs none of this.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed + 7)
+    lm_projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for path in sorted(base.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        for name in sorted(tensors):
+            weight = tensors[name]
+            std = None
+            if name.endswith("lm_head.weight"):
+                std = output_std
+            elif name.endswith("embed_tokens.weight"):
+                std = 1.0
+            elif name.startswith("language_model.") and name.endswith(
+                tuple(f"{p}.weight" for p in lm_projections)
+            ):
+                std = weight.shape[1] ** -0.5
+            elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
+                std = weight.shape[1] ** -0.5
+            elif name.endswith("embeddings.position_embedding.weight"):
+                std = 0.5
+            if std is not None:
+                fresh = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
+                tensors[name] = fresh.to(weight.dtype)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def train(work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, steps: int,
+          seed: int, threads: int) -> Path:
+    from inference_service import train as train_cli
+
+    run = work / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    argv = [
+        "--base", str(base), "--out", str(run),
+        "--data", "corpus", str(corpus), "split=train",
+        "--data", "pairs", str(pairs / "pairs.npz"),
+        "--steps", str(steps), "--batch-size", str(preset.batch_size),
+        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
+        "--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha),
+        "--mix", preset.mix, "--save-every", str(preset.save_every), "--keep-last", "2",
+        "--log-every", "50" if steps >= 200 else "1",
+        "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
+        "--head-init", "base",
+    ]  # fmt: skip
+    log("python -m inference_service.train " + " ".join(argv))
+    code = train_cli.main(argv)
+    if code != 0:
+        raise RuntimeError(f"training failed (exit {code})")
+    return run / (run / "latest").read_text(encoding="utf-8").strip()
+
+
+def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
+    """A self-contained copy of `checkpoint` at `out`: adapter merged into base/, no training
+    state; weights saved as `dtype`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from inference_service.checkpoint import HEAD_NAME, Checkpoint
+    from inference_service.modeling_chatpose import ensure_pose_token
+
+    source = Checkpoint.open(checkpoint)
+    processor = AutoProcessor.from_pretrained(source.base_dir, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(
+        source.base_dir, local_files_only=True, dtype=torch.float32
+    )
+    ensure_pose_token(processor.tokenizer, model, source.config.pose_token)
+    if source.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.adapter_dir)).merge_and_unload()
+    model = model.to(getattr(torch, dtype))
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "base")
+    processor.save_pretrained(tmp / "base")
+    shutil.copyfile(source.head_path, tmp / HEAD_NAME)
+    dataclasses.replace(source.config, base_model="base").save(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def check_pack(original: Path, packed: Path, corpus: Path, tolerance_mm: float = 5.0) -> float:
+    """The packed model predicts what the trained checkpoint predicts (fp16 rounding aside):
+    the largest MPJPE (mm) between them on a few captions."""
+    from inference_service.metrics import mpjpe
+    from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+    from inference_service.training.corpus import load_corpus
+
+    captions = [r.caption for r in load_corpus(corpus)[:8]]
+    requests = [PoseRequest(text=c) for c in captions]
+    a = np.stack(ChatPoseModel.from_checkpoint(original, device="cpu").predict_poses(requests))
+    b = np.stack(ChatPoseModel.from_checkpoint(packed, device="cpu").predict_poses(requests))
+    worst = float(mpjpe(a, b).max())
+    if worst > tolerance_mm:
+        raise RuntimeError(f"the packed checkpoint differs from the trained one by {worst:.1f} mm")
+    return worst
+
+
+def evaluate(work: Path, packed: Path, corpus: Path, pairs: Path) -> dict:
+    from inference_service.evaluate import evaluate as run_evaluation
+    from inference_service.evaluate import markdown_summary
+
+    report = run_evaluation(packed, corpus, split="test", pairs=pairs, log=log)
+    (work / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    (work / "report.md").write_text(markdown_summary(report), encoding="utf-8")
+    return report
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def examples(work: Path, packed: Path, pairs: Path, images_dir: Path) -> list[dict]:
+    """Render prompt -> predicted pose pictures (and image -> pose for a few test pairs) into
+    `images_dir`; returns their descriptions for the docs."""
+    from inference_service.evaluate import action_prompts
+    from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+    from inference_service.training.render_pairs import fixed_view, read_pairs
+
+    first: dict[str, str] = {}
+    for name, text in action_prompts("test", EXAMPLE_ACTIONS):
+        first.setdefault(name, text)
+    prompts = [*first.values(), *EXAMPLE_PROMPTS]
+    model = ChatPoseModel.from_checkpoint(packed, device="cpu")
+    text_poses = model.predict_poses([PoseRequest(text=p) for p in prompts])
+    arrays = read_pairs(pairs / "pairs.npz")
+    picked = np.linspace(0, len(arrays["poses"]) - 1, EXAMPLE_IMAGES).astype(int)
+    inputs = [(pairs / str(arrays["images"][i])).read_bytes() for i in picked]
+    image_poses = model.predict_poses([PoseRequest(images=(data,)) for data in inputs])
+    view = fixed_view()
+    poses, names, views, entries = [], [], [], []
+    for k, (prompt, pose) in enumerate(zip(prompts, text_poses, strict=True)):
+        poses.append(pose)
+        names.append(f"text_{k:02d}")
+        views.append(dataclasses.astuple(view))
+        entries.append({"kind": "text", "prompt": prompt, "picture": f"text_{k:02d}.png"})
+    for k, (i, pose) in enumerate(zip(picked, image_poses, strict=True)):
+        # The prediction is camera-relative: seen from yaw 0 at the input's pitch it should
+        # look like the input.
+        pitch = float(arrays["camera_pitch_deg"][i])
+        poses.append(pose)
+        names.append(f"image_{k:02d}_pred")
+        views.append((0.0, pitch, 1.1, 0.2))
+        poses.append(arrays["poses"][i])
+        names.append(f"image_{k:02d}_true")
+        views.append((0.0, pitch, 1.1, 0.2))
+        entries.append(
+            {
+                "kind": "image",
+                "input": f"image_{k:02d}_input.png",
+                "picture": f"image_{k:02d}_pred.png",
+                "truth": f"image_{k:02d}_true.png",
+                "action": str(arrays["actions"][i]) or "random pose",
+            }
+        )
+    render_dir = work / "examples"
+    if render_dir.exists():
+        shutil.rmtree(render_dir)
+    render_dir.mkdir(parents=True)
+    poses_path = render_dir / "poses.npz"
+    np.savez(
+        poses_path,
+        poses=np.stack(poses).reshape(-1, 72),
+        names=np.array(names),
+        views=np.array(views, dtype=np.float64),
+    )
+    _subprocess(
+        [
+            sys.executable,
+            "-m",
+            "inference_service.training.render_pairs",
+            str(render_dir / "out"),
+            "--poses",
+            str(poses_path),
+            "--size",
+            "128",
+        ]
+    )
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for old in images_dir.glob("*.png"):
+        if old.name.startswith(("text_", "image_")):
+            old.unlink()
+    for name in names:
+        shutil.copyfile(render_dir / "out" / "images" / f"{name}.png", images_dir / f"{name}.png")
+    for k, i in enumerate(picked):
+        shutil.copyfile(pairs / str(arrays["images"][i]), images_dir / f"image_{k:02d}_input.png")
+    return entries
+
+
+def write_docs(
+    docs: Path, report: dict, entries: list[dict], info: dict, markdown_summary: str
+) -> Path:
+    """Put the generated section between the markers of docs/evaluation.md (the whole file when
+    it has none)."""
+    lines = [MARK_START, "", "## Results of the shipped demo checkpoint", ""]
+    lines += [
+        f"Built by `{info['command']}` on {info['machine']} ({info['date']}); "
+        f"total {info['seconds_total'] / 60:.1f} min.",
+        "",
+        "| stage | wall time |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.0f} s ({v / 60:.1f} min) |" for k, v in info["seconds"].items()]
+    lines += [
+        "",
+        f"Training: {info['train']['steps']} steps of batch {info['train']['batch_size']} "
+        f"(mix {info['train']['mix']}), {info['train']['seconds_per_step']:.2f} s a step, on "
+        f"{info['train']['examples']} examples. Checkpoint: {info['size_mb']:.1f} MB "
+        f"({info['dtype']} safetensors, LoRA merged).",
+        "",
+        markdown_summary,
+        "### Examples",
+        "",
+        "Text → pose (held-out phrasings and free prompts; the predicted pose on the add-on's "
+        "mannequin, rendered with Workbench from a fixed three-quarter view):",
+        "",
+        "| prompt | predicted pose |",
+        "|---|---|",
+    ]
+    for entry in entries:
+        if entry["kind"] == "text":
+            lines.append(f"| {entry['prompt']} | ![](images/{entry['picture']}) |")
+    lines += [
+        "",
+        "Image → pose (held-out test renders; prediction and truth seen from the camera's "
+        "heading, as the camera-relative convention defines them):",
+        "",
+        "| input | predicted | truth | pose source |",
+        "|---|---|---|---|",
+    ]
+    for entry in entries:
+        if entry["kind"] == "image":
+            lines.append(
+                f"| ![](images/{entry['input']}) | ![](images/{entry['picture']}) | "
+                f"![](images/{entry['truth']}) | {entry['action']} |"
+            )
+    lines += ["", MARK_END]
+    generated = "\n".join(lines) + "\n"
+    path = docs / "evaluation.md"
+    docs.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        if MARK_START in text and MARK_END in text:
+            head = text[: text.index(MARK_START)]
+            tail = text[text.index(MARK_END) + len(MARK_END) :].lstrip("\n")
+            path.write_text(head + generated + ("\n" + tail if tail else ""), encoding="utf-8")
+            return path
+    path.write_text("# Evaluation\n\n" + generated, encoding="utf-8")
+    return path
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def build(
+    preset_name: str = "demo",
+    *,
+    steps: int | None = None,
+    out: Path = DEFAULT_OUT,
+    work: Path = DEFAULT_WORK,
+    docs: Path | None = DEFAULT_DOCS,
+    threads: int = 2,
+    seed: int = 0,
+    dtype: str = "float16",
+    command: str = "",
+) -> dict:
+    preset = PRESETS[preset_name]
+    steps = steps or preset.steps
+    out, work = Path(out).resolve(), Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    total_start = time.perf_counter()
+    corpus = stages.run("corpus", make_corpus, work, preset.corpus_records, seed)
+    train_pairs = stages.run(
+        "render train pairs", render, work, corpus, "train", preset.train_images, seed,
+        preset.image_size,
+    )  # fmt: skip
+    test_pairs = stages.run(
+        "render test pairs", render, work, corpus, "test", preset.test_images, seed + 1,
+        preset.image_size,
+    )  # fmt: skip
+    base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
+    trained = stages.run(
+        "train", train, work, base, corpus, train_pairs, preset, steps, seed, threads
+    )
+    packed = stages.run("pack", pack, trained, out, dtype)
+    drift = check_pack(trained, packed, corpus)
+    log(f"packed checkpoint agrees with the trained one to {drift:.2f} mm")
+    report = stages.run("evaluate", evaluate, work, packed, corpus, test_pairs)
+    train_log = [
+        json.loads(line)
+        for line in (work / "run" / "train_log.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    info = {
+        "command": command or f"python -m inference_service.training.build_demo --preset "
+        f"{preset_name}",
+        "preset": preset_name,
+        "settings": dataclasses.asdict(preset) | {"steps": steps, "seed": seed},
+        "threads": threads,
+        "dtype": dtype,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": dict(stages.seconds),
+        "train": {
+            "steps": steps,
+            "batch_size": preset.batch_size,
+            "mix": preset.mix,
+            "seconds_per_step": stages.seconds["train"] / steps,
+            "examples": _count_examples(corpus, train_pairs),
+            "final_loss": train_log[-1] if train_log else None,
+        },
+        "bars": report["bars"],
+    }
+    info["size_mb"] = 0.0
+    (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
+    if docs is not None:
+        from inference_service.evaluate import markdown_summary
+
+        entries = stages.run("examples", examples, work, packed, test_pairs, docs / "images")
+        info["seconds"] = dict(stages.seconds)
+        info["seconds_total"] = round(time.perf_counter() - total_start, 1)
+        info["size_mb"] = directory_size(packed) / 1e6
+        write_docs(docs, report, entries, info, markdown_summary(report))
+    info["seconds"] = dict(stages.seconds)
+    info["seconds_total"] = round(time.perf_counter() - total_start, 1)
+    info["size_mb"] = directory_size(packed) / 1e6
+    (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
+    log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
+    for item in report["bars"]:
+        log(f"{'pass' if item['pass'] else 'FAIL'}  {item['bar']}: {item['value']:.3f}")
+    return info
+
+
+def _count_examples(corpus: Path, pairs: Path) -> int:
+    from inference_service.training.corpus import load_corpus
+
+    with np.load(pairs / "pairs.npz") as data:
+        images = len(data["poses"])
+    return sum(r.split == "train" for r in load_corpus(corpus)) + images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_service.training.build_demo",
+        description="Build the demo checkpoint: corpus, renders, scaffold, training, packing, "
+        "evaluation and docs.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--steps", type=int, help="training steps (the preset's by default)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the packed checkpoint")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="intermediate files")
+    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="docs folder")
+    parser.add_argument("--no-docs", action="store_true", help="leave the docs alone")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    args = parser.parse_args(argv)
+    command = "python -m inference_service.training.build_demo" + (
+        " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:])
+    )
+    try:
+        build(
+            args.preset,
+            steps=args.steps,
+            out=args.out,
+            work=args.work,
+            docs=None if args.no_docs else args.docs,
+            threads=args.threads,
+            seed=args.seed,
+            dtype=args.dtype,
+            command=command.strip(),
+        )
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from . import logs
 from .errors import ChatPoseError
-from .server import DEFAULT_BIND, CurveKeys, Server, ServerConfigError, check_bind
+from .server import (
+    DEFAULT_BIND,
+    CurveKeys,
+    Server,
+    ServerConfigError,
+    check_address_free,
+    check_bind,
+)
 
 log = logging.getLogger("chatpose.serve")
 
@@ -94,11 +101,13 @@ def _build_server(args: argparse.Namespace) -> Server:
         raise ServerConfigError("--curve-secret-key and --curve-clients go together")
     curve = CurveKeys(args.curve_secret_key, args.curve_clients) if args.curve_secret_key else None
     check_bind(args.bind, curve)  # before loading a model that may take minutes
+    check_address_free(args.bind)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if not checkpoint.exists():
         if args.checkpoint is None:
             raise ServerConfigError(
-                "no demo checkpoint is bundled in this version yet; pass --checkpoint DIR"
+                f"the bundled demo checkpoint is missing from {checkpoint}; rebuild it with "
+                "`make demo-model`, or pass --checkpoint DIR"
             )
         raise ServerConfigError(f"--checkpoint: {checkpoint} does not exist")
     from .backend import ModelBackend  # imports torch: only once the arguments are sound

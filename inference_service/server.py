@@ -10,6 +10,7 @@ PUSH socket to a PULL socket that the I/O thread polls, which forwards them to t
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import logging
@@ -104,6 +105,30 @@ def check_bind(bind: str, curve: CurveKeys | None) -> None:
         )
 
 
+def check_address_free(bind: str) -> None:
+    """Refuses an address something already listens on, before a model takes minutes to load
+    (the real bind can still lose a race; it reports the same way)."""
+    context = zmq.Context()
+    probe = context.socket(zmq.ROUTER)
+    try:
+        probe.bind(bind)
+    except zmq.ZMQError as exc:
+        raise ServerConfigError(_bind_failure(bind, exc)) from None
+    finally:
+        probe.close(linger=0)
+        context.term()
+
+
+def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {bind}: the address is already in use. Is another chatpose-serve "
+            "running there (`chatpose status --address ADDRESS` tells)? Stop it, or choose "
+            "another port with --bind tcp://127.0.0.1:PORT."
+        )
+    return f"cannot listen on {bind}: {exc}"
+
+
 class Server:
     def __init__(
         self,
@@ -131,18 +156,18 @@ class Server:
         self._router.linger = 1000
         if curve is not None:
             self._configure_curve(curve)
+        self._outboxes: list[zmq.Socket] = []
+        self._outbox_lock = threading.Lock()
         try:
             self._router.bind(bind)
         except zmq.ZMQError as exc:
             self.close()
-            raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
+            raise ServerConfigError(_bind_failure(bind, exc)) from None
         self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._inbox_address = f"inproc://chatpose-replies-{next(_instances)}"
         self._inbox = self._context.socket(zmq.PULL)
         self._inbox.rcvhwm = 0  # unbounded: a full pipe would block the thread that emits
         self._inbox.bind(self._inbox_address)
-        self._outboxes: list[zmq.Socket] = []
-        self._outbox_lock = threading.Lock()
         self._local = threading.local()
         self._received: dict[tuple[ClientId, str], tuple[float, str]] = {}
         self._received_lock = threading.Lock()

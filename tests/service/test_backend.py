@@ -199,7 +199,17 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
 def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
     assert serve.main([]) == serve.EXIT_CONFIG
-    assert "no demo checkpoint is bundled" in capsys.readouterr().err
+    assert "make demo-model" in capsys.readouterr().err
+
+
+def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys):
+    with zmq.Context() as context, context.socket(zmq.ROUTER) as taken:
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        # The checkpoint does not exist: the address is checked before it is even looked at.
+        argv = ["--bind", f"tcp://127.0.0.1:{port}", "--checkpoint", str(tmp_path / "none")]
+        assert serve.main(argv) == serve.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "already in use" in err and "--bind" in err
 
 
 def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):

@@ -329,6 +329,11 @@ def test_is_loopback(address, loopback):
     assert is_loopback(address) is loopback
 
 
+def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
+    with pytest.raises(ServerConfigError, match="already in use"):
+        Server(backend, INFO, running.address)
+
+
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
         Server(backend, INFO, "tcp://0.0.0.0:*")

@@ -63,7 +63,7 @@ _EXIT_FOR_CODE = {
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}  success
   {EXIT_USAGE}  bad command-line arguments
-  {EXIT_NOT_BUILT}  the sub-command is not built yet
+  {EXIT_NOT_BUILT}  the bundled demo model is missing (`make demo-model` rebuilds it)
   {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
   {EXIT_UNREACHABLE}  no service at the address
   {EXIT_TIMEOUT}  the service did not answer in time
@@ -112,7 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--fps", type=float, default=30.0)
 
     commands.add_parser("status", parents=[connection], help="the service's status")
-    commands.add_parser("demo", help="what `make demo` runs")
+    demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
+    demo.add_argument(
+        "--checkpoint", type=Path, help="the model to serve (default: the bundled demo model)"
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)"
+    )
+    demo.add_argument("--size", type=int, default=256, help="panel size in pixels (256)")
+    demo.add_argument("--device", default="cpu", help="the service's device (cpu)")
+    demo.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for an answer"
+    )
     return parser
 
 
@@ -202,11 +213,37 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    raise CommandError(
-        EXIT_NOT_BUILT,
-        f"not built yet in version {__version__}; it needs the bundled demo model and the "
-        "end-to-end demo",
-    )
+    from .demo import DemoError, run_demo
+    from .serve import DEMO_CHECKPOINT
+
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if args.checkpoint is None and not (checkpoint / "chatpose.json").is_file():
+        raise CommandError(
+            EXIT_NOT_BUILT,
+            f"the bundled demo model is missing from {checkpoint}; rebuild it with "
+            "`make demo-model` (docs/evaluation.md)",
+        )
+    if not (checkpoint / "chatpose.json").is_file():
+        raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+    if args.size < 32:
+        raise CommandError(EXIT_BAD_INPUT, f"--size: at least 32 pixels, got {args.size}")
+    try:
+        result = run_demo(
+            checkpoint, args.out, size=args.size, device=args.device, timeout_s=args.timeout
+        )
+    except DemoError as exc:
+        raise CommandError(EXIT_SERVICE_ERROR, str(exc)) from None
+    posed = sum(1 for a in result.answers if a.poses)
+    print(f"\n{posed} of {len(result.answers)} prompts answered with a pose. Written:")
+    print(f"  {result.blend}   Blender scene: the batch keyed on frames {result.keyed_frames}")
+    print(f"  {result.contact_sheet}   one panel per prompt")
+    print(f"  {result.animation}   the batch as an AMASS-layout animation")
+    print(f"  {result.reference}   the picture sent with the image prompt")
+    print(f"  {result.service_log}   the service's log")
+    failed = [a for a in result.answers if a.error]
+    for answer in failed:
+        print(f"chatpose demo: {answer.kind} prompt failed: {answer.error}", file=sys.stderr)
+    return EXIT_SERVICE_ERROR if failed else EXIT_OK
 
 
 # --- helpers ----------------------------------------------------------------------------------

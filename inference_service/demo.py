@@ -1,0 +1,408 @@
+"""`chatpose demo`, what `make demo` runs: the whole system end to end on the bundled demo model.
+
+1. starts `chatpose-serve` with the checkpoint on a free loopback port, as a child process
+   whose log goes to OUT/chatpose-serve.log (the add-on's own `ServiceProcess`);
+2. renders a reference picture of the add-on's mannequin in a known pose (Blender's Workbench),
+   the input of the image prompt;
+3. sends through the real ZeroMQ protocol (`shared_protocol.client.Client`): a pose prompt, a
+   chat turn, the image, and a short batch streamed item by item;
+4. in headless Blender (bpy) builds the add-on's SMPL armature with its mannequin mesh: the
+   batch keyed on it as an animation, each single answer on an armature of its own beside it;
+5. writes OUT/demo.blend, OUT/contact_sheet.png (one panel per prompt, the prompt under it),
+   OUT/animation.npz (AMASS layout, read back from the keys) and OUT/reference.png;
+6. stops the service, also when a step fails.
+
+Blender runs in this process (bpy); torch only in the service's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared_protocol.client import Client
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import (
+    BatchItemReply,
+    BatchRequest,
+    ErrorReply,
+    PoseReply,
+    PoseRequest,
+    ProtocolError,
+    StatusReply,
+    StatusRequest,
+)
+
+READY_TIMEOUT_S = 180.0  # loading the model; the demo model takes seconds
+STOP_TIMEOUT_S = 15.0
+
+
+class DemoError(Exception):
+    """A step of the demo could not run; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DemoScript:
+    """What the demo asks. The demo model knows the synthetic corpus's actions and phrasings
+    (docs/evaluation.md), not language at large, so the prompts stay close to them."""
+
+    pose_prompt: str = "The person kneels on the right knee."
+    chat_prompt: str = "Show me someone standing with their hands on their hips."
+    image_prompt: str = ""  # image only: the service asks for the pose in the picture
+    image_action: str = "raise_left_arm"  # the pose the reference picture shows
+    image_yaw_deg: float = 20.0  # seen a little from the body's left
+    image_pitch_deg: float = 8.0
+    batch_prompts: tuple[str, ...] = (
+        "Stand in a T-pose.",
+        "Raise your left arm above your head.",
+        "Raise both arms above your head.",
+        "The person squats down.",
+        "The person bends forward at the hips.",
+    )
+    frame_step: int = 12  # frames between batch keys
+    fps: int = 24
+
+
+@dataclass
+class Answer:
+    """One prompt and what came back."""
+
+    kind: str  # "pose", "chat", "image" or "batch"
+    prompt: str
+    text: str = ""
+    poses: tuple[Pose, ...] = ()
+    error: str = ""
+
+    @property
+    def caption(self) -> str:
+        line = f"{self.kind}: {self.prompt or '(the picture alone)'}"
+        if self.error:
+            return f"{line} [failed: {self.error}]"
+        if not self.poses:
+            line += " [no pose in the reply]"
+        if self.kind == "chat" and self.text:
+            reply = " ".join(self.text.split())
+            line += f' reply: "{reply if len(reply) <= 60 else reply[:57] + "..."}"'
+        return line
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    blend: Path
+    contact_sheet: Path
+    animation: Path
+    reference: Path
+    service_log: Path
+    address: str  # where the service listened
+    answers: list[Answer] = field(default_factory=list)
+    keyed_frames: list[int] = field(default_factory=list)
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+def free_loopback_address() -> str:
+    """A loopback address on a port free now (the demo must not take a running service's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+class LocalService:
+    """`chatpose-serve` in a child process for the length of a `with` block; stopped (SIGTERM,
+    then killed after a grace time) on the way out, whatever happened inside."""
+
+    def __init__(self, checkpoint: Path, log_dir: Path, device: str = "cpu"):
+        from .addon_import import ensure_addon_importable
+
+        ensure_addon_importable()
+        from blender_addon.core.service_process import ServiceProcess, child_environment
+
+        self.checkpoint = checkpoint
+        self.device = device
+        self.address = free_loopback_address()
+        self.process = ServiceProcess(str(log_dir))
+        self.log_path = Path(self.process.log_path)
+        self._environment = child_environment(dict(os.environ))
+
+    def __enter__(self) -> LocalService:
+        from blender_addon.core.service_process import ServiceProcessError, serve_command
+
+        argv = serve_command(sys.executable, str(self.checkpoint), self.address, self.device)
+        try:
+            self.process.start(argv, env=self._environment)
+        except ServiceProcessError as exc:
+            raise DemoError(f"could not start chatpose-serve: {exc}") from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.stop(wait=True, timeout_s=STOP_TIMEOUT_S)
+
+    def wait_ready(self, client: Client, timeout_s: float = READY_TIMEOUT_S) -> StatusReply:
+        """The service's status once it answers; DemoError when it exits or takes too long."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.process.poll()
+            if not state.alive:
+                raise DemoError(f"chatpose-serve {state.describe()} (log: {self.log_path})")
+            try:
+                reply = client.request(StatusRequest(client.new_id()), timeout_s=2.0)
+            except ProtocolError:
+                continue  # still loading the model
+            if isinstance(reply, StatusReply):
+                return reply
+            raise DemoError(f"chatpose-serve answered status with {reply}")
+        raise DemoError(
+            f"chatpose-serve did not answer within {timeout_s:.0f} s (log: {self.log_path})"
+        )
+
+
+def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) -> list[Answer]:
+    """The demo's requests, in order: pose, chat, image, then the batch item by item. A failed
+    request is kept as an Answer with its error, so the others still show."""
+    singles = [
+        ("pose", script.pose_prompt, (), "pose"),
+        ("chat", script.chat_prompt, (), "chat"),
+        ("image", script.image_prompt, (reference,), "pose"),
+    ]
+    answers = []
+    for kind, prompt, images, mode in singles:
+        request = PoseRequest(client.new_id(), prompt, images=images, mode=mode)
+        reply = client.request(request, timeout_s)
+        if isinstance(reply, PoseReply):
+            answers.append(Answer(kind, prompt, reply.text, reply.poses))
+        else:
+            answers.append(Answer(kind, prompt, error=_error_text(reply)))
+        _say(f"{kind:<5} {answers[-1].caption}")
+    batch = [Answer("batch", prompt) for prompt in script.batch_prompts]
+    request = BatchRequest(client.new_id(), tuple(script.batch_prompts))
+    for reply in client.stream(request, timeout_s):
+        if isinstance(reply, BatchItemReply):
+            batch[reply.index].text, batch[reply.index].poses = reply.text, reply.poses
+        elif isinstance(reply, ErrorReply) and reply.index is not None:
+            batch[reply.index].error = _error_text(reply)
+        elif isinstance(reply, ErrorReply):
+            raise ProtocolError(reply.code, reply.message)
+    for k, answer in enumerate(batch, start=1):
+        _say(f"batch {k}/{len(batch)} {answer.caption}")
+    return answers + batch
+
+
+def _error_text(reply) -> str:
+    return f"{reply.code.value}: {reply.message}" if isinstance(reply, ErrorReply) else str(reply)
+
+
+# --- Blender ------------------------------------------------------------------------------------
+
+
+class DemoScene:
+    """The Blender side: a fresh scene with the add-on's armature and mannequin (the one
+    `render_pairs.MannequinRenderer` renders), the reference picture, the panels, the keys and
+    the saved files."""
+
+    def __init__(self, size: int):
+        from .training.render_pairs import MannequinRenderer
+
+        self.renderer = MannequinRenderer(size)
+        self.bpy = self.renderer.bpy
+        self.armature = self.renderer.armature
+        self.armature.name = "ChatPose batch"
+
+    def reference_picture(self, script: DemoScript, path: Path) -> bytes:
+        from .training.actions import ACTIONS
+        from .training.render_pairs import CameraView
+
+        pose = ACTIONS[script.image_action]()
+        view = CameraView(script.image_yaw_deg, script.image_pitch_deg, 1.1, 0.2)
+        self.renderer.render(pose, view, path)
+        return path.read_bytes()
+
+    def panels(self, answers: Sequence[Answer], folder: Path) -> list[Path | None]:
+        """A picture of each answer's first pose from a fixed three-quarter view (None when the
+        answer has no pose)."""
+        from .training.render_pairs import fixed_view
+
+        folder.mkdir(parents=True, exist_ok=True)
+        pictures: list[Path | None] = []
+        for k, answer in enumerate(answers):
+            if not answer.poses:
+                pictures.append(None)
+                continue
+            path = folder / f"{k:02d}_{answer.kind}.png"
+            self.renderer.render(answer.poses[0].axis_angle, fixed_view(), path)
+            pictures.append(path)
+        return pictures
+
+    def build(self, answers: Sequence[Answer], script: DemoScript) -> list[int]:
+        """Keys the batch on the main armature and puts each single answer on an armature of its
+        own, side by side; returns the keyed frames."""
+        addon = _addon()
+        bpy, scene = self.bpy, self.bpy.context.scene
+        singles = [a for a in answers if a.kind != "batch"]
+        for k, answer in enumerate(singles, start=1):
+            for j, pose in enumerate(answer.poses):
+                obj = addon.create_smpl_armature(
+                    bpy.context,
+                    name=f"ChatPose {answer.kind}" + (f" {j + 1}" if j else ""),
+                    location=(1.2 * k, 0.8 * j, 0.0),
+                )
+                addon.apply_pose(obj, pose, use_translation=False)
+        batch = [a.poses[0] for a in answers if a.kind == "batch" and a.poses]
+        frames = [1 + script.frame_step * i for i in range(len(batch))]
+        if batch:
+            addon.key_poses(self.armature, batch, frames, use_translation=False)
+            scene.frame_start, scene.frame_end = frames[0], frames[-1]
+        scene.render.fps = script.fps
+        scene.frame_set(scene.frame_start)
+        self._frame_everything()
+        return frames
+
+    def _frame_everything(self) -> None:
+        """Points the scene camera at all the armatures, for whoever opens the .blend."""
+        from mathutils import Vector
+
+        objects = [o for o in self.bpy.context.scene.objects if o.type == "ARMATURE"]
+        centre = sum((o.matrix_world.translation for o in objects), Vector()) / len(objects)
+        camera = self.renderer.camera
+        camera.location = centre + Vector((0.0, -6.0, 1.5))
+        camera.rotation_euler = (
+            (centre + Vector((0, 0, 0.9)) - camera.location).to_track_quat("-Z", "Y").to_euler()
+        )
+
+    def save(self, blend: Path, animation: Path, script: DemoScript) -> None:
+        addon = _addon()
+        addon.export_npz(self.armature, animation, fps=script.fps)
+        self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+
+
+@dataclass(frozen=True)
+class _AddonFunctions:
+    create_smpl_armature: Callable
+    apply_pose: Callable
+    key_poses: Callable
+    export_npz: Callable
+
+
+def _addon() -> _AddonFunctions:
+    from .addon_import import ensure_addon_importable
+
+    ensure_addon_importable()
+    from blender_addon.blender.armature import create_smpl_armature
+    from blender_addon.blender.keyframes import export_npz, key_poses
+    from blender_addon.blender.posing import apply_pose
+
+    return _AddonFunctions(create_smpl_armature, apply_pose, key_poses, export_npz)
+
+
+# --- the contact sheet --------------------------------------------------------------------------
+
+
+def contact_sheet(
+    pictures: Sequence[Path | None],
+    captions: Sequence[str],
+    path: Path,
+    *,
+    panel: int,
+    inset: dict[int, Path] | None = None,
+    columns: int = 4,
+) -> Path:
+    """One panel per picture with its caption under it (a grey panel where there is none);
+    `inset` puts a small picture in a panel's corner (the image prompt's reference)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font_size = max(10, panel // 18)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (OSError, TypeError, ValueError):  # a Pillow built without FreeType
+        font = ImageFont.load_default()
+    chars_per_line = max(12, int(panel / (0.55 * font_size)))
+    wrapped = [textwrap.wrap(c, chars_per_line)[:5] for c in captions]
+    caption_height = int(font_size * 1.3) * max(map(len, wrapped), default=1) + font_size
+    columns = max(1, min(columns, len(pictures)))
+    rows = math.ceil(len(pictures) / columns)
+    sheet = Image.new("RGB", (columns * panel, rows * (panel + caption_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (picture, lines) in enumerate(zip(pictures, wrapped, strict=True)):
+        x, y = (k % columns) * panel, (k // columns) * (panel + caption_height)
+        if picture is None:
+            draw.rectangle((x, y, x + panel - 1, y + panel - 1), fill=(200, 200, 200))
+        else:
+            with Image.open(picture) as image:
+                sheet.paste(image.convert("RGB").resize((panel, panel)), (x, y))
+        if inset and k in inset:
+            side = panel // 3
+            with Image.open(inset[k]) as image:
+                sheet.paste(image.convert("RGB").resize((side, side)), (x + 2, y + 2))
+            draw.rectangle((x + 2, y + 2, x + 2 + side, y + 2 + side), outline="white")
+        for i, line in enumerate(lines):
+            draw.text((x + 4, y + panel + 4 + i * int(font_size * 1.3)), line, "black", font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+# --- the whole demo -----------------------------------------------------------------------------
+
+
+def run_demo(
+    checkpoint: Path,
+    out: Path,
+    *,
+    script: DemoScript | None = None,
+    size: int = 256,
+    device: str = "cpu",
+    timeout_s: float = 120.0,
+) -> DemoResult:
+    """Runs every step (module docstring); raises DemoError or ProtocolError on a failure,
+    after stopping the service."""
+    script = script or DemoScript()
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "chatpose.json").is_file():
+        raise DemoError(f"no checkpoint at {checkpoint} (chatpose.json missing)")
+    try:
+        import bpy  # noqa: F401
+    except ImportError:
+        raise DemoError(
+            "bpy is not installed: the demo needs the project's `blender` extra (make setup)"
+        ) from None
+    out.mkdir(parents=True, exist_ok=True)
+    service = LocalService(checkpoint, out, device)
+    result = DemoResult(
+        out=out,
+        blend=out / "demo.blend",
+        contact_sheet=out / "contact_sheet.png",
+        animation=out / "animation.npz",
+        reference=out / "reference.png",
+        service_log=service.log_path,
+        address=service.address,
+    )
+    _say(f"starting chatpose-serve on {service.address} with {checkpoint}")
+    with service, Client(service.address) as client:
+        scene = DemoScene(size)
+        reference = scene.reference_picture(script, result.reference)
+        status = service.wait_ready(client)
+        _say(f"service ready: {status.model} on {status.device} ({status.dtype})")
+        result.answers = ask(client, script, reference, timeout_s)
+    _say("service stopped")
+    pictures = scene.panels(result.answers, out / "panels")
+    image_panel = {k: result.reference for k, a in enumerate(result.answers) if a.kind == "image"}
+    contact_sheet(
+        pictures, [a.caption for a in result.answers], result.contact_sheet, panel=size,
+        inset=image_panel,
+    )  # fmt: skip
+    result.keyed_frames = scene.build(result.answers, script)
+    scene.save(result.blend, result.animation, script)
+    return result
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,157 @@
+"""`chatpose demo` end to end at reduced size: a real chatpose-serve child process on loopback
+with a tiny model, real ZeroMQ requests, headless Blender, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference_service import cli, demo, serve
+from shared_protocol.client import Client
+from shared_protocol.pose import Motion
+from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
+from tests.service import tiny_llava
+
+bpy = pytest.importorskip("bpy")
+
+SCRIPT = demo.DemoScript(
+    batch_prompts=("Stand in a T-pose.", "Raise your left arm.", "The person squats down."),
+    frame_step=5,
+    fps=20,
+)
+PANEL = 48
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    tokenizer = tiny_llava.build_tokenizer()
+    return tiny_llava.write_checkpoint(
+        tmp_path_factory.mktemp("demo-tiny") / "checkpoint",
+        tiny_llava.build_llava(tokenizer),
+        tiny_llava.build_processor(tokenizer),
+        tiny_llava.build_head(),
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-out")
+    return demo.run_demo(tiny_checkpoint, out, script=SCRIPT, size=PANEL, timeout_s=60)
+
+
+def assert_service_gone(address: str) -> None:
+    with Client(address) as client, pytest.raises(ProtocolError) as info:
+        client.request(StatusRequest(client.new_id()), timeout_s=1.0)
+    assert info.value.code == ErrorCode.UNREACHABLE
+
+
+def test_every_prompt_goes_through_the_service(demo_run):
+    kinds = [a.kind for a in demo_run.answers]
+    assert kinds == ["pose", "chat", "image", "batch", "batch", "batch"]
+    assert [a.prompt for a in demo_run.answers[3:]] == list(SCRIPT.batch_prompts)
+    assert all(not a.error for a in demo_run.answers)
+    # The fast path always yields one pose; a random tiny model's free chat may yield none.
+    for answer in demo_run.answers:
+        if answer.kind != "chat":
+            assert len(answer.poses) == 1, answer
+    assert demo_run.reference.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_service_is_stopped_afterwards_and_logged_its_work(demo_run):
+    assert_service_gone(demo_run.address)
+    events = [json.loads(line) for line in demo_run.service_log.read_text().splitlines()
+              if line.startswith("{")]  # fmt: skip
+    ops = [e.get("op") for e in events if e.get("event") == "request"]
+    assert ops.count("pose") == 3 and ops.count("batch") == 1
+    assert events[-1]["event"] == "stop"
+
+
+def test_the_animation_npz_holds_the_batch_poses(demo_run):
+    motion = Motion.load_npz(demo_run.animation)
+    expected = np.stack([a.poses[0].axis_angle for a in demo_run.answers if a.kind == "batch"])
+    got = np.stack([p.axis_angle for p in motion.poses()])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert motion.fps == pytest.approx(SCRIPT.fps / SCRIPT.frame_step)
+
+
+def test_the_blend_file_reloads_with_the_keyed_batch_and_every_answer(demo_run):
+    from blender_addon.blender.keyframes import keyed_frames
+    from blender_addon.blender.posing import read_pose
+
+    assert demo_run.keyed_frames == [1, 6, 11]
+    bpy.ops.wm.open_mainfile(filepath=str(demo_run.blend))
+    try:
+        animated = bpy.data.objects["ChatPose batch"]
+        assert keyed_frames(animated) == [1, 6, 11]
+        batch = [a for a in demo_run.answers if a.kind == "batch"]
+        for frame, answer in zip([1, 6, 11], batch, strict=True):
+            np.testing.assert_allclose(
+                read_pose(animated, frame).axis_angle, answer.poses[0].axis_angle, atol=1e-5
+            )
+        assert bpy.context.scene.frame_start == 1 and bpy.context.scene.frame_end == 11
+        for answer in demo_run.answers[:3]:
+            if answer.poses:
+                obj = bpy.data.objects[f"ChatPose {answer.kind}"]
+                assert any(c.type == "MESH" for c in obj.children)  # the mannequin
+                np.testing.assert_allclose(
+                    read_pose(obj).axis_angle, answer.poses[0].axis_angle, atol=1e-5
+                )
+    finally:
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+
+
+def test_the_contact_sheet_has_a_panel_per_prompt_with_its_caption(demo_run):
+    from PIL import Image
+
+    with Image.open(demo_run.contact_sheet) as sheet:
+        width, height = sheet.size
+        pixels = np.asarray(sheet.convert("RGB"), dtype=np.int16)
+    assert width == 4 * PANEL  # six panels: four columns, two rows
+    caption = (height - 2 * PANEL) // 2
+    assert caption > 0 and height == 2 * (PANEL + caption)
+    # Under each panel, in its caption band, there is dark text on white.
+    for k in range(6):
+        x, y = (k % 4) * PANEL, (k // 4) * (PANEL + caption) + PANEL
+        band = pixels[y : y + caption, x : x + PANEL]
+        assert (band.sum(axis=2) < 200).sum() > 10, f"panel {k} has no caption"
+    # A posed panel shows the grey mannequin, not a blank.
+    first = pixels[PANEL // 3 : PANEL, PANEL // 3 : 2 * PANEL // 3]
+    assert first.std() > 3
+
+
+def test_the_service_stops_even_when_a_step_fails(tiny_checkpoint, tmp_path, monkeypatch):
+    seen = {}
+
+    def broken_ask(client, script, reference, timeout_s):
+        seen["address"] = client.address
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(demo, "ask", broken_ask)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        demo.run_demo(tiny_checkpoint, tmp_path, script=SCRIPT, size=PANEL)
+    assert_service_gone(seen["address"])
+
+
+def test_a_service_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "chatpose.json").write_text("{not json")
+    code = cli.main(["demo", "--checkpoint", str(broken), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SERVICE_ERROR
+    assert "chatpose-serve exited with code" in err and "chatpose-serve.log" in err
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    code = cli.main(["demo", "--checkpoint", str(tmp_path / "nowhere")])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_without_the_bundled_model_the_demo_says_how_to_build_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "demo_checkpoint")
+    assert cli.main(["demo"]) == cli.EXIT_NOT_BUILT
+    assert "make demo-model" in capsys.readouterr().err

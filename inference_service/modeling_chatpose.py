@@ -158,6 +158,13 @@ class ChatPoseModel:
 
     def predict_poses(self, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
+        if not requests:
+            return []
+        return self._poses(self.pose_states(requests))
+
+    def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
+        """(len(requests), H): the final-layer state before each request's pose token, with the
+        answer template forced (what the SMPL head reads on the fast path)."""
         texts: list[str] = []
         images: list[Image.Image] = []
         for request in requests:
@@ -178,7 +185,7 @@ class ChatPoseModel:
             texts.append(with_answer(prompt, answer))
             images.extend(decoded)
         if not texts:
-            return []
+            return torch.zeros((0, self.config.hidden_size), device=self.device)
         inputs = self._encode(texts, images)
         with torch.inference_mode(), _out_of_memory_as_model_error():
             hidden = self._backbone(**inputs).last_hidden_state
@@ -190,8 +197,7 @@ class ChatPoseModel:
         last = torch.where(is_pose, positions, -1).max(dim=1).values
         if (last < 1).any():
             raise ModelError("the tokenized answer template has no pose token")
-        states = hidden[torch.arange(len(texts), device=hidden.device), last - 1]
-        return self._poses(states)
+        return hidden[torch.arange(len(texts), device=hidden.device), last - 1]
 
     # --- chat path ---------------------------------------------------------------------
 

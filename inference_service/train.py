@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"
     )
     parser.add_argument("--lr", type=_positive_float, default=2e-4)
+    parser.add_argument(
+        "--adapter-lr",
+        type=float,
+        help="learning rate of the LoRA layers and the pose token's rows (default: --lr; 0 "
+        "keeps them as they are); the SMPL head always trains at --lr",
+    )
     parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
     parser.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)"
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-length", type=_positive_int, help="longest example in tokens")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    parser.add_argument(
+        "--no-center-head-input",
+        dest="center_head_input",
+        action="store_false",
+        help="train the SMPL head on raw states instead of states centred on their mean at "
+        "the start (the shift is folded into the saved head either way)",
+    )
     return parser
 
 
@@ -146,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             grad_accum=args.grad_accum,
             lr=args.lr,
+            adapter_lr=args.adapter_lr,
             warmup_steps=args.warmup_steps,
             max_grad_norm=args.max_grad_norm,
             lora_rank=args.lora_rank,
@@ -162,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_base=args.copy_base,
             max_length=args.max_length,
             threads=args.threads,
+            center_head_input=args.center_head_input,
         )
     except ValueError as exc:
         parser.error(str(exc))

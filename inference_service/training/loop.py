@@ -32,6 +32,7 @@ Output directory:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -90,6 +91,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    adapter_lr: float | None = None  # LoRA and pose-token rows; None: lr; 0: kept as they are
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -109,6 +111,7 @@ class TrainConfig:
     copy_base: bool = False
     max_length: int | None = None  # default: the LLM's max_position_embeddings
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    center_head_input: bool = True  # train the head on centred states (_head_input_shift)
 
     def __post_init__(self) -> None:
         self.base, self.out = Path(self.base), Path(self.out)
@@ -122,6 +125,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.adapter_lr is not None and not self.adapter_lr >= 0:
+            raise ValueError(f"adapter_lr must be 0 or more, got {self.adapter_lr}")
         if len(self.mix) != 3 or any(not x >= 0 for x in self.mix) or not sum(self.mix) > 0:
             raise ValueError(f"mix must be three ratios >= 0, not all 0, got {self.mix}")
         if not 0 <= self.lora_dropout < 1:
@@ -135,6 +140,7 @@ class TrainConfig:
             "batch_size",
             "grad_accum",
             "lr",
+            "adapter_lr",
             "weight_decay",
             "warmup_steps",
             "max_grad_norm",
@@ -147,6 +153,7 @@ class TrainConfig:
             "seed",
             "head_init",
             "copy_base",
+            "center_head_input",
         )
         settings = {key: getattr(self, key) for key in keys}
         settings["mix"] = list(self.mix)
@@ -247,6 +254,9 @@ class TrainingModel:
     device: torch.device
     dtype: torch.dtype
     base_dir: Path
+    # Subtracted from the states before the head while training; folded into the head's first
+    # bias when saved (`exported_head`), so a checkpoint's head reads raw states as usual.
+    head_input_shift: torch.Tensor | None = None
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         named = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
@@ -265,8 +275,10 @@ class TrainingModel:
         next_labels = batch.labels[:, 1:]
         keep = next_labels != -100
         logits = language_model.get_output_embeddings()(hidden[:, :-1][keep])
-        states = hidden[batch.pose_rows, batch.pose_positions - 1]
-        head_output = self.head(states.float())
+        states = hidden[batch.pose_rows, batch.pose_positions - 1].float()
+        if self.head_input_shift is not None:
+            states = states - self.head_input_shift
+        head_output = self.head(states)
         return chatpose_loss(
             logits,
             next_labels[keep],
@@ -275,6 +287,32 @@ class TrainingModel:
             text_weight=text_weight,
             pose_weight=pose_weight,
         )
+
+
+    def mean_pose_state(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """The mean final-layer state before the pose tokens of `batches` (no gradients)."""
+        language_model = self.model.get_base_model()
+        states = []
+        self.model.eval()  # no LoRA dropout: a plain forward pass, and no random numbers drawn
+        with torch.no_grad():
+            for batch in batches:
+                hidden = language_model.base_model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    pixel_values=batch.pixel_values,
+                ).last_hidden_state
+                states.append(hidden[batch.pose_rows, batch.pose_positions - 1].float())
+        self.model.train()
+        return torch.cat(states).mean(dim=0)
+
+    def exported_head(self) -> PoseHead:
+        """The head as a checkpoint stores it: reading raw states (the shift folded into the
+        first layer's bias: W·(s − μ) + b = W·s + (b − W·μ))."""
+        head = copy.deepcopy(self.head)
+        if self.head_input_shift is not None:
+            with torch.no_grad():
+                head[0].bias.sub_(head[0].weight @ self.head_input_shift)
+        return head
 
 
 def load_training_model(
@@ -389,13 +427,16 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
-    tm.head.save(tmp / HEAD_NAME)
+    tm.exported_head().save(tmp / HEAD_NAME)
     dataclasses.replace(tm.config, base_model=base_model).save(tmp)
     state = {
         "format": STATE_FORMAT,
         "step": step,
         "optimizer": optimizer.state_dict(),
         "param_names": names,
+        # The head as trained (exactly, for resume) and the shift it is trained with.
+        "head": {k: v.detach().cpu() for k, v in tm.head.state_dict().items()},
+        "head_input_shift": tm.head_input_shift,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if tm.device.type == "cuda" else [],
         **state_extra,
@@ -496,11 +537,24 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     for note in unused_kinds(kinds, config.mix):
         print(f"note: the mix leaves out {note}", file=sys.stderr)
 
+    if state is not None:
+        tm.head.load_state_dict(state["head"])
+        tm.head_input_shift = state["head_input_shift"]
+    elif config.center_head_input:
+        tm.head_input_shift = _head_input_shift(tm, encoder, encoded, config)
+
     named = tm.named_trainable()
     names = [name for name, _ in named]
-    optimizer = torch.optim.AdamW(
-        [p for _, p in named], lr=config.lr, weight_decay=config.weight_decay
-    )
+    # Two groups: the head at --lr, everything else (LoRA, the pose token's rows) at
+    # --adapter-lr (the same by default).
+    head_params = [p for name, p in named if name.startswith("head.")]
+    other_params = [p for name, p in named if not name.startswith("head.")]
+    adapter_lr = config.lr if config.adapter_lr is None else config.adapter_lr
+    adapter_scale = adapter_lr / config.lr
+    groups = [{"params": head_params, "lr_scale": 1.0}]
+    if other_params:
+        groups.append({"params": other_params, "lr_scale": adapter_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
     start = 0
     if state is not None:
@@ -530,7 +584,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     params = [p for _, p in named]
     for step in range(start + 1, config.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = learning_rate(config, step) * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         totals = np.zeros(3)
         for _ in range(config.grad_accum):
@@ -570,6 +624,32 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             window_start += time.perf_counter() - saving  # steps/s counts training only
             print(f"saved {last_saved}", file=sys.stderr)
     return TrainResult(config.steps, last_saved, losses)
+
+
+HEAD_SHIFT_EXAMPLES = 256
+
+
+def _head_input_shift(
+    tm: TrainingModel, encoder: Encoder, encoded: Sequence[EncodedExample], config: TrainConfig
+) -> torch.Tensor | None:
+    """The mean pose state of the untrained model over up to HEAD_SHIFT_EXAMPLES examples with
+    poses, spread over the data (a fixed stride, so every kind is in it). Training the head on
+    centred states matters: the states before a pose token share one large vector (a random
+    small LM's: norm ~16 against ~0.2 a dimension of prompt-dependent part); uncentred, Adam's
+    steps on the first layer's weights move every unit along that vector at once, a random
+    walk that drowns the prompt-dependent signal, and the loss stalls at the mean pose's
+    (measured on the demo model: thousands of steps without progress; centred, it falls from
+    the start). The shift is folded into the saved head, so checkpoints are unchanged."""
+    with_poses = [item for item in encoded if item.pose_positions]
+    if not with_poses:
+        return None
+    stride = max(1, len(with_poses) // HEAD_SHIFT_EXAMPLES)
+    sample = with_poses[::stride][:HEAD_SHIFT_EXAMPLES]
+    batches = [
+        encoder.collate(sample[i : i + config.batch_size]).to(tm.device, tm.dtype)
+        for i in range(0, len(sample), config.batch_size)
+    ]
+    return tm.mean_pose_state(batches)
 
 
 def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:

@@ -357,3 +357,41 @@ def test_sampler_follows_the_mix_and_the_seed():
     assert all(len(no_chat.next_batch()) == 3 for _ in range(4))
     with pytest.raises(loop.TrainingError, match="no examples to train on"):
         loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
+
+
+def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(base, examples):
+    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)
+    batch = encoder.collate([encoder.encode(e) for e in examples[:4]])
+    shift = tm.mean_pose_state([batch])
+    tm.head_input_shift = shift
+    states = torch.randn(5, shift.shape[0]) + shift
+    with torch.no_grad():
+        trained = tm.head(states - shift)
+        saved = tm.exported_head()(states)
+    torch.testing.assert_close(saved, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tm.head(states), trained)  # the shift is not a no-op
+
+
+def test_centring_is_on_by_default_and_kept_across_a_resume(base, examples, tmp_path):
+    loop.train(settings(base, tmp_path / "run", steps=3), examples)
+    state = torch.load(tmp_path / "run" / "step-000003" / loop.STATE_NAME, weights_only=True)
+    assert state["head_input_shift"] is not None and state["head_input_shift"].abs().sum() > 0
+    assert state["run"]["center_head_input"] is True
+    loop.train(settings(base, tmp_path / "raw", steps=3, center_head_input=False), examples)
+    raw = torch.load(tmp_path / "raw" / "step-000003" / loop.STATE_NAME, weights_only=True)
+    assert raw["head_input_shift"] is None
+
+
+def test_adapter_lr_zero_trains_the_head_alone(base, examples, tmp_path):
+    result = loop.train(settings(base, tmp_path / "run", steps=4, adapter_lr=0.0), examples)
+    adapter = load_file(result.checkpoint / "adapter" / "adapter_model.safetensors")
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert lora_b and all(adapter[k].abs().sum() == 0 for k in lora_b)  # still as initialised
+    head = load_file(result.checkpoint / "pose_head.safetensors")
+    fresh = loop.load_training_model(
+        Checkpoint.open(base), settings(base, "unused"), None, None
+    ).head.state_dict()
+    assert any(not torch.allclose(head[k], fresh[k]) for k in head)
+    with pytest.raises(ValueError, match="adapter_lr"):
+        settings(base, tmp_path / "bad", adapter_lr=-1.0)

@@ -4,7 +4,6 @@ with a tiny model, real ZeroMQ requests, headless Blender, and the files it writ
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from inference_service import cli, demo, serve
 from shared_protocol.client import Client
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
-from tests.service import tiny_llava
 
 bpy = pytest.importorskip("bpy")
 
@@ -23,17 +21,6 @@ SCRIPT = demo.DemoScript(
     fps=20,
 )
 PANEL = 48
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    tokenizer = tiny_llava.build_tokenizer()
-    return tiny_llava.write_checkpoint(
-        tmp_path_factory.mktemp("demo-tiny") / "checkpoint",
-        tiny_llava.build_llava(tokenizer),
-        tiny_llava.build_processor(tokenizer),
-        tiny_llava.build_head(),
-    )
 
 
 @pytest.fixture(scope="module")

@@ -47,23 +47,6 @@ def _raise(exc: BaseException) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """The service tests' tiny LLaVA (random weights), built in-process once per session."""
-    from transformers.utils import logging as hf_logging
-
-    from tests.service import tiny_llava
-
-    hf_logging.disable_progress_bar()
-    tokenizer = tiny_llava.build_tokenizer()
-    return tiny_llava.write_checkpoint(
-        tmp_path_factory.mktemp("addon-tiny") / "checkpoint",
-        tiny_llava.build_llava(tokenizer),
-        tiny_llava.build_processor(tokenizer),
-        tiny_llava.build_head(),
-    )
-
-
-@pytest.fixture(scope="session")
 def tiny_service(tiny_checkpoint, tmp_path_factory):
     """A real `chatpose-serve` subprocess on loopback serving the tiny model, started with the
     add-on's own process manager; its address. Stopped at the end of the session."""

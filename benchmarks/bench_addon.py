@@ -145,39 +145,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_checkpoint(size: benchlib.ModelSize, folder: Path) -> Path:
-    """benchlib.build_model's checkpoint, written only (the service process loads it)."""
-    tiny = benchlib.tiny_llava
-    tokenizer = tiny.build_tokenizer()
-    vision = tiny.vision_config(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_intermediate,
-        num_layers=size.vision_layers,
-        num_heads=size.vision_heads,
-        image_size=size.image_size,
-        patch=size.patch,
-    )
-    text = tiny.text_config(
-        len(tokenizer),
-        tokenizer,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_layers=size.layers,
-        num_heads=size.heads,
-        num_kv_heads=size.kv_heads,
-    )
-    text.max_position_embeddings = 2048
-    return tiny.write_checkpoint(
-        folder / "checkpoint",
-        tiny.build_llava(tokenizer, vision=vision, text=text),
-        tiny.build_processor(tokenizer, image_size=size.image_size, patch=size.patch),
-        tiny.build_head(hidden_size=size.hidden),
-        hidden_size=size.hidden,
-        head_hidden_size=size.hidden,
-        image_size=size.image_size,
-    )
-
-
 def wait_until_up(address: str, manager: ServiceProcess) -> None:
     with Client(address) as client:
         deadline = time.monotonic() + 300
@@ -239,7 +206,7 @@ def blender_batch(obj, text, log_path: str) -> tuple[float, float, float]:
 
 
 def bench_batch(obj, size: benchlib.ModelSize, count: int, rounds: int, workdir: Path):
-    checkpoint = write_checkpoint(size, workdir)
+    checkpoint = benchlib.write_checkpoint(size, workdir)
     address = f"tcp://127.0.0.1:{free_port()}"
     manager = ServiceProcess(str(workdir / "log"))
     manager.start(serve_command(sys.executable, str(checkpoint), address, "cpu"))

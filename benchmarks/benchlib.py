@@ -146,6 +146,11 @@ def setup_torch(threads: int) -> None:
 
 def build_model(size: ModelSize, device: str, workdir: Path) -> ChatPoseModel:
     """A random LLaVA of `size`, written as a checkpoint and loaded as the service loads it."""
+    return ChatPoseModel.from_checkpoint(write_checkpoint(size, workdir), device=device)
+
+
+def write_checkpoint(size: ModelSize, workdir: Path) -> Path:
+    """A random LLaVA of `size` as a checkpoint directory under `workdir`."""
     tokenizer = tiny_llava.build_tokenizer()
     vision = tiny_llava.vision_config(
         hidden_size=size.vision_hidden,
@@ -165,7 +170,7 @@ def build_model(size: ModelSize, device: str, workdir: Path) -> ChatPoseModel:
         num_kv_heads=size.kv_heads,
     )
     text.max_position_embeddings = 2048
-    root = tiny_llava.write_checkpoint(
+    return tiny_llava.write_checkpoint(
         workdir / "checkpoint",
         tiny_llava.build_llava(tokenizer, vision=vision, text=text),
         tiny_llava.build_processor(tokenizer, image_size=size.image_size, patch=size.patch),
@@ -174,7 +179,6 @@ def build_model(size: ModelSize, device: str, workdir: Path) -> ChatPoseModel:
         head_hidden_size=size.hidden,
         image_size=size.image_size,
     )
-    return ChatPoseModel.from_checkpoint(root, device=device)
 
 
 def temporary_directory() -> tempfile.TemporaryDirectory:

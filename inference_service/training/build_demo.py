@@ -68,6 +68,8 @@ class Preset:
     mix: str  # text:image:chat
     save_every: int
     vocab_size: int | None = None
+    adapter_lr: float | None = None  # --adapter-lr (None: --lr)
+    phrasing: str = "release"  # the data's question/answer phrasing (docs/training.md)
     condition: bool = True  # condition_base: weight scales for a frozen random base
 
 
@@ -86,6 +88,11 @@ PRESETS = {
         lora_alpha=128,
         mix="1:1:0",
         save_every=500,
+        # The LoRA layers stay as scaffolded: on this random base, any LoRA training (even at
+        # 2e-5) collapses the state before the pose token onto one vector within a few hundred
+        # steps (it is the state that must predict the pose token), and the head can then only
+        # give the mean pose (docs/evaluation.md). The head and the pose token's rows train.
+        adapter_lr=0.0,
     ),
     "tiny": Preset(
         model_size="tiny",
@@ -200,21 +207,19 @@ def scaffold(work: Path, corpus: Path, preset: Preset, seed: int) -> Path:
     size = SIZES[preset.model_size]
     if preset.vocab_size is not None:
         size = dataclasses.replace(size, vocab_size=preset.vocab_size)
-    captions = [r.caption for r in load_corpus(corpus) if r.split == "train"]
-    scaffold_checkpoint(out, size, captions, seed)
+    train_records = [r for r in load_corpus(corpus) if r.split == "train"]
+    scaffold_checkpoint(out, size, [r.caption for r in train_records], seed)
     if preset.condition:
         condition_base(out / "base", seed)
-    poses = np.stack([r.pose for r in load_corpus(corpus) if r.split == "train"])
-    head_at_mean_pose(out, poses)
+    head_at_mean_pose(out, np.stack([r.pose for r in train_records]))
     return out
 
 
-def head_at_mean_pose(checkpoint: Path, poses: np.ndarray, weight_scale: float = 0.1) -> None:
+def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
     """Make the checkpoint's SMPL head start at the mean pose of `poses`: the last layer's bias
-    is the mean pose's 6D rotations and its weights are scaled down by `weight_scale`, so the
-    first predictions are the mean-pose baseline and training learns the deviations from it.
-    (From a random head a 6D output needs thousands of steps just to find upright.)
-    Training starts from this head with `--head-init base`."""
+    is the mean pose's 6D rotations, so the first predictions are near the mean-pose baseline
+    and training learns the deviations from it (from a random head a 6D output needs thousands
+    of steps just to find upright). Training starts from this head with `--head-init base`."""
     import torch
 
     from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig
@@ -226,7 +231,6 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray, weight_scale: float =
     head = PoseHead.load(checkpoint / HEAD_NAME, config)
     sixd = matrix_to_rotation_6d(axis_angle_to_matrix(mean_pose(poses))).reshape(-1)
     with torch.no_grad():
-        head[2].weight.mul_(weight_scale)
         head[2].bias.copy_(torch.as_tensor(sixd, dtype=torch.float32))
     head.save(checkpoint / HEAD_NAME)
 
@@ -288,8 +292,8 @@ def train(work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, ste
         shutil.rmtree(run)
     argv = [
         "--base", str(base), "--out", str(run),
-        "--data", "corpus", str(corpus), "split=train",
-        "--data", "pairs", str(pairs / "pairs.npz"),
+        "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
+        "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
         "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
         "--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha),
@@ -297,6 +301,7 @@ def train(work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, ste
         "--log-every", "50" if steps >= 200 else "1",
         "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
         "--head-init", "base",
+        *(["--adapter-lr", str(preset.adapter_lr)] if preset.adapter_lr is not None else []),
     ]  # fmt: skip
     log("python -m inference_service.train " + " ".join(argv))
     code = train_cli.main(argv)

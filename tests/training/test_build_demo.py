@@ -1,4 +1,4 @@
-"""The demo build end to end at toy size, and the shipped demo checkpoint's left/right."""
+"""The demo build end to end at toy size, and the shipped demo checkpoint."""
 
 from __future__ import annotations
 
@@ -64,22 +64,17 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert (tmp_path / "work" / "report.json").is_file()
 
 
-SIDED_PROMPTS = (
-    ("Raise your left arm above your head.", "raise_left_arm", "raise_right_arm"),
-    ("Raise your right arm above your head.", "raise_right_arm", "raise_left_arm"),
-    ("The person kneels on the left knee.", "kneel_on_left_knee", "kneel_on_right_knee"),
-    ("The person kneels on the right knee.", "kneel_on_right_knee", "kneel_on_left_knee"),
-)
-
-
 @pytest.mark.skipif(
     not (DEMO_CHECKPOINT / "chatpose.json").is_file(), reason="no demo checkpoint built yet"
 )
-def test_the_shipped_demo_checkpoint_tells_left_from_right():
+def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
+    checkpoint = Checkpoint.open(DEMO_CHECKPOINT)
+    assert checkpoint.adapter_dir is None and checkpoint.base_dir == DEMO_CHECKPOINT / "base"
+    size = sum(f.stat().st_size for f in DEMO_CHECKPOINT.rglob("*") if f.is_file())
+    assert size <= 50e6
     model = ChatPoseModel.from_checkpoint(DEMO_CHECKPOINT, device="cpu")
-    assert Checkpoint.open(DEMO_CHECKPOINT).adapter_dir is None
-    poses = np.stack(model.predict_poses([PoseRequest(text=p) for p, _, _ in SIDED_PROMPTS]))
-    for pose, (prompt, right, wrong) in zip(poses, SIDED_PROMPTS, strict=True):
-        near = joint_distance(pose[None], ACTIONS[right](None)[None])[0]
-        far = joint_distance(pose[None], ACTIONS[wrong](None)[None])[0]
-        assert near < far, f"{prompt!r}: {near:.0f} mm from {right}, {far:.0f} mm from {wrong}"
+    prompts = ["The person kneels on the right knee.", "Stand in a T-pose."]
+    kneel, stand = model.predict_poses([PoseRequest(text=p) for p in prompts])
+    # The kneeling answer is nearer the kneeling action than the standing one is.
+    target = ACTIONS["kneel_on_right_knee"](None)[None]
+    assert joint_distance(kneel[None], target)[0] < joint_distance(stand[None], target)[0]

@@ -383,3 +383,25 @@ def test_unregister_stops_the_local_service(armature, monkeypatch, tmp_path):
     addon_utils.disable(ADDON, default_set=True)
     assert process.poll() is not None  # stopped, and reaped
     addon_utils.enable(ADDON, default_set=True)
+
+
+def test_batch_lines_from_a_txt_file(blender, tmp_path):
+    settings = bpy.context.scene.chatpose
+    settings.batch_source = "FILE"
+    with pytest.raises(runtime.UserError, match="Pick a .txt file"):
+        runtime.read_batch_lines(bpy.context)
+    shots = tmp_path / "shots.txt"
+    shots.write_bytes("\ufeffwave hello\n\n  sit down  \r\nbow\n".encode())
+    settings.batch_file = str(shots)
+    assert runtime.read_batch_lines(bpy.context) == (["wave hello", "sit down", "bow"], "shots.txt")
+    settings.batch_file = str(tmp_path / "missing.txt")
+    with pytest.raises(runtime.UserError, match="missing.txt: no such file"):
+        runtime.read_batch_lines(bpy.context)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 pose\n".encode("latin-1"))
+    settings.batch_file = str(tmp_path / "latin1.txt")
+    with pytest.raises(runtime.UserError, match="is not UTF-8 text"):
+        runtime.read_batch_lines(bpy.context)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    settings.batch_file = str(tmp_path / "blank.txt")
+    with pytest.raises(runtime.UserError, match="blank.txt has no prompts"):
+        runtime.read_batch_lines(bpy.context)

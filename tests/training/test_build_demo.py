@@ -16,14 +16,6 @@ from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import joint_distance
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     pytest.importorskip("bpy")
     docs = tmp_path / "docs"

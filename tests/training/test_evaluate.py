@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from inference_service import evaluate as ev
@@ -22,14 +21,6 @@ from inference_service.training.baselines import (
 from inference_service.training.corpus import generate_corpus, save_corpus
 from inference_service.training.scaffold import scaffold_checkpoint
 from shared_protocol.rotations import axis_angle_to_matrix
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tfidf_returns_the_pose_of_an_exact_training_caption():

@@ -6,21 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from inference_service.checkpoint import Checkpoint
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.training import scaffold
 from inference_service.training.scaffold import SIZES
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_scaffold_loads_and_predicts(tmp_path):

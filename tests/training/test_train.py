@@ -45,15 +45,6 @@ def png(color) -> bytes:
 RED, BLUE = png((220, 20, 20)), png((20, 20, 220))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return scaffold_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", "tiny", CAPTIONS)

@@ -80,14 +80,14 @@ PRESETS = {
         train_images=6000,
         test_images=100000,
         image_size=128,
-        steps=3000,
+        steps=6000,
         batch_size=8,
         lr=1e-3,
         warmup_steps=100,
         lora_rank=64,
         lora_alpha=128,
         mix="1:1:0",
-        save_every=500,
+        save_every=1000,
         # The LoRA layers stay as scaffolded: on this random base, any LoRA training (even at
         # 2e-5) collapses the state before the pose token onto one vector within a few hundred
         # steps (it is the state that must predict the pose token), and the head can then only

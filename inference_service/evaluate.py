@@ -377,6 +377,13 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.0f} %"
 
 
+def _reduction_line(title: str, section: dict) -> str:
+    reductions = section["reduction_vs_mean_pose"]
+    return f"{title}: " + ", ".join(
+        f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in METRIC_NAMES
+    ) + "."
+
+
 def markdown_summary(report: dict) -> str:
     """The report's tables as Markdown (what docs/evaluation.md shows)."""
     lines = []
@@ -397,11 +404,7 @@ def markdown_summary(report: dict) -> str:
             lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
     lines += [
         "",
-        "Reduction vs the mean pose (all captions): "
-        + ", ".join(
-            f"{METRIC_LABELS[m]} {_pct(text['reduction_vs_mean_pose'][m])}" for m in METRIC_NAMES
-        )
-        + ".",
+        _reduction_line("Reduction vs the mean pose (all captions)", text),
         "",
     ]
     para = report["paraphrases"]
@@ -433,12 +436,7 @@ def markdown_summary(report: dict) -> str:
             lines.append(f"| {titles[key]} | {values} |")
         lines += [
             "",
-            "Reduction vs the mean pose: "
-            + ", ".join(
-                f"{METRIC_LABELS[m]} {_pct(images['reduction_vs_mean_pose'][m])}"
-                for m in METRIC_NAMES
-            )
-            + ".",
+            _reduction_line("Reduction vs the mean pose", images),
             "",
         ]
     lr = report["left_right"]

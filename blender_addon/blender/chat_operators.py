@@ -1,7 +1,8 @@
 """Operators of the chat panel: send a prompt (text, viewport picture, reference image), clear
 the history, batch keyframes from text, cancel, and the local service's Start/Stop/Check.
 
-They only queue requests (``runtime``) and return at once; answers are applied by the timer.
+They only queue requests (``runtime``) and return at once; answers are applied by the timer,
+whose messages reach Blender's reports through the internal ``chatpose.report``.
 """
 
 from __future__ import annotations
@@ -207,7 +208,26 @@ class CHATPOSE_OT_service_status(bpy.types.Operator):  # noqa: N801
         return _run(self, runtime.request_status, context)
 
 
+class CHATPOSE_OT_report(bpy.types.Operator):  # noqa: N801
+    """Put a message of the service's answers into Blender's reports (status bar, Info editor):
+    answers arrive on the timer, after the operator that asked has returned"""
+
+    bl_idname = "chatpose.report"
+    bl_label = "ChatPose Report"
+    bl_options = {"INTERNAL"}
+
+    level: bpy.props.EnumProperty(
+        items=[(level, level.title(), "") for level in ("INFO", "WARNING", "ERROR")]
+    )
+    message: bpy.props.StringProperty()
+
+    def execute(self, context):
+        self.report({self.level}, self.message)
+        return {"FINISHED"}
+
+
 CLASSES = (
+    CHATPOSE_OT_report,
     CHATPOSE_OT_send,
     CHATPOSE_OT_pose_from_viewport,
     CHATPOSE_OT_pose_from_image,

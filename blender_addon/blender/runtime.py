@@ -138,6 +138,18 @@ def set_message(text: str, level: str = "INFO", *, popup: bool = False) -> None:
         _popup(text, level)
 
 
+def notify(text: str, level: str = "INFO", *, popup: bool = False) -> None:
+    """A message from the timer, where no operator of ours is running to report it: the
+    panel's message (`set_message`), and Blender's reports (status bar, Info editor) through
+    the internal operator CHATPOSE_OT_report."""
+    set_message(text, level, popup=popup)
+    try:
+        with _window_override():
+            bpy.ops.chatpose.report(level=level, message=text)
+    except RuntimeError:
+        pass  # background mode turns an ERROR report into this exception; it was printed
+
+
 def _popup(text: str, level: str) -> None:
     """A popup where Blender has a window to show one (never in background mode)."""
     if bpy.app.background:
@@ -175,7 +187,7 @@ def timer_tick() -> float | None:
             state.backlog.extend(state.dispatcher.tick())
         except Exception as exc:  # never let an exception unregister the timer silently
             traceback.print_exc()
-            set_message(f"ChatPose could not read the service's answers: {exc}", "ERROR")
+            notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
     applied = 0
     with _window_override():
         while state.backlog and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S):
@@ -185,7 +197,7 @@ def timer_tick() -> float | None:
                 apply_outcome(outcome)
             except Exception as exc:
                 traceback.print_exc()
-                set_message(f"ChatPose could not apply an answer: {exc}", "ERROR")
+                notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
     _watch_local_service()
     _update_status_bar()
     if applied:
@@ -427,13 +439,13 @@ def apply_outcome(outcome) -> None:
             )
             if outcome.job.probe:
                 _state.waiting_ready = False
-                set_message(f"Local service ready: {_state.service_line}")
+                notify(f"Local service ready: {_state.service_line}")
             else:
-                set_message(f"Service: {_state.service_line}")
+                notify(f"Service: {_state.service_line}")
         case StatusFailed():
             if not outcome.job.probe:
                 _state.service_line = f"unavailable: {outcome.message}"
-                set_message(f"Service: {outcome.message}", "ERROR")
+                notify(f"Service: {outcome.message}", "ERROR")
         case BatchLineReady():
             _batch_lines([outcome])
         case _BatchLines():
@@ -453,12 +465,12 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
     if not poses:
-        set_message(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
+        notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = bpy.data.objects.get(job.armature)
     if not is_smpl_armature(target):
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
-        set_message(gone, "ERROR", popup=True)
+        notify(gone, "ERROR", popup=True)
         return
     result = apply_people(
         bpy.context,
@@ -482,7 +494,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         level = "WARNING"
     if result.non_quaternion_bones:
         text += f"; {len(set(result.non_quaternion_bones))} bone(s) converted to their mode"
-    set_message(text, level)
+    notify(text, level)
 
 
 def _pose_failed(outcome: PoseFailed) -> None:
@@ -495,7 +507,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
         append_history(
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
-    set_message(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+    notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 
 
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:
@@ -528,7 +540,7 @@ def _batch_ended(run: BatchRun) -> None:
         level, popup = "WARNING", False
     else:
         level, popup = "INFO", False
-    set_message(run.summary(), level, popup=popup)
+    notify(run.summary(), level, popup=popup)
     _update_status_bar()
 
 
@@ -583,7 +595,7 @@ def _watch_local_service() -> None:
     state = service_process().poll()
     if not state.alive:
         _state.waiting_ready = False
-        set_message(f"Local service {state.describe()}", "ERROR", popup=True)
+        notify(f"Local service {state.describe()}", "ERROR", popup=True)
         return
     d = dispatcher()
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):

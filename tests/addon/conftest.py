@@ -3,9 +3,7 @@ gives the bpy tests a fresh Blender with the add-on enabled."""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -43,36 +41,34 @@ def _raise(exc: BaseException) -> None:
     raise exc
 
 
+@pytest.fixture
+def reports(monkeypatch):
+    """(level, message) of every report the internal chatpose.report operator makes."""
+    from blender_addon.blender.chat_operators import CHATPOSE_OT_report
+
+    made: list[tuple[str, str]] = []
+    original = CHATPOSE_OT_report.execute
+
+    def recording(self, context):
+        made.append((self.level, self.message))
+        return original(self, context)
+
+    monkeypatch.setattr(CHATPOSE_OT_report, "execute", recording)
+    return made
+
+
 # --- services for the chat tests ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def tiny_service(tiny_checkpoint, tmp_path_factory):
-    """A real `chatpose-serve` subprocess on loopback serving the tiny model, started with the
-    add-on's own process manager; its address. Stopped at the end of the session."""
-    from blender_addon.core.service_process import ServiceProcess, serve_command
-    from shared_protocol.client import Client
-    from shared_protocol.protocol import StatusRequest
-
-    from .helpers import free_port
+    """A real `chatpose-serve` subprocess on loopback serving the tiny model; its address.
+    Stopped at the end of the session."""
+    from .helpers import free_port, start_tiny_service
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    manager = ServiceProcess(str(tmp_path_factory.mktemp("serve-log")))
-    # One torch thread: the tiny model gains nothing from more, and on a small shared machine
-    # extra threads only wait on each other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    manager.start(serve_command(sys.executable, str(tiny_checkpoint), address, "cpu"), env=env)
+    manager = start_tiny_service(tiny_checkpoint, address, tmp_path_factory.mktemp("serve-log"))
     try:
-        with Client(address) as client:
-            deadline = time.monotonic() + 120
-            while True:  # the model takes a few seconds to load
-                try:
-                    client.request(StatusRequest(client.new_id()), timeout_s=2)
-                    break
-                except Exception:
-                    state = manager.poll()
-                    assert state.alive, f"chatpose-serve {state.describe()}"
-                    assert time.monotonic() < deadline, "chatpose-serve did not come up"
         yield address
     finally:
         manager.stop(wait=True)

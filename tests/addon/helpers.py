@@ -124,3 +124,33 @@ def use_service(address: str, timeout_s: float = 30.0) -> None:
     prefs = preferences.get_preferences()
     prefs.service_address = address
     prefs.request_timeout = timeout_s
+
+
+def start_tiny_service(checkpoint, address: str, log_dir, timeout_s: float = 120.0):
+    """A real `chatpose-serve` subprocess serving `checkpoint` at `address`, started with the
+    add-on's own process manager and answering: its ServiceProcess."""
+    import os
+    import sys
+    import time
+
+    from blender_addon.core.service_process import ServiceProcess, serve_command
+    from shared_protocol.client import Client
+    from shared_protocol.protocol import StatusRequest
+
+    manager = ServiceProcess(str(log_dir))
+    # One torch thread: the tiny model gains nothing from more, and on a small shared machine
+    # extra threads only wait on each other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    manager.start(serve_command(sys.executable, str(checkpoint), address, "cpu"), env=env)
+    with Client(address) as client:
+        deadline = time.monotonic() + timeout_s
+        while True:  # the model takes a few seconds to load
+            try:
+                client.request(StatusRequest(client.new_id()), timeout_s=2)
+                return manager
+            except Exception:
+                state = manager.poll()
+                if not state.alive or time.monotonic() > deadline:
+                    manager.stop(wait=True)
+                    problem = f"chatpose-serve did not come up: {state.describe()}"
+                    raise AssertionError(problem) from None

@@ -225,7 +225,16 @@ def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_s
 # --- failures -------------------------------------------------------------------------------
 
 
-def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature):
+def test_the_report_operator_goes_through_blenders_reports(blender):
+    # Background Blender raises an operator's ERROR report as an exception: proof it reported.
+    with pytest.raises(RuntimeError, match="the service went away"):
+        bpy.ops.chatpose.report(level="ERROR", message="the service went away")
+    assert bpy.ops.chatpose.report(level="INFO", message="applied") == {"FINISHED"}
+    runtime.notify("the service went away", "ERROR")  # the exception stays inside notify
+    assert runtime.last_message() == ("the service went away", "ERROR")
+
+
+def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, reports):
     use_service(f"tcp://127.0.0.1:{free_port()}", timeout_s=60)
     bpy.context.scene.chatpose.prompt = "wave"
     started = time.monotonic()
@@ -235,6 +244,7 @@ def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature):
     elapsed = time.monotonic() - started
     message, level = runtime.last_message()
     assert level == "ERROR" and "is chatpose-serve running?" in message
+    assert reports[-1] == ("ERROR", message)  # in Blender's reports too, not only the panel
     assert elapsed < 5, f"took {elapsed:.1f} s (the connect timeout is 2 s)"
     assert slowest < 0.1
     assert props.history_messages(bpy.context.scene)[-1].role == "error"

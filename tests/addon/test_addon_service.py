@@ -7,6 +7,7 @@ would, and every call must come back quickly.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from shared_protocol.client import Client
 from shared_protocol.protocol import PoseRequest
 from tests.service.scripted_backend import pose_for
 
-from .helpers import drive, free_port, idle, use_service
+from .helpers import drive, free_port, idle, start_tiny_service, use_service
 
 SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 TIMEOUT_S = 30.0
@@ -194,7 +195,7 @@ def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:
     return process
 
 
-def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines):
+def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines, reports):
     """SIGKILL after 5 lines (the scripted service stalls on the 6th, so the kill is always
     mid-batch): the run stops with a clear report; after a restart on the same address (no
     Blender restart) a rerun keys the other 7 lines: no gaps, no duplicates."""
@@ -218,6 +219,7 @@ def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines):
         assert "stopped: the service at" in message and "went away" in message
         assert "5 lines keyed on SMPL; 7 of 12 still to key" in message
         assert "Run Batch Keyframe again" in message
+        assert reports[-1] == ("ERROR", message)
         assert len(batch_store.load_record(armature).entries) == 5
 
         process = start_scripted_server(address)  # the same address
@@ -232,3 +234,48 @@ def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines):
     finally:
         process.kill()
         process.wait(TIMEOUT_S)
+
+
+def test_the_real_service_killed_mid_batch_then_restarted(
+    armature, tiny_checkpoint, tmp_path, keyed_lines, reports
+):
+    """The same against `chatpose-serve` with the tiny model: frozen (SIGSTOP) once a few of
+    256 lines are keyed, so the kill always lands mid-batch, then killed; restarted on the same
+    address, a rerun keys exactly the lines still missing."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    use_service(address, TIMEOUT_S)
+    lines = [f"step {i}: raise the right arm" + "." * (i % 5) for i in range(256)]
+    batch_text(lines)
+    settings = bpy.context.scene.chatpose
+    settings.batch_start, settings.batch_step = 10, 1
+    service = start_tiny_service(tiny_checkpoint, address, tmp_path / "first")
+    try:
+        bpy.ops.chatpose.batch_keyframe()
+        run = runtime.current_batch()
+        drive(lambda: run.keyed >= 3)
+        os.kill(service.pid, signal.SIGSTOP)
+        os.kill(service.pid, signal.SIGKILL)
+        service.stop(wait=True)
+        drive(idle, timeout_s=TIMEOUT_S + 10)
+    finally:
+        service.stop(wait=True)
+    assert run.state == batch_plan.FAILED
+    keyed_before = run.keyed
+    assert 3 <= keyed_before < 256
+    message, level = runtime.last_message()
+    assert level == "ERROR" and "went away" in message
+    assert f"{256 - keyed_before} of 256 still to key" in message
+    assert reports[-1] == ("ERROR", message)
+
+    service = start_tiny_service(tiny_checkpoint, address, tmp_path / "second")
+    try:
+        assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+        rerun = runtime.current_batch()
+        assert [line.line for line in rerun.pending] == list(range(keyed_before, 256))
+        drive(idle, timeout_s=120)
+        assert rerun.state == batch_plan.FINISHED
+        assert_every_line_keyed_once(armature, lines, 10, 1, keyed_lines)
+        for i in (0, keyed_before - 1, keyed_before, 255):
+            assert_pose(armature, reference_pose(address, lines[i]), frame=10 + i)
+    finally:
+        service.stop(wait=True)

@@ -91,8 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--adapter-lr",
         type=float,
-        help="learning rate of the LoRA layers and the pose token's rows (default: --lr; 0 "
-        "keeps them as they are); the SMPL head always trains at --lr",
+        help="learning rate of the LoRA layers and the pose token's rows, or of the whole "
+        "base with --train-base (default: --lr; 0 keeps them as they are); the SMPL head "
+        "always trains at --lr",
+    )
+    parser.add_argument(
+        "--text-weight",
+        type=float,
+        help="λ_t, the weight of the answer's cross-entropy (default 1.0, the paper's)",
+    )
+    parser.add_argument(
+        "--pose-weight",
+        type=float,
+        help="λ_θ, the weight of the pose L1 loss (default 0.1, the paper's)",
     )
     parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
     parser.add_argument(
@@ -140,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the SMPL head on raw states instead of states centred on their mean at "
         "the start (the shift is folded into the saved head either way)",
     )
+    parser.add_argument(
+        "--train-base",
+        action="store_true",
+        help="train every weight of the base (language model, projector, vision tower) "
+        "instead of LoRA, and save whole models: for a base that was never trained, like the "
+        "demo scaffold; the paper's recipe (LoRA, frozen vision side) is the default",
+    )
     return parser
 
 
@@ -177,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_length=args.max_length,
             threads=args.threads,
             center_head_input=args.center_head_input,
+            train_base=args.train_base,
+            **{
+                name: value
+                for name in ("text_weight", "pose_weight")
+                if (value := getattr(args, name)) is not None
+            },
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -13,6 +13,9 @@ What is trained (the paper, Sec. 3.2):
 - the SMPL head, from a fresh seeded initialisation (or, with head_init "base", from the base
   checkpoint's head).
 
+With `train_base` (not the paper's recipe; for a base that was never trained) every weight of
+the base trains instead of LoRA, and checkpoints hold the whole model in `step-N/base/`.
+
 Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
 kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch
 of 8 give 2 text, 4 image, 2 chat examples; leftover slots are drawn by the fractional parts);
@@ -91,7 +94,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
-    adapter_lr: float | None = None  # LoRA and pose-token rows; None: lr; 0: kept as they are
+    adapter_lr: float | None = None  # LoRA and pose-token rows (with train_base: the whole
+    # base); None: lr; 0: kept as they are
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -112,6 +116,10 @@ class TrainConfig:
     max_length: int | None = None  # default: the LLM's max_position_embeddings
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     center_head_input: bool = True  # train the head on centred states (_head_input_shift)
+    # Every weight of the base trains (no LoRA, the vision side too), and checkpoints hold the
+    # whole model: for a base that was never trained, like the demo's scaffold. The paper's
+    # recipe (LoRA, frozen vision side) is the default.
+    train_base: bool = False
 
     def __post_init__(self) -> None:
         self.base, self.out = Path(self.base), Path(self.out)
@@ -131,6 +139,15 @@ class TrainConfig:
             raise ValueError(f"mix must be three ratios >= 0, not all 0, got {self.mix}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not (self.text_weight >= 0 and self.pose_weight >= 0) or not (
+            self.text_weight + self.pose_weight > 0
+        ):
+            raise ValueError(
+                f"text_weight and pose_weight must be >= 0 and not both 0, got "
+                f"{self.text_weight} and {self.pose_weight}"
+            )
+        if self.train_base and self.adapter_lr == 0:
+            raise ValueError("train_base with adapter_lr 0 would train nothing of the base")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
 
@@ -154,6 +171,7 @@ class TrainConfig:
             "head_init",
             "copy_base",
             "center_head_input",
+            "train_base",
         )
         settings = {key: getattr(self, key) for key in keys}
         settings["mix"] = list(self.mix)
@@ -263,8 +281,17 @@ class TrainingModel:
         named += [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return named
 
+    @property
+    def trains_base(self) -> bool:
+        """The whole base trains (no peft wrapper): checkpoints hold the whole model."""
+        return not hasattr(self.model, "get_base_model")
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The LLaVA model itself (inside peft's wrapper unless the whole base trains)."""
+        return self.model if self.trains_base else self.model.get_base_model()
+
     def forward(self, batch: Batch, text_weight: float, pose_weight: float) -> LossTerms:
-        language_model = self.model.get_base_model()
+        language_model = self.unwrapped()
         hidden = language_model.base_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -291,7 +318,7 @@ class TrainingModel:
 
     def mean_pose_state(self, batches: Sequence[Batch]) -> torch.Tensor:
         """The mean final-layer state before the pose tokens of `batches` (no gradients)."""
-        language_model = self.model.get_base_model()
+        language_model = self.unwrapped()
         states = []
         self.model.eval()  # no LoRA dropout: a plain forward pass, and no random numbers drawn
         with torch.no_grad():
@@ -337,13 +364,21 @@ def load_training_model(
     with warnings.catch_warnings():
         # peft asks transformers a question that transformers 5 has renamed; harmless.
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-        model = _make_trainable(model, config, adapter_dir, pose_token_id)
+        if config.train_base:
+            if adapter_dir is not None:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model.requires_grad_(True)
+        else:
+            model = _make_trainable(model, config, adapter_dir, pose_token_id)
     if config.adapter_lr == 0:
         # Kept as they are: no gradients at all, so backward stops at the head (3x faster).
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad and any(f".{p}." in name for p in FROZEN_PREFIXES):
+        frozen_side = any(f".{p}." in name or name.startswith(f"{p}.") for p in FROZEN_PREFIXES)
+        if parameter.requires_grad and frozen_side and not config.train_base:
             raise TrainingError(f"{name} is trainable but the vision side must stay frozen")
     base_config = checkpoint.config
     if head_path is not None:
@@ -430,7 +465,12 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+    if tm.trains_base:
+        tm.model.save_pretrained(str(tmp / "base"))
+        tm.processor.save_pretrained(str(tmp / "base"))
+        base_model = "base"
+    else:
+        tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
     tm.exported_head().save(tmp / HEAD_NAME)
     dataclasses.replace(tm.config, base_model=base_model).save(tmp)
     state = {
@@ -523,7 +563,12 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             os.replace(out / ".base.tmp", out / "base")
         base_model = "../base"
 
-    if resume_from is not None:
+    model_source = checkpoint
+    if resume_from is not None and config.train_base:
+        # The whole model was saved: resume from its weights.
+        model_source = Checkpoint.open(resume_from)
+        adapter_dir, head_path = None, resume_from / HEAD_NAME
+    elif resume_from is not None:
         adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
     else:
         adapter_dir = checkpoint.adapter_dir
@@ -531,7 +576,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             config.head_init == "auto" and checkpoint.adapter_dir is not None
         )
         head_path = checkpoint.head_path if use_base_head else None
-    tm = load_training_model(checkpoint, config, adapter_dir, head_path)
+    tm = load_training_model(model_source, config, adapter_dir, head_path)
 
     max_length = config.max_length or _max_positions(tm.model)
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length)
@@ -711,6 +756,8 @@ def _check_encoder(
 
 
 def _max_positions(model: torch.nn.Module) -> int:
-    config = model.get_base_model().config
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    config = model.config
     text = getattr(config, "text_config", config)
     return int(getattr(text, "max_position_embeddings", 2048))

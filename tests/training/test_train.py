@@ -386,3 +386,46 @@ def test_adapter_lr_zero_trains_the_head_alone(base, examples, tmp_path):
     assert any(not torch.allclose(head[k], fresh[k]) for k in head)
     with pytest.raises(ValueError, match="adapter_lr"):
         settings(base, tmp_path / "bad", adapter_lr=-1.0)
+
+
+def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, tmp_path):
+    straight = loop.train(settings(base, tmp_path / "a", steps=4, train_base=True), examples)
+    checkpoint = Checkpoint.open(straight.checkpoint)
+    assert checkpoint.adapter_dir is None
+    assert checkpoint.base_dir == straight.checkpoint / "base"
+    assert json.loads((straight.checkpoint / "chatpose.json").read_text())["base_model"] == "base"
+
+    # Every part of the base moved, the vision side included.
+    original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
+    served = ChatPoseModel.from_checkpoint(straight.checkpoint, device="cpu")
+    trained = served.model.state_dict()
+    for part in ("vision_tower", "multi_modal_projector", "language_model", "lm_head"):
+        names = [n for n in original.state_dict() if part in n and n.endswith("weight")]
+        assert names, part
+        assert any(not torch.equal(trained[n], original.state_dict()[n]) for n in names), part
+    predicted = served.predict_poses([PoseRequest(CAPTIONS[0]), PoseRequest(images=(RED,))])
+    assert all(p.shape == (24, 3) and np.isfinite(p).all() for p in predicted)
+
+    # Resume reads the saved whole model and continues exactly.
+    loop.train(settings(base, tmp_path / "b", steps=2, train_base=True), examples)
+    resumed = loop.train(
+        settings(base, tmp_path / "b", steps=4, train_base=True, resume=True), examples
+    )
+    np.testing.assert_allclose(
+        [x[1:] for x in resumed.losses], [x[1:] for x in straight.losses[2:]], rtol=1e-5
+    )
+    with pytest.raises(loop.TrainingError, match="train_base is False but the run"):
+        loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
+    with pytest.raises(ValueError, match="would train nothing"):
+        settings(base, tmp_path / "bad", train_base=True, adapter_lr=0.0)
+
+
+def test_loss_weights_are_checked_and_used(base, examples, tmp_path):
+    pose_only = loop.train(
+        settings(base, tmp_path / "pose", steps=1, text_weight=0.0, pose_weight=1.0), examples
+    )
+    _, total, ce, pose = pose_only.losses[0]
+    assert ce > 0 and total == pytest.approx(pose, rel=1e-6)
+    for weights in ((-1.0, 0.1), (0.0, 0.0)):
+        with pytest.raises(ValueError, match="text_weight and pose_weight"):
+            settings(base, tmp_path / "bad", text_weight=weights[0], pose_weight=weights[1])

@@ -15,6 +15,7 @@ from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import (
     ActionClassifier,
     TfidfRetrieval,
+    action_mean_poses,
     mean_pose,
     project_to_rotation,
 )
@@ -55,6 +56,19 @@ def test_mean_pose_of_rotations_about_one_axis_is_the_mean_angle():
     flip[0, 0] = [0, np.pi - 0.1, 0]
     flip[1, 0] = [0, -(np.pi - 0.1), 0]
     assert np.linalg.norm(mean_pose(flip)[0]) == pytest.approx(np.pi, abs=1e-9)
+
+
+def test_the_action_oracle_gives_each_actions_mean_pose():
+    poses = np.zeros((4, 24, 3))
+    poses[0, 18] = [0, 0, 0.4]  # "bend": elbow at 0.4 and 0.8 rad
+    poses[1, 18] = [0, 0, 0.8]
+    poses[3, 18] = [0, 0, -1.2]  # an automatic caption's pose
+    actions = ["bend", "bend", "stand", None]
+    predicted = action_mean_poses(actions, poses, ["bend", "stand", None, "unseen"])
+    np.testing.assert_allclose(predicted[0, 18], [0, 0, 0.6], atol=1e-12)
+    np.testing.assert_allclose(predicted[1], 0, atol=1e-12)
+    for row in (2, 3):  # no label, or one never seen in training: the overall mean
+        np.testing.assert_allclose(predicted[row], mean_pose(poses), atol=1e-12)
 
 
 def test_projection_gives_a_rotation():
@@ -123,7 +137,7 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     for section in ("text_to_pose", "paraphrases", "left_right", "images", "bars"):
         assert section in report
     text = report["text_to_pose"]["by_caption"]["all"]
-    assert set(text) == {"count", "model", "mean_pose", "tfidf"}
+    assert set(text) == {"count", "model", "mean_pose", "tfidf", "action_oracle"}
     assert set(text["model"]) == set(ev.METRIC_NAMES)
     assert report["paraphrases"]["top1"]["oracle"] > 0.8
     assert report["left_right"]["text"]["oracle"] == 1.0

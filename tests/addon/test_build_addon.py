@@ -265,3 +265,30 @@ def test_legacy_zip_installs_as_a_legacy_addon(built, tmp_path):
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert "LEGACY-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def fake_blender(directory, exit_code: int, output: str):
+    """A `blender` executable that records its arguments and answers like the validator."""
+    script = directory / "blender"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > "{directory}/argv"\n'
+        f"echo '{output}'\n"
+        f"exit {exit_code}\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_a_blender_on_path_validates_the_zip(tmp_path, monkeypatch):
+    zip_path = tmp_path / "chatpose-0.0.0.zip"
+    zip_path.write_bytes(b"PK")
+    blender = fake_blender(tmp_path, 0, "Success parsing TOML")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert build_addon.blender_validate(zip_path) == f"{blender} --command extension validate"
+    argv = (tmp_path / "argv").read_text().split("\n")[:-1]
+    assert argv == ["--factory-startup", "--command", "extension", "validate", str(zip_path)]
+
+    fake_blender(tmp_path, 1, "Error: manifest: missing key tagline")
+    with pytest.raises(build_addon.BuildError, match="missing key tagline"):
+        build_addon.blender_validate(zip_path)

@@ -91,7 +91,8 @@ PRESETS = {
         # The LoRA layers stay as scaffolded: on this random base, any LoRA training (even at
         # 2e-5) collapses the state before the pose token onto one vector within a few hundred
         # steps (it is the state that must predict the pose token), and the head can then only
-        # give the mean pose (docs/evaluation.md). The head and the pose token's rows train.
+        # give the mean pose (docs/evaluation.md). The head alone trains, on the bag-of-words
+        # states of the conditioned base (condition_base).
         adapter_lr=0.0,
     ),
     "tiny": Preset(
@@ -235,52 +236,74 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
     head.save(checkpoint / HEAD_NAME)
 
 
-def condition_base(base: Path, seed: int, output_std: float = 0.1) -> None:
-    """Re-draw the scaffold's random weights at scales that suit a *frozen* random base.
+def condition_base(
+    base: Path, seed: int, output_std: float = 0.1, average_scale: float = 10.0
+) -> None:
+    """Re-draw the scaffold's random weights so that a *frozen* random base reads its prompt.
 
     The scaffold initialises like a model about to be trained in full (every matrix N(0, 0.02),
     transformers' default). Frozen, that network passes almost nothing on: attention is uniform,
     each layer adds little to the residual stream, so the state before the pose token is nearly
-    the same for every caption (cosine ~0.98) and the LoRA layers start with no signal. And
-    after the final RMSNorm the hidden state has norm √H (16) while an output row has norm 0.32:
-    no logit can exceed ~5, the cross-entropy of even a fixed answer cannot fall below ~1.7
-    nats, and its never-fading gradient drowns the pose loss. So, seeded:
+    the same for every caption (cosine ~0.98). And after the final RMSNorm the hidden state has
+    norm √H (16) while an output row has norm 0.32: no logit can exceed ~5, the cross-entropy of
+    even a fixed answer cannot fall below ~1.7 nats, and its never-fading gradient drowns the
+    pose loss. So, seeded:
 
-    - token embeddings N(0, 1), every projection of the LM N(0, 1/fan_in) (unit-scale
-      activations, attention logits of order 1), the output layer N(0, `output_std`²);
+    - token embeddings N(0, 1), the output layer N(0, `output_std`²);
+    - the first layer of the LM becomes an exact bag of words: its query and key projections
+      are zero, so every position attends uniformly to all before it; its value projection is
+      `average_scale` × identity and its output projection the identity, so the state before
+      the pose token is its own token plus the scaled mean of every token of the prompt (the
+      caption's part of that mean has about the size of one token); every other layer's output
+      projections (attention `o_proj`, MLP `down_proj`) are zero, so they pass the residual
+      stream on unchanged (and LoRA on them starts from a clean identity);
     - the projector N(0, 1/fan_in), so image tokens are as large as text tokens;
     - CLIP's position embeddings N(0, 0.5²), as large as the patch embeddings (0.02 × √768), so
       each image token knows where its patch is (left and right in a picture).
 
-    Everything else (norms, biases, the CLIP layers) is kept. A pretrained LLaVA, as ChatPose
-    fine-tunes, needs none of this.
+    Measured on the demo corpus (head alone, 2,000 text steps): text PA-MPJPE 15 % below the
+    mean pose and paraphrases 18 % right, against 8 % and 6 % after 6,000 steps on the
+    previous all-random layers (docs/evaluation.md). Everything else (norms, biases, the CLIP
+    layers) is kept. A pretrained LLaVA, as ChatPose fine-tunes, needs none of this.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     generator = torch.Generator().manual_seed(seed + 7)
-    lm_projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for path in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(path))
         for name in sorted(tensors):
             weight = tensors[name]
-            std = None
+            fresh = None
             if name.endswith("lm_head.weight"):
-                std = output_std
+                fresh = torch.randn(weight.shape, generator=generator) * output_std
             elif name.endswith("embed_tokens.weight"):
-                std = 1.0
-            elif name.startswith("language_model.") and name.endswith(
-                tuple(f"{p}.weight" for p in lm_projections)
-            ):
-                std = weight.shape[1] ** -0.5
+                fresh = torch.randn(weight.shape, generator=generator)
+            elif name.startswith("language_model.") and ".layers." in name:
+                fresh = _bag_of_words_weight(name, weight, average_scale)
             elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
-                std = weight.shape[1] ** -0.5
+                fresh = torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5
             elif name.endswith("embeddings.position_embedding.weight"):
-                std = 0.5
-            if std is not None:
-                fresh = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
+                fresh = torch.randn(weight.shape, generator=generator) * 0.5
+            if fresh is not None:
                 tensors[name] = fresh.to(weight.dtype)
         save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _bag_of_words_weight(name: str, weight, average_scale: float):
+    """The weight `condition_base` gives an LM layer's matrix `name`, or None to keep it."""
+    import torch
+
+    first_layer = ".layers.0." in name
+    if first_layer and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return torch.zeros(weight.shape)
+    if first_layer and name.endswith("v_proj.weight"):
+        return torch.eye(*weight.shape) * average_scale
+    if first_layer and name.endswith("o_proj.weight"):
+        return torch.eye(*weight.shape)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return torch.zeros(weight.shape)
+    return None
 
 
 def train(work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, steps: int,

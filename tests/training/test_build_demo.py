@@ -59,6 +59,24 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
 @pytest.mark.skipif(
     not (DEMO_CHECKPOINT / "chatpose.json").is_file(), reason="no demo checkpoint built yet"
 )
+def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
+    from inference_service.training.scaffold import scaffold_checkpoint
+
+    captions = ["the left arm is raised high", "both knees are bent low"]
+    checkpoint = scaffold_checkpoint(tmp_path / "ckpt", "tiny", captions)
+    build_demo.condition_base(checkpoint / "base", seed=0)
+    model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
+    states = model.pose_states(
+        [
+            PoseRequest("the left arm is raised high"),
+            PoseRequest("high raised is arm left the"),  # the same words: the same state
+            PoseRequest("the right arm is raised high"),
+        ]
+    ).numpy()
+    np.testing.assert_allclose(states[0], states[1], atol=1e-4)
+    assert np.abs(states[0] - states[2]).max() > 0.05  # one word changed: another state
+
+
 def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     checkpoint = Checkpoint.open(DEMO_CHECKPOINT)
     assert checkpoint.adapter_dir is None and checkpoint.base_dir == DEMO_CHECKPOINT / "base"

@@ -194,6 +194,86 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     assert png_size(render_camera_snapshot(scene, max_side=64)) == (64, 36)
 
 
+class FakeGPU:
+    """Stands in for Blender's `gpu` module, which background Blender refuses ("GPU functions
+    for drawing are not available in background mode"): an offscreen whose framebuffer holds
+    known pixels, bottom row first as OpenGL reads them, and a record of the calls."""
+
+    def __init__(self, fail: bool = False):
+        import types
+
+        self.calls: list = []
+        self.fail = fail
+        gpu = self
+
+        class Buffer(bytearray):
+            dimensions = None
+
+        class Framebuffer:
+            def read_color(self, x, y, width, height, channels, slot, fmt):
+                gpu.calls.append(("read_color", x, y, width, height, channels, slot, fmt))
+                rows = np.arange(height, dtype=np.uint8)[:, None, None]  # row index as colour
+                pixels = np.broadcast_to(rows, (height, width, channels)).copy()
+                pixels[..., 3] = 7  # not opaque: the capture must make it so
+                return Buffer(pixels.tobytes())
+
+        class Offscreen:
+            def __init__(self, width, height):
+                if gpu.fail:
+                    raise RuntimeError("GPUOffScreen: failed to create a framebuffer")
+                gpu.calls.append(("offscreen", width, height))
+
+            def draw_view3d(self, scene, view_layer, space, region, view, window, **options):
+                gpu.calls.append(("draw_view3d", view, window, options))
+
+            def bind(self):
+                import contextlib
+
+                return contextlib.nullcontext()
+
+            def free(self):
+                gpu.calls.append(("free",))
+
+        self.module = types.SimpleNamespace(
+            types=types.SimpleNamespace(GPUOffScreen=Offscreen),
+            state=types.SimpleNamespace(active_framebuffer_get=Framebuffer),
+        )
+
+
+def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypatch):
+    import io
+    import types
+
+    from PIL import Image
+
+    from blender_addon.blender.capture import draw_viewport
+
+    fake = FakeGPU()
+    monkeypatch.setitem(sys.modules, "gpu", fake.module)
+    region = types.SimpleNamespace(width=1000, height=600)
+    space = types.SimpleNamespace(
+        region_3d=types.SimpleNamespace(view_matrix="V", window_matrix="W")
+    )
+    data = draw_viewport(bpy.context, region, space, max_side=100)
+    assert fake.calls == [
+        ("offscreen", 100, 60),
+        ("draw_view3d", "V", "W", {"do_color_management": True}),
+        ("read_color", 0, 0, 100, 60, 4, 0, "UBYTE"),
+        ("free",),
+    ]
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (100, 60)
+        pixels = np.asarray(image.convert("RGBA"))
+    # The framebuffer's bottom row (0) is the picture's last row; the alpha is opaque.
+    np.testing.assert_array_equal(pixels[:, 0, 0], np.arange(60)[::-1])
+    assert (pixels[..., 3] == 255).all()
+
+    failing = FakeGPU(fail=True)
+    monkeypatch.setitem(sys.modules, "gpu", failing.module)
+    with pytest.raises(CaptureError, match="could not draw the viewport offscreen"):
+        draw_viewport(bpy.context, region, space)
+
+
 def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_service, tmp_path):
     address, backend = scripted_service
     use_service(address)

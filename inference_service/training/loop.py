@@ -148,6 +148,8 @@ class TrainConfig:
             )
         if self.train_base and self.adapter_lr == 0:
             raise ValueError("train_base with adapter_lr 0 would train nothing of the base")
+        if self.train_base and self.copy_base:
+            raise ValueError("copy_base does nothing with train_base: checkpoints hold the model")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
 

@@ -418,6 +418,8 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
         loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
     with pytest.raises(ValueError, match="would train nothing"):
         settings(base, tmp_path / "bad", train_base=True, adapter_lr=0.0)
+    with pytest.raises(ValueError, match="copy_base does nothing"):
+        settings(base, tmp_path / "bad", train_base=True, copy_base=True)
 
 
 def test_loss_weights_are_checked_and_used(base, examples, tmp_path):

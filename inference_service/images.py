@@ -1,9 +1,11 @@
-"""Decoding the image bytes of a request into RGB PIL images."""
+"""Checking and decoding the image bytes of a request (PNG or JPEG)."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image
 
@@ -13,8 +15,22 @@ from inference_service.errors import BadImageError
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
+def check_image(data: bytes) -> None:
+    """Reads only the header: the format and the pixel count. Cheap enough for the server's
+    I/O thread, so a wrong format or a decompression bomb is refused before any work starts."""
+    with _opened(data):
+        pass
+
+
 def decode_image(data: bytes) -> Image.Image:
     """PNG or JPEG bytes -> an RGB image, fully decoded; anything else raises BadImageError."""
+    with _opened(data) as image:
+        image.load()  # decode now: truncated files fail here, not inside the model
+        return image.convert("RGB")
+
+
+@contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadImageError(f"image: expected bytes, got {type(data).__name__}")
     try:
@@ -22,8 +38,7 @@ def decode_image(data: bytes) -> Image.Image:
             # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-                image.load()  # decode now: truncated files fail here, not inside the model
-                return image.convert("RGB")
+                yield image
     except (
         OSError,
         ValueError,

@@ -7,6 +7,10 @@ Two ways to get poses:
 - `chat`, the chat path: `generate` with the KV cache writes a free reply, and every pose token
   it emits yields a pose.
 
+The fast path reads every prompt's shared beginning (the system prompt and the first user
+role, more than half of a short text prompt) from key/value states computed once per model,
+and runs the forward pass over the rest only.
+
 Either way a pose comes from the final layer's hidden state (after the final norm) at the
 position BEFORE a pose token, i.e. the state that predicts the pose token.
 
@@ -17,6 +21,7 @@ reference is `LlavaForConditionalGeneration`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
 )
+from transformers.cache_utils import DynamicCache
 
 from inference_service.checkpoint import ChatPoseConfig, Checkpoint
 from inference_service.errors import (
@@ -47,6 +53,7 @@ from inference_service.prompts import (
     POSE_MARKER,
     Turn,
     build_prompt,
+    conversation_prefix,
     get_template,
     image_prefix,
     pose_exchange,
@@ -64,6 +71,33 @@ class PoseRequest:
 
     text: str | None = None
     images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrefixStates:
+    """The key/value states of the text every prompt starts with (`conversation_prefix`)."""
+
+    input_ids: torch.Tensor  # (1, length)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), batch 1
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def matches(self, input_ids: torch.Tensor) -> bool:
+        """Whether every row starts with the prefix's tokens and has more after them."""
+        n = self.length
+        return input_ids.shape[1] > n and bool((input_ids[:, :n] == self.input_ids).all())
+
+    def cache(self, batch: int, config) -> DynamicCache:
+        """A fresh cache holding the prefix for `batch` rows (the model appends to its copy)."""
+        return DynamicCache(
+            ddp_cache_data=[
+                (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+                for keys, values in self.layers
+            ],
+            config=config,
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +145,8 @@ class ChatPoseModel:
         # position; under a peft wrapper the LoRA layers sit inside it, so it still applies them.
         language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._backbone = language_model.base_model
+        self._prefix: PrefixStates | None = None  # computed on first use; the weights are fixed
+        self._cache_keyword = _cache_keyword(self._backbone)
 
     @classmethod
     def from_checkpoint(
@@ -188,7 +224,7 @@ class ChatPoseModel:
             return torch.zeros((0, self.config.hidden_size), device=self.device)
         inputs = self._encode(texts, images)
         with torch.inference_mode(), _out_of_memory_as_model_error():
-            hidden = self._backbone(**inputs).last_hidden_state
+            hidden, offset = self._final_states(inputs)
         input_ids = inputs["input_ids"]
         # The answer template ends with the only pose token of the answer: take each row's last
         # pose token, so one typed by the user in the description cannot be picked instead.
@@ -197,7 +233,28 @@ class ChatPoseModel:
         last = torch.where(is_pose, positions, -1).max(dim=1).values
         if (last < 1).any():
             raise ModelError("the tokenized answer template has no pose token")
-        return hidden[torch.arange(len(texts), device=hidden.device), last - 1]
+        return hidden[torch.arange(len(texts), device=hidden.device), last - 1 - offset]
+
+    def _final_states(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The backbone's final states and the position of their first column: past the shared
+        prefix when every row starts with it, else 0 (the whole input is run)."""
+        prefix = self._prefix_states()
+        input_ids = inputs["input_ids"]
+        if not prefix.matches(input_ids):
+            return self._backbone(**inputs).last_hidden_state, 0
+        rest = dict(inputs, input_ids=input_ids[:, prefix.length :])
+        rest[self._cache_keyword] = prefix.cache(input_ids.shape[0], self.model.config)
+        return self._backbone(**rest).last_hidden_state, prefix.length
+
+    def _prefix_states(self) -> PrefixStates:
+        if self._prefix is None:
+            text = conversation_prefix(self.template)
+            input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"].to(self.device)
+            cache = DynamicCache(config=self.model.config)
+            self._backbone(input_ids=input_ids, use_cache=True, **{self._cache_keyword: cache})
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            self._prefix = PrefixStates(input_ids, layers)
+        return self._prefix
 
     # --- chat path ---------------------------------------------------------------------
 
@@ -305,6 +362,13 @@ def _out_of_memory_as_model_error() -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelError("out of GPU memory: send fewer or shorter requests") from exc
+
+
+def _cache_keyword(backbone: torch.nn.Module) -> str:
+    """The name `backbone.forward` takes a KV cache by: transformers 5.24 renamed
+    `past_key_values` to `cache`."""
+    parameters = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def select_device(device: str) -> tuple[torch.device, torch.dtype]:

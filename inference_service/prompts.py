@@ -92,6 +92,12 @@ def build_prompt(
     return "".join(parts)
 
 
+def conversation_prefix(template: ConversationTemplate) -> str:
+    """The text every prompt from `build_prompt` starts with: the system prompt and the first
+    user role, before anything the user wrote."""
+    return f"{template.system}{template.sep}{template.roles[0]}:"
+
+
 def with_answer(prompt: str, answer: str) -> str:
     """A prompt from `build_prompt` followed by a (forced) assistant answer."""
     return f"{prompt} {answer}"

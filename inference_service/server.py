@@ -44,6 +44,8 @@ from shared_protocol.protocol import (
     is_final,
 )
 
+from .errors import BadImageError
+from .images import check_image
 from .scheduler import Backend, ClientId, Scheduler
 
 log = logging.getLogger(__name__)
@@ -270,20 +272,30 @@ class Server:
             case CancelRequest():
                 found = self.scheduler.cancel(client, request.target)
                 self._emit(client, CancelReply(request.id, request.target, found))
-            case PoseRequest() if len(request.images) > self._info.max_images:
-                self._emit(client, self._too_many_images(request))
+            case PoseRequest() if (refusal := self._refuse_images(request)) is not None:
+                self._emit(client, refusal)
             case PoseRequest():
                 self.scheduler.submit_pose(client, request)
             case BatchRequest():
                 self.scheduler.submit_batch(client, request)
 
-    def _too_many_images(self, request: PoseRequest) -> ErrorReply:
+    def _refuse_images(self, request: PoseRequest) -> ErrorReply | None:
+        """Too many images, or one whose header shows a wrong format or too many pixels: an
+        error reply before the request is queued (decoding in full is the model worker's)."""
         allowed = self._info.max_images
-        message = (
-            f"images: this model takes at most {allowed} image(s) per request, "
-            f"got {len(request.images)}"
-        )
-        return ErrorReply(request.id, "pose", ErrorCode.UNSUPPORTED_INPUT, message, None)
+        if len(request.images) > allowed:
+            message = (
+                f"images: this model takes at most {allowed} image(s) per request, "
+                f"got {len(request.images)}"
+            )
+            return ErrorReply(request.id, "pose", ErrorCode.UNSUPPORTED_INPUT, message, None)
+        for index, data in enumerate(request.images):
+            try:
+                check_image(data)
+            except BadImageError as exc:
+                message = f"images[{index}]: {str(exc).removeprefix('image: ')}"
+                return ErrorReply(request.id, "pose", ErrorCode.BAD_IMAGE, message, None)
+        return None
 
     def _status(self, request_id: str) -> StatusReply:
         info = self._info

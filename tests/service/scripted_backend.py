@@ -1,4 +1,11 @@
-"""A stand-in model for scheduler and server tests: instant, scripted, and holdable."""
+"""Stand-ins behind the scheduler and server whose timing a test controls (`hold()`).
+
+- `ScriptedBackend`: instant and scripted; each answer encodes its prompt.
+- `HeldModelBackend`: the tiny real model (`ModelBackend`), behind the same gate.
+
+Both tell a test what a prompt's answer must be (`expected_poses`), so one test can run on
+either.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from inference_service.backend import ModelBackend
 from inference_service.errors import BadImageError
 from inference_service.scheduler import Answer, WorkItem
 from shared_protocol.pose import Pose
@@ -19,20 +27,35 @@ def pose_for(prompt: str) -> Pose:
     return Pose(np.full((24, 3), (len(prompt) % 97) / 100.0), label=prompt)
 
 
-class ScriptedBackend:
-    """Answers each prompt with `pose_for(prompt)`; 'explode' raises, a 'corrupt' image is bad."""
+class Holdable:
+    """A gate in front of the model: while held, work that reaches it waits for `release()`."""
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
         self._gate = threading.Event()
         self._gate.set()
-        self.entered = threading.Event()  # set whenever a batch reaches the model
+        self.entered = threading.Event()  # set whenever work reaches the model
 
     def hold(self) -> None:
         self._gate.clear()
 
     def release(self) -> None:
         self._gate.set()
+
+    def _enter(self, batch_size: int) -> None:
+        self.batch_sizes.append(batch_size)
+        self.entered.set()
+        assert self._gate.wait(TIMEOUT_S)
+
+
+class ScriptedBackend(Holdable):
+    """Answers each prompt with `pose_for(prompt)`; 'explode' raises, a 'corrupt' image is bad."""
+
+    failing_prompt = "explode"  # a batch line the model fails on, and the error code it gets
+    failing_code = "model_error"
+
+    def expected_poses(self, prompt: str) -> tuple[Pose, ...]:
+        return (pose_for(prompt),)
 
     def _run(self, item: WorkItem) -> Answer:
         if "explode" in item.prompt:
@@ -42,13 +65,33 @@ class ScriptedBackend:
         return Answer(f"Sure, it is <POSE>. ({item.prompt})", (pose_for(item.prompt),))
 
     def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
-        self.batch_sizes.append(len(items))
-        self.entered.set()
-        assert self._gate.wait(TIMEOUT_S)
+        self._enter(len(items))
         return [self._run(item) for item in items]
 
     def answer_chat(self, item: WorkItem) -> Answer:
-        self.entered.set()
-        assert self._gate.wait(TIMEOUT_S)
+        self._enter(1)
         answer = self._run(item)
         return Answer(f"Here you go: {answer.text}", answer.poses * 2)
+
+
+class HeldModelBackend(Holdable):
+    """The tiny LLaVA's `ModelBackend`, held like the scripted one."""
+
+    failing_prompt = "a literal <image> marker"  # the model refuses text with its image marker
+    failing_code = "unsupported_input"
+
+    def __init__(self, model: ModelBackend) -> None:
+        super().__init__()
+        self.model = model
+        self.info = model.info
+
+    def expected_poses(self, prompt: str) -> tuple[Pose, ...]:
+        return self.model.answer_poses([WorkItem(prompt)])[0].poses
+
+    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
+        self._enter(len(items))
+        return self.model.answer_poses(items)
+
+    def answer_chat(self, item: WorkItem) -> Answer:
+        self._enter(1)
+        return self.model.answer_chat(item)

@@ -14,9 +14,10 @@ from inference_service.server import ModelInfo, Server
 from shared_protocol.pose import Motion
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from .tiny_llava import image_bytes
 
 INFO = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
-PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+PNG = image_bytes((200, 100, 50))
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 import pytest
 
 from inference_service.errors import BadImageError
-from inference_service.images import decode_image
+from inference_service.images import check_image, decode_image
 
-from .tiny_llava import image_bytes
+from .tiny_llava import image_bytes, png_header
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -27,3 +27,13 @@ def test_bad_bytes_raise_bad_image(data):
 def test_non_bytes_raise_bad_image():
     with pytest.raises(BadImageError, match="expected bytes"):
         decode_image("image.png")
+
+
+def test_the_header_check_refuses_a_decompression_bomb_without_decoding():
+    bomb = png_header(40_000, 40_000)  # 1.6 gigapixels claimed, no pixel data
+    with pytest.raises(BadImageError, match="exceeds limit"):
+        check_image(bomb)
+    truncated = image_bytes((1, 2, 3), size=(64, 64))[:-30]
+    check_image(truncated)  # the header is fine; only decoding finds the missing data
+    with pytest.raises(BadImageError, match="not a decodable PNG or JPEG"):
+        decode_image(truncated)

@@ -84,6 +84,33 @@ def test_batched_fast_path_equals_one_request_at_a_time(tiny_model):
         np.testing.assert_allclose(pose, single, atol=1e-5)
 
 
+def test_the_cached_prompt_beginning_gives_the_states_of_a_whole_pass(tiny_model, monkeypatch):
+    requests = [PoseRequest(TEXT), PoseRequest("sitting", (RED,)), PoseRequest(images=(BLUE,))]
+    seen_lengths: list[int] = []
+    backbone = tiny_model._backbone
+
+    def recording(**inputs):
+        seen_lengths.append(inputs["input_ids"].shape[1])
+        return backbone(**inputs)
+
+    monkeypatch.setattr(tiny_model, "_backbone", recording)
+    cached = tiny_model.pose_states(requests)
+    prefix = tiny_model._prefix_states()
+    monkeypatch.setattr(modeling_chatpose.PrefixStates, "matches", lambda self, ids: False)
+    whole = tiny_model.pose_states(requests)
+    # the first pass read only what follows the prefix; the second read every token
+    assert prefix.length > 10
+    assert seen_lengths[-1] - seen_lengths[-2] == prefix.length
+    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_states_match_only_rows_that_start_with_them_and_go_on():
+    prefix = modeling_chatpose.PrefixStates(torch.tensor([[1, 5, 6]]), layers=[])
+    assert prefix.matches(torch.tensor([[1, 5, 6, 9], [1, 5, 6, 0]]))
+    assert not prefix.matches(torch.tensor([[1, 5, 6, 9], [1, 5, 7, 9]]))
+    assert not prefix.matches(torch.tensor([[1, 5, 6]]))
+
+
 def test_empty_batch_gives_no_poses(tiny_model):
     assert tiny_model.predict_poses([]) == []
 

@@ -1,7 +1,8 @@
-"""The server through real ZeroMQ sockets on loopback, with a scripted backend.
+"""The server through real ZeroMQ sockets on loopback.
 
-The backend's timing is under the test's control (`hold()`), so cancel, deadlines and shutdown
-are tested deterministically; the real model behind the server is tested in test_backend.py.
+Most tests run twice: on a scripted backend and on the tiny real LLaVA. Either way the
+backend's timing is under the test's control (`hold()`), so cancel, deadlines and shutdown are
+tested deterministically. Tests of the scripted backend's own failures run on it alone.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import zmq
 
+from inference_service.backend import ModelBackend
 from inference_service.keys import make_keys
 from inference_service.server import (
     CurveKeys,
@@ -24,6 +27,7 @@ from inference_service.server import (
     is_loopback,
 )
 from shared_protocol.client import Client, ClientCurveKeys
+from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
@@ -32,6 +36,7 @@ from shared_protocol.protocol import (
     CancelRequest,
     ErrorCode,
     ErrorReply,
+    Limits,
     PoseReply,
     PoseRequest,
     ProtocolError,
@@ -40,20 +45,24 @@ from shared_protocol.protocol import (
     decode_reply,
 )
 
-from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from .scripted_backend import TIMEOUT_S, HeldModelBackend, Holdable, ScriptedBackend, pose_for
+from .tiny_llava import image_bytes, png_header
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+PNG = image_bytes((200, 100, 50))
 INFO = ModelInfo(
     model="scripted", device="cpu", dtype="float32", supports_images=True, max_images=1
 )
+# For the tests of what only the scripted backend does (its failures, its status, its timing).
+scripted_only = pytest.mark.parametrize("backend", ["scripted"], indirect=True)
 
 
 class Running:
     """A server on a free loopback port, served from a background thread."""
 
-    def __init__(self, backend: ScriptedBackend, **options) -> None:
+    def __init__(self, backend: Holdable, **options) -> None:
         self.backend = backend
-        self.server = Server(backend, INFO, "tcp://127.0.0.1:*", **options)
+        info = backend.info if isinstance(backend, HeldModelBackend) else INFO
+        self.server = Server(backend, info, "tcp://127.0.0.1:*", **options)
         self.address = self.server.address
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -68,9 +77,19 @@ class Running:
         assert not self.thread.is_alive(), "serve_forever did not return"
 
 
-@pytest.fixture
-def backend() -> ScriptedBackend:
-    return ScriptedBackend()
+@pytest.fixture(params=["scripted", "tiny-llava"])
+def backend(request) -> Holdable:
+    if request.param == "scripted":
+        return ScriptedBackend()
+    return HeldModelBackend(ModelBackend(request.getfixturevalue("tiny_model"), "tiny"))
+
+
+def assert_answers(backend: Holdable, prompt: str, poses: tuple[Pose, ...]) -> None:
+    """`poses` are the backend's answer to `prompt` (to float tolerance: batching reorders sums)."""
+    expected = backend.expected_poses(prompt)
+    assert [p.label for p in poses] == [p.label for p in expected]
+    for got, want in zip(poses, expected, strict=True):
+        np.testing.assert_allclose(got.axis_angle, want.axis_angle, atol=1e-5)
 
 
 @pytest.fixture
@@ -80,6 +99,7 @@ def running(backend) -> Iterator[Running]:
     served.stop()
 
 
+@scripted_only
 def test_status_reports_the_model(running):
     with running.client() as client:
         reply = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
@@ -89,52 +109,56 @@ def test_status_reports_the_model(running):
     assert reply.supports_images and reply.max_images == 1
 
 
-def test_one_pose_request(running):
+def test_one_pose_request(running, backend):
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
     assert isinstance(reply, PoseReply)
-    assert reply.poses == (pose_for("wave"),)
-    assert "(wave)" in reply.text
+    assert_answers(backend, "wave", reply.poses)
+    assert reply.text.startswith("Sure, it is <POSE>.")
 
 
+@scripted_only
 def test_chat_mode_goes_through_generation(running):
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "two", mode="chat"), TIMEOUT_S)
     assert reply.text.startswith("Here you go") and len(reply.poses) == 2
 
 
-def test_many_concurrent_clients_get_their_own_answers_in_shared_batches(running):
-    failures: list[str] = []
+def test_many_concurrent_clients_get_their_own_answers_in_shared_batches(running, backend):
+    replies: dict[str, object] = {}
 
     def one_client(n: int) -> None:
         with running.client() as client:
             for k in range(6):
                 prompt = f"client {n} prompt {k} " + "x" * n
-                reply = client.request(PoseRequest(client.new_id(), prompt), TIMEOUT_S)
-                if not isinstance(reply, PoseReply) or reply.poses != (pose_for(prompt),):
-                    failures.append(f"{prompt!r} got {reply!r}")
+                replies[prompt] = client.request(PoseRequest(client.new_id(), prompt), TIMEOUT_S)
 
     threads = [threading.Thread(target=one_client, args=(n,)) for n in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert failures == []
+    assert len(replies) == 72
+    for prompt, reply in replies.items():
+        assert isinstance(reply, PoseReply), f"{prompt!r} got {reply!r}"
+        assert_answers(backend, prompt, reply.poses)
     assert sum(running.backend.batch_sizes) == 72
     assert max(running.backend.batch_sizes) > 1, "concurrent requests were never batched"
     assert max(running.backend.batch_sizes) <= 8
 
 
-def test_batch_streams_every_item_then_done(running):
+def test_batch_streams_every_item_then_done(running, backend):
     prompts = [f"pose number {i}" for i in range(20)]
-    prompts[7] = "explode"
+    prompts[7] = backend.failing_prompt
     with running.client() as client:
         replies = list(client.stream(BatchRequest(client.new_id(), prompts), TIMEOUT_S))
     items = [r for r in replies if isinstance(r, BatchItemReply)]
     errors = [r for r in replies if isinstance(r, ErrorReply)]
     assert sorted(r.index for r in items) == [i for i in range(20) if i != 7]
-    assert all(r.poses == (pose_for(prompts[r.index]),) and r.total == 20 for r in items)
-    assert [(e.index, e.code) for e in errors] == [(7, ErrorCode.MODEL_ERROR)]
+    assert all(r.total == 20 for r in items)
+    for item in items:
+        assert_answers(backend, prompts[item.index], item.poses)
+    assert [(e.index, e.code) for e in errors] == [(7, ErrorCode(backend.failing_code))]
     assert replies[-1] == BatchDoneReply(replies[-1].id, total=20, completed=19)
 
 
@@ -173,7 +197,8 @@ def test_deadline_expires_while_the_model_is_busy(running, backend):
         backend.release()
         answered = _collect(client, until=lambda r: r.id == first.id)
         assert client.request(StatusRequest(client.new_id()), TIMEOUT_S).queue_depth == 0
-    assert answered[-1] == PoseReply(first.id, answered[-1].text, (pose_for("slow one"),))
+    assert isinstance(answered[-1], PoseReply) and answered[-1].id == first.id
+    assert_answers(backend, "slow one", answered[-1].poses)
 
 
 def test_a_client_that_disappears_mid_request_does_not_disturb_others(running, backend):
@@ -186,7 +211,7 @@ def test_a_client_that_disappears_mid_request_does_not_disturb_others(running, b
     backend.release()
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "still here?"), TIMEOUT_S)
-        assert reply.poses == (pose_for("still here?"),)
+        assert_answers(backend, "still here?", reply.poses)
         deadline = time.monotonic() + TIMEOUT_S
         while client.request(StatusRequest(client.new_id()), TIMEOUT_S).queue_depth:
             assert time.monotonic() < deadline, "the vanished client's work was never dropped"
@@ -210,10 +235,11 @@ def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
     assert not served.thread.is_alive()
     replies = {r.id: r for r in _collect(client, until=None, quiet_s=0.5)}
     client.close()
-    assert replies[running_request.id].poses == (pose_for("already running"),)
+    assert_answers(backend, "already running", replies[running_request.id].poses)
     assert replies[queued_request.id].code == ErrorCode.SHUTTING_DOWN
 
 
+@scripted_only
 def test_model_and_image_errors_are_typed_and_the_server_keeps_serving(running):
     with running.client() as client:
         exploded = client.request(PoseRequest(client.new_id(), "explode"), TIMEOUT_S)
@@ -228,6 +254,24 @@ def test_model_and_image_errors_are_typed_and_the_server_keeps_serving(running):
         assert ok.poses == (pose_for("fine"),)
 
 
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        (png_header(40_000, 40_000), "exceeds limit"),  # 1.6 gigapixels: a decompression bomb
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "not a decodable PNG or JPEG"),
+    ],
+    ids=["decompression-bomb", "png-signature-then-zeros"],
+)
+def test_an_image_is_refused_by_its_header_before_it_is_queued(running, backend, image, problem):
+    with running.client() as client:
+        reply = client.request(PoseRequest(client.new_id(), "copy", images=(image,)), TIMEOUT_S)
+        assert reply.code == ErrorCode.BAD_IMAGE
+        assert reply.message.startswith("images[0]: ") and problem in reply.message
+        assert backend.batch_sizes == []  # the model never saw it
+        ok = client.request(PoseRequest(client.new_id(), "fine", images=(PNG,)), TIMEOUT_S)
+        assert isinstance(ok, PoseReply) and len(ok.poses) == 1 and backend.batch_sizes == [1]
+
+
 def test_the_same_id_twice_in_flight_is_refused(running, backend):
     backend.hold()
     with running.client() as client:
@@ -240,6 +284,35 @@ def test_the_same_id_twice_in_flight_is_refused(running, backend):
         assert _collect(client, until=lambda r: isinstance(r, PoseReply))[-1].id == request.id
 
 
+@scripted_only
+def test_oversized_messages_get_too_large_and_past_the_transport_cap_are_cut_off(backend):
+    limits = Limits(max_header_bytes=2_000, max_image_bytes=10_000, max_images=1, max_frames=2)
+    served = Running(backend, limits=limits)
+    header = b'{"protocol": 1, "op": "pose", "id": "big", "prompt": "x"}'
+    try:
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(served.address)
+        for frames, field in [
+            ([header + b" " * 2_000], "header"),
+            ([header, PNG + b"\0" * 10_000], "images[0]"),
+        ]:
+            raw.send_multipart(frames)
+            assert raw.poll(TIMEOUT_S * 1000), f"no reply to an oversized {field}"
+            reply = decode_reply(raw.recv_multipart())
+            assert reply.code == ErrorCode.TOO_LARGE and reply.message.startswith(field)
+        # Past the cap ZeroMQ drops the connection unread: no reply, and the server serves on.
+        raw.send_multipart([header, b"\0" * 100_000])
+        assert not raw.poll(500)
+        raw.close()
+        with served.client() as client:
+            reply = client.request(PoseRequest(client.new_id(), "after"), TIMEOUT_S)
+            assert reply.poses == (pose_for("after"),)
+    finally:
+        served.stop()
+
+
+@scripted_only
 def test_a_full_queue_answers_busy(backend):
     served = Running(backend, max_batch=1, max_wait_ms=0, max_queue=3)
     try:
@@ -254,7 +327,7 @@ def test_a_full_queue_answers_busy(backend):
         served.stop()
 
 
-def test_thousands_of_malformed_messages_then_a_valid_request(running):
+def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):
     rng = random.Random(7)
     valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']
     junk: list[list[bytes]] = []
@@ -297,7 +370,7 @@ def test_thousands_of_malformed_messages_then_a_valid_request(running):
     } <= codes
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "after the storm"), TIMEOUT_S)
-    assert reply.poses == (pose_for("after the storm"),)
+    assert_answers(backend, "after the storm", reply.poses)
 
 
 def test_unreachable_service_is_reported_quickly_and_clearly():
@@ -329,16 +402,19 @@ def test_is_loopback(address, loopback):
     assert is_loopback(address) is loopback
 
 
+@scripted_only
 def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
     with pytest.raises(ServerConfigError, match="already in use"):
         Server(backend, INFO, running.address)
 
 
+@scripted_only
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
         Server(backend, INFO, "tcp://0.0.0.0:*")
 
 
+@scripted_only
 def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
     make_keys(tmp_path, ["animator"])
     curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
@@ -375,6 +451,7 @@ def _collect(client: Client, until, quiet_s: float = TIMEOUT_S) -> list:
             return replies
 
 
+@scripted_only
 def test_requests_are_logged_as_structured_events(running, caplog):
     caplog.set_level(logging.INFO)
     with running.client() as client:

@@ -8,6 +8,8 @@ numerics, not what the model says.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -186,3 +188,15 @@ def image_bytes(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), f
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height in its header and holds no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")

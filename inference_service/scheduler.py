@@ -174,7 +174,9 @@ class Scheduler:
             self._expire_locked()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finishes the micro-batch in flight; everything else gets `shutting_down`."""
+        """Finishes the micro-batch in flight; everything else gets `shutting_down`. If that
+        micro-batch is still running after `timeout_s`, its requests get `shutting_down` too
+        and its late answers are discarded, so no client is left waiting."""
         with self._lock:
             self._stopping = True
             for request in list(self._requests.values()):
@@ -185,6 +187,12 @@ class Scheduler:
             self._lock.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout_s)
+        with self._lock:
+            for request in list(self._requests.values()):
+                message = (
+                    f"the service shut down; the model was still running after {timeout_s:g} s"
+                )
+                self._end(request, ErrorCode.SHUTTING_DOWN, message)
 
     # --- bookkeeping; every method below runs with self._lock held ----------------------------
 

@@ -170,6 +170,20 @@ def test_stop_delivers_the_running_items_then_ends_the_batch(backend, collected)
     assert replies[-1].index is None
 
 
+def test_stop_answers_work_still_running_after_the_grace_time(backend, collected):
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_pose(b"A", PoseRequest("slow", "hello"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.stop(timeout_s=0.1)
+    [reply] = collected.of()
+    assert (reply.id, reply.code) == ("slow", ErrorCode.SHUTTING_DOWN)
+    assert "still running after 0.1 s" in reply.message
+    backend.release()  # the late answer is discarded
+    time.sleep(0.2)
+    assert len(collected.of()) == 1
+
+
 def test_work_after_stop_is_refused(backend, collected):
     scheduler = make(backend, collected)
     scheduler.stop()

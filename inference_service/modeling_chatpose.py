@@ -223,8 +223,6 @@ class ChatPoseModel:
         if not texts:
             return torch.zeros((0, self.config.hidden_size), device=self.device)
         inputs = self._encode(texts, images)
-        with torch.inference_mode(), _out_of_memory_as_model_error():
-            hidden, offset = self._final_states(inputs)
         input_ids = inputs["input_ids"]
         # The answer template ends with the only pose token of the answer: take each row's last
         # pose token, so one typed by the user in the description cannot be picked instead.
@@ -233,6 +231,13 @@ class ChatPoseModel:
         last = torch.where(is_pose, positions, -1).max(dim=1).values
         if (last < 1).any():
             raise ModelError("the tokenized answer template has no pose token")
+        # Attention is causal, so the states read never depend on the tokens from the pose
+        # token on: the pass stops before them.
+        end = int(last.max())
+        inputs = dict(inputs, input_ids=input_ids[:, :end])
+        inputs["attention_mask"] = inputs["attention_mask"][:, :end]
+        with torch.inference_mode(), _out_of_memory_as_model_error():
+            hidden, offset = self._final_states(inputs)
         return hidden[torch.arange(len(texts), device=hidden.device), last - 1 - offset]
 
     def _final_states(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -120,6 +120,9 @@ def run_case(model: ChatPoseModel, args, images: tuple[bytes, ...]) -> dict:
         "tokens_to_pose": tokens.index(pose_token) + 1,
         "prompt_tokens": benchlib.sequence_length(model, bool(images)) - len(forced) + 1,
         "fast_tokens": benchlib.sequence_length(model, bool(images)),
+        "cached_tokens": benchlib.cached_prefix_length(model),
+        # the pose token and what follows it, but for the end of sequence (not in the input)
+        "skipped_tokens": len(forced) - tokens.index(pose_token) - 1,
         "token_list": tokens,
     }
 
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lengths = "\n".join(
         f"- {r['kind']}: prompt {r['prompt_tokens']} tokens, fast path input "
-        f"{r['fast_tokens']} tokens; forced answer {r['answer_tokens']} tokens "
+        f"{r['fast_tokens']} tokens, of which the pass reads "
+        f"{r['fast_tokens'] - r['cached_tokens'] - r['skipped_tokens']}: the first "
+        f"{r['cached_tokens']} (the system prompt and `USER:`) come from states computed once, "
+        f"and it stops before the pose token; forced answer {r['answer_tokens']} tokens "
         f"({' '.join(r['token_list'])}), the pose token is generated token "
         f"{r['tokens_to_pose']}"
         for r in results

@@ -22,6 +22,7 @@ reference is `LlavaForConditionalGeneration`.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ class ChatPoseModel:
         # rows for it in the resized embeddings.
         ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
         if checkpoint.adapter_dir is not None:
-            model = _apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
+            model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
         head = PoseHead.load(checkpoint.head_path, checkpoint.config)
         return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
 
@@ -441,16 +442,27 @@ def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
     return token_id
 
 
-def _apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+    """`model` with the peft adapter in `adapter_dir`, merged into its weights or kept beside."""
     from peft import PeftModel  # imported here: only checkpoints with an adapter need peft
 
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
     # Merged weights run at the base model's speed; quantized weights cannot take a merge
     # without losing precision, so they keep the adapter alongside.
     return model.merge_and_unload() if merge else model
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks transformers a question (`is_gradient_checkpointing`) that transformers 5 has
+    renamed: a harmless FutureWarning on every adapter load, hidden here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        yield
 
 
 def _check_image_size(processor, image_size: int) -> None:

@@ -306,8 +306,16 @@ def _bag_of_words_weight(name: str, weight, average_scale: float):
     return None
 
 
-def train(work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, steps: int,
-          seed: int, threads: int) -> Path:
+def train(
+    work: Path,
+    base: Path,
+    corpus: Path,
+    pairs: Path,
+    preset: Preset,
+    steps: int,
+    seed: int,
+    threads: int,
+) -> Path:
     from inference_service import train as train_cli
 
     run = work / "run"
@@ -340,7 +348,7 @@ def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from inference_service.checkpoint import HEAD_NAME, Checkpoint
-    from inference_service.modeling_chatpose import ensure_pose_token
+    from inference_service.modeling_chatpose import apply_adapter, ensure_pose_token
 
     source = Checkpoint.open(checkpoint)
     processor = AutoProcessor.from_pretrained(source.base_dir, local_files_only=True)
@@ -349,9 +357,7 @@ def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
     )
     ensure_pose_token(processor.tokenizer, model, source.config.pose_token)
     if source.adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(source.adapter_dir)).merge_and_unload()
+        model = apply_adapter(model, source.adapter_dir, merge=True)
     model = model.to(getattr(torch, dtype))
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
@@ -591,8 +597,8 @@ def build(
         if line.strip()
     ]
     info = {
-        "command": command or f"python -m inference_service.training.build_demo --preset "
-        f"{preset_name}",
+        "command": command
+        or f"python -m inference_service.training.build_demo --preset {preset_name}",
         "preset": preset_name,
         "settings": dataclasses.asdict(preset) | {"steps": steps, "seed": seed},
         "threads": threads,

@@ -44,7 +44,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import ensure_pose_token, select_device
+from inference_service.modeling_chatpose import (
+    apply_adapter,
+    ensure_pose_token,
+    quiet_peft,
+    select_device,
+)
 from inference_service.pose_head import PoseHead
 from inference_service.training.datasets import KINDS, DatasetError, DataSpec, Example, load_data
 from inference_service.training.encoding import Batch, EncodedExample, Encoder
@@ -317,7 +321,6 @@ class TrainingModel:
             pose_weight=pose_weight,
         )
 
-
     def mean_pose_state(self, batches: Sequence[Batch]) -> torch.Tensor:
         """The mean final-layer state before the pose tokens of `batches` (no gradients)."""
         language_model = self.unwrapped()
@@ -363,16 +366,12 @@ def load_training_model(
         raise CheckpointError(f"{checkpoint.base_dir}: cannot load the base model ({exc})") from exc
     pose_token_id = ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
     torch.manual_seed(config.seed)
-    with warnings.catch_warnings():
-        # peft asks transformers a question that transformers 5 has renamed; harmless.
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-        if config.train_base:
-            if adapter_dir is not None:
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            model.requires_grad_(True)
-        else:
+    if config.train_base:
+        if adapter_dir is not None:
+            model = apply_adapter(model, adapter_dir, merge=True)
+        model.requires_grad_(True)
+    else:
+        with quiet_peft():
             model = _make_trainable(model, config, adapter_dir, pose_token_id)
     if config.adapter_lr == 0:
         # Kept as they are: no gradients at all, so backward stops at the head (3x faster).

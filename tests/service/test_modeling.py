@@ -214,7 +214,8 @@ def lora_checkpoints(tiny_checkpoint, tmp_path_factory):
         init_lora_weights=False,  # random B, so the adapter changes outputs
         target_modules=r".*language_model.*\.(q_proj|v_proj)",
     )
-    peft_model = get_peft_model(base, config)
+    with modeling_chatpose.quiet_peft():
+        peft_model = get_peft_model(base, config)
     adapter = root / "adapter_ckpt"
     peft_model.save_pretrained(adapter / "adapter")
     (adapter / "pose_head.safetensors").write_bytes(

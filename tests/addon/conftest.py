@@ -80,7 +80,7 @@ def scripted_service():
     two poses); yields (address, backend). The backend records every work item it gets."""
     import threading
 
-    from inference_service.server import ModelInfo, Server
+    from inference_service.server import Server
     from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend
 
     class Recording(ScriptedBackend):
@@ -97,8 +97,7 @@ def scripted_service():
             return super().answer_chat(item)
 
     backend = Recording()
-    info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
-    server = Server(backend, info, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.address, backend

@@ -17,6 +17,7 @@ import numpy as np
 from inference_service.backend import ModelBackend
 from inference_service.errors import BadImageError
 from inference_service.scheduler import Answer, WorkItem
+from inference_service.server import ModelInfo
 from shared_protocol.pose import Pose
 
 TIMEOUT_S = 10.0
@@ -51,6 +52,7 @@ class Holdable:
 class ScriptedBackend(Holdable):
     """Answers each prompt with `pose_for(prompt)`; 'explode' raises, a 'corrupt' image is bad."""
 
+    info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
     failing_prompt = "explode"  # a batch line the model fails on, and the error code it gets
     failing_code = "model_error"
 

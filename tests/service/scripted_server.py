@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scripted_backend import ScriptedBackend  # noqa: E402
 
-from inference_service.server import ModelInfo, Server  # noqa: E402
+from inference_service.server import Server  # noqa: E402
 
 
 class StallingBackend(ScriptedBackend):
@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("address")
     parser.add_argument("--stall-after", type=int)
     args = parser.parse_args()
-    info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
-    server = Server(StallingBackend(args.stall_after), info, args.address, max_batch=1)
+    backend = StallingBackend(args.stall_after)
+    server = Server(backend, backend.info, args.address, max_batch=1)
     print("ready", flush=True)
     server.serve_forever()
 

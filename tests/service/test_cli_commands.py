@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from inference_service import cli
-from inference_service.server import ModelInfo, Server
+from inference_service.server import Server
 from shared_protocol.pose import Motion
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
 from .tiny_llava import image_bytes
 
-INFO = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
 PNG = image_bytes((200, 100, 50))
 
 
@@ -27,7 +26,7 @@ def backend() -> ScriptedBackend:
 
 @pytest.fixture
 def address(backend):
-    server = Server(backend, INFO, "tcp://127.0.0.1:*", max_wait_ms=0)
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.address

@@ -21,7 +21,6 @@ from inference_service.backend import ModelBackend
 from inference_service.keys import make_keys
 from inference_service.server import (
     CurveKeys,
-    ModelInfo,
     Server,
     ServerConfigError,
     is_loopback,
@@ -49,9 +48,6 @@ from .scripted_backend import TIMEOUT_S, HeldModelBackend, Holdable, ScriptedBac
 from .tiny_llava import image_bytes, png_header
 
 PNG = image_bytes((200, 100, 50))
-INFO = ModelInfo(
-    model="scripted", device="cpu", dtype="float32", supports_images=True, max_images=1
-)
 # For the tests of what only the scripted backend does (its failures, its status, its timing).
 scripted_only = pytest.mark.parametrize("backend", ["scripted"], indirect=True)
 
@@ -61,8 +57,7 @@ class Running:
 
     def __init__(self, backend: Holdable, **options) -> None:
         self.backend = backend
-        info = backend.info if isinstance(backend, HeldModelBackend) else INFO
-        self.server = Server(backend, info, "tcp://127.0.0.1:*", **options)
+        self.server = Server(backend, backend.info, "tcp://127.0.0.1:*", **options)
         self.address = self.server.address
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -405,13 +400,13 @@ def test_is_loopback(address, loopback):
 @scripted_only
 def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
     with pytest.raises(ServerConfigError, match="already in use"):
-        Server(backend, INFO, running.address)
+        Server(backend, backend.info, running.address)
 
 
 @scripted_only
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
-        Server(backend, INFO, "tcp://0.0.0.0:*")
+        Server(backend, backend.info, "tcp://0.0.0.0:*")
 
 
 @scripted_only

@@ -19,13 +19,12 @@ from blender_addon.core.session import (
     Session,
     StatusResult,
 )
-from inference_service.server import ModelInfo, Server
+from inference_service.server import Server
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
 from .test_backend import free_port
 
-INFO = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
 SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
 
 
@@ -61,7 +60,7 @@ def backend() -> ScriptedBackend:
 
 @pytest.fixture
 def address(backend):
-    server = Server(backend, INFO, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.address

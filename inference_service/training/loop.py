@@ -337,6 +337,12 @@ class TrainingModel:
         self.model.train()
         return torch.cat(states).mean(dim=0)
 
+    def unfold_head_input_shift(self) -> None:
+        """Make a head loaded from a checkpoint (it reads raw states) read centred ones with the
+        same outputs: b ← b + W·μ, the inverse of `exported_head`'s fold."""
+        with torch.no_grad():
+            self.head[0].bias.add_(self.head[0].weight @ self.head_input_shift)
+
     def exported_head(self) -> PoseHead:
         """The head as a checkpoint stores it: reading raw states (the shift folded into the
         first layer's bias: W·(s − μ) + b = W·s + (b − W·μ))."""
@@ -592,6 +598,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         tm.head_input_shift = state["head_input_shift"]
     elif config.center_head_input:
         tm.head_input_shift = _head_input_shift(tm, encoder, encoded, config)
+        if head_path is not None and tm.head_input_shift is not None:
+            tm.unfold_head_input_shift()
 
     named = tm.named_trainable()
     names = [name for name, _ in named]

@@ -364,6 +364,22 @@ def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(ba
     assert not torch.allclose(tm.head(states), trained)  # the shift is not a no-op
 
 
+def test_a_head_loaded_from_a_checkpoint_keeps_its_outputs_when_centring_starts(
+    base, examples, tmp_path
+):
+    # The loaded head reads raw states; the new run trains it on centred ones, so the shift
+    # must go into its bias at the start (a step of ~0 lr then saves the same head back).
+    first = loop.train(settings(base, tmp_path / "one", steps=3), examples)
+    again = loop.train(
+        settings(first.checkpoint, tmp_path / "two", steps=1, lr=1e-12, head_init="base"),
+        examples,
+    )
+    before = load_file(first.checkpoint / "pose_head.safetensors")
+    after = load_file(again.checkpoint / "pose_head.safetensors")
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5)
+
+
 def test_centring_is_on_by_default_and_kept_across_a_resume(base, examples, tmp_path):
     loop.train(settings(base, tmp_path / "run", steps=3), examples)
     state = torch.load(tmp_path / "run" / "step-000003" / loop.STATE_NAME, weights_only=True)

@@ -153,10 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--train-base",
-        action="store_true",
-        help="train every weight of the base (language model, projector, vision tower) "
-        "instead of LoRA, and save whole models: for a base that was never trained, like the "
-        "demo scaffold; the paper's recipe (LoRA, frozen vision side) is the default",
+        nargs="?",
+        const="all",
+        choices=("all", "embeddings"),  # loop.TRAIN_BASE_SCOPES
+        help="train the base's own weights instead of LoRA, and save whole models: every "
+        "weight (all, the default; language model, projector, vision tower) or the language "
+        "model's token embeddings; for a base that was never trained, like the demo scaffold. "
+        "The paper's recipe (LoRA, frozen vision side) is the default",
     )
     return parser
 

@@ -13,8 +13,10 @@ What is trained (the paper, Sec. 3.2):
 - the SMPL head, from a fresh seeded initialisation (or, with head_init "base", from the base
   checkpoint's head).
 
-With `train_base` (not the paper's recipe; for a base that was never trained) every weight of
-the base trains instead of LoRA, and checkpoints hold the whole model in `step-N/base/`.
+With `train_base` (not the paper's recipe; for a base that was never trained) the base's own
+weights train instead of LoRA, and checkpoints hold the whole model in `step-N/base/`: "all" of
+them, or only the LM's token "embeddings" (the demo's bag-of-words base learns its words that
+way, docs/evaluation.md).
 
 Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
 kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch
@@ -79,6 +81,7 @@ STATE_FORMAT = 1
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 FROZEN_PREFIXES = ("vision_tower", "multi_modal_projector")
 HEAD_INITS = ("auto", "fresh", "base")
+TRAIN_BASE_SCOPES = (None, "all", "embeddings")  # None: LoRA (the paper's recipe)
 
 
 class TrainingError(RuntimeError):
@@ -120,10 +123,10 @@ class TrainConfig:
     max_length: int | None = None  # default: the LLM's max_position_embeddings
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     center_head_input: bool = True  # train the head on centred states (_head_input_shift)
-    # Every weight of the base trains (no LoRA, the vision side too), and checkpoints hold the
-    # whole model: for a base that was never trained, like the demo's scaffold. The paper's
-    # recipe (LoRA, frozen vision side) is the default.
-    train_base: bool = False
+    # The base's own weights train (no LoRA), and checkpoints hold the whole model: for a base
+    # that was never trained, like the demo's scaffold. "all" (the vision side too) or
+    # "embeddings" (the LM's input embeddings); None: the paper's recipe (LoRA, frozen vision).
+    train_base: str | None = None
 
     def __post_init__(self) -> None:
         self.base, self.out = Path(self.base), Path(self.out)
@@ -149,6 +152,10 @@ class TrainConfig:
             raise ValueError(
                 f"text_weight and pose_weight must be >= 0 and not both 0, got "
                 f"{self.text_weight} and {self.pose_weight}"
+            )
+        if self.train_base not in TRAIN_BASE_SCOPES:
+            raise ValueError(
+                f"train_base must be one of {TRAIN_BASE_SCOPES}, got {self.train_base!r}"
             )
         if self.train_base and self.adapter_lr == 0:
             raise ValueError("train_base with adapter_lr 0 would train nothing of the base")
@@ -375,7 +382,11 @@ def load_training_model(
     if config.train_base:
         if adapter_dir is not None:
             model = apply_adapter(model, adapter_dir, merge=True)
-        model.requires_grad_(True)
+        if config.train_base == "all":
+            model.requires_grad_(True)
+        else:
+            model.requires_grad_(False)
+            model.get_input_embeddings().weight.requires_grad_(True)
     else:
         with quiet_peft():
             model = _make_trainable(model, config, adapter_dir, pose_token_id)

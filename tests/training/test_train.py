@@ -405,7 +405,7 @@ def test_adapter_lr_zero_trains_the_head_alone(base, examples, tmp_path):
 
 
 def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, tmp_path):
-    straight = loop.train(settings(base, tmp_path / "a", steps=4, train_base=True), examples)
+    straight = loop.train(settings(base, tmp_path / "a", steps=4, train_base="all"), examples)
     checkpoint = Checkpoint.open(straight.checkpoint)
     assert checkpoint.adapter_dir is None
     assert checkpoint.base_dir == straight.checkpoint / "base"
@@ -423,19 +423,41 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
     assert all(p.shape == (24, 3) and np.isfinite(p).all() for p in predicted)
 
     # Resume reads the saved whole model and continues exactly.
-    loop.train(settings(base, tmp_path / "b", steps=2, train_base=True), examples)
+    loop.train(settings(base, tmp_path / "b", steps=2, train_base="all"), examples)
     resumed = loop.train(
-        settings(base, tmp_path / "b", steps=4, train_base=True, resume=True), examples
+        settings(base, tmp_path / "b", steps=4, train_base="all", resume=True), examples
     )
     np.testing.assert_allclose(
         [x[1:] for x in resumed.losses], [x[1:] for x in straight.losses[2:]], rtol=1e-5
     )
-    with pytest.raises(loop.TrainingError, match="train_base is False but the run"):
+    with pytest.raises(loop.TrainingError, match="train_base is None but the run"):
         loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
     with pytest.raises(ValueError, match="would train nothing"):
-        settings(base, tmp_path / "bad", train_base=True, adapter_lr=0.0)
+        settings(base, tmp_path / "bad", train_base="all", adapter_lr=0.0)
     with pytest.raises(ValueError, match="copy_base does nothing"):
-        settings(base, tmp_path / "bad", train_base=True, copy_base=True)
+        settings(base, tmp_path / "bad", train_base="all", copy_base=True)
+
+
+def test_train_base_embeddings_trains_the_token_embeddings_alone(base, examples, tmp_path):
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    result = loop.train(
+        settings(base, tmp_path / "run", steps=3, train_base="embeddings", mix=(1, 0, 0)), text
+    )
+    original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
+    trained = ChatPoseModel.from_checkpoint(result.checkpoint, device="cpu").model
+    changed = {
+        name
+        for name, weight in trained.state_dict().items()
+        if not torch.equal(weight, original.state_dict()[name])
+    }
+    assert changed and all("embed_tokens" in name for name in changed), changed
+    with pytest.raises(ValueError, match="train_base must be one of"):
+        settings(base, tmp_path / "bad", train_base="lora")
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse(required).train_base is None
+    assert parse([*required, "--train-base"]).train_base == "all"
+    assert parse([*required, "--train-base", "embeddings"]).train_base == "embeddings"
 
 
 def test_loss_weights_are_checked_and_used(base, examples, tmp_path):

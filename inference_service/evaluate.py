@@ -384,9 +384,11 @@ def _pct(value: float) -> str:
 
 def _reduction_line(title: str, section: dict) -> str:
     reductions = section["reduction_vs_mean_pose"]
-    return f"{title}: " + ", ".join(
-        f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in METRIC_NAMES
-    ) + "."
+    return (
+        f"{title}: "
+        + ", ".join(f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in METRIC_NAMES)
+        + "."
+    )
 
 
 def _oracle_line(text: dict) -> str:

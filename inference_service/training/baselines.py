@@ -145,9 +145,9 @@ class ActionClassifier:
         joints = _joints(poses, self.no_root)
         per_prototype = np.concatenate(
             [
-                np.linalg.norm(
-                    joints[start : start + 32, None] - self.joints[None], axis=-1
-                ).mean(axis=-1)
+                np.linalg.norm(joints[start : start + 32, None] - self.joints[None], axis=-1).mean(
+                    axis=-1
+                )
                 for start in range(0, len(joints), 32)
             ]
         )

@@ -74,8 +74,9 @@ def test_the_action_oracle_gives_each_actions_mean_pose():
 def test_projection_gives_a_rotation():
     m = np.random.default_rng(1).normal(size=(5, 3, 3))
     r = project_to_rotation(m)
-    np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(3), r.shape),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(3), r.shape), atol=1e-12
+    )
     np.testing.assert_allclose(np.linalg.det(r), 1.0)
     rot = axis_angle_to_matrix(np.array([0.3, -0.2, 0.9]))
     np.testing.assert_allclose(project_to_rotation(rot), rot, atol=1e-12)
@@ -120,8 +121,12 @@ def tiny(tmp_path_factory):
     for k in range(len(actions)):
         (pairs / "images" / f"{k}.png").write_bytes(_png(40 * k))
         names.append(f"images/{k}.png")
-    np.savez(pairs / "pairs.npz", poses=poses.reshape(-1, 72), images=np.array(names),
-             actions=np.array(actions))
+    np.savez(
+        pairs / "pairs.npz",
+        poses=poses.reshape(-1, 72),
+        images=np.array(names),
+        actions=np.array(actions),
+    )
     return root, checkpoint, pairs
 
 

@@ -11,15 +11,19 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
    Workbench in a subprocess) for poses of the train split, and for the test split's poses;
 3. scaffold: a fresh model of the preset (`training/scaffold.py`) whose tokenizer is trained on
    the train split's captions;
-4. train: `python -m inference_service.train` (the project's training command, run in-process)
-   on the corpus's train split (text → pose) and the rendered train pairs (image → pose);
-5. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+4. words: `python -m inference_service.train --train-base embeddings` on the corpus's train
+   split (text → pose, pose loss only): the base's token embeddings and the head learn what
+   the caption words mean for a pose, through the bag-of-words LM (`condition_base`);
+5. train: `python -m inference_service.train` (the project's training command, run in-process)
+   from the words stage's checkpoint, on the corpus's train split (text → pose) and the
+   rendered train pairs (image → pose);
+6. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
    the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
    the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
    build_info.json (the command, the settings, the timings, the bars);
-6. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+7. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
    WORK/report.json and .md;
-7. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+8. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
@@ -62,6 +66,8 @@ class Preset:
     steps: int
     batch_size: int
     lr: float
+    word_steps: int  # the words stage (0: none)
+    word_batch_size: int
     warmup_steps: int
     lora_rank: int
     lora_alpha: int
@@ -83,6 +89,8 @@ PRESETS = {
         steps=6000,
         batch_size=8,
         lr=1e-3,
+        word_steps=6000,
+        word_batch_size=16,
         warmup_steps=100,
         lora_rank=64,
         lora_alpha=128,
@@ -104,6 +112,8 @@ PRESETS = {
         steps=2,
         batch_size=4,
         lr=1e-3,
+        word_steps=2,
+        word_batch_size=4,
         warmup_steps=0,
         lora_rank=4,
         lora_alpha=8,
@@ -306,6 +316,29 @@ def _bag_of_words_weight(name: str, weight, average_scale: float):
     return None
 
 
+def learn_words(
+    work: Path, base: Path, corpus: Path, preset: Preset, seed: int, threads: int
+) -> Path:
+    """The words stage: the base's token embeddings and the head, trained on text → pose with
+    the pose loss alone (the template's cross-entropy would only pull the embeddings towards
+    the fixed answer), without gradient clipping. Through the bag-of-words LM the state
+    before the pose token is the mean of the prompt's embeddings, so this is the head-alone
+    training of `train` plus words that learn their meaning for a pose (docs/evaluation.md,
+    *What limits the demo model*). Returns the run's last checkpoint (a whole model)."""
+    argv = [
+        "--base", str(base),
+        "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
+        "--steps", str(preset.word_steps), "--batch-size", str(preset.word_batch_size),
+        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
+        "--train-base", "embeddings", "--text-weight", "0", "--max-grad-norm", "0",
+        "--mix", "1:0:0", "--save-every", "0",
+        "--log-every", "250" if preset.word_steps >= 1000 else "1",
+        "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
+        "--head-init", "base",
+    ]  # fmt: skip
+    return _train(work / "words", argv)
+
+
 def train(
     work: Path,
     base: Path,
@@ -316,13 +349,8 @@ def train(
     seed: int,
     threads: int,
 ) -> Path:
-    from inference_service import train as train_cli
-
-    run = work / "run"
-    if run.exists():
-        shutil.rmtree(run)
     argv = [
-        "--base", str(base), "--out", str(run),
+        "--base", str(base),
         "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
@@ -334,6 +362,17 @@ def train(
         "--head-init", "base",
         *(["--adapter-lr", str(preset.adapter_lr)] if preset.adapter_lr is not None else []),
     ]  # fmt: skip
+    return _train(work / "run", argv)
+
+
+def _train(run: Path, argv: list[str]) -> Path:
+    """`python -m inference_service.train --out RUN ARGV...` in-process, from a fresh RUN;
+    returns its last checkpoint."""
+    from inference_service import train as train_cli
+
+    if run.exists():
+        shutil.rmtree(run)
+    argv = ["--out", str(run), *argv]
     log("python -m inference_service.train " + " ".join(argv))
     code = train_cli.main(argv)
     if code != 0:
@@ -501,8 +540,18 @@ def write_docs(
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.0f} s ({v / 60:.1f} min) |" for k, v in info["seconds"].items()]
+    words = info.get("words")
     lines += [
         "",
+        *(
+            [
+                f"Words (token embeddings and head, text only): {words['steps']} steps of "
+                f"batch {words['batch_size']}, {words['seconds_per_step']:.2f} s a step.",
+                "",
+            ]
+            if words
+            else []
+        ),
         f"Training: {info['train']['steps']} steps of batch {info['train']['batch_size']} "
         f"(mix {info['train']['mix']}), {info['train']['seconds_per_step']:.2f} s a step, on "
         f"{info['train']['examples']} examples. Checkpoint: {info['size_mb']:.1f} MB "
@@ -584,6 +633,8 @@ def build(
         preset.image_size,
     )  # fmt: skip
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
+    if preset.word_steps:
+        base = stages.run("words", learn_words, work, base, corpus, preset, seed, threads)
     trained = stages.run(
         "train", train, work, base, corpus, train_pairs, preset, steps, seed, threads
     )
@@ -616,6 +667,12 @@ def build(
         },
         "bars": report["bars"],
     }
+    if preset.word_steps:
+        info["words"] = {
+            "steps": preset.word_steps,
+            "batch_size": preset.word_batch_size,
+            "seconds_per_step": stages.seconds["words"] / preset.word_steps,
+        }
     info["size_mb"] = 0.0
     (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     if docs is not None:

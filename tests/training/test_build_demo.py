@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 
 from inference_service.checkpoint import Checkpoint
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
@@ -25,12 +26,10 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
         "\nprose after\n"
     )
     out = tmp_path / "ckpt"
-    info = build_demo.build(
-        "tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1
-    )
+    info = build_demo.build("tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1)
     assert set(info["seconds"]) >= {
-        "corpus", "render train pairs", "render test pairs", "scaffold", "train", "pack",
-        "evaluate", "examples",
+        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "train",
+        "pack", "evaluate", "examples",
     }  # fmt: skip
     # Self-contained: merged weights, no adapter, no optimizer state, safetensors only.
     checkpoint = Checkpoint.open(out)
@@ -39,7 +38,18 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert not list(out.rglob("training_state.pt"))
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     assert list((out / "base").glob("*.safetensors"))
-    assert json.loads((out / "build_info.json").read_text())["train"]["steps"] == 2
+    build_info = json.loads((out / "build_info.json").read_text())
+    assert build_info["train"]["steps"] == 2 and build_info["words"]["steps"] == 2
+    # The words stage trained the LM's token embeddings, and training went on from its model.
+    work = tmp_path / "work"
+    words = Checkpoint.open(work / "words" / (work / "words" / "latest").read_text().strip())
+    scaffolded, learned = (
+        AutoModelForImageTextToText.from_pretrained(d).get_input_embeddings().weight
+        for d in (work / "base" / "base", words.base_dir)
+    )
+    assert not torch.equal(scaffolded, learned)
+    trained = Checkpoint.open(work / "run" / (work / "run" / "latest").read_text().strip())
+    assert trained.base_dir.resolve() == words.base_dir.resolve()
     model = ChatPoseModel.from_checkpoint(out, device="cpu")
     assert model.dtype == torch.float32
     image = next((tmp_path / "work" / "pairs_test" / "images").glob("*.png")).read_bytes()

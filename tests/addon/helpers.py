@@ -88,26 +88,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-MAX_TICK_S = 0.25  # one timer call: 25 ms of applying results, plus at most one result
-
-
-def drive(until, timeout_s: float = 60.0) -> float:
+def drive(until, timeout_s: float = 60.0) -> None:
     """Runs the add-on's timer callback as Blender would (headless Blender runs no timers) until
-    ``until()`` is true; every call must return quickly. Returns the slowest call (s)."""
+    ``until()`` is true. That one call keeps to its time budget is tested with a fake clock
+    (test_addon_chat.py), not by timing calls here: wall time on a busy machine is no test."""
     import time
 
     from blender_addon.blender import runtime
 
     deadline = time.monotonic() + timeout_s
-    slowest = 0.0
     while True:
-        started = time.monotonic()
         runtime.timer_tick()
-        elapsed = time.monotonic() - started
-        slowest = max(slowest, elapsed)
-        assert elapsed < MAX_TICK_S, f"timer_tick() took {elapsed:.3f} s"
         if until():
-            return slowest
+            return
         assert time.monotonic() < deadline, f"gave up; last message: {runtime.last_message()}"
         time.sleep(0.01)
 

@@ -347,7 +347,8 @@ def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, report
     bpy.context.scene.chatpose.prompt = "wave"
     started = time.monotonic()
     assert bpy.ops.chatpose.send() == {"FINISHED"}
-    assert time.monotonic() - started < 0.5  # the operator only queues the request
+    # The operator only queues the request: it does not wait the 2 s connect timeout.
+    assert time.monotonic() - started < 1.5
     drive(idle, timeout_s=10)
     elapsed = time.monotonic() - started
     message, level = runtime.last_message()

@@ -103,7 +103,8 @@ class ModelSize:
 SIZES = {
     # The test suite's model (tests/service/tiny_llava.py).
     "tiny": ModelSize("tiny", 64, 128, 2, 4, 2, 32, 64, 2, 2, 32, 8),
-    # "Demo-sized": the stand-in for the demo checkpoint, which does not exist yet. A small
+    # "Demo-sized": a fixed stand-in (not the shipped demo checkpoint, whose LM has 1 layer
+    # and whose tower 16 image tokens), kept so the figures stay comparable. A small
     # Llama-like LM (hidden 256, MLP 1024, 4 layers, 4 heads, no GQA, vocabulary of the
     # in-process tokenizer) and a small CLIP-like tower (hidden 128, 2 layers, 64 px images in
     # 8 px patches: 64 image tokens). Random weights.

@@ -15,10 +15,11 @@ from inference_service.errors import BadImageError
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
-def check_image(data: bytes) -> None:
+def check_image(data: bytes, field: str = "image") -> None:
     """Reads only the header: the format and the pixel count. Cheap enough for the server's
-    I/O thread, so a wrong format or a decompression bomb is refused before any work starts."""
-    with _opened(data):
+    I/O thread, so a wrong format or a decompression bomb is refused before any work starts.
+    `field` names the image in the error (``images[1]: not a decodable ...``)."""
+    with _opened(data, field):
         pass
 
 
@@ -30,9 +31,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 @contextmanager
-def _opened(data: bytes) -> Iterator[Image.Image]:
+def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise BadImageError(f"image: expected bytes, got {type(data).__name__}")
+        raise BadImageError(f"{field}: expected bytes, got {type(data).__name__}")
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
@@ -46,4 +47,4 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as exc:
-        raise BadImageError(f"image: not a decodable PNG or JPEG ({exc})") from exc
+        raise BadImageError(f"{field}: not a decodable PNG or JPEG ({exc})") from exc

@@ -291,10 +291,9 @@ class Server:
             return ErrorReply(request.id, "pose", ErrorCode.UNSUPPORTED_INPUT, message, None)
         for index, data in enumerate(request.images):
             try:
-                check_image(data)
+                check_image(data, f"images[{index}]")
             except BadImageError as exc:
-                message = f"images[{index}]: {str(exc).removeprefix('image: ')}"
-                return ErrorReply(request.id, "pose", ErrorCode.BAD_IMAGE, message, None)
+                return ErrorReply(request.id, "pose", ErrorCode.BAD_IMAGE, str(exc), None)
         return None
 
     def _status(self, request_id: str) -> StatusReply:

@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--adapter-lr",
         type=float,
-        help="learning rate of the LoRA layers and the pose token's rows, or of the whole "
-        "base with --train-base (default: --lr; 0 keeps them as they are); the SMPL head "
+        help="learning rate of the LoRA layers and the pose token's rows, or of the base "
+        "weights --train-base trains (default: --lr; 0 keeps them as they are); the SMPL head "
         "always trains at --lr",
     )
     parser.add_argument(

@@ -76,7 +76,7 @@ class Preset:
     vocab_size: int | None = None
     adapter_lr: float | None = None  # --adapter-lr (None: --lr)
     phrasing: str = "release"  # the data's question/answer phrasing (docs/training.md)
-    condition: bool = True  # condition_base: weight scales for a frozen random base
+    condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
 
 
 PRESETS = {
@@ -99,8 +99,9 @@ PRESETS = {
         # The LoRA layers stay as scaffolded: on this random base, any LoRA training (even at
         # 2e-5) collapses the state before the pose token onto one vector within a few hundred
         # steps (it is the state that must predict the pose token), and the head can then only
-        # give the mean pose (docs/evaluation.md). The head alone trains, on the bag-of-words
-        # states of the conditioned base (condition_base).
+        # give the mean pose (docs/evaluation.md). In this stage the head alone trains, on the
+        # bag-of-words states of the conditioned base (condition_base) whose token embeddings
+        # the words stage trained.
         adapter_lr=0.0,
     ),
     "tiny": Preset(
@@ -249,7 +250,8 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
 def condition_base(
     base: Path, seed: int, output_std: float = 0.1, average_scale: float = 10.0
 ) -> None:
-    """Re-draw the scaffold's random weights so that a *frozen* random base reads its prompt.
+    """Re-draw the scaffold's random weights so that a random base whose layers stay frozen
+    reads its prompt (the words stage then trains only its token embeddings).
 
     The scaffold initialises like a model about to be trained in full (every matrix N(0, 0.02),
     transformers' default). Frozen, that network passes almost nothing on: attention is uniform,
@@ -271,7 +273,8 @@ def condition_base(
     - CLIP's position embeddings N(0, 0.5²), as large as the patch embeddings (0.02 × √768), so
       each image token knows where its patch is (left and right in a picture).
 
-    Measured on the demo corpus (head alone, 2,000 text steps): text PA-MPJPE 15 % below the
+    Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
+    text steps): text PA-MPJPE 15 % below the
     mean pose and paraphrases 18 % right, against 8 % and 6 % after 6,000 steps on the
     previous all-random layers (docs/evaluation.md). Everything else (norms, biases, the CLIP
     layers) is kept. A pretrained LLaVA, as ChatPose fine-tunes, needs none of this.
@@ -326,17 +329,12 @@ def learn_words(
     training of `train` plus words that learn their meaning for a pose (docs/evaluation.md,
     *What limits the demo model*). Returns the run's last checkpoint (a whole model)."""
     argv = [
-        "--base", str(base),
-        "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
         "--steps", str(preset.word_steps), "--batch-size", str(preset.word_batch_size),
-        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
         "--train-base", "embeddings", "--text-weight", "0", "--max-grad-norm", "0",
         "--mix", "1:0:0", "--save-every", "0",
         "--log-every", "250" if preset.word_steps >= 1000 else "1",
-        "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
-        "--head-init", "base",
     ]  # fmt: skip
-    return _train(work / "words", argv)
+    return _train(work / "words", base, corpus, preset, seed, threads, argv)
 
 
 def train(
@@ -350,29 +348,32 @@ def train(
     threads: int,
 ) -> Path:
     argv = [
-        "--base", str(base),
-        "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
-        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
         "--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha),
         "--mix", preset.mix, "--save-every", str(preset.save_every), "--keep-last", "2",
         "--log-every", "50" if steps >= 200 else "1",
-        "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
-        "--head-init", "base",
         *(["--adapter-lr", str(preset.adapter_lr)] if preset.adapter_lr is not None else []),
     ]  # fmt: skip
-    return _train(work / "run", argv)
+    return _train(work / "run", base, corpus, preset, seed, threads, argv)
 
 
-def _train(run: Path, argv: list[str]) -> Path:
-    """`python -m inference_service.train --out RUN ARGV...` in-process, from a fresh RUN;
-    returns its last checkpoint."""
+def _train(
+    run: Path, base: Path, corpus: Path, preset: Preset, seed: int, threads: int, argv: list[str]
+) -> Path:
+    """`python -m inference_service.train` in-process into a fresh RUN, from `base` (its head
+    too), on the corpus's train split plus the stage's own `argv`; returns the last checkpoint."""
     from inference_service import train as train_cli
 
     if run.exists():
         shutil.rmtree(run)
-    argv = ["--out", str(run), *argv]
+    argv = [
+        "--base", str(base), "--out", str(run), "--head-init", "base",
+        "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
+        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
+        "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
+        *argv,
+    ]  # fmt: skip
     log("python -m inference_service.train " + " ".join(argv))
     code = train_cli.main(argv)
     if code != 0:

@@ -101,8 +101,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
-    adapter_lr: float | None = None  # LoRA and pose-token rows (with train_base: the whole
-    # base); None: lr; 0: kept as they are
+    adapter_lr: float | None = None  # LoRA and pose-token rows (with train_base: the base
+    # weights it trains); None: lr; 0: kept as they are
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -296,11 +296,11 @@ class TrainingModel:
 
     @property
     def trains_base(self) -> bool:
-        """The whole base trains (no peft wrapper): checkpoints hold the whole model."""
+        """The base's own weights train (no peft wrapper): checkpoints hold the whole model."""
         return not hasattr(self.model, "get_base_model")
 
     def unwrapped(self) -> torch.nn.Module:
-        """The LLaVA model itself (inside peft's wrapper unless the whole base trains)."""
+        """The LLaVA model itself (inside peft's wrapper unless the base's weights train)."""
         return self.model if self.trains_base else self.model.get_base_model()
 
     def forward(self, batch: Batch, text_weight: float, pose_weight: float) -> LossTerms:
@@ -749,7 +749,9 @@ def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> N
 
 
 def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) -> None:
-    saved = state.get("run", {})
+    saved = dict(state.get("run", {}))
+    if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
+        saved["train_base"] = "all" if saved["train_base"] else None
     for key, value in config.run_settings().items():
         if key in saved and saved[key] != value:
             raise TrainingError(

@@ -60,7 +60,7 @@ class ScriptedBackend(Holdable):
         return (pose_for(prompt),)
 
     def _run(self, item: WorkItem) -> Answer:
-        if "explode" in item.prompt:
+        if self.failing_prompt in item.prompt:
             raise RuntimeError("the model exploded")
         if any(b"corrupt" in image for image in item.images):
             raise BadImageError("images[0]: not a PNG or JPEG image")

@@ -66,9 +66,6 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert (tmp_path / "work" / "report.json").is_file()
 
 
-@pytest.mark.skipif(
-    not (DEMO_CHECKPOINT / "chatpose.json").is_file(), reason="no demo checkpoint built yet"
-)
 def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     from inference_service.training.scaffold import scaffold_checkpoint
 

@@ -432,6 +432,12 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
     )
     with pytest.raises(loop.TrainingError, match="train_base is None but the run"):
         loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
+    # A run saved when train_base was a flag resumes under its scope's name.
+    newest = tmp_path / "b" / (tmp_path / "b" / "latest").read_text().strip()
+    state = torch.load(newest / loop.STATE_NAME, weights_only=True)
+    state["run"]["train_base"] = True
+    torch.save(state, newest / loop.STATE_NAME)
+    loop.train(settings(base, tmp_path / "b", steps=5, train_base="all", resume=True), examples)
     with pytest.raises(ValueError, match="would train nothing"):
         settings(base, tmp_path / "bad", train_base="all", adapter_lr=0.0)
     with pytest.raises(ValueError, match="copy_base does nothing"):

@@ -7,7 +7,7 @@ import numpy as np
 
 from shared_protocol.skeleton import JOINT_NAMES, smpl_to_blender
 
-from ..core.mannequin import MeshData
+from ..core.mannequin import PARTS, MeshData
 from ..core.smpl_model import SmplModel
 
 _MIN_WEIGHT = 1e-4
@@ -47,9 +47,26 @@ def _skinned_mesh_object(
 def create_mannequin(
     context: bpy.types.Context, arm_obj: bpy.types.Object, data: MeshData
 ) -> bpy.types.Object:
-    return _skinned_mesh_object(
+    obj = _skinned_mesh_object(
         context, arm_obj, f"{arm_obj.name}_mannequin", data.vertices, data.faces, data.weights
     )
+    mesh = obj.data
+    for part in PARTS:
+        mesh.materials.append(_part_material(part))
+    mesh.polygons.foreach_set("material_index", data.face_parts.astype(np.int32))
+    mesh.update()
+    return obj
+
+
+def _part_material(part) -> bpy.types.Material:
+    """The material of a mannequin part, shared by every mannequin in the file: a user who
+    recolours it recolours them all."""
+    name = f"ChatPose {part.name}"
+    material = bpy.data.materials.get(name)
+    if material is None:
+        material = bpy.data.materials.new(name)
+        material.diffuse_color = (*part.colour, 1.0)
+    return material
 
 
 def create_smpl_body(

@@ -4,6 +4,11 @@ Without the licensed SMPL model there is no body mesh to ship, so the rig gets c
 from each joint to each of its children (skinned to the joint's bone, which is the bone that
 turns that segment), a sphere for the head, short capsules for hands and feet. Geometry is in
 armature space (Blender frame, Z up), built from the bone heads.
+
+The limbs are coloured by part, the body's left side in warm colours and its right side in cool
+ones, so that left and right, and each limb's segments, can be told apart at a glance: the body
+has no face and is otherwise symmetric. The viewport's solid mode and the add-on's snapshots
+(Workbench, material colours) show them.
 """
 
 from __future__ import annotations
@@ -43,12 +48,43 @@ FOOT_LENGTH, FOOT_RADIUS = 0.05, 0.035
 
 
 @dataclass(frozen=True)
+class Part:
+    """A coloured part of the mannequin: the bones whose segments it is made of, and its colour
+    (linear RGB, what Blender's material viewport colour takes)."""
+
+    name: str
+    colour: tuple[float, float, float]
+    bones: tuple[str, ...]
+
+
+PARTS = (
+    Part("torso", (0.55, 0.55, 0.55), ("pelvis", "spine1", "spine2", "spine3", "neck")),
+    Part("head", (0.80, 0.70, 0.60), ("head",)),
+    Part("left upper arm", (0.80, 0.10, 0.08), ("left_collar", "left_shoulder")),
+    Part("left forearm", (0.90, 0.45, 0.05), ("left_elbow",)),
+    Part("left hand", (0.90, 0.80, 0.10), ("left_wrist", "left_hand")),
+    Part("left thigh", (0.60, 0.05, 0.35), ("left_hip",)),
+    Part("left shin", (0.85, 0.30, 0.55), ("left_knee",)),
+    Part("left foot", (0.45, 0.15, 0.05), ("left_ankle", "left_foot")),
+    Part("right upper arm", (0.05, 0.20, 0.85), ("right_collar", "right_shoulder")),
+    Part("right forearm", (0.05, 0.60, 0.85), ("right_elbow",)),
+    Part("right hand", (0.30, 0.85, 0.80), ("right_wrist", "right_hand")),
+    Part("right thigh", (0.05, 0.50, 0.15), ("right_hip",)),
+    Part("right shin", (0.40, 0.80, 0.15), ("right_knee",)),
+    Part("right foot", (0.05, 0.30, 0.30), ("right_ankle", "right_foot")),
+)
+PART_OF_BONE = {bone: index for index, part in enumerate(PARTS) for bone in part.bones}
+
+
+@dataclass(frozen=True)
 class MeshData:
-    """Vertices (V, 3), faces (tuples of vertex indices) and skin weights (V, 24)."""
+    """Vertices (V, 3), faces (tuples of vertex indices), skin weights (V, 24) and each face's
+    part (F,), an index into `PARTS`."""
 
     vertices: np.ndarray
     faces: list[tuple[int, ...]]
     weights: np.ndarray
+    face_parts: np.ndarray
 
 
 def capsule(p0, p1, radius: float, segments: int = 12, rings: int = 4):
@@ -120,14 +156,15 @@ def mannequin_mesh(heads, segments: int = 12, rings: int = 4) -> MeshData:
     heads = np.asarray(heads, dtype=np.float64)
     if heads.shape != (NUM_JOINTS, 3):
         raise ValueError(f"heads: expected shape (24, 3), got {heads.shape}")
-    all_verts, all_faces, owners = [], [], []
+    all_verts, all_faces, owners, face_parts = [], [], [], []
     offset = 0
     for bone, p0, p1, radius in _pieces(heads):
         verts, faces = capsule(p0, p1, radius, segments, rings)
         all_verts.append(verts)
         all_faces.extend(tuple(offset + k for k in f) for f in faces)
         owners.extend([bone] * len(verts))
+        face_parts.extend([PART_OF_BONE[JOINT_NAMES[bone]]] * len(faces))
         offset += len(verts)
     weights = np.zeros((offset, NUM_JOINTS))
     weights[np.arange(offset), owners] = 1.0
-    return MeshData(np.concatenate(all_verts), all_faces, weights)
+    return MeshData(np.concatenate(all_verts), all_faces, weights, np.array(face_parts))

@@ -20,6 +20,7 @@ from blender_addon.blender.armature import (
 )
 from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
+from blender_addon.core.mannequin import PART_OF_BONE, PARTS
 from blender_addon.core.rig_spec import RIG_PROPERTY, bone_rest_matrix
 from shared_protocol.pose import Pose
 from shared_protocol.skeleton import (
@@ -115,6 +116,18 @@ def test_create_armature_operator(blender):
     assert mesh.parent is obj
     assert [m.type for m in mesh.modifiers] == ["ARMATURE"] and mesh.modifiers[0].object is obj
     assert sorted(g.name for g in mesh.vertex_groups) == sorted(JOINT_NAMES)
+    # coloured by part: one material per part, each face on its bone's part
+    np.testing.assert_allclose(
+        [tuple(m.diffuse_color)[:3] for m in mesh.data.materials],
+        [part.colour for part in PARTS],
+        atol=1e-6,
+    )
+    indices = np.empty(len(mesh.data.polygons), dtype=np.int32)
+    mesh.data.polygons.foreach_get("material_index", indices)
+    group_of = {g.index: g.name for g in mesh.vertex_groups}
+    for polygon, index in zip(mesh.data.polygons, indices, strict=True):
+        vertex = mesh.data.vertices[polygon.vertices[0]]
+        assert PART_OF_BONE[group_of[vertex.groups[0].group]] == index
     # on the ground: the lowest mannequin vertex at z = 0
     lowest = min((obj.matrix_world @ v.co).z for v in mesh.data.vertices)
     assert lowest == pytest.approx(0.0, abs=1e-3)
@@ -280,6 +293,13 @@ def test_operators_need_an_smpl_armature(blender):
 
 
 # --- the mannequin follows the bones ------------------------------------------------------------
+
+
+def test_mannequins_share_their_part_materials(blender):
+    first, second = create_smpl_armature(bpy.context), create_smpl_armature(bpy.context)
+    (first_mesh,), (second_mesh,) = first.children, second.children
+    assert list(first_mesh.data.materials) == list(second_mesh.data.materials)
+    assert sorted(m.name for m in bpy.data.materials) == sorted(f"ChatPose {p.name}" for p in PARTS)
 
 
 def test_mannequin_vertices_follow_their_bone(blender):

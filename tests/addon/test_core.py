@@ -179,6 +179,27 @@ def test_mannequin_mesh_is_well_formed_and_rigidly_skinned():
     assert head_verts[:, 2].max() > heads[head, 2] + mannequin.HEAD_RADIUS
 
 
+def test_mannequin_parts_colour_every_face_and_tell_left_from_right():
+    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
+    data = mannequin.mannequin_mesh(heads)
+    assert data.face_parts.shape == (len(data.faces),)
+    assert sorted(mannequin.PART_OF_BONE) == sorted(JOINT_NAMES)  # every bone has one part
+    # a face's part is its bone's: the part of the (rigid) skin weight of its first vertex
+    owners = np.argmax(data.weights, axis=1)
+    for face, part in zip(data.faces, data.face_parts, strict=True):
+        assert mannequin.PART_OF_BONE[JOINT_NAMES[owners[face[0]]]] == part
+    names = [part.name for part in mannequin.PARTS]
+    for part in mannequin.PARTS:
+        side = part.name.split()[0]
+        if side in ("left", "right"):  # a sided part holds only that side's bones ...
+            assert all(bone.startswith(side) for bone in part.bones), part.name
+            mirror = ("right" if side == "left" else "left") + part.name[len(side) :]
+            assert mirror in names  # ... and has its mirror image
+    colours = [part.colour for part in mannequin.PARTS]
+    assert len(set(colours)) == len(colours)  # no two parts look alike
+    assert set(data.face_parts.tolist()) == set(range(len(mannequin.PARTS)))
+
+
 def test_capsule_encloses_its_segment():
     verts, faces = mannequin.capsule((0, 0, 0), (0, 0, 1), 0.1, segments=8, rings=3)
     assert verts[:, 2].min() == pytest.approx(-0.1)

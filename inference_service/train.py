@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-base",
         nargs="?",
         const="all",
-        choices=("all", "embeddings"),  # loop.TRAIN_BASE_SCOPES
+        choices=("all", "embeddings", "vision"),  # loop.TRAIN_BASE_SCOPES
         help="train the base's own weights instead of LoRA, and save whole models: every "
-        "weight (all, the default; language model, projector, vision tower) or the language "
-        "model's token embeddings; for a base that was never trained, like the demo scaffold. "
+        "weight (all, the default; language model, projector, vision tower), the language "
+        "model's token embeddings, or the vision tower and the projector; for a base that was "
+        "never trained, like the demo scaffold. "
         "The paper's recipe (LoRA, frozen vision side) is the default",
     )
     return parser

@@ -15,8 +15,9 @@ What is trained (the paper, Sec. 3.2):
 
 With `train_base` (not the paper's recipe; for a base that was never trained) the base's own
 weights train instead of LoRA, and checkpoints hold the whole model in `step-N/base/`: "all" of
-them, or only the LM's token "embeddings" (the demo's bag-of-words base learns its words that
-way, docs/evaluation.md).
+them, only the LM's token "embeddings" (the demo's bag-of-words base learns its words that
+way, docs/evaluation.md), or only the "vision" tower and the projector (the demo's vision tower
+learns to see the mannequin that way).
 
 Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
 kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch
@@ -81,7 +82,7 @@ STATE_FORMAT = 1
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 FROZEN_PREFIXES = ("vision_tower", "multi_modal_projector")
 HEAD_INITS = ("auto", "fresh", "base")
-TRAIN_BASE_SCOPES = (None, "all", "embeddings")  # None: LoRA (the paper's recipe)
+TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision")  # None: LoRA (the paper's recipe)
 
 
 class TrainingError(RuntimeError):
@@ -360,6 +361,11 @@ class TrainingModel:
         return head
 
 
+def _on_vision_side(name: str) -> bool:
+    """The parameter `name` belongs to the vision tower or the projector."""
+    return any(f".{p}." in name or name.startswith(f"{p}.") for p in FROZEN_PREFIXES)
+
+
 def load_training_model(
     checkpoint: Checkpoint,
     config: TrainConfig,
@@ -382,11 +388,13 @@ def load_training_model(
     if config.train_base:
         if adapter_dir is not None:
             model = apply_adapter(model, adapter_dir, merge=True)
-        if config.train_base == "all":
-            model.requires_grad_(True)
-        else:
-            model.requires_grad_(False)
+        model.requires_grad_(config.train_base == "all")
+        if config.train_base == "embeddings":
             model.get_input_embeddings().weight.requires_grad_(True)
+        elif config.train_base == "vision":
+            for name, parameter in model.named_parameters():
+                if _on_vision_side(name):
+                    parameter.requires_grad_(True)
     else:
         with quiet_peft():
             model = _make_trainable(model, config, adapter_dir, pose_token_id)
@@ -395,8 +403,7 @@ def load_training_model(
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     for name, parameter in model.named_parameters():
-        frozen_side = any(f".{p}." in name or name.startswith(f"{p}.") for p in FROZEN_PREFIXES)
-        if parameter.requires_grad and frozen_side and not config.train_base:
+        if parameter.requires_grad and _on_vision_side(name) and not config.train_base:
             raise TrainingError(f"{name} is trainable but the vision side must stay frozen")
     base_config = checkpoint.config
     if head_path is not None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,18 +445,22 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
         settings(base, tmp_path / "bad", train_base="all", copy_base=True)
 
 
+def _changed_weights(base: Path, checkpoint: Path) -> set[str]:
+    original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
+    trained = ChatPoseModel.from_checkpoint(checkpoint, device="cpu").model
+    return {
+        name
+        for name, weight in trained.state_dict().items()
+        if not torch.equal(weight, original.state_dict()[name])
+    }
+
+
 def test_train_base_embeddings_trains_the_token_embeddings_alone(base, examples, tmp_path):
     text = [e for e in examples if e.kind == "text_to_pose"]
     result = loop.train(
         settings(base, tmp_path / "run", steps=3, train_base="embeddings", mix=(1, 0, 0)), text
     )
-    original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
-    trained = ChatPoseModel.from_checkpoint(result.checkpoint, device="cpu").model
-    changed = {
-        name
-        for name, weight in trained.state_dict().items()
-        if not torch.equal(weight, original.state_dict()[name])
-    }
+    changed = _changed_weights(base, result.checkpoint)
     assert changed and all("embed_tokens" in name for name in changed), changed
     with pytest.raises(ValueError, match="train_base must be one of"):
         settings(base, tmp_path / "bad", train_base="lora")
@@ -464,6 +469,17 @@ def test_train_base_embeddings_trains_the_token_embeddings_alone(base, examples,
     assert parse(required).train_base is None
     assert parse([*required, "--train-base"]).train_base == "all"
     assert parse([*required, "--train-base", "embeddings"]).train_base == "embeddings"
+    assert parse([*required, "--train-base", "vision"]).train_base == "vision"
+
+
+def test_train_base_vision_trains_the_tower_and_the_projector_alone(base, examples, tmp_path):
+    images = [e for e in examples if e.kind == "image_to_pose"]
+    result = loop.train(
+        settings(base, tmp_path / "run", steps=3, train_base="vision", mix=(0, 1, 0)), images
+    )
+    changed = _changed_weights(base, result.checkpoint)
+    sides = {name.split(".")[1] for name in changed}  # model.vision_tower.…
+    assert sides == {"vision_tower", "multi_modal_projector"}, changed
 
 
 def test_loss_weights_are_checked_and_used(base, examples, tmp_path):

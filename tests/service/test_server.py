@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from inference_service.backend import ModelBackend
 from inference_service.keys import make_keys
@@ -296,9 +297,15 @@ def test_oversized_messages_get_too_large_and_past_the_transport_cap_are_cut_off
             assert raw.poll(TIMEOUT_S * 1000), f"no reply to an oversized {field}"
             reply = decode_reply(raw.recv_multipart())
             assert reply.code == ErrorCode.TOO_LARGE and reply.message.startswith(field)
-        # Past the cap ZeroMQ drops the connection unread: no reply, and the server serves on.
+        # Past the cap ZeroMQ drops the connection unread: the client sees it closed (its
+        # socket monitor), no reply comes, and the server serves on.
+        monitor = raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         raw.send_multipart([header, b"\0" * 100_000])
-        assert not raw.poll(500)
+        assert monitor.poll(TIMEOUT_S * 1000), "the connection was not dropped"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        assert not raw.poll(0)
+        raw.disable_monitor()
+        monitor.close()
         raw.close()
         with served.client() as client:
             reply = client.request(PoseRequest(client.new_id(), "after"), TIMEOUT_S)

@@ -120,7 +120,7 @@ def run_case(model: ChatPoseModel, args, images: tuple[bytes, ...]) -> dict:
         "tokens_to_pose": tokens.index(pose_token) + 1,
         "prompt_tokens": benchlib.sequence_length(model, bool(images)) - len(forced) + 1,
         "fast_tokens": benchlib.sequence_length(model, bool(images)),
-        "cached_tokens": benchlib.cached_prefix_length(model),
+        "cached_tokens": model.cached_prefix_length,
         # the pose token and what follows it, but for the end of sequence (not in the input)
         "skipped_tokens": len(forced) - tokens.index(pose_token) - 1,
         "token_list": tokens,

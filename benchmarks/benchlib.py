@@ -256,13 +256,6 @@ def sequence_length(model: ChatPoseModel, with_image: bool, description: str = D
     return int(encoded["input_ids"].shape[1])
 
 
-def cached_prefix_length(model: ChatPoseModel) -> int:
-    """Tokens at the start of every prompt whose states the fast path computes once per model."""
-    from inference_service.prompts import conversation_prefix
-
-    return len(model.tokenizer(conversation_prefix(model.template))["input_ids"])
-
-
 class LoadMonitor:
     """How much CPU other processes used while the benchmark ran (Linux /proc/stat).
 

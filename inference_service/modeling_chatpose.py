@@ -252,6 +252,12 @@ class ChatPoseModel:
         rest[self._cache_keyword] = prefix.cache(input_ids.shape[0], self.model.config)
         return self._backbone(**rest).last_hidden_state, prefix.length
 
+    @property
+    def cached_prefix_length(self) -> int:
+        """Tokens at the start of every prompt whose states the fast path computes once per
+        model (computing them on first use)."""
+        return self._prefix_states().length
+
     def _prefix_states(self) -> PrefixStates:
         if self._prefix is None:
             text = conversation_prefix(self.template)

@@ -95,12 +95,12 @@ def test_the_cached_prompt_beginning_gives_the_states_of_a_whole_pass(tiny_model
 
     monkeypatch.setattr(tiny_model, "_backbone", recording)
     cached = tiny_model.pose_states(requests)
-    prefix = tiny_model._prefix_states()
+    cached_length = tiny_model.cached_prefix_length
     monkeypatch.setattr(modeling_chatpose.PrefixStates, "matches", lambda self, ids: False)
     whole = tiny_model.pose_states(requests)
     # the first pass read only what follows the prefix; the second read every token
-    assert prefix.length > 10
-    assert seen_lengths[-1] - seen_lengths[-2] == prefix.length
+    assert cached_length > 10
+    assert seen_lengths[-1] - seen_lengths[-2] == cached_length
     torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
 
 

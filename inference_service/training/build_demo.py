@@ -14,16 +14,19 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
 4. words: `python -m inference_service.train --train-base embeddings` on the corpus's train
    split (text → pose, pose loss only): the base's token embeddings and the head learn what
    the caption words mean for a pose, through the bag-of-words LM (`condition_base`);
-5. train: `python -m inference_service.train` (the project's training command, run in-process)
-   from the words stage's checkpoint, on the corpus's train split (text → pose) and the
+5. vision: `python -m inference_service.train --train-base vision` on the rendered train pairs
+   (image → pose, pose loss only): the vision tower, the projector and the head learn to see
+   the mannequin, through the LM's image heads (`condition_base`);
+6. train: `python -m inference_service.train` (the project's training command, run in-process)
+   from the vision stage's checkpoint, on the corpus's train split (text → pose) and the
    rendered train pairs (image → pose);
-6. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+7. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
    the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
    the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
    build_info.json (the command, the settings, the timings, the bars);
-7. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+8. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
    WORK/report.json and .md;
-8. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+9. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
@@ -68,6 +71,9 @@ class Preset:
     lr: float
     word_steps: int  # the words stage (0: none)
     word_batch_size: int
+    vision_steps: int  # the vision stage (0: none)
+    vision_batch_size: int
+    vision_lr: float
     warmup_steps: int
     lora_rank: int
     lora_alpha: int
@@ -91,6 +97,9 @@ PRESETS = {
         lr=1e-3,
         word_steps=6000,
         word_batch_size=16,
+        vision_steps=6000,
+        vision_batch_size=32,
+        vision_lr=3e-4,  # a ViT from scratch: at 1e-3 it learns nothing (docs/evaluation.md)
         warmup_steps=100,
         lora_rank=64,
         lora_alpha=128,
@@ -100,8 +109,8 @@ PRESETS = {
         # 2e-5) collapses the state before the pose token onto one vector within a few hundred
         # steps (it is the state that must predict the pose token), and the head can then only
         # give the mean pose (docs/evaluation.md). In this stage the head alone trains, on the
-        # bag-of-words states of the conditioned base (condition_base) whose token embeddings
-        # the words stage trained.
+        # states of the conditioned base (condition_base) whose token embeddings the words
+        # stage trained and whose vision tower the vision stage trained.
         adapter_lr=0.0,
     ),
     "tiny": Preset(
@@ -115,6 +124,9 @@ PRESETS = {
         lr=1e-3,
         word_steps=2,
         word_batch_size=4,
+        vision_steps=2,
+        vision_batch_size=4,
+        vision_lr=1e-3,
         warmup_steps=0,
         lora_rank=4,
         lora_alpha=8,
@@ -247,8 +259,19 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
     head.save(checkpoint / HEAD_NAME)
 
 
+# The embedding dimension that marks image tokens for the image heads (condition_base): the
+# projector writes a constant into it, every text embedding starts at 0 there.
+IMAGE_MARKER_DIM = 0
+
+
 def condition_base(
-    base: Path, seed: int, output_std: float = 0.1, average_scale: float = 10.0
+    base: Path,
+    seed: int,
+    output_std: float = 0.1,
+    average_scale: float = 10.0,
+    image_heads: Sequence[int] = (2, 3),
+    image_focus: float = 16.0,
+    image_marker: float = 5.0,
 ) -> None:
     """Re-draw the scaffold's random weights so that a random base whose layers stay frozen
     reads its prompt (the words stage then trains only its token embeddings).
@@ -272,6 +295,15 @@ def condition_base(
     - the projector N(0, 1/fan_in), so image tokens are as large as text tokens;
     - CLIP's position embeddings N(0, 0.5²), as large as the patch embeddings (0.02 × √768), so
       each image token knows where its patch is (left and right in a picture).
+    - with attention biases (the demo preset), the `image_heads` of the first layer look at the
+      image instead: every text embedding is 0 in dimension `IMAGE_MARKER_DIM`, the projector
+      writes `image_marker` there (its output bias), and those heads' query bias and key read
+      it in their slowest rotary pair (which turns by 0.008 rad over 60 tokens, so position
+      hardly matters): an image token scores about `image_focus` × 4.8 / 8 ≈ 10 against 0 for
+      text, and takes ~99.9 % of those heads' attention. Without an image the heads stay
+      uniform, a bag of words like the others. In a bag of words the one image token would be a
+      sixtieth of the state before the pose token, too faint to learn from
+      (docs/evaluation.md); through these heads it is the whole of their quarter of it.
 
     Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
     text steps): text PA-MPJPE 15 % below the
@@ -282,9 +314,15 @@ def condition_base(
     import torch
     from safetensors.torch import load_file, save_file
 
+    text_config = json.loads((base / "config.json").read_text())["text_config"]
+    head_dim = text_config["hidden_size"] // text_config["num_attention_heads"]
+    group = text_config["num_attention_heads"] // text_config["num_key_value_heads"]
     generator = torch.Generator().manual_seed(seed + 7)
     for path in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(path))
+        biased = any(n.startswith("language_model.") and n.endswith("q_proj.bias") for n in tensors)
+        looks = biased and bool(image_heads)
+        heads = ImageHeads(image_heads, head_dim, group, image_focus) if looks else None
         for name in sorted(tensors):
             weight = tensors[name]
             fresh = None
@@ -292,10 +330,15 @@ def condition_base(
                 fresh = torch.randn(weight.shape, generator=generator) * output_std
             elif name.endswith("embed_tokens.weight"):
                 fresh = torch.randn(weight.shape, generator=generator)
+                if heads:
+                    fresh[:, IMAGE_MARKER_DIM] = 0.0
             elif name.startswith("language_model.") and ".layers." in name:
-                fresh = _bag_of_words_weight(name, weight, average_scale)
+                fresh = _bag_of_words_weight(name, weight, average_scale, heads)
             elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
                 fresh = torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5
+            elif heads and name == "multi_modal_projector.linear_2.bias":
+                fresh = torch.zeros(weight.shape)
+                fresh[IMAGE_MARKER_DIM] = image_marker
             elif name.endswith("embeddings.position_embedding.weight"):
                 fresh = torch.randn(weight.shape, generator=generator) * 0.5
             if fresh is not None:
@@ -303,11 +346,38 @@ def condition_base(
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _bag_of_words_weight(name: str, weight, average_scale: float):
-    """The weight `condition_base` gives an LM layer's matrix `name`, or None to keep it."""
+@dataclass(frozen=True)
+class ImageHeads:
+    """The first layer's heads that look at the image (`condition_base`)."""
+
+    heads: Sequence[int]
+    head_dim: int
+    group: int  # query heads per key/value head
+    focus: float
+
+    def rows(self, keys: bool = False) -> list[int]:
+        """Each head's query (or key) row in its slowest rotary pair (frequency base^(-2i/d)
+        is lowest at i = d/2 - 1; rotate_half pairs row i with i + d/2). The other heads' queries
+        stay 0, so a key they share changes nothing for them."""
+        heads = sorted({h // self.group for h in self.heads}) if keys else self.heads
+        return [h * self.head_dim + self.head_dim // 2 - 1 for h in heads]
+
+
+def _bag_of_words_weight(name: str, weight, average_scale: float, image: ImageHeads | None):
+    """The weight `condition_base` gives an LM layer's tensor `name`, or None to keep it."""
     import torch
 
     first_layer = ".layers.0." in name
+    if image and first_layer and name.endswith("k_proj.weight"):
+        fresh = torch.zeros(weight.shape)
+        fresh[image.rows(keys=True), IMAGE_MARKER_DIM] = 1.0
+        return fresh
+    if image and first_layer and name.endswith("q_proj.bias"):
+        fresh = torch.zeros(weight.shape)
+        fresh[image.rows()] = image.focus
+        return fresh
+    if name.endswith("_proj.bias"):
+        return torch.zeros(weight.shape)
     if first_layer and name.endswith(("q_proj.weight", "k_proj.weight")):
         return torch.zeros(weight.shape)
     if first_layer and name.endswith("v_proj.weight"):
@@ -337,6 +407,23 @@ def learn_words(
     return _train(work / "words", base, corpus, preset, seed, threads, argv)
 
 
+def learn_vision(
+    work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, seed: int, threads: int
+) -> Path:
+    """The vision stage: the vision tower, the projector and the head, trained on the rendered
+    pairs (image → pose, pose loss only) through the LM as it is, whose image heads read the
+    one image token (`condition_base`). ChatPose freezes a pretrained CLIP; the demo's tower is
+    random until this stage teaches it to see the mannequin, and `train` keeps it frozen, as the
+    paper does. Returns the run's last checkpoint (a whole model)."""
+    argv = [
+        "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
+        "--steps", str(preset.vision_steps), "--batch-size", str(preset.vision_batch_size),
+        "--train-base", "vision", "--text-weight", "0", "--mix", "0:1:0", "--save-every", "0",
+        "--log-every", "250" if preset.vision_steps >= 1000 else "1",
+    ]  # fmt: skip
+    return _train(work / "vision", base, corpus, preset, seed, threads, argv, preset.vision_lr)
+
+
 def train(
     work: Path,
     base: Path,
@@ -359,10 +446,18 @@ def train(
 
 
 def _train(
-    run: Path, base: Path, corpus: Path, preset: Preset, seed: int, threads: int, argv: list[str]
+    run: Path,
+    base: Path,
+    corpus: Path,
+    preset: Preset,
+    seed: int,
+    threads: int,
+    argv: list[str],
+    lr: float | None = None,
 ) -> Path:
     """`python -m inference_service.train` in-process into a fresh RUN, from `base` (its head
-    too), on the corpus's train split plus the stage's own `argv`; returns the last checkpoint."""
+    too), on the corpus's train split plus the stage's own `argv`, at `lr` (the preset's by
+    default); returns the last checkpoint."""
     from inference_service import train as train_cli
 
     if run.exists():
@@ -370,7 +465,7 @@ def _train(
     argv = [
         "--base", str(base), "--out", str(run), "--head-init", "base",
         "--data", "corpus", str(corpus), "split=train", f"phrasing={preset.phrasing}",
-        "--lr", str(preset.lr), "--warmup-steps", str(preset.warmup_steps),
+        "--lr", str(lr or preset.lr), "--warmup-steps", str(preset.warmup_steps),
         "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
         *argv,
     ]  # fmt: skip
@@ -541,18 +636,19 @@ def write_docs(
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.0f} s ({v / 60:.1f} min) |" for k, v in info["seconds"].items()]
-    words = info.get("words")
-    lines += [
-        "",
-        *(
-            [
-                f"Words (token embeddings and head, text only): {words['steps']} steps of "
-                f"batch {words['batch_size']}, {words['seconds_per_step']:.2f} s a step.",
+    lines.append("")
+    for stage, what in (
+        ("words", "token embeddings and head, text only"),
+        ("vision", "vision tower, projector and head, images only"),
+    ):
+        if stage in info:
+            run = info[stage]
+            lines += [
+                f"{stage.capitalize()} ({what}): {run['steps']} steps of batch "
+                f"{run['batch_size']}, {run['seconds_per_step']:.2f} s a step.",
                 "",
             ]
-            if words
-            else []
-        ),
+    lines += [
         f"Training: {info['train']['steps']} steps of batch {info['train']['batch_size']} "
         f"(mix {info['train']['mix']}), {info['train']['seconds_per_step']:.2f} s a step, on "
         f"{info['train']['examples']} examples. Checkpoint: {info['size_mb']:.1f} MB "
@@ -636,6 +732,10 @@ def build(
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
     if preset.word_steps:
         base = stages.run("words", learn_words, work, base, corpus, preset, seed, threads)
+    if preset.vision_steps:
+        base = stages.run(
+            "vision", learn_vision, work, base, corpus, train_pairs, preset, seed, threads
+        )
     trained = stages.run(
         "train", train, work, base, corpus, train_pairs, preset, steps, seed, threads
     )
@@ -668,12 +768,16 @@ def build(
         },
         "bars": report["bars"],
     }
-    if preset.word_steps:
-        info["words"] = {
-            "steps": preset.word_steps,
-            "batch_size": preset.word_batch_size,
-            "seconds_per_step": stages.seconds["words"] / preset.word_steps,
-        }
+    for stage, stage_steps, batch_size in (
+        ("words", preset.word_steps, preset.word_batch_size),
+        ("vision", preset.vision_steps, preset.vision_batch_size),
+    ):
+        if stage_steps:
+            info[stage] = {
+                "steps": stage_steps,
+                "batch_size": batch_size,
+                "seconds_per_step": stages.seconds[stage] / stage_steps,
+            }
     info["size_mb"] = 0.0
     (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     if docs is not None:

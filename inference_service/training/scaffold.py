@@ -17,8 +17,9 @@ and writes them as a checkpoint directory in this project's format (docs/checkpo
 chatpose.json, base/, pose_head.safetensors. `inference_service.train` then trains it.
 
 Presets (`SIZES`): "tiny" for tests (about 150 k parameters) and "demo": hidden 256, 1 layer,
-64 px images in 16 patches of 16 px; 2.0 M parameters (8.0 MB of float32 safetensors) with the
-demo corpus's 1,060-token vocabulary, 3.5 M at the full 4096-token one (docs/training.md).
+attention biases, 64 px images in one patch; 3.5 M parameters (14 MB of float32 safetensors)
+with the demo corpus's 1,060-token vocabulary, 5.0 M at the full 4096-token one
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class ModelSize:
     vision_heads: int
     image_size: int
     patch_size: int
+    vision_feature_layer: int = -2  # the tower's layer the LM reads (LLaVA's default: -2)
+    attention_bias: bool = False  # Llama's q/k/v/o biases
 
 
 SIZES: dict[str, ModelSize] = {
@@ -96,7 +99,7 @@ SIZES: dict[str, ModelSize] = {
         image_size=32,
         patch_size=8,
     ),
-    # The demo checkpoint: <= 3.5 M parameters (14 MB in float32), 64 px images, 16 patches.
+    # The demo checkpoint: <= 5 M parameters (20 MB in float32), 64 px images in one patch.
     "demo": ModelSize(
         vocab_size=4096,
         hidden_size=256,
@@ -113,7 +116,12 @@ SIZES: dict[str, ModelSize] = {
         vision_layers=2,
         vision_heads=4,
         image_size=64,
-        patch_size=16,
+        # One patch, the whole picture: one image token, which two heads of the LM's first
+        # layer read (build_demo.condition_base). Averaged, 16 patch tokens lose where each
+        # patch is (docs/evaluation.md, *What limits the demo model*).
+        patch_size=64,
+        vision_feature_layer=-1,  # the tower is trained for the LM (build_demo's vision stage)
+        attention_bias=True,  # the image heads' query bias (build_demo.condition_base)
     ),
 }
 
@@ -211,6 +219,7 @@ def build_model(
         num_key_value_heads=size.num_kv_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=size.max_positions,
+        attention_bias=size.attention_bias,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -220,6 +229,7 @@ def build_model(
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(size.image_size // size.patch_size) ** 2,
+        vision_feature_layer=size.vision_feature_layer,
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()

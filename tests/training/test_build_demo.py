@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from inference_service.checkpoint import Checkpoint
@@ -28,7 +31,7 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     out = tmp_path / "ckpt"
     info = build_demo.build("tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1)
     assert set(info["seconds"]) >= {
-        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "train",
+        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "vision", "train",
         "pack", "evaluate", "examples",
     }  # fmt: skip
     # Self-contained: merged weights, no adapter, no optimizer state, safetensors only.
@@ -39,17 +42,25 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     assert list((out / "base").glob("*.safetensors"))
     build_info = json.loads((out / "build_info.json").read_text())
-    assert build_info["train"]["steps"] == 2 and build_info["words"]["steps"] == 2
-    # The words stage trained the LM's token embeddings, and training went on from its model.
+    assert build_info["train"]["steps"] == 2
+    assert build_info["words"]["steps"] == build_info["vision"]["steps"] == 2
+    # The words stage trained the LM's token embeddings, the vision stage then the vision
+    # tower, and training went on from its model.
     work = tmp_path / "work"
-    words = Checkpoint.open(work / "words" / (work / "words" / "latest").read_text().strip())
-    scaffolded, learned = (
-        AutoModelForImageTextToText.from_pretrained(d).get_input_embeddings().weight
-        for d in (work / "base" / "base", words.base_dir)
+    words, vision, trained = (
+        Checkpoint.open(work / run / (work / run / "latest").read_text().strip())
+        for run in ("words", "vision", "run")
     )
-    assert not torch.equal(scaffolded, learned)
-    trained = Checkpoint.open(work / "run" / (work / "run" / "latest").read_text().strip())
-    assert trained.base_dir.resolve() == words.base_dir.resolve()
+    scaffolded, learned, seeing = (
+        AutoModelForImageTextToText.from_pretrained(d)
+        for d in (work / "base" / "base", words.base_dir, vision.base_dir)
+    )
+    embeddings = [m.get_input_embeddings().weight for m in (scaffolded, learned, seeing)]
+    assert not torch.equal(embeddings[0], embeddings[1])
+    assert torch.equal(embeddings[1], embeddings[2])
+    towers = [m.model.vision_tower.state_dict() for m in (learned, seeing)]
+    assert any(not torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
+    assert trained.base_dir.resolve() == vision.base_dir.resolve()
     model = ChatPoseModel.from_checkpoint(out, device="cpu")
     assert model.dtype == torch.float32
     image = next((tmp_path / "work" / "pairs_test" / "images").glob("*.png")).read_bytes()
@@ -82,6 +93,33 @@ def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     ).numpy()
     np.testing.assert_allclose(states[0], states[1], atol=1e-4)
     assert np.abs(states[0] - states[2]).max() > 0.05  # one word changed: another state
+
+
+def test_the_conditioned_base_s_image_heads_read_the_one_image_token(tmp_path):
+    from inference_service.training.scaffold import SIZES, scaffold_checkpoint
+
+    # The demo's shape at the tiny size: attention biases, one patch (one image token).
+    size = dataclasses.replace(SIZES["tiny"], attention_bias=True, patch_size=32)
+    red, blue = (_png(colour) for colour in ((220, 20, 20), (20, 20, 220)))
+    requests = [PoseRequest(images=(red,)), PoseRequest(images=(blue,))]
+    image_changes = {}
+    for heads in ((2, 3), ()):
+        checkpoint = scaffold_checkpoint(tmp_path / f"ckpt{len(heads)}", size, ["a b c"])
+        build_demo.condition_base(checkpoint / "base", seed=0, image_heads=heads)
+        model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
+        states = model.pose_states(requests).numpy()
+        image_changes[heads] = np.abs(states[0] - states[1]).max()
+        words = model.pose_states([PoseRequest("the left arm"), PoseRequest("arm left the")])
+        np.testing.assert_allclose(words[0], words[1], atol=1e-4)  # text: still a bag of words
+    # Read by two of the four heads, the one image token moves the state before the pose token
+    # far more than as one of the prompt's tokens in a bag of words.
+    assert image_changes[(2, 3)] > 5 * image_changes[()]
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():

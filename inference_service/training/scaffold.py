@@ -7,9 +7,10 @@ What it builds (random weights, nothing downloaded):
 
 - a CLIP-like vision tower (`CLIPVisionModel`) and LLaVA's two-layer projector;
 - a Llama-like language model (`LlamaForCausalLM` inside `LlavaForConditionalGeneration`);
-- its own byte-level BPE tokenizer, trained here with the `tokenizers` library on the prompt
-  templates plus the given texts, with the special tokens `<unk>`, `<s>`, `</s>`, `<image>` and
-  the pose token `<POSE>` (so loading never has to grow the embeddings);
+- its own word-level tokenizer (lower case, a side word bound to the next word), trained here
+  with the `tokenizers` library on the prompt templates plus the given texts, with the special
+  tokens `<unk>`, `<s>`, `</s>`, `<image>` and the pose token `<POSE>` (so loading never has to
+  grow the embeddings);
 - the LLaVA processor (resize shortest side, centre crop, CLIP normalisation);
 - a random SMPL pose head `Linear(H, H) -> ReLU -> Linear(H, 144)`;
 
@@ -32,7 +33,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -62,8 +72,8 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", IMAGE_TOKEN, POSE_TOKEN)
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Every size of a scaffolded model. `vocab_size` is the BPE target: a small training text
-    gives fewer tokens (the model's vocabulary is then the tokenizer's actual size)."""
+    """Every size of a scaffolded model. `vocab_size` is the tokenizer's most: a small training
+    text gives fewer tokens (the model's vocabulary is then the tokenizer's actual size)."""
 
     vocab_size: int
     hidden_size: int  # the LLM's width H: also the pose head's input and inner width
@@ -150,22 +160,33 @@ def template_texts() -> list[str]:
     return [*_BASE_TEXTS, *phrasing_texts()]
 
 
+# A side word and the word after it become one word ("left arm" -> "left_arm"): the demo's LM
+# reads its prompt as a bag of words (build_demo.condition_base), and bound like this "the left
+# arm and the right knee" and "the right arm and the left knee" are different bags.
+_BIND_SIDES = normalizers.Replace(Regex(r"(?<=\bleft|\bright|\bboth) (?=\p{L})"), "_")
+
+
 def build_tokenizer(
     texts: Iterable[str] = (), vocab_size: int = SIZES["demo"].vocab_size
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts` plus the template texts.
+    """A word-level tokenizer trained on `texts` plus the template texts: lower case, each word
+    and punctuation mark of the training text one token (the `vocab_size` most frequent), a side
+    word bound to the word after it (`_BIND_SIDES`), and `<unk>` for a word never seen.
 
-    Byte-level, so every string encodes and decodes exactly; a BOS is prepended as Llama's does;
-    the pad token is `<unk>` as in the ChatPose release.
+    Whole words, because the demo model learns its language from its corpus alone: the subword
+    pieces of a word it never saw mislead it ("unbend" -> "un", "bend"), where `<unk>` says
+    nothing (docs/evaluation.md, *What limits the demo model*). Decoding joins the words with
+    spaces (none before punctuation), so a reply of known words reads as it was, in lower case.
+    A BOS is prepended as Llama's does; the pad token is `<unk>` as in the ChatPose release.
     """
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), _BIND_SIDES])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("_", " "), decoders.WordPiece(cleanup=True)]
+    )
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
     tokenizer.train_from_iterator([*template_texts(), *texts], trainer)
     tokenizer.post_processor = processors.TemplateProcessing(

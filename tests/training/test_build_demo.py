@@ -87,7 +87,7 @@ def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     states = model.pose_states(
         [
             PoseRequest("the left arm is raised high"),
-            PoseRequest("high raised is arm left the"),  # the same words: the same state
+            PoseRequest("high raised is the left arm"),  # the same words: the same state
             PoseRequest("the right arm is raised high"),
         ]
     ).numpy()
@@ -109,7 +109,7 @@ def test_the_conditioned_base_s_image_heads_read_the_one_image_token(tmp_path):
         model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
         states = model.pose_states(requests).numpy()
         image_changes[heads] = np.abs(states[0] - states[1]).max()
-        words = model.pose_states([PoseRequest("the left arm"), PoseRequest("arm left the")])
+        words = model.pose_states([PoseRequest("the left arm"), PoseRequest("left arm the")])
         np.testing.assert_allclose(words[0], words[1], atol=1e-4)  # text: still a bag of words
     # Read by two of the four heads, the one image token moves the state before the pose token
     # far more than as one of the prompt's tokens in a bag of words.

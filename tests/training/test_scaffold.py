@@ -26,12 +26,27 @@ def test_tiny_scaffold_loads_and_predicts(tmp_path):
     vocab = tokenizer.get_vocab()
     assert "<POSE>" in vocab and "<image>" in vocab
     assert model.model.get_input_embeddings().weight.shape[0] == len(tokenizer)
-    text = "Sure, it is <POSE>. Ünïcode ok 😀"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer("Sure, it is <POSE>.", add_special_tokens=False)["input_ids"]
     assert ids.count(model.pose_token_id) == 1
-    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids) == "sure, it is <POSE>."
     poses = model.predict_poses([PoseRequest("a man raising his arms")])
     assert poses[0].shape == (24, 3) and np.isfinite(poses[0]).all()
+
+
+def test_the_tokenizer_reads_whole_lower_case_words_with_sides_bound():
+    tokenizer = scaffold.build_tokenizer(["The left arm is up and the right knee is bent."])
+    tokens = tokenizer.tokenize("THE Left Arm is up.")
+    assert tokens == ["the", "left_arm", "is", "up", "."]
+    # A bag of these words still knows which side is which.
+    one = tokenizer("the left arm is up and the right knee is bent")["input_ids"]
+    other = tokenizer("the right arm is up and the left knee is bent")["input_ids"]
+    assert sorted(one) != sorted(other)
+    # A word never seen is <unk> as a whole, not pieces of known words ("un" + "bent").
+    unknown = tokenizer("unbent", add_special_tokens=False)["input_ids"]
+    assert unknown == [tokenizer.unk_token_id]
+    assert tokenizer.decode(one, skip_special_tokens=True) == (
+        "the left arm is up and the right knee is bent"
+    )
 
 
 def test_same_seed_same_weights_and_refuses_nonempty_out(tmp_path):

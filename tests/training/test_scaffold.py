@@ -69,7 +69,7 @@ def test_demo_preset_fits_the_size_budget():
     # float32 weights of at most 50 MB, counting a full 4096-token vocabulary.
     full_vocab = parameters + 2 * (size.vocab_size - len(tokenizer)) * size.hidden_size
     assert full_vocab * 4 <= 50e6
-    assert full_vocab > 3e6  # not accidentally tiny (3.5 M)
+    assert full_vocab > 3e6  # not accidentally tiny (5.0 M)
 
 
 def test_cli_writes_a_checkpoint(tmp_path, capsys):

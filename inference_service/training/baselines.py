@@ -4,6 +4,8 @@
   the arithmetic mean of the rotation *matrices*, projected back onto SO(3) by SVD (the chordal
   L2 mean; for rotations about one axis it is the rotation by the mean angle). Averaging
   axis-angle vectors instead would be wrong near ±π and for spread-out rotations.
+  `mean_pose_6d(poses)` is the same as a pose head's 144 outputs: a head whose output bias it
+  is starts at the mean pose.
 - `TfidfRetrieval(captions, poses)`: nearest-neighbour caption retrieval. A query is compared
   with every training caption by the cosine of their TF-IDF vectors (lower-cased words,
   smooth idf = ln((1 + N) / (1 + df)) + 1, L2-normalised, as scikit-learn's default) and gets the
@@ -20,7 +22,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from shared_protocol.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_rotation_6d,
+)
 from shared_protocol.skeleton import forward_kinematics
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -43,6 +49,11 @@ def mean_pose(poses) -> np.ndarray:
         raise ValueError("poses: empty")
     mean = axis_angle_to_matrix(poses).mean(axis=0)
     return matrix_to_axis_angle(project_to_rotation(mean))
+
+
+def mean_pose_6d(poses) -> np.ndarray:
+    """(N, 24, 3) axis-angle -> (144,): `mean_pose` in the pose head's 6D layout."""
+    return matrix_to_rotation_6d(axis_angle_to_matrix(mean_pose(poses))).reshape(-1)
 
 
 def action_mean_poses(

@@ -14,19 +14,21 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
 4. words: `python -m inference_service.train --train-base embeddings` on the corpus's train
    split (text → pose, pose loss only): the base's token embeddings and the head learn what
    the caption words mean for a pose, through the bag-of-words LM (`condition_base`);
-5. vision: `python -m inference_service.train --train-base vision` on the rendered train pairs
+5. tower: the vision tower alone, trained directly on the rendered train pairs (image → pose,
+   no LM, `training/tower.py`), as a CLIP is pretrained before LLaVA sees it;
+6. vision: `python -m inference_service.train --train-base vision` on the rendered train pairs
    (image → pose, pose loss only): the vision tower, the projector and the head learn to see
    the mannequin, through the LM's image heads (`condition_base`);
-6. train: `python -m inference_service.train` (the project's training command, run in-process)
+7. train: `python -m inference_service.train` (the project's training command, run in-process)
    from the vision stage's checkpoint, on the corpus's train split (text → pose) and the
    rendered train pairs (image → pose);
-7. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+8. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
    the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
    the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
    build_info.json (the command, the settings, the timings, the bars);
-8. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+9. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
    WORK/report.json and .md;
-9. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+10. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
@@ -71,6 +73,7 @@ class Preset:
     lr: float
     word_steps: int  # the words stage (0: none)
     word_batch_size: int
+    tower_epochs: int  # the tower stage (0: none)
     vision_steps: int  # the vision stage (0: none)
     vision_batch_size: int
     vision_lr: float
@@ -81,6 +84,7 @@ class Preset:
     save_every: int
     vocab_size: int | None = None
     adapter_lr: float | None = None  # --adapter-lr (None: --lr)
+    train_base: str | None = None  # the train stage's --train-base (None: LoRA, the paper's)
     phrasing: str = "release"  # the data's question/answer phrasing (docs/training.md)
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
 
@@ -97,7 +101,8 @@ PRESETS = {
         lr=1e-3,
         word_steps=6000,
         word_batch_size=16,
-        vision_steps=6000,
+        tower_epochs=40,
+        vision_steps=3000,
         vision_batch_size=32,
         vision_lr=3e-4,  # a ViT from scratch: at 1e-3 it learns nothing (docs/evaluation.md)
         warmup_steps=100,
@@ -105,13 +110,14 @@ PRESETS = {
         lora_alpha=128,
         mix="1:1:0",
         save_every=1000,
-        # The LoRA layers stay as scaffolded: on this random base, any LoRA training (even at
-        # 2e-5) collapses the state before the pose token onto one vector within a few hundred
-        # steps (it is the state that must predict the pose token), and the head can then only
-        # give the mean pose (docs/evaluation.md). In this stage the head alone trains, on the
-        # states of the conditioned base (condition_base) whose token embeddings the words
-        # stage trained and whose vision tower the vision stage trained.
-        adapter_lr=0.0,
+        # No LoRA: on this random base, any LoRA training (even at 2e-5) collapses the state
+        # before the pose token onto one vector within a few hundred steps (it is the state
+        # that must predict the pose token), and the head can then only give the mean pose
+        # (docs/evaluation.md). In this stage the token embeddings (as in the words stage; LISA,
+        # whose code ChatPose builds on, trains them too) and the head train on text and
+        # images, through the conditioned base (condition_base) whose vision tower the tower
+        # and vision stages trained.
+        train_base="embeddings",
     ),
     "tiny": Preset(
         model_size="tiny",
@@ -124,6 +130,7 @@ PRESETS = {
         lr=1e-3,
         word_steps=2,
         word_batch_size=4,
+        tower_epochs=1,
         vision_steps=2,
         vision_batch_size=4,
         vision_lr=1e-3,
@@ -132,6 +139,7 @@ PRESETS = {
         lora_alpha=8,
         mix="1:1:0",
         save_every=0,
+        train_base="embeddings",
     ),
 }
 
@@ -248,14 +256,12 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
 
     from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig
     from inference_service.pose_head import PoseHead
-    from inference_service.training.baselines import mean_pose
-    from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_rotation_6d
+    from inference_service.training.baselines import mean_pose_6d
 
     config = ChatPoseConfig.load(checkpoint)
     head = PoseHead.load(checkpoint / HEAD_NAME, config)
-    sixd = matrix_to_rotation_6d(axis_angle_to_matrix(mean_pose(poses))).reshape(-1)
     with torch.no_grad():
-        head[2].bias.copy_(torch.as_tensor(sixd, dtype=torch.float32))
+        head[2].bias.copy_(torch.as_tensor(mean_pose_6d(poses), dtype=torch.float32))
     head.save(checkpoint / HEAD_NAME)
 
 
@@ -407,14 +413,52 @@ def learn_words(
     return _train(work / "words", base, corpus, preset, seed, threads, argv)
 
 
+def learn_tower(
+    work: Path, base: Path, pairs: Path, preset: Preset, seed: int, threads: int
+) -> tuple[Path, dict]:
+    """The tower stage: the vision tower alone, trained directly on the rendered pairs (image →
+    pose, no LM; `training/tower.py`), at a quarter of the cost of a step through the LM. The
+    vision stage then aligns the projector and the head through the LM. Returns the checkpoint
+    with the trained tower and the figures for build_info.json."""
+    import torch
+
+    from inference_service.training.datasets import read_image_pose_pairs
+    from inference_service.training.tower import pretrain_tower
+
+    out = work / "tower"
+    if out.exists():
+        shutil.rmtree(out)
+    torch.set_num_threads(threads)
+    result = pretrain_tower(
+        base,
+        read_image_pose_pairs(pairs / "pairs.npz"),
+        out,
+        epochs=preset.tower_epochs,
+        batch_size=preset.vision_batch_size,
+        lr=preset.vision_lr,
+        warmup_steps=preset.warmup_steps,
+        seed=seed,
+        log=log,
+    )
+    figures = {
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "batch_size": preset.vision_batch_size,
+        "seconds_per_step": result.seconds / result.steps,
+        "first_epoch_loss": result.first_loss,
+        "last_epoch_loss": result.last_loss,
+    }
+    return out, figures
+
+
 def learn_vision(
     work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, seed: int, threads: int
 ) -> Path:
     """The vision stage: the vision tower, the projector and the head, trained on the rendered
     pairs (image → pose, pose loss only) through the LM as it is, whose image heads read the
     one image token (`condition_base`). ChatPose freezes a pretrained CLIP; the demo's tower is
-    random until this stage teaches it to see the mannequin, and `train` keeps it frozen, as the
-    paper does. Returns the run's last checkpoint (a whole model)."""
+    pretrained by the tower stage (random without it), goes on learning here, and `train` keeps
+    it frozen, as the paper does. Returns the run's last checkpoint (a whole model)."""
     argv = [
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(preset.vision_steps), "--batch-size", str(preset.vision_batch_size),
@@ -442,6 +486,8 @@ def train(
         "--log-every", "50" if steps >= 200 else "1",
         *(["--adapter-lr", str(preset.adapter_lr)] if preset.adapter_lr is not None else []),
     ]  # fmt: skip
+    if preset.train_base:  # as the words stage: the pose loss alone, no clipping
+        argv += ["--train-base", preset.train_base, "--text-weight", "0", "--max-grad-norm", "0"]
     return _train(work / "run", base, corpus, preset, seed, threads, argv)
 
 
@@ -639,6 +685,7 @@ def write_docs(
     lines.append("")
     for stage, what in (
         ("words", "token embeddings and head, text only"),
+        ("tower", "the vision tower alone, images only, no LM"),
         ("vision", "vision tower, projector and head, images only"),
     ):
         if stage in info:
@@ -732,6 +779,11 @@ def build(
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
     if preset.word_steps:
         base = stages.run("words", learn_words, work, base, corpus, preset, seed, threads)
+    tower = None
+    if preset.tower_epochs:
+        base, tower = stages.run(
+            "tower", learn_tower, work, base, train_pairs, preset, seed, threads
+        )
     if preset.vision_steps:
         base = stages.run(
             "vision", learn_vision, work, base, corpus, train_pairs, preset, seed, threads
@@ -778,6 +830,8 @@ def build(
                 "batch_size": batch_size,
                 "seconds_per_step": stages.seconds[stage] / stage_steps,
             }
+    if tower is not None:
+        info["tower"] = tower
     info["size_mb"] = 0.0
     (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     if docs is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 
 import numpy as np
@@ -31,8 +32,8 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     out = tmp_path / "ckpt"
     info = build_demo.build("tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1)
     assert set(info["seconds"]) >= {
-        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "vision", "train",
-        "pack", "evaluate", "examples",
+        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "tower", "vision",
+        "train", "pack", "evaluate", "examples",
     }  # fmt: skip
     # Self-contained: merged weights, no adapter, no optimizer state, safetensors only.
     checkpoint = Checkpoint.open(out)
@@ -44,23 +45,28 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     build_info = json.loads((out / "build_info.json").read_text())
     assert build_info["train"]["steps"] == 2
     assert build_info["words"]["steps"] == build_info["vision"]["steps"] == 2
-    # The words stage trained the LM's token embeddings, the vision stage then the vision
-    # tower, and training went on from its model.
+    assert build_info["tower"]["epochs"] == 1
+    # The words stage trained the LM's token embeddings, the tower and vision stages then the
+    # vision tower, and the train stage the embeddings again (on text and images), the tower
+    # frozen.
     work = tmp_path / "work"
     words, vision, trained = (
         Checkpoint.open(work / run / (work / run / "latest").read_text().strip())
         for run in ("words", "vision", "run")
     )
-    scaffolded, learned, seeing = (
+    scaffolded, learned, pretrained, seeing = (
         AutoModelForImageTextToText.from_pretrained(d)
-        for d in (work / "base" / "base", words.base_dir, vision.base_dir)
+        for d in (work / "base" / "base", words.base_dir, work / "tower" / "base", vision.base_dir)
     )
-    embeddings = [m.get_input_embeddings().weight for m in (scaffolded, learned, seeing)]
+    final = AutoModelForImageTextToText.from_pretrained(trained.base_dir)
+    embeddings = [m.get_input_embeddings().weight for m in (scaffolded, learned, seeing, final)]
     assert not torch.equal(embeddings[0], embeddings[1])
     assert torch.equal(embeddings[1], embeddings[2])
-    towers = [m.model.vision_tower.state_dict() for m in (learned, seeing)]
-    assert any(not torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
-    assert trained.base_dir.resolve() == vision.base_dir.resolve()
+    assert not torch.equal(embeddings[2], embeddings[3])  # the train stage's words
+    towers = [m.model.vision_tower.state_dict() for m in (learned, pretrained, seeing, final)]
+    for before, after in itertools.pairwise(towers[:3]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(towers[2][k], towers[3][k]) for k in towers[2])  # frozen in train
     model = ChatPoseModel.from_checkpoint(out, device="cpu")
     assert model.dtype == torch.float32
     image = next((tmp_path / "work" / "pairs_test" / "images").glob("*.png")).read_bytes()

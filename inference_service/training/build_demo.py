@@ -78,12 +78,11 @@ class Preset:
     vision_batch_size: int
     vision_lr: float
     warmup_steps: int
-    lora_rank: int
+    lora_rank: int  # the train stage's LoRA, without train_base
     lora_alpha: int
     mix: str  # text:image:chat
     save_every: int
     vocab_size: int | None = None
-    adapter_lr: float | None = None  # --adapter-lr (None: --lr)
     train_base: str | None = None  # the train stage's --train-base (None: LoRA, the paper's)
     phrasing: str = "release"  # the data's question/answer phrasing (docs/training.md)
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
@@ -481,13 +480,13 @@ def train(
     argv = [
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
-        "--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha),
         "--mix", preset.mix, "--save-every", str(preset.save_every), "--keep-last", "2",
         "--log-every", "50" if steps >= 200 else "1",
-        *(["--adapter-lr", str(preset.adapter_lr)] if preset.adapter_lr is not None else []),
     ]  # fmt: skip
     if preset.train_base:  # as the words stage: the pose loss alone, no clipping
         argv += ["--train-base", preset.train_base, "--text-weight", "0", "--max-grad-norm", "0"]
+    else:
+        argv += ["--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha)]
     return _train(work / "run", base, corpus, preset, seed, threads, argv)
 
 
@@ -699,7 +698,7 @@ def write_docs(
         f"Training: {info['train']['steps']} steps of batch {info['train']['batch_size']} "
         f"(mix {info['train']['mix']}), {info['train']['seconds_per_step']:.2f} s a step, on "
         f"{info['train']['examples']} examples. Checkpoint: {info['size_mb']:.1f} MB "
-        f"({info['dtype']} safetensors, LoRA merged).",
+        f"({info['dtype']} safetensors, self-contained).",
         "",
         markdown_summary,
         "### Examples",

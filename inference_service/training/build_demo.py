@@ -424,14 +424,12 @@ def learn_tower(
     from inference_service.training.datasets import read_image_pose_pairs
     from inference_service.training.tower import pretrain_tower
 
-    out = work / "tower"
-    if out.exists():
-        shutil.rmtree(out)
     torch.set_num_threads(threads)
+    source, model, processor = load_whole(base)
     result = pretrain_tower(
-        base,
+        model,
+        processor,
         read_image_pose_pairs(pairs / "pairs.npz"),
-        out,
         epochs=preset.tower_epochs,
         batch_size=preset.vision_batch_size,
         lr=preset.vision_lr,
@@ -439,6 +437,7 @@ def learn_tower(
         seed=seed,
         log=log,
     )
+    out = write_whole(source, model, processor, work / "tower")
     figures = {
         "epochs": result.epochs,
         "steps": result.steps,
@@ -525,9 +524,17 @@ def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
     """A self-contained copy of `checkpoint` at `out`: adapter merged into base/, no training
     state; weights saved as `dtype`."""
     import torch
+
+    source, model, processor = load_whole(checkpoint)
+    return write_whole(source, model.to(getattr(torch, dtype)), processor, out)
+
+
+def load_whole(checkpoint: Path):
+    """(the Checkpoint, its LLaVA in float32 with any adapter merged, its processor)."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from inference_service.checkpoint import HEAD_NAME, Checkpoint
+    from inference_service.checkpoint import Checkpoint
     from inference_service.modeling_chatpose import apply_adapter, ensure_pose_token
 
     source = Checkpoint.open(checkpoint)
@@ -538,7 +545,14 @@ def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
     ensure_pose_token(processor.tokenizer, model, source.config.pose_token)
     if source.adapter_dir is not None:
         model = apply_adapter(model, source.adapter_dir, merge=True)
-    model = model.to(getattr(torch, dtype))
+    return source, model, processor
+
+
+def write_whole(source, model, processor, out: Path) -> Path:
+    """`source`'s head and settings with `model` as its whole base, written to `out` (replaced)
+    through a temporary directory, so an interrupted write leaves no half checkpoint."""
+    from inference_service.checkpoint import HEAD_NAME
+
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.prompts import POSE_MARKER
+from inference_service.training.build_demo import load_whole, write_whole
 from inference_service.training.datasets import Example
 from inference_service.training.scaffold import scaffold_checkpoint
 from inference_service.training.tower import pretrain_tower
@@ -46,30 +46,29 @@ def _pairs() -> list[Example]:
 
 def test_pretraining_lowers_the_pose_loss_and_changes_only_the_tower(tmp_path):
     checkpoint = scaffold_checkpoint(tmp_path / "base", "tiny", ["a b c"])
+    source, model, processor = load_whole(checkpoint)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     result = pretrain_tower(
-        checkpoint, _pairs(), tmp_path / "tower", epochs=20, batch_size=8, lr=1e-3, warmup_steps=0
+        model, processor, _pairs(), epochs=20, batch_size=8, lr=1e-3, warmup_steps=0
     )
     assert result.epochs == 20 and result.steps == 20 * 4
     assert result.last_loss < 0.5 * result.first_loss
-    before = load_file(str(checkpoint / "base" / "model.safetensors"))
-    after = load_file(str(tmp_path / "tower" / "base" / "model.safetensors"))
+    after = dict(model.named_parameters())
     assert set(before) == set(after)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed and all("vision_tower." in name for name in changed)
-    # The result is a checkpoint the service loads as it is.
+    assert changed and all(".vision_tower." in name for name in changed)
+    # Written back, it is a checkpoint the service loads as it is.
+    write_whole(source, model, processor, tmp_path / "tower")
     pose = ChatPoseModel.from_checkpoint(tmp_path / "tower", device="cpu").predict_poses(
         [PoseRequest(images=(_png((220, 30, 30)),))]
     )[0]
     assert pose.shape == (24, 3) and np.isfinite(pose).all()
 
 
-def test_pretraining_needs_image_pose_pairs_and_a_new_output(tmp_path):
-    checkpoint = scaffold_checkpoint(tmp_path / "base", "tiny", ["a b c"])
+def test_pretraining_needs_image_pose_pairs(tmp_path):
+    _, model, processor = load_whole(scaffold_checkpoint(tmp_path / "base", "tiny", ["a b c"]))
     text_only = Example(
         "text_to_pose", "raise the arm", f"It is {POSE_MARKER}.", poses=(np.zeros((24, 3)),)
     )
     with pytest.raises(ValueError, match="no image-pose examples"):
-        pretrain_tower(checkpoint, [text_only], tmp_path / "tower", epochs=1)
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(FileExistsError, match="taken"):
-        pretrain_tower(checkpoint, _pairs(), tmp_path / "taken", epochs=1)
+        pretrain_tower(model, processor, [text_only], epochs=1)

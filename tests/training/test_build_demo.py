@@ -83,6 +83,37 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert (tmp_path / "work" / "report.json").is_file()
 
 
+def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, monkeypatch):
+    pytest.importorskip("bpy")
+    # The paper's way (the training command's default): LoRA on a frozen LM, no train_base.
+    lora = dataclasses.replace(
+        build_demo.PRESETS["tiny"], train_base=None, word_steps=0, tower_epochs=0, vision_steps=0
+    )
+    monkeypatch.setitem(build_demo.PRESETS, "tiny-lora", lora)
+    out, work = tmp_path / "ckpt", tmp_path / "work"
+    # float32, so that the few steps' small LoRA update survives the packing
+    build_demo.build("tiny-lora", out=out, work=work, docs=None, threads=1, dtype="float32")
+    trained = Checkpoint.open(work / "run" / (work / "run" / "latest").read_text().strip())
+    assert trained.adapter_dir is not None
+    packed = Checkpoint.open(out)
+    assert packed.adapter_dir is None
+    scaffolded, merged = (
+        AutoModelForImageTextToText.from_pretrained(d)
+        for d in (work / "base" / "base", out / "base")
+    )
+    before, after = (
+        scaffolded.model.language_model.state_dict(),
+        merged.model.language_model.state_dict(),
+    )
+    changed = [k for k in before if "layers" in k and not torch.equal(before[k], after[k])]
+    assert changed  # the LoRA update, merged into the LM's layers
+    towers = [m.model.vision_tower.state_dict() for m in (scaffolded, merged)]
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])  # frozen, as the paper
+    model = ChatPoseModel.from_checkpoint(out, device="cpu")
+    (pose,) = model.predict_poses([PoseRequest(text="A man raises his left arm.")])
+    assert pose.shape == (24, 3) and np.isfinite(pose).all()
+
+
 def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     from inference_service.training.scaffold import scaffold_checkpoint
 

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "linear"),  # loop.LR_SCHEDULES
+        default="constant",
+        help="after the warmup: constant, or falling linearly to zero over the remaining steps "
+        "(LISA's WarmupDecayLR, which ChatPose trains with)",
+    )
+    parser.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)"
     )
     parser.add_argument("--lora-rank", type=_positive_int, default=128)
@@ -155,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-base",
         nargs="?",
         const="all",
-        choices=("all", "embeddings", "vision"),  # loop.TRAIN_BASE_SCOPES
+        choices=("all", "embeddings", "vision", "projector"),  # loop.TRAIN_BASE_SCOPES
         help="train the base's own weights instead of LoRA, and save whole models: every "
         "weight (all, the default; language model, projector, vision tower), the language "
-        "model's token embeddings, or the vision tower and the projector; for a base that was "
-        "never trained, like the demo scaffold. "
+        "model's token embeddings, the vision tower and the projector, or the projector alone "
+        "(LLaVA's feature alignment); for a base that was never trained, like the demo "
+        "scaffold. "
         "The paper's recipe (LoRA, frozen vision side) is the default",
     )
     return parser
@@ -183,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             adapter_lr=args.adapter_lr,
             warmup_steps=args.warmup_steps,
+            lr_schedule=args.lr_schedule,
             max_grad_norm=args.max_grad_norm,
             lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha,

@@ -16,8 +16,9 @@ What is trained (the paper, Sec. 3.2):
 With `train_base` (not the paper's recipe; for a base that was never trained) the base's own
 weights train instead of LoRA, and checkpoints hold the whole model in `step-N/base/`: "all" of
 them, only the LM's token "embeddings" (the demo's bag-of-words base learns its words that
-way, docs/evaluation.md), or only the "vision" tower and the projector (the demo's vision tower
-learns to see the mannequin that way).
+way, docs/evaluation.md), only the "vision" tower and the projector (the demo's vision tower
+learns to see the mannequin that way), or only the "projector" (LLaVA's first stage, feature
+alignment: a trained tower's tokens mapped into the LM).
 
 Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
 kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch
@@ -82,7 +83,10 @@ STATE_FORMAT = 1
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 FROZEN_PREFIXES = ("vision_tower", "multi_modal_projector")
 HEAD_INITS = ("auto", "fresh", "base")
-TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision")  # None: LoRA (the paper's recipe)
+# After the warmup: constant, or linear to zero at the last step (LISA's WarmupDecayLR, which
+# ChatPose's training code uses).
+LR_SCHEDULES = ("constant", "linear")
+TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision", "projector")  # None: LoRA (the paper's)
 
 
 class TrainingError(RuntimeError):
@@ -106,6 +110,7 @@ class TrainConfig:
     # weights it trains); None: lr; 0: kept as they are
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after the warmup: LR_SCHEDULES
     max_grad_norm: float = 1.0  # 0 = no clipping
     lora_rank: int = 128
     lora_alpha: int = 256
@@ -162,6 +167,8 @@ class TrainConfig:
             raise ValueError("train_base with adapter_lr 0 would train nothing of the base")
         if self.train_base and self.copy_base:
             raise ValueError("copy_base does nothing with train_base: checkpoints hold the model")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
 
@@ -174,6 +181,7 @@ class TrainConfig:
             "adapter_lr",
             "weight_decay",
             "warmup_steps",
+            "lr_schedule",
             "max_grad_norm",
             "lora_rank",
             "lora_alpha",
@@ -395,6 +403,10 @@ def load_training_model(
             for name, parameter in model.named_parameters():
                 if _on_vision_side(name):
                     parameter.requires_grad_(True)
+        elif config.train_base == "projector":
+            for name, parameter in model.named_parameters():
+                if _on_vision_side(name) and "multi_modal_projector" in name:
+                    parameter.requires_grad_(True)
     else:
         with quiet_peft():
             model = _make_trainable(model, config, adapter_dir, pose_token_id)
@@ -538,9 +550,13 @@ def load_state(path: Path) -> dict:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """The rate for optimizer step `step` (1-based): linear warmup, then constant."""
+    """The rate for optimizer step `step` (1-based): linear warmup, then constant or falling
+    linearly to lr / (steps - warmup) at the last step."""
     if config.warmup_steps and step <= config.warmup_steps:
         return config.lr * step / config.warmup_steps
+    if config.lr_schedule == "linear":
+        after = config.steps - config.warmup_steps
+        return config.lr * (config.steps - step + 1) / after
     return config.lr
 
 

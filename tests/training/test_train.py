@@ -241,6 +241,27 @@ def _write_data(root):
     ]
 
 
+def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, examples, tmp_path):
+    run = tmp_path / "run"
+    common = dict(warmup_steps=2, lr_schedule="linear", log_every=1, save_every=0)
+    loop.train(settings(base, run, **common), examples)
+    logged = [json.loads(line)["lr"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    # 6 steps: warmup to 1e-3 at step 2, then 4 steps falling by a quarter each
+    np.testing.assert_allclose(logged, [5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-9)
+    constant = loop.train(settings(base, tmp_path / "constant", steps=3, warmup_steps=2), examples)
+    assert [loop.learning_rate(settings(base, run), step) for step in (1, 5)] == [1e-3, 1e-3]
+    with pytest.raises(loop.TrainingError, match="lr_schedule is 'linear' but the run"):
+        loop.train(
+            settings(base, constant.checkpoint.parent, steps=6, resume=True, **common), examples
+        )
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        settings(base, tmp_path / "bad", lr_schedule="cosine")
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse(required).lr_schedule == "constant"
+    assert parse([*required, "--lr-schedule", "linear"]).lr_schedule == "linear"
+
+
 def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkeypatch, capsys):
     data = _write_data(tmp_path)
     out = tmp_path / "out"
@@ -480,6 +501,18 @@ def test_train_base_vision_trains_the_tower_and_the_projector_alone(base, exampl
     changed = _changed_weights(base, result.checkpoint)
     sides = {name.split(".")[1] for name in changed}  # model.vision_tower.…
     assert sides == {"vision_tower", "multi_modal_projector"}, changed
+
+
+def test_train_base_projector_trains_the_projector_alone(base, examples, tmp_path):
+    images = [e for e in examples if e.kind == "image_to_pose"]
+    result = loop.train(
+        settings(base, tmp_path / "run", steps=3, train_base="projector", mix=(0, 1, 0)), images
+    )
+    changed = _changed_weights(base, result.checkpoint)
+    assert {name.split(".")[1] for name in changed} == {"multi_modal_projector"}, changed
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse([*required, "--train-base", "projector"]).train_base == "projector"
 
 
 def test_loss_weights_are_checked_and_used(base, examples, tmp_path):

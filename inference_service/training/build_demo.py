@@ -16,19 +16,22 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
    the caption words mean for a pose, through the bag-of-words LM (`condition_base`);
 5. tower: the vision tower alone, trained directly on the rendered train pairs (image → pose,
    no LM, `training/tower.py`), as a CLIP is pretrained before LLaVA sees it;
-6. vision: `python -m inference_service.train --train-base vision` on the rendered train pairs
+6. align: `python -m inference_service.train --train-base projector` on the rendered train
+   pairs: the projector and the head alone map the trained tower's image token into the LM
+   (LLaVA's feature alignment), the tower frozen;
+7. vision: `python -m inference_service.train --train-base vision` on the rendered train pairs
    (image → pose, pose loss only): the vision tower, the projector and the head learn to see
    the mannequin, through the LM's image heads (`condition_base`);
-7. train: `python -m inference_service.train` (the project's training command, run in-process)
+8. train: `python -m inference_service.train` (the project's training command, run in-process)
    from the vision stage's checkpoint, on the corpus's train split (text → pose) and the
    rendered train pairs (image → pose);
-8. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+9. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
    the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
    the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
    build_info.json (the command, the settings, the timings, the bars);
-9. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+10. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
    WORK/report.json and .md;
-10. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+11. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
@@ -74,10 +77,13 @@ class Preset:
     word_steps: int  # the words stage (0: none)
     word_batch_size: int
     tower_epochs: int  # the tower stage (0: none)
+    align_steps: int  # the align stage (0: none)
+    align_lr: float
     vision_steps: int  # the vision stage (0: none)
     vision_batch_size: int
     vision_lr: float
     warmup_steps: int
+    lr_schedule: str  # the vision and train stages' --lr-schedule (words and align: constant)
     lora_rank: int  # the train stage's LoRA, without train_base
     lora_alpha: int
     mix: str  # text:image:chat
@@ -101,10 +107,16 @@ PRESETS = {
         word_steps=6000,
         word_batch_size=16,
         tower_epochs=70,
+        # The projector alone first (LLaVA's feature alignment), at the rate of the words
+        # stage: a random projector's first steps would otherwise send noise into the trained
+        # tower (docs/evaluation.md, seventh round).
+        align_steps=1000,
+        align_lr=1e-3,
         vision_steps=3000,
         vision_batch_size=32,
         vision_lr=3e-4,  # a ViT from scratch: at 1e-3 it learns nothing (docs/evaluation.md)
         warmup_steps=100,
+        lr_schedule="linear",
         lora_rank=64,
         lora_alpha=128,
         mix="1:1:0",
@@ -130,10 +142,13 @@ PRESETS = {
         word_steps=2,
         word_batch_size=4,
         tower_epochs=1,
+        align_steps=2,
+        align_lr=1e-3,
         vision_steps=2,
         vision_batch_size=4,
         vision_lr=1e-3,
         warmup_steps=0,
+        lr_schedule="linear",
         lora_rank=4,
         lora_alpha=8,
         mix="1:1:0",
@@ -449,6 +464,22 @@ def learn_tower(
     return out, figures
 
 
+def learn_alignment(
+    work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, seed: int, threads: int
+) -> Path:
+    """The align stage: the projector alone and the head, on the rendered pairs through the LM
+    (`--train-base projector`), the trained tower frozen: LLaVA's first stage, which maps a
+    trained tower's tokens into the LM before anything else moves. Returns the run's last
+    checkpoint (a whole model)."""
+    argv = [
+        "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
+        "--steps", str(preset.align_steps), "--batch-size", str(preset.vision_batch_size),
+        "--train-base", "projector", "--text-weight", "0", "--mix", "0:1:0",
+        "--save-every", "0", "--log-every", "250" if preset.align_steps >= 1000 else "1",
+    ]  # fmt: skip
+    return _train(work / "align", base, corpus, preset, seed, threads, argv, preset.align_lr)
+
+
 def learn_vision(
     work: Path, base: Path, corpus: Path, pairs: Path, preset: Preset, seed: int, threads: int
 ) -> Path:
@@ -462,6 +493,7 @@ def learn_vision(
         "--steps", str(preset.vision_steps), "--batch-size", str(preset.vision_batch_size),
         "--train-base", "vision", "--text-weight", "0", "--mix", "0:1:0", "--save-every", "0",
         "--log-every", "250" if preset.vision_steps >= 1000 else "1",
+        "--lr-schedule", preset.lr_schedule,
     ]  # fmt: skip
     return _train(work / "vision", base, corpus, preset, seed, threads, argv, preset.vision_lr)
 
@@ -480,7 +512,7 @@ def train(
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
         "--mix", preset.mix, "--save-every", str(preset.save_every), "--keep-last", "2",
-        "--log-every", "50" if steps >= 200 else "1",
+        "--log-every", "50" if steps >= 200 else "1", "--lr-schedule", preset.lr_schedule,
     ]  # fmt: skip
     if preset.train_base:  # as the words stage: the pose loss alone, no clipping
         argv += ["--train-base", preset.train_base, "--text-weight", "0", "--max-grad-norm", "0"]
@@ -699,6 +731,7 @@ def write_docs(
     for stage, what in (
         ("words", "token embeddings and head, text only"),
         ("tower", "the vision tower alone, images only, no LM"),
+        ("align", "projector and head, images only"),
         ("vision", "vision tower, projector and head, images only"),
     ):
         if stage in info:
@@ -797,6 +830,10 @@ def build(
         base, tower = stages.run(
             "tower", learn_tower, work, base, train_pairs, preset, seed, threads
         )
+    if preset.align_steps:
+        base = stages.run(
+            "align", learn_alignment, work, base, corpus, train_pairs, preset, seed, threads
+        )
     if preset.vision_steps:
         base = stages.run(
             "vision", learn_vision, work, base, corpus, train_pairs, preset, seed, threads
@@ -835,6 +872,7 @@ def build(
     }
     for stage, stage_steps, batch_size in (
         ("words", preset.word_steps, preset.word_batch_size),
+        ("align", preset.align_steps, preset.vision_batch_size),
         ("vision", preset.vision_steps, preset.vision_batch_size),
     ):
         if stage_steps:

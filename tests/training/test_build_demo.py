@@ -32,8 +32,8 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     out = tmp_path / "ckpt"
     info = build_demo.build("tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1)
     assert set(info["seconds"]) >= {
-        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "tower", "vision",
-        "train", "pack", "evaluate", "examples",
+        "corpus", "render train pairs", "render test pairs", "scaffold", "words", "tower", "align",
+        "vision", "train", "pack", "evaluate", "examples",
     }  # fmt: skip
     # Self-contained: merged weights, no adapter, no optimizer state, safetensors only.
     checkpoint = Checkpoint.open(out)
@@ -44,20 +44,25 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert list((out / "base").glob("*.safetensors"))
     build_info = json.loads((out / "build_info.json").read_text())
     assert build_info["train"]["steps"] == 2
-    assert build_info["words"]["steps"] == build_info["vision"]["steps"] == 2
+    assert build_info["words"]["steps"] == build_info["align"]["steps"] == 2
+    assert build_info["vision"]["steps"] == 2
     assert build_info["tower"]["epochs"] == 1
     # The words stage trained the LM's token embeddings, the tower and vision stages then the
-    # vision tower, and the train stage the embeddings again (on text and images), the tower
-    # frozen.
+    # vision tower (the align stage between them only the projector), and the train stage the
+    # embeddings again (on text and images), the tower frozen.
     work = tmp_path / "work"
-    words, vision, trained = (
+    words, aligned, vision, trained = (
         Checkpoint.open(work / run / (work / run / "latest").read_text().strip())
-        for run in ("words", "vision", "run")
+        for run in ("words", "align", "vision", "run")
     )
     scaffolded, learned, pretrained, seeing = (
         AutoModelForImageTextToText.from_pretrained(d)
         for d in (work / "base" / "base", words.base_dir, work / "tower" / "base", vision.base_dir)
     )
+    projecting = AutoModelForImageTextToText.from_pretrained(aligned.base_dir)
+    for name, weight in projecting.state_dict().items():
+        moved = not torch.equal(weight, pretrained.state_dict()[name])
+        assert moved == ("multi_modal_projector" in name), name
     final = AutoModelForImageTextToText.from_pretrained(trained.base_dir)
     embeddings = [m.get_input_embeddings().weight for m in (scaffolded, learned, seeing, final)]
     assert not torch.equal(embeddings[0], embeddings[1])
@@ -87,7 +92,12 @@ def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, 
     pytest.importorskip("bpy")
     # The paper's way (the training command's default): LoRA on a frozen LM, no train_base.
     lora = dataclasses.replace(
-        build_demo.PRESETS["tiny"], train_base=None, word_steps=0, tower_epochs=0, vision_steps=0
+        build_demo.PRESETS["tiny"],
+        train_base=None,
+        word_steps=0,
+        tower_epochs=0,
+        align_steps=0,
+        vision_steps=0,
     )
     monkeypatch.setitem(build_demo.PRESETS, "tiny-lora", lora)
     out, work = tmp_path / "ckpt", tmp_path / "work"

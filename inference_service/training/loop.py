@@ -405,7 +405,7 @@ def load_training_model(
                     parameter.requires_grad_(True)
         elif config.train_base == "projector":
             for name, parameter in model.named_parameters():
-                if _on_vision_side(name) and "multi_modal_projector" in name:
+                if "multi_modal_projector" in name:
                     parameter.requires_grad_(True)
     else:
         with quiet_peft():

@@ -83,8 +83,8 @@ STATE_FORMAT = 1
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 FROZEN_PREFIXES = ("vision_tower", "multi_modal_projector")
 HEAD_INITS = ("auto", "fresh", "base")
-# After the warmup: constant, or linear to zero at the last step (LISA's WarmupDecayLR, which
-# ChatPose's training code uses).
+# After the warmup: constant, or falling linearly towards zero, the last step at
+# lr / (steps - warmup) (LISA's WarmupDecayLR, which ChatPose's training code uses).
 LR_SCHEDULES = ("constant", "linear")
 TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision", "projector")  # None: LoRA (the paper's)
 

@@ -14,7 +14,8 @@ Each record pairs a pose with a caption:
 
 Held out: every record draws its own pose (no pose is shared between splits), and an action
 record's phrasing comes from its split's phrasings (``Action.phrasings(split)``), so the val and
-test phrasings are paraphrases never seen in training.
+test phrasings are paraphrases never seen in training. With ``synonym_rate`` > 0 the training
+phrasings are further varied with synonyms (``synonyms.py``); the held-out ones never are.
 
 Determinism: record ``i`` is generated from its own random stream, seeded by ``(seed, i)``, so the
 same seed gives identical records, and ``generate_corpus(seed, n)`` is a prefix of
@@ -60,6 +61,7 @@ from shared_protocol.skeleton import NUM_JOINTS
 from .actions import ACTIONS, SPLITS, action_names
 from .captions import caption_pose
 from .joint_limits import sample_plausible_poses
+from .synonyms import swap_synonyms
 
 __all__ = [
     "FORMAT",
@@ -141,6 +143,7 @@ def generate_corpus(
     variation: float = 1.0,
     max_facts: int = 6,
     actions: Sequence[str] | None = None,
+    synonym_rate: float = 0.0,
 ) -> list[CorpusRecord]:
     """``n`` records, deterministic given ``seed`` (see the module docstring).
 
@@ -153,6 +156,8 @@ def generate_corpus(
     variation: the actions' random variation (1 = as designed; 0 = canonical poses, which are
         then shared between splits).
     actions: restrict the named actions to these (default: all of them).
+    synonym_rate: in a train-split action phrasing, the chance that each phrase of the synonym
+        lexicon is swapped for one of its alternatives (``synonyms.swap_synonyms``).
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
@@ -160,6 +165,7 @@ def generate_corpus(
         raise ValueError(f"n: expected a non-negative integer, got {n!r}")
     action_fraction = _fraction(action_fraction, "action_fraction")
     describe_actions = _fraction(describe_actions, "describe_actions")
+    synonym_rate = _fraction(synonym_rate, "synonym_rate")
     val_fraction = _fraction(val_fraction, "val_fraction")
     test_fraction = _fraction(test_fraction, "test_fraction")
     if val_fraction + test_fraction > 1:
@@ -193,6 +199,8 @@ def generate_corpus(
                 source = "auto"
             else:
                 caption = action.render(rng, split)
+                if split == "train" and synonym_rate > 0:
+                    caption = swap_synonyms(caption, rng, synonym_rate)
                 source = f"action:{action.name}"
             records.append(CorpusRecord(pose, caption, source, action.name, split))
         else:

@@ -66,6 +66,20 @@ def test_poses_are_not_shared_between_splits(records):
     assert not by_split["val"] & by_split["test"]
 
 
+def test_synonyms_vary_the_training_phrasings_alone(records):
+    varied = C.generate_corpus(7, N, synonym_rate=1.0)
+    changed = 0
+    for plain, new in zip(records, varied, strict=True):
+        np.testing.assert_array_equal(new.pose, plain.pose)
+        assert (new.source, new.action, new.split) == (plain.source, plain.action, plain.split)
+        if plain.split == "train" and plain.source.startswith("action:"):
+            changed += new.caption != plain.caption
+        else:
+            assert new.caption == plain.caption  # held-out phrasings and automatic captions
+    assert changed > 0.9 * sum(r.split == "train" and r.source != "auto" for r in records)
+    assert C.generate_corpus(7, N, synonym_rate=0.0) == records
+
+
 def test_options_and_validation():
     only = C.generate_corpus(1, 30, action_fraction=1.0, describe_actions=0.0, actions=["clap"])
     assert all(r.source == "action:clap" and r.action == "clap" for r in only)
@@ -80,6 +94,7 @@ def test_options_and_validation():
         ({"seed": 1, "n": 3, "val_fraction": 0.6, "test_fraction": 0.6}, "val_fraction"),
         ({"seed": 1, "n": 3, "actions": ["moonwalk"]}, "actions"),
         ({"seed": 1, "n": 3, "variation": float("nan")}, "variation"),
+        ({"seed": 1, "n": 3, "synonym_rate": 2}, "synonym_rate"),
     ):
         with pytest.raises(ValueError, match=name):
             C.generate_corpus(**kwargs)

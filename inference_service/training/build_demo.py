@@ -288,6 +288,9 @@ def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
 # The embedding dimension that marks image tokens for the image heads (condition_base): the
 # projector writes a constant into it, every text embedding starts at 0 there.
 IMAGE_MARKER_DIM = 0
+# The embedding dimension that weighs each token in the bag-of-words heads' mean
+# (condition_base): 0 for every token at first (a plain mean); the words stage learns it.
+SALIENCE_DIM = 1
 
 
 def condition_base(
@@ -298,6 +301,7 @@ def condition_base(
     image_heads: Sequence[int] = (2, 3),
     image_focus: float = 16.0,
     image_marker: float = 5.0,
+    salience_focus: float = 16.0,
 ) -> None:
     """Re-draw the scaffold's random weights so that a random base whose layers stay frozen
     reads its prompt (the words stage then trains only its token embeddings).
@@ -330,6 +334,11 @@ def condition_base(
       uniform, a bag of words like the others. In a bag of words the one image token would be a
       sixtieth of the state before the pose token, too faint to learn from
       (docs/evaluation.md); through these heads it is the whole of their quarter of it.
+    - with attention biases, the other heads' mean is weighted by a score per token: their
+      query bias (`salience_focus`) and key read dimension `SALIENCE_DIM` of the embeddings in
+      their second-slowest rotary pair, so a token's weight is exp(`salience_focus` × that
+      dimension / 8). It starts at 0 for every token (a plain mean, as before), and training
+      the embeddings learns which words matter (attention pooling; `salience_focus` 0: none).
 
     Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
     text steps): text PA-MPJPE 15 % below the
@@ -347,8 +356,14 @@ def condition_base(
     for path in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(path))
         biased = any(n.startswith("language_model.") and n.endswith("q_proj.bias") for n in tensors)
-        looks = biased and bool(image_heads)
-        heads = ImageHeads(image_heads, head_dim, group, image_focus) if looks else None
+        readers = []  # the first layer's heads whose keys read one embedding dimension
+        if biased and image_heads:
+            readers.append(
+                MarkedHeads(image_heads, head_dim, group, image_focus, IMAGE_MARKER_DIM, 1)
+            )
+        if biased and salience_focus:
+            bag = [h for h in range(text_config["num_attention_heads"]) if h not in image_heads]
+            readers.append(MarkedHeads(bag, head_dim, group, salience_focus, SALIENCE_DIM, 2))
         for name in sorted(tensors):
             weight = tensors[name]
             fresh = None
@@ -356,13 +371,15 @@ def condition_base(
                 fresh = torch.randn(weight.shape, generator=generator) * output_std
             elif name.endswith("embed_tokens.weight"):
                 fresh = torch.randn(weight.shape, generator=generator)
-                if heads:
-                    fresh[:, IMAGE_MARKER_DIM] = 0.0
+                for reader in readers:
+                    fresh[:, reader.dim] = 0.0
             elif name.startswith("language_model.") and ".layers." in name:
-                fresh = _bag_of_words_weight(name, weight, average_scale, heads)
+                fresh = _bag_of_words_weight(name, weight, average_scale, readers)
             elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
                 fresh = torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5
-            elif heads and name == "multi_modal_projector.linear_2.bias":
+                if biased and salience_focus and name.endswith("linear_2.weight"):
+                    fresh[SALIENCE_DIM] = 0.0  # image tokens too start at salience 0
+            elif biased and image_heads and name == "multi_modal_projector.linear_2.bias":
                 fresh = torch.zeros(weight.shape)
                 fresh[IMAGE_MARKER_DIM] = image_marker
             elif name.endswith("embeddings.position_embedding.weight"):
@@ -373,34 +390,38 @@ def condition_base(
 
 
 @dataclass(frozen=True)
-class ImageHeads:
-    """The first layer's heads that look at the image (`condition_base`)."""
+class MarkedHeads:
+    """First-layer heads whose keys read one embedding dimension (`condition_base`)."""
 
     heads: Sequence[int]
     head_dim: int
     group: int  # query heads per key/value head
-    focus: float
+    focus: float  # the query bias
+    dim: int  # the embedding dimension the keys read
+    pair: int  # 1: the slowest rotary pair, 2: the next, ...
 
     def rows(self, keys: bool = False) -> list[int]:
-        """Each head's query (or key) row in its slowest rotary pair (frequency base^(-2i/d)
-        is lowest at i = d/2 - 1; rotate_half pairs row i with i + d/2). The other heads' queries
-        stay 0, so a key they share changes nothing for them."""
+        """Each head's query (or key) row in its rotary pair (frequency base^(-2i/d) is lowest
+        at i = d/2 - 1; rotate_half pairs row i with i + d/2), so that position hardly matters.
+        Other heads' queries are 0 there, so a key they share changes nothing for them."""
         heads = sorted({h // self.group for h in self.heads}) if keys else self.heads
-        return [h * self.head_dim + self.head_dim // 2 - 1 for h in heads]
+        return [h * self.head_dim + self.head_dim // 2 - self.pair for h in heads]
 
 
-def _bag_of_words_weight(name: str, weight, average_scale: float, image: ImageHeads | None):
+def _bag_of_words_weight(name: str, weight, average_scale: float, readers: list[MarkedHeads]):
     """The weight `condition_base` gives an LM layer's tensor `name`, or None to keep it."""
     import torch
 
     first_layer = ".layers.0." in name
-    if image and first_layer and name.endswith("k_proj.weight"):
+    if readers and first_layer and name.endswith("k_proj.weight"):
         fresh = torch.zeros(weight.shape)
-        fresh[image.rows(keys=True), IMAGE_MARKER_DIM] = 1.0
+        for reader in readers:
+            fresh[reader.rows(keys=True), reader.dim] = 1.0
         return fresh
-    if image and first_layer and name.endswith("q_proj.bias"):
+    if readers and first_layer and name.endswith("q_proj.bias"):
         fresh = torch.zeros(weight.shape)
-        fresh[image.rows()] = image.focus
+        for reader in readers:
+            fresh[reader.rows()] = reader.focus
         return fresh
     if name.endswith("_proj.bias"):
         return torch.zeros(weight.shape)

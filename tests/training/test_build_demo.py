@@ -163,6 +163,37 @@ def test_the_conditioned_base_s_image_heads_read_the_one_image_token(tmp_path):
     assert image_changes[(2, 3)] > 5 * image_changes[()]
 
 
+def test_the_conditioned_base_weighs_each_word_by_its_salience(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from inference_service.training.scaffold import SIZES, scaffold_checkpoint
+
+    size = dataclasses.replace(SIZES["tiny"], attention_bias=True, patch_size=32)
+    prompts = [PoseRequest("the left arm is raised"), PoseRequest("raised is the left arm")]
+    moves = {}
+    for focus in (16.0, 0.0):
+        checkpoint = scaffold_checkpoint(tmp_path / f"ckpt{focus}", size, ["the left arm is up"])
+        build_demo.condition_base(checkpoint / "base", seed=0, salience_focus=focus)
+        model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
+        plain = model.pose_states(prompts).numpy()
+        (path,) = (checkpoint / "base").glob("*.safetensors")
+        tensors = load_file(str(path))
+        (name,) = [n for n in tensors if n.endswith("embed_tokens.weight")]
+        salience = tensors[name][:, build_demo.SALIENCE_DIM]
+        assert not (focus and salience.any())  # with the salience heads: a plain mean at first
+        # One word made salient: its weight in the mean grows, wherever it stands.
+        tensors[name][
+            model.tokenizer.convert_tokens_to_ids("left_arm"), build_demo.SALIENCE_DIM
+        ] = 2
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        weighted = ChatPoseModel.from_checkpoint(checkpoint, device="cpu").pose_states(prompts)
+        np.testing.assert_allclose(weighted[0], weighted[1], atol=1e-3)  # still a bag of words
+        moves[focus] = np.abs(weighted.numpy()[0] - plain[0]).max()
+    # Without the salience heads the edit moves the state only as any change of a word does.
+    print("MOVES", moves)
+    assert moves[16.0] > 3 * moves[0.0]
+
+
 def _png(colour) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")

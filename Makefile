@@ -31,7 +31,8 @@ clean:
 	rm -rf $(VENV) dist demo_output
 
 # Rebuild inference_service/demo_checkpoint from nothing (corpus, renders, training, packing,
-# evaluation, docs/evaluation.md); about 46 minutes on a 2-core CPU (docs/evaluation.md).
+# evaluation, docs/evaluation.md); 46 to 61 minutes on a 2-core CPU, by the machine's load
+# (docs/evaluation.md).
 .PHONY: demo-model
 demo-model: $(STAMP)
 	$(BIN)/python -m inference_service.training.build_demo

@@ -337,8 +337,9 @@ def condition_base(
     - with attention biases, the other heads' mean is weighted by a score per token: their
       query bias (`salience_focus`) and key read dimension `SALIENCE_DIM` of the embeddings in
       their second-slowest rotary pair, so a token's weight is exp(`salience_focus` × that
-      dimension / 8). It starts at 0 for every token (a plain mean, as before), and training
-      the embeddings learns which words matter (attention pooling; `salience_focus` 0: none).
+      dimension, RMS-normalised, / √head_dim). It starts at 0 for every token (a plain mean,
+      as before), and training the embeddings learns which words matter (attention pooling;
+      `salience_focus` 0: none).
 
     Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
     text steps): text PA-MPJPE 15 % below the

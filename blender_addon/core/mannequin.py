@@ -6,10 +6,9 @@ turns that segment), a sphere for the head, short capsules for hands and feet. G
 armature space (Blender frame, Z up), built from the bone heads.
 
 The limbs are coloured by part, the body's left side in warm colours and its right side in cool
-ones, so that left and right, and each limb's segments, can be told apart at a glance, and the
-front of the head is a dark face, so that where the head looks can be seen (a plain sphere looks
-the same turned either way). The viewport's solid mode and the add-on's snapshots (Workbench,
-material colours) show them.
+ones, so that left and right, and each limb's segments, can be told apart at a glance: the body
+has no face and is otherwise symmetric. The viewport's solid mode and the add-on's snapshots
+(Workbench, material colours) show them.
 """
 
 from __future__ import annotations
@@ -46,8 +45,6 @@ HEAD_RADIUS = 0.1
 HEAD_LIFT = 0.09  # the head sphere's centre above the head joint
 HAND_LENGTH, HAND_RADIUS = 0.08, 0.03
 FOOT_LENGTH, FOOT_RADIUS = 0.05, 0.035
-FORWARD = np.array([0.0, -1.0, 0.0])  # where the rest body faces, in armature space
-FACE_HALF_ANGLE = 60.0  # degrees: the head's polygons this close to forward make the face
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,6 @@ class Part:
 PARTS = (
     Part("torso", (0.55, 0.55, 0.55), ("pelvis", "spine1", "spine2", "spine3", "neck")),
     Part("head", (0.80, 0.70, 0.60), ("head",)),
-    Part("face", (0.15, 0.12, 0.10), ()),  # the front of the head sphere (`mannequin_mesh`)
     Part("left upper arm", (0.80, 0.10, 0.08), ("left_collar", "left_shoulder")),
     Part("left forearm", (0.90, 0.45, 0.05), ("left_elbow",)),
     Part("left hand", (0.90, 0.80, 0.10), ("left_wrist", "left_hand")),
@@ -78,7 +74,6 @@ PARTS = (
     Part("right foot", (0.05, 0.30, 0.30), ("right_ankle", "right_foot")),
 )
 PART_OF_BONE = {bone: index for index, part in enumerate(PARTS) for bone in part.bones}
-FACE_PART = next(index for index, part in enumerate(PARTS) if part.name == "face")
 
 
 @dataclass(frozen=True)
@@ -156,13 +151,6 @@ def _pieces(heads: np.ndarray):
             yield i, head, head + length * d, radius
 
 
-def _facing_forward(verts: np.ndarray, faces, centre) -> np.ndarray:
-    """Which faces of a sphere around `centre` lie within `FACE_HALF_ANGLE` of `FORWARD`."""
-    centroids = np.array([verts[list(f)].mean(axis=0) for f in faces]) - centre
-    cosines = centroids @ FORWARD / np.maximum(np.linalg.norm(centroids, axis=1), 1e-12)
-    return cosines > np.cos(np.radians(FACE_HALF_ANGLE))
-
-
 def mannequin_mesh(heads, segments: int = 12, rings: int = 4) -> MeshData:
     """The mannequin for bone heads (24, 3) in armature space."""
     heads = np.asarray(heads, dtype=np.float64)
@@ -175,10 +163,7 @@ def mannequin_mesh(heads, segments: int = 12, rings: int = 4) -> MeshData:
         all_verts.append(verts)
         all_faces.extend(tuple(offset + k for k in f) for f in faces)
         owners.extend([bone] * len(verts))
-        parts = np.full(len(faces), PART_OF_BONE[JOINT_NAMES[bone]])
-        if JOINT_NAMES[bone] == "head":
-            parts[_facing_forward(verts, faces, centre=p0)] = FACE_PART
-        face_parts.extend(parts.tolist())
+        face_parts.extend([PART_OF_BONE[JOINT_NAMES[bone]]] * len(faces))
         offset += len(verts)
     weights = np.zeros((offset, NUM_JOINTS))
     weights[np.arange(offset), owners] = 1.0

@@ -20,7 +20,7 @@ from blender_addon.blender.armature import (
 )
 from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
-from blender_addon.core.mannequin import FACE_PART, PART_OF_BONE, PARTS
+from blender_addon.core.mannequin import PART_OF_BONE, PARTS
 from blender_addon.core.rig_spec import RIG_PROPERTY, bone_rest_matrix
 from shared_protocol.pose import Pose
 from shared_protocol.skeleton import (
@@ -127,10 +127,7 @@ def test_create_armature_operator(blender):
     group_of = {g.index: g.name for g in mesh.vertex_groups}
     for polygon, index in zip(mesh.data.polygons, indices, strict=True):
         vertex = mesh.data.vertices[polygon.vertices[0]]
-        bone = group_of[vertex.groups[0].group]
-        # the front of the head is the face (tests/addon/test_core.py says which polygons)
-        assert index == PART_OF_BONE[bone] or (bone == "head" and index == FACE_PART)
-    assert FACE_PART in indices
+        assert PART_OF_BONE[group_of[vertex.groups[0].group]] == index
     # on the ground: the lowest mannequin vertex at z = 0
     lowest = min((obj.matrix_world @ v.co).z for v in mesh.data.vertices)
     assert lowest == pytest.approx(0.0, abs=1e-3)

@@ -184,11 +184,10 @@ def test_mannequin_parts_colour_every_face_and_tell_left_from_right():
     data = mannequin.mannequin_mesh(heads)
     assert data.face_parts.shape == (len(data.faces),)
     assert sorted(mannequin.PART_OF_BONE) == sorted(JOINT_NAMES)  # every bone has one part
-    # a face's part is its bone's (the rigid skin weight of its first vertex), but the face's
+    # a face's part is its bone's: the part of the (rigid) skin weight of its first vertex
     owners = np.argmax(data.weights, axis=1)
     for face, part in zip(data.faces, data.face_parts, strict=True):
-        if part != mannequin.FACE_PART:
-            assert mannequin.PART_OF_BONE[JOINT_NAMES[owners[face[0]]]] == part
+        assert mannequin.PART_OF_BONE[JOINT_NAMES[owners[face[0]]]] == part
     names = [part.name for part in mannequin.PARTS]
     for part in mannequin.PARTS:
         side = part.name.split()[0]
@@ -199,25 +198,6 @@ def test_mannequin_parts_colour_every_face_and_tell_left_from_right():
     colours = [part.colour for part in mannequin.PARTS]
     assert len(set(colours)) == len(colours)  # no two parts look alike
     assert set(data.face_parts.tolist()) == set(range(len(mannequin.PARTS)))
-
-
-def test_mannequin_face_is_the_front_of_the_head():
-    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
-    data = mannequin.mannequin_mesh(heads)
-    head = JOINT_NAMES.index("head")
-    owners = np.argmax(data.weights, axis=1)
-    centre = heads[head] + np.array([0.0, 0.0, mannequin.HEAD_LIFT])
-    face_sides, head_sides = [], []
-    for face, part in zip(data.faces, data.face_parts, strict=True):
-        if owners[face[0]] != head:
-            assert part != mannequin.FACE_PART  # the face is on the head alone
-            continue
-        # the body faces -Y at rest (SMPL's +Z), so the face's centroids lie towards -Y
-        side = data.vertices[list(face)].mean(axis=0)[1] - centre[1]
-        (face_sides if part == mannequin.FACE_PART else head_sides).append(side)
-    assert len(face_sides) >= 8 and len(head_sides) > len(face_sides)
-    assert max(face_sides) < -0.4 * mannequin.HEAD_RADIUS
-    assert min(head_sides) > min(face_sides)  # the back of the head is never the face
 
 
 def test_capsule_encloses_its_segment():

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_service.metrics import evaluate_poses
+from inference_service.metrics import evaluate_poses, wilson_interval
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
     ActionClassifier,
@@ -333,9 +333,14 @@ def _left_right(names: Sequence[str], predictions: dict[str, np.ndarray], canoni
 def quality_bars(report: dict) -> list[dict]:
     bars = []
 
-    def bar(name: str, value: float, threshold: float, higher: bool = True) -> None:
+    def bar(
+        name: str, value: float, threshold: float, higher: bool = True, count: int | None = None
+    ) -> None:
         ok = bool(value >= threshold) if higher else bool(value < threshold)
-        bars.append({"bar": name, "value": value, "threshold": threshold, "pass": ok})
+        item = {"bar": name, "value": value, "threshold": threshold, "pass": ok}
+        if count:  # an accuracy over `count` prompts: its 95 % interval
+            item["interval"] = list(wilson_interval(round(value * count), count))
+        bars.append(item)
 
     text = report["text_to_pose"]
     overall = text["by_caption"]["all"]
@@ -352,8 +357,12 @@ def quality_bars(report: dict) -> list[dict]:
             overall["tfidf"][metric],
             higher=False,
         )
+    paraphrases = report["paraphrases"]
     bar(
-        "paraphrases: top-1 action accuracy", report["paraphrases"]["top1"]["model"], PARAPHRASE_BAR
+        "paraphrases: top-1 action accuracy",
+        paraphrases["top1"]["model"],
+        PARAPHRASE_BAR,
+        count=paraphrases["count"],
     )
     if "images" in report:
         bar(
@@ -361,9 +370,10 @@ def quality_bars(report: dict) -> list[dict]:
             report["images"]["reduction_vs_mean_pose"]["pa_mpjpe_mm"],
             REDUCTION_BAR,
         )
-    bar("left/right: text", report["left_right"]["text"]["model"], LEFT_RIGHT_BAR)
-    if "images" in report["left_right"]:
-        bar("left/right: images", report["left_right"]["images"]["model"], LEFT_RIGHT_BAR)
+    for key in ("text", "images"):
+        if key in report["left_right"]:
+            block = report["left_right"][key]
+            bar(f"left/right: {key}", block["model"], LEFT_RIGHT_BAR, count=block["count"])
     return bars
 
 
@@ -484,14 +494,22 @@ def markdown_summary(report: dict) -> str:
     image_pairs = lr.get("images", {}).get("per_pair", {})
     for pair, value in lr["text"]["per_pair"].items():
         lines.append(f"| {pair} | {_pct(value)} | {_pct(image_pairs.get(pair, math.nan))} |")
-    lines += ["", "### Quality bars", "", "| bar | value | threshold | |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "### Quality bars",
+        "",
+        "| bar | value | 95 % interval | threshold | |",
+        "|---|---|---|---|---|",
+    ]
     for item in report["bars"]:
         percent = (
             "reduction" in item["bar"] or "accuracy" in item["bar"] or "left/right" in item["bar"]
         )
         show = _pct if percent else _fmt
+        low, high = item.get("interval", (None, None))
+        interval = f"{_pct(low)} – {_pct(high)}" if low is not None else ""
         lines.append(
-            f"| {item['bar']} | {show(item['value'])} | {show(item['threshold'])} | "
+            f"| {item['bar']} | {show(item['value'])} | {interval} | {show(item['threshold'])} | "
             f"{'pass' if item['pass'] else '**FAIL**'} |"
         )
     return "\n".join(lines) + "\n"

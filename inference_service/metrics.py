@@ -20,8 +20,11 @@ joints (the predicted and the true body may differ). Positions are in metres, re
 prediction and the truth before measuring, so a wrong global orientation (ChatPose's known weak
 point) does not count. For MPJRE joint 0 then contributes 0 and the mean is still over 24 joints.
 
-Every function is batched over leading dimensions, returns per-sample values of the batch shape
-(``.mean()`` gives the mean), and raises ValueError naming the bad argument.
+Every pose metric is batched over leading dimensions, returns per-sample values of the batch
+shape (``.mean()`` gives the mean), and raises ValueError naming the bad argument.
+
+``wilson_interval`` gives the 95 % interval of an accuracy (the paraphrase and left/right bars),
+so that a difference of a few prompts reads as what it is.
 """
 
 from __future__ import annotations
@@ -307,3 +310,19 @@ def evaluate_poses(
             pred, true, ignore_global_orient=ignore, unit="rad_x100", joints=joints
         )
     return PoseMetrics(**values)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of `successes` out of `trials` (z = 1.96: 95 %).
+    Unlike p ± z·√(p(1−p)/n) it stays within [0, 1] and is not empty at 0 or n successes."""
+    if not (isinstance(trials, int | np.integer) and trials > 0):
+        raise ValueError(f"trials: expected a positive integer, got {trials!r}")
+    if not (isinstance(successes, int | np.integer) and 0 <= successes <= trials):
+        raise ValueError(f"successes: expected an integer in 0..{trials}, got {successes!r}")
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z: expected a positive number, got {z!r}")
+    p = successes / trials
+    spread = z * z / trials
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / trials + spread / (4 * trials)) / (1 + spread)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -205,6 +205,34 @@ def test_batch_shapes_and_means():
     assert empty.mpjpe_mm.shape == (0,) and math.isnan(empty.means()["mpjpe_mm"])
 
 
+def test_wilson_interval_hand_computed():
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half-width
+    # 1.96 * sqrt(0.016 + 0.009604) / 1.38416: 0.716738 -+ 0.226581
+    low, high = M.wilson_interval(8, 10)
+    assert low == pytest.approx(0.490157, abs=1e-6)
+    assert high == pytest.approx(0.943319, abs=1e-6)
+    # at the ends it is one-sided and not empty, and it narrows as the count grows
+    assert M.wilson_interval(0, 5)[0] == 0.0 and M.wilson_interval(0, 5)[1] > 0.3
+    assert M.wilson_interval(5, 5)[1] == 1.0 and M.wilson_interval(5, 5)[0] < 0.7
+    wide, narrow = M.wilson_interval(9, 10), M.wilson_interval(900, 1000)
+    assert narrow[0] > wide[0] and narrow[1] < wide[1]
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "z", "message"),
+    [
+        (1, 0, 1.96, "trials"),
+        (4, 3, 1.96, "successes"),
+        (-1, 3, 1.96, "successes"),
+        (0.5, 3, 1.96, "successes"),
+        (1, 3, math.nan, "z"),
+    ],
+)
+def test_wilson_interval_refuses_bad_counts(successes, trials, z, message):
+    with pytest.raises(ValueError, match=message):
+        M.wilson_interval(successes, trials, z)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

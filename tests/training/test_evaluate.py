@@ -149,9 +149,15 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     assert report["left_right"]["images"]["count"] == 2
     assert report["images"]["count"] == 4
     assert {b["bar"].split(":")[0] for b in report["bars"]} >= {"text", "images", "left/right"}
+    for item in report["bars"]:  # accuracies come with their 95 % interval, around the value
+        if item["bar"].startswith(("paraphrases", "left/right")):
+            low, high = item["interval"]
+            assert 0 <= low <= item["value"] <= high <= 1 and low < high
+        else:
+            assert "interval" not in item
     markdown = out.with_suffix(".md").read_text()
     for heading in ("Text to pose", "Paraphrases", "Mannequin images", "Left and right",
-                    "Quality bars"):  # fmt: skip
+                    "Quality bars", "95 % interval"):  # fmt: skip
         assert heading in markdown
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
 

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -212,7 +214,11 @@ def make_corpus(work: Path, records: int, seed: int, synonym_rate: float) -> Pat
     return path
 
 
+RENDER_KEY = "render_key.json"
+
+
 def render(work: Path, corpus: Path, split: str, count: int, seed: int, size: int) -> Path:
+    """Render the split's image–pose pairs into `work`/pairs_SPLIT, with their `render_key`."""
     out = work / f"pairs_{split}"
     if out.exists():
         shutil.rmtree(out)
@@ -233,7 +239,42 @@ def render(work: Path, corpus: Path, split: str, count: int, seed: int, size: in
         str(size),
     ]
     _subprocess(command)
+    key = render_key(corpus, split, count, seed, size)
+    (out / RENDER_KEY).write_text(json.dumps(key, indent=2) + "\n")
     return out
+
+
+def renders_match(work: Path, corpus: Path, split: str, count: int, seed: int, size: int) -> bool:
+    """Whether `work` holds the renders that `render` would make now (`build --reuse-renders`)."""
+    out = work / f"pairs_{split}"
+    if not ((out / "pairs.npz").is_file() and (out / RENDER_KEY).is_file()):
+        return False
+    return json.loads((out / RENDER_KEY).read_text()) == render_key(
+        corpus, split, count, seed, size
+    )
+
+
+def render_key(corpus: Path, split: str, count: int, seed: int, size: int) -> dict:
+    """What decides the renders: the corpus file, the settings, and the renderer (Blender's
+    version and the code that builds, poses and renders the mannequin: the add-on and
+    shared_protocol in full, and render_pairs)."""
+    code = hashlib.sha256()
+    sources = [
+        *sorted((ROOT / "blender_addon").rglob("*.py")),
+        *sorted((ROOT / "shared_protocol").rglob("*.py")),
+        ROOT / "inference_service" / "training" / "render_pairs.py",
+    ]
+    for path in sources:
+        code.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return {
+        "corpus_sha256": hashlib.sha256(Path(corpus).read_bytes()).hexdigest(),
+        "split": split,
+        "count": count,
+        "seed": seed,
+        "size": size,
+        "bpy": importlib.metadata.version("bpy"),
+        "code_sha256": code.hexdigest(),
+    }
 
 
 def _subprocess(command: Sequence[str]) -> None:
@@ -755,6 +796,8 @@ def write_docs(
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.0f} s ({v / 60:.1f} min) |" for k, v in info["seconds"].items()]
+    reuse_note = "reused from an earlier build (`--reuse-renders`)"
+    lines += [f"| {k} | {reuse_note} |" for k in info.get("reused", ())]
     lines.append("")
     for stage, what in (
         ("words", "token embeddings and head, text only"),
@@ -834,7 +877,11 @@ def build(
     seed: int = 0,
     dtype: str = "float16",
     command: str = "",
+    reuse_renders: bool = False,
 ) -> dict:
+    """The whole build (the module docstring). `reuse_renders` keeps renders that an earlier
+    build left in `work` when nothing that decides them changed (`renders_match`): for trying
+    changes to the later stages; their time then counts as 0."""
     preset = PRESETS[preset_name]
     steps = steps or preset.steps
     out, work = Path(out).resolve(), Path(work).resolve()
@@ -844,14 +891,20 @@ def build(
     corpus = stages.run(
         "corpus", make_corpus, work, preset.corpus_records, seed, preset.synonym_rate
     )
-    train_pairs = stages.run(
-        "render train pairs", render, work, corpus, "train", preset.train_images, seed,
-        preset.image_size,
-    )  # fmt: skip
-    test_pairs = stages.run(
-        "render test pairs", render, work, corpus, "test", preset.test_images, seed + 1,
-        preset.image_size,
-    )  # fmt: skip
+    reused = []
+    pairs = {}
+    for split, count, split_seed in (
+        ("train", preset.train_images, seed),
+        ("test", preset.test_images, seed + 1),
+    ):
+        name, settings = f"render {split} pairs", (split, count, split_seed, preset.image_size)
+        if reuse_renders and renders_match(work, corpus, *settings):
+            pairs[split] = work / f"pairs_{split}"
+            log(f"stage {name}: reusing {pairs[split]} (nothing that decides it changed)")
+            reused.append(name)
+        else:
+            pairs[split] = stages.run(name, render, work, corpus, *settings)
+    train_pairs, test_pairs = pairs["train"], pairs["test"]
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
     if preset.word_steps:
         base = stages.run("words", learn_words, work, base, corpus, preset, seed, threads)
@@ -890,6 +943,7 @@ def build(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU",
         "date": time.strftime("%Y-%m-%d"),
         "seconds": dict(stages.seconds),
+        "reused": reused,
         "train": {
             "steps": steps,
             "batch_size": preset.batch_size,
@@ -956,6 +1010,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument(
+        "--reuse-renders",
+        action="store_true",
+        help="keep the renders in --work when the corpus, the settings and the renderer are "
+        "the same (to try changes to the later stages; the build time then leaves them out)",
+    )
     args = parser.parse_args(argv)
     command = "python -m inference_service.training.build_demo" + (
         " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:])
@@ -971,6 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             dtype=args.dtype,
             command=command.strip(),
+            reuse_renders=args.reuse_renders,
         )
     except (RuntimeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

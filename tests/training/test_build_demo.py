@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,12 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert list((out / "base").glob("*.safetensors"))
     build_info = json.loads((out / "build_info.json").read_text())
     assert build_info["train"]["steps"] == 2
+    assert build_info["reused"] == []  # a build renders afresh unless told to reuse renders
+    tiny = build_demo.PRESETS["tiny"]
+    corpus = tmp_path / "work" / "corpus.npz"
+    assert build_demo.renders_match(
+        tmp_path / "work", corpus, "train", tiny.train_images, 0, tiny.image_size
+    )
     assert build_info["words"]["steps"] == build_info["align"]["steps"] == 2
     assert build_info["vision"]["steps"] == 2
     assert build_info["tower"]["epochs"] == 1
@@ -211,3 +218,47 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     # The kneeling answer is nearer the kneeling action than the standing one is.
     target = ACTIONS["kneel_on_right_knee"](None)[None]
     assert joint_distance(kneel[None], target)[0] < joint_distance(stand[None], target)[0]
+
+
+def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_path, monkeypatch):
+    root, work = tmp_path / "repo", tmp_path / "work"
+    sources = {
+        "blender_addon/core/mannequin.py": "RADIUS = 0.1\n",
+        "shared_protocol/skeleton.py": "PARENTS = ()\n",
+        "inference_service/training/render_pairs.py": "SIZE = 128\n",
+    }
+    for name, text in sources.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(build_demo, "ROOT", root)
+    rendered = []
+
+    def fake_renderer(command):  # what the Blender subprocess leaves behind
+        out = Path(command[3])
+        out.mkdir(parents=True)
+        np.savez(out / "pairs.npz", poses=np.zeros((1, 72)))
+        rendered.append(command)
+
+    monkeypatch.setattr(build_demo, "_subprocess", fake_renderer)
+    corpus = tmp_path / "corpus.npz"
+    corpus.write_bytes(b"corpus one")
+    settings = ("train", 3, 0, 32)
+    assert not build_demo.renders_match(work, corpus, *settings)  # nothing rendered yet
+    build_demo.render(work, corpus, *settings)
+    assert len(rendered) == 1 and build_demo.renders_match(work, corpus, *settings)
+    for other in (
+        ("test", 3, 0, 32),
+        ("train", 4, 0, 32),
+        ("train", 3, 1, 32),
+        ("train", 3, 0, 64),
+    ):
+        assert not build_demo.renders_match(work, corpus, *other)
+    corpus.write_bytes(b"corpus two")
+    assert not build_demo.renders_match(work, corpus, *settings)
+    corpus.write_bytes(b"corpus one")
+    (root / "blender_addon/core/mannequin.py").write_text("RADIUS = 0.2\n")  # the renderer changed
+    assert not build_demo.renders_match(work, corpus, *settings)
+    build_demo.render(work, corpus, *settings)  # renders again, and then matches again
+    assert len(rendered) == 2 and build_demo.renders_match(work, corpus, *settings)
+    (work / "pairs_train" / build_demo.RENDER_KEY).unlink()  # renders of unknown origin
+    assert not build_demo.renders_match(work, corpus, *settings)

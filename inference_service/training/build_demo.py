@@ -255,9 +255,15 @@ def renders_match(work: Path, corpus: Path, split: str, count: int, seed: int, s
 
 
 def render_key(corpus: Path, split: str, count: int, seed: int, size: int) -> dict:
-    """What decides the renders: the corpus file, the settings, and the renderer (Blender's
-    version and the code that builds, poses and renders the mannequin: the add-on and
-    shared_protocol in full, and render_pairs)."""
+    """What decides the renders: the records rendered (their poses, actions and indices, not
+    their captions, which synonyms vary), the settings, and the renderer (Blender's version and
+    the code that builds, poses and renders the mannequin: the add-on and shared_protocol in
+    full, and render_pairs)."""
+    from inference_service.training.render_pairs import corpus_selection
+
+    poses, actions, ids = corpus_selection(corpus, split, count)
+    records = hashlib.sha256(np.ascontiguousarray(poses, dtype=np.float64).tobytes())
+    records.update("\0".join(actions).encode() + b"\0" + np.asarray(ids, np.int64).tobytes())
     code = hashlib.sha256()
     sources = [
         *sorted((ROOT / "blender_addon").rglob("*.py")),
@@ -267,7 +273,7 @@ def render_key(corpus: Path, split: str, count: int, seed: int, size: int) -> di
     for path in sources:
         code.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return {
-        "corpus_sha256": hashlib.sha256(Path(corpus).read_bytes()).hexdigest(),
+        "records_sha256": records.hexdigest(),
         "split": split,
         "count": count,
         "seed": seed,

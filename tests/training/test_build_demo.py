@@ -20,6 +20,7 @@ from inference_service.serve import DEMO_CHECKPOINT
 from inference_service.training import build_demo
 from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import joint_distance
+from inference_service.training.corpus import generate_corpus, save_corpus
 
 
 def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
@@ -241,7 +242,8 @@ def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_pat
 
     monkeypatch.setattr(build_demo, "_subprocess", fake_renderer)
     corpus = tmp_path / "corpus.npz"
-    corpus.write_bytes(b"corpus one")
+    records = generate_corpus(0, 40)
+    save_corpus(records, corpus)
     settings = ("train", 3, 0, 32)
     assert not build_demo.renders_match(work, corpus, *settings)  # nothing rendered yet
     build_demo.render(work, corpus, *settings)
@@ -253,9 +255,20 @@ def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_pat
         ("train", 3, 0, 64),
     ):
         assert not build_demo.renders_match(work, corpus, *other)
-    corpus.write_bytes(b"corpus two")
+    train = [i for i, record in enumerate(records) if record.split == "train"]
+    recaptioned = list(records)
+    recaptioned[train[0]] = dataclasses.replace(records[train[0]], caption="Another caption.")
+    save_corpus(recaptioned, corpus)  # captions (synonyms) do not decide the renders
+    assert build_demo.renders_match(work, corpus, *settings)
+    moved = list(records)
+    moved[train[2]] = dataclasses.replace(records[train[2]], pose=records[train[2]].pose + 0.01)
+    save_corpus(moved, corpus)  # the poses do
     assert not build_demo.renders_match(work, corpus, *settings)
-    corpus.write_bytes(b"corpus one")
+    moved[train[2]] = records[train[2]]
+    moved[train[3]] = dataclasses.replace(records[train[3]], pose=records[train[3]].pose + 0.01)
+    save_corpus(moved, corpus)  # a record past the count does not
+    assert build_demo.renders_match(work, corpus, *settings)
+    save_corpus(records, corpus)
     (root / "blender_addon/core/mannequin.py").write_text("RADIUS = 0.2\n")  # the renderer changed
     assert not build_demo.renders_match(work, corpus, *settings)
     build_demo.render(work, corpus, *settings)  # renders again, and then matches again

@@ -112,8 +112,8 @@ def test_save_and_load_round_trip(records, tmp_path, monkeypatch):
     empty = tmp_path / "empty.npz"
     C.save_corpus([], empty)
     assert C.load_corpus(empty) == []
-    # The same records make the same bytes, whenever written (build_demo's render key hashes
-    # the file to know whether renders made from it can be reused).
+    # The same records make the same bytes, whenever written: a rebuild's corpus file is the
+    # same file.
     again = tmp_path / "again.npz"
     later = time.time() + 86_400 * 400
     monkeypatch.setattr(time, "time", lambda: later)  # a day over a year later

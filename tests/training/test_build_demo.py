@@ -94,6 +94,16 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     for name in ("text_00.png", "image_00_input.png", "image_00_pred.png", "image_00_true.png"):
         assert (docs / "images" / name).is_file()
     assert (tmp_path / "work" / "report.json").is_file()
+    # Reproducible: the same build again (on the same renders) writes the same weights.
+    again = tmp_path / "again"
+    info = build_demo.build(
+        "tiny", steps=2, out=again, work=work, docs=None, threads=1, reuse_renders=True
+    )
+    assert info["reused"] == ["render train pairs", "render test pairs"]
+    weights = sorted(path.relative_to(out) for path in out.rglob("*.safetensors"))
+    assert weights == sorted(path.relative_to(again) for path in again.rglob("*.safetensors"))
+    for path in weights:
+        assert (out / path).read_bytes() == (again / path).read_bytes(), path
 
 
 def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, monkeypatch):

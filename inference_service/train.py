@@ -162,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-base",
         nargs="?",
         const="all",
-        choices=("all", "embeddings", "vision", "projector"),  # loop.TRAIN_BASE_SCOPES
+        choices=("all", "embeddings", "vision", "projector", "lm_head"),  # loop.TRAIN_BASE_SCOPES
         help="train the base's own weights instead of LoRA, and save whole models: every "
         "weight (all, the default; language model, projector, vision tower), the language "
-        "model's token embeddings, the vision tower and the projector, or the projector alone "
-        "(LLaVA's feature alignment); for a base that was never trained, like the demo "
-        "scaffold. "
+        "model's token embeddings, the vision tower and the projector, the projector alone "
+        "(LLaVA's feature alignment), or the LM's output layer alone (lm_head: the answer's "
+        "words, not the states the head reads); for a base that was never trained, like the "
+        "demo scaffold. "
         "The paper's recipe (LoRA, frozen vision side) is the default",
     )
     return parser

@@ -86,7 +86,8 @@ HEAD_INITS = ("auto", "fresh", "base")
 # After the warmup: constant, or falling linearly towards zero, the last step at
 # lr / (steps - warmup) (LISA's WarmupDecayLR, which ChatPose's training code uses).
 LR_SCHEDULES = ("constant", "linear")
-TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision", "projector")  # None: LoRA (the paper's)
+# None: LoRA (the paper's)
+TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision", "projector", "lm_head")
 
 
 class TrainingError(RuntimeError):
@@ -131,7 +132,9 @@ class TrainConfig:
     center_head_input: bool = True  # train the head on centred states (_head_input_shift)
     # The base's own weights train (no LoRA), and checkpoints hold the whole model: for a base
     # that was never trained, like the demo's scaffold. "all" (the vision side too) or
-    # "embeddings" (the LM's input embeddings); None: the paper's recipe (LoRA, frozen vision).
+    # "embeddings" (the LM's input embeddings), "vision", "projector", or "lm_head" (the LM's
+    # output layer, which writes the answer and not the states the head reads); None: the
+    # paper's recipe (LoRA, frozen vision).
     train_base: str | None = None
 
     def __post_init__(self) -> None:
@@ -407,6 +410,8 @@ def load_training_model(
             for name, parameter in model.named_parameters():
                 if "multi_modal_projector" in name:
                     parameter.requires_grad_(True)
+        elif config.train_base == "lm_head":
+            model.get_output_embeddings().weight.requires_grad_(True)
     else:
         with quiet_peft():
             model = _make_trainable(model, config, adapter_dir, pose_token_id)

@@ -515,6 +515,25 @@ def test_train_base_projector_trains_the_projector_alone(base, examples, tmp_pat
     assert parse([*required, "--train-base", "projector"]).train_base == "projector"
 
 
+def test_train_base_lm_head_learns_the_answer_and_moves_no_pose(base, examples, tmp_path):
+    # build_demo's answer stage: the output layer alone, on the cross-entropy alone.
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    config = settings(
+        base, tmp_path / "run", steps=12, lr=1e-2, save_every=0, mix=(1, 0, 0),
+        train_base="lm_head", text_weight=1.0, pose_weight=0.0, center_head_input=False,
+    )  # fmt: skip
+    result = loop.train(config, text)
+    changed = _changed_weights(base, result.checkpoint)
+    assert changed and all("lm_head" in name for name in changed), changed
+    ces = [ce for _, _, ce, _ in result.losses]
+    assert np.mean(ces[-3:]) < np.mean(ces[:3]) - 0.5
+    before, after = (Checkpoint.open(c) for c in (base, result.checkpoint))
+    assert after.head_path.read_bytes() == before.head_path.read_bytes()
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse([*required, "--train-base", "lm_head"]).train_base == "lm_head"
+
+
 def test_loss_weights_are_checked_and_used(base, examples, tmp_path):
     pose_only = loop.train(
         settings(base, tmp_path / "pose", steps=1, text_weight=0.0, pose_weight=1.0), examples

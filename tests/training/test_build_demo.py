@@ -35,7 +35,7 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     info = build_demo.build("tiny", steps=2, out=out, work=tmp_path / "work", docs=docs, threads=1)
     assert set(info["seconds"]) >= {
         "corpus", "render train pairs", "render test pairs", "scaffold", "words", "tower", "align",
-        "vision", "train", "pack", "evaluate", "examples",
+        "vision", "train", "answer", "pack", "evaluate", "examples",
     }  # fmt: skip
     # Self-contained: merged weights, no adapter, no optimizer state, safetensors only.
     checkpoint = Checkpoint.open(out)
@@ -80,6 +80,12 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     for before, after in itertools.pairwise(towers[:3]):
         assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(towers[2][k], towers[3][k]) for k in towers[2])  # frozen in train
+    # The answer stage: the output layer alone; the head and every state it reads as they were.
+    answer = Checkpoint.open(work / "answer" / (work / "answer" / "latest").read_text().strip())
+    answering = AutoModelForImageTextToText.from_pretrained(answer.base_dir).state_dict()
+    moved = {k for k, v in final.state_dict().items() if not torch.equal(v, answering[k])}
+    assert moved == {"lm_head.weight"}
+    assert answer.head_path.read_bytes() == trained.head_path.read_bytes()
     model = ChatPoseModel.from_checkpoint(out, device="cpu")
     assert model.dtype == torch.float32
     image = next((tmp_path / "work" / "pairs_test" / "images").glob("*.png")).read_bytes()
@@ -229,6 +235,12 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     # The kneeling answer is nearer the kneeling action than the standing one is.
     target = ACTIONS["kneel_on_right_knee"](None)[None]
     assert joint_distance(kneel[None], target)[0] < joint_distance(stand[None], target)[0]
+    # A chat turn, answered freely, ends in the answer template's pose token (the answer
+    # stage), so it gets a pose: the kneeling one again, near what the pose path answers.
+    reply = model.chat(prompts[0])
+    assert reply.text.endswith("<POSE>.") and len(reply.poses) == 1
+    chat_kneel = np.asarray(reply.poses[0])[None]
+    assert joint_distance(chat_kneel, target)[0] < joint_distance(stand[None], target)[0]
 
 
 def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_path, monkeypatch):

@@ -26,13 +26,16 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
 8. train: `python -m inference_service.train` (the project's training command, run in-process)
    from the vision stage's checkpoint, on the corpus's train split (text → pose) and the
    rendered train pairs (image → pose);
-9. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
+9. answer: `python -m inference_service.train --train-base lm_head`, the cross-entropy alone:
+   the LM's output layer learns the answer ("sure, it is <POSE>."), so that a chat turn ends in
+   the pose token; no pose changes;
+10. pack: the final checkpoint made self-contained: the LoRA and the pose token's rows merged into
    the weights (no adapter/, no training_state.pt), weights in safetensors (float16 by default;
    the service loads them as float32 on CPU), the head, the processor and tokenizer, plus
    build_info.json (the command, the settings, the timings, the bars);
-10. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
+11. evaluate: `inference_service.evaluate` on the packed checkpoint (test split, test pairs):
    WORK/report.json and .md;
-11. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
+12. docs: the tables and the timings into docs/evaluation.md (between the `results` markers)
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
@@ -138,7 +141,7 @@ PRESETS = {
         # and vision stages trained.
         train_base="embeddings",
         # The answer's words, for chat turns (train's --text-weight 0 leaves them untaught):
-        # the cross-entropy falls from 7.5 to 0.02 in 2,000 steps (a minute).
+        # the cross-entropy falls from 7.5 to 0.02 in 2,000 steps (1.5 min).
         answer_steps=2000,
     ),
     "tiny": Preset(
@@ -833,6 +836,7 @@ def write_docs(
         ("tower", "the vision tower alone, images only, no LM"),
         ("align", "projector and head, images only"),
         ("vision", "vision tower, projector and head, images only"),
+        ("answer", "the LM's output layer, the answer's cross-entropy alone"),
     ):
         if stage in info:
             run = info[stage]
@@ -910,7 +914,7 @@ def build(
 ) -> dict:
     """The whole build (the module docstring). `reuse_renders` keeps renders that an earlier
     build left in `work` when nothing that decides them changed (`renders_match`): for trying
-    changes to the later stages; their time then counts as 0."""
+    changes to the later stages; reused stages are listed in `"reused"`, not timed."""
     preset = PRESETS[preset_name]
     steps = steps or preset.steps
     out, work = Path(out).resolve(), Path(work).resolve()

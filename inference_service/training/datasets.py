@@ -30,6 +30,8 @@ Question/answer phrasing: with `phrasing="mixed"` (the default) half the pose ex
 release's phrasing (`prompts.pose_exchange`, the one the service uses at inference) and half one
 of a few alternatives (`TEXT_PHRASINGS`, `IMAGE_PHRASINGS`), chosen by a seeded generator, so a
 reader gives the same examples for the same seed. `phrasing="release"` uses only the release's.
+`phrasing="chat"` asks half the examples as a chat turn reads them: the description alone (an
+image alone), as a user types it, with the release's answer.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ POSE_KINDS = ("text_to_pose", "image_to_pose")
 NUM_JOINTS = 24
 # The image marker of LLaVA's data files; stripped from questions (images travel as bytes).
 LLAVA_IMAGE_MARKER = "<image>"
-PHRASING_MODES = ("mixed", "release")
+PHRASING_MODES = ("mixed", "release", "chat")
 
 # (question, answer) templates; index 0 is the release's (what the service asks at inference).
 # Text questions take {description} (the caption without its final punctuation).
@@ -175,14 +177,19 @@ class Phraser:
         self._rng = np.random.default_rng(seed)
 
     def _variant(self, count: int) -> int:
+        """0 for the release's phrasing, -1 for a chat turn's, else an alternative's index."""
         if self.mode == "release" or self._rng.random() < 0.5:
             return 0
+        if self.mode == "chat":
+            return -1
         return 1 + int(self._rng.integers(count - 1))
 
     def text(self, description: str) -> tuple[str, str]:
         variant = self._variant(len(TEXT_PHRASINGS))
         if variant == 0:
             return pose_exchange(description, False, POSE_MARKER)
+        if variant == -1:
+            return description.strip(), TEXT_ANSWER.format(pose=POSE_MARKER)
         question, answer = TEXT_PHRASINGS[variant]
         text = description.strip().rstrip(".!?,;: ")
         return question.format(description=text), answer.format(pose=POSE_MARKER)
@@ -191,6 +198,8 @@ class Phraser:
         variant = self._variant(len(IMAGE_PHRASINGS))
         if variant == 0:
             return pose_exchange(None, True, POSE_MARKER)
+        if variant == -1:
+            return "", IMAGE_ANSWER.format(pose=POSE_MARKER)
         question, answer = IMAGE_PHRASINGS[variant]
         return question, answer.format(pose=POSE_MARKER)
 

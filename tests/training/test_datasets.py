@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference_service.prompts import IMAGE_ANSWER, IMAGE_QUESTION, POSE_MARKER, pose_exchange
+from inference_service.prompts import (
+    IMAGE_ANSWER,
+    IMAGE_QUESTION,
+    POSE_MARKER,
+    TEXT_ANSWER,
+    pose_exchange,
+)
 from inference_service.training.datasets import (
     TEXT_PHRASINGS,
     DatasetError,
@@ -325,6 +331,25 @@ def test_caption_pose_pairs_adapter_and_phrasing_mix():
         examples_from_caption_pose_pairs([("  ", POSES[0])], source="corpus")
     with pytest.raises(DatasetError, match=r"corpus#0: pose 0: expected shape \(24, 3\)"):
         examples_from_caption_pose_pairs([("x", np.zeros(5))], source="corpus")
+
+
+def test_chat_phrasing_asks_half_the_examples_as_the_user_typed_them(tmp_path):
+    pairs = [(f"Person number {i} standing.", POSES[i % 4]) for i in range(40)]
+    examples = examples_from_caption_pose_pairs(pairs, phrasing="chat", seed=1)
+    answer = TEXT_ANSWER.format(pose=POSE_MARKER)
+    bare = [e for (caption, _), e in zip(pairs, examples, strict=True) if e.question == caption]
+    release = [e for (caption, _), e in zip(pairs, examples, strict=True)
+               if (e.question, e.answer) == pose_exchange(caption, False)]  # fmt: skip
+    assert len(bare) + len(release) == 40 and 10 <= len(bare) <= 30
+    assert all(e.answer == answer for e in bare)
+    # Images: a chat turn may hold the image alone, no question.
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    names = np.array(["a.png"] * 20)
+    poses = write_npz(tmp_path / "pairs.npz", np.repeat(POSES[:1], 20, axis=0), images=names)
+    images = read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="chat", seed=1)
+    questions = {(e.question, e.answer) for e in images}
+    assert questions == {("", IMAGE_ANSWER.format(pose=POSE_MARKER)), pose_exchange(None, True)}
 
 
 def test_example_validation():

@@ -7,10 +7,10 @@
 
 Data formats (`--data`, repeatable):
 
-    posescript CAPTIONS.json poses=POSES.npz [z_up=true] [phrasing=mixed|release]
-    pairs POSES.npz [images=DIR] [phrasing=mixed|release]
+    posescript CAPTIONS.json poses=POSES.npz [z_up=true] [phrasing=mixed|release|chat]
+    pairs POSES.npz [images=DIR] [phrasing=mixed|release|chat]
     llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
-    corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release]
+    corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
 
 Exit status: 0 done, 1 stopped on a NaN/inf loss (the last good checkpoint is kept), 2 bad
 arguments, data or checkpoint.

@@ -241,6 +241,14 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     assert reply.text.endswith("<POSE>.") and len(reply.poses) == 1
     chat_kneel = np.asarray(reply.poses[0])[None]
     assert joint_distance(chat_kneel, target)[0] < joint_distance(stand[None], target)[0]
+    # Prompts unlike the release's question (which the pose path appends) get one too: the
+    # answer stage also trains on captions asked alone, as a chat turn asks them.
+    for prompt in [
+        "Adopt a combat stance with the fists up.",
+        "A woman is standing and both elbows are straight. Both legs are straight.",
+    ]:
+        reply = model.chat(prompt)
+        assert reply.text.endswith("<POSE>.") and len(reply.poses) == 1, (prompt, reply.text)
 
 
 def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
    (image → pose, pose loss only): the vision tower, the projector and the head learn to see
    the mannequin, through the LM's image heads (`condition_base`);
 8. train: `python -m inference_service.train` (the project's training command, run in-process)
-   from the vision stage's checkpoint, on the corpus's train split (text → pose) and the
-   rendered train pairs (image → pose);
+   from the vision stage's checkpoint, on the corpus's train split (text → pose, half the
+   captions asked as a chat turn reads them) and the rendered train pairs (image → pose);
 9. answer: `python -m inference_service.train --train-base lm_head`, the cross-entropy alone:
    the LM's output layer learns the answer ("sure, it is <POSE>."), half the prompts asked as a
    chat turn reads them (the caption alone), so that a chat turn ends in the pose token; no
@@ -594,6 +594,10 @@ def train(
     seed: int,
     threads: int,
 ) -> Path:
+    """The train stage: text and images together. Half its text examples are asked as a chat
+    turn reads them (`phrasing=chat`: the caption alone), so that the head also knows the
+    states of prompts without the release's question: a chat turn's pose is then as good as
+    the pose path's (docs/evaluation.md, eleventh round). Returns the last checkpoint."""
     argv = [
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
@@ -604,7 +608,7 @@ def train(
         argv += ["--train-base", preset.train_base, "--text-weight", "0", "--max-grad-norm", "0"]
     else:
         argv += ["--lora-rank", str(preset.lora_rank), "--lora-alpha", str(preset.lora_alpha)]
-    return _train(work / "run", base, corpus, preset, seed, threads, argv)
+    return _train(work / "run", base, corpus, preset, seed, threads, argv, phrasing="chat")
 
 
 def learn_answer(

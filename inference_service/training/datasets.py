@@ -167,6 +167,10 @@ def _pose_array(value: object, where: str) -> np.ndarray:
 # --- phrasing ---------------------------------------------------------------------------------
 
 
+# The phrasing of a chat turn: the user's words alone (no question), the release's answer.
+CHAT_VARIANT = -1
+
+
 class Phraser:
     """Chooses the question/answer phrasing of pose examples, reproducibly from a seed."""
 
@@ -177,18 +181,19 @@ class Phraser:
         self._rng = np.random.default_rng(seed)
 
     def _variant(self, count: int) -> int:
-        """0 for the release's phrasing, -1 for a chat turn's, else an alternative's index."""
+        """0 for the release's phrasing, CHAT_VARIANT for a chat turn's, else an alternative's
+        index."""
         if self.mode == "release" or self._rng.random() < 0.5:
             return 0
         if self.mode == "chat":
-            return -1
+            return CHAT_VARIANT
         return 1 + int(self._rng.integers(count - 1))
 
     def text(self, description: str) -> tuple[str, str]:
         variant = self._variant(len(TEXT_PHRASINGS))
         if variant == 0:
             return pose_exchange(description, False, POSE_MARKER)
-        if variant == -1:
+        if variant == CHAT_VARIANT:
             return description.strip(), TEXT_ANSWER.format(pose=POSE_MARKER)
         question, answer = TEXT_PHRASINGS[variant]
         text = description.strip().rstrip(".!?,;: ")
@@ -198,7 +203,7 @@ class Phraser:
         variant = self._variant(len(IMAGE_PHRASINGS))
         if variant == 0:
             return pose_exchange(None, True, POSE_MARKER)
-        if variant == -1:
+        if variant == CHAT_VARIANT:
             return "", IMAGE_ANSWER.format(pose=POSE_MARKER)
         question, answer = IMAGE_PHRASINGS[variant]
         return question, answer.format(pose=POSE_MARKER)

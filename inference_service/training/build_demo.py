@@ -98,7 +98,9 @@ class Preset:
     save_every: int
     vocab_size: int | None = None
     train_base: str | None = None  # the train stage's --train-base (None: LoRA, the paper's)
-    phrasing: str = "release"  # the data's question/answer phrasing (docs/training.md)
+    # The question/answer phrasing of the data (docs/training.md); the train and answer stages
+    # ask their captions in "chat" phrasing instead.
+    phrasing: str = "release"
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
     answer_steps: int = 0  # the answer stage (0: none)
 

@@ -543,3 +543,11 @@ def test_loss_weights_are_checked_and_used(base, examples, tmp_path):
     for weights in ((-1.0, 0.1), (0.0, 0.0)):
         with pytest.raises(ValueError, match="text_weight and pose_weight"):
             settings(base, tmp_path / "bad", text_weight=weights[0], pose_weight=weights[1])
+
+
+def test_the_command_line_offers_exactly_the_loops_choices():
+    # train.py mirrors these by hand so that `--help` needs no torch; this keeps them equal.
+    actions = {a.dest: a for a in train_cli.build_parser()._actions}
+    assert tuple(actions["train_base"].choices) == tuple(s for s in loop.TRAIN_BASE_SCOPES if s)
+    assert tuple(actions["lr_schedule"].choices) == loop.LR_SCHEDULES
+    assert tuple(actions["head_init"].choices) == loop.HEAD_INITS

@@ -258,6 +258,15 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     assert pa_mpjpe(chat, posed).mean() < CHAT_POSE_PATH_MM
 
 
+def test_the_shipped_demo_checkpoint_was_built_with_the_demo_preset():
+    # A change to the preset must come with a rebuilt checkpoint (and its figures in the docs).
+    build_info = json.loads((DEMO_CHECKPOINT / "build_info.json").read_text())
+    assert build_info["preset"] == "demo"
+    settings = dict(build_info["settings"])
+    assert settings.pop("seed") == 0
+    assert settings == dataclasses.asdict(build_demo.PRESETS["demo"])
+
+
 def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_path, monkeypatch):
     root, work = tmp_path / "repo", tmp_path / "work"
     sources = {

@@ -2,7 +2,7 @@
 
     python -m inference_service.training.build_demo [--preset demo|tiny] [--steps N]
         [--out inference_service/demo_checkpoint] [--work build/demo] [--docs docs]
-        [--threads 2] [--seed 0]
+        [--threads 2] [--seed 0] [--reuse-renders] [--set FIELD=VALUE] [--stop-after STAGE]
 
 Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.md):
 
@@ -40,6 +40,8 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
    and a few rendered examples (prompt → picture of the predicted pose) into docs/images/.
 
 `--preset tiny` is the same pipeline at toy sizes for the tests (seconds, not minutes).
+For experiments, `--set FIELD=VALUE` changes a setting of the preset and `--stop-after STAGE`
+ends the build after that stage with its model evaluated (`build`).
 Everything is seeded: the same command on the same machine gives the same checkpoint (bit for
 bit with the same thread count; float sums depend on it).
 """
@@ -177,6 +179,44 @@ PRESETS = {
         answer_steps=2,
     ),
 }
+
+
+def with_overrides(preset: Preset, overrides: Sequence[str]) -> Preset:
+    """`preset` with each "FIELD=VALUE" of `overrides` set (`--set word_steps=12000`), the
+    value read as the field's type ("none" for a field that may be None)."""
+    fields = {field.name: field.type for field in dataclasses.fields(Preset)}
+    changes = {}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(
+                f"--set {item!r}: expected FIELD=VALUE with a preset field, one of "
+                f"{', '.join(fields)}"
+            )
+        kind = str(fields[name])
+        if text.strip().lower() == "none" and kind.endswith("| None"):
+            changes[name] = None
+            continue
+        convert = {"int": int, "float": float, "str": str, "bool": _boolean}[
+            kind.removesuffix(" | None")
+        ]
+        try:
+            changes[name] = convert(text.strip())
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} takes a {kind}, not {text!r}") from None
+    return dataclasses.replace(preset, **changes)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
+
+
+# The stages a build can stop after (`--stop-after`), in build order.
+STOP_POINTS = ("corpus", "scaffold", "words", "tower", "align", "vision", "train", "answer")
+
 
 # Docs examples: held-out phrasings (the test split's) of a few actions, and free prompts.
 EXAMPLE_ACTIONS = (
@@ -739,6 +779,45 @@ def evaluate(work: Path, packed: Path, corpus: Path, pairs: Path) -> dict:
     return report
 
 
+def stage_report(
+    work: Path,
+    stage: str,
+    checkpoint: Path | None,
+    corpus: Path,
+    pairs: Path | None,
+    preset: Preset,
+    seconds: dict[str, float],
+) -> dict:
+    """The end of a build stopped after `stage`: its model evaluated on the test split (with the
+    test renders, if any) and on the val split (text only; the split to choose settings on,
+    keeping the test split for the figures) into WORK/report_STAGE_SPLIT.json and .md."""
+    from inference_service.evaluate import evaluate as run_evaluation
+    from inference_service.evaluate import markdown_summary
+
+    summary = {
+        "stopped_after": stage,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "settings": dataclasses.asdict(preset),
+        "seconds": dict(seconds),
+        "reports": {},
+    }
+    if checkpoint is None:
+        return summary
+    for split, split_pairs in (("test", pairs), ("val", None)):
+        report = run_evaluation(checkpoint, corpus, split=split, pairs=split_pairs, log=log)
+        path = work / f"report_{stage}_{split}.json"
+        path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
+        summary["reports"][split] = str(path)
+        log_bars(report, f"{split}: ")
+    return summary
+
+
+def log_bars(report: dict, prefix: str = "") -> None:
+    for item in report["bars"]:
+        log(f"{prefix}{'pass' if item['pass'] else 'FAIL'}  {item['bar']}: {item['value']:.3f}")
+
+
 def _jsonable(value):
     if isinstance(value, float) and not np.isfinite(value):
         return None
@@ -923,27 +1002,47 @@ def build(
     dtype: str = "float16",
     command: str = "",
     reuse_renders: bool = False,
+    stop_after: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """The whole build (the module docstring). `reuse_renders` keeps renders that an earlier
     build left in `work` when nothing that decides them changed (`renders_match`): for trying
-    changes to the later stages; reused stages are listed in `"reused"`, not timed."""
-    preset = PRESETS[preset_name]
+    changes to the later stages; reused stages are listed in `"reused"`, not timed.
+
+    For experiments: `overrides` ("FIELD=VALUE", `with_overrides`) change the preset, and
+    `stop_after` (one of `STOP_POINTS`) ends the build after that stage: its model is
+    evaluated into WORK/report_STAGE_SPLIT.json (`stage_report`), nothing is packed and
+    neither `out` nor the docs are touched. Stages before the tower skip the renders."""
+    preset = with_overrides(PRESETS[preset_name], overrides)
+    if stop_after is not None and stop_after not in STOP_POINTS:
+        raise ValueError(f"unknown stage {stop_after!r} to stop after; one of {STOP_POINTS}")
     steps = steps or preset.steps
     out, work = Path(out).resolve(), Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages()
     total_start = time.perf_counter()
+
+    def stop(stage: str, checkpoint: Path | None, pairs: Path | None = None) -> dict | None:
+        if stage != stop_after:
+            return None
+        return stage_report(work, stage, checkpoint, corpus, pairs, preset, stages.seconds)
+
     corpus = stages.run(
         "corpus", make_corpus, work, preset.corpus_records, seed, preset.synonym_rate
     )
+    if report := stop("corpus", None):
+        return report
     reused = []
     pairs = {}
+    needs_renders = STOP_POINTS.index(stop_after or "answer") >= STOP_POINTS.index("tower")
     for split, count, split_seed in (
         ("train", preset.train_images, seed),
         ("test", preset.test_images, seed + 1),
     ):
         name, settings = f"render {split} pairs", (split, count, split_seed, preset.image_size)
-        if reuse_renders and renders_match(work, corpus, *settings):
+        if not needs_renders:
+            pairs[split] = None
+        elif reuse_renders and renders_match(work, corpus, *settings):
             pairs[split] = work / f"pairs_{split}"
             log(f"stage {name}: reusing {pairs[split]} (nothing that decides it changed)")
             reused.append(name)
@@ -951,28 +1050,42 @@ def build(
             pairs[split] = stages.run(name, render, work, corpus, *settings)
     train_pairs, test_pairs = pairs["train"], pairs["test"]
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
+    if report := stop("scaffold", base):
+        return report
     if preset.word_steps:
         base = stages.run("words", learn_words, work, base, corpus, preset, seed, threads)
+    if report := stop("words", base):
+        return report
     tower = None
     if preset.tower_epochs:
         base, tower = stages.run(
             "tower", learn_tower, work, base, train_pairs, preset, seed, threads
         )
+    if report := stop("tower", base, test_pairs):
+        return report
     if preset.align_steps:
         base = stages.run(
             "align", learn_alignment, work, base, corpus, train_pairs, preset, seed, threads
         )
+    if report := stop("align", base, test_pairs):
+        return report
     if preset.vision_steps:
         base = stages.run(
             "vision", learn_vision, work, base, corpus, train_pairs, preset, seed, threads
         )
+    if report := stop("vision", base, test_pairs):
+        return report
     trained = stages.run(
         "train", train, work, base, corpus, train_pairs, preset, steps, seed, threads
     )
+    if report := stop("train", trained, test_pairs):
+        return report
     if preset.answer_steps:
         trained = stages.run(
             "answer", learn_answer, work, trained, corpus, train_pairs, preset, seed, threads
         )
+    if report := stop("answer", trained, test_pairs):
+        return report
     packed = stages.run("pack", pack, trained, out, dtype)
     drift = check_pack(trained, packed, corpus)
     log(f"packed checkpoint agrees with the trained one to {drift:.2f} mm")
@@ -1032,8 +1145,7 @@ def build(
     info["size_mb"] = directory_size(packed) / 1e6
     (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
-    for item in report["bars"]:
-        log(f"{'pass' if item['pass'] else 'FAIL'}  {item['bar']}: {item['value']:.3f}")
+    log_bars(report)
     return info
 
 
@@ -1066,12 +1178,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="keep the renders in --work when the corpus, the settings and the renderer are "
         "the same (to try changes to the later stages; the build time then leaves them out)",
     )
+    parser.add_argument(
+        "--stop-after",
+        choices=STOP_POINTS,
+        help="end after this stage: its model is evaluated into WORK/report_STAGE_test.json "
+        "and _val.json; nothing is packed, OUT and the docs are left alone (for experiments)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one setting of the preset, e.g. --set word_steps=12000 (repeatable)",
+    )
     args = parser.parse_args(argv)
     command = "python -m inference_service.training.build_demo" + (
         " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:])
     )
     try:
-        build(
+        result = build(
             args.preset,
             steps=args.steps,
             out=args.out,
@@ -1082,10 +1208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             command=command.strip(),
             reuse_renders=args.reuse_renders,
+            stop_after=args.stop_after,
+            overrides=args.overrides,
         )
     except (RuntimeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.stop_after:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -113,6 +113,48 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
         assert (out / path).read_bytes() == (again / path).read_bytes(), path
 
 
+def test_a_build_stopped_after_the_words_stage_evaluates_it_and_leaves_out_alone(tmp_path):
+    # No bpy needed: a build that stops before the tower renders nothing.
+    out, work = tmp_path / "ckpt", tmp_path / "work"
+    result = build_demo.build(
+        "tiny", out=out, work=work, docs=None, threads=1, stop_after="words",
+        overrides=["word_steps=3", "word_batch_size=2"],
+    )  # fmt: skip
+    assert result["stopped_after"] == "words"
+    assert result["settings"]["word_steps"] == 3 and result["settings"]["word_batch_size"] == 2
+    assert set(result["seconds"]) == {"corpus", "scaffold", "words"}
+    assert Path(result["checkpoint"]) == work / "words" / "step-000003"
+    assert not out.exists() and not (work / "pairs_train").exists()
+    for split in ("test", "val"):
+        report = json.loads((work / f"report_words_{split}.json").read_text())
+        assert report["split"] == split
+        assert report["text_to_pose"]["count"] > 0 and report["bars"]
+        assert (work / f"report_words_{split}.md").is_file()
+
+
+def test_preset_overrides_are_typed_and_a_bad_one_is_named():
+    tiny = build_demo.PRESETS["tiny"]
+    changed = build_demo.with_overrides(
+        tiny, ["word_steps=12", "lr=3e-4", "phrasing=chat", "condition=false", "vocab_size=none"]
+    )
+    assert (changed.word_steps, changed.lr, changed.phrasing) == (12, 3e-4, "chat")
+    assert changed.condition is False and changed.vocab_size is None
+    assert build_demo.with_overrides(tiny, []) == tiny
+    with pytest.raises(ValueError, match="word_stepz"):
+        build_demo.with_overrides(tiny, ["word_stepz=3"])
+    with pytest.raises(ValueError, match="word_steps takes a int, not 'many'"):
+        build_demo.with_overrides(tiny, ["word_steps=many"])
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        build_demo.with_overrides(tiny, ["word_steps"])
+    with pytest.raises(ValueError, match="condition takes a bool"):
+        build_demo.with_overrides(tiny, ["condition=maybe"])
+
+
+def test_the_build_command_reports_a_bad_setting_and_exits_non_zero(capsys):
+    assert build_demo.main(["--preset", "tiny", "--set", "steps=lots", "--no-docs"]) == 1
+    assert "error: --set 'steps=lots': steps takes a int" in capsys.readouterr().err
+
+
 def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, monkeypatch):
     pytest.importorskip("bpy")
     # The paper's way (the training command's default): LoRA on a frozen LM, no train_base.
@@ -215,7 +257,6 @@ def test_the_conditioned_base_weighs_each_word_by_its_salience(tmp_path):
         np.testing.assert_allclose(weighted[0], weighted[1], atol=1e-3)  # still a bag of words
         moves[focus] = np.abs(weighted.numpy()[0] - plain[0]).max()
     # Without the salience heads the edit moves the state only as any change of a word does.
-    print("MOVES", moves)
     assert moves[16.0] > 3 * moves[0.0]
 
 

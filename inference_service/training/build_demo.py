@@ -790,7 +790,9 @@ def stage_report(
 ) -> dict:
     """The end of a build stopped after `stage`: its model evaluated on the test split (with the
     test renders, if any) and on the val split (text only; the split to choose settings on,
-    keeping the test split for the figures) into WORK/report_STAGE_SPLIT.json and .md."""
+    keeping the test split for the figures) into WORK/report_STAGE_SPLIT.json and .md. (After
+    the tower stage the images still reach the LM through the scaffold's projector: the tower's
+    own figure is its loss, `learn_tower`'s log.)"""
     from inference_service.evaluate import evaluate as run_evaluation
     from inference_service.evaluate import markdown_summary
 

@@ -1104,7 +1104,8 @@ def build(
         "settings": dataclasses.asdict(preset) | {"steps": steps, "seed": seed},
         "threads": threads,
         "dtype": dtype,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU",
+        "machine": f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} CPU cores "
+        "(shared), no GPU",
         "date": time.strftime("%Y-%m-%d"),
         "seconds": dict(stages.seconds),
         "reused": reused,
@@ -1149,6 +1150,18 @@ def build(
     log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
     log_bars(report)
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name: builds on different CPUs round float sums otherwise and give other
+    weights (docs/evaluation.md, thirteenth round), so build_info.json names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _count_examples(corpus: Path, pairs: Path) -> int:

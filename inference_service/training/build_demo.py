@@ -112,7 +112,8 @@ PRESETS = {
         model_size="demo",
         corpus_records=12000,
         # Varied training phrasings: on a proxy of the words stage, paraphrases 18 -> 37 % on
-        # the val phrasings, 26 -> 44 % on the test ones (docs/evaluation.md, eighth round).
+        # the val phrasings, 26 -> 44 % on the test ones (docs/demo_model_experiments.md,
+        # eighth round).
         synonym_rate=0.5,
         train_images=10000,  # every pose of the train split (9,557 of the 12,000 records)
         test_images=100000,
@@ -125,12 +126,12 @@ PRESETS = {
         tower_epochs=70,
         # The projector alone first (LLaVA's feature alignment), at the rate of the words
         # stage: a random projector's first steps would otherwise send noise into the trained
-        # tower (docs/evaluation.md, seventh round).
+        # tower (docs/demo_model_experiments.md, seventh round).
         align_steps=1000,
         align_lr=1e-3,
         vision_steps=3000,
         vision_batch_size=32,
-        vision_lr=3e-4,  # a ViT from scratch: at 1e-3 it learns nothing (docs/evaluation.md)
+        vision_lr=3e-4,  # at 1e-3 a new ViT learns nothing (docs/demo_model_experiments.md)
         warmup_steps=100,
         lr_schedule="linear",
         lora_rank=64,
@@ -433,7 +434,8 @@ def condition_base(
       text, and takes ~99.9 % of those heads' attention. Without an image the heads stay
       uniform, a bag of words like the others. In a bag of words the one image token would be a
       sixtieth of the state before the pose token, too faint to learn from
-      (docs/evaluation.md); through these heads it is the whole of their quarter of it.
+      (docs/demo_model_experiments.md, third round); through these heads it is the whole of
+      their quarter of it.
     - with attention biases, the other heads' mean is weighted by a score per token: their
       query bias (`salience_focus`) and key read dimension `SALIENCE_DIM` of the embeddings in
       their second-slowest rotary pair, so a token's weight is exp(`salience_focus` × that
@@ -442,10 +444,10 @@ def condition_base(
       `salience_focus` 0: none).
 
     Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
-    text steps): text PA-MPJPE 15 % below the
-    mean pose and paraphrases 18 % right, against 8 % and 6 % after 6,000 steps on the
-    previous all-random layers (docs/evaluation.md). Everything else (norms, biases, the CLIP
-    layers) is kept. A pretrained LLaVA, as ChatPose fine-tunes, needs none of this.
+    text steps): text PA-MPJPE 15 % below the mean pose and paraphrases 18 % right, against 8 %
+    and 6 % after 6,000 steps on the previous all-random layers (docs/demo_model_experiments.md,
+    first round). Everything else (norms, biases, the CLIP layers) is kept. A pretrained LLaVA,
+    as ChatPose fine-tunes, needs none of this.
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -639,7 +641,8 @@ def train(
     """The train stage: text and images together. Half its text examples are asked as a chat
     turn reads them (`phrasing=chat`: the caption alone), so that the head also knows the
     states of prompts without the release's question: a chat turn's pose is then as good as
-    the pose path's (docs/evaluation.md, eleventh round). Returns the last checkpoint."""
+    the pose path's (docs/demo_model_experiments.md, eleventh round). Returns the last
+    checkpoint."""
     argv = [
         "--data", "pairs", str(pairs / "pairs.npz"), f"phrasing={preset.phrasing}",
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
@@ -1154,7 +1157,7 @@ def build(
 
 def cpu_name() -> str:
     """The CPU's model name: builds on different CPUs round float sums otherwise and give other
-    weights (docs/evaluation.md, thirteenth round), so build_info.json names it."""
+    weights (docs/demo_model_experiments.md, thirteenth round), so build_info.json names it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

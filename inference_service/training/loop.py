@@ -15,10 +15,10 @@ What is trained (the paper, Sec. 3.2):
 
 With `train_base` (not the paper's recipe; for a base that was never trained) the base's own
 weights train instead of LoRA, and checkpoints hold the whole model in `step-N/base/`: "all" of
-them, only the LM's token "embeddings" (the demo's bag-of-words base learns its words that
-way, docs/evaluation.md), only the "vision" tower and the projector (the demo's vision tower
-learns to see the mannequin that way), or only the "projector" (LLaVA's first stage, feature
-alignment: a trained tower's tokens mapped into the LM).
+them, only the LM's token "embeddings" (the demo's bag-of-words base learns its words that way,
+docs/demo_model_experiments.md, second round), only the "vision" tower and the projector (the
+demo's vision tower learns to see the mannequin that way), or only the "projector" (LLaVA's
+first stage, feature alignment: a trained tower's tokens mapped into the LM).
 
 Data order: every optimizer step takes `grad_accum` micro-batches of `batch_size` examples, whose
 kinds follow the mix ratio exactly where it divides the batch (text:image:chat 1:2:1 and a batch

@@ -128,7 +128,7 @@ SIZES: dict[str, ModelSize] = {
         image_size=64,
         # One patch, the whole picture: one image token, which two heads of the LM's first
         # layer read (build_demo.condition_base). Averaged, 16 patch tokens lose where each
-        # patch is (docs/evaluation.md, *What limits the demo model*).
+        # patch is (docs/demo_model_experiments.md, third and fifth rounds).
         patch_size=64,
         vision_feature_layer=-1,  # the tower is trained for the LM (build_demo's vision stage)
         attention_bias=True,  # the image heads' query bias (build_demo.condition_base)
@@ -175,7 +175,7 @@ def build_tokenizer(
 
     Whole words, because the demo model learns its language from its corpus alone: the subword
     pieces of a word it never saw mislead it ("unbend" -> "un", "bend"), where `<unk>` says
-    nothing (docs/evaluation.md, *What limits the demo model*). Decoding joins the words with
+    nothing (docs/demo_model_experiments.md, fourth round). Decoding joins the words with
     spaces (none before punctuation), so a reply of known words reads as it was, in lower case.
     A BOS is prepended as Llama's does; the pad token is `<unk>` as in the ChatPose release.
     """

@@ -12,11 +12,11 @@ projector and the head through the LM. Only the tower's weights change; the temp
 and head are dropped. The build loads and writes the checkpoint around it
 (`build_demo.learn_tower`).
 
-Measured on the demo's renders (docs/evaluation.md): the one-patch tower this way reaches
-PA-MPJPE 7.5 % below the mean pose after 10 epochs and 16 % after 20, the same curve as through
-the LM at a quarter of the cost, and 43 % after 70, the build's count. Then the align stage
-(the projector alone) and 10 epochs of the vision stage through the LM give 42 %, where 20
-epochs through the LM alone gave 14 %.
+Measured on the demo's renders (docs/demo_model_experiments.md, fifth and sixth rounds): the
+one-patch tower this way reaches PA-MPJPE 7.5 % below the mean pose after 10 epochs and 16 % after
+20, the same curve as through the LM at a quarter of the cost, and 43 % after 70, the build's count.
+Then the align stage (the projector alone) and 10 epochs of the vision stage through the LM give 42
+%, where 20 epochs through the LM alone gave 14 %.
 """
 
 from __future__ import annotations

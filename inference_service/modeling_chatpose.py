@@ -281,8 +281,9 @@ class ChatPoseModel:
         """A free reply to `prompt` after `history` (greedy decoding, KV cache on).
 
         The server is stateless: `images` are the conversation's images, re-sent every turn, and
-        go into its first user message. `logits_processor` lets a caller steer decoding (tests
-        force an answer with it).
+        go into its first user message. The oldest turns of `history` are left out when the
+        conversation and the reply would not fit the model's context (`fitting_history`).
+        `logits_processor` lets a caller steer decoding (tests force an answer with it).
         """
         if not 1 <= max_new_tokens <= self.max_new_tokens_limit:
             raise UnsupportedInputError(
@@ -294,6 +295,7 @@ class ChatPoseModel:
             raise EmptyPromptError("a chat message needs text, an image, or both")
         for text in [prompt, *(t.user for t in history), *(t.assistant for t in history)]:
             self._check_text(text)
+        history = self.fitting_history(prompt, history, decoded, max_new_tokens)
         text = build_prompt(
             self.template,
             prompt,
@@ -323,6 +325,50 @@ class ChatPoseModel:
         ]
         poses = self._poses(torch.stack(states)) if states else []
         return ChatReply(self._render(generated.tolist()), poses)
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens the LM reads: a chat's prompt and its reply together."""
+        return self.model.config.text_config.max_position_embeddings
+
+    def fitting_history(
+        self,
+        prompt: str,
+        history: Sequence[Turn],
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+    ) -> Sequence[Turn]:
+        """The latest turns of `history` that leave `max_new_tokens` of the context for the
+        reply; the oldest go first, as chat front-ends do (the images move to the first turn
+        kept). UnsupportedInputError when the message alone, with its images, leaves no room."""
+        budget = self.context_length - max_new_tokens
+
+        def length(kept: int) -> int:
+            text = build_prompt(
+                self.template,
+                prompt,
+                history[len(history) - kept :],
+                self._image_markers(len(images)),
+                self.config.pose_token,
+            )
+            encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+            return encoded["input_ids"].shape[1]
+
+        if length(len(history)) <= budget:
+            return history
+        if (alone := length(0)) > budget:
+            raise UnsupportedInputError(
+                f"prompt: the message is {alone} tokens with its images; this model reads "
+                f"{self.context_length}, of which {max_new_tokens} are kept for the reply"
+            )
+        fits, too_long = 0, len(history)  # turns kept: a binary search between the two
+        while too_long - fits > 1:
+            middle = (fits + too_long) // 2
+            if length(middle) <= budget:
+                fits = middle
+            else:
+                too_long = middle
+        return history[len(history) - fits :]
 
     # --- helpers -----------------------------------------------------------------------
 

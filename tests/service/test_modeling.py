@@ -16,7 +16,7 @@ from inference_service.errors import (
     UnsupportedInputError,
 )
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
-from inference_service.prompts import Turn, pose_exchange
+from inference_service.prompts import Turn, build_prompt, pose_exchange
 
 from . import tiny_llava
 from .forcing import ForceTokens, answer_ids
@@ -149,6 +149,38 @@ def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
     assert len(forced) > 4
     with pytest.raises(UnsupportedInputError, match="max_new_tokens must be between 1 and 512"):
         tiny_model.chat("Hi", max_new_tokens=513)
+
+
+def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model):
+    history = [
+        Turn(f"Pose number {i}: " + "raise the arm " * 20, "Sure, it is <POSE>.") for i in range(12)
+    ]
+    max_new_tokens = 64
+    budget = tiny_model.context_length - max_new_tokens
+    kept = tiny_model.fitting_history("Now sit.", history, [], max_new_tokens)
+    assert 0 < len(kept) < len(history)
+    assert list(kept) == history[len(history) - len(kept) :]  # the latest turns, in order
+
+    def length(turns):
+        text = build_prompt(tiny_model.template, "Now sit.", turns, "", "<POSE>")
+        return len(tiny_model.tokenizer(text)["input_ids"])
+
+    assert length(kept) <= budget < length(history[len(history) - len(kept) - 1 :])
+    short = history[-2:]
+    assert tiny_model.fitting_history("Now sit.", short, [], max_new_tokens) == short
+    # Given the whole conversation, chat reads only what fits and still answers.
+    force = ForceTokens(answer_ids(tiny_model, "Now sit.", "Sure, it is <POSE>."))
+    reply = tiny_model.chat(
+        "Now sit.", history=history, max_new_tokens=max_new_tokens, logits_processor=[force]
+    )
+    assert force.start == length(kept)  # the prompt generate was given
+    assert reply.text == "Sure, it is <POSE>." and len(reply.poses) == 1
+
+
+def test_a_chat_message_longer_than_the_context_is_a_typed_error(tiny_model):
+    with pytest.raises(UnsupportedInputError, match=r"prompt: the message is \d+ tokens") as error:
+        tiny_model.chat("raise the arm " * 400, max_new_tokens=16)
+    assert error.value.code == "unsupported_input"
 
 
 def test_bad_image_bytes_raise_a_typed_error(tiny_model):

@@ -35,6 +35,7 @@ from shared_protocol.protocol import (
     ErrorReply,
     PoseReply,
     PoseRequest,
+    ProtocolError,
     Reply,
     Turn,
 )
@@ -279,9 +280,8 @@ class Scheduler:
         reply = BatchItemReply(
             request.request_id, task.index, request.total, answer.text, answer.poses
         )
-        self._send(request.client, reply)
         request.answered += 1
-        request.completed += 1
+        request.completed += self._send(request.client, reply)
         self._after_item(request)
 
     def _after_item(self, request: _Request) -> None:
@@ -308,11 +308,23 @@ class Scheduler:
     ) -> None:
         self._send(client, ErrorReply(request_id, op, code, message, index))
 
-    def _send(self, client: ClientId, reply: Reply) -> None:
+    def _send(self, client: ClientId, reply: Reply) -> bool:
+        """Emits `reply`; an answer that breaks a protocol limit (a chat reply with more poses
+        than a reply holds, say) is answered with a `model_error` instead. False if the reply
+        did not go out."""
         try:
             self._emit(client, reply)
+            return True
+        except ProtocolError as err:
+            log.warning("could not encode the reply to request %r: %s", reply.id, err)
+            if isinstance(reply, PoseReply | BatchItemReply):
+                index = reply.index if isinstance(reply, BatchItemReply) else None
+                op = "pose" if index is None else "batch"
+                message = f"the model's answer could not be sent: {err}"
+                self._send(client, ErrorReply(reply.id, op, ErrorCode.MODEL_ERROR, message, index))
         except Exception:  # a reply that cannot be sent must not stop the scheduler
             log.exception("could not emit a reply for request %r", getattr(reply, "id", None))
+        return False
 
     # --- the worker thread --------------------------------------------------------------------
 

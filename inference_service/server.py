@@ -244,7 +244,15 @@ class Server:
                 self._router.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
                 log.warning("client unreachable; dropping its work", extra={"error": str(exc)})
-                self.scheduler.cancel_client(frames[0])
+                self._drop_client(frames[0])
+
+    def _drop_client(self, client: ClientId) -> None:
+        """Forgets a client that can no longer be reached: its work, and its requests' log
+        entries (which only a final reply would otherwise remove)."""
+        self.scheduler.cancel_client(client)
+        with self._received_lock:
+            for key in [key for key in self._received if key[0] == client]:
+                del self._received[key]
 
     # --- requests, on the I/O thread ----------------------------------------------------------
 

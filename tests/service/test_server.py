@@ -20,6 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from inference_service.backend import ModelBackend
 from inference_service.keys import make_keys
+from inference_service.scheduler import Answer
 from inference_service.server import (
     CurveKeys,
     Server,
@@ -212,6 +213,36 @@ def test_a_client_that_disappears_mid_request_does_not_disturb_others(running, b
         while client.request(StatusRequest(client.new_id()), TIMEOUT_S).queue_depth:
             assert time.monotonic() < deadline, "the vanished client's work was never dropped"
             time.sleep(0.05)
+    # Nor does the server keep the vanished client's requests in its log of open requests.
+    while running.server._received:
+        assert time.monotonic() < deadline, f"still open: {list(running.server._received)}"
+        time.sleep(0.05)
+
+
+class TooManyPoses(ScriptedBackend):
+    """Chat answers with one pose more than a reply may hold."""
+
+    def answer_chat(self, item):
+        answer = super().answer_chat(item)
+        return Answer(answer.text, answer.poses[:1] * (Limits().max_poses + 1))
+
+
+def test_an_answer_that_breaks_a_protocol_limit_gets_a_model_error():
+    served = Running(TooManyPoses())
+    try:
+        with served.client() as client:
+            chat = PoseRequest(client.new_id(), "many", mode="chat")
+            reply = client.request(chat, TIMEOUT_S)
+            assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.MODEL_ERROR
+            assert reply.id == chat.id and "poses" in reply.message
+            client.send(BatchRequest(client.new_id(), ["one", "two"], mode="chat"))
+            replies = _collect(client, until=lambda r: isinstance(r, BatchDoneReply))
+        errors = [r for r in replies if isinstance(r, ErrorReply)]
+        assert sorted(r.index for r in errors) == [0, 1]
+        assert all(r.code == ErrorCode.MODEL_ERROR for r in errors)
+        assert replies[-1].completed == 0
+    finally:
+        served.stop()
 
 
 def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):

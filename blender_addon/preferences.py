@@ -76,7 +76,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
     def draw(self, context):
         layout = self.layout
         layout.prop(self, "service_address")
-        problem = address_problem(self.service_address, online_access())
+        problem = address_problem(self.service_address.strip(), online_access())
         if problem:
             layout.label(text=problem, icon="ERROR")
         layout.prop(self, "request_timeout")
@@ -124,7 +124,7 @@ def service_settings(context: bpy.types.Context | None = None) -> tuple[str, flo
 
     ``problem`` says why the address must not be used now (see ``core.netpolicy``)."""
     prefs = get_preferences(context)
-    address = prefs.service_address if prefs else DEFAULT_SERVICE_ADDRESS
+    address = (prefs.service_address if prefs else DEFAULT_SERVICE_ADDRESS).strip()
     timeout = prefs.request_timeout if prefs else DEFAULT_TIMEOUT_S
     return address, timeout, address_problem(address, online_access())
 

@@ -11,20 +11,19 @@ PUSH socket to a PULL socket that the I/O thread polls, which forwards them to t
 from __future__ import annotations
 
 import errno
-import ipaddress
 import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from shared_protocol import __version__
+from shared_protocol.address import AddressError, check_address, is_loopback
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     BatchRequest,
@@ -81,24 +80,12 @@ class CurveKeys:
     authorized_clients_dir: Path
 
 
-def is_loopback(address: str) -> bool:
-    """True for tcp addresses on the loopback interface, and for ipc/inproc (local by nature)."""
-    parts = urlsplit(address)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    if parts.scheme != "tcp":
-        return False
-    host = (parts.hostname or "").strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '*', an interface name or a host name: not provably loopback
-        return False
-
-
 def check_bind(bind: str, curve: CurveKeys | None) -> None:
-    """Refuses a non-loopback address unless CURVE keys guard it."""
+    """Refuses a malformed address, and a non-loopback one unless CURVE keys guard it."""
+    try:
+        check_address(bind, bind=True)
+    except AddressError as exc:
+        raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
     if not is_loopback(bind) and curve is None:
         raise ServerConfigError(
             f"refusing to listen on {bind}: it is not a loopback address, and without CURVE "

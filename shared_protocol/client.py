@@ -25,6 +25,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
+from .address import check_address
 from .protocol import (
     DEFAULT_LIMITS,
     ErrorCode,
@@ -62,7 +63,7 @@ class Client:
         limits: Limits = DEFAULT_LIMITS,
         context: zmq.Context | None = None,
     ):
-        self.address = address
+        self.address = check_address(address)  # AddressError before ZeroMQ's "Invalid argument"
         self._curve = curve
         self._limits = limits
         self._context = context or zmq.Context.instance()

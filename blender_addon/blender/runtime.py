@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import bpy
 
+from shared_protocol.address import is_loopback
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core import batch_plan, chat
@@ -42,7 +43,6 @@ from ..core.dispatch import (
     StatusAnswered,
     StatusFailed,
 )
-from ..core.netpolicy import is_loopback_address
 from ..core.service_process import (
     ServiceProcess,
     ServiceProcessError,
@@ -554,7 +554,7 @@ def start_service(context: bpy.types.Context) -> None:
     if prefs is None:
         raise UserError("The add-on's preferences are not available")
     address, _timeout, _problem = service_settings(context)
-    if not is_loopback_address(address):
+    if not is_loopback(address):
         raise UserError(
             f"A local service listens on the Service Address, which must be on this machine "
             f"(e.g. tcp://127.0.0.1:5555), not {address}"

@@ -277,7 +277,6 @@ def test_default_address_matches_the_client():
     ],
 )
 def test_loopback_addresses_need_no_online_access(address):
-    assert netpolicy.is_loopback_address(address)
     assert netpolicy.address_problem(address, online_access=False) is None
 
 
@@ -285,13 +284,14 @@ def test_loopback_addresses_need_no_online_access(address):
     "address", ["tcp://192.168.1.20:5555", "tcp://gpu-box:5555", "tcp://[2001:db8::1]:5555"]
 )
 def test_remote_addresses_need_online_access(address):
-    assert not netpolicy.is_loopback_address(address)
     problem = netpolicy.address_problem(address, online_access=False)
     assert problem is not None and "online access" in problem
     assert netpolicy.address_problem(address, online_access=True) is None
 
 
-@pytest.mark.parametrize("address", ["", "127.0.0.1:5555", "tcp://127.0.0.1", "http://x:1"])
+@pytest.mark.parametrize(
+    "address", ["", "127.0.0.1:5555", "tcp://127.0.0.1", "http://x:1", "tcp://127.0.0.1:5555 "]
+)
 def test_malformed_addresses_are_refused_either_way(address):
     assert "not a ZeroMQ address" in netpolicy.address_problem(address, online_access=True)
 

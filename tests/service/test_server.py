@@ -25,7 +25,6 @@ from inference_service.server import (
     CurveKeys,
     Server,
     ServerConfigError,
-    is_loopback,
 )
 from shared_protocol.client import Client, ClientCurveKeys
 from shared_protocol.pose import Pose
@@ -414,25 +413,6 @@ def test_unreachable_service_is_reported_quickly_and_clearly():
     assert info.value.code == ErrorCode.UNREACHABLE
     assert "is chatpose-serve running?" in str(info.value)
     assert time.monotonic() - started < 5
-
-
-@pytest.mark.parametrize(
-    ("address", "loopback"),
-    [
-        ("tcp://127.0.0.1:5555", True),
-        ("tcp://127.8.9.10:5555", True),
-        ("tcp://localhost:5555", True),
-        ("tcp://[::1]:5555", True),
-        ("ipc:///tmp/chatpose.sock", True),
-        ("tcp://*:5555", False),
-        ("tcp://0.0.0.0:5555", False),
-        ("tcp://192.168.1.20:5555", False),
-        ("tcp://studio-gpu:5555", False),
-        ("udp://127.0.0.1:5555", False),
-    ],
-)
-def test_is_loopback(address, loopback):
-    assert is_loopback(address) is loopback
 
 
 @scripted_only

@@ -1,0 +1,76 @@
+"""ZeroMQ endpoint addresses: which are well formed, and which cannot leave this machine.
+
+String logic only (no DNS lookups, no sockets), shared by the server (what it may bind), the
+command line and the add-on (what they may connect to), so that all three refuse a bad address
+with the same sentence before ZeroMQ fails on it with "Invalid argument".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+EXPECTED = "expected tcp://host:port"
+
+
+class AddressError(ValueError):
+    """An address that is not a usable ZeroMQ endpoint; the message says what is wrong."""
+
+
+def check_address(address: str, *, bind: bool = False) -> str:
+    """`address` itself if it is `tcp://[interface;]host:port`, `ipc://path` or
+    `inproc://name`, else AddressError (also for a space, which ZeroMQ would not take). A bind
+    may use `*` for the host or the port (any interface, a free port); a connection needs
+    both."""
+    problem = _problem(address, bind)
+    if problem:
+        raise AddressError(f"{address!r} is not a ZeroMQ address: {problem} ({EXPECTED})")
+    return address
+
+
+def is_loopback(address: str) -> bool:
+    """True for tcp addresses on the loopback interface (`localhost` by name), and for ipc and
+    inproc (local by nature). `*`, interface and host names are not provably loopback."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    if not address.startswith("tcp://") or _problem(address, bind=True):
+        return False
+    host = _tcp_host_port(address)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _problem(address: str, bind: bool) -> str | None:
+    if any(c.isspace() for c in address):
+        return "it contains a space"
+    for transport in ("ipc://", "inproc://"):
+        if address.startswith(transport):
+            return None if address[len(transport) :] else f"nothing after {transport}"
+    if not address.startswith("tcp://"):
+        return "unknown transport"
+    host, port = _tcp_host_port(address)
+    if not host:
+        return "no host"
+    if not port:
+        return "no port"
+    if host == "*" and not bind:
+        return "'*' (any interface) is for listening, not connecting"
+    if port == "*":
+        return None if bind else "'*' (any free port) is for listening, not connecting"
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None
+
+
+def _tcp_host_port(address: str) -> tuple[str, str]:
+    """The host (IPv6 brackets removed) and port of `tcp://[interface;]host:port`."""
+    rest = address[len("tcp://") :].rpartition(";")[2]  # a source interface may come first
+    host, colon, port = rest.rpartition(":")
+    if not colon:
+        return rest, ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port

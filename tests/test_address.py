@@ -1,0 +1,94 @@
+"""ZeroMQ addresses: well formed or not (with the reason), and which stay on this machine."""
+
+import pytest
+import zmq
+
+from shared_protocol.address import AddressError, check_address, is_loopback
+from shared_protocol.client import Client
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "tcp://127.0.0.1:5555",
+        "tcp://localhost:1",
+        "tcp://[::1]:65535",
+        "tcp://lo;127.0.0.1:5555",
+        "tcp://gpu-box:5555",
+        "ipc:///tmp/chatpose.sock",
+        "inproc://chatpose",
+    ],
+)
+def test_well_formed_addresses_pass_unchanged(address):
+    assert check_address(address) == address
+    assert check_address(address, bind=True) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("", "unknown transport"),
+        ("127.0.0.1:5555", "unknown transport"),
+        ("http://127.0.0.1:5555", "unknown transport"),
+        ("tcp://127.0.0.1:5555 ", "contains a space"),
+        (" tcp://127.0.0.1:5555", "contains a space"),
+        ("tcp://127.0.0.1", "no port"),
+        ("tcp://:5555", "no host"),
+        ("tcp://127.0.0.1:notaport", "port 'notaport' is not a number from 1 to 65535"),
+        ("tcp://127.0.0.1:0", "port '0'"),
+        ("tcp://127.0.0.1:65536", "port '65536'"),
+        ("tcp://127.0.0.1:５５５５", "port '５５５５'"),  # full-width digits: isdigit() says yes
+        ("tcp://*:5555", "'*' (any interface) is for listening"),
+        ("tcp://127.0.0.1:*", "'*' (any free port) is for listening"),
+        ("ipc://", "nothing after ipc://"),
+        ("inproc://", "nothing after inproc://"),
+    ],
+)
+def test_malformed_addresses_name_what_is_wrong(address, reason):
+    with pytest.raises(AddressError, match="is not a ZeroMQ address") as error:
+        check_address(address)
+    assert reason in str(error.value)
+    assert "expected tcp://host:port" in str(error.value)
+
+
+def test_a_bind_may_ask_for_any_interface_or_a_free_port():
+    assert check_address("tcp://*:5555", bind=True) == "tcp://*:5555"
+    assert check_address("tcp://127.0.0.1:*", bind=True) == "tcp://127.0.0.1:*"
+    with pytest.raises(AddressError, match="unknown transport"):
+        check_address("garbage", bind=True)
+    with pytest.raises(AddressError, match="no port"):
+        check_address("tcp://x", bind=True)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.8.9.10:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://LOCALHOST:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://lo;127.0.0.1:5555", True),
+        ("tcp://127.0.0.1:*", True),
+        ("ipc:///tmp/chatpose.sock", True),
+        ("inproc://chatpose", True),
+        ("tcp://*:5555", False),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://192.168.1.20:5555", False),
+        ("tcp://[2001:db8::1]:5555", False),
+        ("tcp://studio-gpu:5555", False),
+        ("udp://127.0.0.1:5555", False),
+        ("tcp://127.0.0.1", False),
+    ],
+)
+def test_is_loopback(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_the_client_refuses_a_malformed_address_before_zeromq_does():
+    context = zmq.Context()
+    try:
+        with pytest.raises(AddressError, match="'127.0.0.1:5555' is not a ZeroMQ address"):
+            Client("127.0.0.1:5555", context=context)
+    finally:
+        context.term()  # no socket was left open, or this would block

@@ -11,6 +11,8 @@ Exit codes follow the protocol's error codes, so scripts can tell what went wron
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_protocol import __version__
+from shared_protocol.address import AddressError, check_address
 from shared_protocol.client import DEFAULT_ADDRESS, Client
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.protocol import (
@@ -30,6 +33,7 @@ from shared_protocol.protocol import (
     PoseRequest,
     ProtocolError,
     StatusRequest,
+    batch_chunks,
     encode_reply,
 )
 from shared_protocol.skeleton import JOINT_NAMES
@@ -91,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"chatpose {__version__}")
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--address", default=DEFAULT_ADDRESS, help="the service's address")
     connection.add_argument(
-        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for an answer"
+        "--address", type=_address, default=DEFAULT_ADDRESS, help="the service's address"
+    )
+    connection.add_argument(
+        "--timeout", type=_positive, default=60.0, metavar="S", help="seconds to wait for an answer"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser("batch", parents=[connection], help="one prompt per line")
     batch.add_argument("file", type=Path, metavar="FILE.txt")
     batch.add_argument("--out", type=Path, metavar="FILE.npz", required=True)
-    batch.add_argument("--fps", type=float, default=30.0)
+    batch.add_argument("--fps", type=_positive, default=30.0, help="frames per second (30)")
 
     commands.add_parser("status", parents=[connection], help="the service's status")
     demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
@@ -122,9 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256, help="panel size in pixels (256)")
     demo.add_argument("--device", default="cpu", help="the service's device (cpu)")
     demo.add_argument(
-        "--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for an answer"
+        "--timeout",
+        type=_positive,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for an answer",
     )
     return parser
+
+
+def _address(text: str) -> str:
+    try:
+        return check_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +192,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _pose(args: argparse.Namespace) -> int:
+    if args.checkpoint and not args.local:
+        raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
+    if args.out:
+        _check_writable(args.out)
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
     if args.local:
@@ -184,29 +215,34 @@ def _pose(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    prompts = _read_prompts(args.file)
-    poses: dict[int, Pose] = {}
+    lines = _read_prompts(args.file)  # (line number in the file, prompt)
+    _check_writable(args.out)
+    poses: dict[int, Pose] = {}  # by line number
     failures: list[str] = []
-    limit = DEFAULT_LIMITS.max_batch_items
+    limit = DEFAULT_LIMITS.max_prompt_chars
+    for number, prompt in lines:  # the service would refuse the whole request for one of them
+        if len(prompt) > limit:
+            failures.append(f"line {number}: too_large: {len(prompt)} characters; at most {limit}")
+    sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
     try:
         with Client(args.address) as client:
-            for start in range(0, len(prompts), limit):
-                chunk = prompts[start : start + limit]
-                request = BatchRequest(client.new_id(), chunk)
+            for chunk in batch_chunks([prompt for _, prompt in sendable]):
+                numbers = [sendable[i][0] for i in chunk]
+                request = BatchRequest(client.new_id(), [sendable[i][1] for i in chunk])
                 for reply in client.stream(request, args.timeout):
                     if isinstance(reply, BatchItemReply) and reply.poses:
-                        poses[start + reply.index] = reply.poses[0]
+                        poses[numbers[reply.index]] = reply.poses[0]
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
-                        line = start + reply.index
-                        failures.append(f"line {line + 1}: {reply.code.value}: {reply.message}")
+                        number = numbers[reply.index]
+                        failures.append(f"line {number}: {reply.code.value}: {reply.message}")
                     elif isinstance(reply, ErrorReply):
                         raise ProtocolError(reply.code, reply.message)
-                    _progress(len(poses) + len(failures), len(prompts))
+                    _progress(len(poses) + len(failures), len(lines))
     finally:  # what was answered is written even when the run stops half-way
         print(file=sys.stderr)
         if poses:
             _write_motion(args.out, [poses[i] for i in sorted(poses)], fps=args.fps)
-            print(f"wrote {len(poses)} of {len(prompts)} poses to {args.out}", file=sys.stderr)
+            print(f"wrote {len(poses)} of {len(lines)} poses to {args.out}", file=sys.stderr)
     for failure in failures:
         print(f"chatpose batch: {failure}", file=sys.stderr)
     return EXIT_SERVICE_ERROR if failures else EXIT_OK
@@ -227,6 +263,12 @@ def _demo(args: argparse.Namespace) -> int:
         raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
     if args.size < 32:
         raise CommandError(EXIT_BAD_INPUT, f"--size: at least 32 pixels, got {args.size}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(
+            EXIT_BAD_INPUT, f"--out: cannot make the folder {args.out} ({exc.strerror})"
+        ) from None
     try:
         result = run_demo(
             checkpoint, args.out, size=args.size, device=args.device, timeout_s=args.timeout
@@ -258,16 +300,25 @@ def _checked(reply):
 
 def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
     from .backend import ModelBackend  # torch: only when asked to run the model here
-    from .errors import ChatPoseError
+    from .errors import ChatPoseError, CheckpointError
     from .scheduler import WorkItem
     from .serve import DEMO_CHECKPOINT
 
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
-    if not checkpoint.exists():
-        raise CommandError(EXIT_BAD_INPUT, f"no checkpoint at {checkpoint}; pass --checkpoint")
+    if not (checkpoint / "chatpose.json").is_file():
+        if args.checkpoint is None:
+            raise CommandError(
+                EXIT_NOT_BUILT,
+                f"the bundled demo model is missing from {checkpoint}; rebuild it with "
+                "`make demo-model`, or pass --checkpoint",
+            )
+        raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
     item = WorkItem(args.text, images, mode=mode)
     try:
         backend = ModelBackend.from_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: {exc}") from None
+    try:
         answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
     except ChatPoseError as exc:
         raise ProtocolError(ErrorCode(exc.code), str(exc)) from None
@@ -286,15 +337,27 @@ def _read_image(path: Path) -> bytes:
     return data
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_prompts(path: Path) -> list[tuple[int, str]]:
+    """The file's non-blank lines, stripped, each with its line number (from 1)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
         raise CommandError(EXIT_BAD_INPUT, f"{path} has no prompts (one per line)")
-    return prompts
+    return lines
+
+
+def _check_writable(path: Path) -> None:
+    """Before any work: an --out that cannot be written would lose every answer."""
+    folder = path.parent
+    if path.is_dir():
+        raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is a folder; name a .npz file")
+    if not folder.is_dir():
+        raise CommandError(EXIT_BAD_INPUT, f"--out: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write in {folder}")
 
 
 def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:

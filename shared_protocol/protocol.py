@@ -986,6 +986,28 @@ def encode_request(message: Request, limits: Limits = DEFAULT_LIMITS) -> list[by
     return frames
 
 
+def batch_chunks(
+    prompts: Sequence[str], max_items: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> list[range]:
+    """Consecutive ranges of `prompts`, in order, each small enough for one batch request: at
+    most `max_items` (default: the limit's) prompts, and a header within `max_header_bytes`
+    (long prompts fill it before 256 do)."""
+    max_items = limits.max_batch_items if max_items is None else max_items
+    if not 1 <= max_items <= limits.max_batch_items:
+        raise ValueError(f"max_items: expected 1 to {limits.max_batch_items}, got {max_items}")
+    budget = limits.max_header_bytes - 1024  # the header's other fields
+    chunks, start, size = [], 0, 0
+    for index, prompt in enumerate(prompts):
+        cost = len(json.dumps(prompt, ensure_ascii=False).encode("utf-8", "surrogatepass")) + 1
+        if index > start and (index - start == max_items or size + cost > budget):
+            chunks.append(range(start, index))
+            start, size = index, 0
+        size += cost
+    if start < len(prompts):
+        chunks.append(range(start, len(prompts)))
+    return chunks
+
+
 def encode_reply(message: Reply, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
     """The frames of a reply, checked as `decode_reply` checks them; raises ProtocolError."""
     kinds = (StatusReply, PoseReply, BatchItemReply, BatchDoneReply, CancelReply, ErrorReply)
@@ -996,6 +1018,7 @@ def encode_reply(message: Reply, limits: Limits = DEFAULT_LIMITS) -> list[bytes]
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "batch_chunks",
     "JPEG_MAGIC",
     "MODES",
     "PNG_MAGIC",

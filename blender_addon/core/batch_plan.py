@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shared_protocol.protocol import DEFAULT_LIMITS
+from shared_protocol.protocol import DEFAULT_LIMITS, batch_chunks
 
 from .batch_record import PendingLine
 
@@ -30,10 +30,10 @@ ENDED = (FINISHED, CANCELLED, FAILED)
 
 
 def split(lines: Sequence[PendingLine], size: int = MAX_BATCH_ITEMS) -> list[list[PendingLine]]:
-    """Consecutive chunks of at most ``size`` lines, in order."""
-    if size < 1:
-        raise ValueError(f"size: expected >= 1, got {size}")
-    return [list(lines[i : i + size]) for i in range(0, len(lines), size)]
+    """Consecutive chunks of at most ``size`` lines, in order, each within the protocol's
+    header size (``batch_chunks``)."""
+    chunks = batch_chunks([line.text for line in lines], size)
+    return [list(lines[chunk.start : chunk.stop]) for chunk in chunks]
 
 
 @dataclass

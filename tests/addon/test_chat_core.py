@@ -187,6 +187,10 @@ def test_split_caps_each_request_at_the_protocol_limit():
     assert split([], 256) == []
     with pytest.raises(ValueError):
         split(lines, 0)
+    # Long prompts are split by the protocol's header size before 256 of them fill a request.
+    long_lines = BatchRecord().pending([f"{i} " + "x" * 7000 for i in range(200)], 1, 1)
+    chunks = split(long_lines)
+    assert len(chunks) > 1 and [line for c in chunks for line in c] == long_lines
 
 
 def test_a_run_walks_its_chunks_and_counts_by_line():

@@ -108,10 +108,77 @@ def test_batch_streams_writes_what_succeeded_and_names_failed_lines(address, cap
         capsys, "batch", str(prompts), "--out", str(out_file), "--fps", "24", "--address", address
     )
     assert code == cli.EXIT_SERVICE_ERROR
-    assert "line 3: model_error" in err and "wrote 3 of 4 poses" in err
+    assert "line 4: model_error" in err and "wrote 3 of 4 poses" in err  # the file's line
     motion = Motion.load_npz(out_file)
     assert motion.fps == 24.0 and motion.labels == ("wave", "sit down", "bow")
     np.testing.assert_array_equal(motion.axis_angle[1], pose_for("sit down").axis_angle)
+
+
+def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n\n" + "x" * 9000 + "\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_SERVICE_ERROR
+    assert "line 3: too_large: 9000 characters; at most 8000" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "bow")
+
+
+def test_a_batch_whose_prompts_fill_more_than_one_header(address, backend, capsys, tmp_path):
+    prompts = tmp_path / "big.txt"
+    prompts.write_text("\n".join(f"{i} " + "raise the left arm " * 350 for i in range(200)))
+    out_file = tmp_path / "big.npz"
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_OK, err
+    assert len(Motion.load_npz(out_file).labels) == 200
+
+
+def test_a_batch_checks_its_out_file_before_any_work(address, backend, capsys, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n")
+    for out, message in [
+        (tmp_path / "missing" / "a.npz", "does not exist"),
+        (tmp_path, "is a folder"),
+    ]:
+        code, _, err = run(capsys, "batch", str(prompts), "--out", str(out), "--address", address)
+        assert code == cli.EXIT_BAD_INPUT and "--out: " in err and message in err
+    assert backend.batch_sizes == []  # nothing was sent
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["batch", "f.txt", "--out", "a.npz", "--fps", "0"], "expected a positive number, got '0'"),
+        (["batch", "f.txt", "--out", "a.npz", "--fps", "nan"], "got 'nan'"),
+        (["status", "--timeout", "-5"], "expected a positive number, got '-5'"),
+        (["status", "--address", "127.0.0.1:5555"], "is not a ZeroMQ address: unknown transport"),
+        (["pose", "x", "--address", "tcp://127.0.0.1:x"], "port 'x' is not a number"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_without_local_is_a_usage_error(address, capsys):
+    code, _, err = run(capsys, "pose", "x", "--checkpoint", "/x", "--address", address)
+    assert code == cli.EXIT_USAGE and "add --local" in err
+
+
+def test_local_mode_without_the_demo_model_says_it_is_not_built(capsys, tmp_path, monkeypatch):
+    from inference_service import serve
+
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
+    code, _, err = run(capsys, "pose", "x", "--local")
+    assert code == cli.EXIT_NOT_BUILT and "make demo-model" in err
+
+
+def test_demo_out_that_cannot_be_a_folder_is_bad_input(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path / "file"))
+    assert code == cli.EXIT_BAD_INPUT and "--out: cannot make the folder" in err
 
 
 def test_batch_longer_than_one_protocol_batch(address, capsys, tmp_path):
@@ -159,4 +226,4 @@ def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
 
 def test_local_mode_without_a_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(tmp_path / "none"))
-    assert code == cli.EXIT_BAD_INPUT and "no checkpoint at" in err
+    assert code == cli.EXIT_BAD_INPUT and "--checkpoint: no checkpoint at" in err

@@ -1183,9 +1183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--steps", type=int, help="training steps (the preset's by default)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the packed checkpoint")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the packed checkpoint (default: the shipped demo_checkpoint for the demo preset "
+        "as it is, else WORK/checkpoint)",
+    )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="intermediate files")
-    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="docs folder")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="docs folder to write the results into (default: docs/ for the demo preset as it "
+        "is, else none)",
+    )
     parser.add_argument("--no-docs", action="store_true", help="leave the docs alone")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -1211,6 +1221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="change one setting of the preset, e.g. --set word_steps=12000 (repeatable)",
     )
     args = parser.parse_args(argv)
+    # Only the demo preset as it is may replace the shipped checkpoint and its docs by default:
+    # a toy or changed build would otherwise overwrite them.
+    ships = args.preset == "demo" and not args.overrides
+    out = args.out or (DEFAULT_OUT if ships else args.work / "checkpoint")
+    docs = None if args.no_docs else args.docs or (DEFAULT_DOCS if ships else None)
     command = "python -m inference_service.training.build_demo" + (
         " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:])
     )
@@ -1218,9 +1233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = build(
             args.preset,
             steps=args.steps,
-            out=args.out,
+            out=out,
             work=args.work,
-            docs=None if args.no_docs else args.docs,
+            docs=docs,
             threads=args.threads,
             seed=args.seed,
             dtype=args.dtype,

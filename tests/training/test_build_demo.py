@@ -156,6 +156,30 @@ def test_the_build_command_reports_a_bad_setting_and_exits_non_zero(capsys):
     assert "error: --set 'steps=lots': steps takes a int" in capsys.readouterr().err
 
 
+def test_only_the_demo_preset_as_it_is_writes_the_shipped_checkpoint_and_docs(
+    monkeypatch, tmp_path
+):
+    calls = []
+    monkeypatch.setattr(build_demo, "build", lambda preset, **kw: calls.append(kw) or {})
+    work = tmp_path / "work"
+    for argv in (
+        [],
+        ["--preset", "tiny"],
+        ["--set", "word_steps=10"],
+        ["--preset", "tiny", "--out", str(tmp_path / "o"), "--docs", str(tmp_path / "d")],
+        ["--no-docs"],
+    ):
+        assert build_demo.main([*argv, "--work", str(work)]) == 0
+    wheres = [(kw["out"], kw["docs"]) for kw in calls]
+    assert wheres == [
+        (build_demo.DEFAULT_OUT, build_demo.DEFAULT_DOCS),
+        (work / "checkpoint", None),
+        (work / "checkpoint", None),
+        (tmp_path / "o", tmp_path / "d"),
+        (build_demo.DEFAULT_OUT, None),
+    ]
+
+
 def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, monkeypatch):
     pytest.importorskip("bpy")
     # The paper's way (the training command's default): LoRA on a frozen LM, no train_base.

@@ -22,7 +22,7 @@ import numpy as np
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.client import DEFAULT_ADDRESS, Client
-from shared_protocol.pose import Motion, Pose
+from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     BatchItemReply,
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser("batch", parents=[connection], help="one prompt per line")
     batch.add_argument("file", type=Path, metavar="FILE.txt")
     batch.add_argument("--out", type=Path, metavar="FILE.npz", required=True)
-    batch.add_argument("--fps", type=_positive, default=30.0, help="frames per second (30)")
+    batch.add_argument("--fps", type=_frame_rate, default=30.0, help="frames per second (30)")
 
     commands.add_parser("status", parents=[connection], help="the service's status")
     demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
@@ -142,6 +142,14 @@ def _address(text: str) -> str:
         return check_address(text)
     except AddressError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _frame_rate(text: str) -> float:
+    low, high = FPS_RANGE
+    value = _positive(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected a frame rate from {low:g} to {high:g}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -365,6 +373,8 @@ def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:
         Motion.from_poses(poses, fps=fps).save_npz(path)
     except OSError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write {path} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write {path}: {exc}") from None
 
 
 def _print_pose_reply(reply: PoseReply) -> None:

@@ -27,6 +27,12 @@ DEFAULT_FPS = 30.0
 # AMASS stores SMPL-H poses as 52 joints (156 numbers): the first 22 are the SMPL body, then
 # hand joints. Its first 72 numbers are read as the SMPL pose, as the ChatPose release does.
 _AMASS_POSE_WIDTHS = (72, 156)
+# Bounds past which a value is malformed rather than unusual: a rotation vector's length is an
+# angle (1,000 rad is 159 turns), a translation is in metres, and a frame rate must fit a
+# Blender scene. They keep the rotation maths and Blender's float32 away from overflow.
+MAX_ANGLE = 1_000.0
+MAX_TRANSLATION = 10_000.0
+FPS_RANGE = (0.001, 1_000.0)
 
 
 def _finite_array(
@@ -45,6 +51,25 @@ def _finite_array(
     return array
 
 
+def _angles(axis_angle: np.ndarray) -> np.ndarray:
+    """Axis-angle vectors whose lengths (angles) stay within MAX_ANGLE."""
+    largest = float(np.abs(axis_angle).max(initial=0.0))
+    if largest <= MAX_ANGLE:  # each length is then at most √3 × MAX_ANGLE: no overflow
+        largest = float(np.linalg.norm(axis_angle, axis=-1).max(initial=0.0))
+    if largest > MAX_ANGLE:
+        raise ValueError(f"axis_angle: rotations of up to {MAX_ANGLE:g} rad, got {largest:g}")
+    return axis_angle
+
+
+def _metres(translation: np.ndarray) -> np.ndarray:
+    if translation.size and np.abs(translation).max() > MAX_TRANSLATION:
+        largest = np.abs(translation).max()
+        raise ValueError(
+            f"translation: metres up to {MAX_TRANSLATION:g} on each axis, got {largest:g}"
+        )
+    return translation
+
+
 def _optional_label(label: object, name: str) -> str | None:
     if label is None or isinstance(label, str):
         return label
@@ -60,15 +85,11 @@ class Pose:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "axis_angle",
-            _finite_array(self.axis_angle, "axis_angle", (NUM_JOINTS, 3), flat_ok=True),
-        )
+        axis_angle = _finite_array(self.axis_angle, "axis_angle", (NUM_JOINTS, 3), flat_ok=True)
+        object.__setattr__(self, "axis_angle", _angles(axis_angle))
         if self.translation is not None:
-            object.__setattr__(
-                self, "translation", _finite_array(self.translation, "translation", (3,))
-            )
+            translation = _finite_array(self.translation, "translation", (3,))
+            object.__setattr__(self, "translation", _metres(translation))
         _optional_label(self.label, "label")
 
     @property
@@ -158,18 +179,15 @@ class Motion:
             raise ValueError(
                 f"axis_angle: expected shape (N, 24, 3), got {np.shape(self.axis_angle)}"
             )
-        object.__setattr__(
-            self,
-            "axis_angle",
-            _finite_array(self.axis_angle, "axis_angle", (frames, NUM_JOINTS, 3)),
-        )
-        object.__setattr__(
-            self, "translation", _finite_array(self.translation, "translation", (frames, 3))
-        )
+        axis_angle = _finite_array(self.axis_angle, "axis_angle", (frames, NUM_JOINTS, 3))
+        object.__setattr__(self, "axis_angle", _angles(axis_angle))
+        translation = _finite_array(self.translation, "translation", (frames, 3))
+        object.__setattr__(self, "translation", _metres(translation))
         if isinstance(self.fps, bool) or not isinstance(self.fps, int | float | np.number):
             raise ValueError(f"fps: expected a number, got {type(self.fps).__name__}")
-        if not (math.isfinite(self.fps) and self.fps > 0):
-            raise ValueError(f"fps: expected a positive frame rate, got {self.fps}")
+        low, high = FPS_RANGE
+        if not (math.isfinite(self.fps) and low <= self.fps <= high):
+            raise ValueError(f"fps: expected a frame rate from {low:g} to {high:g}, got {self.fps}")
         object.__setattr__(self, "fps", float(self.fps))
         if self.gender not in GENDERS:
             raise ValueError(f"gender: expected one of {GENDERS}, got {self.gender!r}")
@@ -234,7 +252,10 @@ class Motion:
     def load_npz(cls, path: str | os.PathLike) -> Motion:
         """Reads an AMASS-layout file; raises ValueError naming the file and the bad entry."""
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array, renamed
+                raise ValueError("not an .npz archive (a single .npy array?)")
+            with data:
                 return cls._from_arrays({key: data[key] for key in data.files})
         except FileNotFoundError:
             raise

@@ -35,6 +35,8 @@ def test_pose_accepts_flat_vector_and_freezes_a_copy():
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0]}, "translation: expected shape"),
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, np.nan, 0]}, "translation: contains"),
         ({"axis_angle": np.zeros((24, 3)), "label": 7}, "label: expected a string"),
+        ({"axis_angle": np.full((24, 3), 1e155)}, "axis_angle: rotations of up to 1000 rad"),
+        ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0, 2e4]}, "translation: metres"),
     ],
 )
 def test_pose_rejects_bad_values_naming_the_field(kwargs, message):
@@ -151,7 +153,7 @@ def test_motion_reads_real_amass_variants(tmp_path):
         ({"poses": np.zeros((2, 66)), "mocap_framerate": 30.0}, r"poses: expected shape \(N, 72\)"),
         ({"poses": np.zeros((2, 72))}, "mocap_framerate: missing"),
         ({"poses": np.zeros((2, 72)), "mocap_framerate": np.zeros(3)}, "expected one number"),
-        ({"poses": np.zeros((2, 72)), "mocap_framerate": -1.0}, "fps: expected a positive"),
+        ({"poses": np.zeros((2, 72)), "mocap_framerate": -1.0}, "fps: expected a frame rate"),
         ({"poses": np.full((2, 72), np.nan), "mocap_framerate": 30.0}, "axis_angle: contains"),
         (
             {"poses": np.zeros((2, 72)), "trans": np.zeros((3, 3)), "mocap_framerate": 30.0},
@@ -193,13 +195,37 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
     with pytest.raises(FileNotFoundError):
         Motion.load_npz(tmp_path / "missing.npz")
 
+    renamed = tmp_path / "array.npz"
+    with open(renamed, "wb") as stream:
+        np.save(stream, np.zeros((2, 72)))
+    with pytest.raises(ValueError, match="array.npz: not an .npz archive"):
+        Motion.load_npz(renamed)
+
+
+def test_the_largest_allowed_values_round_trip(tmp_path):
+    angle = np.zeros((1, 24, 3))
+    angle[0, 5] = [1000.0, 0.0, 0.0]
+    motion = Motion(angle, np.full((1, 3), 1e4), fps=1000.0)
+    motion.save_npz(tmp_path / "edge.npz")
+    assert Motion.load_npz(tmp_path / "edge.npz").fps == 1000.0
+
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"axis_angle": np.zeros((2, 24))}, r"axis_angle: expected shape \(N, 24, 3\)"),
-        ({"fps": 0}, "fps: expected a positive frame rate"),
-        ({"fps": float("nan")}, "fps: expected a positive frame rate"),
+        ({"fps": 0}, "fps: expected a frame rate from 0.001 to 1000, got 0"),
+        ({"fps": float("nan")}, "fps: expected a frame rate from 0.001 to 1000"),
+        ({"fps": 1e300}, "fps: expected a frame rate from 0.001 to 1000, got 1e"),
+        ({"fps": 1e-300}, "fps: expected a frame rate"),
+        (
+            {"axis_angle": np.full((2, 24, 3), 1e200)},
+            "axis_angle: rotations of up to 1000 rad, got 1e",
+        ),
+        (
+            {"translation": np.full((2, 3), -1e300)},
+            "translation: metres up to 10000 on each axis, got 1e",
+        ),
         ({"fps": True}, "fps: expected a number"),
         ({"gender": "Male"}, "gender: expected one of"),
         ({"betas": np.zeros((2, 10))}, "betas: expected shape"),

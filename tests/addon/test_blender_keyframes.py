@@ -137,6 +137,13 @@ def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(RuntimeError, match="bad.npz"):
         bpy.ops.chatpose.import_npz(filepath=str(bad))
+    # A frame rate no scene can take is refused before any key is written.
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    fast = tmp_path / "fast.npz"
+    np.savez(fast, poses=np.zeros((3, 72)), mocap_framerate=1e300)
+    with pytest.raises(RuntimeError, match="fast.npz: fps: expected a frame rate"):
+        bpy.ops.chatpose.import_npz(filepath=str(fast))
+    assert obj.animation_data is None or obj.animation_data.action is None
 
 
 def test_poses_with_labels_and_partial_translation(blender):

@@ -284,6 +284,10 @@ def test_apply_pose_operator_takes_pose_json(blender):
     assert all(tuple(p.rotation_quaternion) == (1, 0, 0, 0) for p in obj.pose.bones)
     with pytest.raises(RuntimeError, match="Not a pose"):
         bpy.ops.chatpose.apply_pose(pose_json='{"layout": "nope"}')
+    huge = Pose(np.zeros((24, 3))).to_dict()
+    huge["axis_angle"][3] = [1e200, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="Not a pose: axis_angle: rotations of up to"):
+        bpy.ops.chatpose.apply_pose(pose_json=json.dumps(huge))
 
 
 def test_operators_need_an_smpl_armature(blender):

@@ -150,6 +150,7 @@ def test_a_batch_checks_its_out_file_before_any_work(address, backend, capsys, t
     [
         (["batch", "f.txt", "--out", "a.npz", "--fps", "0"], "expected a positive number, got '0'"),
         (["batch", "f.txt", "--out", "a.npz", "--fps", "nan"], "got 'nan'"),
+        (["batch", "f.txt", "--out", "a.npz", "--fps", "5000"], "a frame rate from 0.001 to 1000"),
         (["status", "--timeout", "-5"], "expected a positive number, got '-5'"),
         (["status", "--address", "127.0.0.1:5555"], "is not a ZeroMQ address: unknown transport"),
         (["pose", "x", "--address", "tcp://127.0.0.1:x"], "port 'x' is not a number"),

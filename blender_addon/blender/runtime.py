@@ -313,6 +313,7 @@ def send_pose(
         mode=mode,
         scene=scene.name,
         armature=target.name,
+        armature_uid=target.session_uid,
         frame=frame,
         use_translation=settings.use_translation,
         attachment=attachment,
@@ -383,6 +384,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         pending=pending,
         total_lines=len(lines),
         use_translation=settings.batch_translation,
+        armature_uid=target.session_uid,
     )
     if not pending:
         dispatcher().start_batch("", 0.0, run)  # records it as the last run, sends nothing
@@ -467,7 +469,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if not poses:
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
-    target = bpy.data.objects.get(job.armature)
+    target = _armature(job.armature, job.armature_uid)
     if not is_smpl_armature(target):
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
@@ -497,6 +499,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     notify(text, level)
 
 
+def _armature(name: str, uid: int | None) -> bpy.types.Object | None:
+    """A request's armature: by its session id, so that renaming it (or naming another one
+    like it) while the answer is on its way changes nothing; by name without one."""
+    if uid is None:
+        return bpy.data.objects.get(name)
+    return next((obj for obj in bpy.data.objects if obj.session_uid == uid), None)
+
+
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
     message = outcome.message
@@ -513,7 +523,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     """Keys and records lines of one run (keys first, then the record: see batch_store)."""
     run = outcomes[0].run
-    obj = bpy.data.objects.get(run.armature)
+    obj = _armature(run.armature, run.armature_uid)
     if not is_smpl_armature(obj):
         for outcome in outcomes:
             run.item_failed(outcome.line, f"the armature {run.armature!r} is gone")

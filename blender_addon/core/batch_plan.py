@@ -47,11 +47,12 @@ class BatchRun:
     counted by their line number, so reports that come after the next request went out still
     count right."""
 
-    armature: str
+    armature: str  # its name, for messages
     source: str  # what the lines came from, for messages ("Text 'moves'", "moves.txt")
     pending: list[PendingLine]
     total_lines: int
     use_translation: bool = False
+    armature_uid: int | None = None  # the armature's session id, which a rename keeps
     chunk_size: int = MAX_BATCH_ITEMS
     state: str = RUNNING
     reason: str = ""  # why a run failed

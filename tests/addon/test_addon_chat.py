@@ -182,6 +182,22 @@ def test_an_applied_answer_is_one_undo_step(armature, scripted_service):
     np.testing.assert_allclose(read_pose(obj).axis_angle, before.axis_angle, atol=1e-6)
 
 
+def test_an_answer_follows_its_armature_through_a_rename(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    other = create_smpl_armature(bpy.context, with_mesh=False)
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "renamed while asked"
+    bpy.ops.chatpose.send()
+    armature.name, other.name = "Hero", "SMPL"  # the old name now means another character
+    before = read_pose(other)
+    backend.release()
+    drive(idle)
+    assert_pose(bpy.data.objects["Hero"], pose_for("renamed while asked"))
+    np.testing.assert_allclose(read_pose(other).axis_angle, before.axis_angle)
+    assert "Applied 1 pose(s) to Hero" in runtime.last_message()[0]
+
+
 # --- pictures -------------------------------------------------------------------------------
 
 

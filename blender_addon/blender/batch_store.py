@@ -61,8 +61,8 @@ def key_batch_lines(
         [line.frame for line, _ in items],
         use_translation=use_translation,
     )
-    record = load_record(obj)
-    for line, _ in items:
-        record = record.recorded(line.line, line.text, line.frame)
+    record = load_record(obj).recorded_lines(
+        (line.line, line.text, line.frame) for line, _ in items
+    )
     save_record(obj, record)
     return record

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .timeline import frames_for
 
@@ -65,17 +65,21 @@ class PendingLine:
 @dataclass(frozen=True)
 class BatchRecord:
     entries: tuple[Entry, ...] = ()
+    # Entries by line, so that a query or an update costs no scan: a batch of 30,000 lines is
+    # resumed and recorded on Blender's main thread.
+    _by_line: dict[int, Entry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        lines = [e.line for e in self.entries]
-        if len(set(lines)) != len(lines):
+        by_line = {e.line: e for e in self.entries}
+        if len(by_line) != len(self.entries):
             raise ValueError("entries: more than one entry for a line")
-        object.__setattr__(self, "entries", tuple(sorted(self.entries, key=lambda e: e.line)))
+        object.__setattr__(self, "entries", tuple(by_line[line] for line in sorted(by_line)))
+        object.__setattr__(self, "_by_line", by_line)
 
     # --- queries ----------------------------------------------------------------------------
 
     def entry(self, line: int) -> Entry | None:
-        return next((e for e in self.entries if e.line == line), None)
+        return self._by_line.get(line)
 
     def is_keyed(self, line: int, text: str, frame: int) -> bool:
         e = self.entry(line)
@@ -95,10 +99,16 @@ class BatchRecord:
 
     def recorded(self, line: int, text: str, frame: int) -> BatchRecord:
         """This record plus ``line`` keyed at ``frame`` (replacing an older entry for it)."""
-        if line < 0:
-            raise ValueError(f"line: expected >= 0, got {line}")
-        kept = tuple(e for e in self.entries if e.line != line)
-        return BatchRecord((*kept, Entry(line, line_hash(text), int(frame))))
+        return self.recorded_lines([(line, text, frame)])
+
+    def recorded_lines(self, lines: Iterable[tuple[int, str, int]]) -> BatchRecord:
+        """This record plus each (line, text, frame) keyed, in one update."""
+        by_line = dict(self._by_line)
+        for line, text, frame in lines:
+            if line < 0:
+                raise ValueError(f"line: expected >= 0, got {line}")
+            by_line[line] = Entry(line, line_hash(text), int(frame))
+        return BatchRecord(tuple(by_line.values()))
 
     def without_lines(self, lines: Iterable[int]) -> BatchRecord:
         drop = set(lines)

@@ -133,3 +133,17 @@ def test_json_layout_and_round_trip():
 def test_bad_json_is_a_value_error(text):
     with pytest.raises(ValueError):
         BatchRecord.from_json(text)
+
+
+def test_recording_several_lines_at_once_equals_one_at_a_time():
+    items = [(3, "jump", 31), (0, "stand", 1), (3, "jump higher", 41), (7, "sit", 71)]
+    one_by_one = BatchRecord()
+    for line, text, frame in items:
+        one_by_one = one_by_one.recorded(line, text, frame)
+    at_once = BatchRecord().recorded_lines(items)
+    assert at_once == one_by_one
+    assert [e.line for e in at_once.entries] == [0, 3, 7]
+    assert at_once.is_keyed(3, "jump higher", 41) and not at_once.is_keyed(3, "jump", 31)
+    assert BatchRecord.from_json(at_once.to_json()) == at_once
+    with pytest.raises(ValueError, match="line: expected >= 0"):
+        at_once.recorded_lines([(-1, "x", 1)])

@@ -115,6 +115,7 @@ class Scheduler:
         max_batch: int = 8,
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
+        max_queued_bytes: int = 256 << 20,
         default_timeout_ms: int = 120_000,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -127,6 +128,9 @@ class Scheduler:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000.0
         self._max_queue = max_queue
+        # What waiting requests hold (images, prompts, histories): items alone do not bound it,
+        # as one pose request may carry 128 MiB of images.
+        self._max_queued_bytes = max_queued_bytes
         self._default_timeout_s = default_timeout_ms / 1000.0
         self._clock = clock
         self._lock = threading.Condition()
@@ -218,6 +222,14 @@ class Scheduler:
                 message = f"the queue is full ({depth} items waiting); try again shortly"
                 self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
                 return
+            held = self._queued_bytes()
+            if held + sum(map(_item_bytes, items)) > self._max_queued_bytes:
+                message = (
+                    f"the queue is full ({held / 2**20:.0f} MiB of images and text waiting); "
+                    "try again shortly"
+                )
+                self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
+                return
             timeout_s = self._default_timeout_s if timeout_ms is None else timeout_ms / 1000.0
             request = _Request(
                 client, request_id, op, timeout_s, deque(enumerate(items)), total=len(items)
@@ -228,6 +240,10 @@ class Scheduler:
                 return
             self._refill(request)
             self._lock.notify_all()
+
+    def _queued_bytes(self) -> int:
+        waiting = (item for r in self._requests.values() for _, item in r.waiting)
+        return sum(_item_bytes(t.item) for t in self._queue) + sum(map(_item_bytes, waiting))
 
     def _expire_locked(self) -> None:
         now = self._clock()
@@ -414,3 +430,9 @@ def _error_code(exc: ChatPoseError) -> ErrorCode:
         return ErrorCode(exc.code)
     except ValueError:  # a code the protocol does not know is still a model failure
         return ErrorCode.MODEL_ERROR
+
+
+def _item_bytes(item: WorkItem) -> int:
+    """About what an item holds in memory: its images, and its text at a byte a character."""
+    text = len(item.prompt) + sum(len(turn.text) for turn in item.history)
+    return text + sum(len(image) for image in item.images)

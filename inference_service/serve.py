@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue", type=_positive_int, default=1024, help="items waiting, at most"
     )
     parser.add_argument(
+        "--max-queued-mb",
+        type=_positive_int,
+        default=256,
+        help="MiB of images and text waiting, at most (256)",
+    )
+    parser.add_argument(
         "--timeout-ms",
         type=_positive_int,
         default=120_000,
@@ -126,6 +132,7 @@ def _build_server(args: argparse.Namespace) -> Server:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_queued_mb=args.max_queued_mb,
         default_timeout_ms=args.timeout_ms,
         curve=curve,
     )

@@ -129,6 +129,7 @@ class Server:
         max_batch: int = 8,
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
+        max_queued_mb: int = 256,
         default_timeout_ms: int = 120_000,
         curve: CurveKeys | None = None,
     ):
@@ -166,6 +167,7 @@ class Server:
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
+            max_queued_bytes=max_queued_mb << 20,
             default_timeout_ms=default_timeout_ms,
         )
 

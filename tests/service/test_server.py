@@ -359,6 +359,37 @@ def test_a_full_queue_answers_busy(backend):
         served.stop()
 
 
+@scripted_only
+def test_a_queue_full_of_images_answers_busy_by_bytes(backend):
+    big = image_bytes((10, 20, 30), size=(256, 256)) + b"\0" * (700 << 10)  # ~0.7 MiB
+    served = Running(backend, max_batch=1, max_wait_ms=0, max_queued_mb=2)
+    try:
+        backend.hold()
+        with served.client() as client:
+            running = PoseRequest(client.new_id(), "runs first", images=(big,))
+            client.send(running)
+            assert backend.entered.wait(TIMEOUT_S)  # taken off the queue: it holds no bytes
+            waiting = [PoseRequest(client.new_id(), f"waits {i}", images=(big,)) for i in range(2)]
+            for request in waiting:
+                client.send(request)
+            refused = client.request(
+                PoseRequest(client.new_id(), "one too many", images=(big,)), TIMEOUT_S
+            )
+            assert (
+                refused.code == ErrorCode.BUSY
+                and "MiB of images and text waiting" in refused.message
+            )
+            backend.release()
+            answered = _collect(client, until=lambda r: r.id == waiting[-1].id)
+            assert {r.id for r in answered if isinstance(r, PoseReply)} >= {waiting[-1].id}
+            after = client.request(
+                PoseRequest(client.new_id(), "room again", images=(big,)), TIMEOUT_S
+            )
+            assert isinstance(after, PoseReply)
+    finally:
+        served.stop()
+
+
 def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):
     rng = random.Random(7)
     valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']

@@ -36,3 +36,11 @@ def configure(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings too, as JSON lines
+    # transformers writes its own handler's plain lines and progress bars ("Loading weights")
+    # to stderr; its records go through the root's JSON handler instead, and no bars.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()

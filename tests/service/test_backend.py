@@ -174,9 +174,7 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
     finally:
         if process.poll() is None:
             process.kill()
-    events = [
-        json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")
-    ]
+    events = [json.loads(line) for line in process.stderr.read().splitlines()]  # only JSON
     names = [e.get("event") for e in events]
     assert names[0] == "start" and names[-1] == "stop"
     timed = [e for e in events if e.get("event") == "request" and e["op"] == "pose"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
-from shared_protocol.client import DEFAULT_ADDRESS, Client
+from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection.add_argument(
         "--timeout", type=_positive, default=60.0, metavar="S", help="seconds to wait for an answer"
+    )
+    connection.add_argument(
+        "--curve-secret-key",
+        type=Path,
+        metavar="FILE",
+        help="for a service with CURVE keys: your NAME.key_secret (docs/security.md)",
+    )
+    connection.add_argument(
+        "--curve-server-key", type=Path, metavar="FILE", help="with it: the server's server.key"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with Client(args.address) as client:
+    with _client(args) as client:
         reply = _checked(client.request(StatusRequest(client.new_id()), args.timeout))
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
     print(f"service   {args.address}")
@@ -209,7 +218,7 @@ def _pose(args: argparse.Namespace) -> int:
     if args.local:
         reply = _local_reply(args, images, mode)
     else:
-        with Client(args.address) as client:
+        with _client(args) as client:
             request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
             reply = _checked(client.request(request, args.timeout))
     if args.json:
@@ -233,7 +242,7 @@ def _batch(args: argparse.Namespace) -> int:
             failures.append(f"line {number}: too_large: {len(prompt)} characters; at most {limit}")
     sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
     try:
-        with Client(args.address) as client:
+        with _client(args) as client:
             for chunk in batch_chunks([prompt for _, prompt in sendable]):
                 numbers = [sendable[i][0] for i in chunk]
                 request = BatchRequest(client.new_id(), [sendable[i][1] for i in chunk])
@@ -297,6 +306,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client for --address, with CURVE keys when both key files are given."""
+    secret, server = args.curve_secret_key, args.curve_server_key
+    if (secret is None) != (server is None):
+        raise CommandError(EXIT_USAGE, "--curve-secret-key and --curve-server-key go together")
+    if secret is None:
+        return Client(args.address)
+    for flag, path in (("--curve-secret-key", secret), ("--curve-server-key", server)):
+        if not path.is_file():
+            raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
+    try:
+        return Client(args.address, curve=ClientCurveKeys(secret, server))
+    except (OSError, ValueError) as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"the CURVE key files cannot be read ({exc})") from None
 
 
 def _checked(reply):

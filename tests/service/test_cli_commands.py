@@ -228,3 +228,30 @@ def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
 def test_local_mode_without_a_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(tmp_path / "none"))
     assert code == cli.EXIT_BAD_INPUT and "--checkpoint: no checkpoint at" in err
+
+
+def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
+    from inference_service.keys import make_keys
+    from inference_service.server import CurveKeys
+
+    make_keys(tmp_path, ["animator"])
+    backend = ScriptedBackend()
+    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, curve=curve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    keys = [
+        "--curve-secret-key", str(tmp_path / "animator.key_secret"),
+        "--curve-server-key", str(tmp_path / "server.key"),
+    ]  # fmt: skip
+    try:
+        code, out, _ = run(capsys, "pose", "wave", "--address", server.address, *keys)
+        assert code == cli.EXIT_OK and "pose 1 of 1" in out
+        code, _, err = run(capsys, "status", "--address", server.address, *keys[:2])
+        assert code == cli.EXIT_USAGE and "go together" in err
+        missing = [keys[0], str(tmp_path / "nope"), *keys[2:]]
+        code, _, err = run(capsys, "status", "--address", server.address, *missing)
+        assert code == cli.EXIT_BAD_INPUT and "--curve-secret-key: no key file at" in err
+    finally:
+        server.stop()
+        thread.join(TIMEOUT_S)

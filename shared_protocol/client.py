@@ -148,11 +148,13 @@ class Client:
     def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:
         """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait
         for each reply, so a long batch lives as long as items keep coming."""
-        if not self.wait_connected(min(timeout_s, CONNECT_TIMEOUT_S)):
+        connect_s = min(timeout_s, CONNECT_TIMEOUT_S)
+        if not self.wait_connected(connect_s):
             self.reset()
             raise ProtocolError(
                 ErrorCode.UNREACHABLE,
-                f"no service at {self.address}; is chatpose-serve running?",
+                f"no service at {self.address} (no connection within {connect_s:g} s); "
+                "is chatpose-serve running?",
                 request_id=request.id,
                 op=request.op,
             )

@@ -10,7 +10,7 @@ import bpy
 
 from .blender import runtime
 from .blender.armature import find_smpl_armature
-from .blender.props import history_messages, target_armature
+from .blender.props import history_messages, target_armature, target_problem
 from .core import chat
 
 _LEVEL_ICONS = {"INFO": "INFO", "WARNING": "ERROR", "ERROR": "CANCEL"}
@@ -45,7 +45,7 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
         if find_smpl_armature(context) is not None:
             row.operator("chatpose.rest_pose", icon="LOOP_BACK", text="")
         if target is None:
-            layout.label(text="No SMPL armature selected", icon="INFO")
+            _wrapped(layout, target_problem(context), _chars_per_line(context), "ERROR")
         elif settings.target is None:
             layout.label(text=f"Using the selected {target.name}", icon="RESTRICT_SELECT_OFF")
         message, level = runtime.last_message()

@@ -16,7 +16,7 @@ from ..core.images import read_reference_image
 from . import runtime
 from .batch_store import clear_record
 from .capture import CaptureError, capture_viewport
-from .props import target_armature
+from .props import target_armature, target_problem
 
 
 def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
@@ -35,7 +35,7 @@ class _NeedsTarget:
     @classmethod
     def poll(cls, context):
         if target_armature(context) is None:
-            cls.poll_message_set("Pick a target SMPL armature (or create one)")
+            cls.poll_message_set(target_problem(context))
             return False
         return True
 

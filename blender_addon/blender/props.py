@@ -112,12 +112,35 @@ def settings(context: bpy.types.Context) -> ChatPoseSceneSettings:
 
 
 def target_armature(context: bpy.types.Context) -> bpy.types.Object | None:
-    """The scene's target armature when it is an SMPL armature, else the selected one."""
+    """The armature requests pose: the scene's Target when set, else the selected SMPL
+    armature. None when that is not an SMPL armature whose changes the file keeps
+    (`target_problem` says why)."""
+    return None if target_problem(context) else _candidate(context)
+
+
+def target_problem(context: bpy.types.Context) -> str | None:
+    """Why there is no armature to pose, or None."""
+    obj = _candidate(context)
+    if obj is None:
+        return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
+    if not is_smpl_armature(obj):
+        return (
+            f"The Target {obj.name!r} is not an SMPL armature: pick one, or clear Target to "
+            "use the selected SMPL armature"
+        )
+    if obj.library is not None:  # what is put on a linked object is not saved
+        return (
+            f"{obj.name!r} is linked from {obj.library.filepath}, so poses put on it would be "
+            "lost on saving: make a library override (Object > Library Override > Make) and "
+            "pose that"
+        )
+    return None
+
+
+def _candidate(context: bpy.types.Context) -> bpy.types.Object | None:
     scene = context.scene
     target = scene.chatpose.target if scene is not None else None
-    if is_smpl_armature(target):
-        return target
-    return find_smpl_armature(context)
+    return target if target is not None else find_smpl_armature(context)
 
 
 def history_messages(scene: bpy.types.Scene) -> list[chat.Message]:

@@ -52,7 +52,7 @@ from ..core.service_process import (
 from .armature import is_smpl_armature
 from .batch_store import key_batch_lines, load_record
 from .people import apply_people
-from .props import append_history, history_messages, target_armature
+from .props import append_history, history_messages, target_armature, target_problem
 
 TICK_INTERVAL_S = 0.05
 TICK_BUDGET_S = 0.025
@@ -189,6 +189,13 @@ def timer_tick() -> float | None:
             traceback.print_exc()
             notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
     applied = 0
+    if state.backlog and (mode := _mode_that_defers()):
+        # Creating people would end the user's edit or paint session, and its undo step would
+        # not hold the armature: the answers wait for Object or Pose mode.
+        count = len(state.backlog)
+        set_message(f"{count} answer(s) waiting: leave {mode} mode to apply them", "WARNING")
+        _redraw()
+        return TICK_INTERVAL_S
     with _window_override():
         while state.backlog and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S):
             outcome = _next_outcome()
@@ -207,6 +214,13 @@ def timer_tick() -> float | None:
     if busy() or state.waiting_ready:
         return TICK_INTERVAL_S
     return None
+
+
+def _mode_that_defers() -> str | None:
+    """The user's mode, as words, when answers must not be applied now; None in Object and
+    Pose mode."""
+    mode = bpy.context.mode
+    return None if mode in {"OBJECT", "POSE"} else mode.replace("_", " ").title()
 
 
 def _next_outcome():
@@ -294,7 +308,7 @@ def send_pose(
     settings = scene.chatpose
     target = target_armature(context)
     if target is None:
-        raise UserError("No SMPL armature: pick a target or create one (Create SMPL Armature)")
+        raise UserError(target_problem(context))
     prompt = prompt.strip()
     if not prompt and not images:
         raise UserError("Type a prompt first")
@@ -312,6 +326,7 @@ def send_pose(
         prompt=prompt,
         mode=mode,
         scene=scene.name,
+        scene_uid=scene.session_uid,
         armature=target.name,
         armature_uid=target.session_uid,
         frame=frame,
@@ -369,7 +384,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise UserError("A batch is running: cancel it or wait for it to finish")
     target = target_armature(context)
     if target is None:
-        raise UserError("No SMPL armature: pick a target or create one (Create SMPL Armature)")
+        raise UserError(target_problem(context))
     lines, label = read_batch_lines(context)
     try:
         record = load_record(target)
@@ -419,7 +434,10 @@ def cancel() -> int:
 
 def request_status(context: bpy.types.Context) -> None:
     address, timeout = _service(context)
-    dispatcher().request_status(address, timeout)
+    try:
+        dispatcher().request_status(address, timeout)
+    except (ProtocolError, BusyError) as exc:
+        raise UserError(f"Not asked: {exc}") from None
     ensure_timer()
     set_message(f"Asking {address} for its status...")
 
@@ -460,7 +478,7 @@ def apply_outcome(outcome) -> None:
 
 def _pose_answered(outcome: PoseAnswered) -> None:
     job, poses = outcome.job, outcome.poses
-    scene = bpy.data.scenes.get(job.scene)
+    scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(
             scene,
@@ -469,7 +487,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if not poses:
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
-    target = _armature(job.armature, job.armature_uid)
+    target = _find(bpy.data.objects, job.armature, job.armature_uid)
     if not is_smpl_armature(target):
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
@@ -499,12 +517,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     notify(text, level)
 
 
-def _armature(name: str, uid: int | None) -> bpy.types.Object | None:
-    """A request's armature: by its session id, so that renaming it (or naming another one
-    like it) while the answer is on its way changes nothing; by name without one."""
+def _find(collection, name: str, uid: int | None):
+    """A request's armature or scene in `collection` (bpy.data.objects, .scenes): by session
+    id, so that renaming it (or naming another one like it) while the answer is on its way
+    changes nothing; by name without one."""
     if uid is None:
-        return bpy.data.objects.get(name)
-    return next((obj for obj in bpy.data.objects if obj.session_uid == uid), None)
+        return collection.get(name)
+    return next((item for item in collection if item.session_uid == uid), None)
 
 
 def _pose_failed(outcome: PoseFailed) -> None:
@@ -512,7 +531,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
     message = outcome.message
     if outcome.code == ErrorCode.UNREACHABLE and _state.waiting_ready:
         message += " (the local service is still starting; try again when it is ready)"
-    scene = bpy.data.scenes.get(job.scene)
+    scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
@@ -523,7 +542,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     """Keys and records lines of one run (keys first, then the record: see batch_store)."""
     run = outcomes[0].run
-    obj = _armature(run.armature, run.armature_uid)
+    obj = _find(bpy.data.objects, run.armature, run.armature_uid)
     if not is_smpl_armature(obj):
         for outcome in outcomes:
             run.item_failed(outcome.line, f"the armature {run.armature!r} is gone")
@@ -541,6 +560,11 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
 
 
 def _batch_ended(run: BatchRun) -> None:
+    obj = _find(bpy.data.objects, run.armature, run.armature_uid)
+    if is_smpl_armature(obj):
+        with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
+            record = load_record(obj)
+            run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))
     run.close()
     if run.keyed:
         push_undo(f"ChatPose: batch keyframes ({run.keyed} lines)")

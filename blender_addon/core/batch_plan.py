@@ -12,7 +12,7 @@ States: ``running`` -> (``cancelling`` ->) ``finished`` | ``cancelled`` | ``fail
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared_protocol.protocol import DEFAULT_LIMITS, batch_chunks
@@ -134,6 +134,16 @@ class BatchRun:
         """``line`` was keyed and recorded."""
         self._failed.pop(line.line, None)
         self._keyed.add(line.line)
+
+    def recheck(self, recorded: Callable[[PendingLine], bool]) -> int:
+        """Forgets keyed lines that ``recorded`` (the armature's record) no longer holds, as
+        after an undo in the middle of the run, so that the summary counts what is there.
+        Returns how many."""
+        lost = [
+            line.line for line in self.pending if line.line in self._keyed and not recorded(line)
+        ]
+        self._keyed.difference_update(lost)
+        return len(lost)
 
     def item_failed(self, line: PendingLine, message: str) -> None:
         if line.line not in self._keyed:

@@ -38,6 +38,7 @@ class PoseJob:
     scene: str  # the scene whose chat history gets the exchange
     armature: str  # the target armature's name, for messages: the first pose goes there
     armature_uid: int | None = None  # its session id, which a rename keeps (else: by name)
+    scene_uid: int | None = None  # the scene's, likewise
     frame: int | None = None  # key the poses at this frame, or None
     use_translation: bool = True
     attachment: str = ""  # "viewport image", "image: photo.jpg"

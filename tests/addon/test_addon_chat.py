@@ -20,6 +20,7 @@ from blender_addon.blender import chat_operators, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.posing import read_pose
+from blender_addon.blender.runtime import UserError
 from blender_addon.core import chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, serve_command
@@ -190,12 +191,72 @@ def test_an_answer_follows_its_armature_through_a_rename(armature, scripted_serv
     bpy.context.scene.chatpose.prompt = "renamed while asked"
     bpy.ops.chatpose.send()
     armature.name, other.name = "Hero", "SMPL"  # the old name now means another character
+    bpy.context.scene.name = "Shot 2"
     before = read_pose(other)
     backend.release()
     drive(idle)
     assert_pose(bpy.data.objects["Hero"], pose_for("renamed while asked"))
     np.testing.assert_allclose(read_pose(other).axis_angle, before.axis_angle)
     assert "Applied 1 pose(s) to Hero" in runtime.last_message()[0]
+    assert [m.text for m in props.history_messages(bpy.context.scene)][0] == "renamed while asked"
+
+
+def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.context.scene.chatpose.chat_mode = True  # two people: one armature is created
+    bpy.ops.mesh.primitive_cube_add()
+    bpy.ops.object.mode_set(mode="EDIT")
+    bpy.context.scene.chatpose.prompt = "two people"
+    bpy.ops.chatpose.send()
+    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    assert bpy.context.mode == "EDIT_MESH"  # the user's edit session goes on
+    assert "SMPL.person2" not in bpy.data.objects
+    bpy.ops.object.mode_set(mode="OBJECT")
+    bpy.ops.ed.undo_push(message="edited the cube")
+    drive(idle)
+    assert_pose(armature, pose_for("two people"))
+    assert "SMPL.person2" in bpy.data.objects
+    bpy.ops.ed.undo()  # the answer was its own undo step
+    np.testing.assert_allclose(read_pose(bpy.data.objects["SMPL"]).axis_angle, 0.0, atol=1e-6)
+
+
+def test_a_target_that_cannot_be_posed_is_named(armature, scripted_service, tmp_path):
+    address, _ = scripted_service
+    use_service(address)
+    rig = bpy.data.objects.new("MyRig", bpy.data.armatures.new("MyRig"))
+    bpy.context.scene.collection.objects.link(rig)
+    bpy.context.scene.chatpose.target = rig
+    bpy.context.scene.chatpose.prompt = "wave"
+    assert not bpy.ops.chatpose.send.poll()
+    with pytest.raises(UserError, match="The Target 'MyRig' is not an SMPL armature"):
+        runtime.send_pose(bpy.context, "wave")
+    # An armature linked from another file: what is put on it would be lost on saving.
+    library = tmp_path / "library.blend"
+    bpy.context.scene.chatpose.target = armature
+    bpy.ops.wm.save_as_mainfile(filepath=str(library))
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(library), link=True) as (source, linked):
+        linked.objects = ["SMPL"]
+    obj = linked.objects[0]
+    bpy.context.scene.collection.objects.link(obj)
+    bpy.context.scene.chatpose.target = obj
+    with pytest.raises(UserError, match="'SMPL' is linked from .*library.blend.*library override"):
+        runtime.send_pose(bpy.context, "wave")
+
+
+def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "held"
+    bpy.ops.chatpose.send()
+    use_service(f"tcp://127.0.0.1:{free_port()}")
+    with pytest.raises(RuntimeError, match="Not asked: requests to the previous service"):
+        bpy.ops.chatpose.service_status()
+    backend.release()
+    use_service(address)
+    drive(idle)
 
 
 # --- pictures -------------------------------------------------------------------------------
@@ -539,3 +600,26 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
     settings.batch_file = str(tmp_path / "blank.txt")
     with pytest.raises(runtime.UserError, match="blank.txt has no prompts"):
         runtime.read_batch_lines(bpy.context)
+
+
+def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service, monkeypatch):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("\n".join(f"pose {i}" for i in range(12)))
+    settings.batch_text, settings.batch_step = text, 1
+    bpy.ops.ed.undo_push(message="text")
+    settings.batch_start = 1
+    bpy.ops.ed.undo_push(message="set up")
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: runtime.current_batch().keyed >= 4)
+    bpy.ops.ed.undo()  # Ctrl+Z while the batch runs: the keys of the last group go
+    drive(idle)
+    message = runtime.last_message()[0]
+    assert "still to key" in message and "all 12 lines keyed" not in message, message
+    bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
+    drive(idle)
+    assert "all 12 lines keyed" in runtime.last_message()[0]

@@ -215,6 +215,18 @@ def test_a_run_walks_its_chunks_and_counts_by_line():
     assert "again" in summary
 
 
+def test_recheck_forgets_keyed_lines_the_record_no_longer_holds():
+    run = BatchRun("SMPL", "text 'moves'", _pending(12), total_lines=12)
+    run.next_prompts()
+    for i in range(12):
+        run.item_keyed(run.line_for(i))
+    assert run.request_finished() is False and run.remaining == 0
+    assert run.recheck(lambda line: line.line >= 4) == 4  # an undo took lines 0-3 back
+    assert (run.keyed, run.remaining) == (8, 4)
+    assert "8 lines keyed on SMPL; 4 of 12 still to key" in run.summary()
+    assert run.recheck(lambda line: True) == 0
+
+
 def test_cancel_between_chunks_sends_nothing_more():
     run = BatchRun("SMPL", "f.txt", _pending(300), total_lines=310)  # 10 keyed before
     assert run.already_keyed == 10

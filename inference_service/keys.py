@@ -18,15 +18,40 @@ from pathlib import Path
 import zmq.auth
 
 
-def make_keys(directory: Path, client_names: list[str]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+class KeysError(ValueError):
+    """A key directory or client name that cannot be used; the message says why."""
+
+
+def make_keys(directory: Path, client_names: list[str]) -> list[str]:
+    """Makes the server's key pair if there is none, and a key pair per new client name.
+    Existing keys are never replaced (clients and the server trust them); returns the names of
+    the clients made. Secret keys are readable by their owner only."""
+    for name in client_names:
+        if not name or name == "server" or not name.replace("-", "").replace("_", "").isalnum():
+            raise KeysError(
+                f"client name {name!r}: use letters, digits, '-' and '_' (not 'server')"
+            )
+    if directory.exists() and not directory.is_dir():
+        raise KeysError(f"{directory} is a file, not a folder")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     authorized = directory / "authorized_clients"
     authorized.mkdir(exist_ok=True)
     if not (directory / "server.key_secret").exists():  # never replace a key clients trust
-        zmq.auth.create_certificates(directory, "server")
+        _create(directory, "server")
+    made = []
     for name in client_names:
-        public, _secret = zmq.auth.create_certificates(directory, name)
-        shutil.move(public, authorized / Path(public).name)
+        if (directory / f"{name}.key_secret").exists() or (authorized / f"{name}.key").exists():
+            continue  # that user already has a key: a new one would lock them out
+        public = _create(directory, name)
+        shutil.move(public, authorized / public.name)
+        made.append(name)
+    return made
+
+
+def _create(directory: Path, name: str) -> Path:
+    public, secret = zmq.auth.create_certificates(directory, name)
+    Path(secret).chmod(0o600)
+    return Path(public)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         help="a client key pair to make (default: one named 'client')",
     )
     args = parser.parse_args(argv)
-    make_keys(args.directory, args.clients or ["client"])
-    print(f"keys written to {args.directory}")
+    names = args.clients or ["client"]
+    try:
+        made = make_keys(args.directory, names)
+    except (KeysError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kept = [name for name in names if name not in made]
+    print(f"keys in {args.directory}: made {', '.join(made) or 'no new client'}", end="")
+    print(f"; kept the existing keys of {', '.join(kept)}" if kept else "")
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -109,6 +110,11 @@ class ChatReply:
     poses: list[np.ndarray]  # each (24, 3) axis-angle; index 0 the global orientation
 
 
+# What loading a damaged or mismatched checkpoint raises (a truncated safetensors file, a bad
+# JSON config, a weight of the wrong shape), to be reported as a CheckpointError naming it.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
 class ChatPoseModel:
     """Load with `ChatPoseModel.from_checkpoint(path)`; the constructor takes loaded parts."""
 
@@ -179,7 +185,7 @@ class ChatPoseModel:
                 device_map=str(torch_device),
                 quantization_config=quantization,
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except LOAD_ERRORS as exc:
             raise CheckpointError(
                 f"{checkpoint.base_dir}: cannot load the base model ({exc})"
             ) from exc
@@ -501,7 +507,7 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> tor
     try:
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except LOAD_ERRORS as exc:
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
     # Merged weights run at the base model's speed; quantized weights cannot take a merge
     # without losing precision, so they keep the adapter alongside.

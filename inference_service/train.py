@@ -19,6 +19,7 @@ arguments, data or checkpoint.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from inference_service.training.datasets import DatasetError, DataSpec, parse_da
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _positive_int(text: str) -> int:
@@ -46,7 +48,7 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
@@ -57,7 +59,8 @@ def _mix(text: str) -> tuple[float, float, float]:
         values = tuple(float(p) for p in parts)
     except ValueError:
         values = ()
-    if len(values) != 3 or any(not v >= 0 for v in values) or not sum(values) > 0:
+    finite = all(math.isfinite(v) for v in values)
+    if len(values) != 3 or not finite or any(not v >= 0 for v in values) or not sum(values) > 0:
         raise argparse.ArgumentTypeError(
             f"expected three ratios text:image:chat such as 1:2:1, got {text!r}"
         )
@@ -220,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         result = train(config)
+    except KeyboardInterrupt:
+        print(f"interrupted; {_last_checkpoint(config.out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -228,6 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     print(f"done: step {result.step}, checkpoint {result.checkpoint}", file=sys.stderr)
     return 0
+
+
+def _last_checkpoint(out: Path) -> str:
+    from inference_service.training.loop import TrainingError, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(out) if out.is_dir() else None
+    except TrainingError:
+        latest = None
+    if latest is None:
+        return "no checkpoint was saved yet"
+    return f"the last checkpoint is {latest}; --resume continues from it"
 
 
 if __name__ == "__main__":

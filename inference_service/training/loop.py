@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -59,6 +60,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
+    LOAD_ERRORS,
     apply_adapter,
     ensure_pose_token,
     quiet_peft,
@@ -392,7 +394,7 @@ def load_training_model(
         model = AutoModelForImageTextToText.from_pretrained(
             checkpoint.base_dir, local_files_only=True, dtype=dtype
         ).to(device)
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise CheckpointError(f"{checkpoint.base_dir}: cannot load the base model ({exc})") from exc
     pose_token_id = ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
     torch.manual_seed(config.seed)
@@ -440,7 +442,10 @@ def _make_trainable(model, config: TrainConfig, adapter_dir: Path | None, pose_t
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        except LOAD_ERRORS as exc:
+            raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
         indices = getattr(model.peft_config["default"], "trainable_token_indices", None) or {}
         if not any(pose_token_id in ids for ids in _as_dict(indices).values()):
             print(
@@ -477,6 +482,12 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
+def _run_files(out: Path) -> list[str]:
+    """What a run has written into `out`."""
+    names = (LATEST_NAME, LOG_NAME, "base", ".base.tmp")
+    return [p.name for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -486,7 +497,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not latest.is_file():
         return None
     path = out / latest.read_text(encoding="utf-8").strip()
-    if not (path / STATE_NAME).is_file():
+    weights = (path / "adapter").is_dir() or (path / "base").is_dir()
+    if not ((path / STATE_NAME).is_file() and (path / HEAD_NAME).is_file() and weights):
         raise TrainingError(f"{latest} names {path}, which is not a complete checkpoint")
     return path
 
@@ -544,7 +556,7 @@ def save_checkpoint(
 def load_state(path: Path) -> dict:
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise TrainingError(f"{path / STATE_NAME}: cannot read the training state ({exc})") from exc
     if state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path / STATE_NAME}: unknown format {state.get('format')!r}")
@@ -572,14 +584,18 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         torch.set_num_threads(config.threads)
     out = config.out
     resume_from = None
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out: {out} is a file; name a folder for the run")
     if config.resume:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
             raise TrainingError(f"--resume: {out} holds no checkpoint to resume from")
-    elif out.is_dir() and ((out / LATEST_NAME).exists() or any(out.glob("step-*"))):
+    elif out.is_dir() and any(_run_files(out)):
+        # A run's files, even of one stopped before its first checkpoint: its base/ copy
+        # would otherwise be taken for this run's --base.
         raise TrainingError(
-            f"{out} already holds a training run; pass --resume to continue it or choose "
-            f"another --out"
+            f"{out} already holds a training run ({', '.join(sorted(_run_files(out)))}); "
+            "pass --resume to continue it or choose another --out"
         )
     if examples is None:
         if not config.data:
@@ -661,6 +677,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             )
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+        _forget_logged_steps_after(out, start)
         for _ in range(start * config.grad_accum):
             sampler.next_batch()
         torch.set_rng_state(state["torch_rng"])
@@ -715,6 +732,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             )
             window, window_start = [], time.perf_counter()
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            if not all(bool(torch.isfinite(p).all()) for p in params + list(tm.head.parameters())):
+                raise TrainingDiverged(_diverged(step, "weights", tuple(totals), last_saved))
             saving = time.perf_counter()
             last_saved = save_checkpoint(
                 out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
@@ -757,10 +776,26 @@ def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
         if last_saved is not None
         else "no checkpoint was saved yet"
     )
+    what = "weights are" if what == "weights" else f"{what} is"
     return (
-        f"step {step}: the {what} is not finite (loss {total:.6g}, CE {ce:.6g}, pose L1 "
+        f"step {step}: the {what} not finite (loss {total:.6g}, CE {ce:.6g}, pose L1 "
         f"{pose:.6g}); training stopped, {kept}"
     )
+
+
+def _forget_logged_steps_after(out: Path, step: int) -> None:
+    """Drops the log's lines past `step`: a resumed run logs those steps again."""
+    path = out / LOG_NAME
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> None:

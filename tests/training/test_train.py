@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
+from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import Turn, pose_exchange
@@ -300,6 +301,8 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert train_cli.main([*argv, "--resume", "--steps", "6"]) == 0
     err = capsys.readouterr().err
     assert "steps 5..6" in err and "step 6/6" in err
+    logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 5 of the diverged run is not logged twice
     assert json.loads((out / "step-000006" / "chatpose.json").read_text())["base_model"] == (
         "../base"
     )
@@ -321,6 +324,98 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
         train_cli.main([*argv, "--data", "xml", "f.xml"])
     with pytest.raises(ValueError, match="steps must be at least 1"):
         loop.TrainConfig(base=base, out=tmp_path, steps=0)
+
+
+def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tmp_path, capsys):
+    data = _write_data(tmp_path)
+    common = ["--base", str(base), *data, "--device", "cpu", "--steps", "2", "--lora-rank", "4"]
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint
+    (stopped / "base").mkdir(parents=True)
+    (stopped / "train_log.jsonl").write_text("")
+    assert train_cli.main([*common, "--out", str(stopped)]) == train_cli.EXIT_USAGE
+    assert "already holds a training run (base, train_log.jsonl)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert train_cli.main([*common, "--out", str(tmp_path / "file")]) == train_cli.EXIT_USAGE
+    assert "--out: " in capsys.readouterr().err
+    for flag, value in (("--lr", "inf"), ("--mix", "inf:1:1"), ("--mix", "nan:1:1")):
+        with pytest.raises(SystemExit) as info:
+            train_cli.main([*common, "--out", str(tmp_path / "o"), flag, value])
+        assert info.value.code == 2
+
+
+def test_weights_that_are_not_finite_are_never_saved(base, tmp_path, monkeypatch, capsys):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        *("--base", str(base), "--out", str(out), *data),
+        *("--steps", "4", "--save-every", "1", "--batch-size", "2", "--lora-rank", "4"),
+        *("--lora-alpha", "8", "--device", "cpu"),
+    ]
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def poisoning_step(self, *args, **kwargs):  # step 2 leaves a NaN in a weight
+        result = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            self.param_groups[-1]["params"][0].data.view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "step 2: the weights are not finite" in err and "step-000001 is kept" in err
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001"]
+
+
+def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        *("--base", str(base), "--out", str(out), *data, "--steps", "2", "--save-every", "1"),
+        *("--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8", "--device", "cpu"),
+    ]
+    assert train_cli.main(argv) == 0
+    capsys.readouterr()
+    resume = [*argv, "--resume", "--steps", "3"]
+    (out / "step-000002" / "training_state.pt").write_bytes(b"")
+    assert train_cli.main(resume) == train_cli.EXIT_USAGE
+    assert "cannot read the training state" in capsys.readouterr().err
+    shutil.rmtree(out / "step-000002" / "adapter")
+    assert train_cli.main(resume) == train_cli.EXIT_USAGE
+    assert "which is not a complete checkpoint" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    weights = next((broken / "base").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot load the base model"):
+        ChatPoseModel.from_checkpoint(broken, device="cpu")
+    assert train_cli.main([*argv[2:], "--base", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot load the base model" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(base, tmp_path, monkeypatch, capsys):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--base", str(base), "--out", str(out), *data, "--steps", "1", "--device", "cpu"]
+    assert train_cli.main([*argv, "--lora-rank", "4"]) == 0
+    capsys.readouterr()
+
+    def interrupted(config, examples=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert train_cli.main([*argv, "--resume", "--steps", "9"]) == train_cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted; the last checkpoint is" in err and "step-000001" in err
+    assert "Traceback" not in err
+
+
+def test_a_resume_forgets_the_logged_steps_it_will_run_again(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 0.1}) for s in range(1, 8)]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')
+    loop._forget_logged_steps_after(tmp_path, 4)  # the run resumes from step 4
+    logged = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").open()]
+    assert logged == [1, 2, 3, 4]
 
 
 def test_encoding_labels_exactly_the_answers(base, examples):

@@ -257,7 +257,10 @@ def load_corpus(path: str | os.PathLike) -> list[CorpusRecord]:
     """Read a corpus file, validating it; ValueError names the file, the record and the field."""
     name = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive of arrays")
+        with data:
             arrays = {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise

@@ -57,6 +57,7 @@ from inference_service.prompts import (
     Turn,
     pose_exchange,
 )
+from shared_protocol.pose import MAX_ANGLE
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
@@ -223,16 +224,35 @@ def phrasing_texts() -> list[str]:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
+    except _RepeatedKey as exc:
+        raise DatasetError(f"{path}: the key {exc.args[0]!r} appears more than once") from None
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose repeated key would silently drop a record (json keeps the last)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen[key] = value
+    return seen
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise DatasetError(f"{path}: a single .npy array, not an .npz archive of arrays")
+        with data:
             return {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
@@ -264,6 +284,13 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
     if bad.size:
         raise DatasetError(f"{path}: frame {int(bad[0])}: pose contains NaN or infinity")
+    with np.errstate(over="ignore"):  # an overflowing length is inf: too large as well
+        angles = np.linalg.norm(poses, axis=2).max(axis=1, initial=0.0)
+    bad = np.flatnonzero(angles > MAX_ANGLE)
+    if bad.size:  # finite, but no rotation (and past float32's range, a NaN in training)
+        raise DatasetError(
+            f"{path}: frame {int(bad[0])}: a rotation of more than {MAX_ANGLE:g} rad"
+        )
     return poses
 
 
@@ -292,6 +319,8 @@ def _read_image(folder: Path, name: str, where: str) -> bytes:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{where}: image file {path} not found") from None
+    except ValueError:  # a NUL in the name
+        raise DatasetError(f"{where}: {name!r} is not a file name") from None
     except OSError as exc:
         raise DatasetError(f"{where}: cannot read image file {path} ({exc})") from None
     try:
@@ -684,7 +713,15 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
 
 
 def load_data(spec: DataSpec, seed: int = 0) -> list[Example]:
-    """Read the examples one `DataSpec` names; DatasetError if the files are malformed."""
+    """Read the examples one `DataSpec` names; DatasetError if the files are malformed or hold
+    none (a file given for training that adds nothing is a mistake to say, not to skip)."""
+    examples = _read_spec(spec, seed)
+    if not examples:
+        raise DatasetError(f"--data {spec.describe()}: holds no examples")
+    return examples
+
+
+def _read_spec(spec: DataSpec, seed: int) -> list[Example]:
     options = spec.options
     phrasing = options.get("phrasing", "mixed")
     if phrasing not in PHRASING_MODES:

@@ -148,6 +148,17 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
     (tmp_path / "broken.json").write_text("{", encoding="utf-8")
     with pytest.raises(DatasetError, match=r"broken\.json: not a readable JSON"):
         read_posescript(tmp_path / "broken.json", write_npz(tmp_path / "ok.npz"))
+    huge = POSES.copy()
+    huge[1, 3, 0] = 1e39  # finite, but past float32: a NaN loss in training
+    with pytest.raises(DatasetError, match=r"huge\.npz: frame 1: a rotation of more than 1000"):
+        read_posescript(captions, write_npz(tmp_path / "huge.npz", huge))
+    with open(tmp_path / "array.npz", "wb") as stream:
+        np.save(stream, POSES.reshape(len(POSES), 72))
+    with pytest.raises(DatasetError, match=r"array\.npz: a single \.npy array"):
+        read_posescript(captions, tmp_path / "array.npz")
+    (tmp_path / "twice.json").write_text('{"0": "a man", "0": "a woman"}', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"twice\.json: the key '0' appears more than once"):
+        read_posescript(tmp_path / "twice.json", write_npz(tmp_path / "ok.npz"))
 
 
 # --- image/pose pairs ---------------------------------------------------------------------------
@@ -183,6 +194,9 @@ def test_image_pose_pairs_errors(tmp_path):
     broken = write_npz(tmp_path / "b.npz", POSES[:1], images=np.array(["bad.png"]))
     with pytest.raises(DatasetError, match=r"b\.npz: frame 0: .*bad\.png is not a decodable"):
         read_image_pose_pairs(broken)
+    nul = write_npz(tmp_path / "z.npz", POSES[:1], images=np.array(["a\0.png"]))
+    with pytest.raises(DatasetError, match=r"z\.npz: frame 0: 'a\\x00\.png' is not a file name"):
+        read_image_pose_pairs(nul)
 
 
 # --- LLaVA conversations ------------------------------------------------------------------------
@@ -376,6 +390,9 @@ def test_parse_and_load_data_specs(tmp_path):
     assert spec.options == {"poses": str(poses), "z_up": "true"}
     (example,) = load_data(spec)
     assert example.kind == "text_to_pose"
+    empty = write_json(tmp_path / "empty.json", {})
+    with pytest.raises(DatasetError, match=r"--data posescript .*empty\.json .*holds no examples"):
+        load_data(parse_data_spec(["posescript", str(empty), f"poses={poses}"]))
     with pytest.raises(ValueError, match="unknown data format 'csv'"):
         parse_data_spec(["csv", "x"])
     with pytest.raises(ValueError, match="needs poses="):

@@ -534,14 +534,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     parser.add_argument("--out", type=Path, default=Path("report.json"))
     parser.add_argument("--markdown", type=Path, help="also write the tables (default OUT.md)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, help="at most this many records / pairs")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--limit", type=_positive_int, help="at most this many records / pairs")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     args = parser.parse_args(argv)
     fmt, corpus = args.data
     if fmt != "corpus":
         parser.error(f"--data: only the 'corpus' format is evaluated, got {fmt!r}")
+    markdown = args.markdown or args.out.with_suffix(".md")
+    if args.out.suffix != ".json" or args.out.is_dir():
+        parser.error(f"--out: name a .json file for the report, got {args.out}")
+    if markdown == args.out or markdown.is_dir():
+        parser.error(f"--markdown: name a .md file other than --out, got {markdown}")
     if args.threads:
         import torch
 
@@ -562,18 +567,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    markdown = args.markdown or args.out.with_suffix(".md")
-    markdown.write_text(markdown_summary(report), encoding="utf-8")
+    try:
+        for path in (args.out, markdown):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        markdown.write_text(markdown_summary(report), encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot write the report ({exc}); its bars follow", file=sys.stderr)
+        args.out = markdown = None
     for item in report["bars"]:
         status = "pass" if item["pass"] else "FAIL"
         print(
             f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f})",
             file=sys.stderr,
         )
+    if args.out is None:
+        return 2
     print(f"wrote {args.out} and {markdown} ({report['seconds']} s)", file=sys.stderr)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -166,3 +166,22 @@ def test_bad_format_is_refused(tiny):
     root, checkpoint, _ = tiny
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", str(checkpoint), "--data", "posescript", str(root)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--limit", "-1"], "--limit: expected a whole number of at least 1, got '-1'"),
+        (["--batch-size", "0"], "--batch-size: expected a whole number of at least 1"),
+        (["--threads", "-1"], "--threads: expected a whole number"),
+        (["--out", "rep.md"], "--out: name a .json file for the report, got rep.md"),
+        (["--out", "r.json", "--markdown", "r.json"], "--markdown: name a .md file other than"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys):
+    root, checkpoint, _ = tiny
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz")]
+    with pytest.raises(SystemExit) as info:
+        ev.main([*argv, *extra])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,9 +64,15 @@ SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
 
 def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str = "[SEG]") -> Path:
-    """Write the converted checkpoint to `destination`; returns it."""
-    if destination.exists() and any(destination.iterdir()):
+    """Write the converted checkpoint to `destination`; returns it. Everything is checked and
+    written into a temporary folder beside it first, so a failure leaves no half checkpoint."""
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise CheckpointError(f"{destination}: exists and is not empty")
+    if not vision_tower.is_dir():
+        raise CheckpointError(
+            f"--vision-tower {vision_tower}: no such folder (a local copy of the CLIP vision "
+            "model the release names)"
+        )
     official = _read_config(source / "config.json")
     weights = _read_weights(source)
     tokenizer = _read_tokenizer(source, pose_token)
@@ -98,25 +106,36 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{source}: no weights for {_official_name(missing[0])}")
-    model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    except RuntimeError as exc:  # a weight of the wrong shape: another CLIP, say
+        raise CheckpointError(
+            f"{source} with {vision_tower}: the weights do not fit ({exc})"
+        ) from None
+    head = _pose_head(weights, source, hidden_size=official["hidden_size"])
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    base = destination / "base"
+    writing = destination.parent / f".{destination.name}.tmp"
+    if writing.exists():
+        shutil.rmtree(writing)
+    base = writing / "base"
     model.save_pretrained(base)
     _processor(tokenizer, vision_config, config.vision_feature_select_strategy).save_pretrained(
         base
     )
-    head = _pose_head(weights, source, hidden_size=official["hidden_size"])
-    head.save(destination / "pose_head.safetensors")
+    head.save(writing / "pose_head.safetensors")
     ChatPoseConfig(
         hidden_size=official["hidden_size"],
         head_hidden_size=head[0].out_features,
         pose_token=pose_token,
         image_size=vision_config.image_size,
         mm_use_im_start_end=bool(official.get("mm_use_im_start_end", False)),
-    ).save(destination)
+    ).save(writing)
+    if destination.exists():  # an empty folder
+        destination.rmdir()
+    os.replace(writing, destination)
     _report_unused(weights)
     return destination
 

@@ -152,6 +152,8 @@ def test_missing_weight_is_named_by_its_official_name(release, tmp_path):
     save_file(weights, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match="no weights for model.text_hidden_fcs.0.2.bias"):
         convert(broken, tmp_path / "out2", clip)
+    assert not (tmp_path / "out2").exists()  # nothing half-written: a rerun can go there
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
 def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp_path, capsys):
@@ -166,6 +168,9 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     assert "exists and is not empty" in capsys.readouterr().err
     assert main([str(source), str(tmp_path / "ok"), "--vision-tower", str(clip)]) == 0
     assert (tmp_path / "ok" / "chatpose.json").is_file()
+    missing_clip = ["--vision-tower", str(tmp_path / "no-clip")]
+    assert main([str(source), str(tmp_path / "ok2"), *missing_clip]) == 1
+    assert "no-clip: no such folder" in capsys.readouterr().err
 
 
 def test_wrong_pose_token_is_reported(release, tmp_path):

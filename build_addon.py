@@ -35,7 +35,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -556,6 +555,8 @@ def build(
         )
     zmq_version = pyzmq_version or manifest_pyzmq_version()
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BuildError(f"--output-dir {output_dir} is a file, not a folder")
 
     with tempfile.TemporaryDirectory(prefix="chatpose-build-") as tmp:
         shared_wheel = build_shared_protocol_wheel(Path(tmp), version)
@@ -605,7 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="rewrite the manifest's wheels list to the wheels bundled",
     )
-    parser.add_argument("--pyzmq-version", help="default: the version installed here")
+    parser.add_argument(
+        "--pyzmq-version",
+        help="the pyzmq to bundle (default: the manifest's; with --update-manifest it moves)",
+    )
     parser.add_argument("--no-legacy", action="store_true", help="skip the legacy zip")
     parser.add_argument("--no-validate", action="store_true", help="skip Blender's validator")
     args = parser.parse_args(argv)
@@ -630,5 +634,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
     sys.exit(main())

@@ -127,13 +127,21 @@ def test_builds_are_reproducible(built, tmp_path):
 
 
 def test_command_line_build(built, tmp_path):
+    # Run from another folder: a relative --output-dir is taken from there.
     proc = subprocess.run(
-        [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", str(tmp_path),
+        [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", "out",
          "--no-validate", "--no-legacy"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / built.zip_path.name).is_file()
+    assert (tmp_path / "out" / built.zip_path.name).is_file()
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(
+        [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", "file",
+         "--no-validate", "--no-legacy"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "--output-dir file is a file, not a folder" in proc.stderr
 
 
 def test_archive_checks_catch_problems(built, tmp_path):

@@ -9,8 +9,9 @@ are made exactly as Blender makes them), and the keys are then written with
 
 Same result as ``keyframe_insert``: a key at a frame that already has one replaces its value
 (its handles move with it, so hand-set handles keep their shape); new keys get Blender's
-defaults (Bezier, auto-clamped handles). Not applied: keying sets, "only insert needed",
-visual keying, cycle-aware keying.
+defaults (Bezier, auto-clamped handles); a locked F-curve is refused (ValueError, before
+anything is written). Not applied: keying sets, "only insert needed", visual keying,
+cycle-aware keying.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def write_keys(
     if not len(frames) or not len(channels):
         return
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
+    locked = [f"{bone} {prop}" for bone, prop, index in channels
+              if fcurves[(bone_data_path(bone, prop), index)].lock]  # fmt: skip
+    if locked:  # as keyframe_insert, never write into a channel the user locked
+        raise ValueError(f"the F-curve of {locked[0]} is locked; unlock it to key this pose")
     for (bone, prop, index), row in zip(channels, values, strict=True):
         _write_curve(fcurves[(bone_data_path(bone, prop), index)], frames, row)
 

@@ -50,7 +50,7 @@ from ..core.service_process import (
     serve_command,
 )
 from .armature import is_smpl_armature
-from .batch_store import key_batch_lines, load_record
+from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
 from .props import append_history, history_messages, target_armature, target_problem
 
@@ -392,6 +392,17 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise UserError(
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
+    gone = [entry for entry in record.entries if entry.line >= len(lines)]
+    if gone:  # lines deleted from the text: forget them, but leave their keys alone
+        record = record.without_lines(entry.line for entry in gone)
+        save_record(target, record)
+    gone_note = (
+        f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
+        f"{', '.join(str(e.frame) for e in gone[:5])}{' ...' if len(gone) > 5 else ''}) "
+        "are left as they are"
+        if gone
+        else ""
+    )
     pending = record.pending(lines, settings.batch_start, settings.batch_step)
     run = BatchRun(
         armature=target.name,
@@ -403,7 +414,9 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     )
     if not pending:
         dispatcher().start_batch("", 0.0, run)  # records it as the last run, sends nothing
-        set_message(f"All {len(lines)} lines of {label} are keyed on {target.name} already")
+        set_message(
+            f"All {len(lines)} lines of {label} are keyed on {target.name} already{gone_note}"
+        )
         return run
     address, timeout = _service(context)
     try:
@@ -415,7 +428,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     note = f" ({skipped} keyed before)" if skipped else ""
     set_message(
         f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
-        f"in {-(-len(pending) // batch_plan.MAX_BATCH_ITEMS)} request(s)"
+        f"in {run.planned_requests} request(s){gone_note}"
     )
     _update_status_bar()
     return run

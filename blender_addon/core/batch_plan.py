@@ -69,6 +69,10 @@ class BatchRun:
     # --- progress -------------------------------------------------------------------------
 
     @property
+    def planned_requests(self) -> int:
+        return len(self._chunks)
+
+    @property
     def keyed(self) -> int:
         return len(self._keyed)
 

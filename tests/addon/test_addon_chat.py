@@ -16,7 +16,7 @@ import pytest
 
 import blender_addon
 from blender_addon import panel
-from blender_addon.blender import chat_operators, props, runtime
+from blender_addon.blender import batch_store, chat_operators, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.posing import read_pose
@@ -623,3 +623,26 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
     drive(idle)
     assert "all 12 lines keyed" in runtime.last_message()[0]
+
+
+def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("a\nbb\nccc\ndddd")
+    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 10
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    text.clear()
+    text.write("a\nccc\ndddd")  # 'bb' deleted: the lines after it move up one frame slot
+    bpy.ops.chatpose.batch_keyframe()
+    assert (
+        "1 recorded line(s) are no longer in the text, their keys (frame 31)"
+        in (runtime.last_message()[0])
+    )
+    drive(idle)
+    record = batch_store.load_record(armature)
+    assert [e.line for e in record.entries] == [0, 1, 2]
+    assert_pose(armature, pose_for("dddd"), frame=21)
+    assert_pose(armature, pose_for("dddd"), frame=31)  # the old key, left as it was

@@ -75,6 +75,18 @@ def test_rekeying_a_frame_replaces_its_key(blender):
     np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
 
 
+def test_a_locked_channel_is_never_written(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1)], [1])
+    for fcurve in obj.animation_data.action.fcurves:
+        if '"left_elbow"' in fcurve.data_path:
+            fcurve.lock = True
+    with pytest.raises(ValueError, match="left_elbow .* is locked; unlock it"):
+        key_poses(obj, [random_pose(2), random_pose(3)], [1, 11])
+    assert keyed_frames(obj) == [1]  # nothing written, on any channel
+    np.testing.assert_allclose(read_pose(obj, 1).axis_angle, random_pose(1).axis_angle, atol=1e-5)
+
+
 def test_motion_from_keys_round_trip(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     transform(obj)  # the object's transform is not part of the motion

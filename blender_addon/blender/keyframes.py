@@ -95,14 +95,18 @@ def key_motion(
 
 
 def keyed_frames(obj: bpy.types.Object) -> list[int]:
-    """Frames with a key on any SMPL bone channel, sorted."""
+    """Frames with a key on a pose channel (an SMPL bone's rotation, the root's location),
+    sorted; ValueError for a key between frames (`keyed_frame_list`)."""
     prefixes = tuple(bone_data_path(name, "") for name in JOINT_NAMES)
     return keyed_frame_list(
         point.co[0]
         for fc in action_fcurves(obj)
-        if fc.data_path.startswith(prefixes)
+        if fc.data_path.startswith(prefixes) and fc.data_path.endswith(POSE_CHANNELS)
         for point in fc.keyframe_points
     )
+
+
+POSE_CHANNELS = ("rotation_quaternion", "rotation_euler", "rotation_axis_angle", "location")
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:

@@ -15,7 +15,15 @@ def frames_for(count: int, start: int, step: int = 1) -> list[int]:
 
 
 def keyed_frame_list(frames: Iterable[float]) -> list[int]:
-    """Sorted distinct whole frames of keyframe positions (subframe keys round to the nearest)."""
+    """Sorted distinct whole frames of keyframe positions. A key between frames is a ValueError
+    naming it: a motion holds whole frames, and rounding would move or drop that pose."""
+    frames = sorted(set(frames))
+    between = [f for f in frames if abs(f - round(f)) > 1e-3]
+    if between:
+        raise ValueError(
+            f"a key lies between frames (at {between[0]:g}); snap the keys to whole frames "
+            "(Key > Snap > Nearest Frame) and try again"
+        )
     return sorted({round(f) for f in frames})
 
 

@@ -87,6 +87,16 @@ def test_a_locked_channel_is_never_written(blender):
     np.testing.assert_allclose(read_pose(obj, 1).axis_angle, random_pose(1).axis_angle, atol=1e-5)
 
 
+def test_only_pose_channels_count_as_keyed_frames(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    pelvis = obj.pose.bones["pelvis"]
+    for frame in (3, 100):
+        pelvis.keyframe_insert("scale", frame=frame)
+    assert keyed_frames(obj) == []  # a scale key is no pose: export writes the current pose
+    key_poses(obj, [random_pose(1)], [7])
+    assert keyed_frames(obj) == [7]
+
+
 def test_motion_from_keys_round_trip(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     transform(obj)  # the object's transform is not part of the motion

@@ -325,6 +325,8 @@ def test_timeline():
     with pytest.raises(ValueError):
         timeline.frames_for(2, 1, 0)
     assert timeline.keyed_frame_list([3.0, 1.0, 3.0, 2.0000001]) == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"a key lies between frames \(at 2.5\); snap"):
+        timeline.keyed_frame_list([1.0, 2.5, 4.0])
     assert timeline.motion_fps([1, 3, 5], 30.0) == 15.0
     assert timeline.motion_fps([1, 2, 5], 30.0) == 30.0
     assert timeline.motion_fps([7], 24.0) == 24.0

@@ -65,8 +65,9 @@ def person_armature(
     if obj is not None:
         if not is_smpl_armature(obj):
             return None, False
-        if obj.name not in context.scene.objects:
-            context.scene.collection.objects.link(obj)
+        for collection in target.users_collection:  # beside the target, wherever it is
+            if obj.name not in collection.objects:
+                collection.objects.link(obj)
         return obj, False
     with _kept_selection(context):
         obj = create_smpl_armature(
@@ -80,7 +81,21 @@ def person_armature(
         )
     obj.rotation_euler = target.rotation_euler.copy()
     obj.scale = target.scale.copy()
+    _move_beside(obj, target)
     return obj, True
+
+
+def _move_beside(obj: bpy.types.Object, target: bpy.types.Object) -> None:
+    """Moves a new person (and its mesh) from the collection it was made in to the target's
+    collections: the user may be looking at another scene when the answer arrives."""
+    wanted = list(target.users_collection)
+    for item in (obj, *obj.children):
+        for collection in wanted:
+            if item.name not in collection.objects:
+                collection.objects.link(item)
+        for collection in list(item.users_collection):
+            if collection not in wanted:
+                collection.objects.unlink(item)
 
 
 def apply_people(

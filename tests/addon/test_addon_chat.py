@@ -646,3 +646,22 @@ def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature,
     assert [e.line for e in record.entries] == [0, 1, 2]
     assert_pose(armature, pose_for("dddd"), frame=21)
     assert_pose(armature, pose_for("dddd"), frame=31)  # the old key, left as it was
+
+
+def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    window = bpy.context.window_manager.windows[0]
+    home = window.scene
+    home.chatpose.chat_mode = True  # two people: the second is made
+    backend.hold()
+    home.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    window.scene = other = bpy.data.scenes.new("Other")  # the user looks at another scene
+    backend.release()
+    drive(idle)
+    window.scene = home
+    person = bpy.data.objects["SMPL.person2"]
+    assert set(person.users_collection) == set(armature.users_collection)
+    assert person.name not in other.objects and person.name in home.objects
+    assert all(set(c.users_collection) == set(armature.users_collection) for c in person.children)

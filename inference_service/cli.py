@@ -298,6 +298,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  {result.contact_sheet}   one panel per prompt")
     print(f"  {result.animation}   the batch as an AMASS-layout animation")
     print(f"  {result.reference}   the picture sent with the image prompt")
+    print(f"  {result.panels}/   each answer's picture alone")
     print(f"  {result.service_log}   the service's log")
     failed = [a for a in result.answers if a.error]
     for answer in failed:

@@ -100,6 +100,7 @@ class DemoResult:
     contact_sheet: Path
     animation: Path
     reference: Path
+    panels: Path  # each answer's picture alone
     service_log: Path
     address: str  # where the service listened
     answers: list[Answer] = field(default_factory=list)
@@ -382,6 +383,7 @@ def run_demo(
         contact_sheet=out / "contact_sheet.png",
         animation=out / "animation.npz",
         reference=out / "reference.png",
+        panels=out / "panels",
         service_log=service.log_path,
         address=service.address,
     )
@@ -393,7 +395,7 @@ def run_demo(
         _say(f"service ready: {status.model} on {status.device} ({status.dtype})")
         result.answers = ask(client, script, reference, timeout_s)
     _say("service stopped")
-    pictures = scene.panels(result.answers, out / "panels")
+    pictures = scene.panels(result.answers, result.panels)
     image_panel = {k: result.reference for k, a in enumerate(result.answers) if a.kind == "image"}
     contact_sheet(
         pictures, [a.caption for a in result.answers], result.contact_sheet, panel=size,

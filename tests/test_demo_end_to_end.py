@@ -49,11 +49,15 @@ def test_every_prompt_goes_through_the_service(demo_run):
 
 def test_the_service_is_stopped_afterwards_and_logged_its_work(demo_run):
     assert_service_gone(demo_run.address)
-    events = [json.loads(line) for line in demo_run.service_log.read_text().splitlines()
-              if line.startswith("{")]  # fmt: skip
+    events = [json.loads(line) for line in demo_run.service_log.read_text().splitlines()]
     ops = [e.get("op") for e in events if e.get("event") == "request"]
     assert ops.count("pose") == 3 and ops.count("batch") == 1
     assert events[-1]["event"] == "stop"
+
+
+def test_each_answer_with_a_pose_has_its_own_panel_picture(demo_run):
+    posed = [a for a in demo_run.answers if a.poses]
+    assert len(list(demo_run.panels.glob("*.png"))) == len(posed) > 0
 
 
 def test_the_animation_npz_holds_the_batch_poses(demo_run):

@@ -62,6 +62,9 @@ def write_keys(
 def _write_curve(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarray) -> None:
     points = fcurve.keyframe_points
     count = len(points)
+    if count and frames.min() > points[-1].co[0] + _FRAME_MATCH:
+        _append(fcurve, frames, values)
+        return
     co = np.empty(2 * count, dtype=np.float32)
     if count:
         points.foreach_get("co", co)
@@ -110,4 +113,17 @@ def _write_curve(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarra
             points.foreach_get(handle, h)
             h[2 * count :] = extra
             points.foreach_set(handle, h)
+    fcurve.update()
+
+
+def _append(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarray) -> None:
+    """Keys after the curve's last one (a batch going on; F-curves stay sorted): only the new
+    points are written, so the cost does not grow with the keys already there (a long
+    animation on the armature)."""
+    points = fcurve.keyframe_points
+    count = len(points)
+    points.add(len(frames))
+    for k, key in enumerate(zip(frames.tolist(), values.tolist(), strict=True)):
+        point = points[count + k]
+        point.co = point.handle_left = point.handle_right = key
     fcurve.update()

@@ -245,12 +245,18 @@ def test_a_target_that_cannot_be_posed_is_named(armature, scripted_service, tmp_
         runtime.send_pose(bpy.context, "wave")
 
 
-def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
+def _send_while_held(scripted_service, prompt: str = "held"):
+    """Sends `prompt` to the scripted service, held: the answer waits for `release()`."""
     address, backend = scripted_service
     use_service(address)
     backend.hold()
-    bpy.context.scene.chatpose.prompt = "held"
+    bpy.context.scene.chatpose.prompt = prompt
     bpy.ops.chatpose.send()
+    return address, backend
+
+
+def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
+    address, backend = _send_while_held(scripted_service)
     use_service(f"tcp://127.0.0.1:{free_port()}")
     with pytest.raises(RuntimeError, match="Not asked: requests to the previous service"):
         bpy.ops.chatpose.service_status()
@@ -453,11 +459,7 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
 
 
 def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
-    address, backend = scripted_service
-    use_service(address)
-    backend.hold()
-    bpy.context.scene.chatpose.prompt = "held"
-    bpy.ops.chatpose.send()
+    _, backend = _send_while_held(scripted_service)
     assert runtime.pending_jobs()
     bpy.ops.wm.read_homefile(use_empty=True)  # load_pre runs
     backend.release()

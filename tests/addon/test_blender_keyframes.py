@@ -75,6 +75,30 @@ def test_rekeying_a_frame_replaces_its_key(blender):
     np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
 
 
+def test_keys_after_the_last_one_give_the_curves_keys_given_at_once(blender):
+    def curves(obj):
+        result = {}
+        for fc in obj.animation_data.action.fcurves:
+            arrays = []
+            for name in ("co", "handle_left", "handle_right"):
+                values = np.empty(2 * len(fc.keyframe_points), dtype=np.float32)
+                fc.keyframe_points.foreach_get(name, values)
+                arrays.append(values)
+            result[(fc.data_path, fc.array_index)] = np.concatenate(arrays)
+        return result
+
+    poses = [random_pose(seed) for seed in range(6)]
+    at_once = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(at_once, poses, [1, 2, 3, 10, 11, 12])
+    appended = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(appended, poses[:3], [1, 2, 3])
+    key_poses(appended, poses[3:], [10, 11, 12])  # all after the last key: appended
+    expected, got = curves(at_once), curves(appended)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+
+
 def test_a_locked_channel_is_never_written(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1)], [1])

@@ -9,6 +9,7 @@ offset in metres, same frame.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import zipfile
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arrays import finite_array
+from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
 POSE_LAYOUT = "smpl24_axis_angle"
 NUM_JOINTS = 24
@@ -26,7 +29,25 @@ GENDERS = ("neutral", "male", "female")
 DEFAULT_FPS = 30.0
 # AMASS stores SMPL-H poses as 52 joints (156 numbers): the first 22 are the SMPL body, then
 # hand joints. Its first 72 numbers are read as the SMPL pose, as the ChatPose release does.
-_AMASS_POSE_WIDTHS = (72, 156)
+# SMPL-X poses (165 numbers) have the jaw and the eyes after the body: their first 22 joints are
+# read, and SMPL's two hand joints left at rest.
+_AMASS_POSE_WIDTHS = (72, 156, 165)
+_SMPLX_BODY_JOINTS = 22
+# AMASS motion files are Z-up, the global orientation and the translation included; Pose and
+# Motion hold the SMPL body frame (+Y up). Files turn between the two at load and save (the
+# same turn as SMPL to Blender: (x, y, z) -> (x, -z, y)), so an AMASS file stands upright.
+Z_UP_FROM_SMPL = SMPL_TO_BLENDER
+
+
+def floor_to_pelvis(rest_joints=None) -> np.ndarray:
+    """The rest pelvis above the floor under the body (at its lowest rest joint), in the SMPL
+    body frame. An AMASS translation places the pelvis in a world whose floor is z = 0; this
+    project's is the pelvis's offset from its rest pose: they differ by this. `rest_joints`
+    (24, 3): the body's (default: the built-in skeleton's)."""
+    joints = DEFAULT_REST_JOINTS if rest_joints is None else np.asarray(rest_joints, float)
+    return np.array([0.0, joints[0, 1] - joints[:, 1].min(), 0.0])
+
+
 # Bounds past which a value is malformed rather than unusual: a rotation vector's length is an
 # angle (1,000 rad is 159 turns), a translation is in metres, and a frame rate must fit a
 # Blender scene. They keep the rotation maths and Blender's float32 away from overflow.
@@ -235,10 +256,17 @@ class Motion:
             )
         ]
 
-    def save_npz(self, path: str | os.PathLike) -> None:
+    def save_npz(self, path: str | os.PathLike, *, z_up: bool = True, rest_joints=None) -> None:
+        """Writes an AMASS-layout file: Z-up as AMASS's own, the pelvis above its floor
+        (`floor_to_pelvis(rest_joints)`); `z_up=False`: in the SMPL body frame (+Y up) with this
+        project's translations, as PoseScript-style tools keep poses."""
+        motion = self
+        if z_up:
+            lifted = self.translation + floor_to_pelvis(rest_joints)
+            motion = dataclasses.replace(self, translation=lifted).turned(Z_UP_FROM_SMPL)
         arrays = {
-            "poses": self.axis_angle.reshape(len(self), NUM_JOINTS * 3),
-            "trans": self.translation,
+            "poses": motion.axis_angle.reshape(len(self), NUM_JOINTS * 3),
+            "trans": motion.translation,
             "mocap_framerate": np.array(self.fps),
             "gender": np.array(self.gender),
             "betas": self.betas,
@@ -248,15 +276,31 @@ class Motion:
         with open(path, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
             np.savez(stream, **arrays)
 
+    def turned(self, turn: np.ndarray) -> Motion:
+        """This motion in a frame turned by the rotation matrix `turn`: its global orientations
+        and translations (the body's own joints are relative to their parents)."""
+        axis_angle = self.axis_angle.copy()
+        axis_angle[:, 0] = matrix_to_axis_angle(turn @ axis_angle_to_matrix(axis_angle[:, 0]))
+        return dataclasses.replace(
+            self, axis_angle=axis_angle, translation=self.translation @ turn.T
+        )
+
     @classmethod
-    def load_npz(cls, path: str | os.PathLike) -> Motion:
-        """Reads an AMASS-layout file; raises ValueError naming the file and the bad entry."""
+    def load_npz(cls, path: str | os.PathLike, *, z_up: bool = True, rest_joints=None) -> Motion:
+        """Reads an AMASS-layout file, Z-up as AMASS's own (the inverse of `save_npz`;
+        `z_up=False`: a file in the SMPL body frame); raises ValueError naming the file and the
+        bad entry."""
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array, renamed
                 raise ValueError("not an .npz archive (a single .npy array?)")
             with data:
-                return cls._from_arrays({key: data[key] for key in data.files})
+                motion = cls._from_arrays({key: data[key] for key in data.files})
+            if not z_up:
+                return motion
+            motion = motion.turned(Z_UP_FROM_SMPL.T)
+            lowered = motion.translation - floor_to_pelvis(rest_joints)
+            return dataclasses.replace(motion, translation=lowered)
         except FileNotFoundError:
             raise
         except ValueError as exc:
@@ -271,9 +315,13 @@ class Motion:
         poses = arrays["poses"]
         if poses.ndim != 2 or poses.shape[1] not in _AMASS_POSE_WIDTHS:
             raise ValueError(
-                f"poses: expected shape (N, 72) or AMASS SMPL-H (N, 156), got {poses.shape}"
+                "poses: expected shape (N, 72), AMASS SMPL-H (N, 156) or SMPL-X (N, 165), "
+                f"got {poses.shape}"
             )
         frames = poses.shape[0]
+        if poses.shape[1] == 165:
+            body = poses[:, : _SMPLX_BODY_JOINTS * 3]
+            poses = np.concatenate([body, np.zeros((frames, 72 - body.shape[1]))], axis=1)
         # AMASS's SMPL-X files spell it mocap_frame_rate.
         fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
         if fps_key is None:

@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from shared_protocol.pose import POSE_LAYOUT, Motion, Pose
+from shared_protocol.pose import POSE_LAYOUT, Z_UP_FROM_SMPL, Motion, Pose, floor_to_pelvis
+from shared_protocol.rotations import axis_angle_to_matrix
+from shared_protocol.skeleton import DEFAULT_REST_JOINTS
 
 
 def random_pose(rng: np.random.Generator, label: str | None = None) -> Pose:
@@ -103,12 +105,45 @@ def test_motion_npz_round_trip_in_amass_layout(tmp_path):
         assert float(raw["mocap_framerate"]) == 24.0
         assert str(raw["gender"]) == "female"
         assert raw["betas"].shape == (16,)
-        np.testing.assert_array_equal(raw["poses"][2], poses[2].axis_angle.reshape(-1))
+        # Z-up as AMASS: the global orientation and translation turned, the joints as they are.
+        np.testing.assert_array_equal(raw["poses"][2, 3:], poses[2].axis_angle[1:].reshape(-1))
+        np.testing.assert_allclose(
+            axis_angle_to_matrix(raw["poses"][2, :3]),
+            Z_UP_FROM_SMPL @ axis_angle_to_matrix(poses[2].axis_angle[0]),
+            atol=1e-12,
+        )
+        # ... and the pelvis above AMASS's floor, not at its rest height's offset
+        lifted = poses[2].translation + floor_to_pelvis()
+        np.testing.assert_allclose(raw["trans"][2], Z_UP_FROM_SMPL @ lifted)
 
     loaded = Motion.load_npz(path)
-    assert loaded.poses() == poses
+    for got, expected in zip(loaded.poses(), poses, strict=True):
+        np.testing.assert_allclose(got.axis_angle, expected.axis_angle, atol=1e-9)
+        np.testing.assert_allclose(got.translation, expected.translation, atol=1e-12)
+        assert got.label == expected.label
     assert loaded.fps == 24.0 and loaded.gender == "female"
     np.testing.assert_array_equal(loaded.betas, np.arange(16) / 10)
+    motion.save_npz(path, z_up=False)  # a file in the SMPL body frame, read as one
+    assert Motion.load_npz(path, z_up=False).poses() == poses
+
+
+def test_an_upright_amass_body_loads_upright(tmp_path):
+    poses = np.zeros((2, 156))
+    poses[:, 0] = np.pi / 2  # AMASS's upright body: SMPL's +Y turned to +Z
+    trans = np.array([[0.0, 0.3, 0.93], [1.0, 0.3, 0.93]])  # walking along +X, 0.93 m up
+    np.savez(tmp_path / "walk.npz", poses=poses, trans=trans, mocap_framerate=np.array(60.0))
+    motion = Motion.load_npz(tmp_path / "walk.npz")
+    np.testing.assert_allclose(motion.axis_angle[:, 0], 0.0, atol=1e-12)  # upright, facing +Z
+    height = floor_to_pelvis()[1]  # the rest pelvis above the feet: 0.96 m
+    assert 0.9 < height < 1.0
+    np.testing.assert_allclose(
+        motion.translation, [[0.0, 0.93 - height, -0.3], [1.0, 0.93 - height, -0.3]], atol=1e-12
+    )
+    # A smaller body (rest pelvis lower above its feet): the same world height is a smaller
+    # drop from its rest pose.
+    short = DEFAULT_REST_JOINTS * 0.8
+    lower = Motion.load_npz(tmp_path / "walk.npz", rest_joints=short)
+    np.testing.assert_allclose(lower.translation[0], [0.0, 0.93 - 0.8 * height, -0.3])
 
 
 def test_motion_without_labels_or_translation():
@@ -136,14 +171,17 @@ def test_motion_reads_real_amass_variants(tmp_path):
         betas=np.zeros(16),
         dmpls=np.zeros((4, 8)),
     )
-    motion = Motion.load_npz(tmp_path / "smplh.npz")
+    motion = Motion.load_npz(tmp_path / "smplh.npz", z_up=False)
     np.testing.assert_array_equal(motion.axis_angle.reshape(4, 72), poses[:, :72])
     assert motion.gender == "male" and motion.fps == 120.0
 
-    np.savez(tmp_path / "smplx.npz", poses=poses[:, :72], mocap_frame_rate=np.array(30))
-    motion = Motion.load_npz(tmp_path / "smplx.npz")
+    smplx = rng.normal(size=(4, 165))  # body, jaw, eyes, hands
+    np.savez(tmp_path / "smplx.npz", poses=smplx, mocap_frame_rate=np.array(30))
+    motion = Motion.load_npz(tmp_path / "smplx.npz", z_up=False)
     assert motion.fps == 30.0 and motion.gender == "neutral"
     np.testing.assert_array_equal(motion.translation, np.zeros((4, 3)))
+    np.testing.assert_array_equal(motion.axis_angle[:, :22].reshape(4, 66), smplx[:, :66])
+    np.testing.assert_array_equal(motion.axis_angle[:, 22:], 0.0)  # no jaw on SMPL's hands
 
 
 @pytest.mark.parametrize(
@@ -206,8 +244,8 @@ def test_the_largest_allowed_values_round_trip(tmp_path):
     angle = np.zeros((1, 24, 3))
     angle[0, 5] = [1000.0, 0.0, 0.0]
     motion = Motion(angle, np.full((1, 3), 1e4), fps=1000.0)
-    motion.save_npz(tmp_path / "edge.npz")
-    assert Motion.load_npz(tmp_path / "edge.npz").fps == 1000.0
+    motion.save_npz(tmp_path / "edge.npz", z_up=False)
+    assert Motion.load_npz(tmp_path / "edge.npz", z_up=False).fps == 1000.0
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from shared_protocol.skeleton import JOINT_NAMES
 from ..core.posing import bone_quaternions, continuous_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
 from .anim import action_fcurves, bone_data_path
-from .armature import bone_rest_rotations
+from .armature import bone_rest_rotations, rest_joints
 from .fast_keys import write_keys
 from .posing import ApplyResult, apply_pose, read_pose
 
@@ -146,10 +146,16 @@ def import_npz(
     step: int = 1,
     use_translation: bool = True,
     scene: bpy.types.Scene | None = None,
+    z_up: bool = True,
 ) -> tuple[Motion, list[int]]:
     """Loads an AMASS-layout .npz and keys it; with ``scene``, sets its frame rate (to the
-    nearest whole fps with a matching base) and frame range to the motion."""
-    motion = Motion.load_npz(path)
+    nearest whole fps with a matching base) and frame range to the motion.
+
+    A Z-up file is AMASS's world: its translation puts the pelvis there, its floor (z = 0)
+    under the armature's rest pose (at its lowest joint), so a motion stands where the armature
+    stands (``floor_to_pelvis``). With ``z_up`` False the file is in the SMPL body frame and
+    holds this project's translations: the pelvis's offset from its rest position."""
+    motion = Motion.load_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
     frames = key_motion(obj, motion, start, step, use_translation=use_translation)
     if scene is not None and frames:
         playback = motion.fps * step
@@ -159,7 +165,9 @@ def import_npz(
     return motion, frames
 
 
-def export_npz(obj: bpy.types.Object, path: str | os.PathLike, fps: float) -> Motion:
+def export_npz(
+    obj: bpy.types.Object, path: str | os.PathLike, fps: float, *, z_up: bool = True
+) -> Motion:
     motion = motion_from_keys(obj, fps)
-    motion.save_npz(path)
+    motion.save_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
     return motion

@@ -155,6 +155,11 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         description="Set the scene's frame rate and range to the motion",
         default=True,
     )
+    z_up: bpy.props.BoolProperty(
+        name="Z-up (AMASS)",
+        description="The file is Z-up, as AMASS's motions are; off: in SMPL's own frame, +Y up",
+        default=True,
+    )
 
     def execute(self, context):
         try:
@@ -168,6 +173,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                 step=self.frame_step,
                 use_translation=self.use_translation,
                 scene=context.scene if self.set_scene else None,
+                z_up=self.z_up,
             )
         except (ValueError, FileNotFoundError) as exc:
             self.report({"ERROR"}, str(exc))
@@ -185,11 +191,16 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
 
     filename_ext = ".npz"
     filter_glob: bpy.props.StringProperty(default="*.npz", options={"HIDDEN"})
+    z_up: bpy.props.BoolProperty(
+        name="Z-up (AMASS)",
+        description="Write the motion Z-up, as AMASS's motions are; off: in SMPL's own frame",
+        default=True,
+    )
 
     def execute(self, context):
         obj = find_smpl_armature(context)
         try:
-            motion = export_npz(obj, self.filepath, scene_fps(context.scene))
+            motion = export_npz(obj, self.filepath, scene_fps(context.scene), z_up=self.z_up)
         except (OSError, ValueError) as exc:
             self.report({"ERROR"}, f"Could not write {self.filepath}: {exc}")
             return {"CANCELLED"}

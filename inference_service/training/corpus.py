@@ -22,7 +22,8 @@ same seed gives identical records, and ``generate_corpus(seed, n)`` is a prefix 
 ``generate_corpus(seed, n + k)``.
 
 File format (``save_corpus`` / ``load_corpus``): one ``.npz`` (no pickles) that is also an
-AMASS-layout motion file, so ``shared_protocol.pose.Motion.load_npz`` reads its poses:
+AMASS-layout motion file in the SMPL body frame, so ``shared_protocol.pose.Motion.load_npz(path,
+z_up=False)`` reads its poses:
 
 ==================  ==========  ====================================================
 key                 shape       content

@@ -263,9 +263,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | None = None):
     """The `poses` of an AMASS-layout .npz as (N, 24, 3) float64.
 
-    Accepted shapes: (N, 72) (what `shared_protocol.pose.Motion.save_npz` writes), AMASS's SMPL-H
-    (N, 156) (the first 72 numbers are the SMPL pose, as the release reads them), or (N, 24, 3).
-    Other arrays (trans, betas, mocap_framerate, ...) are not needed and not read.
+    Accepted shapes: (N, 72) (what `shared_protocol.pose.Motion.save_npz` writes: Z-up, as
+    AMASS's, unless `z_up=False`), AMASS's SMPL-H (N, 156) (the first 72 numbers are the SMPL
+    pose, as the release reads them), or (N, 24, 3). Other arrays (trans, betas,
+    mocap_framerate, ...) are not needed and not read. The poses are returned as stored:
+    `read_posescript`'s `z_up` turns a Z-up file's global orientation.
     """
     path = Path(path)
     arrays = _read_npz(path) if arrays is None else arrays

@@ -20,7 +20,7 @@ from blender_addon.blender.posing import apply_pose, read_pose
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import JOINT_NAMES
 
-from .helpers import FK_TOLERANCE, fk_error, random_pose, transform
+from .helpers import FK_TOLERANCE, fk_error, random_pose, transform, world_heads
 
 
 def motion(n: int, seed: int = 0, fps: float = 30.0) -> Motion:
@@ -176,6 +176,21 @@ def test_npz_operators_round_trip(blender, tmp_path):
     assert back.fps == pytest.approx(30.0)
     np.testing.assert_allclose(back.axis_angle, original.axis_angle, atol=1e-5)
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
+
+
+def test_an_amass_file_imports_upright_where_it_walks(blender, tmp_path):
+    poses = np.zeros((2, 156))
+    poses[:, 0] = np.pi / 2  # AMASS's upright body, Z-up
+    trans = np.array([[0.0, 0.3, 0.93], [2.0, 0.3, 0.93]])
+    np.savez(tmp_path / "walk.npz", poses=poses, trans=trans, mocap_framerate=np.array(60.0))
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    import_npz(obj, tmp_path / "walk.npz", start=1)
+    for frame, x in ((1, 0.0), (2, 2.0)):
+        bpy.context.scene.frame_set(frame)
+        heads = world_heads(obj)
+        pelvis, head = heads[0], heads[JOINT_NAMES.index("head")]
+        np.testing.assert_allclose(pelvis, [x, 0.3, 0.93], atol=1e-5)  # Blender is Z-up too
+        assert head[2] - pelvis[2] > 0.55 and abs(head[1] - pelvis[1]) < 0.1  # standing
 
 
 def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):

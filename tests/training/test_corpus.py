@@ -106,8 +106,9 @@ def test_save_and_load_round_trip(records, tmp_path, monkeypatch):
     path = tmp_path / "corpus.npz"
     C.save_corpus(records, path, seed=7)
     assert C.load_corpus(path) == records
-    # The file is also an AMASS-layout motion: its poses read back with shared_protocol.
-    motion = Motion.load_npz(path)
+    # The file is also an AMASS-layout motion in the SMPL body frame: its poses read back with
+    # shared_protocol.
+    motion = Motion.load_npz(path, z_up=False)
     np.testing.assert_array_equal(motion.axis_angle, np.stack([r.pose for r in records]))
     empty = tmp_path / "empty.npz"
     C.save_corpus([], empty)

@@ -74,7 +74,7 @@ def test_posescript_frame_index_ids_and_caption_lists(tmp_path):
 
 def test_posescript_ids_array_and_motion_files(tmp_path):
     motion = Motion.from_poses([Pose(p) for p in POSES])
-    motion.save_npz(tmp_path / "motion.npz")
+    motion.save_npz(tmp_path / "motion.npz", z_up=False)  # poses as PoseScript keeps them
     with np.load(tmp_path / "motion.npz") as data:
         arrays = dict(data)
     np.savez(tmp_path / "with_ids.npz", **arrays, ids=np.array(["a", "b", "c", "d"]))

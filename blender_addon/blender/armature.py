@@ -5,10 +5,16 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from shared_protocol.skeleton import JOINT_NAMES, smpl_to_blender
+from shared_protocol.skeleton import JOINT_NAMES, SMPL_TO_BLENDER, smpl_to_blender
 
 from ..core.mannequin import mannequin_mesh
-from ..core.rig_spec import RIG_PROPERTY, RIG_VERSION, rest_joints_from_heads, smpl_bone_specs
+from ..core.rig_spec import (
+    RIG_PROPERTY,
+    RIG_VERSION,
+    armature_axes,
+    rest_joints_from_heads,
+    smpl_bone_specs,
+)
 from ..core.smpl_model import SmplModel
 from .meshes import create_mannequin, create_smpl_body
 
@@ -37,9 +43,13 @@ def find_smpl_armature(context: bpy.types.Context) -> bpy.types.Object | None:
 
 
 def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
-    """(24, 3, 3) rest rotation of each SMPL bone in armature space, in SMPL joint order."""
+    """(24, 3, 3) rest rotation of each SMPL bone, in SMPL joint order, in armature space as
+    ``core.posing`` takes it: Z-up. A rig whose armature data is Y-up (an imported SMPL FBX)
+    is seen turned upright (``rig_spec.armature_axes``), so its poses come out the same."""
     bones = obj.data.bones
-    return np.array([np.array(bones[n].matrix_local.to_3x3()) for n in JOINT_NAMES])
+    rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in JOINT_NAMES])
+    axes = armature_axes([tuple(bones[n].head_local) for n in JOINT_NAMES])
+    return SMPL_TO_BLENDER @ axes.T @ rests
 
 
 def rest_joints(obj: bpy.types.Object) -> np.ndarray:

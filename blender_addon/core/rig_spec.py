@@ -67,10 +67,32 @@ def smpl_bone_specs(rest_joints=None, length: float = BONE_LENGTH) -> tuple[Bone
     return tuple(specs)
 
 
-def rest_joints_from_heads(heads) -> np.ndarray:
-    """(..., 24, 3) bone heads in armature space -> rest joints in the SMPL frame."""
+def armature_axes(heads) -> np.ndarray:
+    """C: SMPL's X, Y, Z axes in armature space (as columns), read off a rig's 24 rest bone
+    heads: up from the pelvis to the head, the body's left from the right hip to the left one,
+    each snapped to the nearest armature axis. ``SMPL_TO_BLENDER`` for a Z-up rig (this
+    add-on's own), the identity for one whose armature data is Y-up and whose object is turned
+    upright (as Blender's FBX importer leaves an SMPL FBX)."""
     h = np.asarray(heads, dtype=np.float64)
-    return h @ SMPL_TO_BLENDER  # the inverse of p @ C.T, since C is a rotation
+    up = h[JOINT_NAMES.index("head")] - h[0]
+    left = h[JOINT_NAMES.index("left_hip")] - h[JOINT_NAMES.index("right_hip")]
+    x, y = _nearest_axis(left), _nearest_axis(up)
+    if x @ y != 0:  # not an upright body: keep the add-on's own convention
+        return SMPL_TO_BLENDER
+    return np.stack([x, y, np.cross(x, y)], axis=1)
+
+
+def _nearest_axis(v: np.ndarray) -> np.ndarray:
+    axis = np.zeros(3)
+    i = int(np.argmax(np.abs(v)))
+    axis[i] = np.sign(v[i]) or 1.0
+    return axis
+
+
+def rest_joints_from_heads(heads) -> np.ndarray:
+    """(24, 3) bone heads in armature space -> rest joints in the SMPL frame."""
+    h = np.asarray(heads, dtype=np.float64)
+    return h @ armature_axes(h)  # the inverse of p @ C.T, since C is a rotation
 
 
 def bone_rest_matrix(head, tail, roll: float = 0.0) -> np.ndarray:

@@ -197,9 +197,8 @@ def test_exact_for_a_custom_rest_skeleton_and_read_back(blender):
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
 
 
-def _limb_aligned_rig() -> bpy.types.Object:
+def _limb_aligned_rig(heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T) -> bpy.types.Object:
     """An imported-style SMPL rig: bones point at their first child, with roll."""
-    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
     child = {p: c for c, p in reversed(list(enumerate(PARENTS)))}
     arm = bpy.data.armatures.new("Limbs")
     obj = bpy.data.objects.new("Limbs", arm)
@@ -226,6 +225,27 @@ def test_limb_aligned_rig_is_converted_exactly(blender):
         pose = random_pose(200 + seed)
         apply_pose(obj, pose)
         assert fk_error(obj, pose) < FK_TOLERANCE
+        back = read_pose(obj)
+        np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
+        np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
+
+
+def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blender):
+    """As Blender's FBX importer leaves an SMPL FBX: armature data in SMPL's own frame (Y-up),
+    the object turned +90° about X. Poses must stand up as on the add-on's own rig."""
+    obj = _limb_aligned_rig(heads=DEFAULT_REST_JOINTS)
+    obj.rotation_euler = (np.pi / 2, 0.0, 0.0)
+    bpy.context.view_layer.update()
+    np.testing.assert_allclose(rest_joints(obj), DEFAULT_REST_JOINTS, atol=1e-6)
+    world = np.array(obj.matrix_world)
+    for seed in range(4):
+        pose = random_pose(300 + seed)
+        apply_pose(obj, pose)
+        positions, _ = forward_kinematics(pose.axis_angle, DEFAULT_REST_JOINTS, pose.translation)
+        expected = positions @ world[:3, :3].T + world[:3, 3]  # the armature is SMPL's frame
+        bpy.context.view_layer.update()
+        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in JOINT_NAMES])
+        assert np.abs(heads - expected).max() < FK_TOLERANCE
         back = read_pose(obj)
         np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)

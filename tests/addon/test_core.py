@@ -56,6 +56,17 @@ def test_bone_specs_follow_the_smpl_skeleton():
     np.testing.assert_allclose(rig_spec.rest_joints_from_heads(heads), DEFAULT_REST_JOINTS)
 
 
+def test_armature_axes_are_read_off_the_rest_skeleton():
+    z_up = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T  # the add-on's own rig
+    np.testing.assert_array_equal(rig_spec.armature_axes(z_up), SMPL_TO_BLENDER)
+    np.testing.assert_array_equal(rig_spec.armature_axes(DEFAULT_REST_JOINTS), np.eye(3))  # Y-up
+    np.testing.assert_allclose(
+        rig_spec.rest_joints_from_heads(DEFAULT_REST_JOINTS), DEFAULT_REST_JOINTS
+    )
+    collapsed = np.zeros((24, 3))  # no up, no left: the add-on's own convention
+    np.testing.assert_array_equal(rig_spec.armature_axes(collapsed), SMPL_TO_BLENDER)
+
+
 def test_bone_specs_reject_bad_rest_joints():
     with pytest.raises(ValueError, match="rest_joints"):
         rig_spec.smpl_bone_specs(np.zeros((23, 3)))

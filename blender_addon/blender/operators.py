@@ -145,7 +145,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     filename_ext = ".npz"
     filter_glob: bpy.props.StringProperty(default="*.npz", options={"HIDDEN"})
-    start_frame: bpy.props.IntProperty(name="Start Frame", default=1)
+    start_frame: bpy.props.IntProperty(name="Start Frame", default=1, min=0)  # as a scene range
     frame_step: bpy.props.IntProperty(
         name="Frame Step", description="Frames between two poses", default=1, min=1
     )

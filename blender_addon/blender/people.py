@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import bpy
+import numpy as np
+from mathutils import Matrix
 
 from shared_protocol.pose import Pose
 
@@ -69,18 +71,24 @@ def person_armature(
             if obj.name not in collection.objects:
                 collection.objects.link(obj)
         return obj, False
+    skeleton = rest_joints(target)
+    model = _preferred_model()
+    if model is not None and not np.allclose(model.rest_joints, skeleton, atol=1e-4):
+        model = None  # its body would not fit the target's bones: the mannequin does
     with _kept_selection(context):
         obj = create_smpl_armature(
             context,
             name=name,
-            rest_joints_smpl=rest_joints(target),
+            rest_joints_smpl=skeleton,
             location=person_location(target.matrix_world.translation, k, spacing),
             on_ground=False,
             with_mesh=True,
-            model=_preferred_model(),
+            model=model,
         )
-    obj.rotation_euler = target.rotation_euler.copy()
-    obj.scale = target.scale.copy()
+    world = target.matrix_world  # facing as the target faces, whatever its rotation mode
+    obj.matrix_world = Matrix.LocRotScale(
+        obj.matrix_world.translation, world.to_quaternion(), world.to_scale()
+    )
     _move_beside(obj, target)
     return obj, True
 

@@ -17,6 +17,7 @@ import numpy as np
 from mathutils import Quaternion
 
 from shared_protocol.pose import Pose
+from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_axis_angle
 from shared_protocol.skeleton import JOINT_NAMES
 
 from ..core.posing import (
@@ -48,8 +49,11 @@ def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz) -> None:
             q.negate()
         pbone.rotation_quaternion = q
     elif mode == "AXIS_ANGLE":
-        axis, angle = q.to_axis_angle()
-        pbone.rotation_axis_angle = (angle, axis.x, axis.y, axis.z)
+        # In float64: mathutils' float32 acos(w) loses small angles (1e-4 rad read back as 0).
+        vector = quaternion_to_axis_angle(np.array(wxyz, dtype=np.float64))
+        angle = float(np.linalg.norm(vector))
+        axis = vector / angle if angle > 0 else np.array([0.0, 1.0, 0.0])  # Blender's default
+        pbone.rotation_axis_angle = (angle, *axis.tolist())
     else:
         pbone.rotation_euler = q.to_euler(mode, pbone.rotation_euler)
 
@@ -61,10 +65,12 @@ def bone_rotation_quaternion(pbone: bpy.types.PoseBone, values=None) -> Quaterni
         q = Quaternion(values if values is not None else pbone.rotation_quaternion)
         return q.normalized()
     if mode == "AXIS_ANGLE":
-        angle, x, y, z = values if values is not None else pbone.rotation_axis_angle
-        if x == 0 and y == 0 and z == 0:
+        angle, *axis = values if values is not None else pbone.rotation_axis_angle
+        length = float(np.linalg.norm(axis))
+        if length == 0:
             return Quaternion()
-        return Quaternion((x, y, z), angle)
+        vector = np.array(axis, dtype=np.float64) / length * angle
+        return Quaternion(axis_angle_to_quaternion(vector).tolist())
     from mathutils import Euler
 
     euler = Euler(values if values is not None else pbone.rotation_euler, mode)

@@ -275,6 +275,18 @@ def test_non_quaternion_bones_are_converted_to_their_mode(blender, mode):
     assert 'pose.bones["left_knee"].rotation_quaternion' not in paths
 
 
+@pytest.mark.parametrize("angle", [1e-4, 3e-4, 1e-3, 0.01])
+def test_small_rotations_on_axis_angle_bones_are_kept(blender, angle):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    obj.pose.bones["left_elbow"].rotation_mode = "AXIS_ANGLE"
+    axis_angle = np.zeros((24, 3))
+    axis_angle[JOINT_NAMES.index("left_elbow")] = [0.0, 0.0, angle]
+    apply_pose(obj, Pose(axis_angle))
+    stored = np.array(obj.pose.bones["left_elbow"].rotation_axis_angle)
+    np.testing.assert_allclose(stored, [angle, 0.0, 0.0, 1.0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(read_pose(obj).axis_angle, axis_angle, atol=1e-7)
+
+
 def test_quaternion_sign_follows_the_current_value(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     pbone = obj.pose.bones["left_hip"]

@@ -15,7 +15,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon.blender.armature import rest_joints
+from blender_addon.blender.armature import create_smpl_armature, rest_joints
 from blender_addon.blender.posing import apply_pose
 from blender_addon.core.smpl_model import load_smpl_model
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS, JOINT_NAMES, PARENTS, smpl_to_blender
@@ -105,3 +105,27 @@ def test_smplx_and_the_addon_find_the_same_rest_joints(blender, tmp_path):
     posed_heads = np.array([tuple(obj.pose.bones[n].head) for n in JOINT_NAMES])
     expected = smpl_to_blender(posed.joints[0, :24].numpy())
     np.testing.assert_allclose(posed_heads, expected, rtol=0, atol=1e-5)
+
+
+def test_extra_people_face_as_the_target_and_get_a_body_only_when_it_fits(blender, tmp_path):
+    from mathutils import Quaternion
+
+    from blender_addon import preferences
+    from blender_addon.blender.people import apply_people
+
+    target = create_smpl_armature(bpy.context, with_mesh=False)  # the built-in skeleton
+    target.rotation_mode = "QUATERNION"
+    target.rotation_quaternion = Quaternion((0.0, 0.0, 1.0), np.pi / 2)
+    npz = tmp_path / "SMPL_NEUTRAL.npz"
+    write_synthetic_smpl(npz)  # another skeleton than the target's
+    preferences.get_preferences().smpl_model_path = str(npz)
+    pose = random_pose(6, translation=False)
+    result = apply_people(bpy.context, target, [pose, pose])
+    person = bpy.data.objects[result.created[0]]
+    bpy.context.view_layer.update()
+    np.testing.assert_allclose(
+        np.array(person.matrix_world.to_3x3()), np.array(target.matrix_world.to_3x3()), atol=1e-6
+    )
+    mesh = next(o for o in person.children if o.type == "MESH")
+    assert len(mesh.data.vertices) != NUM_VERTICES  # the mannequin, built on the target's bones
+    np.testing.assert_allclose(rest_joints(person), rest_joints(target), atol=1e-6)

@@ -13,7 +13,7 @@ from shared_protocol.skeleton import JOINT_NAMES
 
 from ..core.posing import bone_quaternions, continuous_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
-from .anim import action_fcurves, bone_data_path
+from .anim import action_fcurves, bone_data_path, fcurve_map
 from .armature import bone_rest_rotations, rest_joints
 from .fast_keys import write_keys
 from .posing import ApplyResult, apply_pose, read_pose
@@ -42,7 +42,7 @@ def key_poses(
     if not poses:
         return []
     pbones = obj.pose.bones
-    if len(poses) > 1 and all(pbones[n].rotation_mode == "QUATERNION" for n in JOINT_NAMES):
+    if all(pbones[n].rotation_mode == "QUATERNION" for n in JOINT_NAMES):
         _key_poses_at_once(obj, poses, frames, use_translation)
         return apply_pose(obj, poses[-1], use_translation=use_translation).non_quaternion_bones
     result = ApplyResult()
@@ -62,8 +62,9 @@ def _key_poses_at_once(
     rests = bone_rest_rotations(obj)
     pbones = obj.pose.bones
     current = np.array([tuple(pbones[n].rotation_quaternion) for n in JOINT_NAMES])
+    before = _keyed_quaternions(obj, order[0], current)  # the keys' side, not the bones' now
     quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), rests)
-    quats = continuous_quaternions(quats, current)  # (N, 24, 4)
+    quats = continuous_quaternions(quats, before)  # (N, 24, 4)
     channels = [(name, "rotation_quaternion", k) for name in JOINT_NAMES for k in range(4)]
     values = quats.transpose(1, 2, 0).reshape(len(channels), len(order))
     if use_translation:
@@ -73,6 +74,19 @@ def _key_poses_at_once(
         channels += [(JOINT_NAMES[0], "location", k) for k in range(3)]
         values = np.concatenate([values, loc.T])
     write_keys(obj, channels, order, values)
+
+
+def _keyed_quaternions(obj: bpy.types.Object, frame: int, fallback: np.ndarray) -> np.ndarray:
+    """(24, 4) the bones' quaternions as their F-curves give them at ``frame``, so that new keys
+    carry on the signs of the keys around them (the bones' own values are left on w >= 0);
+    ``fallback`` for a bone without keys."""
+    fcurves = fcurve_map(obj)
+    quats = np.array(fallback, dtype=np.float64)
+    for j, name in enumerate(JOINT_NAMES):
+        curves = [fcurves.get((bone_data_path(name, "rotation_quaternion"), k)) for k in range(4)]
+        if all(c is not None and len(c.keyframe_points) for c in curves):
+            quats[j] = [c.evaluate(frame) for c in curves]
+    return quats
 
 
 def key_motion(

@@ -86,9 +86,7 @@ def person_armature(
             model=model,
         )
     world = target.matrix_world  # facing as the target faces, whatever its rotation mode
-    obj.matrix_world = Matrix.LocRotScale(
-        obj.matrix_world.translation, world.to_quaternion(), world.to_scale()
-    )
+    obj.matrix_world = Matrix.LocRotScale(obj.location, world.to_quaternion(), world.to_scale())
     _move_beside(obj, target)
     return obj, True
 

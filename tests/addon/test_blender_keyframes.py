@@ -99,6 +99,25 @@ def test_keys_after_the_last_one_give_the_curves_keys_given_at_once(blender):
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
 
 
+def test_keys_of_separate_calls_interpolate_the_short_way(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+
+    def turned(degrees):
+        axis_angle = np.zeros((24, 3))
+        axis_angle[0] = [0.0, np.radians(degrees), 0.0]
+        return Pose(axis_angle)
+
+    key_poses(obj, [turned(d) for d in (0, 60, 120, 180, 240)], [1, 2, 3, 4, 5])
+    key_poses(obj, [turned(250)], [6])  # a batch's next line, keyed by a later timer call
+    key_poses(obj, [turned(260), turned(270)], [7, 8])
+    curves = [
+        obj.animation_data.action.fcurves.find('pose.bones["pelvis"].rotation_quaternion', index=k)
+        for k in range(4)
+    ]
+    keys = np.array([[c.evaluate(f) for c in curves] for f in range(1, 9)])
+    assert (np.sum(keys[1:] * keys[:-1], axis=1) > 0).all()  # neighbours on the same side
+
+
 def test_a_locked_channel_is_never_written(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1)], [1])

@@ -228,7 +228,7 @@ def rotation_6d_to_matrix(rot6d) -> np.ndarray:
     not collinear.
     """
     x = finite_array(rot6d, "rot6d", (6,))
-    a1, a2 = x[..., :3], x[..., 3:]
+    a1, a2 = _rescaled(x[..., :3]), _rescaled(x[..., 3:])
     n1 = np.linalg.norm(a1, axis=-1, keepdims=True)
     n2 = np.linalg.norm(a2, axis=-1, keepdims=True)
     if np.any(n1 < _TINY) or np.any(n2 < _TINY):
@@ -241,6 +241,13 @@ def rotation_6d_to_matrix(rot6d) -> np.ndarray:
     b2 = u2 / nu2
     b3 = np.cross(b1, b2)
     return np.stack([b1, b2, b3], axis=-1)
+
+
+def _rescaled(columns: np.ndarray) -> np.ndarray:
+    """Columns divided by their largest entry: same directions, and norms that cannot overflow
+    (a column of 1e200 would square to inf)."""
+    largest = np.abs(columns).max(axis=-1, keepdims=True)
+    return columns / np.where(largest > 0, largest, 1.0)
 
 
 def rotation_angle(matrix) -> np.ndarray:

@@ -345,3 +345,8 @@ def test_shape_message_format():
 def test_geodesic_distance_bad_input(a, b, name):
     with pytest.raises(ValueError, match="^" + name):
         rot.geodesic_distance(a, b)
+
+
+def test_6d_decode_of_huge_columns_is_still_a_rotation():
+    m = rot.rotation_6d_to_matrix(np.array([1e200, 0.0, 0.0, 0.0, 1e200, 0.0]))
+    np.testing.assert_allclose(m, np.eye(3))

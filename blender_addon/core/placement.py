@@ -13,12 +13,20 @@ from collections.abc import Sequence
 DEFAULT_SPACING_M = 1.0
 
 
+MAX_NAME_BYTES = 63  # Blender's ID names
+
+
 def extra_person_name(target_name: str, k: int) -> str:
     """The name of the armature for pose ``k`` (k >= 1) of an answer: "SMPL" -> "SMPL.person2"
     for the second person."""
     if k < 1:
         raise ValueError(f"k: the target itself is person 0; expected >= 1, got {k}")
-    return f"{target_name}.person{k + 1}"
+    suffix = f".person{k + 1}"
+    # Blender cuts names at 63 bytes: a long target name is shortened, not the suffix, so the
+    # same person is found again by its name (and different people keep different names).
+    room = MAX_NAME_BYTES - len(suffix)
+    base = target_name.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    return base + suffix
 
 
 def person_location(

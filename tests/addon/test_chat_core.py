@@ -271,6 +271,10 @@ def test_people_get_names_and_places_beside_the_target():
     assert placement.person_location((0, 0, 0), 1, spacing=1.5) == (1.5, 0.0, 0.0)
     with pytest.raises(ValueError):
         placement.extra_person_name("SMPL", 0)
+    long_name = "L" * 58 + "é"  # 60 bytes
+    names = [placement.extra_person_name(long_name, k) for k in (1, 2, 12)]
+    assert all(len(n.encode()) <= 63 for n in names) and len(set(names)) == 3
+    assert names[0].endswith(".person2") and names[2].endswith(".person13")
 
 
 def test_continuous_quaternions_follow_the_previous_sign():

@@ -13,6 +13,9 @@ from inference_service.errors import BadImageError
 
 # The formats the protocol promises; anything else is refused rather than guessed at.
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+# The processors scale an image's short side up to the model's size before cropping, so a
+# 1 x 60,000 strip of 320 bytes would cost gigabytes; no photo or viewport is this thin.
+MAX_ASPECT_RATIO = 20
 
 
 def check_image(data: bytes, field: str = "image") -> None:
@@ -39,6 +42,12 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
             # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+                width, height = image.size
+                if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                    raise BadImageError(
+                        f"{field}: {width} x {height} pixels is more than {MAX_ASPECT_RATIO} "
+                        "times as long as it is wide; crop it"
+                    )
                 yield image
     except (
         OSError,

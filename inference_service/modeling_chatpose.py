@@ -148,6 +148,12 @@ class ChatPoseModel:
                         f"chatpose.json sets mm_use_im_start_end but the tokenizer has no {token}"
                     )
         _check_image_size(processor, config.image_size)
+        lm_width = model.config.text_config.hidden_size
+        if config.hidden_size != lm_width:  # else every request fails in the head's first layer
+            raise CheckpointError(
+                f"chatpose.json: hidden_size is {config.hidden_size}, but the language model's "
+                f"states are {lm_width} wide"
+            )
         # The backbone returns the final norm's output without computing logits for every
         # position; under a peft wrapper the LoRA layers sit inside it, so it still applies them.
         language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -172,10 +178,10 @@ class ChatPoseModel:
         the LLM with bitsandbytes (CUDA only); a LoRA adapter is then applied unmerged.
         """
         checkpoint = Checkpoint.open(path)
-        quantization = _quantization_config(load_in_4bit, load_in_8bit)
         torch_device, dtype = select_device(device)
-        if quantization is not None and torch_device.type != "cuda":
+        if (load_in_4bit or load_in_8bit) and torch_device.type != "cuda":
             raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
+        quantization = _quantization_config(load_in_4bit, load_in_8bit)
         try:
             processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(
@@ -231,6 +237,12 @@ class ChatPoseModel:
             return torch.zeros((0, self.config.hidden_size), device=self.device)
         inputs = self._encode(texts, images)
         input_ids = inputs["input_ids"]
+        lengths = inputs["attention_mask"].sum(dim=1)
+        if int(lengths.max()) > self.context_length:  # the scheduler retries the others alone
+            raise UnsupportedInputError(
+                f"prompt: {int(lengths.max())} tokens with the answer and its images; this "
+                f"model reads {self.context_length}"
+            )
         # The answer template ends with the only pose token of the answer: take each row's last
         # pose token, so one typed by the user in the description cannot be picked instead.
         is_pose = input_ids == self.pose_token_id

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of requests that set none",
     )
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=256, help="bound on a chat reply's length"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=256,
+        help="bound on a chat reply's length (at most the model's limit, 512)",
     )
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")
@@ -117,6 +120,12 @@ def _build_server(args: argparse.Namespace) -> Server:
             )
         raise ServerConfigError(f"--checkpoint: {checkpoint} does not exist")
     from .backend import ModelBackend  # imports torch: only once the arguments are sound
+    from .modeling_chatpose import MAX_NEW_TOKENS_LIMIT
+
+    if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:  # else every chat request would be refused
+        raise ServerConfigError(
+            f"--max-new-tokens: at most {MAX_NEW_TOKENS_LIMIT}, got {args.max_new_tokens}"
+        )
 
     backend = ModelBackend.from_checkpoint(
         checkpoint,

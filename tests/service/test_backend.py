@@ -188,6 +188,7 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
         (["--bind", "garbage", "--checkpoint", "."], "'garbage' is not a ZeroMQ address"),
         (["--checkpoint", "/no/such/dir"], "/no/such/dir does not exist"),
         (["--curve-clients", "."], "go together"),
+        (["--max-new-tokens", "2000"], "--max-new-tokens: at most 512, got 2000"),
     ],
 )
 def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):

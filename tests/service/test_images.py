@@ -37,3 +37,10 @@ def test_the_header_check_refuses_a_decompression_bomb_without_decoding():
     check_image(truncated)  # the header is fine; only decoding finds the missing data
     with pytest.raises(BadImageError, match="not a decodable PNG or JPEG"):
         decode_image(truncated)
+
+
+def test_a_strip_of_an_image_is_refused_before_it_costs_memory():
+    with pytest.raises(BadImageError, match=r"images\[0\]: 60000 x 1 pixels is more than 20 times"):
+        check_image(png_header(60_000, 1), "images[0]")  # 320 bytes: gigabytes once scaled up
+    check_image(png_header(1920, 1080))  # a wide viewport is fine
+    check_image(png_header(20, 400))

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 from inference_service import modeling_chatpose
 from inference_service.errors import (
     BadImageError,
+    CheckpointError,
     EmptyPromptError,
     MissingDependencyError,
     ModelError,
@@ -183,6 +184,17 @@ def test_a_chat_message_longer_than_the_context_is_a_typed_error(tiny_model):
     assert error.value.code == "unsupported_input"
 
 
+def test_a_pose_prompt_longer_than_the_context_is_a_typed_error(tiny_model):
+    with pytest.raises(UnsupportedInputError, match=r"prompt: \d+ tokens .* reads 512"):
+        tiny_model.predict_poses([PoseRequest("raise the arm " * 400)])
+
+
+def test_a_head_of_another_width_than_the_language_model_is_refused_at_load(tiny_model):
+    config = dataclasses.replace(tiny_model.config, hidden_size=tiny_model.config.hidden_size * 2)
+    with pytest.raises(CheckpointError, match="hidden_size is .* the language model's states"):
+        ChatPoseModel(tiny_model.model, tiny_model.processor, tiny_model.head, config)
+
+
 def test_bad_image_bytes_raise_a_typed_error(tiny_model):
     with pytest.raises(BadImageError):
         tiny_model.predict_poses([PoseRequest(TEXT), PoseRequest(images=(b"\x89PNG broken",))])
@@ -280,8 +292,13 @@ def test_lora_adapter_changes_output_and_equals_merged(tiny_model, lora_checkpoi
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
 def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    with pytest.raises(MissingDependencyError, match=f"{flag} needs the 'bitsandbytes' package"):
+    # On the CPU the device is what is missing first: installing bitsandbytes would not help.
+    with pytest.raises(UnsupportedInputError, match="4-bit and 8-bit loading need a CUDA device"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
+    cuda = (torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    with pytest.raises(MissingDependencyError, match=f"{flag} needs the 'bitsandbytes' package"):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda", **{flag: True})
 
 
 def test_device_choice(monkeypatch):

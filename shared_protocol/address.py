@@ -43,6 +43,14 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def tcp_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a well-formed `tcp://host:port` connection address, else None."""
+    if not address.startswith("tcp://") or _problem(address, bind=False):
+        return None
+    host, port = _tcp_host_port(address)
+    return host, int(port)
+
+
 def _problem(address: str, bind: bool) -> str | None:
     if any(c.isspace() for c in address):
         return "it contains a space"

@@ -46,6 +46,7 @@ from ..core.dispatch import (
 from ..core.service_process import (
     ServiceProcess,
     ServiceProcessError,
+    address_in_use,
     child_environment,
     serve_command,
 )
@@ -605,6 +606,11 @@ def start_service(context: bpy.types.Context) -> None:
         raise UserError(
             f"A local service listens on the Service Address, which must be on this machine "
             f"(e.g. tcp://127.0.0.1:5555), not {address}"
+        )
+    if not service_process().poll().alive and address_in_use(address):
+        raise UserError(
+            f"Local service not started: something already listens on {address} (another "
+            "service? Check Service says which). Stop it, or set another Service Address"
         )
     try:
         argv = serve_command(

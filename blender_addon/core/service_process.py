@@ -20,12 +20,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from shared_protocol.address import tcp_host_port
 
 SERVE_MODULE = "inference_service.serve"
 STOP_GRACE_S = 5.0
@@ -41,6 +44,22 @@ EXITED = "exited"
 
 class ServiceProcessError(Exception):
     """The process cannot be started as asked; the message is for the user."""
+
+
+def address_in_use(address: str) -> bool:
+    """Whether something already listens on a tcp address (a service of another session,
+    say): a local service started there would fail, and the ready check would be answered by
+    the other one."""
+    host_port = tcp_host_port(address)
+    if host_port is None:
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in host_port[0] else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+        try:
+            probe.bind(host_port)
+        except OSError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -180,14 +199,20 @@ class ServiceProcess:
         state = self.poll()
         if state.alive:
             raise ServiceProcessError(f"the local service is already {state.describe()}")
-        os.makedirs(self.log_dir, exist_ok=True)
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+            log = open(self.log_path, "wb")  # noqa: SIM115 (closed below, once handed over)
+        except OSError as exc:
+            raise ServiceProcessError(
+                f"cannot write the service's log {self.log_path}: {exc.strerror or exc}"
+            ) from None
         options: dict = {}
         hook = _die_with_parent_hook()
         if hook is not None:
             options["preexec_fn"] = hook
         if sys.platform == "win32":  # pragma: no cover
             options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        with open(self.log_path, "wb") as log:
+        with log:
             try:
                 self._process = self._popen(
                     list(argv),

@@ -6,6 +6,7 @@ chatpose-serve with the tiny model."""
 from __future__ import annotations
 
 import math
+import socket
 import sys
 import time
 from pathlib import Path
@@ -558,6 +559,13 @@ def test_start_and_stop_the_local_service_from_blender(armature, monkeypatch, tm
     with pytest.raises(RuntimeError, match="set the Python interpreter"):
         bpy.ops.chatpose.service_start()
     assert pid is not None
+    host, port = address.removeprefix("tcp://").split(":")
+    with socket.socket() as other:  # someone else's service on the address
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past our own's TIME_WAIT
+        other.bind((host, int(port)))
+        other.listen()
+        with pytest.raises(RuntimeError, match=f"something already listens on {address}"):
+            bpy.ops.chatpose.service_start()
 
 
 def test_unregister_stops_the_local_service(armature, monkeypatch, tmp_path):

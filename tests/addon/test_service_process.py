@@ -119,6 +119,10 @@ def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):
     with pytest.raises(ServiceProcessError, match="could not start"):
         manager.start([str(tmp_path / "missing-python")])
     assert manager.poll().state == STOPPED
+    (tmp_path / "file").write_text("")  # a log folder that cannot be made
+    blocked = ServiceProcess(str(tmp_path / "file" / "logs"))
+    with pytest.raises(ServiceProcessError, match="cannot write the service's log"):
+        blocked.start([sys.executable, "-c", "pass"])
 
 
 def test_the_child_is_stopped_when_the_parent_python_exits(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from .server import (
 log = logging.getLogger("chatpose.serve")
 
 EXIT_CONFIG = 2  # bad arguments, an unsafe bind, a checkpoint that does not load
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 # The bundled demo checkpoint, served when no --checkpoint is given.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 
@@ -99,10 +101,32 @@ def main(argv: list[str] | None = None) -> int:
         log.error(str(exc), extra={"event": "config_error"})
         print(f"chatpose-serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to finish
+        log.info("interrupted while loading", extra={"event": "stop"})
+        return EXIT_INTERRUPTED
+    on_signal = SignalStop(server.stop)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.stop())
+        signal.signal(signum, on_signal)
     server.serve_forever()
     return 0
+
+
+class SignalStop:
+    """The SIGINT/SIGTERM handler: the first signal stops the server cleanly (the batch that
+    is running finishes, up to 30 s); a second one exits at once."""
+
+    def __init__(self, stop, exit_now=os._exit):
+        self._stop = stop
+        self._exit_now = exit_now
+        self._signalled = False
+
+    def __call__(self, signum: int, _frame=None) -> None:
+        if self._signalled:
+            log.warning("second signal: exiting now", extra={"event": "forced_stop"})
+            self._exit_now(128 + signum)
+            return
+        self._signalled = True
+        self._stop()
 
 
 def _build_server(args: argparse.Namespace) -> Server:

@@ -196,6 +196,21 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
+    calls = []
+    handler = serve.SignalStop(lambda: calls.append("stop"), lambda code: calls.append(code))
+    handler(signal.SIGTERM)
+    assert calls == ["stop"]
+    handler(signal.SIGINT)  # the user presses Ctrl-C again while the last batch runs
+    assert calls == ["stop", 128 + signal.SIGINT]
+
+    def interrupted(args):
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+
+    monkeypatch.setattr(serve, "_build_server", interrupted)
+    assert serve.main([]) == serve.EXIT_INTERRUPTED
+
+
 def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
     assert serve.main([]) == serve.EXIT_CONFIG

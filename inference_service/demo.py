@@ -32,6 +32,7 @@ from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
     BatchItemReply,
     BatchRequest,
+    ErrorCode,
     ErrorReply,
     PoseReply,
     PoseRequest,
@@ -169,30 +170,45 @@ class LocalService:
 
 def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) -> list[Answer]:
     """The demo's requests, in order: pose, chat, image, then the batch item by item. A failed
-    request is kept as an Answer with its error, so the others still show."""
+    request, one that timed out included, is kept as an Answer with its error, so the others
+    still show; once the service is unreachable the rest are not sent."""
     singles = [
         ("pose", script.pose_prompt, (), "pose"),
         ("chat", script.chat_prompt, (), "chat"),
         ("image", script.image_prompt, (reference,), "pose"),
     ]
     answers = []
+    gone = None  # why the service cannot be reached any more
     for kind, prompt, images, mode in singles:
+        if gone:
+            answers.append(Answer(kind, prompt, error=gone))
+            continue
         request = PoseRequest(client.new_id(), prompt, images=images, mode=mode)
-        reply = client.request(request, timeout_s)
+        try:
+            reply = client.request(request, timeout_s)
+        except ProtocolError as exc:
+            reply = ErrorReply(request.id, request.op, exc.code, exc.message, None)
+            gone = _error_text(reply) if exc.code == ErrorCode.UNREACHABLE else None
         if isinstance(reply, PoseReply):
             answers.append(Answer(kind, prompt, reply.text, reply.poses))
         else:
             answers.append(Answer(kind, prompt, error=_error_text(reply)))
         _say(f"{kind:<5} {answers[-1].caption}")
-    batch = [Answer("batch", prompt) for prompt in script.batch_prompts]
-    request = BatchRequest(client.new_id(), tuple(script.batch_prompts))
-    for reply in client.stream(request, timeout_s):
-        if isinstance(reply, BatchItemReply):
-            batch[reply.index].text, batch[reply.index].poses = reply.text, reply.poses
-        elif isinstance(reply, ErrorReply) and reply.index is not None:
-            batch[reply.index].error = _error_text(reply)
-        elif isinstance(reply, ErrorReply):
-            raise ProtocolError(reply.code, reply.message)
+    batch = [Answer("batch", prompt, error=gone) for prompt in script.batch_prompts]
+    if not gone:
+        request = BatchRequest(client.new_id(), tuple(script.batch_prompts))
+        try:
+            for reply in client.stream(request, timeout_s):
+                if isinstance(reply, BatchItemReply):
+                    batch[reply.index].text, batch[reply.index].poses = reply.text, reply.poses
+                elif isinstance(reply, ErrorReply) and reply.index is not None:
+                    batch[reply.index].error = _error_text(reply)
+                elif isinstance(reply, ErrorReply):
+                    raise ProtocolError(reply.code, reply.message)
+        except ProtocolError as exc:
+            for answer in batch:
+                if not answer.poses and not answer.error:
+                    answer.error = f"{exc.code.value}: {exc.message}"
     for k, answer in enumerate(batch, start=1):
         _say(f"batch {k}/{len(batch)} {answer.caption}")
     return answers + batch
@@ -394,15 +410,29 @@ def run_demo(
         status = service.wait_ready(client)
         _say(f"service ready: {status.model} on {status.device} ({status.dtype})")
         result.answers = ask(client, script, reference, timeout_s)
+        state = service.process.poll()
+        if not state.alive:  # it died under the demo: say how, and where its log is
+            for answer in result.answers:
+                if answer.error:
+                    answer.error += f" (chatpose-serve {state.describe()}; log: {service.log_path})"
     _say("service stopped")
-    pictures = scene.panels(result.answers, result.panels)
-    image_panel = {k: result.reference for k, a in enumerate(result.answers) if a.kind == "image"}
-    contact_sheet(
-        pictures, [a.caption for a in result.answers], result.contact_sheet, panel=size,
-        inset=image_panel,
-    )  # fmt: skip
+    # What needs no rendering is written first, so a rendering failure loses neither.
     result.keyed_frames = scene.build(result.answers, script)
     scene.save(result.blend, result.animation, script)
+    try:
+        pictures = scene.panels(result.answers, result.panels)
+        image_panel = {
+            k: result.reference for k, a in enumerate(result.answers) if a.kind == "image"
+        }
+        contact_sheet(
+            pictures, [a.caption for a in result.answers], result.contact_sheet, panel=size,
+            inset=image_panel,
+        )  # fmt: skip
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DemoError(
+            f"rendering the panels failed ({exc}); {result.blend} and {result.animation} "
+            "were written"
+        ) from None
     return result
 
 

@@ -146,3 +146,46 @@ def test_without_the_bundled_model_the_demo_says_how_to_build_it(tmp_path, monke
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "demo_checkpoint")
     assert cli.main(["demo"]) == cli.EXIT_NOT_BUILT
     assert "make demo-model" in capsys.readouterr().err
+
+
+class _FailingClient:
+    """Answers the first pose request, then finds the service gone."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def new_id(self):
+        return f"id-{self.calls}"
+
+    def request(self, request, timeout_s):
+        from shared_protocol.pose import Pose
+        from shared_protocol.protocol import PoseReply
+
+        self.calls += 1
+        if self.calls == 1:
+            return PoseReply(request.id, "Sure, it is <POSE>.", (Pose(np.zeros((24, 3))),))
+        raise ProtocolError(ErrorCode.UNREACHABLE, "no service at tcp://127.0.0.1:9")
+
+    def stream(self, request, timeout_s):
+        raise AssertionError("nothing more is sent to a service that is gone")
+
+
+def test_answers_already_received_are_kept_when_the_service_goes():
+    client = _FailingClient()
+    answers = demo.ask(client, SCRIPT, b"", timeout_s=1.0)
+    assert [a.kind for a in answers] == ["pose", "chat", "image", "batch", "batch", "batch"]
+    assert answers[0].poses and not answers[0].error
+    assert all("unreachable: no service" in a.error for a in answers[1:])
+    assert client.calls == 2  # the image request was not sent after the chat one failed
+
+
+def test_a_rendering_failure_still_leaves_the_blend_and_the_animation(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    def broken_panels(self, answers, folder):
+        raise RuntimeError("the renderer failed")
+
+    monkeypatch.setattr(demo.DemoScene, "panels", broken_panels)
+    with pytest.raises(demo.DemoError, match="rendering the panels failed .* were written"):
+        demo.run_demo(tiny_checkpoint, tmp_path, script=SCRIPT, size=PANEL, timeout_s=60)
+    assert (tmp_path / "demo.blend").is_file() and (tmp_path / "animation.npz").is_file()

@@ -190,15 +190,19 @@ def timer_tick() -> float | None:
             traceback.print_exc()
             notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
     applied = 0
-    if state.backlog and (mode := _mode_that_defers()):
+    deferred = state.backlog and _mode_that_defers()
+    if deferred:
         # Creating people would end the user's edit or paint session, and its undo step would
         # not hold the armature: the answers wait for Object or Pose mode.
         count = len(state.backlog)
-        set_message(f"{count} answer(s) waiting: leave {mode} mode to apply them", "WARNING")
+        set_message(f"{count} answer(s) waiting: leave {deferred} mode to apply them", "WARNING")
         _redraw()
-        return TICK_INTERVAL_S
     with _window_override():
-        while state.backlog and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S):
+        while (
+            state.backlog
+            and not deferred
+            and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S)
+        ):
             outcome = _next_outcome()
             applied += 1
             try:
@@ -210,7 +214,7 @@ def timer_tick() -> float | None:
     _update_status_bar()
     if applied:
         _redraw()
-    if state.backlog:
+    if state.backlog and not deferred:
         return 0.001
     if busy() or state.waiting_ready:
         return TICK_INTERVAL_S

@@ -185,6 +185,8 @@ class Motion:
 
     The file has `poses` (N, 72), `trans` (N, 3), `mocap_framerate`, `gender` and `betas`;
     per-frame labels, when present, go in an extra `labels` array that AMASS readers ignore.
+    A Motion is in the SMPL body frame, as Pose; its files are Z-up as AMASS's unless asked
+    otherwise (`save_npz`, `load_npz`).
     """
 
     axis_angle: np.ndarray  # (N, 24, 3)

@@ -267,17 +267,8 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
-    from .serve import DEMO_CHECKPOINT
 
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT
-    if args.checkpoint is None and not (checkpoint / "chatpose.json").is_file():
-        raise CommandError(
-            EXIT_NOT_BUILT,
-            f"the bundled demo model is missing from {checkpoint}; rebuild it with "
-            "`make demo-model` (docs/evaluation.md)",
-        )
-    if not (checkpoint / "chatpose.json").is_file():
-        raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+    checkpoint = _checkpoint(args)
     if args.size < 32:
         raise CommandError(EXIT_BAD_INPUT, f"--size: at least 32 pixels, got {args.size}")
     try:
@@ -325,6 +316,23 @@ def _client(args: argparse.Namespace) -> Client:
         raise CommandError(EXIT_BAD_INPUT, f"the CURVE key files cannot be read ({exc})") from None
 
 
+def _checkpoint(args: argparse.Namespace) -> Path:
+    """--checkpoint, else the bundled demo model; exit 3 when that is missing, 4 when the one
+    named is not a checkpoint."""
+    from .serve import DEMO_CHECKPOINT
+
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if (checkpoint / "chatpose.json").is_file():
+        return checkpoint
+    if args.checkpoint is None:
+        raise CommandError(
+            EXIT_NOT_BUILT,
+            f"the bundled demo model is missing from {checkpoint}; rebuild it with "
+            "`make demo-model` (docs/evaluation.md), or pass --checkpoint",
+        )
+    raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+
+
 def _checked(reply):
     """The reply, or a ProtocolError for an error reply."""
     if isinstance(reply, ErrorReply):
@@ -336,17 +344,8 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
     from .backend import ModelBackend  # torch: only when asked to run the model here
     from .errors import ChatPoseError, CheckpointError
     from .scheduler import WorkItem
-    from .serve import DEMO_CHECKPOINT
 
-    checkpoint = args.checkpoint or DEMO_CHECKPOINT
-    if not (checkpoint / "chatpose.json").is_file():
-        if args.checkpoint is None:
-            raise CommandError(
-                EXIT_NOT_BUILT,
-                f"the bundled demo model is missing from {checkpoint}; rebuild it with "
-                "`make demo-model`, or pass --checkpoint",
-            )
-        raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+    checkpoint = _checkpoint(args)
     item = WorkItem(args.text, images, mode=mode)
     try:
         backend = ModelBackend.from_checkpoint(checkpoint)

@@ -397,17 +397,16 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise UserError(
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
-    gone = [entry for entry in record.entries if entry.line >= len(lines)]
+    gone = record.past_the_end(len(lines))
+    gone_note = ""
     if gone:  # lines deleted from the text: forget them, but leave their keys alone
         record = record.without_lines(entry.line for entry in gone)
         save_record(target, record)
-    gone_note = (
-        f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
-        f"{', '.join(str(e.frame) for e in gone[:5])}{' ...' if len(gone) > 5 else ''}) "
-        "are left as they are"
-        if gone
-        else ""
-    )
+        frames = ", ".join(str(e.frame) for e in gone[:5]) + (" ..." if len(gone) > 5 else "")
+        gone_note = (
+            f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
+            f"{frames}) are left as they are"
+        )
     pending = record.pending(lines, settings.batch_start, settings.batch_step)
     run = BatchRun(
         armature=target.name,

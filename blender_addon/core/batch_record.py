@@ -114,6 +114,11 @@ class BatchRecord:
         drop = set(lines)
         return BatchRecord(tuple(e for e in self.entries if e.line not in drop))
 
+    def past_the_end(self, line_count: int) -> tuple[Entry, ...]:
+        """Entries of lines a text of ``line_count`` prompts no longer has (deleted lines):
+        their keys stay, as they may have been edited by hand since."""
+        return tuple(e for e in self.entries if e.line >= line_count)
+
     # --- storage ------------------------------------------------------------------------------
 
     def to_json(self) -> str:

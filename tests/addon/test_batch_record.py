@@ -147,3 +147,9 @@ def test_recording_several_lines_at_once_equals_one_at_a_time():
     assert BatchRecord.from_json(at_once.to_json()) == at_once
     with pytest.raises(ValueError, match="line: expected >= 0"):
         at_once.recorded_lines([(-1, "x", 1)])
+
+
+def test_entries_past_the_end_of_a_shorter_text():
+    record = BatchRecord().recorded_lines([(0, "a", 1), (2, "c", 21), (3, "d", 31)])
+    assert [e.line for e in record.past_the_end(3)] == [3]
+    assert record.past_the_end(4) == ()

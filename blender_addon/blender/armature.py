@@ -48,8 +48,30 @@ def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
     is seen turned upright (``rig_spec.armature_axes``), so its poses come out the same."""
     bones = obj.data.bones
     rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in JOINT_NAMES])
+    return _upright(obj) @ rests
+
+
+def root_location_frame(obj: bpy.types.Object) -> np.ndarray:
+    """(3, 3) the frame Blender reads the root bone's ``location`` in, in the space of
+    ``bone_rest_rotations`` (``core.posing.root_location``): the root's own rest, or with
+    Local Location off its parent's rest (taken at rest, as the rotations are), or the
+    armature's axes for a root with no parent."""
+    root = obj.data.bones[JOINT_NAMES[0]]
+    if root.use_local_location:
+        frame = np.array(root.matrix_local.to_3x3())
+    elif root.parent is not None:
+        frame = np.array(root.parent.matrix_local.to_3x3())
+    else:
+        frame = np.eye(3)
+    return _upright(obj) @ frame
+
+
+def _upright(obj: bpy.types.Object) -> np.ndarray:
+    """Armature space -> the Z-up armature space ``core.posing`` takes (Y-up rig data, as an
+    imported SMPL FBX has it, is seen turned upright: ``rig_spec.armature_axes``)."""
+    bones = obj.data.bones
     axes = armature_axes([tuple(bones[n].head_local) for n in JOINT_NAMES])
-    return SMPL_TO_BLENDER @ axes.T @ rests
+    return SMPL_TO_BLENDER @ axes.T
 
 
 def rest_joints(obj: bpy.types.Object) -> np.ndarray:

@@ -14,7 +14,7 @@ from shared_protocol.skeleton import JOINT_NAMES
 from ..core.posing import bone_quaternions, continuous_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
 from .anim import action_fcurves, bone_data_path, fcurve_map
-from .armature import bone_rest_rotations, rest_joints
+from .armature import bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
 from .posing import ApplyResult, apply_pose, read_pose
 
@@ -68,9 +68,8 @@ def _key_poses_at_once(
     channels = [(name, "rotation_quaternion", k) for name in JOINT_NAMES for k in range(4)]
     values = quats.transpose(1, 2, 0).reshape(len(channels), len(order))
     if use_translation:
-        root = pbones[JOINT_NAMES[0]]
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
-        loc = root_location(t, rests[0], root.bone.use_local_location)  # (N, 3)
+        loc = root_location(t, root_location_frame(obj))  # (N, 3)
         channels += [(JOINT_NAMES[0], "location", k) for k in range(3)]
         values = np.concatenate([values, loc.T])
     write_keys(obj, channels, order, values)

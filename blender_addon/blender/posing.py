@@ -27,7 +27,7 @@ from ..core.posing import (
     translation_from_root_location,
 )
 from .anim import bone_data_path, fcurve_map
-from .armature import bone_rest_rotations
+from .armature import bone_rest_rotations, root_location_frame
 
 ROOT = JOINT_NAMES[0]
 
@@ -114,7 +114,7 @@ def apply_pose(
     if use_translation:
         root = pbones[ROOT]
         t = np.zeros(3) if pose.translation is None else pose.translation
-        root.location = tuple(root_location(t, rests[0], root.bone.use_local_location))
+        root.location = tuple(root_location(t, root_location_frame(obj)))
     if frame is not None:
         for name in JOINT_NAMES:
             pbone = pbones[name]
@@ -151,5 +151,5 @@ def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
     axis_angle = axis_angle_from_bone_quaternions(np.array(quats), rests)
     root = pbones[ROOT]
     location = _channel_values(fcurves, root, "location", frame)
-    translation = translation_from_root_location(location, rests[0], root.bone.use_local_location)
+    translation = translation_from_root_location(location, root_location_frame(obj))
     return Pose(axis_angle, translation)

@@ -6,8 +6,10 @@ rotation R is
 
     R_bone = B⁻¹ · C · R · C⁻¹ · B
 
-and the root's translation t (SMPL frame) is the pose-bone location B⁻¹ · C · t (bone-local
-location, Blender's default) or C · t (``use_local_location`` off). For the rig that
+and the root's translation t (SMPL frame) is the pose-bone location L⁻¹ · C · t, where L is
+the rotation of the frame Blender reads the root's location in (``location_frame``): the
+root's own rest B (bone-local location, Blender's default), or with ``use_local_location``
+off its parent's rest, or the armature's axes when it has no parent. For the rig that
 ``rig_spec.smpl_bone_specs`` builds, B = C for every bone, so R_bone = R and the location is t:
 the SMPL values go onto the bones unchanged. Passing ``bone_rest=None`` means that rig.
 
@@ -74,25 +76,23 @@ def axis_angle_from_bone_quaternions(quaternions, bone_rest=None) -> np.ndarray:
     return matrix_to_axis_angle(m)
 
 
-def root_location(translation, root_rest=None, use_local_location: bool = True) -> np.ndarray:
-    """(..., 3) SMPL translation -> the root pose bone's ``location``."""
-    t = np.asarray(translation, dtype=np.float64)
-    armature = t @ _C.T
-    if not use_local_location:
-        return armature
-    b = SMPL_BONE_REST if root_rest is None else _orthonormal(np.asarray(root_rest, float))
-    return armature @ b  # B⁻¹ · v for each row v, as B is a rotation
+def root_location(translation, location_frame=None) -> np.ndarray:
+    """(..., 3) SMPL translation -> the root pose bone's ``location``. ``location_frame``:
+    L above, (3, 3); None means the rig ``rig_spec`` builds."""
+    armature = np.asarray(translation, dtype=np.float64) @ _C.T
+    return armature @ _location_frame(location_frame)  # L⁻¹ · v for each row v
 
 
-def translation_from_root_location(
-    location, root_rest=None, use_local_location: bool = True
-) -> np.ndarray:
+def translation_from_root_location(location, location_frame=None) -> np.ndarray:
     """The inverse of ``root_location``."""
     loc = np.asarray(location, dtype=np.float64)
-    if use_local_location:
-        b = SMPL_BONE_REST if root_rest is None else _orthonormal(np.asarray(root_rest, float))
-        loc = loc @ b.T
-    return loc @ _C
+    return loc @ _location_frame(location_frame).T @ _C
+
+
+def _location_frame(location_frame) -> np.ndarray:
+    if location_frame is None:
+        return SMPL_BONE_REST
+    return _orthonormal(np.asarray(location_frame, dtype=np.float64))
 
 
 def expected_heads(axis_angle, rest_joints=None, translation=None, matrix_world=None):

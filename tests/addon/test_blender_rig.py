@@ -18,7 +18,7 @@ from blender_addon.blender.armature import (
     is_smpl_armature,
     rest_joints,
 )
-from blender_addon.blender.keyframes import keyed_frames
+from blender_addon.blender.keyframes import key_poses, keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.core.mannequin import PART_OF_BONE, PARTS
 from blender_addon.core.rig_spec import RIG_PROPERTY, bone_rest_matrix
@@ -197,14 +197,20 @@ def test_exact_for_a_custom_rest_skeleton_and_read_back(blender):
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
 
 
-def _limb_aligned_rig(heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T) -> bpy.types.Object:
-    """An imported-style SMPL rig: bones point at their first child, with roll."""
+def _limb_aligned_rig(
+    heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T, root_bone: bool = False
+) -> bpy.types.Object:
+    """An imported-style SMPL rig: bones point at their first child, with roll; with
+    ``root_bone`` the pelvis has a tilted parent bone, as some exported rigs have."""
     child = {p: c for c, p in reversed(list(enumerate(PARENTS)))}
     arm = bpy.data.armatures.new("Limbs")
     obj = bpy.data.objects.new("Limbs", arm)
     bpy.context.scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     bpy.ops.object.mode_set(mode="EDIT")
+    if root_bone:
+        root = arm.edit_bones.new("root")
+        root.head, root.tail, root.roll = (0, 0, 0), (0.3, 0.1, 0.05), 0.7
     for i, name in enumerate(JOINT_NAMES):
         bone = arm.edit_bones.new(name)
         bone.head = heads[i]
@@ -212,6 +218,8 @@ def _limb_aligned_rig(heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T) -> bpy.type
         bone.roll = 0.2 * i
         if i:
             bone.parent = arm.edit_bones[JOINT_NAMES[PARENTS[i]]]
+        elif root_bone:
+            bone.parent = arm.edit_bones["root"]
     bpy.ops.object.mode_set(mode="OBJECT")
     return obj
 
@@ -249,6 +257,36 @@ def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blen
         back = read_pose(obj)
         np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
+
+
+@pytest.mark.parametrize("local_location", [True, False], ids=["local", "not-local"])
+@pytest.mark.parametrize("root_bone", [False, True], ids=["no-parent", "parented"])
+@pytest.mark.parametrize("y_up", [False, True], ids=["z-up", "y-up"])
+def test_the_root_location_follows_the_bones_local_location_setting(
+    blender, local_location, root_bone, y_up
+):
+    """Blender reads the pelvis's location in its own rest frame (Local Location on), or in
+    its parent bone's rest frame, or in the armature's axes without a parent (off): the
+    translation lands in the same place every way, applied, keyed and read back."""
+    rest = DEFAULT_REST_JOINTS if y_up else DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T
+    obj = _limb_aligned_rig(heads=rest, root_bone=root_bone)
+    obj.rotation_euler = (np.pi / 2 if y_up else 0.0, 0.0, 0.0)
+    obj.data.bones["pelvis"].use_local_location = local_location
+    bpy.context.view_layer.update()
+    world = np.array(obj.matrix_world)
+    smpl_to_armature = np.eye(3) if y_up else SMPL_TO_BLENDER
+    poses = [random_pose(400 + seed) for seed in range(2)]
+    key_poses(obj, poses, [1, 2])
+    for frame, pose in zip([1, 2], poses, strict=True):
+        bpy.context.scene.frame_set(frame)
+        positions, _ = forward_kinematics(pose.axis_angle, DEFAULT_REST_JOINTS, pose.translation)
+        expected = positions @ smpl_to_armature.T @ world[:3, :3].T + world[:3, 3]
+        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in JOINT_NAMES])
+        assert np.abs(heads - expected).max() < FK_TOLERANCE
+        np.testing.assert_allclose(read_pose(obj).translation, pose.translation, atol=1e-5)
+        np.testing.assert_allclose(
+            read_pose(obj, frame=frame).translation, pose.translation, atol=1e-5
+        )
 
 
 # --- rotation modes -----------------------------------------------------------------------------

@@ -154,12 +154,10 @@ def test_general_formula_reproduces_forward_kinematics(limb_aligned):
         np.testing.assert_allclose(
             posing.axis_angle_from_bone_quaternions(q, bone_rest), aa, atol=1e-9
         )
-        loc = posing.root_location(t, bone_rest[0])
-        np.testing.assert_allclose(posing.translation_from_root_location(loc, bone_rest[0]), t)
-        loc = posing.root_location(t, bone_rest[0], use_local_location=False)
-        np.testing.assert_allclose(
-            posing.translation_from_root_location(loc, bone_rest[0], use_local_location=False), t
-        )
+        for frame in (bone_rest[0], np.eye(3)):
+            loc = posing.root_location(t, frame)
+            np.testing.assert_allclose(frame @ loc, SMPL_TO_BLENDER @ t, atol=1e-12)
+            np.testing.assert_allclose(posing.translation_from_root_location(loc, frame), t)
 
 
 def test_expected_heads_go_through_matrix_world():

@@ -670,13 +670,18 @@ def _on_load_pre(*_args) -> None:
     d = _state.dispatcher
     if d is None:
         return
-    count = d.cancel_all(forget=True)
+    in_flight = d.cancel_all(forget=True)
+    received = len(_state.backlog)  # answers that came but were not applied yet
     _state.backlog.clear()
     if _state.status_bar:
         _set_status_text(None)
         _state.status_bar = False
-    if count:
-        set_message(f"A file was loaded: {count} request(s) in flight were cancelled", "WARNING")
+    dropped = [
+        f"{in_flight} request(s) in flight were cancelled" if in_flight else "",
+        f"{received} answer(s) not yet applied were dropped" if received else "",
+    ]
+    if in_flight or received:
+        set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}", "WARNING")
 
 
 def register() -> None:

@@ -470,6 +470,21 @@ def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     assert "SMPL" not in bpy.data.objects
 
 
+def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.ops.mesh.primitive_cube_add()
+    bpy.ops.object.mode_set(mode="EDIT")  # the answer waits for Object mode
+    bpy.context.scene.chatpose.prompt = "waits"
+    bpy.ops.chatpose.send()
+    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    bpy.ops.object.mode_set(mode="OBJECT")
+    bpy.ops.wm.read_homefile(use_empty=True)  # before the timer applied it
+    assert "1 answer(s) not yet applied were dropped" in runtime.last_message()[0]
+    drive(idle)
+    assert "SMPL" not in bpy.data.objects
+
+
 # --- the panel and the local service --------------------------------------------------------
 
 

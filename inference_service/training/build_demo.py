@@ -343,8 +343,7 @@ def _subprocess(command: Sequence[str]) -> None:
     result = subprocess.run(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    lines = [line for line in result.stderr.splitlines() if "EGL" not in line]
-    for line in lines[-5:]:
+    for line in result.stderr.splitlines()[-5:]:
         log(f"  {line}")
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed (exit {result.returncode})")

@@ -49,6 +49,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ class MannequinRenderer:
         grey = float(view.background)
         self.scene.world.color = (grey, grey, grey)
         self.scene.render.filepath = os.fspath(path)
-        with quiet_stdout():  # Blender prints two lines per still
+        with quiet_blender_output():
             self.bpy.ops.render.render(write_still=True)
         return distance
 
@@ -273,19 +274,31 @@ def render_pairs(
 
 
 @contextlib.contextmanager
-def quiet_stdout():
-    """File descriptor 1 to /dev/null for the duration (Blender writes to it from C)."""
+def quiet_blender_output():
+    """While Blender renders (it writes from C, to the file descriptors): its two lines per
+    still on 1 go to /dev/null, and of what it writes on 2, the EGL errors a machine without a
+    display gives at the first render (three lines; Workbench renders all the same) are
+    dropped and the rest passed on afterwards."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
     null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(null)
-        os.close(saved)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(null, 1)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            for fd in (null, saved_out, saved_err):
+                os.close(fd)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not line.startswith("EGL Error"):
+                    print(line, file=sys.stderr)
 
 
 def read_pairs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from inference_service.training.datasets import read_image_pose_pairs
 from inference_service.training.render_pairs import (
     CameraView,
     camera_relative,
+    quiet_blender_output,
     read_pairs,
     sample_views,
 )
@@ -85,3 +87,15 @@ def test_views_are_seeded_and_in_range():
     b = sample_views(np.random.default_rng(3), 50)
     assert a == b
     assert all(-60 <= v.yaw_deg <= 60 and -5 <= v.pitch_deg <= 30 for v in a)
+
+
+def test_blender_output_is_quiet_but_real_errors_pass(capfd):
+    """Blender writes from C, past sys.stdout: the render lines and a headless machine's EGL
+    errors are dropped, anything else on stderr still reaches the user."""
+    with quiet_blender_output():
+        os.write(1, b"Saved: 'x.png'\n")
+        os.write(2, b"EGL Error (0x3009): EGL_BAD_MATCH: Arguments are inconsistent\n")
+        os.write(2, b"Error: cannot write x.png\n")
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err == "Error: cannot write x.png\n"

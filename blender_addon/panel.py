@@ -157,10 +157,12 @@ class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
         from .preferences import draw_local_service, service_settings
 
         layout = self.layout
-        address, timeout, problem = service_settings(context)
-        layout.label(text=f"{address} (timeout {timeout:g} s)", icon="URL")
-        if problem:
-            _wrapped(layout, problem, _chars_per_line(context), "ERROR")
+        settings = service_settings(context)
+        keys = ", CURVE keys" if settings.client_key else ""
+        text = f"{settings.address} (timeout {settings.timeout_s:g} s{keys})"
+        layout.label(text=text, icon="URL")
+        if settings.problem:
+            _wrapped(layout, settings.problem, _chars_per_line(context), "ERROR")
         line = runtime.service_line()
         if line:
             _wrapped(layout, line, _chars_per_line(context), "CHECKMARK")

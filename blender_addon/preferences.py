@@ -1,14 +1,16 @@
-"""Add-on preferences: service address, request timeout, SMPL model file; per-user data."""
+"""Add-on preferences: service address, its CURVE keys, request timeout, SMPL model file;
+per-user data."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import NamedTuple
 
 import bpy
 
 from .core.chat import wrap
-from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem
+from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem, curve_problem
 from .core.paths import user_data_dir as _user_data_dir
 
 # The add-on's package: "bl_ext.<repo>.chatpose" as an extension, "chatpose" as a legacy
@@ -25,6 +27,19 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         description="ZeroMQ address of chatpose-serve; addresses off this machine need "
         "Blender's online access",
         default=DEFAULT_SERVICE_ADDRESS,
+    )
+    curve_client_key: bpy.props.StringProperty(
+        name="Client Key",
+        description="For a service off this machine (CURVE): your NAME.key_secret, made by "
+        "python -m inference_service.keys; empty for a service on this machine",
+        default="",
+        subtype="FILE_PATH",
+    )
+    curve_server_key: bpy.props.StringProperty(
+        name="Server Key",
+        description="For a service off this machine (CURVE): the service's server.key",
+        default="",
+        subtype="FILE_PATH",
     )
     request_timeout: bpy.props.FloatProperty(
         name="Request Timeout",
@@ -76,9 +91,12 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
     def draw(self, context):
         layout = self.layout
         layout.prop(self, "service_address")
-        problem = address_problem(self.service_address.strip(), online_access())
+        layout.prop(self, "curve_client_key")
+        layout.prop(self, "curve_server_key")
+        problem = service_settings(context).problem
         if problem:
-            layout.label(text=problem, icon="ERROR")
+            for i, line in enumerate(wrap(problem, 70)):
+                layout.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
         layout.prop(self, "request_timeout")
         layout.prop(self, "history_pairs")
         layout.prop(self, "smpl_model_path")
@@ -119,19 +137,36 @@ def get_preferences(context: bpy.types.Context | None = None) -> ChatPosePrefere
     return addon.preferences if addon is not None else None
 
 
-def service_settings(context: bpy.types.Context | None = None) -> tuple[str, float, str | None]:
-    """(address, timeout in seconds, problem or None): what a service client should use.
+class ServiceSettings(NamedTuple):
+    address: str
+    timeout_s: float
+    client_key: str  # CURVE key files, absolute; both empty for a service on this machine
+    server_key: str
+    problem: str | None  # why the add-on must not connect now (``core.netpolicy``)
 
-    ``problem`` says why the address must not be used now (see ``core.netpolicy``)."""
+
+def service_settings(context: bpy.types.Context | None = None) -> ServiceSettings:
+    """What a service client should use. The key files are not read here (the panel calls it
+    on every redraw); ``netpolicy.curve_keys`` reads them when a request is sent."""
     prefs = get_preferences(context)
-    address = (prefs.service_address if prefs else DEFAULT_SERVICE_ADDRESS).strip()
+    address = prefs.service_address.strip() if prefs else DEFAULT_SERVICE_ADDRESS
     timeout = prefs.request_timeout if prefs else DEFAULT_TIMEOUT_S
-    return address, timeout, address_problem(address, online_access())
+    client_key = _absolute(prefs.curve_client_key if prefs else "")
+    server_key = _absolute(prefs.curve_server_key if prefs else "")
+    problem = curve_problem(client_key, server_key) or address_problem(
+        address, online_access(), has_keys=bool(client_key)
+    )
+    return ServiceSettings(address, timeout, client_key, server_key, problem)
 
 
 def smpl_model_path(context: bpy.types.Context | None = None) -> str:
     prefs = get_preferences(context)
-    return bpy.path.abspath(prefs.smpl_model_path) if prefs and prefs.smpl_model_path else ""
+    return _absolute(prefs.smpl_model_path if prefs else "")
+
+
+def _absolute(path: str) -> str:
+    """A file path setting as an absolute path ("//" is the .blend's folder); empty stays so."""
+    return bpy.path.abspath(path) if path else ""
 
 
 def _fallback_dir() -> str:

@@ -53,6 +53,25 @@ class ClientCurveKeys:
     client_secret_file: Path
     server_public_file: Path
 
+    def load(self) -> tuple[bytes, bytes, bytes]:
+        """(the client's public key, its secret key, the server's public key); ValueError
+        naming the file that is missing, unreadable or not the key it should be."""
+        public, secret = _read_key(self.client_secret_file, "client")
+        if secret is None:
+            raise ValueError(
+                f"{self.client_secret_file} holds no secret key: the client key is the "
+                "NAME.key_secret file"
+            )
+        server_public, _ = _read_key(self.server_public_file, "server")
+        return public, secret, server_public
+
+
+def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the {whose} key {path} cannot be read ({exc})") from None
+
 
 class Client:
     def __init__(
@@ -72,11 +91,11 @@ class Client:
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
+        keys = self._curve.load() if self._curve is not None else None  # before a socket to leak
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0  # closing never waits for a dead service
-        if self._curve is not None:
-            public, secret = zmq.auth.load_certificate(self._curve.client_secret_file)
-            server_public, _ = zmq.auth.load_certificate(self._curve.server_public_file)
+        if keys is not None:
+            public, secret, server_public = keys
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_serverkey = server_public
         self._monitor = sock.get_monitor_socket(_MONITORED)

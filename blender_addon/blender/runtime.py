@@ -43,6 +43,7 @@ from ..core.dispatch import (
     StatusAnswered,
     StatusFailed,
 )
+from ..core.netpolicy import curve_keys
 from ..core.service_process import (
     ServiceProcess,
     ServiceProcessError,
@@ -50,6 +51,7 @@ from ..core.service_process import (
     child_environment,
     serve_command,
 )
+from ..core.session import Service
 from .armature import is_smpl_armature
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
@@ -293,13 +295,18 @@ def push_undo(message: str) -> None:
 # --- requests -------------------------------------------------------------------------------
 
 
-def _service(context) -> tuple[str, float]:
+def _service(context) -> Service:
+    """The service to ask, from the preferences; UserError when it cannot be asked."""
     from ..preferences import service_settings
 
-    address, timeout, problem = service_settings(context)
-    if problem:
-        raise UserError(problem)
-    return address, timeout
+    settings = service_settings(context)
+    if settings.problem:
+        raise UserError(settings.problem)
+    try:
+        curve = curve_keys(settings.client_key, settings.server_key)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return Service(settings.address, settings.timeout_s, curve)
 
 
 def send_pose(
@@ -317,7 +324,7 @@ def send_pose(
     prompt = prompt.strip()
     if not prompt and not images:
         raise UserError("Type a prompt first")
-    address, timeout = _service(context)
+    service = _service(context)
     mode = "chat" if settings.chat_mode else "pose"
     history = ()
     if settings.chat_mode:
@@ -340,7 +347,7 @@ def send_pose(
         spacing=settings.person_spacing,
     )
     try:
-        dispatcher().send_pose(address, timeout, job, images, history)
+        dispatcher().send_pose(service, job, images, history)
     except (ProtocolError, BusyError) as exc:
         raise UserError(f"Not sent: {exc}") from None
     ensure_timer()
@@ -417,14 +424,14 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         armature_uid=target.session_uid,
     )
     if not pending:
-        dispatcher().start_batch("", 0.0, run)  # records it as the last run, sends nothing
+        dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
         set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{gone_note}"
         )
         return run
-    address, timeout = _service(context)
+    service = _service(context)
     try:
-        dispatcher().start_batch(address, timeout, run)
+        dispatcher().start_batch(service, run)
     except (ProtocolError, BusyError) as exc:
         raise UserError(f"Batch not sent: {exc}") from None
     ensure_timer()
@@ -450,13 +457,13 @@ def cancel() -> int:
 
 
 def request_status(context: bpy.types.Context) -> None:
-    address, timeout = _service(context)
+    service = _service(context)
     try:
-        dispatcher().request_status(address, timeout)
+        dispatcher().request_status(service)
     except (ProtocolError, BusyError) as exc:
         raise UserError(f"Not asked: {exc}") from None
     ensure_timer()
-    set_message(f"Asking {address} for its status...")
+    set_message(f"Asking {service.address} for its status...")
 
 
 # --- results --------------------------------------------------------------------------------
@@ -604,11 +611,17 @@ def start_service(context: bpy.types.Context) -> None:
     prefs = get_preferences(context)
     if prefs is None:
         raise UserError("The add-on's preferences are not available")
-    address, _timeout, _problem = service_settings(context)
+    settings = service_settings(context)
+    address = settings.address
     if not is_loopback(address):
         raise UserError(
             f"A local service listens on the Service Address, which must be on this machine "
             f"(e.g. tcp://127.0.0.1:5555), not {address}"
+        )
+    if settings.client_key or settings.server_key:
+        raise UserError(
+            "A local service has no CURVE keys: clear the Client Key and the Server Key in "
+            "the preferences to use one"
         )
     if not service_process().poll().alive and address_in_use(address):
         raise UserError(
@@ -657,8 +670,7 @@ def _watch_local_service() -> None:
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):
         _state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         with contextlib.suppress(UserError, ProtocolError, BusyError):
-            address, timeout = _service(bpy.context)
-            d.request_status(address, timeout, probe=True)
+            d.request_status(_service(bpy.context), probe=True)
 
 
 # --- file loads, unregister -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from .session import (
     BatchItem,
     PoseResult,
     RequestFailed,
+    Service,
     Session,
     StatusResult,
 )
@@ -117,7 +118,7 @@ class BusyError(Exception):
 
 
 class Dispatcher:
-    def __init__(self, make_session: Callable[[str, float], Session] = Session):
+    def __init__(self, make_session: Callable[..., Session] = Session):
         self._make_session = make_session
         self._session: Session | None = None
         self._jobs: dict[str, PoseJob | StatusJob | BatchRun] = {}
@@ -129,20 +130,26 @@ class Dispatcher:
     def session(self) -> Session | None:
         return self._session
 
-    def _session_for(self, address: str, timeout_s: float) -> Session:
-        """The session for ``address``; a new one when the address changed (only when nothing
-        is in flight: replies to the old address would be lost)."""
-        if self._session is not None and self._session.address != address:
-            if self._session.busy:
+    def _session_for(self, service: Service) -> Session:
+        """The session for ``service``; a new one when its address or keys changed (only when
+        nothing is in flight: replies to the old address would be lost)."""
+        session = self._session
+        if session is not None and (session.address, session.curve) != (
+            service.address,
+            service.curve,
+        ):
+            if session.busy:
                 raise BusyError(
                     "requests to the previous service address are still running; "
                     "cancel them or wait before using the new address"
                 )
-            self._session.close()
+            session.close()
             self._session = None
         if self._session is None:
-            self._session = self._make_session(address, timeout_s)
-        self._session.timeout_s = timeout_s
+            self._session = self._make_session(
+                service.address, service.timeout_s, curve=service.curve
+            )
+        self._session.timeout_s = service.timeout_s
         return self._session
 
     @property
@@ -159,27 +166,26 @@ class Dispatcher:
 
     def send_pose(
         self,
-        address: str,
-        timeout_s: float,
+        service: Service,
         job: PoseJob,
         images: Sequence[bytes] = (),
         history: Sequence[Turn] = (),
     ) -> str:
         """Sends the request; raises ProtocolError at once for input the service would refuse."""
-        session = self._session_for(address, timeout_s)
+        session = self._session_for(service)
         request_id = session.request_pose(job.prompt, images, history, job.mode)
         self._jobs[request_id] = job
         return request_id
 
-    def request_status(self, address: str, timeout_s: float, *, probe: bool = False) -> str:
-        session = self._session_for(address, timeout_s)
+    def request_status(self, service: Service, *, probe: bool = False) -> str:
+        session = self._session_for(service)
         request_id = session.request_status()
         self._jobs[request_id] = StatusJob(probe)
         return request_id
 
-    def start_batch(self, address: str, timeout_s: float, run: BatchRun) -> str | None:
+    def start_batch(self, service: Service | None, run: BatchRun) -> str | None:
         """Sends the run's first request; None (and the run finished and closed) when nothing is
-        pending."""
+        pending (``service`` may then be None)."""
         if self.batch_running:
             raise BusyError("a batch is running; cancel it or wait for it to finish")
         prompts = run.next_prompts()
@@ -188,7 +194,7 @@ class Dispatcher:
             run.close()
             self.batch = run
             return None
-        session = self._session_for(address, timeout_s)
+        session = self._session_for(service)
         request_id = session.request_batch(prompts)
         self._jobs[request_id] = run
         self.batch = run

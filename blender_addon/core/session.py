@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared_protocol.client import CONNECT_TIMEOUT_S, Client
+from shared_protocol.client import CONNECT_TIMEOUT_S, Client, ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
     BatchDoneReply,
@@ -88,6 +88,16 @@ class RequestFailed:
 Event = PoseResult | BatchItem | BatchFinished | StatusResult | RequestFailed
 
 
+@dataclass(frozen=True)
+class Service:
+    """Where requests go: the service's address, how long to wait for each answer, and the
+    CURVE keys for a service off this machine."""
+
+    address: str
+    timeout_s: float
+    curve: ClientCurveKeys | None = None
+
+
 @dataclass
 class _InFlight:
     request: Request
@@ -101,16 +111,16 @@ class Session:
         address: str,
         timeout_s: float,
         *,
+        curve: ClientCurveKeys | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
-        make_client: Callable[[str], Client] = Client,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.address = address
         self.timeout_s = timeout_s
+        self.curve = curve
         self.connect_timeout_s = connect_timeout_s
-        self._make_client = make_client
         self._clock = clock
-        self._client = make_client(address)
+        self._client = Client(address, curve=curve)
         self._in_flight: dict[str, _InFlight] = {}
         self._was_connected = False
 
@@ -216,10 +226,11 @@ class Session:
         if not connected:
             oldest = min(f.sent_at for f in self._in_flight.values())
             if now - oldest >= self.connect_timeout_s:
+                where = "address and its CURVE keys are" if self.curve else "address is"
                 return self._fail_all(
                     ErrorCode.UNREACHABLE,
-                    f"no service at {self.address}; is chatpose-serve running? "
-                    "(the address is set in the add-on's preferences)",
+                    f"no service at {self.address}; is chatpose-serve running? (the {where} "
+                    "set in the add-on's preferences)",
                 )
             return []
         expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]

@@ -459,6 +459,77 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     assert runtime.pending_jobs() == []
 
 
+@pytest.fixture
+def curve_service(tmp_path):
+    """A scripted service that lets in only the CURVE client 'animator'; yields (address, the
+    key folder)."""
+    import threading
+
+    from inference_service.keys import make_keys
+    from inference_service.server import CurveKeys, Server
+    from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend
+
+    make_keys(tmp_path, ["animator"])
+    backend = ScriptedBackend()
+    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, curve=curve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.address, tmp_path
+    server.stop()
+    thread.join(TIMEOUT_S)
+
+
+def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferences(
+    armature, curve_service
+):
+    from blender_addon.preferences import get_preferences
+
+    address, keys = curve_service
+
+    def send(prompt):
+        bpy.context.scene.chatpose.prompt = prompt  # sending empties it
+        bpy.ops.chatpose.send()
+
+    use_service(address)
+    prefs = get_preferences()
+    prefs.curve_client_key = str(keys / "animator.key_secret")
+    prefs.curve_server_key = str(keys / "server.key")
+    send("wave")
+    drive(idle)
+    assert_pose(armature, pose_for("wave"))
+    # Keys the service does not know: named in the failure, not only "no service".
+    prefs.curve_server_key = str(keys / "authorized_clients" / "animator.key")
+    send("wave")
+    drive(idle)
+    message = runtime.last_message()[0]
+    assert f"no service at {address}" in message and "address and its CURVE keys are" in message
+    # A file that is no key, or one key alone: named when sending, nothing sent.
+    prefs.curve_server_key = str(keys / "authorized_clients")
+    with pytest.raises(RuntimeError, match="the server key .*authorized_clients cannot be read"):
+        send("wave")
+    prefs.curve_server_key = ""
+    with pytest.raises(RuntimeError, match="set both the Client Key and the Server Key"):
+        send("wave")
+    assert runtime.pending_jobs() == []
+    prefs.curve_server_key = str(keys / "server.key")
+    with pytest.raises(RuntimeError, match="A local service has no CURVE keys"):
+        bpy.ops.chatpose.service_start()
+
+
+def test_a_service_off_this_machine_needs_keys(armature, monkeypatch):
+    from blender_addon import preferences
+
+    use_service("tcp://10.9.8.7:5555")
+    monkeypatch.setattr(preferences, "online_access", lambda: True)
+    bpy.context.scene.chatpose.prompt = "wave"
+    with pytest.raises(RuntimeError, match="not on this machine: a service there needs CURVE"):
+        bpy.ops.chatpose.send()
+    labels = [n for k, n in draw_panels([panel.VIEW3D_PT_chatpose_service], bpy.context)
+              if k == "label"]  # fmt: skip
+    assert "needs CURVE keys" in " ".join(labels)  # wrapped over lines
+
+
 def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     _, backend = _send_while_held(scripted_service)
     assert runtime.pending_jobs()

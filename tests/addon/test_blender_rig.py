@@ -70,11 +70,19 @@ def test_preferences_defaults_and_online_access(blender):
     assert prefs.service_address == "tcp://127.0.0.1:5555"
     assert prefs.request_timeout == pytest.approx(preferences.DEFAULT_TIMEOUT_S)
     assert prefs.smpl_model_path == ""
-    address, timeout, problem = preferences.service_settings()
-    assert (address, problem) == ("tcp://127.0.0.1:5555", None)
+    assert prefs.curve_client_key == prefs.curve_server_key == ""
+    settings = preferences.service_settings()
+    assert (settings.address, settings.client_key, settings.problem) == (
+        "tcp://127.0.0.1:5555",
+        "",
+        None,
+    )
     prefs.service_address = "tcp://10.0.0.7:5555"
-    _, _, problem = preferences.service_settings()
-    assert (problem is None) == bool(bpy.app.online_access)
+    reason = "online access is off" if not bpy.app.online_access else "needs CURVE keys"
+    assert reason in preferences.service_settings().problem
+    prefs.curve_client_key = "//keys/me.key_secret"  # relative to the .blend, made absolute
+    assert preferences.service_settings().client_key == bpy.path.abspath("//keys/me.key_secret")
+    assert "set both" in preferences.service_settings().problem
 
 
 def test_user_data_dir_falls_back_outside_an_extension(blender, monkeypatch, tmp_path):
@@ -429,10 +437,16 @@ def test_panel_and_preferences_draw(blender):
         bpy.context,
     )
     props = [n for k, n in calls if k == "prop"]
-    assert props[:3] == ["service_address", "request_timeout", "history_pairs"]
+    assert props[:4] == [
+        "service_address",
+        "curve_client_key",
+        "curve_server_key",
+        "request_timeout",
+    ]
     assert {"smpl_model_path", "service_python", "service_checkpoint"} <= set(props)
-    warned = any(k == "label" and "online access" in (n or "") for k, n in calls)
-    assert warned == (not bpy.app.online_access)
+    labels = " ".join(n for k, n in calls if k == "label" and n)  # the problem, wrapped
+    reason = "online access is off" if not bpy.app.online_access else "needs CURVE keys"
+    assert "tcp://10.1.2.3:5555 is not on this machine" in labels and reason in labels
 
 
 # --- the user's SMPL model file ------------------------------------------------------------------

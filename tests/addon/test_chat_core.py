@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +39,10 @@ from blender_addon.core.session import (
     BatchItem,
     PoseResult,
     RequestFailed,
+    Service,
     StatusResult,
 )
+from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
@@ -294,8 +297,8 @@ def test_continuous_quaternions_follow_the_previous_sign():
 class FakeSession:
     """Session's interface; the test queues the events tick() returns."""
 
-    def __init__(self, address: str, timeout_s: float):
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str, timeout_s: float, curve=None):
+        self.address, self.timeout_s, self.curve = address, timeout_s, curve
         self.sent: list[tuple] = []
         self.cancelled: list[str] = []
         self.events: list = []
@@ -349,8 +352,8 @@ def made():
 
 @pytest.fixture
 def dispatcher(made):
-    def make(address, timeout_s):
-        made.append(FakeSession(address, timeout_s))
+    def make(address, timeout_s, curve=None):
+        made.append(FakeSession(address, timeout_s, curve))
         return made[-1]
 
     return Dispatcher(make)
@@ -358,8 +361,8 @@ def dispatcher(made):
 
 def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
     history = (Turn("user", "a"), Turn("assistant", "b"))
-    pose_id = dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB, [b"img"], history)
-    status_id = dispatcher.request_status("tcp://127.0.0.1:5555", 30.0, probe=True)
+    pose_id = dispatcher.send_pose(Service("tcp://127.0.0.1:5555", 30.0), JOB, [b"img"], history)
+    status_id = dispatcher.request_status(Service("tcp://127.0.0.1:5555", 30.0), probe=True)
     [session] = made
     assert session.sent[0] == (pose_id, "pose", "wave", (b"img",), history, "pose")
     assert dispatcher.pending_jobs() == [JOB] and dispatcher.status_in_flight(probe=True)
@@ -375,8 +378,8 @@ def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
 
 
 def test_failures_come_back_as_outcomes(dispatcher, made):
-    pose_id = dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB)
-    status_id = dispatcher.request_status("tcp://127.0.0.1:5555", 30.0)
+    pose_id = dispatcher.send_pose(Service("tcp://127.0.0.1:5555", 30.0), JOB)
+    status_id = dispatcher.request_status(Service("tcp://127.0.0.1:5555", 30.0))
     made[0].events = [
         RequestFailed(pose_id, ErrorCode.UNREACHABLE, "no service"),
         RequestFailed(status_id, ErrorCode.UNREACHABLE, "no service"),
@@ -388,13 +391,18 @@ def test_failures_come_back_as_outcomes(dispatcher, made):
 
 
 def test_a_new_address_gets_a_new_session_only_when_idle(dispatcher, made):
-    dispatcher.request_status("tcp://127.0.0.1:1", 5.0)
+    dispatcher.request_status(Service("tcp://127.0.0.1:1", 5.0))
     with pytest.raises(BusyError):
-        dispatcher.send_pose("tcp://127.0.0.1:2", 5.0, JOB)
+        dispatcher.send_pose(Service("tcp://127.0.0.1:2", 5.0), JOB)
     made[0].events = [StatusResult(made[0].sent[0][0], STATUS)]
     dispatcher.tick()
-    dispatcher.send_pose("tcp://127.0.0.1:2", 7.0, JOB)
+    dispatcher.send_pose(Service("tcp://127.0.0.1:2", 7.0), JOB)
     assert len(made) == 2 and made[0].closed and made[1].timeout_s == 7.0
+    made[1].events = [PoseResult(made[1].sent[0][0], "", (POSE,))]
+    dispatcher.tick()
+    keys = ClientCurveKeys(Path("me.key_secret"), Path("server.key"))
+    dispatcher.send_pose(Service("tcp://127.0.0.1:2", 7.0, keys), JOB)  # the same address
+    assert len(made) == 3 and made[1].closed and made[2].curve == keys
 
 
 def _items(request_id, count, total, start=0):
@@ -403,7 +411,7 @@ def _items(request_id, count, total, start=0):
 
 def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatcher, made):
     run = BatchRun("SMPL", "t", _pending(300, start=1, step=2), total_lines=300)
-    first = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
     session = made[0]
     assert session.sent[0][1] == "batch" and len(session.sent[0][2]) == 256
     assert dispatcher.batch_running
@@ -434,9 +442,9 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
 
 def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
     run = BatchRun("SMPL", "t", _pending(10), total_lines=10)
-    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
     with pytest.raises(BusyError):
-        dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, BatchRun("SMPL", "t", [], 0))
+        dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), BatchRun("SMPL", "t", [], 0))
     assert dispatcher.cancel_batch() and made[0].cancelled == [batch_id]
     made[0].events = [*_items(batch_id, 2, 10), RequestFailed(batch_id, ErrorCode.CANCELLED, "x")]
     outcomes = dispatcher.tick()
@@ -445,7 +453,7 @@ def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
     run.close()
 
     again = BatchRun("SMPL", "t", _pending(10)[2:], total_lines=10)
-    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, again)
+    batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), again)
     made[0].events = [RequestFailed(batch_id, ErrorCode.UNREACHABLE, "the service went away")]
     [ended] = dispatcher.tick()
     assert ended.run is again and again.state == batch_plan.FAILED
@@ -453,9 +461,9 @@ def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
 
 
 def test_cancel_all_with_forget_drops_the_answers(dispatcher, made):
-    dispatcher.send_pose("tcp://127.0.0.1:5555", 30.0, JOB)
+    dispatcher.send_pose(Service("tcp://127.0.0.1:5555", 30.0), JOB)
     run = BatchRun("SMPL", "t", _pending(3), total_lines=3)
-    batch_id = dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run)
+    batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
     assert dispatcher.cancel_all(forget=True) == 2
     assert run.closed and run.state == batch_plan.FAILED and not dispatcher.batch_running
     made[0].events = _items(batch_id, 3, 3)
@@ -464,5 +472,5 @@ def test_cancel_all_with_forget_drops_the_answers(dispatcher, made):
 
 def test_nothing_pending_sends_nothing(dispatcher, made):
     run = BatchRun("SMPL", "t", [], total_lines=5)
-    assert dispatcher.start_batch("tcp://127.0.0.1:5555", 30.0, run) is None
+    assert dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run) is None
     assert made == [] and run.closed and not dispatcher.batch_running

@@ -272,37 +272,47 @@ def test_default_address_matches_the_client():
     assert netpolicy.DEFAULT_SERVICE_ADDRESS == DEFAULT_ADDRESS
 
 
-@pytest.mark.parametrize(
-    "address",
-    [
-        "tcp://127.0.0.1:5555",
-        "tcp://127.3.2.1:1",
-        "tcp://localhost:5555",
-        "tcp://LOCALHOST:5555",
-        "tcp://[::1]:5555",
-        "tcp://lo;127.0.0.1:5555",
-        "ipc:///tmp/chatpose.sock",
-        "inproc://chatpose",
-    ],
-)
-def test_loopback_addresses_need_no_online_access(address):
-    assert netpolicy.address_problem(address, online_access=False) is None
+# Which addresses are loopback or malformed is shared_protocol.address's (tests/test_address.py);
+# here one case per rule of the add-on's policy.
 
 
-@pytest.mark.parametrize(
-    "address", ["tcp://192.168.1.20:5555", "tcp://gpu-box:5555", "tcp://[2001:db8::1]:5555"]
-)
-def test_remote_addresses_need_online_access(address):
-    problem = netpolicy.address_problem(address, online_access=False)
-    assert problem is not None and "online access" in problem
-    assert netpolicy.address_problem(address, online_access=True) is None
+def test_a_service_on_this_machine_needs_neither_online_access_nor_keys():
+    assert netpolicy.address_problem("ipc:///tmp/chatpose.sock", online_access=False) is None
+    assert netpolicy.address_problem("tcp://localhost:5555", online_access=False) is None
 
 
-@pytest.mark.parametrize(
-    "address", ["", "127.0.0.1:5555", "tcp://127.0.0.1", "http://x:1", "tcp://127.0.0.1:5555 "]
-)
-def test_malformed_addresses_are_refused_either_way(address):
-    assert "not a ZeroMQ address" in netpolicy.address_problem(address, online_access=True)
+def test_a_service_off_this_machine_needs_online_access_and_keys():
+    remote = "tcp://192.168.1.20:5555"
+    assert "online access is off" in netpolicy.address_problem(remote, online_access=False)
+    problem = netpolicy.address_problem(remote, online_access=True)
+    assert "needs CURVE keys" in problem and "Client Key" in problem
+    assert netpolicy.address_problem(remote, online_access=True, has_keys=True) is None
+
+
+def test_malformed_addresses_are_refused_either_way():
+    problem = netpolicy.address_problem("tcp://127.0.0.1", online_access=True, has_keys=True)
+    assert "not a ZeroMQ address" in problem
+
+
+def test_curve_keys_are_read_and_named_when_they_cannot_be(tmp_path):
+    from inference_service.keys import make_keys
+
+    make_keys(tmp_path, ["animator"])
+    secret, server = str(tmp_path / "animator.key_secret"), str(tmp_path / "server.key")
+    assert netpolicy.curve_keys("", "") is None
+    keys = netpolicy.curve_keys(secret, server)
+    assert keys.client_secret_file == tmp_path / "animator.key_secret"
+    public, secret_key, server_public = keys.load()
+    assert len(public) == len(secret_key) == len(server_public) == 40  # Z85 keys
+    with pytest.raises(ValueError, match="set both the Client Key and the Server Key"):
+        netpolicy.curve_keys(secret, "")
+    with pytest.raises(ValueError, match="the client key .*nope.* cannot be read"):
+        netpolicy.curve_keys(str(tmp_path / "nope"), server)
+    with pytest.raises(ValueError, match="holds no secret key: the client key is the NAME"):
+        netpolicy.curve_keys(str(tmp_path / "authorized_clients" / "animator.key"), server)
+    (tmp_path / "garbage").write_text("not a key")
+    with pytest.raises(ValueError, match="the server key .*garbage cannot be read"):
+        netpolicy.curve_keys(secret, str(tmp_path / "garbage"))
 
 
 def test_user_data_dir_uses_extension_path_only_for_extensions():

@@ -75,18 +75,20 @@ def test_rekeying_a_frame_replaces_its_key(blender):
     np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
 
 
-def test_keys_after_the_last_one_give_the_curves_keys_given_at_once(blender):
-    def curves(obj):
-        result = {}
-        for fc in obj.animation_data.action.fcurves:
-            arrays = []
-            for name in ("co", "handle_left", "handle_right"):
-                values = np.empty(2 * len(fc.keyframe_points), dtype=np.float32)
-                fc.keyframe_points.foreach_get(name, values)
-                arrays.append(values)
-            result[(fc.data_path, fc.array_index)] = np.concatenate(arrays)
-        return result
+def curves(obj) -> dict[tuple[str, int], np.ndarray]:
+    """Every F-curve's points (co, then both handles), by (data path, index)."""
+    result = {}
+    for fc in action_fcurves(obj):
+        arrays = []
+        for name in ("co", "handle_left", "handle_right"):
+            values = np.empty(2 * len(fc.keyframe_points), dtype=np.float32)
+            fc.keyframe_points.foreach_get(name, values)
+            arrays.append(values)
+        result[(fc.data_path, fc.array_index)] = np.concatenate(arrays)
+    return result
 
+
+def test_keys_after_the_last_one_give_the_curves_keys_given_at_once(blender):
     poses = [random_pose(seed) for seed in range(6)]
     at_once = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(at_once, poses, [1, 2, 3, 10, 11, 12])
@@ -97,6 +99,34 @@ def test_keys_after_the_last_one_give_the_curves_keys_given_at_once(blender):
     assert expected.keys() == got.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+
+
+def test_keys_between_existing_ones_go_in_place_and_leave_the_others_as_they_were(blender):
+    """Blender's own sort (FCurve.update) is a bubble sort, seconds for keys between thousands:
+    they are inserted in place instead, with the same curves as keys given at once."""
+    poses = [random_pose(seed) for seed in range(8)]
+    at_once = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(at_once, poses, [1, 2, 3, 4, 5, 6, 7, 8])
+    between = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(between, poses[0::2], [1, 3, 5, 7])
+    held = {}
+    for fc in action_fcurves(between):  # the user's settings on one existing key
+        point = fc.keyframe_points[1]
+        point.interpolation, point.type = "CONSTANT", "BREAKDOWN"
+        held[(fc.data_path, fc.array_index)] = tuple(point.co)
+    for fc in action_fcurves(at_once):
+        point = fc.keyframe_points[2]  # frame 3 there too
+        point.interpolation, point.type = "CONSTANT", "BREAKDOWN"
+    key_poses(between, poses[1::2], [2, 4, 6, 8])
+    expected, got = curves(at_once), curves(between)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+    for fc in action_fcurves(between):
+        point = fc.keyframe_points[2]
+        assert tuple(point.co) == held[(fc.data_path, fc.array_index)]
+        assert (point.interpolation, point.type) == ("CONSTANT", "BREAKDOWN")
+    assert keyed_frames(between) == list(range(1, 9))
 
 
 def test_keys_of_separate_calls_interpolate_the_short_way(blender):

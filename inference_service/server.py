@@ -23,7 +23,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from shared_protocol import __version__
-from shared_protocol.address import AddressError, check_address, is_loopback
+from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     BatchRequest,
@@ -99,6 +99,7 @@ def check_address_free(bind: str) -> None:
     (the real bind can still lose a race; it reports the same way)."""
     context = zmq.Context()
     probe = context.socket(zmq.ROUTER)
+    probe.ipv6 = is_ipv6(bind)
     try:
         probe.bind(bind)
     except zmq.ZMQError as exc:
@@ -144,6 +145,7 @@ class Server:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not drops
         self._router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes())
         self._router.linger = 1000
+        self._router.ipv6 = is_ipv6(bind)
         if curve is not None:
             self._configure_curve(curve)
         self._outboxes: list[zmq.Socket] = []

@@ -43,6 +43,12 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def is_ipv6(address: str) -> bool:
+    """True for a tcp address with an IPv6 host (`tcp://[::1]:5555`): ZeroMQ sockets take one
+    only with their `ipv6` option on."""
+    return address.startswith("tcp://") and ":" in _tcp_host_port(address)[0]
+
+
 def tcp_host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of a well-formed `tcp://host:port` connection address, else None."""
     if not address.startswith("tcp://") or _problem(address, bind=False):

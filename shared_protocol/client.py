@@ -25,7 +25,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from .address import check_address
+from .address import AddressError, check_address, is_ipv6
 from .protocol import (
     DEFAULT_LIMITS,
     ErrorCode,
@@ -98,9 +98,17 @@ class Client:
             public, secret, server_public = keys
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_serverkey = server_public
+        sock.ipv6 = is_ipv6(self.address)
         self._monitor = sock.get_monitor_socket(_MONITORED)
         self._connected = False
-        sock.connect(self.address)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError as exc:  # a host name ZeroMQ cannot take, an over-long ipc path
+            self._monitor.close(linger=0)
+            sock.close(linger=0)
+            raise AddressError(
+                f"ZeroMQ cannot connect to {self.address!r}: {exc.strerror}"
+            ) from None
         return sock
 
     @property

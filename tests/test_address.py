@@ -3,7 +3,7 @@
 import pytest
 import zmq
 
-from shared_protocol.address import AddressError, check_address, is_loopback
+from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
 from shared_protocol.client import Client
 
 
@@ -92,3 +92,20 @@ def test_the_client_refuses_a_malformed_address_before_zeromq_does():
             Client("127.0.0.1:5555", context=context)
     finally:
         context.term()  # no socket was left open, or this would block
+
+
+def test_an_address_zeromq_refuses_is_named_and_leaves_nothing_open():
+    context = zmq.Context()
+    try:
+        for address in ("tcp://my~host:5555", "ipc:///" + "a" * 120):
+            with pytest.raises(AddressError, match="ZeroMQ cannot connect to"):
+                Client(address, context=context)
+    finally:
+        context.term()  # no socket was left open, or this would block
+
+
+def test_ipv6_addresses_are_told_apart():
+    assert is_ipv6("tcp://[::1]:5555") and is_ipv6("tcp://lo;[fe80::1]:5555")
+    assert not any(
+        is_ipv6(a) for a in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "ipc:///tmp/x:y")
+    )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import bpy
 
-from shared_protocol.address import is_loopback
+from shared_protocol.address import AddressError, is_loopback
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core import batch_plan, chat
@@ -212,8 +212,12 @@ def timer_tick() -> float | None:
             except Exception as exc:
                 traceback.print_exc()
                 notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
-    _watch_local_service()
-    _update_status_bar()
+    try:
+        _watch_local_service()
+        _update_status_bar()
+    except Exception as exc:  # as above: the timer must go on
+        traceback.print_exc()
+        notify(f"ChatPose could not check the local service: {exc}", "ERROR")
     if applied:
         _redraw()
     if state.backlog and not deferred:
@@ -348,7 +352,7 @@ def send_pose(
     )
     try:
         dispatcher().send_pose(service, job, images, history)
-    except (ProtocolError, BusyError) as exc:
+    except (ProtocolError, BusyError, AddressError) as exc:
         raise UserError(f"Not sent: {exc}") from None
     ensure_timer()
     what = f"'{prompt}'" if prompt else "the image"
@@ -432,7 +436,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     service = _service(context)
     try:
         dispatcher().start_batch(service, run)
-    except (ProtocolError, BusyError) as exc:
+    except (ProtocolError, BusyError, AddressError) as exc:
         raise UserError(f"Batch not sent: {exc}") from None
     ensure_timer()
     skipped = run.already_keyed
@@ -460,7 +464,7 @@ def request_status(context: bpy.types.Context) -> None:
     service = _service(context)
     try:
         dispatcher().request_status(service)
-    except (ProtocolError, BusyError) as exc:
+    except (ProtocolError, BusyError, AddressError) as exc:
         raise UserError(f"Not asked: {exc}") from None
     ensure_timer()
     set_message(f"Asking {service.address} for its status...")
@@ -669,7 +673,7 @@ def _watch_local_service() -> None:
     d = dispatcher()
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):
         _state.next_probe = time.monotonic() + PROBE_INTERVAL_S
-        with contextlib.suppress(UserError, ProtocolError, BusyError):
+        with contextlib.suppress(UserError, ProtocolError, BusyError, AddressError):
             d.request_status(_service(bpy.context), probe=True)
 
 

@@ -456,6 +456,9 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     bpy.context.scene.chatpose.prompt = "wave"
     with pytest.raises(RuntimeError, match="online access is off"):
         bpy.ops.chatpose.send()
+    use_service("ipc:///tmp/" + "a" * 120)  # well formed, but too long for a socket path
+    with pytest.raises(RuntimeError, match="Not sent: ZeroMQ cannot connect to"):
+        bpy.ops.chatpose.send()
     assert runtime.pending_jobs() == []
 
 

@@ -56,9 +56,9 @@ scripted_only = pytest.mark.parametrize("backend", ["scripted"], indirect=True)
 class Running:
     """A server on a free loopback port, served from a background thread."""
 
-    def __init__(self, backend: Holdable, **options) -> None:
+    def __init__(self, backend: Holdable, bind: str = "tcp://127.0.0.1:*", **options) -> None:
         self.backend = backend
-        self.server = Server(backend, backend.info, "tcp://127.0.0.1:*", **options)
+        self.server = Server(backend, backend.info, bind, **options)
         self.address = self.server.address
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -456,6 +456,31 @@ def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
         Server(backend, backend.info, "tcp://0.0.0.0:*")
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@scripted_only
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_loopback_address_serves(backend):
+    """ZeroMQ takes an IPv6 address only with the socket's ipv6 option on, on both sides."""
+    served = Running(backend, "tcp://[::1]:*")
+    try:
+        assert served.address.startswith("tcp://[::1]:")
+        with served.client() as client:
+            reply = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+            assert isinstance(reply, StatusReply)
+    finally:
+        served.stop()
 
 
 @scripted_only

@@ -16,7 +16,25 @@ bl_info = {
 }
 
 
+# What the extension zip brings as wheels; a legacy install must add them to Blender's Python.
+_NEEDED = (
+    ("shared_protocol", "chatpose_shared_protocol-*.whl (next to the legacy zip)"),
+    ("zmq", "pyzmq"),
+)
+
+
 def register() -> None:
+    import importlib
+
+    for module, wheel in _NEEDED:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"ChatPose needs the {module} package in Blender's Python: install the "
+                f"extension zip (it brings it), or for a legacy install pip-install {wheel} "
+                "into Blender's Python (see docs/addon.md)"
+            ) from exc
     from . import registration
 
     registration.register()

@@ -45,6 +45,7 @@ from ..core.dispatch import (
 )
 from ..core.netpolicy import curve_keys
 from ..core.service_process import (
+    EXITED,
     ServiceProcess,
     ServiceProcessError,
     address_in_use,
@@ -88,6 +89,7 @@ class _State:
 
 
 _state = _State()
+_retired: list[ServiceProcess] = []  # local services of earlier registrations, stopping
 
 
 # --- state ----------------------------------------------------------------------------------
@@ -559,12 +561,22 @@ def _pose_failed(outcome: PoseFailed) -> None:
     message = outcome.message
     if outcome.code == ErrorCode.UNREACHABLE and _state.waiting_ready:
         message += " (the local service is still starting; try again when it is ready)"
+    elif outcome.code == ErrorCode.UNREACHABLE:
+        message += _local_service_exit()
     scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
     notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+
+
+def _local_service_exit() -> str:
+    """Why the local service started here is gone, to add to a failure; "" when it is not."""
+    if _state.process is None:
+        return ""
+    state = _state.process.poll()
+    return f" (the local service {state.describe()})" if state.state == EXITED else ""
 
 
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:
@@ -602,7 +614,8 @@ def _batch_ended(run: BatchRun) -> None:
         level, popup = "WARNING", False
     else:
         level, popup = "INFO", False
-    notify(run.summary(), level, popup=popup)
+    summary = run.summary() + (_local_service_exit() if run.state == batch_plan.FAILED else "")
+    notify(summary, level, popup=popup)
     _update_status_bar()
 
 
@@ -716,5 +729,8 @@ def unregister() -> None:
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:
-        _state.process.stop(wait=True)
+        # Asked to stop, not waited for: a service finishing its work would hold Blender up to
+        # the grace time. Kept, so that Blender's exit still reaps it (service_process.stop_all).
+        _state.process.stop()
+        _retired.append(_state.process)
     _state.__init__()

@@ -610,9 +610,11 @@ def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     assert any(k == "label" and n and "all 20 lines keyed" in n for k, n in calls)
 
 
-def test_start_and_stop_the_local_service_from_blender(armature, monkeypatch, tmp_path):
+@pytest.fixture
+def local_scripted(armature, monkeypatch, tmp_path):
     """The Start button with the scripted server standing in for chatpose-serve (the real one
-    is started by the tiny_service fixture with the same process manager)."""
+    is started by the tiny_service fixture with the same process manager), up and answering;
+    yields (address, the commands Start ran)."""
     from blender_addon import preferences
 
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -629,25 +631,45 @@ def test_start_and_stop_the_local_service_from_blender(armature, monkeypatch, tm
     monkeypatch.setattr(runtime, "serve_command", scripted_command)
     runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
     assert bpy.ops.chatpose.service_start() == {"FINISHED"}
-    assert commands == [(sys.executable, str(tmp_path), address, "auto")]
     assert runtime.local_service_state().alive and runtime.waiting_for_service()
     drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
     assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
+    yield address, commands
+    runtime.service_process().stop(wait=True)
+
+
+def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature, local_scripted):
+    import os
+    import signal
+
+    os.kill(runtime.service_process().pid, signal.SIGKILL)  # as a crash, past its own handlers
+    drive(lambda: runtime.local_service_state().state == "exited")
+    bpy.context.scene.chatpose.prompt = "after the crash"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = runtime.last_message()[0]
+    assert "no service at" in message and "(the local service exited with code -9" in message
+
+
+def test_start_and_stop_the_local_service_from_blender(
+    armature, local_scripted, monkeypatch, tmp_path
+):
+    from blender_addon import preferences
+
+    address, commands = local_scripted
+    assert commands == [(sys.executable, str(tmp_path), address, "auto")]
     bpy.context.scene.chatpose.prompt = "from the local service"
     bpy.ops.chatpose.send()
     drive(idle)
     assert_pose(armature, pose_for("from the local service"))
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.chatpose.service_start()
-    pid = runtime.service_process().pid
     assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
-    runtime.service_process().stop(wait=True)
-    assert runtime.local_service_state().state == "stopped"
+    drive(lambda: runtime.local_service_state().state == "stopped")  # the button alone
     monkeypatch.setattr(runtime, "serve_command", serve_command)  # the real one checks
-    prefs.service_python = ""
+    preferences.get_preferences().service_python = ""
     with pytest.raises(RuntimeError, match="set the Python interpreter"):
         bpy.ops.chatpose.service_start()
-    assert pid is not None
     host, port = address.removeprefix("tcp://").split(":")
     with socket.socket() as other:  # someone else's service on the address
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past our own's TIME_WAIT
@@ -657,25 +679,12 @@ def test_start_and_stop_the_local_service_from_blender(armature, monkeypatch, tm
             bpy.ops.chatpose.service_start()
 
 
-def test_unregister_stops_the_local_service(armature, monkeypatch, tmp_path):
+def test_unregister_stops_the_local_service(armature, local_scripted):
     import addon_utils
 
-    from blender_addon import preferences
-
-    use_service(f"tcp://127.0.0.1:{free_port()}")
-    prefs = preferences.get_preferences()
-    prefs.service_python = sys.executable
-    prefs.service_checkpoint = str(tmp_path)
-    monkeypatch.setattr(
-        runtime,
-        "serve_command",
-        lambda python, checkpoint, bind, device="auto": [python, str(SCRIPTED_SERVER), bind],
-    )
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
-    bpy.ops.chatpose.service_start()
     process = runtime.service_process()._process
-    addon_utils.disable(ADDON, default_set=True)
-    assert process.poll() is not None  # stopped, and reaped
+    addon_utils.disable(ADDON, default_set=True)  # asks it to stop, without waiting
+    assert process.wait(timeout=30) is not None
     addon_utils.enable(ADDON, default_set=True)
 
 

@@ -63,6 +63,18 @@ def test_register_and_unregister_cleanly_twice(blender):
     addon_utils.enable(ADDON, default_set=True)  # for the fixture's teardown
 
 
+@pytest.mark.parametrize(
+    "missing, advice",
+    [("shared_protocol", "chatpose_shared_protocol-.*whl"), ("zmq", "pip-install pyzmq")],
+)
+def test_a_legacy_install_without_its_packages_says_what_to_install(monkeypatch, missing, advice):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it fails
+    with pytest.raises(ImportError, match=f"needs the {missing} package.*{advice}"):
+        blender_addon.register()
+
+
 def test_preferences_defaults_and_online_access(blender):
     from blender_addon import preferences
 

@@ -568,6 +568,8 @@ def _pose_failed(outcome: PoseFailed) -> None:
         append_history(
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
+        if job.prompt and not scene.chatpose.prompt.strip():  # never over what was typed since
+            scene.chatpose.prompt = job.prompt  # back in the field, to send again
     notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import socket
 import sys
-import time
 from pathlib import Path
 
 import bpy
@@ -429,17 +428,19 @@ def test_the_report_operator_goes_through_blenders_reports(blender):
 def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, reports):
     use_service(f"tcp://127.0.0.1:{free_port()}", timeout_s=60)
     bpy.context.scene.chatpose.prompt = "wave"
-    started = time.monotonic()
     assert bpy.ops.chatpose.send() == {"FINISHED"}
-    # The operator only queues the request: it does not wait the 2 s connect timeout.
-    assert time.monotonic() - started < 1.5
-    drive(idle, timeout_s=10)
-    elapsed = time.monotonic() - started
+    # The operator only queues the request; the failure comes through the timer.
+    assert runtime.pending_jobs() and bpy.context.scene.chatpose.prompt == ""
+    drive(idle, timeout_s=10)  # the 2 s connect timeout, not the 60 s request timeout
     message, level = runtime.last_message()
     assert level == "ERROR" and "is chatpose-serve running?" in message
     assert reports[-1] == ("ERROR", message)  # in Blender's reports too, not only the panel
-    assert elapsed < 5, f"took {elapsed:.1f} s (the connect timeout is 2 s)"
     assert props.history_messages(bpy.context.scene)[-1].role == "error"
+    assert bpy.context.scene.chatpose.prompt == "wave"  # back, to send again
+    bpy.ops.chatpose.send()
+    bpy.context.scene.chatpose.prompt = "typed while it failed"
+    drive(idle, timeout_s=10)
+    assert bpy.context.scene.chatpose.prompt == "typed while it failed"  # never replaced
 
 
 def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch):

@@ -12,6 +12,7 @@ import bpy
 from .core.chat import wrap
 from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem, curve_problem
 from .core.paths import user_data_dir as _user_data_dir
+from .core.smpl_model import SmplModel, load_smpl_model
 
 # The add-on's package: "bl_ext.<repo>.chatpose" as an extension, "chatpose" as a legacy
 # add-on, "blender_addon" in the tests. AddonPreferences must use it as bl_idname.
@@ -162,6 +163,27 @@ def service_settings(context: bpy.types.Context | None = None) -> ServiceSetting
 def smpl_model_path(context: bpy.types.Context | None = None) -> str:
     prefs = get_preferences(context)
     return _absolute(prefs.smpl_model_path if prefs else "")
+
+
+_loaded_models: dict[str, tuple[tuple[int, int], SmplModel]] = {}
+
+
+def preferred_smpl_model(context: bpy.types.Context | None = None) -> SmplModel | None:
+    """The SMPL model file set in the preferences, loaded (once per version of the file: the
+    timer creates people with it); None when none is set. ValueError names a bad file."""
+    path = smpl_model_path(context)
+    if not path:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return load_smpl_model(path)  # its own message for a missing file
+    stamp = (info.st_mtime_ns, info.st_size)
+    cached = _loaded_models.get(path)
+    if cached is None or cached[0] != stamp:
+        _loaded_models.clear()  # one model at a time
+        _loaded_models[path] = (stamp, load_smpl_model(path))
+    return _loaded_models[path][1]
 
 
 def _absolute(path: str) -> str:

@@ -9,7 +9,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Pose
 
-from ..core.smpl_model import SmplModel, load_smpl_model
+from ..preferences import preferred_smpl_model
 from .armature import create_smpl_armature, find_smpl_armature
 from .keyframes import export_npz, import_npz, scene_fps
 from .posing import apply_pose
@@ -22,14 +22,6 @@ def _report_modes(op: bpy.types.Operator, bones: list[str]) -> None:
             f"{len(bones)} bone(s) not in Quaternion mode got their rotation converted to "
             f"their own mode: {', '.join(bones[:4])}{' ...' if len(bones) > 4 else ''}",
         )
-
-
-def _preferred_model(context) -> SmplModel | None:
-    """The SMPL model file set in the preferences, loaded; None when none is set."""
-    from ..preferences import smpl_model_path
-
-    path = smpl_model_path(context)
-    return load_smpl_model(path) if path else None
 
 
 class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
@@ -57,7 +49,7 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
 
     def execute(self, context):
         try:
-            model = _preferred_model(context) if self.use_model_file else None
+            model = preferred_smpl_model(context) if self.use_model_file else None
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -164,7 +156,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     def execute(self, context):
         try:
             obj = find_smpl_armature(context) or create_smpl_armature(
-                context, model=_preferred_model(context)
+                context, model=preferred_smpl_model(context)
             )
             motion, frames = import_npz(
                 obj,

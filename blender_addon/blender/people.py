@@ -14,7 +14,7 @@ from mathutils import Matrix
 from shared_protocol.pose import Pose
 
 from ..core.placement import extra_person_name, person_location
-from ..core.smpl_model import SmplModel, load_smpl_model
+from ..preferences import preferred_smpl_model
 from .armature import create_smpl_armature, is_smpl_armature, rest_joints
 from .posing import apply_pose
 
@@ -25,18 +25,7 @@ class PeopleResult:
     created: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # names taken by something else
     non_quaternion_bones: list[str] = field(default_factory=list)
-
-
-def _preferred_model() -> SmplModel | None:
-    from ..preferences import smpl_model_path
-
-    path = smpl_model_path()
-    if not path:
-        return None
-    try:
-        return load_smpl_model(path)
-    except ValueError:
-        return None  # the create operator reports a bad file; here the mannequin will do
+    notes: list[str] = field(default_factory=list)  # for the user, e.g. a model file not used
 
 
 @contextlib.contextmanager
@@ -59,9 +48,14 @@ def _kept_selection(context: bpy.types.Context):
 
 
 def person_armature(
-    context: bpy.types.Context, target: bpy.types.Object, k: int, spacing: float
+    context: bpy.types.Context,
+    target: bpy.types.Object,
+    k: int,
+    spacing: float,
+    notes: list[str] | None = None,
 ) -> tuple[bpy.types.Object | None, bool]:
-    """(armature for pose k, created?); None when the name is taken by a non-SMPL object."""
+    """(armature for pose k, created?); None when the name is taken by a non-SMPL object.
+    What the user should know (a model file that could not be used) is added to ``notes``."""
     name = extra_person_name(target.name, k)
     obj = bpy.data.objects.get(name)
     if obj is not None:
@@ -72,7 +66,12 @@ def person_armature(
                 collection.objects.link(obj)
         return obj, False
     skeleton = rest_joints(target)
-    model = _preferred_model()
+    try:
+        model = preferred_smpl_model()
+    except ValueError as exc:  # the mannequin will do; the answer's message says why
+        model, note = None, f"the SMPL model file was not used ({exc})"
+        if notes is not None and note not in notes:
+            notes.append(note)
     if model is not None and not np.allclose(model.rest_joints, skeleton, atol=1e-4):
         model = None  # its body would not fit the target's bones: the mannequin does
     with _kept_selection(context):
@@ -120,7 +119,7 @@ def apply_people(
         if k == 0:
             obj = target
         else:
-            obj, created = person_armature(context, target, k, spacing)
+            obj, created = person_armature(context, target, k, spacing, result.notes)
             if obj is None:
                 result.skipped.append(extra_person_name(target.name, k))
                 continue

@@ -544,6 +544,9 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         level = "WARNING"
     if result.non_quaternion_bones:
         text += f"; {len(set(result.non_quaternion_bones))} bone(s) converted to their mode"
+    if result.notes:
+        text += "; " + "; ".join(result.notes)
+        level = "WARNING"
     notify(text, level)
 
 

@@ -74,8 +74,8 @@ def load_smpl_model(path: str | os.PathLike, betas=None) -> SmplModel:
             "save the arrays as .npz (see docs/addon.md)"
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return smpl_model_from_arrays({k: data[k] for k in data.files}, betas)
+        with np.load(path, allow_pickle=False) as data:  # arrays read when used, not all
+            return smpl_model_from_arrays(data, betas)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except ValueError as exc:

@@ -513,6 +513,36 @@ def test_armature_from_the_smpl_model_file_skins_like_smpl(blender, tmp_path):
     assert np.abs(got - expected).max() < FK_TOLERANCE
 
 
+def test_extra_people_get_the_model_file_read_once_and_a_bad_one_is_named(
+    blender, tmp_path, monkeypatch
+):
+    from blender_addon import preferences
+    from blender_addon.blender.people import apply_people
+
+    _, vertices, _ = _fake_smpl_npz(tmp_path / "model.npz")
+    prefs = preferences.get_preferences()
+    prefs.smpl_model_path = str(tmp_path / "model.npz")
+    assert bpy.ops.chatpose.create_armature() == {"FINISHED"}  # reads the file
+    target = bpy.context.active_object
+    loads = []
+    read = preferences.load_smpl_model
+    monkeypatch.setattr(
+        preferences, "load_smpl_model", lambda path: loads.append(path) or read(path)
+    )
+    poses = [random_pose(seed) for seed in range(3)]
+    result = apply_people(bpy.context, target, poses)
+    assert len(result.created) == 2 and loads == [] and result.notes == []  # read once only
+    for name in result.created:
+        (body,) = bpy.data.objects[name].children
+        assert len(body.data.vertices) == len(vertices)  # the model's body, not the mannequin
+    prefs.smpl_model_path = str(tmp_path / "missing.npz")
+    result = apply_people(bpy.context, target, [*poses, random_pose(3)])
+    assert len(result.created) == 1  # with the mannequin, and the reason named
+    assert result.notes == [
+        f"the SMPL model file was not used ({tmp_path}/missing.npz: no such file)"
+    ]
+
+
 def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
     from blender_addon import preferences
 

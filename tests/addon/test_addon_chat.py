@@ -14,9 +14,8 @@ import bpy
 import numpy as np
 import pytest
 
-import blender_addon
 from blender_addon import panel
-from blender_addon.blender import batch_store, chat_operators, props, runtime
+from blender_addon.blender import batch_store, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.posing import read_pose
@@ -45,25 +44,6 @@ def assert_pose(obj, pose, frame=None, atol=1e-5):
 
 
 # --- registration ---------------------------------------------------------------------------
-
-
-def test_everything_registers_and_unregisters_cleanly_twice(blender):
-    import addon_utils
-
-    addon_utils.disable(ADDON, default_set=True)
-    classes = (*chat_operators.CLASSES, *panel.CLASSES, *props.CLASSES)
-    for _ in range(2):
-        blender_addon.register()
-        assert all(cls.is_registered for cls in classes)
-        assert len(bpy.context.scene.chatpose.history) == 0
-        assert runtime._on_load_pre in bpy.app.handlers.load_pre
-        runtime.ensure_timer()
-        blender_addon.unregister()
-        assert not any(cls.is_registered for cls in classes)
-        assert not hasattr(bpy.types.Scene, "chatpose")
-        assert not bpy.app.timers.is_registered(runtime.timer_tick)
-        assert runtime._on_load_pre not in bpy.app.handlers.load_pre
-    addon_utils.enable(ADDON, default_set=True)
 
 
 def test_one_timer_call_applies_answers_for_its_budget_then_yields(blender, monkeypatch):

@@ -43,18 +43,25 @@ SEEDS = range(20)
 def test_register_and_unregister_cleanly_twice(blender):
     import addon_utils  # importable once bpy is imported
 
+    from blender_addon import registration
+    from blender_addon.blender import runtime
+
     addon_utils.disable(ADDON, default_set=True)
     assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
     for _ in range(2):
         blender_addon.register()
         assert hasattr(bpy.types, "VIEW3D_PT_chatpose")
         assert bpy.ops.chatpose.create_armature.get_rna_type() is not None
-        for cls in operators.CLASSES:
-            assert cls.is_registered
+        assert all(cls.is_registered for cls in registration.CLASSES)
+        assert len(bpy.context.scene.chatpose.history) == 0
+        assert runtime._on_load_pre in bpy.app.handlers.load_pre
+        runtime.ensure_timer()
         blender_addon.unregister()
         assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
-        for cls in operators.CLASSES:
-            assert not cls.is_registered
+        assert not any(cls.is_registered for cls in registration.CLASSES)
+        assert not hasattr(bpy.types.Scene, "chatpose")
+        assert not bpy.app.timers.is_registered(runtime.timer_tick)
+        assert runtime._on_load_pre not in bpy.app.handlers.load_pre
     for _ in range(2):  # and as Blender does it, with preferences
         assert addon_utils.enable(ADDON, default_set=True) is not None
         assert bpy.context.preferences.addons[ADDON].preferences.service_address

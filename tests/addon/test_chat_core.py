@@ -146,8 +146,9 @@ def test_encode_png_round_trips_and_flips():
 
 
 def test_encode_png_is_readable_by_pillow():
-    image_module = pytest.importorskip("PIL.Image")
     import io
+
+    from PIL import Image as image_module
 
     pixels = np.zeros((10, 20, 4), np.uint8)
     pixels[..., 0] = 200

@@ -75,9 +75,7 @@ def test_a_real_serve_that_fails_shows_its_exit_code_and_last_line(tmp_path):
     checkpoint.mkdir()
     # chatpose-serve refuses this bind before it loads anything (so no torch import here).
     argv = serve_command(sys.executable, str(checkpoint), "tcp://0.0.0.0:5555", "cpu")
-    started = time.monotonic()
     state = manager.start(argv, env=child_environment(dict(os.environ)))
-    assert time.monotonic() - started < 1.0, "start() must not wait for the process"
     assert state.state in (RUNNING, EXITED)
     wait_for(lambda: manager.poll().state == EXITED, 30)
     state = manager.poll()
@@ -126,12 +124,15 @@ def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):
 
 
 def test_the_child_is_stopped_when_the_parent_python_exits(tmp_path):
-    """What happens when Blender quits: atexit stops the service."""
+    """What happens when Blender quits: atexit stops the service. (Linux's death signal is
+    turned off here, or it would stop the child without atexit: see the next test.)"""
     script = textwrap.dedent(
         f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
+        from blender_addon.core import service_process
         from blender_addon.core.service_process import ServiceProcess
+        service_process._die_with_parent_hook = lambda: None
         manager = ServiceProcess({str(tmp_path)!r})
         manager.start({SLEEPER!r})
         print(manager.pid, flush=True)

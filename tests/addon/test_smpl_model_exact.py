@@ -13,7 +13,8 @@ import pickle
 
 import bpy
 import numpy as np
-import pytest
+import smplx
+import torch
 
 from blender_addon.blender.armature import create_smpl_armature, rest_joints
 from blender_addon.blender.posing import apply_pose
@@ -21,9 +22,6 @@ from blender_addon.core.smpl_model import load_smpl_model
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS, JOINT_NAMES, PARENTS, smpl_to_blender
 
 from .helpers import random_pose
-
-torch = pytest.importorskip("torch")
-smplx = pytest.importorskip("smplx")
 
 NUM_VERTICES = 6890
 NUM_FACES = 13776

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
 from inference_service.checkpoint import ChatPoseConfig
-from inference_service.convert_official import RENAMES, convert, main
+from inference_service.convert_official import convert, main
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 
@@ -72,12 +72,21 @@ def release(tmp_path_factory):
             }
         )
     )
-    inverse = {new: old for old, new in RENAMES.items()}
+    # The release's names (LLaVA's layout), written out here rather than taken
+    # from the converter's own table, so that a wrong table fails this test.
+    official = {
+        "model.language_model.embed_tokens.": "model.embed_tokens.",
+        "model.language_model.layers.": "model.layers.",
+        "model.language_model.norm.": "model.norm.",
+        "lm_head.": "lm_head.",
+        "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
+        "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
+    }
     weights = {}
     for name, tensor in model.state_dict().items():
-        for new, old in inverse.items():
-            if name.startswith(new):
-                weights[old + name[len(new) :]] = tensor
+        for ours, theirs in official.items():
+            if name.startswith(ours):
+                weights[theirs + name[len(ours) :]] = tensor
     # The official vocabulary has no "<image>" row: original LLaVA splices images in by index.
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         weights[name] = weights[name][: len(official_tokenizer)]

@@ -25,7 +25,6 @@ from inference_service.training.corpus import generate_corpus, save_corpus
 
 
 def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
-    pytest.importorskip("bpy")
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "evaluation.md").write_text(
@@ -181,7 +180,6 @@ def test_only_the_demo_preset_as_it_is_writes_the_shipped_checkpoint_and_docs(
 
 
 def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, monkeypatch):
-    pytest.importorskip("bpy")
     # The paper's way (the training command's default): LoRA on a frozen LM, no train_base.
     lora = dataclasses.replace(
         build_demo.PRESETS["tiny"],

@@ -95,10 +95,12 @@ def test_nearest_action_of_canonical_poses_and_mirror_names():
 
 def test_paraphrase_prompts_are_never_training_phrasings():
     train = {t for a in ACTIONS.values() for t in a.phrasings("train")}
+    assert not {t for a in ACTIONS.values() for t in a.phrasings("test")} & train
     prompts = ev.action_prompts("test")
     assert {name for name, _ in prompts} == set(ACTIONS)
-    for name, _text in prompts:
-        assert not set(ACTIONS[name].phrasings("test")) & train
+    asked_in_training = {text for _, text in ev.action_prompts("train")}
+    assert not {text for _, text in prompts} & asked_in_training  # the prompts themselves
+    assert len(prompts) == len(set(prompts))
 
 
 def _png(value: int) -> bytes:
@@ -162,10 +164,12 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
 
 
-def test_bad_format_is_refused(tiny):
+def test_bad_format_is_refused(tiny, capsys):
     root, checkpoint, _ = tiny
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         ev.main(["--checkpoint", str(checkpoint), "--data", "posescript", str(root)])
+    assert info.value.code == 2
+    assert "only the 'corpus' format is evaluated, got 'posescript'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

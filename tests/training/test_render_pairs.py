@@ -20,8 +20,6 @@ from inference_service.training.render_pairs import (
 )
 from shared_protocol.rotations import axis_angle_to_matrix
 
-pytest.importorskip("bpy")
-
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):

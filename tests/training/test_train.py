@@ -320,8 +320,10 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train_cli.main([*argv, *spec, "--mix", "1:2"])
     assert info.value.code == 2
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
         train_cli.main([*argv, "--data", "xml", "f.xml"])
+    assert info.value.code == 2 and "unknown data format 'xml'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be at least 1"):
         loop.TrainConfig(base=base, out=tmp_path, steps=0)
 

@@ -342,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra tokenizer training text: .json (every string in it), a corpus .npz (its "
         "captions) or plain text lines",
     )
-    parser.add_argument("--vocab-size", type=int, help="BPE vocabulary target (preset's default)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="largest vocabulary of the word-level tokenizer (preset's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     size = SIZES[args.size]

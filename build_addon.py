@@ -1,25 +1,31 @@
 #!/usr/bin/env python3
-"""Build the ChatPose Blender extension: ``dist/chatpose-<version>.zip``.
+"""Build the ChatPose Blender extension: ``dist/chatpose-<version>-blender-4.2-5.0.zip`` and
+``dist/chatpose-<version>-blender-5.1.zip``.
 
     python build_addon.py [--output-dir DIR] [--update-manifest] [--no-legacy] [--no-validate]
 
-The zip is a Blender 4.2+ extension (drag and drop it into Blender). It holds
+Each zip is a Blender extension (drag and drop it into Blender), one per Python that Blender
+releases ship: 3.11 in Blender 4.2-5.0, 3.13 in 5.1 and later. One zip cannot serve both:
+Blender reads an extension's Python versions off its wheels' names, and cp311 wheels next to
+stable-ABI ones read as "3.11 only", which Blender 5.1+ refuses. Each zip holds
 
 - the add-on (``blender_addon/``: ``blender_manifest.toml`` at the zip's root, as Blender's own
   ``extension build`` writes it),
 - ``wheels/chatpose_shared_protocol-<version>-py3-none-any.whl``: the repository's numpy-only
   ``shared_protocol`` package, built here as a pure-Python wheel, so that ``import
   shared_protocol`` works inside Blender,
-- ``wheels/pyzmq-*.whl`` for linux-x64, windows-x64, macos-arm64 and macos-x64, for Python 3.11
-  (Blender 4.2-5.0) and 3.13 (Blender 5.1+), of the pyzmq version the manifest lists. They are
-  fetched with ``pip download`` once and cached under ``build/wheels-cache/``.
+- ``wheels/pyzmq-*.whl`` for every platform (linux-x64, linux-arm64, windows-x64,
+  windows-arm64, macos-arm64, macos-x64) for its Python, of the pyzmq version the manifest
+  lists. They are fetched with ``pip download`` once and cached under ``build/wheels-cache/``,
 
-and nothing of ``inference_service``. The manifest in ``blender_addon/`` lists the wheels; the
-build fails when that list differs from the wheels it bundles (``--update-manifest`` rewrites
-it). After writing, the archive is checked (manifest keys, version = pyproject's, every listed
-wheel in the zip, a pyzmq wheel for every platform and Python, no inference_service files) and,
-when a ``blender`` binary is on PATH, validated with ``blender --command extension validate``
-(else with the validator bundled in the ``bpy`` module, when that is installed).
+with its own manifest: the repository's, its wheels narrowed to that Python and its Blender
+versions set; and nothing of ``inference_service``. The manifest in ``blender_addon/`` lists
+the wheels of both; the build fails when that list differs from the wheels it bundles
+(``--update-manifest`` rewrites it). After writing, each archive is checked (manifest keys,
+version = pyproject's, Blender versions, every listed wheel in the zip and for its Python, a
+pyzmq wheel for every platform, no inference_service files) and, when a ``blender`` binary is
+on PATH, validated with ``blender --command extension validate`` (else with the validator
+bundled in the ``bpy`` module, when that is installed).
 
 It also writes ``dist/chatpose-<version>-legacy.zip`` (a ``chatpose/`` folder for Blender's
 legacy add-on installer; it needs shared_protocol and pyzmq installed into Blender's Python) and
@@ -56,8 +62,23 @@ CACHE_DIR = ROOT / "build" / "wheels-cache"
 
 ADDON_ID = "chatpose"
 SHARED_DIST = "chatpose_shared_protocol"
-# Python of the Blender releases supported: 3.11 for Blender 4.2-5.0, 3.13 for 5.1+.
-PYTHON_VERSIONS = ("3.11", "3.13")
+
+
+@dataclass(frozen=True)
+class BlenderReleases:
+    """Blender releases sharing one Python: one zip for them."""
+
+    python: str
+    blender_min: str
+    blender_max: str | None  # the first release not served, as the manifest's max means it
+    label: str  # in the zip's name
+
+
+RELEASES = (
+    BlenderReleases("3.11", "4.2.0", "5.1.0", "blender-4.2-5.0"),
+    BlenderReleases("3.13", "5.1.0", None, "blender-5.1"),
+)
+PYTHON_VERSIONS = tuple(r.python for r in RELEASES)
 # Blender platform -> pip --platform tags accepted for it (Blender 4.2+ needs glibc 2.28 and
 # macOS 11.2, so wheels for those or older systems).
 PLATFORM_TAGS = {
@@ -66,6 +87,9 @@ PLATFORM_TAGS = {
     "windows-x64": ("win_amd64",),
     "macos-arm64": ("macosx_11_0_arm64",),
     "macos-x64": ("macosx_11_0_x86_64",),
+    "linux-arm64": tuple(f"manylinux_2_{n}_aarch64" for n in range(28, 16, -1))
+    + ("manylinux2014_aarch64",),
+    "windows-arm64": ("win_arm64",),
 }
 REQUIRED_MANIFEST_KEYS = (
     "schema_version",
@@ -114,10 +138,10 @@ class WheelFetchError(BuildError):
 
 @dataclass(frozen=True)
 class BuildResult:
-    zip_path: Path
+    zips: dict[BlenderReleases, Path]  # in RELEASES' order
     legacy_zip_path: Path | None
     shared_wheel_path: Path
-    validation: str  # what validated the zip with Blender's validator, or why nothing did
+    validation: str  # what validated the zips with Blender's validator, or why nothing did
 
 
 # --- versions ------------------------------------------------------------------------------
@@ -329,12 +353,14 @@ def _python_ok(python_tags: str, abi: str, python: str) -> bool:
 
 
 def _platform_ok(platform_tags: str, platform: str) -> bool:
+    linux_arch = {"linux-x64": "_x86_64", "linux-arm64": "_aarch64"}.get(platform)
+    windows_tag = {"windows-x64": "win_amd64", "windows-arm64": "win_arm64"}.get(platform)
     for tag in platform_tags.split("."):
         if tag == "any":
             return True
-        if platform == "linux-x64" and tag.startswith("manylinux") and tag.endswith("_x86_64"):
+        if linux_arch and tag.startswith("manylinux") and tag.endswith(linux_arch):
             return True
-        if platform == "windows-x64" and tag == "win_amd64":
+        if tag == windows_tag:
             return True
         if platform.startswith("macos-") and tag.startswith("macosx_"):
             arch = "arm64" if platform == "macos-arm64" else "x86_64"
@@ -370,8 +396,34 @@ def update_manifest_wheels(manifest_text: str, entries: Sequence[str]) -> str:
     return new
 
 
-def manifest_problems(manifest: dict, version: str) -> list[str]:
-    """What is wrong with a parsed manifest (an empty list when nothing is)."""
+def release_manifest(manifest_text: str, release: BlenderReleases) -> str:
+    """The repository's manifest narrowed to one zip: the wheels for its Python, its Blender
+    versions."""
+    entries = [
+        entry
+        for entry in tomllib.loads(manifest_text).get("wheels", [])
+        if _serves(entry.rsplit("/", 1)[-1], release.python)
+    ]
+    text = update_manifest_wheels(manifest_text, entries)
+    versions = f'blender_version_min = "{release.blender_min}"\n'
+    if release.blender_max:
+        versions += f'blender_version_max = "{release.blender_max}"\n'
+    text, count = re.subn(r'^blender_version_min = "[^"]*"\n', versions, text, flags=re.M)
+    if count != 1:
+        raise BuildError(f'{MANIFEST_PATH}: no `blender_version_min = "..."` line')
+    return text
+
+
+def _serves(wheel_name: str, python: str) -> bool:
+    """Whether a wheel is for ``python`` on some platform (pure-Python ones are for all)."""
+    return any(wheel_supports(wheel_name, python, platform) for platform in PLATFORM_TAGS)
+
+
+def manifest_problems(
+    manifest: dict, version: str, release: BlenderReleases | None = None
+) -> list[str]:
+    """What is wrong with a parsed manifest (an empty list when nothing is): the repository's
+    (``release`` None: the wheels of every Python) or one zip's."""
     problems = [
         f"manifest: missing key {key!r}" for key in REQUIRED_MANIFEST_KEYS if key not in manifest
     ]
@@ -385,8 +437,12 @@ def manifest_problems(manifest: dict, version: str) -> list[str]:
         problems.append(
             f"manifest: version {manifest.get('version')!r} differs from pyproject's {version!r}"
         )
-    if manifest.get("blender_version_min") != "4.2.0":
-        problems.append("manifest: blender_version_min should be '4.2.0'")
+    want_min = release.blender_min if release else RELEASES[0].blender_min
+    want_max = release.blender_max if release else None
+    if manifest.get("blender_version_min") != want_min:
+        problems.append(f"manifest: blender_version_min should be {want_min!r}")
+    if manifest.get("blender_version_max") != want_max:
+        problems.append(f"manifest: blender_version_max should be {want_max!r}")
     permissions = manifest.get("permissions", {})
     for key in ("network", "files"):
         if not isinstance(permissions, dict) or not isinstance(permissions.get(key), str):
@@ -404,25 +460,40 @@ def manifest_problems(manifest: dict, version: str) -> list[str]:
     zmq_versions = {t[1] for n in names if (t := _wheel_tags(n)) and t[0] == "pyzmq"}
     if len(zmq_versions) > 1:
         problems.append(f"manifest: pyzmq wheels of several versions {sorted(zmq_versions)}")
+    pythons = (release.python,) if release else PYTHON_VERSIONS
     for platform in platforms:
-        for python in PYTHON_VERSIONS:
+        for python in pythons:
             if not any(
                 n.startswith("pyzmq-") and wheel_supports(n, python, platform) for n in names
             ):
                 problems.append(f"manifest: no pyzmq wheel for Python {python} on {platform}")
+    if release is not None:  # another Python's wheel would change what Blender reads off them
+        problems += [
+            f"manifest: {n} is not for Python {release.python}"
+            for n in names
+            if not _serves(n, release.python)
+        ]
     return problems
+
+
+def _release_of(manifest: dict) -> BlenderReleases | None:
+    return next((r for r in RELEASES if r.blender_min == manifest.get("blender_version_min")), None)
 
 
 # --- the archives ----------------------------------------------------------------------------
 
 
-def write_extension_zip(path: Path, wheels: Sequence[Path]) -> None:
+def write_extension_zip(path: Path, wheels: Sequence[Path], manifest_text: str) -> None:
+    """The add-on with ``manifest_text`` as its manifest and the wheels it lists."""
+    listed = {entry.rsplit("/", 1)[-1] for entry in tomllib.loads(manifest_text)["wheels"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
         for rel, source in _source_files(ADDON_DIR):
-            _zip_write(zf, rel, source.read_bytes())
+            data = manifest_text.encode() if rel == MANIFEST_PATH.name else source.read_bytes()
+            _zip_write(zf, rel, data)
         for wheel in sorted({w.name: w for w in wheels}.values(), key=lambda p: p.name):
-            _zip_write(zf, f"wheels/{wheel.name}", wheel.read_bytes())
+            if wheel.name in listed:
+                _zip_write(zf, f"wheels/{wheel.name}", wheel.read_bytes())
 
 
 def write_legacy_zip(path: Path) -> None:
@@ -453,7 +524,13 @@ def archive_problems(zip_path: Path, version: str | None = None) -> list[str]:
             manifest = tomllib.loads(zf.read("blender_manifest.toml").decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             return [*problems, f"manifest: not valid TOML ({exc})"]
-        problems += manifest_problems(manifest, version)
+        release = _release_of(manifest)
+        if release is None:
+            problems.append(
+                f"manifest: blender_version_min {manifest.get('blender_version_min')!r} is "
+                f"none of {[r.blender_min for r in RELEASES]}"
+            )
+        problems += manifest_problems(manifest, version, release)
         for entry in manifest.get("wheels", []):
             member = entry.removeprefix("./")
             if member not in names:
@@ -581,20 +658,26 @@ def build(
         if problems:
             raise BuildError("\n".join(problems))
 
-        zip_path = output_dir / f"{ADDON_ID}-{version}.zip"
-        write_extension_zip(zip_path, wheels)
+        manifest_text = MANIFEST_PATH.read_text("utf-8")
+        zips = {}
+        for release in RELEASES:
+            zips[release] = output_dir / f"{ADDON_ID}-{version}-{release.label}.zip"
+            write_extension_zip(zips[release], wheels, release_manifest(manifest_text, release))
         shared_out = output_dir / shared_wheel.name
         shutil.copyfile(shared_wheel, shared_out)
 
-    problems = archive_problems(zip_path, version)
-    if problems:
-        raise BuildError(f"{zip_path} failed its checks:\n" + "\n".join(problems))
+    for zip_path in zips.values():
+        problems = archive_problems(zip_path, version)
+        if problems:
+            raise BuildError(f"{zip_path} failed its checks:\n" + "\n".join(problems))
     legacy_path = None
     if legacy:
         legacy_path = output_dir / f"{ADDON_ID}-{version}-legacy.zip"
         write_legacy_zip(legacy_path)
-    validation = blender_validate(zip_path) if validate else "not validated (--no-validate)"
-    return BuildResult(zip_path, legacy_path, shared_out, validation)
+    validation = "not validated (--no-validate)"
+    if validate:
+        validation = ", ".join(sorted({blender_validate(z) for z in zips.values()}))
+    return BuildResult(zips, legacy_path, shared_out, validation)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -625,7 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BuildError as exc:
         print(f"build_addon.py: error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {result.zip_path}")
+    for release, zip_path in result.zips.items():
+        upto = f"up to {release.blender_max}" if release.blender_max else "and later"
+        print(f"wrote {zip_path}  (Blender {release.blender_min} {upto})")
     if result.legacy_zip_path:
         print(f"wrote {result.legacy_zip_path}")
     print(f"wrote {result.shared_wheel_path}")

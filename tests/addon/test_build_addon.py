@@ -1,4 +1,5 @@
-"""build_addon.py: the extension zip, its manifest and wheels, and a real install into Blender.
+"""build_addon.py: the extension zips (one per Blender Python), their manifests and wheels, and a
+real install into Blender.
 
 The first run downloads the pyzmq wheels into build/wheels-cache/ (the package registry must be
 reachable); later runs use the cache. Without network the build tests skip, saying why; on a
@@ -33,61 +34,93 @@ def built(tmp_path_factory):
         raise
 
 
+OLD, NEW = build_addon.RELEASES  # Blender 4.2-5.0 (Python 3.11), 5.1 and later (3.13)
+PLATFORMS = ("linux-x64", "linux-arm64", "windows-x64", "windows-arm64", "macos-arm64", "macos-x64")
+
+
 def manifest_of(zip_path) -> dict:
     with zipfile.ZipFile(zip_path) as zf:
         return tomllib.loads(zf.read("blender_manifest.toml").decode())
 
 
-def test_zip_exists_and_passes_its_checks(built):
+def test_one_zip_per_blender_python_each_passing_its_checks(built):
     version = build_addon.project_version()
-    assert built.zip_path.name == f"chatpose-{version}.zip" and built.zip_path.is_file()
-    assert build_addon.archive_problems(built.zip_path) == []
+    assert [p.name for p in built.zips.values()] == [
+        f"chatpose-{version}-blender-4.2-5.0.zip",
+        f"chatpose-{version}-blender-5.1.zip",
+    ]
+    for zip_path in built.zips.values():
+        assert build_addon.archive_problems(zip_path) == []
     assert "validate" in built.validation  # Blender's validator (or bpy's copy of it) ran
 
 
-def test_manifest_is_valid(built):
-    manifest = manifest_of(built.zip_path)
-    for key in build_addon.REQUIRED_MANIFEST_KEYS:
-        assert key in manifest
+def test_each_manifest_is_the_repositorys_for_its_blender_versions(built):
+    source = tomllib.loads(build_addon.MANIFEST_PATH.read_text("utf-8"))
     with open(build_addon.PYPROJECT_PATH, "rb") as f:
-        assert manifest["version"] == tomllib.load(f)["project"]["version"]
-    assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "chatpose"
-    assert manifest["blender_version_min"] == "4.2.0"
-    assert set(manifest["permissions"]) == {"network", "files"}
-    # the manifest in the zip is the one in the repository
-    assert manifest == tomllib.loads(build_addon.MANIFEST_PATH.read_text("utf-8"))
+        version = tomllib.load(f)["project"]["version"]
+    for zip_path in built.zips.values():
+        manifest = manifest_of(zip_path)
+        for key in build_addon.REQUIRED_MANIFEST_KEYS:
+            assert key in manifest
+        assert manifest["version"] == version
+        assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "chatpose"
+        assert set(manifest["permissions"]) == {"network", "files"}
+        assert set(manifest["wheels"]) < set(source["wheels"])
+        rest = {k: v for k, v in manifest.items() if not k.startswith(("wheels", "blender_"))}
+        assert rest == {k: v for k, v in source.items() if not k.startswith(("wheels", "blender_"))}
+    assert (manifest_of(built.zips[OLD])["blender_version_min"], manifest_of(built.zips[OLD])[
+        "blender_version_max"]) == ("4.2.0", "5.1.0")  # fmt: skip
+    assert manifest_of(built.zips[NEW])["blender_version_min"] == "5.1.0"
+    assert "blender_version_max" not in manifest_of(built.zips[NEW])
 
 
-def test_every_listed_wheel_is_in_the_zip_and_every_platform_is_covered(built):
-    manifest = manifest_of(built.zip_path)
-    with zipfile.ZipFile(built.zip_path) as zf:
-        names = set(zf.namelist())
-    wheels = [w.removeprefix("./") for w in manifest["wheels"]]
-    assert all(w in names for w in wheels)
-    assert f"wheels/{build_addon.shared_wheel_name(manifest['version'])}" in wheels
+def test_every_listed_wheel_is_in_its_zip_and_every_platform_is_covered(built):
     zmq_version = build_addon.manifest_pyzmq_version()
-    for platform in ("linux-x64", "windows-x64", "macos-arm64", "macos-x64"):
-        assert platform in manifest["platforms"]
-        for python in ("3.11", "3.13"):
+    for release, zip_path in built.zips.items():
+        manifest = manifest_of(zip_path)
+        with zipfile.ZipFile(zip_path) as zf:
+            names = set(zf.namelist())
+        wheels = [w.removeprefix("./") for w in manifest["wheels"]]
+        assert {n for n in names if n.startswith("wheels/")} == set(wheels)
+        assert f"wheels/{build_addon.shared_wheel_name(manifest['version'])}" in wheels
+        assert sorted(manifest["platforms"]) == sorted(PLATFORMS)
+        for platform in PLATFORMS:
             matching = [
                 w
                 for w in wheels
                 if w.startswith(f"wheels/pyzmq-{zmq_version}-")
-                and build_addon.wheel_supports(w.rsplit("/", 1)[1], python, platform)
+                and build_addon.wheel_supports(w.rsplit("/", 1)[1], release.python, platform)
             ]
-            assert matching, f"no pyzmq wheel for Python {python} on {platform}"
+            assert matching, f"no pyzmq wheel for Python {release.python} on {platform}"
 
 
-def test_zip_holds_the_addon_and_nothing_of_the_service(built):
-    with zipfile.ZipFile(built.zip_path) as zf:
-        names = zf.namelist()
-        shared = zf.read(f"wheels/{built.shared_wheel_path.name}")
-    assert {"__init__.py", "blender_manifest.toml", "core/posing.py", "blender/posing.py"} <= set(
-        names
-    )
-    assert not any("inference_service" in n or "__pycache__" in n for n in names)
-    assert not any(n.startswith("shared_protocol/") for n in names)  # it comes as a wheel
-    assert built.shared_wheel_path.read_bytes() == shared
+def test_blender_reads_each_zips_python_as_its_releases(built):
+    """Blender's own code (bpy's copy of the extension tool) reads an extension's Pythons off its
+    wheels' names; a zip holding cp311 and abi3 wheels reads as 3.11 only, refused by 5.1+."""
+    import importlib.util
+
+    script, _ = build_addon._bundled_validator()
+    spec = importlib.util.spec_from_file_location("blender_ext", script)
+    blender_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blender_ext)
+    read = blender_ext.python_versions_from_wheels
+    assert read(manifest_of(built.zips[OLD])["wheels"]) == {(3, 11)}
+    assert read(manifest_of(built.zips[NEW])["wheels"]) == {(3,)}  # any 3.x: 3.13 too
+    both = tomllib.loads(build_addon.MANIFEST_PATH.read_text("utf-8"))["wheels"]
+    assert read(both) == {(3, 11)}  # why one zip cannot serve both
+
+
+def test_zips_hold_the_addon_and_nothing_of_the_service(built):
+    for zip_path in built.zips.values():
+        with zipfile.ZipFile(zip_path) as zf:
+            names = zf.namelist()
+            shared = zf.read(f"wheels/{built.shared_wheel_path.name}")
+        assert {"__init__.py", "blender_manifest.toml", "core/posing.py", "blender/posing.py"} <= (
+            set(names)
+        )
+        assert not any("inference_service" in n or "__pycache__" in n for n in names)
+        assert not any(n.startswith("shared_protocol/") for n in names)  # it comes as a wheel
+        assert built.shared_wheel_path.read_bytes() == shared
 
 
 def test_shared_protocol_wheel_installs_and_imports(built, tmp_path):
@@ -124,7 +157,8 @@ def test_legacy_zip_is_one_folder_without_manifest(built):
 
 def test_builds_are_reproducible(built, tmp_path):
     again = build_addon.build(tmp_path, legacy=False, validate=False)
-    assert again.zip_path.read_bytes() == built.zip_path.read_bytes()
+    for release, zip_path in built.zips.items():
+        assert again.zips[release].read_bytes() == zip_path.read_bytes()
 
 
 def test_command_line_build(built, tmp_path):
@@ -135,7 +169,8 @@ def test_command_line_build(built, tmp_path):
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out" / built.zip_path.name).is_file()
+    assert all((tmp_path / "out" / z.name).is_file() for z in built.zips.values())
+    assert "blender-5.1.zip  (Blender 5.1.0 and later)" in proc.stdout
     (tmp_path / "file").write_text("")
     proc = subprocess.run(
         [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", "file",
@@ -148,7 +183,7 @@ def test_command_line_build(built, tmp_path):
 def test_archive_checks_catch_problems(built, tmp_path):
     def rewrite(name, change_manifest=None, extra=()):
         path = tmp_path / name
-        with zipfile.ZipFile(built.zip_path) as src, zipfile.ZipFile(path, "w") as dst:
+        with zipfile.ZipFile(built.zips[OLD]) as src, zipfile.ZipFile(path, "w") as dst:
             for item in src.infolist():
                 data = src.read(item)
                 if item.filename == "blender_manifest.toml" and change_manifest:
@@ -175,6 +210,15 @@ def test_archive_checks_catch_problems(built, tmp_path):
         )
     )
     assert any("network" in p for p in rewrite("d.zip", lambda t: t.replace("network =", "net =")))
+    assert any(
+        "blender_version_max should be '5.1.0'" in p
+        for p in rewrite("e.zip", lambda t: t.replace('blender_version_max = "5.1.0"\n', ""))
+    )
+    abi3 = "./wheels/pyzmq-27.3.0-cp312-abi3-win_amd64.whl"
+    problems = rewrite("f.zip", lambda t: t.replace("wheels = [\n", f'wheels = [\n  "{abi3}",\n'))
+    assert any(
+        "pyzmq-27.3.0-cp312-abi3-win_amd64.whl is not for Python 3.11" in p for p in problems
+    )
 
 
 def test_wheel_supports():
@@ -186,6 +230,10 @@ def test_wheel_supports():
     assert ws(abi3, "3.13", "macos-arm64") and ws(abi3, "3.13", "macos-x64")
     assert not ws(abi3, "3.11", "macos-arm64")  # abi3 from 3.12 on
     assert ws("x-1.0-py3-none-any.whl", "3.13", "windows-x64")
+    arm = "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_aarch64.manylinux_2_28_aarch64.whl"
+    assert ws(arm, "3.11", "linux-arm64") and not ws(arm, "3.11", "linux-x64")
+    assert ws("pyzmq-27.3.0-cp312-abi3-win_arm64.whl", "3.13", "windows-arm64")
+    assert not ws("pyzmq-27.3.0-cp312-abi3-win_arm64.whl", "3.13", "windows-x64")
     assert not ws("not-a-wheel.zip", "3.11", "linux-x64")
 
 
@@ -217,7 +265,8 @@ def test_offline_download_failure_is_reported_clearly(tmp_path, monkeypatch):
 def test_zip_installs_as_an_extension(built, tmp_path):
     """Blender's own installer (bpy's extensions operator) in a throw-away user directory:
     the wheels are set up, ``import shared_protocol`` works, the add-on registers and creates
-    an armature, and per-user data goes to the extension's user directory."""
+    an armature, and per-user data goes to the extension's user directory. The zip for 5.1
+    and later is refused by this Blender (4.5), by its version."""
     code = textwrap.dedent(
         """
         import os, sys
@@ -236,6 +285,10 @@ def test_zip_installs_as_an_extension(built, tmp_path):
         assert os.sep + ".user" + os.sep in data_dir and os.path.isdir(data_dir), data_dir
         assert bpy.ops.chatpose.create_armature() == {"FINISHED"}
         assert len(bpy.context.active_object.data.bones) == 24
+        bpy.ops.extensions.package_install_files(
+            filepath=sys.argv[2], repo="user_default", enable_on_install=True)
+        import addon_utils
+        assert addon_utils.check_extension("bl_ext.user_default.chatpose")  # still the first
         print("INSTALLED-OK")
         """
     )
@@ -243,10 +296,11 @@ def test_zip_installs_as_an_extension(built, tmp_path):
     home.mkdir()
     env = dict(os.environ, BLENDER_USER_RESOURCES=str(home), HOME=str(home))
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(built.zip_path)],
+        [sys.executable, "-c", code, str(built.zips[OLD]), str(built.zips[NEW])],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert "INSTALLED-OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "doesn't meet the minimum supported version (5.1.0)" in proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")

@@ -11,12 +11,12 @@ import numpy as np
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import JOINT_NAMES
 
-from ..core.posing import bone_quaternions, continuous_quaternions, root_location
+from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
 from .anim import action_fcurves, bone_data_path, fcurve_map
 from .armature import bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
-from .posing import ApplyResult, apply_pose, read_pose
+from .posing import apply_pose, read_pose, rotation_channel_values, rotation_data_path
 
 # Custom properties on the armature object that keep what a pose does not hold.
 GENDER_PROPERTY = "chatpose_gender"
@@ -33,22 +33,16 @@ def key_poses(
     """Keys ``poses[i]`` at ``frames[i]``; returns the bones not in QUATERNION mode.
 
     The same keys as ``apply_pose(..., frame=f)`` for each pose in turn (a later pose for the
-    same frame wins), and the bones are left in the last pose. When every SMPL bone is in
-    QUATERNION mode the keys are written at once (``fast_keys``: 1,000 poses in well under a
-    second instead of seconds); other rotation modes go pose by pose.
+    same frame wins), each bone in its own rotation mode, and the bones are left in the last
+    pose; but written at once (``fast_keys``: 1,000 poses in well under a second instead of
+    seconds).
     """
     if len(poses) != len(frames):
         raise ValueError(f"{len(poses)} poses but {len(frames)} frames")
     if not poses:
         return []
-    pbones = obj.pose.bones
-    if all(pbones[n].rotation_mode == "QUATERNION" for n in JOINT_NAMES):
-        _key_poses_at_once(obj, poses, frames, use_translation)
-        return apply_pose(obj, poses[-1], use_translation=use_translation).non_quaternion_bones
-    result = ApplyResult()
-    for pose, frame in zip(poses, frames, strict=True):
-        result = apply_pose(obj, pose, use_translation=use_translation, frame=int(frame))
-    return result.non_quaternion_bones
+    _key_poses_at_once(obj, poses, frames, use_translation)
+    return apply_pose(obj, poses[-1], use_translation=use_translation).non_quaternion_bones
 
 
 def _key_poses_at_once(
@@ -57,16 +51,21 @@ def _key_poses_at_once(
     last: dict[int, int] = {}  # frame -> index of the last pose for it
     for i, frame in enumerate(frames):
         last[int(frame)] = i
-    order = sorted(last)  # frames in time order, so signs follow the timeline
+    order = sorted(last)  # frames in time order, so signs and Euler turns follow the timeline
     picked = [poses[last[f]] for f in order]
-    rests = bone_rest_rotations(obj)
-    pbones = obj.pose.bones
-    current = np.array([tuple(pbones[n].rotation_quaternion) for n in JOINT_NAMES])
-    before = _keyed_quaternions(obj, order[0], current)  # the keys' side, not the bones' now
-    quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), rests)
-    quats = continuous_quaternions(quats, before)  # (N, 24, 4)
-    channels = [(name, "rotation_quaternion", k) for name in JOINT_NAMES for k in range(4)]
-    values = quats.transpose(1, 2, 0).reshape(len(channels), len(order))
+    quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), bone_rest_rotations(obj))
+    fcurves = fcurve_map(obj)
+    channels: list = []
+    rows: list = []
+    for j, name in enumerate(JOINT_NAMES):
+        pbone = obj.pose.bones[name]
+        path = rotation_data_path(pbone.rotation_mode)
+        # Carry on from the keys before, not from the bone's value now.
+        before = _keyed_values(fcurves, pbone, path, order[0])
+        values = rotation_channel_values(quats[:, j], pbone.rotation_mode, before)  # (N, k)
+        channels += [(name, path, k) for k in range(values.shape[1])]
+        rows.append(values.T)
+    values = np.concatenate(rows)
     if use_translation:
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
         loc = root_location(t, root_location_frame(obj))  # (N, 3)
@@ -75,17 +74,15 @@ def _key_poses_at_once(
     write_keys(obj, channels, order, values)
 
 
-def _keyed_quaternions(obj: bpy.types.Object, frame: int, fallback: np.ndarray) -> np.ndarray:
-    """(24, 4) the bones' quaternions as their F-curves give them at ``frame``, so that new keys
-    carry on the signs of the keys around them (the bones' own values are left on w >= 0);
-    ``fallback`` for a bone without keys."""
-    fcurves = fcurve_map(obj)
-    quats = np.array(fallback, dtype=np.float64)
-    for j, name in enumerate(JOINT_NAMES):
-        curves = [fcurves.get((bone_data_path(name, "rotation_quaternion"), k)) for k in range(4)]
-        if all(c is not None and len(c.keyframe_points) for c in curves):
-            quats[j] = [c.evaluate(frame) for c in curves]
-    return quats
+def _keyed_values(fcurves: dict, pbone: bpy.types.PoseBone, path: str, frame: int) -> list:
+    """The bone's ``path`` values as its F-curves give them at ``frame`` (so that new keys carry
+    on the quaternion signs and Euler turns of the keys around them); its current values when
+    it has no keys there."""
+    current = list(getattr(pbone, path))
+    curves = [fcurves.get((bone_data_path(pbone.name, path), k)) for k in range(len(current))]
+    if all(c is not None and len(c.keyframe_points) for c in curves):
+        return [c.evaluate(frame) for c in curves]
+    return current
 
 
 def key_motion(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import bpy
 import numpy as np
-from mathutils import Quaternion
+from mathutils import Euler, Quaternion
 
 from shared_protocol.pose import Pose
 from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_axis_angle
@@ -23,6 +23,7 @@ from shared_protocol.skeleton import JOINT_NAMES
 from ..core.posing import (
     axis_angle_from_bone_quaternions,
     bone_quaternions,
+    continuous_quaternions,
     root_location,
     translation_from_root_location,
 )
@@ -42,20 +43,32 @@ def rotation_data_path(mode: str) -> str:
 
 def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz) -> None:
     """Sets the bone's rotation in its own rotation mode (see the module docstring)."""
-    q = Quaternion([float(c) for c in wxyz])
-    mode = pbone.rotation_mode
+    path = rotation_data_path(pbone.rotation_mode)
+    current = list(getattr(pbone, path))
+    values = rotation_channel_values([wxyz], pbone.rotation_mode, current)[0]
+    setattr(pbone, path, values.tolist())
+
+
+def rotation_channel_values(quaternions, mode: str, before) -> np.ndarray:
+    """(N, 4) bone quaternions in time order -> (N, k) values of ``mode``'s channel, as
+    ``set_bone_rotation`` would set them one after the other from ``before`` (the channel's
+    values before the first): quaternion signs and Euler angles each next to the one before."""
+    q = np.asarray(quaternions, dtype=np.float64)
     if mode == "QUATERNION":
-        if q.dot(pbone.rotation_quaternion) < 0:
-            q.negate()
-        pbone.rotation_quaternion = q
-    elif mode == "AXIS_ANGLE":
+        return continuous_quaternions(q, np.asarray(before, dtype=np.float64))
+    if mode == "AXIS_ANGLE":
         # In float64: mathutils' float32 acos(w) loses small angles (1e-4 rad read back as 0).
-        vector = quaternion_to_axis_angle(np.array(wxyz, dtype=np.float64))
-        angle = float(np.linalg.norm(vector))
-        axis = vector / angle if angle > 0 else np.array([0.0, 1.0, 0.0])  # Blender's default
-        pbone.rotation_axis_angle = (angle, *axis.tolist())
-    else:
-        pbone.rotation_euler = q.to_euler(mode, pbone.rotation_euler)
+        vectors = quaternion_to_axis_angle(q)
+        angles = np.linalg.norm(vectors, axis=-1, keepdims=True)
+        unit = vectors / np.where(angles > 0, angles, 1.0)
+        axes = np.where(angles > 0, unit, [0.0, 1.0, 0.0])  # Blender's default axis at 0
+        return np.concatenate([angles, axes], axis=-1)
+    previous = Euler(before, mode)
+    values = np.empty((len(q), 3))
+    for n, wxyz in enumerate(q.tolist()):
+        previous = Quaternion(wxyz).to_euler(mode, previous)
+        values[n] = previous
+    return values
 
 
 def bone_rotation_quaternion(pbone: bpy.types.PoseBone, values=None) -> Quaternion:
@@ -71,8 +84,6 @@ def bone_rotation_quaternion(pbone: bpy.types.PoseBone, values=None) -> Quaterni
             return Quaternion()
         vector = np.array(axis, dtype=np.float64) / length * angle
         return Quaternion(axis_angle_to_quaternion(vector).tolist())
-    from mathutils import Euler
-
     euler = Euler(values if values is not None else pbone.rotation_euler, mode)
     return euler.to_quaternion()
 

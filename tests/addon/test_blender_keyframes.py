@@ -129,6 +129,33 @@ def test_keys_between_existing_ones_go_in_place_and_leave_the_others_as_they_wer
     assert keyed_frames(between) == list(range(1, 9))
 
 
+def test_bones_in_other_rotation_modes_are_keyed_at_once_as_pose_by_pose(blender):
+    """Euler and axis-angle bones get their keys written at once too: the same keys as
+    apply_pose(frame=f) pose after pose (keyframe_insert), Euler turns following the timeline."""
+    modes = {"left_knee": "XYZ", "spine2": "ZXY", "right_elbow": "AXIS_ANGLE", "neck": "YXZ"}
+    poses = [random_pose(seed, max_angle=3.0) for seed in range(6)]  # large turns: Euler wraps
+    frames = [1, 2, 3, 7, 8, 9]
+    rigs = []
+    for _ in range(2):
+        obj = create_smpl_armature(bpy.context, with_mesh=False)
+        for name, mode in modes.items():
+            obj.pose.bones[name].rotation_mode = mode
+        rigs.append(obj)
+    at_once, one_by_one = rigs
+    key_poses(at_once, poses[:3], frames[:3])
+    key_poses(at_once, poses[3:], frames[3:])  # a second call carries on from the keys
+    for pose, frame in zip(poses, frames, strict=True):
+        apply_pose(one_by_one, pose, frame=frame)
+    expected, got = curves(one_by_one), curves(at_once)
+    assert expected.keys() == got.keys()
+    assert ('pose.bones["left_knee"].rotation_euler', 0) in got
+    assert ('pose.bones["right_elbow"].rotation_axis_angle', 0) in got
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=str(key))
+    for pose, frame in zip(poses, frames, strict=True):
+        np.testing.assert_allclose(read_pose(at_once, frame).axis_angle, pose.axis_angle, atol=1e-5)
+
+
 def test_keys_of_separate_calls_interpolate_the_short_way(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
 

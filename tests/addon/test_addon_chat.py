@@ -447,21 +447,10 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
 def curve_service(tmp_path):
     """A scripted service that lets in only the CURVE client 'animator'; yields (address, the
     key folder)."""
-    import threading
+    from tests.service.scripted_backend import curve_service
 
-    from inference_service.keys import make_keys
-    from inference_service.server import CurveKeys, Server
-    from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend
-
-    make_keys(tmp_path, ["animator"])
-    backend = ScriptedBackend()
-    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
-    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, curve=curve)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.address, tmp_path
-    server.stop()
-    thread.join(TIMEOUT_S)
+    with curve_service(tmp_path) as address:
+        yield address, tmp_path
 
 
 def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferences(

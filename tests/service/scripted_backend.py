@@ -9,15 +9,17 @@ either.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from inference_service.backend import ModelBackend
 from inference_service.errors import BadImageError
 from inference_service.scheduler import Answer, WorkItem
-from inference_service.server import ModelInfo
+from inference_service.server import CurveKeys, ModelInfo, Server
 from shared_protocol.pose import Pose
 
 TIMEOUT_S = 10.0
@@ -97,3 +99,22 @@ class HeldModelBackend(Holdable):
     def answer_chat(self, item: WorkItem) -> Answer:
         self._enter(1)
         return self.model.answer_chat(item)
+
+
+@contextlib.contextmanager
+def curve_service(key_dir: Path, client: str = "animator") -> Iterator[str]:
+    """A scripted service on loopback that lets in only the CURVE client ``client`` (keys made
+    in ``key_dir``: ``{client}.key_secret``, ``server.key``); yields its address."""
+    from inference_service.keys import make_keys
+
+    make_keys(key_dir, [client])
+    backend = ScriptedBackend()
+    curve = CurveKeys(key_dir / "server.key_secret", key_dir / "authorized_clients")
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, curve=curve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.address
+    finally:
+        server.stop()
+        thread.join(TIMEOUT_S)

@@ -13,7 +13,7 @@ from inference_service import cli
 from inference_service.server import Server
 from shared_protocol.pose import Motion
 
-from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
 from .tiny_llava import image_bytes
 
 PNG = image_bytes((200, 100, 50))
@@ -231,27 +231,18 @@ def test_local_mode_without_a_checkpoint(capsys, tmp_path):
 
 
 def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
-    from inference_service.keys import make_keys
-    from inference_service.server import CurveKeys
-
-    make_keys(tmp_path, ["animator"])
-    backend = ScriptedBackend()
-    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
-    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, curve=curve)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     keys = [
         "--curve-secret-key", str(tmp_path / "animator.key_secret"),
         "--curve-server-key", str(tmp_path / "server.key"),
     ]  # fmt: skip
-    try:
-        code, out, _ = run(capsys, "pose", "wave", "--address", server.address, *keys)
+    with curve_service(tmp_path) as address:
+        code, out, _ = run(capsys, "pose", "wave", "--address", address, *keys)
         assert code == cli.EXIT_OK and "pose 1 of 1" in out
-        code, _, err = run(capsys, "status", "--address", server.address, *keys[:2])
+        code, _, err = run(capsys, "status", "--address", address, *keys[:2])
         assert code == cli.EXIT_USAGE and "go together" in err
         missing = [keys[0], str(tmp_path / "nope"), *keys[2:]]
-        code, _, err = run(capsys, "status", "--address", server.address, *missing)
+        code, _, err = run(capsys, "status", "--address", address, *missing)
         assert code == cli.EXIT_BAD_INPUT and "--curve-secret-key: no key file at" in err
-    finally:
-        server.stop()
-        thread.join(TIMEOUT_S)
+        public = [keys[0], str(tmp_path / "authorized_clients" / "animator.key"), *keys[2:]]
+        code, _, err = run(capsys, "status", "--address", address, *public)
+        assert code == cli.EXIT_BAD_INPUT and "holds no secret key" in err

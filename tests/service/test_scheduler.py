@@ -21,6 +21,14 @@ from shared_protocol.protocol import (
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
 
 
+def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
+    """Polls ``predicate`` (state another thread changes) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.001)
+
+
 class Collected:
     def __init__(self) -> None:
         self.replies: list[tuple[bytes, object]] = []
@@ -161,7 +169,7 @@ def test_stop_delivers_the_running_items_then_ends_the_batch(backend, collected)
     assert backend.entered.wait(TIMEOUT_S)
     stopper = threading.Thread(target=scheduler.stop)
     stopper.start()
-    time.sleep(0.1)
+    wait_until(lambda: scheduler._stopping)  # stop() has begun, the first items still run
     backend.release()
     stopper.join(TIMEOUT_S)
     replies = collected.of()
@@ -180,7 +188,7 @@ def test_stop_answers_work_still_running_after_the_grace_time(backend, collected
     assert (reply.id, reply.code) == ("slow", ErrorCode.SHUTTING_DOWN)
     assert "still running after 0.1 s" in reply.message
     backend.release()  # the late answer is discarded
-    time.sleep(0.2)
+    scheduler._worker.join(TIMEOUT_S)  # it has come and gone
     assert len(collected.of()) == 1
 
 

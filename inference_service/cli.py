@@ -305,13 +305,16 @@ def _client(args: argparse.Namespace) -> Client:
     secret, server = args.curve_secret_key, args.curve_server_key
     if (secret is None) != (server is None):
         raise CommandError(EXIT_USAGE, "--curve-secret-key and --curve-server-key go together")
-    if secret is None:
-        return Client(args.address)
-    for flag, path in (("--curve-secret-key", secret), ("--curve-server-key", server)):
-        if not path.is_file():
-            raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
+    curve = None
+    if secret is not None:
+        for flag, path in (("--curve-secret-key", secret), ("--curve-server-key", server)):
+            if not path.is_file():
+                raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
+        curve = ClientCurveKeys(secret, server)
     try:
-        return Client(args.address, curve=ClientCurveKeys(secret, server))
+        return Client(args.address, curve=curve)
+    except AddressError as exc:  # well formed, but not one ZeroMQ takes
+        raise CommandError(EXIT_USAGE, f"--address: {exc}") from None
     except (OSError, ValueError) as exc:
         raise CommandError(EXIT_BAD_INPUT, f"the CURVE key files cannot be read ({exc})") from None
 

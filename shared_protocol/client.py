@@ -83,7 +83,8 @@ class Client:
         context: zmq.Context | None = None,
     ):
         self.address = check_address(address)  # AddressError before ZeroMQ's "Invalid argument"
-        self._curve = curve
+        # Read once: a reconnect must not depend on the files still being readable then.
+        self._keys = curve.load() if curve is not None else None
         self._limits = limits
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
@@ -91,11 +92,10 @@ class Client:
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
-        keys = self._curve.load() if self._curve is not None else None  # before a socket to leak
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0  # closing never waits for a dead service
-        if keys is not None:
-            public, secret, server_public = keys
+        if self._keys is not None:
+            public, secret, server_public = self._keys
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_serverkey = server_public
         sock.ipv6 = is_ipv6(self.address)

@@ -76,13 +76,14 @@ def _key_poses_at_once(
 
 def _keyed_values(fcurves: dict, pbone: bpy.types.PoseBone, path: str, frame: int) -> list:
     """The bone's ``path`` values as its F-curves give them at ``frame`` (so that new keys carry
-    on the quaternion signs and Euler turns of the keys around them); its current values when
-    it has no keys there."""
-    current = list(getattr(pbone, path))
-    curves = [fcurves.get((bone_data_path(pbone.name, path), k)) for k in range(len(current))]
-    if all(c is not None and len(c.keyframe_points) for c in curves):
-        return [c.evaluate(frame) for c in curves]
-    return current
+    on the quaternion signs and Euler turns of the keys around them); a channel without keys
+    gives its current value."""
+    values = list(getattr(pbone, path))
+    for k in range(len(values)):
+        curve = fcurves.get((bone_data_path(pbone.name, path), k))
+        if curve is not None and len(curve.keyframe_points):
+            values[k] = curve.evaluate(frame)
+    return values
 
 
 def key_motion(

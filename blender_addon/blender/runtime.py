@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -89,7 +90,6 @@ class _State:
 
 
 _state = _State()
-_retired: list[ServiceProcess] = []  # local services of earlier registrations, stopping
 
 
 # --- state ----------------------------------------------------------------------------------
@@ -734,8 +734,9 @@ def unregister() -> None:
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:
-        # Asked to stop, not waited for: a service finishing its work would hold Blender up to
-        # the grace time. Kept, so that Blender's exit still reaps it (service_process.stop_all).
-        _state.process.stop()
-        _retired.append(_state.process)
+        # Not waited for here: a service finishing its work would hold Blender up to the grace
+        # time. A thread of its own waits, then kills one that is still running, and reaps it.
+        threading.Thread(
+            target=_state.process.stop, kwargs={"wait": True}, name="chatpose-stop", daemon=True
+        ).start()
     _state.__init__()

@@ -281,9 +281,9 @@ def quiet_blender_output():
     dropped and the rest passed on afterwards."""
     sys.stdout.flush()
     sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    with tempfile.TemporaryFile() as captured:
+    with tempfile.TemporaryFile() as captured:  # first: nothing to close if it fails
+        saved_out, saved_err = os.dup(1), os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(captured.fileno(), 2)
         try:

@@ -22,7 +22,7 @@ from blender_addon.blender.posing import read_pose
 from blender_addon.blender.runtime import UserError
 from blender_addon.core import chat
 from blender_addon.core.images import encode_png, png_size
-from blender_addon.core.service_process import ServiceProcess, serve_command
+from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.protocol import Turn
 from tests.service.scripted_backend import pose_for
 
@@ -647,6 +647,23 @@ def test_start_and_stop_the_local_service_from_blender(
         other.listen()
         with pytest.raises(RuntimeError, match=f"something already listens on {address}"):
             bpy.ops.chatpose.service_start()
+
+
+def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
+    import addon_utils
+
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ignoring SIGTERM', flush=True); time.sleep(60)"
+    )
+    manager = ServiceProcess(str(tmp_path / "logs"), grace_s=0.5)
+    manager.start([sys.executable, "-c", stubborn])
+    drive(lambda: last_line(manager.log_path) == "ignoring SIGTERM")  # its handler is set
+    runtime._state.process = manager
+    process = manager._process
+    addon_utils.disable(ADDON, default_set=True)  # asks it to stop, and a thread kills it later
+    assert process.wait(timeout=30) == -9
+    addon_utils.enable(ADDON, default_set=True)
 
 
 def test_unregister_stops_the_local_service(armature, local_scripted):

@@ -156,6 +156,26 @@ def test_bones_in_other_rotation_modes_are_keyed_at_once_as_pose_by_pose(blender
         np.testing.assert_allclose(read_pose(at_once, frame).axis_angle, pose.axis_angle, atol=1e-5)
 
 
+def test_a_channel_without_keys_leaves_the_others_turns_alone(blender):
+    """Only the X angle of an Euler bone is keyed (six turns from frame 1 to 100): a key at
+    frame 99 follows that curve's turns, whatever the other channels and the bone now hold."""
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    pbone = obj.pose.bones["left_hip"]
+    pbone.rotation_mode = "XYZ"
+    for frame, x in ((1, 0.0), (100, 12 * np.pi)):
+        pbone.rotation_euler = (x, 0.0, 0.0)
+        pbone.keyframe_insert("rotation_euler", index=0, frame=frame)
+    bpy.context.scene.frame_set(1)  # the bone now at X = 0
+    axis_angle = np.zeros((24, 3))
+    axis_angle[JOINT_NAMES.index("left_hip"), 0] = 0.1  # this rig takes SMPL values as they are
+    key_poses(obj, [Pose(axis_angle)], [99])
+    x_curve = next(
+        fc for fc in action_fcurves(obj)
+        if fc.data_path.endswith('"left_hip"].rotation_euler') and fc.array_index == 0
+    )  # fmt: skip
+    assert x_curve.evaluate(99) == pytest.approx(12 * np.pi + 0.1, abs=1e-4)
+
+
 def test_keys_of_separate_calls_interpolate_the_short_way(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
 

@@ -199,6 +199,12 @@ def test_batch_of_an_empty_file(address, capsys, tmp_path):
     assert code == cli.EXIT_BAD_INPUT and "has no prompts" in err
 
 
+def test_an_address_zeromq_refuses_is_a_usage_error(capsys):
+    long_ipc = "ipc:///tmp/" + "a" * 120  # well formed, too long for a socket path
+    code, _, err = run(capsys, "status", "--address", long_ipc)
+    assert code == cli.EXIT_USAGE and "--address: ZeroMQ cannot connect to" in err
+
+
 @pytest.mark.parametrize("argv", [["status"], ["pose", "wave"], ["batch", "FILE", "--out", "o"]])
 def test_no_service_is_a_clear_quick_failure(capsys, tmp_path, argv):
     (tmp_path / "FILE").write_text("wave\n")

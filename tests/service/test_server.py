@@ -494,6 +494,13 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
             assert isinstance(
                 client.request(StatusRequest(client.new_id()), TIMEOUT_S), StatusReply
             )
+            # A reconnect (after a lost connection) needs the key files no more.
+            (tmp_path / "animator.key_secret").rename(tmp_path / "moved")
+            client.reset()
+            assert isinstance(
+                client.request(StatusRequest(client.new_id()), TIMEOUT_S), StatusReply
+            )
+            (tmp_path / "moved").rename(tmp_path / "animator.key_secret")
         make_keys(tmp_path / "stranger", ["stranger"])
         stranger = ClientCurveKeys(
             tmp_path / "stranger" / "stranger.key_secret", tmp_path / "server.key"

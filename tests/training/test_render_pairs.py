@@ -97,3 +97,17 @@ def test_blender_output_is_quiet_but_real_errors_pass(capfd):
     out, err = capfd.readouterr()
     assert out == ""
     assert err == "Error: cannot write x.png\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_blender_output_leaves_no_descriptor_open_when_it_cannot_start(monkeypatch):
+    from inference_service.training import render_pairs
+
+    def no_space():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render_pairs.tempfile, "TemporaryFile", no_space)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space"), quiet_blender_output():
+        pass
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from inference_service.server import CurveKeys, ModelInfo, Server
 from shared_protocol.pose import Pose
 
 TIMEOUT_S = 10.0
+
+
+def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
+    """Polls ``predicate`` (state another thread changes) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.001)
 
 
 def pose_for(prompt: str) -> Pose:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -18,15 +17,7 @@ from shared_protocol.protocol import (
     PoseRequest,
 )
 
-from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
-    """Polls ``predicate`` (state another thread changes) until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "gave up waiting"
-        time.sleep(0.001)
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for, wait_until
 
 
 class Collected:

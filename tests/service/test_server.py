@@ -45,7 +45,14 @@ from shared_protocol.protocol import (
     decode_reply,
 )
 
-from .scripted_backend import TIMEOUT_S, HeldModelBackend, Holdable, ScriptedBackend, pose_for
+from .scripted_backend import (
+    TIMEOUT_S,
+    HeldModelBackend,
+    Holdable,
+    ScriptedBackend,
+    pose_for,
+    wait_until,
+)
 from .tiny_llava import image_bytes, png_header
 
 PNG = image_bytes((200, 100, 50))
@@ -253,9 +260,9 @@ def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
     client.send(running_request)
     assert backend.entered.wait(TIMEOUT_S)
     client.send(queued_request)
-    time.sleep(0.2)  # let the server read the second request
+    wait_until(lambda: served.server.scheduler.queue_depth == 1)  # the server has read it
     served.server.stop()
-    time.sleep(0.1)
+    wait_until(lambda: served.server.scheduler.queue_depth == 0)  # shutting down: unqueued
     backend.release()
     served.thread.join(TIMEOUT_S)
     assert not served.thread.is_alive()

@@ -18,6 +18,7 @@ the `emit(client, reply)` callback, from whichever thread produced it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -44,6 +45,7 @@ from .errors import ChatPoseError, ModelError
 
 log = logging.getLogger(__name__)
 
+ERROR_MESSAGE_CUT = 4000  # characters of an error message too long to send (the limit is 64,000)
 ClientId = bytes  # the ROUTER routing identity
 RequestKey = tuple[ClientId, str]  # (client, client-chosen request id)
 
@@ -338,6 +340,10 @@ class Scheduler:
                 op = "pose" if index is None else "batch"
                 message = f"the model's answer could not be sent: {err}"
                 self._send(client, ErrorReply(reply.id, op, ErrorCode.MODEL_ERROR, message, index))
+            elif isinstance(reply, ErrorReply) and len(reply.message) > ERROR_MESSAGE_CUT:
+                # An exception's text past the limit: its start still says what went wrong.
+                cut = reply.message[:ERROR_MESSAGE_CUT] + " [...]"
+                self._send(client, dataclasses.replace(reply, message=cut))
         except Exception:  # a reply that cannot be sent must not stop the scheduler
             log.exception("could not emit a reply for request %r", getattr(reply, "id", None))
         return False

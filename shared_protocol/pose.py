@@ -53,6 +53,7 @@ def floor_to_pelvis(rest_joints=None) -> np.ndarray:
 # Blender scene. They keep the rotation maths and Blender's float32 away from overflow.
 MAX_ANGLE = 1_000.0
 MAX_TRANSLATION = 10_000.0
+MAX_LABEL_CHARS = 256  # a name to show ("dancer"), not text
 FPS_RANGE = (0.001, 1_000.0)
 
 
@@ -92,9 +93,13 @@ def _metres(translation: np.ndarray) -> np.ndarray:
 
 
 def _optional_label(label: object, name: str) -> str | None:
-    if label is None or isinstance(label, str):
-        return label
-    raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
+    if len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"{name}: up to {MAX_LABEL_CHARS} characters, got {len(label)}")
+    return label
 
 
 @dataclass(frozen=True, eq=False)

@@ -37,6 +37,7 @@ def test_pose_accepts_flat_vector_and_freezes_a_copy():
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0]}, "translation: expected shape"),
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, np.nan, 0]}, "translation: contains"),
         ({"axis_angle": np.zeros((24, 3)), "label": 7}, "label: expected a string"),
+        ({"axis_angle": np.zeros((24, 3)), "label": "x" * 257}, "label: up to 256 characters"),
         ({"axis_angle": np.full((24, 3), 1e155)}, "axis_angle: rotations of up to 1000 rad"),
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0, 2e4]}, "translation: metres"),
     ],

@@ -61,7 +61,8 @@ class Holdable:
 
 
 class ScriptedBackend(Holdable):
-    """Answers each prompt with `pose_for(prompt)`; 'explode' raises, a 'corrupt' image is bad."""
+    """Answers each prompt with `pose_for(prompt)`; 'explode' raises, 'rant' raises with a
+    message longer than the protocol allows, a 'corrupt' image is bad."""
 
     info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
     failing_prompt = "explode"  # a batch line the model fails on, and the error code it gets
@@ -73,6 +74,8 @@ class ScriptedBackend(Holdable):
     def _run(self, item: WorkItem) -> Answer:
         if self.failing_prompt in item.prompt:
             raise RuntimeError("the model exploded")
+        if "rant" in item.prompt:
+            raise RuntimeError("the model ranted: " + "on and on " * 7000)
         if any(b"corrupt" in image for image in item.images):
             raise BadImageError("images[0]: not a PNG or JPEG image")
         return Answer(f"Sure, it is <POSE>. ({item.prompt})", (pose_for(item.prompt),))

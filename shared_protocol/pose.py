@@ -53,7 +53,7 @@ def floor_to_pelvis(rest_joints=None) -> np.ndarray:
 # Blender scene. They keep the rotation maths and Blender's float32 away from overflow.
 MAX_ANGLE = 1_000.0
 MAX_TRANSLATION = 10_000.0
-MAX_LABEL_CHARS = 256  # a name to show ("dancer"), not text
+MAX_LABEL_CHARS = 8_000  # a prompt's most (protocol.Limits): the service labels poses with them
 FPS_RANGE = (0.001, 1_000.0)
 
 

@@ -340,10 +340,15 @@ class Scheduler:
                 op = "pose" if index is None else "batch"
                 message = f"the model's answer could not be sent: {err}"
                 self._send(client, ErrorReply(reply.id, op, ErrorCode.MODEL_ERROR, message, index))
-            elif isinstance(reply, ErrorReply) and len(reply.message) > ERROR_MESSAGE_CUT:
-                # An exception's text past the limit: its start still says what went wrong.
-                cut = reply.message[:ERROR_MESSAGE_CUT] + " [...]"
-                self._send(client, dataclasses.replace(reply, message=cut))
+            elif isinstance(reply, ErrorReply):
+                # An exception's text that cannot go as it is: too long (its start still says
+                # what went wrong), or holding a lone surrogate (a file name). Once only: the
+                # message made here goes as it is.
+                safe = reply.message.encode("utf-8", "backslashreplace").decode("utf-8")
+                if len(safe) > ERROR_MESSAGE_CUT:
+                    safe = safe[:ERROR_MESSAGE_CUT] + " [...]"
+                if safe != reply.message:
+                    self._send(client, dataclasses.replace(reply, message=safe))
         except Exception:  # a reply that cannot be sent must not stop the scheduler
             log.exception("could not emit a reply for request %r", getattr(reply, "id", None))
         return False

@@ -53,7 +53,6 @@ def floor_to_pelvis(rest_joints=None) -> np.ndarray:
 # Blender scene. They keep the rotation maths and Blender's float32 away from overflow.
 MAX_ANGLE = 1_000.0
 MAX_TRANSLATION = 10_000.0
-MAX_LABEL_CHARS = 8_000  # a prompt's most (protocol.Limits): the service labels poses with them
 FPS_RANGE = (0.001, 1_000.0)
 
 
@@ -93,13 +92,9 @@ def _metres(translation: np.ndarray) -> np.ndarray:
 
 
 def _optional_label(label: object, name: str) -> str | None:
-    if label is None:
-        return None
-    if not isinstance(label, str):
-        raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
-    if len(label) > MAX_LABEL_CHARS:
-        raise ValueError(f"{name}: up to {MAX_LABEL_CHARS} characters, got {len(label)}")
-    return label
+    if label is None or isinstance(label, str):
+        return label
+    raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -281,20 +281,22 @@ def quiet_blender_output():
     dropped and the rest passed on afterwards."""
     sys.stdout.flush()
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as captured:  # first: nothing to close if it fails
-        saved_out, saved_err = os.dup(1), os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(captured.fileno(), 2)
+    with tempfile.TemporaryFile() as captured:
         try:
-            yield
+            with contextlib.ExitStack() as restore:  # undone in reverse, whatever fails
+                for fd, target in ((1, os.devnull), (2, None)):
+                    saved = os.dup(fd)
+                    restore.callback(os.close, saved)
+                    restore.callback(os.dup2, saved, fd)
+                    restore.callback(sys.stdout.flush if fd == 1 else sys.stderr.flush)
+                    if target is None:
+                        os.dup2(captured.fileno(), fd)
+                    else:
+                        null = os.open(target, os.O_WRONLY)
+                        restore.callback(os.close, null)
+                        os.dup2(null, fd)
+                yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved_out, 1)
-            os.dup2(saved_err, 2)
-            for fd in (null, saved_out, saved_err):
-                os.close(fd)
             captured.seek(0)
             for line in captured.read().decode(errors="replace").splitlines():
                 if not line.startswith("EGL Error"):

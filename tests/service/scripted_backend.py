@@ -74,8 +74,8 @@ class ScriptedBackend(Holdable):
     def _run(self, item: WorkItem) -> Answer:
         if self.failing_prompt in item.prompt:
             raise RuntimeError("the model exploded")
-        if "rant" in item.prompt:
-            raise RuntimeError("the model ranted: " + "on and on " * 7000)
+        if "rant" in item.prompt:  # past the protocol's length, and not valid UTF-8 either
+            raise RuntimeError("the model ranted about /models/\udcff: " + "on and on " * 7000)
         if any(b"corrupt" in image for image in item.images):
             raise BadImageError("images[0]: not a PNG or JPEG image")
         return Answer(f"Sure, it is <POSE>. ({item.prompt})", (pose_for(item.prompt),))

@@ -523,17 +523,21 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
 
 @scripted_only
 def test_an_error_too_long_for_the_protocol_still_gets_its_reply(running, backend):
-    """The model's exception text (70,000 characters) past the 64,000 a message may hold: the
-    reply goes out cut, as one reply per request (and per batch item) requires."""
+    """The model's exception text, 70,000 characters with a lone surrogate (a file name that
+    is not UTF-8), past what a message may hold: the reply goes out escaped and cut, as one
+    reply per request (and per batch item) requires."""
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "rant"), TIMEOUT_S)
         assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.MODEL_ERROR
-        assert "the model ranted: on and on" in reply.message and reply.message.endswith("[...]")
+        assert "the model ranted about /models/\\udcff: on and on" in reply.message
+        assert reply.message.endswith("[...]")
         batch = BatchRequest(client.new_id(), ["one", "rant", "two"])
         client.send(batch)
         replies = _collect(client, until=lambda r: isinstance(r, BatchDoneReply))
     assert sorted(r.index for r in replies[:-1]) == [0, 1, 2]
     assert replies[-1] == BatchDoneReply(batch.id, total=3, completed=2)
+    with running.client() as client:  # and the service goes on
+        assert isinstance(client.request(PoseRequest(client.new_id(), "one"), TIMEOUT_S), PoseReply)
 
 
 def _collect(client: Client, until, quiet_s: float = TIMEOUT_S) -> list:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,8 @@ class Server:
         self._inbox.rcvhwm = 0  # unbounded: a full pipe would block the thread that emits
         self._inbox.bind(self._inbox_address)
         self._local = threading.local()
+        self._replies: deque[list[bytes]] = deque()  # to send, in order (_emit)
+        self._replies_lock = threading.Lock()
         self._received: dict[tuple[ClientId, str], tuple[float, str]] = {}
         self._received_lock = threading.Lock()
         self.scheduler = Scheduler(
@@ -194,6 +197,21 @@ class Server:
     # --- replies, from any thread -------------------------------------------------------------
 
     def _emit(self, client: ClientId, reply: Reply) -> None:
+        """Queues a reply for the I/O thread, which alone may use the ROUTER. Replies leave in
+        the order they are queued, whichever thread queues them (the scheduler's worker, or
+        the I/O thread itself for a cancel), so a batch's items never come after its end; the
+        inproc PUSH only wakes the I/O thread."""
+        frames = [client, *encode_reply(reply)]  # a ProtocolError goes back to the caller
+        with self._replies_lock:
+            wake = not self._replies
+            self._replies.append(frames)
+        if wake:
+            self._outbox().send(b"")
+        if is_final(reply):
+            self._log_request_done(client, reply)
+
+    def _outbox(self) -> zmq.Socket:
+        """This thread's PUSH socket to the I/O thread (ZeroMQ sockets are not shared)."""
         outbox = getattr(self._local, "outbox", None)
         if outbox is None:
             outbox = self._context.socket(zmq.PUSH)
@@ -202,9 +220,7 @@ class Server:
             with self._outbox_lock:
                 self._outboxes.append(outbox)
             self._local.outbox = outbox
-        outbox.send_multipart([client, *encode_reply(reply)])
-        if is_final(reply):
-            self._log_request_done(client, reply)
+        return outbox
 
     def _log_request_done(self, client: ClientId, reply: Reply) -> None:
         with self._received_lock:
@@ -226,11 +242,14 @@ class Server:
         )
 
     def _forward_replies(self) -> None:
-        while True:
+        while True:  # the wake-ups
             try:
-                frames = self._inbox.recv_multipart(zmq.NOBLOCK)
+                self._inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
+        with self._replies_lock:
+            replies, self._replies = self._replies, deque()
+        for frames in replies:
             try:
                 self._router.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or not reading (EAGAIN)

@@ -521,6 +521,34 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
         served.stop()
 
 
+def test_no_batch_item_comes_after_the_batch_is_cancelled():
+    """The worker's replies and the I/O thread's leave in the order they were made: a batch's
+    items never follow its `cancelled` error. (With one outbox per thread, 27 of 150 such
+    cancels had an item after the error.)"""
+    served = Running(ScriptedBackend(), max_batch=1, max_wait_ms=0)
+    stopped = 0
+    try:
+        for _ in range(60):
+            with served.client() as client:
+                batch = BatchRequest(client.new_id(), [f"item {i}" for i in range(256)])
+                client.send(batch)
+                _collect(client, until=lambda r: isinstance(r, BatchItemReply) and r.index >= 2)
+                client.send(CancelRequest(client.new_id(), target=batch.id))
+                replies = _collect(client, until=lambda r: isinstance(r, CancelReply))
+                replies += _collect(client, until=None, quiet_s=0.05)
+            ends = [
+                i for i, r in enumerate(replies) if isinstance(r, ErrorReply) and r.index is None
+            ]
+            if not ends:
+                continue  # the batch had finished before the cancel came
+            stopped += 1
+            assert replies[ends[0]].code == ErrorCode.CANCELLED
+            assert not [r for r in replies[ends[0] + 1 :] if isinstance(r, BatchItemReply)]
+    finally:
+        served.stop()
+    assert stopped >= 20  # enough cancels came mid-batch for the order to be tested
+
+
 @scripted_only
 def test_an_error_too_long_for_the_protocol_still_gets_its_reply(running, backend):
     """The model's exception text, 70,000 characters with a lone surrogate (a file name that

@@ -301,6 +301,11 @@ def push_undo(message: str) -> None:
 # --- requests -------------------------------------------------------------------------------
 
 
+# What sending can raise for the user to read: input the protocol refuses, a busy session, an
+# address ZeroMQ will not take.
+SEND_ERRORS = (ProtocolError, BusyError, AddressError)
+
+
 def _service(context) -> Service:
     """The service to ask, from the preferences; UserError when it cannot be asked."""
     from ..preferences import service_settings
@@ -354,7 +359,7 @@ def send_pose(
     )
     try:
         dispatcher().send_pose(service, job, images, history)
-    except (ProtocolError, BusyError, AddressError) as exc:
+    except SEND_ERRORS as exc:
         raise UserError(f"Not sent: {exc}") from None
     ensure_timer()
     what = f"'{prompt}'" if prompt else "the image"
@@ -438,7 +443,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     service = _service(context)
     try:
         dispatcher().start_batch(service, run)
-    except (ProtocolError, BusyError, AddressError) as exc:
+    except SEND_ERRORS as exc:
         raise UserError(f"Batch not sent: {exc}") from None
     ensure_timer()
     skipped = run.already_keyed
@@ -466,7 +471,7 @@ def request_status(context: bpy.types.Context) -> None:
     service = _service(context)
     try:
         dispatcher().request_status(service)
-    except (ProtocolError, BusyError, AddressError) as exc:
+    except SEND_ERRORS as exc:
         raise UserError(f"Not asked: {exc}") from None
     ensure_timer()
     set_message(f"Asking {service.address} for its status...")
@@ -691,7 +696,7 @@ def _watch_local_service() -> None:
     d = dispatcher()
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):
         _state.next_probe = time.monotonic() + PROBE_INTERVAL_S
-        with contextlib.suppress(UserError, ProtocolError, BusyError, AddressError):
+        with contextlib.suppress(UserError, *SEND_ERRORS):
             d.request_status(_service(bpy.context), probe=True)
 
 

@@ -16,7 +16,13 @@ from ..core.timeline import frames_for, keyed_frame_list, motion_fps
 from .anim import action_fcurves, bone_data_path, fcurve_map
 from .armature import bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
-from .posing import apply_pose, read_pose, rotation_channel_values, rotation_data_path
+from .posing import (
+    apply_pose,
+    channel_values,
+    read_pose,
+    rotation_channel_values,
+    rotation_data_path,
+)
 
 # Custom properties on the armature object that keep what a pose does not hold.
 GENDER_PROPERTY = "chatpose_gender"
@@ -60,8 +66,8 @@ def _key_poses_at_once(
     for j, name in enumerate(JOINT_NAMES):
         pbone = obj.pose.bones[name]
         path = rotation_data_path(pbone.rotation_mode)
-        # Carry on from the keys before, not from the bone's value now.
-        before = _keyed_values(fcurves, pbone, path, order[0])
+        # Carry on from the keys before (signs, Euler turns), not from the bone's value now.
+        before = channel_values(fcurves, pbone, path, order[0])
         values = rotation_channel_values(quats[:, j], pbone.rotation_mode, before)  # (N, k)
         channels += [(name, path, k) for k in range(values.shape[1])]
         rows.append(values.T)
@@ -72,18 +78,6 @@ def _key_poses_at_once(
         channels += [(JOINT_NAMES[0], "location", k) for k in range(3)]
         values = np.concatenate([values, loc.T])
     write_keys(obj, channels, order, values)
-
-
-def _keyed_values(fcurves: dict, pbone: bpy.types.PoseBone, path: str, frame: int) -> list:
-    """The bone's ``path`` values as its F-curves give them at ``frame`` (so that new keys carry
-    on the quaternion signs and Euler turns of the keys around them); a channel without keys
-    gives its current value."""
-    values = list(getattr(pbone, path))
-    for k in range(len(values)):
-        curve = fcurves.get((bone_data_path(pbone.name, path), k))
-        if curve is not None and len(curve.keyframe_points):
-            values[k] = curve.evaluate(frame)
-    return values
 
 
 def key_motion(

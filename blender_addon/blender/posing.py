@@ -136,15 +136,18 @@ def apply_pose(
     return result
 
 
-def _channel_values(fcurves, pbone, prop: str, frame: float | None) -> list[float]:
-    current = list(getattr(pbone, prop))
+def channel_values(fcurves, pbone, prop: str, frame: float | None) -> list[float]:
+    """The bone's ``prop`` values: with ``frame``, as its F-curves (``anim.fcurve_map``) give
+    them there; a channel without keys, or without ``frame``, gives its current value."""
+    values = list(getattr(pbone, prop))
     if frame is None:
-        return current
+        return values
     path = bone_data_path(pbone.name, prop)
-    return [
-        fc.evaluate(frame) if (fc := fcurves.get((path, k))) is not None else current[k]
-        for k in range(len(current))
-    ]
+    for k in range(len(values)):
+        curve = fcurves.get((path, k))
+        if curve is not None and len(curve.keyframe_points):
+            values[k] = curve.evaluate(frame)
+    return values
 
 
 def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
@@ -156,11 +159,11 @@ def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
     quats = []
     for name in JOINT_NAMES:
         pbone = pbones[name]
-        values = _channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frame)
+        values = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frame)
         quats.append(tuple(bone_rotation_quaternion(pbone, values)))
     rests = bone_rest_rotations(obj)
     axis_angle = axis_angle_from_bone_quaternions(np.array(quats), rests)
     root = pbones[ROOT]
-    location = _channel_values(fcurves, root, "location", frame)
+    location = channel_values(fcurves, root, "location", frame)
     translation = translation_from_root_location(location, root_location_frame(obj))
     return Pose(axis_angle, translation)

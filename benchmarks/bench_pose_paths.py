@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
             benchlib.facts_list(*facts),
         ]
     )
-    benchlib.report("bench_pose_paths", body, args.write_doc)
+    benchlib.report(
+        benchlib.block_name("bench_pose_paths", model.device, args), body, args.write_doc
+    )
 
 
 if __name__ == "__main__":

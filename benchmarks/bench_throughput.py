@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             benchlib.facts_list(*facts),
         ]
     )
-    benchlib.report(f"bench_throughput-{model.device.type}", body, args.write_doc)
+    benchlib.report(
+        benchlib.block_name("bench_throughput", model.device, args), body, args.write_doc
+    )
 
 
 if __name__ == "__main__":

@@ -109,6 +109,10 @@ SIZES = {
     # in-process tokenizer) and a small CLIP-like tower (hidden 128, 2 layers, 64 px images in
     # 8 px patches: 64 image tokens). Random weights.
     "demo": ModelSize("demo", 256, 1024, 4, 4, 4, 128, 512, 2, 4, 64, 8),
+    # The released ChatPose model's sizes: LLaVA-1.5-13B, a Llama-2-13B LM and CLIP ViT-L/14 at
+    # 336 px (576 image tokens). For a GPU; with --layers N the LM keeps its width and has N of
+    # its 40 layers, so the checkpoint fits a benchmark's temporary directory.
+    "13b": ModelSize("13b", 5120, 13824, 40, 40, 40, 1024, 4096, 24, 16, 336, 14),
 }
 
 
@@ -391,6 +395,12 @@ def command_line() -> str:
     except ValueError:
         pass
     return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def block_name(script: str, device: torch.device, args: argparse.Namespace) -> str:
+    """The doc block a run writes: one per script, device and model preset."""
+    name = f"{script}-{device.type}"
+    return name if args.size == "demo" else f"{name}-{args.size}"
 
 
 def report(block: str, body: str, write_doc: bool) -> None:

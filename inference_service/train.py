@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="λ_θ, the weight of the pose L1 loss (default 0.1, the paper's)",
     )
+    parser.add_argument(
+        "--action-weight",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss, not the paper's: a linear classifier on the head's "
+        "input names the action of the examples that carry one (the synthetic corpus's action "
+        "phrasings); the logged loss includes it (default 0: off)",
+    )
     parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
     parser.add_argument(
         "--lr-schedule",
@@ -213,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             center_head_input=args.center_head_input,
             train_base=args.train_base,
+            action_weight=args.action_weight,
             **{
                 name: value
                 for name in ("text_weight", "pose_weight")

@@ -101,6 +101,9 @@ class Example:
     poses: tuple[np.ndarray, ...] = ()
     history: tuple[Turn, ...] = ()
     source: str = ""
+    # The named action the caption phrases (the synthetic corpus's action phrasings), for the
+    # auxiliary action loss (`TrainConfig.action_weight`); "" for any other example.
+    action: str = ""
 
     def __post_init__(self) -> None:
         where = self.source or "example"
@@ -639,6 +642,7 @@ def read_corpus(
                 answer,
                 poses=(record.pose,),
                 source=f"{corpus_path}#{index}",
+                action=record.action if record.source.startswith("action:") else "",
             )
         )
     return examples

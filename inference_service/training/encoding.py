@@ -50,6 +50,7 @@ class EncodedExample:
     poses: np.ndarray  # (len(pose_positions), 24, 3)
     images: tuple[bytes, ...]
     source: str
+    action: int = IGNORE_INDEX  # the index of the example's action in `Encoder.actions`
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Batch:
     pose_rows: torch.Tensor  # (P,) batch row of each pose token
     pose_positions: torch.Tensor  # (P,) its position; the state read is at position - 1
     pose_targets: torch.Tensor  # (P, 24, 3) axis-angle, float32
+    pose_actions: torch.Tensor  # (P,) each pose's action index, IGNORE_INDEX for none
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
         move = {
@@ -72,6 +74,7 @@ class Batch:
                 "pose_rows",
                 "pose_positions",
                 "pose_targets",
+                "pose_actions",
             )
         }
         pixels = None if self.pixel_values is None else self.pixel_values.to(device, dtype)
@@ -104,9 +107,16 @@ class Encoder:
     """Turns Examples into EncodedExamples and batches for one checkpoint's processor."""
 
     def __init__(
-        self, processor, config: ChatPoseConfig, pose_token_id: int, max_length: int
+        self,
+        processor,
+        config: ChatPoseConfig,
+        pose_token_id: int,
+        max_length: int,
+        actions: Sequence[str] = (),
     ) -> None:
+        """`actions`: the action names the auxiliary action loss tells apart, in index order."""
         self.processor = processor
+        self.actions = tuple(actions)
         self.tokenizer = processor.tokenizer
         self.config = config
         self.pose_token_id = pose_token_id
@@ -171,7 +181,12 @@ class Encoder:
             if example.poses
             else np.zeros((0, 24, 3), np.float32)
         )
-        return EncodedExample(input_ids, labels, pose_positions, poses, example.images, where)
+        action = (
+            self.actions.index(example.action) if example.action in self.actions else IGNORE_INDEX
+        )
+        return EncodedExample(
+            input_ids, labels, pose_positions, poses, example.images, where, action
+        )
 
     def check_against_processor(self, example: Example, encoded: EncodedExample) -> None:
         """Our ids must be the processor's: it is what the service runs at inference."""
@@ -191,7 +206,7 @@ class Encoder:
         input_ids = torch.full((len(items), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        rows, positions, targets, images = [], [], [], []
+        rows, positions, targets, actions, images = [], [], [], [], []
         for row, item in enumerate(items):
             size = len(item.input_ids)
             input_ids[row, :size] = torch.tensor(item.input_ids)
@@ -200,6 +215,7 @@ class Encoder:
             rows += [row] * len(item.pose_positions)
             positions += item.pose_positions
             targets.append(item.poses)
+            actions += [item.action] * len(item.pose_positions)
             images += [decode_image(data) for data in item.images]
         pixel_values = None
         if images:
@@ -214,4 +230,5 @@ class Encoder:
             pose_rows=torch.tensor(rows, dtype=torch.long),
             pose_positions=torch.tensor(positions, dtype=torch.long),
             pose_targets=torch.from_numpy(np.concatenate(targets)).float(),
+            pose_actions=torch.tensor(actions, dtype=torch.long),
         )

@@ -70,6 +70,7 @@ from inference_service.pose_head import PoseHead
 from inference_service.training.datasets import KINDS, DatasetError, DataSpec, Example, load_data
 from inference_service.training.encoding import Batch, EncodedExample, Encoder
 from inference_service.training.losses import (
+    IGNORE_INDEX,
     POSE_WEIGHT,
     TEXT_WEIGHT,
     LossTerms,
@@ -121,6 +122,10 @@ class TrainConfig:
     mix: tuple[float, float, float] = (1.0, 2.0, 1.0)  # text_to_pose : image_to_pose : chat
     text_weight: float = TEXT_WEIGHT
     pose_weight: float = POSE_WEIGHT
+    # λ of an auxiliary loss (not the paper's): the cross-entropy of a linear classifier that
+    # reads the head's input and names the action of examples that carry one (the synthetic
+    # corpus's action phrasings). The classifier trains with the head and is not exported.
+    action_weight: float = 0.0
     save_every: int = 100  # 0 = only at the end
     keep_last: int = 0  # checkpoints kept; 0 = all
     log_every: int = 10
@@ -164,6 +169,8 @@ class TrainConfig:
                 f"text_weight and pose_weight must be >= 0 and not both 0, got "
                 f"{self.text_weight} and {self.pose_weight}"
             )
+        if not self.action_weight >= 0:
+            raise ValueError(f"action_weight must be 0 or more, got {self.action_weight}")
         if self.train_base not in TRAIN_BASE_SCOPES:
             raise ValueError(
                 f"train_base must be one of {TRAIN_BASE_SCOPES}, got {self.train_base!r}"
@@ -194,6 +201,7 @@ class TrainConfig:
             "mix",
             "text_weight",
             "pose_weight",
+            "action_weight",
             "seed",
             "head_init",
             "copy_base",
@@ -302,9 +310,16 @@ class TrainingModel:
     # Subtracted from the states before the head while training; folded into the head's first
     # bias when saved (`exported_head`), so a checkpoint's head reads raw states as usual.
     head_input_shift: torch.Tensor | None = None
+    # The auxiliary action loss's classifier (`TrainConfig.action_weight`), training only.
+    action_classifier: torch.nn.Linear | None = None
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         named = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        if self.action_classifier is not None:
+            named += [
+                (f"head.action_classifier.{n}", p)
+                for n, p in self.action_classifier.named_parameters()
+            ]
         named += [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return named
 
@@ -317,7 +332,9 @@ class TrainingModel:
         """The LLaVA model itself (inside peft's wrapper unless the base's weights train)."""
         return self.model if self.trains_base else self.model.get_base_model()
 
-    def forward(self, batch: Batch, text_weight: float, pose_weight: float) -> LossTerms:
+    def forward(
+        self, batch: Batch, text_weight: float, pose_weight: float, action_weight: float = 0.0
+    ) -> LossTerms:
         language_model = self.unwrapped()
         hidden = language_model.base_model(
             input_ids=batch.input_ids,
@@ -333,7 +350,7 @@ class TrainingModel:
         if self.head_input_shift is not None:
             states = states - self.head_input_shift
         head_output = self.head(states)
-        return chatpose_loss(
+        terms = chatpose_loss(
             logits,
             next_labels[keep],
             head_output,
@@ -341,6 +358,13 @@ class TrainingModel:
             text_weight=text_weight,
             pose_weight=pose_weight,
         )
+        named = batch.pose_actions != IGNORE_INDEX
+        if self.action_classifier is None or not action_weight or not named.any():
+            return terms
+        action_ce = torch.nn.functional.cross_entropy(
+            self.action_classifier(states[named]), batch.pose_actions[named]
+        )
+        return dataclasses.replace(terms, total=terms.total + action_weight * action_ce)
 
     def mean_pose_state(self, batches: Sequence[Batch]) -> torch.Tensor:
         """The mean final-layer state before the pose tokens of `batches` (no gradients)."""
@@ -535,6 +559,11 @@ def save_checkpoint(
         # The head as trained (exactly, for resume) and the shift it is trained with.
         "head": {k: v.detach().cpu() for k, v in tm.head.state_dict().items()},
         "head_input_shift": tm.head_input_shift,
+        "action_classifier": (
+            None
+            if tm.action_classifier is None
+            else {k: v.detach().cpu() for k, v in tm.action_classifier.state_dict().items()}
+        ),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if tm.device.type == "cuda" else [],
         **state_extra,
@@ -641,7 +670,10 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     tm = load_training_model(model_source, config, adapter_dir, head_path)
 
     max_length = config.max_length or _max_positions(tm.model)
-    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length)
+    actions = sorted({e.action for e in examples if e.action}) if config.action_weight else []
+    if config.action_weight and not actions:
+        print("note: --action-weight does nothing: no example names an action", file=sys.stderr)
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length, actions)
     encoded = [encoder.encode(example) for example in examples]
     _check_encoder(encoder, examples, encoded)
     kinds = [example.kind for example in examples]
@@ -656,6 +688,11 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         if head_path is not None and tm.head_input_shift is not None:
             tm.unfold_head_input_shift()
 
+    if actions:
+        tm.action_classifier = torch.nn.Linear(tm.head[0].in_features, len(actions))
+        tm.action_classifier.to(tm.device)
+        if state is not None and state.get("action_classifier") is not None:
+            tm.action_classifier.load_state_dict(state["action_classifier"])
     named = tm.named_trainable()
     names = [name for name, _ in named]
     # Two groups: the head at --lr, everything else (LoRA, the pose token's rows) at
@@ -704,7 +741,10 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         for _ in range(config.grad_accum):
             batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
             terms = tm.forward(
-                batch.to(tm.device, tm.dtype), config.text_weight, config.pose_weight
+                batch.to(tm.device, tm.dtype),
+                config.text_weight,
+                config.pose_weight,
+                config.action_weight,
             )
             figures = terms.floats()
             if not all(math.isfinite(x) for x in figures):

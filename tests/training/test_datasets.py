@@ -311,7 +311,16 @@ def test_corpus_file(tmp_path):
     np.testing.assert_allclose(train[0].pose, first.pose)
     assert train[0].kind == "text_to_pose"
     assert train[0].source.endswith(f"corpus.npz#{expected[0]}")
-    assert len(read_corpus(tmp_path / "corpus.npz", split="all")) == 30
+    everything = read_corpus(tmp_path / "corpus.npz", split="all")
+    assert len(everything) == 30
+    # An example names an action when its caption is one of the action's phrasings; an action
+    # pose with an automatic caption does not (its caption need not say the action).
+    assert [e.action for e in everything] == [
+        r.action if r.source.startswith("action:") else "" for r in records
+    ]
+    assert any(e.action for e in everything) and any(
+        r.action and r.source == "auto" for r in records
+    )
     spec = parse_data_spec(["corpus", str(tmp_path / "corpus.npz"), "split=test"])
     assert len(load_data(spec)) == sum(r.split == "test" for r in records)
     with np.load(tmp_path / "corpus.npz") as data:

@@ -3,6 +3,7 @@ exact, a NaN stops the run; plus the encoding of examples and the batch mix."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -640,6 +641,56 @@ def test_loss_weights_are_checked_and_used(base, examples, tmp_path):
     for weights in ((-1.0, 0.1), (0.0, 0.0)):
         with pytest.raises(ValueError, match="text_weight and pose_weight"):
             settings(base, tmp_path / "bad", text_weight=weights[0], pose_weight=weights[1])
+
+
+def test_the_action_loss_trains_a_classifier_that_is_resumed_and_never_exported(
+    base, examples, tmp_path
+):
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    named = [
+        dataclasses.replace(e, action=a)
+        for e, a in zip(text, ["up", "kneel", "up", ""], strict=True)
+    ]
+    processor = AutoProcessor.from_pretrained(Checkpoint.open(base).base_dir)
+    config = Checkpoint.open(base).config
+    pose_id = processor.tokenizer.convert_tokens_to_ids(config.pose_token)
+    encoder = Encoder(processor, config, pose_id, 512, actions=("kneel", "up"))
+    batch = encoder.collate([encoder.encode(e) for e in [*named, examples[-1]]])
+    assert batch.pose_actions.tolist() == [1, 0, 1, IGNORE_INDEX]  # the chat turn: no pose
+
+    common = dict(text_weight=0.0, pose_weight=1.0, action_weight=1.0, mix=(1, 0, 0))
+    common |= dict(train_base="embeddings", lr=1e-2, save_every=3)
+    straight = loop.train(settings(base, tmp_path / "a", steps=12, **common), named)
+    # The total is the pose loss plus the classifier's cross-entropy, which falls as it learns.
+    action_ce = [total - pose for _, total, _, pose in straight.losses]
+    assert all(ce > 0 for ce in action_ce)
+    assert np.mean(action_ce[-3:]) < np.mean(action_ce[:3]) - 0.1
+    state = torch.load(straight.checkpoint / loop.STATE_NAME, weights_only=True)
+    assert state["action_classifier"]["weight"].shape[0] == 2  # "kneel" and "up"
+    assert not any(
+        "action" in key for key in load_file(straight.checkpoint / "pose_head.safetensors")
+    )
+
+    first = loop.train(settings(base, tmp_path / "b", steps=6, **common), named)
+    resumed = loop.train(settings(base, tmp_path / "b", steps=12, resume=True, **common), named)
+    np.testing.assert_allclose(
+        [x[1:] for x in resumed.losses],
+        [x[1:] for x in straight.losses[len(first.losses) :]],
+        rtol=1e-5,
+    )
+    with pytest.raises(loop.TrainingError, match="action_weight is 0.5 but the run"):
+        loop.train(
+            settings(
+                base, tmp_path / "b", steps=15, resume=True, **{**common, "action_weight": 0.5}
+            ),
+            named,
+        )
+    with pytest.raises(ValueError, match="action_weight must be 0 or more"):
+        settings(base, tmp_path / "bad", action_weight=-1.0)
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse(required).action_weight == 0.0
+    assert parse([*required, "--action-weight", "0.003"]).action_weight == 0.003
 
 
 def test_the_command_line_offers_exactly_the_loops_choices():

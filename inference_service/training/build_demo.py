@@ -105,6 +105,9 @@ class Preset:
     phrasing: str = "release"
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
     answer_steps: int = 0  # the answer stage (0: none)
+    # The words stage's --action-weight (0: none). 0.003 gains paraphrases on the words stage
+    # alone, and the whole build loses the image bars (demo_model_experiments.md, 15th round).
+    word_action_weight: float = 0.0
 
 
 PRESETS = {
@@ -550,7 +553,7 @@ def learn_words(
     argv = [
         "--steps", str(preset.word_steps), "--batch-size", str(preset.word_batch_size),
         "--train-base", "embeddings", "--text-weight", "0", "--max-grad-norm", "0",
-        "--mix", "1:0:0", "--save-every", "0",
+        "--mix", "1:0:0", "--save-every", "0", "--action-weight", str(preset.word_action_weight),
         "--log-every", "250" if preset.word_steps >= 1000 else "1",
     ]  # fmt: skip
     return _train(work / "words", base, corpus, preset, seed, threads, argv)

@@ -32,6 +32,7 @@ from inference_service.images import decode_image
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import build_prompt, image_prefix, pose_exchange
+from shared_protocol.rotations import axis_angle_to_matrix, geodesic_distance
 
 RELEASE_MAX_NEW_TOKENS = 512
 CHAT_TARGET = 4.0
@@ -73,6 +74,12 @@ def release_way(
     return decode_pose(model.head(state[None]).cpu().numpy())[0]
 
 
+def largest_joint_angle(pose_a: np.ndarray, pose_b: np.ndarray) -> float:
+    """The largest geodesic angle (degrees) between two (24, 3) axis-angle poses' joints."""
+    matrices = [axis_angle_to_matrix(pose) for pose in (pose_a, pose_b)]
+    return float(np.degrees(geodesic_distance(*matrices).max()))
+
+
 def run_case(model: ChatPoseModel, args, images: tuple[bytes, ...]) -> dict:
     pose_token = model.config.pose_token
     question, answer = pose_exchange(benchlib.DESCRIPTION, bool(images), pose_token)
@@ -102,13 +109,17 @@ def run_case(model: ChatPoseModel, args, images: tuple[bytes, ...]) -> dict:
         "release to pose": release_to_pose,
         "release to EOS": release_to_eos,
     }
+    # The paths must give the same pose. bfloat16 rounds the incremental (cached) states
+    # differently from one full pass, by a few degrees on a random head; a wrong token or
+    # position gives an unrelated pose, tens of degrees off.
+    tolerance = 0.1 if model.dtype == torch.float32 else 10.0
     with torch.inference_mode():
         reference = fast()
-        for name, path in paths.items():
-            difference = float(np.abs(path() - reference).max())
-            tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
+        for name, path in list(paths.items())[1:]:
+            difference = largest_joint_angle(path(), reference)
+            print(f"{name}: at most {difference:.3f} deg from the fast path's pose")
             if difference > tolerance:
-                raise SystemExit(f"{name}: pose differs from the fast path's by {difference}")
+                raise SystemExit(f"{name}: a joint is {difference:.2f} deg from the fast path's")
     times = benchlib.measure_interleaved(
         paths, model.device, warmup=args.warmup, repeats=args.repeats
     )

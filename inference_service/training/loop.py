@@ -558,7 +558,7 @@ def save_checkpoint(
         "param_names": names,
         # The head as trained (exactly, for resume) and the shift it is trained with.
         "head": {k: v.detach().cpu() for k, v in tm.head.state_dict().items()},
-        "head_input_shift": tm.head_input_shift,
+        "head_input_shift": None if tm.head_input_shift is None else tm.head_input_shift.cpu(),
         "action_classifier": (
             None
             if tm.action_classifier is None
@@ -682,7 +682,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
 
     if state is not None:
         tm.head.load_state_dict(state["head"])
-        tm.head_input_shift = state["head_input_shift"]
+        shift = state["head_input_shift"]  # saved on the CPU; the run may be on CUDA
+        tm.head_input_shift = None if shift is None else shift.to(tm.device)
     elif config.center_head_input:
         tm.head_input_shift = _head_input_shift(tm, encoder, encoded, config)
         if head_path is not None and tm.head_input_shift is not None:

@@ -192,6 +192,17 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
         loop.train(settings(base, tmp_path / "c", resume=True), examples)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
+def test_a_cuda_run_resumes_on_cuda_and_saves_its_state_on_the_cpu(base, examples, tmp_path):
+    common = dict(device="cuda")
+    loop.train(settings(base, tmp_path / "run", steps=3, **common), examples)
+    resumed = loop.train(settings(base, tmp_path / "run", resume=True, **common), examples)
+    assert resumed.losses[0][0] == 4 and np.isfinite(resumed.losses[-1][1])
+    state = torch.load(resumed.checkpoint / loop.STATE_NAME, weights_only=True)
+    tensors = [state["head_input_shift"], *state["head"].values()]
+    assert all(t.device.type == "cpu" for t in tensors), "a CPU machine must read the state"
+
+
 def test_continue_from_a_trained_checkpoint_and_a_pose_token_new_to_the_base(
     base, examples, tmp_path
 ):

@@ -108,6 +108,9 @@ class Preset:
     # The words stage's --action-weight (0: none). 0.003 gains paraphrases on the words stage
     # alone, and the whole build loses the image bars (demo_model_experiments.md, 15th round).
     word_action_weight: float = 0.0
+    # The train stage's --action-weight (0: none), so that the words stage's gain is kept when
+    # the train stage trains the embeddings again.
+    train_action_weight: float = 0.0
 
 
 PRESETS = {
@@ -650,6 +653,7 @@ def train(
         "--steps", str(steps), "--batch-size", str(preset.batch_size),
         "--mix", preset.mix, "--save-every", str(preset.save_every), "--keep-last", "2",
         "--log-every", "50" if steps >= 200 else "1", "--lr-schedule", preset.lr_schedule,
+        "--action-weight", str(preset.train_action_weight),
     ]  # fmt: skip
     if preset.train_base:  # as the words stage: the pose loss alone, no clipping
         argv += ["--train-base", preset.train_base, "--text-weight", "0", "--max-grad-norm", "0"]

@@ -214,6 +214,21 @@ def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, 
     assert pose.shape == (24, 3) and np.isfinite(pose).all()
 
 
+def test_the_words_and_train_stages_pass_their_action_weights(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(
+        build_demo, "_train", lambda run, *args, **kwargs: calls.setdefault(run.name, args[-1])
+    )
+    preset = dataclasses.replace(
+        build_demo.PRESETS["tiny"], word_action_weight=0.25, train_action_weight=0.5
+    )
+    build_demo.learn_words(tmp_path, tmp_path, tmp_path / "c.npz", preset, 0, 1)
+    build_demo.train(tmp_path, tmp_path, tmp_path / "c.npz", tmp_path, preset, 5, 0, 1)
+    for run, weight in (("words", "0.25"), ("run", "0.5")):
+        argv = calls[run]
+        assert argv[argv.index("--action-weight") + 1] == weight, run
+
+
 def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     from inference_service.training.scaffold import scaffold_checkpoint
 

@@ -108,8 +108,8 @@ class Preset:
     # The words stage's --action-weight (0: none). 0.003 gains paraphrases on the words stage
     # alone, and the whole build loses the image bars (demo_model_experiments.md, 15th round).
     word_action_weight: float = 0.0
-    # The train stage's --action-weight (0: none), so that the words stage's gain is kept when
-    # the train stage trains the embeddings again.
+    # The train stage's --action-weight (0: none). With word_action_weight 0.003 as well it
+    # keeps no more than the words stage's alone (demo_model_experiments.md, 16th round).
     train_action_weight: float = 0.0
 
 

@@ -103,6 +103,9 @@ class Preset:
     # The question/answer phrasing of the data (docs/training.md); the train and answer stages
     # ask their captions in "chat" phrasing instead.
     phrasing: str = "release"
+    # The words stage's phrasing (None: `phrasing`). "chat" (half the captions alone) gains
+    # paraphrases on the words stage alone (demo_model_experiments.md, 16th round).
+    word_phrasing: str | None = None
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
     answer_steps: int = 0  # the answer stage (0: none)
     # The words stage's --action-weight (0: none). 0.003 gains paraphrases on the words stage
@@ -559,7 +562,9 @@ def learn_words(
         "--mix", "1:0:0", "--save-every", "0", "--action-weight", str(preset.word_action_weight),
         "--log-every", "250" if preset.word_steps >= 1000 else "1",
     ]  # fmt: skip
-    return _train(work / "words", base, corpus, preset, seed, threads, argv)
+    return _train(
+        work / "words", base, corpus, preset, seed, threads, argv, phrasing=preset.word_phrasing
+    )
 
 
 def learn_tower(

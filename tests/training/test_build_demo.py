@@ -214,19 +214,25 @@ def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, 
     assert pose.shape == (24, 3) and np.isfinite(pose).all()
 
 
-def test_the_words_and_train_stages_pass_their_action_weights(tmp_path, monkeypatch):
+def test_the_words_and_train_stages_pass_their_action_weights_and_phrasing(tmp_path, monkeypatch):
     calls = {}
-    monkeypatch.setattr(
-        build_demo, "_train", lambda run, *args, **kwargs: calls.setdefault(run.name, args[-1])
-    )
+
+    def fake_train(run, *args, phrasing=None, **kwargs):
+        calls[run.name] = args[-1], phrasing
+
+    monkeypatch.setattr(build_demo, "_train", fake_train)
     preset = dataclasses.replace(
-        build_demo.PRESETS["tiny"], word_action_weight=0.25, train_action_weight=0.5
+        build_demo.PRESETS["tiny"],
+        word_action_weight=0.25,
+        train_action_weight=0.5,
+        word_phrasing="chat",
     )
     build_demo.learn_words(tmp_path, tmp_path, tmp_path / "c.npz", preset, 0, 1)
     build_demo.train(tmp_path, tmp_path, tmp_path / "c.npz", tmp_path, preset, 5, 0, 1)
     for run, weight in (("words", "0.25"), ("run", "0.5")):
-        argv = calls[run]
+        argv, phrasing = calls[run]
         assert argv[argv.index("--action-weight") + 1] == weight, run
+        assert phrasing == "chat", run  # the words stage's own; the train stage's always
 
 
 def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):

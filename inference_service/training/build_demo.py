@@ -104,7 +104,8 @@ class Preset:
     # ask their captions in "chat" phrasing instead.
     phrasing: str = "release"
     # The words stage's phrasing (None: `phrasing`). "chat" (half the captions alone) gains
-    # paraphrases on the words stage alone (demo_model_experiments.md, 16th round).
+    # paraphrases on the words stage alone, and the whole build loses them and left/right on
+    # images (demo_model_experiments.md, 16th round).
     word_phrasing: str | None = None
     condition: bool = True  # condition_base: weight scales for a base whose layers stay frozen
     answer_steps: int = 0  # the answer stage (0: none)

@@ -2,7 +2,7 @@
 
     python -m inference_service.evaluate --checkpoint DIR --data corpus CORPUS.npz
         [--pairs DIR] [--split test] [--out report.json] [--markdown report.md]
-        [--batch-size 32] [--limit N] [--threads N] [--device cpu]
+        [--batch-size 32] [--limit N] [--threads N] [--device cpu] [--caption-oracle N]
 
 Sections of the report (docs/evaluation.md explains each and the quality bars):
 
@@ -13,6 +13,9 @@ Sections of the report (docs/evaluation.md explains each and the quality bars):
   (`baselines.mean_pose`) and TF-IDF nearest-caption retrieval (`baselines.TfidfRetrieval`),
   and an oracle that knows each caption's action label (`baselines.action_mean_poses`);
   overall and by caption kind (a held-out phrasing of a named action, or an automatic caption).
+  With ``--caption-oracle N``, also the ceiling of a perfect reader: the action oracle on the
+  action phrasings, and on the automatic captions `baselines.CaptionOracle` fitted on N sample
+  poses (`corpus.sample_auto_poses`; about 0.6 ms a pose).
 - ``paraphrases``: every named action asked with its phrasings of the split (never seen in
   training: `Action.phrasings(split)`) and every subject ("the person", "a woman", ...); the
   prediction is classified as the nearest action (`baselines.ActionClassifier`); top-1 accuracy
@@ -45,6 +48,7 @@ from inference_service.metrics import evaluate_poses, wilson_interval
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
     ActionClassifier,
+    CaptionOracle,
     TfidfRetrieval,
     action_mean_poses,
     joint_distance,
@@ -71,6 +75,7 @@ METRIC_LABELS = {
 REDUCTION_BAR = 0.40  # at least 40 % below the mean pose
 PARAPHRASE_BAR = 0.75  # top-1 accuracy of held-out phrasings
 LEFT_RIGHT_BAR = 0.90  # share of sided prompts/images closer to the right side
+CAPTION_ORACLE_SEED = 2024  # its sample poses: any fixed seed other than the corpus's
 
 
 def swap_side(name: str) -> str | None:
@@ -151,10 +156,11 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     predictor=None,
+    caption_oracle_samples: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The report (a JSON-ready dict; sections in the module docstring)."""
-    from inference_service.training.corpus import load_corpus
+    from inference_service.training.corpus import load_corpus, sample_auto_poses
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -192,6 +198,12 @@ def evaluate(
         ),
     }
     kinds = np.array(["auto" if r.source == "auto" else "action" for r in chosen])
+    if caption_oracle_samples:
+        log(f"caption oracle: the facts of {caption_oracle_samples} sample poses")
+        oracle = CaptionOracle(sample_auto_poses(CAPTION_ORACLE_SEED, caption_oracle_samples))
+        ceiling = predictions["action_oracle"].copy()
+        ceiling[kinds == "auto"] = oracle.predict(true[kinds == "auto"])
+        predictions["caption_oracle"] = ceiling
     by_kind = {}
     for kind, mask in (
         ("all", np.ones(len(chosen), bool)),
@@ -401,11 +413,9 @@ def _reduction_line(title: str, section: dict) -> str:
     )
 
 
-def _oracle_line(text: dict) -> str:
+def _oracle_line(text: dict, oracle: str) -> str:
     overall = text["by_caption"]["all"]
-    reductions = {
-        m: _reduction(overall["action_oracle"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
-    }
+    reductions = {m: _reduction(overall[oracle][m], overall["mean_pose"][m]) for m in METRIC_NAMES}
     parts = (f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in ("pa_mpjpe_mm", "mpjre_deg"))
     return "Its reduction vs the mean pose (all captions): " + ", ".join(parts) + "."
 
@@ -424,13 +434,14 @@ def markdown_summary(report: dict) -> str:
     ]
     titles = {
         "model": "**model**",
-        "mean_pose": "mean pose",
         "tfidf": "TF-IDF retrieval",
+        "mean_pose": "mean pose",
         "action_oracle": "oracle: the action's mean pose",
+        "caption_oracle": "oracle: the caption read perfectly",
     }
     for kind, label in (("all", "all"), ("action", "action phrasing"), ("auto", "automatic")):
         block = text["by_caption"][kind]
-        for key in ("model", "tfidf", "mean_pose", "action_oracle"):
+        for key in [key for key in titles if key in block]:
             values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
             lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
     lines += [
@@ -440,9 +451,17 @@ def markdown_summary(report: dict) -> str:
         "The oracle knows which named action each pose comes from (a label no model sees, "
         "also for automatic captions of action poses) and answers that action's mean training "
         "pose, or the overall mean for poses of no action: a bound on how far the named "
-        "actions let a predictor go below the mean pose. " + _oracle_line(text),
+        "actions let a predictor go below the mean pose. " + _oracle_line(text, "action_oracle"),
         "",
     ]
+    if "caption_oracle" in text["by_caption"]["all"]:
+        lines += [
+            "The caption oracle reads every caption perfectly: the action oracle on the action "
+            "phrasings, and on the automatic captions the mean of many sample poses with the "
+            "same caption facts (`baselines.CaptionOracle`): a ceiling for any model of these "
+            "captions. " + _oracle_line(text, "caption_oracle"),
+            "",
+        ]
     para = report["paraphrases"]
     lines += [
         f"### Paraphrases ({para['count']} held-out prompts of {para['actions']} named actions)",
@@ -538,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=_positive_int, help="at most this many records / pairs")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    parser.add_argument(
+        "--caption-oracle",
+        type=_positive_int,
+        metavar="N",
+        help="also the ceiling of reading the captions perfectly, from N sample poses "
+        "(200000: about 3 minutes)",
+    )
     args = parser.parse_args(argv)
     fmt, corpus = args.data
     if fmt != "corpus":
@@ -562,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             device=args.device,
+            caption_oracle_samples=args.caption_oracle or 0,
             log=lambda message: print(message, file=sys.stderr, flush=True),
         )
     except (OSError, ValueError, ChatPoseError) as exc:

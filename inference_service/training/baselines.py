@@ -10,6 +10,9 @@
   with every training caption by the cosine of their TF-IDF vectors (lower-cased words,
   smooth idf = ln((1 + N) / (1 + df)) + 1, L2-normalised, as scikit-learn's default) and gets the
   pose of the most similar caption (ties: the first).
+- `CaptionOracle(poses)`: the ceiling of reading an automatic caption perfectly: for a pose, the
+  mean pose of the sample poses whose caption facts (``captions.pose_facts``: what an
+  automatic caption can say) are the same, or differ in the fewest facts.
 - `ActionClassifier`: which named action (``actions.py``) a pose is: the action with the nearest
   prototype (its canonical pose and `samples` random variations, seeded) by MPJPE on the joint
   positions, pelvis-relative, global orientation included (or left out with `no_root`).
@@ -68,6 +71,63 @@ def action_mean_poses(
     labels = np.array([a or "" for a in actions])
     means = {a: mean_pose(poses[labels == a]) for a in set(labels) - {""}}
     return np.stack([means.get(q, overall) if q else overall for q in queries])
+
+
+def fact_key(pose) -> frozenset[tuple[str, str, str]]:
+    """The facts an automatic caption of `pose` draws on, as (kind, side, value)."""
+    from inference_service.training.captions import pose_facts
+
+    return frozenset((f.kind, f.side, f.value) for f in pose_facts(pose))
+
+
+class CaptionOracle:
+    """An oracle, not a predictor: how far a perfect reader of the automatic captions gets.
+
+    It is given the *true* pose and answers E[pose | its caption facts], estimated from a large
+    sample (`corpus.sample_auto_poses`): the mean pose (`mean_pose`) of the sample poses with
+    the same facts, or, where fewer than ``min_group`` have them, of those whose facts differ in
+    the fewest. It knows every fact of the pose, a caption tells at most ``max_facts`` of them,
+    so it is, up to the sample's noise, a ceiling for any model that reads those captions.
+    """
+
+    def __init__(self, poses, min_group: int = 5):
+        poses = np.asarray(poses, dtype=np.float64).reshape(-1, 24, 3)
+        if not len(poses):
+            raise ValueError("poses: empty")
+        if min_group < 1:
+            raise ValueError(f"min_group: expected at least 1, got {min_group}")
+        self.min_group = min_group
+        groups: dict[frozenset, list[int]] = {}
+        for i, pose in enumerate(poses):
+            groups.setdefault(fact_key(pose), []).append(i)
+        self.facts = sorted(set().union(*groups))
+        self._column = {fact: i for i, fact in enumerate(self.facts)}
+        self.keys = np.array([self._vector(key) for key in groups], dtype=bool)
+        matrices = axis_angle_to_matrix(poses)
+        self.sums = np.stack([matrices[members].sum(axis=0) for members in groups.values()])
+        self.counts = np.array([len(members) for members in groups.values()])
+
+    def _vector(self, key) -> np.ndarray:
+        vector = np.zeros(len(self.facts), dtype=bool)
+        for fact in key:
+            column = self._column.get(fact)
+            if column is not None:  # a fact no sample pose has: it sets no group apart
+                vector[column] = True
+        return vector
+
+    def predict(self, poses) -> np.ndarray:
+        """(N, 24, 3): for each true pose, the mean sample pose of its caption facts."""
+        poses = np.asarray(poses, dtype=np.float64).reshape(-1, 24, 3)
+        answers = []
+        for pose in poses:
+            distance = (self.keys != self._vector(fact_key(pose))).sum(axis=1)
+            order = np.unique(distance)  # sorted
+            within = np.cumsum([self.counts[distance == d].sum() for d in order])
+            radius = order[min(np.searchsorted(within, self.min_group), len(order) - 1)]
+            chosen = distance <= radius
+            mean = self.sums[chosen].sum(axis=0) / self.counts[chosen].sum()
+            answers.append(matrix_to_axis_angle(project_to_rotation(mean)))
+        return np.stack(answers) if answers else np.zeros((0, 24, 3))
 
 
 def words(text: str) -> list[str]:

@@ -70,6 +70,7 @@ __all__ = [
     "corpus_summary",
     "generate_corpus",
     "load_corpus",
+    "sample_auto_poses",
     "save_corpus",
 ]
 
@@ -193,8 +194,7 @@ def generate_corpus(
         else:
             split = "train"
         if rng.random() < action_fraction:
-            action = ACTIONS[names[int(rng.integers(len(names)))]]
-            pose = action(rng, variation)
+            action, pose = _action_pose(rng, names, variation)
             if rng.random() < describe_actions:
                 caption = caption_pose(pose, rng, max_facts=max_facts)
                 source = "auto"
@@ -209,6 +209,38 @@ def generate_corpus(
             caption = caption_pose(pose, rng, max_facts=max_facts)
             records.append(CorpusRecord(pose, caption, "auto", None, split))
     return records
+
+
+def _action_pose(rng: np.random.Generator, names: Sequence[str], variation: float):
+    action = ACTIONS[names[int(rng.integers(len(names)))]]
+    return action, action(rng, variation)
+
+
+def sample_auto_poses(
+    seed: int,
+    n: int,
+    *,
+    action_fraction: float = 0.5,
+    describe_actions: float = 0.2,
+    variation: float = 1.0,
+) -> np.ndarray:
+    """(n, 24, 3) poses drawn as the automatically captioned records of `generate_corpus` with
+    the same settings are: random plausible poses, and action poses in the share
+    action_fraction · describe_actions : (1 − action_fraction). Deterministic given ``seed``;
+    no captions are made (the caption oracle, ``baselines.CaptionOracle``, reads the facts)."""
+    action_fraction = _fraction(action_fraction, "action_fraction")
+    describe_actions = _fraction(describe_actions, "describe_actions")
+    described = action_fraction * describe_actions
+    if described + (1.0 - action_fraction) == 0:
+        raise ValueError("action_fraction, describe_actions: no record is captioned automatically")
+    action_share = described / (described + 1.0 - action_fraction)
+    rng = np.random.default_rng(seed)
+    names = action_names()
+    from_actions = rng.random(int(n)) < action_share
+    poses = sample_plausible_poses(rng, int(n))
+    for i in np.flatnonzero(from_actions):
+        poses[i] = _action_pose(rng, names, variation)[1]
+    return poses
 
 
 def corpus_summary(records: Iterable[CorpusRecord]) -> dict[str, Counter]:

@@ -102,6 +102,29 @@ def test_options_and_validation():
             C.generate_corpus(**kwargs)
 
 
+def test_auto_poses_mix_random_and_action_poses_as_the_automatic_captions_do():
+    # With no variation an action pose is its canonical pose, or a mirrored one (a stride).
+    canonical = np.stack(
+        [action(np.random.default_rng(k), 0.0) for action in A.ACTIONS.values() for k in range(8)]
+    )
+
+    def action_poses(poses):
+        return sum(np.abs(canonical - pose).max(axis=(1, 2)).min() < 1e-12 for pose in poses)
+
+    np.testing.assert_array_equal(C.sample_auto_poses(3, 50), C.sample_auto_poses(3, 50))
+    assert not np.array_equal(C.sample_auto_poses(3, 50), C.sample_auto_poses(4, 50))
+    only = C.sample_auto_poses(3, 40, action_fraction=1.0, describe_actions=1.0, variation=0.0)
+    assert action_poses(only) == 40
+    # The corpus's defaults caption 0.5 x 0.2 of the records from actions automatically, and all
+    # of its random ones: a sixth of the automatic captions are of action poses.
+    mixed = C.sample_auto_poses(3, 600, variation=0.0)
+    assert 60 < action_poses(mixed) < 140
+    with pytest.raises(ValueError, match="no record is captioned automatically"):
+        C.sample_auto_poses(3, 10, action_fraction=1.0, describe_actions=0.0)
+    with pytest.raises(ValueError, match="describe_actions"):
+        C.sample_auto_poses(3, 10, describe_actions=-0.1)
+
+
 def test_save_and_load_round_trip(records, tmp_path, monkeypatch):
     path = tmp_path / "corpus.npz"
     C.save_corpus(records, path, seed=7)

@@ -14,8 +14,10 @@ from inference_service import evaluate as ev
 from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import (
     ActionClassifier,
+    CaptionOracle,
     TfidfRetrieval,
     action_mean_poses,
+    fact_key,
     mean_pose,
     project_to_rotation,
 )
@@ -69,6 +71,28 @@ def test_the_action_oracle_gives_each_actions_mean_pose():
     np.testing.assert_allclose(predicted[1], 0, atol=1e-12)
     for row in (2, 3):  # no label, or one never seen in training: the overall mean
         np.testing.assert_allclose(predicted[row], mean_pose(poses), atol=1e-12)
+
+
+def test_the_caption_oracle_answers_the_mean_pose_of_the_same_caption_facts():
+    def varied(name, joint, angles):  # small turns of one joint leave the facts as they are
+        poses = np.repeat(ACTIONS[name](None)[None], len(angles), axis=0)
+        poses[:, joint, 1] += angles
+        return poses
+
+    squats = varied("squat", 15, [0.0, 0.1, 0.2])  # the head
+    t_poses = varied("t_pose", 20, [0.0, -0.2])  # the left wrist
+    assert len({fact_key(p) for p in squats}) == len({fact_key(p) for p in t_poses}) == 1
+    assert fact_key(squats[0]) != fact_key(t_poses[0])
+    pool = np.concatenate([squats, t_poses])
+    oracle = CaptionOracle(pool, min_group=1)
+    answers = oracle.predict([ACTIONS["squat"](None), t_poses[1]])
+    np.testing.assert_allclose(answers[0], mean_pose(squats), atol=1e-9)
+    np.testing.assert_allclose(answers[1], mean_pose(t_poses), atol=1e-9)
+    # Fewer than min_group poses share the facts: the nearest facts join in, here all of them.
+    wide = CaptionOracle(pool, min_group=4).predict(t_poses[:1])
+    np.testing.assert_allclose(wide[0], mean_pose(pool), atol=1e-9)
+    with pytest.raises(ValueError, match="min_group"):
+        CaptionOracle(pool, min_group=0)
 
 
 def test_projection_gives_a_rotation():
@@ -162,6 +186,20 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
                     "Quality bars", "95 % interval"):  # fmt: skip
         assert heading in markdown
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
+
+
+def test_the_caption_oracle_joins_the_report_on_request(tiny):
+    root, checkpoint, _ = tiny
+    out = root / "oracle.json"
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+            "--out", str(out), "--caption-oracle", "40"]  # fmt: skip
+    assert ev.main(argv) == 0
+    by_caption = json.loads(out.read_text())["text_to_pose"]["by_caption"]
+    assert by_caption["action"]["count"] and by_caption["auto"]["count"]
+    # On the action phrasings it is the action oracle; the automatic captions it reads itself.
+    assert by_caption["action"]["caption_oracle"] == by_caption["action"]["action_oracle"]
+    assert by_caption["auto"]["caption_oracle"] != by_caption["auto"]["action_oracle"]
+    assert "The caption oracle reads every caption perfectly" in out.with_suffix(".md").read_text()
 
 
 def test_bad_format_is_refused(tiny, capsys):

@@ -362,6 +362,10 @@ def quality_bars(report: dict) -> list[dict]:
             text["reduction_vs_mean_pose"][metric],
             REDUCTION_BAR,
         )
+        if "caption_oracle" in overall:  # how far these captions let any model go
+            bars[-1]["ceiling"] = _reduction(
+                overall["caption_oracle"][metric], overall["mean_pose"][metric]
+            )
         bar(
             f"text: {METRIC_LABELS[metric]} below TF-IDF retrieval "
             f"({overall['tfidf'][metric]:.1f})",
@@ -531,6 +535,14 @@ def markdown_summary(report: dict) -> str:
             f"| {item['bar']} | {show(item['value'])} | {interval} | {show(item['threshold'])} | "
             f"{'pass' if item['pass'] else '**FAIL**'} |"
         )
+    above = [item for item in report["bars"] if item.get("ceiling", math.inf) < item["threshold"]]
+    if above:
+        lines += [
+            "",
+            "Above the caption oracle's ceiling, so out of reach of any model of these captions: "
+            + "; ".join(f"{item['bar']} (ceiling {_pct(item['ceiling'])})" for item in above)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -604,8 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = markdown = None
     for item in report["bars"]:
         status = "pass" if item["pass"] else "FAIL"
+        ceiling = f", ceiling {item['ceiling']:.3f}" if "ceiling" in item else ""
         print(
-            f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f})",
+            f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f}{ceiling})",
             file=sys.stderr,
         )
     if args.out is None:

@@ -188,7 +188,7 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
 
 
-def test_the_caption_oracle_joins_the_report_on_request(tiny):
+def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
     root, checkpoint, _ = tiny
     out = root / "oracle.json"
     argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
@@ -199,7 +199,19 @@ def test_the_caption_oracle_joins_the_report_on_request(tiny):
     # On the action phrasings it is the action oracle; the automatic captions it reads itself.
     assert by_caption["action"]["caption_oracle"] == by_caption["action"]["action_oracle"]
     assert by_caption["auto"]["caption_oracle"] != by_caption["auto"]["action_oracle"]
-    assert "The caption oracle reads every caption perfectly" in out.with_suffix(".md").read_text()
+    markdown = out.with_suffix(".md").read_text()
+    assert "The caption oracle reads every caption perfectly" in markdown
+    report = json.loads(out.read_text())
+    ceilings = {b["bar"]: b["ceiling"] for b in report["bars"] if "ceiling" in b}
+    assert len(ceilings) == 2 and all(name.startswith("text:") for name in ceilings)
+    overall = by_caption["all"]
+    assert ceilings["text: MPJRE (°) reduction vs mean pose"] == pytest.approx(
+        1 - overall["caption_oracle"]["mpjre_deg"] / overall["mean_pose"]["mpjre_deg"]
+    )
+    out_of_reach = [name for name, ceiling in ceilings.items() if ceiling < ev.REDUCTION_BAR]
+    assert ("out of reach of any model" in markdown) == bool(out_of_reach)
+    assert all(name in markdown for name in out_of_reach)
+    assert capsys.readouterr().err.count(", ceiling ") == 2
 
 
 def test_bad_format_is_refused(tiny, capsys):

@@ -32,6 +32,8 @@ from shared_protocol.rotations import (
 )
 from shared_protocol.skeleton import forward_kinematics
 
+from .captions import pose_facts
+
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -75,8 +77,6 @@ def action_mean_poses(
 
 def fact_key(pose) -> frozenset[tuple[str, str, str]]:
     """The facts an automatic caption of `pose` draws on, as (kind, side, value)."""
-    from inference_service.training.captions import pose_facts
-
     return frozenset((f.kind, f.side, f.value) for f in pose_facts(pose))
 
 
@@ -86,8 +86,9 @@ class CaptionOracle:
     It is given the *true* pose and answers E[pose | its caption facts], estimated from a large
     sample (`corpus.sample_auto_poses`): the mean pose (`mean_pose`) of the sample poses with
     the same facts, or, where fewer than ``min_group`` have them, of those whose facts differ in
-    the fewest. It knows every fact of the pose, a caption tells at most ``max_facts`` of them,
-    so it is, up to the sample's noise, a ceiling for any model that reads those captions.
+    the fewest. It knows every fact of the pose, where a caption tells at most six of them
+    (`captions.caption_pose`), so it is, up to the sample's noise, a ceiling for any model that
+    reads those captions.
     """
 
     def __init__(self, poses, min_group: int = 5):

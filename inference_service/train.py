@@ -173,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-base",
         nargs="?",
         const="all",
-        choices=("all", "embeddings", "vision", "projector", "lm_head"),  # loop.TRAIN_BASE_SCOPES
+        # loop.TRAIN_BASE_SCOPES
+        choices=("all", "embeddings", "context", "vision", "projector", "lm_head"),
         help="train the base's own weights instead of LoRA, and save whole models: every "
         "weight (all, the default; language model, projector, vision tower), the language "
-        "model's token embeddings, the vision tower and the projector, the projector alone "
+        "model's token embeddings, those and the LM's first layer's MLP (context: the demo "
+        "base's context layer), the vision tower and the projector, the projector alone "
         "(LLaVA's feature alignment), or the LM's output layer alone (lm_head: the answer's "
         "words, not the states the head reads); for a base that was never trained, like the "
         "demo scaffold. "

@@ -14,7 +14,8 @@ Stages (each one's wall time goes into OUT/build_info.json and docs/evaluation.m
    the train split's captions;
 4. words: `python -m inference_service.train --train-base embeddings` on the corpus's train
    split (text → pose, pose loss only): the base's token embeddings and the head learn what
-   the caption words mean for a pose, through the bag-of-words LM (`condition_base`);
+   the caption words mean for a pose, through the bag-of-words LM (`condition_base`; with
+   the preset's context layer, `--train-base context` trains its MLP too);
 5. tower: the vision tower alone, trained directly on the rendered train pairs (image → pose,
    no LM, `training/tower.py`), as a CLIP is pretrained before LLaVA sees it;
 6. align: `python -m inference_service.train --train-base projector` on the rendered train
@@ -115,6 +116,9 @@ class Preset:
     # The train stage's --action-weight (0: none). With word_action_weight 0.003 as well it
     # keeps no more than the words stage's alone (demo_model_experiments.md, 16th round).
     train_action_weight: float = 0.0
+    # A context layer before the bag of words (condition_base), trained with the embeddings in
+    # the words stage (`--train-base context`).
+    context_layer: bool = False
 
 
 PRESETS = {
@@ -161,6 +165,10 @@ PRESETS = {
         # test captions asked as chat turns end in a pose token (88 % when trained on the
         # release's question alone).
         answer_steps=2000,
+        # No context layer: it takes the automatic captions from 24 to 35 % below the mean pose
+        # (PA-MPJPE), and text PA-MPJPE to 40-41 %, but two builds with it lost left/right on
+        # text and on images (demo_model_experiments.md, eighteenth round).
+        context_layer=False,
     ),
     "tiny": Preset(
         model_size="tiny",
@@ -369,10 +377,12 @@ def scaffold(work: Path, corpus: Path, preset: Preset, seed: int) -> Path:
     size = SIZES[preset.model_size]
     if preset.vocab_size is not None:
         size = dataclasses.replace(size, vocab_size=preset.vocab_size)
+    if preset.context_layer:
+        size = dataclasses.replace(size, num_layers=size.num_layers + 1)
     train_records = [r for r in load_corpus(corpus) if r.split == "train"]
     scaffold_checkpoint(out, size, [r.caption for r in train_records], seed)
     if preset.condition:
-        condition_base(out / "base", seed)
+        condition_base(out / "base", seed, context_layer=preset.context_layer)
     head_at_mean_pose(out, np.stack([r.pose for r in train_records]))
     return out
 
@@ -412,6 +422,7 @@ def condition_base(
     image_focus: float = 16.0,
     image_marker: float = 5.0,
     salience_focus: float = 16.0,
+    context_layer: bool = False,
 ) -> None:
     """Re-draw the scaffold's random weights so that a random base whose layers stay frozen
     reads its prompt (the words stage then trains only its token embeddings).
@@ -451,6 +462,15 @@ def condition_base(
       dimension, RMS-normalised, / √head_dim). It starts at 0 for every token (a plain mean,
       as before), and training the embeddings learns which words matter (attention pooling;
       `salience_focus` 0: none).
+    - with `context_layer` (a scaffold with one layer more), the bag of words above is the
+      second layer, and the first is a context layer: its head h attends to the token h + 1
+      places back (query and key biases only, `offset_query`), its value and output
+      projections are the identity (the marker dimensions left out), so each position's
+      state gains a slice of each of the tokens before it; its MLP's `down_proj` starts at
+      zero (the model starts as the bag of words) and trains with the embeddings
+      (`--train-base context`), so it can join a word to its neighbours ("left_elbow is
+      straight"), which a bag of words cannot (docs/demo_model_experiments.md, eighteenth
+      round).
 
     Measured on the demo corpus (4-layer LM, before the words stage existed; head alone, 2,000
     text steps): text PA-MPJPE 15 % below the mean pose and paraphrases 18 % right, against 8 %
@@ -464,6 +484,8 @@ def condition_base(
     text_config = json.loads((base / "config.json").read_text())["text_config"]
     head_dim = text_config["hidden_size"] // text_config["num_attention_heads"]
     group = text_config["num_attention_heads"] // text_config["num_key_value_heads"]
+    rope_theta = text_config.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    bag_layer = 1 if context_layer else 0
     generator = torch.Generator().manual_seed(seed + 7)
     for path in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(path))
@@ -485,8 +507,10 @@ def condition_base(
                 fresh = torch.randn(weight.shape, generator=generator)
                 for reader in readers:
                     fresh[:, reader.dim] = 0.0
+            elif context_layer and name.startswith("language_model.") and ".layers.0." in name:
+                fresh = _context_weight(name, weight, head_dim, rope_theta)
             elif name.startswith("language_model.") and ".layers." in name:
-                fresh = _bag_of_words_weight(name, weight, average_scale, readers)
+                fresh = _bag_of_words_weight(name, weight, average_scale, readers, bag_layer)
             elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
                 fresh = torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5
                 if biased and salience_focus and name.endswith("linear_2.weight"):
@@ -520,11 +544,13 @@ class MarkedHeads:
         return [h * self.head_dim + self.head_dim // 2 - self.pair for h in heads]
 
 
-def _bag_of_words_weight(name: str, weight, average_scale: float, readers: list[MarkedHeads]):
+def _bag_of_words_weight(
+    name: str, weight, average_scale: float, readers: list[MarkedHeads], bag_layer: int
+):
     """The weight `condition_base` gives an LM layer's tensor `name`, or None to keep it."""
     import torch
 
-    first_layer = ".layers.0." in name
+    first_layer = f".layers.{bag_layer}." in name
     if readers and first_layer and name.endswith("k_proj.weight"):
         fresh = torch.zeros(weight.shape)
         for reader in readers:
@@ -548,18 +574,86 @@ def _bag_of_words_weight(name: str, weight, average_scale: float, readers: list[
     return None
 
 
+# How sharply a context head's score peaks at its offset (`offset_query`): at 80 the head
+# gives its offset 99 % of its attention (68 % for offset 1, whose neighbour is the token
+# itself) over prompts of up to 400 tokens.
+CONTEXT_SHARPNESS = 80.0
+CONTEXT_SPAN = 400  # the distances `offset_query` fits
+# How far an image token's marker closes the context layer's MLP gates (`_context_weight`): the
+# MLP learns from text alone, and an image token passes it unchanged. A text token's marker is
+# about 0, so its gates stay open and that column of the weight hardly trains.
+CONTEXT_IMAGE_GATE = 10.0
+
+
+def offset_query(offset: int, head_dim: int, rope_theta: float) -> np.ndarray:
+    """A query bias (one head's rows) that, against a key bias of 1 in the first row of every
+    rotary pair, scores each earlier token by how close its distance is to `offset`.
+
+    Rotated, that query and key score a token d places back Σ_p c_p cos(θ_p d) - s_p
+    sin(θ_p d) (θ_p = rope_theta^(-2p / head_dim), c_p and s_p the query's rows p and
+    p + head_dim / 2): a series fitted, by ridge least squares, to 0 at `offset` and -1
+    elsewhere (the near distances weighed 6 times), then scaled by `CONTEXT_SHARPNESS`."""
+    theta = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    distance = np.arange(CONTEXT_SPAN)
+    angles = np.outer(distance, theta)
+    basis = np.concatenate([np.cos(angles), np.sin(angles)], 1)
+    target = np.where(distance == offset, 0.0, -1.0)
+    weight = np.where(distance <= offset + 3, 6.0, 1.0)[:, None]
+    system = basis * weight
+    coefficients = np.linalg.solve(
+        system.T @ system + 1e-3 * np.eye(head_dim), system.T @ (target[:, None] * weight)
+    )[:, 0]
+    cosines, sines = np.split(coefficients, 2)
+    return np.concatenate([cosines, -sines]) * CONTEXT_SHARPNESS * head_dim**0.5
+
+
+def _context_weight(name: str, weight, head_dim: int, rope_theta: float):
+    """The weight `condition_base` gives the context layer's tensor `name`, or None to keep it
+    (the norms, and the MLP's random `up_proj`; `gate_proj` is kept but for the image marker's
+    column)."""
+    import torch
+
+    if name.endswith("q_proj.bias"):
+        return torch.cat(
+            [
+                torch.as_tensor(offset_query(head + 1, head_dim, rope_theta), dtype=torch.float32)
+                for head in range(weight.shape[0] // head_dim)
+            ]
+        )
+    if name.endswith("k_proj.bias"):
+        fresh = torch.zeros(weight.shape).view(-1, head_dim)
+        fresh[:, : head_dim // 2] = 1.0
+        return fresh.view(-1)
+    if name.endswith("gate_proj.weight"):
+        fresh = weight.clone()
+        fresh[:, IMAGE_MARKER_DIM] = -CONTEXT_IMAGE_GATE
+        return fresh
+    if name.endswith("v_proj.weight"):
+        return torch.eye(*weight.shape)
+    if name.endswith("o_proj.weight"):
+        fresh = torch.eye(*weight.shape)
+        fresh[[IMAGE_MARKER_DIM, SALIENCE_DIM]] = 0.0  # what the bag layer reads stays the token's
+        return fresh
+    if name.endswith(("_proj.bias", "q_proj.weight", "k_proj.weight", "down_proj.weight")):
+        return torch.zeros(weight.shape)
+    return None
+
+
 def learn_words(
     work: Path, base: Path, corpus: Path, preset: Preset, seed: int, threads: int
 ) -> Path:
-    """The words stage: the base's token embeddings and the head, trained on text → pose with
-    the pose loss alone (the template's cross-entropy would only pull the embeddings towards
-    the fixed answer), without gradient clipping. Through the bag-of-words LM the state
-    before the pose token is the mean of the prompt's embeddings, so this is the head-alone
-    training of `train` plus words that learn their meaning for a pose (docs/evaluation.md,
-    *What limits the demo model*). Returns the run's last checkpoint (a whole model)."""
+    """The words stage: the base's token embeddings (and its context layer's MLP, if it has
+    one) and the head, trained on text → pose with the pose loss alone (the template's
+    cross-entropy would only pull the embeddings towards the fixed answer), without gradient
+    clipping. Through the bag-of-words LM the state before the pose token is the mean of the
+    prompt's embeddings (each joined to its neighbours by the context layer), so this is the
+    head-alone training of `train` plus words that learn their meaning for a pose
+    (docs/evaluation.md, *What limits the demo model*). Returns the run's last checkpoint (a
+    whole model)."""
     argv = [
         "--steps", str(preset.word_steps), "--batch-size", str(preset.word_batch_size),
-        "--train-base", "embeddings", "--text-weight", "0", "--max-grad-norm", "0",
+        "--train-base", "context" if preset.context_layer else "embeddings",
+        "--text-weight", "0", "--max-grad-norm", "0",
         "--mix", "1:0:0", "--save-every", "0", "--action-weight", str(preset.word_action_weight),
         "--log-every", "250" if preset.word_steps >= 1000 else "1",
     ]  # fmt: skip

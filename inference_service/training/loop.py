@@ -90,7 +90,7 @@ HEAD_INITS = ("auto", "fresh", "base")
 # lr / (steps - warmup) (LISA's WarmupDecayLR, which ChatPose's training code uses).
 LR_SCHEDULES = ("constant", "linear")
 # None: LoRA (the paper's)
-TRAIN_BASE_SCOPES = (None, "all", "embeddings", "vision", "projector", "lm_head")
+TRAIN_BASE_SCOPES = (None, "all", "embeddings", "context", "vision", "projector", "lm_head")
 
 
 class TrainingError(RuntimeError):
@@ -139,9 +139,10 @@ class TrainConfig:
     center_head_input: bool = True  # train the head on centred states (_head_input_shift)
     # The base's own weights train (no LoRA), and checkpoints hold the whole model: for a base
     # that was never trained, like the demo's scaffold. "all" (the vision side too) or
-    # "embeddings" (the LM's input embeddings), "vision", "projector", or "lm_head" (the LM's
-    # output layer, which writes the answer and not the states the head reads); None: the
-    # paper's recipe (LoRA, frozen vision).
+    # "embeddings" (the LM's input embeddings), "context" (those and the LM's first layer's
+    # MLP, which build_demo.condition_base's context layer trains), "vision", "projector", or
+    # "lm_head" (the LM's output layer, which writes the answer and not the states the head
+    # reads); None: the paper's recipe (LoRA, frozen vision).
     train_base: str | None = None
 
     def __post_init__(self) -> None:
@@ -426,8 +427,12 @@ def load_training_model(
         if adapter_dir is not None:
             model = apply_adapter(model, adapter_dir, merge=True)
         model.requires_grad_(config.train_base == "all")
-        if config.train_base == "embeddings":
+        if config.train_base in ("embeddings", "context"):
             model.get_input_embeddings().weight.requires_grad_(True)
+        if config.train_base == "context":
+            for name, parameter in model.named_parameters():
+                if "language_model" in name and ".layers.0.mlp." in name:
+                    parameter.requires_grad_(True)
         elif config.train_base == "vision":
             for name, parameter in model.named_parameters():
                 if _on_vision_side(name):

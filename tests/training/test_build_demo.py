@@ -233,6 +233,12 @@ def test_the_words_and_train_stages_pass_their_action_weights_and_phrasing(tmp_p
         argv, phrasing = calls[run]
         assert argv[argv.index("--action-weight") + 1] == weight, run
         assert phrasing == "chat", run  # the words stage's own; the train stage's always
+    # The words stage trains the context layer's MLP with the embeddings when there is one.
+    for context_layer, scope in ((True, "context"), (False, "embeddings")):
+        with_context = dataclasses.replace(preset, context_layer=context_layer)
+        build_demo.learn_words(tmp_path, tmp_path, tmp_path / "c.npz", with_context, 0, 1)
+        argv, _ = calls["words"]
+        assert argv[argv.index("--train-base") + 1] == scope
 
 
 def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
@@ -302,6 +308,57 @@ def test_the_conditioned_base_weighs_each_word_by_its_salience(tmp_path):
         moves[focus] = np.abs(weighted.numpy()[0] - plain[0]).max()
     # Without the salience heads the edit moves the state only as any change of a word does.
     assert moves[16.0] > 3 * moves[0.0]
+
+
+def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_before_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from inference_service.training.scaffold import SIZES, scaffold_checkpoint
+
+    # The demo's heads (64 wide: the rotary frequencies offset_query fits) at a small size,
+    # with the context layer's one layer more.
+    size = dataclasses.replace(
+        SIZES["tiny"],
+        hidden_size=256,
+        num_heads=4,
+        num_kv_heads=4,
+        num_layers=2,
+        attention_bias=True,
+        patch_size=32,
+    )
+    caption = "the left arm is raised high and both knees are bent"
+    checkpoint = scaffold_checkpoint(tmp_path / "ckpt", size, [caption])
+    build_demo.condition_base(checkpoint / "base", seed=0, context_layer=True)
+    model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
+    ids = model.tokenizer(" ".join([caption] * 20), return_tensors="pt").input_ids
+    eager = AutoModelForImageTextToText.from_pretrained(
+        checkpoint / "base", attn_implementation="eager"
+    )
+    context, bag = eager.model.language_model(input_ids=ids, output_attentions=True).attentions
+    tokens = ids.shape[1]
+    assert tokens > 150
+    for head in range(4):  # head h reads the token h + 1 places back, over the whole prompt
+        offset = head + 1
+        weights = torch.stack([context[0, head, i, i - offset] for i in range(offset, tokens)])
+        assert weights.min() > (0.6 if offset == 1 else 0.95), (head, weights.min())
+    # The second layer is the bag of words: at first a plain mean of everything before.
+    np.testing.assert_allclose(bag[0, 0, -1].detach().numpy(), 1 / tokens, rtol=1e-3)
+
+    # Conditioned, the context layer's MLP adds nothing; once it has learned (here: drawn at
+    # random), the state before the pose token depends on which words stand together.
+    orders = [
+        PoseRequest("the left arm is raised high"),
+        PoseRequest("high raised is the left arm"),
+    ]
+    plain = model.pose_states(orders).numpy()
+    (path,) = (checkpoint / "base").glob("*.safetensors")
+    tensors = load_file(str(path))
+    (name,) = [n for n in tensors if n.endswith("layers.0.mlp.down_proj.weight")]
+    assert not tensors[name].any()
+    tensors[name] = torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(0))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    joined = ChatPoseModel.from_checkpoint(checkpoint, device="cpu").pose_states(orders).numpy()
+    assert np.abs(joined[0] - joined[1]).max() > 10 * np.abs(plain[0] - plain[1]).max()
 
 
 def _png(colour) -> bytes:

@@ -602,6 +602,29 @@ def test_train_base_embeddings_trains_the_token_embeddings_alone(base, examples,
     assert parse([*required, "--train-base", "vision"]).train_base == "vision"
 
 
+def test_train_base_context_trains_the_embeddings_and_the_first_layer_s_mlp(
+    base, examples, tmp_path
+):
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    result = loop.train(
+        settings(base, tmp_path / "run", steps=3, train_base="context", mix=(1, 0, 0)), text
+    )
+    changed = _changed_weights(base, result.checkpoint)
+    parts = {
+        "embeddings" if "embed_tokens" in name else name.split("layers.")[1].rsplit(".", 1)[0]
+        for name in changed
+    }
+    assert parts == {
+        "embeddings",
+        "0.mlp.gate_proj",
+        "0.mlp.up_proj",
+        "0.mlp.down_proj",
+    }, changed
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse([*required, "--train-base", "context"]).train_base == "context"
+
+
 def test_train_base_vision_trains_the_tower_and_the_projector_alone(base, examples, tmp_path):
     images = [e for e in examples if e.kind == "image_to_pose"]
     result = loop.train(

@@ -429,10 +429,10 @@ def load_training_model(
         model.requires_grad_(config.train_base == "all")
         if config.train_base in ("embeddings", "context"):
             model.get_input_embeddings().weight.requires_grad_(True)
-        if config.train_base == "context":
-            for name, parameter in model.named_parameters():
-                if "language_model" in name and ".layers.0.mlp." in name:
-                    parameter.requires_grad_(True)
+            if config.train_base == "context":  # and the LM's first layer's MLP
+                for name, parameter in model.named_parameters():
+                    if "language_model" in name and ".layers.0.mlp." in name:
+                        parameter.requires_grad_(True)
         elif config.train_base == "vision":
             for name, parameter in model.named_parameters():
                 if _on_vision_side(name):

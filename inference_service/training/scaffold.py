@@ -116,7 +116,7 @@ SIZES: dict[str, ModelSize] = {
         intermediate_size=768,
         # One layer: the demo's LM reads its prompt as a bag of words in its first layer
         # (build_demo.condition_base) and further layers passed the stream on unchanged, at
-        # 3x the training time. The demo preset's context layer adds one before it.
+        # 3x the training time. A preset's context layer (build_demo) adds one before it.
         num_layers=1,
         num_heads=4,
         num_kv_heads=4,

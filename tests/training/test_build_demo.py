@@ -359,6 +359,20 @@ def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_befor
     save_file(tensors, str(path), metadata={"format": "pt"})
     joined = ChatPoseModel.from_checkpoint(checkpoint, device="cpu").pose_states(orders).numpy()
     assert np.abs(joined[0] - joined[1]).max() > 10 * np.abs(plain[0] - plain[1]).max()
+    # The MLP learns from text alone: an image token (marked as the projector marks it) passes
+    # it unchanged, a text token does not.
+    layer = AutoModelForImageTextToText.from_pretrained(checkpoint / "base").model.language_model
+    layer = layer.layers[0]
+    text_state = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
+    text_state[0, build_demo.IMAGE_MARKER_DIM] = 0.0
+    image_state = text_state.clone()
+    image_state[0, build_demo.IMAGE_MARKER_DIM] = 5.0
+    with torch.no_grad():
+        text_out, image_out = (
+            layer.mlp(layer.post_attention_layernorm(state)).abs().max().item()
+            for state in (text_state, image_state)
+        )
+    assert image_out < 1e-3 * text_out, (image_out, text_out)
 
 
 def _png(colour) -> bytes:

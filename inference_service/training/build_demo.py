@@ -119,6 +119,7 @@ class Preset:
     # A context layer before the bag of words (condition_base), trained with the embeddings in
     # the words stage (`--train-base context`).
     context_layer: bool = False
+    context_window: int = 4  # the context layer's head h reads the token h % window + 1 back
 
 
 PRESETS = {
@@ -382,7 +383,12 @@ def scaffold(work: Path, corpus: Path, preset: Preset, seed: int) -> Path:
     train_records = [r for r in load_corpus(corpus) if r.split == "train"]
     scaffold_checkpoint(out, size, [r.caption for r in train_records], seed)
     if preset.condition:
-        condition_base(out / "base", seed, context_layer=preset.context_layer)
+        condition_base(
+            out / "base",
+            seed,
+            context_layer=preset.context_layer,
+            context_window=preset.context_window,
+        )
     head_at_mean_pose(out, np.stack([r.pose for r in train_records]))
     return out
 
@@ -423,6 +429,7 @@ def condition_base(
     image_marker: float = 5.0,
     salience_focus: float = 16.0,
     context_layer: bool = False,
+    context_window: int = 4,
 ) -> None:
     """Re-draw the scaffold's random weights so that a random base whose layers stay frozen
     reads its prompt (the words stage then trains only its token embeddings).
@@ -463,12 +470,12 @@ def condition_base(
       as before), and training the embeddings learns which words matter (attention pooling;
       `salience_focus` 0: none).
     - with `context_layer` (a scaffold with one layer more), the bag of words above is the
-      second layer, and the first is a context layer: its head h attends to the token h + 1
-      places back (query and key biases only, `offset_query`), its value and output
-      projections are the identity (the marker dimensions left out), so each position's
-      state gains a slice of each of the tokens before it; its MLP's `down_proj` starts at
-      zero (the model starts as the bag of words) and trains with the embeddings
-      (`--train-base context`), so it can join a word to its neighbours ("left_elbow is
+      second layer, and the first is a context layer: its head h attends to the token
+      h % `context_window` + 1 places back (query and key biases only, `offset_query`),
+      its value and output projections are the identity (the marker dimensions left out),
+      so each position's state gains a slice of each of the tokens before it; its MLP's
+      `down_proj` starts at zero (the model starts as the bag of words) and trains with the
+      embeddings (`--train-base context`), so it can join a word to its neighbours ("left_elbow is
       straight"), which a bag of words cannot (docs/demo_model_experiments.md, eighteenth
       round).
 
@@ -508,7 +515,7 @@ def condition_base(
                 for reader in readers:
                     fresh[:, reader.dim] = 0.0
             elif context_layer and name.startswith("language_model.") and ".layers.0." in name:
-                fresh = _context_weight(name, weight, head_dim, rope_theta)
+                fresh = _context_weight(name, weight, head_dim, rope_theta, context_window)
             elif name.startswith("language_model.") and ".layers." in name:
                 fresh = _bag_of_words_weight(name, weight, average_scale, readers, bag_layer)
             elif name.startswith("multi_modal_projector.") and name.endswith(".weight"):
@@ -607,7 +614,7 @@ def offset_query(offset: int, head_dim: int, rope_theta: float) -> np.ndarray:
     return np.concatenate([cosines, -sines]) * CONTEXT_SHARPNESS * head_dim**0.5
 
 
-def _context_weight(name: str, weight, head_dim: int, rope_theta: float):
+def _context_weight(name: str, weight, head_dim: int, rope_theta: float, window: int):
     """The weight `condition_base` gives the context layer's tensor `name`, or None to keep it
     (the norms, and the MLP's random `up_proj`; `gate_proj` is kept but for the image marker's
     column)."""
@@ -616,7 +623,9 @@ def _context_weight(name: str, weight, head_dim: int, rope_theta: float):
     if name.endswith("q_proj.bias"):
         return torch.cat(
             [
-                torch.as_tensor(offset_query(head + 1, head_dim, rope_theta), dtype=torch.float32)
+                torch.as_tensor(
+                    offset_query(head % window + 1, head_dim, rope_theta), dtype=torch.float32
+                )
                 for head in range(weight.shape[0] // head_dim)
             ]
         )

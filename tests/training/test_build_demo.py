@@ -331,18 +331,16 @@ def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_befor
     build_demo.condition_base(checkpoint / "base", seed=0, context_layer=True)
     model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
     ids = model.tokenizer(" ".join([caption] * 20), return_tensors="pt").input_ids
-    eager = AutoModelForImageTextToText.from_pretrained(
-        checkpoint / "base", attn_implementation="eager"
-    )
-    context, bag = eager.model.language_model(input_ids=ids, output_attentions=True).attentions
     tokens = ids.shape[1]
     assert tokens > 150
-    for head in range(4):  # head h reads the token h + 1 places back, over the whole prompt
-        offset = head + 1
-        weights = torch.stack([context[0, head, i, i - offset] for i in range(offset, tokens)])
-        assert weights.min() > (0.6 if offset == 1 else 0.95), (head, weights.min())
+    # Head h reads the token h + 1 places back, over the whole prompt.
+    _, bag = _assert_context_heads_read(checkpoint, ids, offsets=(1, 2, 3, 4))
     # The second layer is the bag of words: at first a plain mean of everything before.
     np.testing.assert_allclose(bag[0, 0, -1].detach().numpy(), 1 / tokens, rtol=1e-3)
+    # A narrower window: heads 2 and 3 read the two tokens before, as heads 0 and 1 do.
+    narrow = scaffold_checkpoint(tmp_path / "narrow", size, [caption])
+    build_demo.condition_base(narrow / "base", seed=0, context_layer=True, context_window=2)
+    _assert_context_heads_read(narrow, ids, offsets=(1, 2, 1, 2))
 
     # Conditioned, the context layer's MLP adds nothing; once it has learned (here: drawn at
     # random), the state before the pose token depends on which words stand together.
@@ -373,6 +371,21 @@ def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_befor
             for state in (text_state, image_state)
         )
     assert image_out < 1e-3 * text_out, (image_out, text_out)
+
+
+def _assert_context_heads_read(checkpoint: Path, ids, offsets):
+    """Assert that the context layer's head h attends to the token `offsets[h]` places back at
+    every position of `ids`; return the LM's attentions."""
+    eager = AutoModelForImageTextToText.from_pretrained(
+        checkpoint / "base", attn_implementation="eager"
+    )
+    attentions = eager.model.language_model(input_ids=ids, output_attentions=True).attentions
+    for head, offset in enumerate(offsets):
+        positions = range(offset, ids.shape[1])
+        weights = torch.stack([attentions[0][0, head, i, i - offset] for i in positions])
+        # The token just before is also the neighbour of the token itself.
+        assert weights.min() > (0.6 if offset == 1 else 0.95), (head, weights.min())
+    return attentions
 
 
 def _png(colour) -> bytes:

@@ -121,6 +121,10 @@ class Preset:
     context_layer: bool = False
     context_window: int = 4  # the context layer's head h reads the token h % window + 1 back
 
+    def __post_init__(self) -> None:
+        if self.context_window < 1:  # `--set context_window=0`: said before the build starts
+            raise ValueError(f"context_window must be at least 1, got {self.context_window}")
+
 
 PRESETS = {
     "demo": Preset(

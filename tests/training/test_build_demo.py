@@ -148,6 +148,8 @@ def test_preset_overrides_are_typed_and_a_bad_one_is_named():
         build_demo.with_overrides(tiny, ["word_steps"])
     with pytest.raises(ValueError, match="condition takes a bool"):
         build_demo.with_overrides(tiny, ["condition=maybe"])
+    with pytest.raises(ValueError, match="context_window must be at least 1, got 0"):
+        build_demo.with_overrides(tiny, ["context_window=0"])
 
 
 def test_the_build_command_reports_a_bad_setting_and_exits_non_zero(capsys):

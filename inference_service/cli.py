@@ -14,7 +14,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -235,11 +235,11 @@ def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
     _check_writable(args.out)
     poses: dict[int, Pose] = {}  # by line number
-    failures: list[str] = []
+    failures: dict[int, str] = {}  # by line number: why it got no pose
     limit = DEFAULT_LIMITS.max_prompt_chars
     for number, prompt in lines:  # the service would refuse the whole request for one of them
         if len(prompt) > limit:
-            failures.append(f"line {number}: too_large: {len(prompt)} characters; at most {limit}")
+            failures[number] = f"too_large: {len(prompt)} characters; at most {limit}"
     sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
     try:
         with _client(args) as client:
@@ -250,19 +250,33 @@ def _batch(args: argparse.Namespace) -> int:
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         poses[numbers[reply.index]] = reply.poses[0]
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
-                        number = numbers[reply.index]
-                        failures.append(f"line {number}: {reply.code.value}: {reply.message}")
+                        failures[numbers[reply.index]] = f"{reply.code.value}: {reply.message}"
                     elif isinstance(reply, ErrorReply):
                         raise ProtocolError(reply.code, reply.message)
                     _progress(len(poses) + len(failures), len(lines))
-    finally:  # what was answered is written even when the run stops half-way
+    finally:  # what was answered is written, and what was not is named, even half-way
         print(file=sys.stderr)
         if poses:
             _write_motion(args.out, [poses[i] for i in sorted(poses)], fps=args.fps)
             print(f"wrote {len(poses)} of {len(lines)} poses to {args.out}", file=sys.stderr)
-    for failure in failures:
-        print(f"chatpose batch: {failure}", file=sys.stderr)
+        for number in sorted(failures):
+            print(f"chatpose batch: line {number}: {failures[number]}", file=sys.stderr)
+        unanswered = [n for n, _ in lines if n not in poses and n not in failures]
+        if unanswered:
+            print(f"chatpose batch: not answered: {_line_ranges(unanswered)}", file=sys.stderr)
     return EXIT_SERVICE_ERROR if failures else EXIT_OK
+
+
+def _line_ranges(numbers: Sequence[int]) -> str:
+    """Line numbers as the reader would write them: [3, 4, 5, 9] -> 'lines 3-5, 9'."""
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"line {text}" if len(numbers) == 1 else f"lines {text}"
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -124,6 +124,32 @@ def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys
     assert Motion.load_npz(out_file).labels == ("wave", "bow")
 
 
+def test_an_interrupted_batch_keeps_its_poses_and_names_every_line_without_one(
+    address, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n" + "x" * 9000 + "\nsit down\nbow\nclap\n")
+    out_file = tmp_path / "anim.npz"
+    progress = cli._progress
+
+    def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
+        progress(done, total)
+        if done == 3:  # the over-long line, then wave and sit down
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_INTERRUPTED
+    assert "wrote 2 of 5 poses" in err
+    assert "line 2: too_large" in err and "not answered: lines 4-5" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
+def test_line_ranges_read_as_a_person_writes_them():
+    assert cli._line_ranges([9, 3, 4, 5]) == "lines 3-5, 9"
+    assert cli._line_ranges([7]) == "line 7"
+
+
 def test_a_batch_whose_prompts_fill_more_than_one_header(address, backend, capsys, tmp_path):
     prompts = tmp_path / "big.txt"
     prompts.write_text("\n".join(f"{i} " + "raise the left arm " * 350 for i in range(200)))

@@ -27,6 +27,12 @@ def is_smpl_armature(obj: bpy.types.Object | None) -> bool:
     return all(name in bones for name in JOINT_NAMES)
 
 
+def is_deleted(obj: bpy.types.Object) -> bool:
+    """Deleted by the user but still held by a property (the scene's Target, a request): Blender
+    unlinks a deleted object from every scene and keeps it while something refers to it."""
+    return not obj.users_scene
+
+
 def find_smpl_armature(context: bpy.types.Context) -> bpy.types.Object | None:
     """The active object if it is an SMPL armature, or the SMPL armature a selected mesh is
     parented to / deformed by."""

@@ -7,7 +7,7 @@ import bpy
 
 from ..core import chat
 from ..core.placement import DEFAULT_SPACING_M
-from .armature import find_smpl_armature, is_smpl_armature
+from .armature import find_smpl_armature, is_deleted, is_smpl_armature
 
 
 def _is_armature(self, obj) -> bool:
@@ -123,6 +123,11 @@ def target_problem(context: bpy.types.Context) -> str | None:
     obj = _candidate(context)
     if obj is None:
         return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
+    if is_deleted(obj):
+        return (
+            f"The Target {obj.name!r} was deleted: pick another armature as Target, or clear "
+            "Target to use the selected SMPL armature"
+        )
     if not is_smpl_armature(obj):
         return (
             f"The Target {obj.name!r} is not an SMPL armature: pick one, or clear Target to "

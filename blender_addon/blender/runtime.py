@@ -54,7 +54,7 @@ from ..core.service_process import (
     serve_command,
 )
 from ..core.session import Service
-from .armature import is_smpl_armature
+from .armature import is_deleted, is_smpl_armature
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
 from .props import append_history, history_messages, target_armature, target_problem
@@ -520,10 +520,12 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
     if not poses:
+        push_undo("ChatPose: reply")  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
-    if not is_smpl_armature(target):
+    if not _posable(target):
+        push_undo("ChatPose: reply")
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
         return
@@ -555,6 +557,11 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     notify(text, level)
 
 
+def _posable(obj: bpy.types.Object | None) -> bool:
+    """An SMPL armature the user has not deleted since the request went out."""
+    return is_smpl_armature(obj) and not is_deleted(obj)
+
+
 def _find(collection, name: str, uid: int | None):
     """A request's armature or scene in `collection` (bpy.data.objects, .scenes): by session
     id, so that renaming it (or naming another one like it) while the answer is on its way
@@ -578,6 +585,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
         )
         if job.prompt and not scene.chatpose.prompt.strip():  # never over what was typed since
             scene.chatpose.prompt = job.prompt  # back in the field, to send again
+        push_undo("ChatPose: failed request")
     notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 
 
@@ -593,7 +601,7 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     """Keys and records lines of one run (keys first, then the record: see batch_store)."""
     run = outcomes[0].run
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if not is_smpl_armature(obj):
+    if not _posable(obj):
         for outcome in outcomes:
             run.item_failed(outcome.line, f"the armature {run.armature!r} is gone")
         dispatcher().cancel_batch()
@@ -611,7 +619,7 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
 
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if is_smpl_armature(obj):
+    if _posable(obj):
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
             record = load_record(obj)
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))

@@ -181,6 +181,53 @@ def test_an_answer_follows_its_armature_through_a_rename(armature, scripted_serv
     assert [m.text for m in props.history_messages(bpy.context.scene)][0] == "renamed while asked"
 
 
+def delete_in_viewport(obj) -> None:
+    """What X > Delete does: the object leaves every scene, and stays in bpy.data while the
+    scene's Target still refers to it."""
+    bpy.ops.object.select_all(action="DESELECT")
+    obj.select_set(True)
+    bpy.context.view_layer.objects.active = obj
+    bpy.ops.object.delete()
+
+
+def test_a_deleted_target_is_named_and_nothing_is_sent(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    delete_in_viewport(armature)
+    assert bpy.data.objects.get("SMPL") is not None  # kept alive by the Target
+    assert "The Target 'SMPL' was deleted" in props.target_problem(bpy.context)
+    assert not bpy.ops.chatpose.send.poll() and not bpy.ops.chatpose.batch_keyframe.poll()
+
+
+def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "for a rig about to go"
+    bpy.ops.chatpose.send()
+    delete_in_viewport(armature)
+    objects = set(bpy.data.objects)
+    backend.release()
+    drive(idle)
+    assert "The armature 'SMPL' is gone; the answer was not applied" in runtime.last_message()[0]
+    assert set(bpy.data.objects) == objects  # nothing posed, nothing made beside it
+
+
+def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.ops.ed.undo_push(message="before")
+    bpy.context.scene.chatpose.prompt = "explode"  # the model fails: a reply with no pose
+    bpy.ops.chatpose.send()
+    drive(idle)
+    bpy.data.objects["SMPL"].location.x = 1.0  # the user's next change, and its undo step
+    bpy.ops.ed.undo_push(message="move")
+    bpy.ops.ed.undo()
+    assert bpy.data.objects["SMPL"].location.x == 0.0
+    history = props.history_messages(bpy.context.scene)
+    assert [m.text for m in history][0] == "explode" and len(history) == 2
+
+
 def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)

@@ -194,13 +194,12 @@ def timer_tick() -> float | None:
             traceback.print_exc()
             notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
     applied = 0
-    deferred = state.backlog and _mode_that_defers()
+    deferred = state.backlog and _why_answers_wait_now()
     if deferred:
-        # Creating people would end the user's edit or paint session, and its undo step would
-        # not hold the armature: the answers wait for Object or Pose mode.
-        count = len(state.backlog)
-        set_message(f"{count} answer(s) waiting: leave {deferred} mode to apply them", "WARNING")
-        _redraw()
+        waiting = f"{len(state.backlog)} answer(s) waiting: {deferred}"
+        if state.message != waiting:  # said once, not redrawn on every tick
+            set_message(waiting, "WARNING")
+            _redraw()
     with _window_override():
         while (
             state.backlog
@@ -229,11 +228,31 @@ def timer_tick() -> float | None:
     return None
 
 
-def _mode_that_defers() -> str | None:
-    """The user's mode, as words, when answers must not be applied now; None in Object and
-    Pose mode."""
-    mode = bpy.context.mode
-    return None if mode in {"OBJECT", "POSE"} else mode.replace("_", " ").title()
+def why_answers_wait(mode: str, interface_locked: bool, running_tools: Sequence[str]) -> str | None:
+    """What must end before answers are applied, as the panel says it; None when they can be
+    applied now. In an edit or paint mode, creating people would end the user's session, and
+    its undo step would not hold the armature. Under a running transform (a G, R or S drag),
+    the tool would overwrite an answer when confirmed and take it back when cancelled. While
+    a render locks the interface, data must not change from a timer. Other modal tools (an
+    add-on's that runs all session long) do not hold answers back."""
+    if mode not in {"OBJECT", "POSE"}:
+        return f"leave {mode.replace('_', ' ').title()} mode to apply them"
+    if any(tool.lower().startswith(("transform_ot_", "transform.")) for tool in running_tools):
+        return "they are applied when the transform ends"
+    if interface_locked:
+        return "they are applied when the render ends (the interface is locked)"
+    return None
+
+
+def _why_answers_wait_now() -> str | None:
+    """`why_answers_wait` for the user's window (the timer itself has none)."""
+    with _window_override():
+        context = bpy.context
+        wm = context.window_manager
+        windows = list(wm.windows) if wm is not None else []
+        tools = [op.bl_idname for w in windows for op in w.modal_operators]
+        locked = wm is not None and wm.is_interface_locked
+        return why_answers_wait(context.mode, locked, tools)
 
 
 def _next_outcome():

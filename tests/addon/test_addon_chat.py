@@ -228,6 +228,20 @@ def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scr
     assert [m.text for m in history][0] == "explode" and len(history) == 2
 
 
+@pytest.mark.parametrize(
+    ("mode", "locked", "tools", "reason"),
+    [
+        ("POSE", False, [], None),
+        ("OBJECT", False, ["SCREENCAST_OT_keys"], None),  # an add-on's all-session tool
+        ("EDIT_MESH", False, [], "leave Edit Mesh mode to apply them"),
+        ("POSE", False, ["TRANSFORM_OT_rotate"], "they are applied when the transform ends"),
+        ("OBJECT", True, [], "they are applied when the render ends (the interface is locked)"),
+    ],
+)
+def test_what_holds_answers_back(blender, mode, locked, tools, reason):
+    assert runtime.why_answers_wait(mode, locked, tools) == reason
+
+
 def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)

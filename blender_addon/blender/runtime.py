@@ -418,6 +418,10 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[str], str]:
     return lines, label
 
 
+def _frames(entries) -> str:
+    return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
+
+
 def start_batch(context: bpy.types.Context) -> BatchRun:
     """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
     target armature. The returned run is already ended when nothing was pending."""
@@ -439,10 +443,16 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     if gone:  # lines deleted from the text: forget them, but leave their keys alone
         record = record.without_lines(entry.line for entry in gone)
         save_record(target, record)
-        frames = ", ".join(str(e.frame) for e in gone[:5]) + (" ..." if len(gone) > 5 else "")
         gone_note = (
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
-            f"{frames}) are left as they are"
+            f"{_frames(gone)}) are left as they are"
+        )
+    moved = record.moved(lines, settings.batch_start, settings.batch_step)
+    if moved:  # Start or Step changed: keyed again at the new frames; the old keys stay
+        gone_note += (
+            f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
+            f"at their new frames and their old keys (frame {_frames(moved)}) are left as they "
+            "are"
         )
     pending = record.pending(lines, settings.batch_start, settings.batch_step)
     run = BatchRun(

@@ -13,7 +13,8 @@ Identity of a line: its index among the non-blank lines **and** a hash of its te
   they are not prompts and are not counted. Inserting or deleting a prompt line moves the
   lines after it to other frames, so those are pending again: what each frame holds always
   matches the text.
-- The frame is part of an entry too: changing start or step makes every line pending.
+- The frame is part of an entry too: changing start or step makes every line pending whose
+  frame changes; its key at the old frame stays (``moved`` names them).
 
 JSON layout (``version`` 1)::
 
@@ -113,6 +114,12 @@ class BatchRecord:
     def without_lines(self, lines: Iterable[int]) -> BatchRecord:
         drop = set(lines)
         return BatchRecord(tuple(e for e in self.entries if e.line not in drop))
+
+    def moved(self, lines: Sequence[str], start: int, step: int = 1) -> tuple[Entry, ...]:
+        """Entries keyed at another frame than their line goes on now (start or step changed
+        since): the keys at the old frames stay, as for `past_the_end`."""
+        frames = frames_for(len(lines), start, step)
+        return tuple(e for e in self.entries if e.line < len(lines) and e.frame != frames[e.line])
 
     def past_the_end(self, line_count: int) -> tuple[Entry, ...]:
         """Entries of lines a text of ``line_count`` prompts no longer has (deleted lines):

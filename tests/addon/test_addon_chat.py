@@ -804,6 +804,24 @@ def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature,
     assert_pose(armature, pose_for("dddd"), frame=31)  # the old key, left as it was
 
 
+def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("a\nbb\nccc")
+    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 10
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    settings.batch_step = 5
+    bpy.ops.chatpose.batch_keyframe()
+    assert "their old keys (frame 11, 21) are left as they are" in runtime.last_message()[0]
+    drive(idle)
+    assert [e.frame for e in batch_store.load_record(armature).entries] == [1, 6, 11]
+    assert_pose(armature, pose_for("ccc"), frame=11)
+    assert_pose(armature, pose_for("ccc"), frame=21)  # the old key, left as it was
+
+
 def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

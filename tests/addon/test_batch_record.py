@@ -96,6 +96,9 @@ def test_changing_start_or_step_makes_lines_pending():
     record, _ = run(BatchRecord(), lines)
     assert len(record.pending(lines, start=1, step=5)) == 3  # line 0 stays at frame 1
     assert len(record.pending(lines, start=2, step=10)) == 4
+    assert [e.frame for e in record.moved(lines, start=1, step=5)] == [11, 21, 31]
+    assert record.moved(lines, start=1, step=10) == ()
+    assert record.moved(lines[:2], start=1, step=5) == (record.entry(1),)  # only lines kept
 
 
 def test_json_layout_and_round_trip():

@@ -85,6 +85,7 @@ class _State:
     level: str = "INFO"  # INFO, WARNING, ERROR
     service_line: str = ""  # what the last status check said
     waiting_ready: bool = False  # a local service was started and has not answered yet
+    stopping: bool = False  # the local service was asked to stop and is still there
     next_probe: float = 0.0
     status_bar: bool = False
 
@@ -223,7 +224,7 @@ def timer_tick() -> float | None:
         _redraw()
     if state.backlog and not deferred:
         return 0.001
-    if busy() or state.waiting_ready:
+    if busy() or state.waiting_ready or state.stopping:
         return TICK_INTERVAL_S
     return None
 
@@ -615,6 +616,9 @@ def _pose_failed(outcome: PoseFailed) -> None:
         if job.prompt and not scene.chatpose.prompt.strip():  # never over what was typed since
             scene.chatpose.prompt = job.prompt  # back in the field, to send again
         push_undo("ChatPose: failed request")
+    if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
+        notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
+        return
     notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 
 
@@ -714,6 +718,9 @@ def stop_service(*, wait: bool = False) -> None:
         return
     state = _state.process.stop(wait=wait)
     _state.waiting_ready = False
+    _state.stopping = state.alive
+    if state.alive:
+        ensure_timer()  # polls it, so that one that ignores the request is killed in time
     set_message(f"Local service {state.describe()}")
 
 
@@ -723,6 +730,12 @@ def local_service_state():
 
 
 def _watch_local_service() -> None:
+    if _state.stopping:
+        state = service_process().poll()  # kills it once the grace time is over
+        if not state.alive:
+            _state.stopping = False
+            set_message(f"Local service {state.describe()}")
+            _redraw()
     if not _state.waiting_ready:
         return
     state = service_process().poll()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import socket
 import sys
+import time
 from pathlib import Path
 
 import bpy
@@ -294,6 +295,15 @@ def _send_while_held(scripted_service, prompt: str = "held"):
     bpy.context.scene.chatpose.prompt = prompt
     bpy.ops.chatpose.send()
     return address, backend
+
+
+def test_the_user_s_own_cancel_is_no_error_and_gives_the_prompt_back(armature, scripted_service):
+    _, backend = _send_while_held(scripted_service, "never mind")
+    bpy.ops.chatpose.cancel()
+    backend.release()
+    drive(idle)
+    assert runtime.last_message() == ("Cancelled: never mind", "INFO")
+    assert bpy.context.scene.chatpose.prompt == "never mind"  # to send again
 
 
 def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
@@ -710,9 +720,8 @@ def test_start_and_stop_the_local_service_from_blender(
             bpy.ops.chatpose.service_start()
 
 
-def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
-    import addon_utils
-
+def _stubborn_local_service(tmp_path) -> ServiceProcess:
+    """A local service that ignores SIGTERM, set as the add-on's own."""
     stubborn = (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('ignoring SIGTERM', flush=True); time.sleep(60)"
@@ -721,7 +730,26 @@ def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
     manager.start([sys.executable, "-c", stubborn])
     drive(lambda: last_line(manager.log_path) == "ignoring SIGTERM")  # its handler is set
     runtime._state.process = manager
-    process = manager._process
+    return manager
+
+
+def test_the_stop_button_kills_a_local_service_that_does_not_stop(blender, tmp_path):
+    process = _stubborn_local_service(tmp_path)._process
+    assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        assert runtime.timer_tick() is not None  # Blender keeps calling it meanwhile
+        time.sleep(0.05)
+    assert process.returncode == -9
+    runtime.timer_tick()
+    assert runtime.last_message()[0].startswith("Local service stopped")
+    assert runtime.timer_tick() is None  # nothing left to watch
+
+
+def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
+    import addon_utils
+
+    process = _stubborn_local_service(tmp_path)._process
     addon_utils.disable(ADDON, default_set=True)  # asks it to stop, and a thread kills it later
     assert process.wait(timeout=30) == -9
     addon_utils.enable(ADDON, default_set=True)

@@ -555,6 +555,8 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
     if not _posable(target):
+        if scene is not None:
+            _give_prompt_back(scene, job.prompt)
         push_undo("ChatPose: reply")
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
@@ -613,13 +615,19 @@ def _pose_failed(outcome: PoseFailed) -> None:
         append_history(
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
-        if job.prompt and not scene.chatpose.prompt.strip():  # never over what was typed since
-            scene.chatpose.prompt = job.prompt  # back in the field, to send again
+        _give_prompt_back(scene, job.prompt)
         push_undo("ChatPose: failed request")
     if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
         notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
         return
     notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+
+
+def _give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
+    """Puts an unanswered prompt back in the field, to send again; never over what was typed
+    since."""
+    if prompt and not scene.chatpose.prompt.strip():
+        scene.chatpose.prompt = prompt
 
 
 def _local_service_exit() -> str:

@@ -212,6 +212,7 @@ def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, sc
     drive(idle)
     assert "The armature 'SMPL' is gone; the answer was not applied" in runtime.last_message()[0]
     assert set(bpy.data.objects) == objects  # nothing posed, nothing made beside it
+    assert bpy.context.scene.chatpose.prompt == "for a rig about to go"  # to send again
 
 
 def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scripted_service):

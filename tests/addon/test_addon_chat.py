@@ -810,15 +810,21 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     assert "all 12 lines keyed" in runtime.last_message()[0]
 
 
-def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature, scripted_service):
+def _keyed_batch(scripted_service, lines: str):
+    """`lines` keyed by a first batch run at frames 1, 11, 21, ...; returns its text."""
     address, _ = scripted_service
     use_service(address)
     settings = bpy.context.scene.chatpose
     text = bpy.data.texts.new("moves")
-    text.write("a\nbb\nccc\ndddd")
+    text.write(lines)
     settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 10
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
+    return text
+
+
+def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature, scripted_service):
+    text = _keyed_batch(scripted_service, "a\nbb\nccc\ndddd")
     text.clear()
     text.write("a\nccc\ndddd")  # 'bb' deleted: the lines after it move up one frame slot
     bpy.ops.chatpose.batch_keyframe()
@@ -834,15 +840,8 @@ def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature,
 
 
 def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature, scripted_service):
-    address, _ = scripted_service
-    use_service(address)
-    settings = bpy.context.scene.chatpose
-    text = bpy.data.texts.new("moves")
-    text.write("a\nbb\nccc")
-    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 10
-    bpy.ops.chatpose.batch_keyframe()
-    drive(idle)
-    settings.batch_step = 5
+    _keyed_batch(scripted_service, "a\nbb\nccc")
+    bpy.context.scene.chatpose.batch_step = 5
     bpy.ops.chatpose.batch_keyframe()
     assert "their old keys (frame 11, 21) are left as they are" in runtime.last_message()[0]
     drive(idle)

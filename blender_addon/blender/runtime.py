@@ -440,17 +440,17 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
     gone = record.past_the_end(len(lines))
-    gone_note = ""
+    keys_left_note = ""
     if gone:  # lines deleted from the text: forget them, but leave their keys alone
         record = record.without_lines(entry.line for entry in gone)
         save_record(target, record)
-        gone_note = (
+        keys_left_note = (
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames; the old keys stay
-        gone_note += (
+        keys_left_note += (
             f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
             f"at their new frames and their old keys (frame {_frames(moved)}) are left as they "
             "are"
@@ -467,7 +467,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     if not pending:
         dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
         set_message(
-            f"All {len(lines)} lines of {label} are keyed on {target.name} already{gone_note}"
+            f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
         )
         return run
     service = _service(context)
@@ -480,7 +480,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     note = f" ({skipped} keyed before)" if skipped else ""
     set_message(
         f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
-        f"in {run.planned_requests} request(s){gone_note}"
+        f"in {run.planned_requests} request(s){keys_left_note}"
     )
     _update_status_bar()
     return run

@@ -47,6 +47,13 @@ _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 @dataclass(frozen=True)
+class UndecodableReply(ErrorReply):
+    """The ErrorReply that `poll` makes from frames that do not decode (a service or protocol
+    bug). Unlike the service's own error replies it ends nothing there: the request it names
+    may still be running."""
+
+
+@dataclass(frozen=True)
 class ClientCurveKeys:
     """The client's own key pair file and the server's public key file (see docs/security.md)."""
 
@@ -155,14 +162,15 @@ class Client:
 
     def poll(self, timeout_ms: float = 0) -> Reply | None:
         """One reply if one arrives within `timeout_ms`, else None. A reply that does not
-        decode is returned as an ErrorReply, so the caller sees every problem as a reply."""
+        decode is returned as an UndecodableReply, so the caller sees every problem as a
+        reply."""
         if not self._socket.poll(timeout_ms, zmq.POLLIN):
             return None
         frames = self._socket.recv_multipart(zmq.NOBLOCK)
         try:
             return decode_reply(frames, self._limits)
         except ProtocolError as err:
-            return ErrorReply(err.request_id, err.op, err.code, f"bad reply: {err}", None)
+            return UndecodableReply(err.request_id, err.op, err.code, f"bad reply: {err}", None)
 
     # --- blocking conveniences, for the command line and tests ---------------------------------
     # They serve one request at a time: replies to any other request are dropped.

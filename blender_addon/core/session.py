@@ -11,7 +11,9 @@ Failures are events too, never exceptions out of `tick()`:
 - the connection drops while requests are in flight (the service died or restarted): those
   requests fail with `unreachable` at once, rather than at their timeout;
 - no reply within `timeout_s` over a live connection: `timeout` for that request (for a batch,
-  the time between two replies); a reply that comes later is ignored.
+  the time between two replies); a reply that comes later is ignored;
+- a reply that does not decode (a service or protocol bug): its request fails with the
+  decoder's message, and the service is told to cancel it (a batch would otherwise go on).
 After a lost connection the client's socket is replaced, so the next request reaches a
 restarted service with no Blender restart.
 """
@@ -22,7 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared_protocol.client import CONNECT_TIMEOUT_S, Client, ClientCurveKeys
+from shared_protocol.client import (
+    CONNECT_TIMEOUT_S,
+    Client,
+    ClientCurveKeys,
+    UndecodableReply,
+)
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
     BatchDoneReply,
@@ -201,6 +208,10 @@ class Session:
             case BatchDoneReply():
                 self._in_flight.pop(reply.id)
                 return [BatchFinished(reply.id, reply.total, reply.completed)]
+            case UndecodableReply():  # the service goes on unless told: a batch's other items
+                self._in_flight.pop(reply.id)
+                self._client.send(CancelRequest(self._client.new_id(), reply.id))
+                return [RequestFailed(reply.id, reply.code, reply.message)]
             case ErrorReply():
                 if reply.index is None:
                     self._in_flight.pop(reply.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from blender_addon.core.session import (
     BatchFinished,
@@ -20,7 +22,14 @@ from blender_addon.core.session import (
     StatusResult,
 )
 from inference_service.server import Server
-from shared_protocol.protocol import ErrorCode, ProtocolError
+from shared_protocol.protocol import (
+    BatchItemReply,
+    CancelRequest,
+    ErrorCode,
+    ProtocolError,
+    decode_request,
+    encode_reply,
+)
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
 from .test_backend import free_port
@@ -136,6 +145,40 @@ def test_cancel_a_batch(address, backend):
     backend.release()
     assert isinstance(events[-1], RequestFailed) and events[-1].code == ErrorCode.CANCELLED
     session.close()
+
+
+def test_an_undecodable_batch_item_fails_the_batch_and_stops_it_on_the_service():
+    """A service or protocol bug: an item that does not decode. The batch fails with a "bad
+    reply" message, and the service is told to stop the batch rather than go on computing
+    lines that nobody will read."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=TIMEOUT_S)
+
+    def receive() -> tuple[bytes, object]:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not router.poll(10):
+            assert session.tick() == []
+            assert time.monotonic() < deadline, "the session sent nothing"
+        peer, *frames = router.recv_multipart()
+        return peer, decode_request(frames)
+
+    try:
+        batch_id = session.request_batch(["wave", "bow", "sit"])
+        peer, request = receive()
+        item = BatchItemReply(batch_id, 0, 3, "", (pose_for("wave"),))
+        header = json.loads(encode_reply(item)[0]) | {"text": 5}  # text must be a string
+        router.send_multipart([peer, json.dumps(header).encode()])
+        [failure] = run_until(session, final_for(batch_id))
+        assert failure.final and failure.code == ErrorCode.BAD_SCHEMA
+        assert failure.message == "bad reply: bad_schema: text: must be a string, got 5"
+        _, cancel = receive()
+        assert isinstance(cancel, CancelRequest) and cancel.target == batch_id
+        assert not session.busy
+    finally:
+        session.close()
+        router.close()
 
 
 def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:

@@ -387,9 +387,14 @@ def run_demo(
         raise DemoError(f"no checkpoint at {checkpoint} (chatpose.json missing)")
     try:
         import bpy  # noqa: F401
-    except ImportError:
+    except ModuleNotFoundError:
         raise DemoError(
             "bpy is not installed: the demo needs the project's `blender` extra (make setup)"
+        ) from None
+    except ImportError as exc:  # installed, but a system library it loads is missing
+        raise DemoError(
+            f"headless Blender (bpy) cannot start: {exc}; a minimal Linux lacks the X11 and "
+            "OpenGL libraries it loads (README.md, Setup in detail, lists them)"
         ) from None
     out.mkdir(parents=True, exist_ok=True)
     service = LocalService(checkpoint, out, device)

@@ -3,7 +3,9 @@ with a tiny model, real ZeroMQ requests, headless Blender, and the files it writ
 
 from __future__ import annotations
 
+import builtins
 import json
+import sys
 
 import bpy
 import numpy as np
@@ -176,6 +178,33 @@ def test_answers_already_received_are_kept_when_the_service_goes():
     assert answers[0].poses and not answers[0].error
     assert all("unreachable: no service" in a.error for a in answers[1:])
     assert client.calls == 2  # the image request was not sent after the chat one failed
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (ModuleNotFoundError("No module named 'bpy'", name="bpy"), "bpy is not installed"),
+        (
+            ImportError("libXi.so.6: cannot open shared object file: No such file or directory"),
+            "bpy\\) cannot start: libXi.so.6: cannot open .* X11 and OpenGL libraries",
+        ),
+    ],
+)
+def test_a_blender_that_cannot_start_is_named_before_the_service_starts(
+    tiny_checkpoint, tmp_path, monkeypatch, failure, message
+):
+    monkeypatch.delitem(sys.modules, "bpy")
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "bpy":
+            raise failure
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    monkeypatch.setattr(demo, "LocalService", None)  # would fail the test if it were started
+    with pytest.raises(demo.DemoError, match=message):
+        demo.run_demo(tiny_checkpoint, tmp_path, script=SCRIPT, size=PANEL, timeout_s=60)
 
 
 def test_a_rendering_failure_still_leaves_the_blend_and_the_animation(

@@ -475,8 +475,9 @@ def read_llava_conversations(
 
     `path`: `[{"id": ..., "image": "file.jpg" (optional; or a list), "conversations":
     [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}, ...]`. Turns
-    alternate human/gpt, starting with human and ending with gpt. LLaVA's `<image>` marker is
-    removed from the text (the image goes first, as in LLaVA). Image files are relative to
+    alternate human/gpt, starting with human and ending with gpt. The first human turn marks
+    each image once with LLaVA's `<image>`, which is removed from the text (the images go first,
+    as in LLaVA). Image files are relative to
     `images` (default: the JSON file's folder).
 
     Poses: gpt turns may contain `<POSE>`; the poses then come from `poses`, an AMASS-layout
@@ -524,7 +525,7 @@ def read_llava_conversations(
             isinstance(n, str) and n.strip() for n in image_names
         ):
             raise DatasetError(f"{where}: 'image' must be a file name or a list of file names")
-        turns = _llava_turns(record.get("conversations"), where, has_image=bool(image_names))
+        turns = _llava_turns(record.get("conversations"), where, images=len(image_names))
         markers = sum(answer.count(POSE_MARKER) for _, answer in turns)
         targets: list[np.ndarray] = []
         if markers:
@@ -568,11 +569,12 @@ def read_llava_conversations(
     return examples
 
 
-def _llava_turns(conversations: object, where: str, has_image: bool) -> list[tuple[str, str]]:
+def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[str, str]]:
+    """The (human, gpt) text pairs, `<image>` markers removed. As LLaVA reads them, the
+    record's images are marked in its first human turn, one marker each."""
     if not isinstance(conversations, list) or not conversations:
         raise DatasetError(f"{where}: 'conversations' must be a non-empty list")
     texts = []
-    marker_seen = False
     for turn_number, turn in enumerate(conversations):
         expected = "human" if turn_number % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -586,12 +588,22 @@ def _llava_turns(conversations: object, where: str, has_image: bool) -> list[tup
             )
         value = turn["value"]
         if expected == "human":
-            marker_seen = marker_seen or LLAVA_IMAGE_MARKER in value
+            markers = value.count(LLAVA_IMAGE_MARKER)
+            if turn_number == 0 and markers != images:
+                raise DatasetError(
+                    f"{where}: turn 0: {markers} {LLAVA_IMAGE_MARKER} marker(s) for {images} "
+                    "image(s); LLaVA marks each image once in the first human turn"
+                )
+            if turn_number > 0 and markers:
+                raise DatasetError(
+                    f"{where}: turn {turn_number}: {LLAVA_IMAGE_MARKER} outside the first "
+                    "human turn"
+                )
             value = value.replace(LLAVA_IMAGE_MARKER, "").strip()
             if POSE_MARKER in value:
                 raise DatasetError(f"{where}: turn {turn_number}: {POSE_MARKER} in a human turn")
             # Only the first message may be the image alone.
-            if not value and (turn_number > 0 or not has_image):
+            if not value and (turn_number > 0 or not images):
                 raise DatasetError(f"{where}: turn {turn_number}: empty human message")
         else:
             if LLAVA_IMAGE_MARKER in value:
@@ -604,8 +616,6 @@ def _llava_turns(conversations: object, where: str, has_image: bool) -> list[tup
         texts.append(value)
     if len(texts) % 2:
         raise DatasetError(f"{where}: the last turn is a human turn without a gpt answer")
-    if marker_seen and not has_image:
-        raise DatasetError(f"{where}: {LLAVA_IMAGE_MARKER} in the text but no 'image'")
     return [(texts[i], texts[i + 1]) for i in range(0, len(texts), 2)]
 
 

@@ -26,9 +26,10 @@ def check_image(data: bytes, field: str = "image") -> None:
         pass
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """PNG or JPEG bytes -> an RGB image, fully decoded; anything else raises BadImageError."""
-    with _opened(data) as image:
+def decode_image(data: bytes, field: str = "image") -> Image.Image:
+    """PNG or JPEG bytes -> an RGB image, fully decoded; anything else raises BadImageError,
+    whose message starts with `field`."""
+    with _opened(data, field) as image:
         image.load()  # decode now: truncated files fail here, not inside the model
         return image.convert("RGB")
 
@@ -49,11 +50,10 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
                         "times as long as it is wide; crop it"
                     )
                 yield image
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(
+            f"{field}: too many pixels to decode (at most {Image.MAX_IMAGE_PIXELS:,}); "
+            f"downscale it ({exc})"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"{field}: not a decodable PNG or JPEG ({exc})") from exc

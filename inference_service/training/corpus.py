@@ -70,6 +70,7 @@ __all__ = [
     "corpus_summary",
     "generate_corpus",
     "load_corpus",
+    "read_npz",
     "sample_auto_poses",
     "save_corpus",
 ]
@@ -289,22 +290,40 @@ _TEXT_KEYS = ("captions", "sources", "actions", "splits")
 def load_corpus(path: str | os.PathLike) -> list[CorpusRecord]:
     """Read a corpus file, validating it; ValueError names the file, the record and the field."""
     name = os.fspath(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz archive of arrays")
-        with data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise
-    except ValueError as exc:  # e.g. an object array that would need pickle
-        raise ValueError(f"{name}: {exc}") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
+    arrays = read_npz(path)
+    if "format" not in arrays:
+        raise ValueError(
+            f"{name}: not a ChatPose corpus file (no 'format' array; `make demo-model` writes "
+            "one to build/demo/corpus.npz)"
+        )
     try:
         return _records_from_arrays(arrays)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, without pickles. ValueError names the file and what is
+    wrong with it; FileNotFoundError goes to the caller as it is."""
+    name = os.fspath(path)
+    unreadable = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except unreadable as exc:  # not numpy's (a JSON file, say)
+        raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name}: a single .npy array, not an .npz archive of arrays")
+    try:
+        with data:
+            arrays = {key: data[key] for key in data.files}
+    except unreadable as exc:  # a damaged member, or an object array that needs pickle
+        raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # numpy hands back a member that is no .npy as bytes
+            raise ValueError(f"{name}: {key!r} is not a .npy array")
+    return arrays
 
 
 def _records_from_arrays(arrays: dict[str, np.ndarray]) -> list[CorpusRecord]:

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,10 +225,14 @@ def phrasing_texts() -> list[str]:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        # utf-8-sig: also what Windows editors save as UTF-8 (with a byte-order mark)
+        text = path.read_text(encoding="utf-8-sig")
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
     except _RepeatedKey as exc:
         raise DatasetError(f"{path}: the key {exc.args[0]!r} appears more than once") from None
@@ -251,16 +253,14 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    from inference_service.training.corpus import read_npz
+
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise DatasetError(f"{path}: a single .npy array, not an .npz archive of arrays")
-        with data:
-            return {key: data[key] for key in data.files}
+        return read_npz(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    except ValueError as exc:  # it names the file
+        raise DatasetError(str(exc)) from None
 
 
 def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | None = None):
@@ -285,6 +285,8 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         raise DatasetError(
             f"{path}: 'poses' must have shape (N, 72), (N, 156) or (N, 24, 3), got {poses.shape}"
         )
+    if not len(poses):
+        raise DatasetError(f"{path}: 'poses' holds no frames")
     poses = poses[:, :72].astype(np.float64).reshape(-1, NUM_JOINTS, 3)
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
     if bad.size:
@@ -329,9 +331,9 @@ def _read_image(folder: Path, name: str, where: str) -> bytes:
     except OSError as exc:
         raise DatasetError(f"{where}: cannot read image file {path} ({exc})") from None
     try:
-        decode_image(data)
-    except BadImageError:
-        raise DatasetError(f"{where}: {path} is not a decodable PNG or JPEG") from None
+        decode_image(data, field=str(path))
+    except BadImageError as exc:  # its message says why: not an image, too long, too large
+        raise DatasetError(f"{where}: {exc}") from None
     return data
 
 
@@ -412,6 +414,11 @@ def read_posescript(
         for number, text in enumerate(texts):
             if not text.strip() or not text.strip().rstrip(".!?,;: "):
                 raise DatasetError(f"{where}: caption {number} is empty")
+            if LLAVA_IMAGE_MARKER in text:
+                raise DatasetError(
+                    f"{where}: caption {number} contains {LLAVA_IMAGE_MARKER!r}; a caption is "
+                    "text only"
+                )
             question, answer = phraser.text(text)
             examples.append(
                 Example(
@@ -722,6 +729,8 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
                 f"--data {fmt}: expected KEY=VALUE with KEY one of "
                 f"{', '.join(FORMAT_OPTIONS[fmt])}, got {word!r}"
             )
+        if key in options:
+            raise ValueError(f"--data {fmt}: {key}= given twice")
         options[key] = value
     if fmt == "posescript" and "poses" not in options:
         raise ValueError("--data posescript CAPTIONS.json needs poses=POSES.npz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_z_up_conversion_of_an_upright_amass_body():
         ({"0": ["ok", "  "]}, "pose id '0': caption 1 is empty"),
         ({"1": 5}, "pose id '1': expected a caption"),
         ({"2": []}, "pose id '2': expected a caption"),
+        ({"0": "a man <image> waves"}, "pose id '0': caption 0 contains '<image>'"),
     ],
 )
 def test_posescript_bad_captions_name_file_and_record(tmp_path, captions, message):
@@ -156,6 +158,18 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
         np.save(stream, POSES.reshape(len(POSES), 72))
     with pytest.raises(DatasetError, match=r"array\.npz: a single \.npy array"):
         read_posescript(captions, tmp_path / "array.npz")
+    np.savez(tmp_path / "empty.npz", poses=np.zeros((0, 72)))
+    with pytest.raises(DatasetError, match=r"empty\.npz: 'poses' holds no frames"):
+        read_posescript(captions, tmp_path / "empty.npz")
+    with zipfile.ZipFile(tmp_path / "member.npz", "w") as archive:  # a member that is no .npy
+        archive.writestr("poses.npy", b"not npy")
+    with pytest.raises(DatasetError, match=r"member\.npz: 'poses' is not a \.npy array"):
+        read_posescript(captions, tmp_path / "member.npz")
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"0": "a man"}')  # Windows' UTF-8
+    assert len(read_posescript(tmp_path / "bom.json", write_npz(tmp_path / "ok.npz"))) == 1
+    (tmp_path / "latin.json").write_bytes('{"0": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin\.json: not UTF-8 text .*save it as UTF-8"):
+        read_posescript(tmp_path / "latin.json", write_npz(tmp_path / "ok.npz"))
     (tmp_path / "twice.json").write_text('{"0": "a man", "0": "a woman"}', encoding="utf-8")
     with pytest.raises(DatasetError, match=r"twice\.json: the key '0' appears more than once"):
         read_posescript(tmp_path / "twice.json", write_npz(tmp_path / "ok.npz"))
@@ -192,8 +206,12 @@ def test_image_pose_pairs_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"m\.npz: frame 1: image file .*nope\.png not found"):
         read_image_pose_pairs(missing)
     broken = write_npz(tmp_path / "b.npz", POSES[:1], images=np.array(["bad.png"]))
-    with pytest.raises(DatasetError, match=r"b\.npz: frame 0: .*bad\.png is not a decodable"):
+    with pytest.raises(DatasetError, match=r"b\.npz: frame 0: .*bad\.png: not a decodable PNG"):
         read_image_pose_pairs(broken)
+    Image.new("RGB", (400, 2)).save(tmp_path / "thin.png")  # a good PNG the model cannot use
+    thin = write_npz(tmp_path / "t.npz", POSES[:1], images=np.array(["thin.png"]))
+    with pytest.raises(DatasetError, match=r"t\.npz: frame 0: .*thin\.png: 400 x 2 pixels is more"):
+        read_image_pose_pairs(thin)
     nul = write_npz(tmp_path / "z.npz", POSES[:1], images=np.array(["a\0.png"]))
     with pytest.raises(DatasetError, match=r"z\.npz: frame 0: 'a\\x00\.png' is not a file name"):
         read_image_pose_pairs(nul)
@@ -422,6 +440,8 @@ def test_parse_and_load_data_specs(tmp_path):
         parse_data_spec(["pairs", "p.npz", "poses=x"])
     with pytest.raises(ValueError, match="needs a format and a path"):
         parse_data_spec(["pairs"])
+    with pytest.raises(ValueError, match="--data pairs: images= given twice"):
+        parse_data_spec(["pairs", "p.npz", "images=a", "images=b"])
     bad = parse_data_spec(["posescript", str(captions), f"poses={poses}", "phrasing=fancy"])
     with pytest.raises(DatasetError, match="phrasing must be one of"):
         load_data(bad)

@@ -27,7 +27,7 @@ from pathlib import Path
 from inference_service.errors import ChatPoseError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
-EXIT_DIVERGED = 1
+EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 

@@ -525,7 +525,13 @@ def latest_checkpoint(out: Path) -> Path | None:
     latest = out / LATEST_NAME
     if not latest.is_file():
         return None
-    path = out / latest.read_text(encoding="utf-8").strip()
+    try:
+        path = out / latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError(
+            f"{latest}: not a readable checkpoint pointer ({exc}); write the name of one of "
+            f"the step-* folders of {out} into it"
+        ) from None
     weights = (path / "adapter").is_dir() or (path / "base").is_dir()
     if not ((path / STATE_NAME).is_file() and (path / HEAD_NAME).is_file() and weights):
         raise TrainingError(f"{latest} names {path}, which is not a complete checkpoint")
@@ -590,7 +596,11 @@ def save_checkpoint(
 def load_state(path: Path) -> dict:
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: unsafe
+        raise TrainingError(
+            f"{path / STATE_NAME}: not a training state this project wrote, or a damaged one"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
         raise TrainingError(f"{path / STATE_NAME}: cannot read the training state ({exc})") from exc
     if state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path / STATE_NAME}: unknown format {state.get('format')!r}")

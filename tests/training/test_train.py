@@ -394,6 +394,15 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     (out / "step-000002" / "training_state.pt").write_bytes(b"")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
     assert "cannot read the training state" in capsys.readouterr().err
+    (out / "step-000002" / "training_state.pt").write_bytes(b"\x80\x04 not a pickle")
+    assert train_cli.main(resume) == train_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "not a training state this project wrote" in err and "weights_only" not in err
+    latest = (out / "latest").read_bytes()
+    (out / "latest").write_bytes(b"\xff\xfe")
+    assert train_cli.main(resume) == train_cli.EXIT_USAGE
+    assert "latest: not a readable checkpoint pointer" in capsys.readouterr().err
+    (out / "latest").write_bytes(latest)
     shutil.rmtree(out / "step-000002" / "adapter")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
     assert "which is not a complete checkpoint" in capsys.readouterr().err

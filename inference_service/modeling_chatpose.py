@@ -462,6 +462,12 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
         raise UnsupportedInputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     if not torch.cuda.is_available():
         raise UnsupportedInputError(f"device {device!r} requested but CUDA is not available")
+    count = torch.cuda.device_count()
+    if torch_device.index is not None and torch_device.index >= count:
+        raise UnsupportedInputError(
+            f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}"
+        )
     return torch_device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 

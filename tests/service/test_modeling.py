@@ -311,6 +311,10 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert modeling_chatpose.select_device("auto") == (torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert modeling_chatpose.select_device("cuda:1")[0] == torch.device("cuda:1")
+    with pytest.raises(UnsupportedInputError, match=r"'cuda:7': this machine has 2 CUDA device"):
+        modeling_chatpose.select_device("cuda:7")
 
 
 def test_out_of_gpu_memory_becomes_a_model_error(tiny_model, monkeypatch):

@@ -21,6 +21,7 @@ from inference_service.prompts import TEMPLATES
 CONFIG_NAME = "chatpose.json"
 HEAD_NAME = "pose_head.safetensors"
 ADAPTER_DIR = "adapter"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft saves
 FORMAT_VERSION = 1
 NUM_JOINTS = 24
 # The 6D layout of the release (HMR2): the first two columns of the matrix, one after the other.
@@ -144,6 +145,10 @@ class Checkpoint:
         if not head_path.is_file():
             raise CheckpointError(f"{head_path}: file not found")
         adapter_dir = root / ADAPTER_DIR
-        if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").is_file():
-            raise CheckpointError(f"{adapter_dir}: adapter directory without adapter_config.json")
+        if adapter_dir.exists():
+            # Both files, checked here: peft takes a folder without its weights for the name
+            # of a model on the Hugging Face Hub and goes online for it.
+            for name in ADAPTER_FILES:
+                if not (adapter_dir / name).is_file():
+                    raise CheckpointError(f"{adapter_dir}: adapter directory without {name}")
         return cls(root, config, base_dir, head_path, adapter_dir if adapter_dir.exists() else None)

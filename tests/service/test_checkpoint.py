@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -99,7 +100,10 @@ def test_open_reports_missing_parts(tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(CheckpointError, match="without adapter_config.json"):
         Checkpoint.open(tmp_path)
-    (tmp_path / "adapter").rmdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="without adapter_model.safetensors"):
+        Checkpoint.open(tmp_path)  # peft would look for it on the Hub
+    shutil.rmtree(tmp_path / "adapter")
     (tmp_path / "pose_head.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pose_head.safetensors: file not found"):
         Checkpoint.open(tmp_path)

@@ -108,6 +108,11 @@ class _Task:
     deadline: float = field(default=0.0)
 
 
+# The longest a micro-batch may wait to fill: every lone request waits this long, and past
+# about 2**31 s the condition's timeout overflows and the worker thread dies.
+MAX_WAIT_MS = 1000.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -123,8 +128,8 @@ class Scheduler:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms: expected 0 or more, got {max_wait_ms}")
+        if not 0 <= max_wait_ms <= MAX_WAIT_MS:
+            raise ValueError(f"max_wait_ms: expected 0 to {MAX_WAIT_MS}, got {max_wait_ms}")
         self._backend = backend
         self._emit = emit
         self._max_batch = max_batch

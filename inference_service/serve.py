@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import logs
 from .errors import ChatPoseError
+from .scheduler import MAX_WAIT_MS
 from .server import (
     DEFAULT_BIND,
     CurveKeys,
@@ -35,10 +36,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _wait_ms(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    if not 0 <= value <= MAX_WAIT_MS:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WAIT_MS:g} ms, got {text}")
     return value
 
 
@@ -54,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="largest micro-batch")
     parser.add_argument(
         "--max-wait-ms",
-        type=_non_negative_float,
+        type=_wait_ms,
         default=2.0,
-        help="how long a micro-batch waits to fill",
+        help=f"how long a micro-batch waits to fill (0 to {MAX_WAIT_MS:g})",
     )
     parser.add_argument(
         "--max-queue", type=_positive_int, default=1024, help="items waiting, at most"

@@ -239,3 +239,11 @@ def test_serve_rejects_non_positive_numbers(flag, capsys):
         serve.main([flag, "0"])
     assert info.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "5000"])
+def test_serve_rejects_a_batch_wait_out_of_range(value, capsys):
+    with pytest.raises(SystemExit) as info:  # inf used to kill the scheduler's thread
+        serve.main(["--max-wait-ms", value])
+    assert info.value.code == 2
+    assert f"expected 0 to 1000 ms, got {value}" in capsys.readouterr().err

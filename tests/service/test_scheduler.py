@@ -201,7 +201,10 @@ def test_chat_mode_runs_alone_through_generation(backend, collected):
     assert backend.groups == [["pose"]]
 
 
-@pytest.mark.parametrize(("option", "value"), [("max_batch", 0), ("max_wait_ms", -1)])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("max_batch", 0), ("max_wait_ms", -1), ("max_wait_ms", float("inf")), ("max_wait_ms", 1e9)],
+)
 def test_bad_options_are_refused(backend, collected, option, value):
     with pytest.raises(ValueError, match=option):
         Scheduler(backend, collected, **{option: value})

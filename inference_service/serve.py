@@ -135,6 +135,8 @@ def _build_server(args: argparse.Namespace) -> Server:
         raise ServerConfigError("--curve-secret-key and --curve-clients go together")
     curve = CurveKeys(args.curve_secret_key, args.curve_clients) if args.curve_secret_key else None
     check_bind(args.bind, curve)  # before loading a model that may take minutes
+    if curve is not None:
+        curve.load()
     check_address_free(args.bind)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if not checkpoint.exists():

@@ -80,6 +80,34 @@ class CurveKeys:
     server_secret_file: Path
     authorized_clients_dir: Path
 
+    def load(self) -> tuple[bytes, bytes]:
+        """The server's (public, secret) key; ServerConfigError names a path that does not
+        hold what it should (checked before a model loads: the clients' folder is read only
+        once clients connect, and a bad one would refuse every client silently)."""
+        secret_file, clients = self.server_secret_file, self.authorized_clients_dir
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise ServerConfigError(
+                f"--curve-secret-key: {secret_file} is not a readable CURVE key file ({exc}); "
+                "make keys with python -m inference_service.keys DIR"
+            ) from None
+        if secret is None:
+            raise ServerConfigError(
+                f"--curve-secret-key: {secret_file} holds a public key only; give the "
+                "server's .key_secret file"
+            )
+        if not clients.is_dir():
+            raise ServerConfigError(
+                f"--curve-clients: {clients} is not a folder (of the clients' public .key files)"
+            )
+        if not any(clients.glob("*.key")):
+            raise ServerConfigError(
+                f"--curve-clients: {clients} holds no client public key (*.key), so every client "
+                "would be refused"
+            )
+        return public, secret
+
 
 def check_bind(bind: str, curve: CurveKeys | None) -> None:
     """Refuses a malformed address, and a non-loopback one unless CURVE keys guard it."""
@@ -181,12 +209,7 @@ class Server:
         return limits.max_header_bytes + limits.max_images * limits.max_image_bytes + 4096
 
     def _configure_curve(self, curve: CurveKeys) -> None:
-        for path in (curve.server_secret_file, curve.authorized_clients_dir):
-            if not path.exists():
-                raise ServerConfigError(f"CURVE key path does not exist: {path}")
-        public, secret = zmq.auth.load_certificate(curve.server_secret_file)
-        if secret is None:
-            raise ServerConfigError(f"{curve.server_secret_file} holds no secret key")
+        public, secret = curve.load()
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
         self._authenticator.configure_curve(domain="*", location=str(curve.authorized_clients_dir))

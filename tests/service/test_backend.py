@@ -20,6 +20,7 @@ from PIL import Image
 from inference_service import serve
 from inference_service.backend import ModelBackend, paired_turns
 from inference_service.errors import UnsupportedInputError
+from inference_service.keys import make_keys
 from inference_service.modeling_chatpose import PoseRequest as ModelRequest
 from inference_service.scheduler import WorkItem
 from inference_service.server import Server
@@ -193,6 +194,31 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
 )
 def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
     assert serve.main(argv) == serve.EXIT_CONFIG
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("secret", "clients", "message"),
+    [
+        ("authorized_clients", "authorized_clients", "is not a readable CURVE key file"),
+        ("garbage.key_secret", "authorized_clients", "is not a readable CURVE key file"),
+        ("server.key", "authorized_clients", "holds a public key only"),
+        ("server.key_secret", "server.key", "is not a folder"),
+        ("server.key_secret", "empty", "holds no client public key"),
+    ],
+)
+def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret, clients, message):
+    make_keys(tmp_path, ["animator"])
+    (tmp_path / "garbage.key_secret").write_text("not a key")
+    (tmp_path / "empty").mkdir()
+    argv = [
+        "--curve-secret-key",
+        str(tmp_path / secret),
+        "--curve-clients",
+        str(tmp_path / clients),
+    ]
+    # A checkpoint that does not exist: the keys are named first, before any loading.
+    assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_CONFIG
     assert message in capsys.readouterr().err
 
 

@@ -46,6 +46,11 @@ CONNECT_TIMEOUT_S = 2.0
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
+# One wait on the socket: ZeroMQ takes a C int of milliseconds (about 24.8 days at most), and a
+# longer timeout is waited out in such steps.
+_LONGEST_POLL_MS = 60_000
+
+
 @dataclass(frozen=True)
 class UndecodableReply(ErrorReply):
     """The ErrorReply that `poll` makes from frames that do not decode (a service or protocol
@@ -203,7 +208,7 @@ class Client:
     def _wait_for(self, request: Request, timeout_s: float) -> Reply:
         deadline = time.monotonic() + timeout_s
         while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
-            reply = self.poll(remaining_ms)
+            reply = self.poll(min(remaining_ms, _LONGEST_POLL_MS))
             if reply is not None and reply.id == request.id:  # skip late replies to old ones
                 return reply
         code = ErrorCode.TIMEOUT if self.connected else ErrorCode.UNREACHABLE

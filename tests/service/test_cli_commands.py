@@ -48,6 +48,11 @@ def test_status(address, capsys):
     assert "images    up to 1 per request" in out
 
 
+def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):
+    code, out, _ = run(capsys, "status", "--address", address, "--timeout", "1e9")
+    assert code == cli.EXIT_OK and "scripted on cpu" in out
+
+
 def test_pose_prints_the_reply_and_every_joint(address, capsys):
     code, out, _ = run(capsys, "pose", "raise the left arm", "--address", address)
     assert code == cli.EXIT_OK

@@ -235,11 +235,11 @@ def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
     _check_writable(args.out)
     poses: dict[int, Pose] = {}  # by line number
-    failures: dict[int, str] = {}  # by line number: why it got no pose
+    failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why it got no pose
     limit = DEFAULT_LIMITS.max_prompt_chars
     for number, prompt in lines:  # the service would refuse the whole request for one of them
         if len(prompt) > limit:
-            failures[number] = f"too_large: {len(prompt)} characters; at most {limit}"
+            failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
     sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
     try:
         with _client(args) as client:
@@ -250,7 +250,7 @@ def _batch(args: argparse.Namespace) -> int:
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         poses[numbers[reply.index]] = reply.poses[0]
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
-                        failures[numbers[reply.index]] = f"{reply.code.value}: {reply.message}"
+                        failures[numbers[reply.index]] = (reply.code, reply.message)
                     elif isinstance(reply, ErrorReply):
                         raise ProtocolError(reply.code, reply.message)
                     _progress(len(poses) + len(failures), len(lines))
@@ -258,13 +258,17 @@ def _batch(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
         if poses:
             _write_motion(args.out, [poses[i] for i in sorted(poses)], fps=args.fps)
-            print(f"wrote {len(poses)} of {len(lines)} poses to {args.out}", file=sys.stderr)
-        for number in sorted(failures):
-            print(f"chatpose batch: line {number}: {failures[number]}", file=sys.stderr)
+            gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
+            print(f"wrote {len(poses)} of {len(lines)} poses to {args.out}{gaps}", file=sys.stderr)
+        for number, (code, message) in sorted(failures.items()):
+            print(f"chatpose batch: line {number}: {code.value}: {message}", file=sys.stderr)
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
         if unanswered:
             print(f"chatpose batch: not answered: {_line_ranges(unanswered)}", file=sys.stderr)
-    return EXIT_SERVICE_ERROR if failures else EXIT_OK
+    if not failures:
+        return EXIT_OK
+    exits = {exit_code_for(code) for code, _ in failures.values()}
+    return exits.pop() if len(exits) == 1 else EXIT_SERVICE_ERROR  # bad input alone: 4
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:

@@ -124,8 +124,9 @@ def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys
     prompts.write_text("wave\n\n" + "x" * 9000 + "\nbow\n")
     out_file = tmp_path / "anim.npz"
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
-    assert code == cli.EXIT_SERVICE_ERROR
+    assert code == cli.EXIT_BAD_INPUT  # every failure is the input's
     assert "line 3: too_large: 9000 characters; at most 8000" in err
+    assert "wrote 2 of 3 poses to" in err and "(a frame per answered line, in file order)" in err
     assert Motion.load_npz(out_file).labels == ("wave", "bow")
 
 

@@ -134,6 +134,11 @@ class Checkpoint:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a directory")
+        if not (root / CONFIG_NAME).exists():
+            raise CheckpointError(
+                f"{root}: not a ChatPose checkpoint (no {CONFIG_NAME}); an official release "
+                "converts with python -m inference_service.convert_official (docs/checkpoints.md)"
+            )
         config = ChatPoseConfig.load(root / CONFIG_NAME)
         base_dir = root / Path(config.base_model).expanduser()  # absolute paths stay absolute
         if not (base_dir / "config.json").is_file():

@@ -55,5 +55,9 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
             f"{field}: too many pixels to decode (at most {Image.MAX_IMAGE_PIXELS:,}); "
             f"downscale it ({exc})"
         ) from exc
+    except Image.UnidentifiedImageError as exc:  # its message shows an internal object
+        raise BadImageError(
+            f"{field}: not a decodable PNG or JPEG (neither header, or a damaged one)"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"{field}: not a decodable PNG or JPEG ({exc})") from exc

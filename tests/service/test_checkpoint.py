@@ -91,6 +91,11 @@ def test_open_resolves_relative_and_absolute_base(tmp_path):
     assert Checkpoint.open(elsewhere).base_dir == tmp_path / "base"
 
 
+def test_a_folder_without_chatpose_json_is_named_as_no_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not a ChatPose checkpoint \(no chatpose.json\)"):
+        Checkpoint.open(tmp_path)
+
+
 def test_open_reports_missing_parts(tmp_path):
     make_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="'base_model' points to .*no config.json"):

@@ -22,6 +22,7 @@ def test_bad_bytes_raise_bad_image(data):
     with pytest.raises(BadImageError, match="not a decodable PNG or JPEG") as error:
         decode_image(data)
     assert error.value.code == "bad_image"
+    assert "object at 0x" not in str(error.value)  # no Python internals in a user's message
 
 
 def test_non_bytes_raise_bad_image():

@@ -479,7 +479,8 @@ def condition_base(
       second layer, and the first is a context layer: its head h attends to the token
       h % `context_window` + 1 places back (query and key biases only, `offset_query`),
       its value and output projections are the identity (the marker dimensions left out),
-      so each position's state gains a slice of each of the tokens before it; its MLP's
+      so each position's state gains a slice of each of the text tokens before it (an image
+      token is looked past, `CONTEXT_IMAGE_KEY`); its MLP's
       `down_proj` starts at zero (the model starts as the bag of words) and trains with the
       embeddings (`--train-base context`), so it can join a word to its neighbours ("left_elbow is
       straight"), which a bag of words cannot (docs/demo_model_experiments.md, eighteenth
@@ -596,6 +597,12 @@ CONTEXT_SPAN = 400  # the distances `offset_query` fits
 # MLP learns from text alone, and an image token passes it unchanged. A text token's marker is
 # about 0, so its gates stay open and that column of the weight hardly trains.
 CONTEXT_IMAGE_GATE = 10.0
+# How far the context heads look away from an image token (`_context_weight`): without it, the
+# two tokens after the image read half of it each, and their MLP, which learns from text alone,
+# writes it into the bag of words (docs/demo_model_experiments.md, 21st round). The score of an
+# image token falls by this × its marker (about 5) / √head_dim; a text token's marker, about 0,
+# leaves its score nearly as it was.
+CONTEXT_IMAGE_KEY = 80.0
 
 
 def offset_query(offset: int, head_dim: int, rope_theta: float) -> np.ndarray:
@@ -623,11 +630,17 @@ def offset_query(offset: int, head_dim: int, rope_theta: float) -> np.ndarray:
 def _context_weight(name: str, weight, head_dim: int, rope_theta: float, window: int):
     """The weight `condition_base` gives the context layer's tensor `name`, or None to keep it
     (the norms, and the MLP's random `up_proj`; `gate_proj` is kept but for the image marker's
-    column)."""
+    column).
+
+    Each head's last query and key row (the second row of the slowest rotary pair, which turns
+    by under 0.06 rad over `CONTEXT_SPAN` tokens, so its score hardly depends on position)
+    keep the image token out (`CONTEXT_IMAGE_KEY`): the key reads the image marker there,
+    negated, against a query bias that replaces the fit's coefficient (about 14 here, and
+    multiplied by a sine under 0.06 against a text token's key of 0)."""
     import torch
 
     if name.endswith("q_proj.bias"):
-        return torch.cat(
+        fresh = torch.cat(
             [
                 torch.as_tensor(
                     offset_query(head % window + 1, head_dim, rope_theta), dtype=torch.float32
@@ -635,6 +648,12 @@ def _context_weight(name: str, weight, head_dim: int, rope_theta: float, window:
                 for head in range(weight.shape[0] // head_dim)
             ]
         )
+        fresh.view(-1, head_dim)[:, head_dim - 1] = CONTEXT_IMAGE_KEY
+        return fresh
+    if name.endswith("k_proj.weight"):
+        fresh = torch.zeros(weight.shape)
+        fresh.view(-1, head_dim, weight.shape[1])[:, head_dim - 1, IMAGE_MARKER_DIM] = -1.0
+        return fresh
     if name.endswith("k_proj.bias"):
         fresh = torch.zeros(weight.shape).view(-1, head_dim)
         fresh[:, : head_dim // 2] = 1.0
@@ -649,7 +668,7 @@ def _context_weight(name: str, weight, head_dim: int, rope_theta: float, window:
         fresh = torch.eye(*weight.shape)
         fresh[[IMAGE_MARKER_DIM, SALIENCE_DIM]] = 0.0  # what the bag layer reads stays the token's
         return fresh
-    if name.endswith(("_proj.bias", "q_proj.weight", "k_proj.weight", "down_proj.weight")):
+    if name.endswith(("_proj.bias", "q_proj.weight", "down_proj.weight")):
         return torch.zeros(weight.shape)
     return None
 

@@ -373,6 +373,16 @@ def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_befor
             for state in (text_state, image_state)
         )
     assert image_out < 1e-3 * text_out, (image_out, text_out)
+    # Nor do the context heads pass an image token to the tokens after it: they look past it.
+    eager = AutoModelForImageTextToText.from_pretrained(
+        checkpoint / "base", attn_implementation="eager"
+    ).model.language_model
+    embeds = eager.embed_tokens(ids[:, :40]).detach()
+    embeds[0, 20, build_demo.IMAGE_MARKER_DIM] = 5.0  # as the projector marks an image token
+    attentions = eager(inputs_embeds=embeds, output_attentions=True).attentions[0][0]
+    for head, offset in enumerate((1, 2, 3, 4)):
+        assert attentions[head, 20 + offset, 20] < 1e-6, head
+        assert attentions[head, 30 + offset, 30] > 0.6, head  # text tokens: as before
 
 
 def _assert_context_heads_read(checkpoint: Path, ids, offsets):

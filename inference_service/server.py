@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
@@ -82,8 +83,8 @@ class CurveKeys:
 
     def load(self) -> tuple[bytes, bytes]:
         """The server's (public, secret) key; ServerConfigError names a path that does not
-        hold what it should (checked before a model loads: the clients' folder is read only
-        once clients connect, and a bad one would refuse every client silently)."""
+        hold what it should. Checked before a model loads: a bad clients' folder would
+        otherwise refuse every client, with nothing but a line in pyzmq's log to say why."""
         secret_file, clients = self.server_secret_file, self.authorized_clients_dir
         try:
             public, secret = zmq.auth.load_certificate(secret_file)
@@ -97,16 +98,33 @@ class CurveKeys:
                 f"--curve-secret-key: {secret_file} holds a public key only; give the "
                 "server's .key_secret file"
             )
+        if not (_is_curve_key(public) and _is_curve_key(secret)):
+            raise ServerConfigError(
+                f"--curve-secret-key: {secret_file} holds keys that are not 40 Z85 characters"
+            )
         if not clients.is_dir():
             raise ServerConfigError(
                 f"--curve-clients: {clients} is not a folder (of the clients' public .key files)"
             )
-        if not any(clients.glob("*.key")):
+        try:
+            authorised = zmq.auth.load_certificates(clients)  # as the authenticator reads it
+        except (OSError, ValueError) as exc:
+            raise ServerConfigError(
+                f"--curve-clients: {clients} holds a .key file that is not a CURVE key ({exc})"
+            ) from None
+        if not authorised:
             raise ServerConfigError(
                 f"--curve-clients: {clients} holds no client public key (*.key), so every client "
                 "would be refused"
             )
         return public, secret
+
+
+def _is_curve_key(key: bytes) -> bool:
+    try:
+        return len(z85.decode(key)) == 32
+    except (ValueError, KeyError):  # a length that is no multiple of 5, a character not Z85's
+        return False
 
 
 def check_bind(bind: str, curve: CurveKeys | None) -> None:

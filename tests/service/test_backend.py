@@ -205,12 +205,19 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
         ("server.key", "authorized_clients", "holds a public key only"),
         ("server.key_secret", "server.key", "is not a folder"),
         ("server.key_secret", "empty", "holds no client public key"),
+        ("short.key_secret", "authorized_clients", "not 40 Z85 characters"),
+        ("server.key_secret", "junk_clients", "holds a .key file that is not a CURVE key"),
     ],
 )
 def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret, clients, message):
     make_keys(tmp_path, ["animator"])
     (tmp_path / "garbage.key_secret").write_text("not a key")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "short.key_secret").write_text(
+        'curve\n    public-key = "abcde"\n    secret-key = "fghij"\n'
+    )
+    (tmp_path / "junk_clients").mkdir()
+    (tmp_path / "junk_clients" / "bob.key").write_text("not a key")
     argv = [
         "--curve-secret-key",
         str(tmp_path / secret),

@@ -21,7 +21,7 @@ import numpy as np
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
-from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys
+from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
@@ -252,7 +252,7 @@ def _batch(args: argparse.Namespace) -> int:
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
                         failures[numbers[reply.index]] = (reply.code, reply.message)
                     elif isinstance(reply, ErrorReply):
-                        raise ProtocolError(reply.code, reply.message)
+                        _checked(reply)  # the whole request failed
                     _progress(len(poses) + len(failures), len(lines))
     finally:  # what was answered is written, and what was not is named, even half-way
         print(file=sys.stderr)
@@ -355,7 +355,10 @@ def _checkpoint(args: argparse.Namespace) -> Path:
 
 
 def _checked(reply):
-    """The reply, or a ProtocolError for an error reply."""
+    """The reply, or a ProtocolError for an error reply (a CommandError for one that did not
+    decode: a fault of the service, whatever code the decoder gave it)."""
+    if isinstance(reply, UndecodableReply):
+        raise CommandError(EXIT_SERVICE_ERROR, reply.message)
     if isinstance(reply, ErrorReply):
         raise ProtocolError(reply.code, reply.message, request_id=reply.id)
     return reply

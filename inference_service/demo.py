@@ -387,11 +387,12 @@ def run_demo(
         raise DemoError(f"no checkpoint at {checkpoint} (chatpose.json missing)")
     try:
         import bpy  # noqa: F401
-    except ModuleNotFoundError:
-        raise DemoError(
-            "bpy is not installed: the demo needs the project's `blender` extra (make setup)"
-        ) from None
-    except ImportError as exc:  # installed, but a system library it loads is missing
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "bpy":
+            raise DemoError(
+                "bpy is not installed: the demo needs the project's `blender` extra (make setup)"
+            ) from None
+        # Installed, but something it loads is missing: a system library, most often.
         raise DemoError(
             f"headless Blender (bpy) cannot start: {exc}; a minimal Linux lacks the X11 and "
             "OpenGL libraries it loads (README.md, Setup in detail, lists them)"

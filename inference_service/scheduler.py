@@ -108,8 +108,8 @@ class _Task:
     deadline: float = field(default=0.0)
 
 
-# The longest a micro-batch may wait to fill: every lone request waits this long, and past
-# about 2**31 s the condition's timeout overflows and the worker thread dies.
+# The longest a micro-batch may wait to fill: every lone request waits this long, and a wait
+# past threading.TIMEOUT_MAX (inf, say) overflows and kills the worker thread.
 MAX_WAIT_MS = 1000.0
 
 

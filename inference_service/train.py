@@ -12,8 +12,8 @@ Data formats (`--data`, repeatable):
     llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
 
-Exit status: 0 done, 1 stopped on a NaN/inf loss (the last good checkpoint is kept), 2 bad
-arguments, data or checkpoint.
+Exit status: 0 done, 2 bad arguments, data or checkpoint, 3 stopped on a NaN/inf loss (the
+last good checkpoint is kept), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -184,6 +184,7 @@ def test_answers_already_received_are_kept_when_the_service_goes():
     ("failure", "message"),
     [
         (ModuleNotFoundError("No module named 'bpy'", name="bpy"), "bpy is not installed"),
+        (ModuleNotFoundError("No module named 'numpy'", name="numpy"), "bpy\\) cannot start"),
         (
             ImportError("libXi.so.6: cannot open shared object file: No such file or directory"),
             "bpy\\) cannot start: libXi.so.6: cannot open .* X11 and OpenGL libraries",

@@ -600,8 +600,9 @@ CONTEXT_IMAGE_GATE = 10.0
 # How far the context heads look away from an image token (`_context_weight`): without it, the
 # two tokens after the image read half of it each, and their MLP, which learns from text alone,
 # writes it into the bag of words (docs/demo_model_experiments.md, 21st round). The score of an
-# image token falls by this × its marker (about 5) / √head_dim; a text token's marker, about 0,
-# leaves its score nearly as it was.
+# image token falls by this × its marker (about 5) / √head_dim. A text token's marker starts at
+# 0; the words stage trains it (to 0.6 at most, seen), so that it too may learn to be looked
+# past.
 CONTEXT_IMAGE_KEY = 80.0
 
 
@@ -635,8 +636,9 @@ def _context_weight(name: str, weight, head_dim: int, rope_theta: float, window:
     Each head's last query and key row (the second row of the slowest rotary pair, which turns
     by under 0.06 rad over `CONTEXT_SPAN` tokens, so its score hardly depends on position)
     keep the image token out (`CONTEXT_IMAGE_KEY`): the key reads the image marker there,
-    negated, against a query bias that replaces the fit's coefficient (about 14 here, and
-    multiplied by a sine under 0.06 against a text token's key of 0)."""
+    negated, against a query bias that replaces the fit's coefficient (-14 to 14 by offset;
+    against the key bias of 1 it multiplies a sine under 0.06, so a text token's score moves
+    by under a unit)."""
     import torch
 
     if name.endswith("q_proj.bias"):

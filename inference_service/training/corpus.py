@@ -303,27 +303,31 @@ def load_corpus(path: str | os.PathLike) -> list[CorpusRecord]:
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an .npz file, without pickles. ValueError names the file and what is
-    wrong with it; FileNotFoundError goes to the caller as it is."""
+    """Every array of an .npz file, without pickles (other members, a readme say, are left
+    out). ValueError names the file and what is wrong with it; FileNotFoundError goes to the
+    caller as it is."""
     name = os.fspath(path)
     unreadable = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
-    except unreadable as exc:  # not numpy's (a JSON file, say)
+    except ValueError:  # numpy found neither format and took it for a pickle
+        raise ValueError(f"{name}: not an .npz file (nor a .npy one)") from None
+    except unreadable as exc:  # a damaged archive
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{name}: a single .npy array, not an .npz archive of arrays")
     try:
         with data:
-            arrays = {key: data[key] for key in data.files}
+            members = {key: data[key] for key in data.files}
+            npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
     except unreadable as exc:  # a damaged member, or an object array that needs pickle
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
-    for key, value in arrays.items():
-        if not isinstance(value, np.ndarray):  # numpy hands back a member that is no .npy as bytes
+    for key, value in members.items():
+        if key in npy_names and not isinstance(value, np.ndarray):  # numpy gave its bytes back
             raise ValueError(f"{name}: {key!r} is not a .npy array")
-    return arrays
+    return {key: value for key, value in members.items() if isinstance(value, np.ndarray)}
 
 
 def _records_from_arrays(arrays: dict[str, np.ndarray]) -> list[CorpusRecord]:

@@ -8,10 +8,12 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from inference_service import cli
 from inference_service.server import Server
 from shared_protocol.pose import Motion
+from shared_protocol.protocol import StatusReply, decode_request, encode_reply
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
 from .tiny_llava import image_bytes
@@ -46,6 +48,30 @@ def test_status(address, capsys):
     assert code == cli.EXIT_OK
     assert "model     scripted on cpu (float32)" in out
     assert "images    up to 1 per request" in out
+
+
+def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(capsys):
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_badly() -> None:
+        if router.poll(TIMEOUT_S * 1000):
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+            header = json.loads(encode_reply(status)[0]) | {"model": 5}  # must be a string
+            router.send_multipart([peer, json.dumps(header).encode()])
+
+    service = threading.Thread(target=answer_badly)
+    service.start()
+    try:
+        code, _, err = run(capsys, "status", "--address", f"tcp://127.0.0.1:{port}")
+    finally:
+        service.join(TIMEOUT_S)
+        router.close()
+    assert code == cli.EXIT_SERVICE_ERROR  # the decoder's code is bad_schema: not bad input
+    assert "bad reply" in err and "model" in err
 
 
 def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):
@@ -107,13 +133,14 @@ def test_model_errors_are_service_errors(address, capsys):
 
 def test_batch_streams_writes_what_succeeded_and_names_failed_lines(address, capsys, tmp_path):
     prompts = tmp_path / "shots.txt"
-    prompts.write_text("wave\n\nsit down\nexplode\nbow\n")
+    prompts.write_text("wave\n\nsit down\nexplode\nbow\n" + "x" * 9000 + "\n")
     out_file = tmp_path / "anim.npz"
     code, _, err = run(
         capsys, "batch", str(prompts), "--out", str(out_file), "--fps", "24", "--address", address
     )
-    assert code == cli.EXIT_SERVICE_ERROR
-    assert "line 4: model_error" in err and "wrote 3 of 4 poses" in err  # the file's line
+    assert code == cli.EXIT_SERVICE_ERROR  # the model's failure and the user's: the model's
+    assert "line 4: model_error" in err and "wrote 3 of 5 poses" in err  # the file's line
+    assert "line 6: too_large" in err
     motion = Motion.load_npz(out_file)
     assert motion.fps == 24.0 and motion.labels == ("wave", "sit down", "bow")
     np.testing.assert_allclose(motion.axis_angle[1], pose_for("sit down").axis_angle, atol=1e-9)

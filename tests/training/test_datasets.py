@@ -140,7 +140,7 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
     with pytest.raises(DatasetError, match=r"shape\.npz: 'poses' must have shape"):
         read_posescript(captions, write_npz(tmp_path / "shape.npz", np.zeros((3, 10))))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DatasetError, match=r"junk\.npz: not a readable \.npz"):
+    with pytest.raises(DatasetError, match=r"junk\.npz: not an \.npz file \(nor a \.npy one\)"):
         read_posescript(captions, tmp_path / "junk.npz")
     with pytest.raises(DatasetError, match=r"missing\.npz: file not found"):
         read_posescript(captions, tmp_path / "missing.npz")
@@ -165,6 +165,9 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
         archive.writestr("poses.npy", b"not npy")
     with pytest.raises(DatasetError, match=r"member\.npz: 'poses' is not a \.npy array"):
         read_posescript(captions, tmp_path / "member.npz")
+    with zipfile.ZipFile(write_npz(tmp_path / "readme.npz"), "a") as archive:
+        archive.writestr("readme.txt", b"how these poses were made")  # not an array: left out
+    assert len(read_posescript(captions, tmp_path / "readme.npz")) == 1
     (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"0": "a man"}')  # Windows' UTF-8
     assert len(read_posescript(tmp_path / "bom.json", write_npz(tmp_path / "ok.npz"))) == 1
     (tmp_path / "latin.json").write_bytes('{"0": "caf\u00e9"}'.encode("latin-1"))

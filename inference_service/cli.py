@@ -25,6 +25,7 @@ from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, Und
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
+    BatchDoneReply,
     BatchItemReply,
     BatchRequest,
     ErrorCode,
@@ -247,6 +248,8 @@ def _batch(args: argparse.Namespace) -> int:
                 numbers = [sendable[i][0] for i in chunk]
                 request = BatchRequest(client.new_id(), [sendable[i][1] for i in chunk])
                 for reply in client.stream(request, args.timeout):
+                    if isinstance(reply, BatchDoneReply):
+                        continue  # every line it held is already counted
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         poses[numbers[reply.index]] = reply.poses[0]
                     elif isinstance(reply, ErrorReply) and reply.index is not None:

@@ -362,20 +362,39 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            group = self._next_group()
-            if group is None:
-                return
-            answers = self._answer(group)
-            with self._lock:
-                for task, outcome in zip(group, answers, strict=True):
-                    task.request.queued -= 1
-                    if task.request.ended:
-                        continue  # cancelled or shut down while it ran: nobody wants it
-                    if isinstance(outcome, Answer):
-                        self._succeed_item(task, outcome)
-                    else:
-                        self._fail_item(task, _error_code(outcome), str(outcome))
-                self._lock.notify_all()
+            group = None
+            try:
+                group = self._next_group()
+                if group is None:
+                    return
+                self._deliver(group, self._answer(group))
+            except Exception as exc:  # a dead worker would leave the service up but silent
+                log.exception("the scheduler failed")
+                self._end_after_failure(group, exc)
+
+    def _deliver(self, group: list[_Task], answers: list[Answer | ChatPoseError]) -> None:
+        with self._lock:
+            for task, outcome in zip(group, answers, strict=True):
+                task.request.queued -= 1
+                if task.request.ended:
+                    continue  # cancelled or shut down while it ran: nobody wants it
+                if isinstance(outcome, Answer):
+                    self._succeed_item(task, outcome)
+                else:
+                    self._fail_item(task, _error_code(outcome), str(outcome))
+            self._lock.notify_all()
+
+    def _end_after_failure(self, group: list[_Task] | None, exc: Exception) -> None:
+        """Ends, with `internal_error`, the requests a failure of the scheduler itself may have
+        left unanswered: the micro-batch's, or every request if it failed before one was taken
+        (its tasks may be off the queue)."""
+        message = f"the service failed while scheduling it ({type(exc).__name__}: {exc})"
+        with self._lock:
+            affected = [t.request for t in group] if group else list(self._requests.values())
+            for request in dict.fromkeys(affected):
+                if not request.ended:
+                    self._end(request, ErrorCode.INTERNAL_ERROR, message)
+            self._lock.notify_all()
 
     def _next_group(self) -> list[_Task] | None:
         """Waits for work and takes the next micro-batch off the queue (None when stopping)."""

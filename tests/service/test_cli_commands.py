@@ -141,6 +141,7 @@ def test_batch_streams_writes_what_succeeded_and_names_failed_lines(address, cap
     assert code == cli.EXIT_SERVICE_ERROR  # the model's failure and the user's: the model's
     assert "line 4: model_error" in err and "wrote 3 of 5 poses" in err  # the file's line
     assert "line 6: too_large" in err
+    assert err.count("] 5/5") == 1  # the progress bar draws each count once
     motion = Motion.load_npz(out_file)
     assert motion.fps == 24.0 and motion.labels == ("wave", "sit down", "bow")
     np.testing.assert_allclose(motion.axis_angle[1], pose_for("sit down").axis_angle, atol=1e-9)

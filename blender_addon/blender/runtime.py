@@ -11,6 +11,7 @@ batch items cannot freeze the UI.
 Undo: results arrive outside any operator, so after applying a pose (or at the end of a batch)
 the timer pushes one undo step itself (``bpy.ops.ed.undo_push``, when its poll allows, e.g. not
 while Blender has no undo stack); one answer is one undo step, one batch run is one undo step.
+An undo step drops the steps the user undid, so while they can redo, answers wait.
 """
 
 from __future__ import annotations
@@ -229,19 +230,27 @@ def timer_tick() -> float | None:
     return None
 
 
-def why_answers_wait(mode: str, interface_locked: bool, running_tools: Sequence[str]) -> str | None:
+def why_answers_wait(
+    mode: str, interface_locked: bool, running_tools: Sequence[str], can_redo: bool = False
+) -> str | None:
     """What must end before answers are applied, as the panel says it; None when they can be
     applied now. In an edit or paint mode, creating people would end the user's session, and
     its undo step would not hold the armature. Under a running transform (a G, R or S drag),
     the tool would overwrite an answer when confirmed and take it back when cancelled. While
-    a render locks the interface, data must not change from a timer. Other modal tools (an
-    add-on's that runs all session long) do not hold answers back."""
+    a render locks the interface, data must not change from a timer. While the user has
+    undone steps (`can_redo`), an answer's undo step would drop them for good. Other modal
+    tools (an add-on's that runs all session long) do not hold answers back."""
     if mode not in {"OBJECT", "POSE"}:
         return f"leave {mode.replace('_', ' ').title()} mode to apply them"
     if any(tool.lower().startswith(("transform_ot_", "transform.")) for tool in running_tools):
         return "they are applied when the transform ends"
     if interface_locked:
         return "they are applied when the render ends (the interface is locked)"
+    if can_redo:
+        return (
+            "you have undone steps, which applying them would drop: redo (Ctrl+Shift+Z) or "
+            "make a change, and they are applied"
+        )
     return None
 
 
@@ -253,7 +262,14 @@ def _why_answers_wait_now() -> str | None:
         windows = list(wm.windows) if wm is not None else []
         tools = [op.bl_idname for w in windows for op in w.modal_operators]
         locked = wm is not None and wm.is_interface_locked
-        return why_answers_wait(context.mode, locked, tools)
+        return why_answers_wait(context.mode, locked, tools, _can_redo())
+
+
+def _can_redo() -> bool:
+    try:
+        return bpy.ops.ed.redo.poll()
+    except RuntimeError:  # no window to ask in
+        return False
 
 
 def _next_outcome():

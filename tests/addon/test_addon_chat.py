@@ -244,6 +244,24 @@ def test_what_holds_answers_back(blender, mode, locked, tools, reason):
     assert runtime.why_answers_wait(mode, locked, tools) == reason
 
 
+def test_answers_wait_while_the_user_can_redo(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    bpy.ops.ed.undo_push(message="before")
+    bpy.data.objects["SMPL"].location.x = 1.0
+    bpy.ops.ed.undo_push(message="the user's move")
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "while comparing"
+    bpy.ops.chatpose.send()
+    bpy.ops.ed.undo()  # Ctrl+Z to compare with the state before the move
+    backend.release()
+    drive(lambda: "waiting: you have undone steps" in runtime.last_message()[0])
+    bpy.ops.ed.redo()  # the move is still there to redo: the answer did not drop it
+    assert bpy.data.objects["SMPL"].location.x == 1.0
+    drive(idle)
+    assert_pose(bpy.data.objects["SMPL"], pose_for("while comparing"))
+
+
 def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)
@@ -805,6 +823,8 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     bpy.ops.chatpose.batch_keyframe()
     drive(lambda: runtime.current_batch().keyed >= 4)
     bpy.ops.ed.undo()  # Ctrl+Z while the batch runs: the keys of the last group go
+    drive(lambda: "waiting: you have undone steps" in runtime.last_message()[0])
+    bpy.ops.ed.undo_push(message="a change")  # the batch goes on after the user's next change
     drive(idle)
     message = runtime.last_message()[0]
     assert "still to key" in message and "all 12 lines keyed" not in message, message

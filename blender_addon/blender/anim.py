@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import bpy
+
+Channel = tuple[str, str, int]  # (bone name, property, array index)
 
 
 def action_fcurves(obj: bpy.types.Object) -> list[bpy.types.FCurve]:
@@ -30,3 +34,32 @@ def bone_data_path(bone_name: str, prop: str) -> str:
 def fcurve_map(obj: bpy.types.Object) -> dict[tuple[str, int], bpy.types.FCurve]:
     """(data_path, array_index) -> F-curve."""
     return {(fc.data_path, fc.array_index): fc for fc in action_fcurves(obj)}
+
+
+def refuse_locked(fcurves: dict, channels: Iterable[Channel]) -> None:
+    """ValueError naming the first of ``channels`` whose F-curve the user locked. Checked
+    before anything is written: ``keyframe_insert`` skips a locked channel with only a line on
+    the console, which would leave a pose half keyed."""
+    for bone, prop, index in channels:
+        fcurve = fcurves.get((bone_data_path(bone, prop), index))
+        if fcurve is not None and fcurve.lock:
+            raise ValueError(f"the F-curve of {bone} {prop} is locked; unlock it to key this pose")
+
+
+def action_time(obj: bpy.types.Object, frame: float) -> float:
+    """A scene frame as the time of the object's action. The two differ while the object is in
+    NLA tweak mode: the strip being edited may start elsewhere, be scaled or repeat. Keys
+    written straight into F-curves, and F-curves read at a frame, need the action's time;
+    ``keyframe_insert`` maps it by itself."""
+    anim = obj.animation_data
+    if anim is None or not anim.use_tweak_mode:
+        return frame
+    return anim.nla_tweak_strip_time_to_scene(frame, invert=True)
+
+
+def scene_time(obj: bpy.types.Object, frame: float) -> float:
+    """The action's time ``frame`` as a scene frame (``action_time``'s inverse)."""
+    anim = obj.animation_data
+    if anim is None or not anim.use_tweak_mode:
+        return frame
+    return anim.nla_tweak_strip_time_to_scene(frame)

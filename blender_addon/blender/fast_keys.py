@@ -22,9 +22,8 @@ from collections.abc import Sequence
 import bpy
 import numpy as np
 
-from .anim import bone_data_path, fcurve_map
+from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
 
-Channel = tuple[str, str, int]  # (bone name, property, array index)
 _FRAME_MATCH = 0.01  # Blender's own (BEZT_BINARYSEARCH_THRESH): one key per frame
 
 
@@ -46,16 +45,14 @@ def _ensure_fcurves(obj: bpy.types.Object, channels: Sequence[Channel], frame: f
 def write_keys(
     obj: bpy.types.Object, channels: Sequence[Channel], frames: Sequence[float], values
 ) -> None:
-    """Keys ``values[c, n]`` on channel ``channels[c]`` at ``frames[n]`` (frames distinct)."""
+    """Keys ``values[c, n]`` on channel ``channels[c]`` at scene frames ``frames[n]`` (distinct)."""
     frames = np.asarray(frames, dtype=np.float64).reshape(-1)
     values = np.asarray(values, dtype=np.float64).reshape(len(channels), len(frames))
     if not len(frames) or not len(channels):
         return
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
-    locked = [f"{bone} {prop}" for bone, prop, index in channels
-              if fcurves[(bone_data_path(bone, prop), index)].lock]  # fmt: skip
-    if locked:  # as keyframe_insert, never write into a channel the user locked
-        raise ValueError(f"the F-curve of {locked[0]} is locked; unlock it to key this pose")
+    frames = np.array([action_time(obj, frame) for frame in frames.tolist()])
+    refuse_locked(fcurves, channels)
     for (bone, prop, index), row in zip(channels, values, strict=True):
         _write_curve(fcurves[(bone_data_path(bone, prop), index)], frames, row)
 

@@ -13,7 +13,7 @@ from shared_protocol.skeleton import JOINT_NAMES
 
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
-from .anim import action_fcurves, bone_data_path, fcurve_map
+from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
 from .armature import bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
 from .posing import (
@@ -100,11 +100,11 @@ def key_motion(
 
 
 def keyed_frames(obj: bpy.types.Object) -> list[int]:
-    """Frames with a key on a pose channel (an SMPL bone's rotation, the root's location),
-    sorted; ValueError for a key between frames (`keyed_frame_list`)."""
+    """Scene frames with a key on a pose channel (an SMPL bone's rotation, the root's
+    location), sorted; ValueError for a key between frames (`keyed_frame_list`)."""
     prefixes = tuple(bone_data_path(name, "") for name in JOINT_NAMES)
     return keyed_frame_list(
-        point.co[0]
+        scene_time(obj, point.co[0])
         for fc in action_fcurves(obj)
         if fc.data_path.startswith(prefixes) and fc.data_path.endswith(POSE_CHANNELS)
         for point in fc.keyframe_points

@@ -106,7 +106,11 @@ class CHATPOSE_OT_apply_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
         if self.insert_keyframe:
             is_set = self.properties.is_property_set("frame")
             frame = self.frame if is_set else context.scene.frame_current
-        result = apply_pose(obj, pose, use_translation=self.use_translation, frame=frame)
+        try:
+            result = apply_pose(obj, pose, use_translation=self.use_translation, frame=frame)
+        except ValueError as exc:  # a locked F-curve; nothing changed
+            self.report({"ERROR"}, f"Not applied: {exc}")
+            return {"CANCELLED"}
         _report_modes(self, result.non_quaternion_bones)
         return {"FINISHED"}
 

@@ -27,7 +27,7 @@ from ..core.posing import (
     root_location,
     translation_from_root_location,
 )
-from .anim import bone_data_path, fcurve_map
+from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
 from .armature import bone_rest_rotations, root_location_frame
 
 ROOT = JOINT_NAMES[0]
@@ -108,8 +108,10 @@ def apply_pose(
     pose's forward kinematics. With ``use_translation`` the root's location becomes the pose's
     translation (zero when it has none); without, the root's location is left alone.
     Keys: the rotation channel of every SMPL bone, and the root's location when
-    ``use_translation``.
+    ``use_translation``; ValueError, before anything changes, when one of them is locked.
     """
+    if frame is not None:
+        refuse_locked(fcurve_map(obj), _keyed_channels(obj, use_translation))
     rests = bone_rest_rotations(obj)
     quats = bone_quaternions(pose.axis_angle, rests)
     result = ApplyResult()
@@ -136,17 +138,30 @@ def apply_pose(
     return result
 
 
+def _keyed_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]:
+    """The channels ``apply_pose`` keys: each SMPL bone's rotation, and the root's location."""
+    channels = []
+    for name in JOINT_NAMES:
+        prop = rotation_data_path(obj.pose.bones[name].rotation_mode)
+        channels += [(name, prop, k) for k in range(len(getattr(obj.pose.bones[name], prop)))]
+    if use_translation:
+        channels += [(ROOT, "location", k) for k in range(3)]
+    return channels
+
+
 def channel_values(fcurves, pbone, prop: str, frame: float | None) -> list[float]:
-    """The bone's ``prop`` values: with ``frame``, as its F-curves (``anim.fcurve_map``) give
-    them there; a channel without keys, or without ``frame``, gives its current value."""
+    """The bone's ``prop`` values: with ``frame`` (a scene frame), as its F-curves
+    (``anim.fcurve_map``) give them there; a channel without keys, or without ``frame``, gives
+    its current value."""
     values = list(getattr(pbone, prop))
     if frame is None:
         return values
     path = bone_data_path(pbone.name, prop)
+    time = action_time(pbone.id_data, frame)
     for k in range(len(values)):
         curve = fcurves.get((path, k))
         if curve is not None and len(curve.keyframe_points):
-            values[k] = curve.evaluate(frame)
+            values[k] = curve.evaluate(time)
     return values
 
 

@@ -577,14 +577,21 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
         return
-    result = apply_people(
-        bpy.context,
-        target,
-        poses,
-        frame=job.frame,
-        use_translation=job.use_translation,
-        spacing=job.spacing,
-    )
+    try:
+        result = apply_people(
+            bpy.context,
+            target,
+            poses,
+            frame=job.frame,
+            use_translation=job.use_translation,
+            spacing=job.spacing,
+        )
+    except ValueError as exc:  # a locked F-curve, found before the pose changed
+        if scene is not None:
+            _give_prompt_back(scene, job.prompt)
+        push_undo("ChatPose: reply")
+        notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
+        return
     label = job.prompt or job.attachment or "pose"
     push_undo(f"ChatPose: {label[:60]}")
     where = ", ".join(

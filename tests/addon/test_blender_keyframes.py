@@ -207,6 +207,40 @@ def test_a_locked_channel_is_never_written(blender):
     np.testing.assert_allclose(read_pose(obj, 1).axis_angle, random_pose(1).axis_angle, atol=1e-5)
 
 
+def test_a_single_pose_is_not_keyed_into_a_partly_locked_channel(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_pose(obj, random_pose(1), frame=1)
+    [w] = [fc for fc in action_fcurves(obj)
+           if '"left_knee"].rotation_quaternion' in fc.data_path and fc.array_index == 0]  # fmt: skip
+    w.lock = True
+    with pytest.raises(ValueError, match="left_knee rotation_quaternion is locked; unlock it"):
+        apply_pose(obj, random_pose(2), frame=10)
+    assert keyed_frames(obj) == [1]  # no channel keyed at 10, the locked one's neighbours neither
+    np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(1).axis_angle, atol=1e-5)
+    apply_pose(obj, random_pose(3))  # posing without a key does not touch the curves
+    np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(3).axis_angle, atol=1e-5)
+
+
+def test_keys_land_on_their_scene_frames_in_nla_tweak_mode(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_pose(obj, random_pose(0), frame=1)
+    take = obj.animation_data.action
+    obj.animation_data.nla_tracks.new().strips.new("take", 100, take)  # plays frame 1 at 100
+    obj.animation_data.action = None
+    obj.animation_data.use_tweak_mode = True  # Tab in the NLA editor: editing the take
+    poses = [random_pose(1), random_pose(2), random_pose(3)]
+    key_poses(obj, poses[:2], [110, 120])  # a batch
+    apply_pose(obj, poses[2], frame=130)  # a single answer
+    assert obj.animation_data.action == take
+    for fcurve in action_fcurves(obj):  # in the take's own time, with no stray key
+        assert [p.co[0] for p in fcurve.keyframe_points] == [1.0, 11.0, 21.0, 31.0]
+    assert keyed_frames(obj) == [100, 110, 120, 130]
+    for pose, frame in zip(poses, [110, 120, 130], strict=True):
+        np.testing.assert_allclose(read_pose(obj, frame).axis_angle, pose.axis_angle, atol=1e-5)
+        bpy.context.scene.frame_set(frame)
+        assert fk_error(obj, pose) < FK_TOLERANCE
+
+
 def test_only_pose_channels_count_as_keyed_frames(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     pelvis = obj.pose.bones["pelvis"]

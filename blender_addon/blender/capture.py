@@ -99,13 +99,24 @@ def _buffer_array(buffer) -> np.ndarray:
         return np.array(buffer.to_list(), dtype=np.uint8)
 
 
-_RENDER_SETTINGS = ("engine", "resolution_x", "resolution_y", "resolution_percentage", "filepath")
+# Compositing and the sequencer are off for the snapshot: a compositor's File Output node would
+# write the user's output files with it.
+_RENDER_SETTINGS = (
+    "engine",
+    "resolution_x",
+    "resolution_y",
+    "resolution_percentage",
+    "filepath",
+    "use_compositing",
+    "use_sequencer",
+)
 _IMAGE_SETTINGS = ("file_format", "color_mode", "color_depth")
 
 
 def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_SIDE) -> bytes:
     """PNG bytes of the scene camera's view, rendered with Workbench at most ``max_side`` px on
-    the long side (the scene's aspect ratio); the scene's settings are put back afterwards."""
+    the long side (the scene's aspect ratio), without compositing; the scene's settings are put
+    back afterwards. Like any render, it replaces the Render Result."""
     if scene.camera is None:
         raise CaptureError(
             "the scene has no camera to take a picture with (in background mode the viewport "
@@ -127,6 +138,7 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
             render.resolution_x, render.resolution_y = width, height
             render.resolution_percentage = 100
             render.filepath = path
+            render.use_compositing = render.use_sequencer = False
             settings.file_format = "PNG"
             settings.color_mode = "RGB"
             settings.color_depth = "8"

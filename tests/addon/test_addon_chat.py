@@ -378,6 +378,20 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     assert png_size(render_camera_snapshot(scene, max_side=64)) == (64, 36)
 
 
+def test_a_camera_snapshot_writes_none_of_the_user_s_output_files(blender, tmp_path):
+    create_smpl_armature(bpy.context, with_mesh=True)
+    _add_camera()
+    scene = bpy.context.scene
+    scene.use_nodes = True  # a compositor that writes every frame it sees to final_frames/
+    tree = scene.node_tree
+    output = tree.nodes.new("CompositorNodeOutputFile")
+    output.base_path = str(tmp_path / "final_frames")
+    tree.links.new(tree.nodes["Render Layers"].outputs["Image"], output.inputs[0])
+    render_camera_snapshot(scene, max_side=64)
+    assert not (tmp_path / "final_frames").exists()
+    assert scene.render.use_compositing and scene.render.use_sequencer  # put back
+
+
 class FakeGPU:
     """Stands in for Blender's `gpu` module, which background Blender refuses ("GPU functions
     for drawing are not available in background mode"): an offscreen whose framebuffer holds

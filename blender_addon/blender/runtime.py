@@ -457,9 +457,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         ) from None
     gone = record.past_the_end(len(lines))
     keys_left_note = ""
-    if gone:  # lines deleted from the text: forget them, but leave their keys alone
+    if gone:  # lines deleted from the text: forget them (once the run starts), keys left alone
         record = record.without_lines(entry.line for entry in gone)
-        save_record(target, record)
         keys_left_note = (
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
@@ -482,6 +481,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     )
     if not pending:
         dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
+        if gone:
+            save_record(target, record)
         set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
         )
@@ -491,6 +492,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         dispatcher().start_batch(service, run)
     except SEND_ERRORS as exc:
         raise UserError(f"Batch not sent: {exc}") from None
+    if gone:  # not before: a run that did not start would lose the note for the next one
+        save_record(target, record)
     ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""

@@ -15,7 +15,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon import panel
+from blender_addon import panel, preferences
 from blender_addon.blender import batch_store, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
@@ -537,8 +537,6 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     bpy.context.scene.chatpose.prompt = "   "
     with pytest.raises(RuntimeError, match="Type a prompt first"):
         bpy.ops.chatpose.send()
-    from blender_addon import preferences
-
     use_service("tcp://10.9.8.7:5555")
     monkeypatch.setattr(preferences, "online_access", lambda: False)
     bpy.context.scene.chatpose.prompt = "wave"
@@ -598,8 +596,6 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
 
 
 def test_a_service_off_this_machine_needs_keys(armature, monkeypatch):
-    from blender_addon import preferences
-
     use_service("tcp://10.9.8.7:5555")
     monkeypatch.setattr(preferences, "online_access", lambda: True)
     bpy.context.scene.chatpose.prompt = "wave"
@@ -692,8 +688,6 @@ def local_scripted(armature, monkeypatch, tmp_path):
     """The Start button with the scripted server standing in for chatpose-serve (the real one
     is started by the tiny_service fixture with the same process manager), up and answering;
     yields (address, the commands Start ran)."""
-    from blender_addon import preferences
-
     address = f"tcp://127.0.0.1:{free_port()}"
     use_service(address)
     prefs = preferences.get_preferences()
@@ -731,8 +725,6 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
 def test_start_and_stop_the_local_service_from_blender(
     armature, local_scripted, monkeypatch, tmp_path
 ):
-    from blender_addon import preferences
-
     address, commands = local_scripted
     assert commands == [(sys.executable, str(tmp_path), address, "auto")]
     bpy.context.scene.chatpose.prompt = "from the local service"
@@ -864,7 +856,12 @@ def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature,
     text = _keyed_batch(scripted_service, "a\nbb\nccc\ndddd")
     text.clear()
     text.write("a\nccc\ndddd")  # 'bb' deleted: the lines after it move up one frame slot
-    bpy.ops.chatpose.batch_keyframe()
+    address = preferences.get_preferences().service_address
+    use_service("ipc:///tmp/" + "a" * 120)  # a first try that cannot be sent
+    with pytest.raises(RuntimeError, match="Batch not sent"):
+        bpy.ops.chatpose.batch_keyframe()
+    use_service(address)
+    bpy.ops.chatpose.batch_keyframe()  # the note is still there for the run that starts
     assert (
         "1 recorded line(s) are no longer in the text, their keys (frame 31)"
         in (runtime.last_message()[0])

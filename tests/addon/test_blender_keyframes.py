@@ -210,8 +210,8 @@ def test_a_locked_channel_is_never_written(blender):
 def test_a_single_pose_is_not_keyed_into_a_partly_locked_channel(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     apply_pose(obj, random_pose(1), frame=1)
-    [w] = [fc for fc in action_fcurves(obj)
-           if '"left_knee"].rotation_quaternion' in fc.data_path and fc.array_index == 0]  # fmt: skip
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    [w] = [fc for fc in action_fcurves(obj) if (fc.data_path, fc.array_index) == (knee, 0)]
     w.lock = True
     with pytest.raises(ValueError, match="left_knee rotation_quaternion is locked; unlock it"):
         apply_pose(obj, random_pose(2), frame=10)

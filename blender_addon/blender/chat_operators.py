@@ -159,8 +159,8 @@ class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
 
 
 class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa: N801
-    """Forget which batch lines are keyed on the target armature: the next batch keys them all
-    again (the keys themselves stay)"""
+    """Forget which batch lines are keyed in the target armature's action: the next batch keys
+    them all again (the keys themselves stay)"""
 
     bl_idname = "chatpose.clear_batch_record"
     bl_label = "Clear Batch Record"

@@ -1,7 +1,7 @@
 """The record of a "batch keyframe from text" run: which prompt lines are keyed at which frames.
 
 A batch turns a text, one prompt per line, into poses keyed at ``start + index * step``. The
-record lives on the armature object (a JSON string custom property, ``RECORD_PROPERTY``) so that
+record lives on the armature's action (a JSON string custom property, ``RECORD_PROPERTY``) so that
 a run that stops half way (service gone, Blender closed, user cancel) resumes where it stopped:
 ``pending`` gives the lines still to do, a rerun keys nothing twice and loses nothing.
 

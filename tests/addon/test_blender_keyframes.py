@@ -8,6 +8,12 @@ import pytest
 
 from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
+from blender_addon.blender.batch_store import (
+    clear_record,
+    key_batch_line,
+    load_record,
+    save_record,
+)
 from blender_addon.blender.keyframes import (
     export_npz,
     import_npz,
@@ -17,6 +23,7 @@ from blender_addon.blender.keyframes import (
     motion_from_keys,
 )
 from blender_addon.blender.posing import apply_pose, read_pose
+from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord, prompt_lines
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -348,20 +355,12 @@ def test_poses_with_labels_and_partial_translation(blender):
 
 
 def test_batch_record_on_the_armature_resumes_a_run(blender):
-    from blender_addon.blender.batch_store import (
-        clear_record,
-        key_batch_line,
-        load_record,
-        save_record,
-    )
-    from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord, prompt_lines
-
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     lines = prompt_lines("stand\nkneel\n\nwave\n")
     assert load_record(obj) == BatchRecord()
     for item in load_record(obj).pending(lines, start=1, step=10)[:2]:  # stopped after two
         key_batch_line(obj, item, random_pose(item.line))
-    assert isinstance(obj[RECORD_PROPERTY], str)
+    assert isinstance(obj.animation_data.action[RECORD_PROPERTY], str)
     rest = load_record(obj).pending(lines, start=1, step=10)
     assert [(p.line, p.frame) for p in rest] == [(2, 21)]
     key_batch_line(obj, rest[0], random_pose(2))
@@ -371,10 +370,41 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
         np.testing.assert_allclose(
             read_pose(obj, frame).axis_angle, random_pose(i).axis_angle, atol=1e-5
         )
-    obj[RECORD_PROPERTY] = "garbage"
+    obj.animation_data.action[RECORD_PROPERTY] = "garbage"
     with pytest.raises(ValueError, match="batch record"):
         load_record(obj)
     clear_record(obj)
     assert len(load_record(obj).pending(lines, 1, 10)) == 3
     save_record(obj, BatchRecord())
     assert load_record(obj) == BatchRecord()
+
+
+def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    lines = prompt_lines("stand\nkneel\n")
+    for item in load_record(obj).pending(lines, start=1, step=10):
+        key_batch_line(obj, item, random_pose(item.line))
+    take1 = obj.animation_data.action
+    obj.animation_data.action = bpy.data.actions.new("take 2")  # a new take, no keys in it
+    assert len(load_record(obj).pending(lines, 1, 10)) == 2
+    key_batch_line(obj, load_record(obj).pending(lines, 1, 10)[0], random_pose(5))
+    assert len(load_record(obj).pending(lines, 1, 10)) == 1  # take 2's own progress
+    obj.animation_data.action = take1  # back to the first take: all of it is still done
+    assert load_record(obj).pending(lines, 1, 10) == []
+    track = obj.animation_data.nla_tracks.new()  # pushed down to the NLA: no action, no record
+    track.strips.new("take 1", 1, take1)
+    obj.animation_data.action = None
+    assert len(load_record(obj).pending(lines, 1, 10)) == 2
+
+
+def test_a_record_an_earlier_build_left_on_the_object_moves_to_the_action(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    lines = prompt_lines("stand\nkneel\n")
+    [first, second] = load_record(obj).pending(lines, start=1, step=10)
+    key_batch_line(obj, first, random_pose(0))
+    action = obj.animation_data.action
+    obj[RECORD_PROPERTY] = action[RECORD_PROPERTY]  # where earlier builds kept it
+    del action[RECORD_PROPERTY]
+    assert load_record(obj).pending(lines, 1, 10) == [second]
+    key_batch_line(obj, second, random_pose(1))
+    assert RECORD_PROPERTY not in obj and load_record(obj).pending(lines, 1, 10) == []

@@ -41,6 +41,9 @@ class ChatPoseConfig:
     image_size: int = 336  # side of the square the processor crops images to
     mm_use_im_start_end: bool = False  # wrap each image marker in <im_start>...<im_end>
     max_images: int = 1  # images per request the model was trained for
+    # Joints 0..posed_joints-1 come from the head; the rest are put at rest (zero rotation):
+    # the release trained SMPL-H finger joints where SMPL's hands (22, 23) are.
+    posed_joints: int = NUM_JOINTS
     base_model: str = "base"  # a directory: relative to the checkpoint, or absolute
     format_version: int = FORMAT_VERSION
 
@@ -50,6 +53,10 @@ class ChatPoseConfig:
         for name in ("hidden_size", "head_hidden_size", "image_size", "max_images"):
             if getattr(self, name) < 1:
                 raise CheckpointError(f"field '{name}' must be positive, got {getattr(self, name)}")
+        if not 1 <= self.posed_joints <= NUM_JOINTS:
+            raise CheckpointError(
+                f"field 'posed_joints' must be 1 to {NUM_JOINTS}, got {self.posed_joints}"
+            )
         if self.head_output_size != NUM_JOINTS * 6:
             raise CheckpointError(
                 f"field 'head_output_size' must be {NUM_JOINTS * 6} ({NUM_JOINTS} joints x 6D), "

@@ -61,6 +61,13 @@ IGNORED = ("model.vision_tower.", "model.smplx.", "rotary_emb.inv_freq")
 IMAGE_TOKEN = "<image>"
 # LLaVA's `mm_vision_select_feature` -> transformers' `vision_feature_select_strategy`.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# The release's prompts wrap every image in these whenever its tokenizer has them (its
+# main_chat.py: `--use_mm_start_end`, default True), whatever `mm_use_im_start_end` in its
+# config.json (LLaVA-1.5's false) says.
+IMAGE_WRAPPERS = ("<im_start>", "<im_end>")
+# The release's body model is SMPL-X, of which it uses 21 body joints; its text data put SMPL-H
+# finger joints in SMPL's hand slots (22, 23), which therefore mean nothing for an SMPL hand.
+RELEASE_POSED_JOINTS = 22
 
 
 def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str = "[SEG]") -> Path:
@@ -77,6 +84,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     weights = _read_weights(source)
     tokenizer = _read_tokenizer(source, pose_token)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    wraps_images = set(IMAGE_WRAPPERS) <= set(tokenizer.get_vocab())
 
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower, local_files_only=True)
     embed = _required(weights, "model.embed_tokens.weight", source)
@@ -131,7 +139,8 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         head_hidden_size=head[0].out_features,
         pose_token=pose_token,
         image_size=vision_config.image_size,
-        mm_use_im_start_end=bool(official.get("mm_use_im_start_end", False)),
+        mm_use_im_start_end=wraps_images,
+        posed_joints=RELEASE_POSED_JOINTS,
     ).save(writing)
     if destination.exists():  # an empty folder
         destination.rmdir()
@@ -319,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"convert_official: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.destination}")
+    config = ChatPoseConfig.load(args.destination)
+    wrapped = "wrapped in <im_start>...<im_end>" if config.mm_use_im_start_end else "not wrapped"
+    print(
+        f"wrote {args.destination} (images {wrapped}; joints {config.posed_joints} to 23 at "
+        "rest: see docs/checkpoints.md)"
+    )
     return 0
 
 

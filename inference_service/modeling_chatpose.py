@@ -421,7 +421,9 @@ class ChatPoseModel:
         # would show in the rotations.
         with torch.inference_mode():
             output = self.head(states.to(self.device, torch.float32))
-        return list(decode_pose(output.cpu().numpy()))
+        poses = decode_pose(output.cpu().numpy())
+        poses[:, self.config.posed_joints :] = 0.0  # joints the head was not trained for
+        return list(poses)
 
     def _render(self, token_ids: list[int]) -> str:
         """Reply text without end-of-sequence/padding, pose tokens written as POSE_MARKER."""

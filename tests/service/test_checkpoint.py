@@ -47,6 +47,8 @@ def test_defaults_follow_the_release():
         ({"conversation_template": "vicuna"}, "conversation_template"),
         ({"mm_use_im_start_end": 1}, "mm_use_im_start_end"),
         ({"max_images": 0}, "max_images"),
+        ({"posed_joints": 25}, "posed_joints"),
+        ({"posed_joints": 0}, "posed_joints"),
         ({"base_model": ""}, "base_model"),
         ({"format_version": 2}, "format_version"),
         ({"colour": "red"}, "colour"),

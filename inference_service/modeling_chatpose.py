@@ -174,14 +174,15 @@ class ChatPoseModel:
         """Load a checkpoint directory (docs/checkpoints.md), from local files only.
 
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda[:N]". CUDA runs in
-        bfloat16 (float16 where bf16 is unsupported), CPU in float32. load_in_4bit/8bit quantize
-        the LLM with bitsandbytes (CUDA only); a LoRA adapter is then applied unmerged.
+        bfloat16 (float16 on cards before compute capability 8.0), CPU in float32.
+        load_in_4bit/8bit quantize the LLM with bitsandbytes (CUDA only); a LoRA adapter is
+        then applied unmerged.
         """
         checkpoint = Checkpoint.open(path)
         torch_device, dtype = select_device(device)
         if (load_in_4bit or load_in_8bit) and torch_device.type != "cuda":
             raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
-        quantization = _quantization_config(load_in_4bit, load_in_8bit)
+        quantization = _quantization_config(load_in_4bit, load_in_8bit, dtype)
         try:
             processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(
@@ -470,10 +471,15 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
             f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
             f"cuda:{count - 1}"
         )
-    return torch_device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 in hardware from compute capability 8.0 (Ampere); older cards (V100, T4) only
+    # emulate it, far slower than their float16.
+    native_bf16 = torch.cuda.get_device_capability(torch_device) >= (8, 0)
+    return torch_device, torch.bfloat16 if native_bf16 else torch.float16
 
 
-def _quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> BitsAndBytesConfig | None:
+def _quantization_config(
+    load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
     if load_in_4bit and load_in_8bit:
         raise UnsupportedInputError("choose one of load_in_4bit and load_in_8bit")
     if not (load_in_4bit or load_in_8bit):
@@ -491,7 +497,7 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> BitsAndBytes
     if load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=skip,

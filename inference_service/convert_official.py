@@ -20,6 +20,7 @@ docs/checkpoints.md. Peak memory is about the size of the model's weights.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pickle
@@ -191,7 +192,20 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_tokenizer(source: Path, pose_token: str):
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    sentencepiece_only = (source / "tokenizer.model").is_file() and not (
+        source / "tokenizer.json"
+    ).is_file()
+    if sentencepiece_only and not all(map(_installed, ("sentencepiece", "google.protobuf"))):
+        # transformers would go on to other readers and fail with a message about tiktoken.
+        raise CheckpointError(
+            f"{source}: the tokenizer is a SentencePiece model (tokenizer.model, as the release "
+            "saves it, with no tokenizer.json); reading it needs two packages: pip install "
+            "sentencepiece protobuf"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise CheckpointError(f"{source}: cannot read the tokenizer ({exc})") from None
     if pose_token not in tokenizer.get_vocab():
         raise CheckpointError(
             f"{source}: the tokenizer has no pose token {pose_token!r} (see --pose-token)"
@@ -203,6 +217,13 @@ def _read_tokenizer(source: Path, pose_token: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # as the release does
     return tokenizer
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def _llama_config(official: dict, vocab_size: int, tokenizer) -> LlamaConfig:

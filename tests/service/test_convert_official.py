@@ -1,6 +1,7 @@
 """The converter, on a tiny checkpoint this test writes in the official release's layout."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
+from inference_service import convert_official
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.convert_official import convert, main
 from inference_service.errors import CheckpointError
@@ -201,3 +203,18 @@ def test_unreadable_weights_are_reported(release, tmp_path):
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read the weights"):
         convert(broken, tmp_path / "out", clip)
+
+
+def test_a_sentencepiece_tokenizer_without_its_packages_names_them(release, tmp_path, monkeypatch):
+    source, clip, _ = release
+    copy = tmp_path / "release"
+    shutil.copytree(source, copy)
+    (copy / "tokenizer.json").unlink()  # as the release saves it: tokenizer.model alone
+    (copy / "tokenizer.model").write_bytes(b"\x0a\x05")
+    monkeypatch.setattr(convert_official, "_installed", lambda module: module != "sentencepiece")
+    with pytest.raises(CheckpointError, match="pip install sentencepiece protobuf"):
+        convert(copy, tmp_path / "out", clip)
+    monkeypatch.setattr(convert_official, "_installed", lambda module: True)
+    with pytest.raises(CheckpointError, match="release: cannot read the tokenizer"):
+        convert(copy, tmp_path / "out", clip)  # installed, but this tokenizer.model is junk
+    assert not (tmp_path / "out").exists()

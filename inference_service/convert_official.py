@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tokenizers import AddedToken
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
@@ -210,6 +211,16 @@ def _read_tokenizer(source: Path, pose_token: str):
         raise CheckpointError(
             f"{source}: the tokenizer has no pose token {pose_token!r} (see --pose-token)"
         )
+    # The release's tokenizer (transformers 4.31, slow) stripped the whitespace on both sides
+    # of an added token: "it is [SEG]" trained with "▁is" right before [SEG], whose state is
+    # the pose. Today's tokenizers keep that space as a token of its own ("▁"), which would
+    # put another state in front of the pose token; the same flags give the old tokens back.
+    for token in (pose_token, *IMAGE_WRAPPERS):
+        if token in tokenizer.get_vocab():
+            special = token in tokenizer.all_special_tokens
+            stripped = AddedToken(token, lstrip=True, rstrip=True, normalized=False)
+            stripped.special = special
+            tokenizer.add_tokens([stripped], special_tokens=special)
     # Original LLaVA splices image features in at a placeholder id outside the vocabulary;
     # transformers' Llava needs a real image token, which then gets an (unused) embedding row.
     if IMAGE_TOKEN not in tokenizer.get_vocab():

@@ -22,6 +22,7 @@ reference is `LlavaForConditionalGeneration`.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -432,7 +433,9 @@ class ChatPoseModel:
         text = self.tokenizer.decode(
             [t for t in token_ids if t not in hidden], skip_special_tokens=False
         )
-        return text.replace(self.config.pose_token, POSE_MARKER).strip()
+        text = text.replace(self.config.pose_token, POSE_MARKER)
+        # A pose token that takes the space before it (the release's does) still reads as a word.
+        return re.sub(rf"(?<=\w){re.escape(POSE_MARKER)}", f" {POSE_MARKER}", text).strip()
 
 
 @contextmanager

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from inference_service import convert_official
 from inference_service.checkpoint import ChatPoseConfig
@@ -29,12 +30,16 @@ REQUESTS = [
 def release(tmp_path_factory):
     """(official-layout dir, CLIP dir, the same model in this project's format).
 
-    The reference checkpoint's tokenizer is the official one plus "<image>" at the end, which
-    is what the converter makes of it, so both must give the same poses.
+    The reference checkpoint's tokenizer is the official one with the release's added tokens
+    stripping the whitespace around them (as its transformers 4.31 did), plus "<image>" at the
+    end, which is what the converter makes of it, so both must give the same poses.
     """
     root = tmp_path_factory.mktemp("release")
     official_tokenizer = tiny_llava.build_tokenizer(OFFICIAL_TOKENS)
     tokenizer = tiny_llava.build_tokenizer(OFFICIAL_TOKENS)
+    for token in tiny_llava.OFFICIAL_EXTRA_TOKENS:
+        stripped = AddedToken(token, lstrip=True, rstrip=True, normalized=False, special=True)
+        tokenizer.add_tokens([stripped], special_tokens=True)
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     model = tiny_llava.build_llava(tokenizer, seed=5)
     head = tiny_llava.build_head(seed=6)
@@ -145,6 +150,24 @@ def test_converted_release_gives_the_same_poses_as_the_source_weights(release, t
     reply = model.chat("Pose?", logits_processor=[ForceTokens(forced)])
     assert reply.text == "Sure, it is <POSE>."
     assert len(reply.poses) == 1
+
+
+def test_added_tokens_take_the_whitespace_around_them_as_the_release_s_tokenizer_did(
+    release, tmp_path
+):
+    source, clip, _ = release
+    official = AutoTokenizer.from_pretrained(source)
+    converted = AutoTokenizer.from_pretrained(convert(source, tmp_path / "out", clip) / "base")
+
+    def tokens(tokenizer, text: str) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+
+    answer = "Sure, it is [SEG]."
+    assert tokens(official, answer)[-4:-1] == ["Ġis", "Ġ", "[SEG]"]  # a lone space's state
+    assert tokens(converted, answer)[-3:] == ["Ġis", "[SEG]", "."]
+    image = "USER: <im_start><image><im_end>\nCan you"
+    assert tokens(converted, image) == ["USE", "R", ":", "<im_start>", "<image>", "<im_end>",
+                                        "Can", "Ġyou"]  # fmt: skip
 
 
 def test_missing_weight_is_named_by_its_official_name(release, tmp_path):

@@ -28,6 +28,9 @@ NUM_JOINTS = 24
 ROTATION_LAYOUT = "6d_two_columns"
 
 
+IMAGE_ORIENTATIONS = ("upright", "camera")
+
+
 @dataclass(frozen=True)
 class ChatPoseConfig:
     """What chatpose.json holds. Construction validates every field."""
@@ -44,6 +47,10 @@ class ChatPoseConfig:
     # Joints 0..posed_joints-1 come from the head; the rest are put at rest (zero rotation):
     # the release trained SMPL-H finger joints where SMPL's hands (22, 23) are.
     posed_joints: int = NUM_JOINTS
+    # The frame of an image pose's global orientation, as the head was trained: "upright"
+    # (+Y up, facing the camera's heading: docs/evaluation.md) or "camera" (HMR's, which the
+    # release trained on: +Y down, +Z into the scene), turned to "upright" when served.
+    image_orientation: str = "upright"
     base_model: str = "base"  # a directory: relative to the checkpoint, or absolute
     format_version: int = FORMAT_VERSION
 
@@ -53,6 +60,11 @@ class ChatPoseConfig:
         for name in ("hidden_size", "head_hidden_size", "image_size", "max_images"):
             if getattr(self, name) < 1:
                 raise CheckpointError(f"field '{name}' must be positive, got {getattr(self, name)}")
+        if self.image_orientation not in IMAGE_ORIENTATIONS:
+            raise CheckpointError(
+                f"field 'image_orientation' must be one of {list(IMAGE_ORIENTATIONS)}, "
+                f"got {self.image_orientation!r}"
+            )
         if not 1 <= self.posed_joints <= NUM_JOINTS:
             raise CheckpointError(
                 f"field 'posed_joints' must be 1 to {NUM_JOINTS}, got {self.posed_joints}"

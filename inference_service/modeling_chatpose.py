@@ -51,7 +51,7 @@ from inference_service.errors import (
     UnsupportedInputError,
 )
 from inference_service.images import decode_image
-from inference_service.pose_head import PoseHead, decode_pose
+from inference_service.pose_head import PoseHead, camera_to_upright, decode_pose
 from inference_service.prompts import (
     POSE_MARKER,
     Turn,
@@ -211,7 +211,7 @@ class ChatPoseModel:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
         if not requests:
             return []
-        return self._poses(self.pose_states(requests))
+        return self._poses(self.pose_states(requests), [bool(r.images) for r in requests])
 
     def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
         """(len(requests), H): the final-layer state before each request's pose token, with the
@@ -343,7 +343,7 @@ class ChatPoseModel:
             for step, token in enumerate(generated.tolist())
             if token == self.pose_token_id
         ]
-        poses = self._poses(torch.stack(states)) if states else []
+        poses = self._poses(torch.stack(states), [bool(images)] * len(states)) if states else []
         return ChatReply(self._render(generated.tolist()), poses)
 
     @property
@@ -418,13 +418,18 @@ class ChatPoseModel:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
-    def _poses(self, states: torch.Tensor) -> list[np.ndarray]:
+    def _poses(self, states: torch.Tensor, seen_images: Sequence[bool]) -> list[np.ndarray]:
+        """The poses of pose states; `seen_images` says, for each, whether its prompt held an
+        image (whose global orientation the head may give in the camera's frame)."""
         # The head runs in float32 whatever the LLM's dtype: it is small, and bf16 rounding
         # would show in the rotations.
         with torch.inference_mode():
             output = self.head(states.to(self.device, torch.float32))
         poses = decode_pose(output.cpu().numpy())
         poses[:, self.config.posed_joints :] = 0.0  # joints the head was not trained for
+        if self.config.image_orientation == "camera":
+            from_image = np.asarray(seen_images, dtype=bool)
+            poses[from_image, 0] = camera_to_upright(poses[from_image, 0])
         return list(poses)
 
     def _render(self, token_ids: list[int]) -> str:

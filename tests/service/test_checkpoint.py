@@ -49,6 +49,7 @@ def test_defaults_follow_the_release():
         ({"max_images": 0}, "max_images"),
         ({"posed_joints": 25}, "posed_joints"),
         ({"posed_joints": 0}, "posed_joints"),
+        ({"image_orientation": "world"}, "image_orientation"),
         ({"base_model": ""}, "base_model"),
         ({"format_version": 2}, "format_version"),
         ({"colour": "red"}, "colour"),

@@ -5,7 +5,12 @@ from safetensors.torch import save_file
 
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.errors import CheckpointError, ModelError
-from inference_service.pose_head import PoseHead, decode_pose, rotation_6d_to_matrix_torch
+from inference_service.pose_head import (
+    PoseHead,
+    camera_to_upright,
+    decode_pose,
+    rotation_6d_to_matrix_torch,
+)
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_rotation_6d
 
 CONFIG = ChatPoseConfig(hidden_size=16, head_hidden_size=8)
@@ -64,3 +69,10 @@ def test_torch_6d_decode_matches_shared_protocol():
     np.testing.assert_allclose(
         rotation_6d_to_matrix_torch(sixd).numpy(), rotation_6d_to_matrix(sixd.numpy()), atol=1e-12
     )
+
+
+def test_camera_frame_orientations_turn_upright():
+    # HMR's upright body facing the camera is a half turn about X; upright, it is no turn.
+    np.testing.assert_allclose(camera_to_upright(np.array([np.pi, 0.0, 0.0])), 0.0, atol=1e-12)
+    bowing = np.array([[np.pi + 0.3, 0.0, 0.0], [np.pi, 0.0, 0.0]])  # a bow of 0.3 rad; upright
+    np.testing.assert_allclose(camera_to_upright(bowing), [[0.3, 0, 0], [0, 0, 0]], atol=1e-12)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.images import decode_image
+from inference_service.pose_head import camera_to_upright
 from inference_service.prompts import (
     POSE_MARKER,
     build_prompt,
@@ -181,6 +182,10 @@ class Encoder:
             if example.poses
             else np.zeros((0, 24, 3), np.float32)
         )
+        if example.images and self.config.image_orientation == "camera":
+            # The data's image poses are upright; this head gives them in the camera's frame
+            # (the service turns them back). The half turn is its own inverse.
+            poses[:, 0] = camera_to_upright(poses[:, 0])
         action = (
             self.actions.index(example.action) if example.action in self.actions else IGNORE_INDEX
         )

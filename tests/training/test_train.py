@@ -28,6 +28,7 @@ from inference_service.training.datasets import DatasetError, Example
 from inference_service.training.encoding import Encoder
 from inference_service.training.losses import IGNORE_INDEX
 from inference_service.training.scaffold import scaffold_checkpoint
+from shared_protocol.rotations import axis_angle_to_matrix
 
 RNG = np.random.default_rng(0)
 POSES = RNG.normal(size=(8, 24, 3)) * 0.4
@@ -463,6 +464,19 @@ def test_encoding_labels_exactly_the_answers(base, examples):
     (position,) = encoded.pose_positions
     assert encoded.input_ids[position] == pose_id and encoded.labels[position] == pose_id
     np.testing.assert_allclose(encoded.poses[0], POSES[4], atol=1e-6)
+    # A head that gives image poses in the camera's frame (the converted release) learns them
+    # there: the data's upright root, half turned about X; the text poses stay as they are.
+    in_camera = Encoder(processor, dataclasses.replace(config, image_orientation="camera"),
+                        pose_id, 512)  # fmt: skip
+    turned = in_camera.encode(image).poses[0]
+    np.testing.assert_allclose(turned[1:], POSES[4][1:], atol=1e-6)
+    np.testing.assert_allclose(
+        axis_angle_to_matrix(turned[0]),
+        np.diag([1.0, -1.0, -1.0]) @ axis_angle_to_matrix(POSES[4][0]),
+        atol=1e-5,
+    )
+    text = next(e for e in examples if e.poses and not e.images)
+    np.testing.assert_allclose(in_camera.encode(text).poses, encoder.encode(text).poses)
 
     short = Encoder(processor, config, pose_id, 20)
     with pytest.raises(DatasetError, match="t0: .* tokens, more than the maximum length 20"):

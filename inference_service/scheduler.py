@@ -111,6 +111,9 @@ class _Task:
 # The longest a micro-batch may wait to fill: every lone request waits this long, and a wait
 # past threading.TIMEOUT_MAX (inf, say) overflows and kills the worker thread.
 MAX_WAIT_MS = 1000.0
+# The first wait after a failure of the scheduler itself; it doubles while failures repeat,
+# up to a second.
+FAILURE_BACKOFF_S = 0.005
 
 
 class Scheduler:
@@ -361,16 +364,22 @@ class Scheduler:
     # --- the worker thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            group = None
+        failures = 0  # in a row: the wait before the next try doubles, so a lasting fault
+        while True:  # neither spins nor floods the log
+            taken: list[_Task] = []
             try:
-                group = self._next_group()
+                group = self._next_group(taken)
                 if group is None:
                     return
                 self._deliver(group, self._answer(group))
+                failures = 0
             except Exception as exc:  # a dead worker would leave the service up but silent
                 log.exception("the scheduler failed")
-                self._end_after_failure(group, exc)
+                self._end_after_failure(taken, exc)
+                failures += 1
+                with self._lock:
+                    if not self._stopping:
+                        self._lock.wait(min(FAILURE_BACKOFF_S * 2**failures, 1.0))
 
     def _deliver(self, group: list[_Task], answers: list[Answer | ChatPoseError]) -> None:
         with self._lock:
@@ -384,20 +393,20 @@ class Scheduler:
                     self._fail_item(task, _error_code(outcome), str(outcome))
             self._lock.notify_all()
 
-    def _end_after_failure(self, group: list[_Task] | None, exc: Exception) -> None:
-        """Ends, with `internal_error`, the requests a failure of the scheduler itself may have
-        left unanswered: the micro-batch's, or every request if it failed before one was taken
-        (its tasks may be off the queue)."""
+    def _end_after_failure(self, taken: list[_Task], exc: Exception) -> None:
+        """Ends, with `internal_error`, the requests whose tasks a failure of the scheduler
+        itself took off the queue: nothing else would answer them. The others wait in the
+        queue for the next try."""
         message = f"the service failed while scheduling it ({type(exc).__name__}: {exc})"
         with self._lock:
-            affected = [t.request for t in group] if group else list(self._requests.values())
-            for request in dict.fromkeys(affected):
+            for request in dict.fromkeys(task.request for task in taken):
                 if not request.ended:
                     self._end(request, ErrorCode.INTERNAL_ERROR, message)
             self._lock.notify_all()
 
-    def _next_group(self) -> list[_Task] | None:
-        """Waits for work and takes the next micro-batch off the queue (None when stopping)."""
+    def _next_group(self, taken: list[_Task]) -> list[_Task] | None:
+        """Waits for work and takes the next micro-batch off the queue (None when stopping).
+        Each task taken goes into `taken` at once, so that a failure half way loses none."""
         with self._lock:
             self._expire_locked()
             while not self._queue:
@@ -405,10 +414,10 @@ class Scheduler:
                     return None
                 self._lock.wait()
                 self._expire_locked()
-            first = self._queue.popleft()
-            if first.item.mode != "pose":
-                return [first]
-            group = [first]
+            taken.append(self._queue.popleft())
+            if taken[0].item.mode != "pose":
+                return taken
+            group = taken
             fill_until = self._clock() + self._max_wait_s
             while len(group) < self._max_batch and not self._stopping:
                 group.extend(self._take_pose_tasks(self._max_batch - len(group)))

@@ -414,6 +414,8 @@ def load_training_model(
     the head (from `head_path`, else fresh). Seeds torch first: the new weights follow the seed.
     """
     device, dtype = select_device(config.device)
+    if dtype == torch.float16:  # no loss scaling here: AdamW's eps and small gradients vanish
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     try:
         processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
         model = AutoModelForImageTextToText.from_pretrained(

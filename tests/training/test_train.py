@@ -504,6 +504,16 @@ def test_sampler_follows_the_mix_and_the_seed():
         loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
 
 
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_training_does_not_run_in_float16(base, monkeypatch, bf16, expected):
+    # A card before compute capability 8.0 serves in float16; training has no loss scaling.
+    monkeypatch.setattr(loop, "select_device", lambda _: (torch.device("cpu"), torch.float16))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: bf16)
+    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    assert tm.dtype == expected
+    assert tm.model.get_input_embeddings().weight.dtype == expected
+
+
 def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(base, examples):
     tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)

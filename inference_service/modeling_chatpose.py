@@ -439,8 +439,11 @@ class ChatPoseModel:
             [t for t in token_ids if t not in hidden], skip_special_tokens=False
         )
         text = text.replace(self.config.pose_token, POSE_MARKER)
-        # A pose token that takes the space before it (the release's does) still reads as a word.
-        return re.sub(rf"(?<=\w){re.escape(POSE_MARKER)}", f" {POSE_MARKER}", text).strip()
+        # A pose token that takes the spaces around it (the release's does) still reads as a
+        # word in English text.
+        marker = re.escape(POSE_MARKER)
+        text = re.sub(rf"(?<=[A-Za-z0-9]){marker}", f" {POSE_MARKER}", text)
+        return re.sub(rf"{marker}(?=[A-Za-z0-9])", f"{POSE_MARKER} ", text).strip()
 
 
 @contextmanager

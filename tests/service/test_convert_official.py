@@ -157,6 +157,11 @@ def test_converted_release_gives_the_same_poses_as_the_source_weights(release, t
     reply = model.chat("Pose?", logits_processor=[ForceTokens(forced)])
     assert reply.text == "Sure, it is <POSE>."
     assert len(reply.poses) == 1
+    # The pose token takes the spaces on both sides; the reply still reads as words.
+    answer = "First [SEG] then [SEG]."
+    forced = answer_ids(model, "Two poses?", answer)
+    reply = model.chat("Two poses?", logits_processor=[ForceTokens(forced)])
+    assert reply.text == "First <POSE> then <POSE>."
 
 
 def test_added_tokens_take_the_whitespace_around_them_as_the_release_s_tokenizer_did(

@@ -36,14 +36,20 @@ def fcurve_map(obj: bpy.types.Object) -> dict[tuple[str, int], bpy.types.FCurve]
     return {(fc.data_path, fc.array_index): fc for fc in action_fcurves(obj)}
 
 
+class LockedCurveError(ValueError):
+    """A channel to key has an F-curve the user locked."""
+
+
 def refuse_locked(fcurves: dict, channels: Iterable[Channel]) -> None:
-    """ValueError naming the first of ``channels`` whose F-curve the user locked. Checked
-    before anything is written: ``keyframe_insert`` skips a locked channel with only a line on
-    the console, which would leave a pose half keyed."""
+    """LockedCurveError naming the first of ``channels`` whose F-curve the user locked.
+    Checked before anything is written: ``keyframe_insert`` skips a locked channel with only a
+    line on the console, which would leave a pose half keyed."""
     for bone, prop, index in channels:
         fcurve = fcurves.get((bone_data_path(bone, prop), index))
         if fcurve is not None and fcurve.lock:
-            raise ValueError(f"the F-curve of {bone} {prop} is locked; unlock it to key this pose")
+            raise LockedCurveError(
+                f"the F-curve of {bone} {prop} is locked; unlock it to key this pose"
+            )
 
 
 def action_time(obj: bpy.types.Object, frame: float) -> float:

@@ -10,8 +10,8 @@ are made exactly as Blender makes them), and the keys are then written with
 
 Same result as ``keyframe_insert``: a key at a frame that already has one replaces its value
 (its handles move with it, so hand-set handles keep their shape); new keys get Blender's
-defaults (Bezier, auto-clamped handles); a locked F-curve is refused (ValueError, before
-anything is written). Not applied: keying sets, "only insert needed", visual keying,
+defaults (Bezier, auto-clamped handles); a locked F-curve is refused (``anim.LockedCurveError``,
+before anything is written). Not applied: keying sets, "only insert needed", visual keying,
 cycle-aware keying.
 """
 
@@ -50,9 +50,9 @@ def write_keys(
     values = np.asarray(values, dtype=np.float64).reshape(len(channels), len(frames))
     if not len(frames) or not len(channels):
         return
+    refuse_locked(fcurve_map(obj), channels)  # before _ensure_fcurves keys anything
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
     frames = np.array([action_time(obj, frame) for frame in frames.tolist()])
-    refuse_locked(fcurves, channels)
     for (bone, prop, index), row in zip(channels, values, strict=True):
         _write_curve(fcurves[(bone_data_path(bone, prop), index)], frames, row)
 

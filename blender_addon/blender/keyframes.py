@@ -19,6 +19,7 @@ from .fast_keys import write_keys
 from .posing import (
     apply_pose,
     channel_values,
+    pose_channels,
     read_pose,
     rotation_channel_values,
     rotation_data_path,
@@ -61,23 +62,18 @@ def _key_poses_at_once(
     picked = [poses[last[f]] for f in order]
     quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), bone_rest_rotations(obj))
     fcurves = fcurve_map(obj)
-    channels: list = []
-    rows: list = []
+    rows: list = []  # in the order of pose_channels
     for j, name in enumerate(JOINT_NAMES):
         pbone = obj.pose.bones[name]
         path = rotation_data_path(pbone.rotation_mode)
         # Carry on from the keys before (signs, Euler turns), not from the bone's value now.
         before = channel_values(fcurves, pbone, path, order[0])
         values = rotation_channel_values(quats[:, j], pbone.rotation_mode, before)  # (N, k)
-        channels += [(name, path, k) for k in range(values.shape[1])]
         rows.append(values.T)
-    values = np.concatenate(rows)
     if use_translation:
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
-        loc = root_location(t, root_location_frame(obj))  # (N, 3)
-        channels += [(JOINT_NAMES[0], "location", k) for k in range(3)]
-        values = np.concatenate([values, loc.T])
-    write_keys(obj, channels, order, values)
+        rows.append(root_location(t, root_location_frame(obj)).T)  # (3, N)
+    write_keys(obj, pose_channels(obj, use_translation), order, np.concatenate(rows))
 
 
 def key_motion(

@@ -10,6 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 from shared_protocol.pose import Pose
 
 from ..preferences import preferred_smpl_model
+from .anim import LockedCurveError
 from .armature import create_smpl_armature, find_smpl_armature
 from .keyframes import export_npz, import_npz, scene_fps
 from .posing import apply_pose
@@ -108,7 +109,7 @@ class CHATPOSE_OT_apply_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
             frame = self.frame if is_set else context.scene.frame_current
         try:
             result = apply_pose(obj, pose, use_translation=self.use_translation, frame=frame)
-        except ValueError as exc:  # a locked F-curve; nothing changed
+        except LockedCurveError as exc:  # nothing changed
             self.report({"ERROR"}, f"Not applied: {exc}")
             return {"CANCELLED"}
         _report_modes(self, result.non_quaternion_bones)

@@ -15,8 +15,9 @@ from shared_protocol.pose import Pose
 
 from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
+from .anim import fcurve_map, refuse_locked
 from .armature import create_smpl_armature, is_smpl_armature, rest_joints
-from .posing import apply_pose
+from .posing import apply_pose, pose_channels
 
 
 @dataclass
@@ -113,7 +114,13 @@ def apply_people(
     spacing: float = 1.0,
 ) -> PeopleResult:
     """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at
-    ``frame`` when given."""
+    ``frame`` when given. LockedCurveError, before any of them changes, when a channel to key
+    is locked on any of them."""
+    if frame is not None:
+        existing = (bpy.data.objects.get(extra_person_name(target.name, k)) for k in
+                    range(1, len(poses)))  # fmt: skip
+        for obj in [target, *(o for o in existing if o is not None and is_smpl_armature(o))]:
+            refuse_locked(fcurve_map(obj), pose_channels(obj, use_translation))
     result = PeopleResult()
     for k, pose in enumerate(poses):
         if k == 0:

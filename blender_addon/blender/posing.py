@@ -108,10 +108,10 @@ def apply_pose(
     pose's forward kinematics. With ``use_translation`` the root's location becomes the pose's
     translation (zero when it has none); without, the root's location is left alone.
     Keys: the rotation channel of every SMPL bone, and the root's location when
-    ``use_translation``; ValueError, before anything changes, when one of them is locked.
+    ``use_translation``; LockedCurveError, before anything changes, when one of them is locked.
     """
     if frame is not None:
-        refuse_locked(fcurve_map(obj), _keyed_channels(obj, use_translation))
+        refuse_locked(fcurve_map(obj), pose_channels(obj, use_translation))
     rests = bone_rest_rotations(obj)
     quats = bone_quaternions(pose.axis_angle, rests)
     result = ApplyResult()
@@ -138,8 +138,9 @@ def apply_pose(
     return result
 
 
-def _keyed_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]:
-    """The channels ``apply_pose`` keys: each SMPL bone's rotation, and the root's location."""
+def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]:
+    """The channels a pose is keyed on, in order: each SMPL bone's rotation (in its mode),
+    then, with ``use_translation``, the root's location."""
     channels = []
     for name in JOINT_NAMES:
         prop = rotation_data_path(obj.pose.bones[name].rotation_mode)

@@ -55,6 +55,7 @@ from ..core.service_process import (
     serve_command,
 )
 from ..core.session import Service
+from .anim import LockedCurveError
 from .armature import is_deleted, is_smpl_armature
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
@@ -589,7 +590,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             use_translation=job.use_translation,
             spacing=job.spacing,
         )
-    except ValueError as exc:  # a locked F-curve, found before the pose changed
+    except LockedCurveError as exc:  # found before any armature changed
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
         push_undo("ChatPose: reply")

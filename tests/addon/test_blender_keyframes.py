@@ -6,7 +6,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon.blender.anim import action_fcurves
+from blender_addon.blender.anim import LockedCurveError, action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.batch_store import (
     clear_record,
@@ -22,6 +22,7 @@ from blender_addon.blender.keyframes import (
     keyed_frames,
     motion_from_keys,
 )
+from blender_addon.blender.people import apply_people
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord, prompt_lines
 from shared_protocol.pose import Motion, Pose
@@ -226,6 +227,30 @@ def test_a_single_pose_is_not_keyed_into_a_partly_locked_channel(blender):
     np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(1).axis_angle, atol=1e-5)
     apply_pose(obj, random_pose(3))  # posing without a key does not touch the curves
     np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(3).axis_angle, atol=1e-5)
+
+
+def test_a_batch_refused_for_a_locked_channel_makes_no_curve_either(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1)], [1], use_translation=False)  # no location curves yet
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    [w] = [fc for fc in action_fcurves(obj) if (fc.data_path, fc.array_index) == (knee, 0)]
+    w.lock = True
+    with pytest.raises(LockedCurveError, match="left_knee rotation_quaternion is locked"):
+        key_poses(obj, [random_pose(2)], [5], use_translation=True)
+    assert keyed_frames(obj) == [1]
+    assert not [fc for fc in action_fcurves(obj) if fc.data_path.endswith("location")]
+
+
+def test_an_answer_with_several_people_is_refused_whole_for_one_locked_channel(blender):
+    target = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_people(bpy.context, target, [random_pose(1), random_pose(2)], frame=1)
+    second = bpy.data.objects[f"{target.name}.person2"]
+    for fcurve in action_fcurves(second):
+        fcurve.lock = '"right_elbow"' in fcurve.data_path
+    with pytest.raises(LockedCurveError, match="right_elbow"):
+        apply_people(bpy.context, target, [random_pose(3), random_pose(4)], frame=20)
+    assert keyed_frames(target) == [1] and keyed_frames(second) == [1]  # neither keyed at 20
+    np.testing.assert_allclose(read_pose(target).axis_angle, random_pose(1).axis_angle, atol=1e-5)
 
 
 def test_keys_land_on_their_scene_frames_in_nla_tweak_mode(blender):

@@ -40,11 +40,18 @@ class _NeedsTarget:
         return True
 
 
+# Sending is an undo step, as any action the user takes: it drops the steps they undid, so
+# its answer is not held back for them (runtime.why_answers_wait). No REGISTER: "Adjust Last
+# Operation" would send the request again.
+SENDING_OPTIONS = {"UNDO"}
+
+
 class CHATPOSE_OT_send(_NeedsTarget, bpy.types.Operator):  # noqa: N801
     """Send the prompt to the ChatPose service; the answer is put on the target armature"""
 
     bl_idname = "chatpose.send"
     bl_label = "Send"
+    bl_options = SENDING_OPTIONS
 
     def execute(self, context):
         settings = context.scene.chatpose
@@ -63,6 +70,7 @@ class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa:
 
     bl_idname = "chatpose.pose_from_viewport"
     bl_label = "Pose from Viewport"
+    bl_options = SENDING_OPTIONS
 
     def execute(self, context):
         try:
@@ -87,6 +95,7 @@ class CHATPOSE_OT_pose_from_image(_NeedsTarget, bpy.types.Operator, ImportHelper
 
     bl_idname = "chatpose.pose_from_image"
     bl_label = "Pose from Image"
+    bl_options = SENDING_OPTIONS
 
     filter_glob: bpy.props.StringProperty(
         default="*.png;*.jpg;*.jpeg;*.PNG;*.JPG;*.JPEG", options={"HIDDEN"}
@@ -129,6 +138,7 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
 
     bl_idname = "chatpose.batch_keyframe"
     bl_label = "Batch Keyframe"
+    bl_options = SENDING_OPTIONS
 
     @classmethod
     def poll(cls, context):

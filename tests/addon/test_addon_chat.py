@@ -248,11 +248,11 @@ def test_answers_wait_while_the_user_can_redo(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)
     bpy.ops.ed.undo_push(message="before")
-    bpy.data.objects["SMPL"].location.x = 1.0
-    bpy.ops.ed.undo_push(message="the user's move")
     backend.hold()
     bpy.context.scene.chatpose.prompt = "while comparing"
     bpy.ops.chatpose.send()
+    bpy.data.objects["SMPL"].location.x = 1.0
+    bpy.ops.ed.undo_push(message="the user's move")
     bpy.ops.ed.undo()  # Ctrl+Z to compare with the state before the move
     backend.release()
     drive(lambda: "waiting: you have undone steps" in runtime.last_message()[0])
@@ -260,6 +260,16 @@ def test_answers_wait_while_the_user_can_redo(armature, scripted_service):
     assert bpy.data.objects["SMPL"].location.x == 1.0
     drive(idle)
     assert_pose(bpy.data.objects["SMPL"], pose_for("while comparing"))
+
+    # Sending after an undo is an action of the user's: it drops the undone steps, as any
+    # operator does, and its answer is applied.
+    bpy.data.objects["SMPL"].location.x = 2.0
+    bpy.ops.ed.undo_push(message="another move")
+    bpy.ops.ed.undo()
+    bpy.context.scene.chatpose.prompt = "after an undo"
+    bpy.ops.chatpose.send("EXEC_DEFAULT", True)  # with an undo push, as the button is pressed
+    drive(idle)
+    assert_pose(bpy.data.objects["SMPL"], pose_for("after an undo"))
 
 
 def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):

@@ -1,11 +1,11 @@
 """The batch record (``core.batch_record``) stored on the armature's action, and keying one line.
 
-The record is a JSON string custom property (``RECORD_PROPERTY``) on the *action* the keys went
-into, so it goes wherever the keys go: saved with the .blend file, undone with the keys, kept
-with a take that is pushed to the NLA or swapped for another, copied with a duplicated action.
-A take with no record has nothing keyed by a batch. Earlier builds of the add-on kept the
-record on the armature object; such a record is read while the action has none, and moves to
-the action the next time the record is saved.
+The record is a JSON string custom property on the *action* the keys went into, so it goes
+wherever the keys go: saved with the .blend file, undone with the keys, kept with a take that
+is pushed to the NLA or swapped for another, copied with a duplicated action. A take with no
+record has nothing keyed by a batch. On Blender 4.4+ an action may animate several objects,
+each through a slot of its own, so each slot has its own record. Its frames are the action's
+own time, which NLA tweak mode may put elsewhere in the scene (``anim.action_time``).
 """
 
 from __future__ import annotations
@@ -17,42 +17,44 @@ import bpy
 from shared_protocol.pose import Pose
 
 from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
+from .anim import action_time, scene_time
 from .keyframes import key_poses
 from .posing import apply_pose
 
 
-def _action(obj: bpy.types.Object) -> bpy.types.Action | None:
+def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
+    """The action holding the object's record, and the record's property name there."""
     anim = obj.animation_data
-    return anim.action if anim is not None else None
+    action = anim.action if anim is not None else None
+    slot = getattr(anim, "action_slot", None) if action is not None else None
+    return action, RECORD_PROPERTY if slot is None else f"{RECORD_PROPERTY}:{slot.identifier}"
 
 
 def load_record(obj: bpy.types.Object) -> BatchRecord:
-    """The record of the object's current action (empty when it has none); ValueError when the
-    stored value is not a record (e.g. edited by hand): the caller decides whether to clear
-    it."""
-    action = _action(obj)
-    stored = action.get(RECORD_PROPERTY) if action is not None else None
-    if stored is None:
-        stored = obj.get(RECORD_PROPERTY)  # an older version's record
-    return BatchRecord.from_json(stored)
+    """The record of the object's current action (empty when it has none), in scene frames;
+    ValueError when the stored value is not a record (e.g. edited by hand): the caller decides
+    whether to clear it."""
+    action, name = _holder(obj)
+    if action is None:
+        return BatchRecord()
+    record = BatchRecord.from_json(action.get(name))
+    return record.with_frames(lambda frame: round(scene_time(obj, frame)))
 
 
 def save_record(obj: bpy.types.Object, record: BatchRecord) -> None:
-    """Stores ``record`` on the object's current action. Without an action nothing is keyed,
-    so there is nothing to record."""
-    action = _action(obj)
+    """Stores ``record`` (in scene frames) on the object's current action. Without an action
+    nothing is keyed, so there is nothing to record."""
+    action, name = _holder(obj)
     if action is not None:
-        action[RECORD_PROPERTY] = record.to_json()
-    if RECORD_PROPERTY in obj:
-        del obj[RECORD_PROPERTY]
+        stored = record.with_frames(lambda frame: round(action_time(obj, frame)))
+        action[name] = stored.to_json()
 
 
 def clear_record(obj: bpy.types.Object) -> None:
     """Forget what was keyed in the current action: the next run keys every line again."""
-    action = _action(obj)
-    for holder in (obj, action):
-        if holder is not None and RECORD_PROPERTY in holder:
-            del holder[RECORD_PROPERTY]
+    action, name = _holder(obj)
+    if action is not None and name in action:
+        del action[name]
 
 
 def key_batch_line(

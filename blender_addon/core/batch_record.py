@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .timeline import frames_for
@@ -110,6 +110,13 @@ class BatchRecord:
                 raise ValueError(f"line: expected >= 0, got {line}")
             by_line[line] = Entry(line, line_hash(text), int(frame))
         return BatchRecord(tuple(by_line.values()))
+
+    def with_frames(self, convert: Callable[[int], int]) -> BatchRecord:
+        """This record with every entry's frame converted (between a scene's time and an
+        action's, say)."""
+        return BatchRecord(
+            tuple(Entry(e.line, e.hash, int(convert(e.frame))) for e in self.entries)
+        )
 
     def without_lines(self, lines: Iterable[int]) -> BatchRecord:
         drop = set(lines)

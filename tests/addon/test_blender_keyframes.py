@@ -385,7 +385,9 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
     assert load_record(obj) == BatchRecord()
     for item in load_record(obj).pending(lines, start=1, step=10)[:2]:  # stopped after two
         key_batch_line(obj, item, random_pose(item.line))
-    assert isinstance(obj.animation_data.action[RECORD_PROPERTY], str)
+    action = obj.animation_data.action
+    [name] = [key for key in action.keys() if key.startswith(RECORD_PROPERTY)]  # one per slot
+    assert isinstance(action[name], str)
     rest = load_record(obj).pending(lines, start=1, step=10)
     assert [(p.line, p.frame) for p in rest] == [(2, 21)]
     key_batch_line(obj, rest[0], random_pose(2))
@@ -395,7 +397,7 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
         np.testing.assert_allclose(
             read_pose(obj, frame).axis_angle, random_pose(i).axis_angle, atol=1e-5
         )
-    obj.animation_data.action[RECORD_PROPERTY] = "garbage"
+    action[name] = "garbage"
     with pytest.raises(ValueError, match="batch record"):
         load_record(obj)
     clear_record(obj)
@@ -422,14 +424,32 @@ def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
     assert len(load_record(obj).pending(lines, 1, 10)) == 2
 
 
-def test_a_record_an_earlier_build_left_on_the_object_moves_to_the_action(blender):
-    obj = create_smpl_armature(bpy.context, with_mesh=False)
+def test_each_slot_of_a_shared_action_has_its_own_record(blender):
+    a = create_smpl_armature(bpy.context, with_mesh=False)
+    b = create_smpl_armature(bpy.context, name="B", with_mesh=False)
     lines = prompt_lines("stand\nkneel\n")
-    [first, second] = load_record(obj).pending(lines, start=1, step=10)
-    key_batch_line(obj, first, random_pose(0))
-    action = obj.animation_data.action
-    obj[RECORD_PROPERTY] = action[RECORD_PROPERTY]  # where earlier builds kept it
-    del action[RECORD_PROPERTY]
-    assert load_record(obj).pending(lines, 1, 10) == [second]
-    key_batch_line(obj, second, random_pose(1))
-    assert RECORD_PROPERTY not in obj and load_record(obj).pending(lines, 1, 10) == []
+    for item in load_record(a).pending(lines, start=1, step=10):
+        key_batch_line(a, item, random_pose(item.line))
+    b.animation_data_create().action = a.animation_data.action  # B gets a slot of its own
+    assert b.animation_data.action_slot != a.animation_data.action_slot
+    assert len(load_record(b).pending(lines, 1, 10)) == 2  # nothing keyed for B
+    assert load_record(a).pending(lines, 1, 10) == []
+
+
+def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    apply_pose(obj, random_pose(0), frame=1)
+    take = obj.animation_data.action
+    obj.animation_data.nla_tracks.new().strips.new("take", 100, take)  # plays frame 1 at 100
+    obj.animation_data.action = None
+    obj.animation_data.use_tweak_mode = True
+    lines = prompt_lines("stand\nkneel\n")
+    for item in load_record(obj).pending(lines, start=110, step=10):
+        key_batch_line(obj, item, random_pose(item.line))
+    assert load_record(obj).pending(lines, 110, 10) == []
+    obj.animation_data.use_tweak_mode = False  # the take, assigned as it is: keys at 11, 21
+    obj.animation_data.nla_tracks.remove(obj.animation_data.nla_tracks[0])
+    obj.animation_data.action = take
+    assert keyed_frames(obj) == [1, 11, 21]
+    assert load_record(obj).pending(lines, 11, 10) == []
+    assert len(load_record(obj).pending(lines, 110, 10)) == 2

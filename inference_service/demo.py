@@ -17,13 +17,14 @@ Blender runs in this process (bpy); torch only in the service's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,14 +251,41 @@ class DemoScene:
 
         folder.mkdir(parents=True, exist_ok=True)
         pictures: list[Path | None] = []
-        for k, answer in enumerate(answers):
-            if not answer.poses:
-                pictures.append(None)
-                continue
-            path = folder / f"{k:02d}_{answer.kind}.png"
-            self.renderer.render(answer.poses[0].axis_angle, fixed_view(), path)
-            pictures.append(path)
+        with self._mannequin_alone():
+            for k, answer in enumerate(answers):
+                if not answer.poses:
+                    pictures.append(None)
+                    continue
+                path = folder / f"{k:02d}_{answer.kind}.png"
+                self.renderer.render(answer.poses[0].axis_angle, fixed_view(), path)
+                pictures.append(path)
         return pictures
+
+    @contextlib.contextmanager
+    def _mannequin_alone(self) -> Iterator[None]:
+        """After `build`, the batch's keys would put their pose back on the mannequin at render
+        time, and the other answers' armatures would stand in the picture: while the panels
+        are drawn, the mannequin has no action and the others are out of the render."""
+        mannequin = self.armature
+        anim = mannequin.animation_data
+        action = anim.action if anim is not None else None
+        keep = {mannequin, *mannequin.children_recursive}
+        others = [
+            o
+            for o in self.bpy.context.scene.objects
+            if o.type in {"ARMATURE", "MESH"} and o not in keep and not o.hide_render
+        ]
+        if anim is not None:
+            anim.action = None
+        for obj in others:
+            obj.hide_render = True
+        try:
+            yield
+        finally:
+            for obj in others:
+                obj.hide_render = False
+            if anim is not None:
+                anim.action = action
 
     def build(self, answers: Sequence[Answer], script: DemoScript) -> list[int]:
         """Keys the batch on the main armature and puts each single answer on an armature of its

@@ -61,6 +61,27 @@ def test_each_answer_with_a_pose_has_its_own_panel_picture(demo_run):
     assert len(list(demo_run.panels.glob("*.png"))) == len(posed) > 0
 
 
+def test_each_panel_shows_its_answer_s_pose_on_the_mannequin_alone(demo_run, tmp_path):
+    # The panels are drawn after the scene is built: the batch's keys and the other answers'
+    # armatures must not get into them. Each must be what the mannequin alone renders.
+    from PIL import Image
+
+    from inference_service.training.render_pairs import MannequinRenderer, fixed_view
+
+    renderer = MannequinRenderer(PANEL)
+    for k, answer in enumerate(demo_run.answers):
+        if not answer.poses:
+            continue
+        alone = tmp_path / f"{k}.png"
+        renderer.render(answer.poses[0].axis_angle, fixed_view(), alone)
+        with (
+            Image.open(demo_run.panels / f"{k:02d}_{answer.kind}.png") as got,
+            Image.open(alone) as want,
+        ):
+            difference = np.abs(np.asarray(got, float) - np.asarray(want, float)).mean()
+        assert difference < 1.0, (k, answer.kind, difference)
+
+
 def test_the_animation_npz_holds_the_batch_poses(demo_run):
     motion = Motion.load_npz(demo_run.animation)
     expected = np.stack([a.poses[0].axis_angle for a in demo_run.answers if a.kind == "batch"])

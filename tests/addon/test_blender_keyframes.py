@@ -253,13 +253,20 @@ def test_an_answer_with_several_people_is_refused_whole_for_one_locked_channel(b
     np.testing.assert_allclose(read_pose(target).axis_angle, random_pose(1).axis_angle, atol=1e-5)
 
 
-def test_keys_land_on_their_scene_frames_in_nla_tweak_mode(blender):
+def armature_editing_a_take_at_100():
+    """An armature whose take (keyed at frame 1) is an NLA strip starting at frame 100, opened
+    in tweak mode (Tab in the NLA editor); and that take."""
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     apply_pose(obj, random_pose(0), frame=1)
     take = obj.animation_data.action
     obj.animation_data.nla_tracks.new().strips.new("take", 100, take)  # plays frame 1 at 100
     obj.animation_data.action = None
-    obj.animation_data.use_tweak_mode = True  # Tab in the NLA editor: editing the take
+    obj.animation_data.use_tweak_mode = True
+    return obj, take
+
+
+def test_keys_land_on_their_scene_frames_in_nla_tweak_mode(blender):
+    obj, take = armature_editing_a_take_at_100()
     poses = [random_pose(1), random_pose(2), random_pose(3)]
     key_poses(obj, poses[:2], [110, 120])  # a batch
     apply_pose(obj, poses[2], frame=130)  # a single answer
@@ -437,12 +444,7 @@ def test_each_slot_of_a_shared_action_has_its_own_record(blender):
 
 
 def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
-    obj = create_smpl_armature(bpy.context, with_mesh=False)
-    apply_pose(obj, random_pose(0), frame=1)
-    take = obj.animation_data.action
-    obj.animation_data.nla_tracks.new().strips.new("take", 100, take)  # plays frame 1 at 100
-    obj.animation_data.action = None
-    obj.animation_data.use_tweak_mode = True
+    obj, take = armature_editing_a_take_at_100()
     lines = prompt_lines("stand\nkneel\n")
     for item in load_record(obj).pending(lines, start=110, step=10):
         key_batch_line(obj, item, random_pose(item.line))

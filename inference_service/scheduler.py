@@ -109,7 +109,7 @@ class _Task:
 
 
 # The longest a micro-batch may wait to fill: every lone request waits this long, and a wait
-# past threading.TIMEOUT_MAX (inf, say) overflows and kills the worker thread.
+# past threading.TIMEOUT_MAX (inf, say) overflows, failing every micro-batch.
 MAX_WAIT_MS = 1000.0
 # The first wait after a failure of the scheduler itself; it doubles while failures repeat,
 # up to a second.

@@ -117,9 +117,9 @@ def apply_people(
     ``frame`` when given. LockedCurveError, before any of them changes, when a channel to key
     is locked on any of them."""
     if frame is not None:
-        existing = (bpy.data.objects.get(extra_person_name(target.name, k)) for k in
-                    range(1, len(poses)))  # fmt: skip
-        for obj in [target, *(o for o in existing if o is not None and is_smpl_armature(o))]:
+        names = [extra_person_name(target.name, k) for k in range(1, len(poses))]
+        people = [o for o in map(bpy.data.objects.get, names) if o and is_smpl_armature(o)]
+        for obj in [target, *people]:  # all of them or none: check before any is posed
             refuse_locked(fcurve_map(obj), pose_channels(obj, use_translation))
     result = PeopleResult()
     for k, pose in enumerate(poses):

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
@@ -129,6 +130,9 @@ class TrainConfig:
     save_every: int = 100  # 0 = only at the end
     keep_last: int = 0  # checkpoints kept; 0 = all
     log_every: int = 10
+    # A progress bar with the loss figures on stderr: None draws it when stderr is a terminal
+    # (a log file gets the log lines alone).
+    progress: bool | None = None
     resume: bool = False
     seed: int = 0
     device: str = "auto"
@@ -751,53 +755,66 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     window: list[tuple[float, float, float]] = []
     window_start = time.perf_counter()
     params = [p for _, p in named]
-    for step in range(start + 1, config.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step) * group["lr_scale"]
-        optimizer.zero_grad(set_to_none=True)
-        totals = np.zeros(3)
-        for _ in range(config.grad_accum):
-            batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
-            terms = tm.forward(
-                batch.to(tm.device, tm.dtype),
-                config.text_weight,
-                config.pose_weight,
-                config.action_weight,
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        unit="step",
+        file=sys.stderr,
+        disable=None if config.progress is None else not config.progress,
+        dynamic_ncols=True,
+    )
+    with bar:  # closed before an error message is printed under it
+        for step in range(start + 1, config.steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step) * group["lr_scale"]
+            optimizer.zero_grad(set_to_none=True)
+            totals = np.zeros(3)
+            for _ in range(config.grad_accum):
+                batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
+                terms = tm.forward(
+                    batch.to(tm.device, tm.dtype),
+                    config.text_weight,
+                    config.pose_weight,
+                    config.action_weight,
+                )
+                figures = terms.floats()
+                if not all(math.isfinite(x) for x in figures):
+                    raise TrainingDiverged(_diverged(step, "loss", figures, last_saved))
+                if terms.total.requires_grad:  # a head-only run on a batch without poses
+                    (terms.total / config.grad_accum).backward()
+                totals += np.array(figures) / config.grad_accum
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             )
-            figures = terms.floats()
-            if not all(math.isfinite(x) for x in figures):
-                raise TrainingDiverged(_diverged(step, "loss", figures, last_saved))
-            if terms.total.requires_grad:  # a head-only run on a batch without poses
-                (terms.total / config.grad_accum).backward()
-            totals += np.array(figures) / config.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        )
-        if not torch.isfinite(norm):
-            raise TrainingDiverged(_diverged(step, "gradient", tuple(totals), last_saved))
-        optimizer.step()
-        losses.append((step, *map(float, totals)))
-        window.append(tuple(totals))
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - window_start
-            _log(
-                out,
-                step,
-                config.steps,
-                np.mean(window, axis=0),
-                len(window) / elapsed,
-                optimizer.param_groups[0]["lr"],
-            )
-            window, window_start = [], time.perf_counter()
-        if (config.save_every and step % config.save_every == 0) or step == config.steps:
-            if not all(bool(torch.isfinite(p).all()) for p in params + list(tm.head.parameters())):
-                raise TrainingDiverged(_diverged(step, "weights", tuple(totals), last_saved))
-            saving = time.perf_counter()
-            last_saved = save_checkpoint(
-                out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
-            )
-            window_start += time.perf_counter() - saving  # steps/s counts training only
-            print(f"saved {last_saved}", file=sys.stderr)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(_diverged(step, "gradient", tuple(totals), last_saved))
+            optimizer.step()
+            losses.append((step, *map(float, totals)))
+            bar.set_postfix_str(_figures(*totals), refresh=False)
+            bar.update()
+            window.append(tuple(totals))
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                _log(
+                    out,
+                    step,
+                    config.steps,
+                    np.mean(window, axis=0),
+                    len(window) / elapsed,
+                    optimizer.param_groups[0]["lr"],
+                )
+                window, window_start = [], time.perf_counter()
+            if (config.save_every and step % config.save_every == 0) or step == config.steps:
+                if not all(
+                    bool(torch.isfinite(p).all()) for p in params + list(tm.head.parameters())
+                ):
+                    raise TrainingDiverged(_diverged(step, "weights", tuple(totals), last_saved))
+                saving = time.perf_counter()
+                last_saved = save_checkpoint(
+                    out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
+                )
+                window_start += time.perf_counter() - saving  # steps/s counts training only
+                tqdm.write(f"saved {last_saved}", file=sys.stderr)
     return TrainResult(config.steps, last_saved, losses)
 
 
@@ -856,13 +873,15 @@ def _forget_logged_steps_after(out: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
+def _figures(total: float, ce: float, pose: float) -> str:
+    return f"loss {total:.4f}  ce {ce:.4f}  pose_l1 {pose:.4f}"
+
+
 def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> None:
     total, ce, pose = (float(x) for x in figures)
-    print(
-        f"step {step}/{steps}  loss {total:.4f}  ce {ce:.4f}  pose_l1 {pose:.4f}  "
-        f"lr {lr:.2e}  {rate:.2f} steps/s",
+    tqdm.write(  # above the progress bar, when one is drawn
+        f"step {step}/{steps}  {_figures(total, ce, pose)}  lr {lr:.2e}  {rate:.2f} steps/s",
         file=sys.stderr,
-        flush=True,
     )
     record = {"step": step, "loss": total, "ce": ce, "pose_l1": pose, "lr": lr, "steps_per_s": rate}
     with open(out / LOG_NAME, "a", encoding="utf-8") as stream:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,20 @@ def test_training_lowers_loss_and_the_checkpoint_serves(base, examples, tmp_path
         )
         head_out = tm.head(hidden[batch.pose_rows, batch.pose_positions - 1])
     np.testing.assert_allclose(decode_pose(head_out.numpy()), np.stack(predicted), atol=1e-4)
+
+
+def test_a_progress_bar_shows_the_loss_on_a_terminal_and_log_files_get_lines(
+    base, examples, tmp_path, capsys
+):
+    loop.train(settings(base, tmp_path / "bar", steps=4, log_every=2, progress=True), examples)
+    drawn = capsys.readouterr().err
+    assert "4/4 [" in drawn and "step/s" in drawn  # tqdm's count and rate
+    assert re.search(r"loss \d+\.\d{4}  ce \d+\.\d{4}  pose_l1 \d+\.\d{4}", drawn)
+    assert "step 4/4  loss" in drawn  # the log lines too, written above the bar
+
+    loop.train(settings(base, tmp_path / "plain", steps=4, log_every=2), examples)
+    logged = capsys.readouterr().err  # captured: not a terminal, so no bar
+    assert "4/4 [" not in logged and "step/s" not in logged and "step 4/4  loss" in logged
 
 
 def _snapshot(directory):

@@ -213,7 +213,7 @@ def _pose(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.local:
         raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
     if args.out:
-        _check_writable(args.out)
+        _check_writable(args.out, inputs=[args.image] if args.image else [])
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
     if args.local:
@@ -226,7 +226,9 @@ def _pose(args: argparse.Namespace) -> int:
         print(encode_reply(reply)[0].decode("utf-8"))
     else:
         _print_pose_reply(reply)
-    if args.out:
+    if args.out and not reply.poses:  # a chat reply may hold none: keep what --out holds
+        print(f"the reply holds no pose; {args.out} was not written", file=sys.stderr)
+    elif args.out:
         _write_motion(args.out, list(reply.poses), fps=30.0)
         print(f"wrote {len(reply.poses)} pose(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
@@ -234,7 +236,7 @@ def _pose(args: argparse.Namespace) -> int:
 
 def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
-    _check_writable(args.out)
+    _check_writable(args.out, inputs=[args.file])
     poses: dict[int, Pose] = {}  # by line number
     failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why it got no pose
     limit = DEFAULT_LIMITS.max_prompt_chars
@@ -242,6 +244,7 @@ def _batch(args: argparse.Namespace) -> int:
         if len(prompt) > limit:
             failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
     sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
+    finished = False
     try:
         with _client(args) as client:
             for chunk in batch_chunks([prompt for _, prompt in sendable]):
@@ -257,12 +260,16 @@ def _batch(args: argparse.Namespace) -> int:
                     elif isinstance(reply, ErrorReply):
                         _checked(reply)  # the whole request failed
                     _progress(len(poses) + len(failures), len(lines))
+        finished = True
     finally:  # what was answered is written, and what was not is named, even half-way
         print(file=sys.stderr)
+        # A batch cut short never replaces a file the user already has.
+        out = args.out if finished or not args.out.exists() else _partial_path(args.out)
         if poses:
-            _write_motion(args.out, [poses[i] for i in sorted(poses)], fps=args.fps)
+            _write_motion(out, [poses[i] for i in sorted(poses)], fps=args.fps)
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
-            print(f"wrote {len(poses)} of {len(lines)} poses to {args.out}{gaps}", file=sys.stderr)
+            kept = f"; {args.out} is kept as it was" if out != args.out else ""
+            print(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}", file=sys.stderr)
         for number, (code, message) in sorted(failures.items()):
             print(f"chatpose batch: line {number}: {code.value}: {message}", file=sys.stderr)
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
@@ -400,7 +407,7 @@ def _read_image(path: Path) -> bytes:
 def _read_prompts(path: Path) -> list[tuple[int, str]]:
     """The file's non-blank lines, stripped, each with its line number (from 1)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -409,15 +416,23 @@ def _read_prompts(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
-def _check_writable(path: Path) -> None:
-    """Before any work: an --out that cannot be written would lose every answer."""
+def _check_writable(path: Path, inputs: Sequence[Path] = ()) -> None:
+    """Before any work: an --out that cannot be written would lose every answer, and one
+    that is an input of the command would destroy it."""
     folder = path.parent
     if path.is_dir():
         raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is a folder; name a .npz file")
+    if any(path.resolve() == source.resolve() for source in inputs):
+        raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is this command's input")
     if not folder.is_dir():
         raise CommandError(EXIT_BAD_INPUT, f"--out: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write in {folder}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write {path}")
+
+
+def _partial_path(path: Path) -> Path:
+    """Where a batch cut short writes when `path` exists: anim.npz -> anim.partial.npz."""
+    return path.with_name(f"{path.stem}.partial{path.suffix or '.npz'}")
 
 
 def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -275,8 +276,7 @@ class Motion:
         }
         if self.labels is not None:
             arrays["labels"] = np.array(self.labels, dtype=str)
-        with open(path, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
-            np.savez(stream, **arrays)
+        _write_atomically(path, lambda stream: np.savez(stream, **arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
         """This motion in a frame turned by the rotation matrix `turn`: its global orientations
@@ -353,3 +353,31 @@ def _text(value: np.ndarray, name: str) -> str:
     if value.dtype.kind == "S":
         return value.item().decode("utf-8", errors="replace")
     raise ValueError(f"{name}: expected a string, got an array of {value.dtype}")
+
+
+def _write_atomically(path: str | os.PathLike, write) -> None:
+    """`write(stream)` into a temporary file beside `path`, then the file takes its name: a
+    write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as stream:  # np.savez appends ".npz" to a bare name
+            write(stream)
+        os.chmod(temporary, _file_mode(path))  # mkstemp's is 0o600
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _file_mode(path: str) -> int:
+    """The mode `path` has, or a new file would get (the umask's)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -127,6 +127,28 @@ def test_motion_npz_round_trip_in_amass_layout(tmp_path):
     assert Motion.load_npz(path, z_up=False).poses() == poses
 
 
+def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "anim.npz"
+    Motion.from_poses([Pose(np.zeros((24, 3)), label="kept")]).save_npz(path)
+    path.chmod(0o640)
+    before = path.read_bytes()
+
+    def disk_full(stream, **arrays):
+        stream.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        Motion.from_poses([Pose(np.ones((24, 3)))]).save_npz(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["anim.npz"]  # no temporary file left
+
+    monkeypatch.undo()
+    Motion.from_poses([Pose(np.ones((24, 3)), label="new")]).save_npz(path)
+    assert Motion.load_npz(path).labels == ("new",)
+    assert path.stat().st_mode & 0o777 == 0o640  # the file keeps its permissions
+
+
 def test_an_upright_amass_body_loads_upright(tmp_path):
     poses = np.zeros((2, 156))
     poses[:, 0] = np.pi / 2  # AMASS's upright body: SMPL's +Y turned to +Z

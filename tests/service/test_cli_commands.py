@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 import zmq
 
 from inference_service import cli
+from inference_service.scheduler import Answer
 from inference_service.server import Server
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import StatusReply, decode_request, encode_reply
@@ -177,6 +179,81 @@ def test_an_interrupted_batch_keeps_its_poses_and_names_every_line_without_one(
     assert "wrote 2 of 5 poses" in err
     assert "line 2: too_large" in err and "not answered: lines 4-5" in err
     assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
+def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
+    address, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("\ufeffwave\nsit down\nbow\n")  # a BOM, as Windows editors write
+    out_file = tmp_path / "anim.npz"
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_OK, err
+    finished = out_file.read_bytes()
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down", "bow")
+
+    progress = cli._progress
+
+    def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
+        progress(done, total)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_INTERRUPTED
+    partial = tmp_path / "anim.partial.npz"
+    assert f"wrote 2 of 3 poses to {partial}" in err and f"{out_file} is kept as it was" in err
+    assert out_file.read_bytes() == finished
+    assert Motion.load_npz(partial).labels == ("wave", "sit down")
+
+
+def test_out_is_never_an_input_or_a_file_that_cannot_be_written(address, backend, capsys, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n")
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(prompts), "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and "is this command's input" in err
+    assert prompts.read_text() == "wave\n"
+    image = tmp_path / "ref.png"
+    image.write_bytes(PNG)
+    code, _, err = run(
+        capsys,
+        "pose",
+        "copy this",
+        "--image",
+        str(image),
+        "--out",
+        str(image),
+        "--address",
+        address,
+    )
+    assert code == cli.EXIT_BAD_INPUT and "is this command's input" in err
+    assert image.read_bytes() == PNG
+    locked = tmp_path / "locked.npz"
+    locked.write_bytes(b"the user's")
+    locked.chmod(0o444)
+    if not os.access(locked, os.W_OK):  # root may write anything
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(locked), "--address", address
+        )
+        assert code == cli.EXIT_BAD_INPUT and f"--out: cannot write {locked}" in err
+    assert backend.batch_sizes == []  # nothing was sent
+
+
+def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
+    address, backend, capsys, tmp_path, monkeypatch
+):
+    out_file = tmp_path / "pose.npz"
+    out_file.write_bytes(b"the user's")
+    monkeypatch.setattr(
+        type(backend), "answer_chat", lambda self, item: Answer("Hello! What pose?", ())
+    )
+    code, out, err = run(
+        capsys, "pose", "hi", "--chat", "--out", str(out_file), "--address", address
+    )
+    assert code == cli.EXIT_OK and "Hello! What pose?" in out
+    assert f"the reply holds no pose; {out_file} was not written" in err
+    assert out_file.read_bytes() == b"the user's"
 
 
 def test_line_ranges_read_as_a_person_writes_them():

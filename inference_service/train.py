@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-every", type=_positive_int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument(
         "--head-init",

@@ -232,10 +232,10 @@ def _read_json(path: Path) -> object:
         raise DatasetError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
     except _RepeatedKey as exc:
         raise DatasetError(f"{path}: the key {exc.args[0]!r} appears more than once") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: a 5,000-digit number
+        raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
 
 
 class _RepeatedKey(Exception):

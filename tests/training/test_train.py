@@ -354,6 +354,15 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
     assert info.value.code == 2 and "unknown data format 'xml'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be at least 1"):
         loop.TrainConfig(base=base, out=tmp_path, steps=0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train_cli.main([*argv, *spec, "--seed", "-1"])
+    assert info.value.code == 2 and "--seed: expected 0 or more, got -1" in capsys.readouterr().err
+    for name, text in [("huge.json", '{"0": ' + "9" * 5000 + "}"), ("deep.json", "[" * 100000)]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        bad = ["--data", "posescript", str(tmp_path / name), f"poses={tmp_path / 'p.npz'}"]
+        assert train_cli.main([*argv, *bad]) == train_cli.EXIT_USAGE
+        assert f"{name}: not a readable JSON file" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tmp_path, capsys):

@@ -159,8 +159,24 @@ class TrainConfig:
         for name in ("save_every", "keep_last", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        finite = (
+            "lr",
+            "adapter_lr",
+            "max_grad_norm",
+            "text_weight",
+            "pose_weight",
+            "action_weight",
+        )
+        for name in finite:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # nan would pass every test below
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(
+                f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}"
+            )
         if self.adapter_lr is not None and not self.adapter_lr >= 0:
             raise ValueError(f"adapter_lr must be 0 or more, got {self.adapter_lr}")
         if len(self.mix) != 3 or any(not x >= 0 for x in self.mix) or not sum(self.mix) > 0:

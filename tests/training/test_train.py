@@ -365,6 +365,23 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
         assert f"{name}: not a readable JSON file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number, got nan"),
+        ("max_grad_norm", -1.0, "max_grad_norm must be 0 (no clipping) or more, got -1.0"),
+        ("text_weight", float("inf"), "text_weight must be a finite number, got inf"),
+        ("adapter_lr", float("inf"), "adapter_lr must be a finite number, got inf"),
+        ("action_weight", float("inf"), "action_weight must be a finite number, got inf"),
+    ],
+)
+def test_numbers_that_would_silently_change_training_are_refused(
+    base, tmp_path, field, value, message
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.TrainConfig(base=base, out=tmp_path, **{field: value})
+
+
 def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tmp_path, capsys):
     data = _write_data(tmp_path)
     common = ["--base", str(base), *data, "--device", "cpu", "--steps", "2", "--lora-rank", "4"]

@@ -863,7 +863,8 @@ def _head_input_shift(
 def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
     total, ce, pose = figures
     kept = (
-        f"the last good checkpoint {last_saved} is kept untouched"
+        f"the last good checkpoint {last_saved} is kept untouched; --resume with a lower --lr "
+        "or --max-grad-norm continues from it"
         if last_saved is not None
         else "no checkpoint was saved yet"
     )
@@ -904,12 +905,22 @@ def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> N
         stream.write(json.dumps(record) + "\n")
 
 
+# Settings a resume may change, with a note: what a diverged run needs to get past the step
+# that gave a NaN (the rest would make the resumed run another run).
+RESUME_MAY_CHANGE = ("lr", "max_grad_norm")
+
+
 def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) -> None:
     saved = dict(state.get("run", {}))
     if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
         saved["train_base"] = "all" if saved["train_base"] else None
     for key, value in config.run_settings().items():
-        if key in saved and saved[key] != value:
+        if key in RESUME_MAY_CHANGE and key in saved and saved[key] != value:
+            print(
+                f"note: --resume with {key} {value!r}; the run in {path} used {saved[key]!r}",
+                file=sys.stderr,
+            )
+        elif key in saved and saved[key] != value:
             raise TrainingError(
                 f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
                 f"resume with the same settings"

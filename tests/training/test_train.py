@@ -320,15 +320,19 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "step 5: the loss is not finite" in err
-    assert "step-000004 is kept untouched" in err
+    assert "step-000004 is kept untouched; --resume with a lower --lr or --max-grad-norm" in err
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
 
     monkeypatch.setattr(loop, "chatpose_loss", real_loss)
-    assert train_cli.main([*argv, "--resume", "--steps", "6"]) == 0
+    assert train_cli.main([*argv, "--resume", "--steps", "6", "--lr", "1e-4"]) == 0
     err = capsys.readouterr().err
+    assert "note: --resume with lr 0.0001; the run in " in err and "used 0.0002" in err
     assert "steps 5..6" in err and "step 6/6" in err
+    resumed = [*argv, "--resume", "--steps", "7", "--batch-size", "3"]
+    assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # the rest must stay as they were
+    assert "--resume: batch_size is 3 but the run" in capsys.readouterr().err
     logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5 of the diverged run is not logged twice
     assert json.loads((out / "step-000006" / "chatpose.json").read_text())["base_model"] == (

@@ -11,9 +11,12 @@ Exit codes follow the protocol's error codes, so scripts can tell what went wron
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +38,9 @@ from shared_protocol.protocol import (
     ProtocolError,
     StatusRequest,
     batch_chunks,
+    decode_request,
     encode_reply,
+    encode_request,
 )
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -217,6 +222,8 @@ def _pose(args: argparse.Namespace) -> int:
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
     if args.local:
+        # The service's own checks (a blank prompt, the size limits), before the model loads.
+        decode_request(encode_request(PoseRequest("local", args.text, images=images, mode=mode)))
         reply = _local_reply(args, images, mode)
     else:
         with _client(args) as client:
@@ -246,7 +253,7 @@ def _batch(args: argparse.Namespace) -> int:
     sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
     finished = False
     try:
-        with _client(args) as client:
+        with _client(args) as client, _stops_as_interrupts():
             for chunk in batch_chunks([prompt for _, prompt in sendable]):
                 numbers = [sendable[i][0] for i in chunk]
                 request = BatchRequest(client.new_id(), [sendable[i][1] for i in chunk])
@@ -262,7 +269,8 @@ def _batch(args: argparse.Namespace) -> int:
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
     finally:  # what was answered is written, and what was not is named, even half-way
-        print(file=sys.stderr)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # past the progress bar's line
         # A batch cut short never replaces a file the user already has.
         out = args.out if finished or not args.out.exists() else _partial_path(args.out)
         if poses:
@@ -279,6 +287,26 @@ def _batch(args: argparse.Namespace) -> int:
         return EXIT_OK
     exits = {exit_code_for(code) for code, _ in failures.values()}
     return exits.pop() if len(exits) == 1 else EXIT_SERVICE_ERROR  # bad input alone: 4
+
+
+@contextlib.contextmanager
+def _stops_as_interrupts():
+    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop a batch as Ctrl-C does, so that
+    what was answered is still written (their default ends the process on the spot)."""
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:
@@ -458,6 +486,8 @@ def _print_pose_reply(reply: PoseReply) -> None:
 
 
 def _progress(done: int, total: int) -> None:
+    if not sys.stderr.isatty():  # a log file gets the summary alone, not a line per answer
+        return
     width = 30
     filled = width * done // total
     print(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -133,7 +135,10 @@ def test_model_errors_are_service_errors(address, capsys):
     assert code == cli.EXIT_SERVICE_ERROR and "the model exploded" in err
 
 
-def test_batch_streams_writes_what_succeeded_and_names_failed_lines(address, capsys, tmp_path):
+def test_batch_streams_writes_what_succeeded_and_names_failed_lines(
+    address, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the progress bar is drawn
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n\nsit down\nexplode\nbow\n" + "x" * 9000 + "\n")
     out_file = tmp_path / "anim.npz"
@@ -254,6 +259,57 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     assert code == cli.EXIT_OK and "Hello! What pose?" in out
     assert f"the reply holds no pose; {out_file} was not written" in err
     assert out_file.read_bytes() == b"the user's"
+
+
+def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
+    address, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    progress = cli._progress
+
+    def terminated_on_the_second_answer(done: int, total: int) -> None:
+        progress(done, total)
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # `kill`, or the terminal closing (SIGHUP)
+
+    def unhandled(number, frame) -> None:  # so that a batch that ignores it fails, not pytest
+        pass
+
+    monkeypatch.setattr(cli, "_progress", terminated_on_the_second_answer)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(out_file), "--address", address
+        )
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # handed back after the batch
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == cli.EXIT_INTERRUPTED
+    assert "wrote 2 of 3 poses" in err and "not answered: line 3" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
+def test_batch_progress_is_drawn_on_a_terminal_only(address, capsys, tmp_path, monkeypatch):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\n")
+    argv = ("batch", str(prompts), "--out", str(tmp_path / "a.npz"), "--address", address)
+    _, _, logged = run(capsys, *argv)
+    assert "2/2" not in logged and "wrote 2 of 2 poses" in logged
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    _, _, drawn = run(capsys, *argv)
+    assert f"[{'#' * 30}] 2/2" in drawn
+
+
+def test_local_mode_checks_the_prompt_before_it_loads_a_model(capsys, tmp_path, monkeypatch):
+    from inference_service import serve
+
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")  # loading would fail
+    code, _, err = run(capsys, "pose", "   ", "--local")
+    assert code == cli.EXIT_BAD_INPUT and "prompt: is blank and no image is attached" in err
+    code, _, err = run(capsys, "pose", "x" * 9000, "--local")
+    assert code == cli.EXIT_BAD_INPUT and "the limit is 8000" in err
 
 
 def test_line_ranges_read_as_a_person_writes_them():

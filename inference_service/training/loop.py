@@ -518,6 +518,33 @@ def _make_trainable(model, config: TrainConfig, adapter_dir: Path | None, pose_t
     return model
 
 
+def _with_adapter_shape(config: TrainConfig, adapter_dir: Path | None, note: bool) -> TrainConfig:
+    """`config` with the LoRA rank, alpha and dropout of the adapter in `adapter_dir`, which
+    trains on as it is (the --lora-* options shape a new adapter only), so that the run records
+    what it trains; `note`: say so when the options asked for another shape."""
+    path = adapter_dir / "adapter_config.json" if adapter_dir is not None else None
+    if path is None or not path.is_file():
+        return config
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        shape = {
+            "lora_rank": int(saved["r"]),
+            "lora_alpha": int(saved["lora_alpha"]),
+            "lora_dropout": float(saved.get("lora_dropout", 0.0)),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable LoRA adapter config ({exc})") from None
+    asked = {key: getattr(config, key) for key in shape}
+    if note and asked != shape:
+        print(
+            f"note: {adapter_dir} holds a LoRA adapter of rank {shape['lora_rank']}, alpha "
+            f"{shape['lora_alpha']}, dropout {shape['lora_dropout']}, which trains on as it is; "
+            "--lora-rank, --lora-alpha and --lora-dropout shape a new adapter only",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(config, **shape)
+
+
 def _as_dict(indices) -> dict:
     return indices if isinstance(indices, dict) else {"embed_tokens": list(indices)}
 
@@ -673,6 +700,9 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     if not examples:
         raise DatasetError("the data files hold no examples")
     data_hash = fingerprint(examples)
+    if not config.train_base:  # LoRA trains: an adapter already there sets its shape
+        existing = resume_from / "adapter" if resume_from is not None else checkpoint.adapter_dir
+        config = _with_adapter_shape(config, existing, note=resume_from is None)
 
     state = None
     if resume_from is not None:

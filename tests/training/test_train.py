@@ -220,11 +220,19 @@ def test_a_cuda_run_resumes_on_cuda_and_saves_its_state_on_the_cpu(base, example
 
 
 def test_continue_from_a_trained_checkpoint_and_a_pose_token_new_to_the_base(
-    base, examples, tmp_path
+    base, examples, tmp_path, capsys
 ):
     first = loop.train(settings(base, tmp_path / "one", steps=3), examples)
-    # A trained checkpoint as the base: its adapter is trained further, its head kept.
-    again = loop.train(settings(first.checkpoint, tmp_path / "two", steps=2), examples)
+    # A trained checkpoint as the base: its adapter (rank 8) is trained further, its head kept;
+    # LoRA options for another shape are said to apply to a new adapter only.
+    capsys.readouterr()
+    asked = settings(first.checkpoint, tmp_path / "two", steps=2, lora_rank=16, lora_alpha=64)
+    again = loop.train(asked, examples)
+    assert "holds a LoRA adapter of rank 8, alpha 16" in capsys.readouterr().err
+    recorded = loop.load_state(again.checkpoint)["run"]
+    assert (recorded["lora_rank"], recorded["lora_alpha"]) == (8, 16)
+    saved = json.loads((again.checkpoint / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (8, 16)
     config = json.loads((again.checkpoint / "chatpose.json").read_text())
     assert config["base_model"] == str(Checkpoint.open(base).base_dir.resolve())
     assert again.losses[0][1] < first.losses[0][1]

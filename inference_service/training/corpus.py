@@ -318,11 +318,19 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{name}: a single .npy array, not an .npz archive of arrays")
+    members = {}
     try:
         with data:
-            members = {key: data[key] for key in data.files}
             npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
-    except unreadable as exc:  # a damaged member, or an object array that needs pickle
+            for key in data.files:
+                try:
+                    members[key] = data[key]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+                    # An object array (it needs pickle, which is never loaded): left out like
+                    # any other member that is not an array of numbers or text.
+    except unreadable as exc:  # a damaged member
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
     for key, value in members.items():
         if key in npy_names and not isinstance(value, np.ndarray):  # numpy gave its bytes back

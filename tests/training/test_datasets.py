@@ -158,6 +158,13 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
         np.save(stream, POSES.reshape(len(POSES), 72))
     with pytest.raises(DatasetError, match=r"array\.npz: a single \.npy array"):
         read_posescript(captions, tmp_path / "array.npz")
+    # An object array beside the poses (metadata a tool saved) is left out, not the file.
+    notes = np.array([{"source": "mocap"}, None], dtype=object)
+    np.savez(tmp_path / "notes.npz", poses=POSES.reshape(len(POSES), 72), notes=notes)
+    assert len(read_posescript(captions, tmp_path / "notes.npz")) == 1
+    np.savez(tmp_path / "objects.npz", poses=notes)  # never unpickled: no poses to read
+    with pytest.raises(DatasetError, match=r"objects\.npz: .*'poses'"):
+        read_posescript(captions, tmp_path / "objects.npz")
     np.savez(tmp_path / "empty.npz", poses=np.zeros((0, 72)))
     with pytest.raises(DatasetError, match=r"empty\.npz: 'poses' holds no frames"):
         read_posescript(captions, tmp_path / "empty.npz")

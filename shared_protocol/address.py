@@ -76,6 +76,28 @@ def _problem(address: str, bind: bool) -> str | None:
         return None if bind else "'*' (any free port) is for listening, not connecting"
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         return f"port {port!r} is not a number from 1 to 65535"
+    return _host_problem(address[len("tcp://") :].rpartition(";")[2].rpartition(":")[0])
+
+
+def _host_problem(written: str) -> str | None:
+    """What is wrong with a tcp host as written (IPv6 in brackets), if anything: ZeroMQ would
+    only fail to connect to it, which reads as "no service there"."""
+    bracketed = written.startswith("[") and written.endswith("]")
+    if any(c in (written[1:-1] if bracketed else written) for c in "[]"):
+        return f"host {written!r}: unbalanced brackets"
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(written[1:-1])
+        except ValueError:
+            return f"host {written!r} is not an IPv6 address"
+        return None
+    if ":" in written:
+        return f"host {written!r}: an IPv6 address goes in brackets, [{written}]"
+    if written.replace(".", "").isdigit():  # an IPv4 address, or a mistyped one
+        try:
+            ipaddress.IPv4Address(written)
+        except ValueError:
+            return f"host {written!r} is not an IPv4 address"
     return None
 
 

@@ -41,6 +41,7 @@ from shared_protocol.protocol import (
     decode_request,
     encode_reply,
     encode_request,
+    error_reply_for,
 )
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -122,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     pose.add_argument("text", help="what the person should do (may be empty with --image)")
     pose.add_argument("--image", type=Path, metavar="FILE", help="a PNG or JPEG reference")
     pose.add_argument("--chat", action="store_true", help="a free reply instead of a pose only")
-    pose.add_argument("--json", action="store_true", help="print the protocol reply as JSON")
+    pose.add_argument(
+        "--json", action="store_true", help="print the protocol reply as JSON (an error reply too)"
+    )
     pose.add_argument("--out", type=Path, metavar="FILE.npz", help="write AMASS-layout .npz")
     pose.add_argument("--local", action="store_true", help="run the model in this process")
     pose.add_argument("--checkpoint", type=Path, help="with --local (default: the demo model)")
@@ -221,14 +224,12 @@ def _pose(args: argparse.Namespace) -> int:
         _check_writable(args.out, inputs=[args.image] if args.image else [])
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
-    if args.local:
-        # The service's own checks (a blank prompt, the size limits), before the model loads.
-        decode_request(encode_request(PoseRequest("local", args.text, images=images, mode=mode)))
-        reply = _local_reply(args, images, mode)
-    else:
-        with _client(args) as client:
-            request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
-            reply = _checked(client.request(request, args.timeout))
+    try:
+        reply = _pose_reply(args, images, mode)
+    except ProtocolError as exc:
+        if args.json:  # a script reading stdout gets the error reply too
+            _print_error_reply(exc)
+        raise
     if args.json:
         print(encode_reply(reply)[0].decode("utf-8"))
     else:
@@ -239,6 +240,24 @@ def _pose(args: argparse.Namespace) -> int:
         _write_motion(args.out, list(reply.poses), fps=30.0)
         print(f"wrote {len(reply.poses)} pose(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
+    if args.local:
+        # The service's own checks (a blank prompt, the size limits), before the model loads.
+        decode_request(encode_request(PoseRequest("local", args.text, images=images, mode=mode)))
+        return _local_reply(args, images, mode)
+    with _client(args) as client:
+        request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
+        return _checked(client.request(request, args.timeout))
+
+
+def _print_error_reply(err: ProtocolError) -> None:
+    try:
+        frames = encode_reply(error_reply_for(err, op="pose"))
+    except (ProtocolError, ValueError):  # no service answered (unreachable): no reply to show
+        return
+    print(frames[0].decode("utf-8"))
 
 
 def _batch(args: argparse.Namespace) -> int:

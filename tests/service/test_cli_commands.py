@@ -312,6 +312,15 @@ def test_local_mode_checks_the_prompt_before_it_loads_a_model(capsys, tmp_path, 
     assert code == cli.EXIT_BAD_INPUT and "the limit is 8000" in err
 
 
+def test_json_prints_the_error_reply_too(address, capsys):
+    code, out, err = run(capsys, "pose", "   ", "--json", "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and "is blank" in err
+    reply = json.loads(out)
+    assert reply["ok"] is False and reply["error"]["code"] == "empty_prompt"
+    code, out, _ = run(capsys, "pose", "   ", "--json", "--local")  # checked before loading
+    assert code == cli.EXIT_BAD_INPUT and json.loads(out)["error"]["code"] == "empty_prompt"
+
+
 def test_line_ranges_read_as_a_person_writes_them():
     assert cli._line_ranges([9, 3, 4, 5]) == "lines 3-5, 9"
     assert cli._line_ranges([7]) == "line 7"

@@ -233,7 +233,10 @@ def _read_json(path: Path) -> object:
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from None
     except _RepeatedKey as exc:
-        raise DatasetError(f"{path}: the key {exc.args[0]!r} appears more than once") from None
+        where = _record_with_a_repeated_key(text)
+        raise DatasetError(
+            f"{path}: {where}the key {exc.args[0]!r} appears more than once"
+        ) from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: a 5,000-digit number
         raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
 
@@ -250,6 +253,31 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _RepeatedKey(key)
         seen[key] = value
     return seen
+
+
+class _ObjectWithRepeats(dict):
+    pass
+
+
+def _record_with_a_repeated_key(text: str) -> str:
+    """ "record N: " for a list of records (LLaVA's layout) whose record N repeats a key
+    somewhere inside, else "" (a top-level key is itself the record's name)."""
+
+    def marking(pairs):
+        keys = [key for key, _ in pairs]
+        return (_ObjectWithRepeats if len(set(keys)) < len(keys) else dict)(pairs)
+
+    def holds_repeat(value) -> bool:
+        if isinstance(value, dict):
+            return isinstance(value, _ObjectWithRepeats) or any(map(holds_repeat, value.values()))
+        return isinstance(value, list) and any(map(holds_repeat, value))
+
+    data = json.loads(text, object_pairs_hook=marking)
+    if isinstance(data, list):
+        for number, record in enumerate(data):
+            if holds_repeat(record):
+                return f"record {number}: "
+    return ""
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

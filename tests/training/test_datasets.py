@@ -318,6 +318,16 @@ def test_llava_errors_name_file_and_record(tmp_path, record, message):
     assert "conv.json" in str(info.value)
 
 
+def test_a_repeated_key_inside_a_record_names_the_record(tmp_path):
+    records = [json.dumps(_conv("hi", "yo", id=str(n))) for n in range(5)]
+    records[3] = records[3].replace('"value": "hi"', '"value": "hi", "value": "hello"')
+    (tmp_path / "conv.json").write_text("[" + ", ".join(records) + "]", encoding="utf-8")
+    with pytest.raises(
+        DatasetError, match=r"conv\.json: record 3: the key 'value' appears more than once"
+    ):
+        read_llava_conversations(tmp_path / "conv.json")
+
+
 def test_llava_pose_pairing_errors(tmp_path):
     path = write_json(tmp_path / "conv.json", [_conv("pose?", "<POSE>", id="a")])
     too_many = write_npz(tmp_path / "two.npz", POSES[:2], ids=np.array(["a", "a"]))

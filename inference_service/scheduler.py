@@ -227,13 +227,23 @@ class Scheduler:
                 message = f"id: request {request_id!r} is already in flight"
                 self._emit_error(client, request_id, op, ErrorCode.BAD_SCHEMA, message)
                 return
+            size = sum(map(_item_bytes, items))
+            if len(items) > self._max_queue or size > self._max_queued_bytes:
+                # It would not fit an empty queue either: "try again" would never come true.
+                message = (
+                    f"{len(items)} prompts, {size / 2**20:.1f} MiB; this service queues at most "
+                    f"{self._max_queue} prompts and {self._max_queued_bytes / 2**20:.0f} MiB "
+                    "(chatpose-serve --max-queue, --max-queued-mb)"
+                )
+                self._emit_error(client, request_id, op, ErrorCode.TOO_LARGE, message)
+                return
             depth = len(self._queue) + sum(len(r.waiting) for r in self._requests.values())
             if depth + len(items) > self._max_queue:
                 message = f"the queue is full ({depth} items waiting); try again shortly"
                 self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
                 return
             held = self._queued_bytes()
-            if held + sum(map(_item_bytes, items)) > self._max_queued_bytes:
+            if held + size > self._max_queued_bytes:
                 message = (
                     f"the queue is full ({held / 2**20:.0f} MiB of images and text waiting); "
                     "try again shortly"

@@ -357,9 +357,17 @@ def test_a_full_queue_answers_busy(backend):
     try:
         backend.hold()
         with served.client() as client:
-            reply = client.request(BatchRequest(client.new_id(), ["a"] * 4), TIMEOUT_S)
-            assert reply.code == ErrorCode.BUSY
+            first = BatchRequest(client.new_id(), ["a"] * 3)
+            client.send(first)
+            assert backend.entered.wait(TIMEOUT_S)  # one runs, two wait
+            reply = client.request(BatchRequest(client.new_id(), ["b"] * 2), TIMEOUT_S)
+            assert reply.code == ErrorCode.BUSY and "try again shortly" in reply.message
+            # More than the queue could ever hold is not "busy": trying again cannot help.
+            never = client.request(BatchRequest(client.new_id(), ["c"] * 4), TIMEOUT_S)
+            assert never.code == ErrorCode.TOO_LARGE
+            assert "this service queues at most 3 prompts" in never.message
             backend.release()
+            _collect(client, until=lambda r: isinstance(r, BatchDoneReply) and r.id == first.id)
             again = client.request(BatchRequest(client.new_id(), ["a"] * 3), TIMEOUT_S)
             assert again.completed == 3
     finally:
@@ -393,6 +401,10 @@ def test_a_queue_full_of_images_answers_busy_by_bytes(backend):
                 PoseRequest(client.new_id(), "room again", images=(big,)), TIMEOUT_S
             )
             assert isinstance(after, PoseReply)
+            huge = big + b"\0" * (2 << 20)  # alone more than the 2 MiB the queue holds
+            never = client.request(PoseRequest(client.new_id(), "huge", images=(huge,)), TIMEOUT_S)
+            assert never.code == ErrorCode.TOO_LARGE and "at most 3" not in never.message
+            assert "MiB (chatpose-serve --max-queue, --max-queued-mb)" in never.message
     finally:
         served.stop()
 

@@ -133,6 +133,11 @@ def check_bind(bind: str, curve: CurveKeys | None) -> None:
         check_address(bind, bind=True)
     except AddressError as exc:
         raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
+    if bind.startswith("inproc://"):
+        raise ServerConfigError(
+            f"cannot listen on {bind}: inproc reaches only this process, and the add-on and "
+            "`chatpose` connect from others. Use tcp://127.0.0.1:PORT or ipc://PATH."
+        )
     if not is_loopback(bind) and curve is None:
         raise ServerConfigError(
             f"refusing to listen on {bind}: it is not a loopback address, and without CURVE "
@@ -210,7 +215,10 @@ class Server:
         self._local = threading.local()
         self._replies: deque[list[bytes]] = deque()  # to send, in order (_emit)
         self._replies_lock = threading.Lock()
-        self._received: dict[tuple[ClientId, str], tuple[float, str]] = {}
+        # When and what each request in flight came in as, for its "request done" line. A list:
+        # a request reusing an id in flight (refused, or a status or cancel) is answered at once,
+        # so the newest entry under a key is always the one a final reply ends.
+        self._received: dict[tuple[ClientId, str], list[tuple[float, str]]] = {}
         self._received_lock = threading.Lock()
         self.scheduler = Scheduler(
             backend,
@@ -265,10 +273,12 @@ class Server:
 
     def _log_request_done(self, client: ClientId, reply: Reply) -> None:
         with self._received_lock:
-            received = self._received.pop((client, reply.id), None)
-        if received is None:
-            return
-        started, op = received
+            entries = self._received.get((client, reply.id))
+            if not entries:
+                return
+            started, op = entries.pop()
+            if not entries:
+                del self._received[(client, reply.id)]
         failed = isinstance(reply, ErrorReply)
         log.info(
             "request done",
@@ -324,7 +334,8 @@ class Server:
             self._emit(client, error_reply_for(err))
             return
         with self._received_lock:
-            self._received[(client, request.id)] = (time.monotonic(), request.op)
+            entry = (time.monotonic(), request.op)
+            self._received.setdefault((client, request.id), []).append(entry)
         match request:
             case StatusRequest():
                 self._emit(client, self._status(request.id))

@@ -187,6 +187,7 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
     [
         (["--bind", "tcp://0.0.0.0:5555", "--checkpoint", "."], "not a loopback address"),
         (["--bind", "garbage", "--checkpoint", "."], "'garbage' is not a ZeroMQ address"),
+        (["--bind", "inproc://x", "--checkpoint", "."], "inproc reaches only this process"),
         (["--checkpoint", "/no/such/dir"], "/no/such/dir does not exist"),
         (["--curve-clients", "."], "go together"),
         (["--max-new-tokens", "2000"], "--max-new-tokens: at most 512, got 2000"),

@@ -305,7 +305,8 @@ def test_an_image_is_refused_by_its_header_before_it_is_queued(running, backend,
         assert isinstance(ok, PoseReply) and len(ok.poses) == 1 and backend.batch_sizes == [1]
 
 
-def test_the_same_id_twice_in_flight_is_refused(running, backend):
+def test_the_same_id_twice_in_flight_is_refused(running, backend, caplog):
+    caplog.set_level(logging.INFO)
     backend.hold()
     with running.client() as client:
         request = PoseRequest(client.new_id(), "once")
@@ -315,6 +316,9 @@ def test_the_same_id_twice_in_flight_is_refused(running, backend):
         assert duplicate.code == ErrorCode.BAD_SCHEMA and "already in flight" in duplicate.message
         backend.release()
         assert _collect(client, until=lambda r: isinstance(r, PoseReply))[-1].id == request.id
+    # Each of the two gets its own "request done" line: the refusal did not take the first's.
+    done = [r for r in caplog.records if getattr(r, "event", None) == "request"]
+    assert sorted((r.id, r.ok) for r in done) == [(request.id, False), (request.id, True)]
 
 
 @scripted_only

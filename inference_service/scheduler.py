@@ -188,10 +188,14 @@ class Scheduler:
         with self._lock:
             self._expire_locked()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(
+        self, timeout_s: float = 30.0, while_waiting: Callable[[], None] | None = None
+    ) -> None:
         """Finishes the micro-batch in flight; everything else gets `shutting_down`. If that
         micro-batch is still running after `timeout_s`, its requests get `shutting_down` too
-        and its late answers are discarded, so no client is left waiting."""
+        and its late answers are discarded, so no client is left waiting. `while_waiting` is
+        called over and over (it should return within a fraction of a second) while the
+        micro-batch runs: the server answers what arrives meanwhile."""
         with self._lock:
             self._stopping = True
             for request in list(self._requests.values()):
@@ -200,8 +204,13 @@ class Scheduler:
                 if request.queued == 0:  # none of it is running: nothing more will come
                     self._end(request, ErrorCode.SHUTTING_DOWN, "the service is shutting down")
             self._lock.notify_all()
-        if self._worker.is_alive():
-            self._worker.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._worker.is_alive() and (left := deadline - time.monotonic()) > 0:
+            if while_waiting is None:
+                self._worker.join(left)
+            else:
+                while_waiting()
+                self._worker.join(0)
         with self._lock:
             for request in list(self._requests.values()):
                 message = (

@@ -397,16 +397,22 @@ class Server:
                 "device": self._info.device,
             },
         )
+
+        def serve_once() -> None:
+            events = dict(poller.poll(_POLL_MS))
+            if self._router in events:
+                self._drain_requests()
+            if self._inbox in events:
+                self._forward_replies()
+
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(_POLL_MS))
-                if self._router in events:
-                    self._drain_requests()
-                if self._inbox in events:
-                    self._forward_replies()
+                serve_once()
                 self.scheduler.expire()
         finally:
-            self.scheduler.stop()
+            # Requests that come while the last micro-batch runs get `shutting_down`, not
+            # silence until their client's timeout.
+            self.scheduler.stop(while_waiting=serve_once)
             self._forward_replies()  # the last answers and the shutting_down errors
             self.close()
             log.info("stopped", extra={"event": "stop"})

@@ -263,10 +263,15 @@ def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
     wait_until(lambda: served.server.scheduler.queue_depth == 1)  # the server has read it
     served.server.stop()
     wait_until(lambda: served.server.scheduler.queue_depth == 0)  # shutting down: unqueued
+    # While the running micro-batch finishes, a new request is answered, not left waiting.
+    late = PoseRequest(client.new_id(), "arrives late")
+    client.send(late)
+    replies = {r.id: r for r in _collect(client, until=lambda r: r.id == late.id)}
+    assert replies[late.id].code == ErrorCode.SHUTTING_DOWN
     backend.release()
     served.thread.join(TIMEOUT_S)
     assert not served.thread.is_alive()
-    replies = {r.id: r for r in _collect(client, until=None, quiet_s=0.5)}
+    replies |= {r.id: r for r in _collect(client, until=None, quiet_s=0.5)}
     client.close()
     assert_answers(backend, "already running", replies[running_request.id].poses)
     assert replies[queued_request.id].code == ErrorCode.SHUTTING_DOWN

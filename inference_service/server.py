@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -149,6 +151,7 @@ def check_bind(bind: str, curve: CurveKeys | None) -> None:
 def check_address_free(bind: str) -> None:
     """Refuses an address something already listens on, before a model takes minutes to load
     (the real bind can still lose a race; it reports the same way)."""
+    _refuse_a_live_ipc_socket(bind)  # before the probe: binding there would take it over
     context = zmq.Context()
     probe = context.socket(zmq.ROUTER)
     probe.ipv6 = is_ipv6(bind)
@@ -159,6 +162,23 @@ def check_address_free(bind: str) -> None:
     finally:
         probe.close(linger=0)
         context.term()
+
+
+def _refuse_a_live_ipc_socket(bind: str) -> None:
+    """ZeroMQ binds an ipc path by removing the file that is there, so a second server would
+    silently take the address of a running one, which no client could reach again. A socket
+    file that accepts a connection belongs to a live listener."""
+    path = bind.removeprefix("ipc://")
+    if path == bind or path.startswith("@") or not hasattr(socket, "AF_UNIX"):
+        return  # not ipc, or Linux's abstract namespace, which ZeroMQ refuses twice itself
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a file left by a server that is gone: ZeroMQ replaces it
+    raise ServerConfigError(_bind_failure(bind, zmq.ZMQError(errno.EADDRINUSE)))
 
 
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
@@ -187,6 +207,7 @@ class Server:
         curve: CurveKeys | None = None,
     ):
         check_bind(bind, curve)
+        _refuse_a_live_ipc_socket(bind)
         self._info = info
         self._limits = limits
         self._started = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from inference_service.server import (
     CurveKeys,
     Server,
     ServerConfigError,
+    check_address_free,
 )
 from shared_protocol.client import Client, ClientCurveKeys
 from shared_protocol.pose import Pose
@@ -481,14 +483,33 @@ def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
 
 
 @scripted_only
+def test_a_live_ipc_address_is_in_use_and_a_stale_socket_file_is_not(backend, tmp_path):
+    address = f"ipc://{tmp_path / 'chatpose.ipc'}"
+    served = Running(backend, address)
+    try:
+        with pytest.raises(ServerConfigError, match="already in use"):
+            check_address_free(address)
+        with pytest.raises(ServerConfigError, match="already in use"):
+            Server(backend, backend.info, address)
+        with served.client() as client:  # the first server still owns its address
+            assert isinstance(
+                client.request(StatusRequest(client.new_id()), TIMEOUT_S), StatusReply
+            )
+    finally:
+        served.stop()
+    stale = tmp_path / "stale.ipc"
+    with socket.socket(socket.AF_UNIX) as left_behind:  # a socket file nobody listens on
+        left_behind.bind(str(stale))
+    check_address_free(f"ipc://{stale}")
+
+
+@scripted_only
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
         Server(backend, backend.info, "tcp://0.0.0.0:*")
 
 
 def _has_ipv6_loopback() -> bool:
-    import socket
-
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))

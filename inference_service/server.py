@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 _POLL_MS = 50  # how often the I/O loop looks at deadlines and the stop flag
+# A client whose replies have found its pipe full for this long is taken for one that will not
+# read them again: its work is dropped (until then they wait, however slowly it reads).
+STALLED_CLIENT_S = 120.0
 _instances = itertools.count()
 
 
@@ -236,6 +239,10 @@ class Server:
         self._local = threading.local()
         self._replies: deque[list[bytes]] = deque()  # to send, in order (_emit)
         self._replies_lock = threading.Lock()
+        # Replies a slow client's full pipe could not take yet, and since when it has been full
+        # (the I/O thread's own: no lock).
+        self._held: deque[list[bytes]] = deque()
+        self._stalled_since: dict[ClientId, float] = {}
         # When and what each request in flight came in as, for its "request done" line. A list:
         # a request reusing an id in flight (refused, or a status or cancel) is answered at once,
         # so the newest entry under a key is always the one a final reply ends.
@@ -321,16 +328,40 @@ class Server:
                 break
         with self._replies_lock:
             replies, self._replies = self._replies, deque()
-        for frames in replies:
+        pending, self._held = [*self._held, *replies], deque()  # a client's replies in order
+        full: set[ClientId] = set()
+        gone: set[ClientId] = set()
+        for frames in pending:
+            client = frames[0]
+            if client in gone:
+                continue
+            if client in full:  # after one that waits, so that none overtakes it
+                self._held.append(frames)
+                continue
             try:
                 self._router.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
+            except zmq.Again:  # connected, but not reading: its pipe is full
+                full.add(client)
+                self._held.append(frames)
+            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH)
                 log.warning("client unreachable; dropping its work", extra={"error": str(exc)})
-                self._drop_client(frames[0])
+                gone.add(client)
+                self._drop_client(client)
+        now = time.monotonic()
+        self._stalled_since = {c: self._stalled_since.get(c, now) for c in full}
+        for client, since in list(self._stalled_since.items()):
+            if now - since > STALLED_CLIENT_S:
+                log.warning(
+                    "client stopped reading; dropping its work",
+                    extra={"error": f"its replies waited {now - since:.0f} s"},
+                )
+                self._drop_client(client)
 
     def _drop_client(self, client: ClientId) -> None:
-        """Forgets a client that can no longer be reached: its work, and its requests' log
-        entries (which only a final reply would otherwise remove)."""
+        """Forgets a client that can no longer be reached: its work, its replies not yet sent,
+        and its requests' log entries (which only a final reply would otherwise remove)."""
+        self._held = deque(frames for frames in self._held if frames[0] != client)
+        self._stalled_since.pop(client, None)
         self.scheduler.cancel_client(client)
         with self._received_lock:
             for key in [key for key in self._received if key[0] == client]:
@@ -423,7 +454,7 @@ class Server:
             events = dict(poller.poll(_POLL_MS))
             if self._router in events:
                 self._drain_requests()
-            if self._inbox in events:
+            if self._inbox in events or self._held:  # held replies: tried again each turn
                 self._forward_replies()
 
         try:

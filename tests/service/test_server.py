@@ -420,6 +420,27 @@ def test_a_queue_full_of_images_answers_busy_by_bytes(backend):
         served.stop()
 
 
+@scripted_only
+def test_a_client_that_reads_slowly_gets_every_reply(backend):
+    served = Running(backend, max_batch=64, max_wait_ms=0)
+    served.server._router.sndhwm = 4  # a pipe that fills after a few replies
+    try:
+        with served.client() as client:
+            client._socket.rcvhwm = 4
+            batches = [
+                BatchRequest(client.new_id(), [f"{b} {i}" for i in range(256)]) for b in range(4)
+            ]
+            for batch in batches:
+                client.send(batch)
+            time.sleep(1.0)  # not reading: the server's sends find the pipe full
+            replies = _collect(client, until=None, quiet_s=1.0)
+        done = {r.id: r.completed for r in replies if isinstance(r, BatchDoneReply)}
+        assert done == {batch.id: 256 for batch in batches}
+        assert sum(isinstance(r, BatchItemReply) for r in replies) == 4 * 256
+    finally:
+        served.stop()
+
+
 def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):
     rng = random.Random(7)
     valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']

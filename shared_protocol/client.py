@@ -187,8 +187,10 @@ class Client:
 
     def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:
         """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait
-        for each reply, so a long batch lives as long as items keep coming."""
-        connect_s = min(timeout_s, CONNECT_TIMEOUT_S)
+        for each reply, so a long batch lives as long as items keep coming. The connection has
+        its own wait (CONNECT_TIMEOUT_S): a short `timeout_s` must not call a live service
+        absent."""
+        connect_s = CONNECT_TIMEOUT_S
         if not self.wait_connected(connect_s):
             self.reset()
             raise ProtocolError(

@@ -424,6 +424,9 @@ def test_a_slow_service_times_out(address, backend, capsys):
     code, _, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.5")
     assert code == cli.EXIT_TIMEOUT and "within 0.5 s" in err
     assert time.monotonic() - started < 10
+    # Shorter than a connection takes: still a timeout of the service that is there.
+    code, _, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.0001")
+    assert code == cli.EXIT_TIMEOUT and "is chatpose-serve running?" not in err
 
 
 def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):

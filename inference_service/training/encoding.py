@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from inference_service.checkpoint import ChatPoseConfig
+from inference_service.errors import CheckpointError
 from inference_service.images import decode_image
 from inference_service.pose_head import camera_to_upright
 from inference_service.prompts import (
@@ -198,9 +199,11 @@ class Encoder:
         text, _ = render(example, self.config, self.image_token)
         images = [decode_image(data) for data in example.images] or None
         reference = self.processor(text=[text], images=images, return_tensors="pt")["input_ids"]
-        if reference[0].tolist() != encoded.input_ids:
-            raise RuntimeError(
-                f"{encoded.source}: the training tokenization differs from the processor's"
+        if reference[0].tolist() != encoded.input_ids:  # training would teach other tokens
+            raise CheckpointError(
+                f"{encoded.source}: the training tokenization differs from what this checkpoint's "
+                "processor makes of the same prompt, which is what the service runs; its "
+                "tokenizer is not one this trainer supports"
             )
 
     def collate(self, items: Sequence[EncodedExample]) -> Batch:

@@ -510,6 +510,11 @@ def test_encoding_labels_exactly_the_answers(base, examples):
     assert encoded.pose_positions == []  # a pose token without a target: CE only
     assert encoded.input_ids.count(pose_id) == 1
 
+    # A tokenizer this trainer follows otherwise is a typed checkpoint error, not a traceback.
+    skewed = dataclasses.replace(encoded, input_ids=encoded.input_ids[1:])
+    with pytest.raises(CheckpointError, match="differs from what this checkpoint's processor"):
+        encoder.check_against_processor(chat, skewed)
+
     image = examples[4]
     encoded = encoder.encode(image)
     encoder.check_against_processor(image, encoded)

@@ -191,14 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except CommandError as exc:
-        print(f"chatpose {args.command}: {exc}", file=sys.stderr)
+        _report(f"chatpose {args.command}: {exc}")
         return exc.exit_code
     except ProtocolError as exc:
-        print(f"chatpose {args.command}: {exc.message}", file=sys.stderr)
+        _report(f"chatpose {args.command}: {exc.message}")
         return exit_code_for(exc.code)
     except KeyboardInterrupt:
-        print(f"chatpose {args.command}: interrupted", file=sys.stderr)
+        _report(f"chatpose {args.command}: interrupted")
         return EXIT_INTERRUPTED
+
+
+def _report(text: str) -> None:
+    """A line on stderr, which may be a terminal that closed (SIGHUP): the work is written by
+    then, and the exit code must still say what happened."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
 
 
 # --- sub-commands -----------------------------------------------------------------------------
@@ -289,19 +298,19 @@ def _batch(args: argparse.Namespace) -> int:
         finished = True
     finally:  # what was answered is written, and what was not is named, even half-way
         if sys.stderr.isatty():
-            print(file=sys.stderr)  # past the progress bar's line
+            _report("")  # past the progress bar's line
         # A batch cut short never replaces a file the user already has.
         out = args.out if finished or not args.out.exists() else _partial_path(args.out)
         if poses:
             _write_motion(out, [poses[i] for i in sorted(poses)], fps=args.fps)
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
             kept = f"; {args.out} is kept as it was" if out != args.out else ""
-            print(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}", file=sys.stderr)
+            _report(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}")
         for number, (code, message) in sorted(failures.items()):
-            print(f"chatpose batch: line {number}: {code.value}: {message}", file=sys.stderr)
+            _report(f"chatpose batch: line {number}: {code.value}: {message}")
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
         if unanswered:
-            print(f"chatpose batch: not answered: {_line_ranges(unanswered)}", file=sys.stderr)
+            _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}")
     if not failures:
         return EXIT_OK
     exits = {exit_code_for(code) for code, _ in failures.values()}
@@ -312,7 +321,12 @@ def _batch(args: argparse.Namespace) -> int:
 def _stops_as_interrupts():
     """SIGTERM and SIGHUP (a closed terminal, `kill`) stop a batch as Ctrl-C does, so that
     what was answered is still written (their default ends the process on the spot)."""
-    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    signals = [
+        getattr(signal, name)
+        for name in ("SIGTERM", "SIGHUP")
+        # Ignored (`nohup` ignores SIGHUP so that the batch outlives the terminal): left so.
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN
+    ]
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield
         return

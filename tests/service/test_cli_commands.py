@@ -291,6 +291,41 @@ def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
     assert Motion.load_npz(out_file).labels == ("wave", "sit down")
 
 
+def test_a_batch_under_nohup_outlives_its_terminal_and_a_closed_one_still_gets_its_file(
+    address, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    seen = []
+
+    class ClosedTerminal:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+        def isatty(self):
+            return False
+
+    def terminal_closes_on_the_second_answer(done: int, total: int) -> None:
+        seen.append(signal.getsignal(signal.SIGHUP))
+        if done == 2:
+            monkeypatch.setattr(sys, "stderr", ClosedTerminal())
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", terminal_closes_on_the_second_answer)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts it
+    try:
+        code = cli.main(["batch", str(prompts), "--out", str(out_file), "--address", address])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert seen and all(handler is signal.SIG_IGN for handler in seen)  # left ignored
+    assert code == cli.EXIT_INTERRUPTED  # not a traceback from the dead terminal
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
 def test_batch_progress_is_drawn_on_a_terminal_only(address, capsys, tmp_path, monkeypatch):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\n")

@@ -81,6 +81,7 @@ from inference_service.training.losses import (
 STATE_NAME = "training_state.pt"
 LATEST_NAME = "latest"
 LOG_NAME = "train_log.jsonl"
+DIVERGED_NAME = "diverged.json"  # in OUT while a run stopped on a NaN has not got past it
 STATE_FORMAT = 1
 # LoRA targets: the projections of the language model's layers only (the CLIP tower has
 # q/k/v projections too, which must stay frozen).
@@ -562,7 +563,7 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 def _run_files(out: Path) -> list[str]:
     """What a run has written into `out`."""
-    names = (LATEST_NAME, LOG_NAME, "base", ".base.tmp")
+    names = (LATEST_NAME, LOG_NAME, DIVERGED_NAME, "base", ".base.tmp")
     return [p.name for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
 
 
@@ -781,6 +782,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
                 f"{resume_from}: the trainable parameters differ from the saved run's"
             )
         optimizer.load_state_dict(state["optimizer"])
+        for group, scale in zip(optimizer.param_groups, (1.0, adapter_scale), strict=False):
+            group["lr_scale"] = scale  # this run's rates (a resume may lower --lr), not the saved
         start = state["step"]
         _forget_logged_steps_after(out, start)
         for _ in range(start * config.grad_accum):
@@ -790,6 +793,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     state_extra = {"run": config.run_settings(), "data_fingerprint": data_hash}
     last_saved = resume_from
+    diverged_at = _diverged_step(out)
     print(
         f"training {sum(p.numel() for _, p in named):,} parameters on {len(examples)} examples "
         f"({', '.join(f'{k} {kinds.count(k)}' for k in KINDS)}), steps {start + 1}..{config.steps}"
@@ -825,7 +829,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
                 )
                 figures = terms.floats()
                 if not all(math.isfinite(x) for x in figures):
-                    raise TrainingDiverged(_diverged(step, "loss", figures, last_saved))
+                    raise _stopped(out, step, _diverged(step, "loss", figures, last_saved))
                 if terms.total.requires_grad:  # a head-only run on a batch without poses
                     (terms.total / config.grad_accum).backward()
                 totals += np.array(figures) / config.grad_accum
@@ -833,11 +837,14 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
                 params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             )
             if not torch.isfinite(norm):
-                raise TrainingDiverged(_diverged(step, "gradient", tuple(totals), last_saved))
+                raise _stopped(out, step, _diverged(step, "gradient", tuple(totals), last_saved))
             optimizer.step()
             losses.append((step, *map(float, totals)))
             bar.set_postfix_str(_figures(*totals), refresh=False)
             bar.update()
+            if diverged_at is not None and step >= diverged_at:  # past the NaN: a plain run
+                (out / DIVERGED_NAME).unlink(missing_ok=True)
+                diverged_at = None
             window.append(tuple(totals))
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - window_start
@@ -854,7 +861,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
                 if not all(
                     bool(torch.isfinite(p).all()) for p in params + list(tm.head.parameters())
                 ):
-                    raise TrainingDiverged(_diverged(step, "weights", tuple(totals), last_saved))
+                    raise _stopped(out, step, _diverged(step, "weights", tuple(totals), last_saved))
                 saving = time.perf_counter()
                 last_saved = save_checkpoint(
                     out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
@@ -888,6 +895,20 @@ def _head_input_shift(
         for i in range(0, len(sample), config.batch_size)
     ]
     return tm.mean_pose_state(batches)
+
+
+def _diverged_step(out: Path) -> int | None:
+    try:
+        return int(json.loads((out / DIVERGED_NAME).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stopped(out: Path, step: int, message: str) -> TrainingDiverged:
+    """The error that stops a diverged run, after marking OUT so that its resume may lower
+    the rate or the clipping norm (`_check_resume`)."""
+    (out / DIVERGED_NAME).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+    return TrainingDiverged(message)
 
 
 def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
@@ -937,23 +958,36 @@ def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> N
 
 # Settings a resume may change, with a note: what a diverged run needs to get past the step
 # that gave a NaN (the rest would make the resumed run another run).
-RESUME_MAY_CHANGE = ("lr", "max_grad_norm")
+RESUME_MAY_LOWER = ("lr", "max_grad_norm")
+# The adapter a run resumes sets its LoRA shape (`_with_adapter_shape`); runs saved before that
+# recorded the options as given, which the adapter may not have.
+RESUME_FROM_ADAPTER = ("lora_rank", "lora_alpha", "lora_dropout")
+
+
+def _lower(key: str, value: float, saved: float) -> bool:
+    if key == "max_grad_norm":  # 0: no clipping, the loosest
+        return value > 0 and (saved == 0 or value < saved)
+    return value < saved
 
 
 def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) -> None:
     saved = dict(state.get("run", {}))
     if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
         saved["train_base"] = "all" if saved["train_base"] else None
+    diverged = (config.out / DIVERGED_NAME).is_file()
     for key, value in config.run_settings().items():
-        if key in RESUME_MAY_CHANGE and key in saved and saved[key] != value:
+        if key in RESUME_FROM_ADAPTER or key not in saved or saved[key] == value:
+            continue
+        if key in RESUME_MAY_LOWER and diverged and _lower(key, value, saved[key]):
             print(
                 f"note: --resume with {key} {value!r}; the run in {path} used {saved[key]!r}",
                 file=sys.stderr,
             )
-        elif key in saved and saved[key] != value:
+        else:
+            after_nan = " (after a NaN: a lower lr or max_grad_norm)" if diverged else ""
             raise TrainingError(
                 f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
-                f"resume with the same settings"
+                f"resume with the same settings{after_nan}"
             )
     if state.get("data_fingerprint") != data_hash:
         raise TrainingError(f"--resume: the training data differ from those of the run in {path}")

@@ -299,6 +299,17 @@ def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, ex
     assert parse([*required, "--lr-schedule", "linear"]).lr_schedule == "linear"
 
 
+def test_a_run_that_recorded_its_lora_options_as_given_still_resumes(base, examples, tmp_path):
+    out = tmp_path / "run"
+    first = loop.train(settings(base, out, steps=3, save_every=3), examples)
+    path = first.checkpoint / loop.STATE_NAME
+    state = torch.load(path, weights_only=True)
+    state["run"]["lora_rank"] = 16  # what the trainer recorded before the adapter's shape
+    torch.save(state, path)
+    resumed = loop.train(settings(base, out, steps=4, lora_rank=16, resume=True), examples)
+    assert resumed.step == 4
+
+
 def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkeypatch, capsys):
     data = _write_data(tmp_path)
     out = tmp_path / "out"
@@ -306,6 +317,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         *("--base", str(base), "--out", str(out), *data),
         *("--steps", "8", "--save-every", "2", "--batch-size", "2", "--lora-rank", "4"),
         *("--lora-alpha", "8", "--device", "cpu", "--log-every", "1", "--copy-base"),
+        *("--adapter-lr", "1e-4"),  # the head at --lr (2e-4), the adapter at 1e-4
     ]
     calls = []
     real_loss, real_save = loop.chatpose_loss, loop.save_checkpoint
@@ -333,14 +345,29 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
 
+    assert (out / loop.DIVERGED_NAME).is_file()
+
     monkeypatch.setattr(loop, "chatpose_loss", real_loss)
+    higher = [*argv, "--resume", "--steps", "6", "--lr", "1e-3"]
+    assert train_cli.main(higher) == train_cli.EXIT_USAGE  # after a NaN: lower only
+    assert "lr is 0.001 but the run" in capsys.readouterr().err
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     assert train_cli.main([*argv, "--resume", "--steps", "6", "--lr", "1e-4"]) == 0
     err = capsys.readouterr().err
     assert "note: --resume with lr 0.0001; the run in " in err and "used 0.0002" in err
     assert "steps 5..6" in err and "step 6/6" in err
-    resumed = [*argv, "--resume", "--steps", "7", "--batch-size", "3"]
-    assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # the rest must stay as they were
-    assert "--resume: batch_size is 3 but the run" in capsys.readouterr().err
+    assert rates == [[1e-4, 1e-4], [1e-4, 1e-4]]  # the head's lowered, the adapter's its own
+    assert not (out / loop.DIVERGED_NAME).exists()  # past the NaN: a plain run again
+    resumed = [*argv, "--resume", "--steps", "7", "--lr", "5e-5"]
+    assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # no NaN to get past: as it was
+    assert "--resume: lr is 5e-05 but the run" in capsys.readouterr().err
     logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5 of the diverged run is not logged twice
     assert json.loads((out / "step-000006" / "chatpose.json").read_text())["base_model"] == (

@@ -9,10 +9,12 @@ offset in metres, same frame.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
-import tempfile
+import secrets
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -357,27 +359,31 @@ def _text(value: np.ndarray, name: str) -> str:
 
 def _write_atomically(path: str | os.PathLike, write) -> None:
     """`write(stream)` into a temporary file beside `path`, then the file takes its name: a
-    write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder
-    )
+    write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was. As
+    `open(path, "wb")` would: a link is written through to its target, a file that may not be
+    written is refused, a new file gets the umask's mode and an old one keeps its own."""
+    target = os.path.realpath(path)
+    existing = os.path.exists(target)
+    if existing and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    folder, name = os.path.split(target)
+    while True:
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            descriptor = os.open(temporary, flags, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(descriptor, "wb") as stream:  # np.savez appends ".npz" to a bare name
             write(stream)
-        os.chmod(temporary, _file_mode(path))  # mkstemp's is 0o600
-        os.replace(temporary, path)
+        if existing:
+            os.chmod(temporary, os.stat(target).st_mode & 0o777)
+        os.replace(temporary, target)
     except BaseException:
-        os.unlink(temporary)
+        with contextlib.suppress(OSError):
+            os.chmod(temporary, 0o600)  # Windows will not remove a read-only file
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
-
-
-def _file_mode(path: str) -> int:
-    """The mode `path` has, or a new file would get (the umask's)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask

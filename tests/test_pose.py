@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -147,6 +148,30 @@ def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path, 
     Motion.from_poses([Pose(np.ones((24, 3)), label="new")]).save_npz(path)
     assert Motion.load_npz(path).labels == ("new",)
     assert path.stat().st_mode & 0o777 == 0o640  # the file keeps its permissions
+
+
+def test_a_save_writes_through_a_link_and_as_open_would_otherwise(tmp_path):
+    real = tmp_path / "takes" / "anim.npz"
+    real.parent.mkdir()
+    Motion.from_poses([Pose(np.zeros((24, 3)), label="old")]).save_npz(real)
+    link = tmp_path / "anim.npz"
+    link.symlink_to(real)
+    Motion.from_poses([Pose(np.ones((24, 3)), label="new")]).save_npz(link)
+    assert link.is_symlink() and Motion.load_npz(real).labels == ("new",)
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.npz"
+        Motion.from_poses([]).save_npz(fresh)
+        assert fresh.stat().st_mode & 0o777 == 0o644  # the umask's, as for any new file
+    finally:
+        os.umask(umask)
+
+    real.chmod(0o444)
+    if not os.access(real, os.W_OK):  # root may write anything, as with open()
+        with pytest.raises(PermissionError):
+            Motion.from_poses([]).save_npz(real)
+        assert Motion.load_npz(real).labels == ("new",)
 
 
 def test_an_upright_amass_body_loads_upright(tmp_path):

@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 _POLL_MS = 50  # how often the I/O loop looks at deadlines and the stop flag
-# A client whose replies have found its pipe full for this long is taken for one that will not
-# read them again: its work is dropped (until then they wait, however slowly it reads).
+# A client whose pipe has stayed full this long, taking no reply, is taken for one that will not
+# read again: its work is dropped (until then its replies wait, however slowly it reads).
 STALLED_CLIENT_S = 120.0
 _instances = itertools.count()
 
@@ -330,6 +330,7 @@ class Server:
             replies, self._replies = self._replies, deque()
         pending, self._held = [*self._held, *replies], deque()  # a client's replies in order
         full: set[ClientId] = set()
+        took: set[ClientId] = set()  # clients that took a reply this turn: reading, if slowly
         gone: set[ClientId] = set()
         for frames in pending:
             client = frames[0]
@@ -340,6 +341,7 @@ class Server:
                 continue
             try:
                 self._router.send_multipart(frames, zmq.NOBLOCK)
+                took.add(client)
             except zmq.Again:  # connected, but not reading: its pipe is full
                 full.add(client)
                 self._held.append(frames)
@@ -348,7 +350,9 @@ class Server:
                 gone.add(client)
                 self._drop_client(client)
         now = time.monotonic()
-        self._stalled_since = {c: self._stalled_since.get(c, now) for c in full}
+        self._stalled_since = {
+            c: now if c in took else self._stalled_since.get(c, now) for c in full
+        }
         for client, since in list(self._stalled_since.items()):
             if now - since > STALLED_CLIENT_S:
                 log.warning(

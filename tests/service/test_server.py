@@ -19,6 +19,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from inference_service import server as server_module
 from inference_service.backend import ModelBackend
 from inference_service.keys import make_keys
 from inference_service.scheduler import Answer
@@ -420,25 +421,69 @@ def test_a_queue_full_of_images_answers_busy_by_bytes(backend):
         served.stop()
 
 
+class _SmallPipes(zmq.Context):
+    """A context whose sockets queue 4 messages a peer over 4 KiB kernel buffers: a client
+    that does not read fills its pipe after a few replies."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sndhwm = self.rcvhwm = 4  # defaults for the sockets made from here on
+        self.sndbuf = self.rcvbuf = 4096
+
+
+def _small_pipes_server(backend, monkeypatch) -> Running:
+    with monkeypatch.context() as patch:  # for the server's own context only
+        patch.setattr(server_module.zmq, "Context", _SmallPipes)
+        return Running(backend, max_batch=64, max_wait_ms=0)
+
+
+def _send_batches(client: Client, count: int) -> list[BatchRequest]:
+    batches = [
+        BatchRequest(client.new_id(), [f"{b} {i}" for i in range(256)]) for b in range(count)
+    ]
+    for batch in batches:
+        client.send(batch)
+    return batches
+
+
 @scripted_only
-def test_a_client_that_reads_slowly_gets_every_reply(backend):
-    served = Running(backend, max_batch=64, max_wait_ms=0)
-    served.server._router.sndhwm = 4  # a pipe that fills after a few replies
+def test_a_client_that_reads_slowly_gets_every_reply(backend, monkeypatch):
+    monkeypatch.setattr(server_module, "STALLED_CLIENT_S", 0.4)
+    served = _small_pipes_server(backend, monkeypatch)
+    context = _SmallPipes()
     try:
-        with served.client() as client:
-            client._socket.rcvhwm = 4
-            batches = [
-                BatchRequest(client.new_id(), [f"{b} {i}" for i in range(256)]) for b in range(4)
-            ]
-            for batch in batches:
-                client.send(batch)
-            time.sleep(1.0)  # not reading: the server's sends find the pipe full
-            replies = _collect(client, until=None, quiet_s=1.0)
+        with Client(served.address, context=context) as client:
+            batches = _send_batches(client, 1)
+            time.sleep(0.2)  # not reading, then slowly for longer than the stall limit: each
+            # turn takes a few replies, so it is not dropped
+            replies = []
+            while (reply := client.poll(1000)) is not None:
+                replies.append(reply)
+                time.sleep(0.002)
         done = {r.id: r.completed for r in replies if isinstance(r, BatchDoneReply)}
         assert done == {batch.id: 256 for batch in batches}
-        assert sum(isinstance(r, BatchItemReply) for r in replies) == 4 * 256
+        assert sum(isinstance(r, BatchItemReply) for r in replies) == 256
     finally:
         served.stop()
+        context.term()
+
+
+@scripted_only
+def test_a_client_that_stops_reading_has_its_work_dropped(backend, monkeypatch, caplog):
+    monkeypatch.setattr(server_module, "STALLED_CLIENT_S", 0.3)
+    served = _small_pipes_server(backend, monkeypatch)
+    context = _SmallPipes()
+    try:
+        with Client(served.address, context=context) as client:
+            _send_batches(client, 4)
+            wait_until(lambda: "client stopped reading" in caplog.text)
+            assert served.server.scheduler.queue_depth == 0  # its work is gone
+            with served.client() as other:  # and the service serves the others
+                reply = other.request(PoseRequest(other.new_id(), "still here"), TIMEOUT_S)
+                assert isinstance(reply, PoseReply)
+    finally:
+        served.stop()
+        context.term()
 
 
 def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):

@@ -87,13 +87,16 @@ def _host_problem(written: str) -> str | None:
         return f"host {written!r}: unbalanced brackets"
     if bracketed:
         try:
-            ipaddress.IPv6Address(written[1:-1])
+            ipaddress.ip_address(written[1:-1])
         except ValueError:
-            return f"host {written!r} is not an IPv6 address"
+            return f"host {written!r} is not an IP address"
         return None
     if ":" in written:
         return f"host {written!r}: an IPv6 address goes in brackets, [{written}]"
-    if written.replace(".", "").isdigit():  # an IPv4 address, or a mistyped one
+    parts = written.split(".")
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() for p in parts):
+        # Four numbers are an IPv4 address, or a mistyped one (300.1.1.1); shorter forms
+        # (127.1) are ones the resolver completes, as ZeroMQ does.
         try:
             ipaddress.IPv4Address(written)
         except ValueError:

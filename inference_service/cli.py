@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ import numpy as np
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
+from shared_protocol.batch_text import prompt_lines
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
@@ -130,10 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     pose.add_argument("--local", action="store_true", help="run the model in this process")
     pose.add_argument("--checkpoint", type=Path, help="with --local (default: the demo model)")
 
-    batch = commands.add_parser("batch", parents=[connection], help="one prompt per line")
+    batch = commands.add_parser(
+        "batch", parents=[connection], help="one prompt per line (# lines are notes)"
+    )
     batch.add_argument("file", type=Path, metavar="FILE.txt")
     batch.add_argument("--out", type=Path, metavar="FILE.npz", required=True)
-    batch.add_argument("--fps", type=_frame_rate, default=30.0, help="frames per second (30)")
+    batch.add_argument(
+        "--fps", type=_frame_rate, help="frames per second (30; with --resume, the earlier file's)"
+    )
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="ask only the lines that a batch cut short left unanswered (its FILE.partial.npz, "
+        "else --out)",
+    )
 
     commands.add_parser("status", parents=[connection], help="the service's status")
     demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
@@ -272,49 +284,103 @@ def _print_error_reply(err: ProtocolError) -> None:
 def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
     _check_writable(args.out, inputs=[args.file])
-    poses: dict[int, Pose] = {}  # by line number
+    resumed_from, poses, fps = _earlier_answers(args, lines) if args.resume else (None, {}, None)
+    fps = args.fps or fps or 30.0
+    earlier = len(poses)
     failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why it got no pose
     limit = DEFAULT_LIMITS.max_prompt_chars
     for number, prompt in lines:  # the service would refuse the whole request for one of them
-        if len(prompt) > limit:
+        if number not in poses and len(prompt) > limit:
             failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
-    sendable = [(number, prompt) for number, prompt in lines if len(prompt) <= limit]
+    sendable = [(n, prompt) for n, prompt in lines if n not in poses and n not in failures]
     finished = False
     try:
-        with _client(args) as client, _stops_as_interrupts():
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(_client(args)) if sendable else None
+            stack.enter_context(_stops_as_interrupts())
             for chunk in batch_chunks([prompt for _, prompt in sendable]):
-                numbers = [sendable[i][0] for i in chunk]
-                request = BatchRequest(client.new_id(), [sendable[i][1] for i in chunk])
+                asked = [sendable[i] for i in chunk]
+                request = BatchRequest(client.new_id(), [prompt for _, prompt in asked])
                 for reply in client.stream(request, args.timeout):
                     if isinstance(reply, BatchDoneReply):
                         continue  # every line it held is already counted
                     if isinstance(reply, BatchItemReply) and reply.poses:
-                        poses[numbers[reply.index]] = reply.poses[0]
+                        number, prompt = asked[reply.index]
+                        # Labelled with its line's prompt, which --resume matches it by.
+                        poses[number] = dataclasses.replace(reply.poses[0], label=prompt)
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
-                        failures[numbers[reply.index]] = (reply.code, reply.message)
+                        failures[asked[reply.index][0]] = (reply.code, reply.message)
                     elif isinstance(reply, ErrorReply):
                         _checked(reply)  # the whole request failed
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
     finally:  # what was answered is written, and what was not is named, even half-way
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and sendable:
             _report("")  # past the progress bar's line
-        # A batch cut short never replaces a file the user already has.
-        out = args.out if finished or not args.out.exists() else _partial_path(args.out)
-        if poses:
-            _write_motion(out, [poses[i] for i in sorted(poses)], fps=args.fps)
+        out = _batch_destination(args.out, finished, resumed_from)
+        if not finished and out == resumed_from and len(poses) == earlier:
+            _report(f"no new answers; {resumed_from} is kept as it was")
+        elif poses:
+            _write_motion(out, [poses[i] for i in sorted(poses)], fps=fps)
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
             kept = f"; {args.out} is kept as it was" if out != args.out else ""
             _report(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}")
+        if finished and resumed_from not in (None, args.out):
+            with contextlib.suppress(OSError):  # left, it is only resumed again
+                resumed_from.unlink()  # its poses are all in --out now
         for number, (code, message) in sorted(failures.items()):
             _report(f"chatpose batch: line {number}: {code.value}: {message}")
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
         if unanswered:
-            _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}")
+            _report(
+                f"chatpose batch: not answered: {_line_ranges(unanswered)} (the same command "
+                "with --resume asks only the lines without a pose)"
+            )
     if not failures:
         return EXIT_OK
     exits = {exit_code_for(code) for code, _ in failures.values()}
     return exits.pop() if len(exits) == 1 else EXIT_SERVICE_ERROR  # bad input alone: 4
+
+
+def _earlier_answers(
+    args: argparse.Namespace, lines: Sequence[tuple[int, str]]
+) -> tuple[Path | None, dict[int, Pose], float | None]:
+    """For --resume: the file that a batch cut short wrote (FILE.partial.npz, else --out), its
+    poses by the line each answers, and its frame rate. Each frame is labelled with its line's
+    prompt and the frames are in file order, so frame by frame the next line with that prompt
+    is the one it answers."""
+    source = next((path for path in (_partial_path(args.out), args.out) if path.exists()), None)
+    if source is None:
+        _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
+        return None, {}, None
+    try:
+        motion = Motion.load_npz(source)
+    except (OSError, ValueError) as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"--resume: cannot read {source} ({exc})") from None
+    answered: dict[int, Pose] = {}
+    remaining = iter(lines)
+    for frame, pose in enumerate(motion.poses(), 1):
+        number = next((n for n, prompt in remaining if prompt == pose.label), None)
+        if number is None:
+            raise CommandError(
+                EXIT_BAD_INPUT,
+                f"--resume: frame {frame} of {source} ({pose.label!r}) answers no line of "
+                f"{args.file} in order; if the file was edited since, run without --resume",
+            )
+        answered[number] = pose
+    _report(f"resuming {source}: {len(answered)} of {len(lines)} lines answered there")
+    return source, answered, motion.fps
+
+
+def _batch_destination(out: Path, finished: bool, resumed_from: Path | None) -> Path:
+    """Where a batch writes: --out when it finished; cut short, the file it resumed (its poses
+    and more), else --out if that is new, else FILE.partial.npz beside it: a batch cut short
+    never replaces a file the user already has."""
+    if finished:
+        return out
+    if resumed_from is not None:
+        return resumed_from
+    return _partial_path(out) if out.exists() else out
 
 
 @contextlib.contextmanager
@@ -466,12 +532,12 @@ def _read_image(path: Path) -> bytes:
 
 
 def _read_prompts(path: Path) -> list[tuple[int, str]]:
-    """The file's non-blank lines, stripped, each with its line number (from 1)."""
+    """The file's prompts (`batch_text`), each with its line number (from 1)."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = prompt_lines(text)
     if not lines:
         raise CommandError(EXIT_BAD_INPUT, f"{path} has no prompts (one per line)")
     return lines

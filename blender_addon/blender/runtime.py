@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import bpy
 
 from shared_protocol.address import AddressError, is_loopback
+from shared_protocol.batch_text import prompt_lines
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core import batch_plan, chat
 from ..core.batch_plan import BatchRun, check_lines
-from ..core.batch_record import prompt_lines
 from ..core.dispatch import (
     BatchEnded,
     BatchLineFailed,
@@ -426,7 +426,7 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[str], str]:
         except OSError as exc:
             raise UserError(f"{path} could not be read ({exc.strerror or exc})") from None
         label = bpy.path.basename(path)
-    lines = prompt_lines(content)
+    lines = [prompt for _, prompt in prompt_lines(content)]
     if not lines:
         raise UserError(f"{label} has no prompts (one per line)")
     try:

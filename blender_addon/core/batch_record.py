@@ -5,12 +5,13 @@ record lives on the armature's action (a JSON string custom property, ``RECORD_P
 a run that stops half way (service gone, Blender closed, user cancel) resumes where it stopped:
 ``pending`` gives the lines still to do, a rerun keys nothing twice and loses nothing.
 
-Identity of a line: its index among the non-blank lines **and** a hash of its text (stripped).
+Identity of a line: its index among the prompts (``shared_protocol.batch_text``) **and** a hash
+of its text (stripped).
 - Index alone would miss edits: a line rewritten in place would count as done.
 - Text alone would confuse repeated prompts ("stand" twice) and would not follow the frames.
 - With both, an edited line is pending again (and its new key replaces the old one at that
-  frame); untouched lines stay done; blank lines (added or removed) change nothing, because
-  they are not prompts and are not counted. Inserting or deleting a prompt line moves the
+  frame); untouched lines stay done; blank and ``#`` lines (added or removed) change nothing,
+  because they are not prompts and are not counted. Inserting or deleting a prompt line moves the
   lines after it to other frames, so those are pending again: what each frame holds always
   matches the text.
 - The frame is part of an entry too: changing start or step makes every line pending whose
@@ -36,11 +37,6 @@ from .timeline import frames_for
 
 RECORD_PROPERTY = "chatpose_batch_record"
 RECORD_VERSION = 1
-
-
-def prompt_lines(text: str) -> list[str]:
-    """The prompts of a text: its non-blank lines, stripped."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def line_hash(line: str) -> str:
@@ -87,8 +83,8 @@ class BatchRecord:
         return e is not None and e.hash == line_hash(text) and e.frame == frame
 
     def pending(self, lines: Sequence[str], start: int, step: int = 1) -> list[PendingLine]:
-        """The prompts of ``lines`` (already split, e.g. by ``prompt_lines``) not keyed yet, in
-        order, with the frame each goes on."""
+        """The prompts ``lines`` (``batch_text.prompt_lines``, without their numbers) not keyed
+        yet, in order, with the frame each goes on."""
         frames = frames_for(len(lines), start, step)
         return [
             PendingLine(i, text, frame)

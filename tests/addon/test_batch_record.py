@@ -11,8 +11,8 @@ from blender_addon.core.batch_record import (
     Entry,
     PendingLine,
     line_hash,
-    prompt_lines,
 )
+from shared_protocol.batch_text import prompt_lines
 
 TEXT = """
 stand with arms crossed
@@ -21,6 +21,11 @@ kneel on one knee
 stand with arms crossed
    wave with the right hand
 """
+
+
+def prompts(text: str) -> list[str]:
+    """The prompts as the add-on keys them: by their index, without their line numbers."""
+    return [prompt for _, prompt in prompt_lines(text)]
 
 
 def run(record: BatchRecord, lines, start=1, step=10, stop_after=None):
@@ -35,17 +40,8 @@ def run(record: BatchRecord, lines, start=1, step=10, stop_after=None):
     return record, keyed
 
 
-def test_prompt_lines_skip_blank_lines_and_strip():
-    assert prompt_lines(TEXT) == [
-        "stand with arms crossed",
-        "kneel on one knee",
-        "stand with arms crossed",
-        "wave with the right hand",
-    ]
-
-
 def test_pending_gives_every_line_with_its_frame():
-    lines = prompt_lines(TEXT)
+    lines = prompts(TEXT)
     assert BatchRecord().pending(lines, start=1, step=10) == [
         PendingLine(0, lines[0], 1),
         PendingLine(1, lines[1], 11),
@@ -55,7 +51,7 @@ def test_pending_gives_every_line_with_its_frame():
 
 
 def test_interrupted_run_resumes_without_keying_twice_or_losing_lines():
-    lines = prompt_lines(TEXT)
+    lines = prompts(TEXT)
     record, first = run(BatchRecord(), lines, stop_after=2)
     assert first == [(0, 1), (1, 11)]
     record = BatchRecord.from_json(record.to_json())  # stored on the armature and read back
@@ -67,7 +63,7 @@ def test_interrupted_run_resumes_without_keying_twice_or_losing_lines():
 
 
 def test_edited_line_is_pending_again_and_replaces_its_entry():
-    lines = prompt_lines(TEXT)
+    lines = prompts(TEXT)
     record, _ = run(BatchRecord(), lines)
     edited = list(lines)
     edited[1] = "kneel on both knees"
@@ -78,21 +74,23 @@ def test_edited_line_is_pending_again_and_replaces_its_entry():
     assert record.entry(1) == Entry(1, line_hash("kneel on both knees"), 11)
 
 
-def test_blank_lines_and_whitespace_change_nothing():
-    record, _ = run(BatchRecord(), prompt_lines(TEXT))
+def test_blank_lines_comments_and_whitespace_change_nothing():
+    record, _ = run(BatchRecord(), prompts(TEXT))
     more_blanks = "\n\n" + TEXT.replace("\n", "\n\n") + "   \n"
-    assert record.pending(prompt_lines(more_blanks), 1, 10) == []
+    assert record.pending(prompts(more_blanks), 1, 10) == []
+    notes = "# shot 12\n" + TEXT.replace("kneel", "  # the proposal\nkneel")
+    assert record.pending(prompts(notes), 1, 10) == []
 
 
 def test_inserted_line_moves_later_lines_to_new_frames():
-    lines = prompt_lines(TEXT)
+    lines = prompts(TEXT)
     record, _ = run(BatchRecord(), lines)
     inserted = [lines[0], "jump", *lines[1:]]
     assert [p.line for p in record.pending(inserted, 1, 10)] == [1, 2, 3, 4]
 
 
 def test_changing_start_or_step_makes_lines_pending():
-    lines = prompt_lines(TEXT)
+    lines = prompts(TEXT)
     record, _ = run(BatchRecord(), lines)
     assert len(record.pending(lines, start=1, step=5)) == 3  # line 0 stays at frame 1
     assert len(record.pending(lines, start=2, step=10)) == 4

@@ -24,7 +24,7 @@ from blender_addon.blender.keyframes import (
 )
 from blender_addon.blender.people import apply_people
 from blender_addon.blender.posing import apply_pose, read_pose
-from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord, prompt_lines
+from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -388,7 +388,7 @@ def test_poses_with_labels_and_partial_translation(blender):
 
 def test_batch_record_on_the_armature_resumes_a_run(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
-    lines = prompt_lines("stand\nkneel\n\nwave\n")
+    lines = ["stand", "kneel", "wave"]
     assert load_record(obj) == BatchRecord()
     for item in load_record(obj).pending(lines, start=1, step=10)[:2]:  # stopped after two
         key_batch_line(obj, item, random_pose(item.line))
@@ -415,7 +415,7 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
 
 def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
-    lines = prompt_lines("stand\nkneel\n")
+    lines = ["stand", "kneel"]
     for item in load_record(obj).pending(lines, start=1, step=10):
         key_batch_line(obj, item, random_pose(item.line))
     take1 = obj.animation_data.action
@@ -434,7 +434,7 @@ def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
 def test_each_slot_of_a_shared_action_has_its_own_record(blender):
     a = create_smpl_armature(bpy.context, with_mesh=False)
     b = create_smpl_armature(bpy.context, name="B", with_mesh=False)
-    lines = prompt_lines("stand\nkneel\n")
+    lines = ["stand", "kneel"]
     for item in load_record(a).pending(lines, start=1, step=10):
         key_batch_line(a, item, random_pose(item.line))
     b.animation_data_create().action = a.animation_data.action  # B gets a slot of its own
@@ -445,7 +445,7 @@ def test_each_slot_of_a_shared_action_has_its_own_record(blender):
 
 def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
     obj, take = armature_editing_a_take_at_100()
-    lines = prompt_lines("stand\nkneel\n")
+    lines = ["stand", "kneel"]
     for item in load_record(obj).pending(lines, start=110, step=10):
         key_batch_line(obj, item, random_pose(item.line))
     assert load_record(obj).pending(lines, 110, 10) == []

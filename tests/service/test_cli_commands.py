@@ -213,6 +213,108 @@ def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
     assert Motion.load_npz(partial).labels == ("wave", "sit down")
 
 
+def ctrl_c_after(answers: int, monkeypatch) -> None:
+    """Ctrl-C in `chatpose batch` once `answers` lines have their answer."""
+    progress = cli._progress
+
+    def interrupted(done: int, total: int) -> None:
+        progress(done, total)
+        if done == answers:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", interrupted)
+
+
+def test_resume_asks_only_the_lines_a_batch_cut_short_left(
+    address, backend, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("# act one\nwave\nsit down\n\nbow\nclap\n")
+    out_file = tmp_path / "anim.npz"
+    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    with monkeypatch.context() as patch:
+        ctrl_c_after(2, patch)
+        code, _, err = run(capsys, *argv, "--fps", "24")
+    assert code == cli.EXIT_INTERRUPTED and "not answered: lines 5-6" in err  # the file's lines
+    assert "with --resume asks only" in err
+
+    sent = sum(backend.batch_sizes)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_OK, err
+    assert f"resuming {out_file}: 2 of 4 lines answered there" in err
+    assert sum(backend.batch_sizes) - sent == 2  # bow and clap alone
+    motion = Motion.load_npz(out_file)
+    assert motion.labels == ("wave", "sit down", "bow", "clap")
+    assert motion.fps == 24.0  # the earlier file's, as --fps was not given again
+    np.testing.assert_allclose(motion.axis_angle[0], pose_for("wave").axis_angle, atol=1e-9)
+    np.testing.assert_allclose(motion.axis_angle[3], pose_for("clap").axis_angle, atol=1e-9)
+
+    sent = sum(backend.batch_sizes)
+    code, _, err = run(capsys, *argv[:4], "--resume", "--address", "tcp://127.0.0.1:9")
+    assert code == cli.EXIT_OK, err  # every line answered: no service needed
+    assert sum(backend.batch_sizes) == sent
+    assert Motion.load_npz(out_file).labels == motion.labels
+
+
+def test_resume_of_a_partial_file_finishes_into_out_and_removes_it(
+    address, backend, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    assert run(capsys, *argv)[0] == cli.EXIT_OK
+    prompts.write_text("wave\nsit down\nbow\nclap\nkneel\n")  # two shots more
+    with monkeypatch.context() as patch:
+        ctrl_c_after(1, patch)
+        code, _, err = run(capsys, *argv)
+    partial = tmp_path / "anim.partial.npz"
+    assert code == cli.EXIT_INTERRUPTED and Motion.load_npz(partial).labels == ("wave",)
+
+    with monkeypatch.context() as patch:  # cut short again: the partial file gains its answer
+        ctrl_c_after(2, patch)
+        code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_INTERRUPTED and f"resuming {partial}: 1 of 5" in err
+    assert Motion.load_npz(partial).labels == ("wave", "sit down")
+    assert len(Motion.load_npz(out_file)) == 3  # the user's finished file, as it was
+
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_OK, err
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down", "bow", "clap", "kneel")
+    assert not partial.exists()
+
+
+def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(
+    address, backend, capsys, tmp_path
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    assert run(capsys, *argv)[0] == cli.EXIT_OK
+    finished = out_file.read_bytes()
+    prompts.write_text("wave\nkneel\nbow\n")  # sit down rewritten
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_BAD_INPUT
+    assert f"frame 2 of {out_file} ('sit down') answers no line of {prompts}" in err
+    assert out_file.read_bytes() == finished
+
+    out_file.write_bytes(b"not an npz")
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_BAD_INPUT and f"--resume: cannot read {out_file}" in err
+
+
+def test_resume_with_nothing_to_resume_asks_every_line(address, backend, capsys, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    code, _, err = run(
+        capsys, "batch", str(prompts), "--out", str(out_file), "--address", address, "--resume"
+    )
+    assert code == cli.EXIT_OK and "nothing to resume" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "bow")
+
+
 def test_out_is_never_an_input_or_a_file_that_cannot_be_written(address, backend, capsys, tmp_path):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n")
@@ -429,7 +531,7 @@ def test_batch_longer_than_one_protocol_batch(address, capsys, tmp_path):
 
 
 def test_batch_of_an_empty_file(address, capsys, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "empty.txt").write_text("\n  \n# to do\n")
     code, _, err = run(
         capsys, "batch", str(tmp_path / "empty.txt"), "--out", "x.npz", "--address", address
     )

@@ -1,0 +1,24 @@
+"""The batch text format that the add-on and `chatpose batch` share."""
+
+from __future__ import annotations
+
+from shared_protocol.batch_text import prompt_lines
+
+
+def test_prompts_are_stripped_lines_numbered_as_in_the_file():
+    text = "\n  stand with arms crossed \n\nkneel on one knee\r\n\twave\n"
+    assert prompt_lines(text) == [
+        (2, "stand with arms crossed"),
+        (4, "kneel on one knee"),
+        (5, "wave"),
+    ]
+
+
+def test_blank_and_comment_lines_are_not_prompts():
+    text = "# shot 12: the proposal\nkneel on one knee\n   # hold it\n\nwave #3 times\n"
+    assert prompt_lines(text) == [(2, "kneel on one knee"), (5, "wave #3 times")]
+
+
+def test_a_text_of_notes_alone_has_no_prompts():
+    assert prompt_lines("") == []
+    assert prompt_lines("\n# nothing yet\n  \n") == []

@@ -116,6 +116,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{source}: no weights for {_official_name(missing[0])}")
+    _refuse_unplaced(sorted(set(state) - expected), source)
     try:
         model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
     except RuntimeError as exc:  # a weight of the wrong shape: another CLIP, say
@@ -290,8 +291,17 @@ def _pose_head(weights: dict[str, torch.Tensor], source: Path, hidden_size: int)
     state = {}
     for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
         state[name] = _required(weights, prefix + name, source).float()
+    reads = state["0.weight"].shape[-1]
+    if reads != hidden_size:
+        raise CheckpointError(
+            f"{source}: the SMPL head ({prefix}0.weight) reads {reads} numbers, but the "
+            f"language model's states are {hidden_size} wide"
+        )
     head = PoseHead(hidden_size, state["0.weight"].shape[0], state["2.weight"].shape[0])
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:  # a layer of another shape than its neighbours say
+        raise CheckpointError(f"{source}: the SMPL head's weights do not fit ({exc})") from None
     return head
 
 
@@ -322,6 +332,23 @@ def _official_name(name: str) -> str:
         if name.startswith(new):
             return old + name[len(new) :]
     return name
+
+
+def _refuse_unplaced(names: list[str], source: Path) -> None:
+    """Weights under a converted prefix that the model has no place for would be dropped, and
+    what they carry lost with them: un-merged LoRA layers, above all (the fine-tuning itself)."""
+    if not names:
+        return
+    official = _official_name(names[0])
+    if any(".lora_" in name for name in names):
+        raise CheckpointError(
+            f"{source}: {official} is an un-merged LoRA weight; merge the adapter into the model "
+            "(peft's merge_and_unload, or the release's merge script) and convert that"
+        )
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    raise CheckpointError(
+        f"{source}: {official}{more} have no place in a LLaVA-Llama model; is this the release?"
+    )
 
 
 def _report_unused(weights: dict[str, torch.Tensor]) -> None:

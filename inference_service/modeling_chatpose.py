@@ -21,10 +21,11 @@ reference is `LlavaForConditionalGeneration`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,27 @@ class ChatReply:
 
 
 # What loading a damaged or mismatched checkpoint raises (a truncated safetensors file, a bad
-# JSON config, a weight of the wrong shape), to be reported as a CheckpointError naming it.
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+# JSON config, a weight of the wrong shape, a config field of the wrong type), to be reported as
+# a CheckpointError naming it.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+
+
+def _out_of_memory_as_model_error(method: Callable) -> Callable:
+    """`method`, whose CUDA out-of-memory error (moving inputs, the LM, generation, the head)
+    becomes a ModelError, after the failed pass's memory is let go, so that the next request,
+    or the scheduler's one-by-one retry, has it back."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except torch.OutOfMemoryError as error:
+            error.__traceback__ = None  # its frames hold the failed pass's tensors
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # for other processes on the card, too
+        raise ModelError("out of GPU memory: send fewer or shorter requests")
+
+    return guarded
 
 
 class ChatPoseModel:
@@ -184,19 +204,12 @@ class ChatPoseModel:
         if (load_in_4bit or load_in_8bit) and torch_device.type != "cuda":
             raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
         quantization = _quantization_config(load_in_4bit, load_in_8bit, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(
-                checkpoint.base_dir,
-                local_files_only=True,
-                dtype=dtype,
-                device_map=str(torch_device),
-                quantization_config=quantization,
-            )
-        except LOAD_ERRORS as exc:
-            raise CheckpointError(
-                f"{checkpoint.base_dir}: cannot load the base model ({exc})"
-            ) from exc
+        processor, model = load_base(
+            checkpoint.base_dir,
+            dtype=dtype,
+            device_map=str(torch_device),
+            quantization_config=quantization,
+        )
         # The pose token must exist before an adapter is loaded: the adapter may carry trained
         # rows for it in the resized embeddings.
         ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
@@ -207,12 +220,14 @@ class ChatPoseModel:
 
     # --- fast path ---------------------------------------------------------------------
 
+    @_out_of_memory_as_model_error
     def predict_poses(self, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
         if not requests:
             return []
         return self._poses(self.pose_states(requests), [bool(r.images) for r in requests])
 
+    @_out_of_memory_as_model_error
     def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
         """(len(requests), H): the final-layer state before each request's pose token, with the
         answer template forced (what the SMPL head reads on the fast path)."""
@@ -257,7 +272,7 @@ class ChatPoseModel:
         end = int(last.max())
         inputs = dict(inputs, input_ids=input_ids[:, :end])
         inputs["attention_mask"] = inputs["attention_mask"][:, :end]
-        with torch.inference_mode(), _out_of_memory_as_model_error():
+        with torch.inference_mode():
             hidden, offset = self._final_states(inputs)
         return hidden[torch.arange(len(texts), device=hidden.device), last - 1 - offset]
 
@@ -290,6 +305,7 @@ class ChatPoseModel:
 
     # --- chat path ---------------------------------------------------------------------
 
+    @_out_of_memory_as_model_error
     def chat(
         self,
         prompt: str,
@@ -324,11 +340,12 @@ class ChatPoseModel:
             self.config.pose_token,
         )
         inputs = self._encode([text], decoded)
-        with torch.inference_mode(), _out_of_memory_as_model_error():
+        with torch.inference_mode():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                num_beams=1,  # whatever the base's generation config says: states of one reply
                 use_cache=True,
                 output_hidden_states=True,
                 return_dict_in_generate=True,
@@ -446,14 +463,6 @@ class ChatPoseModel:
         return re.sub(rf"{marker}(?=[A-Za-z0-9])", f"{POSE_MARKER} ", text).strip()
 
 
-@contextmanager
-def _out_of_memory_as_model_error() -> Iterator[None]:
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as exc:
-        raise ModelError("out of GPU memory: send fewer or shorter requests") from exc
-
-
 def _cache_keyword(backbone: torch.nn.Module) -> str:
     """The name `backbone.forward` takes a KV cache by: transformers 5.24 renamed
     `past_key_values` to `cache`."""
@@ -537,15 +546,58 @@ def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
     return token_id
 
 
-def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
-    """`model` with the peft adapter in `adapter_dir`, merged into its weights or kept beside."""
+def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
+    """The processor and the LLaVA model in `base_dir`, from local files only; `options` go to
+    `from_pretrained` (dtype, device_map, quantization_config).
+
+    A CheckpointError names what is wrong, including a weight the files lack: transformers
+    would start it at random, and the model would answer with nonsense poses.
+    """
+    try:
+        processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
+        model, loading = AutoModelForImageTextToText.from_pretrained(
+            base_dir, local_files_only=True, output_loading_info=True, **options
+        )
+    except torch.OutOfMemoryError:
+        raise ModelError(
+            f"{base_dir}: out of GPU memory loading the model; --load-in-8bit or --load-in-4bit "
+            "need less, or use a card with more memory"
+        ) from None
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"{base_dir}: cannot load the base model ({exc})") from exc
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{base_dir}: the weights have no {missing[0]}{more} (an incomplete or "
+            "mismatched model file)"
+        )
+    return processor, model
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> torch.nn.Module:
+    """`model` wrapped with the peft adapter in `adapter_dir`. A CheckpointError names an
+    adapter that does not load, or that lacks tensors for layers its config adapts: peft would
+    leave those at their initial values, random for some adapters."""
     from peft import PeftModel  # imported here: only checkpoints with an adapter need peft
 
     try:
-        with quiet_peft():
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with quiet_peft(), warnings.catch_warnings():
+            warnings.filterwarnings("error", "Found missing adapter keys", UserWarning)
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except UserWarning as warning:
+        missing = re.search(r"\['([^']+)'", str(warning))
+        named = f"no weights for {missing.group(1)}" if missing else str(warning)
+        raise CheckpointError(
+            f"{adapter_dir}: the LoRA adapter does not fit the base model ({named})"
+        ) from None
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
+
+
+def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+    """`model` with the peft adapter in `adapter_dir`, merged into its weights or kept beside."""
+    model = load_adapter(model, adapter_dir, trainable=False)
     # Merged weights run at the base model's speed; quantized weights cannot take a merge
     # without losing precision, so they keep the adapter alongside.
     return model.merge_and_unload() if merge else model

@@ -457,18 +457,20 @@ class Scheduler:
         so one bad item gets the error and the others still get their answers."""
         started = self._clock()
         items = [task.item for task in group]
+        outcomes: list[Answer | ChatPoseError] | None = None
         try:
             if items[0].mode == "pose":
-                outcomes: list[Answer | ChatPoseError] = list(self._backend.answer_poses(items))
+                outcomes = list(self._backend.answer_poses(items))
             else:
                 outcomes = [self._backend.answer_chat(items[0])]
             if len(outcomes) != len(items) or not all(isinstance(o, Answer) for o in outcomes):
                 raise RuntimeError(f"the backend gave {len(outcomes)} answers for {len(items)}")
         except Exception as exc:
-            if len(items) == 1:
-                outcomes = [_as_model_error(exc)]
-            else:
-                outcomes = [self._answer([task])[0] for task in group]
+            # Retried below, not here: the error's frames hold the failed batch's memory (GPU
+            # memory, after an out-of-memory error) until this block lets it go.
+            outcomes = [_as_model_error(exc)] if len(items) == 1 else None
+        if outcomes is None:
+            outcomes = [self._answer([task])[0] for task in group]
         log.info(
             "answered",
             extra={
@@ -482,6 +484,8 @@ class Scheduler:
 
 
 def _as_model_error(exc: Exception) -> ChatPoseError:
+    if isinstance(exc, ModelError):  # the service's fault (out of GPU memory, say), not the input's
+        log.warning("model error", extra={"event": "model_error", "error": str(exc)})
     if isinstance(exc, ChatPoseError):
         return exc
     log.exception("model error", exc_info=exc)

@@ -863,16 +863,12 @@ def pack(checkpoint: Path, out: Path, dtype: str = "float16") -> Path:
 def load_whole(checkpoint: Path):
     """(the Checkpoint, its LLaVA in float32 with any adapter merged, its processor)."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from inference_service.checkpoint import Checkpoint
-    from inference_service.modeling_chatpose import apply_adapter, ensure_pose_token
+    from inference_service.modeling_chatpose import apply_adapter, ensure_pose_token, load_base
 
     source = Checkpoint.open(checkpoint)
-    processor = AutoProcessor.from_pretrained(source.base_dir, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source.base_dir, local_files_only=True, dtype=torch.float32
-    )
+    processor, model = load_base(source.base_dir, dtype=torch.float32)
     ensure_pose_token(processor.tokenizer, model, source.config.pose_token)
     if source.adapter_dir is not None:
         model = apply_adapter(model, source.adapter_dir, merge=True)

@@ -56,14 +56,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
-    LOAD_ERRORS,
     apply_adapter,
     ensure_pose_token,
+    load_adapter,
+    load_base,
     quiet_peft,
     select_device,
 )
@@ -437,13 +437,8 @@ def load_training_model(
     device, dtype = select_device(config.device)
     if dtype == torch.float16:  # no loss scaling here: AdamW's eps and small gradients vanish
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint.base_dir, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(
-            checkpoint.base_dir, local_files_only=True, dtype=dtype
-        ).to(device)
-    except LOAD_ERRORS as exc:
-        raise CheckpointError(f"{checkpoint.base_dir}: cannot load the base model ({exc})") from exc
+    processor, model = load_base(checkpoint.base_dir, dtype=dtype)
+    model = model.to(device)
     pose_token_id = ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
     torch.manual_seed(config.seed)
     if config.train_base:
@@ -491,13 +486,10 @@ def load_training_model(
 
 def _make_trainable(model, config: TrainConfig, adapter_dir: Path | None, pose_token_id: int):
     """The peft model: the adapter in `adapter_dir` made trainable, or a new LoRA."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if adapter_dir is not None:
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-        except LOAD_ERRORS as exc:
-            raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
+        model = load_adapter(model, adapter_dir, trainable=True)
         indices = getattr(model.peft_config["default"], "trainable_token_indices", None) or {}
         if not any(pose_token_id in ids for ids in _as_dict(indices).values()):
             print(

@@ -205,6 +205,54 @@ def test_missing_weight_is_named_by_its_official_name(release, tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+def copy_with(source, destination, change):
+    """A copy of the release dir `source` whose weights `change(weights)` has edited."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, destination)
+    weights = load_file(str(destination / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(destination / "model.safetensors"))
+    return destination
+
+
+def test_weights_that_would_be_dropped_are_refused_not_lost(release, tmp_path):
+    source, clip, _ = release
+    hidden = tiny_llava.HIDDEN
+
+    def unmerged_lora(weights):
+        weights["model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(4, hidden)
+        weights["model.layers.0.self_attn.q_proj.lora_B.default.weight"] = torch.zeros(hidden, 4)
+
+    lora = copy_with(source, tmp_path / "lora", unmerged_lora)
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A.* un-merged LoRA"
+    ):
+        convert(lora, tmp_path / "out", clip)
+
+    def biased(weights):
+        weights["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(hidden)
+
+    bias = copy_with(source, tmp_path / "bias", biased)
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias have no place in a LLaVA-Llama"):
+        convert(bias, tmp_path / "out", clip)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pose_head_of_another_width_is_refused_by_name(release, tmp_path):
+    source, clip, _ = release
+
+    def wider(weights):
+        first = weights["model.text_hidden_fcs.0.0.weight"]
+        weights["model.text_hidden_fcs.0.0.weight"] = torch.zeros(
+            first.shape[0], first.shape[1] + 8
+        )
+
+    head = copy_with(source, tmp_path / "head", wider)
+    with pytest.raises(CheckpointError, match=r"the SMPL head .* reads \d+ numbers, but the"):
+        convert(head, tmp_path / "out", clip)
+
+
 def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp_path, capsys):
     source, clip, _ = release
     assert (

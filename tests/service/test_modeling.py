@@ -1,5 +1,7 @@
 import dataclasses
+import shutil
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -289,6 +291,59 @@ def test_lora_adapter_changes_output_and_equals_merged(tiny_model, lora_checkpoi
         np.testing.assert_allclose(a, m, atol=1e-4)
 
 
+def copy_without(source, destination, file, dropped: str):
+    """A copy of the checkpoint `source` whose safetensors `file` lacks the tensors whose names
+    contain `dropped`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, destination)
+    tensors = load_file(destination / file)
+    kept = {name: tensor for name, tensor in tensors.items() if dropped not in name}
+    assert len(kept) < len(tensors)
+    save_file(kept, destination / file, metadata={"format": "pt"})
+    return destination
+
+
+def test_a_base_model_that_lacks_a_weight_is_refused_not_started_at_random(
+    tiny_checkpoint, tmp_path
+):
+    damaged = copy_without(
+        tiny_checkpoint, tmp_path / "damaged", "base/model.safetensors", "layers.1.mlp.down_proj"
+    )
+    with pytest.raises(CheckpointError, match=r"base: the weights have no .*layers\.1\.mlp"):
+        ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+
+def test_out_of_gpu_memory_while_loading_says_so_not_that_the_checkpoint_is_bad(
+    tiny_checkpoint, monkeypatch
+):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 500.00 MiB")
+
+    monkeypatch.setattr(modeling_chatpose.AutoModelForImageTextToText, "from_pretrained", exhausted)
+    with pytest.raises(
+        ModelError, match="out of GPU memory loading the model; --load-in-8bit"
+    ) as e:
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert not isinstance(e.value, CheckpointError)
+
+
+def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_checkpoints, tmp_path):
+    adapter, _ = lora_checkpoints
+    damaged = copy_without(
+        adapter, tmp_path / "no_b", "adapter/adapter_model.safetensors", "lora_B"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"does not fit the base model \(no weights for .*lora_B"
+    ):
+        ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+    shutil.copytree(adapter, tmp_path / "bad_config")
+    (tmp_path / "bad_config" / "adapter" / "adapter_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="cannot load the LoRA adapter"):
+        ChatPoseModel.from_checkpoint(tmp_path / "bad_config", device="cpu")
+
+
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
 def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
@@ -319,10 +374,34 @@ def test_device_choice(monkeypatch):
         modeling_chatpose.select_device("cuda:7")
 
 
-def test_out_of_gpu_memory_becomes_a_model_error(tiny_model, monkeypatch):
-    def exhausted(**inputs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+class Activations:
+    """Stands in for a forward pass's tensors: only the frames of the failed call hold it."""
 
-    monkeypatch.setattr(tiny_model, "_backbone", exhausted)
-    with pytest.raises(ModelError, match="out of GPU memory"):
-        tiny_model.predict_poses([PoseRequest(TEXT)])
+
+@pytest.mark.parametrize("where", ["_backbone", "_encode", "head"])
+@pytest.mark.parametrize("path", ["pose", "chat"])
+def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_let_go(
+    tiny_model, monkeypatch, where, path
+):
+    failed_pass = []
+
+    def exhausted(*args, **kwargs):
+        activations = Activations()
+        failed_pass.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if path == "chat":  # the head runs once generation has written the pose token
+        force = ForceTokens(answer_ids(tiny_model, TEXT, f"Sure, {tiny_model.config.pose_token}."))
+        run = lambda: tiny_model.chat(TEXT, max_new_tokens=8, logits_processor=[force])  # noqa: E731
+        if where == "_backbone":
+            where = "model.generate"
+    else:
+        run = lambda: tiny_model.predict_poses([PoseRequest(TEXT)])  # noqa: E731
+    owner, name = (
+        (tiny_model.model, "generate") if where == "model.generate" else (tiny_model, where)
+    )
+    monkeypatch.setattr(owner, name, exhausted)
+    with pytest.raises(ModelError, match="out of GPU memory: send fewer") as raised:
+        run()
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
+    assert failed_pass and failed_pass[0]() is None  # freed before the error reached the caller

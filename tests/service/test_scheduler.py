@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import pytest
 
+from inference_service.errors import ModelError
 from inference_service.scheduler import Scheduler
 from shared_protocol.protocol import (
     BatchDoneReply,
@@ -110,6 +112,38 @@ def test_a_failing_batch_is_retried_item_by_item(backend, collected):
     [error] = [r for r in replies if isinstance(r, ErrorReply)]
     assert (error.index, error.code) == (1, ErrorCode.MODEL_ERROR)
     assert replies[-1] == BatchDoneReply("a", total=3, completed=2)
+
+
+class Activations:
+    """Stands in for a forward pass's tensors: only the frames of the failed call hold it."""
+
+
+class ExhaustedBackend(ScriptedBackend):
+    """Runs out of memory on a batch of more than one, while its activations are alive; and
+    records, at each one-by-one retry, whether the failed batch's are still held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_batch: weakref.ref | None = None
+        self.held_at_retry: list[bool] = []
+
+    def answer_poses(self, items):
+        if len(items) > 1:
+            activations = Activations()
+            self.failed_batch = weakref.ref(activations)
+            raise ModelError("out of GPU memory: send fewer or shorter requests")
+        self.held_at_retry.append(self.failed_batch() is not None)
+        return super().answer_poses(items)
+
+
+def test_the_one_by_one_retry_runs_after_the_failed_batch_lets_its_memory_go(collected):
+    backend = ExhaustedBackend()
+    scheduler = make(backend, collected, max_batch=3, max_wait_ms=50)
+    scheduler.submit_batch(b"A", BatchRequest("a", ["left", "bow", "right"]))
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    scheduler.stop()
+    assert backend.held_at_retry == [False, False, False]
+    assert collected.of()[-1] == BatchDoneReply("a", total=3, completed=3)
 
 
 class MiscountingBackend(ScriptedBackend):

@@ -138,11 +138,6 @@ def check_bind(bind: str, curve: CurveKeys | None) -> None:
         check_address(bind, bind=True)
     except AddressError as exc:
         raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
-    if bind.startswith("inproc://"):
-        raise ServerConfigError(
-            f"cannot listen on {bind}: inproc reaches only this process, and the add-on and "
-            "`chatpose` connect from others. Use tcp://127.0.0.1:PORT or ipc://PATH."
-        )
     if not is_loopback(bind) and curve is None:
         raise ServerConfigError(
             f"refusing to listen on {bind}: it is not a loopback address, and without CURVE "

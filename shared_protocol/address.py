@@ -17,10 +17,16 @@ class AddressError(ValueError):
 
 
 def check_address(address: str, *, bind: bool = False) -> str:
-    """`address` itself if it is `tcp://[interface;]host:port`, `ipc://path` or
-    `inproc://name`, else AddressError (also for a space, which ZeroMQ would not take). A bind
-    may use `*` for the host or the port (any interface, a free port); a connection needs
-    both."""
+    """`address` itself if it is `tcp://[interface;]host:port` or `ipc://path`, else
+    AddressError (also for a space, which ZeroMQ would not take, and for `inproc://`, which
+    reaches only sockets of the same process: the service and its clients are separate ones).
+    A bind may use `*` for the host or the port (any interface, a free port); a connection
+    needs both."""
+    if address.startswith("inproc://"):
+        raise AddressError(
+            f"{address!r}: inproc reaches only this process, and the service and its clients "
+            "run in others; use tcp://127.0.0.1:PORT or ipc://PATH"
+        )
     problem = _problem(address, bind)
     if problem:
         raise AddressError(f"{address!r} is not a ZeroMQ address: {problem} ({EXPECTED})")
@@ -60,9 +66,8 @@ def tcp_host_port(address: str) -> tuple[str, int] | None:
 def _problem(address: str, bind: bool) -> str | None:
     if any(c.isspace() for c in address):
         return "it contains a space"
-    for transport in ("ipc://", "inproc://"):
-        if address.startswith(transport):
-            return None if address[len(transport) :] else f"nothing after {transport}"
+    if address.startswith("ipc://"):
+        return None if address[len("ipc://") :] else "nothing after ipc://"
     if not address.startswith("tcp://"):
         return "unknown transport"
     host, port = _tcp_host_port(address)

@@ -16,7 +16,7 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     """
     try:
         arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # an int past float64's range
         raise ValueError(
             f"{name}: expected a numeric array, got {type(x).__name__} ({exc})"
         ) from exc

@@ -14,6 +14,7 @@ service goes away, and the last items of a batch would be lost.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -146,7 +147,11 @@ class Client:
         self._socket = self._connect()
 
     def close(self) -> None:
-        self._socket.disable_monitor()
+        """Closes the socket; closing again (or after a failed `reset`) does nothing."""
+        if self._socket.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.disable_monitor()
         self._monitor.close()
         self._socket.close()
 
@@ -162,8 +167,21 @@ class Client:
     # --- non-blocking pieces, for an event loop such as Blender's timers ----------------------
 
     def send(self, request: Request) -> None:
-        """Queues the request; it goes out as soon as a connection exists."""
-        self._socket.send_multipart(encode_request(request))
+        """Queues the request; it goes out as soon as a connection exists. Never blocks: when
+        ZeroMQ's queue is full (a thousand messages toward a service that is not taking them),
+        a ProtocolError says so at once (`unreachable`, or `busy` over a live connection)."""
+        frames = encode_request(request)
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            connected = self.connected
+            raise ProtocolError(
+                ErrorCode.BUSY if connected else ErrorCode.UNREACHABLE,
+                f"{self.address} is not taking requests"
+                + ("" if connected else "; is chatpose-serve running?"),
+                request_id=request.id,
+                op=request.op,
+            ) from None
 
     def poll(self, timeout_ms: float = 0) -> Reply | None:
         """One reply if one arrives within `timeout_ms`, else None. A reply that does not

@@ -30,12 +30,23 @@ POSE_LAYOUT = "smpl24_axis_angle"
 NUM_JOINTS = 24
 GENDERS = ("neutral", "male", "female")
 DEFAULT_FPS = 30.0
-# AMASS stores SMPL-H poses as 52 joints (156 numbers): the first 22 are the SMPL body, then
-# hand joints. Its first 72 numbers are read as the SMPL pose, as the ChatPose release does.
-# SMPL-X poses (165 numbers) have the jaw and the eyes after the body: their first 22 joints are
-# read, and SMPL's two hand joints left at rest.
+# AMASS stores SMPL-H poses as 52 joints (156 numbers) and SMPL-X poses as 55 (165): the first
+# 22 are the SMPL body, then fingers (SMPL-H) or the jaw and eyes (SMPL-X). Their body joints are
+# read, and SMPL's two hand joints left at rest: SMPL-H's joints 22 and 23 are the left index
+# finger's, not SMPL's hands. (The training reader keeps the release's `poses[:, :72]`.)
 _AMASS_POSE_WIDTHS = (72, 156, 165)
-_SMPLX_BODY_JOINTS = 22
+_BODY_JOINTS = 22
+# What the reader takes from an AMASS file; others (SMPL-X's `markers_latent_vids`, a pickled
+# object array) are never read, so they cannot make the file unreadable.
+_MOTION_KEYS = (
+    "poses",
+    "trans",
+    "mocap_framerate",
+    "mocap_frame_rate",
+    "gender",
+    "betas",
+    "labels",
+)
 # AMASS motion files are Z-up, the global orientation and the translation included; Pose and
 # Motion hold the SMPL body frame (+Y up). Files turn between the two at load and save (the
 # same turn as SMPL to Blender: (x, y, z) -> (x, -z, y)), so an AMASS file stands upright.
@@ -95,9 +106,15 @@ def _metres(translation: np.ndarray) -> np.ndarray:
 
 
 def _optional_label(label: object, name: str) -> str | None:
-    if label is None or isinstance(label, str):
+    if label is None:
         return label
-    raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
+    if not isinstance(label, str):
+        raise ValueError(f"{name}: expected a string or None, got {type(label).__name__}")
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file or reply could hold it
+        raise ValueError(f"{name}: not valid Unicode text") from None
+    return label
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,7 +316,7 @@ class Motion:
             if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array, renamed
                 raise ValueError("not an .npz archive (a single .npy array?)")
             with data:
-                motion = cls._from_arrays({key: data[key] for key in data.files})
+                motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
             if not z_up:
                 return motion
             motion = motion.turned(Z_UP_FROM_SMPL.T)
@@ -323,8 +340,8 @@ class Motion:
                 f"got {poses.shape}"
             )
         frames = poses.shape[0]
-        if poses.shape[1] == 165:
-            body = poses[:, : _SMPLX_BODY_JOINTS * 3]
+        if poses.shape[1] != 72:
+            body = poses[:, : _BODY_JOINTS * 3]
             poses = np.concatenate([body, np.zeros((frames, 72 - body.shape[1]))], axis=1)
         # AMASS's SMPL-X files spell it mocap_frame_rate.
         fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
@@ -335,7 +352,7 @@ class Motion:
         return cls(
             axis_angle=poses[:, :72].reshape(frames, NUM_JOINTS, 3),
             translation=arrays.get("trans", np.zeros((frames, 3))),
-            fps=float(arrays[fps_key]),
+            fps=float(arrays[fps_key].item()),
             gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
             betas=arrays.get("betas", np.zeros(10)),
             labels=_labels(arrays["labels"]) if "labels" in arrays else None,

@@ -19,7 +19,6 @@ from shared_protocol.client import Client
         "tcp://[127.0.0.1]:5555",  # ZeroMQ takes an IPv4 address in brackets too
         "tcp://127.1:5555",  # a short form the resolver completes
         "ipc:///tmp/chatpose.sock",
-        "inproc://chatpose",
     ],
 )
 def test_well_formed_addresses_pass_unchanged(address):
@@ -44,7 +43,6 @@ def test_well_formed_addresses_pass_unchanged(address):
         ("tcp://*:5555", "'*' (any interface) is for listening"),
         ("tcp://127.0.0.1:*", "'*' (any free port) is for listening"),
         ("ipc://", "nothing after ipc://"),
-        ("inproc://", "nothing after inproc://"),
         # ZeroMQ would only fail to connect to these, which reads as "no service there".
         ("tcp://[::1:5555", "host '[::1': unbalanced brackets"),
         ("tcp://[[::1]]:5555", "unbalanced brackets"),
@@ -58,6 +56,14 @@ def test_malformed_addresses_name_what_is_wrong(address, reason):
         check_address(address)
     assert reason in str(error.value)
     assert "expected tcp://host:port" in str(error.value)
+
+
+def test_inproc_is_refused_as_it_reaches_no_other_process():
+    for bind in (False, True):
+        with pytest.raises(AddressError, match="inproc reaches only this process"):
+            check_address("inproc://chatpose", bind=bind)
+    with pytest.raises(AddressError, match="use tcp://127.0.0.1:PORT or ipc://PATH"):
+        Client("inproc://chatpose")  # it would wait for a handshake that inproc never makes
 
 
 def test_a_bind_may_ask_for_any_interface_or_a_free_port():

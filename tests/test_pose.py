@@ -78,6 +78,8 @@ def test_pose_equality_is_by_value():
         (lambda d: d["axis_angle"][3].__setitem__(1, "1"), "axis_angle: expected numbers"),
         (lambda d: d.update(translation=["0", 0, 0]), "translation: expected numbers"),
         (lambda d: d.update(label=["x"]), "label: expected a string"),
+        (lambda d: d.update(label="wave\ud800"), "label: not valid Unicode text"),
+        (lambda d: d["axis_angle"][3].__setitem__(1, 10**400), "axis_angle: expected"),
     ],
 )
 def test_pose_from_dict_names_the_bad_field(mutate, message):
@@ -219,11 +221,18 @@ def test_motion_reads_real_amass_variants(tmp_path):
         dmpls=np.zeros((4, 8)),
     )
     motion = Motion.load_npz(tmp_path / "smplh.npz", z_up=False)
-    np.testing.assert_array_equal(motion.axis_angle.reshape(4, 72), poses[:, :72])
+    np.testing.assert_array_equal(motion.axis_angle[:, :22].reshape(4, 66), poses[:, :66])
+    np.testing.assert_array_equal(motion.axis_angle[:, 22:], 0.0)  # a left finger is no hand
     assert motion.gender == "male" and motion.fps == 120.0
 
     smplx = rng.normal(size=(4, 165))  # body, jaw, eyes, hands
-    np.savez(tmp_path / "smplx.npz", poses=smplx, mocap_frame_rate=np.array(30))
+    np.savez(
+        tmp_path / "smplx.npz",
+        poses=smplx,
+        mocap_frame_rate=np.array([30]),  # of shape (1,)
+        # stage-ii files keep a dict here, which only a pickle can read
+        markers_latent_vids=np.array({"C7": 3832}, dtype=object),
+    )
     motion = Motion.load_npz(tmp_path / "smplx.npz", z_up=False)
     assert motion.fps == 30.0 and motion.gender == "neutral"
     np.testing.assert_array_equal(motion.translation, np.zeros((4, 3)))

@@ -1,9 +1,9 @@
 """May the add-on connect to a service address, and with which CURVE keys?
 
 Blender 4.2+ asks extensions to stay off the network unless the user allows online access
-(``bpy.app.online_access``). A service on this machine is not "online": loopback TCP addresses,
-``ipc://`` and ``inproc://`` are always allowed; anything else needs online access. Host names
-are not resolved (no DNS lookups); only ``localhost`` counts as a loopback name
+(``bpy.app.online_access``). A service on this machine is not "online": loopback TCP addresses
+and ``ipc://`` are always allowed; anything else needs online access. Host names are not
+resolved (no DNS lookups); only ``localhost`` counts as a loopback name
 (``shared_protocol.address``).
 
 chatpose-serve listens off loopback only with CURVE keys (docs/security.md), so an address off

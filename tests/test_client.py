@@ -1,0 +1,32 @@
+"""The protocol client on its own: what it does with no service behind its address."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from shared_protocol.client import Client
+from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
+
+
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):
+    client = Client("tcp://127.0.0.1:9", context=context)  # nothing listens on port 9
+    with pytest.raises(ProtocolError) as raised:
+        for _ in range(5_000):  # ZeroMQ queues 1,000 messages, then would wait for a peer
+            client.send(StatusRequest(client.new_id()))
+    assert raised.value.code == ErrorCode.UNREACHABLE
+    assert "is not taking requests; is chatpose-serve running?" in raised.value.message
+    client.close()
+
+
+def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):
+    with Client("tcp://127.0.0.1:9", context=context) as client:
+        client.close()
+    client.close()

@@ -22,3 +22,12 @@ def test_blank_and_comment_lines_are_not_prompts():
 def test_a_text_of_notes_alone_has_no_prompts():
     assert prompt_lines("") == []
     assert prompt_lines("\n# nothing yet\n  \n") == []
+
+
+def test_lines_end_where_an_editor_ends_them_not_at_every_unicode_separator():
+    text = "wave\u2028hello\r\nsit\x0cdown\rrun\x0b fast\x85now\n"
+    assert prompt_lines(text) == [
+        (1, "wave\u2028hello"),
+        (2, "sit\x0cdown"),
+        (3, "run\x0b fast\x85now"),
+    ]

@@ -55,10 +55,11 @@ from ..core.service_process import (
     serve_command,
 )
 from ..core.session import Service
-from .anim import LockedCurveError
+from .anim import LockedCurveError, fcurve_map, refuse_locked
 from .armature import is_deleted, is_smpl_armature
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
+from .posing import pose_channels
 from .props import append_history, history_messages, target_armature, target_problem
 
 TICK_INTERVAL_S = 0.05
@@ -231,20 +232,34 @@ def timer_tick() -> float | None:
     return None
 
 
+# Blender's modal tools that restore, on every move or on cancel, the keys or pose they started
+# from (by operator prefix), and what the panel calls them.
+_TOOLS_THAT_PUT_BACK = {
+    "transform": "transform",
+    "graph": "Graph Editor tool",
+    "action": "Dope Sheet tool",
+    "pose": "pose slider",
+}
+
+
 def why_answers_wait(
     mode: str, interface_locked: bool, running_tools: Sequence[str], can_redo: bool = False
 ) -> str | None:
     """What must end before answers are applied, as the panel says it; None when they can be
     applied now. In an edit or paint mode, creating people would end the user's session, and
     its undo step would not hold the armature. Under a running transform (a G, R or S drag),
-    the tool would overwrite an answer when confirmed and take it back when cancelled. While
-    a render locks the interface, data must not change from a timer. While the user has
+    the tool would overwrite an answer when confirmed and take it back when cancelled; so
+    would Blender's animation sliders (the Graph Editor's Smooth or Ease, the Dope Sheet's,
+    the pose sliders Push, Relax, Breakdown), which put back the keys or pose they started
+    from at every move: a batch's keys landing then would be erased, yet recorded as keyed.
+    While a render locks the interface, data must not change from a timer. While the user has
     undone steps (`can_redo`), an answer's undo step would drop them for good. Other modal
     tools (an add-on's that runs all session long) do not hold answers back."""
     if mode not in {"OBJECT", "POSE"}:
         return f"leave {mode.replace('_', ' ').title()} mode to apply them"
-    if any(tool.lower().startswith(("transform_ot_", "transform.")) for tool in running_tools):
-        return "they are applied when the transform ends"
+    for editor, what in _TOOLS_THAT_PUT_BACK.items():
+        if any(tool.lower().startswith((f"{editor}_ot_", f"{editor}.")) for tool in running_tools):
+            return f"they are applied when the {what} ends"
     if interface_locked:
         return "they are applied when the render ends (the interface is locked)"
     if can_redo:
@@ -450,6 +465,10 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     if target is None:
         raise UserError(target_problem(context))
     lines, label = read_batch_lines(context)
+    try:  # found now, not once the service has computed every line
+        refuse_locked(fcurve_map(target), pose_channels(target, settings.batch_translation))
+    except LockedCurveError as exc:
+        raise UserError(f"Batch not sent: {exc}") from None
     try:
         record = load_record(target)
     except ValueError as exc:
@@ -680,6 +699,8 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     except Exception as exc:
         for line, _ in items:
             run.item_failed(line, f"could not key it ({exc})")
+        if isinstance(exc, LockedCurveError):  # locked during the run: no later line keys
+            dispatcher().cancel_batch()
         return
     for line, _ in items:
         run.item_keyed(line)

@@ -19,9 +19,9 @@ from blender_addon import panel, preferences
 from blender_addon.blender import batch_store, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
-from blender_addon.blender.posing import read_pose
+from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.runtime import UserError
-from blender_addon.core import chat
+from blender_addon.core import batch_plan, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.protocol import Turn
@@ -237,6 +237,10 @@ def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scr
         ("OBJECT", False, ["SCREENCAST_OT_keys"], None),  # an add-on's all-session tool
         ("EDIT_MESH", False, [], "leave Edit Mesh mode to apply them"),
         ("POSE", False, ["TRANSFORM_OT_rotate"], "they are applied when the transform ends"),
+        # Sliders that put their starting keys back at every move would erase a batch's keys.
+        ("POSE", False, ["GRAPH_OT_smooth"], "they are applied when the Graph Editor tool ends"),
+        ("POSE", False, ["ACTION_OT_ease"], "they are applied when the Dope Sheet tool ends"),
+        ("POSE", False, ["POSE_OT_push"], "they are applied when the pose slider ends"),
         ("OBJECT", True, [], "they are applied when the render ends (the interface is locked)"),
     ],
 )
@@ -847,6 +851,47 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
     drive(idle)
     assert "all 12 lines keyed" in runtime.last_message()[0]
+
+
+def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
+    armature, scripted_service, monkeypatch
+):
+    address, backend = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("\n".join(f"pose {i}" for i in range(40)))
+    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 1
+    apply_pose(armature, pose_for("rest"), frame=1)  # an action with curves, one locked
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    [curve] = [c for c in armature.animation_data.action.fcurves if c.data_path == knee][:1]
+    curve.lock = True
+    with pytest.raises(RuntimeError, match="Batch not sent: .*left_knee .* is locked"):
+        bpy.ops.chatpose.batch_keyframe()
+    assert backend.batch_sizes == []
+
+    curve.lock = False
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    answer = backend.answer_poses
+
+    def answer_then_hold(items):  # the first micro-batch (4 lines) only, until released
+        answers = answer(items)
+        backend.hold()
+        return answers
+
+    monkeypatch.setattr(backend, "answer_poses", answer_then_hold)
+    try:
+        bpy.ops.chatpose.batch_keyframe()
+        drive(lambda: runtime.current_batch().keyed >= 2)
+        curve.lock = True  # locked while the batch runs: the rest is cancelled, not computed
+        drive(idle)
+    finally:
+        backend.release()
+    run = runtime.current_batch()
+    assert run.state == batch_plan.CANCELLED and run.keyed == 2
+    assert len(backend.items) <= 8  # the answered micro-batch and the one held
+    assert "is locked" in runtime.last_message()[0]
 
 
 def _keyed_batch(scripted_service, lines: str):

@@ -112,9 +112,14 @@ def wrap(text: str, width: int) -> list[str]:
 
 def display_lines(messages: Sequence[Message], width: int, max_lines: int) -> list[tuple[str, str]]:
     """The last ``max_lines`` lines of the history for the panel, as (role, line); the first
-    line of each message is prefixed with who said it."""
+    line of each message is prefixed with who said it. Only the messages those lines come from
+    are wrapped: the panel draws this on every redraw, and a history only grows."""
+    if max_lines <= 0:
+        return []
     out: list[tuple[str, str]] = []
-    for message in messages:
+    for message in reversed(messages):
+        if len(out) >= max_lines:
+            break
         head = {USER: "You", ASSISTANT: "ChatPose", ERROR: "Failed"}.get(message.role, "?")
         extras = []
         if message.attachment:
@@ -123,5 +128,5 @@ def display_lines(messages: Sequence[Message], width: int, max_lines: int) -> li
             extras.append(f"{message.poses} pose{'s' if message.poses != 1 else ''}")
         suffix = f" [{', '.join(extras)}]" if extras else ""
         text = f"{head}: {message.text or '(no text)'}{suffix}"
-        out += [(message.role, line) for line in wrap(text, width)]
-    return out[-max_lines:] if max_lines > 0 else []
+        out[:0] = [(message.role, line) for line in wrap(text, width)]
+    return out[-max_lines:]

@@ -108,6 +108,17 @@ def test_display_lines_wrap_and_keep_the_end():
     assert all(len(line) <= 30 for _, line in lines)
     assert lines[-1][1].endswith("[2 poses]")
     assert chat.display_lines(messages, 30, 2) == lines[-2:]
+    assert chat.display_lines(messages, 30, 0) == []
+
+
+def test_display_lines_wrap_only_the_messages_they_show(monkeypatch):
+    history = [chat.Message(chat.USER, f"pose {i} " + "word " * 40) for i in range(5_000)]
+    everything = chat.display_lines(history, width=30, max_lines=10**9)
+    wrapped = []
+    wrap = chat.wrap
+    monkeypatch.setattr(chat, "wrap", lambda text, width: wrapped.append(text) or wrap(text, 30))
+    assert chat.display_lines(history, width=30, max_lines=12) == everything[-12:]
+    assert len(wrapped) == 2  # the last two messages hold the 12 lines shown
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -312,9 +312,13 @@ class Motion:
         `z_up=False`: a file in the SMPL body frame); raises ValueError naming the file and the
         bad entry."""
         try:
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array, renamed
+            with open(path, "rb") as stream:
+                magic = stream.read(6)
+            if magic.startswith(b"\x93NUMPY"):  # a single .npy array, renamed
                 raise ValueError("not an .npz archive (a single .npy array?)")
+            if not magic.startswith(b"PK"):  # numpy would try it as a pickle, and say so
+                raise ValueError("not an .npz file (an .npz is a zip archive)")
+            data = np.load(path, allow_pickle=False)
             with data:
                 motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
             if not z_up:

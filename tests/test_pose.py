@@ -286,6 +286,11 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
     with pytest.raises(ValueError, match="junk.npz: not a readable .npz file"):
         Motion.load_npz(junk)
 
+    text = tmp_path / "notes.npz"
+    text.write_text("wave\nsit down\n")
+    with pytest.raises(ValueError, match="notes.npz: not an .npz file \\(an .npz is a zip"):
+        Motion.load_npz(text)
+
     with pytest.raises(FileNotFoundError):
         Motion.load_npz(tmp_path / "missing.npz")
 

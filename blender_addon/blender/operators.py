@@ -7,7 +7,7 @@ import json
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from shared_protocol.pose import Pose
+from shared_protocol.pose import Motion, Pose
 
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError
@@ -159,10 +159,11 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     )
 
     def execute(self, context):
+        obj = find_smpl_armature(context)
         try:
-            obj = find_smpl_armature(context) or create_smpl_armature(
-                context, model=preferred_smpl_model(context)
-            )
+            if obj is None:  # read first: a file that does not load leaves the scene as it was
+                Motion.load_npz(self.filepath, z_up=self.z_up)
+                obj = create_smpl_armature(context, model=preferred_smpl_model(context))
             motion, frames = import_npz(
                 obj,
                 self.filepath,

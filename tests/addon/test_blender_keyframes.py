@@ -365,8 +365,9 @@ def test_an_amass_file_imports_upright_where_it_walks(blender, tmp_path):
 def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"nope")
-    with pytest.raises(RuntimeError, match="bad.npz"):
+    with pytest.raises(RuntimeError, match="bad.npz: not an .npz file"):
         bpy.ops.chatpose.import_npz(filepath=str(bad))
+    assert list(bpy.data.objects) == []  # no armature made for a file that does not load
     # A frame rate no scene can take is refused before any key is written.
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     fast = tmp_path / "fast.npz"

@@ -7,6 +7,7 @@ import bpy
 
 from ..core import chat
 from ..core.placement import DEFAULT_SPACING_M
+from ..core.timeline import MAX_FRAME
 from .armature import find_smpl_armature, is_deleted, is_smpl_armature
 
 
@@ -54,7 +55,9 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
         description="Key at the current frame (off: at the frame set here)",
         default=True,
     )
-    key_frame: bpy.props.IntProperty(name="Frame", description="Frame to key at", default=1)
+    key_frame: bpy.props.IntProperty(
+        name="Frame", description="Frame to key at", default=1, min=-MAX_FRAME, max=MAX_FRAME
+    )
     use_translation: bpy.props.BoolProperty(
         name="Translation",
         description="Set the root bone's location from the pose (zero when it has none)",
@@ -83,7 +86,11 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     batch_text: bpy.props.PointerProperty(name="Text", type=bpy.types.Text)
     batch_file: bpy.props.StringProperty(name="File", subtype="FILE_PATH")
     batch_start: bpy.props.IntProperty(
-        name="Start", description="Frame of the first line", default=1
+        name="Start",
+        description="Frame of the first line",
+        default=1,
+        min=-MAX_FRAME,
+        max=MAX_FRAME,
     )
     batch_step: bpy.props.IntProperty(
         name="Step", description="Frames between two lines", default=10, min=1

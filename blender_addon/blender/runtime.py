@@ -55,6 +55,7 @@ from ..core.service_process import (
     serve_command,
 )
 from ..core.session import Service
+from ..core.timeline import frames_for
 from .anim import LockedCurveError, fcurve_map, refuse_locked
 from .armature import is_deleted, is_smpl_armature
 from .batch_store import key_batch_lines, load_record, save_record
@@ -465,6 +466,10 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     if target is None:
         raise UserError(target_problem(context))
     lines, label = read_batch_lines(context)
+    try:
+        frames_for(len(lines), settings.batch_start, settings.batch_step)
+    except ValueError as exc:
+        raise UserError(f"Batch not sent: {label}: {exc}") from None
     try:  # found now, not once the service has computed every line
         refuse_locked(fcurve_map(target), pose_channels(target, settings.batch_translation))
     except LockedCurveError as exc:

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# Blender's frames go from -MAX_FRAME to MAX_FRAME (its MAXFRAME): a key past them is never
+# played, and far past them (2^24) float32 keys no longer hold whole frames, so two lines would
+# share one key while the batch record says each has its own.
+MAX_FRAME = 1_048_574
+
 
 def frames_for(count: int, start: int, step: int = 1) -> list[int]:
-    """``count`` frames from ``start``, ``step`` apart (step >= 1)."""
+    """``count`` frames from ``start``, ``step`` apart (step >= 1), all within Blender's."""
     if count < 0:
         raise ValueError(f"count: expected >= 0, got {count}")
     if step < 1:
         raise ValueError(f"step: expected >= 1, got {step}")
+    last = start + (count - 1) * step
+    if count and not (-MAX_FRAME <= start and last <= MAX_FRAME):
+        raise ValueError(
+            f"{count} poses from frame {start}, {step} apart, end at frame {last}; Blender's "
+            f"frames go from {-MAX_FRAME} to {MAX_FRAME}: lower Start or Step"
+        )
     return [start + i * step for i in range(count)]
 
 

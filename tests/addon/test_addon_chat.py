@@ -894,6 +894,20 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     assert "is locked" in runtime.last_message()[0]
 
 
+def test_a_batch_past_blender_s_last_frame_is_refused_before_it_is_sent(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("\n".join(f"pose {i}" for i in range(4)))
+    settings.batch_text, settings.batch_step = text, 10
+    settings.batch_start = 20_000_001  # the property holds Blender's frames only
+    assert settings.batch_start == 1_048_574
+    with pytest.raises(RuntimeError, match="Batch not sent: text 'moves': 4 poses from frame"):
+        bpy.ops.chatpose.batch_keyframe()
+    assert backend.batch_sizes == [] and batch_store.load_record(armature).entries == ()
+
+
 def _keyed_batch(scripted_service, lines: str):
     """`lines` keyed by a first batch run at frames 1, 11, 21, ...; returns its text."""
     address, _ = scripted_service

@@ -341,6 +341,13 @@ def test_user_data_dir_uses_extension_path_only_for_extensions():
 def test_timeline():
     assert timeline.frames_for(3, 10, 5) == [10, 15, 20]
     assert timeline.frames_for(0, 1) == []
+    edge = timeline.MAX_FRAME
+    assert timeline.frames_for(2, edge - 10, 10) == [edge - 10, edge]
+    assert timeline.frames_for(1, -edge) == [-edge]
+    with pytest.raises(ValueError, match=r"end at frame 1048578; Blender's frames go from"):
+        timeline.frames_for(3, edge - 10, 7)
+    with pytest.raises(ValueError, match="lower Start or Step"):
+        timeline.frames_for(1, -edge - 1)
     with pytest.raises(ValueError):
         timeline.frames_for(2, 1, 0)
     assert timeline.keyed_frame_list([3.0, 1.0, 3.0, 2.0000001]) == [1, 2, 3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -21,3 +23,23 @@ def tiny_checkpoint(tmp_path_factory):
         tiny_llava.build_processor(tokenizer),
         tiny_llava.build_head(),
     )
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(path)`: makes a file read-only as this process sees it (`os.access`, which
+    the code asks before it writes), also when the tests run as root, who may write anything."""
+
+    def make(path) -> None:
+        path.chmod(0o444)
+        target = os.path.realpath(path)
+        access = os.access
+
+        def denied(name, mode, *args, **kwargs):
+            if mode & os.W_OK and os.path.realpath(name) == target:
+                return False
+            return access(name, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", denied)
+
+    return make

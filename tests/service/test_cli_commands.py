@@ -315,7 +315,9 @@ def test_resume_with_nothing_to_resume_asks_every_line(address, backend, capsys,
     assert Motion.load_npz(out_file).labels == ("wave", "bow")
 
 
-def test_out_is_never_an_input_or_a_file_that_cannot_be_written(address, backend, capsys, tmp_path):
+def test_out_is_never_an_input_or_a_file_that_cannot_be_written(
+    address, backend, capsys, tmp_path, read_only
+):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n")
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(prompts), "--address", address)
@@ -338,12 +340,10 @@ def test_out_is_never_an_input_or_a_file_that_cannot_be_written(address, backend
     assert image.read_bytes() == PNG
     locked = tmp_path / "locked.npz"
     locked.write_bytes(b"the user's")
-    locked.chmod(0o444)
-    if not os.access(locked, os.W_OK):  # root may write anything
-        code, _, err = run(
-            capsys, "batch", str(prompts), "--out", str(locked), "--address", address
-        )
-        assert code == cli.EXIT_BAD_INPUT and f"--out: cannot write {locked}" in err
+    read_only(locked)
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(locked), "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and f"--out: cannot write {locked}" in err
+    assert locked.read_bytes() == b"the user's"
     assert backend.batch_sizes == []  # nothing was sent
 
 

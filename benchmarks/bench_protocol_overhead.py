@@ -59,8 +59,8 @@ class StopwatchBackend:
         self.durations.append(time.perf_counter() - start)
         return answers
 
-    def answer_chat(self, item):
-        return self.backend.answer_chat(item)
+    def answer_chat(self, item, stop=None):
+        return self.backend.answer_chat(item, stop)
 
 
 def main(argv: list[str] | None = None) -> None:

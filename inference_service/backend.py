@@ -6,7 +6,7 @@ answer); chat mode passes the history on, paired into the model's (user, assista
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shared_protocol.pose import Pose
@@ -65,9 +65,9 @@ class ModelBackend:
             for item, pose in zip(items, poses, strict=True)
         ]
 
-    def answer_chat(self, item: WorkItem) -> Answer:
+    def answer_chat(self, item: WorkItem, stop: Callable[[], bool] | None = None) -> Answer:
         reply = self.model.chat(
-            item.prompt, item.images, paired_turns(item.history), self.max_new_tokens
+            item.prompt, item.images, paired_turns(item.history), self.max_new_tokens, stop=stop
         )
         return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses))
 

@@ -40,6 +40,8 @@ from transformers import (
     BitsAndBytesConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.cache_utils import DynamicCache
 
@@ -116,6 +118,16 @@ class ChatReply:
 # JSON config, a weight of the wrong shape, a config field of the wrong type), to be reported as
 # a CheckpointError naming it.
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation once `stop()` is true."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), device=input_ids.device)
 
 
 def _out_of_memory_as_model_error(method: Callable) -> Callable:
@@ -313,6 +325,7 @@ class ChatPoseModel:
         history: Sequence[Turn] = (),
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         logits_processor: Sequence[LogitsProcessor] = (),
+        stop: Callable[[], bool] | None = None,
     ) -> ChatReply:
         """A free reply to `prompt` after `history` (greedy decoding, KV cache on).
 
@@ -320,6 +333,8 @@ class ChatPoseModel:
         go into its first user message. The oldest turns of `history` are left out when the
         conversation and the reply would not fit the model's context (`fitting_history`).
         `logits_processor` lets a caller steer decoding (tests force an answer with it).
+        `stop`, asked before each new token, ends the reply early when true (its request was
+        cancelled: a long reply would hold the model, and every request behind it, for nothing).
         """
         if not 1 <= max_new_tokens <= self.max_new_tokens_limit:
             raise UnsupportedInputError(
@@ -350,6 +365,7 @@ class ChatPoseModel:
                 output_hidden_states=True,
                 return_dict_in_generate=True,
                 logits_processor=LogitsProcessorList(logits_processor),
+                stopping_criteria=StoppingCriteriaList([_StopWhen(stop)] if stop else []),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]

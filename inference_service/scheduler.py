@@ -74,8 +74,9 @@ class Backend(Protocol):
         failures that have a protocol error code."""
         ...
 
-    def answer_chat(self, item: WorkItem) -> Answer:
-        """One chat-mode item, answered by generation."""
+    def answer_chat(self, item: WorkItem, stop: Callable[[], bool]) -> Answer:
+        """One chat-mode item, answered by generation, which ends early once `stop()` is true
+        (the request was cancelled or the service is going away: nobody wants the reply)."""
         ...
 
 
@@ -462,7 +463,8 @@ class Scheduler:
             if items[0].mode == "pose":
                 outcomes = list(self._backend.answer_poses(items))
             else:
-                outcomes = [self._backend.answer_chat(items[0])]
+                request = group[0].request
+                outcomes = [self._backend.answer_chat(items[0], stop=lambda: request.ended)]
             if len(outcomes) != len(items) or not all(isinstance(o, Answer) for o in outcomes):
                 raise RuntimeError(f"the backend gave {len(outcomes)} answers for {len(items)}")
         except Exception as exc:

@@ -92,9 +92,9 @@ def scripted_service():
             self.items += list(items)
             return super().answer_poses(items)
 
-        def answer_chat(self, item):
+        def answer_chat(self, item, stop=None):
             self.items.append(item)
-            return super().answer_chat(item)
+            return super().answer_chat(item, stop)
 
     backend = Recording()
     server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)

@@ -84,7 +84,7 @@ class ScriptedBackend(Holdable):
         self._enter(len(items))
         return [self._run(item) for item in items]
 
-    def answer_chat(self, item: WorkItem) -> Answer:
+    def answer_chat(self, item: WorkItem, stop=None) -> Answer:
         self._enter(1)
         answer = self._run(item)
         return Answer(f"Here you go: {answer.text}", answer.poses * 2)
@@ -108,9 +108,9 @@ class HeldModelBackend(Holdable):
         self._enter(len(items))
         return self.model.answer_poses(items)
 
-    def answer_chat(self, item: WorkItem) -> Answer:
+    def answer_chat(self, item: WorkItem, stop=None) -> Answer:
         self._enter(1)
-        return self.model.answer_chat(item)
+        return self.model.answer_chat(item, stop)
 
 
 @contextlib.contextmanager

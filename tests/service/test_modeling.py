@@ -154,6 +154,21 @@ def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
         tiny_model.chat("Hi", max_new_tokens=513)
 
 
+def test_a_chat_reply_ends_as_soon_as_it_is_told_to_stop(tiny_model):
+    forced = answer_ids(tiny_model, "Talk.", "Sure, it is <POSE>. " * 3)[:-1]
+    asked = []
+
+    def stop() -> bool:  # cancelled once three tokens are out
+        asked.append(None)
+        return len(asked) >= 3
+
+    reply = tiny_model.chat(
+        "Talk.", max_new_tokens=50, logits_processor=[ForceTokens(forced)], stop=stop
+    )
+    assert reply.text == tiny_model.tokenizer.decode(forced[:3]).strip()
+    assert len(asked) == 3
+
+
 def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model):
     history = [
         Turn(f"Pose number {i}: " + "raise the arm " * 20, "Sure, it is <POSE>.") for i in range(12)

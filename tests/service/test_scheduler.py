@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 from inference_service.errors import ModelError
-from inference_service.scheduler import Scheduler
+from inference_service.scheduler import Answer, Scheduler
 from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
@@ -277,6 +277,33 @@ def test_chat_mode_runs_alone_through_generation(backend, collected):
     by_id = {r.id: r for r in collected.of()}
     assert by_id["c"].text.startswith("Here you go") and len(by_id["c"].poses) == 2
     assert backend.groups == [["pose"]]
+
+
+class EndlessChat(ScriptedBackend):
+    """Chat replies that go on until they are told to stop."""
+
+    def answer_chat(self, item, stop=None):
+        self.entered.set()
+        deadline = time.monotonic() + TIMEOUT_S
+        while not stop():
+            assert time.monotonic() < deadline, "never told to stop"
+            time.sleep(0.001)
+        self.stopped = True
+        return Answer("cut short", ())
+
+
+def test_a_cancelled_chat_stops_generating_and_frees_the_model(collected):
+    backend = EndlessChat()
+    scheduler = make(backend, collected, max_batch=8, max_wait_ms=0)
+    scheduler.submit_pose(b"A", PoseRequest("c", "tell me a long story", mode="chat"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.cancel(b"A", "c")
+    scheduler.submit_pose(b"B", PoseRequest("p", "wave"))  # served once the chat has let go
+    collected.wait_for(lambda rs: len(rs) == 2)
+    scheduler.stop()
+    chat, pose = collected.of()
+    assert (chat.id, chat.code, pose.id) == ("c", ErrorCode.CANCELLED, "p")
+    assert backend.stopped
 
 
 @pytest.mark.parametrize(

@@ -231,8 +231,8 @@ def test_a_client_that_disappears_mid_request_does_not_disturb_others(running, b
 class TooManyPoses(ScriptedBackend):
     """Chat answers with one pose more than a reply may hold."""
 
-    def answer_chat(self, item):
-        answer = super().answer_chat(item)
+    def answer_chat(self, item, stop=None):
+        answer = super().answer_chat(item, stop)
         return Answer(answer.text, answer.poses[:1] * (Limits().max_poses + 1))
 
 

@@ -353,7 +353,7 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     out_file = tmp_path / "pose.npz"
     out_file.write_bytes(b"the user's")
     monkeypatch.setattr(
-        type(backend), "answer_chat", lambda self, item: Answer("Hello! What pose?", ())
+        type(backend), "answer_chat", lambda self, item, stop=None: Answer("Hello! What pose?", ())
     )
     code, out, err = run(
         capsys, "pose", "hi", "--chat", "--out", str(out_file), "--address", address

@@ -28,6 +28,7 @@ matching possessive), filled by ``Action.render``; imperative templates have nei
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1320,8 +1321,16 @@ class Action:
         else:
             template = options[int(rng.integers(len(options)))]
             subject, their = SUBJECTS[int(rng.integers(len(SUBJECTS)))]
-        text = template.format(subject=subject, their=their)
-        return text[0].upper() + text[1:] + "."
+        return _sentence(template, subject, their)
+
+    def sentences(self, split: str) -> tuple[str, ...]:
+        """Every sentence ``render`` can give for ``split``: each template with each subject."""
+        return tuple(_sentence(t, *subject) for t in self.phrasings(split) for subject in SUBJECTS)
+
+
+def _sentence(template: str, subject: str, their: str) -> str:
+    text = template.format(subject=subject, their=their)
+    return text[0].upper() + text[1:] + "."
 
 
 ACTIONS: dict[str, Action] = {}
@@ -1453,6 +1462,18 @@ _register_all()
 def action_names() -> tuple[str, ...]:
     """All action names, in registration order."""
     return tuple(ACTIONS)
+
+
+@functools.cache
+def held_out_sentences() -> frozenset[str]:
+    """Every val and test sentence of every action, case-folded: what no training caption may
+    be word for word, whichever action's phrasing (and synonyms) it came from."""
+    return frozenset(
+        sentence.casefold()
+        for action in ACTIONS.values()
+        for split in ("val", "test")
+        for sentence in action.sentences(split)
+    )
 
 
 def get_action(name: str) -> Action:

@@ -59,7 +59,7 @@ import numpy as np
 
 from shared_protocol.skeleton import NUM_JOINTS
 
-from .actions import ACTIONS, SPLITS, action_names
+from .actions import ACTIONS, SPLITS, action_names, held_out_sentences
 from .captions import caption_pose
 from .joint_limits import sample_plausible_poses
 from .synonyms import swap_synonyms
@@ -202,7 +202,11 @@ def generate_corpus(
             else:
                 caption = action.render(rng, split)
                 if split == "train" and synonym_rate > 0:
-                    caption = swap_synonyms(caption, rng, synonym_rate)
+                    swapped = swap_synonyms(caption, rng, synonym_rate)
+                    # Swaps may write a held-out phrasing word for word ("cross the left arm"
+                    # -> "move the left arm", a test one): that one stays unswapped.
+                    if swapped.casefold() not in held_out_sentences():
+                        caption = swapped
                 source = f"action:{action.name}"
             records.append(CorpusRecord(pose, caption, source, action.name, split))
         else:

@@ -82,6 +82,17 @@ def test_synonyms_vary_the_training_phrasings_alone(records):
     assert C.generate_corpus(7, N, synonym_rate=0.0) == records
 
 
+def test_no_training_caption_is_a_held_out_phrasing_word_for_word():
+    # The crossing actions' train phrasings can be swapped into their test ones ("cross the
+    # left arm" -> "move the left arm"), the chair pose's into its val one ("utkatasana").
+    crossing = ["cross_left_arm", "cross_right_arm", "cross_both_arms", "chair_pose"]
+    varied = C.generate_corpus(3, 600, actions=crossing, action_fraction=1.0, synonym_rate=1.0)
+    train = [r.caption.casefold() for r in varied if r.split == "train"]
+    assert len(train) > 400
+    assert not set(train) & A.held_out_sentences()
+    assert "move the left arm across the body towards the right side." in A.held_out_sentences()
+
+
 def test_options_and_validation():
     only = C.generate_corpus(1, 30, action_fraction=1.0, describe_actions=0.0, actions=["clap"])
     assert all(r.source == "action:clap" and r.action == "clap" for r in only)

@@ -44,15 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_service.metrics import evaluate_poses, wilson_interval
+from inference_service.metrics import accuracy_interval, evaluate_poses
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
     ActionClassifier,
     CaptionOracle,
     TfidfRetrieval,
     action_mean_poses,
-    joint_distance,
     mean_pose,
+    rotation_distance,
 )
 
 METRIC_NAMES = (
@@ -96,6 +96,12 @@ def sided_actions() -> list[str]:
 def action_prompts(split: str, names: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """(action name, prompt) for every action of `names` (default all), every phrasing of
     `split` and every subject; imperative phrasings (no subject) once."""
+    return [(name, text) for name, text, _ in _phrased_prompts(split, names)]
+
+
+def _phrased_prompts(split: str, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """`action_prompts` with the phrasing (template) each prompt comes from: the prompts of one
+    phrasing mostly share their answer, so accuracies count phrasings (`accuracy_interval`)."""
     prompts = []
     for name in names if names is not None else ACTIONS:
         for template in ACTIONS[name].phrasings(split):
@@ -105,7 +111,7 @@ def action_prompts(split: str, names: Sequence[str] | None = None) -> list[tuple
                 text = text[0].upper() + text[1:] + "."
                 if text not in seen:
                     seen.add(text)
-                    prompts.append((name, text))
+                    prompts.append((name, text, template))
     return prompts
 
 
@@ -225,7 +231,9 @@ def evaluate(
 
     # --- paraphrases -----------------------------------------------------------------------
     phrase_split = split if split in ("train", "val", "test") else "test"
-    prompts = action_prompts(phrase_split)
+    phrased = _phrased_prompts(phrase_split)
+    prompts = [(name, text) for name, text, _ in phrased]
+    template_of = {text: (name, template) for name, text, template in phrased}
     log(f"paraphrases: {len(prompts)} prompts")
     classifier = ActionClassifier()
     names = [name for name, _ in prompts]
@@ -259,6 +267,7 @@ def evaluate(
         "actions": len(ACTIONS),
         "chance": 1.0 / len(ACTIONS),
         "top1": {key: float(value.mean()) for key, value in correct.items()},
+        "interval": accuracy_interval(correct["model"], [template_of[t] for t in texts]),
         "per_action": per_action,
         "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:15]),
         "examples": [
@@ -284,6 +293,7 @@ def evaluate(
                 "oracle": oracle_poses[index],
             },
             canonical,
+            clusters=[template_of[t] for _, t in lr_prompts],
         )
     }
 
@@ -324,16 +334,22 @@ def evaluate(
     return report
 
 
-def _left_right(names: Sequence[str], predictions: dict[str, np.ndarray], canonical) -> dict:
-    """Share of predictions closer (MPJPE, no root) to their action's canonical pose than to
-    the mirror action's; per predictor, and per pair for the first ("model")."""
+def _left_right(
+    names: Sequence[str], predictions: dict[str, np.ndarray], canonical, clusters=None
+) -> dict:
+    """Share of predictions closer to their action's canonical pose than to the mirror
+    action's, by the body's joint rotations (`rotation_distance`: a head turned left and one
+    turned right put every joint in the same place); per predictor, and for the first
+    ("model") per pair and its interval (`clusters`: the prompts' phrasings, as for the
+    paraphrases; each render its own)."""
     own = np.stack([canonical[n] for n in names])
     mirror = np.stack([canonical[swap_side(n)] for n in names])
     result: dict = {"count": len(names)}
     for key, poses in predictions.items():
-        closer = joint_distance(poses, own) < joint_distance(poses, mirror)
+        closer = rotation_distance(poses, own) < rotation_distance(poses, mirror)
         result[key] = float(closer.mean())
         if key == "model":
+            result["interval"] = accuracy_interval(closer, clusters)
             pairs: dict[str, list[bool]] = {}
             for name, ok in zip(names, closer, strict=True):
                 stem = name if "left" in name else swap_side(name)
@@ -345,13 +361,11 @@ def _left_right(names: Sequence[str], predictions: dict[str, np.ndarray], canoni
 def quality_bars(report: dict) -> list[dict]:
     bars = []
 
-    def bar(
-        name: str, value: float, threshold: float, higher: bool = True, count: int | None = None
-    ) -> None:
+    def bar(name: str, value: float, threshold: float, higher: bool = True, interval=None) -> None:
         ok = bool(value >= threshold) if higher else bool(value < threshold)
         item = {"bar": name, "value": value, "threshold": threshold, "pass": ok}
-        if count:  # an accuracy over `count` prompts: its 95 % interval
-            item["interval"] = list(wilson_interval(round(value * count), count))
+        if interval is not None:  # an accuracy: its 95 % interval
+            item["interval"] = list(interval)
         bars.append(item)
 
     text = report["text_to_pose"]
@@ -378,7 +392,7 @@ def quality_bars(report: dict) -> list[dict]:
         "paraphrases: top-1 action accuracy",
         paraphrases["top1"]["model"],
         PARAPHRASE_BAR,
-        count=paraphrases["count"],
+        interval=paraphrases["interval"],
     )
     if "images" in report:
         bar(
@@ -389,7 +403,7 @@ def quality_bars(report: dict) -> list[dict]:
     for key in ("text", "images"):
         if key in report["left_right"]:
             block = report["left_right"][key]
-            bar(f"left/right: {key}", block["model"], LEFT_RIGHT_BAR, count=block["count"])
+            bar(f"left/right: {key}", block["model"], LEFT_RIGHT_BAR, interval=block["interval"])
     return bars
 
 
@@ -405,7 +419,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _pct(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.0f} %"
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f} %"
 
 
 def _reduction_line(title: str, section: dict) -> str:

@@ -23,8 +23,9 @@ point) does not count. For MPJRE joint 0 then contributes 0 and the mean is stil
 Every pose metric is batched over leading dimensions, returns per-sample values of the batch
 shape (``.mean()`` gives the mean), and raises ValueError naming the bad argument.
 
-``wilson_interval`` gives the 95 % interval of an accuracy (the paraphrase and left/right bars),
-so that a difference of a few prompts reads as what it is.
+``accuracy_interval`` gives the 95 % interval of an accuracy (the paraphrase and left/right bars),
+so that a difference of a few prompts reads as what it is; prompts that come in clusters (one
+phrasing asked with five subjects) count as their clusters, not as that many independent trials.
 """
 
 from __future__ import annotations
@@ -312,17 +313,28 @@ def evaluate_poses(
     return PoseMetrics(**values)
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of an accuracy of `successes` out of `trials` (z = 1.96: 95 %).
-    Unlike p ± z·√(p(1−p)/n) it stays within [0, 1] and is not empty at 0 or n successes."""
-    if not (isinstance(trials, int | np.integer) and trials > 0):
-        raise ValueError(f"trials: expected a positive integer, got {trials!r}")
-    if not (isinstance(successes, int | np.integer) and 0 <= successes <= trials):
-        raise ValueError(f"successes: expected an integer in 0..{trials}, got {successes!r}")
-    if not (math.isfinite(z) and z > 0):
-        raise ValueError(f"z: expected a positive number, got {z!r}")
-    p = successes / trials
-    spread = z * z / trials
-    centre = (p + spread / 2) / (1 + spread)
-    half = z * math.sqrt(p * (1 - p) / trials + spread / (4 * trials)) / (1 + spread)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def accuracy_interval(
+    correct, clusters=None, *, level: float = 0.95, rounds: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """The `level` interval of the accuracy of `correct` (one bool per trial), by bootstrap:
+    whole clusters (`clusters`: one hashable key per trial; default each trial its own) are
+    drawn with replacement `rounds` times, and the interval is the percentiles of the
+    accuracies drawn. Trials of one cluster mostly share their outcome (the five subjects of
+    one paraphrase), so counting them as independent would narrow the interval about
+    √(cluster size) times. Deterministic given `seed`."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.ndim != 1 or not correct.size:
+        raise ValueError("correct: expected a non-empty sequence of outcomes")
+    keys = range(correct.size) if clusters is None else list(clusters)
+    if len(keys) != correct.size:
+        raise ValueError(f"clusters: expected {correct.size} keys, one per trial, got {len(keys)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
+    index: dict = {}
+    ids = np.array([index.setdefault(key, len(index)) for key in keys])
+    hits, sizes = np.bincount(ids, weights=correct), np.bincount(ids).astype(np.float64)
+    drawn = np.random.default_rng(seed).integers(len(index), size=(rounds, len(index)))
+    accuracies = hits[drawn].sum(axis=1) / sizes[drawn].sum(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(accuracies, [tail, 1.0 - tail])
+    return float(low), float(high)

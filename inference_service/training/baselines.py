@@ -166,18 +166,28 @@ class TfidfRetrieval:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms == 0, 1.0, norms)
 
-    def nearest(self, queries: Sequence[str], chunk: int = 256) -> np.ndarray:
-        """Index of the most similar training caption for each query."""
+    def nearest(self, queries: Sequence[str], chunk: int = 256) -> list[np.ndarray]:
+        """For each query, the indices of the training captions most similar to it: often
+        more than one, as many captions share their words (then none is nearer than another)."""
         found = []
         for start in range(0, len(queries), chunk):
             part = [words(q) for q in queries[start : start + chunk]]
-            vectors = self._normalise(self._counts(part) * self.idf)
-            found.append(np.argmax(vectors @ self.matrix.T, axis=1))
-        return np.concatenate(found) if found else np.zeros(0, dtype=int)
+            similarity = self._normalise(self._counts(part) * self.idf) @ self.matrix.T
+            best = similarity.max(axis=1, keepdims=True)
+            found += [np.flatnonzero(row) for row in similarity >= best - 1e-6]
+        return found
 
     def predict(self, queries: Sequence[str]) -> np.ndarray:
-        """(len(queries), 24, 3): the pose of each query's nearest training caption."""
-        return self.poses[self.nearest(queries)]
+        """(len(queries), 24, 3): the pose of each query's nearest training caption (the mean
+        pose of the nearest ones when several tie, rather than the first of them)."""
+        if not queries:
+            return np.zeros((0, 24, 3))
+        return np.stack(
+            [
+                self.poses[i[0]] if len(i) == 1 else mean_pose(self.poses[i])
+                for i in self.nearest(queries)
+            ]
+        )
 
 
 def _joints(poses, no_root: bool) -> np.ndarray:
@@ -230,6 +240,17 @@ class ActionClassifier:
 
     def classify(self, poses) -> list[str]:
         return [self.names[k] for k in np.argmin(self.distances(poses), axis=1)]
+
+
+def rotation_distance(a, b) -> np.ndarray:
+    """Mean geodesic angle (degrees) over the body's own joints (1-23) between poses a (N, 24,
+    3) and b (N or 1, 24, 3): tells a head turned left from one turned right, which joint
+    positions cannot (the head is a leaf)."""
+    from inference_service.metrics import mpjre
+
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 24, 3)
+    b = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(-1, 24, 3), a.shape)
+    return mpjre(a, b, joints=range(1, 24))
 
 
 def joint_distance(a, b, no_root: bool = True) -> np.ndarray:

@@ -828,6 +828,16 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
         runtime.read_batch_lines(bpy.context)
 
 
+def batch_of(lines: str, start: int = 1, step: int = 1) -> bpy.types.Text:
+    """A text "moves" holding `lines`, as the scene's batch source keyed from `start` every
+    `step` frames."""
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write(lines)
+    settings.batch_text, settings.batch_start, settings.batch_step = text, start, step
+    return text
+
+
 def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service, monkeypatch):
     address, _ = scripted_service
     use_service(address)
@@ -858,10 +868,7 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
 ):
     address, backend = scripted_service
     use_service(address)
-    settings = bpy.context.scene.chatpose
-    text = bpy.data.texts.new("moves")
-    text.write("\n".join(f"pose {i}" for i in range(40)))
-    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 1
+    batch_of("\n".join(f"pose {i}" for i in range(40)))
     apply_pose(armature, pose_for("rest"), frame=1)  # an action with curves, one locked
     knee = 'pose.bones["left_knee"].rotation_quaternion'
     [curve] = [c for c in armature.animation_data.action.fcurves if c.data_path == knee][:1]
@@ -897,12 +904,8 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
 def test_a_batch_past_blender_s_last_frame_is_refused_before_it_is_sent(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)
-    settings = bpy.context.scene.chatpose
-    text = bpy.data.texts.new("moves")
-    text.write("\n".join(f"pose {i}" for i in range(4)))
-    settings.batch_text, settings.batch_step = text, 10
-    settings.batch_start = 20_000_001  # the property holds Blender's frames only
-    assert settings.batch_start == 1_048_574
+    batch_of("\n".join(f"pose {i}" for i in range(4)), start=20_000_001, step=10)
+    assert bpy.context.scene.chatpose.batch_start == 1_048_574  # it holds Blender's frames only
     with pytest.raises(RuntimeError, match="Batch not sent: text 'moves': 4 poses from frame"):
         bpy.ops.chatpose.batch_keyframe()
     assert backend.batch_sizes == [] and batch_store.load_record(armature).entries == ()
@@ -912,10 +915,7 @@ def _keyed_batch(scripted_service, lines: str):
     """`lines` keyed by a first batch run at frames 1, 11, 21, ...; returns its text."""
     address, _ = scripted_service
     use_service(address)
-    settings = bpy.context.scene.chatpose
-    text = bpy.data.texts.new("moves")
-    text.write(lines)
-    settings.batch_text, settings.batch_start, settings.batch_step = text, 1, 10
+    text = batch_of(lines, start=1, step=10)
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
     return text

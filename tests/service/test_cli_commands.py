@@ -225,13 +225,17 @@ def ctrl_c_after(answers: int, monkeypatch) -> None:
     monkeypatch.setattr(cli, "_progress", interrupted)
 
 
+def shots(tmp_path, text: str, address: str) -> tuple:
+    """A prompt file holding `text`, the --out beside it, and the batch command for both."""
+    prompts, out_file = tmp_path / "shots.txt", tmp_path / "anim.npz"
+    prompts.write_text(text)
+    return prompts, out_file, ["batch", str(prompts), "--out", str(out_file), "--address", address]
+
+
 def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     address, backend, capsys, tmp_path, monkeypatch
 ):
-    prompts = tmp_path / "shots.txt"
-    prompts.write_text("# act one\nwave\nsit down\n\nbow\nclap\n")
-    out_file = tmp_path / "anim.npz"
-    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    prompts, out_file, argv = shots(tmp_path, "# act one\nwave\nsit down\n\nbow\nclap\n", address)
     with monkeypatch.context() as patch:
         ctrl_c_after(2, patch)
         code, _, err = run(capsys, *argv, "--fps", "24")
@@ -259,10 +263,7 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
 def test_resume_of_a_partial_file_finishes_into_out_and_removes_it(
     address, backend, capsys, tmp_path, monkeypatch
 ):
-    prompts = tmp_path / "shots.txt"
-    prompts.write_text("wave\nsit down\nbow\n")
-    out_file = tmp_path / "anim.npz"
-    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    prompts, out_file, argv = shots(tmp_path, "wave\nsit down\nbow\n", address)
     assert run(capsys, *argv)[0] == cli.EXIT_OK
     prompts.write_text("wave\nsit down\nbow\nclap\nkneel\n")  # two shots more
     with monkeypatch.context() as patch:
@@ -287,10 +288,7 @@ def test_resume_of_a_partial_file_finishes_into_out_and_removes_it(
 def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(
     address, backend, capsys, tmp_path
 ):
-    prompts = tmp_path / "shots.txt"
-    prompts.write_text("wave\nsit down\nbow\n")
-    out_file = tmp_path / "anim.npz"
-    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    prompts, out_file, argv = shots(tmp_path, "wave\nsit down\nbow\n", address)
     assert run(capsys, *argv)[0] == cli.EXIT_OK
     finished = out_file.read_bytes()
     prompts.write_text("wave\nkneel\nbow\n")  # sit down rewritten

@@ -18,8 +18,10 @@ from inference_service.training.baselines import (
     TfidfRetrieval,
     action_mean_poses,
     fact_key,
+    joint_distance,
     mean_pose,
     project_to_rotation,
+    rotation_distance,
 )
 from inference_service.training.corpus import generate_corpus, save_corpus
 from inference_service.training.scaffold import scaffold_checkpoint
@@ -120,6 +122,19 @@ def test_nearest_action_of_canonical_poses_and_mirror_names():
     assert ev.swap_side("lunge_right") == "lunge_left"
     assert ev.swap_side("squat") is None
     assert all(ev.swap_side(n) is not None for n in ev.sided_actions())
+
+
+def test_left_and_right_are_told_apart_by_rotations_where_positions_cannot():
+    left, right = ACTIONS["turn_head_left"](None), ACTIONS["turn_head_right"](None)
+    assert joint_distance(left[None], right[None])[0] < 2.0  # mm: the head is a leaf
+    assert rotation_distance(left[None], right[None])[0] > 2.0  # degrees, over 23 joints
+    np.testing.assert_allclose(rotation_distance(left[None], left[None]), 0.0, atol=1e-9)
+    twin = ev._left_right(
+        ["turn_head_left", "turn_head_right"],
+        {"model": np.stack([left, right])},
+        {name: ACTIONS[name](None) for name in ("turn_head_left", "turn_head_right")},
+    )
+    assert twin["model"] == 1.0 and twin["interval"] == (1.0, 1.0)
 
 
 def test_paraphrase_prompts_are_never_training_phrasings():

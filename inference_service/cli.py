@@ -318,7 +318,7 @@ def _batch(args: argparse.Namespace) -> int:
         if sys.stderr.isatty() and sendable:
             _report("")  # past the progress bar's line
         out = _batch_destination(args.out, finished, resumed_from)
-        if not finished and out == resumed_from and len(poses) == earlier:
+        if not finished and len(poses) == earlier and resumed_from is not None:
             _report(f"no new answers; {resumed_from} is kept as it was")
         elif poses:
             _write_motion(out, [poses[i] for i in sorted(poses)], fps=fps)
@@ -345,18 +345,38 @@ def _batch(args: argparse.Namespace) -> int:
 def _earlier_answers(
     args: argparse.Namespace, lines: Sequence[tuple[int, str]]
 ) -> tuple[Path | None, dict[int, Pose], float | None]:
-    """For --resume: the file that a batch cut short wrote (FILE.partial.npz, else --out), its
-    poses by the line each answers, and its frame rate. Each frame is labelled with its line's
-    prompt and the frames are in file order, so frame by frame the next line with that prompt
-    is the one it answers."""
-    source = next((path for path in (_partial_path(args.out), args.out) if path.exists()), None)
-    if source is None:
+    """For --resume: the earlier file that answers the most lines (FILE.partial.npz, written by
+    a batch cut short, or --out itself), its poses by the line each answers, and its frame
+    rate."""
+    found = [path for path in (_partial_path(args.out), args.out) if path.exists()]
+    if not found:
         _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
         return None, {}, None
+    best, refusal = None, None
+    for path in found:
+        try:
+            answered, fps = _answers_in(path, lines, args.file)
+        except CommandError as exc:  # another file may still fit
+            refusal = refusal or exc
+            continue
+        if best is None or len(answered) > len(best[1]):
+            best = (path, answered, fps)
+    if best is None:
+        raise refusal
+    _report(f"resuming {best[0]}: {len(best[1])} of {len(lines)} lines answered there")
+    return best
+
+
+def _answers_in(
+    path: Path, lines: Sequence[tuple[int, str]], prompts: Path
+) -> tuple[dict[int, Pose], float]:
+    """The poses of a batch's earlier file by the line each answers. Each frame is labelled with
+    its line's prompt and the frames are in file order, so frame by frame the next line with
+    that prompt is the one it answers."""
     try:
-        motion = Motion.load_npz(source)
+        motion = Motion.load_npz(path)
     except (OSError, ValueError) as exc:
-        raise CommandError(EXIT_BAD_INPUT, f"--resume: cannot read {source} ({exc})") from None
+        raise CommandError(EXIT_BAD_INPUT, f"--resume: cannot read {path} ({exc})") from None
     answered: dict[int, Pose] = {}
     remaining = iter(lines)
     for frame, pose in enumerate(motion.poses(), 1):
@@ -364,23 +384,21 @@ def _earlier_answers(
         if number is None:
             raise CommandError(
                 EXIT_BAD_INPUT,
-                f"--resume: frame {frame} of {source} ({pose.label!r}) answers no line of "
-                f"{args.file} in order; if the file was edited since, run without --resume",
+                f"--resume: frame {frame} of {path} ({pose.label!r}) answers no line of "
+                f"{prompts} in order; if the file was edited since, run without --resume",
             )
         answered[number] = pose
-    _report(f"resuming {source}: {len(answered)} of {len(lines)} lines answered there")
-    return source, answered, motion.fps
+    return answered, motion.fps
 
 
 def _batch_destination(out: Path, finished: bool, resumed_from: Path | None) -> Path:
-    """Where a batch writes: --out when it finished; cut short, the file it resumed (its poses
-    and more), else --out if that is new, else FILE.partial.npz beside it: a batch cut short
-    never replaces a file the user already has."""
+    """Where a batch writes: --out when it finished; cut short, --out if that is new, else
+    FILE.partial.npz beside it (which holds the poses of a partial file it resumed, and more): a
+    batch cut short never replaces a file the user already has."""
     if finished:
         return out
-    if resumed_from is not None:
-        return resumed_from
-    return _partial_path(out) if out.exists() else out
+    partial = _partial_path(out)
+    return partial if out.exists() or resumed_from == partial else out
 
 
 @contextlib.contextmanager

@@ -313,28 +313,22 @@ def evaluate_poses(
     return PoseMetrics(**values)
 
 
-def accuracy_interval(
-    correct, clusters=None, *, level: float = 0.95, rounds: int = 4000, seed: int = 0
-) -> tuple[float, float]:
-    """The `level` interval of the accuracy of `correct` (one bool per trial), by bootstrap:
-    whole clusters (`clusters`: one hashable key per trial; default each trial its own) are
-    drawn with replacement `rounds` times, and the interval is the percentiles of the
-    accuracies drawn. Trials of one cluster mostly share their outcome (the five subjects of
-    one paraphrase), so counting them as independent would narrow the interval about
-    √(cluster size) times. Deterministic given `seed`."""
+def accuracy_interval(correct, clusters=None, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (z = 1.96: 95 %) of the accuracy of `correct` (one bool per
+    trial), counting clusters rather than trials: `clusters` gives each trial a hashable key
+    (default: each trial its own). The trials of one cluster mostly share their outcome (the
+    five subjects of one paraphrase), so n of them are closer to one trial than to n. Unlike
+    p ± z·√(p(1−p)/n) it stays within [0, 1] and is not empty at 0 or 100 %."""
     correct = np.asarray(correct, dtype=np.float64)
     if correct.ndim != 1 or not correct.size:
         raise ValueError("correct: expected a non-empty sequence of outcomes")
     keys = range(correct.size) if clusters is None else list(clusters)
     if len(keys) != correct.size:
         raise ValueError(f"clusters: expected {correct.size} keys, one per trial, got {len(keys)}")
-    if not 0 < level < 1:
-        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
-    index: dict = {}
-    ids = np.array([index.setdefault(key, len(index)) for key in keys])
-    hits, sizes = np.bincount(ids, weights=correct), np.bincount(ids).astype(np.float64)
-    drawn = np.random.default_rng(seed).integers(len(index), size=(rounds, len(index)))
-    accuracies = hits[drawn].sum(axis=1) / sizes[drawn].sum(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(accuracies, [tail, 1.0 - tail])
-    return float(low), float(high)
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z: expected a positive number, got {z!r}")
+    p, n = float(correct.mean()), len(set(keys))
+    spread = z * z / n
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / n + spread / (4 * n)) / (1 + spread)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -205,28 +205,42 @@ def test_batch_shapes_and_means():
     assert empty.mpjpe_mm.shape == (0,) and math.isnan(empty.means()["mpjpe_mm"])
 
 
+def test_accuracy_interval_hand_computed():
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half-width
+    # 1.96 * sqrt(0.016 + 0.009604) / 1.38416: 0.716738 -+ 0.226581
+    low, high = M.accuracy_interval([True] * 8 + [False] * 2)
+    assert low == pytest.approx(0.490157, abs=1e-6)
+    assert high == pytest.approx(0.943319, abs=1e-6)
+    # at the ends it is one-sided and not empty, and it narrows as the count grows
+    assert M.accuracy_interval([False] * 5)[0] == 0.0 and M.accuracy_interval([False] * 5)[1] > 0.3
+    assert M.accuracy_interval([True] * 5)[1] == 1.0 and M.accuracy_interval([True] * 5)[0] < 0.7
+    wide = M.accuracy_interval([True] * 9 + [False])
+    narrow = M.accuracy_interval([True] * 900 + [False] * 100)
+    assert narrow[0] > wide[0] and narrow[1] < wide[1]
+
+
 def test_accuracy_interval_counts_clusters_not_trials():
-    # 30 of 40 independent outcomes: about 0.75 ± 1.96·√(0.75·0.25/40) = 0.75 ± 0.134
-    outcomes = [True] * 30 + [False] * 10
-    low, high = M.accuracy_interval(outcomes)
-    assert low == pytest.approx(0.616, abs=0.03) and high == pytest.approx(0.884, abs=0.03)
-    # Each outcome asked five times over, the five sharing it: the same 40 clusters, the same
-    # interval; taken as 200 independent trials it would be about √5 times narrower.
+    outcomes = [True] * 8 + [False] * 2
+    # Each outcome asked five times over, the five sharing it: ten clusters, the interval of ten
+    # trials; taken as fifty independent ones it would be about √5 times narrower.
     repeated = np.repeat(outcomes, 5)
-    assert M.accuracy_interval(repeated, np.repeat(np.arange(40), 5)) == (low, high)
+    low, high = M.accuracy_interval(repeated, np.repeat(np.arange(10), 5))
+    assert (low, high) == pytest.approx(M.accuracy_interval(outcomes))
     naive = M.accuracy_interval(repeated)
     assert (naive[1] - naive[0]) < 0.6 * (high - low)
-    assert M.accuracy_interval([True] * 7) == (1.0, 1.0)
-    assert M.accuracy_interval(outcomes, seed=3) == M.accuracy_interval(outcomes, seed=3)
 
 
 @pytest.mark.parametrize(
-    ("correct", "clusters", "message"),
-    [([], None, "correct"), ([True, False], ["a"], "clusters: expected 2 keys")],
+    ("correct", "clusters", "z", "message"),
+    [
+        ([], None, 1.96, "correct"),
+        ([True, False], ["a"], 1.96, "clusters: expected 2 keys"),
+        ([True], None, math.nan, "z"),
+    ],
 )
-def test_accuracy_interval_refuses_bad_input(correct, clusters, message):
+def test_accuracy_interval_refuses_bad_input(correct, clusters, z, message):
     with pytest.raises(ValueError, match=message):
-        M.accuracy_interval(correct, clusters)
+        M.accuracy_interval(correct, clusters, z)
 
 
 @pytest.mark.parametrize(

@@ -260,28 +260,30 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     assert Motion.load_npz(out_file).labels == motion.labels
 
 
-def test_resume_of_a_partial_file_finishes_into_out_and_removes_it(
+def test_resume_takes_the_file_with_the_most_answers_and_never_replaces_out_when_cut(
     address, backend, capsys, tmp_path, monkeypatch
 ):
     prompts, out_file, argv = shots(tmp_path, "wave\nsit down\nbow\n", address)
-    assert run(capsys, *argv)[0] == cli.EXIT_OK
+    assert run(capsys, *argv, "--fps", "24")[0] == cli.EXIT_OK
+    finished = out_file.read_bytes()
     prompts.write_text("wave\nsit down\nbow\nclap\nkneel\n")  # two shots more
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch:  # a rerun without --resume, cut short
         ctrl_c_after(1, patch)
         code, _, err = run(capsys, *argv)
     partial = tmp_path / "anim.partial.npz"
     assert code == cli.EXIT_INTERRUPTED and Motion.load_npz(partial).labels == ("wave",)
 
-    with monkeypatch.context() as patch:  # cut short again: the partial file gains its answer
-        ctrl_c_after(2, patch)
-        code, _, err = run(capsys, *argv, "--resume")
-    assert code == cli.EXIT_INTERRUPTED and f"resuming {partial}: 1 of 5" in err
-    assert Motion.load_npz(partial).labels == ("wave", "sit down")
-    assert len(Motion.load_npz(out_file)) == 3  # the user's finished file, as it was
+    with monkeypatch.context() as patch:  # --out answers more lines than the partial file
+        ctrl_c_after(4, patch)
+        code, _, err = run(capsys, *argv, "--resume", "--fps", "60")
+    assert code == cli.EXIT_INTERRUPTED and f"resuming {out_file}: 3 of 5" in err
+    assert out_file.read_bytes() == finished  # cut short: the user's file stays as it was
+    assert Motion.load_npz(partial).labels == ("wave", "sit down", "bow", "clap")
 
     code, _, err = run(capsys, *argv, "--resume")
-    assert code == cli.EXIT_OK, err
-    assert Motion.load_npz(out_file).labels == ("wave", "sit down", "bow", "clap", "kneel")
+    assert code == cli.EXIT_OK and f"resuming {partial}: 4 of 5" in err
+    motion = Motion.load_npz(out_file)
+    assert motion.labels == ("wave", "sit down", "bow", "clap", "kneel") and motion.fps == 60.0
     assert not partial.exists()
 
 

@@ -134,7 +134,7 @@ def test_left_and_right_are_told_apart_by_rotations_where_positions_cannot():
         {"model": np.stack([left, right])},
         {name: ACTIONS[name](None) for name in ("turn_head_left", "turn_head_right")},
     )
-    assert twin["model"] == 1.0 and twin["interval"] == (1.0, 1.0)
+    assert twin["model"] == 1.0 and twin["interval"][1] == 1.0
 
 
 def test_paraphrase_prompts_are_never_training_phrasings():

@@ -9,6 +9,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Motion, Pose
 
+from ..core.timeline import MAX_FRAME, frames_for
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError
 from .armature import create_smpl_armature, find_smpl_armature
@@ -142,7 +143,9 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     filename_ext = ".npz"
     filter_glob: bpy.props.StringProperty(default="*.npz", options={"HIDDEN"})
-    start_frame: bpy.props.IntProperty(name="Start Frame", default=1, min=0)  # as a scene range
+    start_frame: bpy.props.IntProperty(  # as a scene range
+        name="Start Frame", default=1, min=0, max=MAX_FRAME
+    )
     frame_step: bpy.props.IntProperty(
         name="Frame Step", description="Frames between two poses", default=1, min=1
     )
@@ -162,7 +165,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         obj = find_smpl_armature(context)
         try:
             if obj is None:  # read first: a file that does not load leaves the scene as it was
-                Motion.load_npz(self.filepath, z_up=self.z_up)
+                motion = Motion.load_npz(self.filepath, z_up=self.z_up)
+                frames_for(len(motion), self.start_frame, self.frame_step)  # nor one too long
                 obj = create_smpl_armature(context, model=preferred_smpl_model(context))
             motion, frames = import_npz(
                 obj,

@@ -20,6 +20,7 @@ restarted service with no Blender restart.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from shared_protocol.protocol import (
     ErrorReply,
     PoseReply,
     PoseRequest,
+    ProtocolError,
     Reply,
     Request,
     StatusReply,
@@ -173,6 +175,12 @@ class Session:
     def cancel(self, request_id: str) -> None:
         """Asks the service to stop a request; its `cancelled` failure arrives through tick()."""
         if request_id in self._in_flight:
+            self._ask_to_cancel(request_id)
+
+    def _ask_to_cancel(self, request_id: str) -> None:
+        """Best effort: a cancel that ZeroMQ cannot queue (the service is not taking messages)
+        changes nothing for the request, which fails on its own timeout or connection loss."""
+        with contextlib.suppress(ProtocolError):
             self._client.send(CancelRequest(self._client.new_id(), request_id))
 
     def _send(self, request: Request) -> str:
@@ -210,7 +218,7 @@ class Session:
                 return [BatchFinished(reply.id, reply.total, reply.completed)]
             case UndecodableReply():  # the service goes on unless told: a batch's other items
                 self._in_flight.pop(reply.id)
-                self._client.send(CancelRequest(self._client.new_id(), reply.id))
+                self._ask_to_cancel(reply.id)
                 return [RequestFailed(reply.id, reply.code, reply.message)]
             case ErrorReply():
                 if reply.index is None:
@@ -247,7 +255,7 @@ class Session:
         expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]
         for request_id in expired:
             self._in_flight.pop(request_id)
-            self._client.send(CancelRequest(self._client.new_id(), request_id))  # free the service
+            self._ask_to_cancel(request_id)  # free the service
         message = (
             f"no answer from {self.address} within {self.timeout_s:g} s "
             "(the timeout is set in the add-on's preferences)"

@@ -368,6 +368,11 @@ def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     with pytest.raises(RuntimeError, match="bad.npz: not an .npz file"):
         bpy.ops.chatpose.import_npz(filepath=str(bad))
     assert list(bpy.data.objects) == []  # no armature made for a file that does not load
+    long = tmp_path / "long.npz"
+    motion(3, seed=1).save_npz(long)
+    with pytest.raises(RuntimeError, match="end at frame 1048576; Blender's frames go"):
+        bpy.ops.chatpose.import_npz(filepath=str(long), start_frame=1_048_574)
+    assert list(bpy.data.objects) == []  # nor for one that does not fit the timeline
     # A frame rate no scene can take is refused before any key is written.
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     fast = tmp_path / "fast.npz"

@@ -135,6 +135,26 @@ def test_a_stuck_service_times_out_and_the_next_request_still_works(address, bac
     session.close()
 
 
+def test_a_cancel_that_cannot_be_queued_still_fails_its_request_in_time(
+    address, backend, monkeypatch
+):
+    session = Session(address, timeout_s=0.3)
+    backend.hold()
+    request_id = session.request_pose("slow")
+    send = session._client.send
+
+    def full_for_cancels(request):  # ZeroMQ's queue full: the client refuses to queue more
+        if isinstance(request, CancelRequest):
+            raise ProtocolError(ErrorCode.BUSY, "the service is not taking requests")
+        send(request)
+
+    monkeypatch.setattr(session._client, "send", full_for_cancels)
+    [failure] = run_until(session, final_for(request_id))  # no exception out of tick()
+    assert failure.code == ErrorCode.TIMEOUT
+    backend.release()
+    session.close()
+
+
 def test_cancel_a_batch(address, backend):
     session = Session(address, timeout_s=TIMEOUT_S)
     backend.hold()

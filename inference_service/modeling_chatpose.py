@@ -216,6 +216,9 @@ class ChatPoseModel:
         if (load_in_4bit or load_in_8bit) and torch_device.type != "cuda":
             raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
         quantization = _quantization_config(load_in_4bit, load_in_8bit, dtype)
+        if torch_device.type == "cuda" and torch_device.index is not None:
+            # Kernels that run on "the current device" (bitsandbytes') must find this one.
+            torch.cuda.set_device(torch_device)
         processor, model = load_base(
             checkpoint.base_dir,
             dtype=dtype,

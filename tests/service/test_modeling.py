@@ -329,6 +329,22 @@ def test_a_base_model_that_lacks_a_weight_is_refused_not_started_at_random(
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
 
 
+def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoint, monkeypatch):
+    calls = []
+    cuda = (torch.device("cuda:1"), torch.bfloat16)
+    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("current", device)))
+
+    def load_base(base_dir, **options):
+        calls.append(("load", options["device_map"]))
+        raise CheckpointError("stop here: no GPU on this machine")
+
+    monkeypatch.setattr(modeling_chatpose, "load_base", load_base)
+    with pytest.raises(CheckpointError, match="stop here"):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda:1")
+    assert calls == [("current", torch.device("cuda:1")), ("load", "cuda:1")]
+
+
 def test_out_of_gpu_memory_while_loading_says_so_not_that_the_checkpoint_is_bad(
     tiny_checkpoint, monkeypatch
 ):

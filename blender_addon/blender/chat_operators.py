@@ -73,17 +73,16 @@ class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa:
     bl_options = SENDING_OPTIONS
 
     def execute(self, context):
-        try:
-            image = capture_viewport(context)
-        except CaptureError as exc:
-            self.report({"ERROR"}, f"No picture: {exc}")
-            runtime.set_message(f"No picture: {exc}", "ERROR")
-            return {"CANCELLED"}
         settings = context.scene.chatpose
         prompt = settings.prompt
         label = "camera snapshot" if bpy.app.background else "viewport image"
 
         def send():
+            runtime.service_for(context)  # first: no picture (a render) for what cannot be sent
+            try:
+                image = capture_viewport(context)
+            except CaptureError as exc:
+                raise runtime.UserError(f"No picture: {exc}") from None
             runtime.send_pose(context, prompt, [image], label)
             settings.prompt = ""
 

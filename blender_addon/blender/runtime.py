@@ -359,7 +359,7 @@ def push_undo(message: str) -> None:
 SEND_ERRORS = (ProtocolError, BusyError, AddressError)
 
 
-def _service(context) -> Service:
+def service_for(context) -> Service:
     """The service to ask, from the preferences; UserError when it cannot be asked."""
     from ..preferences import service_settings
 
@@ -388,7 +388,7 @@ def send_pose(
     prompt = prompt.strip()
     if not prompt and not images:
         raise UserError("Type a prompt first")
-    service = _service(context)
+    service = service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
     history = ()
     if settings.chat_mode:
@@ -512,7 +512,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
         )
         return run
-    service = _service(context)
+    service = service_for(context)
     try:
         dispatcher().start_batch(service, run)
     except SEND_ERRORS as exc:
@@ -542,7 +542,7 @@ def cancel() -> int:
 
 
 def request_status(context: bpy.types.Context) -> None:
-    service = _service(context)
+    service = service_for(context)
     try:
         dispatcher().request_status(service)
     except SEND_ERRORS as exc:
@@ -808,7 +808,7 @@ def _watch_local_service() -> None:
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):
         _state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         with contextlib.suppress(UserError, *SEND_ERRORS):
-            d.request_status(_service(bpy.context), probe=True)
+            d.request_status(service_for(bpy.context), probe=True)
 
 
 # --- file loads, unregister -----------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from blender_addon import panel, preferences
-from blender_addon.blender import batch_store, props, runtime
+from blender_addon.blender import batch_store, chat_operators, props, runtime
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.posing import apply_pose, read_pose
@@ -556,6 +556,11 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     bpy.context.scene.chatpose.prompt = "wave"
     with pytest.raises(RuntimeError, match="online access is off"):
         bpy.ops.chatpose.send()
+    pictures = []
+    monkeypatch.setattr(chat_operators, "capture_viewport", lambda context: pictures.append(1))
+    with pytest.raises(RuntimeError, match="online access is off"):
+        bpy.ops.chatpose.pose_from_viewport()
+    assert pictures == []  # refused before a picture was taken (a render, in the background)
     use_service("ipc:///tmp/" + "a" * 120)  # well formed, but too long for a socket path
     with pytest.raises(RuntimeError, match="Not sent: ZeroMQ cannot connect to"):
         bpy.ops.chatpose.send()

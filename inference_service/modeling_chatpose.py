@@ -358,32 +358,24 @@ class ChatPoseModel:
             self.config.pose_token,
         )
         inputs = self._encode([text], decoded)
-        # The LM's final states at each step's last position, the state that predicted the
-        # step's token (step 0 runs the whole prompt): caught as the final norm gives them,
-        # rather than every layer at every step (`output_hidden_states`), ~0.5 GB on a 13B LM.
-        last_states: list[torch.Tensor] = []
-        final_norm = self._backbone.get_decoder().norm
-        hook = final_norm.register_forward_hook(
-            lambda module, args, out: last_states.append(out[0, -1].clone())
-        )
-        try:
-            with torch.inference_mode():
-                output = self.model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,  # whatever the base's generation config says: one reply
-                    use_cache=True,
-                    return_dict_in_generate=True,
-                    logits_processor=LogitsProcessorList(logits_processor),
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(stop)] if stop else []),
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-        finally:
-            hook.remove()
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,  # whatever the base's generation config says: states of one reply
+                use_cache=True,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList(logits_processor),
+                stopping_criteria=StoppingCriteriaList([_StopWhen(stop)] if stop else []),
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
+        # output.hidden_states[t][-1] is the last layer at step t; its last position is the
+        # state that predicted generated token t (step 0 covers the whole prompt).
         states = [
-            last_states[step]
+            output.hidden_states[step][-1][0, -1]
             for step, token in enumerate(generated.tolist())
             if token == self.pose_token_id
         ]

@@ -325,9 +325,8 @@ def _batch(args: argparse.Namespace) -> int:
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
             kept = f"; {args.out} is kept as it was" if out != args.out else ""
             _report(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}")
-        if finished and resumed_from not in (None, args.out):
-            with contextlib.suppress(OSError):  # left, it is only resumed again
-                resumed_from.unlink()  # its poses are all in --out now
+        if finished:
+            _drop_answered_partial(args, lines, poses)
         for number, (code, message) in sorted(failures.items()):
             _report(f"chatpose batch: line {number}: {code.value}: {message}")
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
@@ -352,19 +351,41 @@ def _earlier_answers(
     if not found:
         _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
         return None, {}, None
-    best, refusal = None, None
+    best, refusals = None, []
     for path in found:
         try:
             answered, fps = _answers_in(path, lines, args.file)
         except CommandError as exc:  # another file may still fit
-            refusal = refusal or exc
+            refusals.append(exc)
             continue
         if best is None or len(answered) > len(best[1]):
             best = (path, answered, fps)
     if best is None:
-        raise refusal
+        raise refusals[0]
+    for refusal in refusals:  # said, so that the other file's use is no surprise
+        _report(f"chatpose batch: {refusal} (not used)")
     _report(f"resuming {best[0]}: {len(best[1])} of {len(lines)} lines answered there")
     return best
+
+
+def _drop_answered_partial(
+    args: argparse.Namespace, lines: Sequence[tuple[int, str]], poses: dict[int, Pose]
+) -> None:
+    """After a batch finished into --out: FILE.partial.npz, left by a run cut short, goes when
+    --out now answers every line it answers (a later --resume would only take it up again);
+    one that holds answers --out lacks stays, and is named."""
+    partial = _partial_path(args.out)
+    if not partial.exists():
+        return
+    try:
+        answered = _answers_in(partial, lines, args.file)[0]
+    except CommandError:
+        answered = None  # from another prompt file, or edited since: not this run's to judge
+    if answered is not None and answered.keys() <= poses.keys():
+        with contextlib.suppress(OSError):  # left, it is only resumed again
+            partial.unlink()
+        return
+    _report(f"chatpose batch: {partial} is kept: it holds answers that {args.out} does not")
 
 
 def _answers_in(

@@ -31,6 +31,7 @@ phrasing asked with five subjects) count as their clusters, not as that many ind
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -317,7 +318,9 @@ def accuracy_interval(correct, clusters=None, z: float = 1.96) -> tuple[float, f
     """The Wilson score interval (z = 1.96: 95 %) of the accuracy of `correct` (one bool per
     trial), counting clusters rather than trials: `clusters` gives each trial a hashable key
     (default: each trial its own). The trials of one cluster mostly share their outcome (the
-    five subjects of one paraphrase), so n of them are closer to one trial than to n. Unlike
+    five subjects of one paraphrase), so n of them are closer to one trial than to n: the
+    interval takes Kish's effective count (Σm)² / Σm² over the cluster sizes m, which is the
+    number of clusters when they are of one size and favours none when they are not. Unlike
     p ± z·√(p(1−p)/n) it stays within [0, 1] and is not empty at 0 or 100 %."""
     correct = np.asarray(correct, dtype=np.float64)
     if correct.ndim != 1 or not correct.size:
@@ -327,7 +330,8 @@ def accuracy_interval(correct, clusters=None, z: float = 1.96) -> tuple[float, f
         raise ValueError(f"clusters: expected {correct.size} keys, one per trial, got {len(keys)}")
     if not (math.isfinite(z) and z > 0):
         raise ValueError(f"z: expected a positive number, got {z!r}")
-    p, n = float(correct.mean()), len(set(keys))
+    sizes = np.array(list(Counter(keys).values()), dtype=np.float64)
+    p, n = float(correct.mean()), float(sizes.sum() ** 2 / (sizes**2).sum())
     spread = z * z / n
     centre = (p + spread / 2) / (1 + spread)
     half = z * math.sqrt(p * (1 - p) / n + spread / (4 * n)) / (1 + spread)

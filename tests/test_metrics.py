@@ -228,6 +228,11 @@ def test_accuracy_interval_counts_clusters_not_trials():
     assert (low, high) == pytest.approx(M.accuracy_interval(outcomes))
     naive = M.accuracy_interval(repeated)
     assert (naive[1] - naive[0]) < 0.6 * (high - low)
+    # Clusters of unequal sizes count as Kish's (Σm)² / Σm²: 8 clusters of one and 2 of five,
+    # 18 trials, are worth 324 / 58 = 5.6 trials, not 10.
+    uneven = M.accuracy_interval([True] * 13 + [False] * 5, list(range(8)) + [8] * 5 + [9] * 5)
+    like = M.accuracy_interval([True] * 13 + [False] * 5, [k % 6 for k in range(18)])  # 6 of 3
+    assert uneven[1] - uneven[0] > like[1] - like[0]
 
 
 @pytest.mark.parametrize(

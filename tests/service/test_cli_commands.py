@@ -287,6 +287,24 @@ def test_resume_takes_the_file_with_the_most_answers_and_never_replaces_out_when
     assert not partial.exists()
 
 
+def test_a_finished_batch_removes_a_partial_file_it_answers_and_keeps_one_it_does_not(
+    address, backend, capsys, tmp_path, monkeypatch
+):
+    prompts, out_file, argv = shots(tmp_path, "wave\nsit down\n", address)
+    partial = tmp_path / "anim.partial.npz"
+    with monkeypatch.context() as patch:
+        ctrl_c_after(1, patch)
+        assert run(capsys, *argv)[0] == cli.EXIT_INTERRUPTED  # --out is new: written there
+    out_file.rename(partial)  # as a cut left it beside an --out the user had
+    assert run(capsys, *argv)[0] == cli.EXIT_OK  # a rerun without --resume answers it all
+    assert not partial.exists()
+
+    Motion.from_poses([pose_for("explode")]).save_npz(partial)  # not a label of this file
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_OK and "not used" in err and f"resuming {out_file}: 2 of 2" in err
+    assert partial.exists() and f"{partial} is kept" in err
+
+
 def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(
     address, backend, capsys, tmp_path
 ):

@@ -452,6 +452,29 @@ def test_the_shipped_demo_checkpoint_was_built_with_the_demo_preset():
     assert settings | added == preset
 
 
+def test_the_shipped_figures_are_what_the_evaluation_gives_now(tmp_path):
+    # The text bars of build_info.json (and of the docs, written from the same report) from the
+    # shipped checkpoint on the build's own corpus: a new evaluation or checkpoint must come
+    # with its figures. (The image bars need the build's renders, which only a build makes.)
+    from inference_service.evaluate import evaluate
+
+    preset = build_demo.PRESETS["demo"]
+    corpus = tmp_path / "corpus.npz"
+    records = generate_corpus(0, preset.corpus_records, synonym_rate=preset.synonym_rate)
+    save_corpus(records, corpus, seed=0)
+    report = evaluate(DEMO_CHECKPOINT, corpus, split="test")
+    shipped = {
+        b["bar"]: b["value"]
+        for b in json.loads((DEMO_CHECKPOINT / "build_info.json").read_text())["bars"]
+    }
+    now = {b["bar"]: b["value"] for b in report["bars"]}
+    assert set(now) <= set(shipped)
+    for bar, value in now.items():  # float sums may round otherwise on another CPU
+        assert value == pytest.approx(
+            shipped[bar], abs=0.011 if "accuracy" in bar or "left/right" in bar else 0.002
+        ), bar
+
+
 def test_renders_are_reused_only_while_nothing_that_decides_them_changed(tmp_path, monkeypatch):
     root, work = tmp_path / "repo", tmp_path / "work"
     sources = {

@@ -363,24 +363,39 @@ class ChatPoseModel:
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                num_beams=1,  # whatever the base's generation config says: states of one reply
+                num_beams=1,  # whatever the base's generation config says: one reply
                 use_cache=True,
-                output_hidden_states=True,
+                output_hidden_states=False,  # every layer at every step: 0.5 GB on a 13B model
                 return_dict_in_generate=True,
                 logits_processor=LogitsProcessorList(logits_processor),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop)] if stop else []),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
-        # output.hidden_states[t][-1] is the last layer at step t; its last position is the
-        # state that predicted generated token t (step 0 covers the whole prompt).
-        states = [
-            output.hidden_states[step][-1][0, -1]
-            for step, token in enumerate(generated.tolist())
-            if token == self.pose_token_id
-        ]
-        poses = self._poses(torch.stack(states), [bool(images)] * len(states)) if states else []
+        states = self._reply_pose_states(inputs, generated)
+        poses = self._poses(states, [bool(images)] * len(states)) if len(states) else []
         return ChatReply(self._render(generated.tolist()), poses)
+
+    def _reply_pose_states(
+        self, inputs: dict[str, torch.Tensor], generated: torch.Tensor
+    ) -> torch.Tensor:
+        """(pose tokens in the reply, H): the final-layer state before each pose token the reply
+        generated, from one pass over the prompt and the reply up to its last pose token.
+
+        Generation could keep these states itself, but only by keeping every layer's states at
+        every step; and how many forwards a generation makes (a chunked prefill, prompt lookup)
+        is the generation config's business, while one token's position in the sequence is not.
+        """
+        is_pose = (generated == self.pose_token_id).nonzero().flatten()
+        if not len(is_pose):
+            return torch.zeros((0, self.config.hidden_size), device=self.device)
+        prompt_length = inputs["input_ids"].shape[1]
+        end = prompt_length + int(is_pose[-1])  # causal: the pose token itself is not needed
+        sequence = torch.cat([inputs["input_ids"], generated[None]], dim=1)[:, :end]
+        full = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
+        with torch.inference_mode():
+            hidden, offset = self._final_states(full)
+        return hidden[0, prompt_length + is_pose - 1 - offset]
 
     @property
     def context_length(self) -> int:

@@ -131,6 +131,30 @@ def test_chat_path_with_kv_cache_equals_fast_path(tiny_model, images):
     np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "generation",
+    [{"prefill_chunk_size": 5}, {"prompt_lookup_num_tokens": 3}],
+    ids=["chunked prefill", "prompt lookup"],
+)
+def test_chat_poses_do_not_depend_on_how_the_base_generates(tiny_model, monkeypatch, generation):
+    """A base's generation config may prefill in chunks or verify several tokens a forward: the
+    pose is still the state before the pose token, and generate keeps no layer's states."""
+    question, answer = pose_exchange(TEXT, False, tiny_model.config.pose_token)
+    forced = answer_ids(tiny_model, question, answer, 0)
+    for name, value in generation.items():
+        monkeypatch.setattr(tiny_model.model.generation_config, name, value)
+    outputs = []
+    generate = tiny_model.model.generate
+    monkeypatch.setattr(
+        tiny_model.model, "generate", lambda **kw: outputs.append(generate(**kw)) or outputs[-1]
+    )
+    reply = tiny_model.chat(question, logits_processor=[ForceTokens(forced)])
+    (fast,) = tiny_model.predict_poses([PoseRequest(TEXT)])
+    assert reply.text == answer and len(reply.poses) == 1
+    np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
+    assert outputs[0].hidden_states is None
+
+
 def test_reply_with_several_pose_tokens_gives_several_poses(tiny_model):
     answer = "Two poses: first sitting <POSE>, then standing <POSE>."
     forced = answer_ids(tiny_model, "Show me two poses.", answer, 0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -219,6 +220,8 @@ class ChatPoseModel:
         if torch_device.type == "cuda" and torch_device.index is not None:
             # Kernels that run on "the current device" (bitsandbytes') must find this one.
             torch.cuda.set_device(torch_device)
+        if torch_device.type == "cpu":
+            check_host_memory(checkpoint.base_dir, dtype)
         processor, model = load_base(
             checkpoint.base_dir,
             dtype=dtype,
@@ -578,6 +581,51 @@ def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
                 weight = embedding.weight
                 weight[old_size:] = weight[:old_size].mean(dim=0)
     return token_id
+
+
+def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
+    """A ModelError, before loading, when the weights in `dtype` need more memory than the
+    machine has free: the operating system would otherwise kill the process midway, with no
+    word on why (a 13B model is 52 GB in float32, the CPU's dtype)."""
+    needed = weights_bytes(base_dir, dtype)
+    free = free_host_memory()
+    if needed is None or free is None or needed <= free:
+        return
+    dtype_name = str(dtype).removeprefix("torch.")
+    raise ModelError(
+        f"{base_dir}: the model needs about {needed / 1e9:.1f} GB of memory in {dtype_name} "
+        f"on the CPU, and this machine has {free / 1e9:.1f} GB free; run it on a GPU "
+        "(--device cuda, with --load-in-8bit or --load-in-4bit for less)"
+    )
+
+
+def weights_bytes(base_dir: Path, dtype: torch.dtype) -> int | None:
+    """What the base model's safetensors weights take in `dtype`, from their headers alone;
+    None for weights in another format."""
+    files = sorted(Path(base_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    elements = 0
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    elements += math.prod(weights.get_slice(name).get_shape())
+    except (OSError, SafetensorError):
+        return None  # loading names what is wrong with the file
+    return elements * dtype.itemsize
+
+
+def free_host_memory() -> int | None:
+    """Bytes the machine can still give a process, swap included (Linux); None elsewhere."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
+    if "MemAvailable" not in fields:
+        return None
+    return (int(fields["MemAvailable"]) + int(fields.get("SwapFree", 0))) * 1024
 
 
 def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:

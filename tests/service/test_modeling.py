@@ -36,6 +36,54 @@ def test_loads_from_directory_on_cpu_in_float32(tiny_model):
     assert not tiny_model.head.training and not tiny_model.model.training
 
 
+def test_the_weights_size_comes_from_the_file_headers(tiny_checkpoint, tmp_path):
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint / "base")
+    stored = {id(p): p.numel() for p in model.state_dict().values()}  # tied weights once
+    base = tiny_checkpoint / "base"
+    assert modeling_chatpose.weights_bytes(base, torch.float32) == 4 * sum(stored.values())
+    assert modeling_chatpose.weights_bytes(base, torch.bfloat16) == 2 * sum(stored.values())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"weights in another format")
+    assert modeling_chatpose.weights_bytes(tmp_path, torch.float32) is None
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_it_loads(
+    tiny_checkpoint, monkeypatch
+):
+    needed = modeling_chatpose.weights_bytes(tiny_checkpoint / "base", torch.float32)
+    loads = []
+
+    class Loading(Exception):
+        pass
+
+    def load_base(*args, **kwargs):
+        loads.append(args)
+        raise Loading
+
+    monkeypatch.setattr(modeling_chatpose, "load_base", load_base)
+    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: needed - 1)
+    with pytest.raises(ModelError, match=r"needs about 0\.0 GB of memory in float32 on the CPU"):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert not loads
+    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: needed)
+    with pytest.raises(Loading):  # it goes on to load
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert loads
+
+
+def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 600 kB\nSwapFree: 50 kB\n"
+    )
+    real_path = modeling_chatpose.Path
+    monkeypatch.setattr(
+        modeling_chatpose, "Path", lambda p: meminfo if p == "/proc/meminfo" else real_path(p)
+    )
+    assert modeling_chatpose.free_host_memory() == 650 * 1024
+    meminfo.write_text("MemTotal: 1000 kB\n")  # a kernel before 3.14
+    assert modeling_chatpose.free_host_memory() is None
+
+
 def test_pose_token_is_added_when_missing_and_found_by_id(tiny_checkpoint, tiny_model):
     base_tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint / "base", local_files_only=True)
     assert "<POSE>" not in base_tokenizer.get_vocab()

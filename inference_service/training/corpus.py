@@ -52,7 +52,7 @@ import os
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -306,10 +306,11 @@ def load_corpus(path: str | os.PathLike) -> list[CorpusRecord]:
         raise ValueError(f"{name}: {exc}") from None
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Every array of an .npz file, without pickles (other members, a readme say, are left
-    out). ValueError names the file and what is wrong with it; FileNotFoundError goes to the
-    caller as it is."""
+    out). ValueError names the file and what is wrong with it, including a `needed` member
+    that is an object array: left out, the caller would go on as if the file had none.
+    FileNotFoundError goes to the caller as it is."""
     name = os.fspath(path)
     unreadable = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
     try:
@@ -323,6 +324,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{name}: a single .npy array, not an .npz archive of arrays")
     members = {}
+    pickled = []
     try:
         with data:
             npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
@@ -334,8 +336,15 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                         raise
                     # An object array (it needs pickle, which is never loaded): left out like
                     # any other member that is not an array of numbers or text.
+                    pickled.append(key)
     except unreadable as exc:  # a damaged member
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
+    refused = [key for key in pickled if key in needed]
+    if refused:
+        raise ValueError(
+            f"{name}: {refused[0]!r} is an object (pickled) array, which is never loaded; save "
+            "it with a text or number dtype (dtype=str)"
+        )
     for key, value in members.items():
         if key in npy_names and not isinstance(value, np.ndarray):  # numpy gave its bytes back
             raise ValueError(f"{name}: {key!r} is not a .npy array")

@@ -55,7 +55,6 @@ from inference_service.prompts import (
     Turn,
     pose_exchange,
 )
-from shared_protocol.pose import MAX_ANGLE
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
@@ -120,6 +119,13 @@ class Example:
         for name, text in texts:
             if not isinstance(text, str):
                 raise DatasetError(f"{where}: {name} must be a string, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # valid JSON ("\\ud83d"), but no text
+                raise DatasetError(
+                    f"{where}: {name} holds a lone surrogate ({text[exc.start]!r} at character "
+                    f"{exc.start}), half of a character cut in two"
+                ) from None
             if LLAVA_IMAGE_MARKER in text:
                 raise DatasetError(
                     f"{where}: {name} contains the image marker {LLAVA_IMAGE_MARKER!r}; "
@@ -284,7 +290,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     from inference_service.training.corpus import read_npz
 
     try:
-        return read_npz(path)
+        return read_npz(path, needed=("poses", "ids", "images", "names"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except ValueError as exc:  # it names the file
@@ -321,10 +327,11 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         raise DatasetError(f"{path}: frame {int(bad[0])}: pose contains NaN or infinity")
     with np.errstate(over="ignore"):  # an overflowing length is inf: too large as well
         angles = np.linalg.norm(poses, axis=2).max(axis=1, initial=0.0)
-    bad = np.flatnonzero(angles > MAX_ANGLE)
-    if bad.size:  # finite, but no rotation (and past float32's range, a NaN in training)
+    bad = np.flatnonzero(angles > 2 * np.pi)
+    if bad.size:  # axis-angle from any rotation is at most π long: degrees, or no rotation
         raise DatasetError(
-            f"{path}: frame {int(bad[0])}: a rotation of more than {MAX_ANGLE:g} rad"
+            f"{path}: frame {int(bad[0])}: a rotation of {angles[bad[0]]:.4g} rad, more than a "
+            "full turn; poses are axis-angle in radians (degrees?)"
         )
     return poses
 

@@ -84,6 +84,23 @@ def test_posescript_ids_array_and_motion_files(tmp_path):
     np.testing.assert_allclose(example.pose, POSES[2])
 
 
+@pytest.mark.parametrize("reader", ["posescript", "pairs", "llava"])
+def test_an_object_array_of_ids_or_images_is_refused_not_left_out(tmp_path, reader):
+    """Left out, pickled ids would join captions to poses by frame number instead (what
+    pandas' string columns give: `df["id"].values`)."""
+    pickled = np.array(["2", "0", "1", "3"], dtype=object)
+    key = "images" if reader == "pairs" else "ids"
+    poses = write_npz(tmp_path / "poses.npz", **{key: pickled})
+    with pytest.raises(DatasetError, match=rf"poses\.npz: '{key}' is an object \(pickled\)"):
+        if reader == "posescript":
+            read_posescript(write_json(tmp_path / "c.json", {"0": "kneeling"}), poses)
+        elif reader == "pairs":
+            read_image_pose_pairs(poses)
+        else:
+            conversations = write_json(tmp_path / "c.json", [_conv("pose?", "<POSE>", id="0")])
+            read_llava_conversations(conversations, poses=poses)
+
+
 def test_posescript_amass_width_and_z_up(tmp_path):
     smplh = np.zeros((2, 156))
     smplh[:, :72] = POSES[:2].reshape(2, 72)
@@ -152,8 +169,15 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
         read_posescript(tmp_path / "broken.json", write_npz(tmp_path / "ok.npz"))
     huge = POSES.copy()
     huge[1, 3, 0] = 1e39  # finite, but past float32: a NaN loss in training
-    with pytest.raises(DatasetError, match=r"huge\.npz: frame 1: a rotation of more than 1000"):
+    with pytest.raises(DatasetError, match=r"huge\.npz: frame 1: a rotation of 1e\+39 rad"):
         read_posescript(captions, write_npz(tmp_path / "huge.npz", huge))
+    degrees = np.zeros((2, 24, 3))
+    degrees[1, 5] = [120.0, 0, 0]  # a bent knee, in degrees
+    with pytest.raises(DatasetError, match=r"frame 1: a rotation of 120 rad, .*radians \(degrees"):
+        read_posescript(captions, write_npz(tmp_path / "degrees.npz", degrees))
+    unwrapped = np.zeros((2, 24, 3))
+    unwrapped[:, 0] = [0, 1.99 * np.pi, 0]  # a long way round, but a rotation
+    assert len(read_posescript(captions, write_npz(tmp_path / "turn.npz", unwrapped))) == 1
     with open(tmp_path / "array.npz", "wb") as stream:
         np.save(stream, POSES.reshape(len(POSES), 72))
     with pytest.raises(DatasetError, match=r"array\.npz: a single \.npy array"):
@@ -163,7 +187,7 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
     np.savez(tmp_path / "notes.npz", poses=POSES.reshape(len(POSES), 72), notes=notes)
     assert len(read_posescript(captions, tmp_path / "notes.npz")) == 1
     np.savez(tmp_path / "objects.npz", poses=notes)  # never unpickled: no poses to read
-    with pytest.raises(DatasetError, match=r"objects\.npz: .*'poses'"):
+    with pytest.raises(DatasetError, match=r"objects\.npz: 'poses' is an object \(pickled\)"):
         read_posescript(captions, tmp_path / "objects.npz")
     np.savez(tmp_path / "empty.npz", poses=np.zeros((0, 72)))
     with pytest.raises(DatasetError, match=r"empty\.npz: 'poses' holds no frames"):
@@ -439,6 +463,9 @@ def test_example_validation():
         Example("text_to_pose", "q", "<POSE>", poses=(np.full((24, 3), np.nan),))
     with pytest.raises(DatasetError, match="image marker"):
         Example("chat", "<image> hi", "a")
+    cut = json.loads('"a smile \\ud83d"')  # valid JSON: an emoji cut in half
+    with pytest.raises(DatasetError, match=r"c\.json#3: question holds a lone surrogate .* 8"):
+        Example("chat", cut, "a", source="c.json#3")
     assert Example("chat", "q", "a").pose is None
 
 

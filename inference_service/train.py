@@ -7,7 +7,7 @@
 
 Data formats (`--data`, repeatable):
 
-    posescript CAPTIONS.json poses=POSES.npz [z_up=true] [phrasing=mixed|release|chat]
+    posescript CAPTIONS.json poses=POSES.npz [z_up=true|false] [phrasing=mixed|release|chat]
     pairs POSES.npz [images=DIR] [phrasing=mixed|release|chat]
     llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="WORD",
         default=[],
-        help="FORMAT PATH [KEY=VALUE ...]: posescript CAPTIONS.json poses=POSES.npz [z_up=true]"
-        " | pairs POSES.npz [images=DIR] | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
+        help="FORMAT PATH [KEY=VALUE ...]: posescript CAPTIONS.json poses=POSES.npz"
+        " [z_up=true|false] | pairs POSES.npz [images=DIR]"
+        " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
         " | corpus CORPUS.npz [split=train]; repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -242,6 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DIVERGED
     except (TrainingError, DatasetError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # --out under a file, read-only, or a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {where}{exc.strerror or exc}; {_last_checkpoint(config.out)}", file=sys.stderr
+        )
         return EXIT_USAGE
     print(f"done: step {result.step}, checkpoint {result.checkpoint}", file=sys.stderr)
     return 0

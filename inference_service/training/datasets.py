@@ -395,6 +395,12 @@ def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
     return poses
 
 
+def _mostly_upright_along_z(axis_angle: np.ndarray) -> bool:
+    """Whether most bodies' up axis (the pelvis frame's +Y) is within 45° of the world's +Z."""
+    up = axis_angle_to_matrix(axis_angle[:, 0])[:, :, 1]
+    return bool(np.mean(up[:, 2] > np.sqrt(0.5)) > 0.5)
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
@@ -402,7 +408,7 @@ def read_posescript(
     captions: str | os.PathLike,
     poses: str | os.PathLike,
     *,
-    z_up: bool = False,
+    z_up: bool | None = None,
     phrasing: str = "mixed",
     seed: int = 0,
 ) -> list[Example]:
@@ -412,7 +418,8 @@ def read_posescript(
     (see `read_pose_array`). A pose id is the frame index in the .npz ("0", "1", ...), unless the
     .npz has an `ids` array (N,) of strings or integers, one per frame: then ids are looked up
     there. `z_up`: the poses are raw AMASS (Z-up world); their global orientation is then
-    converted as the release's PoseScript loader does (`z_up_to_y_up_zero_yaw`).
+    converted as the release's PoseScript loader does (`z_up_to_y_up_zero_yaw`). None (not
+    said): a DatasetError if most bodies stand along +Z, which would train them lying down.
     """
     captions_path, poses_path = Path(captions), Path(poses)
     data = _read_json(captions_path)
@@ -423,6 +430,12 @@ def read_posescript(
         )
     arrays = _read_npz(poses_path)
     pose_array = read_pose_array(poses_path, arrays)
+    if z_up is None and _mostly_upright_along_z(pose_array):
+        raise DatasetError(
+            f"{poses_path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
+            "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
+            "z_up=false if they are meant so"
+        )
     if z_up:
         pose_array = z_up_to_y_up_zero_yaw(pose_array)
     if "ids" in arrays:
@@ -787,13 +800,13 @@ def _read_spec(spec: DataSpec, seed: int) -> list[Example]:
     if phrasing not in PHRASING_MODES:
         raise DatasetError(f"--data {spec.describe()}: phrasing must be one of {PHRASING_MODES}")
     if spec.format == "posescript":
-        z_up = options.get("z_up", "false").lower()
-        if z_up not in ("true", "false", "1", "0", "yes", "no"):
+        z_up = options.get("z_up")
+        if z_up is not None and z_up.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise DatasetError(f"--data {spec.describe()}: z_up must be true or false")
         return read_posescript(
             spec.path,
             options["poses"],
-            z_up=z_up in ("true", "1", "yes"),
+            z_up=None if z_up is None else z_up.lower() in ("true", "1", "yes"),
             phrasing=phrasing,
             seed=seed,
         )

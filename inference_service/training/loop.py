@@ -679,8 +679,14 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     elif out.is_dir() and any(_run_files(out)):
         # A run's files, even of one stopped before its first checkpoint: its base/ copy
         # would otherwise be taken for this run's --base.
+        files = ", ".join(sorted(_run_files(out)))
+        if latest_checkpoint(out) is None:
+            raise TrainingError(
+                f"{out} holds a run that stopped before its first checkpoint ({files}): "
+                "nothing to resume; delete the folder or choose another --out"
+            )
         raise TrainingError(
-            f"{out} already holds a training run ({', '.join(sorted(_run_files(out)))}); "
+            f"{out} already holds a training run ({files}); "
             "pass --resume to continue it or choose another --out"
         )
     if examples is None:
@@ -705,15 +711,6 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             raise TrainingError(
                 f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
             )
-    out.mkdir(parents=True, exist_ok=True)
-
-    base_model = str(checkpoint.base_dir.resolve())
-    if config.copy_base:
-        if not (out / "base").exists():
-            shutil.copytree(checkpoint.base_dir, out / ".base.tmp", dirs_exist_ok=True)
-            os.replace(out / ".base.tmp", out / "base")
-        base_model = "../base"
-
     model_source = checkpoint
     if resume_from is not None and config.train_base:
         # The whole model was saved: resume from its weights.
@@ -783,6 +780,15 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         torch.set_rng_state(state["torch_rng"])
         if tm.device.type == "cuda" and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # Only now, with the data, the model and the device ready: a run that fails to start
+    # leaves --out as it found it.
+    out.mkdir(parents=True, exist_ok=True)
+    base_model = str(checkpoint.base_dir.resolve())
+    if config.copy_base:
+        if not (out / "base").exists():
+            shutil.copytree(checkpoint.base_dir, out / ".base.tmp", dirs_exist_ok=True)
+            os.replace(out / ".base.tmp", out / "base")
+        base_model = "../base"
     state_extra = {"run": config.run_settings(), "data_fingerprint": data_hash}
     last_saved = resume_from
     diverged_at = _diverged_step(out)

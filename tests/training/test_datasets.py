@@ -114,6 +114,26 @@ def test_posescript_amass_width_and_z_up(tmp_path):
     assert abs(forward[0]) < 1e-9 and forward[2] > 0  # faces +Z, zero yaw
 
 
+def test_bodies_standing_along_z_need_z_up_said(tmp_path):
+    """Raw AMASS, and the motions this project exports: read as Y-up, all lie down."""
+    upright_in_z = POSES.copy()
+    upright_in_z[:, 0] = [np.pi / 2, 0, 0]  # body +Y onto world +Z
+    poses = write_npz(tmp_path / "amass.npz", upright_in_z)
+    captions = write_json(tmp_path / "c.json", {"1": "standing"})
+    with pytest.raises(DatasetError, match=r"amass\.npz: most bodies stand along \+Z.*z_up=true"):
+        read_posescript(captions, poses)
+    (kept,) = read_posescript(captions, poses, z_up=False)
+    np.testing.assert_allclose(kept.pose, upright_in_z[1])
+    (turned,) = read_posescript(captions, poses, z_up=True)
+    up = axis_angle_to_matrix(turned.pose[0])[:, 1]
+    np.testing.assert_allclose(up, [0, 1, 0], atol=1e-9)
+    spec = parse_data_spec(["posescript", str(captions), f"poses={poses}"])
+    with pytest.raises(DatasetError, match="stand along"):
+        load_data(spec)
+    said = parse_data_spec(["posescript", str(captions), f"poses={poses}", "z_up=False"])
+    assert len(load_data(said)) == 1
+
+
 def test_z_up_conversion_of_an_upright_amass_body():
     # An upright AMASS body facing -Y (AMASS's usual start) has root rotation +90 deg about X;
     # it becomes the identity; turned about the vertical axis, it still becomes the identity.

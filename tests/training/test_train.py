@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
-from inference_service.errors import CheckpointError
+from inference_service.errors import ChatPoseError, CheckpointError
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import Turn, pose_exchange
@@ -404,6 +404,34 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
         assert f"{name}: not a readable JSON file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("failure", ["device", "model"])
+def test_a_run_that_fails_to_start_leaves_out_as_it_found_it(
+    base, tmp_path, monkeypatch, capsys, failure
+):
+    """So that the same command, put right, runs: a base/ copy left behind would have been
+    taken for a stopped run."""
+    if failure == "device":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        option = ["--device", "cuda"]
+    else:
+        monkeypatch.setattr(loop, "load_training_model", _raise(ChatPoseError("no memory")))
+        option = ["--device", "cpu"]
+    out = tmp_path / "out"
+    argv = ["--base", str(base), *_write_data(tmp_path), "--steps", "1", "--lora-rank", "4"]
+    assert train_cli.main([*argv, "--out", str(out), "--copy-base", *option]) == 2
+    assert not out.exists()
+    monkeypatch.undo()
+    assert train_cli.main([*argv, "--out", str(out), "--copy-base", "--device", "cpu"]) == 0
+    assert (out / "base").is_dir() and (out / "latest").is_file()
+
+
+def _raise(error):
+    def raising(*args, **kwargs):
+        raise error
+
+    return raising
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -428,10 +456,16 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
     (stopped / "base").mkdir(parents=True)
     (stopped / "train_log.jsonl").write_text("")
     assert train_cli.main([*common, "--out", str(stopped)]) == train_cli.EXIT_USAGE
-    assert "already holds a training run (base, train_log.jsonl)" in capsys.readouterr().err
+    assert (
+        "stopped holds a run that stopped before its first checkpoint (base, train_log.jsonl): "
+        "nothing to resume; delete the folder or choose another --out"
+    ) in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert train_cli.main([*common, "--out", str(tmp_path / "file")]) == train_cli.EXIT_USAGE
     assert "--out: " in capsys.readouterr().err
+    under_a_file = tmp_path / "file" / "run"  # found only when the run makes its folder
+    assert train_cli.main([*common, "--out", str(under_a_file)]) == train_cli.EXIT_USAGE
+    assert f"error: {under_a_file}: Not a directory; no checkpoint" in capsys.readouterr().err
     for flag, value in (("--lr", "inf"), ("--mix", "inf:1:1"), ("--mix", "nan:1:1")):
         with pytest.raises(SystemExit) as info:
             train_cli.main([*common, "--out", str(tmp_path / "o"), flag, value])

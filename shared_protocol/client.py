@@ -47,9 +47,9 @@ CONNECT_TIMEOUT_S = 2.0
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
-# One wait on the socket: ZeroMQ takes a C int of milliseconds (about 24.8 days at most), and a
-# longer timeout is waited out in such steps.
-_LONGEST_POLL_MS = 60_000
+# How often a blocking wait looks whether the connection dropped (it also keeps each wait far
+# below the C int of milliseconds ZeroMQ takes).
+_DROP_CHECK_MS = 200
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class Client:
         sock.ipv6 = is_ipv6(self.address)
         self._monitor = sock.get_monitor_socket(_MONITORED)
         self._connected = False
+        self._drops = 0  # connections lost: replies still owed on them never come
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:  # a host name ZeroMQ cannot take, an over-long ipc path
@@ -127,10 +128,14 @@ class Client:
     @property
     def connected(self) -> bool:
         """Whether a handshake with the service has completed and not dropped since."""
+        self._read_monitor()
+        return self._connected
+
+    def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        return self._connected
+            self._drops += event == zmq.EVENT_DISCONNECTED
 
     def wait_connected(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -219,18 +224,30 @@ class Client:
                 op=request.op,
             )
         self.send(request)
+        drops = self._drops
         while True:
-            reply = self._wait_for(request, timeout_s)
+            reply = self._wait_for(request, timeout_s, drops)
             yield reply
             if is_final(reply):
                 return
 
-    def _wait_for(self, request: Request, timeout_s: float) -> Reply:
+    def _wait_for(self, request: Request, timeout_s: float, drops: int) -> Reply:
+        """The next reply to `request`; unreachable as soon as the connection it went out on
+        drops (the service stopped or died: its answer will not come, even if it restarts)."""
         deadline = time.monotonic() + timeout_s
         while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
-            reply = self.poll(min(remaining_ms, _LONGEST_POLL_MS))
+            reply = self.poll(min(remaining_ms, _DROP_CHECK_MS))
             if reply is not None and reply.id == request.id:  # skip late replies to old ones
                 return reply
+            self._read_monitor()
+            if reply is None and self._drops > drops:
+                self.reset()
+                raise ProtocolError(
+                    ErrorCode.UNREACHABLE,
+                    f"the service at {self.address} went away before answering",
+                    request_id=request.id,
+                    op=request.op,
+                )
         code = ErrorCode.TIMEOUT if self.connected else ErrorCode.UNREACHABLE
         self.reset()
         raise ProtocolError(

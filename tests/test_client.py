@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import zmq
 
@@ -30,3 +32,23 @@ def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):
     with Client("tcp://127.0.0.1:9", context=context) as client:
         client.close()
     client.close()
+
+
+def test_a_service_that_goes_away_mid_request_is_unreachable_at_once_not_after_the_timeout(
+    context,
+):
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def take_the_request_and_stop():
+        service.recv_multipart()
+        service.close(linger=0)
+
+    stopping = threading.Thread(target=take_the_request_and_stop)
+    stopping.start()
+    with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
+        with pytest.raises(ProtocolError) as raised:
+            client.request(StatusRequest(client.new_id()), timeout_s=30)
+    stopping.join()
+    assert raised.value.code == ErrorCode.UNREACHABLE
+    assert raised.value.message == f"the service at {client.address} went away before answering"

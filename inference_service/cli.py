@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +56,8 @@ EXIT_UNREACHABLE = 5
 EXIT_TIMEOUT = 6
 EXIT_SERVICE_ERROR = 7
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+EXIT_CLOSED_OUTPUT = 141  # the shell's code for SIGPIPE: stdout closed (`| head`)
+LOCAL_ID = "local"  # the request id of --local's replies: no service numbered them
 
 _EXIT_FOR_CODE = {
     ErrorCode.UNREACHABLE: EXIT_UNREACHABLE,
@@ -80,7 +83,9 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
   {EXIT_UNREACHABLE}  no service at the address
   {EXIT_TIMEOUT}  the service did not answer in time
-  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled)"""
+  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM, SIGHUP); a batch writes what was answered
+  {EXIT_CLOSED_OUTPUT}  stdout closed early (`| head`); --out was written before printing"""
 
 
 class CommandError(Exception):
@@ -126,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     pose.add_argument("--image", type=Path, metavar="FILE", help="a PNG or JPEG reference")
     pose.add_argument("--chat", action="store_true", help="a free reply instead of a pose only")
     pose.add_argument(
-        "--json", action="store_true", help="print the protocol reply as JSON (an error reply too)"
+        "--json",
+        action="store_true",
+        help="print the service's reply as JSON, an error reply too (a failure before any "
+        "reply, such as no service or an unreadable --image, prints nothing on stdout: see the "
+        "exit code and stderr)",
     )
     pose.add_argument("--out", type=Path, metavar="FILE.npz", help="write AMASS-layout .npz")
     pose.add_argument("--local", action="store_true", help="run the model in this process")
@@ -201,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
     }[args.command]
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # here, where a closed stdout is caught, not at exit
+        return code
     except CommandError as exc:
         _report(f"chatpose {args.command}: {exc}")
         return exc.exit_code
@@ -211,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report(f"chatpose {args.command}: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout's reader left (`| head`): what it wanted, it has
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_OUTPUT
 
 
 def _report(text: str) -> None:
@@ -251,22 +266,23 @@ def _pose(args: argparse.Namespace) -> int:
         if args.json:  # a script reading stdout gets the error reply too
             _print_error_reply(exc)
         raise
+    # The file first: a reader that closes stdout early (`| head`) must not cost it.
+    if args.out and not reply.poses:  # a chat reply may hold none: keep what --out holds
+        _report(f"the reply holds no pose; {args.out} was not written")
+    elif args.out:
+        _write_motion(args.out, list(reply.poses), fps=30.0)
+        _report(f"wrote {len(reply.poses)} pose(s) to {args.out}")
     if args.json:
         print(encode_reply(reply)[0].decode("utf-8"))
     else:
         _print_pose_reply(reply)
-    if args.out and not reply.poses:  # a chat reply may hold none: keep what --out holds
-        print(f"the reply holds no pose; {args.out} was not written", file=sys.stderr)
-    elif args.out:
-        _write_motion(args.out, list(reply.poses), fps=30.0)
-        print(f"wrote {len(reply.poses)} pose(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
 def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
     if args.local:
         # The service's own checks (a blank prompt, the size limits), before the model loads.
-        decode_request(encode_request(PoseRequest("local", args.text, images=images, mode=mode)))
+        decode_request(encode_request(PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)))
         return _local_reply(args, images, mode)
     with _client(args) as client:
         request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
@@ -284,6 +300,13 @@ def _print_error_reply(err: ProtocolError) -> None:
 def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
     _check_writable(args.out, inputs=[args.file])
+    partial = _partial_path(args.out)
+    if partial.exists() and not args.resume:  # a run cut short again would write over it
+        raise CommandError(
+            EXIT_BAD_INPUT,
+            f"{partial} holds the answers of a batch cut short: add --resume to go on from "
+            "them, or delete it to start over",
+        )
     resumed_from, poses, fps = _earlier_answers(args, lines) if args.resume else (None, {}, None)
     fps = args.fps or fps or 30.0
     earlier = len(poses)
@@ -318,14 +341,16 @@ def _batch(args: argparse.Namespace) -> int:
         if sys.stderr.isatty() and sendable:
             _report("")  # past the progress bar's line
         out = _batch_destination(args.out, finished, resumed_from)
+        written = None
         if not finished and len(poses) == earlier and resumed_from is not None:
             _report(f"no new answers; {resumed_from} is kept as it was")
         elif poses:
-            _write_motion(out, [poses[i] for i in sorted(poses)], fps=fps)
+            written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
+        if written is not None:
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
-            kept = f"; {args.out} is kept as it was" if out != args.out else ""
-            _report(f"wrote {len(poses)} of {len(lines)} poses to {out}{gaps}{kept}")
-        if finished:
+            kept = f"; {args.out} is kept as it was" if written != args.out else ""
+            _report(f"wrote {len(poses)} of {len(lines)} poses to {written}{gaps}{kept}")
+        if finished and written == args.out:
             _drop_answered_partial(args, lines, poses)
         for number, (code, message) in sorted(failures.items()):
             _report(f"chatpose batch: line {number}: {code.value}: {message}")
@@ -335,6 +360,8 @@ def _batch(args: argparse.Namespace) -> int:
                 f"chatpose batch: not answered: {_line_ranges(unanswered)} (the same command "
                 "with --resume asks only the lines without a pose)"
             )
+    if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
+        return EXIT_BAD_INPUT
     if not failures:
         return EXIT_OK
     exits = {exit_code_for(code) for code, _ in failures.values()}
@@ -554,8 +581,8 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
     try:
         answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
     except ChatPoseError as exc:
-        raise ProtocolError(ErrorCode(exc.code), str(exc)) from None
-    return PoseReply("local", answer.text, answer.poses)
+        raise ProtocolError(ErrorCode(exc.code), str(exc), request_id=LOCAL_ID) from None
+    return PoseReply(LOCAL_ID, answer.text, answer.poses)
 
 
 def _read_image(path: Path) -> bytes:
@@ -599,6 +626,25 @@ def _check_writable(path: Path, inputs: Sequence[Path] = ()) -> None:
 def _partial_path(path: Path) -> Path:
     """Where a batch cut short writes when `path` exists: anim.npz -> anim.partial.npz."""
     return path.with_name(f"{path.stem}.partial{path.suffix or '.npz'}")
+
+
+def _write_or_rescue(path: Path, poses: list[Pose], fps: float) -> Path | None:
+    """Where a batch's answers were written: `path`, or when that fails (a full disk, a folder
+    removed meanwhile) a file in the temporary folder, named, so that a long batch's answers
+    outlive a failed write. None, said, when neither can be written."""
+    try:
+        _write_motion(path, poses, fps)
+        return path
+    except CommandError as exc:
+        _report(f"chatpose batch: {exc}")
+    rescue = Path(tempfile.gettempdir()) / f"{path.stem}.rescued-{os.getpid()}.npz"
+    try:
+        _write_motion(rescue, poses, fps)
+    except CommandError as exc:
+        _report(f"chatpose batch: {exc}; the {len(poses)} answers are lost")
+        return None
+    _report(f"chatpose batch: the answers are in {rescue} instead")
+    return rescue
 
 
 def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:

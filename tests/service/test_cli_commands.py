@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -186,6 +188,50 @@ def test_an_interrupted_batch_keeps_its_poses_and_names_every_line_without_one(
     assert Motion.load_npz(out_file).labels == ("wave", "sit down")
 
 
+def test_pose_writes_out_before_printing_so_a_closed_stdout_costs_no_file(address, tmp_path):
+    out_file = tmp_path / "pose.npz"
+    command = [sys.executable, "-m", "inference_service.cli", "pose", "bow", "--address", address]
+    reader_gone = subprocess.Popen(
+        [*command, "--out", str(out_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader_gone.stdout.close()  # as `| head -0` does
+    _, err = reader_gone.communicate(timeout=60)
+    assert reader_gone.returncode == cli.EXIT_CLOSED_OUTPUT and b"Traceback" not in err
+    assert Motion.load_npz(out_file).labels == ("bow",)
+
+
+@pytest.mark.parametrize("cut_short", [False, True], ids=["finished", "interrupted"])
+def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
+    address, backend, capsys, tmp_path, monkeypatch, cut_short
+):
+    folder = tmp_path / "takes"
+    folder.mkdir()
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    progress = cli._progress
+
+    def folder_removed_meanwhile(done: int, total: int) -> None:
+        progress(done, total)
+        folder.rmdir()  # the first answer in: the rest must still be kept somewhere
+        monkeypatch.setattr(cli, "_progress", progress)
+        if cut_short:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", folder_removed_meanwhile)
+    argv = ["batch", str(prompts), "--out", str(folder / "anim.npz"), "--address", address]
+    code, _, err = run(capsys, *argv)
+    rescued = tmp_path / f"anim.rescued-{os.getpid()}.npz"
+    assert f"cannot write {folder / 'anim.npz'}" in err
+    assert f"the answers are in {rescued} instead" in err
+    if cut_short:
+        assert code == cli.EXIT_INTERRUPTED and "not answered: lines 2-3" in err
+        assert Motion.load_npz(rescued).labels == ("wave",)
+    else:
+        assert code == cli.EXIT_BAD_INPUT
+        assert Motion.load_npz(rescued).labels == ("wave", "sit down", "bow")
+
+
 def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
     address, capsys, tmp_path, monkeypatch
 ):
@@ -296,7 +342,11 @@ def test_a_finished_batch_removes_a_partial_file_it_answers_and_keeps_one_it_doe
         ctrl_c_after(1, patch)
         assert run(capsys, *argv)[0] == cli.EXIT_INTERRUPTED  # --out is new: written there
     out_file.rename(partial)  # as a cut left it beside an --out the user had
-    assert run(capsys, *argv)[0] == cli.EXIT_OK  # a rerun without --resume answers it all
+    kept = partial.read_bytes()
+    code, _, err = run(capsys, *argv)  # cut short again, it would write over the partial file
+    assert code == cli.EXIT_BAD_INPUT and partial.read_bytes() == kept and not out_file.exists()
+    assert f"{partial} holds the answers of a batch cut short: add --resume" in err
+    assert run(capsys, *argv, "--resume")[0] == cli.EXIT_OK
     assert not partial.exists()
 
     Motion.from_poses([pose_for("explode")]).save_npz(partial)  # not a label of this file

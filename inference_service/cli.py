@@ -100,6 +100,15 @@ def exit_code_for(code: ErrorCode) -> int:
     return _EXIT_FOR_CODE.get(code, EXIT_SERVICE_ERROR)
 
 
+def exit_code_for_all(codes: Sequence[ErrorCode]) -> int:
+    """The exit code of a command whose requests failed with `codes`: 0 for none, the one they
+    share (bad input alone: 4), else the service's failure."""
+    exits = {exit_code_for(code) for code in codes}
+    if not exits:
+        return EXIT_OK
+    return exits.pop() if len(exits) == 1 else EXIT_SERVICE_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatpose",
@@ -362,10 +371,7 @@ def _batch(args: argparse.Namespace) -> int:
             )
     if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
         return EXIT_BAD_INPUT
-    if not failures:
-        return EXIT_OK
-    exits = {exit_code_for(code) for code, _ in failures.values()}
-    return exits.pop() if len(exits) == 1 else EXIT_SERVICE_ERROR  # bad input alone: 4
+    return exit_code_for_all([code for code, _ in failures.values()])
 
 
 def _earlier_answers(
@@ -508,14 +514,17 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n{posed} of {len(result.answers)} prompts answered with a pose. Written:")
     print(f"  {result.blend}   Blender scene: the batch keyed on frames {result.keyed_frames}")
     print(f"  {result.contact_sheet}   one panel per prompt")
-    print(f"  {result.animation}   the batch as an AMASS-layout animation")
+    if result.animation is not None:
+        print(f"  {result.animation}   the batch as an AMASS-layout animation")
+    else:
+        print("  (no animation.npz: the batch got no pose)")
     print(f"  {result.reference}   the picture sent with the image prompt")
     print(f"  {result.panels}/   each answer's picture alone")
     print(f"  {result.service_log}   the service's log")
     failed = [a for a in result.answers if a.error]
     for answer in failed:
         print(f"chatpose demo: {answer.kind} prompt failed: {answer.error}", file=sys.stderr)
-    return EXIT_SERVICE_ERROR if failed else EXIT_OK
+    return exit_code_for_all([a.code or ErrorCode.MODEL_ERROR for a in failed])
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Answer:
     text: str = ""
     poses: tuple[Pose, ...] = ()
     error: str = ""
+    code: ErrorCode | None = None  # the error's, for the exit code
 
     @property
     def caption(self) -> str:
@@ -100,7 +101,7 @@ class DemoResult:
     out: Path
     blend: Path
     contact_sheet: Path
-    animation: Path
+    animation: Path | None  # None when the batch got no pose
     reference: Path
     panels: Path  # each answer's picture alone
     service_log: Path
@@ -182,7 +183,7 @@ def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) 
     gone = None  # why the service cannot be reached any more
     for kind, prompt, images, mode in singles:
         if gone:
-            answers.append(Answer(kind, prompt, error=gone))
+            answers.append(Answer(kind, prompt, error=gone, code=ErrorCode.UNREACHABLE))
             continue
         request = PoseRequest(client.new_id(), prompt, images=images, mode=mode)
         try:
@@ -193,9 +194,12 @@ def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) 
         if isinstance(reply, PoseReply):
             answers.append(Answer(kind, prompt, reply.text, reply.poses))
         else:
-            answers.append(Answer(kind, prompt, error=_error_text(reply)))
+            answers.append(Answer(kind, prompt, error=_error_text(reply), code=reply.code))
         _say(f"{kind:<5} {answers[-1].caption}")
-    batch = [Answer("batch", prompt, error=gone) for prompt in script.batch_prompts]
+    batch = [
+        Answer("batch", prompt, error=gone, code=ErrorCode.UNREACHABLE if gone else None)
+        for prompt in script.batch_prompts
+    ]
     if not gone:
         request = BatchRequest(client.new_id(), tuple(script.batch_prompts))
         try:
@@ -204,12 +208,14 @@ def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) 
                     batch[reply.index].text, batch[reply.index].poses = reply.text, reply.poses
                 elif isinstance(reply, ErrorReply) and reply.index is not None:
                     batch[reply.index].error = _error_text(reply)
+                    batch[reply.index].code = reply.code
                 elif isinstance(reply, ErrorReply):
                     raise ProtocolError(reply.code, reply.message)
         except ProtocolError as exc:
             for answer in batch:
                 if not answer.poses and not answer.error:
                     answer.error = f"{exc.code.value}: {exc.message}"
+                    answer.code = exc.code
     for k, answer in enumerate(batch, start=1):
         _say(f"batch {k}/{len(batch)} {answer.caption}")
     return answers + batch
@@ -250,6 +256,8 @@ class DemoScene:
         from .training.render_pairs import fixed_view
 
         folder.mkdir(parents=True, exist_ok=True)
+        for earlier in folder.glob("[0-9][0-9]_*.png"):  # an earlier run's, of other answers
+            earlier.unlink()
         pictures: list[Path | None] = []
         with self._mannequin_alone():
             for k, answer in enumerate(answers):
@@ -323,9 +331,10 @@ class DemoScene:
             (centre + Vector((0, 0, 0.9)) - camera.location).to_track_quat("-Z", "Y").to_euler()
         )
 
-    def save(self, blend: Path, animation: Path, script: DemoScript) -> None:
-        addon = _addon()
-        addon.export_npz(self.armature, animation, fps=script.fps)
+    def save(self, blend: Path, animation: Path | None, script: DemoScript) -> None:
+        """The scene, and the batch's animation when it has keys (None: no batch pose)."""
+        if animation is not None:
+            _addon().export_npz(self.armature, animation, fps=script.fps)
         self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
 
 
@@ -452,6 +461,9 @@ def run_demo(
     _say("service stopped")
     # What needs no rendering is written first, so a rendering failure loses neither.
     result.keyed_frames = scene.build(result.answers, script)
+    if not result.keyed_frames:  # no batch pose: no animation, nor an earlier run's
+        result.animation.unlink(missing_ok=True)
+        result.animation = None
     scene.save(result.blend, result.animation, script)
     try:
         pictures = scene.panels(result.answers, result.panels)
@@ -464,8 +476,8 @@ def run_demo(
         )  # fmt: skip
     except (RuntimeError, OSError, ValueError) as exc:
         raise DemoError(
-            f"rendering the panels failed ({exc}); {result.blend} and {result.animation} "
-            "were written"
+            f"rendering the panels failed ({exc}); written: "
+            + " and ".join(str(f) for f in (result.blend, result.animation) if f)
         ) from None
     return result
 

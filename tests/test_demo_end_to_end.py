@@ -13,7 +13,7 @@ import pytest
 
 from inference_service import cli, demo, serve
 from shared_protocol.client import Client
-from shared_protocol.pose import Motion
+from shared_protocol.pose import Motion, Pose
 from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
 
 SCRIPT = demo.DemoScript(
@@ -236,6 +236,39 @@ def test_a_rendering_failure_still_leaves_the_blend_and_the_animation(
         raise RuntimeError("the renderer failed")
 
     monkeypatch.setattr(demo.DemoScene, "panels", broken_panels)
-    with pytest.raises(demo.DemoError, match="rendering the panels failed .* were written"):
+    with pytest.raises(
+        demo.DemoError,
+        match="rendering the panels failed .*; written: .*demo.blend and .*animation.npz",
+    ):
         demo.run_demo(tiny_checkpoint, tmp_path, script=SCRIPT, size=PANEL, timeout_s=60)
     assert (tmp_path / "demo.blend").is_file() and (tmp_path / "animation.npz").is_file()
+
+
+def test_a_demo_whose_requests_time_out_exits_as_a_timeout_and_leaves_no_stale_output(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "panels").mkdir()
+    (tmp_path / "panels" / "05_batch.png").write_bytes(b"an earlier run's picture")
+    Motion.from_poses([Pose(np.zeros((24, 3)))]).save_npz(tmp_path / "animation.npz")
+
+    def nothing_in_time(client, script, reference, timeout_s):
+        prompts = [("pose", script.pose_prompt), *(("batch", p) for p in script.batch_prompts)]
+        error = "timeout: no answer within 0.001 s"
+        return [demo.Answer(k, p, error=error, code=ErrorCode.TIMEOUT) for k, p in prompts]
+
+    monkeypatch.setattr(demo, "ask", nothing_in_time)
+    monkeypatch.setattr(demo, "DemoScript", lambda: SCRIPT)
+    argv = ["demo", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]
+    assert cli.main([*argv, "--size", str(PANEL)]) == cli.EXIT_TIMEOUT
+    out = capsys.readouterr().out
+    assert "(no animation.npz: the batch got no pose)" in out
+    assert not (tmp_path / "animation.npz").exists()
+    assert not list((tmp_path / "panels").iterdir())  # no answer has a picture
+    assert (tmp_path / "demo.blend").is_file() and (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_exit_codes_of_several_failures_name_what_they_share():
+    assert cli.exit_code_for_all([]) == cli.EXIT_OK
+    assert cli.exit_code_for_all([ErrorCode.TIMEOUT] * 2) == cli.EXIT_TIMEOUT
+    assert cli.exit_code_for_all([ErrorCode.EMPTY_PROMPT, ErrorCode.TOO_LARGE]) == 4
+    assert cli.exit_code_for_all([ErrorCode.TIMEOUT, ErrorCode.TOO_LARGE]) == 7

@@ -16,6 +16,12 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 # The processors scale an image's short side up to the model's size before cropping, so a
 # 1 x 60,000 strip of 320 bytes would cost gigabytes; no photo or viewport is this thin.
 MAX_ASPECT_RATIO = 20
+# Pillow reads every PNG chunk or JPEG segment before the pixels, in Python: a few million
+# empty ones hold the server's I/O thread for seconds. Real files have a few dozen.
+MAX_HEADER_PARTS = 1000
+# Each scan of a progressive JPEG decodes the whole image again: 500 repeated scans of an
+# 8000 x 8000 image (300 KB) take 20 s. Encoders write about 10.
+MAX_JPEG_SCANS = 100
 
 
 def check_image(data: bytes, field: str = "image") -> None:
@@ -38,6 +44,7 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
 def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadImageError(f"{field}: expected bytes, got {type(data).__name__}")
+    _check_structure(bytes(data), field)
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
@@ -59,5 +66,39 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
         raise BadImageError(
             f"{field}: not a decodable PNG or JPEG (neither header, or a damaged one)"
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BadImageError(f"{field}: not a decodable PNG or JPEG ({exc})") from exc
+    except BadImageError:
+        raise
+    except Exception as exc:  # Pillow on a damaged file: OSError, ValueError, SyntaxError,
+        # and AssertionError (a palette PNG without its palette) among others
+        problem = str(exc) or type(exc).__name__
+        raise BadImageError(f"{field}: not a decodable PNG or JPEG ({problem})") from exc
+
+
+def _check_structure(data: bytes, field: str) -> None:
+    """BadImageError for a file whose header parts or scans would cost Pillow seconds; each
+    limit is far above what an encoder writes. Anything else is left to Pillow."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        offset, parts = 8, 0
+        while offset + 8 <= len(data) and data[offset + 4 : offset + 8] != b"IDAT":
+            offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
+            parts += 1
+            if parts > MAX_HEADER_PARTS:
+                raise BadImageError(
+                    f"{field}: more than {MAX_HEADER_PARTS} PNG chunks before the pixels"
+                )
+    elif data.startswith(b"\xff\xd8"):
+        offset, parts = 2, 0
+        while offset + 4 <= len(data) and data[offset] == 0xFF:
+            marker = data[offset + 1]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                break  # the frame header: the size, then tables and scans
+            offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+            parts += 1
+            if parts > MAX_HEADER_PARTS:
+                raise BadImageError(
+                    f"{field}: more than {MAX_HEADER_PARTS} JPEG segments before the frame"
+                )
+        # 0xFF 0xDA starts a scan, and scan data never holds it (a 0xFF there is followed by
+        # 0x00 or a restart marker); a thumbnail's scans count too, which errs on the safe side.
+        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+            raise BadImageError(f"{field}: more than {MAX_JPEG_SCANS} JPEG scans")

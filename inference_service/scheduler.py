@@ -91,6 +91,7 @@ class _Request:
     timeout_s: float
     waiting: deque[tuple[int, WorkItem]]  # batch items not queued yet: (index, item)
     total: int
+    mode: str = "pose"  # its items': "pose" or "chat"
     queued: int = 0  # items queued or running
     answered: int = 0  # items with a reply sent, success or error
     completed: int = 0  # items answered successfully
@@ -261,8 +262,9 @@ class Scheduler:
                 self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
                 return
             timeout_s = self._default_timeout_s if timeout_ms is None else timeout_ms / 1000.0
+            mode = items[0].mode if items else "pose"
             request = _Request(
-                client, request_id, op, timeout_s, deque(enumerate(items)), total=len(items)
+                client, request_id, op, timeout_s, deque(enumerate(items)), len(items), mode
             )
             self._requests[request.key] = request
             if request.total == 0:  # an empty batch is answered at once
@@ -283,8 +285,11 @@ class Scheduler:
             self._fail_item(task, ErrorCode.TIMEOUT, "the deadline passed before it ran")
 
     def _refill(self, request: _Request) -> None:
-        """Queues the request's next items, up to its window; each deadline starts now."""
-        window = self._max_batch if request.op == "batch" else 1
+        """Queues the request's next items, up to its window; each deadline starts now. A
+        pose-mode batch keeps a micro-batch queued; a chat-mode one a single item, since chat
+        items run one at a time and a request behind them would wait for all of them."""
+        pose_batch = request.op == "batch" and request.mode == "pose"
+        window = self._max_batch if pose_batch else 1
         now = self._clock()
         while request.waiting and request.queued < window:
             index, item = request.waiting.popleft()

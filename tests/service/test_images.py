@@ -1,4 +1,8 @@
+import io
+import zlib
+
 import pytest
+from PIL import Image
 
 from inference_service.errors import BadImageError
 from inference_service.images import check_image, decode_image
@@ -45,3 +49,45 @@ def test_a_strip_of_an_image_is_refused_before_it_costs_memory():
         check_image(png_header(60_000, 1), "images[0]")  # 320 bytes: gigabytes once scaled up
     check_image(png_header(1920, 1080))  # a wide viewport is fine
     check_image(png_header(20, 400))
+
+
+def test_a_palette_png_without_its_palette_is_a_bad_image_not_a_model_failure():
+    # 32 x 24, 1-bit palette, a tRNS chunk and no PLTE: Pillow's convert asserts
+    # (found by fuzzing the server's image checks).
+    broken = bytes.fromhex(
+        "89504e470d0a1a0a0000000d49484452000000200000001801030000 00a19d6d77000000"
+        "0174524e530040e6d866 0000000c49444154789c636018180000007800010b61ffffff00"
+        "0000 0049454e44ae426082".replace(" ", "")
+    )
+    with pytest.raises(BadImageError, match=r"image: not a decodable PNG or JPEG \(Assertion"):
+        decode_image(broken)
+
+
+def _progressive_jpeg(repeats: int = 0, comments: int = 0) -> bytes:
+    """A progressive JPEG, its last scan repeated (each repeat re-decodes the whole image) and
+    empty comment segments added before the frame."""
+    buffer = io.BytesIO()
+    Image.new("L", (64, 48), 128).save(buffer, "JPEG", progressive=True, exif=b"Exif\0\0MM")
+    data = buffer.getvalue()
+    last_scan = data.rindex(b"\xff\xda")
+    scan = data[last_scan:-2]  # up to the end-of-image marker
+    return data[:2] + b"\xff\xfe\x00\x02" * comments + data[2:-2] + scan * repeats + data[-2:]
+
+
+def _png_with_chunks(count: int) -> bytes:
+    data = image_bytes((1, 2, 3), size=(8, 8))
+    idat = data.index(b"IDAT") - 4
+    chunk = b"\x00\x00\x00\x00tEXt" + zlib.crc32(b"tEXt").to_bytes(4, "big")
+    return data[:idat] + chunk * count + data[idat:]
+
+
+def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_structure():
+    assert decode_image(_progressive_jpeg(repeats=50)).size == (64, 48)  # within the limits
+    assert decode_image(_progressive_jpeg(comments=900)).size == (64, 48)
+    assert decode_image(_png_with_chunks(900)).size == (8, 8)
+    with pytest.raises(BadImageError, match=r"images\[1\]: more than 100 JPEG scans"):
+        check_image(_progressive_jpeg(repeats=500), "images[1]")
+    with pytest.raises(BadImageError, match="more than 1000 JPEG segments before the frame"):
+        check_image(_progressive_jpeg(comments=1_000_000))
+    with pytest.raises(BadImageError, match="more than 1000 PNG chunks before the pixels"):
+        check_image(_png_with_chunks(1_000_000))

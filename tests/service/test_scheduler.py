@@ -88,6 +88,23 @@ def test_a_long_batch_does_not_starve_another_client(backend, collected):
     scheduler.stop()
 
 
+def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
+    backend, collected
+):
+    scheduler = make(backend, collected, max_batch=8, max_wait_ms=0)
+    backend.hold()
+    prompts = [f"talk {i}" for i in range(6)]
+    scheduler.submit_batch(b"A", BatchRequest("a", prompts, mode="chat"))
+    assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs
+    scheduler.submit_pose(b"B", PoseRequest("b", "b's only prompt"))
+    backend.release()
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    answers = [r for _, r in collected.replies if isinstance(r, PoseReply | BatchItemReply)]
+    order = [r.index if isinstance(r, BatchItemReply) else r.id for r in answers]
+    assert order.index("b") <= 2, order  # behind the running turn and at most one queued
+    scheduler.stop()
+
+
 def test_cancel_client_drops_queued_and_waiting_work_silently(backend, collected):
     scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
     backend.hold()

@@ -2,8 +2,13 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU machines install torch from constraints-cpu.txt; a GPU machine sets CONSTRAINTS= (see README).
+# CPU machines install torch from constraints-cpu.txt: on Linux the CPU build, from PyTorch's
+# CPU index when it can be reached (else only a local wheel, as on this project's machines,
+# fits the pin: an index pip cannot reach slows every lookup). A GPU machine sets
+# CONSTRAINTS= TORCH_INDEX= (see README).
 CONSTRAINTS ?= -c constraints-cpu.txt
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell $(PYTHON) -c "import urllib.request as r; r.urlopen('$(TORCH_CPU_INDEX)/', timeout=10); print('--extra-index-url $(TORCH_CPU_INDEX)')" 2>/dev/null)
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo lint clean
@@ -12,7 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(CONSTRAINTS) -e '.[service,blender,dev]'
+	$(BIN)/python -m pip install $(CONSTRAINTS) $(TORCH_INDEX) -e '.[service,blender,dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -231,10 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report(f"chatpose {args.command}: interrupted")
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # a client-only install (`pip install .`): no torch
+        _report(f"chatpose {args.command}: {missing_service_package(exc)}")
+        return EXIT_USAGE
     except BrokenPipeError:  # stdout's reader left (`| head`): what it wanted, it has
         with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_CLOSED_OUTPUT
+
+
+def missing_service_package(exc: ModuleNotFoundError) -> str:
+    """What to say when the model's packages are not installed."""
+    return (
+        f"this runs the model here, which needs the '{exc.name}' package: "
+        "pip install 'chatpose-blender[service]' (a client-only install has status, pose and "
+        "batch against a running service)"
+    )
 
 
 def _report(text: str) -> None:

@@ -31,3 +31,31 @@ def test_console_scripts_are_installed():
     )
     assert serve_run.returncode == 0
     assert "--checkpoint" in serve_run.stdout
+
+
+CLIENT_ONLY = """
+import sys
+for package in ("torch", "PIL", "transformers"):  # as on a `pip install .` machine
+    sys.modules[package] = None
+from inference_service import cli, entry_points
+command = {argv!r}
+sys.exit(cli.main(command) if command else entry_points.chatpose_serve())
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["pose", "wave", "--local"], ["demo", "--out", "OUT"]],
+    ids=["chatpose-serve", "pose --local", "demo"],
+)
+def test_a_client_only_install_names_the_missing_package_not_a_traceback(argv, tmp_path):
+    argv = [str(tmp_path / "out") if word == "OUT" else word for word in argv]
+    ran = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY.format(argv=argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == cli.EXIT_USAGE, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert "needs the '" in ran.stderr and "pip install 'chatpose-blender[service]'" in ran.stderr

@@ -10,10 +10,15 @@ Channel = tuple[str, str, int]  # (bone name, property, array index)
 
 
 def action_fcurves(obj: bpy.types.Object) -> list[bpy.types.FCurve]:
-    """The F-curves that animate ``obj`` (empty when it has no action)."""
+    """The F-curves that animate ``obj`` (empty when it has no action, or no slot of it)."""
     anim = obj.animation_data
     action = anim.action if anim is not None else None
     if action is None:
+        return []
+    if has_no_slot(obj):
+        # A take of another object, assigned in the Action editor: none of its curves move
+        # this one (`action.fcurves` would be the other object's), and the first key made
+        # gives it a slot of its own.
         return []
     slot = getattr(anim, "action_slot", None)
     if slot is not None:  # Blender 4.4+: the channel bag of the object's slot
@@ -25,6 +30,15 @@ def action_fcurves(obj: bpy.types.Object) -> list[bpy.types.FCurve]:
             bag = action_get_channelbag_for_slot(action, slot)
             return list(bag.fcurves) if bag is not None else []
     return list(action.fcurves)  # Blender 4.2-4.3 (removed in 5.0)
+
+
+def has_no_slot(obj: bpy.types.Object) -> bool:
+    """Whether ``obj`` has an action but, on Blender 4.4+, no slot in it: the action then
+    animates other objects, not this one."""
+    anim = obj.animation_data
+    if anim is None or anim.action is None or not hasattr(anim, "action_slot"):
+        return False
+    return anim.action_slot is None
 
 
 def bone_data_path(bone_name: str, prop: str) -> str:

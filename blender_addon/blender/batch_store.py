@@ -17,15 +17,16 @@ import bpy
 from shared_protocol.pose import Pose
 
 from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
-from .anim import action_time, scene_time
+from .anim import action_time, has_no_slot, scene_time
 from .keyframes import key_poses
 from .posing import apply_pose
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
-    """The action holding the object's record, and the record's property name there."""
+    """The action holding the object's record, and the record's property name there; no
+    action while the object has no slot in its action (nothing there is its own yet)."""
     anim = obj.animation_data
-    action = anim.action if anim is not None else None
+    action = anim.action if anim is not None and not has_no_slot(obj) else None
     slot = getattr(anim, "action_slot", None) if action is not None else None
     return action, RECORD_PROPERTY if slot is None else f"{RECORD_PROPERTY}:{slot.identifier}"
 

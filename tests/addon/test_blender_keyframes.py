@@ -443,10 +443,20 @@ def test_each_slot_of_a_shared_action_has_its_own_record(blender):
     lines = ["stand", "kneel"]
     for item in load_record(a).pending(lines, start=1, step=10):
         key_batch_line(a, item, random_pose(item.line))
-    b.animation_data_create().action = a.animation_data.action  # B gets a slot of its own
-    assert b.animation_data.action_slot != a.animation_data.action_slot
+    # A's take assigned to B (the Action editor's dropdown): Blender gives B no slot, and
+    # nothing in the take moves B, nor is anything in it B's to write over.
+    b.animation_data_create().action = a.animation_data.action
+    assert b.animation_data.action_slot is None
+    assert keyed_frames(b) == []  # an export of B writes its current pose, not A's motion
     assert len(load_record(b).pending(lines, 1, 10)) == 2  # nothing keyed for B
-    assert load_record(a).pending(lines, 1, 10) == []
+    a_keys = [read_pose(a, frame).axis_angle for frame in (1, 11)]
+    for item in load_record(b).pending(lines, start=1, step=10):
+        key_batch_line(b, item, random_pose(10 + item.line))
+    assert b.animation_data.action_slot not in (None, a.animation_data.action_slot)
+    for frame, before in zip((1, 11), a_keys, strict=True):
+        np.testing.assert_array_equal(read_pose(a, frame).axis_angle, before)
+    np.testing.assert_allclose(read_pose(b, 11).axis_angle, random_pose(11).axis_angle, atol=1e-5)
+    assert load_record(a).pending(lines, 1, 10) == load_record(b).pending(lines, 1, 10) == []
 
 
 def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):

@@ -62,8 +62,9 @@ def person_armature(
     if obj is not None:
         if not is_smpl_armature(obj):
             return None, False
-        for collection in target.users_collection:  # beside the target, wherever it is
-            if obj.name not in collection.objects:
+        # Where the user put it, hidden or not; out of the target's scenes, back beside it.
+        if not any(obj.name in scene.objects for scene in target.users_scene):
+            for collection in target.users_collection:
                 collection.objects.link(obj)
         return obj, False
     skeleton = rest_joints(target)

@@ -975,3 +975,19 @@ def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_ser
     assert set(person.users_collection) == set(armature.users_collection)
     assert person.name not in other.objects and person.name in home.objects
     assert all(set(c.users_collection) == set(armature.users_collection) for c in person.children)
+
+    crowd = bpy.data.collections.new("Crowd")  # the user tidies the second dancer away
+    home.collection.children.link(crowd)
+    for collection in person.users_collection:
+        collection.objects.unlink(person)
+    crowd.objects.link(person)
+    crowd.hide_viewport = True
+    home.chatpose.prompt = "two dancers again"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert list(person.users_collection) == [crowd] and not person.visible_get()
+    home.collection.children.unlink(crowd)  # out of the scene: the next answer brings it back
+    home.chatpose.prompt = "and once more"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert set(person.users_collection) == {crowd, *armature.users_collection}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from shared_protocol.skeleton import JOINT_NAMES, SMPL_TO_BLENDER, smpl_to_blender
+from shared_protocol.skeleton import SMPL_TO_BLENDER, smpl_to_blender
 
 from ..core.mannequin import mannequin_mesh
 from ..core.rig_spec import (
     RIG_PROPERTY,
     RIG_VERSION,
     armature_axes,
+    missing_smpl_bones,
     rest_joints_from_heads,
+    smpl_bone_names,
     smpl_bone_specs,
 )
 from ..core.smpl_model import SmplModel
@@ -20,11 +22,31 @@ from .meshes import create_mannequin, create_smpl_body
 
 
 def is_smpl_armature(obj: bpy.types.Object | None) -> bool:
-    """An armature with a bone for every SMPL joint name (made here or imported)."""
+    """An armature with a bone for every SMPL joint, under one of the names SMPL rigs use
+    (`rig_spec.BONE_NAMINGS`: made here, the SMPL add-on, an SMPL FBX)."""
     if obj is None or obj.type != "ARMATURE":
         return False
-    bones = obj.data.bones
-    return all(name in bones for name in JOINT_NAMES)
+    return smpl_bone_names(obj.data.bones.keys()) is not None
+
+
+def why_not_smpl(obj: bpy.types.Object) -> str:
+    """Why ``obj`` is not an SMPL armature, for a message."""
+    if obj.type != "ARMATURE":
+        return f"it is a {obj.type.lower()}, not an armature"
+    missing = missing_smpl_bones(obj.data.bones.keys())
+    listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return (
+        f"it has no bone {listed} (SMPL rigs name the 24 bones pelvis, left_hip, ...; "
+        "Pelvis, L_Hip, ...; or m_avg_Pelvis, m_avg_L_Hip, ...)"
+    )
+
+
+def bone_names(obj: bpy.types.Object) -> tuple[str, ...]:
+    """The armature's names for the 24 SMPL bones, in SMPL joint order."""
+    names = smpl_bone_names(obj.data.bones.keys())
+    if names is None:
+        raise ValueError(f"{obj.name!r} is not an SMPL armature")
+    return names
 
 
 def is_deleted(obj: bpy.types.Object) -> bool:
@@ -53,7 +75,7 @@ def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
     ``core.posing`` takes it: Z-up. A rig whose armature data is Y-up (an imported SMPL FBX)
     is seen turned upright (``rig_spec.armature_axes``), so its poses come out the same."""
     bones = obj.data.bones
-    rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in JOINT_NAMES])
+    rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in bone_names(obj)])
     return _upright(obj) @ rests
 
 
@@ -62,7 +84,7 @@ def root_location_frame(obj: bpy.types.Object) -> np.ndarray:
     ``bone_rest_rotations`` (``core.posing.root_location``): the root's own rest, or with
     Local Location off its parent's rest (taken at rest, as the rotations are), or the
     armature's axes for a root with no parent."""
-    root = obj.data.bones[JOINT_NAMES[0]]
+    root = obj.data.bones[bone_names(obj)[0]]
     if root.use_local_location:
         frame = np.array(root.matrix_local.to_3x3())
     elif root.parent is not None:
@@ -76,14 +98,14 @@ def _upright(obj: bpy.types.Object) -> np.ndarray:
     """Armature space -> the Z-up armature space ``core.posing`` takes (Y-up rig data, as an
     imported SMPL FBX has it, is seen turned upright: ``rig_spec.armature_axes``)."""
     bones = obj.data.bones
-    axes = armature_axes([tuple(bones[n].head_local) for n in JOINT_NAMES])
+    axes = armature_axes([tuple(bones[n].head_local) for n in bone_names(obj)])
     return SMPL_TO_BLENDER @ axes.T
 
 
 def rest_joints(obj: bpy.types.Object) -> np.ndarray:
     """(24, 3) rest joints in the SMPL frame, read back from the bone heads."""
     bones = obj.data.bones
-    return rest_joints_from_heads([tuple(bones[n].head_local) for n in JOINT_NAMES])
+    return rest_joints_from_heads([tuple(bones[n].head_local) for n in bone_names(obj)])
 
 
 def _ensure_object_mode(context: bpy.types.Context) -> None:

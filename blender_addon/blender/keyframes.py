@@ -9,12 +9,11 @@ import bpy
 import numpy as np
 
 from shared_protocol.pose import Motion, Pose
-from shared_protocol.skeleton import JOINT_NAMES
 
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_fps
 from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
-from .armature import bone_rest_rotations, rest_joints, root_location_frame
+from .armature import bone_names, bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
 from .posing import (
     apply_pose,
@@ -63,7 +62,7 @@ def _key_poses_at_once(
     quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), bone_rest_rotations(obj))
     fcurves = fcurve_map(obj)
     rows: list = []  # in the order of pose_channels
-    for j, name in enumerate(JOINT_NAMES):
+    for j, name in enumerate(bone_names(obj)):
         pbone = obj.pose.bones[name]
         path = rotation_data_path(pbone.rotation_mode)
         # Carry on from the keys before (signs, Euler turns), not from the bone's value now.
@@ -98,7 +97,7 @@ def key_motion(
 def keyed_frames(obj: bpy.types.Object) -> list[int]:
     """Scene frames with a key on a pose channel (an SMPL bone's rotation, the root's
     location), sorted; ValueError for a key between frames (`keyed_frame_list`)."""
-    prefixes = tuple(bone_data_path(name, "") for name in JOINT_NAMES)
+    prefixes = tuple(bone_data_path(name, "") for name in bone_names(obj))
     return keyed_frame_list(
         scene_time(obj, point.co[0])
         for fc in action_fcurves(obj)

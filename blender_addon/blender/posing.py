@@ -18,7 +18,6 @@ from mathutils import Euler, Quaternion
 
 from shared_protocol.pose import Pose
 from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_axis_angle
-from shared_protocol.skeleton import JOINT_NAMES
 
 from ..core.posing import (
     axis_angle_from_bone_quaternions,
@@ -28,9 +27,7 @@ from ..core.posing import (
     translation_from_root_location,
 )
 from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
-from .armature import bone_rest_rotations, root_location_frame
-
-ROOT = JOINT_NAMES[0]
+from .armature import bone_names, bone_rest_rotations, root_location_frame
 
 
 def rotation_data_path(mode: str) -> str:
@@ -116,7 +113,8 @@ def apply_pose(
     quats = bone_quaternions(pose.axis_angle, rests)
     result = ApplyResult()
     pbones = obj.pose.bones
-    for i, name in enumerate(JOINT_NAMES):
+    names = bone_names(obj)
+    for i, name in enumerate(names):
         pbone = pbones[name]
         if pbone.rotation_mode != "QUATERNION":
             result.non_quaternion_bones.append(name)
@@ -125,15 +123,15 @@ def apply_pose(
         if i > 0:
             pbone.location = (0.0, 0.0, 0.0)
     if use_translation:
-        root = pbones[ROOT]
+        root = pbones[names[0]]
         t = np.zeros(3) if pose.translation is None else pose.translation
         root.location = tuple(root_location(t, root_location_frame(obj)))
     if frame is not None:
-        for name in JOINT_NAMES:
+        for name in names:
             pbone = pbones[name]
             pbone.keyframe_insert(rotation_data_path(pbone.rotation_mode), frame=frame, group=name)
         if use_translation:
-            pbones[ROOT].keyframe_insert("location", frame=frame, group=ROOT)
+            pbones[names[0]].keyframe_insert("location", frame=frame, group=names[0])
         result.keyed_frame = frame
     return result
 
@@ -142,11 +140,12 @@ def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]
     """The channels a pose is keyed on, in order: each SMPL bone's rotation (in its mode),
     then, with ``use_translation``, the root's location."""
     channels = []
-    for name in JOINT_NAMES:
+    names = bone_names(obj)
+    for name in names:
         prop = rotation_data_path(obj.pose.bones[name].rotation_mode)
         channels += [(name, prop, k) for k in range(len(getattr(obj.pose.bones[name], prop)))]
     if use_translation:
-        channels += [(ROOT, "location", k) for k in range(3)]
+        channels += [(names[0], "location", k) for k in range(3)]
     return channels
 
 
@@ -172,14 +171,15 @@ def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
     part of it). The translation is the root's location mapped back to the SMPL frame."""
     fcurves = fcurve_map(obj) if frame is not None else {}
     pbones = obj.pose.bones
+    names = bone_names(obj)
     quats = []
-    for name in JOINT_NAMES:
+    for name in names:
         pbone = pbones[name]
         values = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frame)
         quats.append(tuple(bone_rotation_quaternion(pbone, values)))
     rests = bone_rest_rotations(obj)
     axis_angle = axis_angle_from_bone_quaternions(np.array(quats), rests)
-    root = pbones[ROOT]
+    root = pbones[names[0]]
     location = channel_values(fcurves, root, "location", frame)
     translation = translation_from_root_location(location, root_location_frame(obj))
     return Pose(axis_angle, translation)

@@ -8,7 +8,7 @@ import bpy
 from ..core import chat
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
-from .armature import find_smpl_armature, is_deleted, is_smpl_armature
+from .armature import find_smpl_armature, is_deleted, is_smpl_armature, why_not_smpl
 
 
 def _is_armature(self, obj) -> bool:
@@ -129,6 +129,9 @@ def target_problem(context: bpy.types.Context) -> str | None:
     """Why there is no armature to pose, or None."""
     obj = _candidate(context)
     if obj is None:
+        active = context.active_object
+        if active is not None and active.type == "ARMATURE":
+            return f"{active.name!r} is not an SMPL armature: {why_not_smpl(active)}"
         return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
     if is_deleted(obj):
         return (
@@ -137,8 +140,8 @@ def target_problem(context: bpy.types.Context) -> str | None:
         )
     if not is_smpl_armature(obj):
         return (
-            f"The Target {obj.name!r} is not an SMPL armature: pick one, or clear Target to "
-            "use the selected SMPL armature"
+            f"The Target {obj.name!r} is not an SMPL armature ({why_not_smpl(obj)}): pick "
+            "one, or clear Target to use the selected SMPL armature"
         )
     if obj.library is not None:  # what is put on a linked object is not saved
         return (

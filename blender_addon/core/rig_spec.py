@@ -11,6 +11,7 @@ R_bone = B_rest⁻¹ · C · R_smpl · C⁻¹ · B_rest.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,34 @@ RIG_PROPERTY = "chatpose_rig"
 RIG_VERSION = 1
 # The rest rotation, in armature space, of every bone that ``smpl_bone_specs`` builds.
 SMPL_BONE_REST = SMPL_TO_BLENDER
+
+# The names SMPL's bones go by in other rigs, in SMPL joint order: the SMPL add-on for Blender
+# and SMPL's own joint names, and the SMPL FBX files (male and female templates).
+SMPL_CAPITALISED_NAMES: tuple[str, ...] = (
+    *("Pelvis", "L_Hip", "R_Hip", "Spine1", "L_Knee", "R_Knee", "Spine2", "L_Ankle"),
+    *("R_Ankle", "Spine3", "L_Foot", "R_Foot", "Neck", "L_Collar", "R_Collar", "Head"),
+    *("L_Shoulder", "R_Shoulder", "L_Elbow", "R_Elbow", "L_Wrist", "R_Wrist", "L_Hand", "R_Hand"),
+)
+BONE_NAMINGS: tuple[tuple[str, ...], ...] = (
+    JOINT_NAMES,
+    SMPL_CAPITALISED_NAMES,
+    tuple(f"m_avg_{name}" for name in SMPL_CAPITALISED_NAMES),
+    tuple(f"f_avg_{name}" for name in SMPL_CAPITALISED_NAMES),
+)
+
+
+def smpl_bone_names(bone_names: Collection[str]) -> tuple[str, ...] | None:
+    """The rig's names for the 24 SMPL bones, in SMPL joint order (the first naming of
+    ``BONE_NAMINGS`` it has in full), or None."""
+    present = set(bone_names)
+    return next((naming for naming in BONE_NAMINGS if present.issuperset(naming)), None)
+
+
+def missing_smpl_bones(bone_names: Collection[str]) -> list[str]:
+    """The SMPL bones a rig lacks, named as in the naming it comes closest to (for a message)."""
+    present = set(bone_names)
+    closest = max(BONE_NAMINGS, key=lambda naming: len(present.intersection(naming)))
+    return [name for name in closest if name not in present]
 
 
 @dataclass(frozen=True)

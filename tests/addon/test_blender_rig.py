@@ -17,11 +17,18 @@ from blender_addon.blender.armature import (
     find_smpl_armature,
     is_smpl_armature,
     rest_joints,
+    why_not_smpl,
 )
-from blender_addon.blender.keyframes import key_poses, keyed_frames
+from blender_addon.blender.keyframes import key_poses, keyed_frames, motion_from_keys
 from blender_addon.blender.posing import apply_pose, read_pose
+from blender_addon.blender.props import target_problem
 from blender_addon.core.mannequin import PART_OF_BONE, PARTS
-from blender_addon.core.rig_spec import RIG_PROPERTY, bone_rest_matrix
+from blender_addon.core.rig_spec import (
+    BONE_NAMINGS,
+    RIG_PROPERTY,
+    SMPL_CAPITALISED_NAMES,
+    bone_rest_matrix,
+)
 from shared_protocol.pose import Pose
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
@@ -225,10 +232,11 @@ def test_exact_for_a_custom_rest_skeleton_and_read_back(blender):
 
 
 def _limb_aligned_rig(
-    heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T, root_bone: bool = False
+    heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T, root_bone: bool = False, names=JOINT_NAMES
 ) -> bpy.types.Object:
     """An imported-style SMPL rig: bones point at their first child, with roll; with
-    ``root_bone`` the pelvis has a tilted parent bone, as some exported rigs have."""
+    ``root_bone`` the pelvis has a tilted parent bone, as some exported rigs have; its bones
+    called ``names``."""
     child = {p: c for c, p in reversed(list(enumerate(PARENTS)))}
     arm = bpy.data.armatures.new("Limbs")
     obj = bpy.data.objects.new("Limbs", arm)
@@ -238,13 +246,13 @@ def _limb_aligned_rig(
     if root_bone:
         root = arm.edit_bones.new("root")
         root.head, root.tail, root.roll = (0, 0, 0), (0.3, 0.1, 0.05), 0.7
-    for i, name in enumerate(JOINT_NAMES):
+    for i, name in enumerate(names):
         bone = arm.edit_bones.new(name)
         bone.head = heads[i]
         bone.tail = heads[child[i]] if i in child else heads[i] + (0, 0.05, 0.05)
         bone.roll = 0.2 * i
         if i:
-            bone.parent = arm.edit_bones[JOINT_NAMES[PARENTS[i]]]
+            bone.parent = arm.edit_bones[names[PARENTS[i]]]
         elif root_bone:
             bone.parent = arm.edit_bones["root"]
     bpy.ops.object.mode_set(mode="OBJECT")
@@ -265,10 +273,13 @@ def test_limb_aligned_rig_is_converted_exactly(blender):
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
 
 
-def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blender):
+@pytest.mark.parametrize("names", BONE_NAMINGS, ids=lambda names: names[0])
+def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blender, names):
     """As Blender's FBX importer leaves an SMPL FBX: armature data in SMPL's own frame (Y-up),
-    the object turned +90° about X. Poses must stand up as on the add-on's own rig."""
-    obj = _limb_aligned_rig(heads=DEFAULT_REST_JOINTS)
+    the object turned +90° about X, its bones named as SMPL rigs name them (the SMPL FBX
+    templates: m_avg_Pelvis, ...). Poses must stand up as on the add-on's own rig."""
+    obj = _limb_aligned_rig(heads=DEFAULT_REST_JOINTS, names=names)
+    assert is_smpl_armature(obj)
     obj.rotation_euler = (np.pi / 2, 0.0, 0.0)
     bpy.context.view_layer.update()
     np.testing.assert_allclose(rest_joints(obj), DEFAULT_REST_JOINTS, atol=1e-6)
@@ -279,11 +290,28 @@ def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blen
         positions, _ = forward_kinematics(pose.axis_angle, DEFAULT_REST_JOINTS, pose.translation)
         expected = positions @ world[:3, :3].T + world[:3, 3]  # the armature is SMPL's frame
         bpy.context.view_layer.update()
-        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in JOINT_NAMES])
+        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in names])
         assert np.abs(heads - expected).max() < FK_TOLERANCE
         back = read_pose(obj)
         np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
         np.testing.assert_allclose(back.translation, pose.translation, atol=1e-5)
+    poses = [random_pose(310 + seed) for seed in range(3)]
+    key_poses(obj, poses, [1, 5, 9])  # keyed, found and read back by the rig's own names
+    assert keyed_frames(obj) == [1, 5, 9]
+    motion = motion_from_keys(obj, fps=24)
+    for pose, back in zip(poses, motion.poses(), strict=True):
+        np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
+
+
+def test_an_armature_that_is_not_an_smpl_rig_is_told_which_bones_it_lacks(blender):
+    names = list(SMPL_CAPITALISED_NAMES)
+    names[4] = "L_Knee.001"  # one bone renamed
+    obj = _limb_aligned_rig(names=names)
+    assert not is_smpl_armature(obj)
+    assert why_not_smpl(obj).startswith("it has no bone L_Knee (SMPL rigs name the 24 bones")
+    bpy.context.scene.chatpose.target = None
+    bpy.context.view_layer.objects.active = obj
+    assert target_problem(bpy.context) == f"'Limbs' is not an SMPL armature: {why_not_smpl(obj)}"
 
 
 @pytest.mark.parametrize("local_location", [True, False], ids=["local", "not-local"])

@@ -356,3 +356,20 @@ def test_timeline():
     assert timeline.motion_fps([1, 3, 5], 30.0) == 15.0
     assert timeline.motion_fps([1, 2, 5], 30.0) == 30.0
     assert timeline.motion_fps([7], 24.0) == 24.0
+
+
+def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
+    from blender_addon.core.rig_spec import (
+        BONE_NAMINGS,
+        SMPL_CAPITALISED_NAMES,
+        missing_smpl_bones,
+        smpl_bone_names,
+    )
+
+    for naming in BONE_NAMINGS:
+        assert smpl_bone_names([*naming, "m_avg_root", "jaw"]) == naming
+    assert smpl_bone_names(["f_avg_" + n for n in SMPL_CAPITALISED_NAMES])[0] == "f_avg_Pelvis"
+    mixed = [*JOINT_NAMES[:12], *SMPL_CAPITALISED_NAMES[12:]]
+    assert smpl_bone_names(mixed) is None
+    assert missing_smpl_bones(mixed) == list(JOINT_NAMES[12:])  # the closer naming's
+    assert missing_smpl_bones([]) == list(JOINT_NAMES)

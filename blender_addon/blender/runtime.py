@@ -57,7 +57,7 @@ from ..core.service_process import (
 from ..core.session import Service
 from ..core.timeline import frames_for
 from .anim import LockedCurveError, fcurve_map, refuse_locked
-from .armature import is_deleted, is_smpl_armature
+from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
 from .posing import pose_channels
@@ -693,9 +693,10 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     """Keys and records lines of one run (keys first, then the record: see batch_store)."""
     run = outcomes[0].run
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if not _posable(obj):
+    problem = _batch_target_problem(run, obj)
+    if problem is not None:
         for outcome in outcomes:
-            run.item_failed(outcome.line, f"the armature {run.armature!r} is gone")
+            run.item_failed(outcome.line, problem)
         dispatcher().cancel_batch()
         return
     items = [(o.line, o.poses[0]) for o in outcomes]
@@ -711,9 +712,20 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
         run.item_keyed(line)
 
 
+def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:
+    """Why the run's armature can take no more lines, or None; its name in the run's reports
+    becomes the one it has now (the user may rename it during a run)."""
+    if obj is None or is_deleted(obj):
+        return f"the armature {run.armature!r} is gone"
+    run.armature = obj.name
+    if not is_smpl_armature(obj):
+        return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"
+    return None
+
+
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if _posable(obj):
+    if _batch_target_problem(run, obj) is None:
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
             record = load_record(obj)
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))

@@ -868,6 +868,28 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     assert "all 12 lines keyed" in runtime.last_message()[0]
 
 
+@pytest.mark.parametrize("change", ["armature renamed", "bone renamed"])
+def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, monkeypatch, change):
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(12)))
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: runtime.current_batch().keyed >= 4)
+    if change == "armature renamed":
+        armature.name = "Hero"
+    else:
+        armature.data.bones["head"].name = "Head"  # a rename the user did not mean for SMPL
+    drive(idle)
+    message = runtime.last_message()[0]
+    if change == "armature renamed":
+        assert "12 lines keyed on Hero; all 12 lines keyed" in message, message
+    else:
+        assert "is gone" not in message
+        assert "the armature 'SMPL' is no longer an SMPL armature: it has no bone head" in message
+
+
 def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     armature, scripted_service, monkeypatch
 ):

@@ -420,8 +420,9 @@ def send_pose(
     return job
 
 
-def read_batch_lines(context: bpy.types.Context) -> tuple[list[str], str]:
-    """(prompts, source label) of the scene's batch source; UserError when there is none."""
+def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]], str]:
+    """(its (line number, prompt) pairs, source label) of the scene's batch source; UserError
+    when there is none."""
     settings = context.scene.chatpose
     if settings.batch_source == "TEXT":
         text = settings.batch_text
@@ -442,7 +443,7 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[str], str]:
         except OSError as exc:
             raise UserError(f"{path} could not be read ({exc.strerror or exc})") from None
         label = bpy.path.basename(path)
-    lines = [prompt for _, prompt in prompt_lines(content)]
+    lines = prompt_lines(content)
     if not lines:
         raise UserError(f"{label} has no prompts (one per line)")
     try:
@@ -465,7 +466,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     target = target_armature(context)
     if target is None:
         raise UserError(target_problem(context))
-    lines, label = read_batch_lines(context)
+    numbered, label = read_batch_lines(context)
+    lines = [prompt for _, prompt in numbered]
     try:
         frames_for(len(lines), settings.batch_start, settings.batch_step)
     except ValueError as exc:
@@ -503,6 +505,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         total_lines=len(lines),
         use_translation=settings.batch_translation,
         armature_uid=target.session_uid,
+        line_numbers=[number for number, _ in numbered],
     )
     if not pending:
         dispatcher().start_batch(None, run)  # records it as the last run, sends nothing

@@ -53,6 +53,9 @@ class BatchRun:
     total_lines: int
     use_translation: bool = False
     armature_uid: int | None = None  # the armature's session id, which a rename keeps
+    # Each prompt's line in its text (blank and # lines are no prompts), for messages; without
+    # them a prompt is named by its count.
+    line_numbers: Sequence[int] = ()
     chunk_size: int = MAX_BATCH_ITEMS
     state: str = RUNNING
     reason: str = ""  # why a run failed
@@ -176,6 +179,12 @@ class BatchRun:
     def close(self) -> None:
         self.closed = True
 
+    def _where(self, line: PendingLine) -> str:
+        """Where a line is, as the user finds it: its line in the text and its frame."""
+        if line.line < len(self.line_numbers):
+            return f"line {self.line_numbers[line.line]} (frame {line.frame})"
+        return f"prompt {line.line + 1} (frame {line.frame})"
+
     def summary(self) -> str:
         keyed = f"{self.keyed} line{'s' if self.keyed != 1 else ''} keyed on {self.armature}"
         left = self.remaining
@@ -190,18 +199,21 @@ class BatchRun:
         parts.append(f"{keyed}; {left} of {self.total_lines} still to key.")
         failed = self.failed_lines
         if failed:
-            shown = ", ".join(str(line.line + 1) for line, _ in failed[:5])
+            shown = ", ".join(self._where(line) for line, _ in failed[:5])
             more = " ..." if len(failed) > 5 else ""
-            parts.append(f"{len(failed)} failed (prompt {shown}{more}: {failed[0][1]}).")
+            parts.append(f"{len(failed)} failed ({shown}{more}: {failed[0][1]}).")
         parts.append("Run Batch Keyframe again to key the rest (nothing is keyed twice).")
         return " ".join(parts)
 
 
-def check_lines(lines: Sequence[str], max_chars: int = DEFAULT_LIMITS.max_prompt_chars) -> None:
-    """ValueError naming the first prompt the service would refuse as too long."""
-    for number, line in enumerate(lines, start=1):
+def check_lines(
+    lines: Sequence[tuple[int, str]], max_chars: int = DEFAULT_LIMITS.max_prompt_chars
+) -> None:
+    """ValueError naming the first prompt the service would refuse as too long; ``lines`` are
+    (line number, prompt) as ``batch_text.prompt_lines`` gives them."""
+    for number, line in lines:
         if len(line) > max_chars:
             raise ValueError(
-                f"prompt {number} has {len(line)} characters; the service takes at most "
+                f"line {number} has {len(line)} characters; the service takes at most "
                 f"{max_chars} per prompt"
             )

@@ -819,7 +819,8 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
     shots = tmp_path / "shots.txt"
     shots.write_bytes("\ufeffwave hello\n\n  sit down  \r\nbow\n".encode())
     settings.batch_file = str(shots)
-    assert runtime.read_batch_lines(bpy.context) == (["wave hello", "sit down", "bow"], "shots.txt")
+    expected = [(1, "wave hello"), (3, "sit down"), (4, "bow")]
+    assert runtime.read_batch_lines(bpy.context) == (expected, "shots.txt")
     settings.batch_file = str(tmp_path / "missing.txt")
     with pytest.raises(runtime.UserError, match="missing.txt: no such file"):
         runtime.read_batch_lines(bpy.context)

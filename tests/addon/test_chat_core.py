@@ -226,7 +226,7 @@ def test_a_run_walks_its_chunks_and_counts_by_line():
     assert (run.keyed, run.remaining, len(run.failed_lines)) == (299, 1, 1)
     summary = run.summary()
     assert "299 lines keyed on SMPL; 1 of 300 still to key" in summary
-    assert "1 failed (prompt 257: model_error: no pose)" in summary
+    assert "1 failed (prompt 257 (frame 257): model_error: no pose)" in summary
     assert "again" in summary
 
 
@@ -271,10 +271,24 @@ def test_a_run_with_nothing_pending_is_done_at_once():
     assert run.state == batch_plan.FINISHED and "all 4 lines keyed" in run.summary()
 
 
-def test_check_lines_names_a_prompt_that_is_too_long():
-    check_lines(["ok", "x" * DEFAULT_LIMITS.max_prompt_chars])
-    with pytest.raises(ValueError, match="prompt 2 has 8001 characters"):
-        check_lines(["ok", "x" * 8001])
+def test_check_lines_names_the_line_of_a_prompt_that_is_too_long():
+    check_lines([(1, "ok"), (2, "x" * DEFAULT_LIMITS.max_prompt_chars)])
+    with pytest.raises(ValueError, match="line 5 has 8001 characters"):
+        check_lines([(1, "ok"), (5, "x" * 8001)])
+
+
+def test_failed_lines_are_named_by_their_line_in_the_text_and_their_frame():
+    pending = _pending(3, start=1, step=10)
+    run = BatchRun("SMPL", "text 't'", pending, total_lines=3, line_numbers=[2, 5, 6])
+    run.next_prompts()
+    run.item_keyed(run.line_for(0))
+    run.item_failed(run.line_for(1), "the model exploded")
+    run.item_failed(run.line_for(2), "the model exploded")
+    assert "2 failed (line 5 (frame 11), line 6 (frame 21): the model exploded)" in run.summary()
+    plain = BatchRun("SMPL", "t", _pending(2), total_lines=2)
+    plain.next_prompts()
+    plain.item_failed(plain.line_for(1), "no")
+    assert "1 failed (prompt 2 (frame 2): no)" in plain.summary()
 
 
 # --- placement ------------------------------------------------------------------------------

@@ -53,13 +53,16 @@ _MOTION_KEYS = (
 Z_UP_FROM_SMPL = SMPL_TO_BLENDER
 
 
-def floor_to_pelvis(rest_joints=None) -> np.ndarray:
-    """The rest pelvis above the floor under the body (at its lowest rest joint), in the SMPL
-    body frame. An AMASS translation places the pelvis in a world whose floor is z = 0; this
-    project's is the pelvis's offset from its rest pose: they differ by this. `rest_joints`
-    (24, 3): the body's (default: the built-in skeleton's)."""
+def amass_trans_offset(rest_joints=None) -> np.ndarray:
+    """What to add to a translation turned Z-up (`Z_UP_FROM_SMPL @ t`) to make it AMASS's
+    `trans`. This project's translation is the pelvis's offset from its rest position, and the
+    floor lies under the rest body (at its lowest joint); SMPL puts the pelvis at its rest
+    joint J0, *unturned*, plus `trans`, in a world whose floor is z = 0. So
+    trans = Z·(J0 + t) − (0, 0, lowest) − J0. `rest_joints` (24, 3): the body's, in the SMPL
+    frame (default: the built-in skeleton's, whose J0 is the origin)."""
     joints = DEFAULT_REST_JOINTS if rest_joints is None else np.asarray(rest_joints, float)
-    return np.array([0.0, joints[0, 1] - joints[:, 1].min(), 0.0])
+    pelvis = joints[0]
+    return Z_UP_FROM_SMPL @ pelvis - np.array([0.0, 0.0, joints[:, 1].min()]) - pelvis
 
 
 # Bounds past which a value is malformed rather than unusual: a rotation vector's length is an
@@ -279,13 +282,14 @@ class Motion:
         ]
 
     def save_npz(self, path: str | os.PathLike, *, z_up: bool = True, rest_joints=None) -> None:
-        """Writes an AMASS-layout file: Z-up as AMASS's own, the pelvis above its floor
-        (`floor_to_pelvis(rest_joints)`); `z_up=False`: in the SMPL body frame (+Y up) with this
-        project's translations, as PoseScript-style tools keep poses."""
+        """Writes an AMASS-layout file: Z-up as AMASS's own, `trans` as SMPL reads it for the
+        body of `rest_joints` (`amass_trans_offset`); `z_up=False`: in the SMPL body frame
+        (+Y up) with this project's translations, as PoseScript-style tools keep poses."""
         motion = self
         if z_up:
-            lifted = self.translation + floor_to_pelvis(rest_joints)
-            motion = dataclasses.replace(self, translation=lifted).turned(Z_UP_FROM_SMPL)
+            motion = self.turned(Z_UP_FROM_SMPL)
+            trans = motion.translation + amass_trans_offset(rest_joints)
+            motion = dataclasses.replace(motion, translation=trans)
         arrays = {
             "poses": motion.axis_angle.reshape(len(self), NUM_JOINTS * 3),
             "trans": motion.translation,
@@ -323,9 +327,8 @@ class Motion:
                 motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
             if not z_up:
                 return motion
-            motion = motion.turned(Z_UP_FROM_SMPL.T)
-            lowered = motion.translation - floor_to_pelvis(rest_joints)
-            return dataclasses.replace(motion, translation=lowered)
+            offset = motion.translation - amass_trans_offset(rest_joints)
+            return dataclasses.replace(motion, translation=offset).turned(Z_UP_FROM_SMPL.T)
         except FileNotFoundError:
             raise
         except ValueError as exc:

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from shared_protocol.pose import POSE_LAYOUT, Z_UP_FROM_SMPL, Motion, Pose, floor_to_pelvis
+from shared_protocol.pose import POSE_LAYOUT, Z_UP_FROM_SMPL, Motion, Pose, amass_trans_offset
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
 
@@ -116,8 +116,8 @@ def test_motion_npz_round_trip_in_amass_layout(tmp_path):
             atol=1e-12,
         )
         # ... and the pelvis above AMASS's floor, not at its rest height's offset
-        lifted = poses[2].translation + floor_to_pelvis()
-        np.testing.assert_allclose(raw["trans"][2], Z_UP_FROM_SMPL @ lifted)
+        lifted = Z_UP_FROM_SMPL @ poses[2].translation + amass_trans_offset()
+        np.testing.assert_allclose(raw["trans"][2], lifted)
 
     loaded = Motion.load_npz(path)
     for got, expected in zip(loaded.poses(), poses, strict=True):
@@ -182,7 +182,7 @@ def test_an_upright_amass_body_loads_upright(tmp_path):
     np.savez(tmp_path / "walk.npz", poses=poses, trans=trans, mocap_framerate=np.array(60.0))
     motion = Motion.load_npz(tmp_path / "walk.npz")
     np.testing.assert_allclose(motion.axis_angle[:, 0], 0.0, atol=1e-12)  # upright, facing +Z
-    height = floor_to_pelvis()[1]  # the rest pelvis above the feet: 0.96 m
+    height = amass_trans_offset()[2]  # the rest pelvis above the feet: 0.96 m
     assert 0.9 < height < 1.0
     np.testing.assert_allclose(
         motion.translation, [[0.0, 0.93 - height, -0.3], [1.0, 0.93 - height, -0.3]], atol=1e-12

@@ -19,7 +19,14 @@ import torch
 from blender_addon.blender.armature import create_smpl_armature, rest_joints
 from blender_addon.blender.posing import apply_pose
 from blender_addon.core.smpl_model import load_smpl_model
-from shared_protocol.skeleton import DEFAULT_REST_JOINTS, JOINT_NAMES, PARENTS, smpl_to_blender
+from shared_protocol.pose import Z_UP_FROM_SMPL, Motion
+from shared_protocol.skeleton import (
+    DEFAULT_REST_JOINTS,
+    JOINT_NAMES,
+    PARENTS,
+    forward_kinematics,
+    smpl_to_blender,
+)
 
 from .helpers import random_pose
 
@@ -127,3 +134,27 @@ def test_extra_people_face_as_the_target_and_get_a_body_only_when_it_fits(blende
     mesh = next(o for o in person.children if o.type == "MESH")
     assert len(mesh.data.vertices) != NUM_VERTICES  # the mannequin, built on the target's bones
     np.testing.assert_allclose(rest_joints(person), rest_joints(target), atol=1e-6)
+
+
+def test_an_exported_motion_puts_smplx_s_body_where_the_project_puts_it(tmp_path):
+    """AMASS's `trans` is added to SMPL's rest pelvis J0, unturned: for a body whose J0 is not
+    the origin (SMPL's is 22 cm below it), the file must say so, both ways."""
+    npz = tmp_path / "SMPL_NEUTRAL.npz"
+    arrays = write_synthetic_smpl(npz)
+    arrays["v_template"] = arrays["v_template"] + np.array([-0.002, -0.223, 0.028])  # SMPL's J0
+    np.savez(npz, **arrays)
+    body = smplx_from_npz(npz, tmp_path / "models")
+    rest = load_smpl_model(npz).rest_joints
+    assert abs(rest[0, 1] + 0.223) < 0.01
+    motion = Motion(random_pose(1).axis_angle[None].repeat(2, 0), np.array([[0.1, 0.05, 0.2]] * 2))
+    motion.save_npz(tmp_path / "take.npz", rest_joints=rest)
+    with np.load(tmp_path / "take.npz") as take:
+        poses, trans = (torch.tensor(take[k]) for k in ("poses", "trans"))
+    with torch.no_grad():
+        out = body(global_orient=poses[:, :3], body_pose=poses[:, 3:], transl=trans)
+    positions, _ = forward_kinematics(motion.axis_angle[0], rest, motion.translation[0])
+    floor = np.array([0.0, 0.0, rest[:, 1].min()])  # the floor under the rest body
+    expected = positions @ Z_UP_FROM_SMPL.T - floor
+    np.testing.assert_allclose(out.joints[0, :24].numpy(), expected, rtol=0, atol=1e-7)
+    back = Motion.load_npz(tmp_path / "take.npz", rest_joints=rest)
+    np.testing.assert_allclose(back.translation, motion.translation, atol=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 # The processors scale an image's short side up to the model's size before cropping, so a
 # 1 x 60,000 strip of 320 bytes would cost gigabytes; no photo or viewport is this thin.
 MAX_ASPECT_RATIO = 20
-# Pillow reads every PNG chunk or JPEG segment before the pixels, in Python: a few million
-# empty ones hold the server's I/O thread for seconds. Real files have a few dozen.
+# Pillow reads every PNG chunk before the pixels, and every JPEG marker before the first scan,
+# in Python: a few million empty ones hold the server's I/O thread for seconds. Real files have
+# a few dozen.
 MAX_HEADER_PARTS = 1000
 # Each scan of a progressive JPEG decodes the whole image again: 500 repeated scans of an
 # 8000 x 8000 image (300 KB) take 20 s. Encoders write about 10.
@@ -78,27 +80,49 @@ def _check_structure(data: bytes, field: str) -> None:
     """BadImageError for a file whose header parts or scans would cost Pillow seconds; each
     limit is far above what an encoder writes. Anything else is left to Pillow."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        offset, parts = 8, 0
-        while offset + 8 <= len(data) and data[offset + 4 : offset + 8] != b"IDAT":
-            offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
-            parts += 1
-            if parts > MAX_HEADER_PARTS:
-                raise BadImageError(
-                    f"{field}: more than {MAX_HEADER_PARTS} PNG chunks before the pixels"
-                )
+        _check_png(data, field)
     elif data.startswith(b"\xff\xd8"):
-        offset, parts = 2, 0
-        while offset + 4 <= len(data) and data[offset] == 0xFF:
-            marker = data[offset + 1]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                break  # the frame header: the size, then tables and scans
-            offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
-            parts += 1
-            if parts > MAX_HEADER_PARTS:
-                raise BadImageError(
-                    f"{field}: more than {MAX_HEADER_PARTS} JPEG segments before the frame"
-                )
-        # 0xFF 0xDA starts a scan, and scan data never holds it (a 0xFF there is followed by
-        # 0x00 or a restart marker); a thumbnail's scans count too, which errs on the safe side.
-        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
-            raise BadImageError(f"{field}: more than {MAX_JPEG_SCANS} JPEG scans")
+        _check_jpeg(data, field)
+
+
+def _check_png(data: bytes, field: str) -> None:
+    offset, parts = 8, 0
+    while offset + 8 <= len(data) and data[offset + 4 : offset + 8] != b"IDAT":
+        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
+        parts += 1
+        if parts > MAX_HEADER_PARTS:
+            raise BadImageError(
+                f"{field}: more than {MAX_HEADER_PARTS} PNG chunks before the pixels"
+            )
+
+
+# A marker: 0xFF, any fill bytes (more 0xFF), then its code. In a scan's data a 0xFF is
+# followed by 0x00 (a stuffed byte) or a restart code (0xD0-0xD7), so those are no marker.
+_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+_END_OF_IMAGE, _START_OF_SCAN = 0xD9, 0xDA
+
+
+def _check_jpeg(data: bytes, field: str) -> None:
+    """Walks the markers as a decoder does, up to the end of the image (a motion photo's video,
+    or an MPO's second picture, after it is no part of it): every segment and fill byte is a
+    part, every scan's data is skipped in one search."""
+    offset, parts, scans = 2, 0, 0
+    while (marker := _MARKER.match(data, offset)) is not None:
+        code = marker.group(1)[0]
+        parts += marker.end() - marker.start() - 1  # the fill bytes and the marker
+        if parts > MAX_HEADER_PARTS:
+            raise BadImageError(f"{field}: more than {MAX_HEADER_PARTS} JPEG markers")
+        if code == _END_OF_IMAGE:
+            return
+        offset = marker.end()
+        if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
+            continue
+        offset += int.from_bytes(data[offset : offset + 2], "big")
+        if code == _START_OF_SCAN:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise BadImageError(f"{field}: more than {MAX_JPEG_SCANS} JPEG scans")
+            following = _MARKER.search(data, offset)
+            if following is None:
+                return
+            offset = following.start()

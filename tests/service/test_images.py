@@ -1,6 +1,7 @@
 import io
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -63,15 +64,22 @@ def test_a_palette_png_without_its_palette_is_a_bad_image_not_a_model_failure():
         decode_image(broken)
 
 
-def _progressive_jpeg(repeats: int = 0, comments: int = 0) -> bytes:
-    """A progressive JPEG, its last scan repeated (each repeat re-decodes the whole image) and
-    empty comment segments added before the frame."""
+def _progressive_jpeg(
+    repeats: int = 0, comments: int = 0, where: str = "first", fill: int = 0, after: bytes = b""
+) -> bytes:
+    """A progressive JPEG: its last scan repeated (each repeat re-decodes the whole image),
+    empty comment segments first or after the frame header, 0xFF fill bytes before its first
+    marker, and `after` past its end (as a motion photo's video)."""
     buffer = io.BytesIO()
     Image.new("L", (64, 48), 128).save(buffer, "JPEG", progressive=True, exif=b"Exif\0\0MM")
     data = buffer.getvalue()
     last_scan = data.rindex(b"\xff\xda")
     scan = data[last_scan:-2]  # up to the end-of-image marker
-    return data[:2] + b"\xff\xfe\x00\x02" * comments + data[2:-2] + scan * repeats + data[-2:]
+    sof = data.index(b"\xff\xc2")  # the progressive frame header
+    at = 2 if where == "first" else sof + 2 + int.from_bytes(data[sof + 2 : sof + 4], "big")
+    comment = b"\xff\xfe\x00\x02" * comments
+    body = data[:at] + comment + data[at:-2] + scan * repeats + data[-2:]
+    return body[:2] + b"\xff" * fill + body[2:] + after
 
 
 def _png_with_chunks(count: int) -> bytes:
@@ -83,11 +91,18 @@ def _png_with_chunks(count: int) -> bytes:
 
 def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_structure():
     assert decode_image(_progressive_jpeg(repeats=50)).size == (64, 48)  # within the limits
+    video = bytes(np.random.default_rng(0).integers(0, 256, 8_000_000, dtype=np.uint8))
+    assert video.count(b"\xff\xda") > 100  # a motion photo's video, after the picture
+    assert decode_image(_progressive_jpeg(after=video)).size == (64, 48)
     assert decode_image(_progressive_jpeg(comments=900)).size == (64, 48)
     assert decode_image(_png_with_chunks(900)).size == (8, 8)
     with pytest.raises(BadImageError, match=r"images\[1\]: more than 100 JPEG scans"):
         check_image(_progressive_jpeg(repeats=500), "images[1]")
-    with pytest.raises(BadImageError, match="more than 1000 JPEG segments before the frame"):
+    with pytest.raises(BadImageError, match="more than 1000 JPEG markers"):
         check_image(_progressive_jpeg(comments=1_000_000))
+    with pytest.raises(BadImageError, match="more than 1000 JPEG markers"):  # after the frame
+        check_image(_progressive_jpeg(comments=1_000_000, where="after the frame"))
+    with pytest.raises(BadImageError, match="more than 1000 JPEG markers"):
+        check_image(_progressive_jpeg(fill=8_000_000))  # fill bytes, read one by one
     with pytest.raises(BadImageError, match="more than 1000 PNG chunks before the pixels"):
         check_image(_png_with_chunks(1_000_000))

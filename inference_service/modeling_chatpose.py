@@ -383,7 +383,8 @@ class ChatPoseModel:
         self, inputs: dict[str, torch.Tensor], generated: torch.Tensor
     ) -> torch.Tensor:
         """(pose tokens in the reply, H): the final-layer state before each pose token the reply
-        generated, from one pass over the prompt and the reply up to its last pose token.
+        generated, from a pass over the prompt (with its images) and then, on its key/value
+        cache, one over the reply up to its last pose token, as generation reads them.
 
         Generation could keep these states itself, but only by keeping every layer's states at
         every step; and how many forwards a generation makes (a chunked prefill, prompt lookup)
@@ -392,13 +393,25 @@ class ChatPoseModel:
         is_pose = (generated == self.pose_token_id).nonzero().flatten()
         if not len(is_pose):
             return torch.zeros((0, self.config.hidden_size), device=self.device)
-        prompt_length = inputs["input_ids"].shape[1]
-        end = prompt_length + int(is_pose[-1])  # causal: the pose token itself is not needed
-        sequence = torch.cat([inputs["input_ids"], generated[None]], dim=1)[:, :end]
-        full = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
+        reply = generated[None, : int(is_pose[-1])]  # causal: the last pose token is not needed
+        cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            hidden, offset = self._final_states(full)
-        return hidden[0, prompt_length + is_pose - 1 - offset]
+            prompt = self._backbone(**inputs, use_cache=True, **{self._cache_keyword: cache})
+            states = [prompt.last_hidden_state[:, -1:]]  # the state before the reply's first token
+            if reply.shape[1]:
+                # No images here: the reply's tokens are text, whatever they spell (an image
+                # token in it is an embedding, as in generation).
+                mask = torch.ones(
+                    (1, inputs["input_ids"].shape[1] + reply.shape[1]),
+                    dtype=inputs["attention_mask"].dtype,
+                    device=reply.device,
+                )
+                rest = self._backbone(
+                    input_ids=reply, attention_mask=mask, use_cache=True,
+                    **{self._cache_keyword: cache},
+                )  # fmt: skip
+                states.append(rest.last_hidden_state)
+        return torch.cat(states, dim=1)[0, is_pose]
 
     @property
     def context_length(self) -> int:

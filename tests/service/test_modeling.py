@@ -203,6 +203,36 @@ def test_chat_poses_do_not_depend_on_how_the_base_generates(tiny_model, monkeypa
     assert outputs[0].hidden_states is None
 
 
+def test_reply_pose_states_are_generation_s_own_with_an_image_token_in_the_reply(
+    tiny_model, monkeypatch
+):
+    """The reply's tokens are read as generation read them: text, on the prompt's cache, even
+    the image token (the prompt's image features go with the prompt alone)."""
+    image_id = tiny_model.tokenizer.convert_tokens_to_ids(tiny_model.image_token)
+    words = tiny_model.tokenizer("It is", add_special_tokens=False).input_ids
+    pose_id = tiny_model.pose_token_id
+    forced = [*words, image_id, pose_id, tiny_model.tokenizer.eos_token_id]
+    generations, states = [], []
+    generate, reply_states = tiny_model.model.generate, tiny_model._reply_pose_states
+
+    def generate_keeping_states(**kwargs):
+        generations.append(generate(**{**kwargs, "output_hidden_states": True}))
+        return generations[-1]
+
+    def recorded(inputs, generated):
+        states.append(reply_states(inputs, generated))
+        return states[-1]
+
+    monkeypatch.setattr(tiny_model.model, "generate", generate_keeping_states)
+    monkeypatch.setattr(tiny_model, "_reply_pose_states", recorded)
+    reply = tiny_model.chat(
+        "Show me the pose", [RED], logits_processor=[ForceTokens(forced)], max_new_tokens=8
+    )
+    assert len(reply.poses) == 1
+    at_pose = generations[0].hidden_states[forced.index(pose_id)][-1][0, -1]
+    torch.testing.assert_close(states[0][0], at_pose, atol=1e-5, rtol=1e-5)
+
+
 def test_reply_with_several_pose_tokens_gives_several_poses(tiny_model):
     answer = "Two poses: first sitting <POSE>, then standing <POSE>."
     forced = answer_ids(tiny_model, "Show me two poses.", answer, 0)

@@ -240,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CLOSED_OUTPUT
 
 
+# Modules whose package is named otherwise on the package index.
+_PACKAGE_OF_MODULE = {"PIL": "pillow"}
+
+
 def missing_service_package(exc: ModuleNotFoundError) -> str:
     """What to say when the model's packages are not installed."""
+    module = (exc.name or "").partition(".")[0]
+    package = _PACKAGE_OF_MODULE.get(module, module)
     return (
-        f"this runs the model here, which needs the '{exc.name}' package: "
-        "pip install 'chatpose-blender[service]' (a client-only install has status, pose and "
-        "batch against a running service)"
+        f"this runs the model here, which needs the '{package}' package: in the project's "
+        "folder, pip install '.[service]' (a client-only install has status, pose and batch "
+        "against a running service)"
     )
 
 

@@ -58,4 +58,5 @@ def test_a_client_only_install_names_the_missing_package_not_a_traceback(argv, t
     )
     assert ran.returncode == cli.EXIT_USAGE, ran.stderr
     assert "Traceback" not in ran.stderr
-    assert "needs the '" in ran.stderr and "pip install 'chatpose-blender[service]'" in ran.stderr
+    assert "needs the '" in ran.stderr and "pip install '.[service]'" in ran.stderr
+    assert "'PIL'" not in ran.stderr  # the package, not the module: pillow

@@ -17,7 +17,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(CONSTRAINTS) $(TORCH_INDEX) -e '.[service,blender,dev]'
+	index="$(TORCH_INDEX)"; \
+	if [ -z "$$index" ] && [ -n "$(CONSTRAINTS)" ] && [ "$$(uname -s)" = Linux ]; then \
+		echo "note: $(TORCH_CPU_INDEX) cannot be reached; torch==2.13.0+cpu must come from pip's own settings (a local wheel or mirror), else pass TORCH_INDEX='--extra-index-url URL'"; \
+	fi; \
+	$(BIN)/python -m pip install $(CONSTRAINTS) $$index -e '.[service,blender,dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

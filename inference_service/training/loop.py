@@ -553,6 +553,18 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
+def _check_can_make(out: Path) -> None:
+    """TrainingError when `out` could not be made or written: the nearest folder that exists
+    must be one, writable (the run makes the rest only once its data and model are ready)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainingError(f"--out: {existing} is a file, so {out} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out: cannot write in {existing}")
+
+
 def _run_files(out: Path) -> list[str]:
     """What a run has written into `out`."""
     names = (LATEST_NAME, LOG_NAME, DIVERGED_NAME, "base", ".base.tmp")
@@ -672,6 +684,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     resume_from = None
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out: {out} is a file; name a folder for the run")
+    _check_can_make(out)  # now, not once the model has loaded
     if config.resume:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:

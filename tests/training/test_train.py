@@ -425,6 +425,18 @@ def test_a_run_that_fails_to_start_leaves_out_as_it_found_it(
     assert (out / "base").is_dir() and (out / "latest").is_file()
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(
+    base, tmp_path, monkeypatch, capsys, read_only
+):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    read_only(shared)
+    monkeypatch.setattr(loop, "load_training_model", _raise(AssertionError("loaded")))
+    argv = ["--base", str(base), *_write_data(tmp_path), "--out", str(shared / "run" / "1")]
+    assert train_cli.main(argv) == train_cli.EXIT_USAGE
+    assert f"error: --out: cannot write in {shared}" in capsys.readouterr().err
+
+
 def _raise(error):
     def raising(*args, **kwargs):
         raise error
@@ -463,9 +475,9 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
     (tmp_path / "file").write_text("")
     assert train_cli.main([*common, "--out", str(tmp_path / "file")]) == train_cli.EXIT_USAGE
     assert "--out: " in capsys.readouterr().err
-    under_a_file = tmp_path / "file" / "run"  # found only when the run makes its folder
+    under_a_file = tmp_path / "file" / "run" / "1"  # found before the model loads
     assert train_cli.main([*common, "--out", str(under_a_file)]) == train_cli.EXIT_USAGE
-    assert f"error: {under_a_file}: Not a directory; no checkpoint" in capsys.readouterr().err
+    assert f"--out: {tmp_path / 'file'} is a file, so {under_a_file}" in capsys.readouterr().err
     for flag, value in (("--lr", "inf"), ("--mix", "inf:1:1"), ("--mix", "nan:1:1")):
         with pytest.raises(SystemExit) as info:
             train_cli.main([*common, "--out", str(tmp_path / "o"), flag, value])

@@ -293,16 +293,23 @@ def _pose(args: argparse.Namespace) -> int:
         if args.json:  # a script reading stdout gets the error reply too
             _print_error_reply(exc)
         raise
-    # The file first: a reader that closes stdout early (`| head`) must not cost it.
+    # The file first: a reader that closes stdout early (`| head`) must not cost it; and a
+    # file that cannot be written must not cost the reply.
+    unwritten = None
     if args.out and not reply.poses:  # a chat reply may hold none: keep what --out holds
         _report(f"the reply holds no pose; {args.out} was not written")
     elif args.out:
-        _write_motion(args.out, list(reply.poses), fps=30.0)
-        _report(f"wrote {len(reply.poses)} pose(s) to {args.out}")
+        try:
+            _write_motion(args.out, list(reply.poses), fps=30.0)
+            _report(f"wrote {len(reply.poses)} pose(s) to {args.out}")
+        except CommandError as exc:
+            unwritten = exc
     if args.json:
         print(encode_reply(reply)[0].decode("utf-8"))
     else:
         _print_pose_reply(reply)
+    if unwritten is not None:
+        raise unwritten
     return EXIT_OK
 
 

@@ -200,6 +200,21 @@ def test_pose_writes_out_before_printing_so_a_closed_stdout_costs_no_file(addres
     assert Motion.load_npz(out_file).labels == ("bow",)
 
 
+def test_pose_json_still_prints_the_reply_when_out_cannot_be_written(
+    address, capsys, tmp_path, monkeypatch
+):
+    def disk_full(path, poses, fps):
+        raise cli.CommandError(cli.EXIT_BAD_INPUT, f"--out: cannot write {path} (disk full)")
+
+    monkeypatch.setattr(cli, "_write_motion", disk_full)
+    out_file = tmp_path / "pose.npz"
+    code, out, err = run(
+        capsys, "pose", "bow", "--json", "--out", str(out_file), "--address", address
+    )
+    assert code == cli.EXIT_BAD_INPUT and "cannot write" in err
+    assert json.loads(out)["ok"] is True  # the service's answer is not lost with the file
+
+
 @pytest.mark.parametrize("cut_short", [False, True], ids=["finished", "interrupted"])
 def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
     address, backend, capsys, tmp_path, monkeypatch, cut_short

@@ -11,7 +11,7 @@ import numpy as np
 from shared_protocol.pose import Motion, Pose
 
 from ..core.posing import bone_quaternions, root_location
-from ..core.timeline import frames_for, keyed_frame_list, motion_fps
+from ..core.timeline import frames_for, keyed_frame_list, motion_frames
 from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
 from .armature import bone_names, bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
@@ -116,18 +116,19 @@ def scene_fps(scene: bpy.types.Scene) -> float:
 def motion_from_keys(
     obj: bpy.types.Object, fps: float, frames: Sequence[int] | None = None
 ) -> Motion:
-    """The armature's keyed frames (or ``frames``) read back as a Motion.
+    """The armature's keyed frames read back as a Motion (``timeline.motion_frames``: from the
+    first key to the last, every greatest common gap between keys, at ``fps`` divided by it), or
+    ``frames``, at ``fps``.
 
-    With no keys at all, the current pose is the one frame. The frame rate is ``fps`` divided by
-    the common gap of evenly spaced frames (keys every 2 frames at 30 fps make 15 fps).
+    With no keys at all, the current pose is the one frame.
     """
-    frames = keyed_frames(obj) if frames is None else list(frames)
+    rate = fps
+    if frames is None:
+        frames, rate = motion_frames(keyed_frames(obj), fps)
     if frames:
         poses = [read_pose(obj, frame) for frame in frames]
-        rate = motion_fps(frames, fps)
     else:
         poses = [read_pose(obj)]
-        rate = fps
     gender = obj.get(GENDER_PROPERTY, "neutral")
     betas = obj.get(BETAS_PROPERTY)
     return Motion.from_poses(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 # Blender's frames go from -MAX_FRAME to MAX_FRAME (its MAXFRAME): a key past them is never
@@ -38,18 +39,22 @@ def keyed_frame_list(frames: Iterable[float]) -> list[int]:
     return sorted({round(f) for f in frames})
 
 
-def uniform_step(frames: list[int]) -> int | None:
-    """The common gap of evenly spaced frames, None when uneven (or fewer than two)."""
-    if len(frames) < 2:
-        return None
-    gaps = {b - a for a, b in zip(frames, frames[1:], strict=False)}
-    return gaps.pop() if len(gaps) == 1 else None
+# Frames an export reads back at most between uneven keys (a key a few ms each): past it, a
+# stray key far from the others would hold Blender for minutes, and the keys alone are read.
+MAX_SAMPLED_FRAMES = 10_000
 
 
-def motion_fps(frames: list[int], scene_fps: float) -> float:
-    """Frame rate of a motion made of the keyed ``frames`` of a scene playing at ``scene_fps``.
-
-    Keys every s frames make a motion at scene_fps / s; uneven keys keep the scene's rate.
-    """
-    step = uniform_step(frames)
-    return scene_fps / step if step else scene_fps
+def motion_frames(keyed: list[int], scene_fps: float) -> tuple[list[int], float]:
+    """The frames a motion samples from the keyed frames of a scene playing at ``scene_fps``,
+    and its frame rate: every s frames from the first key to the last, s the greatest common
+    gap between keys, at scene_fps / s. Evenly spaced keys are their own frames (keys every 2
+    frames at 30 fps: 15 fps); uneven ones keep their timing, the frames between them as
+    Blender plays them (keys at 1, 11, 21, 26: every 5 frames). More than
+    ``MAX_SAMPLED_FRAMES`` between the keys: the keys alone, at ``scene_fps``."""
+    if len(keyed) < 2:
+        return list(keyed), scene_fps
+    step = math.gcd(*(b - a for a, b in zip(keyed, keyed[1:], strict=False)))
+    frames = range(keyed[0], keyed[-1] + 1, step)
+    if len(frames) > max(MAX_SAMPLED_FRAMES, len(keyed)):  # a stray key far away: the keys
+        return list(keyed), scene_fps
+    return list(frames), scene_fps / step

@@ -303,6 +303,16 @@ def test_motion_from_keys_round_trip(blender):
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
 
 
+def test_uneven_keys_export_with_their_timing(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(i) for i in range(4)], [1, 11, 21, 26])
+    back = motion_from_keys(obj, fps=24.0)
+    assert len(back) == 6 and back.fps == 4.8  # every 5 frames: 1.04 s, as Blender plays it
+    for k, frame in enumerate(range(1, 27, 5)):
+        np.testing.assert_allclose(back.axis_angle[k], read_pose(obj, frame).axis_angle)
+    np.testing.assert_allclose(back.axis_angle[5], random_pose(3).axis_angle, atol=1e-5)
+
+
 def test_no_keys_exports_the_current_pose(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     apply_pose(obj, random_pose(4))

@@ -353,9 +353,12 @@ def test_timeline():
     assert timeline.keyed_frame_list([3.0, 1.0, 3.0, 2.0000001]) == [1, 2, 3]
     with pytest.raises(ValueError, match=r"a key lies between frames \(at 2.5\); snap"):
         timeline.keyed_frame_list([1.0, 2.5, 4.0])
-    assert timeline.motion_fps([1, 3, 5], 30.0) == 15.0
-    assert timeline.motion_fps([1, 2, 5], 30.0) == 30.0
-    assert timeline.motion_fps([7], 24.0) == 24.0
+    assert timeline.motion_frames([1, 3, 5], 30.0) == ([1, 3, 5], 15.0)
+    assert timeline.motion_frames([1, 11, 21, 26], 24.0) == ([1, 6, 11, 16, 21, 26], 4.8)
+    assert timeline.motion_frames([1, 2, 5], 30.0) == ([1, 2, 3, 4, 5], 30.0)
+    assert timeline.motion_frames([7], 24.0) == ([7], 24.0)
+    assert timeline.motion_frames([], 24.0) == ([], 24.0)
+    assert timeline.motion_frames([1, 2, 50_000], 24.0) == ([1, 2, 50_000], 24.0)  # stray key
 
 
 def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():

@@ -361,9 +361,14 @@ class Motion:
             translation=arrays.get("trans", np.zeros((frames, 3))),
             fps=float(arrays[fps_key].item()),
             gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
-            betas=arrays.get("betas", np.zeros(10)),
+            betas=_betas(arrays.get("betas", np.zeros(10))),
             labels=_labels(arrays["labels"]) if "labels" in arrays else None,
         )
+
+
+def _betas(value: np.ndarray) -> np.ndarray:
+    """A file's betas as one row: some tools save the (1, k) row smplx takes."""
+    return value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value
 
 
 def _labels(value: np.ndarray) -> tuple[str, ...]:

@@ -231,12 +231,14 @@ def test_motion_reads_real_amass_variants(tmp_path):
         mocap_frame_rate=np.array([30]),  # of shape (1,)
         # stage-ii files keep a dict here, which only a pickle can read
         markers_latent_vids=np.array({"C7": 3832}, dtype=object),
+        betas=np.arange(16)[None] / 10,  # (1, 16), the row smplx takes, as some tools save it
     )
     motion = Motion.load_npz(tmp_path / "smplx.npz", z_up=False)
     assert motion.fps == 30.0 and motion.gender == "neutral"
     np.testing.assert_array_equal(motion.translation, np.zeros((4, 3)))
     np.testing.assert_array_equal(motion.axis_angle[:, :22].reshape(4, 66), smplx[:, :66])
     np.testing.assert_array_equal(motion.axis_angle[:, 22:], 0.0)  # no jaw on SMPL's hands
+    np.testing.assert_array_equal(motion.betas, np.arange(16) / 10)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_ax
 from ..core.posing import (
     axis_angle_from_bone_quaternions,
     bone_quaternions,
+    continuous_axis_angles,
     continuous_quaternions,
     root_location,
     translation_from_root_location,
@@ -55,11 +56,7 @@ def rotation_channel_values(quaternions, mode: str, before) -> np.ndarray:
         return continuous_quaternions(q, np.asarray(before, dtype=np.float64))
     if mode == "AXIS_ANGLE":
         # In float64: mathutils' float32 acos(w) loses small angles (1e-4 rad read back as 0).
-        vectors = quaternion_to_axis_angle(q)
-        angles = np.linalg.norm(vectors, axis=-1, keepdims=True)
-        unit = vectors / np.where(angles > 0, angles, 1.0)
-        axes = np.where(angles > 0, unit, [0.0, 1.0, 0.0])  # Blender's default axis at 0
-        return np.concatenate([angles, axes], axis=-1)
+        return continuous_axis_angles(quaternion_to_axis_angle(q), before)
     previous = Euler(before, mode)
     values = np.empty((len(q), 3))
     for n, wxyz in enumerate(q.tolist()):

@@ -122,3 +122,39 @@ def continuous_quaternions(quaternions, start=None) -> np.ndarray:
         steps = np.where(np.sum(q[1:] * q[:-1], axis=-1) < 0, -1.0, 1.0)
         signs[1:] = signs[0] * np.cumprod(steps, axis=0)
     return q * signs[..., None]
+
+
+def continuous_axis_angles(vectors, start) -> np.ndarray:
+    """(N, 3) rotation vectors in time order -> (N, 4) (angle, x, y, z) channel values of an
+    AXIS_ANGLE bone, each written in the one of its equivalent forms (the axis either way, the
+    angle whole turns on or back) that follows the values before it (``start`` before the
+    first): the axis on the same side as before, then the angle nearest. Blender interpolates
+    each channel on its own, and an axis that flips between keys swings the bone through
+    another rotation half way. No rotation keeps the axis it had."""
+    vectors = np.asarray(vectors, dtype=np.float64).reshape(-1, 3)
+    values = np.empty((len(vectors), 4))
+    previous = np.asarray(start, dtype=np.float64)
+    for n, vector in enumerate(vectors):
+        values[n] = previous = _axis_angle_after(vector, previous)
+    return values
+
+
+def _axis_angle_after(vector: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    angle = float(np.linalg.norm(vector))
+    if angle == 0.0:
+        return np.array([_nearest_turn(0.0, previous[0]), *previous[1:]])
+    # Before no rotation (a whole number of turns), either side of the axis will do.
+    was_turning = abs(np.sin(previous[0] / 2)) > 1e-9 and bool(np.any(previous[1:]))
+    best = None
+    for sign in (1.0, -1.0):
+        axis = sign * vector / angle
+        turned = _nearest_turn(sign * angle, previous[0])
+        cost = (was_turning and float(axis @ previous[1:]) < 0, abs(turned - previous[0]))
+        if best is None or cost < best[0]:
+            best = (cost, np.array([turned, *axis]))
+    return best[1]
+
+
+def _nearest_turn(angle: float, reference: float) -> float:
+    """`angle` plus the whole number of turns that brings it nearest `reference`."""
+    return angle + 2 * np.pi * np.round((reference - angle) / (2 * np.pi))

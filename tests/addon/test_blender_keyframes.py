@@ -303,6 +303,24 @@ def test_motion_from_keys_round_trip(blender):
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
 
 
+def test_an_axis_angle_bone_turns_between_its_keys_not_jumps(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bone = obj.pose.bones["left_shoulder"]
+    bone.rotation_mode = "AXIS_ANGLE"
+    bone.rotation_axis_angle = (np.radians(170), -1.0, 0.0, 0.0)  # what the bone held before
+    turns = {1: 60, 11: -60, 21: 170}
+    for frame, degrees in turns.items():
+        pose = np.zeros((24, 3))
+        pose[16, 0] = np.radians(degrees)
+        apply_pose(obj, Pose(pose), frame=frame)
+    angles = [np.degrees(read_pose(obj, frame).axis_angle[16, 0]) for frame in range(1, 12)]
+    assert angles[0] == pytest.approx(60) and angles[-1] == pytest.approx(-60)
+    assert (np.diff(angles) < 0).all()  # from 60° to -60° frame by frame, no jump at the end
+    assert abs(angles[5]) < 40
+    on = np.degrees(read_pose(obj, 16).axis_angle[16])
+    assert on[0] < -100  # on from -60° to 170° the short way, through -180°, not back past 0°
+
+
 def test_uneven_keys_export_with_their_timing(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(i) for i in range(4)], [1, 11, 21, 26])

@@ -376,3 +376,22 @@ def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
     assert smpl_bone_names(mixed) is None
     assert missing_smpl_bones(mixed) == list(JOINT_NAMES[12:])  # the closer naming's
     assert missing_smpl_bones([]) == list(JOINT_NAMES)
+
+
+def test_axis_angle_channels_follow_the_key_before():
+    x = np.array([1.0, 0.0, 0.0])
+    degrees = [60, -60, -170, 170, 0, 30]
+    values = posing.continuous_axis_angles(
+        [np.radians(d) * x for d in degrees], start=[0.0, 0.0, 1.0, 0.0]
+    )
+    for value, d in zip(values, degrees, strict=True):  # each the same rotation as asked
+        np.testing.assert_allclose(
+            axis_angle_to_matrix(value[0] * value[1:]),
+            axis_angle_to_matrix(np.radians(d) * x),
+            atol=1e-12,
+        )
+    axes, angles = values[:, 1:], np.degrees(values[:, 0])
+    assert (axes[:4] @ x > 0).all() or (axes[:4] @ x < 0).all()  # the axis never flips
+    np.testing.assert_allclose(np.diff(angles[:4]), [-120, -110, -20])  # -170 to 170: 20°
+    np.testing.assert_allclose(axes[4], axes[3])  # no rotation keeps the axis it had
+    assert abs(np.degrees(values[5, 0]) - angles[4]) == pytest.approx(30)

@@ -46,7 +46,14 @@ _MOTION_KEYS = (
     "gender",
     "betas",
     "labels",
+    "smpl_hands",
 )
+# What a written file holds for SMPL-H readers (AMASS's own tools, HumanML3D): 156 pose numbers
+# (52 joints: the body's 22, then 30 finger joints, at rest here), 16 betas, 8 DMPLs (zero).
+# SMPL's two hand joints have no place there; they go in `smpl_hands`, which this reader takes.
+_SMPLH_WIDTH = 156
+_SMPLH_BETAS = 16
+_DMPLS = 8
 # AMASS motion files are Z-up, the global orientation and the translation included; Pose and
 # Motion hold the SMPL body frame (+Y up). Files turn between the two at load and save (the
 # same turn as SMPL to Blender: (x, y, z) -> (x, -z, y)), so an AMASS file stands upright.
@@ -206,8 +213,11 @@ def _reject_non_numbers(value: object, name: str) -> None:
 class Motion:
     """A sequence of poses at a frame rate, as an AMASS-layout `.npz` holds it.
 
-    The file has `poses` (N, 72), `trans` (N, 3), `mocap_framerate`, `gender` and `betas`;
-    per-frame labels, when present, go in an extra `labels` array that AMASS readers ignore.
+    Read: `poses` (N, 72), AMASS SMPL-H (N, 156) or SMPL-X (N, 165), `trans` (N, 3),
+    `mocap_framerate` (or `mocap_frame_rate`), `gender` and `betas`. Written as AMASS's SMPL-H
+    files: `poses` (N, 156) with the fingers at rest, `betas` (16,) and `dmpls` (N, 8), plus
+    `smpl_hands` (N, 6), SMPL's hand joints, which SMPL-H has no place for; per-frame labels,
+    when present, go in an extra `labels` array. AMASS readers ignore both.
     A Motion is in the SMPL body frame, as Pose; its files are Z-up as AMASS's unless asked
     otherwise (`save_npz`, `load_npz`).
     """
@@ -290,12 +300,19 @@ class Motion:
             motion = self.turned(Z_UP_FROM_SMPL)
             trans = motion.translation + amass_trans_offset(rest_joints)
             motion = dataclasses.replace(motion, translation=trans)
+        frames = len(self)
+        poses = np.zeros((frames, _SMPLH_WIDTH))
+        poses[:, : _BODY_JOINTS * 3] = motion.axis_angle[:, :_BODY_JOINTS].reshape(frames, 66)
+        betas = np.zeros(max(_SMPLH_BETAS, len(self.betas)))
+        betas[: len(self.betas)] = self.betas
         arrays = {
-            "poses": motion.axis_angle.reshape(len(self), NUM_JOINTS * 3),
+            "poses": poses,
+            "smpl_hands": motion.axis_angle[:, _BODY_JOINTS:].reshape(frames, 6),
             "trans": motion.translation,
             "mocap_framerate": np.array(self.fps),
             "gender": np.array(self.gender),
-            "betas": self.betas,
+            "betas": betas,
+            "dmpls": np.zeros((frames, _DMPLS)),
         }
         if self.labels is not None:
             arrays["labels"] = np.array(self.labels, dtype=str)
@@ -349,7 +366,10 @@ class Motion:
         frames = poses.shape[0]
         if poses.shape[1] != 72:
             body = poses[:, : _BODY_JOINTS * 3]
-            poses = np.concatenate([body, np.zeros((frames, 72 - body.shape[1]))], axis=1)
+            hands = np.zeros((frames, 72 - body.shape[1]))  # SMPL's hands at rest, unless
+            if "smpl_hands" in arrays:  # a file written here kept them
+                hands = _finite_array(arrays["smpl_hands"], "smpl_hands", hands.shape)
+            poses = np.concatenate([body, hands], axis=1)
         # AMASS's SMPL-X files spell it mocap_frame_rate.
         fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
         if fps_key is None:

@@ -103,13 +103,17 @@ def test_motion_npz_round_trip_in_amass_layout(tmp_path):
     assert path.exists()
 
     with np.load(path, allow_pickle=False) as raw:
-        assert raw["poses"].shape == (5, 72)
+        # As AMASS's SMPL-H files: the body's 22 joints, then fingers at rest; SMPL's hands
+        # beside them, where SMPL-H readers do not look.
+        assert raw["poses"].shape == (5, 156) and raw["dmpls"].shape == (5, 8)
+        np.testing.assert_array_equal(raw["poses"][:, 66:], 0.0)
+        np.testing.assert_array_equal(raw["smpl_hands"][2], poses[2].axis_angle[22:].reshape(-1))
         assert raw["trans"].shape == (5, 3)
         assert float(raw["mocap_framerate"]) == 24.0
         assert str(raw["gender"]) == "female"
         assert raw["betas"].shape == (16,)
         # Z-up as AMASS: the global orientation and translation turned, the joints as they are.
-        np.testing.assert_array_equal(raw["poses"][2, 3:], poses[2].axis_angle[1:].reshape(-1))
+        np.testing.assert_array_equal(raw["poses"][2, 3:66], poses[2].axis_angle[1:22].reshape(-1))
         np.testing.assert_allclose(
             axis_angle_to_matrix(raw["poses"][2, :3]),
             Z_UP_FROM_SMPL @ axis_angle_to_matrix(poses[2].axis_angle[0]),

@@ -300,9 +300,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | None = None):
     """The `poses` of an AMASS-layout .npz as (N, 24, 3) float64.
 
-    Accepted shapes: (N, 72) (what `shared_protocol.pose.Motion.save_npz` writes: Z-up, as
-    AMASS's, unless `z_up=False`), AMASS's SMPL-H (N, 156) (the first 72 numbers are the SMPL
-    pose, as the release reads them), or (N, 24, 3). Other arrays (trans, betas,
+    Accepted shapes: (N, 72), AMASS's SMPL-H (N, 156) (the first 72 numbers are the SMPL
+    pose, as the release reads them; with the `smpl_hands` that `Motion.save_npz` writes
+    beside them, the body's 66 and those), or (N, 24, 3). Other arrays (trans, betas,
     mocap_framerate, ...) are not needed and not read. The poses are returned as stored:
     `read_posescript`'s `z_up` turns a Z-up file's global orientation.
     """
@@ -321,6 +321,9 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         )
     if not len(poses):
         raise DatasetError(f"{path}: 'poses' holds no frames")
+    hands = arrays.get("smpl_hands")
+    if poses.shape[1] == 156 and hands is not None and hands.shape == (len(poses), 6):
+        poses = np.concatenate([poses[:, :66], hands], axis=1)
     poses = poses[:, :72].astype(np.float64).reshape(-1, NUM_JOINTS, 3)
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
     if bad.size:

@@ -148,10 +148,11 @@ def test_an_exported_motion_puts_smplx_s_body_where_the_project_puts_it(tmp_path
     assert abs(rest[0, 1] + 0.223) < 0.01
     motion = Motion(random_pose(1).axis_angle[None].repeat(2, 0), np.array([[0.1, 0.05, 0.2]] * 2))
     motion.save_npz(tmp_path / "take.npz", rest_joints=rest)
-    with np.load(tmp_path / "take.npz") as take:
-        poses, trans = (torch.tensor(take[k]) for k in ("poses", "trans"))
+    with np.load(tmp_path / "take.npz") as take:  # as an SMPL reader takes an AMASS file
+        poses, hands, trans = (torch.tensor(take[k]) for k in ("poses", "smpl_hands", "trans"))
+    body_pose = torch.cat([poses[:, 3:66], hands], dim=1)
     with torch.no_grad():
-        out = body(global_orient=poses[:, :3], body_pose=poses[:, 3:], transl=trans)
+        out = body(global_orient=poses[:, :3], body_pose=body_pose, transl=trans)
     positions, _ = forward_kinematics(motion.axis_angle[0], rest, motion.translation[0])
     floor = np.array([0.0, 0.0, rest[:, 1].min()])  # the floor under the rest body
     expected = positions @ Z_UP_FROM_SMPL.T - floor

@@ -101,6 +101,13 @@ def test_an_object_array_of_ids_or_images_is_refused_not_left_out(tmp_path, read
             read_llava_conversations(conversations, poses=poses)
 
 
+def test_the_poses_this_project_writes_are_read_with_smpl_s_hands(tmp_path):
+    Motion.from_poses([Pose(p) for p in POSES]).save_npz(tmp_path / "take.npz", z_up=False)
+    captions = write_json(tmp_path / "c.json", {"3": "someone sitting"})
+    (example,) = read_posescript(captions, tmp_path / "take.npz", z_up=False)
+    np.testing.assert_allclose(example.pose, POSES[3])  # joints 22 and 23 included
+
+
 def test_posescript_amass_width_and_z_up(tmp_path):
     smplh = np.zeros((2, 156))
     smplh[:, :72] = POSES[:2].reshape(2, 72)

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reply, such as no service or an unreadable --image, prints nothing on stdout: see the "
         "exit code and stderr)",
     )
-    pose.add_argument("--out", type=Path, metavar="FILE.npz", help="write AMASS-layout .npz")
+    pose.add_argument("--out", type=_npz_file, metavar="FILE.npz", help="write AMASS-layout .npz")
     pose.add_argument("--local", action="store_true", help="run the model in this process")
     pose.add_argument("--checkpoint", type=Path, help="with --local (default: the demo model)")
 
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batch", parents=[connection], help="one prompt per line (# lines are notes)"
     )
     batch.add_argument("file", type=Path, metavar="FILE.txt")
-    batch.add_argument("--out", type=Path, metavar="FILE.npz", required=True)
+    batch.add_argument("--out", type=_npz_file, metavar="FILE.npz", required=True)
     batch.add_argument(
         "--fps", type=_frame_rate, help="frames per second (30; with --resume, the earlier file's)"
     )
@@ -641,6 +641,13 @@ def _read_prompts(path: Path) -> list[tuple[int, str]]:
     if not lines:
         raise CommandError(EXIT_BAD_INPUT, f"{path} has no prompts (one per line)")
     return lines
+
+
+def _npz_file(text: str) -> Path:
+    """--out's file: a name ending in a separator means a folder, which Path would drop."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a folder; name a .npz file in it")
+    return Path(text)
 
 
 def _check_writable(path: Path, inputs: Sequence[Path] = ()) -> None:

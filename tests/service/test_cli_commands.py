@@ -576,6 +576,8 @@ def test_a_batch_checks_its_out_file_before_any_work(address, backend, capsys, t
         (["status", "--timeout", "-5"], "expected a positive number, got '-5'"),
         (["status", "--address", "127.0.0.1:5555"], "is not a ZeroMQ address: unknown transport"),
         (["pose", "x", "--address", "tcp://127.0.0.1:x"], "port 'x' is not a number"),
+        (["batch", "f.txt", "--out", "takes/"], "takes/ names a folder; name a .npz file in it"),
+        (["pose", "x", "--out", "takes/"], "takes/ names a folder"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(capsys, argv, message):

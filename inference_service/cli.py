@@ -26,7 +26,7 @@ import numpy as np
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
-from shared_protocol.batch_text import prompt_lines
+from shared_protocol.batch_text import decode_text, prompt_lines
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
@@ -634,7 +634,7 @@ def _read_image(path: Path) -> bytes:
 def _read_prompts(path: Path) -> list[tuple[int, str]]:
     """The file's prompts (`batch_text`), each with its line number (from 1)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
+        text = decode_text(path.read_bytes())
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
     lines = prompt_lines(text)

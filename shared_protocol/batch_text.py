@@ -2,12 +2,26 @@
 
 One prompt per line, stripped of the white space around it. A blank line, or one whose first
 character that is not white space is ``#`` (a heading or a note: "# shot 12, the proposal"), is
-no prompt: it is not sent and not counted, so the frames follow the prompts alone.
+no prompt: it is not sent and not counted, so the frames follow the prompts alone. A file is
+UTF-8, or UTF-16 with a byte order mark (`decode_text`).
 """
 
 from __future__ import annotations
 
 COMMENT = "#"
+# Byte order marks: Windows' Notepad saves "Unicode" as UTF-16 with one; UTF-8 may carry one too.
+_ENCODINGS_BY_MARK = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def decode_text(data: bytes) -> str:
+    """A batch file's text: UTF-8, or UTF-16 when it starts with a byte order mark (the mark
+    is no part of the first prompt). UnicodeDecodeError for anything else."""
+    encoding = next((name for mark, name in _ENCODINGS_BY_MARK if data.startswith(mark)), "utf-8")
+    return data.decode(encoding)
 
 
 def prompt_lines(text: str) -> list[tuple[int, str]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from shared_protocol.batch_text import prompt_lines
+import pytest
+
+from shared_protocol.batch_text import decode_text, prompt_lines
 
 
 def test_prompts_are_stripped_lines_numbered_as_in_the_file():
@@ -31,3 +33,16 @@ def test_lines_end_where_an_editor_ends_them_not_at_every_unicode_separator():
         (2, "sit\x0cdown"),
         (3, "run\x0b fast\x85now"),
     ]
+
+
+def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
+    text = "café pose\nsit down\n"
+    for data in (
+        text.encode("utf-8"),
+        b"\xef\xbb\xbf" + text.encode("utf-8"),
+        text.encode("utf-16"),  # Notepad's "Unicode": little-endian, with its mark
+        b"\xfe\xff" + text.encode("utf-16-be"),
+    ):
+        assert decode_text(data) == text
+    with pytest.raises(UnicodeDecodeError):
+        decode_text("café".encode("latin-1"))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import bpy
 
 from shared_protocol.address import AddressError, is_loopback
-from shared_protocol.batch_text import prompt_lines
+from shared_protocol.batch_text import decode_text, prompt_lines
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core import batch_plan, chat
@@ -434,8 +434,8 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         if not settings.batch_file:
             raise UserError("Pick a .txt file with one prompt per line")
         try:
-            with open(path, encoding="utf-8-sig") as file:
-                content = file.read()
+            with open(path, "rb") as file:
+                content = decode_text(file.read())
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
         except UnicodeDecodeError as exc:

@@ -293,6 +293,13 @@ def shots(tmp_path, text: str, address: str) -> tuple:
     return prompts, out_file, ["batch", str(prompts), "--out", str(out_file), "--address", address]
 
 
+def test_a_batch_file_saved_as_notepad_s_unicode_is_read(address, backend, capsys, tmp_path):
+    prompts, out_file, argv = shots(tmp_path, "", address)
+    prompts.write_bytes("wave\r\nsit down\r\n".encode("utf-16"))  # with its byte order mark
+    assert run(capsys, *argv)[0] == cli.EXIT_OK
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
 def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     address, backend, capsys, tmp_path, monkeypatch
 ):

@@ -40,7 +40,7 @@ clean:
 	rm -rf $(VENV) dist demo_output
 
 # Rebuild inference_service/demo_checkpoint from nothing (corpus, renders, training, packing,
-# evaluation, docs/evaluation.md); 46 to 64 minutes on a 2-core CPU, by the machine's load
+# evaluation, docs/evaluation.md); about 48 minutes on a 2-core CPU (47.7 for the shipped one)
 # (docs/evaluation.md).
 .PHONY: demo-model
 demo-model: $(STAMP)

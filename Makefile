@@ -41,7 +41,6 @@ clean:
 
 # Rebuild inference_service/demo_checkpoint from nothing (corpus, renders, training, packing,
 # evaluation, docs/evaluation.md); about 48 minutes on a 2-core CPU (47.7 for the shipped one)
-# (docs/evaluation.md).
 .PHONY: demo-model
 demo-model: $(STAMP)
 	$(BIN)/python -m inference_service.training.build_demo

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from inference_service.errors import BadImageError
 
@@ -39,7 +39,18 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
     whose message starts with `field`."""
     with _opened(data, field) as image:
         image.load()  # decode now: truncated files fail here, not inside the model
-        return image.convert("RGB")
+        return _as_rgb(ImageOps.exif_transpose(image))  # a phone's portrait stands up
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grey (Pillow's I;16 mode, or I holding 16-bit values, as older
+    releases open a 16-bit PNG) is scaled to 8 bits first: converted as it is, every value
+    above 255 would clip to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I")
+        high = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1
+        image = image.point(lambda value: value * (255 / high)).convert("L")
+    return image.convert("RGB")
 
 
 @contextmanager

@@ -3,8 +3,9 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+from inference_service import images
 from inference_service.errors import BadImageError
 from inference_service.images import check_image, decode_image
 
@@ -52,7 +53,9 @@ def test_a_strip_of_an_image_is_refused_before_it_costs_memory():
     check_image(png_header(20, 400))
 
 
-def test_a_palette_png_without_its_palette_is_a_bad_image_not_a_model_failure():
+def test_a_palette_png_without_its_palette_decodes_and_any_pillow_failure_is_a_bad_image(
+    monkeypatch,
+):
     # 32 x 24, 1-bit palette, a tRNS chunk and no PLTE: Pillow's convert asserts
     # (found by fuzzing the server's image checks).
     broken = bytes.fromhex(
@@ -60,6 +63,12 @@ def test_a_palette_png_without_its_palette_is_a_bad_image_not_a_model_failure():
         "0174524e530040e6d866 0000000c49444154789c636018180000007800010b61ffffff00"
         "0000 0049454e44ae426082".replace(" ", "")
     )
+    assert decode_image(broken).size == (32, 24)  # Pillow's convert asserted on it before
+
+    def asserting(image):  # how Pillow failed on that file: no OSError, an AssertionError
+        raise AssertionError
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", asserting)
     with pytest.raises(BadImageError, match=r"image: not a decodable PNG or JPEG \(Assertion"):
         decode_image(broken)
 
@@ -106,3 +115,24 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
         check_image(_progressive_jpeg(fill=8_000_000))  # fill bytes, read one by one
     with pytest.raises(BadImageError, match="more than 1000 PNG chunks before the pixels"):
         check_image(_png_with_chunks(1_000_000))
+
+
+def test_a_phone_s_portrait_reaches_the_model_standing():
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, the viewer turns the picture back
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(buffer, "JPEG", exif=exif)
+    assert decode_image(buffer.getvalue()).size == (300, 400)
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint16)).save(buffer, "PNG")
+    decoded = [decode_image(buffer.getvalue())]
+    # Older Pillow releases opened such a file in mode I: 32-bit integers holding 16-bit values.
+    decoded.append(images._as_rgb(Image.fromarray(ramp.astype(np.int32))))
+    for image in decoded:
+        pixels = np.asarray(image)
+        assert pixels.min() == 0 and pixels.max() == 255
+        assert abs(pixels.mean() - 127.5) < 1  # a mid grey on average, as the picture is

@@ -51,13 +51,25 @@ def fcurve_map(obj: bpy.types.Object) -> dict[tuple[str, int], bpy.types.FCurve]
 
 
 class LockedCurveError(ValueError):
-    """A channel to key has an F-curve the user locked."""
+    """A channel to key has an F-curve the user locked, or its action is linked from a
+    library: keys would not be written, or not kept."""
 
 
-def refuse_locked(fcurves: dict, channels: Iterable[Channel]) -> None:
-    """LockedCurveError naming the first of ``channels`` whose F-curve the user locked.
-    Checked before anything is written: ``keyframe_insert`` skips a locked channel with only a
-    line on the console, which would leave a pose half keyed."""
+def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
+    """LockedCurveError naming the first of ``channels`` whose F-curve the user locked, or the
+    object's action when it is linked from a library file. Checked before anything is written:
+    ``keyframe_insert`` skips a locked channel, and every channel of a linked action, with only
+    a line on the console, which would leave a pose half keyed, or not keyed while the add-on
+    said it was."""
+    anim = obj.animation_data
+    action = anim.action if anim is not None else None
+    if action is not None and action.library is not None:
+        raise LockedCurveError(
+            f"the action {action.name!r} is linked from {action.library.filepath}, so keys "
+            f"cannot go into it; make it local (Object > Relations > Make Local) or give "
+            f"{obj.name} an action of its own"
+        )
+    fcurves = fcurve_map(obj)
     for bone, prop, index in channels:
         fcurve = fcurves.get((bone_data_path(bone, prop), index))
         if fcurve is not None and fcurve.lock:

@@ -41,6 +41,16 @@ def why_not_smpl(obj: bpy.types.Object) -> str:
     )
 
 
+def linked_problem(obj: bpy.types.Object) -> str | None:
+    """Why what is put on ``obj`` would not be kept (it is linked from a library), or None."""
+    if obj.library is None:
+        return None
+    return (
+        f"{obj.name!r} is linked from {obj.library.filepath}, so poses put on it would be lost "
+        "on saving: make a library override (Object > Library Override > Make) and pose that"
+    )
+
+
 def bone_names(obj: bpy.types.Object) -> tuple[str, ...]:
     """The armature's names for the 24 SMPL bones, in SMPL joint order."""
     names = smpl_bone_names(obj.data.bones.keys())

@@ -50,7 +50,7 @@ def write_keys(
     values = np.asarray(values, dtype=np.float64).reshape(len(channels), len(frames))
     if not len(frames) or not len(channels):
         return
-    refuse_locked(fcurve_map(obj), channels)  # before _ensure_fcurves keys anything
+    refuse_locked(obj, channels)  # before _ensure_fcurves keys anything
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
     frames = np.array([action_time(obj, frame) for frame in frames.tolist()])
     for (bone, prop, index), row in zip(channels, values, strict=True):

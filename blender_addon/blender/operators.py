@@ -12,7 +12,7 @@ from shared_protocol.pose import Motion, Pose
 from ..core.timeline import MAX_FRAME, frames_for
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError
-from .armature import create_smpl_armature, find_smpl_armature
+from .armature import create_smpl_armature, find_smpl_armature, linked_problem
 from .keyframes import export_npz, import_npz, scene_fps
 from .posing import apply_pose
 
@@ -71,8 +71,12 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
 class _NeedsArmature:
     @classmethod
     def poll(cls, context):
-        if find_smpl_armature(context) is None:
+        obj = find_smpl_armature(context)
+        if obj is None:
             cls.poll_message_set("Select an SMPL armature (or create one)")
+            return False
+        if linked_problem(obj) is not None:
+            cls.poll_message_set(linked_problem(obj))
             return False
         return context.mode in {"OBJECT", "POSE"}
 
@@ -163,6 +167,9 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     def execute(self, context):
         obj = find_smpl_armature(context)
+        if obj is not None and linked_problem(obj) is not None:
+            self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
+            return {"CANCELLED"}
         try:
             if obj is None:  # read first: a file that does not load leaves the scene as it was
                 motion = Motion.load_npz(self.filepath, z_up=self.z_up)

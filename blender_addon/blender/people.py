@@ -15,7 +15,7 @@ from shared_protocol.pose import Pose
 
 from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
-from .anim import fcurve_map, refuse_locked
+from .anim import refuse_locked
 from .armature import create_smpl_armature, is_smpl_armature, rest_joints
 from .posing import apply_pose, pose_channels
 
@@ -121,7 +121,7 @@ def apply_people(
         names = [extra_person_name(target.name, k) for k in range(1, len(poses))]
         people = [o for o in map(bpy.data.objects.get, names) if o and is_smpl_armature(o)]
         for obj in [target, *people]:  # all of them or none: check before any is posed
-            refuse_locked(fcurve_map(obj), pose_channels(obj, use_translation))
+            refuse_locked(obj, pose_channels(obj, use_translation))
     result = PeopleResult()
     for k, pose in enumerate(poses):
         if k == 0:

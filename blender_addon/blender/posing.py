@@ -105,7 +105,7 @@ def apply_pose(
     ``use_translation``; LockedCurveError, before anything changes, when one of them is locked.
     """
     if frame is not None:
-        refuse_locked(fcurve_map(obj), pose_channels(obj, use_translation))
+        refuse_locked(obj, pose_channels(obj, use_translation))
     rests = bone_rest_rotations(obj)
     quats = bone_quaternions(pose.axis_angle, rests)
     result = ApplyResult()

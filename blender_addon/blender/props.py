@@ -8,7 +8,13 @@ import bpy
 from ..core import chat
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
-from .armature import find_smpl_armature, is_deleted, is_smpl_armature, why_not_smpl
+from .armature import (
+    find_smpl_armature,
+    is_deleted,
+    is_smpl_armature,
+    linked_problem,
+    why_not_smpl,
+)
 
 
 def _is_armature(self, obj) -> bool:
@@ -143,13 +149,7 @@ def target_problem(context: bpy.types.Context) -> str | None:
             f"The Target {obj.name!r} is not an SMPL armature ({why_not_smpl(obj)}): pick "
             "one, or clear Target to use the selected SMPL armature"
         )
-    if obj.library is not None:  # what is put on a linked object is not saved
-        return (
-            f"{obj.name!r} is linked from {obj.library.filepath}, so poses put on it would be "
-            "lost on saving: make a library override (Object > Library Override > Make) and "
-            "pose that"
-        )
-    return None
+    return linked_problem(obj)  # what is put on a linked object is not saved
 
 
 def _candidate(context: bpy.types.Context) -> bpy.types.Object | None:

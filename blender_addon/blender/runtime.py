@@ -56,7 +56,7 @@ from ..core.service_process import (
 )
 from ..core.session import Service
 from ..core.timeline import frames_for
-from .anim import LockedCurveError, fcurve_map, refuse_locked
+from .anim import LockedCurveError, refuse_locked
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, save_record
 from .people import apply_people
@@ -473,7 +473,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except ValueError as exc:
         raise UserError(f"Batch not sent: {label}: {exc}") from None
     try:  # found now, not once the service has computed every line
-        refuse_locked(fcurve_map(target), pose_channels(target, settings.batch_translation))
+        refuse_locked(target, pose_channels(target, settings.batch_translation))
     except LockedCurveError as exc:
         raise UserError(f"Batch not sent: {exc}") from None
     try:

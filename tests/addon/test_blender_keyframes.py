@@ -499,3 +499,36 @@ def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
     assert keyed_frames(obj) == [1, 11, 21]
     assert load_record(obj).pending(lines, 11, 10) == []
     assert len(load_record(obj).pending(lines, 110, 10)) == 2
+
+
+def test_keys_are_refused_when_the_action_is_linked_from_a_library(blender, tmp_path):
+    """Blender skips every key into a linked action with a line on the console: the add-on
+    would report a pose keyed that is not."""
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    take = bpy.data.actions.new("take")
+    library = tmp_path / "takes.blend"
+    bpy.data.libraries.write(str(library), {take}, fake_user=True)
+    bpy.data.actions.remove(take)
+    with bpy.data.libraries.load(str(library), link=True) as (source, target):
+        target.actions = ["take"]
+    obj.animation_data_create().action = target.actions[0]
+    with pytest.raises(LockedCurveError, match="the action 'take' is linked from .*takes.blend"):
+        apply_pose(obj, random_pose(1), frame=5)
+    with pytest.raises(LockedCurveError, match="is linked from"):
+        key_poses(obj, [random_pose(2), random_pose(3)], [1, 2])
+    assert keyed_frames(obj) == []
+
+
+def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
+    rig = create_smpl_armature(bpy.context, name="Rig", with_mesh=False)
+    library = tmp_path / "rigs.blend"
+    bpy.data.libraries.write(str(library), {rig}, fake_user=True)
+    bpy.data.objects.remove(rig)
+    with bpy.data.libraries.load(str(library), link=True) as (source, target):
+        target.objects = ["Rig"]
+    linked = target.objects[0]
+    bpy.context.scene.collection.objects.link(linked)
+    bpy.context.view_layer.objects.active = linked
+    assert not bpy.ops.chatpose.rest_pose.poll()  # what it would change is lost on saving
+    with pytest.raises(RuntimeError, match="Not imported: 'Rig' is linked from .*rigs.blend"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))

@@ -80,7 +80,15 @@ class ProcessState:
             return f"stopping (pid {self.pid})"
         if self.state == EXITED:
             text = f"exited with code {self.returncode}"
-            return f"{text}: {self.last_line}" if self.last_line else text
+            if not self.last_line:
+                return text
+            text = f"{text}: {self.last_line}"
+            if "No module named" in self.last_line:  # the service's packages are elsewhere
+                text += (
+                    "; the Python set in the add-on's preferences (Local Service) lacks "
+                    "chatpose-blender[service]: pick the project's .venv/bin/python"
+                )
+            return text
         return "stopped"
 
 

@@ -85,6 +85,16 @@ def test_a_real_serve_that_fails_shows_its_exit_code_and_last_line(tmp_path):
     assert state.describe().startswith("exited with code 2: ")
 
 
+def test_a_python_without_the_service_s_packages_is_named_as_the_setting_to_fix(tmp_path):
+    manager = ServiceProcess(str(tmp_path))
+    # What a Python without the project's packages prints when asked to run chatpose-serve.
+    manager.start([sys.executable, "-c", "import no_such_chatpose_package"])
+    wait_for(lambda: manager.poll().state == EXITED, 30)
+    described = manager.poll().describe()
+    assert "No module named 'no_such_chatpose_package'" in described
+    assert "the Python set in the add-on's preferences (Local Service) lacks" in described
+
+
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):
     manager = ServiceProcess(str(tmp_path), grace_s=0.3)
     state = manager.start(SLEEPER)

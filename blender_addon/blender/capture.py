@@ -101,6 +101,8 @@ def _buffer_array(buffer) -> np.ndarray:
 
 # Compositing and the sequencer are off for the snapshot: a compositor's File Output node would
 # write the user's output files with it.
+# Border and multiview are off as well: a border would send part of the frame, and stereo
+# writes its views to other file names.
 _RENDER_SETTINGS = (
     "engine",
     "resolution_x",
@@ -109,7 +111,12 @@ _RENDER_SETTINGS = (
     "filepath",
     "use_compositing",
     "use_sequencer",
+    "use_border",
+    "use_multiview",
 )
+# The service refuses a picture more than this many times as long as it is wide
+# (inference_service.images.MAX_ASPECT_RATIO): said before rendering.
+MAX_ASPECT_RATIO = 20
 _IMAGE_SETTINGS = ("file_format", "color_mode", "color_depth")
 
 
@@ -126,11 +133,19 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
     settings = render.image_settings
     saved = {name: getattr(render, name) for name in _RENDER_SETTINGS}
     saved_image = {name: getattr(settings, name) for name in _IMAGE_SETTINGS}
-    width, height = _scaled(
-        render.resolution_x * render.resolution_percentage // 100 or 1,
-        render.resolution_y * render.resolution_percentage // 100 or 1,
-        max_side,
+    # The frame's shape, not its size: a render at 1 % of 1920 x 1080 is still sent at max_side.
+    long, short = (
+        max(render.resolution_x, render.resolution_y),
+        min(render.resolution_x, render.resolution_y),
     )
+    if long > MAX_ASPECT_RATIO * short:
+        raise CaptureError(
+            f"the camera's frame is {render.resolution_x} x {render.resolution_y}, more than "
+            f"{MAX_ASPECT_RATIO} times as long as it is wide; the service takes no such picture"
+        )
+    scale = max_side / long
+    width = max(1, round(render.resolution_x * scale))
+    height = max(1, round(render.resolution_y * scale))
     with tempfile.TemporaryDirectory(prefix="chatpose-snapshot-") as folder:
         path = os.path.join(folder, "snapshot.png")
         try:
@@ -139,6 +154,7 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
             render.resolution_percentage = 100
             render.filepath = path
             render.use_compositing = render.use_sequencer = False
+            render.use_border = render.use_multiview = False
             settings.file_format = "PNG"
             settings.color_mode = "RGB"
             settings.color_depth = "8"

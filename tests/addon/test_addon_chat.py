@@ -392,6 +392,21 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     assert png_size(render_camera_snapshot(scene, max_side=64)) == (64, 36)
 
 
+def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(blender):
+    create_smpl_armature(bpy.context, with_mesh=True)
+    _add_camera()
+    render = bpy.context.scene.render
+    render.resolution_x, render.resolution_y, render.resolution_percentage = 1920, 1080, 1
+    render.use_border, render.use_multiview = True, True
+    render.border_max_x = 0.2  # a fifth of the frame
+    data = render_camera_snapshot(bpy.context.scene)
+    assert png_size(data) == (336, 189)  # the whole frame, at the snapshot's size
+    assert render.resolution_percentage == 1 and render.use_border and render.use_multiview
+    render.resolution_x, render.resolution_y = 10000, 400
+    with pytest.raises(CaptureError, match="10000 x 400, more than 20 times as long"):
+        render_camera_snapshot(bpy.context.scene)
+
+
 def test_a_camera_snapshot_writes_none_of_the_user_s_output_files(blender, tmp_path):
     create_smpl_armature(bpy.context, with_mesh=True)
     _add_camera()

@@ -151,6 +151,8 @@ def create_smpl_armature(
     obj = bpy.data.objects.new(name, arm)
     obj.show_in_front = True
     collection = context.collection or context.scene.collection
+    if collection.library is not None or collection.override_library is not None:
+        collection = context.scene.collection  # a linked collection takes no new objects
     collection.objects.link(obj)
     for other in context.view_layer.objects:
         other.select_set(False)

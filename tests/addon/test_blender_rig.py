@@ -587,3 +587,20 @@ def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
         bpy.ops.chatpose.create_armature()
     assert not bpy.data.objects
     assert bpy.ops.chatpose.create_armature(use_model_file=False) == {"FINISHED"}
+
+
+def test_an_armature_is_made_in_the_scene_when_the_active_collection_is_linked(blender, tmp_path):
+    shared = bpy.data.collections.new("Rigs")
+    library = tmp_path / "rigs.blend"
+    bpy.data.libraries.write(str(library), {shared}, fake_user=True)
+    bpy.data.collections.remove(shared)
+    with bpy.data.libraries.load(str(library), link=True) as (source, target):
+        target.collections = ["Rigs"]
+    scene = bpy.context.scene
+    scene.collection.children.link(target.collections[0])
+    view_layer = bpy.context.view_layer
+    view_layer.active_layer_collection = view_layer.layer_collection.children["Rigs"]
+    assert bpy.context.collection.library is not None  # what the user has active
+    obj = create_smpl_armature(bpy.context, with_mesh=True)
+    assert list(obj.users_collection) == [scene.collection]
+    assert all(child.users_collection[0] == scene.collection for child in obj.children)

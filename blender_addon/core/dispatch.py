@@ -11,9 +11,11 @@ Nothing here blocks: the session never does, and sending only queues a message.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import ErrorCode, StatusReply, Turn
 
@@ -117,10 +119,27 @@ class BusyError(Exception):
     """The request cannot be made now; the message is for the user."""
 
 
+def _key_files_stamp(curve: ClientCurveKeys | None) -> tuple | None:
+    """When and how large the key files are: a key copied over the same path is a new key
+    (the session reads them once, when it is made)."""
+    if curve is None:
+        return None
+    stamps = []
+    for path in (curve.client_secret_file, curve.server_public_file):
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamps.append(None)  # making the session names the file
+        else:
+            stamps.append((info.st_mtime_ns, info.st_size))
+    return tuple(stamps)
+
+
 class Dispatcher:
     def __init__(self, make_session: Callable[..., Session] = Session):
         self._make_session = make_session
         self._session: Session | None = None
+        self._keys_stamp: tuple | None = None  # the key files the session read, as they were
         self._jobs: dict[str, PoseJob | StatusJob | BatchRun] = {}
         self.batch: BatchRun | None = None  # the current (or last) batch run
 
@@ -131,13 +150,12 @@ class Dispatcher:
         return self._session
 
     def _session_for(self, service: Service) -> Session:
-        """The session for ``service``; a new one when its address or keys changed (only when
-        nothing is in flight: replies to the old address would be lost)."""
+        """The session for ``service``; a new one when its address or keys changed, the key
+        files' contents included (only when nothing is in flight: replies to the old address
+        would be lost)."""
         session = self._session
-        if session is not None and (session.address, session.curve) != (
-            service.address,
-            service.curve,
-        ):
+        wanted = (service.address, service.curve, _key_files_stamp(service.curve))
+        if session is not None and (session.address, session.curve, self._keys_stamp) != wanted:
             if session.busy:
                 raise BusyError(
                     "requests to the previous service address are still running; "
@@ -146,6 +164,7 @@ class Dispatcher:
             session.close()
             self._session = None
         if self._session is None:
+            self._keys_stamp = wanted[2]
             self._session = self._make_session(
                 service.address, service.timeout_s, curve=service.curve
             )

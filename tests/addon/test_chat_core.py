@@ -431,6 +431,25 @@ def test_a_new_address_gets_a_new_session_only_when_idle(dispatcher, made):
     assert len(made) == 3 and made[1].closed and made[2].curve == keys
 
 
+def test_a_key_file_copied_over_the_same_path_gets_a_new_session(dispatcher, made, tmp_path):
+    """The session reads its key files once: the right key put where a wrong one was must be
+    read again, or every request keeps failing until Blender restarts."""
+    secret, server = tmp_path / "me.key_secret", tmp_path / "server.key"
+    secret.write_text("secret")
+    server.write_text("the wrong server key")
+    service = Service("tcp://10.0.0.2:5555", 5.0, ClientCurveKeys(secret, server))
+    dispatcher.request_status(service)
+    made[0].events = [StatusResult(made[0].sent[0][0], STATUS)]
+    dispatcher.tick()
+    dispatcher.request_status(service)  # the files as they were: the same session
+    assert len(made) == 1
+    made[0].events = [StatusResult(made[0].sent[1][0], STATUS)]
+    dispatcher.tick()
+    server.write_text("the server's right key, longer")
+    dispatcher.request_status(service)
+    assert len(made) == 2 and made[0].closed
+
+
 def _items(request_id, count, total, start=0):
     return [BatchItem(request_id, i, total, "ok", (POSE,)) for i in range(start, start + count)]
 

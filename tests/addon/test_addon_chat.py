@@ -511,7 +511,8 @@ def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_s
     assert bpy.ops.chatpose.pose_from_viewport() == {"FINISHED"}
     drive(idle)
     [item] = backend.items
-    assert len(item.images) == 1 and png_size(item.images[0]) == (64, 64)
+    # The frame's shape at the snapshot's size, whatever the scene renders at.
+    assert len(item.images) == 1 and png_size(item.images[0]) == (336, 336)
     assert props.history_messages(scene)[0].attachment == "camera snapshot"
 
     bad = tmp_path / "photo.png"

@@ -11,6 +11,7 @@ Add more clients with --client NAME; each one's public key lands in authorized_c
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,8 +50,15 @@ def make_keys(directory: Path, client_names: list[str]) -> list[str]:
 
 
 def _create(directory: Path, name: str) -> Path:
-    public, secret = zmq.auth.create_certificates(directory, name)
+    # Made owner-only from the start: a chmod after writing leaves the secret key readable by
+    # others for a moment in a folder that already was.
+    umask = os.umask(0o077)
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(umask)
     Path(secret).chmod(0o600)
+    Path(public).chmod(0o644)  # public: every client and the server read it
     return Path(public)
 
 

@@ -1,6 +1,7 @@
 """`python -m inference_service.keys`: keys are made once, kept private, and never replaced."""
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +18,23 @@ def test_running_it_again_keeps_every_key_and_adds_new_clients(tmp_path):
     assert (tmp_path / "authorized_clients" / "lighter.key").exists()
 
 
-def test_secret_keys_are_readable_by_their_owner_only(tmp_path):
+def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
+    tmp_path.chmod(0o755)  # a folder others may read, as a shared one is
+    create = keys.zmq.auth.create_certificates
+    modes_while_written = []
+
+    def create_and_look(directory, name):  # what others could read the moment it is written
+        public, secret = create(directory, name)
+        modes_while_written.append(stat.S_IMODE(Path(secret).stat().st_mode))
+        return public, secret
+
+    monkeypatch.setattr(keys.zmq.auth, "create_certificates", create_and_look)
     keys.make_keys(tmp_path, ["animator"])
+    assert modes_while_written == [0o600, 0o600]
     for name in ("server.key_secret", "animator.key_secret"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    for public in ("server.key", "authorized_clients/animator.key"):
+        assert stat.S_IMODE((tmp_path / public).stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize("name", ["server", "a/b", "", "../x"])

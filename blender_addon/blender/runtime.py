@@ -623,6 +623,9 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         push_undo("ChatPose: reply")
         notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
         return
+    except Exception:  # half way: what did change is one undo step, not part of the user's next
+        push_undo(f"ChatPose: {(job.prompt or job.attachment or 'pose')[:45]} (not all applied)")
+        raise
     label = job.prompt or job.attachment or "pose"
     push_undo(f"ChatPose: {label[:60]}")
     where = ", ".join(

@@ -101,6 +101,27 @@ def test_the_chat_history_is_saved_in_the_blend_file(blender, tmp_path):
     assert len(bpy.context.scene.chatpose.history) == 0
 
 
+def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
+    armature, scripted_service, monkeypatch
+):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.context.scene.chatpose.chat_mode = True  # two people: the second fails to be made
+    from blender_addon.blender import people
+
+    def no_second_person(*args, **kwargs):
+        raise RuntimeError("the second person could not be made")
+
+    monkeypatch.setattr(people, "person_armature", no_second_person)
+    steps = []
+    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    bpy.context.scene.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "could not apply an answer: the second person" in runtime.last_message()[0]
+    assert steps == ["ChatPose: two dancers (not all applied)"]  # the posed target with it
+
+
 def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

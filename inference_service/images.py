@@ -39,7 +39,16 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
     whose message starts with `field`."""
     with _opened(data, field) as image:
         image.load()  # decode now: truncated files fail here, not inside the model
-        return _as_rgb(ImageOps.exif_transpose(image))  # a phone's portrait stands up
+        return _as_rgb(_upright(image))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it (a phone's portrait stands up), by its EXIF
+    orientation; as it is stored when that metadata cannot be read."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # damaged metadata is no reason to refuse the pixels
+        return image
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:

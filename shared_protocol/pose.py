@@ -53,6 +53,7 @@ _MOTION_KEYS = (
 # SMPL's two hand joints have no place there; they go in `smpl_hands`, which this reader takes.
 _SMPLH_WIDTH = 156
 _SMPLH_BETAS = 16
+_SMPL_BETAS = 10
 _DMPLS = 8
 # AMASS motion files are Z-up, the global orientation and the translation included; Pose and
 # Motion hold the SMPL body frame (+Y up). Files turn between the two at load and save (the
@@ -366,9 +367,9 @@ class Motion:
         frames = poses.shape[0]
         if poses.shape[1] != 72:
             body = poses[:, : _BODY_JOINTS * 3]
-            hands = np.zeros((frames, 72 - body.shape[1]))  # SMPL's hands at rest, unless
-            if "smpl_hands" in arrays:  # a file written here kept them
-                hands = _finite_array(arrays["smpl_hands"], "smpl_hands", hands.shape)
+            hands = written_hands(arrays, frames)  # SMPL's hands, where a file written here
+            if hands is None:  # kept them; else at rest
+                hands = np.zeros((frames, 72 - body.shape[1]))
             poses = np.concatenate([body, hands], axis=1)
         # AMASS's SMPL-X files spell it mocap_frame_rate.
         fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
@@ -381,14 +382,31 @@ class Motion:
             translation=arrays.get("trans", np.zeros((frames, 3))),
             fps=float(arrays[fps_key].item()),
             gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
-            betas=_betas(arrays.get("betas", np.zeros(10))),
+            betas=_betas(arrays.get("betas", np.zeros(10)), written_here="smpl_hands" in arrays),
             labels=_labels(arrays["labels"]) if "labels" in arrays else None,
         )
 
 
-def _betas(value: np.ndarray) -> np.ndarray:
-    """A file's betas as one row: some tools save the (1, k) row smplx takes."""
-    return value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value
+def written_hands(arrays: Mapping[str, np.ndarray], frames: int) -> np.ndarray | None:
+    """SMPL's two hand joints, (frames, 6), from the `smpl_hands` of a file this project wrote;
+    None when the file has none (an AMASS file's hands are its fingers, not SMPL's). A
+    ValueError for one of another shape."""
+    if "smpl_hands" not in arrays:
+        return None
+    hands = np.asarray(arrays["smpl_hands"])
+    if hands.shape == (frames, 2, 3):
+        hands = hands.reshape(frames, 6)
+    return _finite_array(hands, "smpl_hands", (frames, 6))
+
+
+def _betas(value: np.ndarray, written_here: bool) -> np.ndarray:
+    """A file's betas as one row (some tools save the (1, k) row smplx takes); a file written
+    here padded SMPL's 10 to SMPL-H's 16 with zeros, which go again."""
+    value = value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value
+    if written_here and value.ndim == 1 and len(value) > _SMPL_BETAS:
+        nonzero = np.flatnonzero(value)
+        value = value[: max(_SMPL_BETAS, nonzero[-1] + 1 if nonzero.size else 0)]
+    return value
 
 
 def _labels(value: np.ndarray) -> tuple[str, ...]:

@@ -198,6 +198,25 @@ def test_an_upright_amass_body_loads_upright(tmp_path):
     np.testing.assert_allclose(lower.translation[0], [0.0, 0.93 - 0.8 * height, -0.3])
 
 
+def test_smpl_s_hands_and_betas_come_back_from_a_file_written_here(tmp_path):
+    poses = [Pose(np.full((24, 3), 0.1 * k)) for k in range(3)]
+    betas = np.arange(10) / 10
+    Motion.from_poses(poses, betas=betas).save_npz(tmp_path / "take.npz")
+    with np.load(tmp_path / "take.npz") as written:
+        assert written["betas"].shape == (16,)  # SMPL-H's, for AMASS's readers
+        arrays = dict(written)
+    back = Motion.load_npz(tmp_path / "take.npz")
+    np.testing.assert_array_equal(back.betas, betas)  # SMPL's 10 again
+    np.testing.assert_allclose(back.axis_angle, np.stack([p.axis_angle for p in poses]), atol=1e-12)
+    arrays["smpl_hands"] = arrays["smpl_hands"].reshape(3, 2, 3)  # joints as rows: the same
+    np.savez(tmp_path / "rows.npz", **arrays)
+    np.testing.assert_allclose(Motion.load_npz(tmp_path / "rows.npz").axis_angle, back.axis_angle)
+    arrays["smpl_hands"] = np.zeros((3, 90))
+    np.savez(tmp_path / "odd.npz", **arrays)
+    with pytest.raises(ValueError, match=r"odd\.npz: smpl_hands: expected shape \(3, 6\)"):
+        Motion.load_npz(tmp_path / "odd.npz")
+
+
 def test_motion_without_labels_or_translation():
     motion = Motion.from_poses([Pose(np.zeros((24, 3))), Pose(np.ones((24, 3)) * 0.1)])
     assert motion.labels is None

@@ -71,17 +71,27 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
 class _NeedsArmature:
     @classmethod
     def poll(cls, context):
-        obj = find_smpl_armature(context)
-        if obj is None:
+        if find_smpl_armature(context) is None:
             cls.poll_message_set("Select an SMPL armature (or create one)")
-            return False
-        if linked_problem(obj) is not None:
-            cls.poll_message_set(linked_problem(obj))
             return False
         return context.mode in {"OBJECT", "POSE"}
 
 
-class CHATPOSE_OT_apply_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
+class _ChangesArmature(_NeedsArmature):
+    """Not for an armature linked from a library: what is put on it is not saved (reading it,
+    as export does, is fine)."""
+
+    @classmethod
+    def poll(cls, context):
+        if not super().poll(context):
+            return False
+        problem = linked_problem(find_smpl_armature(context))
+        if problem is not None:
+            cls.poll_message_set(problem)
+        return problem is None
+
+
+class CHATPOSE_OT_apply_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N801
     """Put an SMPL pose (shared_protocol Pose JSON) on the SMPL armature, as one undo step"""
 
     bl_idname = "chatpose.apply_pose"
@@ -121,7 +131,7 @@ class CHATPOSE_OT_apply_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
-class CHATPOSE_OT_rest_pose(_NeedsArmature, bpy.types.Operator):  # noqa: N801
+class CHATPOSE_OT_rest_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N801
     """Put the SMPL armature in its rest pose (zero rotations; the root's location is kept)"""
 
     bl_idname = "chatpose.rest_pose"

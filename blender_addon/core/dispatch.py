@@ -158,8 +158,8 @@ class Dispatcher:
         if session is not None and (session.address, session.curve, self._keys_stamp) != wanted:
             if session.busy:
                 raise BusyError(
-                    "requests to the previous service address are still running; "
-                    "cancel them or wait before using the new address"
+                    "requests to the service as set before (its address or key files) are "
+                    "still running; cancel them or wait before using the new settings"
                 )
             session.close()
             self._session = None

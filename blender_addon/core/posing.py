@@ -18,6 +18,8 @@ Quaternions are (w, x, y, z) as in Blender. Every function is batched over leadi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from shared_protocol.rotations import (
@@ -124,6 +126,11 @@ def continuous_quaternions(quaternions, start=None) -> np.ndarray:
     return q * signs[..., None]
 
 
+# An angle past which the turns it holds are taken off before following it (a bone turned by
+# hand a thousand turns round).
+_MANY_TURNS = 1e4
+
+
 def continuous_axis_angles(vectors, start) -> np.ndarray:
     """(N, 3) rotation vectors in time order -> (N, 4) (angle, x, y, z) channel values of an
     AXIS_ANGLE bone, each written in the one of its equivalent forms (the axis either way, the
@@ -140,6 +147,8 @@ def continuous_axis_angles(vectors, start) -> np.ndarray:
 
 
 def _axis_angle_after(vector: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    if abs(previous[0]) > _MANY_TURNS:  # whole turns off first: float sums lose the rest
+        previous = np.array([math.remainder(previous[0], 2 * np.pi), *previous[1:]])
     angle = float(np.linalg.norm(vector))
     if angle == 0.0:
         return np.array([_nearest_turn(0.0, previous[0]), *previous[1:]])

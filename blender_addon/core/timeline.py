@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from shared_protocol.pose import FPS_RANGE
+
 # Blender's frames go from -MAX_FRAME to MAX_FRAME (its MAXFRAME): a key past them is never
 # played, and far past them (2^24) float32 keys no longer hold whole frames, so two lines would
 # share one key while the batch record says each has its own.
@@ -50,11 +52,13 @@ def motion_frames(keyed: list[int], scene_fps: float) -> tuple[list[int], float]
     gap between keys, at scene_fps / s. Evenly spaced keys are their own frames (keys every 2
     frames at 30 fps: 15 fps); uneven ones keep their timing, the frames between them as
     Blender plays them (keys at 1, 11, 21, 26: every 5 frames). More than
-    ``MAX_SAMPLED_FRAMES`` between the keys: the keys alone, at ``scene_fps``."""
+    ``MAX_SAMPLED_FRAMES`` between the keys, or a rate below what a motion file holds: the keys
+    alone, at ``scene_fps``."""
     if len(keyed) < 2:
         return list(keyed), scene_fps
     step = math.gcd(*(b - a for a, b in zip(keyed, keyed[1:], strict=False)))
     frames = range(keyed[0], keyed[-1] + 1, step)
-    if len(frames) > max(MAX_SAMPLED_FRAMES, len(keyed)):  # a stray key far away: the keys
+    too_slow = scene_fps / step < FPS_RANGE[0]  # no file holds a rate that low
+    if too_slow or len(frames) > max(MAX_SAMPLED_FRAMES, len(keyed)):  # a stray key far away
         return list(keyed), scene_fps
     return list(frames), scene_fps / step

@@ -55,6 +55,7 @@ from inference_service.prompts import (
     Turn,
     pose_exchange,
 )
+from shared_protocol.pose import written_hands
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
@@ -321,8 +322,11 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         )
     if not len(poses):
         raise DatasetError(f"{path}: 'poses' holds no frames")
-    hands = arrays.get("smpl_hands")
-    if poses.shape[1] == 156 and hands is not None and hands.shape == (len(poses), 6):
+    try:
+        hands = written_hands(arrays, len(poses)) if poses.shape[1] == 156 else None
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+    if hands is not None:  # a file this project wrote: SMPL's hands beside SMPL-H's fingers
         poses = np.concatenate([poses[:, :66], hands], axis=1)
     poses = poses[:, :72].astype(np.float64).reshape(-1, NUM_JOINTS, 3)
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))

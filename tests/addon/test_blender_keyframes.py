@@ -530,5 +530,6 @@ def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
     bpy.context.scene.collection.objects.link(linked)
     bpy.context.view_layer.objects.active = linked
     assert not bpy.ops.chatpose.rest_pose.poll()  # what it would change is lost on saving
+    assert bpy.ops.chatpose.export_npz.poll()  # reading its keys is fine
     with pytest.raises(RuntimeError, match="Not imported: 'Rig' is linked from .*rigs.blend"):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))

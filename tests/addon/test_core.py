@@ -359,6 +359,8 @@ def test_timeline():
     assert timeline.motion_frames([7], 24.0) == ([7], 24.0)
     assert timeline.motion_frames([], 24.0) == ([], 24.0)
     assert timeline.motion_frames([1, 2, 50_000], 24.0) == ([1, 2, 50_000], 24.0)  # stray key
+    far = [0, 40_000, 120_000]  # every 40,000 frames: 0.00075 fps, slower than a file holds
+    assert timeline.motion_frames(far, 30.0) == (far, 30.0)
 
 
 def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
@@ -395,3 +397,8 @@ def test_axis_angle_channels_follow_the_key_before():
     np.testing.assert_allclose(np.diff(angles[:4]), [-120, -110, -20])  # -170 to 170: 20°
     np.testing.assert_allclose(axes[4], axes[3])  # no rotation keeps the axis it had
     assert abs(np.degrees(values[5, 0]) - angles[4]) == pytest.approx(30)
+    # A bone turned by hand a billion radians round: followed without float sums' error.
+    (far,) = posing.continuous_axis_angles([0.5 * x], start=[1e12, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(
+        axis_angle_to_matrix(far[0] * far[1:]), axis_angle_to_matrix(0.5 * x), atol=1e-9
+    )

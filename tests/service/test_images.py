@@ -65,10 +65,10 @@ def test_a_palette_png_without_its_palette_decodes_and_any_pillow_failure_is_a_b
     )
     assert decode_image(broken).size == (32, 24)  # Pillow's convert asserted on it before
 
-    def asserting(image):  # how Pillow failed on that file: no OSError, an AssertionError
+    def asserting(image, mode):  # how Pillow failed on that file: no OSError, an AssertionError
         raise AssertionError
 
-    monkeypatch.setattr(ImageOps, "exif_transpose", asserting)
+    monkeypatch.setattr(Image.Image, "convert", asserting)
     with pytest.raises(BadImageError, match=r"image: not a decodable PNG or JPEG \(Assertion"):
         decode_image(broken)
 
@@ -117,12 +117,18 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
         check_image(_png_with_chunks(1_000_000))
 
 
-def test_a_phone_s_portrait_reaches_the_model_standing():
+def test_a_phone_s_portrait_reaches_the_model_standing(monkeypatch):
     buffer = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned, the viewer turns the picture back
     Image.new("RGB", (400, 300), (200, 30, 30)).save(buffer, "JPEG", exif=exif)
     assert decode_image(buffer.getvalue()).size == (300, 400)
+
+    def damaged(image):  # Pillow on metadata it cannot rewrite ("required argument is not...")
+        raise TypeError("required argument is not an integer")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    assert decode_image(buffer.getvalue()).size == (400, 300)  # the pixels, as stored
 
 
 def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white():

@@ -106,6 +106,11 @@ def test_the_poses_this_project_writes_are_read_with_smpl_s_hands(tmp_path):
     captions = write_json(tmp_path / "c.json", {"3": "someone sitting"})
     (example,) = read_posescript(captions, tmp_path / "take.npz", z_up=False)
     np.testing.assert_allclose(example.pose, POSES[3])  # joints 22 and 23 included
+    with np.load(tmp_path / "take.npz") as written:
+        arrays = dict(written, smpl_hands=np.zeros((len(POSES), 90)))
+    np.savez(tmp_path / "odd.npz", **arrays)  # the same rule as the add-on's import
+    with pytest.raises(DatasetError, match=r"odd\.npz: smpl_hands: expected shape"):
+        read_posescript(captions, tmp_path / "odd.npz", z_up=False)
 
 
 def test_posescript_amass_width_and_z_up(tmp_path):

@@ -72,6 +72,20 @@ class FakeLayout:
         pass
 
 
+def linked_from_library(datablock, library):
+    """``datablock`` (an action, object or collection) written to the library file ``library``,
+    removed here, and linked back from there, as a studio's shared file gives it."""
+    data = {"ACTION": "actions", "OBJECT": "objects", "COLLECTION": "collections"}[
+        datablock.id_type
+    ]
+    name = datablock.name
+    bpy.data.libraries.write(str(library), {datablock}, fake_user=True)
+    getattr(bpy.data, data).remove(datablock)
+    with bpy.data.libraries.load(str(library), link=True) as (_, target):
+        setattr(target, data, [name])
+    return getattr(target, data)[0]
+
+
 def draw_panels(panels, context) -> list:
     """Draws each panel class with a FakeLayout; the calls of all of them, in order."""
     calls: list = []

@@ -28,7 +28,14 @@ from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import JOINT_NAMES
 
-from .helpers import FK_TOLERANCE, fk_error, random_pose, transform, world_heads
+from .helpers import (
+    FK_TOLERANCE,
+    fk_error,
+    linked_from_library,
+    random_pose,
+    transform,
+    world_heads,
+)
 
 
 def motion(n: int, seed: int = 0, fps: float = 30.0) -> Motion:
@@ -505,13 +512,8 @@ def test_keys_are_refused_when_the_action_is_linked_from_a_library(blender, tmp_
     """Blender skips every key into a linked action with a line on the console: the add-on
     would report a pose keyed that is not."""
     obj = create_smpl_armature(bpy.context, with_mesh=False)
-    take = bpy.data.actions.new("take")
-    library = tmp_path / "takes.blend"
-    bpy.data.libraries.write(str(library), {take}, fake_user=True)
-    bpy.data.actions.remove(take)
-    with bpy.data.libraries.load(str(library), link=True) as (source, target):
-        target.actions = ["take"]
-    obj.animation_data_create().action = target.actions[0]
+    take = linked_from_library(bpy.data.actions.new("take"), tmp_path / "takes.blend")
+    obj.animation_data_create().action = take
     with pytest.raises(LockedCurveError, match="the action 'take' is linked from .*takes.blend"):
         apply_pose(obj, random_pose(1), frame=5)
     with pytest.raises(LockedCurveError, match="is linked from"):
@@ -521,12 +523,7 @@ def test_keys_are_refused_when_the_action_is_linked_from_a_library(blender, tmp_
 
 def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
     rig = create_smpl_armature(bpy.context, name="Rig", with_mesh=False)
-    library = tmp_path / "rigs.blend"
-    bpy.data.libraries.write(str(library), {rig}, fake_user=True)
-    bpy.data.objects.remove(rig)
-    with bpy.data.libraries.load(str(library), link=True) as (source, target):
-        target.objects = ["Rig"]
-    linked = target.objects[0]
+    linked = linked_from_library(rig, tmp_path / "rigs.blend")
     bpy.context.scene.collection.objects.link(linked)
     bpy.context.view_layer.objects.active = linked
     assert not bpy.ops.chatpose.rest_pose.poll()  # what it would change is lost on saving

@@ -39,7 +39,15 @@ from shared_protocol.skeleton import (
 )
 
 from .conftest import ADDON
-from .helpers import FK_TOLERANCE, FakeLayout, draw_panels, fk_error, random_pose, transform
+from .helpers import (
+    FK_TOLERANCE,
+    FakeLayout,
+    draw_panels,
+    fk_error,
+    linked_from_library,
+    random_pose,
+    transform,
+)
 
 SEEDS = range(20)
 
@@ -590,14 +598,9 @@ def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
 
 
 def test_an_armature_is_made_in_the_scene_when_the_active_collection_is_linked(blender, tmp_path):
-    shared = bpy.data.collections.new("Rigs")
-    library = tmp_path / "rigs.blend"
-    bpy.data.libraries.write(str(library), {shared}, fake_user=True)
-    bpy.data.collections.remove(shared)
-    with bpy.data.libraries.load(str(library), link=True) as (source, target):
-        target.collections = ["Rigs"]
+    shared = linked_from_library(bpy.data.collections.new("Rigs"), tmp_path / "rigs.blend")
     scene = bpy.context.scene
-    scene.collection.children.link(target.collections[0])
+    scene.collection.children.link(shared)
     view_layer = bpy.context.view_layer
     view_layer.active_layer_collection = view_layer.layer_collection.children["Rigs"]
     assert bpy.context.collection.library is not None  # what the user has active

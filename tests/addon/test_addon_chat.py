@@ -366,7 +366,7 @@ def test_the_user_s_own_cancel_is_no_error_and_gives_the_prompt_back(armature, s
 def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
     address, backend = _send_while_held(scripted_service)
     use_service(f"tcp://127.0.0.1:{free_port()}")
-    with pytest.raises(RuntimeError, match="Not asked: requests to the previous service"):
+    with pytest.raises(RuntimeError, match="Not asked: requests to the service as set before"):
         bpy.ops.chatpose.service_status()
     backend.release()
     use_service(address)

@@ -120,6 +120,11 @@ MAX_ASPECT_RATIO = 20
 _IMAGE_SETTINGS = ("file_format", "color_mode", "color_depth")
 
 
+def render_running() -> bool:
+    """Whether a render (F12, or an animation) is running in this Blender."""
+    return bpy.app.is_job_running("RENDER")
+
+
 def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_SIDE) -> bytes:
     """PNG bytes of the scene camera's view, rendered with Workbench at most ``max_side`` px on
     the long side (the scene's aspect ratio), without compositing; the scene's settings are put
@@ -129,6 +134,8 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
             "the scene has no camera to take a picture with (in background mode the viewport "
             "cannot be drawn): add a camera, or use Pose from Image"
         )
+    if render_running():  # the snapshot's settings would go into the user's render
+        raise CaptureError("a render is running: take the snapshot when it has finished")
     render = scene.render
     settings = render.image_settings
     saved = {name: getattr(render, name) for name in _RENDER_SETTINGS}

@@ -428,6 +428,15 @@ def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(bl
         render_camera_snapshot(bpy.context.scene)
 
 
+def test_no_camera_snapshot_while_the_user_s_render_runs(blender, monkeypatch):
+    from blender_addon.blender import capture
+
+    _add_camera()
+    monkeypatch.setattr(capture, "render_running", lambda: True)  # F12 in another window
+    with pytest.raises(CaptureError, match="a render is running"):
+        render_camera_snapshot(bpy.context.scene)
+
+
 def test_a_camera_snapshot_writes_none_of_the_user_s_output_files(blender, tmp_path):
     create_smpl_armature(bpy.context, with_mesh=True)
     _add_camera()

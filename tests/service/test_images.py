@@ -142,3 +142,22 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white():
         pixels = np.asarray(image)
         assert pixels.min() == 0 and pixels.max() == 255
         assert abs(pixels.mean() - 127.5) < 1  # a mid grey on average, as the picture is
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_large_picture_is_reduced_to_a_few_times_the_model_s_size(fmt):
+    ramp = np.linspace(0, 255, 1500)[None, :, None].repeat(1000, axis=0).repeat(3, axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint8)).save(buffer, fmt)
+    full = decode_image(buffer.getvalue())
+    reduced = decode_image(buffer.getvalue(), min_side=64)
+    assert full.size == (1500, 1000)
+    assert reduced.size[0] / reduced.size[1] == pytest.approx(1.5, rel=0.01)
+    assert 128 <= reduced.size[1] < 256
+    # what the processor then makes of it: the same picture at the model's size
+    as_seen = [
+        np.asarray(image.resize((96, 64), Image.BICUBIC), float) for image in (full, reduced)
+    ]
+    assert np.abs(as_seen[0] - as_seen[1]).max() < 3
+    small = decode_image(image_bytes((1, 2, 3), size=(200, 150)), min_side=64)
+    assert small.size == (200, 150)  # under twice the model's size: as it is

@@ -18,6 +18,7 @@ from inference_service.errors import (
     ModelError,
     UnsupportedInputError,
 )
+from inference_service.images import decode_image
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.prompts import Turn, build_prompt, pose_exchange
 
@@ -319,6 +320,26 @@ def test_bad_image_bytes_raise_a_typed_error(tiny_model):
         tiny_model.predict_poses([PoseRequest(TEXT), PoseRequest(images=(b"\x89PNG broken",))])
     with pytest.raises(BadImageError):
         tiny_model.chat("What is this?", [b"not an image"])
+
+
+def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, monkeypatch):
+    photo = tiny_llava.image_bytes((200, 120, 40), size=(1600, 1200), fmt="JPEG")
+    seen = []
+    encode = tiny_model._encode
+
+    def recording(texts, images):
+        seen.extend(image.size for image in images)
+        return encode(texts, images)
+
+    monkeypatch.setattr(tiny_model, "_encode", recording)
+    reduced = tiny_model.predict_poses([PoseRequest(TEXT, images=(photo,))])[0]
+    side = tiny_model.config.image_size
+    assert len(seen) == 1 and 2 * side <= min(seen[0]) < 4 * side
+
+    monkeypatch.setattr(modeling_chatpose, "decode_image", lambda data, **_: decode_image(data))
+    full = tiny_model.predict_poses([PoseRequest(TEXT, images=(photo,))])[0]
+    assert seen[1] == (1600, 1200)
+    np.testing.assert_allclose(reduced, full, atol=2e-3)  # the model sees the same picture
 
 
 def test_too_many_images_raise_a_typed_error(tiny_model):

@@ -19,9 +19,17 @@ _ENCODINGS_BY_MARK = (
 
 def decode_text(data: bytes) -> str:
     """A batch file's text: UTF-8, or UTF-16 when it starts with a byte order mark (the mark
-    is no part of the first prompt). UnicodeDecodeError for anything else."""
+    is no part of the first prompt). UnicodeDecodeError for anything else, and for a NUL
+    character, which a text file without a mark in UTF-16 (every other byte) is full of."""
     encoding = next((name for mark, name in _ENCODINGS_BY_MARK if data.startswith(mark)), "utf-8")
-    return data.decode(encoding)
+    text = data.decode(encoding)
+    if "\0" in text:  # valid UTF-8, but no prompt holds one, and labels would lose it
+        at = text.index("\0")
+        line = text.count("\n", 0, at) + 1
+        raise UnicodeDecodeError(
+            encoding, data, at, at + 1, f"a NUL character on line {line}: UTF-16 without a mark?"
+        )
+    return text
 
 
 def prompt_lines(text: str) -> list[tuple[int, str]]:

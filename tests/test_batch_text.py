@@ -46,3 +46,11 @@ def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
         assert decode_text(data) == text
     with pytest.raises(UnicodeDecodeError):
         decode_text("café".encode("latin-1"))
+
+
+def test_a_nul_character_is_refused_naming_its_line():
+    # UTF-16 without a byte order mark is valid UTF-8 with a NUL after every letter; a prompt
+    # holding one would be sent as it is, and --resume could not match its label.
+    for data, line in (("sit\nstand".encode("utf-16-le"), 1), (b"sit\nstand\0\n", 2)):
+        with pytest.raises(UnicodeDecodeError, match=f"NUL character on line {line}"):
+            decode_text(data)

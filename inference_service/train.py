@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "fresh", "base"),
         default="auto",
         help="SMPL head start: fresh (seeded), the base checkpoint's, or auto (the base's when "
-        "the base has an adapter, else fresh)",
+        "the base is a training output, else fresh)",
     )
     parser.add_argument(
         "--copy-base",

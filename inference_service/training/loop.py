@@ -647,6 +647,29 @@ def save_checkpoint(
     return final
 
 
+def _keeps_base_head(config: TrainConfig, checkpoint: Checkpoint) -> bool:
+    """Whether the run starts from the base's SMPL head (`--head-init`). `auto` keeps the head
+    of a training output (an adapter, or a training state: a `--train-base` run saves none),
+    and trains a fresh one on any other base, as the paper does."""
+    if config.head_init == "auto":
+        trained = checkpoint.adapter_dir is not None or (checkpoint.root / STATE_NAME).is_file()
+        keep = trained
+        if not trained:
+            print(
+                f"note: the SMPL head starts fresh: {checkpoint.root} is not a training output "
+                "(--head-init base keeps its head)",
+                file=sys.stderr,
+            )
+    else:
+        keep = config.head_init == "base"
+    if not keep and config.pose_weight == 0:
+        raise TrainingError(
+            "--pose-weight 0 trains no SMPL head, and this one would start fresh: the "
+            "checkpoint would give random poses; add --head-init base to keep the base's head"
+        )
+    return keep
+
+
 def load_state(path: Path) -> dict:
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
@@ -733,10 +756,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
     else:
         adapter_dir = checkpoint.adapter_dir
-        use_base_head = config.head_init == "base" or (
-            config.head_init == "auto" and checkpoint.adapter_dir is not None
-        )
-        head_path = checkpoint.head_path if use_base_head else None
+        head_path = checkpoint.head_path if _keeps_base_head(config, checkpoint) else None
     tm = load_training_model(model_source, config, adapter_dir, head_path)
 
     max_length = config.max_length or _max_positions(tm.model)

@@ -675,6 +675,32 @@ def test_a_head_loaded_from_a_checkpoint_keeps_its_outputs_when_centring_starts(
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5)
 
 
+def test_auto_keeps_the_head_of_a_training_output_and_a_fresh_one_must_train(
+    base, examples, tmp_path, capsys
+):
+    first = loop.train(settings(base, tmp_path / "one", steps=3), examples)
+    assert "the SMPL head starts fresh" in capsys.readouterr().err  # a scaffolded base
+    # A --train-base run saves no adapter: its head is a trained one all the same.
+    whole = loop.train(
+        settings(first.checkpoint, tmp_path / "two", steps=1, train_base="embeddings"), examples
+    )
+    assert not (whole.checkpoint / "adapter").exists()
+    again = loop.train(
+        settings(whole.checkpoint, tmp_path / "three", steps=1, lr=1e-12, train_base="embeddings"),
+        examples,
+    )
+    assert "starts fresh" not in capsys.readouterr().err
+    before = load_file(whole.checkpoint / "pose_head.safetensors")
+    after = load_file(again.checkpoint / "pose_head.safetensors")
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5)
+    # A head that starts fresh and has no pose loss would be saved random.
+    untrained = settings(base, tmp_path / "four", steps=1, train_base="lm_head", pose_weight=0.0)
+    with pytest.raises(loop.TrainingError, match="--pose-weight 0 trains no SMPL head"):
+        loop.train(untrained, examples)
+    assert not (tmp_path / "four").exists()
+
+
 def test_centring_is_on_by_default_and_kept_across_a_resume(base, examples, tmp_path):
     loop.train(settings(base, tmp_path / "run", steps=3), examples)
     state = torch.load(tmp_path / "run" / "step-000003" / loop.STATE_NAME, weights_only=True)
@@ -817,6 +843,7 @@ def test_train_base_lm_head_learns_the_answer_and_moves_no_pose(base, examples, 
     config = settings(
         base, tmp_path / "run", steps=12, lr=1e-2, save_every=0, mix=(1, 0, 0),
         train_base="lm_head", text_weight=1.0, pose_weight=0.0, center_head_input=False,
+        head_init="base",
     )  # fmt: skip
     result = loop.train(config, text)
     changed = _changed_weights(base, result.checkpoint)

@@ -13,7 +13,7 @@ Data formats (`--data`, repeatable):
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
 
 Exit status: 0 done, 2 bad arguments, data or checkpoint, 3 stopped on a NaN/inf loss (the
-last good checkpoint is kept), 130 interrupted.
+last good checkpoint is kept), 4 out of memory, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from inference_service.training.datasets import DatasetError, DataSpec, parse_da
 
 EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
 EXIT_USAGE = 2
+EXIT_OUT_OF_MEMORY = 4
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=_positive_int, help="longest example in tokens")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less GPU memory, slower steps",
+    )
+    parser.add_argument(
         "--no-center-head-input",
         dest="center_head_input",
         action="store_false",
@@ -192,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Imported here so that --help works without loading torch.
+    import torch
+
     from inference_service.training.loop import TrainConfig, TrainingDiverged, TrainingError, train
 
     try:
@@ -222,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_base=args.copy_base,
             max_length=args.max_length,
             threads=args.threads,
+            gradient_checkpointing=args.gradient_checkpointing,
             center_head_input=args.center_head_input,
             train_base=args.train_base,
             action_weight=args.action_weight,
@@ -244,6 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingError, DatasetError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        problem = str(exc).split("\n")[0] or type(exc).__name__
+        print(
+            f"error: out of memory ({problem}); lower --batch-size (a higher --grad-accum keeps "
+            "the batch), add --gradient-checkpointing, or lower --max-length; "
+            f"{_last_checkpoint(config.out)}",
+            file=sys.stderr,
+        )
+        return EXIT_OUT_OF_MEMORY
     except OSError as exc:  # --out under a file, read-only, or a full disk
         where = f"{exc.filename}: " if exc.filename else ""
         print(

@@ -437,6 +437,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(
     assert f"error: --out: cannot write in {shared}" in capsys.readouterr().err
 
 
+def test_out_of_memory_names_the_settings_that_lower_it(base, tmp_path, monkeypatch, capsys):
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB\nsee the PyTorch docs"
+    monkeypatch.setattr(loop, "load_training_model", _raise(torch.OutOfMemoryError(message)))
+    argv = ["--base", str(base), *_write_data(tmp_path), "--out", str(tmp_path / "run")]
+    assert train_cli.main(argv) == train_cli.EXIT_OUT_OF_MEMORY
+    err = capsys.readouterr().err
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower" in err
+    assert "--gradient-checkpointing" in err and "no checkpoint was saved yet" in err
+
+
 def _raise(error):
     def raising(*args, **kwargs):
         raise error
@@ -699,6 +709,33 @@ def test_auto_keeps_the_head_of_a_training_output_and_a_fresh_one_must_train(
     with pytest.raises(loop.TrainingError, match="--pose-weight 0 trains no SMPL head"):
         loop.train(untrained, examples)
     assert not (tmp_path / "four").exists()
+
+
+def test_gradient_checkpointing_trains_the_same_run(base, examples, tmp_path, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    layer_passes = []  # of each run: the layers' MLPs, which the checkpointing replays
+    forward = LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        layer_passes[-1] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    runs = []
+    for on in (False, True):
+        layer_passes.append(0)
+        config = settings(base, tmp_path / str(on), steps=3, gradient_checkpointing=on)
+        runs.append(loop.train(config, examples))
+    assert layer_passes[1] > layer_passes[0]  # the backward pass ran the layers again
+    np.testing.assert_allclose(runs[1].losses, runs[0].losses, rtol=1e-5)
+    adapters = [load_file(r.checkpoint / "adapter" / "adapter_model.safetensors") for r in runs]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6)
+    parse = train_cli.build_parser().parse_args
+    required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
+    assert parse([*required, "--gradient-checkpointing"]).gradient_checkpointing
 
 
 def test_centring_is_on_by_default_and_kept_across_a_resume(base, examples, tmp_path):

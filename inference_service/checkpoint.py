@@ -28,7 +28,10 @@ NUM_JOINTS = 24
 ROTATION_LAYOUT = "6d_two_columns"
 
 
-IMAGE_ORIENTATIONS = ("upright", "camera")
+POSE_ORIENTATIONS = ("upright", "camera")
+# chatpose.json's name for `pose_orientation` before it was known to hold for text poses too:
+# the release's (the only "camera" head) gives every pose in the camera's frame.
+RENAMED_FIELDS = {"image_orientation": "pose_orientation"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,11 @@ class ChatPoseConfig:
     # Joints 0..posed_joints-1 come from the head; the rest are put at rest (zero rotation):
     # the release trained SMPL-H finger joints where SMPL's hands (22, 23) are.
     posed_joints: int = NUM_JOINTS
-    # The frame of an image pose's global orientation, as the head was trained: "upright"
-    # (+Y up, facing the camera's heading: docs/evaluation.md) or "camera" (HMR's, which the
-    # release trained on: +Y down, +Z into the scene), turned to "upright" when served.
-    image_orientation: str = "upright"
+    # The frame of every pose's global orientation, as the head was trained: "upright" (+Y up;
+    # an image's pose facing the camera's heading: docs/evaluation.md) or "camera" (HMR's: +Y
+    # down, +Z into the scene; the release trained its text poses in it too), turned to
+    # "upright" when served.
+    pose_orientation: str = "upright"
     base_model: str = "base"  # a directory: relative to the checkpoint, or absolute
     format_version: int = FORMAT_VERSION
 
@@ -60,10 +64,10 @@ class ChatPoseConfig:
         for name in ("hidden_size", "head_hidden_size", "image_size", "max_images"):
             if getattr(self, name) < 1:
                 raise CheckpointError(f"field '{name}' must be positive, got {getattr(self, name)}")
-        if self.image_orientation not in IMAGE_ORIENTATIONS:
+        if self.pose_orientation not in POSE_ORIENTATIONS:
             raise CheckpointError(
-                f"field 'image_orientation' must be one of {list(IMAGE_ORIENTATIONS)}, "
-                f"got {self.image_orientation!r}"
+                f"field 'pose_orientation' must be one of {list(POSE_ORIENTATIONS)}, "
+                f"got {self.pose_orientation!r}"
             )
         if not 1 <= self.posed_joints <= NUM_JOINTS:
             raise CheckpointError(
@@ -109,6 +113,9 @@ class ChatPoseConfig:
             raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        for old, new in RENAMED_FIELDS.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -144,7 +144,9 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         image_size=vision_config.image_size,
         mm_use_im_start_end=wraps_images,
         posed_joints=RELEASE_POSED_JOINTS,
-        image_orientation="camera",  # its image targets are HMR 2.0's, in the camera's frame
+        # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
+        # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
+        pose_orientation="camera",
     ).save(writing)
     if destination.exists():  # an empty folder
         destination.rmdir()

@@ -243,7 +243,7 @@ class ChatPoseModel:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
         if not requests:
             return []
-        return self._poses(self.pose_states(requests), [bool(r.images) for r in requests])
+        return self._poses(self.pose_states(requests))
 
     @_out_of_memory_as_model_error
     def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
@@ -376,7 +376,7 @@ class ChatPoseModel:
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
         states = self._reply_pose_states(inputs, generated)
-        poses = self._poses(states, [bool(images)] * len(states)) if len(states) else []
+        poses = self._poses(states) if len(states) else []
         return ChatReply(self._render(generated.tolist()), poses)
 
     def _reply_pose_states(
@@ -485,18 +485,16 @@ class ChatPoseModel:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
-    def _poses(self, states: torch.Tensor, seen_images: Sequence[bool]) -> list[np.ndarray]:
-        """The poses of pose states; `seen_images` says, for each, whether its prompt held an
-        image (whose global orientation the head may give in the camera's frame)."""
+    def _poses(self, states: torch.Tensor) -> list[np.ndarray]:
+        """The poses of pose states, upright whatever frame the head gives them in."""
         # The head runs in float32 whatever the LLM's dtype: it is small, and bf16 rounding
         # would show in the rotations.
         with torch.inference_mode():
             output = self.head(states.to(self.device, torch.float32))
         poses = decode_pose(output.cpu().numpy())
         poses[:, self.config.posed_joints :] = 0.0  # joints the head was not trained for
-        if self.config.image_orientation == "camera":
-            from_image = np.asarray(seen_images, dtype=bool)
-            poses[from_image, 0] = camera_to_upright(poses[from_image, 0])
+        if self.config.pose_orientation == "camera":
+            poses[:, 0] = camera_to_upright(poses[:, 0])
         return list(poses)
 
     def _render(self, token_ids: list[int]) -> str:

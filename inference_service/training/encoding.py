@@ -183,9 +183,9 @@ class Encoder:
             if example.poses
             else np.zeros((0, 24, 3), np.float32)
         )
-        if example.images and self.config.image_orientation == "camera":
-            # The data's image poses are upright; this head gives them in the camera's frame
-            # (the service turns them back). The half turn is its own inverse.
+        if self.config.pose_orientation == "camera":
+            # The data's poses are upright; this head gives them in the camera's frame (the
+            # service turns them back). The half turn is its own inverse.
             poses[:, 0] = camera_to_upright(poses[:, 0])
         action = (
             self.actions.index(example.action) if example.action in self.actions else IGNORE_INDEX

@@ -49,7 +49,7 @@ def test_defaults_follow_the_release():
         ({"max_images": 0}, "max_images"),
         ({"posed_joints": 25}, "posed_joints"),
         ({"posed_joints": 0}, "posed_joints"),
-        ({"image_orientation": "world"}, "image_orientation"),
+        ({"pose_orientation": "world"}, "pose_orientation"),
         ({"base_model": ""}, "base_model"),
         ({"format_version": 2}, "format_version"),
         ({"colour": "red"}, "colour"),
@@ -60,6 +60,11 @@ def test_bad_field_names_the_field_and_the_file(tmp_path, fields, named):
     with pytest.raises(CheckpointError, match=f"'{named}'") as error:
         ChatPoseConfig.load(tmp_path)
     assert str(path) in str(error.value)
+
+
+def test_the_older_name_of_pose_orientation_is_read(tmp_path):
+    write_config(tmp_path, image_orientation="camera")  # a release converted before the rename
+    assert ChatPoseConfig.load(tmp_path).pose_orientation == "camera"
 
 
 def test_missing_field_is_named(tmp_path):

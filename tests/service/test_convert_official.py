@@ -138,17 +138,18 @@ def test_converted_release_gives_the_same_poses_as_the_source_weights(release, t
     expected = ChatPoseModel.from_checkpoint(reference, device="cpu")
     assert model.pose_token_id == model.tokenizer.convert_tokens_to_ids("[SEG]")
     assert model.pose_token_id == expected.pose_token_id
-    assert config.image_orientation == "camera"  # HMR 2.0's targets
-    for request, got, want in zip(
-        REQUESTS, model.predict_poses(REQUESTS), expected.predict_poses(REQUESTS), strict=True
+    assert config.pose_orientation == "camera"  # HMR 2.0's targets, and its PoseScript loader's
+    for got, want in zip(
+        model.predict_poses(REQUESTS), expected.predict_poses(REQUESTS), strict=True
     ):
         np.testing.assert_allclose(got[1:22], want[1:22], atol=1e-5)
         assert np.abs(want[22:]).max() > 1e-3  # the head does give them a rotation
         np.testing.assert_array_equal(got[22:], 0.0)  # which the service leaves out
-        # A text pose is upright already; an image pose is turned out of the camera's frame.
-        half_turn = np.diag([1.0, -1.0, -1.0]) if request.images else np.eye(3)
+        # Every pose, of text or of an image, is turned out of the camera's frame.
         np.testing.assert_allclose(
-            axis_angle_to_matrix(got[0]), half_turn @ axis_angle_to_matrix(want[0]), atol=1e-5
+            axis_angle_to_matrix(got[0]),
+            np.diag([1.0, -1.0, -1.0]) @ axis_angle_to_matrix(want[0]),
+            atol=1e-5,
         )
 
     # The release's "[SEG]" is written as "<POSE>" in replies.

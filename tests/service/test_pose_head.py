@@ -11,7 +11,11 @@ from inference_service.pose_head import (
     decode_pose,
     rotation_6d_to_matrix_torch,
 )
-from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_rotation_6d
+from shared_protocol.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_rotation_6d,
+)
 
 CONFIG = ChatPoseConfig(hidden_size=16, head_hidden_size=8)
 
@@ -69,6 +73,37 @@ def test_torch_6d_decode_matches_shared_protocol():
     np.testing.assert_allclose(
         rotation_6d_to_matrix_torch(sixd).numpy(), rotation_6d_to_matrix(sixd.numpy()), atol=1e-12
     )
+
+
+def test_the_release_s_text_poses_are_in_the_camera_s_frame_too():
+    # The release's PoseScript loader (utils/posescript_dataset.py): the yaw of AMASS's Z-up
+    # root taken out (its ZYX Euler angles, z set to 0), then Rx(+90°) applied on the left.
+    def release_target(amass_root):
+        m = axis_angle_to_matrix(amass_root)
+        x, y = np.arctan2(m[2, 1], m[2, 2]), np.arctan2(-m[2, 0], np.hypot(m[2, 1], m[2, 2]))
+        no_yaw = _rz(0.0) @ _ry(y) @ _rx(x)
+        return matrix_to_axis_angle(_rx(np.pi / 2) @ no_yaw)
+
+    for yaw, bow in ((0.0, 0.0), (0.7, 0.0), (-2.0, 0.4)):
+        # An AMASS body facing `yaw` about the world's up, bowing `bow` forward about its X.
+        amass_root = matrix_to_axis_angle(_rz(yaw) @ _rx(np.pi / 2) @ _rx(bow))
+        upright = camera_to_upright(release_target(amass_root))
+        np.testing.assert_allclose(axis_angle_to_matrix(upright), _rx(bow), atol=1e-9)
+
+
+def _rx(angle):
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def _ry(angle):
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, 0, s], [0, 1.0, 0], [-s, 0, c]])
+
+
+def _rz(angle):
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
 
 
 def test_camera_frame_orientations_turn_upright():

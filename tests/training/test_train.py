@@ -605,19 +605,19 @@ def test_encoding_labels_exactly_the_answers(base, examples):
     (position,) = encoded.pose_positions
     assert encoded.input_ids[position] == pose_id and encoded.labels[position] == pose_id
     np.testing.assert_allclose(encoded.poses[0], POSES[4], atol=1e-6)
-    # A head that gives image poses in the camera's frame (the converted release) learns them
-    # there: the data's upright root, half turned about X; the text poses stay as they are.
-    in_camera = Encoder(processor, dataclasses.replace(config, image_orientation="camera"),
+    # A head that gives poses in the camera's frame (the converted release) learns them there,
+    # text and image poses alike: the data's upright root, half turned about X.
+    in_camera = Encoder(processor, dataclasses.replace(config, pose_orientation="camera"),
                         pose_id, 512)  # fmt: skip
-    turned = in_camera.encode(image).poses[0]
-    np.testing.assert_allclose(turned[1:], POSES[4][1:], atol=1e-6)
-    np.testing.assert_allclose(
-        axis_angle_to_matrix(turned[0]),
-        np.diag([1.0, -1.0, -1.0]) @ axis_angle_to_matrix(POSES[4][0]),
-        atol=1e-5,
-    )
     text = next(e for e in examples if e.poses and not e.images)
-    np.testing.assert_allclose(in_camera.encode(text).poses, encoder.encode(text).poses)
+    for example in (image, text):
+        upright, turned = encoder.encode(example).poses[0], in_camera.encode(example).poses[0]
+        np.testing.assert_allclose(turned[1:], upright[1:], atol=1e-6)
+        np.testing.assert_allclose(
+            axis_angle_to_matrix(turned[0]),
+            np.diag([1.0, -1.0, -1.0]) @ axis_angle_to_matrix(upright[0]),
+            atol=1e-5,
+        )
 
     short = Encoder(processor, config, pose_id, 20)
     with pytest.raises(DatasetError, match="t0: .* tokens, more than the maximum length 20"):

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -89,6 +90,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     wraps_images = set(IMAGE_WRAPPERS) <= set(tokenizer.get_vocab())
 
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower, local_files_only=True)
+    _check_vision_size(official, vision_config, source, vision_tower)
     embed = _required(weights, "model.embed_tokens.weight", source)
     dtype = embed.dtype
     vocab_size = max(embed.shape[0], len(tokenizer))
@@ -105,7 +107,14 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         tie_word_embeddings=False,
     )
     state = _language_and_projector(weights, source, vocab_size)
-    vision = CLIPVisionModel.from_pretrained(vision_tower, local_files_only=True, dtype=dtype)
+    vision, loading = CLIPVisionModel.from_pretrained(
+        vision_tower, local_files_only=True, dtype=dtype, output_loading_info=True
+    )
+    if loading["missing_keys"]:  # transformers would start them at random, with a notice
+        raise CheckpointError(
+            f"--vision-tower {vision_tower}: no weights for "
+            f"{sorted(loading['missing_keys'])[0]} (a damaged or partial download?)"
+        )
     state.update({f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()})
 
     # Built on the meta device, the model allocates nothing until the converted tensors are
@@ -153,6 +162,19 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     os.replace(writing, destination)
     _report_unused(weights)
     return destination
+
+
+def _check_vision_size(official: dict, vision_config, source: Path, vision_tower: Path) -> None:
+    """CheckpointError when the CLIP folder is not of the resolution that the release's
+    `mm_vision_tower` names (its name's last number: "...-patch14-336"). The 224-px CLIP of
+    the same width loads and runs, on features the projector never saw."""
+    named = str(official.get("mm_vision_tower", ""))
+    size = re.search(r"-(\d+)$", named.rstrip("/"))
+    if size and int(size.group(1)) != vision_config.image_size:
+        raise CheckpointError(
+            f"{source / 'config.json'} names the vision tower {named} ({size.group(1)} px), but "
+            f"--vision-tower {vision_tower} takes {vision_config.image_size} px images"
+        )
 
 
 def _read_config(path: Path) -> dict:

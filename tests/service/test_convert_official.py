@@ -71,7 +71,8 @@ def release(tmp_path_factory):
                 "rms_norm_eps": text.rms_norm_eps,
                 "rope_theta": text.rope_parameters["rope_theta"],
                 "vocab_size": len(official_tokenizer),
-                "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+                # openai/clip-vit-large-patch14-336 in the release; this CLIP is as small
+                "mm_vision_tower": f"clip-vit-tiny-patch{tiny_llava.PATCH}-{tiny_llava.IMAGE_SIZE}",
                 "mm_vision_select_layer": -2,
                 "mm_vision_select_feature": "patch",
                 "mm_projector_type": "mlp2x_gelu",
@@ -204,6 +205,32 @@ def test_missing_weight_is_named_by_its_official_name(release, tmp_path):
         convert(broken, tmp_path / "out2", clip)
     assert not (tmp_path / "out2").exists()  # nothing half-written: a rerun can go there
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_a_vision_tower_of_another_size_or_with_weights_missing_is_refused(release, tmp_path):
+    source, clip, _ = release
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    config = json.loads((other / "config.json").read_text())
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (other / "config.json").write_text(json.dumps(config))
+    expected = (
+        r"names the vision tower openai/clip-vit-large-patch14-336 \(336 px\), "
+        rf"but --vision-tower {clip} takes {tiny_llava.IMAGE_SIZE} px"
+    )
+    with pytest.raises(CheckpointError, match=expected):
+        convert(other, tmp_path / "out", clip)
+
+    from safetensors.torch import load_file
+
+    damaged = tmp_path / "clip"
+    shutil.copytree(clip, damaged)
+    weights = load_file(str(damaged / "model.safetensors"))
+    del weights["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    save_file(weights, str(damaged / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no weights for encoder.layers.0.mlp.fc1.weight"):
+        convert(source, tmp_path / "out", damaged)
+    assert not (tmp_path / "out").exists()
 
 
 def copy_with(source, destination, change):

@@ -136,6 +136,23 @@ class ChatPoseConfig:
 
 
 _TYPES = typing.get_type_hints(ChatPoseConfig)
+# What a file of a repository cloned without git-lfs holds instead of its contents.
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointers(directory: Path) -> None:
+    """CheckpointError naming a file of `directory` that is a Git LFS pointer (a model
+    repository cloned without git-lfs): read as weights or a tokenizer, it fails with messages
+    about other things (a missing tiktoken, a bad safetensors header)."""
+    directory = Path(directory)
+    for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+        if path.is_file() and path.stat().st_size < 1024:
+            with path.open("rb") as file:
+                if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                    raise CheckpointError(
+                        f"{path}: a Git LFS pointer, not the file (the repository was cloned "
+                        "without git-lfs); run `git lfs pull` there"
+                    )
 
 
 def _check_type(name: str, value: object, expected: type) -> None:

@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from inference_service.checkpoint import ChatPoseConfig
+from inference_service.checkpoint import ChatPoseConfig, refuse_lfs_pointers
 from inference_service.errors import CheckpointError
 from inference_service.pose_head import PoseHead
 
@@ -83,6 +83,8 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
             f"--vision-tower {vision_tower}: no such folder (a local copy of the CLIP vision "
             "model the release names)"
         )
+    refuse_lfs_pointers(source)
+    refuse_lfs_pointers(vision_tower)
     official = _read_config(source / "config.json")
     weights = _read_weights(source)
     tokenizer = _read_tokenizer(source, pose_token)

@@ -46,7 +46,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 
-from inference_service.checkpoint import ChatPoseConfig, Checkpoint
+from inference_service.checkpoint import ChatPoseConfig, Checkpoint, refuse_lfs_pointers
 from inference_service.errors import (
     CheckpointError,
     EmptyPromptError,
@@ -646,6 +646,7 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
     A CheckpointError names what is wrong, including a weight the files lack: transformers
     would start it at random, and the model would answer with nonsense poses.
     """
+    refuse_lfs_pointers(base_dir)
     try:
         processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
         model, loading = AutoModelForImageTextToText.from_pretrained(
@@ -664,6 +665,13 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
         raise CheckpointError(
             f"{base_dir}: the weights have no {missing[0]}{more} (an incomplete or "
             "mismatched model file)"
+        )
+    tokens, rows = len(processor.tokenizer), model.get_input_embeddings().num_embeddings
+    if tokens > rows:  # every request holding such a token would fail with an IndexError
+        first = processor.tokenizer.convert_ids_to_tokens(rows)
+        raise CheckpointError(
+            f"{base_dir}: the tokenizer has {tokens} tokens and the model's embeddings {rows} "
+            f"rows, none for {first!r} (id {rows}) and after (a tokenizer of another model?)"
         )
     return processor, model
 

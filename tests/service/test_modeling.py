@@ -95,6 +95,30 @@ def test_pose_token_is_added_when_missing_and_found_by_id(tiny_checkpoint, tiny_
     assert ids.count(tiny_model.pose_token_id) == 1
 
 
+def test_a_git_lfs_pointer_or_a_tokenizer_longer_than_the_embeddings_is_named_at_load(
+    tiny_checkpoint, tmp_path
+):
+    pointer = tmp_path / "pointer"
+    shutil.copytree(tiny_checkpoint, pointer)
+    (pointer / "base" / "tokenizer.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1842767\n"
+    )
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: a Git LFS pointer, not the file"):
+        ChatPoseModel.from_checkpoint(pointer, device="cpu")
+
+    longer = tmp_path / "longer"
+    shutil.copytree(tiny_checkpoint, longer)
+    tokenizer = AutoTokenizer.from_pretrained(longer / "base", local_files_only=True)
+    rows = len(tokenizer)
+    tokenizer.add_tokens(["<extra_1>", "<extra_2>"], special_tokens=True)
+    tokenizer.save_pretrained(longer / "base")
+    expected = (
+        rf"has {rows + 2} tokens and the model's embeddings {rows} rows, none for '<extra_1>'"
+    )
+    with pytest.raises(CheckpointError, match=expected):
+        ChatPoseModel.from_checkpoint(longer, device="cpu")
+
+
 @pytest.mark.parametrize(
     "request_",
     [PoseRequest(TEXT), PoseRequest(images=(RED,)), PoseRequest("the man on the left", (BLUE,))],

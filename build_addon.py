@@ -312,6 +312,40 @@ def fetch_pyzmq_wheel(
         return destination
 
 
+# The tag a Mac wheel gets for one architecture (arm64 Macs start at macOS 11).
+MAC_TAGS = {"macos-arm64": "macosx_11_0_arm64", "macos-x64": "macosx_10_15_x86_64"}
+
+
+def one_mac_wheel(wheel: Path, platform: str, out_dir: Path) -> Path:
+    """A copy of the universal2 ``wheel`` tagged for the one Mac ``platform`` ("macos-arm64",
+    "macos-x64"): Blender 4.2.0 installs a macOS wheel only when its tag ends in the
+    machine's own architecture. Its binaries, which hold both, run there. Other wheels are
+    returned as they are."""
+    tags = _wheel_tags(wheel.name)
+    if tags is None or not tags[4].endswith("_universal2"):
+        return wheel
+    tag = MAC_TAGS[platform]
+    thin = out_dir / f"{'-'.join(tags[:4])}-{tag}.whl"
+    with zipfile.ZipFile(wheel) as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    (meta,) = [n for n in members if n.endswith(".dist-info/WHEEL")]
+    members[meta] = re.sub(
+        rb"^(Tag: [^-\s]+-[^-\s]+-)\S+$", rb"\g<1>" + tag.encode(), members[meta], flags=re.M
+    )
+    record = meta.removesuffix("WHEEL") + "RECORD"
+    rows = list(csv.reader(io.StringIO(members[record].decode("utf-8"))))
+    for row in rows:
+        if row and row[0] == meta:
+            row[1:] = [_record_hash(members[meta]), str(len(members[meta]))]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    members[record] = text.getvalue().encode("utf-8")
+    with zipfile.ZipFile(thin, "w") as out:
+        for name, data in members.items():
+            _zip_write(out, name, data)
+    return thin
+
+
 def fetch_pyzmq_wheels(version: str, cache_dir: Path = CACHE_DIR) -> dict[tuple[str, str], Path]:
     """(python, platform) -> wheel, for every supported Python and platform."""
     return {
@@ -362,9 +396,10 @@ def _platform_ok(platform_tags: str, platform: str) -> bool:
             return True
         if tag == windows_tag:
             return True
+        # Blender 4.2.0 takes no universal2 wheel (later releases do): `one_mac_wheel`.
         if platform.startswith("macos-") and tag.startswith("macosx_"):
             arch = "arm64" if platform == "macos-arm64" else "x86_64"
-            if tag.endswith(("_" + arch, "_universal2")):
+            if tag.endswith("_" + arch):
                 return True
     return False
 
@@ -637,8 +672,11 @@ def build(
 
     with tempfile.TemporaryDirectory(prefix="chatpose-build-") as tmp:
         shared_wheel = build_shared_protocol_wheel(Path(tmp), version)
-        fetched = fetch_pyzmq_wheels(zmq_version, cache_dir).values()
-        zmq_wheels = sorted({w.name: w for w in fetched}.values())  # universal2 serves 2 Macs
+        fetched = [
+            one_mac_wheel(wheel, platform, Path(tmp)) if platform in MAC_TAGS else wheel
+            for (_, platform), wheel in fetch_pyzmq_wheels(zmq_version, cache_dir).items()
+        ]
+        zmq_wheels = sorted({w.name: w for w in fetched}.values())
         wheels = [shared_wheel, *zmq_wheels]
 
         expected = manifest_wheel_entries(w.name for w in wheels)

@@ -30,10 +30,13 @@ def register() -> None:
         try:
             importlib.import_module(module)
         except ImportError as exc:
+            import bpy
+
             raise ImportError(
-                f"ChatPose needs the {module} package in Blender's Python: install the "
-                f"extension zip (it brings it), or for a legacy install pip-install {wheel} "
-                "into Blender's Python (see docs/addon.md)"
+                f"ChatPose needs the {module} package in Blender {bpy.app.version_string}'s "
+                f"Python, which did not set it up: reinstall the extension zip (it brings it; "
+                f"Blender's console says why a wheel was skipped), or for a legacy install "
+                f"pip-install {wheel} into Blender's Python (see docs/addon.md)"
             ) from exc
     from . import registration
 

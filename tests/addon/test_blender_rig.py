@@ -93,8 +93,9 @@ def test_a_legacy_install_without_its_packages_says_what_to_install(monkeypatch,
     import sys
 
     monkeypatch.setitem(sys.modules, missing, None)  # importing it fails
-    with pytest.raises(ImportError, match=f"needs the {missing} package.*{advice}"):
+    with pytest.raises(ImportError, match=f"needs the {missing} package.*{advice}") as error:
         blender_addon.register()
+    assert f"in Blender {bpy.app.version_string}'s Python" in str(error.value)
 
 
 def test_preferences_defaults_and_online_access(blender):

@@ -226,15 +226,49 @@ def test_wheel_supports():
     linux = "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_x86_64.manylinux_2_28_x86_64.whl"
     assert ws(linux, "3.11", "linux-x64") and not ws(linux, "3.13", "linux-x64")
     assert not ws(linux, "3.11", "windows-x64")
-    abi3 = "pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl"
-    assert ws(abi3, "3.13", "macos-arm64") and ws(abi3, "3.13", "macos-x64")
+    abi3 = "pyzmq-27.3.0-cp312-abi3-macosx_11_0_arm64.whl"
+    assert ws(abi3, "3.13", "macos-arm64") and not ws(abi3, "3.13", "macos-x64")
     assert not ws(abi3, "3.11", "macos-arm64")  # abi3 from 3.12 on
+    # Blender 4.2.0 installs no universal2 wheel on either Mac (later 4.2 releases do).
+    assert not ws("pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl", "3.13", "macos-arm64")
     assert ws("x-1.0-py3-none-any.whl", "3.13", "windows-x64")
     arm = "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_aarch64.manylinux_2_28_aarch64.whl"
     assert ws(arm, "3.11", "linux-arm64") and not ws(arm, "3.11", "linux-x64")
     assert ws("pyzmq-27.3.0-cp312-abi3-win_arm64.whl", "3.13", "windows-arm64")
     assert not ws("pyzmq-27.3.0-cp312-abi3-win_arm64.whl", "3.13", "windows-x64")
     assert not ws("not-a-wheel.zip", "3.11", "linux-x64")
+
+
+def test_a_universal2_wheel_is_tagged_for_each_mac_with_its_record_kept_true(tmp_path):
+    universal = tmp_path / "pyzmq-27.3.0-cp311-cp311-macosx_10_15_universal2.whl"
+    wheel_meta = (
+        b"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp311-cp311-macosx_10_15_universal2\n"
+    )
+    files = {"zmq/__init__.py": b"x = 1\n", "pyzmq-27.3.0.dist-info/WHEEL": wheel_meta}
+    record = "".join(
+        f"{name},{build_addon._record_hash(data)},{len(data)}\n" for name, data in files.items()
+    )
+    with zipfile.ZipFile(universal, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("pyzmq-27.3.0.dist-info/RECORD", record + "pyzmq-27.3.0.dist-info/RECORD,,\n")
+    for platform, tag in (
+        ("macos-arm64", "macosx_11_0_arm64"),
+        ("macos-x64", "macosx_10_15_x86_64"),
+    ):
+        thin = build_addon.one_mac_wheel(universal, platform, tmp_path)
+        assert thin.name == f"pyzmq-27.3.0-cp311-cp311-{tag}.whl"
+        assert build_addon.wheel_supports(thin.name, "3.11", platform)
+        with zipfile.ZipFile(thin) as zf:
+            assert f"Tag: cp311-cp311-{tag}\n".encode() in zf.read("pyzmq-27.3.0.dist-info/WHEEL")
+            assert zf.read("zmq/__init__.py") == files["zmq/__init__.py"]
+            for line in zf.read("pyzmq-27.3.0.dist-info/RECORD").decode().splitlines():
+                name, digest, size = line.split(",")
+                if digest:  # every file as the record says, the rewritten WHEEL too
+                    data = zf.read(name)
+                    assert (digest, int(size)) == (build_addon._record_hash(data), len(data))
+    linux = tmp_path / "pyzmq-27.3.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert build_addon.one_mac_wheel(linux, "macos-arm64", tmp_path) == linux
 
 
 def test_update_manifest_wheels_rewrites_only_the_list():

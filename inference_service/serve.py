@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import logs
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-clients", type=Path, help="folder of authorised clients' CURVE public keys"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--stop-with-stdin",
+        action="store_true",
+        help="stop when standard input closes (the Blender add-on holds a pipe to it, which "
+        "closes however Blender ends, a crash too)",
+    )
     return parser
 
 
@@ -108,8 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     on_signal = SignalStop(server.stop)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    if args.stop_with_stdin:
+        watch = threading.Thread(
+            target=stop_when_closed, args=(sys.stdin.buffer, server.stop), daemon=True
+        )
+        watch.start()
     server.serve_forever()
     return 0
+
+
+def stop_when_closed(stream, stop) -> None:
+    """Reads `stream` to its end, then calls `stop`: nobody writes to it, and its end is the
+    death of the process holding the other end of the pipe."""
+    while stream.read(4096):
+        pass
+    log.info("standard input closed: whoever started this service is gone", extra={"event": "stop"})
+    stop()
 
 
 class SignalStop:

@@ -120,6 +120,7 @@ def serve_command(
         bind,
         "--device",
         device or "auto",
+        "--stop-with-stdin",  # `start` holds the pipe: it closes when Blender ends, a crash too
         *extra,
     ]
 
@@ -224,7 +225,9 @@ class ServiceProcess:
             try:
                 self._process = self._popen(
                     list(argv),
-                    stdin=subprocess.DEVNULL,
+                    # Never written; a service started with --stop-with-stdin stops when it
+                    # closes, which the system does when Blender ends in any way.
+                    stdin=subprocess.PIPE,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,

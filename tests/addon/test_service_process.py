@@ -65,6 +65,7 @@ def test_serve_command_names_what_is_missing(tmp_path):
         "tcp://127.0.0.1:5555",
         "--device",
         "cpu",
+        "--stop-with-stdin",
     ]
 
 

@@ -140,7 +140,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
+@pytest.mark.parametrize("stop", ["sigterm", "stdin closed"])
+def test_chatpose_serve_process_serves_and_stops_on_sigterm_or_when_its_stdin_closes(
+    tiny_checkpoint, stop
+):
+    # The add-on starts it with --stop-with-stdin and holds the pipe, which the system closes
+    # however Blender ends: the service does not outlive a crashed Blender on any platform.
     address = f"tcp://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         [
@@ -153,7 +158,9 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
             address,
             "--device",
             "cpu",
+            *(["--stop-with-stdin"] if stop == "stdin closed" else []),
         ],
+        stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -170,7 +177,10 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm(tiny_checkpoint):
             assert status.device == "cpu" and status.version
             reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
             assert isinstance(reply, PoseReply)
-        process.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            process.send_signal(signal.SIGTERM)
+        else:
+            process.stdin.close()
         assert process.wait(TIMEOUT_S) == 0
     finally:
         if process.poll() is None:

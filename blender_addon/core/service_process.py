@@ -79,6 +79,8 @@ class ProcessState:
         if self.state == STOPPING:
             return f"stopping (pid {self.pid})"
         if self.state == EXITED:
+            if self.returncode is not None and self.returncode < 0:  # POSIX: by a signal
+                return f"{_killed_by(-self.returncode)}; its last output: {self.last_line or '-'}"
             text = f"exited with code {self.returncode}"
             if not self.last_line:
                 return text
@@ -90,6 +92,16 @@ class ProcessState:
                 )
             return text
         return "stopped"
+
+
+def _killed_by(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == getattr(signal, "SIGKILL", None):  # what the kernel's out-of-memory killer sends
+        return f"killed ({name}: the system does that when memory runs out)"
+    return f"killed ({name})"
 
 
 def serve_command(

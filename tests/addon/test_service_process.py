@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,18 @@ def test_a_python_without_the_service_s_packages_is_named_as_the_setting_to_fix(
     described = manager.poll().describe()
     assert "No module named 'no_such_chatpose_package'" in described
     assert "the Python set in the add-on's preferences (Local Service) lacks" in described
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_service_killed_by_the_system_is_not_reported_as_its_last_line(tmp_path):
+    manager = ServiceProcess(str(tmp_path))
+    manager.start(SLEEPER)
+    wait_for(lambda: "up" in Path(manager.log_path).read_text())
+    os.kill(manager.pid, signal.SIGKILL)  # as the out-of-memory killer does, mid-load
+    wait_for(lambda: manager.poll().state == EXITED)
+    assert manager.poll().describe() == (
+        "killed (SIGKILL: the system does that when memory runs out); its last output: up"
+    )
 
 
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):

@@ -80,7 +80,8 @@ class ProcessState:
             return f"stopping (pid {self.pid})"
         if self.state == EXITED:
             if self.returncode is not None and self.returncode < 0:  # POSIX: by a signal
-                return f"{_killed_by(-self.returncode)}; its last output: {self.last_line or '-'}"
+                killed = _killed_by(-self.returncode)
+                return f"exited: {killed}; its last output: {self.last_line or '-'}"
             text = f"exited with code {self.returncode}"
             if not self.last_line:
                 return text
@@ -100,8 +101,8 @@ def _killed_by(signum: int) -> str:
     except ValueError:
         name = f"signal {signum}"
     if signum == getattr(signal, "SIGKILL", None):  # what the kernel's out-of-memory killer sends
-        return f"killed ({name}: the system does that when memory runs out)"
-    return f"killed ({name})"
+        return f"killed by {name}, which the system sends when memory runs out"
+    return f"killed by {name}"
 
 
 def serve_command(

@@ -105,7 +105,8 @@ def test_a_service_killed_by_the_system_is_not_reported_as_its_last_line(tmp_pat
     os.kill(manager.pid, signal.SIGKILL)  # as the out-of-memory killer does, mid-load
     wait_for(lambda: manager.poll().state == EXITED)
     assert manager.poll().describe() == (
-        "killed (SIGKILL: the system does that when memory runs out); its last output: up"
+        "exited: killed by SIGKILL, which the system sends when memory runs out; "
+        "its last output: up"
     )
 
 

@@ -117,17 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, on_signal)
     if args.stop_with_stdin:
         watch = threading.Thread(
-            target=stop_when_closed, args=(sys.stdin.buffer, server.stop), daemon=True
+            target=stop_when_closed, args=(sys.stdin.fileno(), server.stop), daemon=True
         )
         watch.start()
     server.serve_forever()
     return 0
 
 
-def stop_when_closed(stream, stop) -> None:
-    """Reads `stream` to its end, then calls `stop`: nobody writes to it, and its end is the
-    death of the process holding the other end of the pipe."""
-    while stream.read(4096):
+def stop_when_closed(fd: int, stop) -> None:
+    """Reads the file descriptor `fd` to its end, then calls `stop`: nobody writes to it, and
+    its end is the death of the process holding the other end of the pipe. The descriptor, not
+    sys.stdin: a daemon thread blocked in a buffered read aborts the interpreter's exit."""
+    while os.read(fd, 4096):
         pass
     log.info("standard input closed: whoever started this service is gone", extra={"event": "stop"})
     stop()

@@ -964,7 +964,7 @@ def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
     total, ce, pose = figures
     kept = (
         f"the last good checkpoint {last_saved} is kept untouched; --resume with a lower --lr "
-        "or --max-grad-norm continues from it"
+        "(and --adapter-lr, if given) or --max-grad-norm continues from it"
         if last_saved is not None
         else "no checkpoint was saved yet"
     )
@@ -1007,7 +1007,7 @@ def _log(out: Path, step: int, steps: int, figures, rate: float, lr: float) -> N
 
 # Settings a resume may change, with a note: what a diverged run needs to get past the step
 # that gave a NaN (the rest would make the resumed run another run).
-RESUME_MAY_LOWER = ("lr", "max_grad_norm")
+RESUME_MAY_LOWER = ("lr", "adapter_lr", "max_grad_norm")
 # The adapter a run resumes sets its LoRA shape (`_with_adapter_shape`); runs saved before that
 # recorded the options as given, which the adapter may not have.
 RESUME_FROM_ADAPTER = ("lora_rank", "lora_alpha", "lora_dropout")
@@ -1024,7 +1024,12 @@ def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) 
     if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
         saved["train_base"] = "all" if saved["train_base"] else None
     diverged = (config.out / DIVERGED_NAME).is_file()
-    for key, value in config.run_settings().items():
+    settings = config.run_settings()
+    if (settings["adapter_lr"] is None) != (saved.get("adapter_lr") is None) and "lr" in saved:
+        # One run gave --adapter-lr and the other not (the rate of --lr): compare the rates.
+        for run in (settings, saved):
+            run["adapter_lr"] = run["lr"] if run["adapter_lr"] is None else run["adapter_lr"]
+    for key, value in settings.items():
         if key in RESUME_FROM_ADAPTER or key not in saved or saved[key] == value:
             continue
         if key in RESUME_MAY_LOWER and diverged and _lower(key, value, saved[key]):
@@ -1033,7 +1038,7 @@ def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) 
                 file=sys.stderr,
             )
         else:
-            after_nan = " (after a NaN: a lower lr or max_grad_norm)" if diverged else ""
+            after_nan = " (after a NaN: a lower lr, adapter_lr or max_grad_norm)" if diverged else ""
             raise TrainingError(
                 f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
                 f"resume with the same settings{after_nan}"

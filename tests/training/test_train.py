@@ -340,7 +340,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "step 5: the loss is not finite" in err
-    assert "step-000004 is kept untouched; --resume with a lower --lr or --max-grad-norm" in err
+    assert "step-000004 is kept untouched; --resume with a lower --lr (and --adapter-lr" in err
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
@@ -359,11 +359,13 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         return real_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    assert train_cli.main([*argv, "--resume", "--steps", "6", "--lr", "1e-4"]) == 0
+    lower = [*argv, "--resume", "--steps", "6", "--lr", "1e-4", "--adapter-lr", "5e-5"]
+    assert train_cli.main(lower) == 0
     err = capsys.readouterr().err
     assert "note: --resume with lr 0.0001; the run in " in err and "used 0.0002" in err
+    assert "note: --resume with adapter_lr 5e-05; the run in " in err
     assert "steps 5..6" in err and "step 6/6" in err
-    assert rates == [[1e-4, 1e-4], [1e-4, 1e-4]]  # the head's lowered, the adapter's its own
+    assert rates == [[1e-4, 5e-5], [1e-4, 5e-5]]  # the head's and the adapter's, both lowered
     assert not (out / loop.DIVERGED_NAME).exists()  # past the NaN: a plain run again
     resumed = [*argv, "--resume", "--steps", "7", "--lr", "5e-5"]
     assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # no NaN to get past: as it was

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=("constant", "linear"),  # loop.LR_SCHEDULES
         default="constant",
-        help="after the warmup: constant, or falling linearly to zero over the remaining steps "
-        "(LISA's WarmupDecayLR, which ChatPose trains with)",
+        help="after the warmup: constant, or falling linearly towards zero over the remaining "
+        "steps, the last at lr / their number (LISA's WarmupDecayLR, which ChatPose trains with)",
     )
     parser.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)"

@@ -648,21 +648,47 @@ def save_checkpoint(
             else {k: v.detach().cpu() for k, v in tm.action_classifier.state_dict().items()}
         ),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if tm.device.type == "cuda" else [],
+        # The training card's alone: a resume on a machine with other cards restores it there.
+        "cuda_rng": torch.cuda.get_rng_state(tm.device) if tm.device.type == "cuda" else None,
         **state_extra,
     }
     torch.save(state, tmp / STATE_NAME)
+    _sync(tmp)  # on disk before `latest` names it: a power cut must not leave it half written
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = out / f".{LATEST_NAME}.tmp"
     pointer.write_text(final.name + "\n", encoding="utf-8")
+    _sync(pointer)
     os.replace(pointer, out / LATEST_NAME)
+    _sync(out)
     if keep_last:
-        steps = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
-        for old in steps[: max(0, len(steps) - (keep_last - 1))]:
-            shutil.rmtree(old)
+        prune_checkpoints(out, keep_last, final)
     return final
+
+
+def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
+    """Delete all but the `keep_last` newest step-N folders of `out`, `newest` among them."""
+    steps = sorted(
+        (p for p in out.glob("step-*") if p.is_dir() and p != newest and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),  # by number: step-1000000 comes after step-999999
+    )
+    for old in steps[: max(0, len(steps) - (keep_last - 1))]:
+        shutil.rmtree(old)
+
+
+def _sync(path: Path) -> None:
+    """fsync `path`: a file, or a folder with everything in it (POSIX; Windows has no
+    folder handles to sync, and its renames are written through)."""
+    paths = [path] if path.is_file() else [*sorted(path.rglob("*")), path]
+    for item in paths:
+        if item.is_dir() and os.name == "nt":
+            continue
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _keeps_base_head(config: TrainConfig, checkpoint: Checkpoint) -> bool:
@@ -829,8 +855,11 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         for _ in range(start * config.grad_accum):
             sampler.next_batch()
         torch.set_rng_state(state["torch_rng"])
-        if tm.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        cuda_rng = state["cuda_rng"]
+        if isinstance(cuda_rng, list):  # saved by earlier runs: every card's; the first trained
+            cuda_rng = cuda_rng[0] if cuda_rng else None
+        if tm.device.type == "cuda" and cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, tm.device)
     # Only now, with the data, the model and the device ready: a run that fails to start
     # leaves --out as it found it.
     out.mkdir(parents=True, exist_ok=True)
@@ -1038,7 +1067,9 @@ def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) 
                 file=sys.stderr,
             )
         else:
-            after_nan = " (after a NaN: a lower lr, adapter_lr or max_grad_norm)" if diverged else ""
+            after_nan = (
+                " (after a NaN: a lower lr, adapter_lr or max_grad_norm)" if diverged else ""
+            )
             raise TrainingError(
                 f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
                 f"resume with the same settings{after_nan}"

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -297,6 +298,28 @@ def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, ex
     required = ["--base", "b", "--out", "o", "--data", "corpus", "c.npz"]
     assert parse(required).lr_schedule == "constant"
     assert parse([*required, "--lr-schedule", "linear"]).lr_schedule == "linear"
+
+
+def test_keep_last_goes_by_step_number_and_checkpoints_are_synced_to_disk(
+    base, examples, tmp_path, monkeypatch
+):
+    for step in (999_998, 1_000_000, 1_000_001):  # by name, step-1000000 sorts first
+        (tmp_path / loop.step_dir_name(step)).mkdir()
+    loop.prune_checkpoints(tmp_path, 2, tmp_path / loop.step_dir_name(1_000_001))
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1000000", "step-1000001"]
+
+    synced = []
+    fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(loop.os, "fsync", recording)
+    out = tmp_path / "run"
+    loop.train(settings(base, out, steps=3, save_every=3), examples)
+    state = str(out / ".step-000003.tmp" / loop.STATE_NAME)
+    assert state in synced and str(out) in synced  # the state, then the renames
 
 
 def test_a_run_that_recorded_its_lora_options_as_given_still_resumes(base, examples, tmp_path):

@@ -274,10 +274,12 @@ class MixedSampler:
         counts = np.floor(exact + 1e-9).astype(int)
         left = self.batch_size - int(counts.sum())
         if left > 0:
-            fractions = np.clip(exact - counts, 0, None)
-            chosen = self.rng.choice(
-                len(self.kinds), size=left, replace=False, p=fractions / fractions.sum()
-            )
+            # Systematic sampling: `left` points one apart from a random start, over the kinds'
+            # fractional parts laid end to end (they add up to `left`), so each kind gets its
+            # extra slot with probability its fraction and the mix holds on average.
+            ends = np.cumsum(np.clip(exact - counts, 0, None))
+            points = self.rng.random() + np.arange(left)
+            chosen = np.minimum(np.searchsorted(ends, points, side="right"), len(ends) - 1)
             counts[chosen] += 1
         return counts
 

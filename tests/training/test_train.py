@@ -666,6 +666,12 @@ def test_sampler_follows_the_mix_and_the_seed():
     assert [again.next_batch() for _ in range(5)] == batches
     no_chat = loop.MixedSampler(kinds[:8], (1, 2, 1), 3, seed=0)
     assert all(len(no_chat.next_batch()) == 3 for _ in range(4))
+    # A batch the ratio does not divide: over many batches, the shares are the ratio's.
+    for mix, size in (((1, 2, 1), 3), ((1, 1, 3), 3), ((1, 1, 1), 2)):
+        odd = loop.MixedSampler(kinds, mix, size, seed=2)
+        drawn = [kinds[i] for _ in range(20_000) for i in odd.next_batch()]
+        shares = [drawn.count(kind) / len(drawn) for kind in loop.KINDS]
+        np.testing.assert_allclose(shares, np.array(mix) / sum(mix), atol=0.006)
     with pytest.raises(loop.TrainingError, match="no examples to train on"):
         loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
 

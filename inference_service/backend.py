@@ -61,17 +61,17 @@ class ModelBackend:
         requests = [PoseRequest(item.prompt or None, item.images) for item in items]
         poses = self.model.predict_poses(requests)
         return [
-            Answer(_forced_answer(item), (Pose(pose, label=item.prompt or None),))
+            Answer(self._forced_answer(item), (Pose(pose, label=item.prompt or None),))
             for item, pose in zip(items, poses, strict=True)
         ]
+
+    def _forced_answer(self, item: WorkItem) -> str:
+        """The answer the fast path teacher-forces, as the reply text."""
+        wording = self.model.config.prompt_wording
+        return pose_exchange(item.prompt, bool(item.images), POSE_MARKER, wording)[1]
 
     def answer_chat(self, item: WorkItem, stop: Callable[[], bool] | None = None) -> Answer:
         reply = self.model.chat(
             item.prompt, item.images, paired_turns(item.history), self.max_new_tokens, stop=stop
         )
         return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses))
-
-
-def _forced_answer(item: WorkItem) -> str:
-    """The answer the fast path teacher-forces, as the reply text."""
-    return pose_exchange(item.prompt, bool(item.images), POSE_MARKER)[1]

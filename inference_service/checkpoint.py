@@ -29,6 +29,7 @@ ROTATION_LAYOUT = "6d_two_columns"
 
 
 POSE_ORIENTATIONS = ("upright", "camera")
+PROMPT_WORDINGS = ("paper", "release")  # prompts.WORDINGS
 # chatpose.json's name for `pose_orientation` before it was known to hold for text poses too:
 # the release's (the only "camera" head) gives every pose in the camera's frame.
 RENAMED_FIELDS = {"image_orientation": "pose_orientation"}
@@ -55,6 +56,9 @@ class ChatPoseConfig:
     # down, +Z into the scene; the release trained its text poses in it too), turned to
     # "upright" when served.
     pose_orientation: str = "upright"
+    # The words a pose request is asked and answered in (prompts.WORDINGS): "paper" (the
+    # paper's, which this project trains with) or "release" (the release's training code's).
+    prompt_wording: str = "paper"
     base_model: str = "base"  # a directory: relative to the checkpoint, or absolute
     format_version: int = FORMAT_VERSION
 
@@ -68,6 +72,11 @@ class ChatPoseConfig:
             raise CheckpointError(
                 f"field 'pose_orientation' must be one of {list(POSE_ORIENTATIONS)}, "
                 f"got {self.pose_orientation!r}"
+            )
+        if self.prompt_wording not in PROMPT_WORDINGS:
+            raise CheckpointError(
+                f"field 'prompt_wording' must be one of {list(PROMPT_WORDINGS)}, "
+                f"got {self.prompt_wording!r}"
             )
         if not 1 <= self.posed_joints <= NUM_JOINTS:
             raise CheckpointError(

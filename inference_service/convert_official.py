@@ -158,6 +158,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
         # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
         pose_orientation="camera",
+        prompt_wording="release",  # its training code's questions, not the paper's
     ).save(writing)
     if destination.exists():  # an empty folder
         destination.rmdir()

@@ -256,7 +256,7 @@ class ChatPoseModel:
             self._check_text(request.text or "")
             try:
                 question, answer = pose_exchange(
-                    request.text, bool(decoded), self.config.pose_token
+                    request.text, bool(decoded), self.config.pose_token, self.config.prompt_wording
                 )
             except ValueError as exc:
                 raise EmptyPromptError(str(exc)) from None

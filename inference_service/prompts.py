@@ -1,7 +1,9 @@
 """Prompt text: the llava_v1 conversation template and the pose questions and answers.
 
 Pure Python, no tokenizer: this module only decides which string the model reads. The
-templates follow the ChatPose release (docs: /work/shared/docs/chatpose-method.md, "Prompts").
+conversation template is the release's; the pose questions are the paper's
+(/work/shared/docs/chatpose-method.md, "Prompts"), or for a checkpoint converted from the
+release its training code's (`WORDINGS`).
 
 A conversation in llava_v1 reads
 
@@ -103,29 +105,60 @@ def with_answer(prompt: str, answer: str) -> str:
     return f"{prompt} {answer}"
 
 
-# The pose questions and answers of the release. Several phrasings were mixed in training; the
-# service always uses these.
+# The pose questions and answers of the paper (docs: chatpose-method.md). Several phrasings
+# were mixed in training; the service always uses these, unless a checkpoint says otherwise.
+# Questions take {description}, the text without its final punctuation; answers take {pose}.
 TEXT_QUESTION = "{description}, can you give the SMPL pose of this person?"
 TEXT_ANSWER = "Sure, it is {pose}."
 IMAGE_QUESTION = "Can you provide the SMPL pose of the person in the center of this image?"
 IMAGE_ANSWER = "Sure, the SMPL pose of this person is {pose}."
 # Image and text together (our phrasing): the text says which person or what to look at.
-IMAGE_TEXT_QUESTION = "{description} Can you provide the SMPL pose of this person?"
+IMAGE_TEXT_QUESTION = "{description}. Can you provide the SMPL pose of this person?"
+
+
+@dataclass(frozen=True)
+class PoseWording:
+    """The questions a pose request is asked in, and the answers forced after them."""
+
+    text_question: str
+    text_answer: str
+    image_question: str
+    image_answer: str
+    image_text_question: str
+
+
+WORDINGS = {
+    "paper": PoseWording(
+        TEXT_QUESTION, TEXT_ANSWER, IMAGE_QUESTION, IMAGE_ANSWER, IMAGE_TEXT_QUESTION
+    ),
+    # The release's training code (its utils/utils.py) draws from lists that hold none of the
+    # paper's questions: one of each of its lists, for a checkpoint converted from it.
+    "release": PoseWording(
+        text_question="There is a person: {description}. Please output this person's SMPL pose.",
+        text_answer="Sure, it is {pose}.",
+        image_question="Can you predict the SMPL pose of the person in this image?",
+        image_answer="Sure, it is {pose}.",
+        image_text_question="{description}. Please respond with SMPL pose.",
+    ),
+}
 
 
 def pose_exchange(
-    description: str | None, has_image: bool, pose_token: str = POSE_MARKER
+    description: str | None,
+    has_image: bool,
+    pose_token: str = POSE_MARKER,
+    wording: str = "paper",
 ) -> tuple[str, str]:
-    """(question, answer) for a pose request; the answer holds exactly one `pose_token`."""
+    """(question, answer) for a pose request in `wording` (a key of WORDINGS); the answer
+    holds exactly one `pose_token`."""
+    words = WORDINGS[wording]
     text = (description or "").strip()
     if not text and not has_image:
         raise ValueError("a pose request needs a description, an image, or both")
     if not has_image:
-        question = TEXT_QUESTION.format(description=text.rstrip(".!?,;: "))
-        return question, TEXT_ANSWER.format(pose=pose_token)
-    if not text:
-        question = IMAGE_QUESTION
+        question, answer = words.text_question, words.text_answer
+    elif not text:
+        question, answer = words.image_question, words.image_answer
     else:
-        sentence = text if text[-1] in ".!?" else text + "."
-        question = IMAGE_TEXT_QUESTION.format(description=sentence)
-    return question, IMAGE_ANSWER.format(pose=pose_token)
+        question, answer = words.image_text_question, words.image_answer
+    return question.format(description=text.rstrip(".!?,;: ")), answer.format(pose=pose_token)

@@ -27,11 +27,12 @@ and the record, for anything malformed or inconsistent):
 command line. The file layouts are documented in docs/training.md.
 
 Question/answer phrasing: with `phrasing="mixed"` (the default) half the pose examples use the
-release's phrasing (`prompts.pose_exchange`, the one the service uses at inference) and half one
-of a few alternatives (`TEXT_PHRASINGS`, `IMAGE_PHRASINGS`), chosen by a seeded generator, so a
-reader gives the same examples for the same seed. `phrasing="release"` uses only the release's.
+service's phrasing (`prompts.pose_exchange`, what the service asks at inference, in the base
+checkpoint's `prompt_wording`) and half one of a few alternatives (`TEXT_PHRASINGS`,
+`IMAGE_PHRASINGS`), chosen by a seeded generator, so a reader gives the same examples for the
+same seed. `phrasing="release"` uses only the service's (the name is older than the wordings).
 `phrasing="chat"` asks half the examples as a chat turn reads them: the description alone (an
-image alone), as a user types it, with the release's answer.
+image alone), as a user types it, with the service's answer.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from inference_service.prompts import (
     POSE_MARKER,
     TEXT_ANSWER,
     TEXT_QUESTION,
+    WORDINGS,
     Turn,
     pose_exchange,
 )
@@ -65,7 +67,7 @@ NUM_JOINTS = 24
 LLAVA_IMAGE_MARKER = "<image>"
 PHRASING_MODES = ("mixed", "release", "chat")
 
-# (question, answer) templates; index 0 is the release's (what the service asks at inference).
+# (question, answer) templates; index 0 is the paper's (what the service asks at inference).
 # Text questions take {description} (the caption without its final punctuation).
 TEXT_PHRASINGS: tuple[tuple[str, str], ...] = (
     (TEXT_QUESTION, TEXT_ANSWER),
@@ -176,21 +178,22 @@ def _pose_array(value: object, where: str) -> np.ndarray:
 # --- phrasing ---------------------------------------------------------------------------------
 
 
-# The phrasing of a chat turn: the user's words alone (no question), the release's answer.
+# The phrasing of a chat turn: the user's words alone (no question), the service's answer.
 CHAT_VARIANT = -1
 
 
 class Phraser:
     """Chooses the question/answer phrasing of pose examples, reproducibly from a seed."""
 
-    def __init__(self, mode: str = "mixed", seed: int = 0):
+    def __init__(self, mode: str = "mixed", seed: int = 0, wording: str = "paper"):
         if mode not in PHRASING_MODES:
             raise ValueError(f"phrasing must be one of {PHRASING_MODES}, got {mode!r}")
         self.mode = mode
+        self.wording = wording  # the service's questions and answers (prompts.WORDINGS)
         self._rng = np.random.default_rng(seed)
 
     def _variant(self, count: int) -> int:
-        """0 for the release's phrasing, CHAT_VARIANT for a chat turn's, else an alternative's
+        """0 for the service's phrasing, CHAT_VARIANT for a chat turn's, else an alternative's
         index."""
         if self.mode == "release" or self._rng.random() < 0.5:
             return 0
@@ -201,9 +204,10 @@ class Phraser:
     def text(self, description: str) -> tuple[str, str]:
         variant = self._variant(len(TEXT_PHRASINGS))
         if variant == 0:
-            return pose_exchange(description, False, POSE_MARKER)
+            return pose_exchange(description, False, POSE_MARKER, self.wording)
         if variant == CHAT_VARIANT:
-            return description.strip(), TEXT_ANSWER.format(pose=POSE_MARKER)
+            answer = WORDINGS[self.wording].text_answer
+            return description.strip(), answer.format(pose=POSE_MARKER)
         question, answer = TEXT_PHRASINGS[variant]
         text = description.strip().rstrip(".!?,;: ")
         return question.format(description=text), answer.format(pose=POSE_MARKER)
@@ -211,9 +215,9 @@ class Phraser:
     def image(self) -> tuple[str, str]:
         variant = self._variant(len(IMAGE_PHRASINGS))
         if variant == 0:
-            return pose_exchange(None, True, POSE_MARKER)
+            return pose_exchange(None, True, POSE_MARKER, self.wording)
         if variant == CHAT_VARIANT:
-            return "", IMAGE_ANSWER.format(pose=POSE_MARKER)
+            return "", WORDINGS[self.wording].image_answer.format(pose=POSE_MARKER)
         question, answer = IMAGE_PHRASINGS[variant]
         return question, answer.format(pose=POSE_MARKER)
 
@@ -418,6 +422,7 @@ def read_posescript(
     z_up: bool | None = None,
     phrasing: str = "mixed",
     seed: int = 0,
+    wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
 ) -> list[Example]:
     """PoseScript-style captions joined to poses: one text_to_pose Example per caption.
 
@@ -456,7 +461,7 @@ def read_posescript(
             index[pose_id] = row
     else:
         index = {str(row): row for row in range(len(pose_array))}
-    phraser = Phraser(phrasing, seed)
+    phraser = Phraser(phrasing, seed, wording)
     examples = []
     for pose_id, value in data.items():
         where = f"{captions_path}: pose id {pose_id!r}"
@@ -493,6 +498,7 @@ def read_image_pose_pairs(
     images: str | os.PathLike | None = None,
     phrasing: str = "mixed",
     seed: int = 0,
+    wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
 ) -> list[Example]:
     """Image/pose pairs: one image_to_pose Example per frame of the .npz.
 
@@ -506,7 +512,7 @@ def read_image_pose_pairs(
     if "images" not in arrays:
         raise DatasetError(f"{poses_path}: no 'images' array (one image file name per frame)")
     names = _string_array(arrays, "images", poses_path, len(pose_array))
-    phraser = Phraser(phrasing, seed)
+    phraser = Phraser(phrasing, seed, wording)
     examples = []
     for row, name in enumerate(names):
         where = f"{poses_path}: frame {row}"
@@ -687,6 +693,7 @@ def read_corpus(
     split: str = "train",
     phrasing: str = "mixed",
     seed: int = 0,
+    wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
 ) -> list[Example]:
     """The project's synthetic corpus file (`training/corpus.py`, `save_corpus`): one
     text_to_pose Example per record of `split` ("train", "val", "test" or "all")."""
@@ -703,7 +710,7 @@ def read_corpus(
     except ValueError as exc:  # names the file, the record and the field
         raise DatasetError(str(exc)) from None
     chosen = [(i, r) for i, r in enumerate(records) if split == "all" or r.split == split]
-    phraser = Phraser(phrasing, seed)
+    phraser = Phraser(phrasing, seed, wording)
     examples = []
     for index, record in chosen:
         question, answer = phraser.text(record.caption)
@@ -726,13 +733,14 @@ def examples_from_caption_pose_pairs(
     source: str = "pairs",
     phrasing: str = "mixed",
     seed: int = 0,
+    wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
 ) -> list[Example]:
     """(caption, pose) pairs -> text_to_pose Examples; a pose is anything of shape (24, 3) or
     (72,) axis-angle (a `shared_protocol.pose.Pose` gives its `.axis_angle`).
 
     The adapter for generated data, such as the synthetic corpus (training/corpus.py).
     """
-    phraser = Phraser(phrasing, seed)
+    phraser = Phraser(phrasing, seed, wording)
     examples = []
     for number, (caption, pose) in enumerate(pairs):
         where = f"{source}#{number}"
@@ -792,16 +800,17 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
     return DataSpec(fmt, path, options)
 
 
-def load_data(spec: DataSpec, seed: int = 0) -> list[Example]:
-    """Read the examples one `DataSpec` names; DatasetError if the files are malformed or hold
-    none (a file given for training that adds nothing is a mistake to say, not to skip)."""
-    examples = _read_spec(spec, seed)
+def load_data(spec: DataSpec, seed: int = 0, wording: str = "paper") -> list[Example]:
+    """Read the examples one `DataSpec` names, the service's questions in `wording` (the base
+    checkpoint's); DatasetError if the files are malformed or hold none (a file given for
+    training that adds nothing is a mistake to say, not to skip)."""
+    examples = _read_spec(spec, seed, wording)
     if not examples:
         raise DatasetError(f"--data {spec.describe()}: holds no examples")
     return examples
 
 
-def _read_spec(spec: DataSpec, seed: int) -> list[Example]:
+def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
     options = spec.options
     phrasing = options.get("phrasing", "mixed")
     if phrasing not in PHRASING_MODES:
@@ -816,10 +825,11 @@ def _read_spec(spec: DataSpec, seed: int) -> list[Example]:
             z_up=None if z_up is None else z_up.lower() in ("true", "1", "yes"),
             phrasing=phrasing,
             seed=seed,
+            wording=wording,
         )
     if spec.format == "pairs":
         return read_image_pose_pairs(
-            spec.path, images=options.get("images"), phrasing=phrasing, seed=seed
+            spec.path, images=options.get("images"), phrasing=phrasing, seed=seed, wording=wording
         )
     if spec.format == "llava":
         return read_llava_conversations(
@@ -827,6 +837,10 @@ def _read_spec(spec: DataSpec, seed: int) -> list[Example]:
         )
     if spec.format == "corpus":
         return read_corpus(
-            spec.path, split=options.get("split", "train"), phrasing=phrasing, seed=seed
+            spec.path,
+            split=options.get("split", "train"),
+            phrasing=phrasing,
+            seed=seed,
+            wording=wording,
         )
     raise DatasetError(f"unknown data format {spec.format!r}")

@@ -776,7 +776,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             raise TrainingError("no training data: give at least one --data")
         examples = []
         for spec in config.data:
-            examples.extend(load_data(spec, seed=config.seed))
+            examples.extend(load_data(spec, config.seed, checkpoint.config.prompt_wording))
     examples = list(examples)
     if not examples:
         raise DatasetError("the data files hold no examples")

@@ -56,13 +56,8 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.pose_head import PoseHead
 from inference_service.prompts import (
-    IMAGE_ANSWER,
-    IMAGE_QUESTION,
-    IMAGE_TEXT_QUESTION,
     LLAVA_V1,
     POSE_MARKER,
-    TEXT_ANSWER,
-    TEXT_QUESTION,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -135,16 +130,18 @@ SIZES: dict[str, ModelSize] = {
     ),
 }
 
-# Always in the tokenizer's training text: the conversation template and every prompt phrasing,
-# so the strings the model reads most encode into few tokens.
+# Always in the tokenizer's training text: the conversation template and the pose prompts, so
+# the strings the model reads most encode into few tokens. The prompts are written out as the
+# demo checkpoint's tokenizer was trained on them, placeholders and all: any change to this
+# text changes that tokenizer's vocabulary, and the demo build with it.
 _BASE_TEXTS = (
     LLAVA_V1.system,
     "USER: ASSISTANT: USER: ASSISTANT:",
-    TEXT_QUESTION,
-    TEXT_ANSWER,
-    IMAGE_QUESTION,
-    IMAGE_ANSWER,
-    IMAGE_TEXT_QUESTION,
+    "{description}, can you give the SMPL pose of this person?",
+    "Sure, it is {pose}.",
+    "Can you provide the SMPL pose of the person in the center of this image?",
+    "Sure, the SMPL pose of this person is {pose}.",
+    "{description} Can you provide the SMPL pose of this person?",
     "The person is standing with the left arm raised above the head and the right hand on the hip.",
     "Someone is kneeling on the right knee, the torso bent forward, both arms stretched out.",
     "A man sitting on the floor with crossed legs, his hands resting on his knees.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -73,7 +74,7 @@ def backend(tiny_model) -> ModelBackend:
     return ModelBackend(tiny_model, "tiny", max_new_tokens=8)
 
 
-def test_backend_answers_are_the_models_poses(backend, tiny_model):
+def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):
     items = [WorkItem("raise both arms"), WorkItem("", images=(png_bytes(),)), WorkItem("x")]
     answers = backend.answer_poses(items)
     direct = tiny_model.predict_poses([ModelRequest(i.prompt or None, i.images) for i in items])
@@ -83,6 +84,12 @@ def test_backend_answers_are_the_models_poses(backend, tiny_model):
         assert got.label == (item.prompt or None)
     assert answers[0].text == "Sure, it is <POSE>."
     assert answers[1].text == "Sure, the SMPL pose of this person is <POSE>."
+    # A checkpoint in the release's wording is asked, and answers, in it.
+    released = dataclasses.replace(tiny_model.config, prompt_wording="release")
+    monkeypatch.setattr(tiny_model, "config", released)
+    [in_release_words] = backend.answer_poses([WorkItem("", images=(png_bytes(),))])
+    assert in_release_words.text == "Sure, it is <POSE>."
+    assert not np.allclose(in_release_words.poses[0].axis_angle, answers[1].poses[0].axis_angle)
     assert backend.info.model == "tiny" and backend.info.device == "cpu"
     assert backend.info.dtype == "float32" and backend.info.max_images == 1
 

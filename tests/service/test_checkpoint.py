@@ -50,6 +50,7 @@ def test_defaults_follow_the_release():
         ({"posed_joints": 25}, "posed_joints"),
         ({"posed_joints": 0}, "posed_joints"),
         ({"pose_orientation": "world"}, "pose_orientation"),
+        ({"prompt_wording": "LISA"}, "prompt_wording"),
         ({"base_model": ""}, "base_model"),
         ({"format_version": 2}, "format_version"),
         ({"colour": "red"}, "colour"),

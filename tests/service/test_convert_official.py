@@ -51,6 +51,7 @@ def release(tmp_path_factory):
         head,
         pose_token="[SEG]",
         mm_use_im_start_end=True,
+        prompt_wording="release",
     )
 
     source = root / "official"
@@ -140,6 +141,7 @@ def test_converted_release_gives_the_same_poses_as_the_source_weights(release, t
     assert model.pose_token_id == model.tokenizer.convert_tokens_to_ids("[SEG]")
     assert model.pose_token_id == expected.pose_token_id
     assert config.pose_orientation == "camera"  # HMR 2.0's targets, and its PoseScript loader's
+    assert config.prompt_wording == "release"  # its training code's questions
     for got, want in zip(
         model.predict_poses(REQUESTS), expected.predict_poses(REQUESTS), strict=True
     ):

@@ -64,6 +64,23 @@ def test_image_to_pose_exchange_matches_the_release():
     assert answer == "Sure, the SMPL pose of this person is [SEG]."
 
 
+def test_the_release_wording_is_its_training_code_s():
+    # utils/utils.py of the release: TEXT_SHORT_QUESTION_LIST[1], SHORT_QUESTION_LIST[0],
+    # LONG_QUESTION_LIST[0] and ANSWER_LIST[2].
+    assert pose_exchange("The person kneels.", False, "[SEG]", "release") == (
+        "There is a person: The person kneels. Please output this person's SMPL pose.",
+        "Sure, it is [SEG].",
+    )
+    assert pose_exchange(None, True, "[SEG]", "release") == (
+        "Can you predict the SMPL pose of the person in this image?",
+        "Sure, it is [SEG].",
+    )
+    assert pose_exchange("the man in red", True, "[SEG]", "release") == (
+        "the man in red. Please respond with SMPL pose.",
+        "Sure, it is [SEG].",
+    )
+
+
 def test_image_and_text_exchange_keeps_the_description():
     question, answer = pose_exchange("  The woman on the left", has_image=True)
     assert question == "The woman on the left. Can you provide the SMPL pose of this person?"

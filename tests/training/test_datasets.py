@@ -20,6 +20,7 @@ from inference_service.prompts import (
 from inference_service.training.datasets import (
     TEXT_PHRASINGS,
     DatasetError,
+    DataSpec,
     Example,
     examples_from_caption_pose_pairs,
     load_data,
@@ -479,6 +480,25 @@ def test_chat_phrasing_asks_half_the_examples_as_the_user_typed_them(tmp_path):
     images = read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="chat", seed=1)
     questions = {(e.question, e.answer) for e in images}
     assert questions == {("", IMAGE_ANSWER.format(pose=POSE_MARKER)), pose_exchange(None, True)}
+
+
+def test_the_service_s_phrasing_follows_the_base_checkpoint_s_wording(tmp_path):
+    # A base converted from the release is asked in its training code's words, in training as
+    # at inference, and so is a chat turn answered.
+    pairs = [(f"Person number {i} standing.", POSES[i % 4]) for i in range(20)]
+    for phrasing in ("release", "chat"):
+        examples = examples_from_caption_pose_pairs(
+            pairs, phrasing=phrasing, seed=1, wording="release"
+        )
+        for (caption, _), e in zip(pairs, examples, strict=True):
+            assert e.answer == "Sure, it is <POSE>."
+            assert e.question in (caption, pose_exchange(caption, False, wording="release")[0])
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    poses = write_npz(tmp_path / "pairs.npz", POSES[:1], images=np.array(["a.png"]))
+    spec = DataSpec("pairs", poses, {"images": str(tmp_path / "img"), "phrasing": "release"})
+    [image] = load_data(spec, wording="release")
+    assert (image.question, image.answer) == pose_exchange(None, True, wording="release")
 
 
 def test_example_validation():

@@ -462,6 +462,30 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(
     assert f"error: --out: cannot write in {shared}" in capsys.readouterr().err
 
 
+def test_the_data_are_asked_in_the_base_s_prompt_wording(base, tmp_path, monkeypatch):
+    released = tmp_path / "released"
+    shutil.copytree(base, released)
+    config = json.loads((released / "chatpose.json").read_text())
+    (released / "chatpose.json").write_text(json.dumps({**config, "prompt_wording": "release"}))
+    questions = []
+    encode = loop.Encoder.encode
+
+    def recording(self, example):
+        questions.append((example.question, example.answer))
+        return encode(self, example)
+
+    monkeypatch.setattr(loop.Encoder, "encode", recording)
+    data = _write_data(tmp_path)
+    argv = ["--base", str(released), *data, "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert train_cli.main([*argv, "--device", "cpu", "--lora-rank", "4"]) == 0
+    caption = next(q for q, _ in questions if q.startswith("There is a person: "))
+    assert (caption, "Sure, it is <POSE>.") in questions
+    assert (
+        "Can you predict the SMPL pose of the person in this image?",
+        "Sure, it is <POSE>.",
+    ) in questions
+
+
 def test_out_of_memory_names_the_settings_that_lower_it(base, tmp_path, monkeypatch, capsys):
     message = "CUDA out of memory. Tried to allocate 2.00 GiB\nsee the PyTorch docs"
     monkeypatch.setattr(loop, "load_training_model", _raise(torch.OutOfMemoryError(message)))

@@ -147,6 +147,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     _processor(tokenizer, vision_config, config.vision_feature_select_strategy).save_pretrained(
         base
     )
+    _keep_legacy(base, source, tokenizer, pose_token)
     head.save(writing / "pose_head.safetensors")
     ChatPoseConfig(
         hidden_size=official["hidden_size"],
@@ -233,7 +234,9 @@ def _read_tokenizer(source: Path, pose_token: str):
             "sentencepiece protobuf"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, legacy=_sentencepiece_legacy(source)
+        )
     except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"{source}: cannot read the tokenizer ({exc})") from None
     if pose_token not in tokenizer.get_vocab():
@@ -257,6 +260,40 @@ def _read_tokenizer(source: Path, pose_token: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # as the release does
     return tokenizer
+
+
+def _sentencepiece_legacy(source: Path) -> bool:
+    """SentencePiece's legacy mode as the release's transformers (4.31) read its tokenizer:
+    its tokenizer_config.json's `legacy`, else True, 4.31's default (5's is False). In it, the
+    text after an added token starts a word: "<im_end>Can" is "▁Can", not "C", "an"."""
+    try:
+        value = json.loads((source / "tokenizer_config.json").read_text("utf-8")).get("legacy")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return True if value is None else bool(value)
+
+
+# What a converted tokenizer must still read as it did before saving.
+_CHECKED_TEXT = "USER: <im_start><image><im_end>\nCan you tell? ASSISTANT: Sure, it is {pose}."
+
+
+def _keep_legacy(base: Path, source: Path, tokenizer, pose_token: str) -> None:
+    """Write the legacy mode into `base`'s tokenizer_config.json (transformers saves none and
+    reads a Llama tokenizer back in its own default), then check that the saved tokenizer
+    reads as `tokenizer` does: CheckpointError otherwise, before anything is moved in place."""
+    path = base / "tokenizer_config.json"
+    config = json.loads(path.read_text("utf-8"))
+    config["legacy"] = _sentencepiece_legacy(source)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    saved = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    text = _CHECKED_TEXT.format(pose=pose_token)
+    before, after = tokenizer(text).input_ids, saved(text).input_ids
+    if before != after:
+        raise CheckpointError(
+            f"{source}: the converted tokenizer reads {text!r} as "
+            f"{saved.convert_ids_to_tokens(after)}, not as the release's did "
+            f"({tokenizer.convert_ids_to_tokens(before)})"
+        )
 
 
 def _installed(module: str) -> bool:

@@ -235,6 +235,44 @@ def test_a_vision_tower_of_another_size_or_with_weights_missing_is_refused(relea
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sentencepiece_tokenizer_reads_text_after_an_added_token_as_the_release_s_did(
+    tmp_path,
+):
+    # The release's transformers (4.31) read its Llama tokenizer in legacy mode, unless its
+    # tokenizer_config.json said otherwise: the text after an added token starts a word
+    # ("▁Can"). Transformers 5 defaults to the other mode ("C", "an"), and forgets the mode
+    # when it saves a tokenizer.
+    from tokenizers import AddedToken as Added
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "C": 4, "a": 5, "n": 6, "an": 7, "▁C": 8}
+    sentencepiece = LlamaTokenizer(
+        vocab={**vocab, "▁Can": 9}, merges=[("a", "n"), ("▁", "C"), ("▁C", "an")]
+    )
+    added = [Added(t, special=True) for t in ("[SEG]", "<im_start>", "<im_end>")]
+    sentencepiece.add_tokens(added, special_tokens=True)
+    source = tmp_path / "release"
+    sentencepiece.save_pretrained(source)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings.pop("legacy", None)  # as 4.31 wrote it: the mode was its default
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+
+    def read(tokenizer):
+        return tokenizer.convert_ids_to_tokens(tokenizer("<im_end>\nCan").input_ids)
+
+    assert read(AutoTokenizer.from_pretrained(source)) == ["<im_end>", "C", "an"]
+    converted = convert_official._read_tokenizer(source, "[SEG]")
+    assert read(converted) == ["<im_end>", "▁Can"]
+    base = tmp_path / "base"
+    converted.save_pretrained(base)
+    convert_official._keep_legacy(base, source, converted, "[SEG]")
+    assert read(AutoTokenizer.from_pretrained(base)) == ["<im_end>", "▁Can"]
+
+    settings["legacy"] = False  # a release that said so is read so
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert read(convert_official._read_tokenizer(source, "[SEG]")) == ["<im_end>", "C", "an"]
+
+
 def copy_with(source, destination, change):
     """A copy of the release dir `source` whose weights `change(weights)` has edited."""
     from safetensors.torch import load_file

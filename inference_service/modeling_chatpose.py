@@ -232,7 +232,13 @@ class ChatPoseModel:
         # rows for it in the resized embeddings.
         ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
         if checkpoint.adapter_dir is not None:
-            model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
+            try:
+                model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
+            except torch.OutOfMemoryError:
+                raise ModelError(
+                    f"{checkpoint.adapter_dir}: out of GPU memory merging the adapter into the "
+                    "model; --load-in-8bit or --load-in-4bit apply it unmerged, in less memory"
+                ) from None
         head = PoseHead.load(checkpoint.head_path, checkpoint.config)
         return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
 

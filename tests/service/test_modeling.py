@@ -506,6 +506,17 @@ def test_out_of_gpu_memory_while_loading_says_so_not_that_the_checkpoint_is_bad(
     assert not isinstance(e.value, CheckpointError)
 
 
+def test_out_of_gpu_memory_merging_the_adapter_says_so(lora_checkpoints, monkeypatch):
+    adapter, _ = lora_checkpoints
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 MiB")
+
+    monkeypatch.setattr(modeling_chatpose, "apply_adapter", exhausted)
+    with pytest.raises(ModelError, match="out of GPU memory merging the adapter .*--load-in-8bit"):
+        ChatPoseModel.from_checkpoint(adapter, device="cpu")
+
+
 def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_checkpoints, tmp_path):
     adapter, _ = lora_checkpoints
     damaged = copy_without(

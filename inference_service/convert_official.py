@@ -452,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"convert_official: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            "convert_official: out of memory: the conversion holds one copy of the weights "
+            "(a 13B release: about 26 GB, as the release stores them)",
+            file=sys.stderr,
+        )
+        return 1
     config = ChatPoseConfig.load(args.destination)
     wrapped = "wrapped in <im_start>...<im_end>" if config.mm_use_im_start_end else "not wrapped"
     print(

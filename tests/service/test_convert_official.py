@@ -340,6 +340,18 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     assert "no-clip: no such folder" in capsys.readouterr().err
 
 
+def test_a_conversion_out_of_memory_says_how_much_it_holds(release, tmp_path, monkeypatch, capsys):
+    source, clip, _ = release
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(convert_official, "_read_weights", exhausted)
+    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+    assert "out of memory: the conversion holds one copy of the weights" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrong_pose_token_is_reported(release, tmp_path):
     source, clip, _ = release
     with pytest.raises(CheckpointError, match="no pose token '<POSE>'"):

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig, Checkpoint
+from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig, Checkpoint
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     apply_adapter,
@@ -318,6 +318,16 @@ def fingerprint(examples: Sequence[Example]) -> str:
         for pose in example.poses:
             digest.update(np.ascontiguousarray(pose, dtype=np.float64).tobytes())
         digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+def base_fingerprint(checkpoint: Checkpoint) -> str:
+    """A hash of the base checkpoint's chatpose.json and of the names and sizes of its files:
+    the same base moved to another folder (another machine) is recognised by it, cheaply."""
+    digest = hashlib.sha256((checkpoint.root / CONFIG_NAME).read_bytes())
+    for root in dict.fromkeys((checkpoint.root, checkpoint.base_dir)):
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(root)}\x1f{path.stat().st_size}\x1e".encode())
     return digest.hexdigest()
 
 
@@ -788,7 +798,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     state = None
     if resume_from is not None:
         state = load_state(resume_from)
-        _check_resume(config, state, data_hash, resume_from)
+        _check_resume(config, state, data_hash, base_fingerprint(checkpoint), resume_from)
         if state["step"] >= config.steps:
             raise TrainingError(
                 f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
@@ -871,7 +881,11 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             shutil.copytree(checkpoint.base_dir, out / ".base.tmp", dirs_exist_ok=True)
             os.replace(out / ".base.tmp", out / "base")
         base_model = "../base"
-    state_extra = {"run": config.run_settings(), "data_fingerprint": data_hash}
+    state_extra = {
+        "run": config.run_settings(),
+        "data_fingerprint": data_hash,
+        "base_fingerprint": base_fingerprint(checkpoint),
+    }
     last_saved = resume_from
     diverged_at = _diverged_step(out)
     print(
@@ -1050,7 +1064,9 @@ def _lower(key: str, value: float, saved: float) -> bool:
     return value < saved
 
 
-def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) -> None:
+def _check_resume(
+    config: TrainConfig, state: dict, data_hash: str, base_hash: str, path: Path
+) -> None:
     saved = dict(state.get("run", {}))
     if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
         saved["train_base"] = "all" if saved["train_base"] else None
@@ -1062,6 +1078,11 @@ def _check_resume(config: TrainConfig, state: dict, data_hash: str, path: Path) 
             run["adapter_lr"] = run["lr"] if run["adapter_lr"] is None else run["adapter_lr"]
     for key, value in settings.items():
         if key in RESUME_FROM_ADAPTER or key not in saved or saved[key] == value:
+            continue
+        if key == "base" and state.get("base_fingerprint") == base_hash:
+            print(
+                f"note: --resume from {value}, the run's base {saved[key]} moved", file=sys.stderr
+            )
             continue
         if key in RESUME_MAY_LOWER and diverged and _lower(key, value, saved[key]):
             print(

@@ -209,6 +209,25 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
         loop.train(settings(base, tmp_path / "c", resume=True), examples)
 
 
+def test_a_run_resumes_from_its_base_moved_elsewhere_but_not_from_another_base(
+    base, examples, tmp_path, capsys
+):
+    first, moved, other = tmp_path / "first", tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(base, first)
+    loop.train(settings(first, tmp_path / "run", steps=2), examples)
+    shutil.move(first, moved)  # another folder, another machine
+    resumed = loop.train(settings(moved, tmp_path / "run", steps=3, resume=True), examples)
+    assert resumed.step == 3
+    assert f"note: --resume from {moved}, the run's base {first} moved" in capsys.readouterr().err
+    shutil.copytree(moved, other)
+    config = json.loads((other / "chatpose.json").read_text())
+    (other / "chatpose.json").write_text(json.dumps({**config, "max_images": 2}))
+    with pytest.raises(
+        loop.TrainingError, match=f"base is '{other}' but the run .* used '{moved}'"
+    ):
+        loop.train(settings(other, tmp_path / "run", steps=4, resume=True), examples)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
 def test_a_cuda_run_resumes_on_cuda_and_saves_its_state_on_the_cpu(base, examples, tmp_path):
     common = dict(device="cuda")

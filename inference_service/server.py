@@ -214,7 +214,7 @@ class Server:
         self._authenticator: ThreadAuthenticator | None = None
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not drops
-        self._router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes())
+        self._router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
         self._router.linger = 1000
         self._router.ipv6 = is_ipv6(bind)
         if curve is not None:
@@ -253,9 +253,11 @@ class Server:
             default_timeout_ms=default_timeout_ms,
         )
 
-    def _max_message_bytes(self) -> int:
+    def _max_frame_bytes(self) -> int:
+        """ZeroMQ's MAXMSGSIZE, which libzmq applies to each frame: the largest one the limits
+        let through (a header or an image), with room for a reply's worth of slack."""
         limits = self._limits
-        return limits.max_header_bytes + limits.max_images * limits.max_image_bytes + 4096
+        return max(limits.max_header_bytes, limits.max_image_bytes) + 4096
 
     def _configure_curve(self, curve: CurveKeys) -> None:
         public, secret = curve.load()

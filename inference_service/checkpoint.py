@@ -147,15 +147,18 @@ class ChatPoseConfig:
 _TYPES = typing.get_type_hints(ChatPoseConfig)
 # What a file of a repository cloned without git-lfs holds instead of its contents.
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# The files the loaders read (weights, configs, tokenizers); not other frameworks' weights
+# (tf_model.h5, flax_model.msgpack), which a repository may hold unpulled and nobody reads.
+_READ_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".tiktoken")
 
 
 def refuse_lfs_pointers(directory: Path) -> None:
-    """CheckpointError naming a file of `directory` that is a Git LFS pointer (a model
-    repository cloned without git-lfs): read as weights or a tokenizer, it fails with messages
-    about other things (a missing tiktoken, a bad safetensors header)."""
+    """CheckpointError naming a file of `directory` that the loaders read and that is a Git
+    LFS pointer (a model repository cloned without git-lfs): read as weights or a tokenizer,
+    it fails with messages about other things (a missing tiktoken, a bad safetensors header)."""
     directory = Path(directory)
     for path in sorted(directory.iterdir()) if directory.is_dir() else ():
-        if path.is_file() and path.stat().st_size < 1024:
+        if path.suffix in _READ_SUFFIXES and path.is_file() and path.stat().st_size < 1024:
             with path.open("rb") as file:
                 if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
                     raise CheckpointError(

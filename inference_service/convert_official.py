@@ -46,6 +46,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from inference_service.checkpoint import ChatPoseConfig, refuse_lfs_pointers
 from inference_service.errors import CheckpointError
+from inference_service.modeling_chatpose import save_processor
 from inference_service.pose_head import PoseHead
 
 # Official name prefix -> transformers LlavaForConditionalGeneration name prefix.
@@ -144,10 +145,9 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         shutil.rmtree(writing)
     base = writing / "base"
     model.save_pretrained(base)
-    _processor(tokenizer, vision_config, config.vision_feature_select_strategy).save_pretrained(
-        base
-    )
-    _keep_legacy(base, source, tokenizer, pose_token)
+    processor = _processor(tokenizer, vision_config, config.vision_feature_select_strategy)
+    save_processor(processor, base)
+    _check_saved_tokenizer(base, source, tokenizer, pose_token)
     head.save(writing / "pose_head.safetensors")
     ChatPoseConfig(
         hidden_size=official["hidden_size"],
@@ -277,14 +277,9 @@ def _sentencepiece_legacy(source: Path) -> bool:
 _CHECKED_TEXT = "USER: <im_start><image><im_end>\nCan you tell? ASSISTANT: Sure, it is {pose}."
 
 
-def _keep_legacy(base: Path, source: Path, tokenizer, pose_token: str) -> None:
-    """Write the legacy mode into `base`'s tokenizer_config.json (transformers saves none and
-    reads a Llama tokenizer back in its own default), then check that the saved tokenizer
-    reads as `tokenizer` does: CheckpointError otherwise, before anything is moved in place."""
-    path = base / "tokenizer_config.json"
-    config = json.loads(path.read_text("utf-8"))
-    config["legacy"] = _sentencepiece_legacy(source)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+def _check_saved_tokenizer(base: Path, source: Path, tokenizer, pose_token: str) -> None:
+    """CheckpointError, before anything is moved in place, unless the tokenizer saved in
+    `base` reads an image prompt and its answer as `tokenizer` does."""
     saved = AutoTokenizer.from_pretrained(base, local_files_only=True)
     text = _CHECKED_TEXT.format(pose=pose_token)
     before, after = tokenizer(text).input_ids, saved(text).input_ids

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import re
 import warnings
@@ -230,7 +231,9 @@ class ChatPoseModel:
         )
         # The pose token must exist before an adapter is loaded: the adapter may carry trained
         # rows for it in the resized embeddings.
-        ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
+        pose_token = checkpoint.config.pose_token
+        check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
+        ensure_pose_token(processor.tokenizer, model, pose_token)
         if checkpoint.adapter_dir is not None:
             try:
                 model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
@@ -672,14 +675,35 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
             f"{base_dir}: the weights have no {missing[0]}{more} (an incomplete or "
             "mismatched model file)"
         )
-    tokens, rows = len(processor.tokenizer), model.get_input_embeddings().num_embeddings
-    if tokens > rows:  # every request holding such a token would fail with an IndexError
-        first = processor.tokenizer.convert_ids_to_tokens(rows)
+    return processor, model
+
+
+def check_vocabulary(tokenizer, model: torch.nn.Module, pose_token: str, base_dir: Path) -> None:
+    """CheckpointError when the tokenizer has tokens the embeddings have no row for, but the
+    pose token (`ensure_pose_token` adds its row): every request holding one would fail with
+    an IndexError."""
+    tokens, rows = len(tokenizer), model.get_input_embeddings().num_embeddings
+    beyond = [t for t in tokenizer.convert_ids_to_tokens(range(rows, tokens)) if t != pose_token]
+    if beyond:
         raise CheckpointError(
             f"{base_dir}: the tokenizer has {tokens} tokens and the model's embeddings {rows} "
-            f"rows, none for {first!r} (id {rows}) and after (a tokenizer of another model?)"
+            f"rows, none for {beyond[0]!r} and {len(beyond) - 1} more (a tokenizer of another "
+            "model?)"
         )
-    return processor, model
+
+
+def save_processor(processor, directory: Path) -> None:
+    """`processor.save_pretrained(directory)`, keeping a SentencePiece tokenizer's legacy mode
+    (the converted release's): transformers saves none, and reads a Llama tokenizer back in its
+    own default, which splits the word after an added token ("<im_end>Can": "C", "an")."""
+    processor.save_pretrained(directory)
+    legacy = getattr(processor.tokenizer, "legacy", None)
+    if legacy is None:
+        return
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text("utf-8"))
+    config["legacy"] = bool(legacy)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> torch.nn.Module:

@@ -884,8 +884,10 @@ def write_whole(source, model, processor, out: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    from inference_service.modeling_chatpose import save_processor
+
     model.save_pretrained(tmp / "base")
-    processor.save_pretrained(tmp / "base")
+    save_processor(processor, tmp / "base")
     shutil.copyfile(source.head_path, tmp / HEAD_NAME)
     dataclasses.replace(source.config, base_model="base").save(tmp)
     if out.exists():

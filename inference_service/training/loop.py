@@ -61,10 +61,12 @@ from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig,
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     apply_adapter,
+    check_vocabulary,
     ensure_pose_token,
     load_adapter,
     load_base,
     quiet_peft,
+    save_processor,
     select_device,
 )
 from inference_service.pose_head import PoseHead
@@ -456,7 +458,9 @@ def load_training_model(
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     processor, model = load_base(checkpoint.base_dir, dtype=dtype)
     model = model.to(device)
-    pose_token_id = ensure_pose_token(processor.tokenizer, model, checkpoint.config.pose_token)
+    pose_token = checkpoint.config.pose_token
+    check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
+    pose_token_id = ensure_pose_token(processor.tokenizer, model, pose_token)
     torch.manual_seed(config.seed)
     if config.train_base:
         if adapter_dir is not None:
@@ -640,7 +644,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     if tm.trains_base:
         tm.model.save_pretrained(str(tmp / "base"))
-        tm.processor.save_pretrained(str(tmp / "base"))
+        save_processor(tm.processor, tmp / "base")
         base_model = "base"
     else:
         tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
@@ -665,7 +669,7 @@ def save_checkpoint(
         **state_extra,
     }
     torch.save(state, tmp / STATE_NAME)
-    _sync(tmp)  # on disk before `latest` names it: a power cut must not leave it half written
+    _sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -689,14 +693,18 @@ def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
         shutil.rmtree(old)
 
 
-def _sync(path: Path) -> None:
-    """fsync `path`: a file, or a folder with everything in it (POSIX; Windows has no
-    folder handles to sync, and its renames are written through)."""
-    paths = [path] if path.is_file() else [*sorted(path.rglob("*")), path]
+def _sync(path: Path, *, tree: bool = False) -> None:
+    """fsync the file or folder `path`, with `tree` every file and folder in it as well (not
+    following links). Windows syncs only a file opened for writing, and has no folder handles
+    to sync (its renames are written through)."""
+    paths = [path]
+    if tree:
+        paths += sorted(p for p in path.rglob("*") if not p.is_symlink())
     for item in paths:
-        if item.is_dir() and os.name == "nt":
+        folder = item.is_dir()
+        if folder and os.name == "nt":
             continue
-        fd = os.open(item, os.O_RDONLY)
+        fd = os.open(item, os.O_RDONLY if folder else os.O_RDWR)
         try:
             os.fsync(fd)
         finally:

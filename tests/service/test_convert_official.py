@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
 from inference_service import convert_official
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.convert_official import convert, main
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest, save_processor
 from shared_protocol.rotations import axis_angle_to_matrix
 
 from . import tiny_llava
@@ -263,10 +263,11 @@ def test_a_sentencepiece_tokenizer_reads_text_after_an_added_token_as_the_releas
     assert read(AutoTokenizer.from_pretrained(source)) == ["<im_end>", "C", "an"]
     converted = convert_official._read_tokenizer(source, "[SEG]")
     assert read(converted) == ["<im_end>", "▁Can"]
-    base = tmp_path / "base"
-    converted.save_pretrained(base)
-    convert_official._keep_legacy(base, source, converted, "[SEG]")
-    assert read(AutoTokenizer.from_pretrained(base)) == ["<im_end>", "▁Can"]
+    base = tmp_path / "base"  # saved as the converter and training save it, then read back
+    processor = convert_official._processor(converted, tiny_llava.vision_config(), "default")
+    save_processor(processor, base)
+    convert_official._check_saved_tokenizer(base, source, converted, "[SEG]")
+    assert read(AutoProcessor.from_pretrained(base).tokenizer) == ["<im_end>", "▁Can"]
 
     settings["legacy"] = False  # a release that said so is read so
     (source / "tokenizer_config.json").write_text(json.dumps(settings))

@@ -105,6 +105,10 @@ def test_a_git_lfs_pointer_or_a_tokenizer_longer_than_the_embeddings_is_named_at
     )
     with pytest.raises(CheckpointError, match=r"tokenizer.json: a Git LFS pointer, not the file"):
         ChatPoseModel.from_checkpoint(pointer, device="cpu")
+    unread = tmp_path / "unread"  # another framework's weights, never pulled, never read
+    shutil.copytree(tiny_checkpoint, unread)
+    shutil.copy(pointer / "base" / "tokenizer.json", unread / "base" / "tf_model.h5")
+    ChatPoseModel.from_checkpoint(unread, device="cpu")
 
     longer = tmp_path / "longer"
     shutil.copytree(tiny_checkpoint, longer)
@@ -112,11 +116,17 @@ def test_a_git_lfs_pointer_or_a_tokenizer_longer_than_the_embeddings_is_named_at
     rows = len(tokenizer)
     tokenizer.add_tokens(["<extra_1>", "<extra_2>"], special_tokens=True)
     tokenizer.save_pretrained(longer / "base")
-    expected = (
-        rf"has {rows + 2} tokens and the model's embeddings {rows} rows, none for '<extra_1>'"
-    )
-    with pytest.raises(CheckpointError, match=expected):
+    expected = rf"has {rows + 2} tokens and the model's embeddings {rows} rows, none for '<ex"
+    with pytest.raises(CheckpointError, match=expected + r"tra_1>' and 1 more"):
         ChatPoseModel.from_checkpoint(longer, device="cpu")
+
+    # The pose token alone past the rows is what loading adds a row for: no error.
+    posed = tmp_path / "posed"
+    shutil.copytree(tiny_checkpoint, posed)
+    tokenizer = AutoTokenizer.from_pretrained(posed / "base", local_files_only=True)
+    tokenizer.add_tokens(["<POSE>"], special_tokens=True)
+    tokenizer.save_pretrained(posed / "base")
+    assert ChatPoseModel.from_checkpoint(posed, device="cpu").pose_token_id == rows
 
 
 @pytest.mark.parametrize(

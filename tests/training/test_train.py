@@ -336,9 +336,12 @@ def test_keep_last_goes_by_step_number_and_checkpoints_are_synced_to_disk(
 
     monkeypatch.setattr(loop.os, "fsync", recording)
     out = tmp_path / "run"
-    loop.train(settings(base, out, steps=3, save_every=3), examples)
-    state = str(out / ".step-000003.tmp" / loop.STATE_NAME)
+    out.mkdir()
+    (out / "notes.txt").symlink_to(tmp_path / "gone.txt")  # the user's, dangling
+    loop.train(settings(base, out, steps=4, save_every=2), examples)
+    state = str(out / ".step-000004.tmp" / loop.STATE_NAME)
     assert state in synced and str(out) in synced  # the state, then the renames
+    assert str(out / "step-000002" / loop.STATE_NAME) not in synced  # saved ones, once
 
 
 def test_a_run_that_recorded_its_lora_options_as_given_still_resumes(base, examples, tmp_path):

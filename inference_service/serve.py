@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
+    # From the start: a Blender that crashes while a large model loads takes the load with it.
+    parent = ParentWatch(sys.stdin.fileno()) if args.stop_with_stdin else None
     try:
         server = _build_server(args)
     except (ServerConfigError, ChatPoseError) as exc:
@@ -115,23 +117,46 @@ def main(argv: list[str] | None = None) -> int:
     on_signal = SignalStop(server.stop)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    if args.stop_with_stdin:
-        watch = threading.Thread(
-            target=stop_when_closed, args=(sys.stdin.fileno(), server.stop), daemon=True
-        )
-        watch.start()
+    if parent is not None:
+        parent.serving(server.stop)
     server.serve_forever()
     return 0
 
 
-def stop_when_closed(fd: int, stop) -> None:
-    """Reads the file descriptor `fd` to its end, then calls `stop`: nobody writes to it, and
-    its end is the death of the process holding the other end of the pipe. The descriptor, not
-    sys.stdin: a daemon thread blocked in a buffered read aborts the interpreter's exit."""
-    while os.read(fd, 4096):
-        pass
-    log.info("standard input closed: whoever started this service is gone", extra={"event": "stop"})
-    stop()
+class ParentWatch:
+    """Reads the file descriptor `fd` to its end in a thread of its own: nobody writes to it,
+    and its end is the death of the process holding the other end of the pipe. Then the
+    service stops: cleanly once it serves (`serving`), at once while the model loads (nothing
+    is in flight). The descriptor, not sys.stdin: a daemon thread blocked in a buffered read
+    aborts the interpreter's exit."""
+
+    def __init__(self, fd: int, exit_now=os._exit):
+        self._exit_now = exit_now
+        self._lock = threading.Lock()
+        self._stop = None
+        self._gone = False
+        threading.Thread(target=self._watch, args=(fd,), daemon=True).start()
+
+    def serving(self, stop) -> None:
+        with self._lock:
+            self._stop = stop
+            gone = self._gone
+        if gone:
+            stop()
+
+    def _watch(self, fd: int) -> None:
+        while os.read(fd, 4096):
+            pass
+        log.info(
+            "standard input closed: whoever started this service is gone", extra={"event": "stop"}
+        )
+        with self._lock:
+            self._gone = True
+            stop = self._stop
+        if stop is None:
+            self._exit_now(0)
+        else:
+            stop()
 
 
 class SignalStop:

@@ -1,7 +1,7 @@
 """An optional local ``chatpose-serve`` process, started and stopped from the preferences.
 
 No bpy here. The process is ``<python> -m inference_service.serve --checkpoint DIR --bind ADDR
---device DEV``; its stdout and stderr go to a log file (never a pipe, which could fill up and
+--device DEV --stop-with-stdin``; its stdout and stderr go to a log file (never a pipe, which could fill up and
 stall it), whose last line the panel shows when the process has exited. Nothing blocks:
 ``start`` returns once the process is spawned (the model loads in the background), ``poll``
 is a non-blocking ``Popen.poll``, ``stop`` sends SIGTERM (chatpose-serve finishes the work it
@@ -9,8 +9,10 @@ is running and exits) and a later ``poll`` kills it if it is still there after t
 ``stop(wait=True)`` waits, for Blender's exit.
 
 A process started here does not outlive Blender: ``atexit`` stops every live one (Blender runs
-``atexit`` hooks when it quits), the add-on's ``unregister`` stops it, and on Linux the child
-also gets SIGTERM from the kernel if Blender dies without running either (``PR_SET_PDEATHSIG``).
+``atexit`` hooks when it quits), the add-on's ``unregister`` stops it, and if Blender dies
+without running either, the service's stdin, a pipe whose other end only Blender holds, closes,
+which stops it (``--stop-with-stdin``; while the model loads, at once), on every platform; on
+Linux the kernel also sends it SIGTERM (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ class ProcessState:
                 text += (
                     "; the Python set in the add-on's preferences (Local Service) lacks "
                     "chatpose-blender[service]: pick the project's .venv/bin/python"
+                )
+            elif "unrecognized arguments" in self.last_line:  # an older service than add-on
+                text += (
+                    "; the service installed for that Python is older than this add-on: "
+                    "update it (git pull, then make setup)"
                 )
             return text
         return "stopped"

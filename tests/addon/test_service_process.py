@@ -110,6 +110,16 @@ def test_a_service_killed_by_the_system_is_not_reported_as_its_last_line(tmp_pat
     )
 
 
+def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
+    manager = ServiceProcess(str(tmp_path))
+    older = "import sys; sys.exit('serve.py: error: unrecognized arguments: --stop-with-stdin')"
+    manager.start([sys.executable, "-c", older])
+    wait_for(lambda: manager.poll().state == EXITED, 30)
+    described = manager.poll().describe()
+    assert "unrecognized arguments: --stop-with-stdin" in described
+    assert "older than this add-on: update it (git pull, then make setup)" in described
+
+
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):
     manager = ServiceProcess(str(tmp_path), grace_s=0.3)
     state = manager.start(SLEEPER)

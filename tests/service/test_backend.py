@@ -199,6 +199,26 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm_or_when_its_stdin_cl
     assert timed and timed[0]["ok"] is True and timed[0]["ms"] >= 0
 
 
+def test_chatpose_serve_that_loses_its_stdin_while_loading_exits_at_once(tiny_checkpoint):
+    # Blender crashed while the model loaded: the load is not worth finishing.
+    address = f"tcp://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "inference_service.serve", "--checkpoint"]
+    process = subprocess.Popen(
+        [*command, str(tiny_checkpoint), "--bind", address, "--stop-with-stdin"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdin.close()
+    try:
+        assert process.wait(TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    events = [json.loads(line).get("event") for line in process.stderr.read().splitlines()]
+    assert events == ["stop"]  # no "start": it never served
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

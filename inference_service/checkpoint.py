@@ -11,12 +11,15 @@ This module only reads, validates and writes that layout; it loads no weights.
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference_service.errors import CheckpointError
-from inference_service.prompts import TEMPLATES
+from inference_service.prompts import TEMPLATES, WORDINGS
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "chatpose.json"
 HEAD_NAME = "pose_head.safetensors"
@@ -29,7 +32,6 @@ ROTATION_LAYOUT = "6d_two_columns"
 
 
 POSE_ORIENTATIONS = ("upright", "camera")
-PROMPT_WORDINGS = ("paper", "release")  # prompts.WORDINGS
 # chatpose.json's name for `pose_orientation` before it was known to hold for text poses too:
 # the release's (the only "camera" head) gives every pose in the camera's frame.
 RENAMED_FIELDS = {"image_orientation": "pose_orientation"}
@@ -73,9 +75,9 @@ class ChatPoseConfig:
                 f"field 'pose_orientation' must be one of {list(POSE_ORIENTATIONS)}, "
                 f"got {self.pose_orientation!r}"
             )
-        if self.prompt_wording not in PROMPT_WORDINGS:
+        if self.prompt_wording not in WORDINGS:
             raise CheckpointError(
-                f"field 'prompt_wording' must be one of {list(PROMPT_WORDINGS)}, "
+                f"field 'prompt_wording' must be one of {list(WORDINGS)}, "
                 f"got {self.prompt_wording!r}"
             )
         if not 1 <= self.posed_joints <= NUM_JOINTS:
@@ -122,6 +124,14 @@ class ChatPoseConfig:
             raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if data.get("image_orientation") == "camera" and "prompt_wording" not in data:
+            log.warning(
+                "%s: a release converted before its text poses, prompts and tokenizer were read "
+                "as the release's own code does; its text poses are turned upright now, but run "
+                "convert_official again for the rest (docs/checkpoints.md)",
+                path,
+                extra={"event": "old_conversion"},
+            )
         for old, new in RENAMED_FIELDS.items():
             if old in data and new not in data:
                 data[new] = data.pop(old)

@@ -63,9 +63,14 @@ def test_bad_field_names_the_field_and_the_file(tmp_path, fields, named):
     assert str(path) in str(error.value)
 
 
-def test_the_older_name_of_pose_orientation_is_read(tmp_path):
+def test_the_older_name_of_pose_orientation_is_read(tmp_path, caplog):
+    write_config(tmp_path, image_orientation="upright")  # any checkpoint from before the rename
+    assert ChatPoseConfig.load(tmp_path).pose_orientation == "upright"
+    assert not caplog.records
     write_config(tmp_path, image_orientation="camera")  # a release converted before the rename
-    assert ChatPoseConfig.load(tmp_path).pose_orientation == "camera"
+    config = ChatPoseConfig.load(tmp_path)
+    assert (config.pose_orientation, config.prompt_wording) == ("camera", "paper")
+    assert "run convert_official again for the rest" in caplog.text
 
 
 def test_missing_field_is_named(tmp_path):

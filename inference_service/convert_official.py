@@ -143,24 +143,28 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     writing = destination.parent / f".{destination.name}.tmp"
     if writing.exists():
         shutil.rmtree(writing)
-    base = writing / "base"
-    model.save_pretrained(base)
-    processor = _processor(tokenizer, vision_config, config.vision_feature_select_strategy)
-    save_processor(processor, base)
-    _check_saved_tokenizer(base, source, tokenizer, pose_token)
-    head.save(writing / "pose_head.safetensors")
-    ChatPoseConfig(
-        hidden_size=official["hidden_size"],
-        head_hidden_size=head[0].out_features,
-        pose_token=pose_token,
-        image_size=vision_config.image_size,
-        mm_use_im_start_end=wraps_images,
-        posed_joints=RELEASE_POSED_JOINTS,
-        # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
-        # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
-        pose_orientation="camera",
-        prompt_wording="release",  # its training code's questions, not the paper's
-    ).save(writing)
+    try:
+        base = writing / "base"
+        model.save_pretrained(base)
+        processor = _processor(tokenizer, vision_config, config.vision_feature_select_strategy)
+        save_processor(processor, base)
+        _check_saved_tokenizer(base, source, tokenizer, pose_token)
+        head.save(writing / "pose_head.safetensors")
+        ChatPoseConfig(
+            hidden_size=official["hidden_size"],
+            head_hidden_size=head[0].out_features,
+            pose_token=pose_token,
+            image_size=vision_config.image_size,
+            mm_use_im_start_end=wraps_images,
+            posed_joints=RELEASE_POSED_JOINTS,
+            # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
+            # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
+            pose_orientation="camera",
+            prompt_wording="release",  # its training code's questions, not the paper's
+        ).save(writing)
+    except BaseException:  # a 13B model's copy is not left behind
+        shutil.rmtree(writing, ignore_errors=True)
+        raise
     if destination.exists():  # an empty folder
         destination.rmdir()
     os.replace(writing, destination)
@@ -170,13 +174,17 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
 
 def _check_vision_size(official: dict, vision_config, source: Path, vision_tower: Path) -> None:
     """CheckpointError when the CLIP folder is not of the resolution that the release's
-    `mm_vision_tower` names (its name's last number: "...-patch14-336"). The 224-px CLIP of
-    the same width loads and runs, on features the projector never saw."""
+    `mm_vision_tower` names (OpenAI's names end in it: "clip-vit-large-patch14-336"; without
+    the number, 224). The 224-px CLIP of the same width loads and runs, on features the
+    projector never saw."""
     named = str(official.get("mm_vision_tower", ""))
-    size = re.search(r"-(\d+)$", named.rstrip("/"))
-    if size and int(size.group(1)) != vision_config.image_size:
+    openai = re.search(r"clip-vit-[a-z]+-patch\d+(?:-(\d+))?$", named.rstrip("/"), re.I)
+    if openai is None:  # another maker's name: it says no size
+        return
+    size = int(openai.group(1) or 224)
+    if size != vision_config.image_size:
         raise CheckpointError(
-            f"{source / 'config.json'} names the vision tower {named} ({size.group(1)} px), but "
+            f"{source / 'config.json'} names the vision tower {named} ({size} px), but "
             f"--vision-tower {vision_tower} takes {vision_config.image_size} px images"
         )
 

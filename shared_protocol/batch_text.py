@@ -26,9 +26,11 @@ def decode_text(data: bytes) -> str:
     if "\0" in text:  # valid UTF-8, but no prompt holds one, and labels would lose it
         at = text.index("\0")
         line = text.count("\n", 0, at) + 1
-        raise UnicodeDecodeError(
-            encoding, data, at, at + 1, f"a NUL character on line {line}: UTF-16 without a mark?"
-        )
+        width = 2 if encoding == "utf-16" else 1  # bytes of the NUL
+        start = len(data) - len(text[at:].encode("utf-16-le" if width == 2 else "utf-8"))
+        hint = ": UTF-16 without a byte order mark?" if encoding == "utf-8" else ""
+        reason = f"a NUL character on line {line}{hint}"
+        raise UnicodeDecodeError(encoding, data, start, start + width, reason)
     return text
 
 

@@ -51,6 +51,14 @@ def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
 def test_a_nul_character_is_refused_naming_its_line():
     # UTF-16 without a byte order mark is valid UTF-8 with a NUL after every letter; a prompt
     # holding one would be sent as it is, and --resume could not match its label.
-    for data, line in (("sit\nstand".encode("utf-16-le"), 1), (b"sit\nstand\0\n", 2)):
-        with pytest.raises(UnicodeDecodeError, match=f"NUL character on line {line}"):
+    for data, line, at in (
+        ("sit\nstand".encode("utf-16-le"), 1, 1),
+        ("café\nst\0and".encode(), 2, 8),  # the byte, not the character, is named
+        ("a\nb\0".encode("utf-16"), 2, 8),  # a NUL in UTF-16 is no missing mark
+    ):
+        with pytest.raises(UnicodeDecodeError, match=f"NUL character on line {line}") as error:
             decode_text(data)
+        assert error.value.start == at and data[at] == 0
+        assert ("without a byte order mark" in str(error.value)) == (
+            error.value.encoding == "utf-8"
+        )

@@ -168,7 +168,7 @@ PRESETS = {
         # The answer's words, for chat turns (train's --text-weight 0 leaves them untaught):
         # the cross-entropy falls from 7.5 to 0.02 in 2,000 steps (1.5 min), and all 1,189
         # test captions asked as chat turns end in a pose token (88 % when trained on the
-        # release's question alone).
+        # service's question alone).
         answer_steps=2000,
         # A context layer before the bag of words, each head bringing the token one or two
         # places back: it reads the automatic captions ("the left elbow is bent"), text
@@ -782,7 +782,7 @@ def train(
 ) -> Path:
     """The train stage: text and images together. Half its text examples are asked as a chat
     turn reads them (`phrasing=chat`: the caption alone), so that the head also knows the
-    states of prompts without the release's question: a chat turn's pose is then as good as
+    states of prompts without the service's question: a chat turn's pose is then as good as
     the pose path's (docs/demo_model_experiments.md, eleventh round). Returns the last
     checkpoint."""
     argv = [
@@ -806,7 +806,7 @@ def learn_answer(
     answer's words from the cross-entropy alone, so that a chat turn, which the model answers
     freely, writes the answer and its pose token ("sure, it is <POSE>.") and so gets a pose.
     Half its examples are asked as a chat turn reads them (`phrasing=chat`: the caption
-    alone), since a prompt without the release's question otherwise stops short of the pose
+    alone), since a prompt without the service's question otherwise stops short of the pose
     token. The states the head reads and the head do not change, so neither does any pose.
     Returns the run's last checkpoint (a whole model)."""
     argv = [

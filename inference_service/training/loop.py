@@ -876,8 +876,9 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             sampler.next_batch()
         torch.set_rng_state(state["torch_rng"])
         cuda_rng = state["cuda_rng"]
-        if isinstance(cuda_rng, list):  # saved by earlier runs: every card's; the first trained
-            cuda_rng = cuda_rng[0] if cuda_rng else None
+        if isinstance(cuda_rng, list):  # saved by earlier runs: every card's, by index
+            card = tm.device.index or 0
+            cuda_rng = cuda_rng[card] if card < len(cuda_rng) else None
         if tm.device.type == "cuda" and cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, tm.device)
     # Only now, with the data, the model and the device ready: a run that fails to start
@@ -1069,6 +1070,8 @@ RESUME_FROM_ADAPTER = ("lora_rank", "lora_alpha", "lora_dropout")
 def _lower(key: str, value: float, saved: float) -> bool:
     if key == "max_grad_norm":  # 0: no clipping, the loosest
         return value > 0 and (saved == 0 or value < saved)
+    if key == "adapter_lr":  # 0 would freeze what the run trains: another run
+        return 0 < value < saved
     return value < saved
 
 

@@ -222,6 +222,13 @@ def test_a_vision_tower_of_another_size_or_with_weights_missing_is_refused(relea
     )
     with pytest.raises(CheckpointError, match=expected):
         convert(other, tmp_path / "out", clip)
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14"  # OpenAI's 224-px one
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"patch14 \(224 px\)"):
+        convert(other, tmp_path / "out", clip)
+    config["mm_vision_tower"] = "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"  # a name without a size
+    (other / "config.json").write_text(json.dumps(config))
+    convert(other, tmp_path / "laion", clip)
 
     from safetensors.torch import load_file
 
@@ -341,6 +348,20 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     assert "no-clip: no such folder" in capsys.readouterr().err
 
 
+def test_a_conversion_that_fails_while_writing_leaves_nothing_behind(
+    release, tmp_path, monkeypatch
+):
+    source, clip, _ = release
+
+    def differs(*args):
+        raise CheckpointError("the converted tokenizer reads it otherwise")
+
+    monkeypatch.setattr(convert_official, "_check_saved_tokenizer", differs)
+    with pytest.raises(CheckpointError, match="reads it otherwise"):
+        convert(source, tmp_path / "out", clip)
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary folder
+
+
 def test_a_conversion_out_of_memory_says_how_much_it_holds(release, tmp_path, monkeypatch, capsys):
     source, clip, _ = release
 
@@ -350,7 +371,6 @@ def test_a_conversion_out_of_memory_says_how_much_it_holds(release, tmp_path, mo
     monkeypatch.setattr(convert_official, "_read_weights", exhausted)
     assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
     assert "out of memory: the conversion holds one copy of the weights" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_wrong_pose_token_is_reported(release, tmp_path):

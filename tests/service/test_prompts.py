@@ -47,7 +47,7 @@ def test_image_prefix_variants():
     assert image_prefix(2, "<image>", False) == "<image><image>\n"
 
 
-def test_text_to_pose_exchange_matches_the_release():
+def test_text_to_pose_exchange_is_the_paper_s():
     question, answer = pose_exchange("a man raising both arms.", has_image=False)
     assert question == "a man raising both arms, can you give the SMPL pose of this person?"
     assert answer == "Sure, it is <POSE>."
@@ -58,7 +58,7 @@ def test_text_to_pose_exchange_matches_the_release():
     )
 
 
-def test_image_to_pose_exchange_matches_the_release():
+def test_image_to_pose_exchange_is_the_paper_s():
     question, answer = pose_exchange(None, has_image=True, pose_token="[SEG]")
     assert question == "Can you provide the SMPL pose of the person in the center of this image?"
     assert answer == "Sure, the SMPL pose of this person is [SEG]."

@@ -44,7 +44,9 @@ class ModelBackend:
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.info = ModelInfo(
-            model=name,
+            # A folder name in another encoding than the system's holds lone surrogates,
+            # which no reply can carry: written out instead.
+            model=name.encode("utf-8", "backslashreplace").decode("utf-8"),
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             supports_images=model.config.max_images > 0,

@@ -39,6 +39,7 @@ from shared_protocol.protocol import (
     PoseRequest,
     ProtocolError,
     Reply,
+    Request,
     StatusReply,
     StatusRequest,
     decode_request,
@@ -370,7 +371,8 @@ class Server:
 
     # --- requests, on the I/O thread ----------------------------------------------------------
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _decoded(self, frames: list[bytes]) -> Request | None:
+        """The request in `frames`, or None when it is malformed (its error reply sent)."""
         client, content = frames[0], frames[1:]
         try:
             request = decode_request(content, self._limits)
@@ -385,10 +387,13 @@ class Server:
                 },
             )
             self._emit(client, error_reply_for(err))
-            return
+            return None
         with self._received_lock:
             entry = (time.monotonic(), request.op)
             self._received.setdefault((client, request.id), []).append(entry)
+        return request
+
+    def _dispatch(self, client: bytes, request: Request) -> None:
         match request:
             case StatusRequest():
                 self._emit(client, self._status(request.id))
@@ -476,20 +481,17 @@ class Server:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            request = None
             try:
-                self._handle(frames)
+                request = self._decoded(frames)
+                if request is not None:
+                    self._dispatch(frames[0], request)
             except Exception:  # one request must never take the server down
                 log.exception("internal error while handling a request")
-                self._emit(
-                    frames[0],
-                    ErrorReply(
-                        None,
-                        None,
-                        ErrorCode.INTERNAL_ERROR,
-                        "internal error; see the service log",
-                        None,
-                    ),
-                )
+                # Under the request's id when it decoded: its client is waiting for that one.
+                rid, op = (request.id, request.op) if request is not None else (None, None)
+                message = "internal error; see the service log"
+                self._emit(frames[0], ErrorReply(rid, op, ErrorCode.INTERNAL_ERROR, message, None))
 
     def stop(self) -> None:
         """Asks `serve_forever` to finish; safe from any thread and from signal handlers."""

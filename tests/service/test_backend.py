@@ -91,6 +91,7 @@ def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):
     assert in_release_words.text == "Sure, it is <POSE>."
     assert not np.allclose(in_release_words.poses[0].axis_angle, answers[1].poses[0].axis_angle)
     assert backend.info.model == "tiny" and backend.info.device == "cpu"
+    assert ModelBackend(tiny_model, "caf\udce9").info.model == "caf\\udce9"  # a Latin-1 name
     assert backend.info.dtype == "float32" and backend.info.max_images == 1
 
 

@@ -7,6 +7,7 @@ tested deterministically. Tests of the scripted backend's own failures run on it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import socket
@@ -311,6 +312,28 @@ def test_an_image_is_refused_by_its_header_before_it_is_queued(running, backend,
         assert backend.batch_sizes == []  # the model never saw it
         ok = client.request(PoseRequest(client.new_id(), "fine", images=(PNG,)), TIMEOUT_S)
         assert isinstance(ok, PoseReply) and len(ok.poses) == 1 and backend.batch_sizes == [1]
+
+
+@scripted_only
+def test_an_internal_error_is_answered_under_the_request_s_id(backend, monkeypatch):
+    # A bug past decoding (here: a model name that cannot be encoded, as a folder name in
+    # another encoding gives): the client gets its answer, not a wait for its timeout.
+    monkeypatch.setattr(backend, "info", dataclasses.replace(backend.info, model="bad\udcff"))
+    served = Running(backend)
+    try:
+        with served.client() as client:
+            request = StatusRequest(client.new_id())
+            client.send(request)
+            [reply] = _collect(client, until=lambda r: isinstance(r, ErrorReply))
+            assert (reply.id, reply.op, reply.code) == (
+                request.id,
+                "status",
+                ErrorCode.INTERNAL_ERROR,
+            )
+            reply = client.request(PoseRequest(client.new_id(), "after"), TIMEOUT_S)
+            assert reply.poses == (pose_for("after"),)  # and it serves on
+    finally:
+        served.stop()
 
 
 def test_the_same_id_twice_in_flight_is_refused(running, backend, caplog):

@@ -131,6 +131,14 @@ class Client:
         self._read_monitor()
         return self._connected
 
+    @property
+    def drops(self) -> int:
+        """Connections this socket has lost: a reply owed on one of them never comes, even if
+        the service is back (it dropped that work), so a caller who saw a lower count before
+        sending knows its request is lost."""
+        self._read_monitor()
+        return self._drops
+
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
@@ -223,8 +231,8 @@ class Client:
                 request_id=request.id,
                 op=request.op,
             )
+        drops = self.drops
         self.send(request)
-        drops = self._drops
         while True:
             reply = self._wait_for(request, timeout_s, drops)
             yield reply

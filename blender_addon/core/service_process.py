@@ -1,8 +1,8 @@
 """An optional local ``chatpose-serve`` process, started and stopped from the preferences.
 
 No bpy here. The process is ``<python> -m inference_service.serve --checkpoint DIR --bind ADDR
---device DEV --stop-with-stdin``; its stdout and stderr go to a log file (never a pipe, which could fill up and
-stall it), whose last line the panel shows when the process has exited. Nothing blocks:
+--device DEV --stop-with-stdin``; its stdout and stderr go to a log file (never a pipe, which
+could fill up and stall it), whose last line the panel shows when the process has exited. Nothing blocks:
 ``start`` returns once the process is spawned (the model loads in the background), ``poll``
 is a non-blocking ``Popen.poll``, ``stop`` sends SIGTERM (chatpose-serve finishes the work it
 is running and exits) and a later ``poll`` kills it if it is still there after the grace time;

@@ -132,6 +132,7 @@ class Session:
         self._client = Client(address, curve=curve)
         self._in_flight: dict[str, _InFlight] = {}
         self._was_connected = False
+        self._drops_seen = 0  # the client's lost connections while nothing was in flight
 
     @property
     def busy(self) -> bool:
@@ -184,6 +185,8 @@ class Session:
             self._client.send(CancelRequest(self._client.new_id(), request_id))
 
     def _send(self, request: Request) -> str:
+        if not self._in_flight:  # a connection lost before this request costs it nothing
+            self._drops_seen = self._client.drops
         self._client.send(request)  # encodes first: bad input raises here, before anything queues
         now = self._clock()
         self._in_flight[request.id] = _InFlight(request, now, now + self.timeout_s)
@@ -234,8 +237,11 @@ class Session:
             return []
         now = self._clock()
         connected = self._client.connected
-        if self._was_connected and not connected:
-            self._was_connected = False
+        # A lost connection loses its requests, even when a new one is up by now (the service
+        # restarted between two ticks: it dropped their work).
+        lost = self._client.drops > self._drops_seen or (self._was_connected and not connected)
+        if lost:
+            self._was_connected = connected
             return self._fail_all(
                 ErrorCode.UNREACHABLE,
                 f"the service at {self.address} went away during the request; "
@@ -268,4 +274,5 @@ class Session:
         failed = [RequestFailed(request_id, code, message) for request_id in self._in_flight]
         self._in_flight.clear()
         self._client.reset()
+        self._drops_seen = 0  # the fresh socket's count
         return failed

@@ -235,3 +235,26 @@ def test_the_service_killed_mid_batch_then_restarted():
     finally:
         process.kill()
         session.close()
+
+
+def test_a_service_restarted_between_two_ticks_fails_its_requests_at_once():
+    # Blender's main thread was busy while the service died and came back: the session sees
+    # it connected, before and after, but the request it sent is lost with the old service.
+    address = f"tcp://127.0.0.1:{free_port()}"
+    process = start_scripted_server(address, "--stall-after", "0")
+    session = Session(address, timeout_s=TIMEOUT_S)
+    try:
+        batch_id = session.request_batch(["a line the old service never answers"])
+        run_until(session, lambda _: session._client.connected, timeout_s=10)
+        process.send_signal(signal.SIGKILL)
+        process.wait(TIMEOUT_S)
+        process = start_scripted_server(address)
+        assert session._client.wait_connected(10)  # connected again, and no tick came between
+        started = time.monotonic()
+        events = run_until(session, final_for(batch_id))
+        assert time.monotonic() - started < 5  # not the request's timeout
+        assert isinstance(events[-1], RequestFailed)
+        assert events[-1].code == ErrorCode.UNREACHABLE and "went away" in events[-1].message
+    finally:
+        process.kill()
+        session.close()

@@ -2,11 +2,11 @@
 
 No bpy here. The process is ``<python> -m inference_service.serve --checkpoint DIR --bind ADDR
 --device DEV --stop-with-stdin``; its stdout and stderr go to a log file (never a pipe, which
-could fill up and stall it), whose last line the panel shows when the process has exited. Nothing blocks:
-``start`` returns once the process is spawned (the model loads in the background), ``poll``
-is a non-blocking ``Popen.poll``, ``stop`` sends SIGTERM (chatpose-serve finishes the work it
-is running and exits) and a later ``poll`` kills it if it is still there after the grace time;
-``stop(wait=True)`` waits, for Blender's exit.
+could fill up and stall it), whose last line the panel shows when the process has exited.
+Nothing blocks: ``start`` returns once the process is spawned (the model loads in the
+background), ``poll`` is a non-blocking ``Popen.poll``, ``stop`` sends SIGTERM (chatpose-serve
+finishes the work it is running and exits) and a later ``poll`` kills it if it is still there
+after the grace time; ``stop(wait=True)`` waits, for Blender's exit.
 
 A process started here does not outlive Blender: ``atexit`` stops every live one (Blender runs
 ``atexit`` hooks when it quits), the add-on's ``unregister`` stops it, and if Blender dies

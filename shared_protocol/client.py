@@ -107,6 +107,9 @@ class Client:
     def _connect(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0  # closing never waits for a dead service
+        # A reply is one header frame: a larger frame from whatever listens there is cut off
+        # unread (and its connection dropped) before it can fill Blender's memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, self._limits.max_header_bytes + 4096)
         if self._keys is not None:
             public, secret, server_public = self._keys
             sock.curve_publickey, sock.curve_secretkey = public, secret

@@ -52,3 +52,23 @@ def test_a_service_that_goes_away_mid_request_is_unreachable_at_once_not_after_t
     stopping.join()
     assert raised.value.code == ErrorCode.UNREACHABLE
     assert raised.value.message == f"the service at {client.address} went away before answering"
+
+
+def test_a_reply_frame_past_the_header_limit_is_not_read_into_memory(context):
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_with_a_huge_frame():
+        peer, *_ = service.recv_multipart()
+        service.send_multipart([peer, b"{" + b" " * (4 << 20)])  # 4 MiB, over the 1 MiB limit
+
+    answering = threading.Thread(target=answer_with_a_huge_frame)
+    answering.start()
+    with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
+        with pytest.raises(ProtocolError) as raised:
+            client.request(StatusRequest(client.new_id()), timeout_s=10)
+    answering.join()
+    service.close(linger=0)
+    # Cut off unread, the connection dropped: the client says so (the service stays up).
+    assert raised.value.code == ErrorCode.UNREACHABLE
+    assert "went away before answering" in raised.value.message

@@ -145,8 +145,10 @@ class Client:
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
+            # Only a connection that completed its handshake carried requests: one refused
+            # at the handshake (wrong CURVE keys) is no service, not a service gone away.
+            self._drops += event == zmq.EVENT_DISCONNECTED and self._connected
             self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self._drops += event == zmq.EVENT_DISCONNECTED
 
     def wait_connected(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -37,38 +37,36 @@ def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):
 def test_a_service_that_goes_away_mid_request_is_unreachable_at_once_not_after_the_timeout(
     context,
 ):
-    service = context.socket(zmq.ROUTER)
-    port = service.bind_to_random_port("tcp://127.0.0.1")
-
-    def take_the_request_and_stop():
+    def take_the_request_and_stop(service):
         service.recv_multipart()
         service.close(linger=0)
 
-    stopping = threading.Thread(target=take_the_request_and_stop)
-    stopping.start()
-    with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
-        with pytest.raises(ProtocolError) as raised:
-            client.request(StatusRequest(client.new_id()), timeout_s=30)
-    stopping.join()
-    assert raised.value.code == ErrorCode.UNREACHABLE
-    assert raised.value.message == f"the service at {client.address} went away before answering"
+    error, address = failed_status_request(context, take_the_request_and_stop, timeout_s=30)
+    assert error.code == ErrorCode.UNREACHABLE
+    assert error.message == f"the service at {address} went away before answering"
 
 
 def test_a_reply_frame_past_the_header_limit_is_not_read_into_memory(context):
-    service = context.socket(zmq.ROUTER)
-    port = service.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_with_a_huge_frame():
+    def answer_with_a_huge_frame(service):
         peer, *_ = service.recv_multipart()
         service.send_multipart([peer, b"{" + b" " * (4 << 20)])  # 4 MiB, over the 1 MiB limit
 
-    answering = threading.Thread(target=answer_with_a_huge_frame)
-    answering.start()
+    error, _ = failed_status_request(context, answer_with_a_huge_frame, timeout_s=10)
+    # Cut off unread, the connection dropped: the client says so (the service stays up).
+    assert error.code == ErrorCode.UNREACHABLE
+    assert "went away before answering" in error.message
+
+
+def failed_status_request(context, serve, timeout_s: float) -> tuple[ProtocolError, str]:
+    """The error a status request raises against a service socket that `serve(socket)`
+    handles in a thread of its own, and the address."""
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    serving = threading.Thread(target=serve, args=(service,))
+    serving.start()
     with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
         with pytest.raises(ProtocolError) as raised:
-            client.request(StatusRequest(client.new_id()), timeout_s=10)
-    answering.join()
+            client.request(StatusRequest(client.new_id()), timeout_s=timeout_s)
+    serving.join()
     service.close(linger=0)
-    # Cut off unread, the connection dropped: the client says so (the service stays up).
-    assert raised.value.code == ErrorCode.UNREACHABLE
-    assert "went away before answering" in raised.value.message
+    return raised.value, client.address

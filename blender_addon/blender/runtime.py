@@ -576,8 +576,9 @@ def apply_outcome(outcome) -> None:
                 notify(f"Service: {_state.service_line}")
         case StatusFailed():
             if not outcome.job.probe:
-                _state.service_line = f"unavailable: {outcome.message}"
-                notify(f"Service: {outcome.message}", "ERROR")
+                message = outcome.message + _why_unreachable(outcome.code)
+                _state.service_line = f"unavailable: {message}"
+                notify(f"Service: {message}", "ERROR")
         case BatchLineReady():
             _batch_lines([outcome])
         case _BatchLines():
@@ -662,11 +663,7 @@ def _find(collection, name: str, uid: int | None):
 
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
-    message = outcome.message
-    if outcome.code == ErrorCode.UNREACHABLE and _state.waiting_ready:
-        message += " (the local service is still starting; try again when it is ready)"
-    elif outcome.code == ErrorCode.UNREACHABLE:
-        message += _local_service_exit()
+    message = outcome.message + _why_unreachable(outcome.code)
     scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(
@@ -685,6 +682,16 @@ def _give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
     since."""
     if prompt and not scene.chatpose.prompt.strip():
         scene.chatpose.prompt = prompt
+
+
+def _why_unreachable(code: ErrorCode) -> str:
+    """What the local service started here says about an unreachable service: still
+    loading, or how it ended; "" otherwise."""
+    if code != ErrorCode.UNREACHABLE:
+        return ""
+    if _state.waiting_ready:
+        return " (the local service is still starting; try again when it is ready)"
+    return _local_service_exit()
 
 
 def _local_service_exit() -> str:

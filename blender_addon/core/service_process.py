@@ -122,12 +122,15 @@ def serve_command(
             "set the Python interpreter that has chatpose-blender[service] installed "
             "(add-on preferences > Local Service)"
         )
+    python = os.path.expanduser(python)
     resolved = python if os.path.sep in python else shutil.which(python)
     if not resolved or not os.path.isfile(resolved):
         raise ServiceProcessError(f"Python interpreter {python!r} not found")
     checkpoint = checkpoint.strip()
     if not checkpoint:
         raise ServiceProcessError("set the checkpoint directory (add-on preferences)")
+    # Absolute: the service runs in its log folder (`start`), not in Blender's working one.
+    checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
     if not os.path.isdir(checkpoint):
         raise ServiceProcessError(f"checkpoint directory {checkpoint!r} does not exist")
     return [
@@ -251,6 +254,9 @@ class ServiceProcess:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    # Not Blender's folder: an `inference_service/` there would shadow the
+                    # installed one (`-m` puts the working folder first on the path).
+                    cwd=self.log_dir,
                     **options,
                 )
             except OSError as exc:

@@ -774,6 +774,26 @@ def local_scripted(armature, monkeypatch, tmp_path):
     runtime.service_process().stop(wait=True)
 
 
+def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
+    armature, monkeypatch, tmp_path
+):
+    use_service(f"tcp://127.0.0.1:{free_port()}")
+    prefs = preferences.get_preferences()
+    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
+    loading = [sys.executable, "-c", "import time; time.sleep(60)"]  # a model that takes its time
+    monkeypatch.setattr(runtime, "serve_command", lambda *args: loading)
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    try:
+        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        assert bpy.ops.chatpose.service_status() == {"FINISHED"}
+        drive(lambda: runtime.last_message()[1] == "ERROR")
+        message = runtime.last_message()[0]
+        assert message.startswith("Service: no service at ")
+        assert message.endswith("(the local service is still starting; try again when it is ready)")
+    finally:
+        runtime.service_process().stop(wait=True)
+
+
 def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature, local_scripted):
     import os
     import signal

@@ -46,7 +46,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_serve_command_names_what_is_missing(tmp_path):
+def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ServiceProcessError, match="set the Python interpreter"):
         serve_command("", str(tmp_path), "tcp://127.0.0.1:5555")
     with pytest.raises(ServiceProcessError, match="not found"):
@@ -56,6 +56,10 @@ def test_serve_command_names_what_is_missing(tmp_path):
     with pytest.raises(ServiceProcessError, match="does not exist"):
         serve_command(sys.executable, str(tmp_path / "ckpt"), "tcp://127.0.0.1:5555")
     argv = serve_command(sys.executable, str(tmp_path), "tcp://127.0.0.1:5555", "cpu")
+    # "~/..." as a user types it, and a folder relative to Blender's: the service runs elsewhere.
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    for typed in ("~/" + tmp_path.name, os.path.relpath(tmp_path)):
+        assert serve_command(sys.executable, typed, "tcp://127.0.0.1:5555", "cpu") == argv
     assert argv == [
         sys.executable,
         "-m",
@@ -85,6 +89,16 @@ def test_a_real_serve_that_fails_shows_its_exit_code_and_last_line(tmp_path):
     assert "not a loopback address" in state.last_line  # chatpose-serve's own message
     assert state.last_line.startswith("chatpose-serve: refusing to listen")
     assert state.describe().startswith("exited with code 2: ")
+
+
+def test_the_service_runs_in_its_log_folder_not_in_blender_s(tmp_path, monkeypatch):
+    # With -m, the working folder comes first on the path: an inference_service/ folder in
+    # Blender's (launched from a checkout) would shadow the installed package.
+    monkeypatch.chdir(tmp_path)
+    manager = ServiceProcess(str(tmp_path / "logs"))
+    manager.start([sys.executable, "-c", "import os; print(os.getcwd())"])
+    wait_for(lambda: manager.poll().state == EXITED, 30)
+    assert Path(manager.log_path).read_text().strip() == str(tmp_path / "logs")
 
 
 def test_a_python_without_the_service_s_packages_is_named_as_the_setting_to_fix(tmp_path):

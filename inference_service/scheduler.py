@@ -162,6 +162,10 @@ class Scheduler:
         with self._lock:
             return len(self._queue) + sum(len(r.waiting) for r in self._requests.values())
 
+    def in_flight(self, client: ClientId, request_id: str) -> bool:
+        with self._lock:
+            return (client, request_id) in self._requests
+
     def submit_pose(self, client: ClientId, request: PoseRequest) -> None:
         item = WorkItem(request.prompt, request.images, request.history, request.mode)
         self._submit(client, request.id, "pose", request.timeout_ms, [item])

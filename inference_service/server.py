@@ -400,7 +400,10 @@ class Server:
             case CancelRequest():
                 found = self.scheduler.cancel(client, request.target)
                 self._emit(client, CancelReply(request.id, request.target, found))
-            case PoseRequest() if (refusal := self._refuse_images(request)) is not None:
+            # A reused id is refused as one (by `submit_pose`), whatever its images.
+            case PoseRequest() if not self.scheduler.in_flight(client, request.id) and (
+                (refusal := self._refuse_images(request)) is not None
+            ):
                 self._emit(client, refusal)
             case PoseRequest():
                 self.scheduler.submit_pose(client, request)

@@ -345,11 +345,14 @@ def test_the_same_id_twice_in_flight_is_refused(running, backend, caplog):
         client.send(request)
         duplicate = _collect(client, until=lambda r: isinstance(r, ErrorReply))[-1]
         assert duplicate.code == ErrorCode.BAD_SCHEMA and "already in flight" in duplicate.message
+        client.send(PoseRequest(request.id, "again", images=(png_header(40_000, 40_000),)))
+        duplicate = _collect(client, until=lambda r: isinstance(r, ErrorReply))[-1]
+        assert "already in flight" in duplicate.message  # the id is what is wrong, first
         backend.release()
         assert _collect(client, until=lambda r: isinstance(r, PoseReply))[-1].id == request.id
-    # Each of the two gets its own "request done" line: the refusal did not take the first's.
+    # Each gets its own "request done" line: the refusals did not take the first's.
     done = [r for r in caplog.records if getattr(r, "event", None) == "request"]
-    assert sorted((r.id, r.ok) for r in done) == [(request.id, False), (request.id, True)]
+    assert sorted((r.id, r.ok) for r in done) == [(request.id, False)] * 2 + [(request.id, True)]
 
 
 @scripted_only

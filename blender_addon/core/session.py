@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared_protocol.client import (
     CONNECT_TIMEOUT_S,
@@ -107,11 +107,15 @@ class Service:
     curve: ClientCurveKeys | None = None
 
 
+CANCEL_GRACE_S = 5.0  # a cancel the service has not confirmed by then ends here
+
+
 @dataclass
 class _InFlight:
     request: Request
     sent_at: float
     deadline: float
+    cancelled: bool = False  # by the user: its end comes at the latest CANCEL_GRACE_S later
 
 
 class Session:
@@ -174,9 +178,14 @@ class Session:
         return self._send(request)
 
     def cancel(self, request_id: str) -> None:
-        """Asks the service to stop a request; its `cancelled` failure arrives through tick()."""
-        if request_id in self._in_flight:
+        """Asks the service to stop a request; its `cancelled` failure arrives through tick(),
+        from the service, or from here after CANCEL_GRACE_S if the service does not answer (a
+        hung one would otherwise keep the request, and the user, waiting for its timeout)."""
+        flight = self._in_flight.get(request_id)
+        if flight is not None:
             self._ask_to_cancel(request_id)
+            deadline = min(flight.deadline, self._clock() + CANCEL_GRACE_S)
+            self._in_flight[request_id] = replace(flight, deadline=deadline, cancelled=True)
 
     def _ask_to_cancel(self, request_id: str) -> None:
         """Best effort: a cancel that ZeroMQ cannot queue (the service is not taking messages)
@@ -259,14 +268,20 @@ class Session:
                 )
             return []
         expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]
+        failures = []
         for request_id in expired:
-            self._in_flight.pop(request_id)
+            flight = self._in_flight.pop(request_id)
+            if flight.cancelled:
+                message = f"cancelled (the service did not confirm within {CANCEL_GRACE_S:g} s)"
+                failures.append(RequestFailed(request_id, ErrorCode.CANCELLED, message))
+                continue
             self._ask_to_cancel(request_id)  # free the service
-        message = (
-            f"no answer from {self.address} within {self.timeout_s:g} s "
-            "(the timeout is set in the add-on's preferences)"
-        )
-        return [RequestFailed(request_id, ErrorCode.TIMEOUT, message) for request_id in expired]
+            message = (
+                f"no answer from {self.address} within {self.timeout_s:g} s "
+                "(the timeout is set in the add-on's preferences)"
+            )
+            failures.append(RequestFailed(request_id, ErrorCode.TIMEOUT, message))
+        return failures
 
     def _fail_all(self, code: ErrorCode, message: str) -> list[Event]:
         """Fails every request in flight and starts over with a fresh socket: replies to them

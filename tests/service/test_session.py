@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from blender_addon.core.session import (
+    CANCEL_GRACE_S,
     BatchFinished,
     BatchItem,
     PoseResult,
@@ -153,6 +154,28 @@ def test_a_cancel_that_cannot_be_queued_still_fails_its_request_in_time(
     assert failure.code == ErrorCode.TIMEOUT
     backend.release()
     session.close()
+
+
+def test_a_cancel_a_hung_service_never_confirms_ends_the_request_after_a_grace_time():
+    router = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, answers nothing
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    now = [0.0]
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=600, clock=lambda: now[0])
+    try:
+        request_id = session.request_pose("wave")
+        assert router.poll(TIMEOUT_S * 1000)  # it went out, on a connection
+        session.cancel(request_id)
+        now[0] += CANCEL_GRACE_S - 0.1
+        assert session.tick() == []  # the service may still confirm
+        now[0] += 0.2
+        [failure] = session.tick()
+        assert (failure.request_id, failure.code) == (request_id, ErrorCode.CANCELLED)
+        assert "the service did not confirm within" in failure.message
+        assert not session.busy  # not its 600 s timeout
+    finally:
+        session.close()
+        router.close()
 
 
 def test_cancel_a_batch(address, backend):

@@ -92,6 +92,9 @@ class _State:
     stopping: bool = False  # the local service was asked to stop and is still there
     next_probe: float = 0.0
     status_bar: bool = False
+    # Popups a timer tick asked for, shown as one when it ends (None: outside a tick): a
+    # service that dies with five requests in flight is one popup, not five.
+    popups: list | None = None
 
 
 _state = _State()
@@ -144,7 +147,9 @@ def set_message(text: str, level: str = "INFO", *, popup: bool = False) -> None:
     _state.message, _state.level = text, level
     if level != "INFO":
         print(f"ChatPose {level.lower()}: {text}")
-    if popup:
+    if popup and _state.popups is not None:
+        _state.popups.append(text)
+    elif popup:
         _popup(text, level)
 
 
@@ -158,6 +163,14 @@ def notify(text: str, level: str = "INFO", *, popup: bool = False) -> None:
             bpy.ops.chatpose.report(level=level, message=text)
     except RuntimeError:
         pass  # background mode turns an ERROR report into this exception; it was printed
+
+
+def _one_popup(texts: list[str]) -> str:
+    """The popup of a tick that asked for `texts` (errors, in order): the first in full, and
+    how many more the panel's history and the Info editor hold."""
+    if len(texts) == 1:
+        return texts[0]
+    return f"{texts[0]}\n(and {len(texts) - 1} more: see the history and the Info editor)"
 
 
 def _popup(text: str, level: str) -> None:
@@ -205,6 +218,7 @@ def timer_tick() -> float | None:
         if state.message != waiting:  # said once, not redrawn on every tick
             set_message(waiting, "WARNING")
             _redraw()
+    state.popups = []
     with _window_override():
         while (
             state.backlog
@@ -218,6 +232,9 @@ def timer_tick() -> float | None:
             except Exception as exc:
                 traceback.print_exc()
                 notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
+    popups, state.popups = state.popups, None
+    if popups:
+        _popup(_one_popup(popups), "ERROR")
     try:
         _watch_local_service()
         _update_status_bar()

@@ -774,6 +774,19 @@ def local_scripted(armature, monkeypatch, tmp_path):
     runtime.service_process().stop(wait=True)
 
 
+def test_requests_that_fail_together_make_one_popup(armature, monkeypatch):
+    shown = []
+    monkeypatch.setattr(runtime, "_popup", lambda text, level: shown.append((text, level)))
+    use_service(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
+    for prompt in ("wave", "bow", "sit"):
+        bpy.context.scene.chatpose.prompt = prompt
+        bpy.ops.chatpose.send()
+    drive(idle)
+    [(text, level)] = shown  # the three failed in one tick
+    assert level == "ERROR" and text.startswith("Request failed (unreachable): no service at")
+    assert text.endswith("(and 2 more: see the history and the Info editor)")
+
+
 def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
     armature, monkeypatch, tmp_path
 ):

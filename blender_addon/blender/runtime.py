@@ -889,6 +889,10 @@ def unregister() -> None:
         bpy.app.handlers.load_pre.remove(_on_load_pre)
     if _state.status_bar:
         _set_status_text(None)
+    for job in pending_jobs():  # their answers will not come: the prompts go back to be sent
+        scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
+        if scene is not None:
+            _give_prompt_back(scene, job.prompt)
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:

@@ -873,6 +873,18 @@ def test_the_stop_button_kills_a_local_service_that_does_not_stop(blender, tmp_p
     assert runtime.timer_tick() is None  # nothing left to watch
 
 
+def test_a_prompt_in_flight_when_the_add_on_is_disabled_is_given_back(armature):
+    import addon_utils
+
+    use_service(f"tcp://127.0.0.1:{free_port()}")  # no answer will come before the disable
+    bpy.context.scene.chatpose.prompt = "kneel on one knee and propose"
+    bpy.ops.chatpose.send()
+    assert bpy.context.scene.chatpose.prompt == ""  # sending empties it
+    addon_utils.disable(ADDON, default_set=True)  # as users do to "restart" it
+    addon_utils.enable(ADDON, default_set=True)
+    assert bpy.context.scene.chatpose.prompt == "kneel on one knee and propose"
+
+
 def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
     import addon_utils
 

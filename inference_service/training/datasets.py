@@ -7,7 +7,8 @@ One record type, `Example`, whatever the source:
   puts one marker per image at the start of the first user message, as LLaVA does);
 - `answer`: the assistant's answer; a pose is written as `POSE_MARKER` ("<POSE>"), replaced by
   the checkpoint's own pose token when the text is encoded;
-- `images`: PNG/JPEG bytes, checked to decode when the record is read;
+- `images`: PNG/JPEG bytes, or an `ImageFile` (the readers': a file checked to decode when the
+  record is read, and read again when a batch needs it); `image_bytes` gives the bytes of both;
 - `poses`: the targets, one (24, 3) axis-angle per POSE_MARKER in the answers (earlier turns of
   `history` first), or empty when the example has no pose supervision (chat);
 - `history`: earlier exchanges of a multi-turn conversation (`prompts.Turn`);
@@ -37,6 +38,7 @@ image alone), as a user types it, with the service's answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,12 +94,44 @@ class DatasetError(ValueError):
     """A malformed or inconsistent dataset file or record; the message names both."""
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file that a dataset names. The readers check that it decodes and keep its name
+    and hash, not its bytes, which a batch reads again: a run at the paper's scale would
+    otherwise hold tens of GB of images in memory. A file changed since it was checked is
+    refused, as resume refuses changed data."""
+
+    path: Path
+    sha256: str  # of the bytes that were checked
+
+    def read(self) -> bytes:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"{self.path}: cannot read the image file ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise DatasetError(
+                f"{self.path}: the image file changed after the training data was read"
+            )
+        return data
+
+
+def image_bytes(image: bytes | ImageFile) -> bytes:
+    return image.read() if isinstance(image, ImageFile) else image
+
+
+def image_sha256(image: bytes | ImageFile) -> bytes:
+    if isinstance(image, ImageFile):
+        return bytes.fromhex(image.sha256)
+    return hashlib.sha256(image).digest()
+
+
 @dataclass(frozen=True, eq=False)
 class Example:
     kind: str
     question: str
     answer: str
-    images: tuple[bytes, ...] = ()
+    images: tuple[bytes | ImageFile, ...] = ()
     poses: tuple[np.ndarray, ...] = ()
     history: tuple[Turn, ...] = ()
     source: str = ""
@@ -154,8 +188,8 @@ class Example:
         if self.kind == "image_to_pose" and not self.images:
             raise DatasetError(f"{where}: an image_to_pose example needs an image")
         for index, image in enumerate(self.images):
-            if not isinstance(image, bytes):
-                raise DatasetError(f"{where}: image {index} must be bytes")
+            if not isinstance(image, bytes | ImageFile):
+                raise DatasetError(f"{where}: image {index} must be bytes or an ImageFile")
 
     @property
     def pose(self) -> np.ndarray | None:
@@ -366,7 +400,7 @@ def _string_array(
     return [str(item) for item in value]
 
 
-def _read_image(folder: Path, name: str, where: str) -> bytes:
+def _read_image(folder: Path, name: str, where: str) -> ImageFile:
     path = folder / name
     try:
         data = path.read_bytes()
@@ -380,7 +414,7 @@ def _read_image(folder: Path, name: str, where: str) -> bytes:
         decode_image(data, field=str(path))
     except BadImageError as exc:  # its message says why: not an image, too long, too large
         raise DatasetError(f"{where}: {exc}") from None
-    return data
+    return ImageFile(path, hashlib.sha256(data).hexdigest())
 
 
 # --- global orientation -----------------------------------------------------------------------
@@ -611,9 +645,9 @@ def read_llava_conversations(
             raise DatasetError(
                 f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
             )
-        image_bytes = tuple(_read_image(folder, name, where) for name in image_names)
+        image_files = tuple(_read_image(folder, name, where) for name in image_names)
         if targets:
-            kind = "image_to_pose" if image_bytes else "text_to_pose"
+            kind = "image_to_pose" if image_files else "text_to_pose"
         else:
             kind = "chat"
         history = tuple(Turn(user, assistant) for user, assistant in turns[:-1])
@@ -622,7 +656,7 @@ def read_llava_conversations(
                 kind,
                 turns[-1][0],
                 turns[-1][1],
-                images=image_bytes,
+                images=image_files,
                 poses=tuple(targets),
                 history=history,
                 source=f"{json_path}#{number}",

@@ -40,7 +40,7 @@ from inference_service.prompts import (
     image_prefix,
     with_answer,
 )
-from inference_service.training.datasets import DatasetError, Example
+from inference_service.training.datasets import DatasetError, Example, ImageFile, image_bytes
 from inference_service.training.losses import IGNORE_INDEX
 
 
@@ -50,7 +50,7 @@ class EncodedExample:
     labels: list[int]  # = input_ids on answer tokens, IGNORE_INDEX elsewhere
     pose_positions: list[int]  # positions of the pose tokens that have a target
     poses: np.ndarray  # (len(pose_positions), 24, 3)
-    images: tuple[bytes, ...]
+    images: tuple[bytes | ImageFile, ...]
     source: str
     action: int = IGNORE_INDEX  # the index of the example's action in `Encoder.actions`
 
@@ -197,7 +197,7 @@ class Encoder:
     def check_against_processor(self, example: Example, encoded: EncodedExample) -> None:
         """Our ids must be the processor's: it is what the service runs at inference."""
         text, _ = render(example, self.config, self.image_token)
-        images = [decode_image(data) for data in example.images] or None
+        images = [self._decode(image) for image in example.images] or None
         reference = self.processor(text=[text], images=images, return_tensors="pt")["input_ids"]
         if reference[0].tolist() != encoded.input_ids:  # training would teach other tokens
             raise CheckpointError(
@@ -205,6 +205,10 @@ class Encoder:
                 "processor makes of the same prompt, which is what the service runs; its "
                 "tokenizer is not one this trainer supports"
             )
+
+    def _decode(self, image: bytes | ImageFile) -> Image.Image:
+        # As the service decodes a request's images (ChatPoseModel._decode_images).
+        return decode_image(image_bytes(image), min_side=self.config.image_size)
 
     def collate(self, items: Sequence[EncodedExample]) -> Batch:
         length = max(len(item.input_ids) for item in items)
@@ -224,7 +228,7 @@ class Encoder:
             positions += item.pose_positions
             targets.append(item.poses)
             actions += [item.action] * len(item.pose_positions)
-            images += [decode_image(data) for data in item.images]
+            images += [self._decode(image) for image in item.images]
         pixel_values = None
         if images:
             pixel_values = self.processor.image_processor(images=images, return_tensors="pt")[

@@ -70,7 +70,14 @@ from inference_service.modeling_chatpose import (
     select_device,
 )
 from inference_service.pose_head import PoseHead
-from inference_service.training.datasets import KINDS, DatasetError, DataSpec, Example, load_data
+from inference_service.training.datasets import (
+    KINDS,
+    DatasetError,
+    DataSpec,
+    Example,
+    image_sha256,
+    load_data,
+)
 from inference_service.training.encoding import Batch, EncodedExample, Encoder
 from inference_service.training.losses import (
     IGNORE_INDEX,
@@ -316,7 +323,7 @@ def fingerprint(examples: Sequence[Example]) -> str:
         parts += [f"{t.user}\x00{t.assistant}" for t in example.history]
         digest.update("\x1f".join(parts).encode("utf-8"))
         for image in example.images:
-            digest.update(hashlib.sha256(image).digest())
+            digest.update(image_sha256(image))
         for pose in example.poses:
             digest.update(np.ascontiguousarray(pose, dtype=np.float64).tobytes())
         digest.update(b"\x1e")
@@ -923,7 +930,16 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
             optimizer.zero_grad(set_to_none=True)
             totals = np.zeros(3)
             for _ in range(config.grad_accum):
-                batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
+                try:
+                    batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
+                except DatasetError as exc:  # an image file removed or changed since it was read
+                    kept = (
+                        f"the last checkpoint {last_saved} is kept; with the file as it was, "
+                        "--resume continues from it"
+                        if last_saved is not None
+                        else "no checkpoint was saved yet"
+                    )
+                    raise DatasetError(f"step {step}: {exc}; training stopped, {kept}") from None
                 terms = tm.forward(
                     batch.to(tm.device, tm.dtype),
                     config.text_weight,

@@ -22,7 +22,10 @@ from inference_service.training.datasets import (
     DatasetError,
     DataSpec,
     Example,
+    ImageFile,
     examples_from_caption_pose_pairs,
+    image_bytes,
+    image_sha256,
     load_data,
     parse_data_spec,
     read_corpus,
@@ -252,12 +255,30 @@ def test_image_pose_pairs(tmp_path):
     poses = write_npz(tmp_path / "pairs.npz", POSES[:2], images=np.array(["a.png", "b.png"]))
     examples = read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="release")
     assert [e.kind for e in examples] == ["image_to_pose"] * 2
-    assert examples[1].images == ((tmp_path / "img" / "b.png").read_bytes(),)
+    assert [image_bytes(i) for i in examples[1].images] == [
+        (tmp_path / "img" / "b.png").read_bytes()
+    ]
     assert (examples[0].question, examples[0].answer) == (
         IMAGE_QUESTION,
         IMAGE_ANSWER.format(pose=POSE_MARKER),
     )
     np.testing.assert_array_equal(examples[1].pose, POSES[1])
+
+
+def test_read_images_are_files_read_again_when_used(tmp_path):
+    # A run holds the images' names, not their bytes (tens of GB at the paper's scale).
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(png())
+    names = np.array(["a.png", "b.png", "c.png"])
+    examples = read_image_pose_pairs(write_npz(tmp_path / "p.npz", POSES[:3], images=names))
+    assert all(isinstance(e.images[0], ImageFile) for e in examples)
+    assert image_sha256(examples[0].images[0]) == image_sha256(png())
+    (tmp_path / "b.png").write_bytes(png((0, 0, 255)))
+    with pytest.raises(DatasetError, match=r"b\.png: the image file changed after the training"):
+        image_bytes(examples[1].images[0])
+    (tmp_path / "c.png").unlink()
+    with pytest.raises(DatasetError, match=r"c\.png: cannot read the image file"):
+        image_bytes(examples[2].images[0])
 
 
 def test_image_pose_pairs_errors(tmp_path):
@@ -323,7 +344,7 @@ def test_llava_conversations_with_poses_images_and_chat(tmp_path):
     assert first.history[0].user == "What is the person doing?"
     assert first.history[0].assistant == "Waving."
     assert (first.question, first.answer) == ("Give the SMPL pose.", "Sure, it is <POSE>.")
-    assert first.images == (png(),)
+    assert [image_bytes(i) for i in first.images] == [png()]
     np.testing.assert_array_equal(first.pose, POSES[1])
     assert len(examples[1].poses) == 2
     np.testing.assert_array_equal(examples[1].poses[0], POSES[0])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from inference_service.training.actions import ACTIONS
-from inference_service.training.datasets import read_image_pose_pairs
+from inference_service.training.datasets import image_bytes, read_image_pose_pairs
 from inference_service.training.render_pairs import (
     CameraView,
     camera_relative,
@@ -42,7 +42,7 @@ def test_files_and_layout_read_by_the_training_reader(rendered):
     examples = read_image_pose_pairs(path)
     assert len(examples) == 4
     assert all(e.kind == "image_to_pose" and len(e.images) == 1 for e in examples)
-    with Image.open(io.BytesIO(examples[0].images[0])) as image:
+    with Image.open(io.BytesIO(image_bytes(examples[0].images[0]))) as image:
         assert image.size == (48, 48)
     np.testing.assert_allclose(arrays["world_poses"], poses)
     assert list(arrays["actions"]) == ["raise_left_arm", "raise_right_arm"] * 2

@@ -1038,3 +1038,28 @@ def test_the_command_line_offers_exactly_the_loops_choices():
     assert tuple(actions["train_base"].choices) == tuple(s for s in loop.TRAIN_BASE_SCOPES if s)
     assert tuple(actions["lr_schedule"].choices) == loop.LR_SCHEDULES
     assert tuple(actions["head_init"].choices) == loop.HEAD_INITS
+
+
+def test_an_image_changed_during_a_run_stops_it_and_keeps_the_last_checkpoint(
+    base, tmp_path, monkeypatch, capsys
+):
+    # Images are read again for each batch, not held in memory: a file changed mid-run stops
+    # the run with its name, and the progress saved so far stays.
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    saving = loop.save_checkpoint
+
+    def save_then_change_the_images(*args, **kwargs):
+        saved = saving(*args, **kwargs)
+        (tmp_path / "red.png").write_bytes(BLUE)
+        (tmp_path / "blue.png").write_bytes(RED)
+        return saved
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_change_the_images)
+    argv = ["--base", str(base), "--out", str(out), *data, "--device", "cpu", "--lora-rank", "4"]
+    argv += ["--steps", "6", "--save-every", "1", "--mix", "0:1:0"]
+    assert train_cli.main(argv) == train_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert re.search(r"step 2: .*png: the image file changed after the training data was read", err)
+    assert "the last checkpoint" in err and "step-000001 is kept" in err
+    assert loop.latest_checkpoint(out).name == "step-000001"

@@ -107,6 +107,9 @@ REQUIRED_MANIFEST_KEYS = (
 )
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same zip
 SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", "wheels"}
+# What the sources are made of; anything else in their folders (an editor's `panel.py~`, a
+# merge's `.orig`, notes) is left out of the zip.
+SHIPPED_SUFFIXES = {".py", ".toml", ".md"}
 NETWORK_MARKERS = (
     "NewConnectionError",
     "Failed to establish a new connection",
@@ -194,7 +197,7 @@ def _source_files(directory: Path, skip_names: Iterable[str] = ()) -> list[tuple
             continue
         if any(part in SKIP_PARTS or part.startswith(".") for part in rel.parts):
             continue
-        if path.suffix in {".pyc", ".pyo"}:
+        if path.suffix not in SHIPPED_SUFFIXES:
             continue
         files.append((rel.as_posix(), path))
     return files

@@ -123,6 +123,18 @@ def test_zips_hold_the_addon_and_nothing_of_the_service(built):
         assert built.shared_wheel_path.read_bytes() == shared
 
 
+def test_only_sources_are_shipped_not_what_editors_and_merges_leave_beside_them(tmp_path):
+    for name in ("__init__.py", "core/posing.py", "blender_manifest.toml", "PROTOCOL.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for stray in ("panel.py~", "core/posing.py.orig", "notes.txt", ".panel.py.swp"):
+        (tmp_path / stray).write_text("x")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "panel.cpython-311.pyc").write_text("x")
+    shipped = [rel for rel, _ in build_addon._source_files(tmp_path)]
+    assert shipped == ["PROTOCOL.md", "__init__.py", "blender_manifest.toml", "core/posing.py"]
+
+
 def test_shared_protocol_wheel_installs_and_imports(built, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

@@ -52,6 +52,7 @@ from ..core.service_process import (
     ServiceProcessError,
     address_in_use,
     child_environment,
+    log_name_for,
     serve_command,
 )
 from ..core.session import Service
@@ -806,7 +807,9 @@ def start_service(context: bpy.types.Context) -> None:
             address,
             prefs.service_device,
         )
-        state = service_process().start(argv, env=child_environment(dict(os.environ)))
+        state = service_process().start(
+            argv, env=child_environment(dict(os.environ)), log_name=log_name_for(address)
+        )
     except ServiceProcessError as exc:
         raise UserError(f"Local service not started: {exc}") from None
     _state.waiting_ready = True

@@ -201,6 +201,13 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 _live: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
 
 
+def log_name_for(bind: str) -> str:
+    """The log file of a local service on ``bind``: one per port, since two Blenders, each
+    with a service of its own (on its own port), would truncate and write over one file."""
+    host_port = tcp_host_port(bind)
+    return f"chatpose-serve-{host_port[1]}.log" if host_port else LOG_NAME
+
+
 class ServiceProcess:
     """At most one child process at a time; ``log_dir`` holds its log file."""
 
@@ -225,12 +232,16 @@ class ServiceProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> ProcessState:
-        """Spawns ``argv`` (e.g. ``serve_command(...)``); ServiceProcessError when one is still
-        running or the program cannot be started."""
+    def start(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, log_name: str = LOG_NAME
+    ) -> ProcessState:
+        """Spawns ``argv`` (e.g. ``serve_command(...)``), its output to ``log_name`` in the log
+        folder (``log_name_for`` its address); ServiceProcessError when one is still running or
+        the program cannot be started."""
         state = self.poll()
         if state.alive:
             raise ServiceProcessError(f"the local service is already {state.describe()}")
+        self.log_path = os.path.join(self.log_dir, log_name)
         try:
             os.makedirs(self.log_dir, exist_ok=True)
             log = open(self.log_path, "wb")  # noqa: SIM115 (closed below, once handed over)

@@ -768,6 +768,10 @@ def local_scripted(armature, monkeypatch, tmp_path):
     runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
     assert bpy.ops.chatpose.service_start() == {"FINISHED"}
     assert runtime.local_service_state().alive and runtime.waiting_for_service()
+    port = address.rsplit(":", 1)[1]  # one log per port: two Blenders' services keep theirs
+    assert runtime.service_process().log_path == str(
+        tmp_path / "logs" / f"chatpose-serve-{port}.log"
+    )
     drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
     assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
     yield address, commands

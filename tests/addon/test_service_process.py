@@ -20,6 +20,7 @@ from blender_addon.core.service_process import (
     ServiceProcess,
     ServiceProcessError,
     child_environment,
+    log_name_for,
     serve_command,
     summarize_log_line,
 )
@@ -99,6 +100,22 @@ def test_the_service_runs_in_its_log_folder_not_in_blender_s(tmp_path, monkeypat
     manager.start([sys.executable, "-c", "import os; print(os.getcwd())"])
     wait_for(lambda: manager.poll().state == EXITED, 30)
     assert Path(manager.log_path).read_text().strip() == str(tmp_path / "logs")
+
+
+def test_two_local_services_on_two_ports_keep_a_log_each(tmp_path):
+    # Two Blenders, each with a service of its own, once truncated and wrote over one file.
+    assert log_name_for("tcp://127.0.0.1:5555") == "chatpose-serve-5555.log"
+    assert log_name_for("tcp://[::1]:6000") == "chatpose-serve-6000.log"
+    managers = [ServiceProcess(str(tmp_path)) for _ in range(2)]
+    for port, manager in zip((5555, 5556), managers, strict=True):
+        say = f"print('service on {port}', flush=True)"
+        manager.start([sys.executable, "-c", say], log_name=log_name_for(f"tcp://127.0.0.1:{port}"))
+    for manager in managers:
+        wait_for(lambda manager=manager: manager.poll().state == EXITED, 30)
+    assert [manager.poll().last_line for manager in managers] == [
+        "service on 5555",
+        "service on 5556",
+    ]
 
 
 def test_a_python_without_the_service_s_packages_is_named_as_the_setting_to_fix(tmp_path):

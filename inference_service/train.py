@@ -7,7 +7,9 @@
 
 Data formats (`--data`, repeatable):
 
-    posescript CAPTIONS.json poses=POSES.npz [z_up=true|false] [phrasing=mixed|release|chat]
+    posescript CAPTIONS.json poses=POSES.npz [z_up=true|false] [ids=SPLIT.json] [phrasing=...]
+    posescript CAPTIONS.json amass=AMASS_DIR index=INDEX.json [ids=SPLIT.json]
+        [missing=error|skip] [phrasing=...]   (PoseScript's release, its poses read from AMASS)
     pairs POSES.npz [images=DIR] [phrasing=mixed|release|chat]
     llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORD",
         default=[],
         help="FORMAT PATH [KEY=VALUE ...]: posescript CAPTIONS.json poses=POSES.npz"
-        " [z_up=true|false] | pairs POSES.npz [images=DIR]"
+        " [z_up=true|false] [ids=SPLIT.json] | posescript CAPTIONS.json amass=AMASS_DIR"
+        " index=INDEX.json [ids=SPLIT.json] [missing=error|skip] | pairs POSES.npz [images=DIR]"
         " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
         " | corpus CORPUS.npz [split=train]; repeatable",
     )

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,13 +447,104 @@ def _mostly_upright_along_z(axis_angle: np.ndarray) -> bool:
     return bool(np.mean(up[:, 2] > np.sqrt(0.5)) > 0.5)
 
 
+# --- PoseScript's release: poses by reference into AMASS ----------------------------------------
+
+# AMASS renamed some of its folders after PoseScript's index was written; the index's sequence
+# paths may use either name (the ChatPose release maps them the same way).
+AMASS_RENAMED = {
+    "Eyes_Japan_Dataset": "EyesJapanDataset",
+    "BioMotionLab_NTroje": "BMLrub",
+    "MPI_HDM05": "HDM05",
+    "MPI_Limits": "PosePrior",
+    "MPI_mosh": "MoSh",
+    "SSM_synced": "SSM",
+    "DFaust_67": "DFaust",
+    "Transitions_mocap": "Transitions",
+}
+
+
+def read_amass_poses(
+    index: Path, amass: Path, pose_ids: Iterable[str]
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The poses of `pose_ids` as PoseScript's index names them, read from AMASS.
+
+    `index`: a JSON object {pose_id: [dataset, sequence file, frame index]} (the release's
+    `ids_2_dataset_sequence_and_frame_index*.json`), the sequence file relative to the `amass`
+    folder, under its current name or the one it had before AMASS renamed it. Each sequence is
+    read once. Returns ({pose_id: (24, 3) pose as stored, Z-up}, {sequence not found: its pose
+    ids}); DatasetError for a malformed entry, a frame past a sequence's end, or a pose id
+    missing from the index.
+    """
+    entries = _read_json(index)
+    if not isinstance(entries, dict):
+        raise DatasetError(
+            f"{index}: expected a JSON object {{pose_id: [dataset, sequence file, frame]}}"
+        )
+    by_sequence: dict[str, list[tuple[str, int]]] = {}
+    for pose_id in pose_ids:
+        entry = entries.get(pose_id)
+        if entry is None:
+            raise DatasetError(f"{index}: no pose id {pose_id!r}")
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not isinstance(entry[1], str)
+            or not entry[1].strip()
+            or isinstance(entry[2], bool)
+            or not isinstance(entry[2], int)
+            or entry[2] < 0
+        ):
+            raise DatasetError(
+                f"{index}: pose id {pose_id!r}: expected [dataset, sequence file, frame index], "
+                f"got {entry!r}"
+            )
+        by_sequence.setdefault(entry[1], []).append((pose_id, entry[2]))
+    found: dict[str, np.ndarray] = {}
+    missing: dict[str, list[str]] = {}
+    for sequence, frames in by_sequence.items():
+        path = _amass_sequence(amass, sequence)
+        if path is None:
+            missing[sequence] = [pose_id for pose_id, _ in frames]
+            continue
+        poses = read_pose_array(path)
+        for pose_id, frame in frames:
+            if frame >= len(poses):
+                raise DatasetError(
+                    f"{index}: pose id {pose_id!r}: frame {frame} of {path}, which has "
+                    f"{len(poses)} frames"
+                )
+            found[pose_id] = poses[frame]
+    return found, missing
+
+
+def _amass_sequence(amass: Path, sequence: str) -> Path | None:
+    folder, _, rest = sequence.replace("\\", "/").partition("/")
+    for name in (folder, AMASS_RENAMED.get(folder)):
+        if name is not None and (amass / name / rest).is_file():
+            return amass / name / rest
+    return None
+
+
+def _read_id_list(path: Path) -> set[str]:
+    ids = _read_json(path)
+    if not isinstance(ids, list) or not all(
+        isinstance(i, str | int) and not isinstance(i, bool) for i in ids
+    ):
+        raise DatasetError(f"{path}: expected a JSON list of pose ids")
+    return {str(i) for i in ids}
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
 def read_posescript(
     captions: str | os.PathLike,
-    poses: str | os.PathLike,
+    poses: str | os.PathLike | None = None,
     *,
+    amass: str | os.PathLike | None = None,
+    index: str | os.PathLike | None = None,
+    ids: str | os.PathLike | None = None,
+    skip_missing: bool = False,
     z_up: bool | None = None,
     phrasing: str = "mixed",
     seed: int = 0,
@@ -460,41 +552,79 @@ def read_posescript(
 ) -> list[Example]:
     """PoseScript-style captions joined to poses: one text_to_pose Example per caption.
 
-    `captions`: a JSON object {pose_id: caption or [caption, ...]}. `poses`: an AMASS-layout .npz
-    (see `read_pose_array`). A pose id is the frame index in the .npz ("0", "1", ...), unless the
-    .npz has an `ids` array (N,) of strings or integers, one per frame: then ids are looked up
-    there. `z_up`: the poses are raw AMASS (Z-up world); their global orientation is then
+    `captions`: a JSON object {pose_id: caption or [caption, ...]}. The poses come from either
+    - `poses`, an AMASS-layout .npz (see `read_pose_array`): a pose id is the frame index in the
+      .npz ("0", "1", ...), unless the .npz has an `ids` array (N,) of strings or integers, one
+      per frame: then ids are looked up there; or
+    - `amass` and `index`, as PoseScript's release has them: the AMASS folder, and its
+      `ids_2_dataset_sequence_and_frame_index*.json` (`read_amass_poses`); their poses are
+      Z-up (`z_up` true unless said otherwise). `skip_missing` leaves out, with a note, the
+      captions whose AMASS sequence is not in the folder (a partial download), instead of
+      refusing them.
+    `ids`: a JSON list of pose ids (PoseScript's `train_ids*.json`, ...): only their captions.
+    `z_up`: the poses are raw AMASS (Z-up world); their global orientation is then
     converted as the release's PoseScript loader does (`z_up_to_y_up_zero_yaw`). None (not
     said): a DatasetError if most bodies stand along +Z, which would train them lying down.
     """
-    captions_path, poses_path = Path(captions), Path(poses)
+    captions_path = Path(captions)
     data = _read_json(captions_path)
     if not isinstance(data, dict):
         raise DatasetError(
             f"{captions_path}: expected a JSON object {{pose_id: caption(s)}}, "
             f"got {type(data).__name__}"
         )
-    arrays = _read_npz(poses_path)
-    pose_array = read_pose_array(poses_path, arrays)
+    if ids is not None:
+        split = _read_id_list(Path(ids))
+        data = {pose_id: value for pose_id, value in data.items() if pose_id in split}
+    if (poses is None) == (amass is None) or (amass is None) != (index is None):
+        raise ValueError("read_posescript: give either poses, or amass and index")
+    if amass is not None:
+        poses_path = Path(index)
+        found, missing = read_amass_poses(poses_path, Path(amass), data)
+        if missing:
+            count = sum(len(v) for v in missing.values())
+            first = next(iter(missing))
+            what = (
+                f"{count} pose id(s) of {captions_path} ({next(iter(missing.values()))[0]!r} "
+                f"first) are in {len(missing)} AMASS sequence(s) not found under {amass} (such "
+                f"as {first})"
+            )
+            if not skip_missing:
+                raise DatasetError(
+                    f"{poses_path}: {what}; add those AMASS datasets, or missing=skip to leave "
+                    "their captions out"
+                )
+            print(f"note: left out: {what}", file=sys.stderr)
+            data = {pose_id: value for pose_id, value in data.items() if pose_id in found}
+        lookup_error = f"no such pose id in {poses_path}"
+        pose_ids = list(found)
+        pose_array = np.stack([found[p] for p in pose_ids]) if found else np.zeros((0, 24, 3))
+        z_up = True if z_up is None else z_up
+    else:
+        poses_path = Path(poses)
+        arrays = _read_npz(poses_path)
+        pose_array = read_pose_array(poses_path, arrays)
+        if "ids" in arrays:
+            pose_ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
+            lookup_error = f"no such pose in {poses_path} (its 'ids' array)"
+        else:
+            pose_ids = [str(row) for row in range(len(pose_array))]
+            lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
     if z_up is None and _mostly_upright_along_z(pose_array):
         raise DatasetError(
             f"{poses_path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
             "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
             "z_up=false if they are meant so"
         )
-    if z_up:
+    if z_up and len(pose_array):
         pose_array = z_up_to_y_up_zero_yaw(pose_array)
-    if "ids" in arrays:
-        ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
-        index: dict[str, int] = {}
-        for row, pose_id in enumerate(ids):
-            if pose_id in index:
-                raise DatasetError(
-                    f"{poses_path}: 'ids' has {pose_id!r} twice (frames {index[pose_id]} and {row})"
-                )
-            index[pose_id] = row
-    else:
-        index = {str(row): row for row in range(len(pose_array))}
+    rows: dict[str, int] = {}
+    for row, pose_id in enumerate(pose_ids):
+        if pose_id in rows:
+            raise DatasetError(
+                f"{poses_path}: 'ids' has {pose_id!r} twice (frames {rows[pose_id]} and {row})"
+            )
+        rows[pose_id] = row
     phraser = Phraser(phrasing, seed, wording)
     examples = []
     for pose_id, value in data.items():
@@ -502,9 +632,8 @@ def read_posescript(
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise DatasetError(f"{where}: expected a caption or a non-empty list of captions")
-        if pose_id not in index:
-            lookup = "its 'ids' array" if "ids" in arrays else f"frames 0..{len(pose_array) - 1}"
-            raise DatasetError(f"{where}: no such pose in {poses_path} ({lookup})")
+        if pose_id not in rows:
+            raise DatasetError(f"{where}: {lookup_error}")
         for number, text in enumerate(texts):
             if not text.strip() or not text.strip().rstrip(".!?,;: "):
                 raise DatasetError(f"{where}: caption {number} is empty")
@@ -519,7 +648,7 @@ def read_posescript(
                     "text_to_pose",
                     question,
                     answer,
-                    poses=(pose_array[index[pose_id]],),
+                    poses=(pose_array[rows[pose_id]],),
                     source=f"{captions_path}#{pose_id}[{number}]",
                 )
             )
@@ -804,7 +933,7 @@ class DataSpec:
 
 # format -> the options it takes (beyond "phrasing" for pose formats)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "posescript": ("poses", "z_up", "phrasing"),
+    "posescript": ("poses", "amass", "index", "ids", "missing", "z_up", "phrasing"),
     "pairs": ("images", "phrasing"),
     "llava": ("poses", "images"),
     "corpus": ("split", "phrasing"),
@@ -829,8 +958,20 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
         if key in options:
             raise ValueError(f"--data {fmt}: {key}= given twice")
         options[key] = value
-    if fmt == "posescript" and "poses" not in options:
-        raise ValueError("--data posescript CAPTIONS.json needs poses=POSES.npz")
+    if fmt == "posescript":
+        if ("poses" in options) == ("amass" in options) or ("amass" in options) != (
+            "index" in options
+        ):
+            raise ValueError(
+                "--data posescript CAPTIONS.json needs poses=POSES.npz, or amass=AMASS_DIR and "
+                "index=ids_2_dataset_sequence_and_frame_index.json (PoseScript's release)"
+            )
+        if options.get("missing", "error") not in ("error", "skip"):
+            raise ValueError(
+                f"--data posescript: missing= takes error or skip, not {options['missing']!r}"
+            )
+        if "missing" in options and "amass" not in options:
+            raise ValueError("--data posescript: missing= goes with amass=")
     return DataSpec(fmt, path, options)
 
 
@@ -855,7 +996,11 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             raise DatasetError(f"--data {spec.describe()}: z_up must be true or false")
         return read_posescript(
             spec.path,
-            options["poses"],
+            options.get("poses"),
+            amass=options.get("amass"),
+            index=options.get("index"),
+            ids=options.get("ids"),
+            skip_missing=options.get("missing") == "skip",
             z_up=None if z_up is None else z_up.lower() in ("true", "1", "yes"),
             phrasing=phrasing,
             seed=seed,

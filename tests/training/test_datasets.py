@@ -117,6 +117,79 @@ def test_the_poses_this_project_writes_are_read_with_smpl_s_hands(tmp_path):
         read_posescript(captions, tmp_path / "odd.npz", z_up=False)
 
 
+def _posescript_release(root):
+    """PoseScript's release beside an AMASS folder: captions, the index of each pose id's
+    sequence and frame, a split, and two sequences (one under AMASS's newer folder name)."""
+    rng = np.random.default_rng(1)
+    sequences = {"CMU/01/01_01_poses.npz": rng.normal(size=(5, 156)) * 0.3}
+    sequences["BMLrub/s1/walk_poses.npz"] = rng.normal(size=(3, 156)) * 0.3
+    for name, frames in sequences.items():
+        (root / "amass" / name).parent.mkdir(parents=True, exist_ok=True)
+        write_npz(root / "amass" / name, frames, trans=np.zeros((len(frames), 3)))
+    index = {
+        "0": ["AMASS", "CMU/01/01_01_poses.npz", 4],
+        "1": ["AMASS", "BioMotionLab_NTroje/s1/walk_poses.npz", 1],  # the folder's older name
+        "2": ["AMASS", "HumanEva/S1/box_poses.npz", 0],  # a dataset not downloaded
+    }
+    write_json(root / "index.json", index)
+    captions = {"0": "The person raises the left arm.", "1": ["Walking.", "Mid stride."]}
+    write_json(root / "auto.json", {**captions, "2": "Boxing."})
+    write_json(root / "train_ids.json", [0, 1])
+    return sequences
+
+
+def test_posescript_release_poses_are_read_from_amass_by_its_index(tmp_path, capsys):
+    sequences = _posescript_release(tmp_path)
+    release = {"amass": tmp_path / "amass", "index": tmp_path / "index.json"}
+    examples = read_posescript(tmp_path / "auto.json", ids=tmp_path / "train_ids.json", **release)
+    assert [e.source.rsplit("#", 1)[1] for e in examples] == ["0[0]", "1[0]", "1[1]"]
+    frames = [sequences["CMU/01/01_01_poses.npz"][4], sequences["BMLrub/s1/walk_poses.npz"][1]]
+    upright = z_up_to_y_up_zero_yaw(np.stack(frames)[:, :72].reshape(2, 24, 3))  # AMASS: Z-up
+    np.testing.assert_allclose(examples[0].pose, upright[0])
+    np.testing.assert_allclose(examples[2].pose, upright[1])
+    # A pose whose AMASS dataset is not there is refused, naming it, or left out when asked.
+    with pytest.raises(
+        DatasetError,
+        match=r"index\.json: 1 pose id\(s\) of .*auto\.json \('2' first\) "
+        r"are in 1 AMASS sequence\(s\) not found under .*HumanEva/S1/box_poses\.npz.*"
+        r"missing=skip",
+    ):
+        read_posescript(tmp_path / "auto.json", **release)
+    kept = load_data(
+        parse_data_spec(
+            ["posescript", str(tmp_path / "auto.json"), *(f"{k}={v}" for k, v in release.items())]
+            + ["missing=skip"]
+        )
+    )
+    assert len(kept) == 3 and "note: left out: 1 pose id(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            ["AMASS", "CMU/01/01_01_poses.npz", 5],
+            r"frame 5 of .*01_01_poses\.npz, which has 5 frames",
+        ),
+        (["AMASS", "CMU/01/01_01_poses.npz"], r"expected \[dataset, sequence file, frame index\]"),
+        (["AMASS", "CMU/01/01_01_poses.npz", "4"], r"expected \[dataset, sequence file, frame"),
+        (None, r"index\.json: no pose id '0'"),
+    ],
+)
+def test_posescript_release_index_errors_name_the_pose_id(tmp_path, entry, message):
+    _posescript_release(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["0"] = entry
+    write_json(tmp_path / "index.json", {k: v for k, v in index.items() if v is not None})
+    with pytest.raises(DatasetError, match=message):
+        read_posescript(
+            tmp_path / "auto.json",
+            amass=tmp_path / "amass",
+            index=tmp_path / "index.json",
+            ids=tmp_path / "train_ids.json",
+        )
+
+
 def test_posescript_amass_width_and_z_up(tmp_path):
     smplh = np.zeros((2, 156))
     smplh[:, :72] = POSES[:2].reshape(2, 72)
@@ -556,6 +629,15 @@ def test_parse_and_load_data_specs(tmp_path):
         parse_data_spec(["csv", "x"])
     with pytest.raises(ValueError, match="needs poses="):
         parse_data_spec(["posescript", "c.json"])
+    for options in (["poses=p.npz", "amass=a", "index=i.json"], ["amass=a"], ["index=i.json"]):
+        with pytest.raises(
+            ValueError, match="needs poses=POSES.npz, or amass=AMASS_DIR and index="
+        ):
+            parse_data_spec(["posescript", "c.json", *options])
+    with pytest.raises(ValueError, match="missing= takes error or skip, not 'ignore'"):
+        parse_data_spec(["posescript", "c.json", "amass=a", "index=i.json", "missing=ignore"])
+    with pytest.raises(ValueError, match="missing= goes with amass="):
+        parse_data_spec(["posescript", "c.json", "poses=p.npz", "missing=skip"])
     with pytest.raises(ValueError, match="KEY one of images, phrasing"):
         parse_data_spec(["pairs", "p.npz", "poses=x"])
     with pytest.raises(ValueError, match="needs a format and a path"):

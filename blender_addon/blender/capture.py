@@ -117,7 +117,9 @@ _RENDER_SETTINGS = (
 # The service refuses a picture more than this many times as long as it is wide
 # (inference_service.images.MAX_ASPECT_RATIO): said before rendering.
 MAX_ASPECT_RATIO = 20
-_IMAGE_SETTINGS = ("file_format", "color_mode", "color_depth")
+# media_type (Blender 5.0+) first: it limits file_format to its own formats (a video output
+# takes only FFMPEG), so it is set to IMAGE before PNG, and put back before the format.
+_IMAGE_SETTINGS = ("media_type", "file_format", "color_mode", "color_depth")
 
 
 def render_running() -> bool:
@@ -139,7 +141,9 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
     render = scene.render
     settings = render.image_settings
     saved = {name: getattr(render, name) for name in _RENDER_SETTINGS}
-    saved_image = {name: getattr(settings, name) for name in _IMAGE_SETTINGS}
+    saved_image = {
+        name: getattr(settings, name) for name in _IMAGE_SETTINGS if hasattr(settings, name)
+    }
     # The frame's shape, not its size: a render at 1 % of 1920 x 1080 is still sent at max_side.
     long, short = (
         max(render.resolution_x, render.resolution_y),
@@ -162,6 +166,8 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
             render.filepath = path
             render.use_compositing = render.use_sequencer = False
             render.use_border = render.use_multiview = False
+            if "media_type" in saved_image:  # Blender 5.0+
+                settings.media_type = "IMAGE"
             settings.file_format = "PNG"
             settings.color_mode = "RGB"
             settings.color_depth = "8"

@@ -17,6 +17,7 @@ import pytest
 
 from blender_addon import panel, preferences
 from blender_addon.blender import batch_store, chat_operators, props, runtime
+from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.posing import apply_pose, read_pose
@@ -441,14 +442,41 @@ def test_a_camera_snapshot_writes_none_of_the_user_s_output_files(blender, tmp_p
     create_smpl_armature(bpy.context, with_mesh=True)
     _add_camera()
     scene = bpy.context.scene
-    scene.use_nodes = True  # a compositor that writes every frame it sees to final_frames/
-    tree = scene.node_tree
-    output = tree.nodes.new("CompositorNodeOutputFile")
-    output.base_path = str(tmp_path / "final_frames")
-    tree.links.new(tree.nodes["Render Layers"].outputs["Image"], output.inputs[0])
+    # a compositor that writes every frame it sees to final_frames/
+    if hasattr(scene, "compositing_node_group"):  # Blender 5.0+
+        tree = bpy.data.node_groups.new("Compositor", "CompositorNodeTree")
+        scene.compositing_node_group = tree
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        output = tree.nodes.new("CompositorNodeOutputFile")
+        output.directory = str(tmp_path / "final_frames")
+        output.file_output_items.new("RGBA", "Image")
+        tree.links.new(layers.outputs["Image"], output.inputs["Image"])
+    else:  # 4.2-4.5
+        scene.use_nodes = True
+        tree = scene.node_tree
+        output = tree.nodes.new("CompositorNodeOutputFile")
+        output.base_path = str(tmp_path / "final_frames")
+        tree.links.new(tree.nodes["Render Layers"].outputs["Image"], output.inputs[0])
     render_camera_snapshot(scene, max_side=64)
     assert not (tmp_path / "final_frames").exists()
     assert scene.render.use_compositing and scene.render.use_sequencer  # put back
+
+
+@pytest.mark.parametrize("file_format", ["FFMPEG", "OPEN_EXR_MULTILAYER"])
+def test_a_camera_snapshot_of_a_scene_that_renders_a_video_or_layers(blender, file_format):
+    create_smpl_armature(bpy.context, with_mesh=True)
+    _add_camera()
+    settings = bpy.context.scene.render.image_settings
+    if hasattr(settings, "media_type"):  # Blender 5.0+: the format's media type first
+        settings.media_type = "VIDEO" if file_format == "FFMPEG" else "MULTI_LAYER_IMAGE"
+    settings.file_format = file_format
+    before = {
+        n: getattr(settings, n)
+        for n in ("media_type", "file_format", "color_depth")
+        if hasattr(settings, n)
+    }
+    assert render_camera_snapshot(bpy.context.scene, max_side=64)[:4] == b"\x89PNG"
+    assert {n: getattr(settings, n) for n in before} == before  # put back
 
 
 class FakeGPU:
@@ -995,7 +1023,7 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     batch_of("\n".join(f"pose {i}" for i in range(40)))
     apply_pose(armature, pose_for("rest"), frame=1)  # an action with curves, one locked
     knee = 'pose.bones["left_knee"].rotation_quaternion'
-    [curve] = [c for c in armature.animation_data.action.fcurves if c.data_path == knee][:1]
+    [curve] = [c for c in action_fcurves(armature) if c.data_path == knee][:1]
     curve.lock = True
     with pytest.raises(RuntimeError, match="Batch not sent: .*left_knee .* is locked"):
         bpy.ops.chatpose.batch_keyframe()

@@ -6,7 +6,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon.blender.anim import LockedCurveError, action_fcurves
+from blender_addon.blender.anim import LockedCurveError, action_fcurves, fcurve_map
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.batch_store import (
     clear_record,
@@ -202,10 +202,7 @@ def test_keys_of_separate_calls_interpolate_the_short_way(blender):
     key_poses(obj, [turned(d) for d in (0, 60, 120, 180, 240)], [1, 2, 3, 4, 5])
     key_poses(obj, [turned(250)], [6])  # a batch's next line, keyed by a later timer call
     key_poses(obj, [turned(260), turned(270)], [7, 8])
-    curves = [
-        obj.animation_data.action.fcurves.find('pose.bones["pelvis"].rotation_quaternion', index=k)
-        for k in range(4)
-    ]
+    curves = [fcurve_map(obj)[('pose.bones["pelvis"].rotation_quaternion', k)] for k in range(4)]
     keys = np.array([[c.evaluate(f) for c in curves] for f in range(1, 9)])
     assert (np.sum(keys[1:] * keys[:-1], axis=1) > 0).all()  # neighbours on the same side
 
@@ -213,7 +210,7 @@ def test_keys_of_separate_calls_interpolate_the_short_way(blender):
 def test_a_locked_channel_is_never_written(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1)], [1])
-    for fcurve in obj.animation_data.action.fcurves:
+    for fcurve in action_fcurves(obj):
         if '"left_elbow"' in fcurve.data_path:
             fcurve.lock = True
     with pytest.raises(ValueError, match="left_elbow .* is locked; unlock it"):

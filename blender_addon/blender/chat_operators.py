@@ -235,7 +235,25 @@ class CHATPOSE_OT_report(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
+class CHATPOSE_OT_answer_step(bpy.types.Operator):  # noqa: N801
+    """Makes what the timer just applied one undo step that is also Blender's last operation
+    (runtime.push_undo)"""
+
+    bl_idname = "chatpose.answer_step"
+    bl_label = "ChatPose Answer"  # the undo step's name
+    # REGISTER and UNDO: Blender's last operation (what "Adjust Last Operation" and F9 act on)
+    # is the last registered operator with both. No properties: they have nothing to show.
+    bl_options = {"REGISTER", "UNDO", "INTERNAL"}
+
+    def execute(self, context):
+        # A repeat (Adjust Last Operation, Repeat Last) runs after Blender loaded the step
+        # before this one: FINISHED would push that state, losing the answer; CANCELLED makes
+        # Blender redo back to it.
+        return {"FINISHED"} if runtime.pushing_undo() else {"CANCELLED"}
+
+
 CLASSES = (
+    CHATPOSE_OT_answer_step,
     CHATPOSE_OT_report,
     CHATPOSE_OT_send,
     CHATPOSE_OT_pose_from_viewport,

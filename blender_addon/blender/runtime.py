@@ -9,8 +9,8 @@ at most ``TICK_BUDGET_S`` (always at least one), the rest on the next tick, so a
 batch items cannot freeze the UI.
 
 Undo: results arrive outside any operator, so after applying a pose (or at the end of a batch)
-the timer pushes one undo step itself (``bpy.ops.ed.undo_push``, when its poll allows, e.g. not
-while Blender has no undo stack); one answer is one undo step, one batch run is one undo step.
+the timer makes one undo step itself (``push_undo``, when Blender has an undo stack), as the last
+operation; one answer is one undo step, one batch run is one undo step.
 An undo step drops the steps the user undid, so while they can redo, answers wait.
 """
 
@@ -362,11 +362,29 @@ def _update_status_bar() -> None:
         _state.status_bar = False
 
 
-def push_undo(message: str) -> None:
-    """One undo step for a change made outside an operator (see the module docstring)."""
+_pushing_undo = False
+
+
+def pushing_undo() -> bool:
+    """Whether `push_undo` is running `chatpose.answer_step` (any other run is a repeat)."""
+    return _pushing_undo
+
+
+def push_undo() -> None:
+    """One undo step, "ChatPose Answer", for what the timer just applied (see the module
+    docstring). Not `ed.undo_push`: that step would not be Blender's last operation, and
+    "Adjust Last Operation" on the user's previous operator undoes back to before that
+    operator's own step, so it would take the answer with it for good. The step comes from
+    running an internal registered operator with undo (`chat_operators.CHATPOSE_OT_answer_step`),
+    which becomes the last operation, with nothing to adjust."""
+    global _pushing_undo
     with contextlib.suppress(RuntimeError), _window_override():
-        if bpy.ops.ed.undo_push.poll():
-            bpy.ops.ed.undo_push(message=message)
+        if bpy.ops.ed.undo_push.poll():  # an undo stack to push onto
+            _pushing_undo = True
+            try:
+                bpy.ops.chatpose.answer_step("EXEC_DEFAULT", True)  # True: an undo step
+            finally:
+                _pushing_undo = False
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -616,14 +634,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
     if not poses:
-        push_undo("ChatPose: reply")  # else the next undo would take the reply away
+        push_undo()  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
     if not _posable(target):
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo("ChatPose: reply")
+        push_undo()
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
         return
@@ -639,14 +657,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     except LockedCurveError as exc:  # found before any armature changed
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo("ChatPose: reply")
+        push_undo()
         notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
         return
     except Exception:  # half way: what did change is one undo step, not part of the user's next
-        push_undo(f"ChatPose: {(job.prompt or job.attachment or 'pose')[:45]} (not all applied)")
+        push_undo()
         raise
-    label = job.prompt or job.attachment or "pose"
-    push_undo(f"ChatPose: {label[:60]}")
+    push_undo()
     where = ", ".join(
         name + (" (new)" if name in result.created else "") for name in result.armatures
     )
@@ -688,7 +705,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
         _give_prompt_back(scene, job.prompt)
-        push_undo("ChatPose: failed request")
+        push_undo()
     if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
         notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
         return
@@ -762,7 +779,7 @@ def _batch_ended(run: BatchRun) -> None:
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))
     run.close()
     if run.keyed:
-        push_undo(f"ChatPose: batch keyframes ({run.keyed} lines)")
+        push_undo()
     if run.state == batch_plan.FAILED:
         level, popup = "ERROR", True
     elif run.remaining:

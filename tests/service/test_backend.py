@@ -232,6 +232,8 @@ def test_chatpose_serve_that_loses_its_stdin_while_loading_exits_at_once(tiny_ch
     ],
 )
 def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
+    if "--bind" not in argv:  # not the default port: a service the user runs may hold it
+        argv = [*argv, "--bind", f"tcp://127.0.0.1:{free_port()}"]
     assert serve.main(argv) == serve.EXIT_CONFIG
     assert message in capsys.readouterr().err
 
@@ -285,7 +287,7 @@ def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
 
 def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
-    assert serve.main([]) == serve.EXIT_CONFIG
+    assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_CONFIG
     assert "make demo-model" in capsys.readouterr().err
 
 
@@ -301,7 +303,8 @@ def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys
 
 def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
     (tmp_path / "chatpose.json").write_text("{not json")
-    assert serve.main(["--checkpoint", str(tmp_path)]) == serve.EXIT_CONFIG
+    argv = ["--checkpoint", str(tmp_path), "--bind", f"tcp://127.0.0.1:{free_port()}"]
+    assert serve.main(argv) == serve.EXIT_CONFIG
     assert "chatpose.json" in capsys.readouterr().err
 
 

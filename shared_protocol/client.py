@@ -44,7 +44,19 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 # How long to wait for a connection before calling the service unreachable; a local service
 # that is up accepts within milliseconds.
 CONNECT_TIMEOUT_S = 2.0
+# Why a service that is there refused the connection at its handshake (seen with pyzmq 27).
+HANDSHAKE_REFUSALS = {
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "one side has CURVE keys and the other has none",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "the server key given is not this service's (its CURVE handshake failed)"
+    ),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "it refused the client key: its public half is not among the service's authorized clients"
+    ),
+}
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+for _event in HANDSHAKE_REFUSALS:
+    _MONITORED |= _event
 
 
 # How often a blocking wait looks whether the connection dropped (it also keeps each wait far
@@ -118,6 +130,7 @@ class Client:
         self._monitor = sock.get_monitor_socket(_MONITORED)
         self._connected = False
         self._drops = 0  # connections lost: replies still owed on them never come
+        self._refusal: str | None = None
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:  # a host name ZeroMQ cannot take, an over-long ipc path
@@ -142,13 +155,26 @@ class Client:
         self._read_monitor()
         return self._drops
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the service at the address refused the last connection at its handshake
+        (`HANDSHAKE_REFUSALS`: the CURVE keys do not match), or None: no refusal since the
+        last connection that went through."""
+        self._read_monitor()
+        return self._refusal
+
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
+            if event in HANDSHAKE_REFUSALS:
+                self._refusal = HANDSHAKE_REFUSALS[event]
+                continue
             # Only a connection that completed its handshake carried requests: one refused
             # at the handshake (wrong CURVE keys) is no service, not a service gone away.
             self._drops += event == zmq.EVENT_DISCONNECTED and self._connected
             self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if self._connected:
+                self._refusal = None
 
     def wait_connected(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -228,13 +254,16 @@ class Client:
         absent."""
         connect_s = CONNECT_TIMEOUT_S
         if not self.wait_connected(connect_s):
+            refusal = self.refusal
             self.reset()
+            message = (
+                f"the service at {self.address} refused the connection: {refusal}"
+                if refusal
+                else f"no service at {self.address} (no connection within {connect_s:g} s); "
+                "is chatpose-serve running?"
+            )
             raise ProtocolError(
-                ErrorCode.UNREACHABLE,
-                f"no service at {self.address} (no connection within {connect_s:g} s); "
-                "is chatpose-serve running?",
-                request_id=request.id,
-                op=request.op,
+                ErrorCode.UNREACHABLE, message, request_id=request.id, op=request.op
             )
         drops = self.drops
         self.send(request)

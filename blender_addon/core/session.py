@@ -260,12 +260,19 @@ class Session:
         if not connected:
             oldest = min(f.sent_at for f in self._in_flight.values())
             if now - oldest >= self.connect_timeout_s:
-                where = "address and its CURVE keys are" if self.curve else "address is"
-                return self._fail_all(
-                    ErrorCode.UNREACHABLE,
-                    f"no service at {self.address}; is chatpose-serve running? (the {where} "
-                    "set in the add-on's preferences)",
-                )
+                refusal = self._client.refusal
+                if refusal:
+                    message = (
+                        f"the service at {self.address} refused the connection: {refusal} "
+                        "(the Client Key and the Server Key in the add-on's preferences)"
+                    )
+                else:
+                    where = "address and its CURVE keys are" if self.curve else "address is"
+                    message = (
+                        f"no service at {self.address}; is chatpose-serve running? (the "
+                        f"{where} set in the add-on's preferences)"
+                    )
+                return self._fail_all(ErrorCode.UNREACHABLE, message)
             return []
         expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]
         failures = []

@@ -646,11 +646,20 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
         stranger = ClientCurveKeys(
             tmp_path / "stranger" / "stranger.key_secret", tmp_path / "server.key"
         )
-        with served.client(curve=stranger) as client, pytest.raises(ProtocolError) as info:
-            client.request(StatusRequest(client.new_id()), timeout_s=1.0)
-        assert info.value.code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT)
-        with served.client() as plain, pytest.raises(ProtocolError):
-            plain.request(StatusRequest(plain.new_id()), timeout_s=1.0)
+        # Refused at the handshake, each saying why, not "no service".
+        wrong_server = ClientCurveKeys(
+            tmp_path / "animator.key_secret", tmp_path / "authorized_clients" / "animator.key"
+        )
+        for keys, why in [
+            (stranger, "its public half is not among the service's authorized clients"),
+            (wrong_server, "the server key given is not this service's"),
+            (None, "one side has CURVE keys and the other has none"),
+        ]:
+            with served.client(curve=keys) as client, pytest.raises(ProtocolError) as info:
+                client.request(StatusRequest(client.new_id()), timeout_s=1.0)
+            assert info.value.code == ErrorCode.UNREACHABLE
+            assert f"the service at {served.address} refused the connection: " in str(info.value)
+            assert why in str(info.value)
     finally:
         served.stop()
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -119,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatpose {__version__}")
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
-        "--address", type=_address, default=DEFAULT_ADDRESS, help="the service's address"
+        "--address",
+        type=_address,
+        default=DEFAULT_ADDRESS,
+        help=f"the service's address (default {DEFAULT_ADDRESS})",
     )
     connection.add_argument(
-        "--timeout", type=_positive, default=60.0, metavar="S", help="seconds to wait for an answer"
+        "--timeout",
+        type=_positive,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for an answer (default 60)",
     )
     connection.add_argument(
         "--curve-secret-key",
@@ -174,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)"
     )
     demo.add_argument("--size", type=int, default=256, help="panel size in pixels (256)")
-    demo.add_argument("--device", default="cpu", help="the service's device (cpu)")
+    demo.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="the service's device: auto, cpu, cuda or cuda:N (cpu)",
+    )
     demo.add_argument(
         "--timeout",
         type=_positive,
@@ -208,6 +221,13 @@ def _positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    # Checked here: the demo's service would otherwise refuse it only after starting.
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +370,8 @@ def _batch(args: argparse.Namespace) -> int:
         if number not in poses and len(prompt) > limit:
             failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
     sendable = [(n, prompt) for n, prompt in lines if n not in poses and n not in failures]
-    finished = False
+    out_existed = args.out.exists()
+    finished = stopped = False
     try:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_client(args)) if sendable else None
@@ -371,6 +392,9 @@ def _batch(args: argparse.Namespace) -> int:
                         _checked(reply)  # the whole request failed
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
+    except BaseException:
+        stopped = True  # its message, printed last, says why
+        raise
     finally:  # what was answered is written, and what was not is named, even half-way
         if sys.stderr.isatty() and sendable:
             _report("")  # past the progress bar's line
@@ -382,18 +406,17 @@ def _batch(args: argparse.Namespace) -> int:
             written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
         if written is not None:
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
-            kept = f"; {args.out} is kept as it was" if written != args.out else ""
+            kept = f"; {args.out} is kept as it was" if written != args.out and out_existed else ""
             _report(f"wrote {len(poses)} of {len(lines)} poses to {written}{gaps}{kept}")
         if finished and written == args.out:
             _drop_answered_partial(args, lines, poses)
         for number, (code, message) in sorted(failures.items()):
             _report(f"chatpose batch: line {number}: {code.value}: {message}")
         unanswered = [n for n, _ in lines if n not in poses and n not in failures]
-        if unanswered:
-            _report(
-                f"chatpose batch: not answered: {_line_ranges(unanswered)} (the same command "
-                "with --resume asks only the lines without a pose)"
-            )
+        if unanswered and not (stopped and len(poses) == earlier == 0):  # else the cause is all
+            resumable = written is not None or resumed_from is not None
+            hint = " (the same command with --resume asks only the lines without a pose)"
+            _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}")
     if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
         return EXIT_BAD_INPUT
     return exit_code_for_all([code for code, _ in failures.values()])
@@ -522,7 +545,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     checkpoint = _checkpoint(args)
     if args.size < 32:
-        raise CommandError(EXIT_BAD_INPUT, f"--size: at least 32 pixels, got {args.size}")
+        raise CommandError(EXIT_USAGE, f"--size: at least 32 pixels, got {args.size}")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -608,6 +631,10 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
 
     checkpoint = _checkpoint(args)
     item = WorkItem(args.text, images, mode=mode)
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: on a terminal only
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         backend = ModelBackend.from_checkpoint(checkpoint)
     except CheckpointError as exc:
@@ -634,8 +661,12 @@ def _read_image(path: Path) -> bytes:
 def _read_prompts(path: Path) -> list[tuple[int, str]]:
     """The file's prompts (`batch_text`), each with its line number (from 1)."""
     try:
-        text = decode_text(path.read_bytes())
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} ({exc.strerror})") from None
+    try:
+        text = decode_text(data)
+    except UnicodeDecodeError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
     lines = prompt_lines(text)
     if not lines:
@@ -647,6 +678,8 @@ def _npz_file(text: str) -> Path:
     """--out's file: a name ending in a separator means a folder, which Path would drop."""
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} names a folder; name a .npz file in it")
+    if not text.lower().endswith(".npz"):  # else `--out shots.txt` would write over notes
+        raise argparse.ArgumentTypeError(f"{text} is not a .npz file name; the poses go into one")
     return Path(text)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,14 +32,20 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
 def _wait_ms(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0 <= value <= MAX_WAIT_MS:
         raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WAIT_MS:g} ms, got {text}")
     return value

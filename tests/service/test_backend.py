@@ -310,13 +310,14 @@ def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-queue", "--timeout-ms"])
 def test_serve_rejects_non_positive_numbers(flag, capsys):
-    with pytest.raises(SystemExit) as info:
-        serve.main([flag, "0"])
-    assert info.value.code == 2
-    assert "expected a positive integer" in capsys.readouterr().err
+    for value in ("0", "x"):  # "x": not "invalid _positive_int value"
+        with pytest.raises(SystemExit) as info:
+            serve.main([flag, value])
+        assert info.value.code == 2
+        assert f"expected a positive integer, got '{value}'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["-1", "inf", "nan", "5000"])
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "5000", "abc"])
 def test_serve_rejects_a_batch_wait_out_of_range(value, capsys):
     with pytest.raises(SystemExit) as info:  # inf used to kill the scheduler's thread
         serve.main(["--max-wait-ms", value])

@@ -239,6 +239,7 @@ def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
     rescued = tmp_path / f"anim.rescued-{os.getpid()}.npz"
     assert f"cannot write {folder / 'anim.npz'}" in err
     assert f"the answers are in {rescued} instead" in err
+    assert "is kept as it was" not in err  # there was none to keep
     if cut_short:
         assert code == cli.EXIT_INTERRUPTED and "not answered: lines 2-3" in err
         assert Motion.load_npz(rescued).labels == ("wave",)
@@ -410,24 +411,23 @@ def test_out_is_never_an_input_or_a_file_that_cannot_be_written(
 ):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n")
-    code, _, err = run(capsys, "batch", str(prompts), "--out", str(prompts), "--address", address)
-    assert code == cli.EXIT_BAD_INPUT and "is this command's input" in err
+    with pytest.raises(SystemExit) as info:  # not even a .npz name: the notes stay
+        run(capsys, "batch", str(prompts), "--out", str(prompts), "--address", address)
+    assert info.value.code == cli.EXIT_USAGE
+    assert "shots.txt is not a .npz file name" in capsys.readouterr().err
     assert prompts.read_text() == "wave\n"
+    odd = tmp_path / "shots.npz"  # prompts in a file with a .npz name
+    odd.write_text("wave\n")
+    code, _, err = run(capsys, "batch", str(odd), "--out", str(odd), "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and "is this command's input" in err
+    assert odd.read_text() == "wave\n"
     image = tmp_path / "ref.png"
     image.write_bytes(PNG)
-    code, _, err = run(
-        capsys,
-        "pose",
-        "copy this",
-        "--image",
-        str(image),
-        "--out",
-        str(image),
-        "--address",
-        address,
-    )
-    assert code == cli.EXIT_BAD_INPUT and "is this command's input" in err
-    assert image.read_bytes() == PNG
+    with pytest.raises(SystemExit) as info:
+        run(
+            capsys, "pose", "copy", "--image", str(image), "--out", str(image), "--address", address
+        )
+    assert info.value.code == cli.EXIT_USAGE and image.read_bytes() == PNG
     locked = tmp_path / "locked.npz"
     locked.write_bytes(b"the user's")
     read_only(locked)
@@ -567,8 +567,9 @@ def test_a_batch_checks_its_out_file_before_any_work(address, backend, capsys, t
     prompts.write_text("wave\n")
     for out, message in [
         (tmp_path / "missing" / "a.npz", "does not exist"),
-        (tmp_path, "is a folder"),
+        (tmp_path / "poses.npz", "is a folder"),
     ]:
+        (tmp_path / "poses.npz").mkdir(exist_ok=True)
         code, _, err = run(capsys, "batch", str(prompts), "--out", str(out), "--address", address)
         assert code == cli.EXIT_BAD_INPUT and "--out: " in err and message in err
     assert backend.batch_sizes == []  # nothing was sent
@@ -636,15 +637,40 @@ def test_an_address_zeromq_refuses_is_a_usage_error(capsys):
     assert code == cli.EXIT_USAGE and "--address: ZeroMQ cannot connect to" in err
 
 
-@pytest.mark.parametrize("argv", [["status"], ["pose", "wave"], ["batch", "FILE", "--out", "o"]])
+@pytest.mark.parametrize(
+    "argv", [["status"], ["pose", "wave"], ["batch", "FILE", "--out", "o.npz"]]
+)
 def test_no_service_is_a_clear_quick_failure(capsys, tmp_path, argv):
     (tmp_path / "FILE").write_text("wave\n")
     argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
     started = time.monotonic()
     code, _, err = run(capsys, *argv, "--address", "tcp://127.0.0.1:9", "--timeout", "1")
     assert code == cli.EXIT_UNREACHABLE
-    assert "is chatpose-serve running?" in err
+    assert err.startswith("chatpose ") and "is chatpose-serve running?" in err.splitlines()[0]
+    assert "--resume" not in err  # nothing was answered: nothing to resume from
     assert time.monotonic() - started < 10
+
+
+def test_a_batch_file_that_is_not_there_is_named_so(capsys, tmp_path):
+    for path, why in [(tmp_path / "nope.txt", "No such file"), (tmp_path, "Is a directory")]:
+        code, _, err = run(capsys, "batch", str(path), "--out", str(tmp_path / "a.npz"))
+        assert code == cli.EXIT_BAD_INPUT
+        assert f"cannot read {path} ({why}" in err and "UTF-8" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--size", "10"], "--size: at least 32 pixels, got 10"),
+        (["--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ],
+)
+def test_demo_arguments_are_checked_before_anything_starts(capsys, tmp_path, argv, message):
+    try:
+        code = cli.main(["demo", "--out", str(tmp_path / "out"), *argv])
+    except SystemExit as exit:  # argparse's own refusal
+        code = exit.code
+    assert code == cli.EXIT_USAGE and message in capsys.readouterr().err
 
 
 def test_a_slow_service_times_out(address, backend, capsys):
@@ -659,10 +685,14 @@ def test_a_slow_service_times_out(address, backend, capsys):
 
 
 def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
-    code, out, _ = run(
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    code, out, err = run(
         capsys, "pose", "stand on one leg", "--local", "--checkpoint", str(tiny_checkpoint)
     )
     assert code == cli.EXIT_OK and "pose 1 of 1" in out
+    assert "Loading weights" not in err  # no progress bar into what is not a terminal
 
 
 def test_local_mode_without_a_checkpoint(capsys, tmp_path):

@@ -882,6 +882,9 @@ def _on_load_pre(*_args) -> None:
     d = _state.dispatcher
     if d is None:
         return
+    # Their prompts are named: the prompt field they came from goes with the old file.
+    jobs = [*d.pending_jobs(), *(o.job for o in _state.backlog if hasattr(o, "job"))]
+    prompts = [job.prompt or job.attachment for job in jobs]
     in_flight = d.cancel_all(forget=True)
     received = len(_state.backlog)  # answers that came but were not applied yet
     _state.backlog.clear()
@@ -893,7 +896,11 @@ def _on_load_pre(*_args) -> None:
         f"{received} answer(s) not yet applied were dropped" if received else "",
     ]
     if in_flight or received:
-        set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}", "WARNING")
+        asked = "; ".join(repr(p[:60]) for p in prompts[:3] if p) + (
+            ", ..." if len(prompts) > 3 else ""
+        )
+        said = f" (asked: {asked})" if asked else ""
+        set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}{said}", "WARNING")
 
 
 def register() -> None:

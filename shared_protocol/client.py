@@ -44,17 +44,24 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 # How long to wait for a connection before calling the service unreachable; a local service
 # that is up accepts within milliseconds.
 CONNECT_TIMEOUT_S = 2.0
-# Why a service that is there refused the connection at its handshake (seen with pyzmq 27).
+# Why what listens at the address refused the connection at its handshake, by ZeroMQ's event
+# (seen with pyzmq 27), for a client (with CURVE keys, without).
+_MISMATCH = "one side has CURVE keys and the other has none"
+_NOT_AUTHORISED = (
+    "it refused the client key: its public half is not among the service's authorized clients"
+)
 HANDSHAKE_REFUSALS = {
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "one side has CURVE keys and the other has none",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (_MISMATCH, _MISMATCH),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (_NOT_AUTHORISED, _NOT_AUTHORISED),
+    # The other end closed the connection mid-handshake: a CURVE service that cannot read the
+    # client's hello (another server key), or a program that is not a ZeroMQ service at all.
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "the server key given is not this service's (its CURVE handshake failed)"
-    ),
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
-        "it refused the client key: its public half is not among the service's authorized clients"
+        "the server key given is not this service's, or what listens there is not chatpose-serve",
+        "what listens there is not chatpose-serve (it closed the connection at the handshake)",
     ),
 }
-_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# EVENT_CLOSED: a connection attempt failed (nothing listens): an earlier refusal is old news.
+_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 for _event in HANDSHAKE_REFUSALS:
     _MONITORED |= _event
 
@@ -157,9 +164,9 @@ class Client:
 
     @property
     def refusal(self) -> str | None:
-        """Why the service at the address refused the last connection at its handshake
-        (`HANDSHAKE_REFUSALS`: the CURVE keys do not match), or None: no refusal since the
-        last connection that went through."""
+        """Why what listens at the address refused the last connection at its handshake
+        (`HANDSHAKE_REFUSALS`: the CURVE keys do not match, or it is not chatpose-serve), or
+        None: no refusal since the last connection that went through or found nothing."""
         self._read_monitor()
         return self._refusal
 
@@ -167,7 +174,10 @@ class Client:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event in HANDSHAKE_REFUSALS:
-                self._refusal = HANDSHAKE_REFUSALS[event]
+                self._refusal = HANDSHAKE_REFUSALS[event][self._keys is None]
+                continue
+            if event == zmq.EVENT_CLOSED:
+                self._refusal = None
                 continue
             # Only a connection that completed its handshake carried requests: one refused
             # at the handshake (wrong CURVE keys) is no service, not a service gone away.
@@ -257,7 +267,7 @@ class Client:
             refusal = self.refusal
             self.reset()
             message = (
-                f"the service at {self.address} refused the connection: {refusal}"
+                f"{self.address} refused the connection: {refusal}"
                 if refusal
                 else f"no service at {self.address} (no connection within {connect_s:g} s); "
                 "is chatpose-serve running?"

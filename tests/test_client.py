@@ -70,3 +70,51 @@ def failed_status_request(context, serve, timeout_s: float) -> tuple[ProtocolErr
     serving.join()
     service.close(linger=0)
     return raised.value, client.address
+
+
+def test_a_program_that_is_not_chatpose_serve_is_named_so_not_a_key_problem(context):
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_and_hang_up():  # as a web or SSH server does with ZeroMQ's greeting
+        for _ in range(3):
+            connection, _ = listener.accept()
+            connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            connection.close()
+
+    threading.Thread(target=accept_and_hang_up, daemon=True).start()
+    with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
+        with pytest.raises(ProtocolError) as raised:
+            client.request(StatusRequest(client.new_id()), timeout_s=1.0)
+    listener.close()
+    message = raised.value.message
+    assert raised.value.code == ErrorCode.UNREACHABLE
+    assert message == (
+        f"tcp://127.0.0.1:{port} refused the connection: what listens there is not "
+        "chatpose-serve (it closed the connection at the handshake)"
+    )
+
+
+def test_a_refusal_is_forgotten_once_nothing_listens_there_any_more(context, tmp_path):
+    import time
+
+    from inference_service.keys import make_keys
+    from shared_protocol.client import ClientCurveKeys
+
+    make_keys(tmp_path, ["animator"])
+    server_public, server_secret = zmq.curve_keypair()  # not the server.key the client has
+    service = context.socket(zmq.ROUTER)
+    service.curve_server = True
+    service.curve_publickey, service.curve_secretkey = server_public, server_secret
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    keys = ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key")
+    with Client(f"tcp://127.0.0.1:{port}", context=context, curve=keys) as client:
+        assert not client.wait_connected(1.0)
+        assert client.refusal.startswith("the server key given is not this service's")
+        service.close(linger=0)  # gone: what the next request meets is no service at all
+        deadline = time.monotonic() + 10
+        while client.refusal is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.refusal is None

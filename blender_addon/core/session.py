@@ -262,9 +262,10 @@ class Session:
             if now - oldest >= self.connect_timeout_s:
                 refusal = self._client.refusal
                 if refusal:
+                    keys = " (the Client Key and the Server Key in the add-on's preferences)"
                     message = (
-                        f"the service at {self.address} refused the connection: {refusal} "
-                        "(the Client Key and the Server Key in the add-on's preferences)"
+                        f"{self.address} refused the connection: {refusal}"
+                        f"{keys if self.curve else ''}"
                     )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"

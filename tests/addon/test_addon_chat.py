@@ -674,7 +674,7 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     send("wave")
     drive(idle)
     message = runtime.last_message()[0]
-    assert f"the service at {address} refused the connection: the server key given" in message
+    assert f"{address} refused the connection: the server key given" in message
     assert "(the Client Key and the Server Key in the add-on's preferences)" in message
     # A file that is no key, or one key alone: named when sending, nothing sent.
     prefs.curve_server_key = str(keys / "authorized_clients")

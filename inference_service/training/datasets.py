@@ -449,8 +449,8 @@ def _mostly_upright_along_z(axis_angle: np.ndarray) -> bool:
 
 # --- PoseScript's release: poses by reference into AMASS ----------------------------------------
 
-# AMASS renamed some of its folders after PoseScript's index was written; the index's sequence
-# paths may use either name (the ChatPose release maps them the same way).
+# AMASS renamed some of its folders after PoseScript's index was written: the index and the
+# folder on disk may each use either name (the ChatPose release maps them one way).
 AMASS_RENAMED = {
     "Eyes_Japan_Dataset": "EyesJapanDataset",
     "BioMotionLab_NTroje": "BMLrub",
@@ -460,6 +460,7 @@ AMASS_RENAMED = {
     "SSM_synced": "SSM",
     "DFaust_67": "DFaust",
     "Transitions_mocap": "Transitions",
+    "TCD_handMocap": "TCDHands",
 }
 
 
@@ -488,6 +489,7 @@ def read_amass_poses(
         if (
             not isinstance(entry, list)
             or len(entry) != 3
+            or not isinstance(entry[0], str)
             or not isinstance(entry[1], str)
             or not entry[1].strip()
             or isinstance(entry[2], bool)
@@ -497,6 +499,11 @@ def read_amass_poses(
             raise DatasetError(
                 f"{index}: pose id {pose_id!r}: expected [dataset, sequence file, frame index], "
                 f"got {entry!r}"
+            )
+        if entry[0].upper() != "AMASS":
+            raise DatasetError(
+                f"{index}: pose id {pose_id!r}: from the dataset {entry[0]!r}; only AMASS "
+                "poses are read (amass=)"
             )
         by_sequence.setdefault(entry[1], []).append((pose_id, entry[2]))
     found: dict[str, np.ndarray] = {}
@@ -517,9 +524,12 @@ def read_amass_poses(
     return found, missing
 
 
+_AMASS_OLD_NAMES = {new: old for old, new in AMASS_RENAMED.items()}
+
+
 def _amass_sequence(amass: Path, sequence: str) -> Path | None:
     folder, _, rest = sequence.replace("\\", "/").partition("/")
-    for name in (folder, AMASS_RENAMED.get(folder)):
+    for name in (folder, AMASS_RENAMED.get(folder), _AMASS_OLD_NAMES.get(folder)):
         if name is not None and (amass / name / rest).is_file():
             return amass / name / rest
     return None

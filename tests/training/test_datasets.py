@@ -123,6 +123,7 @@ def _posescript_release(root):
     rng = np.random.default_rng(1)
     sequences = {"CMU/01/01_01_poses.npz": rng.normal(size=(5, 156)) * 0.3}
     sequences["BMLrub/s1/walk_poses.npz"] = rng.normal(size=(3, 156)) * 0.3
+    sequences["MPI_HDM05/bk/jump_poses.npz"] = rng.normal(size=(2, 156)) * 0.3  # the old name
     for name, frames in sequences.items():
         (root / "amass" / name).parent.mkdir(parents=True, exist_ok=True)
         write_npz(root / "amass" / name, frames, trans=np.zeros((len(frames), 3)))
@@ -130,11 +131,12 @@ def _posescript_release(root):
         "0": ["AMASS", "CMU/01/01_01_poses.npz", 4],
         "1": ["AMASS", "BioMotionLab_NTroje/s1/walk_poses.npz", 1],  # the folder's older name
         "2": ["AMASS", "HumanEva/S1/box_poses.npz", 0],  # a dataset not downloaded
+        "3": ["AMASS", "HDM05/bk/jump_poses.npz", 1],  # the newer name; on disk, the older
     }
     write_json(root / "index.json", index)
     captions = {"0": "The person raises the left arm.", "1": ["Walking.", "Mid stride."]}
-    write_json(root / "auto.json", {**captions, "2": "Boxing."})
-    write_json(root / "train_ids.json", [0, 1])
+    write_json(root / "auto.json", {**captions, "2": "Boxing.", "3": "Jumping."})
+    write_json(root / "train_ids.json", [0, 1, 3])
     return sequences
 
 
@@ -142,11 +144,16 @@ def test_posescript_release_poses_are_read_from_amass_by_its_index(tmp_path, cap
     sequences = _posescript_release(tmp_path)
     release = {"amass": tmp_path / "amass", "index": tmp_path / "index.json"}
     examples = read_posescript(tmp_path / "auto.json", ids=tmp_path / "train_ids.json", **release)
-    assert [e.source.rsplit("#", 1)[1] for e in examples] == ["0[0]", "1[0]", "1[1]"]
-    frames = [sequences["CMU/01/01_01_poses.npz"][4], sequences["BMLrub/s1/walk_poses.npz"][1]]
-    upright = z_up_to_y_up_zero_yaw(np.stack(frames)[:, :72].reshape(2, 24, 3))  # AMASS: Z-up
+    assert [e.source.rsplit("#", 1)[1] for e in examples] == ["0[0]", "1[0]", "1[1]", "3[0]"]
+    frames = [
+        sequences["CMU/01/01_01_poses.npz"][4],
+        sequences["BMLrub/s1/walk_poses.npz"][1],
+        sequences["MPI_HDM05/bk/jump_poses.npz"][1],
+    ]
+    upright = z_up_to_y_up_zero_yaw(np.stack(frames)[:, :72].reshape(3, 24, 3))  # AMASS: Z-up
     np.testing.assert_allclose(examples[0].pose, upright[0])
     np.testing.assert_allclose(examples[2].pose, upright[1])
+    np.testing.assert_allclose(examples[3].pose, upright[2])
     # A pose whose AMASS dataset is not there is refused, naming it, or left out when asked.
     with pytest.raises(
         DatasetError,
@@ -161,7 +168,7 @@ def test_posescript_release_poses_are_read_from_amass_by_its_index(tmp_path, cap
             + ["missing=skip"]
         )
     )
-    assert len(kept) == 3 and "note: left out: 1 pose id(s)" in capsys.readouterr().err
+    assert len(kept) == 4 and "note: left out: 1 pose id(s)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -174,6 +181,7 @@ def test_posescript_release_poses_are_read_from_amass_by_its_index(tmp_path, cap
         (["AMASS", "CMU/01/01_01_poses.npz"], r"expected \[dataset, sequence file, frame index\]"),
         (["AMASS", "CMU/01/01_01_poses.npz", "4"], r"expected \[dataset, sequence file, frame"),
         (None, r"index\.json: no pose id '0'"),
+        (["BEDLAM", "CMU/01/01_01_poses.npz", 2], r"from the dataset 'BEDLAM'; only AMASS"),
     ],
 )
 def test_posescript_release_index_errors_name_the_pose_id(tmp_path, entry, message):

@@ -543,9 +543,9 @@ def _line_ranges(numbers: Sequence[int]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
-    checkpoint = _checkpoint(args)
     if args.size < 32:
         raise CommandError(EXIT_USAGE, f"--size: at least 32 pixels, got {args.size}")
+    checkpoint = _checkpoint(args)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -235,12 +235,10 @@ class CHATPOSE_OT_report(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
-class CHATPOSE_OT_answer_step(bpy.types.Operator):  # noqa: N801
-    """Makes what the timer just applied one undo step that is also Blender's last operation
-    (runtime.push_undo)"""
+class _UndoStep:
+    """Makes what the timer just applied one undo step, named after the class's label, that is
+    also Blender's last operation (runtime.push_undo)"""
 
-    bl_idname = "chatpose.answer_step"
-    bl_label = "ChatPose Answer"  # the undo step's name
     # REGISTER and UNDO: Blender's last operation (what "Adjust Last Operation" and F9 act on)
     # is the last registered operator with both. No properties: they have nothing to show.
     bl_options = {"REGISTER", "UNDO", "INTERNAL"}
@@ -252,8 +250,25 @@ class CHATPOSE_OT_answer_step(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"} if runtime.pushing_undo() else {"CANCELLED"}
 
 
+class CHATPOSE_OT_answer_step(_UndoStep, bpy.types.Operator):  # noqa: N801
+    bl_idname = "chatpose.answer_step"
+    bl_label = "ChatPose Answer"  # poses applied
+
+
+class CHATPOSE_OT_chat_step(_UndoStep, bpy.types.Operator):  # noqa: N801
+    bl_idname = "chatpose.chat_step"
+    bl_label = "ChatPose Chat History"  # a reply without a pose, a failed request
+
+
+class CHATPOSE_OT_batch_step(_UndoStep, bpy.types.Operator):  # noqa: N801
+    bl_idname = "chatpose.batch_step"
+    bl_label = "ChatPose Batch Keyframes"  # one batch run
+
+
 CLASSES = (
     CHATPOSE_OT_answer_step,
+    CHATPOSE_OT_chat_step,
+    CHATPOSE_OT_batch_step,
     CHATPOSE_OT_report,
     CHATPOSE_OT_send,
     CHATPOSE_OT_pose_from_viewport,

@@ -366,23 +366,26 @@ _pushing_undo = False
 
 
 def pushing_undo() -> bool:
-    """Whether `push_undo` is running `chatpose.answer_step` (any other run is a repeat)."""
+    """Whether `push_undo` is running an undo step operator (any other run is a repeat)."""
     return _pushing_undo
 
 
-def push_undo() -> None:
-    """One undo step, "ChatPose Answer", for what the timer just applied (see the module
-    docstring). Not `ed.undo_push`: that step would not be Blender's last operation, and
-    "Adjust Last Operation" on the user's previous operator undoes back to before that
-    operator's own step, so it would take the answer with it for good. The step comes from
-    running an internal registered operator with undo (`chat_operators.CHATPOSE_OT_answer_step`),
-    which becomes the last operation, with nothing to adjust."""
+def push_undo(step: str) -> None:
+    """One undo step for what the timer just applied (see the module docstring): `step` is
+    "answer" (poses applied), "chat" (the chat history alone) or "batch" (a batch run), the
+    step's name in the Undo History. Not `ed.undo_push`: that step would not be Blender's last
+    operation, and "Adjust Last Operation" on the user's previous operator undoes back to
+    before that operator's own step, so it would take the answer with it for good. The step
+    comes from running an internal registered operator with undo
+    (`chat_operators.CHATPOSE_OT_answer_step` and its siblings), which becomes the last
+    operation, with nothing to adjust."""
     global _pushing_undo
+    operator = getattr(bpy.ops.chatpose, f"{step}_step")
     with contextlib.suppress(RuntimeError), _window_override():
         if bpy.ops.ed.undo_push.poll():  # an undo stack to push onto
             _pushing_undo = True
             try:
-                bpy.ops.chatpose.answer_step("EXEC_DEFAULT", True)  # True: an undo step
+                operator("EXEC_DEFAULT", True)  # True: an undo step
             finally:
                 _pushing_undo = False
 
@@ -634,14 +637,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
     if not poses:
-        push_undo()  # else the next undo would take the reply away
+        push_undo("chat")  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
     if not _posable(target):
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo()
+        push_undo("chat")
         gone = f"The armature {job.armature!r} is gone; the answer was not applied"
         notify(gone, "ERROR", popup=True)
         return
@@ -657,13 +660,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     except LockedCurveError as exc:  # found before any armature changed
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo()
+        push_undo("chat")
         notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
         return
     except Exception:  # half way: what did change is one undo step, not part of the user's next
-        push_undo()
+        push_undo("answer")
         raise
-    push_undo()
+    push_undo("answer")
     where = ", ".join(
         name + (" (new)" if name in result.created else "") for name in result.armatures
     )
@@ -705,7 +708,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
             scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
         )
         _give_prompt_back(scene, job.prompt)
-        push_undo()
+        push_undo("chat")
     if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
         notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
         return
@@ -779,7 +782,7 @@ def _batch_ended(run: BatchRun) -> None:
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))
     run.close()
     if run.keyed:
-        push_undo()
+        push_undo("batch")
     if run.state == batch_plan.FAILED:
         level, popup = "ERROR", True
     elif run.remaining:

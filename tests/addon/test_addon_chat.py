@@ -115,12 +115,12 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
 
     monkeypatch.setattr(people, "person_armature", no_second_person)
     steps = []
-    monkeypatch.setattr(runtime, "push_undo", lambda: steps.append(bpy.data.objects.keys()))
+    monkeypatch.setattr(runtime, "push_undo", steps.append)
     bpy.context.scene.chatpose.prompt = "two dancers"
     bpy.ops.chatpose.send()
     drive(idle)
     assert "could not apply an answer: the second person" in runtime.last_message()[0]
-    assert len(steps) == 1  # the posed target with it
+    assert steps == ["answer"]  # the posed target with it
 
 
 def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
@@ -818,6 +818,8 @@ def test_requests_that_fail_together_make_one_popup(armature, monkeypatch):
     drive(idle)
     [(text, level)] = shown  # the three failed in one tick
     assert level == "ERROR" and text.startswith("Request failed (unreachable): no service at")
+    # The failures are in the chat history, undone as such (its Undo History name).
+    assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_chat_step"
     assert text.endswith("(and 2 more: see the history and the Info editor)")
 
 
@@ -993,6 +995,7 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
     drive(idle)
     assert "all 12 lines keyed" in runtime.last_message()[0]
+    assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_batch_step"
 
 
 @pytest.mark.parametrize("change", ["armature renamed", "bone renamed"])

@@ -655,13 +655,14 @@ def test_a_batch_file_that_is_not_there_is_named_so(capsys, tmp_path):
     for path, why in [(tmp_path / "nope.txt", "No such file"), (tmp_path, "Is a directory")]:
         code, _, err = run(capsys, "batch", str(path), "--out", str(tmp_path / "a.npz"))
         assert code == cli.EXIT_BAD_INPUT
-        assert f"cannot read {path} ({why}" in err and "UTF-8" not in err
+        assert f"cannot read {path} (" in err and "UTF-8" not in err
+        assert why in err or sys.platform == "win32"  # Windows words it otherwise
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--size", "10"], "--size: at least 32 pixels, got 10"),
+        (["--size", "10", "--checkpoint", "/no/such/model"], "--size: at least 32 pixels, got 10"),
         (["--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )

@@ -56,7 +56,7 @@ from inference_service.errors import (
     UnsupportedInputError,
 )
 from inference_service.images import decode_image
-from inference_service.pose_head import PoseHead, camera_to_upright, decode_pose
+from inference_service.pose_head import PoseHead, decode_pose
 from inference_service.prompts import (
     POSE_MARKER,
     Turn,
@@ -67,6 +67,7 @@ from inference_service.prompts import (
     pose_exchange,
     with_answer,
 )
+from shared_protocol.pose import camera_to_upright
 
 DEFAULT_MAX_NEW_TOKENS = 256
 # The release generated up to 512 tokens; more is refused so one request cannot hog the GPU.

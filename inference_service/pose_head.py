@@ -20,7 +20,6 @@ from torch import nn
 from inference_service.checkpoint import NUM_JOINTS, ChatPoseConfig
 from inference_service.errors import CheckpointError, ModelError
 from shared_protocol.rotations import (
-    axis_angle_to_matrix,
     matrix_to_axis_angle,
     rotation_6d_to_matrix,
 )
@@ -76,17 +75,6 @@ def decode_pose(head_output: np.ndarray) -> np.ndarray:
         return matrix_to_axis_angle(rotation_6d_to_matrix(sixd))
     except ValueError as exc:  # NaN or a degenerate 6D vector: the model's fault, not the user's
         raise ModelError(f"the pose head produced an invalid rotation: {exc}") from exc
-
-
-# HMR's camera frame (+Y down, +Z into the scene) to the upright one (+Y up, +Z towards the
-# camera): a half turn about X. An upright body facing the camera is that half turn in the
-# first, and no rotation in the second.
-CAMERA_TO_UPRIGHT = np.diag([1.0, -1.0, -1.0])
-
-
-def camera_to_upright(global_orientation: np.ndarray) -> np.ndarray:
-    """(..., 3) axis-angle global orientations in the camera's frame, in the upright one."""
-    return matrix_to_axis_angle(CAMERA_TO_UPRIGHT @ axis_angle_to_matrix(global_orientation))
 
 
 def rotation_6d_to_matrix_torch(sixd: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,16 @@ _DMPLS = 8
 # Motion hold the SMPL body frame (+Y up). Files turn between the two at load and save (the
 # same turn as SMPL to Blender: (x, y, z) -> (x, -z, y)), so an AMASS file stands upright.
 Z_UP_FROM_SMPL = SMPL_TO_BLENDER
+# HMR's camera frame (+Y down, +Z into the scene) to the upright one (+Y up, +Z towards the
+# camera): a half turn about X. An upright body facing the camera is that half turn in the
+# first, and no rotation in the second. The ChatPose release's poses are in the first.
+CAMERA_TO_UPRIGHT = np.diag([1.0, -1.0, -1.0])
+
+
+def camera_to_upright(global_orientation: np.ndarray) -> np.ndarray:
+    """(..., 3) axis-angle global orientations in the camera's frame, in the upright one (the
+    half turn is its own inverse: also the other way)."""
+    return matrix_to_axis_angle(CAMERA_TO_UPRIGHT @ axis_angle_to_matrix(global_orientation))
 
 
 def amass_trans_offset(rest_joints=None) -> np.ndarray:

@@ -60,7 +60,7 @@ from inference_service.prompts import (
     Turn,
     pose_exchange,
 )
-from shared_protocol.pose import written_hands
+from shared_protocol.pose import camera_to_upright, written_hands
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
@@ -330,7 +330,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     from inference_service.training.corpus import read_npz
 
     try:
-        return read_npz(path, needed=("poses", "ids", "images", "names"))
+        return read_npz(
+            path,
+            needed=("poses", "global_orient", "body_pose", "ids", "images", "imgname", "names"),
+        )
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except ValueError as exc:  # it names the file
@@ -342,14 +345,18 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
 
     Accepted shapes: (N, 72), AMASS's SMPL-H (N, 156) (the first 72 numbers are the SMPL
     pose, as the release reads them; with the `smpl_hands` that `Motion.save_npz` writes
-    beside them, the body's 66 and those), or (N, 24, 3). Other arrays (trans, betas,
-    mocap_framerate, ...) are not needed and not read. The poses are returned as stored:
-    `read_posescript`'s `z_up` turns a Z-up file's global orientation.
+    beside them, the body's 66 and those), or (N, 24, 3). Without `poses`, SMPL's parameters
+    as HMR-style data stores them: `global_orient` and `body_pose`, axis-angle ((N, 3) and
+    (N, 69)) or rotation matrices ((N, 1, 3, 3) and (N, 23, 3, 3)). Other arrays (trans,
+    betas, mocap_framerate, ...) are not needed and not read. The poses are returned as
+    stored: `read_posescript`'s `z_up` turns a Z-up file's global orientation.
     """
     path = Path(path)
     arrays = _read_npz(path) if arrays is None else arrays
+    if "poses" not in arrays and {"global_orient", "body_pose"} <= arrays.keys():
+        arrays = {**arrays, "poses": _smpl_parameters(path, arrays)}
     if "poses" not in arrays:
-        raise DatasetError(f"{path}: no 'poses' array")
+        raise DatasetError(f"{path}: no 'poses' array (nor 'global_orient' and 'body_pose')")
     poses = arrays["poses"]
     if poses.dtype.kind not in "iuf":
         raise DatasetError(f"{path}: 'poses' must hold numbers, got dtype {poses.dtype}")
@@ -380,6 +387,37 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
             "full turn; poses are axis-angle in radians (degrees?)"
         )
     return poses
+
+
+def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(N, 72) axis-angle from `global_orient` and `body_pose` (see `read_pose_array`)."""
+    parts = []
+    for key, joints in (("global_orient", 1), ("body_pose", NUM_JOINTS - 1)):
+        value = arrays[key]
+        if value.dtype.kind not in "iuf":
+            raise DatasetError(f"{path}: '{key}' must hold numbers, got dtype {value.dtype}")
+        count = len(value) if value.ndim else 0
+        matrix_shapes = [(count, joints, 3, 3)] + [(count, 3, 3)] * (joints == 1)
+        if value.shape in ((count, joints * 3), (count, joints, 3)):
+            parts.append(value.reshape(count, joints * 3).astype(np.float64))
+        elif value.shape in matrix_shapes:
+            matrices = value.reshape(count, joints, 3, 3).astype(np.float64)
+            if not np.isfinite(matrices).all():
+                raise DatasetError(f"{path}: '{key}' contains NaN or infinity")
+            try:
+                parts.append(matrix_to_axis_angle(matrices).reshape(count, joints * 3))
+            except ValueError as exc:  # not rotations
+                raise DatasetError(f"{path}: '{key}': {exc}") from None
+        else:
+            raise DatasetError(
+                f"{path}: '{key}' must have shape (N, {joints * 3}), (N, {joints}, 3) or "
+                f"(N, {joints}, 3, 3), got {value.shape}"
+            )
+    if len(parts[0]) != len(parts[1]):
+        raise DatasetError(
+            f"{path}: 'global_orient' has {len(parts[0])} frames, 'body_pose' {len(parts[1])}"
+        )
+    return np.concatenate(parts, axis=1)
 
 
 def _string_array(
@@ -669,22 +707,29 @@ def read_image_pose_pairs(
     poses: str | os.PathLike,
     *,
     images: str | os.PathLike | None = None,
+    camera_frame: bool = False,
     phrasing: str = "mixed",
     seed: int = 0,
     wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
 ) -> list[Example]:
     """Image/pose pairs: one image_to_pose Example per frame of the .npz.
 
-    `poses`: an AMASS-layout .npz (see `read_pose_array`) with an extra `images` array (N,) of
-    file names, one per frame, relative to `images` (default: the .npz's folder).
+    `poses`: an AMASS-layout .npz (see `read_pose_array`, SMPL's `global_orient` and
+    `body_pose` too) with an extra `images` array (N,) of file names (or HMR-style data's
+    `imgname`), one per frame, relative to `images` (default: the .npz's folder).
+    `camera_frame`: the global orientations are in HMR's camera frame (+Y down), as in
+    HMR-style data; they are turned into the upright one (`camera_to_upright`).
     """
     poses_path = Path(poses)
     folder = Path(images) if images is not None else poses_path.parent
     arrays = _read_npz(poses_path)
     pose_array = read_pose_array(poses_path, arrays)
-    if "images" not in arrays:
+    if camera_frame:
+        pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
+    key = "images" if "images" in arrays or "imgname" not in arrays else "imgname"
+    if key not in arrays:
         raise DatasetError(f"{poses_path}: no 'images' array (one image file name per frame)")
-    names = _string_array(arrays, "images", poses_path, len(pose_array))
+    names = _string_array(arrays, key, poses_path, len(pose_array))
     phraser = Phraser(phrasing, seed, wording)
     examples = []
     for row, name in enumerate(names):
@@ -944,7 +989,7 @@ class DataSpec:
 # format -> the options it takes (beyond "phrasing" for pose formats)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "posescript": ("poses", "amass", "index", "ids", "missing", "z_up", "phrasing"),
-    "pairs": ("images", "phrasing"),
+    "pairs": ("images", "frame", "phrasing"),
     "llava": ("poses", "images"),
     "corpus": ("split", "phrasing"),
 }
@@ -1017,8 +1062,16 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             wording=wording,
         )
     if spec.format == "pairs":
+        frame = options.get("frame", "upright")
+        if frame not in ("upright", "camera"):
+            raise DatasetError(f"--data {spec.describe()}: frame must be upright or camera")
         return read_image_pose_pairs(
-            spec.path, images=options.get("images"), phrasing=phrasing, seed=seed, wording=wording
+            spec.path,
+            images=options.get("images"),
+            camera_frame=frame == "camera",
+            phrasing=phrasing,
+            seed=seed,
+            wording=wording,
         )
     if spec.format == "llava":
         return read_llava_conversations(

@@ -32,7 +32,6 @@ from PIL import Image
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.errors import CheckpointError
 from inference_service.images import decode_image
-from inference_service.pose_head import camera_to_upright
 from inference_service.prompts import (
     POSE_MARKER,
     build_prompt,
@@ -42,6 +41,7 @@ from inference_service.prompts import (
 )
 from inference_service.training.datasets import DatasetError, Example, ImageFile, image_bytes
 from inference_service.training.losses import IGNORE_INDEX
+from shared_protocol.pose import camera_to_upright
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from inference_service.checkpoint import ChatPoseConfig
 from inference_service.errors import CheckpointError, ModelError
 from inference_service.pose_head import (
     PoseHead,
-    camera_to_upright,
     decode_pose,
     rotation_6d_to_matrix_torch,
 )
+from shared_protocol.pose import camera_to_upright
 from shared_protocol.rotations import (
     axis_angle_to_matrix,
     matrix_to_axis_angle,

@@ -34,7 +34,7 @@ from inference_service.training.datasets import (
     read_posescript,
     z_up_to_y_up_zero_yaw,
 )
-from shared_protocol.pose import Motion, Pose
+from shared_protocol.pose import Motion, Pose, camera_to_upright
 from shared_protocol.rotations import axis_angle_to_matrix
 
 RNG = np.random.default_rng(0)
@@ -362,6 +362,38 @@ def test_read_images_are_files_read_again_when_used(tmp_path):
         image_bytes(examples[2].images[0])
 
 
+def test_hmr_style_pairs_smpl_parameters_imgname_and_the_camera_frame(tmp_path):
+    # HMR-style data: SMPL's global_orient and body_pose (here as rotation matrices), the
+    # image names in `imgname`, the orientation in the camera's frame (+Y down).
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "b.png").write_bytes(png((0, 0, 255)))
+    matrices = axis_angle_to_matrix(POSES[:2])
+    path = tmp_path / "hmr.npz"
+    np.savez(
+        path,
+        global_orient=matrices[:, :1],
+        body_pose=matrices[:, 1:],
+        imgname=np.array(["a.png", "b.png"]),
+        center=np.zeros((2, 2)),
+    )
+    upright = read_image_pose_pairs(path)
+    np.testing.assert_allclose(
+        axis_angle_to_matrix(upright[1].pose), axis_angle_to_matrix(POSES[1]), atol=1e-9
+    )
+    assert [image_bytes(e.images[0]) for e in upright] == [png(), png((0, 0, 255))]
+    (camera,) = load_data(parse_data_spec(["pairs", str(path), "frame=camera"]))[:1]
+    np.testing.assert_allclose(camera.pose[0], camera_to_upright(POSES[0, 0]), atol=1e-9)
+    np.testing.assert_allclose(camera.pose[1:], upright[0].pose[1:])
+    np.savez(path, global_orient=POSES[:2, 0], body_pose=POSES[:3, 1:].reshape(3, 69))
+    with pytest.raises(DatasetError, match="'global_orient' has 2 frames, 'body_pose' 3"):
+        read_image_pose_pairs(path)
+    np.savez(path, global_orient=POSES[:2, 0], body_pose=np.ones((2, 23, 3, 3)))
+    with pytest.raises(DatasetError, match="'body_pose': .*not a rotation matrix"):
+        read_image_pose_pairs(path)
+    with pytest.raises(DatasetError, match="frame must be upright or camera"):
+        load_data(parse_data_spec(["pairs", str(path), "frame=world"]))
+
+
 def test_image_pose_pairs_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
@@ -646,7 +678,7 @@ def test_parse_and_load_data_specs(tmp_path):
         parse_data_spec(["posescript", "c.json", "amass=a", "index=i.json", "missing=ignore"])
     with pytest.raises(ValueError, match="missing= goes with amass="):
         parse_data_spec(["posescript", "c.json", "poses=p.npz", "missing=skip"])
-    with pytest.raises(ValueError, match="KEY one of images, phrasing"):
+    with pytest.raises(ValueError, match="KEY one of images, frame, phrasing"):
         parse_data_spec(["pairs", "p.npz", "poses=x"])
     with pytest.raises(ValueError, match="needs a format and a path"):
         parse_data_spec(["pairs"])

@@ -46,12 +46,12 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CONNECT_TIMEOUT_S = 2.0
 # Why what listens at the address refused the connection at its handshake, by ZeroMQ's event
 # (seen with pyzmq 27), for a client (with CURVE keys, without).
-_MISMATCH = "one side has CURVE keys and the other has none"
+CURVE_MISMATCH = "one side has CURVE keys and the other has none"
 _NOT_AUTHORISED = (
     "it refused the client key: its public half is not among the service's authorized clients"
 )
 HANDSHAKE_REFUSALS = {
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (_MISMATCH, _MISMATCH),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (CURVE_MISMATCH, CURVE_MISMATCH),
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (_NOT_AUTHORISED, _NOT_AUTHORISED),
     # The other end closed the connection mid-handshake: a CURVE service that cannot read the
     # client's hello (another server key), or a program that is not a ZeroMQ service at all.

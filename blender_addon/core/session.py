@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from shared_protocol.client import (
     CONNECT_TIMEOUT_S,
+    CURVE_MISMATCH,
     Client,
     ClientCurveKeys,
     UndecodableReply,
@@ -263,10 +264,9 @@ class Session:
                 refusal = self._client.refusal
                 if refusal:
                     keys = " (the Client Key and the Server Key in the add-on's preferences)"
-                    message = (
-                        f"{self.address} refused the connection: {refusal}"
-                        f"{keys if self.curve else ''}"
-                    )
+                    about_keys = self.curve or refusal == CURVE_MISMATCH
+                    message = f"{self.address} refused the connection: {refusal}"
+                    message += keys if about_keys else ""
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"
                     message = (

@@ -411,7 +411,7 @@ def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray
         else:
             raise DatasetError(
                 f"{path}: '{key}' must have shape (N, {joints * 3}), (N, {joints}, 3) or "
-                f"(N, {joints}, 3, 3), got {value.shape}"
+                f"(N, {joints}, 3, 3){' or (N, 3, 3)' * (joints == 1)}, got {value.shape}"
             )
     if len(parts[0]) != len(parts[1]):
         raise DatasetError(
@@ -431,9 +431,7 @@ def _string_array(
             f"dtype {value.dtype}"
         )
     if len(value) != length:
-        raise DatasetError(
-            f"{path}: '{key}' has {len(value)} entries but 'poses' has {length} frames"
-        )
+        raise DatasetError(f"{path}: '{key}' has {len(value)} entries for {length} poses")
     if value.dtype.kind == "S":
         return [item.decode("utf-8", errors="replace") for item in value]
     return [str(item) for item in value]
@@ -728,7 +726,9 @@ def read_image_pose_pairs(
         pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
     key = "images" if "images" in arrays or "imgname" not in arrays else "imgname"
     if key not in arrays:
-        raise DatasetError(f"{poses_path}: no 'images' array (one image file name per frame)")
+        raise DatasetError(
+            f"{poses_path}: no 'images' (or 'imgname') array, one image file name per frame"
+        )
     names = _string_array(arrays, key, poses_path, len(pose_array))
     phraser = Phraser(phrasing, seed, wording)
     examples = []
@@ -1027,6 +1027,8 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
             )
         if "missing" in options and "amass" not in options:
             raise ValueError("--data posescript: missing= goes with amass=")
+    if options.get("frame", "upright") not in ("upright", "camera"):
+        raise ValueError(f"--data {fmt}: frame= takes upright or camera, not {options['frame']!r}")
     return DataSpec(fmt, path, options)
 
 
@@ -1062,13 +1064,10 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             wording=wording,
         )
     if spec.format == "pairs":
-        frame = options.get("frame", "upright")
-        if frame not in ("upright", "camera"):
-            raise DatasetError(f"--data {spec.describe()}: frame must be upright or camera")
         return read_image_pose_pairs(
             spec.path,
             images=options.get("images"),
-            camera_frame=frame == "camera",
+            camera_frame=options.get("frame") == "camera",
             phrasing=phrasing,
             seed=seed,
             wording=wording,

@@ -684,6 +684,14 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     with pytest.raises(RuntimeError, match="set both the Client Key and the Server Key"):
         send("wave")
     assert runtime.pending_jobs() == []
+    prefs.curve_client_key = ""  # no keys at all, for a service with keys: where to set them
+    send("wave")
+    drive(idle)
+    assert runtime.last_message()[0].endswith(
+        "refused the connection: one side has CURVE keys and the other has none "
+        "(the Client Key and the Server Key in the add-on's preferences)"
+    )
+    prefs.curve_client_key = str(keys / "animator.key_secret")
     prefs.curve_server_key = str(keys / "server.key")
     with pytest.raises(RuntimeError, match="A local service has no CURVE keys"):
         bpy.ops.chatpose.service_start()

@@ -390,18 +390,18 @@ def test_hmr_style_pairs_smpl_parameters_imgname_and_the_camera_frame(tmp_path):
     np.savez(path, global_orient=POSES[:2, 0], body_pose=np.ones((2, 23, 3, 3)))
     with pytest.raises(DatasetError, match="'body_pose': .*not a rotation matrix"):
         read_image_pose_pairs(path)
-    with pytest.raises(DatasetError, match="frame must be upright or camera"):
-        load_data(parse_data_spec(["pairs", str(path), "frame=world"]))
+    with pytest.raises(ValueError, match="frame= takes upright or camera, not 'world'"):
+        parse_data_spec(["pairs", str(path), "frame=world"])
 
 
 def test_image_pose_pairs_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     no_images = write_npz(tmp_path / "n.npz", POSES[:1])
-    with pytest.raises(DatasetError, match=r"n\.npz: no 'images' array"):
+    with pytest.raises(DatasetError, match=r"n\.npz: no 'images' \(or 'imgname'\) array"):
         read_image_pose_pairs(no_images)
     count = write_npz(tmp_path / "c.npz", POSES[:2], images=np.array(["a.png"]))
-    with pytest.raises(DatasetError, match=r"c\.npz: 'images' has 1 entries but 'poses' has 2"):
+    with pytest.raises(DatasetError, match=r"c\.npz: 'images' has 1 entries for 2 poses"):
         read_image_pose_pairs(count)
     missing = write_npz(tmp_path / "m.npz", POSES[:2], images=np.array(["a.png", "nope.png"]))
     with pytest.raises(DatasetError, match=r"m\.npz: frame 1: image file .*nope\.png not found"):

@@ -332,7 +332,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         return read_npz(
             path,
-            needed=("poses", "global_orient", "body_pose", "ids", "images", "imgname", "names"),
+            needed=(
+                "poses",
+                "global_orient",
+                "body_pose",
+                "has_body_pose",
+                "ids",
+                "images",
+                "imgname",
+                "names",
+            ),
         )
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
@@ -347,7 +356,8 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
     pose, as the release reads them; with the `smpl_hands` that `Motion.save_npz` writes
     beside them, the body's 66 and those), or (N, 24, 3). Without `poses`, SMPL's parameters
     as HMR-style data stores them: `global_orient` and `body_pose`, axis-angle ((N, 3) and
-    (N, 69)) or rotation matrices ((N, 1, 3, 3) and (N, 23, 3, 3)). Other arrays (trans,
+    (N, 69)) or rotation matrices ((N, 1, 3, 3) and (N, 23, 3, 3)), or a `body_pose` of
+    (N, 72) alone, the global orientation first (4DHumans' files). Other arrays (trans,
     betas, mocap_framerate, ...) are not needed and not read. The poses are returned as
     stored: `read_posescript`'s `z_up` turns a Z-up file's global orientation.
     """
@@ -355,6 +365,8 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
     arrays = _read_npz(path) if arrays is None else arrays
     if "poses" not in arrays and {"global_orient", "body_pose"} <= arrays.keys():
         arrays = {**arrays, "poses": _smpl_parameters(path, arrays)}
+    elif "poses" not in arrays and arrays.get("body_pose", np.empty(0)).shape[1:] == (72,):
+        arrays = {**arrays, "poses": arrays["body_pose"]}
     if "poses" not in arrays:
         raise DatasetError(f"{path}: no 'poses' array (nor 'global_orient' and 'body_pose')")
     poses = arrays["poses"]
@@ -730,9 +742,30 @@ def read_image_pose_pairs(
             f"{poses_path}: no 'images' (or 'imgname') array, one image file name per frame"
         )
     names = _string_array(arrays, key, poses_path, len(pose_array))
+    rows = range(len(names))
+    if "has_body_pose" in arrays:  # 4DHumans' files: frames without a true pose say so
+        flags = arrays["has_body_pose"]
+        if flags.shape != (len(names),) or flags.dtype.kind not in "biuf":
+            raise DatasetError(
+                f"{poses_path}: 'has_body_pose' must be (N,) flags, got shape {flags.shape}"
+            )
+        rows = np.flatnonzero(flags > 0)
+        if len(rows) < len(names):
+            print(
+                f"note: {poses_path}: left out {len(names) - len(rows)} of {len(names)} frames "
+                "without a pose (has_body_pose 0)",
+                file=sys.stderr,
+            )
+    if "center" in arrays and "scale" in arrays:
+        print(
+            f"note: {poses_path}: its 'center' and 'scale' boxes are not applied; each image is "
+            "used whole (crop them to the person first)",
+            file=sys.stderr,
+        )
     phraser = Phraser(phrasing, seed, wording)
     examples = []
-    for row, name in enumerate(names):
+    for row in rows:
+        name = names[row]
         where = f"{poses_path}: frame {row}"
         if not name.strip():
             raise DatasetError(f"{where}: empty image file name")

@@ -394,6 +394,28 @@ def test_hmr_style_pairs_smpl_parameters_imgname_and_the_camera_frame(tmp_path):
         parse_data_spec(["pairs", str(path), "frame=world"])
 
 
+def test_4dhumans_pairs_leave_out_frames_without_a_pose(tmp_path, capsys):
+    # 4DHumans' files: `body_pose` (N, 72) with the global orientation first, `has_body_pose`
+    # 0 where a frame has no true pose (its zeros are no target), boxes around the person.
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(png())
+    path = tmp_path / "4dhumans.npz"
+    np.savez(
+        path,
+        body_pose=POSES[:3].reshape(3, 72),
+        has_body_pose=np.array([1.0, 0.0, 1.0]),
+        imgname=np.array(["a.png", "b.png", "c.png"]),
+        center=np.zeros((3, 2)),
+        scale=np.ones(3),
+    )
+    examples = read_image_pose_pairs(path)
+    assert [e.source.rsplit("#", 1)[1] for e in examples] == ["0", "2"]
+    np.testing.assert_array_equal(examples[1].pose, POSES[2])
+    err = capsys.readouterr().err
+    assert "left out 1 of 3 frames without a pose (has_body_pose 0)" in err
+    assert "'center' and 'scale' boxes are not applied" in err
+
+
 def test_image_pose_pairs_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")

@@ -7,6 +7,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from PIL import Image, ImageOps
 
@@ -34,22 +35,48 @@ def check_image(data: bytes, field: str = "image") -> None:
         pass
 
 
-def decode_image(data: bytes, field: str = "image", min_side: int | None = None) -> Image.Image:
+class CropBox(NamedTuple):
+    """A square around a person, in the upright picture's pixels, as HMR-style data gives
+    one per image (its `center`, and 200 × its `scale` for the side)."""
+
+    x: float  # the centre
+    y: float
+    side: float
+
+
+def decode_image(
+    data: bytes, field: str = "image", min_side: int | None = None, box: CropBox | None = None
+) -> Image.Image:
     """PNG or JPEG bytes -> an RGB image, fully decoded; anything else raises BadImageError,
     whose message starts with `field`.
 
-    With `min_side` (the model's input size), a larger picture is reduced by a whole factor
-    (a JPEG already while decoding) to between two and four times that on its short side:
-    the processor scales it down to `min_side` anyway, and a batch of full-size photos would
-    otherwise be held decoded all at once (a 12-megapixel one is 36 MB)."""
+    With `box`, only that square of the picture, black where it leaves the picture (as HMR
+    crops its people).
+
+    With `min_side` (the model's input size), a larger picture (or box) is reduced by a whole
+    factor (a JPEG already while decoding) to between two and four times that on its short
+    side: the processor scales it down to `min_side` anyway, and a batch of full-size photos
+    would otherwise be held decoded all at once (a 12-megapixel one is 36 MB)."""
     with _opened(data, field) as image:
-        factor = _reduction(image.size, min_side)
+        stored_width = image.width
+        span = image.size if box is None else (box.side, box.side)
+        factor = _reduction(span, min_side)
         if factor > 1 and image.format == "JPEG":
             image.draft(None, (image.width // factor, image.height // factor))
         image.load()  # decode now: truncated files fail here, not inside the model
+        scale = image.width / stored_width  # what the JPEG draft reduced by
         rgb = _as_rgb(_upright(image))
+    if box is not None:
+        rgb = _cropped(rgb, box, scale)
     factor = _reduction(rgb.size, min_side)
     return rgb.reduce(factor) if factor > 1 else rgb
+
+
+def _cropped(image: Image.Image, box: CropBox, scale: float) -> Image.Image:
+    half = box.side * scale / 2
+    left, top = round(box.x * scale - half), round(box.y * scale - half)
+    side = max(1, round(2 * half))
+    return image.crop((left, top, left + side, top + side))  # black outside the picture
 
 
 def _reduction(size: tuple[int, int], min_side: int | None) -> int:

@@ -8,7 +8,8 @@ One record type, `Example`, whatever the source:
 - `answer`: the assistant's answer; a pose is written as `POSE_MARKER` ("<POSE>"), replaced by
   the checkpoint's own pose token when the text is encoded;
 - `images`: PNG/JPEG bytes, or an `ImageFile` (the readers': a file checked to decode when the
-  record is read, and read again when a batch needs it); `image_bytes` gives the bytes of both;
+  record is read, and read again when a batch needs it, maybe with a box to crop to);
+  `load_image` decodes both as a batch needs them, `image_bytes` gives their bytes;
 - `poses`: the targets, one (24, 3) axis-angle per POSE_MARKER in the answers (earlier turns of
   `history` first), or empty when the example has no pose supervision (chat);
 - `history`: earlier exchanges of a multi-turn conversation (`prompts.Turn`);
@@ -47,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from inference_service.errors import BadImageError
-from inference_service.images import decode_image
+from inference_service.images import CropBox, decode_image
 from inference_service.prompts import (
     IMAGE_ANSWER,
     IMAGE_QUESTION,
@@ -104,6 +106,7 @@ class ImageFile:
 
     path: Path
     sha256: str  # of the bytes that were checked
+    box: CropBox | None = None  # the part of the picture to train on (HMR-style data's)
 
     def read(self) -> bytes:
         try:
@@ -121,9 +124,19 @@ def image_bytes(image: bytes | ImageFile) -> bytes:
     return image.read() if isinstance(image, ImageFile) else image
 
 
+def load_image(image: bytes | ImageFile, min_side: int | None = None) -> Image.Image:
+    """The picture a batch trains on: decoded as the service decodes a request's images
+    (`decode_image`, `min_side` the model's input size), cropped to the file's box if any."""
+    box = image.box if isinstance(image, ImageFile) else None
+    return decode_image(image_bytes(image), min_side=min_side, box=box)
+
+
 def image_sha256(image: bytes | ImageFile) -> bytes:
     if isinstance(image, ImageFile):
-        return bytes.fromhex(image.sha256)
+        digest = bytes.fromhex(image.sha256)
+        if image.box is None:
+            return digest
+        return hashlib.sha256(digest + np.asarray(image.box, dtype=np.float64).tobytes()).digest()
     return hashlib.sha256(image).digest()
 
 
@@ -449,7 +462,40 @@ def _string_array(
     return [str(item) for item in value]
 
 
-def _read_image(folder: Path, name: str, where: str) -> ImageFile:
+def _crop_boxes(path: Path, arrays: Mapping[str, np.ndarray], length: int) -> list[CropBox] | None:
+    """HMR-style boxes, one per frame (`center` in pixels, `scale` × 200 the side, its larger
+    value when it has one per axis, as 4DHumans' files do); None without them."""
+    if "center" not in arrays and "scale" not in arrays:
+        return None
+    if "center" not in arrays or "scale" not in arrays:
+        given, lacking = ("center", "scale") if "center" in arrays else ("scale", "center")
+        raise DatasetError(
+            f"{path}: has '{given}' but no '{lacking}'; a box needs both (or crop=none to "
+            "use the images whole)"
+        )
+    centre, scale = arrays["center"], arrays["scale"]
+    if centre.shape != (length, 2) or centre.dtype.kind not in "iuf":
+        raise DatasetError(f"{path}: 'center' must be ({length}, 2) pixels, got {centre.shape}")
+    if scale.ndim == 2 and scale.shape[1] in (1, 2):
+        scale = scale.max(axis=1)
+    if scale.shape != (length,) or scale.dtype.kind not in "iuf":
+        raise DatasetError(
+            f"{path}: 'scale' must be ({length},) or ({length}, 2), got {arrays['scale'].shape}"
+        )
+    bad = ~(np.isfinite(centre).all(axis=1) & np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(
+            f"{path}: frame {row}: its box (center {centre[row].tolist()}, scale "
+            f"{arrays['scale'][row].tolist()}) is not finite and positive"
+        )
+    sides = 200 * scale
+    return [
+        CropBox(float(x), float(y), float(side)) for (x, y), side in zip(centre, sides, strict=True)
+    ]
+
+
+def _read_image(folder: Path, name: str, where: str, box: CropBox | None = None) -> ImageFile:
     path = folder / name
     try:
         data = path.read_bytes()
@@ -460,10 +506,23 @@ def _read_image(folder: Path, name: str, where: str) -> ImageFile:
     except OSError as exc:
         raise DatasetError(f"{where}: cannot read image file {path} ({exc})") from None
     try:
-        decode_image(data, field=str(path))
+        picture = decode_image(data, field=str(path))
     except BadImageError as exc:  # its message says why: not an image, too long, too large
         raise DatasetError(f"{where}: {exc}") from None
-    return ImageFile(path, hashlib.sha256(data).hexdigest())
+    if box is not None and not _overlaps(box, picture.size):
+        raise DatasetError(
+            f"{where}: its box (centre {box.x:g}, {box.y:g}, side {box.side:g} px) lies outside "
+            f"the {picture.width} x {picture.height} picture {path}"
+        )
+    return ImageFile(path, hashlib.sha256(data).hexdigest(), box)
+
+
+def _overlaps(box: CropBox, size: tuple[int, int]) -> bool:
+    half = box.side / 2
+    return all(
+        centre + half > 0 and centre - half < extent
+        for centre, extent in ((box.x, size[0]), (box.y, size[1]))
+    )
 
 
 # --- global orientation -----------------------------------------------------------------------
@@ -718,6 +777,7 @@ def read_image_pose_pairs(
     *,
     images: str | os.PathLike | None = None,
     camera_frame: bool = False,
+    crop: bool = True,
     phrasing: str = "mixed",
     seed: int = 0,
     wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
@@ -729,6 +789,10 @@ def read_image_pose_pairs(
     `imgname`), one per frame, relative to `images` (default: the .npz's folder).
     `camera_frame`: the global orientations are in HMR's camera frame (+Y down), as in
     HMR-style data; they are turned into the upright one (`camera_to_upright`).
+    `crop`: HMR-style data's boxes, `center` (N, 2) and `scale` (N,) or (N, 2) in pixels
+    / 200, are applied: each image is cropped to the square of side 200 × max(scale) around
+    its centre, the person the pose belongs to. False: the images are used whole (crops
+    already made).
     """
     poses_path = Path(poses)
     folder = Path(images) if images is not None else poses_path.parent
@@ -756,12 +820,7 @@ def read_image_pose_pairs(
                 "without a pose (has_body_pose 0)",
                 file=sys.stderr,
             )
-    if "center" in arrays and "scale" in arrays:
-        print(
-            f"note: {poses_path}: its 'center' and 'scale' boxes are not applied; each image is "
-            "used whole (crop them to the person first)",
-            file=sys.stderr,
-        )
+    boxes = _crop_boxes(poses_path, arrays, len(names)) if crop else None
     phraser = Phraser(phrasing, seed, wording)
     examples = []
     for row in rows:
@@ -769,7 +828,7 @@ def read_image_pose_pairs(
         where = f"{poses_path}: frame {row}"
         if not name.strip():
             raise DatasetError(f"{where}: empty image file name")
-        image = _read_image(folder, name, where)
+        image = _read_image(folder, name, where, None if boxes is None else boxes[row])
         question, answer = phraser.image()
         examples.append(
             Example(
@@ -1022,7 +1081,7 @@ class DataSpec:
 # format -> the options it takes (beyond "phrasing" for pose formats)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "posescript": ("poses", "amass", "index", "ids", "missing", "z_up", "phrasing"),
-    "pairs": ("images", "frame", "phrasing"),
+    "pairs": ("images", "frame", "crop", "phrasing"),
     "llava": ("poses", "images"),
     "corpus": ("split", "phrasing"),
 }
@@ -1060,6 +1119,8 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
             )
         if "missing" in options and "amass" not in options:
             raise ValueError("--data posescript: missing= goes with amass=")
+    if options.get("crop", "box") not in ("box", "none"):
+        raise ValueError(f"--data {fmt}: crop= takes box or none, not {options['crop']!r}")
     if options.get("frame", "upright") not in ("upright", "camera"):
         raise ValueError(f"--data {fmt}: frame= takes upright or camera, not {options['frame']!r}")
     return DataSpec(fmt, path, options)
@@ -1101,6 +1162,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             spec.path,
             images=options.get("images"),
             camera_frame=options.get("frame") == "camera",
+            crop=options.get("crop", "box") == "box",
             phrasing=phrasing,
             seed=seed,
             wording=wording,

@@ -31,7 +31,6 @@ from PIL import Image
 
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.errors import CheckpointError
-from inference_service.images import decode_image
 from inference_service.prompts import (
     POSE_MARKER,
     build_prompt,
@@ -39,7 +38,7 @@ from inference_service.prompts import (
     image_prefix,
     with_answer,
 )
-from inference_service.training.datasets import DatasetError, Example, ImageFile, image_bytes
+from inference_service.training.datasets import DatasetError, Example, ImageFile, load_image
 from inference_service.training.losses import IGNORE_INDEX
 from shared_protocol.pose import camera_to_upright
 
@@ -207,8 +206,7 @@ class Encoder:
             )
 
     def _decode(self, image: bytes | ImageFile) -> Image.Image:
-        # As the service decodes a request's images (ChatPoseModel._decode_images).
-        return decode_image(image_bytes(image), min_side=self.config.image_size)
+        return load_image(image, min_side=self.config.image_size)
 
     def collate(self, items: Sequence[EncodedExample]) -> Batch:
         length = max(len(item.input_ids) for item in items)

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference_service.images import decode_image
 from inference_service.pose_head import PoseHead
 from inference_service.training.baselines import mean_pose_6d
-from inference_service.training.datasets import Example, image_bytes
+from inference_service.training.datasets import Example, load_image
 from inference_service.training.losses import pose_l1_loss
 
 
@@ -75,7 +74,7 @@ def pixel_values(processor, examples: list[Example], chunk: int = 256) -> torch.
     half the memory; 9,557 demo renders at 64 px take 235 MB)."""
     values = []
     for start in range(0, len(examples), chunk):
-        images = [decode_image(image_bytes(e.images[0])) for e in examples[start : start + chunk]]
+        images = [load_image(e.images[0]) for e in examples[start : start + chunk]]
         batch = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         values.append(batch.to(torch.float16))
     return torch.cat(values)

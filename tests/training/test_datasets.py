@@ -27,6 +27,7 @@ from inference_service.training.datasets import (
     image_bytes,
     image_sha256,
     load_data,
+    load_image,
     parse_data_spec,
     read_corpus,
     read_image_pose_pairs,
@@ -374,7 +375,6 @@ def test_hmr_style_pairs_smpl_parameters_imgname_and_the_camera_frame(tmp_path):
         global_orient=matrices[:, :1],
         body_pose=matrices[:, 1:],
         imgname=np.array(["a.png", "b.png"]),
-        center=np.zeros((2, 2)),
     )
     upright = read_image_pose_pairs(path)
     np.testing.assert_allclose(
@@ -413,7 +413,74 @@ def test_4dhumans_pairs_leave_out_frames_without_a_pose(tmp_path, capsys):
     np.testing.assert_array_equal(examples[1].pose, POSES[2])
     err = capsys.readouterr().err
     assert "left out 1 of 3 frames without a pose (has_body_pose 0)" in err
-    assert "'center' and 'scale' boxes are not applied" in err
+
+
+def halves(size=(100, 60)) -> Image.Image:
+    """Red on the left half, blue on the right."""
+    picture = Image.new("RGB", size, (255, 0, 0))
+    picture.paste((0, 0, 255), (size[0] // 2, 0, *size))
+    return picture
+
+
+def test_hmr_style_boxes_crop_each_image_to_its_person(tmp_path):
+    halves().save(tmp_path / "a.png")
+    halves().save(tmp_path / "b.jpg", quality=95)
+    path = tmp_path / "boxes.npz"
+    np.savez(
+        path,
+        poses=POSES[:2].reshape(2, 72),
+        imgname=np.array(["a.png", "b.jpg"]),
+        center=np.array([[75.0, 30.0], [25.0, 30.0]]),
+        scale=np.array([[0.2, 0.1], [0.35, 0.1]]),  # 4DHumans' per axis: the larger one counts
+    )
+    right, wide = (load_image(e.images[0]) for e in read_image_pose_pairs(path))
+    # Frame 0: the 40-px square around (75, 30), inside the blue half.
+    assert right.size == (40, 40)
+    assert (np.asarray(right) == (0, 0, 255)).all()
+    # Frame 1: the 70-px square around (25, 30) leaves the picture by 10 px on the left and
+    # 5 above and below: black there.
+    pixels = np.asarray(wide).astype(int)
+    assert wide.size == (70, 70)
+    assert (pixels[:, :10] == 0).all() and (pixels[:5] == 0).all() and (pixels[-5:] == 0).all()
+    assert (np.abs(pixels[7:63, 12:58] - (255, 0, 0)) < 8).all()
+    assert (np.abs(pixels[7:63, 62:] - (0, 0, 255)) < 8).all()
+    # A batch that asks for a small input gets the crop reduced, not the whole picture.
+    assert load_image(read_image_pose_pairs(path)[1].images[0], min_side=10).size == (35, 35)
+
+    whole = load_data(parse_data_spec(["pairs", str(path), "crop=none"]))
+    assert load_image(whole[0].images[0]).size == (100, 60)
+    # The box is part of the data: a resume with other boxes is other data.
+    assert image_sha256(whole[0].images[0]) != image_sha256(
+        read_image_pose_pairs(path)[0].images[0]
+    )
+    with pytest.raises(ValueError, match="crop= takes box or none, not 'yes'"):
+        parse_data_spec(["pairs", str(path), "crop=yes"])
+
+
+def test_hmr_style_boxes_errors(tmp_path):
+    halves().save(tmp_path / "a.png")
+    names = np.array(["a.png"])
+
+    def read(**boxes):
+        np.savez(tmp_path / "b.npz", poses=POSES[:1].reshape(1, 72), imgname=names, **boxes)
+        return read_image_pose_pairs(tmp_path / "b.npz")
+
+    with pytest.raises(DatasetError, match=r"b\.npz: has 'center' but no 'scale'; .*crop=none"):
+        read(center=np.zeros((1, 2)))
+    with pytest.raises(DatasetError, match=r"b\.npz: 'center' must be \(1, 2\) pixels, got \(2,\)"):
+        read(center=np.zeros(2), scale=np.ones(1))
+    with pytest.raises(DatasetError, match=r"b\.npz: 'scale' must be \(1,\) or \(1, 2\)"):
+        read(center=np.zeros((1, 2)), scale=np.ones((1, 3)))
+    with pytest.raises(DatasetError, match=r"frame 0: its box \(center \[0.0, nan\], scale 1.0\)"):
+        read(center=np.array([[0.0, np.nan]]), scale=np.ones(1))
+    with pytest.raises(DatasetError, match=r"frame 0: its box .*scale 0.0\) is not finite and pos"):
+        read(center=np.zeros((1, 2)), scale=np.zeros(1))
+    with pytest.raises(
+        DatasetError,
+        match=r"b\.npz: frame 0: its box \(centre 300, 30, side 100 px\) lies outside the "
+        r"100 x 60 picture .*a\.png",
+    ):
+        read(center=np.array([[300.0, 30.0]]), scale=np.array([0.5]))
 
 
 def test_image_pose_pairs_errors(tmp_path):
@@ -700,7 +767,7 @@ def test_parse_and_load_data_specs(tmp_path):
         parse_data_spec(["posescript", "c.json", "amass=a", "index=i.json", "missing=ignore"])
     with pytest.raises(ValueError, match="missing= goes with amass="):
         parse_data_spec(["posescript", "c.json", "poses=p.npz", "missing=skip"])
-    with pytest.raises(ValueError, match="KEY one of images, frame, phrasing"):
+    with pytest.raises(ValueError, match="KEY one of images, frame, crop, phrasing"):
         parse_data_spec(["pairs", "p.npz", "poses=x"])
     with pytest.raises(ValueError, match="needs a format and a path"):
         parse_data_spec(["pairs"])

@@ -22,11 +22,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import ChatPoseError, CheckpointError
+from inference_service.images import CropBox
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import Turn, pose_exchange
 from inference_service.training import loop
-from inference_service.training.datasets import DatasetError, Example
+from inference_service.training.datasets import DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
 from inference_service.training.losses import IGNORE_INDEX
 from inference_service.training.scaffold import scaffold_checkpoint
@@ -42,13 +43,14 @@ CAPTIONS = [
 ]
 
 
-def png(color) -> bytes:
+def png(color, size=(40, 30)) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 RED, BLUE = png((220, 20, 20)), png((20, 20, 220))
+BLUE_SQUARE = png((20, 20, 220), (40, 40))
 
 
 @pytest.fixture(scope="module")
@@ -744,6 +746,26 @@ def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(ba
         saved = tm.exported_head()(states)
     torch.testing.assert_close(saved, trained, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(tm.head(states), trained)  # the shift is not a no-op
+
+
+def test_batches_train_on_an_image_file_cropped_to_its_box(base, tmp_path):
+    # HMR-style data: the person's box, not the whole photo, is what the model sees.
+    photo = Image.new("RGB", (120, 40), (220, 20, 20))
+    photo.paste((20, 20, 220), (80, 0, 120, 40))  # the person, on the right
+    photo.save(tmp_path / "photo.png")
+    digest = hashlib.sha256((tmp_path / "photo.png").read_bytes()).hexdigest()
+    boxed = ImageFile(tmp_path / "photo.png", digest, CropBox(100, 20, 40))
+    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)
+
+    def pixels(image):
+        example = Example(
+            "image_to_pose", *pose_exchange(None, True), images=(image,), poses=(POSES[0],)
+        )
+        return encoder.collate([encoder.encode(example)]).pixel_values
+
+    torch.testing.assert_close(pixels(boxed), pixels(BLUE_SQUARE))
+    assert not torch.allclose(pixels(dataclasses.replace(boxed, box=None)), pixels(BLUE_SQUARE))
 
 
 def test_a_head_loaded_from_a_checkpoint_keeps_its_outputs_when_centring_starts(

@@ -96,6 +96,9 @@ class _State:
     # Popups a timer tick asked for, shown as one when it ends (None: outside a tick): a
     # service that dies with five requests in flight is one popup, not five.
     popups: list | None = None
+    # What _on_save_pre wrote for the answers still to come, taken back by _on_save_post:
+    # (scene name, its session uid, its history's length and its prompt before).
+    saved_unanswered: list = field(default_factory=list)
 
 
 _state = _State()
@@ -906,17 +909,70 @@ def _on_load_pre(*_args) -> None:
         set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}{said}", "WARNING")
 
 
+# Written into a file saved while a request is on its way: a file opened later never gets
+# that answer.
+UNANSWERED_AT_SAVE = "Not answered yet when this file was saved; send it again if no pose came."
+
+
+@bpy.app.handlers.persistent
+def _on_save_pre(*_args) -> None:
+    """The file is being saved with answers still to come: it keeps their prompts as a failed
+    request keeps its prompt (in the chat history, and back in the prompt field where that is
+    empty), so that the file, opened after Blender quit, still holds what was asked. Taken back
+    once saved (`_on_save_post`): in this session the answers still come."""
+    _state.saved_unanswered = []
+    jobs = [
+        *pending_jobs(),
+        *(o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed)),
+    ]
+    for job in jobs:
+        scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
+        if scene is None:
+            continue
+        before = (scene.name, scene.session_uid, len(scene.chatpose.history), scene.chatpose.prompt)
+        _state.saved_unanswered.append(before)
+        append_history(
+            scene,
+            chat.exchange(job.prompt, UNANSWERED_AT_SAVE, attachment=job.attachment, failed=True),
+        )
+        _give_prompt_back(scene, job.prompt)
+
+
+@bpy.app.handlers.persistent
+def _on_save_post(*_args) -> None:
+    """Takes back what `_on_save_pre` wrote, latest first, so each scene ends as it was."""
+    while _state.saved_unanswered:
+        name, uid, length, prompt = _state.saved_unanswered.pop()
+        scene = _find(bpy.data.scenes, name, uid)
+        if scene is None:
+            continue
+        history = scene.chatpose.history
+        while len(history) > length:
+            history.remove(len(history) - 1)
+        scene.chatpose.prompt = prompt
+
+
+FILE_HANDLERS = (
+    (bpy.app.handlers.load_pre, _on_load_pre),
+    (bpy.app.handlers.save_pre, _on_save_pre),
+    (bpy.app.handlers.save_post, _on_save_post),
+    (bpy.app.handlers.save_post_fail, _on_save_post),
+)
+
+
 def register() -> None:
-    if _on_load_pre not in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.append(_on_load_pre)
+    for handlers, handler in FILE_HANDLERS:
+        if handler not in handlers:
+            handlers.append(handler)
 
 
 def unregister() -> None:
     """Stops the timer, closes the session and stops a local service started here."""
     if bpy.app.timers.is_registered(timer_tick):
         bpy.app.timers.unregister(timer_tick)
-    if _on_load_pre in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    for handlers, handler in FILE_HANDLERS:
+        if handler in handlers:
+            handlers.remove(handler)
     if _state.status_bar:
         _set_status_text(None)
     for job in pending_jobs():  # their answers will not come: the prompts go back to be sent

@@ -720,6 +720,33 @@ def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     assert "SMPL" not in bpy.data.objects
 
 
+def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted_service, tmp_path):
+    # Saved, then Blender quits before the answer: the file still holds what was asked.
+    _, backend = _send_while_held(scripted_service, "kneel on one knee")
+    scene = bpy.context.scene
+    props.append_history(scene, chat.exchange("wave", "ok", poses=1))
+    scene.chatpose.prompt = ""
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "saved.blend"))
+    # In this session nothing changed: the field is as it was, the answer still comes.
+    assert scene.chatpose.prompt == ""
+    assert [m.text for m in props.history_messages(scene)] == ["wave", "ok"]
+    backend.release()
+    drive(idle)
+    assert_pose(armature, pose_for("kneel on one knee"))
+    name = armature.name
+    assert [m.role for m in props.history_messages(scene)] == ["user", "assistant"] * 2
+
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "saved.blend"))
+    saved = bpy.context.scene
+    assert saved.chatpose.prompt == "kneel on one knee"  # to send again
+    messages = props.history_messages(saved)
+    assert [(m.role, m.text) for m in messages[2:]] == [
+        ("user", "kneel on one knee"),
+        (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+    ]
+    np.testing.assert_allclose(read_pose(bpy.data.objects[name]).axis_angle, 0, atol=1e-6)
+
+
 def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)

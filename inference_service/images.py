@@ -37,10 +37,10 @@ def check_image(data: bytes, field: str = "image") -> None:
 
 class CropBox(NamedTuple):
     """A square around a person, in the upright picture's pixels, as HMR-style data gives
-    one per image (its `center`, and 200 × its `scale` for the side)."""
+    one per image (docs/training.md)."""
 
-    x: float  # the centre
-    y: float
+    center_x: float
+    center_y: float
     side: float
 
 
@@ -62,19 +62,20 @@ def decode_image(
         span = image.size if box is None else (box.side, box.side)
         factor = _reduction(span, min_side)
         if factor > 1 and image.format == "JPEG":
-            image.draft(None, (image.width // factor, image.height // factor))
+            image.draft(None, (max(1, image.width // factor), max(1, image.height // factor)))
         image.load()  # decode now: truncated files fail here, not inside the model
-        scale = image.width / stored_width  # what the JPEG draft reduced by
+        draft_ratio = image.width / stored_width  # what the JPEG draft reduced the pixels by
         rgb = _as_rgb(_upright(image))
     if box is not None:
-        rgb = _cropped(rgb, box, scale)
+        rgb = _cropped(rgb, box, draft_ratio)
     factor = _reduction(rgb.size, min_side)
     return rgb.reduce(factor) if factor > 1 else rgb
 
 
-def _cropped(image: Image.Image, box: CropBox, scale: float) -> Image.Image:
-    half = box.side * scale / 2
-    left, top = round(box.x * scale - half), round(box.y * scale - half)
+def _cropped(image: Image.Image, box: CropBox, draft_ratio: float) -> Image.Image:
+    half = box.side * draft_ratio / 2
+    left = round(box.center_x * draft_ratio - half)
+    top = round(box.center_y * draft_ratio - half)
     side = max(1, round(2 * half))
     return image.crop((left, top, left + side, top + side))  # black outside the picture
 
@@ -82,7 +83,7 @@ def _cropped(image: Image.Image, box: CropBox, scale: float) -> Image.Image:
 def _reduction(size: tuple[int, int], min_side: int | None) -> int:
     """The whole factor that keeps the short side of `size` at least twice `min_side`, so
     the processor's own resampling still does the last step."""
-    return 1 if min_side is None else max(1, min(size) // (2 * min_side))
+    return 1 if min_side is None else max(1, int(min(size) // (2 * min_side)))
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -10,7 +10,7 @@ Data formats (`--data`, repeatable):
     posescript CAPTIONS.json poses=POSES.npz [z_up=true|false] [ids=SPLIT.json] [phrasing=...]
     posescript CAPTIONS.json amass=AMASS_DIR index=INDEX.json [ids=SPLIT.json]
         [missing=error|skip] [phrasing=...]   (PoseScript's release, its poses read from AMASS)
-    pairs POSES.npz [images=DIR] [frame=upright|camera] [crop=box|none] [phrasing=...]
+    pairs POSES.npz [images=DIR] [frame=upright|camera] [crop=auto|hmr|pixels|none] [phrasing=...]
     llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FORMAT PATH [KEY=VALUE ...]: posescript CAPTIONS.json poses=POSES.npz"
         " [z_up=true|false] [ids=SPLIT.json] | posescript CAPTIONS.json amass=AMASS_DIR"
         " index=INDEX.json [ids=SPLIT.json] [missing=error|skip] | pairs POSES.npz [images=DIR]"
-        " [frame=upright|camera] [crop=box|none]"
+        " [frame=upright|camera] [crop=auto|hmr|pixels|none]"
         " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
         " | corpus CORPUS.npz [split=train]; repeatable",
     )

@@ -96,9 +96,10 @@ class _State:
     # Popups a timer tick asked for, shown as one when it ends (None: outside a tick): a
     # service that dies with five requests in flight is one popup, not five.
     popups: list | None = None
-    # What _on_save_pre wrote for the answers still to come, taken back by _on_save_post:
+    # What _on_save_pre changed for the answers still to come, for _on_save_post to take back:
     # (scene name, its session uid, its history's length and its prompt before).
-    saved_unanswered: list = field(default_factory=list)
+    restore_after_save: list = field(default_factory=list)
+    saves_running: int = 0  # a handler of another add-on may save (a backup) within a save
 
 
 _state = _State()
@@ -911,7 +912,9 @@ def _on_load_pre(*_args) -> None:
 
 # Written into a file saved while a request is on its way: a file opened later never gets
 # that answer.
-UNANSWERED_AT_SAVE = "Not answered yet when this file was saved; send it again if no pose came."
+UNANSWERED_AT_SAVE = (
+    "No answer applied yet when this file was saved; send it again if no pose came."
+)
 
 
 @bpy.app.handlers.persistent
@@ -919,8 +922,11 @@ def _on_save_pre(*_args) -> None:
     """The file is being saved with answers still to come: it keeps their prompts as a failed
     request keeps its prompt (in the chat history, and back in the prompt field where that is
     empty), so that the file, opened after Blender quit, still holds what was asked. Taken back
-    once saved (`_on_save_post`): in this session the answers still come."""
-    _state.saved_unanswered = []
+    once saved (`_on_save_post`): in this session the answers still come. A save within a
+    save (another add-on's backup) saves what the outer one wrote."""
+    _state.saves_running += 1
+    if _state.saves_running > 1:
+        return
     jobs = [
         *pending_jobs(),
         *(o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed)),
@@ -929,8 +935,9 @@ def _on_save_pre(*_args) -> None:
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is None:
             continue
-        before = (scene.name, scene.session_uid, len(scene.chatpose.history), scene.chatpose.prompt)
-        _state.saved_unanswered.append(before)
+        settings = scene.chatpose
+        before = (scene.name, scene.session_uid, len(settings.history), settings.prompt)
+        _state.restore_after_save.append(before)
         append_history(
             scene,
             chat.exchange(job.prompt, UNANSWERED_AT_SAVE, attachment=job.attachment, failed=True),
@@ -941,8 +948,11 @@ def _on_save_pre(*_args) -> None:
 @bpy.app.handlers.persistent
 def _on_save_post(*_args) -> None:
     """Takes back what `_on_save_pre` wrote, latest first, so each scene ends as it was."""
-    while _state.saved_unanswered:
-        name, uid, length, prompt = _state.saved_unanswered.pop()
+    _state.saves_running = max(0, _state.saves_running - 1)
+    if _state.saves_running:
+        return
+    while _state.restore_after_save:
+        name, uid, length, prompt = _state.restore_after_save.pop()
         scene = _find(bpy.data.scenes, name, uid)
         if scene is None:
             continue

@@ -71,6 +71,7 @@ NUM_JOINTS = 24
 # The image marker of LLaVA's data files; stripped from questions (images travel as bytes).
 LLAVA_IMAGE_MARKER = "<image>"
 PHRASING_MODES = ("mixed", "release", "chat")
+CROP_MODES = ("auto", "hmr", "pixels", "none")  # read_image_pose_pairs' `crop`
 
 # (question, answer) templates; index 0 is the paper's (what the service asks at inference).
 # Text questions take {description} (the caption without its final punctuation).
@@ -350,6 +351,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 "global_orient",
                 "body_pose",
                 "has_body_pose",
+                "center",
+                "scale",
                 "ids",
                 "images",
                 "imgname",
@@ -462,9 +465,33 @@ def _string_array(
     return [str(item) for item in value]
 
 
-def _crop_boxes(path: Path, arrays: Mapping[str, np.ndarray], length: int) -> list[CropBox] | None:
-    """HMR-style boxes, one per frame (`center` in pixels, `scale` × 200 the side, its larger
-    value when it has one per axis, as 4DHumans' files do); None without them."""
+# The units of HMR-style data's `scale`, by `crop=`: SPIN's and HMR's files give the box's side
+# / 200; 4DHumans' files give it in pixels (their reader divides by 200 itself).
+BOX_UNITS = {"hmr": 200.0, "pixels": 1.0}
+# A box side outside these bounds, against the picture's longer side, is a unit mistaken.
+MIN_BOX_SIDE_PX = 8
+MAX_BOX_SIDE_TIMES = 4
+
+
+def box_units(arrays: Mapping[str, np.ndarray], crop: str) -> str | None:
+    """`crop` (auto, hmr, pixels, none) -> the units of the file's `scale`, or None to use
+    the images whole. auto: pixels in 4DHumans' layout (`has_body_pose`, or a `body_pose`
+    of 72 with no `global_orient`), hmr otherwise."""
+    if crop == "none":
+        return None
+    if crop != "auto":
+        return crop
+    four_d_humans = "has_body_pose" in arrays or (
+        "body_pose" in arrays and "global_orient" not in arrays
+    )
+    return "pixels" if four_d_humans else "hmr"
+
+
+def _crop_boxes(
+    path: Path, arrays: Mapping[str, np.ndarray], length: int, rows: Sequence[int], units: str
+) -> dict[int, CropBox] | None:
+    """HMR-style boxes of the frames `rows`: `center` (N, 2) in pixels and `scale` (N,) or,
+    one per axis, (N, 2), whose larger value gives the side (in `units`); None without them."""
     if "center" not in arrays and "scale" not in arrays:
         return None
     if "center" not in arrays or "scale" not in arrays:
@@ -473,29 +500,57 @@ def _crop_boxes(path: Path, arrays: Mapping[str, np.ndarray], length: int) -> li
             f"{path}: has '{given}' but no '{lacking}'; a box needs both (or crop=none to "
             "use the images whole)"
         )
-    centre, scale = arrays["center"], arrays["scale"]
-    if centre.shape != (length, 2) or centre.dtype.kind not in "iuf":
-        raise DatasetError(f"{path}: 'center' must be ({length}, 2) pixels, got {centre.shape}")
-    if scale.ndim == 2 and scale.shape[1] in (1, 2):
-        scale = scale.max(axis=1)
-    if scale.shape != (length,) or scale.dtype.kind not in "iuf":
+    center, scale = arrays["center"], arrays["scale"]
+    if center.shape != (length, 2) or center.dtype.kind not in "iuf":
         raise DatasetError(
-            f"{path}: 'scale' must be ({length},) or ({length}, 2), got {arrays['scale'].shape}"
+            f"{path}: 'center' must be ({length}, 2) numbers, got {center.shape} {center.dtype}"
         )
-    bad = ~(np.isfinite(centre).all(axis=1) & np.isfinite(scale) & (scale > 0))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+    if scale.dtype.kind not in "iuf" or scale.shape not in ((length,), (length, 1), (length, 2)):
         raise DatasetError(
-            f"{path}: frame {row}: its box (center {centre[row].tolist()}, scale "
-            f"{arrays['scale'][row].tolist()}) is not finite and positive"
+            f"{path}: 'scale' must be ({length},) or ({length}, 2) numbers, got {scale.shape} "
+            f"{scale.dtype}"
         )
-    sides = 200 * scale
-    return [
-        CropBox(float(x), float(y), float(side)) for (x, y), side in zip(centre, sides, strict=True)
-    ]
+    sides = scale.reshape(length, -1).max(axis=1) * BOX_UNITS[units]
+    boxes = {}
+    for row in rows:
+        (x, y), side = center[row], sides[row]
+        if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(side) and side > 0):
+            raise DatasetError(
+                f"{path}: frame {row}: its box (center {center[row].tolist()}, scale "
+                f"{scale[row].tolist()}) is not finite and positive"
+            )
+        boxes[row] = CropBox(float(x), float(y), float(side))
+    return boxes
 
 
-def _read_image(folder: Path, name: str, where: str, box: CropBox | None = None) -> ImageFile:
+def _check_box(box: CropBox, size: tuple[int, int], units: str, where: str, path: Path) -> None:
+    what = (
+        f"its box (center {box.center_x:g}, {box.center_y:g}, side {box.side:g} px) "
+        f"and the {size[0]} x {size[1]} picture {path}"
+    )
+    other = next(name for name in BOX_UNITS if name != units)
+    if not MIN_BOX_SIDE_PX <= box.side <= MAX_BOX_SIDE_TIMES * max(size):
+        problem = "too small" if box.side < MIN_BOX_SIDE_PX else "far larger than the picture"
+        raise DatasetError(
+            f"{where}: {what}: the box is {problem}; 'scale' was read in {units} units "
+            f"(crop={units}); if it is in {other} units, give crop={other}"
+        )
+    half = box.side / 2
+    inside = all(
+        center + half > 0 and center - half < extent
+        for center, extent in ((box.center_x, size[0]), (box.center_y, size[1]))
+    )
+    if not inside:
+        raise DatasetError(f"{where}: {what}: the box lies outside the picture")
+
+
+def _read_image(
+    folder: Path,
+    name: str,
+    where: str,
+    box: CropBox | None = None,
+    units: str | None = None,  # the box's `BOX_UNITS`, for the message on one that does not fit
+) -> ImageFile:
     path = folder / name
     try:
         data = path.read_bytes()
@@ -509,20 +564,9 @@ def _read_image(folder: Path, name: str, where: str, box: CropBox | None = None)
         picture = decode_image(data, field=str(path))
     except BadImageError as exc:  # its message says why: not an image, too long, too large
         raise DatasetError(f"{where}: {exc}") from None
-    if box is not None and not _overlaps(box, picture.size):
-        raise DatasetError(
-            f"{where}: its box (centre {box.x:g}, {box.y:g}, side {box.side:g} px) lies outside "
-            f"the {picture.width} x {picture.height} picture {path}"
-        )
+    if box is not None:
+        _check_box(box, picture.size, units or "hmr", where, path)
     return ImageFile(path, hashlib.sha256(data).hexdigest(), box)
-
-
-def _overlaps(box: CropBox, size: tuple[int, int]) -> bool:
-    half = box.side / 2
-    return all(
-        centre + half > 0 and centre - half < extent
-        for centre, extent in ((box.x, size[0]), (box.y, size[1]))
-    )
 
 
 # --- global orientation -----------------------------------------------------------------------
@@ -777,7 +821,7 @@ def read_image_pose_pairs(
     *,
     images: str | os.PathLike | None = None,
     camera_frame: bool = False,
-    crop: bool = True,
+    crop: str = "auto",
     phrasing: str = "mixed",
     seed: int = 0,
     wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
@@ -789,10 +833,11 @@ def read_image_pose_pairs(
     `imgname`), one per frame, relative to `images` (default: the .npz's folder).
     `camera_frame`: the global orientations are in HMR's camera frame (+Y down), as in
     HMR-style data; they are turned into the upright one (`camera_to_upright`).
-    `crop`: HMR-style data's boxes, `center` (N, 2) and `scale` (N,) or (N, 2) in pixels
-    / 200, are applied: each image is cropped to the square of side 200 × max(scale) around
-    its centre, the person the pose belongs to. False: the images are used whole (crops
-    already made).
+    `crop`: HMR-style data's boxes, `center` (N, 2) in pixels and `scale` (N,) or (N, 2),
+    are applied: each image is cropped to the square around `center` whose side is the
+    larger `scale`, read in `BOX_UNITS` (hmr: the side / 200, as SPIN's files; pixels, as
+    4DHumans' files; auto: by the file's layout, `box_units`). "none": the images are used
+    whole (crops already made).
     """
     poses_path = Path(poses)
     folder = Path(images) if images is not None else poses_path.parent
@@ -820,7 +865,8 @@ def read_image_pose_pairs(
                 "without a pose (has_body_pose 0)",
                 file=sys.stderr,
             )
-    boxes = _crop_boxes(poses_path, arrays, len(names)) if crop else None
+    units = box_units(arrays, crop)
+    boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
     phraser = Phraser(phrasing, seed, wording)
     examples = []
     for row in rows:
@@ -828,7 +874,8 @@ def read_image_pose_pairs(
         where = f"{poses_path}: frame {row}"
         if not name.strip():
             raise DatasetError(f"{where}: empty image file name")
-        image = _read_image(folder, name, where, None if boxes is None else boxes[row])
+        box = None if boxes is None else boxes[row]
+        image = _read_image(folder, name, where, box, units)
         question, answer = phraser.image()
         examples.append(
             Example(
@@ -1119,8 +1166,10 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
             )
         if "missing" in options and "amass" not in options:
             raise ValueError("--data posescript: missing= goes with amass=")
-    if options.get("crop", "box") not in ("box", "none"):
-        raise ValueError(f"--data {fmt}: crop= takes box or none, not {options['crop']!r}")
+    if options.get("crop", "auto") not in CROP_MODES:
+        raise ValueError(
+            f"--data {fmt}: crop= takes {', '.join(CROP_MODES)}, not {options['crop']!r}"
+        )
     if options.get("frame", "upright") not in ("upright", "camera"):
         raise ValueError(f"--data {fmt}: frame= takes upright or camera, not {options['frame']!r}")
     return DataSpec(fmt, path, options)
@@ -1162,7 +1211,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             spec.path,
             images=options.get("images"),
             camera_frame=options.get("frame") == "camera",
-            crop=options.get("crop", "box") == "box",
+            crop=options.get("crop", "auto"),
             phrasing=phrasing,
             seed=seed,
             wording=wording,

@@ -69,12 +69,16 @@ class TowerPoseModel(torch.nn.Module):
         return self.head(self.projector(tokens).mean(dim=1))
 
 
-def pixel_values(processor, examples: list[Example], chunk: int = 256) -> torch.Tensor:
+def pixel_values(
+    processor, examples: list[Example], min_side: int, chunk: int = 256
+) -> torch.Tensor:
     """Every example's first image through the checkpoint's image processor, once (float16:
-    half the memory; 9,557 demo renders at 64 px take 235 MB)."""
+    half the memory; 9,557 demo renders at 64 px take 235 MB), decoded as a batch decodes it
+    (`min_side` the tower's input size)."""
     values = []
     for start in range(0, len(examples), chunk):
-        images = [load_image(e.images[0]) for e in examples[start : start + chunk]]
+        batch_examples = examples[start : start + chunk]
+        images = [load_image(e.images[0], min_side) for e in batch_examples]
         batch = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         values.append(batch.to(torch.float16))
     return torch.cat(values)
@@ -101,7 +105,7 @@ def pretrain_tower(
     poses = np.stack([e.poses[0] for e in examples]).astype(np.float32)
     torch.manual_seed(seed)
     model = TowerPoseModel(llava, poses).train()
-    pixels = pixel_values(processor, examples)
+    pixels = pixel_values(processor, examples, llava.config.vision_config.image_size)
     targets = torch.from_numpy(poses)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

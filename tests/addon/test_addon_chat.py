@@ -747,6 +747,47 @@ def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted
     np.testing.assert_allclose(read_pose(bpy.data.objects[name]).axis_angle, 0, atol=1e-6)
 
 
+def test_saves_within_a_save_keep_every_prompt_and_the_scene_as_it_was(
+    armature, scripted_service, tmp_path
+):
+    _, backend = _send_while_held(scripted_service, "kneel on one knee")
+    scene = bpy.context.scene
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    scene.chatpose.prompt = "typed since"  # not overwritten, here or in the file
+    backup = tmp_path / "backup.blend"
+
+    backups = []
+
+    def back_up(*_args):  # another add-on's backup: a save within the save
+        if not backups:
+            backups.append(backup)
+            bpy.ops.wm.save_as_mainfile(filepath=str(backup), copy=True)
+
+    bpy.app.handlers.save_pre.append(back_up)
+    try:
+        bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "saved.blend"))
+    finally:
+        bpy.app.handlers.save_pre.remove(back_up)
+    assert backup.exists()
+    assert scene.chatpose.prompt == "typed since"
+    assert len(scene.chatpose.history) == 0
+    backend.release()
+    drive(idle)
+    assert [m.role for m in props.history_messages(scene)] == ["user", "assistant"] * 2
+
+    for path in (tmp_path / "saved.blend", backup):
+        bpy.ops.wm.open_mainfile(filepath=str(path))
+        saved = bpy.context.scene
+        assert saved.chatpose.prompt == "typed since"
+        assert [(m.role, m.text) for m in props.history_messages(saved)] == [
+            ("user", "kneel on one knee"),
+            (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+            ("user", "wave"),
+            (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+        ]
+
+
 def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)

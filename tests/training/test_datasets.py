@@ -405,8 +405,8 @@ def test_4dhumans_pairs_leave_out_frames_without_a_pose(tmp_path, capsys):
         body_pose=POSES[:3].reshape(3, 72),
         has_body_pose=np.array([1.0, 0.0, 1.0]),
         imgname=np.array(["a.png", "b.png", "c.png"]),
-        center=np.zeros((3, 2)),
-        scale=np.ones(3),
+        center=np.full((3, 2), 8.0),
+        scale=np.full(3, 16.0),
     )
     examples = read_image_pose_pairs(path)
     assert [e.source.rsplit("#", 1)[1] for e in examples] == ["0", "2"]
@@ -425,13 +425,13 @@ def halves(size=(100, 60)) -> Image.Image:
 def test_hmr_style_boxes_crop_each_image_to_its_person(tmp_path):
     halves().save(tmp_path / "a.png")
     halves().save(tmp_path / "b.jpg", quality=95)
-    path = tmp_path / "boxes.npz"
+    path = tmp_path / "spin.npz"  # SPIN's layout: `scale` is the box's side / 200
     np.savez(
         path,
         poses=POSES[:2].reshape(2, 72),
         imgname=np.array(["a.png", "b.jpg"]),
         center=np.array([[75.0, 30.0], [25.0, 30.0]]),
-        scale=np.array([[0.2, 0.1], [0.35, 0.1]]),  # 4DHumans' per axis: the larger one counts
+        scale=np.array([0.2, 0.35]),
     )
     right, wide = (load_image(e.images[0]) for e in read_image_pose_pairs(path))
     # Frame 0: the 40-px square around (75, 30), inside the blue half.
@@ -453,8 +453,33 @@ def test_hmr_style_boxes_crop_each_image_to_its_person(tmp_path):
     assert image_sha256(whole[0].images[0]) != image_sha256(
         read_image_pose_pairs(path)[0].images[0]
     )
-    with pytest.raises(ValueError, match="crop= takes box or none, not 'yes'"):
+    with pytest.raises(ValueError, match="crop= takes auto, hmr, pixels, none, not 'yes'"):
         parse_data_spec(["pairs", str(path), "crop=yes"])
+
+
+def test_4dhumans_boxes_are_in_pixels(tmp_path):
+    # 4DHumans' files give `scale` in pixels, one per axis (their reader divides by 200).
+    halves().save(tmp_path / "a.png")
+    path = tmp_path / "4dhumans.npz"
+    np.savez(
+        path,
+        body_pose=POSES[:2].reshape(2, 72),
+        has_body_pose=np.array([1, 0]),
+        imgname=np.array(["a.png", "a.png"]),
+        center=np.array([[75.0, 30.0], [np.nan, 0.0]]),  # a frame left out: its box unread
+        scale=np.array([[40.0, 20.0], [0.0, 0.0]]),
+    )
+    (boxed,) = read_image_pose_pairs(path)
+    assert boxed.images[0].box == (75.0, 30.0, 40.0)
+    assert (np.asarray(load_image(boxed.images[0])) == (0, 0, 255)).all()
+    # Said otherwise, the same numbers are the side / 200: a box 40 times the picture.
+    with pytest.raises(
+        DatasetError,
+        match=r"4dhumans\.npz: frame 0: its box \(center 75, 30, side 8000 px\) and the 100 x 60 "
+        r"picture .*a\.png: the box is far larger than the picture; 'scale' was read in hmr "
+        r"units \(crop=hmr\); if it is in pixels units, give crop=pixels",
+    ):
+        load_data(parse_data_spec(["pairs", str(path), "crop=hmr"]))
 
 
 def test_hmr_style_boxes_errors(tmp_path):
@@ -467,20 +492,26 @@ def test_hmr_style_boxes_errors(tmp_path):
 
     with pytest.raises(DatasetError, match=r"b\.npz: has 'center' but no 'scale'; .*crop=none"):
         read(center=np.zeros((1, 2)))
-    with pytest.raises(DatasetError, match=r"b\.npz: 'center' must be \(1, 2\) pixels, got \(2,\)"):
+    with pytest.raises(
+        DatasetError, match=r"b\.npz: 'center' must be \(1, 2\) numbers, got \(2,\)"
+    ):
         read(center=np.zeros(2), scale=np.ones(1))
-    with pytest.raises(DatasetError, match=r"b\.npz: 'scale' must be \(1,\) or \(1, 2\)"):
+    with pytest.raises(DatasetError, match=r"b\.npz: 'scale' must be \(1,\) or \(1, 2\) numbers"):
         read(center=np.zeros((1, 2)), scale=np.ones((1, 3)))
+    with pytest.raises(DatasetError, match=r"'scale' must be .* numbers, got \(1, 2\) <U1"):
+        read(center=np.zeros((1, 2)), scale=np.array([["a", "b"]]))
     with pytest.raises(DatasetError, match=r"frame 0: its box \(center \[0.0, nan\], scale 1.0\)"):
         read(center=np.array([[0.0, np.nan]]), scale=np.ones(1))
     with pytest.raises(DatasetError, match=r"frame 0: its box .*scale 0.0\) is not finite and pos"):
         read(center=np.zeros((1, 2)), scale=np.zeros(1))
     with pytest.raises(
         DatasetError,
-        match=r"b\.npz: frame 0: its box \(centre 300, 30, side 100 px\) lies outside the "
-        r"100 x 60 picture .*a\.png",
+        match=r"b\.npz: frame 0: its box \(center 300, 30, side 100 px\) and the 100 x 60 "
+        r"picture .*a\.png: the box lies outside the picture",
     ):
         read(center=np.array([[300.0, 30.0]]), scale=np.array([0.5]))
+    with pytest.raises(DatasetError, match=r"the box is too small; .*give crop=hmr"):
+        load_data(parse_data_spec(["pairs", str(tmp_path / "b.npz"), "crop=pixels"]))
 
 
 def test_image_pose_pairs_errors(tmp_path):

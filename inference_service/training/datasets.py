@@ -351,6 +351,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 "global_orient",
                 "body_pose",
                 "has_body_pose",
+                "pose",
+                "has_smpl",
                 "center",
                 "scale",
                 "ids",
@@ -373,7 +375,8 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
     beside them, the body's 66 and those), or (N, 24, 3). Without `poses`, SMPL's parameters
     as HMR-style data stores them: `global_orient` and `body_pose`, axis-angle ((N, 3) and
     (N, 69)) or rotation matrices ((N, 1, 3, 3) and (N, 23, 3, 3)), or a `body_pose` of
-    (N, 72) alone, the global orientation first (4DHumans' files). Other arrays (trans,
+    (N, 72) alone, the global orientation first (4DHumans' files), or SPIN's `pose` of
+    (N, 72). Other arrays (trans,
     betas, mocap_framerate, ...) are not needed and not read. The poses are returned as
     stored: `read_posescript`'s `z_up` turns a Z-up file's global orientation.
     """
@@ -383,8 +386,12 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         arrays = {**arrays, "poses": _smpl_parameters(path, arrays)}
     elif "poses" not in arrays and arrays.get("body_pose", np.empty(0)).shape[1:] == (72,):
         arrays = {**arrays, "poses": arrays["body_pose"]}
+    elif "poses" not in arrays and arrays.get("pose", np.empty(0)).shape[1:] == (72,):
+        arrays = {**arrays, "poses": arrays["pose"]}
     if "poses" not in arrays:
-        raise DatasetError(f"{path}: no 'poses' array (nor 'global_orient' and 'body_pose')")
+        raise DatasetError(
+            f"{path}: no 'poses' array (nor 'global_orient' and 'body_pose', nor 'pose')"
+        )
     poses = arrays["poses"]
     if poses.dtype.kind not in "iuf":
         raise DatasetError(f"{path}: 'poses' must hold numbers, got dtype {poses.dtype}")
@@ -852,17 +859,19 @@ def read_image_pose_pairs(
         )
     names = _string_array(arrays, key, poses_path, len(pose_array))
     rows = range(len(names))
-    if "has_body_pose" in arrays:  # 4DHumans' files: frames without a true pose say so
-        flags = arrays["has_body_pose"]
+    # 4DHumans' and SPIN's files: frames without a true pose say so.
+    flag = next((key for key in ("has_body_pose", "has_smpl") if key in arrays), None)
+    if flag is not None:
+        flags = arrays[flag]
         if flags.shape != (len(names),) or flags.dtype.kind not in "biuf":
             raise DatasetError(
-                f"{poses_path}: 'has_body_pose' must be (N,) flags, got shape {flags.shape}"
+                f"{poses_path}: '{flag}' must be (N,) flags, got shape {flags.shape}"
             )
         rows = np.flatnonzero(flags > 0)
         if len(rows) < len(names):
             print(
                 f"note: {poses_path}: left out {len(names) - len(rows)} of {len(names)} frames "
-                "without a pose (has_body_pose 0)",
+                f"without a pose ({flag} 0)",
                 file=sys.stderr,
             )
     units = box_units(arrays, crop)

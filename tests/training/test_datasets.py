@@ -457,6 +457,28 @@ def test_hmr_style_boxes_crop_each_image_to_its_person(tmp_path):
         parse_data_spec(["pairs", str(path), "crop=yes"])
 
 
+def test_spin_pairs_pose_has_smpl_and_boxes_of_the_side_over_200(tmp_path, capsys):
+    # SPIN's files (dataset_extras/*.npz): `pose` (N, 72) in the camera frame, `has_smpl` 0
+    # for frames without a fit, `scale` the box's side / 200.
+    halves().save(tmp_path / "a.png")
+    path = tmp_path / "spin.npz"
+    np.savez(
+        path,
+        pose=POSES[:2].reshape(2, 72),
+        shape=np.zeros((2, 10)),
+        has_smpl=np.array([0.0, 1.0]),
+        imgname=np.array(["a.png", "a.png"]),
+        center=np.array([[0.0, 0.0], [75.0, 30.0]]),
+        scale=np.array([0.0, 0.2]),  # the frame left out has no box to read
+    )
+    (example,) = load_data(parse_data_spec(["pairs", str(path), "frame=camera"]))
+    assert example.source.endswith("#1")
+    np.testing.assert_allclose(example.pose[0], camera_to_upright(POSES[1, 0]), atol=1e-9)
+    np.testing.assert_array_equal(example.pose[1:], POSES[1, 1:])
+    assert example.images[0].box == (75.0, 30.0, 40.0)
+    assert "left out 1 of 2 frames without a pose (has_smpl 0)" in capsys.readouterr().err
+
+
 def test_4dhumans_boxes_are_in_pixels(tmp_path):
     # 4DHumans' files give `scale` in pixels, one per axis (their reader divides by 200).
     halves().save(tmp_path / "a.png")

@@ -886,6 +886,8 @@ def _watch_local_service() -> None:
 @bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
     """A file is being loaded: answers in flight belong to the old one."""
+    _state.saves_running = 0  # a save whose end was never reported is over by now
+    _state.restore_after_save.clear()
     d = _state.dispatcher
     if d is None:
         return
@@ -918,15 +920,17 @@ UNANSWERED_AT_SAVE = (
 
 
 @bpy.app.handlers.persistent
-def _on_save_pre(*_args) -> None:
+def _on_save_pre(filepath: str = "", *_args) -> None:
     """The file is being saved with answers still to come: it keeps their prompts as a failed
     request keeps its prompt (in the chat history, and back in the prompt field where that is
     empty), so that the file, opened after Blender quit, still holds what was asked. Taken back
     once saved (`_on_save_post`): in this session the answers still come. A save within a
-    save (another add-on's backup) saves what the outer one wrote."""
+    save (another add-on's backup) saves what the outer one wrote. The startup file (saved
+    with no path) is left as it is: every new file would start with these prompts."""
     _state.saves_running += 1
-    if _state.saves_running > 1:
+    if _state.saves_running > 1 or not filepath:
         return
+    _state.restore_after_save.clear()
     jobs = [
         *pending_jobs(),
         *(o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed)),

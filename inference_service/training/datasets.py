@@ -39,6 +39,7 @@ image alone), as a user types it, with the service's answer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -484,14 +485,19 @@ def box_units(arrays: Mapping[str, np.ndarray], crop: str) -> str | None:
     """`crop` (auto, hmr, pixels, none) -> the units of the file's `scale`, or None to use
     the images whole. auto: pixels in 4DHumans' layout (`has_body_pose`, or a `body_pose`
     of 72 with no `global_orient`), hmr otherwise."""
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop: expected one of {', '.join(CROP_MODES)}, got {crop!r}")
     if crop == "none":
         return None
     if crop != "auto":
         return crop
-    four_d_humans = "has_body_pose" in arrays or (
-        "body_pose" in arrays and "global_orient" not in arrays
+    return "pixels" if _four_d_humans_layout(arrays) else "hmr"
+
+
+def _four_d_humans_layout(arrays: Mapping[str, np.ndarray]) -> bool:
+    return "has_body_pose" in arrays or (
+        arrays.get("body_pose", np.empty(0)).shape[1:] == (72,) and "global_orient" not in arrays
     )
-    return "pixels" if four_d_humans else "hmr"
 
 
 def _crop_boxes(
@@ -517,11 +523,15 @@ def _crop_boxes(
             f"{path}: 'scale' must be ({length},) or ({length}, 2) numbers, got {scale.shape} "
             f"{scale.dtype}"
         )
-    sides = scale.reshape(length, -1).max(axis=1) * BOX_UNITS[units]
+    per_axis = scale.reshape(length, -1)
+    sides = per_axis.max(axis=1) * BOX_UNITS[units]
     boxes = {}
     for row in rows:
         (x, y), side = center[row], sides[row]
-        if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(side) and side > 0):
+        if (
+            not (np.isfinite(center[row]).all() and np.isfinite(per_axis[row]).all())
+            or not (per_axis[row] > 0).all()
+        ):
             raise DatasetError(
                 f"{path}: frame {row}: its box (center {center[row].tolist()}, scale "
                 f"{scale[row].tolist()}) is not finite and positive"
@@ -530,7 +540,15 @@ def _crop_boxes(
     return boxes
 
 
-def _check_box(box: CropBox, size: tuple[int, int], units: str, where: str, path: Path) -> None:
+# How `scale` is read, by its units (BOX_UNITS), for messages.
+UNITS_READ = {"hmr": "the side / 200", "pixels": "the side in pixels"}
+
+
+def _check_box(
+    box: CropBox, size: tuple[int, int], units: str, crop: str, where: str, path: Path
+) -> None:
+    """DatasetError for a box that cannot be the person's in this picture; `units` the
+    `BOX_UNITS` it was read in, by `crop` (which may be auto)."""
     what = (
         f"its box (center {box.center_x:g}, {box.center_y:g}, side {box.side:g} px) "
         f"and the {size[0]} x {size[1]} picture {path}"
@@ -538,9 +556,10 @@ def _check_box(box: CropBox, size: tuple[int, int], units: str, where: str, path
     other = next(name for name in BOX_UNITS if name != units)
     if not MIN_BOX_SIDE_PX <= box.side <= MAX_BOX_SIDE_TIMES * max(size):
         problem = "too small" if box.side < MIN_BOX_SIDE_PX else "far larger than the picture"
+        how = "crop=auto, by the file's layout" if crop == "auto" else f"crop={units}"
         raise DatasetError(
-            f"{where}: {what}: the box is {problem}; 'scale' was read in {units} units "
-            f"(crop={units}); if it is in {other} units, give crop={other}"
+            f"{where}: {what}: the box is {problem}; 'scale' was read as {UNITS_READ[units]} "
+            f"({how}); if it is {UNITS_READ[other]}, give crop={other}"
         )
     half = box.side / 2
     inside = all(
@@ -551,13 +570,8 @@ def _check_box(box: CropBox, size: tuple[int, int], units: str, where: str, path
         raise DatasetError(f"{where}: {what}: the box lies outside the picture")
 
 
-def _read_image(
-    folder: Path,
-    name: str,
-    where: str,
-    box: CropBox | None = None,
-    units: str | None = None,  # the box's `BOX_UNITS`, for the message on one that does not fit
-) -> ImageFile:
+def _read_image(folder: Path, name: str, where: str) -> tuple[ImageFile, tuple[int, int]]:
+    """The image file, checked to decode, and its upright size."""
     path = folder / name
     try:
         data = path.read_bytes()
@@ -571,9 +585,7 @@ def _read_image(
         picture = decode_image(data, field=str(path))
     except BadImageError as exc:  # its message says why: not an image, too long, too large
         raise DatasetError(f"{where}: {exc}") from None
-    if box is not None:
-        _check_box(box, picture.size, units or "hmr", where, path)
-    return ImageFile(path, hashlib.sha256(data).hexdigest(), box)
+    return ImageFile(path, hashlib.sha256(data).hexdigest()), picture.size
 
 
 # --- global orientation -----------------------------------------------------------------------
@@ -827,7 +839,7 @@ def read_image_pose_pairs(
     poses: str | os.PathLike,
     *,
     images: str | os.PathLike | None = None,
-    camera_frame: bool = False,
+    camera_frame: bool | None = None,
     crop: str = "auto",
     phrasing: str = "mixed",
     seed: int = 0,
@@ -839,7 +851,8 @@ def read_image_pose_pairs(
     `body_pose` too) with an extra `images` array (N,) of file names (or HMR-style data's
     `imgname`), one per frame, relative to `images` (default: the .npz's folder).
     `camera_frame`: the global orientations are in HMR's camera frame (+Y down), as in
-    HMR-style data; they are turned into the upright one (`camera_to_upright`).
+    HMR-style data; they are turned into the upright one (`camera_to_upright`). None (not
+    said): as stored, with a note for SPIN's and 4DHumans' layouts, which are in that frame.
     `crop`: HMR-style data's boxes, `center` (N, 2) in pixels and `scale` (N,) or (N, 2),
     are applied: each image is cropped to the square around `center` whose side is the
     larger `scale`, read in `BOX_UNITS` (hmr: the side / 200, as SPIN's files; pixels, as
@@ -852,6 +865,13 @@ def read_image_pose_pairs(
     pose_array = read_pose_array(poses_path, arrays)
     if camera_frame:
         pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
+    elif camera_frame is None and (_four_d_humans_layout(arrays) or "pose" in arrays):
+        print(
+            f"note: {poses_path}: SPIN's and 4DHumans' files hold the global orientation in the "
+            "camera's frame (+Y down): frame=camera turns it upright; frame=upright keeps it "
+            "as it is and silences this",
+            file=sys.stderr,
+        )
     key = "images" if "images" in arrays or "imgname" not in arrays else "imgname"
     if key not in arrays:
         raise DatasetError(
@@ -883,8 +903,10 @@ def read_image_pose_pairs(
         where = f"{poses_path}: frame {row}"
         if not name.strip():
             raise DatasetError(f"{where}: empty image file name")
-        box = None if boxes is None else boxes[row]
-        image = _read_image(folder, name, where, box, units)
+        image, size = _read_image(folder, name, where)
+        if boxes is not None:
+            _check_box(boxes[row], size, units, crop, where, image.path)
+            image = dataclasses.replace(image, box=boxes[row])
         question, answer = phraser.image()
         examples.append(
             Example(
@@ -977,7 +999,7 @@ def read_llava_conversations(
             raise DatasetError(
                 f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
             )
-        image_files = tuple(_read_image(folder, name, where) for name in image_names)
+        image_files = tuple(_read_image(folder, name, where)[0] for name in image_names)
         if targets:
             kind = "image_to_pose" if image_files else "text_to_pose"
         else:
@@ -1219,7 +1241,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
         return read_image_pose_pairs(
             spec.path,
             images=options.get("images"),
-            camera_frame=options.get("frame") == "camera",
+            camera_frame={"camera": True, "upright": False}.get(options.get("frame", "")),
             crop=options.get("crop", "auto"),
             phrasing=phrasing,
             seed=seed,

@@ -747,6 +747,29 @@ def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted
     np.testing.assert_allclose(read_pose(bpy.data.objects[name]).axis_angle, 0, atol=1e-6)
 
 
+def test_a_failed_save_and_the_startup_file_leave_the_scene_as_it_was(
+    armature, scripted_service, tmp_path
+):
+    _, backend = _send_while_held(scripted_service, "kneel on one knee")
+    scene = bpy.context.scene
+    with pytest.raises(RuntimeError):  # a folder is no file: save_pre, then save_post_fail
+        bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path))
+    assert (scene.chatpose.prompt, len(scene.chatpose.history)) == ("", 0)
+    # File > Defaults > Save Startup File saves with no path: every new file would start
+    # with the prompt, so nothing is written (Blender's own save is not run here: it would
+    # replace this machine's startup file).
+    runtime._on_save_pre("")
+    assert (scene.chatpose.prompt, len(scene.chatpose.history)) == ("", 0)
+    runtime._on_save_post("")
+    # And saving still works after both.
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "saved.blend"), copy=True)
+    assert (scene.chatpose.prompt, len(scene.chatpose.history)) == ("", 0)
+    backend.release()
+    drive(idle)
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "saved.blend"))
+    assert bpy.context.scene.chatpose.prompt == "kneel on one knee"
+
+
 def test_saves_within_a_save_keep_every_prompt_and_the_scene_as_it_was(
     armature, scripted_service, tmp_path
 ):

@@ -471,6 +471,8 @@ def test_spin_pairs_pose_has_smpl_and_boxes_of_the_side_over_200(tmp_path, capsy
         center=np.array([[0.0, 0.0], [75.0, 30.0]]),
         scale=np.array([0.0, 0.2]),  # the frame left out has no box to read
     )
+    read_image_pose_pairs(path)  # the frame not said: a note
+    assert "hold the global orientation in the camera's frame" in capsys.readouterr().err
     (example,) = load_data(parse_data_spec(["pairs", str(path), "frame=camera"]))
     assert example.source.endswith("#1")
     np.testing.assert_allclose(example.pose[0], camera_to_upright(POSES[1, 0]), atol=1e-9)
@@ -498,8 +500,8 @@ def test_4dhumans_boxes_are_in_pixels(tmp_path):
     with pytest.raises(
         DatasetError,
         match=r"4dhumans\.npz: frame 0: its box \(center 75, 30, side 8000 px\) and the 100 x 60 "
-        r"picture .*a\.png: the box is far larger than the picture; 'scale' was read in hmr "
-        r"units \(crop=hmr\); if it is in pixels units, give crop=pixels",
+        r"picture .*a\.png: the box is far larger than the picture; 'scale' was read as the "
+        r"side / 200 \(crop=hmr\); if it is the side in pixels, give crop=pixels",
     ):
         load_data(parse_data_spec(["pairs", str(path), "crop=hmr"]))
 
@@ -534,6 +536,28 @@ def test_hmr_style_boxes_errors(tmp_path):
         read(center=np.array([[300.0, 30.0]]), scale=np.array([0.5]))
     with pytest.raises(DatasetError, match=r"the box is too small; .*give crop=hmr"):
         load_data(parse_data_spec(["pairs", str(tmp_path / "b.npz"), "crop=pixels"]))
+    with pytest.raises(
+        DatasetError, match=r"its box \(center \[0.0, 0.0\], scale \[40.0, -5.0\]\)"
+    ):
+        read(center=np.zeros((1, 2)), scale=np.array([[40.0, -5.0]]))
+    # A body_pose of 72 alone is 4DHumans' layout: its scale read in pixels, and said so.
+    np.savez(
+        tmp_path / "4d.npz",
+        body_pose=POSES[:1].reshape(1, 72),
+        imgname=names,
+        center=np.array([[50.0, 30.0]]),
+        scale=np.array([0.5]),
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"too small; 'scale' was read as the side in pixels \(crop=auto, by the file's "
+        r"layout\); if it is the side / 200, give crop=hmr",
+    ):
+        read_image_pose_pairs(tmp_path / "4d.npz")
+    with pytest.raises(
+        ValueError, match="crop: expected one of auto, hmr, pixels, none, got 'box'"
+    ):
+        read_image_pose_pairs(tmp_path / "4d.npz", crop="box")
 
 
 def test_image_pose_pairs_errors(tmp_path):

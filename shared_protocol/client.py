@@ -46,20 +46,26 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CONNECT_TIMEOUT_S = 2.0
 # Why what listens at the address refused the connection at its handshake, by ZeroMQ's event
 # (seen with pyzmq 27), for a client (with CURVE keys, without).
-CURVE_MISMATCH = "one side has CURVE keys and the other has none"
+_CURVE_MISMATCH = "one side has CURVE keys and the other has none"
 _NOT_AUTHORISED = (
     "it refused the client key: its public half is not among the service's authorized clients"
 )
 HANDSHAKE_REFUSALS = {
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (CURVE_MISMATCH, CURVE_MISMATCH),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (_CURVE_MISMATCH, _CURVE_MISMATCH),
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (_NOT_AUTHORISED, _NOT_AUTHORISED),
     # The other end closed the connection mid-handshake: a CURVE service that cannot read the
-    # client's hello (another server key), or a program that is not a ZeroMQ service at all.
+    # client's hello (another server key), a CURVE service that saw a client without keys
+    # before the client saw it (which side notices first is a race), or a program that is not
+    # a ZeroMQ service at all.
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "the server key given is not this service's, or what listens there is not chatpose-serve",
-        "what listens there is not chatpose-serve (it closed the connection at the handshake)",
+        "what listens there closed the connection at the handshake: it has CURVE keys and this "
+        "client none, or it is not chatpose-serve",
     ),
 }
+# A refusal that names its cause outlasts a later one that does not (the next attempt of the
+# same connection, which lost the race above).
+_VAGUE_REFUSAL = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 # EVENT_CLOSED: a connection attempt failed (nothing listens): an earlier refusal is old news.
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 for _event in HANDSHAKE_REFUSALS:
@@ -137,7 +143,7 @@ class Client:
         self._monitor = sock.get_monitor_socket(_MONITORED)
         self._connected = False
         self._drops = 0  # connections lost: replies still owed on them never come
-        self._refusal: str | None = None
+        self._refusal_event: int | None = None  # the HANDSHAKE_REFUSALS event of the last one
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:  # a host name ZeroMQ cannot take, an over-long ipc path
@@ -168,23 +174,26 @@ class Client:
         (`HANDSHAKE_REFUSALS`: the CURVE keys do not match, or it is not chatpose-serve), or
         None: no refusal since the last connection that went through or found nothing."""
         self._read_monitor()
-        return self._refusal
+        if self._refusal_event is None:
+            return None
+        return HANDSHAKE_REFUSALS[self._refusal_event][self._keys is None]
 
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event in HANDSHAKE_REFUSALS:
-                self._refusal = HANDSHAKE_REFUSALS[event][self._keys is None]
+                if event != _VAGUE_REFUSAL or self._refusal_event in (None, _VAGUE_REFUSAL):
+                    self._refusal_event = event
                 continue
             if event == zmq.EVENT_CLOSED:
-                self._refusal = None
+                self._refusal_event = None
                 continue
             # Only a connection that completed its handshake carried requests: one refused
             # at the handshake (wrong CURVE keys) is no service, not a service gone away.
             self._drops += event == zmq.EVENT_DISCONNECTED and self._connected
             self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if self._connected:
-                self._refusal = None
+                self._refusal_event = None
 
     def wait_connected(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -92,9 +92,38 @@ def test_a_program_that_is_not_chatpose_serve_is_named_so_not_a_key_problem(cont
     message = raised.value.message
     assert raised.value.code == ErrorCode.UNREACHABLE
     assert message == (
-        f"tcp://127.0.0.1:{port} refused the connection: what listens there is not "
-        "chatpose-serve (it closed the connection at the handshake)"
+        f"tcp://127.0.0.1:{port} refused the connection: what listens there closed the "
+        "connection at the handshake: it has CURVE keys and this client none, or it is not "
+        "chatpose-serve"
     )
+
+
+def test_a_refusal_that_names_its_cause_outlasts_a_later_one_that_does_not(context, monkeypatch):
+    # A keyless client at a CURVE service: ZeroMQ reports the mismatch, or, when the service
+    # noticed first, only that it closed the connection; retries may do either.
+    from shared_protocol import client as client_module
+
+    events = []
+
+    class Monitor:  # the client's monitor socket, fed here
+        def poll(self, _timeout=0):
+            return bool(events)
+
+        def close(self, *_args, **_kwargs):
+            pass
+
+    monkeypatch.setattr(client_module, "recv_monitor_message", lambda _m: {"event": events.pop(0)})
+    with Client("tcp://127.0.0.1:9", context=context) as client:
+        real_monitor, client._monitor = client._monitor, Monitor()
+        try:
+            events += [zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]
+            assert client.refusal.startswith("what listens there closed the connection")
+            events += [zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]
+            assert client.refusal == "one side has CURVE keys and the other has none"
+            events += [zmq.EVENT_CLOSED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]  # a new start
+            assert client.refusal.startswith("what listens there closed the connection")
+        finally:
+            client._monitor = real_monitor
 
 
 def test_a_refusal_is_forgotten_once_nothing_listens_there_any_more(context, tmp_path):

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 
 from shared_protocol.client import (
     CONNECT_TIMEOUT_S,
-    CURVE_MISMATCH,
     Client,
     ClientCurveKeys,
     UndecodableReply,
@@ -262,11 +261,11 @@ class Session:
             oldest = min(f.sent_at for f in self._in_flight.values())
             if now - oldest >= self.connect_timeout_s:
                 refusal = self._client.refusal
-                if refusal:
-                    keys = " (the Client Key and the Server Key in the add-on's preferences)"
-                    about_keys = self.curve or refusal == CURVE_MISMATCH
-                    message = f"{self.address} refused the connection: {refusal}"
-                    message += keys if about_keys else ""
+                if refusal:  # with keys or without, each refusal may come of them
+                    message = (
+                        f"{self.address} refused the connection: {refusal} (the Client Key and "
+                        "the Server Key in the add-on's preferences)"
+                    )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"
                     message = (

@@ -54,18 +54,18 @@ HANDSHAKE_REFUSALS = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (_CURVE_MISMATCH, _CURVE_MISMATCH),
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (_NOT_AUTHORISED, _NOT_AUTHORISED),
     # The other end closed the connection mid-handshake: a CURVE service that cannot read the
-    # client's hello (another server key), a CURVE service that saw a client without keys
-    # before the client saw it (which side notices first is a race), or a program that is not
-    # a ZeroMQ service at all.
+    # client's hello (another server key), a service that noticed the keys on one side only
+    # before the client did (which side notices first is a race), or a program that is not a
+    # ZeroMQ service at all.
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "the server key given is not this service's, or what listens there is not chatpose-serve",
+        "the server key given is not this service's, or it has no CURVE keys, or what listens "
+        "there is not chatpose-serve",
         "what listens there closed the connection at the handshake: it has CURVE keys and this "
         "client none, or it is not chatpose-serve",
     ),
 }
-# A refusal that names its cause outlasts a later one that does not (the next attempt of the
-# same connection, which lost the race above).
-_VAGUE_REFUSAL = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+# After these ZeroMQ does not try that connection again: the socket stays without one.
+_FINAL_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 # EVENT_CLOSED: a connection attempt failed (nothing listens): an earlier refusal is old news.
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 for _event in HANDSHAKE_REFUSALS:
@@ -182,8 +182,7 @@ class Client:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event in HANDSHAKE_REFUSALS:
-                if event != _VAGUE_REFUSAL or self._refusal_event in (None, _VAGUE_REFUSAL):
-                    self._refusal_event = event
+                self._refusal_event = event
                 continue
             if event == zmq.EVENT_CLOSED:
                 self._refusal_event = None
@@ -232,8 +231,13 @@ class Client:
     def send(self, request: Request) -> None:
         """Queues the request; it goes out as soon as a connection exists. Never blocks: when
         ZeroMQ's queue is full (a thousand messages toward a service that is not taking them),
-        a ProtocolError says so at once (`unreachable`, or `busy` over a live connection)."""
+        a ProtocolError says so at once (`unreachable`, or `busy` over a live connection).
+        A socket whose connection was refused for good (`_FINAL_REFUSALS`) is made anew
+        first: the service may have been fixed since (its keys, the authorized clients)."""
         frames = encode_request(request)
+        self._read_monitor()
+        if self._refusal_event in _FINAL_REFUSALS:
+            self.reset()
         try:
             self._socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:

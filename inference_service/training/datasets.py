@@ -39,7 +39,6 @@ image alone), as a user types it, with the service's answer.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -473,8 +472,8 @@ def _string_array(
     return [str(item) for item in value]
 
 
-# The units of HMR-style data's `scale`, by `crop=`: SPIN's and HMR's files give the box's side
-# / 200; 4DHumans' files give it in pixels (their reader divides by 200 itself).
+# The units of HMR-style data's `scale`, by `crop=`: SPIN's files give the box's side / 200
+# (MPII's convention); 4DHumans' files give it in pixels (their reader divides by 200 itself).
 BOX_UNITS = {"hmr": 200.0, "pixels": 1.0}
 # A box side outside these bounds, against the picture's longer side, is a unit mistaken.
 MIN_BOX_SIDE_PX = 8
@@ -906,7 +905,7 @@ def read_image_pose_pairs(
         image, size = _read_image(folder, name, where)
         if boxes is not None:
             _check_box(boxes[row], size, units, crop, where, image.path)
-            image = dataclasses.replace(image, box=boxes[row])
+            image = ImageFile(image.path, image.sha256, boxes[row])
         question, answer = phraser.image()
         examples.append(
             Example(

@@ -262,6 +262,7 @@ _TOOLS_THAT_PUT_BACK = {
     "graph": "Graph Editor tool",
     "action": "Dope Sheet tool",
     "pose": "pose slider",
+    "poselib": "pose asset blend",
 }
 
 
@@ -273,11 +274,12 @@ def why_answers_wait(
     its undo step would not hold the armature. Under a running transform (a G, R or S drag),
     the tool would overwrite an answer when confirmed and take it back when cancelled; so
     would Blender's animation sliders (the Graph Editor's Smooth or Ease, the Dope Sheet's,
-    the pose sliders Push, Relax, Breakdown), which put back the keys or pose they started
-    from at every move: a batch's keys landing then would be erased, yet recorded as keyed.
-    While a render locks the interface, data must not change from a timer. While the user has
-    undone steps (`can_redo`), an answer's undo step would drop them for good. Other modal
-    tools (an add-on's that runs all session long) do not hold answers back."""
+    the pose sliders Push, Relax, Breakdown, and the Pose Library's blend of a pose asset),
+    which put back the keys or pose they started from at every move: a batch's keys landing
+    then would be erased, yet recorded as keyed. While a render locks the interface, data
+    must not change from a timer. While the user has undone steps (`can_redo`), an answer's
+    undo step would drop them for good. Other modal tools (an add-on's that runs all session
+    long) do not hold answers back."""
     if mode not in {"OBJECT", "POSE"}:
         return f"leave {mode.replace('_', ' ').title()} mode to apply them"
     for editor, what in _TOOLS_THAT_PUT_BACK.items():
@@ -645,12 +647,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
-    if not _posable(target):
+    problem = _armature_problem(job.armature, target)
+    if problem is not None:
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
         push_undo("chat")
-        gone = f"The armature {job.armature!r} is gone; the answer was not applied"
-        notify(gone, "ERROR", popup=True)
+        notify(
+            f"{problem[0].upper()}{problem[1:]}; the answer was not applied", "ERROR", popup=True
+        )
         return
     try:
         result = apply_people(
@@ -689,9 +693,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     notify(text, level)
 
 
-def _posable(obj: bpy.types.Object | None) -> bool:
-    """An SMPL armature the user has not deleted since the request went out."""
-    return is_smpl_armature(obj) and not is_deleted(obj)
+def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
+    """Why a request's armature (``name`` when it went out; ``obj`` now) cannot be posed: the
+    user deleted it, or changed it into something that is no SMPL armature; None when it can."""
+    if obj is None or is_deleted(obj):
+        return f"the armature {name!r} is gone"
+    if not is_smpl_armature(obj):
+        return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"
+    return None
 
 
 def _find(collection, name: str, uid: int | None):
@@ -770,12 +779,9 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
 def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:
     """Why the run's armature can take no more lines, or None; its name in the run's reports
     becomes the one it has now (the user may rename it during a run)."""
-    if obj is None or is_deleted(obj):
-        return f"the armature {run.armature!r} is gone"
-    run.armature = obj.name
-    if not is_smpl_armature(obj):
-        return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"
-    return None
+    if obj is not None and not is_deleted(obj):
+        run.armature = obj.name
+    return _armature_problem(run.armature, obj)
 
 
 def _batch_ended(run: BatchRun) -> None:
@@ -917,6 +923,21 @@ def _on_load_pre(*_args) -> None:
 UNANSWERED_AT_SAVE = (
     "No answer applied yet when this file was saved; send it again if no pose came."
 )
+UNANSWERED_AT_DISABLE = "The add-on was disabled before this answer was applied; send it again."
+
+
+def _unanswered_jobs() -> list:
+    """The chat requests whose answers are not applied yet: still on their way, or come and
+    waiting (an edit mode, a running tool, undone steps)."""
+    waiting = (o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed))
+    return [*pending_jobs(), *waiting]
+
+
+def _keep_unanswered(scene: bpy.types.Scene, job, why: str) -> None:
+    """Keeps an unanswered prompt as a failed request keeps its prompt: in the chat history,
+    saying ``why``, and back in the prompt field where that is empty."""
+    append_history(scene, chat.exchange(job.prompt, why, attachment=job.attachment, failed=True))
+    _give_prompt_back(scene, job.prompt)
 
 
 @bpy.app.handlers.persistent
@@ -931,22 +952,14 @@ def _on_save_pre(filepath: str = "", *_args) -> None:
     if _state.saves_running > 1 or not filepath:
         return
     _state.restore_after_save.clear()
-    jobs = [
-        *pending_jobs(),
-        *(o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed)),
-    ]
-    for job in jobs:
+    for job in _unanswered_jobs():
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is None:
             continue
         settings = scene.chatpose
         before = (scene.name, scene.session_uid, len(settings.history), settings.prompt)
         _state.restore_after_save.append(before)
-        append_history(
-            scene,
-            chat.exchange(job.prompt, UNANSWERED_AT_SAVE, attachment=job.attachment, failed=True),
-        )
-        _give_prompt_back(scene, job.prompt)
+        _keep_unanswered(scene, job, UNANSWERED_AT_SAVE)
 
 
 @bpy.app.handlers.persistent
@@ -989,10 +1002,10 @@ def unregister() -> None:
             handlers.remove(handler)
     if _state.status_bar:
         _set_status_text(None)
-    for job in pending_jobs():  # their answers will not come: the prompts go back to be sent
+    for job in _unanswered_jobs():  # their answers will not be applied: kept to send again
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is not None:
-            _give_prompt_back(scene, job.prompt)
+            _keep_unanswered(scene, job, UNANSWERED_AT_DISABLE)
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:

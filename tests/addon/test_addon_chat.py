@@ -264,6 +264,12 @@ def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scr
         ("POSE", False, ["GRAPH_OT_smooth"], "they are applied when the Graph Editor tool ends"),
         ("POSE", False, ["ACTION_OT_ease"], "they are applied when the Dope Sheet tool ends"),
         ("POSE", False, ["POSE_OT_push"], "they are applied when the pose slider ends"),
+        (
+            "POSE",
+            False,
+            ["POSELIB_OT_blend_pose_asset"],
+            "they are applied when the pose asset blend ends",
+        ),
         ("OBJECT", True, [], "they are applied when the render ends (the interface is locked)"),
     ],
 )
@@ -1014,16 +1020,30 @@ def test_the_stop_button_kills_a_local_service_that_does_not_stop(blender, tmp_p
     assert runtime.timer_tick() is None  # nothing left to watch
 
 
-def test_a_prompt_in_flight_when_the_add_on_is_disabled_is_given_back(armature):
+def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(armature, scripted_service):
     import addon_utils
 
-    use_service(f"tcp://127.0.0.1:{free_port()}")  # no answer will come before the disable
-    bpy.context.scene.chatpose.prompt = "kneel on one knee and propose"
+    address, backend = scripted_service
+    use_service(address)
+    bpy.ops.mesh.primitive_cube_add()
+    bpy.ops.object.mode_set(mode="EDIT")  # the first answer comes and waits for Object mode
+    scene = bpy.context.scene
+    scene.chatpose.prompt = "wave"
     bpy.ops.chatpose.send()
-    assert bpy.context.scene.chatpose.prompt == ""  # sending empties it
+    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    backend.hold()  # the next two stay on their way
+    for prompt in ("sit down", "jump high"):
+        scene.chatpose.prompt = prompt
+        bpy.ops.chatpose.send()
+    assert scene.chatpose.prompt == ""  # sending empties it
+    bpy.ops.object.mode_set(mode="OBJECT")
     addon_utils.disable(ADDON, default_set=True)  # as users do to "restart" it
+    backend.release()
     addon_utils.enable(ADDON, default_set=True)
-    assert bpy.context.scene.chatpose.prompt == "kneel on one knee and propose"
+    messages = [(m.role, m.text) for m in props.history_messages(scene)]
+    assert sorted(messages[0::2]) == [("user", p) for p in ("jump high", "sit down", "wave")]
+    assert set(messages[1::2]) == {(chat.ERROR, runtime.UNANSWERED_AT_DISABLE)}
+    assert scene.chatpose.prompt in ("wave", "sit down", "jump high")  # one back to send
 
 
 def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
@@ -1101,6 +1121,25 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     drive(idle)
     assert "all 12 lines keyed" in runtime.last_message()[0]
     assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_batch_step"
+
+
+def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
+    armature, scripted_service
+):
+    address, backend = scripted_service
+    use_service(address)
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "for a rig about to change"
+    bpy.ops.chatpose.send()
+    armature.name = "Hero"
+    armature.data.bones["head"].name = "Head"  # no SMPL armature any more, still in the scene
+    backend.release()
+    drive(idle)
+    message = runtime.last_message()[0]
+    assert "is gone" not in message
+    assert message.startswith("The armature 'Hero' is no longer an SMPL armature: it has no bone")
+    assert message.endswith("; the answer was not applied")
+    assert bpy.context.scene.chatpose.prompt == "for a rig about to change"  # to send again
 
 
 @pytest.mark.parametrize("change", ["armature renamed", "bone renamed"])

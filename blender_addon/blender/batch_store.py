@@ -18,7 +18,7 @@ from shared_protocol.pose import Pose
 
 from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
 from .anim import action_time, has_no_slot, scene_time
-from .keyframes import key_poses
+from .keyframes import write_pose_keys
 from .posing import apply_pose
 
 
@@ -47,8 +47,15 @@ def save_record(obj: bpy.types.Object, record: BatchRecord) -> None:
     nothing is keyed, so there is nothing to record."""
     action, name = _holder(obj)
     if action is not None:
-        stored = record.with_frames(lambda frame: round(action_time(obj, frame)))
+        stored = record.with_frames(lambda frame: _action_frame(action_time(obj, frame)))
         action[name] = stored.to_json()
+
+
+def _action_frame(time: float) -> int | float:
+    """An action's time as stored: a whole frame as an int; between frames (a scaled NLA
+    strip), the time itself, which rounding would move to another scene frame."""
+    whole = round(time)
+    return whole if abs(time - whole) < 1e-6 else time
 
 
 def clear_record(obj: bpy.types.Object) -> None:
@@ -58,34 +65,28 @@ def clear_record(obj: bpy.types.Object) -> None:
         del action[name]
 
 
-def key_batch_line(
-    obj: bpy.types.Object, line: PendingLine, pose: Pose, *, use_translation: bool = False
-) -> BatchRecord:
-    """Keys ``pose`` at the line's frame, then records the line (in that order: a failure while
-    keying leaves the line pending, so nothing is lost). Returns the updated record."""
-    apply_pose(obj, pose, use_translation=use_translation, frame=line.frame)
-    record = load_record(obj).recorded(line.line, line.text, line.frame)
-    save_record(obj, record)
-    return record
-
-
 def key_batch_lines(
     obj: bpy.types.Object,
     items: Sequence[tuple[PendingLine, Pose]],
     *,
     use_translation: bool = False,
 ) -> BatchRecord:
-    """``key_batch_line`` for several lines at once (the lines that arrived since the last
-    timer tick): all keys first (``keyframes.key_poses``, one pass over each F-curve), then one
-    update of the record. Returns the updated record."""
+    """Keys each line's pose at its frame, then records the lines (in that order: a failure
+    while keying leaves them pending, so nothing is lost). Returns the updated record.
+
+    The lines that arrived since the last timer tick come together: all keys in one pass over
+    each F-curve (``keyframes.write_pose_keys``), then one update of the record. The bones are
+    left as they are, a pose the user is making by hand included, unless a line was keyed at
+    the frame the scene is on: then they show that key, as keying the current frame does."""
     if not items:
         return load_record(obj)
-    key_poses(
-        obj,
-        [pose for _, pose in items],
-        [line.frame for line, _ in items],
-        use_translation=use_translation,
-    )
+    poses = [pose for _, pose in items]
+    frames = [line.frame for line, _ in items]
+    write_pose_keys(obj, poses, frames, use_translation=use_translation)
+    current = bpy.context.scene.frame_current
+    if current in frames:
+        last = len(frames) - 1 - frames[::-1].index(current)  # a later line for a frame wins
+        apply_pose(obj, poses[last], use_translation=use_translation)
     record = load_record(obj).recorded_lines(
         (line.line, line.text, line.frame) for line, _ in items
     )

@@ -36,24 +36,32 @@ def key_poses(
     *,
     use_translation: bool = True,
 ) -> list[str]:
-    """Keys ``poses[i]`` at ``frames[i]``; returns the bones not in QUATERNION mode.
+    """Keys ``poses[i]`` at ``frames[i]`` (``write_pose_keys``) and leaves the bones in the
+    last pose; returns the bones not in QUATERNION mode."""
+    write_pose_keys(obj, poses, frames, use_translation=use_translation)
+    if not poses:
+        return []
+    return apply_pose(obj, poses[-1], use_translation=use_translation).non_quaternion_bones
+
+
+def write_pose_keys(
+    obj: bpy.types.Object,
+    poses: Sequence[Pose],
+    frames: Sequence[int],
+    *,
+    use_translation: bool = True,
+) -> None:
+    """Keys ``poses[i]`` at scene frame ``frames[i]`` without touching the bones' current
+    values (a pose the user is making by hand stays).
 
     The same keys as ``apply_pose(..., frame=f)`` for each pose in turn (a later pose for the
-    same frame wins), each bone in its own rotation mode, and the bones are left in the last
-    pose; but written at once (``fast_keys``: 1,000 poses in well under a second instead of
-    seconds).
+    same frame wins), each bone in its own rotation mode; but written at once (``fast_keys``:
+    1,000 poses in well under a second instead of seconds).
     """
     if len(poses) != len(frames):
         raise ValueError(f"{len(poses)} poses but {len(frames)} frames")
     if not poses:
-        return []
-    _key_poses_at_once(obj, poses, frames, use_translation)
-    return apply_pose(obj, poses[-1], use_translation=use_translation).non_quaternion_bones
-
-
-def _key_poses_at_once(
-    obj: bpy.types.Object, poses: Sequence[Pose], frames: Sequence[int], use_translation: bool
-) -> None:
+        return
     last: dict[int, int] = {}  # frame -> index of the last pose for it
     for i, frame in enumerate(frames):
         last[int(frame)] = i

@@ -535,14 +535,23 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
+    pending = record.pending(lines, settings.batch_start, settings.batch_step)
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
-    if moved:  # Start or Step changed: keyed again at the new frames; the old keys stay
+    if moved:  # Start or Step changed: keyed again at the new frames
+        new_frames = {line.frame for line in pending}
+        replaced = [entry for entry in moved if entry.frame in new_frames]
+        kept = [entry for entry in moved if entry.frame not in new_frames]
         keys_left_note += (
             f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
-            f"at their new frames and their old keys (frame {_frames(moved)}) are left as they "
-            "are"
+            "at their new frames"
         )
-    pending = record.pending(lines, settings.batch_start, settings.batch_step)
+        if replaced:
+            keys_left_note += (
+                f"; other lines now go where {len(replaced)} old key(s) are (frame "
+                f"{_frames(replaced)}), and replace them"
+            )
+        if kept:
+            keys_left_note += f"; the old keys at frame {_frames(kept)} are left as they are"
     run = BatchRun(
         armature=target.name,
         source=label,

@@ -22,6 +22,10 @@ JSON layout (``version`` 1)::
     {"version": 1,
      "entries": [{"line": 0, "hash": "9f86d081884c7d65", "frame": 1}, ...]}
 
+``frame`` is the key's time in the action, which a scaled NLA strip in tweak mode puts between
+whole frames (scene frame 11 of a strip scaled 3 times is its action's frame 4.333...): a
+number, kept as it is, so that it maps back to the scene frame it was keyed at.
+
 ``hash`` is the first 16 hex digits of SHA-256 of the stripped line, UTF-8. At most one entry
 per line index: recording a line again replaces the entry for that index.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +52,7 @@ def line_hash(line: str) -> str:
 class Entry:
     line: int
     hash: str
-    frame: int
+    frame: int | float  # a scene frame; stored in the action's time, which may fall between
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,10 @@ class BatchRecord:
             by_line[line] = Entry(line, line_hash(text), int(frame))
         return BatchRecord(tuple(by_line.values()))
 
-    def with_frames(self, convert: Callable[[int], int]) -> BatchRecord:
+    def with_frames(self, convert: Callable[[int | float], int | float]) -> BatchRecord:
         """This record with every entry's frame converted (between a scene's time and an
         action's, say)."""
-        return BatchRecord(
-            tuple(Entry(e.line, e.hash, int(convert(e.frame))) for e in self.entries)
-        )
+        return BatchRecord(tuple(Entry(e.line, e.hash, convert(e.frame)) for e in self.entries))
 
     def without_lines(self, lines: Iterable[int]) -> BatchRecord:
         drop = set(lines)
@@ -163,7 +166,7 @@ class BatchRecord:
                 isinstance(item, dict)
                 and _is_int(item.get("line"))
                 and item["line"] >= 0
-                and _is_int(item.get("frame"))
+                and _is_frame(item.get("frame"))
                 and isinstance(item.get("hash"), str)
             ):
                 raise ValueError(f"batch record: bad entry {item!r}")
@@ -173,3 +176,7 @@ class BatchRecord:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_frame(value: object) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))

@@ -1247,7 +1247,9 @@ def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature
     _keyed_batch(scripted_service, "a\nbb\nccc")
     bpy.context.scene.chatpose.batch_step = 5
     bpy.ops.chatpose.batch_keyframe()
-    assert "their old keys (frame 11, 21) are left as they are" in runtime.last_message()[0]
+    message = runtime.last_message()[0]
+    assert "other lines now go where 1 old key(s) are (frame 11), and replace them" in message
+    assert "the old keys at frame 21 are left as they are" in message
     drive(idle)
     assert [e.frame for e in batch_store.load_record(armature).entries] == [1, 6, 11]
     assert_pose(armature, pose_for("ccc"), frame=11)

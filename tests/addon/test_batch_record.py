@@ -114,6 +114,10 @@ def test_json_layout_and_round_trip():
     assert BatchRecord.from_json("") == BatchRecord()
     assert BatchRecord.from_json(None) == BatchRecord()
     assert record.without_lines([0]).entries == (Entry(2, line_hash("jump"), 21),)
+    # In the time of an action on a scaled NLA strip, a frame falls between whole ones.
+    in_action_time = record.with_frames(lambda frame: frame / 3)
+    assert BatchRecord.from_json(in_action_time.to_json()).entries[1].frame == 7.0
+    assert BatchRecord.from_json(in_action_time.to_json()).entries[0].frame == 1 / 3
 
 
 @pytest.mark.parametrize(
@@ -126,7 +130,8 @@ def test_json_layout_and_round_trip():
         '{"version": 1, "entries": [{"line": -1, "hash": "ab", "frame": 1}]}',
         '{"version": 1, "entries": [{"line": true, "hash": "ab", "frame": 1}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": 5, "frame": 1}]}',
-        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1.5}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": "1"}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": NaN}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1},'
         ' {"line": 0, "hash": "b", "frame": 2}]}',
     ],

@@ -10,7 +10,7 @@ from blender_addon.blender.anim import LockedCurveError, action_fcurves, fcurve_
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.batch_store import (
     clear_record,
-    key_batch_line,
+    key_batch_lines,
     load_record,
     save_record,
 )
@@ -424,18 +424,39 @@ def test_poses_with_labels_and_partial_translation(blender):
 # --- the batch record on the armature ---------------------------------------------------------
 
 
+def key_line(obj, line, pose):
+    key_batch_lines(obj, [(line, pose)])
+
+
+def test_batch_lines_leave_a_pose_being_made_by_hand(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.scene.frame_set(300)
+    by_hand = random_pose(7)
+    apply_pose(obj, by_hand)  # not keyed (yet): the animator is posing at frame 300
+    lines = load_record(obj).pending(["stand", "kneel"], start=1, step=10)
+    key_batch_lines(obj, [(line, random_pose(line.line)) for line in lines])
+    np.testing.assert_allclose(read_pose(obj).axis_angle, by_hand.axis_angle, atol=1e-5)
+    assert keyed_frames(obj) == [1, 11]
+    # A line keyed at the frame the scene is on shows there, as keying that frame does.
+    bpy.context.scene.frame_set(21)
+    apply_pose(obj, by_hand)
+    [line] = load_record(obj).pending(["stand", "kneel", "wave"], start=1, step=10)
+    key_line(obj, line, random_pose(2))
+    np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(2).axis_angle, atol=1e-5)
+
+
 def test_batch_record_on_the_armature_resumes_a_run(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     lines = ["stand", "kneel", "wave"]
     assert load_record(obj) == BatchRecord()
     for item in load_record(obj).pending(lines, start=1, step=10)[:2]:  # stopped after two
-        key_batch_line(obj, item, random_pose(item.line))
+        key_line(obj, item, random_pose(item.line))
     action = obj.animation_data.action
     [name] = [key for key in action.keys() if key.startswith(RECORD_PROPERTY)]  # one per slot
     assert isinstance(action[name], str)
     rest = load_record(obj).pending(lines, start=1, step=10)
     assert [(p.line, p.frame) for p in rest] == [(2, 21)]
-    key_batch_line(obj, rest[0], random_pose(2))
+    key_line(obj, rest[0], random_pose(2))
     assert load_record(obj).pending(lines, start=1, step=10) == []
     assert keyed_frames(obj) == [1, 11, 21]
     for i, frame in enumerate([1, 11, 21]):
@@ -455,11 +476,11 @@ def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     lines = ["stand", "kneel"]
     for item in load_record(obj).pending(lines, start=1, step=10):
-        key_batch_line(obj, item, random_pose(item.line))
+        key_line(obj, item, random_pose(item.line))
     take1 = obj.animation_data.action
     obj.animation_data.action = bpy.data.actions.new("take 2")  # a new take, no keys in it
     assert len(load_record(obj).pending(lines, 1, 10)) == 2
-    key_batch_line(obj, load_record(obj).pending(lines, 1, 10)[0], random_pose(5))
+    key_line(obj, load_record(obj).pending(lines, 1, 10)[0], random_pose(5))
     assert len(load_record(obj).pending(lines, 1, 10)) == 1  # take 2's own progress
     obj.animation_data.action = take1  # back to the first take: all of it is still done
     assert load_record(obj).pending(lines, 1, 10) == []
@@ -474,7 +495,7 @@ def test_each_slot_of_a_shared_action_has_its_own_record(blender):
     b = create_smpl_armature(bpy.context, name="B", with_mesh=False)
     lines = ["stand", "kneel"]
     for item in load_record(a).pending(lines, start=1, step=10):
-        key_batch_line(a, item, random_pose(item.line))
+        key_line(a, item, random_pose(item.line))
     # A's take assigned to B (the Action editor's dropdown): Blender gives B no slot, and
     # nothing in the take moves B, nor is anything in it B's to write over.
     b.animation_data_create().action = a.animation_data.action
@@ -483,7 +504,7 @@ def test_each_slot_of_a_shared_action_has_its_own_record(blender):
     assert len(load_record(b).pending(lines, 1, 10)) == 2  # nothing keyed for B
     a_keys = [read_pose(a, frame).axis_angle for frame in (1, 11)]
     for item in load_record(b).pending(lines, start=1, step=10):
-        key_batch_line(b, item, random_pose(10 + item.line))
+        key_line(b, item, random_pose(10 + item.line))
     assert b.animation_data.action_slot not in (None, a.animation_data.action_slot)
     for frame, before in zip((1, 11), a_keys, strict=True):
         np.testing.assert_array_equal(read_pose(a, frame).axis_angle, before)
@@ -495,7 +516,7 @@ def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
     obj, take = armature_editing_a_take_at_100()
     lines = ["stand", "kneel"]
     for item in load_record(obj).pending(lines, start=110, step=10):
-        key_batch_line(obj, item, random_pose(item.line))
+        key_line(obj, item, random_pose(item.line))
     assert load_record(obj).pending(lines, 110, 10) == []
     obj.animation_data.use_tweak_mode = False  # the take, assigned as it is: keys at 11, 21
     obj.animation_data.nla_tracks.remove(obj.animation_data.nla_tracks[0])
@@ -503,6 +524,19 @@ def test_a_record_made_in_nla_tweak_mode_follows_its_take(blender):
     assert keyed_frames(obj) == [1, 11, 21]
     assert load_record(obj).pending(lines, 11, 10) == []
     assert len(load_record(obj).pending(lines, 110, 10)) == 2
+
+
+def test_a_record_made_on_a_scaled_nla_strip_keeps_every_line_keyed(blender):
+    obj, _ = armature_editing_a_take_at_100()
+    strip = obj.animation_data.nla_tracks[0].strips[0]
+    obj.animation_data.use_tweak_mode = False  # a strip's scale is set outside tweak mode
+    strip.scale = 3.0  # scene frame 110 is the take's frame 1 + 10 / 3
+    obj.animation_data.use_tweak_mode = True
+    lines = ["stand", "kneel", "wave"]
+    for item in load_record(obj).pending(lines, start=110, step=10):
+        key_line(obj, item, random_pose(item.line))
+    assert load_record(obj).pending(lines, 110, 10) == []  # not keyed again by every rerun
+    assert keyed_frames(obj) == [100, 110, 120, 130]
 
 
 def test_keys_are_refused_when_the_action_is_linked_from_a_library(blender, tmp_path):

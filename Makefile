@@ -40,7 +40,7 @@ clean:
 	rm -rf $(VENV) dist demo_output
 
 # Rebuild inference_service/demo_checkpoint from nothing (corpus, renders, training, packing,
-# evaluation, docs/evaluation.md); about 48 minutes on a 2-core CPU (47.7 for the shipped one)
+# evaluation, docs/evaluation.md); about 55 minutes on a 2-core CPU (60.0 for the shipped one, the machine shared)
 .PHONY: demo-model
 demo-model: $(STAMP)
 	$(BIN)/python -m inference_service.training.build_demo

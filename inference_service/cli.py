@@ -307,12 +307,10 @@ def _pose(args: argparse.Namespace) -> int:
         _check_writable(args.out, inputs=[args.image] if args.image else [])
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
-    try:
-        reply = _pose_reply(args, images, mode)
-    except ProtocolError as exc:
-        if args.json:  # a script reading stdout gets the error reply too
-            _print_error_reply(exc)
-        raise
+    answer = _pose_reply(args, images, mode)  # no reply (unreachable, timed out): raises
+    if args.json and isinstance(answer, ErrorReply):  # a script reading stdout gets it too
+        print(encode_reply(answer)[0].decode("utf-8"))
+    reply = _checked(answer)
     # The file first: a reader that closes stdout early (`| head`) must not cost it; and a
     # file that cannot be written must not cost the reply.
     unwritten = None
@@ -333,22 +331,36 @@ def _pose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
+def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
+    """The service's reply (an error reply too), or the local model's as one; a ProtocolError
+    when none came (unreachable, timed out)."""
     if args.local:
-        # The service's own checks (a blank prompt, the size limits), before the model loads.
-        decode_request(encode_request(PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)))
-        return _local_reply(args, images, mode)
+        request = PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)
+        # Before the model loads, with the image's header too (pillow: installed with it).
+        return _refusal(request, args.image, check_images=True) or _local_reply(args, images, mode)
     with _client(args) as client:
         request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
-        return _checked(client.request(request, args.timeout))
+        return _refusal(request, args.image) or client.request(request, args.timeout)
 
 
-def _print_error_reply(err: ProtocolError) -> None:
+def _refusal(request: PoseRequest, image: Path | None, check_images: bool = False):
+    """The service's own checks of a request (a blank prompt, the size limits; with
+    ``check_images``, each image's header): the error reply it would send, or None."""
     try:
-        frames = encode_reply(error_reply_for(err, op="pose"))
-    except (ProtocolError, ValueError):  # no service answered (unreachable): no reply to show
-        return
-    print(frames[0].decode("utf-8"))
+        decode_request(encode_request(request))
+    except ProtocolError as exc:
+        return error_reply_for(exc, op="pose")
+    if not check_images:
+        return None
+    from .errors import BadImageError
+    from .images import check_image
+
+    for index, data in enumerate(request.images):
+        try:
+            check_image(data, f"--image {image}" if image else f"images[{index}]")
+        except BadImageError as exc:
+            return ErrorReply(request.id, "pose", ErrorCode.BAD_IMAGE, str(exc))
+    return None
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -484,10 +496,13 @@ def _answers_in(
     for frame, pose in enumerate(motion.poses(), 1):
         number = next((n for n, prompt in remaining if prompt == pose.label), None)
         if number is None:
+            start_over = (
+                "delete it" if path.name.endswith(".partial.npz") else "run without --resume"
+            )
             raise CommandError(
                 EXIT_BAD_INPUT,
                 f"--resume: frame {frame} of {path} ({pose.label!r}) answers no line of "
-                f"{prompts} in order; if the file was edited since, run without --resume",
+                f"{prompts} in order; if {prompts} was edited since, {start_over} to start over",
             )
         answered[number] = pose
     return answered, motion.fps
@@ -541,11 +556,13 @@ def _line_ranges(numbers: Sequence[int]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoError, run_demo
+    from .demo import DemoError, DemoSetupError, run_demo
 
     if args.size < 32:
         raise CommandError(EXIT_USAGE, f"--size: at least 32 pixels, got {args.size}")
     checkpoint = _checkpoint(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(EXIT_BAD_INPUT, f"--out: {args.out} is a file; the demo writes a folder")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -556,6 +573,8 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_demo(
             checkpoint, args.out, size=args.size, device=args.device, timeout_s=args.timeout
         )
+    except DemoSetupError as exc:
+        raise CommandError(EXIT_USAGE, str(exc)) from None
     except DemoError as exc:
         raise CommandError(EXIT_SERVICE_ERROR, str(exc)) from None
     posed = sum(1 for a in result.answers if a.poses)
@@ -639,10 +658,16 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
         backend = ModelBackend.from_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: {exc}") from None
+    except ChatPoseError as exc:  # too little memory, a missing package: not the input's fault
+        raise CommandError(
+            EXIT_SERVICE_ERROR,
+            f"--local: cannot load the model: {exc}. Any options named there are "
+            "chatpose-serve's: start the service with them and send this without --local",
+        ) from None
     try:
         answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
-    except ChatPoseError as exc:
-        raise ProtocolError(ErrorCode(exc.code), str(exc), request_id=LOCAL_ID) from None
+    except ChatPoseError as exc:  # what the service would reply
+        return ErrorReply(LOCAL_ID, "pose", ErrorCode(exc.code), str(exc))
     return PoseReply(LOCAL_ID, answer.text, answer.poses)
 
 

@@ -50,6 +50,10 @@ class DemoError(Exception):
     """A step of the demo could not run; the message says which and why."""
 
 
+class DemoSetupError(DemoError):
+    """What the demo needs is not installed (bpy, the add-on's modules): the setup's to mend."""
+
+
 @dataclass(frozen=True)
 class DemoScript:
     """What the demo asks. The demo model knows the synthetic corpus's actions and phrasings
@@ -426,14 +430,20 @@ def run_demo(
         import bpy  # noqa: F401
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "bpy":
-            raise DemoError(
+            raise DemoSetupError(
                 "bpy is not installed: the demo needs the project's `blender` extra (make setup)"
             ) from None
         # Installed, but something it loads is missing: a system library, most often.
-        raise DemoError(
+        raise DemoSetupError(
             f"headless Blender (bpy) cannot start: {exc}; a minimal Linux lacks the X11 and "
             "OpenGL libraries it loads (README.md, Setup in detail, lists them)"
         ) from None
+    try:
+        from .addon_import import ensure_addon_importable
+
+        ensure_addon_importable()
+    except ImportError as exc:  # installed from a wheel: the add-on ships apart (a Blender zip)
+        raise DemoSetupError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     service = LocalService(checkpoint, out, device)
     result = DemoResult(

@@ -388,7 +388,15 @@ def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(
     code, _, err = run(capsys, *argv, "--resume")
     assert code == cli.EXIT_BAD_INPUT
     assert f"frame 2 of {out_file} ('sit down') answers no line of {prompts}" in err
+    assert f"if {prompts} was edited since, run without --resume to start over" in err
     assert out_file.read_bytes() == finished
+    # A file left by a run cut short stops a run without --resume too: it is to be deleted.
+    partial = tmp_path / "anim.partial.npz"
+    partial.write_bytes(finished)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_BAD_INPUT
+    assert f"frame 2 of {partial} ('sit down')" in err and "delete it to start over" in err
+    partial.unlink()
 
     out_file.write_bytes(b"not an npz")
     code, _, err = run(capsys, *argv, "--resume")
@@ -548,6 +556,47 @@ def test_json_prints_the_error_reply_too(address, capsys):
     assert code == cli.EXIT_BAD_INPUT and json.loads(out)["error"]["code"] == "empty_prompt"
 
 
+def test_local_mode_checks_an_image_before_it_loads_a_model(capsys, tmp_path, monkeypatch):
+    from inference_service import serve
+
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")  # loading would fail
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(PNG[:8] + b"not the rest of a PNG")
+    code, out, err = run(capsys, "pose", "", "--image", str(damaged), "--local", "--json")
+    assert code == cli.EXIT_BAD_INPUT and f"--image {damaged}: not a decodable" in err
+    assert json.loads(out)["error"]["code"] == "bad_image"
+
+
+def test_local_mode_that_cannot_load_its_model_says_why_in_one_line(
+    tiny_checkpoint, capsys, monkeypatch
+):
+    from inference_service.backend import ModelBackend
+    from inference_service.errors import ModelError
+
+    def too_big(*_args, **_kwargs):
+        raise ModelError("the model needs about 30 GB, 8 GB free (--device cuda)")
+
+    monkeypatch.setattr(ModelBackend, "from_checkpoint", too_big)
+    code, out, err = run(capsys, "pose", "wave", "--local", "--checkpoint", str(tiny_checkpoint))
+    assert code == cli.EXIT_SERVICE_ERROR and out == ""
+    assert err.count("\n") == 1 and "cannot load the model: the model needs about 30 GB" in err
+    assert "start the service with them and send this without --local" in err
+
+
+def test_demo_without_its_setup_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    from inference_service import addon_import
+
+    monkeypatch.setitem(sys.modules, "bpy", None)
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path / "out"))
+    assert code == cli.EXIT_USAGE and "bpy is not installed" in err
+    monkeypatch.undo()
+    # Installed from a wheel: the add-on is not there to import.
+    monkeypatch.setitem(sys.modules, "blender_addon", None)
+    monkeypatch.setattr(addon_import, "ROOT", tmp_path)
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path / "out"))
+    assert code == cli.EXIT_USAGE and "blender_addon is not importable" in err
+
+
 def test_line_ranges_read_as_a_person_writes_them():
     assert cli._line_ranges([9, 3, 4, 5]) == "lines 3-5, 9"
     assert cli._line_ranges([7]) == "line 7"
@@ -611,6 +660,8 @@ def test_local_mode_without_the_demo_model_says_it_is_not_built(capsys, tmp_path
 def test_demo_out_that_cannot_be_a_folder_is_bad_input(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     code, _, err = run(capsys, "demo", "--out", str(tmp_path / "file"))
+    assert code == cli.EXIT_BAD_INPUT and f"--out: {tmp_path / 'file'} is a file" in err
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path / "file" / "under"))
     assert code == cli.EXIT_BAD_INPUT and "--out: cannot make the folder" in err
 
 
@@ -683,6 +734,9 @@ def test_a_slow_service_times_out(address, backend, capsys):
     # Shorter than a connection takes: still a timeout of the service that is there.
     code, _, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.0001")
     assert code == cli.EXIT_TIMEOUT and "is chatpose-serve running?" not in err
+    # No reply came: --json prints none (an error reply is the service's to send).
+    code, out, _ = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.5", "--json")
+    assert code == cli.EXIT_TIMEOUT and out == ""
 
 
 def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):

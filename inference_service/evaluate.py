@@ -152,6 +152,37 @@ class ModelPredictor:
         return self._run([PoseRequest(images=(data,)) for data in images])
 
 
+def read_image_pairs(pairs: str | Path, limit: int | None = None):
+    """(image bytes, true poses (N, 24, 3), action names or "", the render size or None) of the
+    first ``limit`` pairs of a render_pairs output directory, checked as training reads pairs
+    (`datasets.read_image_pose_pairs`: a DatasetError names the file, the frame and the
+    field)."""
+    from inference_service.training.datasets import (
+        DatasetError,
+        image_bytes,
+        read_image_pose_pairs,
+    )
+    from inference_service.training.render_pairs import read_pairs
+
+    path = Path(pairs) / "pairs.npz"
+    examples = read_image_pose_pairs(path, camera_frame=False, crop="none")[:limit]
+    rows = [int(example.source.rpartition("#")[2]) for example in examples]
+    arrays = read_pairs(path)  # the optional arrays render_pairs adds (the file loads: above)
+    actions = arrays.get("actions")
+    if actions is None:
+        actions = np.full(max(rows, default=-1) + 1, "")
+    if actions.ndim != 1 or actions.dtype.kind != "U" or len(actions) <= max(rows, default=-1):
+        raise DatasetError(f"{path}: 'actions' must be one string per frame, got {actions.shape}")
+    size = arrays.get("size")
+    if size is not None and (size.shape != () or size.dtype.kind not in "iu"):
+        raise DatasetError(f"{path}: 'size' must be one integer, got shape {size.shape}")
+    images = [image_bytes(example.images[0]) for example in examples]
+    poses = (
+        np.stack([example.poses[0] for example in examples]) if examples else np.zeros((0, 24, 3))
+    )
+    return images, poses, [str(actions[row]) for row in rows], None if size is None else int(size)
+
+
 def evaluate(
     checkpoint: str | Path,
     corpus: str | Path,
@@ -179,6 +210,7 @@ def evaluate(
         raise ValueError(f"{corpus}: no train records to fit the baselines on")
     if not chosen:
         raise ValueError(f"{corpus}: no records in split {split!r}")
+    image_pairs = None if pairs is None else read_image_pairs(pairs, limit)  # before the model
     predictor = predictor or ModelPredictor(checkpoint, device, batch_size)
     train_poses = np.stack([r.pose for r in train])
     average = mean_pose(train_poses)
@@ -298,29 +330,23 @@ def evaluate(
     }
 
     # --- images ---------------------------------------------------------------------------
-    if pairs is not None:
-        from inference_service.training.render_pairs import read_pairs
-
-        pairs_dir = Path(pairs)
-        arrays = read_pairs(pairs_dir / "pairs.npz")
-        count = len(arrays["poses"]) if limit is None else min(limit, len(arrays["poses"]))
+    if image_pairs is not None:
+        images, image_true, actions, image_size = image_pairs
+        count = len(images)
         log(f"images: {count} pairs")
-        images = [(pairs_dir / str(name)).read_bytes() for name in arrays["images"][:count]]
-        image_true = arrays["poses"][:count]
         image_pred = predictor.images(images)
         image_mean = np.broadcast_to(average, image_true.shape)
         model_metrics = _metrics(image_pred, image_true)
         mean_metrics = _metrics(image_mean, image_true)
         report["images"] = {
             "count": count,
-            "image_size": int(arrays["size"]) if "size" in arrays else None,
+            "image_size": image_size,
             "model": model_metrics,
             "mean_pose": mean_metrics,
             "reduction_vs_mean_pose": {
                 m: _reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
             },
         }
-        actions = [str(a) for a in arrays.get("actions", np.array([""] * count))[:count]]
         picked = [i for i, a in enumerate(actions) if a in sided]
         if picked:
             left_right["images"] = _left_right(

@@ -208,6 +208,46 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("no images", "no 'images' (or 'imgname') array"),
+        ("empty file", "pairs.npz"),
+        ("not an image", "frame 1"),
+        ("NaN pose", "NaN"),
+        ("actions short", "'actions' must be one string per frame"),
+    ],
+)
+def test_damaged_pairs_are_named_before_the_model_loads(tiny, tmp_path, capsys, damage, message):
+    root, checkpoint, pairs = tiny
+    broken = tmp_path / "pairs"
+    broken.mkdir()
+    (broken / "images").symlink_to(pairs / "images")
+    with np.load(pairs / "pairs.npz") as data:
+        arrays = dict(data)
+    if damage == "no images":
+        del arrays["images"]
+    elif damage == "not an image":
+        (broken / "text.png").write_text("not a picture")
+        arrays["images"] = arrays["images"].copy()
+        arrays["images"][1] = "text.png"
+    elif damage == "NaN pose":
+        arrays["poses"] = arrays["poses"].copy()
+        arrays["poses"][2, 5] = np.nan
+    elif damage == "actions short":
+        arrays["actions"] = arrays["actions"][:2]
+    if damage == "empty file":
+        (broken / "pairs.npz").write_bytes(b"")
+    else:
+        np.savez(broken / "pairs.npz", **arrays)
+    argv = ["--checkpoint", str(tmp_path / "no model"), "--data", "corpus",
+            str(root / "corpus.npz"), "--pairs", str(broken),
+            "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert ev.main(argv) == 2  # the checkpoint is never opened: the pairs fail first
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err and "pairs.npz" in err
+
+
 def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
     root, checkpoint, _ = tiny
     out = root / "oracle.json"

@@ -750,9 +750,32 @@ def load_state(path: Path) -> dict:
         ) from None
     except (OSError, RuntimeError, ValueError, EOFError) as exc:
         raise TrainingError(f"{path / STATE_NAME}: cannot read the training state ({exc})") from exc
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path / STATE_NAME}: not a training state: a {type(state).__name__}")
     if state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path / STATE_NAME}: unknown format {state.get('format')!r}")
+    for key, kinds in _STATE_FIELDS.items():
+        if key not in state:
+            raise TrainingError(f"{path / STATE_NAME}: damaged: it has no {key!r}")
+        if not isinstance(state[key], kinds) or isinstance(state[key], bool):
+            raise TrainingError(
+                f"{path / STATE_NAME}: damaged: {key!r} is a {type(state[key]).__name__}"
+            )
+    if state["step"] < 0:
+        raise TrainingError(f"{path / STATE_NAME}: damaged: step {state['step']}")
     return state
+
+
+# What `save_checkpoint` writes into the training state, and the types a resume reads.
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "optimizer": dict,
+    "param_names": list,
+    "head": dict,
+    "head_input_shift": (torch.Tensor, type(None)),
+    "torch_rng": torch.Tensor,
+    "cuda_rng": (torch.Tensor, list, type(None)),
+}
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -1032,12 +1055,22 @@ def _stopped(out: Path, step: int, message: str) -> TrainingDiverged:
 
 def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
     total, ce, pose = figures
-    kept = (
-        f"the last good checkpoint {last_saved} is kept untouched; --resume with a lower --lr "
-        "(and --adapter-lr, if given) or --max-grad-norm continues from it"
-        if last_saved is not None
-        else "no checkpoint was saved yet"
-    )
+    lower = "a lower --lr (and --adapter-lr, if given) or --max-grad-norm"
+    if last_saved is None:
+        kept = "no checkpoint was saved yet"
+    elif what != "weights" and last_saved.name == step_dir_name(step - 1):
+        # Its weights gave this loss or gradient: a resume meets the same batch with them.
+        kept = (
+            f"the last checkpoint {last_saved} is kept untouched, but its weights gave this "
+            f"{what}, and a resume from it meets the same batch at step {step}: write an "
+            f"earlier step-* folder's name into {last_saved.parent / LATEST_NAME} and --resume "
+            f"with {lower}, or start the run again with them"
+        )
+    else:
+        kept = (
+            f"the last good checkpoint {last_saved} is kept untouched; --resume with {lower} "
+            "continues from it"
+        )
     what = "weights are" if what == "weights" else f"{what} is"
     return (
         f"step {step}: the {what} not finite (loss {total:.6g}, CE {ce:.6g}, pose L1 "

@@ -387,7 +387,9 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "step 5: the loss is not finite" in err
-    assert "step-000004 is kept untouched; --resume with a lower --lr (and --adapter-lr" in err
+    # Step 4's weights gave that loss: resumed from them, step 5 would see the same batch.
+    assert "step-000004 is kept untouched, but its weights gave this loss" in err
+    assert f"write an earlier step-* folder's name into {out / 'latest'}" in err
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
@@ -601,6 +603,16 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     assert train_cli.main(argv) == 0
     capsys.readouterr()
     resume = [*argv, "--resume", "--steps", "3"]
+    state_path = out / "step-000002" / "training_state.pt"
+    good = torch.load(state_path, weights_only=True)
+    for damaged, message in [
+        ([1, 2], "not a training state: a list"),
+        ({k: v for k, v in good.items() if k != "optimizer"}, "damaged: it has no 'optimizer'"),
+        (good | {"step": "x"}, "damaged: 'step' is a str"),
+    ]:
+        torch.save(damaged, state_path)
+        assert train_cli.main(resume) == train_cli.EXIT_USAGE
+        assert f"{state_path}: {message}" in capsys.readouterr().err
     (out / "step-000002" / "training_state.pt").write_bytes(b"")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
     assert "cannot read the training state" in capsys.readouterr().err

@@ -263,7 +263,7 @@ class ChatPoseModel:
         images: list[Image.Image] = []
         for request in requests:
             decoded = self._decode_images(request.images)
-            self._check_text(request.text or "")
+            self._check_text(request.text or "", "prompt")
             try:
                 question, answer = pose_exchange(
                     request.text, bool(decoded), self.config.pose_token, self.config.prompt_wording
@@ -360,8 +360,10 @@ class ChatPoseModel:
         decoded = self._decode_images(images)
         if not prompt.strip() and not decoded:
             raise EmptyPromptError("a chat message needs text, an image, or both")
-        for text in [prompt, *(t.user for t in history), *(t.assistant for t in history)]:
-            self._check_text(text)
+        self._check_text(prompt, "prompt")
+        for index, turn in enumerate(history):  # named as the request's turns are numbered
+            self._check_text(turn.user, f"history[{2 * index}].text")
+            self._check_text(turn.assistant, f"history[{2 * index + 1}].text")
         history = self.fitting_history(prompt, history, decoded, max_new_tokens)
         text = build_prompt(
             self.template,
@@ -476,11 +478,11 @@ class ChatPoseModel:
             )
         return [decode_image(data, min_side=self.config.image_size) for data in images]
 
-    def _check_text(self, text: str) -> None:
+    def _check_text(self, text: str, field: str) -> None:
         # A literal image marker would be expanded into image tokens with no image behind them.
         if self.image_token in text:
             raise UnsupportedInputError(
-                f"text must not contain the image marker {self.image_token!r}"
+                f"{field}: must not contain the image marker {self.image_token!r}"
             )
 
     def _image_markers(self, count: int) -> str:

@@ -853,7 +853,13 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         head_path = checkpoint.head_path if _keeps_base_head(config, checkpoint) else None
     tm = load_training_model(model_source, config, adapter_dir, head_path)
 
-    max_length = config.max_length or _max_positions(tm.model)
+    positions = _max_positions(tm.model)
+    if config.max_length and config.max_length > positions:  # the service would refuse them
+        raise TrainingError(
+            f"--max-length {config.max_length}: this model reads at most {positions} tokens "
+            "(its max_position_embeddings); longer examples could not be served"
+        )
+    max_length = config.max_length or positions
     actions = sorted({e.action for e in examples if e.action}) if config.action_weight else []
     if config.action_weight and not actions:
         print("note: --action-weight does nothing: no example names an action", file=sys.stderr)

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import shutil
 import sys
 import weakref
@@ -408,15 +409,19 @@ def test_nothing_to_answer_raises_empty_prompt(tiny_model, call):
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "field"),
     [
-        lambda m: m.predict_poses([PoseRequest("look at <image> here")]),
-        lambda m: m.chat("hi", history=[Turn("<image>", "ok")]),
+        (lambda m: m.predict_poses([PoseRequest("look at <image> here")]), "prompt"),
+        (
+            lambda m: m.chat("hi", history=[Turn("ok", "ok"), Turn("<image>", "ok")]),
+            "history[2].text",
+        ),
+        (lambda m: m.chat("hi", history=[Turn("ok", "see <image>")]), "history[1].text"),
     ],
-    ids=["image-marker", "image-marker-history"],
+    ids=["image-marker", "image-marker-history", "image-marker-reply"],
 )
-def test_unusable_input_raises_unsupported_input(tiny_model, call):
-    with pytest.raises(UnsupportedInputError):
+def test_unusable_input_raises_unsupported_input(tiny_model, call, field):
+    with pytest.raises(UnsupportedInputError, match=re.escape(f"{field}: must not")):
         call(tiny_model)
 
 

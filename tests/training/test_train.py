@@ -567,6 +567,9 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
         with pytest.raises(SystemExit) as info:
             train_cli.main([*common, "--out", str(tmp_path / "o"), flag, value])
         assert info.value.code == 2
+    # Longer than the model reads: it could learn from them, but the service refuses them.
+    assert train_cli.main([*common, "--out", str(tmp_path / "o"), "--max-length", "9999"]) == 2
+    assert "--max-length 9999: this model reads at most 512 tokens" in capsys.readouterr().err
 
 
 def test_weights_that_are_not_finite_are_never_saved(base, tmp_path, monkeypatch, capsys):

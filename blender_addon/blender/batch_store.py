@@ -1,4 +1,4 @@
-"""The batch record (``core.batch_record``) stored on the armature's action, and keying one line.
+"""The batch record (``core.batch_record``) stored on the armature's action, and keying batch lines.
 
 The record is a JSON string custom property on the *action* the keys went into, so it goes
 wherever the keys go: saved with the .blend file, undone with the keys, kept with a take that
@@ -19,7 +19,6 @@ from shared_protocol.pose import Pose
 from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
 from .anim import action_time, has_no_slot, scene_time
 from .keyframes import write_pose_keys
-from .posing import apply_pose
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
@@ -75,18 +74,17 @@ def key_batch_lines(
     while keying leaves them pending, so nothing is lost). Returns the updated record.
 
     The lines that arrived since the last timer tick come together: all keys in one pass over
-    each F-curve (``keyframes.write_pose_keys``), then one update of the record. The bones are
-    left as they are, a pose the user is making by hand included, unless a line was keyed at
-    the frame the scene is on: then they show that key, as keying the current frame does."""
+    each F-curve (``keyframes.write_pose_keys``), then one update of the record. Only keys are
+    written; as after any change to an animation, Blender's next update shows the keyed
+    channels as the animation has them at the current frame."""
     if not items:
         return load_record(obj)
-    poses = [pose for _, pose in items]
-    frames = [line.frame for line, _ in items]
-    write_pose_keys(obj, poses, frames, use_translation=use_translation)
-    current = bpy.context.scene.frame_current
-    if current in frames:
-        last = len(frames) - 1 - frames[::-1].index(current)  # a later line for a frame wins
-        apply_pose(obj, poses[last], use_translation=use_translation)
+    write_pose_keys(
+        obj,
+        [pose for _, pose in items],
+        [line.frame for line, _ in items],
+        use_translation=use_translation,
+    )
     record = load_record(obj).recorded_lines(
         (line.line, line.text, line.frame) for line, _ in items
     )

@@ -538,7 +538,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     pending = record.pending(lines, settings.batch_start, settings.batch_step)
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
-        new_frames = {line.frame for line in pending}
+        new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
         replaced = [entry for entry in moved if entry.frame in new_frames]
         kept = [entry for entry in moved if entry.frame not in new_frames]
         keys_left_note += (
@@ -935,11 +935,17 @@ UNANSWERED_AT_SAVE = (
 UNANSWERED_AT_DISABLE = "The add-on was disabled before this answer was applied; send it again."
 
 
-def _unanswered_jobs() -> list:
-    """The chat requests whose answers are not applied yet: still on their way, or come and
-    waiting (an edit mode, a running tool, undone steps)."""
-    waiting = (o.job for o in _state.backlog if isinstance(o, PoseAnswered | PoseFailed))
-    return [*pending_jobs(), *waiting]
+def _unanswered(why: str) -> list[tuple]:
+    """(job, what to keep in the history) for each chat request whose outcome is not applied
+    yet: still on its way, or come and waiting (an edit mode, a running tool, undone steps):
+    ``why`` for those, a failure's own message (a Cancel's too) for a failure."""
+    kept = [(job, why) for job in pending_jobs()]
+    for outcome in _state.backlog:
+        if isinstance(outcome, PoseAnswered):
+            kept.append((outcome.job, why))
+        elif isinstance(outcome, PoseFailed):
+            kept.append((outcome.job, outcome.message))
+    return kept
 
 
 def _keep_unanswered(scene: bpy.types.Scene, job, why: str) -> None:
@@ -961,14 +967,14 @@ def _on_save_pre(filepath: str = "", *_args) -> None:
     if _state.saves_running > 1 or not filepath:
         return
     _state.restore_after_save.clear()
-    for job in _unanswered_jobs():
+    for job, why in _unanswered(UNANSWERED_AT_SAVE):
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is None:
             continue
         settings = scene.chatpose
         before = (scene.name, scene.session_uid, len(settings.history), settings.prompt)
         _state.restore_after_save.append(before)
-        _keep_unanswered(scene, job, UNANSWERED_AT_SAVE)
+        _keep_unanswered(scene, job, why)
 
 
 @bpy.app.handlers.persistent
@@ -1011,10 +1017,10 @@ def unregister() -> None:
             handlers.remove(handler)
     if _state.status_bar:
         _set_status_text(None)
-    for job in _unanswered_jobs():  # their answers will not be applied: kept to send again
+    for job, why in _unanswered(UNANSWERED_AT_DISABLE):  # not applied: kept to send again
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is not None:
-            _keep_unanswered(scene, job, UNANSWERED_AT_DISABLE)
+            _keep_unanswered(scene, job, why)
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:

@@ -27,7 +27,7 @@ from blender_addon.core import batch_plan, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.protocol import Turn
-from tests.service.scripted_backend import pose_for
+from tests.service.scripted_backend import ScriptedBackend, pose_for
 
 from .conftest import ADDON
 from .helpers import draw_panels, drive, free_port, idle, use_service
@@ -1028,9 +1028,11 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(armature, scr
     bpy.ops.mesh.primitive_cube_add()
     bpy.ops.object.mode_set(mode="EDIT")  # the first answer comes and waits for Object mode
     scene = bpy.context.scene
-    scene.chatpose.prompt = "wave"
-    bpy.ops.chatpose.send()
-    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    failing = ScriptedBackend.failing_prompt
+    for prompt in ("wave", failing):
+        scene.chatpose.prompt = prompt
+        bpy.ops.chatpose.send()
+    drive(lambda: len(runtime._state.backlog) == 2)  # both came, and wait
     backend.hold()  # the next two stay on their way
     for prompt in ("sit down", "jump high"):
         scene.chatpose.prompt = prompt
@@ -1041,9 +1043,12 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(armature, scr
     backend.release()
     addon_utils.enable(ADDON, default_set=True)
     messages = [(m.role, m.text) for m in props.history_messages(scene)]
-    assert sorted(messages[0::2]) == [("user", p) for p in ("jump high", "sit down", "wave")]
-    assert set(messages[1::2]) == {(chat.ERROR, runtime.UNANSWERED_AT_DISABLE)}
-    assert scene.chatpose.prompt in ("wave", "sit down", "jump high")  # one back to send
+    kept = dict(zip([text for _, text in messages[0::2]], messages[1::2], strict=True))
+    assert sorted(kept) == sorted(["wave", failing, "sit down", "jump high"])
+    for prompt in ("wave", "sit down", "jump high"):
+        assert kept[prompt] == (chat.ERROR, runtime.UNANSWERED_AT_DISABLE)
+    assert "exploded" in kept[failing][1]  # a failure keeps its own message
+    assert scene.chatpose.prompt in kept  # one back to send
 
 
 def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):

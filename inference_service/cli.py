@@ -79,7 +79,7 @@ _EXIT_FOR_CODE = {
 }
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}  success
-  {EXIT_USAGE}  bad command-line arguments
+  {EXIT_USAGE}  bad command-line arguments, or a package this command needs is not installed
   {EXIT_NOT_BUILT}  the bundled demo model is missing (`make demo-model` rebuilds it)
   {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
   {EXIT_UNREACHABLE}  no service at the address
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     pose.add_argument(
         "--json",
         action="store_true",
-        help="print the service's reply as JSON, an error reply too (a failure before any "
-        "reply, such as no service or an unreadable --image, prints nothing on stdout: see the "
+        help="print the service's reply as JSON, an error reply too (no reply, as with no "
+        "service, none in time or an unreadable --image, prints nothing on stdout: see the "
         "exit code and stderr)",
     )
     pose.add_argument("--out", type=_npz_file, metavar="FILE.npz", help="write AMASS-layout .npz")
@@ -446,8 +446,10 @@ def _earlier_answers(
         return None, {}, None
     best, refusals = None, []
     for path in found:
+        # A run without --resume is refused while the partial file is there (_batch).
+        start_over = f"delete {path}" if path != args.out else "run without --resume"
         try:
-            answered, fps = _answers_in(path, lines, args.file)
+            answered, fps = _answers_in(path, lines, args.file, start_over)
         except CommandError as exc:  # another file may still fit
             refusals.append(exc)
             continue
@@ -471,7 +473,7 @@ def _drop_answered_partial(
     if not partial.exists():
         return
     try:
-        answered = _answers_in(partial, lines, args.file)[0]
+        answered = _answers_in(partial, lines, args.file, f"delete {partial}")[0]
     except CommandError:
         answered = None  # from another prompt file, or edited since: not this run's to judge
     if answered is not None and answered.keys() <= poses.keys():
@@ -482,11 +484,12 @@ def _drop_answered_partial(
 
 
 def _answers_in(
-    path: Path, lines: Sequence[tuple[int, str]], prompts: Path
+    path: Path, lines: Sequence[tuple[int, str]], prompts: Path, start_over: str
 ) -> tuple[dict[int, Pose], float]:
     """The poses of a batch's earlier file by the line each answers. Each frame is labelled with
     its line's prompt and the frames are in file order, so frame by frame the next line with
-    that prompt is the one it answers."""
+    that prompt is the one it answers. A file that answers no line in order is refused, saying
+    how to ``start_over``."""
     try:
         motion = Motion.load_npz(path)
     except (OSError, ValueError) as exc:
@@ -496,9 +499,6 @@ def _answers_in(
     for frame, pose in enumerate(motion.poses(), 1):
         number = next((n for n, prompt in remaining if prompt == pose.label), None)
         if number is None:
-            start_over = (
-                "delete it" if path.name.endswith(".partial.npz") else "run without --resume"
-            )
             raise CommandError(
                 EXIT_BAD_INPUT,
                 f"--resume: frame {frame} of {path} ({pose.label!r}) answers no line of "

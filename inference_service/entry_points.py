@@ -9,10 +9,9 @@ import sys
 def chatpose_serve() -> int:
     from .cli import EXIT_USAGE, missing_service_package
 
-    try:  # torch and transformers are imported by main() itself, not only by the module
+    try:
         from .serve import main
-
-        return main()
     except ModuleNotFoundError as exc:
         print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    return main()

@@ -165,7 +165,7 @@ def read_image_pairs(pairs: str | Path, limit: int | None = None):
     from inference_service.training.render_pairs import read_pairs
 
     path = Path(pairs) / "pairs.npz"
-    examples = read_image_pose_pairs(path, camera_frame=False, crop="none")[:limit]
+    examples = read_image_pose_pairs(path, camera_frame=False, crop="none", limit=limit)
     rows = [int(example.source.rpartition("#")[2]) for example in examples]
     arrays = read_pairs(path)  # the optional arrays render_pairs adds (the file loads: above)
     actions = arrays.get("actions")

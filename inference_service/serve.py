@@ -109,11 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level)
-    # From the start: a Blender that crashes while a large model loads takes the load with it.
-    parent = ParentWatch(sys.stdin.fileno()) if args.stop_with_stdin else None
-    try:
+    try:  # transformers and torch, imported by these, are not in a client-only install
+        logs.configure(args.log_level)
+        # From the start: a Blender that crashes while a large model loads takes the load
+        # with it.
+        parent = ParentWatch(sys.stdin.fileno()) if args.stop_with_stdin else None
         server = _build_server(args)
+    except ModuleNotFoundError as exc:
+        from .cli import EXIT_USAGE, missing_service_package
+
+        print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except (ServerConfigError, ChatPoseError) as exc:
         log.error(str(exc), extra={"event": "config_error"})
         print(f"chatpose-serve: {exc}", file=sys.stderr)

@@ -843,8 +843,10 @@ def read_image_pose_pairs(
     phrasing: str = "mixed",
     seed: int = 0,
     wording: str = "paper",  # prompts.WORDINGS: the base checkpoint's
+    limit: int | None = None,
 ) -> list[Example]:
-    """Image/pose pairs: one image_to_pose Example per frame of the .npz.
+    """Image/pose pairs: one image_to_pose Example per frame of the .npz (of its first
+    ``limit`` frames with a pose; the images of the others are not read).
 
     `poses`: an AMASS-layout .npz (see `read_pose_array`, SMPL's `global_orient` and
     `body_pose` too) with an extra `images` array (N,) of file names (or HMR-style data's
@@ -893,6 +895,7 @@ def read_image_pose_pairs(
                 f"without a pose ({flag} 0)",
                 file=sys.stderr,
             )
+    rows = rows[:limit]
     units = box_units(arrays, crop)
     boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
     phraser = Phraser(phrasing, seed, wording)

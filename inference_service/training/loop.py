@@ -1066,11 +1066,17 @@ def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
         kept = "no checkpoint was saved yet"
     elif what != "weights" and last_saved.name == step_dir_name(step - 1):
         # Its weights gave this loss or gradient: a resume meets the same batch with them.
+        earlier = sorted(p.name for p in last_saved.parent.glob("step-*") if p < last_saved)
+        instead = (
+            f"write the name of an earlier one ({', '.join(earlier)}) into "
+            f"{last_saved.parent / LATEST_NAME} and --resume with {lower}"
+            if earlier
+            else "no earlier one is kept (--keep-last)"
+        )
         kept = (
             f"the last checkpoint {last_saved} is kept untouched, but its weights gave this "
-            f"{what}, and a resume from it meets the same batch at step {step}: write an "
-            f"earlier step-* folder's name into {last_saved.parent / LATEST_NAME} and --resume "
-            f"with {lower}, or start the run again with them"
+            f"{what}, and a resume from it meets the same batch at step {step}: {instead}, or "
+            f"start the run again with {lower}"
         )
     else:
         kept = (

@@ -395,7 +395,7 @@ def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(
     partial.write_bytes(finished)
     code, _, err = run(capsys, *argv, "--resume")
     assert code == cli.EXIT_BAD_INPUT
-    assert f"frame 2 of {partial} ('sit down')" in err and "delete it to start over" in err
+    assert f"frame 2 of {partial} ('sit down')" in err and f"delete {partial} to start" in err
     partial.unlink()
 
     out_file.write_bytes(b"not an npz")

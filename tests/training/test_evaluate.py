@@ -246,6 +246,8 @@ def test_damaged_pairs_are_named_before_the_model_loads(tiny, tmp_path, capsys, 
     assert ev.main(argv) == 2  # the checkpoint is never opened: the pairs fail first
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err and "pairs.npz" in err
+    if damage == "not an image":  # a pair past --limit is not read
+        assert len(ev.read_image_pairs(broken, limit=1)[0]) == 1
 
 
 def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):

@@ -389,7 +389,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert "step 5: the loss is not finite" in err
     # Step 4's weights gave that loss: resumed from them, step 5 would see the same batch.
     assert "step-000004 is kept untouched, but its weights gave this loss" in err
-    assert f"write an earlier step-* folder's name into {out / 'latest'}" in err
+    assert f"write the name of an earlier one (step-000002) into {out / 'latest'}" in err
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
@@ -570,6 +570,20 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
     # Longer than the model reads: it could learn from them, but the service refuses them.
     assert train_cli.main([*common, "--out", str(tmp_path / "o"), "--max-length", "9999"]) == 2
     assert "--max-length 9999: this model reads at most 512 tokens" in capsys.readouterr().err
+
+
+def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):
+    nan = (float("nan"),) * 3
+    (tmp_path / "step-000004").mkdir()  # --keep-last 1 pruned the ones before
+    message = loop._diverged(5, "loss", nan, tmp_path / "step-000004")
+    assert "its weights gave this loss" in message and "no earlier one is kept" in message
+    (tmp_path / "step-000002").mkdir()
+    message = loop._diverged(5, "gradient", nan, tmp_path / "step-000004")
+    assert "earlier one (step-000002)" in message
+    # Weights that are not finite came from this step's update: the one before is good.
+    message = loop._diverged(5, "weights", nan, tmp_path / "step-000004")
+    assert "last good checkpoint" in message and "--resume with a lower --lr" in message
+    assert "no checkpoint was saved yet" in loop._diverged(1, "loss", nan, None)
 
 
 def test_weights_that_are_not_finite_are_never_saved(base, tmp_path, monkeypatch, capsys):

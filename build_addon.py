@@ -11,21 +11,24 @@ stable-ABI ones read as "3.11 only", which Blender 5.1+ refuses. Each zip holds
 
 - the add-on (``blender_addon/``: ``blender_manifest.toml`` at the zip's root, as Blender's own
   ``extension build`` writes it),
-- ``wheels/chatpose_shared_protocol-<version>-py3-none-any.whl``: the repository's numpy-only
-  ``shared_protocol`` package, built here as a pure-Python wheel, so that ``import
-  shared_protocol`` works inside Blender,
+- ``wheels/chatpose_shared_protocol-<version>+<hash>-py3-none-any.whl``: the repository's
+  numpy-only ``shared_protocol`` package, built here as a pure-Python wheel, so that ``import
+  shared_protocol`` works inside Blender; ``<hash>`` is of its files, because Blender skips a
+  wheel whose name and version it has installed already (a build of the same version with
+  other code would keep the old package),
 - ``wheels/pyzmq-*.whl`` for every platform (linux-x64, linux-arm64, windows-x64,
   windows-arm64, macos-arm64, macos-x64) for its Python, of the pyzmq version the manifest
   lists. They are fetched with ``pip download`` once and cached under ``build/wheels-cache/``,
 
-with its own manifest: the repository's, its wheels narrowed to that Python and its Blender
-versions set; and nothing of ``inference_service``. The manifest in ``blender_addon/`` lists
-the wheels of both; the build fails when that list differs from the wheels it bundles
-(``--update-manifest`` rewrites it). After writing, each archive is checked (manifest keys,
-version = pyproject's, Blender versions, every listed wheel in the zip and for its Python, a
-pyzmq wheel for every platform, no inference_service files) and, when a ``blender`` binary is
-on PATH, validated with ``blender --command extension validate`` (else with the validator
-bundled in the ``bpy`` module, when that is installed).
+with its own manifest: the repository's, its wheels narrowed to that Python plus the
+shared_protocol wheel, and its Blender versions set; and nothing of ``inference_service``. The
+manifest in ``blender_addon/`` lists the pyzmq wheels of both Pythons; the build fails when
+that list differs from the wheels it bundles (``--update-manifest`` rewrites it). After
+writing, each archive is checked (manifest keys, version = pyproject's, Blender versions,
+every listed wheel in the zip and for its Python, a pyzmq wheel for every platform, no
+inference_service files) and, when a ``blender`` binary is on PATH, validated with ``blender
+--command extension validate`` (else with the validator bundled in the ``bpy`` module, when
+that is installed).
 
 It also writes ``dist/chatpose-<version>-legacy.zip`` (a ``chatpose/`` folder for Blender's
 legacy add-on installer; it needs shared_protocol and pyzmq installed into Blender's Python) and
@@ -56,6 +59,7 @@ ROOT = Path(__file__).resolve().parent
 ADDON_DIR = ROOT / "blender_addon"
 SHARED_DIR = ROOT / "shared_protocol"
 MANIFEST_PATH = ADDON_DIR / "blender_manifest.toml"
+LICENSE_PATH = ROOT / "LICENSE"
 PYPROJECT_PATH = ROOT / "pyproject.toml"
 DIST_DIR = ROOT / "dist"
 CACHE_DIR = ROOT / "build" / "wheels-cache"
@@ -215,10 +219,21 @@ def shared_wheel_name(version: str) -> str:
     return f"{SHARED_DIST}-{version}-py3-none-any.whl"
 
 
+def shared_wheel_version(version: str, members: Sequence[tuple[str, bytes]]) -> str:
+    """``version`` with a local label hashing the wheel's files (PEP 440: ``0.1.0+1a2b3c4d5e``):
+    Blender installs a wheel only when no wheel of that name and version is installed, so a
+    rebuild with other code must have another version."""
+    digest = hashlib.sha256()
+    for name, data in sorted(members):
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return f"{version}+{digest.hexdigest()[:10]}"
+
+
 def build_shared_protocol_wheel(out_dir: Path, version: str) -> Path:
-    """A pure-Python wheel of ``shared_protocol`` (its .py files and PROTOCOL.md)."""
+    """A pure-Python wheel of ``shared_protocol`` (its .py files and PROTOCOL.md), versioned
+    ``shared_wheel_version``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_info = f"{SHARED_DIST}-{version}.dist-info"
     members: list[tuple[str, bytes]] = [
         (f"shared_protocol/{rel}", path.read_bytes())
         for rel, path in _source_files(SHARED_DIR)
@@ -226,6 +241,8 @@ def build_shared_protocol_wheel(out_dir: Path, version: str) -> Path:
     ]
     if not any(name == "shared_protocol/__init__.py" for name, _ in members):
         raise BuildError(f"{SHARED_DIR} has no __init__.py")
+    version = shared_wheel_version(version, members)
+    dist_info = f"{SHARED_DIST}-{version}.dist-info"
     metadata = (
         "Metadata-Version: 2.1\n"
         "Name: chatpose-shared-protocol\n"
@@ -434,14 +451,15 @@ def update_manifest_wheels(manifest_text: str, entries: Sequence[str]) -> str:
     return new
 
 
-def release_manifest(manifest_text: str, release: BlenderReleases) -> str:
-    """The repository's manifest narrowed to one zip: the wheels for its Python, its Blender
-    versions."""
+def release_manifest(manifest_text: str, release: BlenderReleases, shared_wheel: str) -> str:
+    """The repository's manifest narrowed to one zip: the pyzmq wheels for its Python and the
+    shared_protocol wheel (file name ``shared_wheel``), its Blender versions."""
     entries = [
         entry
         for entry in tomllib.loads(manifest_text).get("wheels", [])
         if _serves(entry.rsplit("/", 1)[-1], release.python)
     ]
+    entries = manifest_wheel_entries([*(e.rsplit("/", 1)[-1] for e in entries), shared_wheel])
     text = update_manifest_wheels(manifest_text, entries)
     versions = f'blender_version_min = "{release.blender_min}"\n'
     if release.blender_max:
@@ -493,8 +511,13 @@ def manifest_problems(
     for entry in wheels:
         if not entry.startswith("./wheels/") or _wheel_tags(entry.rsplit("/", 1)[-1]) is None:
             problems.append(f"manifest: wheel entry {entry!r} is not ./wheels/<name>.whl")
-    if shared_wheel_name(version) not in names:
-        problems.append(f"manifest: wheels do not list {shared_wheel_name(version)}")
+    shared = [n for n in names if n.startswith(f"{SHARED_DIST}-")]
+    if release is None and shared:  # its version changes with its code: each zip's alone
+        problems.append(f"manifest: {shared[0]} is listed; the build adds it to each zip")
+    if release is not None and not (
+        len(shared) == 1 and shared[0].startswith(f"{SHARED_DIST}-{version}+")
+    ):
+        problems.append(f"manifest: wheels list no one {SHARED_DIST}-{version}+<hash> wheel")
     zmq_versions = {t[1] for n in names if (t := _wheel_tags(n)) and t[0] == "pyzmq"}
     if len(zmq_versions) > 1:
         problems.append(f"manifest: pyzmq wheels of several versions {sorted(zmq_versions)}")
@@ -529,6 +552,7 @@ def write_extension_zip(path: Path, wheels: Sequence[Path], manifest_text: str) 
         for rel, source in _source_files(ADDON_DIR):
             data = manifest_text.encode() if rel == MANIFEST_PATH.name else source.read_bytes()
             _zip_write(zf, rel, data)
+        _zip_write(zf, LICENSE_PATH.name, LICENSE_PATH.read_bytes())  # MIT: with every copy
         for wheel in sorted({w.name: w for w in wheels}.values(), key=lambda p: p.name):
             if wheel.name in listed:
                 _zip_write(zf, f"wheels/{wheel.name}", wheel.read_bytes())
@@ -539,6 +563,7 @@ def write_legacy_zip(path: Path) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for rel, source in _source_files(ADDON_DIR, skip_names={MANIFEST_PATH.name}):
             _zip_write(zf, f"{ADDON_ID}/{rel}", source.read_bytes())
+        _zip_write(zf, f"{ADDON_ID}/{LICENSE_PATH.name}", LICENSE_PATH.read_bytes())
 
 
 def archive_problems(zip_path: Path, version: str | None = None) -> list[str]:
@@ -682,7 +707,7 @@ def build(
         zmq_wheels = sorted({w.name: w for w in fetched}.values())
         wheels = [shared_wheel, *zmq_wheels]
 
-        expected = manifest_wheel_entries(w.name for w in wheels)
+        expected = manifest_wheel_entries(w.name for w in zmq_wheels)
         manifest_text = MANIFEST_PATH.read_text(encoding="utf-8")
         listed = tomllib.loads(manifest_text).get("wheels", [])
         if sorted(listed) != expected:
@@ -703,8 +728,11 @@ def build(
         zips = {}
         for release in RELEASES:
             zips[release] = output_dir / f"{ADDON_ID}-{version}-{release.label}.zip"
-            write_extension_zip(zips[release], wheels, release_manifest(manifest_text, release))
+            manifest = release_manifest(manifest_text, release, shared_wheel.name)
+            write_extension_zip(zips[release], wheels, manifest)
         shared_out = output_dir / shared_wheel.name
+        for older in output_dir.glob(f"{SHARED_DIST}-*.whl"):  # an earlier build's: one is current
+            older.unlink()
         shutil.copyfile(shared_wheel, shared_out)
 
     for zip_path in zips.values():

@@ -65,7 +65,9 @@ def test_each_manifest_is_the_repositorys_for_its_blender_versions(built):
         assert manifest["version"] == version
         assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "chatpose"
         assert set(manifest["permissions"]) == {"network", "files"}
-        assert set(manifest["wheels"]) < set(source["wheels"])
+        shared = f"./wheels/{built.shared_wheel_path.name}"  # each zip's own, added by the build
+        assert shared in manifest["wheels"] and shared not in source["wheels"]
+        assert set(manifest["wheels"]) - {shared} < set(source["wheels"])
         rest = {k: v for k, v in manifest.items() if not k.startswith(("wheels", "blender_"))}
         assert rest == {k: v for k, v in source.items() if not k.startswith(("wheels", "blender_"))}
     assert (manifest_of(built.zips[OLD])["blender_version_min"], manifest_of(built.zips[OLD])[
@@ -76,13 +78,15 @@ def test_each_manifest_is_the_repositorys_for_its_blender_versions(built):
 
 def test_every_listed_wheel_is_in_its_zip_and_every_platform_is_covered(built):
     zmq_version = build_addon.manifest_pyzmq_version()
+    version = build_addon.project_version()
     for release, zip_path in built.zips.items():
         manifest = manifest_of(zip_path)
         with zipfile.ZipFile(zip_path) as zf:
             names = set(zf.namelist())
         wheels = [w.removeprefix("./") for w in manifest["wheels"]]
         assert {n for n in names if n.startswith("wheels/")} == set(wheels)
-        assert f"wheels/{build_addon.shared_wheel_name(manifest['version'])}" in wheels
+        assert f"wheels/{built.shared_wheel_path.name}" in wheels
+        assert built.shared_wheel_path.name.startswith(f"chatpose_shared_protocol-{version}+")
         assert sorted(manifest["platforms"]) == sorted(PLATFORMS)
         for platform in PLATFORMS:
             matching = [
@@ -92,6 +96,19 @@ def test_every_listed_wheel_is_in_its_zip_and_every_platform_is_covered(built):
                 and build_addon.wheel_supports(w.rsplit("/", 1)[1], release.python, platform)
             ]
             assert matching, f"no pyzmq wheel for Python {release.python} on {platform}"
+
+
+def test_the_shared_wheel_s_version_changes_with_its_code_alone():
+    # Blender skips a wheel whose name and version it has installed: a rebuild of the same
+    # version with other shared_protocol code must get another wheel name.
+    files = [("shared_protocol/__init__.py", b"x = 1\n"), ("shared_protocol/pose.py", b"")]
+    version = build_addon.shared_wheel_version("0.1.0", files)
+    assert version.startswith("0.1.0+") and len(version) == len("0.1.0+") + 10
+    assert build_addon.shared_wheel_version("0.1.0", files[::-1]) == version  # order: none
+    edited = [("shared_protocol/__init__.py", b"x = 2\n"), files[1]]
+    assert build_addon.shared_wheel_version("0.1.0", edited) != version
+    moved = [("shared_protocol/__init__.py", b""), ("shared_protocol/pose.py", b"x = 1\n")]
+    assert build_addon.shared_wheel_version("0.1.0", moved) != version
 
 
 def test_blender_reads_each_zips_python_as_its_releases(built):
@@ -118,6 +135,7 @@ def test_zips_hold_the_addon_and_nothing_of_the_service(built):
         assert {"__init__.py", "blender_manifest.toml", "core/posing.py", "blender/posing.py"} <= (
             set(names)
         )
+        assert "LICENSE" in names  # MIT's notice goes with every copy
         assert not any("inference_service" in n or "__pycache__" in n for n in names)
         assert not any(n.startswith("shared_protocol/") for n in names)  # it comes as a wheel
         assert built.shared_wheel_path.read_bytes() == shared
@@ -155,8 +173,9 @@ def test_shared_protocol_wheel_installs_and_imports(built, tmp_path):
         names = zf.namelist()
         record = zf.read(next(n for n in names if n.endswith("RECORD"))).decode()
     assert "shared_protocol/PROTOCOL.md" in names
+    version = built.shared_wheel_path.name.split("-")[1]  # 0.1.0+<hash of its files>
     assert all(n.split("/")[0] in {"shared_protocol", "chatpose_shared_protocol-"
-               f"{build_addon.project_version()}.dist-info"} for n in names)  # fmt: skip
+               f"{version}.dist-info"} for n in names)  # fmt: skip
     assert all(n in record for n in names)
 
 
@@ -165,10 +184,16 @@ def test_legacy_zip_is_one_folder_without_manifest(built):
         names = zf.namelist()
     assert all(n.startswith("chatpose/") for n in names)
     assert "chatpose/__init__.py" in names and "chatpose/blender_manifest.toml" not in names
+    assert "chatpose/LICENSE" in names
 
 
 def test_builds_are_reproducible(built, tmp_path):
+    (tmp_path / "chatpose_shared_protocol-0.1.0+0123456789-py3-none-any.whl").write_bytes(b"")
     again = build_addon.build(tmp_path, legacy=False, validate=False)
+    # An earlier build's wheel goes: `pip install dist/chatpose_shared_protocol-*.whl` takes one.
+    assert [p.name for p in tmp_path.glob("chatpose_shared_protocol-*")] == [
+        again.shared_wheel_path.name
+    ]
     for release, zip_path in built.zips.items():
         assert again.zips[release].read_bytes() == zip_path.read_bytes()
 

@@ -60,6 +60,13 @@ def capture_viewport(context: bpy.types.Context, max_side: int = VIEWPORT_MAX_SI
 
 
 def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
+    long, short = max(region.width, region.height), min(region.width, region.height)
+    if long > MAX_ASPECT_RATIO * short:  # found here, not by the service after a round trip
+        raise CaptureError(
+            f"the 3D viewport is {region.width} x {region.height} pixels, more than "
+            f"{MAX_ASPECT_RATIO} times as long as it is wide; the service takes no such "
+            "picture: make the viewport wider or taller"
+        )
     import gpu
 
     width, height = _scaled(region.width, region.height, max_side)

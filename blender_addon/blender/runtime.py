@@ -834,6 +834,8 @@ def start_service(context: bpy.types.Context) -> None:
             "A local service has no CURVE keys: clear the Client Key and the Server Key in "
             "the preferences to use one"
         )
+    if settings.problem:  # e.g. a wildcard port: the service would listen where no one asks
+        raise UserError(f"Local service not started: {settings.problem}")
     if not service_process().poll().alive and address_in_use(address):
         raise UserError(
             f"Local service not started: something already listens on {address} (another "

@@ -307,9 +307,12 @@ class ServiceProcess:
             if process is not None:
                 self._stopped_here = True
             return self.poll()
-        self._stopped_here = True
-        process.terminate()
-        self._stop_deadline = self._clock() + self.grace_s
+        if self._stop_deadline is None:
+            # Once: chatpose-serve takes a second signal for "exit now", and the kill must not
+            # be put off by each press of Stop.
+            self._stopped_here = True
+            process.terminate()
+            self._stop_deadline = self._clock() + self.grace_s
         if wait:
             try:
                 process.wait(self.grace_s if timeout_s is None else timeout_s)

@@ -564,6 +564,13 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     monkeypatch.setitem(sys.modules, "gpu", failing.module)
     with pytest.raises(CaptureError, match="could not draw the viewport offscreen"):
         draw_viewport(bpy.context, region, space)
+    # A viewport shrunk to a strip: refused before drawing, not by the service after sending.
+    unused = FakeGPU()
+    monkeypatch.setitem(sys.modules, "gpu", unused.module)
+    thin = types.SimpleNamespace(width=1920, height=90)
+    with pytest.raises(CaptureError, match="the 3D viewport is 1920 x 90 pixels, more than 20"):
+        draw_viewport(bpy.context, thin, space)
+    assert unused.calls == []  # nothing drawn
 
 
 def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_service, tmp_path):
@@ -992,6 +999,9 @@ def test_start_and_stop_the_local_service_from_blender(
         other.listen()
         with pytest.raises(RuntimeError, match=f"something already listens on {address}"):
             bpy.ops.chatpose.service_start()
+    use_service("tcp://127.0.0.1:*")  # a wildcard port: the service would listen anywhere
+    with pytest.raises(RuntimeError, match="Local service not started: .* is for listening"):
+        bpy.ops.chatpose.service_start()
 
 
 def _stubborn_local_service(tmp_path) -> ServiceProcess:

@@ -178,6 +178,26 @@ def test_start_stop_and_kill_after_the_grace_time(tmp_path):
     assert gone(pid)
 
 
+def test_stop_pressed_twice_signals_once_and_keeps_the_kill_time(tmp_path):
+    now = [0.0]
+    manager = ServiceProcess(str(tmp_path), grace_s=5.0, clock=lambda: now[0])
+    counting = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('term', "
+        "flush=True)); print('up', flush=True); time.sleep(60)",
+    ]  # chatpose-serve takes a second SIGTERM for "exit now": this one counts them
+    manager.start(counting)
+    wait_for(lambda: "up" in Path(manager.log_path).read_text())
+    manager.stop()
+    wait_for(lambda: "term" in Path(manager.log_path).read_text())
+    now[0] = 4.0
+    manager.stop()  # a double click, or a second press while it stops
+    now[0] = 5.0  # the first press's deadline: killed, not put off to 9 s
+    wait_for(lambda: not manager.poll().alive)
+    assert Path(manager.log_path).read_text().count("term") == 1
+
+
 def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):
     manager = ServiceProcess(str(tmp_path))
     with pytest.raises(ServiceProcessError, match="could not start"):

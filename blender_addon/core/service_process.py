@@ -48,6 +48,23 @@ class ServiceProcessError(Exception):
     """The process cannot be started as asked; the message is for the user."""
 
 
+def _lock_exclusively(log) -> bool:
+    """Locks the log file for the service about to write it; False when another process holds
+    it. The lock goes with the open file, which the service inherits as its stdout: it holds
+    while the service runs, even if this Blender ends, so another Blender starting a service
+    on the same address (it listens only once its model has loaded) is refused instead of
+    loading a second model. Not on Windows (no fcntl): there the bind fails later."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        return True
+    try:
+        fcntl.flock(log.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def address_in_use(address: str) -> bool:
     """Whether something already listens on a tcp address (a service of another session,
     say): a local service started there would fail, and the ready check would be answered by
@@ -244,11 +261,19 @@ class ServiceProcess:
         self.log_path = os.path.join(self.log_dir, log_name)
         try:
             os.makedirs(self.log_dir, exist_ok=True)
-            log = open(self.log_path, "wb")  # noqa: SIM115 (closed below, once handed over)
+            log = open(self.log_path, "ab")  # noqa: SIM115 (closed below, once handed over)
         except OSError as exc:
             raise ServiceProcessError(
                 f"cannot write the service's log {self.log_path}: {exc.strerror or exc}"
             ) from None
+        if not _lock_exclusively(log):
+            log.close()
+            raise ServiceProcessError(
+                "a local service for this address is running or loading its model in another "
+                f"Blender on this machine (its log {self.log_path} is in use): stop it there, "
+                "or set another Service Address"
+            )
+        log.truncate(0)
         options: dict = {}
         hook = _die_with_parent_hook()
         if hook is not None:

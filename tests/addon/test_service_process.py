@@ -198,6 +198,23 @@ def test_stop_pressed_twice_signals_once_and_keeps_the_kill_time(tmp_path):
     assert Path(manager.log_path).read_text().count("term") == 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the log lock is POSIX's flock")
+def test_a_second_blender_cannot_start_a_service_on_the_same_address(tmp_path):
+    first, second = ServiceProcess(str(tmp_path)), ServiceProcess(str(tmp_path))
+    first.start(SLEEPER, log_name="chatpose-serve-5555.log")
+    wait_for(lambda: "up" in Path(first.log_path).read_text())
+    with pytest.raises(ServiceProcessError, match="running or loading its model in another"):
+        second.start(SLEEPER, log_name="chatpose-serve-5555.log")
+    assert "up" in Path(first.log_path).read_text()  # its log not emptied
+    second.start(SLEEPER, log_name="chatpose-serve-5556.log")  # another address: fine
+    second.stop(wait=True)
+    first.stop(wait=True)  # its service gone, the address is free again
+    second.start(SLEEPER, log_name="chatpose-serve-5555.log")
+    wait_for(lambda: "up" in Path(second.log_path).read_text())
+    assert Path(second.log_path).read_text() == "up\n"  # a fresh log for the new service
+    second.stop(wait=True)
+
+
 def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):
     manager = ServiceProcess(str(tmp_path))
     with pytest.raises(ServiceProcessError, match="could not start"):

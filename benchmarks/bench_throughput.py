@@ -18,7 +18,8 @@ import benchlib
 
 from inference_service.modeling_chatpose import PoseRequest
 
-TARGET = 1.5  # batch 32 vs batch 1
+# Batch 32 vs batch 1, by device type: a GPU runs a batch in parallel, a CPU mostly in turn.
+TARGETS = {"cpu": 1.5, "cuda": 10.0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,12 +58,13 @@ def main(argv: list[str] | None = None) -> None:
         facts = benchlib.machine_facts(model), benchlib.model_facts(model, size), monitor.facts()
 
     base = min(batches)
+    target = TARGETS[model.device.type]
     rows = []
     for batch in batches:
         rate = len(requests) / benchlib.median(times[batch])
         gains = benchlib.paired_ratios(times[base], times[batch])
         gain = benchlib.median(gains)
-        met = ("yes" if gain >= TARGET else "no") if batch == 32 and base == 1 else ""
+        met = ("yes" if gain >= target else "no") if batch == 32 and base == 1 else ""
         rows.append(
             [
                 str(batch),
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{benchlib.median(times[batch]) / len(requests) * 1000:.2f} ms",
                 f"{gain:.2f}x",
                 f"{benchlib.percentile(gains, 10):.2f}-{benchlib.percentile(gains, 90):.2f}",
-                f">= {TARGET:g}x" if met else "",
+                f">= {target:g}x" if met else "",
                 met,
             ]
         )

@@ -140,7 +140,8 @@ def serve_command(
             "(add-on preferences > Local Service)"
         )
     python = os.path.expanduser(python)
-    resolved = python if os.path.sep in python else shutil.which(python)
+    # A path absolute (the service runs in its log folder, `start`); a bare name from PATH.
+    resolved = os.path.abspath(python) if os.path.sep in python else shutil.which(python)
     if not resolved or not os.path.isfile(resolved):
         raise ServiceProcessError(f"Python interpreter {python!r} not found")
     checkpoint = checkpoint.strip()

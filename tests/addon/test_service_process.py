@@ -61,6 +61,10 @@ def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path.parent))
     for typed in ("~/" + tmp_path.name, os.path.relpath(tmp_path)):
         assert serve_command(sys.executable, typed, "tcp://127.0.0.1:5555", "cpu") == argv
+    # The interpreter too: run from the log folder, a relative path would name nothing.
+    relative = os.path.relpath(sys.executable)
+    assert os.path.sep in relative and not os.path.isabs(relative)
+    assert serve_command(relative, str(tmp_path), "tcp://127.0.0.1:5555", "cpu") == argv
     assert argv == [
         sys.executable,
         "-m",

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +57,12 @@ log = logging.getLogger(__name__)
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 _POLL_MS = 50  # how often the I/O loop looks at deadlines and the stop flag
 # A client whose pipe has stayed full this long, taking no reply, is taken for one that will not
-# read again: its work is dropped (until then its replies wait, however slowly it reads).
+# read again: its work is dropped (until then its replies wait).
 STALLED_CLIENT_S = 120.0
+# Replies one client may have waiting like that: past it, a client that floods requests and
+# reads none would grow the service's memory, and every turn of the I/O loop, without bound.
+# A batch is at most 256 replies; a client that reads at all never comes near.
+MAX_HELD_REPLIES = 10_000
 _instances = itertools.count()
 
 
@@ -327,7 +331,7 @@ class Server:
         with self._replies_lock:
             replies, self._replies = self._replies, deque()
         pending, self._held = [*self._held, *replies], deque()  # a client's replies in order
-        full: set[ClientId] = set()
+        full: Counter[ClientId] = Counter()  # clients whose pipe is full: replies held
         took: set[ClientId] = set()  # clients that took a reply this turn: reading, if slowly
         gone: set[ClientId] = set()
         for frames in pending:
@@ -336,12 +340,13 @@ class Server:
                 continue
             if client in full:  # after one that waits, so that none overtakes it
                 self._held.append(frames)
+                full[client] += 1
                 continue
             try:
                 self._router.send_multipart(frames, zmq.NOBLOCK)
                 took.add(client)
             except zmq.Again:  # connected, but not reading: its pipe is full
-                full.add(client)
+                full[client] += 1
                 self._held.append(frames)
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH)
                 log.warning("client unreachable; dropping its work", extra={"error": str(exc)})
@@ -356,6 +361,12 @@ class Server:
                 log.warning(
                     "client stopped reading; dropping its work",
                     extra={"error": f"its replies waited {now - since:.0f} s"},
+                )
+                self._drop_client(client)
+            elif full[client] > MAX_HELD_REPLIES:
+                log.warning(
+                    "client stopped reading; dropping its work",
+                    extra={"error": f"{full[client]} replies waited for it"},
                 )
                 self._drop_client(client)
 

@@ -512,6 +512,37 @@ def test_a_client_that_stops_reading_has_its_work_dropped(backend, monkeypatch, 
         context.term()
 
 
+class _FullPipe:
+    """A ROUTER whose every client's pipe is full (a client that reads nothing)."""
+
+    def send_multipart(self, frames, flags=0):
+        raise zmq.Again()
+
+    def close(self, linger=None):
+        pass
+
+
+@scripted_only
+def test_a_client_that_floods_and_reads_nothing_is_dropped_before_the_stall_time(
+    backend, monkeypatch, caplog
+):
+    monkeypatch.setattr(server_module, "MAX_HELD_REPLIES", 50)  # STALLED_CLIENT_S: 120 s
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    router, server._router = server._router, _FullPipe()
+    try:
+        status = StatusReply("s", "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+        for client, count in ((b"reads slowly", 50), (b"floods", 51)):
+            for _ in range(count):  # status replies skip the queue's limits
+                server._emit(client, status)
+        server._forward_replies()
+        assert [frames[0] for frames in server._held] == [b"reads slowly"] * 50  # kept, in order
+        dropped = [r for r in caplog.records if r.getMessage().startswith("client stopped")]
+        assert [r.error for r in dropped] == ["51 replies waited for it"]
+    finally:
+        server._router = router
+        server.close()
+
+
 def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):
     rng = random.Random(7)
     valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']

@@ -275,18 +275,19 @@ class Server:
 
     # --- replies, from any thread -------------------------------------------------------------
 
-    def _emit(self, client: ClientId, reply: Reply) -> None:
+    def _emit(self, client: ClientId, reply: Reply, *, decoded: bool = True) -> None:
         """Queues a reply for the I/O thread, which alone may use the ROUTER. Replies leave in
         the order they are queued, whichever thread queues them (the scheduler's worker, or
         the I/O thread itself for a cancel), so a batch's items never come after its end; the
-        inproc PUSH only wakes the I/O thread."""
+        inproc PUSH only wakes the I/O thread. A reply to a request that did not decode
+        (``decoded`` False) ends no logged request, even one in flight under its id."""
         frames = [client, *encode_reply(reply)]  # a ProtocolError goes back to the caller
         with self._replies_lock:
             wake = not self._replies
             self._replies.append(frames)
         if wake:
             self._outbox().send(b"")
-        if is_final(reply):
+        if decoded and is_final(reply):
             self._log_request_done(client, reply)
 
     def _outbox(self) -> zmq.Socket:
@@ -397,7 +398,7 @@ class Server:
                     "detail": err.message,
                 },
             )
-            self._emit(client, error_reply_for(err))
+            self._emit(client, error_reply_for(err), decoded=False)
             return None
         with self._received_lock:
             entry = (time.monotonic(), request.op)

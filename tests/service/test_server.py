@@ -8,6 +8,7 @@ tested deterministically. Tests of the scripted backend's own failures run on it
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import socket
@@ -348,6 +349,10 @@ def test_the_same_id_twice_in_flight_is_refused(running, backend, caplog):
         client.send(PoseRequest(request.id, "again", images=(png_header(40_000, 40_000),)))
         duplicate = _collect(client, until=lambda r: isinstance(r, ErrorReply))[-1]
         assert "already in flight" in duplicate.message  # the id is what is wrong, first
+        malformed = {"protocol": 1, "op": "pose", "id": request.id, "prompt": 5}
+        client._socket.send_multipart([json.dumps(malformed).encode()])
+        refused = _collect(client, until=lambda r: isinstance(r, ErrorReply))[-1]
+        assert refused.code == ErrorCode.BAD_SCHEMA  # logged as a bad request, not as done
         backend.release()
         assert _collect(client, until=lambda r: isinstance(r, PoseReply))[-1].id == request.id
     # Each gets its own "request done" line: the refusals did not take the first's.

@@ -18,6 +18,7 @@ Linux the kernel also sends it SIGTERM (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -60,8 +61,10 @@ def _lock_exclusively(log) -> bool:
         return True
     try:
         fcntl.flock(log.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
         return False
+    except OSError:  # a file system without locks (some network folders): not checked
+        return True
     return True
 
 
@@ -140,10 +143,10 @@ def serve_command(
             "(add-on preferences > Local Service)"
         )
     python = os.path.expanduser(python)
-    # A path absolute (the service runs in its log folder, `start`); a bare name from PATH.
-    resolved = os.path.abspath(python) if os.path.sep in python else shutil.which(python)
+    resolved = python if os.path.sep in python else shutil.which(python)  # a bare name: PATH
     if not resolved or not os.path.isfile(resolved):
         raise ServiceProcessError(f"Python interpreter {python!r} not found")
+    resolved = os.path.abspath(resolved)  # the service runs in its log folder (`start`)
     checkpoint = checkpoint.strip()
     if not checkpoint:
         raise ServiceProcessError("set the checkpoint directory (add-on preferences)")
@@ -220,10 +223,14 @@ _live: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
 
 
 def log_name_for(bind: str) -> str:
-    """The log file of a local service on ``bind``: one per port, since two Blenders, each
-    with a service of its own (on its own port), would truncate and write over one file."""
+    """The log file of a local service on ``bind``: one per port (an ``ipc://`` address: per
+    path), since two Blenders, each with a service of its own, would truncate and write over
+    one file, and the file's lock (`start`) stands for the address."""
     host_port = tcp_host_port(bind)
-    return f"chatpose-serve-{host_port[1]}.log" if host_port else LOG_NAME
+    if host_port:
+        return f"chatpose-serve-{host_port[1]}.log"
+    digest = hashlib.sha256(bind.encode("utf-8")).hexdigest()[:10]
+    return f"chatpose-serve-{digest}.log"
 
 
 class ServiceProcess:
@@ -259,22 +266,25 @@ class ServiceProcess:
         state = self.poll()
         if state.alive:
             raise ServiceProcessError(f"the local service is already {state.describe()}")
-        self.log_path = os.path.join(self.log_dir, log_name)
+        log_path = os.path.join(self.log_dir, log_name)
         try:
             os.makedirs(self.log_dir, exist_ok=True)
-            log = open(self.log_path, "ab")  # noqa: SIM115 (closed below, once handed over)
+            # Not "wb": that would empty the log of a service another Blender runs there.
+            log = open(log_path, "ab")  # noqa: SIM115 (closed below, once handed over)
         except OSError as exc:
             raise ServiceProcessError(
-                f"cannot write the service's log {self.log_path}: {exc.strerror or exc}"
+                f"cannot write the service's log {log_path}: {exc.strerror or exc}"
             ) from None
         if not _lock_exclusively(log):
             log.close()
             raise ServiceProcessError(
                 "a local service for this address is running or loading its model in another "
-                f"Blender on this machine (its log {self.log_path} is in use): stop it there, "
-                "or set another Service Address"
+                f"Blender on this machine (its log {log_path} is in use): stop it there, or "
+                "set another Service Address"
             )
         log.truncate(0)
+        log.seek(0)  # the service writes from here (on Windows it does not inherit "append")
+        self.log_path = log_path
         options: dict = {}
         hook = _die_with_parent_hook()
         if hook is not None:

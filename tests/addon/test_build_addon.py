@@ -256,6 +256,21 @@ def test_archive_checks_catch_problems(built, tmp_path):
     assert any(
         "pyzmq-27.3.0-cp312-abi3-win_amd64.whl is not for Python 3.11" in p for p in problems
     )
+    # The shared wheel: one per zip, of this version and hashed; none in the repository's.
+    shared = f"./wheels/{built.shared_wheel_path.name}"
+    unhashed = f"./wheels/{build_addon.shared_wheel_name(version)}"
+    for name, change in [
+        ("g.zip", lambda t: t.replace(f'  "{shared}",\n', "")),
+        ("h.zip", lambda t: t.replace(shared, unhashed)),
+        ("i.zip", lambda t: t.replace(f'  "{shared}",\n', f'  "{shared}",\n  "{unhashed}",\n')),
+    ]:
+        assert any(
+            "wheels list no one chatpose_shared_protocol-" in p for p in rewrite(name, change)
+        )
+    repository = tomllib.loads(build_addon.MANIFEST_PATH.read_text("utf-8"))
+    assert build_addon.manifest_problems(repository, version) == []
+    repository["wheels"] = [*repository["wheels"], shared]
+    assert any("the build adds it" in p for p in build_addon.manifest_problems(repository, version))
 
 
 def test_wheel_supports():

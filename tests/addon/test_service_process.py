@@ -110,6 +110,9 @@ def test_two_local_services_on_two_ports_keep_a_log_each(tmp_path):
     # Two Blenders, each with a service of its own, once truncated and wrote over one file.
     assert log_name_for("tcp://127.0.0.1:5555") == "chatpose-serve-5555.log"
     assert log_name_for("tcp://[::1]:6000") == "chatpose-serve-6000.log"
+    # ipc:// addresses, one file each: the file's lock stands for the address.
+    assert log_name_for("ipc:///tmp/a") != log_name_for("ipc:///tmp/b")
+    assert log_name_for("ipc:///tmp/a") == log_name_for("ipc:///tmp/a")
     managers = [ServiceProcess(str(tmp_path)) for _ in range(2)]
     for port, manager in zip((5555, 5556), managers, strict=True):
         say = f"print('service on {port}', flush=True)"
@@ -210,6 +213,7 @@ def test_a_second_blender_cannot_start_a_service_on_the_same_address(tmp_path):
     with pytest.raises(ServiceProcessError, match="running or loading its model in another"):
         second.start(SLEEPER, log_name="chatpose-serve-5555.log")
     assert "up" in Path(first.log_path).read_text()  # its log not emptied
+    assert second.log_path != first.log_path  # nor shown as the refused one's
     second.start(SLEEPER, log_name="chatpose-serve-5556.log")  # another address: fine
     second.stop(wait=True)
     first.stop(wait=True)  # its service gone, the address is free again
@@ -217,6 +221,20 @@ def test_a_second_blender_cannot_start_a_service_on_the_same_address(tmp_path):
     wait_for(lambda: "up" in Path(second.log_path).read_text())
     assert Path(second.log_path).read_text() == "up\n"  # a fresh log for the new service
     second.stop(wait=True)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the log lock is POSIX's flock")
+def test_a_log_folder_that_cannot_lock_does_not_stop_a_start(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):  # some network file systems
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    manager = ServiceProcess(str(tmp_path))
+    assert manager.start(SLEEPER).state == RUNNING
+    manager.stop(wait=True)
 
 
 def test_a_program_that_cannot_start_is_a_clear_error(tmp_path):

@@ -536,11 +536,11 @@ def test_a_client_that_floods_and_reads_nothing_is_dropped_before_the_stall_time
     router, server._router = server._router, _FullPipe()
     try:
         status = StatusReply("s", "m", "cpu", "float32", 0, 1.0, "1", False, 0)
-        for client, count in ((b"reads slowly", 50), (b"floods", 51)):
+        for client, count in ((b"at the cap", 50), (b"past it", 51)):
             for _ in range(count):  # status replies skip the queue's limits
                 server._emit(client, status)
         server._forward_replies()
-        assert [frames[0] for frames in server._held] == [b"reads slowly"] * 50  # kept, in order
+        assert [frames[0] for frames in server._held] == [b"at the cap"] * 50  # kept, in order
         dropped = [r for r in caplog.records if r.getMessage().startswith("client stopped")]
         assert [r.error for r in dropped] == ["51 replies waited for it"]
     finally:

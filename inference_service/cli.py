@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)"
     )
-    demo.add_argument("--size", type=int, default=256, help="panel size in pixels (256)")
+    demo.add_argument("--size", type=int, default=256, help="panel pixels, 32 to 2048 (256)")
     demo.add_argument(
         "--device",
         type=_device,
@@ -416,6 +416,8 @@ def _batch(args: argparse.Namespace) -> int:
             _report(f"no new answers; {resumed_from} is kept as it was")
         elif poses:
             written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
+        elif finished:  # every line failed: the errors below say why
+            _report(f"no line got a pose; {args.out} was not written")
         if written is not None:
             gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
             kept = f"; {args.out} is kept as it was" if written != args.out and out_existed else ""
@@ -558,8 +560,8 @@ def _line_ranges(numbers: Sequence[int]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, DemoSetupError, run_demo
 
-    if args.size < 32:
-        raise CommandError(EXIT_USAGE, f"--size: at least 32 pixels, got {args.size}")
+    if not 32 <= args.size <= 2048:  # a contact sheet of a few panels, not gigabytes
+        raise CommandError(EXIT_USAGE, f"--size: 32 to 2048 pixels, got {args.size}")
     checkpoint = _checkpoint(args)
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(EXIT_BAD_INPUT, f"--out: {args.out} is a file; the demo writes a folder")

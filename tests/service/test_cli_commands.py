@@ -165,6 +165,11 @@ def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys
     assert "line 3: too_large: 9000 characters; at most 8000" in err
     assert "wrote 2 of 3 poses to" in err and "(a frame per answered line, in file order)" in err
     assert Motion.load_npz(out_file).labels == ("wave", "bow")
+    prompts.write_text("explode\n" + "x" * 9000 + "\n")  # every line fails
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_SERVICE_ERROR and "no line got a pose; " in err
+    assert f"{out_file} was not written" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "bow")  # the earlier file is kept
 
 
 def test_an_interrupted_batch_keeps_its_poses_and_names_every_line_without_one(
@@ -713,7 +718,8 @@ def test_a_batch_file_that_is_not_there_is_named_so(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--size", "10", "--checkpoint", "/no/such/model"], "--size: at least 32 pixels, got 10"),
+        (["--size", "10", "--checkpoint", "/no/such/model"], "--size: 32 to 2048 pixels, got 10"),
+        (["--size", "100000"], "--size: 32 to 2048 pixels, got 100000"),
         (["--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )

@@ -413,15 +413,21 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
     if bad.size:
         raise DatasetError(f"{path}: frame {int(bad[0])}: pose contains NaN or infinity")
+    _check_radians(poses, path, "frame")
+    return poses
+
+
+def _check_radians(poses: np.ndarray, path: Path, unit: str) -> None:
+    """DatasetError for a (N, 24, 3) pose array holding a rotation longer than a full turn:
+    axis-angle from any rotation is at most π long, so those are degrees (or no rotation)."""
     with np.errstate(over="ignore"):  # an overflowing length is inf: too large as well
         angles = np.linalg.norm(poses, axis=2).max(axis=1, initial=0.0)
     bad = np.flatnonzero(angles > 2 * np.pi)
-    if bad.size:  # axis-angle from any rotation is at most π long: degrees, or no rotation
+    if bad.size:
         raise DatasetError(
-            f"{path}: frame {int(bad[0])}: a rotation of {angles[bad[0]]:.4g} rad, more than a "
+            f"{path}: {unit} {int(bad[0])}: a rotation of {angles[bad[0]]:.4g} rad, more than a "
             "full turn; poses are axis-angle in radians (degrees?)"
         )
-    return poses
 
 
 def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -1099,6 +1105,8 @@ def read_corpus(
         raise DatasetError(f"{corpus_path}: file not found") from None
     except ValueError as exc:  # names the file, the record and the field
         raise DatasetError(str(exc)) from None
+    if records:
+        _check_radians(np.stack([r.pose for r in records]), corpus_path, "record")
     chosen = [(i, r) for i, r in enumerate(records) if split == "all" or r.split == split]
     phraser = Phraser(phrasing, seed, wording)
     examples = []

@@ -737,6 +737,13 @@ def test_corpus_file(tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DatasetError, match=r"bad\.npz: record 3: split"):
         read_corpus(tmp_path / "bad.npz")
+    arrays["splits"][3] = "train"
+    arrays["poses"] = np.degrees(arrays["poses"])  # as the other readers, degrees are named
+    np.savez(tmp_path / "degrees.npz", **arrays)
+    with pytest.raises(
+        DatasetError, match=r"degrees\.npz: record \d+: a rotation of .* \(degrees\?\)"
+    ):
+        read_corpus(tmp_path / "degrees.npz")
     with pytest.raises(DatasetError, match=r"none\.npz: file not found"):
         read_corpus(tmp_path / "none.npz")
 

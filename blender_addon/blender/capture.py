@@ -47,16 +47,17 @@ def find_view3d(context: bpy.types.Context):
     return area, region, space
 
 
-def capture_viewport(context: bpy.types.Context, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
-    """PNG bytes of the 3D viewport, or of a camera snapshot where the viewport cannot be
-    drawn (background mode, no 3D view). CaptureError says why nothing came out."""
-    if bpy.app.background:
-        return render_camera_snapshot(context.scene)
-    view = find_view3d(context)
+def capture_viewport(
+    context: bpy.types.Context, max_side: int = VIEWPORT_MAX_SIDE
+) -> tuple[bytes, str]:
+    """(PNG bytes, what they are) of the 3D viewport ("viewport image"), or of a camera
+    snapshot ("camera snapshot") where the viewport cannot be drawn (background mode, no 3D
+    view). CaptureError says why nothing came out."""
+    view = None if bpy.app.background else find_view3d(context)
     if view is None:
-        return render_camera_snapshot(context.scene)
+        return render_camera_snapshot(context.scene), "camera snapshot"
     _area, region, space = view
-    return draw_viewport(context, region, space, max_side)
+    return draw_viewport(context, region, space, max_side), "viewport image"
 
 
 def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
@@ -140,8 +141,9 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
     back afterwards. Like any render, it replaces the Render Result."""
     if scene.camera is None:
         raise CaptureError(
-            "the scene has no camera to take a picture with (in background mode the viewport "
-            "cannot be drawn): add a camera, or use Pose from Image"
+            "the scene has no camera to take a picture with (no 3D viewport can be drawn "
+            "here: background mode, or none in this window): add a camera, or use Pose from "
+            "Image"
         )
     if render_running():  # the snapshot's settings would go into the user's render
         raise CaptureError("a render is running: take the snapshot when it has finished")

@@ -75,12 +75,11 @@ class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa:
     def execute(self, context):
         settings = context.scene.chatpose
         prompt = settings.prompt
-        label = "camera snapshot" if bpy.app.background else "viewport image"
 
         def send():
             runtime.service_for(context)  # first: no picture (a render) for what cannot be sent
             try:
-                image = capture_viewport(context)
+                image, label = capture_viewport(context)
             except CaptureError as exc:
                 raise runtime.UserError(f"No picture: {exc}") from None
             runtime.send_pose(context, prompt, [image], label)

@@ -405,8 +405,8 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     scene.render.resolution_x, scene.render.resolution_y = 1920, 1080
     scene.render.image_settings.file_format = "JPEG"
     scene.render.filepath = "//render_"
-    data = capture_viewport(bpy.context)
-    assert png_size(data) == (336, 189)
+    data, label = capture_viewport(bpy.context)
+    assert png_size(data) == (336, 189) and label == "camera snapshot"
     # The scene's own settings are back.
     assert scene.render.engine == "CYCLES" and scene.render.resolution_x == 1920
     assert scene.render.image_settings.file_format == "JPEG"

@@ -95,10 +95,21 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+# What shows through a picture's transparent pixels: a mid grey, within the range of the
+# backgrounds behind the training renders' mannequin (render_pairs), not whatever colour the
+# file stores under them (a cut-out saved as transparent red would reach the model red).
+TRANSPARENT_BACKDROP = (128, 128, 128)
+
+
 def _as_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. 16-bit grey (Pillow's I;16 mode, or I holding 16-bit values, as older
     releases open a 16-bit PNG) is scaled to 8 bits first: converted as it is, every value
-    above 255 would clip to white."""
+    above 255 would clip to white. A picture with transparency (a cut-out reference) is laid
+    on ``TRANSPARENT_BACKDROP``."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKDROP, 255))
+        return Image.alpha_composite(backdrop, rgba).convert("RGB")
     if image.mode.startswith("I;16") or image.mode == "I":
         image = image.convert("I")
         high = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1

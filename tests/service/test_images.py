@@ -144,6 +144,30 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white():
         assert abs(pixels.mean() - 127.5) < 1  # a mid grey on average, as the picture is
 
 
+def test_transparent_pixels_show_a_grey_backdrop_not_the_colour_stored_under_them():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, stored under
+    rgba[0, :, 3] = 255  # an opaque first row
+    rgba[1, :, 3] = 128  # a half-transparent second row; the rest fully transparent
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    pixels = np.asarray(decode_image(buffer.getvalue())).astype(int)
+    backdrop = np.array(images.TRANSPARENT_BACKDROP)
+    np.testing.assert_array_equal(pixels[0], [[255, 0, 0]] * 4)
+    half = 128 / 255
+    blended = half * np.array([255, 0, 0]) + (1 - half) * backdrop
+    np.testing.assert_allclose(pixels[1], np.broadcast_to(blended, (4, 3)), atol=1)
+    np.testing.assert_array_equal(pixels[2:], np.broadcast_to(backdrop, (2, 4, 3)))
+    # A palette picture whose transparency is one palette entry.
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG", transparency=0)
+    np.testing.assert_array_equal(
+        np.asarray(decode_image(buffer.getvalue())), [[backdrop, [0, 0, 255]]]
+    )
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_a_large_picture_is_reduced_to_a_few_times_the_model_s_size(fmt):
     ramp = np.linspace(0, 255, 1500)[None, :, None].repeat(1000, axis=0).repeat(3, axis=2)

@@ -558,8 +558,22 @@ def write_extension_zip(path: Path, wheels: Sequence[Path], manifest_text: str) 
                 _zip_write(zf, f"wheels/{wheel.name}", wheel.read_bytes())
 
 
+def bl_info_version() -> str:
+    """``bl_info["version"]`` of the add-on's ``__init__.py`` (what a legacy install shows),
+    read from its text: importing it needs Blender's modules."""
+    text = (ADDON_DIR / "__init__.py").read_text("utf-8")
+    match = re.search(r'"version":\s*\((\d+),\s*(\d+),\s*(\d+)\)', text)
+    if match is None:
+        raise BuildError(f"{ADDON_DIR / '__init__.py'}: no bl_info version (a, b, c)")
+    return ".".join(match.groups())
+
+
 def write_legacy_zip(path: Path) -> None:
     """A ``chatpose/`` folder for Blender's legacy add-on installer (no manifest, no wheels)."""
+    if bl_info_version() != project_version():
+        raise BuildError(
+            f"bl_info's version {bl_info_version()} differs from pyproject's {project_version()}"
+        )
     with zipfile.ZipFile(path, "w") as zf:
         for rel, source in _source_files(ADDON_DIR, skip_names={MANIFEST_PATH.name}):
             _zip_write(zf, f"{ADDON_ID}/{rel}", source.read_bytes())

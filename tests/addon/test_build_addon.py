@@ -179,6 +179,13 @@ def test_shared_protocol_wheel_installs_and_imports(built, tmp_path):
     assert all(n in record for n in names)
 
 
+def test_a_legacy_zip_of_another_version_than_its_bl_info_is_refused(tmp_path, monkeypatch):
+    assert build_addon.bl_info_version() == build_addon.project_version()
+    monkeypatch.setattr(build_addon, "project_version", lambda: "0.2.0")
+    with pytest.raises(build_addon.BuildError, match="bl_info's version 0.1.0 differs from"):
+        build_addon.write_legacy_zip(tmp_path / "legacy.zip")
+
+
 def test_legacy_zip_is_one_folder_without_manifest(built):
     with zipfile.ZipFile(built.legacy_zip_path) as zf:
         names = zf.namelist()

@@ -22,7 +22,13 @@ def decode_text(data: bytes) -> str:
     is no part of the first prompt). UnicodeDecodeError for anything else, and for a NUL
     character, which a text file without a mark in UTF-16 (every other byte) is full of."""
     encoding = next((name for mark, name in _ENCODINGS_BY_MARK if data.startswith(mark)), "utf-8")
-    text = data.decode(encoding)
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:  # the line, which an editor shows, not only the byte
+        line = data[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        raise UnicodeDecodeError(
+            encoding, data, exc.start, exc.end, f"{exc.reason} on line {line}"
+        ) from None
     if "\0" in text:  # valid UTF-8, but no prompt holds one, and labels would lose it
         at = text.index("\0")
         line = text.count("\n", 0, at) + 1

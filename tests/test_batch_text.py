@@ -44,8 +44,13 @@ def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
         b"\xfe\xff" + text.encode("utf-16-be"),
     ):
         assert decode_text(data) == text
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(UnicodeDecodeError, match="on line 1$") as error:
         decode_text("café".encode("latin-1"))
+    assert error.value.start == 3  # the byte too
+    with pytest.raises(UnicodeDecodeError, match="on line 3$"):
+        decode_text("wave\nsit\ncafé\n".encode("latin-1"))  # the line an editor shows
+    with pytest.raises(UnicodeDecodeError, match="on line 2$"):
+        decode_text("a\n".encode("utf-16") + b"\x00\xd8")  # a lone surrogate, line 2
 
 
 def test_a_nul_character_is_refused_naming_its_line():

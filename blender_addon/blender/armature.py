@@ -86,7 +86,7 @@ def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
     is seen turned upright (``rig_spec.armature_axes``), so its poses come out the same."""
     bones = obj.data.bones
     rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in bone_names(obj)])
-    return _upright(obj) @ rests
+    return upright(obj) @ rests
 
 
 def root_location_frame(obj: bpy.types.Object) -> np.ndarray:
@@ -101,10 +101,10 @@ def root_location_frame(obj: bpy.types.Object) -> np.ndarray:
         frame = np.array(root.parent.matrix_local.to_3x3())
     else:
         frame = np.eye(3)
-    return _upright(obj) @ frame
+    return upright(obj) @ frame
 
 
-def _upright(obj: bpy.types.Object) -> np.ndarray:
+def upright(obj: bpy.types.Object) -> np.ndarray:
     """Armature space -> the Z-up armature space ``core.posing`` takes (Y-up rig data, as an
     imported SMPL FBX has it, is seen turned upright: ``rig_spec.armature_axes``)."""
     bones = obj.data.bones

@@ -16,7 +16,7 @@ from shared_protocol.pose import Pose
 from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
 from .anim import refuse_locked
-from .armature import create_smpl_armature, is_smpl_armature, rest_joints
+from .armature import create_smpl_armature, is_smpl_armature, rest_joints, upright
 from .posing import apply_pose, pose_channels
 
 
@@ -86,8 +86,13 @@ def person_armature(
             with_mesh=True,
             model=model,
         )
-    world = target.matrix_world  # facing as the target faces, whatever its rotation mode
-    obj.matrix_world = Matrix.LocRotScale(obj.location, world.to_quaternion(), world.to_scale())
+    # Facing as the target faces, whatever its rotation mode; without the turn that stands a
+    # rig with Y-up armature data upright (an imported SMPL FBX): this one is Z-up already.
+    world = target.matrix_world
+    stands = Matrix(upright(target).T.tolist()).to_quaternion()
+    obj.matrix_world = Matrix.LocRotScale(
+        obj.location, world.to_quaternion() @ stands, world.to_scale()
+    )
     _move_beside(obj, target)
     return obj, True
 

@@ -313,6 +313,26 @@ def test_a_rig_with_y_up_armature_data_turned_upright_is_posed_as_it_stands(blen
         np.testing.assert_allclose(back.axis_angle, pose.axis_angle, atol=1e-5)
 
 
+def test_a_second_person_beside_a_y_up_rig_stands_as_it_does(blender):
+    from blender_addon.blender.people import apply_people
+
+    names = BONE_NAMINGS[0]
+    target = _limb_aligned_rig(heads=DEFAULT_REST_JOINTS, names=names)
+    target.rotation_euler = (np.pi / 2, 0.0, 0.5)  # stood up, as an imported FBX, and turned
+    bpy.context.view_layer.update()
+    pose = random_pose(320, translation=False)
+    result = apply_people(bpy.context, target, [pose, pose])
+    person = bpy.data.objects[result.created[0]]
+    bpy.context.view_layer.update()
+
+    def posed(obj, bones):  # world joints relative to the pelvis
+        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in bones])
+        return heads - heads[0]
+
+    # The same pose, facing the same way: not lying on its back beside the target.
+    np.testing.assert_allclose(posed(person, JOINT_NAMES), posed(target, names), atol=1e-5)
+
+
 def test_an_armature_that_is_not_an_smpl_rig_is_told_which_bones_it_lacks(blender):
     names = list(SMPL_CAPITALISED_NAMES)
     names[4] = "L_Knee.001"  # one bone renamed

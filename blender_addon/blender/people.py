@@ -16,7 +16,13 @@ from shared_protocol.pose import Pose
 from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
 from .anim import refuse_locked
-from .armature import create_smpl_armature, is_smpl_armature, rest_joints, upright
+from .armature import (
+    create_smpl_armature,
+    is_smpl_armature,
+    linked_problem,
+    rest_joints,
+    upright,
+)
 from .posing import apply_pose, pose_channels
 
 
@@ -62,9 +68,14 @@ def person_armature(
     if obj is not None:
         if not is_smpl_armature(obj):
             return None, False
+        problem = linked_problem(obj)
+        if problem is not None:  # posed, it would lose the pose on saving
+            if notes is not None:
+                notes.append(problem)
+            return None, False
         # Where the user put it, hidden or not; out of the target's scenes, back beside it.
         if not any(obj.name in scene.objects for scene in target.users_scene):
-            for collection in target.users_collection:
+            for collection in _collections_beside(target):
                 collection.objects.link(obj)
         return obj, False
     skeleton = rest_joints(target)
@@ -97,10 +108,19 @@ def person_armature(
     return obj, True
 
 
+def _collections_beside(target: bpy.types.Object) -> list[bpy.types.Collection]:
+    """The target's collections that can take an object: not one linked from a library or
+    overridden (Blender refuses to link into those); its scene's own collection if none can."""
+    local = [c for c in target.users_collection if c.library is None and c.override_library is None]
+    if local:
+        return local
+    return [scene.collection for scene in target.users_scene[:1]]
+
+
 def _move_beside(obj: bpy.types.Object, target: bpy.types.Object) -> None:
     """Moves a new person (and its mesh) from the collection it was made in to the target's
     collections: the user may be looking at another scene when the answer arrives."""
-    wanted = list(target.users_collection)
+    wanted = _collections_beside(target)
     for item in (obj, *obj.children):
         for collection in wanted:
             if item.name not in collection.objects:

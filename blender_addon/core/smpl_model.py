@@ -35,34 +35,45 @@ def smpl_model_from_arrays(arrays, betas=None) -> SmplModel:
     for key in ("v_template", "J_regressor"):
         if key not in arrays:
             raise ValueError(f"{key}: missing (is this an SMPL model file?)")
-    v = np.asarray(arrays["v_template"], dtype=np.float64)
+    v = _array(arrays, "v_template").astype(np.float64)
     if v.ndim != 2 or v.shape[1] != 3:
         raise ValueError(f"v_template: expected shape (V, 3), got {v.shape}")
     n = v.shape[0]
-    regressor = np.asarray(arrays["J_regressor"])
+    regressor = _array(arrays, "J_regressor")
     if regressor.dtype == object:
         raise ValueError("J_regressor: a pickled sparse matrix; save it as a dense array")
     regressor = regressor.astype(np.float64)
     if regressor.shape != (NUM_JOINTS, n):
-        raise ValueError(f"J_regressor: expected shape (24, {n}), got {regressor.shape}")
+        other = {52: " (an SMPL-H model? the SMPL one is needed)", 55: " (an SMPL-X model?"
+                 " the SMPL one is needed)"}.get(regressor.shape[0], "")  # fmt: skip
+        raise ValueError(f"J_regressor: expected shape (24, {n}), got {regressor.shape}{other}")
     if betas is not None and "shapedirs" in arrays:
-        dirs = np.asarray(arrays["shapedirs"], dtype=np.float64)
+        dirs = _array(arrays, "shapedirs").astype(np.float64)
         b = np.asarray(betas, dtype=np.float64).reshape(-1)
         k = min(b.shape[0], dirs.shape[-1])
         v = v + dirs[..., :k] @ b[:k]
     faces = weights = None
     if "f" in arrays:
-        faces = np.asarray(arrays["f"]).astype(np.int64)
+        faces = _array(arrays, "f").astype(np.int64)
         if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= n:
             raise ValueError(f"f: expected (F, 3) vertex indices below {n}")
     if "weights" in arrays:
-        weights = np.asarray(arrays["weights"], dtype=np.float64)
+        weights = _array(arrays, "weights").astype(np.float64)
         if weights.shape != (n, NUM_JOINTS):
             raise ValueError(f"weights: expected shape ({n}, 24), got {weights.shape}")
     joints = regressor @ v
     if not np.all(np.isfinite(joints)):
         raise ValueError("rest joints: contain NaN or inf")
     return SmplModel(joints, v, faces, weights)
+
+
+def _array(arrays, key: str) -> np.ndarray:
+    """``arrays[key]`` as an array; ValueError naming it when it cannot be read, as a pickled
+    object (a sparse matrix, say) cannot without unpickling."""
+    try:
+        return np.asarray(arrays[key])
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}; save it as a plain (dense) array") from None
 
 
 def load_smpl_model(path: str | os.PathLike, betas=None) -> SmplModel:
@@ -74,7 +85,10 @@ def load_smpl_model(path: str | os.PathLike, betas=None) -> SmplModel:
             "save the arrays as .npz (see docs/addon.md)"
         )
     try:
-        with np.load(path, allow_pickle=False) as data:  # arrays read when used, not all
+        data = np.load(path, allow_pickle=False)  # arrays read when used, not all
+        if not isinstance(data, np.lib.npyio.NpzFile):  # one .npy array under a .npz name
+            raise ValueError("one array (a .npy file), not an .npz archive of SMPL's arrays")
+        with data:
             return smpl_model_from_arrays(data, betas)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None

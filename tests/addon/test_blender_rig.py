@@ -629,3 +629,41 @@ def test_an_armature_is_made_in_the_scene_when_the_active_collection_is_linked(b
     obj = create_smpl_armature(bpy.context, with_mesh=True)
     assert list(obj.users_collection) == [scene.collection]
     assert all(child.users_collection[0] == scene.collection for child in obj.children)
+
+
+def test_extra_people_of_an_overridden_target_go_where_objects_can_be_linked(blender, tmp_path):
+    """A library override, as `linked_problem` tells users to make: Blender links no object
+    into an overridden collection."""
+    from blender_addon.blender.people import apply_people
+
+    chars = bpy.data.collections.new("Chars")
+    bpy.context.scene.collection.children.link(chars)
+    layers = bpy.context.view_layer.layer_collection
+    bpy.context.view_layer.active_layer_collection = layers.children["Chars"]
+    create_smpl_armature(bpy.context, name="SMPL", with_mesh=False)
+    library = tmp_path / "characters.blend"
+    bpy.data.libraries.write(str(library), {chars}, fake_user=True)
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
+        linked.collections = ["Chars"]
+    scene = bpy.context.scene
+    scene.collection.children.link(linked.collections[0])
+    bpy.context.view_layer.update()
+    override = linked.collections[0].override_hierarchy_create(scene, bpy.context.view_layer)
+    [target] = [o for o in override.objects if o.type == "ARMATURE"]
+    pose = random_pose(11, translation=False)
+    result = apply_people(bpy.context, target, [pose, pose], frame=1)
+    [person] = result.created
+    assert result.armatures == [target.name, person]
+    assert [c.name for c in bpy.data.objects[person].users_collection] == [scene.collection.name]
+    np.testing.assert_allclose(
+        read_pose(bpy.data.objects[person], 1).axis_angle, pose.axis_angle, atol=1e-5
+    )
+
+    # A linked SMPL armature holding the next person's name is not posed: lost on saving.
+    other = create_smpl_armature(bpy.context, name=f"{target.name}.person3", with_mesh=False)
+    linked_person = linked_from_library(other, tmp_path / "people.blend")
+    scene.collection.objects.link(linked_person)
+    result = apply_people(bpy.context, target, [pose, pose, pose])
+    assert result.skipped == [linked_person.name]
+    assert any("is linked from" in note for note in result.notes)

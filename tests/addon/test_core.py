@@ -263,6 +263,22 @@ def test_smpl_model_errors_name_the_problem(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz"):
         smpl_model.load_smpl_model(tmp_path / "junk.npz")
+    # One .npy array saved under a .npz name: np.load gives an array, not an archive.
+    with open(tmp_path / "one.npz", "wb") as file:
+        np.save(file, np.zeros(3))
+    with pytest.raises(ValueError, match=r"one\.npz: one array \(a \.npy file\)"):
+        smpl_model.load_smpl_model(tmp_path / "one.npz")
+    # A pickled J_regressor (SMPL's own files hold a sparse matrix) is named, not numpy's words.
+    pickled = _fake_model()
+    pickled["J_regressor"] = np.array([{"sparse": True}], dtype=object)
+    np.savez(tmp_path / "pickled.npz", **pickled)
+    with pytest.raises(ValueError, match=r"pickled\.npz: J_regressor: .*plain \(dense\) array"):
+        smpl_model.load_smpl_model(tmp_path / "pickled.npz")
+    smplx = _fake_model()
+    smplx["J_regressor"] = np.zeros((55, 30))
+    np.savez(tmp_path / "smplx.npz", **smplx)
+    with pytest.raises(ValueError, match=r"\(55, 30\) \(an SMPL-X model\? the SMPL one"):
+        smpl_model.load_smpl_model(tmp_path / "smplx.npz")
 
 
 # --- netpolicy, paths, timeline -------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from transformers import (
@@ -118,9 +119,19 @@ class ChatReply:
 
 
 # What loading a damaged or mismatched checkpoint raises (a truncated safetensors file, a bad
-# JSON config, a weight of the wrong shape, a config field of the wrong type), to be reported as
-# a CheckpointError naming it.
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+# JSON config, a weight of the wrong shape, a config field of the wrong type, which
+# huggingface_hub's strict config classes refuse with errors of their own; a JSON file that
+# is not an object, read with .get), to be reported as a CheckpointError naming it.
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    RuntimeError,
+    SafetensorError,
+    StrictDataclassError,
+)
 
 
 class _StopWhen(StoppingCriteria):
@@ -177,6 +188,7 @@ class ChatPoseModel:
         self.head = head.to(self.device).eval()
         self.image_token = processor.image_token
         self.pose_token_id = ensure_pose_token(self.tokenizer, model, config.pose_token)
+        check_pose_token(self.tokenizer, self.pose_token_id, config, self.image_token)
         if config.mm_use_im_start_end:
             for token in ("<im_start>", "<im_end>"):
                 if token not in self.tokenizer.get_vocab():
@@ -606,6 +618,34 @@ def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
     return token_id
 
 
+def check_pose_token(tokenizer, pose_token_id: int, config, image_token: str) -> None:
+    """CheckpointError when chatpose.json's pose token cannot mark the state the head reads: a
+    token the tokenizer uses for something else (padding: a short row of a batch would read a
+    padding position; the image marker; the sequence's start or end), or one the answer
+    templates do not tokenize to exactly once (an ordinary word, split otherwise in context)."""
+    roles = {
+        "padding": tokenizer.pad_token_id,
+        "beginning-of-sequence": tokenizer.bos_token_id,
+        "end-of-sequence": tokenizer.eos_token_id,
+        "image": tokenizer.convert_tokens_to_ids(image_token),
+    }
+    for role, token_id in roles.items():
+        if token_id == pose_token_id:
+            raise CheckpointError(
+                f"chatpose.json: pose_token {config.pose_token!r} is the tokenizer's {role} "
+                "token; give the pose its own token (the release's: <POSE>)"
+            )
+    for has_image in (False, True):
+        _, answer = pose_exchange("x", has_image, config.pose_token, config.prompt_wording)
+        ids = tokenizer(answer, add_special_tokens=False).input_ids
+        if ids.count(pose_token_id) != 1:
+            raise CheckpointError(
+                f"chatpose.json: pose_token {config.pose_token!r} is not one token of the "
+                f"answer {answer!r} (tokenized, it appears {ids.count(pose_token_id)} times); "
+                "give the pose a token of its own (the release's: <POSE>)"
+            )
+
+
 def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
     """A ModelError, before loading, when the weights in `dtype` need more memory than the
     machine has free: the operating system would otherwise kill the process midway, with no
@@ -677,6 +717,16 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
         raise CheckpointError(
             f"{base_dir}: the weights have no {missing[0]}{more} (an incomplete or "
             "mismatched model file)"
+        )
+    # Weights the configured model has no place for would be dropped: a config.json of fewer
+    # layers than its weights would serve a cut-down model. (Old Llama files keep RoPE's
+    # inv_freq buffer, which the model computes anyway.)
+    unexpected = sorted(k for k in loading["unexpected_keys"] if not k.endswith(".inv_freq"))
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{base_dir}: the weights hold {unexpected[0]}{more}, which the model config.json "
+            "describes has no place for (a config.json of another model?)"
         )
     return processor, model
 

@@ -54,6 +54,11 @@ class PoseHead(nn.Sequential):
                     f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
                     f"chatpose.json says {shape}"
                 )
+            if not state[name].dtype.is_floating_point:  # integers, bools, complex: no weights
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' is {str(state[name].dtype).removeprefix('torch.')}, "
+                    "not floating point"
+                )
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise CheckpointError(f"{path}: unexpected tensor '{unexpected[0]}'")

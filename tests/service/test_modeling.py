@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 import shutil
 import sys
@@ -489,6 +490,58 @@ def test_a_base_model_that_lacks_a_weight_is_refused_not_started_at_random(
     )
     with pytest.raises(CheckpointError, match=r"base: the weights have no .*layers\.1\.mlp"):
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+
+def test_weights_the_configured_model_has_no_place_for_are_refused_not_dropped(
+    tiny_checkpoint, tmp_path
+):
+    # A config.json of one layer over two layers' weights would serve a cut-down model.
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, cut)
+    config_path = cut / "base" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["num_hidden_layers"] = 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"base: the weights hold .*layers\.1\..* no place"):
+        ChatPoseModel.from_checkpoint(cut, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("file", "change"),
+    [
+        ("config.json", lambda c: c["text_config"].update(num_hidden_layers=2.0) or c),
+        ("processor_config.json", lambda c: []),  # JSON, but not an object
+    ],
+)
+def test_a_config_of_the_wrong_type_is_named_not_a_traceback(
+    tiny_checkpoint, tmp_path, file, change
+):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint, damaged)
+    path = damaged / "base" / file
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(CheckpointError, match="base: cannot load the base model"):
+        ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("<unk>", "is the tokenizer's padding token"),  # the converter makes <unk> the padding
+        ("<image>", "is the tokenizer's image token"),
+        ("is", "is not one token of the answer"),
+    ],
+)
+def test_a_pose_token_that_cannot_mark_the_pose_is_refused_at_load(
+    tiny_checkpoint, tmp_path, token, message
+):
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_checkpoint, changed)
+    settings = json.loads((changed / "chatpose.json").read_text())
+    settings["pose_token"] = token
+    (changed / "chatpose.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match=f"chatpose.json: pose_token '{token}' {message}"):
+        ChatPoseModel.from_checkpoint(changed, device="cpu")
 
 
 def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoint, monkeypatch):

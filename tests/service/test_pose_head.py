@@ -48,6 +48,10 @@ def test_load_checks_shapes_and_names(tmp_path):
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="missing tensor '2.bias'"):
         PoseHead.load(path, CONFIG)
+    state = PoseHead.from_config(CONFIG).state_dict()
+    save_file({**state, "2.bias": state["2.bias"].to(torch.int64)}, str(path))
+    with pytest.raises(CheckpointError, match="'2.bias' is int64, not floating point"):
+        PoseHead.load(path, CONFIG)
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         PoseHead.load(path, CONFIG)

@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from inference_service.checkpoint import ChatPoseConfig, refuse_lfs_pointers
+from inference_service.checkpoint import NUM_JOINTS, ChatPoseConfig, refuse_lfs_pointers
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import save_processor
 from inference_service.pose_head import PoseHead
@@ -189,6 +189,23 @@ def _check_vision_size(official: dict, vision_config, source: Path, vision_tower
         )
 
 
+# The official config's fields the conversion reads, and their JSON types.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "hidden_size": (int,),
+    "intermediate_size": (int,),
+    "num_hidden_layers": (int,),
+    "num_attention_heads": (int,),
+    "num_key_value_heads": (int,),
+    "max_position_embeddings": (int,),
+    "vocab_size": (int,),
+    "mm_vision_select_layer": (int,),
+    "rms_norm_eps": (float, int),
+    "rope_theta": (float, int),
+    "mm_projector_type": (str,),
+    "mm_vision_select_feature": (str,),
+}
+
+
 def _read_config(path: Path) -> dict:
     try:
         official = json.loads(path.read_text(encoding="utf-8"))
@@ -196,9 +213,15 @@ def _read_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: file not found") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(official, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if name not in official:
             raise CheckpointError(f"{path}: missing field '{name}'")
+    for name, kinds in _FIELD_TYPES.items():  # transformers' configs refuse others, deep inside
+        value = official.get(name)
+        if name in official and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CheckpointError(f"{path}: field '{name}' is {value!r}, not {kinds[0].__name__}")
     projector = official.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
         raise CheckpointError(
@@ -364,7 +387,13 @@ def _pose_head(weights: dict[str, torch.Tensor], source: Path, hidden_size: int)
             f"{source}: the SMPL head ({prefix}0.weight) reads {reads} numbers, but the "
             f"language model's states are {hidden_size} wide"
         )
-    head = PoseHead(hidden_size, state["0.weight"].shape[0], state["2.weight"].shape[0])
+    outputs = state["2.weight"].shape[0]
+    if outputs != NUM_JOINTS * 6:
+        raise CheckpointError(
+            f"{source}: the SMPL head ({prefix}2.weight) gives {outputs} numbers, not "
+            f"{NUM_JOINTS * 6} ({NUM_JOINTS} joints x 6D)"
+        )
+    head = PoseHead(hidden_size, state["0.weight"].shape[0], outputs)
     try:
         head.load_state_dict(state)
     except RuntimeError as exc:  # a layer of another shape than its neighbours say

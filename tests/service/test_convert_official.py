@@ -329,6 +329,37 @@ def test_a_pose_head_of_another_width_is_refused_by_name(release, tmp_path):
         convert(head, tmp_path / "out", clip)
 
 
+def test_a_head_of_another_output_size_is_refused_at_conversion(release, tmp_path):
+    source, clip, _ = release
+
+    def fewer(weights):  # the checkpoint would be written, then refuse to load
+        for name in ("model.text_hidden_fcs.0.2.weight", "model.text_hidden_fcs.0.2.bias"):
+            weights[name] = weights[name][:-1]
+
+    head = copy_with(source, tmp_path / "head", fewer)
+    with pytest.raises(CheckpointError, match=r"2\.weight\) gives 143 numbers, not 144"):
+        convert(head, tmp_path / "out", clip)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("hidden_size", 64.0), ("num_hidden_layers", "2"), ("mm_vision_select_feature", ["patch"])],
+)
+def test_a_config_field_of_the_wrong_type_is_named(release, tmp_path, field, value):
+    source, clip, _ = release
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    config = json.loads((other / "config.json").read_text())
+    config[field] = value
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"config.json: field '{field}' is "):
+        convert(other, tmp_path / "out", clip)
+    (other / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="config.json: not a JSON object"):
+        convert(other, tmp_path / "out", clip)
+
+
 def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp_path, capsys):
     source, clip, _ = release
     assert (

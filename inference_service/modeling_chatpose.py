@@ -189,6 +189,13 @@ class ChatPoseModel:
         self.image_token = processor.image_token
         self.pose_token_id = ensure_pose_token(self.tokenizer, model, config.pose_token)
         check_pose_token(self.tokenizer, self.pose_token_id, config, self.image_token)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        configured = getattr(model.config, "image_token_id", image_token_id)
+        if configured != image_token_id:  # else every request with an image fails
+            raise CheckpointError(
+                f"base/config.json: image_token_id is {configured}, but the tokenizer's "
+                f"{self.image_token} is {image_token_id} (a config of another tokenizer?)"
+            )
         if config.mm_use_im_start_end:
             for token in ("<im_start>", "<im_end>"):
                 if token not in self.tokenizer.get_vocab():

@@ -524,6 +524,20 @@ def test_a_config_of_the_wrong_type_is_named_not_a_traceback(
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
 
 
+def test_an_image_token_id_the_tokenizer_does_not_give_is_refused_at_load(
+    tiny_checkpoint, tmp_path
+):
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_checkpoint, changed)
+    path = changed / "base" / "config.json"
+    config = json.loads(path.read_text())
+    key = "image_token_index" if "image_token_index" in config else "image_token_id"  # by age
+    config[key] += 1
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"base/config.json: image_token_id is \d+, but"):
+        ChatPoseModel.from_checkpoint(changed, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("token", "message"),
     [

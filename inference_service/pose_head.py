@@ -39,13 +39,20 @@ class PoseHead(nn.Sequential):
 
     @classmethod
     def load(cls, path: str | Path, config: ChatPoseConfig) -> PoseHead:
-        """The head of `config`'s sizes with weights from a safetensors file, as float32."""
-        head = cls.from_config(config)
+        """The head of `config`'s sizes with weights from a safetensors file, as float32. The
+        file is checked against those sizes before the head is made: sizes the file does not
+        have could ask for any amount of memory."""
         try:
             state = load_file(str(path))
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+        hidden, inner, out = config.hidden_size, config.head_hidden_size, config.head_output_size
+        expected = {
+            "0.weight": (inner, hidden),
+            "0.bias": (inner,),
+            "2.weight": (out, inner),
+            "2.bias": (out,),
+        }
         for name, shape in expected.items():
             if name not in state:
                 raise CheckpointError(f"{path}: missing tensor '{name}'")
@@ -62,6 +69,7 @@ class PoseHead(nn.Sequential):
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise CheckpointError(f"{path}: unexpected tensor '{unexpected[0]}'")
+        head = cls.from_config(config)
         head.load_state_dict({name: t.float() for name, t in state.items()})
         return head.eval()
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,14 @@ def test_load_checks_shapes_and_names(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         PoseHead.load(path, CONFIG)
+    # Sizes the file does not have are refused before a head of them is made: a million-wide
+    # head would ask for 4 TB.
+    PoseHead.from_config(CONFIG).save(path)
+    huge = dataclasses.replace(CONFIG, hidden_size=10**6, head_hidden_size=10**6)
+    with pytest.raises(
+        CheckpointError, match=r"'0.weight' has shape \(8, 16\), chatpose.json says \(1000000"
+    ):
+        PoseHead.load(path, huge)
 
 
 def test_decode_pose_inverts_the_two_column_6d_layout():

@@ -671,18 +671,19 @@ def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
 
 def weights_bytes(base_dir: Path, dtype: torch.dtype) -> int | None:
     """What the base model's safetensors weights take in `dtype`, from their headers alone;
-    None for weights in another format."""
+    None for weights in another format. A CheckpointError names a file whose header does not
+    read (truncated, empty): transformers' own error would name none."""
     files = sorted(Path(base_dir).glob("*.safetensors"))
     if not files:
         return None
     elements = 0
-    try:
-        for file in files:
+    for file in files:
+        try:
             with safe_open(file, framework="pt") as weights:
                 for name in weights.keys():
                     elements += math.prod(weights.get_slice(name).get_shape())
-    except (OSError, SafetensorError):
-        return None  # loading names what is wrong with the file
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     return elements * dtype.itemsize
 
 
@@ -706,6 +707,7 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
     would start it at random, and the model would answer with nonsense poses.
     """
     refuse_lfs_pointers(base_dir)
+    weights_bytes(base_dir, torch.float32)  # a weights file whose header does not read: named
     try:
         processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
         model, loading = AutoModelForImageTextToText.from_pretrained(

@@ -492,6 +492,17 @@ def test_a_base_model_that_lacks_a_weight_is_refused_not_started_at_random(
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
 
 
+def test_a_truncated_weights_file_is_named(tiny_checkpoint, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint, damaged)
+    weights = damaged / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        CheckpointError, match=r"base/model\.safetensors: not a readable safetensors"
+    ):
+        ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+
 def test_weights_the_configured_model_has_no_place_for_are_refused_not_dropped(
     tiny_checkpoint, tmp_path
 ):

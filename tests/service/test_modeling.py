@@ -503,50 +503,44 @@ def test_a_truncated_weights_file_is_named(tiny_checkpoint, tmp_path):
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
 
 
-def test_weights_the_configured_model_has_no_place_for_are_refused_not_dropped(
-    tiny_checkpoint, tmp_path
-):
-    # A config.json of one layer over two layers' weights would serve a cut-down model.
-    cut = tmp_path / "cut"
-    shutil.copytree(tiny_checkpoint, cut)
-    config_path = cut / "base" / "config.json"
-    config = json.loads(config_path.read_text())
+def edited_copy(checkpoint, destination, file: str, change):
+    """A copy of `checkpoint` whose JSON `file` (relative to it) is `change(its content)`."""
+    shutil.copytree(checkpoint, destination)
+    path = destination / file
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return destination
+
+
+def _one_layer(config):  # over two layers' weights: it would serve a cut-down model
     config["text_config"]["num_hidden_layers"] = 1
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"base: the weights hold .*layers\.1\..* no place"):
-        ChatPoseModel.from_checkpoint(cut, device="cpu")
+    return config
+
+
+def _another_image_id(config):  # every request with an image would fail
+    key = "image_token_index" if "image_token_index" in config else "image_token_id"  # by age
+    config[key] += 1
+    return config
 
 
 @pytest.mark.parametrize(
-    ("file", "change"),
+    ("file", "change", "message"),
     [
-        ("config.json", lambda c: c["text_config"].update(num_hidden_layers=2.0) or c),
-        ("processor_config.json", lambda c: []),  # JSON, but not an object
+        ("config.json", _one_layer, r"base: the weights hold .*layers\.1\..* no place"),
+        ("config.json", _another_image_id, r"base/config.json: image_token_id is \d+, but"),
+        (
+            "config.json",
+            lambda c: c["text_config"].update(num_hidden_layers=2.0) or c,  # a float
+            "base: cannot load the base model",
+        ),
+        ("processor_config.json", lambda c: [], "base: cannot load the base model"),  # no object
     ],
 )
-def test_a_config_of_the_wrong_type_is_named_not_a_traceback(
-    tiny_checkpoint, tmp_path, file, change
+def test_a_base_config_that_does_not_fit_its_files_is_refused_at_load(
+    tiny_checkpoint, tmp_path, file, change, message
 ):
-    damaged = tmp_path / "damaged"
-    shutil.copytree(tiny_checkpoint, damaged)
-    path = damaged / "base" / file
-    path.write_text(json.dumps(change(json.loads(path.read_text()))))
-    with pytest.raises(CheckpointError, match="base: cannot load the base model"):
+    damaged = edited_copy(tiny_checkpoint, tmp_path / "damaged", f"base/{file}", change)
+    with pytest.raises(CheckpointError, match=message):
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
-
-
-def test_an_image_token_id_the_tokenizer_does_not_give_is_refused_at_load(
-    tiny_checkpoint, tmp_path
-):
-    changed = tmp_path / "changed"
-    shutil.copytree(tiny_checkpoint, changed)
-    path = changed / "base" / "config.json"
-    config = json.loads(path.read_text())
-    key = "image_token_index" if "image_token_index" in config else "image_token_id"  # by age
-    config[key] += 1
-    path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"base/config.json: image_token_id is \d+, but"):
-        ChatPoseModel.from_checkpoint(changed, device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -560,11 +554,9 @@ def test_an_image_token_id_the_tokenizer_does_not_give_is_refused_at_load(
 def test_a_pose_token_that_cannot_mark_the_pose_is_refused_at_load(
     tiny_checkpoint, tmp_path, token, message
 ):
-    changed = tmp_path / "changed"
-    shutil.copytree(tiny_checkpoint, changed)
-    settings = json.loads((changed / "chatpose.json").read_text())
-    settings["pose_token"] = token
-    (changed / "chatpose.json").write_text(json.dumps(settings))
+    changed = edited_copy(
+        tiny_checkpoint, tmp_path / "changed", "chatpose.json", lambda c: c | {"pose_token": token}
+    )
     with pytest.raises(CheckpointError, match=f"chatpose.json: pose_token '{token}' {message}"):
         ChatPoseModel.from_checkpoint(changed, device="cpu")
 

@@ -120,14 +120,13 @@ class ChatReply:
 
 # What loading a damaged or mismatched checkpoint raises (a truncated safetensors file, a bad
 # JSON config, a weight of the wrong shape, a config field of the wrong type, which
-# huggingface_hub's strict config classes refuse with errors of their own; a JSON file that
-# is not an object, read with .get), to be reported as a CheckpointError naming it.
+# huggingface_hub's strict config classes refuse with errors of their own), to be reported as
+# a CheckpointError naming it.
 LOAD_ERRORS = (
     OSError,
     ValueError,
     KeyError,
     TypeError,
-    AttributeError,
     RuntimeError,
     SafetensorError,
     StrictDataclassError,
@@ -671,20 +670,39 @@ def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
 
 def weights_bytes(base_dir: Path, dtype: torch.dtype) -> int | None:
     """What the base model's safetensors weights take in `dtype`, from their headers alone;
-    None for weights in another format. A CheckpointError names a file whose header does not
-    read (truncated, empty): transformers' own error would name none."""
+    None for weights in another format, or whose headers do not read (`check_base_files`
+    names those)."""
     files = sorted(Path(base_dir).glob("*.safetensors"))
     if not files:
         return None
     elements = 0
-    for file in files:
-        try:
+    try:
+        for file in files:
             with safe_open(file, framework="pt") as weights:
                 for name in weights.keys():
                     elements += math.prod(weights.get_slice(name).get_shape())
+    except (OSError, SafetensorError):
+        return None
+    return elements * dtype.itemsize
+
+
+def check_base_files(base_dir: Path) -> None:
+    """A CheckpointError naming a file of `base_dir` that transformers would fail on without
+    naming it: a JSON file that does not parse or is no object (a list read with .get), a
+    safetensors file whose header does not read (truncated, empty)."""
+    for file in sorted(Path(base_dir).glob("*.json")):
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{file}: not a readable JSON file ({exc})") from None
+        if not isinstance(content, dict):
+            raise CheckpointError(f"{file}: not a JSON object")
+    for file in sorted(Path(base_dir).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-    return elements * dtype.itemsize
 
 
 def free_host_memory() -> int | None:
@@ -707,7 +725,7 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
     would start it at random, and the model would answer with nonsense poses.
     """
     refuse_lfs_pointers(base_dir)
-    weights_bytes(base_dir, torch.float32)  # a weights file whose header does not read: named
+    check_base_files(base_dir)
     try:
         processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
         model, loading = AutoModelForImageTextToText.from_pretrained(

@@ -46,13 +46,8 @@ class PoseHead(nn.Sequential):
             state = load_file(str(path))
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        hidden, inner, out = config.hidden_size, config.head_hidden_size, config.head_output_size
-        expected = {
-            "0.weight": (inner, hidden),
-            "0.bias": (inner,),
-            "2.weight": (out, inner),
-            "2.bias": (out,),
-        }
+        with torch.device("meta"):  # the shapes alone: nothing allocated
+            expected = {n: tuple(t.shape) for n, t in cls.from_config(config).state_dict().items()}
         for name, shape in expected.items():
             if name not in state:
                 raise CheckpointError(f"{path}: missing tensor '{name}'")

@@ -61,13 +61,8 @@ def capture_viewport(
 
 
 def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> bytes:
-    long, short = max(region.width, region.height), min(region.width, region.height)
-    if long > MAX_ASPECT_RATIO * short:  # found here, not by the service after a round trip
-        raise CaptureError(
-            f"the 3D viewport is {region.width} x {region.height} pixels, more than "
-            f"{MAX_ASPECT_RATIO} times as long as it is wide; the service takes no such "
-            "picture: make the viewport wider or taller"
-        )
+    # Found here, not by the service after a round trip.
+    _refuse_thin(region.width, region.height, "the 3D viewport", "make it wider or taller")
     import gpu
 
     width, height = _scaled(region.width, region.height, max_side)
@@ -130,6 +125,16 @@ MAX_ASPECT_RATIO = 20
 _IMAGE_SETTINGS = ("media_type", "file_format", "color_mode", "color_depth")
 
 
+def _refuse_thin(width: int, height: int, what: str, remedy: str) -> None:
+    """CaptureError for a picture more than ``MAX_ASPECT_RATIO`` times as long as it is wide,
+    which the service refuses."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise CaptureError(
+            f"{what} is {width} x {height} pixels, more than {MAX_ASPECT_RATIO} times as long "
+            "as it is wide; the service takes no such picture" + (f": {remedy}" if remedy else "")
+        )
+
+
 def render_running() -> bool:
     """Whether a render (F12, or an animation) is running in this Blender."""
     return bpy.app.is_job_running("RENDER")
@@ -154,15 +159,8 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
         name: getattr(settings, name) for name in _IMAGE_SETTINGS if hasattr(settings, name)
     }
     # The frame's shape, not its size: a render at 1 % of 1920 x 1080 is still sent at max_side.
-    long, short = (
-        max(render.resolution_x, render.resolution_y),
-        min(render.resolution_x, render.resolution_y),
-    )
-    if long > MAX_ASPECT_RATIO * short:
-        raise CaptureError(
-            f"the camera's frame is {render.resolution_x} x {render.resolution_y}, more than "
-            f"{MAX_ASPECT_RATIO} times as long as it is wide; the service takes no such picture"
-        )
+    _refuse_thin(render.resolution_x, render.resolution_y, "the camera's frame", "")
+    long = max(render.resolution_x, render.resolution_y)
     scale = max_side / long
     width = max(1, round(render.resolution_x * scale))
     height = max(1, round(render.resolution_y * scale))

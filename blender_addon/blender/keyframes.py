@@ -51,8 +51,9 @@ def write_pose_keys(
     *,
     use_translation: bool = True,
 ) -> None:
-    """Keys ``poses[i]`` at scene frame ``frames[i]`` without touching the bones' current
-    values (a pose the user is making by hand stays).
+    """Keys ``poses[i]`` at scene frame ``frames[i]``, writing keys only: the bones' current
+    values are not set (as after any change to an animation, Blender's next update shows the
+    keyed channels as the animation has them at the current frame).
 
     The same keys as ``apply_pose(..., frame=f)`` for each pose in turn (a later pose for the
     same frame wins), each bone in its own rotation mode; but written at once (``fast_keys``:

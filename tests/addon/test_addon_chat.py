@@ -432,7 +432,7 @@ def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(bl
     assert png_size(data) == (336, 189)  # the whole frame, at the snapshot's size
     assert render.resolution_percentage == 1 and render.use_border and render.use_multiview
     render.resolution_x, render.resolution_y = 10000, 400
-    with pytest.raises(CaptureError, match="10000 x 400, more than 20 times as long"):
+    with pytest.raises(CaptureError, match="10000 x 400 pixels, more than 20 times as long"):
         render_camera_snapshot(bpy.context.scene)
 
 

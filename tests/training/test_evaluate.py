@@ -212,7 +212,7 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     ("damage", "message"),
     [
         ("no images", "no 'images' (or 'imgname') array"),
-        ("empty file", "pairs.npz"),
+        ("empty file", "not a readable .npz file"),
         ("not an image", "frame 1"),
         ("NaN pose", "NaN"),
         ("actions short", "'actions' must be one string per frame"),

@@ -649,10 +649,11 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     shutil.copytree(base, broken)
     weights = next((broken / "base").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot load the base model"):
+    named = f"{weights}: not a readable safetensors file"  # the file, which transformers omits
+    with pytest.raises(CheckpointError, match=re.escape(named)):
         ChatPoseModel.from_checkpoint(broken, device="cpu")
     assert train_cli.main([*argv[2:], "--base", str(broken), "--out", str(tmp_path / "o")]) == 2
-    assert "cannot load the base model" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 def test_ctrl_c_names_the_checkpoint_to_resume_from(base, tmp_path, monkeypatch, capsys):

@@ -791,11 +791,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> 
     adapter that does not load, or that lacks tensors for layers its config adapts: peft would
     leave those at their initial values, random for some adapters."""
     from peft import PeftModel  # imported here: only checkpoints with an adapter need peft
+    from peft.utils import get_peft_model_state_dict
 
     try:
         with quiet_peft(), warnings.catch_warnings():
             warnings.filterwarnings("error", "Found missing adapter keys", UserWarning)
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+            wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except UserWarning as warning:
         missing = re.search(r"\['([^']+)'", str(warning))
         named = f"no weights for {missing.group(1)}" if missing else str(warning)
@@ -804,6 +805,19 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> 
         ) from None
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
+    # Tensors for layers or modules the base does not have: peft drops them without a word
+    # (an adapter trained on another base would run as half of itself).
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(weights, framework="pt") as saved:
+            stray = sorted(set(saved.keys()) - set(get_peft_model_state_dict(wrapped)))
+        if stray:
+            more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+            raise CheckpointError(
+                f"{adapter_dir}: the LoRA adapter holds {stray[0]}{more}, which the base model "
+                "has no place for (an adapter of another base?)"
+            )
+    return wrapped
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:

@@ -606,6 +606,19 @@ def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_check
     with pytest.raises(CheckpointError, match="cannot load the LoRA adapter"):
         ChatPoseModel.from_checkpoint(tmp_path / "bad_config", device="cpu")
 
+    # An adapter of a deeper base: peft would drop the tensors of layers this base lacks.
+    from safetensors.torch import load_file, save_file
+
+    deeper = tmp_path / "deeper"
+    shutil.copytree(adapter, deeper)
+    weights = deeper / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    layer0 = {name: t for name, t in tensors.items() if ".layers.0." in name}
+    tensors |= {name.replace(".layers.0.", ".layers.7."): t.clone() for name, t in layer0.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"adapter holds .*layers\.7\..* no place for"):
+        ChatPoseModel.from_checkpoint(deeper, device="cpu")
+
 
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
 def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):

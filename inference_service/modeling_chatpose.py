@@ -788,8 +788,9 @@ def save_processor(processor, directory: Path) -> None:
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> torch.nn.Module:
     """`model` wrapped with the peft adapter in `adapter_dir`. A CheckpointError names an
-    adapter that does not load, or that lacks tensors for layers its config adapts: peft would
-    leave those at their initial values, random for some adapters."""
+    adapter that does not load, that lacks tensors for layers its config adapts (peft would
+    leave those at their initial values, random for some adapters), or that holds tensors the
+    base has no place for (peft would drop them: an adapter of another base)."""
     from peft import PeftModel  # imported here: only checkpoints with an adapter need peft
     from peft.utils import get_peft_model_state_dict
 

@@ -19,7 +19,7 @@ from .posing import (
     apply_pose,
     channel_values,
     pose_channels,
-    read_pose,
+    read_poses,
     rotation_channel_values,
     rotation_data_path,
 )
@@ -75,7 +75,7 @@ def write_pose_keys(
         pbone = obj.pose.bones[name]
         path = rotation_data_path(pbone.rotation_mode)
         # Carry on from the keys before (signs, Euler turns), not from the bone's value now.
-        before = channel_values(fcurves, pbone, path, order[0])
+        before = channel_values(fcurves, pbone, path, [order[0]])[0]
         values = rotation_channel_values(quats[:, j], pbone.rotation_mode, before)  # (N, k)
         rows.append(values.T)
     if use_translation:
@@ -134,10 +134,7 @@ def motion_from_keys(
     rate = fps
     if frames is None:
         frames, rate = motion_frames(keyed_frames(obj), fps)
-    if frames:
-        poses = [read_pose(obj, frame) for frame in frames]
-    else:
-        poses = [read_pose(obj)]
+    poses = read_poses(obj, frames or None)
     gender = obj.get(GENDER_PROPERTY, "neutral")
     betas = obj.get(BETAS_PROPERTY)
     return Motion.from_poses(

@@ -10,6 +10,7 @@ not in QUATERNION mode so that operators can report them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import bpy
@@ -146,19 +147,20 @@ def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]
     return channels
 
 
-def channel_values(fcurves, pbone, prop: str, frame: float | None) -> list[float]:
-    """The bone's ``prop`` values: with ``frame`` (a scene frame), as its F-curves
-    (``anim.fcurve_map``) give them there; a channel without keys, or without ``frame``, gives
-    its current value."""
-    values = list(getattr(pbone, prop))
-    if frame is None:
-        return values
+def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) -> np.ndarray:
+    """The bone's ``prop`` values, (len(frames), size): at each scene frame of ``frames``, as
+    its F-curves (``anim.fcurve_map``) give them there; a channel without keys gives its
+    current value. Without ``frames``, one row of the current values."""
+    current = list(getattr(pbone, prop))
+    if frames is None:
+        return np.array([current], dtype=np.float64)
+    values = np.tile(np.array(current, dtype=np.float64), (len(frames), 1))
     path = bone_data_path(pbone.name, prop)
-    time = action_time(pbone.id_data, frame)
-    for k in range(len(values)):
+    times = [action_time(pbone.id_data, frame) for frame in frames]
+    for k in range(len(current)):
         curve = fcurves.get((path, k))
         if curve is not None and len(curve.keyframe_points):
-            values[k] = curve.evaluate(time)
+            values[:, k] = [curve.evaluate(time) for time in times]
     return values
 
 
@@ -166,17 +168,24 @@ def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
     """The SMPL pose of the armature: its current bone values, or with ``frame`` its action's
     values at that frame (F-curves evaluated directly; NLA, drivers and constraints are not
     part of it). The translation is the root's location mapped back to the SMPL frame."""
-    fcurves = fcurve_map(obj) if frame is not None else {}
+    return read_poses(obj, None if frame is None else [frame])[0]
+
+
+def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Pose]:
+    """``read_pose`` at each of ``frames`` (None: the one current pose). Each channel's curve is
+    evaluated at every frame in one go and the rotations converted together, so a long take
+    exports without a freeze."""
+    fcurves = fcurve_map(obj) if frames is not None else {}
     pbones = obj.pose.bones
     names = bone_names(obj)
     quats = []
     for name in names:
         pbone = pbones[name]
-        values = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frame)
-        quats.append(tuple(bone_rotation_quaternion(pbone, values)))
-    rests = bone_rest_rotations(obj)
-    axis_angle = axis_angle_from_bone_quaternions(np.array(quats), rests)
-    root = pbones[names[0]]
-    location = channel_values(fcurves, root, "location", frame)
-    translation = translation_from_root_location(location, root_location_frame(obj))
-    return Pose(axis_angle, translation)
+        rows = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frames)
+        quats.append([tuple(bone_rotation_quaternion(pbone, row)) for row in rows])
+    axis_angle = axis_angle_from_bone_quaternions(
+        np.swapaxes(np.array(quats), 0, 1), bone_rest_rotations(obj)
+    )
+    locations = channel_values(fcurves, pbones[names[0]], "location", frames)
+    translations = translation_from_root_location(locations, root_location_frame(obj))
+    return [Pose(a, t) for a, t in zip(axis_angle, translations, strict=True)]

@@ -33,7 +33,7 @@ DEFAULT_FPS = 30.0
 # AMASS stores SMPL-H poses as 52 joints (156 numbers) and SMPL-X poses as 55 (165): the first
 # 22 are the SMPL body, then fingers (SMPL-H) or the jaw and eyes (SMPL-X). Their body joints are
 # read, and SMPL's two hand joints left at rest: SMPL-H's joints 22 and 23 are the left index
-# finger's, not SMPL's hands. (The training reader keeps the release's `poses[:, :72]`.)
+# finger's, not SMPL's hands (`smpl_poses`; the add-on and the training readers alike).
 _AMASS_POSE_WIDTHS = (72, 156, 165)
 _BODY_JOINTS = 22
 # What the reader takes from an AMASS file; others (SMPL-X's `markers_latent_vids`, a pickled
@@ -375,12 +375,7 @@ class Motion:
                 f"got {poses.shape}"
             )
         frames = poses.shape[0]
-        if poses.shape[1] != 72:
-            body = poses[:, : _BODY_JOINTS * 3]
-            hands = written_hands(arrays, frames)  # SMPL's hands, where a file written here
-            if hands is None:  # kept them; else at rest
-                hands = np.zeros((frames, 72 - body.shape[1]))
-            poses = np.concatenate([body, hands], axis=1)
+        poses = smpl_poses(poses, arrays)
         # AMASS's SMPL-X files spell it mocap_frame_rate.
         fps_key = next((k for k in ("mocap_framerate", "mocap_frame_rate") if k in arrays), None)
         if fps_key is None:
@@ -395,6 +390,20 @@ class Motion:
             betas=_betas(arrays.get("betas", np.zeros(10)), written_here="smpl_hands" in arrays),
             labels=_labels(arrays["labels"]) if "labels" in arrays else None,
         )
+
+
+def smpl_poses(poses: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """An AMASS-layout `poses` array, (N, 72), SMPL-H's (N, 156) or SMPL-X's (N, 165), as
+    SMPL's (N, 72). The wider ones hold the body's 22 joints, then jaw, eyes or fingers, which
+    SMPL has not; SMPL's two hand joints come from the `smpl_hands` of a file written here,
+    else they are at rest. (The ChatPose release takes the first 72 numbers, so two finger
+    joints as SMPL's hands.)"""
+    if poses.shape[1] == 72:
+        return poses
+    hands = written_hands(arrays, len(poses))
+    if hands is None:
+        hands = np.zeros((len(poses), 72 - _BODY_JOINTS * 3))
+    return np.concatenate([poses[:, : _BODY_JOINTS * 3], hands], axis=1)
 
 
 def written_hands(arrays: Mapping[str, np.ndarray], frames: int) -> np.ndarray | None:

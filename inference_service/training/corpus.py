@@ -29,7 +29,7 @@ z_up=False)`` reads its poses:
 key                 shape       content
 ==================  ==========  ====================================================
 ``format``          ()          ``"chatpose-corpus-v1"``
-``poses``           (N, 72)     axis-angle, 24 joints × 3 (AMASS ``poses[:, :72]``)
+``poses``           (N, 72)     axis-angle, 24 joints × 3 (SMPL's layout)
 ``trans``           (N, 3)      zeros (AMASS layout)
 ``mocap_framerate`` ()          30.0 (AMASS layout; the records are not a sequence)
 ``gender``          ()          ``"neutral"``

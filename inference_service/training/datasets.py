@@ -62,7 +62,7 @@ from inference_service.prompts import (
     Turn,
     pose_exchange,
 )
-from shared_protocol.pose import camera_to_upright, written_hands
+from shared_protocol.pose import camera_to_upright, smpl_poses
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
@@ -370,9 +370,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | None = None):
     """The `poses` of an AMASS-layout .npz as (N, 24, 3) float64.
 
-    Accepted shapes: (N, 72), AMASS's SMPL-H (N, 156) (the first 72 numbers are the SMPL
-    pose, as the release reads them; with the `smpl_hands` that `Motion.save_npz` writes
-    beside them, the body's 66 and those), or (N, 24, 3). Without `poses`, SMPL's parameters
+    Accepted shapes: (N, 72), AMASS's SMPL-H (N, 156) and SMPL-X (N, 165) (the body's 22
+    joints, SMPL's hands at rest or from the `smpl_hands` that `Motion.save_npz` writes:
+    `shared_protocol.pose.smpl_poses`), or (N, 24, 3). Without `poses`, SMPL's parameters
     as HMR-style data stores them: `global_orient` and `body_pose`, axis-angle ((N, 3) and
     (N, 69)) or rotation matrices ((N, 1, 3, 3) and (N, 23, 3, 3)), or a `body_pose` of
     (N, 72) alone, the global orientation first (4DHumans' files), or SPIN's `pose` of
@@ -397,19 +397,18 @@ def read_pose_array(path: str | os.PathLike, arrays: Mapping[str, np.ndarray] | 
         raise DatasetError(f"{path}: 'poses' must hold numbers, got dtype {poses.dtype}")
     if poses.ndim == 3 and poses.shape[1:] == (NUM_JOINTS, 3):
         poses = poses.reshape(len(poses), NUM_JOINTS * 3)
-    if poses.ndim != 2 or poses.shape[1] not in (72, 156):
+    if poses.ndim != 2 or poses.shape[1] not in (72, 156, 165):
         raise DatasetError(
-            f"{path}: 'poses' must have shape (N, 72), (N, 156) or (N, 24, 3), got {poses.shape}"
+            f"{path}: 'poses' must have shape (N, 72), (N, 156), (N, 165) or (N, 24, 3), got "
+            f"{poses.shape}"
         )
     if not len(poses):
         raise DatasetError(f"{path}: 'poses' holds no frames")
     try:
-        hands = written_hands(arrays, len(poses)) if poses.shape[1] == 156 else None
+        poses = smpl_poses(poses, arrays)
     except ValueError as exc:
         raise DatasetError(f"{path}: {exc}") from None
-    if hands is not None:  # a file this project wrote: SMPL's hands beside SMPL-H's fingers
-        poses = np.concatenate([poses[:, :66], hands], axis=1)
-    poses = poses[:, :72].astype(np.float64).reshape(-1, NUM_JOINTS, 3)
+    poses = poses.astype(np.float64).reshape(-1, NUM_JOINTS, 3)
     bad = np.flatnonzero(~np.isfinite(poses).all(axis=(1, 2)))
     if bad.size:
         raise DatasetError(f"{path}: frame {int(bad[0])}: pose contains NaN or infinity")

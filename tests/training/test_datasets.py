@@ -151,7 +151,8 @@ def test_posescript_release_poses_are_read_from_amass_by_its_index(tmp_path, cap
         sequences["BMLrub/s1/walk_poses.npz"][1],
         sequences["MPI_HDM05/bk/jump_poses.npz"][1],
     ]
-    upright = z_up_to_y_up_zero_yaw(np.stack(frames)[:, :72].reshape(3, 24, 3))  # AMASS: Z-up
+    body = np.concatenate([np.stack(frames)[:, :66], np.zeros((3, 6))], axis=1)  # hands at rest
+    upright = z_up_to_y_up_zero_yaw(body.reshape(3, 24, 3))  # AMASS: Z-up
     np.testing.assert_allclose(examples[0].pose, upright[0])
     np.testing.assert_allclose(examples[2].pose, upright[1])
     np.testing.assert_allclose(examples[3].pose, upright[2])
@@ -199,15 +200,17 @@ def test_posescript_release_index_errors_name_the_pose_id(tmp_path, entry, messa
         )
 
 
-def test_posescript_amass_width_and_z_up(tmp_path):
-    smplh = np.zeros((2, 156))
-    smplh[:, :72] = POSES[:2].reshape(2, 72)
-    poses = write_npz(tmp_path / "amass.npz", smplh)
+@pytest.mark.parametrize("width", [156, 165])  # AMASS's SMPL-H and SMPL-X
+def test_posescript_amass_width_and_z_up(tmp_path, width):
+    wide = np.full((2, width), 0.1)  # fingers, or jaw and eyes: not SMPL's hands
+    wide[:, :66] = POSES[:2, :22].reshape(2, 66)
+    poses = write_npz(tmp_path / "amass.npz", wide)
     captions = write_json(tmp_path / "c.json", {"1": "standing"})
     (plain,) = read_posescript(captions, poses)
-    np.testing.assert_allclose(plain.pose, POSES[1])
+    np.testing.assert_allclose(plain.pose[:22], POSES[1, :22])
+    np.testing.assert_array_equal(plain.pose[22:], 0.0)  # SMPL's hands at rest
     (converted,) = read_posescript(captions, poses, z_up=True)
-    np.testing.assert_allclose(converted.pose[1:], POSES[1, 1:])
+    np.testing.assert_allclose(converted.pose[1:22], POSES[1, 1:22])
     forward = axis_angle_to_matrix(converted.pose[0])[:, 2]
     assert abs(forward[0]) < 1e-9 and forward[2] > 0  # faces +Z, zero yaw
 

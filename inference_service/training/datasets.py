@@ -694,7 +694,7 @@ def read_amass_poses(
                     f"{index}: pose id {pose_id!r}: frame {frame} of {path}, which has "
                     f"{len(poses)} frames"
                 )
-            found[pose_id] = poses[frame]
+            found[pose_id] = poses[frame].copy()  # a view would keep the whole sequence
     return found, missing
 
 

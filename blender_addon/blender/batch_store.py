@@ -30,24 +30,48 @@ def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
     return action, RECORD_PROPERTY if slot is None else f"{RECORD_PROPERTY}:{slot.identifier}"
 
 
+# The record last read or written outside NLA tweak mode (where scene and action frames are
+# one): its stored JSON and the record. A batch keys a few lines per timer tick, and parsing
+# a 10,000-line record each time stalled Blender; an undo changes the JSON, so it is read anew.
+_last: tuple[str, BatchRecord] | None = None
+
+
+def _tweaking(obj: bpy.types.Object) -> bool:
+    anim = obj.animation_data
+    return anim is not None and anim.use_tweak_mode
+
+
 def load_record(obj: bpy.types.Object) -> BatchRecord:
     """The record of the object's current action (empty when it has none), in scene frames;
     ValueError when the stored value is not a record (e.g. edited by hand): the caller decides
     whether to clear it."""
+    global _last
     action, name = _holder(obj)
     if action is None:
         return BatchRecord()
-    record = BatchRecord.from_json(action.get(name))
-    return record.with_frames(lambda frame: round(scene_time(obj, frame)))
+    stored = action.get(name)
+    if _last is not None and _last[0] == stored and not _tweaking(obj):
+        return _last[1]
+    record = BatchRecord.from_json(stored)
+    record = record.with_frames(lambda frame: round(scene_time(obj, frame)))
+    if isinstance(stored, str) and not _tweaking(obj):
+        _last = (stored, record)
+    return record
 
 
 def save_record(obj: bpy.types.Object, record: BatchRecord) -> None:
     """Stores ``record`` (in scene frames) on the object's current action. Without an action
     nothing is keyed, so there is nothing to record."""
+    global _last
     action, name = _holder(obj)
-    if action is not None:
-        stored = record.with_frames(lambda frame: _action_frame(action_time(obj, frame)))
-        action[name] = stored.to_json()
+    if action is None:
+        return
+    if _tweaking(obj):
+        record = record.with_frames(lambda frame: _action_frame(action_time(obj, frame)))
+        action[name] = record.to_json()
+    else:
+        action[name] = stored = record.to_json()
+        _last = (stored, record)
 
 
 def _action_frame(time: float) -> int | float:

@@ -472,6 +472,30 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
     assert load_record(obj) == BatchRecord()
 
 
+def test_the_batch_record_is_parsed_once_and_read_anew_when_an_undo_changes_it(
+    blender, monkeypatch
+):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    lines = ["stand", "kneel", "wave"]
+    first, second = load_record(obj).pending(lines, start=1, step=10)[:2]
+    key_line(obj, first, random_pose(0))
+    action = obj.animation_data.action
+    [name] = [key for key in action.keys() if key.startswith(RECORD_PROPERTY)]
+    after_one = action[name]
+    key_line(obj, second, random_pose(1))
+    parsed = []
+    from_json = BatchRecord.from_json
+    monkeypatch.setattr(
+        BatchRecord, "from_json", lambda text: parsed.append(text) or from_json(text)
+    )
+    for _ in range(3):  # what was just saved is not parsed again (a timer tick per line)
+        assert [p.line for p in load_record(obj).pending(lines, 1, 10)] == [2]
+    assert parsed == []
+    action[name] = after_one  # as an undo puts it back
+    assert [p.line for p in load_record(obj).pending(lines, 1, 10)] == [1, 2]
+    assert parsed == [after_one]
+
+
 def test_the_batch_record_belongs_to_the_take_its_keys_are_in(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     lines = ["stand", "kneel"]

@@ -95,7 +95,8 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
             box.operator("chatpose.cancel", icon="CANCEL")
 
         width = _chars_per_line(context)
-        lines = chat.display_lines(history_messages(scene), width, settings.history_lines)
+        shown = settings.history_lines  # each message is a line at least
+        lines = chat.display_lines(history_messages(scene, last=shown), width, shown)
         box = layout.box()
         header = box.row()
         header.label(text=f"History ({len(settings.history)} messages)", icon="TEXT")

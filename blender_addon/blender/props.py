@@ -158,8 +158,15 @@ def _candidate(context: bpy.types.Context) -> bpy.types.Object | None:
     return target if target is not None else find_smpl_armature(context)
 
 
-def history_messages(scene: bpy.types.Scene) -> list[chat.Message]:
-    return [chat.Message(m.role, m.text, m.attachment, m.poses) for m in scene.chatpose.history]
+def history_messages(scene: bpy.types.Scene, last: int | None = None) -> list[chat.Message]:
+    """The chat history; with ``last``, only its last messages (the panel, which draws on
+    every redraw, needs no more messages than the lines it shows)."""
+    history = scene.chatpose.history
+    first = 0 if last is None else max(0, len(history) - last)
+    return [
+        chat.Message(m.role, m.text, m.attachment, m.poses)
+        for m in (history[i] for i in range(first, len(history)))
+    ]
 
 
 def append_history(scene: bpy.types.Scene, messages) -> None:

@@ -98,6 +98,8 @@ def test_the_chat_history_is_saved_in_the_blend_file(blender, tmp_path):
         chat.Message("user", "now sit", attachment="viewport image"),
         chat.Message("error", "no service"),
     ]
+    assert props.history_messages(bpy.context.scene, last=2) == loaded[2:]  # what the panel reads
+    assert props.history_messages(bpy.context.scene, last=9) == loaded
     assert bpy.context.scene.chatpose.chat_mode
     assert bpy.ops.chatpose.clear_history() == {"FINISHED"}
     assert len(bpy.context.scene.chatpose.history) == 0

@@ -27,7 +27,7 @@ import numpy as np
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
-from shared_protocol.batch_text import decode_text, prompt_lines
+from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
@@ -688,13 +688,13 @@ def _read_image(path: Path) -> bytes:
 def _read_prompts(path: Path) -> list[tuple[int, str]]:
     """The file's prompts (`batch_text`), each with its line number (from 1)."""
     try:
-        data = path.read_bytes()
+        text = read_batch_file(path)
     except OSError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} ({exc.strerror})") from None
-    try:
-        text = decode_text(data)
     except UnicodeDecodeError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
+    except FileTooLargeError as exc:
+        raise CommandError(EXIT_BAD_INPUT, f"{path} is {exc}") from None
     lines = prompt_lines(text)
     if not lines:
         raise CommandError(EXIT_BAD_INPUT, f"{path} has no prompts (one per line)")

@@ -17,6 +17,27 @@ _ENCODINGS_BY_MARK = (
 )
 
 
+# 100,000 prompts of 160 characters; a video or an archive picked by mistake is refused before
+# it is read into memory.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+class FileTooLargeError(ValueError):
+    """A batch file larger than MAX_FILE_BYTES."""
+
+
+def read_batch_file(path) -> str:
+    """A batch file's text (`decode_text`). OSError as `open` raises it, UnicodeDecodeError,
+    and FileTooLargeError for a file over MAX_FILE_BYTES, which is not read."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise FileTooLargeError(
+            f"larger than {MAX_FILE_BYTES // 2**20} MiB; a batch file is text, one prompt per line"
+        )
+    return decode_text(data)
+
+
 def decode_text(data: bytes) -> str:
     """A batch file's text: UTF-8, or UTF-16 when it starts with a byte order mark (the mark
     is no part of the first prompt). UnicodeDecodeError for anything else, and for a NUL

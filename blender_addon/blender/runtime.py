@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import bpy
 
 from shared_protocol.address import AddressError, is_loopback
-from shared_protocol.batch_text import decode_text, prompt_lines
+from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core import batch_plan, chat
@@ -479,12 +479,13 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         if not settings.batch_file:
             raise UserError("Pick a .txt file with one prompt per line")
         try:
-            with open(path, "rb") as file:
-                content = decode_text(file.read())
+            content = read_batch_file(path)
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"{path} is not UTF-8 text ({exc.reason})") from None
+        except FileTooLargeError as exc:
+            raise UserError(f"{path} is {exc}") from None
         except OSError as exc:
             raise UserError(f"{path} could not be read ({exc.strerror or exc})") from None
         label = bpy.path.basename(path)

@@ -26,6 +26,7 @@ from blender_addon.blender.runtime import UserError
 from blender_addon.core import batch_plan, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
+from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.protocol import Turn
 from tests.service.scripted_backend import ScriptedBackend, pose_for
 
@@ -1097,6 +1098,11 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 pose\n".encode("latin-1"))
     settings.batch_file = str(tmp_path / "latin1.txt")
     with pytest.raises(runtime.UserError, match="is not UTF-8 text"):
+        runtime.read_batch_lines(bpy.context)
+    with open(tmp_path / "take.mov", "wb") as file:  # picked by mistake: refused unread
+        file.truncate(MAX_FILE_BYTES + 1)
+    settings.batch_file = str(tmp_path / "take.mov")
+    with pytest.raises(runtime.UserError, match=r"take\.mov is larger than 16 MiB"):
         runtime.read_batch_lines(bpy.context)
     (tmp_path / "blank.txt").write_text("\n  \n")
     settings.batch_file = str(tmp_path / "blank.txt")

@@ -18,6 +18,7 @@ import zmq
 from inference_service import cli
 from inference_service.scheduler import Answer
 from inference_service.server import Server
+from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import StatusReply, decode_request, encode_reply
 
@@ -713,6 +714,11 @@ def test_a_batch_file_that_is_not_there_is_named_so(capsys, tmp_path):
         assert code == cli.EXIT_BAD_INPUT
         assert f"cannot read {path} (" in err and "UTF-8" not in err
         assert why in err or sys.platform == "win32"  # Windows words it otherwise
+    huge = tmp_path / "take.mov"  # picked by mistake: refused before it is read
+    with open(huge, "wb") as file:
+        file.truncate(MAX_FILE_BYTES + 1)
+    code, _, err = run(capsys, "batch", str(huge), "--out", str(tmp_path / "a.npz"))
+    assert code == cli.EXIT_BAD_INPUT and f"{huge} is larger than 16 MiB" in err
 
 
 @pytest.mark.parametrize(

@@ -84,10 +84,33 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         items=[
             ("auto", "Auto", "CUDA when available, else CPU"),
             ("cpu", "CPU", ""),
-            ("cuda", "CUDA", ""),
+            ("cuda", "CUDA", "The GPU below"),
         ],
         default="auto",
     )
+    service_gpu: bpy.props.IntProperty(
+        name="GPU",
+        description="Which CUDA GPU the service runs on (cuda:N; e.g. 1 to leave GPU 0 to "
+        "Blender's own rendering)",
+        default=0,
+        min=0,
+        max=63,
+    )
+    service_quantization: bpy.props.EnumProperty(
+        name="Weights",
+        description="Precision of the model's weights on a GPU: 8 or 4 bits make a 13B model "
+        "fit a 24 GB or a 12 GB card (needs bitsandbytes in the service's Python)",
+        items=[
+            ("none", "As Stored", "16-bit on a GPU: a 13B model needs more than 26 GB"),
+            ("8bit", "8-bit", "About 14 GB for a 13B model"),
+            ("4bit", "4-bit", "About 8 GB for a 13B model"),
+        ],
+        default="none",
+    )
+
+    def service_device_argument(self) -> str:
+        """chatpose-serve's --device for these settings."""
+        return f"cuda:{self.service_gpu}" if self.service_device == "cuda" else self.service_device
 
     def draw(self, context):
         layout = self.layout
@@ -105,7 +128,11 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         box.label(text="Local Service (optional)", icon="CONSOLE")
         box.prop(self, "service_python")
         box.prop(self, "service_checkpoint")
-        box.prop(self, "service_device")
+        row = box.row()
+        row.prop(self, "service_device")
+        if self.service_device == "cuda":
+            row.prop(self, "service_gpu")
+        box.prop(self, "service_quantization")
         draw_local_service(box)
 
 

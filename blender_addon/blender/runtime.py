@@ -847,7 +847,8 @@ def start_service(context: bpy.types.Context) -> None:
             bpy.path.abspath(prefs.service_python),
             bpy.path.abspath(prefs.service_checkpoint),
             address,
-            prefs.service_device,
+            prefs.service_device_argument(),
+            prefs.service_quantization,
         )
         state = service_process().start(
             argv, env=child_environment(dict(os.environ)), log_name=log_name_for(address)

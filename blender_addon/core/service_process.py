@@ -132,10 +132,16 @@ def _killed_by(signum: int) -> str:
     return f"killed by {name}"
 
 
+# chatpose-serve's options for the weights' precision on a GPU (bitsandbytes): a 13B model
+# needs more than 26 GB as stored, about 14 GB in 8 bits, about 8 GB in 4.
+QUANTIZATION_FLAGS = {"none": (), "8bit": ("--load-in-8bit",), "4bit": ("--load-in-4bit",)}
+
+
 def serve_command(
-    python: str, checkpoint: str, bind: str, device: str = "auto", extra: Sequence[str] = ()
+    python: str, checkpoint: str, bind: str, device: str = "auto", quantization: str = "none"
 ) -> list[str]:
-    """The command line of a local chatpose-serve; ServiceProcessError names a missing piece."""
+    """The command line of a local chatpose-serve; ServiceProcessError names a missing piece.
+    ``device``: auto, cpu, cuda or cuda:N; ``quantization``: a key of QUANTIZATION_FLAGS."""
     python = python.strip()
     if not python:
         raise ServiceProcessError(
@@ -165,7 +171,7 @@ def serve_command(
         "--device",
         device or "auto",
         "--stop-with-stdin",  # `start` holds the pipe: it closes when Blender ends, a crash too
-        *extra,
+        *QUANTIZATION_FLAGS[quantization],
     ]
 
 

@@ -911,8 +911,8 @@ def local_scripted(armature, monkeypatch, tmp_path):
     prefs.service_checkpoint = str(tmp_path)
     commands = []
 
-    def scripted_command(python, checkpoint, bind, device="auto"):
-        commands.append((python, checkpoint, bind, device))
+    def scripted_command(python, checkpoint, bind, device="auto", quantization="none"):
+        commands.append((python, checkpoint, bind, device, quantization))
         return [python, str(SCRIPTED_SERVER), bind]
 
     monkeypatch.setattr(runtime, "serve_command", scripted_command)
@@ -982,7 +982,7 @@ def test_start_and_stop_the_local_service_from_blender(
     armature, local_scripted, monkeypatch, tmp_path
 ):
     address, commands = local_scripted
-    assert commands == [(sys.executable, str(tmp_path), address, "auto")]
+    assert commands == [(sys.executable, str(tmp_path), address, "auto", "none")]
     bpy.context.scene.chatpose.prompt = "from the local service"
     bpy.ops.chatpose.send()
     drive(idle)
@@ -991,6 +991,15 @@ def test_start_and_stop_the_local_service_from_blender(
         bpy.ops.chatpose.service_start()
     assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
     drive(lambda: runtime.local_service_state().state == "stopped")  # the button alone
+    prefs = preferences.get_preferences()  # a 13B model on a studio's second, 24 GB card
+    prefs.service_device, prefs.service_gpu, prefs.service_quantization = "cuda", 1, "8bit"
+    try:
+        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        assert commands[-1] == (sys.executable, str(tmp_path), address, "cuda:1", "8bit")
+        assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
+        drive(lambda: runtime.local_service_state().state == "stopped")
+    finally:
+        prefs.service_device, prefs.service_quantization = "auto", "none"
     monkeypatch.setattr(runtime, "serve_command", serve_command)  # the real one checks
     preferences.get_preferences().service_python = ""
     with pytest.raises(RuntimeError, match="set the Python interpreter"):

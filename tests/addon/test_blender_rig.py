@@ -509,11 +509,12 @@ def test_panel_and_preferences_draw(blender):
     prefs = preferences.get_preferences()
     prefs.service_address = "tcp://10.1.2.3:5555"
     calls = []
+    fields = {"service_address": prefs.service_address, "service_device": "cuda"}
     preferences.ChatPosePreferences.draw(
-        type("P", (), {"layout": FakeLayout(calls), "service_address": prefs.service_address})(),
-        bpy.context,
+        type("P", (), {"layout": FakeLayout(calls), **fields})(), bpy.context
     )
     props = [n for k, n in calls if k == "prop"]
+    assert {"service_device", "service_gpu", "service_quantization"} <= set(props)
     assert props[:4] == [
         "service_address",
         "curve_client_key",

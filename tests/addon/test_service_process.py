@@ -78,6 +78,8 @@ def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
         "cpu",
         "--stop-with-stdin",
     ]
+    on_gpu = serve_command(sys.executable, str(tmp_path), "tcp://127.0.0.1:5555", "cuda:1", "4bit")
+    assert on_gpu[-4:] == ["--device", "cuda:1", "--stop-with-stdin", "--load-in-4bit"]
 
 
 def test_a_real_serve_that_fails_shows_its_exit_code_and_last_line(tmp_path):

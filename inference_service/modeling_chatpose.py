@@ -46,7 +46,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from inference_service.checkpoint import ChatPoseConfig, Checkpoint, refuse_lfs_pointers
 from inference_service.errors import (
@@ -100,14 +100,29 @@ class PrefixStates:
         return input_ids.shape[1] > n and bool((input_ids[:, :n] == self.input_ids).all())
 
     def cache(self, batch: int, config) -> DynamicCache:
-        """A fresh cache holding the prefix for `batch` rows (the model appends to its copy)."""
-        return DynamicCache(
+        """A cache holding the prefix for `batch` rows, which keeps nothing of the pass that
+        reads it (`_PrefixLayer`)."""
+        cache = DynamicCache(
             ddp_cache_data=[
                 (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
                 for keys, values in self.layers
             ],
             config=config,
         )
+        for layer in cache.layers:
+            if type(layer) is DynamicLayer:  # a sliding-window layer stays as it is
+                layer.__class__ = _PrefixLayer
+        return cache
+
+
+class _PrefixLayer(DynamicLayer):
+    """A cache layer of the shared prefix. Attention reads the prefix's states with the new
+    tokens' ones, which are not kept: nothing reads them again, and keeping them held every
+    layer's keys and values of the batch to the end of the pass (gigabytes on a 13B model)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        return keys, torch.cat([self.values, value_states], dim=-2)
 
 
 @dataclass(frozen=True)
@@ -327,8 +342,8 @@ class ChatPoseModel:
         prefix when every row starts with it, else 0 (the whole input is run)."""
         prefix = self._prefix_states()
         input_ids = inputs["input_ids"]
-        if not prefix.matches(input_ids):
-            return self._backbone(**inputs).last_hidden_state, 0
+        if not prefix.matches(input_ids):  # no cache: nothing reads these states again
+            return self._backbone(**inputs, use_cache=False).last_hidden_state, 0
         rest = dict(inputs, input_ids=input_ids[:, prefix.length :])
         rest[self._cache_keyword] = prefix.cache(input_ids.shape[0], self.model.config)
         return self._backbone(**rest).last_hidden_state, prefix.length

@@ -175,11 +175,15 @@ def test_batched_fast_path_equals_one_request_at_a_time(tiny_model):
 def test_the_cached_prompt_beginning_gives_the_states_of_a_whole_pass(tiny_model, monkeypatch):
     requests = [PoseRequest(TEXT), PoseRequest("sitting", (RED,)), PoseRequest(images=(BLUE,))]
     seen_lengths: list[int] = []
+    kept: list[int] = []  # key/value positions a cache holds after the pass
     backbone = tiny_model._backbone
 
     def recording(**inputs):
         seen_lengths.append(inputs["input_ids"].shape[1])
-        return backbone(**inputs)
+        output = backbone(**inputs)
+        cache = inputs.get("past_key_values") or output.past_key_values
+        kept.append(0 if cache is None else cache.get_seq_length())
+        return output
 
     monkeypatch.setattr(tiny_model, "_backbone", recording)
     cached = tiny_model.pose_states(requests)
@@ -189,6 +193,8 @@ def test_the_cached_prompt_beginning_gives_the_states_of_a_whole_pass(tiny_model
     # the first pass read only what follows the prefix; the second read every token
     assert cached_length > 10
     assert seen_lengths[-1] - seen_lengths[-2] == cached_length
+    # Neither pass keeps its tokens' keys and values (a 13B batch's would take gigabytes).
+    assert kept[-2:] == [cached_length, 0]
     torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
 
 

@@ -933,12 +933,14 @@ def read_llava_conversations(
     *,
     poses: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
+    skip_missing: bool = False,
 ) -> list[Example]:
     """Conversations in LLaVA's JSON format, one Example per conversation.
 
     `path`: `[{"id": ..., "image": "file.jpg" (optional; or a list), "conversations":
     [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}, ...]`. Turns
-    alternate human/gpt, starting with human and ending with gpt. The first human turn marks
+    alternate human/gpt, starting with human and ending with gpt; a gpt turn before the first
+    human one is left out, as LLaVA's own loader does. The first human turn marks
     each image once with LLaVA's `<image>`, which is removed from the text (the images go first,
     as in LLaVA). Image files are relative to
     `images` (default: the JSON file's folder).
@@ -949,6 +951,10 @@ def read_llava_conversations(
     conversation X. Without `poses`, a `<POSE>` in a gpt turn is an error (chat-only data).
     Kind: image_to_pose or text_to_pose for conversations with poses (by whether there is an
     image), chat for the others.
+
+    `skip_missing` leaves out, with a note, the conversations whose image files are not there
+    or cannot be read (LLaVA's mixture, downloaded in part or with its GIFs named .jpg);
+    otherwise the first one is an error.
     """
     json_path = Path(path)
     folder = Path(images) if images is not None else json_path.parent
@@ -968,6 +974,7 @@ def read_llava_conversations(
             by_id.setdefault(conversation_id, []).append(pose_array[row])
     seen: set[str] = set()
     examples = []
+    left_out: list[str] = []  # why each conversation left out by skip_missing was
     for number, record in enumerate(data):
         if not isinstance(record, dict):
             raise DatasetError(f"{json_path}: record {number}: expected an object")
@@ -1006,7 +1013,13 @@ def read_llava_conversations(
             raise DatasetError(
                 f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
             )
-        image_files = tuple(_read_image(folder, name, where)[0] for name in image_names)
+        try:
+            image_files = tuple(_read_image(folder, name, where)[0] for name in image_names)
+        except DatasetError as exc:
+            if not skip_missing:
+                raise DatasetError(f"{exc}; missing=skip leaves such conversations out") from None
+            left_out.append(str(exc))
+            continue
         if targets:
             kind = "image_to_pose" if image_files else "text_to_pose"
         else:
@@ -1023,6 +1036,12 @@ def read_llava_conversations(
                 source=f"{json_path}#{number}",
             )
         )
+    if left_out:
+        print(
+            f"note: left out: {len(left_out)} conversation(s) of {json_path} whose images "
+            f"could not be read (first: {left_out[0]})",
+            file=sys.stderr,
+        )
     if by_id is not None:
         unused = [key for key in by_id if key not in seen]
         if unused:
@@ -1037,9 +1056,12 @@ def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[s
     record's images are marked in its first human turn, one marker each."""
     if not isinstance(conversations, list) or not conversations:
         raise DatasetError(f"{where}: 'conversations' must be a non-empty list")
+    # As LLaVA's loader, a gpt turn before the first human one is left out.
+    first = conversations[0]
+    start = int(isinstance(first, dict) and first.get("from") == "gpt" and len(conversations) > 1)
     texts = []
-    for turn_number, turn in enumerate(conversations):
-        expected = "human" if turn_number % 2 == 0 else "gpt"
+    for turn_number, turn in enumerate(conversations[start:], start):
+        expected = "human" if (turn_number - start) % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise DatasetError(
                 f'{where}: turn {turn_number}: expected {{"from": ..., "value": text}}'
@@ -1052,12 +1074,12 @@ def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[s
         value = turn["value"]
         if expected == "human":
             markers = value.count(LLAVA_IMAGE_MARKER)
-            if turn_number == 0 and markers != images:
+            if turn_number == start and markers != images:
                 raise DatasetError(
-                    f"{where}: turn 0: {markers} {LLAVA_IMAGE_MARKER} marker(s) for {images} "
-                    "image(s); LLaVA marks each image once in the first human turn"
+                    f"{where}: turn {turn_number}: {markers} {LLAVA_IMAGE_MARKER} marker(s) "
+                    f"for {images} image(s); LLaVA marks each image once in the first human turn"
                 )
-            if turn_number > 0 and markers:
+            if turn_number > start and markers:
                 raise DatasetError(
                     f"{where}: turn {turn_number}: {LLAVA_IMAGE_MARKER} outside the first "
                     "human turn"
@@ -1066,7 +1088,7 @@ def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[s
             if POSE_MARKER in value:
                 raise DatasetError(f"{where}: turn {turn_number}: {POSE_MARKER} in a human turn")
             # Only the first message may be the image alone.
-            if not value and (turn_number > 0 or not images):
+            if not value and (turn_number > start or not images):
                 raise DatasetError(f"{where}: turn {turn_number}: empty human message")
         else:
             if LLAVA_IMAGE_MARKER in value:
@@ -1169,7 +1191,7 @@ class DataSpec:
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "posescript": ("poses", "amass", "index", "ids", "missing", "z_up", "phrasing"),
     "pairs": ("images", "frame", "crop", "phrasing"),
-    "llava": ("poses", "images"),
+    "llava": ("poses", "images", "missing"),
     "corpus": ("split", "phrasing"),
 }
 
@@ -1200,12 +1222,10 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
                 "--data posescript CAPTIONS.json needs poses=POSES.npz, or amass=AMASS_DIR and "
                 "index=ids_2_dataset_sequence_and_frame_index.json (PoseScript's release)"
             )
-        if options.get("missing", "error") not in ("error", "skip"):
-            raise ValueError(
-                f"--data posescript: missing= takes error or skip, not {options['missing']!r}"
-            )
         if "missing" in options and "amass" not in options:
             raise ValueError("--data posescript: missing= goes with amass=")
+    if options.get("missing", "error") not in ("error", "skip"):
+        raise ValueError(f"--data {fmt}: missing= takes error or skip, not {options['missing']!r}")
     if options.get("crop", "auto") not in CROP_MODES:
         raise ValueError(
             f"--data {fmt}: crop= takes {', '.join(CROP_MODES)}, not {options['crop']!r}"
@@ -1258,7 +1278,10 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
         )
     if spec.format == "llava":
         return read_llava_conversations(
-            spec.path, poses=options.get("poses"), images=options.get("images")
+            spec.path,
+            poses=options.get("poses"),
+            images=options.get("images"),
+            skip_missing=options.get("missing") == "skip",
         )
     if spec.format == "corpus":
         return read_corpus(

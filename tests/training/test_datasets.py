@@ -678,6 +678,35 @@ def test_llava_errors_name_file_and_record(tmp_path, record, message):
     assert "conv.json" in str(info.value)
 
 
+def test_llava_s_mixture_as_downloaded_leaves_out_what_it_cannot_read_when_asked(tmp_path, capsys):
+    # LLaVA's mixture, downloaded in part: images not there, GIFs named .jpg, and records that
+    # open with a gpt turn (LLaVA's own loader drops it).
+    (tmp_path / "p.png").write_bytes(png())
+    (tmp_path / "gif.jpg").write_bytes(b"GIF89a" + bytes(30))
+    opens_with_gpt = _conv("<image>\nWhat is she doing?", "Waving.", id="g", image="p.png")
+    opens_with_gpt["conversations"].insert(0, {"from": "gpt", "value": "Hello."})
+    data = [
+        _conv("<image>\nhi", "yo", id="a", image="ocr_vqa/1.jpg"),
+        opens_with_gpt,
+        _conv("<image>\nhi", "yo", id="b", image="gif.jpg"),
+        _conv("hi", "yo", id="c"),
+    ]
+    path = write_json(tmp_path / "mix.json", data)
+    with pytest.raises(DatasetError, match=r"record 0 .*not found; missing=skip leaves such"):
+        read_llava_conversations(path)
+    spec = parse_data_spec(["llava", str(path), "missing=skip"])
+    examples = load_data(spec)
+    assert [e.source.rsplit("#", 1)[1] for e in examples] == ["1", "3"]
+    assert (examples[0].question, examples[0].answer, examples[0].history) == (
+        "What is she doing?",
+        "Waving.",
+        (),
+    )
+    assert "note: left out: 2 conversation(s) of" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="missing= takes error or skip, not 'maybe'"):
+        parse_data_spec(["llava", str(path), "missing=maybe"])
+
+
 def test_a_repeated_key_inside_a_record_names_the_record(tmp_path):
     records = [json.dumps(_conv("hi", "yo", id=str(n))) for n in range(5)]
     records[3] = records[3].replace('"value": "hi"', '"value": "hi", "value": "hello"')

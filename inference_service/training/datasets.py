@@ -615,6 +615,19 @@ def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
     return poses
 
 
+def _in_body_frame(poses: np.ndarray, z_up: bool | None, path: Path) -> np.ndarray:
+    """(N, 24, 3) poses of a file in the SMPL body frame: turned upright with `z_up`; with
+    `z_up` unsaid, DatasetError when most bodies stand along +Z, which would train every
+    pose lying down."""
+    if z_up is None and _mostly_upright_along_z(poses):
+        raise DatasetError(
+            f"{path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
+            "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
+            "z_up=false if they are meant so"
+        )
+    return z_up_to_y_up_zero_yaw(poses) if z_up and len(poses) else poses
+
+
 def _mostly_upright_along_z(axis_angle: np.ndarray) -> bool:
     """Whether most bodies' up axis (the pelvis frame's +Y) is within 45° of the world's +Z."""
     up = axis_angle_to_matrix(axis_angle[:, 0])[:, :, 1]
@@ -794,14 +807,7 @@ def read_posescript(
         else:
             pose_ids = [str(row) for row in range(len(pose_array))]
             lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
-    if z_up is None and _mostly_upright_along_z(pose_array):
-        raise DatasetError(
-            f"{poses_path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
-            "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
-            "z_up=false if they are meant so"
-        )
-    if z_up and len(pose_array):
-        pose_array = z_up_to_y_up_zero_yaw(pose_array)
+    pose_array = _in_body_frame(pose_array, z_up, poses_path)
     rows: dict[str, int] = {}
     for row, pose_id in enumerate(pose_ids):
         if pose_id in rows:
@@ -934,6 +940,7 @@ def read_llava_conversations(
     poses: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     skip_missing: bool = False,
+    z_up: bool | None = None,
 ) -> list[Example]:
     """Conversations in LLaVA's JSON format, one Example per conversation.
 
@@ -949,6 +956,7 @@ def read_llava_conversations(
     .npz with an `ids` array (N,) naming, for each frame, the conversation `id` it belongs to:
     the k-th frame whose id is X (in file order) is the target of the k-th `<POSE>` of
     conversation X. Without `poses`, a `<POSE>` in a gpt turn is an error (chat-only data).
+    `z_up` as for `read_posescript`: poses standing along +Z are refused unless it is said.
     Kind: image_to_pose or text_to_pose for conversations with poses (by whether there is an
     image), chat for the others.
 
@@ -965,7 +973,7 @@ def read_llava_conversations(
     if poses is not None:
         poses_path = Path(poses)
         arrays = _read_npz(poses_path)
-        pose_array = read_pose_array(poses_path, arrays)
+        pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path)
         if "ids" not in arrays:
             raise DatasetError(f"{poses_path}: no 'ids' array (the conversation id of each frame)")
         ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
@@ -1191,7 +1199,7 @@ class DataSpec:
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "posescript": ("poses", "amass", "index", "ids", "missing", "z_up", "phrasing"),
     "pairs": ("images", "frame", "crop", "phrasing"),
-    "llava": ("poses", "images", "missing"),
+    "llava": ("poses", "images", "missing", "z_up"),
     "corpus": ("split", "phrasing"),
 }
 
@@ -1250,10 +1258,11 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
     phrasing = options.get("phrasing", "mixed")
     if phrasing not in PHRASING_MODES:
         raise DatasetError(f"--data {spec.describe()}: phrasing must be one of {PHRASING_MODES}")
+    z_up = options.get("z_up")
+    if z_up is not None and z_up.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise DatasetError(f"--data {spec.describe()}: z_up must be true or false")
+    z_up = None if z_up is None else z_up.lower() in ("true", "1", "yes")
     if spec.format == "posescript":
-        z_up = options.get("z_up")
-        if z_up is not None and z_up.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise DatasetError(f"--data {spec.describe()}: z_up must be true or false")
         return read_posescript(
             spec.path,
             options.get("poses"),
@@ -1261,7 +1270,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             index=options.get("index"),
             ids=options.get("ids"),
             skip_missing=options.get("missing") == "skip",
-            z_up=None if z_up is None else z_up.lower() in ("true", "1", "yes"),
+            z_up=z_up,
             phrasing=phrasing,
             seed=seed,
             wording=wording,
@@ -1282,6 +1291,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             poses=options.get("poses"),
             images=options.get("images"),
             skip_missing=options.get("missing") == "skip",
+            z_up=z_up,
         )
     if spec.format == "corpus":
         return read_corpus(

@@ -233,6 +233,16 @@ def test_bodies_standing_along_z_need_z_up_said(tmp_path):
         load_data(spec)
     said = parse_data_spec(["posescript", str(captions), f"poses={poses}", "z_up=False"])
     assert len(load_data(said)) == 1
+    # Conversations' poses too (a motion the add-on exported, given to a chat dataset).
+    ids = write_npz(tmp_path / "ids.npz", upright_in_z, ids=np.arange(len(POSES)).astype(str))
+    chats = write_json(
+        tmp_path / "conv.json", [_conv("pose?", "<POSE>", id=str(i)) for i in range(len(POSES))]
+    )
+    with pytest.raises(DatasetError, match=r"ids\.npz: most bodies stand along \+Z"):
+        load_data(parse_data_spec(["llava", str(chats), f"poses={ids}"]))
+    turned = load_data(parse_data_spec(["llava", str(chats), f"poses={ids}", "z_up=true"]))
+    up = axis_angle_to_matrix(turned[1].pose[0])[:, 1]
+    np.testing.assert_allclose(up, [0, 1, 0], atol=1e-9)
 
 
 def test_z_up_conversion_of_an_upright_amass_body():

@@ -603,12 +603,19 @@ def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
     As the PoseScript loader of the release: the global orientation is rotated by -90 degrees
     about X (Z-up -> Y-up), then about the vertical axis so that the body's forward axis
     (G_0 · z) has no x component and points to +Z (zero yaw). Joints 1..23 are unchanged.
+    A body lying face up or down has its forward axis near the vertical, whose heading is
+    noise (a degree of roll turned it half round): there the heading comes from its left-right
+    axis (G_0 · x), which gives the same yaw for a body that is only turned or bowed.
     """
     poses = np.array(axis_angle, dtype=np.float64)
     rotation = _Z_UP_TO_Y_UP @ axis_angle_to_matrix(poses[:, 0])
-    forward = rotation[:, :, 2]
-    yaw = np.arctan2(forward[:, 0], forward[:, 2])
-    yaw = np.where(np.hypot(forward[:, 0], forward[:, 2]) < 1e-8, 0.0, yaw)
+    forward, side = rotation[:, :, 2], rotation[:, :, 0]
+    lying = np.hypot(forward[:, 0], forward[:, 2]) < 0.5  # tilted more than 60 degrees
+    yaw = np.where(
+        lying,
+        np.arctan2(-side[:, 2], side[:, 0]),
+        np.arctan2(forward[:, 0], forward[:, 2]),
+    )
     axis = np.zeros((len(poses), 3))
     axis[:, 1] = -yaw
     poses[:, 0] = matrix_to_axis_angle(axis_angle_to_matrix(axis) @ rotation)

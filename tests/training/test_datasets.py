@@ -36,7 +36,7 @@ from inference_service.training.datasets import (
     z_up_to_y_up_zero_yaw,
 )
 from shared_protocol.pose import Motion, Pose, camera_to_upright
-from shared_protocol.rotations import axis_angle_to_matrix
+from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 RNG = np.random.default_rng(0)
 POSES = RNG.normal(size=(4, 24, 3)) * 0.4
@@ -204,10 +204,11 @@ def test_posescript_release_index_errors_name_the_pose_id(tmp_path, entry, messa
 def test_posescript_amass_width_and_z_up(tmp_path, width):
     wide = np.full((2, width), 0.1)  # fingers, or jaw and eyes: not SMPL's hands
     wide[:, :66] = POSES[:2, :22].reshape(2, 66)
+    wide[1, :3] = [np.pi / 2 + 0.2, 0.1, 0.3]  # standing (AMASS's Z-up), a little bowed
     poses = write_npz(tmp_path / "amass.npz", wide)
     captions = write_json(tmp_path / "c.json", {"1": "standing"})
-    (plain,) = read_posescript(captions, poses)
-    np.testing.assert_allclose(plain.pose[:22], POSES[1, :22])
+    (plain,) = read_posescript(captions, poses, z_up=False)
+    np.testing.assert_allclose(plain.pose[1:22], POSES[1, 1:22])
     np.testing.assert_array_equal(plain.pose[22:], 0.0)  # SMPL's hands at rest
     (converted,) = read_posescript(captions, poses, z_up=True)
     np.testing.assert_allclose(converted.pose[1:22], POSES[1, 1:22])
@@ -258,6 +259,26 @@ def test_z_up_conversion_of_an_upright_amass_body():
     np.testing.assert_allclose(
         axis_angle_to_matrix(converted[:, 0]), np.tile(np.eye(3), (2, 1, 1)), atol=1e-9
     )
+
+
+def test_z_up_conversion_keeps_a_body_lying_on_its_back_the_way_it_lies():
+    # On its back, the forward axis points up: a degree of roll either way turned its heading,
+    # and the head, half round. The left-right axis gives the heading there instead.
+    lying = np.zeros((3, 24, 3))
+    for row, roll in enumerate((-1.0, 1.0, 0.0)):
+        # The root at rest in AMASS's Z-up world lies on its back, head along +Y; rolled
+        # about that axis.
+        lying[row, 0] = [0.0, np.radians(roll), 0.0]
+    heads = axis_angle_to_matrix(z_up_to_y_up_zero_yaw(lying)[:, 0])[:, :, 1]
+    assert heads[0] @ heads[1] > 0.99 and heads[0] @ heads[2] > 0.99
+    # A body turned and bowed, a little or deep (each way of taking the heading), faces +Z.
+    bowed = np.zeros((2, 24, 3))
+    for row, bow in enumerate((0.3, 1.2)):  # radians past upright (AMASS's upright: pi/2)
+        turn = axis_angle_to_matrix(np.array([0, 0, 0.8]))
+        bowed[row, 0] = matrix_to_axis_angle(turn @ axis_angle_to_matrix([np.pi / 2 + bow, 0, 0]))
+    forward = axis_angle_to_matrix(z_up_to_y_up_zero_yaw(bowed)[:, 0])[:, :, 2]
+    np.testing.assert_allclose(forward[:, 0], 0.0, atol=1e-9)
+    assert (forward[:, 2] > 0).all()
 
 
 @pytest.mark.parametrize(

@@ -60,9 +60,12 @@ def person_armature(
     k: int,
     spacing: float,
     notes: list[str] | None = None,
+    made: bpy.types.Object | None = None,
 ) -> tuple[bpy.types.Object | None, bool]:
     """(armature for pose k, created?); None when the name is taken by a non-SMPL object.
-    What the user should know (a model file that could not be used) is added to ``notes``."""
+    What the user should know (a model file that could not be used) is added to ``notes``.
+    ``made``: a person already created for ``target`` in this answer, copied rather than
+    built again."""
     name = extra_person_name(target.name, k)
     obj = bpy.data.objects.get(name)
     if obj is not None:
@@ -78,6 +81,11 @@ def person_armature(
             for collection in _collections_beside(target):
                 collection.objects.link(obj)
         return obj, False
+    if made is not None:
+        obj = _copy_person(made, name)
+        obj.location = person_location(target.matrix_world.translation, k, spacing)
+        _move_beside(obj, target)
+        return obj, True
     skeleton = rest_joints(target)
     try:
         model = preferred_smpl_model()
@@ -106,6 +114,25 @@ def person_armature(
     )
     _move_beside(obj, target)
     return obj, True
+
+
+def _copy_person(made: bpy.types.Object, name: str) -> bpy.types.Object:
+    """A copy of a person created for the same answer, its armature and mesh data its own and
+    without animation. Building one switches to edit mode and back, and each switch updates
+    the whole view layer: a second and third person in a large scene took seconds each."""
+    obj = made.copy()
+    obj.data = made.data.copy()
+    obj.name = obj.data.name = name
+    obj.animation_data_clear()  # `made` is posed and perhaps keyed already
+    for child in made.children:
+        mesh = child.copy()
+        mesh.data = child.data.copy()
+        mesh.name = mesh.data.name = child.name.replace(made.name, name, 1)
+        mesh.parent = obj
+        for modifier in mesh.modifiers:
+            if modifier.type == "ARMATURE":
+                modifier.object = obj
+    return obj
 
 
 def _collections_beside(target: bpy.types.Object) -> list[bpy.types.Collection]:
@@ -148,16 +175,18 @@ def apply_people(
         for obj in [target, *people]:  # all of them or none: check before any is posed
             refuse_locked(obj, pose_channels(obj, use_translation))
     result = PeopleResult()
+    made = None  # the first person this answer creates; the others are copies of it
     for k, pose in enumerate(poses):
         if k == 0:
             obj = target
         else:
-            obj, created = person_armature(context, target, k, spacing, result.notes)
+            obj, created = person_armature(context, target, k, spacing, result.notes, made)
             if obj is None:
                 result.skipped.append(extra_person_name(target.name, k))
                 continue
             if created:
                 result.created.append(obj.name)
+                made = made or obj
         applied = apply_pose(obj, pose, use_translation=use_translation, frame=frame)
         result.armatures.append(obj.name)
         result.non_quaternion_bones += applied.non_quaternion_bones

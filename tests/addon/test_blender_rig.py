@@ -609,6 +609,33 @@ def test_extra_people_get_the_model_file_read_once_and_a_bad_one_is_named(
     ]
 
 
+def test_a_third_person_is_a_copy_of_the_second_with_data_and_keys_of_its_own(blender, monkeypatch):
+    from blender_addon.blender import people
+
+    target = create_smpl_armature(bpy.context, with_mesh=True)
+    target.location = (1.0, 2.0, 0.0)
+    poses = [random_pose(seed, translation=False) for seed in range(3)]
+    built = []  # building switches modes, each switch updating the whole view layer
+    build = people.create_smpl_armature
+    monkeypatch.setattr(
+        people, "create_smpl_armature", lambda *a, **k: built.append(k["name"]) or build(*a, **k)
+    )
+    result = people.apply_people(bpy.context, target, poses, frame=5, spacing=0.8)
+    assert built == ["SMPL.person2"]
+    second, third = (bpy.data.objects[name] for name in result.created)
+    assert third.name == "SMPL.person3" and third.data != second.data
+    assert tuple(third.location) == pytest.approx((1.0 + 2 * 0.8, 2.0, 0.0))
+    (mesh,) = third.children
+    assert mesh.name == "SMPL.person3_mannequin" and mesh.data != second.children[0].data
+    assert [m.object for m in mesh.modifiers if m.type == "ARMATURE"] == [third]
+    assert set(mesh.users_collection) == set(target.users_collection)
+    # Each keyed in its own action: the copy does not animate the second, nor the other way.
+    assert third.animation_data.action != second.animation_data.action
+    assert keyed_frames(third) == keyed_frames(second) == [5]
+    for obj, pose in ((second, poses[1]), (third, poses[2])):
+        np.testing.assert_allclose(read_pose(obj, 5).axis_angle, pose.axis_angle, atol=1e-5)
+
+
 def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
     from blender_addon import preferences
 

@@ -12,10 +12,15 @@ def _shape_text(trailing: tuple[int, ...]) -> str:
 def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     """`x` as a float64 array, after checking its trailing shape and that it is finite.
 
-    Raises ValueError naming `name`: not numeric, wrong trailing shape, NaN or inf.
+    Raises ValueError naming `name`: not numeric (strings, booleans and complex numbers too,
+    which a float conversion would parse, take as 0 and 1, or cut), wrong trailing shape, NaN
+    or inf.
     """
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        raw = np.asarray(x)
+        if raw.dtype.kind in "bcUS":
+            raise TypeError(f"{raw.dtype} values")
+        arr = raw.astype(np.float64, copy=False)
     except (TypeError, ValueError, OverflowError) as exc:  # an int past float64's range
         raise ValueError(
             f"{name}: expected a numeric array, got {type(x).__name__} ({exc})"

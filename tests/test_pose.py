@@ -35,6 +35,10 @@ def test_pose_accepts_flat_vector_and_freezes_a_copy():
         ({"axis_angle": np.full((24, 3), np.inf)}, "axis_angle: contains NaN or inf"),
         ({"axis_angle": [["a", "b", "c"]] * 24}, "axis_angle: expected a numeric array"),
         ({"axis_angle": [[0.0, 0.0]] + [[0.0, 0.0, 0.0]] * 23}, "axis_angle: expected a numeric"),
+        # Values a float conversion would parse, take as 0 and 1, or cut to their real part.
+        ({"axis_angle": [["0.1", "0", "0"]] * 24}, "axis_angle: expected a numeric array"),
+        ({"axis_angle": np.zeros((24, 3), dtype=bool)}, "axis_angle: expected a numeric array"),
+        ({"axis_angle": np.zeros((24, 3)) + 1j}, "axis_angle: expected a numeric array"),
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, 0]}, "translation: expected shape"),
         ({"axis_angle": np.zeros((24, 3)), "translation": [0, np.nan, 0]}, "translation: contains"),
         ({"axis_angle": np.zeros((24, 3)), "label": 7}, "label: expected a string"),

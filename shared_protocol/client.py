@@ -234,7 +234,7 @@ class Client:
         a ProtocolError says so at once (`unreachable`, or `busy` over a live connection).
         A socket whose connection was refused for good (`_FINAL_REFUSALS`) is made anew
         first: the service may have been fixed since (its keys, the authorized clients)."""
-        frames = encode_request(request)
+        frames = encode_request(request, self._limits)
         self._read_monitor()
         if self._refusal_event in _FINAL_REFUSALS:
             self.reset()

@@ -9,7 +9,13 @@ import pytest
 import zmq
 
 from shared_protocol.client import Client
-from shared_protocol.protocol import ErrorCode, ProtocolError, StatusRequest
+from shared_protocol.protocol import (
+    BatchRequest,
+    ErrorCode,
+    Limits,
+    ProtocolError,
+    StatusRequest,
+)
 
 
 @pytest.fixture
@@ -27,6 +33,15 @@ def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):
     assert raised.value.code == ErrorCode.UNREACHABLE
     assert "is not taking requests; is chatpose-serve running?" in raised.value.message
     client.close()
+
+
+def test_a_client_sends_within_its_own_limits_not_the_defaults(context):
+    roomy = Limits(max_batch_items=1000)  # a service configured with more room than default
+    with Client("tcp://127.0.0.1:9", context=context, limits=roomy) as client:
+        client.send(BatchRequest(client.new_id(), ("wave",) * 300))  # 256 by default
+    with Client("tcp://127.0.0.1:9", context=context) as client:
+        with pytest.raises(ProtocolError, match="256"):
+            client.send(BatchRequest(client.new_id(), ("wave",) * 300))
 
 
 def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):

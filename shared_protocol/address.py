@@ -77,9 +77,9 @@ def _problem(address: str, bind: bool) -> str | None:
         return "no port"
     if host == "*" and not bind:
         return "'*' (any interface) is for listening, not connecting"
-    if port == "*":
-        return None if bind else "'*' (any free port) is for listening, not connecting"
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    if port == "*" and not bind:
+        return "'*' (any free port) is for listening, not connecting"
+    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         return f"port {port!r} is not a number from 1 to 65535"
     return _host_problem(address[len("tcp://") :].rpartition(";")[2].rpartition(":")[0])
 

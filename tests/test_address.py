@@ -69,6 +69,8 @@ def test_inproc_is_refused_as_it_reaches_no_other_process():
 def test_a_bind_may_ask_for_any_interface_or_a_free_port():
     assert check_address("tcp://*:5555", bind=True) == "tcp://*:5555"
     assert check_address("tcp://127.0.0.1:*", bind=True) == "tcp://127.0.0.1:*"
+    with pytest.raises(AddressError, match="host '300.1.1.1' is not an IPv4 address"):
+        check_address("tcp://300.1.1.1:*", bind=True)  # a free port, on a mistyped host
     with pytest.raises(AddressError, match="unknown transport"):
         check_address("garbage", bind=True)
     with pytest.raises(AddressError, match="no port"):

@@ -258,6 +258,7 @@ class ServiceProcess:
         self._process: subprocess.Popen | None = None
         self._stop_deadline: float | None = None
         self._stopped_here = False
+        self._last_words: str | None = None  # the exited process's last log line, read once
 
     @property
     def pid(self) -> int | None:
@@ -319,6 +320,7 @@ class ServiceProcess:
                 ) from None
         self._stop_deadline = None
         self._stopped_here = False
+        self._last_words = None
         _live.add(self)
         _register_atexit()
         return self.poll()
@@ -339,7 +341,9 @@ class ServiceProcess:
             return ProcessState(RUNNING, process.pid)
         if self._stopped_here:
             return ProcessState(STOPPED, process.pid, code)
-        return ProcessState(EXITED, process.pid, code, summarize_log_line(last_line(self.log_path)))
+        if self._last_words is None:  # once: the panel and the buttons poll on every redraw
+            self._last_words = summarize_log_line(last_line(self.log_path))
+        return ProcessState(EXITED, process.pid, code, self._last_words)
 
     def stop(self, *, wait: bool = False, timeout_s: float | None = None) -> ProcessState:
         """Asks the process to stop (SIGTERM; TerminateProcess on Windows). With ``wait``, waits

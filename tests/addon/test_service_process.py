@@ -160,6 +160,8 @@ def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
     described = manager.poll().describe()
     assert "unrecognized arguments: --stop-with-stdin" in described
     assert "older than this add-on: update it (git pull, then make setup)" in described
+    Path(manager.log_path).unlink()  # read once: the panel polls on every redraw
+    assert manager.poll().describe() == described
 
 
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):

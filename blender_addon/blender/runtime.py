@@ -719,6 +719,9 @@ def _find(collection, name: str, uid: int | None):
     changes nothing; by name without one."""
     if uid is None:
         return collection.get(name)
+    named = collection.get(name)  # not renamed, as a rule: no scan of every object
+    if named is not None and named.session_uid == uid:
+        return named
     return next((item for item in collection if item.session_uid == uid), None)
 
 

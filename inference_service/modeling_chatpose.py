@@ -21,6 +21,7 @@ reference is `LlavaForConditionalGeneration`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -158,15 +159,19 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), bool(self.stop()), device=input_ids.device)
 
 
-def _out_of_memory_as_model_error(method: Callable) -> Callable:
-    """`method`, whose CUDA out-of-memory error (moving inputs, the LM, generation, the head)
-    becomes a ModelError, after the failed pass's memory is let go, so that the next request,
-    or the scheduler's one-by-one retry, has it back."""
+def _request_entry(method: Callable) -> Callable:
+    """A method that answers requests: it runs with the model's GPU as the current one (the
+    scheduler's thread is not the one that loaded the model, and the current device is per
+    thread; bitsandbytes' kernels run on it), and its CUDA out-of-memory error (moving inputs,
+    the LM, generation, the head) becomes a ModelError, after the failed pass's memory is let
+    go, so that the next request, or the scheduler's one-by-one retry, has it back."""
 
     @functools.wraps(method)
-    def guarded(*args, **kwargs):
+    def guarded(self, *args, **kwargs):
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else None
         try:
-            return method(*args, **kwargs)
+            with on_device or contextlib.nullcontext():
+                return method(self, *args, **kwargs)
         except torch.OutOfMemoryError as error:
             error.__traceback__ = None  # its frames hold the failed pass's tensors
         if torch.cuda.is_initialized():
@@ -281,14 +286,14 @@ class ChatPoseModel:
 
     # --- fast path ---------------------------------------------------------------------
 
-    @_out_of_memory_as_model_error
+    @_request_entry
     def predict_poses(self, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
         if not requests:
             return []
         return self._poses(self.pose_states(requests))
 
-    @_out_of_memory_as_model_error
+    @_request_entry
     def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
         """(len(requests), H): the final-layer state before each request's pose token, with the
         answer template forced (what the SMPL head reads on the fast path)."""
@@ -366,7 +371,7 @@ class ChatPoseModel:
 
     # --- chat path ---------------------------------------------------------------------
 
-    @_out_of_memory_as_model_error
+    @_request_entry
     def chat(
         self,
         prompt: str,

@@ -1,8 +1,10 @@
+import contextlib
 import dataclasses
 import json
 import re
 import shutil
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -570,6 +572,33 @@ def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoi
     with pytest.raises(CheckpointError, match="stop here"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda:1")
     assert calls == [("current", torch.device("cuda:1")), ("load", "cuda:1")]
+
+
+def test_requests_run_with_the_model_s_card_current_in_the_scheduler_s_thread(monkeypatch):
+    # The current CUDA device is per thread: the loading thread's choice does not reach the
+    # scheduler's, where requests run (bitsandbytes' kernels use the current device).
+    current = []
+
+    @contextlib.contextmanager
+    def cuda_device(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", cuda_device)
+
+    class OnSecondCard:
+        device = torch.device("cuda:1")
+
+        @modeling_chatpose._request_entry
+        def answer(self):
+            return list(current)
+
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(OnSecondCard().answer()))
+    worker.start()
+    worker.join()
+    assert seen == [[torch.device("cuda:1")]] and current == []
 
 
 def test_out_of_gpu_memory_while_loading_says_so_not_that_the_checkpoint_is_bad(

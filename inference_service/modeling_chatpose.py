@@ -272,17 +272,25 @@ class ChatPoseModel:
         # rows for it in the resized embeddings.
         pose_token = checkpoint.config.pose_token
         check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
-        ensure_pose_token(processor.tokenizer, model, pose_token)
-        if checkpoint.adapter_dir is not None:
-            try:
-                model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
-            except torch.OutOfMemoryError:
-                raise ModelError(
-                    f"{checkpoint.adapter_dir}: out of GPU memory merging the adapter into the "
-                    "model; --load-in-8bit or --load-in-4bit apply it unmerged, in less memory"
-                ) from None
-        head = PoseHead.load(checkpoint.head_path, checkpoint.config)
-        return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
+        try:  # a model that barely fits: each step below puts a little more on the card
+            ensure_pose_token(processor.tokenizer, model, pose_token)
+            if checkpoint.adapter_dir is not None:
+                try:
+                    model = apply_adapter(model, checkpoint.adapter_dir, merge=quantization is None)
+                except torch.OutOfMemoryError:
+                    raise ModelError(
+                        f"{checkpoint.adapter_dir}: out of GPU memory merging the adapter into "
+                        "the model; --load-in-8bit or --load-in-4bit apply it unmerged, in less "
+                        "memory"
+                    ) from None
+            head = PoseHead.load(checkpoint.head_path, checkpoint.config)
+            return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
+        except torch.OutOfMemoryError:
+            raise ModelError(
+                f"{path}: out of GPU memory setting up the loaded model (its pose token, its "
+                "pose head); --load-in-8bit or --load-in-4bit need less, or use a card with "
+                "more memory"
+            ) from None
 
     # --- fast path ---------------------------------------------------------------------
 

@@ -624,6 +624,10 @@ def test_out_of_gpu_memory_merging_the_adapter_says_so(lora_checkpoints, monkeyp
     monkeypatch.setattr(modeling_chatpose, "apply_adapter", exhausted)
     with pytest.raises(ModelError, match="out of GPU memory merging the adapter .*--load-in-8bit"):
         ChatPoseModel.from_checkpoint(adapter, device="cpu")
+    # After the weights, a model that barely fits may run out moving the pose head there.
+    monkeypatch.setattr(modeling_chatpose.PoseHead, "to", exhausted)
+    with pytest.raises(ModelError, match="out of GPU memory setting up the loaded model"):
+        ChatPoseModel.from_checkpoint(lora_checkpoints[1], device="cpu")
 
 
 def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_checkpoints, tmp_path):

@@ -61,6 +61,7 @@ from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig,
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     apply_adapter,
+    check_host_memory,
     check_vocabulary,
     ensure_pose_token,
     load_adapter,
@@ -463,8 +464,10 @@ def load_training_model(
     device, dtype = select_device(config.device)
     if dtype == torch.float16:  # no loss scaling here: AdamW's eps and small gradients vanish
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    processor, model = load_base(checkpoint.base_dir, dtype=dtype)
-    model = model.to(device)
+    if device.type == "cpu":  # the system would kill the run midway, without a word
+        check_host_memory(checkpoint.base_dir, dtype)
+    # Straight onto the device: a 13B model first loaded into memory needs 27 GB there.
+    processor, model = load_base(checkpoint.base_dir, dtype=dtype, device_map=str(device))
     pose_token = checkpoint.config.pose_token
     check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
     pose_token_id = ensure_pose_token(processor.tokenizer, model, pose_token)

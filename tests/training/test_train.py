@@ -19,9 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from inference_service import modeling_chatpose
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
-from inference_service.errors import ChatPoseError, CheckpointError
+from inference_service.errors import ChatPoseError, CheckpointError, ModelError
 from inference_service.images import CropBox
 from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from inference_service.pose_head import decode_pose
@@ -762,6 +763,20 @@ def test_training_does_not_run_in_float16(base, monkeypatch, bf16, expected):
     tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     assert tm.dtype == expected
     assert tm.model.get_input_embeddings().weight.dtype == expected
+
+
+def test_training_loads_the_base_straight_onto_its_device_after_a_memory_check(base, monkeypatch):
+    loaded = []
+    load = loop.load_base
+    monkeypatch.setattr(
+        loop, "load_base", lambda path, **options: loaded.append(options) or load(path, **options)
+    )
+    loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    assert loaded[-1]["device_map"] == "cpu"  # not loaded into memory, then moved
+    # On the CPU, a model larger than the memory free is named before the system kills the run.
+    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: 1024)
+    with pytest.raises(ModelError, match="memory"):
+        loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
 
 
 def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(base, examples):

@@ -72,10 +72,23 @@ def _validated_rotation(x, name: str) -> np.ndarray:
 def _validated_quaternion(x, name: str) -> np.ndarray:
     """Validate (..., 4) and return the quaternions normalised to unit length."""
     q = finite_array(x, name, (4,))
-    norm = np.linalg.norm(q, axis=-1, keepdims=True)
-    if np.any(norm < _TINY):
-        raise ValueError(f"{name}: zero quaternion cannot be normalised")
-    return q / norm
+    # Scaled by the largest entry first: the norm of a huge quaternion overflows to inf.
+    scale = np.abs(q).max(axis=-1, keepdims=True)
+    scaled = q / np.where(scale > 0, scale, 1.0)
+    unit_norm = np.linalg.norm(scaled, axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        if np.any(scale * unit_norm < _TINY):
+            raise ValueError(f"{name}: zero quaternion cannot be normalised")
+    return scaled / unit_norm
+
+
+def _validated_axis_angle(x) -> np.ndarray:
+    """Validate (..., 3) axis-angle whose angle can be computed (not overflowing)."""
+    aa = finite_array(x, "axis_angle", (3,))
+    with np.errstate(over="ignore"):
+        if not np.all(np.isfinite(np.linalg.norm(aa, axis=-1))):
+            raise ValueError("axis_angle: a rotation angle too large to compute")
+    return aa
 
 
 def _canonical(q: np.ndarray) -> np.ndarray:
@@ -166,7 +179,7 @@ def _rotation_angle(m: np.ndarray) -> np.ndarray:
 
 def axis_angle_to_matrix(axis_angle) -> np.ndarray:
     """(..., 3) axis-angle -> (..., 3, 3) rotation matrix (Rodrigues, stable near 0)."""
-    aa = finite_array(axis_angle, "axis_angle", (3,))
+    aa = _validated_axis_angle(axis_angle)
     theta = np.linalg.norm(aa, axis=-1)[..., None, None]
     small = theta < _SMALL_ANGLE
     safe = np.where(small, 1.0, theta)
@@ -196,7 +209,7 @@ def matrix_to_axis_angle(matrix) -> np.ndarray:
 
 def axis_angle_to_quaternion(axis_angle) -> np.ndarray:
     """(..., 3) axis-angle -> (..., 4) unit quaternion (w, x, y, z) with w >= 0."""
-    return _aa_to_quat(finite_array(axis_angle, "axis_angle", (3,)))
+    return _aa_to_quat(_validated_axis_angle(axis_angle))
 
 
 def quaternion_to_axis_angle(quaternion) -> np.ndarray:

@@ -297,6 +297,8 @@ BAD_INPUTS = [
     (rot.quaternion_to_matrix, np.zeros((2, 5)), "quaternion", "(..., 4)"),
     (rot.quaternion_to_matrix, [[1.0, 0, 0, 0], [0, 0, 0, 0]], "quaternion", "zero"),
     (rot.quaternion_to_matrix, [np.inf, 0, 0, 0], "quaternion", "inf"),
+    (rot.axis_angle_to_matrix, [1e200, 0, 0], "axis_angle", "too large to compute"),
+    (rot.axis_angle_to_quaternion, [1e160, 1e160, 0], "axis_angle", "too large to compute"),
     (rot.matrix_to_rotation_6d, np.zeros((2, 3)), "matrix", "(..., 3, 3)"),
     (rot.matrix_to_rotation_6d, NON_ROTATION, "matrix", "not a rotation"),
     (rot.matrix_to_rotation_6d, [REFLECTION], "matrix", "reflection"),
@@ -322,6 +324,14 @@ def test_bad_input_raises_value_error_naming_the_argument(fn, arg, name, words):
     message = str(info.value)
     assert message.startswith(name + ":"), message
     assert words in message, message
+
+
+def test_a_huge_quaternion_is_normalised_not_taken_for_the_identity():
+    # Its norm overflows to inf: divided by it, every entry became 0, the identity.
+    for q in ([1e200, 1e200, 0, 0], [0, 0, 0, 1e308]):
+        expected = rot.quaternion_to_matrix(np.array(q) / np.abs(q).max())
+        np.testing.assert_allclose(rot.quaternion_to_matrix(q), expected, atol=1e-15)
+        assert np.isfinite(rot.quaternion_to_axis_angle(q)).all()
 
 
 def test_shape_message_format():

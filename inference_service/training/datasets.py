@@ -63,7 +63,11 @@ from inference_service.prompts import (
     pose_exchange,
 )
 from shared_protocol.pose import camera_to_upright, smpl_poses
-from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from shared_protocol.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_quaternion,
+)
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
 POSE_KINDS = ("text_to_pose", "image_to_pose")
@@ -601,21 +605,16 @@ def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
     """(N, 24, 3) poses in AMASS's Z-up world -> this project's frame, facing +Z.
 
     As the PoseScript loader of the release: the global orientation is rotated by -90 degrees
-    about X (Z-up -> Y-up), then about the vertical axis so that the body's forward axis
-    (G_0 · z) has no x component and points to +Z (zero yaw). Joints 1..23 are unchanged.
-    A body lying face up or down has its forward axis near the vertical, whose heading is
-    noise (a degree of roll turned it half round): there the heading comes from its left-right
-    axis (G_0 · x), which gives the same yaw for a body that is only turned or bowed.
+    about X (Z-up -> Y-up), then about the vertical axis by minus its turn about that axis
+    (the twist of its swing-twist decomposition about +Y), so that a body turned and bowed
+    faces +Z (zero yaw). Joints 1..23 are unchanged. Unlike the heading of the forward axis,
+    which a body lying face up points nearly straight up (a degree of roll turned its heading
+    half round), the twist changes smoothly with the pose for every body not upside down.
     """
     poses = np.array(axis_angle, dtype=np.float64)
     rotation = _Z_UP_TO_Y_UP @ axis_angle_to_matrix(poses[:, 0])
-    forward, side = rotation[:, :, 2], rotation[:, :, 0]
-    lying = np.hypot(forward[:, 0], forward[:, 2]) < 0.5  # tilted more than 60 degrees
-    yaw = np.where(
-        lying,
-        np.arctan2(-side[:, 2], side[:, 0]),
-        np.arctan2(forward[:, 0], forward[:, 2]),
-    )
+    w, _, y, _ = np.moveaxis(matrix_to_quaternion(rotation), -1, 0)
+    yaw = 2.0 * np.arctan2(y, w)
     axis = np.zeros((len(poses), 3))
     axis[:, 1] = -yaw
     poses[:, 0] = matrix_to_axis_angle(axis_angle_to_matrix(axis) @ rotation)

@@ -204,7 +204,8 @@ def test_posescript_release_index_errors_name_the_pose_id(tmp_path, entry, messa
 def test_posescript_amass_width_and_z_up(tmp_path, width):
     wide = np.full((2, width), 0.1)  # fingers, or jaw and eyes: not SMPL's hands
     wide[:, :66] = POSES[:2, :22].reshape(2, 66)
-    wide[1, :3] = [np.pi / 2 + 0.2, 0.1, 0.3]  # standing (AMASS's Z-up), a little bowed
+    turned_and_bowed = axis_angle_to_matrix([0, 0, 0.3]) @ axis_angle_to_matrix([1.77, 0, 0])
+    wide[1, :3] = matrix_to_axis_angle(turned_and_bowed)  # standing in AMASS's Z-up world
     poses = write_npz(tmp_path / "amass.npz", wide)
     captions = write_json(tmp_path / "c.json", {"1": "standing"})
     (plain,) = read_posescript(captions, poses, z_up=False)
@@ -271,6 +272,18 @@ def test_z_up_conversion_keeps_a_body_lying_on_its_back_the_way_it_lies():
         lying[row, 0] = [0.0, np.radians(roll), 0.0]
     heads = axis_angle_to_matrix(z_up_to_y_up_zero_yaw(lying)[:, 0])[:, :, 1]
     assert heads[0] @ heads[1] > 0.99 and heads[0] @ heads[2] > 0.99
+    # Bowed and rolled: a little more bow turns the head a little, whatever the tilt.
+    for roll in (0.3, 0.9):
+        bows = np.radians(np.arange(0.0, 150.0, 0.5))
+        tilted = np.zeros((len(bows), 24, 3))
+        for row, bow in enumerate(bows):
+            root = axis_angle_to_matrix([np.pi / 2 + bow, 0, 0]) @ axis_angle_to_matrix(
+                [0, 0, roll]
+            )
+            tilted[row, 0] = matrix_to_axis_angle(root)
+        heads = axis_angle_to_matrix(z_up_to_y_up_zero_yaw(tilted)[:, 0])[:, :, 1]
+        steps = np.degrees(np.arccos(np.clip(np.sum(heads[1:] * heads[:-1], axis=1), -1, 1)))
+        assert steps.max() < 2.0, (roll, steps.max())
     # A body turned and bowed, a little or deep (each way of taking the heading), faces +Z.
     bowed = np.zeros((2, 24, 3))
     for row, bow in enumerate((0.3, 1.2)):  # radians past upright (AMASS's upright: pi/2)

@@ -160,33 +160,62 @@ def _check_structure(data: bytes, field: str) -> None:
         _check_jpeg(data, field)
 
 
+_PIXEL_CHUNKS = (b"IDAT", b"fdAT")  # an image's pixels, an animation frame's
+# Encoders split the pixels into chunks of 8 KB or more; empty ones cost Pillow as much each.
+_PNG_PIXEL_CHUNK_BYTES = 4096
+
+
 def _check_png(data: bytes, field: str) -> None:
-    offset, parts = 8, 0
-    while offset + 8 <= len(data) and data[offset + 4 : offset + 8] != b"IDAT":
-        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
-        parts += 1
+    """Every chunk up to the end: Pillow reads the ones after the pixels too, one by one."""
+    offset, parts, chunks, profiles = 8, 0, 0, 0
+    most_chunks = MAX_HEADER_PARTS + len(data) // _PNG_PIXEL_CHUNK_BYTES
+    while offset + 8 <= len(data):
+        kind = data[offset + 4 : offset + 8]
+        if kind == b"IEND":
+            return
+        chunks += 1
+        if kind not in _PIXEL_CHUNKS:
+            parts += 1
         if parts > MAX_HEADER_PARTS:
-            raise BadImageError(
-                f"{field}: more than {MAX_HEADER_PARTS} PNG chunks before the pixels"
-            )
+            raise BadImageError(f"{field}: more than {MAX_HEADER_PARTS} PNG chunks")
+        if chunks > most_chunks:
+            raise BadImageError(f"{field}: its pixels come in more than {most_chunks} PNG chunks")
+        if kind == b"iCCP":  # each one is inflated, up to a megabyte; the format allows one
+            profiles += 1
+            if profiles > 1:
+                raise BadImageError(f"{field}: more than one colour profile (PNG iCCP chunk)")
+        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
 
 
 # A marker: 0xFF, any fill bytes (more 0xFF), then its code. In a scan's data a 0xFF is
 # followed by 0x00 (a stuffed byte) or a restart code (0xD0-0xD7), so those are no marker.
-_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+# The fill bytes are taken possessively, and a search starts only at the first 0xFF of a run:
+# else a long run of 0xFF before a 0x00 is read again from each of its bytes (quadratic:
+# 40 KB of them held the server's I/O thread for 14 s).
+_MARKER = re.compile(rb"\xff++([^\x00\xff\xd0-\xd7])")
+_NEXT_MARKER = re.compile(rb"(?<!\xff)\xff++([^\x00\xff\xd0-\xd7])")
 _END_OF_IMAGE, _START_OF_SCAN = 0xD9, 0xDA
 
 
 def _check_jpeg(data: bytes, field: str) -> None:
     """Walks the markers as a decoder does, up to the end of the image (a motion photo's video,
     or an MPO's second picture, after it is no part of it): every segment and fill byte is a
-    part, every scan's data is skipped in one search."""
+    part, every scan's data is skipped in one search, and so is anything between segments
+    where a marker belongs (decoders skip it, Pillow byte by byte), each byte a part."""
     offset, parts, scans = 2, 0, 0
-    while (marker := _MARKER.match(data, offset)) is not None:
+    while True:
+        marker = _MARKER.match(data, offset)
+        if marker is None:
+            marker = _NEXT_MARKER.search(data, offset)
+            if marker is None:
+                return
+            parts += marker.start() - offset
         code = marker.group(1)[0]
         parts += marker.end() - marker.start() - 1  # the fill bytes and the marker
         if parts > MAX_HEADER_PARTS:
-            raise BadImageError(f"{field}: more than {MAX_HEADER_PARTS} JPEG markers")
+            raise BadImageError(
+                f"{field}: more than {MAX_HEADER_PARTS} JPEG markers (or stray bytes between them)"
+            )
         if code == _END_OF_IMAGE:
             return
         offset = marker.end()
@@ -197,7 +226,7 @@ def _check_jpeg(data: bytes, field: str) -> None:
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 raise BadImageError(f"{field}: more than {MAX_JPEG_SCANS} JPEG scans")
-            following = _MARKER.search(data, offset)
+            following = _NEXT_MARKER.search(data, offset)
             if following is None:
                 return
             offset = following.start()

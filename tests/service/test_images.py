@@ -91,11 +91,17 @@ def _progressive_jpeg(
     return body[:2] + b"\xff" * fill + body[2:] + after
 
 
-def _png_with_chunks(count: int) -> bytes:
+def _png_with_chunks(count: int, kind: bytes = b"tEXt", where: str = "before") -> bytes:
+    """An 8 x 8 PNG with `count` empty chunks of `kind` before its pixels, or after them."""
     data = image_bytes((1, 2, 3), size=(8, 8))
-    idat = data.index(b"IDAT") - 4
-    chunk = b"\x00\x00\x00\x00tEXt" + zlib.crc32(b"tEXt").to_bytes(4, "big")
-    return data[:idat] + chunk * count + data[idat:]
+    at = data.index(b"IDAT") - 4 if where == "before" else data.index(b"IEND") - 4
+    chunk = b"\x00\x00\x00\x00" + kind + zlib.crc32(kind).to_bytes(4, "big")
+    return data[:at] + chunk * count + data[at:]
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body).to_bytes(4, "big")
+    return len(body).to_bytes(4, "big") + kind + body + crc
 
 
 def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_structure():
@@ -113,8 +119,30 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
         check_image(_progressive_jpeg(comments=1_000_000, where="after the frame"))
     with pytest.raises(BadImageError, match="more than 1000 JPEG markers"):
         check_image(_progressive_jpeg(fill=8_000_000))  # fill bytes, read one by one
-    with pytest.raises(BadImageError, match="more than 1000 PNG chunks before the pixels"):
+    with pytest.raises(BadImageError, match="more than 1000 PNG chunks"):
         check_image(_png_with_chunks(1_000_000))
+    # Found by a security review: what Pillow also reads one by one, or inflates each time.
+    with pytest.raises(BadImageError, match="more than 1000 PNG chunks"):  # after the pixels
+        check_image(_png_with_chunks(1_000_000, where="after"))
+    with pytest.raises(BadImageError, match=r"pixels come in more than \d+ PNG chunks"):
+        check_image(_png_with_chunks(1_000_000, kind=b"IDAT", where="after"))
+    profile = _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(1 << 20)))
+    png = image_bytes((1, 2, 3), size=(8, 8))
+    at = png.index(b"IDAT") - 4
+    assert decode_image(png[:at] + profile + png[at:]).size == (8, 8)  # one, as allowed
+    with pytest.raises(BadImageError, match=r"more than one colour profile \(PNG iCCP"):
+        check_image(png[:at] + profile * 900 + png[at:])
+    stray = _progressive_jpeg()
+    stray = stray[:20] + bytes(8_000_000) + stray[20:]  # between segments, skipped byte by byte
+    with pytest.raises(BadImageError, match="more than 1000 JPEG markers .or stray bytes"):
+        check_image(stray)
+    # A long run of 0xFF before a 0x00 in a scan is read once: each search from each of its
+    # bytes made this quadratic, and 100 KB of them held the server's I/O thread for a minute.
+    jpeg = _progressive_jpeg()
+    scan = (
+        jpeg.index(b"\xff\xda") + 2 + int.from_bytes(jpeg[jpeg.index(b"\xff\xda") + 2 :][:2], "big")
+    )
+    check_image(jpeg[:scan] + b"\xff" * 100_000 + b"\x00" + jpeg[scan:])
 
 
 def test_a_phone_s_portrait_reaches_the_model_standing(monkeypatch):

@@ -578,13 +578,26 @@ def _check_box(
         raise DatasetError(f"{where}: {what}: the box lies outside the picture")
 
 
+MAX_IMAGE_FILE_BYTES = 64 << 20  # a training image file; the service takes 16 MiB
+
+
 def _read_image(folder: Path, name: str, where: str) -> tuple[ImageFile, tuple[int, int]]:
     """The image file, checked to decode, and its upright size."""
     path = folder / name
     try:
-        data = path.read_bytes()
+        if path.exists() and not path.is_file():  # a device or a pipe would be read forever
+            raise DatasetError(f"{where}: {path} is not a regular file")
+        with open(path, "rb") as file:
+            data = file.read(MAX_IMAGE_FILE_BYTES + 1)
+        if len(data) > MAX_IMAGE_FILE_BYTES:
+            raise DatasetError(
+                f"{where}: {path} is larger than {MAX_IMAGE_FILE_BYTES >> 20} MiB; no picture "
+                "the model reads needs that much"
+            )
     except FileNotFoundError:
         raise DatasetError(f"{where}: image file {path} not found") from None
+    except DatasetError:
+        raise
     except ValueError:  # a NUL in the name
         raise DatasetError(f"{where}: {name!r} is not a file name") from None
     except OSError as exc:

@@ -711,6 +711,8 @@ def _conv(*turns, **fields):
             _conv("<image>\nhi", "yo", id="a", image="missing.png"),
             "image file .*missing.png not found",
         ),
+        (_conv("<image>\nhi", "yo", id="a", image="/dev/zero"), "/dev/zero is not a regular file"),
+        (_conv("<image>\nhi", "yo", id="a", image="."), "is not a regular file"),
         (_conv("hi", "yo", id=True), r"record 0: 'id' must be a string or integer"),
         ("just text", "record 0: expected an object"),
     ],
@@ -749,6 +751,11 @@ def test_llava_s_mixture_as_downloaded_leaves_out_what_it_cannot_read_when_asked
     assert "note: left out: 2 conversation(s) of" in capsys.readouterr().err
     with pytest.raises(ValueError, match="missing= takes error or skip, not 'maybe'"):
         parse_data_spec(["llava", str(path), "missing=maybe"])
+    with open(tmp_path / "huge.jpg", "wb") as file:  # a video named .jpg: refused, not read
+        file.truncate((64 << 20) + 1)
+    huge = write_json(tmp_path / "huge.json", [_conv("<image>\nhi", "yo", image="huge.jpg")])
+    with pytest.raises(DatasetError, match=r"huge\.jpg is larger than 64 MiB"):
+        read_llava_conversations(huge)
 
 
 def test_a_repeated_key_inside_a_record_names_the_record(tmp_path):

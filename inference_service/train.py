@@ -11,7 +11,8 @@ Data formats (`--data`, repeatable):
     posescript CAPTIONS.json amass=AMASS_DIR index=INDEX.json [ids=SPLIT.json]
         [missing=error|skip] [phrasing=...]   (PoseScript's release, its poses read from AMASS)
     pairs POSES.npz [images=DIR] [frame=upright|camera] [crop=auto|hmr|pixels|none] [phrasing=...]
-    llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR]
+    llava CONVERSATIONS.json [poses=POSES.npz] [images=DIR] [missing=error|skip]
+        [z_up=true|false]
     corpus CORPUS.npz [split=train|val|test|all] [phrasing=mixed|release|chat]
 
 Exit status: 0 done, 2 bad arguments, data or checkpoint, 3 stopped on a NaN/inf loss (the
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         " [z_up=true|false] [ids=SPLIT.json] | posescript CAPTIONS.json amass=AMASS_DIR"
         " index=INDEX.json [ids=SPLIT.json] [missing=error|skip] | pairs POSES.npz [images=DIR]"
         " [frame=upright|camera] [crop=auto|hmr|pixels|none]"
-        " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR]"
+        " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR] [missing=error|skip]"
+        " [z_up=true|false]"
         " | corpus CORPUS.npz [split=train]; repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")

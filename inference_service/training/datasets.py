@@ -20,7 +20,8 @@ and the record, for anything malformed or inconsistent):
 
 - `read_posescript(captions.json, poses.npz)`: PoseScript-style captions joined to poses;
 - `read_image_pose_pairs(poses.npz, images=DIR)`: images with one pose each;
-- `read_llava_conversations(conversations.json, poses=poses.npz, images=DIR)`: LLaVA's format;
+- `read_llava_conversations(conversations.json, poses=poses.npz, images=DIR, skip_missing=,
+  z_up=)`: LLaVA's format;
 - `read_corpus(corpus.npz, split="train")`: the project's synthetic corpus
   (`inference_service/training/corpus.py`, `save_corpus`);
 - `examples_from_caption_pose_pairs(pairs)`: (caption, pose) pairs from Python.
@@ -1086,6 +1087,11 @@ def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[s
     # As LLaVA's loader, a gpt turn before the first human one is left out.
     first = conversations[0]
     start = int(isinstance(first, dict) and first.get("from") == "gpt" and len(conversations) > 1)
+    if start and POSE_MARKER in str(first.get("value")):  # its pose would go unmatched
+        raise DatasetError(
+            f"{where}: turn 0: {POSE_MARKER} in a gpt turn before any human one, which is "
+            "left out as LLaVA leaves it out"
+        )
     texts = []
     for turn_number, turn in enumerate(conversations[start:], start):
         expected = "human" if (turn_number - start) % 2 == 0 else "gpt"

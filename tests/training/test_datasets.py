@@ -714,6 +714,16 @@ def _conv(*turns, **fields):
         (_conv("<image>\nhi", "yo", id="a", image="/dev/zero"), "/dev/zero is not a regular file"),
         (_conv("<image>\nhi", "yo", id="a", image="."), "is not a regular file"),
         (_conv("hi", "yo", id=True), r"record 0: 'id' must be a string or integer"),
+        (
+            {
+                "id": "a",
+                "conversations": [
+                    {"from": "gpt", "value": "<POSE>"},
+                    *_conv("hi", "yo")["conversations"],
+                ],
+            },
+            r"turn 0: <POSE> in a gpt turn before any human one",
+        ),
         ("just text", "record 0: expected an object"),
     ],
 )

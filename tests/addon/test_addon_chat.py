@@ -1111,7 +1111,7 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
     with open(tmp_path / "take.mov", "wb") as file:  # picked by mistake: refused unread
         file.truncate(MAX_FILE_BYTES + 1)
     settings.batch_file = str(tmp_path / "take.mov")
-    with pytest.raises(runtime.UserError, match=r"take\.mov is larger than 16 MiB"):
+    with pytest.raises(runtime.UserError, match=r"take\.mov is larger than 32 MiB"):
         runtime.read_batch_lines(bpy.context)
     (tmp_path / "blank.txt").write_text("\n  \n")
     settings.batch_file = str(tmp_path / "blank.txt")

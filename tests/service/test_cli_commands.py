@@ -718,7 +718,7 @@ def test_a_batch_file_that_is_not_there_is_named_so(capsys, tmp_path):
     with open(huge, "wb") as file:
         file.truncate(MAX_FILE_BYTES + 1)
     code, _, err = run(capsys, "batch", str(huge), "--out", str(tmp_path / "a.npz"))
-    assert code == cli.EXIT_BAD_INPUT and f"{huge} is larger than 16 MiB" in err
+    assert code == cli.EXIT_BAD_INPUT and f"{huge} is larger than 32 MiB" in err
 
 
 @pytest.mark.parametrize(

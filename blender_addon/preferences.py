@@ -108,9 +108,13 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         default="none",
     )
 
-    def service_device_argument(self) -> str:
-        """chatpose-serve's --device for these settings."""
-        return f"cuda:{self.service_gpu}" if self.service_device == "cuda" else self.service_device
+    def service_device_arguments(self) -> tuple[str, str]:
+        """chatpose-serve's device and quantization (``serve_command``) for these settings:
+        8 or 4 bits only where a GPU may run it (on the CPU the service would refuse them)."""
+        if self.service_device == "cpu":
+            return "cpu", "none"
+        device = f"cuda:{self.service_gpu}" if self.service_device == "cuda" else "auto"
+        return device, self.service_quantization
 
     def draw(self, context):
         layout = self.layout
@@ -132,7 +136,8 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         row.prop(self, "service_device")
         if self.service_device == "cuda":
             row.prop(self, "service_gpu")
-        box.prop(self, "service_quantization")
+        if self.service_device != "cpu":
+            box.prop(self, "service_quantization")
         draw_local_service(box)
 
 

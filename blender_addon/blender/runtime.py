@@ -850,8 +850,7 @@ def start_service(context: bpy.types.Context) -> None:
             bpy.path.abspath(prefs.service_python),
             bpy.path.abspath(prefs.service_checkpoint),
             address,
-            prefs.service_device_argument(),
-            prefs.service_quantization,
+            *prefs.service_device_arguments(),
         )
         state = service_process().start(
             argv, env=child_environment(dict(os.environ)), log_name=log_name_for(address)

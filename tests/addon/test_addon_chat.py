@@ -998,6 +998,11 @@ def test_start_and_stop_the_local_service_from_blender(
         assert commands[-1] == (sys.executable, str(tmp_path), address, "cuda:1", "8bit")
         assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
         drive(lambda: runtime.local_service_state().state == "stopped")
+        prefs.service_device = "cpu"  # where the service would refuse 8 bits: not passed
+        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        assert commands[-1][3:] == ("cpu", "none")
+        assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
+        drive(lambda: runtime.local_service_state().state == "stopped")
     finally:
         prefs.service_device, prefs.service_quantization = "auto", "none"
     monkeypatch.setattr(runtime, "serve_command", serve_command)  # the real one checks

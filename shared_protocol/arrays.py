@@ -30,3 +30,21 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or inf")
     return arr
+
+
+# An .npz member this large that was stored this much smaller is a zip bomb, not data: real
+# poses and pictures compress a few times at most (a motion of 1 MB that would take 1 GiB).
+_BOMB_BYTES = 256 << 20
+_BOMB_RATIO = 20
+
+
+def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
+    """ValueError naming a member of an open .npz that would expand far past its stored size,
+    before anything is loaded."""
+    for info in archive.zip.infolist():
+        stored = max(1, info.compress_size)
+        if info.file_size > _BOMB_BYTES and info.file_size > _BOMB_RATIO * stored:
+            raise ValueError(
+                f"{info.filename}: {info.file_size >> 20} MiB once loaded, from "
+                f"{stored >> 10} KiB stored; not data of this kind (a zip bomb?)"
+            )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import finite_array
+from .arrays import check_npz_expansion, finite_array
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
@@ -352,6 +352,7 @@ class Motion:
                 raise ValueError("not an .npz file (an .npz is a zip archive)")
             data = np.load(path, allow_pickle=False)
             with data:
+                check_npz_expansion(data)
                 motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
             if not z_up:
                 return motion

@@ -1,5 +1,6 @@
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -321,6 +322,19 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         Motion.load_npz(tmp_path / "missing.npz")
+
+    # A zip bomb: a few hundred KiB on disk that would take 270 MB of memory once loaded.
+    bomb = tmp_path / "bomb.npz"
+    frames = 470_000
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("poses.npy", "w", force_zip64=True) as member:
+            header = {"descr": "<f8", "fortran_order": False, "shape": (frames, 72)}
+            np.lib.format.write_array_header_1_0(member, header)
+            for _ in range(frames * 72 * 8 >> 20):
+                member.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match=r"bomb\.npz: poses\.npy: 258 MiB once loaded, from"):
+        Motion.load_npz(bomb)
 
     renamed = tmp_path / "array.npz"
     with open(renamed, "wb") as stream:

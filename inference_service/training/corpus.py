@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared_protocol.arrays import check_npz_expansion
 from shared_protocol.skeleton import NUM_JOINTS
 
 from .actions import ACTIONS, SPLITS, action_names, held_out_sentences
@@ -327,6 +328,7 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
     pickled = []
     try:
         with data:
+            check_npz_expansion(data)
             npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
             for key in data.files:
                 try:

@@ -1,6 +1,6 @@
 """Pose-estimation metrics: MPJPE, PA-MPJPE and MPJRE. numpy only.
 
-Definitions (``docs``: conventions.md, "Metrics"):
+Definitions (the project's conventions, "Metrics"; docs/evaluation.md):
 
 - MPJPE: mean over joints of the Euclidean distance between predicted and true joint positions,
   in millimetres, after subtracting the root joint (the pelvis) from each side by default.

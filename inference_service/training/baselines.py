@@ -9,7 +9,7 @@
 - `TfidfRetrieval(captions, poses)`: nearest-neighbour caption retrieval. A query is compared
   with every training caption by the cosine of their TF-IDF vectors (lower-cased words,
   smooth idf = ln((1 + N) / (1 + df)) + 1, L2-normalised, as scikit-learn's default) and gets the
-  pose of the most similar caption (ties: the first).
+  pose of the most similar caption (ties: the mean pose of the tied ones).
 - `CaptionOracle(poses)`: the ceiling of reading an automatic caption perfectly: for a pose, the
   mean pose of the sample poses whose caption facts (``captions.pose_facts``: what an
   automatic caption can say) are the same, or differ in the fewest facts.

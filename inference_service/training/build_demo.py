@@ -66,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inference_service.evaluate import jsonable
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "inference_service" / "demo_checkpoint"
 DEFAULT_WORK = ROOT / "build" / "demo"
@@ -921,8 +923,9 @@ def evaluate(work: Path, packed: Path, corpus: Path, pairs: Path) -> dict:
     from inference_service.evaluate import evaluate as run_evaluation
     from inference_service.evaluate import markdown_summary
 
-    report = run_evaluation(packed, corpus, split="test", pairs=pairs, log=log)
-    (work / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    # On the CPU wherever the build runs: a GPU's bfloat16 would give other figures.
+    report = run_evaluation(packed, corpus, split="test", pairs=pairs, device="cpu", log=log)
+    (work / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
     (work / "report.md").write_text(markdown_summary(report), encoding="utf-8")
     return report
 
@@ -954,9 +957,11 @@ def stage_report(
     if checkpoint is None:
         return summary
     for split, split_pairs in (("test", pairs), ("val", None)):
-        report = run_evaluation(checkpoint, corpus, split=split, pairs=split_pairs, log=log)
+        report = run_evaluation(
+            checkpoint, corpus, split=split, pairs=split_pairs, device="cpu", log=log
+        )
         path = work / f"report_{stage}_{split}.json"
-        path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        path.write_text(json.dumps(jsonable(report), indent=2) + "\n")
         path.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
         summary["reports"][split] = str(path)
         log_bars(report, f"{split}: ")
@@ -966,16 +971,6 @@ def stage_report(
 def log_bars(report: dict, prefix: str = "") -> None:
     for item in report["bars"]:
         log(f"{prefix}{'pass' if item['pass'] else 'FAIL'}  {item['bar']}: {item['value']:.3f}")
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def examples(work: Path, packed: Path, pairs: Path, images_dir: Path) -> list[dict]:
@@ -1285,7 +1280,7 @@ def build(
     if tower is not None:
         info["tower"] = tower
     info["size_mb"] = 0.0
-    (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
+    (packed / "build_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
     if docs is not None:
         from inference_service.evaluate import markdown_summary
 
@@ -1297,7 +1292,7 @@ def build(
     info["seconds"] = dict(stages.seconds)
     info["seconds_total"] = round(time.perf_counter() - total_start, 1)
     info["size_mb"] = directory_size(packed) / 1e6
-    (packed / "build_info.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
+    (packed / "build_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
     log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
     log_bars(report)
     return info

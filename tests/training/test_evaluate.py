@@ -184,9 +184,11 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
          "--pairs", str(pairs), "--split", "test", "--out", str(out), "--limit", "12"]
     )  # fmt: skip
     assert code == 0
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(), parse_constant=_no_nan)  # strict JSON: null, not NaN
     for section in ("text_to_pose", "paraphrases", "left_right", "images", "bars"):
         assert section in report
+    assert report["warnings"] == []
+    assert 0.0 <= report["paraphrases"]["top1_per_phrasing"] <= 1.0
     text = report["text_to_pose"]["by_caption"]["all"]
     assert set(text) == {"count", "model", "mean_pose", "tfidf", "action_oracle"}
     assert set(text["model"]) == set(ev.METRIC_NAMES)
@@ -206,6 +208,36 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
                     "Quality bars", "95 % interval"):  # fmt: skip
         assert heading in markdown
     assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
+
+
+def _no_nan(constant: str):
+    raise ValueError(f"{constant} is no JSON")
+
+
+def test_figures_that_mean_less_than_their_headings_come_with_a_warning(tiny, tmp_path, capsys):
+    root, checkpoint, pairs = tiny
+    trained_on = tmp_path / "pairs"
+    trained_on.mkdir()
+    (trained_on / "images").symlink_to(pairs / "images")
+    with np.load(pairs / "pairs.npz") as data:
+        np.savez(trained_on / "pairs.npz", **data, split=np.array(["train", "test"] * 2))
+    out = tmp_path / "report.json"
+    code = ev.main(
+        ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+         "--pairs", str(trained_on), "--split", "train", "--out", str(out), "--limit", "4"]
+    )  # fmt: skip
+    assert code == 0
+    warnings = json.loads(out.read_text())["warnings"]
+    assert "TF-IDF finds each caption itself" in warnings[0]
+    assert "warning: the train split holds" in capsys.readouterr().err
+    code = ev.main(
+        ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+         "--pairs", str(trained_on), "--split", "test", "--out", str(out), "--limit", "4"]
+    )  # fmt: skip
+    assert json.loads(out.read_text())["warnings"] == [
+        "the image pairs hold poses of the train split, not only of the test one"
+    ]
+    assert "**Warning:** the image pairs hold poses" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -301,3 +333,17 @@ def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys)
         ev.main([*argv, *extra])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_large_checkpoint_can_be_scored_as_the_service_serves_it(tiny, monkeypatch, tmp_path):
+    # The service's device and 8 or 4 bits (a converted 13B release on a 24 GB card).
+    root, checkpoint, _ = tiny
+    loaded = []
+    monkeypatch.setattr(
+        ev, "ModelPredictor", lambda *args, **options: loaded.append((args, options)) or 1 / 0
+    )
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz")]
+    with pytest.raises(ZeroDivisionError):
+        ev.main([*argv, "--load-in-8bit", "--out", str(tmp_path / "r.json")])
+    (_, device, _), options = loaded[0]
+    assert device == "auto" and options == {"load_in_4bit": False, "load_in_8bit": True}

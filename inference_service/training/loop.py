@@ -472,6 +472,13 @@ def load_training_model(
     check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
     pose_token_id = ensure_pose_token(processor.tokenizer, model, pose_token)
     torch.manual_seed(config.seed)
+    if config.train_base and dtype != torch.float32:
+        print(
+            f"note: --train-base trains the base's own weights in {str(dtype).split('.')[-1]}, "
+            "as loaded for this device, with no float32 copy: updates smaller than their "
+            "rounding are lost (the demo's stages run on the CPU, in float32)",
+            file=sys.stderr,
+        )
     if config.train_base:
         if adapter_dir is not None:
             model = apply_adapter(model, adapter_dir, merge=True)

@@ -756,13 +756,18 @@ def test_sampler_follows_the_mix_and_the_seed():
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
-def test_training_does_not_run_in_float16(base, monkeypatch, bf16, expected):
+def test_training_does_not_run_in_float16(base, monkeypatch, capsys, bf16, expected):
     # A card before compute capability 8.0 serves in float16; training has no loss scaling.
     monkeypatch.setattr(loop, "select_device", lambda _: (torch.device("cpu"), torch.float16))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: bf16)
     tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     assert tm.dtype == expected
     assert tm.model.get_input_embeddings().weight.dtype == expected
+    # The base's own weights, trained in bfloat16, have no float32 copy: said, not silent.
+    trains_base = settings(base, "unused", train_base="embeddings")
+    loop.load_training_model(Checkpoint.open(base), trains_base, None, None)
+    said = "note: --train-base trains the base's own weights in bfloat16" in capsys.readouterr().err
+    assert said == (expected == torch.bfloat16)
 
 
 def test_training_loads_the_base_straight_onto_its_device_after_a_memory_check(base, monkeypatch):

@@ -46,6 +46,7 @@ from shared_protocol.protocol import (
     encode_reply,
     encode_request,
     error_reply_for,
+    readable_text,
 )
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -144,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pose = commands.add_parser("pose", parents=[connection], help="pose from text and/or image")
-    pose.add_argument("text", help="what the person should do (may be empty with --image)")
+    pose.add_argument(
+        "text",
+        nargs="?",
+        default="",
+        help="what the person should do (may be left out with --image)",
+    )
     pose.add_argument("--image", type=Path, metavar="FILE", help="a PNG or JPEG reference")
     pose.add_argument("--chat", action="store_true", help="a free reply instead of a pose only")
     pose.add_argument(
@@ -231,7 +237,11 @@ def _device(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a first try: the help, not an error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     command: Callable[[argparse.Namespace], int] = {
         "status": _status,
         "pose": _pose,
@@ -269,9 +279,10 @@ def missing_service_package(exc: ModuleNotFoundError) -> str:
     module = (exc.name or "").partition(".")[0]
     package = _PACKAGE_OF_MODULE.get(module, module)
     return (
-        f"this runs the model here, which needs the '{package}' package: in the project's "
-        "folder, pip install '.[service]' (a client-only install has status, pose and batch "
-        "against a running service)"
+        f"this runs the model here, which needs the '{package}' package and the service's "
+        "others (torch, transformers, pillow): in the project's folder, pip install "
+        "'.[service]' (a client-only install has status, pose and batch against a running "
+        "service)"
     )
 
 
@@ -646,11 +657,11 @@ def _checked(reply):
 
 
 def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
+    checkpoint = _checkpoint(args)  # before torch loads: seconds, for a mistyped path
     from .backend import ModelBackend  # torch: only when asked to run the model here
     from .errors import ChatPoseError, CheckpointError
     from .scheduler import WorkItem
 
-    checkpoint = _checkpoint(args)
     item = WorkItem(args.text, images, mode=mode)
     if not sys.stderr.isatty():  # transformers' "Loading weights" bar: on a terminal only
         from transformers.utils import logging as transformers_logging
@@ -758,7 +769,7 @@ def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:
 
 
 def _print_pose_reply(reply: PoseReply) -> None:
-    print(reply.text)
+    print(readable_text(reply.text))
     for number, pose in enumerate(reply.poses, start=1):
         print(f"\npose {number} of {len(reply.poses)} (axis-angle; degrees about the axis)")
         for name, rotation in zip(JOINT_NAMES, pose.axis_angle, strict=True):

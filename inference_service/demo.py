@@ -40,6 +40,7 @@ from shared_protocol.protocol import (
     ProtocolError,
     StatusReply,
     StatusRequest,
+    readable_text,
 )
 
 READY_TIMEOUT_S = 180.0  # loading the model; the demo model takes seconds
@@ -95,7 +96,7 @@ class Answer:
         if not self.poses:
             line += " [no pose in the reply]"
         if self.kind == "chat" and self.text:
-            reply = " ".join(self.text.split())
+            reply = " ".join(readable_text(self.text).split())
             line += f' reply: "{reply if len(reply) <= 60 else reply[:57] + "..."}"'
         return line
 
@@ -199,7 +200,7 @@ def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) 
             answers.append(Answer(kind, prompt, reply.text, reply.poses))
         else:
             answers.append(Answer(kind, prompt, error=_error_text(reply), code=reply.code))
-        _say(f"{kind:<5} {answers[-1].caption}")
+        _say(answers[-1].caption)
     batch = [
         Answer("batch", prompt, error=gone, code=ErrorCode.UNREACHABLE if gone else None)
         for prompt in script.batch_prompts
@@ -221,7 +222,7 @@ def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) 
                     answer.error = f"{exc.code.value}: {exc.message}"
                     answer.code = exc.code
     for k, answer in enumerate(batch, start=1):
-        _say(f"batch {k}/{len(batch)} {answer.caption}")
+        _say(f"{answer.caption} ({k} of {len(batch)})")
     return answers + batch
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# How a pose token is written in replies and in history, whatever string the model's own token
-# is (the official release's is "[SEG]").
-POSE_MARKER = "<POSE>"
+from shared_protocol.protocol import POSE_MARKER  # noqa: F401 - how replies write a pose token
 
 
 @dataclass(frozen=True)

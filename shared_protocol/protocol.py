@@ -32,8 +32,19 @@ MODES = ("pose", "chat")
 ROLES = ("user", "assistant")
 REQUEST_OPS = ("status", "pose", "batch", "cancel")
 REPLY_OPS = ("status", "pose", "batch_item", "batch_done", "cancel")
+# Where a reply's (and a history turn's) text held the model's pose token, whatever string the
+# model's own token is (the official release's is "[SEG]"): pose k of a reply was answered at
+# its k-th marker.
+POSE_MARKER = "<POSE>"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def readable_text(text: str) -> str:
+    """A reply's text for people: each POSE_MARKER as "[pose k]", the pose answered there."""
+    parts = text.split(POSE_MARKER)
+    return "".join(f"{part}[pose {k}]" for k, part in enumerate(parts[:-1], 1)) + parts[-1]
+
 
 _MAX_SAFE_INT = 2**53 - 1  # the largest integer every JSON reader holds exactly
 _MAX_PROBLEM_CHARS = 300  # how much of another module's error message a ProtocolError quotes

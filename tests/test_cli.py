@@ -13,9 +13,11 @@ SCRIPTS = Path(sys.executable).parent
 
 def test_usage_errors_exit_with_argparse_code(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["pose"])
+        cli.main(["batch", "shots.txt"])
     assert info.value.code == cli.EXIT_USAGE
-    assert "the following arguments are required: text" in capsys.readouterr().err
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    assert cli.main([]) == cli.EXIT_USAGE  # a first try gets the help, commands and exit codes
+    assert "exit codes:" in capsys.readouterr().err
 
 
 def test_console_scripts_are_installed():

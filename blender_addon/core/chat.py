@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared_protocol.protocol import DEFAULT_LIMITS, Turn
+from shared_protocol.protocol import DEFAULT_LIMITS, Turn, readable_text
 
 USER = "user"
 ASSISTANT = "assistant"
@@ -127,6 +127,6 @@ def display_lines(messages: Sequence[Message], width: int, max_lines: int) -> li
         if message.poses:
             extras.append(f"{message.poses} pose{'s' if message.poses != 1 else ''}")
         suffix = f" [{', '.join(extras)}]" if extras else ""
-        text = f"{head}: {message.text or '(no text)'}{suffix}"
+        text = f"{head}: {readable_text(message.text) or '(no text)'}{suffix}"
         out[:0] = [(message.role, line) for line in wrap(text, width)]
     return out[-max_lines:]

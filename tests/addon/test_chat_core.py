@@ -109,6 +109,10 @@ def test_display_lines_wrap_and_keep_the_end():
     assert lines[-1][1].endswith("[2 poses]")
     assert chat.display_lines(messages, 30, 2) == lines[-2:]
     assert chat.display_lines(messages, 30, 0) == []
+    # The model's pose tokens, kept as markers for the history it is sent, read as poses.
+    answer = chat.Message(chat.ASSISTANT, "She waves <POSE>, he bows <POSE>.", poses=2)
+    (line,) = chat.display_lines([answer], width=80, max_lines=5)
+    assert line[1] == "ChatPose: She waves [pose 1], he bows [pose 2]. [2 poses]"
 
 
 def test_display_lines_wrap_only_the_messages_they_show(monkeypatch):

@@ -89,7 +89,7 @@ def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):
 def test_pose_prints_the_reply_and_every_joint(address, capsys):
     code, out, _ = run(capsys, "pose", "raise the left arm", "--address", address)
     assert code == cli.EXIT_OK
-    assert "Sure, it is <POSE>. (raise the left arm)" in out
+    assert "Sure, it is [pose 1]. (raise the left arm)" in out  # the marker, for people
     assert "pose 1 of 1" in out and "left_shoulder" in out and "right_hand" in out
 
 
@@ -111,6 +111,10 @@ def test_pose_with_an_image(address, capsys, tmp_path):
     image.write_bytes(PNG)
     code, out, _ = run(capsys, "pose", "", "--image", str(image), "--address", address)
     assert code == cli.EXIT_OK and "pose 1 of 1" in out
+    code, out, _ = run(capsys, "pose", "--image", str(image), "--address", address)  # no text
+    assert code == cli.EXIT_OK and "pose 1 of 1" in out
+    code, _, err = run(capsys, "pose", "--address", address)  # neither: nothing to pose
+    assert code == cli.EXIT_BAD_INPUT and "prompt" in err
 
 
 @pytest.mark.parametrize(

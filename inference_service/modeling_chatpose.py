@@ -590,7 +590,10 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
     if torch_device.type != "cuda":
         raise UnsupportedInputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     if not torch.cuda.is_available():
-        raise UnsupportedInputError(f"device {device!r} requested but CUDA is not available")
+        raise UnsupportedInputError(
+            f"device {device!r} requested but CUDA is not available (no GPU, or a CPU build of "
+            "torch); use --device cpu or auto, or a CUDA build of torch (README, Setup in detail)"
+        )
     count = torch.cuda.device_count()
     if torch_device.index is not None and torch_device.index >= count:
         raise UnsupportedInputError(

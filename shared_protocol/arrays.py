@@ -32,19 +32,39 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-# An .npz member this large that was stored this much smaller is a zip bomb, not data: real
-# poses and pictures compress a few times at most (a motion of 1 MB that would take 1 GiB).
+# An .npz array of numbers this large that was stored this much smaller is a zip bomb, not
+# data: poses compress a few times at most (a motion of 1 MB that would take 1 GiB). Text
+# arrays are left alone: numpy pads every string to the longest, and the padding compresses
+# away (one long prompt among 30,000 batch labels).
 _BOMB_BYTES = 256 << 20
 _BOMB_RATIO = 20
 
 
 def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
-    """ValueError naming a member of an open .npz that would expand far past its stored size,
-    before anything is loaded."""
+    """ValueError naming an array of numbers in an open .npz that would expand far past its
+    stored size, before anything is loaded."""
     for info in archive.zip.infolist():
         stored = max(1, info.compress_size)
-        if info.file_size > _BOMB_BYTES and info.file_size > _BOMB_RATIO * stored:
-            raise ValueError(
-                f"{info.filename}: {info.file_size >> 20} MiB once loaded, from "
-                f"{stored >> 10} KiB stored; not data of this kind (a zip bomb?)"
-            )
+        if info.file_size <= _BOMB_BYTES or info.file_size <= _BOMB_RATIO * stored:
+            continue
+        if _member_dtype_kind(archive, info) in ("U", "S", None):
+            continue
+        raise ValueError(
+            f"{info.filename}: {info.file_size >> 20} MiB once loaded, from "
+            f"{stored >> 10} KiB stored; not data of this kind (a zip bomb?)"
+        )
+
+
+def _member_dtype_kind(archive: np.lib.npyio.NpzFile, info) -> str | None:
+    """The dtype kind in a member's .npy header; None when it has none numpy 1.0/2.0 writes
+    (np.load then says what is wrong)."""
+    try:
+        with archive.zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }[version]
+            return read(member)[2].kind
+    except (KeyError, ValueError, OSError):
+        return None

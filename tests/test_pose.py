@@ -335,6 +335,14 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
     assert bomb.stat().st_size < 1 << 20
     with pytest.raises(ValueError, match=r"bomb\.npz: poses\.npy: 258 MiB once loaded, from"):
         Motion.load_npz(bomb)
+    # Text is padded to its longest string, which compresses away: a batch's labels with one
+    # long prompt among many lines is no bomb.
+    labels = ["wave"] * 9000 + ["x" * 8000]
+    take = tmp_path / "take.npz"
+    np.savez_compressed(
+        take, poses=np.zeros((len(labels), 72)), mocap_framerate=30.0, labels=np.array(labels)
+    )
+    assert len(Motion.load_npz(take, z_up=False).labels) == len(labels)
 
     renamed = tmp_path / "array.npz"
     with open(renamed, "wb") as stream:

@@ -166,12 +166,13 @@ _PNG_PIXEL_CHUNK_BYTES = 4096
 
 
 def _check_png(data: bytes, field: str) -> None:
-    """Every chunk up to the end: Pillow reads the ones after the pixels too, one by one."""
+    """Every chunk up to the end, or to an animation's second frame: Pillow reads the ones
+    after the pixels too, one by one, but stops there."""
     offset, parts, chunks, profiles = 8, 0, 0, 0
     most_chunks = MAX_HEADER_PARTS + len(data) // _PNG_PIXEL_CHUNK_BYTES
     while offset + 8 <= len(data):
         kind = data[offset + 4 : offset + 8]
-        if kind == b"IEND":
+        if kind == b"IEND" or (kind == b"fcTL" and chunks > parts):  # frames after the first
             return
         chunks += 1
         if kind not in _PIXEL_CHUNKS:
@@ -207,9 +208,14 @@ def _check_jpeg(data: bytes, field: str) -> None:
         marker = _MARKER.match(data, offset)
         if marker is None:
             marker = _NEXT_MARKER.search(data, offset)
+            parts += (len(data) if marker is None else marker.start()) - offset
+            if parts > MAX_HEADER_PARTS:
+                raise BadImageError(
+                    f"{field}: more than {MAX_HEADER_PARTS} JPEG markers (or stray bytes between "
+                    "them)"
+                )
             if marker is None:
                 return
-            parts += marker.start() - offset
         code = marker.group(1)[0]
         parts += marker.end() - marker.start() - 1  # the fill bytes and the marker
         if parts > MAX_HEADER_PARTS:

@@ -683,10 +683,14 @@ def check_pose_token(tokenizer, pose_token_id: int, config, image_token: str) ->
             )
 
 
-def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
+SERVE_ON_GPU = "run it on a GPU (--device cuda, with --load-in-8bit or --load-in-4bit for less)"
+
+
+def check_host_memory(base_dir: Path, dtype: torch.dtype, advice: str = SERVE_ON_GPU) -> None:
     """A ModelError, before loading, when the weights in `dtype` need more memory than the
     machine has free: the operating system would otherwise kill the process midway, with no
-    word on why (a 13B model is 52 GB in float32, the CPU's dtype)."""
+    word on why (a 13B model is 52 GB in float32, the CPU's dtype). `advice`: what to do
+    instead, in the words of the command that loads it."""
     needed = weights_bytes(base_dir, dtype)
     free = free_host_memory()
     if needed is None or free is None or needed <= free:
@@ -694,8 +698,7 @@ def check_host_memory(base_dir: Path, dtype: torch.dtype) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     raise ModelError(
         f"{base_dir}: the model needs about {needed / 1e9:.1f} GB of memory in {dtype_name} "
-        f"on the CPU, and this machine has {free / 1e9:.1f} GB free; run it on a GPU "
-        "(--device cuda, with --load-in-8bit or --load-in-4bit for less)"
+        f"on the CPU, and this machine has {free / 1e9:.1f} GB free; {advice}"
     )
 
 

@@ -32,39 +32,43 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-# An .npz array of numbers this large that was stored this much smaller is a zip bomb, not
-# data: poses compress a few times at most (a motion of 1 MB that would take 1 GiB). Text
-# arrays are left alone: numpy pads every string to the longest, and the padding compresses
-# away (one long prompt among 30,000 batch labels).
+# Arrays of numbers this large, stored this much smaller, are a zip bomb, not data: poses
+# compress a few times at most (a motion of 1 MB that would take 1 GiB). Text arrays may
+# expand far more and be data: numpy pads every string to the longest, and the padding
+# compresses away (one long prompt among 30,000 batch labels: 960 MB); they are only capped.
 _BOMB_BYTES = 256 << 20
 _BOMB_RATIO = 20
+_TEXT_BYTES = 1 << 30
 
 
 def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
-    """ValueError naming an array of numbers in an open .npz that would expand far past its
-    stored size, before anything is loaded."""
+    """ValueError, before anything is loaded, for an open .npz whose arrays of numbers would
+    together expand far past their stored size, or whose text array would take over 1 GiB."""
+    expanded = stored = 0
     for info in archive.zip.infolist():
-        stored = max(1, info.compress_size)
-        if info.file_size <= _BOMB_BYTES or info.file_size <= _BOMB_RATIO * stored:
+        kind = _member_dtype_kind(archive, info)
+        if kind in ("U", "S"):
+            if info.file_size > _TEXT_BYTES:
+                raise ValueError(f"{info.filename}: {info.file_size >> 20} MiB of text once loaded")
             continue
-        if _member_dtype_kind(archive, info) in ("U", "S", None):
-            continue
+        expanded += info.file_size
+        stored += info.compress_size
+    if expanded > _BOMB_BYTES and expanded > _BOMB_RATIO * max(1, stored):
         raise ValueError(
-            f"{info.filename}: {info.file_size >> 20} MiB once loaded, from "
-            f"{stored >> 10} KiB stored; not data of this kind (a zip bomb?)"
+            f"{expanded >> 20} MiB of arrays once loaded, from {max(1, stored) >> 10} KiB "
+            "stored; not data of this kind (a zip bomb?)"
         )
 
 
 def _member_dtype_kind(archive: np.lib.npyio.NpzFile, info) -> str | None:
-    """The dtype kind in a member's .npy header; None when it has none numpy 1.0/2.0 writes
-    (np.load then says what is wrong)."""
+    """The dtype kind in a member's .npy header; None for a member that is no .npy array."""
     try:
         with archive.zip.open(info) as member:
             version = np.lib.format.read_magic(member)
-            read = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }[version]
-            return read(member)[2].kind
-    except (KeyError, ValueError, OSError):
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(member)
+            else:  # 2.0, and 3.0, which only allows UTF-8 in the same layout
+                header = np.lib.format.read_array_header_2_0(member)
+            return header[2].kind
+    except (ValueError, OSError, SyntaxError, KeyError):
         return None

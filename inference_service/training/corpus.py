@@ -331,6 +331,8 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
             check_npz_expansion(data)
             npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
             for key in data.files:
+                if key not in npy_names:  # a readme, say: left out, and not read
+                    continue
                 try:
                     members[key] = data[key]
                 except ValueError as exc:

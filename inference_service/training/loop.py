@@ -465,7 +465,7 @@ def load_training_model(
     if dtype == torch.float16:  # no loss scaling here: AdamW's eps and small gradients vanish
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":  # the system would kill the run midway, without a word
-        check_host_memory(checkpoint.base_dir, dtype)
+        check_host_memory(checkpoint.base_dir, dtype, "train it on a GPU (--device cuda)")
     # Straight onto the device: a 13B model first loaded into memory needs 27 GB there.
     processor, model = load_base(checkpoint.base_dir, dtype=dtype, device_map=str(device))
     pose_token = checkpoint.config.pose_token

@@ -124,6 +124,10 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
     # Found by a security review: what Pillow also reads one by one, or inflates each time.
     with pytest.raises(BadImageError, match="more than 1000 PNG chunks"):  # after the pixels
         check_image(_png_with_chunks(1_000_000, where="after"))
+    frames = [Image.new("RGB", (8, 8), (k % 256, 0, 0)) for k in range(1100)]
+    animation = io.BytesIO()  # an APNG: Pillow reads its first frame, to the second's fcTL
+    frames[0].save(animation, "PNG", save_all=True, append_images=frames[1:])
+    assert decode_image(animation.getvalue()).size == (8, 8)
     with pytest.raises(BadImageError, match=r"pixels come in more than \d+ PNG chunks"):
         check_image(_png_with_chunks(1_000_000, kind=b"IDAT", where="after"))
     profile = _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(1 << 20)))
@@ -136,6 +140,8 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
     stray = stray[:20] + bytes(8_000_000) + stray[20:]  # between segments, skipped byte by byte
     with pytest.raises(BadImageError, match="more than 1000 JPEG markers .or stray bytes"):
         check_image(stray)
+    with pytest.raises(BadImageError, match="more than 1000 JPEG markers .or stray bytes"):
+        check_image(stray[:20] + b"\xff\x00" * 4_000_000)  # and no marker after them
     # A long run of 0xFF before a 0x00 in a scan is read once: each search from each of its
     # bytes made this quadratic, and 100 KB of them held the server's I/O thread for a minute.
     jpeg = _progressive_jpeg()

@@ -18,6 +18,7 @@ Linux the kernel also sends it SIGTERM (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -357,7 +358,13 @@ class ServiceProcess:
             # Once: chatpose-serve takes a second signal for "exit now", and the kill must not
             # be put off by each press of Stop.
             self._stopped_here = True
-            process.terminate()
+            if sys.platform == "win32":
+                # No SIGTERM there (terminate() is TerminateProcess, a kill): closing its
+                # standard input asks chatpose-serve (--stop-with-stdin) to stop cleanly.
+                with contextlib.suppress(OSError, AttributeError):
+                    process.stdin.close()
+            else:
+                process.terminate()
             self._stop_deadline = self._clock() + self.grace_s
         if wait:
             try:
@@ -389,5 +396,6 @@ def stop_all(timeout_s: float = STOP_GRACE_S) -> None:
 
 def child_environment(environ: dict[str, str]) -> dict[str, str]:
     """The environment for the service's interpreter: Blender's, without the variables that
-    point a Python at Blender's own bundled installation (PYTHONHOME)."""
-    return {k: v for k, v in environ.items() if k != "PYTHONHOME"}
+    point a Python at Blender's own bundled installation (PYTHONHOME), and in UTF-8 mode: its
+    log is read as UTF-8, and on Windows its output would be in the system's code page."""
+    return {k: v for k, v in environ.items() if k != "PYTHONHOME"} | {"PYTHONUTF8": "1"}

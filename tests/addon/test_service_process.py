@@ -298,6 +298,19 @@ def test_the_child_dies_with_a_parent_that_is_killed(tmp_path):
     wait_for(lambda: gone(pid), 5)
 
 
+def test_stop_on_windows_asks_by_closing_standard_input_not_by_a_kill(tmp_path, monkeypatch):
+    # Windows has no SIGTERM: terminate() is TerminateProcess, which would cut a batch short.
+    manager = ServiceProcess(str(tmp_path))
+    asked = "import sys; sys.stdin.read(); print('stopping cleanly', flush=True)"
+    manager.start([sys.executable, "-c", asked])
+    killed = []
+    monkeypatch.setattr(manager._process, "terminate", lambda: killed.append("terminate"))
+    monkeypatch.setattr(service_process.sys, "platform", "win32")
+    state = manager.stop(wait=True, timeout_s=10)
+    assert killed == [] and state.state == STOPPED
+    assert "stopping cleanly" in Path(manager.log_path).read_text()
+
+
 def test_stop_all_stops_every_live_process(tmp_path, monkeypatch):
     import weakref
 
@@ -319,4 +332,6 @@ def test_log_lines_are_summarized_for_the_panel():
         "chatpose-serve: --checkpoint: x does not exist"
     )
     assert len(summarize_log_line("y" * 1000)) == 300
-    assert "PYTHONHOME" not in child_environment({"PYTHONHOME": "/blender/python", "A": "1"})
+    child = child_environment({"PYTHONHOME": "/blender/python", "A": "1"})
+    assert "PYTHONHOME" not in child and child["A"] == "1"
+    assert child["PYTHONUTF8"] == "1"  # its log is read as UTF-8 (Windows writes cp1252)

@@ -67,7 +67,11 @@ def _problem(address: str, bind: bool) -> str | None:
     if any(c.isspace() for c in address):
         return "it contains a space"
     if address.startswith("ipc://"):
-        return None if address[len("ipc://") :] else "nothing after ipc://"
+        if not address[len("ipc://") :]:
+            return "nothing after ipc://"
+        if not _ipc_supported():
+            return "this ZeroMQ has no ipc:// (pyzmq's Windows builds); use tcp://127.0.0.1:PORT"
+        return None
     if not address.startswith("tcp://"):
         return "unknown transport"
     host, port = _tcp_host_port(address)
@@ -82,6 +86,16 @@ def _problem(address: str, bind: bool) -> str | None:
     if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         return f"port {port!r} is not a number from 1 to 65535"
     return _host_problem(address[len("tcp://") :].rpartition(";")[2].rpartition(":")[0])
+
+
+def _ipc_supported() -> bool:
+    """Whether the installed ZeroMQ has ipc:// (a capability, not a socket; pyzmq's Windows
+    wheels leave it out)."""
+    try:
+        import zmq
+    except ImportError:  # string logic alone: nothing to ask
+        return True
+    return bool(zmq.has("ipc"))
 
 
 def _host_problem(written: str) -> str | None:

@@ -71,6 +71,13 @@ def test_a_bind_may_ask_for_any_interface_or_a_free_port():
     assert check_address("tcp://127.0.0.1:*", bind=True) == "tcp://127.0.0.1:*"
     with pytest.raises(AddressError, match="host '300.1.1.1' is not an IPv4 address"):
         check_address("tcp://300.1.1.1:*", bind=True)  # a free port, on a mistyped host
+
+
+def test_ipc_is_refused_where_zeromq_has_none(monkeypatch):
+    assert check_address("ipc:///tmp/chatpose") == "ipc:///tmp/chatpose"
+    monkeypatch.setattr(zmq, "has", lambda capability: capability != "ipc")  # pyzmq on Windows
+    with pytest.raises(AddressError, match=r"no ipc:// .*use tcp://127\.0\.0\.1:PORT"):
+        check_address("ipc:///tmp/chatpose", bind=True)
     with pytest.raises(AddressError, match="unknown transport"):
         check_address("garbage", bind=True)
     with pytest.raises(AddressError, match="no port"):

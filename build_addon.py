@@ -306,7 +306,11 @@ def fetch_pyzmq_wheel(
     with tempfile.TemporaryDirectory(prefix="chatpose-wheels-") as tmp:
         try:
             proc = subprocess.run(
-                [*command, "-d", tmp], capture_output=True, text=True, timeout=600
+                [*command, "-d", tmp],
+                capture_output=True,
+                encoding="utf-8",
+                errors="replace",
+                timeout=600,
             )
         except subprocess.TimeoutExpired:
             raise WheelFetchError(
@@ -682,7 +686,9 @@ def blender_validate(zip_path: Path) -> str:
         used = f"bpy's bundled {script.name} validate"
     else:
         return "not validated by Blender: no `blender` on PATH and no bpy module installed"
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command, capture_output=True, encoding="utf-8", errors="replace", timeout=300
+    )
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0 or "error" in output.lower():
         raise BuildError(f"{used} rejected {zip_path}:\n{output}")

@@ -11,8 +11,10 @@ Exit codes follow the protocol's error codes, so scripts can tell what went wron
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import re
@@ -236,7 +238,15 @@ def _device(text: str) -> str:
     return text
 
 
+def utf8_output(stream) -> None:
+    """Writes `stream` (stdout) in UTF-8: redirected on Windows it would take the system's code
+    page, where a reply's text or a degree sign may not exist, and `--json` is UTF-8."""
+    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+        stream.reconfigure(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
+    utf8_output(sys.stdout)
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):  # a first try: the help, not an error
         parser.print_help(sys.stderr)

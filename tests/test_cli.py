@@ -1,5 +1,6 @@
 """The console scripts install; usage errors exit with argparse's code."""
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,12 @@ def test_a_client_only_install_names_the_missing_package_not_a_traceback(argv, m
     assert "Traceback" not in ran.stderr
     assert "needs the '" in ran.stderr and "pip install '.[service]'" in ran.stderr
     assert "'PIL'" not in ran.stderr  # the package, not the module: pillow
+
+
+def test_redirected_output_is_utf8_whatever_the_system_code_page():
+    # Windows gives a redirected stdout its code page: no degree sign in some, no UTF-8 JSON.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    cli.utf8_output(stdout)
+    stdout.write("wrist 12.0° 😀")
+    stdout.flush()
+    assert stdout.buffer.getvalue().decode("utf-8") == "wrist 12.0° 😀"

@@ -69,7 +69,8 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
     service_python: bpy.props.StringProperty(
         name="Python",
         description="Python interpreter that has chatpose-blender[service] installed, e.g. "
-        "<repository>/.venv/bin/python (not Blender's own Python)",
+        "<repository>/.venv/bin/python, or <repository>\\.venv\\Scripts\\python.exe on "
+        "Windows (not Blender's own Python)",
         default="",
         subtype="FILE_PATH",
     )

@@ -112,7 +112,8 @@ class ProcessState:
             if "No module named" in self.last_line:  # the service's packages are elsewhere
                 text += (
                     "; the Python set in the add-on's preferences (Local Service) lacks "
-                    "chatpose-blender[service]: pick the project's .venv/bin/python"
+                    "chatpose-blender[service]: pick the project's .venv/bin/python "
+                    "(.venv\\Scripts\\python.exe on Windows)"
                 )
             elif "unrecognized arguments" in self.last_line:  # an older service than add-on
                 text += (

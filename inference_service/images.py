@@ -167,13 +167,24 @@ _PNG_PIXEL_CHUNK_BYTES = 4096
 
 def _check_png(data: bytes, field: str) -> None:
     """Every chunk up to the end, or to an animation's second frame: Pillow reads the ones
-    after the pixels too, one by one, but stops there."""
+    after the pixels too, one by one, but stops there when (by its rules) it is animated."""
     offset, parts, chunks, profiles = 8, 0, 0, 0
     most_chunks = MAX_HEADER_PARTS + len(data) // _PNG_PIXEL_CHUNK_BYTES
+    frames: int | None = None  # acTL's frame count; 0 for a second or an invalid acTL
+    frame_before_pixels = False
     while offset + 8 <= len(data):
         kind = data[offset + 4 : offset + 8]
-        if kind == b"IEND" or (kind == b"fcTL" and chunks > parts):  # frames after the first
+        pixels_seen = chunks > parts
+        if kind == b"IEND":
             return
+        if kind == b"fcTL" and pixels_seen:
+            if frames and (frames > 1 or not frame_before_pixels):  # Pillow's is_animated
+                return
+        elif kind == b"fcTL":
+            frame_before_pixels = True
+        elif kind == b"acTL" and not pixels_seen:
+            count = int.from_bytes(data[offset + 8 : offset + 12], "big")
+            frames = count if frames is None and 0 < count <= 0x80000000 else 0
         chunks += 1
         if kind not in _PIXEL_CHUNKS:
             parts += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -35,24 +37,34 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
 # Arrays of numbers this large, stored this much smaller, are a zip bomb, not data: poses
 # compress a few times at most (a motion of 1 MB that would take 1 GiB). Text arrays may
 # expand far more and be data: numpy pads every string to the longest, and the padding
-# compresses away (one long prompt among 30,000 batch labels: 960 MB); they are only capped.
+# compresses away (one long prompt among 30,000 batch labels: 960 MB); what they expand to
+# is only capped, in total.
 _BOMB_BYTES = 256 << 20
 _BOMB_RATIO = 20
-_TEXT_BYTES = 1 << 30
+_TEXT_BYTES = 2 << 30
 
 
 def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
-    """ValueError, before anything is loaded, for an open .npz whose arrays of numbers would
-    together expand far past their stored size, or whose text array would take over 1 GiB."""
-    expanded = stored = 0
+    """ValueError, before anything is loaded, for an open .npz that would take far more memory
+    than it stores: arrays of numbers expanding past `_BOMB_RATIO` times their stored size,
+    text arrays expanding past 2 GiB together, or an array whose header claims more data than
+    its member holds (numpy allocates what the header says before reading)."""
+    expanded = stored = text = 0
     for info in archive.zip.infolist():
-        kind = _member_dtype_kind(archive, info)
-        if kind in ("U", "S"):
-            if info.file_size > _TEXT_BYTES:
-                raise ValueError(f"{info.filename}: {info.file_size >> 20} MiB of text once loaded")
+        header = _member_header(archive, info)
+        if header is not None and header[1] > info.file_size:
+            raise ValueError(
+                f"{info.filename}: its header claims {header[1]:,} bytes of data, and it holds "
+                f"{info.file_size:,}"
+            )
+        if header is not None and header[0] in ("U", "S"):
+            if info.file_size > _BOMB_RATIO * max(1, info.compress_size):  # padding, stored small
+                text += info.file_size
             continue
         expanded += info.file_size
         stored += info.compress_size
+    if text > _TEXT_BYTES:
+        raise ValueError(f"{text >> 20} MiB of text once loaded, stored in far less")
     if expanded > _BOMB_BYTES and expanded > _BOMB_RATIO * max(1, stored):
         raise ValueError(
             f"{expanded >> 20} MiB of arrays once loaded, from {max(1, stored) >> 10} KiB "
@@ -60,15 +72,24 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
         )
 
 
-def _member_dtype_kind(archive: np.lib.npyio.NpzFile, info) -> str | None:
-    """The dtype kind in a member's .npy header; None for a member that is no .npy array."""
+def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | None:
+    """(dtype kind, bytes of data its shape and dtype make) from a member's .npy header; None
+    for a member that is no .npy array numpy reads, or that cannot be read (np.load says why)."""
     try:
         with archive.zip.open(info) as member:
             version = np.lib.format.read_magic(member)
             if version == (1, 0):
-                header = np.lib.format.read_array_header_1_0(member)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
             else:  # 2.0, and 3.0, which only allows UTF-8 in the same layout
-                header = np.lib.format.read_array_header_2_0(member)
-            return header[2].kind
-    except (ValueError, OSError, SyntaxError, KeyError):
-        return None
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    except (
+        ValueError,
+        OSError,
+        SyntaxError,
+        KeyError,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+    ):
+        return None  # also an encrypted member, or another compression method
+    return dtype.kind, math.prod(shape) * dtype.itemsize

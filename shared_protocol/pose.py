@@ -362,7 +362,16 @@ class Motion:
             raise
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
-        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: another compression method.
+        except (
+            OSError,
+            EOFError,
+            KeyError,
+            zipfile.BadZipFile,
+            zlib.error,
+            RuntimeError,
+            NotImplementedError,
+        ) as exc:
             raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
 
     @classmethod

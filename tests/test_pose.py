@@ -5,6 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from shared_protocol import arrays
 from shared_protocol.pose import POSE_LAYOUT, Z_UP_FROM_SMPL, Motion, Pose, amass_trans_offset
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
@@ -304,7 +305,7 @@ def test_motion_load_names_the_file_and_the_bad_entry(tmp_path, arrays, message)
     assert str(path) in str(info.value)
 
 
-def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
+def test_motion_load_refuses_pickled_objects_and_junk(tmp_path, monkeypatch):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, poses=np.array([{"evil": 1}], dtype=object), mocap_framerate=30.0)
     with pytest.raises(ValueError, match="pickled.npz"):
@@ -325,7 +326,7 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
 
     # A zip bomb: a few hundred KiB on disk that would take 270 MB of memory once loaded.
     bomb = tmp_path / "bomb.npz"
-    frames = 470_000
+    frames = 261 * 2**20 // (72 * 8)  # 261 MiB exactly
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         with archive.open("poses.npy", "w", force_zip64=True) as member:
             header = {"descr": "<f8", "fortran_order": False, "shape": (frames, 72)}
@@ -333,7 +334,7 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
             for _ in range(frames * 72 * 8 >> 20):
                 member.write(bytes(1 << 20))
     assert bomb.stat().st_size < 2 << 20
-    with pytest.raises(ValueError, match=r"bomb\.npz: 258 MiB of arrays once loaded, from"):
+    with pytest.raises(ValueError, match=r"bomb\.npz: 261 MiB of arrays once loaded, from"):
         Motion.load_npz(bomb)
     # Text is padded to its longest string, which compresses away: a batch's labels with one
     # long prompt among many lines is no bomb.
@@ -343,6 +344,10 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
         take, poses=np.zeros((len(labels), 72)), mocap_framerate=30.0, labels=np.array(labels)
     )
     assert len(Motion.load_npz(take, z_up=False).labels) == len(labels)
+    with monkeypatch.context() as patch:  # text is capped all the same, in total (2 GiB)
+        patch.setattr(arrays, "_TEXT_BYTES", 200 << 20)
+        with pytest.raises(ValueError, match=r"take\.npz: 274 MiB of text once loaded"):
+            Motion.load_npz(take, z_up=False)
     # Arrays under the size each, a bomb together (found by a review of the first check).
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name in ("poses", "trans", "betas"):
@@ -352,6 +357,13 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path):
                 for _ in range(100):
                     member.write(bytes(1 << 20))
     with pytest.raises(ValueError, match=r"bomb\.npz: 300 MiB of arrays once loaded, from"):
+        Motion.load_npz(bomb)
+    # A header that claims more than its member holds: numpy allocates the claim first.
+    with zipfile.ZipFile(bomb, "w") as archive:
+        with archive.open("poses.npy", "w") as member:
+            header = {"descr": "<f8", "fortran_order": False, "shape": (10**13, 72)}
+            np.lib.format.write_array_header_1_0(member, header)
+    with pytest.raises(ValueError, match=r"poses\.npy: its header claims 5,760,000,000,000,000"):
         Motion.load_npz(bomb)
 
     renamed = tmp_path / "array.npz"

@@ -348,8 +348,9 @@ class ServiceProcess:
         return ProcessState(EXITED, process.pid, code, self._last_words)
 
     def stop(self, *, wait: bool = False, timeout_s: float | None = None) -> ProcessState:
-        """Asks the process to stop (SIGTERM; TerminateProcess on Windows). With ``wait``, waits
-        up to ``timeout_s`` (the grace time by default), then kills it and reaps it."""
+        """Asks the process to stop (SIGTERM; on Windows, by closing its standard input). With
+        ``wait``, waits up to ``timeout_s`` (the grace time by default), then kills it and
+        reaps it."""
         process = self._process
         if process is None or process.poll() is not None:
             if process is not None:

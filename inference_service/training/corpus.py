@@ -313,7 +313,16 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
     that is an object array: left out, the caller would go on as if the file had none.
     FileNotFoundError goes to the caller as it is."""
     name = os.fspath(path)
-    unreadable = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+    unreadable = (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+        RuntimeError,  # an encrypted member
+        NotImplementedError,  # another compression method
+    )
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:

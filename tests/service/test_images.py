@@ -136,6 +136,12 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
     assert decode_image(png[:at] + profile + png[at:]).size == (8, 8)  # one, as allowed
     with pytest.raises(BadImageError, match=r"more than one colour profile \(PNG iCCP"):
         check_image(png[:at] + profile * 900 + png[at:])
+    # A still PNG with a stray fcTL after its pixels: Pillow reads on to the end, so must the
+    # check (found by a review: 2,000 colour profiles after it went unchecked).
+    end = png.index(b"IEND") - 4
+    stray = png[:end] + _chunk(b"fcTL", bytes(26)) + profile * 3 + png[end:]
+    with pytest.raises(BadImageError, match="more than one colour profile"):
+        check_image(stray)
     stray = _progressive_jpeg()
     stray = stray[:20] + bytes(8_000_000) + stray[20:]  # between segments, skipped byte by byte
     with pytest.raises(BadImageError, match="more than 1000 JPEG markers .or stray bytes"):

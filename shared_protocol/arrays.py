@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -47,10 +49,17 @@ _TEXT_BYTES = 2 << 30
 def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
     """ValueError, before anything is loaded, for an open .npz that would take far more memory
     than it stores: arrays of numbers expanding past `_BOMB_RATIO` times their stored size,
-    text arrays expanding past 2 GiB together, or an array whose header claims more data than
-    its member holds (numpy allocates what the header says before reading)."""
+    text arrays expanding past 2 GiB together, an array whose header claims more data than its
+    member holds (numpy allocates what the header says before reading), or a member whose
+    sizes in the zip directory are not what the file holds."""
+    archive_bytes = archive.zip.fp.seek(0, 2)
     expanded = stored = text = 0
     for info in archive.zip.infolist():
+        stored_here = info.compress_size
+        if info.header_offset + stored_here > archive_bytes or (
+            info.compress_type == zipfile.ZIP_STORED and info.file_size > stored_here
+        ):
+            raise ValueError(f"{info.filename}: its sizes in the zip directory are not the file's")
         header = _member_header(archive, info)
         if header is not None and header[1] > info.file_size:
             raise ValueError(
@@ -58,11 +67,11 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
                 f"{info.file_size:,}"
             )
         if header is not None and header[0] in ("U", "S"):
-            if info.file_size > _BOMB_RATIO * max(1, info.compress_size):  # padding, stored small
+            if info.file_size > _BOMB_RATIO * max(1, stored_here):  # padding, stored small
                 text += info.file_size
             continue
         expanded += info.file_size
-        stored += info.compress_size
+        stored += stored_here
     if text > _TEXT_BYTES:
         raise ValueError(f"{text >> 20} MiB of text once loaded, stored in far less")
     if expanded > _BOMB_BYTES and expanded > _BOMB_RATIO * max(1, stored):
@@ -73,23 +82,21 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
 
 
 def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | None:
-    """(dtype kind, bytes of data its shape and dtype make) from a member's .npy header; None
-    for a member that is no .npy array numpy reads, or that cannot be read (np.load says why)."""
+    """(dtype kind, bytes of memory its shape and dtype take: each element at least one) from
+    a member's .npy header, read as numpy reads it; None for a member that is no .npy array
+    (numpy reads it as bytes) or holds objects (numpy refuses a pickle before allocating).
+    ValueError for a header numpy could not read either."""
     try:
         with archive.zip.open(info) as member:
+            if member.read(6) != b"\x93NUMPY":
+                return None
+            member.seek(0)
             version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-            else:  # 2.0, and 3.0, which only allows UTF-8 in the same layout
-                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-    except (
-        ValueError,
-        OSError,
-        SyntaxError,
-        KeyError,
-        EOFError,
-        RuntimeError,
-        NotImplementedError,
-    ):
-        return None  # also an encrypted member, or another compression method
-    return dtype.kind, math.prod(shape) * dtype.itemsize
+            shape, _, dtype = np.lib.format._read_array_header(member, version)
+    except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error):
+        return None  # an encrypted member, another compression method: np.load says so
+    except (ValueError, SyntaxError) as exc:
+        raise ValueError(f"{info.filename}: not a readable .npy header ({exc})") from None
+    if dtype.hasobject:
+        return None
+    return dtype.kind, math.prod(shape) * max(1, dtype.itemsize)

@@ -1,6 +1,8 @@
 import json
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -365,6 +367,21 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path, monkeypatch):
             np.lib.format.write_array_header_1_0(member, header)
     with pytest.raises(ValueError, match=r"poses\.npy: its header claims 5,760,000,000,000,000"):
         Motion.load_npz(bomb)
+    # Zero-width strings claim no memory, but a million of them still cost a loop each.
+    with zipfile.ZipFile(bomb, "w") as archive:
+        with archive.open("labels.npy", "w") as member:
+            header = {"descr": "<U0", "fortran_order": False, "shape": (10**6,)}
+            np.lib.format.write_array_header_1_0(member, header)
+    with pytest.raises(ValueError, match=r"labels\.npy: its header claims 1,000,000 bytes"):
+        Motion.load_npz(bomb)
+    # A zip directory that gives a member sizes the file does not hold (zipfile reads by them).
+    with open(bomb, "wb") as stream:
+        stream.write(_stored_zip("poses.npy", b"\x93NUMPY", claimed=10**15))
+    with pytest.raises(ValueError, match=r"poses\.npy: its sizes in the zip directory are not"):
+        Motion.load_npz(bomb)
+    # An object array beside the motion is no bomb (numpy refuses a pickle before allocating).
+    np.savez(bomb, poses=np.zeros((2, 72)), mocap_framerate=30.0, ids=np.array([None] * 900))
+    assert len(Motion.load_npz(bomb, z_up=False)) == 2
 
     renamed = tmp_path / "array.npz"
     with open(renamed, "wb") as stream:
@@ -412,3 +429,31 @@ def test_motion_rejects_bad_values(kwargs, message):
 def test_motion_from_poses_rejects_non_poses():
     with pytest.raises(ValueError, match="poses: expected Pose values"):
         Motion.from_poses([np.zeros((24, 3))])
+
+
+def _stored_zip(name: str, payload: bytes, claimed: int) -> bytes:
+    """A zip of one stored member whose central directory claims `claimed` bytes (zip64)."""
+    crc, title = zlib.crc32(payload), name.encode()
+    local = struct.pack(
+        "<4sHHHHHIIIHH",
+        b"PK\x03\x04",
+        45,
+        0,
+        0,
+        0,
+        0,
+        crc,
+        len(payload),
+        len(payload),
+        len(title),
+        0,
+    )
+    extra = struct.pack("<HHQQ", 1, 16, claimed, claimed)
+    central = struct.pack(
+        "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+        len(title), len(extra), 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    entry = local + title + payload
+    directory = central + title + extra
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(entry), 0)
+    return entry + directory + end

@@ -36,6 +36,19 @@ def finite_array(x, name: str, trailing: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
+# What reading a damaged .npz member raises, besides ValueError: zipfile's own errors, zlib's,
+# RuntimeError for an encrypted member and NotImplementedError for a compression method
+# zipfile lacks.
+NPZ_READ_ERRORS = (
+    OSError,
+    EOFError,
+    KeyError,
+    zipfile.BadZipFile,
+    zlib.error,
+    RuntimeError,
+    NotImplementedError,
+)
+
 # Arrays of numbers this large, stored this much smaller, are a zip bomb, not data: poses
 # compress a few times at most (a motion of 1 MB that would take 1 GiB). Text arrays may
 # expand far more and be data: numpy pads every string to the longest, and the padding
@@ -93,8 +106,8 @@ def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | Non
             member.seek(0)
             version = np.lib.format.read_magic(member)
             shape, _, dtype = np.lib.format._read_array_header(member, version)
-    except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error):
-        return None  # an encrypted member, another compression method: np.load says so
+    except NPZ_READ_ERRORS:
+        return None  # np.load says what is wrong with it
     except (ValueError, SyntaxError) as exc:
         raise ValueError(f"{info.filename}: not a readable .npy header ({exc})") from None
     if dtype.hasobject:

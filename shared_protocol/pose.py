@@ -15,14 +15,12 @@ import errno
 import math
 import os
 import secrets
-import zipfile
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import check_npz_expansion, finite_array
+from .arrays import NPZ_READ_ERRORS, check_npz_expansion, finite_array
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
@@ -362,16 +360,7 @@ class Motion:
             raise
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
-        # RuntimeError: an encrypted member; NotImplementedError: another compression method.
-        except (
-            OSError,
-            EOFError,
-            KeyError,
-            zipfile.BadZipFile,
-            zlib.error,
-            RuntimeError,
-            NotImplementedError,
-        ) as exc:
+        except NPZ_READ_ERRORS as exc:
             raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
 
     @classmethod

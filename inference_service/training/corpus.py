@@ -49,15 +49,13 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from shared_protocol.arrays import check_npz_expansion
+from shared_protocol.arrays import NPZ_READ_ERRORS, check_npz_expansion
 from shared_protocol.skeleton import NUM_JOINTS
 
 from .actions import ACTIONS, SPLITS, action_names, held_out_sentences
@@ -313,16 +311,7 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
     that is an object array: left out, the caller would go on as if the file had none.
     FileNotFoundError goes to the caller as it is."""
     name = os.fspath(path)
-    unreadable = (
-        OSError,
-        EOFError,
-        ValueError,
-        KeyError,
-        zipfile.BadZipFile,
-        zlib.error,
-        RuntimeError,  # an encrypted member
-        NotImplementedError,  # another compression method
-    )
+    unreadable = (*NPZ_READ_ERRORS, ValueError)
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:

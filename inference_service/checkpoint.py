@@ -204,6 +204,7 @@ class Checkpoint:
                 f"{root}: not a ChatPose checkpoint (no {CONFIG_NAME}); an official release "
                 "converts with python -m inference_service.convert_official (docs/checkpoints.md)"
             )
+        refuse_lfs_pointers(root)  # the head and chatpose.json
         config = ChatPoseConfig.load(root / CONFIG_NAME)
         base_dir = root / Path(config.base_model).expanduser()  # absolute paths stay absolute
         if not (base_dir / "config.json").is_file():
@@ -221,4 +222,21 @@ class Checkpoint:
             for name in ADAPTER_FILES:
                 if not (adapter_dir / name).is_file():
                     raise CheckpointError(f"{adapter_dir}: adapter directory without {name}")
+            refuse_lfs_pointers(adapter_dir)
+            _check_adapter_config(adapter_dir / ADAPTER_FILES[0])
         return cls(root, config, base_dir, head_path, adapter_dir if adapter_dir.exists() else None)
+
+
+def _check_adapter_config(path: Path) -> None:
+    """CheckpointError for an adapter config that peft would fail on without naming it: not a
+    JSON object, or without `peft_type` (peft's KeyError reads "'peft_type'")."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if "peft_type" not in config:
+        raise CheckpointError(
+            f"{path}: no 'peft_type' (peft saves it, e.g. \"LORA\"; a config of another tool?)"
+        )

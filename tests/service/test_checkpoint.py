@@ -122,9 +122,33 @@ def test_open_reports_missing_parts(tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="without adapter_model.safetensors"):
         Checkpoint.open(tmp_path)  # peft would look for it on the Hub
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: no 'peft_type'"):
+        Checkpoint.open(tmp_path)  # peft's own error reads "'peft_type'"
+    (tmp_path / "adapter" / "adapter_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: expected a JSON object"):
+        Checkpoint.open(tmp_path)
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert Checkpoint.open(tmp_path).adapter_dir == tmp_path / "adapter"
     shutil.rmtree(tmp_path / "adapter")
     (tmp_path / "pose_head.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pose_head.safetensors: file not found"):
         Checkpoint.open(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
         Checkpoint.open(tmp_path / "nowhere")
+
+
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1842767\n"
+
+
+@pytest.mark.parametrize("file", ["pose_head.safetensors", "adapter/adapter_model.safetensors"])
+def test_a_git_lfs_pointer_for_the_head_or_the_adapter_is_named(tmp_path, file):
+    make_checkpoint(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / file).write_text(LFS_POINTER)  # what safetensors reads as "header too large"
+    with pytest.raises(CheckpointError, match=rf"{file}: a Git LFS pointer, not the file"):
+        Checkpoint.open(tmp_path)

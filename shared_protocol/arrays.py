@@ -59,6 +59,27 @@ _BOMB_RATIO = 20
 _TEXT_BYTES = 2 << 30
 
 
+def open_npz(path) -> np.lib.npyio.NpzFile:
+    """`np.load(path)` of an .npz archive, never a pickle; the caller closes it. ValueError,
+    naming what the file is instead (not the file: the caller knows its name), for a file that
+    is no zip archive (numpy would take it for a pickle and say so: text, a pickle, a single
+    .npy array) or that would take far more memory than it stores (`check_npz_expansion`).
+    A damaged archive raises one of `NPZ_READ_ERRORS`; FileNotFoundError passes as it is."""
+    with open(path, "rb") as stream:
+        magic = stream.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise ValueError("a single .npy array, not an .npz archive of arrays")
+    if not magic.startswith(b"PK"):
+        raise ValueError("not an .npz file (an .npz is a zip archive)")
+    archive = np.load(path, allow_pickle=False)
+    try:
+        check_npz_expansion(archive)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
 def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
     """ValueError, before anything is loaded, for an open .npz that would take far more memory
     than it stores: arrays of numbers expanding past `_BOMB_RATIO` times their stored size,

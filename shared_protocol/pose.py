@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import NPZ_READ_ERRORS, check_npz_expansion, finite_array
+from .arrays import NPZ_READ_ERRORS, finite_array, open_npz
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
@@ -342,15 +342,7 @@ class Motion:
         `z_up=False`: a file in the SMPL body frame); raises ValueError naming the file and the
         bad entry."""
         try:
-            with open(path, "rb") as stream:
-                magic = stream.read(6)
-            if magic.startswith(b"\x93NUMPY"):  # a single .npy array, renamed
-                raise ValueError("not an .npz archive (a single .npy array?)")
-            if not magic.startswith(b"PK"):  # numpy would try it as a pickle, and say so
-                raise ValueError("not an .npz file (an .npz is a zip archive)")
-            data = np.load(path, allow_pickle=False)
-            with data:
-                check_npz_expansion(data)
+            with open_npz(path) as data:
                 motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
             if not z_up:
                 return motion

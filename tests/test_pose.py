@@ -386,7 +386,7 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path, monkeypatch):
     renamed = tmp_path / "array.npz"
     with open(renamed, "wb") as stream:
         np.save(stream, np.zeros((2, 72)))
-    with pytest.raises(ValueError, match="array.npz: not an .npz archive"):
+    with pytest.raises(ValueError, match="array.npz: a single .npy array, not an .npz archive"):
         Motion.load_npz(renamed)
 
 

@@ -13,11 +13,11 @@ The rest joints are ``J_regressor @ (v_template + shapedirs · betas)`` (SMPL fr
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from shared_protocol.arrays import NPZ_READ_ERRORS, open_npz
 from shared_protocol.skeleton import NUM_JOINTS
 
 
@@ -85,14 +85,11 @@ def load_smpl_model(path: str | os.PathLike, betas=None) -> SmplModel:
             "save the arrays as .npz (see docs/addon.md)"
         )
     try:
-        data = np.load(path, allow_pickle=False)  # arrays read when used, not all
-        if not isinstance(data, np.lib.npyio.NpzFile):  # one .npy array under a .npz name
-            raise ValueError("one array (a .npy file), not an .npz archive of SMPL's arrays")
-        with data:
+        with open_npz(path) as data:  # arrays read when used, not all
             return smpl_model_from_arrays(data, betas)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except NPZ_READ_ERRORS as exc:
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from None

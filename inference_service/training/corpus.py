@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_protocol.arrays import NPZ_READ_ERRORS, check_npz_expansion
+from shared_protocol.arrays import NPZ_READ_ERRORS, open_npz
 from shared_protocol.skeleton import NUM_JOINTS
 
 from .actions import ACTIONS, SPLITS, action_names, held_out_sentences
@@ -313,20 +313,17 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
     name = os.fspath(path)
     unreadable = (*NPZ_READ_ERRORS, ValueError)
     try:
-        data = np.load(path, allow_pickle=False)
+        data = open_npz(path)
     except FileNotFoundError:
         raise
-    except ValueError:  # numpy found neither format and took it for a pickle
-        raise ValueError(f"{name}: not an .npz file (nor a .npy one)") from None
-    except unreadable as exc:  # a damaged archive
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    except NPZ_READ_ERRORS as exc:  # a damaged archive
         raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{name}: a single .npy array, not an .npz archive of arrays")
     members = {}
     pickled = []
     try:
         with data:
-            check_npz_expansion(data)
             npy_names = {m.removesuffix(".npy") for m in data.zip.namelist() if m.endswith(".npy")}
             for key in data.files:
                 if key not in npy_names:  # a readme, say: left out, and not read

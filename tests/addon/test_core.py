@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -260,14 +261,25 @@ def test_smpl_model_errors_name_the_problem(tmp_path):
         smpl_model.load_smpl_model(tmp_path / "SMPL_NEUTRAL.pkl")
     with pytest.raises(ValueError, match="no such file"):
         smpl_model.load_smpl_model(tmp_path / "missing.npz")
+    # Text under a .npz name: numpy would take it for a pickle and say so.
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="junk.npz"):
+    with pytest.raises(ValueError, match=r"junk\.npz: not an \.npz file \(an \.npz is a zip"):
         smpl_model.load_smpl_model(tmp_path / "junk.npz")
     # One .npy array saved under a .npz name: np.load gives an array, not an archive.
     with open(tmp_path / "one.npz", "wb") as file:
         np.save(file, np.zeros(3))
-    with pytest.raises(ValueError, match=r"one\.npz: one array \(a \.npy file\)"):
+    with pytest.raises(ValueError, match=r"one\.npz: a single \.npy array, not an \.npz"):
         smpl_model.load_smpl_model(tmp_path / "one.npz")
+    # A zip bomb in the model preference would fill Blender's memory.
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("v_template.npy", "w", force_zip64=True) as member:
+            header = {"descr": "<f8", "fortran_order": False, "shape": (300 << 17, 1)}
+            np.lib.format.write_array_header_1_0(member, header)
+            for _ in range(300):
+                member.write(bytes(1 << 20))
+    with pytest.raises(ValueError, match=r"bomb\.npz: 300 MiB of arrays once loaded"):
+        smpl_model.load_smpl_model(bomb)
     # A pickled J_regressor (SMPL's own files hold a sparse matrix) is named, not numpy's words.
     pickled = _fake_model()
     pickled["J_regressor"] = np.array([{"sparse": True}], dtype=object)

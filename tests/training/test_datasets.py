@@ -322,7 +322,9 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
     with pytest.raises(DatasetError, match=r"shape\.npz: 'poses' must have shape"):
         read_posescript(captions, write_npz(tmp_path / "shape.npz", np.zeros((3, 10))))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DatasetError, match=r"junk\.npz: not an \.npz file \(nor a \.npy one\)"):
+    with pytest.raises(
+        DatasetError, match=r"junk\.npz: not an \.npz file \(an \.npz is a zip archive\)"
+    ):
         read_posescript(captions, tmp_path / "junk.npz")
     with pytest.raises(DatasetError, match=r"missing\.npz: file not found"):
         read_posescript(captions, tmp_path / "missing.npz")

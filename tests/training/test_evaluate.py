@@ -244,7 +244,7 @@ def test_figures_that_mean_less_than_their_headings_come_with_a_warning(tiny, tm
     ("damage", "message"),
     [
         ("no images", "no 'images' (or 'imgname') array"),
-        ("empty file", "not a readable .npz file"),
+        ("empty file", "not an .npz file (an .npz is a zip archive)"),
         ("not an image", "frame 1"),
         ("NaN pose", "NaN"),
         ("actions short", "'actions' must be one string per frame"),

@@ -11,7 +11,7 @@ import numpy as np
 from shared_protocol.pose import Motion, Pose
 
 from ..core.posing import bone_quaternions, root_location
-from ..core.timeline import frames_for, keyed_frame_list, motion_frames
+from ..core.timeline import frames_for, keyed_frame_list, motion_frames, playback_rate
 from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
 from .armature import bone_names, bone_rest_rotations, rest_joints, root_location_frame
 from .fast_keys import write_keys
@@ -119,7 +119,7 @@ POSE_CHANNELS = ("rotation_quaternion", "rotation_euler", "rotation_axis_angle",
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:
-    return scene.render.fps / scene.render.fps_base
+    return playback_rate(scene.render.fps, scene.render.fps_base)
 
 
 def motion_from_keys(

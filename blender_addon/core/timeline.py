@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 
 from shared_protocol.pose import FPS_RANGE
 
@@ -62,3 +63,14 @@ def motion_frames(keyed: list[int], scene_fps: float) -> tuple[list[int], float]
     if too_slow or len(frames) > max(MAX_SAMPLED_FRAMES, len(keyed)):  # a stray key far away
         return list(keyed), scene_fps
     return list(frames), scene_fps / step
+
+
+def playback_rate(fps: int, fps_base: float) -> float:
+    """A scene's frame rate, ``fps / fps_base``, as the rate it was set to. Blender keeps
+    ``fps_base`` in float32, so 29.97 fps (a base of 1000/999) reads back as 29.970000018;
+    the simplest fraction within float32's rounding of the base is the base that was set."""
+    for denominator in (1, 10, 100, 1000, 10_000, 100_000):
+        base = Fraction(fps_base).limit_denominator(denominator)
+        if base and abs(base - Fraction(fps_base)) <= fps_base * 2**-24:
+            return float(fps / base)
+    return fps / fps_base

@@ -379,6 +379,14 @@ def test_npz_operators_round_trip(blender, tmp_path):
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
 
 
+def test_an_ntsc_rate_round_trips_exactly(blender, tmp_path):
+    source, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    motion(4, seed=5, fps=29.97).save_npz(source)
+    assert bpy.ops.chatpose.import_npz(filepath=str(source), start_frame=1) == {"FINISHED"}
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    assert Motion.load_npz(out).fps == 29.97  # not float32 fps_base's 29.970000018
+
+
 def test_an_amass_file_imports_upright_where_it_walks(blender, tmp_path):
     poses = np.zeros((2, 156))
     poses[:, 0] = np.pi / 2  # AMASS's upright body, Z-up

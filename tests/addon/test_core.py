@@ -366,6 +366,16 @@ def test_user_data_dir_uses_extension_path_only_for_extensions():
     assert paths.user_data_dir("bl_ext.x.chatpose", not_registered, lambda: "/fb") == "/fb"
 
 
+def test_playback_rate_undoes_float32_fps_base():
+    float32 = lambda x: float(np.float32(x))  # noqa: E731  Blender's fps_base
+    assert timeline.playback_rate(30, float32(30 / 29.97)) == 29.97
+    assert timeline.playback_rate(30, float32(1.001)) == 30000 / 1001  # NTSC
+    assert timeline.playback_rate(24, 1.0) == 24.0
+    assert timeline.playback_rate(25, float32(25 / 12.5)) == 12.5
+    # A rate that is no simple fraction stays within float32's rounding of what was set.
+    assert timeline.playback_rate(30, float32(30 / 29.123456)) == pytest.approx(29.123456, 1e-7)
+
+
 def test_timeline():
     assert timeline.frames_for(3, 10, 5) == [10, 15, 20]
     assert timeline.frames_for(0, 1) == []

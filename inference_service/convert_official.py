@@ -44,7 +44,12 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from inference_service.checkpoint import NUM_JOINTS, ChatPoseConfig, refuse_lfs_pointers
+from inference_service.checkpoint import (
+    CONFIG_NAME,
+    NUM_JOINTS,
+    ChatPoseConfig,
+    refuse_lfs_pointers,
+)
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import save_processor
 from inference_service.pose_head import PoseHead
@@ -83,6 +88,11 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         raise CheckpointError(
             f"--vision-tower {vision_tower}: no such folder (a local copy of the CLIP vision "
             "model the release names)"
+        )
+    if (source / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{source}: already a ChatPose checkpoint ({CONFIG_NAME}); chatpose-serve "
+            "--checkpoint loads it as it is"
         )
     refuse_lfs_pointers(source)
     refuse_lfs_pointers(vision_tower)
@@ -242,6 +252,7 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
     files = sorted(source.glob("*.safetensors")) or sorted(source.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{source}: no *.safetensors or pytorch_model*.bin weight files")
+    _check_shards(source, files)
     for file in files:
         try:
             if file.suffix == ".safetensors":
@@ -251,6 +262,34 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
         except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{file}: cannot read the weights ({exc})") from exc
     return weights
+
+
+def _check_shards(source: Path, files: list[Path]) -> None:
+    """CheckpointError naming a shard that the weights' index lists and the folder lacks (a
+    download cut short): the weights in it would otherwise be named one by one as missing."""
+    safetensors = files[0].suffix == ".safetensors"
+    index = source / f"{'model.safetensors' if safetensors else 'pytorch_model.bin'}.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
+        raise CheckpointError(f"{index}: not a readable weights index ({exc!r})") from None
+    absent = [name for name in shards if not (source / str(name)).is_file()]
+    if absent:
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        raise CheckpointError(
+            f"{source}: {index.name} lists the shard {absent[0]}{more}, which the folder lacks "
+            "(a download cut short?)"
+        )
 
 
 def _read_tokenizer(source: Path, pose_token: str):

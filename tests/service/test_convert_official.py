@@ -420,6 +420,28 @@ def test_unreadable_weights_are_reported(release, tmp_path):
         convert(broken, tmp_path / "out", clip)
 
 
+def test_a_shard_missing_from_its_index_is_named(release, tmp_path):
+    source, clip, _ = release
+    copy = tmp_path / "release"
+    shutil.copytree(source, copy)
+    (copy / "model.safetensors").rename(copy / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"lists the shard model-00002-of-00002.safetensors, which the"
+    ):
+        convert(copy, tmp_path / "out", clip)
+    (copy / "model.safetensors.index.json").write_text('{"weight_map": []}')
+    with pytest.raises(CheckpointError, match=r"index.json: not a readable weights index"):
+        convert(copy, tmp_path / "out", clip)
+
+
+def test_an_already_converted_checkpoint_is_named(release, tmp_path):
+    source, clip, converted = release
+    with pytest.raises(CheckpointError, match=r"already a ChatPose checkpoint \(chatpose.json\)"):
+        convert(converted, tmp_path / "out", clip)
+
+
 def test_a_sentencepiece_tokenizer_without_its_packages_names_them(release, tmp_path, monkeypatch):
     source, clip, _ = release
     copy = tmp_path / "release"

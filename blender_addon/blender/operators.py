@@ -180,11 +180,16 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
             return {"CANCELLED"}
+        unused_model = ""
         try:
             if obj is None:  # read first: a file that does not load leaves the scene as it was
                 motion = Motion.load_npz(self.filepath, z_up=self.z_up)
                 frames_for(len(motion), self.start_frame, self.frame_step)  # nor one too long
-                obj = create_smpl_armature(context, model=preferred_smpl_model(context))
+                try:
+                    model = preferred_smpl_model(context)
+                except ValueError as exc:  # the motion still imports, on the mannequin
+                    model, unused_model = None, f" (the SMPL model file was not used: {exc})"
+                obj = create_smpl_armature(context, model=model)
             motion, frames = import_npz(
                 obj,
                 self.filepath,
@@ -197,7 +202,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         except (ValueError, FileNotFoundError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Keyed {len(frames)} poses on {obj.name}")
+        level = "WARNING" if unused_model else "INFO"
+        self.report({level}, f"Keyed {len(frames)} poses on {obj.name}{unused_model}")
         return {"FINISHED"}
 
 

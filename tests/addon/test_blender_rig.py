@@ -29,7 +29,7 @@ from blender_addon.core.rig_spec import (
     SMPL_CAPITALISED_NAMES,
     bone_rest_matrix,
 )
-from shared_protocol.pose import Pose
+from shared_protocol.pose import Motion, Pose
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
     JOINT_NAMES,
@@ -645,6 +645,22 @@ def test_a_bad_model_file_cancels_with_its_reason(blender, tmp_path):
         bpy.ops.chatpose.create_armature()
     assert not bpy.data.objects
     assert bpy.ops.chatpose.create_armature(use_model_file=False) == {"FINISHED"}
+
+
+def test_a_motion_imported_with_a_bad_model_file_is_keyed_on_the_mannequin(
+    blender, tmp_path, capfd
+):
+    from blender_addon import preferences
+
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    preferences.get_preferences().smpl_model_path = str(tmp_path / "bad.npz")
+    Motion.from_poses([random_pose(1), random_pose(2)], fps=30.0).save_npz(tmp_path / "take.npz")
+    capfd.readouterr()
+    assert bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "take.npz")) == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert keyed_frames(obj) == [1, 2]
+    assert [child.name for child in obj.children] == [f"{obj.name}_mannequin"]
+    assert "the SMPL model file was not used: " in capfd.readouterr().out
 
 
 def test_an_armature_is_made_in_the_scene_when_the_active_collection_is_linked(blender, tmp_path):

@@ -12,12 +12,10 @@ from typing import NamedTuple
 from PIL import Image, ImageOps
 
 from inference_service.errors import BadImageError
+from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO
 
 # The formats the protocol promises; anything else is refused rather than guessed at.
 ACCEPTED_FORMATS = ("PNG", "JPEG")
-# The processors scale an image's short side up to the model's size before cropping, so a
-# 1 x 60,000 strip of 320 bytes would cost gigabytes; no photo or viewport is this thin.
-MAX_ASPECT_RATIO = 20
 # Pillow reads every PNG chunk before the pixels, and every JPEG marker before the first scan,
 # in Python: a few million empty ones hold the server's I/O thread for seconds. Real files have
 # a few dozen.
@@ -128,9 +126,9 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
                 width, height = image.size
-                if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                if max(width, height) > MAX_IMAGE_ASPECT_RATIO * max(1, min(width, height)):
                     raise BadImageError(
-                        f"{field}: {width} x {height} pixels is more than {MAX_ASPECT_RATIO} "
+                        f"{field}: {width} x {height} pixels is more than {MAX_IMAGE_ASPECT_RATIO} "
                         "times as long as it is wide; crop it"
                     )
                 yield image

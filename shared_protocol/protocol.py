@@ -38,6 +38,10 @@ REPLY_OPS = ("status", "pose", "batch_item", "batch_done", "cancel")
 POSE_MARKER = "<POSE>"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The longest side of an image, in times its shortest, that the server decodes (`bad_image`
+# past it): the processors scale the short side up to the model's size, so a 1 x 60,000 strip
+# of 320 bytes would cost gigabytes; no photo or viewport is this thin.
+MAX_IMAGE_ASPECT_RATIO = 20
 
 
 def readable_text(text: str) -> str:

@@ -16,6 +16,8 @@ import tempfile
 import bpy
 import numpy as np
 
+from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO
+
 from ..core.images import encode_png
 
 VIEWPORT_MAX_SIDE = 512  # the model crops to its own size (336 px for LLaVA-1.5)
@@ -117,21 +119,19 @@ _RENDER_SETTINGS = (
     "use_border",
     "use_multiview",
 )
-# The service refuses a picture more than this many times as long as it is wide
-# (inference_service.images.MAX_ASPECT_RATIO): said before rendering.
-MAX_ASPECT_RATIO = 20
 # media_type (Blender 5.0+) first: it limits file_format to its own formats (a video output
 # takes only FFMPEG), so it is set to IMAGE before PNG, and put back before the format.
 _IMAGE_SETTINGS = ("media_type", "file_format", "color_mode", "color_depth")
 
 
 def _refuse_thin(width: int, height: int, what: str, remedy: str) -> None:
-    """CaptureError for a picture more than ``MAX_ASPECT_RATIO`` times as long as it is wide,
-    which the service refuses."""
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    """CaptureError for a picture more than ``MAX_IMAGE_ASPECT_RATIO`` times as long as it is
+    wide, which the service refuses."""
+    if max(width, height) > MAX_IMAGE_ASPECT_RATIO * min(width, height):
         raise CaptureError(
-            f"{what} is {width} x {height} pixels, more than {MAX_ASPECT_RATIO} times as long "
-            "as it is wide; the service takes no such picture" + (f": {remedy}" if remedy else "")
+            f"{what} is {width} x {height} pixels, more than {MAX_IMAGE_ASPECT_RATIO} times as "
+            "long as it is wide; the service takes no such picture"
+            + (f": {remedy}" if remedy else "")
         )
 
 

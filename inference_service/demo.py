@@ -244,7 +244,9 @@ class DemoScene:
         self.renderer = MannequinRenderer(size)
         self.bpy = self.renderer.bpy
         self.armature = self.renderer.armature
-        self.armature.name = "ChatPose batch"
+        old_name, self.armature.name = self.armature.name, "ChatPose batch"
+        for child in self.armature.children:  # its mannequin, named after it
+            child.name = child.name.replace(old_name, self.armature.name, 1)
 
     def reference_picture(self, script: DemoScript, path: Path) -> bytes:
         from .training.actions import ACTIONS

@@ -99,6 +99,7 @@ def test_the_blend_file_reloads_with_the_keyed_batch_and_every_answer(demo_run):
     try:
         animated = bpy.data.objects["ChatPose batch"]
         assert keyed_frames(animated) == [1, 6, 11]
+        assert [c.name for c in animated.children] == ["ChatPose batch_mannequin"]
         batch = [a for a in demo_run.answers if a.kind == "batch"]
         for frame, answer in zip([1, 6, 11], batch, strict=True):
             np.testing.assert_allclose(

@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import secrets
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -457,7 +458,18 @@ def _write_atomically(path: str | os.PathLike, write) -> None:
             write(stream)
         if existing:
             os.chmod(temporary, os.stat(target).st_mode & 0o777)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except PermissionError:
+            if sys.platform != "win32":
+                raise
+            # Windows replaces no file that another program holds open ("Access is denied").
+            raise PermissionError(
+                errno.EACCES,
+                "not replaced: open in another program? (Windows cannot replace an open file; "
+                "close it there or save under another name)",
+                os.fspath(path),
+            ) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.chmod(temporary, 0o600)  # Windows will not remove a read-only file

@@ -1,6 +1,7 @@
 import json
 import os
 import struct
+import sys
 import zipfile
 import zlib
 
@@ -162,6 +163,23 @@ def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path, 
     Motion.from_poses([Pose(np.ones((24, 3)), label="new")]).save_npz(path)
     assert Motion.load_npz(path).labels == ("new",)
     assert path.stat().st_mode & 0o777 == 0o640  # the file keeps its permissions
+
+
+def test_a_file_that_windows_will_not_replace_is_named_as_open_elsewhere(tmp_path, monkeypatch):
+    path = tmp_path / "anim.npz"
+    Motion.from_poses([Pose(np.zeros((24, 3)), label="kept")]).save_npz(path)
+
+    def open_elsewhere(source, target):  # what Windows does while a viewer holds the file
+        raise PermissionError(13, "Access is denied", source, None, target)
+
+    monkeypatch.setattr(os, "replace", open_elsewhere)
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(PermissionError, match=r"anim\.npz'?$") as raised:
+        Motion.from_poses([]).save_npz(path)
+    assert "open in another program" in str(raised.value)
+    monkeypatch.undo()
+    assert Motion.load_npz(path).labels == ("kept",)
+    assert [p.name for p in tmp_path.iterdir()] == ["anim.npz"]  # no temporary file left
 
 
 def test_a_save_writes_through_a_link_and_as_open_would_otherwise(tmp_path, read_only):

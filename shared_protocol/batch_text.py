@@ -71,7 +71,8 @@ def prompt_lines(text: str) -> list[tuple[int, str]]:
     Lines end where Blender's Text Editor and other editors end them, at ``\n``, ``\r\n`` or
     ``\r``; not where ``str.splitlines`` also would (a form feed, Word's line separator
     ``\u2028``), which would split one line the user sees into two prompts and move every frame
-    after it."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    after it. A byte order mark at the start is no part of the first line: Blender's Text
+    keeps the one of a file it loads, unseen, and `str.strip` keeps it too."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     lines = ((number, line.strip()) for number, line in enumerate(text.split("\n"), 1))
     return [(number, line) for number, line in lines if line and not line.startswith(COMMENT)]

@@ -35,6 +35,14 @@ def test_lines_end_where_an_editor_ends_them_not_at_every_unicode_separator():
     ]
 
 
+def test_a_byte_order_mark_kept_in_the_text_is_no_part_of_the_first_line():
+    # Blender's Text datablock keeps the mark of a file it loads; a heading after it stays a
+    # comment, and the first prompt keeps frame 1.
+    assert prompt_lines("\ufeff# shot 12\nwave hello\nkneel") == [(2, "wave hello"), (3, "kneel")]
+    assert prompt_lines("\ufeff\nwave") == [(2, "wave")]
+    assert prompt_lines("\ufeffwave") == [(1, "wave")]
+
+
 def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
     text = "café pose\nsit down\n"
     for data in (

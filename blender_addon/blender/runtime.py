@@ -560,6 +560,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         total_lines=len(lines),
         use_translation=settings.batch_translation,
         armature_uid=target.session_uid,
+        take=_take(target),
         line_numbers=[number for number, _ in numbered],
     )
     if not pending:
@@ -771,9 +772,12 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     run = outcomes[0].run
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
     problem = _batch_target_problem(run, obj)
+    if problem is None and _take(obj) != run.take:
+        problem = _take_changed(run.take, _take(obj))
     if problem is not None:
         for outcome in outcomes:
             run.item_failed(outcome.line, problem)
+        run.stop(problem)
         dispatcher().cancel_batch()
         return
     items = [(o.line, o.poses[0]) for o in outcomes]
@@ -783,10 +787,50 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
         for line, _ in items:
             run.item_failed(line, f"could not key it ({exc})")
         if isinstance(exc, LockedCurveError):  # locked during the run: no later line keys
+            run.stop(str(exc))
             dispatcher().cancel_batch()
         return
+    run.take = _take(obj)  # the action and slot the first keys made, when it had none
     for line, _ in items:
         run.item_keyed(line)
+    if _file_saved():  # saved during the run: marked changed again, or quitting would not ask
+        push_undo("batch")
+
+
+def _file_saved() -> bool:
+    """Whether the .blend is saved as it is: Blender marks it changed only with an undo step,
+    which a batch makes at its end."""
+    return not bpy.data.is_dirty
+
+
+@dataclass(frozen=True)
+class _Take:
+    """What an armature's keys go into: its action (by session id, which a rename keeps) and
+    the action's slot for it; the action's name, for messages."""
+
+    action_uid: int | None
+    slot: str | None
+    name: str = field(default="", compare=False)
+
+
+def _take(obj: bpy.types.Object) -> _Take:
+    anim = obj.animation_data
+    action = anim.action if anim is not None else None
+    if action is None:
+        return _Take(None, None)
+    slot = getattr(anim, "action_slot", None)
+    return _Take(action.session_uid, slot.identifier if slot is not None else None, action.name)
+
+
+def _take_changed(was: _Take, now: _Take) -> str:
+    """Why a run stops when its armature's take changed under it (the user assigned another
+    action, or tweaks another NLA strip): its lines would key into that one, over its keys."""
+    before = f"the take '{was.name}'" if was.action_uid is not None else "a new take"
+    after = f"'{now.name}'" if now.action_uid is not None else "no take"
+    return (
+        f"the armature now shows {after}, and this run was keying {before} (its lines go into "
+        "no other take: put that one back to key the rest there)"
+    )
 
 
 def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:
@@ -799,7 +843,7 @@ def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | 
 
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if _batch_target_problem(run, obj) is None:
+    if _batch_target_problem(run, obj) is None and _take(obj) == run.take:
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
             record = load_record(obj)
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))

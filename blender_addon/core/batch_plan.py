@@ -53,12 +53,13 @@ class BatchRun:
     total_lines: int
     use_translation: bool = False
     armature_uid: int | None = None  # the armature's session id, which a rename keeps
+    take: object = None  # what the keys go into (the bpy side's action and slot), kept there
     # Each prompt's line in its text (blank and # lines are no prompts), for messages; without
     # them a prompt is named by its count.
     line_numbers: Sequence[int] = ()
     chunk_size: int = MAX_BATCH_ITEMS
     state: str = RUNNING
-    reason: str = ""  # why a run failed
+    reason: str = ""  # why a run failed, or why the add-on stopped it (`stop`)
     requests: int = 0  # batch requests sent
     closed: bool = False  # the bpy side has applied the end of the run
     _chunks: list[list[PendingLine]] = field(default_factory=list, repr=False)
@@ -160,17 +161,27 @@ class BatchRun:
         if self.state == RUNNING:
             self.state = CANCELLING
 
+    def stop(self, reason: str) -> None:
+        """The add-on can key no more of the run's lines (its armature is gone, say): no more
+        requests, and the run ends as failed for ``reason``, not as cancelled or done, whatever
+        the service still says. The caller cancels the requests in flight."""
+        self.reason = self.reason or reason
+        if self.state == RUNNING:
+            self.state = CANCELLING
+        elif self.ended:  # its last lines were still being keyed
+            self.state = FAILED
+
     def request_finished(self) -> bool:
         """The current request ended normally; True when another chunk is to be sent (call
         ``next_prompts``), False when the run has ended."""
         more = self._chunk + 1 < len(self._chunks)
         if self.state == RUNNING and more:
             return True
-        self.state = CANCELLED if more else FINISHED
+        self.state = FAILED if self.reason else CANCELLED if more else FINISHED
         return False
 
     def request_cancelled(self) -> None:
-        self.state = CANCELLED
+        self.state = FAILED if self.reason else CANCELLED
 
     def fail(self, reason: str) -> None:
         self.state = FAILED
@@ -201,7 +212,8 @@ class BatchRun:
         if failed:
             shown = ", ".join(self._where(line) for line, _ in failed[:5])
             more = " ..." if len(failed) > 5 else ""
-            parts.append(f"{len(failed)} failed ({shown}{more}: {failed[0][1]}).")
+            why = "" if failed[0][1] == self.reason else f": {failed[0][1]}"  # said above
+            parts.append(f"{len(failed)} failed ({shown}{more}{why}).")
         parts.append("Run Batch Keyframe again to key the rest (nothing is keyed twice).")
         return " ".join(parts)
 

@@ -31,7 +31,7 @@ from shared_protocol.protocol import Turn
 from tests.service.scripted_backend import ScriptedBackend, pose_for
 
 from .conftest import ADDON
-from .helpers import draw_panels, drive, free_port, idle, use_service
+from .helpers import draw_panels, drive, free_port, idle, random_pose, use_service
 
 SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 
@@ -1236,9 +1236,79 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     finally:
         backend.release()
     run = runtime.current_batch()
-    assert run.state == batch_plan.CANCELLED and run.keyed == keyed  # none keyed after
+    assert run.state == batch_plan.FAILED and run.keyed == keyed  # none keyed after
     assert len(backend.items) <= 8  # the answered micro-batch and the one held
-    assert "is locked" in runtime.last_message()[0]
+    assert "stopped: " in runtime.last_message()[0] and "is locked" in runtime.last_message()[0]
+
+
+@pytest.mark.parametrize("switch", ["action assigned", "action pushed down"])
+def test_a_batch_keys_no_other_take_than_its_own(armature, scripted_service, monkeypatch, switch):
+    address, _ = scripted_service
+    use_service(address)
+    hand = {frame: random_pose(frame) for frame in range(1, 13)}  # the animator's take
+    for frame, pose in hand.items():
+        apply_pose(armature, pose, frame=frame)
+    walk = armature.animation_data.action
+    walk.name, walk.use_fake_user = "Walk", True
+    armature.animation_data.action = None  # a new take for the batch
+    batch_of("\n".join(f"pose {i}" for i in range(12)))
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: runtime.current_batch().keyed >= 4)
+    take = armature.animation_data.action
+    if switch == "action assigned":  # a look at another take while the batch runs
+        armature.animation_data.action = walk
+        if getattr(armature.animation_data, "action_slot", walk) is None:
+            armature.animation_data.action_slot = walk.slots[0]
+    else:
+        armature.animation_data.action = None
+    drive(idle)
+    run = runtime.current_batch()
+    assert run.state == batch_plan.FAILED
+    message = runtime.last_message()[0]
+    now = "'Walk'" if switch == "action assigned" else "no take"
+    assert (
+        f"stopped: the armature now shows {now}, and this run was keying the take '{take.name}'"
+        in message
+    )
+    for frame, pose in hand.items():  # not one of the animator's keys replaced
+        np.testing.assert_allclose(read_pose_of(walk, armature, frame), pose.axis_angle, atol=1e-5)
+    assert not any(key.startswith("chatpose_batch_record") for key in walk.keys())
+    record = batch_store.BatchRecord.from_json(next(v for k, v in take.items()))
+    assert len(record.entries) == run.keyed >= 4  # the lines keyed before stay, recorded
+
+
+def read_pose_of(action, obj, frame):
+    """The pose `action` gives `obj` at `frame`, whatever the object shows now."""
+    shown = obj.animation_data.action
+    obj.animation_data.action = action
+    if getattr(obj.animation_data, "action_slot", action) is None:
+        obj.animation_data.action_slot = action.slots[0]
+    try:
+        return read_pose(obj, frame).axis_angle
+    finally:
+        obj.animation_data.action = shown
+
+
+def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(
+    armature, scripted_service, monkeypatch
+):
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(6)))
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    steps = []
+    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    # Background Blender counts its file as changed at all times; in a window a save clears
+    # that, and only an undo step sets it again.
+    saved = iter([False, True])
+    monkeypatch.setattr(runtime, "_file_saved", lambda: next(saved, False))
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    assert "all 6 lines keyed" in runtime.last_message()[0]
+    assert steps == ["batch", "batch"]  # after the group keyed past the save, and at the end
 
 
 def test_a_batch_past_blender_s_last_frame_is_refused_before_it_is_sent(armature, scripted_service):

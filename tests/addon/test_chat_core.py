@@ -269,6 +269,27 @@ def test_a_failed_run_says_why_and_what_is_left():
     assert "5 lines keyed on SMPL; 7 of 12 still to key" in run.summary()
 
 
+@pytest.mark.parametrize("service_says", ["finished", "cancelled", "already finished"])
+def test_a_run_the_add_on_stops_ends_failed_whatever_the_service_says(service_says):
+    run = BatchRun("SMPL", "text 't'", _pending(4), total_lines=4, chunk_size=2)
+    run.next_prompts()
+    run.item_keyed(run.line_for(0))
+    second = run.line_for(1)
+    if service_says == "already finished":  # its last lines were still being keyed
+        run.next_prompts()
+        assert run.request_finished() is False and run.state == batch_plan.FINISHED
+    reason = "the armature 'SMPL' is gone"
+    run.item_failed(second, reason)
+    run.stop(reason)
+    if service_says == "finished":
+        assert run.request_finished() is False
+    elif service_says == "cancelled":
+        run.request_cancelled()
+    assert run.state == batch_plan.FAILED and run.next_prompts() is None
+    assert run.summary().startswith(f"Batch from text 't' stopped: {reason}.")
+    assert "1 failed (prompt 2 (frame 2))." in run.summary()  # the reason is said once
+
+
 def test_a_run_with_nothing_pending_is_done_at_once():
     run = BatchRun("SMPL", "t", [], total_lines=4)
     assert run.next_prompts() is None and run.request_finished() is False

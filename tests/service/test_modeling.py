@@ -641,7 +641,11 @@ def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_check
         ChatPoseModel.from_checkpoint(damaged, device="cpu")
 
     shutil.copytree(adapter, tmp_path / "bad_config")
-    (tmp_path / "bad_config" / "adapter" / "adapter_config.json").write_text("[]")
+    config = tmp_path / "bad_config" / "adapter" / "adapter_config.json"
+    config.write_text("[]")
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: expected a JSON object"):
+        ChatPoseModel.from_checkpoint(tmp_path / "bad_config", device="cpu")
+    config.write_text('{"peft_type": "NO_SUCH_METHOD"}')
     with pytest.raises(CheckpointError, match="cannot load the LoRA adapter"):
         ChatPoseModel.from_checkpoint(tmp_path / "bad_config", device="cpu")
 

@@ -219,7 +219,9 @@ def test_load_rejects_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         C.load_corpus(tmp_path / "missing.npz")
     (tmp_path / "captions.json").write_text('{"0": "a man"}', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"captions\.json: not an \.npz file \(nor a \.npy one\)"):
+    with pytest.raises(
+        ValueError, match=r"captions\.json: not an \.npz file \(an \.npz is a zip archive\)"
+    ):
         C.load_corpus(tmp_path / "captions.json")
     np.savez(tmp_path / "poses.npz", poses=np.zeros((2, 72)))  # poses, not a corpus
     with pytest.raises(ValueError, match=r"poses\.npz: not a ChatPose corpus file"):

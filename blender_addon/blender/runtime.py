@@ -219,7 +219,7 @@ def timer_tick() -> float | None:
     applied = 0
     deferred = state.backlog and _why_answers_wait_now()
     if deferred:
-        waiting = f"{len(state.backlog)} answer(s) waiting: {deferred}"
+        waiting = f"{_answers(state.backlog)} answer(s) waiting: {deferred}"
         if state.message != waiting:  # said once, not redrawn on every tick
             set_message(waiting, "WARNING")
             _redraw()
@@ -311,6 +311,12 @@ def _can_redo() -> bool:
         return bpy.ops.ed.redo.poll()
     except RuntimeError:  # no window to ask in
         return False
+
+
+def _answers(backlog) -> int:
+    """How many of the outcomes waiting are answers to a request (a batch's end or a status
+    reply is none)."""
+    return sum(not isinstance(o, (BatchEnded, StatusAnswered, StatusFailed)) for o in backlog)
 
 
 def _next_outcome():
@@ -959,8 +965,10 @@ def _on_load_pre(*_args) -> None:
     # Their prompts are named: the prompt field they came from goes with the old file.
     jobs = [*d.pending_jobs(), *(o.job for o in _state.backlog if hasattr(o, "job"))]
     prompts = [job.prompt or job.attachment for job in jobs]
+    run = d.batch if d.batch_running else None
     in_flight = d.cancel_all(forget=True)
-    received = len(_state.backlog)  # answers that came but were not applied yet
+    received = _answers(_state.backlog)  # answers that came but were not applied yet
+    lines = sum(isinstance(o, BatchLineReady) for o in _state.backlog)
     _state.backlog.clear()
     if _state.status_bar:
         _set_status_text(None)
@@ -974,6 +982,12 @@ def _on_load_pre(*_args) -> None:
             ", ..." if len(prompts) > 3 else ""
         )
         said = f" (asked: {asked})" if asked else ""
+        if run is not None:  # its record says what is keyed: a rerun there keys the rest
+            said += (
+                f"; the batch from {run.source} on {run.armature} stopped with {run.remaining} of "
+                f"{run.total_lines} lines still to key"
+                + (f" ({lines} of them answered, not yet keyed)" if lines else "")
+            )
         set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}{said}", "WARNING")
 
 

@@ -257,10 +257,11 @@ class Dispatcher:
             self._session.cancel(request_id)
         count = len(self._jobs)
         if forget:
-            if self.batch is not None:
+            if self.batch is not None:  # the old file's: no panel of the new one shows it
                 if not self.batch.ended:
                     self.batch.fail("a file was loaded")
                 self.batch.close()
+                self.batch = None
             self._jobs.clear()
         return count
 

@@ -848,6 +848,25 @@ def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service
     assert "SMPL" not in bpy.data.objects
 
 
+def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(4)))
+    bpy.ops.chatpose.batch_keyframe()
+    bpy.ops.mesh.primitive_cube_add()
+    bpy.ops.object.mode_set(mode="EDIT")  # the lines wait for Object mode
+    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    drive(lambda: runtime.current_batch().ended)  # the service has answered every line
+    bpy.ops.object.mode_set(mode="OBJECT")
+    bpy.ops.wm.read_homefile(use_empty=True)  # before the timer keyed them
+    message = runtime.last_message()[0]
+    assert "4 answer(s) not yet applied were dropped" in message
+    assert "the batch from text 'moves' on SMPL stopped with 4 of 4 lines still to key" in message
+    assert runtime.current_batch() is None  # the new file's panel shows no batch of the old
+    drive(idle)
+    assert "SMPL" not in bpy.data.objects
+
+
 # --- the panel and the local service --------------------------------------------------------
 
 

@@ -174,6 +174,13 @@ class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa:
     bl_label = "Clear Batch Record"
     bl_options = {"REGISTER", "UNDO"}
 
+    @classmethod
+    def poll(cls, context):
+        if runtime.dispatcher().batch_running:  # it records each line it keys
+            cls.poll_message_set("A batch is running: cancel it first")
+            return False
+        return super().poll(context)
+
     def execute(self, context):
         obj = target_armature(context)
         clear_record(obj)

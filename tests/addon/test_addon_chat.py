@@ -1310,6 +1310,22 @@ def read_pose_of(action, obj, frame):
         obj.animation_data.action = shown
 
 
+def test_the_batch_record_is_not_cleared_while_a_batch_runs(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(4)))
+    backend.hold()
+    try:
+        bpy.ops.chatpose.batch_keyframe()
+        assert not bpy.ops.chatpose.clear_batch_record.poll()
+    finally:
+        backend.release()
+    drive(idle)
+    assert len(batch_store.load_record(armature).entries) == 4
+    assert bpy.ops.chatpose.clear_batch_record() == {"FINISHED"}
+    assert not batch_store.load_record(armature).entries
+
+
 def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(
     armature, scripted_service, monkeypatch
 ):

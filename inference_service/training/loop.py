@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig, Checkpoint
@@ -653,11 +654,47 @@ def save_checkpoint(
     state_extra: dict,
     keep_last: int,
 ) -> Path:
-    """Write OUT/step-N atomically (a temporary directory renamed), then point `latest` at it."""
+    """Write OUT/step-N atomically (a temporary directory renamed), then point `latest` at it.
+    A write that fails (a full disk) removes the temporary directory, which may hold a whole
+    model, and is an OSError naming the checkpoint: torch and safetensors say RuntimeError."""
     final = out / step_dir_name(step)
     tmp = out / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(tmp, step, tm, optimizer, names, base_model, state_extra)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (RuntimeError, SafetensorError)) and not isinstance(
+            exc, torch.OutOfMemoryError
+        ):
+            problem = str(exc).strip().split("\n")[0]
+            raise OSError(
+                f"{final}: the checkpoint could not be written (a full disk?): {problem}"
+            ) from exc
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = out / f".{LATEST_NAME}.tmp"
+    pointer.write_text(final.name + "\n", encoding="utf-8")
+    _sync(pointer)
+    os.replace(pointer, out / LATEST_NAME)
+    _sync(out)
+    if keep_last:
+        prune_checkpoints(out, keep_last, final)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    step: int,
+    tm: TrainingModel,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    base_model: str,
+    state_extra: dict,
+) -> None:
     tmp.mkdir(parents=True)
     if tm.trains_base:
         tm.model.save_pretrained(str(tmp / "base"))
@@ -687,17 +724,6 @@ def save_checkpoint(
     }
     torch.save(state, tmp / STATE_NAME)
     _sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = out / f".{LATEST_NAME}.tmp"
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    _sync(pointer)
-    os.replace(pointer, out / LATEST_NAME)
-    _sync(out)
-    if keep_last:
-        prune_checkpoints(out, keep_last, final)
-    return final
 
 
 def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:

@@ -611,6 +611,34 @@ def test_weights_that_are_not_finite_are_never_saved(base, tmp_path, monkeypatch
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000001"]
 
 
+def test_a_checkpoint_the_disk_cannot_hold_is_named_and_removed(
+    base, tmp_path, monkeypatch, capsys
+):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        *("--base", str(base), "--out", str(out), *data),
+        *("--steps", "3", "--save-every", "1", "--batch-size", "2", "--lora-rank", "4"),
+        *("--lora-alpha", "8", "--device", "cpu"),
+    ]
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):  # what torch says when a write falls short
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 83712")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train_cli.main(argv) == train_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "step-000002: the checkpoint could not be written (a full disk?): [enforce" in err
+    assert f"the last checkpoint is {out / 'step-000001'}; --resume continues from it" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step-000001"]
+
+
 def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     data = _write_data(tmp_path)
     out = tmp_path / "out"

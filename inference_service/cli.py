@@ -429,29 +429,37 @@ def _batch(args: argparse.Namespace) -> int:
         stopped = True  # its message, printed last, says why
         raise
     finally:  # what was answered is written, and what was not is named, even half-way
-        if sys.stderr.isatty() and sendable:
-            _report("")  # past the progress bar's line
-        out = _batch_destination(args.out, finished, resumed_from)
-        written = None
-        if not finished and len(poses) == earlier and resumed_from is not None:
-            _report(f"no new answers; {resumed_from} is kept as it was")
-        elif poses:
-            written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
-        elif finished:  # every line failed: the errors below say why
-            _report(f"no line got a pose; {args.out} was not written")
-        if written is not None:
-            gaps = " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
-            kept = f"; {args.out} is kept as it was" if written != args.out and out_existed else ""
-            _report(f"wrote {len(poses)} of {len(lines)} poses to {written}{gaps}{kept}")
-        if finished and written == args.out:
-            _drop_answered_partial(args, lines, poses)
-        for number, (code, message) in sorted(failures.items()):
-            _report(f"chatpose batch: line {number}: {code.value}: {message}")
-        unanswered = [n for n, _ in lines if n not in poses and n not in failures]
-        if unanswered and not (stopped and len(poses) == earlier == 0):  # else the cause is all
-            resumable = written is not None or resumed_from is not None
-            hint = " (the same command with --resume asks only the lines without a pose)"
-            _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}")
+        # A second Ctrl-C, or a `kill`, while the answers are written would lose them all.
+        with _interrupts_deferred():
+            if sys.stderr.isatty() and sendable:
+                _report("")  # past the progress bar's line
+            out = _batch_destination(args.out, finished, resumed_from)
+            written = None
+            if not finished and len(poses) == earlier and resumed_from is not None:
+                _report(f"no new answers; {resumed_from} is kept as it was")
+            elif poses:
+                written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
+            elif finished:  # every line failed: the errors below say why
+                _report(f"no line got a pose; {args.out} was not written")
+            if written is not None:
+                gaps = (
+                    " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
+                )
+                kept = (
+                    f"; {args.out} is kept as it was" if written != args.out and out_existed else ""
+                )
+                _report(f"wrote {len(poses)} of {len(lines)} poses to {written}{gaps}{kept}")
+            if finished and written == args.out:
+                _drop_answered_partial(args, lines, poses)
+            for number, (code, message) in sorted(failures.items()):
+                _report(f"chatpose batch: line {number}: {code.value}: {message}")
+            unanswered = [n for n, _ in lines if n not in poses and n not in failures]
+            if unanswered and not (stopped and len(poses) == earlier == 0):  # else the cause is all
+                resumable = written is not None or resumed_from is not None
+                hint = " (the same command with --resume asks only the lines without a pose)"
+                _report(
+                    f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}"
+                )
     if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
         return EXIT_BAD_INPUT
     return exit_code_for_all([code for code, _ in failures.values()])
@@ -564,6 +572,28 @@ def _stops_as_interrupts():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end (a batch's answers being written),
+    then stop the command as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    caught = []
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:

@@ -501,6 +501,46 @@ def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
     assert Motion.load_npz(out_file).labels == ("wave", "sit down")
 
 
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_stop_while_the_answers_are_written_waits_for_the_file(
+    address, capsys, tmp_path, monkeypatch, second
+):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    progress, write = cli._progress, cli._write_motion
+
+    def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
+        progress(done, total)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    def stopped_again_while_writing(path, poses, fps):  # an impatient second Ctrl-C, a `kill`
+        os.kill(os.getpid(), getattr(signal, second))
+        write(path, poses, fps)
+
+    killed = []  # SIGTERM's handler outside the batch: the default would end the process
+
+    def unhandled(number, frame) -> None:
+        killed.append(number)
+
+    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
+    monkeypatch.setattr(cli, "_write_motion", stopped_again_while_writing)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(out_file), "--address", address
+        )
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # handed back after the batch
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert killed == []  # the batch's own handler took it, and waited for the file
+    assert code == cli.EXIT_INTERRUPTED
+    assert "wrote 2 of 3 poses" in err and "not answered: line 3" in err
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down")
+
+
 def test_a_batch_under_nohup_outlives_its_terminal_and_a_closed_one_still_gets_its_file(
     address, capsys, tmp_path, monkeypatch
 ):

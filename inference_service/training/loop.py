@@ -342,6 +342,24 @@ def base_fingerprint(checkpoint: Checkpoint) -> str:
     return digest.hexdigest()
 
 
+def base_weights_sample(checkpoint: Checkpoint) -> str:
+    """A hash of samples of the base checkpoint's weight files (16 blocks of 64 KiB across each,
+    the first holding a safetensors header): another model of the same layout and sizes
+    (another seed, a fine-tune saved over it) differs in it, and it reads in milliseconds
+    however large the model."""
+    digest = hashlib.sha256()
+    for root in dict.fromkeys((checkpoint.root, checkpoint.base_dir)):
+        weights = (p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin"))
+        for path in sorted(p for p in weights if p.is_file()):
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(root)}\x1f{size}\x1e".encode())
+            with path.open("rb") as file:
+                for block in range(16):
+                    file.seek(size * block // 16)
+                    digest.update(file.read(1 << 16))
+    return digest.hexdigest()
+
+
 # --- model ------------------------------------------------------------------------------------
 
 
@@ -872,7 +890,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     state = None
     if resume_from is not None:
         state = load_state(resume_from)
-        _check_resume(config, state, data_hash, base_fingerprint(checkpoint), resume_from)
+        _check_resume(config, state, data_hash, checkpoint, resume_from)
         if state["step"] >= config.steps:
             raise TrainingError(
                 f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
@@ -966,6 +984,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         "run": config.run_settings(),
         "data_fingerprint": data_hash,
         "base_fingerprint": base_fingerprint(checkpoint),
+        "base_weights": base_weights_sample(checkpoint),
     }
     last_saved = resume_from
     diverged_at = _diverged_step(out)
@@ -1173,8 +1192,14 @@ def _lower(key: str, value: float, saved: float) -> bool:
 
 
 def _check_resume(
-    config: TrainConfig, state: dict, data_hash: str, base_hash: str, path: Path
+    config: TrainConfig, state: dict, data_hash: str, checkpoint: Checkpoint, path: Path
 ) -> None:
+    sampled = state.get("base_weights")  # none in runs saved before it was sampled
+    if sampled is not None and sampled != base_weights_sample(checkpoint):
+        raise TrainingError(
+            f"--resume: the weights of the base {config.base} are not those the run in {path} "
+            "was trained on (another model, or one saved over it); resume with that base"
+        )
     saved = dict(state.get("run", {}))
     if isinstance(saved.get("train_base"), bool):  # saved before train_base took a scope
         saved["train_base"] = "all" if saved["train_base"] else None
@@ -1187,7 +1212,7 @@ def _check_resume(
     for key, value in settings.items():
         if key in RESUME_FROM_ADAPTER or key not in saved or saved[key] == value:
             continue
-        if key == "base" and state.get("base_fingerprint") == base_hash:
+        if key == "base" and state.get("base_fingerprint") == base_fingerprint(checkpoint):
             print(
                 f"note: --resume from {value}, the run's base {saved[key]} moved", file=sys.stderr
             )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service import modeling_chatpose
@@ -229,6 +229,20 @@ def test_a_run_resumes_from_its_base_moved_elsewhere_but_not_from_another_base(
         loop.TrainingError, match=f"base is '{other}' but the run .* used '{moved}'"
     ):
         loop.train(settings(other, tmp_path / "run", steps=4, resume=True), examples)
+    # Another model of the same sizes, saved over the base in its folder or moved in its place.
+    weights = next((moved / "base").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors = {name: t + 0.01 if t.is_floating_point() else t for name, t in tensors.items()}
+    size = weights.stat().st_size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    for base_now in (moved, tmp_path / "moved again"):
+        if base_now != moved:
+            shutil.move(moved, base_now)
+        with pytest.raises(
+            loop.TrainingError, match="weights of the base .* are not those the run"
+        ):
+            loop.train(settings(base_now, tmp_path / "run", steps=4, resume=True), examples)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")

@@ -17,16 +17,14 @@ import dataclasses
 import io
 import math
 import os
-import re
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from inference_service.commands import device_argument, interrupts_deferred, stops_as_interrupts
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
@@ -192,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256, help="panel pixels, 32 to 2048 (256)")
     demo.add_argument(
         "--device",
-        type=_device,
+        type=device_argument,
         default="cpu",
         help="the service's device: auto, cpu, cuda or cuda:N (cpu)",
     )
@@ -229,13 +227,6 @@ def _positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
-
-
-def _device(text: str) -> str:
-    # Checked here: the demo's service would otherwise refuse it only after starting.
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
 
 
 def utf8_output(stream) -> None:
@@ -408,7 +399,7 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_client(args)) if sendable else None
-            stack.enter_context(_stops_as_interrupts())
+            stack.enter_context(stops_as_interrupts())
             for chunk in batch_chunks([prompt for _, prompt in sendable]):
                 asked = [sendable[i] for i in chunk]
                 request = BatchRequest(client.new_id(), [prompt for _, prompt in asked])
@@ -430,7 +421,7 @@ def _batch(args: argparse.Namespace) -> int:
         raise
     finally:  # what was answered is written, and what was not is named, even half-way
         # A second Ctrl-C, or a `kill`, while the answers are written would lose them all.
-        with _interrupts_deferred():
+        with interrupts_deferred():
             if sys.stderr.isatty() and sendable:
                 _report("")  # past the progress bar's line
             out = _batch_destination(args.out, finished, resumed_from)
@@ -547,53 +538,6 @@ def _batch_destination(out: Path, finished: bool, resumed_from: Path | None) -> 
         return out
     partial = _partial_path(out)
     return partial if out.exists() or resumed_from == partial else out
-
-
-@contextlib.contextmanager
-def _stops_as_interrupts():
-    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop a batch as Ctrl-C does, so that
-    what was answered is still written (their default ends the process on the spot)."""
-    signals = [
-        getattr(signal, name)
-        for name in ("SIGTERM", "SIGHUP")
-        # Ignored (`nohup` ignores SIGHUP so that the batch outlives the terminal): left so.
-        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN
-    ]
-    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
-        yield
-        return
-
-    def interrupt(number, frame):
-        raise KeyboardInterrupt
-
-    previous = {number: signal.signal(number, interrupt) for number in signals}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end (a batch's answers being written),
-    then stop the command as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
-        yield
-        return
-    caught = []
-    previous = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        number = getattr(signal, name, None)
-        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
-            previous[number] = signal.signal(number, lambda number, frame: caught.append(number))
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:

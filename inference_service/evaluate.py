@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference_service.commands import DEVICE_HELP, device_argument
 from inference_service.metrics import accuracy_interval, evaluate_poses
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
@@ -654,9 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--limit", type=_positive_int, help="at most this many records / pairs")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]"
-    )
+    parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")
     quantize.add_argument("--load-in-8bit", action="store_true", help="needs bitsandbytes")

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from . import logs
+from .commands import DEVICE_HELP, device_argument
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
 from .server import (
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, help="checkpoint directory (default: the bundled demo model)"
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="largest micro-batch")
     parser.add_argument(
         "--max-wait-ms",

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from inference_service.commands import DEVICE_HELP, device_argument, stops_as_interrupts
 from inference_service.errors import ChatPoseError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=_positive_int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument(
         "--head-init",
         choices=("auto", "fresh", "base"),
@@ -249,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        result = train(config)
+        with stops_as_interrupts():  # `kill`, a closed terminal: said as Ctrl-C is
+            result = train(config)
     except KeyboardInterrupt:
         print(f"interrupted; {_last_checkpoint(config.out)}", file=sys.stderr)
         return EXIT_INTERRUPTED

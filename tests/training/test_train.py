@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -699,18 +700,27 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     assert named in capsys.readouterr().err
 
 
-def test_ctrl_c_names_the_checkpoint_to_resume_from(base, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_a_stop_names_the_checkpoint_to_resume_from(base, tmp_path, monkeypatch, capsys, stop):
     data = _write_data(tmp_path)
     out = tmp_path / "out"
     argv = ["--base", str(base), "--out", str(out), *data, "--steps", "1", "--device", "cpu"]
     assert train_cli.main([*argv, "--lora-rank", "4"]) == 0
     capsys.readouterr()
 
-    def interrupted(config, examples=None):
+    def interrupted(config, examples=None):  # `kill`, a scheduler's preemption
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
         raise KeyboardInterrupt
 
+    killed = []  # SIGTERM's handler outside the run: the default would end pytest
     monkeypatch.setattr(loop, "train", interrupted)
-    assert train_cli.main([*argv, "--resume", "--steps", "9"]) == train_cli.EXIT_INTERRUPTED
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: killed.append(number))
+    try:
+        code = train_cli.main([*argv, "--resume", "--steps", "9"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == train_cli.EXIT_INTERRUPTED and killed == []
     err = capsys.readouterr().err
     assert "interrupted; the last checkpoint is" in err and "step-000001" in err
     assert "Traceback" not in err

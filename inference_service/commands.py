@@ -1,0 +1,73 @@
+"""What the command-line programs share: argument types and how they take a stop signal.
+
+No torch here: the argument types run before a command loads its model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import signal
+import threading
+from collections.abc import Iterator
+
+DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
+
+
+def device_argument(text: str) -> str:
+    """`--device`, checked as the arguments are read: a typo would otherwise be found only
+    once the data or the model has loaded, minutes later."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _catchable(names: tuple[str, ...]) -> list[int]:
+    """The signals of `names` this platform has and nobody set to be ignored (`nohup` ignores
+    SIGHUP so that a command outlives its terminal: left so)."""
+    numbers = (getattr(signal, name, None) for name in names)
+    return [n for n in numbers if n is not None and signal.getsignal(n) is not signal.SIG_IGN]
+
+
+@contextlib.contextmanager
+def stops_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`, a scheduler's preemption) stop the block
+    as Ctrl-C does, so that the command still says where its work is, and keeps it (their
+    default ends the process on the spot)."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    previous = {n: signal.signal(n, interrupt) for n in _catchable(("SIGTERM", "SIGHUP"))}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end (work being written), then stop
+    the command as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def defer(number, frame):
+        caught.append(number)
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    previous = {n: signal.signal(n, defer) for n in _catchable(names)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        raise KeyboardInterrupt

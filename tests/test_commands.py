@@ -1,0 +1,56 @@
+"""The command-line programs' argument types and stop signals (inference_service.commands)."""
+
+import os
+import signal
+
+import pytest
+
+from inference_service import cli, evaluate, serve, train
+from inference_service.commands import interrupts_deferred, stops_as_interrupts
+
+COMMANDS = {
+    "chatpose demo": lambda device: cli.build_parser().parse_args(["demo", "--device", device]),
+    "chatpose-serve": lambda device: serve.build_parser().parse_args(["--device", device]),
+    "train": lambda device: train.build_parser().parse_args(
+        ["--base", "b", "--out", "o", "--data", "corpus", "c.npz", "--device", device]
+    ),
+    "evaluate": lambda device: evaluate.main(
+        ["--checkpoint", "nowhere", "--data", "corpus", "c.npz", "--device", device]
+    ),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_refuses_a_mistyped_device_as_it_reads_its_arguments(command, capsys):
+    with pytest.raises(SystemExit) as exited:  # before any data or model is read
+        COMMANDS[command]("gpu")
+    assert exited.value.code == 2
+    assert "expected auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["chatpose demo", "chatpose-serve", "train"])
+def test_every_command_takes_each_device_form(command):
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert COMMANDS[command](device).device == device
+
+
+def test_sigterm_stops_as_ctrl_c_and_its_handler_is_given_back():
+    outside = []  # SIGTERM's handler outside the block (the default would end pytest)
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: outside.append(number))
+    try:
+        with pytest.raises(KeyboardInterrupt), stops_as_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert outside == []
+        os.kill(os.getpid(), signal.SIGTERM)  # handed back after the block
+        assert outside == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_during_a_deferred_block_comes_after_it():
+    finished = []
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append("the write")
+    assert finished == ["the write"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

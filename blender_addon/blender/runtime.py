@@ -778,7 +778,7 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     run = outcomes[0].run
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
     problem = _batch_target_problem(run, obj)
-    if problem is None and _take(obj) != run.take:
+    if problem is None and run.take.replaced_by(_take(obj)):
         problem = _take_changed(run.take, _take(obj))
     if problem is not None:
         for outcome in outcomes:
@@ -818,6 +818,14 @@ class _Take:
     slot: str | None
     name: str = field(default="", compare=False)
 
+    def replaced_by(self, now: _Take) -> bool:
+        """Whether the armature shows another take than this one `now`. Keys made since into
+        an armature that had no action or slot (the run's first, an answer keyed meanwhile)
+        make this take; they do not replace it."""
+        if self.action_uid is None:
+            return False
+        return now.action_uid != self.action_uid or self.slot not in (None, now.slot)
+
 
 def _take(obj: bpy.types.Object) -> _Take:
     anim = obj.animation_data
@@ -831,11 +839,10 @@ def _take(obj: bpy.types.Object) -> _Take:
 def _take_changed(was: _Take, now: _Take) -> str:
     """Why a run stops when its armature's take changed under it (the user assigned another
     action, or tweaks another NLA strip): its lines would key into that one, over its keys."""
-    before = f"the take '{was.name}'" if was.action_uid is not None else "a new take"
     after = f"'{now.name}'" if now.action_uid is not None else "no take"
     return (
-        f"the armature now shows {after}, and this run was keying {before} (its lines go into "
-        "no other take: put that one back to key the rest there)"
+        f"the armature now shows {after}, and this run was keying the take '{was.name}' (its "
+        "lines go into no other take: put that one back to key the rest there)"
     )
 
 
@@ -849,7 +856,7 @@ def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | 
 
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if _batch_target_problem(run, obj) is None and _take(obj) == run.take:
+    if _batch_target_problem(run, obj) is None and not run.take.replaced_by(_take(obj)):
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
             record = load_record(obj)
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))

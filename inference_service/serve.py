@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (ServerConfigError, ChatPoseError) as exc:
-        log.error(str(exc), extra={"event": "config_error"})
+        if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
+            log.error(str(exc), extra={"event": "config_error"})
         print(f"chatpose-serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to finish

@@ -291,6 +291,20 @@ def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path
     assert "make demo-model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_start_up_error_is_said_once_on_a_terminal_and_logged_for_a_log_reader(
+    monkeypatch, tmp_path, capsys, terminal
+):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert serve.main(["--checkpoint", str(tmp_path / "none")]) == serve.EXIT_CONFIG
+    lines = capsys.readouterr().err.splitlines()
+    plain = f"chatpose-serve: --checkpoint: {tmp_path / 'none'} does not exist"
+    if terminal:
+        assert lines == [plain]
+    else:  # the JSON line for log readers, the plain one last (the add-on shows the last line)
+        assert '"event": "config_error"' in lines[0] and lines[1:] == [plain]
+
+
 def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys):
     with zmq.Context() as context, context.socket(zmq.ROUTER) as taken:
         port = taken.bind_to_random_port("tcp://127.0.0.1")

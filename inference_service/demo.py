@@ -245,6 +245,7 @@ class DemoScene:
         self.bpy = self.renderer.bpy
         self.armature = self.renderer.armature
         old_name, self.armature.name = self.armature.name, "ChatPose batch"
+        self._labels: dict[int, str] = {}  # each batch frame's prompt (`build`)
         for child in self.armature.children:  # its mannequin, named after it
             child.name = child.name.replace(old_name, self.armature.name, 1)
 
@@ -316,10 +317,12 @@ class DemoScene:
                     location=(1.2 * k, 0.8 * j, 0.0),
                 )
                 addon.apply_pose(obj, pose, use_translation=False)
-        batch = [a.poses[0] for a in answers if a.kind == "batch" and a.poses]
+        batch = [a for a in answers if a.kind == "batch" and a.poses]
         frames = [1 + script.frame_step * i for i in range(len(batch))]
+        self._labels = {frame: a.prompt for frame, a in zip(frames, batch, strict=True)}
         if batch:
-            addon.key_poses(self.armature, batch, frames, use_translation=False)
+            poses = [a.poses[0] for a in batch]
+            addon.key_poses(self.armature, poses, frames, use_translation=False)
             scene.frame_start, scene.frame_end = frames[0], frames[-1]
         scene.render.fps = script.fps
         scene.frame_set(scene.frame_start)
@@ -341,7 +344,7 @@ class DemoScene:
     def save(self, blend: Path, animation: Path | None, script: DemoScript) -> None:
         """The scene, and the batch's animation when it has keys (None: no batch pose)."""
         if animation is not None:
-            _addon().export_npz(self.armature, animation, fps=script.fps)
+            _addon().export_npz(self.armature, animation, fps=script.fps, labels=self._labels)
         self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
 
 

@@ -88,6 +88,7 @@ def test_the_animation_npz_holds_the_batch_poses(demo_run):
     got = np.stack([p.axis_angle for p in motion.poses()])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert motion.fps == pytest.approx(SCRIPT.fps / SCRIPT.frame_step)
+    assert motion.labels == tuple(a.prompt for a in demo_run.answers if a.kind == "batch")
 
 
 def test_the_blend_file_reloads_with_the_keyed_batch_and_every_answer(demo_run):

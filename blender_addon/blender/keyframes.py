@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import bpy
 import numpy as np
@@ -123,11 +124,14 @@ def scene_fps(scene: bpy.types.Scene) -> float:
 
 
 def motion_from_keys(
-    obj: bpy.types.Object, fps: float, frames: Sequence[int] | None = None
+    obj: bpy.types.Object,
+    fps: float,
+    frames: Sequence[int] | None = None,
+    labels: Mapping[int, str] | None = None,
 ) -> Motion:
     """The armature's keyed frames read back as a Motion (``timeline.motion_frames``: from the
     first key to the last, every greatest common gap between keys, at ``fps`` divided by it), or
-    ``frames``, at ``fps``.
+    ``frames``, at ``fps``; each frame of ``labels`` labelled (a batch line's prompt, say).
 
     With no keys at all, the current pose is the one frame.
     """
@@ -135,6 +139,10 @@ def motion_from_keys(
     if frames is None:
         frames, rate = motion_frames(keyed_frames(obj), fps)
     poses = read_poses(obj, frames or None)
+    if labels and frames:
+        poses = [
+            dataclasses.replace(p, label=labels.get(f)) for p, f in zip(poses, frames, strict=True)
+        ]
     gender = obj.get(GENDER_PROPERTY, "neutral")
     betas = obj.get(BETAS_PROPERTY)
     return Motion.from_poses(
@@ -174,8 +182,13 @@ def import_npz(
 
 
 def export_npz(
-    obj: bpy.types.Object, path: str | os.PathLike, fps: float, *, z_up: bool = True
+    obj: bpy.types.Object,
+    path: str | os.PathLike,
+    fps: float,
+    *,
+    z_up: bool = True,
+    labels: Mapping[int, str] | None = None,
 ) -> Motion:
-    motion = motion_from_keys(obj, fps)
+    motion = motion_from_keys(obj, fps, labels=labels)
     motion.save_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
     return motion

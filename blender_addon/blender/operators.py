@@ -13,8 +13,10 @@ from ..core.timeline import MAX_FRAME, frames_for
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError
 from .armature import create_smpl_armature, find_smpl_armature, linked_problem
+from .batch_store import load_record
 from .keyframes import export_npz, import_npz, scene_fps
 from .posing import apply_pose
+from .runtime import UserError, read_batch_lines
 
 
 def _report_modes(op: bpy.types.Operator, bones: list[str]) -> None:
@@ -224,13 +226,28 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
 
     def execute(self, context):
         obj = find_smpl_armature(context)
+        labels = _batch_labels(context, obj)
         try:
-            motion = export_npz(obj, self.filepath, scene_fps(context.scene), z_up=self.z_up)
+            motion = export_npz(
+                obj, self.filepath, scene_fps(context.scene), z_up=self.z_up, labels=labels
+            )
         except (OSError, ValueError) as exc:
             self.report({"ERROR"}, f"Could not write {self.filepath}: {exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Wrote {len(motion)} frame(s) to {self.filepath}")
+        labelled = sum(bool(label) for label in motion.labels or ())
+        said = f", {labelled} labelled with their batch line's prompt" if labelled else ""
+        self.report({"INFO"}, f"Wrote {len(motion)} frame(s) to {self.filepath}{said}")
         return {"FINISHED"}
+
+
+def _batch_labels(context: bpy.types.Context, obj: bpy.types.Object) -> dict[int, str]:
+    """The prompts of the batch lines keyed on ``obj``, by frame, as the scene's batch text
+    holds them now (as ``chatpose batch --out`` labels its frames); none without a batch."""
+    try:
+        numbered, _ = read_batch_lines(context)
+        return load_record(obj).labels([text for _, text in numbered])
+    except (UserError, ValueError):  # no batch text, or a damaged record: no labels
+        return {}
 
 
 CLASSES = (

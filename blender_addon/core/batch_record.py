@@ -97,6 +97,15 @@ class BatchRecord:
             if not self.is_keyed(i, text, frame)
         ]
 
+    def labels(self, lines: Sequence[str]) -> dict[int, str]:
+        """Each recorded line's prompt by the (whole) scene frame it is keyed at, for the
+        prompts ``lines`` as the text holds them now: a line edited since keeps no label."""
+        return {
+            round(e.frame): lines[e.line]
+            for e in self.entries
+            if e.line < len(lines) and e.hash == line_hash(lines[e.line])
+        }
+
     # --- updates (a new record each time) ---------------------------------------------------
 
     def recorded(self, line: int, text: str, frame: int) -> BatchRecord:

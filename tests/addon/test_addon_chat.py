@@ -27,6 +27,7 @@ from blender_addon.core import batch_plan, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
+from shared_protocol.pose import Motion
 from shared_protocol.protocol import Turn
 from tests.service.scripted_backend import ScriptedBackend, pose_for
 
@@ -1308,6 +1309,21 @@ def read_pose_of(action, obj, frame):
         return read_pose(obj, frame).axis_angle
     finally:
         obj.animation_data.action = shown
+
+
+def test_an_exported_batch_take_is_labelled_with_its_prompts(armature, scripted_service, tmp_path):
+    address, _ = scripted_service
+    use_service(address)
+    text = batch_of("wave\n# a note\nsit down\nbow", start=1, step=5)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    text.clear()
+    text.write("wave\n# a note\nsit on the floor\nbow")  # edited since it was keyed
+    out = tmp_path / "take.npz"
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    motion = Motion.load_npz(out)
+    assert len(motion) == 3  # frames 1, 6, 11
+    assert motion.labels == ("wave", "", "bow")  # as `chatpose batch --out` labels its frames
 
 
 def test_the_batch_record_is_not_cleared_while_a_batch_runs(armature, scripted_service):

@@ -74,6 +74,15 @@ def test_edited_line_is_pending_again_and_replaces_its_entry():
     assert record.entry(1) == Entry(1, line_hash("kneel on both knees"), 11)
 
 
+def test_labels_are_the_prompts_of_the_keyed_lines_as_the_text_holds_them():
+    lines = prompts(TEXT)
+    record, _ = run(BatchRecord(), lines, stop_after=3)
+    assert record.labels(lines) == {1: lines[0], 11: lines[1], 21: lines[2]}
+    edited = [lines[0], "kneel on both knees", *lines[2:]]  # its key is not of this prompt
+    assert record.labels(edited) == {1: lines[0], 21: lines[2]}
+    assert record.labels(lines[:1]) == {1: lines[0]}  # lines deleted from the text
+
+
 def test_blank_lines_comments_and_whitespace_change_nothing():
     record, _ = run(BatchRecord(), prompts(TEXT))
     more_blanks = "\n\n" + TEXT.replace("\n", "\n\n") + "   \n"

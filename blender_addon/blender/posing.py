@@ -40,10 +40,11 @@ def rotation_data_path(mode: str) -> str:
     return "rotation_euler"
 
 
-def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz) -> None:
-    """Sets the bone's rotation in its own rotation mode (see the module docstring)."""
+def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz, before=None) -> None:
+    """Sets the bone's rotation in its own rotation mode (see the module docstring), its
+    quaternion sign or Euler turn next to ``before`` (default: the bone's value now)."""
     path = rotation_data_path(pbone.rotation_mode)
-    current = list(getattr(pbone, path))
+    current = list(getattr(pbone, path)) if before is None else before
     values = rotation_channel_values([wxyz], pbone.rotation_mode, current)[0]
     setattr(pbone, path, values.tolist())
 
@@ -112,11 +113,18 @@ def apply_pose(
     result = ApplyResult()
     pbones = obj.pose.bones
     names = bone_names(obj)
+    # A key carries on from the animation at its frame, not from the pose the playhead shows
+    # (a key at frame 20 sent from frame 100 would flip a turning pelvis through a full turn).
+    fcurves = fcurve_map(obj) if frame is not None else None
     for i, name in enumerate(names):
         pbone = pbones[name]
         if pbone.rotation_mode != "QUATERNION":
             result.non_quaternion_bones.append(name)
-        set_bone_rotation(pbone, quats[i])
+        before = None
+        if frame is not None:
+            path = rotation_data_path(pbone.rotation_mode)
+            before = channel_values(fcurves, pbone, path, [frame])[0]
+        set_bone_rotation(pbone, quats[i], before)
         pbone.scale = (1.0, 1.0, 1.0)
         if i > 0:
             pbone.location = (0.0, 0.0, 0.0)

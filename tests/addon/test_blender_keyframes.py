@@ -593,3 +593,27 @@ def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
     assert bpy.ops.chatpose.export_npz.poll()  # reading its keys is fine
     with pytest.raises(RuntimeError, match="Not imported: 'Rig' is linked from .*rigs.blend"):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
+
+
+@pytest.mark.parametrize("mode", ["QUATERNION", "XYZ"])
+def test_a_pose_keyed_away_from_the_playhead_carries_on_from_the_animation_there(blender, mode):
+    import math
+
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    pelvis = obj.pose.bones["pelvis"]
+    pelvis.rotation_mode = mode
+    path = "rotation_quaternion" if mode == "QUATERNION" else "rotation_euler"
+    for frame, angle in ((1, 0.0), (50, math.pi), (100, 2 * math.pi)):  # a full turn about Z
+        if mode == "QUATERNION":
+            pelvis.rotation_quaternion = (math.cos(angle / 2), 0, 0, math.sin(angle / 2))
+        else:
+            pelvis.rotation_euler = (0.0, 0.0, angle)
+        pelvis.keyframe_insert(path, frame=frame)
+    bpy.context.scene.frame_set(100)  # the playhead far from the key: the pelvis turned once
+    apply_pose(obj, Pose(np.full((24, 3), 0.01)), frame=20)  # about the rest pose
+    pelvis_path = f'pose.bones["pelvis"].{path}'
+    curves = {c.array_index: c for c in action_fcurves(obj) if c.data_path == pelvis_path}
+    if mode == "QUATERNION":  # the sign of the animation at frame 20 (w > 0), not of frame 100
+        assert curves[0].evaluate(20) > 0.9
+    else:  # near the animation's 70 degrees at frame 20, not a turn past the frame-100 value
+        assert abs(curves[2].evaluate(20)) < 0.1

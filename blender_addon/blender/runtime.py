@@ -10,7 +10,8 @@ batch items cannot freeze the UI.
 
 Undo: results arrive outside any operator, so after applying a pose (or at the end of a batch)
 the timer makes one undo step itself (``push_undo``, when Blender has an undo stack), as the last
-operation; one answer is one undo step, one batch run is one undo step.
+operation; an answer is two undo steps, its exchange in the chat history and then its poses
+(Ctrl+Z takes the pose back and keeps the exchange); one batch run is one undo step.
 An undo step drops the steps the user undid, so while they can redo, answers wait.
 """
 
@@ -659,8 +660,10 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             scene,
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
+        # A step of its own: else the next undo would take the reply away, and undoing a pose
+        # the animator does not want would take the exchange (chat mode's context) with it.
+        push_undo("chat")
     if not poses:
-        push_undo("chat")  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
@@ -668,7 +671,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if problem is not None:
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo("chat")
+            push_undo("chat")
         notify(
             f"{problem[0].upper()}{problem[1:]}; the answer was not applied", "ERROR", popup=True
         )
@@ -685,7 +688,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     except LockedCurveError as exc:  # found before any armature changed
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo("chat")
+            push_undo("chat")
         notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
         return
     except Exception:  # half way: what did change is one undo step, not part of the user's next

@@ -125,7 +125,7 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
     bpy.ops.chatpose.send()
     drive(idle)
     assert "could not apply an answer: the second person" in runtime.last_message()[0]
-    assert steps == ["answer"]  # the posed target with it
+    assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
 def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
@@ -177,7 +177,9 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     assert backend.items[-1].history == () and backend.items[-1].mode == "pose"
 
 
-def test_an_applied_answer_is_one_undo_step(armature, scripted_service):
+def test_undoing_an_applied_answer_takes_its_pose_and_keeps_its_exchange(
+    armature, scripted_service
+):
     address, _ = scripted_service
     use_service(address)
     bpy.ops.ed.undo_push(message="before")
@@ -186,9 +188,13 @@ def test_an_applied_answer_is_one_undo_step(armature, scripted_service):
     bpy.ops.chatpose.send()
     drive(idle)
     assert_pose(armature, pose_for("a pose to undo"))
-    bpy.ops.ed.undo()
+    bpy.ops.ed.undo()  # the animator does not want the pose
     obj = bpy.data.objects["SMPL"]  # undo rebuilt the data: look it up again
     np.testing.assert_allclose(read_pose(obj).axis_angle, before.axis_angle, atol=1e-6)
+    history = props.history_messages(bpy.context.scene)
+    assert [m.text for m in history][:1] == ["a pose to undo"]  # what was asked, kept
+    bpy.ops.ed.undo()  # and the exchange, on a second Ctrl+Z
+    assert not props.history_messages(bpy.context.scene)
 
 
 def test_an_answer_follows_its_armature_through_a_rename(armature, scripted_service):
@@ -1481,12 +1487,13 @@ def test_an_answer_survives_adjusting_the_operation_the_user_made_before_it(
     drive(idle)
     assert_pose(bpy.data.objects["SMPL"], pose_for("after the cube"))
     wm = bpy.context.window_manager
-    assert [op.bl_idname for op in wm.operators][-2:] == [
+    assert [op.bl_idname for op in wm.operators][-3:] == [
         "MESH_OT_primitive_cube_add",
-        "CHATPOSE_OT_answer_step",
+        "CHATPOSE_OT_chat_step",  # its exchange in the history
+        "CHATPOSE_OT_answer_step",  # its poses
     ]
     _adjust_last_operation()
     assert_pose(bpy.data.objects["SMPL"], pose_for("after the cube"))
-    bpy.ops.ed.undo()  # the answer is still one undo step
+    bpy.ops.ed.undo()  # the poses are still one undo step
     np.testing.assert_allclose(read_pose(bpy.data.objects["SMPL"]).axis_angle, 0, atol=1e-6)
     assert "Cube" in bpy.data.objects

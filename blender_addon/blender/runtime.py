@@ -450,6 +450,8 @@ def send_pose(
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
+    elif scene.tool_settings.use_keyframe_insert_auto:  # as Blender's own tools key a pose
+        frame = scene.frame_current
     job = PoseJob(
         prompt=prompt,
         mode=mode,

@@ -177,6 +177,22 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     assert backend.items[-1].history == () and backend.items[-1].mode == "pose"
 
 
+def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    scene.tool_settings.use_keyframe_insert_auto = True  # the record button
+    scene.frame_set(12)
+    scene.chatpose.insert_keyframe = False
+    scene.chatpose.prompt = "keyed by auto keying"
+    bpy.ops.chatpose.send()
+    scene.frame_set(30)  # scrubbed on while it comes: keyed where it was asked
+    drive(idle)
+    assert "keyed at frame 12" in runtime.last_message()[0]
+    scene.frame_set(12)  # not put back by the animation on the next scrub
+    assert_pose(armature, pose_for("keyed by auto keying"))
+
+
 def test_undoing_an_applied_answer_takes_its_pose_and_keeps_its_exchange(
     armature, scripted_service
 ):

@@ -70,7 +70,9 @@ def history_turns(
     A user message followed by an assistant message is a pair; anything else (an error reply,
     a stray message) is skipped. From the newest pair backwards, pairs are kept while there are
     at most ``max_pairs`` of them (and the protocol's history limit) and their texts total at
-    most ``max_chars`` characters. Pairs with an empty side carry nothing and are skipped.
+    most ``max_chars`` characters: a pair too long for what is left is left out, and the older
+    ones that fit still go (one long exchange would otherwise cut off all context). Pairs with
+    an empty side carry nothing and are skipped.
     """
     pairs: list[tuple[str, str]] = []
     i = 0
@@ -92,7 +94,7 @@ def history_turns(
             break
         size = len(user) + len(assistant)
         if used + size > max_chars:
-            break
+            continue
         kept.append((user, assistant))
         used += size
     turns: list[Turn] = []

@@ -90,6 +90,10 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
     assert len(chat.history_turns(messages, max_pairs=1000, max_chars=10**9)) == 64
     long = _history(("x" * 3000, "y" * 2000), ("short", "reply"))
     assert [t.text for t in chat.history_turns(long, max_chars=4000)] == ["short", "reply"]
+    # The newest exchange too long: the ones before it still go.
+    latest_long = _history(("raise the left arm", "ok"), ("x" * 5000, "y" * 1200))
+    turns = chat.history_turns(latest_long, max_chars=6000)
+    assert [t.text for t in turns] == ["raise the left arm", "ok"]
     assert chat.history_turns(messages, max_pairs=0) == ()
 
 

@@ -23,7 +23,6 @@ import os
 import socket
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,6 @@ from shared_protocol.protocol import (
     PoseRequest,
     ProtocolError,
     StatusReply,
-    StatusRequest,
     readable_text,
 )
 
@@ -157,22 +155,16 @@ class LocalService:
         self.process.stop(wait=True, timeout_s=STOP_TIMEOUT_S)
 
     def wait_ready(self, client: Client, timeout_s: float = READY_TIMEOUT_S) -> StatusReply:
-        """The service's status once it answers; DemoError when it exits or takes too long."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """The service's status once it serves; DemoError when it exits or takes too long."""
+
+        def gone() -> str | None:
             state = self.process.poll()
-            if not state.alive:
-                raise DemoError(f"chatpose-serve {state.describe()} (log: {self.log_path})")
-            try:
-                reply = client.request(StatusRequest(client.new_id()), timeout_s=2.0)
-            except ProtocolError:
-                continue  # still loading the model
-            if isinstance(reply, StatusReply):
-                return reply
-            raise DemoError(f"chatpose-serve answered status with {reply}")
-        raise DemoError(
-            f"chatpose-serve did not answer within {timeout_s:.0f} s (log: {self.log_path})"
-        )
+            return None if state.alive else f"chatpose-serve {state.describe()}"
+
+        try:
+            return client.wait_serving(timeout_s, gone=gone)
+        except ProtocolError as exc:
+            raise DemoError(f"{exc} (log: {self.log_path})") from None
 
 
 def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) -> list[Answer]:

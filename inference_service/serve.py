@@ -110,32 +110,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    server = io = None
     try:  # transformers and torch, imported by these, are not in a client-only install
         logs.configure(args.log_level)
         # From the start: a Blender that crashes while a large model loads takes the load
         # with it.
         parent = ParentWatch(sys.stdin.fileno()) if args.stop_with_stdin else None
-        server = _build_server(args)
-    except ModuleNotFoundError as exc:
-        from .cli import EXIT_USAGE, missing_service_package
-
-        print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ServerConfigError, ChatPoseError) as exc:
-        if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
-            log.error(str(exc), extra={"event": "config_error"})
-        print(f"chatpose-serve: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to finish
-        log.info("interrupted while loading", extra={"event": "stop"})
-        return EXIT_INTERRUPTED
+        # Listening before the model loads (minutes for a large one): a client is told it is
+        # loading, not that there is no service.
+        server = _listening_server(args)
+        io = threading.Thread(target=server.serve_forever, name="chatpose-io")
+        io.start()
+        backend = _load_backend(args)
+    except BaseException as exc:
+        if server is not None:
+            server.stop()
+        if io is not None:
+            io.join()
+        return _start_failed(exc)
+    server.attach(backend, backend.info)
     on_signal = SignalStop(server.stop)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     if parent is not None:
         parent.serving(server.stop)
-    server.serve_forever()
+    while io.is_alive():
+        io.join(0.5)  # with a timeout: the signal handlers run between
     return 0
+
+
+def _start_failed(exc: BaseException) -> int:
+    """The exit code of a start that failed with `exc`, its message said; anything else (a bug)
+    is raised again."""
+    if isinstance(exc, ModuleNotFoundError):
+        from .cli import EXIT_USAGE, missing_service_package
+
+        print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, (ServerConfigError, ChatPoseError)):
+        if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
+            log.error(str(exc), extra={"event": "config_error"})
+        print(f"chatpose-serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while the model loads: nothing to finish
+        log.info("interrupted while loading", extra={"event": "stop"})
+        return EXIT_INTERRUPTED
+    raise exc
 
 
 class ParentWatch:
@@ -192,11 +212,12 @@ class SignalStop:
         self._stop()
 
 
-def _build_server(args: argparse.Namespace) -> Server:
+def _listening_server(args: argparse.Namespace) -> Server:
+    """The server, its arguments checked and its address bound, with no model yet."""
     if (args.curve_secret_key is None) != (args.curve_clients is None):
         raise ServerConfigError("--curve-secret-key and --curve-clients go together")
     curve = CurveKeys(args.curve_secret_key, args.curve_clients) if args.curve_secret_key else None
-    check_bind(args.bind, curve)  # before loading a model that may take minutes
+    check_bind(args.bind, curve)
     if curve is not None:
         curve.load()
     check_address_free(args.bind)
@@ -208,24 +229,15 @@ def _build_server(args: argparse.Namespace) -> Server:
                 "`make demo-model`, or pass --checkpoint DIR"
             )
         raise ServerConfigError(f"--checkpoint: {checkpoint} does not exist")
-    from .backend import ModelBackend  # imports torch: only once the arguments are sound
-    from .modeling_chatpose import MAX_NEW_TOKENS_LIMIT
+    from .modeling_chatpose import MAX_NEW_TOKENS_LIMIT  # imports torch
 
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:  # else every chat request would be refused
         raise ServerConfigError(
             f"--max-new-tokens: at most {MAX_NEW_TOKENS_LIMIT}, got {args.max_new_tokens}"
         )
-
-    backend = ModelBackend.from_checkpoint(
-        checkpoint,
-        device=args.device,
-        load_in_4bit=args.load_in_4bit,
-        load_in_8bit=args.load_in_8bit,
-        max_new_tokens=args.max_new_tokens,
-    )
     return Server(
-        backend,
-        backend.info,
+        None,
+        None,
         args.bind,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -233,6 +245,19 @@ def _build_server(args: argparse.Namespace) -> Server:
         max_queued_mb=args.max_queued_mb,
         default_timeout_ms=args.timeout_ms,
         curve=curve,
+    )
+
+
+def _load_backend(args: argparse.Namespace):
+    """The model of `args.checkpoint` (the demo's without one), loaded: minutes for a large one."""
+    from .backend import ModelBackend
+
+    return ModelBackend.from_checkpoint(
+        args.checkpoint or DEMO_CHECKPOINT,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        max_new_tokens=args.max_new_tokens,
     )
 
 

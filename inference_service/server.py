@@ -195,10 +195,14 @@ def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
 
 
 class Server:
+    """The service's socket and its I/O loop (`serve_forever`). Made without a backend, it
+    listens at once and answers every request `busy` (the model is still loading) until
+    `attach` gives it one: a client finds the service there while a large model loads."""
+
     def __init__(
         self,
-        backend: Backend,
-        info: ModelInfo,
+        backend: Backend | None,
+        info: ModelInfo | None,
         bind: str = DEFAULT_BIND,
         *,
         limits: Limits = DEFAULT_LIMITS,
@@ -248,15 +252,29 @@ class Server:
         # so the newest entry under a key is always the one a final reply ends.
         self._received: dict[tuple[ClientId, str], list[tuple[float, str]]] = {}
         self._received_lock = threading.Lock()
-        self.scheduler = Scheduler(
-            backend,
-            self._emit,
+        self._scheduler_options = dict(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             max_queued_bytes=max_queued_mb << 20,
             default_timeout_ms=default_timeout_ms,
         )
+        self.scheduler: Scheduler | None = None  # None while the model loads
+        self._attach_lock = threading.Lock()
+        self._serving = False  # serve_forever has started
+        if backend is not None:
+            self.attach(backend, info)
+
+    def attach(self, backend: Backend, info: ModelInfo) -> None:
+        """The loaded model: requests go to it from now on. Safe while `serve_forever` runs in
+        another thread."""
+        scheduler = Scheduler(backend, self._emit, **self._scheduler_options)
+        with self._attach_lock:
+            self._info = info
+            if self._serving:
+                scheduler.start()
+                self._log_serving(info)
+            self.scheduler = scheduler  # published started: the I/O thread submits to it
 
     def _max_frame_bytes(self) -> int:
         """ZeroMQ's MAXMSGSIZE, which libzmq applies to each frame: the largest one the limits
@@ -406,6 +424,9 @@ class Server:
         return request
 
     def _dispatch(self, client: bytes, request: Request) -> None:
+        if self.scheduler is None:
+            self._answer_while_loading(client, request)
+            return
         match request:
             case StatusRequest():
                 self._emit(client, self._status(request.id))
@@ -421,6 +442,18 @@ class Server:
                 self.scheduler.submit_pose(client, request)
             case BatchRequest():
                 self.scheduler.submit_batch(client, request)
+
+    def _answer_while_loading(self, client: bytes, request: Request) -> None:
+        """`busy` for every request while the model loads (a cancel finds nothing to cancel)."""
+        if isinstance(request, CancelRequest):
+            self._emit(client, CancelReply(request.id, request.target, False))
+            return
+        waited = time.monotonic() - self._started
+        message = (
+            f"the model is still loading ({waited:.0f} s so far); try again once the service "
+            "answers status"
+        )
+        self._emit(client, ErrorReply(request.id, request.op, ErrorCode.BUSY, message, None))
 
     def _refuse_images(self, request: PoseRequest) -> ErrorReply | None:
         """Too many images, or one whose header shows a wrong format or too many pixels: an
@@ -455,21 +488,32 @@ class Server:
 
     # --- running and stopping -----------------------------------------------------------------
 
-    def serve_forever(self) -> None:
-        """Serves until `stop()`; then finishes in-flight work and closes everything."""
-        self.scheduler.start()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._inbox, zmq.POLLIN)
+    def _log_serving(self, info: ModelInfo) -> None:
         log.info(
             "serving",
             extra={
                 "event": "start",
                 "address": self.address,
-                "model": self._info.model,
-                "device": self._info.device,
+                "model": info.model,
+                "device": info.device,
             },
         )
+
+    def serve_forever(self) -> None:
+        """Serves until `stop()`; then finishes in-flight work and closes everything."""
+        with self._attach_lock:
+            self._serving = True
+            if self.scheduler is not None:
+                self.scheduler.start()
+                self._log_serving(self._info)
+            else:
+                log.info(
+                    "listening; requests are answered busy until the model has loaded",
+                    extra={"event": "listening", "address": self.address},
+                )
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
 
         def serve_once() -> None:
             events = dict(poller.poll(_POLL_MS))
@@ -481,11 +525,16 @@ class Server:
         try:
             while not self._stop.is_set():
                 serve_once()
-                self.scheduler.expire()
+                if self.scheduler is not None:
+                    self.scheduler.expire()
         finally:
+            with self._attach_lock:
+                self._serving = False  # a model that loads now is not started
+                scheduler = self.scheduler
             # Requests that come while the last micro-batch runs get `shutting_down`, not
             # silence until their client's timeout.
-            self.scheduler.stop(while_waiting=serve_once)
+            if scheduler is not None:
+                scheduler.stop(while_waiting=serve_once)
             self._forward_replies()  # the last answers and the shutting_down errors
             self.close()
             log.info("stopped", extra={"event": "stop"})

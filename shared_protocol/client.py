@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from .protocol import (
     ProtocolError,
     Reply,
     Request,
+    StatusReply,
+    StatusRequest,
     decode_reply,
     encode_request,
     is_final,
@@ -269,6 +271,34 @@ class Client:
         """Sends and waits for the final reply; raises ProtocolError(unreachable | timeout)."""
         replies = list(self.stream(request, timeout_s))
         return replies[-1]
+
+    def wait_serving(
+        self, timeout_s: float, *, gone: Callable[[], str | None] = lambda: None
+    ) -> StatusReply:
+        """The service's status once it serves: asked again while nothing listens yet or the
+        model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`, or
+        ProtocolError(unreachable) once `gone()` says why it never will (a service process
+        that exited); any other error reply as a ProtocolError of its code."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            why = gone()
+            if why:
+                raise ProtocolError(ErrorCode.UNREACHABLE, why)
+            if time.monotonic() > deadline:
+                raise ProtocolError(
+                    ErrorCode.TIMEOUT, f"{self.address} did not serve within {timeout_s:g} s"
+                )
+            try:
+                reply = self.request(StatusRequest(self.new_id()), timeout_s=2.0)
+            except ProtocolError as exc:
+                if exc.code not in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
+                    raise
+                continue
+            if isinstance(reply, StatusReply):
+                return reply
+            if reply.code != ErrorCode.BUSY:
+                raise ProtocolError(reply.code, reply.message)
+            time.sleep(0.2)  # loading: it answers at once
 
     def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:
         """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait

@@ -54,8 +54,8 @@ def _lock_exclusively(log) -> bool:
     """Locks the log file for the service about to write it; False when another process holds
     it. The lock goes with the open file, which the service inherits as its stdout: it holds
     while the service runs, even if this Blender ends, so another Blender starting a service
-    on the same address (it listens only once its model has loaded) is refused instead of
-    loading a second model. Not on Windows (no fcntl): there the bind fails later."""
+    on the same address is refused before anything starts, and the log the first one writes
+    is not emptied. Not on Windows (no fcntl): there the second service fails at its bind."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)

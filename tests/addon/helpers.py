@@ -138,11 +138,10 @@ def start_tiny_service(checkpoint, address: str, log_dir, timeout_s: float = 120
     add-on's own process manager and answering: its ServiceProcess."""
     import os
     import sys
-    import time
 
     from blender_addon.core.service_process import ServiceProcess, serve_command
     from shared_protocol.client import Client
-    from shared_protocol.protocol import StatusRequest
+    from shared_protocol.protocol import ProtocolError
 
     manager = ServiceProcess(str(log_dir))
     # One torch thread: the tiny model gains nothing from more, and on a small shared machine
@@ -150,14 +149,10 @@ def start_tiny_service(checkpoint, address: str, log_dir, timeout_s: float = 120
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     manager.start(serve_command(sys.executable, str(checkpoint), address, "cpu"), env=env)
     with Client(address) as client:
-        deadline = time.monotonic() + timeout_s
-        while True:  # the model takes a few seconds to load
-            try:
-                client.request(StatusRequest(client.new_id()), timeout_s=2)
-                return manager
-            except Exception:
-                state = manager.poll()
-                if not state.alive or time.monotonic() > deadline:
-                    manager.stop(wait=True)
-                    problem = f"chatpose-serve did not come up: {state.describe()}"
-                    raise AssertionError(problem) from None
+        try:  # the model takes a few seconds to load
+            client.wait_serving(timeout_s, gone=lambda: None if manager.poll().alive else "exited")
+            return manager
+        except ProtocolError:
+            state = manager.poll()
+            manager.stop(wait=True)
+            raise AssertionError(f"chatpose-serve did not come up: {state.describe()}") from None

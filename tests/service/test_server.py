@@ -117,6 +117,30 @@ def test_status_reports_the_model(running):
     assert reply.supports_images and reply.max_images == 1
 
 
+def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():
+    backend = ScriptedBackend()
+    server = Server(None, None, "tcp://127.0.0.1:*")  # bound before the model loads
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(server.address, context=zmq.Context.instance()) as client:
+            for request in (StatusRequest(client.new_id()), PoseRequest(client.new_id(), "wave")):
+                reply = client.request(request, TIMEOUT_S)
+                assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.BUSY
+                assert reply.message.startswith("the model is still loading (")
+            cancel = client.request(CancelRequest(client.new_id(), "p-9"), TIMEOUT_S)
+            assert isinstance(cancel, CancelReply) and not cancel.cancelled
+            server.attach(backend, backend.info)  # loaded
+            assert client.wait_serving(TIMEOUT_S).model == "scripted"
+            reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
+            assert isinstance(reply, PoseReply)
+            assert_answers(backend, "wave", reply.poses)
+    finally:
+        server.stop()
+        thread.join(TIMEOUT_S)
+    assert not thread.is_alive()
+
+
 def test_one_pose_request(running, backend):
     with running.client() as client:
         reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)

@@ -167,3 +167,24 @@ def test_a_refusal_is_forgotten_once_nothing_listens_there_any_more(context, tmp
         while client.refusal is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.refusal is None
+
+
+def test_waiting_for_a_service_ends_when_it_is_gone_or_the_time_is_up(context):
+    with Client("tcp://127.0.0.1:9", context=context) as client:  # nothing listens on port 9
+        calls = []
+
+        def exits_on_the_second_look():
+            calls.append(1)
+            return "chatpose-serve exited with code 2" if len(calls) > 1 else None
+
+        with pytest.raises(ProtocolError) as gone:
+            client.wait_serving(60, gone=exits_on_the_second_look)
+        assert gone.value.code == ErrorCode.UNREACHABLE
+        assert gone.value.message == "chatpose-serve exited with code 2"
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as late:
+            client.wait_serving(0.5)
+        assert late.value.code == ErrorCode.TIMEOUT and "did not serve within 0.5 s" in str(
+            late.value
+        )
+        assert time.monotonic() - started < 10

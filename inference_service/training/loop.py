@@ -343,21 +343,28 @@ def base_fingerprint(checkpoint: Checkpoint) -> str:
 
 
 def base_weights_sample(checkpoint: Checkpoint) -> str:
-    """A hash of samples of the base checkpoint's weight files (16 blocks of 64 KiB across each,
-    the first holding a safetensors header): another model of the same layout and sizes
-    (another seed, a fine-tune saved over it) differs in it, and it reads in milliseconds
-    however large the model."""
+    """A hash of samples of the weight files the base loads from (16 blocks of 64 KiB across
+    each, the first holding a safetensors header): its model's, its head and its adapter.
+    Another model of the same layout and sizes (another seed, a fine-tune saved over it)
+    differs in it, and it reads in milliseconds however large the model. Only those files: a
+    run's own checkpoints may be in the base's folder."""
+    files = [*_weight_files(checkpoint.base_dir), checkpoint.head_path]
+    if checkpoint.adapter_dir is not None:
+        files += _weight_files(checkpoint.adapter_dir)
     digest = hashlib.sha256()
-    for root in dict.fromkeys((checkpoint.root, checkpoint.base_dir)):
-        weights = (p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin"))
-        for path in sorted(p for p in weights if p.is_file()):
-            size = path.stat().st_size
-            digest.update(f"{path.relative_to(root)}\x1f{size}\x1e".encode())
-            with path.open("rb") as file:
-                for block in range(16):
-                    file.seek(size * block // 16)
-                    digest.update(file.read(1 << 16))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\x1f{size}\x1e".encode())
+        with path.open("rb") as file:
+            for block in range(16):
+                file.seek(size * block // 16)
+                digest.update(file.read(1 << 16))
     return digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers or peft folder, as their loaders find them."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -683,10 +690,10 @@ def save_checkpoint(
         _write_checkpoint(tmp, step, tm, optimizer, names, base_model, state_extra)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (RuntimeError, SafetensorError)) and not isinstance(
-            exc, torch.OutOfMemoryError
+        problem = str(exc).strip().split("\n")[0]
+        if isinstance(exc, (RuntimeError, SafetensorError)) and any(
+            sign in problem for sign in _WRITE_FAILURES
         ):
-            problem = str(exc).strip().split("\n")[0]
             raise OSError(
                 f"{final}: the checkpoint could not be written (a full disk?): {problem}"
             ) from exc
@@ -702,6 +709,11 @@ def save_checkpoint(
     if keep_last:
         prune_checkpoints(out, keep_last, final)
     return final
+
+
+# How torch's and safetensors' RuntimeErrors say that a write fell short (a full disk, a
+# folder gone); other RuntimeErrors are bugs, left with their traceback.
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space", "os error", "IoError")
 
 
 def _write_checkpoint(

@@ -246,6 +246,14 @@ def test_a_run_resumes_from_its_base_moved_elsewhere_but_not_from_another_base(
             loop.train(settings(base_now, tmp_path / "run", steps=4, resume=True), examples)
 
 
+def test_a_run_inside_its_base_s_folder_resumes(base, examples, tmp_path):
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    out = own / "runs" / "ft"  # its checkpoints are no weights of the base
+    loop.train(settings(own, out, steps=2), examples)
+    assert loop.train(settings(own, out, steps=3, resume=True), examples).step == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
 def test_a_cuda_run_resumes_on_cuda_and_saves_its_state_on_the_cpu(base, examples, tmp_path):
     common = dict(device="cuda")
@@ -652,6 +660,18 @@ def test_a_checkpoint_the_disk_cannot_hold_is_named_and_removed(
     assert f"the last checkpoint is {out / 'step-000001'}; --resume continues from it" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step-000001"]
+
+
+def test_a_failure_of_another_kind_while_saving_keeps_its_traceback(
+    base, examples, tmp_path, monkeypatch
+):
+    def a_bug(obj, path, *args, **kwargs):
+        raise RuntimeError("The weights trying to be saved contained shared tensors")
+
+    monkeypatch.setattr(torch, "save", a_bug)
+    with pytest.raises(RuntimeError, match="shared tensors"):  # not taken for a full disk
+        loop.train(settings(base, tmp_path / "run", steps=1), examples)
+    assert not list((tmp_path / "run").glob(".step-*"))  # its half-written folder removed
 
 
 def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):

@@ -18,6 +18,7 @@ An undo step drops the steps the user undid, so while they can redo, answers wai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -220,7 +221,8 @@ def timer_tick() -> float | None:
     applied = 0
     deferred = state.backlog and _why_answers_wait_now()
     if deferred:
-        waiting = f"{_answers(state.backlog)} answer(s) waiting: {deferred}"
+        count = _answers(state.backlog)  # none: a status reply or a batch's end waits alone
+        waiting = f"{count} answer(s) waiting: {deferred}" if count else f"waiting: {deferred}"
         if state.message != waiting:  # said once, not redrawn on every tick
             set_message(waiting, "WARNING")
             _redraw()
@@ -569,7 +571,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         total_lines=len(lines),
         use_translation=settings.batch_translation,
         armature_uid=target.session_uid,
-        take=_take(target),
+        take=_TakePin.at_start(target),
         line_numbers=[number for number, _ in numbered],
     )
     if not pending:
@@ -783,8 +785,8 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     run = outcomes[0].run
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
     problem = _batch_target_problem(run, obj)
-    if problem is None and run.take.replaced_by(_take(obj)):
-        problem = _take_changed(run.take, _take(obj))
+    if problem is None and run.take is not None:
+        problem = run.take.moved(obj)
     if problem is not None:
         for outcome in outcomes:
             run.item_failed(outcome.line, problem)
@@ -801,7 +803,8 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
             run.stop(str(exc))
             dispatcher().cancel_batch()
         return
-    run.take = _take(obj)  # the action and slot the first keys made, when it had none
+    if run.take is not None:
+        run.take = run.take.kept(obj)
     for line, _ in items:
         run.item_keyed(line)
     if _file_saved():  # saved during the run: marked changed again, or quitting would not ask
@@ -815,40 +818,47 @@ def _file_saved() -> bool:
 
 
 @dataclass(frozen=True)
-class _Take:
-    """What an armature's keys go into: its action (by session id, which a rename keeps) and
-    the action's slot for it; the action's name, for messages."""
+class _TakePin:
+    """The take a batch run keys: its action, by name (an undo gives an action back under its
+    name, with another session id), and the action's slot for the armature; and the actions
+    the file had when the run started, so that one assigned since (someone's take) is told
+    from one made since (by the run's first keys, or an answer keyed meanwhile)."""
 
-    action_uid: int | None
+    action: str | None
     slot: str | None
-    name: str = field(default="", compare=False)
+    existing: frozenset[str]
 
-    def replaced_by(self, now: _Take) -> bool:
-        """Whether the armature shows another take than this one `now`. Keys made since into
-        an armature that had no action or slot (the run's first, an answer keyed meanwhile)
-        make this take; they do not replace it."""
-        if self.action_uid is None:
-            return False
-        return now.action_uid != self.action_uid or self.slot not in (None, now.slot)
+    @classmethod
+    def at_start(cls, obj: bpy.types.Object) -> _TakePin:
+        return cls(*_action_and_slot(obj), frozenset(a.name for a in bpy.data.actions))
+
+    def kept(self, obj: bpy.types.Object) -> _TakePin:
+        """The pin once the run's keys went in: onto the take they made, when it had none."""
+        action, slot = _action_and_slot(obj)
+        return dataclasses.replace(self, action=action, slot=slot)
+
+    def moved(self, obj: bpy.types.Object) -> str | None:
+        """Why the run's next keys would go into another take than its own, or None. With no
+        action now (undone, pushed down to the NLA) they make a new take and replace nothing."""
+        action, slot = _action_and_slot(obj)
+        if action is None or (action == self.action and self.slot in (None, slot)):
+            return None
+        if self.action is None and action not in self.existing:
+            return None  # made since the run started
+        keyed = f"the take '{self.action}'" if self.action else "an armature without a take"
+        return (
+            f"the armature now shows the take '{action}', and this run was keying {keyed} "
+            "(its lines go into no other take: put that one back to key the rest there)"
+        )
 
 
-def _take(obj: bpy.types.Object) -> _Take:
+def _action_and_slot(obj: bpy.types.Object) -> tuple[str | None, str | None]:
     anim = obj.animation_data
     action = anim.action if anim is not None else None
     if action is None:
-        return _Take(None, None)
+        return None, None
     slot = getattr(anim, "action_slot", None)
-    return _Take(action.session_uid, slot.identifier if slot is not None else None, action.name)
-
-
-def _take_changed(was: _Take, now: _Take) -> str:
-    """Why a run stops when its armature's take changed under it (the user assigned another
-    action, or tweaks another NLA strip): its lines would key into that one, over its keys."""
-    after = f"'{now.name}'" if now.action_uid is not None else "no take"
-    return (
-        f"the armature now shows {after}, and this run was keying the take '{was.name}' (its "
-        "lines go into no other take: put that one back to key the rest there)"
-    )
+    return action.name, slot.identifier if slot is not None else None
 
 
 def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:
@@ -861,7 +871,7 @@ def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | 
 
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if _batch_target_problem(run, obj) is None and not run.take.replaced_by(_take(obj)):
+    if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
             record = load_record(obj)
             run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))

@@ -871,6 +871,18 @@ def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service
     assert "SMPL" not in bpy.data.objects
 
 
+def test_a_status_reply_waiting_alone_is_not_counted_as_an_answer(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.ops.mesh.primitive_cube_add()
+    bpy.ops.object.mode_set(mode="EDIT")
+    bpy.ops.chatpose.service_status()
+    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    assert runtime.last_message()[0].startswith("waiting: ")  # not "0 answer(s) waiting"
+    bpy.ops.object.mode_set(mode="OBJECT")
+    drive(idle)
+
+
 def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)
@@ -1196,6 +1208,7 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     drive(idle)
     message = runtime.last_message()[0]
     assert "still to key" in message and "all 12 lines keyed" not in message, message
+    assert runtime.current_batch().state == batch_plan.FINISHED  # an undo stops nothing
     bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
     drive(idle)
     assert "all 12 lines keyed" in runtime.last_message()[0]
@@ -1283,9 +1296,9 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     assert "stopped: " in runtime.last_message()[0] and "is locked" in runtime.last_message()[0]
 
 
-@pytest.mark.parametrize("switch", ["action assigned", "action pushed down"])
-def test_a_batch_keys_no_other_take_than_its_own(armature, scripted_service, monkeypatch, switch):
-    address, _ = scripted_service
+@pytest.mark.parametrize("when", ["after its first keys", "before its first keys"])
+def test_a_batch_keys_no_other_take_than_its_own(armature, scripted_service, monkeypatch, when):
+    address, backend = scripted_service
     use_service(address)
     hand = {frame: random_pose(frame) for frame in range(1, 13)}  # the animator's take
     for frame, pose in hand.items():
@@ -1296,29 +1309,30 @@ def test_a_batch_keys_no_other_take_than_its_own(armature, scripted_service, mon
     batch_of("\n".join(f"pose {i}" for i in range(12)))
     monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    if when == "before its first keys":
+        backend.hold()  # the lines are still being computed
     bpy.ops.chatpose.batch_keyframe()
-    drive(lambda: runtime.current_batch().keyed >= 4)
+    if when == "after its first keys":
+        drive(lambda: runtime.current_batch().keyed >= 4)
     take = armature.animation_data.action
-    if switch == "action assigned":  # a look at another take while the batch runs
-        armature.animation_data.action = walk
-        if getattr(armature.animation_data, "action_slot", walk) is None:
-            armature.animation_data.action_slot = walk.slots[0]
-    else:
-        armature.animation_data.action = None
+    armature.animation_data.action = walk  # a look at another take while the batch runs
+    if getattr(armature.animation_data, "action_slot", walk) is None:
+        armature.animation_data.action_slot = walk.slots[0]
+    backend.release()
     drive(idle)
     run = runtime.current_batch()
     assert run.state == batch_plan.FAILED
-    message = runtime.last_message()[0]
-    now = "'Walk'" if switch == "action assigned" else "no take"
+    keying = f"the take '{take.name}'" if take else "an armature without a take"
     assert (
-        f"stopped: the armature now shows {now}, and this run was keying the take '{take.name}'"
-        in message
+        f"stopped: the armature now shows the take 'Walk', and this run was keying {keying}"
+        in runtime.last_message()[0]
     )
     for frame, pose in hand.items():  # not one of the animator's keys replaced
         np.testing.assert_allclose(read_pose_of(walk, armature, frame), pose.axis_angle, atol=1e-5)
     assert not any(key.startswith("chatpose_batch_record") for key in walk.keys())
-    record = batch_store.BatchRecord.from_json(next(v for k, v in take.items()))
-    assert len(record.entries) == run.keyed >= 4  # the lines keyed before stay, recorded
+    if take is not None:
+        record = batch_store.BatchRecord.from_json(next(v for k, v in take.items()))
+        assert len(record.entries) == run.keyed >= 4  # the lines keyed before stay, recorded
 
 
 def read_pose_of(action, obj, frame):

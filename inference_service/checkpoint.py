@@ -116,14 +116,7 @@ class ChatPoseConfig:
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         if data.get("image_orientation") == "camera" and "prompt_wording" not in data:
             log.warning(
                 "%s: a release converted before its text poses, prompts and tokenizer were read "
@@ -155,6 +148,22 @@ class ChatPoseConfig:
 
 
 _TYPES = typing.get_type_hints(ChatPoseConfig)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; CheckpointError naming the file when it is missing, does not
+    read, or holds something else (a list read with .get fails far from the file's name)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 # What a file of a repository cloned without git-lfs holds instead of its contents.
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 # The files the loaders read (weights, configs, tokenizers); not other frameworks' weights
@@ -230,13 +239,7 @@ class Checkpoint:
 def _check_adapter_config(path: Path) -> None:
     """CheckpointError for an adapter config that peft would fail on without naming it: not a
     JSON object, or without `peft_type` (peft's KeyError reads "'peft_type'")."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    if "peft_type" not in config:
+    if "peft_type" not in read_json_object(path):
         raise CheckpointError(
             f"{path}: no 'peft_type' (peft saves it, e.g. \"LORA\"; a config of another tool?)"
         )

@@ -48,6 +48,7 @@ from inference_service.checkpoint import (
     CONFIG_NAME,
     NUM_JOINTS,
     ChatPoseConfig,
+    read_json_object,
     refuse_lfs_pointers,
 )
 from inference_service.errors import CheckpointError
@@ -217,14 +218,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        official = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(official, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
+    official = read_json_object(path)
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if name not in official:
             raise CheckpointError(f"{path}: missing field '{name}'")

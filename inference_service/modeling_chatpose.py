@@ -49,7 +49,12 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from inference_service.checkpoint import ChatPoseConfig, Checkpoint, refuse_lfs_pointers
+from inference_service.checkpoint import (
+    ChatPoseConfig,
+    Checkpoint,
+    read_json_object,
+    refuse_lfs_pointers,
+)
 from inference_service.errors import (
     CheckpointError,
     EmptyPromptError,
@@ -725,12 +730,7 @@ def check_base_files(base_dir: Path) -> None:
     naming it: a JSON file that does not parse or is no object (a list read with .get), a
     safetensors file whose header does not read (truncated, empty)."""
     for file in sorted(Path(base_dir).glob("*.json")):
-        try:
-            content = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{file}: not a readable JSON file ({exc})") from None
-        if not isinstance(content, dict):
-            raise CheckpointError(f"{file}: not a JSON object")
+        read_json_object(file)
     for file in sorted(Path(base_dir).glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt"):

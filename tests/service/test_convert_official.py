@@ -356,7 +356,7 @@ def test_a_config_field_of_the_wrong_type_is_named(release, tmp_path, field, val
     with pytest.raises(CheckpointError, match=f"config.json: field '{field}' is "):
         convert(other, tmp_path / "out", clip)
     (other / "config.json").write_text("[]")
-    with pytest.raises(CheckpointError, match="config.json: not a JSON object"):
+    with pytest.raises(CheckpointError, match="config.json: expected a JSON object"):
         convert(other, tmp_path / "out", clip)
 
 

@@ -529,7 +529,11 @@ def _another_image_id(config):  # every request with an image would fail
             lambda c: c["text_config"].update(num_hidden_layers=2.0) or c,  # a float
             "base: cannot load the base model",
         ),
-        ("processor_config.json", lambda c: [], r"base/processor_config\.json: not a JSON object"),
+        (
+            "processor_config.json",
+            lambda c: [],
+            r"base/processor_config\.json: expected a JSON object",
+        ),
     ],
 )
 def test_a_base_config_that_does_not_fit_its_files_is_refused_at_load(

@@ -157,6 +157,15 @@ def _move_beside(obj: bpy.types.Object, target: bpy.types.Object) -> None:
                 collection.objects.unlink(item)
 
 
+def refuse_locked_people(target: bpy.types.Object, count: int, use_translation: bool) -> None:
+    """LockedCurveError when a channel an answer of ``count`` people would key is locked on
+    ``target`` or on a person of it already there: all of them or none, checked first."""
+    names = [extra_person_name(target.name, k) for k in range(1, count)]
+    people = [o for o in map(bpy.data.objects.get, names) if o and is_smpl_armature(o)]
+    for obj in [target, *people]:
+        refuse_locked(obj, pose_channels(obj, use_translation))
+
+
 def apply_people(
     context: bpy.types.Context,
     target: bpy.types.Object,
@@ -170,10 +179,7 @@ def apply_people(
     ``frame`` when given. LockedCurveError, before any of them changes, when a channel to key
     is locked on any of them."""
     if frame is not None:
-        names = [extra_person_name(target.name, k) for k in range(1, len(poses))]
-        people = [o for o in map(bpy.data.objects.get, names) if o and is_smpl_armature(o)]
-        for obj in [target, *people]:  # all of them or none: check before any is posed
-            refuse_locked(obj, pose_channels(obj, use_translation))
+        refuse_locked_people(target, len(poses), use_translation)
     result = PeopleResult()
     made = None  # the first person this answer creates; the others are copies of it
     for k, pose in enumerate(poses):

@@ -62,7 +62,7 @@ from ..core.timeline import frames_for
 from .anim import LockedCurveError, refuse_locked
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, save_record
-from .people import apply_people
+from .people import apply_people, refuse_locked_people
 from .posing import pose_channels
 from .props import append_history, history_messages, target_armature, target_problem
 
@@ -452,7 +452,8 @@ def send_pose(
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
-    elif scene.tool_settings.use_keyframe_insert_auto:  # as Blender's own tools key a pose
+    auto_key = not settings.insert_keyframe and scene.tool_settings.use_keyframe_insert_auto
+    if auto_key:  # as Blender's own tools key a pose
         frame = scene.frame_current
     job = PoseJob(
         prompt=prompt,
@@ -462,6 +463,7 @@ def send_pose(
         armature=target.name,
         armature_uid=target.session_uid,
         frame=frame,
+        auto_key=auto_key,
         use_translation=settings.use_translation,
         attachment=attachment,
         spacing=settings.person_spacing,
@@ -664,37 +666,41 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             scene,
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
-        # A step of its own: else the next undo would take the reply away, and undoing a pose
-        # the animator does not want would take the exchange (chat mode's context) with it.
-        push_undo("chat")
     if not poses:
+        push_undo("chat")  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
     target = _find(bpy.data.objects, job.armature, job.armature_uid)
     problem = _armature_problem(job.armature, target)
     if problem is not None:
+        problem += "; the answer was not applied"
+    frame, unkeyed = job.frame, ""
+    if problem is None and frame is not None:
+        try:  # before any change, so that a refused answer is one step in the history
+            refuse_locked_people(target, len(poses), job.use_translation)
+        except LockedCurveError as exc:
+            if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+                frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
+            else:
+                problem = f"the answer was not applied to {target.name!r}: {exc}"
+    if problem is not None:
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-            push_undo("chat")
-        notify(
-            f"{problem[0].upper()}{problem[1:]}; the answer was not applied", "ERROR", popup=True
-        )
+        push_undo("chat")
+        notify(f"{problem[0].upper()}{problem[1:]}", "ERROR", popup=True)
         return
+    # A step of its own before the poses': undoing a pose the animator does not want keeps the
+    # exchange, and chat mode's context with it.
+    push_undo("chat")
     try:
         result = apply_people(
             bpy.context,
             target,
             poses,
-            frame=job.frame,
+            frame=frame,
             use_translation=job.use_translation,
             spacing=job.spacing,
         )
-    except LockedCurveError as exc:  # found before any armature changed
-        if scene is not None:
-            _give_prompt_back(scene, job.prompt)
-            push_undo("chat")
-        notify(f"The answer was not applied to {target.name!r}: {exc}", "ERROR", popup=True)
-        return
     except Exception:  # half way: what did change is one undo step, not part of the user's next
         push_undo("answer")
         raise
@@ -703,9 +709,10 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         name + (" (new)" if name in result.created else "") for name in result.armatures
     )
     text = f"Applied {len(result.armatures)} pose(s) to {where}"
-    if job.frame is not None:
-        text += f", keyed at frame {job.frame}"
-    level = "INFO"
+    if frame is not None:
+        text += f", keyed at frame {frame}"
+    level = "WARNING" if unkeyed else "INFO"
+    text += unkeyed
     if result.skipped:
         text += f"; not applied: {', '.join(result.skipped)} (the name is taken)"
         level = "WARNING"

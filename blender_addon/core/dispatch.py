@@ -43,6 +43,7 @@ class PoseJob:
     armature_uid: int | None = None  # its session id, which a rename keeps (else: by name)
     scene_uid: int | None = None  # the scene's, likewise
     frame: int | None = None  # key the poses at this frame, or None
+    auto_key: bool = False  # the frame is Auto Keying's: a locked channel leaves it unkeyed
     use_translation: bool = True
     attachment: str = ""  # "viewport image", "image: photo.jpg"
     spacing: float = 1.0  # metres between people of one answer

@@ -193,6 +193,34 @@ def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_serv
     assert_pose(armature, pose_for("keyed by auto keying"))
 
 
+@pytest.mark.parametrize("keying", ["Auto Keying", "Insert Keyframe"])
+def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_asked_key(
+    armature, scripted_service, monkeypatch, keying
+):
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    apply_pose(armature, pose_for("rest"), frame=1)  # an animated rig, one curve locked
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    next(c for c in action_fcurves(armature) if c.data_path == knee).lock = True
+    scene.tool_settings.use_keyframe_insert_auto = keying == "Auto Keying"
+    scene.chatpose.insert_keyframe = keying == "Insert Keyframe"
+    steps = []
+    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    scene.chatpose.prompt = "with a locked knee"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = runtime.last_message()[0]
+    if keying == "Auto Keying":  # posed, as Blender's own Auto Keying poses a locked rig
+        assert "Applied 1 pose(s) to SMPL; not keyed (Auto Keying): " in message
+        assert_pose(armature, pose_for("with a locked knee"))
+        assert steps == ["chat", "answer"]
+    else:
+        assert message.startswith("The answer was not applied to 'SMPL': ") and "locked" in message
+        assert scene.chatpose.prompt == "with a locked knee"  # given back, to send again
+        assert steps == ["chat"]  # one step: the exchange and the prompt given back
+
+
 def test_undoing_an_applied_answer_takes_its_pose_and_keeps_its_exchange(
     armature, scripted_service
 ):

@@ -27,6 +27,7 @@ from .server import (
 log = logging.getLogger("chatpose.serve")
 
 EXIT_CONFIG = 2  # bad arguments, an unsafe bind, a checkpoint that does not load
+EXIT_FAILED = 1  # the server failed while serving (a bug), as a traceback exits
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 # The bundled demo checkpoint, served when no --checkpoint is given.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
@@ -119,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         # Listening before the model loads (minutes for a large one): a client is told it is
         # loading, not that there is no service.
         server = _listening_server(args)
-        io = threading.Thread(target=server.serve_forever, name="chatpose-io")
+        io = _IoThread(server)
         io.start()
         backend = _load_backend(args)
+        # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread.
+        on_signal = SignalStop(server.stop)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
     except BaseException as exc:
         if server is not None:
             server.stop()
@@ -129,14 +134,32 @@ def main(argv: list[str] | None = None) -> int:
             io.join()
         return _start_failed(exc)
     server.attach(backend, backend.info)
-    on_signal = SignalStop(server.stop)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
     if parent is not None:
         parent.serving(server.stop)
     while io.is_alive():
         io.join(0.5)  # with a timeout: the signal handlers run between
+    if io.failure is not None:  # the I/O loop died (a bug): not a clean exit
+        server.close()  # if it died before closing: an open socket would hold the exit
+        print(f"chatpose-serve: the server failed: {io.failure!r}; see the log", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+class _IoThread(threading.Thread):
+    """The server's I/O loop, run while the main thread loads the model and waits for
+    signals; `failure`: what ended it, when something did (logged with its traceback)."""
+
+    def __init__(self, server: Server):
+        super().__init__(name="chatpose-io")
+        self._server = server
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._server.serve_forever()
+        except BaseException as exc:
+            log.exception("the server's I/O loop failed", extra={"event": "crash"})
+            self.failure = exc
 
 
 def _start_failed(exc: BaseException) -> int:

@@ -394,7 +394,8 @@ class Server:
         and its requests' log entries (which only a final reply would otherwise remove)."""
         self._held = deque(frames for frames in self._held if frames[0] != client)
         self._stalled_since.pop(client, None)
-        self.scheduler.cancel_client(client)
+        if self.scheduler is not None:  # none while the model loads: nothing of its to cancel
+            self.scheduler.cancel_client(client)
         with self._received_lock:
             for key in [key for key in self._received if key[0] == client]:
                 del self._received[key]

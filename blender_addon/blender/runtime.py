@@ -826,12 +826,14 @@ def _file_saved() -> bool:
 
 @dataclass(frozen=True)
 class _TakePin:
-    """The take a batch run keys: its action, by name (an undo gives an action back under its
-    name, with another session id), and the action's slot for the armature; and the actions
-    the file had when the run started, so that one assigned since (someone's take) is told
-    from one made since (by the run's first keys, or an answer keyed meanwhile)."""
+    """The take a batch run keys: its action, known by its session id (which a rename keeps)
+    or by its name (which an undo keeps, giving the action back under another id), and the
+    action's slot for the armature; and the actions the file had when the run started, so
+    that one assigned since (someone's take) is told from one made since (by the run's first
+    keys, or an answer keyed meanwhile)."""
 
     action: str | None
+    uid: int | None
     slot: str | None
     existing: frozenset[str]
 
@@ -840,15 +842,19 @@ class _TakePin:
         return cls(*_action_and_slot(obj), frozenset(a.name for a in bpy.data.actions))
 
     def kept(self, obj: bpy.types.Object) -> _TakePin:
-        """The pin once the run's keys went in: onto the take they made, when it had none."""
-        action, slot = _action_and_slot(obj)
-        return dataclasses.replace(self, action=action, slot=slot)
+        """The pin once the run's keys went in: onto the take they made, when it had none, and
+        the take's name and id as they are now."""
+        action, uid, slot = _action_and_slot(obj)
+        return dataclasses.replace(self, action=action, uid=uid, slot=slot)
 
     def moved(self, obj: bpy.types.Object) -> str | None:
         """Why the run's next keys would go into another take than its own, or None. With no
         action now (undone, pushed down to the NLA) they make a new take and replace nothing."""
-        action, slot = _action_and_slot(obj)
-        if action is None or (action == self.action and self.slot in (None, slot)):
+        action, uid, slot = _action_and_slot(obj)
+        if action is None:
+            return None
+        same = self.action is not None and (uid == self.uid or action == self.action)
+        if same and self.slot in (None, slot):
             return None
         if self.action is None and action not in self.existing:
             return None  # made since the run started
@@ -859,13 +865,14 @@ class _TakePin:
         )
 
 
-def _action_and_slot(obj: bpy.types.Object) -> tuple[str | None, str | None]:
+def _action_and_slot(obj: bpy.types.Object) -> tuple[str | None, int | None, str | None]:
+    """The object's action's name and session id, and its slot's identifier (Nones)."""
     anim = obj.animation_data
     action = anim.action if anim is not None else None
     if action is None:
-        return None, None
+        return None, None, None
     slot = getattr(anim, "action_slot", None)
-    return action.name, slot.identifier if slot is not None else None
+    return action.name, action.session_uid, slot.identifier if slot is not None else None
 
 
 def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:

@@ -333,13 +333,23 @@ def fingerprint(examples: Sequence[Example]) -> str:
 
 
 def base_fingerprint(checkpoint: Checkpoint) -> str:
-    """A hash of the base checkpoint's chatpose.json and of the names and sizes of its files:
-    the same base moved to another folder (another machine) is recognised by it, cheaply."""
+    """A hash of the base checkpoint's chatpose.json and of the names and sizes of the files it
+    loads from: the same base moved to another folder (another machine) is recognised by it,
+    cheaply. Only those files: a run's own checkpoints may be in the base's folder."""
     digest = hashlib.sha256((checkpoint.root / CONFIG_NAME).read_bytes())
-    for root in dict.fromkeys((checkpoint.root, checkpoint.base_dir)):
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(root)}\x1f{path.stat().st_size}\x1e".encode())
+    for path in _loaded_files(checkpoint):
+        digest.update(f"{path.name}\x1f{path.stat().st_size}\x1e".encode())
     return digest.hexdigest()
+
+
+def _loaded_files(checkpoint: Checkpoint) -> list[Path]:
+    """The files the base checkpoint loads from: the model's folder (its own files, not those
+    of folders in it), the head, the adapter's."""
+    files = sorted(p for p in checkpoint.base_dir.iterdir() if p.is_file())
+    files.append(checkpoint.head_path)
+    if checkpoint.adapter_dir is not None:
+        files += sorted(p for p in checkpoint.adapter_dir.iterdir() if p.is_file())
+    return files
 
 
 def base_weights_sample(checkpoint: Checkpoint) -> str:
@@ -348,11 +358,10 @@ def base_weights_sample(checkpoint: Checkpoint) -> str:
     Another model of the same layout and sizes (another seed, a fine-tune saved over it)
     differs in it, and it reads in milliseconds however large the model. Only those files: a
     run's own checkpoints may be in the base's folder."""
-    files = [*_weight_files(checkpoint.base_dir), checkpoint.head_path]
-    if checkpoint.adapter_dir is not None:
-        files += _weight_files(checkpoint.adapter_dir)
     digest = hashlib.sha256()
-    for path in files:
+    for path in _loaded_files(checkpoint):
+        if path.suffix not in (".safetensors", ".bin"):
+            continue
         size = path.stat().st_size
         digest.update(f"{path.name}\x1f{size}\x1e".encode())
         with path.open("rb") as file:
@@ -360,11 +369,6 @@ def base_weights_sample(checkpoint: Checkpoint) -> str:
                 file.seek(size * block // 16)
                 digest.update(file.read(1 << 16))
     return digest.hexdigest()
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files of a transformers or peft folder, as their loaders find them."""
-    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -713,7 +717,15 @@ def save_checkpoint(
 
 # How torch's and safetensors' RuntimeErrors say that a write fell short (a full disk, a
 # folder gone); other RuntimeErrors are bugs, left with their traceback.
-_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space", "os error", "IoError")
+_WRITE_FAILURES = (
+    "unexpected pos",
+    "iostream error",
+    "file write failed",
+    "Parent directory",
+    "No space",
+    "os error",
+    "IoError",
+)
 
 
 def _write_checkpoint(

@@ -1262,7 +1262,7 @@ def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
     assert bpy.context.scene.chatpose.prompt == "for a rig about to change"  # to send again
 
 
-@pytest.mark.parametrize("change", ["armature renamed", "bone renamed"])
+@pytest.mark.parametrize("change", ["armature renamed", "take renamed", "bone renamed"])
 def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, monkeypatch, change):
     address, _ = scripted_service
     use_service(address)
@@ -1273,12 +1273,16 @@ def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, mon
     drive(lambda: runtime.current_batch().keyed >= 4)
     if change == "armature renamed":
         armature.name = "Hero"
+    elif change == "take renamed":  # named while it is made: the same take
+        armature.animation_data.action.name = "Take 1"
     else:
         armature.data.bones["head"].name = "Head"  # a rename the user did not mean for SMPL
     drive(idle)
     message = runtime.last_message()[0]
     if change == "armature renamed":
         assert "12 lines keyed on Hero; all 12 lines keyed" in message, message
+    elif change == "take renamed":
+        assert "12 lines keyed on SMPL; all 12 lines keyed" in message, message
     else:
         assert "is gone" not in message
         assert "the armature 'SMPL' is no longer an SMPL armature: it has no bone head" in message

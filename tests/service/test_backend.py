@@ -280,6 +280,35 @@ def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
     assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_INTERRUPTED
 
 
+def test_a_server_that_fails_while_serving_is_no_clean_exit(monkeypatch, capsys):
+    from inference_service import server as server_module
+
+    from .scripted_backend import ScriptedBackend
+
+    def crash(self):
+        raise RuntimeError("a bug in the I/O loop")
+
+    monkeypatch.setattr(server_module.Server, "serve_forever", crash)
+    monkeypatch.setattr(serve, "_load_backend", lambda args: ScriptedBackend())
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_FAILED
+    finally:  # main sets its own, for the rest of a service's life
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert "the server failed: RuntimeError('a bug in the I/O loop')" in capsys.readouterr().err
+
+
+def test_a_client_gone_while_the_model_loads_is_forgotten_without_a_scheduler():
+    from inference_service.server import Server
+
+    server = Server(None, None, f"tcp://127.0.0.1:{free_port()}")
+    try:
+        server._drop_client(b"gone")  # what an unreachable client's reply leads to
+    finally:
+        server.close()
+
+
 def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
     assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_CONFIG

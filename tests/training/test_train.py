@@ -252,6 +252,10 @@ def test_a_run_inside_its_base_s_folder_resumes(base, examples, tmp_path):
     out = own / "runs" / "ft"  # its checkpoints are no weights of the base
     loop.train(settings(own, out, steps=2), examples)
     assert loop.train(settings(own, out, steps=3, resume=True), examples).step == 3
+    moved = tmp_path / "moved"
+    shutil.move(own, moved)  # the base with its run in it, to another folder
+    resumed = settings(moved, moved / "runs" / "ft", steps=4, resume=True)
+    assert loop.train(resumed, examples).step == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         io = _IoThread(server)
         io.start()
         backend = _load_backend(args)
+        if not io.is_alive():  # the I/O loop died while the model loaded: no clean start
+            return _io_failed(server, io)
         # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread.
         on_signal = SignalStop(server.stop)
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -138,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         parent.serving(server.stop)
     while io.is_alive():
         io.join(0.5)  # with a timeout: the signal handlers run between
-    if io.failure is not None:  # the I/O loop died (a bug): not a clean exit
-        server.close()  # if it died before closing: an open socket would hold the exit
-        print(f"chatpose-serve: the server failed: {io.failure!r}; see the log", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return 0 if io.failure is None else _io_failed(server, io)
+
+
+def _io_failed(server: Server, io: _IoThread) -> int:
+    """The exit of a service whose I/O loop died (a bug): not a clean one."""
+    server.close()  # if it died before closing: an open socket would hold the exit
+    print(f"chatpose-serve: the server failed: {io.failure!r}; see the log", file=sys.stderr)
+    return EXIT_FAILED
 
 
 class _IoThread(threading.Thread):

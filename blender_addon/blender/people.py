@@ -15,7 +15,7 @@ from shared_protocol.pose import Pose
 
 from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
-from .anim import refuse_locked
+from .anim import LockedCurveError, refuse_locked
 from .armature import (
     create_smpl_armature,
     is_smpl_armature,
@@ -162,8 +162,14 @@ def refuse_locked_people(target: bpy.types.Object, count: int, use_translation: 
     ``target`` or on a person of it already there: all of them or none, checked first."""
     names = [extra_person_name(target.name, k) for k in range(1, count)]
     people = [o for o in map(bpy.data.objects.get, names) if o and is_smpl_armature(o)]
-    for obj in [target, *people]:
-        refuse_locked(obj, pose_channels(obj, use_translation))
+    refuse_locked(target, pose_channels(target, use_translation))
+    for obj in people:
+        if linked_problem(obj) is not None:
+            continue  # not posed at all: `person_armature` leaves it, saying why
+        try:
+            refuse_locked(obj, pose_channels(obj, use_translation))
+        except LockedCurveError as exc:
+            raise LockedCurveError(f"{obj.name}: {exc}") from None
 
 
 def apply_people(

@@ -666,32 +666,38 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             scene,
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
         )
+    # The exchange is a step of its own, before the poses': undoing a pose the animator does
+    # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
+    # known, so that a refused answer, its prompt given back, is one step.
+    chat_step = (lambda: push_undo("chat")) if scene is not None else (lambda: None)
     if not poses:
-        push_undo("chat")  # else the next undo would take the reply away
+        chat_step()  # else the next undo would take the reply away
         notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
         return
-    target = _find(bpy.data.objects, job.armature, job.armature_uid)
-    problem = _armature_problem(job.armature, target)
-    if problem is not None:
-        problem += "; the answer was not applied"
-    frame, unkeyed = job.frame, ""
-    if problem is None and frame is not None:
-        try:  # before any change, so that a refused answer is one step in the history
-            refuse_locked_people(target, len(poses), job.use_translation)
-        except LockedCurveError as exc:
-            if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
-                frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
-            else:
-                problem = f"the answer was not applied to {target.name!r}: {exc}"
+    try:
+        target = _find(bpy.data.objects, job.armature, job.armature_uid)
+        problem = _armature_problem(job.armature, target)
+        if problem is not None:
+            problem += "; the answer was not applied"
+        frame, unkeyed = job.frame, ""
+        if problem is None and frame is not None:
+            try:  # before any change
+                refuse_locked_people(target, len(poses), job.use_translation)
+            except LockedCurveError as exc:
+                if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+                    frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
+                else:
+                    problem = f"the answer was not applied to {target.name!r}: {exc}"
+    except BaseException:
+        chat_step()
+        raise
     if problem is not None:
         if scene is not None:
             _give_prompt_back(scene, job.prompt)
-        push_undo("chat")
+        chat_step()
         notify(f"{problem[0].upper()}{problem[1:]}", "ERROR", popup=True)
         return
-    # A step of its own before the poses': undoing a pose the animator does not want keeps the
-    # exchange, and chat mode's context with it.
-    push_undo("chat")
+    chat_step()
     try:
         result = apply_people(
             bpy.context,

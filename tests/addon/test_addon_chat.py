@@ -221,6 +221,26 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
         assert steps == ["chat"]  # one step: the exchange and the prompt given back
 
 
+def test_a_locked_channel_on_an_extra_person_is_named_as_its(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    scene.chatpose.chat_mode = True  # two people: SMPL and SMPL.person2
+    scene.chatpose.insert_keyframe = True
+    scene.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    second = bpy.data.objects["SMPL.person2"]
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    next(c for c in action_fcurves(second) if c.data_path == knee).lock = True
+    scene.chatpose.prompt = "two dancers again"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert runtime.last_message()[0].startswith(
+        "The answer was not applied to 'SMPL': SMPL.person2: "
+    )
+
+
 def test_undoing_an_applied_answer_takes_its_pose_and_keeps_its_exchange(
     armature, scripted_service
 ):

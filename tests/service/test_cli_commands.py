@@ -471,6 +471,25 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     assert out_file.read_bytes() == b"the user's"
 
 
+def batch_with_sigterm_watched(capsys, prompts, out_file, address):
+    """(exit code, stderr, SIGTERMs that reached the handler outside the batch) of `chatpose
+    batch`: that handler records them (the default would end pytest) and must be handed back."""
+    killed = []
+
+    def outside(number, frame) -> None:
+        killed.append(number)
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(out_file), "--address", address
+        )
+        assert signal.getsignal(signal.SIGTERM) is outside  # handed back after the batch
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code, err, killed
+
+
 def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
     address, capsys, tmp_path, monkeypatch
 ):
@@ -484,18 +503,9 @@ def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
         if done == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # `kill`, or the terminal closing (SIGHUP)
 
-    def unhandled(number, frame) -> None:  # so that a batch that ignores it fails, not pytest
-        pass
-
     monkeypatch.setattr(cli, "_progress", terminated_on_the_second_answer)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        code, _, err = run(
-            capsys, "batch", str(prompts), "--out", str(out_file), "--address", address
-        )
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # handed back after the batch
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    code, err, killed = batch_with_sigterm_watched(capsys, prompts, out_file, address)
+    assert killed == []  # the batch's own handler took it
     assert code == cli.EXIT_INTERRUPTED
     assert "wrote 2 of 3 poses" in err and "not answered: line 3" in err
     assert Motion.load_npz(out_file).labels == ("wave", "sit down")
@@ -519,21 +529,9 @@ def test_a_second_stop_while_the_answers_are_written_waits_for_the_file(
         os.kill(os.getpid(), getattr(signal, second))
         write(path, poses, fps)
 
-    killed = []  # SIGTERM's handler outside the batch: the default would end the process
-
-    def unhandled(number, frame) -> None:
-        killed.append(number)
-
     monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
     monkeypatch.setattr(cli, "_write_motion", stopped_again_while_writing)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        code, _, err = run(
-            capsys, "batch", str(prompts), "--out", str(out_file), "--address", address
-        )
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # handed back after the batch
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    code, err, killed = batch_with_sigterm_watched(capsys, prompts, out_file, address)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert killed == []  # the batch's own handler took it, and waited for the file
     assert code == cli.EXIT_INTERRUPTED

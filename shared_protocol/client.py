@@ -79,6 +79,11 @@ for _event in HANDSHAKE_REFUSALS:
 _DROP_CHECK_MS = 200
 
 
+class HandshakeRefused(ProtocolError):
+    """`unreachable` because what listens at the address refused the handshake (keys): asking
+    again will not help until someone changes the keys."""
+
+
 @dataclass(frozen=True)
 class UndecodableReply(ErrorReply):
     """The ErrorReply that `poll` makes from frames that do not decode (a service or protocol
@@ -278,7 +283,8 @@ class Client:
         """The service's status once it serves: asked again while nothing listens yet or the
         model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`, or
         ProtocolError(unreachable) once `gone()` says why it never will (a service process
-        that exited); any other error reply as a ProtocolError of its code."""
+        that exited) or at once on a HandshakeRefused; any other error reply as a
+        ProtocolError of its code."""
         deadline = time.monotonic() + timeout_s
         while True:
             why = gone()
@@ -290,6 +296,8 @@ class Client:
                 )
             try:
                 reply = self.request(StatusRequest(self.new_id()), timeout_s=2.0)
+            except HandshakeRefused:
+                raise
             except ProtocolError as exc:
                 if exc.code not in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                     raise
@@ -309,14 +317,19 @@ class Client:
         if not self.wait_connected(connect_s):
             refusal = self.refusal
             self.reset()
-            message = (
-                f"{self.address} refused the connection: {refusal}"
-                if refusal
-                else f"no service at {self.address} (no connection within {connect_s:g} s); "
-                "is chatpose-serve running?"
-            )
+            if refusal:
+                raise HandshakeRefused(
+                    ErrorCode.UNREACHABLE,
+                    f"{self.address} refused the connection: {refusal}",
+                    request_id=request.id,
+                    op=request.op,
+                )
             raise ProtocolError(
-                ErrorCode.UNREACHABLE, message, request_id=request.id, op=request.op
+                ErrorCode.UNREACHABLE,
+                f"no service at {self.address} (no connection within {connect_s:g} s); "
+                "is chatpose-serve running?",
+                request_id=request.id,
+                op=request.op,
             )
         drops = self.drops
         self.send(request)

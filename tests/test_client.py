@@ -188,3 +188,27 @@ def test_waiting_for_a_service_ends_when_it_is_gone_or_the_time_is_up(context):
             late.value
         )
         assert time.monotonic() - started < 10
+
+
+def test_waiting_for_a_service_that_refuses_the_keys_names_the_refusal_at_once(context, tmp_path):
+    # Asking again cannot help until someone changes the keys: waiting out the minutes a model
+    # may take to load, then calling it a timeout, hid the reason.
+    from inference_service.keys import make_keys
+    from shared_protocol.client import ClientCurveKeys
+
+    make_keys(tmp_path, ["animator"])
+    service = context.socket(zmq.ROUTER)
+    service.curve_server = True
+    service.curve_publickey, service.curve_secretkey = zmq.curve_keypair()  # another key
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    keys = ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key")
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", context=context, curve=keys) as client:
+            with pytest.raises(ProtocolError) as refused:
+                client.wait_serving(600)
+    finally:
+        service.close(linger=0)
+    assert refused.value.code == ErrorCode.UNREACHABLE
+    assert "refused the connection: the server key given is not this service's" in str(
+        refused.value
+    )

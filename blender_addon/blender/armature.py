@@ -16,6 +16,7 @@ from ..core.rig_spec import (
     rest_joints_from_heads,
     smpl_bone_names,
     smpl_bone_specs,
+    units_per_metre,
 )
 from ..core.smpl_model import SmplModel
 from .meshes import create_mannequin, create_smpl_body
@@ -107,15 +108,24 @@ def root_location_frame(obj: bpy.types.Object) -> np.ndarray:
 def upright(obj: bpy.types.Object) -> np.ndarray:
     """Armature space -> the Z-up armature space ``core.posing`` takes (Y-up rig data, as an
     imported SMPL FBX has it, is seen turned upright: ``rig_spec.armature_axes``)."""
-    bones = obj.data.bones
-    axes = armature_axes([tuple(bones[n].head_local) for n in bone_names(obj)])
+    axes = armature_axes(_rest_heads(obj))
     return SMPL_TO_BLENDER @ axes.T
 
 
 def rest_joints(obj: bpy.types.Object) -> np.ndarray:
-    """(24, 3) rest joints in the SMPL frame, read back from the bone heads."""
+    """(24, 3) rest joints in the SMPL frame, in metres, read back from the bone heads."""
+    return rest_joints_from_heads(_rest_heads(obj))
+
+
+def armature_units(obj: bpy.types.Object) -> float:
+    """How many of the armature's units make a metre (``rig_spec.units_per_metre``): 100 for
+    a rig built in centimetres."""
+    return units_per_metre(_rest_heads(obj))
+
+
+def _rest_heads(obj: bpy.types.Object) -> list[tuple[float, float, float]]:
     bones = obj.data.bones
-    return rest_joints_from_heads([tuple(bones[n].head_local) for n in bone_names(obj)])
+    return [tuple(bones[n].head_local) for n in bone_names(obj)]
 
 
 def _ensure_object_mode(context: bpy.types.Context) -> None:

@@ -14,7 +14,13 @@ from shared_protocol.pose import Motion, Pose
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_frames, playback_rate
 from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
-from .armature import bone_names, bone_rest_rotations, rest_joints, root_location_frame
+from .armature import (
+    armature_units,
+    bone_names,
+    bone_rest_rotations,
+    rest_joints,
+    root_location_frame,
+)
 from .fast_keys import write_keys
 from .posing import (
     apply_pose,
@@ -81,7 +87,7 @@ def write_pose_keys(
         rows.append(values.T)
     if use_translation:
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
-        rows.append(root_location(t, root_location_frame(obj)).T)  # (3, N)
+        rows.append(root_location(t, root_location_frame(obj), armature_units(obj)).T)  # (3, N)
     write_keys(obj, pose_channels(obj, use_translation), order, np.concatenate(rows))
 
 

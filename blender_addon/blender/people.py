@@ -17,6 +17,7 @@ from ..core.placement import extra_person_name, person_location
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, refuse_locked
 from .armature import (
+    armature_units,
     create_smpl_armature,
     is_smpl_armature,
     linked_problem,
@@ -107,10 +108,11 @@ def person_armature(
         )
     # Facing as the target faces, whatever its rotation mode; without the turn that stands a
     # rig with Y-up armature data upright (an imported SMPL FBX): this one is Z-up already.
+    # Its skeleton is the target's in metres: a rig built in centimetres shows at 1/100 scale.
     world = target.matrix_world
     stands = Matrix(upright(target).T.tolist()).to_quaternion()
     obj.matrix_world = Matrix.LocRotScale(
-        obj.location, world.to_quaternion() @ stands, world.to_scale()
+        obj.location, world.to_quaternion() @ stands, world.to_scale() * armature_units(target)
     )
     _move_beside(obj, target)
     return obj, True

@@ -29,7 +29,7 @@ from ..core.posing import (
     translation_from_root_location,
 )
 from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
-from .armature import bone_names, bone_rest_rotations, root_location_frame
+from .armature import armature_units, bone_names, bone_rest_rotations, root_location_frame
 
 
 def rotation_data_path(mode: str) -> str:
@@ -131,7 +131,7 @@ def apply_pose(
     if use_translation:
         root = pbones[names[0]]
         t = np.zeros(3) if pose.translation is None else pose.translation
-        root.location = tuple(root_location(t, root_location_frame(obj)))
+        root.location = tuple(root_location(t, root_location_frame(obj), armature_units(obj)))
     if frame is not None:
         for name in names:
             pbone = pbones[name]
@@ -195,5 +195,7 @@ def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Po
         np.swapaxes(np.array(quats), 0, 1), bone_rest_rotations(obj)
     )
     locations = channel_values(fcurves, pbones[names[0]], "location", frames)
-    translations = translation_from_root_location(locations, root_location_frame(obj))
+    translations = translation_from_root_location(
+        locations, root_location_frame(obj), armature_units(obj)
+    )
     return [Pose(a, t) for a, t in zip(axis_angle, translations, strict=True)]

@@ -6,7 +6,8 @@ rotation R is
 
     R_bone = B⁻¹ · C · R · C⁻¹ · B
 
-and the root's translation t (SMPL frame) is the pose-bone location L⁻¹ · C · t, where L is
+and the root's translation t (SMPL frame, metres) is the pose-bone location u · L⁻¹ · C · t,
+where u is the armature's units per metre (``rig_spec.units_per_metre``) and L is
 the rotation of the frame Blender reads the root's location in (``location_frame``): the
 root's own rest B (bone-local location, Blender's default), or with ``use_local_location``
 off its parent's rest, or the armature's axes when it has no parent. For the rig that
@@ -78,16 +79,18 @@ def axis_angle_from_bone_quaternions(quaternions, bone_rest=None) -> np.ndarray:
     return matrix_to_axis_angle(m)
 
 
-def root_location(translation, location_frame=None) -> np.ndarray:
-    """(..., 3) SMPL translation -> the root pose bone's ``location``. ``location_frame``:
-    L above, (3, 3); None means the rig ``rig_spec`` builds."""
-    armature = np.asarray(translation, dtype=np.float64) @ _C.T
+def root_location(translation, location_frame=None, units_per_metre: float = 1.0) -> np.ndarray:
+    """(..., 3) SMPL translation (metres) -> the root pose bone's ``location``.
+    ``location_frame``: L above, (3, 3); None means the rig ``rig_spec`` builds."""
+    armature = np.asarray(translation, dtype=np.float64) @ _C.T * units_per_metre
     return armature @ _location_frame(location_frame)  # L⁻¹ · v for each row v
 
 
-def translation_from_root_location(location, location_frame=None) -> np.ndarray:
+def translation_from_root_location(
+    location, location_frame=None, units_per_metre: float = 1.0
+) -> np.ndarray:
     """The inverse of ``root_location``."""
-    loc = np.asarray(location, dtype=np.float64)
+    loc = np.asarray(location, dtype=np.float64) / units_per_metre
     return loc @ _location_frame(location_frame).T @ _C
 
 

@@ -119,9 +119,24 @@ def _nearest_axis(v: np.ndarray) -> np.ndarray:
 
 
 def rest_joints_from_heads(heads) -> np.ndarray:
-    """(24, 3) bone heads in armature space -> rest joints in the SMPL frame."""
+    """(24, 3) bone heads in armature space -> rest joints in the SMPL frame, in metres."""
     h = np.asarray(heads, dtype=np.float64)
-    return h @ armature_axes(h)  # the inverse of p @ C.T, since C is a rotation
+    return h @ armature_axes(h) / units_per_metre(h)  # p @ C.T inverted, C being a rotation
+
+
+def units_per_metre(heads) -> float:
+    """How many armature units make a metre, read off a rig's 24 rest bone heads: the power of
+    ten that brings its skeleton nearest to SMPL's size. A rig built in centimetres (as other
+    tools' FBX files are, shown at object scale 0.01) has 100; the SMPL skeleton of any body,
+    a child's or a tall one's, in metres has 1. Translations in metres are scaled by it."""
+    size = _spread(np.asarray(heads, dtype=np.float64))
+    if not size > 0:  # every head in one place: no size to read
+        return 1.0
+    return float(10.0 ** round(np.log10(size / _spread(DEFAULT_REST_JOINTS))))
+
+
+def _spread(points: np.ndarray) -> float:
+    return float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean())
 
 
 def bone_rest_matrix(head, tail, roll: float = 0.0) -> np.ndarray:

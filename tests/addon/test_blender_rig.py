@@ -47,6 +47,7 @@ from .helpers import (
     linked_from_library,
     random_pose,
     transform,
+    world_heads,
 )
 
 SEEDS = range(20)
@@ -372,6 +373,40 @@ def test_the_root_location_follows_the_bones_local_location_setting(
         np.testing.assert_allclose(
             read_pose(obj, frame=frame).translation, pose.translation, atol=1e-5
         )
+
+
+def test_a_rig_built_in_centimetres_moves_in_the_worlds_metres(blender, tmp_path):
+    """Other tools' FBX rigs are often in centimetres, shown at object scale 0.01. A
+    translation in metres written into such a root's location moved the body a hundredth of
+    the way: it is scaled into the armature's units, applied, keyed, imported and exported."""
+    from blender_addon.blender.armature import armature_units
+    from blender_addon.blender.keyframes import export_npz, import_npz
+    from blender_addon.blender.people import apply_people
+
+    metres = create_smpl_armature(bpy.context, with_mesh=False, on_ground=False)
+    centimetres = _limb_aligned_rig(heads=DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T * 100)
+    centimetres.scale = (0.01,) * 3
+    assert (armature_units(metres), armature_units(centimetres)) == (1.0, 100.0)
+    np.testing.assert_allclose(rest_joints(centimetres), DEFAULT_REST_JOINTS, atol=1e-6)
+    pose = random_pose(500)
+    for obj in (metres, centimetres):
+        apply_pose(obj, pose)
+        np.testing.assert_allclose(read_pose(obj).translation, pose.translation, atol=1e-5)
+    assert np.abs(world_heads(centimetres) - world_heads(metres)).max() < FK_TOLERANCE
+
+    second = bpy.data.objects[apply_people(bpy.context, centimetres, [pose, pose]).created[0]]
+    moved = world_heads(second) - world_heads(second)[0]  # the same size as the target
+    np.testing.assert_allclose(moved, world_heads(metres) - world_heads(metres)[0], atol=1e-5)
+
+    walk = Motion(np.zeros((2, 24, 3)), np.array([[0.0, 0.0, 0.0], [0.4, 0.0, 1.5]]), fps=30.0)
+    walk.save_npz(tmp_path / "walk.npz")
+    for obj in (metres, centimetres):
+        import_npz(obj, tmp_path / "walk.npz", start=1)
+        export_npz(obj, tmp_path / f"{obj.name}.npz", fps=30.0)
+        back = Motion.load_npz(tmp_path / f"{obj.name}.npz")
+        np.testing.assert_allclose(back.translation, walk.translation, atol=1e-5)
+    bpy.context.scene.frame_set(2)
+    assert np.abs(world_heads(centimetres) - world_heads(metres)).max() < FK_TOLERANCE
 
 
 # --- rotation modes -----------------------------------------------------------------------------

@@ -68,6 +68,21 @@ def test_armature_axes_are_read_off_the_rest_skeleton():
     np.testing.assert_array_equal(rig_spec.armature_axes(collapsed), SMPL_TO_BLENDER)
 
 
+@pytest.mark.parametrize(
+    "size, units",
+    [(0.6, 1.0), (1.0, 1.0), (1.3, 1.0), (100.0, 100.0), (75.0, 100.0), (1000.0, 1000.0)],
+)
+def test_a_rigs_units_are_read_off_its_size(size, units):
+    """A child's or a tall body's skeleton is in metres; one a hundred times a person's is in
+    centimetres, whose rest joints still come back in metres."""
+    heads = DEFAULT_REST_JOINTS @ SMPL_TO_BLENDER.T * size
+    assert rig_spec.units_per_metre(heads) == units
+    np.testing.assert_allclose(
+        rig_spec.rest_joints_from_heads(heads), DEFAULT_REST_JOINTS * size / units, atol=1e-12
+    )
+    assert rig_spec.units_per_metre(np.zeros((24, 3))) == 1.0
+
+
 def test_bone_specs_reject_bad_rest_joints():
     with pytest.raises(ValueError, match="rest_joints"):
         rig_spec.smpl_bone_specs(np.zeros((23, 3)))

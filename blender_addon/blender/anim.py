@@ -95,3 +95,17 @@ def scene_time(obj: bpy.types.Object, frame: float) -> float:
     if anim is None or not anim.use_tweak_mode:
         return frame
     return anim.nla_tweak_strip_time_to_scene(frame)
+
+
+def start_new_take(obj: bpy.types.Object, name: str) -> str | None:
+    """Gives ``obj`` a new, empty action called ``name`` when the one it plays has keys, and
+    returns that one's name (else None). The old take keeps a fake user, so the file keeps it
+    when it is saved: nothing the animator keyed is lost, and the Action editor brings it
+    back. In NLA tweak mode the strip being edited stays (Blender lets no other action in)."""
+    anim = obj.animation_data
+    if anim is None or anim.action is None or anim.use_tweak_mode or not action_fcurves(obj):
+        return None
+    old = anim.action
+    old.use_fake_user = True
+    anim.action = bpy.data.actions.new(name)
+    return old.name

@@ -128,7 +128,7 @@ def _rest_heads(obj: bpy.types.Object) -> list[tuple[float, float, float]]:
     return [tuple(bones[n].head_local) for n in bone_names(obj)]
 
 
-def _ensure_object_mode(context: bpy.types.Context) -> None:
+def ensure_object_mode(context: bpy.types.Context) -> None:
     if context.mode != "OBJECT" and context.active_object is not None:
         bpy.ops.object.mode_set(mode="OBJECT")
 
@@ -153,7 +153,7 @@ def create_smpl_armature(
     if rest_joints_smpl is None and model is not None:
         rest_joints_smpl = model.rest_joints
     specs = smpl_bone_specs(rest_joints_smpl)
-    _ensure_object_mode(context)
+    ensure_object_mode(context)
 
     arm = bpy.data.armatures.new(name)
     arm.display_type = "OCTAHEDRAL"

@@ -112,17 +112,20 @@ def key_motion(
 
 def keyed_frames(obj: bpy.types.Object) -> list[int]:
     """Scene frames with a key on a pose channel (an SMPL bone's rotation, the root's
-    location), sorted; ValueError for a key between frames (`keyed_frame_list`)."""
-    prefixes = tuple(bone_data_path(name, "") for name in bone_names(obj))
+    location: not another bone's, which a pose does not hold), sorted; ValueError for a key
+    between frames (`keyed_frame_list`)."""
+    names = bone_names(obj)
+    paths = {bone_data_path(name, prop) for name in names for prop in ROTATION_CHANNELS}
+    paths.add(bone_data_path(names[0], "location"))
     return keyed_frame_list(
         scene_time(obj, point.co[0])
         for fc in action_fcurves(obj)
-        if fc.data_path.startswith(prefixes) and fc.data_path.endswith(POSE_CHANNELS)
+        if fc.data_path in paths
         for point in fc.keyframe_points
     )
 
 
-POSE_CHANNELS = ("rotation_quaternion", "rotation_euler", "rotation_axis_angle", "location")
+ROTATION_CHANNELS = ("rotation_quaternion", "rotation_euler", "rotation_axis_angle")
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:

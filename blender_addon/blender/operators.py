@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
@@ -11,8 +12,13 @@ from shared_protocol.pose import Motion, Pose
 
 from ..core.timeline import MAX_FRAME, frames_for
 from ..preferences import preferred_smpl_model
-from .anim import LockedCurveError
-from .armature import create_smpl_armature, find_smpl_armature, linked_problem
+from .anim import LockedCurveError, start_new_take
+from .armature import (
+    create_smpl_armature,
+    ensure_object_mode,
+    find_smpl_armature,
+    linked_problem,
+)
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, scene_fps
 from .posing import apply_pose
@@ -176,22 +182,34 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         description="The file is Z-up, as AMASS's motions are; off: in SMPL's own frame, +Y up",
         default=True,
     )
+    new_take: bpy.props.BoolProperty(
+        name="New Take",
+        description="Key the motion into a new action named after the file; the armature's "
+        "animation stays in its own action (kept when the file is saved). Off: key into the "
+        "current action, replacing its keys where frames meet",
+        default=True,
+    )
 
     def execute(self, context):
         obj = find_smpl_armature(context)
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
             return {"CANCELLED"}
+        ensure_object_mode(context)  # Edit Mode's bones are not the ones posing reads
         unused_model = ""
+        kept = None
         try:
-            if obj is None:  # read first: a file that does not load leaves the scene as it was
-                motion = Motion.load_npz(self.filepath, z_up=self.z_up)
-                frames_for(len(motion), self.start_frame, self.frame_step)  # nor one too long
+            # Read first: a file that does not load leaves the scene as it was, nor one too long.
+            motion = Motion.load_npz(self.filepath, z_up=self.z_up)
+            frames_for(len(motion), self.start_frame, self.frame_step)
+            if obj is None:
                 try:
                     model = preferred_smpl_model(context)
                 except ValueError as exc:  # the motion still imports, on the mannequin
                     model, unused_model = None, f" (the SMPL model file was not used: {exc})"
                 obj = create_smpl_armature(context, model=model)
+            elif self.new_take:
+                kept = start_new_take(obj, Path(self.filepath).stem)
             motion, frames = import_npz(
                 obj,
                 self.filepath,
@@ -205,7 +223,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         level = "WARNING" if unused_model else "INFO"
-        self.report({level}, f"Keyed {len(frames)} poses on {obj.name}{unused_model}")
+        earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
+        self.report({level}, f"Keyed {len(frames)} poses on {obj.name}{earlier}{unused_model}")
         return {"FINISHED"}
 
 

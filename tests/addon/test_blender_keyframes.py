@@ -422,6 +422,49 @@ def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     assert obj.animation_data is None or obj.animation_data.action is None
 
 
+def test_a_second_import_goes_into_a_new_take_and_keeps_the_first(blender, tmp_path):
+    # Keyed into the same action, a 20-frame motion over a 100-frame one left the old
+    # frames 21 to 100 playing after it, and export wrote all 100.
+    long, short = tmp_path / "long.npz", tmp_path / "short.npz"
+    motion(10, seed=1).save_npz(long)
+    motion(4, seed=2).save_npz(short)
+    assert bpy.ops.chatpose.import_npz(filepath=str(long)) == {"FINISHED"}
+    obj = bpy.context.active_object
+    first = obj.animation_data.action
+    assert bpy.ops.chatpose.import_npz(filepath=str(short)) == {"FINISHED"}
+    assert obj.animation_data.action.name == "short" and keyed_frames(obj) == [1, 2, 3, 4]
+    assert first.use_fake_user and len(first.fcurves) > 0  # kept when the file is saved
+    out = tmp_path / "out.npz"
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    np.testing.assert_allclose(
+        Motion.load_npz(out).axis_angle, motion(4, seed=2).axis_angle, atol=1e-5
+    )
+    # Into the current take, as a clip after the first: one action, both motions.
+    assert bpy.ops.chatpose.import_npz(filepath=str(long), start_frame=5, new_take=False) == {
+        "FINISHED"
+    }
+    assert obj.animation_data.action.name == "short" and keyed_frames(obj) == list(range(1, 15))
+
+
+def test_an_import_in_edit_mode_uses_the_bones_as_edited(blender, tmp_path):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.ops.object.mode_set(mode="EDIT")
+    obj.data.edit_bones["left_elbow"].tail = (1.0, 0.2, 1.3)  # re-aimed, not yet in data.bones
+    source = tmp_path / "in.npz"
+    motion(2, seed=4).save_npz(source)
+    assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
+    assert bpy.context.mode == "OBJECT"
+    for frame, pose in zip((1, 2), motion(2, seed=4).poses(), strict=True):
+        np.testing.assert_allclose(read_pose(obj, frame).axis_angle, pose.axis_angle, atol=1e-5)
+
+
+def test_a_location_key_on_another_bone_does_not_stretch_the_export(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(i) for i in range(3)], [1, 2, 3])
+    obj.pose.bones["left_wrist"].keyframe_insert("location", frame=300)
+    assert keyed_frames(obj) == [1, 2, 3]
+
+
 def test_poses_with_labels_and_partial_translation(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     pose = Pose(random_pose(1).axis_angle, None, "kneel")

@@ -880,6 +880,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out: {out} is a file; name a folder for the run")
     _check_can_make(out)  # now, not once the model has loaded
+    select_device(config.device)  # and the GPU asked for is there, before the data loads
     if config.resume:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
@@ -888,6 +889,12 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         # A run's files, even of one stopped before its first checkpoint: its base/ copy
         # would otherwise be taken for this run's --base.
         files = ", ".join(sorted(_run_files(out)))
+        base = config.base.resolve()
+        if out.resolve() == base or out.resolve() in base.parents:
+            raise TrainingError(
+                f"--out {out} holds the --base model ({config.base}), whose files ({files}) "
+                "would be taken for a run's; choose an --out outside it"
+            )
         if latest_checkpoint(out) is None:
             raise TrainingError(
                 f"{out} holds a run that stopped before its first checkpoint ({files}): "

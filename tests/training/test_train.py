@@ -600,6 +600,30 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
     assert "--max-length 9999: this model reads at most 512 tokens" in capsys.readouterr().err
 
 
+def test_a_missing_gpu_is_named_before_the_data_loads(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--base", str(base), "--data", "corpus", str(tmp_path / "absent.npz")]
+    assert train_cli.main([*argv, "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "absent.npz" not in err
+
+
+def test_an_out_that_holds_the_base_is_refused_without_being_called_a_stopped_run(
+    base, tmp_path, capsys
+):
+    # The checkpoint layout has a base/ folder, as a run's --copy-base does: the message
+    # told the user to delete the folder holding their model.
+    data = _write_data(tmp_path)
+    common = [*data, "--device", "cpu", "--steps", "1", "--lora-rank", "4"]
+    shutil.copytree(base, tmp_path / "runs" / "base")  # the model where --copy-base puts it
+    shutil.copytree(base, tmp_path / "copy")  # a checkpoint: its model is in its base/ too
+    for out, model in ((tmp_path / "runs", tmp_path / "runs" / "base"), (tmp_path / "copy",) * 2):
+        argv = ["--base", str(model), "--out", str(out), *common]
+        assert train_cli.main(argv) == train_cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"--out {out} holds the --base model ({model})" in err and "delete" not in err
+
+
 def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):
     nan = (float("nan"),) * 3
     (tmp_path / "step-000004").mkdir()  # --keep-last 1 pruned the ones before

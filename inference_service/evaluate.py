@@ -57,6 +57,7 @@ from inference_service.training.baselines import (
     mean_pose,
     rotation_distance,
 )
+from shared_protocol.arrays import open_npz
 
 METRIC_NAMES = (
     "pa_mpjpe_mm",
@@ -180,12 +181,17 @@ def read_image_pairs(pairs: str | Path, limit: int | None = None):
         image_bytes,
         read_image_pose_pairs,
     )
-    from inference_service.training.render_pairs import read_pairs
 
     path = Path(pairs) / "pairs.npz"
     examples = read_image_pose_pairs(path, camera_frame=False, crop="none", limit=limit)
     rows = [int(example.source.rpartition("#")[2]) for example in examples]
-    arrays = read_pairs(path)  # the optional arrays render_pairs adds (the file loads: above)
+    arrays = {}  # the optional arrays render_pairs adds (the file loads: read above)
+    with open_npz(path) as archive:
+        for key in {"actions", "size", "split"}.intersection(archive.files):
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:  # an object array, which would need a pickle
+                raise DatasetError(f"{path}: {key!r} cannot be read: {exc}") from None
     actions = arrays.get("actions")
     if actions is None:
         actions = np.full(max(rows, default=-1) + 1, "")

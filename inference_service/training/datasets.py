@@ -288,7 +288,8 @@ def phrasing_texts() -> list[str]:
 # --- shared file helpers ----------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """A dataset's JSON file; DatasetError naming it, and the record repeating a key."""
     try:
         # utf-8-sig: also what Windows editors save as UTF-8 (with a byte-order mark)
         text = path.read_text(encoding="utf-8-sig")
@@ -337,7 +338,10 @@ def _record_with_a_repeated_key(text: str) -> str:
             return isinstance(value, _ObjectWithRepeats) or any(map(holds_repeat, value.values()))
         return isinstance(value, list) and any(map(holds_repeat, value))
 
-    data = json.loads(text, object_pairs_hook=marking)
+    try:
+        data = json.loads(text, object_pairs_hook=marking)
+    except (ValueError, RecursionError):  # past the repeat: the message does without a record
+        return ""
     if isinstance(data, list):
         for number, record in enumerate(data):
             if holds_repeat(record):
@@ -683,7 +687,7 @@ def read_amass_poses(
     ids}); DatasetError for a malformed entry, a frame past a sequence's end, or a pose id
     missing from the index.
     """
-    entries = _read_json(index)
+    entries = read_json(index)
     if not isinstance(entries, dict):
         raise DatasetError(
             f"{index}: expected a JSON object {{pose_id: [dataset, sequence file, frame]}}"
@@ -743,7 +747,7 @@ def _amass_sequence(amass: Path, sequence: str) -> Path | None:
 
 
 def _read_id_list(path: Path) -> set[str]:
-    ids = _read_json(path)
+    ids = read_json(path)
     if not isinstance(ids, list) or not all(
         isinstance(i, str | int) and not isinstance(i, bool) for i in ids
     ):
@@ -784,7 +788,7 @@ def read_posescript(
     said): a DatasetError if most bodies stand along +Z, which would train them lying down.
     """
     captions_path = Path(captions)
-    data = _read_json(captions_path)
+    data = read_json(captions_path)
     if not isinstance(data, dict):
         raise DatasetError(
             f"{captions_path}: expected a JSON object {{pose_id: caption(s)}}, "
@@ -986,7 +990,7 @@ def read_llava_conversations(
     """
     json_path = Path(path)
     folder = Path(images) if images is not None else json_path.parent
-    data = _read_json(json_path)
+    data = read_json(json_path)
     if not isinstance(data, list):
         raise DatasetError(f"{json_path}: expected a JSON list of conversations")
     by_id: dict[str, list[np.ndarray]] | None = None
@@ -1200,7 +1204,9 @@ def examples_from_caption_pose_pairs(
             raise DatasetError(f"{where}: the caption must be a non-empty string")
         pose = getattr(pose, "axis_angle", pose)
         question, answer = phraser.text(caption)
-        examples.append(Example("text_to_pose", question, answer, poses=(pose,), source=where))
+        example = Example("text_to_pose", question, answer, poses=(pose,), source=where)
+        _check_radians(example.poses[0][None], Path(where), "pose")  # as the file readers do
+        examples.append(example)
     return examples
 
 

@@ -308,9 +308,10 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
 
             texts.extend(record.caption for record in load_corpus(path))
             continue
-        raw = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
-            stack = [json.loads(raw)]
+            from inference_service.training.datasets import read_json
+
+            stack = [read_json(path)]
             while stack:
                 item = stack.pop()
                 if isinstance(item, str):
@@ -320,6 +321,10 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
                 elif isinstance(item, list):
                     stack.extend(item)
         else:
+            try:
+                raw = path.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from None
             texts.extend(line for line in raw.splitlines() if line.strip())
     return texts
 

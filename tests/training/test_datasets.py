@@ -778,6 +778,11 @@ def test_a_repeated_key_inside_a_record_names_the_record(tmp_path):
         DatasetError, match=r"conv\.json: record 3: the key 'value' appears more than once"
     ):
         read_llava_conversations(tmp_path / "conv.json")
+    # A record too deep to read again after the repeat: the message goes without a record.
+    records[4] = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "conv.json").write_text("[" + ", ".join(records) + "]", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"conv\.json: the key 'value' appears more than"):
+        read_llava_conversations(tmp_path / "conv.json")
 
 
 def test_llava_pose_pairing_errors(tmp_path):
@@ -863,6 +868,10 @@ def test_caption_pose_pairs_adapter_and_phrasing_mix():
         examples_from_caption_pose_pairs([("  ", POSES[0])], source="corpus")
     with pytest.raises(DatasetError, match=r"corpus#0: pose 0: expected shape \(24, 3\)"):
         examples_from_caption_pose_pairs([("x", np.zeros(5))], source="corpus")
+    degrees = np.zeros((24, 3))
+    degrees[18] = (0.0, 0.0, 90.0)
+    with pytest.raises(DatasetError, match=r"corpus#1: pose 0: a rotation of 90 rad"):
+        examples_from_caption_pose_pairs([("x", POSES[0]), ("y", degrees)], source="corpus")
 
 
 def test_chat_phrasing_asks_half_the_examples_as_the_user_typed_them(tmp_path):

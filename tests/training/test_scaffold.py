@@ -74,8 +74,13 @@ def test_demo_preset_fits_the_size_budget():
 
 def test_cli_writes_a_checkpoint(tmp_path, capsys):
     texts = tmp_path / "captions.json"
-    texts.write_text(json.dumps({"0": ["a person doing a cartwheel"]}), encoding="utf-8")
-    assert scaffold.read_texts([texts]) == ["a person doing a cartwheel"]
+    texts.write_text(json.dumps({"0": ["a person doing a cartwheel"]}), encoding="utf-8-sig")
+    assert scaffold.read_texts([texts]) == ["a person doing a cartwheel"]  # as training reads it
+    latin = tmp_path / "lines.txt"
+    latin.write_bytes("a person's café pose".encode("latin-1"))
+    for bad in (latin, tmp_path / "absent.json"):
+        assert scaffold.main([str(tmp_path / "no"), "--size", "tiny", "--texts", str(bad)]) == 2
+        assert str(bad) in capsys.readouterr().err
     from inference_service.training.corpus import generate_corpus, save_corpus
 
     records = generate_corpus(1, 3)

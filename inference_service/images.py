@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from inference_service.errors import BadImageError
@@ -104,14 +105,19 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     releases open a 16-bit PNG) is scaled to 8 bits first: converted as it is, every value
     above 255 would clip to white. A picture with transparency (a cut-out reference) is laid
     on ``TRANSPARENT_BACKDROP``."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        transparent = image.info.get("transparency")  # one 16-bit grey value, in a PNG
+        wide = image.convert("I")
+        high = 65535 if wide.getextrema()[1] <= 65535 else 2**31 - 1
+        grey = wide.point(lambda value: value * (255 / high)).convert("L")
+        if not isinstance(transparent, int):
+            return grey.convert("RGB")
+        opaque = np.asarray(wide) != transparent
+        image = Image.merge("LA", (grey, Image.fromarray(opaque.astype(np.uint8) * 255)))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         backdrop = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKDROP, 255))
         return Image.alpha_composite(backdrop, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        image = image.convert("I")
-        high = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1
-        image = image.point(lambda value: value * (255 / high)).convert("L")
     return image.convert("RGB")
 
 
@@ -231,10 +237,12 @@ def _check_jpeg(data: bytes, field: str) -> None:
             raise BadImageError(
                 f"{field}: more than {MAX_HEADER_PARTS} JPEG markers (or stray bytes between them)"
             )
-        if code == _END_OF_IMAGE:
+        # Before the first scan Pillow reads on past an end of image, as past a start of one:
+        # markers without a length, as are the restarts and TEM.
+        if code == _END_OF_IMAGE and scans:
             return
         offset = marker.end()
-        if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
+        if 0xD0 <= code <= 0xD9 or code == 0x01:
             continue
         offset += int.from_bytes(data[offset : offset + 2], "big")
         if code == _START_OF_SCAN:

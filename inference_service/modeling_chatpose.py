@@ -527,7 +527,10 @@ class ChatPoseModel:
             raise UnsupportedInputError(
                 f"{len(images)} images given; this model takes at most {self.config.max_images}"
             )
-        return [decode_image(data, min_side=self.config.image_size) for data in images]
+        return [
+            decode_image(data, f"images[{k}]", min_side=self.config.image_size)
+            for k, data in enumerate(images)
+        ]
 
     def _check_text(self, text: str, field: str) -> None:
         # A literal image marker would be expanded into image tokens with no image behind them.

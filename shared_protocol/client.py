@@ -345,7 +345,11 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
             reply = self.poll(min(remaining_ms, _DROP_CHECK_MS))
-            if reply is not None and reply.id == request.id:  # skip late replies to old ones
+            # Late replies to old requests are skipped; one that does not decode far enough to
+            # name its request can only be about this one (the one this blocking client sent).
+            if reply is not None and (
+                reply.id == request.id or (isinstance(reply, UndecodableReply) and reply.id is None)
+            ):
                 return reply
             self._read_monitor()
             if reply is None and self._drops > drops:

@@ -362,8 +362,8 @@ def test_a_head_of_another_width_than_the_language_model_is_refused_at_load(tiny
 def test_bad_image_bytes_raise_a_typed_error(tiny_model):
     with pytest.raises(BadImageError):
         tiny_model.predict_poses([PoseRequest(TEXT), PoseRequest(images=(b"\x89PNG broken",))])
-    with pytest.raises(BadImageError):
-        tiny_model.chat("What is this?", [b"not an image"])
+    with pytest.raises(BadImageError, match=r"^images\[0\]: not a decodable PNG or JPEG"):
+        tiny_model.chat("What is this?", [b"not an image"])  # named as the request names it
 
 
 def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,9 +114,23 @@ class ClientCurveKeys:
 
 def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:
     try:
-        return zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError, IndexError) as exc:  # IndexError: a key line without "="
         raise ValueError(f"the {whose} key {path} cannot be read ({exc})") from None
+    if not all(_is_curve_key(key) for key in (public, secret) if key is not None):
+        # ZeroMQ would refuse it later, as an "Invalid argument" of a socket option.
+        raise ValueError(
+            f"the {whose} key {path} is not a CURVE key (40 Z85 characters, as "
+            "python -m inference_service.keys writes them)"
+        )
+    return public, secret
+
+
+def _is_curve_key(key: bytes) -> bool:
+    try:
+        return len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
+    except (KeyError, ValueError, struct.error):  # outside Z85's alphabet, or over 32 bits
+        return False
 
 
 class Client:

@@ -232,3 +232,24 @@ def test_waiting_for_a_service_that_refuses_the_keys_names_the_refusal_at_once(c
     assert "refused the connection: the server key given is not this service's" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        'curve\n    public-key = "tooshort"\n    secret-key = "alsoshort"\n',
+        "curve\n    public-key\n",  # no "=": zmq.auth read past the end of the line
+        'curve\n    public-key = "' + "#" * 40 + '"\n    secret-key = "' + "~" * 40 + '"\n',
+    ],
+    ids=["short", "no-equals", "not-z85"],
+)
+def test_a_key_file_holding_no_curve_key_is_named_before_any_socket(tmp_path, content):
+    # ZeroMQ refused such a key as an "Invalid argument" of a socket option: a traceback in
+    # Blender, and a socket left open each time.
+    from shared_protocol.client import ClientCurveKeys
+
+    (tmp_path / "me.key_secret").write_text(content)
+    (tmp_path / "server.key").write_text(content)
+    keys = ClientCurveKeys(tmp_path / "me.key_secret", tmp_path / "server.key")
+    with pytest.raises(ValueError, match=r"the client key .*me\.key_secret (is not a CURVE|cann)"):
+        keys.load()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import bpy
 
-from shared_protocol.address import AddressError, is_loopback
+from shared_protocol.address import AddressError, check_address, is_loopback
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.protocol import ErrorCode, ProtocolError
 
@@ -920,6 +920,10 @@ def start_service(context: bpy.types.Context) -> None:
         raise UserError("The add-on's preferences are not available")
     settings = service_settings(context)
     address = settings.address
+    try:  # the address's own fault first: "not on this machine" would mislead
+        check_address(address)
+    except AddressError as exc:
+        raise UserError(f"Local service not started: {exc}") from None
     if not is_loopback(address):
         raise UserError(
             f"A local service listens on the Service Address, which must be on this machine "

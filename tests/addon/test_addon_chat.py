@@ -1121,6 +1121,9 @@ def test_start_and_stop_the_local_service_from_blender(
     use_service("tcp://127.0.0.1:*")  # a wildcard port: the service would listen anywhere
     with pytest.raises(RuntimeError, match="Local service not started: .* is for listening"):
         bpy.ops.chatpose.service_start()
+    use_service("tcp://127.0.0.1:99999")  # its fault named, not "must be on this machine"
+    with pytest.raises(RuntimeError, match="Local service not started: .*99999.* 1 to 65535"):
+        bpy.ops.chatpose.service_start()
 
 
 def _stubborn_local_service(tmp_path) -> ServiceProcess:

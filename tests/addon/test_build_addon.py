@@ -448,3 +448,11 @@ def test_a_blender_on_path_validates_the_zip(tmp_path, monkeypatch):
     fake_blender(tmp_path, 1, "Error: manifest: missing key tagline")
     with pytest.raises(build_addon.BuildError, match="missing key tagline"):
         build_addon.blender_validate(zip_path)
+    fake_blender(tmp_path, 0, "Error: manifest: missing key tagline")  # and exit 0
+    with pytest.raises(build_addon.BuildError, match="missing key tagline"):
+        build_addon.blender_validate(zip_path)
+    # A folder named for errors is not one: the validator echoes the zip's path.
+    (tmp_path / "mirror_errors").mkdir()
+    zip_path = zip_path.rename(tmp_path / "mirror_errors" / zip_path.name)
+    fake_blender(tmp_path, 0, f"Success parsing TOML in {zip_path}")
+    assert build_addon.blender_validate(zip_path).endswith("--command extension validate")

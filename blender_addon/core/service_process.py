@@ -288,8 +288,9 @@ class ServiceProcess:
             log.close()
             raise ServiceProcessError(
                 "a local service for this address is running or loading its model in another "
-                f"Blender on this machine (its log {log_path} is in use): stop it there, or "
-                "set another Service Address"
+                "Blender on this machine, or one stopped here (the add-on disabled) is still "
+                f"finishing (its log {log_path} is in use): wait a few seconds, stop it there, "
+                "or set another Service Address"
             )
         log.truncate(0)
         log.seek(0)  # the service writes from here (on Windows it does not inherit "append")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from shared_protocol.skeleton import SMPL_TO_BLENDER, smpl_to_blender
+from shared_protocol.skeleton import PARENTS, SMPL_TO_BLENDER, smpl_to_blender
 
 from ..core.mannequin import mannequin_mesh
 from ..core.rig_spec import (
     RIG_PROPERTY,
     RIG_VERSION,
     armature_axes,
+    hand_heads,
     missing_smpl_bones,
     rest_joints_from_heads,
     smpl_bone_names,
@@ -52,8 +53,9 @@ def linked_problem(obj: bpy.types.Object) -> str | None:
     )
 
 
-def bone_names(obj: bpy.types.Object) -> tuple[str, ...]:
-    """The armature's names for the 24 SMPL bones, in SMPL joint order."""
+def bone_names(obj: bpy.types.Object) -> tuple[str | None, ...]:
+    """The armature's names for the 24 SMPL bones, in SMPL joint order; None for a hand an
+    SMPL-H or SMPL-X rig does not have (``rig_spec.smpl_bone_names``)."""
     names = smpl_bone_names(obj.data.bones.keys())
     if names is None:
         raise ValueError(f"{obj.name!r} is not an SMPL armature")
@@ -86,7 +88,10 @@ def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
     ``core.posing`` takes it: Z-up. A rig whose armature data is Y-up (an imported SMPL FBX)
     is seen turned upright (``rig_spec.armature_axes``), so its poses come out the same."""
     bones = obj.data.bones
-    rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in bone_names(obj)])
+    names = bone_names(obj)
+    # A hand the rig lacks is never posed: its wrist's rest stands in for it.
+    present = [n if n is not None else names[PARENTS[i]] for i, n in enumerate(names)]
+    rests = np.array([np.array(bones[n].matrix_local.to_3x3()) for n in present])
     return upright(obj) @ rests
 
 
@@ -123,9 +128,10 @@ def armature_units(obj: bpy.types.Object) -> float:
     return units_per_metre(_rest_heads(obj))
 
 
-def _rest_heads(obj: bpy.types.Object) -> list[tuple[float, float, float]]:
+def _rest_heads(obj: bpy.types.Object) -> np.ndarray:
     bones = obj.data.bones
-    return [tuple(bones[n].head_local) for n in bone_names(obj)]
+    missing = (np.nan,) * 3
+    return hand_heads([tuple(bones[n].head_local) if n else missing for n in bone_names(obj)])
 
 
 def ensure_object_mode(context: bpy.types.Context) -> None:

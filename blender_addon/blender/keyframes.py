@@ -79,6 +79,8 @@ def write_pose_keys(
     fcurves = fcurve_map(obj)
     rows: list = []  # in the order of pose_channels
     for j, name in enumerate(bone_names(obj)):
+        if name is None:  # a hand an SMPL-H or SMPL-X rig does not have
+            continue
         pbone = obj.pose.bones[name]
         path = rotation_data_path(pbone.rotation_mode)
         # Carry on from the keys before (signs, Euler turns), not from the bone's value now.
@@ -115,7 +117,9 @@ def keyed_frames(obj: bpy.types.Object) -> list[int]:
     location: not another bone's, which a pose does not hold), sorted; ValueError for a key
     between frames (`keyed_frame_list`)."""
     names = bone_names(obj)
-    paths = {bone_data_path(name, prop) for name in names for prop in ROTATION_CHANNELS}
+    paths = {
+        bone_data_path(name, prop) for name in filter(None, names) for prop in ROTATION_CHANNELS
+    }
     paths.add(bone_data_path(names[0], "location"))
     return keyed_frame_list(
         scene_time(obj, point.co[0])

@@ -117,6 +117,8 @@ def apply_pose(
     # (a key at frame 20 sent from frame 100 would flip a turning pelvis through a full turn).
     fcurves = fcurve_map(obj) if frame is not None else None
     for i, name in enumerate(names):
+        if name is None:  # a hand an SMPL-H or SMPL-X rig does not have
+            continue
         pbone = pbones[name]
         if pbone.rotation_mode != "QUATERNION":
             result.non_quaternion_bones.append(name)
@@ -133,7 +135,7 @@ def apply_pose(
         t = np.zeros(3) if pose.translation is None else pose.translation
         root.location = tuple(root_location(t, root_location_frame(obj), armature_units(obj)))
     if frame is not None:
-        for name in names:
+        for name in filter(None, names):
             pbone = pbones[name]
             pbone.keyframe_insert(rotation_data_path(pbone.rotation_mode), frame=frame, group=name)
         if use_translation:
@@ -147,7 +149,7 @@ def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]
     then, with ``use_translation``, the root's location."""
     channels = []
     names = bone_names(obj)
-    for name in names:
+    for name in filter(None, names):
         prop = rotation_data_path(obj.pose.bones[name].rotation_mode)
         channels += [(name, prop, k) for k in range(len(getattr(obj.pose.bones[name], prop)))]
     if use_translation:
@@ -187,7 +189,11 @@ def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Po
     pbones = obj.pose.bones
     names = bone_names(obj)
     quats = []
+    rest = [(1.0, 0.0, 0.0, 0.0)] * (1 if frames is None else len(frames))
     for name in names:
+        if name is None:  # a hand the rig does not have: at rest
+            quats.append(rest)
+            continue
         pbone = pbones[name]
         rows = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frames)
         quats.append([tuple(bone_rotation_quaternion(pbone, row)) for row in rows])

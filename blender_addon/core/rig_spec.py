@@ -49,11 +49,40 @@ BONE_NAMINGS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def smpl_bone_names(bone_names: Collection[str]) -> tuple[str, ...] | None:
+# SMPL's two hand bones (joints 22 and 23): SMPL-H and SMPL-X rigs (the SMPL-X add-on for
+# Blender) have SMPL's other 22 bones, under the same names, and fingers in their place.
+HAND_JOINTS = (22, 23)
+_BODY = NUM_JOINTS - len(HAND_JOINTS)
+
+
+def smpl_bone_names(bone_names: Collection[str]) -> tuple[str | None, ...] | None:
     """The rig's names for the 24 SMPL bones, in SMPL joint order (the first naming of
-    ``BONE_NAMINGS`` it has in full), or None."""
+    ``BONE_NAMINGS`` it has in full), or None. A rig with the 22 body bones of a naming but
+    without its hands (SMPL-H, SMPL-X) has None for them: its hands are not posed."""
     present = set(bone_names)
-    return next((naming for naming in BONE_NAMINGS if present.issuperset(naming)), None)
+    for naming in BONE_NAMINGS:
+        if present.issuperset(naming):
+            return naming
+    for naming in BONE_NAMINGS:
+        if present.issuperset(naming[:_BODY]):
+            return (*naming[:_BODY], *(None,) * len(HAND_JOINTS))
+    return None
+
+
+def hand_heads(heads) -> np.ndarray:
+    """(24, 3) rest bone heads with the hands of a rig that has none (NaN rows) put where SMPL
+    has them: past the wrist, along the forearm, as far as SMPL's hand is from its wrist for
+    that forearm's length. Rest joints need all 24 (the floor, forward kinematics)."""
+    h = np.array(heads, dtype=np.float64)
+    for hand in HAND_JOINTS:
+        if np.isnan(h[hand]).any():
+            wrist = PARENTS[hand]
+            elbow = PARENTS[wrist]
+            ratio = np.linalg.norm(
+                DEFAULT_REST_JOINTS[hand] - DEFAULT_REST_JOINTS[wrist]
+            ) / np.linalg.norm(DEFAULT_REST_JOINTS[wrist] - DEFAULT_REST_JOINTS[elbow])
+            h[hand] = h[wrist] + (h[wrist] - h[elbow]) * ratio
+    return h
 
 
 def missing_smpl_bones(bone_names: Collection[str]) -> list[str]:

@@ -334,6 +334,42 @@ def test_a_second_person_beside_a_y_up_rig_stands_as_it_does(blender):
     np.testing.assert_allclose(posed(person, JOINT_NAMES), posed(target, names), atol=1e-5)
 
 
+def test_an_smpl_x_rig_has_its_body_posed_and_its_fingers_left_alone(blender, tmp_path):
+    """The SMPL-X add-on's rigs (and SMPL-H's) have SMPL's first 22 bones by SMPL's names, and
+    fingers where SMPL has a hand bone: they were refused for lacking left_hand."""
+    from blender_addon.blender.keyframes import export_npz
+
+    names = (*JOINT_NAMES[:22], "left_index1", "right_index1")
+    obj = _limb_aligned_rig(names=names)
+    assert is_smpl_armature(obj)
+    np.testing.assert_allclose(rest_joints(obj)[:22], DEFAULT_REST_JOINTS[:22], atol=1e-6)
+    # Its hands are put past the wrists, along the forearms, where SMPL has them to 1.5 cm.
+    np.testing.assert_allclose(rest_joints(obj)[22:], DEFAULT_REST_JOINTS[22:], atol=0.015)
+    transform(obj)
+    body = slice(0, 22)
+    for seed in range(3):
+        pose = random_pose(600 + seed)
+        apply_pose(obj, pose)
+        bpy.context.view_layer.update()
+        world = np.array(obj.matrix_world)
+        positions, _ = forward_kinematics(pose.axis_angle, DEFAULT_REST_JOINTS, pose.translation)
+        expected = positions @ SMPL_TO_BLENDER.T @ world[:3, :3].T + world[:3, 3]
+        heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in names])
+        assert np.abs(heads[body] - expected[body]).max() < FK_TOLERANCE
+        for finger in names[22:]:
+            assert tuple(obj.pose.bones[finger].rotation_quaternion) == (1.0, 0.0, 0.0, 0.0)
+        back = read_pose(obj)
+        np.testing.assert_allclose(back.axis_angle[body], pose.axis_angle[body], atol=1e-5)
+        assert not back.axis_angle[22:].any()  # no hands to read: at rest
+    poses = [random_pose(610 + seed) for seed in range(2)]
+    key_poses(obj, poses, [1, 4])
+    assert keyed_frames(obj) == [1, 4]
+    export_npz(obj, tmp_path / "take.npz", fps=30.0)
+    motion = Motion.load_npz(tmp_path / "take.npz")
+    for pose, back in zip(poses, motion.poses(), strict=True):
+        np.testing.assert_allclose(back.axis_angle[body], pose.axis_angle[body], atol=1e-5)
+
+
 def test_an_armature_that_is_not_an_smpl_rig_is_told_which_bones_it_lacks(blender):
     names = list(SMPL_CAPITALISED_NAMES)
     names[4] = "L_Knee.001"  # one bone renamed

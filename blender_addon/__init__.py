@@ -38,9 +38,45 @@ def register() -> None:
                 f"Blender's console says why a wheel was skipped), or for a legacy install "
                 f"pip-install {wheel} into Blender's Python (see docs/addon.md)"
             ) from exc
+    stale = _shadowed_shared_protocol()
+    if stale:
+        raise ImportError(stale)
     from . import registration
 
     registration.register()
+
+
+def _shadowed_shared_protocol() -> str | None:
+    """Why the shared_protocol Python imports is not the one this extension's wheel brings,
+    or None. Blender puts the extensions' wheels last on sys.path: a copy installed into
+    Blender's own Python earlier (a legacy install's) would be used, unseen, with its old
+    code."""
+    import importlib.metadata
+    import os
+    import re
+    import sys
+
+    from .core.paths import is_extension_package
+
+    manifest = os.path.join(os.path.dirname(__file__), "blender_manifest.toml")
+    if not is_extension_package(__package__) or not os.path.isfile(manifest):
+        return None
+    with open(manifest, encoding="utf-8") as stream:
+        wanted = re.search(r"chatpose_shared_protocol-([^-]+)-py3-none-any\.whl", stream.read())
+    try:
+        have = importlib.metadata.version("chatpose-shared-protocol")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if wanted is None or have == wanted.group(1):
+        return None
+    import shared_protocol
+
+    return (
+        f"ChatPose brings shared_protocol {wanted.group(1)}, but Blender's Python imports "
+        f"version {have} from {os.path.dirname(shared_protocol.__file__)}, an older copy "
+        f"installed there (for a legacy install?): remove it with `{sys.executable} -m pip "
+        "uninstall chatpose-shared-protocol`, then restart Blender"
+    )
 
 
 def unregister() -> None:

@@ -396,6 +396,45 @@ def test_zip_installs_as_an_extension(built, tmp_path):
     assert "doesn't meet the minimum supported version (5.1.0)" in proc.stdout + proc.stderr
 
 
+def test_an_older_shared_protocol_in_blenders_python_is_named_not_used(built, tmp_path):
+    """A copy pip-installed into Blender's own Python (as a legacy install has it) comes
+    before the extension's wheels on sys.path: the add-on ran on its old code, unseen."""
+    stale = tmp_path / "site-packages"
+    (stale / "shared_protocol").mkdir(parents=True)
+    (stale / "shared_protocol" / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    dist_info = stale / "chatpose_shared_protocol-0.0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: chatpose-shared-protocol\nVersion: 0.0.1\n"
+    )
+    code = textwrap.dedent(
+        """
+        import sys
+        import bpy
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        try:
+            bpy.ops.extensions.package_install_files(
+                filepath=sys.argv[1], repo="user_default", enable_on_install=True)
+        except RuntimeError as exc:  # what Blender shows the user
+            print("REFUSED:", exc)
+        enabled = "bl_ext.user_default.chatpose" in bpy.context.preferences.addons
+        print("ENABLED" if enabled else "NOT-ENABLED")
+        """
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(home), HOME=str(home), PYTHONPATH=str(stale))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(built.zips[OLD])],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert "NOT-ENABLED" in proc.stdout, output
+    refusal = proc.stdout.split("REFUSED: ")[1]
+    assert "but Blender's Python imports version 0.0.1 from " + str(stale) in refusal, output
+    assert "-m pip uninstall chatpose-shared-protocol`, then restart Blender" in refusal
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")
 def test_legacy_zip_installs_as_a_legacy_addon(built, tmp_path):
     """Blender's legacy installer; shared_protocol comes from this environment, as it must come

@@ -667,10 +667,27 @@ def latest_checkpoint(out: Path) -> Path | None:
             f"{latest}: not a readable checkpoint pointer ({exc}); write the name of one of "
             f"the step-* folders of {out} into it"
         ) from None
-    weights = (path / "adapter").is_dir() or (path / "base").is_dir()
-    if not ((path / STATE_NAME).is_file() and (path / HEAD_NAME).is_file() and weights):
-        raise TrainingError(f"{latest} names {path}, which is not a complete checkpoint")
+    if not _is_complete(path):
+        raise TrainingError(
+            f"{latest} names {path}, which is not a complete checkpoint{_earlier_one(path)}"
+        )
     return path
+
+
+def _is_complete(path: Path) -> bool:
+    weights = (path / "adapter").is_dir() or (path / "base").is_dir()
+    return (path / STATE_NAME).is_file() and (path / HEAD_NAME).is_file() and weights
+
+
+def _earlier_one(path: Path) -> str:
+    """How to resume from the newest complete checkpoint before the damaged `path`, or ""."""
+    out = path.parent
+    earlier = sorted(
+        p.name for p in out.glob("step-*") if p.name < path.name and p.is_dir() and _is_complete(p)
+    )
+    if not earlier:
+        return ""
+    return f"; to resume from the one before it, write {earlier[-1]} into {out / LATEST_NAME}"
 
 
 def save_checkpoint(
@@ -920,7 +937,10 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
 
     state = None
     if resume_from is not None:
-        state = load_state(resume_from)
+        try:
+            state = load_state(resume_from)
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}{_earlier_one(resume_from)}") from None
         _check_resume(config, state, data_hash, checkpoint, resume_from)
         if state["step"] >= config.steps:
             raise TrainingError(

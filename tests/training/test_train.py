@@ -724,7 +724,10 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
         assert f"{state_path}: {message}" in capsys.readouterr().err
     (out / "step-000002" / "training_state.pt").write_bytes(b"")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
-    assert "cannot read the training state" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read the training state" in err
+    # The intact checkpoint before it is named, with the way to resume from it.
+    assert f"to resume from the one before it, write step-000001 into {out / 'latest'}" in err
     (out / "step-000002" / "training_state.pt").write_bytes(b"\x80\x04 not a pickle")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -736,7 +739,11 @@ def test_damaged_checkpoints_are_named_not_tracebacks(base, tmp_path, capsys):
     (out / "latest").write_bytes(latest)
     shutil.rmtree(out / "step-000002" / "adapter")
     assert train_cli.main(resume) == train_cli.EXIT_USAGE
-    assert "which is not a complete checkpoint" in capsys.readouterr().err
+    assert (
+        "which is not a complete checkpoint; to resume from the one before it, write "
+        + ("step-000001")
+        in capsys.readouterr().err
+    )
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
     weights = next((broken / "base").glob("*.safetensors"))

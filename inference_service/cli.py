@@ -424,7 +424,7 @@ def _batch(args: argparse.Namespace) -> int:
         with interrupts_deferred():
             if sys.stderr.isatty() and sendable:
                 _report("")  # past the progress bar's line
-            out = _batch_destination(args.out, finished, resumed_from)
+            out = _batch_destination(args.out, finished, bool(failures), resumed_from)
             written = None
             if not finished and len(poses) == earlier and resumed_from is not None:
                 _report(f"no new answers; {resumed_from} is kept as it was")
@@ -530,11 +530,13 @@ def _answers_in(
     return answered, motion.fps
 
 
-def _batch_destination(out: Path, finished: bool, resumed_from: Path | None) -> Path:
-    """Where a batch writes: --out when it finished; cut short, --out if that is new, else
-    FILE.partial.npz beside it (which holds the poses of a partial file it resumed, and more): a
-    batch cut short never replaces a file the user already has."""
-    if finished:
+def _batch_destination(out: Path, finished: bool, failed: bool, resumed_from: Path | None) -> Path:
+    """Where a batch writes: --out when it finished with a pose for every line, or with failed
+    lines when it resumed --out (its answers are among this run's); else (cut short, or lines
+    failed) --out if that is new, or FILE.partial.npz beside it (which holds the poses of a
+    partial file it resumed, and more): such a run never replaces a file the user already has,
+    which may answer the lines this one failed."""
+    if finished and (not failed or resumed_from == out):
         return out
     partial = _partial_path(out)
     return partial if out.exists() or resumed_from == partial else out

@@ -285,6 +285,22 @@ def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
     assert Motion.load_npz(partial).labels == ("wave", "sit down")
 
 
+def test_a_batch_with_failed_lines_never_replaces_the_file_the_user_has(address, capsys, tmp_path):
+    # Finished, but with a line the model failed: it replaced a file that answered every line.
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    assert run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)[0] == 0
+    finished = out_file.read_bytes()
+    prompts.write_text("wave\nexplode\nbow\n")
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_SERVICE_ERROR and "line 2: model_error" in err
+    partial = tmp_path / "anim.partial.npz"
+    assert f"wrote 2 of 3 poses to {partial}" in err and f"{out_file} is kept as it was" in err
+    assert out_file.read_bytes() == finished
+    assert Motion.load_npz(partial).labels == ("wave", "bow")
+
+
 def ctrl_c_after(answers: int, monkeypatch) -> None:
     """Ctrl-C in `chatpose batch` once `answers` lines have their answer."""
     progress = cli._progress

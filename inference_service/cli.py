@@ -671,14 +671,22 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
 
 
 def _read_image(path: Path) -> bytes:
+    """The file's bytes, at most what one image may be (`/dev/zero`, a huge file: not all read)."""
+    limit = DEFAULT_LIMITS.max_image_bytes
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(limit + 1)
     except OSError as exc:
         raise CommandError(
             EXIT_BAD_INPUT, f"--image: cannot read {path} ({exc.strerror})"
         ) from None
     if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
         raise CommandError(EXIT_BAD_INPUT, f"--image: {path} is not a PNG or JPEG file")
+    if len(data) > limit:
+        raise CommandError(
+            EXIT_BAD_INPUT,
+            f"--image: {path} is larger than {limit >> 20} MiB, the most an image may be",
+        )
     return data
 
 

@@ -117,11 +117,18 @@ def test_pose_with_an_image(address, capsys, tmp_path):
     assert code == cli.EXIT_BAD_INPUT and "prompt" in err
 
 
+def _huge_png(folder):
+    with (folder / "ref.png").open("wb") as file:  # 4 GiB, sparse: it takes no disk
+        file.write(b"\x89PNG\r\n\x1a\n")
+        file.truncate(4 << 30)
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
         (lambda d: None, "cannot read"),
         (lambda d: (d / "ref.png").write_text("hello"), "is not a PNG or JPEG file"),
+        (_huge_png, "is larger than 16 MiB, the most an image may be"),  # not read whole
     ],
 )
 def test_pose_with_a_bad_image_file(address, capsys, tmp_path, setup, message):

@@ -40,6 +40,7 @@ from shared_protocol.protocol import (
     PoseReply,
     PoseRequest,
     ProtocolError,
+    StatusReply,
     StatusRequest,
     batch_chunks,
     decode_request,
@@ -301,7 +302,7 @@ def _report(text: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        reply = _checked(client.request(StatusRequest(client.new_id()), args.timeout))
+        reply = _checked(client.request(StatusRequest(client.new_id()), args.timeout), StatusReply)
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
     print(f"service   {args.address}")
     print(f"model     {reply.model} on {reply.device} ({reply.dtype})")
@@ -320,9 +321,11 @@ def _pose(args: argparse.Namespace) -> int:
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
     answer = _pose_reply(args, images, mode)  # no reply (unreachable, timed out): raises
-    if args.json and isinstance(answer, ErrorReply):  # a script reading stdout gets it too
+    # A script reading stdout gets the service's error reply too (not one made up here for a
+    # reply that did not decode).
+    if args.json and isinstance(answer, ErrorReply) and not isinstance(answer, UndecodableReply):
         print(encode_reply(answer)[0].decode("utf-8"))
-    reply = _checked(answer)
+    reply = _checked(answer, PoseReply)
     # The file first: a reader that closes stdout early (`| head`) must not cost it; and a
     # file that cannot be written must not cost the reply.
     unwritten = None
@@ -413,7 +416,7 @@ def _batch(args: argparse.Namespace) -> int:
                     elif isinstance(reply, ErrorReply) and reply.index is not None:
                         failures[asked[reply.index][0]] = (reply.code, reply.message)
                     elif isinstance(reply, ErrorReply):
-                        _checked(reply)  # the whole request failed
+                        _checked(reply, BatchItemReply)  # the whole request failed
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
     except BaseException:
@@ -632,13 +635,18 @@ def _checkpoint(args: argparse.Namespace) -> Path:
     raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
 
 
-def _checked(reply):
+def _checked(reply, expected: type):
     """The reply, or a ProtocolError for an error reply (a CommandError for one that did not
-    decode: a fault of the service, whatever code the decoder gave it)."""
+    decode or is not an `expected` one: a fault of the service, whatever code the decoder gave
+    it)."""
     if isinstance(reply, UndecodableReply):
         raise CommandError(EXIT_SERVICE_ERROR, reply.message)
     if isinstance(reply, ErrorReply):
         raise ProtocolError(reply.code, reply.message, request_id=reply.id)
+    if not isinstance(reply, expected):
+        raise CommandError(
+            EXIT_SERVICE_ERROR, f"bad reply: {reply.op!r} where {expected.op!r} was asked for"
+        )
     return reply
 
 

@@ -20,7 +20,7 @@ from inference_service.scheduler import Answer
 from inference_service.server import Server
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion
-from shared_protocol.protocol import StatusReply, decode_request, encode_reply
+from shared_protocol.protocol import PoseReply, StatusReply, decode_request, encode_reply
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
 from .tiny_llava import image_bytes
@@ -57,7 +57,35 @@ def test_status(address, capsys):
     assert "images    up to 1 per request" in out
 
 
-def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(capsys):
+def _status_with_a_number_for_model(request) -> bytes:
+    status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+    header = json.loads(encode_reply(status)[0]) | {"model": 5}  # must be a string
+    return json.dumps(header).encode()
+
+
+def _status_reply(request) -> bytes:
+    return encode_reply(StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0))[0]
+
+
+def _pose_reply(request) -> bytes:
+    return encode_reply(PoseReply(request.id, "Sure, it is <POSE>.", (pose_for("x"),)))[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "answer", "message"),
+    [
+        (["status"], _status_with_a_number_for_model, "model"),
+        (["status"], _pose_reply, "bad reply: 'pose' where 'status' was asked for"),
+        (["pose", "hi"], _status_reply, "bad reply: 'status' where 'pose' was asked for"),
+        (["pose", "hi", "--json"], lambda request: b"not json at all", "bad reply"),
+    ],
+    ids=["bad-field", "pose-for-status", "status-for-pose", "json-of-no-reply"],
+)
+def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(
+    capsys, argv, answer, message
+):
+    # Replies of the wrong kind ended in a traceback; --json printed an error reply made up
+    # here (bad_json: as if the user's request were malformed) for one that did not decode.
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.linger = 0
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -65,20 +93,17 @@ def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(caps
     def answer_badly() -> None:
         if router.poll(TIMEOUT_S * 1000):
             peer, *frames = router.recv_multipart()
-            request = decode_request(frames)
-            status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
-            header = json.loads(encode_reply(status)[0]) | {"model": 5}  # must be a string
-            router.send_multipart([peer, json.dumps(header).encode()])
+            router.send_multipart([peer, answer(decode_request(frames))])
 
     service = threading.Thread(target=answer_badly)
     service.start()
     try:
-        code, _, err = run(capsys, "status", "--address", f"tcp://127.0.0.1:{port}")
+        code, out, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
     finally:
         service.join(TIMEOUT_S)
         router.close()
     assert code == cli.EXIT_SERVICE_ERROR  # the decoder's code is bad_schema: not bad input
-    assert "bad reply" in err and "model" in err
+    assert "bad reply" in err and message in err and out == ""
 
 
 def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):

@@ -320,7 +320,9 @@ def test_a_start_up_error_is_said_once_on_a_terminal_and_logged_for_a_log_reader
     monkeypatch, tmp_path, capsys, terminal
 ):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    assert serve.main(["--checkpoint", str(tmp_path / "none")]) == serve.EXIT_CONFIG
+    # A port of its own: the default one may be taken on the machine (it binds first).
+    argv = ["--checkpoint", str(tmp_path / "none"), "--bind", f"tcp://127.0.0.1:{free_port()}"]
+    assert serve.main(argv) == serve.EXIT_CONFIG
     lines = capsys.readouterr().err.splitlines()
     plain = f"chatpose-serve: --checkpoint: {tmp_path / 'none'} does not exist"
     if terminal:

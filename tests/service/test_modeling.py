@@ -380,7 +380,8 @@ def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, mo
     side = tiny_model.config.image_size
     assert len(seen) == 1 and 2 * side <= min(seen[0]) < 4 * side
 
-    monkeypatch.setattr(modeling_chatpose, "decode_image", lambda data, **_: decode_image(data))
+    unreduced = lambda data, field, **_: decode_image(data, field)  # noqa: E731
+    monkeypatch.setattr(modeling_chatpose, "decode_image", unreduced)
     full = tiny_model.predict_poses([PoseRequest(TEXT, images=(photo,))])[0]
     assert seen[1] == (1600, 1200)
     np.testing.assert_allclose(reduced, full, atol=2e-3)  # the model sees the same picture

@@ -326,7 +326,9 @@ class Motion:
         }
         if self.labels is not None:
             arrays["labels"] = np.array(self.labels, dtype=str)
-        _write_atomically(path, lambda stream: np.savez(stream, **arrays))
+        # Compressed: numpy pads every label to the longest (one long prompt among thousands
+        # of short ones wrote hundreds of megabytes), and the padding compresses away.
+        _write_atomically(path, lambda stream: np.savez_compressed(stream, **arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
         """This motion in a frame turned by the rotation matrix `turn`: its global orientations

@@ -153,7 +153,7 @@ def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path, 
         stream.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", disk_full)
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
     with pytest.raises(OSError, match="No space left"):
         Motion.from_poses([Pose(np.ones((24, 3)))]).save_npz(path)
     assert path.read_bytes() == before
@@ -475,3 +475,13 @@ def _stored_zip(name: str, payload: bytes, claimed: int) -> bytes:
     directory = central + title + extra
     end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(entry), 0)
     return entry + directory + end
+
+
+def test_one_long_label_among_many_short_ones_keeps_the_file_small(tmp_path):
+    # numpy pads every label to the longest: 2,000 frames and one 8,000-character prompt wrote
+    # 63 MiB uncompressed.
+    labels = ["wave"] * 1999 + ["x" * 8000]
+    motion = Motion(np.zeros((2000, 24, 3)), np.zeros((2000, 3)), labels=labels)
+    motion.save_npz(tmp_path / "long.npz")
+    assert (tmp_path / "long.npz").stat().st_size < 2 << 20
+    assert Motion.load_npz(tmp_path / "long.npz").labels == tuple(labels)

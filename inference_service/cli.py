@@ -354,7 +354,11 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
         # Before the model loads, with the image's header too (pillow: installed with it).
         return _refusal(request, args.image, check_images=True) or _local_reply(args, images, mode)
     with _client(args) as client:
-        request = PoseRequest(client.new_id(), args.text, images=images, mode=mode)
+        # Not started by the time this command stops waiting, the work is dropped there too.
+        waits_ms = max(1, min(int(args.timeout * 1000), DEFAULT_LIMITS.max_timeout_ms))
+        request = PoseRequest(
+            client.new_id(), args.text, images=images, mode=mode, timeout_ms=waits_ms
+        )
         return _refusal(request, args.image) or client.request(request, args.timeout)
 
 

@@ -131,6 +131,32 @@ def test_pose_json_and_npz(address, capsys, tmp_path):
     assert pose.label == "bow" and "wrote 1 pose(s)" in err
 
 
+@pytest.mark.parametrize(("timeout", "asked_ms"), [("1.5", 1500), ("1e9", 3_600_000)])
+def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, timeout, asked_ms):
+    # Without it, a request the command had given up on still ran once its turn came.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    asked = []
+
+    def answer() -> None:
+        if router.poll(TIMEOUT_S * 1000):
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            asked.append(request.timeout_ms)
+            router.send_multipart([peer, _pose_reply(request)])
+
+    service = threading.Thread(target=answer)
+    service.start()
+    try:
+        argv = ["pose", "hi", "--timeout", timeout, "--address", f"tcp://127.0.0.1:{port}"]
+        assert run(capsys, *argv)[0] == cli.EXIT_OK
+    finally:
+        service.join(TIMEOUT_S)
+        router.close()
+    assert asked == [asked_ms]  # at most the protocol's longest
+
+
 def test_pose_with_an_image(address, capsys, tmp_path):
     image = tmp_path / "ref.png"
     image.write_bytes(PNG)

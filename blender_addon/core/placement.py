@@ -8,6 +8,7 @@ moved it).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 DEFAULT_SPACING_M = 1.0
@@ -23,10 +24,15 @@ def extra_person_name(target_name: str, k: int) -> str:
         raise ValueError(f"k: the target itself is person 0; expected >= 1, got {k}")
     suffix = f".person{k + 1}"
     # Blender cuts names at 63 bytes: a long target name is shortened, not the suffix, so the
-    # same person is found again by its name (and different people keep different names).
+    # same person is found again by its name. Shortened, it ends in a hash of the whole name:
+    # two targets alike in their first 55 bytes ("..._Pair_A", "..._Pair_B") shared a person.
     room = MAX_NAME_BYTES - len(suffix)
-    base = target_name.encode("utf-8")[:room].decode("utf-8", errors="ignore")
-    return base + suffix
+    whole = target_name.encode("utf-8")
+    if len(whole) <= room:
+        return target_name + suffix
+    mark = "~" + hashlib.sha1(whole).hexdigest()[:6]
+    base = whole[: room - len(mark)].decode("utf-8", errors="ignore")
+    return base + mark + suffix
 
 
 def person_location(

@@ -333,6 +333,11 @@ def test_people_get_names_and_places_beside_the_target():
     names = [placement.extra_person_name(long_name, k) for k in (1, 2, 12)]
     assert all(len(n.encode()) <= 63 for n in names) and len(set(names)) == 3
     assert names[0].endswith(".person2") and names[2].endswith(".person13")
+    # Two long names alike in their first 55 bytes: each target keeps a person of its own.
+    pair = "Shot010_CharacterRig_MainDancer_Performance_Take03_Pair_{}_v1"
+    a, b = (placement.extra_person_name(pair.format(side), 1) for side in "AB")
+    assert a != b and len(a.encode()) == len(b.encode()) == 63
+    assert a == placement.extra_person_name(pair.format("A"), 1)  # found again by it
 
 
 def test_continuous_quaternions_follow_the_previous_sign():

@@ -41,7 +41,7 @@ def _kept_selection(context: bpy.types.Context):
     """Restores the active object, the selection and the mode after creating objects."""
     view_layer = context.view_layer
     active = view_layer.objects.active
-    selected = [obj.name for obj in context.selected_objects]
+    selected = {obj.name for obj in context.selected_objects}  # a set: scenes hold thousands
     mode = context.mode
     try:
         yield

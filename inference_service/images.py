@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from inference_service.errors import BadImageError
-from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO
+from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO, MAX_IMAGE_PIXELS
 
 # The formats the protocol promises; anything else is refused rather than guessed at.
 ACCEPTED_FORMATS = ("PNG", "JPEG")
@@ -119,6 +119,9 @@ def _as_rgb(image: Image.Image) -> Image.Image:
         backdrop = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKDROP, 255))
         return Image.alpha_composite(backdrop, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the protocol's, whatever Pillow's default becomes
 
 
 @contextmanager

@@ -42,6 +42,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # past it): the processors scale the short side up to the model's size, so a 1 x 60,000 strip
 # of 320 bytes would cost gigabytes; no photo or viewport is this thin.
 MAX_IMAGE_ASPECT_RATIO = 20
+# The most pixels the server decodes (`bad_image` past it): Pillow's own guard against
+# decompression bombs, kept so that a client can say so before it sends a picture.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def readable_text(text: str) -> str:

@@ -14,7 +14,13 @@ import zlib
 
 import numpy as np
 
-from shared_protocol.protocol import DEFAULT_LIMITS, JPEG_MAGIC, PNG_MAGIC
+from shared_protocol.protocol import (
+    DEFAULT_LIMITS,
+    JPEG_MAGIC,
+    MAX_IMAGE_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
+    PNG_MAGIC,
+)
 
 MAX_IMAGE_BYTES = DEFAULT_LIMITS.max_image_bytes
 
@@ -30,7 +36,8 @@ def image_kind(data: bytes) -> str | None:
 
 def check_reference_image(data: bytes, name: str = "image") -> str:
     """The kind of a reference image ("png" or "jpeg"); ValueError with a sentence for the
-    user when it is empty, too large for the protocol, or not a PNG or JPEG file."""
+    user when it is empty, too large for the protocol, not a PNG or JPEG file, or of a size
+    its header gives that the service would refuse (too many pixels, too thin)."""
     if not data:
         raise ValueError(f"{name} is empty")
     if len(data) > MAX_IMAGE_BYTES:
@@ -44,7 +51,53 @@ def check_reference_image(data: bytes, name: str = "image") -> str:
             f"{name} is not a PNG or JPEG file (it starts with {data[:8].hex(' ')}); "
             "save it as PNG or JPEG first"
         )
+    size = header_size(data)
+    if size is not None:
+        width, height = size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"{name} is {width} x {height} pixels; the service decodes at most "
+                f"{MAX_IMAGE_PIXELS:,}: downscale it"
+            )
+        if max(width, height) > MAX_IMAGE_ASPECT_RATIO * max(1, min(width, height)):
+            raise ValueError(
+                f"{name} is {width} x {height} pixels, more than {MAX_IMAGE_ASPECT_RATIO} times "
+                "as long as it is wide; crop it"
+            )
     return kind
+
+
+# JPEG frame headers (SOF0-SOF15 but DHT, JPG, DAC) say the picture's size; a walk that finds
+# none within this many segments leaves the judgement to the service.
+_SOF_CODES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_MAX_SEGMENTS = 1000
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG's or JPEG's header gives it, or None when it does not say."""
+    if image_kind(data) == "png":
+        return png_size(data) if data[12:16] == b"IHDR" and len(data) >= 24 else None
+    offset = 2
+    for _ in range(_MAX_SEGMENTS):
+        if offset >= len(data) or data[offset] != 0xFF:
+            return None  # no marker where one belongs: a damaged file, for the service
+        while offset < len(data) and data[offset] == 0xFF:  # fill bytes
+            offset += 1
+        if offset >= len(data):
+            return None
+        code = data[offset]
+        offset += 1
+        if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:  # no length
+            continue
+        if code in (0xD9, 0xDA) or offset + 2 > len(data):  # no frame header before the scan
+            return None
+        if code in _SOF_CODES:
+            if offset + 7 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[offset + 3 : offset + 7])
+            return width, height
+        offset += struct.unpack(">H", data[offset : offset + 2])[0]
+    return None
 
 
 def read_reference_image(path: str | os.PathLike) -> bytes:

@@ -195,6 +195,29 @@ def test_reference_images_are_checked_by_their_bytes(tmp_path):
     assert read_reference_image(tmp_path / "ok.png") == png
 
 
+def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before_sending():
+    # Sent, it came back as bad_image after the round trip, and the prompt was gone.
+    import io
+    import struct
+
+    from PIL import Image as image_module
+
+    from blender_addon.core.images import header_size
+
+    def jpeg(size, **options):
+        buffer = io.BytesIO()
+        image_module.new("RGB", size).save(buffer, "JPEG", **options)
+        return buffer.getvalue()
+
+    assert header_size(jpeg((321, 123), progressive=True, exif=b"Exif\0\0MM")) == (321, 123)
+    with pytest.raises(ValueError, match=r"pano\.jpg is 9600 x 400 pixels, more than 20 times"):
+        check_reference_image(jpeg((9600, 400)), "pano.jpg")
+    png = encode_png(np.zeros((2, 2, 3)))
+    huge = png[:16] + struct.pack(">II", 12_000, 8_400) + png[24:]  # a 0.1 MB picture of 100 MP
+    with pytest.raises(ValueError, match=r"12000 x 8400 pixels; the service decodes at most"):
+        check_reference_image(huge, "huge.png")
+
+
 # --- batch planning -------------------------------------------------------------------------
 
 

@@ -72,7 +72,13 @@ def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> 
         offscreen = gpu.types.GPUOffScreen(width, height)
     except Exception as exc:  # no GPU context, out of memory
         raise CaptureError(f"could not draw the viewport offscreen ({exc})") from None
+    # The character, not the grid, the bones drawn in front or the selection outline: the
+    # model learnt from renders without them. The user's setting comes back after.
+    overlay = getattr(space, "overlay", None)
+    overlays_shown = overlay is not None and overlay.show_overlays
     try:
+        if overlays_shown:
+            overlay.show_overlays = False
         # draw_view3d binds the offscreen itself (as in Blender's GPUOffScreen example); the
         # pixels stay in its color texture and are read back through its framebuffer.
         offscreen.draw_view3d(
@@ -88,6 +94,8 @@ def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> 
             framebuffer = gpu.state.active_framebuffer_get()
             buffer = framebuffer.read_color(0, 0, width, height, 4, 0, "UBYTE")
     finally:
+        if overlays_shown:
+            overlay.show_overlays = True
         offscreen.free()
     buffer.dimensions = width * height * 4
     pixels = _buffer_array(buffer).reshape(height, width, 4).copy()

@@ -590,7 +590,8 @@ class FakeGPU:
                 gpu.calls.append(("offscreen", width, height))
 
             def draw_view3d(self, scene, view_layer, space, region, view, window, **options):
-                gpu.calls.append(("draw_view3d", view, window, options))
+                overlays = space.overlay.show_overlays
+                gpu.calls.append(("draw_view3d", view, window, options, overlays))
 
             def bind(self):
                 import contextlib
@@ -618,12 +619,13 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     monkeypatch.setitem(sys.modules, "gpu", fake.module)
     region = types.SimpleNamespace(width=1000, height=600)
     space = types.SimpleNamespace(
-        region_3d=types.SimpleNamespace(view_matrix="V", window_matrix="W")
+        region_3d=types.SimpleNamespace(view_matrix="V", window_matrix="W"),
+        overlay=types.SimpleNamespace(show_overlays=True),
     )
     data = draw_viewport(bpy.context, region, space, max_side=100)
     assert fake.calls == [
         ("offscreen", 100, 60),
-        ("draw_view3d", "V", "W", {"do_color_management": True}),
+        ("draw_view3d", "V", "W", {"do_color_management": True}, False),  # no overlays drawn
         ("read_color", 0, 0, 100, 60, 4, 0, "UBYTE"),
         ("free",),
     ]
@@ -633,6 +635,7 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     # The framebuffer's bottom row (0) is the picture's last row; the alpha is opaque.
     np.testing.assert_array_equal(pixels[:, 0, 0], np.arange(60)[::-1])
     assert (pixels[..., 3] == 255).all()
+    assert space.overlay.show_overlays  # the user's setting, back
 
     failing = FakeGPU(fail=True)
     monkeypatch.setitem(sys.modules, "gpu", failing.module)

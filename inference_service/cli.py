@@ -302,7 +302,8 @@ def _report(text: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        reply = _checked(client.request(StatusRequest(client.new_id()), args.timeout), StatusReply)
+        request = StatusRequest(client.new_id())
+        reply = _checked(_first_reply(client, request, args.timeout), StatusReply)
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
     print(f"service   {args.address}")
     print(f"model     {reply.model} on {reply.device} ({reply.dtype})")
@@ -359,7 +360,7 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
         request = PoseRequest(
             client.new_id(), args.text, images=images, mode=mode, timeout_ms=waits_ms
         )
-        return _refusal(request, args.image) or client.request(request, args.timeout)
+        return _refusal(request, args.image) or _first_reply(client, request, args.timeout)
 
 
 def _refusal(request: PoseRequest, image: Path | None, check_images: bool = False):
@@ -421,6 +422,8 @@ def _batch(args: argparse.Namespace) -> int:
                         failures[asked[reply.index][0]] = (reply.code, reply.message)
                     elif isinstance(reply, ErrorReply):
                         _checked(reply, BatchItemReply)  # the whole request failed
+                    elif not isinstance(reply, BatchItemReply):  # it would end the stream
+                        _checked(reply, BatchItemReply)
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
     except BaseException:
@@ -431,7 +434,7 @@ def _batch(args: argparse.Namespace) -> int:
         with interrupts_deferred():
             if sys.stderr.isatty() and sendable:
                 _report("")  # past the progress bar's line
-            out = _batch_destination(args.out, finished, bool(failures), resumed_from)
+            out = _batch_destination(args.out, finished, len(poses) == len(lines), resumed_from)
             written = None
             if not finished and len(poses) == earlier and resumed_from is not None:
                 _report(f"no new answers; {resumed_from} is kept as it was")
@@ -537,13 +540,15 @@ def _answers_in(
     return answered, motion.fps
 
 
-def _batch_destination(out: Path, finished: bool, failed: bool, resumed_from: Path | None) -> Path:
-    """Where a batch writes: --out when it finished with a pose for every line, or with failed
-    lines when it resumed --out (its answers are among this run's); else (cut short, or lines
-    failed) --out if that is new, or FILE.partial.npz beside it (which holds the poses of a
-    partial file it resumed, and more): such a run never replaces a file the user already has,
-    which may answer the lines this one failed."""
-    if finished and (not failed or resumed_from == out):
+def _batch_destination(
+    out: Path, finished: bool, answered_all: bool, resumed_from: Path | None
+) -> Path:
+    """Where a batch writes: --out when it finished with a pose for every line, or without
+    some when it resumed --out (its answers are among this run's); else (cut short, or lines
+    without a pose) --out if that is new, or FILE.partial.npz beside it (which holds the poses
+    of a partial file it resumed, and more): such a run never replaces a file the user already
+    has, which may answer the lines this one did not."""
+    if finished and (answered_all or resumed_from == out):
         return out
     partial = _partial_path(out)
     return partial if out.exists() or resumed_from == partial else out
@@ -637,6 +642,12 @@ def _checkpoint(args: argparse.Namespace) -> Path:
             "`make demo-model` (docs/evaluation.md), or pass --checkpoint",
         )
     raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+
+
+def _first_reply(client: Client, request, timeout_s: float):
+    """The one reply a pose or status request gets: a first reply of another kind (a batch
+    item) is a bad reply at once, not a wait for a final one until the time is up."""
+    return next(iter(client.stream(request, timeout_s)))
 
 
 def _checked(reply, expected: type):

@@ -20,7 +20,13 @@ from inference_service.scheduler import Answer
 from inference_service.server import Server
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion
-from shared_protocol.protocol import PoseReply, StatusReply, decode_request, encode_reply
+from shared_protocol.protocol import (
+    BatchItemReply,
+    PoseReply,
+    StatusReply,
+    decode_request,
+    encode_reply,
+)
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
 from .tiny_llava import image_bytes
@@ -71,6 +77,10 @@ def _pose_reply(request) -> bytes:
     return encode_reply(PoseReply(request.id, "Sure, it is <POSE>.", (pose_for("x"),)))[0]
 
 
+def _batch_item(request) -> bytes:
+    return encode_reply(BatchItemReply(request.id, 0, 2, "<POSE>", (pose_for("x"),)))[0]
+
+
 @pytest.mark.parametrize(
     ("argv", "answer", "message"),
     [
@@ -78,8 +88,9 @@ def _pose_reply(request) -> bytes:
         (["status"], _pose_reply, "bad reply: 'pose' where 'status' was asked for"),
         (["pose", "hi"], _status_reply, "bad reply: 'status' where 'pose' was asked for"),
         (["pose", "hi", "--json"], lambda request: b"not json at all", "bad reply"),
+        (["pose", "hi"], _batch_item, "bad reply: 'batch_item' where 'pose' was asked for"),
     ],
-    ids=["bad-field", "pose-for-status", "status-for-pose", "json-of-no-reply"],
+    ids=["bad-field", "pose-for-status", "status-for-pose", "json-of-no-reply", "item-for-pose"],
 )
 def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(
     capsys, argv, answer, message
@@ -104,6 +115,37 @@ def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(
         router.close()
     assert code == cli.EXIT_SERVICE_ERROR  # the decoder's code is bad_schema: not bad input
     assert "bad reply" in err and message in err and out == ""
+
+
+def test_a_batch_answered_with_a_reply_of_another_kind_keeps_the_users_file(capsys, tmp_path):
+    # A pose reply ended the batch's stream: it counted as finished (exit 0) and replaced the
+    # file the user had with the one line answered.
+    prompts, out_file = tmp_path / "shots.txt", tmp_path / "anim.npz"
+    prompts.write_text("wave\nbow\n")
+    Motion.from_poses([pose_for("a")] * 5).save_npz(out_file)
+    before = out_file.read_bytes()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_one_then_a_pose() -> None:
+        if router.poll(TIMEOUT_S * 1000):
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            router.send_multipart([peer, _batch_item(request)])
+            router.send_multipart([peer, _pose_reply(request)])
+
+    service = threading.Thread(target=answer_one_then_a_pose)
+    service.start()
+    try:
+        argv = ["batch", str(prompts), "--out", str(out_file)]
+        code, _, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
+    finally:
+        service.join(TIMEOUT_S)
+        router.close()
+    assert code == cli.EXIT_SERVICE_ERROR and "bad reply: 'pose' where 'batch_item'" in err
+    assert out_file.read_bytes() == before
+    assert Motion.load_npz(tmp_path / "anim.partial.npz").labels == ("wave",)
 
 
 def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import NPZ_READ_ERRORS, finite_array, open_npz
+from .arrays import NPZ_READ_ERRORS, finite_array, open_npz, write_npz
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
@@ -326,9 +326,7 @@ class Motion:
         }
         if self.labels is not None:
             arrays["labels"] = np.array(self.labels, dtype=str)
-        # Compressed: numpy pads every label to the longest (one long prompt among thousands
-        # of short ones wrote hundreds of megabytes), and the padding compresses away.
-        _write_atomically(path, lambda stream: np.savez_compressed(stream, **arrays))
+        _write_atomically(path, lambda stream: write_npz(stream, arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
         """This motion in a frame turned by the rotation matrix `turn`: its global orientations
@@ -456,7 +454,7 @@ def _write_atomically(path: str | os.PathLike, write) -> None:
         except FileExistsError:
             continue
     try:
-        with os.fdopen(descriptor, "wb") as stream:  # np.savez appends ".npz" to a bare name
+        with os.fdopen(descriptor, "wb") as stream:  # a name would get ".npz" from np.savez
             write(stream)
         if existing:
             os.chmod(temporary, os.stat(target).st_mode & 0o777)

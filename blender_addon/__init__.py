@@ -63,19 +63,27 @@ def _shadowed_shared_protocol() -> str | None:
         return None
     with open(manifest, encoding="utf-8") as stream:
         wanted = re.search(r"chatpose_shared_protocol-([^-]+)-py3-none-any\.whl", stream.read())
-    try:
-        have = importlib.metadata.version("chatpose-shared-protocol")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if wanted is None or have == wanted.group(1):
+    ours = next(
+        (
+            dist
+            for dist in importlib.metadata.distributions(name="chatpose-shared-protocol")
+            if wanted is not None and dist.version == wanted.group(1)
+        ),
+        None,
+    )
+    if ours is None:  # Blender did not install the wheel: nothing to compare with
         return None
     import shared_protocol
 
+    imported = os.path.realpath(shared_protocol.__file__)
+    if imported == os.path.realpath(ours.locate_file("shared_protocol/__init__.py")):
+        return None
+    folder = os.path.dirname(os.path.dirname(imported))
     return (
-        f"ChatPose brings shared_protocol {wanted.group(1)}, but Blender's Python imports "
-        f"version {have} from {os.path.dirname(shared_protocol.__file__)}, an older copy "
-        f"installed there (for a legacy install?): remove it with `{sys.executable} -m pip "
-        "uninstall chatpose-shared-protocol`, then restart Blender"
+        f"ChatPose brings its own shared_protocol ({ours.version}), but Blender's Python "
+        f"imports another copy, from {folder}, which comes first on its path (one installed "
+        f"for a legacy install?): remove it (`{sys.executable} -m pip uninstall "
+        "chatpose-shared-protocol` if pip installed it), then restart Blender"
     )
 
 

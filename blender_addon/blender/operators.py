@@ -195,13 +195,14 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
             return {"CANCELLED"}
-        ensure_object_mode(context)  # Edit Mode's bones are not the ones posing reads
         unused_model = ""
         kept = None
         try:
             # Read first: a file that does not load leaves the scene as it was, nor one too long.
             motion = Motion.load_npz(self.filepath, z_up=self.z_up)
             frames_for(len(motion), self.start_frame, self.frame_step)
+            if context.mode == "EDIT_ARMATURE":  # its bones are not the ones posing reads
+                ensure_object_mode(context)
             if obj is None:
                 try:
                     model = preferred_smpl_model(context)

@@ -86,10 +86,11 @@ def hand_heads(heads) -> np.ndarray:
 
 
 def missing_smpl_bones(bone_names: Collection[str]) -> list[str]:
-    """The SMPL bones a rig lacks, named as in the naming it comes closest to (for a message)."""
+    """The SMPL body bones a rig lacks, named as in the naming it comes closest to (for a
+    message; the hands are not needed: ``smpl_bone_names``)."""
     present = set(bone_names)
     closest = max(BONE_NAMINGS, key=lambda naming: len(present.intersection(naming)))
-    return [name for name in closest if name not in present]
+    return [name for name in closest[:_BODY] if name not in present]
 
 
 @dataclass(frozen=True)

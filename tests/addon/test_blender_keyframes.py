@@ -454,6 +454,15 @@ def test_an_import_in_edit_mode_uses_the_bones_as_edited(blender, tmp_path):
     motion(2, seed=4).save_npz(source)
     assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
     assert bpy.context.mode == "OBJECT"
+    bpy.ops.object.mode_set(mode="POSE")  # a mode posing reads as it is: kept
+    assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
+    assert bpy.context.mode == "POSE"
+    bpy.ops.object.mode_set(mode="EDIT")  # and a file that does not load changes nothing
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(RuntimeError, match="not an .npz file"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "bad.npz"))
+    assert bpy.context.mode == "EDIT_ARMATURE"
+    bpy.ops.object.mode_set(mode="OBJECT")
     for frame, pose in zip((1, 2), motion(2, seed=4).poses(), strict=True):
         np.testing.assert_allclose(read_pose(obj, frame).axis_angle, pose.axis_angle, atol=1e-5)
 

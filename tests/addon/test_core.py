@@ -429,8 +429,12 @@ def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
     assert smpl_bone_names(["f_avg_" + n for n in SMPL_CAPITALISED_NAMES])[0] == "f_avg_Pelvis"
     mixed = [*JOINT_NAMES[:12], *SMPL_CAPITALISED_NAMES[12:]]
     assert smpl_bone_names(mixed) is None
-    assert missing_smpl_bones(mixed) == list(JOINT_NAMES[12:])  # the closer naming's
-    assert missing_smpl_bones([]) == list(JOINT_NAMES)
+    # The closer naming's body bones: the hands are not needed (SMPL-H and SMPL-X rigs).
+    assert missing_smpl_bones(mixed) == list(JOINT_NAMES[12:22])
+    assert missing_smpl_bones([]) == list(JOINT_NAMES[:22])
+    body = [*JOINT_NAMES[:22], "left_index1", "right_index1"]
+    assert smpl_bone_names(body) == (*JOINT_NAMES[:22], None, None)
+    assert missing_smpl_bones([n for n in body if n != "spine3"]) == ["spine3"]
 
 
 def test_axis_angle_channels_follow_the_key_before():

@@ -681,13 +681,22 @@ def _is_complete(path: Path) -> bool:
 
 def _earlier_one(path: Path) -> str:
     """How to resume from the newest complete checkpoint before the damaged `path`, or ""."""
-    out = path.parent
-    earlier = sorted(
-        p.name for p in out.glob("step-*") if p.name < path.name and p.is_dir() and _is_complete(p)
-    )
+    out, step = path.parent, _step_of(path)
+    earlier = [
+        (number, p.name)
+        for p in out.glob("step-*")
+        if (number := _step_of(p)) is not None and step is not None and number < step
+        if p.is_dir() and _is_complete(p)
+    ]
     if not earlier:
         return ""
-    return f"; to resume from the one before it, write {earlier[-1]} into {out / LATEST_NAME}"
+    return f"; to resume from the one before it, write {max(earlier)[1]} into {out / LATEST_NAME}"
+
+
+def _step_of(path: Path) -> int | None:
+    """N of a step-N folder, as a number: past 999,999 steps the names no longer sort."""
+    number = path.name.removeprefix("step-")
+    return int(number) if number.isdigit() and number != path.name else None
 
 
 def save_checkpoint(
@@ -906,8 +915,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         # A run's files, even of one stopped before its first checkpoint: its base/ copy
         # would otherwise be taken for this run's --base.
         files = ", ".join(sorted(_run_files(out)))
-        base = config.base.resolve()
-        if out.resolve() == base or out.resolve() in base.parents:
+        base = config.base.expanduser().resolve()
+        if out.expanduser().resolve() in (base, *base.parents):
             raise TrainingError(
                 f"--out {out} holds the --base model ({config.base}), whose files ({files}) "
                 "would be taken for a run's; choose an --out outside it"

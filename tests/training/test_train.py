@@ -624,6 +624,17 @@ def test_an_out_that_holds_the_base_is_refused_without_being_called_a_stopped_ru
         assert f"--out {out} holds the --base model ({model})" in err and "delete" not in err
 
 
+def test_the_checkpoint_before_a_damaged_one_is_found_by_its_step_not_its_name(tmp_path):
+    # Past 999,999 steps the names have seven digits: as text, step-999999 sorts after them.
+    for name in ("step-999998", "step-999999", "step-1000000", "step-1000001"):
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / loop.STATE_NAME).write_bytes(b"")
+        (tmp_path / name / loop.HEAD_NAME).write_bytes(b"")
+    assert "write step-1000000 into" in loop._earlier_one(tmp_path / "step-1000001")
+    assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
+    assert loop._earlier_one(tmp_path / "elsewhere") == ""
+
+
 def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):
     nan = (float("nan"),) * 3
     (tmp_path / "step-000004").mkdir()  # --keep-last 1 pruned the ones before

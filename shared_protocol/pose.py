@@ -70,16 +70,23 @@ def camera_to_upright(global_orientation: np.ndarray) -> np.ndarray:
     return matrix_to_axis_angle(CAMERA_TO_UPRIGHT @ axis_angle_to_matrix(global_orientation))
 
 
+# How far a body's soles lie below its lowest joint at rest: SMPL's feet joints sit on the
+# balls of the feet, and the add-on's mannequin is built around them this thick.
+SOLE_DEPTH = 0.04
+
+
 def amass_trans_offset(rest_joints=None) -> np.ndarray:
     """What to add to a translation turned Z-up (`Z_UP_FROM_SMPL @ t`) to make it AMASS's
     `trans`. This project's translation is the pelvis's offset from its rest position, and the
-    floor lies under the rest body (at its lowest joint); SMPL puts the pelvis at its rest
-    joint J0, *unturned*, plus `trans`, in a world whose floor is z = 0. So
-    trans = Z·(J0 + t) − (0, 0, lowest) − J0. `rest_joints` (24, 3): the body's, in the SMPL
-    frame (default: the built-in skeleton's, whose J0 is the origin)."""
+    floor lies under the rest body's soles (`SOLE_DEPTH` below its lowest joint); SMPL puts the
+    pelvis at its rest joint J0, *unturned*, plus `trans`, in a world whose floor, where the
+    body's soles stand, is z = 0. So trans = Z·(J0 + t) − (0, 0, sole) − J0. `rest_joints`
+    (24, 3): the body's, in the SMPL frame (default: the built-in skeleton's, whose J0 is the
+    origin)."""
     joints = DEFAULT_REST_JOINTS if rest_joints is None else np.asarray(rest_joints, float)
     pelvis = joints[0]
-    return Z_UP_FROM_SMPL @ pelvis - np.array([0.0, 0.0, joints[:, 1].min()]) - pelvis
+    sole = joints[:, 1].min() - SOLE_DEPTH
+    return Z_UP_FROM_SMPL @ pelvis - np.array([0.0, 0.0, sole]) - pelvis
 
 
 # Bounds past which a value is malformed rather than unusual: a rotation vector's length is an

@@ -10,7 +10,14 @@ import pytest
 
 from shared_protocol import arrays
 from shared_protocol import pose as pose_module
-from shared_protocol.pose import POSE_LAYOUT, Z_UP_FROM_SMPL, Motion, Pose, amass_trans_offset
+from shared_protocol.pose import (
+    POSE_LAYOUT,
+    SOLE_DEPTH,
+    Z_UP_FROM_SMPL,
+    Motion,
+    Pose,
+    amass_trans_offset,
+)
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
 
@@ -213,16 +220,18 @@ def test_an_upright_amass_body_loads_upright(tmp_path):
     np.savez(tmp_path / "walk.npz", poses=poses, trans=trans, mocap_framerate=np.array(60.0))
     motion = Motion.load_npz(tmp_path / "walk.npz")
     np.testing.assert_allclose(motion.axis_angle[:, 0], 0.0, atol=1e-12)  # upright, facing +Z
-    height = amass_trans_offset()[2]  # the rest pelvis above the feet: 0.96 m
+    height = amass_trans_offset()[2]  # the rest pelvis above the soles: 0.996 m
+    assert height == pytest.approx(-DEFAULT_REST_JOINTS[:, 1].min() + SOLE_DEPTH)
     assert 0.9 < height < 1.0
     np.testing.assert_allclose(
         motion.translation, [[0.0, 0.93 - height, -0.3], [1.0, 0.93 - height, -0.3]], atol=1e-12
     )
-    # A smaller body (rest pelvis lower above its feet): the same world height is a smaller
-    # drop from its rest pose.
+    # A smaller body (rest pelvis lower above its feet; soles as thick): the same world height
+    # is a smaller drop from its rest pose.
     short = DEFAULT_REST_JOINTS * 0.8
     lower = Motion.load_npz(tmp_path / "walk.npz", rest_joints=short)
-    np.testing.assert_allclose(lower.translation[0], [0.0, 0.93 - 0.8 * height, -0.3])
+    drop = 0.93 - (0.8 * (height - SOLE_DEPTH) + SOLE_DEPTH)
+    np.testing.assert_allclose(lower.translation[0], [0.0, drop, -0.3])
 
 
 def test_smpl_s_hands_and_betas_come_back_from_a_file_written_here(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
+from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.skeleton import PARENTS, SMPL_TO_BLENDER, smpl_to_blender
 
 from ..core.mannequin import mannequin_mesh
@@ -153,8 +154,8 @@ def create_smpl_armature(
     active; with a mesh child (the SMPL body when ``model`` has one, else the mannequin).
 
     Bones: head at the rest joint (SMPL -> Blender (x, -z, y)), tail a step along +Z, roll 0
-    (see ``core.rig_spec``). ``on_ground`` lifts the object so that the lowest point (of the mesh,
-    else of the joints) is at ``location``'s height.
+    (see ``core.rig_spec``). ``on_ground`` lifts the object so that the lowest point of the mesh,
+    else the soles (``SOLE_DEPTH`` below the lowest joint), is at ``location``'s height.
     """
     if rest_joints_smpl is None and model is not None:
         rest_joints_smpl = model.rest_joints
@@ -202,8 +203,8 @@ def create_smpl_armature(
             lift = -smpl_to_blender(model.vertices)[:, 2].min()
         elif mannequin is not None:
             lift = -mannequin.vertices[:, 2].min()
-        else:
-            lift = -heads[:, 2].min()
+        else:  # where its soles would be
+            lift = SOLE_DEPTH - heads[:, 2].min()
     obj.location = (location[0], location[1], location[2] + lift)
 
     if with_mesh:

@@ -181,9 +181,9 @@ def import_npz(
 
     A Z-up file is AMASS's world: its translation puts the pelvis there (SMPL adds it to the
     rest pelvis: ``amass_trans_offset``), its floor (z = 0) under the armature's rest pose (at
-    its lowest joint), so a motion stands where the armature stands. With ``z_up`` False the
-    file is in the SMPL body frame and holds this project's translations: the pelvis's offset
-    from its rest position."""
+    its soles, ``SOLE_DEPTH`` below its lowest joint), so a motion stands where the armature
+    stands. With ``z_up`` False the file is in the SMPL body frame and holds this project's
+    translations: the pelvis's offset from its rest position."""
     motion = Motion.load_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
     frames = key_motion(obj, motion, start, step, use_translation=use_translation)
     if scene is not None and frames:

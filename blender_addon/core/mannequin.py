@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.skeleton import JOINT_NAMES, NUM_JOINTS, PARENTS
 
 # Radius (metres) of the segment from a joint to its children, by joint.
@@ -28,8 +29,8 @@ SEGMENT_RADIUS = {
     "left_knee": 0.05,
     "right_knee": 0.05,
     "spine2": 0.09,
-    "left_ankle": 0.04,
-    "right_ankle": 0.04,
+    "left_ankle": SOLE_DEPTH,  # the segment to the foot joint: the sole, as AMASS's floor has it
+    "right_ankle": SOLE_DEPTH,
     "spine3": 0.055,
     "neck": 0.045,
     "left_collar": 0.045,

@@ -26,7 +26,7 @@ from blender_addon.blender.people import apply_people
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.core.batch_record import RECORD_PROPERTY, BatchRecord
 from shared_protocol.pose import Motion, Pose
-from shared_protocol.skeleton import JOINT_NAMES
+from shared_protocol.skeleton import DEFAULT_REST_JOINTS, JOINT_NAMES
 
 from .helpers import (
     FK_TOLERANCE,
@@ -400,6 +400,23 @@ def test_an_amass_file_imports_upright_where_it_walks(blender, tmp_path):
         pelvis, head = heads[0], heads[JOINT_NAMES.index("head")]
         np.testing.assert_allclose(pelvis, [x, 0.3, 0.93], atol=1e-5)  # Blender is Z-up too
         assert head[2] - pelvis[2] > 0.55 and abs(head[1] - pelvis[1]) < 0.1  # standing
+
+
+def test_a_body_standing_in_an_amass_file_stands_on_the_floor_in_blender(blender, tmp_path):
+    # AMASS's floor is where the soles are: laid at the lowest joint, a standing body's feet
+    # hovered 3.5 cm over the floor the armature was made on.
+    from shared_protocol.pose import SOLE_DEPTH
+
+    standing = -DEFAULT_REST_JOINTS[:, 1].min() + SOLE_DEPTH  # its rest pelvis over its soles
+    poses = np.zeros((1, 156))
+    poses[:, 0] = np.pi / 2  # upright in AMASS's Z-up world
+    np.savez(tmp_path / "stand.npz", poses=poses, trans=[[0, 0, standing]], mocap_framerate=30.0)
+    obj = create_smpl_armature(bpy.context)  # with the mannequin, its soles on z = 0
+    import_npz(obj, tmp_path / "stand.npz", start=1)
+    bpy.context.view_layer.update()
+    mesh = obj.children[0].evaluated_get(bpy.context.evaluated_depsgraph_get())
+    lowest = min((mesh.matrix_world @ v.co).z for v in mesh.data.vertices)
+    assert lowest == pytest.approx(0.0, abs=2e-3)
 
 
 def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):

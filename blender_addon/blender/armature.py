@@ -140,6 +140,35 @@ def ensure_object_mode(context: bpy.types.Context) -> None:
         bpy.ops.object.mode_set(mode="OBJECT")
 
 
+def _add_bones_aside(context: bpy.types.Context, obj: bpy.types.Object, specs) -> None:
+    """Makes the bones of ``specs`` in ``obj``'s armature, in Edit Mode in a scene of its own.
+    Each switch of mode updates the whole view layer it happens in: in the user's, with
+    10,000 objects, the two took over a second, and Blender froze for it."""
+    aside = bpy.data.scenes.new(".chatpose building")
+    try:
+        aside.collection.objects.link(obj)
+        layer = aside.view_layers[0]
+        layer.objects.active = obj
+        with context.temp_override(scene=aside, view_layer=layer, active_object=obj, object=obj):
+            bpy.ops.object.mode_set(mode="EDIT")
+            try:
+                edit_bones = obj.data.edit_bones
+                for spec in specs:
+                    bone = edit_bones.new(spec.name)
+                    bone.head = spec.head
+                    bone.tail = spec.tail
+                    bone.roll = spec.roll
+                    bone.use_connect = False
+                for spec in specs:
+                    if spec.parent is not None:
+                        edit_bones[spec.name].parent = edit_bones[spec.parent]
+            finally:
+                bpy.ops.object.mode_set(mode="OBJECT")
+    finally:
+        aside.collection.objects.unlink(obj)
+        bpy.data.scenes.remove(aside)
+
+
 def create_smpl_armature(
     context: bpy.types.Context,
     *,
@@ -167,29 +196,15 @@ def create_smpl_armature(
     arm[RIG_PROPERTY] = RIG_VERSION
     obj = bpy.data.objects.new(name, arm)
     obj.show_in_front = True
+    _add_bones_aside(context, obj, specs)
     collection = context.collection or context.scene.collection
     if collection.library is not None or collection.override_library is not None:
         collection = context.scene.collection  # a linked collection takes no new objects
     collection.objects.link(obj)
-    for other in context.view_layer.objects:
+    for other in context.selected_objects:  # not every object: a set may hold thousands
         other.select_set(False)
     context.view_layer.objects.active = obj
     obj.select_set(True)
-
-    bpy.ops.object.mode_set(mode="EDIT")
-    try:
-        edit_bones = arm.edit_bones
-        for spec in specs:
-            bone = edit_bones.new(spec.name)
-            bone.head = spec.head
-            bone.tail = spec.tail
-            bone.roll = spec.roll
-            bone.use_connect = False
-        for spec in specs:
-            if spec.parent is not None:
-                edit_bones[spec.name].parent = edit_bones[spec.parent]
-    finally:
-        bpy.ops.object.mode_set(mode="OBJECT")
 
     for pbone in obj.pose.bones:
         pbone.rotation_mode = "QUATERNION"

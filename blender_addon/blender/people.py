@@ -46,8 +46,13 @@ def _kept_selection(context: bpy.types.Context):
     try:
         yield
     finally:
-        for obj in view_layer.objects:
-            obj.select_set(obj.name in selected)
+        for obj in context.selected_objects:  # those it selected, not every object in the set
+            if obj.name not in selected:
+                obj.select_set(False)
+        for name in selected:
+            obj = view_layer.objects.get(name)
+            if obj is not None:
+                obj.select_set(True)
         if active is not None and active.name in view_layer.objects:
             view_layer.objects.active = active
             if mode == "POSE" and active.type == "ARMATURE":
@@ -190,6 +195,8 @@ def apply_people(
         refuse_locked_people(target, len(poses), use_translation)
     result = PeopleResult()
     made = None  # the first person this answer creates; the others are copies of it
+    if len(poses) > 1:  # people stand beside the target as it is now: a script may have moved
+        context.view_layer.update()  # it since Blender last drew (milliseconds when it did)
     for k, pose in enumerate(poses):
         if k == 0:
             obj = target

@@ -178,6 +178,26 @@ def test_create_armature_operator(blender):
     assert lowest == pytest.approx(0.0, abs=1e-3)
 
 
+def test_building_an_armature_never_updates_the_users_scene(blender):
+    """Edit Mode is entered in a scene of its own: each switch in the user's updated their
+    whole view layer, and with 10,000 objects the first extra person of an answer froze
+    Blender for seconds (benchmarks: bench_addon's people row)."""
+    updated = []
+
+    def seen(scene, depsgraph):
+        updated.append(scene.name)
+
+    bpy.app.handlers.depsgraph_update_post.append(seen)
+    try:
+        obj = create_smpl_armature(bpy.context, with_mesh=True)
+    finally:
+        bpy.app.handlers.depsgraph_update_post.remove(seen)
+    assert updated and bpy.context.scene.name not in updated
+    assert [s.name for s in bpy.data.scenes] == [bpy.context.scene.name]  # none left behind
+    assert len(obj.data.bones) == 24 and obj.name in bpy.context.scene.objects
+    assert bpy.context.view_layer.objects.active == obj and obj.select_get()
+
+
 def test_operators_have_one_undo_step():
     for cls in (
         operators.CHATPOSE_OT_create_armature,

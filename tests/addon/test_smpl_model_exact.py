@@ -19,7 +19,7 @@ import torch
 from blender_addon.blender.armature import create_smpl_armature, rest_joints
 from blender_addon.blender.posing import apply_pose
 from blender_addon.core.smpl_model import load_smpl_model
-from shared_protocol.pose import Z_UP_FROM_SMPL, Motion
+from shared_protocol.pose import SOLE_DEPTH, Z_UP_FROM_SMPL, Motion
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
     JOINT_NAMES,
@@ -154,7 +154,7 @@ def test_an_exported_motion_puts_smplx_s_body_where_the_project_puts_it(tmp_path
     with torch.no_grad():
         out = body(global_orient=poses[:, :3], body_pose=body_pose, transl=trans)
     positions, _ = forward_kinematics(motion.axis_angle[0], rest, motion.translation[0])
-    floor = np.array([0.0, 0.0, rest[:, 1].min()])  # the floor under the rest body
+    floor = np.array([0.0, 0.0, rest[:, 1].min() - SOLE_DEPTH])  # under the rest body's soles
     expected = positions @ Z_UP_FROM_SMPL.T - floor
     np.testing.assert_allclose(out.joints[0, :24].numpy(), expected, rtol=0, atol=1e-7)
     back = Motion.load_npz(tmp_path / "take.npz", rest_joints=rest)

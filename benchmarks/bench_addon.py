@@ -49,7 +49,7 @@ from blender_addon.blender.posing import apply_pose  # noqa: E402
 from blender_addon.core.service_process import ServiceProcess, serve_command  # noqa: E402
 from shared_protocol.client import Client  # noqa: E402
 from shared_protocol.pose import Pose  # noqa: E402
-from shared_protocol.protocol import BatchDoneReply, BatchRequest, StatusRequest  # noqa: E402
+from shared_protocol.protocol import BatchDoneReply, BatchRequest, ProtocolError  # noqa: E402
 
 ADDON = "blender_addon"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -222,18 +222,17 @@ def free_port() -> int:
 
 
 def wait_until_up(address: str, manager: ServiceProcess) -> None:
+    """Until the service serves: it listens, and answers `busy`, while its model loads."""
+
+    def gone() -> str | None:
+        state = manager.poll()
+        return None if state.alive else f"chatpose-serve {state.describe()}"
+
     with Client(address) as client:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                client.request(StatusRequest(client.new_id()), timeout_s=2)
-                return
-            except Exception:
-                state = manager.poll()
-                if not state.alive:
-                    raise SystemExit(f"chatpose-serve {state.describe()}") from None
-                if time.monotonic() > deadline:
-                    raise SystemExit("chatpose-serve did not come up") from None
+        try:
+            client.wait_serving(300, gone=gone)
+        except ProtocolError as exc:
+            raise SystemExit(str(exc)) from None
 
 
 def last_batch_ms(log_path: str) -> float:

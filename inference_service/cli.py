@@ -463,6 +463,8 @@ def _batch(args: argparse.Namespace) -> int:
                 )
     if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
         return EXIT_BAD_INPUT
+    if unanswered:  # finished, yet the service left lines without a pose or an error
+        return EXIT_SERVICE_ERROR
     return exit_code_for_all([code for code, _ in failures.values()])
 
 

@@ -21,6 +21,7 @@ from inference_service.server import Server
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import (
+    BatchDoneReply,
     BatchItemReply,
     PoseReply,
     StatusReply,
@@ -146,6 +147,38 @@ def test_a_batch_answered_with_a_reply_of_another_kind_keeps_the_users_file(caps
     assert code == cli.EXIT_SERVICE_ERROR and "bad reply: 'pose' where 'batch_item'" in err
     assert out_file.read_bytes() == before
     assert Motion.load_npz(tmp_path / "anim.partial.npz").labels == ("wave",)
+
+
+def test_a_finished_batch_with_a_line_left_without_a_pose_does_not_exit_0(capsys, tmp_path):
+    # Its poses went beside --out, kept as it was, and the command said all was well: a script
+    # running `chatpose batch ... && use anim.npz` used the old file.
+    prompts, out_file = tmp_path / "shots.txt", tmp_path / "anim.npz"
+    prompts.write_text("wave\nbow\n")
+    Motion.from_poses([pose_for("a")] * 5).save_npz(out_file)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_one_without_a_pose() -> None:
+        if router.poll(TIMEOUT_S * 1000):
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            empty = BatchItemReply(request.id, 1, 2, "no pose here")
+            for reply in (_batch_item(request), encode_reply(empty)[0]):
+                router.send_multipart([peer, reply])
+            done = BatchDoneReply(request.id, total=2, completed=2)
+            router.send_multipart([peer, encode_reply(done)[0]])
+
+    service = threading.Thread(target=answer_one_without_a_pose)
+    service.start()
+    try:
+        argv = ["batch", str(prompts), "--out", str(out_file)]
+        code, _, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
+    finally:
+        service.join(TIMEOUT_S)
+        router.close()
+    assert code == cli.EXIT_SERVICE_ERROR and "not answered: line 2" in err
+    assert f"{out_file} is kept as it was" in err
 
 
 def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):

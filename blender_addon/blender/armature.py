@@ -178,9 +178,13 @@ def create_smpl_armature(
     on_ground: bool = True,
     with_mesh: bool = True,
     model: SmplModel | None = None,
+    keep_pose_mode: bool = False,
 ) -> bpy.types.Object:
     """A new armature object with the 24 SMPL bones, linked to the active collection and made
     active; with a mesh child (the SMPL body when ``model`` has one, else the mannequin).
+    The user's mode is left first (Edit and paint modes belong to the active object), but
+    for ``keep_pose_mode`` Pose Mode: a switch updates the whole view layer, and a caller that
+    puts the active object back (extra people) has it posed as it was.
 
     Bones: head at the rest joint (SMPL -> Blender (x, -z, y)), tail a step along +Z, roll 0
     (see ``core.rig_spec``). ``on_ground`` lifts the object so that the lowest point of the mesh,
@@ -189,14 +193,20 @@ def create_smpl_armature(
     if rest_joints_smpl is None and model is not None:
         rest_joints_smpl = model.rest_joints
     specs = smpl_bone_specs(rest_joints_smpl)
-    ensure_object_mode(context)
+    if not (keep_pose_mode and context.mode == "POSE"):
+        ensure_object_mode(context)
 
     arm = bpy.data.armatures.new(name)
     arm.display_type = "OCTAHEDRAL"
     arm[RIG_PROPERTY] = RIG_VERSION
     obj = bpy.data.objects.new(name, arm)
     obj.show_in_front = True
-    _add_bones_aside(context, obj, specs)
+    try:
+        _add_bones_aside(context, obj, specs)
+    except BaseException:  # nothing half-made left holding the name, unseen
+        bpy.data.objects.remove(obj)
+        bpy.data.armatures.remove(arm)
+        raise
     collection = context.collection or context.scene.collection
     if collection.library is not None or collection.override_library is not None:
         collection = context.scene.collection  # a linked collection takes no new objects

@@ -41,23 +41,35 @@ def _kept_selection(context: bpy.types.Context):
     """Restores the active object, the selection and the mode after creating objects."""
     view_layer = context.view_layer
     active = view_layer.objects.active
-    selected = {obj.name for obj in context.selected_objects}  # a set: scenes hold thousands
+    # The objects, not their names (a linked one may share a local one's), and only those
+    # selected, not every object of a set of thousands.
+    selected = set(context.selected_objects)
     mode = context.mode
     try:
         yield
     finally:
-        for obj in context.selected_objects:  # those it selected, not every object in the set
-            if obj.name not in selected:
+        for obj in context.selected_objects:
+            if obj not in selected:
                 obj.select_set(False)
-        for name in selected:
-            obj = view_layer.objects.get(name)
-            if obj is not None:
+        for obj in selected:
+            with contextlib.suppress(ReferenceError, RuntimeError):  # deleted meanwhile
                 obj.select_set(True)
         if active is not None and active.name in view_layer.objects:
             view_layer.objects.active = active
-            if mode == "POSE" and active.type == "ARMATURE":
+            # Each switch updates the whole view layer: only when it was left.
+            if mode == "POSE" and context.mode != "POSE" and active.type == "ARMATURE":
                 with contextlib.suppress(RuntimeError):
                     bpy.ops.object.mode_set(mode="POSE")
+
+
+def _update_where(obj: bpy.types.Object) -> None:
+    """``obj.matrix_world`` as it stands: a view layer of one of its scenes updated (the
+    window's may not hold it)."""
+    for scene in obj.users_scene:
+        for layer in scene.view_layers:
+            if obj.name in layer.objects:
+                layer.update()
+                return
 
 
 def person_armature(
@@ -110,6 +122,7 @@ def person_armature(
             on_ground=False,
             with_mesh=True,
             model=model,
+            keep_pose_mode=True,
         )
     # Facing as the target faces, whatever its rotation mode; without the turn that stands a
     # rig with Y-up armature data upright (an imported SMPL FBX): this one is Z-up already.
@@ -196,7 +209,7 @@ def apply_people(
     result = PeopleResult()
     made = None  # the first person this answer creates; the others are copies of it
     if len(poses) > 1:  # people stand beside the target as it is now: a script may have moved
-        context.view_layer.update()  # it since Blender last drew (milliseconds when it did)
+        _update_where(target)  # it since Blender last drew (milliseconds when it did)
     for k, pose in enumerate(poses):
         if k == 0:
             obj = target

@@ -79,8 +79,9 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return png_size(data) if data[12:16] == b"IHDR" and len(data) >= 24 else None
     offset = 2
     for _ in range(_MAX_SEGMENTS):
-        if offset >= len(data) or data[offset] != 0xFF:
-            return None  # no marker where one belongs: a damaged file, for the service
+        offset = data.find(b"\xff", offset)  # stray bytes before a marker: skipped, as Pillow does
+        if offset < 0:
+            return None
         while offset < len(data) and data[offset] == 0xFF:  # fill bytes
             offset += 1
         if offset >= len(data):

@@ -696,7 +696,7 @@ def _earlier_one(path: Path) -> str:
 def _step_of(path: Path) -> int | None:
     """N of a step-N folder, as a number: past 999,999 steps the names no longer sort."""
     number = path.name.removeprefix("step-")
-    return int(number) if number.isdigit() and number != path.name else None
+    return int(number) if number.isascii() and number.isdigit() and number != path.name else None
 
 
 def save_checkpoint(

@@ -210,6 +210,9 @@ def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before
         return buffer.getvalue()
 
     assert header_size(jpeg((321, 123), progressive=True, exif=b"Exif\0\0MM")) == (321, 123)
+    stray = jpeg((64, 48))
+    stray = stray[:20] + b"\x00\x17" + stray[20:]  # bytes between segments: Pillow skips them
+    assert header_size(stray) == (64, 48)
     with pytest.raises(ValueError, match=r"pano\.jpg is 9600 x 400 pixels, more than 20 times"):
         check_reference_image(jpeg((9600, 400)), "pano.jpg")
     png = encode_png(np.zeros((2, 2, 3)))

@@ -633,6 +633,8 @@ def test_the_checkpoint_before_a_damaged_one_is_found_by_its_step_not_its_name(t
     assert "write step-1000000 into" in loop._earlier_one(tmp_path / "step-1000001")
     assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
     assert loop._earlier_one(tmp_path / "elsewhere") == ""
+    (tmp_path / "step-²").mkdir()  # a digit to str.isdigit, not to int()
+    assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
 
 
 def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):

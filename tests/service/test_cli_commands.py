@@ -64,6 +64,31 @@ def test_status(address, capsys):
     assert "images    up to 1 per request" in out
 
 
+def run_against(capsys, answers, *argv) -> tuple[int, str, str, list]:
+    """Runs the command against a stand-in service that takes one request and sends back the
+    header frames `answers(request)` gives; (exit code, stdout, stderr, requests taken)."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    taken = []
+
+    def answer() -> None:
+        if router.poll(TIMEOUT_S * 1000):
+            peer, *frames = router.recv_multipart()
+            taken.append(decode_request(frames))
+            for header in answers(taken[0]):
+                router.send_multipart([peer, header])
+
+    service = threading.Thread(target=answer)
+    service.start()
+    try:
+        code, out, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
+    finally:
+        service.join(TIMEOUT_S)
+        router.close()
+    return code, out, err, taken
+
+
 def _status_with_a_number_for_model(request) -> bytes:
     status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
     header = json.loads(encode_reply(status)[0]) | {"model": 5}  # must be a string
@@ -98,22 +123,7 @@ def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(
 ):
     # Replies of the wrong kind ended in a traceback; --json printed an error reply made up
     # here (bad_json: as if the user's request were malformed) for one that did not decode.
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_badly() -> None:
-        if router.poll(TIMEOUT_S * 1000):
-            peer, *frames = router.recv_multipart()
-            router.send_multipart([peer, answer(decode_request(frames))])
-
-    service = threading.Thread(target=answer_badly)
-    service.start()
-    try:
-        code, out, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
-    finally:
-        service.join(TIMEOUT_S)
-        router.close()
+    code, out, err, _ = run_against(capsys, lambda request: [answer(request)], *argv)
     assert code == cli.EXIT_SERVICE_ERROR  # the decoder's code is bad_schema: not bad input
     assert "bad reply" in err and message in err and out == ""
 
@@ -125,25 +135,11 @@ def test_a_batch_answered_with_a_reply_of_another_kind_keeps_the_users_file(caps
     prompts.write_text("wave\nbow\n")
     Motion.from_poses([pose_for("a")] * 5).save_npz(out_file)
     before = out_file.read_bytes()
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_one_then_a_pose() -> None:
-        if router.poll(TIMEOUT_S * 1000):
-            peer, *frames = router.recv_multipart()
-            request = decode_request(frames)
-            router.send_multipart([peer, _batch_item(request)])
-            router.send_multipart([peer, _pose_reply(request)])
-
-    service = threading.Thread(target=answer_one_then_a_pose)
-    service.start()
-    try:
-        argv = ["batch", str(prompts), "--out", str(out_file)]
-        code, _, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
-    finally:
-        service.join(TIMEOUT_S)
-        router.close()
+    code, _, err, _ = run_against(
+        capsys,
+        lambda request: [_batch_item(request), _pose_reply(request)],
+        *("batch", str(prompts), "--out", str(out_file)),
+    )
     assert code == cli.EXIT_SERVICE_ERROR and "bad reply: 'pose' where 'batch_item'" in err
     assert out_file.read_bytes() == before
     assert Motion.load_npz(tmp_path / "anim.partial.npz").labels == ("wave",)
@@ -155,28 +151,14 @@ def test_a_finished_batch_with_a_line_left_without_a_pose_does_not_exit_0(capsys
     prompts, out_file = tmp_path / "shots.txt", tmp_path / "anim.npz"
     prompts.write_text("wave\nbow\n")
     Motion.from_poses([pose_for("a")] * 5).save_npz(out_file)
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
 
-    def answer_one_without_a_pose() -> None:
-        if router.poll(TIMEOUT_S * 1000):
-            peer, *frames = router.recv_multipart()
-            request = decode_request(frames)
-            empty = BatchItemReply(request.id, 1, 2, "no pose here")
-            for reply in (_batch_item(request), encode_reply(empty)[0]):
-                router.send_multipart([peer, reply])
-            done = BatchDoneReply(request.id, total=2, completed=2)
-            router.send_multipart([peer, encode_reply(done)[0]])
+    def one_without_a_pose(request) -> list[bytes]:
+        empty = BatchItemReply(request.id, 1, 2, "no pose here")
+        done = BatchDoneReply(request.id, total=2, completed=2)
+        return [_batch_item(request), encode_reply(empty)[0], encode_reply(done)[0]]
 
-    service = threading.Thread(target=answer_one_without_a_pose)
-    service.start()
-    try:
-        argv = ["batch", str(prompts), "--out", str(out_file)]
-        code, _, err = run(capsys, *argv, "--address", f"tcp://127.0.0.1:{port}")
-    finally:
-        service.join(TIMEOUT_S)
-        router.close()
+    argv = ("batch", str(prompts), "--out", str(out_file))
+    code, _, err, _ = run_against(capsys, one_without_a_pose, *argv)
     assert code == cli.EXIT_SERVICE_ERROR and "not answered: line 2" in err
     assert f"{out_file} is kept as it was" in err
 
@@ -209,27 +191,10 @@ def test_pose_json_and_npz(address, capsys, tmp_path):
 @pytest.mark.parametrize(("timeout", "asked_ms"), [("1.5", 1500), ("1e9", 3_600_000)])
 def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, timeout, asked_ms):
     # Without it, a request the command had given up on still ran once its turn came.
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    asked = []
-
-    def answer() -> None:
-        if router.poll(TIMEOUT_S * 1000):
-            peer, *frames = router.recv_multipart()
-            request = decode_request(frames)
-            asked.append(request.timeout_ms)
-            router.send_multipart([peer, _pose_reply(request)])
-
-    service = threading.Thread(target=answer)
-    service.start()
-    try:
-        argv = ["pose", "hi", "--timeout", timeout, "--address", f"tcp://127.0.0.1:{port}"]
-        assert run(capsys, *argv)[0] == cli.EXIT_OK
-    finally:
-        service.join(TIMEOUT_S)
-        router.close()
-    assert asked == [asked_ms]  # at most the protocol's longest
+    argv = ("pose", "hi", "--timeout", timeout)
+    code, _, _, taken = run_against(capsys, lambda request: [_pose_reply(request)], *argv)
+    assert code == cli.EXIT_OK
+    assert [request.timeout_ms for request in taken] == [asked_ms]  # at most the longest
 
 
 def test_pose_with_an_image(address, capsys, tmp_path):

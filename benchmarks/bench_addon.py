@@ -190,13 +190,20 @@ def bench_export(obj, workdir: Path, frames: int = 3600, repeats: int = 3) -> li
     return times
 
 
-def bench_first_extra_person(objects: int = 10_000, repeats: int = 3) -> list[float]:
+def bench_first_extra_person(objects: int = 10_000, repeats: int = 3) -> dict[str, list[float]]:
     """An answer with two people, its second person made anew each time, in a scene of
-    ``objects`` empties (a set dressed for a shot)."""
+    ``objects`` empties (a set dressed for a shot), the target in Object Mode and in Pose
+    Mode (where an animator posing works)."""
     target = fresh_blender()
     for i in range(objects):
         bpy.context.scene.collection.objects.link(bpy.data.objects.new(f"Prop{i}", None))
     bpy.context.view_layer.update()
+    return {mode: _extra_person_times(target, mode, repeats) for mode in ("OBJECT", "POSE")}
+
+
+def _extra_person_times(target, mode: str, repeats: int) -> list[float]:
+    bpy.context.view_layer.objects.active = target
+    bpy.ops.object.mode_set(mode=mode)
     poses = random_poses(2, seed=9)
     times = []
     for _ in range(repeats):
@@ -424,13 +431,17 @@ def main(argv: list[str] | None = None) -> None:
                 "",
                 "",
             ],
-            [
-                "an answer with two people, the second made anew, among 10,000 objects",
-                f"{statistics.median(people) * 1000:.1f} ms",
-                f"{min(people) * 1000:.1f}-{max(people) * 1000:.1f} ms",
-                f"<= {TICK_BUDGET_MS:g} ms (the timer's budget)",
-                met(statistics.median(people) * 1000 <= TICK_BUDGET_MS),
-            ],
+            *(
+                [
+                    "an answer with two people, the second made anew, among 10,000 objects "
+                    f"({mode.title()} Mode)",
+                    f"{statistics.median(times) * 1000:.1f} ms",
+                    f"{min(times) * 1000:.1f}-{max(times) * 1000:.1f} ms",
+                    f"<= {TICK_BUDGET_MS:g} ms (the timer's budget)",
+                    met(statistics.median(times) * 1000 <= TICK_BUDGET_MS),
+                ]
+                for mode, times in people.items()
+            ),
             [
                 "**end to end / service time** (per-round ratio)",
                 f"{ratio:.2f}x",

@@ -681,16 +681,23 @@ def _is_complete(path: Path) -> bool:
 
 def _earlier_one(path: Path) -> str:
     """How to resume from the newest complete checkpoint before the damaged `path`, or ""."""
-    out, step = path.parent, _step_of(path)
-    earlier = [
-        (number, p.name)
-        for p in out.glob("step-*")
-        if (number := _step_of(p)) is not None and step is not None and number < step
-        if p.is_dir() and _is_complete(p)
-    ]
+    earlier = [(n, name) for n, name in _steps_before(path) if _is_complete(path.parent / name)]
     if not earlier:
         return ""
-    return f"; to resume from the one before it, write {max(earlier)[1]} into {out / LATEST_NAME}"
+    latest = path.parent / LATEST_NAME
+    return f"; to resume from the one before it, write {max(earlier)[1]} into {latest}"
+
+
+def _steps_before(path: Path) -> list[tuple[int, str]]:
+    """(N, name) of the step-N folders beside the step folder `path` that come before it."""
+    step = _step_of(path)
+    if step is None:
+        return []
+    return [
+        (number, p.name)
+        for p in path.parent.glob("step-*")
+        if (number := _step_of(p)) is not None and number < step and p.is_dir()
+    ]
 
 
 def _step_of(path: Path) -> int | None:
@@ -797,8 +804,8 @@ def _write_checkpoint(
 def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
     """Delete all but the `keep_last` newest step-N folders of `out`, `newest` among them."""
     steps = sorted(
-        (p for p in out.glob("step-*") if p.is_dir() and p != newest and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),  # by number: step-1000000 comes after step-999999
+        (p for p in out.glob("step-*") if p.is_dir() and p != newest and _step_of(p) is not None),
+        key=_step_of,  # by number: step-1000000 comes after step-999999
     )
     for old in steps[: max(0, len(steps) - (keep_last - 1))]:
         shutil.rmtree(old)
@@ -1181,7 +1188,7 @@ def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
         kept = "no checkpoint was saved yet"
     elif what != "weights" and last_saved.name == step_dir_name(step - 1):
         # Its weights gave this loss or gradient: a resume meets the same batch with them.
-        earlier = sorted(p.name for p in last_saved.parent.glob("step-*") if p < last_saved)
+        earlier = [name for _, name in sorted(_steps_before(last_saved))]
         instead = (
             f"write the name of an earlier one ({', '.join(earlier)}) into "
             f"{last_saved.parent / LATEST_NAME} and --resume with {lower}"

@@ -649,6 +649,14 @@ def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):
     message = loop._diverged(5, "weights", nan, tmp_path / "step-000004")
     assert "last good checkpoint" in message and "--resume with a lower --lr" in message
     assert "no checkpoint was saved yet" in loop._diverged(1, "loss", nan, None)
+    # Past 999,999 steps, by number: as text, step-999999 sorted after step-1000000.
+    (tmp_path / "step-999999").mkdir()
+    (tmp_path / "step-1000000").mkdir()
+    (tmp_path / "step-²").mkdir()  # a digit to str.isdigit, not to int()
+    message = loop._diverged(1_000_001, "loss", nan, tmp_path / "step-1000000")
+    assert "(step-000002, step-000004, step-999999)" in message
+    loop.prune_checkpoints(tmp_path, 2, tmp_path / "step-1000000")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-999999", "step-²"]
 
 
 def test_weights_that_are_not_finite_are_never_saved(base, tmp_path, monkeypatch, capsys):

@@ -133,9 +133,12 @@ def use_service(address: str, timeout_s: float = 30.0) -> None:
     prefs.request_timeout = timeout_s
 
 
-def start_tiny_service(checkpoint, address: str, log_dir, timeout_s: float = 120.0):
-    """A real `chatpose-serve` subprocess serving `checkpoint` at `address`, started with the
-    add-on's own process manager and answering: its ServiceProcess."""
+def start_tiny_service(
+    checkpoint, address: str, log_dir, timeout_s: float = 120.0, options: tuple[str, ...] = ()
+):
+    """A real `chatpose-serve` subprocess serving `checkpoint` at `address` (with its command
+    line `options`), started with the add-on's own process manager and answering: its
+    ServiceProcess."""
     import os
     import sys
 
@@ -147,7 +150,8 @@ def start_tiny_service(checkpoint, address: str, log_dir, timeout_s: float = 120
     # One torch thread: the tiny model gains nothing from more, and on a small shared machine
     # extra threads only wait on each other.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    manager.start(serve_command(sys.executable, str(checkpoint), address, "cpu"), env=env)
+    argv = [*serve_command(sys.executable, str(checkpoint), address, "cpu"), *options]
+    manager.start(argv, env=env)
     with Client(address) as client:
         try:  # the model takes a few seconds to load
             client.wait_serving(timeout_s, gone=lambda: None if manager.poll().alive else "exited")

@@ -248,7 +248,11 @@ def test_the_real_service_killed_mid_batch_then_restarted(
     batch_text(lines)
     settings = bpy.context.scene.chatpose
     settings.batch_start, settings.batch_step = 10, 1
-    service = start_tiny_service(tiny_checkpoint, address, tmp_path / "first")
+    # One line a pass: in batches of 8 the tiny model could answer all 256 before the freeze
+    # (a CI run on a loaded machine), and none was left to lose.
+    service = start_tiny_service(
+        tiny_checkpoint, address, tmp_path / "first", options=("--max-batch", "1")
+    )
     try:
         bpy.ops.chatpose.batch_keyframe()
         run = runtime.current_batch()

@@ -18,7 +18,7 @@ import numpy as np
 
 from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO
 
-from ..core.images import encode_png
+from ..core.images import encode_png, shows_nothing
 
 VIEWPORT_MAX_SIDE = 512  # the model crops to its own size (336 px for LLaVA-1.5)
 SNAPSHOT_MAX_SIDE = 336
@@ -99,6 +99,10 @@ def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> 
         offscreen.free()
     buffer.dimensions = width * height * 4
     pixels = _buffer_array(buffer).reshape(height, width, 4).copy()
+    if shows_nothing(pixels):  # a pose guessed from it would be noise
+        raise CaptureError(
+            "the 3D viewport shows nothing but its background: bring the character into view"
+        )
     pixels[..., 3] = 255  # the service sees RGB; an opaque PNG avoids surprises
     return encode_png(pixels, flip_vertical=True)
 
@@ -110,6 +114,18 @@ def _buffer_array(buffer) -> np.ndarray:
         return np.frombuffer(memoryview(buffer), dtype=np.uint8).copy()
     except TypeError:
         return np.array(buffer.to_list(), dtype=np.uint8)
+
+
+def _png_pixels(path: str) -> np.ndarray:
+    """The (H, W, 4) pixels, 0-255, of the PNG file at ``path``, read by Blender."""
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        width, height = image.size
+        values = np.empty(width * height * image.channels, dtype=np.float32)
+        image.pixels.foreach_get(values)
+        return (values.reshape(height, width, image.channels) * 255.0).round()
+    finally:
+        bpy.data.images.remove(image)
 
 
 # Compositing and the sequencer are off for the snapshot: a compositor's File Output node would
@@ -192,9 +208,15 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
                 raise CaptureError(f"the snapshot render failed ({exc})") from None
             try:
                 with open(path, "rb") as file:
-                    return file.read()
+                    data = file.read()
             except OSError:
                 raise CaptureError("the snapshot render wrote no image") from None
+            if shows_nothing(_png_pixels(path)):  # a pose guessed from it would be noise
+                raise CaptureError(
+                    "the scene camera sees nothing but the background: point it at the "
+                    "character, and check that the view layer and the character render"
+                )
+            return data
         finally:
             for name, value in saved_image.items():
                 setattr(settings, name, value)

@@ -148,6 +148,16 @@ def encode_png(pixels, *, flip_vertical: bool = False, level: int = 6) -> bytes:
     )
 
 
+def shows_nothing(pixels, tolerance: int = 8) -> bool:
+    """Whether ``pixels`` (H, W, 3 or 4; 0-255) are only a background: no two neighbouring
+    pixels differ by more than ``tolerance`` levels in any of R, G, B. A flat world colour or a
+    viewport's gradient passes; any drawn edge, a figure's outline, does not."""
+    rgb = np.asarray(pixels, dtype=np.int16)[..., :3]
+    across = np.abs(np.diff(rgb, axis=1)).max(initial=0)
+    down = np.abs(np.diff(rgb, axis=0)).max(initial=0)
+    return max(across, down) <= tolerance
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's header."""
     if image_kind(data) != "png" or data[12:16] != b"IHDR":

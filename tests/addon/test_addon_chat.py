@@ -493,6 +493,12 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
         pixels = np.asarray(image.convert("RGB"), dtype=float)
     assert pixels.std() > 5.0  # the mannequin is in the picture, not a blank frame
     assert png_size(render_camera_snapshot(scene, max_side=64)) == (64, 36)
+    # Turned away, it sees only the world's colour: no picture to guess a pose from.
+    scene.camera.rotation_euler = (-np.pi / 2, 0.0, 0.0)
+    with pytest.raises(CaptureError, match="camera sees nothing but the background"):
+        render_camera_snapshot(scene, max_side=64)
+    assert scene.render.engine == "CYCLES" and scene.render.filepath == "//render_"
+    assert not [image for image in bpy.data.images if image.filepath.endswith("snapshot.png")]
 
 
 def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(blender):
@@ -565,11 +571,12 @@ class FakeGPU:
     for drawing are not available in background mode"): an offscreen whose framebuffer holds
     known pixels, bottom row first as OpenGL reads them, and a record of the calls."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, figure: bool = True):
         import types
 
         self.calls: list = []
         self.fail = fail
+        self.figure = figure
         gpu = self
 
         class Buffer(bytearray):
@@ -580,6 +587,8 @@ class FakeGPU:
                 gpu.calls.append(("read_color", x, y, width, height, channels, slot, fmt))
                 rows = np.arange(height, dtype=np.uint8)[:, None, None]  # row index as colour
                 pixels = np.broadcast_to(rows, (height, width, channels)).copy()
+                if gpu.figure:  # else only the background's gradient
+                    pixels[:, width // 2, 1] = 255
                 pixels[..., 3] = 7  # not opaque: the capture must make it so
                 return Buffer(pixels.tobytes())
 
@@ -637,6 +646,12 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     assert (pixels[..., 3] == 255).all()
     assert space.overlay.show_overlays  # the user's setting, back
 
+    empty = FakeGPU(figure=False)  # the viewport's gradient and nothing in front of it
+    monkeypatch.setitem(sys.modules, "gpu", empty.module)
+    with pytest.raises(CaptureError, match="the 3D viewport shows nothing but its background"):
+        draw_viewport(bpy.context, region, space, max_side=100)
+    assert space.overlay.show_overlays and empty.calls[-1] == ("free",)
+
     failing = FakeGPU(fail=True)
     monkeypatch.setitem(sys.modules, "gpu", failing.module)
     with pytest.raises(CaptureError, match="could not draw the viewport offscreen"):
@@ -650,9 +665,10 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     assert unused.calls == []  # nothing drawn
 
 
-def test_pose_from_viewport_and_from_image_send_the_picture(armature, scripted_service, tmp_path):
+def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_service, tmp_path):
     address, backend = scripted_service
     use_service(address)
+    bpy.context.scene.chatpose.target = create_smpl_armature(bpy.context, with_mesh=True)
     _add_camera()
     scene = bpy.context.scene
     scene.render.resolution_x, scene.render.resolution_y = 64, 64

@@ -176,6 +176,20 @@ def test_encode_png_is_readable_by_pillow():
         assert image.size == (20, 10) and image.getpixel((3, 3))[:3] == (200, 0, 0)
 
 
+def test_a_picture_of_only_background_shows_nothing():
+    from blender_addon.core.images import shows_nothing
+
+    flat = np.full((60, 80, 4), 51)
+    gradient = np.broadcast_to(np.linspace(40, 200, 60)[:, None, None], (60, 80, 3))  # 3 a row
+    assert shows_nothing(flat) and shows_nothing(gradient)
+    figure = flat.copy()
+    figure[20:50, 38:42, :3] = 200  # one limb, a few pixels wide
+    assert not shows_nothing(figure)
+    faint = flat.copy()
+    faint[30, 40, 2] = 51 + 9  # one pixel, one channel, just past the tolerance
+    assert not shows_nothing(faint) and shows_nothing(faint, tolerance=9)
+
+
 def test_reference_images_are_checked_by_their_bytes(tmp_path):
     png = encode_png(np.zeros((2, 2, 3)))
     assert check_reference_image(png) == "png"

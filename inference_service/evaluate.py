@@ -681,6 +681,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out: name a .json file for the report, got {args.out}")
     if markdown == args.out or markdown.is_dir():
         parser.error(f"--markdown: name a .md file other than --out, got {markdown}")
+    from inference_service.training.loop import unwritable, write_text_atomically
+
+    for option, path in (("--out", args.out), ("--markdown", markdown)):
+        # Now: a report that cannot be written once evaluated would lose hours of work.
+        if problem := unwritable(path.parent):
+            print(f"error: {option} {path}: {problem}", file=sys.stderr)
+            return 2
     if args.threads:
         import torch
 
@@ -706,8 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for path in (args.out, markdown):
             path.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(jsonable(report), indent=2) + "\n", encoding="utf-8")
-        markdown.write_text(markdown_summary(report), encoding="utf-8")
+        # Each whole or not at all: a full disk never cuts an earlier report short.
+        write_text_atomically(args.out, json.dumps(jsonable(report), indent=2) + "\n")
+        write_text_atomically(markdown, markdown_summary(report))
     except OSError as exc:
         print(f"error: cannot write the report ({exc}); its bars follow", file=sys.stderr)
         args.out = markdown = None

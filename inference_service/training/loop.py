@@ -634,16 +634,33 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def _check_can_make(out: Path) -> None:
-    """TrainingError when `out` could not be made or written: the nearest folder that exists
-    must be one, writable (the run makes the rest only once its data and model are ready)."""
-    existing = out
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` could not be made or written in, or None: the nearest folder on its path
+    that exists must be a folder, writable. Asked before long work that ends in writing there
+    (a run's --out, evaluate's report), which makes the rest of the path only then."""
+    existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if existing == folder and not existing.is_dir():
+        return f"{folder} is a file, not a folder"
     if not existing.is_dir():
-        raise TrainingError(f"--out: {existing} is a file, so {out} cannot be made")
+        return f"{existing} is a file, so {folder} cannot be made"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out: cannot write in {existing}")
+        return f"cannot write in {existing}"
+    return None
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it, synced and renamed over it: a full
+    disk or a power cut leaves the earlier file whole, never a part of either."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _sync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _run_files(out: Path) -> list[str]:
@@ -738,10 +755,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = out / f".{LATEST_NAME}.tmp"
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    _sync(pointer)
-    os.replace(pointer, out / LATEST_NAME)
+    write_text_atomically(out / LATEST_NAME, final.name + "\n")
     _sync(out)
     if keep_last:
         prune_checkpoints(out, keep_last, final)
@@ -829,10 +843,16 @@ def _sync(path: Path, *, tree: bool = False) -> None:
             os.close(fd)
 
 
-def _keeps_base_head(config: TrainConfig, checkpoint: Checkpoint) -> bool:
+def _keeps_base_head(
+    config: TrainConfig,
+    checkpoint: Checkpoint,
+    examples: Sequence[Example],
+    sampler: MixedSampler,
+) -> bool:
     """Whether the run starts from the base's SMPL head (`--head-init`). `auto` keeps the head
     of a training output (an adapter, or a training state: a `--train-base` run saves none),
-    and trains a fresh one on any other base, as the paper does."""
+    and trains a fresh one on any other base, as the paper does. A fresh head must train: it
+    needs the pose loss, and poses in the examples of the kinds `sampler` draws."""
     if config.head_init == "auto":
         trained = checkpoint.adapter_dir is not None or (checkpoint.root / STATE_NAME).is_file()
         keep = trained
@@ -848,6 +868,12 @@ def _keeps_base_head(config: TrainConfig, checkpoint: Checkpoint) -> bool:
         raise TrainingError(
             "--pose-weight 0 trains no SMPL head, and this one would start fresh: the "
             "checkpoint would give random poses; add --head-init base to keep the base's head"
+        )
+    if not keep and not any(e.poses for e in examples if e.kind in sampler.kinds):
+        raise TrainingError(
+            f"no example the mix draws carries a pose (it draws {', '.join(sampler.kinds)}), so "
+            "the SMPL head, which would start fresh, never trains: the checkpoint would give "
+            "random poses; add --head-init base to keep the base's head, or give data with poses"
         )
     return keep
 
@@ -912,7 +938,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     resume_from = None
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out: {out} is a file; name a folder for the run")
-    _check_can_make(out)  # now, not once the model has loaded
+    if problem := unwritable(out):  # now, not once the model has loaded
+        raise TrainingError(f"--out: {problem}")
     select_device(config.device)  # and the GPU asked for is there, before the data loads
     if config.resume:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
@@ -946,6 +973,11 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     examples = list(examples)
     if not examples:
         raise DatasetError("the data files hold no examples")
+    kinds = [example.kind for example in examples]
+    for note in unused_kinds(kinds, config.mix):
+        print(f"note: the mix leaves out {note}", file=sys.stderr)
+    # Now, not once the model has loaded: it refuses a mix that leaves nothing to train on.
+    sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
     data_hash = fingerprint(examples)
     if not config.train_base:  # LoRA trains: an adapter already there sets its shape
         existing = resume_from / "adapter" if resume_from is not None else checkpoint.adapter_dir
@@ -971,7 +1003,8 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
     else:
         adapter_dir = checkpoint.adapter_dir
-        head_path = checkpoint.head_path if _keeps_base_head(config, checkpoint) else None
+        keep_head = _keeps_base_head(config, checkpoint, examples, sampler)
+        head_path = checkpoint.head_path if keep_head else None
     tm = load_training_model(model_source, config, adapter_dir, head_path)
 
     positions = _max_positions(tm.model)
@@ -987,9 +1020,6 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length, actions)
     encoded = [encoder.encode(example) for example in examples]
     _check_encoder(encoder, examples, encoded)
-    kinds = [example.kind for example in examples]
-    for note in unused_kinds(kinds, config.mix):
-        print(f"note: the mix leaves out {note}", file=sys.stderr)
 
     if state is not None:
         tm.head.load_state_dict(state["head"])
@@ -1017,7 +1047,6 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     if other_params:
         groups.append({"params": other_params, "lr_scale": adapter_scale})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
     start = 0
     if state is not None:
         if state["param_names"] != names:

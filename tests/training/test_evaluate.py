@@ -3,8 +3,10 @@ and a report with every section on a tiny checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,6 +346,62 @@ def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys)
         ev.main([*argv, *extra])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only", "markdown read-only"])
+def test_a_report_that_cannot_be_written_is_refused_before_any_work(
+    tiny, tmp_path, monkeypatch, capsys, read_only, where
+):
+    """Not once hours of evaluation are done: they would be lost."""
+    root, checkpoint, _ = tiny
+    monkeypatch.setattr(ev, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
+    (tmp_path / "a file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(locked)
+    out, extra = tmp_path / "r.json", []
+    if where == "under a file":
+        out = tmp_path / "a file" / "r.json"
+        option, path, problem = "--out", out, f"{tmp_path / 'a file'} is a file"
+    elif where == "read-only":
+        out = locked / "reports" / "r.json"
+        option, path, problem = "--out", out, f"cannot write in {locked}"
+    else:
+        extra = ["--markdown", str(locked / "r.md")]
+        option, path, problem = "--markdown", locked / "r.md", f"cannot write in {locked}"
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+            "--out", str(out), *extra]  # fmt: skip
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {option} {path}: ")
+    assert problem in err
+
+
+def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    root, checkpoint, _ = tiny
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz"),
+            "--out", str(out), "--limit", "4"]  # fmt: skip
+    report = ev.evaluate(checkpoint, root / "corpus.npz", limit=4)
+    monkeypatch.setattr(ev, "evaluate", lambda *args, **kwargs: report)
+    assert ev.main(argv) == 0
+    earlier = {path: path.read_text() for path in (out, out.with_suffix(".md"))}
+    write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        if path.parent != tmp_path:
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert ev.main(argv) == 2
+    assert "error: cannot write the report" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert {path: path.read_text() for path in earlier} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no leftovers
 
 
 def test_a_large_checkpoint_can_be_scored_as_the_service_serves_it(tiny, monkeypatch, tmp_path):

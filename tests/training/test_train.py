@@ -516,6 +516,37 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(
     assert f"error: --out: cannot write in {shared}" in capsys.readouterr().err
 
 
+def test_a_mix_that_leaves_nothing_to_train_on_is_refused_before_the_model_loads(
+    base, examples, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(loop, "load_training_model", _raise(AssertionError("loaded")))
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    with pytest.raises(loop.TrainingError, match="no examples to train on"):
+        loop.train(settings(base, tmp_path / "run", mix=(0, 1, 1)), text)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_head_with_no_pose_in_the_mix_is_refused_before_the_model_loads(
+    base, examples, tmp_path, monkeypatch
+):
+    """Its head would get no gradient: every checkpoint would give random poses."""
+    monkeypatch.setattr(loop, "load_training_model", _raise(AssertionError("loaded")))
+    chat = [e for e in examples if not e.poses]  # chat only, as a LLaVA file without <POSE>
+    no_pose_kind = [(chat, {}), (examples, {"mix": (0, 0, 1)})]
+    for data, options in no_pose_kind + [(chat, {"head_init": "fresh"})]:
+        with pytest.raises(loop.TrainingError) as info:
+            loop.train(settings(base, tmp_path / "run", **options), data)
+        message = str(info.value)
+        assert "no example the mix draws carries a pose" in message
+        assert "--head-init base" in message
+        assert not (tmp_path / "run").exists()
+    # The model loads when the head is kept, or when a chat example of the mix has a pose.
+    posed_chat = Example("chat", "Show me a pose.", "Here it is: <POSE>.", poses=(POSES[0],))
+    for data, options in [(chat, {"head_init": "base"}), ([*chat, posed_chat], {})]:
+        with pytest.raises(AssertionError, match="loaded"):
+            loop.train(settings(base, tmp_path / "run", **options), data)
+
+
 def test_the_data_are_asked_in_the_base_s_prompt_wording(base, tmp_path, monkeypatch):
     released = tmp_path / "released"
     shutil.copytree(base, released)

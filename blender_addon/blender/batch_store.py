@@ -16,9 +16,16 @@ import bpy
 
 from shared_protocol.pose import Pose
 
-from ..core.batch_record import RECORD_PROPERTY, BatchRecord, PendingLine
+from ..core.batch_record import (
+    RECORD_PROPERTY,
+    BatchRecord,
+    PendingLine,
+    with_entries_appended,
+)
 from .anim import action_time, has_no_slot, scene_time
+from .fast_keys import settle_handles
 from .keyframes import write_pose_keys
+from .posing import pose_channels
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
@@ -108,9 +115,36 @@ def key_batch_lines(
         [pose for _, pose in items],
         [line.frame for line, _ in items],
         use_translation=use_translation,
+        handles=False,  # settle_batch_keys, at the run's end: each update costs the whole curve
     )
-    record = load_record(obj).recorded_lines(
-        (line.line, line.text, line.frame) for line, _ in items
+    before = load_record(obj)
+    record = before.recorded_lines(
+        ((line.line, line.text, line.frame) for line, _ in items), use_translation
     )
-    save_record(obj, record)
+    _save_added(obj, before, record, [line.line for line, _ in items])
     return record
+
+
+def _save_added(obj: bpy.types.Object, before: BatchRecord, record: BatchRecord, lines) -> None:
+    """Stores ``record``, ``before`` plus ``lines``: added to the stored text where it holds
+    ``before`` as last read or written here, at the cost of the new lines (rewriting a
+    10,000-line record for each few lines keyed took most of a batch's time); else whole."""
+    global _last
+    action, name = _holder(obj)
+    stored = action.get(name) if action is not None else None
+    if _last is not None and _last[1] is before and _last[0] == stored:
+        added = with_entries_appended(stored, [record.entry(line) for line in lines])
+        if added is not None:
+            action[name] = added
+            _last = (added, record)
+            return
+    save_record(obj, record)
+
+
+def settle_batch_keys(obj: bpy.types.Object, use_translation: bool) -> None:
+    """Ends what ``key_batch_lines`` left for a run's end: the keys' auto handles, and the
+    record written once a line (each added line is stored after the others)."""
+    settle_handles(obj, pose_channels(obj, use_translation))
+    action, name = _holder(obj)
+    if action is not None and name in action:
+        save_record(obj, load_record(obj))

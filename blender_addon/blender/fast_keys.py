@@ -6,7 +6,10 @@ once by ``keyframe_insert`` (so the action, its slot on Blender 4.4+, the F-curv
 are made exactly as Blender makes them), and the keys are then written with
 ``keyframe_points.add`` and ``foreach_get``/``foreach_set`` (keys after the last one) or
 ``keyframe_points.insert`` (keys between existing ones), in time order, followed by one
-``FCurve.update`` (recomputes auto handles).
+``FCurve.update`` (recomputes auto handles). That update costs time in proportion to the
+curve's keys (0.4 s for an SMPL pose's 96 curves of 10,000 keys): a batch, keying a few lines
+at a time, leaves it for ``settle_handles`` at its end (``handles=False``), and its new keys'
+handles sit on the key until then (straight lines between keys).
 
 Same result as ``keyframe_insert``: a key at a frame that already has one replaces its value
 (its handles move with it, so hand-set handles keep their shape); new keys get Blender's
@@ -43,9 +46,15 @@ def _ensure_fcurves(obj: bpy.types.Object, channels: Sequence[Channel], frame: f
 
 
 def write_keys(
-    obj: bpy.types.Object, channels: Sequence[Channel], frames: Sequence[float], values
+    obj: bpy.types.Object,
+    channels: Sequence[Channel],
+    frames: Sequence[float],
+    values,
+    *,
+    handles: bool = True,
 ) -> None:
-    """Keys ``values[c, n]`` on channel ``channels[c]`` at scene frames ``frames[n]`` (distinct)."""
+    """Keys ``values[c, n]`` on channel ``channels[c]`` at scene frames ``frames[n]`` (distinct);
+    the auto handles are computed now, or with ``handles=False`` by ``settle_handles``."""
     frames = np.asarray(frames, dtype=np.float64).reshape(-1)
     values = np.asarray(values, dtype=np.float64).reshape(len(channels), len(frames))
     if not len(frames) or not len(channels):
@@ -54,7 +63,21 @@ def write_keys(
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
     frames = np.array([action_time(obj, frame) for frame in frames.tolist()])
     for (bone, prop, index), row in zip(channels, values, strict=True):
-        _write_curve(fcurves[(bone_data_path(bone, prop), index)], frames, row)
+        fcurve = fcurves[(bone_data_path(bone, prop), index)]
+        _write_curve(fcurve, frames, row)
+        if handles:
+            fcurve.update()
+
+
+def settle_handles(obj: bpy.types.Object, channels: Sequence[Channel]) -> None:
+    """Computes the auto handles of the channels' F-curves, as ``write_keys`` does unless
+    told not to (keys written in the same order need no sorting: this is all
+    ``FCurve.update`` does for them)."""
+    fcurves = fcurve_map(obj)
+    for bone, prop, index in channels:
+        fcurve = fcurves.get((bone_data_path(bone, prop), index))
+        if fcurve is not None:
+            fcurve.update()
 
 
 def _write_curve(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarray) -> None:
@@ -65,7 +88,6 @@ def _write_curve(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarra
         _replace_or_insert(points, frames[~later], values[~later])
     if later.any():
         _append(points, frames[later], values[later])
-    fcurve.update()  # the auto handles
 
 
 def _replace_or_insert(points, frames: np.ndarray, values: np.ndarray) -> None:

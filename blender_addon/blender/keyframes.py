@@ -57,8 +57,10 @@ def write_pose_keys(
     frames: Sequence[int],
     *,
     use_translation: bool = True,
+    handles: bool = True,
 ) -> None:
-    """Keys ``poses[i]`` at scene frame ``frames[i]``, writing keys only: the bones' current
+    """Keys ``poses[i]`` at scene frame ``frames[i]``, writing keys only (their auto handles
+    now, or with ``handles=False`` by ``fast_keys.settle_handles``): the bones' current
     values are not set (as after any change to an animation, Blender's next update shows the
     keyed channels as the animation has them at the current frame).
 
@@ -90,7 +92,8 @@ def write_pose_keys(
     if use_translation:
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
         rows.append(root_location(t, root_location_frame(obj), armature_units(obj)).T)  # (3, N)
-    write_keys(obj, pose_channels(obj, use_translation), order, np.concatenate(rows))
+    channels = pose_channels(obj, use_translation)
+    write_keys(obj, channels, order, np.concatenate(rows), handles=handles)
 
 
 def key_motion(

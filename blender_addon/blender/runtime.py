@@ -61,7 +61,7 @@ from ..core.session import Service
 from ..core.timeline import frames_for
 from .anim import LockedCurveError, refuse_locked
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
-from .batch_store import key_batch_lines, load_record, save_record
+from .batch_store import key_batch_lines, load_record, save_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
 from .posing import pose_channels
 from .props import append_history, history_messages, target_armature, target_problem
@@ -549,7 +549,9 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
-    pending = record.pending(lines, settings.batch_start, settings.batch_step)
+    pending = record.pending(
+        lines, settings.batch_start, settings.batch_step, settings.batch_translation
+    )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
         new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
@@ -889,12 +891,30 @@ def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | 
     return _armature_problem(run.armature, obj)
 
 
+def _settle_batch(run: BatchRun) -> None:
+    """What keying a run's lines left for later (``batch_store.settle_batch_keys``): done at
+    its end, and before the file is saved or the add-on disabled during it."""
+    obj = _find(bpy.data.objects, run.armature, run.armature_uid)
+    if run.keyed and obj is not None and not is_deleted(obj):
+        settle_batch_keys(obj, run.use_translation)
+
+
+def _settle_running_batch() -> None:
+    d = _state.dispatcher
+    if d is not None and d.batch_running:
+        with contextlib.suppress(ValueError):  # a damaged record: the run's end reports it
+            _settle_batch(d.batch)
+
+
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
     if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):
         with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
+            _settle_batch(run)
             record = load_record(obj)
-            run.recheck(lambda line: record.is_keyed(line.line, line.text, line.frame))
+            run.recheck(
+                lambda line: record.is_keyed(line.line, line.text, line.frame, run.use_translation)
+            )
     run.close()
     if run.keyed:
         push_undo("batch")
@@ -1074,6 +1094,7 @@ def _on_save_pre(filepath: str = "", *_args) -> None:
     save (another add-on's backup) saves what the outer one wrote. The startup file (saved
     with no path) is left as it is: every new file would start with these prompts."""
     _state.saves_running += 1
+    _settle_running_batch()  # the file gets the keys' handles and the record written whole
     if _state.saves_running > 1 or not filepath:
         return
     _state.restore_after_save.clear()
@@ -1127,6 +1148,7 @@ def unregister() -> None:
             handlers.remove(handler)
     if _state.status_bar:
         _set_status_text(None)
+    _settle_running_batch()
     for job, why in _unanswered(UNANSWERED_AT_DISABLE):  # not applied: kept to send again
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is not None:

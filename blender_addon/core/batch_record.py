@@ -16,27 +16,34 @@ of its text (stripped).
   matches the text.
 - The frame is part of an entry too: changing start or step makes every line pending whose
   frame changes; its key at the old frame stays (``moved`` names them).
+- So is whether the root's location was keyed (``translation``): a line keyed without it is
+  pending for a run with Translation on.
 
 JSON layout (``version`` 1)::
 
     {"version": 1,
-     "entries": [{"line": 0, "hash": "9f86d081884c7d65", "frame": 1}, ...]}
+     "entries": [{"line": 0, "hash": "9f86d081884c7d65", "frame": 1},
+                 {"line": 1, "hash": "...", "frame": 11, "translation": true}, ...]}
 
 ``frame`` is the key's time in the action, which a scaled NLA strip in tweak mode puts between
 whole frames (scene frame 11 of a strip scaled 3 times is its action's frame 4.333...): a
 number, kept as it is, so that it maps back to the scene frame it was keyed at.
 
 ``hash`` is the first 16 hex digits of SHA-256 of the stripped line, UTF-8. At most one entry
-per line index: recording a line again replaces the entry for that index.
+per line index: recording a line again replaces the entry for that index. A running batch adds
+its lines to the stored text (``with_entries_appended``), whose cost is that of the new lines,
+not of the record: there a later entry for a line replaces an earlier one, and ``to_json``
+writes each line once again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .timeline import frames_for
 
@@ -53,6 +60,13 @@ class Entry:
     line: int
     hash: str
     frame: int | float  # a scene frame; stored in the action's time, which may fall between
+    translation: bool = False  # the root's location was keyed too
+
+    def to_dict(self) -> dict:
+        data = {"line": self.line, "hash": self.hash, "frame": self.frame}
+        if self.translation:
+            data["translation"] = True
+        return data
 
 
 @dataclass(frozen=True)
@@ -64,37 +78,71 @@ class PendingLine:
     frame: int
 
 
-@dataclass(frozen=True)
 class BatchRecord:
-    entries: tuple[Entry, ...] = ()
-    # Entries by line, so that a query or an update costs no scan: a batch of 30,000 lines is
-    # resumed and recorded on Blender's main thread.
-    _by_line: dict[int, Entry] = field(init=False, repr=False, compare=False)
+    """Which lines are keyed: at most one ``Entry`` per line, ``entries`` in line order.
+    Immutable: each update gives a new record.
 
-    def __post_init__(self) -> None:
-        by_line = {e.line: e for e in self.entries}
-        if len(by_line) != len(self.entries):
-            raise ValueError("entries: more than one entry for a line")
-        object.__setattr__(self, "entries", tuple(by_line[line] for line in sorted(by_line)))
-        object.__setattr__(self, "_by_line", by_line)
+    Entries are held by line, so that a query or an update costs no scan and no sort: a batch
+    of 30,000 lines is resumed and recorded on Blender's main thread, a few lines at a time."""
+
+    __slots__ = ("_by_line", "_entries")
+
+    def __init__(self, entries: Iterable[Entry] = ()) -> None:
+        by_line: dict[int, Entry] = {}
+        for e in entries:
+            if e.line in by_line:
+                raise ValueError("entries: more than one entry for a line")
+            by_line[e.line] = e
+        self._by_line = by_line
+        self._entries: tuple[Entry, ...] | None = None
+
+    @classmethod
+    def _of(cls, by_line: dict[int, Entry]) -> BatchRecord:
+        record = cls.__new__(cls)
+        record._by_line, record._entries = by_line, None
+        return record
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        if self._entries is None:  # sorted when first asked for, not at each update
+            self._entries = tuple(self._by_line[line] for line in sorted(self._by_line))
+        return self._entries
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BatchRecord) and self._by_line == other._by_line
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"BatchRecord({self.entries!r})"
 
     # --- queries ----------------------------------------------------------------------------
 
     def entry(self, line: int) -> Entry | None:
         return self._by_line.get(line)
 
-    def is_keyed(self, line: int, text: str, frame: int) -> bool:
+    def is_keyed(self, line: int, text: str, frame: int, translation: bool = False) -> bool:
+        """Whether ``line`` holding ``text`` is keyed at ``frame``, with the root's location
+        too where ``translation`` asks for it."""
         e = self.entry(line)
-        return e is not None and e.hash == line_hash(text) and e.frame == frame
+        return (
+            e is not None
+            and e.hash == line_hash(text)
+            and e.frame == frame
+            and (e.translation or not translation)
+        )
 
-    def pending(self, lines: Sequence[str], start: int, step: int = 1) -> list[PendingLine]:
+    def pending(
+        self, lines: Sequence[str], start: int, step: int = 1, translation: bool = False
+    ) -> list[PendingLine]:
         """The prompts ``lines`` (``batch_text.prompt_lines``, without their numbers) not keyed
-        yet, in order, with the frame each goes on."""
+        yet (with the root's location, for ``translation``), in order, with the frame each
+        goes on."""
         frames = frames_for(len(lines), start, step)
         return [
             PendingLine(i, text, frame)
             for i, (text, frame) in enumerate(zip(lines, frames, strict=True))
-            if not self.is_keyed(i, text, frame)
+            if not self.is_keyed(i, text, frame, translation)
         ]
 
     def labels(self, lines: Sequence[str]) -> dict[int, str]:
@@ -108,23 +156,26 @@ class BatchRecord:
 
     # --- updates (a new record each time) ---------------------------------------------------
 
-    def recorded(self, line: int, text: str, frame: int) -> BatchRecord:
+    def recorded(self, line: int, text: str, frame: int, translation: bool = False) -> BatchRecord:
         """This record plus ``line`` keyed at ``frame`` (replacing an older entry for it)."""
-        return self.recorded_lines([(line, text, frame)])
+        return self.recorded_lines([(line, text, frame)], translation)
 
-    def recorded_lines(self, lines: Iterable[tuple[int, str, int]]) -> BatchRecord:
-        """This record plus each (line, text, frame) keyed, in one update."""
+    def recorded_lines(
+        self, lines: Iterable[tuple[int, str, int]], translation: bool = False
+    ) -> BatchRecord:
+        """This record plus each (line, text, frame) keyed (with the root's location, for
+        ``translation``), in one update."""
         by_line = dict(self._by_line)
         for line, text, frame in lines:
             if line < 0:
                 raise ValueError(f"line: expected >= 0, got {line}")
-            by_line[line] = Entry(line, line_hash(text), int(frame))
-        return BatchRecord(tuple(by_line.values()))
+            by_line[line] = Entry(line, line_hash(text), int(frame), translation)
+        return BatchRecord._of(by_line)
 
     def with_frames(self, convert: Callable[[int | float], int | float]) -> BatchRecord:
         """This record with every entry's frame converted (between a scene's time and an
         action's, say)."""
-        return BatchRecord(tuple(Entry(e.line, e.hash, convert(e.frame)) for e in self.entries))
+        return BatchRecord(dataclasses.replace(e, frame=convert(e.frame)) for e in self.entries)
 
     def without_lines(self, lines: Iterable[int]) -> BatchRecord:
         drop = set(lines)
@@ -145,18 +196,14 @@ class BatchRecord:
 
     def to_json(self) -> str:
         return json.dumps(
-            {
-                "version": RECORD_VERSION,
-                "entries": [
-                    {"line": e.line, "hash": e.hash, "frame": e.frame} for e in self.entries
-                ],
-            },
-            separators=(",", ":"),
+            {"version": RECORD_VERSION, "entries": [e.to_dict() for e in self.entries]},
+            separators=_SEPARATORS,
         )
 
     @classmethod
     def from_json(cls, text: str | None) -> BatchRecord:
-        """Reads ``to_json``'s output; an empty or missing value is an empty record. Raises
+        """Reads ``to_json``'s or ``with_entries_appended``'s output (a later entry for a line
+        replaces an earlier one); an empty or missing value is an empty record. Raises
         ValueError for anything else that does not parse."""
         if not text:
             return cls()
@@ -177,10 +224,30 @@ class BatchRecord:
                 and item["line"] >= 0
                 and _is_frame(item.get("frame"))
                 and isinstance(item.get("hash"), str)
+                and isinstance(item.get("translation", False), bool)
             ):
                 raise ValueError(f"batch record: bad entry {item!r}")
-            entries.append(Entry(item["line"], item["hash"], item["frame"]))
-        return cls(tuple(entries))
+            entries.append(
+                Entry(item["line"], item["hash"], item["frame"], item.get("translation", False))
+            )
+        return cls._of({e.line: e for e in entries})
+
+
+_SEPARATORS = (",", ":")
+_END = "]}"  # of to_json's text: the entries are its last member
+
+
+def with_entries_appended(stored: str, entries: Sequence[Entry]) -> str | None:
+    """``stored`` (``to_json``'s or this function's output) with ``entries`` added at its end,
+    at the cost of the new entries, not of the record; None when ``stored`` does not end as
+    ``to_json`` writes it (the caller writes the whole record instead)."""
+    if not stored.endswith(_END):
+        return None
+    if not entries:
+        return stored
+    head = stored[: -len(_END)]
+    added = json.dumps([e.to_dict() for e in entries], separators=_SEPARATORS)[1:-1]
+    return head + ("" if head.endswith("[") else ",") + added + _END
 
 
 def _is_int(value: object) -> bool:

@@ -1472,6 +1472,59 @@ def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(
     assert steps == ["batch", "batch"]  # after the group keyed past the save, and at the end
 
 
+def _handles_settled(obj) -> bool:
+    """Whether every key's handles are where Blender's own update puts them."""
+    curves = list(action_fcurves(obj))
+
+    def handles():
+        return [
+            tuple(p.handle_left) + tuple(p.handle_right) for c in curves for p in c.keyframe_points
+        ]
+
+    before = handles()
+    for fcurve in curves:
+        fcurve.update()
+    return np.allclose(before, handles(), atol=1e-6)
+
+
+def test_a_batch_s_keys_have_their_handles_at_its_end_and_in_a_file_saved_during_it(
+    armature, scripted_service, monkeypatch, tmp_path
+):
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(6)), step=5)
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: len(batch_store.load_record(armature).entries) >= 2)
+    assert runtime.busy()  # the run goes on
+    saved = tmp_path / "during.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(saved), copy=True)
+    keyed = len(batch_store.load_record(armature).entries)
+    assert 2 <= keyed < 6 and _handles_settled(armature)
+    drive(idle)
+    assert "all 6 lines keyed" in runtime.last_message()[0]
+    assert _handles_settled(armature)
+
+
+def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    batch_of("walk\nrun")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
+    bpy.context.scene.chatpose.batch_translation = True
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    drive(idle)
+    assert "all 2 lines keyed" in runtime.last_message()[0]
+    assert len(backend.items) == 4  # asked again, for the root's location
+    assert [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
+    bpy.context.scene.chatpose.batch_translation = False  # keyed with it: keyed without too
+    bpy.ops.chatpose.batch_keyframe()
+    assert "are keyed on" in runtime.last_message()[0] and len(backend.items) == 4
+
+
 def test_a_batch_past_blender_s_last_frame_is_refused_before_it_is_sent(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

@@ -11,6 +11,7 @@ from blender_addon.core.batch_record import (
     Entry,
     PendingLine,
     line_hash,
+    with_entries_appended,
 )
 from shared_protocol.batch_text import prompt_lines
 
@@ -141,8 +142,7 @@ def test_json_layout_and_round_trip():
         '{"version": 1, "entries": [{"line": 0, "hash": 5, "frame": 1}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": "1"}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": NaN}]}',
-        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1},'
-        ' {"line": 0, "hash": "b", "frame": 2}]}',
+        '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1, "translation": 1}]}',
     ],
 )
 def test_bad_json_is_a_value_error(text):
@@ -162,6 +162,36 @@ def test_recording_several_lines_at_once_equals_one_at_a_time():
     assert BatchRecord.from_json(at_once.to_json()) == at_once
     with pytest.raises(ValueError, match="line: expected >= 0"):
         at_once.recorded_lines([(-1, "x", 1)])
+
+
+def test_entries_appended_to_the_stored_text_read_as_the_record_plus_them():
+    record = BatchRecord().recorded_lines([(0, "stand", 1), (1, "sit", 11)])
+    later = record.recorded_lines([(1, "sit down", 11), (2, "jump", 21)], translation=True)
+    added = [later.entry(1), later.entry(2)]
+    stored = with_entries_appended(record.to_json(), added)
+    assert BatchRecord.from_json(stored) == later  # the later entry for line 1 replaces it
+    assert len(json.loads(stored)["entries"]) == 4
+    assert len(json.loads(later.to_json())["entries"]) == 3  # written whole: once a line
+    empty = with_entries_appended(BatchRecord().to_json(), added)
+    assert BatchRecord.from_json(empty) == BatchRecord(added)
+    assert with_entries_appended(stored, []) == stored
+    # Not as to_json writes it (edited by hand, say): the caller writes the whole record.
+    assert with_entries_appended('{"entries": [], "version": 1}', added) is None
+
+
+def test_a_line_keyed_without_the_root_s_location_is_pending_for_a_run_with_it():
+    lines = ["walk", "run"]
+    record = BatchRecord().recorded_lines([(0, "walk", 1), (1, "run", 11)])
+    assert record.pending(lines, 1, 10) == []
+    assert [p.line for p in record.pending(lines, 1, 10, translation=True)] == [0, 1]
+    with_location = record.recorded(1, "run", 11, translation=True)
+    assert [p.line for p in with_location.pending(lines, 1, 10, translation=True)] == [0]
+    assert with_location.pending(lines, 1, 10) == []  # with it is keyed for a run without
+    assert BatchRecord.from_json(with_location.to_json()) == with_location
+    assert [e.get("translation") for e in json.loads(with_location.to_json())["entries"]] == [
+        None,
+        True,
+    ]
 
 
 def test_entries_past_the_end_of_a_shorter_text():

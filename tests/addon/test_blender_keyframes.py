@@ -13,6 +13,7 @@ from blender_addon.blender.batch_store import (
     key_batch_lines,
     load_record,
     save_record,
+    settle_batch_keys,
 )
 from blender_addon.blender.keyframes import (
     export_npz,
@@ -547,6 +548,48 @@ def test_batch_record_on_the_armature_resumes_a_run(blender):
     assert len(load_record(obj).pending(lines, 1, 10)) == 3
     save_record(obj, BatchRecord())
     assert load_record(obj) == BatchRecord()
+
+
+def handles(obj) -> list:
+    """Every key's handles on the armature's action, in curve and key order."""
+    return [
+        (tuple(point.handle_left), tuple(point.handle_right))
+        for fcurve in action_fcurves(obj)
+        for point in fcurve.keyframe_points
+    ]
+
+
+def test_a_batch_s_keys_get_their_handles_and_its_record_is_written_whole_when_it_settles(
+    blender,
+):
+    import json
+
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    lines = [f"pose {i}" for i in range(6)]
+    pending = load_record(obj).pending(lines, start=1, step=10)
+    for line in pending[:4]:  # a line a timer tick
+        key_line(obj, line, random_pose(line.line))
+    action = obj.animation_data.action
+    [name] = [key for key in action.keys() if key.startswith(RECORD_PROPERTY)]
+    after_four = action[name]
+    key_line(obj, pending[1], random_pose(1))  # keyed again (a rerun's edited line)
+    key_line(obj, pending[4], random_pose(4))
+    key_line(obj, pending[5], random_pose(5))
+    # Each tick added its line to the stored text, rewriting none of it.
+    assert action[name].startswith(after_four[:-2])
+    assert len(json.loads(action[name])["entries"]) == 7
+    assert load_record(obj).pending(lines, 1, 10) == []
+    unsettled = handles(obj)
+    settle_batch_keys(obj, use_translation=False)
+    assert len(json.loads(action[name])["entries"]) == 6  # once a line
+    assert load_record(obj).pending(lines, 1, 10) == []
+    # The handles Blender gives keys inserted all at once; left until now.
+    settled = handles(obj)
+    assert settled != unsettled
+    at_once = create_smpl_armature(bpy.context, with_mesh=False)
+    frames = [1 + 10 * i for i in range(6)]
+    key_poses(at_once, [random_pose(i) for i in range(6)], frames, use_translation=False)
+    np.testing.assert_allclose(np.array(settled), np.array(handles(at_once)), atol=1e-5)
 
 
 def test_the_batch_record_is_parsed_once_and_read_anew_when_an_undo_changes_it(

@@ -132,6 +132,9 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
         )
 
 
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0}
+
+
 def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | None:
     """(dtype kind, bytes of memory its shape and dtype take: each element at least one) from
     a member's .npy header, read as numpy reads it; None for a member that is no .npy array
@@ -143,7 +146,10 @@ def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | Non
                 return None
             member.seek(0)
             version = np.lib.format.read_magic(member)
-            shape, _, dtype = np.lib.format._read_array_header(member, version)
+            # numpy's public readers (its private one moved in numpy 2.3); 3.0 is 2.0's layout
+            # with a UTF-8 header, which no array of numbers needs.
+            read = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(member)
     except NPZ_READ_ERRORS:
         return None  # np.load says what is wrong with it
     except (ValueError, SyntaxError) as exc:

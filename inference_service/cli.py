@@ -569,7 +569,7 @@ def _line_ranges(numbers: Sequence[int]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoError, DemoSetupError, run_demo
+    from .demo import DemoError, DemoOutputError, DemoSetupError, run_demo
 
     if not 32 <= args.size <= 2048:  # a contact sheet of a few panels, not gigabytes
         raise CommandError(EXIT_USAGE, f"--size: 32 to 2048 pixels, got {args.size}")
@@ -588,6 +588,8 @@ def _demo(args: argparse.Namespace) -> int:
         )
     except DemoSetupError as exc:
         raise CommandError(EXIT_USAGE, str(exc)) from None
+    except DemoOutputError as exc:  # as an --out that cannot be made
+        raise CommandError(EXIT_BAD_INPUT, str(exc)) from None
     except DemoError as exc:
         raise CommandError(EXIT_SERVICE_ERROR, str(exc)) from None
     posed = sum(1 for a in result.answers if a.poses)

@@ -53,6 +53,14 @@ class DemoSetupError(DemoError):
     """What the demo needs is not installed (bpy, the add-on's modules): the setup's to mend."""
 
 
+class DemoOutputError(DemoError):
+    """A file the demo writes could not be written (a full disk, a folder in its place)."""
+
+
+# What writing a file raises: OSError from Python, RuntimeError from Blender's operators.
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 @dataclass(frozen=True)
 class DemoScript:
     """What the demo asks. The demo model knows the synthetic corpus's actions and phrasings
@@ -247,8 +255,11 @@ class DemoScene:
 
         pose = ACTIONS[script.image_action]()
         view = CameraView(script.image_yaw_deg, script.image_pitch_deg, 1.1, 0.2)
-        self.renderer.render(pose, view, path)
-        return path.read_bytes()
+        try:
+            self.renderer.render(pose, view, path)
+            return path.read_bytes()
+        except WRITE_ERRORS as exc:
+            raise DemoOutputError(f"could not write the reference picture {path} ({exc})") from None
 
     def panels(self, answers: Sequence[Answer], folder: Path) -> list[Path | None]:
         """A picture of each answer's first pose from a fixed three-quarter view (None when the
@@ -334,10 +345,20 @@ class DemoScene:
         )
 
     def save(self, blend: Path, animation: Path | None, script: DemoScript) -> None:
-        """The scene, and the batch's animation when it has keys (None: no batch pose)."""
+        """The scene, and the batch's animation when it has keys (None: no batch pose);
+        DemoOutputError naming the file that could not be written."""
         if animation is not None:
-            _addon().export_npz(self.armature, animation, fps=script.fps, labels=self._labels)
-        self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+            try:
+                _addon().export_npz(self.armature, animation, fps=script.fps, labels=self._labels)
+            except WRITE_ERRORS as exc:
+                raise DemoOutputError(f"could not write {animation} ({exc})") from None
+        try:
+            self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+        except WRITE_ERRORS as exc:  # Blender says "No such file or directory" for a full disk
+            written = f"; written: {animation}" if animation is not None else ""
+            raise DemoOutputError(
+                f"could not save {blend} ({exc}; a full disk, or no write access?){written}"
+            ) from None
 
 
 @dataclass(frozen=True)

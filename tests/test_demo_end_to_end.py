@@ -246,6 +246,30 @@ def test_a_rendering_failure_still_leaves_the_blend_and_the_animation(
     assert (tmp_path / "demo.blend").is_file() and (tmp_path / "animation.npz").is_file()
 
 
+@pytest.mark.parametrize("blocked", ["reference.png", "demo.blend"])
+def test_a_file_the_demo_cannot_write_is_named_and_the_service_stops(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, blocked
+):
+    (tmp_path / blocked).mkdir()  # a folder where the file goes: as a full disk, it cannot be
+    seen = {}
+    ask = demo.ask
+
+    def asking(client, script, reference, timeout_s):
+        seen["address"] = client.address
+        return ask(client, script, reference, timeout_s)
+
+    monkeypatch.setattr(demo, "ask", asking)
+    monkeypatch.setattr(demo, "DemoScript", lambda: SCRIPT)
+    argv = ["demo", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]
+    assert cli.main([*argv, "--size", str(PANEL), "--timeout", "60"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"could not {'write the reference picture' if 'png' in blocked else 'save'}" in err
+    assert str(tmp_path / blocked) in err and "Traceback" not in err
+    if blocked == "demo.blend":  # what was written before it is named
+        assert f"written: {tmp_path / 'animation.npz'}" in err
+        assert_service_gone(seen["address"])
+
+
 def test_a_demo_whose_requests_time_out_exits_as_a_timeout_and_leaves_no_stale_output(
     tiny_checkpoint, tmp_path, monkeypatch, capsys
 ):

@@ -141,7 +141,21 @@ def apply_pose(
         if use_translation:
             pbones[names[0]].keyframe_insert("location", frame=frame, group=names[0])
         result.keyed_frame = frame
+        now = bpy.context.scene.frame_current
+        if frame != now:  # the playhead shows its own frame: keying it must not take the answer
+            _show_animation_at(obj, now, use_translation)
     return result
+
+
+def _show_animation_at(obj: bpy.types.Object, frame: int, use_translation: bool) -> None:
+    """Puts the channels a pose is keyed on back to what the animation gives at ``frame``."""
+    fcurves = fcurve_map(obj)
+    pbones = obj.pose.bones
+    for name, prop in dict.fromkeys(
+        (bone, prop) for bone, prop, _ in pose_channels(obj, use_translation)
+    ):
+        pbone = pbones[name]
+        setattr(pbone, prop, channel_values(fcurves, pbone, prop, [frame])[0])
 
 
 def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]:

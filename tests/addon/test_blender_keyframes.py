@@ -91,6 +91,23 @@ def test_rekeying_a_frame_replaces_its_key(blender):
     np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
 
 
+def test_a_pose_keyed_at_another_frame_leaves_the_playhead_showing_its_animation(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1), random_pose(2)], [1, 100])
+    bpy.context.scene.frame_set(10)
+    apply_pose(obj, random_pose(3), frame=50)  # Insert Keyframe at a set frame, say
+    np.testing.assert_allclose(read_pose(obj, 50).axis_angle, random_pose(3).axis_angle, atol=1e-5)
+    # Frame 10 shows the animation there (with the new key), so keying it (I) keys no answer.
+    animated = read_pose(obj, 10)
+    np.testing.assert_allclose(read_pose(obj).axis_angle, animated.axis_angle, atol=1e-5)
+    assert not np.allclose(animated.axis_angle, random_pose(3).axis_angle, atol=1e-2)
+    for pbone in obj.pose.bones:
+        pbone.keyframe_insert("rotation_quaternion", frame=10)
+    np.testing.assert_allclose(read_pose(obj, 10).axis_angle, animated.axis_angle, atol=1e-5)
+    apply_pose(obj, random_pose(4), frame=10)  # at the playhead: shown
+    np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(4).axis_angle, atol=1e-5)
+
+
 def curves(obj) -> dict[tuple[str, int], np.ndarray]:
     """Every F-curve's points (co, then both handles), by (data path, index)."""
     result = {}

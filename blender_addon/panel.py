@@ -42,7 +42,7 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
         target = target_armature(context)
         row = layout.row(align=True)
         row.operator("chatpose.create_armature", icon="ARMATURE_DATA")
-        if find_smpl_armature(context) is not None:
+        if target is not None:
             row.operator("chatpose.rest_pose", icon="LOOP_BACK", text="")
         if target is None:
             _wrapped(layout, target_problem(context), _chars_per_line(context), "ERROR")

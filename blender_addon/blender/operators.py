@@ -21,7 +21,8 @@ from .armature import (
 )
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, scene_fps
-from .posing import apply_pose
+from .posing import apply_pose, auto_key_options
+from .props import target_armature, target_problem
 from .runtime import UserError, read_batch_lines
 
 
@@ -139,19 +140,33 @@ class CHATPOSE_OT_apply_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N80
         return {"FINISHED"}
 
 
-class CHATPOSE_OT_rest_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N801
-    """Put the SMPL armature in its rest pose (zero rotations; the root's location is kept)"""
+class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
+    """Put the target armature in its rest pose: no rotation, its bones at their rest places
+    and sizes, the root where it is; keyed at the current frame while Auto Keying is on"""
 
     bl_idname = "chatpose.rest_pose"
     bl_label = "Rest Pose"
     bl_options = {"REGISTER", "UNDO"}
 
+    @classmethod
+    def poll(cls, context):
+        if target_armature(context) is None:  # the panel's Target, as an answer goes there
+            cls.poll_message_set(target_problem(context))
+            return False
+        return context.mode in {"OBJECT", "POSE"}
+
     def execute(self, context):
         import numpy as np
 
-        result = apply_pose(
-            find_smpl_armature(context), Pose(np.zeros((24, 3))), use_translation=False
-        )
+        obj, rest = target_armature(context), Pose(np.zeros((24, 3)))
+        auto_key = context.scene.tool_settings.use_keyframe_insert_auto
+        frame = context.scene.frame_current if auto_key else None
+        try:  # keyed as Blender's own Alt+R keys under Auto Keying
+            options = auto_key_options(context)
+            result = apply_pose(obj, rest, use_translation=False, frame=frame, key_options=options)
+        except LockedCurveError as exc:  # posed as Auto Keying poses it: unkeyed
+            result = apply_pose(obj, rest, use_translation=False)
+            self.report({"WARNING"}, f"Rest pose not keyed: {exc}")
         _report_modes(self, result.non_quaternion_bones)
         return {"FINISHED"}
 

@@ -34,6 +34,7 @@ class PeopleResult:
     skipped: list[str] = field(default_factory=list)  # names taken by something else
     non_quaternion_bones: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # for the user, e.g. a model file not used
+    keyed_frame: int | None = None  # where keys went in; None: none did
 
 
 @contextlib.contextmanager
@@ -200,6 +201,7 @@ def apply_people(
     frame: int | None = None,
     use_translation: bool = True,
     spacing: float = 1.0,
+    key_options: frozenset[str] = frozenset(),
 ) -> PeopleResult:
     """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at
     ``frame`` when given. LockedCurveError, before any of them changes, when a channel to key
@@ -221,7 +223,11 @@ def apply_people(
             if created:
                 result.created.append(obj.name)
                 made = made or obj
-        applied = apply_pose(obj, pose, use_translation=use_translation, frame=frame)
+        applied = apply_pose(
+            obj, pose, use_translation=use_translation, frame=frame, key_options=key_options
+        )
+        if applied.keyed_frame is not None:
+            result.keyed_frame = applied.keyed_frame
         result.armatures.append(obj.name)
         result.non_quaternion_bones += applied.non_quaternion_bones
     return result

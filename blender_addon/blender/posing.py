@@ -96,8 +96,11 @@ def apply_pose(
     *,
     use_translation: bool = True,
     frame: int | None = None,
+    key_options: frozenset[str] = frozenset(),
 ) -> ApplyResult:
-    """Puts ``pose`` on the SMPL armature ``obj``; keys it at ``frame`` when given.
+    """Puts ``pose`` on the SMPL armature ``obj``; keys it at ``frame`` when given, with
+    ``keyframe_insert``'s ``key_options`` (``auto_key_options``: Auto Keying's own); the
+    result's ``keyed_frame`` says whether any key went in.
 
     Every SMPL bone gets its rotation (index 0, the global orientation, on the root bone);
     non-root bones get zero location, all bones unit scale, so that the joints are exactly the
@@ -135,16 +138,30 @@ def apply_pose(
         t = np.zeros(3) if pose.translation is None else pose.translation
         root.location = tuple(root_location(t, root_location_frame(obj), armature_units(obj)))
     if frame is not None:
+        keyed, options = False, set(key_options)  # bpy takes a set, not a frozenset
         for name in filter(None, names):
             pbone = pbones[name]
-            pbone.keyframe_insert(rotation_data_path(pbone.rotation_mode), frame=frame, group=name)
+            path = rotation_data_path(pbone.rotation_mode)
+            keyed |= pbone.keyframe_insert(path, frame=frame, group=name, options=options)
         if use_translation:
-            pbones[names[0]].keyframe_insert("location", frame=frame, group=names[0])
-        result.keyed_frame = frame
+            root = pbones[names[0]]
+            keyed |= root.keyframe_insert("location", frame=frame, group=names[0], options=options)
+        result.keyed_frame = frame if keyed else None
         now = bpy.context.scene.frame_current
         if frame != now:  # the playhead shows its own frame: keying it must not take the answer
             _show_animation_at(obj, now, use_translation)
     return result
+
+
+def auto_key_options(context: bpy.types.Context) -> frozenset[str]:
+    """The ``keyframe_insert`` options Blender's Auto Keying keys with: only the keys there
+    already (its Replace mode), only the F-curves there already (Only Insert Available)."""
+    options = set()
+    if context.scene.tool_settings.auto_keying_mode == "REPLACE_KEYS":
+        options.add("INSERTKEY_REPLACE")
+    if context.preferences.edit.use_keyframe_insert_available:
+        options.add("INSERTKEY_AVAILABLE")
+    return frozenset(options)
 
 
 def _show_animation_at(obj: bpy.types.Object, frame: int, use_translation: bool) -> None:

@@ -63,7 +63,7 @@ from .anim import LockedCurveError, refuse_locked
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, save_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
-from .posing import pose_channels
+from .posing import auto_key_options, pose_channels
 from .props import append_history, history_messages, target_armature, target_problem
 
 TICK_INTERVAL_S = 0.05
@@ -708,6 +708,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             frame=frame,
             use_translation=job.use_translation,
             spacing=job.spacing,
+            key_options=auto_key_options(bpy.context) if job.auto_key else frozenset(),
         )
     except Exception:  # half way: what did change is one undo step, not part of the user's next
         push_undo("answer")
@@ -717,8 +718,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         name + (" (new)" if name in result.created else "") for name in result.armatures
     )
     text = f"Applied {len(result.armatures)} pose(s) to {where}"
-    if frame is not None:
-        text += f", keyed at frame {frame}"
+    if result.keyed_frame is not None:
+        text += f", keyed at frame {result.keyed_frame}"
+    elif frame is not None:  # Auto Keying's Replace mode or Only Insert Available
+        text += (
+            f"; not keyed at frame {frame}: Auto Keying keys only what is keyed already (its "
+            "Replace mode, or Only Insert Available), and nothing there is"
+        )
     level = "WARNING" if unkeyed else "INFO"
     text += unkeyed
     if result.skipped:

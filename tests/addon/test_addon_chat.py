@@ -21,6 +21,7 @@ from blender_addon.blender import batch_store, chat_operators, props, runtime
 from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
+from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.runtime import UserError
 from blender_addon.core import batch_plan, chat
@@ -191,6 +192,42 @@ def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_serv
     assert "keyed at frame 12" in runtime.last_message()[0]
     scene.frame_set(12)  # not put back by the animation on the next scrub
     assert_pose(armature, pose_for("keyed by auto keying"))
+
+
+@pytest.mark.parametrize("setting", ["Replace", "Only Insert Available"])
+def test_an_auto_keyed_answer_keys_only_what_auto_keying_s_own_settings_let_it(
+    armature, scripted_service, setting
+):
+    address, _ = scripted_service
+    use_service(address)
+    scene, edit_prefs = bpy.context.scene, bpy.context.preferences.edit
+    scene.tool_settings.use_keyframe_insert_auto = True
+    scene.chatpose.insert_keyframe = False
+    if setting == "Replace":
+        scene.tool_settings.auto_keying_mode = "REPLACE_KEYS"  # only the keys there already
+    else:
+        edit_prefs.use_keyframe_insert_available = True  # only the F-curves there already
+
+    def answer_at(frame: int, prompt: str) -> str:
+        scene.frame_set(frame)
+        scene.chatpose.prompt = prompt
+        bpy.ops.chatpose.send()
+        drive(idle)
+        assert_pose(armature, pose_for(prompt))  # posed, keyed or not
+        return runtime.last_message()[0]
+
+    try:
+        assert "not keyed at frame 10: Auto Keying keys only" in answer_at(10, "no keys yet")
+        assert keyed_frames(armature) == []
+        apply_pose(armature, random_pose(1), frame=10)  # the animator's key
+        assert "keyed at frame 10" in answer_at(10, "a key to replace")
+        at_20 = answer_at(20, "no key at 20")
+        if setting == "Replace":
+            assert "not keyed at frame 20" in at_20 and keyed_frames(armature) == [10]
+        else:  # the curves are there: keyed
+            assert "keyed at frame 20" in at_20 and keyed_frames(armature) == [10, 20]
+    finally:
+        edit_prefs.use_keyframe_insert_available = False
 
 
 @pytest.mark.parametrize("keying", ["Auto Keying", "Insert Keyframe"])

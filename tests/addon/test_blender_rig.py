@@ -236,6 +236,28 @@ def test_operators_have_one_undo_step():
         assert {"REGISTER", "UNDO"} <= cls.bl_options, cls.__name__
 
 
+def test_rest_pose_puts_the_target_at_rest_and_keys_it_under_auto_keying(blender):
+    target = create_smpl_armature(bpy.context, name="Target", with_mesh=False)
+    selected = create_smpl_armature(bpy.context, name="Selected", with_mesh=False)
+    for obj, seed in ((target, 1), (selected, 2)):
+        apply_pose(obj, random_pose(seed))
+    target.pose.bones["head"].scale = (2.0, 2.0, 2.0)
+    scene = bpy.context.scene
+    scene.chatpose.target = target  # the panel's Target, beside which the button sits
+    bpy.context.view_layer.objects.active = selected
+    assert bpy.ops.chatpose.rest_pose() == {"FINISHED"}
+    assert all(tuple(p.rotation_quaternion) == (1, 0, 0, 0) for p in target.pose.bones)
+    assert tuple(target.pose.bones["head"].scale) == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(read_pose(selected).axis_angle, random_pose(2).axis_angle, atol=1e-5)
+    assert target.animation_data is None  # Auto Keying off: nothing keyed
+    key_poses(target, [random_pose(3)], [1])
+    scene.tool_settings.use_keyframe_insert_auto = True
+    scene.frame_set(7)
+    assert bpy.ops.chatpose.rest_pose() == {"FINISHED"}
+    assert keyed_frames(target) == [1, 7]  # so the next scrub does not take it back
+    np.testing.assert_allclose(read_pose(target, 7).axis_angle, 0.0, atol=1e-6)
+
+
 def test_find_smpl_armature_from_its_mesh(blender):
     obj = create_smpl_armature(bpy.context)
     mesh = next(o for o in bpy.data.objects if o.type == "MESH")

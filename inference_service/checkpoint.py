@@ -12,6 +12,8 @@ This module only reads, validates and writes that layout; it loads no weights.
 import dataclasses
 import json
 import logging
+import os
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,24 @@ class ChatPoseConfig:
 
 
 _TYPES = typing.get_type_hints(ChatPoseConfig)
+
+# What puts huggingface_hub (and transformers and peft, which ask it) in offline mode.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def work_offline() -> None:
+    """Offline mode for this process: every request to the Hugging Face Hub fails at once,
+    whatever the library code that would make it (a lookup of the base an adapter names,
+    a file missing from a model folder). Loading reads local files only; the commands that
+    load a model call this first, whatever the environment said (docs/checkpoints.md).
+
+    huggingface_hub reads the variables when it is imported, so its flag is set too when it
+    already is."""
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
 
 
 def read_json_object(path: Path) -> dict:

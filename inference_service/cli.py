@@ -670,6 +670,9 @@ def _checked(reply, expected: type):
 
 
 def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str) -> PoseReply:
+    from .checkpoint import work_offline
+
+    work_offline()  # before transformers is imported: no request to the Hub, ever
     checkpoint = _checkpoint(args)  # before torch loads: seconds, for a mistyped path
     from .backend import ModelBackend  # torch: only when asked to run the model here
     from .errors import ChatPoseError, CheckpointError

@@ -50,9 +50,10 @@ from inference_service.checkpoint import (
     ChatPoseConfig,
     read_json_object,
     refuse_lfs_pointers,
+    work_offline,
 )
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import save_processor
+from inference_service.modeling_chatpose import custom_code, save_processor, settle_special_tokens
 from inference_service.pose_head import PoseHead
 
 # Official name prefix -> transformers LlavaForConditionalGeneration name prefix.
@@ -298,10 +299,22 @@ def _read_tokenizer(source: Path, pose_token: str):
             "sentencepiece protobuf"
         )
     try:
+        # trust_remote_code=False: the release's folder is read, its Python (`auto_map`) never
+        # run, nor asked about on stdin.
         tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=True, legacy=_sentencepiece_legacy(source)
+            source,
+            local_files_only=True,
+            trust_remote_code=False,
+            legacy=_sentencepiece_legacy(source),
         )
     except (OSError, ValueError, ImportError) as exc:
+        custom = custom_code(source)
+        if custom is not None and "trust_remote_code" in str(exc):
+            file, names = custom
+            raise CheckpointError(
+                f"{file}: auto_map names custom code ({names}), which is not supported: the "
+                "converter reads transformers' own tokenizers only, never a checkpoint's Python"
+            ) from None
         raise CheckpointError(f"{source}: cannot read the tokenizer ({exc})") from None
     if pose_token not in tokenizer.get_vocab():
         raise CheckpointError(
@@ -321,8 +334,9 @@ def _read_tokenizer(source: Path, pose_token: str):
     # transformers' Llava needs a real image token, which then gets an (unused) embedding row.
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # as the release does
+    # No end-of-sequence token is refused; the padding is <unk> when there is none, as the
+    # release pads (the service does the same for a base it loads).
+    settle_special_tokens(tokenizer, source / "tokenizer_config.json")
     return tokenizer
 
 
@@ -344,7 +358,7 @@ _CHECKED_TEXT = "USER: <im_start><image><im_end>\nCan you tell? ASSISTANT: Sure,
 def _check_saved_tokenizer(base: Path, source: Path, tokenizer, pose_token: str) -> None:
     """CheckpointError, before anything is moved in place, unless the tokenizer saved in
     `base` reads an image prompt and its answer as `tokenizer` does."""
-    saved = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    saved = AutoTokenizer.from_pretrained(base, local_files_only=True, trust_remote_code=False)
     text = _CHECKED_TEXT.format(pose=pose_token)
     before, after = tokenizer(text).input_ids, saved(text).input_ids
     if before != after:
@@ -512,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the release's pose token string (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    work_offline()  # nothing is downloaded: SRC and CLIP_DIR are local folders
     try:
         convert(args.source, args.destination, args.vision_tower, args.pose_token)
     except (CheckpointError, OSError, ValueError) as exc:

@@ -673,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(200000: about 3 minutes)",
     )
     args = parser.parse_args(argv)
+    from inference_service.checkpoint import work_offline
+
+    work_offline()  # before transformers is imported: no request to the Hub, ever
     fmt, corpus = args.data
     if fmt != "corpus":
         parser.error(f"--data: only the 'corpus' format is evaluated, got {fmt!r}")

@@ -763,10 +763,22 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
     """
     refuse_lfs_pointers(base_dir)
     check_base_files(base_dir)
+    check_tokenizer_files(base_dir)
     try:
-        processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
+        # trust_remote_code=False: a checkpoint's own Python (`auto_map`) is never run, and
+        # transformers does not ask on stdin whether to run it (the add-on's stdin is a pipe).
+        processor = AutoProcessor.from_pretrained(
+            base_dir, local_files_only=True, trust_remote_code=False
+        )
+        # Mismatched sizes load (the weight started anew) only to be named below: transformers'
+        # own error says "look at the above report", a log the user may never see.
         model, loading = AutoModelForImageTextToText.from_pretrained(
-            base_dir, local_files_only=True, output_loading_info=True, **options
+            base_dir,
+            local_files_only=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **options,
         )
     except torch.OutOfMemoryError:
         raise ModelError(
@@ -774,6 +786,13 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
             "need less, or use a card with more memory"
         ) from None
     except LOAD_ERRORS as exc:
+        custom = custom_code(base_dir)
+        if custom is not None and "trust_remote_code" in str(exc):
+            file, names = custom
+            raise CheckpointError(
+                f"{file}: auto_map names custom code ({names}), which is not supported: only "
+                "transformers' own model classes are loaded, never a checkpoint's Python"
+            ) from None
         raise CheckpointError(f"{base_dir}: cannot load the base model ({exc})") from exc
     missing = sorted(loading["missing_keys"])
     if missing:
@@ -792,7 +811,97 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
             f"{base_dir}: the weights hold {unexpected[0]}{more}, which the model config.json "
             "describes has no place for (a config.json of another model?)"
         )
+    mismatched = sorted(loading["mismatched_keys"])
+    if mismatched:
+        name, saved, expected = mismatched[0]
+        others = len(mismatched) - 1
+        more = f", and {others} more tensor(s) of other sizes" if others else ""
+        raise CheckpointError(
+            f"{base_dir}: the weights' {name} is {tuple(saved)}, but config.json makes it "
+            f"{tuple(expected)}{more} (a config.json of another model?)"
+        )
+    check_interfaces(processor, model, base_dir)
+    settle_special_tokens(processor.tokenizer, base_dir / "tokenizer_config.json")
     return processor, model
+
+
+# The files a tokenizer's vocabulary is read from, one of which `base/` must hold: transformers'
+# error without them is about sentencepiece and tiktoken.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
+
+
+def check_tokenizer_files(base_dir: Path) -> None:
+    """CheckpointError naming tokenizer.json when `base_dir` holds no tokenizer vocabulary."""
+    if not any((Path(base_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{Path(base_dir) / TOKENIZER_FILES[0]}: file not found (the tokenizer's vocabulary: "
+            "tokenizer.json, or a SentencePiece tokenizer.model, as save_pretrained writes it)"
+        )
+
+
+def custom_code(base_dir: Path) -> tuple[Path, str] | None:
+    """The first JSON file of `base_dir` (config.json first) whose `auto_map` names Python of
+    the checkpoint's own, with the classes it names; None when none does."""
+    files = sorted(Path(base_dir).glob("*.json"), key=lambda f: (f.name != "config.json", f.name))
+    for file in files:
+        try:
+            auto_map = json.loads(file.read_text("utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            named = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            return file, ", ".join(str(n) for n in named)
+    return None
+
+
+def check_interfaces(processor, model: torch.nn.Module, base_dir: Path) -> None:
+    """CheckpointError naming the model's class and what it lacks of what ChatPoseModel uses:
+    an image-text-to-text model of another kind (BLIP's, say) would load, and fail later with
+    an AttributeError."""
+    lacks = []
+    for side in ("input", "output"):
+        layer = getattr(model, f"get_{side}_embeddings", lambda: None)()
+        if getattr(layer, "weight", None) is None:  # a pose token needs a row in both
+            lacks.append(f"{side} embeddings (get_{side}_embeddings() is {layer!r})")
+    text = getattr(model.config, "text_config", None)
+    for field in ("hidden_size", "max_position_embeddings"):
+        if not isinstance(getattr(text, field, None), int):
+            lacks.append(f"a language model config's {field} (config.text_config.{field})")
+    if getattr(model, "base_model", model) is model:  # its last_hidden_state is what is read
+        lacks.append("a base model apart from its output layer (model.base_model)")
+    if getattr(processor, "tokenizer", None) is None:
+        lacks.append("a tokenizer in its processor (processor.tokenizer)")
+    if not isinstance(getattr(processor, "image_token", None), str):
+        lacks.append("an image token its processor expands (processor.image_token)")
+    if lacks:
+        raise CheckpointError(
+            f"{base_dir}: {type(model).__name__} (with {type(processor).__name__}) lacks what "
+            f"ChatPose needs: {'; '.join(lacks)}. The reference model is "
+            "LlavaForConditionalGeneration with LlavaProcessor"
+        )
+
+
+def settle_special_tokens(tokenizer, config_file: Path) -> None:
+    """A padding token for a tokenizer without one, as the release's code makes it: <unk>,
+    else the end-of-sequence token (batches and the chat path pad). CheckpointError naming
+    `config_file` (tokenizer_config.json) for a tokenizer without an end-of-sequence token: a
+    chat reply could never end."""
+    if tokenizer.eos_token is None:
+        raise CheckpointError(
+            f"{config_file}: the tokenizer has no end-of-sequence token (eos_token), so a chat "
+            "reply could never end"
+        )
+    if tokenizer.pad_token is None:
+        unk = tokenizer.unk_token
+        tokenizer.pad_token = unk if unk is not None else tokenizer.eos_token
 
 
 def check_vocabulary(tokenizer, model: torch.nn.Module, pose_token: str, base_dir: Path) -> None:
@@ -844,11 +953,16 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> 
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
     # Tensors for layers or modules the base does not have: peft drops them without a word
-    # (an adapter trained on another base would run as half of itself).
+    # (an adapter trained on another base would run as half of itself). What the adapter may
+    # hold is what peft would save of it, embeddings included (saved when training resized
+    # them, and loaded back): told so, peft does not look up the base named in
+    # adapter_config.json to find out whether they were resized, which for a name that is
+    # not a folder here (a Hub id, a relative path) is a request to the Hugging Face Hub.
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if weights.is_file():
         with safe_open(weights, framework="pt") as saved:
-            stray = sorted(set(saved.keys()) - set(get_peft_model_state_dict(wrapped)))
+            expected = get_peft_model_state_dict(wrapped, save_embedding_layers=True)
+            stray = sorted(set(saved.keys()) - set(expected))
         if stray:
             more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
             raise CheckpointError(

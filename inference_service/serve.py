@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from . import logs
+from .checkpoint import work_offline
 from .commands import DEVICE_HELP, device_argument
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    work_offline()  # before transformers is imported: no request to the Hub, ever
     server = io = None
     try:  # transformers and torch, imported by these, are not in a client-only install
         logs.configure(args.log_level)

@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from inference_service.checkpoint import work_offline
+
+    work_offline()  # before transformers is imported: no request to the Hub, ever
     # Imported here so that --help works without loading torch.
     import torch
 

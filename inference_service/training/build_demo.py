@@ -1364,6 +1364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="change one setting of the preset, e.g. --set word_steps=12000 (repeatable)",
     )
     args = parser.parse_args(argv)
+    from inference_service.checkpoint import work_offline
+
+    work_offline()  # before transformers is imported: no request to the Hub, ever
     # Only the demo preset as it is may replace the shipped checkpoint and its docs by default:
     # a toy or changed build would otherwise overwrite them.
     ships = args.preset == "demo" and not args.overrides

@@ -363,3 +363,16 @@ def test_serve_rejects_a_batch_wait_out_of_range(value, capsys):
         serve.main(["--max-wait-ms", value])
     assert info.value.code == 2
     assert f"expected 0 to 1000 ms, got {value}" in capsys.readouterr().err
+
+
+def test_serve_works_offline_whatever_the_environment_said(monkeypatch, tmp_path, capsys):
+    import os
+
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    argv = ["--checkpoint", str(tmp_path / "none"), "--bind", f"tcp://127.0.0.1:{free_port()}"]
+    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE

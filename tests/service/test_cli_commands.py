@@ -939,3 +939,14 @@ def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
         public = [keys[0], str(tmp_path / "authorized_clients" / "animator.key"), *keys[2:]]
         code, _, err = run(capsys, "status", "--address", address, *public)
         assert code == cli.EXIT_BAD_INPUT and "holds no secret key" in err
+
+
+def test_local_mode_works_offline_whatever_the_environment_said(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    code, _, err = run(capsys, "pose", "sit", "--local", "--checkpoint", str(tmp_path / "none"))
+    assert code == cli.EXIT_BAD_INPUT and "no checkpoint at" in err
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE

@@ -455,3 +455,72 @@ def test_a_sentencepiece_tokenizer_without_its_packages_names_them(release, tmp_
     with pytest.raises(CheckpointError, match="release: cannot read the tokenizer"):
         convert(copy, tmp_path / "out", clip)  # installed, but this tokenizer.model is junk
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_naming_custom_code_is_refused_without_asking_or_running_it(
+    release, tmp_path, monkeypatch
+):
+    import builtins
+
+    import transformers.dynamic_module_utils
+
+    source, clip, _ = release
+    copy = tmp_path / "release"
+    shutil.copytree(source, copy)
+    marker = tmp_path / "ran"
+    (copy / "tokenization_x.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('the release\\'s code ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class XTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    # A model type transformers does not know has no tokenizer of its own there: it would ask.
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"model_type": "chatpose"}))
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    settings["tokenizer_class"] = "XTokenizer"
+    settings["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
+    (copy / "tokenizer_config.json").write_text(json.dumps(settings))
+    asked = []
+
+    def answer_yes(prompt=""):  # what transformers asks on stdin
+        asked.append(prompt)
+        return "y"
+
+    monkeypatch.setattr(builtins, "input", answer_yes)
+    monkeypatch.setattr(  # where a run of the code would be copied to: not the user's cache
+        transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules")
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"release/tokenizer_config\.json: auto_map names custom code .*not supported",
+    ):
+        convert(copy, tmp_path / "out", clip)
+    assert asked == [] and not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_by_name(release, tmp_path):
+    source, clip, _ = release
+    copy = tmp_path / "release"
+    shutil.copytree(source, copy)
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    settings.pop("eos_token", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(
+        CheckpointError, match=r"release/tokenizer_config\.json: the tokenizer has no end-of-seq"
+    ):
+        convert(copy, tmp_path / "out", clip)
+
+
+def test_the_converter_works_offline_whatever_the_environment_said(
+    release, tmp_path, monkeypatch, capsys
+):
+    import os
+
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", "x"]) == 1
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE

@@ -729,3 +729,213 @@ def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_le
         run()
     assert raised.value.__cause__ is None and raised.value.__context__ is None
     assert failed_pass and failed_pass[0]() is None  # freed before the error reached the caller
+
+
+# --- checkpoints that must load offline, or be refused by name ---------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to reach the network, recorded (and failed at once): the list. Offline
+    mode is off here, as in a process that did not set it, so that nothing is skipped for it."""
+    import socket
+
+    import huggingface_hub.constants
+
+    attempts = []
+
+    def refuse(name):
+        def refused(*args, **kwargs):
+            attempts.append((name, args[:2]))
+            raise OSError(f"no network in this test ({name})")
+
+        return refused
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "base_name",
+    # What peft writes for an adapter trained on a Hub model, and what training writes for a
+    # relative --base (a folder that is not where the service runs): neither is looked up.
+    ["llava-hf/llava-1.5-13b-hf", "runs/llava-base"],
+)
+def test_an_adapter_naming_a_hub_model_or_a_missing_base_loads_without_the_network(
+    lora_checkpoints, tmp_path, no_network, base_name
+):
+    adapter, _ = lora_checkpoints
+    named = edited_copy(
+        adapter,
+        tmp_path / "named",
+        "adapter/adapter_config.json",
+        lambda c: c | {"base_model_name_or_path": base_name},
+    )
+    model = ChatPoseModel.from_checkpoint(named, device="cpu")
+    assert no_network == []
+    assert len(model.predict_poses([PoseRequest(TEXT)])) == 1
+
+
+def test_an_adapter_that_saved_its_embeddings_is_not_taken_for_another_base_s(
+    tiny_checkpoint, tmp_path, no_network
+):
+    # peft saves the embeddings with the adapter when training resized them; loading puts
+    # them back, so they are no tensors "the base has no place for".
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "embeddings")
+    processor, base = modeling_chatpose.load_base(root / "base", dtype=torch.float32)
+    modeling_chatpose.ensure_pose_token(processor.tokenizer, base, "<POSE>")
+    torch.manual_seed(4)
+    config = LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    with modeling_chatpose.quiet_peft():
+        get_peft_model(base, config).save_pretrained(root / "adapter", save_embedding_layers=True)
+    ChatPoseModel.from_checkpoint(root, device="cpu")
+    assert no_network == []
+
+
+def _without(*fields):
+    return lambda config: {k: v for k, v in config.items() if k not in fields}
+
+
+def test_a_tokenizer_without_padding_pads_with_unk_or_eos_and_one_without_eos_is_refused(
+    tiny_checkpoint, tmp_path
+):
+    # As the converter does (the release's tokenizer has none): <unk> pads, else </s>.
+    for dropped, padding in ((("pad_token",), "<unk>"), (("pad_token", "unk_token"), "</s>")):
+        copy = edited_copy(
+            tiny_checkpoint, tmp_path / "-".join(dropped), "base/tokenizer_config.json",
+            _without(*dropped),
+        )  # fmt: skip
+        model = ChatPoseModel.from_checkpoint(copy, device="cpu")
+        assert model.tokenizer.pad_token == padding
+        # Rows of different lengths: the shorter one is padded.
+        poses = model.predict_poses([PoseRequest("sit"), PoseRequest(TEXT, (RED,))])
+        assert len(poses) == 2 and all(np.isfinite(p).all() for p in poses)
+        assert isinstance(model.chat("hello", max_new_tokens=2).text, str)
+    # Without an end-of-sequence token a chat reply could never end.
+    no_eos = edited_copy(
+        tiny_checkpoint, tmp_path / "no-eos", "base/tokenizer_config.json",
+        _without("pad_token", "eos_token"),
+    )  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"base/tokenizer_config\.json: the tokenizer has no end-of-seq"
+    ):
+        ChatPoseModel.from_checkpoint(no_eos, device="cpu")
+
+
+CUSTOM_CONFIG = """\
+import pathlib
+pathlib.Path({marker!r}).write_text("the checkpoint's code ran")
+from transformers import LlavaConfig
+class XConfig(LlavaConfig):
+    model_type = "xmodel"
+"""
+CUSTOM_MODEL = """\
+from transformers import LlavaForConditionalGeneration
+from .configuration_x import XConfig
+class XModel(LlavaForConditionalGeneration):
+    config_class = XConfig
+"""
+
+
+@pytest.mark.parametrize("module_prefix", ["", "someorg/somerepo--"], ids=["local", "hub"])
+def test_a_base_naming_custom_code_is_refused_without_asking_or_running_it(
+    tiny_checkpoint, tmp_path, monkeypatch, no_network, module_prefix
+):
+    import builtins
+
+    import transformers.dynamic_module_utils
+
+    marker = tmp_path / "ran"
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "custom")
+    base = root / "base"
+    (base / "configuration_x.py").write_text(CUSTOM_CONFIG.format(marker=str(marker)))
+    (base / "modeling_x.py").write_text(CUSTOM_MODEL)
+    config = json.loads((base / "config.json").read_text())
+    config["model_type"] = "xmodel"
+    config["auto_map"] = {
+        "AutoConfig": f"{module_prefix}configuration_x.XConfig",
+        "AutoModelForImageTextToText": f"{module_prefix}modeling_x.XModel",
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    asked = []
+
+    def answer_yes(prompt=""):  # what transformers asks on stdin (the add-on's is a pipe)
+        asked.append(prompt)
+        return "y"
+
+    monkeypatch.setattr(builtins, "input", answer_yes)
+    monkeypatch.setattr(  # where a run of the code would be copied to: not the user's cache
+        transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules")
+    )
+    with pytest.raises(
+        CheckpointError, match=r"base/config\.json: auto_map names custom code .*not supported"
+    ):
+        ChatPoseModel.from_checkpoint(root, device="cpu")
+    assert asked == [] and not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["text_config"].update(vocab_size=c["text_config"]["vocab_size"] + 10) or c,
+            r"base: the weights' \S+\.weight is \(400, 64\), but config\.json makes it "
+            r"\(410, 64\), and 1 more tensor\(s\) of other sizes \(a config\.json of another",
+        ),
+        (
+            lambda c: c["text_config"].update(hidden_size=32, head_dim=16) or c,
+            r"base: the weights' \S+ is \(\d+(, \d+)?\), but config\.json makes it",
+        ),
+    ],
+    ids=["vocabulary", "hidden-size"],
+)
+def test_a_config_of_other_sizes_than_the_weights_names_a_tensor_and_both_shapes(
+    tiny_checkpoint, tmp_path, change, message
+):
+    damaged = edited_copy(tiny_checkpoint, tmp_path / "damaged", "base/config.json", change)
+    with pytest.raises(CheckpointError, match=message):
+        ChatPoseModel.from_checkpoint(damaged, device="cpu")
+
+
+def test_a_base_without_its_tokenizer_file_names_it(tiny_checkpoint, tmp_path):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "no-tokenizer")
+    (copy / "base" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"base/tokenizer\.json: file not found"):
+        ChatPoseModel.from_checkpoint(copy, device="cpu")
+
+
+def test_a_base_of_another_kind_of_model_is_refused_naming_what_it_lacks(tiny_checkpoint, tmp_path):
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    tokenizer = tiny_llava.build_tokenizer()
+    config = BlipConfig(
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+        },
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "encoder_hidden_size": 32,
+        },
+    )  # fmt: skip
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "blip")
+    shutil.rmtree(root / "base")
+    BlipForConditionalGeneration(config).save_pretrained(root / "base")
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor, tokenizer).save_pretrained(root / "base")
+    with pytest.raises(
+        CheckpointError,
+        match=r"base: BlipForConditionalGeneration \(with BlipProcessor\) lacks .*output "
+        r"embeddings.*image token",
+    ):
+        ChatPoseModel.from_checkpoint(root, device="cpu")

@@ -53,7 +53,11 @@ from inference_service.checkpoint import (
     work_offline,
 )
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import custom_code, save_processor, settle_special_tokens
+from inference_service.modeling_chatpose import (
+    refuse_custom_code,
+    save_processor,
+    settle_special_tokens,
+)
 from inference_service.pose_head import PoseHead
 
 # Official name prefix -> transformers LlavaForConditionalGeneration name prefix.
@@ -308,13 +312,7 @@ def _read_tokenizer(source: Path, pose_token: str):
             legacy=_sentencepiece_legacy(source),
         )
     except (OSError, ValueError, ImportError) as exc:
-        custom = custom_code(source)
-        if custom is not None and "trust_remote_code" in str(exc):
-            file, names = custom
-            raise CheckpointError(
-                f"{file}: auto_map names custom code ({names}), which is not supported: the "
-                "converter reads transformers' own tokenizers only, never a checkpoint's Python"
-            ) from None
+        refuse_custom_code(source, exc)
         raise CheckpointError(f"{source}: cannot read the tokenizer ({exc})") from None
     if pose_token not in tokenizer.get_vocab():
         raise CheckpointError(

@@ -786,13 +786,7 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
             "need less, or use a card with more memory"
         ) from None
     except LOAD_ERRORS as exc:
-        custom = custom_code(base_dir)
-        if custom is not None and "trust_remote_code" in str(exc):
-            file, names = custom
-            raise CheckpointError(
-                f"{file}: auto_map names custom code ({names}), which is not supported: only "
-                "transformers' own model classes are loaded, never a checkpoint's Python"
-            ) from None
+        refuse_custom_code(base_dir, exc)
         raise CheckpointError(f"{base_dir}: cannot load the base model ({exc})") from exc
     missing = sorted(loading["missing_keys"])
     if missing:
@@ -847,10 +841,13 @@ def check_tokenizer_files(base_dir: Path) -> None:
         )
 
 
-def custom_code(base_dir: Path) -> tuple[Path, str] | None:
-    """The first JSON file of `base_dir` (config.json first) whose `auto_map` names Python of
-    the checkpoint's own, with the classes it names; None when none does."""
-    files = sorted(Path(base_dir).glob("*.json"), key=lambda f: (f.name != "config.json", f.name))
+def refuse_custom_code(folder: Path, exc: Exception) -> None:
+    """CheckpointError naming the JSON file of `folder` (config.json first) whose `auto_map`
+    names Python of the checkpoint's own, when that is why transformers refused to load
+    (`exc`, with trust_remote_code=False); else nothing."""
+    if "trust_remote_code" not in str(exc):
+        return
+    files = sorted(Path(folder).glob("*.json"), key=lambda f: (f.name != "config.json", f.name))
     for file in files:
         try:
             auto_map = json.loads(file.read_text("utf-8")).get("auto_map")
@@ -858,8 +855,11 @@ def custom_code(base_dir: Path) -> tuple[Path, str] | None:
             continue
         if auto_map:
             named = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-            return file, ", ".join(str(n) for n in named)
-    return None
+            raise CheckpointError(
+                f"{file}: auto_map names custom code ({', '.join(str(n) for n in named)}), "
+                "which is not supported: only transformers' own classes are loaded, never a "
+                "checkpoint's Python"
+            ) from None
 
 
 def check_interfaces(processor, model: torch.nn.Module, base_dir: Path) -> None:

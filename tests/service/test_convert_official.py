@@ -458,12 +458,8 @@ def test_a_sentencepiece_tokenizer_without_its_packages_names_them(release, tmp_
 
 
 def test_a_tokenizer_naming_custom_code_is_refused_without_asking_or_running_it(
-    release, tmp_path, monkeypatch
+    release, tmp_path, answers_yes_on_stdin
 ):
-    import builtins
-
-    import transformers.dynamic_module_utils
-
     source, clip, _ = release
     copy = tmp_path / "release"
     shutil.copytree(source, copy)
@@ -480,22 +476,12 @@ def test_a_tokenizer_naming_custom_code_is_refused_without_asking_or_running_it(
     settings["tokenizer_class"] = "XTokenizer"
     settings["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
     (copy / "tokenizer_config.json").write_text(json.dumps(settings))
-    asked = []
-
-    def answer_yes(prompt=""):  # what transformers asks on stdin
-        asked.append(prompt)
-        return "y"
-
-    monkeypatch.setattr(builtins, "input", answer_yes)
-    monkeypatch.setattr(  # where a run of the code would be copied to: not the user's cache
-        transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules")
-    )
     with pytest.raises(
         CheckpointError,
         match=r"release/tokenizer_config\.json: auto_map names custom code .*not supported",
     ):
         convert(copy, tmp_path / "out", clip)
-    assert asked == [] and not marker.exists()
+    assert answers_yes_on_stdin == [] and not marker.exists()
     assert not (tmp_path / "out").exists()
 
 

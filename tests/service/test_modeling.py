@@ -844,12 +844,8 @@ class XModel(LlavaForConditionalGeneration):
 
 @pytest.mark.parametrize("module_prefix", ["", "someorg/somerepo--"], ids=["local", "hub"])
 def test_a_base_naming_custom_code_is_refused_without_asking_or_running_it(
-    tiny_checkpoint, tmp_path, monkeypatch, no_network, module_prefix
+    tiny_checkpoint, tmp_path, answers_yes_on_stdin, no_network, module_prefix
 ):
-    import builtins
-
-    import transformers.dynamic_module_utils
-
     marker = tmp_path / "ran"
     root = shutil.copytree(tiny_checkpoint, tmp_path / "custom")
     base = root / "base"
@@ -862,21 +858,11 @@ def test_a_base_naming_custom_code_is_refused_without_asking_or_running_it(
         "AutoModelForImageTextToText": f"{module_prefix}modeling_x.XModel",
     }
     (base / "config.json").write_text(json.dumps(config))
-    asked = []
-
-    def answer_yes(prompt=""):  # what transformers asks on stdin (the add-on's is a pipe)
-        asked.append(prompt)
-        return "y"
-
-    monkeypatch.setattr(builtins, "input", answer_yes)
-    monkeypatch.setattr(  # where a run of the code would be copied to: not the user's cache
-        transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules")
-    )
     with pytest.raises(
         CheckpointError, match=r"base/config\.json: auto_map names custom code .*not supported"
     ):
         ChatPoseModel.from_checkpoint(root, device="cpu")
-    assert asked == [] and not marker.exists()
+    assert answers_yes_on_stdin == [] and not marker.exists()
 
 
 @pytest.mark.parametrize(

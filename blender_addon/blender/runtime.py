@@ -924,7 +924,7 @@ def _batch_ended(run: BatchRun) -> None:
     run.close()
     if run.keyed:
         push_undo("batch")
-    if run.state == batch_plan.FAILED:
+    if run.state == batch_plan.FAILED and run.remaining:  # else the summary says done: it is
         level, popup = "ERROR", True
     elif run.remaining:
         level, popup = "WARNING", False

@@ -24,7 +24,7 @@ from blender_addon.blender.capture import CaptureError, capture_viewport, render
 from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.runtime import UserError
-from blender_addon.core import batch_plan, chat
+from blender_addon.core import batch_plan, batch_record, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
@@ -1560,6 +1560,23 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     bpy.context.scene.chatpose.batch_translation = False  # keyed with it: keyed without too
     bpy.ops.chatpose.batch_keyframe()
     assert "are keyed on" in runtime.last_message()[0] and len(backend.items) == 4
+
+
+def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):
+    line = batch_record.PendingLine(0, "wave", 1)
+    run = batch_plan.BatchRun(
+        armature=armature.name,
+        source="text 'moves'",
+        pending=[line],
+        total_lines=1,
+        armature_uid=armature.session_uid,
+    )
+    batch_store.key_batch_lines(armature, [(line, random_pose(0))])
+    run.item_keyed(line)
+    run.fail("the service went away during the request")  # before its batch_done came
+    runtime._batch_ended(run)
+    message, level = runtime.last_message()
+    assert "done: 1 line keyed on SMPL; all 1 lines keyed" in message and level == "INFO"
 
 
 def test_a_batch_past_blender_s_last_frame_is_refused_before_it_is_sent(armature, scripted_service):

@@ -33,14 +33,18 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 $(NUMPY2_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(NUMPY2_VENV)
-	$(NUMPY2_VENV)/bin/python -m pip install 'numpy>=2.3' 'scipy>=1.11' 'hypothesis>=6.100' 'pytest>=8'
+	$(NUMPY2_VENV)/bin/python -m pip install -U 'numpy>=2.3' 'scipy>=1.11' 'hypothesis>=6.100' 'pytest>=8'
 	touch $(NUMPY2_STAMP)
 
-test: $(STAMP) $(NUMPY2_STAMP)
+# The numpy-2 venv needs the package index once: without it (offline, after the first setup)
+# that step is skipped with a note, and fails only on CI.
+test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
-	$(NUMPY2_VENV)/bin/python -m pytest -q $(NUMPY2_TESTS)
+	@$(MAKE) --no-print-directory $(NUMPY2_STAMP) || { [ -z "$$CI" ] && \
+		echo "note: shared_protocol's tests under numpy 2 skipped: $(NUMPY2_VENV) could not be set up (no package index?)"; }
+	@if [ -f $(NUMPY2_STAMP) ]; then $(NUMPY2_VENV)/bin/python -m pytest -q $(NUMPY2_TESTS); fi
 
 demo: $(STAMP)
 	$(BIN)/chatpose demo

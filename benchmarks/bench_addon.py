@@ -181,7 +181,7 @@ def bench_long_batch(obj, lines: int = 10_000, group: int = 8) -> tuple[float, f
         spent = time.perf_counter() - started
         total, slowest = total + spent, max(slowest, spent)
     started = time.perf_counter()
-    settle_batch_keys(obj, use_translation=False)
+    settle_batch_keys(obj)
     settle = time.perf_counter() - started
     clear_keys(obj)
     return total, slowest, settle

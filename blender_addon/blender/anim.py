@@ -20,8 +20,12 @@ def action_fcurves(obj: bpy.types.Object) -> list[bpy.types.FCurve]:
         # this one (`action.fcurves` would be the other object's), and the first key made
         # gives it a slot of its own.
         return []
-    slot = getattr(anim, "action_slot", None)
-    if slot is not None:  # Blender 4.4+: the channel bag of the object's slot
+    return take_fcurves(action, getattr(anim, "action_slot", None))
+
+
+def take_fcurves(action: bpy.types.Action, slot=None) -> list[bpy.types.FCurve]:
+    """The F-curves of ``action`` for ``slot`` (Blender 4.4+; None before)."""
+    if slot is not None:  # Blender 4.4+: the channel bag of the slot
         try:
             from bpy_extras.anim_utils import action_get_channelbag_for_slot
         except ImportError:  # pragma: no cover - 4.4 betas

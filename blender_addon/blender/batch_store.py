@@ -22,10 +22,8 @@ from ..core.batch_record import (
     PendingLine,
     with_entries_appended,
 )
-from .anim import action_time, has_no_slot, scene_time
-from .fast_keys import settle_handles
+from .anim import action_time, has_no_slot, scene_time, take_fcurves
 from .keyframes import write_pose_keys
-from .posing import pose_channels
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
@@ -36,6 +34,11 @@ def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
     slot = getattr(anim, "action_slot", None) if action is not None else None
     return action, RECORD_PROPERTY if slot is None else f"{RECORD_PROPERTY}:{slot.identifier}"
 
+
+# The takes batch lines were keyed into whose handles are not computed yet (settle_batch_keys):
+# (the action's session id, its name, which an undo keeps while giving it another id, and the
+# slot's identifier). A take swapped out or pushed to the NLA during a run is among them.
+_unsettled: set[tuple[int, str, str | None]] = set()
 
 # The record last read or written outside NLA tweak mode (where scene and action frames are
 # one): its stored JSON and the record. A batch keys a few lines per timer tick, and parsing
@@ -117,6 +120,9 @@ def key_batch_lines(
         use_translation=use_translation,
         handles=False,  # settle_batch_keys, at the run's end: each update costs the whole curve
     )
+    anim = obj.animation_data
+    slot = getattr(anim, "action_slot", None)
+    _unsettled.add((anim.action.session_uid, anim.action.name, slot and slot.identifier))
     before = load_record(obj)
     record = before.recorded_lines(
         ((line.line, line.text, line.frame) for line, _ in items), use_translation
@@ -141,10 +147,21 @@ def _save_added(obj: bpy.types.Object, before: BatchRecord, record: BatchRecord,
     save_record(obj, record)
 
 
-def settle_batch_keys(obj: bpy.types.Object, use_translation: bool) -> None:
-    """Ends what ``key_batch_lines`` left for a run's end: the keys' auto handles, and the
-    record written once a line (each added line is stored after the others)."""
-    settle_handles(obj, pose_channels(obj, use_translation))
-    action, name = _holder(obj)
+def settle_batch_keys(obj: bpy.types.Object | None = None) -> None:
+    """Ends what ``key_batch_lines`` left for a run's end: the auto handles of every take it
+    keyed (``FCurve.update``; keys written in time order need no sorting, which is all else it
+    does), and ``obj``'s record written once a line (each added line is stored after the
+    others)."""
+    actions = bpy.data.actions
+    for uid, name, slot_id in _unsettled:
+        action = next((a for a in actions if a.session_uid == uid), None) or actions.get(name)
+        if action is None:  # deleted, or undone out of the file
+            continue
+        slots = getattr(action, "slots", None)
+        slot = slots.get(slot_id) if slots is not None and slot_id is not None else None
+        for fcurve in take_fcurves(action, slot):
+            fcurve.update()
+    _unsettled.clear()
+    action, name = _holder(obj) if obj is not None else (None, "")
     if action is not None and name in action:
         save_record(obj, load_record(obj))

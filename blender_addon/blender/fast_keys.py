@@ -8,8 +8,8 @@ are made exactly as Blender makes them), and the keys are then written with
 ``keyframe_points.insert`` (keys between existing ones), in time order, followed by one
 ``FCurve.update`` (recomputes auto handles). That update costs time in proportion to the
 curve's keys (0.4 s for an SMPL pose's 96 curves of 10,000 keys): a batch, keying a few lines
-at a time, leaves it for ``settle_handles`` at its end (``handles=False``), and its new keys'
-handles sit on the key until then (straight lines between keys).
+at a time, leaves it for its end (``handles=False``; ``batch_store.settle_batch_keys``), and
+its new keys' handles sit on the key until then (straight lines between keys).
 
 Same result as ``keyframe_insert``: a key at a frame that already has one replaces its value
 (its handles move with it, so hand-set handles keep their shape); new keys get Blender's
@@ -54,7 +54,7 @@ def write_keys(
     handles: bool = True,
 ) -> None:
     """Keys ``values[c, n]`` on channel ``channels[c]`` at scene frames ``frames[n]`` (distinct);
-    the auto handles are computed now, or with ``handles=False`` by ``settle_handles``."""
+    the auto handles are computed now, or with ``handles=False`` later, by the caller."""
     frames = np.asarray(frames, dtype=np.float64).reshape(-1)
     values = np.asarray(values, dtype=np.float64).reshape(len(channels), len(frames))
     if not len(frames) or not len(channels):
@@ -66,17 +66,6 @@ def write_keys(
         fcurve = fcurves[(bone_data_path(bone, prop), index)]
         _write_curve(fcurve, frames, row)
         if handles:
-            fcurve.update()
-
-
-def settle_handles(obj: bpy.types.Object, channels: Sequence[Channel]) -> None:
-    """Computes the auto handles of the channels' F-curves, as ``write_keys`` does unless
-    told not to (keys written in the same order need no sorting: this is all
-    ``FCurve.update`` does for them)."""
-    fcurves = fcurve_map(obj)
-    for bone, prop, index in channels:
-        fcurve = fcurves.get((bone_data_path(bone, prop), index))
-        if fcurve is not None:
             fcurve.update()
 
 

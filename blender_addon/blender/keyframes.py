@@ -60,7 +60,7 @@ def write_pose_keys(
     handles: bool = True,
 ) -> None:
     """Keys ``poses[i]`` at scene frame ``frames[i]``, writing keys only (their auto handles
-    now, or with ``handles=False`` by ``fast_keys.settle_handles``): the bones' current
+    now, or with ``handles=False`` by ``batch_store.settle_batch_keys``): the bones' current
     values are not set (as after any change to an animation, Blender's next update shows the
     keyed channels as the animation has them at the current frame).
 

@@ -141,8 +141,8 @@ class CHATPOSE_OT_apply_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N80
 
 
 class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
-    """Put the target armature in its rest pose: no rotation, its bones at their rest places
-    and sizes, the root where it is; keyed at the current frame while Auto Keying is on"""
+    """Put the target armature's SMPL bones in their rest pose: no rotation, at their rest
+    places and sizes, the root where it is; keyed at the current frame while Auto Keying is on"""
 
     bl_idname = "chatpose.rest_pose"
     bl_label = "Rest Pose"

@@ -165,12 +165,14 @@ def auto_key_options(context: bpy.types.Context) -> frozenset[str]:
 
 
 def _show_animation_at(obj: bpy.types.Object, frame: int, use_translation: bool) -> None:
-    """Puts the channels a pose is keyed on back to what the animation gives at ``frame``."""
+    """Puts what posing changed back to what the animation gives at ``frame``: the channels
+    a pose is keyed on, and the bones' animated locations and scales."""
     fcurves = fcurve_map(obj)
     pbones = obj.pose.bones
-    for name, prop in dict.fromkeys(
-        (bone, prop) for bone, prop, _ in pose_channels(obj, use_translation)
-    ):
+    names = list(filter(None, bone_names(obj)))
+    posed = [(bone, prop) for bone, prop, _ in pose_channels(obj, use_translation)]
+    others = [(name, prop) for name in names for prop in ("location", "scale")]
+    for name, prop in dict.fromkeys(posed + others):
         pbone = pbones[name]
         setattr(pbone, prop, channel_values(fcurves, pbone, prop, [frame])[0])
 

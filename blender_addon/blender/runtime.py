@@ -552,6 +552,13 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     pending = record.pending(
         lines, settings.batch_start, settings.batch_step, settings.batch_translation
     )
+    if settings.batch_translation:  # said, as it replaces the rotation keys of those lines
+        pending_without = record.pending(lines, settings.batch_start, settings.batch_step)
+        without = len(pending) - len(pending_without)
+        if without:
+            keys_left_note += (
+                f"; {without} line(s) keyed without Translation are keyed again with it"
+            )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
         new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
@@ -901,8 +908,7 @@ def _settle_batch(run: BatchRun) -> None:
     """What keying a run's lines left for later (``batch_store.settle_batch_keys``): done at
     its end, and before the file is saved or the add-on disabled during it."""
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
-    if run.keyed and obj is not None and not is_deleted(obj):
-        settle_batch_keys(obj, run.use_translation)
+    settle_batch_keys(obj if obj is not None and not is_deleted(obj) else None)
 
 
 def _settle_running_batch() -> None:
@@ -914,9 +920,10 @@ def _settle_running_batch() -> None:
 
 def _batch_ended(run: BatchRun) -> None:
     obj = _find(bpy.data.objects, run.armature, run.armature_uid)
+    with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
+        _settle_batch(run)  # every take it keyed, its own moved away or not
     if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):
-        with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
-            _settle_batch(run)
+        with contextlib.suppress(ValueError):
             record = load_record(obj)
             run.recheck(
                 lambda line: record.is_keyed(line.line, line.text, line.frame, run.use_translation)

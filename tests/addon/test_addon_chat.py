@@ -1509,9 +1509,10 @@ def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(
     assert steps == ["batch", "batch"]  # after the group keyed past the save, and at the end
 
 
-def _handles_settled(obj) -> bool:
-    """Whether every key's handles are where Blender's own update puts them."""
-    curves = list(action_fcurves(obj))
+def _handles_settled(obj=None, curves=None) -> bool:
+    """Whether every key's handles (of ``obj``'s take, or of ``curves``) are where Blender's
+    own update puts them."""
+    curves = list(action_fcurves(obj)) if curves is None else curves
 
     def handles():
         return [
@@ -1544,6 +1545,30 @@ def test_a_batch_s_keys_have_their_handles_at_its_end_and_in_a_file_saved_during
     assert _handles_settled(armature)
 
 
+@pytest.mark.parametrize("change", ["pushed down", "swapped"])
+def test_a_take_the_armature_leaves_during_a_batch_gets_its_handles_too(
+    armature, scripted_service, monkeypatch, change
+):
+    from blender_addon.blender.anim import take_fcurves
+
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(8)), step=5)
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: len(batch_store.load_record(armature).entries) >= 4)
+    anim = armature.animation_data
+    first, slot = anim.action, getattr(anim, "action_slot", None)
+    if change == "pushed down":  # the NLA's Push Down: the run goes on in a new take
+        anim.nla_tracks.new().strips.new(first.name, 1, first)
+        anim.action = None
+    else:  # another take assigned: the run stops, its lines kept in its own take
+        anim.action = bpy.data.actions.new("other")
+    drive(idle)
+    assert _handles_settled(curves=take_fcurves(first, slot))
+
+
 def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)
@@ -1553,6 +1578,7 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
     bpy.context.scene.chatpose.batch_translation = True
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert "2 line(s) keyed without Translation are keyed again" in runtime.last_message()[0]
     drive(idle)
     assert "all 2 lines keyed" in runtime.last_message()[0]
     assert len(backend.items) == 4  # asked again, for the root's location

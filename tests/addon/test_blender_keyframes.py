@@ -94,8 +94,14 @@ def test_rekeying_a_frame_replaces_its_key(blender):
 def test_a_pose_keyed_at_another_frame_leaves_the_playhead_showing_its_animation(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1), random_pose(2)], [1, 100])
+    spine = obj.pose.bones["spine1"]
+    for frame, size in ((1, 1.0), (100, 2.0)):  # the animator's own channel
+        spine.scale = (size,) * 3
+        spine.keyframe_insert("scale", frame=frame)
     bpy.context.scene.frame_set(10)
+    grown = tuple(spine.scale)
     apply_pose(obj, random_pose(3), frame=50)  # Insert Keyframe at a set frame, say
+    assert tuple(spine.scale) == pytest.approx(grown) and grown[0] > 1.0
     np.testing.assert_allclose(read_pose(obj, 50).axis_angle, random_pose(3).axis_angle, atol=1e-5)
     # Frame 10 shows the animation there (with the new key), so keying it (I) keys no answer.
     animated = read_pose(obj, 10)
@@ -597,7 +603,7 @@ def test_a_batch_s_keys_get_their_handles_and_its_record_is_written_whole_when_i
     assert len(json.loads(action[name])["entries"]) == 7
     assert load_record(obj).pending(lines, 1, 10) == []
     unsettled = handles(obj)
-    settle_batch_keys(obj, use_translation=False)
+    settle_batch_keys(obj)
     assert len(json.loads(action[name])["entries"]) == 6  # once a line
     assert load_record(obj).pending(lines, 1, 10) == []
     # The handles Blender gives keys inserted all at once; left until now.

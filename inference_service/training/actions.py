@@ -21,6 +21,10 @@ Conventions
   at world directions (a two-bone solver for arms and legs, hinged elbows and knees) and are
   finally clipped to ``joint_limits.LIMITS``; the tests check their geometry by forward
   kinematics.
+- Contacts (a kneeling knee, shin and foot, feet and hands on the floor, hands on the thighs)
+  allow for the body's thickness around its joints (``KNEE_DEPTH``, ``SHIN_DEPTH``,
+  ``HAND_DEPTH``, ``shared_protocol.pose.SOLE_DEPTH``: the add-on's mannequin), and are placed
+  again after the small random noise every varied pose gets, so that it does not break them.
 
 Phrasing templates contain ``{subject}`` (a person, someone, a man, ...) and ``{their}`` (the
 matching possessive), filled by ``Action.render``; imperative templates have neither.
@@ -35,7 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_protocol.rotations import matrix_to_axis_angle
+from shared_protocol.pose import SOLE_DEPTH
+from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from shared_protocol.skeleton import (
     NUM_JOINTS,
     PARENTS,
@@ -73,6 +78,11 @@ _LEFT = np.array([1.0, 0.0, 0.0])
 
 _SIGN = {"left": 1.0, "right": -1.0}
 _OTHER = {"left": "right", "right": "left"}
+
+# How far the body's surface lies below a joint's centre where it rests on the floor (the
+# add-on's mannequin: the thigh's capsule is 0.065 thick at the knee, the shin's 0.05, a hand's
+# 0.03; the soles lie SOLE_DEPTH below the foot's joints).
+KNEE_DEPTH, SHIN_DEPTH, HAND_DEPTH = 0.065, 0.05, 0.03
 
 # (root, middle, end joint, rest direction in which the hinge bends the lower bone).
 _LIMBS: dict[tuple[str, str], tuple[int, int, int, np.ndarray]] = {
@@ -162,6 +172,7 @@ class _Builder:
         self.rng = rng
         self.var = 0.0 if rng is None else float(variation)
         self.rot = np.tile(np.eye(3), (NUM_JOINTS, 1, 1))  # local rotation matrices
+        self.contacts: list[Callable[[], None]] = []  # placed again after the noise
 
     # --- randomness ------------------------------------------------------------------------
 
@@ -262,9 +273,26 @@ class _Builder:
         self.rot[root] = local
         self.set(mid, hinge * math.radians(bend))
 
-    def reach(self, side: str, kind: str, target, hint) -> None:
+    def reach(self, side: str, kind: str, target, hint, exact: bool = False) -> None:
         """Two-bone solve: put the limb's end joint (wrist, ankle) at the world point ``target``
-        with the middle joint (elbow, knee) displaced towards the world direction ``hint``."""
+        with the middle joint (elbow, knee) displaced towards the world direction ``hint``.
+
+        The solve takes the limb for two bones in line at rest, which the rest skeleton's are
+        not quite (its knees and elbows are a little bent): the end lands within a few
+        centimetres of the target. ``exact`` re-aims a few times to put it there (where the
+        limb reaches that far)."""
+        target = np.asarray(target, dtype=np.float64)
+        self._reach(side, kind, target, hint)
+        if exact:
+            end, aim = _LIMBS[(side, kind)][2], target
+            for _ in range(5):
+                miss = target - self.position(end)
+                if _norm(miss) < 1e-4:
+                    break
+                aim = aim + miss
+                self._reach(side, kind, aim, hint)
+
+    def _reach(self, side: str, kind: str, target, hint) -> None:
         root, mid, end, _ = _LIMBS[(side, kind)]
         l1 = float(_norm(REST_OFFSETS[mid]))
         l2 = float(_norm(REST_OFFSETS[end]))
@@ -295,14 +323,31 @@ class _Builder:
         target = _matrix([0.0, heading, 0.0]) @ _matrix([math.radians(pitch), 0.0, 0.0])
         self.rot[ankle] = shin.T @ target
 
+    def sole_height(self, side: str) -> float:
+        """Height of a foot's sole: its lowest joint (ankle or foot) less ``SOLE_DEPTH``."""
+        ankle, foot = (7, 10) if side == "left" else (8, 11)
+        return min(self.position(ankle)[1], self.position(foot)[1]) - SOLE_DEPTH
+
     def ankle(self, side: str, plantar: float) -> None:
         """Set the ankle locally: plantar > 0 points the toes (relative to the shin)."""
         self.set(7 if side == "left" else 8, np.radians([plantar, 0.0, 0.0]))
+
+    def contact(self, place: Callable[[], None]) -> None:
+        """Place limbs in a contact (with the floor, with the body) now, and again after
+        ``finish`` adds its noise, which would break it. ``place`` sets joints from the pose so
+        far and values drawn beforehand: it draws nothing."""
+        place()
+        self.contacts.append(place)
 
     def finish(self, noise_deg: float = 1.0) -> np.ndarray:
         pose = self.aa
         if self.var > 0.0:
             pose[1:] += self.rng.normal(scale=math.radians(noise_deg) * self.var, size=(23, 3))
+            if self.contacts:
+                self.rot = axis_angle_to_matrix(pose)
+                for place in self.contacts:
+                    place()
+                pose = self.aa
         return clip_to_limits(pose)
 
     # --- common building blocks ------------------------------------------------------------
@@ -320,6 +365,67 @@ class _Builder:
         a = math.radians(forward)
         direction = math.cos(a) * _DOWN + math.sin(a) * _FWD + out * _out(side)
         self.limb(side, "leg", self.vec(direction, 4), bend)
+
+    def lay_hand(self, side: str, along, palm=_DOWN) -> None:
+        """Turn the forearm about its own axis (the elbow's twist) and bend the wrist so that
+        the hand points along the world direction ``along``, its palm facing ``palm`` (as far
+        as a direction square to ``along`` can): a hand laid flat on something."""
+        _shoulder, elbow, wrist, _ = _LIMBS[(side, "arm")]
+        d = _unit(along)
+        n = _unit(np.asarray(palm, dtype=np.float64) - np.dot(palm, d) * d)
+        h0 = _unit(REST_OFFSETS[joint_index(f"{side}_hand")])  # from the wrist, at rest
+        n0 = _unit(_DOWN - _DOWN.dot(h0) * h0)  # the palm faces down at rest (the T-pose)
+        local = self.world(elbow)[0].T @ _frame(d, n) @ _frame(h0, n0).T  # the wrist's
+        # The part of it about the forearm's axis goes to the elbow (a forearm turns there).
+        axis = _unit(REST_OFFSETS[wrist])
+        rotvec = matrix_to_axis_angle(local)
+        angle = _norm(rotvec)
+        w, v = math.cos(angle / 2), math.sin(angle / 2) * (rotvec / max(angle, 1e-12))
+        twist = 2.0 * math.atan2(float(v @ axis), w)
+        self.rot[elbow] = self.rot[elbow] @ _matrix(axis * twist)
+        self.rot[wrist] = _matrix(-axis * twist) @ local
+
+    def kneeling_leg(self, side: str) -> None:
+        """Kneel on ``side``'s knee: the thigh about straight down, the shin back along the floor
+        (the ankle about level with the knee: the shin's capsule rests on the floor as the
+        knee's does) and the foot stretched back, its instep on the floor."""
+        hip_joint, knee_joint, ankle_joint = _LIMBS[(side, "leg")][:3]
+        foot_joint = joint_index(f"{side}_foot")
+        thigh = self.vec(_DOWN + 0.05 * _out(side), 3)
+        drop = KNEE_DEPTH - SHIN_DEPTH + self.jit(0.0, 0.005)  # the ankle this much lower
+        back = math.sqrt(_norm(REST_OFFSETS[ankle_joint]) ** 2 - drop * drop)
+        shin = back * _unit(_BACK + self.jit(0.03, 0.03) * _out(side)) - drop * _UP
+        # The foot pointing back, a little down (its capsule, as thick as the shin's less a
+        # centimetre, rests on the floor): a half turn from the rest foot's own slope; the
+        # toes pointed too.
+        rest = REST_OFFSETS[foot_joint]
+        pitch = math.degrees(math.atan2(rest[1], rest[2])) + 180.0 - self.jit(4, 3)
+        toes = self.jit(25, 4)
+
+        def place() -> None:
+            hip = self.position(hip_joint)
+            knee = hip + _norm(REST_OFFSETS[knee_joint]) * thigh
+            self.reach(side, "leg", knee + shin, knee - hip - shin, exact=True)
+            self.foot(side, pitch)
+            self.set(foot_joint, np.radians([toes, 0.0, 0.0]))
+
+        self.contact(place)
+
+    def leg_to_floor(self, side: str, floor: float, bend: float, pitch: float, out: float) -> None:
+        """Aim a leg (knee bent ``bend`` degrees, the foot pitched ``pitch``: ``foot``) down and
+        back in the body's own sagittal plane, tipped back just so far that its sole rests at
+        the height ``floor`` (as close as it comes, if it cannot reach)."""
+        lo, hi = 0.0, 90.0  # degrees back from straight down: the sole rises monotonically
+        for _ in range(16):  # to 0.002°
+            a = 0.5 * (lo + hi)
+            r = math.radians(a)
+            direction = math.cos(r) * _DOWN + math.sin(r) * _BACK + out * _out(side)
+            self.limb(side, "leg", direction, bend, _BACK)
+            self.foot(side, pitch)
+            if self.sole_height(side) < floor:
+                lo = a
+            else:
+                hi = a
 
     def neutral(self, arms: bool = True, legs: bool = True) -> None:
         self.orient(self.jit(0, 3), self.jit(0, 2))
@@ -451,24 +557,47 @@ def _spread_leg(b: _Builder, side: str) -> None:
 
 def _sit(b: _Builder) -> None:
     b.neutral(arms=False, legs=False)
+    b.orient(b.jit(8, 4), b.jit(0, 2))  # a little forward, so that the hands reach the thighs
     for s in ("left", "right"):
         a = b.jit(90, 8)
         b.leg_angle(s, a, a + b.jit(0, 8), out=0.1)
         b.foot(s, 0.0)
-    for s in ("left", "right"):  # hands resting on the thighs
-        b.limb(s, "arm", b.vec(_DOWN + 0.3 * _FWD + 0.1 * _out(s), 6), b.jit(55, 10), _FWD)
+    for s in ("left", "right"):  # hands resting on the middle of the thighs, elbows back
+        b.contact(
+            functools.partial(
+                _hand_on_thigh, b, s, b.jit(0.45, 0.1), b.jit(0.1, 0.01), b.jit(0.01, 0.01)
+            )
+        )
+
+
+def _hand_on_thigh(b: _Builder, side: str, along: float, up: float, out: float) -> None:
+    """The wrist ``along`` the way from hip to knee, ``up`` above the thigh's axis (its top:
+    the thigh's capsule is 0.065 thick, the wrist's 0.03) and ``out`` outward."""
+    hip, knee = b.position(f"{side}_hip"), b.position(f"{side}_knee")
+    on = hip + along * (knee - hip) + up * _UP + out * _out(side)
+    b.reach(side, "arm", on, _out(side) + _BACK, exact=True)
+    b.lay_hand(side, knee - hip)  # flat on the thigh, fingers towards the knee
 
 
 def _kneel_one(b: _Builder, side: str) -> None:
     """Kneel on ``side``'s knee: that thigh vertical, its shin back along the floor; the other
-    foot flat on the floor in front, thigh sloping up to a knee above its foot."""
+    foot flat on the floor in front, its shin about upright and its thigh about level (sloping
+    up a little to a knee above its foot)."""
     b.neutral(arms=False, legs=False)
-    b.limb(side, "leg", b.vec(_DOWN + 0.05 * _out(side), 3), b.jit(98, 4), _BACK)
-    b.ankle(side, b.jit(60, 5))
+    b.kneeling_leg(side)
     other = _OTHER[side]
-    a = b.jit(115, 4)
-    b.leg_angle(other, a, a - b.jit(30, 4), out=0.08)
-    b.foot(other, 0.0)
+    # The foot level, so its sole's depth below the ankle is that of the rest foot.
+    sole_below_ankle = SOLE_DEPTH - min(0.0, float(REST_OFFSETS[joint_index(f"{other}_foot")][1]))
+    ahead, out = b.jit(0.38, 0.04), b.jit(0.06, 0.02)
+
+    def place() -> None:
+        floor = b.position(f"{side}_knee")[1] - KNEE_DEPTH
+        hip = b.position(f"{other}_hip")
+        ankle = np.array([hip[0], floor + sole_below_ankle, hip[2] + ahead]) + out * _out(other)
+        b.reach(other, "leg", ankle, _UP + _FWD, exact=True)
+        b.foot(other, 0.0)
+
+    b.contact(place)
     for s in ("left", "right"):
         b.relaxed_arm(s)
 
@@ -476,8 +605,7 @@ def _kneel_one(b: _Builder, side: str) -> None:
 def _kneel_both(b: _Builder) -> None:
     b.neutral(arms=False, legs=False)
     for s in ("left", "right"):
-        b.limb(s, "leg", b.vec(_DOWN + 0.06 * _out(s), 3), b.jit(98, 4), _BACK)
-        b.ankle(s, b.jit(60, 5))
+        b.kneeling_leg(s)
     for s in ("left", "right"):
         b.relaxed_arm(s)
 
@@ -760,15 +888,23 @@ def _warrior_ii(b: _Builder) -> None:
 
 
 def _downward_dog(b: _Builder) -> None:
+    """Hands and feet on the floor, hips high: the arms in line with the torso, the straight
+    legs tipped back just so far that the soles reach the floor the hands are on."""
     b.orient(b.jit(130, 4))
     b.spine(b.jit(0, 4))
     b.head(down=b.jit(0, 5))
     for s in ("left", "right"):
-        b.limb(s, "leg", b.vec(0.8 * _DOWN + 0.6 * _BACK + 0.05 * _out(s), 4), b.jit(2, 2), _BACK)
-        b.foot(s, b.jit(15, 5))
-    for s in ("left", "right"):
         b.collar(s, up=b.jit(15, 5))
         b.limb(s, "arm", b.vec(_UP + 0.12 * _out(s), 4), b.jit(2, 2), _FWD, frame=9)
+        b.lay_hand(s, _FWD + 0.15 * _out(s))  # flat on the floor, fingers forward
+    legs = {s: (b.jit(2, 2), b.jit(15, 5), b.jit(0.05, 0.03)) for s in ("left", "right")}
+
+    def place() -> None:
+        floor = min(b.position(j)[1] for j in (20, 21, 22, 23)) - HAND_DEPTH  # wrists, hands
+        for s, (bend, pitch, out) in legs.items():
+            b.leg_to_floor(s, floor, bend, pitch, out)
+
+    b.contact(place)
 
 
 def _chair_pose(b: _Builder) -> None:

@@ -7,13 +7,15 @@ part in the spirit of PoseScript's "posecodes":
 - angles: elbows and knees straight / slightly bent / bent / sharply bent (measured from the rest
   skeleton's own angle, so the T-pose is "straight");
 - distances: hands close together or wide apart, feet wide apart;
-- relative positions: a hand above the head or raised above the shoulder, an arm stretched out
-  to the side or forward, a hand in front of the body or behind the back, a hand across the body
-  on the other side, a hand by the head, one foot in front of the other, a thigh raised level;
+- relative positions: a hand above the head (above its crown) or raised above the shoulder, an
+  arm stretched out to the side or forward (its elbow straight or slightly bent), a hand in
+  front of the body or behind the back, a hand across the body on the other side, a hand by the
+  head (up to its crown), one foot in front of the other, a thigh raised level;
 - ground contact: the lowest point of the body is the ground; knees or hands that touch it, a foot
   off the ground while the other stands;
 - posture: kneeling, sitting position, crouching, standing on one leg;
-- torso: leaning forward, bent over, leaning back, leaning sideways, twisted; head turned,
+- torso: leaning forward, bent over, upside down (pointing well below the horizontal), leaning
+  back, leaning sideways (out of the body's sagittal plane, at any bend), twisted; head turned,
   looking up or down.
 
 Frame: the SMPL body frame (+Y up, +Z forward, +X the body's own left) with the global
@@ -52,7 +54,13 @@ GROUND_CONTACT = 0.08  # a part this close to the lowest point touches the groun
 FOOT_OFF_GROUND = 0.15
 HANDS_CLOSE, HANDS_APART = 0.15, 1.1
 FEET_APART = 0.5  # sideways, between the ankles; ~0.17 standing
-HAND_NEAR_HEAD = 0.22
+HAND_NEAR_HEAD = 0.22  # from the head (the segment from the head joint to the head's centre)
+# The head: its centre lies this far above the head joint (along the head's own up axis) and
+# its top this far above the centre (the add-on's mannequin: 0.09 and 0.1, so the crown of an
+# upright head is 0.19 m above the joint). A hand "above the head" is above the crown.
+HEAD_CENTRE, HEAD_RADIUS = 0.09, 0.1
+UPSIDE_DOWN = 25  # degrees below the horizontal the torso points, past which it is upside down
+STRETCHED_ELBOW = 60  # an arm "stretched" (forward, out to the side) is bent less than this
 FOOT_IN_FRONT = 0.25
 CROUCH_HEIGHT = 0.5  # pelvis above the ground; ~0.95 standing
 
@@ -76,6 +84,18 @@ def _flexion(p: np.ndarray, rest: np.ndarray, a: int, b: int, c: int) -> float:
     """How far the joint b is bent from the rest skeleton's angle, degrees (0 = as at rest)."""
     at_rest = _angle(rest[a] - rest[b], rest[c] - rest[b])
     return at_rest - _angle(p[a] - p[b], p[c] - p[b])
+
+
+def _elevation(v: np.ndarray, axis: int) -> float:
+    """The angle of v out of the plane normal to ``axis`` (towards +axis), radians."""
+    return math.asin(max(-1.0, min(1.0, float(v[axis] / np.linalg.norm(v)))))
+
+
+def _to_segment(point: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Distance from a point to the segment a-b."""
+    ab = b - a
+    t = float(np.clip(np.dot(point - a, ab) / max(float(np.dot(ab, ab)), 1e-12), 0.0, 1.0))
+    return float(np.linalg.norm(point - (a + t * ab)))
 
 
 def _bend_value(flex: float) -> tuple[str, float]:
@@ -120,15 +140,19 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
     knees_down = [s for s in ("left", "right") if f"{s}_knee" in touching]
     feet_down = [s for s in ("left", "right") if f"{s}_foot" in touching]
     hands_down = [s for s in ("left", "right") if f"{s}_hand" in touching]
-    # Torso incline relative to the rest skeleton's own (its neck is ~4° behind the pelvis).
+    # Torso incline relative to the rest skeleton's own (its neck is ~4° behind the pelvis and
+    # ~1° to its right).
     torso = p[_NECK] - p[_PELVIS]
     rest_torso = rest[_NECK] - rest[_PELVIS]
     pitch = math.degrees(
         math.atan2(torso[2], torso[1]) - math.atan2(rest_torso[2], rest_torso[1])
     )  # > 0 leaning forward
-    roll = math.degrees(
-        math.atan2(torso[0], torso[1]) - math.atan2(rest_torso[0], rest_torso[1])
-    )  # > 0 leaning to the left
+    # Sideways: the angle out of the body's sagittal plane (poses have zero yaw, so that plane
+    # is world YZ at any bend), not atan2(x, y), which past the horizontal turns the rest
+    # neck's small offset into a large angle.
+    roll = math.degrees(_elevation(torso, 0) - _elevation(rest_torso, 0))  # > 0 to the left
+    below_horizontal = -math.degrees(_elevation(torso, 1))  # > 0 the torso points down
+    upside_down = below_horizontal > UPSIDE_DOWN
     upright = abs(pitch) < 35 and abs(roll) < 35
 
     for side in knees_down:
@@ -155,7 +179,7 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         add(Fact("posture", "", "crouching", 0.85))
 
     # --- torso and head -------------------------------------------------------------------
-    if torso[1] <= 0:
+    if upside_down:
         add(Fact("torso", "", "upside down", 0.9))
     elif pitch > 60:
         add(Fact("torso", "", "bent over", 0.9))
@@ -163,7 +187,7 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         add(Fact("torso", "", "leaning forward", 0.8))
     elif pitch < -15:
         add(Fact("torso", "", "leaning back", 0.8))
-    if torso[1] > 0 and abs(roll) > 15:
+    if not upside_down and abs(roll) > 15:
         add(Fact("torso_side", "left" if roll > 0 else "right", "leaning", 0.75))
 
     chest_in_pelvis = g[_PELVIS].T @ g[_SPINE3] @ _Z
@@ -181,6 +205,8 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
 
     # --- arms and hands -------------------------------------------------------------------
     chest = p[_SPINE3]
+    head_centre = p[_HEAD] + g[_HEAD] @ np.array([0.0, HEAD_CENTRE, 0.0])
+    crown = head_centre[1] + HEAD_RADIUS  # the top of the head's height
     for side, j in _J.items():
         s = _S[side]
         wrist, shoulder = p[j["wrist"]], p[j["shoulder"]]
@@ -192,13 +218,14 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         add(Fact("elbow", side, value, sal))
         out = s * (wrist[0] - shoulder[0])
         ahead = wrist[2] - shoulder[2]
-        if wrist[1] > p[_HEAD, 1] + 0.05:
+        if wrist[1] > crown:
             add(Fact("hand_height", side, "above the head", 0.85))
         elif wrist[1] > shoulder[1] + 0.1:
             add(Fact("hand_height", side, "above the shoulder", 0.65))
-        if abs(wrist[1] - shoulder[1]) < 0.15 and out > 0.4:
+        stretched = elbow_flex < STRETCHED_ELBOW  # the elbow straight or slightly bent
+        if stretched and abs(wrist[1] - shoulder[1]) < 0.15 and out > 0.4:
             add(Fact("arm_direction", side, "out to the side", 0.6))
-        elif abs(wrist[1] - shoulder[1]) < 0.2 and ahead > 0.35:
+        elif stretched and abs(wrist[1] - shoulder[1]) < 0.2 and ahead > 0.35:
             add(Fact("arm_direction", side, "forward", 0.6))
         elif depth > 0.3:
             add(Fact("hand_depth", side, "in front of the body", 0.45))
@@ -210,8 +237,8 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
             add(Fact("hand_hip", side, "on the hip", 0.7))
         if s * (wrist[0] - chest[0]) < -0.05:
             add(Fact("hand_cross", side, "across the body", 0.65))
-        near_head = np.linalg.norm(wrist - p[_HEAD]) < HAND_NEAR_HEAD
-        if near_head and wrist[1] <= p[_HEAD, 1] + 0.05:
+        near_head = _to_segment(wrist, p[_HEAD], head_centre) < HAND_NEAR_HEAD
+        if near_head and wrist[1] <= crown:
             add(Fact("hand_head", side, "by the head", 0.7))
     wrist_gap = float(np.linalg.norm(p[20] - p[21]))
     if wrist_gap < HANDS_CLOSE:

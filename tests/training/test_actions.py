@@ -16,6 +16,7 @@ import pytest
 from inference_service.training import actions as A
 from inference_service.training import joint_limits as L
 from inference_service.training.joint_limits import MIRROR_INDEX, limit_violation
+from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.skeleton import JOINT_NAMES, forward_kinematics
 
 PELVIS, L_HIP, R_HIP, SPINE3 = 0, 1, 2, 9
@@ -55,6 +56,29 @@ def torso_incline(p) -> float:
 
 
 STANDING_HEAD_Y = fk(np.zeros((24, 3)))[0][HEAD, Y]
+
+# How far the body's surface lies below a joint's centre where it touches the floor (the add-on's
+# mannequin: the thigh's capsule is 0.065 thick at the knee, the shin's 0.05, a hand's 0.03;
+# the soles lie SOLE_DEPTH below the foot's joints).
+KNEE_DEPTH, SHIN_DEPTH, HAND_DEPTH = 0.065, 0.05, 0.03
+ON_THE_FLOOR = 0.03  # a part this close to the floor's level rests on it
+
+
+def many_poses_of(name: str, n: int = 30) -> tuple[np.ndarray, ...]:
+    action = A.get_action(name)
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 1)
+    return (action(None), *(action(rng) for _ in range(n)))
+
+
+def sole(p, s) -> float:
+    """Height of a foot's sole: its lowest joint less the sole's depth."""
+    return min(p[s["ankle"], Y], p[s["foot"], Y]) - SOLE_DEPTH
+
+
+def elevation(p, a: int, b: int) -> float:
+    """Angle of the bone a -> b above the horizontal, degrees."""
+    v = p[b] - p[a]
+    return float(np.degrees(np.arcsin(v[Y] / np.linalg.norm(v))))
 
 
 # --- every action ------------------------------------------------------------------------------
@@ -308,7 +332,9 @@ def test_kneel_on_one_knee(side):
     s, o = SIDE[side], SIDE[OTHER[side]]
     for pose in poses_of(f"kneel_on_{side}_knee"):
         p = fk(pose)[0]
-        assert int(np.argmin(p[:, Y])) == s["knee"], "the kneeling knee is the lowest joint"
+        # The kneeling knee is on the floor: as low as the lowest joint (a sole's joint) but
+        # for the knee's greater depth below its surface.
+        assert p[s["knee"], Y] - p[:, Y].min() < KNEE_DEPTH - SOLE_DEPTH + 0.02
         assert p[o["knee"], Y] > p[s["knee"], Y] + 0.25
         assert p[o["foot"], Z] > p[s["knee"], Z] + 0.2  # the other foot is in front
 
@@ -316,8 +342,61 @@ def test_kneel_on_one_knee(side):
 def test_kneel_on_both_knees():
     for pose in poses_of("kneel_on_both_knees"):
         p = fk(pose)[0]
-        lowest_two = set(np.argsort(p[:, Y])[:2].tolist())
-        assert lowest_two == {L_KNEE, R_KNEE}
+        for s in SIDE.values():  # both knees on the floor (see test_kneel_on_one_knee)
+            assert p[s["knee"], Y] - p[:, Y].min() < KNEE_DEPTH - SOLE_DEPTH + 0.02
+        assert p[PELVIS, Y] > max(p[L_KNEE, Y], p[R_KNEE, Y]) + 0.3  # kneeling upright
+
+
+def assert_shin_along_the_floor(p, s):
+    # Kneeling: the knee on the floor, the shin lying back along it, the toes pointing back.
+    floor = p[s["knee"], Y] - KNEE_DEPTH
+    assert abs(p[s["ankle"], Y] - SHIN_DEPTH - floor) < ON_THE_FLOOR, "shin along the floor"
+    assert abs(p[s["foot"], Y] - SOLE_DEPTH - floor) < ON_THE_FLOOR, "toes on the floor"
+    assert p[s["foot"], Z] < p[s["ankle"], Z] < p[s["knee"], Z] - 0.3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_kneeling_on_one_knee_the_other_foot_is_flat_on_the_floor(side):
+    s, o = SIDE[side], SIDE[OTHER[side]]
+    for pose in many_poses_of(f"kneel_on_{side}_knee"):
+        p = fk(pose)[0]
+        floor = p[s["knee"], Y] - KNEE_DEPTH
+        assert abs(sole(p, o) - floor) < ON_THE_FLOOR, sole(p, o) - floor
+        assert abs(elevation(p, o["knee"], o["ankle"]) + 90) < 20  # the front shin upright
+        assert abs(elevation(p, o["hip"], o["knee"])) < 25  # the front thigh about level
+        assert_shin_along_the_floor(p, s)
+
+
+def test_kneeling_on_both_knees_the_shins_lie_along_the_floor():
+    for pose in many_poses_of("kneel_on_both_knees"):
+        p = fk(pose)[0]
+        for s in SIDE.values():
+            assert_shin_along_the_floor(p, s)
+
+
+def test_downward_dog_hands_and_feet_on_the_floor():
+    for pose in many_poses_of("downward_dog"):
+        p = fk(pose)[0]
+        floor = min(p[[L_WRIST, R_WRIST, 22, 23], Y]) - HAND_DEPTH
+        for s in SIDE.values():
+            assert abs(sole(p, s) - floor) < ON_THE_FLOOR, sole(p, s) - floor
+            assert interior_angle(p, s["hip"], s["knee"], s["ankle"]) > 155  # legs straight
+        assert p[PELVIS, Y] > floor + 0.6  # hips high
+
+
+def test_sit_hands_rest_on_the_thighs():
+    for pose in many_poses_of("sit"):
+        p = fk(pose)[0]
+        for s in SIDE.values():
+            hip, knee = p[s["hip"]], p[s["knee"]]
+            axis = knee - hip
+            for joint in (s["wrist"], s["wrist"] + 2):  # the wrist and the hand
+                t = float((p[joint] - hip) @ axis / (axis @ axis))
+                nearest = hip + np.clip(t, 0.0, 1.0) * axis
+                # On the thigh's top (its capsule is 0.065 thick, a hand's 0.03), between the
+                # hip and the knee.
+                assert np.linalg.norm(p[joint] - nearest) < 0.065 + 0.03 + 0.04
+                assert 0.2 < t < 1.0 and p[joint, Y] > nearest[Y]
 
 
 def test_squat():

@@ -9,7 +9,13 @@ import pytest
 from inference_service.training import actions as A
 from inference_service.training import captions as C
 from inference_service.training.captions import Fact, caption_pose, pose_facts
-from inference_service.training.joint_limits import mirror_pose, sample_plausible_poses
+from inference_service.training.corpus import sample_auto_poses
+from inference_service.training.joint_limits import (
+    mirror_pose,
+    sample_plausible_poses,
+    upright_orientation,
+)
+from shared_protocol.skeleton import DEFAULT_REST_JOINTS, forward_kinematics
 
 
 def facts_of(pose) -> set[tuple[str, str, str]]:
@@ -145,3 +151,79 @@ def test_validation():
         caption_pose(np.zeros((24, 3)), max_facts=0)
     with pytest.raises(ValueError, match="rng"):
         caption_pose(np.zeros((24, 3)), rng=7)
+
+
+def _sideways_tilt(pose) -> float:
+    """The true sideways tilt of pelvis -> neck out of the body's sagittal plane, degrees, > 0
+    to the body's left, relative to the rest skeleton's own (its neck is a little to the right)."""
+
+    def tilt(p):
+        t = p[12] - p[0]
+        return np.degrees(np.arcsin(t[0] / np.linalg.norm(t)))
+
+    return tilt(forward_kinematics(pose)[0]) - tilt(DEFAULT_REST_JOINTS)
+
+
+def test_sideways_lean_is_a_true_sideways_tilt_at_any_bend():
+    # The rest skeleton folded forward at the hips, with no sideways tilt at all: past the
+    # horizontal the rest neck's small offset to the right once read as a lean to the right.
+    for pitch in range(0, 116):
+        pose = np.zeros((24, 3))
+        pose[0] = upright_orientation(np.radians(pitch), 0.0)
+        assert not any(kind == "torso_side" for kind, _, _ in facts_of(pose)), pitch
+        # A fold not much past the horizontal is bent over, not upside down.
+        if 70 <= pitch <= 105:
+            assert ("torso", "", "bent over") in facts_of(pose), pitch
+    pose = np.zeros((24, 3))
+    pose[0] = upright_orientation(np.radians(150), 0.0)
+    assert ("torso", "", "upside down") in facts_of(pose)
+    # A real sideways tilt is still told, on the body's own side, bent over or not.
+    for pitch in (0, 45, 85):
+        for roll, side in ((-0.45, "left"), (0.45, "right")):  # roll > 0 tips to the right
+            pose = np.zeros((24, 3))
+            pose[0] = upright_orientation(np.radians(pitch), roll)
+            assert ("torso_side", side, "leaning") in facts_of(pose), (pitch, side)
+    # Bent forward: a lean to one side is told only where the torso truly tilts that way.
+    action, rng = A.get_action("bend_forward"), np.random.default_rng(7)
+    for _ in range(150):
+        pose = action(rng)
+        sideways = [f for f in pose_facts(pose) if f.kind == "torso_side"]
+        tilt = _sideways_tilt(pose)
+        assert not sideways or abs(tilt) > 10, (tilt, sideways)
+        for f in sideways:
+            assert (f.side == "left") == (tilt > 0)
+
+
+def test_a_hand_above_the_head_is_above_its_crown():
+    # The saluting hand at the brow and the hands clasped behind the head are by the head, not
+    # above it (the head's top is ~0.19 m above the head joint); a raised arm is above it.
+    rng = np.random.default_rng(11)
+    for name in ("salute", "hands_behind_head"):
+        action = A.get_action(name)
+        for pose in (action(None), *(action(rng) for _ in range(60))):
+            facts = facts_of(pose)
+            assert not any(v == "above the head" for _, _, v in facts), (name, sorted(facts))
+            assert any(k == "hand_head" and s in ("right", "both") for k, s, _ in facts), name
+    for name in ("raise_left_arm", "raise_both_arms", "stretch"):
+        action = A.get_action(name)
+        for pose in (action(None), *(action(rng) for _ in range(20))):
+            assert any(v == "above the head" for _, _, v in facts_of(pose)), name
+
+
+def test_a_stretched_arm_is_not_bent():
+    # "Stretched forward / out to the side" goes with a straight or slightly bent elbow; the
+    # clap's bent arms hold the hands in front of the body instead.
+    facts = facts_of(canonical("clap"))
+    assert not any(kind == "arm_direction" for kind, _, _ in facts), sorted(facts)
+    assert ("hand_depth", "both", "in front of the body") in facts
+    assert "stretched" not in caption_pose(canonical("fighting_stance"))
+    for pose in sample_auto_poses(2, 600):
+        elbows, directions = {}, {}
+        for f in pose_facts(pose):
+            for side in ("left", "right") if f.side == "both" else (f.side,):
+                if f.kind == "elbow":
+                    elbows[side] = f.value
+                elif f.kind == "arm_direction":
+                    directions[side] = f.value
+        for side in directions:
+            assert elbows[side] in ("straight", "slightly bent"), (directions, elbows)

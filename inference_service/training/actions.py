@@ -411,21 +411,50 @@ class _Builder:
 
         self.contact(place)
 
-    def leg_to_floor(self, side: str, floor: float, bend: float, pitch: float, out: float) -> None:
+    def leg_to_floor(
+        self, side: str, floor: float, bend: float, pitch: float, out: float, towards=_BACK
+    ) -> None:
         """Aim a leg (knee bent ``bend`` degrees, the foot pitched ``pitch``: ``foot``) down and
-        back in the body's own sagittal plane, tipped back just so far that its sole rests at
-        the height ``floor`` (as close as it comes, if it cannot reach)."""
-        lo, hi = 0.0, 90.0  # degrees back from straight down: the sole rises monotonically
+        towards a world direction (back: in the body's own sagittal plane), tipped just so far
+        that its sole rests at the height ``floor`` (as close as it comes, if it cannot
+        reach)."""
+        lo, hi = 0.0, 90.0  # degrees from straight down: the sole rises monotonically
         for _ in range(16):  # to 0.002°
             a = 0.5 * (lo + hi)
             r = math.radians(a)
-            direction = math.cos(r) * _DOWN + math.sin(r) * _BACK + out * _out(side)
+            direction = math.cos(r) * _DOWN + math.sin(r) * towards + out * _out(side)
             self.limb(side, "leg", direction, bend, _BACK)
             self.foot(side, pitch)
             if self.sole_height(side) < floor:
                 lo = a
             else:
                 hi = a
+
+    def plant_feet(self, pitches: dict[str, float], fixed: str | None = None) -> None:
+        """Both soles on one floor, each foot pitched ``pitches[side]`` (``foot``): the floor
+        is the ``fixed`` foot's sole, or the higher sole (a foot can always be raised, by
+        bending its knee further). The other ankles move straight up or down, each knee bending
+        towards the thigh's own front (so the hip does not twist)."""
+
+        def place() -> None:
+            for s, pitch in pitches.items():
+                self.foot(s, pitch)
+            floor = (
+                self.sole_height(fixed)
+                if fixed is not None
+                else max(self.sole_height(s) for s in pitches)
+            )
+            for s, pitch in pitches.items():
+                hip, _knee, ankle = _LIMBS[(s, "leg")][:3]
+                for _ in range(3):  # re-levelling the foot moves the sole a little
+                    miss = floor - self.sole_height(s)
+                    if s == fixed or abs(miss) < 1e-4:
+                        break
+                    front = self.world(hip)[0] @ _FWD
+                    self.reach(s, "leg", self.position(ankle) + miss * _UP, front, exact=True)
+                    self.foot(s, pitch)
+
+        self.contact(place)
 
     def neutral(self, arms: bool = True, legs: bool = True) -> None:
         self.orient(self.jit(0, 3), self.jit(0, 2))
@@ -510,7 +539,7 @@ def _bend_knee(b: _Builder, side: str) -> None:
         for s in ("left", "right"):
             a = b.jit(55, 8)
             b.leg_angle(s, a, a + b.jit(30, 6), out=0.12)
-            b.foot(s, 0.0)
+        b.plant_feet({"left": 0.0, "right": 0.0})
         for s in ("left", "right"):
             b.relaxed_arm(s)
         return
@@ -530,11 +559,10 @@ def _straighten_leg(b: _Builder, side: str) -> None:
     b.neutral(legs=False)
     b.orient(b.jit(20, 5))
     b.leg_angle(side, b.jit(35, 6), b.jit(1, 1))
-    b.foot(side, b.jit(-25, 8))
     other = _OTHER[side]
     a = b.jit(35, 6)
     b.leg_angle(other, a, a + b.jit(20, 5))
-    b.foot(other, 0.0)
+    b.plant_feet({side: b.jit(-25, 8), other: 0.0}, fixed=side)  # the straight leg's heel
     for s in ("left", "right"):
         b.relaxed_arm(s)
 
@@ -545,7 +573,7 @@ def _spread_leg(b: _Builder, side: str) -> None:
         for s in ("left", "right"):
             a = math.radians(b.jit(25, 4))
             b.limb(s, "leg", b.vec(math.cos(a) * _DOWN + math.sin(a) * _out(s), 2), b.jit(2, 2))
-            b.foot(s, 0.0)
+        b.plant_feet({"left": 0.0, "right": 0.0})
         return
     a = math.radians(b.jit(40, 8))
     b.limb(side, "leg", b.vec(math.cos(a) * _DOWN + math.sin(a) * _out(side), 3), b.jit(3, 3))
@@ -561,7 +589,7 @@ def _sit(b: _Builder) -> None:
     for s in ("left", "right"):
         a = b.jit(90, 8)
         b.leg_angle(s, a, a + b.jit(0, 8), out=0.1)
-        b.foot(s, 0.0)
+    b.plant_feet({"left": 0.0, "right": 0.0})
     for s in ("left", "right"):  # hands resting on the middle of the thighs, elbows back
         b.contact(
             functools.partial(
@@ -616,21 +644,21 @@ def _squat(b: _Builder) -> None:
     for s in ("left", "right"):
         a = b.jit(108, 6)
         b.leg_angle(s, a, a + b.jit(25, 5), out=0.22)
-        b.foot(s, 0.0)
+    b.plant_feet({"left": 0.0, "right": 0.0})
     for s in ("left", "right"):  # arms forward for balance
         b.limb(s, "arm", b.vec(_FWD + 0.2 * _DOWN + 0.1 * _out(s), 6), b.jit(10, 8))
 
 
 def _lunge(b: _Builder, side: str) -> None:
-    """Lunge with ``side``'s leg in front: front thigh near level and shin vertical, back thigh
-    slightly behind the vertical with the knee low and the toes on the floor."""
+    """Lunge with ``side``'s leg in front: front thigh near level and shin vertical, its foot
+    flat; back thigh slightly behind the vertical with the knee low, the heel up and the toes
+    on the front foot's floor."""
     b.neutral(legs=False)
     a = b.jit(80, 6)
     b.leg_angle(side, a, a + b.jit(0, 6), out=0.08)
-    b.foot(side, 0.0)
     other = _OTHER[side]
-    b.leg_angle(other, -b.jit(20, 5), b.jit(65, 8), out=0.05)
-    b.ankle(other, b.jit(-10, 8))
+    b.leg_angle(other, -b.jit(10, 5), b.jit(95, 8), out=0.05)
+    b.plant_feet({side: 0.0, other: b.jit(40, 8)}, fixed=side)
 
 
 def _stand_on_leg(b: _Builder, side: str) -> None:
@@ -843,9 +871,8 @@ def _fighting_stance(b: _Builder) -> None:
     b.spine(b.jit(10, 4))
     b.head(down=b.jit(5, 5))
     b.leg_angle("left", b.jit(20, 5), b.jit(25, 5), out=0.1)
-    b.foot("left", 0.0)
     b.leg_angle("right", -b.jit(15, 5), b.jit(20, 5), out=0.1)
-    b.foot("right", 0.0)
+    b.plant_feet({"left": 0.0, "right": 0.0})
     head = b.position("head")
     for s, depth, height in (("left", 0.3, -0.02), ("right", 0.2, -0.06)):
         target = head + np.array([_SIGN[s] * b.jit(0.08, 0.02), b.jit(height, 0.03), depth])
@@ -879,9 +906,13 @@ def _warrior_ii(b: _Builder) -> None:
     b.neutral(arms=False, legs=False)
     thigh = b.vec(0.75 * _out(front) + 0.5 * _DOWN + 0.4 * _FWD, 4)
     b.limb(front, "leg", thigh, math.degrees(math.acos(thigh.dot(_DOWN))), _DOWN)
-    b.foot(front, 0.0)
-    b.limb(back, "leg", b.vec(0.65 * _out(back) + 0.77 * _DOWN, 3), b.jit(2, 2))
-    b.foot(back, 0.0)
+    bend = b.jit(2, 2)
+
+    def place() -> None:  # the straight back leg spread just so far that both feet stand
+        b.foot(front, 0.0)
+        b.leg_to_floor(back, b.sole_height(front), bend, 0.0, 0.0, towards=_out(back))
+
+    b.contact(place)
     for s in ("left", "right"):
         b.limb(s, "arm", b.vec(_out(s), 4), b.jit(3, 3))
     b.head(turn=_SIGN[front] * b.jit(60, 8))
@@ -913,9 +944,9 @@ def _chair_pose(b: _Builder) -> None:
     for s in ("left", "right"):
         a = b.jit(60, 8)
         b.leg_angle(s, a, a + b.jit(22, 5))
-        b.foot(s, 0.0)
         b.collar(s, up=b.jit(12, 4))
         b.limb(s, "arm", b.vec(_UP + 0.45 * _FWD + 0.1 * _out(s), 5), b.jit(3, 3))
+    b.plant_feet({"left": 0.0, "right": 0.0})
 
 
 # --- phrasings ---------------------------------------------------------------------------------

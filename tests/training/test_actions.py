@@ -399,6 +399,42 @@ def test_sit_hands_rest_on_the_thighs():
                 assert 0.2 < t < 1.0 and p[joint, Y] > nearest[Y]
 
 
+# Both feet stand on one floor: one foot hanging above the other's floor, or sunk below it,
+# is not the pose the phrasings say ("seated, feet flat on the floor", "plants both feet").
+BOTH_FEET_ON_THE_FLOOR = [
+    "sit",
+    "squat",
+    "bend_both_knees",
+    "spread_both_legs",
+    "straighten_left_leg",
+    "straighten_right_leg",
+    "lunge_left",
+    "lunge_right",
+    "fighting_stance",
+    "warrior_ii",
+    "chair_pose",
+]
+
+
+@pytest.mark.parametrize("name", BOTH_FEET_ON_THE_FLOOR)
+def test_both_feet_stand_on_one_floor(name):
+    for pose in many_poses_of(name):
+        p = fk(pose)[0]
+        difference = sole(p, SIDE["left"]) - sole(p, SIDE["right"])
+        assert abs(difference) < ON_THE_FLOOR, difference
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lunge_back_foot_on_its_toes_knee_low(side):
+    s, o = SIDE[side], SIDE[OTHER[side]]
+    for pose in many_poses_of(f"lunge_{side}"):
+        p = fk(pose)[0]
+        floor = sole(p, s)
+        assert p[o["ankle"], Y] > p[o["foot"], Y] + 0.05  # the heel up, on the toes
+        knee = p[o["knee"], Y] - KNEE_DEPTH - floor
+        assert 0.0 < knee < 0.25, knee  # low, off the floor
+
+
 def test_squat():
     for pose in poses_of("squat"):
         p = fk(pose)[0]

@@ -408,12 +408,18 @@ def _batch(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_client(args)) if sendable else None
             stack.enter_context(stops_as_interrupts())
-            for chunk in batch_chunks([prompt for _, prompt in sendable]):
-                asked = [sendable[i] for i in chunk]
+            start, size = 0, DEFAULT_LIMITS.max_batch_items
+            while start < len(sendable):
+                chunk = batch_chunks([prompt for _, prompt in sendable[start:]], size)[0]
+                asked = sendable[start : start + len(chunk)]
+                start += len(asked)
                 request = BatchRequest(client.new_id(), [prompt for _, prompt in asked])
                 for reply in client.stream(request, args.timeout):
                     if isinstance(reply, BatchDoneReply):
                         continue  # every line it held is already counted
+                    if _queues_fewer(reply, asked):  # asked again, in halves
+                        start, size = start - len(asked), len(asked) // 2
+                        break
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         number, prompt = asked[reply.index]
                         # Labelled with its line's prompt, which --resume matches it by.
@@ -466,6 +472,17 @@ def _batch(args: argparse.Namespace) -> int:
     if unanswered:  # finished, yet the service left lines without a pose or an error
         return EXIT_SERVICE_ERROR
     return exit_code_for_all([code for code, _ in failures.values()])
+
+
+def _queues_fewer(reply, asked: Sequence) -> bool:
+    """The service refused a whole batch request of several prompts as more than its queue
+    holds (chatpose-serve --max-queue): fewer a request would fit."""
+    return (
+        isinstance(reply, ErrorReply)
+        and reply.index is None
+        and reply.code == ErrorCode.TOO_LARGE
+        and len(asked) > 1
+    )
 
 
 def _earlier_answers(

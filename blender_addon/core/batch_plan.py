@@ -180,6 +180,23 @@ class BatchRun:
         self.state = FAILED if self.reason else CANCELLED if more else FINISHED
         return False
 
+    def ask_in_smaller_requests(self) -> bool:
+        """The service refused the current request whole as more than its queue holds
+        (chatpose-serve --max-queue): its lines and the rest are split again into requests half
+        its size, to be sent from ``next_prompts`` on. False when it held one line, or when any
+        of its lines was already answered (the refusal is then about something else)."""
+        if not 0 <= self._chunk < len(self._chunks):
+            return False
+        current = self._chunks[self._chunk]
+        answered = any(line.line in self._keyed or line.line in self._failed for line in current)
+        if len(current) < 2 or answered or self.state != RUNNING:
+            return False
+        self.chunk_size = len(current) // 2
+        rest = [line for chunk in self._chunks[self._chunk :] for line in chunk]
+        self._chunks[self._chunk :] = split(rest, self.chunk_size)
+        self._chunk -= 1
+        return True
+
     def request_cancelled(self) -> None:
         self.state = FAILED if self.reason else CANCELLED
 

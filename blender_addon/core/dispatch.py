@@ -317,6 +317,8 @@ class Dispatcher:
                 return self._send_next_chunk(run)
             return [BatchEnded(run)]
         if isinstance(event, RequestFailed):
+            if event.code == ErrorCode.TOO_LARGE and run.ask_in_smaller_requests():
+                return self._send_next_chunk(run)
             if event.code == ErrorCode.CANCELLED:
                 run.request_cancelled()
             else:

@@ -559,6 +559,42 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     assert not dispatcher.batch_running
 
 
+def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatcher, made):
+    # chatpose-serve --max-queue 100 refuses a request of 256 prompts whole (it would never fit
+    # its queue): the run asks again in halves, not failing every line.
+    run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
+    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
+    session = made[0]
+    refusal = "256 prompts; this service queues at most 100 prompts (chatpose-serve --max-queue)"
+    session.events = [RequestFailed(first, ErrorCode.TOO_LARGE, refusal)]
+    assert dispatcher.tick() == [] and run.state == batch_plan.RUNNING
+    second, _, prompts = session.sent[1]
+    assert prompts == [f"prompt {i}" for i in range(128)]
+    session.events = [RequestFailed(second, ErrorCode.TOO_LARGE, refusal)]
+    dispatcher.tick()
+    sent = 0
+    while run.state == batch_plan.RUNNING:
+        request_id, _, prompts = session.sent[-1]
+        assert prompts == [f"prompt {i}" for i in range(sent, sent + len(prompts))]
+        assert len(prompts) <= 64
+        session.events = [*_items(request_id, len(prompts), len(prompts))]
+        session.events.append(BatchFinished(request_id, len(prompts), len(prompts)))
+        for outcome in dispatcher.tick():
+            if isinstance(outcome, BatchLineReady):
+                run.item_keyed(outcome.line)
+        sent += len(prompts)
+    assert run.state == batch_plan.FINISHED and run.keyed == 300 and sent == 300
+    # A refusal of one line, or of a request half answered, is not about its size: it ends
+    # the run as before.
+    single = BatchRun("SMPL", "t", _pending(1), total_lines=1)
+    single.next_prompts()
+    assert not single.ask_in_smaller_requests()
+    half = BatchRun("SMPL", "t", _pending(10), total_lines=10)
+    half.next_prompts()
+    half.item_keyed(half.line_for(0))
+    assert not half.ask_in_smaller_requests()
+
+
 def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
     run = BatchRun("SMPL", "t", _pending(10), total_lines=10)
     batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)

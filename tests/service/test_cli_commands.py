@@ -836,6 +836,28 @@ def test_batch_longer_than_one_protocol_batch(address, capsys, tmp_path):
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
 
 
+def test_batch_to_a_service_that_queues_fewer_than_a_protocol_batch(backend, capsys, tmp_path):
+    # chatpose-serve --max-queue 100 refuses a request of 256 prompts outright (it would never
+    # fit): the batch asks in smaller requests instead of failing every line.
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, max_queue=100)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(300)))
+    out_file = tmp_path / "long.npz"
+    try:
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(out_file), "--address", server.address
+        )
+    finally:
+        backend.release()
+        server.stop()
+        thread.join(TIMEOUT_S)
+    assert code == cli.EXIT_OK, err
+    assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
+    assert "line" not in err  # no line failed
+
+
 def test_batch_of_an_empty_file(address, capsys, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n# to do\n")
     code, _, err = run(

@@ -101,7 +101,9 @@ def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> 
     pixels = _buffer_array(buffer).reshape(height, width, 4).copy()
     if shows_nothing(pixels):  # a pose guessed from it would be noise
         raise CaptureError(
-            "the 3D viewport shows nothing but its background: bring the character into view"
+            "the 3D viewport shows nothing but its background: bring the character into view "
+            "(its mesh: the snapshot leaves overlays out, so an armature's bones alone do not "
+            "show)"
         )
     pixels[..., 3] = 255  # the service sees RGB; an opaque PNG avoids surprises
     return encode_png(pixels, flip_vertical=True)

@@ -687,6 +687,8 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     monkeypatch.setitem(sys.modules, "gpu", empty.module)
     with pytest.raises(CaptureError, match="the 3D viewport shows nothing but its background"):
         draw_viewport(bpy.context, region, space, max_side=100)
+    with pytest.raises(CaptureError, match="an armature's bones alone do not show"):
+        draw_viewport(bpy.context, region, space, max_side=100)
     assert space.overlay.show_overlays and empty.calls[-1] == ("free",)
 
     failing = FakeGPU(fail=True)

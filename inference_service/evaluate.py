@@ -713,15 +713,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    written = []
     try:
-        for path in (args.out, markdown):
-            path.parent.mkdir(parents=True, exist_ok=True)
         # Each whole or not at all: a full disk never cuts an earlier report short.
-        write_text_atomically(args.out, json.dumps(jsonable(report), indent=2) + "\n")
-        write_text_atomically(markdown, markdown_summary(report))
+        for path, text in (
+            (args.out, json.dumps(jsonable(report), indent=2) + "\n"),
+            (markdown, markdown_summary(report)),
+        ):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(path, text)
+            written.append(path)
     except OSError as exc:
-        print(f"error: cannot write the report ({exc}); its bars follow", file=sys.stderr)
-        args.out = markdown = None
+        kept = f" ({written[0]} was written)" if written else ""
+        print(f"error: cannot write the report ({exc}){kept}; its bars follow", file=sys.stderr)
     for item in report["bars"]:
         status = "pass" if item["pass"] else "FAIL"
         ceiling = f", ceiling {item['ceiling']:.3f}" if "ceiling" in item else ""
@@ -729,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f}{ceiling})",
             file=sys.stderr,
         )
-    if args.out is None:
+    if len(written) < 2:
         return 2
     print(f"wrote {args.out} and {markdown} ({report['seconds']} s)", file=sys.stderr)
     return 0

@@ -403,6 +403,15 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     assert {path: path.read_text() for path in earlier} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no leftovers
 
+    def markdown_disk_full(path, text, *args, **kwargs):
+        if ".md" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", markdown_disk_full)
+    assert ev.main(argv) == 2  # the JSON written, the tables not: said so
+    assert f"No space left on device) ({out} was written)" in capsys.readouterr().err
+
 
 def test_a_large_checkpoint_can_be_scored_as_the_service_serves_it(tiny, monkeypatch, tmp_path):
     # The service's device and 8 or 4 bits (a converted 13B release on a 24 GB card).

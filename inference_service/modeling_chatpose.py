@@ -764,6 +764,7 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
     refuse_lfs_pointers(base_dir)
     check_base_files(base_dir)
     check_tokenizer_files(base_dir)
+    check_model_type(base_dir / "config.json")
     try:
         # trust_remote_code=False: a checkpoint's own Python (`auto_map`) is never run, and
         # transformers does not ask on stdin whether to run it (the add-on's stdin is a pipe).
@@ -838,6 +839,27 @@ def check_tokenizer_files(base_dir: Path) -> None:
         raise CheckpointError(
             f"{Path(base_dir) / TOKENIZER_FILES[0]}: file not found (the tokenizer's vocabulary: "
             "tokenizer.json, or a SentencePiece tokenizer.model, as save_pretrained writes it)"
+        )
+
+
+def check_model_type(config_file: Path) -> None:
+    """CheckpointError naming `config_file` when its model_type is one transformers knows but
+    not as a model of images and text (a plain Llama folder, say): transformers' own error
+    lists over a hundred model types. Unknown types and custom code are left to the loader,
+    whose errors name them."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = read_json_object(config_file)
+    kind = config.get("model_type")
+    if config.get("auto_map") or kind not in CONFIG_MAPPING_NAMES:
+        return
+    if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise CheckpointError(
+            f"{config_file}: model_type {kind!r} is not a model of images and text; base/ "
+            "must hold a LLaVA-family model (model_type 'llava'). A language model alone "
+            "cannot be the base; the official ChatPose release is converted with "
+            "`python -m inference_service.convert_official`"
         )
 
 

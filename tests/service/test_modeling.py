@@ -895,6 +895,27 @@ def test_a_base_without_its_tokenizer_file_names_it(tiny_checkpoint, tmp_path):
         ChatPoseModel.from_checkpoint(copy, device="cpu")
 
 
+def test_a_base_of_a_language_model_alone_is_refused_naming_its_model_type(
+    tiny_checkpoint, tmp_path
+):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "llama")
+    shutil.rmtree(root / "base")
+    tokenizer = tiny_llava.build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    with pytest.raises(
+        CheckpointError,
+        match=r"base/config\.json: model_type 'llama' is not a model of images and text",
+    ):
+        ChatPoseModel.from_checkpoint(root, device="cpu")
+
+
 def test_a_base_of_another_kind_of_model_is_refused_naming_what_it_lacks(tiny_checkpoint, tmp_path):
     from transformers import (
         BlipConfig,

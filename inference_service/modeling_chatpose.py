@@ -973,6 +973,16 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> 
             f"{adapter_dir}: the LoRA adapter does not fit the base model ({named})"
         ) from None
     except LOAD_ERRORS as exc:
+        # torch's message lists every tensor of another size, with the whole state_dict's name
+        mismatched = _SIZE_MISMATCH.findall(str(exc))
+        if mismatched:
+            name, saved, expected = mismatched[0]
+            more = f", and {len(mismatched) - 1} more tensor(s)" if len(mismatched) > 1 else ""
+            raise CheckpointError(
+                f"{adapter_dir}: the LoRA adapter's {name} is ({saved}), the base model's "
+                f"({expected}){more}: an adapter of another base, or of a tokenizer with other "
+                "tokens"
+            ) from None
         raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter ({exc})") from exc
     # Tensors for layers or modules the base does not have: peft drops them without a word
     # (an adapter trained on another base would run as half of itself). What the adapter may
@@ -992,6 +1002,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool) -> 
                 "has no place for (an adapter of another base?)"
             )
     return wrapped
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:

@@ -667,6 +667,24 @@ def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_check
     with pytest.raises(CheckpointError, match=r"adapter holds .*layers\.7\..* no place for"):
         ChatPoseModel.from_checkpoint(deeper, device="cpu")
 
+    # An adapter whose saved embeddings are of another vocabulary (trained with more tokens).
+    wider = tmp_path / "wider"
+    shutil.copytree(adapter, wider)
+    weights = wider / "adapter" / "adapter_model.safetensors"
+    embeddings = "base_model.model.model.language_model.embed_tokens.weight"
+    rows = len(tiny_llava.build_tokenizer()) + 1  # with the pose token
+    save_file(
+        load_file(weights) | {embeddings: torch.zeros(rows + 4, 64)},
+        weights,
+        metadata={"format": "pt"},
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=rf"adapter's {re.escape(embeddings)} is \({rows + 4}, 64\), the base model's "
+        rf"\({rows}, 64\): an adapter of another base, or of a tokenizer with other tokens$",
+    ):
+        ChatPoseModel.from_checkpoint(wider, device="cpu")
+
 
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
 def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):

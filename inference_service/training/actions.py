@@ -430,28 +430,37 @@ class _Builder:
             else:
                 hi = a
 
-    def plant_feet(self, pitches: dict[str, float], fixed: str | None = None) -> None:
+    def plant_feet(
+        self, pitches: dict[str, float], fixed: str | None = None, lower: bool = False
+    ) -> None:
         """Both soles on one floor, each foot pitched ``pitches[side]`` (``foot``): the floor
-        is the ``fixed`` foot's sole, or the higher sole (a foot can always be raised, by
-        bending its knee further). The other ankles move straight up or down, each knee bending
-        towards the thigh's own front (so the hip does not twist)."""
+        is the ``fixed`` foot's sole, else the higher sole (a foot can always be raised, by
+        bending its knee further), or with ``lower`` the lower one (for knees bent deeply:
+        bending one further would take its hip and ankle past their limits). The other ankles
+        move straight up or down, each knee staying on its side of the line from hip to ankle
+        (a leg about straight: towards the thigh's own front), so that the hip does not
+        twist."""
 
         def place() -> None:
             for s, pitch in pitches.items():
                 self.foot(s, pitch)
+            soles = [self.sole_height(s) for s in pitches]
             floor = (
                 self.sole_height(fixed)
                 if fixed is not None
-                else max(self.sole_height(s) for s in pitches)
+                else min(soles)
+                if lower
+                else max(soles)
             )
             for s, pitch in pitches.items():
-                hip, _knee, ankle = _LIMBS[(s, "leg")][:3]
+                hip, knee, ankle = _LIMBS[(s, "leg")][:3]
                 for _ in range(3):  # re-levelling the foot moves the sole a little
                     miss = floor - self.sole_height(s)
                     if s == fixed or abs(miss) < 1e-4:
                         break
-                    front = self.world(hip)[0] @ _FWD
-                    self.reach(s, "leg", self.position(ankle) + miss * _UP, front, exact=True)
+                    aside = self.position(knee) - 0.5 * (self.position(hip) + self.position(ankle))
+                    hint = aside if _norm(aside) > 0.02 else self.world(hip)[0] @ _FWD
+                    self.reach(s, "leg", self.position(ankle) + miss * _UP, hint, exact=True)
                     self.foot(s, pitch)
 
         self.contact(place)
@@ -539,7 +548,7 @@ def _bend_knee(b: _Builder, side: str) -> None:
         for s in ("left", "right"):
             a = b.jit(55, 8)
             b.leg_angle(s, a, a + b.jit(30, 6), out=0.12)
-        b.plant_feet({"left": 0.0, "right": 0.0})
+        b.plant_feet({"left": 0.0, "right": 0.0}, lower=True)
         for s in ("left", "right"):
             b.relaxed_arm(s)
         return
@@ -569,11 +578,17 @@ def _straighten_leg(b: _Builder, side: str) -> None:
 
 def _spread_leg(b: _Builder, side: str) -> None:
     b.neutral(legs=False)
-    if side == "both":  # a wide stance
-        for s in ("left", "right"):
-            a = math.radians(b.jit(25, 4))
-            b.limb(s, "leg", b.vec(math.cos(a) * _DOWN + math.sin(a) * _out(s), 2), b.jit(2, 2))
-        b.plant_feet({"left": 0.0, "right": 0.0})
+    if side == "both":  # a wide stance on straight legs
+        first, second = ("left", "right") if b.jit(0, 1) > 0 else ("right", "left")
+        a = math.radians(b.jit(25, 4))
+        b.limb(first, "leg", b.vec(math.cos(a) * _DOWN + math.sin(a) * _out(first), 2), b.jit(2, 2))
+        bend = b.jit(2, 2)
+
+        def place() -> None:  # the second leg spread just so far that both feet stand
+            b.foot(first, 0.0)
+            b.leg_to_floor(second, b.sole_height(first), bend, 0.0, 0.0, towards=_out(second))
+
+        b.contact(place)
         return
     a = math.radians(b.jit(40, 8))
     b.limb(side, "leg", b.vec(math.cos(a) * _DOWN + math.sin(a) * _out(side), 3), b.jit(3, 3))
@@ -644,7 +659,7 @@ def _squat(b: _Builder) -> None:
     for s in ("left", "right"):
         a = b.jit(108, 6)
         b.leg_angle(s, a, a + b.jit(25, 5), out=0.22)
-    b.plant_feet({"left": 0.0, "right": 0.0})
+    b.plant_feet({"left": 0.0, "right": 0.0}, lower=True)
     for s in ("left", "right"):  # arms forward for balance
         b.limb(s, "arm", b.vec(_FWD + 0.2 * _DOWN + 0.1 * _out(s), 6), b.jit(10, 8))
 
@@ -658,7 +673,9 @@ def _lunge(b: _Builder, side: str) -> None:
     b.leg_angle(side, a, a + b.jit(0, 6), out=0.08)
     other = _OTHER[side]
     b.leg_angle(other, -b.jit(10, 5), b.jit(95, 8), out=0.05)
-    b.plant_feet({side: 0.0, other: b.jit(40, 8)}, fixed=side)
+    # On the toes, the foot steep: the shin runs back about level, and an ankle bends 40° at
+    # most towards it.
+    b.plant_feet({side: 0.0, other: b.jit(55, 5)}, fixed=side)
 
 
 def _stand_on_leg(b: _Builder, side: str) -> None:
@@ -871,8 +888,15 @@ def _fighting_stance(b: _Builder) -> None:
     b.spine(b.jit(10, 4))
     b.head(down=b.jit(5, 5))
     b.leg_angle("left", b.jit(20, 5), b.jit(25, 5), out=0.1)
-    b.leg_angle("right", -b.jit(15, 5), b.jit(20, 5), out=0.1)
-    b.plant_feet({"left": 0.0, "right": 0.0})
+    bend = b.jit(20, 5)
+
+    heel = b.jit(20, 5)  # the back heel up, on the ball of the foot
+
+    def place() -> None:  # the back leg, its knee as soft, tipped back until both feet stand
+        b.foot("left", 0.0)
+        b.leg_to_floor("right", b.sole_height("left"), bend, heel, 0.1)
+
+    b.contact(place)
     head = b.position("head")
     for s, depth, height in (("left", 0.3, -0.02), ("right", 0.2, -0.06)):
         target = head + np.array([_SIGN[s] * b.jit(0.08, 0.02), b.jit(height, 0.03), depth])

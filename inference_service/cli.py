@@ -355,10 +355,8 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
         # Before the model loads, with the image's header too (pillow: installed with it).
         return _refusal(request, args.image, check_images=True) or _local_reply(args, images, mode)
     with _client(args) as client:
-        # Not started by the time this command stops waiting, the work is dropped there too.
-        waits_ms = max(1, min(int(args.timeout * 1000), DEFAULT_LIMITS.max_timeout_ms))
         request = PoseRequest(
-            client.new_id(), args.text, images=images, mode=mode, timeout_ms=waits_ms
+            client.new_id(), args.text, images=images, mode=mode, timeout_ms=_waits_ms(args)
         )
         return _refusal(request, args.image) or _first_reply(client, request, args.timeout)
 
@@ -413,7 +411,9 @@ def _batch(args: argparse.Namespace) -> int:
                 chunk = batch_chunks([prompt for _, prompt in sendable[start:]], size)[0]
                 asked = sendable[start : start + len(chunk)]
                 start += len(asked)
-                request = BatchRequest(client.new_id(), [prompt for _, prompt in asked])
+                request = BatchRequest(
+                    client.new_id(), [prompt for _, prompt in asked], timeout_ms=_waits_ms(args)
+                )
                 for reply in client.stream(request, args.timeout):
                     if isinstance(reply, BatchDoneReply):
                         continue  # every line it held is already counted
@@ -472,6 +472,12 @@ def _batch(args: argparse.Namespace) -> int:
     if unanswered:  # finished, yet the service left lines without a pose or an error
         return EXIT_SERVICE_ERROR
     return exit_code_for_all([code for code, _ in failures.values()])
+
+
+def _waits_ms(args: argparse.Namespace) -> int:
+    """--timeout as a request's timeout_ms: the service drops work not started by the time
+    this command stops waiting, and keeps work it still waits for (not its own default)."""
+    return max(1, min(int(args.timeout * 1000), DEFAULT_LIMITS.max_timeout_ms))
 
 
 def _queues_fewer(reply, asked: Sequence) -> bool:

@@ -197,6 +197,21 @@ def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, ti
     assert [request.timeout_ms for request in taken] == [asked_ms]  # at most the longest
 
 
+def test_a_batch_asks_the_service_to_wait_as_long_as_the_command(capsys, tmp_path):
+    # Without it each line got the service's own deadline (--timeout-ms, 120 s): on a busy
+    # service, lines failed as "timeout" while the command still waited for them.
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n")
+
+    def answered(request) -> list[bytes]:
+        item = BatchItemReply(request.id, 0, 1, "<POSE>", (pose_for("x"),))
+        return [encode_reply(item)[0], encode_reply(BatchDoneReply(request.id, 1, 1))[0]]
+
+    argv = ("batch", str(prompts), "--out", str(tmp_path / "a.npz"), "--timeout", "300")
+    code, _, _, taken = run_against(capsys, answered, *argv)
+    assert code == cli.EXIT_OK and [request.timeout_ms for request in taken] == [300_000]
+
+
 def test_pose_with_an_image(address, capsys, tmp_path):
     image = tmp_path / "ref.png"
     image.write_bytes(PNG)

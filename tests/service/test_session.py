@@ -122,6 +122,29 @@ def test_no_service_fails_clearly_without_blocking():
     session.close()
 
 
+def test_a_service_that_stopped_while_idle_is_not_called_gone_during_the_request(backend):
+    # Blender's timer stops when nothing is in flight: the session last saw the service
+    # connected. The next request used to fail at its first tick, "went away during the
+    # request", before it could reach a service starting again.
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    session = Session(server.address, timeout_s=TIMEOUT_S, connect_timeout_s=0.5)
+    try:
+        first = session.request_pose("wave")
+        run_until(session, final_for(first))
+        session.tick()  # the last tick before the timer stops
+        server.stop()
+        thread.join(TIMEOUT_S)
+        time.sleep(0.3)  # the disconnect reaches the client
+        request_id = session.request_pose("wave again")
+        [failure] = run_until(session, final_for(request_id), timeout_s=10)
+        assert failure.code == ErrorCode.UNREACHABLE
+        assert "is chatpose-serve running?" in failure.message, failure.message
+    finally:
+        session.close()
+
+
 def test_a_stuck_service_times_out_and_the_next_request_still_works(address, backend):
     session = Session(address, timeout_s=0.3)
     backend.hold()

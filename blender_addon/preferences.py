@@ -154,6 +154,8 @@ def draw_local_service(layout) -> None:
     text = state.describe()
     if state.alive and runtime.waiting_for_service():
         text += ", loading the model..."
+    if runtime.service_process().pid is not None:  # one started here: where its output is
+        text += f"; log: {runtime.service_process().log_path}"
     for i, line in enumerate(wrap(f"Local service: {text}", 70)):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 

@@ -791,8 +791,11 @@ def _give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
 
 
 def _why_unreachable(code: ErrorCode) -> str:
-    """What the local service started here says about an unreachable service: still
-    loading, or how it ended; "" otherwise."""
+    """What the local service started here says about a failure: still loading, or how it
+    ended, for an unreachable service; where its log is, for an internal error (whose message
+    says "see the service log"); "" otherwise."""
+    if code == ErrorCode.INTERNAL_ERROR:
+        return _local_service_log()
     if code != ErrorCode.UNREACHABLE:
         return ""
     if _state.waiting_ready:
@@ -805,7 +808,17 @@ def _local_service_exit() -> str:
     if _state.process is None:
         return ""
     state = _state.process.poll()
-    return f" (the local service {state.describe()})" if state.state == EXITED else ""
+    if state.state != EXITED:
+        return ""
+    return f" (the local service {state.describe()}; its log: {_state.process.log_path})"
+
+
+def _local_service_log() -> str:
+    """Where the log of the local service started here is, to add to a failure; "" when none
+    was started."""
+    if _state.process is None or _state.process.pid is None:
+        return ""
+    return f" (the local service's log: {_state.process.log_path})"
 
 
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:

@@ -29,7 +29,7 @@ from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion
-from shared_protocol.protocol import Turn
+from shared_protocol.protocol import ErrorCode, Turn
 from tests.service.scripted_backend import ScriptedBackend, pose_for
 
 from .conftest import ADDON
@@ -1136,6 +1136,7 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
     message = runtime.last_message()[0]
     assert "no service at" in message
     assert "(the local service exited: killed by SIGKILL, which the system" in message
+    assert message.endswith(f"; its log: {runtime.service_process().log_path})")
 
 
 def test_start_and_stop_the_local_service_from_blender(
@@ -1147,6 +1148,9 @@ def test_start_and_stop_the_local_service_from_blender(
     bpy.ops.chatpose.send()
     drive(idle)
     assert_pose(armature, pose_for("from the local service"))
+    # An internal error's message says "see the service log": the failure says where it is.
+    log = runtime.service_process().log_path
+    assert runtime._why_unreachable(ErrorCode.INTERNAL_ERROR) == f" (the local service's log: {log})"
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.chatpose.service_start()
     assert bpy.ops.chatpose.service_stop() == {"FINISHED"}

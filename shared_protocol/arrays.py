@@ -102,7 +102,8 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
     than it stores: arrays of numbers expanding past `_BOMB_RATIO` times their stored size,
     text arrays expanding past 2 GiB together, an array whose header claims more data than its
     member holds (numpy allocates what the header says before reading), or a member whose
-    sizes in the zip directory are not what the file holds."""
+    sizes in the zip directory are not what the file holds; also for a member that is no .npy
+    array (numpy would hand its raw bytes over as if they were one)."""
     archive_bytes = archive.zip.fp.seek(0, 2)
     expanded = stored = text = 0
     for info in archive.zip.infolist():
@@ -137,23 +138,27 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0}
 
 def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | None:
     """(dtype kind, bytes of memory its shape and dtype take: each element at least one) from
-    a member's .npy header, read as numpy reads it; None for a member that is no .npy array
-    (numpy reads it as bytes) or holds objects (numpy refuses a pickle before allocating).
-    ValueError for a header numpy could not read either."""
+    a member's .npy header, read as numpy reads it; None for a member damaged in the zip (np.load
+    says what is wrong) or one of Python objects (AMASS's SMPL-X files hold one; numpy refuses
+    it if it is read). ValueError for a member that is no .npy array, or a header numpy could
+    not read either."""
     try:
         with archive.zip.open(info) as member:
             if member.read(6) != b"\x93NUMPY":
-                return None
-            member.seek(0)
-            version = np.lib.format.read_magic(member)
-            # numpy's public readers (its private one moved in numpy 2.3); 3.0 is 2.0's layout
-            # with a UTF-8 header, which no array of numbers needs.
-            read = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read(member)
+                shape = None
+            else:
+                member.seek(0)
+                version = np.lib.format.read_magic(member)
+                # numpy's public readers (its private one moved in numpy 2.3); 3.0 is 2.0's
+                # layout with a UTF-8 header, which no array of numbers needs.
+                read = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(member)
     except NPZ_READ_ERRORS:
         return None  # np.load says what is wrong with it
     except (ValueError, SyntaxError) as exc:
         raise ValueError(f"{info.filename}: not a readable .npy header ({exc})") from None
+    if shape is None:
+        raise ValueError(f"{info.filename}: not a .npy array (an .npz holds arrays only)")
     if dtype.hasobject:
         return None
     return dtype.kind, math.prod(shape) * max(1, dtype.itemsize)

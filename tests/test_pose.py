@@ -341,6 +341,14 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pickled.npz"):
         Motion.load_npz(pickled)
 
+    # A member that is no .npy array: numpy hands its bytes over as if they were one.
+    raw = tmp_path / "raw.npz"
+    np.savez(raw, poses=np.zeros((2, 72)), mocap_framerate=30.0)
+    with zipfile.ZipFile(raw, "a") as archive:
+        archive.writestr("gender.npy", "male")
+    with pytest.raises(ValueError, match=r"raw\.npz: gender\.npy: not a \.npy array"):
+        Motion.load_npz(raw)
+
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match="junk.npz: not a readable .npz file"):

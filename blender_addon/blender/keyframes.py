@@ -106,12 +106,16 @@ def key_motion(
 ) -> list[int]:
     """Keys every frame of ``motion`` from ``start``, ``step`` frames apart; returns the frames.
 
-    The motion's gender and betas are kept on the object for ``motion_from_keys``.
+    The motion's gender and betas are kept for ``motion_from_keys`` on the action keyed (each
+    take its own subject) and on the object.
     """
     frames = frames_for(len(motion), start, step)
     key_poses(obj, motion.poses(), frames, use_translation=use_translation)
-    obj[GENDER_PROPERTY] = motion.gender
-    obj[BETAS_PROPERTY] = [float(b) for b in motion.betas]
+    action = obj.animation_data.action if obj.animation_data is not None else None
+    for holder in (obj, action):
+        if holder is not None and holder.library is None:
+            holder[GENDER_PROPERTY] = motion.gender
+            holder[BETAS_PROPERTY] = [float(b) for b in motion.betas]
     return frames
 
 
@@ -159,8 +163,10 @@ def motion_from_keys(
         poses = [
             dataclasses.replace(p, label=labels.get(f)) for p, f in zip(poses, frames, strict=True)
         ]
-    gender = obj.get(GENDER_PROPERTY, "neutral")
-    betas = obj.get(BETAS_PROPERTY)
+    action = obj.animation_data.action if obj.animation_data is not None else None
+    subject = action if action is not None and GENDER_PROPERTY in action else obj
+    gender = subject.get(GENDER_PROPERTY, "neutral")
+    betas = subject.get(BETAS_PROPERTY)
     return Motion.from_poses(
         poses,
         fps=rate,

@@ -18,6 +18,7 @@ from .armature import (
     ensure_object_mode,
     find_smpl_armature,
     linked_problem,
+    why_not_smpl,
 )
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, scene_fps
@@ -207,6 +208,15 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     def execute(self, context):
         obj = find_smpl_armature(context)
+        active = context.active_object
+        if obj is None and active is not None and active.type == "ARMATURE":
+            # Not a new SMPL rig beside the one the user meant: say why theirs is not one.
+            self.report(
+                {"ERROR"},
+                f"Not imported: {active.name!r} is not an SMPL armature: {why_not_smpl(active)}. "
+                "Select an SMPL armature, or nothing to import onto a new one",
+            )
+            return {"CANCELLED"}
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
             return {"CANCELLED"}
@@ -215,6 +225,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         try:
             # Read first: a file that does not load leaves the scene as it was, nor one too long.
             motion = Motion.load_npz(self.filepath, z_up=self.z_up)
+            if len(motion) == 0:  # a new take of nothing would replace what plays now
+                raise ValueError(f"{self.filepath}: the motion holds no frames")
             frames_for(len(motion), self.start_frame, self.frame_step)
             if context.mode == "EDIT_ARMATURE":  # its bones are not the ones posing reads
                 ensure_object_mode(context)

@@ -487,6 +487,50 @@ def test_a_second_import_goes_into_a_new_take_and_keeps_the_first(blender, tmp_p
     assert obj.animation_data.action.name == "short" and keyed_frames(obj) == list(range(1, 15))
 
 
+def test_each_take_exports_with_its_own_subject(blender, tmp_path):
+    # Gender and betas were kept on the object: the second import's subject came out with
+    # the first take too.
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    motion(3, seed=1).save_npz(first)  # female, betas -1 ... 1
+    Motion.from_poses(motion(2, seed=2).poses(), gender="male", betas=np.full(10, 0.5)).save_npz(
+        second
+    )
+    assert bpy.ops.chatpose.import_npz(filepath=str(first)) == {"FINISHED"}
+    obj = bpy.context.active_object
+    take = obj.animation_data.action
+    assert bpy.ops.chatpose.import_npz(filepath=str(second)) == {"FINISHED"}
+    obj.animation_data.action = take
+    out = tmp_path / "out.npz"
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    exported = Motion.load_npz(out)
+    assert exported.gender == "female"
+    np.testing.assert_allclose(exported.betas, np.linspace(-1, 1, 10))
+
+
+def test_an_import_refuses_a_selected_rig_that_is_not_smpl_and_a_file_of_no_frames(
+    blender, tmp_path
+):
+    source = tmp_path / "walk.npz"
+    motion(3, seed=1).save_npz(source)
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    obj.name = "Hero"
+    bpy.ops.object.mode_set(mode="EDIT")
+    obj.data.edit_bones["left_hip"].name = "L_UpLeg"  # one bone of another naming
+    bpy.ops.object.mode_set(mode="OBJECT")
+    with pytest.raises(RuntimeError, match=r"'Hero' is not an SMPL armature: it has no bone"):
+        bpy.ops.chatpose.import_npz(filepath=str(source))
+    assert [o.name for o in bpy.data.objects] == ["Hero"]  # no second rig made beside it
+
+    keyed = create_smpl_armature(bpy.context, with_mesh=False)
+    assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
+    take = keyed.animation_data.action
+    empty = tmp_path / "empty.npz"
+    Motion(np.zeros((0, 24, 3)), np.zeros((0, 3))).save_npz(empty)
+    with pytest.raises(RuntimeError, match=r"empty\.npz: the motion holds no frames"):
+        bpy.ops.chatpose.import_npz(filepath=str(empty))
+    assert keyed.animation_data.action == take and keyed_frames(keyed) == [1, 2, 3]
+
+
 def test_an_import_in_edit_mode_uses_the_bones_as_edited(blender, tmp_path):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     bpy.ops.object.mode_set(mode="EDIT")

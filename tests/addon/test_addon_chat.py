@@ -1150,7 +1150,9 @@ def test_start_and_stop_the_local_service_from_blender(
     assert_pose(armature, pose_for("from the local service"))
     # An internal error's message says "see the service log": the failure says where it is.
     log = runtime.service_process().log_path
-    assert runtime._why_unreachable(ErrorCode.INTERNAL_ERROR) == f" (the local service's log: {log})"
+    assert (
+        runtime._why_unreachable(ErrorCode.INTERNAL_ERROR) == f" (the local service's log: {log})"
+    )
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.chatpose.service_start()
     assert bpy.ops.chatpose.service_stop() == {"FINISHED"}

@@ -57,7 +57,7 @@ clean:
 	rm -rf $(VENV) $(NUMPY2_VENV) dist demo_output
 
 # Rebuild inference_service/demo_checkpoint from nothing (corpus, renders, training, packing,
-# evaluation, docs/evaluation.md); 55 to 115 minutes on a 2-core CPU (docs/evaluation.md)
+# evaluation, docs/evaluation.md); 55 to 125 minutes on a 2-core CPU (docs/evaluation.md)
 .PHONY: demo-model
 demo-model: $(STAMP)
 	$(BIN)/python -m inference_service.training.build_demo

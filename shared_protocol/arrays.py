@@ -103,7 +103,7 @@ def check_npz_expansion(archive: np.lib.npyio.NpzFile) -> None:
     text arrays expanding past 2 GiB together, an array whose header claims more data than its
     member holds (numpy allocates what the header says before reading), or a member whose
     sizes in the zip directory are not what the file holds; also for a member that is no .npy
-    array (numpy would hand its raw bytes over as if they were one)."""
+    array but is named as one (numpy would hand its raw bytes over as if they were one)."""
     archive_bytes = archive.zip.fp.seek(0, 2)
     expanded = stored = text = 0
     for info in archive.zip.infolist():
@@ -139,9 +139,9 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0}
 def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | None:
     """(dtype kind, bytes of memory its shape and dtype take: each element at least one) from
     a member's .npy header, read as numpy reads it; None for a member damaged in the zip (np.load
-    says what is wrong) or one of Python objects (AMASS's SMPL-X files hold one; numpy refuses
-    it if it is read). ValueError for a member that is no .npy array, or a header numpy could
-    not read either."""
+    says what is wrong), one of Python objects (AMASS's SMPL-X files hold one; numpy refuses
+    it if it is read) or another file (a readme). ValueError for a member named .npy that is
+    no .npy array, or a header numpy could not read either."""
     try:
         with archive.zip.open(info) as member:
             if member.read(6) != b"\x93NUMPY":
@@ -157,8 +157,10 @@ def _member_header(archive: np.lib.npyio.NpzFile, info) -> tuple[str, int] | Non
         return None  # np.load says what is wrong with it
     except (ValueError, SyntaxError) as exc:
         raise ValueError(f"{info.filename}: not a readable .npy header ({exc})") from None
+    if shape is None and info.filename.endswith(".npy"):  # numpy would hand its bytes over
+        raise ValueError(f"{info.filename}: not a .npy array")
     if shape is None:
-        raise ValueError(f"{info.filename}: not a .npy array (an .npz holds arrays only)")
+        return None  # a readme, say: readers leave it out
     if dtype.hasobject:
         return None
     return dtype.kind, math.prod(shape) * max(1, dtype.itemsize)

@@ -344,9 +344,7 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
             f"{name}: {refused[0]!r} is an object (pickled) array, which is never loaded; save "
             "it with a text or number dtype (dtype=str)"
         )
-    for key, value in members.items():
-        if key in npy_names and not isinstance(value, np.ndarray):  # numpy gave its bytes back
-            raise ValueError(f"{name}: {key!r} is not a .npy array")
+    # A member named .npy that is none was refused by open_npz (numpy gives its bytes back).
     return {key: value for key, value in members.items() if isinstance(value, np.ndarray)}
 
 

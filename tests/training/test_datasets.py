@@ -361,7 +361,7 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
         read_posescript(captions, tmp_path / "empty.npz")
     with zipfile.ZipFile(tmp_path / "member.npz", "w") as archive:  # a member that is no .npy
         archive.writestr("poses.npy", b"not npy")
-    with pytest.raises(DatasetError, match=r"member\.npz: 'poses' is not a \.npy array"):
+    with pytest.raises(DatasetError, match=r"member\.npz: poses\.npy: not a \.npy array"):
         read_posescript(captions, tmp_path / "member.npz")
     with zipfile.ZipFile(write_npz(tmp_path / "readme.npz"), "a") as archive:
         archive.writestr("readme.txt", b"how these poses were made")  # not an array: left out

@@ -81,6 +81,19 @@ def open_npz(path) -> np.lib.npyio.NpzFile:
     return archive
 
 
+def npz_member(archive: Mapping[str, object], key: str) -> np.ndarray:
+    """`archive[key]` of an open .npz, which must be an array. ValueError naming the member
+    for an object array (it needs pickle, which is never loaded) or for another file under
+    that name, a member `poses` with no .npy suffix say (numpy hands its bytes over)."""
+    try:
+        value = archive[key]
+    except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"{key}: {exc}") from None
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{key}: not a .npy array")
+    return value
+
+
 def write_npz(stream, arrays: Mapping[str, np.ndarray]) -> None:
     """`arrays` as an .npz archive into the binary `stream`, as `np.savez` writes one, but
     with its text arrays compressed: numpy pads every string to the longest (one long prompt

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import NPZ_READ_ERRORS, finite_array, open_npz, write_npz
+from .arrays import NPZ_READ_ERRORS, finite_array, npz_member, open_npz, write_npz
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
 
@@ -351,7 +351,7 @@ class Motion:
         bad entry."""
         try:
             with open_npz(path) as data:
-                motion = cls._from_arrays({k: data[k] for k in _MOTION_KEYS if k in data.files})
+                motion = cls._from_arrays({k: npz_member(data, k) for k in _MOTION_KEYS if k in data})
             if not z_up:
                 return motion
             offset = motion.translation - amass_trans_offset(rest_joints)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_protocol.arrays import NPZ_READ_ERRORS, open_npz
+from shared_protocol.arrays import NPZ_READ_ERRORS, npz_member, open_npz
 from shared_protocol.skeleton import NUM_JOINTS
 
 
@@ -71,9 +71,9 @@ def _array(arrays, key: str) -> np.ndarray:
     """``arrays[key]`` as an array; ValueError naming it when it cannot be read, as a pickled
     object (a sparse matrix, say) cannot without unpickling."""
     try:
-        return np.asarray(arrays[key])
+        return npz_member(arrays, key)
     except ValueError as exc:
-        raise ValueError(f"{key}: {exc}; save it as a plain (dense) array") from None
+        raise ValueError(f"{exc}; save it as a plain (dense) array") from None
 
 
 def load_smpl_model(path: str | os.PathLike, betas=None) -> SmplModel:

@@ -23,7 +23,7 @@ def device_argument(text: str) -> str:
     return text
 
 
-def _catchable(names: tuple[str, ...]) -> list[int]:
+def catchable_signals(names: tuple[str, ...]) -> list[int]:
     """The signals of `names` this platform has and nobody set to be ignored (`nohup` ignores
     SIGHUP so that a command outlives its terminal: left so)."""
     numbers = (getattr(signal, name, None) for name in names)
@@ -42,7 +42,7 @@ def stops_as_interrupts() -> Iterator[None]:
     def interrupt(number, frame):
         raise KeyboardInterrupt
 
-    previous = {n: signal.signal(n, interrupt) for n in _catchable(("SIGTERM", "SIGHUP"))}
+    previous = {n: signal.signal(n, interrupt) for n in catchable_signals(("SIGTERM", "SIGHUP"))}
     try:
         yield
     finally:
@@ -63,7 +63,7 @@ def interrupts_deferred() -> Iterator[None]:
         caught.append(number)
 
     names = ("SIGINT", "SIGTERM", "SIGHUP")
-    previous = {n: signal.signal(n, defer) for n in _catchable(names)}
+    previous = {n: signal.signal(n, defer) for n in catchable_signals(names)}
     try:
         yield
     finally:

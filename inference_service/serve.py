@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import logs
 from .checkpoint import work_offline
-from .commands import DEVICE_HELP, device_argument
+from .commands import DEVICE_HELP, catchable_signals, device_argument
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
 from .server import (
@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         backend = _load_backend(args)
         if not io.is_alive():  # the I/O loop died while the model loaded: no clean start
             return _io_failed(server, io)
-        # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread.
+        # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread;
+        # so does the terminal it was started in closing (SIGHUP), unless `nohup` started it.
         on_signal = SignalStop(server.stop)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP",))):
             signal.signal(signum, on_signal)
     except BaseException as exc:
         if server is not None:
@@ -225,7 +226,7 @@ class ParentWatch:
 
 
 class SignalStop:
-    """The SIGINT/SIGTERM handler: the first signal stops the server cleanly (the batch that
+    """The SIGINT/SIGTERM/SIGHUP handler: the first signal stops the server cleanly (the batch that
     is running finishes, up to 30 s); a second one exits at once."""
 
     def __init__(self, stop, exit_now=os._exit):

@@ -351,7 +351,8 @@ class Motion:
         bad entry."""
         try:
             with open_npz(path) as data:
-                motion = cls._from_arrays({k: npz_member(data, k) for k in _MOTION_KEYS if k in data})
+                arrays = {k: npz_member(data, k) for k in _MOTION_KEYS if k in data}
+                motion = cls._from_arrays(arrays)
             if not z_up:
                 return motion
             offset = motion.translation - amass_trans_offset(rest_joints)

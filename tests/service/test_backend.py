@@ -147,8 +147,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "stdin closed"])
-def test_chatpose_serve_process_serves_and_stops_on_sigterm_or_when_its_stdin_closes(
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "stdin closed"])
+def test_chatpose_serve_process_serves_and_stops_on_a_signal_or_when_its_stdin_closes(
     tiny_checkpoint, stop
 ):
     # The add-on starts it with --stop-with-stdin and holds the pipe, which the system closes
@@ -180,8 +180,8 @@ def test_chatpose_serve_process_serves_and_stops_on_sigterm_or_when_its_stdin_cl
             assert status.device == "cpu" and status.version
             reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
             assert isinstance(reply, PoseReply)
-        if stop == "sigterm":
-            process.send_signal(signal.SIGTERM)
+        if stop.startswith("SIG"):  # SIGHUP: the terminal it was started in closed
+            process.send_signal(getattr(signal, stop))
         else:
             process.stdin.close()
         assert process.wait(TIMEOUT_S) == 0

@@ -955,6 +955,11 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
                 f"--out {out} holds the --base model ({config.base}), whose files ({files}) "
                 "would be taken for a run's; choose an --out outside it"
             )
+        if (out / CONFIG_NAME).is_file():  # the demo, a converted release: not a run
+            raise TrainingError(
+                f"--out {out} is a checkpoint (it holds {CONFIG_NAME}), not a run's folder; "
+                "choose another --out"
+            )
         if latest_checkpoint(out) is None:
             raise TrainingError(
                 f"{out} holds a run that stopped before its first checkpoint ({files}): "
@@ -963,6 +968,12 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
         raise TrainingError(
             f"{out} already holds a training run ({files}); "
             "pass --resume to continue it or choose another --out"
+        )
+    base_dir, out_dir = checkpoint.base_dir.resolve(), out.expanduser().resolve()
+    if config.copy_base and base_dir in (out_dir, *out_dir.parents):
+        raise TrainingError(
+            f"--copy-base: --out {out} lies inside the base model's folder ({base_dir}), which "
+            "would be copied into itself; choose an --out outside it"
         )
     if examples is None:
         if not config.data:

@@ -653,6 +653,24 @@ def test_an_out_that_holds_the_base_is_refused_without_being_called_a_stopped_ru
         assert train_cli.main(argv) == train_cli.EXIT_USAGE
         err = capsys.readouterr().err
         assert f"--out {out} holds the --base model ({model})" in err and "delete" not in err
+    # Another checkpoint (the demo's layout) as --out: not "a run that stopped".
+    argv = ["--base", str(base), "--out", str(tmp_path / "copy"), *common]
+    assert train_cli.main(argv) == train_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'copy'} is a checkpoint (it holds chatpose.json)" in err
+    assert "delete" not in err
+
+
+def test_copy_base_into_a_folder_inside_the_base_is_refused_before_anything_is_copied(
+    base, examples, tmp_path
+):
+    # copytree would copy the base into its own copy, level after level, until the disk filled.
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    out = Checkpoint.open(own).base_dir / "runs" / "ft"
+    with pytest.raises(loop.TrainingError, match="--copy-base: --out .* lies inside the base"):
+        loop.train(settings(own, out, steps=1, copy_base=True), examples)
+    assert not out.exists()
 
 
 def test_the_checkpoint_before_a_damaged_one_is_found_by_its_step_not_its_name(tmp_path):

@@ -55,16 +55,43 @@ def fcurve_map(obj: bpy.types.Object) -> dict[tuple[str, int], bpy.types.FCurve]
 
 
 class LockedCurveError(ValueError):
-    """A channel to key has an F-curve the user locked, or its action is linked from a
-    library: keys would not be written, or not kept."""
+    """A channel to key has an F-curve that Blender would not key (locked, in a locked group,
+    of samples, under a modifier that overrides keys), or its action is linked from a library:
+    keys would not be written, or not kept."""
+
+
+# Modifiers after which a curve's keys still take effect; a generator only when it adds to
+# them. Blender's own test (BKE_fcurve_are_keyframes_usable), which `keyframe_insert` applies.
+_KEYS_KEPT_BY = frozenset({"CYCLES", "STEPPED", "NOISE"})
+_ADDING = frozenset({"GENERATOR", "FNGENERATOR"})
+
+
+def why_not_keyable(fcurve: bpy.types.FCurve) -> str | None:
+    """Why Blender keys no pose into ``fcurve``, with the remedy, or None when it does: the
+    curve or its channel group locked, samples instead of keys, or a modifier that overrides
+    the keys."""
+    if fcurve.lock:
+        return "is locked; unlock it"
+    if fcurve.group is not None and fcurve.group.lock:
+        return f"is in the locked channel group {fcurve.group.name!r}; unlock the group"
+    if len(fcurve.sampled_points):
+        return "holds samples, not keys; turn them into keys (Graph Editor: Samples to Keys)"
+    for modifier in fcurve.modifiers:
+        if modifier.mute or not modifier.is_valid or modifier.type in _KEYS_KEPT_BY:
+            continue
+        if modifier.type in _ADDING and modifier.use_additive:
+            continue
+        return f"has a {modifier.type.title()} modifier that overrides its keys; mute it"
+    return None
 
 
 def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
-    """LockedCurveError naming the first of ``channels`` whose F-curve the user locked, or the
-    object's action when it is linked from a library file. Checked before anything is written:
-    ``keyframe_insert`` skips a locked channel, and every channel of a linked action, with only
-    a line on the console, which would leave a pose half keyed, or not keyed while the add-on
-    said it was."""
+    """LockedCurveError naming the first of ``channels`` whose F-curve Blender would not key
+    (`why_not_keyable`), or the object's action when it is linked from a library file. Checked
+    before anything is written: ``keyframe_insert`` skips such a channel, and every channel of
+    a linked action, with only a line on the console, which would leave a pose half keyed, or
+    not keyed while the add-on said it was; keys written straight into a sampled curve damage
+    it."""
     anim = obj.animation_data
     action = anim.action if anim is not None else None
     if action is not None and action.library is not None:
@@ -76,10 +103,8 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
     fcurves = fcurve_map(obj)
     for bone, prop, index in channels:
         fcurve = fcurves.get((bone_data_path(bone, prop), index))
-        if fcurve is not None and fcurve.lock:
-            raise LockedCurveError(
-                f"the F-curve of {bone} {prop} is locked; unlock it to key this pose"
-            )
+        if fcurve is not None and (reason := why_not_keyable(fcurve)):
+            raise LockedCurveError(f"the F-curve of {bone} {prop} {reason} to key this pose")
 
 
 def action_time(obj: bpy.types.Object, frame: float) -> float:

@@ -121,8 +121,9 @@ def key_motion(
 
 def keyed_frames(obj: bpy.types.Object) -> list[int]:
     """Scene frames with a key on a pose channel (an SMPL bone's rotation, the root's
-    location: not another bone's, which a pose does not hold), sorted; ValueError for a key
-    between frames (`keyed_frame_list`)."""
+    location: not another bone's, which a pose does not hold), or a sample on a channel that
+    holds samples instead (a baked take), sorted; ValueError for a key between frames
+    (`keyed_frame_list`)."""
     names = bone_names(obj)
     paths = {
         bone_data_path(name, prop) for name in filter(None, names) for prop in ROTATION_CHANNELS
@@ -132,7 +133,7 @@ def keyed_frames(obj: bpy.types.Object) -> list[int]:
         scene_time(obj, point.co[0])
         for fc in action_fcurves(obj)
         if fc.data_path in paths
-        for point in fc.keyframe_points
+        for point in (*fc.keyframe_points, *fc.sampled_points)
     )
 
 

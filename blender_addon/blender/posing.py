@@ -193,7 +193,8 @@ def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]
 def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) -> np.ndarray:
     """The bone's ``prop`` values, (len(frames), size): at each scene frame of ``frames``, as
     its F-curves (``anim.fcurve_map``) give them there; a channel without keys gives its
-    current value. Without ``frames``, one row of the current values."""
+    current value. Without ``frames``, one row of the current values. A curve of samples (a
+    baked take) is read as one of keys."""
     current = list(getattr(pbone, prop))
     if frames is None:
         return np.array([current], dtype=np.float64)
@@ -202,7 +203,7 @@ def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) ->
     times = [action_time(pbone.id_data, frame) for frame in frames]
     for k in range(len(current)):
         curve = fcurves.get((path, k))
-        if curve is not None and len(curve.keyframe_points):
+        if curve is not None and (len(curve.keyframe_points) or len(curve.sampled_points)):
             values[:, k] = [curve.evaluate(time) for time in times]
     return values
 

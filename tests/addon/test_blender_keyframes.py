@@ -257,6 +257,68 @@ def test_a_single_pose_is_not_keyed_into_a_partly_locked_channel(blender):
     np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(3).axis_angle, atol=1e-5)
 
 
+def _knee_curve(obj):
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    [curve] = [fc for fc in action_fcurves(obj) if (fc.data_path, fc.array_index) == (knee, 0)]
+    return curve
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        ("group locked", "is in the locked channel group 'left_knee'; unlock the group"),
+        ("samples", "holds samples, not keys; turn them into keys"),
+        ("LIMITS", "has a Limits modifier that overrides its keys; mute it"),
+    ],
+)
+def test_a_channel_blender_would_not_key_refuses_the_pose_on_both_paths(blender, make, reason):
+    # keyframe_insert skipped it with a line on the console (a half-keyed pose); keys written
+    # straight into a curve of samples damaged it.
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1), random_pose(2)], [1, 5])
+    curve = _knee_curve(obj)
+    if make == "group locked":
+        curve.group.lock = True
+    elif make == "samples":
+        curve.convert_to_samples(1, 6)
+    else:
+        curve.modifiers.new(make)
+    frames = keyed_frames(obj)
+    samples = [tuple(p.co) for p in curve.sampled_points]
+    for write in (
+        lambda: key_poses(obj, [random_pose(3)], [10]),  # a batch, an import
+        lambda: apply_pose(obj, random_pose(3), frame=10),  # an answer, Apply Pose
+    ):
+        with pytest.raises(LockedCurveError, match=f"left_knee rotation_quaternion {reason}"):
+            write()
+        assert keyed_frames(obj) == frames  # nothing written, on any channel
+        assert [tuple(p.co) for p in curve.sampled_points] == samples
+
+
+def test_modifiers_that_leave_the_keys_in_effect_let_poses_be_keyed(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(1)], [1])
+    curve = _knee_curve(obj)
+    curve.modifiers.new("CYCLES")
+    curve.modifiers.new("GENERATOR").use_additive = True
+    curve.modifiers.new("LIMITS").mute = True
+    key_poses(obj, [random_pose(2)], [10])
+    apply_pose(obj, random_pose(3), frame=20)
+    assert keyed_frames(obj) == [1, 10, 20]
+
+
+def test_a_take_baked_to_samples_exports_as_it_plays(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(i) for i in range(3)], [1, 11, 21])
+    keyed = motion_from_keys(obj, fps=30.0)
+    for curve in action_fcurves(obj):
+        curve.convert_to_samples(1, 22)
+    assert keyed_frames(obj) == list(range(1, 22))
+    baked = motion_from_keys(obj, fps=30.0)
+    assert len(baked) == 21 and baked.fps == 30.0
+    np.testing.assert_allclose(baked.axis_angle[::10], keyed.axis_angle, atol=1e-4)
+
+
 def test_a_batch_refused_for_a_locked_channel_makes_no_curve_either(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1)], [1], use_translation=False)  # no location curves yet

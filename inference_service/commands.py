@@ -23,6 +23,17 @@ def device_argument(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """An argument that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def catchable_signals(names: tuple[str, ...]) -> list[int]:
     """The signals of `names` this platform has and nobody set to be ignored (`nohup` ignores
     SIGHUP so that a command outlives its terminal: left so)."""

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_service.commands import DEVICE_HELP, device_argument
+from inference_service.commands import DEVICE_HELP, device_argument, positive_int
 from inference_service.metrics import accuracy_interval, evaluate_poses
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
@@ -658,16 +658,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     parser.add_argument("--out", type=Path, default=Path("report.json"))
     parser.add_argument("--markdown", type=Path, help="also write the tables (default OUT.md)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--limit", type=_positive_int, help="at most this many records / pairs")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--limit", type=positive_int, help="at most this many records / pairs")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")
     quantize.add_argument("--load-in-8bit", action="store_true", help="needs bitsandbytes")
     parser.add_argument(
         "--caption-oracle",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="also the ceiling of reading the captions perfectly, from N sample poses "
         "(200000: about 3 minutes)",
@@ -748,16 +748,6 @@ def jsonable(value):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import logs
 from .checkpoint import work_offline
-from .commands import DEVICE_HELP, catchable_signals, device_argument
+from .commands import DEVICE_HELP, catchable_signals, device_argument, positive_int
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
 from .server import (
@@ -32,16 +32,6 @@ EXIT_FAILED = 1  # the server failed while serving (a bug), as a traceback exits
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 # The bundled demo checkpoint, served when no --checkpoint is given.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _wait_ms(text: str) -> float:
@@ -63,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
-    parser.add_argument("--max-batch", type=_positive_int, default=8, help="largest micro-batch")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="largest micro-batch")
     parser.add_argument(
         "--max-wait-ms",
         type=_wait_ms,
@@ -71,23 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how long a micro-batch waits to fill (0 to {MAX_WAIT_MS:g})",
     )
     parser.add_argument(
-        "--max-queue", type=_positive_int, default=1024, help="items waiting, at most"
+        "--max-queue", type=positive_int, default=1024, help="items waiting, at most"
     )
     parser.add_argument(
         "--max-queued-mb",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="MiB of images and text waiting, at most (256)",
     )
     parser.add_argument(
         "--timeout-ms",
-        type=_positive_int,
+        type=positive_int,
         default=120_000,
         help="deadline of requests that set none",
     )
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="bound on a chat reply's length (at most the model's limit, 512)",
     )

@@ -27,7 +27,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from inference_service.commands import DEVICE_HELP, device_argument, stops_as_interrupts
+from inference_service.commands import (
+    DEVICE_HELP,
+    device_argument,
+    positive_int,
+    stops_as_interrupts,
+)
 from inference_service.errors import ChatPoseError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
@@ -35,13 +40,6 @@ EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with 
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 4
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -94,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         " | corpus CORPUS.npz [split=train]; repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument(
-        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"
+        "--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step"
     )
     parser.add_argument("--lr", type=_positive_float, default=2e-4)
     parser.add_argument(
@@ -136,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)"
     )
-    parser.add_argument("--lora-rank", type=_positive_int, default=128)
-    parser.add_argument("--lora-alpha", type=_positive_int, default=256)
+    parser.add_argument("--lora-rank", type=positive_int, default=128)
+    parser.add_argument("--lora-alpha", type=positive_int, default=256)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument(
         "--mix",
@@ -152,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-last", type=_non_negative_int, default=0, help="checkpoints kept (0: all)"
     )
-    parser.add_argument("--log-every", type=_positive_int, default=10)
+    parser.add_argument("--log-every", type=positive_int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
@@ -169,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the base model into OUT/base (self-contained checkpoints) instead of "
         "referring to it by absolute path",
     )
-    parser.add_argument("--max-length", type=_positive_int, help="longest example in tokens")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    parser.add_argument("--max-length", type=positive_int, help="longest example in tokens")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",

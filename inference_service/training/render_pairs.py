@@ -52,11 +52,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from inference_service.commands import positive_int
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 FORMAT = "chatpose-pairs-v1"
@@ -239,9 +240,11 @@ def render_pairs(
     views = list(views)
     if len(views) != n:
         raise ValueError(f"views: {len(views)} for {n} poses")
+    names = [f"{i:06d}" for i in range(n)] if names is None else list(names)
+    if len(names) != n:
+        raise ValueError(f"names: {len(names)} for {n} poses")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    names = [f"{i:06d}" for i in range(n)] if names is None else list(names)
     renderer = renderer or MannequinRenderer(size)
     files, distances = [], []
     start = time.perf_counter()
@@ -341,9 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pitch, distance scale, background of each camera",
     )
     parser.add_argument("--split", default="train", help="corpus split (default train)")
-    parser.add_argument("--count", type=int, help="at most this many records of the split")
+    parser.add_argument("--count", type=positive_int, help="at most this many records of the split")
     parser.add_argument("--seed", type=int, default=0, help="seeds the cameras")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels")
+    parser.add_argument(
+        "--size", type=positive_int, default=DEFAULT_SIZE, help="image side in pixels"
+    )
     parser.add_argument(
         "--fixed-view", action="store_true", help="one three-quarter view for every pose (docs)"
     )
@@ -364,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             actions, ids, split = None, None, None
         views = None
         if args.poses is not None and "views" in arrays:
+            width = len(fields(CameraView))
+            if arrays["views"].ndim != 2 or arrays["views"].shape[1] != width:
+                raise ValueError(
+                    f"{args.poses}: views: expected shape (N, {width}), got {arrays['views'].shape}"
+                )
             views = [CameraView(*map(float, row)) for row in arrays["views"][: len(poses)]]
         if args.fixed_view:
             views = [fixed_view()] * len(poses)

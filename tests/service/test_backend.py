@@ -350,11 +350,11 @@ def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-queue", "--timeout-ms"])
 def test_serve_rejects_non_positive_numbers(flag, capsys):
-    for value in ("0", "x"):  # "x": not "invalid _positive_int value"
+    for value in ("0", "x"):  # "x": not "invalid positive_int value"
         with pytest.raises(SystemExit) as info:
             serve.main([flag, value])
         assert info.value.code == 2
-        assert f"expected a positive integer, got '{value}'" in capsys.readouterr().err
+        assert f"expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-1", "inf", "nan", "5000", "abc"])

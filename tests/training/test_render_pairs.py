@@ -111,3 +111,23 @@ def test_blender_output_leaves_no_descriptor_open_when_it_cannot_start(monkeypat
     with pytest.raises(OSError, match="No space"), quiet_blender_output():
         pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_poses_file_whose_names_or_views_do_not_fit_is_refused_first(tmp_path, capsys):
+    from inference_service.training.render_pairs import main
+
+    poses = np.zeros((3, 72))
+    out = tmp_path / "out"
+    cases = {
+        "short_names.npz": ({"names": np.array(["a", "b"])}, "names: 2 for 3 poses"),
+        "bad_views.npz": ({"views": np.zeros((3, 5))}, "views: expected shape (N, 4), got (3, 5)"),
+    }
+    for name, (extra, message) in cases.items():
+        np.savez(tmp_path / name, poses=poses, **extra)
+        assert main([str(out), "--poses", str(tmp_path / name), "--size", "16"]) != 0
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    with pytest.raises(SystemExit) as info:
+        main([str(out), "--poses", str(tmp_path / "bad_views.npz"), "--size", "0"])
+    assert info.value.code == 2
+    assert "--size: expected a whole number of at least 1, got '0'" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
-from shared_protocol.pose import FPS_RANGE, Motion, Pose
+from shared_protocol.pose import FPS_RANGE, Motion, Pose, check_writable
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     BatchDoneReply,
@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
     }[args.command]
     try:
-        code = command(args)
-        sys.stdout.flush()  # here, where a closed stdout is caught, not at exit
+        with stops_as_interrupts():  # SIGTERM, SIGHUP: as Ctrl-C, with its message and code
+            code = command(args)
+            sys.stdout.flush()  # here, where a closed stdout is caught, not at exit
         return code
     except CommandError as exc:
         _report(f"chatpose {args.command}: {exc}")
@@ -289,12 +290,20 @@ def missing_service_package(exc: ModuleNotFoundError) -> str:
 
 
 def _report(text: str) -> None:
-    """A line on stderr, which may be a terminal that closed (SIGHUP): the work is written by
-    then, and the exit code must still say what happened."""
+    """A line on stderr, which may be a terminal that closed (SIGHUP) or closed from the start
+    (`2>&-`: print would write to stdout instead): the work is written by then, and the exit
+    code must still say what happened."""
+    if sys.stderr is None:
+        return
     try:
         print(text, file=sys.stderr)
     except OSError:
         pass
+
+
+def _on_terminal() -> bool:
+    """Whether stderr is a terminal (not a log file, and not closed: `2>&-` leaves None)."""
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 # --- sub-commands -----------------------------------------------------------------------------
@@ -317,6 +326,12 @@ def _status(args: argparse.Namespace) -> int:
 def _pose(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.local:
         raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
+    try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError:  # Python keeps a non-UTF-8 argument's bytes as surrogates
+        raise CommandError(
+            EXIT_BAD_INPUT, "the prompt is not UTF-8 text; set the terminal's encoding to UTF-8"
+        ) from None
     if args.out:
         _check_writable(args.out, inputs=[args.image] if args.image else [])
     images = (_read_image(args.image),) if args.image else ()
@@ -383,8 +398,8 @@ def _refusal(request: PoseRequest, image: Path | None, check_images: bool = Fals
 
 def _batch(args: argparse.Namespace) -> int:
     lines = _read_prompts(args.file)  # (line number in the file, prompt)
-    _check_writable(args.out, inputs=[args.file])
     partial = _partial_path(args.out)
+    _check_writable(args.out, inputs=[args.file], also=[partial])
     if partial.exists() and not args.resume:  # a run cut short again would write over it
         raise CommandError(
             EXIT_BAD_INPUT,
@@ -405,7 +420,6 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_client(args)) if sendable else None
-            stack.enter_context(stops_as_interrupts())
             start, size = 0, DEFAULT_LIMITS.max_batch_items
             while start < len(sendable):
                 chunk = batch_chunks([prompt for _, prompt in sendable[start:]], size)[0]
@@ -438,7 +452,7 @@ def _batch(args: argparse.Namespace) -> int:
     finally:  # what was answered is written, and what was not is named, even half-way
         # A second Ctrl-C, or a `kill`, while the answers are written would lose them all.
         with interrupts_deferred():
-            if sys.stderr.isatty() and sendable:
+            if _on_terminal() and sendable:
                 _report("")  # past the progress bar's line
             out = _batch_destination(args.out, finished, len(poses) == len(lines), resumed_from)
             written = None
@@ -463,7 +477,10 @@ def _batch(args: argparse.Namespace) -> int:
             unanswered = [n for n, _ in lines if n not in poses and n not in failures]
             if unanswered and not (stopped and len(poses) == earlier == 0):  # else the cause is all
                 resumable = written is not None or resumed_from is not None
-                hint = " (the same command with --resume asks only the lines without a pose)"
+                hint = "the same command with --resume asks only the lines without a pose"
+                if written not in (None, out):  # --resume reads `out`, not the rescue file
+                    hint = f"move {written} to {out}; then {hint}"
+                hint = f" ({hint})"
                 _report(
                     f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}"
                 )
@@ -628,7 +645,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  {result.service_log}   the service's log")
     failed = [a for a in result.answers if a.error]
     for answer in failed:
-        print(f"chatpose demo: {answer.kind} prompt failed: {answer.error}", file=sys.stderr)
+        _report(f"chatpose demo: {answer.kind} prompt failed: {answer.error}")
     return exit_code_for_all([a.code or ErrorCode.MODEL_ERROR for a in failed])
 
 
@@ -702,7 +719,7 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
     from .scheduler import WorkItem
 
     item = WorkItem(args.text, images, mode=mode)
-    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: on a terminal only
+    if not _on_terminal():  # transformers' "Loading weights" bar: on a terminal only
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
@@ -768,18 +785,27 @@ def _npz_file(text: str) -> Path:
     return Path(text)
 
 
-def _check_writable(path: Path, inputs: Sequence[Path] = ()) -> None:
+def _check_writable(path: Path, inputs: Sequence[Path] = (), also: Sequence[Path] = ()) -> None:
     """Before any work: an --out that cannot be written would lose every answer, and one
-    that is an input of the command would destroy it."""
+    that is an input of the command would destroy it. `also`: other files the command may
+    write beside it (a batch's partial file), whose names are longer."""
     folder = path.parent
-    if path.is_dir():
-        raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is a folder; name a .npz file")
-    if any(path.resolve() == source.resolve() for source in inputs):
-        raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is this command's input")
-    if not folder.is_dir():
-        raise CommandError(EXIT_BAD_INPUT, f"--out: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CommandError(EXIT_BAD_INPUT, f"--out: cannot write {path}")
+    target = path
+    try:
+        if path.is_dir():
+            raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is a folder; name a .npz file")
+        if any(path.resolve() == source.resolve() for source in inputs):
+            raise CommandError(EXIT_BAD_INPUT, f"--out: {path} is this command's input")
+        if folder.exists() and not folder.is_dir():
+            raise CommandError(EXIT_BAD_INPUT, f"--out: {folder} is a file, not a folder")
+        if not folder.is_dir():
+            raise CommandError(EXIT_BAD_INPUT, f"--out: the folder {folder} does not exist")
+        for target in (path, *also):
+            check_writable(target)  # as the write will: its temporary file made and removed
+    except OSError as exc:  # a name too long, a folder that may not be written
+        raise CommandError(
+            EXIT_BAD_INPUT, f"--out: cannot write {target} ({exc.strerror})"
+        ) from None
 
 
 def _partial_path(path: Path) -> Path:
@@ -796,7 +822,8 @@ def _write_or_rescue(path: Path, poses: list[Pose], fps: float) -> Path | None:
         return path
     except CommandError as exc:
         _report(f"chatpose batch: {exc}")
-    rescue = Path(tempfile.gettempdir()) / f"{path.stem}.rescued-{os.getpid()}.npz"
+    # Named after --out, shortened: a name that was too long may be why the write failed.
+    rescue = Path(tempfile.gettempdir()) / f"{path.stem[:64]}.rescued-{os.getpid()}.npz"
     try:
         _write_motion(rescue, poses, fps)
     except CommandError as exc:
@@ -829,7 +856,7 @@ def _print_pose_reply(reply: PoseReply) -> None:
 
 
 def _progress(done: int, total: int) -> None:
-    if not sys.stderr.isatty():  # a log file gets the summary alone, not a line per answer
+    if not _on_terminal():  # a log file gets the summary alone, not a line per answer
         return
     width = 30
     filled = width * done // total

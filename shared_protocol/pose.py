@@ -443,6 +443,30 @@ def _text(value: np.ndarray, name: str) -> str:
     raise ValueError(f"{name}: expected a string, got an array of {value.dtype}")
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """OSError, as writing would raise it, when `save_npz` could not write `path`: a folder
+    that is missing or may not be written, a name too long once the temporary file's suffix
+    is added. Checked by making that temporary file and removing it again."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    temporary, descriptor = _new_temporary(target)
+    os.close(descriptor)
+    os.unlink(temporary)
+
+
+def _new_temporary(target: str) -> tuple[str, int]:
+    """A new file beside `target`, named after it, and its open descriptor."""
+    folder, name = os.path.split(target)
+    while True:
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return temporary, os.open(temporary, flags, 0o666)  # the umask applies, as open's
+        except FileExistsError:
+            continue
+
+
 def _write_atomically(path: str | os.PathLike, write) -> None:
     """`write(stream)` into a temporary file beside `path`, then the file takes its name: a
     write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was. As
@@ -452,15 +476,7 @@ def _write_atomically(path: str | os.PathLike, write) -> None:
     existing = os.path.exists(target)
     if existing and not os.access(target, os.W_OK):
         raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-    folder, name = os.path.split(target)
-    while True:
-        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            descriptor = os.open(temporary, flags, 0o666)  # the umask applies, as for open()
-            break
-        except FileExistsError:
-            continue
+    temporary, descriptor = _new_temporary(target)
     try:
         with os.fdopen(descriptor, "wb") as stream:  # a name would get ".npz" from np.savez
             write(stream)

@@ -250,6 +250,12 @@ def test_empty_prompt_is_bad_input(address, capsys):
     assert code == cli.EXIT_BAD_INPUT and "blank" in err
 
 
+def test_a_prompt_typed_in_a_terminal_that_is_not_utf8_is_named_so(address, capsys):
+    latin1 = b"caf\xe9 wave".decode("utf-8", "surrogateescape")  # as Python gets its argv
+    code, _, err = run(capsys, "pose", latin1, "--address", address)
+    assert code == cli.EXIT_BAD_INPUT and "the prompt is not UTF-8 text" in err
+
+
 def test_model_errors_are_service_errors(address, capsys):
     code, _, err = run(capsys, "pose", "explode", "--address", address)
     assert code == cli.EXIT_SERVICE_ERROR and "the model exploded" in err
@@ -366,6 +372,8 @@ def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
     if cut_short:
         assert code == cli.EXIT_INTERRUPTED and "not answered: lines 2-3" in err
         assert Motion.load_npz(rescued).labels == ("wave",)
+        # --resume reads --out, not the rescue file: the hint says to move it there first.
+        assert f"(move {rescued} to {folder / 'anim.npz'}; then the same command" in err
     else:
         assert code == cli.EXIT_BAD_INPUT
         assert Motion.load_npz(rescued).labels == ("wave", "sit down", "bow")
@@ -598,6 +606,65 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     assert code == cli.EXIT_OK and "Hello! What pose?" in out
     assert f"the reply holds no pose; {out_file} was not written" in err
     assert out_file.read_bytes() == b"the user's"
+
+
+def test_an_out_whose_files_cannot_be_named_is_refused_before_any_work(
+    address, backend, capsys, tmp_path
+):
+    # 241 characters: the name fits (255 at most), the temporary file written first does
+    # not; 300: nothing fits. The batch ran, then lost every answer, or ended in a traceback.
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n")
+    for length in (241, 300):
+        out = tmp_path / ("d" * length + ".npz")
+        for argv in (["batch", str(prompts)], ["pose", "wave"]):
+            code, _, err = run(capsys, *argv, "--out", str(out), "--address", address)
+            assert code == cli.EXIT_BAD_INPUT
+            assert f"--out: cannot write {out} (File name too long)" in err
+    code, _, err = run(
+        capsys, "pose", "wave", "--out", str(prompts / "a.npz"), "--address", address
+    )
+    assert code == cli.EXIT_BAD_INPUT and f"--out: {prompts} is a file, not a folder" in err
+    assert backend.batch_sizes == []  # nothing was sent
+
+
+def test_a_closed_stderr_costs_neither_the_file_nor_a_clean_stdout(
+    address, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(sys, "stderr", None)  # as `2>&-` leaves it
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nbow\n")
+    assert (
+        cli.main(["batch", str(prompts), "--out", str(tmp_path / "a.npz"), "--address", address])
+        == 0
+    )
+    assert Motion.load_npz(tmp_path / "a.npz").labels == ("wave", "bow")
+    argv = ["pose", "wave", "--json", "--out", str(tmp_path / "p.npz"), "--address", address]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["op"] == "pose"  # the JSON alone
+
+
+@pytest.mark.parametrize("command, stop", [("status", "SIGTERM"), ("pose", "SIGHUP")])
+def test_every_command_stopped_by_a_signal_says_interrupted(capsys, command, stop):
+    # `kill`, a closed terminal: as Ctrl-C, exit 130 with a message, not killed on the spot.
+    number = getattr(signal, stop)
+    router = zmq.Context.instance().socket(zmq.ROUTER)  # takes the request, never answers
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    reached_outside = []
+    previous = signal.signal(number, lambda n, frame: reached_outside.append(n))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), number))
+    timer.start()
+    try:
+        text = ["wave"] if command == "pose" else []
+        argv = [command, *text, "--address", f"tcp://127.0.0.1:{port}", "--timeout", "30"]
+        code, _, err = run(capsys, *argv)
+    finally:
+        timer.cancel()
+        signal.signal(number, previous)
+        router.close()
+    assert code == cli.EXIT_INTERRUPTED and f"chatpose {command}: interrupted" in err
+    assert reached_outside == []
 
 
 def batch_with_sigterm_watched(capsys, prompts, out_file, address):

@@ -207,6 +207,8 @@ class TrainConfig:
             )
         if not self.action_weight >= 0:
             raise ValueError(f"action_weight must be 0 or more, got {self.action_weight}")
+        if not 0 <= self.seed < 2**63 - 1:  # torch's seeds are 64-bit; the run seeds seed + 1
+            raise ValueError(f"seed must be from 0 to 2**63 - 2, got {self.seed}")
         if self.train_base not in TRAIN_BASE_SCOPES:
             raise ValueError(
                 f"train_base must be one of {TRAIN_BASE_SCOPES}, got {self.train_base!r}"

@@ -596,6 +596,7 @@ def _raise(error):
         ("text_weight", float("inf"), "text_weight must be a finite number, got inf"),
         ("adapter_lr", float("inf"), "adapter_lr must be a finite number, got inf"),
         ("action_weight", float("inf"), "action_weight must be a finite number, got inf"),
+        ("seed", 2**64 - 1, "seed must be from 0 to 2**63 - 2, got 18446744073709551615"),
     ],
 )
 def test_numbers_that_would_silently_change_training_are_refused(

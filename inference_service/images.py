@@ -142,9 +142,12 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
                     )
                 yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's message gives the limit it refused at: twice this one for an error.
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size[1]):,} pixels, " if size else ""
         raise BadImageError(
-            f"{field}: too many pixels to decode (at most {Image.MAX_IMAGE_PIXELS:,}); "
-            f"downscale it ({exc})"
+            f"{field}: too many pixels to decode ({pixels}at most {Image.MAX_IMAGE_PIXELS:,}); "
+            "downscale it"
         ) from exc
     except Image.UnidentifiedImageError as exc:  # its message shows an internal object
         raise BadImageError(

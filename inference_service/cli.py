@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_service.commands import device_argument, interrupts_deferred, stops_as_interrupts
+from inference_service.commands import (
+    EXIT_INTERRUPTED,
+    device_argument,
+    interrupts_deferred,
+    stops_as_interrupts,
+)
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
@@ -58,7 +63,6 @@ EXIT_BAD_INPUT = 4
 EXIT_UNREACHABLE = 5
 EXIT_TIMEOUT = 6
 EXIT_SERVICE_ERROR = 7
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 EXIT_CLOSED_OUTPUT = 141  # the shell's code for SIGPIPE: stdout closed (`| head`)
 LOCAL_ID = "local"  # the request id of --local's replies: no service numbered them
 

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C, which SIGTERM and SIGHUP give here too
+
+
 def device_argument(text: str) -> str:
     """`--device`, checked as the arguments are read: a typo would otherwise be found only
     once the data or the model has loaded, minutes later."""

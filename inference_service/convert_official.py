@@ -20,6 +20,7 @@ docs/checkpoints.md. Peak memory is about the size of the model's weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -52,6 +53,7 @@ from inference_service.checkpoint import (
     refuse_lfs_pointers,
     work_offline,
 )
+from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     refuse_custom_code,
@@ -86,14 +88,31 @@ RELEASE_POSED_JOINTS = 22
 
 
 def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str = "[SEG]") -> Path:
-    """Write the converted checkpoint to `destination`; returns it. Everything is checked and
-    written into a temporary folder beside it first, so a failure leaves no half checkpoint."""
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+    """Write the converted checkpoint to `destination`; returns it (as an absolute path).
+    Everything is checked and written into a temporary folder first, so a failure leaves no
+    half checkpoint."""
+    source, vision_tower = source.expanduser(), vision_tower.expanduser()
+    destination = destination.expanduser().resolve()
+    # An empty folder the user made (a link's target, a mount, ".") is kept, and filled from a
+    # temporary folder inside it, on its disk; a new one is a temporary folder renamed.
+    writing = (
+        destination / ".converting.tmp"
+        if destination.is_dir()
+        else destination.parent / f".{destination.name}.tmp"
+    )
+    if destination.exists() and (
+        not destination.is_dir() or any(p != writing for p in destination.iterdir())
+    ):
         raise CheckpointError(f"{destination}: exists and is not empty")
     if not vision_tower.is_dir():
         raise CheckpointError(
             f"--vision-tower {vision_tower}: no such folder (a local copy of the CLIP vision "
             "model the release names)"
+        )
+    if not (vision_tower / "config.json").is_file():  # else CLIP's defaults: a 224-px model
+        raise CheckpointError(
+            f"--vision-tower {vision_tower}: no config.json (in a Hugging Face cache folder, "
+            "the model's files are in snapshots/<hash>/)"
         )
     if (source / CONFIG_NAME).is_file():
         raise CheckpointError(
@@ -104,6 +123,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     refuse_lfs_pointers(vision_tower)
     official = _read_config(source / "config.json")
     weights = _read_weights(source)
+    _refuse_unmerged_lora(weights, source)  # before its base weights are missed under it
     tokenizer = _read_tokenizer(source, pose_token)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     wraps_images = set(IMAGE_WRAPPERS) <= set(tokenizer.get_vocab())
@@ -156,9 +176,9 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    writing = destination.parent / f".{destination.name}.tmp"
-    if writing.exists():
+    if writing.exists():  # left by a run that was killed
         shutil.rmtree(writing)
+    moved = []  # into the user's folder, when one was given
     try:
         base = writing / "base"
         model.save_pretrained(base)
@@ -178,12 +198,20 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
             pose_orientation="camera",
             prompt_wording="release",  # its training code's questions, not the paper's
         ).save(writing)
+        if writing.parent == destination:
+            # chatpose.json last: a folder without it is not taken for a checkpoint.
+            for entry in sorted(writing.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+                moved.append(destination / entry.name)
+                os.replace(entry, moved[-1])
+            writing.rmdir()
+        else:
+            os.replace(writing, destination)
     except BaseException:  # a 13B model's copy is not left behind
-        shutil.rmtree(writing, ignore_errors=True)
+        for path in (writing, *moved):
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.unlink()  # a file, which rmtree leaves
         raise
-    if destination.exists():  # an empty folder
-        destination.rmdir()
-    os.replace(writing, destination)
     _report_unused(weights)
     return destination
 
@@ -475,17 +503,26 @@ def _official_name(name: str) -> str:
     return name
 
 
+def _refuse_unmerged_lora(weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Un-merged LoRA layers would be dropped, and the fine-tuning with them. peft names them
+    `lora_A`/`lora_B`, moves the layer's own weight to `base_layer`, and a whole wrapped model's
+    state (what zero_to_fp32 writes) starts `base_model.model.`."""
+    marks = (".lora_", ".base_layer.")
+    name = next((n for n in sorted(weights) if any(m in n for m in marks)), None)
+    name = name or next((n for n in sorted(weights) if n.startswith("base_model.model.")), None)
+    if name is not None:
+        raise CheckpointError(
+            f"{source}: {name} is a weight of an un-merged LoRA model; merge the adapter into the "
+            "model (peft's merge_and_unload, or the release's merge script) and convert that"
+        )
+
+
 def _refuse_unplaced(names: list[str], source: Path) -> None:
     """Weights under a converted prefix that the model has no place for would be dropped, and
-    what they carry lost with them: un-merged LoRA layers, above all (the fine-tuning itself)."""
+    what they carry lost with them."""
     if not names:
         return
     official = _official_name(names[0])
-    if any(".lora_" in name for name in names):
-        raise CheckpointError(
-            f"{source}: {official} is an un-merged LoRA weight; merge the adapter into the model "
-            "(peft's merge_and_unload, or the release's merge script) and convert that"
-        )
     more = f" and {len(names) - 1} more" if len(names) > 1 else ""
     raise CheckpointError(
         f"{source}: {official}{more} have no place in a LLaVA-Llama model; is this the release?"
@@ -526,7 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work_offline()  # nothing is downloaded: SRC and CLIP_DIR are local folders
     try:
-        convert(args.source, args.destination, args.vision_tower, args.pose_token)
+        with stops_as_interrupts():  # a closed terminal, `kill`: the copy is removed too
+            written = convert(args.source, args.destination, args.vision_tower, args.pose_token)
+    except KeyboardInterrupt:
+        print("convert_official: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"convert_official: {exc}", file=sys.stderr)
         return 1
@@ -537,10 +578,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    config = ChatPoseConfig.load(args.destination)
+    config = ChatPoseConfig.load(written)
     wrapped = "wrapped in <im_start>...<im_end>" if config.mm_use_im_start_end else "not wrapped"
     print(
-        f"wrote {args.destination} (images {wrapped}; joints {config.posed_joints} to 23 at "
+        f"wrote {written} (images {wrapped}; joints {config.posed_joints} to 23 at "
         "rest: see docs/checkpoints.md)"
     )
     return 0

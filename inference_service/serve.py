@@ -13,7 +13,13 @@ from pathlib import Path
 
 from . import logs
 from .checkpoint import work_offline
-from .commands import DEVICE_HELP, catchable_signals, device_argument, positive_int
+from .commands import (
+    DEVICE_HELP,
+    EXIT_INTERRUPTED,
+    catchable_signals,
+    device_argument,
+    positive_int,
+)
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
 from .server import (
@@ -29,7 +35,6 @@ log = logging.getLogger("chatpose.serve")
 
 EXIT_CONFIG = 2  # bad arguments, an unsafe bind, a checkpoint that does not load
 EXIT_FAILED = 1  # the server failed while serving (a bug), as a traceback exits
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 # The bundled demo checkpoint, served when no --checkpoint is given.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from inference_service.commands import (
     DEVICE_HELP,
+    EXIT_INTERRUPTED,
     device_argument,
     positive_int,
     stops_as_interrupts,
@@ -39,7 +40,6 @@ from inference_service.training.datasets import DatasetError, DataSpec, parse_da
 EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 4
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _non_negative_int(text: str) -> int:

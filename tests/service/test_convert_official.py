@@ -1,7 +1,9 @@
 """The converter, on a tiny checkpoint this test writes in the official release's layout."""
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -306,6 +308,22 @@ def test_weights_that_would_be_dropped_are_refused_not_lost(release, tmp_path):
     ):
         convert(lora, tmp_path / "out", clip)
 
+    # peft's newer layout moves the layer's own weight to base_layer; a whole wrapped model's
+    # state starts base_model.model.: both were "no weights for ...", not called LoRA.
+    def moved_to_base_layer(weights):
+        name = "model.layers.0.self_attn.q_proj"
+        weights[f"{name}.base_layer.weight"] = weights.pop(f"{name}.weight")
+        unmerged_lora(weights)
+
+    def wrapped(weights):
+        for name in list(weights):
+            weights[f"base_model.model.{name}"] = weights.pop(name)
+
+    for change, named in ((moved_to_base_layer, "q_proj.base_layer"), (wrapped, "base_model")):
+        other = copy_with(source, tmp_path / change.__name__, change)
+        with pytest.raises(CheckpointError, match=rf"{named}.* un-merged LoRA model; merge"):
+            convert(other, tmp_path / "out", clip)
+
     def biased(weights):
         weights["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(hidden)
 
@@ -377,6 +395,60 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     missing_clip = ["--vision-tower", str(tmp_path / "no-clip")]
     assert main([str(source), str(tmp_path / "ok2"), *missing_clip]) == 1
     assert "no-clip: no such folder" in capsys.readouterr().err
+
+
+def test_a_destination_through_a_link_or_named_dot_or_tilde_is_written(
+    release, tmp_path, monkeypatch
+):
+    # The temporary folder went beside the link (or "."), and the last rename failed after
+    # the whole conversion, leaving the copy behind; "~" was a folder named so. The user's
+    # empty folder is filled, not replaced: a shell standing in it sees the files.
+    source, clip, _ = release
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "target").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "ckpt").symlink_to(tmp_path / "disk" / "target")
+    assert main([str(source), str(tmp_path / "work" / "ckpt"), "--vision-tower", str(clip)]) == 0
+    assert (tmp_path / "disk" / "target" / "chatpose.json").is_file()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([str(source), ".", "--vision-tower", str(clip)]) == 0
+    assert "chatpose.json" in os.listdir(".")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(clip, tmp_path / "clip")
+    assert main([str(source), "~/home-ckpt", "--vision-tower", "~/clip"]) == 0
+    assert (tmp_path / "home-ckpt" / "chatpose.json").is_file()
+    leftovers = [p for p in tmp_path.rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_a_vision_tower_folder_without_its_config_is_named(release, tmp_path):
+    # CLIP's defaults were taken instead, and the folder called a 224-px model.
+    source, clip, _ = release
+    cache = tmp_path / "models--openai--clip-vit-large-patch14-336"
+    (cache / "snapshots").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"336: no config\.json .*snapshots/<hash>"):
+        convert(source, tmp_path / "out", cache)
+
+
+def test_a_conversion_stopped_by_sigterm_leaves_nothing_behind(
+    release, tmp_path, monkeypatch, capsys
+):
+    source, clip, _ = release
+    reached_outside = []
+    previous = signal.signal(signal.SIGTERM, lambda n, frame: reached_outside.append(n))
+
+    def terminated(*args):  # the terminal closing, a `kill`, while the copy is written
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(convert_official, "_check_saved_tokenizer", terminated)
+    try:
+        code = main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and reached_outside == []
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_conversion_that_fails_while_writing_leaves_nothing_behind(

@@ -39,14 +39,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from inference_service.commands import DEVICE_HELP, device_argument, positive_int
+from inference_service.commands import (
+    DEVICE_HELP,
+    EXIT_INTERRUPTED,
+    device_argument,
+    positive_int,
+    stops_as_interrupts,
+)
 from inference_service.metrics import accuracy_interval, evaluate_poses
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
@@ -558,9 +567,11 @@ def markdown_summary(report: dict) -> str:
             "captions. " + _oracle_line(text, "caption_oracle"),
             "",
         ]
+    # Asked of the train split, the phrasings and poses are the ones the model trained on.
+    held_out = "training" if report["split"] == "train" else "held-out"
     para = report["paraphrases"]
     lines += [
-        f"### Paraphrases ({para['count']} held-out prompts of {para['actions']} named actions)",
+        f"### Paraphrases ({para['count']} {held_out} prompts of {para['actions']} named actions)",
         "",
         "| predictor | top-1 action accuracy |",
         "|---|---|",
@@ -578,7 +589,7 @@ def markdown_summary(report: dict) -> str:
     if "images" in report:
         images = report["images"]
         lines += [
-            f"### Mannequin images ({images['count']} held-out poses, random cameras)",
+            f"### Mannequin images ({images['count']} {held_out} poses, random cameras)",
             "",
             "| predictor | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
             "|---|" + "---|" * len(METRIC_NAMES),
@@ -598,7 +609,7 @@ def markdown_summary(report: dict) -> str:
         "| input | n | model | TF-IDF retrieval | oracle |",
         "|---|---|---|---|---|",
     ]
-    for key, label in (("text", "text (held-out phrasings)"), ("images", "images")):
+    for key, label in (("text", f"text ({held_out} phrasings)"), ("images", "images")):
         if key in lr:
             block = lr[key]
             lines.append(
@@ -680,15 +691,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fmt != "corpus":
         parser.error(f"--data: only the 'corpus' format is evaluated, got {fmt!r}")
     markdown = args.markdown or args.out.with_suffix(".md")
-    if args.out.suffix != ".json" or args.out.is_dir():
+    # os.path.isdir: a name too long for the disk is no folder (Path's raises), and is said below.
+    if args.out.suffix != ".json" or os.path.isdir(args.out):
         parser.error(f"--out: name a .json file for the report, got {args.out}")
-    if markdown == args.out or markdown.is_dir():
+    if markdown == args.out or markdown.suffix != ".md" or os.path.isdir(markdown):
         parser.error(f"--markdown: name a .md file other than --out, got {markdown}")
+    checkpoint = Path(args.checkpoint).expanduser().resolve()
+    for option, path in (("--out", args.out), ("--markdown", markdown)):
+        if checkpoint in path.expanduser().resolve().parents:  # its chatpose.json, say
+            parser.error(f"{option}: {path} is inside the checkpoint; write the report elsewhere")
     from inference_service.training.loop import unwritable, write_text_atomically
 
     for option, path in (("--out", args.out), ("--markdown", markdown)):
         # Now: a report that cannot be written once evaluated would lose hours of work.
-        if problem := unwritable(path.parent):
+        if problem := unwritable(path.parent, [path]):
             print(f"error: {option} {path}: {problem}", file=sys.stderr)
             return 2
     if args.threads:
@@ -698,34 +714,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from inference_service.errors import ChatPoseError
 
     try:
-        report = evaluate(
-            args.checkpoint,
-            corpus,
-            split=args.split,
-            pairs=args.pairs,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            device=args.device,
-            quantization={"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit},
-            caption_oracle_samples=args.caption_oracle or 0,
-            log=lambda message: print(message, file=sys.stderr, flush=True),
-        )
+        with stops_as_interrupts():  # a closed terminal, `kill`: said as Ctrl-C is
+            report = _evaluated(args, corpus)
+    except KeyboardInterrupt:
+        print("interrupted; no report was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (OSError, ValueError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    report_json = json.dumps(jsonable(report), indent=2) + "\n"
     written = []
     try:
         # Each whole or not at all: a full disk never cuts an earlier report short.
         for path, text in (
-            (args.out, json.dumps(jsonable(report), indent=2) + "\n"),
-            (markdown, markdown_summary(report)),
+            (args.out, report_json),
+            (markdown, f"{_measured_line(report)}\n\n{markdown_summary(report)}"),
         ):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(path, text)
             written.append(path)
     except OSError as exc:
-        kept = f" ({written[0]} was written)" if written else ""
-        print(f"error: cannot write the report ({exc}){kept}; its bars follow", file=sys.stderr)
+        kept = f"{written[0]} was written" if written else _rescued(report_json)
+        print(f"error: cannot write the report ({exc}); {kept}; its bars follow", file=sys.stderr)
     for item in report["bars"]:
         status = "pass" if item["pass"] else "FAIL"
         ceiling = f", ceiling {item['ceiling']:.3f}" if "ceiling" in item else ""
@@ -737,6 +747,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"wrote {args.out} and {markdown} ({report['seconds']} s)", file=sys.stderr)
     return 0
+
+
+def _evaluated(args: argparse.Namespace, corpus: Path) -> dict:
+    """`evaluate` as the command asked for it, the report saying what it measured: absolute
+    paths, the limit, device and quantization, and when."""
+    quantization = {"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit}
+    report = evaluate(
+        args.checkpoint,
+        corpus,
+        split=args.split,
+        pairs=args.pairs,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        quantization=quantization,
+        caption_oracle_samples=args.caption_oracle or 0,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    for key in ("checkpoint", "corpus", "pairs"):
+        if report[key] is not None:
+            report[key] = str(Path(report[key]).expanduser().resolve())
+    report["limit"] = args.limit
+    report["device"] = args.device
+    report["quantization"] = next((k for k, on in quantization.items() if on), None)
+    report["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return report
+
+
+def _measured_line(report: dict) -> str:
+    """What a report measured, as the first line of its Markdown."""
+    limit = f", its first {report['limit']} records" if report["limit"] else ""
+    pairs = f" and the image pairs {report['pairs']}" if report["pairs"] else ""
+    return (
+        f"Checkpoint `{report['checkpoint']}` on the {report['split']} split of "
+        f"`{report['corpus']}`{limit}{pairs}; device {report['device']}, {report['date']}."
+    )
+
+
+def _rescued(report_json: str) -> str:
+    """Where the JSON report went when --out could not take it, said as a clause."""
+    from inference_service.training.loop import write_text_atomically
+
+    rescue = Path(tempfile.gettempdir()) / f"chatpose-report-{os.getpid()}.json"
+    try:
+        write_text_atomically(rescue, report_json)
+    except OSError as exc:
+        return f"nor could {rescue} ({exc.strerror})"
+    return f"the JSON report is in {rescue} instead"
 
 
 def jsonable(value):

@@ -636,10 +636,12 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def unwritable(folder: Path) -> str | None:
+def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
     """Why `folder` could not be made or written in, or None: the nearest folder on its path
     that exists must be a folder, writable. Asked before long work that ends in writing there
-    (a run's --out, evaluate's report), which makes the rest of the path only then."""
+    (a run's --out, evaluate's report), which makes the rest of the path only then. `files`,
+    to be written there by `write_text_atomically`: their temporary files' names must fit the
+    disk's longest name."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -649,13 +651,25 @@ def unwritable(folder: Path) -> str | None:
         return f"{existing} is a file, so {folder} cannot be made"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write in {existing}"
+    try:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return None
+    for name in (_temporary_path(file).name for file in files):
+        if len(os.fsencode(name)) > longest:
+            return f"a name too long for this disk ({name}, at most {longest} bytes)"
     return None
+
+
+def _temporary_path(path: Path) -> Path:
+    """Where `write_text_atomically` writes `path` first."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` through a temporary file beside it, synced and renamed over it: a full
     disk or a power cut leaves the earlier file whole, never a part of either."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary_path(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         _sync(tmp)

@@ -6,6 +6,10 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +209,12 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
             assert 0 <= low <= item["value"] <= high <= 1 and low < high
         else:
             assert "interval" not in item
+    # What was measured, so that a report read later says it.
+    assert report["checkpoint"] == str(checkpoint.resolve()) and report["limit"] == 12
+    assert report["device"] == "auto" and report["date"].endswith("+00:00")
     markdown = out.with_suffix(".md").read_text()
+    assert markdown.startswith(f"Checkpoint `{checkpoint.resolve()}` on the test split of ")
+    assert ", its first 12 records and the image pairs " in markdown.splitlines()[0]
     for heading in ("Text to pose", "Paraphrases", "Mannequin images", "Left and right",
                     "Quality bars", "95 % interval"):  # fmt: skip
         assert heading in markdown
@@ -337,10 +346,12 @@ def test_bad_format_is_refused(tiny, capsys):
         (["--threads", "-1"], "--threads: expected a whole number"),
         (["--out", "rep.md"], "--out: name a .json file for the report, got rep.md"),
         (["--out", "r.json", "--markdown", "r.json"], "--markdown: name a .md file other than"),
+        (["--out", "r.json", "--markdown", "corpus.npz"], "--markdown: name a .md file other"),
     ],
 )
-def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys):
+def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys, monkeypatch):
     root, checkpoint, _ = tiny
+    monkeypatch.chdir(root)  # the relative names: nothing written where the tests run
     argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz")]
     with pytest.raises(SystemExit) as info:
         ev.main([*argv, *extra])
@@ -377,6 +388,42 @@ def test_a_report_that_cannot_be_written_is_refused_before_any_work(
     assert problem in err
 
 
+def test_a_report_is_never_written_into_the_checkpoint_or_under_a_name_too_long(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    root, checkpoint, _ = tiny
+    monkeypatch.setattr(ev, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
+    argv = ["--checkpoint", str(checkpoint), "--data", "corpus", str(root / "corpus.npz")]
+    with pytest.raises(SystemExit) as info:  # its chatpose.json would go
+        ev.main([*argv, "--out", str(checkpoint / "chatpose.json")])
+    assert info.value.code == 2 and "is inside the checkpoint" in capsys.readouterr().err
+    assert (checkpoint / "chatpose.json").read_text().startswith("{")
+    for length in (246, 300):  # fits (its temporary file's name does not); does not fit
+        long = tmp_path / ("r" * length + ".json")
+        assert ev.main([*argv, "--out", str(long)]) == 2
+        assert "a name too long for this disk (.rrr" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_signal_says_so_without_a_traceback(tiny, tmp_path, monkeypatch, capsys):
+    root, checkpoint, _ = tiny
+    reached_outside = []
+
+    def terminated(*args, **kwargs):  # `kill`, or the terminal closing, mid-evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between bytecodes: the evaluation goes on until then
+
+    monkeypatch.setattr(ev, "evaluate", terminated)
+    previous = signal.signal(signal.SIGTERM, lambda n, frame: reached_outside.append(n))
+    try:
+        code = ev.main(["--checkpoint", str(checkpoint), "--data", "corpus",
+                        str(root / "corpus.npz"), "--out", str(tmp_path / "r.json")])  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and reached_outside == []
+    assert capsys.readouterr().err == "interrupted; no report was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     tiny, tmp_path, monkeypatch, capsys
 ):
@@ -397,8 +444,16 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    (tmp_path / "temporary").mkdir()
     assert ev.main(argv) == 2
-    assert "error: cannot write the report" in capsys.readouterr().err
+    rescued = tmp_path / "temporary" / f"chatpose-report-{os.getpid()}.json"
+    err = capsys.readouterr().err
+    assert "error: cannot write the report" in err
+    assert f"; the JSON report is in {rescued} instead; its bars follow" in err
+    assert json.loads(rescued.read_text())["bars"] == ev.jsonable(report)["bars"]
+    rescued.unlink()
+    (tmp_path / "temporary").rmdir()
     monkeypatch.undo()
     assert {path: path.read_text() for path in earlier} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no leftovers
@@ -410,7 +465,10 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
 
     monkeypatch.setattr(Path, "write_text", markdown_disk_full)
     assert ev.main(argv) == 2  # the JSON written, the tables not: said so
-    assert f"No space left on device) ({out} was written)" in capsys.readouterr().err
+    assert f"No space left on device); {out} was written; its bars" in capsys.readouterr().err
+    # Asked of the train split, the phrasings are the training ones: not called held-out.
+    trained_on = ev.markdown_summary(dict(report, split="train"))
+    assert "training prompts" in trained_on and "held-out" not in trained_on
 
 
 def test_a_large_checkpoint_can_be_scored_as_the_service_serves_it(tiny, monkeypatch, tmp_path):

@@ -447,12 +447,23 @@ def check_writable(path: str | os.PathLike) -> None:
     """OSError, as writing would raise it, when `save_npz` could not write `path`: a folder
     that is missing or may not be written, a name too long once the temporary file's suffix
     is added. Checked by making that temporary file and removing it again."""
-    target = os.path.realpath(path)
-    if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    target, _ = _writable_target(path)
     temporary, descriptor = _new_temporary(target)
     os.close(descriptor)
     os.unlink(temporary)
+
+
+def _writable_target(path: str | os.PathLike) -> tuple[str, bool]:
+    """The file `path` names, through any link, and whether it exists. OSError for one that
+    may not be written, or is no regular file (a device behind a link, which the rename
+    would replace)."""
+    target = os.path.realpath(path)
+    existing = os.path.exists(target)
+    if existing and not os.path.isfile(target):
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    if existing and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    return target, existing
 
 
 def _new_temporary(target: str) -> tuple[str, int]:
@@ -471,11 +482,9 @@ def _write_atomically(path: str | os.PathLike, write) -> None:
     """`write(stream)` into a temporary file beside `path`, then the file takes its name: a
     write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was. As
     `open(path, "wb")` would: a link is written through to its target, a file that may not be
-    written is refused, a new file gets the umask's mode and an old one keeps its own."""
-    target = os.path.realpath(path)
-    existing = os.path.exists(target)
-    if existing and not os.access(target, os.W_OK):
-        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    written is refused (and so is a device or a folder), a new file gets the umask's mode and
+    an old one keeps its own."""
+    target, existing = _writable_target(path)
     temporary, descriptor = _new_temporary(target)
     try:
         with os.fdopen(descriptor, "wb") as stream:  # a name would get ".npz" from np.savez

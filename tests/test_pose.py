@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 import struct
 import sys
 import zipfile
@@ -17,6 +18,7 @@ from shared_protocol.pose import (
     Motion,
     Pose,
     amass_trans_offset,
+    check_writable,
 )
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
@@ -211,6 +213,19 @@ def test_a_save_writes_through_a_link_and_as_open_would_otherwise(tmp_path, read
     with pytest.raises(PermissionError):
         Motion.from_poses([]).save_npz(real)
     assert Motion.load_npz(real).labels == ("new",)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_link_to_something_that_is_no_file_is_not_replaced(tmp_path):
+    # The rename would put a file where the link's target was: as root, a device in /dev.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    link = tmp_path / "anim.npz"
+    link.symlink_to(pipe)
+    for write in (lambda: Motion.from_poses([]).save_npz(link), lambda: check_writable(link)):
+        with pytest.raises(OSError, match="not a regular file"):
+            write()
+        assert stat.S_ISFIFO(pipe.stat().st_mode)
 
 
 def test_an_upright_amass_body_loads_upright(tmp_path):

@@ -1048,9 +1048,16 @@ def _watch_local_service() -> None:
 
 @bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
-    """A file is being loaded: answers in flight belong to the old one."""
-    _state.saves_running = 0  # a save whose end was never reported is over by now
+    """A file is about to be loaded: a save whose end was never reported is over by now. What
+    is in flight waits for `_on_load_post`: the load may fail (a damaged file) and leave the
+    file open as it was, its requests and batch still its own."""
+    _state.saves_running = 0
     _state.restore_after_save.clear()
+
+
+@bpy.app.handlers.persistent
+def _on_load_post(*_args) -> None:
+    """A file was loaded: answers in flight belong to the old one."""
     d = _state.dispatcher
     if d is None:
         return
@@ -1153,6 +1160,7 @@ def _on_save_post(*_args) -> None:
 
 FILE_HANDLERS = (
     (bpy.app.handlers.load_pre, _on_load_pre),
+    (bpy.app.handlers.load_post, _on_load_post),
     (bpy.app.handlers.save_pre, _on_save_pre),
     (bpy.app.handlers.save_post, _on_save_post),
     (bpy.app.handlers.save_post_fail, _on_save_post),

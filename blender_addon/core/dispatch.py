@@ -249,14 +249,14 @@ class Dispatcher:
     def cancel_all(self, *, forget: bool = False) -> int:
         """Cancels every request in flight (pose, status, batch). With ``forget`` their answers
         are dropped when they come (a new file was loaded: nothing to apply them to). Returns
-        how many requests were cancelled."""
+        how many requests were cancelled, not counting the add-on's own probes."""
         if self._session is None:
             return 0
         if self.batch is not None and not self.batch.ended:
             self.batch.cancel()
         for request_id in list(self._jobs):
             self._session.cancel(request_id)
-        count = len(self._jobs)
+        count = sum(not (isinstance(job, StatusJob) and job.probe) for job in self._jobs.values())
         if forget:
             if self.batch is not None:  # the old file's: no panel of the new one shows it
                 if not self.batch.ended:

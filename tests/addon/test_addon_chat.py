@@ -871,6 +871,23 @@ def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     assert "SMPL" not in bpy.data.objects
 
 
+def test_a_file_that_fails_to_load_leaves_the_open_one_s_requests_going(
+    armature, scripted_service, tmp_path
+):
+    # Blender calls load_pre before it knows the file can be read: the answer, the prompt
+    # (no longer in its field) and a batch were dropped, and "A file was loaded" said.
+    _, backend = _send_while_held(scripted_service, "kneel on one knee")
+    damaged = tmp_path / "damaged.blend"
+    damaged.write_bytes(b"BLENDER-v405" + b"\0" * 64)
+    with pytest.raises(RuntimeError):
+        bpy.ops.wm.open_mainfile(filepath=str(damaged))
+    assert "SMPL" in bpy.data.objects and runtime.pending_jobs()
+    assert "A file was loaded" not in runtime.last_message()[0]
+    backend.release()
+    drive(idle)
+    assert_pose(armature, pose_for("kneel on one knee"))
+
+
 def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted_service, tmp_path):
     # Saved, then Blender quits before the answer: the file still holds what was asked.
     _, backend = _send_while_held(scripted_service, "kneel on one knee")

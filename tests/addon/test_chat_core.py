@@ -477,6 +477,16 @@ def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
     assert len(outcomes) == 2 and dispatcher.pending_jobs() == []
 
 
+def test_cancel_all_counts_the_user_s_requests_not_the_add_on_s_probes(dispatcher, made):
+    # A file opened while the local service loads: no "1 request(s) cancelled" the user never made.
+    service = Service("tcp://127.0.0.1:5555", 30.0)
+    dispatcher.request_status(service, probe=True)
+    assert dispatcher.cancel_all(forget=True) == 0
+    dispatcher.send_pose(service, JOB)
+    dispatcher.request_status(service, probe=True)
+    assert dispatcher.cancel_all(forget=True) == 1
+
+
 def test_failures_come_back_as_outcomes(dispatcher, made):
     pose_id = dispatcher.send_pose(Service("tcp://127.0.0.1:5555", 30.0), JOB)
     status_id = dispatcher.request_status(Service("tcp://127.0.0.1:5555", 30.0))

@@ -41,10 +41,7 @@ def check_reference_image(data: bytes, name: str = "image") -> str:
     if not data:
         raise ValueError(f"{name} is empty")
     if len(data) > MAX_IMAGE_BYTES:
-        raise ValueError(
-            f"{name} is {len(data) / 2**20:.1f} MiB; the service takes images up to "
-            f"{MAX_IMAGE_BYTES // 2**20} MiB"
-        )
+        raise ValueError(_too_large(name, len(data)))
     kind = image_kind(data)
     if kind is None:
         raise ValueError(
@@ -101,12 +98,21 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _too_large(name: str, size: int) -> str:
+    return (
+        f"{name} is {size / 2**20:.1f} MiB; the service takes images up to "
+        f"{MAX_IMAGE_BYTES // 2**20} MiB"
+    )
+
+
 def read_reference_image(path: str | os.PathLike) -> bytes:
     """The bytes of a PNG or JPEG file; ValueError naming the file when it cannot be used."""
     name = os.path.basename(os.fspath(path)) or os.fspath(path)
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:  # named by its size, not by what was read of it
+                raise ValueError(_too_large(name, os.fstat(file.fileno()).st_size))
     except FileNotFoundError:
         raise ValueError(f"{name}: no such file") from None
     except IsADirectoryError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -80,8 +81,8 @@ def address_in_use(address: str) -> bool:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
         try:
             probe.bind(host_port)
-        except OSError:
-            return True
+        except OSError as exc:  # another refusal (a port below 1024): the service's to say
+            return exc.errno == errno.EADDRINUSE
     return False
 
 
@@ -160,6 +161,11 @@ def serve_command(
         raise ServiceProcessError("set the checkpoint directory (add-on preferences)")
     # Absolute: the service runs in its log folder (`start`), not in Blender's working one.
     checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+    if os.path.isfile(checkpoint):  # a file of it picked in the file browser, say
+        raise ServiceProcessError(
+            f"checkpoint {checkpoint!r} is a file; set its folder "
+            f"({os.path.dirname(checkpoint)!r}, if it holds chatpose.json)"
+        )
     if not os.path.isdir(checkpoint):
         raise ServiceProcessError(f"checkpoint directory {checkpoint!r} does not exist")
     return [

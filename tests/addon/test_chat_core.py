@@ -207,6 +207,11 @@ def test_reference_images_are_checked_by_their_bytes(tmp_path):
         read_reference_image(tmp_path / "missing.jpg")
     (tmp_path / "ok.png").write_bytes(png)
     assert read_reference_image(tmp_path / "ok.png") == png
+    with open(tmp_path / "scan.png", "wb") as big:  # its size, not the 16 MiB read of it
+        big.write(PNG_MAGIC)
+        big.truncate(45 * 2**20)
+    with pytest.raises(ValueError, match=r"scan\.png is 45\.0 MiB; the service takes images"):
+        read_reference_image(tmp_path / "scan.png")
 
 
 def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before_sending():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,7 @@ from blender_addon.core.service_process import (
     STOPPED,
     ServiceProcess,
     ServiceProcessError,
+    address_in_use,
     child_environment,
     log_name_for,
     serve_command,
@@ -48,6 +51,21 @@ def gone(pid: int) -> bool:
         return True
 
 
+def test_only_a_port_that_something_holds_is_called_in_use(monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        held = listener.getsockname()[1]
+        assert address_in_use(f"tcp://127.0.0.1:{held}")
+
+    class Refused(socket.socket):  # a port below 1024 for a user who may not bind it
+        def bind(self, address):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(service_process.socket, "socket", Refused)
+    assert not address_in_use("tcp://127.0.0.1:80")  # chatpose-serve's own error says why
+
+
 def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ServiceProcessError, match="set the Python interpreter"):
         serve_command("", str(tmp_path), "tcp://127.0.0.1:5555")
@@ -57,6 +75,9 @@ def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
         serve_command(sys.executable, " ", "tcp://127.0.0.1:5555")
     with pytest.raises(ServiceProcessError, match="does not exist"):
         serve_command(sys.executable, str(tmp_path / "ckpt"), "tcp://127.0.0.1:5555")
+    (tmp_path / "chatpose.json").write_text("{}")  # a file of the checkpoint, picked
+    with pytest.raises(ServiceProcessError, match=r"chatpose\.json' is a file; set its folder"):
+        serve_command(sys.executable, str(tmp_path / "chatpose.json"), "tcp://127.0.0.1:5555")
     argv = serve_command(sys.executable, str(tmp_path), "tcp://127.0.0.1:5555", "cpu")
     # "~/..." as a user types it, and a folder relative to Blender's: the service runs elsewhere.
     monkeypatch.setenv("HOME", str(tmp_path.parent))

@@ -69,7 +69,9 @@ from .props import append_history, history_messages, target_armature, target_pro
 TICK_INTERVAL_S = 0.05
 TICK_BUDGET_S = 0.025
 PROBE_INTERVAL_S = 1.0
-MAX_LINES_PER_GROUP = 64  # batch lines keyed in one pass
+# Batch lines keyed in one pass: about 7 ms and a third of a millisecond a line after a long
+# animation (docs/benchmarks.md), so that a pass stays near the timer's budget.
+MAX_LINES_PER_GROUP = 32
 
 
 @dataclass(frozen=True)

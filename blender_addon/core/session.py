@@ -108,6 +108,9 @@ class Service:
 
 
 CANCEL_GRACE_S = 5.0  # a cancel the service has not confirmed by then ends here
+# Replies decoded in one tick, at most (a third of a millisecond each): a burst of a batch's
+# 256 answers, come while Blender was busy, is read over several timer calls, not one.
+MAX_REPLIES_PER_TICK = 64
 
 
 @dataclass
@@ -205,9 +208,12 @@ class Session:
     # --- the timer's work -----------------------------------------------------------------------
 
     def tick(self) -> list[Event]:
-        """Everything that happened since the last tick; never blocks."""
+        """What happened since the last tick, up to `MAX_REPLIES_PER_TICK` replies (the rest
+        wait in the socket for the next tick); never blocks."""
         events: list[Event] = []
-        while (reply := self._client.poll(0)) is not None:
+        for _ in range(MAX_REPLIES_PER_TICK):
+            if (reply := self._client.poll(0)) is None:
+                break
             events.extend(self._on_reply(reply))
         events.extend(self._check_connection())
         return events

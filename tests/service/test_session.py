@@ -15,6 +15,7 @@ import zmq
 
 from blender_addon.core.session import (
     CANCEL_GRACE_S,
+    MAX_REPLIES_PER_TICK,
     BatchFinished,
     BatchItem,
     PoseResult,
@@ -102,6 +103,18 @@ def test_pose_status_and_batch(address):
     assert sorted(e.index for e in events if isinstance(e, BatchItem)) == [0, 1, 2]
     assert events[-1] == BatchFinished(batch_id, total=3, completed=3)
     assert not session.busy
+    session.close()
+
+
+def test_a_burst_of_answers_is_read_over_several_ticks(address):
+    # Come while Blender was busy: decoding 256 at once held one timer call past 0.1 s.
+    session = Session(address, timeout_s=TIMEOUT_S)
+    batch_id = session.request_batch([f"line {k}" for k in range(100)])
+    time.sleep(2)  # every answer waits in the socket by now
+    first = session.tick()
+    assert len(first) == MAX_REPLIES_PER_TICK < 100
+    events = first + run_until(session, final_for(batch_id))
+    assert sorted(e.index for e in events if isinstance(e, BatchItem)) == list(range(100))
     session.close()
 
 

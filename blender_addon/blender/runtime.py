@@ -94,6 +94,7 @@ class _State:
     level: str = "INFO"  # INFO, WARNING, ERROR
     service_line: str = ""  # what the last status check said
     waiting_ready: bool = False  # a local service was started and has not answered yet
+    local_address: str = ""  # where the local service was started to listen
     stopping: bool = False  # the local service was asked to stop and is still there
     next_probe: float = 0.0
     status_bar: bool = False
@@ -1002,6 +1003,7 @@ def start_service(context: bpy.types.Context) -> None:
     except ServiceProcessError as exc:
         raise UserError(f"Local service not started: {exc}") from None
     _state.waiting_ready = True
+    _state.local_address = address
     _state.next_probe = time.monotonic() + 0.5
     _state.service_line = ""
     ensure_timer()
@@ -1037,6 +1039,17 @@ def _watch_local_service() -> None:
     if not state.alive:
         _state.waiting_ready = False
         notify(f"Local service {state.describe()}", "ERROR", popup=True)
+        return
+    from ..preferences import service_settings
+
+    address = service_settings(bpy.context).address
+    if address != _state.local_address:  # the probe would ask elsewhere, and wait for ever
+        _state.waiting_ready = False
+        notify(
+            f"The Service Address is now {address}; the local service started on "
+            f"{_state.local_address} goes on there (Stop it, or set that address again)",
+            "WARNING",
+        )
         return
     d = dispatcher()
     if time.monotonic() >= _state.next_probe and not d.status_in_flight(probe=True):

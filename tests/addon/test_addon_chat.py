@@ -1141,6 +1141,33 @@ def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
         runtime.service_process().stop(wait=True)
 
 
+def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
+    armature, monkeypatch, tmp_path
+):
+    # The readiness check asked the new address: "loading the model..." for ever, and every
+    # failure called the local service "still starting".
+    started_on = f"tcp://127.0.0.1:{free_port()}"
+    use_service(started_on)
+    prefs = preferences.get_preferences()
+    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
+    loading = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(runtime, "serve_command", lambda *args: loading)
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    try:
+        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        elsewhere = f"tcp://127.0.0.1:{free_port()}"
+        use_service(elsewhere)
+        drive(lambda: not runtime._state.waiting_ready)
+        assert runtime.last_message() == (
+            f"The Service Address is now {elsewhere}; the local service started on {started_on} "
+            "goes on there (Stop it, or set that address again)",
+            "WARNING",
+        )
+        assert runtime.local_service_state().alive
+    finally:
+        runtime.service_process().stop(wait=True)
+
+
 def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature, local_scripted):
     import os
     import signal

@@ -512,4 +512,5 @@ def run_demo(
 
 
 def _say(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:  # closed (`2>&-`): print would write to stdout instead
+        print(f"[demo] {message}", file=sys.stderr, flush=True)

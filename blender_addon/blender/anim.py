@@ -101,9 +101,16 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
             f"{obj.name} an action of its own"
         )
     fcurves = fcurve_map(obj)
+    groups = {fc.group.name: fc.group for fc in fcurves.values() if fc.group is not None}
     for bone, prop, index in channels:
         fcurve = fcurves.get((bone_data_path(bone, prop), index))
-        if fcurve is not None and (reason := why_not_keyable(fcurve)):
+        if fcurve is not None:
+            reason = why_not_keyable(fcurve)
+        elif (group := groups.get(bone)) is not None and group.lock:  # where a new one goes
+            reason = f"would go into the locked channel group {bone!r}; unlock the group"
+        else:
+            reason = None
+        if reason:
             raise LockedCurveError(f"the F-curve of {bone} {prop} {reason} to key this pose")
 
 

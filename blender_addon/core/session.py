@@ -213,9 +213,11 @@ class Session:
         events: list[Event] = []
         for _ in range(MAX_REPLIES_PER_TICK):
             if (reply := self._client.poll(0)) is None:
+                # Only once every reply that came is read: a service gone (or a deadline
+                # passed) after answering still has its answers counted.
+                events.extend(self._check_connection())
                 break
             events.extend(self._on_reply(reply))
-        events.extend(self._check_connection())
         return events
 
     def _on_reply(self, reply: Reply) -> list[Event]:

@@ -243,6 +243,14 @@ def render_pairs(
     names = [f"{i:06d}" for i in range(n)] if names is None else list(names)
     if len(names) != n:
         raise ValueError(f"names: {len(names)} for {n} poses")
+    # Each image a file of its own in images/: a repeated name would pair one picture with two
+    # poses.
+    seen = set()
+    for name in names:
+        if name in seen or not name or name in (".", "..") or "/" in name or os.sep in name:
+            problem = "is given twice" if name in seen else "is no plain file name"
+            raise ValueError(f"names: {name!r} {problem}; each pose needs an image of its own")
+        seen.add(name)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     renderer = renderer or MannequinRenderer(size)
@@ -365,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             poses = read_pose_array(args.poses, arrays)
             if args.count is not None:
                 poses = poses[: args.count]
+            if "names" in arrays and arrays["names"].ndim != 1:
+                raise ValueError(f"{args.poses}: names: expected one name per pose")
             names = [str(x) for x in arrays["names"][: len(poses)]] if "names" in arrays else None
             actions, ids, split = None, None, None
         views = None

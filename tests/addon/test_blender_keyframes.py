@@ -295,6 +295,23 @@ def test_a_channel_blender_would_not_key_refuses_the_pose_on_both_paths(blender,
         assert [tuple(p.co) for p in curve.sampled_points] == samples
 
 
+def test_a_locked_group_refuses_the_pose_before_its_bone_has_a_rotation_curve(blender):
+    # The bone's scale keyed and its group locked: a new rotation curve would join the group,
+    # keyframe_insert would skip it (a half-keyed pose), the bulk path write through the lock.
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    obj.pose.bones["left_knee"].keyframe_insert("scale", frame=1)
+    next(c for c in action_fcurves(obj) if "scale" in c.data_path).group.lock = True
+    for write in (
+        lambda: key_poses(obj, [random_pose(3)], [10]),  # a batch, an import
+        lambda: apply_pose(obj, random_pose(3), frame=10),  # an answer, Apply Pose
+    ):
+        message = "left_knee rotation_quaternion would go into the locked channel group"
+        with pytest.raises(LockedCurveError, match=message):
+            write()
+        assert keyed_frames(obj) == []
+        assert not [c for c in action_fcurves(obj) if "rotation" in c.data_path]
+
+
 def test_modifiers_that_leave_the_keys_in_effect_let_poses_be_keyed(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1)], [1])

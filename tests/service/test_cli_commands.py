@@ -642,6 +642,10 @@ def test_a_closed_stderr_costs_neither_the_file_nor_a_clean_stdout(
     argv = ["pose", "wave", "--json", "--out", str(tmp_path / "p.npz"), "--address", address]
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["op"] == "pose"  # the JSON alone
+    from inference_service import demo
+
+    demo._say("starting the service")  # the demo's progress lines
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("command, stop", [("status", "SIGTERM"), ("pose", "SIGHUP")])

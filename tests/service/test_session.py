@@ -25,6 +25,7 @@ from blender_addon.core.session import (
 )
 from inference_service.server import Server
 from shared_protocol.protocol import (
+    BatchDoneReply,
     BatchItemReply,
     CancelRequest,
     ErrorCode,
@@ -115,6 +116,29 @@ def test_a_burst_of_answers_is_read_over_several_ticks(address):
     assert len(first) == MAX_REPLIES_PER_TICK < 100
     events = first + run_until(session, final_for(batch_id))
     assert sorted(e.index for e in events if isinstance(e, BatchItem)) == list(range(100))
+    session.close()
+
+
+def test_answers_that_came_before_the_service_went_away_are_all_read():
+    # Read 64 a tick, the rest were dropped with the socket when the tick found the service
+    # gone: the batch failed as "went away", its answers in hand.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 1000
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=TIMEOUT_S)
+    batch_id = session.request_batch([f"line {k}" for k in range(200)])
+    while not router.poll(10):
+        session.tick()
+    peer, *frames = router.recv_multipart()
+    answers = [BatchItemReply(batch_id, k, 200, "", (pose_for("wave"),)) for k in range(200)]
+    for reply in (*answers, BatchDoneReply(batch_id, 200, 200)):
+        router.send_multipart([peer, *encode_reply(reply)])
+    time.sleep(1)  # Blender busy: every answer waits in the socket
+    router.close()  # then the service stops
+    time.sleep(1)
+    events = run_until(session, final_for(batch_id))
+    assert len([e for e in events if isinstance(e, BatchItem)]) == 200
+    assert events[-1] == BatchFinished(batch_id, total=200, completed=200)
     session.close()
 
 

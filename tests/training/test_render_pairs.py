@@ -121,6 +121,10 @@ def test_a_poses_file_whose_names_or_views_do_not_fit_is_refused_first(tmp_path,
     cases = {
         "short_names.npz": ({"names": np.array(["a", "b"])}, "names: 2 for 3 poses"),
         "bad_views.npz": ({"views": np.zeros((3, 5))}, "views: expected shape (N, 4), got (3, 5)"),
+        # One image would be written over by the next, and listed for two poses.
+        "twice.npz": ({"names": np.array(["a", "a", "b"])}, "names: 'a' is given twice"),
+        "path.npz": ({"names": np.array(["a", "../b", "c"])}, "'../b' is no plain file name"),
+        "one.npz": ({"names": np.array("a")}, "names: expected one name per pose"),
     }
     for name, (extra, message) in cases.items():
         np.savez(tmp_path / name, poses=poses, **extra)

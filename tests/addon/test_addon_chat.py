@@ -862,7 +862,7 @@ def test_a_service_off_this_machine_needs_keys(armature, monkeypatch):
 def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     _, backend = _send_while_held(scripted_service)
     assert runtime.pending_jobs()
-    bpy.ops.wm.read_homefile(use_empty=True)  # load_pre runs
+    bpy.ops.wm.read_homefile(use_empty=True)  # load_post runs
     backend.release()
     assert runtime.pending_jobs() == []
     # The prompt, typed in the old file, is named: it could not go back into its field.

@@ -104,6 +104,10 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         not destination.is_dir() or any(p != writing for p in destination.iterdir())
     ):
         raise CheckpointError(f"{destination}: exists and is not empty")
+    from inference_service.training.loop import unwritable
+
+    if problem := unwritable(writing.parent):  # now, not once the weights are in memory
+        raise CheckpointError(f"{destination}: {problem}")
     if not vision_tower.is_dir():
         raise CheckpointError(
             f"--vision-tower {vision_tower}: no such folder (a local copy of the CLIP vision "

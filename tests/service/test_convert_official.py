@@ -422,6 +422,18 @@ def test_a_destination_through_a_link_or_named_dot_or_tilde_is_written(
     assert leftovers == []
 
 
+def test_a_destination_that_cannot_be_written_is_refused_before_the_weights_load(
+    release, tmp_path, monkeypatch, read_only
+):
+    source, clip, _ = release
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(locked)
+    monkeypatch.setattr(convert_official, "_read_weights", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(CheckpointError, match=f"ckpt: cannot write in {locked}"):
+        convert(source, locked / "ckpt", clip)
+
+
 def test_a_vision_tower_folder_without_its_config_is_named(release, tmp_path):
     # CLIP's defaults were taken instead, and the folder called a 224-px model.
     source, clip, _ = release

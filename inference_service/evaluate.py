@@ -37,6 +37,7 @@ Exit status: 0 written (whatever the bars say), 2 bad arguments or files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -192,6 +193,14 @@ def read_image_pairs(pairs: str | Path, limit: int | None = None):
     )
 
     path = Path(pairs) / "pairs.npz"
+    hmr = []
+    with contextlib.suppress(OSError, ValueError), open_npz(path) as archive:  # else read below
+        hmr = [key for key in ("center", "scale", "imgname") if key in archive.files]
+    if hmr:  # boxes to crop to and a camera-frame root: scored here as renders, wrongly
+        raise DatasetError(
+            f"{path}: HMR-style data ({', '.join(map(repr, hmr))}), not render_pairs' renders "
+            "of the mannequin, which are scored whole and upright"
+        )
     examples = read_image_pose_pairs(path, camera_frame=False, crop="none", limit=limit)
     rows = [int(example.source.rpartition("#")[2]) for example in examples]
     arrays = {}  # the optional arrays render_pairs adds (the file loads: read above)

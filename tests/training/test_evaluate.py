@@ -261,6 +261,8 @@ def test_figures_that_mean_less_than_their_headings_come_with_a_warning(tiny, tm
         ("actions short", "'actions' must be one string per frame"),
         ("actions as objects", "'actions' cannot be read: Object arrays cannot be loaded"),
         ("AMASS-wide poses", None),  # (N, 156), as training reads them: no damage
+        # SPIN's layout: scored uncropped, its camera-frame root taken as upright, no word.
+        ("HMR boxes", "HMR-style data ('center', 'scale'), not render_pairs' renders"),
     ],
 )
 def test_damaged_pairs_are_named_before_the_model_loads(tiny, tmp_path, capsys, damage, message):
@@ -283,6 +285,9 @@ def test_damaged_pairs_are_named_before_the_model_loads(tiny, tmp_path, capsys, 
         arrays["actions"] = arrays["actions"][:2]
     elif damage == "actions as objects":
         arrays["actions"] = arrays["actions"].astype(object)
+    elif damage == "HMR boxes":
+        arrays["center"] = np.full((len(arrays["poses"]), 2), 24.0)
+        arrays["scale"] = np.full(len(arrays["poses"]), 0.2)
     elif damage == "AMASS-wide poses":
         wide = np.zeros((len(arrays["poses"]), 156))
         wide[:, :72] = arrays["poses"].reshape(len(wide), 72)

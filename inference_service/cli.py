@@ -345,6 +345,10 @@ def _pose(args: argparse.Namespace) -> int:
     # reply that did not decode).
     if args.json and isinstance(answer, ErrorReply) and not isinstance(answer, UndecodableReply):
         print(encode_reply(answer)[0].decode("utf-8"))
+    if isinstance(answer, ErrorReply) and args.image and answer.message.startswith("images[0]"):
+        # The service names the request's field; the user gave a file.
+        message = f"--image {args.image}{answer.message.removeprefix('images[0]')}"
+        answer = dataclasses.replace(answer, message=message)
     reply = _checked(answer, PoseReply)
     # The file first: a reader that closes stdout early (`| head`) must not cost it; and a
     # file that cannot be written must not cost the reply.

@@ -30,7 +30,7 @@ from shared_protocol.protocol import (
 )
 
 from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
-from .tiny_llava import image_bytes
+from .tiny_llava import image_bytes, png_header
 
 PNG = image_bytes((200, 100, 50))
 
@@ -235,6 +235,8 @@ def _huge_png(folder):
         (lambda d: None, "cannot read"),
         (lambda d: (d / "ref.png").write_text("hello"), "is not a PNG or JPEG file"),
         (_huge_png, "is larger than 16 MiB, the most an image may be"),  # not read whole
+        # Refused by the service, which names its field: said of the file the user gave.
+        (lambda d: (d / "ref.png").write_bytes(png_header(40_000, 40_000)), "ref.png: too many"),
     ],
 )
 def test_pose_with_a_bad_image_file(address, capsys, tmp_path, setup, message):

@@ -14,13 +14,7 @@ from shared_protocol.pose import Motion, Pose
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_frames, playback_rate
 from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
-from .armature import (
-    armature_units,
-    bone_names,
-    bone_rest_rotations,
-    rest_joints,
-    root_location_frame,
-)
+from .armature import bone_names, rest_joints, rig_geometry
 from .fast_keys import write_keys
 from .posing import (
     apply_pose,
@@ -77,7 +71,8 @@ def write_pose_keys(
         last[int(frame)] = i
     order = sorted(last)  # frames in time order, so signs and Euler turns follow the timeline
     picked = [poses[last[f]] for f in order]
-    quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), bone_rest_rotations(obj))
+    rig = rig_geometry(obj)
+    quats = bone_quaternions(np.stack([p.axis_angle for p in picked]), rig.rest_rotations)
     fcurves = fcurve_map(obj)
     rows: list = []  # in the order of pose_channels
     for j, name in enumerate(bone_names(obj)):
@@ -91,7 +86,7 @@ def write_pose_keys(
         rows.append(values.T)
     if use_translation:
         t = np.stack([np.zeros(3) if p.translation is None else p.translation for p in picked])
-        rows.append(root_location(t, root_location_frame(obj), armature_units(obj)).T)  # (3, N)
+        rows.append(root_location(t, rig.location_frame, rig.units_per_metre).T)  # (3, N)
     channels = pose_channels(obj, use_translation)
     write_keys(obj, channels, order, np.concatenate(rows), handles=handles)
 

@@ -29,7 +29,7 @@ from ..core.posing import (
     translation_from_root_location,
 )
 from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
-from .armature import armature_units, bone_names, bone_rest_rotations, root_location_frame
+from .armature import bone_names, rig_geometry
 
 
 def rotation_data_path(mode: str) -> str:
@@ -40,13 +40,25 @@ def rotation_data_path(mode: str) -> str:
     return "rotation_euler"
 
 
-def set_bone_rotation(pbone: bpy.types.PoseBone, wxyz, before=None) -> None:
-    """Sets the bone's rotation in its own rotation mode (see the module docstring), its
-    quaternion sign or Euler turn next to ``before`` (default: the bone's value now)."""
-    path = rotation_data_path(pbone.rotation_mode)
-    current = list(getattr(pbone, path)) if before is None else before
-    values = rotation_channel_values([wxyz], pbone.rotation_mode, current)[0]
-    setattr(pbone, path, values.tolist())
+def set_bone_rotations(pbones: Sequence[bpy.types.PoseBone], quaternions, befores) -> None:
+    """Sets each bone's rotation to its quaternion (K, 4) in its own rotation mode (see the
+    module docstring), its quaternion sign or Euler turn next to its ``befores`` row (None:
+    the bone's value now). The QUATERNION bones' signs are chosen in one go (a pose is 24
+    bones, and per-bone numpy calls were most of the time it took)."""
+    befores = [
+        list(getattr(pbone, rotation_data_path(pbone.rotation_mode))) if before is None else before
+        for pbone, before in zip(pbones, befores, strict=True)
+    ]
+    quaternion_rows = [k for k, pbone in enumerate(pbones) if pbone.rotation_mode == "QUATERNION"]
+    q = np.asarray(quaternions, dtype=np.float64)
+    signed = continuous_quaternions(
+        q[None, quaternion_rows], np.array([befores[k] for k in quaternion_rows]).reshape(-1, 4)
+    )[0]
+    values = dict(zip(quaternion_rows, signed.tolist(), strict=True))
+    for k, pbone in enumerate(pbones):
+        mode = pbone.rotation_mode
+        row = values[k] if k in values else rotation_channel_values([q[k]], mode, befores[k])[0]
+        setattr(pbone, rotation_data_path(mode), list(row))
 
 
 def rotation_channel_values(quaternions, mode: str, before) -> np.ndarray:
@@ -111,32 +123,33 @@ def apply_pose(
     """
     if frame is not None:
         refuse_locked(obj, pose_channels(obj, use_translation))
-    rests = bone_rest_rotations(obj)
-    quats = bone_quaternions(pose.axis_angle, rests)
+    rig = rig_geometry(obj)
+    quats = bone_quaternions(pose.axis_angle, rig.rest_rotations)
     result = ApplyResult()
     pbones = obj.pose.bones
     names = bone_names(obj)
-    # A key carries on from the animation at its frame, not from the pose the playhead shows
-    # (a key at frame 20 sent from frame 100 would flip a turning pelvis through a full turn).
-    fcurves = fcurve_map(obj) if frame is not None else None
-    for i, name in enumerate(names):
-        if name is None:  # a hand an SMPL-H or SMPL-X rig does not have
-            continue
-        pbone = pbones[name]
-        if pbone.rotation_mode != "QUATERNION":
-            result.non_quaternion_bones.append(name)
-        before = None
-        if frame is not None:
-            path = rotation_data_path(pbone.rotation_mode)
-            before = channel_values(fcurves, pbone, path, [frame])[0]
-        set_bone_rotation(pbone, quats[i], before)
+    posed = [i for i, name in enumerate(names) if name is not None]  # no hands a rig lacks
+    posed_bones = [pbones[names[i]] for i in posed]
+    result.non_quaternion_bones = [b.name for b in posed_bones if b.rotation_mode != "QUATERNION"]
+    befores = [None] * len(posed)
+    if frame is not None:
+        # A key carries on from the animation at its frame, not from the pose the playhead
+        # shows (a key at frame 20 sent from frame 100 would flip a turning pelvis through a
+        # full turn).
+        fcurves = fcurve_map(obj)
+        befores = [
+            channel_values(fcurves, b, rotation_data_path(b.rotation_mode), [frame])[0]
+            for b in posed_bones
+        ]
+    set_bone_rotations(posed_bones, quats[posed], befores)
+    for i, pbone in zip(posed, posed_bones, strict=True):
         pbone.scale = (1.0, 1.0, 1.0)
         if i > 0:
             pbone.location = (0.0, 0.0, 0.0)
     if use_translation:
         root = pbones[names[0]]
         t = np.zeros(3) if pose.translation is None else pose.translation
-        root.location = tuple(root_location(t, root_location_frame(obj), armature_units(obj)))
+        root.location = tuple(root_location(t, rig.location_frame, rig.units_per_metre))
     if frame is not None:
         keyed, options = False, set(key_options)  # bpy takes a set, not a frozenset
         for name in filter(None, names):
@@ -231,11 +244,12 @@ def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Po
         pbone = pbones[name]
         rows = channel_values(fcurves, pbone, rotation_data_path(pbone.rotation_mode), frames)
         quats.append([tuple(bone_rotation_quaternion(pbone, row)) for row in rows])
+    rig = rig_geometry(obj)
     axis_angle = axis_angle_from_bone_quaternions(
-        np.swapaxes(np.array(quats), 0, 1), bone_rest_rotations(obj)
+        np.swapaxes(np.array(quats), 0, 1), rig.rest_rotations
     )
     locations = channel_values(fcurves, pbones[names[0]], "location", frames)
     translations = translation_from_root_location(
-        locations, root_location_frame(obj), armature_units(obj)
+        locations, rig.location_frame, rig.units_per_metre
     )
     return [Pose(a, t) for a, t in zip(axis_angle, translations, strict=True)]

@@ -102,6 +102,7 @@ HEAD_INITS = ("auto", "fresh", "base")
 # After the warmup: constant, or falling linearly towards zero, the last step at
 # lr / (steps - warmup) (LISA's WarmupDecayLR, which ChatPose's training code uses).
 LR_SCHEDULES = ("constant", "linear")
+MAX_LR = 1.0  # no AdamW run learns at more; the demo's stages use 1e-3 at most
 # None: LoRA (the paper's)
 TRAIN_BASE_SCOPES = (None, "all", "embeddings", "context", "vision", "projector", "lm_head")
 
@@ -188,6 +189,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "adapter_lr"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_LR:  # past about 1e38 AdamW's step overflows
+                raise ValueError(
+                    f"{name} must be at most {MAX_LR:g} (AdamW moves each weight by about "
+                    f"that much a step), got {value:g}"
+                )
         if not self.max_grad_norm >= 0:
             raise ValueError(
                 f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}"

@@ -595,6 +595,8 @@ def _raise(error):
         ("max_grad_norm", -1.0, "max_grad_norm must be 0 (no clipping) or more, got -1.0"),
         ("text_weight", float("inf"), "text_weight must be a finite number, got inf"),
         ("adapter_lr", float("inf"), "adapter_lr must be a finite number, got inf"),
+        ("lr", 1e38, "lr must be at most 1 (AdamW moves each weight by about that much a step)"),
+        ("adapter_lr", 2.0, "adapter_lr must be at most 1 (AdamW moves each weight by about"),
         ("action_weight", float("inf"), "action_weight must be a finite number, got inf"),
         ("seed", 2**64 - 1, "seed must be from 0 to 2**63 - 2, got 18446744073709551615"),
     ],

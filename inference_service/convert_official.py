@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
@@ -44,6 +45,7 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.utils import logging as transformers_logging
 
 from inference_service.checkpoint import (
     CONFIG_NAME,
@@ -150,9 +152,10 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         tie_word_embeddings=False,
     )
     state = _language_and_projector(weights, source, vocab_size)
-    vision, loading = CLIPVisionModel.from_pretrained(
-        vision_tower, local_files_only=True, dtype=dtype, output_loading_info=True
-    )
+    with _quiet_load_report():
+        vision, loading = CLIPVisionModel.from_pretrained(
+            vision_tower, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
     if loading["missing_keys"]:  # transformers would start them at random, with a notice
         raise CheckpointError(
             f"--vision-tower {vision_tower}: no weights for "
@@ -476,6 +479,20 @@ def _pose_head(weights: dict[str, torch.Tensor], source: Path, hidden_size: int)
     except RuntimeError as exc:  # a layer of another shape than its neighbours say
         raise CheckpointError(f"{source}: the SMPL head's weights do not fit ({exc})") from None
     return head
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Keeps transformers from listing the weights it did not load: for a full CLIP folder (the
+    usual download) that is its whole text model, about 200 lines. The vision tower's own
+    missing weights are checked and named instead."""
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _processor(tokenizer, vision_config: CLIPVisionConfig, select_strategy: str) -> LlavaProcessor:

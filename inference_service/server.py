@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import Counter, deque
@@ -169,13 +170,23 @@ def check_address_free(bind: str) -> None:
 
 def _refuse_a_live_ipc_socket(bind: str) -> None:
     """ZeroMQ binds an ipc path by removing the file that is there, so a second server would
-    silently take the address of a running one, which no client could reach again. A socket
-    file that accepts a connection belongs to a live listener."""
+    silently take the address of a running one, which no client could reach again, and a
+    mistyped path would delete the user's file. Only a socket file no one listens on (left by
+    a server that is gone) may be replaced."""
     path = bind.removeprefix("ipc://")
     if path == bind or path.startswith("@") or not hasattr(socket, "AF_UNIX"):
         return  # not ipc, or Linux's abstract namespace, which ZeroMQ refuses twice itself
-    if not os.path.exists(path):
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    except OSError as exc:
+        raise ServerConfigError(f"cannot listen on {bind}: {exc}") from None
+    if not stat.S_ISSOCK(kind):  # ZeroMQ would delete it: a file of the user's, say
+        raise ServerConfigError(
+            f"cannot listen on {bind}: {path} is there and is not a socket, and listening "
+            "there would delete it; choose another path"
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)

@@ -8,6 +8,7 @@ with the same sentence before ZeroMQ fails on it with "Invalid argument".
 from __future__ import annotations
 
 import ipaddress
+import os
 
 EXPECTED = "expected tcp://host:port"
 
@@ -28,6 +29,8 @@ def check_address(address: str, *, bind: bool = False) -> str:
             "run in others; use tcp://127.0.0.1:PORT or ipc://PATH"
         )
     problem = _problem(address, bind)
+    if bind and address.startswith("tcp://") and ";" in address:
+        problem = "'interface;' is for connecting, not listening"
     if problem:
         raise AddressError(f"{address!r} is not a ZeroMQ address: {problem} ({EXPECTED})")
     return address
@@ -67,8 +70,13 @@ def _problem(address: str, bind: bool) -> str | None:
     if any(c.isspace() for c in address):
         return "it contains a space"
     if address.startswith("ipc://"):
-        if not address[len("ipc://") :]:
+        path = address[len("ipc://") :]
+        if not path:
             return "nothing after ipc://"
+        if not (os.path.isabs(path) or path.startswith("@")):  # "@": Linux's abstract names
+            # The add-on starts its service in another folder than Blender's: each side
+            # would find its own file.
+            return f"{path!r} is a relative path; give the whole path, ipc:///folder/name"
         if not _ipc_supported():
             return "this ZeroMQ has no ipc:// (pyzmq's Windows builds); use tcp://127.0.0.1:PORT"
         return None

@@ -659,6 +659,16 @@ def test_a_live_ipc_address_is_in_use_and_a_stale_socket_file_is_not(backend, tm
 
 
 @scripted_only
+def test_an_ipc_path_that_names_a_file_is_refused_and_the_file_kept(backend, tmp_path):
+    shot = tmp_path / "shot12.blend"  # a mistyped Service Address: ZeroMQ would delete it
+    shot.write_bytes(b"the user's work")
+    for start in (check_address_free, lambda bind: Server(backend, backend.info, bind)):
+        with pytest.raises(ServerConfigError, match="is there and is not a socket"):
+            start(f"ipc://{shot}")
+    assert shot.read_bytes() == b"the user's work"
+
+
+@scripted_only
 def test_a_non_loopback_bind_needs_curve_keys(backend):
     with pytest.raises(ServerConfigError, match="not a loopback address"):
         Server(backend, backend.info, "tcp://0.0.0.0:*")

@@ -214,7 +214,7 @@ def bench_export(obj, workdir: Path, frames: int = 3600, repeats: int = 3) -> li
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        motion = export_npz(obj, workdir / "take.npz", fps=30.0)
+        motion, _ = export_npz(obj, workdir / "take.npz", fps=30.0)
         times.append(time.perf_counter() - started)
         assert len(motion) == frames
     clear_keys(obj)

@@ -217,7 +217,10 @@ def export_npz(
     *,
     z_up: bool = True,
     labels: Mapping[int, str] | None = None,
-) -> Motion:
-    motion = motion_from_keys(obj, fps, labels=labels)
+) -> tuple[Motion, list[int]]:
+    """Writes the armature's keyed frames (``motion_from_keys``) to ``path``; returns the
+    motion and the scene frames it holds (none: the current pose)."""
+    frames, rate = motion_frames(keyed_frames(obj), fps)
+    motion = motion_from_keys(obj, rate, frames, labels=labels)
     motion.save_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
-    return motion
+    return motion, frames

@@ -10,7 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Motion, Pose
 
-from ..core.timeline import MAX_FRAME, frames_for
+from ..core.timeline import MAX_FRAME, frames_for, keeps_timing
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, start_new_take
 from .armature import (
@@ -275,7 +275,7 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
         obj = find_smpl_armature(context)
         labels = _batch_labels(context, obj)
         try:
-            motion = export_npz(
+            motion, frames = export_npz(
                 obj, self.filepath, scene_fps(context.scene), z_up=self.z_up, labels=labels
             )
         except (OSError, ValueError) as exc:
@@ -283,6 +283,15 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
             return {"CANCELLED"}
         labelled = sum(bool(label) for label in motion.labels or ())
         said = f", {labelled} labelled with their batch line's prompt" if labelled else ""
+        if not keeps_timing(frames):
+            self.report(
+                {"WARNING"},
+                f"Wrote {len(motion)} frame(s) to {self.filepath}{said}: the keys alone, one "
+                f"after the other at the scene's rate, so the time between them is not kept "
+                f"(keys from frame {frames[0]} to {frames[-1]}, too far apart to read every "
+                "frame between them)",
+            )
+            return {"FINISHED"}
         self.report({"INFO"}, f"Wrote {len(motion)} frame(s) to {self.filepath}{said}")
         return {"FINISHED"}
 

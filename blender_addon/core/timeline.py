@@ -42,8 +42,9 @@ def keyed_frame_list(frames: Iterable[float]) -> list[int]:
     return sorted({round(f) for f in frames})
 
 
-# Frames an export reads back at most between uneven keys (a key a few ms each): past it, a
-# stray key far from the others would hold Blender for minutes, and the keys alone are read.
+# Frames an export reads back between uneven keys (a key a few ms each) before the keys alone
+# are read: past both this and twice the keys, a stray key far from the others would hold
+# Blender for minutes. Two long clips keyed one after the other, with a gap, stay within it.
 MAX_SAMPLED_FRAMES = 10_000
 
 
@@ -53,16 +54,23 @@ def motion_frames(keyed: list[int], scene_fps: float) -> tuple[list[int], float]
     gap between keys, at scene_fps / s. Evenly spaced keys are their own frames (keys every 2
     frames at 30 fps: 15 fps); uneven ones keep their timing, the frames between them as
     Blender plays them (keys at 1, 11, 21, 26: every 5 frames). More than
-    ``MAX_SAMPLED_FRAMES`` between the keys, or a rate below what a motion file holds: the keys
-    alone, at ``scene_fps``."""
+    ``MAX_SAMPLED_FRAMES`` frames and twice the keys between the first key and the last, or a
+    rate below what a motion file holds: the keys alone, at ``scene_fps``
+    (``keeps_timing`` tells)."""
     if len(keyed) < 2:
         return list(keyed), scene_fps
     step = math.gcd(*(b - a for a, b in zip(keyed, keyed[1:], strict=False)))
     frames = range(keyed[0], keyed[-1] + 1, step)
     too_slow = scene_fps / step < FPS_RANGE[0]  # no file holds a rate that low
-    if too_slow or len(frames) > max(MAX_SAMPLED_FRAMES, len(keyed)):  # a stray key far away
+    if too_slow or len(frames) > max(MAX_SAMPLED_FRAMES, 2 * len(keyed)):  # a stray key
         return list(keyed), scene_fps
     return list(frames), scene_fps / step
+
+
+def keeps_timing(frames: list[int]) -> bool:
+    """Whether ``motion_frames``' frames are evenly spaced, so a file at one rate keeps the time
+    between them (not so when it fell back to uneven keys alone)."""
+    return len({b - a for a, b in zip(frames, frames[1:], strict=False)}) <= 1
 
 
 def playback_rate(fps: int, fps_base: float) -> float:

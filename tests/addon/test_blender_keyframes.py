@@ -566,6 +566,20 @@ def test_a_second_import_goes_into_a_new_take_and_keeps_the_first(blender, tmp_p
     assert obj.animation_data.action.name == "short" and keyed_frames(obj) == list(range(1, 15))
 
 
+def test_an_export_of_keys_too_far_apart_to_read_between_says_their_timing_is_lost(
+    blender, tmp_path, capfd
+):
+    bpy.ops.chatpose.create_armature(with_mesh=False)
+    obj = bpy.context.active_object
+    key_poses(obj, motion(3, seed=1).poses(), [1, 2, 50_000])  # a stray key far away
+    out = tmp_path / "out.npz"
+    assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+    assert len(Motion.load_npz(out)) == 3
+    assert (
+        f"Wrote 3 frame(s) to {out}: the keys alone, one after the other at the scene's rate"
+    ) in capfd.readouterr().out
+
+
 def test_each_take_exports_with_its_own_subject(blender, tmp_path):
     # Gender and betas were kept on the object: the second import's subject came out with
     # the first take too.

@@ -412,8 +412,13 @@ def test_timeline():
     assert timeline.motion_frames([7], 24.0) == ([7], 24.0)
     assert timeline.motion_frames([], 24.0) == ([], 24.0)
     assert timeline.motion_frames([1, 2, 50_000], 24.0) == ([1, 2, 50_000], 24.0)  # stray key
+    assert not timeline.keeps_timing([1, 2, 50_000])
     far = [0, 40_000, 120_000]  # every 40,000 frames: 0.00075 fps, slower than a file holds
     assert timeline.motion_frames(far, 30.0) == (far, 30.0)
+    # Two 6,000-frame clips keyed one after the other, 100 frames apart: the gap is kept.
+    clips = [*range(1, 6001), *range(6101, 12101)]
+    assert timeline.motion_frames(clips, 120.0) == (list(range(1, 12101)), 120.0)
+    assert timeline.keeps_timing(list(range(1, 12101))) and timeline.keeps_timing([7])
 
 
 def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():

@@ -193,7 +193,9 @@ def import_npz(
     z_up: bool = True,
 ) -> tuple[Motion, list[int]]:
     """Loads an AMASS-layout .npz and keys it; with ``scene``, sets its frame rate (to the
-    nearest whole fps with a matching base) and frame range to the motion.
+    nearest whole fps with a matching base) and frame range to the motion, unless the motion
+    is one pose: that has no rate, and a range of one frame would stop the scene's other
+    animation playing.
 
     A Z-up file is AMASS's world: its translation puts the pelvis there (SMPL adds it to the
     rest pelvis: ``amass_trans_offset``), its floor (z = 0) under the armature's rest pose (at
@@ -202,7 +204,7 @@ def import_npz(
     translations: the pelvis's offset from its rest position."""
     motion = Motion.load_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
     frames = key_motion(obj, motion, start, step, use_translation=use_translation)
-    if scene is not None and frames:
+    if scene is not None and len(frames) > 1:
         playback = motion.fps * step
         scene.render.fps = max(1, round(playback))
         scene.render.fps_base = scene.render.fps / playback

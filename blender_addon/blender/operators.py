@@ -10,7 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Motion, Pose
 
-from ..core.timeline import MAX_FRAME, frames_for, keeps_timing
+from ..core.timeline import MAX_FRAME, frames_for, keeps_timing, playback_rate
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, start_new_take
 from .armature import (
@@ -252,7 +252,16 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             return {"CANCELLED"}
         level = "WARNING" if unused_model else "INFO"
         earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
-        self.report({level}, f"Keyed {len(frames)} poses on {obj.name}{earlier}{unused_model}")
+        scene = context.scene
+        rate = playback_rate(scene.render.fps, scene.render.fps_base)
+        timing = (
+            f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at {rate:g} fps"
+            if self.set_scene and len(frames) > 1
+            else ""
+        )
+        self.report(
+            {level}, f"Keyed {len(frames)} poses on {obj.name}{timing}{earlier}{unused_model}"
+        )
         return {"FINISHED"}
 
 

@@ -446,6 +446,24 @@ def test_no_keys_exports_the_current_pose(blender):
     np.testing.assert_allclose(back.axis_angle[0], random_pose(4).axis_angle, atol=1e-5)
 
 
+def test_importing_one_pose_leaves_the_scenes_rate_and_range_and_a_motion_says_it_sets_them(
+    blender, tmp_path, capfd
+):
+    scene = bpy.context.scene
+    scene.render.fps, scene.render.fps_base = 24, 1.0
+    scene.frame_start, scene.frame_end = 1, 250
+    one = tmp_path / "pose.npz"
+    motion(1, seed=1, fps=30.0).save_npz(one)  # as `chatpose pose --out` writes it
+    assert bpy.ops.chatpose.import_npz(filepath=str(one), start_frame=120) == {"FINISHED"}
+    assert (scene.render.fps, scene.frame_start, scene.frame_end) == (24, 1, 250)
+    assert "the scene now plays" not in capfd.readouterr().out
+    clip = tmp_path / "clip.npz"
+    motion(8, seed=2, fps=60.0).save_npz(clip)
+    assert bpy.ops.chatpose.import_npz(filepath=str(clip), start_frame=10) == {"FINISHED"}
+    assert (scene.render.fps, scene.frame_start, scene.frame_end) == (60, 10, 17)
+    assert "; the scene now plays frames 10-17 at 60 fps" in capfd.readouterr().out
+
+
 def test_npz_import_export_round_trip(blender, tmp_path):
     source = tmp_path / "in.npz"
     original = motion(8, seed=3, fps=60.0)

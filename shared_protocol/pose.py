@@ -46,6 +46,7 @@ _MOTION_KEYS = (
     "betas",
     "labels",
     "smpl_hands",
+    "trans_offset",
 )
 # What a written file holds for SMPL-H readers (AMASS's own tools, HumanML3D): 156 pose numbers
 # (52 joints: the body's 22, then 30 finger joints, at rest here), 16 betas, 8 DMPLs (zero).
@@ -313,10 +314,10 @@ class Motion:
         body of `rest_joints` (`amass_trans_offset`); `z_up=False`: in the SMPL body frame
         (+Y up) with this project's translations, as PoseScript-style tools keep poses."""
         motion = self
+        offset = amass_trans_offset(rest_joints)
         if z_up:
             motion = self.turned(Z_UP_FROM_SMPL)
-            trans = motion.translation + amass_trans_offset(rest_joints)
-            motion = dataclasses.replace(motion, translation=trans)
+            motion = dataclasses.replace(motion, translation=motion.translation + offset)
         frames = len(self)
         poses = np.zeros((frames, _SMPLH_WIDTH))
         poses[:, : _BODY_JOINTS * 3] = motion.axis_angle[:, :_BODY_JOINTS].reshape(frames, 66)
@@ -333,6 +334,8 @@ class Motion:
         }
         if self.labels is not None:
             arrays["labels"] = np.array(self.labels, dtype=str)
+        if z_up:  # for load_npz: the body it was written for, whatever body reads it
+            arrays["trans_offset"] = offset
         _write_atomically(path, lambda stream: write_npz(stream, arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
@@ -348,14 +351,20 @@ class Motion:
     def load_npz(cls, path: str | os.PathLike, *, z_up: bool = True, rest_joints=None) -> Motion:
         """Reads an AMASS-layout file, Z-up as AMASS's own (the inverse of `save_npz`;
         `z_up=False`: a file in the SMPL body frame); raises ValueError naming the file and the
-        bad entry."""
+        bad entry. `trans` is read for the body of `rest_joints` (`amass_trans_offset`), or for
+        the one a file written here names (its `trans_offset`): its J0, unturned in `trans`,
+        would otherwise move the body across the floor by the difference between the two
+        bodies' pelvises (22 cm between the built-in skeleton's and SMPL's)."""
         try:
             with open_npz(path) as data:
                 arrays = {k: npz_member(data, k) for k in _MOTION_KEYS if k in data}
                 motion = cls._from_arrays(arrays)
             if not z_up:
                 return motion
-            offset = motion.translation - amass_trans_offset(rest_joints)
+            written_for = arrays.get("trans_offset")
+            if written_for is None:
+                written_for = amass_trans_offset(rest_joints)
+            offset = motion.translation - _finite_array(written_for, "trans_offset", (3,))
             return dataclasses.replace(motion, translation=offset).turned(Z_UP_FROM_SMPL.T)
         except FileNotFoundError:
             raise

@@ -249,6 +249,26 @@ def test_an_upright_amass_body_loads_upright(tmp_path):
     np.testing.assert_allclose(lower.translation[0], [0.0, drop, -0.3])
 
 
+def test_a_file_written_here_keeps_its_translations_whichever_body_reads_it(tmp_path):
+    # `chatpose batch --out` writes for the built-in skeleton (J0 at the origin); a rig from
+    # the SMPL model file has SMPL's J0, 22 cm below it, which AMASS's `trans` holds unturned:
+    # read with the reader's J0, the body moved 20 cm forward.
+    smpl_like = DEFAULT_REST_JOINTS + np.array([0.0018, -0.2233, 0.0282])
+    poses = [Pose(np.zeros((24, 3)), np.array([0.1, 0.0, 0.2 * k])) for k in range(3)]
+    written = Motion.from_poses(poses)
+    for writer, reader in ((None, smpl_like), (smpl_like, None), (smpl_like, smpl_like * 0.9)):
+        written.save_npz(tmp_path / "take.npz", rest_joints=writer)
+        back = Motion.load_npz(tmp_path / "take.npz", rest_joints=reader)
+        np.testing.assert_allclose(back.translation, written.translation, atol=1e-12)
+    with np.load(tmp_path / "take.npz") as data:
+        arrays = dict(data)
+    np.testing.assert_allclose(arrays["trans_offset"], amass_trans_offset(smpl_like))
+    arrays["trans_offset"] = np.array([np.nan, 0.0, 0.0])
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=r"bad\.npz: trans_offset"):
+        Motion.load_npz(tmp_path / "bad.npz")
+
+
 def test_smpl_s_hands_and_betas_come_back_from_a_file_written_here(tmp_path):
     poses = [Pose(np.full((24, 3), 0.1 * k)) for k in range(3)]
     betas = np.arange(10) / 10

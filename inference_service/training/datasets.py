@@ -586,6 +586,19 @@ def _check_box(
 MAX_IMAGE_FILE_BYTES = 64 << 20  # a training image file; the service takes 16 MiB
 
 
+# Past this many images, reading and checking them (about 9 ms each for a 640x480 JPEG) takes
+# long enough to look like a hang, so it is said first.
+ANNOUNCED_IMAGES = 1000
+
+
+def _announce_images(count: int, source: Path) -> None:
+    if count > ANNOUNCED_IMAGES:
+        print(
+            f"note: {source}: reading and checking the images of {count:,} examples...",
+            file=sys.stderr,
+        )
+
+
 def _read_image(folder: Path, name: str, where: str) -> tuple[ImageFile, tuple[int, int]]:
     """The image file, checked to decode, and its upright size."""
     path = folder / name
@@ -935,6 +948,7 @@ def read_image_pose_pairs(
     boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
     phraser = Phraser(phrasing, seed, wording)
     examples = []
+    _announce_images(len(rows), poses_path)
     for row in rows:
         name = names[row]
         where = f"{poses_path}: frame {row}"
@@ -1007,6 +1021,7 @@ def read_llava_conversations(
     seen: set[str] = set()
     examples = []
     left_out: list[str] = []  # why each conversation left out by skip_missing was
+    _announce_images(sum(isinstance(r, dict) and bool(r.get("image")) for r in data), json_path)
     for number, record in enumerate(data):
         if not isinstance(record, dict):
             raise DatasetError(f"{json_path}: record {number}: expected an object")
@@ -1252,6 +1267,8 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
             )
         if key in options:
             raise ValueError(f"--data {fmt}: {key}= given twice")
+        if not value:  # an unset shell variable, say: it would mean the working folder
+            raise ValueError(f"--data {fmt}: {key}= has no value")
         options[key] = value
     if fmt == "posescript":
         if ("poses" in options) == ("amass" in options) or ("amass" in options) != (

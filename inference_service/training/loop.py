@@ -49,7 +49,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1008,6 +1008,14 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     examples = list(examples)
     if not examples:
         raise DatasetError("the data files hold no examples")
+    # Before the model loads (minutes for a large one), each such record named at once.
+    max_images = checkpoint.config.max_images
+    _refuse_examples(
+        f"{e.source or 'example'}: {len(e.images)} images; the checkpoint's chatpose.json "
+        f"allows max_images={max_images}"
+        for e in examples
+        if len(e.images) > max_images
+    )
     kinds = [example.kind for example in examples]
     for note in unused_kinds(kinds, config.mix):
         print(f"note: the mix leaves out {note}", file=sys.stderr)
@@ -1053,7 +1061,13 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     if config.action_weight and not actions:
         print("note: --action-weight does nothing: no example names an action", file=sys.stderr)
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length, actions)
-    encoded = [encoder.encode(example) for example in examples]
+    encoded, problems = [], []
+    for example in examples:  # every bad record at once, not one a model load
+        try:
+            encoded.append(encoder.encode(example))
+        except DatasetError as exc:
+            problems.append(str(exc))
+    _refuse_examples(problems)
     _check_encoder(encoder, examples, encoded)
 
     if state is not None:
@@ -1363,6 +1377,19 @@ def _check_resume(
             )
     if state.get("data_fingerprint") != data_hash:
         raise TrainingError(f"--resume: the training data differ from those of the run in {path}")
+
+
+def _refuse_examples(problems: Iterable[str], shown: int = 3) -> None:
+    """DatasetError naming the first ``shown`` of ``problems`` (one per example) and how many
+    there are; nothing when there are none."""
+    problems = list(problems)
+    if len(problems) == 1:
+        raise DatasetError(problems[0])
+    if problems:
+        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise DatasetError(
+            f"{len(problems)} examples cannot be trained on: " + "; ".join(problems[:shown]) + more
+        )
 
 
 def _check_encoder(

@@ -17,6 +17,7 @@ from inference_service.prompts import (
     TEXT_ANSWER,
     pose_exchange,
 )
+from inference_service.training import datasets
 from inference_service.training.datasets import (
     TEXT_PHRASINGS,
     DatasetError,
@@ -379,12 +380,18 @@ def test_bad_pose_files_name_file_and_frame(tmp_path):
 # --- image/pose pairs ---------------------------------------------------------------------------
 
 
-def test_image_pose_pairs(tmp_path):
+def test_image_pose_pairs(tmp_path, monkeypatch, capsys):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png())
     (tmp_path / "img" / "b.png").write_bytes(png((0, 0, 255)))
     poses = write_npz(tmp_path / "pairs.npz", POSES[:2], images=np.array(["a.png", "b.png"]))
     examples = read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="release")
+    assert capsys.readouterr().err == ""  # a few images are read without a word
+    monkeypatch.setattr(datasets, "ANNOUNCED_IMAGES", 1)  # thousands: said, not a silent wait
+    read_image_pose_pairs(poses, images=tmp_path / "img", phrasing="release")
+    assert (
+        f"note: {poses}: reading and checking the images of 2 examples" in capsys.readouterr().err
+    )
     assert [e.kind for e in examples] == ["image_to_pose"] * 2
     assert [image_bytes(i) for i in examples[1].images] == [
         (tmp_path / "img" / "b.png").read_bytes()
@@ -961,6 +968,8 @@ def test_parse_and_load_data_specs(tmp_path):
         parse_data_spec(["pairs"])
     with pytest.raises(ValueError, match="--data pairs: images= given twice"):
         parse_data_spec(["pairs", "p.npz", "images=a", "images=b"])
+    with pytest.raises(ValueError, match="--data posescript: poses= has no value"):
+        parse_data_spec(["posescript", "c.json", "poses="])  # "poses=$UNSET": the working folder
     bad = parse_data_spec(["posescript", str(captions), f"poses={poses}", "phrasing=fancy"])
     with pytest.raises(DatasetError, match="phrasing must be one of"):
         load_data(bad)

@@ -911,6 +911,27 @@ def test_encoding_labels_exactly_the_answers(base, examples):
         encoder.encode(two_images)
 
 
+def test_records_the_model_cannot_take_are_all_named_and_image_counts_before_it_loads(
+    base, tmp_path, examples, monkeypatch
+):
+    def crowded(n):
+        return Example("image_to_pose", "q", "<POSE>", (RED, BLUE), (POSES[0],), source=f"p{n}")
+
+    real_load = loop.load_training_model
+    monkeypatch.setattr(loop, "load_training_model", _raise(AssertionError("model loaded")))
+    data = [*examples, *(crowded(n) for n in range(5))]
+    with pytest.raises(DatasetError) as refused:  # max_images: chatpose.json says, not the model
+        loop.train(settings(base, tmp_path / "a"), data)
+    assert str(refused.value).startswith("5 examples cannot be trained on: p0: 2 images; the")
+    assert "; p1: 2 images" in str(refused.value) and str(refused.value).endswith("; and 2 more")
+    monkeypatch.setattr(loop, "load_training_model", real_load)
+    with pytest.raises(DatasetError) as refused:  # tokens: after the model loads, all at once
+        loop.train(settings(base, tmp_path / "b", max_length=20), examples)
+    assert re.match(
+        r"\d+ examples cannot be trained on: t0: \d+ tokens, more than", str(refused.value)
+    )
+
+
 def test_sampler_follows_the_mix_and_the_seed():
     kinds = ["text_to_pose"] * 3 + ["image_to_pose"] * 5 + ["chat"] * 2
     sampler = loop.MixedSampler(kinds, (1, 2, 1), 8, seed=1)

@@ -189,20 +189,20 @@ def bench_long_batch(obj, lines: int = 10_000, group: int = 8) -> tuple[float, f
     return total, slowest, settle
 
 
-def bench_key_between_animation(
-    obj, frames: int = 5000, count: int = MAX_LINES_PER_GROUP, repeats: int = 5
-) -> list[float]:
-    """A timer group's keys falling between those of a long animation (a batch rerun onto
-    an animated armature): seconds per call."""
+def bench_key_between_animation(obj, frames: int = 5000, repeats: int = 6) -> list[float]:
+    """Timer groups' keys falling between those of a long animation (a batch rerun onto an
+    animated armature), each group as large as ``runtime.lines_within_budget`` lets it be
+    after the one before (the first: MAX_LINES_PER_GROUP): seconds per group."""
     clear_keys(obj)
     key_poses(obj, random_poses(frames, seed=3), list(range(1, 2 * frames, 2)))
-    times = []
+    times, count, first = [], MAX_LINES_PER_GROUP, 2  # even frames, between the odd ones
     for repeat in range(repeats):
-        first = 2 + 2 * count * repeat  # even frames, between the odd ones
         poses = random_poses(count, seed=10 + repeat)
         started = time.perf_counter()
         key_lines(obj, poses, list(range(first, first + 2 * count, 2)))
         times.append(time.perf_counter() - started)
+        first += 2 * count
+        count = runtime.lines_within_budget(count, times[-1])
     clear_keys(obj)
     return times
 
@@ -436,12 +436,13 @@ def main(argv: list[str] | None = None) -> None:
                 for count in (1, MAX_LINES_PER_GROUP)
             ),
             [
-                f"key {MAX_LINES_PER_GROUP} batch lines between the keys of a 5,000-frame "
-                "animation (a timer group)",
-                f"{statistics.median(between) * 1000:.1f} ms",
-                f"{min(between) * 1000:.1f}-{max(between) * 1000:.1f} ms",
+                "key batch lines between the keys of a 5,000-frame animation: each timer "
+                f"group after the first (its {MAX_LINES_PER_GROUP} lines: "
+                f"{between[0] * 1000:.0f} ms), as many as fit the budget",
+                f"{statistics.median(between[1:]) * 1000:.1f} ms",
+                f"{min(between[1:]) * 1000:.1f}-{max(between[1:]) * 1000:.1f} ms",
                 f"<= {TICK_BUDGET_MS:g} ms (the timer's budget)",
-                met(statistics.median(between) * 1000 <= TICK_BUDGET_MS),
+                met(statistics.median(between[1:]) * 1000 <= TICK_BUDGET_MS),
             ],
             [
                 "a 10,000-line batch keyed 8 lines a timer call: the slowest call",

@@ -225,13 +225,14 @@ def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) ->
 def _curve_values(curve: bpy.types.FCurve, times: Sequence[float]) -> np.ndarray:
     """The curve's values at ``times``: a key's own value at its frame, read with the others
     in one go, and ``evaluate`` between keys. A 6,000-frame take keyed on every frame exported
-    in over a second when every frame was evaluated on its own. A curve with modifiers is
-    evaluated throughout: they change values at the keys too."""
+    in over a second when every frame was evaluated on its own. Few times on a long curve (a
+    key going in among 5,000) are evaluated: reading every key would cost more. A curve with
+    modifiers is evaluated throughout: they change values at the keys too."""
     times = np.asarray(times, dtype=np.float64)
     out = np.empty(len(times))
     todo = np.ones(len(times), dtype=bool)
     points = curve.keyframe_points
-    if len(points) and not len(curve.modifiers):
+    if 32 * len(times) >= len(points) > 0 and not len(curve.modifiers):
         co = np.empty(2 * len(points), dtype=np.float32)
         points.foreach_get("co", co)
         key_times, key_values = co[0::2].astype(np.float64), co[1::2].astype(np.float64)

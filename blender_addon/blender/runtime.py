@@ -69,9 +69,12 @@ from .props import append_history, history_messages, target_armature, target_pro
 TICK_INTERVAL_S = 0.05
 TICK_BUDGET_S = 0.025
 PROBE_INTERVAL_S = 1.0
-# Batch lines keyed in one pass: about 7 ms and a third of a millisecond a line after a long
-# animation (docs/benchmarks.md), so that a pass stays near the timer's budget.
+# Batch lines keyed in one pass at most: about 7 ms and a third of a millisecond a line after a
+# long animation (docs/benchmarks.md), so that a pass stays near the timer's budget. Where
+# keying is slower (lines between the keys of a long animation: 3 ms a line), the next pass
+# takes fewer (``lines_within_budget``), to key within GROUP_BUDGET_S.
 MAX_LINES_PER_GROUP = 32
+GROUP_BUDGET_S = TICK_BUDGET_S
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class _State:
     # (scene name, its session uid, its history's length and its prompt before).
     restore_after_save: list = field(default_factory=list)
     saves_running: int = 0  # a handler of another add-on may save (a backup) within a save
+    lines_per_group: int = MAX_LINES_PER_GROUP  # batch lines the next pass keys at most
 
 
 _state = _State()
@@ -238,8 +242,13 @@ def timer_tick() -> float | None:
         ):
             outcome = _next_outcome()
             applied += 1
+            began = time.perf_counter()
             try:
                 apply_outcome(outcome)
+                if isinstance(outcome, _BatchLines):
+                    state.lines_per_group = lines_within_budget(
+                        len(outcome.items), time.perf_counter() - began
+                    )
             except Exception as exc:
                 traceback.print_exc()
                 notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
@@ -335,12 +344,20 @@ def _next_outcome():
     group = [first]
     while (
         backlog
-        and len(group) < MAX_LINES_PER_GROUP
+        and len(group) < min(_state.lines_per_group, MAX_LINES_PER_GROUP)
         and isinstance(backlog[0], BatchLineReady)
         and backlog[0].run is first.run
     ):
         group.append(backlog.popleft())
     return _BatchLines(group)
+
+
+def lines_within_budget(keyed: int, seconds: float) -> int:
+    """How many batch lines the next pass may key to stay within ``GROUP_BUDGET_S``, given
+    that ``keyed`` took ``seconds``: from 1 to ``MAX_LINES_PER_GROUP``."""
+    if seconds <= 0:
+        return MAX_LINES_PER_GROUP
+    return max(1, min(MAX_LINES_PER_GROUP, int(keyed * GROUP_BUDGET_S / seconds)))
 
 
 def _window_override():

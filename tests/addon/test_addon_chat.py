@@ -79,6 +79,33 @@ def test_one_timer_call_applies_answers_for_its_budget_then_yields(blender, monk
     backlog.clear()
 
 
+def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
+    """Lines between the keys of a long animation take 3 ms each: 32 in one call held Blender
+    for 92 ms. After a group over GROUP_BUDGET_S the next takes as many as fit in it."""
+    from blender_addon.core.dispatch import BatchLineReady
+
+    clock, groups = [100.0], []
+
+    def key(outcome):
+        groups.append(len(outcome.items))
+        clock[0] += 0.003 * len(outcome.items)
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(runtime, "apply_outcome", key)
+    monkeypatch.setattr(runtime._state, "dispatcher", None)
+    run = object()  # one run's lines, in a row
+    backlog = runtime._state.backlog
+    backlog.clear()
+    backlog.extend(BatchLineReady(run, i, None, f"line {i}", ()) for i in range(80))
+    while backlog:
+        runtime.timer_tick()
+    per_group = int(runtime.GROUP_BUDGET_S / 0.003)
+    assert groups[0] == runtime.MAX_LINES_PER_GROUP and sum(groups) == 80
+    assert set(groups[1:-1]) == {per_group} and 0.003 * per_group <= runtime.GROUP_BUDGET_S
+    assert runtime.lines_within_budget(1, 0.0005) == runtime.MAX_LINES_PER_GROUP  # fast again
+    assert runtime.lines_within_budget(32, 10.0) == 1  # never none
+
+
 # --- the chat history -----------------------------------------------------------------------
 
 

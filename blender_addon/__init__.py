@@ -26,6 +26,7 @@ _NEEDED = (
 def register() -> None:
     import importlib
 
+    _forget_imported_shared_protocol()
     for module, wheel in _NEEDED:
         try:
             importlib.import_module(module)
@@ -44,6 +45,24 @@ def register() -> None:
     from . import registration
 
     registration.register()
+
+
+def _forget_imported_shared_protocol() -> None:
+    """An extension updated in a running Blender gets its new wheels installed, but a module
+    imported already is not imported again: the new add-on would run on the old
+    shared_protocol, and fail on, or misread, what changed. It is pure Python and only this
+    add-on imports it, so an extension's registration imports it afresh. (pyzmq, compiled,
+    cannot be; a new pyzmq needs Blender restarted, docs/addon.md.)"""
+    import importlib
+    import sys
+
+    from .core.paths import is_extension_package
+
+    if not is_extension_package(__package__):  # a legacy install or the tests: one copy
+        return
+    for name in [n for n in sys.modules if n.partition(".")[0] == "shared_protocol"]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 def _shadowed_shared_protocol() -> str | None:

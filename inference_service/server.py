@@ -496,6 +496,7 @@ class Server:
             version=__version__,
             supports_images=info.supports_images,
             max_images=info.max_images,
+            pid=os.getpid(),
         )
 
     # --- running and stopping -----------------------------------------------------------------

@@ -285,9 +285,12 @@ class StatusReply:
     version: str
     supports_images: bool
     max_images: int  # 0 when supports_images is False
+    # The service's process id: whoever started it can tell it answers, not another service
+    # listening there (None: not said, as by services before it was added).
+    pid: int | None = None
 
     def _body(self) -> dict:
-        return {
+        body = {
             "ok": True,
             "model": self.model,
             "device": self.device,
@@ -298,6 +301,9 @@ class StatusReply:
             "supports_images": self.supports_images,
             "max_images": self.max_images,
         }
+        if self.pid is not None:
+            body["pid"] = self.pid
+        return body
 
 
 @dataclass(frozen=True)
@@ -771,6 +777,7 @@ def _decode_status_reply(header, rid, images, limits) -> StatusReply:
         version=name("version"),
         supports_images=header.get("supports_images", _boolean),
         max_images=header.get("max_images", _integer, lo=0),
+        pid=header.get("pid", _integer, default=None, lo=1),
     )
     if reply.max_images and not reply.supports_images:
         raise _fail(ErrorCode.BAD_SCHEMA, "max_images", "must be 0 when supports_images is false")

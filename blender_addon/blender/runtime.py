@@ -667,11 +667,13 @@ def apply_outcome(outcome) -> None:
                 f"{status.model} on {status.device} ({status.dtype}), "
                 f"chatpose {status.version}, images: {status.max_images}"
             )
-            if outcome.job.probe:
+            if not outcome.job.probe:
+                notify(f"Service: {_state.service_line}")
+            elif status.pid in (None, service_process().poll().pid):  # None: an older one
                 _state.waiting_ready = False
                 notify(f"Local service ready: {_state.service_line}")
-            else:
-                notify(f"Service: {_state.service_line}")
+            # Else another service listens there, where ours is failing to (it exits, and
+            # _watch_local_service says why).
         case StatusFailed():
             if not outcome.job.probe:
                 message = outcome.message + _why_unreachable(outcome.code)

@@ -71,9 +71,19 @@ def _lock_exclusively(log) -> bool:
 
 
 def address_in_use(address: str) -> bool:
-    """Whether something already listens on a tcp address (a service of another session,
-    say): a local service started there would fail, and the ready check would be answered by
-    the other one."""
+    """Whether something already listens on the address (a service of another session or
+    started in a terminal, say): a local service started there would fail, and the ready
+    check would be answered by the other one."""
+    path = address.removeprefix("ipc://")
+    if path != address:
+        if path.startswith("@") or not hasattr(socket, "AF_UNIX"):
+            return False  # Linux's abstract names: the service's bind says
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:  # no file, or a socket nobody listens on
+                return False
+        return True
     host_port = tcp_host_port(address)
     if host_port is None:
         return False

@@ -1103,6 +1103,34 @@ def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     assert any(k == "label" and n and "all 20 lines keyed" in n for k, n in calls)
 
 
+def test_another_service_answering_where_ours_failed_to_listen_is_not_called_ours(
+    armature, scripted_service, monkeypatch, tmp_path, reports
+):
+    # One started in a terminal, on an address the add-on's check missed (an ipc:// path,
+    # until it was checked; Windows' port sharing): its answer to the ready probe said "Local
+    # service ready", and ours exited. The answer names its process.
+    address, _ = scripted_service
+    use_service(address)
+    prefs = preferences.get_preferences()
+    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
+    failing = (  # still starting when the other one answers the ready probe
+        "import sys, time; time.sleep(1.5); "
+        "print('cannot listen: the address is already in use'); sys.exit(2)"
+    )
+    monkeypatch.setattr(runtime, "address_in_use", lambda address: False)
+    monkeypatch.setattr(
+        runtime, "serve_command", lambda python, *args, **kw: [python, "-c", failing]
+    )
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+    drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
+    assert not any("service ready" in message for _, message in reports), reports
+    assert runtime.last_message() == (
+        "Local service exited with code 2: cannot listen: the address is already in use",
+        "ERROR",
+    )
+
+
 @pytest.fixture
 def local_scripted(armature, monkeypatch, tmp_path):
     """The Start button with the scripted server standing in for chatpose-serve (the real one

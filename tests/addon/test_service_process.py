@@ -66,6 +66,16 @@ def test_only_a_port_that_something_holds_is_called_in_use(monkeypatch):
     assert not address_in_use("tcp://127.0.0.1:80")  # chatpose-serve's own error says why
 
 
+def test_an_ipc_path_a_service_listens_on_is_in_use_and_a_stale_one_not(tmp_path):
+    path = tmp_path / "chatpose.sock"
+    assert not address_in_use(f"ipc://{path}")  # nothing there
+    with socket.socket(socket.AF_UNIX) as listener:  # a service started in a terminal
+        listener.bind(str(path))
+        listener.listen()
+        assert address_in_use(f"ipc://{path}")
+    assert not address_in_use(f"ipc://{path}")  # its file left behind: the bind replaces it
+
+
 def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ServiceProcessError, match="set the Python interpreter"):
         serve_command("", str(tmp_path), "tcp://127.0.0.1:5555")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -115,6 +116,7 @@ def test_status_reports_the_model(running):
     assert (reply.model, reply.device, reply.dtype) == ("scripted", "cpu", "float32")
     assert reply.queue_depth == 0 and reply.uptime_s >= 0
     assert reply.supports_images and reply.max_images == 1
+    assert reply.pid == os.getpid()  # the server runs in this process here
 
 
 def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():

@@ -1057,7 +1057,8 @@ def _watch_local_service() -> None:
     state = service_process().poll()
     if not state.alive:
         _state.waiting_ready = False
-        notify(f"Local service {state.describe()}", "ERROR", popup=True)
+        log = service_process().log_path
+        notify(f"Local service {state.describe()}; its log: {log}", "ERROR", popup=True)
         return
     from ..preferences import service_settings
 

@@ -163,6 +163,11 @@ def serve_command(
         )
     python = os.path.expanduser(python)
     resolved = python if os.path.sep in python else shutil.which(python)  # a bare name: PATH
+    if resolved and os.path.isdir(resolved):  # the environment's folder, or its bin
+        raise ServiceProcessError(
+            f"Python interpreter {python!r} is a folder; pick the python program in it "
+            "(bin/python, or python.exe on Windows)"
+        )
     if not resolved or not os.path.isfile(resolved):
         raise ServiceProcessError(f"Python interpreter {python!r} not found")
     resolved = os.path.abspath(resolved)  # the service runs in its log folder (`start`)

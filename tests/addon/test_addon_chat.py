@@ -1125,8 +1125,10 @@ def test_another_service_answering_where_ours_failed_to_listen_is_not_called_our
     assert bpy.ops.chatpose.service_start() == {"FINISHED"}
     drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
     assert not any("service ready" in message for _, message in reports), reports
+    log = runtime.service_process().log_path
     assert runtime.last_message() == (
-        "Local service exited with code 2: cannot listen: the address is already in use",
+        "Local service exited with code 2: cannot listen: the address is already in use; "
+        f"its log: {log}",
         "ERROR",
     )
 

@@ -81,6 +81,8 @@ def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
         serve_command("", str(tmp_path), "tcp://127.0.0.1:5555")
     with pytest.raises(ServiceProcessError, match="not found"):
         serve_command(str(tmp_path / "nope" / "python"), str(tmp_path), "tcp://127.0.0.1:5555")
+    with pytest.raises(ServiceProcessError, match="is a folder; pick the python program in it"):
+        serve_command(str(tmp_path), str(tmp_path), "tcp://127.0.0.1:5555")  # its bin, say
     with pytest.raises(ServiceProcessError, match="set the checkpoint"):
         serve_command(sys.executable, " ", "tcp://127.0.0.1:5555")
     with pytest.raises(ServiceProcessError, match="does not exist"):

@@ -235,7 +235,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                     model = preferred_smpl_model(context)
                 except ValueError as exc:  # the motion still imports, on the mannequin
                     model, unused_model = None, f" (the SMPL model file was not used: {exc})"
-                obj = create_smpl_armature(context, model=model)
+                cursor = tuple(context.scene.cursor.location)  # as Create SMPL Armature
+                obj = create_smpl_armature(context, model=model, location=cursor)
             elif self.new_take:
                 kept = start_new_take(obj, Path(self.filepath).stem)
             motion, frames = import_npz(

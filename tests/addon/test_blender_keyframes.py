@@ -500,6 +500,16 @@ def test_npz_operators_round_trip(blender, tmp_path):
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
 
 
+def test_an_import_with_no_armature_makes_one_at_the_3d_cursor(blender, tmp_path):
+    source = tmp_path / "in.npz"
+    motion(2, seed=6).save_npz(source)
+    bpy.context.scene.cursor.location = (3.0, -2.0, 0.5)  # as Create SMPL Armature places it
+    assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert tuple(obj.location)[:2] == pytest.approx((3.0, -2.0))
+    assert obj.location.z > 0.5  # lifted so that its feet stand on the cursor
+
+
 def test_an_ntsc_rate_round_trips_exactly(blender, tmp_path):
     source, out = tmp_path / "in.npz", tmp_path / "out.npz"
     motion(4, seed=5, fps=29.97).save_npz(source)

@@ -18,7 +18,7 @@ import numpy as np
 
 from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO
 
-from ..core.images import encode_png, shows_nothing
+from ..core.images import centre_square, encode_png, shows_nothing
 
 VIEWPORT_MAX_SIDE = 512  # the model crops to its own size (336 px for LLaVA-1.5)
 SNAPSHOT_MAX_SIDE = 336
@@ -105,6 +105,7 @@ def draw_viewport(context, region, space, max_side: int = VIEWPORT_MAX_SIDE) -> 
             "(its mesh: the snapshot leaves overlays out, so an armature's bones alone do not "
             "show)"
         )
+    _refuse_off_centre(pixels, "the 3D viewport")
     pixels[..., 3] = 255  # the service sees RGB; an opaque PNG avoids surprises
     return encode_png(pixels, flip_vertical=True)
 
@@ -133,9 +134,11 @@ def _png_pixels(path: str) -> np.ndarray:
 # Compositing and the sequencer are off for the snapshot: a compositor's File Output node would
 # write the user's output files with it.
 # Border and multiview are off as well: a border would send part of the frame, and stereo
-# writes its views to other file names.
+# writes its views to other file names. So are a transparent film and Burn Into Image.
 _RENDER_SETTINGS = (
     "engine",
+    "film_transparent",
+    "use_stamp",
     "resolution_x",
     "resolution_y",
     "resolution_percentage",
@@ -148,6 +151,16 @@ _RENDER_SETTINGS = (
 # media_type (Blender 5.0+) first: it limits file_format to its own formats (a video output
 # takes only FFMPEG), so it is set to IMAGE before PNG, and put back before the format.
 _IMAGE_SETTINGS = ("media_type", "file_format", "color_mode", "color_depth")
+
+
+def _refuse_off_centre(pixels: np.ndarray, what: str) -> None:
+    """CaptureError for a picture whose character lies outside its middle square, all the
+    model sees of it (``core.images.centre_square``)."""
+    if shows_nothing(centre_square(pixels)):
+        raise CaptureError(
+            f"the character is outside the middle of {what}: the model sees only its middle "
+            "square (as wide as the picture is high); bring the character to the middle"
+        )
 
 
 def _refuse_thin(width: int, height: int, what: str, remedy: str) -> None:
@@ -199,6 +212,8 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
             render.filepath = path
             render.use_compositing = render.use_sequencer = False
             render.use_border = render.use_multiview = False
+            # Neither a transparent film (black in an RGB file) nor Burn Into Image's text.
+            render.film_transparent = render.use_stamp = False
             if "media_type" in saved_image:  # Blender 5.0+
                 settings.media_type = "IMAGE"
             settings.file_format = "PNG"
@@ -213,11 +228,13 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
                     data = file.read()
             except OSError:
                 raise CaptureError("the snapshot render wrote no image") from None
-            if shows_nothing(_png_pixels(path)):  # a pose guessed from it would be noise
+            pixels = _png_pixels(path)
+            if shows_nothing(pixels):  # a pose guessed from it would be noise
                 raise CaptureError(
                     "the scene camera sees nothing but the background: point it at the "
                     "character, and check that the view layer and the character render"
                 )
+            _refuse_off_centre(pixels, "the camera's frame")
             return data
         finally:
             for name, value in saved_image.items():

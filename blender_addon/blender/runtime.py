@@ -792,6 +792,8 @@ def _find(collection, name: str, uid: int | None):
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
     message = outcome.message + _why_unreachable(outcome.code)
+    if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
+        message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
     scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(

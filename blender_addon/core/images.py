@@ -164,6 +164,17 @@ def shows_nothing(pixels, tolerance: int = 8) -> bool:
     return max(across, down) <= tolerance
 
 
+def centre_square(pixels) -> np.ndarray:
+    """The middle square of ``pixels`` (H, W, ...), as wide as the shorter side: what the model
+    sees of a picture. Its CLIP processor (the release's, the demo's) scales the shorter side
+    to its input and crops the middle; the release asks for "the person in the center"."""
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return pixels[top : top + side, left : left + side]
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's header."""
     if image_kind(data) != "png" or data[12:16] != b"IHDR":

@@ -565,6 +565,41 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     assert not [image for image in bpy.data.images if image.filepath.endswith("snapshot.png")]
 
 
+def test_a_camera_snapshot_leaves_out_burnt_in_text_and_a_transparent_film(blender):
+    create_smpl_armature(bpy.context, with_mesh=True)
+    camera = _add_camera()
+    world = bpy.context.scene.world = bpy.data.worlds.new("World")
+    world.color = (0.5, 0.5, 0.5)
+    render = bpy.context.scene.render
+    render.use_stamp = render.film_transparent = True  # a review render's settings
+    render.resolution_x, render.resolution_y = 1920, 1080
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(render_camera_snapshot(bpy.context.scene))) as image:
+        corner = np.asarray(image.convert("RGB"))[0, 0]
+    assert corner.min() > 20  # the world's colour, not the black of a transparent film
+    camera.rotation_euler = (-np.pi / 2, 0.0, 0.0)  # nothing in view but the stamp's text
+    with pytest.raises(CaptureError, match="camera sees nothing but the background"):
+        render_camera_snapshot(bpy.context.scene, max_side=128)
+    assert render.use_stamp and render.film_transparent  # put back
+
+
+def test_a_camera_snapshot_with_the_character_outside_the_middle_is_refused(blender):
+    # The model sees the middle square of a picture: a figure at the side of a wide frame
+    # was sent, and the model saw only background.
+    create_smpl_armature(bpy.context, location=(-3.1, 0.0, 0.0), with_mesh=True)
+    camera = _add_camera()
+    camera.location = (0.0, -12.0, 1.0)
+    render = bpy.context.scene.render
+    render.resolution_x, render.resolution_y = 2390, 1000
+    with pytest.raises(CaptureError, match="the character is outside the middle of the camera"):
+        render_camera_snapshot(bpy.context.scene)
+    render.resolution_x = 1000  # a square frame: all of it is seen
+    assert render_camera_snapshot(bpy.context.scene)[:4] == b"\x89PNG"
+
+
 def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(blender):
     create_smpl_armature(bpy.context, with_mesh=True)
     _add_camera()
@@ -759,6 +794,15 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
     drive(idle)
     assert backend.items[-1].images == (good.read_bytes(),)
     assert props.history_messages(scene)[-2].attachment == "image: ref.png"
+    # One the service cannot read is named by its file, not as the request's images[0].
+    damaged = tmp_path / "half synced.png"
+    damaged.write_bytes(good.read_bytes() + b"corrupt")  # the scripted model refuses it
+    assert bpy.ops.chatpose.pose_from_image(filepath=str(damaged)) == {"FINISHED"}
+    drive(idle)
+    assert runtime.last_message() == (
+        "Request failed (bad_image): image: half synced.png: not a PNG or JPEG image",
+        "ERROR",
+    )
 
 
 # --- failures -------------------------------------------------------------------------------

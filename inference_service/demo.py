@@ -41,7 +41,9 @@ from shared_protocol.protocol import (
     readable_text,
 )
 
-READY_TIMEOUT_S = 180.0  # loading the model; the demo model takes seconds
+# Waiting for the service to answer at all; once it answers that its model is loading, it is
+# waited for as long as the load takes (the demo model takes seconds, a 13B one minutes).
+READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 
 
@@ -163,14 +165,15 @@ class LocalService:
         self.process.stop(wait=True, timeout_s=STOP_TIMEOUT_S)
 
     def wait_ready(self, client: Client, timeout_s: float = READY_TIMEOUT_S) -> StatusReply:
-        """The service's status once it serves; DemoError when it exits or takes too long."""
+        """The service's status once it serves; DemoError when it exits, or when it has not
+        answered for ``timeout_s`` (loading, it answers `busy`: waited for)."""
 
         def gone() -> str | None:
             state = self.process.poll()
             return None if state.alive else f"chatpose-serve {state.describe()}"
 
         try:
-            return client.wait_serving(timeout_s, gone=gone)
+            return client.wait_serving(timeout_s, gone=gone, while_loading=True)
         except ProtocolError as exc:
             raise DemoError(f"{exc} (log: {self.log_path})") from None
 

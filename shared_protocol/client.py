@@ -293,10 +293,16 @@ class Client:
         return replies[-1]
 
     def wait_serving(
-        self, timeout_s: float, *, gone: Callable[[], str | None] = lambda: None
+        self,
+        timeout_s: float,
+        *,
+        gone: Callable[[], str | None] = lambda: None,
+        while_loading: bool = False,
     ) -> StatusReply:
         """The service's status once it serves: asked again while nothing listens yet or the
-        model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`, or
+        model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`
+        (`while_loading`: after `timeout_s` without a `busy` reply either, so a service seen
+        loading is waited for as long as it takes: a 13B model takes minutes), or
         ProtocolError(unreachable) once `gone()` says why it never will (a service process
         that exited) or at once on a HandshakeRefused; any other error reply as a
         ProtocolError of its code."""
@@ -321,6 +327,8 @@ class Client:
                 return reply
             if reply.code != ErrorCode.BUSY:
                 raise ProtocolError(reply.code, reply.message)
+            if while_loading:
+                deadline = time.monotonic() + timeout_s
             time.sleep(0.2)  # loading: it answers at once
 
     def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:

@@ -800,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"build_addon.py: error: {exc}", file=sys.stderr)
         return 1
     for release, zip_path in result.zips.items():
-        upto = f"up to {release.blender_max}" if release.blender_max else "and later"
+        upto = f"before {release.blender_max}" if release.blender_max else "and later"
         print(f"wrote {zip_path}  (Blender {release.blender_min} {upto})")
     if result.legacy_zip_path:
         print(f"wrote {result.legacy_zip_path}")

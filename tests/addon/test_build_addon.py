@@ -215,6 +215,8 @@ def test_command_line_build(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert all((tmp_path / "out" / z.name).is_file() for z in built.zips.values())
     assert "blender-5.1.zip  (Blender 5.1.0 and later)" in proc.stdout
+    # The manifest's blender_version_max is the first release not served.
+    assert "blender-4.2-5.0.zip  (Blender 4.2.0 before 5.1.0)" in proc.stdout
     (tmp_path / "file").write_text("")
     proc = subprocess.run(
         [sys.executable, str(build_addon.ROOT / "build_addon.py"), "--output-dir", "file",

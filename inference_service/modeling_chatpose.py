@@ -743,7 +743,9 @@ def check_base_files(base_dir: Path) -> None:
 
 
 def free_host_memory() -> int | None:
-    """Bytes the machine can still give a process, swap included (Linux); None elsewhere."""
+    """Bytes the machine can still give a process, swap included, and no more than its cgroup
+    allows (a container's memory limit, which /proc/meminfo does not show: the kernel kills
+    the process there); Linux only, None elsewhere."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
@@ -751,7 +753,48 @@ def free_host_memory() -> int | None:
     fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
     if "MemAvailable" not in fields:
         return None
-    return (int(fields["MemAvailable"]) + int(fields.get("SwapFree", 0))) * 1024
+    free = (int(fields["MemAvailable"]) + int(fields.get("SwapFree", 0))) * 1024
+    left = cgroup_memory_left()
+    return free if left is None else min(free, left)
+
+
+# cgroup v2 and v1 memory files: (limit, usage). A limit past this is none (v1 writes its
+# "unlimited" as a page-rounded 2**63).
+_CGROUP_MEMORY_FILES = {
+    2: ("memory.max", "memory.current"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+_NO_LIMIT = 1 << 60
+
+
+def cgroup_memory_left(
+    root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup"
+) -> int | None:
+    """Bytes this process's memory cgroup still allows it (limit minus usage), or None when it
+    has no limit or none can be read. /proc/self/cgroup names the group; inside a container
+    the group is the root of its own view."""
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    folders = []
+    for line in lines:
+        hierarchy, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:  # v2's one hierarchy
+            folders += [(2, Path(root + group)), (2, Path(root))]
+        elif "memory" in controllers.split(","):
+            folders += [(1, Path(root, "memory") / group.lstrip("/")), (1, Path(root, "memory"))]
+    for version, folder in folders:
+        limit_name, usage_name = _CGROUP_MEMORY_FILES[version]
+        try:
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= _NO_LIMIT:
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:

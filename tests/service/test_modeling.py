@@ -84,9 +84,46 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
     monkeypatch.setattr(
         modeling_chatpose, "Path", lambda p: meminfo if p == "/proc/meminfo" else real_path(p)
     )
+    monkeypatch.setattr(modeling_chatpose, "cgroup_memory_left", lambda: None)  # no limit
     assert modeling_chatpose.free_host_memory() == 650 * 1024
+    monkeypatch.setattr(modeling_chatpose, "cgroup_memory_left", lambda: 300 * 1024)
+    assert modeling_chatpose.free_host_memory() == 300 * 1024  # a container's limit
     meminfo.write_text("MemTotal: 1000 kB\n")  # a kernel before 3.14
     assert modeling_chatpose.free_host_memory() is None
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "left"),
+    [
+        ("0::/\n", {"memory.max": "1000000\n", "memory.current": "250000\n"}, 750000),
+        ("0::/\n", {"memory.max": "max\n", "memory.current": "250000\n"}, None),
+        (  # v1, the group named by its path (a docker container seen from the host)
+            "5:cpu:/\n4:memory:/docker/abc\n",
+            {
+                "memory/docker/abc/memory.limit_in_bytes": "2000",
+                "memory/docker/abc/memory.usage_in_bytes": "500",
+                "memory/memory.limit_in_bytes": "9",
+            },
+            1500,
+        ),  # fmt: skip
+        (  # v1 in its own view (the group is "/"), unlimited: a page-rounded 2**63
+            "4:memory:/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/memory.usage_in_bytes": "5",
+            },
+            None,
+        ),  # fmt: skip
+        ("4:memory:/\n", {}, None),  # no files to read
+    ],
+)
+def test_a_cgroup_memory_limit_is_what_a_container_still_allows(tmp_path, membership, files, left):
+    (tmp_path / "cgroup").write_text(membership)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    found = modeling_chatpose.cgroup_memory_left(str(tmp_path / "fs"), str(tmp_path / "cgroup"))
+    assert found == left
 
 
 def test_pose_token_is_added_when_missing_and_found_by_id(tiny_checkpoint, tiny_model):

@@ -99,7 +99,7 @@ def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
     backlog.extend(BatchLineReady(run, i, None, f"line {i}", ()) for i in range(80))
     while backlog:
         runtime.timer_tick()
-    per_group = int(runtime.GROUP_BUDGET_S / 0.003)
+    per_group = int(0.8 * runtime.GROUP_BUDGET_S / 0.003)  # aiming below the budget
     assert groups[0] == runtime.MAX_LINES_PER_GROUP and sum(groups) == 80
     assert set(groups[1:-1]) == {per_group} and 0.003 * per_group <= runtime.GROUP_BUDGET_S
     assert runtime.lines_within_budget(1, 0.0005) == runtime.MAX_LINES_PER_GROUP  # fast again

@@ -18,6 +18,7 @@ import socket
 import stat
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
+    INSTANCE_ENV,
     BatchRequest,
     CancelReply,
     CancelRequest,
@@ -226,6 +228,9 @@ class Server:
     ):
         check_bind(bind, curve)
         _refuse_a_live_ipc_socket(bind)
+        # What status replies name this service by: the token of the program that started it
+        # (INSTANCE_ENV), else one of its own.
+        self._instance = os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex
         self._info = info
         self._limits = limits
         self._started = time.monotonic()
@@ -496,7 +501,7 @@ class Server:
             version=__version__,
             supports_images=info.supports_images,
             max_images=info.max_images,
-            pid=os.getpid(),
+            instance=self._instance,
         )
 
     # --- running and stopping -----------------------------------------------------------------

@@ -32,6 +32,9 @@ MODES = ("pose", "chat")
 ROLES = ("user", "assistant")
 REQUEST_OPS = ("status", "pose", "batch", "cancel")
 REPLY_OPS = ("status", "pose", "batch_item", "batch_done", "cancel")
+# The environment variable a program starting a service sets to a token of its own, which the
+# service's status replies give back as `instance`.
+INSTANCE_ENV = "CHATPOSE_INSTANCE"
 # Where a reply's (and a history turn's) text held the model's pose token, whatever string the
 # model's own token is (the official release's is "[SEG]"): pose k of a reply was answered at
 # its k-th marker.
@@ -285,9 +288,11 @@ class StatusReply:
     version: str
     supports_images: bool
     max_images: int  # 0 when supports_images is False
-    # The service's process id: whoever started it can tell it answers, not another service
-    # listening there (None: not said, as by services before it was added).
-    pid: int | None = None
+    # Which service answers (its INSTANCE_ENV, or made up at its start): whoever started it
+    # can tell it from another service listening there (None: not said, as by services
+    # before it was added). Not a process id: a Windows venv's python.exe is a launcher that
+    # runs the real interpreter as a child.
+    instance: str | None = None
 
     def _body(self) -> dict:
         body = {
@@ -301,8 +306,8 @@ class StatusReply:
             "supports_images": self.supports_images,
             "max_images": self.max_images,
         }
-        if self.pid is not None:
-            body["pid"] = self.pid
+        if self.instance is not None:
+            body["instance"] = self.instance
         return body
 
 
@@ -777,7 +782,7 @@ def _decode_status_reply(header, rid, images, limits) -> StatusReply:
         version=name("version"),
         supports_images=header.get("supports_images", _boolean),
         max_images=header.get("max_images", _integer, lo=0),
-        pid=header.get("pid", _integer, default=None, lo=1),
+        instance=header.get("instance", _string, default=None, max_chars=limits.max_name_chars),
     )
     if reply.max_images and not reply.supports_images:
         raise _fail(ErrorCode.BAD_SCHEMA, "max_images", "must be 0 when supports_images is false")

@@ -95,7 +95,7 @@ REQUESTS = [
 REPLIES = [
     StatusReply("s-1", "chatpose-llava-13b", "cuda:0", "bfloat16", 3, 12.25, "0.1.0", True, 4),
     StatusReply("s-2", "demo", "cpu", "float32", 0, 0, "0.1.0", False, 0),
-    StatusReply("s-3", "demo", "cpu", "float32", 0, 0, "0.1.0", False, 0, pid=41872),
+    StatusReply("s-3", "demo", "cpu", "float32", 0, 0, "0.1.0", False, 0, instance="3f9c0a1b"),
     PoseReply("r1", "Kneeling.", (pose(1, "kneel"),)),
     PoseReply("r2", "Two people: one waving, one sitting.", (pose(2), pose(3, None, False))),
     PoseReply("r3", "Just chatting, no pose."),
@@ -799,7 +799,7 @@ def test_encode_request_refuses_what_the_server_would_reject(message, code, fiel
 REPLY_ENCODE_ERRORS = [
     (StatusReply("s", "m", "cpu", "f32", 0, float("nan"), "v", True, 1), "uptime_s"),
     (StatusReply("s", "m", "cpu", "f32", 0, 1.0, "v", False, 1), "max_images"),
-    (StatusReply("s", "m", "cpu", "f32", 0, 1.0, "v", False, 0, pid=0), "pid"),
+    (StatusReply("s", "m", "cpu", "f32", 0, 1.0, "v", False, 0, instance="x" * 300), "instance"),
     (PoseReply("r", "x", (np.zeros((24, 3)),)), "poses[0]"),
     (PoseReply("r", "x", (pose(1),) * 33), "poses"),
     (BatchItemReply("b", 3, 3, "", ()), "index"),

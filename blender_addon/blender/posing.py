@@ -237,7 +237,10 @@ def _curve_values(curve: bpy.types.FCurve, times: Sequence[float]) -> np.ndarray
         points.foreach_get("co", co)
         key_times, key_values = co[0::2].astype(np.float64), co[1::2].astype(np.float64)
         at = np.clip(np.searchsorted(key_times, times), 0, len(key_times) - 1)
-        on_key = key_times[at] == times
+        # Keys out of order or two on one frame (a script's, not yet sorted by an update):
+        # which of them Blender plays is its own business, so it is asked.
+        ordered = bool(np.all(np.diff(key_times) > 0))
+        on_key = (key_times[at] == times) & ordered
         out[on_key] = key_values[at[on_key]]
         todo &= ~on_key
     out[todo] = [curve.evaluate(t) for t in times[todo].tolist()]

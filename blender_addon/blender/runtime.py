@@ -75,6 +75,9 @@ PROBE_INTERVAL_S = 1.0
 # takes fewer (``lines_within_budget``), to key within GROUP_BUDGET_S.
 MAX_LINES_PER_GROUP = 32
 GROUP_BUDGET_S = TICK_BUDGET_S
+# Fewer lines than this in a pass save little: its fixed part stays (20 ms between the keys of
+# a long animation), and one line a pass keyed a batch ten times slower, still over budget.
+MIN_LINES_PER_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -354,12 +357,13 @@ def _next_outcome():
 
 def lines_within_budget(keyed: int, seconds: float) -> int:
     """How many batch lines the next pass may key to stay within ``GROUP_BUDGET_S``, given
-    that ``keyed`` took ``seconds``: from 1 to ``MAX_LINES_PER_GROUP``. It aims at four fifths
-    of the budget: a pass costs a part that does not shrink with its lines (about 10 ms
-    between the keys of a long animation), so fewer lines save less than their share."""
+    that ``keyed`` took ``seconds``: from ``MIN_LINES_PER_GROUP`` to ``MAX_LINES_PER_GROUP``.
+    It aims at four fifths of the budget: a pass costs a part that does not shrink with its
+    lines, so fewer lines save less than their share."""
     if seconds <= 0:
         return MAX_LINES_PER_GROUP
-    return max(1, min(MAX_LINES_PER_GROUP, int(keyed * 0.8 * GROUP_BUDGET_S / seconds)))
+    fitting = int(keyed * 0.8 * GROUP_BUDGET_S / seconds)
+    return max(min(MIN_LINES_PER_GROUP, MAX_LINES_PER_GROUP), min(MAX_LINES_PER_GROUP, fitting))
 
 
 def _window_override():
@@ -671,7 +675,7 @@ def apply_outcome(outcome) -> None:
             )
             if not outcome.job.probe:
                 notify(f"Service: {_state.service_line}")
-            elif status.pid in (None, service_process().poll().pid):  # None: an older one
+            elif status.instance in (None, service_process().instance):  # None: an older one
                 _state.waiting_ready = False
                 notify(f"Local service ready: {_state.service_line}")
             # Else another service listens there, where ours is failing to (it exits, and

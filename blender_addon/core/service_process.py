@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shared_protocol.address import tcp_host_port
+from shared_protocol.protocol import INSTANCE_ENV
 
 SERVE_MODULE = "inference_service.serve"
 STOP_GRACE_S = 5.0
@@ -282,6 +284,7 @@ class ServiceProcess:
         self._stop_deadline: float | None = None
         self._stopped_here = False
         self._last_words: str | None = None  # the exited process's last log line, read once
+        self.instance: str | None = None  # the token the process was started with
 
     @property
     def pid(self) -> int | None:
@@ -316,6 +319,10 @@ class ServiceProcess:
         log.truncate(0)
         log.seek(0)  # the service writes from here (on Windows it does not inherit "append")
         self.log_path = log_path
+        # Given back in its status replies (INSTANCE_ENV): another service answering where
+        # this one failed to listen is not taken for it.
+        self.instance = secrets.token_hex(8)
+        env = dict(os.environ if env is None else env, **{INSTANCE_ENV: self.instance})
         options: dict = {}
         hook = _die_with_parent_hook()
         if hook is not None:

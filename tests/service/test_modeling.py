@@ -97,6 +97,25 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
     [
         ("0::/\n", {"memory.max": "1000000\n", "memory.current": "250000\n"}, 750000),
         ("0::/\n", {"memory.max": "max\n", "memory.current": "250000\n"}, None),
+        (  # the file cache an earlier load left is charged, and the kernel gives it back
+            "0::/\n",
+            {
+                "memory.max": "1000",
+                "memory.current": "900",
+                "memory.stat": "anon 100\ninactive_file 700\n",
+            },
+            800,  # 1000 - (900 - 700)
+        ),
+        (  # the limit set on a group above this one (Slurm's job, its step below it)
+            "0::/job_7/step_0\n",
+            {
+                "job_7/memory.max": "5000",
+                "job_7/memory.current": "1000",
+                "job_7/step_0/memory.max": "max",
+                "job_7/step_0/memory.current": "800",
+            },
+            4000,
+        ),
         (  # v1, the group named by its path (a docker container seen from the host)
             "5:cpu:/\n4:memory:/docker/abc\n",
             {
@@ -106,6 +125,15 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
             },
             1500,
         ),  # fmt: skip
+        (  # v1, a limit above the group, as memory.stat sums it up
+            "4:memory:/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/memory.usage_in_bytes": "600",
+                "memory/memory.stat": "hierarchical_memory_limit 1000\ntotal_inactive_file 100\n",
+            },
+            500,
+        ),
         (  # v1 in its own view (the group is "/"), unlimited: a page-rounded 2**63
             "4:memory:/\n",
             {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import socket
 import threading
@@ -35,6 +34,7 @@ from inference_service.server import (
 from shared_protocol.client import Client, ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
+    INSTANCE_ENV,
     BatchDoneReply,
     BatchItemReply,
     BatchRequest,
@@ -116,7 +116,21 @@ def test_status_reports_the_model(running):
     assert (reply.model, reply.device, reply.dtype) == ("scripted", "cpu", "float32")
     assert reply.queue_depth == 0 and reply.uptime_s >= 0
     assert reply.supports_images and reply.max_images == 1
-    assert reply.pid == os.getpid()  # the server runs in this process here
+    assert len(reply.instance) == 32  # started by no one who set INSTANCE_ENV: its own
+
+
+def test_a_server_gives_back_the_instance_it_was_started_with(monkeypatch):
+    monkeypatch.setenv(INSTANCE_ENV, "started-by-blender-7f3a")
+    backend = ScriptedBackend()
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(server.address, context=zmq.Context.instance()) as client:
+            assert client.wait_serving(TIMEOUT_S).instance == "started-by-blender-7f3a"
+    finally:
+        server.stop()
+        thread.join(TIMEOUT_S)
 
 
 def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():

@@ -1149,26 +1149,30 @@ def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     assert any(k == "label" and n and "all 20 lines keyed" in n for k, n in calls)
 
 
+def _start_local_service(monkeypatch, tmp_path, address: str, code: str) -> None:
+    """Start Local Service on ``address`` with ``python -c code`` standing in for
+    chatpose-serve."""
+    use_service(address)
+    prefs = preferences.get_preferences()
+    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
+    monkeypatch.setattr(runtime, "serve_command", lambda python, *a, **kw: [python, "-c", code])
+    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+
+
 def test_another_service_answering_where_ours_failed_to_listen_is_not_called_ours(
     armature, scripted_service, monkeypatch, tmp_path, reports
 ):
     # One started in a terminal, on an address the add-on's check missed (an ipc:// path,
     # until it was checked; Windows' port sharing): its answer to the ready probe said "Local
-    # service ready", and ours exited. The answer names its process.
+    # service ready", and ours exited. The answer names the service by its start's token.
     address, _ = scripted_service
-    use_service(address)
-    prefs = preferences.get_preferences()
-    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
     failing = (  # still starting when the other one answers the ready probe
         "import sys, time; time.sleep(1.5); "
         "print('cannot listen: the address is already in use'); sys.exit(2)"
     )
     monkeypatch.setattr(runtime, "address_in_use", lambda address: False)
-    monkeypatch.setattr(
-        runtime, "serve_command", lambda python, *args, **kw: [python, "-c", failing]
-    )
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
-    assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+    _start_local_service(monkeypatch, tmp_path, address, failing)
     drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
     assert not any("service ready" in message for _, message in reports), reports
     log = runtime.service_process().log_path
@@ -1185,19 +1189,14 @@ def test_a_local_service_run_by_a_launcher_is_ready_when_it_answers(
     # A Windows venv's python.exe runs the real interpreter as its child: the service's
     # process is not the one started, and it is still ours.
     address = f"tcp://127.0.0.1:{free_port()}"
-    use_service(address)
-    prefs = preferences.get_preferences()
-    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
     launcher = (  # which ends its child with itself, as Windows' does (a job object)
         "import signal, subprocess, sys; "
         f"child = subprocess.Popen([sys.executable, {str(SCRIPTED_SERVER)!r}, {address!r}]); "
         "signal.signal(signal.SIGTERM, lambda *_: (child.kill(), child.wait(), sys.exit(0))); "
         "sys.exit(child.wait())"
     )
-    monkeypatch.setattr(runtime, "serve_command", lambda python, *a, **kw: [python, "-c", launcher])
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
     try:
-        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        _start_local_service(monkeypatch, tmp_path, address, launcher)
         drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
         assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
     finally:
@@ -1275,14 +1274,8 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
     # The readiness check asked the new address: "loading the model..." for ever, and every
     # failure called the local service "still starting".
     started_on = f"tcp://127.0.0.1:{free_port()}"
-    use_service(started_on)
-    prefs = preferences.get_preferences()
-    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
-    loading = [sys.executable, "-c", "import time; time.sleep(60)"]
-    monkeypatch.setattr(runtime, "serve_command", lambda *args: loading)
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
     try:
-        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
+        _start_local_service(monkeypatch, tmp_path, started_on, "import time; time.sleep(60)")
         elsewhere = f"tcp://127.0.0.1:{free_port()}"
         use_service(elsewhere)
         drive(lambda: not runtime._state.waiting_ready)

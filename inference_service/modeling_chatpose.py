@@ -766,60 +766,47 @@ def cgroup_memory_left(
     root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup"
 ) -> int | None:
     """Bytes this process's memory cgroups still allow it, or None when none sets a limit (or
-    none can be read): the least, over its group and the groups above it (v2; v1's
-    ``hierarchical_memory_limit``), of the limit minus what is charged there, less the file
+    none can be read): the least, over its group and each group above it (a parent's limit
+    holds its other groups' use too), of the limit minus what is charged there, less the file
     cache the kernel reclaims first (``inactive_file``, as kubelet counts a working set: the
     cache a model's earlier load left is charged, and free to use). /proc/self/cgroup names
     the group; inside a container the group is the root of its own view."""
     try:
         lines = Path(membership).read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a group name that is not UTF-8
         return None
     lefts = []
     for line in lines:
         hierarchy, controllers, group = (line.split(":", 2) + ["", ""])[:3]
         if hierarchy == "0" and not controllers:  # v2's one hierarchy
-            folder = Path(root, group.strip("/"))
-            for level in dict.fromkeys([folder, *folder.parents]):
-                if level == Path(root) or Path(root) in level.parents:
-                    lefts.append(
-                        _cgroup_left(level, "memory.max", "memory.current", "inactive_file")
-                    )
+            base, files = Path(root), ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
             base = Path(root, "memory")
-            folder = base / group.strip("/")
-            lefts.append(
-                _cgroup_left(
-                    folder if folder.is_dir() else base,
-                    "memory.limit_in_bytes",
-                    "memory.usage_in_bytes",
-                    "total_inactive_file",
-                    also_limit="hierarchical_memory_limit",
-                )
-            )
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / group.strip("/")
+        for level in dict.fromkeys([folder, *folder.parents]):
+            if level == base or base in level.parents:
+                lefts.append(_cgroup_left(level, *files))
     lefts = [left for left in lefts if left is not None]
     return min(lefts, default=None)
 
 
-def _cgroup_left(
-    folder: Path, limit_name: str, usage_name: str, cache_key: str, also_limit: str = ""
-) -> int | None:
+def _cgroup_left(folder: Path, limit_name: str, usage_name: str, cache_key: str) -> int | None:
     """What the cgroup at ``folder`` still allows (see ``cgroup_memory_left``); None without
     a limit or files to read."""
     try:
         limit_text = (folder / limit_name).read_text().strip()
         usage = int((folder / usage_name).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ValueError: not a number, or not UTF-8
         return None
     try:
         text = (folder / "memory.stat").read_text()
-    except OSError:
+    except (OSError, ValueError):  # no cache to take off
         text = ""
     stat = dict(fields[:2] for fields in map(str.split, text.splitlines()) if len(fields) >= 2)
-    limits = [int(limit_text)] if limit_text.isdigit() else []
-    if stat.get(also_limit, "").isdigit():
-        limits.append(int(stat[also_limit]))
-    limit = min(limits, default=_NO_LIMIT)
+    limit = int(limit_text) if limit_text.isdigit() else _NO_LIMIT
     if limit >= _NO_LIMIT:
         return None
     cache = int(stat[cache_key]) if stat.get(cache_key, "").isdigit() else 0

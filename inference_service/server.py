@@ -14,6 +14,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -197,6 +198,22 @@ def _refuse_a_live_ipc_socket(bind: str) -> None:
     raise ServerConfigError(_bind_failure(bind, zmq.ZMQError(errno.EADDRINUSE)))
 
 
+def _instance_token() -> str:
+    """What status replies name this service by: the token of the program that started it
+    (INSTANCE_ENV), else one of its own. A token the replies could not carry (too long, not
+    text) would break every status reply: it is said in the log and replaced."""
+    given = os.environ.get(INSTANCE_ENV, "")
+    if re.fullmatch(r"[\w.-]{1,64}", given, flags=re.ASCII):
+        return given
+    if given:
+        log.warning(
+            "%s is not a token of 1 to 64 letters, digits, '.', '-' or '_'; not used",
+            INSTANCE_ENV,
+            extra={"event": "bad_instance"},
+        )
+    return uuid.uuid4().hex
+
+
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (
@@ -228,9 +245,7 @@ class Server:
     ):
         check_bind(bind, curve)
         _refuse_a_live_ipc_socket(bind)
-        # What status replies name this service by: the token of the program that started it
-        # (INSTANCE_ENV), else one of its own.
-        self._instance = os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex
+        self._instance = _instance_token()
         self._info = info
         self._limits = limits
         self._started = time.monotonic()

@@ -125,15 +125,18 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
             },
             1500,
         ),  # fmt: skip
-        (  # v1, a limit above the group, as memory.stat sums it up
-            "4:memory:/\n",
+        (  # v1, a limit on the group above, nearly all of it used by the groups beside this
+            "4:memory:/user.slice/session.scope\n",
             {
-                "memory/memory.limit_in_bytes": "9223372036854771712",
-                "memory/memory.usage_in_bytes": "600",
-                "memory/memory.stat": "hierarchical_memory_limit 1000\ntotal_inactive_file 100\n",
+                "memory/user.slice/memory.limit_in_bytes": "4000",
+                "memory/user.slice/memory.usage_in_bytes": "3900",
+                "memory/user.slice/memory.stat": "total_inactive_file 50\n\x00\n",
+                "memory/user.slice/session.scope/memory.limit_in_bytes": "9223372036854771712",
+                "memory/user.slice/session.scope/memory.usage_in_bytes": "100",
             },
-            500,
+            150,  # 4000 - (3900 - 50)
         ),
+        ("0::/caf\udce9\n", {}, None),  # a group name that is not UTF-8: no traceback
         (  # v1 in its own view (the group is "/"), unlimited: a page-rounded 2**63
             "4:memory:/\n",
             {
@@ -146,7 +149,7 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
     ],
 )
 def test_a_cgroup_memory_limit_is_what_a_container_still_allows(tmp_path, membership, files, left):
-    (tmp_path / "cgroup").write_text(membership)
+    (tmp_path / "cgroup").write_bytes(membership.encode("utf-8", "surrogateescape"))
     for name, text in files.items():
         (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fs" / name).write_text(text)

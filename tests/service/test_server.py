@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -119,18 +120,23 @@ def test_status_reports_the_model(running):
     assert len(reply.instance) == 32  # started by no one who set INSTANCE_ENV: its own
 
 
-def test_a_server_gives_back_the_instance_it_was_started_with(monkeypatch):
-    monkeypatch.setenv(INSTANCE_ENV, "started-by-blender-7f3a")
+@pytest.mark.parametrize("given", ["started-by-blender-7f3a", "x" * 300, "caf\udce9"])
+def test_a_server_gives_back_the_instance_it_was_started_with(monkeypatch, caplog, given):
+    # One no reply could carry (too long, not text) broke every status reply: replaced.
+    monkeypatch.setenv(INSTANCE_ENV, given)
     backend = ScriptedBackend()
     server = Server(backend, backend.info, "tcp://127.0.0.1:*")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         with Client(server.address, context=zmq.Context.instance()) as client:
-            assert client.wait_serving(TIMEOUT_S).instance == "started-by-blender-7f3a"
+            instance = client.wait_serving(TIMEOUT_S).instance
     finally:
         server.stop()
         thread.join(TIMEOUT_S)
+    usable = given.isascii() and len(given) <= 64
+    assert instance == given if usable else re.fullmatch("[0-9a-f]{32}", instance)
+    assert (f"{INSTANCE_ENV} is not a token" in caplog.text) != usable
 
 
 def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():

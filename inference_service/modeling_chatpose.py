@@ -438,6 +438,8 @@ class ChatPoseModel:
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
+        if stop is not None and stop():  # cancelled: no pass over the prompt for its poses
+            return ChatReply(self._render(generated.tolist()), [])
         states = self._reply_pose_states(inputs, generated)
         poses = self._poses(states) if len(states) else []
         return ChatReply(self._render(generated.tolist()), poses)

@@ -402,7 +402,10 @@ class Scheduler:
                     return
                 self._deliver(group, self._answer(group))
                 failures = 0
-            except Exception as exc:  # a dead worker would leave the service up but silent
+            # BaseException: a SystemExit or KeyboardInterrupt a library raises in this thread
+            # too. A dead worker would leave the service up but silent, every request after it
+            # answered "the deadline passed" until a restart.
+            except BaseException as exc:
                 log.exception("the scheduler failed")
                 self._end_after_failure(taken, exc)
                 failures += 1
@@ -422,7 +425,7 @@ class Scheduler:
                     self._fail_item(task, _error_code(outcome), str(outcome))
             self._lock.notify_all()
 
-    def _end_after_failure(self, taken: list[_Task], exc: Exception) -> None:
+    def _end_after_failure(self, taken: list[_Task], exc: BaseException) -> None:
         """Ends, with `internal_error`, the requests whose tasks a failure of the scheduler
         itself took off the queue: nothing else would answer them. The others wait in the
         queue for the next try."""

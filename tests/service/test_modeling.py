@@ -369,19 +369,28 @@ def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
         tiny_model.chat("Hi", max_new_tokens=513)
 
 
-def test_a_chat_reply_ends_as_soon_as_it_is_told_to_stop(tiny_model):
-    forced = answer_ids(tiny_model, "Talk.", "Sure, it is <POSE>. " * 3)[:-1]
+def _raise(error):
+    def raising(*args, **kwargs):
+        raise error
+
+    return raising
+
+
+def test_a_chat_reply_ends_as_soon_as_it_is_told_to_stop(tiny_model, monkeypatch):
+    forced = answer_ids(tiny_model, "Talk.", "<POSE> it is <POSE>. " * 3)[:-1]
     asked = []
 
     def stop() -> bool:  # cancelled once three tokens are out
         asked.append(None)
         return len(asked) >= 3
 
+    # Nor is the prompt run again for the poses of a reply nobody wants: the model is free.
+    monkeypatch.setattr(tiny_model, "_reply_pose_states", _raise(AssertionError("ran again")))
     reply = tiny_model.chat(
         "Talk.", max_new_tokens=50, logits_processor=[ForceTokens(forced)], stop=stop
     )
-    assert reply.text == tiny_model.tokenizer.decode(forced[:3]).strip()
-    assert len(asked) == 3
+    assert reply.text == tiny_model.tokenizer.decode(forced[:3]).strip() and reply.poses == []
+    assert len(asked) == 4  # before each of the three tokens, and once it stopped
 
 
 def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model):

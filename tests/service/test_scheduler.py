@@ -195,6 +195,31 @@ class FailingClock:
         return time.monotonic()
 
 
+def test_a_base_exception_in_the_model_answers_internal_error_and_the_worker_lives_on(
+    backend, collected, monkeypatch
+):
+    # A SystemExit or KeyboardInterrupt a library raises in the worker thread killed it: the
+    # requests then waited for ever, and every later one timed out.
+    scheduler = make(backend, collected, max_batch=1, max_wait_ms=0)
+    real = backend.answer_poses
+
+    def exiting(items):
+        if any(item.prompt == "exit" for item in items):
+            raise SystemExit(3)
+        return real(items)
+
+    monkeypatch.setattr(backend, "answer_poses", exiting)
+    scheduler.submit_pose(b"A", PoseRequest("0", "exit"))
+    collected.wait_for(lambda rs: len(rs) == 1)
+    scheduler.submit_pose(b"B", PoseRequest("1", "wave"))
+    collected.wait_for(lambda rs: len(rs) == 2)
+    scheduler.stop()
+    failed, answered = collected.of()
+    assert (failed.id, failed.code) == ("0", ErrorCode.INTERNAL_ERROR)
+    assert "SystemExit: 3" in failed.message
+    assert answered == PoseReply("1", answered.text, (pose_for("wave"),))
+
+
 def test_a_failure_in_the_scheduler_answers_internal_error_and_the_worker_lives_on(
     backend, collected
 ):

@@ -55,7 +55,9 @@ def _kept_selection(context: bpy.types.Context):
         for obj in selected:
             with contextlib.suppress(ReferenceError, RuntimeError):  # deleted meanwhile
                 obj.select_set(True)
-        if active is not None and active.name in view_layer.objects:
+        if active is None:  # creating made the new object active
+            view_layer.objects.active = None
+        elif active.name in view_layer.objects:
             view_layer.objects.active = active
             # Each switch updates the whole view layer: only when it was left.
             if mode == "POSE" and context.mode != "POSE" and active.type == "ARMATURE":
@@ -95,10 +97,12 @@ def person_armature(
             if notes is not None:
                 notes.append(problem)
             return None, False
-        # Where the user put it, hidden or not; out of the target's scenes, back beside it.
-        if not any(obj.name in scene.objects for scene in target.users_scene):
-            for collection in _collections_beside(target):
-                collection.objects.link(obj)
+        # Where the user put it, hidden or not; out of the target's scenes, back beside it,
+        # with its body (a bare skeleton, its body left out, looked lost).
+        for item in (obj, *obj.children):
+            if not any(item.name in scene.objects for scene in target.users_scene):
+                for collection in _collections_beside(target):
+                    collection.objects.link(item)
         return obj, False
     if made is not None:
         obj = _copy_person(made, name)

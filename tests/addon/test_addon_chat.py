@@ -1832,6 +1832,21 @@ def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature
     assert_pose(armature, pose_for("ccc"), frame=21)  # the old key, left as it was
 
 
+def test_a_person_made_with_nothing_active_leaves_nothing_active(armature, scripted_service):
+    # The new person stayed active: Tab, the N panel and the Properties editor went to it.
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    scene.chatpose.chat_mode, scene.chatpose.target = True, armature  # two people
+    bpy.context.view_layer.objects.active = None
+    armature.select_set(False)
+    scene.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "SMPL.person2" in bpy.data.objects
+    assert bpy.context.view_layer.objects.active is None and not bpy.context.selected_objects
+
+
 def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)
@@ -1852,9 +1867,10 @@ def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_ser
 
     crowd = bpy.data.collections.new("Crowd")  # the user tidies the second dancer away
     home.collection.children.link(crowd)
-    for collection in person.users_collection:
-        collection.objects.unlink(person)
-    crowd.objects.link(person)
+    for item in (person, *person.children):  # its body with it
+        for collection in item.users_collection:
+            collection.objects.unlink(item)
+        crowd.objects.link(item)
     crowd.hide_viewport = True
     home.chatpose.prompt = "two dancers again"
     bpy.ops.chatpose.send()
@@ -1865,6 +1881,7 @@ def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_ser
     bpy.ops.chatpose.send()
     drive(idle)
     assert set(person.users_collection) == {crowd, *armature.users_collection}
+    assert all(c.name in home.objects for c in person.children)  # not a bare skeleton
 
 
 def _adjust_last_operation(**values) -> None:

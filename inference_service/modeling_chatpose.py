@@ -26,6 +26,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -773,9 +774,9 @@ def cgroup_memory_left(
     cache the kernel reclaims first (``inactive_file``, as kubelet counts a working set: the
     cache a model's earlier load left is charged, and free to use). /proc/self/cgroup names
     the group; inside a container the group is the root of its own view."""
-    try:
-        lines = Path(membership).read_text().splitlines()
-    except (OSError, ValueError):  # ValueError: a group name that is not UTF-8
+    try:  # a group's name is bytes, as a file name is
+        lines = os.fsdecode(Path(membership).read_bytes()).splitlines()
+    except OSError:
         return None
     lefts = []
     for line in lines:
@@ -786,6 +787,8 @@ def cgroup_memory_left(
             base = Path(root, "memory")
             files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
+            continue
+        if ".." in Path(group).parts:  # outside this namespace's view: nothing to read
             continue
         folder = base / group.strip("/")
         for level in dict.fromkeys([folder, *folder.parents]):

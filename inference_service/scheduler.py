@@ -408,10 +408,11 @@ class Scheduler:
             except BaseException as exc:
                 log.exception("the scheduler failed")
                 self._end_after_failure(taken, exc)
-                failures += 1
+                failures = min(failures + 1, 10)  # 2**1024 would overflow, and kill it
                 with self._lock:
-                    if not self._stopping:
-                        self._lock.wait(min(FAILURE_BACKOFF_S * 2**failures, 1.0))
+                    if self._stopping:  # no retry to wait for: `stop` answers the rest
+                        return
+                    self._lock.wait(min(FAILURE_BACKOFF_S * 2**failures, 1.0))
 
     def _deliver(self, group: list[_Task], answers: list[Answer | ChatPoseError]) -> None:
         with self._lock:

@@ -98,11 +98,14 @@ def person_armature(
                 notes.append(problem)
             return None, False
         # Where the user put it, hidden or not; out of the target's scenes, back beside it,
-        # with its body (a bare skeleton, its body left out, looked lost).
-        for item in (obj, *obj.children):
-            if not any(item.name in scene.objects for scene in target.users_scene):
-                for collection in _collections_beside(target):
-                    collection.objects.link(item)
+        # with its body (a bare skeleton, its body left out, looked lost): nothing else of
+        # the user's parented to it.
+        if not _in_scenes_of(obj, target):
+            for item in (obj, *(c for c in obj.children if _is_body_of(c, obj))):
+                if not _in_scenes_of(item, target):
+                    for collection in _collections_beside(target):
+                        if item.name not in collection.objects:
+                            collection.objects.link(item)
         return obj, False
     if made is not None:
         obj = _copy_person(made, name)
@@ -167,6 +170,16 @@ def _collections_beside(target: bpy.types.Object) -> list[bpy.types.Collection]:
     if local:
         return local
     return [scene.collection for scene in target.users_scene[:1]]
+
+
+def _in_scenes_of(obj: bpy.types.Object, target: bpy.types.Object) -> bool:
+    return any(obj.name in scene.objects for scene in target.users_scene)
+
+
+def _is_body_of(child: bpy.types.Object, armature: bpy.types.Object) -> bool:
+    """Whether ``child`` is a mesh ``armature`` deforms (its mannequin or SMPL body)."""
+    modifiers = getattr(child, "modifiers", ())
+    return any(m.type == "ARMATURE" and m.object == armature for m in modifiers)
 
 
 def _move_beside(obj: bpy.types.Object, target: bpy.types.Object) -> None:

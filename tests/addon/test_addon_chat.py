@@ -1847,6 +1847,35 @@ def test_a_person_made_with_nothing_active_leaves_nothing_active(armature, scrip
     assert bpy.context.view_layer.objects.active is None and not bpy.context.selected_objects
 
 
+def test_a_person_brought_back_brings_its_body_alone(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    home = bpy.context.scene
+    home.chatpose.chat_mode, home.chatpose.target = True, armature
+    home.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    person = bpy.data.objects["SMPL.person2"]
+    [body] = person.children
+    props_scene = bpy.data.scenes.new("Props")  # a sword the user parented, kept elsewhere
+    sword = bpy.data.objects.new("Sword", None)
+    props_scene.collection.objects.link(sword)
+    sword.parent = person
+    stash = bpy.data.collections.new("Stash")  # in no scene; the target is in it too
+    stash.use_fake_user = True
+    stash.objects.link(armature)
+    for item in (person, body):  # the person tidied into it, out of the scene
+        for collection in item.users_collection:
+            collection.objects.unlink(item)
+        stash.objects.link(item)
+    home.chatpose.prompt = "two dancers again"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert runtime.last_message()[0].startswith("Applied 2 pose(s)"), runtime.last_message()
+    assert person.name in home.objects and body.name in home.objects
+    assert sword.name not in home.objects  # not the user's other things parented to it
+
+
 def test_extra_people_go_beside_their_target_in_its_scene(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

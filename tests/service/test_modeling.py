@@ -136,7 +136,9 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
             },
             150,  # 4000 - (3900 - 50)
         ),
-        ("0::/caf\udce9\n", {}, None),  # a group name that is not UTF-8: no traceback
+        # A group name that is not UTF-8, its folder gone: the limit above it still counts.
+        ("0::/caf\udce9\n", {"memory.max": "1000", "memory.current": "100"}, 900),
+        ("0::/../sibling\n", {"memory.max": "1000", "memory.current": "100"}, None),  # outside
         (  # v1 in its own view (the group is "/"), unlimited: a page-rounded 2**63
             "4:memory:/\n",
             {

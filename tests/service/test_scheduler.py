@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 
+from inference_service import scheduler as scheduler_module
 from inference_service.errors import ModelError
 from inference_service.scheduler import Answer, Scheduler
 from shared_protocol.protocol import (
@@ -193,6 +194,25 @@ class FailingClock:
             self.failures -= 1
             raise OverflowError("timeout value is too large")
         return time.monotonic()
+
+
+def test_a_scheduler_failing_for_good_neither_overflows_its_wait_nor_spins_when_stopped(
+    backend, collected, monkeypatch
+):
+    # 2**1024 in the backoff raised inside the handler and killed the worker; once stopping,
+    # the failing loop spun (34,818 tracebacks in half a second) until stop gave up on it.
+    monkeypatch.setattr(scheduler_module, "FAILURE_BACKOFF_S", 0.0)  # the failures come fast
+    clock = FailingClock()
+    clock.failures = 2000
+    scheduler = make(backend, collected, clock=clock)
+    deadline = time.monotonic() + TIMEOUT_S
+    while clock.failures > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert clock.failures == 0 and scheduler._worker.is_alive()  # past 1024 in a row
+    clock.failures = 10**9  # failing for good
+    started = time.monotonic()
+    scheduler.stop(timeout_s=5.0)
+    assert not scheduler._worker.is_alive() and time.monotonic() - started < 2.0
 
 
 def test_a_base_exception_in_the_model_answers_internal_error_and_the_worker_lives_on(

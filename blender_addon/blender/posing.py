@@ -63,7 +63,7 @@ def set_bone_rotations(pbones: Sequence[bpy.types.PoseBone], quaternions, before
 
 def rotation_channel_values(quaternions, mode: str, before) -> np.ndarray:
     """(N, 4) bone quaternions in time order -> (N, k) values of ``mode``'s channel, as
-    ``set_bone_rotation`` would set them one after the other from ``before`` (the channel's
+    ``set_bone_rotations`` would set them one after the other from ``before`` (the channel's
     values before the first): quaternion signs and Euler angles each next to the one before."""
     q = np.asarray(quaternions, dtype=np.float64)
     if mode == "QUATERNION":

@@ -80,30 +80,13 @@ def _write_curve(fcurve: bpy.types.FCurve, frames: np.ndarray, values: np.ndarra
 
 
 def _replace_or_insert(points, frames: np.ndarray, values: np.ndarray) -> None:
-    """Keys at or before the curve's last one: a frame with a key gets the new value (its
-    handles move with it, so hand-set ones keep their shape); the others are inserted in place
-    by Blender (``FCurve.update``'s sort is a bubble sort: 256 keys between 5,000 took it
-    1.8 s); FAST leaves their handles to the update."""
-    count = len(points)
-    co = np.empty(2 * count, dtype=np.float32)
-    points.foreach_get("co", co)
-    old_frames = co[0::2].astype(np.float64)
-    order = np.argsort(old_frames)
-    sorted_frames = old_frames[order]
-    where = np.clip(np.searchsorted(sorted_frames, frames), 0, count - 1)
-    added: list[tuple[float, float]] = []
-    for frame, value, at in zip(frames.tolist(), values.tolist(), where.tolist(), strict=True):
-        match = [int(order[j]) for j in (at - 1, at)
-                 if 0 <= j < count and abs(sorted_frames[j] - frame) < _FRAME_MATCH]  # fmt: skip
-        if match:
-            point = points[match[-1]]
-            delta = value - point.co[1]
-            point.co[1] = value
-            point.handle_left[1] += delta
-            point.handle_right[1] += delta
-        else:
-            added.append((frame, value))
-    for frame, value in added:  # after the replacements: inserting moves the indices
+    """Keys at or before the curve's last one, each placed by Blender's binary search: a frame
+    with a key (within ``_FRAME_MATCH``) gets the new value, its handles moving with it (so
+    hand-set ones keep their shape) and its type and interpolation kept; the others are
+    inserted in place (``FCurve.update``'s sort is a bubble sort: 256 keys between 5,000 took
+    it 1.8 s). FAST leaves the handles of new keys to the update. Reading the curve's keys to
+    find the frames here instead cost a fixed 20 ms a batch pass among 5,000 keys."""
+    for frame, value in zip(frames.tolist(), values.tolist(), strict=True):
         points.insert(frame, value, options={"FAST"})
 
 

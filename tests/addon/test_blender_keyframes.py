@@ -91,6 +91,29 @@ def test_rekeying_a_frame_replaces_its_key(blender):
     np.testing.assert_allclose(read_pose(obj, 5).axis_angle, random_pose(2).axis_angle, atol=1e-5)
 
 
+def test_rekeying_a_key_among_others_keeps_its_hand_set_handles_shape_and_its_settings(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(seed) for seed in range(3)], [1, 3, 5])
+    shapes = {}
+    for fc in action_fcurves(obj):
+        point = fc.keyframe_points[1]
+        point.handle_left_type = point.handle_right_type = "FREE"
+        point.interpolation, point.type = "CONSTANT", "BREAKDOWN"
+        point.handle_left = (point.co[0] - 1.5, point.co[1] + 0.3)
+        point.handle_right = (point.co[0] + 0.5, point.co[1] - 0.2)
+        shapes[(fc.data_path, fc.array_index)] = ((-1.5, 0.3), (0.5, -0.2))
+    key_poses(obj, [random_pose(7)], [3])  # before the curves' last key: a key already there
+    assert keyed_frames(obj) == [1, 3, 5]
+    np.testing.assert_allclose(read_pose(obj, 3).axis_angle, random_pose(7).axis_angle, atol=1e-5)
+    for fc in action_fcurves(obj):
+        point = fc.keyframe_points[1]
+        co = np.array(point.co)
+        got = (np.array(point.handle_left) - co, np.array(point.handle_right) - co)
+        np.testing.assert_allclose(got, shapes[(fc.data_path, fc.array_index)], atol=1e-5)
+        assert (point.handle_left_type, point.handle_right_type) == ("FREE", "FREE")
+        assert (point.interpolation, point.type) == ("CONSTANT", "BREAKDOWN")
+
+
 def test_a_pose_keyed_at_another_frame_leaves_the_playhead_showing_its_animation(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1), random_pose(2)], [1, 100])

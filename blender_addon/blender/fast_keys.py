@@ -12,8 +12,9 @@ at a time, leaves it for its end (``handles=False``; ``batch_store.settle_batch_
 its new keys' handles sit on the key until then (straight lines between keys).
 
 Same result as ``keyframe_insert``: a key at a frame that already has one replaces its value
-(its handles move with it, so hand-set handles keep their shape); new keys get Blender's
-defaults (Bezier, auto-clamped handles); a locked F-curve is refused (``anim.LockedCurveError``,
+(its handles move with it, so hand-set handles keep their shape); new keys get auto-clamped
+handles and, as in Blender, the interpolation of the key before them once the curve holds
+more than two, else Bezier; a locked F-curve is refused (``anim.LockedCurveError``,
 before anything is written). Not applied: keying sets, "only insert needed", visual keying,
 cycle-aware keying.
 """
@@ -93,15 +94,19 @@ def _replace_or_insert(points, frames: np.ndarray, values: np.ndarray) -> None:
 def _append(points, frames: np.ndarray, values: np.ndarray) -> None:
     """Keys after the curve's last one (a new curve, or a batch going on), in time order.
     Point by point when the curve already holds more keys than come (a long animation on the
-    armature: the cost does not grow with it); else all points at once."""
+    armature: the cost does not grow with it); else all points at once. As Blender keys them,
+    new keys after two or more take the last one's interpolation: a stepped take stays
+    stepped."""
     order = np.argsort(frames, kind="stable")
     frames, values = frames[order], values[order]
     count, new = len(points), len(frames)
     points.add(new)
     if new < count:
+        interpolation = points[count - 1].interpolation
         for k, key in enumerate(zip(frames.tolist(), values.tolist(), strict=True)):
             point = points[count + k]
             point.co = point.handle_left = point.handle_right = key
+            point.interpolation = interpolation
         return
     total = count + new
     for name in ("co", "handle_left", "handle_right"):  # new handles start on their key
@@ -109,3 +114,8 @@ def _append(points, frames: np.ndarray, values: np.ndarray) -> None:
         points.foreach_get(name, array)
         array[2 * count :: 2], array[2 * count + 1 :: 2] = frames, values
         points.foreach_set(name, array)
+    if count >= 2:
+        interpolations = np.empty(total, dtype=np.int32)
+        points.foreach_get("interpolation", interpolations)
+        interpolations[count:] = interpolations[count - 1]
+        points.foreach_set("interpolation", interpolations)

@@ -114,6 +114,18 @@ def test_rekeying_a_key_among_others_keeps_its_hand_set_handles_shape_and_its_se
         assert (point.interpolation, point.type) == ("CONSTANT", "BREAKDOWN")
 
 
+@pytest.mark.parametrize("added", [1, 4])  # fewer keys than the take (point by point), more
+def test_keys_after_a_stepped_take_stay_stepped_as_blender_keys_them(blender, added):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(seed) for seed in range(3)], [1, 11, 21])
+    for fc in action_fcurves(obj):
+        for point in fc.keyframe_points:
+            point.interpolation = "CONSTANT"
+    key_poses(obj, [random_pose(10 + k) for k in range(added)], [31 + 10 * k for k in range(added)])
+    for fc in action_fcurves(obj):
+        assert [p.interpolation for p in fc.keyframe_points] == ["CONSTANT"] * (3 + added)
+
+
 def test_a_pose_keyed_at_another_frame_leaves_the_playhead_showing_its_animation(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     key_poses(obj, [random_pose(1), random_pose(2)], [1, 100])

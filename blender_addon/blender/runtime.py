@@ -1131,6 +1131,8 @@ def _on_load_post(*_args) -> None:
                 + (f" ({lines} of them answered, not yet keyed)" if lines else "")
             )
         set_message(f"A file was loaded: {' and '.join(filter(None, dropped))}{said}", "WARNING")
+    else:  # what it said was of the old file ("all lines keyed", after a Revert dropped them)
+        set_message("")
 
 
 # Written into a file saved while a request is on its way: a file opened later never gets

@@ -944,6 +944,18 @@ def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     assert "SMPL" not in bpy.data.objects
 
 
+def test_loading_a_file_clears_what_the_panel_said_about_the_old_one(armature, scripted_service):
+    # A batch reported "all lines keyed", then File > Revert threw its keys away.
+    address, _ = scripted_service
+    use_service(address)
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert runtime.last_message()[0]
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert runtime.last_message()[0] == ""
+
+
 def test_a_file_that_fails_to_load_leaves_the_open_one_s_requests_going(
     armature, scripted_service, tmp_path
 ):

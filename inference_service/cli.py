@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -65,6 +66,9 @@ EXIT_TIMEOUT = 6
 EXIT_SERVICE_ERROR = 7
 EXIT_CLOSED_OUTPUT = 141  # the shell's code for SIGPIPE: stdout closed (`| head`)
 LOCAL_ID = "local"  # the request id of --local's replies: no service numbered them
+# A batch's answers are also written this often while it runs, so that one killed outright
+# keeps them (_SavedProgress).
+PROGRESS_SAVE_S = 30.0
 
 _EXIT_FOR_CODE = {
     ErrorCode.UNREACHABLE: EXIT_UNREACHABLE,
@@ -424,6 +428,7 @@ def _batch(args: argparse.Namespace) -> int:
             failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
     sendable = [(n, prompt) for n, prompt in lines if n not in poses and n not in failures]
     out_existed = args.out.exists()
+    saved = _SavedProgress(_batch_destination(args.out, False, False, resumed_from, out_existed))
     finished = stopped = False
     try:
         with contextlib.ExitStack() as stack:
@@ -452,6 +457,7 @@ def _batch(args: argparse.Namespace) -> int:
                         _checked(reply, BatchItemReply)  # the whole request failed
                     elif not isinstance(reply, BatchItemReply):  # it would end the stream
                         _checked(reply, BatchItemReply)
+                    saved.offer(poses, fps)
                     _progress(len(poses) + len(failures), len(lines))
         finished = True
     except BaseException:
@@ -462,7 +468,8 @@ def _batch(args: argparse.Namespace) -> int:
         with interrupts_deferred():
             if _on_terminal() and sendable:
                 _report("")  # past the progress bar's line
-            out = _batch_destination(args.out, finished, len(poses) == len(lines), resumed_from)
+            answered_all = len(poses) == len(lines)
+            out = _batch_destination(args.out, finished, answered_all, resumed_from, out_existed)
             written = None
             if not finished and len(poses) == earlier and resumed_from is not None:
                 _report(f"no new answers; {resumed_from} is kept as it was")
@@ -591,17 +598,38 @@ def _answers_in(
 
 
 def _batch_destination(
-    out: Path, finished: bool, answered_all: bool, resumed_from: Path | None
+    out: Path, finished: bool, answered_all: bool, resumed_from: Path | None, out_existed: bool
 ) -> Path:
     """Where a batch writes: --out when it finished with a pose for every line, or without
     some when it resumed --out (its answers are among this run's); else (cut short, or lines
-    without a pose) --out if that is new, or FILE.partial.npz beside it (which holds the poses
+    without a pose) --out if it was new, or FILE.partial.npz beside it (which holds the poses
     of a partial file it resumed, and more): such a run never replaces a file the user already
     has, which may answer the lines this one did not."""
     if finished and (answered_all or resumed_from == out):
         return out
     partial = _partial_path(out)
-    return partial if out.exists() or resumed_from == partial else out
+    return partial if out_existed or resumed_from == partial else out
+
+
+class _SavedProgress:
+    """A running batch's answers, written every PROGRESS_SAVE_S to where a batch cut short
+    writes them: one killed outright (SIGKILL, the OOM killer, a power cut), whose `finally`
+    never runs, keeps what it got, and --resume goes on from it. A failed write is said once;
+    the answers are still written at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.count, self.failed = path, 0, False
+        self.due = time.monotonic() + PROGRESS_SAVE_S
+
+    def offer(self, poses: dict[int, Pose], fps: float) -> None:
+        if self.failed or len(poses) == self.count or time.monotonic() < self.due:
+            return
+        try:
+            _write_motion(self.path, [poses[i] for i in sorted(poses)], fps)
+        except CommandError as exc:
+            self.failed = True
+            _report(f"chatpose batch: {exc}; the answers are kept here and written at the end")
+        self.count, self.due = len(poses), time.monotonic() + PROGRESS_SAVE_S
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:

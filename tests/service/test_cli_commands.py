@@ -381,6 +381,33 @@ def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
         assert Motion.load_npz(rescued).labels == ("wave", "sit down", "bow")
 
 
+@pytest.mark.parametrize("out_existed", [False, True], ids=["new out", "out there already"])
+def test_a_running_batch_keeps_its_answers_on_disk_for_a_kill_nothing_can_catch(
+    address, capsys, tmp_path, monkeypatch, out_existed
+):
+    # SIGKILL, the OOM killer, a power cut: no `finally` writes the answers then.
+    monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nsit down\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    if out_existed:
+        out_file.write_bytes(b"the user's own")
+    on_disk = out_file.with_name("anim.partial.npz") if out_existed else out_file
+    seen = []
+    progress = cli._progress
+
+    def look_on_disk(done: int, total: int) -> None:
+        progress(done, total)
+        seen.append(Motion.load_npz(on_disk).labels)
+
+    monkeypatch.setattr(cli, "_progress", look_on_disk)
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    assert code == cli.EXIT_OK, err
+    assert seen == [("wave",), ("wave", "sit down"), ("wave", "sit down", "bow")]
+    assert Motion.load_npz(out_file).labels == ("wave", "sit down", "bow")
+    assert not out_file.with_name("anim.partial.npz").exists()  # answered by --out now
+
+
 def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
     address, capsys, tmp_path, monkeypatch
 ):

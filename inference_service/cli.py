@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stops_as_interrupts():  # SIGTERM, SIGHUP: as Ctrl-C, with its message and code
             code = command(args)
-            sys.stdout.flush()  # here, where a closed stdout is caught, not at exit
+            _flush_output()  # here, where a closed stdout is caught, not at exit
         return code
     except CommandError as exc:
         _report(f"chatpose {args.command}: {exc}")
@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"chatpose {args.command}: {missing_service_package(exc)}")
         return EXIT_USAGE
     except BrokenPipeError:  # stdout's reader left (`| head`): what it wanted, it has
-        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_output()
         return EXIT_CLOSED_OUTPUT
 
 
@@ -295,6 +294,37 @@ def missing_service_package(exc: ModuleNotFoundError) -> str:
         "'.[service]' (a client-only install has status, pose and batch against a running "
         "service)"
     )
+
+
+def _out(*values, **options) -> None:
+    """`print` to stdout."""
+    with _output_failures():
+        print(*values, **options)
+
+
+def _flush_output() -> None:
+    if sys.stdout is not None:  # `>&-`: print wrote nothing, and there is nothing to flush
+        with _output_failures():
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _output_failures():
+    """Stdout failing (`> result.json` on a full disk) as a CommandError naming it, not a
+    traceback; a closed pipe stays BrokenPipeError (exit 141)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _silence_output()
+        raise CommandError(EXIT_BAD_INPUT, f"cannot write the output ({exc.strerror})") from None
+
+
+def _silence_output() -> None:
+    """Stdout onto the null device: what it still buffers would fail again at exit."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _report(text: str) -> None:
@@ -322,12 +352,12 @@ def _status(args: argparse.Namespace) -> int:
         request = StatusRequest(client.new_id())
         reply = _checked(_first_reply(client, request, args.timeout), StatusReply)
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
-    print(f"service   {args.address}")
-    print(f"model     {reply.model} on {reply.device} ({reply.dtype})")
-    print(f"images    {images} per request")
-    print(f"queue     {reply.queue_depth} waiting")
-    print(f"uptime    {reply.uptime_s:.0f} s")
-    print(f"version   {reply.version}")
+    _out(f"service   {args.address}")
+    _out(f"model     {reply.model} on {reply.device} ({reply.dtype})")
+    _out(f"images    {images} per request")
+    _out(f"queue     {reply.queue_depth} waiting")
+    _out(f"uptime    {reply.uptime_s:.0f} s")
+    _out(f"version   {reply.version}")
     return EXIT_OK
 
 
@@ -348,7 +378,7 @@ def _pose(args: argparse.Namespace) -> int:
     # A script reading stdout gets the service's error reply too (not one made up here for a
     # reply that did not decode).
     if args.json and isinstance(answer, ErrorReply) and not isinstance(answer, UndecodableReply):
-        print(encode_reply(answer)[0].decode("utf-8"))
+        _out(encode_reply(answer)[0].decode("utf-8"))
     if isinstance(answer, ErrorReply) and args.image and answer.message.startswith("images[0]"):
         # The service names the request's field; the user gave a file.
         message = f"--image {args.image}{answer.message.removeprefix('images[0]')}"
@@ -366,7 +396,7 @@ def _pose(args: argparse.Namespace) -> int:
         except CommandError as exc:
             unwritten = exc
     if args.json:
-        print(encode_reply(reply)[0].decode("utf-8"))
+        _out(encode_reply(reply)[0].decode("utf-8"))
     else:
         _print_pose_reply(reply)
     if unwritten is not None:
@@ -669,16 +699,16 @@ def _demo(args: argparse.Namespace) -> int:
     except DemoError as exc:
         raise CommandError(EXIT_SERVICE_ERROR, str(exc)) from None
     posed = sum(1 for a in result.answers if a.poses)
-    print(f"\n{posed} of {len(result.answers)} prompts answered with a pose. Written:")
-    print(f"  {result.blend}   Blender scene: the batch keyed on frames {result.keyed_frames}")
-    print(f"  {result.contact_sheet}   one panel per prompt")
+    _out(f"\n{posed} of {len(result.answers)} prompts answered with a pose. Written:")
+    _out(f"  {result.blend}   Blender scene: the batch keyed on frames {result.keyed_frames}")
+    _out(f"  {result.contact_sheet}   one panel per prompt")
     if result.animation is not None:
-        print(f"  {result.animation}   the batch as an AMASS-layout animation")
+        _out(f"  {result.animation}   the batch as an AMASS-layout animation")
     else:
-        print("  (no animation.npz: the batch got no pose)")
-    print(f"  {result.reference}   the picture sent with the image prompt")
-    print(f"  {result.panels}/   each answer's picture alone")
-    print(f"  {result.service_log}   the service's log")
+        _out("  (no animation.npz: the batch got no pose)")
+    _out(f"  {result.reference}   the picture sent with the image prompt")
+    _out(f"  {result.panels}/   each answer's picture alone")
+    _out(f"  {result.service_log}   the service's log")
     failed = [a for a in result.answers if a.error]
     for answer in failed:
         _report(f"chatpose demo: {answer.kind} prompt failed: {answer.error}")
@@ -879,13 +909,13 @@ def _write_motion(path: Path, poses: list[Pose], fps: float) -> None:
 
 
 def _print_pose_reply(reply: PoseReply) -> None:
-    print(readable_text(reply.text))
+    _out(readable_text(reply.text))
     for number, pose in enumerate(reply.poses, start=1):
-        print(f"\npose {number} of {len(reply.poses)} (axis-angle; degrees about the axis)")
+        _out(f"\npose {number} of {len(reply.poses)} (axis-angle; degrees about the axis)")
         for name, rotation in zip(JOINT_NAMES, pose.axis_angle, strict=True):
             angle = float(np.linalg.norm(rotation))
             axis = rotation / angle if angle > 1e-9 else np.zeros(3)
-            print(
+            _out(
                 f"  {name:<15} {np.degrees(angle):7.1f}°  axis ({axis[0]:+.2f}, "
                 f"{axis[1]:+.2f}, {axis[2]:+.2f})"
             )

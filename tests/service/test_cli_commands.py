@@ -331,6 +331,30 @@ def test_pose_writes_out_before_printing_so_a_closed_stdout_costs_no_file(addres
     assert Motion.load_npz(out_file).labels == ("bow",)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("command", [["status"], ["pose", "bow", "--json"]])
+def test_output_onto_a_full_disk_is_named_not_a_traceback(address, command):
+    cli_command = [sys.executable, "-m", "inference_service.cli", *command, "--address", address]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(cli_command, stdout=full, stderr=subprocess.PIPE, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == cli.EXIT_BAD_INPUT, err
+    assert "cannot write the output (No space left on device)" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_a_batch_with_stdout_closed_writes_its_file_and_exits_0(address, tmp_path):
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\nbow\n")
+    out_file = tmp_path / "anim.npz"
+    command = [sys.executable, "-m", "inference_service.cli", "batch", str(prompts),
+               "--out", str(out_file), "--address", address]  # fmt: skip
+    closed = ["sh", "-c", 'exec "$@" >&-', "sh", *command]  # Python's sys.stdout is None
+    done = subprocess.run(closed, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == cli.EXIT_OK, done.stderr.decode()
+    assert Motion.load_npz(out_file).labels == ("wave", "bow")
+
+
 def test_pose_json_still_prints_the_reply_when_out_cannot_be_written(
     address, capsys, tmp_path, monkeypatch
 ):

@@ -675,7 +675,7 @@ def _line_ranges(numbers: Sequence[int]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoError, DemoOutputError, DemoSetupError, run_demo
+    from .demo import DemoConfigError, DemoError, DemoOutputError, DemoSetupError, run_demo
 
     if not 32 <= args.size <= 2048:  # a contact sheet of a few panels, not gigabytes
         raise CommandError(EXIT_USAGE, f"--size: 32 to 2048 pixels, got {args.size}")
@@ -694,7 +694,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
     except DemoSetupError as exc:
         raise CommandError(EXIT_USAGE, str(exc)) from None
-    except DemoOutputError as exc:  # as an --out that cannot be made
+    except (DemoOutputError, DemoConfigError) as exc:  # as a bad --out or --local --checkpoint
         raise CommandError(EXIT_BAD_INPUT, str(exc)) from None
     except DemoError as exc:
         raise CommandError(EXIT_SERVICE_ERROR, str(exc)) from None

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_service.serve import EXIT_CONFIG
 from shared_protocol.client import Client
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
@@ -53,6 +54,10 @@ class DemoError(Exception):
 
 class DemoSetupError(DemoError):
     """What the demo needs is not installed (bpy, the add-on's modules): the setup's to mend."""
+
+
+class DemoConfigError(DemoError):
+    """chatpose-serve refused what the demo gave it (--checkpoint, --device)."""
 
 
 class DemoOutputError(DemoError):
@@ -175,6 +180,11 @@ class LocalService:
         try:
             return client.wait_serving(timeout_s, gone=gone, while_loading=True)
         except ProtocolError as exc:
+            state = self.process.poll()
+            if not state.alive and state.returncode == EXIT_CONFIG:  # not the service's failure
+                raise DemoConfigError(
+                    f"chatpose-serve {state.describe()} (log: {self.log_path})"
+                ) from None
             raise DemoError(f"{exc} (log: {self.log_path})") from None
 
 

@@ -150,14 +150,15 @@ def test_the_service_stops_even_when_a_step_fails(tiny_checkpoint, tmp_path, mon
     assert_service_gone(seen["address"])
 
 
-def test_a_service_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path, capsys):
+def test_a_checkpoint_the_service_cannot_load_is_bad_input_not_a_hang(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "chatpose.json").write_text("{not json")
     code = cli.main(["demo", "--checkpoint", str(broken), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_SERVICE_ERROR
-    assert "chatpose-serve exited with code" in err and "chatpose-serve.log" in err
+    assert code == cli.EXIT_BAD_INPUT  # as `chatpose pose --local` says of it
+    assert "chatpose-serve exited with code 2" in err and "chatpose-serve.log" in err
+    assert "chatpose.json" in err and "unreachable" not in err
 
 
 def test_a_missing_checkpoint_is_named(tmp_path, capsys):

@@ -445,8 +445,8 @@ def _batch(args: argparse.Namespace) -> int:
     if partial.exists() and not args.resume:  # a run cut short again would write over it
         raise CommandError(
             EXIT_BAD_INPUT,
-            f"{partial} holds the answers of a batch cut short: add --resume to go on from "
-            "them, or delete it to start over",
+            f"{partial} holds the answers of a batch cut short or left with lines without a "
+            "pose: add --resume to go on from them, or delete it to start over",
         )
     resumed_from, poses, fps = _earlier_answers(args, lines) if args.resume else (None, {}, None)
     fps = args.fps or fps or 30.0

@@ -229,6 +229,12 @@ class Checkpoint:
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a directory")
         if not (root / CONFIG_NAME).exists():
+            steps = sorted(p.name for p in root.glob("step-*") if (p / CONFIG_NAME).is_file())
+            if steps:  # `train --out`'s folder: each step-N in it is a checkpoint
+                raise CheckpointError(
+                    f"{root}: a training run's folder, not a checkpoint; its checkpoints are "
+                    f"its step folders, the last {root / steps[-1]}"
+                )
             raise CheckpointError(
                 f"{root}: not a ChatPose checkpoint (no {CONFIG_NAME}); an official release "
                 "converts with python -m inference_service.convert_official (docs/checkpoints.md)"

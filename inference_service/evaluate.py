@@ -1,11 +1,16 @@
-"""`python -m inference_service.evaluate`: a report on any checkpoint for a corpus split.
+"""`python -m inference_service.evaluate`: a report on any checkpoint for a corpus split, or
+for the examples of any data the trainer reads.
 
     python -m inference_service.evaluate --checkpoint DIR --data corpus CORPUS.npz
         [--pairs DIR] [--split test] [--out report.json] [--markdown report.md]
         [--batch-size 32] [--limit N] [--threads N] [--device auto] [--load-in-4bit|--load-in-8bit]
         [--caption-oracle N]
+    python -m inference_service.evaluate --checkpoint DIR --data FORMAT PATH [KEY=VALUE ...]
+        [--fit FORMAT PATH [KEY=VALUE ...]] [--out ...] [--limit N] ...
 
-Sections of the report (docs/evaluation.md explains each and the quality bars):
+The second (`evaluate_examples`): every pose of the examples' answers, read with the answers
+given, against the mean pose (and, for captions, TF-IDF retrieval) of `--fit`, by example kind.
+For a corpus split, the report's sections (docs/evaluation.md explains each and the bars):
 
 - ``text_to_pose``: every record of the split (its caption, asked with the service's own prompt
   through `ChatPoseModel.predict_poses`, the fast path, in batches) against its pose: MPJPE,
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -66,6 +72,14 @@ from inference_service.training.baselines import (
     action_mean_poses,
     mean_pose,
     rotation_distance,
+)
+from inference_service.training.datasets import (
+    FORMAT_OPTIONS,
+    KINDS,
+    DataSpec,
+    Example,
+    load_data,
+    parse_data_spec,
 )
 from shared_protocol.arrays import open_npz
 
@@ -179,11 +193,37 @@ class ModelPredictor:
 
         return self._run([PoseRequest(images=(data,)) for data in images])
 
+    def examples(self, examples: Sequence[Example]) -> list[np.ndarray]:
+        """Each example's poses, (len(example.poses), 24, 3), read with its answers given: the
+        whole exchange (history, images, answers) encoded as training encodes it, each pose
+        from the state before its pose token. For a text or image asked in the service's own
+        words that is what the fast path answers."""
+        from inference_service.training.encoding import Encoder
+
+        model = self.model
+        encoder = Encoder(model.processor, model.config, model.pose_token_id, model.context_length)
+        out = []
+        for start in range(0, len(examples), self.batch_size):
+            chunk = examples[start : start + self.batch_size]
+            batch = encoder.collate([encoder.encode(example) for example in chunk])
+            poses = np.stack(
+                model.given_answer_poses(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.pixel_values,
+                    batch.pose_rows,
+                    batch.pose_positions,
+                )
+            )
+            ends = np.cumsum([len(example.poses) for example in chunk])
+            out.extend(np.split(poses, ends[:-1]))
+        return out
+
 
 def read_image_pairs(pairs: str | Path, limit: int | None = None):
     """(image bytes, true poses (N, 24, 3), action names or "", the render size or None, the
     corpus splits the poses come from, where said) of the first ``limit`` pairs of a
-    render_pairs output directory, checked as training reads pairs
+    render_pairs output directory (or its pairs.npz), checked as training reads pairs
     (`datasets.read_image_pose_pairs`: a DatasetError names the file, the frame and the
     field)."""
     from inference_service.training.datasets import (
@@ -192,7 +232,7 @@ def read_image_pairs(pairs: str | Path, limit: int | None = None):
         read_image_pose_pairs,
     )
 
-    path = Path(pairs) / "pairs.npz"
+    path = Path(pairs) if Path(pairs).suffix == ".npz" else Path(pairs) / "pairs.npz"
     hmr = []
     with contextlib.suppress(OSError, ValueError), open_npz(path) as archive:  # else read below
         hmr = [key for key in ("center", "scale", "imgname") if key in archive.files]
@@ -430,6 +470,97 @@ def evaluate(
     return report
 
 
+def evaluate_examples(
+    checkpoint: str | Path,
+    examples: Sequence[Example],
+    *,
+    data: str,
+    fit: Sequence[Example] = (),
+    fit_data: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    quantization: dict | None = None,
+    predictor=None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The report on examples of any dataset (`--data posescript|pairs|llava ...`): every pose
+    their answers hold (`ModelPredictor.examples`) against the mean pose of `fit`, the data
+    the model was trained on (without it, the poses' own mean, said in `warnings`), and on
+    text-to-pose examples against TF-IDF retrieval over fit's text-to-pose questions; by
+    example kind and overall."""
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    posed = [example for example in examples if example.poses]
+    if not posed:
+        raise ValueError(f"--data {data}: no example's answer holds a pose to score")
+    fitted = [example for example in fit if example.poses]
+    if fit and not fitted:
+        raise ValueError(f"--fit {fit_data}: no example's answer holds a pose")
+    warnings = []
+    if not fitted:
+        warnings.append(
+            "no --fit data: the mean pose is the scored poses' own mean, a baseline that has "
+            "seen them, and there is no TF-IDF baseline"
+        )
+    for warning in warnings:
+        log(f"warning: {warning}")
+    true = np.concatenate([np.stack(example.poses) for example in posed])
+    kinds = np.array([example.kind for example in posed for _ in example.poses])
+    fit_poses = np.concatenate([np.stack(example.poses) for example in fitted or posed])
+    predictor = predictor or ModelPredictor(checkpoint, device, batch_size, **(quantization or {}))
+    log(f"{len(true)} poses in {len(posed)} examples")
+    predictions = {
+        "model": np.concatenate(predictor.examples(posed)),
+        "mean_pose": np.broadcast_to(mean_pose(fit_poses), true.shape),
+    }
+    texts = [e for e in posed if e.kind == "text_to_pose" and not e.history]
+    fit_texts = [e for e in fitted if e.kind == "text_to_pose" and not e.history]
+    tfidf = None
+    if texts and fit_texts:
+        retrieval = TfidfRetrieval([e.question for e in fit_texts], [e.pose for e in fit_texts])
+        tfidf = retrieval.predict([e.question for e in texts])
+    by_kind = {}
+    for kind in ("all", *KINDS):
+        mask = np.ones(len(true), bool) if kind == "all" else kinds == kind
+        if not mask.any():
+            continue
+        by_kind[kind] = {
+            "count": int(mask.sum()),
+            **{name: _metrics(pred[mask], true[mask]) for name, pred in predictions.items()},
+        }
+    if tfidf is not None:
+        rows = (kinds == "text_to_pose") & np.array([not e.history for e in posed for _ in e.poses])
+        by_kind["text_to_pose"]["tfidf"] = _metrics(tfidf, true[rows])
+    overall = by_kind["all"]
+    report: dict = {
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "fit": fit_data,
+        "examples": len(posed),
+        "without_pose": len(examples) - len(posed),
+        "warnings": warnings,
+        "poses": {
+            "count": len(true),
+            "by_kind": by_kind,
+            "reduction_vs_mean_pose": {
+                m: _reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
+            },
+        },
+    }
+    report["bars"] = [
+        {
+            "bar": f"poses: {METRIC_LABELS[metric]} reduction vs mean pose",
+            "value": value,
+            "threshold": REDUCTION_BAR,
+            "pass": bool(value >= REDUCTION_BAR),
+        }
+        for metric in ("pa_mpjpe_mm", "mpjre_deg")
+        for value in [report["poses"]["reduction_vs_mean_pose"][metric]]
+    ]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
 def _left_right(
     names: Sequence[str], predictions: dict[str, np.ndarray], canonical, clusters=None
 ) -> dict:
@@ -534,6 +665,51 @@ def _oracle_line(text: dict, oracle: str) -> str:
     return "Its reduction vs the mean pose (all captions): " + ", ".join(parts) + "."
 
 
+def _bars_table(bars: Sequence[dict]) -> list[str]:
+    lines = [
+        "### Quality bars",
+        "",
+        "| bar | value | 95 % interval | threshold | |",
+        "|---|---|---|---|---|",
+    ]
+    for item in bars:
+        percent = (
+            "reduction" in item["bar"] or "accuracy" in item["bar"] or "left/right" in item["bar"]
+        )
+        show = _pct if percent else _fmt
+        low, high = item.get("interval", (None, None))
+        interval = f"{_pct(low)} – {_pct(high)}" if low is not None else ""
+        lines.append(
+            f"| {item['bar']} | {show(item['value'])} | {interval} | {show(item['threshold'])} | "
+            f"{'pass' if item['pass'] else '**FAIL**'} |"
+        )
+    return lines
+
+
+def examples_markdown(report: dict) -> str:
+    """An `evaluate_examples` report's tables as Markdown."""
+    lines = [f"**Warning:** {warning}.\n" for warning in report["warnings"]]
+    poses = report["poses"]
+    without = report["without_pose"]
+    skipped = f"; {without} examples without a pose left out" if without else ""
+    lines += [
+        f"### Poses ({poses['count']} in {report['examples']} examples{skipped})",
+        "",
+        "| example kind | n | predictor | "
+        + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
+        + " |",
+        "|---|---|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    titles = {"model": "**model**", "tfidf": "TF-IDF retrieval", "mean_pose": "mean pose"}
+    for kind, block in poses["by_kind"].items():
+        for key in [key for key in titles if key in block]:
+            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
+            lines.append(f"| {kind} | {block['count']} | {titles[key]} | {values} |")
+    lines += ["", _reduction_line("Reduction vs the mean pose (all poses)", poses), ""]
+    lines += _bars_table(report["bars"])
+    return "\n".join(lines) + "\n"
+
+
 def markdown_summary(report: dict) -> str:
     """The report's tables as Markdown (what docs/evaluation.md shows)."""
     lines = [f"**Warning:** {warning}.\n" for warning in report.get("warnings", ())]
@@ -630,24 +806,7 @@ def markdown_summary(report: dict) -> str:
     image_pairs = lr.get("images", {}).get("per_pair", {})
     for pair, value in lr["text"]["per_pair"].items():
         lines.append(f"| {pair} | {_pct(value)} | {_pct(image_pairs.get(pair, math.nan))} |")
-    lines += [
-        "",
-        "### Quality bars",
-        "",
-        "| bar | value | 95 % interval | threshold | |",
-        "|---|---|---|---|---|",
-    ]
-    for item in report["bars"]:
-        percent = (
-            "reduction" in item["bar"] or "accuracy" in item["bar"] or "left/right" in item["bar"]
-        )
-        show = _pct if percent else _fmt
-        low, high = item.get("interval", (None, None))
-        interval = f"{_pct(low)} – {_pct(high)}" if low is not None else ""
-        lines.append(
-            f"| {item['bar']} | {show(item['value'])} | {interval} | {show(item['threshold'])} | "
-            f"{'pass' if item['pass'] else '**FAIL**'} |"
-        )
+    lines += ["", *_bars_table(report["bars"])]
     above = [item for item in report["bars"] if item.get("ceiling", math.inf) < item["threshold"]]
     if above:
         lines += [
@@ -664,22 +823,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m inference_service.evaluate",
         description="Evaluate a ChatPose checkpoint on a synthetic-corpus split (and rendered "
         "image pairs): metrics against the mean-pose and TF-IDF baselines, paraphrases, left "
-        "and right.",
+        "and right; or on the examples of any training data format: the poses of their "
+        "answers against the mean pose (and TF-IDF) of --fit data.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument(
         "--data",
-        nargs=2,
-        metavar=("FORMAT", "PATH"),
+        nargs="+",
+        metavar="WORD",
         required=True,
-        help="corpus CORPUS.npz: the synthetic corpus (baselines fit on its train split)",
+        help="FORMAT PATH [KEY=VALUE ...]: corpus CORPUS.npz, the synthetic corpus "
+        "(baselines fit on its train split); or any format `python -m inference_service.train "
+        "--data` reads (posescript, pairs, llava), with its options: posescript CAPTIONS.json "
+        "poses=POSES.npz ids=TEST_IDS.json, "
+        "say (asked in the service's own words unless phrasing= says otherwise)",
     )
-    parser.add_argument("--pairs", type=Path, help="a render_pairs output directory (images)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    parser.add_argument(
+        "--fit",
+        nargs="+",
+        metavar="WORD",
+        help="FORMAT PATH [KEY=VALUE ...], with --data other than corpus: the data the model "
+        "trained on, to fit the mean pose and TF-IDF baselines on (else the mean of the scored "
+        "poses themselves)",
+    )
+    parser.add_argument(
+        "--pairs", type=Path, help="a render_pairs output directory (images), or its pairs.npz"
+    )
+    parser.add_argument(
+        "--split", choices=("train", "val", "test", "all"), help="the corpus's (default test)"
+    )
     parser.add_argument("--out", type=Path, default=Path("report.json"))
     parser.add_argument("--markdown", type=Path, help="also write the tables (default OUT.md)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--limit", type=positive_int, help="at most this many records / pairs")
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        help="at most this many records, pairs or examples (the paraphrase and left/right "
+        "prompts are asked in full)",
+    )
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     quantize = parser.add_mutually_exclusive_group()
@@ -696,9 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from inference_service.checkpoint import work_offline
 
     work_offline()  # before transformers is imported: no request to the Hub, ever
-    fmt, corpus = args.data
-    if fmt != "corpus":
-        parser.error(f"--data: only the 'corpus' format is evaluated, got {fmt!r}")
+    data, fit = _data_specs(parser, args)
     markdown = args.markdown or args.out.with_suffix(".md")
     # os.path.isdir: a name too long for the disk is no folder (Path's raises), and is said below.
     if args.out.suffix != ".json" or os.path.isdir(args.out):
@@ -724,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with stops_as_interrupts():  # a closed terminal, `kill`: said as Ctrl-C is
-            report = _evaluated(args, corpus)
+            report = _evaluated(args, data, fit)
     except KeyboardInterrupt:
         print("interrupted; no report was written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -737,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Each whole or not at all: a full disk never cuts an earlier report short.
         for path, text in (
             (args.out, report_json),
-            (markdown, f"{_measured_line(report)}\n\n{markdown_summary(report)}"),
+            (markdown, f"{_measured_line(report)}\n\n{_summary(report)}"),
         ):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(path, text)
@@ -758,24 +937,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _evaluated(args: argparse.Namespace, corpus: Path) -> dict:
-    """`evaluate` as the command asked for it, the report saying what it measured: absolute
-    paths, the limit, device and quantization, and when."""
+def _data_specs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[DataSpec, DataSpec | None]:
+    """--data and --fit, checked with the options that go with their formats."""
+    try:
+        data = parse_data_spec(args.data)
+        fit = parse_data_spec(args.fit) if args.fit else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    if data.format == "corpus":
+        if data.options:  # the corpus's own options are the ones below
+            parser.error("--data corpus CORPUS.npz takes no KEY=VALUE: --split picks the split")
+        if fit is not None:
+            parser.error("--fit goes with other --data than corpus: a corpus fits on its train")
+        args.split = args.split or "test"
+        return data, None
+    for option, given in (
+        ("--pairs", args.pairs),
+        ("--caption-oracle", args.caption_oracle),
+        ("--split", args.split),
+    ):
+        if given:
+            parser.error(
+                f"{option} goes with --data corpus; --data {data.format} picks its examples "
+                "with its own options (posescript: ids=SPLIT_IDS.json)"
+            )
+    if fit is not None and fit.format == "corpus":
+        parser.error("--fit corpus: give --data corpus to score a corpus; --fit reads the others")
+    return data, fit
+
+
+def _read_examples(spec: DataSpec, wording: str, limit: int | None = None) -> list[Example]:
+    """A spec's examples, asked in the service's own words (`wording`, the checkpoint's) unless
+    its phrasing= says otherwise."""
+    if "phrasing" in FORMAT_OPTIONS[spec.format]:
+        spec = dataclasses.replace(spec, options={"phrasing": "release", **spec.options})
+    return load_data(spec, wording=wording)[:limit]
+
+
+def _evaluated(args: argparse.Namespace, data: DataSpec, fit: DataSpec | None) -> dict:
+    """`evaluate` or `evaluate_examples` as the command asked for it, the report saying what
+    it measured: absolute paths, the limit, device and quantization, and when."""
     quantization = {"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit}
-    report = evaluate(
-        args.checkpoint,
-        corpus,
-        split=args.split,
-        pairs=args.pairs,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        device=args.device,
-        quantization=quantization,
-        caption_oracle_samples=args.caption_oracle or 0,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
-    )
+    if data.format == "corpus":
+        report = evaluate(
+            args.checkpoint,
+            data.path,
+            split=args.split,
+            pairs=args.pairs,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            device=args.device,
+            quantization=quantization,
+            caption_oracle_samples=args.caption_oracle or 0,
+            log=_log,
+        )
+    else:
+        from inference_service.checkpoint import Checkpoint
+
+        config = Checkpoint.open(args.checkpoint).config
+        examples = _read_examples(data, config.prompt_wording, args.limit)
+        for example in examples:  # before the model loads: minutes for a large one
+            if len(example.images) > config.max_images:
+                raise ValueError(
+                    f"{example.source}: {len(example.images)} images; the checkpoint's "
+                    f"chatpose.json allows max_images={config.max_images}"
+                )
+        report = evaluate_examples(
+            args.checkpoint,
+            examples,
+            data=data.describe(),
+            fit=_read_examples(fit, config.prompt_wording) if fit else (),
+            fit_data=fit.describe() if fit else None,
+            batch_size=args.batch_size,
+            device=args.device,
+            quantization=quantization,
+            log=_log,
+        )
     for key in ("checkpoint", "corpus", "pairs"):
-        if report[key] is not None:
+        if report.get(key) is not None:
             report[key] = str(Path(report[key]).expanduser().resolve())
     report["limit"] = args.limit
     report["device"] = args.device
@@ -784,8 +1025,23 @@ def _evaluated(args: argparse.Namespace, corpus: Path) -> dict:
     return report
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _summary(report: dict) -> str:
+    return markdown_summary(report) if "text_to_pose" in report else examples_markdown(report)
+
+
 def _measured_line(report: dict) -> str:
     """What a report measured, as the first line of its Markdown."""
+    if "poses" in report:  # evaluate_examples'
+        limit = f", its first {report['limit']} examples" if report["limit"] else ""
+        fit = f"`{report['fit']}`" if report["fit"] else "the scored poses themselves"
+        return (
+            f"Checkpoint `{report['checkpoint']}` on `{report['data']}`{limit}, the baselines "
+            f"fitted on {fit}; device {report['device']}, {report['date']}."
+        )
     limit = f", its first {report['limit']} records" if report["limit"] else ""
     pairs = f" and the image pairs {report['pairs']}" if report["pairs"] else ""
     return (

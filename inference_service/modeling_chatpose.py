@@ -308,6 +308,28 @@ class ChatPoseModel:
         return self._poses(self.pose_states(requests))
 
     @_request_entry
+    def given_answer_poses(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> list[np.ndarray]:
+        """The poses of the pose tokens at (`rows`, `positions`) of token rows that hold whole
+        exchanges, their answers given (as training encodes examples): each from the state
+        before its token, as the fast path reads it after its forced answer template."""
+        pixels = None if pixel_values is None else pixel_values.to(self.device, self.dtype)
+        with torch.inference_mode():
+            hidden = self._backbone(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                pixel_values=pixels,
+                use_cache=False,
+            ).last_hidden_state
+        return self._poses(hidden[rows.to(self.device), positions.to(self.device) - 1])
+
+    @_request_entry
     def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
         """(len(requests), H): the final-layer state before each request's pose token, with the
         answer template forced (what the SMPL head reads on the fast path)."""

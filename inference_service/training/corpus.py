@@ -349,12 +349,14 @@ def read_npz(path: str | os.PathLike, needed: Collection[str] = ()) -> dict[str,
 
 
 def _records_from_arrays(arrays: dict[str, np.ndarray]) -> list[CorpusRecord]:
-    for key in ("format", "poses", *_TEXT_KEYS):
-        if key not in arrays:
-            raise ValueError(f"{key}: missing")
-    fmt = arrays["format"]
+    fmt = arrays.get("format")  # first: another kind of file is named as such
+    if fmt is None:
+        raise ValueError("format: missing")
     if fmt.dtype.kind != "U" or fmt.shape != () or str(fmt) != FORMAT:
         raise ValueError(f"format: expected {FORMAT!r}, got {fmt!r}")
+    for key in ("poses", *_TEXT_KEYS):
+        if key not in arrays:
+            raise ValueError(f"{key}: missing")
     poses = arrays["poses"]
     if poses.ndim != 2 or poses.shape[1] != _POSE_WIDTH or poses.dtype.kind not in "iuf":
         raise ValueError(f"poses: expected a (N, 72) array of numbers, got {poses.shape}")

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from inference_service import evaluate as ev
+from inference_service.checkpoint import Checkpoint, CheckpointError
 from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import (
     ActionClassifier,
@@ -29,7 +30,12 @@ from inference_service.training.baselines import (
     project_to_rotation,
     rotation_distance,
 )
-from inference_service.training.corpus import generate_corpus, save_corpus
+from inference_service.training.corpus import generate_corpus, load_corpus, save_corpus
+from inference_service.training.datasets import (
+    examples_from_caption_pose_pairs,
+    image_bytes,
+    read_image_pose_pairs,
+)
 from inference_service.training.scaffold import scaffold_checkpoint
 from shared_protocol.rotations import axis_angle_to_matrix
 
@@ -335,12 +341,123 @@ def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
     assert capsys.readouterr().err.count(", ceiling ") == 2
 
 
-def test_bad_format_is_refused(tiny, capsys):
-    root, checkpoint, _ = tiny
+@pytest.mark.parametrize(
+    ("data", "extra", "message"),
+    [
+        (["mocap", "x.npz"], [], "unknown data format 'mocap'"),
+        (["posescript", "c.json"], [], "needs poses=POSES.npz"),
+        (["corpus", "corpus.npz", "split=val"], [], "takes no KEY=VALUE: --split picks"),
+        (["corpus", "corpus.npz"], ["--fit", "llava", "c.json"], "--fit goes with other --data"),
+        (["posescript", "c.json", "poses=p.npz"], ["--split", "val"], "--split goes with --data "
+         "corpus; --data posescript picks its examples with its own options"),
+        (["llava", "c.json"], ["--pairs", "pairs"], "--pairs goes with --data corpus"),
+        (["llava", "c.json"], ["--fit", "corpus", "corpus.npz"], "--fit corpus: give --data"),
+    ],
+)  # fmt: skip
+def test_bad_data_options_are_refused(tiny, capsys, data, extra, message):
+    _, checkpoint, _ = tiny
     with pytest.raises(SystemExit) as info:
-        ev.main(["--checkpoint", str(checkpoint), "--data", "posescript", str(root)])
+        ev.main(["--checkpoint", str(checkpoint), "--data", *data, *extra])
     assert info.value.code == 2
-    assert "only the 'corpus' format is evaluated, got 'posescript'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def _posescript(folder: Path, records) -> list[str]:
+    """PoseScript-style files of corpus records: captions.json and poses.npz."""
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / "poses.npz", poses=np.stack([r.pose for r in records]).reshape(-1, 72))
+    captions = {str(k): r.caption for k, r in enumerate(records)}
+    (folder / "captions.json").write_text(json.dumps(captions), encoding="utf-8")
+    return ["posescript", str(folder / "captions.json"), f"poses={folder / 'poses.npz'}",
+            "z_up=false"]  # fmt: skip
+
+
+def test_any_training_data_is_scored_against_the_data_the_model_trained_on(tiny, tmp_path):
+    root, checkpoint, _ = tiny
+    records = load_corpus(root / "corpus.npz")
+    test = _posescript(tmp_path / "test", [r for r in records if r.split == "test"][:6])
+    train = _posescript(tmp_path / "train", [r for r in records if r.split == "train"])
+    out = tmp_path / "report.json"
+    code = ev.main(["--checkpoint", str(checkpoint), "--data", *test, "--fit", *train,
+                    "--out", str(out), "--limit", "5"])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text(), parse_constant=_no_nan)
+    assert report["warnings"] == [] and report["examples"] == 5 and report["limit"] == 5
+    assert report["data"] == " ".join(test)
+    poses = report["poses"]
+    assert poses["count"] == 5 and set(poses["by_kind"]) == {"all", "text_to_pose"}
+    text = poses["by_kind"]["text_to_pose"]
+    assert set(text) == {"count", "model", "mean_pose", "tfidf"}
+    fit_poses = np.stack([r.pose for r in records if r.split == "train"])
+    true = np.stack([r.pose for r in records if r.split == "test"][:5])
+    expected = ev._metrics(np.broadcast_to(mean_pose(fit_poses), true.shape), true)
+    assert text["mean_pose"] == pytest.approx(expected)
+    assert [b["bar"] for b in report["bars"]] == [
+        "poses: PA-MPJPE (mm) reduction vs mean pose",
+        "poses: MPJRE (°) reduction vs mean pose",
+    ]
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.startswith(f"Checkpoint `{checkpoint.resolve()}` on `posescript ")
+    assert ", its first 5 examples, the baselines fitted on `posescript " in markdown
+    assert "### Poses (5 in 5 examples)" in markdown and "| text_to_pose | 5 | TF-IDF" in markdown
+
+
+def test_without_fit_data_the_mean_pose_is_the_scored_poses_own_and_said_so(tiny, tmp_path):
+    root, checkpoint, _ = tiny
+    (tmp_path / "p.png").write_bytes(_png(90))
+    conversations = [
+        {"id": "a", "image": "p.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the person doing?"},
+            {"from": "gpt", "value": "Waving."},
+            {"from": "human", "value": "Give the SMPL pose."},
+            {"from": "gpt", "value": "Sure, it is <POSE>."}]},
+        {"id": "b", "conversations": [
+            {"from": "human", "value": "Two poses: sitting, then standing."},
+            {"from": "gpt", "value": "First <POSE>, then <POSE>."}]},
+        {"id": "c", "conversations": [
+            {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi."}]},
+    ]  # fmt: skip
+    (tmp_path / "conv.json").write_text(json.dumps(conversations))
+    poses = np.stack([ACTIONS[name](None) for name in ("wave_right_hand", "sit", "t_pose")])
+    np.savez(tmp_path / "poses.npz", poses=poses.reshape(3, 72), ids=np.array(["a", "b", "b"]))
+    out = tmp_path / "report.json"
+    data = ["llava", str(tmp_path / "conv.json"), f"poses={tmp_path / 'poses.npz'}", "z_up=false"]
+    assert ev.main(["--checkpoint", str(checkpoint), "--data", *data, "--out", str(out)]) == 0
+    report = json.loads(out.read_text(), parse_constant=_no_nan)
+    assert report["examples"] == 2 and report["without_pose"] == 1
+    assert report["poses"]["count"] == 3
+    assert set(report["poses"]["by_kind"]) == {"all", "image_to_pose", "text_to_pose"}
+    assert "tfidf" not in report["poses"]["by_kind"]["text_to_pose"]
+    assert report["warnings"] == [
+        "no --fit data: the mean pose is the scored poses' own mean, a baseline that has seen "
+        "them, and there is no TF-IDF baseline"
+    ]
+    assert report["poses"]["by_kind"]["all"]["mean_pose"] == pytest.approx(
+        ev._metrics(np.broadcast_to(mean_pose(poses), poses.shape), poses)
+    )
+
+
+def test_examples_read_with_their_answers_given_are_what_the_service_answers(tiny):
+    # For a caption or an image asked in the service's own words, the forced answer is the
+    # fast path's: the same states, the same poses.
+    root, checkpoint, pairs = tiny
+    predictor = ev.ModelPredictor(checkpoint)
+    wording = predictor.model.config.prompt_wording
+    captions = [r.caption for r in load_corpus(root / "corpus.npz")[:5]]
+    texts = examples_from_caption_pose_pairs(
+        [(c, np.zeros((24, 3))) for c in captions], phrasing="release", wording=wording
+    )
+    np.testing.assert_allclose(
+        np.concatenate(predictor.examples(texts)), predictor.text(captions), atol=1e-5
+    )
+    images = read_image_pose_pairs(
+        pairs / "pairs.npz", camera_frame=False, crop="none", phrasing="release", wording=wording
+    )
+    np.testing.assert_allclose(
+        np.concatenate(predictor.examples(images)),
+        predictor.images([image_bytes(e.images[0]) for e in images]),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -488,3 +605,29 @@ def test_a_large_checkpoint_can_be_scored_as_the_service_serves_it(tiny, monkeyp
         ev.main([*argv, "--load-in-8bit", "--out", str(tmp_path / "r.json")])
     (_, device, _), options = loaded[0]
     assert device == "auto" and options == {"load_in_4bit": False, "load_in_8bit": True}
+
+
+def test_the_pairs_file_is_taken_as_its_folder_is(tiny):
+    _, _, pairs = tiny
+    by_folder, by_file = ev.read_image_pairs(pairs), ev.read_image_pairs(pairs / "pairs.npz")
+    assert by_folder[0] == by_file[0] and len(by_file[0]) == 4
+    np.testing.assert_array_equal(by_folder[1], by_file[1])
+
+
+def test_a_file_of_another_kind_given_as_the_corpus_is_named_by_its_format(tiny, tmp_path):
+    _, _, pairs = tiny
+    np.savez(tmp_path / "pairs.npz", format=np.array("chatpose-pairs-v1"), poses=np.zeros((1, 72)))
+    with pytest.raises(ValueError, match="format: expected 'chatpose-corpus-v1', got"):
+        load_corpus(tmp_path / "pairs.npz")
+
+
+def test_a_training_run_s_folder_given_as_the_checkpoint_names_its_last_step(tiny, tmp_path):
+    _, checkpoint, _ = tiny
+    run = tmp_path / "run"
+    for step in ("step-000010", "step-000020"):
+        (run / step).mkdir(parents=True)
+        (run / step / "chatpose.json").write_text((checkpoint / "chatpose.json").read_text())
+    (run / "latest").write_text("step-000020")
+    said = "a training run's folder, not a checkpoint; its checkpoints are its step folders"
+    with pytest.raises(CheckpointError, match=f"{said}, the last .*run/step-000020$"):
+        Checkpoint.open(run)

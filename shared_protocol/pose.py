@@ -471,8 +471,19 @@ def _writable_target(path: str | os.PathLike) -> tuple[str, bool]:
     if existing and not os.path.isfile(target):
         raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
     if existing and not os.access(target, os.W_OK):
+        if _on_read_only_file_system(target):  # what writing would say, not a permission
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
         raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
     return target, existing
+
+
+def _on_read_only_file_system(path: str) -> bool:
+    if not hasattr(os, "statvfs"):  # Windows has no read-only mounts to tell apart
+        return False
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _new_temporary(target: str) -> tuple[str, int]:

@@ -1,8 +1,10 @@
+import errno
 import json
 import os
 import stat
 import struct
 import sys
+import types
 import zipfile
 import zlib
 
@@ -213,6 +215,20 @@ def test_a_save_writes_through_a_link_and_as_open_would_otherwise(tmp_path, read
     with pytest.raises(PermissionError):
         Motion.from_poses([]).save_npz(real)
     assert Motion.load_npz(real).labels == ("new",)
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="no statvfs on this platform")
+def test_a_file_on_a_read_only_file_system_is_refused_as_such_not_as_a_permission(
+    tmp_path, monkeypatch
+):
+    # Mounting one needs root: the file system's flags are what tells the two apart.
+    existing = tmp_path / "anim.npz"
+    Motion.from_poses([]).save_npz(existing)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        check_writable(existing)
+    assert info.value.errno == errno.EROFS
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")

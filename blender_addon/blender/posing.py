@@ -118,10 +118,12 @@ def apply_pose(
     Every SMPL bone gets its rotation (index 0, the global orientation, on the root bone);
     non-root bones get zero location, all bones unit scale, so that the joints are exactly the
     pose's forward kinematics. With ``use_translation`` the root's location becomes the pose's
-    translation (zero when it has none); without, the root's location is left alone.
-    Keys: the rotation channel of every SMPL bone, and the root's location when
-    ``use_translation``; LockedCurveError, before anything changes, when one of them is locked.
+    translation; without, or when the pose has none (the model's never do), the root's location
+    is left alone, so a character keeps its place in the shot.
+    Keys: the rotation channel of every SMPL bone, and the root's location when it is set;
+    LockedCurveError, before anything changes, when one of them is locked.
     """
+    use_translation = use_translation and pose.translation is not None
     if frame is not None:
         refuse_locked(obj, pose_channels(obj, use_translation))
     rig = rig_geometry(obj)
@@ -149,8 +151,8 @@ def apply_pose(
             pbone.location = (0.0, 0.0, 0.0)
     if use_translation:
         root = pbones[names[0]]
-        t = np.zeros(3) if pose.translation is None else pose.translation
-        root.location = tuple(root_location(t, rig.location_frame, rig.units_per_metre))
+        location = root_location(pose.translation, rig.location_frame, rig.units_per_metre)
+        root.location = tuple(location)
     if frame is not None:
         keyed, options = False, set(key_options)  # bpy takes a set, not a frozenset
         for name in filter(None, names):

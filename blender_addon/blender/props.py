@@ -66,7 +66,8 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     )
     use_translation: bpy.props.BoolProperty(
         name="Translation",
-        description="Set the root bone's location from the pose (zero when it has none)",
+        description="Set the root bone's location from the pose's translation, when it has one "
+        "(the model's poses have none: the character stays where it is)",
         default=True,
     )
     person_spacing: bpy.props.FloatProperty(

@@ -717,9 +717,11 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         if problem is not None:
             problem += "; the answer was not applied"
         frame, unkeyed = job.frame, ""
+        # The model's poses carry no translation: the location is then neither set nor keyed.
+        use_translation = job.use_translation and any(p.translation is not None for p in poses)
         if problem is None and frame is not None:
             try:  # before any change
-                refuse_locked_people(target, len(poses), job.use_translation)
+                refuse_locked_people(target, len(poses), use_translation)
             except LockedCurveError as exc:
                 if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
                     frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
@@ -741,7 +743,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             target,
             poses,
             frame=frame,
-            use_translation=job.use_translation,
+            use_translation=use_translation,
             spacing=job.spacing,
             key_options=auto_key_options(bpy.context) if job.auto_key else frozenset(),
         )

@@ -21,14 +21,14 @@ from blender_addon.blender import batch_store, chat_operators, props, runtime
 from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
-from blender_addon.blender.keyframes import keyed_frames
+from blender_addon.blender.keyframes import key_poses, keyed_frames
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.runtime import UserError
 from blender_addon.core import batch_plan, batch_record, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
-from shared_protocol.pose import Motion
+from shared_protocol.pose import Motion, Pose
 from shared_protocol.protocol import ErrorCode, Turn
 from tests.service.scripted_backend import ScriptedBackend, pose_for
 
@@ -221,6 +221,29 @@ def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_serv
     assert "keyed at frame 12" in runtime.last_message()[0]
     scene.frame_set(12)  # not put back by the animation on the next scrub
     assert_pose(armature, pose_for("keyed by auto keying"))
+
+
+def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scripted_service):
+    # The model answers joint rotations alone: a walk keyed on the pelvis keeps its path.
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    walk = [Pose(np.zeros((24, 3)), [0.0, 0.0, 0.5 * k]) for k in range(3)]
+    key_poses(armature, walk, [1, 11, 21])
+    location = [c for c in action_fcurves(armature) if c.data_path.endswith(".location")]
+    path = [[tuple(p.co) for p in c.keyframe_points] for c in location]
+    scene.frame_set(11)
+    root = armature.pose.bones["pelvis"]
+    there = tuple(root.location)
+    assert np.linalg.norm(there) > 0.4 and scene.chatpose.use_translation  # the default
+    scene.tool_settings.use_keyframe_insert_auto = True
+    scene.chatpose.insert_keyframe = False
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "keyed at frame 11" in runtime.last_message()[0]
+    assert tuple(root.location) == pytest.approx(there)
+    assert [[tuple(p.co) for p in c.keyframe_points] for c in location] == path
 
 
 @pytest.mark.parametrize("setting", ["Replace", "Only Insert Available"])

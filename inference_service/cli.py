@@ -458,7 +458,8 @@ def _batch(args: argparse.Namespace) -> int:
             failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
     sendable = [(n, prompt) for n, prompt in lines if n not in poses and n not in failures]
     out_existed = args.out.exists()
-    saved = _SavedProgress(_batch_destination(args.out, False, False, resumed_from, out_existed))
+    progress_path = _batch_destination(args.out, False, False, resumed_from, out_existed)
+    saved = _SavedProgress(progress_path, earlier)
     finished = stopped = False
     try:
         with contextlib.ExitStack() as stack:
@@ -647,8 +648,9 @@ class _SavedProgress:
     never runs, keeps what it got, and --resume goes on from it. A failed write is said once;
     the answers are still written at the end."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.count, self.failed = path, 0, False
+    def __init__(self, path: Path, count: int) -> None:
+        """`count`: the answers a resumed run starts with, in a file already."""
+        self.path, self.count, self.failed = path, count, False
         self.due = time.monotonic() + PROGRESS_SAVE_S
 
     def offer(self, poses: dict[int, Pose], fps: float) -> None:

@@ -18,6 +18,7 @@ Blender runs in this process (bpy); torch only in the service's.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import socket
@@ -64,6 +65,8 @@ class DemoOutputError(DemoError):
     """A file the demo writes could not be written (a full disk, a folder in its place)."""
 
 
+# What chatpose-serve imports to run the model (pyproject's `service` extra).
+SERVICE_MODULES = ("torch", "transformers", "PIL", "safetensors")
 # What writing a file raises: OSError from Python, RuntimeError from Blender's operators.
 WRITE_ERRORS = (OSError, RuntimeError)
 
@@ -470,6 +473,11 @@ def run_demo(
             f"headless Blender (bpy) cannot start: {exc}; a minimal Linux lacks the X11 and "
             "OpenGL libraries it loads (README.md, Setup in detail, lists them)"
         ) from None
+    for module in SERVICE_MODULES:  # the service would exit 2 for it, as for a bad checkpoint
+        if importlib.util.find_spec(module) is None:
+            from .cli import missing_service_package
+
+            raise DemoSetupError(missing_service_package(ModuleNotFoundError(name=module)))
     try:
         from .addon_import import ensure_addon_importable
 

@@ -486,8 +486,9 @@ def evaluate_examples(
     """The report on examples of any dataset (`--data posescript|pairs|llava ...`): every pose
     their answers hold (`ModelPredictor.examples`) against the mean pose of `fit`, the data
     the model was trained on (without it, the poses' own mean, said in `warnings`), and on
-    text-to-pose examples against TF-IDF retrieval over fit's text-to-pose questions; by
-    example kind and overall."""
+    text-to-pose examples against TF-IDF retrieval over fit's text-to-pose questions (each
+    example's last question retrieving one pose for every pose of its answers); by example
+    kind and overall."""
     log = log or (lambda message: None)
     started = time.perf_counter()
     posed = [example for example in examples if example.poses]
@@ -513,12 +514,14 @@ def evaluate_examples(
         "model": np.concatenate(predictor.examples(posed)),
         "mean_pose": np.broadcast_to(mean_pose(fit_poses), true.shape),
     }
-    texts = [e for e in posed if e.kind == "text_to_pose" and not e.history]
-    fit_texts = [e for e in fitted if e.kind == "text_to_pose" and not e.history]
+    # TF-IDF: the last question of each text example retrieves one pose for all its poses.
+    texts = [e for e in posed if e.kind == "text_to_pose"]
+    fit_texts = [e for e in fitted if e.kind == "text_to_pose"]
     tfidf = None
     if texts and fit_texts:
         retrieval = TfidfRetrieval([e.question for e in fit_texts], [e.pose for e in fit_texts])
-        tfidf = retrieval.predict([e.question for e in texts])
+        retrieved = retrieval.predict([e.question for e in texts])
+        tfidf = np.repeat(retrieved, [len(e.poses) for e in texts], axis=0)
     by_kind = {}
     for kind in ("all", *KINDS):
         mask = np.ones(len(true), bool) if kind == "all" else kinds == kind
@@ -529,8 +532,7 @@ def evaluate_examples(
             **{name: _metrics(pred[mask], true[mask]) for name, pred in predictions.items()},
         }
     if tfidf is not None:
-        rows = (kinds == "text_to_pose") & np.array([not e.history for e in posed for _ in e.poses])
-        by_kind["text_to_pose"]["tfidf"] = _metrics(tfidf, true[rows])
+        by_kind["text_to_pose"]["tfidf"] = _metrics(tfidf, true[kinds == "text_to_pose"])
     overall = by_kind["all"]
     report: dict = {
         "checkpoint": str(checkpoint),

@@ -4,6 +4,7 @@ with a tiny model, real ZeroMQ requests, headless Blender, and the files it writ
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 import sys
 
@@ -165,6 +166,23 @@ def test_a_missing_checkpoint_is_named(tmp_path, capsys):
     code = cli.main(["demo", "--checkpoint", str(tmp_path / "nowhere")])
     assert code == cli.EXIT_BAD_INPUT
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_missing_service_package_is_named_before_the_service_starts(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    # chatpose-serve would exit 2 for it, as for a checkpoint it cannot load: not bad input.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else find_spec(name, *a),
+    )
+    started = []
+    monkeypatch.setattr(demo.LocalService, "__enter__", lambda self: started.append(self))
+    argv = ["demo", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "needs the 'torch' package" in capsys.readouterr().err and not started
 
 
 def test_without_the_bundled_model_the_demo_says_how_to_build_it(tmp_path, monkeypatch, capsys):

@@ -1104,7 +1104,8 @@ def _on_load_pre(*_args) -> None:
 def _on_load_post(*_args) -> None:
     """A file was loaded: answers in flight belong to the old one."""
     d = _state.dispatcher
-    if d is None:
+    if d is None:  # nothing sent yet; what the panel said was of the old file
+        set_message("")
         return
     # Their prompts are named: the prompt field they came from goes with the old file.
     jobs = [*d.pending_jobs(), *(o.job for o in _state.backlog if hasattr(o, "job"))]

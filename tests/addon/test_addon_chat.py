@@ -979,6 +979,13 @@ def test_loading_a_file_clears_what_the_panel_said_about_the_old_one(armature, s
     assert runtime.last_message()[0] == ""
 
 
+def test_loading_a_file_before_anything_was_sent_clears_the_panel_s_message(armature):
+    bpy.ops.chatpose.clear_history()
+    assert runtime.last_message()[0] == "Chat history cleared"
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert runtime.last_message()[0] == ""
+
+
 def test_a_file_that_fails_to_load_leaves_the_open_one_s_requests_going(
     armature, scripted_service, tmp_path
 ):

@@ -494,6 +494,19 @@ def shots(tmp_path, text: str, address: str) -> tuple:
     return prompts, out_file, ["batch", str(prompts), "--out", str(out_file), "--address", address]
 
 
+def test_a_resumed_batch_saves_its_progress_only_once_it_has_new_answers(
+    address, capsys, tmp_path, monkeypatch
+):
+    # A partial file the run did not need would refuse the next run without --resume.
+    prompts, out_file, argv = shots(tmp_path, "wave\nexplode\n", address)
+    Motion.from_poses([pose_for("wave")]).save_npz(out_file)  # line 1 answered already
+    monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
+    ctrl_c_after(2, monkeypatch)  # the model fails line 2: nothing new, then Ctrl-C
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_INTERRUPTED and f"no new answers; {out_file} is kept" in err
+    assert not (tmp_path / "anim.partial.npz").exists()
+
+
 def test_a_batch_file_saved_as_notepad_s_unicode_is_read(address, backend, capsys, tmp_path):
     prompts, out_file, argv = shots(tmp_path, "", address)
     prompts.write_bytes("wave\r\nsit down\r\n".encode("utf-16"))  # with its byte order mark

@@ -422,7 +422,13 @@ def test_without_fit_data_the_mean_pose_is_the_scored_poses_own_and_said_so(tiny
     np.savez(tmp_path / "poses.npz", poses=poses.reshape(3, 72), ids=np.array(["a", "b", "b"]))
     out = tmp_path / "report.json"
     data = ["llava", str(tmp_path / "conv.json"), f"poses={tmp_path / 'poses.npz'}", "z_up=false"]
-    assert ev.main(["--checkpoint", str(checkpoint), "--data", *data, "--out", str(out)]) == 0
+    fit = _posescript(tmp_path / "train", load_corpus(root / "corpus.npz")[:20])
+    fitted = tmp_path / "fitted.json"
+    argv = ["--checkpoint", str(checkpoint), "--data", *data, "--out"]
+    assert ev.main([*argv, str(fitted), "--fit", *fit]) == 0  # "b": two poses, one question
+    text = json.loads(fitted.read_text(), parse_constant=_no_nan)["poses"]["by_kind"]
+    assert text["text_to_pose"]["count"] == 2 and "tfidf" in text["text_to_pose"]
+    assert ev.main([*argv, str(out)]) == 0
     report = json.loads(out.read_text(), parse_constant=_no_nan)
     assert report["examples"] == 2 and report["without_pose"] == 1
     assert report["poses"]["count"] == 3

@@ -24,7 +24,7 @@ from .armature import (
     rest_joints,
     upright,
 )
-from .posing import apply_pose, pose_channels
+from .posing import apply_pose, overridden_bones, pose_channels
 
 
 @dataclass
@@ -246,5 +246,11 @@ def apply_people(
         if applied.keyed_frame is not None:
             result.keyed_frame = applied.keyed_frame
         result.armatures.append(obj.name)
+        if overridden := overridden_bones(obj):
+            more = f" and {len(overridden) - 4} more" if len(overridden) > 4 else ""
+            result.notes.append(
+                f"on {obj.name!r}, {', '.join(overridden[:4])}{more} decide those bones, not the "
+                "answer set on their channels"
+            )
         result.non_quaternion_bones += applied.non_quaternion_bones
     return result

@@ -193,6 +193,38 @@ def _show_animation_at(obj: bpy.types.Object, frame: int, use_translation: bool)
         setattr(pbone, prop, channel_values(fcurves, pbone, prop, [frame])[0])
 
 
+def overridden_bones(obj: bpy.types.Object) -> list[str]:
+    """The SMPL bones of ``obj`` that show something else than their channels, each with what
+    decides it instead: an enabled constraint (an IK chain reaching it from a bone below too), a
+    driver on its rotation, or a rotation not inherited from its parent. An answer sets their
+    channels all the same; the animator is told, or the rig would silently show another pose."""
+    names = [name for name in bone_names(obj) if name is not None]
+    smpl = set(names)
+    why: dict[str, str] = {}
+    for pbone in obj.pose.bones:
+        for constraint in pbone.constraints:
+            if constraint.mute or constraint.influence == 0.0:
+                continue
+            if constraint.type in ("IK", "SPLINE_IK"):  # the bone and chain_count - 1 above it
+                chain = [pbone, *pbone.parent_recursive]
+                reached = chain[: constraint.chain_count] if constraint.chain_count else chain
+            else:
+                reached = [pbone]
+            for bone in reached:
+                if bone.name in smpl:
+                    on = "" if bone == pbone else f" on {pbone.name}"
+                    why.setdefault(bone.name, f"the constraint {constraint.name!r}{on}")
+    animation = obj.animation_data
+    for driver in animation.drivers if animation else ():
+        bone, _, prop = driver.data_path.removeprefix('pose.bones["').partition('"].')
+        if bone in smpl and prop.startswith("rotation_"):
+            why.setdefault(bone, f"a driver on {prop}")
+    for name in names:
+        if not obj.data.bones[name].use_inherit_rotation:
+            why.setdefault(name, "Inherit Rotation off")
+    return [f"{name} ({why[name]})" for name in names if name in why]
+
+
 def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]:
     """The channels a pose is keyed on, in order: each SMPL bone's rotation (in its mode),
     then, with ``use_translation``, the root's location."""

@@ -246,6 +246,31 @@ def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scr
     assert [[tuple(p.co) for p in c.keyframe_points] for c in location] == path
 
 
+def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    target = bpy.data.objects.new("foot target", None)
+    bpy.context.scene.collection.objects.link(target)
+    bones = armature.pose.bones
+    ik = bones["left_knee"].constraints.new("IK")  # a leg IK: the knee and the hip
+    ik.target, ik.chain_count = target, 2
+    bones["right_elbow"].constraints.new("COPY_ROTATION").mute = True  # muted: no matter
+    bones["neck"].driver_add("rotation_quaternion", 1)
+    armature.data.bones["head"].use_inherit_rotation = False
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message, level = runtime.last_message()
+    assert level == "WARNING" and message.startswith("Applied 1 pose(s) to SMPL")
+    assert (
+        "on 'SMPL', left_hip (the constraint 'IK' on left_knee), left_knee (the constraint "
+        "'IK'), neck (a driver on rotation_quaternion), head (Inherit Rotation off) decide those "
+        "bones, not the answer set on their channels"
+    ) in message
+
+
 @pytest.mark.parametrize("setting", ["Replace", "Only Insert Available"])
 def test_an_auto_keyed_answer_keys_only_what_auto_keying_s_own_settings_let_it(
     armature, scripted_service, setting

@@ -449,6 +449,12 @@ def test_an_armature_that_is_not_an_smpl_rig_is_told_which_bones_it_lacks(blende
     bpy.context.scene.chatpose.target = None
     bpy.context.view_layer.objects.active = obj
     assert target_problem(bpy.context) == f"'Limbs' is not an SMPL armature: {why_not_smpl(obj)}"
+    # The character's mesh selected, as animators do: its armature is the one named.
+    mesh = bpy.data.objects.new("Body", bpy.data.meshes.new("Body"))
+    bpy.context.scene.collection.objects.link(mesh)
+    mesh.modifiers.new("Armature", "ARMATURE").object = obj
+    bpy.context.view_layer.objects.active = mesh
+    assert target_problem(bpy.context) == f"'Limbs' is not an SMPL armature: {why_not_smpl(obj)}"
 
 
 @pytest.mark.parametrize("local_location", [True, False], ids=["local", "not-local"])

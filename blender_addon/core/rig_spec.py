@@ -57,16 +57,24 @@ _BODY = NUM_JOINTS - len(HAND_JOINTS)
 
 def smpl_bone_names(bone_names: Collection[str]) -> tuple[str | None, ...] | None:
     """The rig's names for the 24 SMPL bones, in SMPL joint order (the first naming of
-    ``BONE_NAMINGS`` it has in full), or None. A rig with the 22 body bones of a naming but
-    without its hands (SMPL-H, SMPL-X) has None for them: its hands are not posed."""
+    ``BONE_NAMINGS`` it has in full, maybe behind a namespace such as ``SMPL:``, which FBX
+    files carry), or None. A rig with the 22 body bones of a naming but without its hands
+    (SMPL-H, SMPL-X) has None for them: its hands are not posed."""
     present = set(bone_names)
-    for naming in BONE_NAMINGS:
-        if present.issuperset(naming):
-            return naming
-    for naming in BONE_NAMINGS:
-        if present.issuperset(naming[:_BODY]):
-            return (*naming[:_BODY], *(None,) * len(HAND_JOINTS))
+    for prefix in _namespaces(present):
+        for naming in BONE_NAMINGS:
+            if present.issuperset(prefix + name for name in naming):
+                return tuple(prefix + name for name in naming)
+        for naming in BONE_NAMINGS:
+            if present.issuperset(prefix + name for name in naming[:_BODY]):
+                body = tuple(prefix + name for name in naming[:_BODY])
+                return (*body, *(None,) * len(HAND_JOINTS))
     return None
+
+
+def _namespaces(names: set[str]) -> list[str]:
+    """The empty namespace, and each one the names have ("SMPL:" of "SMPL:m_avg_Pelvis")."""
+    return ["", *sorted({name[: name.rindex(":") + 1] for name in names if ":" in name})]
 
 
 def hand_heads(heads) -> np.ndarray:
@@ -89,7 +97,12 @@ def missing_smpl_bones(bone_names: Collection[str]) -> list[str]:
     """The SMPL body bones a rig lacks, named as in the naming it comes closest to (for a
     message; the hands are not needed: ``smpl_bone_names``)."""
     present = set(bone_names)
-    closest = max(BONE_NAMINGS, key=lambda naming: len(present.intersection(naming)))
+    namings = [
+        tuple(prefix + name for name in naming)
+        for prefix in _namespaces(present)
+        for naming in BONE_NAMINGS
+    ]
+    closest = max(namings, key=lambda naming: len(present.intersection(naming)))
     return [name for name in closest[:_BODY] if name not in present]
 
 

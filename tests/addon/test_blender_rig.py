@@ -23,6 +23,7 @@ from blender_addon.blender.keyframes import key_poses, keyed_frames, motion_from
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.props import target_problem
 from blender_addon.core.mannequin import PART_OF_BONE, PARTS
+from blender_addon.core.posing import expected_heads
 from blender_addon.core.rig_spec import (
     BONE_NAMINGS,
     RIG_PROPERTY,
@@ -402,6 +403,19 @@ def test_a_second_person_beside_a_y_up_rig_stands_as_it_does(blender):
 
     # The same pose, facing the same way: not lying on its back beside the target.
     np.testing.assert_allclose(posed(person, JOINT_NAMES), posed(target, names), atol=1e-5)
+
+
+def test_a_rig_whose_bones_carry_an_fbx_namespace_is_posed_exactly(blender):
+    names = tuple("SMPL:m_avg_" + name for name in SMPL_CAPITALISED_NAMES)
+    obj = _limb_aligned_rig(names=names)
+    assert is_smpl_armature(obj)
+    transform(obj)
+    pose = random_pose(610)
+    apply_pose(obj, pose)
+    bpy.context.view_layer.update()
+    heads = np.array([tuple(obj.matrix_world @ obj.pose.bones[n].head) for n in names])
+    expected = expected_heads(pose.axis_angle, None, pose.translation, np.array(obj.matrix_world))
+    assert np.abs(heads - expected).max() < FK_TOLERANCE
 
 
 def test_an_smpl_x_rig_has_its_body_posed_and_its_fingers_left_alone(blender, tmp_path):

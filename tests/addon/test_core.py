@@ -440,6 +440,11 @@ def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
     body = [*JOINT_NAMES[:22], "left_index1", "right_index1"]
     assert smpl_bone_names(body) == (*JOINT_NAMES[:22], None, None)
     assert missing_smpl_bones([n for n in body if n != "spine3"]) == ["spine3"]
+    # Behind a namespace, as FBX files carry them: the rig's own names come back.
+    fbx = ["SMPL:m_avg_" + n for n in SMPL_CAPITALISED_NAMES] + ["SMPL:m_avg_root"]
+    assert smpl_bone_names(fbx) == tuple(fbx[:24])
+    assert missing_smpl_bones(fbx[1:]) == ["SMPL:m_avg_Pelvis"]
+    assert smpl_bone_names(["a:" + n for n in JOINT_NAMES[:12]] + list(JOINT_NAMES[12:])) is None
 
 
 def test_axis_angle_channels_follow_the_key_before():

@@ -100,13 +100,15 @@ def _append(points, frames: np.ndarray, values: np.ndarray) -> None:
     order = np.argsort(frames, kind="stable")
     frames, values = frames[order], values[order]
     count, new = len(points), len(frames)
+    # New points are Bezier: set only another (a setting per point is a tenth of the time).
+    interpolation = points[count - 1].interpolation if count >= 2 else "BEZIER"
     points.add(new)
     if new < count:
-        interpolation = points[count - 1].interpolation
         for k, key in enumerate(zip(frames.tolist(), values.tolist(), strict=True)):
             point = points[count + k]
             point.co = point.handle_left = point.handle_right = key
-            point.interpolation = interpolation
+            if interpolation != "BEZIER":
+                point.interpolation = interpolation
         return
     total = count + new
     for name in ("co", "handle_left", "handle_right"):  # new handles start on their key
@@ -114,7 +116,7 @@ def _append(points, frames: np.ndarray, values: np.ndarray) -> None:
         points.foreach_get(name, array)
         array[2 * count :: 2], array[2 * count + 1 :: 2] = frames, values
         points.foreach_set(name, array)
-    if count >= 2:
+    if interpolation != "BEZIER":
         interpolations = np.empty(total, dtype=np.int32)
         points.foreach_get("interpolation", interpolations)
         interpolations[count:] = interpolations[count - 1]

@@ -60,7 +60,9 @@ def write_pose_keys(
 
     The same keys as ``apply_pose(..., frame=f)`` for each pose in turn (a later pose for the
     same frame wins), each bone in its own rotation mode; but written at once (``fast_keys``:
-    1,000 poses in well under a second instead of seconds).
+    1,000 poses in well under a second instead of seconds). One difference: with
+    ``use_translation`` (a batch's Translation, a motion's import) a pose without a translation
+    keys the root's location at rest, where ``apply_pose`` leaves it alone.
     """
     if len(poses) != len(frames):
         raise ValueError(f"{len(poses)} poses but {len(frames)} frames")

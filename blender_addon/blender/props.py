@@ -104,7 +104,8 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     )
     batch_translation: bpy.props.BoolProperty(
         name="Translation",
-        description="Key the root bone's location too (from the pose's translation)",
+        description="Key the root bone's location too, from the pose's translation (at rest "
+        "for a pose without one: the model's have none)",
         default=False,
     )
 

@@ -37,6 +37,10 @@ class ModelError(ChatPoseError):
     code = "model_error"
 
 
+class ModelOutOfMemoryError(ModelError):
+    """The model did not fit on its device while loading; the message says what needs less."""
+
+
 class CheckpointError(ModelError):
     """A checkpoint directory that is missing a file or has a bad field; names both."""
 

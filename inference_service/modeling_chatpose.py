@@ -61,6 +61,7 @@ from inference_service.errors import (
     EmptyPromptError,
     MissingDependencyError,
     ModelError,
+    ModelOutOfMemoryError,
     UnsupportedInputError,
 )
 from inference_service.images import decode_image
@@ -639,6 +640,11 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
     return torch_device, torch.bfloat16 if native_bf16 else torch.float16
 
 
+# The vision side and the output layer stay unquantized, as in the release. transformers 5
+# matches these from the start of a module's name (model.vision_tower...), or as its end.
+UNQUANTIZED_MODULES = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
+
+
 def _quantization_config(
     load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype
 ) -> BitsAndBytesConfig | None:
@@ -654,8 +660,7 @@ def _quantization_config(
             f"{flag} needs the 'bitsandbytes' package, which is not installed "
             f"(pip install bitsandbytes)"
         ) from exc
-    # The vision side and the output layer stay unquantized, as in the release.
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    skip = list(UNQUANTIZED_MODULES)
     if load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -717,6 +722,7 @@ def check_pose_token(tokenizer, pose_token_id: int, config, image_token: str) ->
 
 
 SERVE_ON_GPU = "run it on a GPU (--device cuda, with --load-in-8bit or --load-in-4bit for less)"
+QUANTIZE_ON_GPU = "--load-in-8bit or --load-in-4bit need less, or use a card with more memory"
 
 
 def check_host_memory(base_dir: Path, dtype: torch.dtype, advice: str = SERVE_ON_GPU) -> None:
@@ -840,9 +846,12 @@ def _cgroup_left(folder: Path, limit_name: str, usage_name: str, cache_key: str)
     return max(0, limit - max(0, usage - cache))
 
 
-def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
+def load_base(
+    base_dir: Path, *, advice: str = QUANTIZE_ON_GPU, **options
+) -> tuple[object, torch.nn.Module]:
     """The processor and the LLaVA model in `base_dir`, from local files only; `options` go to
-    `from_pretrained` (dtype, device_map, quantization_config).
+    `from_pretrained` (dtype, device_map, quantization_config). `advice`: what needs less
+    memory when the model does not fit on the GPU, in the words of the command loading it.
 
     A CheckpointError names what is wrong, including a weight the files lack: transformers
     would start it at random, and the model would answer with nonsense poses.
@@ -868,9 +877,8 @@ def load_base(base_dir: Path, **options) -> tuple[object, torch.nn.Module]:
             **options,
         )
     except torch.OutOfMemoryError:
-        raise ModelError(
-            f"{base_dir}: out of GPU memory loading the model; --load-in-8bit or --load-in-4bit "
-            "need less, or use a card with more memory"
+        raise ModelOutOfMemoryError(
+            f"{base_dir}: out of GPU memory loading the model; {advice}"
         ) from None
     except LOAD_ERRORS as exc:
         refuse_custom_code(base_dir, exc)

@@ -34,7 +34,7 @@ from inference_service.commands import (
     positive_int,
     stops_as_interrupts,
 )
-from inference_service.errors import ChatPoseError
+from inference_service.errors import ChatPoseError, ModelOutOfMemoryError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
 EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
@@ -259,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except ModelOutOfMemoryError as exc:  # the base model itself: no setting of the run helps
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except (TrainingError, DatasetError, ChatPoseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -507,7 +507,12 @@ def load_training_model(
     if device.type == "cpu":  # the system would kill the run midway, without a word
         check_host_memory(checkpoint.base_dir, dtype, "train it on a GPU (--device cuda)")
     # Straight onto the device: a 13B model first loaded into memory needs 27 GB there.
-    processor, model = load_base(checkpoint.base_dir, dtype=dtype, device_map=str(device))
+    processor, model = load_base(
+        checkpoint.base_dir,
+        advice="training loads the whole base model, unquantized: use a card with more memory",
+        dtype=dtype,
+        device_map=str(device),
+    )
     pose_token = checkpoint.config.pose_token
     check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
     pose_token_id = ensure_pose_token(processor.tokenizer, model, pose_token)

@@ -777,6 +777,24 @@ def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, mo
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda", **{flag: True})
 
 
+def test_quantization_leaves_the_vision_side_and_the_output_layer_as_they_are():
+    # transformers 5 matches the skip list from the start of a module's full name: a bare
+    # "vision_tower" matched nothing, and CLIP and the projector went into 4 bits.
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    linear = [
+        name
+        for name, module in tiny_llava.build_llava(tiny_llava.build_tokenizer()).named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    kept = {
+        n for n in linear if not should_convert_module(n, modeling_chatpose.UNQUANTIZED_MODULES)
+    }
+    vision = {n for n in linear if "vision_tower" in n or "multi_modal_projector" in n}
+    assert vision and kept == vision | {"lm_head"}
+    assert any(".language_model.layers." in n for n in set(linear) - kept)
+
+
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modeling_chatpose.select_device("auto") == (torch.device("cpu"), torch.float32)

@@ -581,6 +581,23 @@ def test_out_of_memory_names_the_settings_that_lower_it(base, tmp_path, monkeypa
     assert "--gradient-checkpointing" in err and "no checkpoint was saved yet" in err
 
 
+def test_a_base_model_that_does_not_fit_the_gpu_is_out_of_memory_in_training_s_words(
+    base, tmp_path, monkeypatch, capsys
+):
+    # Not the service's advice (--load-in-8bit, which train has not), nor a bad checkpoint.
+    message = "CUDA out of memory. Tried to allocate 500.00 MiB"
+    monkeypatch.setattr(
+        modeling_chatpose.AutoModelForImageTextToText,
+        "from_pretrained",
+        _raise(torch.OutOfMemoryError(message)),
+    )
+    argv = ["--base", str(base), *_write_data(tmp_path), "--out", str(tmp_path / "run")]
+    assert train_cli.main([*argv, "--device", "cpu"]) == train_cli.EXIT_OUT_OF_MEMORY
+    err = capsys.readouterr().err
+    assert "out of GPU memory loading the model; training loads the whole base model" in err
+    assert "--load-in" not in err
+
+
 def _raise(error):
     def raising(*args, **kwargs):
         raise error

@@ -38,7 +38,8 @@ class ModelError(ChatPoseError):
 
 
 class ModelOutOfMemoryError(ModelError):
-    """The model did not fit on its device while loading; the message says what needs less."""
+    """The model, or a pass of it, did not fit on its device; the message says what needs
+    less."""
 
 
 class CheckpointError(ModelError):

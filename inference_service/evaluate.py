@@ -63,6 +63,7 @@ from inference_service.commands import (
     positive_int,
     stops_as_interrupts,
 )
+from inference_service.errors import ModelOutOfMemoryError
 from inference_service.metrics import accuracy_interval, evaluate_poses
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
@@ -178,10 +179,29 @@ class ModelPredictor:
         self.batch_size = batch_size
 
     def _run(self, requests) -> np.ndarray:
-        out = []
-        for start in range(0, len(requests), self.batch_size):
-            out.extend(self.model.predict_poses(requests[start : start + self.batch_size]))
+        out = self._in_batches(requests, self.model.predict_poses)
         return np.stack(out) if out else np.zeros((0, 24, 3))
+
+    def _in_batches(self, items: Sequence, run: Callable[[Sequence], list]) -> list:
+        """``run`` over ``items`` in batches of ``batch_size``, halved for good when one runs
+        out of GPU memory (image batches need far more than text ones): a long evaluation is
+        not lost to its one largest batch."""
+        out: list = []
+        start = 0
+        while start < len(items):
+            try:
+                out.extend(run(items[start : start + self.batch_size]))
+            except ModelOutOfMemoryError:
+                if self.batch_size == 1:
+                    raise ModelOutOfMemoryError(
+                        "out of GPU memory with one request at a time: --load-in-8bit or "
+                        "--load-in-4bit need less, or use a card with more memory"
+                    ) from None
+                self.batch_size //= 2
+                _log(f"out of GPU memory: batches of {self.batch_size} from now on")
+                continue
+            start += self.batch_size
+        return out
 
     def text(self, texts: Sequence[str]) -> np.ndarray:
         from inference_service.modeling_chatpose import PoseRequest
@@ -202,9 +222,8 @@ class ModelPredictor:
 
         model = self.model
         encoder = Encoder(model.processor, model.config, model.pose_token_id, model.context_length)
-        out = []
-        for start in range(0, len(examples), self.batch_size):
-            chunk = examples[start : start + self.batch_size]
+
+        def run(chunk: Sequence[Example]) -> list[np.ndarray]:
             batch = encoder.collate([encoder.encode(example) for example in chunk])
             poses = np.stack(
                 model.given_answer_poses(
@@ -216,8 +235,9 @@ class ModelPredictor:
                 )
             )
             ends = np.cumsum([len(example.poses) for example in chunk])
-            out.extend(np.split(poses, ends[:-1]))
-        return out
+            return np.split(poses, ends[:-1])
+
+        return self._in_batches(examples, run)
 
 
 def read_image_pairs(pairs: str | Path, limit: int | None = None):

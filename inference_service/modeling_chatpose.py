@@ -183,7 +183,7 @@ def _request_entry(method: Callable) -> Callable:
             error.__traceback__ = None  # its frames hold the failed pass's tensors
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # for other processes on the card, too
-        raise ModelError("out of GPU memory: send fewer or shorter requests")
+        raise ModelOutOfMemoryError("out of GPU memory: send fewer or shorter requests")
 
     return guarded
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from inference_service import evaluate as ev
 from inference_service.checkpoint import Checkpoint, CheckpointError
+from inference_service.errors import ModelOutOfMemoryError
 from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import (
     ActionClassifier,
@@ -637,3 +638,25 @@ def test_a_training_run_s_folder_given_as_the_checkpoint_names_its_last_step(tin
     said = "a training run's folder, not a checkpoint; its checkpoints are its step folders"
     with pytest.raises(CheckpointError, match=f"{said}, the last .*run/step-000020$"):
         Checkpoint.open(run)
+
+
+def test_a_batch_out_of_gpu_memory_is_asked_again_in_halves_not_the_run_lost(capsys):
+    predictor = ev.ModelPredictor.__new__(ev.ModelPredictor)  # no model: `run` stands for it
+    predictor.batch_size = 8
+    seen = []
+
+    def run(chunk):
+        seen.append(len(chunk))
+        if len(chunk) > 2:
+            raise ModelOutOfMemoryError("out of GPU memory: send fewer or shorter requests")
+        return [10 * item for item in chunk]
+
+    assert predictor._in_batches(list(range(7)), run) == [10 * item for item in range(7)]
+    assert seen == [7, 4, 2, 2, 2, 1] and predictor.batch_size == 2
+    assert "out of GPU memory: batches of 2 from now on" in capsys.readouterr().err
+
+    def never_fits(chunk):
+        raise ModelOutOfMemoryError("out of GPU memory: send fewer or shorter requests")
+
+    with pytest.raises(ModelOutOfMemoryError, match="with one request at a time: --load-in-8bit"):
+        predictor._in_batches([1, 2, 3], never_fits)

@@ -629,7 +629,11 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
             "torch); use --device cpu or auto, or a CUDA build of torch (README, Setup in detail)"
         )
     count = torch.cuda.device_count()
-    if torch_device.index is not None and torch_device.index >= count:
+    if torch_device.index is None:
+        # A bare "cuda" is the current device for torch, but cuda:$LOCAL_RANK for transformers'
+        # device_map: named, the model and what is put beside it share one card.
+        torch_device = torch.device("cuda", torch.cuda.current_device())
+    if torch_device.index >= count:
         raise UnsupportedInputError(
             f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
             f"cuda:{count - 1}"

@@ -806,8 +806,12 @@ def test_device_choice(monkeypatch):
     capability = {0: (9, 0), 1: (7, 0)}  # an H100 and a V100, which only emulates bf16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[d.index or 0])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)  # not asked
-    assert modeling_chatpose.select_device("auto") == (torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # Named: transformers would put a bare "cuda" on cuda:$LOCAL_RANK, torch on the current one.
+    assert modeling_chatpose.select_device("auto") == (torch.device("cuda:0"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert modeling_chatpose.select_device("cuda") == (torch.device("cuda:1"), torch.float16)
     assert modeling_chatpose.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
     with pytest.raises(UnsupportedInputError, match=r"'cuda:7': this machine has 2 CUDA device"):
         modeling_chatpose.select_device("cuda:7")

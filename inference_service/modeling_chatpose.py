@@ -269,6 +269,9 @@ class ChatPoseModel:
             torch.cuda.set_device(torch_device)
         if torch_device.type == "cpu":
             check_host_memory(checkpoint.base_dir, dtype)
+        else:
+            bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+            check_gpu_memory(checkpoint.base_dir, dtype, torch_device, bits)
         processor, model = load_base(
             checkpoint.base_dir,
             dtype=dtype,
@@ -742,6 +745,32 @@ def check_host_memory(base_dir: Path, dtype: torch.dtype, advice: str = SERVE_ON
     raise ModelError(
         f"{base_dir}: the model needs about {needed / 1e9:.1f} GB of memory in {dtype_name} "
         f"on the CPU, and this machine has {free / 1e9:.1f} GB free; {advice}"
+    )
+
+
+def check_gpu_memory(
+    base_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    bits: int | None = None,
+    advice: str = QUANTIZE_ON_GPU,
+) -> None:
+    """A ModelOutOfMemoryError, before loading, when the weights alone need more than the card
+    has free: a full load would fail midway, and a quantized one is reported by transformers as
+    a failed weight conversion, as if the checkpoint were broken. `bits`: 8 or 4 for a
+    quantized load (counted for every weight: the vision side left in `dtype` is small)."""
+    needed = weights_bytes(base_dir, dtype)
+    if needed is None:
+        return
+    if bits:
+        needed = needed * bits // (8 * dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free:
+        return
+    how = f"{bits}-bit" if bits else str(dtype).removeprefix("torch.")
+    raise ModelOutOfMemoryError(
+        f"{base_dir}: the weights need about {needed / 1e9:.1f} GB in {how}, and {device} has "
+        f"{free / 1e9:.1f} GB free; {advice}"
     )
 
 

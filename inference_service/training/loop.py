@@ -62,6 +62,7 @@ from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig,
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     apply_adapter,
+    check_gpu_memory,
     check_host_memory,
     check_vocabulary,
     ensure_pose_token,
@@ -507,11 +508,11 @@ def load_training_model(
     if device.type == "cpu":  # the system would kill the run midway, without a word
         check_host_memory(checkpoint.base_dir, dtype, "train it on a GPU (--device cuda)")
     # Straight onto the device: a 13B model first loaded into memory needs 27 GB there.
+    advice = "training loads the whole base model, unquantized: use a card with more memory"
+    if device.type == "cuda":
+        check_gpu_memory(checkpoint.base_dir, dtype, device, advice=advice)
     processor, model = load_base(
-        checkpoint.base_dir,
-        advice="training loads the whole base model, unquantized: use a card with more memory",
-        dtype=dtype,
-        device_map=str(device),
+        checkpoint.base_dir, advice=advice, dtype=dtype, device_map=str(device)
     )
     pose_token = checkpoint.config.pose_token
     check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)

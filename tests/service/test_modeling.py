@@ -20,6 +20,7 @@ from inference_service.errors import (
     EmptyPromptError,
     MissingDependencyError,
     ModelError,
+    ModelOutOfMemoryError,
     UnsupportedInputError,
 )
 from inference_service.images import decode_image
@@ -642,10 +643,29 @@ def test_a_pose_token_that_cannot_mark_the_pose_is_refused_at_load(
         ChatPoseModel.from_checkpoint(changed, device="cpu")
 
 
+@pytest.mark.parametrize(("flag", "how"), [(None, "bfloat16"), ("load_in_4bit", "4-bit")])
+def test_weights_that_cannot_fit_the_card_are_refused_before_the_load(
+    tiny_checkpoint, monkeypatch, flag, how
+):
+    # A quantized load that runs out is reported by transformers as a failed conversion.
+    cuda = (torch.device("cuda:1"), torch.bfloat16)
+    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(modeling_chatpose, "_quantization_config", lambda *args: None)
+    needed = modeling_chatpose.weights_bytes(tiny_checkpoint / "base", torch.bfloat16)
+    needed = needed // 4 if flag else needed
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed - 1, 10 * needed))
+    options = {flag: True} if flag else {}
+    said = f"the weights need about .* GB in {how}, and cuda:1 has .* GB free; --load-in-8bit"
+    with pytest.raises(ModelOutOfMemoryError, match=said):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda:1", **options)
+
+
 def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoint, monkeypatch):
     calls = []
     cuda = (torch.device("cuda:1"), torch.bfloat16)
     monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 2**40))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("current", device)))
 
     def load_base(base_dir, **options):

@@ -155,6 +155,15 @@ def pending_jobs() -> list[PoseJob]:
     return _state.dispatcher.pending_jobs() if _state.dispatcher is not None else []
 
 
+def _chat_turn_waiting(scene: bpy.types.Scene) -> PoseJob | None:
+    """The scene's chat turn whose answer is not in its history yet (asked, or come and not
+    applied), or None."""
+    jobs = [*pending_jobs(), *(o.job for o in _state.backlog if hasattr(o, "job"))]
+    return next(
+        (job for job in jobs if job.mode == "chat" and job.scene_uid == scene.session_uid), None
+    )
+
+
 def busy() -> bool:
     d = _state.dispatcher
     return bool(d is not None and (d.busy or d.batch_running)) or bool(_state.backlog)
@@ -472,6 +481,14 @@ def send_pose(
     mode = "chat" if settings.chat_mode else "pose"
     history = ()
     if settings.chat_mode:
+        # The history holds an exchange once its answer is in: a turn sent before would go
+        # without the one before it, and the model would answer it blind.
+        waiting = _chat_turn_waiting(scene)
+        if waiting is not None:
+            raise UserError(
+                f"Waiting for the answer to {waiting.prompt[:60]!r}: a chat turn goes with the "
+                "exchanges before it, so send this once that answer is in (or cancel it)"
+            )
         prefs = get_preferences(context)
         pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
         history = chat.history_turns(history_messages(scene), max_pairs=pairs)

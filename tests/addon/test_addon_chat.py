@@ -158,6 +158,28 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
     assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
+def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scripted_service):
+    _, backend = _send_while_held(scripted_service, "how would a tired person stand?")
+    settings = bpy.context.scene.chatpose
+    assert runtime.pending_jobs()[0].mode == "pose"  # pose mode: several may be on their way
+    backend.release()
+    drive(idle)
+    settings.chat_mode = True
+    backend.hold()
+    settings.prompt = "how would a tired person stand?"
+    bpy.ops.chatpose.send()
+    settings.prompt = "now make them sit"
+    with pytest.raises(RuntimeError, match="Waiting for the answer to 'how would a tired person"):
+        bpy.ops.chatpose.send()
+    assert settings.prompt == "now make them sit"  # kept, to send once the answer is in
+    backend.release()
+    drive(idle)
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    drive(idle)
+    asked = [(t.role, t.text) for t in backend.items[-1].history]
+    assert ("user", "how would a tired person stand?") in asked
+
+
 def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

@@ -76,4 +76,4 @@ class ModelBackend:
         reply = self.model.chat(
             item.prompt, item.images, paired_turns(item.history), self.max_new_tokens, stop=stop
         )
-        return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses))
+        return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses), reply.truncated)

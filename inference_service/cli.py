@@ -399,6 +399,11 @@ def _pose(args: argparse.Namespace) -> int:
         _out(encode_reply(reply)[0].decode("utf-8"))
     else:
         _print_pose_reply(reply)
+    if reply.truncated:  # its text stops mid-way; a pose it would have given may be missing
+        _report(
+            "chatpose pose: the reply was cut at the service's limit of new tokens "
+            "(chatpose-serve --max-new-tokens), before the model ended it"
+        )
     if unwritten is not None:
         raise unwritten
     return EXIT_OK
@@ -805,7 +810,7 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
         answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
     except ChatPoseError as exc:  # what the service would reply
         return ErrorReply(LOCAL_ID, "pose", ErrorCode(exc.code), str(exc))
-    return PoseReply(LOCAL_ID, answer.text, answer.poses)
+    return PoseReply(LOCAL_ID, answer.text, answer.poses, answer.truncated)
 
 
 def _read_image(path: Path) -> bytes:

@@ -139,6 +139,7 @@ class ChatReply:
 
     text: str
     poses: list[np.ndarray]  # each (24, 3) axis-angle; index 0 the global orientation
+    truncated: bool = False  # cut at max_new_tokens before the model ended it
 
 
 # What loading a damaged or mismatched checkpoint raises (a truncated safetensors file, a bad
@@ -469,7 +470,16 @@ class ChatPoseModel:
             return ChatReply(self._render(generated.tolist()), [])
         states = self._reply_pose_states(inputs, generated)
         poses = self._poses(states) if len(states) else []
-        return ChatReply(self._render(generated.tolist()), poses)
+        ended = len(generated) and int(generated[-1]) in self._end_token_ids()
+        truncated = len(generated) >= max_new_tokens and not ended
+        return ChatReply(self._render(generated.tolist()), poses, truncated)
+
+    def _end_token_ids(self) -> set[int]:
+        """The tokens that end a reply: the tokenizer's end of sequence, and the generation
+        config's (one id or several)."""
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list | tuple) else [ends])
+        return {int(i) for i in ends | {self.tokenizer.eos_token_id} if i is not None}
 
     def _reply_pose_states(
         self, inputs: dict[str, torch.Tensor], generated: torch.Tensor

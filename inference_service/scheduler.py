@@ -64,6 +64,7 @@ class WorkItem:
 class Answer:
     text: str
     poses: tuple[Pose, ...]
+    truncated: bool = False  # a chat reply cut at the service's --max-new-tokens
 
 
 class Backend(Protocol):
@@ -330,7 +331,8 @@ class Scheduler:
         if request.op == "pose":
             self._requests.pop(request.key, None)
             request.ended = True
-            self._send(request.client, PoseReply(request.request_id, answer.text, answer.poses))
+            reply = PoseReply(request.request_id, answer.text, answer.poses, answer.truncated)
+            self._send(request.client, reply)
             return
         reply = BatchItemReply(
             request.request_id, task.index, request.total, answer.text, answer.poses

@@ -313,18 +313,22 @@ class StatusReply:
 
 @dataclass(frozen=True)
 class PoseReply:
-    """The answer to a PoseRequest: one pose per person; none is valid (chat mode)."""
+    """The answer to a PoseRequest: one pose per person; none is valid (chat mode).
+    `truncated`: a chat reply cut at the service's limit of new tokens, not ended by the model
+    (written only when true)."""
 
     op: ClassVar[str] = "pose"
     id: str
     text: str
     poses: tuple[Pose, ...] = ()
+    truncated: bool = False
 
     def __post_init__(self) -> None:
         _freeze(self, "poses")
 
     def _body(self) -> dict:
-        return {"ok": True, "text": self.text, "poses": _poses_out(self.poses)}
+        body = {"ok": True, "text": self.text, "poses": _poses_out(self.poses)}
+        return {**body, "truncated": True} if self.truncated else body
 
 
 @dataclass(frozen=True)
@@ -791,7 +795,8 @@ def _decode_status_reply(header, rid, images, limits) -> StatusReply:
 
 def _decode_pose_reply(header, rid, images, limits) -> PoseReply:
     text = header.get("text", _string, max_chars=limits.max_text_chars)
-    return PoseReply(rid, text, _poses(header, limits))
+    truncated = header.get("truncated", _boolean, default=False)
+    return PoseReply(rid, text, _poses(header, limits), truncated)
 
 
 def _batch_total(header: _Fields, limits: Limits) -> int:

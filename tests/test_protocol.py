@@ -99,6 +99,7 @@ REPLIES = [
     PoseReply("r1", "Kneeling.", (pose(1, "kneel"),)),
     PoseReply("r2", "Two people: one waving, one sitting.", (pose(2), pose(3, None, False))),
     PoseReply("r3", "Just chatting, no pose."),
+    PoseReply("r4", "Let me think about how a tired person", truncated=True),
     BatchItemReply("b1", 2, 3, "jump", (pose(4, "jump"),)),
     BatchItemReply("b1", 0, 1, "", ()),
     BatchDoneReply("b1", 3, 2),
@@ -125,6 +126,16 @@ def test_every_reply_round_trips(message):
     decoded = decode_reply(frames)
     assert decoded == message
     assert type(decoded) is type(message)
+
+
+def test_truncated_is_written_only_when_true_and_checked():
+    assert "truncated" not in json.loads(encode_reply(PoseReply("r", "done."))[0])
+    assert json.loads(encode_reply(PoseReply("r", "cut", truncated=True))[0])["truncated"] is True
+    frames = encode_reply(PoseReply("r", "cut", truncated=True))
+    header = json.loads(frames[0])
+    header["truncated"] = "yes"
+    with pytest.raises(ProtocolError, match="truncated: must be true or false, got 'yes'"):
+        decode_reply([json.dumps(header).encode()])
 
 
 def test_round_trip_keeps_poses_exact_and_typed():

@@ -724,9 +724,16 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
     # known, so that a refused answer, its prompt given back, is one step.
     chat_step = (lambda: push_undo("chat")) if scene is not None else (lambda: None)
+    cut = (
+        "; the reply was cut at the service's limit of new tokens (chatpose-serve "
+        "--max-new-tokens), before the model ended it"
+        if outcome.truncated
+        else ""
+    )
     if not poses:
         chat_step()  # else the next undo would take the reply away
-        notify(f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}")
+        text = f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}{cut}"
+        notify(text, "WARNING" if cut else "INFO")
         return
     try:
         target = _find(bpy.data.objects, job.armature, job.armature_uid)
@@ -789,6 +796,8 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if result.notes:
         text += "; " + "; ".join(result.notes)
         level = "WARNING"
+    if cut:
+        text, level = text + cut, "WARNING"
     notify(text, level)
 
 

@@ -59,6 +59,7 @@ class PoseAnswered:
     job: PoseJob
     text: str
     poses: tuple[Pose, ...]
+    truncated: bool = False  # cut at the service's --max-new-tokens
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class Dispatcher:
         if isinstance(job, PoseJob):
             self._jobs.pop(event.request_id, None)
             if isinstance(event, PoseResult):
-                return [PoseAnswered(job, event.text, event.poses)]
+                return [PoseAnswered(job, event.text, event.poses, event.truncated)]
             if isinstance(event, RequestFailed):
                 return [PoseFailed(job, event.code, event.message)]
             return []

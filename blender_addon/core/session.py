@@ -56,6 +56,7 @@ class PoseResult:
     request_id: str
     text: str
     poses: tuple[Pose, ...]
+    truncated: bool = False  # cut at the service's --max-new-tokens
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Session:
         match reply:
             case PoseReply():
                 self._in_flight.pop(reply.id)
-                return [PoseResult(reply.id, reply.text, reply.poses)]
+                return [PoseResult(reply.id, reply.text, reply.poses, reply.truncated)]
             case StatusReply():
                 self._in_flight.pop(reply.id)
                 return [StatusResult(reply.id, reply)]

@@ -158,6 +158,23 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
     assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
+def test_a_reply_cut_at_the_service_s_token_limit_says_so(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    settings.chat_mode = True
+    settings.prompt = "ramble on about a tired person"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message, level = runtime.last_message()
+    assert level == "WARNING"
+    assert message == (
+        "Reply without a pose: Well, a tired person would first; the reply was cut at the "
+        "service's limit of new tokens (chatpose-serve --max-new-tokens), before the model "
+        "ended it"
+    )
+
+
 def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scripted_service):
     _, backend = _send_while_held(scripted_service, "how would a tired person stand?")
     settings = bpy.context.scene.chatpose

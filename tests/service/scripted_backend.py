@@ -62,7 +62,8 @@ class Holdable:
 
 class ScriptedBackend(Holdable):
     """Answers each prompt with `pose_for(prompt)`; 'explode' raises, 'rant' raises with a
-    message longer than the protocol allows, a 'corrupt' image is bad."""
+    message longer than the protocol allows, a 'corrupt' image is bad; in chat, 'ramble' is
+    answered cut at the token limit before its pose."""
 
     info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
     failing_prompt = "explode"  # a batch line the model fails on, and the error code it gets
@@ -86,6 +87,8 @@ class ScriptedBackend(Holdable):
 
     def answer_chat(self, item: WorkItem, stop=None) -> Answer:
         self._enter(1)
+        if "ramble" in item.prompt:
+            return Answer("Well, a tired person would first", (), truncated=True)
         answer = self._run(item)
         return Answer(f"Here you go: {answer.text}", answer.poses * 2)
 

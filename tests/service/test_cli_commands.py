@@ -675,6 +675,16 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     assert out_file.read_bytes() == b"the user's"
 
 
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+def test_a_chat_reply_cut_at_the_token_limit_is_said_so(address, capsys, json_out):
+    argv = ["pose", "ramble on", "--chat", "--address", address] + ["--json"] * json_out
+    code, out, err = run(capsys, *argv)
+    assert code == cli.EXIT_OK and "Well, a tired person would first" in out
+    assert "the reply was cut at the service's limit of new tokens" in err
+    if json_out:
+        assert json.loads(out)["truncated"] is True
+
+
 def test_an_out_whose_files_cannot_be_named_is_refused_before_any_work(
     address, backend, capsys, tmp_path
 ):

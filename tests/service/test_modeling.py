@@ -290,7 +290,7 @@ def test_chat_path_with_kv_cache_equals_fast_path(tiny_model, images):
         question, images, logits_processor=[ForceTokens(forced)], max_new_tokens=len(forced) + 5
     )
     (fast,) = tiny_model.predict_poses([PoseRequest(TEXT, images)])
-    assert reply.text == answer
+    assert reply.text == answer and not reply.truncated  # ended by its end of sequence
     assert len(reply.poses) == 1
     np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
 
@@ -367,7 +367,7 @@ def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
         "Now stand up.", history=history, max_new_tokens=4, logits_processor=[ForceTokens(forced)]
     )
     assert reply.text == tiny_model.tokenizer.decode(forced[:4]).strip()
-    assert len(forced) > 4
+    assert len(forced) > 4 and reply.truncated  # said: the model did not end it
     with pytest.raises(UnsupportedInputError, match="max_new_tokens must be between 1 and 512"):
         tiny_model.chat("Hi", max_new_tokens=513)
 

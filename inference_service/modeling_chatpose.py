@@ -25,6 +25,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -78,6 +79,7 @@ from inference_service.prompts import (
 )
 from shared_protocol.pose import camera_to_upright
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 256
 # The release generated up to 512 tokens; more is refused so one request cannot hog the GPU.
 MAX_NEW_TOKENS_LIMIT = 512
@@ -557,6 +559,13 @@ class ChatPoseModel:
                 fits = middle
             else:
                 too_long = middle
+        # In the service's log: the client's own limits are not the model's context.
+        log.info(
+            "chat: the %d latest of %d earlier exchanges fit this model's context of %d tokens",
+            fits,
+            len(history),
+            self.context_length,
+        )
         return history[len(history) - fits :]
 
     # --- helpers -----------------------------------------------------------------------

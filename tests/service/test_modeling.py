@@ -396,7 +396,8 @@ def test_a_chat_reply_ends_as_soon_as_it_is_told_to_stop(tiny_model, monkeypatch
     assert len(asked) == 4  # before each of the three tokens, and once it stopped
 
 
-def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model):
+def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model, caplog):
+    caplog.set_level("INFO", logger="inference_service.modeling_chatpose")
     history = [
         Turn(f"Pose number {i}: " + "raise the arm " * 20, "Sure, it is <POSE>.") for i in range(12)
     ]
@@ -405,6 +406,8 @@ def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model
     kept = tiny_model.fitting_history("Now sit.", history, [], max_new_tokens)
     assert 0 < len(kept) < len(history)
     assert list(kept) == history[len(history) - len(kept) :]  # the latest turns, in order
+    said = f"the {len(kept)} latest of 12 earlier exchanges fit this model's context of"
+    assert said in caplog.text  # in the service's log: the client never sees the cut
 
     def length(turns):
         text = build_prompt(tiny_model.template, "Now sit.", turns, "", "<POSE>")

@@ -86,6 +86,19 @@ def find_smpl_armature(context: bpy.types.Context) -> bpy.types.Object | None:
     return None
 
 
+def armature_meant(obj: bpy.types.Object | None) -> bpy.types.Object | None:
+    """The armature the user means by selecting ``obj``: itself, or the one a mesh is parented
+    to or deformed by (as ``find_smpl_armature`` looks), whatever its bones; None for none."""
+    if obj is None or obj.type == "ARMATURE":
+        return obj
+    if obj.parent is not None and obj.parent.type == "ARMATURE":
+        return obj.parent
+    for mod in getattr(obj, "modifiers", ()):
+        if mod.type == "ARMATURE" and mod.object is not None:
+            return mod.object
+    return None
+
+
 @dataclass(frozen=True)
 class RigGeometry:
     """What ``core.posing`` needs of a rig's rest pose, read from its bones in one pass.

@@ -78,6 +78,8 @@ class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa:
 
         def send():
             runtime.service_for(context)  # first: no picture (a render) for what cannot be sent
+            if settings.chat_mode:
+                runtime.refuse_chat_turn_yet(context.scene)
             try:
                 image, label = capture_viewport(context)
             except CaptureError as exc:

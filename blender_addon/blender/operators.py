@@ -14,6 +14,7 @@ from ..core.timeline import MAX_FRAME, frames_for, keeps_timing, playback_rate
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, start_new_take
 from .armature import (
+    armature_meant,
     create_smpl_armature,
     ensure_object_mode,
     find_smpl_armature,
@@ -208,12 +209,12 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     def execute(self, context):
         obj = find_smpl_armature(context)
-        active = context.active_object
-        if obj is None and active is not None and active.type == "ARMATURE":
+        meant = armature_meant(context.active_object)  # the rig itself, or its mesh
+        if obj is None and meant is not None:
             # Not a new SMPL rig beside the one the user meant: say why theirs is not one.
             self.report(
                 {"ERROR"},
-                f"Not imported: {active.name!r} is not an SMPL armature: {why_not_smpl(active)}. "
+                f"Not imported: {meant.name!r} is not an SMPL armature: {why_not_smpl(meant)}. "
                 "Select an SMPL armature, or nothing to import onto a new one",
             )
             return {"CANCELLED"}

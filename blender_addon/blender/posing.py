@@ -203,10 +203,14 @@ def overridden_bones(obj: bpy.types.Object) -> list[str]:
     why: dict[str, str] = {}
     for pbone in obj.pose.bones:
         for constraint in pbone.constraints:
-            if constraint.mute or constraint.influence == 0.0:
-                continue
-            if constraint.type in ("IK", "SPLINE_IK"):  # the bone and chain_count - 1 above it
+            if constraint.mute or constraint.influence == 0.0 or not constraint.is_valid:
+                continue  # Blender applies none of these (is_valid: no target, say)
+            if constraint.type in ("IK", "SPLINE_IK"):
+                # chain_count bones (0: to the root) from the owner, or without Use Tail from
+                # its parent, IK's own tail being the owner's head then.
                 chain = [pbone, *pbone.parent_recursive]
+                if constraint.type == "IK" and not constraint.use_tail:
+                    chain = chain[1:]
                 reached = chain[: constraint.chain_count] if constraint.chain_count else chain
             else:
                 reached = [pbone]
@@ -216,6 +220,8 @@ def overridden_bones(obj: bpy.types.Object) -> list[str]:
                     why.setdefault(bone.name, f"the constraint {constraint.name!r}{on}")
     animation = obj.animation_data
     for driver in animation.drivers if animation else ():
+        if driver.mute or not driver.driver.is_valid:
+            continue
         bone, _, prop = driver.data_path.removeprefix('pose.bones["').partition('"].')
         if bone in smpl and prop.startswith("rotation_"):
             why.setdefault(bone, f"a driver on {prop}")

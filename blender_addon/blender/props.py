@@ -9,6 +9,7 @@ from ..core import chat
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
 from .armature import (
+    armature_meant,
     find_smpl_armature,
     is_deleted,
     is_smpl_armature,
@@ -137,7 +138,7 @@ def target_problem(context: bpy.types.Context) -> str | None:
     """Why there is no armature to pose, or None."""
     obj = _candidate(context)
     if obj is None:
-        rig = _armature_of(context.active_object)
+        rig = armature_meant(context.active_object)
         if rig is not None:
             return f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
         return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
@@ -152,19 +153,6 @@ def target_problem(context: bpy.types.Context) -> str | None:
             "one, or clear Target to use the selected SMPL armature"
         )
     return linked_problem(obj)  # what is put on a linked object is not saved
-
-
-def _armature_of(obj: bpy.types.Object | None) -> bpy.types.Object | None:
-    """The armature the user means by selecting ``obj``: itself, or the one a mesh is parented
-    to or deformed by (as ``find_smpl_armature`` looks), whatever its bones."""
-    if obj is None or obj.type == "ARMATURE":
-        return obj
-    if obj.parent is not None and obj.parent.type == "ARMATURE":
-        return obj.parent
-    for mod in getattr(obj, "modifiers", ()):
-        if mod.type == "ARMATURE" and mod.object is not None:
-            return mod.object
-    return None
 
 
 def _candidate(context: bpy.types.Context) -> bpy.types.Object | None:

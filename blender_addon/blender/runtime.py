@@ -155,12 +155,26 @@ def pending_jobs() -> list[PoseJob]:
     return _state.dispatcher.pending_jobs() if _state.dispatcher is not None else []
 
 
-def _chat_turn_waiting(scene: bpy.types.Scene) -> PoseJob | None:
-    """The scene's chat turn whose answer is not in its history yet (asked, or come and not
-    applied), or None."""
-    jobs = [*pending_jobs(), *(o.job for o in _state.backlog if hasattr(o, "job"))]
-    return next(
-        (job for job in jobs if job.mode == "chat" and job.scene_uid == scene.session_uid), None
+def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
+    """UserError while an exchange of ``scene`` (chat or pose mode: both go into its history)
+    waits for its answer, or to be applied: a chat turn goes with the exchanges before it, and
+    sent now would go without that one; the model would answer it blind."""
+    asked = [job for job in pending_jobs() if job.scene_uid == scene.session_uid]
+    came = [o.job for o in _state.backlog if isinstance(getattr(o, "job", None), PoseJob)]
+    came = [job for job in came if job.scene_uid == scene.session_uid]
+    if not asked and not came:
+        return
+    job = (asked or came)[0]
+    named = repr((job.prompt or job.attachment)[:60])
+    if asked:
+        raise UserError(
+            f"Waiting for the answer to {named}: a chat turn goes with the exchanges before "
+            "it, so send this once that answer is in"
+        )
+    why = _why_answers_wait_now() or "it is applied on the next tick"
+    raise UserError(
+        f"The answer to {named} came and waits ({why}): a chat turn goes with the exchanges "
+        "before it, so send this once it is applied"
     )
 
 
@@ -483,12 +497,7 @@ def send_pose(
     if settings.chat_mode:
         # The history holds an exchange once its answer is in: a turn sent before would go
         # without the one before it, and the model would answer it blind.
-        waiting = _chat_turn_waiting(scene)
-        if waiting is not None:
-            raise UserError(
-                f"Waiting for the answer to {waiting.prompt[:60]!r}: a chat turn goes with the "
-                "exchanges before it, so send this once that answer is in (or cancel it)"
-            )
+        refuse_chat_turn_yet(scene)
         prefs = get_preferences(context)
         pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
         history = chat.history_turns(history_messages(scene), max_pairs=pairs)

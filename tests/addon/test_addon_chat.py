@@ -197,6 +197,27 @@ def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scri
     assert ("user", "how would a tired person stand?") in asked
 
 
+def test_a_chat_turn_waits_for_a_pose_mode_answer_and_one_that_came_and_waits_says_why(
+    armature, scripted_service
+):
+    # Pose mode's exchanges go into the history too: a chat turn goes with them.
+    _, backend = _send_while_held(scripted_service, "a tired person standing")
+    settings = bpy.context.scene.chatpose
+    settings.chat_mode = True
+    settings.prompt = "now make them sit"
+    with pytest.raises(RuntimeError, match="Waiting for the answer to 'a tired person standing'"):
+        bpy.ops.chatpose.send()
+    bpy.ops.object.mode_set(mode="EDIT")  # the answer comes, and waits to be applied
+    backend.release()
+    drive(lambda: "waiting: leave Edit" in runtime.last_message()[0])
+    with pytest.raises(RuntimeError, match=r"The answer to 'a tired person standing' came and "
+                       r"waits \(leave Edit Armature mode"):  # fmt: skip
+        bpy.ops.chatpose.send()
+    bpy.ops.object.mode_set(mode="OBJECT")
+    drive(idle)
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+
+
 def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)
@@ -296,7 +317,11 @@ def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
     ik = bones["left_knee"].constraints.new("IK")  # a leg IK: the knee and the hip
     ik.target, ik.chain_count = target, 2
     bones["right_elbow"].constraints.new("COPY_ROTATION").mute = True  # muted: no matter
+    bones["left_elbow"].constraints.new("COPY_ROTATION")  # no target: Blender ignores it
+    tail = bones["right_ankle"].constraints.new("IK")  # without Use Tail: from its parent up
+    tail.target, tail.chain_count, tail.use_tail = target, 1, False
     bones["neck"].driver_add("rotation_quaternion", 1)
+    bones["spine1"].driver_add("rotation_quaternion", 2).mute = True
     armature.data.bones["head"].use_inherit_rotation = False
     bpy.context.scene.chatpose.prompt = "wave"
     bpy.ops.chatpose.send()
@@ -305,8 +330,9 @@ def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
     assert level == "WARNING" and message.startswith("Applied 1 pose(s) to SMPL")
     assert (
         "on 'SMPL', left_hip (the constraint 'IK' on left_knee), left_knee (the constraint "
-        "'IK'), neck (a driver on rotation_quaternion), head (Inherit Rotation off) decide those "
-        "bones, not the answer set on their channels"
+        "'IK'), right_knee (the constraint 'IK' on right_ankle), neck (a driver on "
+        "rotation_quaternion) and 1 more decide those bones, not the answer set on their "
+        "channels"
     ) in message
 
 

@@ -676,6 +676,14 @@ def test_an_import_refuses_a_selected_rig_that_is_not_smpl_and_a_file_of_no_fram
     with pytest.raises(RuntimeError, match=r"'Hero' is not an SMPL armature: it has no bone"):
         bpy.ops.chatpose.import_npz(filepath=str(source))
     assert [o.name for o in bpy.data.objects] == ["Hero"]  # no second rig made beside it
+    body = bpy.data.objects.new("Body", bpy.data.meshes.new("Body"))  # or its mesh selected
+    bpy.context.scene.collection.objects.link(body)
+    body.parent = obj
+    bpy.context.view_layer.objects.active = body
+    with pytest.raises(RuntimeError, match=r"'Hero' is not an SMPL armature: it has no bone"):
+        bpy.ops.chatpose.import_npz(filepath=str(source))
+    assert sorted(o.name for o in bpy.data.objects) == ["Body", "Hero"]
+    bpy.context.view_layer.objects.active = None
 
     keyed = create_smpl_armature(bpy.context, with_mesh=False)
     assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}

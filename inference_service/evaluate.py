@@ -50,7 +50,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -708,25 +708,31 @@ def _bars_table(bars: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _metrics_table(
+    first: str, groups: Iterable[tuple[str, dict]], titles: dict[str, str]
+) -> list[str]:
+    """A table of the metrics of each predictor in `titles` that a group's block holds, the
+    groups (label, block) one after the other."""
+    lines = [
+        f"| {first} | n | predictor | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
+        "|---|---|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    for label, block in groups:
+        for key in [key for key in titles if key in block]:
+            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
+            lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
+    return lines
+
+
 def examples_markdown(report: dict) -> str:
     """An `evaluate_examples` report's tables as Markdown."""
     lines = [f"**Warning:** {warning}.\n" for warning in report["warnings"]]
     poses = report["poses"]
     without = report["without_pose"]
     skipped = f"; {without} examples without a pose left out" if without else ""
-    lines += [
-        f"### Poses ({poses['count']} in {report['examples']} examples{skipped})",
-        "",
-        "| example kind | n | predictor | "
-        + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
-        + " |",
-        "|---|---|---|" + "---|" * len(METRIC_NAMES),
-    ]
+    lines += [f"### Poses ({poses['count']} in {report['examples']} examples{skipped})", ""]
     titles = {"model": "**model**", "tfidf": "TF-IDF retrieval", "mean_pose": "mean pose"}
-    for kind, block in poses["by_kind"].items():
-        for key in [key for key in titles if key in block]:
-            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
-            lines.append(f"| {kind} | {block['count']} | {titles[key]} | {values} |")
+    lines += _metrics_table("example kind", poses["by_kind"].items(), titles)
     lines += ["", _reduction_line("Reduction vs the mean pose (all poses)", poses), ""]
     lines += _bars_table(report["bars"])
     return "\n".join(lines) + "\n"
@@ -736,14 +742,7 @@ def markdown_summary(report: dict) -> str:
     """The report's tables as Markdown (what docs/evaluation.md shows)."""
     lines = [f"**Warning:** {warning}.\n" for warning in report.get("warnings", ())]
     text = report["text_to_pose"]
-    lines += [
-        f"### Text to pose ({report['split']} split, {text['count']} captions)",
-        "",
-        "| caption kind | n | predictor | "
-        + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
-        + " |",
-        "|---|---|---|" + "---|" * len(METRIC_NAMES),
-    ]
+    lines += [f"### Text to pose ({report['split']} split, {text['count']} captions)", ""]
     titles = {
         "model": "**model**",
         "tfidf": "TF-IDF retrieval",
@@ -751,11 +750,9 @@ def markdown_summary(report: dict) -> str:
         "action_oracle": "oracle: the action's mean pose",
         "caption_oracle": "oracle: the caption read perfectly",
     }
-    for kind, label in (("all", "all"), ("action", "action phrasing"), ("auto", "automatic")):
-        block = text["by_caption"][kind]
-        for key in [key for key in titles if key in block]:
-            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
-            lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
+    kinds = (("all", "all"), ("action", "action phrasing"), ("auto", "automatic"))
+    groups = [(label, text["by_caption"][kind]) for kind, label in kinds]
+    lines += _metrics_table("caption kind", groups, titles)
     lines += [
         "",
         _reduction_line("Reduction vs the mean pose (all captions)", text),

@@ -71,12 +71,12 @@ TICK_BUDGET_S = 0.025
 PROBE_INTERVAL_S = 1.0
 # Batch lines keyed in one pass at most: about 7 ms and a third of a millisecond a line after a
 # long animation (docs/benchmarks.md), so that a pass stays near the timer's budget. Where
-# keying is slower (lines between the keys of a long animation: 3 ms a line), the next pass
-# takes fewer (``lines_within_budget``), to key within GROUP_BUDGET_S.
+# keying is slower (lines between the keys of a long animation: 2 to 3 ms a line), the next
+# pass takes fewer (``lines_within_budget``), to key within GROUP_BUDGET_S.
 MAX_LINES_PER_GROUP = 32
 GROUP_BUDGET_S = TICK_BUDGET_S
-# Fewer lines than this in a pass save little: its fixed part stays (20 ms between the keys of
-# a long animation), and one line a pass keyed a batch ten times slower, still over budget.
+# Fewer lines than this a pass would key a long batch far slower (one line a pass: ten times)
+# for little: a pass has a fixed part too.
 MIN_LINES_PER_GROUP = 8
 
 

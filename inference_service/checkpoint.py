@@ -170,6 +170,16 @@ def work_offline() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
+def share_as_umask_allows(folder: Path) -> None:
+    """Gives every safetensors file under `folder` the mode a new file gets (0o666 less the
+    umask), as its JSON files have: safetensors 0.8 writes them 0600, so another account (the
+    animator's service, a shared folder) could not load a checkpoint written here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*.safetensors"):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`; CheckpointError naming the file when it is missing, does not
     read, or holds something else (a list read with .get fails far from the file's name)."""

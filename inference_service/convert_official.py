@@ -53,6 +53,7 @@ from inference_service.checkpoint import (
     ChatPoseConfig,
     read_json_object,
     refuse_lfs_pointers,
+    share_as_umask_allows,
     work_offline,
 )
 from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts
@@ -206,6 +207,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
             pose_orientation="camera",
             prompt_wording="release",  # its training code's questions, not the paper's
         ).save(writing)
+        share_as_umask_allows(writing)
         if writing.parent == destination:
             # chatpose.json last: a folder without it is not taken for a checkpoint.
             for entry in sorted(writing.iterdir(), key=lambda p: p.name == CONFIG_NAME):

@@ -897,7 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work_offline()  # before transformers is imported: no request to the Hub, ever
     data, fit = _data_specs(parser, args)
-    markdown = args.markdown or args.out.with_suffix(".md")
+    args.out = args.out.expanduser()  # the shell leaves `--out=~/report.json` as it is
+    markdown = (args.markdown or args.out.with_suffix(".md")).expanduser()
     # os.path.isdir: a name too long for the disk is no folder (Path's raises), and is said below.
     if args.out.suffix != ".json" or os.path.isdir(args.out):
         parser.error(f"--out: name a .json file for the report, got {args.out}")

@@ -884,7 +884,7 @@ def load_whole(checkpoint: Path):
 def write_whole(source, model, processor, out: Path) -> Path:
     """`source`'s head and settings with `model` as its whole base, written to `out` (replaced)
     through a temporary directory, so an interrupted write leaves no half checkpoint."""
-    from inference_service.checkpoint import HEAD_NAME
+    from inference_service.checkpoint import HEAD_NAME, share_as_umask_allows
 
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
@@ -896,6 +896,7 @@ def write_whole(source, model, processor, out: Path) -> Path:
     save_processor(processor, tmp / "base")
     shutil.copyfile(source.head_path, tmp / HEAD_NAME)
     dataclasses.replace(source.config, base_model="base").save(tmp)
+    share_as_umask_allows(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

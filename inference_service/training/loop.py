@@ -57,8 +57,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
-from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, ChatPoseConfig, Checkpoint
+from inference_service.checkpoint import (
+    CONFIG_NAME,
+    HEAD_NAME,
+    ChatPoseConfig,
+    Checkpoint,
+    share_as_umask_allows,
+)
 from inference_service.errors import CheckpointError
 from inference_service.modeling_chatpose import (
     apply_adapter,
@@ -167,7 +174,8 @@ class TrainConfig:
     train_base: str | None = None
 
     def __post_init__(self) -> None:
-        self.base, self.out = Path(self.base), Path(self.out)
+        # expanduser: the shell leaves `--out=~/runs` as it is.
+        self.base, self.out = Path(self.base).expanduser(), Path(self.out).expanduser()
         self.mix = tuple(float(x) for x in self.mix)
         positive = ("steps", "batch_size", "grad_accum", "lora_rank", "log_every")
         for name in positive:
@@ -842,7 +850,24 @@ def _write_checkpoint(
         **state_extra,
     }
     torch.save(state, tmp / STATE_NAME)
+    share_as_umask_allows(tmp)
     _sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
+
+
+def _copy_base(base_dir: Path, out: Path) -> None:
+    """`--copy-base`: the base model into OUT/base, whole or not at all (a partial copy of a
+    13B model would stay on a full disk)."""
+    copying = out / ".base.tmp"
+    try:
+        shutil.copytree(base_dir, copying, dirs_exist_ok=True)
+        share_as_umask_allows(copying)
+    except BaseException as exc:
+        shutil.rmtree(copying, ignore_errors=True)
+        if isinstance(exc, shutil.Error):  # one entry per file: (source, target, why)
+            source, _, why = exc.args[0][0]
+            raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
+        raise
+    os.replace(copying, out / "base")
 
 
 def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
@@ -962,6 +987,9 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> TrainResult:
     """Run (or resume) training; `examples` replaces config.data (tests, generated data)."""
     checkpoint = Checkpoint.open(config.base)
+    shows_progress = sys.stderr.isatty() if config.progress is None else config.progress
+    if not shows_progress:  # transformers' own bars too (loading, writing shards): a log file
+        hf_logging.disable_progress_bar()  # gets the lines alone
     if config.threads:
         torch.set_num_threads(config.threads)
     out = config.out
@@ -1128,8 +1156,7 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
     base_model = str(checkpoint.base_dir.resolve())
     if config.copy_base:
         if not (out / "base").exists():
-            shutil.copytree(checkpoint.base_dir, out / ".base.tmp", dirs_exist_ok=True)
-            os.replace(out / ".base.tmp", out / "base")
+            _copy_base(checkpoint.base_dir, out)
         base_model = "../base"
     state_extra = {
         "run": config.run_settings(),

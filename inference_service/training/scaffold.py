@@ -53,7 +53,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from inference_service.checkpoint import ChatPoseConfig
+from inference_service.checkpoint import ChatPoseConfig, share_as_umask_allows
 from inference_service.pose_head import PoseHead
 from inference_service.prompts import (
     LLAVA_V1,
@@ -280,6 +280,7 @@ def scaffold_checkpoint(
     model.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
     head.save(out / "pose_head.safetensors")
+    share_as_umask_allows(out)
     ChatPoseConfig(
         hidden_size=size.hidden_size,
         head_hidden_size=size.hidden_size,

@@ -504,6 +504,57 @@ def test_a_run_that_fails_to_start_leaves_out_as_it_found_it(
     assert (out / "base").is_dir() and (out / "latest").is_file()
 
 
+def test_checkpoints_can_be_read_by_the_accounts_the_umask_lets_read(base, tmp_path):
+    # safetensors 0.8 writes its files 0600: a shared folder's checkpoint served nowhere else.
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        argv = ["--base", str(base), *_write_data(tmp_path), "--steps", "1", "--lora-rank", "4"]
+        assert train_cli.main([*argv, "--out", str(out), "--copy-base", "--device", "cpu"]) == 0
+    finally:
+        os.umask(umask)
+    weights = sorted(out.rglob("*.safetensors"))
+    assert {p.relative_to(out).parts[0] for p in weights} == {"base", "step-000001"}
+    assert {oct(p.stat().st_mode & 0o777) for p in weights} == {"0o644"}
+    scaffolded = {p.stat().st_mode & 0o777 for p in base.rglob("*.safetensors")}
+    assert scaffolded == {0o666 & ~umask}  # made under the tests' own umask
+
+
+def test_a_base_copy_that_fails_leaves_nothing_and_names_the_file(
+    base, tmp_path, monkeypatch, capsys
+):
+    copytree = shutil.copytree
+
+    def disk_full(source, target, **options):
+        copytree(source, target, **options)  # most of it there, then the disk was full
+        why = "[Errno 28] No space left on device"
+        raise shutil.Error([(str(source / "model.safetensors"), str(target), why)])
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    out = tmp_path / "out"
+    argv = ["--base", str(base), *_write_data(tmp_path), "--steps", "1", "--lora-rank", "4"]
+    assert train_cli.main([*argv, "--out", str(out), "--copy-base", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--copy-base: cannot copy {base / 'base' / 'model.safetensors'} into {out}" in err
+    assert "No space left on device" in err and not (out / ".base.tmp").exists()
+
+
+def test_a_log_file_gets_no_progress_bars_of_transformers_either(base, tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(hf_logging, "disable_progress_bar", lambda: disabled.append(True))
+    disabled = []
+    argv = ["--base", str(base), *_write_data(tmp_path), "--steps", "1", "--lora-rank", "4"]
+    assert train_cli.main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert disabled  # pytest's stderr is no terminal: the loading bar would go into the log
+
+
+def test_a_home_folder_written_as_the_shell_leaves_it_is_expanded():
+    config = loop.TrainConfig(base="~/models/chatpose", out="~/runs/mine", data=[])
+    assert config.base == Path.home() / "models" / "chatpose"
+    assert config.out == Path.home() / "runs" / "mine"
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(
     base, tmp_path, monkeypatch, capsys, read_only
 ):

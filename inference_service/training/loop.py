@@ -39,6 +39,7 @@ Output directory:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -49,7 +50,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,7 @@ from inference_service.training.losses import (
 
 STATE_NAME = "training_state.pt"
 LATEST_NAME = "latest"
+LOCK_NAME = ".lock"  # held by the run that writes the folder
 LOG_NAME = "train_log.jsonl"
 DIVERGED_NAME = "diverged.json"  # in OUT while a run stopped on a NaN has not got past it
 STATE_FORMAT = 1
@@ -986,6 +988,59 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> TrainResult:
     """Run (or resume) training; `examples` replaces config.data (tests, generated data)."""
+    with _out_held(config.out):
+        return _train(config, examples)
+
+
+@contextlib.contextmanager
+def _out_held(out: Path) -> Iterator[None]:
+    """The run's hold on `out` (a lock on OUT/.lock) for as long as it runs: a second run on
+    the same --out, started before the first wrote anything (minutes of loading a 13B model),
+    would write over its checkpoints, both ending 'done'. A folder made for the hold alone is
+    removed again, as a run that fails to start leaves --out as it found it."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    if unwritable(out):  # the run's own checks say why
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_NAME, "a+b")  # noqa: SIM115 (held until the run ends)
+    except OSError:  # a file there, or no permission: the run's own checks say so
+        yield
+        return
+    try:
+        if not _try_lock(handle):
+            raise TrainingError(
+                f"{out} is in use by another training run (it holds {out / LOCK_NAME}); wait "
+                "for it to end, or choose another --out"
+            )
+        yield
+    finally:
+        handle.close()  # the lock goes with it
+        if made and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink()
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty: something else wrote there
+                    folder.rmdir()
+
+
+def _try_lock(handle) -> bool:
+    """An exclusive lock on the open file, taken now or not at all."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResult:
     checkpoint = Checkpoint.open(config.base)
     shows_progress = sys.stderr.isatty() if config.progress is None else config.progress
     if not shows_progress:  # transformers' own bars too (loading, writing shards): a log file

@@ -549,6 +549,18 @@ def test_a_log_file_gets_no_progress_bars_of_transformers_either(base, tmp_path,
     assert disabled  # pytest's stderr is no terminal: the loading bar would go into the log
 
 
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(base, tmp_path, capsys):
+    # Before the first run writes anything, the folder held nothing to tell it by.
+    out = tmp_path / "runs" / "out"
+    argv = ["--base", str(base), *_write_data(tmp_path), "--steps", "1", "--lora-rank", "4"]
+    with loop._out_held(out):  # the first run, loading its model
+        assert train_cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 2
+        assert f"{out} is in use by another training run" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [loop.LOCK_NAME]
+    assert not out.parent.exists()  # made for the hold alone: gone with it
+    assert train_cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+
+
 def test_a_home_folder_written_as_the_shell_leaves_it_is_expanded():
     config = loop.TrainConfig(base="~/models/chatpose", out="~/runs/mine", data=[])
     assert config.base == Path.home() / "models" / "chatpose"

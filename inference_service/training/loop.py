@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -1025,18 +1026,20 @@ def _out_held(out: Path) -> Iterator[None]:
 
 
 def _try_lock(handle) -> bool:
-    """An exclusive lock on the open file, taken now or not at all."""
+    """An exclusive lock on the open file, taken now; False when another process holds it. A
+    file system that cannot lock (some network ones) runs unguarded rather than refuse."""
     try:
         if os.name == "nt":
             import msvcrt
 
+            handle.seek(0)  # the byte locked: the same one for every run
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
 
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
     return True
 
 

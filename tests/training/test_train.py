@@ -4,6 +4,7 @@ exact, a NaN stops the run; plus the encoding of examples and the batch mix."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -559,6 +560,18 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(base, tmp_
         assert [p.name for p in out.iterdir()] == [loop.LOCK_NAME]
     assert not out.parent.exists()  # made for the hold alone: gone with it
     assert train_cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock is POSIX's")
+def test_a_file_system_that_cannot_lock_runs_unguarded_rather_than_refuse(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")  # an NFS mount without lockd
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with loop._out_held(tmp_path / "out"):
+        pass  # not "in use by another training run"
 
 
 def test_a_home_folder_written_as_the_shell_leaves_it_is_expanded():

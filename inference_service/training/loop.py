@@ -865,12 +865,20 @@ def _copy_base(base_dir: Path, out: Path) -> None:
         shutil.copytree(base_dir, copying, dirs_exist_ok=True)
         share_as_umask_allows(copying)
     except BaseException as exc:
-        shutil.rmtree(copying, ignore_errors=True)
+        # copytree gives each folder the source's mode, read-only ones too: made writable
+        # again, or the partial copy would stay on the full disk.
+        shutil.rmtree(copying, onerror=_removed_from_read_only_folder)
         if isinstance(exc, shutil.Error):  # one entry per file: (source, target, why)
             source, _, why = exc.args[0][0]
             raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
         raise
     os.replace(copying, out / "base")
+
+
+def _removed_from_read_only_folder(remove, path: str, _) -> None:
+    with contextlib.suppress(OSError):
+        os.chmod(os.path.dirname(path), 0o700)
+        remove(path)
 
 
 def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
@@ -997,32 +1005,52 @@ def train(config: TrainConfig, examples: Sequence[Example] | None = None) -> Tra
 def _out_held(out: Path) -> Iterator[None]:
     """The run's hold on `out` (a lock on OUT/.lock) for as long as it runs: a second run on
     the same --out, started before the first wrote anything (minutes of loading a 13B model),
-    would write over its checkpoints, both ending 'done'. A folder made for the hold alone is
-    removed again, as a run that fails to start leaves --out as it found it."""
+    would write over its checkpoints, both ending 'done'. The lock file goes at the end, and
+    folders made for the hold go if the run left them empty, as a run that fails to start
+    leaves --out as it found it."""
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     if unwritable(out):  # the run's own checks say why
         yield
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_NAME, "a+b")  # noqa: SIM115 (held until the run ends)
+        handle = _locked_file(out / LOCK_NAME)
     except OSError:  # a file there, or no permission: the run's own checks say so
         yield
         return
+    if handle is None:  # nothing here is ours to clean up
+        raise TrainingError(
+            f"{out} is in use by another training run (it holds {out / LOCK_NAME}); wait for "
+            "it to end, or choose another --out"
+        )
     try:
-        if not _try_lock(handle):
-            raise TrainingError(
-                f"{out} is in use by another training run (it holds {out / LOCK_NAME}); wait "
-                "for it to end, or choose another --out"
-            )
         yield
     finally:
-        handle.close()  # the lock goes with it
-        if made and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+        with contextlib.suppress(OSError):  # while held: no run opens it meanwhile
             (out / LOCK_NAME).unlink()
-            for folder in made:
-                with contextlib.suppress(OSError):  # not empty: something else wrote there
-                    folder.rmdir()
+        handle.close()
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: the run's, or someone else's
+                folder.rmdir()
+
+
+def _locked_file(path: Path):
+    """`path` opened and locked, or None when another run holds it. A file another run
+    removed, ending, while this one waited to lock it is no lock: opened afresh (a few times
+    at most; a file system without steady inode numbers keeps the last)."""
+    for attempt in range(10):
+        handle = open(path, "a+b")  # noqa: SIM115 (held until the run ends)
+        if not _try_lock(handle):
+            handle.close()
+            return None
+        try:
+            named = os.stat(path).st_ino
+        except FileNotFoundError:
+            named = None
+        if named == os.fstat(handle.fileno()).st_ino or attempt == 9:
+            return handle
+        handle.close()
+    return None
 
 
 def _try_lock(handle) -> bool:

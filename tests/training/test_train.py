@@ -560,6 +560,30 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(base, tmp_
         assert [p.name for p in out.iterdir()] == [loop.LOCK_NAME]
     assert not out.parent.exists()  # made for the hold alone: gone with it
     assert train_cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    assert not (out / loop.LOCK_NAME).exists()  # the run's folder as it left it
+    mine = tmp_path / "mine"
+    mine.mkdir()  # the user's own folder: a run that fails to start leaves it as it was
+    assert train_cli.main(["--base", str(tmp_path / "nowhere"), *argv[2:], "--out", str(mine)]) == 2
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_a_lock_file_removed_while_waiting_for_it_is_taken_afresh(tmp_path, monkeypatch):
+    path = tmp_path / loop.LOCK_NAME
+    first = loop._locked_file(path)
+    try_lock = loop._try_lock
+
+    def the_first_run_ends(handle):  # between this run's open and its lock
+        if first is not None and not first.closed:
+            path.unlink()
+            first.close()
+        return try_lock(handle)
+
+    monkeypatch.setattr(loop, "_try_lock", the_first_run_ends)
+    second = loop._locked_file(path)
+    assert os.fstat(second.fileno()).st_ino == os.stat(path).st_ino  # the file now named so
+    monkeypatch.undo()
+    assert loop._locked_file(path) is None  # held: a third run is refused
+    second.close()
 
 
 @pytest.mark.skipif(os.name == "nt", reason="flock is POSIX's")

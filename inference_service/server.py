@@ -134,6 +134,36 @@ class CurveKeys:
         return public, secret
 
 
+class AuthorizedClients:
+    """The clients' public keys, read again whenever the folder changes, so that a client
+    added (or revoked) while the service runs is let in (or refused) at its next connection,
+    with no restart. pyzmq's authenticator asks `callback` at each CURVE handshake, in its own
+    thread; a refusal is logged, which the client's own message alone would not tell the TD."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stamp: tuple | None = None
+        self._keys: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.folder.iterdir()))
+            if stamp != self._stamp:
+                self._keys = set(zmq.auth.load_certificates(self.folder))
+                self._stamp = stamp
+        except (OSError, ValueError) as exc:  # mid-edit, say: the keys read last still hold
+            log.warning("cannot read the authorized clients in %s (%s)", self.folder, exc)
+        allowed = key in self._keys
+        if not allowed:
+            log.warning(
+                "refused a client whose key (%s...) is not among the authorized clients in %s",
+                key[:8].decode("ascii", "replace"),
+                self.folder,
+                extra={"event": "client_refused"},
+            )
+        return allowed
+
+
 def _is_curve_key(key: bytes) -> bool:
     try:
         return len(z85.decode(key)) == 32
@@ -317,7 +347,8 @@ class Server:
         public, secret = curve.load()
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
-        self._authenticator.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
+        clients = AuthorizedClients(curve.authorized_clients_dir)
+        self._authenticator.configure_curve_callback(domain="*", credentials_provider=clients)
         self._router.curve_secretkey = secret
         self._router.curve_publickey = public
         self._router.curve_server = True

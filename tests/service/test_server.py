@@ -766,6 +766,34 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
         served.stop()
 
 
+def test_clients_added_or_revoked_while_the_service_runs_count_from_their_next_connection(
+    backend, tmp_path, caplog
+):
+    make_keys(tmp_path, ["animator"])
+    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
+    served = Running(backend, curve=curve)
+
+    def status(name: str) -> object:
+        keys = ClientCurveKeys(tmp_path / f"{name}.key_secret", tmp_path / "server.key")
+        with served.client(curve=keys) as client:
+            try:
+                return client.request(StatusRequest(client.new_id()), timeout_s=2.0)
+            except ProtocolError as exc:
+                return exc
+
+    try:
+        assert isinstance(status("animator"), StatusReply)
+        make_keys(tmp_path, ["lighter"])  # no restart: the new one is let in
+        assert isinstance(status("lighter"), StatusReply)
+        (tmp_path / "authorized_clients" / "animator.key").unlink()  # revoked
+        refused = status("animator")
+        assert isinstance(refused, ProtocolError)
+        assert "not among the service's authorized clients" in str(refused)
+        assert "refused a client whose key" in caplog.text  # the TD's log says so too
+    finally:
+        served.stop()
+
+
 class SlowScripted(ScriptedBackend):
     """A millisecond an item, as a model takes some time: on an idle machine the scripted
     model answered all 256 items before a cancel could arrive, and nothing was tested."""

@@ -131,6 +131,11 @@ class CurveKeys:
                 f"--curve-clients: {clients} holds no client public key (*.key), so every client "
                 "would be refused"
             )
+        if any(clients.glob("*.key_secret")) or set(authorised) == {public}:
+            raise ServerConfigError(
+                f"--curve-clients: {clients} is the keys' own folder (it holds secret keys, or "
+                f"only the server's key): give {clients / 'authorized_clients'}"
+            )
         return public, secret
 
 

@@ -243,6 +243,8 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
         ("server.key_secret", "empty", "holds no client public key"),
         ("short.key_secret", "authorized_clients", "not 40 Z85 characters"),
         ("server.key_secret", "junk_clients", "holds a .key file that is not a CURVE key"),
+        # The keys' folder itself: only the server's own public key, so every client refused.
+        ("server.key_secret", ".", "is the keys' own folder (it holds secret keys, or only"),
     ],
 )
 def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret, clients, message):

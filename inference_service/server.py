@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import re
 import socket
@@ -102,7 +103,7 @@ class CurveKeys:
         secret_file, clients = self.server_secret_file, self.authorized_clients_dir
         try:
             public, secret = zmq.auth.load_certificate(secret_file)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, IndexError) as exc:
             raise ServerConfigError(
                 f"--curve-secret-key: {secret_file} is not a readable CURVE key file ({exc}); "
                 "make keys with python -m inference_service.keys DIR"
@@ -122,7 +123,7 @@ class CurveKeys:
             )
         try:
             authorised = zmq.auth.load_certificates(clients)  # as the authenticator reads it
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, IndexError) as exc:  # pyzmq's own: a line without "="
             raise ServerConfigError(
                 f"--curve-clients: {clients} holds a .key file that is not a CURVE key ({exc})"
             ) from None
@@ -131,42 +132,94 @@ class CurveKeys:
                 f"--curve-clients: {clients} holds no client public key (*.key), so every client "
                 "would be refused"
             )
-        if any(clients.glob("*.key_secret")) or set(authorised) == {public}:
+        secrets = sorted(path.name for path in clients.glob("*.key_secret"))
+        if secrets:
             raise ServerConfigError(
-                f"--curve-clients: {clients} is the keys' own folder (it holds secret keys, or "
-                f"only the server's key): give {clients / 'authorized_clients'}"
+                f"--curve-clients: {clients} holds secret keys ({', '.join(secrets[:3])}): it "
+                "is for the clients' public .key files alone (python -m inference_service.keys "
+                "makes DIR/authorized_clients); move the secret keys out"
+            )
+        if set(authorised) == {public}:
+            raise ServerConfigError(
+                f"--curve-clients: {clients} holds only the server's own public key, so every "
+                "client would be refused: give the folder of the clients' keys "
+                "(DIR/authorized_clients)"
             )
         return public, secret
 
 
 class AuthorizedClients:
-    """The clients' public keys, read again whenever the folder changes, so that a client
-    added (or revoked) while the service runs is let in (or refused) at its next connection,
-    with no restart. pyzmq's authenticator asks `callback` at each CURVE handshake, in its own
-    thread; a refusal is logged, which the client's own message alone would not tell the TD."""
+    """The clients' public keys, read again as the folder changes, so that a client added (or
+    revoked) while the service runs is let in (or refused) at its next connection, with no
+    restart. pyzmq's authenticator asks `callback` at each CURVE handshake, in its own thread,
+    which an exception would end (and every handshake after it with "no service"): nothing
+    escapes. Each `NAME.key` is read on its own: one being copied in keeps the key it had (none
+    if new), a name gone takes its key with it. Refusals are logged, at most one line per
+    REFUSALS_LOGGED_EVERY_S with their count: anyone who reaches the port can knock."""
+
+    REFUSALS_LOGGED_EVERY_S = 10.0
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._stamp: tuple | None = None
-        self._keys: set[bytes] = set()
+        self._files: dict[str, tuple[tuple, bytes | None]] = {}  # name: (stat stamp, key)
+        self._refused, self._said_at = 0, -math.inf
+        self._said: str | None = None  # the last problem logged, said once
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
-            stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.folder.iterdir()))
-            if stamp != self._stamp:
-                self._keys = set(zmq.auth.load_certificates(self.folder))
-                self._stamp = stamp
-        except (OSError, ValueError) as exc:  # mid-edit, say: the keys read last still hold
-            log.warning("cannot read the authorized clients in %s (%s)", self.folder, exc)
-        allowed = key in self._keys
-        if not allowed:
-            log.warning(
-                "refused a client whose key (%s...) is not among the authorized clients in %s",
-                key[:8].decode("ascii", "replace"),
-                self.folder,
-                extra={"event": "client_refused"},
-            )
-        return allowed
+            self._read_changes()
+            allowed = key in {known for _, known in self._files.values()}
+            if not allowed:
+                self._log_refusal(key)
+            return allowed
+        except Exception:  # noqa: BLE001 (a bug here must not end the authenticator)
+            log.exception("checking a client's key failed; it is refused")
+            return False
+
+    def _read_changes(self) -> None:
+        try:
+            entries = [e for e in os.scandir(self.folder) if e.name.endswith(".key")]
+        except OSError as exc:  # the folder gone or renamed: the keys read last still hold
+            self._say_once(f"cannot list the authorized clients in {self.folder} ({exc})")
+            return
+        files = {}
+        for entry in entries:
+            try:
+                info = entry.stat()  # a link's target: a link left dangling is no key
+            except OSError:
+                continue
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            known = self._files.get(entry.name)
+            if known is not None and known[0] == stamp:
+                files[entry.name] = known
+                continue
+            try:
+                key = zmq.auth.load_certificate(entry.path)[0]
+            except Exception as exc:  # noqa: BLE001 (half copied: pyzmq raises IndexError too)
+                key = known[1] if known is not None else None
+                self._say_once(f"{entry.path} is not a readable CURVE key ({exc!r})")
+            files[entry.name] = (stamp, key)
+        self._files = files
+
+    def _say_once(self, text: str) -> None:
+        if text != self._said:
+            log.warning(text, extra={"event": "clients_unreadable"})
+            self._said = text
+
+    def _log_refusal(self, key: bytes) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._said_at < self.REFUSALS_LOGGED_EVERY_S:
+            return
+        log.warning(
+            "refused %d client handshake(s) with a key not among the authorized clients in %s "
+            "(the last: %s...)",
+            self._refused,
+            self.folder,
+            key[:8].decode("ascii", "replace"),
+            extra={"event": "client_refused"},
+        )
+        self._refused, self._said_at = 0, now
 
 
 def _is_curve_key(key: bytes) -> bool:

@@ -1012,12 +1012,18 @@ def _out_held(out: Path) -> Iterator[None]:
     if unwritable(out):  # the run's own checks say why
         yield
         return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = _locked_file(out / LOCK_NAME)
-    except OSError:  # a file there, or no permission: the run's own checks say so
-        yield
-        return
+    for _ in range(3):  # a run ending meanwhile may take a folder it made away: made again
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = _locked_file(out / LOCK_NAME)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError:  # a file there, or no permission: the run's own checks say so
+            yield
+            return
+    else:
+        raise TrainingError(f"--out: {out} keeps disappearing; is another run removing it?")
     if handle is None:  # nothing here is ours to clean up
         raise TrainingError(
             f"{out} is in use by another training run (it holds {out / LOCK_NAME}); wait for "
@@ -1026,7 +1032,9 @@ def _out_held(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):  # while held: no run opens it meanwhile
+        if os.name == "nt":  # Windows deletes no file open here: closed first (and no other
+            handle.close()  # run finds it deleted under it: Windows deletes none open there)
+        with contextlib.suppress(OSError):  # while held elsewhere: no run opens it meanwhile
             (out / LOCK_NAME).unlink()
         handle.close()
         for folder in made:

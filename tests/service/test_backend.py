@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,7 +245,8 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
         ("short.key_secret", "authorized_clients", "not 40 Z85 characters"),
         ("server.key_secret", "junk_clients", "holds a .key file that is not a CURVE key"),
         # The keys' folder itself: only the server's own public key, so every client refused.
-        ("server.key_secret", ".", "is the keys' own folder (it holds secret keys, or only"),
+        ("server.key_secret", ".", "holds secret keys (animator.key_secret, garbage.key_secret"),
+        ("server.key_secret", "own", "holds only the server's own public key, so every client"),
     ],
 )
 def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret, clients, message):
@@ -254,6 +256,8 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
     (tmp_path / "short.key_secret").write_text(
         'curve\n    public-key = "abcde"\n    secret-key = "fghij"\n'
     )
+    (tmp_path / "own").mkdir()
+    shutil.copy(tmp_path / "server.key", tmp_path / "own")
     (tmp_path / "junk_clients").mkdir()
     (tmp_path / "junk_clients" / "bob.key").write_text("not a key")
     argv = [

@@ -567,6 +567,23 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(base, tmp_
     assert mine.is_dir() and list(mine.iterdir()) == []
 
 
+def test_a_folder_another_run_removed_meanwhile_is_made_again_and_held(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    locked_file = loop._locked_file
+    gone = []
+
+    def the_other_run_ended(path):  # it made the folder, and removed it ending
+        if not gone:
+            gone.append(path)
+            path.parent.rmdir()
+        return locked_file(path)
+
+    monkeypatch.setattr(loop, "_locked_file", the_other_run_ended)
+    with loop._out_held(out):
+        assert locked_file(out / loop.LOCK_NAME) is None  # held: not run unguarded
+    assert gone and not out.exists()
+
+
 def test_a_lock_file_removed_while_waiting_for_it_is_taken_afresh(tmp_path, monkeypatch):
     path = tmp_path / loop.LOCK_NAME
     first = loop._locked_file(path)

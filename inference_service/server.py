@@ -340,6 +340,7 @@ class Server:
         self._stop = threading.Event()
         self._context = zmq.Context()
         self._authenticator: ThreadAuthenticator | None = None
+        self._clients: AuthorizedClients | None = None  # with CURVE keys
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not drops
         self._router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
@@ -405,8 +406,8 @@ class Server:
         public, secret = curve.load()
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
-        clients = AuthorizedClients(curve.authorized_clients_dir)
-        self._authenticator.configure_curve_callback(domain="*", credentials_provider=clients)
+        self._clients = AuthorizedClients(curve.authorized_clients_dir)
+        self._authenticator.configure_curve_callback(domain="*", credentials_provider=self._clients)
         self._router.curve_secretkey = secret
         self._router.curve_publickey = public
         self._router.curve_server = True
@@ -618,8 +619,15 @@ class Server:
                 "address": self.address,
                 "model": info.model,
                 "device": info.device,
+                **self._curve_fields(),
             },
         )
+
+    def _curve_fields(self) -> dict:
+        """For the TD's log: whether clients need keys, and which folder lets them in."""
+        if self._clients is None:
+            return {"curve": False}
+        return {"curve": True, "authorized_clients": str(self._clients.folder)}
 
     def serve_forever(self) -> None:
         """Serves until `stop()`; then finishes in-flight work and closes everything."""
@@ -631,7 +639,7 @@ class Server:
             else:
                 log.info(
                     "listening; requests are answered busy until the model has loaded",
-                    extra={"event": "listening", "address": self.address},
+                    extra={"event": "listening", "address": self.address, **self._curve_fields()},
                 )
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)

@@ -769,6 +769,7 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
 def test_clients_added_or_revoked_while_the_service_runs_count_from_their_next_connection(
     backend, tmp_path, caplog
 ):
+    caplog.set_level("INFO", logger="inference_service.server")
     make_keys(tmp_path, ["animator"])
     curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
     served = Running(backend, curve=curve)
@@ -784,6 +785,9 @@ def test_clients_added_or_revoked_while_the_service_runs_count_from_their_next_c
     clients = tmp_path / "authorized_clients"
     try:
         assert isinstance(status("animator"), StatusReply)
+        # The TD's log says, as it starts, that clients need keys, and which folder lets them in.
+        (start,) = [r for r in caplog.records if getattr(r, "event", None) == "start"]
+        assert start.curve is True and start.authorized_clients == str(clients)
         make_keys(tmp_path, ["lighter"])  # no restart: the new one is let in
         assert isinstance(status("lighter"), StatusReply)
         # A key being copied in (pyzmq's reader raises IndexError on it) ends nothing: the

@@ -1032,10 +1032,10 @@ def _out_held(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if os.name == "nt":  # Windows deletes no file open here: closed first (and no other
-            handle.close()  # run finds it deleted under it: Windows deletes none open there)
-        with contextlib.suppress(OSError):  # while held elsewhere: no run opens it meanwhile
-            (out / LOCK_NAME).unlink()
+        if os.name == "nt":  # Windows deletes no open file, so it is closed first there
+            handle.close()
+        with contextlib.suppress(OSError):  # elsewhere while still locked: no run locks it
+            (out / LOCK_NAME).unlink()  # between the unlock and the unlink
         handle.close()
         for folder in made:
             with contextlib.suppress(OSError):  # not empty: the run's, or someone else's

@@ -451,12 +451,11 @@ def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray
             parts.append(value.reshape(count, joints * 3).astype(np.float64))
         elif value.shape in matrix_shapes:
             matrices = value.reshape(count, joints, 3, 3).astype(np.float64)
-            if not np.isfinite(matrices).all():
-                raise DatasetError(f"{path}: '{key}' contains NaN or infinity")
             try:
                 parts.append(matrix_to_axis_angle(matrices).reshape(count, joints * 3))
-            except ValueError as exc:  # not rotations
-                raise DatasetError(f"{path}: '{key}': {exc}") from None
+            except ValueError:  # NaN, or not rotations: name the first such frame
+                frame, exc = _first_bad_rotation(matrices)
+                raise DatasetError(f"{path}: frame {frame}: '{key}': {exc}") from None
         else:
             raise DatasetError(
                 f"{path}: '{key}' must have shape (N, {joints * 3}), (N, {joints}, 3) or "
@@ -467,6 +466,16 @@ def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray
             f"{path}: 'global_orient' has {len(parts[0])} frames, 'body_pose' {len(parts[1])}"
         )
     return np.concatenate(parts, axis=1)
+
+
+def _first_bad_rotation(matrices: np.ndarray) -> tuple[int, ValueError]:
+    """The first frame of (N, J, 3, 3) `matrices` that `matrix_to_axis_angle` refuses, and why."""
+    for frame, frame_matrices in enumerate(matrices):
+        try:
+            matrix_to_axis_angle(frame_matrices)
+        except ValueError as exc:
+            return frame, exc
+    raise AssertionError("every frame converts one by one but not all together")
 
 
 def _string_array(
@@ -656,7 +665,7 @@ def _in_body_frame(poses: np.ndarray, z_up: bool | None, path: Path) -> np.ndarr
     """(N, 24, 3) poses of a file in the SMPL body frame: turned upright with `z_up`; with
     `z_up` unsaid, DatasetError when most bodies stand along +Z, which would train every
     pose lying down."""
-    if z_up is None and _mostly_upright_along_z(poses):
+    if z_up is None and _mostly_up_along(poses, WORLD_UP_Z):
         raise DatasetError(
             f"{path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
             "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
@@ -665,10 +674,15 @@ def _in_body_frame(poses: np.ndarray, z_up: bool | None, path: Path) -> np.ndarr
     return z_up_to_y_up_zero_yaw(poses) if z_up and len(poses) else poses
 
 
-def _mostly_upright_along_z(axis_angle: np.ndarray) -> bool:
-    """Whether most bodies' up axis (the pelvis frame's +Y) is within 45° of the world's +Z."""
+# Where a body's up axis points when it stands in AMASS's Z-up world, and in HMR's camera frame.
+WORLD_UP_Z = np.array([0.0, 0.0, 1.0])
+CAMERA_UP = np.array([0.0, -1.0, 0.0])
+
+
+def _mostly_up_along(axis_angle: np.ndarray, direction: np.ndarray) -> bool:
+    """Whether most bodies' up axis (the pelvis frame's +Y) is within 45° of `direction`."""
     up = axis_angle_to_matrix(axis_angle[:, 0])[:, :, 1]
-    return bool(np.mean(up[:, 2] > np.sqrt(0.5)) > 0.5)
+    return bool(np.mean(up @ direction > np.sqrt(0.5)) > 0.5)
 
 
 # --- PoseScript's release: poses by reference into AMASS ----------------------------------------
@@ -901,7 +915,8 @@ def read_image_pose_pairs(
     `imgname`), one per frame, relative to `images` (default: the .npz's folder).
     `camera_frame`: the global orientations are in HMR's camera frame (+Y down), as in
     HMR-style data; they are turned into the upright one (`camera_to_upright`). None (not
-    said): as stored, with a note for SPIN's and 4DHumans' layouts, which are in that frame.
+    said): as stored, with a note for SPIN's and 4DHumans' layouts, which are in that frame;
+    DatasetError when most bodies stand upside down, as people in that frame do.
     `crop`: HMR-style data's boxes, `center` (N, 2) in pixels and `scale` (N,) or (N, 2),
     are applied: each image is cropped to the square around `center` whose side is the
     larger `scale`, read in `BOX_UNITS` (hmr: the side / 200, as SPIN's files; pixels, as
@@ -912,15 +927,6 @@ def read_image_pose_pairs(
     folder = Path(images) if images is not None else poses_path.parent
     arrays = _read_npz(poses_path)
     pose_array = read_pose_array(poses_path, arrays)
-    if camera_frame:
-        pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
-    elif camera_frame is None and (_four_d_humans_layout(arrays) or "pose" in arrays):
-        print(
-            f"note: {poses_path}: SPIN's and 4DHumans' files hold the global orientation in the "
-            "camera's frame (+Y down): frame=camera turns it upright; frame=upright keeps it "
-            "as it is and silences this",
-            file=sys.stderr,
-        )
     key = "images" if "images" in arrays or "imgname" not in arrays else "imgname"
     if key not in arrays:
         raise DatasetError(
@@ -943,6 +949,22 @@ def read_image_pose_pairs(
                 f"without a pose ({flag} 0)",
                 file=sys.stderr,
             )
+    if camera_frame:
+        pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
+    elif camera_frame is None and len(rows) and _mostly_up_along(pose_array[rows], CAMERA_UP):
+        raise DatasetError(
+            f"{poses_path}: most bodies stand upside down (their up axis along -Y), as people "
+            "do in HMR's camera frame (+Y down, SPIN's and 4DHumans' files and HMR 2.0's "
+            "output); add frame=camera to turn them upright, or frame=upright if they are "
+            "meant so"
+        )
+    elif camera_frame is None and (_four_d_humans_layout(arrays) or "pose" in arrays):
+        print(
+            f"note: {poses_path}: SPIN's and 4DHumans' files hold the global orientation in the "
+            "camera's frame (+Y down): frame=camera turns it upright; frame=upright keeps it "
+            "as it is and silences this",
+            file=sys.stderr,
+        )
     rows = rows[:limit]
     units = box_units(arrays, crop)
     boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)

@@ -351,6 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an AMASS-layout .npz; optional arrays: names (N,) file names, views (N, 4) yaw, "
         "pitch, distance scale, background of each camera",
     )
+    parser.add_argument(
+        "--z-up",
+        action=argparse.BooleanOptionalAction,
+        help="--poses stand along +Z, as AMASS's files and the motions chatpose exports: turn "
+        "them upright (--no-z-up: they are meant so); a file mostly standing along +Z is "
+        "refused unless one is given",
+    )
     parser.add_argument("--split", default="train", help="corpus split (default train)")
     parser.add_argument("--count", type=positive_int, help="at most this many records of the split")
     parser.add_argument("--seed", type=int, default=0, help="seeds the cameras")
@@ -367,10 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             poses, actions, ids = corpus_selection(args.corpus, args.split, args.count)
             names, split = None, [args.split] * len(poses)
         else:
-            from inference_service.training.datasets import _read_npz, read_pose_array
+            from inference_service.training.datasets import (
+                _in_body_frame,
+                _read_npz,
+                read_pose_array,
+            )
 
             arrays = _read_npz(args.poses)
-            poses = read_pose_array(args.poses, arrays)
+            poses = _in_body_frame(read_pose_array(args.poses, arrays), args.z_up, args.poses)
             if args.count is not None:
                 poses = poses[: args.count]
             if "names" in arrays and arrays["names"].ndim != 1:

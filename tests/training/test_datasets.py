@@ -444,8 +444,15 @@ def test_hmr_style_pairs_smpl_parameters_imgname_and_the_camera_frame(tmp_path):
     with pytest.raises(DatasetError, match="'global_orient' has 2 frames, 'body_pose' 3"):
         read_image_pose_pairs(path)
     np.savez(path, global_orient=POSES[:2, 0], body_pose=np.ones((2, 23, 3, 3)))
-    with pytest.raises(DatasetError, match="'body_pose': .*not a rotation matrix"):
+    with pytest.raises(DatasetError, match="frame 0: 'body_pose': .*not a rotation matrix"):
         read_image_pose_pairs(path)
+    # One bad frame among many is named, as in the axis-angle layouts.
+    matrices = np.tile(np.eye(3), (6, 1, 1, 1))
+    for bad, message in ((np.zeros((3, 3)), "not a rotation matrix"), (np.nan, "NaN or inf")):
+        matrices[4] = bad
+        np.savez(path, global_orient=matrices, body_pose=np.tile(np.eye(3), (6, 23, 1, 1)))
+        with pytest.raises(DatasetError, match=f"frame 4: 'global_orient': .*{message}"):
+            read_image_pose_pairs(path)
     with pytest.raises(ValueError, match="frame= takes upright or camera, not 'world'"):
         parse_data_spec(["pairs", str(path), "frame=world"])
 
@@ -973,3 +980,28 @@ def test_parse_and_load_data_specs(tmp_path):
     bad = parse_data_spec(["posescript", str(captions), f"poses={poses}", "phrasing=fancy"])
     with pytest.raises(DatasetError, match="phrasing must be one of"):
         load_data(bad)
+
+
+def test_pairs_standing_upside_down_need_frame_said(tmp_path):
+    # HMR 2.0's output is in the camera's frame (+Y down) in the plain global_orient/body_pose
+    # layout: read as upright, every target would be upside down, with nothing said.
+    (tmp_path / "a.png").write_bytes(png())
+    in_camera = np.stack([camera_to_upright(pose[0]) for pose in POSES[:3]])
+    path = tmp_path / "hmr2.npz"
+    np.savez(
+        path,
+        global_orient=axis_angle_to_matrix(in_camera)[:, None],
+        body_pose=axis_angle_to_matrix(POSES[:3, 1:]),
+        imgname=np.array(["a.png"] * 3),
+    )
+    with pytest.raises(DatasetError, match="most bodies stand upside down.*frame=camera"):
+        load_data(parse_data_spec(["pairs", str(path)]))
+    upright = load_data(parse_data_spec(["pairs", str(path), "frame=camera"]))
+    for example, pose in zip(upright, POSES[:3], strict=True):
+        np.testing.assert_allclose(
+            axis_angle_to_matrix(example.pose[0]), axis_angle_to_matrix(pose[0]), atol=1e-9
+        )
+    as_stored = load_data(parse_data_spec(["pairs", str(path), "frame=upright"]))
+    np.testing.assert_allclose(
+        axis_angle_to_matrix(as_stored[0].pose[0]), axis_angle_to_matrix(in_camera[0]), atol=1e-9
+    )

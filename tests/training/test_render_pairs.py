@@ -135,3 +135,28 @@ def test_a_poses_file_whose_names_or_views_do_not_fit_is_refused_first(tmp_path,
         main([str(out), "--poses", str(tmp_path / "bad_views.npz"), "--size", "0"])
     assert info.value.code == 2
     assert "--size: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_a_poses_file_standing_along_z_is_refused_unless_z_up_says_what_it_is(
+    tmp_path, capsys, monkeypatch
+):
+    # AMASS's files and the motions chatpose exports stand along +Z: rendered as stored, the
+    # mannequin would lie on its back in every picture, and its pose with it.
+    from inference_service.training import render_pairs as module
+
+    rendered = []
+    monkeypatch.setattr(
+        module, "render_pairs", lambda poses, out, **_: rendered.append(poses) or out / "p.npz"
+    )
+    poses = np.zeros((2, 24, 3))
+    poses[:, 0] = (np.pi / 2, 0.0, 0.0)  # the body's up axis turned from +Y to +Z
+    np.savez(tmp_path / "amass.npz", poses=poses.reshape(2, 72))
+    args = [str(tmp_path / "out"), "--poses", str(tmp_path / "amass.npz")]
+    assert module.main(args) == 2
+    assert "most bodies stand along +Z" in capsys.readouterr().err
+    assert not rendered
+    assert module.main([*args, "--z-up"]) == 0
+    up = axis_angle_to_matrix(rendered[0][:, 0])[:, :, 1]
+    np.testing.assert_allclose(up, [[0.0, 1.0, 0.0]] * 2, atol=1e-9)
+    assert module.main([*args, "--no-z-up"]) == 0
+    np.testing.assert_allclose(rendered[1], poses)

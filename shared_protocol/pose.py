@@ -265,8 +265,12 @@ class Motion:
         object.__setattr__(self, "fps", float(self.fps))
         if self.gender not in GENDERS:
             raise ValueError(f"gender: expected one of {GENDERS}, got {self.gender!r}")
-        betas_len = np.shape(self.betas)[0] if np.ndim(self.betas) == 1 else -1
-        object.__setattr__(self, "betas", _finite_array(self.betas, "betas", (betas_len,)))
+        if np.ndim(self.betas) != 1:
+            raise ValueError(
+                f"betas: expected one row of shape coefficients, got shape {np.shape(self.betas)}"
+            )
+        betas = _finite_array(self.betas, "betas", np.shape(self.betas))
+        object.__setattr__(self, "betas", betas)
         if self.labels is not None:
             labels = tuple(self.labels)
             if len(labels) != frames or not all(isinstance(x, str) for x in labels):
@@ -354,13 +358,17 @@ class Motion:
         bad entry. `trans` is read for the body of `rest_joints` (`amass_trans_offset`), or for
         the one a file written here names (its `trans_offset`): its J0, unturned in `trans`,
         would otherwise move the body across the floor by the difference between the two
-        bodies' pelvises (22 cm between the built-in skeleton's and SMPL's)."""
+        bodies' pelvises (22 cm between the built-in skeleton's and SMPL's). A file without
+        `trans` says nothing of where the body is: its pelvis stays at rest, as in the body
+        frame (taking its `trans` as zero in AMASS's would sink the body into the floor)."""
         try:
             with open_npz(path) as data:
                 arrays = {k: npz_member(data, k) for k in _MOTION_KEYS if k in data}
                 motion = cls._from_arrays(arrays)
             if not z_up:
                 return motion
+            if "trans" not in arrays:
+                return motion.turned(Z_UP_FROM_SMPL.T)
             written_for = arrays.get("trans_offset")
             if written_for is None:
                 written_for = amass_trans_offset(rest_joints)
@@ -391,14 +399,21 @@ class Motion:
             raise ValueError("mocap_framerate: missing")
         if arrays[fps_key].size != 1 or arrays[fps_key].dtype.kind not in "iuf":
             raise ValueError(f"{fps_key}: expected one number")
-        return cls(
-            axis_angle=poses[:, :72].reshape(frames, NUM_JOINTS, 3),
-            translation=arrays.get("trans", np.zeros((frames, 3))),
-            fps=float(arrays[fps_key].item()),
-            gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
-            betas=_betas(arrays.get("betas", np.zeros(10)), written_here="smpl_hands" in arrays),
-            labels=_labels(arrays["labels"]) if "labels" in arrays else None,
-        )
+        try:
+            return cls(
+                axis_angle=poses[:, :72].reshape(frames, NUM_JOINTS, 3),
+                translation=arrays.get("trans", np.zeros((frames, 3))),
+                fps=float(arrays[fps_key].item()),
+                gender=_text(arrays.get("gender", np.array("neutral")), "gender"),
+                betas=_betas(
+                    arrays.get("betas", np.zeros(10)), written_here="smpl_hands" in arrays
+                ),
+                labels=_labels(arrays["labels"]) if "labels" in arrays else None,
+            )
+        except ValueError as exc:  # named by the file's keys, not the Motion's fields
+            field_name, _, why = str(exc).partition(":")
+            key = {"axis_angle": "poses", "translation": "trans", "fps": fps_key}
+            raise ValueError(f"{key.get(field_name, field_name)}:{why}") from None
 
 
 def smpl_poses(poses: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -311,6 +311,19 @@ def test_motion_without_labels_or_translation():
     assert [p.label for p in motion.poses()] == [None, None]
 
 
+def test_a_z_up_file_without_trans_keeps_the_pelvis_at_rest(tmp_path):
+    # PoseScript-style pose sets and other tools' exports hold poses only: read as a zero
+    # AMASS translation, the body would sink by its pelvis height into the floor.
+    motion = Motion.from_poses([Pose(np.zeros((24, 3))), Pose(np.ones((24, 3)) * 0.1)])
+    motion.save_npz(tmp_path / "full.npz")
+    with np.load(tmp_path / "full.npz") as data:
+        np.savez(tmp_path / "poses_only.npz", poses=data["poses"], mocap_framerate=30.0)
+    loaded = Motion.load_npz(tmp_path / "poses_only.npz")
+    # (SMPL's hands are at rest without the smpl_hands this project writes.)
+    np.testing.assert_allclose(loaded.axis_angle[:, :22], motion.axis_angle[:, :22], atol=1e-9)
+    np.testing.assert_array_equal(loaded.translation, np.zeros((2, 3)))
+
+
 def test_motion_empty_round_trip(tmp_path):
     Motion.from_poses([]).save_npz(tmp_path / "empty.npz")
     assert len(Motion.load_npz(tmp_path / "empty.npz")) == 0
@@ -358,11 +371,12 @@ def test_motion_reads_real_amass_variants(tmp_path):
         ({"poses": np.zeros((2, 66)), "mocap_framerate": 30.0}, r"poses: expected shape \(N, 72\)"),
         ({"poses": np.zeros((2, 72))}, "mocap_framerate: missing"),
         ({"poses": np.zeros((2, 72)), "mocap_framerate": np.zeros(3)}, "expected one number"),
-        ({"poses": np.zeros((2, 72)), "mocap_framerate": -1.0}, "fps: expected a frame rate"),
-        ({"poses": np.full((2, 72), np.nan), "mocap_framerate": 30.0}, "axis_angle: contains"),
+        ({"poses": np.zeros((2, 72)), "mocap_framerate": -1.0}, "mocap_framerate: expected a"),
+        ({"poses": np.zeros((2, 72)), "mocap_frame_rate": 0.0}, "mocap_frame_rate: expected a"),
+        ({"poses": np.full((2, 72), np.nan), "mocap_framerate": 30.0}, "poses: contains NaN"),
         (
             {"poses": np.zeros((2, 72)), "trans": np.zeros((3, 3)), "mocap_framerate": 30.0},
-            r"translation: expected shape \(2, 3\)",
+            r"trans: expected shape \(2, 3\)",
         ),
         (
             {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "gender": np.array("robot")},
@@ -510,7 +524,7 @@ def test_the_largest_allowed_values_round_trip(tmp_path):
         ),
         ({"fps": True}, "fps: expected a number"),
         ({"gender": "Male"}, "gender: expected one of"),
-        ({"betas": np.zeros((2, 10))}, "betas: expected shape"),
+        ({"betas": np.zeros((2, 10))}, r"betas: expected one row .*, got shape \(2, 10\)"),
         ({"labels": ("a", 3)}, "labels: expected 2 strings"),
     ],
 )

@@ -214,6 +214,50 @@ def import_npz(
     return motion, frames
 
 
+# An object's own transform channels: what moves a rig as a whole, rather than its bones.
+_OBJECT_TRANSFORM = {
+    f"{delta}{prop}"
+    for delta in ("", "delta_")
+    for prop in (
+        "location",
+        "rotation_euler",
+        "rotation_quaternion",
+        "rotation_axis_angle",
+        "scale",
+    )
+}
+
+
+def placement_left_out(obj: bpy.types.Object) -> str:
+    """What moves ``obj`` as a whole during its animation, which its exported motion leaves
+    out: the file holds the armature's bones, in the armature object's space (where the object
+    stands in the scene is the scene's layout, not the motion). '' when nothing moves it: no
+    keys, drivers or constraints on its transform or on a parent's."""
+    for item in (obj, *_parents(obj)):
+        animation = item.animation_data
+        keyed = {fcurve.data_path for fcurve in action_fcurves(item)} & _OBJECT_TRANSFORM
+        driven = {
+            driver.data_path
+            for driver in (animation.drivers if animation else ())
+            if not driver.mute and driver.data_path in _OBJECT_TRANSFORM
+        }
+        if keyed or driven:
+            how = "keyed" if keyed else "driven"
+            return f"{item.name} is {how} to move as a whole ({', '.join(sorted(keyed or driven))})"
+        for constraint in item.constraints:
+            if not constraint.mute and constraint.influence > 0.0 and constraint.is_valid:
+                return f"{item.name}'s constraint {constraint.name!r} moves it"
+    return ""
+
+
+def _parents(obj: bpy.types.Object) -> list[bpy.types.Object]:
+    parents = []
+    while obj.parent is not None and obj.parent not in parents:
+        obj = obj.parent
+        parents.append(obj)
+    return parents
+
+
 def export_npz(
     obj: bpy.types.Object,
     path: str | os.PathLike,

@@ -22,7 +22,7 @@ from .armature import (
     why_not_smpl,
 )
 from .batch_store import load_record
-from .keyframes import export_npz, import_npz, scene_fps
+from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
 from .posing import apply_pose, auto_key_options
 from .props import target_armature, target_problem
 from .runtime import UserError, read_batch_lines
@@ -294,16 +294,24 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
             return {"CANCELLED"}
         labelled = sum(bool(label) for label in motion.labels or ())
         said = f", {labelled} labelled with their batch line's prompt" if labelled else ""
+        warnings = []
         if not keeps_timing(frames):
-            self.report(
-                {"WARNING"},
-                f"Wrote {len(motion)} frame(s) to {self.filepath}{said}: the keys alone, one "
-                f"after the other at the scene's rate, so the time between them is not kept "
-                f"(keys from frame {frames[0]} to {frames[-1]}, too far apart to read every "
-                "frame between them)",
+            warnings.append(
+                "the keys alone, one after the other at the scene's rate, so the time between "
+                f"them is not kept (keys from frame {frames[0]} to {frames[-1]}, too far apart "
+                "to read every frame between them)"
             )
-            return {"FINISHED"}
-        self.report({"INFO"}, f"Wrote {len(motion)} frame(s) to {self.filepath}{said}")
+        left_out = placement_left_out(obj)
+        if left_out:
+            warnings.append(
+                f"the armature's own motion only: {left_out}, which the file leaves out (it "
+                "holds the bones, in the armature object's space)"
+            )
+        written = f"Wrote {len(motion)} frame(s) to {self.filepath}{said}"
+        if warnings:
+            self.report({"WARNING"}, f"{written}: {'; and '.join(warnings)}")
+        else:
+            self.report({"INFO"}, written)
         return {"FINISHED"}
 
 

@@ -600,7 +600,7 @@ def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     fast = tmp_path / "fast.npz"
     np.savez(fast, poses=np.zeros((3, 72)), mocap_framerate=1e300)
-    with pytest.raises(RuntimeError, match="fast.npz: fps: expected a frame rate"):
+    with pytest.raises(RuntimeError, match="fast.npz: mocap_framerate: expected a frame rate"):
         bpy.ops.chatpose.import_npz(filepath=str(fast))
     assert obj.animation_data is None or obj.animation_data.action is None
 
@@ -641,6 +641,37 @@ def test_an_export_of_keys_too_far_apart_to_read_between_says_their_timing_is_lo
     assert (
         f"Wrote 3 frame(s) to {out}: the keys alone, one after the other at the scene's rate"
     ) in capfd.readouterr().out
+
+
+def test_an_export_says_when_the_rig_moves_as_a_whole(blender, tmp_path, capfd):
+    # A rig keyed to travel as an object (or placed, parented, constrained) was written as a
+    # body standing still at the origin, reported as plain success.
+    bpy.ops.chatpose.create_armature(with_mesh=False)
+    obj = bpy.context.active_object
+    key_poses(obj, motion(2, seed=1).poses(), [1, 11])
+    out = tmp_path / "out.npz"
+
+    def export_message() -> str:
+        assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
+        return capfd.readouterr().out
+
+    obj.location.x = 2.0  # placed in the scene's layout: not the motion
+    assert "Warning" not in export_message()
+    obj.keyframe_insert("location", frame=1)
+    obj.keyframe_insert("rotation_euler", frame=1)
+    message = export_message()
+    assert "the armature's own motion only" in message
+    assert f"{obj.name} is keyed to move as a whole (location, rotation_euler)" in message
+    assert len(Motion.load_npz(out)) == 2  # written all the same
+    obj.keyframe_delete("location", frame=1)
+    obj.keyframe_delete("rotation_euler", frame=1)
+    assert "Warning" not in export_message()
+    parent = bpy.data.objects.new("Dolly", None)
+    bpy.context.scene.collection.objects.link(parent)
+    obj.parent = parent
+    constraint = parent.constraints.new("FOLLOW_PATH")
+    constraint.target = bpy.data.objects.new("Path", bpy.data.curves.new("Path", "CURVE"))
+    assert "Dolly's constraint 'Follow Path' moves it" in export_message()
 
 
 def test_each_take_exports_with_its_own_subject(blender, tmp_path):

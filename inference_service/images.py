@@ -64,6 +64,10 @@ def decode_image(
             image.draft(None, (max(1, image.width // factor), max(1, image.height // factor)))
         image.load()  # decode now: truncated files fail here, not inside the model
         draft_ratio = image.width / stored_width  # what the JPEG draft reduced the pixels by
+        if _sixteen_bit_rgb_png(data):
+            # Pillow reduces its pixels to 8 bits but keeps its transparent colour in 16:
+            # compared with them, the wrong pixels would turn grey. Taken as opaque.
+            image.info.pop("transparency", None)
         rgb = _as_rgb(_upright(image))
     if box is not None:
         rgb = _cropped(rgb, box, draft_ratio)
@@ -77,6 +81,11 @@ def _cropped(image: Image.Image, box: CropBox, draft_ratio: float) -> Image.Imag
     top = round(box.center_y * draft_ratio - half)
     side = max(1, round(2 * half))
     return image.crop((left, top, left + side, top + side))  # black outside the picture
+
+
+def _sixteen_bit_rgb_png(data: bytes) -> bool:
+    """Whether `data` is a PNG of 16-bit RGB (IHDR bit depth 16, colour type 2)."""
+    return data[12:16] == b"IHDR" and data[24:26] == b"\x10\x02"
 
 
 def _reduction(size: tuple[int, int], min_side: int | None) -> int:

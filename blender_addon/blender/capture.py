@@ -197,6 +197,9 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
     saved_image = {
         name: getattr(settings, name) for name in _IMAGE_SETTINGS if hasattr(settings, name)
     }
+    # Setting file_format back to OPEN_EXR resets its colour space (ACEScg -> Linear Rec.709).
+    linear = getattr(settings, "linear_colorspace_settings", None)
+    saved_linear = linear.name if linear is not None else None
     # The frame's shape, not its size: a render at 1 % of 1920 x 1080 is still sent at max_side.
     _refuse_thin(render.resolution_x, render.resolution_y, "the camera's frame", "")
     long = max(render.resolution_x, render.resolution_y)
@@ -239,5 +242,7 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
         finally:
             for name, value in saved_image.items():
                 setattr(settings, name, value)
+            if saved_linear and linear.name != saved_linear:  # "" when the format has none
+                linear.name = saved_linear
             for name, value in saved.items():
                 setattr(render, name, value)

@@ -680,6 +680,20 @@ def test_background_mode_takes_a_camera_snapshot(blender, tmp_path):
     assert not [image for image in bpy.data.images if image.filepath.endswith("snapshot.png")]
 
 
+def test_a_camera_snapshot_keeps_an_exr_output_s_colour_space(blender):
+    # Setting the format back to OPEN_EXR reset its colour space: the user's later renders
+    # were written in Linear Rec.709 instead of ACEScg, unsaid.
+    create_smpl_armature(bpy.context, with_mesh=True)
+    _add_camera()
+    settings = bpy.context.scene.render.image_settings
+    settings.file_format = "OPEN_EXR"
+    settings.color_management = "OVERRIDE"
+    settings.linear_colorspace_settings.name = "ACEScg"
+    render_camera_snapshot(bpy.context.scene, max_side=64)
+    assert settings.file_format == "OPEN_EXR" and settings.color_management == "OVERRIDE"
+    assert settings.linear_colorspace_settings.name == "ACEScg"
+
+
 def test_a_camera_snapshot_leaves_out_burnt_in_text_and_a_transparent_film(blender):
     create_smpl_armature(bpy.context, with_mesh=True)
     camera = _add_camera()

@@ -1,4 +1,5 @@
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -9,7 +10,7 @@ from inference_service import images
 from inference_service.errors import BadImageError
 from inference_service.images import check_image, decode_image
 
-from .tiny_llava import image_bytes, png_header
+from .tiny_llava import image_bytes, png_chunk, png_header
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -100,11 +101,6 @@ def _png_with_chunks(count: int, kind: bytes = b"tEXt", where: str = "before") -
     return data[:at] + chunk * count + data[at:]
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    crc = zlib.crc32(kind + body).to_bytes(4, "big")
-    return len(body).to_bytes(4, "big") + kind + body + crc
-
-
 def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_structure():
     assert decode_image(_progressive_jpeg(repeats=50)).size == (64, 48)  # within the limits
     video = bytes(np.random.default_rng(0).integers(0, 256, 8_000_000, dtype=np.uint8))
@@ -131,7 +127,7 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
     assert decode_image(animation.getvalue()).size == (8, 8)
     with pytest.raises(BadImageError, match=r"pixels come in more than \d+ PNG chunks"):
         check_image(_png_with_chunks(1_000_000, kind=b"IDAT", where="after"))
-    profile = _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(1 << 20)))
+    profile = png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(1 << 20)))
     png = image_bytes((1, 2, 3), size=(8, 8))
     at = png.index(b"IDAT") - 4
     assert decode_image(png[:at] + profile + png[at:]).size == (8, 8)  # one, as allowed
@@ -140,7 +136,7 @@ def test_files_whose_headers_or_scans_would_cost_seconds_are_refused_from_their_
     # A still PNG with a stray fcTL after its pixels: Pillow reads on to the end, so must the
     # check (found by a review: 2,000 colour profiles after it went unchecked).
     end = png.index(b"IEND") - 4
-    stray = png[:end] + _chunk(b"fcTL", bytes(26)) + profile * 3 + png[end:]
+    stray = png[:end] + png_chunk(b"fcTL", bytes(26)) + profile * 3 + png[end:]
     with pytest.raises(BadImageError, match="more than one colour profile"):
         check_image(stray)
     stray = _progressive_jpeg()
@@ -196,6 +192,22 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white():
     pixels = np.asarray(decode_image(buffer.getvalue()))
     assert tuple(pixels[0, 0]) == images.TRANSPARENT_BACKDROP  # the transparent black
     assert abs(pixels.mean() - 127.5) < 1 and (pixels == 255).mean() < 0.01
+
+
+def test_a_16_bit_rgb_png_s_transparent_colour_turns_no_other_pixel_grey():
+    # Pillow reads such a file's pixels in 8 bits but its tRNS colour in 16: compared with
+    # each other, a key of black matched every dark pixel, which reached the model grey.
+    pixels = np.full((4, 4, 3), 200, ">u2")  # dark: 200 of 65535, not the key
+    pixels[:, 2:] = 0  # the key's colour
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+        + png_chunk(b"tRNS", struct.pack(">HHH", 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+    np.testing.assert_array_equal(np.asarray(decode_image(data)), np.zeros((4, 4, 3)))
 
 
 def test_transparent_pixels_show_a_grey_backdrop_not_the_colour_stored_under_them():

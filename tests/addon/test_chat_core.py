@@ -232,6 +232,9 @@ def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before
     stray = jpeg((64, 48))
     stray = stray[:20] + b"\x00\x17" + stray[20:]  # bytes between segments: Pillow skips them
     assert header_size(stray) == (64, 48)
+    marker = stray.index(b"\xff\xdb")
+    assert header_size(stray[:marker] + b"\xff" * 1000 + stray[marker:]) == (64, 48)  # fill
+    assert header_size(b"\xff\xd8" + b"\xff" * 10_000) is None
     with pytest.raises(ValueError, match=r"pano\.jpg is 9600 x 400 pixels, more than 20 times"):
         check_reference_image(jpeg((9600, 400)), "pano.jpg")
     png = encode_png(np.zeros((2, 2, 3)))

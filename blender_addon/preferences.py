@@ -187,8 +187,8 @@ def service_settings(context: bpy.types.Context | None = None) -> ServiceSetting
     prefs = get_preferences(context)
     address = prefs.service_address.strip() if prefs else DEFAULT_SERVICE_ADDRESS
     timeout = prefs.request_timeout if prefs else DEFAULT_TIMEOUT_S
-    client_key = _absolute(prefs.curve_client_key if prefs else "")
-    server_key = _absolute(prefs.curve_server_key if prefs else "")
+    client_key = absolute_path(prefs.curve_client_key if prefs else "")
+    server_key = absolute_path(prefs.curve_server_key if prefs else "")
     problem = curve_problem(client_key, server_key) or address_problem(
         address, online_access(), has_keys=bool(client_key)
     )
@@ -197,7 +197,7 @@ def service_settings(context: bpy.types.Context | None = None) -> ServiceSetting
 
 def smpl_model_path(context: bpy.types.Context | None = None) -> str:
     prefs = get_preferences(context)
-    return _absolute(prefs.smpl_model_path if prefs else "")
+    return absolute_path(prefs.smpl_model_path if prefs else "")
 
 
 _loaded_models: dict[str, tuple[tuple[int, int], SmplModel]] = {}
@@ -221,9 +221,10 @@ def preferred_smpl_model(context: bpy.types.Context | None = None) -> SmplModel 
     return _loaded_models[path][1]
 
 
-def _absolute(path: str) -> str:
-    """A file path setting as an absolute path ("//" is the .blend's folder); empty stays so."""
-    return bpy.path.abspath(path) if path else ""
+def absolute_path(path: str) -> str:
+    """A file path setting as an absolute path ("//" is the .blend's folder, "~" the user's
+    home); empty stays so, and so does a bare program name (found on PATH)."""
+    return os.path.expanduser(bpy.path.abspath(path)) if path else ""
 
 
 def _fallback_dir() -> str:

@@ -540,7 +540,9 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
             raise UserError("Pick a text datablock with one prompt per line")
         content, label = text.as_string(), f"text '{text.name}'"
     else:
-        path = bpy.path.abspath(settings.batch_file)
+        from ..preferences import absolute_path
+
+        path = absolute_path(settings.batch_file)
         if not settings.batch_file:
             raise UserError("Pick a .txt file with one prompt per line")
         try:
@@ -1026,7 +1028,7 @@ def _batch_ended(run: BatchRun) -> None:
 
 
 def start_service(context: bpy.types.Context) -> None:
-    from ..preferences import get_preferences, service_settings
+    from ..preferences import absolute_path, get_preferences, service_settings
 
     prefs = get_preferences(context)
     if prefs is None:
@@ -1056,8 +1058,8 @@ def start_service(context: bpy.types.Context) -> None:
         )
     try:
         argv = serve_command(
-            bpy.path.abspath(prefs.service_python),
-            bpy.path.abspath(prefs.service_checkpoint),
+            absolute_path(prefs.service_python),
+            absolute_path(prefs.service_checkpoint),
             address,
             *prefs.service_device_arguments(),
         )

@@ -1576,6 +1576,24 @@ def test_unregister_stops_the_local_service(armature, local_scripted):
     addon_utils.enable(ADDON, default_set=True)
 
 
+def test_file_settings_take_the_home_folder_as_typed(blender, tmp_path, monkeypatch):
+    # "~" worked for the Python setting only: a Client Key or batch file typed so was not found.
+    from blender_addon.preferences import get_preferences, service_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "shots.txt").write_text("wave\n")
+    settings = bpy.context.scene.chatpose
+    settings.batch_source, settings.batch_file = "FILE", "~/shots.txt"
+    assert runtime.read_batch_lines(bpy.context) == ([(1, "wave")], "shots.txt")
+    prefs = get_preferences()
+    prefs.curve_client_key, prefs.curve_server_key = "~/me.key_secret", "~/server.key"
+    keys = service_settings(bpy.context)
+    assert (keys.client_key, keys.server_key) == (
+        str(tmp_path / "me.key_secret"),
+        str(tmp_path / "server.key"),
+    )
+
+
 def test_batch_lines_from_a_txt_file(blender, tmp_path):
     settings = bpy.context.scene.chatpose
     settings.batch_source = "FILE"

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import bpy
 
-from .core.chat import wrap
+from .core.chat import DEFAULT_MAX_PAIRS, wrap
 from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem, curve_problem
 from .core.paths import user_data_dir as _user_data_dir
 from .core.smpl_model import SmplModel, load_smpl_model
@@ -62,7 +62,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         name="Chat Context",
         description="Earlier exchanges of the chat history sent with a prompt in chat mode "
         "(the latest ones; 0 sends none)",
-        default=8,
+        default=DEFAULT_MAX_PAIRS,
         min=0,
         max=32,
     )

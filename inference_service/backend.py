@@ -15,8 +15,7 @@ from shared_protocol.protocol import Turn as WireTurn
 from .errors import UnsupportedInputError
 from .modeling_chatpose import DEFAULT_MAX_NEW_TOKENS, ChatPoseModel, PoseRequest
 from .prompts import POSE_MARKER, Turn, pose_exchange
-from .scheduler import Answer, WorkItem
-from .server import ModelInfo
+from .scheduler import Answer, ModelInfo, WorkItem
 
 
 def paired_turns(history: Sequence[WireTurn]) -> tuple[Turn, ...]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from inference_service.errors import CheckpointError
 from inference_service.prompts import TEMPLATES, WORDINGS
+from shared_protocol.skeleton import NUM_JOINTS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ HEAD_NAME = "pose_head.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft saves
 FORMAT_VERSION = 1
-NUM_JOINTS = 24
 # The 6D layout of the release (HMR2): the first two columns of the matrix, one after the other.
 ROTATION_LAYOUT = "6d_two_columns"
 

@@ -1,40 +1,42 @@
 """The typed errors of the model half of the service.
 
-Each class carries `code`, the protocol error code the server answers with, so the server maps
-an exception to a reply with `error.code` and never has to parse messages.
+Each class carries `code`, the protocol error code the service answers with, so the scheduler
+maps an exception to a reply with `error.code` and never has to parse messages.
 """
 
 from __future__ import annotations
+
+from shared_protocol.protocol import ErrorCode
 
 
 class ChatPoseError(Exception):
     """Base class: something the service can report to a client instead of crashing."""
 
-    code = "model_error"
+    code = ErrorCode.MODEL_ERROR
 
 
 class BadImageError(ChatPoseError):
     """Image bytes that are not a decodable PNG or JPEG."""
 
-    code = "bad_image"
+    code = ErrorCode.BAD_IMAGE
 
 
 class EmptyPromptError(ChatPoseError):
     """Nothing to answer: blank text and no image."""
 
-    code = "empty_prompt"
+    code = ErrorCode.EMPTY_PROMPT
 
 
 class UnsupportedInputError(ChatPoseError):
     """A request the model cannot take: too many images, an image marker in the text, ..."""
 
-    code = "unsupported_input"
+    code = ErrorCode.UNSUPPORTED_INPUT
 
 
 class ModelError(ChatPoseError):
     """The model failed while running (for example a degenerate pose-head output)."""
 
-    code = "model_error"
+    code = ErrorCode.MODEL_ERROR
 
 
 class ModelOutOfMemoryError(ModelError):

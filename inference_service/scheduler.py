@@ -67,6 +67,17 @@ class Answer:
     truncated: bool = False  # a chat reply cut at the service's --max-new-tokens
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `status` reports about the model behind the server."""
+
+    model: str
+    device: str
+    dtype: str
+    supports_images: bool
+    max_images: int
+
+
 class Backend(Protocol):
     """What the scheduler needs from a model."""
 
@@ -425,7 +436,7 @@ class Scheduler:
                 if isinstance(outcome, Answer):
                     self._succeed_item(task, outcome)
                 else:
-                    self._fail_item(task, _error_code(outcome), str(outcome))
+                    self._fail_item(task, outcome.code, str(outcome))
             self._lock.notify_all()
 
     def _end_after_failure(self, taken: list[_Task], exc: BaseException) -> None:
@@ -507,13 +518,6 @@ def _as_model_error(exc: Exception) -> ChatPoseError:
         return exc
     log.exception("model error", exc_info=exc)
     return ModelError(f"the model failed: {type(exc).__name__}: {exc}")
-
-
-def _error_code(exc: ChatPoseError) -> ErrorCode:
-    try:
-        return ErrorCode(exc.code)
-    except ValueError:  # a code the protocol does not know is still a model failure
-        return ErrorCode.MODEL_ERROR
 
 
 def _item_bytes(item: WorkItem) -> int:

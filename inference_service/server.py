@@ -4,8 +4,9 @@ Threads:
 - the I/O thread (`serve_forever`) owns the ROUTER socket: it decodes requests, answers
   `status` and `cancel` itself, hands pose work to the scheduler, and forwards replies;
 - the scheduler's worker thread runs the model.
-ZeroMQ sockets are not thread-safe, so every thread sends its replies through its own inproc
-PUSH socket to a PULL socket that the I/O thread polls, which forwards them to the client.
+ZeroMQ sockets are not thread-safe, so a thread queues its replies in one locked queue, in
+order, and wakes the I/O thread with an empty message on its own inproc PUSH socket; the I/O
+thread, which polls the matching PULL socket, forwards them to the client.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from zmq.utils import z85
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
+from shared_protocol.client import DEFAULT_ADDRESS
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     INSTANCE_ENV,
@@ -55,11 +57,11 @@ from shared_protocol.protocol import (
 
 from .errors import BadImageError
 from .images import check_image
-from .scheduler import Backend, ClientId, Scheduler
+from .scheduler import Backend, ClientId, ModelInfo, Scheduler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_BIND = DEFAULT_ADDRESS  # loopback: where clients look first
 _POLL_MS = 50  # how often the I/O loop looks at deadlines and the stop flag
 # A client whose pipe has stayed full this long, taking no reply, is taken for one that will not
 # read again: its work is dropped (until then its replies wait).
@@ -73,17 +75,6 @@ _instances = itertools.count()
 
 class ServerConfigError(Exception):
     """The server cannot start as configured (unsafe bind, missing key files)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What `status` reports about the model behind the server."""
-
-    model: str
-    device: str
-    dtype: str
-    supports_images: bool
-    max_images: int
 
 
 @dataclass(frozen=True)

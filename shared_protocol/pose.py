@@ -23,10 +23,9 @@ import numpy as np
 
 from .arrays import NPZ_READ_ERRORS, finite_array, npz_member, open_npz, write_npz
 from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
-from .skeleton import DEFAULT_REST_JOINTS, SMPL_TO_BLENDER
+from .skeleton import DEFAULT_REST_JOINTS, NUM_JOINTS, SMPL_TO_BLENDER
 
 POSE_LAYOUT = "smpl24_axis_angle"
-NUM_JOINTS = 24
 GENDERS = ("neutral", "male", "female")
 DEFAULT_FPS = 30.0
 # AMASS stores SMPL-H poses as 52 joints (156 numbers) and SMPL-X poses as 55 (165): the first

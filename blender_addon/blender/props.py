@@ -123,10 +123,6 @@ def unregister() -> None:
         del bpy.types.Scene.chatpose
 
 
-def settings(context: bpy.types.Context) -> ChatPoseSceneSettings:
-    return context.scene.chatpose
-
-
 def target_armature(context: bpy.types.Context) -> bpy.types.Object | None:
     """The armature requests pose: the scene's Target when set, else the selected SMPL
     armature. None when that is not an SMPL armature whose changes the file keeps

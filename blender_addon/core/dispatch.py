@@ -147,10 +147,6 @@ class Dispatcher:
 
     # --- the session ----------------------------------------------------------------------
 
-    @property
-    def session(self) -> Session | None:
-        return self._session
-
     def _session_for(self, service: Service) -> Session:
         """The session for ``service``; a new one when its address or keys changed, the key
         files' contents included (only when nothing is in flight: replies to the old address

@@ -17,7 +17,6 @@ from pathlib import Path
 from shared_protocol.address import AddressError, check_address, is_loopback
 from shared_protocol.client import ClientCurveKeys
 
-DEFAULT_SERVICE_ADDRESS = "tcp://127.0.0.1:5555"  # the same as shared_protocol.client's
 SECURITY_DOCS = "docs/security.md"
 
 

@@ -146,9 +146,6 @@ class Session:
     def busy(self) -> bool:
         return bool(self._in_flight)
 
-    def in_flight(self) -> list[str]:
-        return list(self._in_flight)
-
     def close(self) -> None:
         self._client.close()
 

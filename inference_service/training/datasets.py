@@ -69,10 +69,10 @@ from shared_protocol.rotations import (
     matrix_to_axis_angle,
     matrix_to_quaternion,
 )
+from shared_protocol.skeleton import NUM_JOINTS
 
 KINDS = ("text_to_pose", "image_to_pose", "chat")
 POSE_KINDS = ("text_to_pose", "image_to_pose")
-NUM_JOINTS = 24
 # The image marker of LLaVA's data files; stripped from questions (images travel as bytes).
 LLAVA_IMAGE_MARKER = "<image>"
 PHRASING_MODES = ("mixed", "release", "chat")

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from inference_service.pose_head import rotation_6d_to_matrix_torch
+from shared_protocol.skeleton import NUM_JOINTS
 
 TEXT_WEIGHT = 1.0  # λ_t
 POSE_WEIGHT = 0.1  # λ_θ
 IGNORE_INDEX = -100
-NUM_JOINTS = 24
 
 
 @dataclass(frozen=True)

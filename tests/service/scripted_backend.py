@@ -19,8 +19,8 @@ import numpy as np
 
 from inference_service.backend import ModelBackend
 from inference_service.errors import BadImageError
-from inference_service.scheduler import Answer, WorkItem
-from inference_service.server import CurveKeys, ModelInfo, Server
+from inference_service.scheduler import Answer, ModelInfo, WorkItem
+from inference_service.server import CurveKeys, Server
 from shared_protocol.pose import Pose
 
 TIMEOUT_S = 10.0

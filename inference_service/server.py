@@ -29,11 +29,10 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
 
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
-from shared_protocol.client import DEFAULT_ADDRESS
+from shared_protocol.client import DEFAULT_ADDRESS, is_curve_key
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
     INSTANCE_ENV,
@@ -104,7 +103,7 @@ class CurveKeys:
                 f"--curve-secret-key: {secret_file} holds a public key only; give the "
                 "server's .key_secret file"
             )
-        if not (_is_curve_key(public) and _is_curve_key(secret)):
+        if not (is_curve_key(public) and is_curve_key(secret)):
             raise ServerConfigError(
                 f"--curve-secret-key: {secret_file} holds keys that are not 40 Z85 characters"
             )
@@ -211,13 +210,6 @@ class AuthorizedClients:
             extra={"event": "client_refused"},
         )
         self._refused, self._said_at = 0, now
-
-
-def _is_curve_key(key: bytes) -> bool:
-    try:
-        return len(z85.decode(key)) == 32
-    except (ValueError, KeyError):  # a length that is no multiple of 5, a character not Z85's
-        return False
 
 
 def check_bind(bind: str, curve: CurveKeys | None) -> None:

@@ -117,7 +117,7 @@ def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError, IndexError) as exc:  # IndexError: a key line without "="
         raise ValueError(f"the {whose} key {path} cannot be read ({exc})") from None
-    if not all(_is_curve_key(key) for key in (public, secret) if key is not None):
+    if not all(is_curve_key(key) for key in (public, secret) if key is not None):
         # ZeroMQ would refuse it later, as an "Invalid argument" of a socket option.
         raise ValueError(
             f"the {whose} key {path} is not a CURVE key (40 Z85 characters, as "
@@ -126,7 +126,8 @@ def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def _is_curve_key(key: bytes) -> bool:
+def is_curve_key(key: bytes) -> bool:
+    """Whether `key` is a CURVE key as ZeroMQ takes it: 40 Z85 characters for 32 bytes."""
     try:
         return len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
     except (KeyError, ValueError, struct.error):  # outside Z85's alphabet, or over 32 bits

@@ -243,6 +243,8 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
         ("server.key_secret", "server.key", "is not a folder"),
         ("server.key_secret", "empty", "holds no client public key"),
         ("short.key_secret", "authorized_clients", "not 40 Z85 characters"),
+        # Z85 characters whose value is past 32 bits: a traceback from struct at start-up.
+        ("wide.key_secret", "authorized_clients", "not 40 Z85 characters"),
         ("server.key_secret", "junk_clients", "holds a .key file that is not a CURVE key"),
         # The keys' folder itself: only the server's own public key, so every client refused.
         ("server.key_secret", ".", "holds secret keys (animator.key_secret, garbage.key_secret"),
@@ -255,6 +257,9 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
     (tmp_path / "empty").mkdir()
     (tmp_path / "short.key_secret").write_text(
         'curve\n    public-key = "abcde"\n    secret-key = "fghij"\n'
+    )
+    (tmp_path / "wide.key_secret").write_text(
+        f'curve\n    public-key = "{"#" * 40}"\n    secret-key = "{"#" * 40}"\n'
     )
     (tmp_path / "own").mkdir()
     shutil.copy(tmp_path / "server.key", tmp_path / "own")

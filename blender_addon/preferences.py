@@ -9,8 +9,10 @@ from typing import NamedTuple
 
 import bpy
 
+from shared_protocol.client import DEFAULT_ADDRESS
+
 from .core.chat import DEFAULT_MAX_PAIRS, wrap
-from .core.netpolicy import DEFAULT_SERVICE_ADDRESS, address_problem, curve_problem
+from .core.netpolicy import address_problem, curve_problem
 from .core.paths import user_data_dir as _user_data_dir
 from .core.smpl_model import SmplModel, load_smpl_model
 
@@ -27,7 +29,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         name="Service Address",
         description="ZeroMQ address of chatpose-serve; addresses off this machine need "
         "Blender's online access",
-        default=DEFAULT_SERVICE_ADDRESS,
+        default=DEFAULT_ADDRESS,
     )
     curve_client_key: bpy.props.StringProperty(
         name="Client Key",
@@ -185,7 +187,7 @@ def service_settings(context: bpy.types.Context | None = None) -> ServiceSetting
     """What a service client should use. The key files are not read here (the panel calls it
     on every redraw); ``netpolicy.curve_keys`` reads them when a request is sent."""
     prefs = get_preferences(context)
-    address = prefs.service_address.strip() if prefs else DEFAULT_SERVICE_ADDRESS
+    address = prefs.service_address.strip() if prefs else DEFAULT_ADDRESS
     timeout = prefs.request_timeout if prefs else DEFAULT_TIMEOUT_S
     client_key = absolute_path(prefs.curve_client_key if prefs else "")
     server_key = absolute_path(prefs.curve_server_key if prefs else "")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
     JOINT_NAMES,
@@ -209,9 +210,4 @@ def bone_rest_matrix(head, tail, roll: float = 0.0) -> np.ndarray:
         )
     else:  # pointing exactly along -Y
         b = np.diag([-1.0, -1.0, 1.0])
-    return _axis_angle_matrix(np.array([x, y, z]), roll) @ b
-
-
-def _axis_angle_matrix(axis: np.ndarray, angle: float) -> np.ndarray:
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+    return axis_angle_to_matrix(np.array([x, y, z]) * roll) @ b

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from blender_addon.core import mannequin, netpolicy, paths, posing, rig_spec, smpl_model, timeline
-from shared_protocol.client import DEFAULT_ADDRESS
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
@@ -309,10 +308,6 @@ def test_smpl_model_errors_name_the_problem(tmp_path):
 
 
 # --- netpolicy, paths, timeline -------------------------------------------------------------------
-
-
-def test_default_address_matches_the_client():
-    assert netpolicy.DEFAULT_SERVICE_ADDRESS == DEFAULT_ADDRESS
 
 
 # Which addresses are loopback or malformed is shared_protocol.address's (tests/test_address.py);

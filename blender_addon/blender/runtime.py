@@ -409,11 +409,15 @@ def _redraw() -> None:
 
 
 def _set_status_text(text: str | None) -> None:
+    """The status bar's text in every window. Blender writes it to the workspace of the
+    context's window, whichever workspace it is called on: each window is made the context's
+    in turn (a second main window showed nothing). A workspace no window shows when the batch
+    ends keeps its last text until a tool there sets its own."""
     wm = bpy.context.window_manager
-    workspaces = {w.workspace for w in wm.windows} if wm is not None else set()
-    for workspace in workspaces:
+    for window in wm.windows if wm is not None else ():
         with contextlib.suppress(Exception):
-            workspace.status_text_set(text)
+            with bpy.context.temp_override(window=window, screen=window.screen):
+                window.workspace.status_text_set(text)
 
 
 def _update_status_bar() -> None:

@@ -1247,6 +1247,21 @@ def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature
 # --- the panel and the local service --------------------------------------------------------
 
 
+def test_batch_progress_is_written_through_each_window(blender, monkeypatch):
+    # Blender writes status text to the context window's workspace, whichever workspace it
+    # is called on: from the timer (no window) it went to one window's at best.
+    written = []
+
+    def recording(workspace, text):
+        written.append((workspace.name, bpy.context.window, text))
+
+    monkeypatch.setattr(bpy.types.WorkSpace, "status_text_set", recording)
+    with bpy.context.temp_override(window=None):  # as in a timer
+        runtime._set_status_text("Batch 3/40")
+    windows = list(bpy.context.window_manager.windows)
+    assert windows and written == [(w.workspace.name, w, "Batch 3/40") for w in windows]
+
+
 def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     address, backend = scripted_service
     status_bar = []

@@ -58,7 +58,7 @@ from inference_service.checkpoint import (
 )
 from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import (
+from inference_service.loading import (
     refuse_custom_code,
     save_processor,
     settle_special_tokens,

@@ -871,7 +871,7 @@ def load_whole(checkpoint: Path):
     import torch
 
     from inference_service.checkpoint import Checkpoint
-    from inference_service.modeling_chatpose import apply_adapter, ensure_pose_token, load_base
+    from inference_service.loading import apply_adapter, ensure_pose_token, load_base
 
     source = Checkpoint.open(checkpoint)
     processor, model = load_base(source.base_dir, dtype=torch.float32)
@@ -890,7 +890,7 @@ def write_whole(source, model, processor, out: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    from inference_service.modeling_chatpose import save_processor
+    from inference_service.loading import save_processor
 
     model.save_pretrained(tmp / "base")
     save_processor(processor, tmp / "base")

@@ -69,7 +69,7 @@ from inference_service.checkpoint import (
     share_as_umask_allows,
 )
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import (
+from inference_service.loading import (
     apply_adapter,
     check_gpu_memory,
     check_host_memory,

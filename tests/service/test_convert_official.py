@@ -17,7 +17,8 @@ from inference_service import convert_official
 from inference_service.checkpoint import ChatPoseConfig
 from inference_service.convert_official import convert, main
 from inference_service.errors import CheckpointError
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest, save_processor
+from inference_service.loading import save_processor
+from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
 from shared_protocol.rotations import axis_angle_to_matrix
 
 from . import tiny_llava

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from inference_service import modeling_chatpose
+from inference_service import loading, modeling_chatpose
 from inference_service.errors import (
     BadImageError,
     CheckpointError,
@@ -46,16 +46,16 @@ def test_the_weights_size_comes_from_the_file_headers(tiny_checkpoint, tmp_path)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint / "base")
     stored = {id(p): p.numel() for p in model.state_dict().values()}  # tied weights once
     base = tiny_checkpoint / "base"
-    assert modeling_chatpose.weights_bytes(base, torch.float32) == 4 * sum(stored.values())
-    assert modeling_chatpose.weights_bytes(base, torch.bfloat16) == 2 * sum(stored.values())
+    assert loading.weights_bytes(base, torch.float32) == 4 * sum(stored.values())
+    assert loading.weights_bytes(base, torch.bfloat16) == 2 * sum(stored.values())
     (tmp_path / "pytorch_model.bin").write_bytes(b"weights in another format")
-    assert modeling_chatpose.weights_bytes(tmp_path, torch.float32) is None
+    assert loading.weights_bytes(tmp_path, torch.float32) is None
 
 
 def test_a_model_larger_than_the_free_memory_is_refused_before_it_loads(
     tiny_checkpoint, monkeypatch
 ):
-    needed = modeling_chatpose.weights_bytes(tiny_checkpoint / "base", torch.float32)
+    needed = loading.weights_bytes(tiny_checkpoint / "base", torch.float32)
     loads = []
 
     class Loading(Exception):
@@ -65,12 +65,12 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_loads(
         loads.append(args)
         raise Loading
 
-    monkeypatch.setattr(modeling_chatpose, "load_base", load_base)
-    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: needed - 1)
+    monkeypatch.setattr(loading, "load_base", load_base)
+    monkeypatch.setattr(loading, "free_host_memory", lambda: needed - 1)
     with pytest.raises(ModelError, match=r"needs about 0\.0 GB of memory in float32 on the CPU"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")
     assert not loads
-    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: needed)
+    monkeypatch.setattr(loading, "free_host_memory", lambda: needed)
     with pytest.raises(Loading):  # it goes on to load
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")
     assert loads
@@ -81,16 +81,16 @@ def test_free_memory_counts_what_linux_can_still_give(monkeypatch, tmp_path):
     meminfo.write_text(
         "MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 600 kB\nSwapFree: 50 kB\n"
     )
-    real_path = modeling_chatpose.Path
+    real_path = loading.Path
     monkeypatch.setattr(
-        modeling_chatpose, "Path", lambda p: meminfo if p == "/proc/meminfo" else real_path(p)
+        loading, "Path", lambda p: meminfo if p == "/proc/meminfo" else real_path(p)
     )
-    monkeypatch.setattr(modeling_chatpose, "cgroup_memory_left", lambda: None)  # no limit
-    assert modeling_chatpose.free_host_memory() == 650 * 1024
-    monkeypatch.setattr(modeling_chatpose, "cgroup_memory_left", lambda: 300 * 1024)
-    assert modeling_chatpose.free_host_memory() == 300 * 1024  # a container's limit
+    monkeypatch.setattr(loading, "cgroup_memory_left", lambda: None)  # no limit
+    assert loading.free_host_memory() == 650 * 1024
+    monkeypatch.setattr(loading, "cgroup_memory_left", lambda: 300 * 1024)
+    assert loading.free_host_memory() == 300 * 1024  # a container's limit
     meminfo.write_text("MemTotal: 1000 kB\n")  # a kernel before 3.14
-    assert modeling_chatpose.free_host_memory() is None
+    assert loading.free_host_memory() is None
 
 
 @pytest.mark.parametrize(
@@ -156,7 +156,7 @@ def test_a_cgroup_memory_limit_is_what_a_container_still_allows(tmp_path, member
     for name, text in files.items():
         (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fs" / name).write_text(text)
-    found = modeling_chatpose.cgroup_memory_left(str(tmp_path / "fs"), str(tmp_path / "cgroup"))
+    found = loading.cgroup_memory_left(str(tmp_path / "fs"), str(tmp_path / "cgroup"))
     assert found == left
 
 
@@ -530,7 +530,7 @@ def lora_checkpoints(tiny_checkpoint, tmp_path_factory):
         init_lora_weights=False,  # random B, so the adapter changes outputs
         target_modules=r".*language_model.*\.(q_proj|v_proj)",
     )
-    with modeling_chatpose.quiet_peft():
+    with loading.quiet_peft():
         peft_model = get_peft_model(base, config)
     adapter = root / "adapter_ckpt"
     peft_model.save_pretrained(adapter / "adapter")
@@ -543,7 +543,7 @@ def lora_checkpoints(tiny_checkpoint, tmp_path_factory):
         chatpose_json.replace('"base"', f'"{tiny_checkpoint / "base"}"')
     )
     merged = root / "merged_ckpt"
-    processor = modeling_chatpose.AutoProcessor.from_pretrained(tiny_checkpoint / "base")
+    processor = loading.AutoProcessor.from_pretrained(tiny_checkpoint / "base")
     tiny_llava.write_checkpoint(
         merged, peft_model.merge_and_unload(), processor, tiny_llava.build_head()
     )
@@ -652,10 +652,10 @@ def test_weights_that_cannot_fit_the_card_are_refused_before_the_load(
 ):
     # A quantized load that runs out is reported by transformers as a failed conversion.
     cuda = (torch.device("cuda:1"), torch.bfloat16)
-    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(loading, "select_device", lambda device: cuda)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(modeling_chatpose, "_quantization_config", lambda *args: None)
-    needed = modeling_chatpose.weights_bytes(tiny_checkpoint / "base", torch.bfloat16)
+    monkeypatch.setattr(loading, "quantization_config", lambda *args: None)
+    needed = loading.weights_bytes(tiny_checkpoint / "base", torch.bfloat16)
     needed = needed // 4 if flag else needed
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed - 1, 10 * needed))
     options = {flag: True} if flag else {}
@@ -667,7 +667,7 @@ def test_weights_that_cannot_fit_the_card_are_refused_before_the_load(
 def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoint, monkeypatch):
     calls = []
     cuda = (torch.device("cuda:1"), torch.bfloat16)
-    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(loading, "select_device", lambda device: cuda)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 2**40))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("current", device)))
 
@@ -675,7 +675,7 @@ def test_a_chosen_cuda_card_is_made_current_before_the_model_loads(tiny_checkpoi
         calls.append(("load", options["device_map"]))
         raise CheckpointError("stop here: no GPU on this machine")
 
-    monkeypatch.setattr(modeling_chatpose, "load_base", load_base)
+    monkeypatch.setattr(loading, "load_base", load_base)
     with pytest.raises(CheckpointError, match="stop here"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda:1")
     assert calls == [("current", torch.device("cuda:1")), ("load", "cuda:1")]
@@ -714,7 +714,7 @@ def test_out_of_gpu_memory_while_loading_says_so_not_that_the_checkpoint_is_bad(
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 500.00 MiB")
 
-    monkeypatch.setattr(modeling_chatpose.AutoModelForImageTextToText, "from_pretrained", exhausted)
+    monkeypatch.setattr(loading.AutoModelForImageTextToText, "from_pretrained", exhausted)
     with pytest.raises(
         ModelError, match="out of GPU memory loading the model; --load-in-8bit"
     ) as e:
@@ -728,7 +728,7 @@ def test_out_of_gpu_memory_merging_the_adapter_says_so(lora_checkpoints, monkeyp
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 MiB")
 
-    monkeypatch.setattr(modeling_chatpose, "apply_adapter", exhausted)
+    monkeypatch.setattr(loading, "apply_adapter", exhausted)
     with pytest.raises(ModelError, match="out of GPU memory merging the adapter .*--load-in-8bit"):
         ChatPoseModel.from_checkpoint(adapter, device="cpu")
     # After the weights, a model that barely fits may run out moving the pose head there.
@@ -795,7 +795,7 @@ def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, mo
     with pytest.raises(UnsupportedInputError, match="4-bit and 8-bit loading need a CUDA device"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
     cuda = (torch.device("cuda"), torch.bfloat16)
-    monkeypatch.setattr(modeling_chatpose, "select_device", lambda device: cuda)
+    monkeypatch.setattr(loading, "select_device", lambda device: cuda)
     with pytest.raises(MissingDependencyError, match=f"{flag} needs the 'bitsandbytes' package"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda", **{flag: True})
 
@@ -810,9 +810,7 @@ def test_quantization_leaves_the_vision_side_and_the_output_layer_as_they_are():
         for name, module in tiny_llava.build_llava(tiny_llava.build_tokenizer()).named_modules()
         if isinstance(module, torch.nn.Linear)
     ]
-    kept = {
-        n for n in linear if not should_convert_module(n, modeling_chatpose.UNQUANTIZED_MODULES)
-    }
+    kept = {n for n in linear if not should_convert_module(n, loading.UNQUANTIZED_MODULES)}
     vision = {n for n in linear if "vision_tower" in n or "multi_modal_projector" in n}
     assert vision and kept == vision | {"lm_head"}
     assert any(".language_model.layers." in n for n in set(linear) - kept)
@@ -820,11 +818,11 @@ def test_quantization_leaves_the_vision_side_and_the_output_layer_as_they_are():
 
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert modeling_chatpose.select_device("auto") == (torch.device("cpu"), torch.float32)
+    assert loading.select_device("auto") == (torch.device("cpu"), torch.float32)
     with pytest.raises(UnsupportedInputError, match="CUDA is not available"):
-        modeling_chatpose.select_device("cuda")
+        loading.select_device("cuda")
     with pytest.raises(UnsupportedInputError, match="auto, cpu or cuda"):
-        modeling_chatpose.select_device("tpu")
+        loading.select_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     capability = {0: (9, 0), 1: (7, 0)}  # an H100 and a V100, which only emulates bf16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[d.index or 0])
@@ -832,12 +830,12 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     # Named: transformers would put a bare "cuda" on cuda:$LOCAL_RANK, torch on the current one.
-    assert modeling_chatpose.select_device("auto") == (torch.device("cuda:0"), torch.bfloat16)
+    assert loading.select_device("auto") == (torch.device("cuda:0"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert modeling_chatpose.select_device("cuda") == (torch.device("cuda:1"), torch.float16)
-    assert modeling_chatpose.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
+    assert loading.select_device("cuda") == (torch.device("cuda:1"), torch.float16)
+    assert loading.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
     with pytest.raises(UnsupportedInputError, match=r"'cuda:7': this machine has 2 CUDA device"):
-        modeling_chatpose.select_device("cuda:7")
+        loading.select_device("cuda:7")
 
 
 class Activations:
@@ -929,11 +927,11 @@ def test_an_adapter_that_saved_its_embeddings_is_not_taken_for_another_base_s(
     # peft saves the embeddings with the adapter when training resized them; loading puts
     # them back, so they are no tensors "the base has no place for".
     root = shutil.copytree(tiny_checkpoint, tmp_path / "embeddings")
-    processor, base = modeling_chatpose.load_base(root / "base", dtype=torch.float32)
-    modeling_chatpose.ensure_pose_token(processor.tokenizer, base, "<POSE>")
+    processor, base = loading.load_base(root / "base", dtype=torch.float32)
+    loading.ensure_pose_token(processor.tokenizer, base, "<POSE>")
     torch.manual_seed(4)
     config = LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
-    with modeling_chatpose.quiet_peft():
+    with loading.quiet_peft():
         get_peft_model(base, config).save_pretrained(root / "adapter", save_embedding_layers=True)
     ChatPoseModel.from_checkpoint(root, device="cpu")
     assert no_network == []

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference_service import modeling_chatpose
+from inference_service import loading
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import ChatPoseError, CheckpointError, ModelError
@@ -704,7 +704,7 @@ def test_a_base_model_that_does_not_fit_the_gpu_is_out_of_memory_in_training_s_w
     # Not the service's advice (--load-in-8bit, which train has not), nor a bad checkpoint.
     message = "CUDA out of memory. Tried to allocate 500.00 MiB"
     monkeypatch.setattr(
-        modeling_chatpose.AutoModelForImageTextToText,
+        loading.AutoModelForImageTextToText,
         "from_pretrained",
         _raise(torch.OutOfMemoryError(message)),
     )
@@ -1114,7 +1114,7 @@ def test_training_loads_the_base_straight_onto_its_device_after_a_memory_check(b
     loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     assert loaded[-1]["device_map"] == "cpu"  # not loaded into memory, then moved
     # On the CPU, a model larger than the memory free is named before the system kills the run.
-    monkeypatch.setattr(modeling_chatpose, "free_host_memory", lambda: 1024)
+    monkeypatch.setattr(loading, "free_host_memory", lambda: 1024)
     with pytest.raises(ModelError, match=r"GB free; train it on a GPU \(--device cuda\)$"):
         loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
 

@@ -42,6 +42,9 @@ def register() -> None:
     stale = _shadowed_shared_protocol()
     if stale:
         raise ImportError(stale)
+    other = _other_copy_registered()
+    if other:
+        raise ImportError(other)
     from . import registration
 
     registration.register()
@@ -63,6 +66,24 @@ def _forget_imported_shared_protocol() -> None:
     for name in [n for n in sys.modules if n.partition(".")[0] == "shared_protocol"]:
         del sys.modules[name]
     importlib.invalidate_caches()
+
+
+def _other_copy_registered() -> str | None:
+    """Why this copy must not register, or None: another copy of ChatPose (the legacy install
+    beside the extension, say) is enabled. Both would own the same panels and scene settings,
+    and disabling either would break the other."""
+    import bpy
+
+    from .blender.props import SETTINGS_CLASS
+
+    other = bpy.types.PropertyGroup.bl_rna_get_subclass_py(SETTINGS_CLASS)
+    package = other.__module__.removesuffix(".blender.props") if other is not None else None
+    if package is None or package == __package__:
+        return None
+    return (
+        f"another copy of ChatPose is enabled ({package}): disable it in Preferences > "
+        "Add-ons (and remove it, if it is the legacy install), then enable this one"
+    )
 
 
 def _shadowed_shared_protocol() -> str | None:

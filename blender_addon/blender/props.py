@@ -37,6 +37,10 @@ class ChatPoseMessage(bpy.types.PropertyGroup):
     poses: bpy.props.IntProperty(name="Poses", description="Poses in the reply", min=0)
 
 
+# Its name in Blender, by which a copy of the add-on finds another copy's (`register`).
+SETTINGS_CLASS = "ChatPoseSceneSettings"
+
+
 class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     target: bpy.props.PointerProperty(
         name="Target",
@@ -119,8 +123,9 @@ def register() -> None:
 
 
 def unregister() -> None:
-    if hasattr(bpy.types.Scene, "chatpose"):
-        del bpy.types.Scene.chatpose
+    owner = bpy.types.PropertyGroup.bl_rna_get_subclass_py(SETTINGS_CLASS)
+    if hasattr(bpy.types.Scene, "chatpose") and owner in (None, ChatPoseSceneSettings):
+        del bpy.types.Scene.chatpose  # not another copy's, which would break it
 
 
 def target_armature(context: bpy.types.Context) -> bpy.types.Object | None:

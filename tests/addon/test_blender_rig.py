@@ -88,6 +88,32 @@ def test_register_and_unregister_cleanly_twice(blender):
     addon_utils.enable(ADDON, default_set=True)  # for the fixture's teardown
 
 
+def test_a_second_copy_of_the_add_on_is_refused_and_leaves_the_first_working(blender):
+    # The legacy install left enabled beside the extension: both registered, and disabling
+    # the legacy one deleted the scene settings the extension's panels and operators use.
+    import addon_utils  # importable once bpy is imported
+
+    from blender_addon.blender import props
+
+    other = type(
+        props.SETTINGS_CLASS,
+        (bpy.types.PropertyGroup,),
+        {"__module__": "bl_ext.user_default.chatpose.blender.props"},
+    )
+    addon_utils.disable(ADDON, default_set=True)
+    bpy.utils.register_class(other)
+    bpy.types.Scene.chatpose = bpy.props.PointerProperty(type=other)
+    try:
+        with pytest.raises(ImportError, match=r"another copy of ChatPose is enabled \(bl_ext"):
+            blender_addon.register()
+        props.unregister()  # as this copy's unregister would: the other's settings stay
+        assert hasattr(bpy.types.Scene, "chatpose")
+    finally:
+        del bpy.types.Scene.chatpose
+        bpy.utils.unregister_class(other)
+    addon_utils.enable(ADDON, default_set=True)  # for the fixture's teardown
+
+
 @pytest.mark.parametrize(
     "missing, advice",
     [("shared_protocol", "chatpose_shared_protocol-.*whl"), ("zmq", "pip-install pyzmq")],

@@ -469,12 +469,20 @@ def _smpl_parameters(path: Path, arrays: Mapping[str, np.ndarray]) -> np.ndarray
 
 
 def _first_bad_rotation(matrices: np.ndarray) -> tuple[int, ValueError]:
-    """The first frame of (N, J, 3, 3) `matrices` that `matrix_to_axis_angle` refuses, and why."""
-    for frame, frame_matrices in enumerate(matrices):
+    """The first frame of (N, J, 3, 3) `matrices` that `matrix_to_axis_angle` refuses, and why:
+    the frames are halved until one is left (a few whole-array calls, not one per frame)."""
+    low, high = 0, len(matrices)  # the first bad frame is in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
         try:
-            matrix_to_axis_angle(frame_matrices)
-        except ValueError as exc:
-            return frame, exc
+            matrix_to_axis_angle(matrices[low:middle])
+            low = middle
+        except ValueError:
+            high = middle
+    try:
+        matrix_to_axis_angle(matrices[low])
+    except ValueError as exc:
+        return low, exc
     raise AssertionError("every frame converts one by one but not all together")
 
 
@@ -661,15 +669,21 @@ def z_up_to_y_up_zero_yaw(axis_angle: np.ndarray) -> np.ndarray:
     return poses
 
 
-def _in_body_frame(poses: np.ndarray, z_up: bool | None, path: Path) -> np.ndarray:
+def _in_body_frame(
+    poses: np.ndarray,
+    z_up: bool | None,
+    path: Path,
+    options: tuple[str, str] = ("z_up=true", "z_up=false"),
+) -> np.ndarray:
     """(N, 24, 3) poses of a file in the SMPL body frame: turned upright with `z_up`; with
     `z_up` unsaid, DatasetError when most bodies stand along +Z, which would train every
-    pose lying down."""
+    pose lying down, naming the two `options` that say which it is."""
     if z_up is None and _mostly_up_along(poses, WORLD_UP_Z):
+        turn, keep = options
         raise DatasetError(
             f"{path}: most bodies stand along +Z, as in AMASS's Z-up world (and in the "
-            "motions chatpose and the add-on export); add z_up=true to turn them upright, or "
-            "z_up=false if they are meant so"
+            f"motions chatpose and the add-on export); add {turn} to turn them upright, or "
+            f"{keep} if they are meant so"
         )
     return z_up_to_y_up_zero_yaw(poses) if z_up and len(poses) else poses
 

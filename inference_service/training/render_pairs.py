@@ -381,7 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
             arrays = _read_npz(args.poses)
-            poses = _in_body_frame(read_pose_array(args.poses, arrays), args.z_up, args.poses)
+            poses = _in_body_frame(
+                read_pose_array(args.poses, arrays),
+                args.z_up,
+                args.poses,
+                options=("--z-up", "--no-z-up"),
+            )
             if args.count is not None:
                 poses = poses[: args.count]
             if "names" in arrays and arrays["names"].ndim != 1:

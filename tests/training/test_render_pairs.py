@@ -153,7 +153,9 @@ def test_a_poses_file_standing_along_z_is_refused_unless_z_up_says_what_it_is(
     np.savez(tmp_path / "amass.npz", poses=poses.reshape(2, 72))
     args = [str(tmp_path / "out"), "--poses", str(tmp_path / "amass.npz")]
     assert module.main(args) == 2
-    assert "most bodies stand along +Z" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert "most bodies stand along +Z" in refusal
+    assert "add --z-up to turn them upright, or --no-z-up if they are meant so" in refusal
     assert not rendered
     assert module.main([*args, "--z-up"]) == 0
     up = axis_angle_to_matrix(rendered[0][:, 0])[:, :, 1]

@@ -13,7 +13,7 @@ from shared_protocol.pose import Motion, Pose
 
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import frames_for, keyed_frame_list, motion_frames, playback_rate
-from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time
+from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time, take_fcurves
 from .armature import bone_names, rest_joints, rig_geometry
 from .fast_keys import write_keys
 from .posing import (
@@ -231,23 +231,51 @@ _OBJECT_TRANSFORM = {
 def placement_left_out(obj: bpy.types.Object) -> str:
     """What moves ``obj`` as a whole during its animation, which its exported motion leaves
     out: the file holds the armature's bones, in the armature object's space (where the object
-    stands in the scene is the scene's layout, not the motion). '' when nothing moves it: no
-    keys, drivers or constraints on its transform or on a parent's."""
+    stands in the scene is the scene's layout, not the motion). '' when nothing moves it or a
+    parent: keys whose values change (its own or an NLA strip's), a driver, or a constraint
+    that follows a target, on its transform. Read from the animation data, not by playing
+    the frames, which would undo unkeyed changes to the pose."""
     for item in (obj, *_parents(obj)):
-        animation = item.animation_data
-        keyed = {fcurve.data_path for fcurve in action_fcurves(item)} & _OBJECT_TRANSFORM
-        driven = {
-            driver.data_path
-            for driver in (animation.drivers if animation else ())
-            if not driver.mute and driver.data_path in _OBJECT_TRANSFORM
-        }
-        if keyed or driven:
-            how = "keyed" if keyed else "driven"
-            return f"{item.name} is {how} to move as a whole ({', '.join(sorted(keyed or driven))})"
-        for constraint in item.constraints:
-            if not constraint.mute and constraint.influence > 0.0 and constraint.is_valid:
-                return f"{item.name}'s constraint {constraint.name!r} moves it"
+        why = _what_moves(item)
+        if why:
+            return f"{item.name} moves as a whole: {why}"
     return ""
+
+
+def _what_moves(item: bpy.types.Object) -> str:
+    animation = item.animation_data
+    takes = [("its keys change", action_fcurves(item))]
+    for track in animation.nla_tracks if animation else ():
+        for strip in track.strips if not track.mute else ():
+            if strip.action is not None and not strip.mute:
+                slot = getattr(strip, "action_slot", None)  # Blender 4.4+
+                takes.append(
+                    (f"the NLA strip {strip.name!r} changes", take_fcurves(strip.action, slot))
+                )
+    for what, fcurves in takes:
+        moving = {fc.data_path for fc in fcurves if _moves(fc)}
+        if moving:
+            return f"{what} its {', '.join(sorted(moving))}"
+    driven = {
+        driver.data_path
+        for driver in (animation.drivers if animation else ())
+        if not driver.mute and driver.data_path in _OBJECT_TRANSFORM
+    }
+    if driven:
+        return f"a driver sets its {', '.join(sorted(driven))}"
+    for constraint in item.constraints:
+        target = getattr(constraint, "target", None)  # Limit constraints have none: no motion
+        if target is not None and not constraint.mute and constraint.influence > 0.0:
+            return f"its constraint {constraint.name!r} follows {target.name}"
+    return ""
+
+
+def _moves(fcurve: bpy.types.FCurve) -> bool:
+    """Whether an unmuted F-curve of an object's transform takes more than one value."""
+    if fcurve.data_path not in _OBJECT_TRANSFORM or fcurve.mute:
+        return False
+    values = {round(key.co[1], 6) for key in fcurve.keyframe_points}
+    return len(values) > 1 or any(not modifier.mute for modifier in fcurve.modifiers)
 
 
 def _parents(obj: bpy.types.Object) -> list[bpy.types.Object]:

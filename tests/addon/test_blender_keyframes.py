@@ -644,8 +644,8 @@ def test_an_export_of_keys_too_far_apart_to_read_between_says_their_timing_is_lo
 
 
 def test_an_export_says_when_the_rig_moves_as_a_whole(blender, tmp_path, capfd):
-    # A rig keyed to travel as an object (or placed, parented, constrained) was written as a
-    # body standing still at the origin, reported as plain success.
+    # A rig keyed to travel as an object (or by a parent, a constraint, the NLA) was written
+    # as a body standing still at the origin, reported as plain success.
     bpy.ops.chatpose.create_armature(with_mesh=False)
     obj = bpy.context.active_object
     key_poses(obj, motion(2, seed=1).poses(), [1, 11])
@@ -655,23 +655,39 @@ def test_an_export_says_when_the_rig_moves_as_a_whole(blender, tmp_path, capfd):
         assert bpy.ops.chatpose.export_npz(filepath=str(out)) == {"FINISHED"}
         return capfd.readouterr().out
 
-    obj.location.x = 2.0  # placed in the scene's layout: not the motion
-    assert "Warning" not in export_message()
+    # Placed in the scene's layout, and keyed there once (I over the object): no motion.
+    obj.location.x = 2.0
     obj.keyframe_insert("location", frame=1)
-    obj.keyframe_insert("rotation_euler", frame=1)
-    message = export_message()
-    assert "the armature's own motion only" in message
-    assert f"{obj.name} is keyed to move as a whole (location, rotation_euler)" in message
-    assert len(Motion.load_npz(out)) == 2  # written all the same
-    obj.keyframe_delete("location", frame=1)
-    obj.keyframe_delete("rotation_euler", frame=1)
+    limit = obj.constraints.new("LIMIT_ROTATION")
     assert "Warning" not in export_message()
-    parent = bpy.data.objects.new("Dolly", None)
-    bpy.context.scene.collection.objects.link(parent)
-    obj.parent = parent
-    constraint = parent.constraints.new("FOLLOW_PATH")
-    constraint.target = bpy.data.objects.new("Path", bpy.data.curves.new("Path", "CURVE"))
-    assert "Dolly's constraint 'Follow Path' moves it" in export_message()
+    obj.location.x = 4.0
+    obj.keyframe_insert("location", frame=11)
+    message = export_message()
+    assert (
+        f"the armature's own motion only: {obj.name} moves as a whole: its keys change its "
+        "location, which the file leaves out" in message
+    )
+    assert len(Motion.load_npz(out)) == 2  # written all the same
+    for fcurve in action_fcurves(obj):
+        fcurve.mute = fcurve.mute or fcurve.data_path == "location"
+    assert "Warning" not in export_message()
+    obj.constraints.remove(limit)
+    # A parent that follows a path; a take in the NLA that walks the rig.
+    dolly = bpy.data.objects.new("Dolly", None)
+    bpy.context.scene.collection.objects.link(dolly)
+    obj.parent = dolly
+    follow = dolly.constraints.new("FOLLOW_PATH")
+    follow.target = bpy.data.objects.new("Path", bpy.data.curves.new("Path", "CURVE"))
+    assert "Dolly moves as a whole: its constraint 'Follow Path' follows Path" in export_message()
+    dolly.constraints.remove(follow)
+    walker = bpy.data.objects.new("Walker", None)
+    for frame, x in ((1, 0.0), (30, 3.0)):
+        walker.location.x = x
+        walker.keyframe_insert("location", frame=frame)
+    walk = walker.animation_data.action
+    track = dolly.animation_data_create().nla_tracks.new()
+    track.strips.new("walk", 1, walk)
+    assert "Dolly moves as a whole: the NLA strip 'walk' changes its location" in export_message()
 
 
 def test_each_take_exports_with_its_own_subject(blender, tmp_path):

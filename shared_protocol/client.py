@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .address import AddressError, check_address, is_ipv6
 from .protocol import (
     DEFAULT_LIMITS,
+    CancelRequest,
     ErrorCode,
     ErrorReply,
     Limits,
@@ -78,6 +79,8 @@ for _event in HANDSHAKE_REFUSALS:
 # How often a blocking wait looks whether the connection dropped (it also keeps each wait far
 # below the C int of milliseconds ZeroMQ takes).
 _DROP_CHECK_MS = 200
+# How long closing a socket may wait for the cancel of a request given up on to leave.
+_ABANDON_LINGER_MS = 200
 
 
 class HandshakeRefused(ProtocolError):
@@ -357,11 +360,29 @@ class Client:
             )
         drops = self.drops
         self.send(request)
-        while True:
-            reply = self._wait_for(request, timeout_s, drops)
-            yield reply
-            if is_final(reply):
-                return
+        finished = False
+        try:
+            while not finished:
+                reply = self._wait_for(request, timeout_s, drops)
+                finished = is_final(reply)
+                yield reply
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the caller stopped reading
+            if not finished and request.op != "status":
+                self.abandon(request.id)
+            raise
+
+    def abandon(self, request_id: str) -> None:
+        """Asks the service to stop a request that nobody will wait for (a timeout, Ctrl-C,
+        the add-on disabled): else its work (a chat turn, a batch) runs to the end, holding up
+        every other client, since the service learns a client is gone only when a reply to it
+        cannot be sent. Best effort, on a live connection only; closing or resetting the
+        socket then waits up to _ABANDON_LINGER_MS for the cancel to leave."""
+        if self._socket.closed or not self.connected:
+            return
+        cancel = CancelRequest(self.new_id(), request_id)
+        with contextlib.suppress(zmq.ZMQError, ProtocolError):
+            self._socket.send_multipart(encode_request(cancel, self._limits), zmq.NOBLOCK)
+            self._socket.linger = _ABANDON_LINGER_MS
 
     def _wait_for(self, request: Request, timeout_s: float, drops: int) -> Reply:
         """The next reply to `request`; unreachable as soon as the connection it went out on
@@ -385,6 +406,8 @@ class Client:
                     op=request.op,
                 )
         code = ErrorCode.TIMEOUT if self.connected else ErrorCode.UNREACHABLE
+        if request.op != "status":
+            self.abandon(request.id)
         self.reset()
         raise ProtocolError(
             code,

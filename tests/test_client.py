@@ -253,3 +253,51 @@ def test_a_key_file_holding_no_curve_key_is_named_before_any_socket(tmp_path, co
     keys = ClientCurveKeys(tmp_path / "me.key_secret", tmp_path / "server.key")
     with pytest.raises(ValueError, match=r"the client key .*me\.key_secret (is not a CURVE|cann)"):
         keys.load()
+
+
+def test_a_request_given_up_on_is_cancelled_so_the_service_stops_its_work(context):
+    # The service learns a client has gone only when a reply to it cannot be sent: a chat
+    # turn or a batch given up on (a timeout, Ctrl-C) ran to its end, holding up every other
+    # animator's request behind it.
+    import numpy as np
+
+    from shared_protocol.pose import Pose
+    from shared_protocol.protocol import (
+        BatchItemReply,
+        CancelRequest,
+        PoseRequest,
+        decode_request,
+        encode_reply,
+    )
+
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def received():
+        assert service.poll(5_000), "nothing came"
+        identity, *frames = service.recv_multipart()
+        return identity, decode_request(frames)
+
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
+            chat = PoseRequest(client.new_id(), "how would a tired person stand?", mode="chat")
+            with pytest.raises(ProtocolError) as raised:
+                client.request(chat, timeout_s=0.3)
+            assert raised.value.code == ErrorCode.TIMEOUT
+            assert received()[1] == chat
+            _, cancel = received()
+            assert isinstance(cancel, CancelRequest) and cancel.target == chat.id
+            batch = BatchRequest(client.new_id(), ("wave", "bow"))
+            first = BatchItemReply(batch.id, 0, 2, "ok", (Pose(np.zeros((24, 3))),))
+            answering = threading.Thread(
+                target=lambda: service.send_multipart([received()[0], *encode_reply(first)])
+            )
+            answering.start()
+            replies = client.stream(batch, timeout_s=5.0)
+            assert next(replies).index == 0
+            answering.join()
+            replies.close()  # the caller stopped reading: Ctrl-C between two lines, say
+            _, cancel = received()
+            assert isinstance(cancel, CancelRequest) and cancel.target == batch.id
+    finally:
+        service.close(linger=0)

@@ -147,6 +147,10 @@ class Session:
         return bool(self._in_flight)
 
     def close(self) -> None:
+        """Closes the connection, asking the service to stop what is still in flight: it
+        would otherwise compute it for no one (the add-on disabled, say)."""
+        for request_id in self._in_flight:
+            self._client.abandon(request_id)
         self._client.close()
 
     # --- requests -------------------------------------------------------------------------------

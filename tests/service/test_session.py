@@ -119,6 +119,24 @@ def test_a_burst_of_answers_is_read_over_several_ticks(address):
     session.close()
 
 
+def test_closing_a_session_asks_the_service_to_stop_what_is_in_flight():
+    # The add-on disabled with a chat turn in flight: the service computed it for no one,
+    # holding up every other animator's request behind it.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        session = Session(f"tcp://127.0.0.1:{port}", timeout_s=TIMEOUT_S)
+        asked = session.request_pose("how would a tired person stand?", mode="chat")
+        assert router.poll(5_000)
+        assert decode_request(router.recv_multipart()[1:]).id == asked
+        session.close()
+        assert router.poll(5_000), "no cancel came"
+        cancel = decode_request(router.recv_multipart()[1:])
+        assert isinstance(cancel, CancelRequest) and cancel.target == asked
+    finally:
+        router.close(linger=0)
+
+
 def test_answers_that_came_before_the_service_went_away_are_all_read():
     # Read 64 a tick, the rest were dropped with the socket when the tick found the service
     # gone: the batch failed as "went away", its answers in hand.

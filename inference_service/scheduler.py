@@ -266,13 +266,19 @@ class Scheduler:
                 return
             depth = len(self._queue) + sum(len(r.waiting) for r in self._requests.values())
             if depth + len(items) > self._max_queue:
-                message = f"the queue is full ({depth} items waiting); try again shortly"
+                message = (
+                    f"the queue is too full for these {len(items)} prompt(s): {depth} wait, and "
+                    f"this service queues at most {self._max_queue} (chatpose-serve "
+                    "--max-queue); try again shortly"
+                )
                 self._emit_error(client, request_id, op, ErrorCode.BUSY, message)
                 return
             held = self._queued_bytes()
             if held + size > self._max_queued_bytes:
                 message = (
-                    f"the queue is full ({held / 2**20:.0f} MiB of images and text waiting); "
+                    f"the queue is too full for these {size / 2**20:.1f} MiB of images and "
+                    f"text: {held / 2**20:.1f} MiB wait, and this service queues at most "
+                    f"{self._max_queued_bytes / 2**20:.0f} MiB (chatpose-serve --max-queued-mb); "
                     "try again shortly"
                 )
                 self._emit_error(client, request_id, op, ErrorCode.BUSY, message)

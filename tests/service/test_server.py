@@ -457,7 +457,11 @@ def test_a_full_queue_answers_busy(backend):
             client.send(first)
             assert backend.entered.wait(TIMEOUT_S)  # one runs, two wait
             reply = client.request(BatchRequest(client.new_id(), ["b"] * 2), TIMEOUT_S)
-            assert reply.code == ErrorCode.BUSY and "try again shortly" in reply.message
+            assert reply.code == ErrorCode.BUSY
+            assert reply.message == (
+                "the queue is too full for these 2 prompt(s): 2 wait, and this service queues "
+                "at most 3 (chatpose-serve --max-queue); try again shortly"
+            )
             # More than the queue could ever hold is not "busy": trying again cannot help.
             never = client.request(BatchRequest(client.new_id(), ["c"] * 4), TIMEOUT_S)
             assert never.code == ErrorCode.TOO_LARGE
@@ -486,10 +490,11 @@ def test_a_queue_full_of_images_answers_busy_by_bytes(backend):
             refused = client.request(
                 PoseRequest(client.new_id(), "one too many", images=(big,)), TIMEOUT_S
             )
-            assert (
-                refused.code == ErrorCode.BUSY
-                and "MiB of images and text waiting" in refused.message
+            assert refused.code == ErrorCode.BUSY
+            assert "the queue is too full for these 0.7 MiB of images and text: 1.4 MiB wait" in (
+                refused.message
             )
+            assert "at most 2 MiB (chatpose-serve --max-queued-mb)" in refused.message
             backend.release()
             answered = _collect(client, until=lambda r: r.id == waiting[-1].id)
             assert {r.id for r in answered if isinstance(r, PoseReply)} >= {waiting[-1].id}

@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from inference_service.images import decode_image
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import build_prompt, image_prefix, pose_exchange
 from shared_protocol.rotations import axis_angle_to_matrix, geodesic_distance
@@ -84,7 +84,7 @@ def run_case(model: ChatPoseModel, args, images: tuple[bytes, ...]) -> dict:
     pose_token = model.config.pose_token
     question, answer = pose_exchange(benchlib.DESCRIPTION, bool(images), pose_token)
     forced = benchlib.forcing.answer_ids(model, question, answer, len(images))
-    request = PoseRequest(benchlib.DESCRIPTION, images)
+    request = PosePrompt(benchlib.DESCRIPTION, images)
 
     def fast():
         return model.predict_poses([request])[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import benchlib
 
-from inference_service.modeling_chatpose import PoseRequest
+from inference_service.modeling_chatpose import PosePrompt
 
 # Batch 32 vs batch 1, by device type: a GPU runs a batch in parallel, a CPU mostly in turn.
 TARGETS = {"cpu": 1.5, "cuda": 10.0}
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     descriptions = [
         benchlib.DESCRIPTIONS[i % len(benchlib.DESCRIPTIONS)] for i in range(args.requests)
     ]
-    requests = [PoseRequest(text, images) for text in descriptions]
+    requests = [PosePrompt(text, images) for text in descriptions]
 
     with benchlib.temporary_directory() as workdir:
         model = benchlib.build_model(size, args.device, Path(workdir))

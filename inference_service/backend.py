@@ -10,15 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shared_protocol.pose import Pose
-from shared_protocol.protocol import Turn as WireTurn
+from shared_protocol.protocol import Turn
 
 from .errors import UnsupportedInputError
-from .modeling_chatpose import DEFAULT_MAX_NEW_TOKENS, ChatPoseModel, PoseRequest
-from .prompts import POSE_MARKER, Turn, pose_exchange
+from .modeling_chatpose import DEFAULT_MAX_NEW_TOKENS, ChatPoseModel, PosePrompt
+from .prompts import POSE_MARKER, Exchange, pose_exchange
 from .scheduler import Answer, ModelInfo, WorkItem
 
 
-def paired_turns(history: Sequence[WireTurn]) -> tuple[Turn, ...]:
+def paired_turns(history: Sequence[Turn]) -> tuple[Exchange, ...]:
     """The wire's role/text turns as the model's (user, assistant) exchanges."""
     if len(history) % 2:
         raise UnsupportedInputError(
@@ -32,7 +32,7 @@ def paired_turns(history: Sequence[WireTurn]) -> tuple[Turn, ...]:
                 f"history[{i}], history[{i + 1}]: expected roles user then assistant, "
                 f"got {user.role} then {assistant.role}"
             )
-        pairs.append(Turn(user.text, assistant.text))
+        pairs.append(Exchange(user.text, assistant.text))
     return tuple(pairs)
 
 
@@ -59,7 +59,7 @@ class ModelBackend:
         return cls(model, Path(path).resolve().name, max_new_tokens)
 
     def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
-        requests = [PoseRequest(item.prompt or None, item.images) for item in items]
+        requests = [PosePrompt(item.prompt or None, item.images) for item in items]
         poses = self.model.predict_poses(requests)
         return [
             Answer(self._forced_answer(item), (Pose(pose, label=item.prompt or None),))

@@ -204,14 +204,14 @@ class ModelPredictor:
         return out
 
     def text(self, texts: Sequence[str]) -> np.ndarray:
-        from inference_service.modeling_chatpose import PoseRequest
+        from inference_service.modeling_chatpose import PosePrompt
 
-        return self._run([PoseRequest(text=t) for t in texts])
+        return self._run([PosePrompt(text=t) for t in texts])
 
     def images(self, images: Sequence[bytes]) -> np.ndarray:
-        from inference_service.modeling_chatpose import PoseRequest
+        from inference_service.modeling_chatpose import PosePrompt
 
-        return self._run([PoseRequest(images=(data,)) for data in images])
+        return self._run([PosePrompt(images=(data,)) for data in images])
 
     def examples(self, examples: Sequence[Example]) -> list[np.ndarray]:
         """Each example's poses, (len(example.poses), 24, 3), read with its answers given: the

@@ -57,7 +57,7 @@ from inference_service.images import decode_image
 from inference_service.pose_head import PoseHead, decode_pose
 from inference_service.prompts import (
     POSE_MARKER,
-    Turn,
+    Exchange,
     build_prompt,
     conversation_prefix,
     get_template,
@@ -74,7 +74,7 @@ MAX_NEW_TOKENS_LIMIT = 512
 
 
 @dataclass(frozen=True)
-class PoseRequest:
+class PosePrompt:
     """One fast-path request: a description, PNG/JPEG image bytes, or both."""
 
     text: str | None = None
@@ -283,7 +283,7 @@ class ChatPoseModel:
     # --- fast path ---------------------------------------------------------------------
 
     @_request_entry
-    def predict_poses(self, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
+    def predict_poses(self, requests: Sequence[PosePrompt]) -> list[np.ndarray]:
         """One (24, 3) axis-angle pose per request, from one forward pass over the batch."""
         if not requests:
             return []
@@ -312,7 +312,7 @@ class ChatPoseModel:
         return self._poses(hidden[rows.to(self.device), positions.to(self.device) - 1])
 
     @_request_entry
-    def pose_states(self, requests: Sequence[PoseRequest]) -> torch.Tensor:
+    def pose_states(self, requests: Sequence[PosePrompt]) -> torch.Tensor:
         """(len(requests), H): the final-layer state before each request's pose token, with the
         answer template forced (what the SMPL head reads on the fast path)."""
         texts: list[str] = []
@@ -394,7 +394,7 @@ class ChatPoseModel:
         self,
         prompt: str,
         images: Sequence[bytes] = (),
-        history: Sequence[Turn] = (),
+        history: Sequence[Exchange] = (),
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         logits_processor: Sequence[LogitsProcessor] = (),
         stop: Callable[[], bool] | None = None,
@@ -500,10 +500,10 @@ class ChatPoseModel:
     def fitting_history(
         self,
         prompt: str,
-        history: Sequence[Turn],
+        history: Sequence[Exchange],
         images: Sequence[Image.Image],
         max_new_tokens: int,
-    ) -> Sequence[Turn]:
+    ) -> Sequence[Exchange]:
         """The latest turns of `history` that leave `max_new_tokens` of the context for the
         reply; the oldest go first, as chat front-ends do (the images move to the first turn
         kept). UnsupportedInputError when the message alone, with its images, leaves no room."""

@@ -44,7 +44,7 @@ TEMPLATES = {LLAVA_V1.name: LLAVA_V1}
 
 
 @dataclass(frozen=True)
-class Turn:
+class Exchange:
     """One earlier exchange of a chat; pose tokens in `assistant` are written as POSE_MARKER."""
 
     user: str
@@ -71,7 +71,7 @@ def image_prefix(count: int, image_token: str, use_im_start_end: bool) -> str:
 def build_prompt(
     template: ConversationTemplate,
     user_message: str,
-    history: Sequence[Turn] = (),
+    history: Sequence[Exchange] = (),
     image_markers: str = "",
     pose_token: str = POSE_MARKER,
 ) -> str:

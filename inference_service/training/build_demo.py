@@ -907,11 +907,11 @@ def check_pack(original: Path, packed: Path, corpus: Path, tolerance_mm: float =
     """The packed model predicts what the trained checkpoint predicts (fp16 rounding aside):
     the largest MPJPE (mm) between them on a few captions."""
     from inference_service.metrics import mpjpe
-    from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+    from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
     from inference_service.training.corpus import load_corpus
 
     captions = [r.caption for r in load_corpus(corpus)[:8]]
-    requests = [PoseRequest(text=c) for c in captions]
+    requests = [PosePrompt(text=c) for c in captions]
     a = np.stack(ChatPoseModel.from_checkpoint(original, device="cpu").predict_poses(requests))
     b = np.stack(ChatPoseModel.from_checkpoint(packed, device="cpu").predict_poses(requests))
     worst = float(mpjpe(a, b).max())
@@ -978,7 +978,7 @@ def examples(work: Path, packed: Path, pairs: Path, images_dir: Path) -> list[di
     """Render prompt -> predicted pose pictures (and image -> pose for a few test pairs) into
     `images_dir`; returns their descriptions for the docs."""
     from inference_service.evaluate import action_prompts
-    from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+    from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
     from inference_service.training.render_pairs import fixed_view, read_pairs
 
     first: dict[str, str] = {}
@@ -986,11 +986,11 @@ def examples(work: Path, packed: Path, pairs: Path, images_dir: Path) -> list[di
         first.setdefault(name, text)
     prompts = [*first.values(), *EXAMPLE_PROMPTS]
     model = ChatPoseModel.from_checkpoint(packed, device="cpu")
-    text_poses = model.predict_poses([PoseRequest(text=p) for p in prompts])
+    text_poses = model.predict_poses([PosePrompt(text=p) for p in prompts])
     arrays = read_pairs(pairs / "pairs.npz")
     picked = np.linspace(0, len(arrays["poses"]) - 1, EXAMPLE_IMAGES).astype(int)
     inputs = [(pairs / str(arrays["images"][i])).read_bytes() for i in picked]
-    image_poses = model.predict_poses([PoseRequest(images=(data,)) for data in inputs])
+    image_poses = model.predict_poses([PosePrompt(images=(data,)) for data in inputs])
     view = fixed_view()
     poses, names, views, entries = [], [], [], []
     for k, (prompt, pose) in enumerate(zip(prompts, text_poses, strict=True)):

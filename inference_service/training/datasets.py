@@ -12,7 +12,7 @@ One record type, `Example`, whatever the source:
   `load_image` decodes both as a batch needs them, `image_bytes` gives their bytes;
 - `poses`: the targets, one (24, 3) axis-angle per POSE_MARKER in the answers (earlier turns of
   `history` first), or empty when the example has no pose supervision (chat);
-- `history`: earlier exchanges of a multi-turn conversation (`prompts.Turn`);
+- `history`: earlier exchanges of a multi-turn conversation (`prompts.Exchange`);
 - `source`: where the record came from ("file#record"), for error messages.
 
 Readers (each returns a list of Example and raises `DatasetError` at load time, naming the file
@@ -60,7 +60,7 @@ from inference_service.prompts import (
     TEXT_ANSWER,
     TEXT_QUESTION,
     WORDINGS,
-    Turn,
+    Exchange,
     pose_exchange,
 )
 from shared_protocol.pose import camera_to_upright, smpl_poses
@@ -153,7 +153,7 @@ class Example:
     answer: str
     images: tuple[bytes | ImageFile, ...] = ()
     poses: tuple[np.ndarray, ...] = ()
-    history: tuple[Turn, ...] = ()
+    history: tuple[Exchange, ...] = ()
     source: str = ""
     # The named action the caption phrases (the synthetic corpus's action phrasings), for the
     # auxiliary action loss (`TrainConfig.action_weight`); "" for any other example.
@@ -1107,7 +1107,7 @@ def read_llava_conversations(
             kind = "image_to_pose" if image_files else "text_to_pose"
         else:
             kind = "chat"
-        history = tuple(Turn(user, assistant) for user, assistant in turns[:-1])
+        history = tuple(Exchange(user, assistant) for user, assistant in turns[:-1])
         examples.append(
             Example(
                 kind,

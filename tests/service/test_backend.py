@@ -22,7 +22,7 @@ from inference_service import serve
 from inference_service.backend import ModelBackend, paired_turns
 from inference_service.errors import UnsupportedInputError
 from inference_service.keys import make_keys
-from inference_service.modeling_chatpose import PoseRequest as ModelRequest
+from inference_service.modeling_chatpose import PosePrompt
 from inference_service.scheduler import WorkItem
 from inference_service.server import Server
 from shared_protocol.client import Client
@@ -77,7 +77,7 @@ def backend(tiny_model) -> ModelBackend:
 def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):
     items = [WorkItem("raise both arms"), WorkItem("", images=(png_bytes(),)), WorkItem("x")]
     answers = backend.answer_poses(items)
-    direct = tiny_model.predict_poses([ModelRequest(i.prompt or None, i.images) for i in items])
+    direct = tiny_model.predict_poses([PosePrompt(i.prompt or None, i.images) for i in items])
     for answer, item, pose in zip(answers, items, direct, strict=True):
         [got] = answer.poses
         np.testing.assert_allclose(got.axis_angle, pose, atol=1e-6)

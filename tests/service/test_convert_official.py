@@ -18,7 +18,7 @@ from inference_service.checkpoint import ChatPoseConfig
 from inference_service.convert_official import convert, main
 from inference_service.errors import CheckpointError
 from inference_service.loading import save_processor
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from shared_protocol.rotations import axis_angle_to_matrix
 
 from . import tiny_llava
@@ -26,8 +26,8 @@ from .forcing import ForceTokens, answer_ids
 
 OFFICIAL_TOKENS = ("<unk>", "<s>", "</s>", *tiny_llava.OFFICIAL_EXTRA_TOKENS)
 REQUESTS = [
-    PoseRequest("a man raising both arms"),
-    PoseRequest(images=(tiny_llava.image_bytes((9, 99, 199)),)),
+    PosePrompt("a man raising both arms"),
+    PosePrompt(images=(tiny_llava.image_bytes((9, 99, 199)),)),
 ]
 
 

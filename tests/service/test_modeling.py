@@ -24,8 +24,8 @@ from inference_service.errors import (
     UnsupportedInputError,
 )
 from inference_service.images import decode_image
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
-from inference_service.prompts import Turn, build_prompt, pose_exchange
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
+from inference_service.prompts import Exchange, build_prompt, pose_exchange
 
 from . import tiny_llava
 from .forcing import ForceTokens, answer_ids
@@ -206,7 +206,7 @@ def test_a_git_lfs_pointer_or_a_tokenizer_longer_than_the_embeddings_is_named_at
 
 @pytest.mark.parametrize(
     "request_",
-    [PoseRequest(TEXT), PoseRequest(images=(RED,)), PoseRequest("the man on the left", (BLUE,))],
+    [PosePrompt(TEXT), PosePrompt(images=(RED,)), PosePrompt("the man on the left", (BLUE,))],
     ids=["text", "image", "both"],
 )
 def test_fast_path_gives_finite_24x3_poses(tiny_model, request_):
@@ -219,10 +219,10 @@ def test_fast_path_gives_finite_24x3_poses(tiny_model, request_):
 def test_text_image_and_both_give_different_poses(tiny_model):
     poses = tiny_model.predict_poses(
         [
-            PoseRequest(TEXT),
-            PoseRequest(images=(RED,)),
-            PoseRequest(TEXT, (RED,)),
-            PoseRequest(images=(BLUE,)),
+            PosePrompt(TEXT),
+            PosePrompt(images=(RED,)),
+            PosePrompt(TEXT, (RED,)),
+            PosePrompt(images=(BLUE,)),
         ]
     )
     for i in range(len(poses)):
@@ -232,12 +232,10 @@ def test_text_image_and_both_give_different_poses(tiny_model):
 
 def test_batched_fast_path_equals_one_request_at_a_time(tiny_model):
     requests = [
-        PoseRequest(TEXT),
-        PoseRequest(images=(RED,)),
-        PoseRequest(
-            "a much longer description: kneeling on the left knee, arms stretched", (BLUE,)
-        ),
-        PoseRequest("sitting"),
+        PosePrompt(TEXT),
+        PosePrompt(images=(RED,)),
+        PosePrompt("a much longer description: kneeling on the left knee, arms stretched", (BLUE,)),
+        PosePrompt("sitting"),
     ]
     batched = tiny_model.predict_poses(requests)
     for request, pose in zip(requests, batched, strict=True):
@@ -246,7 +244,7 @@ def test_batched_fast_path_equals_one_request_at_a_time(tiny_model):
 
 
 def test_the_cached_prompt_beginning_gives_the_states_of_a_whole_pass(tiny_model, monkeypatch):
-    requests = [PoseRequest(TEXT), PoseRequest("sitting", (RED,)), PoseRequest(images=(BLUE,))]
+    requests = [PosePrompt(TEXT), PosePrompt("sitting", (RED,)), PosePrompt(images=(BLUE,))]
     seen_lengths: list[int] = []
     kept: list[int] = []  # key/value positions a cache holds after the pass
     backbone = tiny_model._backbone
@@ -289,7 +287,7 @@ def test_chat_path_with_kv_cache_equals_fast_path(tiny_model, images):
     reply = tiny_model.chat(
         question, images, logits_processor=[ForceTokens(forced)], max_new_tokens=len(forced) + 5
     )
-    (fast,) = tiny_model.predict_poses([PoseRequest(TEXT, images)])
+    (fast,) = tiny_model.predict_poses([PosePrompt(TEXT, images)])
     assert reply.text == answer and not reply.truncated  # ended by its end of sequence
     assert len(reply.poses) == 1
     np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
@@ -313,7 +311,7 @@ def test_chat_poses_do_not_depend_on_how_the_base_generates(tiny_model, monkeypa
         tiny_model.model, "generate", lambda **kw: outputs.append(generate(**kw)) or outputs[-1]
     )
     reply = tiny_model.chat(question, logits_processor=[ForceTokens(forced)])
-    (fast,) = tiny_model.predict_poses([PoseRequest(TEXT)])
+    (fast,) = tiny_model.predict_poses([PosePrompt(TEXT)])
     assert reply.text == answer and len(reply.poses) == 1
     np.testing.assert_allclose(reply.poses[0], fast, atol=1e-4)
     assert outputs[0].hidden_states is None
@@ -360,7 +358,7 @@ def test_reply_with_several_pose_tokens_gives_several_poses(tiny_model):
 
 
 def test_chat_takes_history_and_bounds_new_tokens(tiny_model):
-    history = [Turn("Make him sit.", "Sure, it is <POSE>.")]
+    history = [Exchange("Make him sit.", "Sure, it is <POSE>.")]
     # A long forced answer without EOS: generation must stop after max_new_tokens.
     forced = answer_ids(tiny_model, "Now stand up.", "Sure, it is <POSE>. " * 3)[:-1]
     reply = tiny_model.chat(
@@ -399,7 +397,8 @@ def test_a_chat_reply_ends_as_soon_as_it_is_told_to_stop(tiny_model, monkeypatch
 def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model, caplog):
     caplog.set_level("INFO", logger="inference_service.modeling_chatpose")
     history = [
-        Turn(f"Pose number {i}: " + "raise the arm " * 20, "Sure, it is <POSE>.") for i in range(12)
+        Exchange(f"Pose number {i}: " + "raise the arm " * 20, "Sure, it is <POSE>.")
+        for i in range(12)
     ]
     max_new_tokens = 64
     budget = tiny_model.context_length - max_new_tokens
@@ -433,7 +432,7 @@ def test_a_chat_message_longer_than_the_context_is_a_typed_error(tiny_model):
 
 def test_a_pose_prompt_longer_than_the_context_is_a_typed_error(tiny_model):
     with pytest.raises(UnsupportedInputError, match=r"prompt: \d+ tokens .* reads 512"):
-        tiny_model.predict_poses([PoseRequest("raise the arm " * 400)])
+        tiny_model.predict_poses([PosePrompt("raise the arm " * 400)])
 
 
 def test_a_head_of_another_width_than_the_language_model_is_refused_at_load(tiny_model):
@@ -444,7 +443,7 @@ def test_a_head_of_another_width_than_the_language_model_is_refused_at_load(tiny
 
 def test_bad_image_bytes_raise_a_typed_error(tiny_model):
     with pytest.raises(BadImageError):
-        tiny_model.predict_poses([PoseRequest(TEXT), PoseRequest(images=(b"\x89PNG broken",))])
+        tiny_model.predict_poses([PosePrompt(TEXT), PosePrompt(images=(b"\x89PNG broken",))])
     with pytest.raises(BadImageError, match=r"^images\[0\]: not a decodable PNG or JPEG"):
         tiny_model.chat("What is this?", [b"not an image"])  # named as the request names it
 
@@ -459,20 +458,20 @@ def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, mo
         return encode(texts, images)
 
     monkeypatch.setattr(tiny_model, "_encode", recording)
-    reduced = tiny_model.predict_poses([PoseRequest(TEXT, images=(photo,))])[0]
+    reduced = tiny_model.predict_poses([PosePrompt(TEXT, images=(photo,))])[0]
     side = tiny_model.config.image_size
     assert len(seen) == 1 and 2 * side <= min(seen[0]) < 4 * side
 
     unreduced = lambda data, field, **_: decode_image(data, field)  # noqa: E731
     monkeypatch.setattr(modeling_chatpose, "decode_image", unreduced)
-    full = tiny_model.predict_poses([PoseRequest(TEXT, images=(photo,))])[0]
+    full = tiny_model.predict_poses([PosePrompt(TEXT, images=(photo,))])[0]
     assert seen[1] == (1600, 1200)
     np.testing.assert_allclose(reduced, full, atol=2e-3)  # the model sees the same picture
 
 
 def test_too_many_images_raise_a_typed_error(tiny_model):
     with pytest.raises(UnsupportedInputError, match="2 images given; .* at most 1") as error:
-        tiny_model.predict_poses([PoseRequest(images=(RED, BLUE))])
+        tiny_model.predict_poses([PosePrompt(images=(RED, BLUE))])
     assert error.value.code == "unsupported_input"
     with pytest.raises(UnsupportedInputError, match="at most 1"):
         tiny_model.chat("Compare them", [RED, BLUE])
@@ -481,7 +480,7 @@ def test_too_many_images_raise_a_typed_error(tiny_model):
 def test_several_images_when_the_checkpoint_allows_them(tiny_model):
     config = dataclasses.replace(tiny_model.config, max_images=2)
     model = ChatPoseModel(tiny_model.model, tiny_model.processor, tiny_model.head, config)
-    two, one = model.predict_poses([PoseRequest(images=(RED, BLUE)), PoseRequest(images=(RED,))])
+    two, one = model.predict_poses([PosePrompt(images=(RED, BLUE)), PosePrompt(images=(RED,))])
     assert np.isfinite(two).all()
     assert np.abs(two - one).max() > 1e-3
 
@@ -489,8 +488,8 @@ def test_several_images_when_the_checkpoint_allows_them(tiny_model):
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m: m.predict_poses([PoseRequest()]),
-        lambda m: m.predict_poses([PoseRequest("  ")]),
+        lambda m: m.predict_poses([PosePrompt()]),
+        lambda m: m.predict_poses([PosePrompt("  ")]),
         lambda m: m.chat(" "),
     ],
     ids=["nothing", "blank", "blank-chat"],
@@ -504,12 +503,12 @@ def test_nothing_to_answer_raises_empty_prompt(tiny_model, call):
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda m: m.predict_poses([PoseRequest("look at <image> here")]), "prompt"),
+        (lambda m: m.predict_poses([PosePrompt("look at <image> here")]), "prompt"),
         (
-            lambda m: m.chat("hi", history=[Turn("ok", "ok"), Turn("<image>", "ok")]),
+            lambda m: m.chat("hi", history=[Exchange("ok", "ok"), Exchange("<image>", "ok")]),
             "history[2].text",
         ),
-        (lambda m: m.chat("hi", history=[Turn("ok", "see <image>")]), "history[1].text"),
+        (lambda m: m.chat("hi", history=[Exchange("ok", "see <image>")]), "history[1].text"),
     ],
     ids=["image-marker", "image-marker-history", "image-marker-reply"],
 )
@@ -552,7 +551,7 @@ def lora_checkpoints(tiny_checkpoint, tmp_path_factory):
 
 def test_lora_adapter_changes_output_and_equals_merged(tiny_model, lora_checkpoints):
     adapter, merged = lora_checkpoints
-    requests = [PoseRequest(TEXT), PoseRequest(images=(RED,))]
+    requests = [PosePrompt(TEXT), PosePrompt(images=(RED,))]
     plain = tiny_model.predict_poses(requests)
     with_adapter = ChatPoseModel.from_checkpoint(adapter, device="cpu").predict_poses(requests)
     premerged = ChatPoseModel.from_checkpoint(merged, device="cpu").predict_poses(requests)
@@ -860,7 +859,7 @@ def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_le
         if where == "_backbone":
             where = "model.generate"
     else:
-        run = lambda: tiny_model.predict_poses([PoseRequest(TEXT)])  # noqa: E731
+        run = lambda: tiny_model.predict_poses([PosePrompt(TEXT)])  # noqa: E731
     owner, name = (
         (tiny_model.model, "generate") if where == "model.generate" else (tiny_model, where)
     )
@@ -918,7 +917,7 @@ def test_an_adapter_naming_a_hub_model_or_a_missing_base_loads_without_the_netwo
     )
     model = ChatPoseModel.from_checkpoint(named, device="cpu")
     assert no_network == []
-    assert len(model.predict_poses([PoseRequest(TEXT)])) == 1
+    assert len(model.predict_poses([PosePrompt(TEXT)])) == 1
 
 
 def test_an_adapter_that_saved_its_embeddings_is_not_taken_for_another_base_s(
@@ -953,7 +952,7 @@ def test_a_tokenizer_without_padding_pads_with_unk_or_eos_and_one_without_eos_is
         model = ChatPoseModel.from_checkpoint(copy, device="cpu")
         assert model.tokenizer.pad_token == padding
         # Rows of different lengths: the shorter one is padded.
-        poses = model.predict_poses([PoseRequest("sit"), PoseRequest(TEXT, (RED,))])
+        poses = model.predict_poses([PosePrompt("sit"), PosePrompt(TEXT, (RED,))])
         assert len(poses) == 2 and all(np.isfinite(p).all() for p in poses)
         assert isinstance(model.chat("hello", max_new_tokens=2).text, str)
     # Without an end-of-sequence token a chat reply could never end.

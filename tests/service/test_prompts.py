@@ -3,7 +3,7 @@ import pytest
 from inference_service.prompts import (
     LLAVA_V1,
     POSE_MARKER,
-    Turn,
+    Exchange,
     build_prompt,
     get_template,
     image_prefix,
@@ -20,8 +20,8 @@ def test_single_turn_llava_v1_layout():
 
 def test_history_uses_both_separators_and_the_models_pose_token():
     history = [
-        Turn("Make him sit.", f"Sure, it is {POSE_MARKER}."),
-        Turn("Thanks", "You're welcome."),
+        Exchange("Make him sit.", f"Sure, it is {POSE_MARKER}."),
+        Exchange("Thanks", "You're welcome."),
     ]
     prompt = build_prompt(LLAVA_V1, "Now stand", history, pose_token="[SEG]")
     assert prompt == (
@@ -36,7 +36,7 @@ def test_image_markers_open_the_first_user_message_only():
     assert build_prompt(LLAVA_V1, "Pose?", image_markers=markers) == (
         f"{SYSTEM} USER: <image>\nPose? ASSISTANT:"
     )
-    with_history = build_prompt(LLAVA_V1, "And now?", [Turn("Pose?", "Sure.")], markers)
+    with_history = build_prompt(LLAVA_V1, "And now?", [Exchange("Pose?", "Sure.")], markers)
     assert with_history.count("<image>") == 1
     assert "USER: <image>\nPose? ASSISTANT: Sure.</s>USER: And now?" in with_history
 

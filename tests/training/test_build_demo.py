@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 
 from inference_service.checkpoint import Checkpoint
 from inference_service.metrics import pa_mpjpe
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.serve import DEMO_CHECKPOINT
 from inference_service.training import build_demo
 from inference_service.training.actions import ACTIONS
@@ -91,7 +91,7 @@ def test_tiny_build_runs_end_to_end_and_the_packed_checkpoint_serves(tmp_path):
     assert model.dtype == torch.float32
     image = next((tmp_path / "work" / "pairs_test" / "images").glob("*.png")).read_bytes()
     poses = model.predict_poses(
-        [PoseRequest(text="A man raises his left arm."), PoseRequest(images=(image,))]
+        [PosePrompt(text="A man raises his left arm."), PosePrompt(images=(image,))]
     )
     assert len(poses) == 2 and all(p.shape == (24, 3) and np.isfinite(p).all() for p in poses)
     # The docs: the generated part replaced between the markers, the prose kept.
@@ -212,7 +212,7 @@ def test_a_build_whose_train_stage_uses_lora_packs_the_adapter_merged(tmp_path, 
     towers = [m.model.vision_tower.state_dict() for m in (scaffolded, merged)]
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])  # frozen, as the paper
     model = ChatPoseModel.from_checkpoint(out, device="cpu")
-    (pose,) = model.predict_poses([PoseRequest(text="A man raises his left arm.")])
+    (pose,) = model.predict_poses([PosePrompt(text="A man raises his left arm.")])
     assert pose.shape == (24, 3) and np.isfinite(pose).all()
 
 
@@ -252,9 +252,9 @@ def test_the_conditioned_base_reads_its_prompt_as_a_bag_of_words(tmp_path):
     model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
     states = model.pose_states(
         [
-            PoseRequest("the left arm is raised high"),
-            PoseRequest("high raised is the left arm"),  # the same words: the same state
-            PoseRequest("the right arm is raised high"),
+            PosePrompt("the left arm is raised high"),
+            PosePrompt("high raised is the left arm"),  # the same words: the same state
+            PosePrompt("the right arm is raised high"),
         ]
     ).numpy()
     np.testing.assert_allclose(states[0], states[1], atol=1e-4)
@@ -267,7 +267,7 @@ def test_the_conditioned_base_s_image_heads_read_the_one_image_token(tmp_path):
     # The demo's shape at the tiny size: attention biases, one patch (one image token).
     size = dataclasses.replace(SIZES["tiny"], attention_bias=True, patch_size=32)
     red, blue = (_png(colour) for colour in ((220, 20, 20), (20, 20, 220)))
-    requests = [PoseRequest(images=(red,)), PoseRequest(images=(blue,))]
+    requests = [PosePrompt(images=(red,)), PosePrompt(images=(blue,))]
     image_changes = {}
     for heads in ((2, 3), ()):
         checkpoint = scaffold_checkpoint(tmp_path / f"ckpt{len(heads)}", size, ["a b c"])
@@ -275,7 +275,7 @@ def test_the_conditioned_base_s_image_heads_read_the_one_image_token(tmp_path):
         model = ChatPoseModel.from_checkpoint(checkpoint, device="cpu")
         states = model.pose_states(requests).numpy()
         image_changes[heads] = np.abs(states[0] - states[1]).max()
-        words = model.pose_states([PoseRequest("the left arm"), PoseRequest("left arm the")])
+        words = model.pose_states([PosePrompt("the left arm"), PosePrompt("left arm the")])
         np.testing.assert_allclose(words[0], words[1], atol=1e-4)  # text: still a bag of words
     # Read by two of the four heads, the one image token moves the state before the pose token
     # far more than as one of the prompt's tokens in a bag of words.
@@ -288,7 +288,7 @@ def test_the_conditioned_base_weighs_each_word_by_its_salience(tmp_path):
     from inference_service.training.scaffold import SIZES, scaffold_checkpoint
 
     size = dataclasses.replace(SIZES["tiny"], attention_bias=True, patch_size=32)
-    prompts = [PoseRequest("the left arm is raised"), PoseRequest("raised is the left arm")]
+    prompts = [PosePrompt("the left arm is raised"), PosePrompt("raised is the left arm")]
     moves = {}
     for focus in (16.0, 0.0):
         checkpoint = scaffold_checkpoint(tmp_path / f"ckpt{focus}", size, ["the left arm is up"])
@@ -347,8 +347,8 @@ def test_the_conditioned_base_s_context_layer_joins_each_word_to_the_words_befor
     # Conditioned, the context layer's MLP adds nothing; once it has learned (here: drawn at
     # random), the state before the pose token depends on which words stand together.
     orders = [
-        PoseRequest("the left arm is raised high"),
-        PoseRequest("high raised is the left arm"),
+        PosePrompt("the left arm is raised high"),
+        PosePrompt("high raised is the left arm"),
     ]
     plain = model.pose_states(orders).numpy()
     (path,) = (checkpoint / "base").glob("*.safetensors")
@@ -419,7 +419,7 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     assert size <= 50e6
     model = ChatPoseModel.from_checkpoint(DEMO_CHECKPOINT, device="cpu")
     prompts = ["The person kneels on the right knee.", "Stand in a T-pose."]
-    kneel, stand = model.predict_poses([PoseRequest(text=p) for p in prompts])
+    kneel, stand = model.predict_poses([PosePrompt(text=p) for p in prompts])
     # The kneeling answer is nearer the kneeling action than the standing one is.
     target = ACTIONS["kneel_on_right_knee"](None)[None]
     assert joint_distance(kneel[None], target)[0] < joint_distance(stand[None], target)[0]
@@ -435,7 +435,7 @@ def test_the_shipped_demo_checkpoint_is_self_contained_and_answers_by_prompt():
     for prompt, reply in zip(prompts, replies, strict=True):
         assert reply.text.endswith("<POSE>.") and len(reply.poses) == 1, (prompt, reply.text)
     chat = np.stack([reply.poses[0] for reply in replies])
-    posed = np.stack(model.predict_poses([PoseRequest(text=p) for p in prompts]))
+    posed = np.stack(model.predict_poses([PosePrompt(text=p) for p in prompts]))
     assert pa_mpjpe(chat, posed).mean() < CHAT_POSE_PATH_MM
 
 

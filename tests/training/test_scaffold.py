@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inference_service.checkpoint import Checkpoint
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.training import scaffold
 from inference_service.training.scaffold import SIZES
 
@@ -29,7 +29,7 @@ def test_tiny_scaffold_loads_and_predicts(tmp_path):
     ids = tokenizer("Sure, it is <POSE>.", add_special_tokens=False)["input_ids"]
     assert ids.count(model.pose_token_id) == 1
     assert tokenizer.decode(ids) == "sure, it is <POSE>."
-    poses = model.predict_poses([PoseRequest("a man raising his arms")])
+    poses = model.predict_poses([PosePrompt("a man raising his arms")])
     assert poses[0].shape == (24, 3) and np.isfinite(poses[0]).all()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.prompts import POSE_MARKER
 from inference_service.training.build_demo import load_whole, write_whole
 from inference_service.training.datasets import Example
@@ -60,7 +60,7 @@ def test_pretraining_lowers_the_pose_loss_and_changes_only_the_tower(tmp_path):
     # Written back, it is a checkpoint the service loads as it is.
     write_whole(source, model, processor, tmp_path / "tower")
     pose = ChatPoseModel.from_checkpoint(tmp_path / "tower", device="cpu").predict_poses(
-        [PoseRequest(images=(_png((220, 30, 30)),))]
+        [PosePrompt(images=(_png((220, 30, 30)),))]
     )[0]
     assert pose.shape == (24, 3) and np.isfinite(pose).all()
 

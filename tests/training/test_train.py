@@ -26,9 +26,9 @@ from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import ChatPoseError, CheckpointError, ModelError
 from inference_service.images import CropBox
-from inference_service.modeling_chatpose import ChatPoseModel, PoseRequest
+from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.pose_head import decode_pose
-from inference_service.prompts import Turn, pose_exchange
+from inference_service.prompts import Exchange, pose_exchange
 from inference_service.training import loop
 from inference_service.training.datasets import DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
@@ -77,7 +77,7 @@ def examples():
             "chat",
             "And now show me a pose.",
             "Here it is: <POSE>.",
-            history=(Turn("What can you do?", "I can chat about human poses."),),
+            history=(Exchange("What can you do?", "I can chat about human poses."),),
         ),
     ]
     return text + image + chat
@@ -126,7 +126,7 @@ def test_training_lowers_loss_and_the_checkpoint_serves(base, examples, tmp_path
 
     # It loads as it is in the service; vision tower and projector are the base's.
     served = ChatPoseModel.from_checkpoint(result.checkpoint, device="cpu")
-    predicted = served.predict_poses([PoseRequest(CAPTIONS[0]), PoseRequest(images=(RED,))])
+    predicted = served.predict_poses([PosePrompt(CAPTIONS[0]), PosePrompt(images=(RED,))])
     assert all(p.shape == (24, 3) and np.isfinite(p).all() for p in predicted)
     original = AutoModelForImageTextToText.from_pretrained(Checkpoint.open(base).base_dir)
     trained_state = served.model.state_dict()
@@ -300,7 +300,7 @@ def test_continue_from_a_trained_checkpoint_and_a_pose_token_new_to_the_base(
     assert served.pose_token_id == len(AutoProcessor.from_pretrained(base / "base").tokenizer)
     adapter_config = json.loads((result.checkpoint / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["trainable_token_indices"]["embed_tokens"] == [served.pose_token_id]
-    assert np.isfinite(served.predict_poses([PoseRequest("kneeling")])[0]).all()
+    assert np.isfinite(served.predict_poses([PosePrompt("kneeling")])[0]).all()
 
 
 def _write_data(root):
@@ -454,7 +454,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         "../base"
     )
     served = ChatPoseModel.from_checkpoint(out / "step-000006", device="cpu")
-    assert np.isfinite(served.predict_poses([PoseRequest("standing")])[0]).all()
+    assert np.isfinite(served.predict_poses([PosePrompt("standing")])[0]).all()
 
 
 def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
@@ -1261,7 +1261,7 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
         names = [n for n in original.state_dict() if part in n and n.endswith("weight")]
         assert names, part
         assert any(not torch.equal(trained[n], original.state_dict()[n]) for n in names), part
-    predicted = served.predict_poses([PoseRequest(CAPTIONS[0]), PoseRequest(images=(RED,))])
+    predicted = served.predict_poses([PosePrompt(CAPTIONS[0]), PosePrompt(images=(RED,))])
     assert all(p.shape == (24, 3) and np.isfinite(p).all() for p in predicted)
 
     # Resume reads the saved whole model and continues exactly.

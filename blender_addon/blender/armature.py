@@ -148,11 +148,6 @@ def _rest_matrices(bones) -> np.ndarray:
     return flat.astype(np.float64).reshape(-1, 4, 4).transpose(0, 2, 1)  # read column by column
 
 
-def bone_rest_rotations(obj: bpy.types.Object) -> np.ndarray:
-    """``RigGeometry.rest_rotations`` of the rig."""
-    return rig_geometry(obj).rest_rotations
-
-
 def upright(obj: bpy.types.Object) -> np.ndarray:
     """Armature space -> the Z-up armature space ``core.posing`` takes (Y-up rig data, as an
     imported SMPL FBX has it, is seen turned upright: ``rig_spec.armature_axes``)."""

@@ -41,8 +41,3 @@ def person_location(
     """Where a new armature for pose ``k`` goes: beside the target, ``k * spacing`` along X."""
     x, y, z = (float(c) for c in target_location)
     return (x + k * spacing, y, z)
-
-
-def assign(target_name: str, count: int) -> list[str]:
-    """Armature names for ``count`` poses of one answer, in order."""
-    return [target_name] + [extra_person_name(target_name, k) for k in range(1, count)]

@@ -293,10 +293,6 @@ def scaffold_checkpoint(
     return out
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def read_texts(paths: Sequence[str | Path]) -> list[str]:
     """Tokenizer training text from files: .json files contribute every string inside them
     (captions files, conversation files), .npz files are synthetic-corpus files (their

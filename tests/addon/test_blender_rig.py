@@ -12,11 +12,11 @@ import blender_addon
 from blender_addon.blender import operators
 from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import (
-    bone_rest_rotations,
     create_smpl_armature,
     find_smpl_armature,
     is_smpl_armature,
     rest_joints,
+    rig_geometry,
     why_not_smpl,
 )
 from blender_addon.blender.keyframes import key_poses, keyed_frames, motion_from_keys
@@ -177,7 +177,7 @@ def test_create_armature_operator(blender):
     for pbone in obj.pose.bones:
         assert pbone.rotation_mode == "QUATERNION"
     # every bone's rest orientation is the SMPL -> Blender map, as rig_spec computes it
-    rests = bone_rest_rotations(obj)
+    rests = rig_geometry(obj).rest_rotations
     np.testing.assert_allclose(rests, np.broadcast_to(SMPL_TO_BLENDER, (24, 3, 3)), atol=1e-6)
     b = bones["left_wrist"]
     np.testing.assert_allclose(

@@ -372,7 +372,10 @@ def test_failed_lines_are_named_by_their_line_in_the_text_and_their_frame():
 
 
 def test_people_get_names_and_places_beside_the_target():
-    assert placement.assign("SMPL", 3) == ["SMPL", "SMPL.person2", "SMPL.person3"]
+    assert [placement.extra_person_name("SMPL", k) for k in (1, 2)] == [
+        "SMPL.person2",
+        "SMPL.person3",
+    ]
     assert placement.person_location((1.0, 2.0, 0.9), 2) == (3.0, 2.0, 0.9)
     assert placement.person_location((0, 0, 0), 1, spacing=1.5) == (1.5, 0.0, 0.0)
     with pytest.raises(ValueError):

@@ -112,7 +112,8 @@ _MEANINGS = {
     "image, or a batch with no prompts or a blank one.",
     ErrorCode.UNSUPPORTED_INPUT: "Well-formed input the loaded model cannot take, e.g. images "
     "for a text-only model or more images than it accepts.",
-    ErrorCode.BUSY: "The server's queue is full, or its model is still loading. Retry later.",
+    ErrorCode.BUSY: "The server's queue has no room for the request (the message gives how "
+    "much waits and the limit), or its model is still loading. Retry later.",
     ErrorCode.TIMEOUT: "The request's `timeout_ms` passed before its work started (server), "
     "or no answer came in time over a live connection (client).",
     ErrorCode.CANCELLED: "A cancel request stopped this request or batch.",

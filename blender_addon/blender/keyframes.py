@@ -242,16 +242,25 @@ def placement_left_out(obj: bpy.types.Object) -> str:
     return ""
 
 
+# Constraints that only hold an object within limits, moving it nowhere by themselves.
+_HOLDING_CONSTRAINTS = {"LIMIT_LOCATION", "LIMIT_ROTATION", "LIMIT_SCALE", "MAINTAIN_VOLUME"}
+# F-curve modifiers that repeat or hold a curve's keys: constant keys stay constant.
+_KEY_KEEPING_MODIFIERS = {"CYCLES", "STEPPED"}
+
+
 def _what_moves(item: bpy.types.Object) -> str:
     animation = item.animation_data
     takes = [("its keys change", action_fcurves(item))]
+    seen = set()
     for track in animation.nla_tracks if animation else ():
         for strip in track.strips if not track.mute else ():
-            if strip.action is not None and not strip.mute:
-                slot = getattr(strip, "action_slot", None)  # Blender 4.4+
-                takes.append(
-                    (f"the NLA strip {strip.name!r} changes", take_fcurves(strip.action, slot))
-                )
+            slot = getattr(strip, "action_slot", False)  # Blender 4.4+; None: animates nothing
+            if strip.action is None or strip.mute or slot is None:
+                continue
+            if (strip.action, slot) not in seen:  # one take in many strips is read once
+                seen.add((strip.action, slot))
+                fcurves = take_fcurves(strip.action, slot or None)
+                takes.append((f"the NLA strip {strip.name!r} changes", fcurves))
     for what, fcurves in takes:
         moving = {fc.data_path for fc in fcurves if _moves(fc)}
         if moving:
@@ -264,18 +273,30 @@ def _what_moves(item: bpy.types.Object) -> str:
     if driven:
         return f"a driver sets its {', '.join(sorted(driven))}"
     for constraint in item.constraints:
-        target = getattr(constraint, "target", None)  # Limit constraints have none: no motion
-        if target is not None and not constraint.mute and constraint.influence > 0.0:
-            return f"its constraint {constraint.name!r} follows {target.name}"
+        if (
+            constraint.type not in _HOLDING_CONSTRAINTS
+            and not constraint.mute
+            and constraint.influence > 0.0
+            and constraint.is_valid  # one without its target does nothing
+        ):
+            return f"its constraint {constraint.name!r} moves it"
     return ""
 
 
 def _moves(fcurve: bpy.types.FCurve) -> bool:
-    """Whether an unmuted F-curve of an object's transform takes more than one value."""
+    """Whether an unmuted F-curve of an object's transform takes more than one value (its keys,
+    or its samples once baked), or a modifier changes it."""
     if fcurve.data_path not in _OBJECT_TRANSFORM or fcurve.mute:
         return False
-    values = {round(key.co[1], 6) for key in fcurve.keyframe_points}
-    return len(values) > 1 or any(not modifier.mute for modifier in fcurve.modifiers)
+    points = fcurve.keyframe_points if len(fcurve.keyframe_points) else fcurve.sampled_points
+    co = np.empty(2 * len(points))
+    points.foreach_get("co", co)
+    if len(points) and np.ptp(co[1::2]) > 1e-6:
+        return True
+    return any(
+        not modifier.mute and modifier.type not in _KEY_KEEPING_MODIFIERS
+        for modifier in fcurve.modifiers
+    )
 
 
 def _parents(obj: bpy.types.Object) -> list[bpy.types.Object]:

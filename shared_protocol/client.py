@@ -79,7 +79,7 @@ for _event in HANDSHAKE_REFUSALS:
 # How often a blocking wait looks whether the connection dropped (it also keeps each wait far
 # below the C int of milliseconds ZeroMQ takes).
 _DROP_CHECK_MS = 200
-# How long closing a socket may wait for the cancel of a request given up on to leave.
+# How long ZeroMQ may go on sending the cancel of a request given up on, once its socket closed.
 _ABANDON_LINGER_MS = 200
 
 
@@ -375,8 +375,9 @@ class Client:
         """Asks the service to stop a request that nobody will wait for (a timeout, Ctrl-C,
         the add-on disabled): else its work (a chat turn, a batch) runs to the end, holding up
         every other client, since the service learns a client is gone only when a reply to it
-        cannot be sent. Best effort, on a live connection only; closing or resetting the
-        socket then waits up to _ABANDON_LINGER_MS for the cancel to leave."""
+        cannot be sent. Best effort, on a live connection only; once the socket is closed or
+        reset, ZeroMQ goes on sending the cancel for up to _ABANDON_LINGER_MS, in its own
+        thread (nothing waits for it)."""
         if self._socket.closed or not self.connected:
             return
         cancel = CancelRequest(self.new_id(), request_id)

@@ -11,10 +11,8 @@ Exit codes follow the protocol's error codes, so scripts can tell what went wron
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import dataclasses
-import io
 import math
 import os
 import sys
@@ -30,6 +28,7 @@ from inference_service.commands import (
     device_argument,
     interrupts_deferred,
     stops_as_interrupts,
+    utf8_output,
 )
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
@@ -236,13 +235,6 @@ def _positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
-
-
-def utf8_output(stream) -> None:
-    """Writes `stream` (stdout) in UTF-8: redirected on Windows it would take the system's code
-    page, where a reply's text or a degree sign may not exist, and `--json` is UTF-8."""
-    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
-        stream.reconfigure(encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

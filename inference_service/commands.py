@@ -6,7 +6,9 @@ No torch here: the argument types run before a command loads its model.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
+import io
 import re
 import signal
 import threading
@@ -16,6 +18,9 @@ DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C, which SIGTERM and SIGHUP give here too
+# What asks a command to stop besides Ctrl-C: `kill`, a scheduler's preemption (SIGTERM); a
+# closed terminal (SIGHUP, or on Windows SIGBREAK: Ctrl+Break and a closed console window).
+STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGBREAK")
 
 
 def device_argument(text: str) -> str:
@@ -44,6 +49,13 @@ def catchable_signals(names: tuple[str, ...]) -> list[int]:
     return [n for n in numbers if n is not None and signal.getsignal(n) is not signal.SIG_IGN]
 
 
+def utf8_output(stream) -> None:
+    """Writes `stream` (stdout) in UTF-8: redirected on Windows it would take the system's code
+    page, where a reply's text, a degree sign or a λ may not exist, and `--json` is UTF-8."""
+    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+        stream.reconfigure(encoding="utf-8")
+
+
 @contextlib.contextmanager
 def stops_as_interrupts() -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal, `kill`, a scheduler's preemption) stop the block
@@ -56,7 +68,7 @@ def stops_as_interrupts() -> Iterator[None]:
     def interrupt(number, frame):
         raise KeyboardInterrupt
 
-    previous = {n: signal.signal(n, interrupt) for n in catchable_signals(("SIGTERM", "SIGHUP"))}
+    previous = {n: signal.signal(n, interrupt) for n in catchable_signals(STOP_SIGNALS)}
     try:
         yield
     finally:
@@ -76,8 +88,7 @@ def interrupts_deferred() -> Iterator[None]:
     def defer(number, frame):
         caught.append(number)
 
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    previous = {n: signal.signal(n, defer) for n in catchable_signals(names)}
+    previous = {n: signal.signal(n, defer) for n in catchable_signals(("SIGINT", *STOP_SIGNALS))}
     try:
         yield
     finally:

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread;
         # so does the terminal it was started in closing (SIGHUP), unless `nohup` started it.
         on_signal = SignalStop(server.stop)
-        for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP",))):
+        for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP", "SIGBREAK"))):
             signal.signal(signum, on_signal)
     except BaseException as exc:
         if server is not None:

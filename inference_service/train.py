@@ -33,6 +33,7 @@ from inference_service.commands import (
     device_argument,
     positive_int,
     stops_as_interrupts,
+    utf8_output,
 )
 from inference_service.errors import ChatPoseError, ModelOutOfMemoryError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    utf8_output(sys.stdout)  # its help holds λ, which Windows' code pages lack
     parser = build_parser()
     args = parser.parse_args(argv)
     from inference_service.checkpoint import work_offline

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_service import cli
+from inference_service import cli, commands
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -74,7 +74,7 @@ def test_a_client_only_install_names_the_missing_package_not_a_traceback(argv, m
 def test_redirected_output_is_utf8_whatever_the_system_code_page():
     # Windows gives a redirected stdout its code page: no degree sign in some, no UTF-8 JSON.
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
-    cli.utf8_output(stdout)
+    commands.utf8_output(stdout)
     stdout.write("wrist 12.0° 😀")
     stdout.flush()
     assert stdout.buffer.getvalue().decode("utf-8") == "wrist 12.0° 😀"

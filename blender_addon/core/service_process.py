@@ -89,12 +89,16 @@ def address_in_use(address: str) -> bool:
     host_port = tcp_host_port(address)
     if host_port is None:
         return False
+    windows = sys.platform == "win32"
     with socket.socket(socket.AF_INET6 if ":" in host_port[0] else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+        if not windows:  # as ZeroMQ binds
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(host_port)
         except OSError as exc:  # another refusal (a port below 1024): the service's to say
-            return exc.errno == errno.EADDRINUSE
+            # On Windows ZeroMQ holds its port exclusively (SO_EXCLUSIVEADDRUSE), and a bind
+            # there is refused as "access denied" rather than "in use".
+            return exc.errno == errno.EADDRINUSE or (windows and exc.errno == errno.EACCES)
     return False
 
 

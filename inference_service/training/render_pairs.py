@@ -244,13 +244,14 @@ def render_pairs(
     if len(names) != n:
         raise ValueError(f"names: {len(names)} for {n} poses")
     # Each image a file of its own in images/: a repeated name would pair one picture with two
-    # poses.
+    # poses. Compared without case, as macOS's and Windows' file systems compare names.
     seen = set()
     for name in names:
-        if name in seen or not name or name in (".", "..") or "/" in name or os.sep in name:
-            problem = "is given twice" if name in seen else "is no plain file name"
+        twice = name.casefold() in seen
+        if twice or not name or name in (".", "..") or "/" in name or os.sep in name:
+            problem = "is given twice" if twice else "is no plain file name"
             raise ValueError(f"names: {name!r} {problem}; each pose needs an image of its own")
-        seen.add(name)
+        seen.add(name.casefold())
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     renderer = renderer or MannequinRenderer(size)

@@ -123,6 +123,8 @@ def test_a_poses_file_whose_names_or_views_do_not_fit_is_refused_first(tmp_path,
         "bad_views.npz": ({"views": np.zeros((3, 5))}, "views: expected shape (N, 4), got (3, 5)"),
         # One image would be written over by the next, and listed for two poses.
         "twice.npz": ({"names": np.array(["a", "a", "b"])}, "names: 'a' is given twice"),
+        # One file on macOS's and Windows' file systems, which compare names without case.
+        "case.npz": ({"names": np.array(["a.png", "b", "A.png"])}, "'A.png' is given twice"),
         "path.npz": ({"names": np.array(["a", "../b", "c"])}, "'../b' is no plain file name"),
         "one.npz": ({"names": np.array("a")}, "names: expected one name per pose"),
     }

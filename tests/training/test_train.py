@@ -1447,6 +1447,22 @@ def test_the_command_line_offers_exactly_the_loops_choices():
     assert tuple(actions["head_init"].choices) == loop.HEAD_INITS
 
 
+def test_the_help_is_written_in_utf8_whatever_the_system_code_page():
+    # Redirected on Windows, stdout takes the code page (cp1252), which has no λ: `--help`
+    # stopped with a UnicodeEncodeError.
+    import subprocess
+    import sys
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "inference_service.train", "--help"],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "cp1252"},
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr.decode(errors="replace")
+    assert "λ_t, the weight of the answer's cross-entropy" in ran.stdout.decode("utf-8")
+
+
 def test_an_image_changed_during_a_run_stops_it_and_keeps_the_last_checkpoint(
     base, tmp_path, monkeypatch, capsys
 ):

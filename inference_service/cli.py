@@ -94,7 +94,8 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_UNREACHABLE}  no service at the address
   {EXIT_TIMEOUT}  the service did not answer in time
   {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM, SIGHUP, Windows' Ctrl+Break); a batch writes what was answered
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM, SIGHUP, Ctrl+Break); a batch writes what was
+      answered
   {EXIT_CLOSED_OUTPUT}  stdout closed early (`| head`); --out was written before printing"""
 
 

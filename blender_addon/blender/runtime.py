@@ -1272,10 +1272,14 @@ def unregister() -> None:
     if _state.status_bar:
         _set_status_text(None)
     _settle_running_batch()
+    kept = False
     for job, why in _unanswered(UNANSWERED_AT_DISABLE):  # not applied: kept to send again
         scene = _find(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is not None:
             _keep_unanswered(scene, job, why)
+            kept = True
+    if kept:  # a step of its own, which also marks a file saved just before as changed
+        push_undo("chat")
     if _state.dispatcher is not None:
         _state.dispatcher.close()
     if _state.process is not None:

@@ -1542,7 +1542,9 @@ def test_the_stop_button_kills_a_local_service_that_does_not_stop(blender, tmp_p
     assert runtime.timer_tick() is None  # nothing left to watch
 
 
-def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(armature, scripted_service):
+def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(
+    armature, scripted_service, monkeypatch
+):
     import addon_utils
 
     address, backend = scripted_service
@@ -1561,7 +1563,10 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(armature, scr
         bpy.ops.chatpose.send()
     assert scene.chatpose.prompt == ""  # sending empties it
     bpy.ops.object.mode_set(mode="OBJECT")
+    steps = []  # without an undo step, a file saved just before did not count as changed:
+    monkeypatch.setattr(runtime, "push_undo", steps.append)  # closing it lost what was kept
     addon_utils.disable(ADDON, default_set=True)  # as users do to "restart" it
+    assert steps == ["chat"]
     backend.release()
     addon_utils.enable(ADDON, default_set=True)
     messages = [(m.role, m.text) for m in props.history_messages(scene)]

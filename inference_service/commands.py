@@ -19,7 +19,8 @@ DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C, which SIGTERM and SIGHUP give here too
 # What asks a command to stop besides Ctrl-C: `kill`, a scheduler's preemption (SIGTERM); a
-# closed terminal (SIGHUP, or on Windows SIGBREAK: Ctrl+Break and a closed console window).
+# closed terminal (SIGHUP); on Windows, Ctrl+Break (SIGBREAK; a closed console window sends it
+# too, but Windows ends the process before a Python handler runs).
 STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGBREAK")
 
 

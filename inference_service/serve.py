@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if not io.is_alive():  # the I/O loop died while the model loaded: no clean start
             return _io_failed(server, io)
         # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread;
-        # so does the terminal it was started in closing (SIGHUP; on Windows, Ctrl+Break or a
-        # closed console, SIGBREAK), unless `nohup` started it.
+        # so does the terminal it was started in closing (SIGHUP), unless `nohup` started it,
+        # and on Windows Ctrl+Break (SIGBREAK).
         on_signal = SignalStop(server.stop)
         for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP", "SIGBREAK"))):
             signal.signal(signum, on_signal)

@@ -56,9 +56,9 @@ def test_a_stop_during_a_deferred_block_comes_after_it():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_windows_ctrl_break_and_a_closed_console_stop_as_ctrl_c(monkeypatch):
-    # Windows has no SIGHUP, and nothing sends it SIGTERM: closing the console or Ctrl+Break
-    # sends SIGBREAK, whose default ended `chatpose batch` without writing its answers.
+def test_windows_ctrl_break_stops_as_ctrl_c(monkeypatch):
+    # Windows has no SIGHUP, and nothing sends it SIGTERM: Ctrl+Break sends SIGBREAK, whose
+    # default ended `chatpose batch` without writing its answers.
     # Here a spare signal stands in for SIGBREAK, which Linux has not.
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
     outside = []  # its handler outside the blocks (the default would end pytest)

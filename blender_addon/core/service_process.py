@@ -89,16 +89,16 @@ def address_in_use(address: str) -> bool:
     host_port = tcp_host_port(address)
     if host_port is None:
         return False
-    windows = sys.platform == "win32"
     with socket.socket(socket.AF_INET6 if ":" in host_port[0] else socket.AF_INET) as probe:
-        if not windows:  # as ZeroMQ binds
+        # As ZeroMQ binds; not on Windows, where ZeroMQ holds its port exclusively
+        # (SO_EXCLUSIVEADDRUSE): a probe with SO_REUSEADDR is refused there as "access
+        # denied", a plain one as "in use".
+        if sys.platform != "win32":
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(host_port)
-        except OSError as exc:  # another refusal (a port below 1024): the service's to say
-            # On Windows ZeroMQ holds its port exclusively (SO_EXCLUSIVEADDRUSE), and a bind
-            # there is refused as "access denied" rather than "in use".
-            return exc.errno == errno.EADDRINUSE or (windows and exc.errno == errno.EACCES)
+        except OSError as exc:  # another refusal (a port reserved or below 1024): the service's
+            return exc.errno == errno.EADDRINUSE
     return False
 
 

@@ -244,14 +244,14 @@ def render_pairs(
     if len(names) != n:
         raise ValueError(f"names: {len(names)} for {n} poses")
     # Each image a file of its own in images/: a repeated name would pair one picture with two
-    # poses. Compared without case, as macOS's and Windows' file systems compare names.
+    # poses. Compared in lower case, as macOS's and Windows' file systems compare names.
     seen = set()
     for name in names:
-        twice = name.casefold() in seen
+        twice = name.lower() in seen
         if twice or not name or name in (".", "..") or "/" in name or os.sep in name:
             problem = "is given twice" if twice else "is no plain file name"
             raise ValueError(f"names: {name!r} {problem}; each pose needs an image of its own")
-        seen.add(name.casefold())
+        seen.add(name.lower())
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     renderer = renderer or MannequinRenderer(size)

@@ -64,18 +64,25 @@ def test_only_a_port_that_something_holds_is_called_in_use(monkeypatch):
 
     monkeypatch.setattr(service_process.socket, "socket", Refused)
     assert not address_in_use("tcp://127.0.0.1:80")  # chatpose-serve's own error says why
-    # On Windows ZeroMQ holds its port exclusively: a probe with SO_REUSEADDR is refused
-    # there as "access denied", and the port was called free.
-    options = []
 
-    class Exclusive(Refused):
-        def setsockopt(self, *option):
-            options.append(option)
+    # On Windows ZeroMQ holds its port exclusively: a probe with SO_REUSEADDR is refused
+    # there as "access denied" (and the port was called free), a plain one as "in use".
+    class Exclusive(socket.socket):
+        reuse = False
+
+        def setsockopt(self, level, option, value):
+            self.reuse = self.reuse or option == socket.SO_REUSEADDR
+
+        def bind(self, address):
+            if self.reuse:
+                raise PermissionError(errno.EACCES, "An attempt was made to access a socket")
+            raise OSError(errno.EADDRINUSE, "Only one usage of each socket address")
 
     monkeypatch.setattr(service_process.socket, "socket", Exclusive)
     monkeypatch.setattr(service_process.sys, "platform", "win32")
     assert address_in_use("tcp://127.0.0.1:5555")
-    assert (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1) not in options
+    monkeypatch.setattr(service_process.socket, "socket", Refused)  # a port Windows reserves
+    assert not address_in_use("tcp://127.0.0.1:5555")
 
 
 def test_an_ipc_path_a_service_listens_on_is_in_use_and_a_stale_one_not(tmp_path):

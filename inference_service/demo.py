@@ -370,11 +370,12 @@ class DemoScene:
                 raise DemoOutputError(f"could not write {animation} ({exc})") from None
         try:
             self.bpy.ops.wm.save_as_mainfile(filepath=str(blend))
-        except WRITE_ERRORS as exc:  # Blender says "No such file or directory" for a full disk
+        except WRITE_ERRORS as exc:
+            why = str(exc).strip()  # Blender's message ends in a newline
+            if "No such file or directory" in why:  # Blender's words for a full disk too
+                why += "; a full disk, or no write access?"
             written = f"; written: {animation}" if animation is not None else ""
-            raise DemoOutputError(
-                f"could not save {blend} ({exc}; a full disk, or no write access?){written}"
-            ) from None
+            raise DemoOutputError(f"could not save {blend} ({why}){written}") from None
 
 
 @dataclass(frozen=True)

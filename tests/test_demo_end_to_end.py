@@ -286,6 +286,8 @@ def test_a_file_the_demo_cannot_write_is_named_and_the_service_stops(
     assert str(tmp_path / blocked) in err and "Traceback" not in err
     if blocked == "demo.blend":  # what was written before it is named
         assert f"written: {tmp_path / 'animation.npz'}" in err
+        # Blender's reason as it says it, on one line, and no guess at another one.
+        assert "is a directory)" in err and "full disk" not in err
         assert_service_gone(seen["address"])
 
 

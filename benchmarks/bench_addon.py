@@ -40,7 +40,7 @@ import addon_utils  # noqa: E402
 import benchlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blender_addon.blender import runtime  # noqa: E402
+from blender_addon.blender import live, runtime  # noqa: E402
 from blender_addon.blender.armature import create_smpl_armature  # noqa: E402
 from blender_addon.blender.batch_store import (  # noqa: E402
     clear_record,
@@ -305,7 +305,7 @@ def blender_batch(obj, text, log_path: str) -> tuple[float, float, float]:
     settings.batch_text = text
     started = time.perf_counter()
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    run = runtime.current_batch()
+    run = live.current_batch()
     slowest = 0.0
     interval = runtime.TICK_INTERVAL_S  # Blender calls the timer first after this
     while interval is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bpy
 
-from .blender import runtime
+from .blender import live
 from .blender.armature import find_smpl_armature
 from .blender.props import history_messages, target_armature, target_problem
 from .core import chat
@@ -48,7 +48,7 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
             _wrapped(layout, target_problem(context), _chars_per_line(context), "ERROR")
         elif settings.target is None:
             layout.label(text=f"Using the selected {target.name}", icon="RESTRICT_SELECT_OFF")
-        message, level = runtime.last_message()
+        message, level = live.last_message()
         if message:
             box = layout.box()
             _wrapped(box, message, _chars_per_line(context), _LEVEL_ICONS.get(level, "INFO"))
@@ -86,7 +86,7 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
         row.prop(settings, "use_translation")
         row.prop(settings, "person_spacing")
 
-        waiting = runtime.pending_jobs()
+        waiting = live.pending_jobs()
         if waiting:
             box = layout.box()
             for job in waiting[-3:]:
@@ -133,7 +133,7 @@ class VIEW3D_PT_chatpose_batch(bpy.types.Panel):  # noqa: N801
         row.prop(settings, "batch_start")
         row.prop(settings, "batch_step")
         layout.prop(settings, "batch_translation")
-        run = runtime.current_batch()
+        run = live.current_batch()
         if run is not None and not run.closed:
             layout.progress(factor=run.fraction, type="BAR", text=run.status_text())
             layout.operator("chatpose.cancel", icon="CANCEL")
@@ -164,7 +164,7 @@ class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
         layout.label(text=text, icon="URL")
         if settings.problem:
             _wrapped(layout, settings.problem, _chars_per_line(context), "ERROR")
-        line = runtime.service_line()
+        line = live.service_line()
         if line:
             _wrapped(layout, line, _chars_per_line(context), "CHECKMARK")
         layout.operator("chatpose.service_status", icon="FILE_REFRESH")

@@ -146,18 +146,18 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
 
 def draw_local_service(layout) -> None:
     """Start/Stop buttons and the local service's state (preferences and the panel)."""
-    from .blender import runtime
+    from .blender import live, local_service
 
-    state = runtime.local_service_state()
+    state = local_service.local_service_state()
     row = layout.row(align=True)
     row.operator("chatpose.service_start", icon="PLAY")
     row.operator("chatpose.service_stop", icon="PAUSE")
     icon = {"running": "CHECKMARK", "exited": "ERROR"}.get(state.state, "DOT")
     text = state.describe()
-    if state.alive and runtime.waiting_for_service():
+    if state.alive and live.waiting_for_service():
         text += ", loading the model..."
-    if runtime.service_process().pid is not None:  # one started here: where its output is
-        text += f"; log: {runtime.service_process().log_path}"
+    if live.service_process().pid is not None:  # one started here: where its output is
+        text += f"; log: {live.service_process().log_path}"
     for i, line in enumerate(wrap(f"Local service: {text}", 70)):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 

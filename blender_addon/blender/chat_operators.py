@@ -1,8 +1,9 @@
 """Operators of the chat panel: send a prompt (text, viewport picture, reference image), clear
 the history, batch keyframes from text, cancel, and the local service's Start/Stop/Check.
 
-They only queue requests (``runtime``) and return at once; answers are applied by the timer,
-whose messages reach Blender's reports through the internal ``chatpose.report``.
+They only queue requests (``sending``, ``local_service``) and return at once; answers are
+applied by the timer (``runtime``), whose messages reach Blender's reports through the internal
+``chatpose.report``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import bpy
 from bpy_extras.io_utils import ImportHelper
 
 from ..core.images import read_reference_image
-from . import runtime
+from . import feedback, live, local_service, sending
 from .batch_store import clear_record
 from .capture import CaptureError, capture_viewport
 from .props import target_armature, target_problem
@@ -22,11 +23,11 @@ from .props import target_armature, target_problem
 def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
     try:
         fn(*args)
-    except runtime.UserError as exc:
+    except live.UserError as exc:
         op.report({"ERROR"}, str(exc))
-        runtime.set_message(str(exc), "ERROR")
+        feedback.set_message(str(exc), "ERROR")
         return {"CANCELLED"}
-    message, level = runtime.last_message()
+    message, level = live.last_message()
     op.report({level}, message)
     return {"FINISHED"}
 
@@ -58,7 +59,7 @@ class CHATPOSE_OT_send(_NeedsTarget, bpy.types.Operator):  # noqa: N801
         prompt = settings.prompt
 
         def send():
-            runtime.send_pose(context, prompt)
+            sending.send_pose(context, prompt)
             settings.prompt = ""
 
         return _run(self, send)
@@ -77,14 +78,14 @@ class CHATPOSE_OT_pose_from_viewport(_NeedsTarget, bpy.types.Operator):  # noqa:
         prompt = settings.prompt
 
         def send():
-            runtime.service_for(context)  # first: no picture (a render) for what cannot be sent
+            live.service_for(context)  # first: no picture (a render) for what cannot be sent
             if settings.chat_mode:
-                runtime.refuse_chat_turn_yet(context.scene)
+                sending.refuse_chat_turn_yet(context.scene)
             try:
                 image, label = capture_viewport(context)
             except CaptureError as exc:
-                raise runtime.UserError(f"No picture: {exc}") from None
-            runtime.send_pose(context, prompt, [image], label)
+                raise live.UserError(f"No picture: {exc}") from None
+            sending.send_pose(context, prompt, [image], label)
             settings.prompt = ""
 
         return _run(self, send)
@@ -106,14 +107,14 @@ class CHATPOSE_OT_pose_from_image(_NeedsTarget, bpy.types.Operator, ImportHelper
             image = read_reference_image(self.filepath)
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
-            runtime.set_message(str(exc), "ERROR")
+            feedback.set_message(str(exc), "ERROR")
             return {"CANCELLED"}
         settings = context.scene.chatpose
         prompt = settings.prompt
         label = f"image: {os.path.basename(self.filepath)}"
 
         def send():
-            runtime.send_pose(context, prompt, [image], label)
+            sending.send_pose(context, prompt, [image], label)
             settings.prompt = ""
 
         return _run(self, send)
@@ -128,7 +129,7 @@ class CHATPOSE_OT_clear_history(bpy.types.Operator):  # noqa: N801
 
     def execute(self, context):
         context.scene.chatpose.history.clear()
-        runtime.set_message("Chat history cleared")
+        feedback.set_message("Chat history cleared")
         return {"FINISHED"}
 
 
@@ -142,13 +143,13 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
 
     @classmethod
     def poll(cls, context):
-        if runtime.dispatcher().batch_running:
+        if live.dispatcher().batch_running:
             cls.poll_message_set("A batch is running")
             return False
         return super().poll(context)
 
     def execute(self, context):
-        return _run(self, runtime.start_batch, context)
+        return _run(self, sending.start_batch, context)
 
 
 class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
@@ -160,10 +161,10 @@ class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
 
     @classmethod
     def poll(cls, context):
-        return runtime.busy()
+        return live.busy()
 
     def execute(self, context):
-        if not runtime.cancel():
+        if not sending.cancel():
             self.report({"INFO"}, "Nothing to cancel")
         return {"FINISHED"}
 
@@ -178,7 +179,7 @@ class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa:
 
     @classmethod
     def poll(cls, context):
-        if runtime.dispatcher().batch_running:  # it records each line it keys
+        if live.dispatcher().batch_running:  # it records each line it keys
             cls.poll_message_set("A batch is running: cancel it first")
             return False
         return super().poll(context)
@@ -197,7 +198,7 @@ class CHATPOSE_OT_service_start(bpy.types.Operator):  # noqa: N801
     bl_label = "Start Local Service"
 
     def execute(self, context):
-        return _run(self, runtime.start_service, context)
+        return _run(self, local_service.start_service, context)
 
 
 class CHATPOSE_OT_service_stop(bpy.types.Operator):  # noqa: N801
@@ -208,10 +209,10 @@ class CHATPOSE_OT_service_stop(bpy.types.Operator):  # noqa: N801
 
     @classmethod
     def poll(cls, context):
-        return runtime.local_service_state().alive
+        return local_service.local_service_state().alive
 
     def execute(self, context):
-        runtime.stop_service()
+        local_service.stop_service()
         return {"FINISHED"}
 
 
@@ -222,7 +223,7 @@ class CHATPOSE_OT_service_status(bpy.types.Operator):  # noqa: N801
     bl_label = "Check Service"
 
     def execute(self, context):
-        return _run(self, runtime.request_status, context)
+        return _run(self, sending.request_status, context)
 
 
 class CHATPOSE_OT_report(bpy.types.Operator):  # noqa: N801
@@ -245,7 +246,7 @@ class CHATPOSE_OT_report(bpy.types.Operator):  # noqa: N801
 
 class _UndoStep:
     """Makes what the timer just applied one undo step, named after the class's label, that is
-    also Blender's last operation (runtime.push_undo)"""
+    also Blender's last operation (feedback.push_undo)"""
 
     # REGISTER and UNDO: Blender's last operation (what "Adjust Last Operation" and F9 act on)
     # is the last registered operator with both. No properties: they have nothing to show.
@@ -255,7 +256,7 @@ class _UndoStep:
         # A repeat (Adjust Last Operation, Repeat Last) runs after Blender loaded the step
         # before this one: FINISHED would push that state, losing the answer; CANCELLED makes
         # Blender redo back to it.
-        return {"FINISHED"} if runtime.pushing_undo() else {"CANCELLED"}
+        return {"FINISHED"} if feedback.pushing_undo() else {"CANCELLED"}
 
 
 class CHATPOSE_OT_answer_step(_UndoStep, bpy.types.Operator):  # noqa: N801

@@ -23,9 +23,10 @@ from .armature import (
 )
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
+from .live import UserError
 from .posing import apply_pose, auto_key_options
 from .props import target_armature, target_problem
-from .runtime import UserError, read_batch_lines
+from .sending import read_batch_lines
 
 
 def _report_modes(op: bpy.types.Operator, bones: list[str]) -> None:

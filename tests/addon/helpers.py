@@ -108,21 +108,21 @@ def drive(until, timeout_s: float = 60.0) -> None:
     (test_addon_chat.py), not by timing calls here: wall time on a busy machine is no test."""
     import time
 
-    from blender_addon.blender import runtime
+    from blender_addon.blender import live, runtime
 
     deadline = time.monotonic() + timeout_s
     while True:
         runtime.timer_tick()
         if until():
             return
-        assert time.monotonic() < deadline, f"gave up; last message: {runtime.last_message()}"
+        assert time.monotonic() < deadline, f"gave up; last message: {live.last_message()}"
         time.sleep(0.01)
 
 
 def idle() -> bool:
-    from blender_addon.blender import runtime
+    from blender_addon.blender import live
 
-    return not runtime.busy()
+    return not live.busy()
 
 
 def use_service(address: str, timeout_s: float = 30.0) -> None:

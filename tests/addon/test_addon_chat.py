@@ -17,13 +17,24 @@ import numpy as np
 import pytest
 
 from blender_addon import panel, preferences
-from blender_addon.blender import batch_store, chat_operators, props, runtime
+from blender_addon.blender import (
+    answers,
+    batch_store,
+    chat_operators,
+    feedback,
+    file_handlers,
+    live,
+    local_service,
+    props,
+    runtime,
+    sending,
+)
 from blender_addon.blender.anim import action_fcurves
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.keyframes import key_poses, keyed_frames
+from blender_addon.blender.live import UserError
 from blender_addon.blender.posing import apply_pose, read_pose
-from blender_addon.blender.runtime import UserError
 from blender_addon.core import batch_plan, batch_record, chat
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
@@ -64,16 +75,16 @@ def test_one_timer_call_applies_answers_for_its_budget_then_yields(blender, monk
         clock[0] += 0.010
 
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(runtime, "apply_outcome", apply)
-    monkeypatch.setattr(runtime._state, "dispatcher", None)
-    backlog = runtime._state.backlog
+    monkeypatch.setattr(answers, "apply_outcome", apply)
+    monkeypatch.setattr(live.state, "dispatcher", None)
+    backlog = live.state.backlog
     backlog.clear()
     backlog.extend(f"answer {i}" for i in range(10))
     assert runtime.timer_tick() == 0.001  # more waiting: called again right away
     per_call = math.ceil(runtime.TICK_BUDGET_S / 0.010)
     assert applied == [f"answer {i}" for i in range(per_call)]
     # An answer slower than the whole budget still goes through, one a call.
-    monkeypatch.setattr(runtime, "apply_outcome", lambda o: (apply(o), clock.__setitem__(0, 1e3)))
+    monkeypatch.setattr(answers, "apply_outcome", lambda o: (apply(o), clock.__setitem__(0, 1e3)))
     runtime.timer_tick()
     assert applied[-1] == f"answer {per_call}" and len(backlog) == 10 - per_call - 1
     backlog.clear()
@@ -92,10 +103,10 @@ def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
         clock[0] += 0.0015 * len(outcome.items)
 
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(runtime, "apply_outcome", key)
-    monkeypatch.setattr(runtime._state, "dispatcher", None)
+    monkeypatch.setattr(answers, "apply_outcome", key)
+    monkeypatch.setattr(live.state, "dispatcher", None)
     run = object()  # one run's lines, in a row
-    backlog = runtime._state.backlog
+    backlog = live.state.backlog
     backlog.clear()
     backlog.extend(BatchLineReady(run, i, None, f"line {i}", ()) for i in range(80))
     while backlog:
@@ -150,11 +161,11 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
 
     monkeypatch.setattr(people, "person_armature", no_second_person)
     steps = []
-    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    monkeypatch.setattr(feedback, "push_undo", steps.append)
     bpy.context.scene.chatpose.prompt = "two dancers"
     bpy.ops.chatpose.send()
     drive(idle)
-    assert "could not apply an answer: the second person" in runtime.last_message()[0]
+    assert "could not apply an answer: the second person" in live.last_message()[0]
     assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
@@ -166,7 +177,7 @@ def test_a_reply_cut_at_the_service_s_token_limit_says_so(armature, scripted_ser
     settings.prompt = "ramble on about a tired person"
     bpy.ops.chatpose.send()
     drive(idle)
-    message, level = runtime.last_message()
+    message, level = live.last_message()
     assert level == "WARNING"
     assert message == (
         "Reply without a pose: Well, a tired person would first; the reply was cut at the "
@@ -178,7 +189,7 @@ def test_a_reply_cut_at_the_service_s_token_limit_says_so(armature, scripted_ser
 def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scripted_service):
     _, backend = _send_while_held(scripted_service, "how would a tired person stand?")
     settings = bpy.context.scene.chatpose
-    assert runtime.pending_jobs()[0].mode == "pose"  # pose mode: several may be on their way
+    assert live.pending_jobs()[0].mode == "pose"  # pose mode: several may be on their way
     backend.release()
     drive(idle)
     settings.chat_mode = True
@@ -209,7 +220,7 @@ def test_a_chat_turn_waits_for_a_pose_mode_answer_and_one_that_came_and_waits_sa
         bpy.ops.chatpose.send()
     bpy.ops.object.mode_set(mode="EDIT")  # the answer comes, and waits to be applied
     backend.release()
-    drive(lambda: "waiting: leave Edit" in runtime.last_message()[0])
+    drive(lambda: "waiting: leave Edit" in live.last_message()[0])
     with pytest.raises(RuntimeError, match=r"The answer to 'a tired person standing' came and "
                        r"waits \(leave Edit Armature mode"):  # fmt: skip
         bpy.ops.chatpose.send()
@@ -231,7 +242,7 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     settings.prompt = "two people dancing"
     assert bpy.ops.chatpose.send() == {"FINISHED"}
     assert settings.prompt == ""  # sent; the history shows it when the answer is back
-    assert [job.prompt for job in runtime.pending_jobs()] == ["two people dancing"]
+    assert [job.prompt for job in live.pending_jobs()] == ["two people dancing"]
     drive(idle)
 
     expected = pose_for("two people dancing")
@@ -244,7 +255,7 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     messages = props.history_messages(scene)
     assert [m.role for m in messages] == ["user", "assistant"] and messages[1].poses == 2
     assert backend.items[-1].history == ()
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "Applied 2 pose(s) to SMPL, SMPL.person2 (new), keyed at frame 7" in message
 
     second.location.x = 10.0  # moved by the user: reused where it is
@@ -253,7 +264,7 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     bpy.ops.chatpose.send()
     drive(idle)
     assert len(bpy.data.objects) == objects
-    assert second.location.x == 10.0 and "(new)" not in runtime.last_message()[0]
+    assert second.location.x == 10.0 and "(new)" not in live.last_message()[0]
     assert_pose(second, pose_for("again"))
     assert backend.items[-1].history == (
         Turn("user", "two people dancing"),
@@ -278,7 +289,7 @@ def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_serv
     bpy.ops.chatpose.send()
     scene.frame_set(30)  # scrubbed on while it comes: keyed where it was asked
     drive(idle)
-    assert "keyed at frame 12" in runtime.last_message()[0]
+    assert "keyed at frame 12" in live.last_message()[0]
     scene.frame_set(12)  # not put back by the animation on the next scrub
     assert_pose(armature, pose_for("keyed by auto keying"))
 
@@ -301,7 +312,7 @@ def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scr
     scene.chatpose.prompt = "wave"
     bpy.ops.chatpose.send()
     drive(idle)
-    assert "keyed at frame 11" in runtime.last_message()[0]
+    assert "keyed at frame 11" in live.last_message()[0]
     assert tuple(root.location) == pytest.approx(there)
     assert [[tuple(p.co) for p in c.keyframe_points] for c in location] == path
 
@@ -326,7 +337,7 @@ def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
     bpy.context.scene.chatpose.prompt = "wave"
     bpy.ops.chatpose.send()
     drive(idle)
-    message, level = runtime.last_message()
+    message, level = live.last_message()
     assert level == "WARNING" and message.startswith("Applied 1 pose(s) to SMPL")
     assert (
         "on 'SMPL', left_hip (the constraint 'IK' on left_knee), left_knee (the constraint "
@@ -356,7 +367,7 @@ def test_an_auto_keyed_answer_keys_only_what_auto_keying_s_own_settings_let_it(
         bpy.ops.chatpose.send()
         drive(idle)
         assert_pose(armature, pose_for(prompt))  # posed, keyed or not
-        return runtime.last_message()[0]
+        return live.last_message()[0]
 
     try:
         assert "not keyed at frame 10: Auto Keying keys only" in answer_at(10, "no keys yet")
@@ -385,11 +396,11 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
     scene.tool_settings.use_keyframe_insert_auto = keying == "Auto Keying"
     scene.chatpose.insert_keyframe = keying == "Insert Keyframe"
     steps = []
-    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    monkeypatch.setattr(feedback, "push_undo", steps.append)
     scene.chatpose.prompt = "with a locked knee"
     bpy.ops.chatpose.send()
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     if keying == "Auto Keying":  # posed, as Blender's own Auto Keying poses a locked rig
         assert "Applied 1 pose(s) to SMPL; not keyed (Auto Keying): " in message
         assert_pose(armature, pose_for("with a locked knee"))
@@ -415,9 +426,7 @@ def test_a_locked_channel_on_an_extra_person_is_named_as_its(armature, scripted_
     scene.chatpose.prompt = "two dancers again"
     bpy.ops.chatpose.send()
     drive(idle)
-    assert runtime.last_message()[0].startswith(
-        "The answer was not applied to 'SMPL': SMPL.person2: "
-    )
+    assert live.last_message()[0].startswith("The answer was not applied to 'SMPL': SMPL.person2: ")
 
 
 def test_undoing_an_applied_answer_takes_its_pose_and_keeps_its_exchange(
@@ -454,7 +463,7 @@ def test_an_answer_follows_its_armature_through_a_rename(armature, scripted_serv
     drive(idle)
     assert_pose(bpy.data.objects["Hero"], pose_for("renamed while asked"))
     np.testing.assert_allclose(read_pose(other).axis_angle, before.axis_angle)
-    assert "Applied 1 pose(s) to Hero" in runtime.last_message()[0]
+    assert "Applied 1 pose(s) to Hero" in live.last_message()[0]
     assert [m.text for m in props.history_messages(bpy.context.scene)][0] == "renamed while asked"
 
 
@@ -486,7 +495,7 @@ def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, sc
     objects = set(bpy.data.objects)
     backend.release()
     drive(idle)
-    assert "The armature 'SMPL' is gone; the answer was not applied" in runtime.last_message()[0]
+    assert "The armature 'SMPL' is gone; the answer was not applied" in live.last_message()[0]
     assert set(bpy.data.objects) == objects  # nothing posed, nothing made beside it
     assert bpy.context.scene.chatpose.prompt == "for a rig about to go"  # to send again
 
@@ -541,7 +550,7 @@ def test_answers_wait_while_the_user_can_redo(armature, scripted_service):
     bpy.ops.ed.undo_push(message="the user's move")
     bpy.ops.ed.undo()  # Ctrl+Z to compare with the state before the move
     backend.release()
-    drive(lambda: "waiting: you have undone steps" in runtime.last_message()[0])
+    drive(lambda: "waiting: you have undone steps" in live.last_message()[0])
     bpy.ops.ed.redo()  # the move is still there to redo: the answer did not drop it
     assert bpy.data.objects["SMPL"].location.x == 1.0
     drive(idle)
@@ -566,7 +575,7 @@ def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
     bpy.ops.object.mode_set(mode="EDIT")
     bpy.context.scene.chatpose.prompt = "two people"
     bpy.ops.chatpose.send()
-    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
     assert bpy.context.mode == "EDIT_MESH"  # the user's edit session goes on
     assert "SMPL.person2" not in bpy.data.objects
     bpy.ops.object.mode_set(mode="OBJECT")
@@ -587,7 +596,7 @@ def test_a_target_that_cannot_be_posed_is_named(armature, scripted_service, tmp_
     bpy.context.scene.chatpose.prompt = "wave"
     assert not bpy.ops.chatpose.send.poll()
     with pytest.raises(UserError, match="The Target 'MyRig' is not an SMPL armature"):
-        runtime.send_pose(bpy.context, "wave")
+        sending.send_pose(bpy.context, "wave")
     # An armature linked from another file: what is put on it would be lost on saving.
     library = tmp_path / "library.blend"
     bpy.context.scene.chatpose.target = armature
@@ -599,7 +608,7 @@ def test_a_target_that_cannot_be_posed_is_named(armature, scripted_service, tmp_
     bpy.context.scene.collection.objects.link(obj)
     bpy.context.scene.chatpose.target = obj
     with pytest.raises(UserError, match="'SMPL' is linked from .*library.blend.*library override"):
-        runtime.send_pose(bpy.context, "wave")
+        sending.send_pose(bpy.context, "wave")
 
 
 def _send_while_held(scripted_service, prompt: str = "held"):
@@ -617,10 +626,10 @@ def test_the_user_s_own_cancel_is_no_error_and_gives_the_prompt_back(armature, s
     bpy.ops.chatpose.cancel()
     # The service answers a cancel at once; released before it has read it, the model's
     # answer could win the race and be applied.
-    drive(lambda: runtime.last_message()[0].startswith("Cancelled"))
+    drive(lambda: live.last_message()[0].startswith("Cancelled"))
     backend.release()
     drive(idle)
-    assert runtime.last_message() == ("Cancelled: never mind", "INFO")
+    assert live.last_message() == ("Cancelled: never mind", "INFO")
     assert bpy.context.scene.chatpose.prompt == "never mind"  # to send again
 
 
@@ -914,7 +923,7 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
     bad.write_bytes(b"GIF89a not a png")
     with pytest.raises(RuntimeError, match="photo.png is not a PNG or JPEG file"):
         bpy.ops.chatpose.pose_from_image(filepath=str(bad))
-    assert "photo.png is not a PNG or JPEG file" in runtime.last_message()[0]
+    assert "photo.png is not a PNG or JPEG file" in live.last_message()[0]
     assert len(backend.items) == 1  # nothing was sent
 
     good = tmp_path / "ref.png"
@@ -928,7 +937,7 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
     damaged.write_bytes(good.read_bytes() + b"corrupt")  # the scripted model refuses it
     assert bpy.ops.chatpose.pose_from_image(filepath=str(damaged)) == {"FINISHED"}
     drive(idle)
-    assert runtime.last_message() == (
+    assert live.last_message() == (
         "Request failed (bad_image): image: half synced.png: not a PNG or JPEG image",
         "ERROR",
     )
@@ -942,8 +951,8 @@ def test_the_report_operator_goes_through_blenders_reports(blender):
     with pytest.raises(RuntimeError, match="the service went away"):
         bpy.ops.chatpose.report(level="ERROR", message="the service went away")
     assert bpy.ops.chatpose.report(level="INFO", message="applied") == {"FINISHED"}
-    runtime.notify("the service went away", "ERROR")  # the exception stays inside notify
-    assert runtime.last_message() == ("the service went away", "ERROR")
+    feedback.notify("the service went away", "ERROR")  # the exception stays inside notify
+    assert live.last_message() == ("the service went away", "ERROR")
 
 
 def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, reports):
@@ -951,9 +960,9 @@ def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, report
     bpy.context.scene.chatpose.prompt = "wave"
     assert bpy.ops.chatpose.send() == {"FINISHED"}
     # The operator only queues the request; the failure comes through the timer.
-    assert runtime.pending_jobs() and bpy.context.scene.chatpose.prompt == ""
+    assert live.pending_jobs() and bpy.context.scene.chatpose.prompt == ""
     drive(idle, timeout_s=10)  # the 2 s connect timeout, not the 60 s request timeout
-    message, level = runtime.last_message()
+    message, level = live.last_message()
     assert level == "ERROR" and "is chatpose-serve running?" in message
     assert reports[-1] == ("ERROR", message)  # in Blender's reports too, not only the panel
     assert props.history_messages(bpy.context.scene)[-1].role == "error"
@@ -984,7 +993,7 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     use_service("ipc:///tmp/" + "a" * 120)  # well formed, but too long for a socket path
     with pytest.raises(RuntimeError, match="Not sent: ZeroMQ cannot connect to"):
         bpy.ops.chatpose.send()
-    assert runtime.pending_jobs() == []
+    assert live.pending_jobs() == []
 
 
 @pytest.fixture
@@ -1019,7 +1028,7 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     prefs.curve_server_key = str(keys / "authorized_clients" / "animator.key")
     send("wave")
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert f"{address} refused the connection: the server key given" in message
     assert "(the Client Key and the Server Key in the add-on's preferences)" in message
     # A file that is no key, or one key alone: named when sending, nothing sent.
@@ -1029,7 +1038,7 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     prefs.curve_server_key = ""
     with pytest.raises(RuntimeError, match="set both the Client Key and the Server Key"):
         send("wave")
-    assert runtime.pending_jobs() == []
+    assert live.pending_jobs() == []
     prefs.curve_client_key = ""  # no keys at all, for a service with keys: where to set them
     send("wave")
     drive(idle)
@@ -1040,7 +1049,7 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
         "there closed the connection at the handshake: it has CURVE keys and this client none, "
         "or it is not chatpose-serve) \\(the Client Key and the Server Key in the add-on's "
         "preferences\\)$",
-        runtime.last_message()[0],
+        live.last_message()[0],
     )
     prefs.curve_client_key = str(keys / "animator.key_secret")
     prefs.curve_server_key = str(keys / "server.key")
@@ -1061,12 +1070,12 @@ def test_a_service_off_this_machine_needs_keys(armature, monkeypatch):
 
 def test_loading_a_file_drops_the_answers_in_flight(armature, scripted_service):
     _, backend = _send_while_held(scripted_service)
-    assert runtime.pending_jobs()
+    assert live.pending_jobs()
     bpy.ops.wm.read_homefile(use_empty=True)  # load_post runs
     backend.release()
-    assert runtime.pending_jobs() == []
+    assert live.pending_jobs() == []
     # The prompt, typed in the old file, is named: it could not go back into its field.
-    assert "1 request(s) in flight were cancelled (asked: 'held')" in runtime.last_message()[0]
+    assert "1 request(s) in flight were cancelled (asked: 'held')" in live.last_message()[0]
     drive(idle)
     assert "SMPL" not in bpy.data.objects
 
@@ -1078,16 +1087,16 @@ def test_loading_a_file_clears_what_the_panel_said_about_the_old_one(armature, s
     bpy.context.scene.chatpose.prompt = "wave"
     bpy.ops.chatpose.send()
     drive(idle)
-    assert runtime.last_message()[0]
+    assert live.last_message()[0]
     bpy.ops.wm.read_homefile(use_empty=True)
-    assert runtime.last_message()[0] == ""
+    assert live.last_message()[0] == ""
 
 
 def test_loading_a_file_before_anything_was_sent_clears_the_panel_s_message(armature):
     bpy.ops.chatpose.clear_history()
-    assert runtime.last_message()[0] == "Chat history cleared"
+    assert live.last_message()[0] == "Chat history cleared"
     bpy.ops.wm.read_homefile(use_empty=True)
-    assert runtime.last_message()[0] == ""
+    assert live.last_message()[0] == ""
 
 
 def test_a_file_that_fails_to_load_leaves_the_open_one_s_requests_going(
@@ -1100,8 +1109,8 @@ def test_a_file_that_fails_to_load_leaves_the_open_one_s_requests_going(
     damaged.write_bytes(b"BLENDER-v405" + b"\0" * 64)
     with pytest.raises(RuntimeError):
         bpy.ops.wm.open_mainfile(filepath=str(damaged))
-    assert "SMPL" in bpy.data.objects and runtime.pending_jobs()
-    assert "A file was loaded" not in runtime.last_message()[0]
+    assert "SMPL" in bpy.data.objects and live.pending_jobs()
+    assert "A file was loaded" not in live.last_message()[0]
     backend.release()
     drive(idle)
     assert_pose(armature, pose_for("kneel on one knee"))
@@ -1129,7 +1138,7 @@ def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted
     messages = props.history_messages(saved)
     assert [(m.role, m.text) for m in messages[2:]] == [
         ("user", "kneel on one knee"),
-        (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+        (chat.ERROR, file_handlers.UNANSWERED_AT_SAVE),
     ]
     np.testing.assert_allclose(read_pose(bpy.data.objects[name]).axis_angle, 0, atol=1e-6)
 
@@ -1145,9 +1154,9 @@ def test_a_failed_save_and_the_startup_file_leave_the_scene_as_it_was(
     # File > Defaults > Save Startup File saves with no path: every new file would start
     # with the prompt, so nothing is written (Blender's own save is not run here: it would
     # replace this machine's startup file).
-    runtime._on_save_pre("")
+    file_handlers._on_save_pre("")
     assert (scene.chatpose.prompt, len(scene.chatpose.history)) == ("", 0)
-    runtime._on_save_post("")
+    file_handlers._on_save_post("")
     # And saving still works after both.
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "saved.blend"), copy=True)
     assert (scene.chatpose.prompt, len(scene.chatpose.history)) == ("", 0)
@@ -1192,9 +1201,9 @@ def test_saves_within_a_save_keep_every_prompt_and_the_scene_as_it_was(
         assert saved.chatpose.prompt == "typed since"
         assert [(m.role, m.text) for m in props.history_messages(saved)] == [
             ("user", "kneel on one knee"),
-            (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+            (chat.ERROR, file_handlers.UNANSWERED_AT_SAVE),
             ("user", "wave"),
-            (chat.ERROR, runtime.UNANSWERED_AT_SAVE),
+            (chat.ERROR, file_handlers.UNANSWERED_AT_SAVE),
         ]
 
 
@@ -1205,10 +1214,10 @@ def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service
     bpy.ops.object.mode_set(mode="EDIT")  # the answer waits for Object mode
     bpy.context.scene.chatpose.prompt = "waits"
     bpy.ops.chatpose.send()
-    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
     bpy.ops.object.mode_set(mode="OBJECT")
     bpy.ops.wm.read_homefile(use_empty=True)  # before the timer applied it
-    assert "1 answer(s) not yet applied were dropped (asked: 'waits')" in runtime.last_message()[0]
+    assert "1 answer(s) not yet applied were dropped (asked: 'waits')" in live.last_message()[0]
     drive(idle)
     assert "SMPL" not in bpy.data.objects
 
@@ -1219,8 +1228,8 @@ def test_a_status_reply_waiting_alone_is_not_counted_as_an_answer(armature, scri
     bpy.ops.mesh.primitive_cube_add()
     bpy.ops.object.mode_set(mode="EDIT")
     bpy.ops.chatpose.service_status()
-    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
-    assert runtime.last_message()[0].startswith("waiting: ")  # not "0 answer(s) waiting"
+    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    assert live.last_message()[0].startswith("waiting: ")  # not "0 answer(s) waiting"
     bpy.ops.object.mode_set(mode="OBJECT")
     drive(idle)
 
@@ -1232,14 +1241,14 @@ def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature
     bpy.ops.chatpose.batch_keyframe()
     bpy.ops.mesh.primitive_cube_add()
     bpy.ops.object.mode_set(mode="EDIT")  # the lines wait for Object mode
-    drive(lambda: "waiting: leave Edit Mesh mode" in runtime.last_message()[0])
-    drive(lambda: runtime.current_batch().ended)  # the service has answered every line
+    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    drive(lambda: live.current_batch().ended)  # the service has answered every line
     bpy.ops.object.mode_set(mode="OBJECT")
     bpy.ops.wm.read_homefile(use_empty=True)  # before the timer keyed them
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "4 answer(s) not yet applied were dropped" in message
     assert "the batch from text 'moves' on SMPL stopped with 4 of 4 lines still to key" in message
-    assert runtime.current_batch() is None  # the new file's panel shows no batch of the old
+    assert live.current_batch() is None  # the new file's panel shows no batch of the old
     drive(idle)
     assert "SMPL" not in bpy.data.objects
 
@@ -1257,7 +1266,7 @@ def test_batch_progress_is_written_through_each_window(blender, monkeypatch):
 
     monkeypatch.setattr(bpy.types.WorkSpace, "status_text_set", recording)
     with bpy.context.temp_override(window=None):  # as in a timer
-        runtime._set_status_text("Batch 3/40")
+        feedback.set_status_text("Batch 3/40")
     windows = list(bpy.context.window_manager.windows)
     assert windows and written == [(w.workspace.name, w, "Batch 3/40") for w in windows]
 
@@ -1265,13 +1274,13 @@ def test_batch_progress_is_written_through_each_window(blender, monkeypatch):
 def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     address, backend = scripted_service
     status_bar = []
-    original = runtime._set_status_text
+    original = feedback.set_status_text
 
     def recording(text):
         status_bar.append(text)
         original(text)
 
-    monkeypatch.setattr(runtime, "_set_status_text", recording)
+    monkeypatch.setattr(feedback, "set_status_text", recording)
     use_service(address)
     scene = bpy.context.scene
     props.append_history(scene, chat.exchange("wave " * 40, "ok", poses=1))
@@ -1316,8 +1325,10 @@ def _start_local_service(monkeypatch, tmp_path, address: str, code: str) -> None
     use_service(address)
     prefs = preferences.get_preferences()
     prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
-    monkeypatch.setattr(runtime, "serve_command", lambda python, *a, **kw: [python, "-c", code])
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    monkeypatch.setattr(
+        local_service, "serve_command", lambda python, *a, **kw: [python, "-c", code]
+    )
+    live.state.process = ServiceProcess(str(tmp_path / "logs"))
     assert bpy.ops.chatpose.service_start() == {"FINISHED"}
 
 
@@ -1332,12 +1343,12 @@ def test_another_service_answering_where_ours_failed_to_listen_is_not_called_our
         "import sys, time; time.sleep(1.5); "
         "print('cannot listen: the address is already in use'); sys.exit(2)"
     )
-    monkeypatch.setattr(runtime, "address_in_use", lambda address: False)
+    monkeypatch.setattr(local_service, "address_in_use", lambda address: False)
     _start_local_service(monkeypatch, tmp_path, address, failing)
-    drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
+    drive(lambda: not live.waiting_for_service(), timeout_s=30)
     assert not any("service ready" in message for _, message in reports), reports
-    log = runtime.service_process().log_path
-    assert runtime.last_message() == (
+    log = live.service_process().log_path
+    assert live.last_message() == (
         "Local service exited with code 2: cannot listen: the address is already in use; "
         f"its log: {log}",
         "ERROR",
@@ -1358,10 +1369,10 @@ def test_a_local_service_run_by_a_launcher_is_ready_when_it_answers(
     )
     try:
         _start_local_service(monkeypatch, tmp_path, address, launcher)
-        drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
-        assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
+        drive(lambda: not live.waiting_for_service(), timeout_s=30)
+        assert live.last_message()[0].startswith("Local service ready: scripted on cpu")
     finally:
-        runtime.service_process().stop(wait=True)
+        live.service_process().stop(wait=True)
 
 
 @pytest.fixture
@@ -1380,23 +1391,21 @@ def local_scripted(armature, monkeypatch, tmp_path):
         commands.append((python, checkpoint, bind, device, quantization))
         return [python, str(SCRIPTED_SERVER), bind]
 
-    monkeypatch.setattr(runtime, "serve_command", scripted_command)
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    monkeypatch.setattr(local_service, "serve_command", scripted_command)
+    live.state.process = ServiceProcess(str(tmp_path / "logs"))
     assert bpy.ops.chatpose.service_start() == {"FINISHED"}
-    assert runtime.local_service_state().alive and runtime.waiting_for_service()
+    assert local_service.local_service_state().alive and live.waiting_for_service()
     port = address.rsplit(":", 1)[1]  # one log per port: two Blenders' services keep theirs
-    assert runtime.service_process().log_path == str(
-        tmp_path / "logs" / f"chatpose-serve-{port}.log"
-    )
-    drive(lambda: not runtime.waiting_for_service(), timeout_s=30)
-    assert runtime.last_message()[0].startswith("Local service ready: scripted on cpu")
+    assert live.service_process().log_path == str(tmp_path / "logs" / f"chatpose-serve-{port}.log")
+    drive(lambda: not live.waiting_for_service(), timeout_s=30)
+    assert live.last_message()[0].startswith("Local service ready: scripted on cpu")
     yield address, commands
-    runtime.service_process().stop(wait=True)
+    live.service_process().stop(wait=True)
 
 
 def test_requests_that_fail_together_make_one_popup(armature, monkeypatch):
     shown = []
-    monkeypatch.setattr(runtime, "_popup", lambda text, level: shown.append((text, level)))
+    monkeypatch.setattr(feedback, "show_popup", lambda text, level: shown.append((text, level)))
     use_service(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
     for prompt in ("wave", "bow", "sit"):
         bpy.context.scene.chatpose.prompt = prompt
@@ -1416,17 +1425,17 @@ def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
     prefs = preferences.get_preferences()
     prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
     loading = [sys.executable, "-c", "import time; time.sleep(60)"]  # a model that takes its time
-    monkeypatch.setattr(runtime, "serve_command", lambda *args: loading)
-    runtime._state.process = ServiceProcess(str(tmp_path / "logs"))
+    monkeypatch.setattr(local_service, "serve_command", lambda *args: loading)
+    live.state.process = ServiceProcess(str(tmp_path / "logs"))
     try:
         assert bpy.ops.chatpose.service_start() == {"FINISHED"}
         assert bpy.ops.chatpose.service_status() == {"FINISHED"}
-        drive(lambda: runtime.last_message()[1] == "ERROR")
-        message = runtime.last_message()[0]
+        drive(lambda: live.last_message()[1] == "ERROR")
+        message = live.last_message()[0]
         assert message.startswith("Service: no service at ")
         assert message.endswith("(the local service is still starting; try again when it is ready)")
     finally:
-        runtime.service_process().stop(wait=True)
+        live.service_process().stop(wait=True)
 
 
 def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
@@ -1439,30 +1448,30 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
         _start_local_service(monkeypatch, tmp_path, started_on, "import time; time.sleep(60)")
         elsewhere = f"tcp://127.0.0.1:{free_port()}"
         use_service(elsewhere)
-        drive(lambda: not runtime._state.waiting_ready)
-        assert runtime.last_message() == (
+        drive(lambda: not live.state.waiting_ready)
+        assert live.last_message() == (
             f"The Service Address is now {elsewhere}; the local service started on {started_on} "
             "goes on there (Stop it, or set that address again)",
             "WARNING",
         )
-        assert runtime.local_service_state().alive
+        assert local_service.local_service_state().alive
     finally:
-        runtime.service_process().stop(wait=True)
+        live.service_process().stop(wait=True)
 
 
 def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature, local_scripted):
     import os
     import signal
 
-    os.kill(runtime.service_process().pid, signal.SIGKILL)  # as a crash, past its own handlers
-    drive(lambda: runtime.local_service_state().state == "exited")
+    os.kill(live.service_process().pid, signal.SIGKILL)  # as a crash, past its own handlers
+    drive(lambda: local_service.local_service_state().state == "exited")
     bpy.context.scene.chatpose.prompt = "after the crash"
     bpy.ops.chatpose.send()
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "no service at" in message
     assert "(the local service exited: killed by SIGKILL, which the system" in message
-    assert message.endswith(f"; its log: {runtime.service_process().log_path})")
+    assert message.endswith(f"; its log: {live.service_process().log_path})")
 
 
 def test_start_and_stop_the_local_service_from_blender(
@@ -1475,29 +1484,29 @@ def test_start_and_stop_the_local_service_from_blender(
     drive(idle)
     assert_pose(armature, pose_for("from the local service"))
     # An internal error's message says "see the service log": the failure says where it is.
-    log = runtime.service_process().log_path
+    log = live.service_process().log_path
     assert (
-        runtime._why_unreachable(ErrorCode.INTERNAL_ERROR) == f" (the local service's log: {log})"
+        answers._why_unreachable(ErrorCode.INTERNAL_ERROR) == f" (the local service's log: {log})"
     )
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.chatpose.service_start()
     assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
-    drive(lambda: runtime.local_service_state().state == "stopped")  # the button alone
+    drive(lambda: local_service.local_service_state().state == "stopped")  # the button alone
     prefs = preferences.get_preferences()  # a 13B model on a studio's second, 24 GB card
     prefs.service_device, prefs.service_gpu, prefs.service_quantization = "cuda", 1, "8bit"
     try:
         assert bpy.ops.chatpose.service_start() == {"FINISHED"}
         assert commands[-1] == (sys.executable, str(tmp_path), address, "cuda:1", "8bit")
         assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
-        drive(lambda: runtime.local_service_state().state == "stopped")
+        drive(lambda: local_service.local_service_state().state == "stopped")
         prefs.service_device = "cpu"  # where the service would refuse 8 bits: not passed
         assert bpy.ops.chatpose.service_start() == {"FINISHED"}
         assert commands[-1][3:] == ("cpu", "none")
         assert bpy.ops.chatpose.service_stop() == {"FINISHED"}
-        drive(lambda: runtime.local_service_state().state == "stopped")
+        drive(lambda: local_service.local_service_state().state == "stopped")
     finally:
         prefs.service_device, prefs.service_quantization = "auto", "none"
-    monkeypatch.setattr(runtime, "serve_command", serve_command)  # the real one checks
+    monkeypatch.setattr(local_service, "serve_command", serve_command)  # the real one checks
     preferences.get_preferences().service_python = ""
     with pytest.raises(RuntimeError, match="set the Python interpreter"):
         bpy.ops.chatpose.service_start()
@@ -1525,7 +1534,7 @@ def _stubborn_local_service(tmp_path) -> ServiceProcess:
     manager = ServiceProcess(str(tmp_path / "logs"), grace_s=0.5)
     manager.start([sys.executable, "-c", stubborn])
     drive(lambda: last_line(manager.log_path) == "ignoring SIGTERM")  # its handler is set
-    runtime._state.process = manager
+    live.state.process = manager
     return manager
 
 
@@ -1538,7 +1547,7 @@ def test_the_stop_button_kills_a_local_service_that_does_not_stop(blender, tmp_p
         time.sleep(0.05)
     assert process.returncode == -9
     runtime.timer_tick()
-    assert runtime.last_message()[0].startswith("Local service stopped")
+    assert live.last_message()[0].startswith("Local service stopped")
     assert runtime.timer_tick() is None  # nothing left to watch
 
 
@@ -1556,7 +1565,7 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(
     for prompt in ("wave", failing):
         scene.chatpose.prompt = prompt
         bpy.ops.chatpose.send()
-    drive(lambda: len(runtime._state.backlog) == 2)  # both came, and wait
+    drive(lambda: len(live.state.backlog) == 2)  # both came, and wait
     backend.hold()  # the next two stay on their way
     for prompt in ("sit down", "jump high"):
         scene.chatpose.prompt = prompt
@@ -1564,7 +1573,7 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(
     assert scene.chatpose.prompt == ""  # sending empties it
     bpy.ops.object.mode_set(mode="OBJECT")
     steps = []  # without an undo step, a file saved just before did not count as changed:
-    monkeypatch.setattr(runtime, "push_undo", steps.append)  # closing it lost what was kept
+    monkeypatch.setattr(feedback, "push_undo", steps.append)  # closing it lost what was kept
     addon_utils.disable(ADDON, default_set=True)  # as users do to "restart" it
     assert steps == ["chat"]
     backend.release()
@@ -1573,7 +1582,7 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(
     kept = dict(zip([text for _, text in messages[0::2]], messages[1::2], strict=True))
     assert sorted(kept) == sorted(["wave", failing, "sit down", "jump high"])
     for prompt in ("wave", "sit down", "jump high"):
-        assert kept[prompt] == (chat.ERROR, runtime.UNANSWERED_AT_DISABLE)
+        assert kept[prompt] == (chat.ERROR, file_handlers.UNANSWERED_AT_DISABLE)
     assert "exploded" in kept[failing][1]  # a failure keeps its own message
     assert scene.chatpose.prompt in kept  # one back to send
 
@@ -1590,7 +1599,7 @@ def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
 def test_unregister_stops_the_local_service(armature, local_scripted):
     import addon_utils
 
-    process = runtime.service_process()._process
+    process = live.service_process()._process
     addon_utils.disable(ADDON, default_set=True)  # asks it to stop, without waiting
     assert process.wait(timeout=30) is not None
     addon_utils.enable(ADDON, default_set=True)
@@ -1604,7 +1613,7 @@ def test_file_settings_take_the_home_folder_as_typed(blender, tmp_path, monkeypa
     (tmp_path / "shots.txt").write_text("wave\n")
     settings = bpy.context.scene.chatpose
     settings.batch_source, settings.batch_file = "FILE", "~/shots.txt"
-    assert runtime.read_batch_lines(bpy.context) == ([(1, "wave")], "shots.txt")
+    assert sending.read_batch_lines(bpy.context) == ([(1, "wave")], "shots.txt")
     prefs = get_preferences()
     prefs.curve_client_key, prefs.curve_server_key = "~/me.key_secret", "~/server.key"
     keys = service_settings(bpy.context)
@@ -1617,29 +1626,29 @@ def test_file_settings_take_the_home_folder_as_typed(blender, tmp_path, monkeypa
 def test_batch_lines_from_a_txt_file(blender, tmp_path):
     settings = bpy.context.scene.chatpose
     settings.batch_source = "FILE"
-    with pytest.raises(runtime.UserError, match="Pick a .txt file"):
-        runtime.read_batch_lines(bpy.context)
+    with pytest.raises(live.UserError, match="Pick a .txt file"):
+        sending.read_batch_lines(bpy.context)
     shots = tmp_path / "shots.txt"
     shots.write_bytes("\ufeffwave hello\n\n  sit down  \r\nbow\n".encode())
     settings.batch_file = str(shots)
     expected = [(1, "wave hello"), (3, "sit down"), (4, "bow")]
-    assert runtime.read_batch_lines(bpy.context) == (expected, "shots.txt")
+    assert sending.read_batch_lines(bpy.context) == (expected, "shots.txt")
     settings.batch_file = str(tmp_path / "missing.txt")
-    with pytest.raises(runtime.UserError, match="missing.txt: no such file"):
-        runtime.read_batch_lines(bpy.context)
+    with pytest.raises(live.UserError, match="missing.txt: no such file"):
+        sending.read_batch_lines(bpy.context)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 pose\n".encode("latin-1"))
     settings.batch_file = str(tmp_path / "latin1.txt")
-    with pytest.raises(runtime.UserError, match="is not UTF-8 text"):
-        runtime.read_batch_lines(bpy.context)
+    with pytest.raises(live.UserError, match="is not UTF-8 text"):
+        sending.read_batch_lines(bpy.context)
     with open(tmp_path / "take.mov", "wb") as file:  # picked by mistake: refused unread
         file.truncate(MAX_FILE_BYTES + 1)
     settings.batch_file = str(tmp_path / "take.mov")
-    with pytest.raises(runtime.UserError, match=r"take\.mov is larger than 32 MiB"):
-        runtime.read_batch_lines(bpy.context)
+    with pytest.raises(live.UserError, match=r"take\.mov is larger than 32 MiB"):
+        sending.read_batch_lines(bpy.context)
     (tmp_path / "blank.txt").write_text("\n  \n")
     settings.batch_file = str(tmp_path / "blank.txt")
-    with pytest.raises(runtime.UserError, match="blank.txt has no prompts"):
-        runtime.read_batch_lines(bpy.context)
+    with pytest.raises(live.UserError, match="blank.txt has no prompts"):
+        sending.read_batch_lines(bpy.context)
 
 
 def batch_of(lines: str, start: int = 1, step: int = 1) -> bpy.types.Text:
@@ -1665,17 +1674,17 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     bpy.ops.chatpose.batch_keyframe()
-    drive(lambda: runtime.current_batch().keyed >= 4)
+    drive(lambda: live.current_batch().keyed >= 4)
     bpy.ops.ed.undo()  # Ctrl+Z while the batch runs: the keys of the last group go
-    drive(lambda: "waiting: you have undone steps" in runtime.last_message()[0])
+    drive(lambda: "waiting: you have undone steps" in live.last_message()[0])
     bpy.ops.ed.undo_push(message="a change")  # the batch goes on after the user's next change
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "still to key" in message and "all 12 lines keyed" not in message, message
-    assert runtime.current_batch().state == batch_plan.FINISHED  # an undo stops nothing
+    assert live.current_batch().state == batch_plan.FINISHED  # an undo stops nothing
     bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
     drive(idle)
-    assert "all 12 lines keyed" in runtime.last_message()[0]
+    assert "all 12 lines keyed" in live.last_message()[0]
     assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_batch_step"
 
 
@@ -1691,7 +1700,7 @@ def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
     armature.data.bones["head"].name = "Head"  # no SMPL armature any more, still in the scene
     backend.release()
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "is gone" not in message
     assert message.startswith("The armature 'Hero' is no longer an SMPL armature: it has no bone")
     assert message.endswith("; the answer was not applied")
@@ -1706,7 +1715,7 @@ def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, mon
     monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     bpy.ops.chatpose.batch_keyframe()
-    drive(lambda: runtime.current_batch().keyed >= 4)
+    drive(lambda: live.current_batch().keyed >= 4)
     if change == "armature renamed":
         armature.name = "Hero"
     elif change == "take renamed":  # named while it is made: the same take
@@ -1714,7 +1723,7 @@ def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, mon
     else:
         armature.data.bones["head"].name = "Head"  # a rename the user did not mean for SMPL
     drive(idle)
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     if change == "armature renamed":
         assert "12 lines keyed on Hero; all 12 lines keyed" in message, message
     elif change == "take renamed":
@@ -1751,17 +1760,17 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     monkeypatch.setattr(backend, "answer_poses", answer_then_hold)
     try:
         bpy.ops.chatpose.batch_keyframe()
-        drive(lambda: runtime.current_batch().keyed >= 2)
+        drive(lambda: live.current_batch().keyed >= 2)
         # A group is the lines that arrived by a tick, at most two: one or two at first.
-        keyed = runtime.current_batch().keyed
+        keyed = live.current_batch().keyed
         curve.lock = True  # locked while the batch runs: the rest is cancelled, not computed
         drive(idle)
     finally:
         backend.release()
-    run = runtime.current_batch()
+    run = live.current_batch()
     assert run.state == batch_plan.FAILED and run.keyed == keyed  # none keyed after
     assert len(backend.items) <= 8  # the answered micro-batch and the one held
-    assert "stopped: " in runtime.last_message()[0] and "is locked" in runtime.last_message()[0]
+    assert "stopped: " in live.last_message()[0] and "is locked" in live.last_message()[0]
 
 
 @pytest.mark.parametrize("when", ["after its first keys", "before its first keys"])
@@ -1781,19 +1790,19 @@ def test_a_batch_keys_no_other_take_than_its_own(armature, scripted_service, mon
         backend.hold()  # the lines are still being computed
     bpy.ops.chatpose.batch_keyframe()
     if when == "after its first keys":
-        drive(lambda: runtime.current_batch().keyed >= 4)
+        drive(lambda: live.current_batch().keyed >= 4)
     take = armature.animation_data.action
     armature.animation_data.action = walk  # a look at another take while the batch runs
     if getattr(armature.animation_data, "action_slot", walk) is None:
         armature.animation_data.action_slot = walk.slots[0]
     backend.release()
     drive(idle)
-    run = runtime.current_batch()
+    run = live.current_batch()
     assert run.state == batch_plan.FAILED
     keying = f"the take '{take.name}'" if take else "an armature without a take"
     assert (
         f"stopped: the armature now shows the take 'Walk', and this run was keying {keying}"
-        in runtime.last_message()[0]
+        in live.last_message()[0]
     )
     for frame, pose in hand.items():  # not one of the animator's keys replaced
         np.testing.assert_allclose(read_pose_of(walk, armature, frame), pose.axis_angle, atol=1e-5)
@@ -1855,14 +1864,14 @@ def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(
     monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     steps = []
-    monkeypatch.setattr(runtime, "push_undo", steps.append)
+    monkeypatch.setattr(feedback, "push_undo", steps.append)
     # Background Blender counts its file as changed at all times; in a window a save clears
     # that, and only an undo step sets it again.
     saved = iter([False, True])
-    monkeypatch.setattr(runtime, "_file_saved", lambda: next(saved, False))
+    monkeypatch.setattr(answers, "_file_saved", lambda: next(saved, False))
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
-    assert "all 6 lines keyed" in runtime.last_message()[0]
+    assert "all 6 lines keyed" in live.last_message()[0]
     assert steps == ["batch", "batch"]  # after the group keyed past the save, and at the end
 
 
@@ -1892,13 +1901,13 @@ def test_a_batch_s_keys_have_their_handles_at_its_end_and_in_a_file_saved_during
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     bpy.ops.chatpose.batch_keyframe()
     drive(lambda: len(batch_store.load_record(armature).entries) >= 2)
-    assert runtime.busy()  # the run goes on
+    assert live.busy()  # the run goes on
     saved = tmp_path / "during.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(saved), copy=True)
     keyed = len(batch_store.load_record(armature).entries)
     assert 2 <= keyed < 6 and _handles_settled(armature)
     drive(idle)
-    assert "all 6 lines keyed" in runtime.last_message()[0]
+    assert "all 6 lines keyed" in live.last_message()[0]
     assert _handles_settled(armature)
 
 
@@ -1935,14 +1944,14 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
     bpy.context.scene.chatpose.batch_translation = True
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    assert "2 line(s) keyed without Translation are keyed again" in runtime.last_message()[0]
+    assert "2 line(s) keyed without Translation are keyed again" in live.last_message()[0]
     drive(idle)
-    assert "all 2 lines keyed" in runtime.last_message()[0]
+    assert "all 2 lines keyed" in live.last_message()[0]
     assert len(backend.items) == 4  # asked again, for the root's location
     assert [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
     bpy.context.scene.chatpose.batch_translation = False  # keyed with it: keyed without too
     bpy.ops.chatpose.batch_keyframe()
-    assert "are keyed on" in runtime.last_message()[0] and len(backend.items) == 4
+    assert "are keyed on" in live.last_message()[0] and len(backend.items) == 4
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):
@@ -1957,8 +1966,8 @@ def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armatu
     batch_store.key_batch_lines(armature, [(line, random_pose(0))])
     run.item_keyed(line)
     run.fail("the service went away during the request")  # before its batch_done came
-    runtime._batch_ended(run)
-    message, level = runtime.last_message()
+    answers._batch_ended(run)
+    message, level = live.last_message()
     assert "done: 1 line keyed on SMPL; all 1 lines keyed" in message and level == "INFO"
 
 
@@ -1994,7 +2003,7 @@ def test_lines_deleted_from_the_text_are_forgotten_and_their_keys_left(armature,
     bpy.ops.chatpose.batch_keyframe()  # the note is still there for the run that starts
     assert (
         "1 recorded line(s) are no longer in the text, their keys (frame 31)"
-        in (runtime.last_message()[0])
+        in (live.last_message()[0])
     )
     drive(idle)
     record = batch_store.load_record(armature)
@@ -2007,7 +2016,7 @@ def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature
     _keyed_batch(scripted_service, "a\nbb\nccc")
     bpy.context.scene.chatpose.batch_step = 5
     bpy.ops.chatpose.batch_keyframe()
-    message = runtime.last_message()[0]
+    message = live.last_message()[0]
     assert "other lines now go where 1 old key(s) are (frame 11), and replace them" in message
     assert "the old keys at frame 21 are left as they are" in message
     drive(idle)
@@ -2055,7 +2064,7 @@ def test_a_person_brought_back_brings_its_body_alone(armature, scripted_service)
     home.chatpose.prompt = "two dancers again"
     bpy.ops.chatpose.send()
     drive(idle)
-    assert runtime.last_message()[0].startswith("Applied 2 pose(s)"), runtime.last_message()
+    assert live.last_message()[0].startswith("Applied 2 pose(s)"), live.last_message()
     assert person.name in home.objects and body.name in home.objects
     assert sword.name not in home.objects  # not the user's other things parented to it
 

@@ -18,7 +18,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon.blender import batch_store, props, runtime
+from blender_addon.blender import answers, batch_store, live, props
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import read_pose
@@ -64,7 +64,7 @@ def keyed_lines(monkeypatch):
         counts.update(line.line for line, _ in items)
         return record
 
-    monkeypatch.setattr(runtime, "key_batch_lines", counting)
+    monkeypatch.setattr(answers, "key_batch_lines", counting)
     return counts
 
 
@@ -153,19 +153,19 @@ def test_a_batch_cancelled_then_resumed_keys_every_line_once(
     settings = bpy.context.scene.chatpose
     settings.batch_start, settings.batch_step = 5, 2
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    run = runtime.current_batch()
+    run = live.current_batch()
     assert [len(p) for p in batch_requests] == [256]
     drive(lambda: run.keyed >= 1)
     assert bpy.ops.chatpose.cancel() == {"FINISHED"}
     drive(idle)
     assert run.state == batch_plan.CANCELLED and run.closed
     assert 1 <= run.keyed < 270 and len(batch_requests) == 1  # the second request never went
-    assert "cancelled" in runtime.last_message()[0]
+    assert "cancelled" in live.last_message()[0]
     done = set(keyed_lines)
     assert sorted(e.line for e in batch_store.load_record(armature).entries) == sorted(done)
 
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    rerun = runtime.current_batch()
+    rerun = live.current_batch()
     assert rerun.already_keyed == len(done)
     drive(idle, timeout_s=120)
     assert rerun.state == batch_plan.FINISHED and rerun.remaining == 0
@@ -178,7 +178,7 @@ def test_a_batch_cancelled_then_resumed_keys_every_line_once(
 
     sent = len(batch_requests)
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}  # a third run: nothing to do
-    assert len(batch_requests) == sent and "keyed on SMPL already" in runtime.last_message()[0]
+    assert len(batch_requests) == sent and "keyed on SMPL already" in live.last_message()[0]
 
 
 # --- a service that dies mid-batch ----------------------------------------------------------
@@ -208,13 +208,13 @@ def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines, report
     process = start_scripted_server(address, "--stall-after", "5")
     try:
         bpy.ops.chatpose.batch_keyframe()
-        run = runtime.current_batch()
+        run = live.current_batch()
         drive(lambda: run.keyed == 5)
         process.send_signal(signal.SIGKILL)
         process.wait(TIMEOUT_S)
         drive(idle, timeout_s=10)
         assert run.state == batch_plan.FAILED
-        message, level = runtime.last_message()
+        message, level = live.last_message()
         assert level == "ERROR"
         assert "stopped: the service at" in message and "went away" in message
         assert "5 lines keyed on SMPL; 7 of 12 still to key" in message
@@ -224,7 +224,7 @@ def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines, report
 
         process = start_scripted_server(address)  # the same address
         assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-        rerun = runtime.current_batch()
+        rerun = live.current_batch()
         assert [line.line for line in rerun.pending] == list(range(5, 12))
         drive(idle)
         assert rerun.state == batch_plan.FINISHED
@@ -255,7 +255,7 @@ def test_the_real_service_killed_mid_batch_then_restarted(
     )
     try:
         bpy.ops.chatpose.batch_keyframe()
-        run = runtime.current_batch()
+        run = live.current_batch()
         drive(lambda: run.keyed >= 3)
         os.kill(service.pid, signal.SIGSTOP)
         os.kill(service.pid, signal.SIGKILL)
@@ -275,7 +275,7 @@ def test_the_real_service_killed_mid_batch_then_restarted(
     service = start_tiny_service(tiny_checkpoint, address, tmp_path / "second")
     try:
         assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-        rerun = runtime.current_batch()
+        rerun = live.current_batch()
         assert [line.line for line in rerun.pending] == missing
         drive(idle, timeout_s=120)
         assert rerun.state == batch_plan.FINISHED

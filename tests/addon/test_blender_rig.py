@@ -61,7 +61,7 @@ def test_register_and_unregister_cleanly_twice(blender):
     import addon_utils  # importable once bpy is imported
 
     from blender_addon import registration
-    from blender_addon.blender import runtime
+    from blender_addon.blender import file_handlers, runtime
 
     addon_utils.disable(ADDON, default_set=True)
     assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
@@ -71,15 +71,15 @@ def test_register_and_unregister_cleanly_twice(blender):
         assert bpy.ops.chatpose.create_armature.get_rna_type() is not None
         assert all(cls.is_registered for cls in registration.CLASSES)
         assert len(bpy.context.scene.chatpose.history) == 0
-        assert all(h in handlers for handlers, h in runtime.FILE_HANDLERS)
-        assert runtime._on_save_pre in bpy.app.handlers.save_pre
+        assert all(h in handlers for handlers, h in file_handlers.FILE_HANDLERS)
+        assert file_handlers._on_save_pre in bpy.app.handlers.save_pre
         runtime.ensure_timer()
         blender_addon.unregister()
         assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
         assert not any(cls.is_registered for cls in registration.CLASSES)
         assert not hasattr(bpy.types.Scene, "chatpose")
         assert not bpy.app.timers.is_registered(runtime.timer_tick)
-        assert not any(h in handlers for handlers, h in runtime.FILE_HANDLERS)
+        assert not any(h in handlers for handlers, h in file_handlers.FILE_HANDLERS)
     for _ in range(2):  # and as Blender does it, with preferences
         assert addon_utils.enable(ADDON, default_set=True) is not None
         assert bpy.context.preferences.addons[ADDON].preferences.service_address

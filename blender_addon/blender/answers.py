@@ -1,0 +1,381 @@
+"""Applying what the service sends back, on the main thread (``runtime.timer_tick``): poses onto
+armatures, exchanges into the scene's chat history, batch lines keyed and recorded, and a
+batch's end reported."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import bpy
+
+from shared_protocol.protocol import ErrorCode
+
+from ..core import batch_plan, chat
+from ..core.batch_plan import BatchRun
+from ..core.dispatch import (
+    BatchEnded,
+    BatchLineFailed,
+    BatchLineReady,
+    PoseAnswered,
+    PoseFailed,
+    StatusAnswered,
+    StatusFailed,
+)
+from ..core.service_process import EXITED
+from . import feedback, live
+from .anim import LockedCurveError
+from .armature import is_deleted, is_smpl_armature, why_not_smpl
+from .batch_store import key_batch_lines, load_record, settle_batch_keys
+from .people import apply_people, refuse_locked_people
+from .posing import auto_key_options
+from .props import append_history
+
+
+@dataclass(frozen=True)
+class BatchLines:
+    """Consecutive ``BatchLineReady`` outcomes of one run."""
+
+    items: list
+
+
+def count_answers(backlog) -> int:
+    """How many of the outcomes waiting are answers to a request (a batch's end or a status
+    reply is none)."""
+    return sum(not isinstance(o, (BatchEnded, StatusAnswered, StatusFailed)) for o in backlog)
+
+
+def apply_outcome(outcome) -> None:
+    match outcome:
+        case PoseAnswered():
+            _pose_answered(outcome)
+        case PoseFailed():
+            _pose_failed(outcome)
+        case StatusAnswered():
+            status = outcome.status
+            live.state.service_line = (
+                f"{status.model} on {status.device} ({status.dtype}), "
+                f"chatpose {status.version}, images: {status.max_images}"
+            )
+            if not outcome.job.probe:
+                feedback.notify(f"Service: {live.state.service_line}")
+            elif status.instance in (None, live.service_process().instance):  # None: an older one
+                live.state.waiting_ready = False
+                feedback.notify(f"Local service ready: {live.state.service_line}")
+            # Else another service listens there, where ours is failing to (it exits, and
+            # runtime.watch_local_service says why).
+        case StatusFailed():
+            if not outcome.job.probe:
+                message = outcome.message + _why_unreachable(outcome.code)
+                live.state.service_line = f"unavailable: {message}"
+                feedback.notify(f"Service: {message}", "ERROR")
+        case BatchLineReady():
+            _batch_lines([outcome])
+        case BatchLines():
+            _batch_lines(outcome.items)
+        case BatchLineFailed():
+            pass  # counted by the run; reported when it ends
+        case BatchEnded():
+            _batch_ended(outcome.run)
+
+
+def _pose_answered(outcome: PoseAnswered) -> None:
+    job, poses = outcome.job, outcome.poses
+    scene = find(bpy.data.scenes, job.scene, job.scene_uid)
+    if scene is not None:
+        append_history(
+            scene,
+            chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
+        )
+    # The exchange is a step of its own, before the poses': undoing a pose the animator does
+    # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
+    # known, so that a refused answer, its prompt given back, is one step.
+    chat_step = (lambda: feedback.push_undo("chat")) if scene is not None else (lambda: None)
+    cut = (
+        "; the reply was cut at the service's limit of new tokens (chatpose-serve "
+        "--max-new-tokens), before the model ended it"
+        if outcome.truncated
+        else ""
+    )
+    if not poses:
+        chat_step()  # else the next undo would take the reply away
+        text = f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}{cut}"
+        feedback.notify(text, "WARNING" if cut else "INFO")
+        return
+    try:
+        target = find(bpy.data.objects, job.armature, job.armature_uid)
+        problem = _armature_problem(job.armature, target)
+        if problem is not None:
+            problem += "; the answer was not applied"
+        frame, unkeyed = job.frame, ""
+        # The model's poses carry no translation: the location is then neither set nor keyed.
+        use_translation = job.use_translation and any(p.translation is not None for p in poses)
+        if problem is None and frame is not None:
+            try:  # before any change
+                refuse_locked_people(target, len(poses), use_translation)
+            except LockedCurveError as exc:
+                if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+                    frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
+                else:
+                    problem = f"the answer was not applied to {target.name!r}: {exc}"
+    except BaseException:
+        chat_step()
+        raise
+    if problem is not None:
+        if scene is not None:
+            give_prompt_back(scene, job.prompt)
+        chat_step()
+        feedback.notify(f"{problem[0].upper()}{problem[1:]}", "ERROR", popup=True)
+        return
+    chat_step()
+    try:
+        result = apply_people(
+            bpy.context,
+            target,
+            poses,
+            frame=frame,
+            use_translation=use_translation,
+            spacing=job.spacing,
+            key_options=auto_key_options(bpy.context) if job.auto_key else frozenset(),
+        )
+    except Exception:  # half way: what did change is one undo step, not part of the user's next
+        feedback.push_undo("answer")
+        raise
+    feedback.push_undo("answer")
+    where = ", ".join(
+        name + (" (new)" if name in result.created else "") for name in result.armatures
+    )
+    text = f"Applied {len(result.armatures)} pose(s) to {where}"
+    if result.keyed_frame is not None:
+        text += f", keyed at frame {result.keyed_frame}"
+    elif frame is not None:  # Auto Keying's Replace mode or Only Insert Available
+        text += (
+            f"; not keyed at frame {frame}: Auto Keying keys only what is keyed already (its "
+            "Replace mode, or Only Insert Available), and nothing there is"
+        )
+    level = "WARNING" if unkeyed else "INFO"
+    text += unkeyed
+    if result.skipped:
+        text += f"; not applied: {', '.join(result.skipped)} (the name is taken)"
+        level = "WARNING"
+    if result.non_quaternion_bones:
+        text += f"; {len(set(result.non_quaternion_bones))} bone(s) converted to their mode"
+    if result.notes:
+        text += "; " + "; ".join(result.notes)
+        level = "WARNING"
+    if cut:
+        text, level = text + cut, "WARNING"
+    feedback.notify(text, level)
+
+
+def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
+    """Why a request's armature (``name`` when it went out; ``obj`` now) cannot be posed: the
+    user deleted it, or changed it into something that is no SMPL armature; None when it can."""
+    if obj is None or is_deleted(obj):
+        return f"the armature {name!r} is gone"
+    if not is_smpl_armature(obj):
+        return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"
+    return None
+
+
+def find(collection, name: str, uid: int | None):
+    """A request's armature or scene in `collection` (bpy.data.objects, .scenes): by session
+    id, so that renaming it (or naming another one like it) while the answer is on its way
+    changes nothing; by name without one."""
+    if uid is None:
+        return collection.get(name)
+    named = collection.get(name)  # not renamed, as a rule: no scan of every object
+    if named is not None and named.session_uid == uid:
+        return named
+    return next((item for item in collection if item.session_uid == uid), None)
+
+
+def _pose_failed(outcome: PoseFailed) -> None:
+    job = outcome.job
+    message = outcome.message + _why_unreachable(outcome.code)
+    if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
+        message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
+    scene = find(bpy.data.scenes, job.scene, job.scene_uid)
+    if scene is not None:
+        append_history(
+            scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
+        )
+        give_prompt_back(scene, job.prompt)
+        feedback.push_undo("chat")
+    if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
+        feedback.notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
+        return
+    feedback.notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+
+
+def give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
+    """Puts an unanswered prompt back in the field, to send again; never over what was typed
+    since."""
+    if prompt and not scene.chatpose.prompt.strip():
+        scene.chatpose.prompt = prompt
+
+
+def _why_unreachable(code: ErrorCode) -> str:
+    """What the local service started here says about a failure: still loading, or how it
+    ended, for an unreachable service; where its log is, for an internal error (whose message
+    says "see the service log"); "" otherwise."""
+    if code == ErrorCode.INTERNAL_ERROR:
+        return _local_service_log()
+    if code != ErrorCode.UNREACHABLE:
+        return ""
+    if live.state.waiting_ready:
+        return " (the local service is still starting; try again when it is ready)"
+    return _local_service_exit()
+
+
+def _local_service_exit() -> str:
+    """Why the local service started here is gone, to add to a failure; "" when it is not."""
+    if live.state.process is None:
+        return ""
+    state = live.state.process.poll()
+    if state.state != EXITED:
+        return ""
+    return f" (the local service {state.describe()}; its log: {live.state.process.log_path})"
+
+
+def _local_service_log() -> str:
+    """Where the log of the local service started here is, to add to a failure; "" when none
+    was started."""
+    if live.state.process is None or live.state.process.pid is None:
+        return ""
+    return f" (the local service's log: {live.state.process.log_path})"
+
+
+def _batch_lines(outcomes: list[BatchLineReady]) -> None:
+    """Keys and records lines of one run (keys first, then the record: see batch_store)."""
+    run = outcomes[0].run
+    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    problem = _batch_target_problem(run, obj)
+    if problem is None and run.take is not None:
+        problem = run.take.moved(obj)
+    if problem is not None:
+        for outcome in outcomes:
+            run.item_failed(outcome.line, problem)
+        run.stop(problem)
+        live.dispatcher().cancel_batch()
+        return
+    items = [(o.line, o.poses[0]) for o in outcomes]
+    try:
+        key_batch_lines(obj, items, use_translation=run.use_translation)
+    except Exception as exc:
+        for line, _ in items:
+            run.item_failed(line, f"could not key it ({exc})")
+        if isinstance(exc, LockedCurveError):  # locked during the run: no later line keys
+            run.stop(str(exc))
+            live.dispatcher().cancel_batch()
+        return
+    if run.take is not None:
+        run.take = run.take.kept(obj)
+    for line, _ in items:
+        run.item_keyed(line)
+    if _file_saved():  # saved during the run: marked changed again, or quitting would not ask
+        feedback.push_undo("batch")
+
+
+def _file_saved() -> bool:
+    """Whether the .blend is saved as it is: Blender marks it changed only with an undo step,
+    which a batch makes at its end."""
+    return not bpy.data.is_dirty
+
+
+@dataclass(frozen=True)
+class TakePin:
+    """The take a batch run keys: its action, known by its session id (which a rename keeps)
+    or by its name (which an undo keeps, giving the action back under another id), and the
+    action's slot for the armature; and the actions the file had when the run started, so
+    that one assigned since (someone's take) is told from one made since (by the run's first
+    keys, or an answer keyed meanwhile)."""
+
+    action: str | None
+    uid: int | None
+    slot: str | None
+    existing: frozenset[str]
+
+    @classmethod
+    def at_start(cls, obj: bpy.types.Object) -> TakePin:
+        return cls(*_action_and_slot(obj), frozenset(a.name for a in bpy.data.actions))
+
+    def kept(self, obj: bpy.types.Object) -> TakePin:
+        """The pin once the run's keys went in: onto the take they made, when it had none, and
+        the take's name and id as they are now."""
+        action, uid, slot = _action_and_slot(obj)
+        return dataclasses.replace(self, action=action, uid=uid, slot=slot)
+
+    def moved(self, obj: bpy.types.Object) -> str | None:
+        """Why the run's next keys would go into another take than its own, or None. With no
+        action now (undone, pushed down to the NLA) they make a new take and replace nothing."""
+        action, uid, slot = _action_and_slot(obj)
+        if action is None:
+            return None
+        same = self.action is not None and (uid == self.uid or action == self.action)
+        if same and self.slot in (None, slot):
+            return None
+        if self.action is None and action not in self.existing:
+            return None  # made since the run started
+        keyed = f"the take '{self.action}'" if self.action else "an armature without a take"
+        return (
+            f"the armature now shows the take '{action}', and this run was keying {keyed} "
+            "(its lines go into no other take: put that one back to key the rest there)"
+        )
+
+
+def _action_and_slot(obj: bpy.types.Object) -> tuple[str | None, int | None, str | None]:
+    """The object's action's name and session id, and its slot's identifier (Nones)."""
+    anim = obj.animation_data
+    action = anim.action if anim is not None else None
+    if action is None:
+        return None, None, None
+    slot = getattr(anim, "action_slot", None)
+    return action.name, action.session_uid, slot.identifier if slot is not None else None
+
+
+def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:
+    """Why the run's armature can take no more lines, or None; its name in the run's reports
+    becomes the one it has now (the user may rename it during a run)."""
+    if obj is not None and not is_deleted(obj):
+        run.armature = obj.name
+    return _armature_problem(run.armature, obj)
+
+
+def _settle_batch(run: BatchRun) -> None:
+    """What keying a run's lines left for later (``batch_store.settle_batch_keys``): done at
+    its end, and before the file is saved or the add-on disabled during it."""
+    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    settle_batch_keys(obj if obj is not None and not is_deleted(obj) else None)
+
+
+def settle_running_batch() -> None:
+    d = live.state.dispatcher
+    if d is not None and d.batch_running:
+        with contextlib.suppress(ValueError):  # a damaged record: the run's end reports it
+            _settle_batch(d.batch)
+
+
+def _batch_ended(run: BatchRun) -> None:
+    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
+        _settle_batch(run)  # every take it keyed, its own moved away or not
+    if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):
+        with contextlib.suppress(ValueError):
+            record = load_record(obj)
+            run.recheck(
+                lambda line: record.is_keyed(line.line, line.text, line.frame, run.use_translation)
+            )
+    run.close()
+    if run.keyed:
+        feedback.push_undo("batch")
+    if run.state == batch_plan.FAILED and run.remaining:  # else the summary says done: it is
+        level, popup = "ERROR", True
+    elif run.remaining:
+        level, popup = "WARNING", False
+    else:
+        level, popup = "INFO", False
+    summary = run.summary() + (_local_service_exit() if run.state == batch_plan.FAILED else "")
+    feedback.notify(summary, level, popup=popup)
+    feedback.update_status_bar()

@@ -1,0 +1,111 @@
+"""The add-on's live state in this Blender session: one Dispatcher (one Session), the local
+service process when one was started here, the outcomes waiting to be applied, and what the
+panel shows. ``runtime.unregister`` resets it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from shared_protocol.address import AddressError
+from shared_protocol.protocol import ProtocolError
+
+from ..core.batch_plan import BatchRun
+from ..core.dispatch import (
+    BusyError,
+    Dispatcher,
+    PoseJob,
+)
+from ..core.netpolicy import curve_keys
+from ..core.service_process import ServiceProcess
+from ..core.session import Service
+
+
+class UserError(Exception):
+    """Something the user has to fix; operators report the message."""
+
+
+@dataclass
+class State:
+    dispatcher: Dispatcher | None = None
+    process: ServiceProcess | None = None
+    backlog: deque = field(default_factory=deque)
+    message: str = ""
+    level: str = "INFO"  # INFO, WARNING, ERROR
+    service_line: str = ""  # what the last status check said
+    waiting_ready: bool = False  # a local service was started and has not answered yet
+    local_address: str = ""  # where the local service was started to listen
+    stopping: bool = False  # the local service was asked to stop and is still there
+    next_probe: float = 0.0
+    status_bar: bool = False
+    # Popups a timer tick asked for, shown as one when it ends (None: outside a tick): a
+    # service that dies with five requests in flight is one popup, not five.
+    popups: list | None = None
+    # What file_handlers._on_save_pre changed for the answers still to come, for _on_save_post
+    # to take back: (scene name, its session uid, its history's length and its prompt before).
+    restore_after_save: list = field(default_factory=list)
+    saves_running: int = 0  # a handler of another add-on may save (a backup) within a save
+    # Batch lines the next pass keys at most (runtime.lines_within_budget); None: not measured.
+    lines_per_group: int | None = None
+
+
+state = State()
+
+
+def dispatcher() -> Dispatcher:
+    if state.dispatcher is None:
+        state.dispatcher = Dispatcher()
+    return state.dispatcher
+
+
+def service_process() -> ServiceProcess:
+    if state.process is None:
+        from ..preferences import user_data_dir
+
+        state.process = ServiceProcess(user_data_dir())
+    return state.process
+
+
+def last_message() -> tuple[str, str]:
+    """(text, level) of the last thing the add-on had to say."""
+    return state.message, state.level
+
+
+def service_line() -> str:
+    return state.service_line
+
+
+def waiting_for_service() -> bool:
+    return state.waiting_ready
+
+
+def current_batch() -> BatchRun | None:
+    return state.dispatcher.batch if state.dispatcher is not None else None
+
+
+def pending_jobs() -> list[PoseJob]:
+    return state.dispatcher.pending_jobs() if state.dispatcher is not None else []
+
+
+def busy() -> bool:
+    d = state.dispatcher
+    return bool(d is not None and (d.busy or d.batch_running)) or bool(state.backlog)
+
+
+# What sending can raise for the user to read: input the protocol refuses, a busy session, an
+# address ZeroMQ will not take.
+SEND_ERRORS = (ProtocolError, BusyError, AddressError)
+
+
+def service_for(context) -> Service:
+    """The service to ask, from the preferences; UserError when it cannot be asked."""
+    from ..preferences import service_settings
+
+    settings = service_settings(context)
+    if settings.problem:
+        raise UserError(settings.problem)
+    try:
+        curve = curve_keys(settings.client_key, settings.server_key)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return Service(settings.address, settings.timeout_s, curve)

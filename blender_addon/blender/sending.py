@@ -1,0 +1,254 @@
+"""Requests from the operators: a pose or chat turn, a batch, a status check. Each is queued
+and returns at once (nothing here waits for the service); UserError says why one cannot be
+sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import bpy
+
+from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
+
+from ..core import chat
+from ..core.batch_plan import BatchRun, check_lines
+from ..core.dispatch import PoseJob
+from ..core.timeline import frames_for
+from . import answers, feedback, live, runtime
+from .anim import LockedCurveError, refuse_locked
+from .batch_store import load_record, save_record
+from .posing import pose_channels
+from .props import history_messages, target_armature, target_problem
+
+
+def send_pose(
+    context: bpy.types.Context, prompt: str, images: Sequence[bytes] = (), attachment: str = ""
+) -> PoseJob:
+    """Queues a pose (or chat) request with the scene's settings; live.UserError when it cannot be
+    sent (no armature, bad address, input the protocol refuses)."""
+    from ..preferences import get_preferences
+
+    scene = context.scene
+    settings = scene.chatpose
+    target = target_armature(context)
+    if target is None:
+        raise live.UserError(target_problem(context))
+    prompt = prompt.strip()
+    if not prompt and not images:
+        raise live.UserError("Type a prompt first")
+    service = live.service_for(context)
+    mode = "chat" if settings.chat_mode else "pose"
+    history = ()
+    if settings.chat_mode:
+        # The history holds an exchange once its answer is in: a turn sent before would go
+        # without the one before it, and the model would answer it blind.
+        refuse_chat_turn_yet(scene)
+        prefs = get_preferences(context)
+        pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
+        history = chat.history_turns(history_messages(scene), max_pairs=pairs)
+    frame = None
+    if settings.insert_keyframe:
+        frame = scene.frame_current if settings.key_current_frame else settings.key_frame
+    auto_key = not settings.insert_keyframe and scene.tool_settings.use_keyframe_insert_auto
+    if auto_key:  # as Blender's own tools key a pose
+        frame = scene.frame_current
+    job = PoseJob(
+        prompt=prompt,
+        mode=mode,
+        scene=scene.name,
+        scene_uid=scene.session_uid,
+        armature=target.name,
+        armature_uid=target.session_uid,
+        frame=frame,
+        auto_key=auto_key,
+        use_translation=settings.use_translation,
+        attachment=attachment,
+        spacing=settings.person_spacing,
+    )
+    try:
+        live.dispatcher().send_pose(service, job, images, history)
+    except live.SEND_ERRORS as exc:
+        raise live.UserError(f"Not sent: {exc}") from None
+    runtime.ensure_timer()
+    what = f"'{prompt}'" if prompt else "the image"
+    feedback.set_message(f"Asked the service for {what} ({mode} mode)")
+    return job
+
+
+def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
+    """live.UserError while an exchange of ``scene`` (chat or pose mode: both go into its history)
+    waits for its answer, or to be applied: a chat turn goes with the exchanges before it, and
+    sent now would go without that one; the model would answer it blind."""
+    asked = [job for job in live.pending_jobs() if job.scene_uid == scene.session_uid]
+    came = [o.job for o in live.state.backlog if isinstance(getattr(o, "job", None), PoseJob)]
+    came = [job for job in came if job.scene_uid == scene.session_uid]
+    if not asked and not came:
+        return
+    job = (asked or came)[0]
+    named = repr((job.prompt or job.attachment)[:60])
+    if asked:
+        raise live.UserError(
+            f"Waiting for the answer to {named}: a chat turn goes with the exchanges before "
+            "it, so send this once that answer is in"
+        )
+    why = runtime.why_answers_wait_now() or "it is applied on the next tick"
+    raise live.UserError(
+        f"The answer to {named} came and waits ({why}): a chat turn goes with the exchanges "
+        "before it, so send this once it is applied"
+    )
+
+
+def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]], str]:
+    """(its (line number, prompt) pairs, source label) of the scene's batch source; live.UserError
+    when there is none."""
+    settings = context.scene.chatpose
+    if settings.batch_source == "TEXT":
+        text = settings.batch_text
+        if text is None:
+            raise live.UserError("Pick a text datablock with one prompt per line")
+        content, label = text.as_string(), f"text '{text.name}'"
+    else:
+        from ..preferences import absolute_path
+
+        path = absolute_path(settings.batch_file)
+        if not settings.batch_file:
+            raise live.UserError("Pick a .txt file with one prompt per line")
+        try:
+            content = read_batch_file(path)
+        except FileNotFoundError:
+            raise live.UserError(f"{path}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise live.UserError(f"{path} is not UTF-8 text ({exc.reason})") from None
+        except FileTooLargeError as exc:
+            raise live.UserError(f"{path} is {exc}") from None
+        except OSError as exc:
+            raise live.UserError(f"{path} could not be read ({exc.strerror or exc})") from None
+        label = bpy.path.basename(path)
+    lines = prompt_lines(content)
+    if not lines:
+        raise live.UserError(f"{label} has no prompts (one per line)")
+    try:
+        check_lines(lines)
+    except ValueError as exc:
+        raise live.UserError(f"{label}: {exc}") from None
+    return lines, label
+
+
+def _frames(entries) -> str:
+    return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
+
+
+def start_batch(context: bpy.types.Context) -> BatchRun:
+    """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
+    target armature. The returned run is already ended when nothing was pending."""
+    settings = context.scene.chatpose
+    if live.dispatcher().batch_running:
+        raise live.UserError("A batch is running: cancel it or wait for it to finish")
+    target = target_armature(context)
+    if target is None:
+        raise live.UserError(target_problem(context))
+    numbered, label = read_batch_lines(context)
+    lines = [prompt for _, prompt in numbered]
+    try:
+        frames_for(len(lines), settings.batch_start, settings.batch_step)
+    except ValueError as exc:
+        raise live.UserError(f"Batch not sent: {label}: {exc}") from None
+    try:  # found now, not once the service has computed every line
+        refuse_locked(target, pose_channels(target, settings.batch_translation))
+    except LockedCurveError as exc:
+        raise live.UserError(f"Batch not sent: {exc}") from None
+    try:
+        record = load_record(target)
+    except ValueError as exc:
+        raise live.UserError(
+            f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
+        ) from None
+    gone = record.past_the_end(len(lines))
+    keys_left_note = ""
+    if gone:  # lines deleted from the text: forget them (once the run starts), keys left alone
+        record = record.without_lines(entry.line for entry in gone)
+        keys_left_note = (
+            f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
+            f"{_frames(gone)}) are left as they are"
+        )
+    pending = record.pending(
+        lines, settings.batch_start, settings.batch_step, settings.batch_translation
+    )
+    if settings.batch_translation:  # said, as it replaces the rotation keys of those lines
+        pending_without = record.pending(lines, settings.batch_start, settings.batch_step)
+        without = len(pending) - len(pending_without)
+        if without:
+            keys_left_note += (
+                f"; {without} line(s) keyed without Translation are keyed again with it"
+            )
+    moved = record.moved(lines, settings.batch_start, settings.batch_step)
+    if moved:  # Start or Step changed: keyed again at the new frames
+        new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
+        replaced = [entry for entry in moved if entry.frame in new_frames]
+        kept = [entry for entry in moved if entry.frame not in new_frames]
+        keys_left_note += (
+            f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
+            "at their new frames"
+        )
+        if replaced:
+            keys_left_note += (
+                f"; other lines now go where {len(replaced)} old key(s) are (frame "
+                f"{_frames(replaced)}), and replace them"
+            )
+        if kept:
+            keys_left_note += f"; the old keys at frame {_frames(kept)} are left as they are"
+    run = BatchRun(
+        armature=target.name,
+        source=label,
+        pending=pending,
+        total_lines=len(lines),
+        use_translation=settings.batch_translation,
+        armature_uid=target.session_uid,
+        take=answers.TakePin.at_start(target),
+        line_numbers=[number for number, _ in numbered],
+    )
+    if not pending:
+        live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
+        if gone:
+            save_record(target, record)
+        feedback.set_message(
+            f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
+        )
+        return run
+    service = live.service_for(context)
+    try:
+        live.dispatcher().start_batch(service, run)
+    except live.SEND_ERRORS as exc:
+        raise live.UserError(f"Batch not sent: {exc}") from None
+    if gone:  # not before: a run that did not start would lose the note for the next one
+        save_record(target, record)
+    runtime.ensure_timer()
+    skipped = run.already_keyed
+    note = f" ({skipped} keyed before)" if skipped else ""
+    feedback.set_message(
+        f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
+        f"in {run.planned_requests} request(s){keys_left_note}"
+    )
+    feedback.update_status_bar()
+    return run
+
+
+def cancel() -> int:
+    """Cancels the running batch and the pose requests in flight; how many were cancelled."""
+    d = live.state.dispatcher
+    if d is None:
+        return 0
+    count = d.cancel_all()
+    if count:
+        feedback.set_message(f"Cancelling {count} request(s)...", "WARNING")
+    return count
+
+
+def request_status(context: bpy.types.Context) -> None:
+    service = live.service_for(context)
+    try:
+        live.dispatcher().request_status(service)
+    except live.SEND_ERRORS as exc:
+        raise live.UserError(f"Not asked: {exc}") from None
+    runtime.ensure_timer()
+    feedback.set_message(f"Asking {service.address} for its status...")

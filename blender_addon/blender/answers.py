@@ -5,7 +5,6 @@ batch's end reported."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import bpy
@@ -233,10 +232,11 @@ def _local_service_exit() -> str:
     """Why the local service started here is gone, to add to a failure; "" when it is not."""
     if live.state.process is None:
         return ""
-    state = live.state.process.poll()
-    if state.state != EXITED:
+    process = live.state.process
+    process_state = process.poll()
+    if process_state.state != EXITED:
         return ""
-    return f" (the local service {state.describe()}; its log: {live.state.process.log_path})"
+    return f" (the local service {process_state.describe()}; its log: {process.log_path})"
 
 
 def _local_service_log() -> str:
@@ -282,57 +282,6 @@ def _file_saved() -> bool:
     """Whether the .blend is saved as it is: Blender marks it changed only with an undo step,
     which a batch makes at its end."""
     return not bpy.data.is_dirty
-
-
-@dataclass(frozen=True)
-class TakePin:
-    """The take a batch run keys: its action, known by its session id (which a rename keeps)
-    or by its name (which an undo keeps, giving the action back under another id), and the
-    action's slot for the armature; and the actions the file had when the run started, so
-    that one assigned since (someone's take) is told from one made since (by the run's first
-    keys, or an answer keyed meanwhile)."""
-
-    action: str | None
-    uid: int | None
-    slot: str | None
-    existing: frozenset[str]
-
-    @classmethod
-    def at_start(cls, obj: bpy.types.Object) -> TakePin:
-        return cls(*_action_and_slot(obj), frozenset(a.name for a in bpy.data.actions))
-
-    def kept(self, obj: bpy.types.Object) -> TakePin:
-        """The pin once the run's keys went in: onto the take they made, when it had none, and
-        the take's name and id as they are now."""
-        action, uid, slot = _action_and_slot(obj)
-        return dataclasses.replace(self, action=action, uid=uid, slot=slot)
-
-    def moved(self, obj: bpy.types.Object) -> str | None:
-        """Why the run's next keys would go into another take than its own, or None. With no
-        action now (undone, pushed down to the NLA) they make a new take and replace nothing."""
-        action, uid, slot = _action_and_slot(obj)
-        if action is None:
-            return None
-        same = self.action is not None and (uid == self.uid or action == self.action)
-        if same and self.slot in (None, slot):
-            return None
-        if self.action is None and action not in self.existing:
-            return None  # made since the run started
-        keyed = f"the take '{self.action}'" if self.action else "an armature without a take"
-        return (
-            f"the armature now shows the take '{action}', and this run was keying {keyed} "
-            "(its lines go into no other take: put that one back to key the rest there)"
-        )
-
-
-def _action_and_slot(obj: bpy.types.Object) -> tuple[str | None, int | None, str | None]:
-    """The object's action's name and session id, and its slot's identifier (Nones)."""
-    anim = obj.animation_data
-    action = anim.action if anim is not None else None
-    if action is None:
-        return None, None, None
-    slot = getattr(anim, "action_slot", None)
-    return action.name, action.session_uid, slot.identifier if slot is not None else None
 
 
 def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | None:

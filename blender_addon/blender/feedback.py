@@ -1,6 +1,6 @@
-"""What the timer tells the user, from outside any operator or window: the panel's message,
-Blender's reports, popups, the status bar and redraws; and the undo steps for what it applied
-(``push_undo``)."""
+"""What the add-on tells the user: the panel's message; from the timer, which runs outside any
+operator or window, Blender's reports, popups, the status bar and redraws; and the timer's
+undo steps for what it applied (``push_undo``)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,13 @@
 """File loads and saves while requests are in flight: the answers of a file no longer open are
-dropped, saying so, and a file saved before its answers came keeps their prompts."""
+dropped, saying so, and a file saved before its answers came keeps their prompts, as the file
+does when the add-on is disabled (``keep_unanswered_prompts``)."""
 
 from __future__ import annotations
 
 import bpy
 
 from ..core import chat
-from ..core.dispatch import (
-    BatchLineReady,
-    PoseAnswered,
-    PoseFailed,
-)
+from ..core.dispatch import BatchLineReady, PoseAnswered, PoseFailed
 from . import answers, feedback, live
 from .props import append_history
 
@@ -36,9 +33,8 @@ def _on_load_post(*_args) -> None:
     prompts = [job.prompt or job.attachment for job in jobs]
     run = d.batch if d.batch_running else None
     in_flight = d.cancel_all(forget=True)
-    received = answers.count_answers(
-        live.state.backlog
-    )  # answers that came but were not applied yet
+    # Answers that came but were not applied yet.
+    received = answers.count_answers(live.state.backlog)
     lines = sum(isinstance(o, BatchLineReady) for o in live.state.backlog)
     live.state.backlog.clear()
     if live.state.status_bar:
@@ -66,13 +62,11 @@ def _on_load_post(*_args) -> None:
         feedback.set_message("")
 
 
-# Written into a file saved while a request is on its way: a file opened later never gets
-# that answer.
+# What the chat history says of a prompt still waiting for its answer. In a file saved then:
+# a file opened later never gets that answer. When the add-on is disabled: it never comes.
 UNANSWERED_AT_SAVE = (
     "No answer applied yet when this file was saved; send it again if no pose came."
 )
-
-
 UNANSWERED_AT_DISABLE = "The add-on was disabled before this answer was applied; send it again."
 
 
@@ -86,6 +80,18 @@ def unanswered(why: str) -> list[tuple]:
             kept.append((outcome.job, why))
         elif isinstance(outcome, PoseFailed):
             kept.append((outcome.job, outcome.message))
+    return kept
+
+
+def keep_unanswered_prompts(why: str) -> bool:
+    """Keeps the prompt of every request whose answer is not applied yet (``keep_unanswered``),
+    in its scene's history, saying ``why``; whether there was one."""
+    kept = False
+    for job, reason in unanswered(why):
+        scene = answers.find(bpy.data.scenes, job.scene, job.scene_uid)
+        if scene is not None:
+            keep_unanswered(scene, job, reason)
+            kept = True
     return kept
 
 

@@ -1,6 +1,10 @@
 """The add-on's live state in this Blender session: one Dispatcher (one Session), the local
 service process when one was started here, the outcomes waiting to be applied, and what the
-panel shows. ``runtime.unregister`` resets it."""
+panel shows. ``runtime.unregister`` resets it.
+
+Also what sending a request needs, both from the operators (``sending``) and from the timer's
+probe of a loading local service (``runtime``): the service to ask (``service_for``), and the
+errors sending raises (``UserError``, ``SEND_ERRORS``)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,7 @@ from shared_protocol.address import AddressError
 from shared_protocol.protocol import ProtocolError
 
 from ..core.batch_plan import BatchRun
-from ..core.dispatch import (
-    BusyError,
-    Dispatcher,
-    PoseJob,
-)
+from ..core.dispatch import BusyError, Dispatcher, PoseJob
 from ..core.netpolicy import curve_keys
 from ..core.service_process import ServiceProcess
 from ..core.session import Service

@@ -56,7 +56,7 @@ def start_service(context: bpy.types.Context) -> None:
             address,
             *prefs.service_device_arguments(),
         )
-        state = live.service_process().start(
+        process_state = live.service_process().start(
             argv, env=child_environment(dict(os.environ)), log_name=log_name_for(address)
         )
     except ServiceProcessError as exc:
@@ -66,18 +66,18 @@ def start_service(context: bpy.types.Context) -> None:
     live.state.next_probe = time.monotonic() + 0.5
     live.state.service_line = ""
     runtime.ensure_timer()
-    feedback.set_message(f"Local service {state.describe()}; loading the model...")
+    feedback.set_message(f"Local service {process_state.describe()}; loading the model...")
 
 
 def stop_service(*, wait: bool = False) -> None:
     if live.state.process is None:
         return
-    state = live.state.process.stop(wait=wait)
+    process_state = live.state.process.stop(wait=wait)
     live.state.waiting_ready = False
-    live.state.stopping = state.alive
-    if state.alive:
+    live.state.stopping = process_state.alive
+    if process_state.alive:
         runtime.ensure_timer()  # polls it, so that one that ignores the request is killed in time
-    feedback.set_message(f"Local service {state.describe()}")
+    feedback.set_message(f"Local service {process_state.describe()}")
 
 
 def local_service_state():

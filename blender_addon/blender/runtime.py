@@ -64,7 +64,7 @@ def timer_tick() -> float | None:
     applied = 0
     deferred = state.backlog and why_answers_wait_now()
     if deferred:
-        # None: a status reply or a batch's end waits alone.
+        # 0 when only a status reply or a batch's end waits.
         count = answers.count_answers(state.backlog)
         waiting = f"{count} answer(s) waiting: {deferred}" if count else f"waiting: {deferred}"
         if state.message != waiting:  # said once, not redrawn on every tick
@@ -200,18 +200,19 @@ def watch_local_service() -> None:
     says when it exited or the Service Address changed, and asks it for its status (a probe)
     until it answers."""
     if live.state.stopping:
-        state = live.service_process().poll()  # kills it once the grace time is over
-        if not state.alive:
+        process_state = live.service_process().poll()  # kills it once the grace time is over
+        if not process_state.alive:
             live.state.stopping = False
-            feedback.set_message(f"Local service {state.describe()}")
+            feedback.set_message(f"Local service {process_state.describe()}")
             feedback.redraw()
     if not live.state.waiting_ready:
         return
-    state = live.service_process().poll()
-    if not state.alive:
+    process_state = live.service_process().poll()
+    if not process_state.alive:
         live.state.waiting_ready = False
         log = live.service_process().log_path
-        feedback.notify(f"Local service {state.describe()}; its log: {log}", "ERROR", popup=True)
+        described = process_state.describe()
+        feedback.notify(f"Local service {described}; its log: {log}", "ERROR", popup=True)
         return
     from ..preferences import service_settings
 
@@ -247,14 +248,9 @@ def unregister() -> None:
     if live.state.status_bar:
         feedback.set_status_text(None)
     answers.settle_running_batch()
-    kept = False
-    # Answers not applied: their prompts are kept, to send again.
-    for job, why in file_handlers.unanswered(file_handlers.UNANSWERED_AT_DISABLE):
-        scene = answers.find(bpy.data.scenes, job.scene, job.scene_uid)
-        if scene is not None:
-            file_handlers.keep_unanswered(scene, job, why)
-            kept = True
-    if kept:  # a step of its own, which also marks a file saved just before as changed
+    # Answers not applied: their prompts are kept, to send again; in an undo step of their
+    # own, which also marks a file saved just before as changed.
+    if file_handlers.keep_unanswered_prompts(file_handlers.UNANSWERED_AT_DISABLE):
         feedback.push_undo("chat")
     if live.state.dispatcher is not None:
         live.state.dispatcher.close()

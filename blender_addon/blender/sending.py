@@ -14,9 +14,9 @@ from ..core import chat
 from ..core.batch_plan import BatchRun, check_lines
 from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
-from . import answers, feedback, live, runtime
+from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
-from .batch_store import load_record, save_record
+from .batch_store import TakePin, load_record, save_record
 from .posing import pose_channels
 from .props import history_messages, target_armature, target_problem
 
@@ -24,8 +24,8 @@ from .props import history_messages, target_armature, target_problem
 def send_pose(
     context: bpy.types.Context, prompt: str, images: Sequence[bytes] = (), attachment: str = ""
 ) -> PoseJob:
-    """Queues a pose (or chat) request with the scene's settings; live.UserError when it cannot be
-    sent (no armature, bad address, input the protocol refuses)."""
+    """Queues a pose (or chat) request with the scene's settings; UserError when it
+    cannot be sent (no armature, bad address, input the protocol refuses)."""
     from ..preferences import get_preferences
 
     scene = context.scene
@@ -204,7 +204,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         total_lines=len(lines),
         use_translation=settings.batch_translation,
         armature_uid=target.session_uid,
-        take=answers.TakePin.at_start(target),
+        take=TakePin.at_start(target),
         line_numbers=[number for number, _ in numbered],
     )
     if not pending:

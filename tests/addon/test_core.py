@@ -175,6 +175,26 @@ def test_general_formula_reproduces_forward_kinematics(limb_aligned):
             np.testing.assert_allclose(posing.translation_from_root_location(loc, frame), t)
 
 
+def test_floor_translation_keeps_the_lowest_joint_where_it_is_at_rest():
+    rest_low = DEFAULT_REST_JOINTS[:, 1].min()
+    assert np.all(posing.floor_translation(np.zeros((24, 3))) == 0)  # standing: unchanged
+    kneel = np.zeros((24, 3))
+    kneel[[1, 2], 0] = -1.5  # hips flexed
+    kneel[[4, 5], 0] = 1.6  # knees bent
+    poses = np.stack([kneel, random_pose(7), np.zeros((24, 3))])
+    translation = posing.floor_translation(poses)
+    assert translation.shape == (3, 3)
+    assert np.all(translation[:, [0, 2]] == 0)  # straight down or up: no sideways move
+    assert translation[0, 1] < -0.3  # the kneeling body comes down
+    positions, _ = forward_kinematics(poses, translation=translation)
+    np.testing.assert_allclose(positions[..., 1].min(axis=-1), rest_low, atol=1e-12)
+    taller = 1.2 * DEFAULT_REST_JOINTS  # someone else's skeleton: their own rest floor
+    positions, _ = forward_kinematics(
+        kneel, taller, translation=posing.floor_translation(kneel, taller)
+    )
+    assert positions[:, 1].min() == pytest.approx(taller[:, 1].min(), abs=1e-12)
+
+
 def test_expected_heads_go_through_matrix_world():
     aa = random_pose(3)
     world = np.eye(4)

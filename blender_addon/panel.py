@@ -84,7 +84,8 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
             sub.prop(settings, "key_frame")
         row = layout.row(align=True)
         row.prop(settings, "use_translation")
-        row.prop(settings, "person_spacing")
+        row.prop(settings, "keep_on_floor")
+        layout.prop(settings, "person_spacing")
 
         waiting = live.pending_jobs()
         if waiting:
@@ -132,7 +133,9 @@ class VIEW3D_PT_chatpose_batch(bpy.types.Panel):  # noqa: N801
         row = layout.row(align=True)
         row.prop(settings, "batch_start")
         row.prop(settings, "batch_step")
-        layout.prop(settings, "batch_translation")
+        row = layout.row(align=True)
+        row.prop(settings, "batch_translation")
+        row.prop(settings, "keep_on_floor")
         run = live.current_batch()
         if run is not None and not run.closed:
             layout.progress(factor=run.fraction, type="BAR", text=run.status_text())

@@ -324,12 +324,10 @@ class DemoScene:
 
     def build(self, answers: Sequence[Answer], script: DemoScript) -> list[int]:
         """Keys the batch on the main armature and puts each single answer on an armature of its
-        own, side by side; returns the keyed frames. Every pose stands on the floor: the
-        answers carry no translation, and a kneeling one would float at standing height."""
+        own, side by side; returns the keyed frames. Every pose stands on the floor, as the
+        add-on's Keep on Floor puts it: the answers carry no translation, and a kneeling one
+        would float at standing height."""
         addon = _addon()
-
-        def on_floor(pose: Pose) -> Pose:
-            return Pose(pose.axis_angle, addon.floor_translation(pose.axis_angle), pose.label)
 
         bpy, scene = self.bpy, self.bpy.context.scene
         singles = [a for a in answers if a.kind != "batch"]
@@ -340,12 +338,13 @@ class DemoScene:
                     name=f"ChatPose {answer.kind}" + (f" {j + 1}" if j else ""),
                     location=(1.2 * k, 0.8 * j, 0.0),
                 )
-                addon.apply_pose(obj, on_floor(pose), use_translation=True)
+                (placed,) = addon.placed_on_floor(obj, [pose])
+                addon.apply_pose(obj, placed, use_translation=True)
         batch = [a for a in answers if a.kind == "batch" and a.poses]
         frames = [1 + script.frame_step * i for i in range(len(batch))]
         self._labels = {frame: a.prompt for frame, a in zip(frames, batch, strict=True)}
         if batch:
-            poses = [on_floor(a.poses[0]) for a in batch]
+            poses = addon.placed_on_floor(self.armature, [a.poses[0] for a in batch], frames)
             addon.key_poses(self.armature, poses, frames, use_translation=True)
             scene.frame_start, scene.frame_end = frames[0], frames[-1]
         scene.render.fps = script.fps
@@ -389,7 +388,7 @@ class _AddonFunctions:
     apply_pose: Callable
     key_poses: Callable
     export_npz: Callable
-    floor_translation: Callable
+    placed_on_floor: Callable
 
 
 def _addon() -> _AddonFunctions:
@@ -398,12 +397,9 @@ def _addon() -> _AddonFunctions:
     ensure_addon_importable()
     from blender_addon.blender.armature import create_smpl_armature
     from blender_addon.blender.keyframes import export_npz, key_poses
-    from blender_addon.blender.posing import apply_pose
-    from blender_addon.core.posing import floor_translation
+    from blender_addon.blender.posing import apply_pose, placed_on_floor
 
-    return _AddonFunctions(
-        create_smpl_armature, apply_pose, key_poses, export_npz, floor_translation
-    )
+    return _AddonFunctions(create_smpl_armature, apply_pose, key_poses, export_npz, placed_on_floor)
 
 
 # --- the contact sheet --------------------------------------------------------------------------

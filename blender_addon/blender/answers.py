@@ -28,7 +28,7 @@ from .anim import LockedCurveError
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
-from .posing import auto_key_options
+from .posing import auto_key_options, placed_on_floor
 from .props import append_history
 
 
@@ -108,8 +108,10 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         if problem is not None:
             problem += "; the answer was not applied"
         frame, unkeyed = job.frame, ""
-        # The model's poses carry no translation: the location is then neither set nor keyed.
-        use_translation = job.use_translation and any(p.translation is not None for p in poses)
+        # The model's poses carry no translation: the location is then neither set nor keyed,
+        # unless Keep on Floor places them.
+        own = job.use_translation and any(p.translation is not None for p in poses)
+        use_translation = own or job.keep_on_floor
         if problem is None and frame is not None:
             try:  # before any change
                 refuse_locked_people(target, len(poses), use_translation)
@@ -129,6 +131,9 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         return
     chat_step()
     try:
+        if job.keep_on_floor:
+            frames = None if job.frame is None else [job.frame]
+            poses = placed_on_floor(target, poses, frames, keep_translations=job.use_translation)
         result = apply_people(
             bpy.context,
             target,
@@ -262,7 +267,12 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
         return
     items = [(o.line, o.poses[0]) for o in outcomes]
     try:
-        key_batch_lines(obj, items, use_translation=run.use_translation)
+        if run.keep_on_floor:
+            lines, poses = zip(*items, strict=True)
+            frames = [line.frame for line in lines]
+            poses = placed_on_floor(obj, poses, frames, keep_translations=run.use_translation)
+            items = list(zip(lines, poses, strict=True))
+        key_batch_lines(obj, items, use_translation=run.keys_location)
     except Exception as exc:
         for line, _ in items:
             run.item_failed(line, f"could not key it ({exc})")
@@ -314,7 +324,7 @@ def _batch_ended(run: BatchRun) -> None:
         with contextlib.suppress(ValueError):
             record = load_record(obj)
             run.recheck(
-                lambda line: record.is_keyed(line.line, line.text, line.frame, run.use_translation)
+                lambda line: record.is_keyed(line.line, line.text, line.frame, run.keys_location)
             )
     run.close()
     if run.keyed:

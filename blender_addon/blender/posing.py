@@ -25,11 +25,12 @@ from ..core.posing import (
     bone_quaternions,
     continuous_axis_angles,
     continuous_quaternions,
+    floor_translation,
     root_location,
     translation_from_root_location,
 )
 from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
-from .armature import bone_names, rig_geometry
+from .armature import bone_names, rest_joints, rig_geometry
 
 
 def rotation_data_path(mode: str) -> str:
@@ -167,6 +168,36 @@ def apply_pose(
         if frame != now:  # the playhead shows its own frame: keying it must not take the answer
             _show_animation_at(obj, now, use_translation)
     return result
+
+
+def placed_on_floor(
+    obj: bpy.types.Object,
+    poses: Sequence[Pose],
+    frames: Sequence[int] | None = None,
+    *,
+    keep_translations: bool = False,
+) -> list[Pose]:
+    """``poses`` with the translation that keeps each body on the floor the armature stands on
+    at rest (``core.posing.floor_translation``): the root's height set, its place across the
+    floor kept as the armature has it, at each of ``frames`` (its animation there; one frame
+    serves every pose) or, without them, now. A kneeling answer comes down to the floor; a
+    walk keyed on the root keeps its path. With ``keep_translations`` a pose that has a
+    translation of its own keeps it."""
+    if not poses:
+        return []
+    rig = rig_geometry(obj)
+    root = obj.pose.bones[bone_names(obj)[0]]
+    frames = None if frames is None else list(frames)
+    locations = channel_values(fcurve_map(obj), root, "location", frames)
+    now = translation_from_root_location(locations, rig.location_frame, rig.units_per_metre)
+    axis_angles = np.stack([pose.axis_angle for pose in poses])
+    placed = floor_translation(axis_angles, rest_joints(obj), now)
+    return [
+        pose
+        if keep_translations and pose.translation is not None
+        else Pose(pose.axis_angle, t, pose.label)
+        for pose, t in zip(poses, placed, strict=True)
+    ]
 
 
 def auto_key_options(context: bpy.types.Context) -> frozenset[str]:

@@ -75,6 +75,14 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
         "(the model's poses have none: the character stays where it is)",
         default=True,
     )
+    keep_on_floor: bpy.props.BoolProperty(
+        name="Keep on Floor",
+        description="Set the root bone's height so that the body's lowest joint is as high as "
+        "at rest, for a pose without a translation (the model's have none: a kneeling answer "
+        "would float at standing height); its place across the floor is kept. Answers and "
+        "batch lines alike; the root's location is keyed with them",
+        default=False,
+    )
     person_spacing: bpy.props.FloatProperty(
         name="Spacing",
         description="Distance along X between the armatures of several people in one answer",
@@ -110,7 +118,7 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     batch_translation: bpy.props.BoolProperty(
         name="Translation",
         description="Key the root bone's location too, from the pose's translation (at rest "
-        "for a pose without one: the model's have none)",
+        "for a pose without one, the model's have none; or on the floor with Keep on Floor)",
         default=False,
     )
 

@@ -62,6 +62,7 @@ def send_pose(
         frame=frame,
         auto_key=auto_key,
         use_translation=settings.use_translation,
+        keep_on_floor=settings.keep_on_floor,
         attachment=attachment,
         spacing=settings.person_spacing,
     )
@@ -138,6 +139,18 @@ def _frames(entries) -> str:
     return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
 
 
+def _location_from(settings) -> str:
+    """What a batch keys the root's location from, as the panel names it."""
+    return " and ".join(
+        name
+        for name, on in (
+            ("Translation", settings.batch_translation),
+            ("Keep on Floor", settings.keep_on_floor),
+        )
+        if on
+    )
+
+
 def start_batch(context: bpy.types.Context) -> BatchRun:
     """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
     target armature. The returned run is already ended when nothing was pending."""
@@ -149,12 +162,13 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise live.UserError(target_problem(context))
     numbered, label = read_batch_lines(context)
     lines = [prompt for _, prompt in numbered]
+    keys_location = settings.batch_translation or settings.keep_on_floor
     try:
         frames_for(len(lines), settings.batch_start, settings.batch_step)
     except ValueError as exc:
         raise live.UserError(f"Batch not sent: {label}: {exc}") from None
     try:  # found now, not once the service has computed every line
-        refuse_locked(target, pose_channels(target, settings.batch_translation))
+        refuse_locked(target, pose_channels(target, keys_location))
     except LockedCurveError as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
     try:
@@ -171,15 +185,14 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
-    pending = record.pending(
-        lines, settings.batch_start, settings.batch_step, settings.batch_translation
-    )
-    if settings.batch_translation:  # said, as it replaces the rotation keys of those lines
+    pending = record.pending(lines, settings.batch_start, settings.batch_step, keys_location)
+    if keys_location:  # said, as it replaces the rotation keys of those lines
         pending_without = record.pending(lines, settings.batch_start, settings.batch_step)
         without = len(pending) - len(pending_without)
         if without:
             keys_left_note += (
-                f"; {without} line(s) keyed without Translation are keyed again with it"
+                f"; {without} line(s) keyed without the root's location are keyed again with "
+                f"it ({_location_from(settings)})"
             )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
@@ -203,6 +216,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         pending=pending,
         total_lines=len(lines),
         use_translation=settings.batch_translation,
+        keep_on_floor=settings.keep_on_floor,
         armature_uid=target.session_uid,
         take=TakePin.at_start(target),
         line_numbers=[number for number, _ in numbered],

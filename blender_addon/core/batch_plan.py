@@ -39,7 +39,8 @@ def split(lines: Sequence[PendingLine], size: int = MAX_BATCH_ITEMS) -> list[lis
 @dataclass
 class BatchRun:
     """A run over ``pending`` lines of a text of ``total_lines`` prompts, keyed on the armature
-    named ``armature``. ``use_translation`` is passed on to the keying.
+    named ``armature``: with the root's location from a pose's own translation
+    (``use_translation``), and for the other poses placed on the floor (``keep_on_floor``).
 
     The dispatcher moves the run through its requests (``next_prompts``, ``line_for``,
     ``request_finished`` ...); the bpy side reports each line it keyed (``item_keyed``) or could
@@ -52,6 +53,7 @@ class BatchRun:
     pending: list[PendingLine]
     total_lines: int
     use_translation: bool = False
+    keep_on_floor: bool = False
     armature_uid: int | None = None  # the armature's session id, which a rename keeps
     take: object = None  # what the keys go into (the bpy side's action and slot), kept there
     # Each prompt's line in its text (blank and # lines are no prompts), for messages; without
@@ -71,6 +73,11 @@ class BatchRun:
         self._chunks = split(self.pending, self.chunk_size)
 
     # --- progress -------------------------------------------------------------------------
+
+    @property
+    def keys_location(self) -> bool:
+        """Whether the root's location is keyed with each line."""
+        return self.use_translation or self.keep_on_floor
 
     @property
     def planned_requests(self) -> int:

@@ -44,7 +44,8 @@ class PoseJob:
     scene_uid: int | None = None  # the scene's, likewise
     frame: int | None = None  # key the poses at this frame, or None
     auto_key: bool = False  # the frame is Auto Keying's: a locked channel leaves it unkeyed
-    use_translation: bool = True
+    use_translation: bool = True  # the poses' own translations, where they have one
+    keep_on_floor: bool = False  # the others placed on the floor (blender.posing.placed_on_floor)
     attachment: str = ""  # "viewport image", "image: photo.jpg"
     spacing: float = 1.0  # metres between people of one answer
 

@@ -100,17 +100,23 @@ def _location_frame(location_frame) -> np.ndarray:
     return _orthonormal(np.asarray(location_frame, dtype=np.float64))
 
 
-def floor_translation(axis_angle, rest_joints=None) -> np.ndarray:
+def floor_translation(axis_angle, rest_joints=None, translation=None) -> np.ndarray:
     """(..., 24, 3) SMPL axis-angle -> (..., 3) translations (SMPL frame, metres) that keep a
-    posed body on the floor it stands on at rest: straight down (or up) from the pelvis's rest
-    height until the lowest joint is as high as the lowest joint at rest. The model's poses
-    carry no translation, so a kneeling or sitting answer would float at standing height.
-    Joints, not the body's surface: a body lying down sinks a few centimetres."""
+    posed body on the floor it stands on at rest: the pelvis's height set so that the lowest
+    joint is as high as the lowest joint at rest. Its place across the floor is
+    ``translation``'s (..., 3), whose height is replaced (None: the pelvis's rest place). The
+    model's poses carry no translation, so a kneeling or sitting answer would float at
+    standing height. Joints, not the body's surface: a body lying down sinks a few
+    centimetres."""
     positions, _ = forward_kinematics(axis_angle, rest_joints)
     rest, _ = forward_kinematics(np.zeros((NUM_JOINTS, 3)), rest_joints)
-    translation = np.zeros((*positions.shape[:-2], 3))
-    translation[..., 1] = rest[..., 1].min(axis=-1) - positions[..., 1].min(axis=-1)
-    return translation
+    height = rest[..., 1].min(axis=-1) - positions[..., 1].min(axis=-1)
+    across = np.zeros(3) if translation is None else np.asarray(translation, dtype=np.float64)
+    placed = np.array(
+        np.broadcast_to(across, (*np.broadcast_shapes(height.shape, across.shape[:-1]), 3))
+    )
+    placed[..., 1] = height
+    return placed
 
 
 def expected_heads(axis_angle, rest_joints=None, translation=None, matrix_world=None):

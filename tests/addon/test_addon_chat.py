@@ -317,6 +317,80 @@ def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scr
     assert [[tuple(p.co) for p in c.keyframe_points] for c in location] == path
 
 
+def _lowest_head(obj) -> float:
+    """The height of the armature's lowest bone head as posed now (world space)."""
+    bpy.context.view_layer.update()
+    return min((obj.matrix_world @ bone.head).z for bone in obj.pose.bones)
+
+
+def _lowest_rest_head(obj) -> float:
+    return min((obj.matrix_world @ bone.head_local).z for bone in obj.data.bones)
+
+
+def test_keep_on_floor_puts_a_kneeling_answer_on_the_floor_where_the_character_is(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    root = armature.pose.bones["pelvis"]
+    root.location = (0.3, 0.0, -0.2)  # moved across the floor (the rig's root: SMPL axes)
+    # The scripted answer turns every joint by the prompt's length in hundredths of a radian.
+    prompt = ("kneel " * 10).strip()
+    settings.prompt = prompt
+    bpy.ops.chatpose.send()
+    drive(idle)
+    floating = _lowest_head(armature) - _lowest_rest_head(armature)
+    assert abs(floating) > 0.05  # the answer alone leaves the body off the floor
+    assert tuple(root.location) == pytest.approx((0.3, 0.0, -0.2))
+
+    settings.keep_on_floor, settings.insert_keyframe = True, True
+    settings.prompt = prompt
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert_pose(armature, pose_for(prompt))
+    assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+    assert (root.location.x, root.location.z) == pytest.approx((0.3, -0.2))  # same place
+    assert root.location.y == pytest.approx(-floating, abs=1e-5)
+    location = [c for c in action_fcurves(armature) if c.data_path.endswith(".location")]
+    assert len(location) == 3  # keyed with the pose
+
+
+def test_keep_on_floor_keeps_a_pose_s_own_translation_where_translation_is_on(armature):
+    from blender_addon.blender.posing import placed_on_floor
+
+    own = Pose(random_pose(3).axis_angle, [0.1, 0.2, 0.3])
+    without = Pose(random_pose(4).axis_angle)
+    kept, placed = placed_on_floor(armature, [own, without], keep_translations=True)
+    assert kept is own
+    assert placed.translation[1] != 0 and (placed.translation[[0, 2]] == 0).all()
+    replaced, _ = placed_on_floor(armature, [own, without])
+    assert (replaced.translation[[0, 2]] == 0).all()  # its place: the root's, at rest
+    assert replaced.translation[1] != pytest.approx(0.2)
+
+
+def test_a_batch_with_keep_on_floor_keys_each_line_on_the_floor_along_the_root_s_path(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    walk = [Pose(np.zeros((24, 3)), [0.5 * k, 0.0, 0.0]) for k in range(3)]
+    key_poses(armature, walk, [1, 11, 21])  # a path across the floor, keyed on the root
+    settings = bpy.context.scene.chatpose
+    settings.keep_on_floor = True
+    batch_of("kneel\nsit down\nlie on the side", start=1, step=10)
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    drive(idle)
+    assert "all 3 lines keyed" in live.last_message()[0]
+    root = armature.pose.bones["pelvis"]
+    for k, frame in enumerate([1, 11, 21]):
+        bpy.context.scene.frame_set(frame)
+        assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+        assert root.location.x == pytest.approx(0.5 * k)
+    record = batch_store.load_record(armature)
+    assert all(entry.translation for entry in record.entries)  # the location is keyed
+
+
 def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
     armature, scripted_service
 ):
@@ -1944,7 +2018,8 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
     bpy.context.scene.chatpose.batch_translation = True
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    assert "2 line(s) keyed without Translation are keyed again" in live.last_message()[0]
+    said = "2 line(s) keyed without the root's location are keyed again with it (Translation)"
+    assert said in live.last_message()[0]
     drive(idle)
     assert "all 2 lines keyed" in live.last_message()[0]
     assert len(backend.items) == 4  # asked again, for the root's location

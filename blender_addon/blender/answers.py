@@ -272,7 +272,7 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
             frames = [line.frame for line in lines]
             poses = placed_on_floor(obj, poses, frames, keep_translations=run.use_translation)
             items = list(zip(lines, poses, strict=True))
-        key_batch_lines(obj, items, use_translation=run.keys_location)
+        key_batch_lines(obj, items, use_translation=run.use_translation, on_floor=run.keep_on_floor)
     except Exception as exc:
         for line, _ in items:
             run.item_failed(line, f"could not key it ({exc})")
@@ -324,7 +324,9 @@ def _batch_ended(run: BatchRun) -> None:
         with contextlib.suppress(ValueError):
             record = load_record(obj)
             run.recheck(
-                lambda line: record.is_keyed(line.line, line.text, line.frame, run.keys_location)
+                lambda line: record.is_keyed(
+                    line.line, line.text, line.frame, run.use_translation, run.keep_on_floor
+                )
             )
     run.close()
     if run.keyed:

@@ -106,9 +106,13 @@ def key_batch_lines(
     items: Sequence[tuple[PendingLine, Pose]],
     *,
     use_translation: bool = False,
+    on_floor: bool = False,
 ) -> BatchRecord:
     """Keys each line's pose at its frame, then records the lines (in that order: a failure
-    while keying leaves them pending, so nothing is lost). Returns the updated record.
+    while keying leaves them pending, so nothing is lost). Returns the updated record. The
+    root's location is keyed from each pose's translation with ``use_translation`` or
+    ``on_floor`` (the poses placed on the floor: ``posing.placed_on_floor``), and the record
+    says which.
 
     The lines that arrived since the last timer tick come together: all keys in one pass over
     each F-curve (``keyframes.write_pose_keys``), then one update of the record. Only keys are
@@ -120,7 +124,7 @@ def key_batch_lines(
         obj,
         [pose for _, pose in items],
         [line.frame for line, _ in items],
-        use_translation=use_translation,
+        use_translation=use_translation or on_floor,
         handles=False,  # settle_batch_keys, at the run's end: each update costs the whole curve
     )
     anim = obj.animation_data
@@ -128,7 +132,7 @@ def key_batch_lines(
     _unsettled.add((anim.action.session_uid, anim.action.name, slot and slot.identifier))
     before = load_record(obj)
     record = before.recorded_lines(
-        ((line.line, line.text, line.frame) for line, _ in items), use_translation
+        ((line.line, line.text, line.frame) for line, _ in items), use_translation, on_floor
     )
     _save_added(obj, before, record, [line.line for line, _ in items])
     return record

@@ -139,15 +139,17 @@ def _frames(entries) -> str:
     return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
 
 
-def _location_from(settings) -> str:
-    """What a batch keys the root's location from, as the panel names it."""
-    return " and ".join(
+def _keyed_without(record, lines: Sequence[str], start: int, step: int, settings) -> str:
+    """The names of the settings (Translation, Keep on Floor) that lines keyed before were
+    keyed without, which makes them pending again now that they are on."""
+    before = len(record.pending(lines, start, step))
+    return " or ".join(
         name
-        for name, on in (
-            ("Translation", settings.batch_translation),
-            ("Keep on Floor", settings.keep_on_floor),
+        for name, on, flags in (
+            ("Translation", settings.batch_translation, (True, False)),
+            ("Keep on Floor", settings.keep_on_floor, (False, True)),
         )
-        if on
+        if on and len(record.pending(lines, start, step, *flags)) > before
     )
 
 
@@ -185,14 +187,14 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
-    pending = record.pending(lines, settings.batch_start, settings.batch_step, keys_location)
+    start, step = settings.batch_start, settings.batch_step
+    pending = record.pending(lines, start, step, settings.batch_translation, settings.keep_on_floor)
     if keys_location:  # said, as it replaces the rotation keys of those lines
-        pending_without = record.pending(lines, settings.batch_start, settings.batch_step)
-        without = len(pending) - len(pending_without)
+        without = len(pending) - len(record.pending(lines, start, step))
         if without:
             keys_left_note += (
-                f"; {without} line(s) keyed without the root's location are keyed again with "
-                f"it ({_location_from(settings)})"
+                f"; {without} line(s) keyed without "
+                f"{_keyed_without(record, lines, start, step, settings)} are keyed again with it"
             )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames

@@ -75,11 +75,6 @@ class BatchRun:
     # --- progress -------------------------------------------------------------------------
 
     @property
-    def keys_location(self) -> bool:
-        """Whether the root's location is keyed with each line."""
-        return self.use_translation or self.keep_on_floor
-
-    @property
     def planned_requests(self) -> int:
         return len(self._chunks)
 

@@ -16,14 +16,16 @@ of its text (stripped).
   matches the text.
 - The frame is part of an entry too: changing start or step makes every line pending whose
   frame changes; its key at the old frame stays (``moved`` names them).
-- So is whether the root's location was keyed (``translation``): a line keyed without it is
-  pending for a run with Translation on.
+- So is what the root's location was keyed from: the pose's translation (``translation``,
+  the Translation setting) or the floor (``on_floor``, Keep on Floor). A line keyed without
+  one is pending for a run with it on (turned off, nothing is keyed again).
 
 JSON layout (``version`` 1)::
 
     {"version": 1,
      "entries": [{"line": 0, "hash": "9f86d081884c7d65", "frame": 1},
-                 {"line": 1, "hash": "...", "frame": 11, "translation": true}, ...]}
+                 {"line": 1, "hash": "...", "frame": 11, "translation": true},
+                 {"line": 2, "hash": "...", "frame": 21, "on_floor": true}, ...]}
 
 ``frame`` is the key's time in the action, which a scaled NLA strip in tweak mode puts between
 whole frames (scene frame 11 of a strip scaled 3 times is its action's frame 4.333...): a
@@ -60,12 +62,15 @@ class Entry:
     line: int
     hash: str
     frame: int | float  # a scene frame; stored in the action's time, which may fall between
-    translation: bool = False  # the root's location was keyed too
+    translation: bool = False  # the root's location was keyed from the pose's translation
+    on_floor: bool = False  # the root's location was keyed on the floor (Keep on Floor)
 
     def to_dict(self) -> dict:
         data = {"line": self.line, "hash": self.hash, "frame": self.frame}
         if self.translation:
             data["translation"] = True
+        if self.on_floor:
+            data["on_floor"] = True
         return data
 
 
@@ -121,28 +126,36 @@ class BatchRecord:
     def entry(self, line: int) -> Entry | None:
         return self._by_line.get(line)
 
-    def is_keyed(self, line: int, text: str, frame: int, translation: bool = False) -> bool:
+    def is_keyed(
+        self, line: int, text: str, frame: int, translation: bool = False, on_floor: bool = False
+    ) -> bool:
         """Whether ``line`` holding ``text`` is keyed at ``frame``, with the root's location
-        too where ``translation`` asks for it."""
+        from the pose's translation and on the floor where ``translation`` and ``on_floor``
+        ask for them."""
         e = self.entry(line)
         return (
             e is not None
             and e.hash == line_hash(text)
             and e.frame == frame
             and (e.translation or not translation)
+            and (e.on_floor or not on_floor)
         )
 
     def pending(
-        self, lines: Sequence[str], start: int, step: int = 1, translation: bool = False
+        self,
+        lines: Sequence[str],
+        start: int,
+        step: int = 1,
+        translation: bool = False,
+        on_floor: bool = False,
     ) -> list[PendingLine]:
         """The prompts ``lines`` (``batch_text.prompt_lines``, without their numbers) not keyed
-        yet (with the root's location, for ``translation``), in order, with the frame each
-        goes on."""
+        yet (as ``is_keyed`` asks), in order, with the frame each goes on."""
         frames = frames_for(len(lines), start, step)
         return [
             PendingLine(i, text, frame)
             for i, (text, frame) in enumerate(zip(lines, frames, strict=True))
-            if not self.is_keyed(i, text, frame, translation)
+            if not self.is_keyed(i, text, frame, translation, on_floor)
         ]
 
     def labels(self, lines: Sequence[str]) -> dict[int, str]:
@@ -161,15 +174,19 @@ class BatchRecord:
         return self.recorded_lines([(line, text, frame)], translation)
 
     def recorded_lines(
-        self, lines: Iterable[tuple[int, str, int]], translation: bool = False
+        self,
+        lines: Iterable[tuple[int, str, int]],
+        translation: bool = False,
+        on_floor: bool = False,
     ) -> BatchRecord:
-        """This record plus each (line, text, frame) keyed (with the root's location, for
-        ``translation``), in one update."""
+        """This record plus each (line, text, frame) keyed (the root's location from the
+        pose's translation, for ``translation``, on the floor for ``on_floor``), in one
+        update."""
         by_line = dict(self._by_line)
         for line, text, frame in lines:
             if line < 0:
                 raise ValueError(f"line: expected >= 0, got {line}")
-            by_line[line] = Entry(line, line_hash(text), int(frame), translation)
+            by_line[line] = Entry(line, line_hash(text), int(frame), translation, on_floor)
         return BatchRecord._of(by_line)
 
     def with_frames(self, convert: Callable[[int | float], int | float]) -> BatchRecord:
@@ -225,10 +242,17 @@ class BatchRecord:
                 and _is_frame(item.get("frame"))
                 and isinstance(item.get("hash"), str)
                 and isinstance(item.get("translation", False), bool)
+                and isinstance(item.get("on_floor", False), bool)
             ):
                 raise ValueError(f"batch record: bad entry {item!r}")
             entries.append(
-                Entry(item["line"], item["hash"], item["frame"], item.get("translation", False))
+                Entry(
+                    item["line"],
+                    item["hash"],
+                    item["frame"],
+                    item.get("translation", False),
+                    item.get("on_floor", False),
+                )
             )
         return cls._of({e.line: e for e in entries})
 

@@ -388,7 +388,7 @@ def test_a_batch_with_keep_on_floor_keys_each_line_on_the_floor_along_the_root_s
         assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
         assert root.location.x == pytest.approx(0.5 * k)
     record = batch_store.load_record(armature)
-    assert all(entry.translation for entry in record.entries)  # the location is keyed
+    assert all(e.on_floor and not e.translation for e in record.entries)  # keyed on the floor
 
 
 def test_an_answer_names_the_bones_a_constraint_a_driver_or_their_parent_decide(
@@ -2018,8 +2018,7 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
     bpy.context.scene.chatpose.batch_translation = True
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    said = "2 line(s) keyed without the root's location are keyed again with it (Translation)"
-    assert said in live.last_message()[0]
+    assert "2 line(s) keyed without Translation are keyed again" in live.last_message()[0]
     drive(idle)
     assert "all 2 lines keyed" in live.last_message()[0]
     assert len(backend.items) == 4  # asked again, for the root's location
@@ -2027,6 +2026,13 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     bpy.context.scene.chatpose.batch_translation = False  # keyed with it: keyed without too
     bpy.ops.chatpose.batch_keyframe()
     assert "are keyed on" in live.last_message()[0] and len(backend.items) == 4
+
+    bpy.context.scene.chatpose.keep_on_floor = True  # keyed from the translation, not the floor
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert "2 line(s) keyed without Keep on Floor are keyed again" in live.last_message()[0]
+    drive(idle)
+    assert "all 2 lines keyed" in live.last_message()[0]
+    assert len(backend.items) == 6
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):

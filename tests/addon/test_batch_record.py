@@ -194,6 +194,22 @@ def test_a_line_keyed_without_the_root_s_location_is_pending_for_a_run_with_it()
     ]
 
 
+def test_a_line_keyed_off_the_floor_is_pending_for_a_run_that_keeps_it_on_the_floor():
+    lines = ["kneel", "sit"]
+    record = BatchRecord().recorded_lines([(0, "kneel", 1), (1, "sit", 11)], translation=True)
+    assert [p.line for p in record.pending(lines, 1, 10, on_floor=True)] == [0, 1]
+    on_floor = record.recorded_lines([(1, "sit", 11)], on_floor=True)
+    assert [p.line for p in on_floor.pending(lines, 1, 10, on_floor=True)] == [0]
+    assert [p.line for p in on_floor.pending(lines, 1, 10, True, True)] == [0, 1]
+    assert on_floor.pending(lines, 1, 10) == []  # on the floor is keyed for a run without
+    assert BatchRecord.from_json(on_floor.to_json()) == on_floor
+    assert [e.get("on_floor") for e in json.loads(on_floor.to_json())["entries"]] == [None, True]
+    with pytest.raises(ValueError, match="bad entry"):
+        BatchRecord.from_json(
+            '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1, "on_floor": 1}]}'
+        )
+
+
 def test_entries_past_the_end_of_a_shorter_text():
     record = BatchRecord().recorded_lines([(0, "a", 1), (2, "c", 21), (3, "d", 31)])
     assert [e.line for e in record.past_the_end(3)] == [3]

@@ -344,7 +344,7 @@ class DemoScene:
         frames = [1 + script.frame_step * i for i in range(len(batch))]
         self._labels = {frame: a.prompt for frame, a in zip(frames, batch, strict=True)}
         if batch:
-            poses = addon.placed_on_floor(self.armature, [a.poses[0] for a in batch], frames)
+            poses = addon.placed_on_floor(self.armature, [a.poses[0] for a in batch])
             addon.key_poses(self.armature, poses, frames, use_translation=True)
             scene.frame_start, scene.frame_end = frames[0], frames[-1]
         scene.render.fps = script.fps

@@ -8,6 +8,7 @@ import contextlib
 from dataclasses import dataclass
 
 import bpy
+import numpy as np
 
 from shared_protocol.protocol import ErrorCode
 
@@ -111,12 +112,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         # The model's poses carry no translation: the location is then neither set nor keyed,
         # unless Keep on Floor places them.
         own = job.use_translation and any(p.translation is not None for p in poses)
-        use_translation = own or job.keep_on_floor
+        on_floor = job.keep_on_floor
         if problem is None and frame is not None:
             try:  # before any change
-                refuse_locked_people(target, len(poses), use_translation)
+                refuse_locked_people(target, len(poses), own or on_floor)
             except LockedCurveError as exc:
-                if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+                if on_floor and not own and _keyable_without_location(target, len(poses)):
+                    on_floor, unkeyed = False, f"; not put on the floor (Keep on Floor): {exc}"
+                elif job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
                     frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
                 else:
                     problem = f"the answer was not applied to {target.name!r}: {exc}"
@@ -131,15 +134,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         return
     chat_step()
     try:
-        if job.keep_on_floor:
-            frames = None if job.frame is None else [job.frame]
-            poses = placed_on_floor(target, poses, frames, keep_translations=job.use_translation)
         result = apply_people(
             bpy.context,
             target,
             poses,
             frame=frame,
-            use_translation=use_translation,
+            use_translation=job.use_translation,
+            on_floor=on_floor,
             spacing=job.spacing,
             key_options=auto_key_options(bpy.context) if job.auto_key else frozenset(),
         )
@@ -171,6 +172,16 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if cut:
         text, level = text + cut, "WARNING"
     feedback.notify(text, level)
+
+
+def _keyable_without_location(target: bpy.types.Object, count: int) -> bool:
+    """Whether an answer of ``count`` people could key its rotations, the root's location (a
+    locked F-curve) left alone."""
+    try:
+        refuse_locked_people(target, count, False)
+    except LockedCurveError:
+        return False
+    return True
 
 
 def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
@@ -267,10 +278,10 @@ def _batch_lines(outcomes: list[BatchLineReady]) -> None:
         return
     items = [(o.line, o.poses[0]) for o in outcomes]
     try:
-        if run.keep_on_floor:
+        if run.keep_on_floor:  # where the root stood when the run started: the keys change it
             lines, poses = zip(*items, strict=True)
-            frames = [line.frame for line in lines]
-            poses = placed_on_floor(obj, poses, frames, keep_translations=run.use_translation)
+            places = np.stack([run.root_places[line.frame] for line in lines])
+            poses = placed_on_floor(obj, poses, places, keep_translations=run.use_translation)
             items = list(zip(lines, poses, strict=True))
         key_batch_lines(obj, items, use_translation=run.use_translation, on_floor=run.keep_on_floor)
     except Exception as exc:

@@ -24,7 +24,7 @@ from .armature import (
     rest_joints,
     upright,
 )
-from .posing import apply_pose, overridden_bones, pose_channels
+from .posing import apply_pose, overridden_bones, placed_on_floor, pose_channels, root_places
 
 
 @dataclass
@@ -217,14 +217,18 @@ def apply_people(
     *,
     frame: int | None = None,
     use_translation: bool = True,
+    on_floor: bool = False,
     spacing: float = 1.0,
     key_options: frozenset[str] = frozenset(),
 ) -> PeopleResult:
     """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at
-    ``frame`` when given. LockedCurveError, before any of them changes, when a channel to key
+    ``frame`` when given. With ``on_floor`` each is placed on its armature's floor where that
+    armature's root stands (``posing.placed_on_floor``; with ``use_translation`` a pose's own
+    translation is kept). LockedCurveError, before any of them changes, when a channel to key
     is locked on any of them."""
+    sets_location = on_floor or (use_translation and any(p.translation is not None for p in poses))
     if frame is not None:
-        refuse_locked_people(target, len(poses), use_translation)
+        refuse_locked_people(target, len(poses), sets_location)
     result = PeopleResult()
     made = None  # the first person this answer creates; the others are copies of it
     if len(poses) > 1:  # people stand beside the target as it is now: a script may have moved
@@ -240,8 +244,11 @@ def apply_people(
             if created:
                 result.created.append(obj.name)
                 made = made or obj
+        if on_floor:
+            places = root_places(obj, None if frame is None else [frame])
+            (pose,) = placed_on_floor(obj, [pose], places, keep_translations=use_translation)
         applied = apply_pose(
-            obj, pose, use_translation=use_translation, frame=frame, key_options=key_options
+            obj, pose, use_translation=sets_location, frame=frame, key_options=key_options
         )
         if applied.keyed_frame is not None:
             result.keyed_frame = applied.keyed_frame

@@ -170,28 +170,34 @@ def apply_pose(
     return result
 
 
+def root_places(obj: bpy.types.Object, frames: Sequence[int] | None = None) -> np.ndarray:
+    """(n, 3) the root's location as SMPL translations (metres), at each of ``frames`` as the
+    animation has it there, or (1, 3) as it is now: where the body stands, for
+    ``placed_on_floor``."""
+    rig = rig_geometry(obj)
+    root = obj.pose.bones[bone_names(obj)[0]]
+    frames = None if frames is None else list(frames)
+    locations = channel_values(fcurve_map(obj), root, "location", frames)
+    return translation_from_root_location(locations, rig.location_frame, rig.units_per_metre)
+
+
 def placed_on_floor(
     obj: bpy.types.Object,
     poses: Sequence[Pose],
-    frames: Sequence[int] | None = None,
+    places: np.ndarray | None = None,
     *,
     keep_translations: bool = False,
 ) -> list[Pose]:
     """``poses`` with the translation that keeps each body on the floor the armature stands on
     at rest (``core.posing.floor_translation``): the root's height set, its place across the
-    floor kept as the armature has it, at each of ``frames`` (its animation there; one frame
-    serves every pose) or, without them, now. A kneeling answer comes down to the floor; a
-    walk keyed on the root keeps its path. With ``keep_translations`` a pose that has a
-    translation of its own keeps it."""
+    floor kept: ``places`` ((n, 3) or (1, 3), ``root_places``; None: the root's now). A
+    kneeling answer comes down to the floor; a walk keyed on the root keeps its path. With
+    ``keep_translations`` a pose that has a translation of its own keeps it."""
     if not poses:
         return []
-    rig = rig_geometry(obj)
-    root = obj.pose.bones[bone_names(obj)[0]]
-    frames = None if frames is None else list(frames)
-    locations = channel_values(fcurve_map(obj), root, "location", frames)
-    now = translation_from_root_location(locations, rig.location_frame, rig.units_per_metre)
+    places = root_places(obj) if places is None else places
     axis_angles = np.stack([pose.axis_angle for pose in poses])
-    placed = floor_translation(axis_angles, rest_joints(obj), now)
+    placed = floor_translation(axis_angles, rest_joints(obj), places)
     return [
         pose
         if keep_translations and pose.translation is not None

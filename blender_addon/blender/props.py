@@ -78,9 +78,9 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     keep_on_floor: bpy.props.BoolProperty(
         name="Keep on Floor",
         description="Set the root bone's height so that the body's lowest joint is as high as "
-        "at rest, for a pose without a translation (the model's have none: a kneeling answer "
-        "would float at standing height); its place across the floor is kept. Answers and "
-        "batch lines alike; the root's location is keyed with them",
+        "at rest, for a pose without a translation or with Translation off (the model's have "
+        "none: a kneeling answer would float at standing height); its place across the floor "
+        "is kept, and the root's location is keyed with the pose",
         default=False,
     )
     person_spacing: bpy.props.FloatProperty(
@@ -119,6 +119,14 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
         name="Translation",
         description="Key the root bone's location too, from the pose's translation (at rest "
         "for a pose without one, the model's have none; or on the floor with Keep on Floor)",
+        default=False,
+    )
+    batch_keep_on_floor: bpy.props.BoolProperty(
+        name="Keep on Floor",
+        description="Key each line's root height so that the body's lowest joint is as high as "
+        "at rest, for a pose without a translation or with Translation off; its place across "
+        "the floor is the root's at that frame when the run starts. Lines keyed without it are "
+        "keyed again (asked again) when it is turned on",
         default=False,
     )
 

@@ -17,7 +17,7 @@ from ..core.timeline import frames_for
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
 from .batch_store import TakePin, load_record, save_record
-from .posing import pose_channels
+from .posing import pose_channels, root_places
 from .props import history_messages, target_armature, target_problem
 
 
@@ -147,7 +147,7 @@ def _keyed_without(record, lines: Sequence[str], start: int, step: int, settings
         name
         for name, on, flags in (
             ("Translation", settings.batch_translation, (True, False)),
-            ("Keep on Floor", settings.keep_on_floor, (False, True)),
+            ("Keep on Floor", settings.batch_keep_on_floor, (False, True)),
         )
         if on and len(record.pending(lines, start, step, *flags)) > before
     )
@@ -164,7 +164,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise live.UserError(target_problem(context))
     numbered, label = read_batch_lines(context)
     lines = [prompt for _, prompt in numbered]
-    keys_location = settings.batch_translation or settings.keep_on_floor
+    keys_location = settings.batch_translation or settings.batch_keep_on_floor
     try:
         frames_for(len(lines), settings.batch_start, settings.batch_step)
     except ValueError as exc:
@@ -172,7 +172,10 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     try:  # found now, not once the service has computed every line
         refuse_locked(target, pose_channels(target, keys_location))
     except LockedCurveError as exc:
-        raise live.UserError(f"Batch not sent: {exc}") from None
+        hint = ""
+        if settings.batch_keep_on_floor and not settings.batch_translation:
+            hint = " (Keep on Floor keys it: turn that off to key the rotations alone)"
+        raise live.UserError(f"Batch not sent: {exc}{hint}") from None
     try:
         record = load_record(target)
     except ValueError as exc:
@@ -188,13 +191,15 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"{_frames(gone)}) are left as they are"
         )
     start, step = settings.batch_start, settings.batch_step
-    pending = record.pending(lines, start, step, settings.batch_translation, settings.keep_on_floor)
+    pending = record.pending(
+        lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
+    )
     if keys_location:  # said, as it replaces the rotation keys of those lines
         without = len(pending) - len(record.pending(lines, start, step))
         if without:
             keys_left_note += (
                 f"; {without} line(s) keyed without "
-                f"{_keyed_without(record, lines, start, step, settings)} are keyed again with it"
+                f"{_keyed_without(record, lines, start, step, settings)} are keyed again"
             )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
@@ -218,11 +223,14 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         pending=pending,
         total_lines=len(lines),
         use_translation=settings.batch_translation,
-        keep_on_floor=settings.keep_on_floor,
+        keep_on_floor=settings.batch_keep_on_floor,
         armature_uid=target.session_uid,
         take=TakePin.at_start(target),
         line_numbers=[number for number, _ in numbered],
     )
+    if run.keep_on_floor and pending:
+        places = root_places(target, [line.frame for line in pending])
+        run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
         if gone:

@@ -54,6 +54,9 @@ class BatchRun:
     total_lines: int
     use_translation: bool = False
     keep_on_floor: bool = False
+    # Where the root stood at each pending line's frame when the run started (the bpy side's
+    # SMPL translations): a line keyed on the floor keeps that place across it.
+    root_places: dict = field(default_factory=dict, repr=False)
     armature_uid: int | None = None  # the armature's session id, which a rename keeps
     take: object = None  # what the keys go into (the bpy side's action and slot), kept there
     # Each prompt's line in its text (blank and # lines are no prompts), for messages; without

@@ -370,23 +370,30 @@ def test_keep_on_floor_keeps_a_pose_s_own_translation_where_translation_is_on(ar
 
 
 def test_a_batch_with_keep_on_floor_keys_each_line_on_the_floor_along_the_root_s_path(
-    armature, scripted_service
+    armature, scripted_service, monkeypatch
 ):
     address, _ = scripted_service
     use_service(address)
-    walk = [Pose(np.zeros((24, 3)), [0.5 * k, 0.0, 0.0]) for k in range(3)]
-    key_poses(armature, walk, [1, 11, 21])  # a path across the floor, keyed on the root
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call: the
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)  # later ones come after keys went in
+    walk = [Pose(np.zeros((24, 3)), [2.0 * k, 0.0, 0.0]) for k in range(2)]
+    key_poses(armature, walk, [1, 21])  # a path across the floor, keyed on the root's ends
+    root = armature.pose.bones["pelvis"]
+    frames = [1, 6, 11, 16, 21]
+    path = []
+    for frame in frames:
+        bpy.context.scene.frame_set(frame)
+        path.append(root.location.x)
     settings = bpy.context.scene.chatpose
-    settings.keep_on_floor = True
-    batch_of("kneel\nsit down\nlie on the side", start=1, step=10)
+    settings.batch_keep_on_floor = True
+    batch_of("kneel\nsit down\nlie on the side\ncrouch\nbow", start=1, step=5)
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     drive(idle)
-    assert "all 3 lines keyed" in live.last_message()[0]
-    root = armature.pose.bones["pelvis"]
-    for k, frame in enumerate([1, 11, 21]):
+    assert "all 5 lines keyed" in live.last_message()[0]
+    for frame, x in zip(frames, path, strict=True):
         bpy.context.scene.frame_set(frame)
         assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
-        assert root.location.x == pytest.approx(0.5 * k)
+        assert root.location.x == pytest.approx(x, abs=1e-5)
     record = batch_store.load_record(armature)
     assert all(e.on_floor and not e.translation for e in record.entries)  # keyed on the floor
 
@@ -483,6 +490,55 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
         assert message.startswith("The answer was not applied to 'SMPL': ") and "locked" in message
         assert scene.chatpose.prompt == "with a locked knee"  # given back, to send again
         assert steps == ["chat"]  # one step: the exchange and the prompt given back
+
+
+def test_keep_on_floor_places_each_person_where_that_person_stands(armature, scripted_service):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    settings.chat_mode, settings.insert_keyframe = True, True  # two people: SMPL, SMPL.person2
+    settings.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    second = bpy.data.objects["SMPL.person2"]
+    walk = [Pose(np.zeros((24, 3)), [1.0, 0.0, 0.5 * k]) for k in range(2)]
+    key_poses(second, walk, [1, 13])  # the second dancer's own path
+    bpy.context.scene.frame_set(7)
+    there = tuple(second.pose.bones["pelvis"].location)
+    settings.keep_on_floor = True
+    settings.prompt = ("kneel " * 10).strip()
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "keyed at frame 7" in live.last_message()[0]
+    for obj in (armature, second):
+        assert _lowest_head(obj) == pytest.approx(_lowest_rest_head(obj), abs=1e-5), obj.name
+    root = second.pose.bones["pelvis"]
+    assert (root.location.x, root.location.z) == pytest.approx((there[0], there[2]))
+
+
+def test_keep_on_floor_leaves_a_locked_root_location_and_keys_the_rotations(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    apply_pose(armature, Pose(np.zeros((24, 3)), [0.0, 0.0, 0.0]), frame=1)  # root keyed
+    for curve in action_fcurves(armature):
+        curve.lock = curve.data_path.endswith(".location")
+    settings.keep_on_floor, settings.insert_keyframe = True, True
+    settings.prompt = "kneel down on one knee"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = live.last_message()[0]
+    assert "keyed at frame 1; not put on the floor (Keep on Floor): " in message
+    assert "locked" in message
+    assert_pose(armature, pose_for("kneel down on one knee"), frame=1)
+    assert tuple(armature.pose.bones["pelvis"].location) == (0.0, 0.0, 0.0)
+
+    settings.batch_keep_on_floor = True
+    batch_of("kneel")
+    with pytest.raises(RuntimeError, match="Keep on Floor keys it: turn that off"):
+        bpy.ops.chatpose.batch_keyframe()
 
 
 def test_a_locked_channel_on_an_extra_person_is_named_as_its(armature, scripted_service):
@@ -2027,7 +2083,7 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     bpy.ops.chatpose.batch_keyframe()
     assert "are keyed on" in live.last_message()[0] and len(backend.items) == 4
 
-    bpy.context.scene.chatpose.keep_on_floor = True  # keyed from the translation, not the floor
+    bpy.context.scene.chatpose.batch_keep_on_floor = True  # keyed from the translation alone
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     assert "2 line(s) keyed without Keep on Floor are keyed again" in live.last_message()[0]
     drive(idle)

@@ -111,15 +111,13 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         frame, unkeyed = job.frame, ""
         # The model's poses carry no translation: the location is then neither set nor keyed,
         # unless Keep on Floor places them.
+        # A locked location leaves that person off the floor (apply_people says so).
         own = job.use_translation and any(p.translation is not None for p in poses)
-        on_floor = job.keep_on_floor
         if problem is None and frame is not None:
             try:  # before any change
-                refuse_locked_people(target, len(poses), own or on_floor)
+                refuse_locked_people(target, len(poses), own)
             except LockedCurveError as exc:
-                if on_floor and not own and _keyable_without_location(target, len(poses)):
-                    on_floor, unkeyed = False, f"; not put on the floor (Keep on Floor): {exc}"
-                elif job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+                if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
                     frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
                 else:
                     problem = f"the answer was not applied to {target.name!r}: {exc}"
@@ -140,7 +138,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
             poses,
             frame=frame,
             use_translation=job.use_translation,
-            on_floor=on_floor,
+            on_floor=job.keep_on_floor,
             spacing=job.spacing,
             key_options=auto_key_options(bpy.context) if job.auto_key else frozenset(),
         )
@@ -172,16 +170,6 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if cut:
         text, level = text + cut, "WARNING"
     feedback.notify(text, level)
-
-
-def _keyable_without_location(target: bpy.types.Object, count: int) -> bool:
-    """Whether an answer of ``count`` people could key its rotations, the root's location (a
-    locked F-curve) left alone."""
-    try:
-        refuse_locked_people(target, count, False)
-    except LockedCurveError:
-        return False
-    return True
 
 
 def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:

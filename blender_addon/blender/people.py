@@ -210,6 +210,16 @@ def refuse_locked_people(target: bpy.types.Object, count: int, use_translation: 
             raise LockedCurveError(f"{obj.name}: {exc}") from None
 
 
+def _location_locked(obj: bpy.types.Object) -> str | None:
+    """Why the root's location of ``obj`` cannot be keyed (its rotations can: checked
+    before), or None."""
+    try:
+        refuse_locked(obj, pose_channels(obj, True))
+    except LockedCurveError as exc:
+        return str(exc)
+    return None
+
+
 def apply_people(
     context: bpy.types.Context,
     target: bpy.types.Object,
@@ -224,11 +234,12 @@ def apply_people(
     """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at
     ``frame`` when given. With ``on_floor`` each is placed on its armature's floor where that
     armature's root stands (``posing.placed_on_floor``; with ``use_translation`` a pose's own
-    translation is kept). LockedCurveError, before any of them changes, when a channel to key
-    is locked on any of them."""
-    sets_location = on_floor or (use_translation and any(p.translation is not None for p in poses))
+    translation is kept), but for one whose root location is locked, which is keyed without
+    it (a note says so). LockedCurveError, before any of them changes, when another channel to
+    key is locked on any of them."""
+    own = use_translation and any(p.translation is not None for p in poses)
     if frame is not None:
-        refuse_locked_people(target, len(poses), sets_location)
+        refuse_locked_people(target, len(poses), own)
     result = PeopleResult()
     made = None  # the first person this answer creates; the others are copies of it
     if len(poses) > 1:  # people stand beside the target as it is now: a script may have moved
@@ -244,11 +255,15 @@ def apply_people(
             if created:
                 result.created.append(obj.name)
                 made = made or obj
-        if on_floor:
+        floor = on_floor and not (use_translation and pose.translation is not None)
+        if floor and frame is not None and (locked := _location_locked(obj)):
+            floor = False
+            result.notes.append(f"{obj.name!r} not put on the floor (Keep on Floor): {locked}")
+        if floor:
             places = root_places(obj, None if frame is None else [frame])
-            (pose,) = placed_on_floor(obj, [pose], places, keep_translations=use_translation)
+            (pose,) = placed_on_floor(obj, [pose], places)
         applied = apply_pose(
-            obj, pose, use_translation=sets_location, frame=frame, key_options=key_options
+            obj, pose, use_translation=own or floor, frame=frame, key_options=key_options
         )
         if applied.keyed_frame is not None:
             result.keyed_frame = applied.keyed_frame

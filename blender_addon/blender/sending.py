@@ -4,6 +4,7 @@ sent."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import bpy
@@ -174,7 +175,9 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except LockedCurveError as exc:
         hint = ""
         if settings.batch_keep_on_floor and not settings.batch_translation:
-            hint = " (Keep on Floor keys it: turn that off to key the rotations alone)"
+            with contextlib.suppress(LockedCurveError):  # else the rotations are locked too
+                refuse_locked(target, pose_channels(target, False))
+                hint = " (Keep on Floor keys it: turn that off to key the rotations alone)"
         raise live.UserError(f"Batch not sent: {exc}{hint}") from None
     try:
         record = load_record(target)

@@ -16,9 +16,9 @@ of its text (stripped).
   matches the text.
 - The frame is part of an entry too: changing start or step makes every line pending whose
   frame changes; its key at the old frame stays (``moved`` names them).
-- So is what the root's location was keyed from: the pose's translation (``translation``,
-  the Translation setting) or the floor (``on_floor``, Keep on Floor). A line keyed without
-  one is pending for a run with it on (turned off, nothing is keyed again).
+- So are the settings it was keyed with that key the root's location: Translation
+  (``translation``) and Keep on Floor (``on_floor``). A line keyed without one is pending for
+  a run with it on (turned off, nothing is keyed again).
 
 JSON layout (``version`` 1)::
 
@@ -62,8 +62,8 @@ class Entry:
     line: int
     hash: str
     frame: int | float  # a scene frame; stored in the action's time, which may fall between
-    translation: bool = False  # the root's location was keyed from the pose's translation
-    on_floor: bool = False  # the root's location was keyed on the floor (Keep on Floor)
+    translation: bool = False  # keyed with Translation on (the root's location too)
+    on_floor: bool = False  # keyed with Keep on Floor on
 
     def to_dict(self) -> dict:
         data = {"line": self.line, "hash": self.hash, "frame": self.frame}

@@ -530,7 +530,7 @@ def test_keep_on_floor_leaves_a_locked_root_location_and_keys_the_rotations(
     bpy.ops.chatpose.send()
     drive(idle)
     message = live.last_message()[0]
-    assert "keyed at frame 1; not put on the floor (Keep on Floor): " in message
+    assert "keyed at frame 1; 'SMPL' not put on the floor (Keep on Floor): " in message
     assert "locked" in message
     assert_pose(armature, pose_for("kneel down on one knee"), frame=1)
     assert tuple(armature.pose.bones["pelvis"].location) == (0.0, 0.0, 0.0)
@@ -539,6 +539,37 @@ def test_keep_on_floor_leaves_a_locked_root_location_and_keys_the_rotations(
     batch_of("kneel")
     with pytest.raises(RuntimeError, match="Keep on Floor keys it: turn that off"):
         bpy.ops.chatpose.batch_keyframe()
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    next(c for c in action_fcurves(armature) if c.data_path == knee).lock = True
+    with pytest.raises(RuntimeError, match="left_knee") as refused:  # turning it off: no help
+        bpy.ops.chatpose.batch_keyframe()
+    assert "Keep on Floor" not in str(refused.value)
+
+
+def test_a_person_whose_root_location_is_locked_leaves_the_others_on_the_floor(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    settings.chat_mode, settings.insert_keyframe = True, True  # two people: SMPL, SMPL.person2
+    settings.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    second = bpy.data.objects["SMPL.person2"]
+    apply_pose(second, Pose(np.zeros((24, 3)), [0.0, 0.0, 0.0]), frame=1)  # root keyed
+    for curve in action_fcurves(second):
+        curve.lock = curve.data_path.endswith(".location")
+    settings.keep_on_floor = True
+    prompt = ("kneel " * 10).strip()
+    settings.prompt = prompt
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = live.last_message()[0]
+    assert "'SMPL.person2' not put on the floor (Keep on Floor): " in message
+    assert "'SMPL' not put" not in message
+    assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+    assert_pose(second, pose_for(prompt), frame=1)  # keyed all the same, off the floor
 
 
 def test_a_locked_channel_on_an_extra_person_is_named_as_its(armature, scripted_service):

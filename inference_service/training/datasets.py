@@ -956,6 +956,9 @@ def read_image_pose_pairs(
             raise DatasetError(
                 f"{poses_path}: '{flag}' must be (N,) flags, got shape {flags.shape}"
             )
+        if flags.dtype.kind == "f" and not np.isfinite(flags).all():  # else read as 0: no pose
+            bad = int(np.flatnonzero(~np.isfinite(flags))[0])
+            raise DatasetError(f"{poses_path}: frame {bad}: '{flag}' is {flags[bad]}, not 0 or 1")
         rows = np.flatnonzero(flags > 0)
         if len(rows) < len(names):
             print(

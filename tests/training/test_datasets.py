@@ -544,6 +544,19 @@ def test_spin_pairs_pose_has_smpl_and_boxes_of_the_side_over_200(tmp_path, capsy
     assert "left out 1 of 2 frames without a pose (has_smpl 0)" in capsys.readouterr().err
 
 
+def test_a_flag_that_is_not_a_number_is_named_not_read_as_no_pose(tmp_path):
+    halves().save(tmp_path / "a.png")
+    path = tmp_path / "spin.npz"
+    np.savez(
+        path,
+        pose=POSES[:2].reshape(2, 72),
+        has_smpl=np.array([1.0, np.nan]),
+        imgname=np.array(["a.png", "a.png"]),
+    )
+    with pytest.raises(DatasetError, match=r"spin.npz: frame 1: 'has_smpl' is nan, not 0 or 1"):
+        read_image_pose_pairs(path, camera_frame=True)
+
+
 def test_4dhumans_boxes_are_in_pixels(tmp_path):
     # 4DHumans' files give `scale` in pixels, one per axis (their reader divides by 200).
     halves().save(tmp_path / "a.png")

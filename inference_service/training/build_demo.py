@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from inference_service.evaluate import jsonable
+from shared_protocol.arrays import write_npz
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "inference_service" / "demo_checkpoint"
@@ -1022,12 +1023,15 @@ def examples(work: Path, packed: Path, pairs: Path, images_dir: Path) -> list[di
         shutil.rmtree(render_dir)
     render_dir.mkdir(parents=True)
     poses_path = render_dir / "poses.npz"
-    np.savez(
-        poses_path,
-        poses=np.stack(poses).reshape(-1, 72),
-        names=np.array(names),
-        views=np.array(views, dtype=np.float64),
-    )
+    with open(poses_path, "wb") as stream:
+        write_npz(
+            stream,
+            {
+                "poses": np.stack(poses).reshape(-1, 72),
+                "names": np.array(names),
+                "views": np.array(views, dtype=np.float64),
+            },
+        )
     _subprocess(
         [
             sys.executable,

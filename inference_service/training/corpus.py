@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_protocol.arrays import NPZ_READ_ERRORS, open_npz
+from shared_protocol.arrays import NPZ_READ_ERRORS, open_npz, write_npz
 from shared_protocol.skeleton import NUM_JOINTS
 
 from .actions import ACTIONS, SPLITS, action_names, held_out_sentences
@@ -283,8 +283,8 @@ def save_corpus(records: Sequence[CorpusRecord], path: str | os.PathLike, seed: 
         "splits": np.array([r.split for r in records], dtype=str).reshape(n),
         "seed": np.array(int(seed), dtype=np.int64),
     }
-    with open(path, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
-        np.savez_compressed(stream, **arrays)
+    with open(path, "wb") as stream:
+        write_npz(stream, arrays)
 
 
 _TEXT_KEYS = ("captions", "sources", "actions", "splits")

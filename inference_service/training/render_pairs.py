@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from inference_service.commands import positive_int
+from shared_protocol.arrays import write_npz
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 FORMAT = "chatpose-pairs-v1"
@@ -281,7 +282,7 @@ def render_pairs(
     }
     path = out / "pairs.npz"
     with open(path, "wb") as stream:
-        np.savez_compressed(stream, **arrays)
+        write_npz(stream, arrays)
     return path
 
 

@@ -1079,20 +1079,15 @@ def _try_lock(handle) -> bool:
     return True
 
 
-def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResult:
-    checkpoint = Checkpoint.open(config.base)
-    shows_progress = sys.stderr.isatty() if config.progress is None else config.progress
-    if not shows_progress:  # transformers' own bars too (loading, writing shards): a log file
-        hf_logging.disable_progress_bar()  # gets the lines alone
-    if config.threads:
-        torch.set_num_threads(config.threads)
+def _resume_point(config: TrainConfig, checkpoint: Checkpoint) -> Path | None:
+    """The checkpoint a --resume run goes on from (None: a new run), once --out is found fit
+    for the run; TrainingError naming what is wrong with it, before the model loads."""
     out = config.out
     resume_from = None
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out: {out} is a file; name a folder for the run")
     if problem := unwritable(out):  # now, not once the model has loaded
         raise TrainingError(f"--out: {problem}")
-    select_device(config.device)  # and the GPU asked for is there, before the data loads
     if config.resume:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
@@ -1127,6 +1122,14 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             f"--copy-base: --out {out} lies inside the base model's folder ({base_dir}), which "
             "would be copied into itself; choose an --out outside it"
         )
+    return resume_from
+
+
+def _examples_for(
+    config: TrainConfig, checkpoint: Checkpoint, examples: Sequence[Example] | None
+) -> list[Example]:
+    """``examples``, or those of --data; DatasetError naming at once every record the
+    checkpoint cannot take (before the model loads: minutes for a large one)."""
     if examples is None:
         if not config.data:
             raise TrainingError("no training data: give at least one --data")
@@ -1136,7 +1139,6 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
     examples = list(examples)
     if not examples:
         raise DatasetError("the data files hold no examples")
-    # Before the model loads (minutes for a large one), each such record named at once.
     max_images = checkpoint.config.max_images
     _refuse_examples(
         f"{e.source or 'example'}: {len(e.images)} images; the checkpoint's chatpose.json "
@@ -1144,6 +1146,35 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
         for e in examples
         if len(e.images) > max_images
     )
+    return examples
+
+
+def _optimizer(config: TrainConfig, named) -> tuple[torch.optim.AdamW, float]:
+    """AdamW over the trainable ``named`` parameters, and the adapter's rate as a share of
+    --lr. Two groups: the head at --lr, everything else (LoRA, the pose token's rows) at
+    --adapter-lr (the same by default)."""
+    head_params = [p for name, p in named if name.startswith("head.")]
+    other_params = [p for name, p in named if not name.startswith("head.")]
+    adapter_lr = config.lr if config.adapter_lr is None else config.adapter_lr
+    adapter_scale = adapter_lr / config.lr
+    groups = [{"params": head_params, "lr_scale": 1.0}]
+    if other_params:
+        groups.append({"params": other_params, "lr_scale": adapter_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, adapter_scale
+
+
+def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResult:
+    checkpoint = Checkpoint.open(config.base)
+    shows_progress = sys.stderr.isatty() if config.progress is None else config.progress
+    if not shows_progress:  # transformers' own bars too (loading, writing shards): a log file
+        hf_logging.disable_progress_bar()  # gets the lines alone
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = config.out
+    resume_from = _resume_point(config, checkpoint)
+    select_device(config.device)  # and the GPU asked for is there, before the data loads
+    examples = _examples_for(config, checkpoint, examples)
     kinds = [example.kind for example in examples]
     for note in unused_kinds(kinds, config.mix):
         print(f"note: the mix leaves out {note}", file=sys.stderr)
@@ -1214,16 +1245,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             tm.action_classifier.load_state_dict(state["action_classifier"])
     named = tm.named_trainable()
     names = [name for name, _ in named]
-    # Two groups: the head at --lr, everything else (LoRA, the pose token's rows) at
-    # --adapter-lr (the same by default).
-    head_params = [p for name, p in named if name.startswith("head.")]
-    other_params = [p for name, p in named if not name.startswith("head.")]
-    adapter_lr = config.lr if config.adapter_lr is None else config.adapter_lr
-    adapter_scale = adapter_lr / config.lr
-    groups = [{"params": head_params, "lr_scale": 1.0}]
-    if other_params:
-        groups.append({"params": other_params, "lr_scale": adapter_scale})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer, adapter_scale = _optimizer(config, named)
     start = 0
     if state is not None:
         if state["param_names"] != names:

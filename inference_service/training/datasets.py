@@ -954,11 +954,14 @@ def read_image_pose_pairs(
         flags = arrays[flag]
         if flags.shape != (len(names),) or flags.dtype.kind not in "biuf":
             raise DatasetError(
-                f"{poses_path}: '{flag}' must be (N,) flags, got shape {flags.shape}"
+                f"{poses_path}: '{flag}' must be (N,) number flags, got {flags.dtype} {flags.shape}"
             )
         if flags.dtype.kind == "f" and not np.isfinite(flags).all():  # else read as 0: no pose
             bad = int(np.flatnonzero(~np.isfinite(flags))[0])
-            raise DatasetError(f"{poses_path}: frame {bad}: '{flag}' is {flags[bad]}, not 0 or 1")
+            raise DatasetError(
+                f"{poses_path}: frame {bad}: '{flag}' is {flags[bad]}, not a number (the flags "
+                "are 0, no pose, or 1)"
+            )
         rows = np.flatnonzero(flags > 0)
         if len(rows) < len(names):
             print(

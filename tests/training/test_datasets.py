@@ -553,7 +553,7 @@ def test_a_flag_that_is_not_a_number_is_named_not_read_as_no_pose(tmp_path):
         has_smpl=np.array([1.0, np.nan]),
         imgname=np.array(["a.png", "a.png"]),
     )
-    with pytest.raises(DatasetError, match=r"spin.npz: frame 1: 'has_smpl' is nan, not 0 or 1"):
+    with pytest.raises(DatasetError, match=r"spin.npz: frame 1: 'has_smpl' is nan, not a number"):
         read_image_pose_pairs(path, camera_frame=True)
 
 

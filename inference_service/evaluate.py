@@ -311,7 +311,7 @@ def evaluate(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The report (a JSON-ready dict; sections in the module docstring)."""
-    from inference_service.training.corpus import load_corpus, sample_auto_poses
+    from inference_service.training.corpus import load_corpus
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -352,7 +352,35 @@ def evaluate(
         "warnings": warnings,
     }
 
-    # --- text to pose --------------------------------------------------------------------
+    report["text_to_pose"] = _text_to_pose(
+        predictor, train, train_poses, average, tfidf, chosen, caption_oracle_samples, log
+    )
+    phrase_split = split if split in ("train", "val", "test") else "test"
+    phrased = _answer_phrasings(predictor, tfidf, phrase_split, log)
+    report["paraphrases"] = _paraphrases(phrased, average, phrase_split)
+    canonical = {name: ACTIONS[name](None) for name in ACTIONS}
+    sided = sided_actions()
+    left_right = {"text": _left_right_text(phrased, sided, canonical)}
+    if image_pairs is not None:
+        report["images"], left_right_images = _images(
+            predictor, image_pairs, average, sided, canonical, log
+        )
+        if left_right_images is not None:
+            left_right["images"] = left_right_images
+    report["left_right"] = left_right
+    report["bars"] = quality_bars(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _text_to_pose(
+    predictor, train, train_poses, average, tfidf, chosen, caption_oracle_samples: int, log
+) -> dict:
+    """The report's ``text_to_pose``: the model against the baselines on the split's
+    captions, all of them and by kind (an action's phrasing, a caption of the pose's
+    geometry)."""
+    from inference_service.training.corpus import sample_auto_poses
+
     log(f"text to pose: {len(chosen)} captions")
     captions = [r.caption for r in chosen]
     true = np.stack([r.pose for r in chosen])
@@ -382,7 +410,7 @@ def evaluate(
             **{name: _metrics(pred[mask], true[mask]) for name, pred in predictions.items()},
         }
     overall = by_kind["all"]
-    report["text_to_pose"] = {
+    return {
         "count": len(chosen),
         "by_caption": by_kind,
         "reduction_vs_mean_pose": {
@@ -390,24 +418,44 @@ def evaluate(
         },
     }
 
-    # --- paraphrases -----------------------------------------------------------------------
-    phrase_split = split if split in ("train", "val", "test") else "test"
+
+@dataclasses.dataclass(frozen=True)
+class _PhrasingAnswers:
+    """Every named action asked with the split's phrasings, and what each answerer gave."""
+
+    names: list[str]  # the action each prompt asks for
+    texts: list[str]  # the prompts
+    templates: list  # (action, phrasing template) of each prompt: its cluster
+    model: np.ndarray  # (n, 24, 3) poses
+    tfidf: np.ndarray
+    oracle: np.ndarray  # a pose of the asked action itself
+
+
+def _answer_phrasings(predictor, tfidf, phrase_split: str, log) -> _PhrasingAnswers:
     phrased = _phrased_prompts(phrase_split)
-    prompts = [(name, text) for name, text, _ in phrased]
-    template_of = {text: (name, template) for name, text, template in phrased}
-    log(f"paraphrases: {len(prompts)} prompts")
-    classifier = ActionClassifier()
-    names = [name for name, _ in prompts]
-    texts = [text for _, text in prompts]
-    model_poses = predictor.text(texts)
-    tfidf_poses = tfidf.predict(texts)
+    log(f"paraphrases: {len(phrased)} prompts")
+    names = [name for name, _, _ in phrased]
+    texts = [text for _, text, _ in phrased]
     rng = np.random.default_rng(12345)
-    oracle_poses = np.stack([ACTIONS[name](rng) for name in names])
+    return _PhrasingAnswers(
+        names=names,
+        texts=texts,
+        templates=[(name, template) for name, _, template in phrased],
+        model=predictor.text(texts),
+        tfidf=tfidf.predict(texts),
+        oracle=np.stack([ACTIONS[name](rng) for name in names]),
+    )
+
+
+def _paraphrases(phrased: _PhrasingAnswers, average, phrase_split: str) -> dict:
+    """The report's ``paraphrases``: the action each answer shows, by the classifier."""
+    names, texts = phrased.names, phrased.texts
+    classifier = ActionClassifier()
     labels = {
-        "model": classifier.classify(model_poses),
-        "tfidf": classifier.classify(tfidf_poses),
+        "model": classifier.classify(phrased.model),
+        "tfidf": classifier.classify(phrased.tfidf),
         "mean_pose": classifier.classify(average[None])[0:1] * len(names),
-        "oracle": classifier.classify(oracle_poses),
+        "oracle": classifier.classify(phrased.oracle),
     }
     correct = {
         key: np.array([a == b for a, b in zip(got, names, strict=True)])
@@ -422,14 +470,14 @@ def evaluate(
         if got != want:
             key = f"{want} -> {got}"
             confusions[key] = confusions.get(key, 0) + 1
-    report["paraphrases"] = {
+    return {
         "split": phrase_split,
-        "count": len(prompts),
+        "count": len(texts),
         "actions": len(ACTIONS),
         "chance": 1.0 / len(ACTIONS),
         "top1": {key: float(value.mean()) for key, value in correct.items()},
-        "top1_per_phrasing": _per_cluster_mean(correct["model"], [template_of[t] for t in texts]),
-        "interval": accuracy_interval(correct["model"], [template_of[t] for t in texts]),
+        "top1_per_phrasing": _per_cluster_mean(correct["model"], phrased.templates),
+        "interval": accuracy_interval(correct["model"], phrased.templates),
         "per_action": per_action,
         "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:15]),
         "examples": [
@@ -440,54 +488,49 @@ def evaluate(
         ],
     }
 
-    # --- left and right: text ----------------------------------------------------------------
-    canonical = {name: ACTIONS[name](None) for name in ACTIONS}
-    sided = sided_actions()
-    lr_prompts = [(n, t) for n, t in prompts if n in sided]
-    lr_names = [n for n, _ in lr_prompts]
-    index = [texts.index(t) for _, t in lr_prompts]
-    left_right = {
-        "text": _left_right(
-            lr_names,
-            {
-                "model": model_poses[index],
-                "tfidf": tfidf_poses[index],
-                "oracle": oracle_poses[index],
-            },
-            canonical,
-            clusters=[template_of[t] for _, t in lr_prompts],
-        )
-    }
 
-    # --- images ---------------------------------------------------------------------------
-    if image_pairs is not None:
-        images, image_true, actions, image_size, _ = image_pairs
-        count = len(images)
-        log(f"images: {count} pairs")
-        image_pred = predictor.images(images)
-        image_mean = np.broadcast_to(average, image_true.shape)
-        model_metrics = _metrics(image_pred, image_true)
-        mean_metrics = _metrics(image_mean, image_true)
-        report["images"] = {
-            "count": count,
-            "image_size": image_size,
-            "model": model_metrics,
-            "mean_pose": mean_metrics,
-            "reduction_vs_mean_pose": {
-                m: _reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
-            },
-        }
-        picked = [i for i, a in enumerate(actions) if a in sided]
-        if picked:
-            left_right["images"] = _left_right(
-                [actions[i] for i in picked],
-                {"model": image_pred[picked], "oracle": image_true[picked]},
-                canonical,
-            )
-    report["left_right"] = left_right
-    report["bars"] = quality_bars(report)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    return report
+def _left_right_text(phrased: _PhrasingAnswers, sided, canonical) -> dict:
+    """The report's ``left_right.text``: the answers to the phrasings of sided actions."""
+    index = [i for i, name in enumerate(phrased.names) if name in sided]
+    return _left_right(
+        [phrased.names[i] for i in index],
+        {
+            "model": phrased.model[index],
+            "tfidf": phrased.tfidf[index],
+            "oracle": phrased.oracle[index],
+        },
+        canonical,
+        clusters=[phrased.templates[i] for i in index],
+    )
+
+
+def _images(predictor, image_pairs, average, sided, canonical, log) -> tuple[dict, dict | None]:
+    """The report's ``images``, and its ``left_right.images`` (None without sided actions)."""
+    images, image_true, actions, image_size, _ = image_pairs
+    count = len(images)
+    log(f"images: {count} pairs")
+    image_pred = predictor.images(images)
+    image_mean = np.broadcast_to(average, image_true.shape)
+    model_metrics = _metrics(image_pred, image_true)
+    mean_metrics = _metrics(image_mean, image_true)
+    section = {
+        "count": count,
+        "image_size": image_size,
+        "model": model_metrics,
+        "mean_pose": mean_metrics,
+        "reduction_vs_mean_pose": {
+            m: _reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
+        },
+    }
+    picked = [i for i, a in enumerate(actions) if a in sided]
+    if not picked:
+        return section, None
+    left_right = _left_right(
+        [actions[i] for i in picked],
+        {"model": image_pred[picked], "oracle": image_true[picked]},
+        canonical,
+    )
+    return section, left_right
 
 
 def evaluate_examples(

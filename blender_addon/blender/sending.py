@@ -140,6 +140,27 @@ def _frames(entries) -> str:
     return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
 
 
+def lines_to_key_again(context: bpy.types.Context) -> int:
+    """How many lines keyed before the next Batch Keyframe asks the service again, their keys
+    replaced, because Translation or Keep on Floor is on and was off when they were keyed; 0
+    when there is no telling now (what stops the batch is said when it runs)."""
+    settings = context.scene.chatpose
+    target = target_armature(context)
+    if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
+        return 0
+    try:
+        numbered, _ = read_batch_lines(context)
+        record = load_record(target)
+        lines = [prompt for _, prompt in numbered]
+        start, step = settings.batch_start, settings.batch_step
+        flagged = record.pending(
+            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
+        )
+        return len(flagged) - len(record.pending(lines, start, step))
+    except (live.UserError, ValueError):
+        return 0
+
+
 def _keyed_without(record, lines: Sequence[str], start: int, step: int, settings) -> str:
     """The names of the settings (Translation, Keep on Floor) that lines keyed before were
     keyed without, which makes them pending again now that they are on."""

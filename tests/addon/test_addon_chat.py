@@ -2103,8 +2103,11 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
+    assert sending.lines_to_key_again(bpy.context) == 0
     bpy.context.scene.chatpose.batch_translation = True
-    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert sending.lines_to_key_again(bpy.context) == 2  # the button asks first (invoke)
+    # Background Blender shows no dialog: its confirmation runs the batch at once.
+    assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
     assert "2 line(s) keyed without Translation are keyed again" in live.last_message()[0]
     drive(idle)
     assert "all 2 lines keyed" in live.last_message()[0]
@@ -2115,6 +2118,7 @@ def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scri
     assert "are keyed on" in live.last_message()[0] and len(backend.items) == 4
 
     bpy.context.scene.chatpose.batch_keep_on_floor = True  # keyed from the translation alone
+    assert sending.lines_to_key_again(bpy.context) == 2
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     assert "2 line(s) keyed without Keep on Floor are keyed again" in live.last_message()[0]
     drive(idle)

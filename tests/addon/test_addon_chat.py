@@ -492,15 +492,22 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
         assert steps == ["chat"]  # one step: the exchange and the prompt given back
 
 
-def test_keep_on_floor_places_each_person_where_that_person_stands(armature, scripted_service):
+def _two_dancers(scripted_service) -> bpy.types.Object:
+    """The armature of the second person of a chat answer, keyed at frame 1 (chat mode's
+    scripted answers hold two people: SMPL and SMPL.person2)."""
     address, _ = scripted_service
     use_service(address)
     settings = bpy.context.scene.chatpose
-    settings.chat_mode, settings.insert_keyframe = True, True  # two people: SMPL, SMPL.person2
+    settings.chat_mode, settings.insert_keyframe = True, True
     settings.prompt = "two dancers"
     bpy.ops.chatpose.send()
     drive(idle)
-    second = bpy.data.objects["SMPL.person2"]
+    return bpy.data.objects["SMPL.person2"]
+
+
+def test_keep_on_floor_places_each_person_where_that_person_stands(armature, scripted_service):
+    second = _two_dancers(scripted_service)
+    settings = bpy.context.scene.chatpose
     walk = [Pose(np.zeros((24, 3)), [1.0, 0.0, 0.5 * k]) for k in range(2)]
     key_poses(second, walk, [1, 13])  # the second dancer's own path
     bpy.context.scene.frame_set(7)
@@ -549,14 +556,8 @@ def test_keep_on_floor_leaves_a_locked_root_location_and_keys_the_rotations(
 def test_a_person_whose_root_location_is_locked_leaves_the_others_on_the_floor(
     armature, scripted_service
 ):
-    address, _ = scripted_service
-    use_service(address)
+    second = _two_dancers(scripted_service)
     settings = bpy.context.scene.chatpose
-    settings.chat_mode, settings.insert_keyframe = True, True  # two people: SMPL, SMPL.person2
-    settings.prompt = "two dancers"
-    bpy.ops.chatpose.send()
-    drive(idle)
-    second = bpy.data.objects["SMPL.person2"]
     apply_pose(second, Pose(np.zeros((24, 3)), [0.0, 0.0, 0.0]), frame=1)  # root keyed
     for curve in action_fcurves(second):
         curve.lock = curve.data_path.endswith(".location")

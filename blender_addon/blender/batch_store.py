@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bpy
+import numpy as np
 
 from shared_protocol.pose import Pose
 
@@ -25,8 +26,12 @@ from ..core.batch_record import (
     PendingLine,
     with_entries_appended,
 )
+from ..core.posing import root_location
 from .anim import action_time, has_no_slot, scene_time, take_fcurves
+from .armature import rig_geometry
+from .fast_keys import write_keys
 from .keyframes import write_pose_keys
+from .posing import placed_on_floor, pose_channels, read_poses
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
@@ -136,6 +141,37 @@ def key_batch_lines(
     )
     _save_added(obj, before, record, [line.line for line, _ in items])
     return record
+
+
+def place_keyed_lines(
+    obj: bpy.types.Object,
+    record: BatchRecord,
+    lines: Sequence[PendingLine],
+    *,
+    use_translation: bool = False,
+    on_floor: bool = False,
+) -> BatchRecord:
+    """Keys the root's location of ``lines``, keyed before without Translation or Keep on
+    Floor, from their poses as keyed (edits included), so that turning either on asks the
+    service nothing again: with ``on_floor`` each on the floor, its place across it kept
+    (``posing.placed_on_floor``); else at rest, as Translation keys a pose without a
+    translation. Only the location keys are written; returns ``record`` with the lines
+    recorded with those settings, for the caller to save (keys first, then the record)."""
+    if not lines:
+        return record
+    frames = [line.frame for line in lines]
+    if on_floor:
+        keyed = read_poses(obj, frames)  # each translation: the root's place at its frame
+        places = np.stack([pose.translation for pose in keyed])
+        translations = [pose.translation for pose in placed_on_floor(obj, keyed, places)]
+    else:
+        translations = np.zeros((len(lines), 3))
+    rig = rig_geometry(obj)
+    locations = root_location(np.stack(translations), rig.location_frame, rig.units_per_metre)
+    write_keys(obj, pose_channels(obj, True)[-3:], frames, locations.T)
+    return record.recorded_lines(
+        ((line.line, line.text, line.frame) for line in lines), use_translation, on_floor
+    )
 
 
 def _save_added(obj: bpy.types.Object, before: BatchRecord, record: BatchRecord, lines) -> None:

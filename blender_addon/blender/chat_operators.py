@@ -148,22 +148,6 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
             return False
         return super().poll(context)
 
-    def invoke(self, context, event):
-        again = sending.lines_to_key_again(context)
-        if not again:
-            return self.execute(context)
-        return context.window_manager.invoke_confirm(
-            self,
-            event,
-            title="Key Lines Again?",
-            message=(
-                f"{again} line(s) keyed before without Translation or Keep on Floor are asked "
-                "again, and their new poses replace their keys (edits made to them included)"
-            ),
-            confirm_text="Batch Keyframe",
-            icon="WARNING",
-        )
-
     def execute(self, context):
         return _run(self, sending.start_batch, context)
 

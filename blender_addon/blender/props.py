@@ -118,7 +118,8 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     batch_translation: bpy.props.BoolProperty(
         name="Translation",
         description="Key the root bone's location too, from the pose's translation (at rest "
-        "for a pose without one, the model's have none; or on the floor with Keep on Floor)",
+        "for a pose without one, the model's have none; or on the floor with Keep on Floor). "
+        "Lines keyed without it get the root's location keyed at rest, their rotations kept",
         default=False,
     )
     batch_keep_on_floor: bpy.props.BoolProperty(
@@ -126,7 +127,7 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
         description="Key each line's root height so that the body's lowest joint is as high as "
         "at rest, for a pose without a translation or with Translation off; its place across "
         "the floor is the root's at that frame when the run starts. Lines keyed without it are "
-        "keyed again (asked again) when it is turned on",
+        "put on the floor as they are keyed (edits kept), not asked again",
         default=False,
     )
 

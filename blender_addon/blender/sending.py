@@ -17,7 +17,7 @@ from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
-from .batch_store import TakePin, load_record, save_record
+from .batch_store import TakePin, load_record, place_keyed_lines, save_record
 from .posing import pose_channels, root_places
 from .props import history_messages, target_armature, target_problem
 
@@ -140,41 +140,6 @@ def _frames(entries) -> str:
     return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
 
 
-def lines_to_key_again(context: bpy.types.Context) -> int:
-    """How many lines keyed before the next Batch Keyframe asks the service again, their keys
-    replaced, because Translation or Keep on Floor is on and was off when they were keyed; 0
-    when there is no telling now (what stops the batch is said when it runs)."""
-    settings = context.scene.chatpose
-    target = target_armature(context)
-    if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
-        return 0
-    try:
-        numbered, _ = read_batch_lines(context)
-        record = load_record(target)
-        lines = [prompt for _, prompt in numbered]
-        start, step = settings.batch_start, settings.batch_step
-        flagged = record.pending(
-            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
-        )
-        return len(flagged) - len(record.pending(lines, start, step))
-    except (live.UserError, ValueError):
-        return 0
-
-
-def _keyed_without(record, lines: Sequence[str], start: int, step: int, settings) -> str:
-    """The names of the settings (Translation, Keep on Floor) that lines keyed before were
-    keyed without, which makes them pending again now that they are on."""
-    before = len(record.pending(lines, start, step))
-    return " or ".join(
-        name
-        for name, on, flags in (
-            ("Translation", settings.batch_translation, (True, False)),
-            ("Keep on Floor", settings.batch_keep_on_floor, (False, True)),
-        )
-        if on and len(record.pending(lines, start, step, *flags)) > before
-    )
-
-
 def start_batch(context: bpy.types.Context) -> BatchRun:
     """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
     target armature. The returned run is already ended when nothing was pending."""
@@ -215,16 +180,25 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"{_frames(gone)}) are left as they are"
         )
     start, step = settings.batch_start, settings.batch_step
-    pending = record.pending(
-        lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
-    )
-    if keys_location:  # said, as it replaces the rotation keys of those lines
-        without = len(pending) - len(record.pending(lines, start, step))
-        if without:
-            keys_left_note += (
-                f"; {without} line(s) keyed without "
-                f"{_keyed_without(record, lines, start, step, settings)} are keyed again"
-            )
+    pending = record.pending(lines, start, step)
+    # Keyed before without the root's location that Translation or Keep on Floor keys: placed
+    # from their keys once the run starts, not asked again (edits to them are kept).
+    asked = {line.line for line in pending}
+    to_place = [
+        line
+        for line in record.pending(
+            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
+        )
+        if line.line not in asked
+    ]
+    if to_place:
+        keys_left_note += (
+            f"; {len(to_place)} line(s) keyed without Keep on Floor are put on the floor as "
+            "they are keyed"
+            if settings.batch_keep_on_floor
+            else f"; {len(to_place)} line(s) keyed without Translation get the root's location "
+            "keyed at rest"
+        )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
         new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
@@ -257,8 +231,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
-        if gone:
-            save_record(target, record)
+        _save_placed(target, record, to_place, gone, settings)
         feedback.set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
         )
@@ -268,8 +241,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         live.dispatcher().start_batch(service, run)
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
-    if gone:  # not before: a run that did not start would lose the note for the next one
-        save_record(target, record)
+    # Not before: a run that did not start would lose its note and leave keys no undo step has.
+    _save_placed(target, record, to_place, gone, settings)
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
@@ -279,6 +252,21 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     )
     feedback.update_status_bar()
     return run
+
+
+def _save_placed(target, record, to_place, gone, settings) -> None:
+    """Keys the root's location of the lines ``to_place`` (``batch_store.place_keyed_lines``)
+    and saves the record, when that or forgetting the lines ``gone`` changed it."""
+    if to_place:
+        record = place_keyed_lines(
+            target,
+            record,
+            to_place,
+            use_translation=settings.batch_translation,
+            on_floor=settings.batch_keep_on_floor,
+        )
+    if to_place or gone:
+        save_record(target, record)
 
 
 def cancel() -> int:

@@ -18,7 +18,8 @@ of its text (stripped).
   frame changes; its key at the old frame stays (``moved`` names them).
 - So are the settings it was keyed with that key the root's location: Translation
   (``translation``) and Keep on Floor (``on_floor``). A line keyed without one is pending for
-  a run with it on (turned off, nothing is keyed again).
+  a run with it on, which keys its root's location from its keys, not asking again
+  (``blender.batch_store.place_keyed_lines``); turned off, nothing is keyed again.
 
 JSON layout (``version`` 1)::
 

@@ -2097,34 +2097,52 @@ def test_a_take_the_armature_leaves_during_a_batch_gets_its_handles_too(
     assert _handles_settled(curves=take_fcurves(first, slot))
 
 
-def test_a_batch_keyed_without_translation_is_keyed_again_with_it(armature, scripted_service):
+def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it_is_on(
+    armature, scripted_service
+):
     address, backend = scripted_service
     use_service(address)
-    batch_of("walk\nrun")
+    settings = bpy.context.scene.chatpose
+    root = armature.pose.bones["pelvis"]
+    text = batch_of("kneel down low\nsit", step=10)  # frames 1 and 11
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
     assert not [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
-    assert sending.lines_to_key_again(bpy.context) == 0
-    bpy.context.scene.chatpose.batch_translation = True
-    assert sending.lines_to_key_again(bpy.context) == 2  # the button asks first (invoke)
-    # Background Blender shows no dialog: its confirmation runs the batch at once.
-    assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
-    assert "2 line(s) keyed without Translation are keyed again" in live.last_message()[0]
-    drive(idle)
-    assert "all 2 lines keyed" in live.last_message()[0]
-    assert len(backend.items) == 4  # asked again, for the root's location
-    assert [c for c in action_fcurves(armature) if c.data_path.endswith("location")]
-    bpy.context.scene.chatpose.batch_translation = False  # keyed with it: keyed without too
-    bpy.ops.chatpose.batch_keyframe()
-    assert "are keyed on" in live.last_message()[0] and len(backend.items) == 4
+    edited = random_pose(5, translation=False)
+    apply_pose(armature, edited, frame=11)  # the animator reposes the second line by hand
+    root.location = (0.3, 0.0, -0.2)  # and stands the character elsewhere (not keyed)
+    text.write("\nbow")  # a line not keyed yet
 
-    bpy.context.scene.chatpose.batch_keep_on_floor = True  # keyed from the translation alone
-    assert sending.lines_to_key_again(bpy.context) == 2
+    settings.batch_keep_on_floor = True
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    assert "2 line(s) keyed without Keep on Floor are keyed again" in live.last_message()[0]
+    message = live.last_message()[0]
+    assert "1 lines to key" in message and "(2 keyed before)" in message
+    assert "2 line(s) keyed without Keep on Floor are put on the floor as they are keyed" in message
     drive(idle)
-    assert "all 2 lines keyed" in live.last_message()[0]
-    assert len(backend.items) == 6
+    assert "all 3 lines keyed" in live.last_message()[0]
+    assert [item.prompt for item in backend.items[2:]] == ["bow"]  # the others not asked again
+    for frame, pose in ((1, pose_for("kneel down low")), (11, edited), (21, pose_for("bow"))):
+        assert_pose(armature, pose, frame)  # rotations as keyed, the edit kept
+        bpy.context.scene.frame_set(frame)
+        assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+        assert (root.location.x, root.location.z) == pytest.approx((0.3, -0.2))  # its place
+    record = batch_store.load_record(armature)
+    assert all(e.on_floor and not e.translation for e in record.entries)
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert "are keyed on" in live.last_message()[0]  # placed once: nothing to do now
+
+    settings.batch_keep_on_floor, settings.batch_translation = False, True
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert (
+        "3 line(s) keyed without Translation get the root's location keyed at rest"
+        in (live.last_message()[0])
+    )
+    assert len(backend.items) == 3
+    for frame, pose in ((1, pose_for("kneel down low")), (11, edited)):
+        assert_pose(armature, pose, frame)
+        bpy.context.scene.frame_set(frame)
+        assert tuple(root.location) == pytest.approx((0.0, 0.0, 0.0))  # at rest: the origin
+    assert all(e.translation and not e.on_floor for e in batch_store.load_record(armature).entries)
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):

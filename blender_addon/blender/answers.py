@@ -87,6 +87,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         append_history(
             scene,
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
+            job.chat_image,
         )
     # The exchange is a step of its own, before the poses': undoing a pose the animator does
     # not want keeps it, and chat mode's context with it. Pushed once what the answer does is

@@ -17,7 +17,7 @@ from ..core.images import read_reference_image
 from . import feedback, live, local_service, sending
 from .batch_store import clear_record
 from .capture import CaptureError, capture_viewport
-from .props import target_armature, target_problem
+from .props import clear_history, target_armature, target_problem
 
 
 def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
@@ -128,7 +128,7 @@ class CHATPOSE_OT_clear_history(bpy.types.Operator):  # noqa: N801
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        context.scene.chatpose.history.clear()
+        clear_history(context.scene)
         feedback.set_message("Chat history cleared")
         return {"FINISHED"}
 

@@ -35,6 +35,12 @@ class ChatPoseMessage(bpy.types.PropertyGroup):
     text: bpy.props.StringProperty(name="Text")
     attachment: bpy.props.StringProperty(name="Attachment", description="An image sent along")
     poses: bpy.props.IntProperty(name="Poses", description="Poses in the reply", min=0)
+    image: bpy.props.PointerProperty(
+        type=bpy.types.Image,
+        name="Image",
+        description="The image a chat turn sent, packed in the .blend file: it goes again "
+        "with the turns after it",
+    )
 
 
 # Its name in Blender, by which a copy of the add-on finds another copy's (`register`).
@@ -185,15 +191,42 @@ def history_messages(scene: bpy.types.Scene, last: int | None = None) -> list[ch
     history = scene.chatpose.history
     first = 0 if last is None else max(0, len(history) - last)
     return [
-        chat.Message(m.role, m.text, m.attachment, m.poses)
+        chat.Message(m.role, m.text, m.attachment, m.poses, _keeps_image(m))
         for m in (history[i] for i in range(first, len(history)))
     ]
 
 
-def append_history(scene: bpy.types.Scene, messages) -> None:
+def append_history(scene: bpy.types.Scene, messages, image: bytes = b"") -> None:
+    """Adds ``messages`` (an exchange) to the scene's history; ``image`` (PNG or JPEG bytes),
+    sent with its first, is kept with it: packed into the .blend file as a Blender image."""
     for message in messages:
         item = scene.chatpose.history.add()
         item.role = message.role
         item.text = message.text
         item.attachment = message.attachment
         item.poses = message.poses
+        if image:
+            item.image = bpy.data.images.new(f"ChatPose {message.attachment or 'image'}", 1, 1)
+            item.image.pack(data=image, data_len=len(image))
+            item.image.source = "FILE"  # read from the packed bytes, not the 1x1 made here
+            image = b""
+
+
+def _keeps_image(message: ChatPoseMessage) -> bool:
+    # Not its bytes: the panel reads the history on every redraw.
+    return message.image is not None and message.image.packed_file is not None
+
+
+def history_image(message: ChatPoseMessage) -> bytes | None:
+    """The image kept with a history message, or None (none kept, or unpacked since)."""
+    return bytes(message.image.packed_file.data) if _keeps_image(message) else None
+
+
+def clear_history(scene: bpy.types.Scene) -> None:
+    """Forgets the scene's chat history and the images kept with it."""
+    history = scene.chatpose.history
+    kept = {m.image for m in history if m.image is not None}
+    history.clear()
+    for image in kept:
+        if image.users == 0:  # not shown or used elsewhere since
+            bpy.data.images.remove(image)

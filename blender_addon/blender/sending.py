@@ -19,7 +19,7 @@ from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
 from .batch_store import TakePin, load_record, place_keyed_lines, save_record
 from .posing import pose_channels, root_places
-from .props import history_messages, target_armature, target_problem
+from .props import history_image, history_messages, target_armature, target_problem
 
 
 def send_pose(
@@ -39,14 +39,21 @@ def send_pose(
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
-    history = ()
+    history, chat_image, with_image = (), b"", ""
     if settings.chat_mode:
         # The history holds an exchange once its answer is in: a turn sent before would go
         # without the one before it, and the model would answer it blind.
         refuse_chat_turn_yet(scene)
         prefs = get_preferences(context)
         pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
-        history = chat.history_turns(history_messages(scene), max_pairs=pairs)
+        messages = history_messages(scene)
+        history = chat.history_turns(messages, max_pairs=pairs)
+        if images:
+            chat_image = images[0]  # the add-on sends one
+        elif (index := chat.conversation_image(messages, max_pairs=pairs)) is not None:
+            images = [history_image(scene.chatpose.history[index])]
+            attachment = messages[index].attachment or "image"  # shown in the history again
+            with_image = f", with {attachment} of the chat"
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
@@ -65,6 +72,7 @@ def send_pose(
         use_translation=settings.use_translation,
         keep_on_floor=settings.keep_on_floor,
         attachment=attachment,
+        chat_image=chat_image,
         spacing=settings.person_spacing,
     )
     try:
@@ -73,7 +81,7 @@ def send_pose(
         raise live.UserError(f"Not sent: {exc}") from None
     runtime.ensure_timer()
     what = f"'{prompt}'" if prompt else "the image"
-    feedback.set_message(f"Asked the service for {what} ({mode} mode)")
+    feedback.set_message(f"Asked the service for {what} ({mode} mode{with_image})")
     return job
 
 

@@ -9,6 +9,11 @@ In chat mode the earlier exchanges go with the prompt as protocol ``Turn``s, use
 pairs in order (the service wants pairs). Failed exchanges are not sent. The most recent pairs
 are kept within ``max_pairs`` and ``max_chars`` (and the protocol's limits), so that a long
 chat does not overflow the model's context.
+
+The service keeps nothing between requests: a conversation's image goes again with every turn
+(LLaVA puts it in the first user message). A chat turn sent without an image of its own takes
+the newest one of the exchanges kept (``conversation_image``), so that "now raise her left
+arm" still sees the photo it follows up on.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ DEFAULT_MAX_CHARS = 6_000
 class Message:
     role: str
     text: str
-    attachment: str = ""  # e.g. "viewport image", "image: photo.png" (shown, never sent)
+    attachment: str = ""  # e.g. "viewport image", "image: photo.png" (what was sent, named)
     poses: int = 0  # how many poses the reply carried
+    has_image: bool = False  # the image sent with it is kept (chat mode), for later turns
 
 
 def clean_text(text: str, max_chars: int = DEFAULT_LIMITS.max_text_chars) -> str:
@@ -101,6 +107,26 @@ def history_turns(
     for user, assistant in reversed(kept):
         turns += [Turn(USER, user), Turn(ASSISTANT, assistant)]
     return tuple(turns)
+
+
+def conversation_image(
+    messages: Sequence[Message], *, max_pairs: int = DEFAULT_MAX_PAIRS
+) -> int | None:
+    """The index of the user message whose kept image goes with a chat turn that has none of
+    its own: the newest among the last ``max_pairs`` answered exchanges (as ``history_turns``
+    pairs them), an image-only one included. None when none of them kept one."""
+    limit = min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
+    pairs = 0
+    i = len(messages) - 1
+    while i > 0 and pairs < limit:
+        if messages[i].role == ASSISTANT and messages[i - 1].role == USER:
+            if messages[i - 1].has_image:
+                return i - 1
+            pairs += 1
+            i -= 2
+        else:
+            i -= 1
+    return None
 
 
 def wrap(text: str, width: int) -> list[str]:

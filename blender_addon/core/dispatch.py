@@ -47,6 +47,7 @@ class PoseJob:
     use_translation: bool = True  # the poses' own translations, where they have one
     keep_on_floor: bool = False  # the others placed on the floor (blender.posing.placed_on_floor)
     attachment: str = ""  # "viewport image", "image: photo.jpg"
+    chat_image: bytes = b""  # a chat turn's own image, kept in the history for the turns after
     spacing: float = 1.0  # metres between people of one answer
 
 

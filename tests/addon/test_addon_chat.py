@@ -1105,6 +1105,51 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
     )
 
 
+def test_a_chat_turn_without_an_image_sends_the_chat_s_image_again_kept_in_the_file(
+    armature, scripted_service, tmp_path
+):
+    address, backend = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    photo = tmp_path / "ref.png"
+    photo.write_bytes(encode_png(np.full((20, 30, 3), 128)))
+    settings.prompt = "like this"  # pose mode: its image is not kept
+    assert bpy.ops.chatpose.pose_from_image(filepath=str(photo)) == {"FINISHED"}
+    drive(idle)
+    settings.chat_mode, settings.prompt = True, "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert backend.items[-1].images == ()
+    settings.prompt = "copy her pose"
+    assert bpy.ops.chatpose.pose_from_image(filepath=str(photo)) == {"FINISHED"}
+    drive(idle)
+    assert [m.has_image for m in props.history_messages(bpy.context.scene)] == [False] * 4 + [
+        True,
+        False,
+    ]
+    path = str(tmp_path / "chat.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.wm.read_homefile(use_empty=True)  # a new file; the add-on stays enabled
+    bpy.ops.wm.open_mainfile(filepath=path)
+
+    settings = bpy.context.scene.chatpose
+    settings.prompt = "now raise her left arm"
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    assert "(chat mode, with image: ref.png of the chat)" in live.last_message()[0]
+    drive(idle)
+    item = backend.items[-1]
+    assert item.prompt == "now raise her left arm" and item.images == (photo.read_bytes(),)
+    assert [turn.text for turn in item.history][-2] == "copy her pose"
+    follow_up = props.history_messages(bpy.context.scene)[-2]
+    assert follow_up.attachment == "image: ref.png" and not follow_up.has_image  # kept once
+    settings.chat_mode, settings.prompt = False, "bow"  # pose mode sends no history, no image
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert backend.items[-1].images == ()
+    assert bpy.ops.chatpose.clear_history() == {"FINISHED"}
+    assert not [image for image in bpy.data.images if image.name.startswith("ChatPose")]
+
+
 # --- failures -------------------------------------------------------------------------------
 
 

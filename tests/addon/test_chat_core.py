@@ -3,6 +3,7 @@ request bookkeeping. No bpy in this file."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from pathlib import Path
@@ -95,6 +96,24 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
     turns = chat.history_turns(latest_long, max_chars=6000)
     assert [t.text for t in turns] == ["raise the left arm", "ok"]
     assert chat.history_turns(messages, max_pairs=0) == ()
+
+
+def test_a_chat_turn_without_an_image_takes_the_newest_one_of_the_exchanges_kept():
+    def photo(prompt, reply="ok"):
+        user, answer = chat.exchange(prompt, reply, attachment="image: photo.png")
+        return [dataclasses.replace(user, has_image=True), answer]
+
+    messages = [*photo(""), *_history(("now raise her left arm", "Sure, <POSE>."))]
+    assert chat.conversation_image(messages) == 0  # an image-only exchange included
+    messages = [*photo("first"), *photo("second"), *_history(("wave", "ok"))]
+    assert chat.conversation_image(messages) == 2  # the newest
+    assert chat.conversation_image(messages, max_pairs=1) is None  # beyond the kept exchanges
+    assert chat.conversation_image(messages, max_pairs=2) == 2
+    failed = chat.exchange("copy this", "no service", attachment="viewport image", failed=True)
+    unanswered = dataclasses.replace(failed[0], has_image=True)
+    assert chat.conversation_image([unanswered, failed[1]]) is None  # never answered
+    assert chat.conversation_image([unanswered]) is None
+    assert chat.conversation_image(_history(("a", "A"), ("b", "B"))) is None
 
 
 def test_clean_text_keeps_blender_strings_safe():

@@ -148,6 +148,19 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
             return False
         return super().poll(context)
 
+    def invoke(self, context, event):
+        replaced = sending.location_keys_to_replace(context)
+        if not replaced:
+            return self.execute(context)
+        return context.window_manager.invoke_confirm(
+            self,
+            event,
+            title="Replace Root Location Keys?",
+            message=replaced,
+            confirm_text="Batch Keyframe",
+            icon="WARNING",
+        )
+
     def execute(self, context):
         return _run(self, sending.start_batch, context)
 

@@ -332,9 +332,17 @@ def read_pose(obj: bpy.types.Object, frame: float | None = None) -> Pose:
 
 
 def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Pose]:
-    """``read_pose`` at each of ``frames`` (None: the one current pose). Each channel's curve is
-    evaluated at every frame in one go and the rotations converted together, so a long take
-    exports without a freeze."""
+    """``read_pose`` at each of ``frames`` (None: the one current pose)."""
+    axis_angles, translations = read_pose_arrays(obj, frames)
+    return [Pose(a, t) for a, t in zip(axis_angles, translations, strict=True)]
+
+
+def read_pose_arrays(
+    obj: bpy.types.Object, frames: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``read_poses`` as arrays: (N, 24, 3) axis-angles, (N, 3) translations. Each channel's
+    curve is evaluated at every frame in one go and the rotations converted together, so a
+    long take exports without a freeze."""
     fcurves = fcurve_map(obj) if frames is not None else {}
     pbones = obj.pose.bones
     names = bone_names(obj)
@@ -355,4 +363,24 @@ def read_poses(obj: bpy.types.Object, frames: Sequence[float] | None) -> list[Po
     translations = translation_from_root_location(
         locations, rig.location_frame, rig.units_per_metre
     )
-    return [Pose(a, t) for a, t in zip(axis_angle, translations, strict=True)]
+    return axis_angle, translations
+
+
+def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
+    """(N,) whether the root's location has a key, on any axis, at each scene frame."""
+    path = bone_data_path(bone_names(obj)[0], "location")
+    fcurves = fcurve_map(obj)
+    times = np.array([action_time(obj, frame) for frame in frames], dtype=np.float64)
+    keyed = np.zeros(len(times), dtype=bool)
+    for k in range(3):
+        curve = fcurves.get((path, k))
+        points = curve.keyframe_points if curve is not None else ()
+        if not len(points):
+            continue
+        co = np.empty(2 * len(points), dtype=np.float32)
+        points.foreach_get("co", co)
+        key_times = np.sort(co[0::2].astype(np.float64))
+        # The first key from just before each time on: keyed there when it is that close.
+        at = np.minimum(np.searchsorted(key_times, times - 1e-3), len(key_times) - 1)
+        keyed |= np.abs(key_times[at] - times) < 1e-3
+    return keyed

@@ -83,8 +83,9 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     )
     keep_on_floor: bpy.props.BoolProperty(
         name="Keep on Floor",
-        description="Set the root bone's height so that the body's lowest joint is as high as "
-        "at rest, for a pose without a translation or with Translation off (the model's have "
+        description="Set the root bone's height so that the body's lowest point is on the "
+        "floor, where its soles are at rest, for a pose without a translation or with "
+        "Translation off (the model's have "
         "none: a kneeling answer would float at standing height); its place across the floor "
         "is kept, and the root's location is keyed with the pose",
         default=False,
@@ -130,10 +131,11 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
     )
     batch_keep_on_floor: bpy.props.BoolProperty(
         name="Keep on Floor",
-        description="Key each line's root height so that the body's lowest joint is as high as "
-        "at rest, for a pose without a translation or with Translation off; its place across "
-        "the floor is the root's at that frame when the run starts. Lines keyed without it are "
-        "put on the floor as they are keyed (edits kept), not asked again",
+        description="Key each line's root height so that the body's lowest point is on the "
+        "floor, where its soles are at rest, for a pose without a translation or with "
+        "Translation off; its place across the floor is the root's at that frame when the run "
+        "starts. Lines keyed without it are put on the floor as they are keyed (their "
+        "rotations, edits included, kept), not asked again",
         default=False,
     )
 

@@ -13,12 +13,13 @@ from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_bat
 
 from ..core import chat
 from ..core.batch_plan import BatchRun, check_lines
+from ..core.batch_record import BatchRecord, PendingLine
 from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
 from .batch_store import TakePin, load_record, place_keyed_lines, save_record
-from .posing import pose_channels, root_places
+from .posing import location_keyed_at, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
 
 
@@ -189,23 +190,14 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         )
     start, step = settings.batch_start, settings.batch_step
     pending = record.pending(lines, start, step)
-    # Keyed before without the root's location that Translation or Keep on Floor keys: placed
-    # from their keys once the run starts, not asked again (edits to them are kept).
-    asked = {line.line for line in pending}
-    to_place = [
-        line
-        for line in record.pending(
-            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
-        )
-        if line.line not in asked
-    ]
+    to_place, to_record = _keyed_to_place(record, lines, settings)
     if to_place:
         keys_left_note += (
-            f"; {len(to_place)} line(s) keyed without Keep on Floor are put on the floor as "
-            "they are keyed"
+            f"; {len(to_place)} line(s) keyed before without Keep on Floor are put on the floor "
+            "as they are keyed"
             if settings.batch_keep_on_floor
-            else f"; {len(to_place)} line(s) keyed without Translation get the root's location "
-            "keyed at rest"
+            else f"; {len(to_place)} line(s) keyed before without Translation get the root's "
+            "location keyed at rest"
         )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
@@ -239,7 +231,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
-        _save_placed(target, record, to_place, gone, settings)
+        _save_placed(target, record, to_place, to_record, gone, settings)
         feedback.set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
         )
@@ -250,7 +242,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
-    _save_placed(target, record, to_place, gone, settings)
+    _save_placed(target, record, to_place, to_record, gone, settings)
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
@@ -262,18 +254,80 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     return run
 
 
-def _save_placed(target, record, to_place, gone, settings) -> None:
-    """Keys the root's location of the lines ``to_place`` (``batch_store.place_keyed_lines``)
-    and saves the record, when that or forgetting the lines ``gone`` changed it."""
+def _keyed_to_place(
+    record: BatchRecord, lines: Sequence[str], settings
+) -> tuple[list[PendingLine], list[PendingLine]]:
+    """The lines keyed before (at their frames, with their texts) without the root's location
+    that Translation or Keep on Floor, now on, keys: not asked again, but ``to_place`` from
+    their keys (``batch_store.place_keyed_lines``); ``to_record``, on the floor already when
+    Translation is turned on too, only recorded with it."""
+    start, step = settings.batch_start, settings.batch_step
+    asked = {line.line for line in record.pending(lines, start, step)}
+    lacking = [
+        line
+        for line in record.pending(
+            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
+        )
+        if line.line not in asked
+    ]
+    if not settings.batch_keep_on_floor:
+        return lacking, []
+    on_floor = [record.entry(line.line).on_floor for line in lacking]
+    return (
+        [line for line, placed in zip(lacking, on_floor, strict=True) if not placed],
+        [line for line, placed in zip(lacking, on_floor, strict=True) if placed],
+    )
+
+
+def location_keys_to_replace(context: bpy.types.Context) -> str:
+    """What Batch Keyframe asks before it runs: the lines keyed before without the root's
+    location whose frames hold a root location key of the animator's, which placing them for
+    Translation or Keep on Floor replaces; "" when none (or when there is no telling now:
+    what stops the batch is said when it runs)."""
+    settings = context.scene.chatpose
+    target = target_armature(context)
+    if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
+        return ""
+    try:
+        numbered, _ = read_batch_lines(context)
+        record = load_record(target)
+        to_place, _ = _keyed_to_place(record, [prompt for _, prompt in numbered], settings)
+    except (live.UserError, ValueError):
+        return ""
+    bare = [  # keyed with neither: any location key there is not the batch's
+        line.frame
+        for line in to_place
+        if not (record.entry(line.line).translation or record.entry(line.line).on_floor)
+    ]
+    count = int(location_keyed_at(target, bare).sum()) if bare else 0
+    if not count:
+        return ""
+    if settings.batch_keep_on_floor:
+        return (
+            f"{count} line(s) keyed before have root location keys of their own at their "
+            "frames: Keep on Floor sets their height to the floor's (their rotations and place "
+            "across the floor are kept)"
+        )
+    return (
+        f"{count} line(s) keyed before have root location keys of their own at their frames: "
+        "Translation replaces them with the rest location (their rotations are kept)"
+    )
+
+
+def _save_placed(target, record, to_place, to_record, gone, settings) -> None:
+    """Keys the root's location of the lines ``to_place`` (``batch_store.place_keyed_lines``),
+    records those and ``to_record`` with the settings, and saves the record, when that or
+    forgetting the lines ``gone`` changed it."""
+    translation, on_floor = settings.batch_translation, settings.batch_keep_on_floor
     if to_place:
         record = place_keyed_lines(
-            target,
-            record,
-            to_place,
-            use_translation=settings.batch_translation,
-            on_floor=settings.batch_keep_on_floor,
+            target, record, to_place, use_translation=translation, on_floor=on_floor
         )
-    if to_place or gone:
+    if to_record:
+        record = record.recorded_lines(
+            ((line.line, line.text, line.frame) for line in to_record), translation, on_floor
+        )
+    if to_place or to_record or gone:
         save_record(target, record)
 
 

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared_protocol.pose import SOLE_DEPTH
-from shared_protocol.skeleton import JOINT_NAMES, NUM_JOINTS, PARENTS
+from shared_protocol.skeleton import (
+    DEFAULT_REST_JOINTS,
+    JOINT_NAMES,
+    NUM_JOINTS,
+    PARENTS,
+    SMPL_TO_BLENDER,
+    forward_kinematics,
+)
 
 # Radius (metres) of the segment from a joint to its children, by joint.
 SEGMENT_RADIUS = {
@@ -150,6 +157,23 @@ def _pieces(heads: np.ndarray):
                 (FOOT_LENGTH, FOOT_RADIUS) if name.endswith("foot") else (HAND_LENGTH, HAND_RADIUS)
             )
             yield i, head, head + length * d, radius
+
+
+def lowest_point(axis_angle, rest_joints=None) -> np.ndarray:
+    """(..., 24, 3) SMPL axis-angle -> (...) the height (SMPL frame, metres) of the posed
+    mannequin's lowest point, for a body with ``rest_joints`` (24, 3) (None: the built-in
+    skeleton's) at the origin: each capsule turned and moved with its bone, as the mesh is
+    skinned, its lowest point its lower end less its radius. At rest, the soles."""
+    rest = DEFAULT_REST_JOINTS if rest_joints is None else np.asarray(rest_joints, np.float64)
+    pieces = list(_pieces(rest @ SMPL_TO_BLENDER.T))  # built in armature space
+    bones = np.array([bone for bone, *_ in pieces])
+    ends = np.array([(p0, p1) for _, p0, p1, _ in pieces]) @ SMPL_TO_BLENDER  # (P, 2, 3), SMPL
+    radii = np.array([radius for *_, radius in pieces])
+    positions, rotations = forward_kinematics(axis_angle, rest)
+    from_bone = ends - rest[bones][:, None, :]  # each end in its bone's rest frame
+    posed = np.einsum("...pij,pkj->...pki", rotations[..., bones, :, :], from_bone)
+    heights = posed[..., 1] + positions[..., bones, 1][..., None]  # (..., P, 2)
+    return (heights.min(axis=-1) - radii).min(axis=-1)
 
 
 def mannequin_mesh(heads, segments: int = 12, rings: int = 4) -> MeshData:

@@ -31,6 +31,7 @@ from shared_protocol.rotations import (
 )
 from shared_protocol.skeleton import NUM_JOINTS, SMPL_TO_BLENDER, forward_kinematics
 
+from .mannequin import lowest_point
 from .rig_spec import SMPL_BONE_REST
 
 _C = SMPL_TO_BLENDER
@@ -102,15 +103,14 @@ def _location_frame(location_frame) -> np.ndarray:
 
 def floor_translation(axis_angle, rest_joints=None, translation=None) -> np.ndarray:
     """(..., 24, 3) SMPL axis-angle -> (..., 3) translations (SMPL frame, metres) that keep a
-    posed body on the floor it stands on at rest: the pelvis's height set so that the lowest
-    joint is as high as the lowest joint at rest. Its place across the floor is
+    posed body on the floor it stands on at rest: the pelvis's height set so that the body's
+    lowest point is as high as at rest, its soles. Its place across the floor is
     ``translation``'s (..., 3), whose height is replaced (None: the pelvis's rest place). The
     model's poses carry no translation, so a kneeling or sitting answer would float at
-    standing height. Joints, not the body's surface: a body lying down sinks a few
-    centimetres."""
-    positions, _ = forward_kinematics(axis_angle, rest_joints)
-    rest, _ = forward_kinematics(np.zeros((NUM_JOINTS, 3)), rest_joints)
-    height = rest[..., 1].min(axis=-1) - positions[..., 1].min(axis=-1)
+    standing height. The body is the mannequin's (``mannequin.lowest_point``): a body lying
+    on its back rests on its back, not on its spine's joints."""
+    zero = np.zeros((NUM_JOINTS, 3))
+    height = lowest_point(zero, rest_joints) - lowest_point(axis_angle, rest_joints)
     across = np.zeros(3) if translation is None else np.asarray(translation, dtype=np.float64)
     placed = np.array(
         np.broadcast_to(across, (*np.broadcast_shapes(height.shape, across.shape[:-1]), 3))

@@ -30,12 +30,12 @@ from blender_addon.blender import (
     sending,
 )
 from blender_addon.blender.anim import action_fcurves
-from blender_addon.blender.armature import create_smpl_armature
+from blender_addon.blender.armature import create_smpl_armature, rest_joints
 from blender_addon.blender.capture import CaptureError, capture_viewport, render_camera_snapshot
 from blender_addon.blender.keyframes import key_poses, keyed_frames
 from blender_addon.blender.live import UserError
 from blender_addon.blender.posing import apply_pose, read_pose
-from blender_addon.core import batch_plan, batch_record, chat
+from blender_addon.core import batch_plan, batch_record, chat, mannequin
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
@@ -317,14 +317,12 @@ def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scr
     assert [[tuple(p.co) for p in c.keyframe_points] for c in location] == path
 
 
-def _lowest_head(obj) -> float:
-    """The height of the armature's lowest bone head as posed now (world space)."""
-    bpy.context.view_layer.update()
-    return min((obj.matrix_world @ bone.head).z for bone in obj.pose.bones)
-
-
-def _lowest_rest_head(obj) -> float:
-    return min((obj.matrix_world @ bone.head_local).z for bone in obj.data.bones)
+def _above_floor(obj) -> float:
+    """How far the body's lowest point (the mannequin's surface) is above its floor, where its
+    soles are at rest, as the armature is posed now (metres)."""
+    pose, rest = read_pose(obj), rest_joints(obj)
+    posed = mannequin.lowest_point(pose.axis_angle, rest) + pose.translation[1]
+    return posed - mannequin.lowest_point(np.zeros((24, 3)), rest)
 
 
 def test_keep_on_floor_puts_a_kneeling_answer_on_the_floor_where_the_character_is(
@@ -340,7 +338,7 @@ def test_keep_on_floor_puts_a_kneeling_answer_on_the_floor_where_the_character_i
     settings.prompt = prompt
     bpy.ops.chatpose.send()
     drive(idle)
-    floating = _lowest_head(armature) - _lowest_rest_head(armature)
+    floating = _above_floor(armature)
     assert abs(floating) > 0.05  # the answer alone leaves the body off the floor
     assert tuple(root.location) == pytest.approx((0.3, 0.0, -0.2))
 
@@ -349,7 +347,7 @@ def test_keep_on_floor_puts_a_kneeling_answer_on_the_floor_where_the_character_i
     bpy.ops.chatpose.send()
     drive(idle)
     assert_pose(armature, pose_for(prompt))
-    assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+    assert _above_floor(armature) == pytest.approx(0.0, abs=1e-5)
     assert (root.location.x, root.location.z) == pytest.approx((0.3, -0.2))  # same place
     assert root.location.y == pytest.approx(-floating, abs=1e-5)
     location = [c for c in action_fcurves(armature) if c.data_path.endswith(".location")]
@@ -392,7 +390,7 @@ def test_a_batch_with_keep_on_floor_keys_each_line_on_the_floor_along_the_root_s
     assert "all 5 lines keyed" in live.last_message()[0]
     for frame, x in zip(frames, path, strict=True):
         bpy.context.scene.frame_set(frame)
-        assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+        assert _above_floor(armature) == pytest.approx(0.0, abs=1e-5)
         assert root.location.x == pytest.approx(x, abs=1e-5)
     record = batch_store.load_record(armature)
     assert all(e.on_floor and not e.translation for e in record.entries)  # keyed on the floor
@@ -518,7 +516,7 @@ def test_keep_on_floor_places_each_person_where_that_person_stands(armature, scr
     drive(idle)
     assert "keyed at frame 7" in live.last_message()[0]
     for obj in (armature, second):
-        assert _lowest_head(obj) == pytest.approx(_lowest_rest_head(obj), abs=1e-5), obj.name
+        assert _above_floor(obj) == pytest.approx(0.0, abs=1e-5), obj.name
     root = second.pose.bones["pelvis"]
     assert (root.location.x, root.location.z) == pytest.approx((there[0], there[2]))
 
@@ -569,7 +567,7 @@ def test_a_person_whose_root_location_is_locked_leaves_the_others_on_the_floor(
     message = live.last_message()[0]
     assert "'SMPL.person2' not put on the floor (Keep on Floor): " in message
     assert "'SMPL' not put" not in message
-    assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+    assert _above_floor(armature) == pytest.approx(0.0, abs=1e-5)
     assert_pose(second, pose_for(prompt), frame=1)  # keyed all the same, off the floor
 
 
@@ -2159,35 +2157,67 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     text.write("\nbow")  # a line not keyed yet
 
     settings.batch_keep_on_floor = True
-    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert sending.location_keys_to_replace(bpy.context) == ""  # none of the animator's
+    assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
     message = live.last_message()[0]
     assert "1 lines to key" in message and "(2 keyed before)" in message
-    assert "2 line(s) keyed without Keep on Floor are put on the floor as they are keyed" in message
+    assert "2 line(s) keyed before without Keep on Floor are put on the floor as they" in message
     drive(idle)
     assert "all 3 lines keyed" in live.last_message()[0]
     assert [item.prompt for item in backend.items[2:]] == ["bow"]  # the others not asked again
     for frame, pose in ((1, pose_for("kneel down low")), (11, edited), (21, pose_for("bow"))):
         assert_pose(armature, pose, frame)  # rotations as keyed, the edit kept
         bpy.context.scene.frame_set(frame)
-        assert _lowest_head(armature) == pytest.approx(_lowest_rest_head(armature), abs=1e-5)
+        assert _above_floor(armature) == pytest.approx(0.0, abs=1e-5)
         assert (root.location.x, root.location.z) == pytest.approx((0.3, -0.2))  # its place
     record = batch_store.load_record(armature)
     assert all(e.on_floor and not e.translation for e in record.entries)
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     assert "are keyed on" in live.last_message()[0]  # placed once: nothing to do now
 
-    settings.batch_keep_on_floor, settings.batch_translation = False, True
+    bpy.context.scene.frame_set(11)
+    root.location.y += 0.5  # a jump, keyed by hand
+    root.keyframe_insert("location", frame=11)
+    settings.batch_translation = True  # on the floor already: only recorded with it
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
-    assert (
-        "3 line(s) keyed without Translation get the root's location keyed at rest"
-        in (live.last_message()[0])
+    assert "put on the floor" not in live.last_message()[0] and len(backend.items) == 3
+    assert batch_store.load_record(armature).pending(["kneel down low", "sit", "bow"], 1, 10) == []
+    assert all(e.on_floor and e.translation for e in batch_store.load_record(armature).entries)
+    bpy.context.scene.frame_set(1)
+    bpy.context.scene.frame_set(11)
+    assert _above_floor(armature) == pytest.approx(0.5, abs=1e-5)  # the jump kept
+
+
+def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_keys(
+    armature, scripted_service
+):
+    address, backend = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    root = armature.pose.bones["pelvis"]
+    batch_of("walk\nrun\nbow", step=10)  # frames 1, 11 and 21
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    root.location = (1.0, 0.0, 2.0)
+    root.keyframe_insert("location", frame=11)  # the animator's own place for the second line
+    settings.batch_translation = True
+    assert sending.location_keys_to_replace(bpy.context) == (
+        "1 line(s) keyed before have root location keys of their own at their frames: "
+        "Translation replaces them with the rest location (their rotations are kept)"
     )
-    assert len(backend.items) == 3
-    for frame, pose in ((1, pose_for("kneel down low")), (11, edited)):
-        assert_pose(armature, pose, frame)
+    # Background Blender shows no dialog: its confirmation runs the batch at once.
+    assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
+    message = live.last_message()[0]
+    assert "3 line(s) keyed before without Translation get the root's location keyed at rest" in (
+        message
+    )
+    assert len(backend.items) == 3  # nothing asked again
+    for frame, prompt in ((1, "walk"), (11, "run"), (21, "bow")):
+        assert_pose(armature, pose_for(prompt), frame)
         bpy.context.scene.frame_set(frame)
         assert tuple(root.location) == pytest.approx((0.0, 0.0, 0.0))  # at rest: the origin
     assert all(e.translation and not e.on_floor for e in batch_store.load_record(armature).entries)
+    assert sending.location_keys_to_replace(bpy.context) == ""
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):

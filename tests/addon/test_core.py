@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from blender_addon.core import mannequin, netpolicy, paths, posing, rig_spec, smpl_model, timeline
+from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import (
     DEFAULT_REST_JOINTS,
@@ -175,24 +176,51 @@ def test_general_formula_reproduces_forward_kinematics(limb_aligned):
             np.testing.assert_allclose(posing.translation_from_root_location(loc, frame), t)
 
 
-def test_floor_translation_keeps_the_lowest_joint_where_it_is_at_rest():
-    rest_low = DEFAULT_REST_JOINTS[:, 1].min()
-    assert np.all(posing.floor_translation(np.zeros((24, 3))) == 0)  # standing: unchanged
+def _kneel() -> np.ndarray:
     kneel = np.zeros((24, 3))
     kneel[[1, 2], 0] = -1.5  # hips flexed
     kneel[[4, 5], 0] = 1.6  # knees bent
-    poses = np.stack([kneel, random_pose(7), np.zeros((24, 3))])
+    return kneel
+
+
+def _lying_on_the_side() -> np.ndarray:
+    side = np.zeros((24, 3))
+    side[0, 2] = np.pi / 2
+    return side
+
+
+def test_the_mannequin_s_lowest_point_is_its_mesh_s_posed_as_the_rig_skins_it():
+    rest = DEFAULT_REST_JOINTS
+    fine = mannequin.mannequin_mesh(rest @ SMPL_TO_BLENDER.T, segments=96, rings=24)
+    vertices = fine.vertices @ SMPL_TO_BLENDER  # back to the SMPL frame
+    bone = fine.weights.argmax(axis=1)  # rigid skinning: one bone a vertex
+    for pose in (np.zeros((24, 3)), _kneel(), _lying_on_the_side(), random_pose(7)):
+        positions, rotations = forward_kinematics(pose)
+        posed = np.einsum("vij,vj->vi", rotations[bone], vertices - rest[bone]) + positions[bone]
+        assert mannequin.lowest_point(pose) == pytest.approx(posed[:, 1].min(), abs=5e-4)
+    assert mannequin.lowest_point(np.zeros((24, 3))) == pytest.approx(
+        rest[:, 1].min() - SOLE_DEPTH  # at rest: the soles, below the feet joints
+    )
+
+
+def test_floor_translation_puts_the_body_s_lowest_point_where_its_soles_are_at_rest():
+    assert np.all(posing.floor_translation(np.zeros((24, 3))) == 0)  # standing: unchanged
+    poses = np.stack([_kneel(), _lying_on_the_side(), random_pose(7), np.zeros((24, 3))])
     translation = posing.floor_translation(poses)
-    assert translation.shape == (3, 3)
+    assert translation.shape == (4, 3)
     assert np.all(translation[:, [0, 2]] == 0)  # straight down or up: no sideways move
     assert translation[0, 1] < -0.3  # the kneeling body comes down
-    positions, _ = forward_kinematics(poses, translation=translation)
-    np.testing.assert_allclose(positions[..., 1].min(axis=-1), rest_low, atol=1e-12)
+    soles = mannequin.lowest_point(np.zeros((24, 3)))
+    np.testing.assert_allclose(mannequin.lowest_point(poses) + translation[:, 1], soles)
+    # Lying on its side, it rests on its shoulder and hip, not on their joints: those stay
+    # above the floor by more than the soles' depth below the feet joints.
+    positions, _ = forward_kinematics(poses[1], translation=translation[1])
+    assert positions[:, 1].min() - soles > SOLE_DEPTH + 0.02
     taller = 1.2 * DEFAULT_REST_JOINTS  # someone else's skeleton: their own rest floor
-    positions, _ = forward_kinematics(
-        kneel, taller, translation=posing.floor_translation(kneel, taller)
+    kneel = posing.floor_translation(_kneel(), taller)
+    assert mannequin.lowest_point(_kneel(), taller) + kneel[1] == pytest.approx(
+        mannequin.lowest_point(np.zeros((24, 3)), taller)
     )
-    assert positions[:, 1].min() == pytest.approx(taller[:, 1].min(), abs=1e-12)
 
 
 def test_expected_heads_go_through_matrix_world():

@@ -84,10 +84,11 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     job, poses = outcome.job, outcome.poses
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
+        again = job.image_again and find(bpy.data.images, *job.image_again)
         append_history(
             scene,
             chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
-            job.chat_image,
+            job.chat_image or again,
         )
     # The exchange is a step of its own, before the poses': undoing a pose the animator does
     # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
@@ -200,6 +201,11 @@ def _pose_failed(outcome: PoseFailed) -> None:
     message = outcome.message + _why_unreachable(outcome.code)
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
+    if job.image_again and message.startswith((job.attachment, "images")):
+        message += (
+            f" ({job.attachment} is the chat's image, sent again with every chat turn: Clear "
+            "History, or pose mode, to go on without it)"
+        )
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(

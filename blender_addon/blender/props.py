@@ -198,20 +198,25 @@ def history_messages(scene: bpy.types.Scene, last: int | None = None) -> list[ch
     ]
 
 
-def append_history(scene: bpy.types.Scene, messages, image: bytes = b"") -> None:
-    """Adds ``messages`` (an exchange) to the scene's history; ``image`` (PNG or JPEG bytes),
-    sent with its first, is kept with it: packed into the .blend file as a Blender image."""
+def append_history(
+    scene: bpy.types.Scene, messages, image: bytes | bpy.types.Image | None = None
+) -> None:
+    """Adds ``messages`` (an exchange) to the scene's history; ``image``, sent with its
+    first, is kept with it: PNG or JPEG bytes packed into the .blend file as a Blender image,
+    or the history's image that was sent again."""
     for message in messages:
         item = scene.chatpose.history.add()
         item.role = message.role
         item.text = message.text
         item.attachment = message.attachment
         item.poses = message.poses
-        if image:
+        if isinstance(image, bytes) and image:
             item.image = bpy.data.images.new(f"ChatPose {message.attachment or 'image'}", 1, 1)
             item.image.pack(data=image, data_len=len(image))
             item.image.source = "FILE"  # read from the packed bytes, not the 1x1 made here
-            image = b""
+        elif isinstance(image, bpy.types.Image):
+            item.image = image
+        image = None
 
 
 def _keeps_image(message: ChatPoseMessage) -> bool:

@@ -40,7 +40,7 @@ def send_pose(
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
-    history, chat_image, with_image = (), b"", ""
+    history, chat_image, image_again, with_image = (), b"", None, ""
     if settings.chat_mode:
         # The history holds an exchange once its answer is in: a turn sent before would go
         # without the one before it, and the model would answer it blind.
@@ -52,9 +52,18 @@ def send_pose(
         if images:
             chat_image = images[0]  # the add-on sends one
         elif (index := chat.conversation_image(messages, max_pairs=pairs)) is not None:
-            images = [history_image(scene.chatpose.history[index])]
-            attachment = messages[index].attachment or "image"  # shown in the history again
-            with_image = f", with {attachment} of the chat"
+            label = messages[index].attachment or "image"
+            if messages[index].has_image:
+                message = scene.chatpose.history[index]
+                images = [history_image(message)]
+                image_again = (message.image.name, message.image.session_uid)
+                attachment = label  # shown in the history again
+                with_image = f", with {label} of the chat"
+            else:
+                with_image = (
+                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked since): "
+                    "attach it again for the model to see it"
+                )
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
@@ -74,6 +83,7 @@ def send_pose(
         keep_on_floor=settings.keep_on_floor,
         attachment=attachment,
         chat_image=chat_image,
+        image_again=image_again,
         spacing=settings.person_spacing,
     )
     try:

@@ -13,7 +13,8 @@ chat does not overflow the model's context.
 The service keeps nothing between requests: a conversation's image goes again with every turn
 (LLaVA puts it in the first user message). A chat turn sent without an image of its own takes
 the newest one of the exchanges kept (``conversation_image``), so that "now raise her left
-arm" still sees the photo it follows up on.
+arm" still sees the photo it follows up on; its exchange keeps it too, so the photo goes on
+with the turns after it.
 """
 
 from __future__ import annotations
@@ -112,15 +113,18 @@ def history_turns(
 def conversation_image(
     messages: Sequence[Message], *, max_pairs: int = DEFAULT_MAX_PAIRS
 ) -> int | None:
-    """The index of the user message whose kept image goes with a chat turn that has none of
-    its own: the newest among the last ``max_pairs`` answered exchanges (as ``history_turns``
-    pairs them), an image-only one included. None when none of them kept one."""
+    """The index of the user message whose image goes with a chat turn that has none of its
+    own: the newest that sent one among the last ``max_pairs`` answered exchanges (as
+    ``history_turns`` pairs them), an image-only one included; None when none of them sent
+    one. Its ``has_image`` says whether the image is kept: one that is not (sent in pose mode,
+    unpacked since) is not made up for with an older one, which the latest turns are not
+    about."""
     limit = min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
     pairs = 0
     i = len(messages) - 1
     while i > 0 and pairs < limit:
         if messages[i].role == ASSISTANT and messages[i - 1].role == USER:
-            if messages[i - 1].has_image:
+            if messages[i - 1].has_image or messages[i - 1].attachment:
                 return i - 1
             pairs += 1
             i -= 2

@@ -5,6 +5,7 @@ chatpose-serve with the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import socket
@@ -1131,21 +1132,63 @@ def test_a_chat_turn_without_an_image_sends_the_chat_s_image_again_kept_in_the_f
     bpy.ops.wm.open_mainfile(filepath=path)
 
     settings = bpy.context.scene.chatpose
-    settings.prompt = "now raise her left arm"
-    assert bpy.ops.chatpose.send() == {"FINISHED"}
-    assert "(chat mode, with image: ref.png of the chat)" in live.last_message()[0]
-    drive(idle)
-    item = backend.items[-1]
-    assert item.prompt == "now raise her left arm" and item.images == (photo.read_bytes(),)
-    assert [turn.text for turn in item.history][-2] == "copy her pose"
+    preferences.get_preferences().history_pairs = 1  # the context: the last exchange alone
+    for prompt in ("now raise her left arm", "and lower it"):  # the photo goes on with them
+        settings.prompt = prompt
+        assert bpy.ops.chatpose.send() == {"FINISHED"}
+        assert "(chat mode, with image: ref.png of the chat)" in live.last_message()[0]
+        drive(idle)
+        item = backend.items[-1]
+        assert item.prompt == prompt and item.images == (photo.read_bytes(),)
+    assert [turn.text for turn in item.history][0] == "now raise her left arm"
     follow_up = props.history_messages(bpy.context.scene)[-2]
-    assert follow_up.attachment == "image: ref.png" and not follow_up.has_image  # kept once
-    settings.chat_mode, settings.prompt = False, "bow"  # pose mode sends no history, no image
-    bpy.ops.chatpose.send()
+    assert follow_up.attachment == "image: ref.png" and follow_up.has_image
+    assert len({m.image for m in settings.history if m.image is not None}) == 1  # packed once
+
+    other = tmp_path / "boxer.png"
+    other.write_bytes(encode_png(np.full((20, 30, 3), 60)))
+    settings.chat_mode, settings.prompt = False, "like him"  # the newest image, not kept
+    assert bpy.ops.chatpose.pose_from_image(filepath=str(other)) == {"FINISHED"}
     drive(idle)
-    assert backend.items[-1].images == ()
+    settings.chat_mode, settings.prompt = True, "now sit"
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    assert "the chat's image: boxer.png is not kept (sent in pose mode" in live.last_message()[0]
+    drive(idle)
+    assert backend.items[-1].images == ()  # not the older photo, which the chat is no longer on
     assert bpy.ops.chatpose.clear_history() == {"FINISHED"}
     assert not [image for image in bpy.data.images if image.name.startswith("ChatPose")]
+
+
+def test_a_refused_image_sent_again_says_it_is_the_chat_s_and_how_to_go_on(armature, tmp_path):
+    import threading
+
+    from inference_service.server import Server
+
+    backend = ScriptedBackend()
+    text_only = dataclasses.replace(backend.info, supports_images=False, max_images=0)
+    server = Server(backend, text_only, "tcp://127.0.0.1:*", max_batch=4, max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        use_service(server.address)
+        scene = bpy.context.scene
+        photo = encode_png(np.full((20, 30, 3), 128))  # kept by an earlier service's chat
+        props.append_history(
+            scene, chat.exchange("copy her", "Sure, <POSE>.", attachment="image: ref.png"), photo
+        )
+        scene.chatpose.chat_mode, scene.chatpose.prompt = True, "now raise her left arm"
+        bpy.ops.chatpose.send()
+        drive(idle)
+        message = live.last_message()[0]
+        assert message.startswith("Request failed (unsupported_input): images: ")
+        assert message.endswith(
+            "(image: ref.png is the chat's image, sent again with every chat turn: Clear "
+            "History, or pose mode, to go on without it)"
+        )
+    finally:
+        backend.release()
+        server.stop()
+        thread.join(5)
 
 
 # --- failures -------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def test_a_chat_turn_without_an_image_takes_the_newest_one_of_the_exchanges_kept
     assert chat.conversation_image(messages) == 2  # the newest
     assert chat.conversation_image(messages, max_pairs=1) is None  # beyond the kept exchanges
     assert chat.conversation_image(messages, max_pairs=2) == 2
+    # The newest image not kept (sent in pose mode): that one, not an older one.
+    not_kept = [*photo("first"), *chat.exchange("like him", "ok", attachment="image: b.png")]
+    assert chat.conversation_image(not_kept) == 2 and not not_kept[2].has_image
     failed = chat.exchange("copy this", "no service", attachment="viewport image", failed=True)
     unanswered = dataclasses.replace(failed[0], has_image=True)
     assert chat.conversation_image([unanswered, failed[1]]) is None  # never answered

@@ -87,13 +87,16 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
         row.prop(settings, "keep_on_floor")
         layout.prop(settings, "person_spacing")
 
-        waiting = live.pending_jobs()
+        waiting = live.pending_requests()
         if waiting:
             box = layout.box()
-            for job in waiting[-3:]:
+            for request_id, job in waiting[-3:]:
                 what = job.prompt or job.attachment or "image"
-                box.label(text=f"Waiting: {what[:60]}", icon="SORTTIME")
-            box.operator("chatpose.cancel", icon="CANCEL")
+                row = box.row()
+                row.label(text=f"Waiting: {what[:60]}", icon="SORTTIME")
+                row.operator("chatpose.cancel_request", text="", icon="X").request_id = request_id
+            label = "Cancel All" if len(waiting) > 1 else "Cancel"
+            box.operator("chatpose.cancel", text=label, icon="CANCEL")
 
         width = _chars_per_line(context)
         shown = settings.history_lines  # each message is a line at least

@@ -182,6 +182,20 @@ class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
+class CHATPOSE_OT_cancel_request(bpy.types.Operator):  # noqa: N801
+    """Stop this request: its prompt comes back to the prompt field, the others go on"""
+
+    bl_idname = "chatpose.cancel_request"
+    bl_label = "Cancel Request"
+
+    request_id: bpy.props.StringProperty(options={"HIDDEN", "SKIP_SAVE"})
+
+    def execute(self, context):
+        if not sending.cancel_request(self.request_id):
+            self.report({"INFO"}, "That request is no longer waiting")
+        return {"FINISHED"}
+
+
 class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa: N801
     """Forget which batch lines are keyed in the target armature's action: the next batch keys
     them all again (the keys themselves stay)"""
@@ -298,6 +312,7 @@ CLASSES = (
     CHATPOSE_OT_clear_history,
     CHATPOSE_OT_batch_keyframe,
     CHATPOSE_OT_cancel,
+    CHATPOSE_OT_cancel_request,
     CHATPOSE_OT_clear_batch_record,
     CHATPOSE_OT_service_start,
     CHATPOSE_OT_service_stop,

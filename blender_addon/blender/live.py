@@ -87,6 +87,10 @@ def pending_jobs() -> list[PoseJob]:
     return state.dispatcher.pending_jobs() if state.dispatcher is not None else []
 
 
+def pending_requests() -> list[tuple[str, PoseJob]]:
+    return state.dispatcher.pending_requests() if state.dispatcher is not None else []
+
+
 def busy() -> bool:
     d = state.dispatcher
     return bool(d is not None and (d.busy or d.batch_running)) or bool(state.backlog)

@@ -341,6 +341,17 @@ def _save_placed(target, record, to_place, to_record, gone, settings) -> None:
         save_record(target, record)
 
 
+def cancel_request(request_id: str) -> bool:
+    """Cancels one waiting pose request (the panel's button beside it); False when it is no
+    longer waiting."""
+    d = live.state.dispatcher
+    job = d.cancel_request(request_id) if d is not None else None
+    if job is None:
+        return False
+    feedback.set_message(f"Cancelling {(job.prompt or job.attachment or 'the request')[:60]!r}...")
+    return True
+
+
 def cancel() -> int:
     """Cancels the running batch and the pose requests in flight; how many were cancelled."""
     d = live.state.dispatcher

@@ -227,7 +227,20 @@ class Dispatcher:
 
     def pending_jobs(self) -> list[PoseJob]:
         """Pose requests still waiting for an answer, oldest first."""
-        return [job for job in self._jobs.values() if isinstance(job, PoseJob)]
+        return [job for _, job in self.pending_requests()]
+
+    def pending_requests(self) -> list[tuple[str, PoseJob]]:
+        """``pending_jobs`` with their request ids (for ``cancel_request``)."""
+        return [(rid, job) for rid, job in self._jobs.items() if isinstance(job, PoseJob)]
+
+    def cancel_request(self, request_id: str) -> PoseJob | None:
+        """Asks the service to stop one pose request, whose ``cancelled`` failure comes as
+        any other; its job, or None when it is no longer waiting (answered meanwhile)."""
+        job = self._jobs.get(request_id)
+        if not isinstance(job, PoseJob) or self._session is None:
+            return None
+        self._session.cancel(request_id)
+        return job
 
     def status_in_flight(self, *, probe: bool | None = None) -> bool:
         return any(

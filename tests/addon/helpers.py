@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import bpy
 import numpy as np
 from mathutils import Euler, Matrix
@@ -56,6 +58,7 @@ class FakeLayout:
 
     def operator(self, idname, **_):
         self.calls.append(("operator", idname))
+        return types.SimpleNamespace()  # the button's operator properties, which draw may set
 
     def prop(self, data, name, **_):
         rna = getattr(data, "bl_rna", None)

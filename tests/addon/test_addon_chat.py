@@ -794,6 +794,38 @@ def test_the_user_s_own_cancel_is_no_error_and_gives_the_prompt_back(armature, s
     assert bpy.context.scene.chatpose.prompt == "never mind"  # to send again
 
 
+def test_one_waiting_request_is_cancelled_from_its_row_and_the_other_goes_on(
+    armature, scripted_service
+):
+    _, backend = _send_while_held(scripted_service, "never mind")
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    [(first_id, first), (second_id, second)] = live.pending_requests()
+    assert (first.prompt, second.prompt) == ("never mind", "wave")
+    calls = draw_panels([panel.VIEW3D_PT_chatpose_chat], bpy.context)
+    assert calls.count(("operator", "chatpose.cancel_request")) == 2  # a button a row
+    assert ("operator", "chatpose.cancel") in calls  # and Cancel All
+
+    assert bpy.ops.chatpose.cancel_request(request_id=first_id) == {"FINISHED"}
+    assert live.last_message()[0] == "Cancelling 'never mind'..."
+    drive(lambda: live.last_message()[0].startswith("Cancelled"))
+    assert [job.prompt for job in live.pending_jobs()] == ["wave"]  # still asked
+    backend.release()
+    drive(idle)
+    history = props.history_messages(bpy.context.scene)
+    assert [(m.role, m.text) for m in history] == [
+        ("user", "never mind"),
+        ("error", "cancelled by the client"),
+        ("user", "wave"),
+        ("assistant", "Sure, it is <POSE>. (wave)"),
+    ]
+    assert_pose(armature, pose_for("wave"))
+    assert bpy.context.scene.chatpose.prompt == "never mind"  # to send again
+    message = live.last_message()
+    assert bpy.ops.chatpose.cancel_request(request_id=second_id) == {"FINISHED"}  # answered
+    assert live.last_message() == message  # nothing cancelled, nothing said in the panel
+
+
 def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
     address, backend = _send_while_held(scripted_service)
     use_service(f"tcp://127.0.0.1:{free_port()}")

@@ -161,17 +161,24 @@ def place_keyed_lines(
     if not lines:
         return record
     frames = [line.frame for line in lines]
-    if on_floor:  # each place: the root's at its frame
-        axis_angles, places = read_pose_arrays(obj, frames)
-        translations = floor_translation(axis_angles, rest_joints(obj), places)
-    else:
-        translations = np.zeros((len(lines), 3))
+    translations = placed_translations(obj, frames, on_floor=on_floor)
     rig = rig_geometry(obj)
     locations = root_location(translations, rig.location_frame, rig.units_per_metre)
     write_keys(obj, pose_channels(obj, True)[-3:], frames, locations.T)
     return record.recorded_lines(
         ((line.line, line.text, line.frame) for line in lines), use_translation, on_floor
     )
+
+
+def placed_translations(
+    obj: bpy.types.Object, frames: Sequence[int], *, on_floor: bool
+) -> np.ndarray:
+    """(N, 3) the translations ``place_keyed_lines`` keys at ``frames``: on the floor from
+    the poses keyed there, each at the root's place there; else at rest."""
+    if not on_floor:
+        return np.zeros((len(frames), 3))
+    axis_angles, places = read_pose_arrays(obj, frames)
+    return floor_translation(axis_angles, rest_joints(obj), places)
 
 
 def _save_added(obj: bpy.types.Object, before: BatchRecord, record: BatchRecord, lines) -> None:

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Sequence
 
 import bpy
+import numpy as np
 
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 
@@ -18,7 +19,13 @@ from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
-from .batch_store import TakePin, load_record, place_keyed_lines, save_record
+from .batch_store import (
+    TakePin,
+    load_record,
+    place_keyed_lines,
+    placed_translations,
+    save_record,
+)
 from .posing import location_keyed_at, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
 
@@ -291,9 +298,10 @@ def _keyed_to_place(
 
 def location_keys_to_replace(context: bpy.types.Context) -> str:
     """What Batch Keyframe asks before it runs: the lines keyed before without the root's
-    location whose frames hold a root location key of the animator's, which placing them for
-    Translation or Keep on Floor replaces; "" when none (or when there is no telling now:
-    what stops the batch is said when it runs)."""
+    location that Translation or Keep on Floor now keys whose frames hold a root location key
+    (the animator's, or one keyed for the other setting, edited since or not) that placing
+    them changes; "" when none (or when there is no telling now: what stops the batch is said
+    when it runs)."""
     settings = context.scene.chatpose
     target = target_armature(context)
     if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
@@ -304,23 +312,24 @@ def location_keys_to_replace(context: bpy.types.Context) -> str:
         to_place, _ = _keyed_to_place(record, [prompt for _, prompt in numbered], settings)
     except (live.UserError, ValueError):
         return ""
-    bare = [  # keyed with neither: any location key there is not the batch's
-        line.frame
-        for line in to_place
-        if not (record.entry(line.line).translation or record.entry(line.line).on_floor)
-    ]
-    count = int(location_keyed_at(target, bare).sum()) if bare else 0
+    frames = np.array([line.frame for line in to_place], dtype=np.int64)
+    keyed = frames[location_keyed_at(target, frames)] if len(frames) else frames
+    if not len(keyed):
+        return ""
+    on_floor = settings.batch_keep_on_floor
+    placed = placed_translations(target, keyed, on_floor=on_floor)
+    count = int((np.abs(placed - root_places(target, keyed)).max(axis=1) > 1e-4).sum())
     if not count:
         return ""
-    if settings.batch_keep_on_floor:
+    if on_floor:
         return (
-            f"{count} line(s) keyed before have root location keys of their own at their "
-            "frames: Keep on Floor sets their height to the floor's (their rotations and place "
+            f"{count} line(s) keyed before have root location keys at their frames that Keep "
+            "on Floor changes: it sets their height to the floor's (their rotations and place "
             "across the floor are kept)"
         )
     return (
-        f"{count} line(s) keyed before have root location keys of their own at their frames: "
-        "Translation replaces them with the rest location (their rotations are kept)"
+        f"{count} line(s) keyed before have root location keys at their frames that "
+        "Translation replaces with the rest location (their rotations are kept)"
     )
 
 

@@ -2262,6 +2262,15 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     bpy.context.scene.frame_set(11)
     assert _above_floor(armature) == pytest.approx(0.5, abs=1e-5)  # the jump kept
 
+    settings.batch_keep_on_floor = False
+    bpy.ops.chatpose.clear_batch_record()
+    batch_store.save_record(  # keyed on the floor, not with Translation
+        armature, batch_store.load_record(armature).recorded_lines([(1, "sit", 11)], False, True)
+    )
+    assert sending.location_keys_to_replace(bpy.context).startswith(
+        "1 line(s) keyed before have root location keys at their frames that Translation "
+    )  # the jump, keyed by hand on a line placed before
+
 
 def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_keys(
     armature, scripted_service
@@ -2277,8 +2286,8 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
     root.keyframe_insert("location", frame=11)  # the animator's own place for the second line
     settings.batch_translation = True
     assert sending.location_keys_to_replace(bpy.context) == (
-        "1 line(s) keyed before have root location keys of their own at their frames: "
-        "Translation replaces them with the rest location (their rotations are kept)"
+        "1 line(s) keyed before have root location keys at their frames that Translation "
+        "replaces with the rest location (their rotations are kept)"
     )
     # Background Blender shows no dialog: its confirmation runs the batch at once.
     assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}

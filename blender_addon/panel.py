@@ -95,7 +95,9 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
                 row = box.row()
                 row.label(text=f"Waiting: {what[:60]}", icon="SORTTIME")
                 row.operator("chatpose.cancel_request", text="", icon="X").request_id = request_id
-            label = "Cancel All" if len(waiting) > 1 else "Cancel"
+            batch = live.current_batch()
+            batch_running = batch is not None and not batch.closed  # Cancel stops it too
+            label = "Cancel All" if len(waiting) > 1 or batch_running else "Cancel"
             box.operator("chatpose.cancel", text=label, icon="CANCEL")
 
         width = _chars_per_line(context)

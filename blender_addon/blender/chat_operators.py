@@ -183,7 +183,8 @@ class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
 
 
 class CHATPOSE_OT_cancel_request(bpy.types.Operator):  # noqa: N801
-    """Stop this request: its prompt comes back to the prompt field, the others go on"""
+    """Stop this request: its prompt comes back to the prompt field where that is empty, the
+    others go on"""
 
     bl_idname = "chatpose.cancel_request"
     bl_label = "Cancel Request"

@@ -46,8 +46,9 @@ class FakeLayout:
     """Stands in for UILayout in draw tests: records operators, properties and labels, and
     checks that every property drawn exists on its data."""
 
-    def __init__(self, calls: list):
+    def __init__(self, calls: list, buttons: list | None = None):
         self.calls = calls
+        self.buttons = [] if buttons is None else buttons  # (idname, text, properties)
         self.enabled = True
         self.active = True
 
@@ -56,9 +57,11 @@ class FakeLayout:
 
     column = row = box = split = column_flow = grid_flow = _child
 
-    def operator(self, idname, **_):
+    def operator(self, idname, **kwargs):
         self.calls.append(("operator", idname))
-        return types.SimpleNamespace()  # the button's operator properties, which draw may set
+        properties = types.SimpleNamespace()  # the button's, which draw may set
+        self.buttons.append((idname, kwargs.get("text"), properties))
+        return properties
 
     def prop(self, data, name, **_):
         rna = getattr(data, "bl_rna", None)
@@ -89,11 +92,12 @@ def linked_from_library(datablock, library):
     return getattr(target, data)[0]
 
 
-def draw_panels(panels, context) -> list:
-    """Draws each panel class with a FakeLayout; the calls of all of them, in order."""
+def draw_panels(panels, context, buttons: list | None = None) -> list:
+    """Draws each panel class with a FakeLayout; the calls of all of them, in order. With
+    ``buttons``, each operator button drawn is added to it: (idname, text, its properties)."""
     calls: list = []
     for cls in panels:
-        cls.draw(type("P", (), {"layout": FakeLayout(calls)})(), context)
+        cls.draw(type("P", (), {"layout": FakeLayout(calls, buttons)})(), context)
     return calls
 
 

@@ -802,9 +802,11 @@ def test_one_waiting_request_is_cancelled_from_its_row_and_the_other_goes_on(
     bpy.ops.chatpose.send()
     [(first_id, first), (second_id, second)] = live.pending_requests()
     assert (first.prompt, second.prompt) == ("never mind", "wave")
-    calls = draw_panels([panel.VIEW3D_PT_chatpose_chat], bpy.context)
-    assert calls.count(("operator", "chatpose.cancel_request")) == 2  # a button a row
-    assert ("operator", "chatpose.cancel") in calls  # and Cancel All
+    assert _cancel_buttons() == [  # a button a row, and Cancel All
+        ("chatpose.cancel_request", "", {"request_id": first_id}),
+        ("chatpose.cancel_request", "", {"request_id": second_id}),
+        ("chatpose.cancel", "Cancel All", {}),
+    ]
 
     assert bpy.ops.chatpose.cancel_request(request_id=first_id) == {"FINISHED"}
     assert live.last_message()[0] == "Cancelling 'never mind'..."
@@ -824,6 +826,23 @@ def test_one_waiting_request_is_cancelled_from_its_row_and_the_other_goes_on(
     message = live.last_message()
     assert bpy.ops.chatpose.cancel_request(request_id=second_id) == {"FINISHED"}  # answered
     assert live.last_message() == message  # nothing cancelled, nothing said in the panel
+
+    backend.hold()
+    bpy.context.scene.chatpose.prompt = "sit"
+    bpy.ops.chatpose.send()
+    assert _cancel_buttons()[-1] == ("chatpose.cancel", "Cancel", {})  # one request: its own
+    batch_of("bow", start=30)
+    bpy.ops.chatpose.batch_keyframe()
+    assert _cancel_buttons()[-1] == ("chatpose.cancel", "Cancel All", {})  # the batch too
+    backend.release()
+    drive(idle)
+
+
+def _cancel_buttons() -> list:
+    """The chat panel's cancel buttons: (operator, text, the properties set on it)."""
+    buttons: list = []
+    draw_panels([panel.VIEW3D_PT_chatpose_chat], bpy.context, buttons)
+    return [(op, text, vars(props)) for op, text, props in buttons if "cancel" in op]
 
 
 def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):

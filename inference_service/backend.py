@@ -75,4 +75,6 @@ class ModelBackend:
         reply = self.model.chat(
             item.prompt, item.images, paired_turns(item.history), self.max_new_tokens, stop=stop
         )
-        return Answer(reply.text, tuple(Pose(pose) for pose in reply.poses), reply.truncated)
+        poses = tuple(Pose(pose) for pose in reply.poses)
+        # The protocol counts turns; the model, exchanges of two.
+        return Answer(reply.text, poses, reply.truncated, 2 * reply.history_left_out)

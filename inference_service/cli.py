@@ -803,7 +803,7 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
         answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
     except ChatPoseError as exc:  # what the service would reply
         return ErrorReply(LOCAL_ID, "pose", exc.code, str(exc))
-    return PoseReply(LOCAL_ID, answer.text, answer.poses, answer.truncated)
+    return PoseReply(LOCAL_ID, answer.text, answer.poses, answer.truncated, answer.history_left_out)
 
 
 def _read_image(path: Path) -> bytes:

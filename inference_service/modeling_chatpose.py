@@ -130,6 +130,7 @@ class ChatReply:
     text: str
     poses: list[np.ndarray]  # each (24, 3) axis-angle; index 0 the global orientation
     truncated: bool = False  # cut at max_new_tokens before the model ended it
+    history_left_out: int = 0  # exchanges of the history left out to fit the context
 
 
 class _StopWhen(StoppingCriteria):
@@ -420,7 +421,8 @@ class ChatPoseModel:
         for index, turn in enumerate(history):  # named as the request's turns are numbered
             self._check_text(turn.user, f"history[{2 * index}].text")
             self._check_text(turn.assistant, f"history[{2 * index + 1}].text")
-        history = self.fitting_history(prompt, history, decoded, max_new_tokens)
+        fitting = self.fitting_history(prompt, history, decoded, max_new_tokens)
+        left_out, history = len(history) - len(fitting), fitting
         text = build_prompt(
             self.template,
             prompt,
@@ -444,12 +446,12 @@ class ChatPoseModel:
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
         if stop is not None and stop():  # cancelled: no pass over the prompt for its poses
-            return ChatReply(self._render(generated.tolist()), [])
+            return ChatReply(self._render(generated.tolist()), [], history_left_out=left_out)
         states = self._reply_pose_states(inputs, generated)
         poses = self._poses(states) if len(states) else []
         ended = len(generated) and int(generated[-1]) in self._end_token_ids()
         truncated = len(generated) >= max_new_tokens and not ended
-        return ChatReply(self._render(generated.tolist()), poses, truncated)
+        return ChatReply(self._render(generated.tolist()), poses, truncated, left_out)
 
     def _end_token_ids(self) -> set[int]:
         """The tokens that end a reply: the tokenizer's end of sequence, and the generation

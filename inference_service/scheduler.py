@@ -65,6 +65,7 @@ class Answer:
     text: str
     poses: tuple[Pose, ...]
     truncated: bool = False  # a chat reply cut at the service's --max-new-tokens
+    history_left_out: int = 0  # turns of the history left out to fit the model's context
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,13 @@ class Scheduler:
         if request.op == "pose":
             self._requests.pop(request.key, None)
             request.ended = True
-            reply = PoseReply(request.request_id, answer.text, answer.poses, answer.truncated)
+            reply = PoseReply(
+                request.request_id,
+                answer.text,
+                answer.poses,
+                answer.truncated,
+                answer.history_left_out,
+            )
             self._send(request.client, reply)
             return
         reply = BatchItemReply(

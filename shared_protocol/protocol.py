@@ -316,20 +316,26 @@ class StatusReply:
 class PoseReply:
     """The answer to a PoseRequest: one pose per person; none is valid (chat mode).
     `truncated`: a chat reply cut at the service's limit of new tokens, not ended by the model
-    (written only when true)."""
+    (written only when true). `history_left_out`: how many of the request's oldest history
+    turns the model did not see, to fit its context (written only when not 0)."""
 
     op: ClassVar[str] = "pose"
     id: str
     text: str
     poses: tuple[Pose, ...] = ()
     truncated: bool = False
+    history_left_out: int = 0
 
     def __post_init__(self) -> None:
         _freeze(self, "poses")
 
     def _body(self) -> dict:
         body = {"ok": True, "text": self.text, "poses": _poses_out(self.poses)}
-        return {**body, "truncated": True} if self.truncated else body
+        if self.truncated:
+            body["truncated"] = True
+        if self.history_left_out:
+            body["history_left_out"] = self.history_left_out
+        return body
 
 
 @dataclass(frozen=True)
@@ -797,7 +803,10 @@ def _decode_status_reply(header, rid, images, limits) -> StatusReply:
 def _decode_pose_reply(header, rid, images, limits) -> PoseReply:
     text = header.get("text", _string, max_chars=limits.max_text_chars)
     truncated = header.get("truncated", _boolean, default=False)
-    return PoseReply(rid, text, _poses(header, limits), truncated)
+    left_out = header.get(
+        "history_left_out", _integer, default=0, lo=0, hi=limits.max_history_turns
+    )
+    return PoseReply(rid, text, _poses(header, limits), truncated, left_out)
 
 
 def _batch_total(header: _Fields, limits: Limits) -> int:

@@ -100,6 +100,7 @@ REPLIES = [
     PoseReply("r2", "Two people: one waving, one sitting.", (pose(2), pose(3, None, False))),
     PoseReply("r3", "Just chatting, no pose."),
     PoseReply("r4", "Let me think about how a tired person", truncated=True),
+    PoseReply("r5", "Sitting, as before.", (pose(5),), history_left_out=6),
     BatchItemReply("b1", 2, 3, "jump", (pose(4, "jump"),)),
     BatchItemReply("b1", 0, 1, "", ()),
     BatchDoneReply("b1", 3, 2),
@@ -136,6 +137,16 @@ def test_truncated_is_written_only_when_true_and_checked():
     header["truncated"] = "yes"
     with pytest.raises(ProtocolError, match="truncated: must be true or false, got 'yes'"):
         decode_reply([json.dumps(header).encode()])
+
+
+def test_history_left_out_is_written_only_when_some_were_and_checked():
+    assert "history_left_out" not in json.loads(encode_reply(PoseReply("r", "done."))[0])
+    header = json.loads(encode_reply(PoseReply("r", "ok", history_left_out=4))[0])
+    assert header["history_left_out"] == 4
+    for bad, said in ((-2, "history_left_out: "), (65, "history_left_out: "), (True, "integer")):
+        header["history_left_out"] = bad
+        with pytest.raises(ProtocolError, match=said):
+            decode_reply([json.dumps(header).encode()])
 
 
 def test_round_trip_keeps_poses_exact_and_typed():

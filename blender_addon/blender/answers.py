@@ -81,13 +81,14 @@ def apply_outcome(outcome) -> None:
 
 
 def _pose_answered(outcome: PoseAnswered) -> None:
-    job, poses = outcome.job, outcome.poses
+    job, reply = outcome.job, outcome.reply
+    poses = reply.poses
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         again = job.image_again and find(bpy.data.images, *job.image_again)
         append_history(
             scene,
-            chat.exchange(job.prompt, outcome.text, attachment=job.attachment, poses=len(poses)),
+            chat.exchange(job.prompt, reply.text, attachment=job.attachment, poses=len(poses)),
             job.chat_image or again,
         )
     # The exchange is a step of its own, before the poses': undoing a pose the animator does
@@ -97,12 +98,18 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     cut = (
         "; the reply was cut at the service's limit of new tokens (chatpose-serve "
         "--max-new-tokens), before the model ended it"
-        if outcome.truncated
+        if reply.truncated
+        else ""
+    )
+    unseen = (  # the model answered without them: said, not alarmed (a long chat's rule)
+        f"; the model did not see the chat's {reply.history_left_out // 2} oldest exchange(s) "
+        "sent, which with the reply would not fit its context"
+        if reply.history_left_out
         else ""
     )
     if not poses:
         chat_step()  # else the next undo would take the reply away
-        text = f"Reply without a pose: {chat.clean_text(outcome.text)[:120]}{cut}"
+        text = f"Reply without a pose: {chat.clean_text(reply.text)[:120]}{cut}{unseen}"
         feedback.notify(text, "WARNING" if cut else "INFO")
         return
     try:
@@ -171,7 +178,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         level = "WARNING"
     if cut:
         text, level = text + cut, "WARNING"
-    feedback.notify(text, level)
+    feedback.notify(text + unseen, level)
 
 
 def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:

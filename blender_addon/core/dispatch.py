@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
-from shared_protocol.protocol import ErrorCode, StatusReply, Turn
+from shared_protocol.protocol import ErrorCode, PoseReply, StatusReply, Turn
 
 from .batch_plan import BatchRun
 from .batch_record import PendingLine
@@ -60,9 +60,7 @@ class StatusJob:
 @dataclass(frozen=True)
 class PoseAnswered:
     job: PoseJob
-    text: str
-    poses: tuple[Pose, ...]
-    truncated: bool = False  # cut at the service's --max-new-tokens
+    reply: PoseReply  # its text, poses, and what the service says of them
 
 
 @dataclass(frozen=True)
@@ -296,7 +294,7 @@ class Dispatcher:
         if isinstance(job, PoseJob):
             self._jobs.pop(event.request_id, None)
             if isinstance(event, PoseResult):
-                return [PoseAnswered(job, event.text, event.poses, event.truncated)]
+                return [PoseAnswered(job, event.reply)]
             if isinstance(event, RequestFailed):
                 return [PoseFailed(job, event.code, event.message)]
             return []

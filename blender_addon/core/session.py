@@ -54,9 +54,7 @@ from shared_protocol.protocol import (
 @dataclass(frozen=True)
 class PoseResult:
     request_id: str
-    text: str
-    poses: tuple[Pose, ...]
-    truncated: bool = False  # cut at the service's --max-new-tokens
+    reply: PoseReply
 
 
 @dataclass(frozen=True)
@@ -230,7 +228,7 @@ class Session:
         match reply:
             case PoseReply():
                 self._in_flight.pop(reply.id)
-                return [PoseResult(reply.id, reply.text, reply.poses, reply.truncated)]
+                return [PoseResult(reply.id, reply)]
             case StatusReply():
                 self._in_flight.pop(reply.id)
                 return [StatusResult(reply.id, reply)]

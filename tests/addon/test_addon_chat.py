@@ -187,6 +187,29 @@ def test_a_reply_cut_at_the_service_s_token_limit_says_so(armature, scripted_ser
     )
 
 
+def test_a_chat_whose_oldest_exchanges_the_model_did_not_see_says_so(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    backend.context_turns = 2  # the model reads the last exchange of the history alone
+    settings = bpy.context.scene.chatpose
+    settings.chat_mode = True
+    for prompt in ("wave", "sit", "now bow"):
+        settings.prompt = prompt
+        bpy.ops.chatpose.send()
+        drive(idle)
+    message, level = live.last_message()
+    assert len(backend.items[-1].history) == 4
+    assert message.endswith(
+        "; the model did not see the chat's 1 oldest exchange(s) sent, which with the reply "
+        "would not fit its context"
+    )
+    assert level == "INFO"  # a long chat's rule, not a fault
+    settings.chat_mode, settings.prompt = False, "jump"  # pose mode: no history, no note
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "did not see" not in live.last_message()[0]
+
+
 def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scripted_service):
     _, backend = _send_while_held(scripted_service, "how would a tired person stand?")
     settings = bpy.context.scene.chatpose

@@ -50,6 +50,7 @@ from shared_protocol.protocol import (
     JPEG_MAGIC,
     PNG_MAGIC,
     ErrorCode,
+    PoseReply,
     StatusReply,
     Turn,
 )
@@ -500,12 +501,12 @@ def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
     assert session.sent[0] == (pose_id, "pose", "wave", (b"img",), history, "pose")
     assert dispatcher.pending_jobs() == [JOB] and dispatcher.status_in_flight(probe=True)
     session.events = [
-        PoseResult(pose_id, "Sure.", (POSE, POSE)),
+        PoseResult(pose_id, PoseReply(pose_id, "Sure.", (POSE, POSE))),
         StatusResult(status_id, STATUS),
-        PoseResult("someone-else", "x", ()),
+        PoseResult("someone-else", PoseReply("someone-else", "x")),
     ]
     outcomes = dispatcher.tick()
-    assert outcomes[0] == PoseAnswered(JOB, "Sure.", (POSE, POSE))
+    assert outcomes[0] == PoseAnswered(JOB, PoseReply(pose_id, "Sure.", (POSE, POSE)))
     assert isinstance(outcomes[1], StatusAnswered) and outcomes[1].job.probe
     assert len(outcomes) == 2 and dispatcher.pending_jobs() == []
 
@@ -541,7 +542,7 @@ def test_a_new_address_gets_a_new_session_only_when_idle(dispatcher, made):
     dispatcher.tick()
     dispatcher.send_pose(Service("tcp://127.0.0.1:2", 7.0), JOB)
     assert len(made) == 2 and made[0].closed and made[1].timeout_s == 7.0
-    made[1].events = [PoseResult(made[1].sent[0][0], "", (POSE,))]
+    made[1].events = [PoseResult(made[1].sent[0][0], PoseReply("r", "", (POSE,)))]
     dispatcher.tick()
     keys = ClientCurveKeys(Path("me.key_secret"), Path("server.key"))
     dispatcher.send_pose(Service("tcp://127.0.0.1:2", 7.0, keys), JOB)  # the same address

@@ -85,12 +85,16 @@ class ScriptedBackend(Holdable):
         self._enter(len(items))
         return [self._run(item) for item in items]
 
+    context_turns: int | None = None  # set: a chat's history past it is left out, as a model's
+
     def answer_chat(self, item: WorkItem, stop=None) -> Answer:
         self._enter(1)
         if "ramble" in item.prompt:
             return Answer("Well, a tired person would first", (), truncated=True)
         answer = self._run(item)
-        return Answer(f"Here you go: {answer.text}", answer.poses * 2)
+        seen = len(item.history) if self.context_turns is None else self.context_turns
+        left_out = max(0, len(item.history) - seen)
+        return Answer(f"Here you go: {answer.text}", answer.poses * 2, history_left_out=left_out)
 
 
 class HeldModelBackend(Holdable):

@@ -22,7 +22,7 @@ from inference_service import serve
 from inference_service.backend import ModelBackend, paired_turns
 from inference_service.errors import UnsupportedInputError
 from inference_service.keys import make_keys
-from inference_service.modeling_chatpose import PosePrompt
+from inference_service.modeling_chatpose import ChatReply, PosePrompt
 from inference_service.scheduler import WorkItem
 from inference_service.server import Server
 from shared_protocol.client import Client
@@ -93,6 +93,14 @@ def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):
     assert backend.info.model == "tiny" and backend.info.device == "cpu"
     assert ModelBackend(tiny_model, "caf\udce9").info.model == "caf\\udce9"  # a Latin-1 name
     assert backend.info.dtype == "float32" and backend.info.max_images == 1
+
+
+def test_a_chat_answer_counts_the_history_left_out_in_turns(backend, tiny_model, monkeypatch):
+    reply = ChatReply("Sure.", [], history_left_out=3)  # the model counts exchanges
+    monkeypatch.setattr(tiny_model, "chat", lambda *args, **kwargs: reply)
+    history = (Turn("user", "sit"), Turn("assistant", "ok")) * 4
+    answer = backend.answer_chat(WorkItem("now stand", history=history, mode="chat"))
+    assert answer.history_left_out == 6  # the protocol, turns
 
 
 @pytest.fixture(scope="module")

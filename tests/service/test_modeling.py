@@ -406,7 +406,7 @@ def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model
     assert 0 < len(kept) < len(history)
     assert list(kept) == history[len(history) - len(kept) :]  # the latest turns, in order
     said = f"the {len(kept)} latest of 12 earlier exchanges fit this model's context of"
-    assert said in caplog.text  # in the service's log: the client never sees the cut
+    assert said in caplog.text  # in the service's log, and in the reply (below)
 
     def length(turns):
         text = build_prompt(tiny_model.template, "Now sit.", turns, "", "<POSE>")
@@ -422,6 +422,7 @@ def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model
     )
     assert force.start == length(kept)  # the prompt generate was given
     assert reply.text == "Sure, it is <POSE>." and len(reply.poses) == 1
+    assert reply.history_left_out == len(history) - len(kept)  # exchanges: the client is told
 
 
 def test_a_chat_message_longer_than_the_context_is_a_typed_error(tiny_model):

@@ -96,7 +96,7 @@ def test_pose_status_and_batch(address):
     status_id = session.request_status()
     events = run_until(session, lambda es: final_for(pose_id)(es) and final_for(status_id)(es))
     [result] = [e for e in events if isinstance(e, PoseResult)]
-    assert result.poses == (pose_for("wave"),)
+    assert result.reply.poses == (pose_for("wave"),)
     assert [e.status.model for e in events if isinstance(e, StatusResult)] == ["scripted"]
 
     batch_id = session.request_batch(["a", "bb", "ccc"])
@@ -210,7 +210,7 @@ def test_a_stuck_service_times_out_and_the_next_request_still_works(address, bac
     session.timeout_s = TIMEOUT_S
     again = session.request_pose("quick")
     events = run_until(session, final_for(again))
-    assert [e.poses for e in events if isinstance(e, PoseResult)] == [(pose_for("quick"),)]
+    assert [e.reply.poses for e in events if isinstance(e, PoseResult)] == [(pose_for("quick"),)]
     session.close()
 
 

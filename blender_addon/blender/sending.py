@@ -68,8 +68,8 @@ def send_pose(
                 with_image = f", with {label} of the chat"
             else:
                 with_image = (
-                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked since): "
-                    "attach it again for the model to see it"
+                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
+                    "removed since): attach it again for the model to see it"
                 )
     frame = None
     if settings.insert_keyframe:

@@ -95,9 +95,8 @@ class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801
                 row = box.row()
                 row.label(text=f"Waiting: {what[:60]}", icon="SORTTIME")
                 row.operator("chatpose.cancel_request", text="", icon="X").request_id = request_id
-            batch = live.current_batch()
-            batch_running = batch is not None and not batch.closed  # Cancel stops it too
-            label = "Cancel All" if len(waiting) > 1 or batch_running else "Cancel"
+            several = len(waiting) > 1 or live.batch_running()  # Cancel stops a batch too
+            label = "Cancel All" if several else "Cancel"
             box.operator("chatpose.cancel", text=label, icon="CANCEL")
 
         width = _chars_per_line(context)

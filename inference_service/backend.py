@@ -76,5 +76,4 @@ class ModelBackend:
             item.prompt, item.images, paired_turns(item.history), self.max_new_tokens, stop=stop
         )
         poses = tuple(Pose(pose) for pose in reply.poses)
-        # The protocol counts turns; the model, exchanges of two.
-        return Answer(reply.text, poses, reply.truncated, 2 * reply.history_left_out)
+        return Answer(reply.text, poses, reply.truncated, 2 * reply.exchanges_left_out)

@@ -130,7 +130,7 @@ class ChatReply:
     text: str
     poses: list[np.ndarray]  # each (24, 3) axis-angle; index 0 the global orientation
     truncated: bool = False  # cut at max_new_tokens before the model ended it
-    history_left_out: int = 0  # exchanges of the history left out to fit the context
+    exchanges_left_out: int = 0  # exchanges of the history left out to fit the context
 
 
 class _StopWhen(StoppingCriteria):
@@ -446,7 +446,7 @@ class ChatPoseModel:
             )
         generated = output.sequences[0, inputs["input_ids"].shape[1] :]
         if stop is not None and stop():  # cancelled: no pass over the prompt for its poses
-            return ChatReply(self._render(generated.tolist()), [], history_left_out=left_out)
+            return ChatReply(self._render(generated.tolist()), [], exchanges_left_out=left_out)
         states = self._reply_pose_states(inputs, generated)
         poses = self._poses(states) if len(states) else []
         ended = len(generated) and int(generated[-1]) in self._end_token_ids()

@@ -30,7 +30,7 @@ from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
 from .posing import auto_key_options, placed_on_floor
-from .props import append_history
+from .props import append_history, pack_chat_image
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,14 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     poses = reply.poses
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
-        again = job.image_again and find(bpy.data.images, *job.image_again)
+        if job.chat_image:
+            image = pack_chat_image(job.chat_image, job.attachment)
+        else:  # the chat's image, sent again (None: removed since)
+            image = job.resent_image and find(bpy.data.images, *job.resent_image)
         append_history(
             scene,
             chat.exchange(job.prompt, reply.text, attachment=job.attachment, poses=len(poses)),
-            job.chat_image or again,
+            image or None,
         )
     # The exchange is a step of its own, before the poses': undoing a pose the animator does
     # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
@@ -101,7 +104,7 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         if reply.truncated
         else ""
     )
-    unseen = (  # the model answered without them: said, not alarmed (a long chat's rule)
+    unseen = (  # INFO, not WARNING: leaving the oldest turns out is how a long chat fits
         f"; the model did not see the chat's {reply.history_left_out // 2} oldest exchange(s) "
         "sent, which with the reply would not fit its context"
         if reply.history_left_out
@@ -208,7 +211,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
     message = outcome.message + _why_unreachable(outcome.code)
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
-    if job.image_again and message.startswith((job.attachment, "images")):
+    if job.resent_image and message.startswith((job.attachment, "images")):
         message += (
             f" ({job.attachment} is the chat's image, sent again with every chat turn: Clear "
             "History, or pose mode, to go on without it)"

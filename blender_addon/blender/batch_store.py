@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bpy
-import numpy as np
 
 from shared_protocol.pose import Pose
 
@@ -26,12 +25,12 @@ from ..core.batch_record import (
     PendingLine,
     with_entries_appended,
 )
-from ..core.posing import floor_translation, root_location
+from ..core.posing import root_location
 from .anim import action_time, has_no_slot, scene_time, take_fcurves
-from .armature import rest_joints, rig_geometry
+from .armature import rig_geometry
 from .fast_keys import write_keys
 from .keyframes import write_pose_keys
-from .posing import pose_channels, read_pose_arrays
+from .posing import placed_translations, root_location_channels
 
 
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
@@ -148,37 +147,25 @@ def place_keyed_lines(
     record: BatchRecord,
     lines: Sequence[PendingLine],
     *,
-    use_translation: bool = False,
-    on_floor: bool = False,
+    use_translation: bool,
+    on_floor: bool,
 ) -> BatchRecord:
     """Keys the root's location of ``lines``, keyed before without Translation or Keep on
     Floor, from their poses as keyed (rotations and their edits kept), so that turning either
     on asks the service nothing again: with ``on_floor`` each on the floor, its place across
-    it kept (``core.posing.floor_translation``, as ``posing.placed_on_floor``); else at rest,
-    as Translation keys a pose without a translation. Only the location keys are written;
-    returns ``record`` with the lines recorded with those settings, for the caller to save
-    (keys first, then the record). Arrays throughout: 30,000 lines in well under a second."""
+    it kept (``posing.placed_translations``); else at rest, as Translation keys a pose
+    without a translation. Only the location keys are written; returns ``record`` with the
+    lines recorded with those settings, for the caller to save."""
     if not lines:
         return record
     frames = [line.frame for line in lines]
     translations = placed_translations(obj, frames, on_floor=on_floor)
     rig = rig_geometry(obj)
     locations = root_location(translations, rig.location_frame, rig.units_per_metre)
-    write_keys(obj, pose_channels(obj, True)[-3:], frames, locations.T)
+    write_keys(obj, root_location_channels(obj), frames, locations.T)
     return record.recorded_lines(
         ((line.line, line.text, line.frame) for line in lines), use_translation, on_floor
     )
-
-
-def placed_translations(
-    obj: bpy.types.Object, frames: Sequence[int], *, on_floor: bool
-) -> np.ndarray:
-    """(N, 3) the translations ``place_keyed_lines`` keys at ``frames``: on the floor from
-    the poses keyed there, each at the root's place there; else at rest."""
-    if not on_floor:
-        return np.zeros((len(frames), 3))
-    axis_angles, places = read_pose_arrays(obj, frames)
-    return floor_translation(axis_angles, rest_joints(obj), places)
 
 
 def _save_added(obj: bpy.types.Object, before: BatchRecord, record: BatchRecord, lines) -> None:

@@ -149,7 +149,7 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
         return super().poll(context)
 
     def invoke(self, context, event):
-        replaced = sending.location_keys_to_replace(context)
+        replaced = sending.replace_location_keys_question(context)
         if not replaced:
             return self.execute(context)
         return context.window_manager.invoke_confirm(

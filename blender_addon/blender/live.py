@@ -91,9 +91,13 @@ def pending_requests() -> list[tuple[str, PoseJob]]:
     return state.dispatcher.pending_requests() if state.dispatcher is not None else []
 
 
+def batch_running() -> bool:
+    return state.dispatcher is not None and state.dispatcher.batch_running
+
+
 def busy() -> bool:
     d = state.dispatcher
-    return bool(d is not None and (d.busy or d.batch_running)) or bool(state.backlog)
+    return bool(d is not None and d.busy) or batch_running() or bool(state.backlog)
 
 
 # What sending can raise for the user to read: input the protocol refuses, a busy session, an

@@ -206,6 +206,18 @@ def placed_on_floor(
     ]
 
 
+def placed_translations(
+    obj: bpy.types.Object, frames: Sequence[int], *, on_floor: bool
+) -> np.ndarray:
+    """(N, 3) where keyed lines go at ``frames`` (``batch_store.place_keyed_lines``): on the
+    floor with ``on_floor``, from the poses keyed there, each at the root's place there (as
+    ``placed_on_floor``, on arrays: no Pose a line); else at rest."""
+    if not on_floor:
+        return np.zeros((len(frames), 3))
+    axis_angles, places = read_pose_arrays(obj, frames)
+    return floor_translation(axis_angles, rest_joints(obj), places)
+
+
 def auto_key_options(context: bpy.types.Context) -> frozenset[str]:
     """The ``keyframe_insert`` options Blender's Auto Keying keys with: only the keys there
     already (its Replace mode), only the F-curves there already (Only Insert Available)."""
@@ -277,8 +289,12 @@ def pose_channels(obj: bpy.types.Object, use_translation: bool) -> list[Channel]
         prop = rotation_data_path(obj.pose.bones[name].rotation_mode)
         channels += [(name, prop, k) for k in range(len(getattr(obj.pose.bones[name], prop)))]
     if use_translation:
-        channels += [(names[0], "location", k) for k in range(3)]
+        channels += root_location_channels(obj)
     return channels
+
+
+def root_location_channels(obj: bpy.types.Object) -> list[Channel]:
+    return [(bone_names(obj)[0], "location", k) for k in range(3)]
 
 
 def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) -> np.ndarray:
@@ -366,6 +382,9 @@ def read_pose_arrays(
     return axis_angle, translations
 
 
+_ON_FRAME = 1e-3  # a key this close to a time is at it
+
+
 def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
     """(N,) whether the root's location has a key, on any axis, at each scene frame."""
     path = bone_data_path(bone_names(obj)[0], "location")
@@ -380,7 +399,7 @@ def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndar
         co = np.empty(2 * len(points), dtype=np.float32)
         points.foreach_get("co", co)
         key_times = np.sort(co[0::2].astype(np.float64))
-        # The first key from just before each time on: keyed there when it is that close.
-        at = np.minimum(np.searchsorted(key_times, times - 1e-3), len(key_times) - 1)
-        keyed |= np.abs(key_times[at] - times) < 1e-3
+        # The first key at or after time - tolerance: keyed there when within the tolerance.
+        at = np.minimum(np.searchsorted(key_times, times - _ON_FRAME), len(key_times) - 1)
+        keyed |= np.abs(key_times[at] - times) < _ON_FRAME
     return keyed

@@ -198,25 +198,27 @@ def history_messages(scene: bpy.types.Scene, last: int | None = None) -> list[ch
     ]
 
 
-def append_history(
-    scene: bpy.types.Scene, messages, image: bytes | bpy.types.Image | None = None
-) -> None:
-    """Adds ``messages`` (an exchange) to the scene's history; ``image``, sent with its
-    first, is kept with it: PNG or JPEG bytes packed into the .blend file as a Blender image,
-    or the history's image that was sent again."""
+def append_history(scene: bpy.types.Scene, messages, image: bpy.types.Image | None = None) -> None:
+    """Adds ``messages`` (an exchange) to the scene's history; ``image``, sent with the
+    first (the user's), is kept with it."""
+    history = scene.chatpose.history
+    first = len(history)
     for message in messages:
-        item = scene.chatpose.history.add()
+        item = history.add()
         item.role = message.role
         item.text = message.text
         item.attachment = message.attachment
         item.poses = message.poses
-        if isinstance(image, bytes) and image:
-            item.image = bpy.data.images.new(f"ChatPose {message.attachment or 'image'}", 1, 1)
-            item.image.pack(data=image, data_len=len(image))
-            item.image.source = "FILE"  # read from the packed bytes, not the 1x1 made here
-        elif isinstance(image, bpy.types.Image):
-            item.image = image
-        image = None
+    if image is not None:
+        history[first].image = image
+
+
+def pack_chat_image(data: bytes, label: str) -> bpy.types.Image:
+    """PNG or JPEG bytes a chat turn sent, as a Blender image packed into the .blend file."""
+    image = bpy.data.images.new(f"ChatPose {label or 'image'}", 1, 1)
+    image.pack(data=data, data_len=len(data))
+    image.source = "FILE"  # read from the packed bytes, not the 1x1 made here
+    return image
 
 
 def _keeps_image(message: ChatPoseMessage) -> bool:

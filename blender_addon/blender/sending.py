@@ -19,14 +19,8 @@ from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
-from .batch_store import (
-    TakePin,
-    load_record,
-    place_keyed_lines,
-    placed_translations,
-    save_record,
-)
-from .posing import location_keyed_at, pose_channels, root_places
+from .batch_store import TakePin, load_record, place_keyed_lines, save_record
+from .posing import location_keyed_at, placed_translations, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
 
 
@@ -47,7 +41,10 @@ def send_pose(
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
-    history, chat_image, image_again, with_image = (), b"", None, ""
+    history = ()
+    chat_image = b""  # this turn's own image, kept with its exchange
+    resent_image = None  # or the chat's kept image, sent again
+    image_note = ""
     if settings.chat_mode:
         # The history holds an exchange once its answer is in: a turn sent before would go
         # without the one before it, and the model would answer it blind.
@@ -58,16 +55,16 @@ def send_pose(
         history = chat.history_turns(messages, max_pairs=pairs)
         if images:
             chat_image = images[0]  # the add-on sends one
-        elif (index := chat.conversation_image(messages, max_pairs=pairs)) is not None:
+        elif (index := chat.conversation_image_index(messages, max_pairs=pairs)) is not None:
             label = messages[index].attachment or "image"
-            if messages[index].has_image:
+            if messages[index].image_kept:
                 message = scene.chatpose.history[index]
                 images = [history_image(message)]
-                image_again = (message.image.name, message.image.session_uid)
+                resent_image = (message.image.name, message.image.session_uid)
                 attachment = label  # shown in the history again
-                with_image = f", with {label} of the chat"
+                image_note = f", with {label} of the chat"
             else:
-                with_image = (
+                image_note = (
                     f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
                     "removed since): attach it again for the model to see it"
                 )
@@ -90,7 +87,7 @@ def send_pose(
         keep_on_floor=settings.keep_on_floor,
         attachment=attachment,
         chat_image=chat_image,
-        image_again=image_again,
+        resent_image=resent_image,
         spacing=settings.person_spacing,
     )
     try:
@@ -99,7 +96,7 @@ def send_pose(
         raise live.UserError(f"Not sent: {exc}") from None
     runtime.ensure_timer()
     what = f"'{prompt}'" if prompt else "the image"
-    feedback.set_message(f"Asked the service for {what} ({mode} mode{with_image})")
+    feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note})")
     return job
 
 
@@ -198,10 +195,10 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
     gone = record.past_the_end(len(lines))
-    keys_left_note = ""
+    notes = ""
     if gone:  # lines deleted from the text: forget them (once the run starts), keys left alone
         record = record.without_lines(entry.line for entry in gone)
-        keys_left_note = (
+        notes = (
             f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
             f"{_frames(gone)}) are left as they are"
         )
@@ -209,29 +206,29 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     pending = record.pending(lines, start, step)
     to_place, to_record = _keyed_to_place(record, lines, settings)
     if to_place:
-        keys_left_note += (
+        notes += (
             f"; {len(to_place)} line(s) keyed before without Keep on Floor are put on the floor "
-            "as they are keyed"
+            "from their current keys, not asked again"
             if settings.batch_keep_on_floor
             else f"; {len(to_place)} line(s) keyed before without Translation get the root's "
-            "location keyed at rest"
+            "location keyed at rest, not asked again"
         )
     moved = record.moved(lines, settings.batch_start, settings.batch_step)
     if moved:  # Start or Step changed: keyed again at the new frames
         new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
         replaced = [entry for entry in moved if entry.frame in new_frames]
         kept = [entry for entry in moved if entry.frame not in new_frames]
-        keys_left_note += (
+        notes += (
             f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
             "at their new frames"
         )
         if replaced:
-            keys_left_note += (
+            notes += (
                 f"; other lines now go where {len(replaced)} old key(s) are (frame "
                 f"{_frames(replaced)}), and replace them"
             )
         if kept:
-            keys_left_note += f"; the old keys at frame {_frames(kept)} are left as they are"
+            notes += f"; the old keys at frame {_frames(kept)} are left as they are"
     run = BatchRun(
         armature=target.name,
         source=label,
@@ -248,9 +245,9 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
-        _save_placed(target, record, to_place, to_record, gone, settings)
+        _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(gone))
         feedback.set_message(
-            f"All {len(lines)} lines of {label} are keyed on {target.name} already{keys_left_note}"
+            f"All {len(lines)} lines of {label} are keyed on {target.name} already{notes}"
         )
         return run
     service = live.service_for(context)
@@ -259,13 +256,13 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
-    _save_placed(target, record, to_place, to_record, gone, settings)
+    _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(gone))
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
     feedback.set_message(
         f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
-        f"in {run.planned_requests} request(s){keys_left_note}"
+        f"in {run.planned_requests} request(s){notes}"
     )
     feedback.update_status_bar()
     return run
@@ -274,18 +271,17 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
 def _keyed_to_place(
     record: BatchRecord, lines: Sequence[str], settings
 ) -> tuple[list[PendingLine], list[PendingLine]]:
-    """The lines keyed before (at their frames, with their texts) without the root's location
-    that Translation or Keep on Floor, now on, keys: not asked again, but ``to_place`` from
-    their keys (``batch_store.place_keyed_lines``); ``to_record``, on the floor already when
-    Translation is turned on too, only recorded with it."""
+    """Lines keyed before without a setting that is now on (Translation, Keep on Floor),
+    split into (to_place: their root's location gets keyed from their keys; to_record: on the
+    floor already, only recorded with Translation)."""
     start, step = settings.batch_start, settings.batch_step
-    asked = {line.line for line in record.pending(lines, start, step)}
+    to_ask = {line.line for line in record.pending(lines, start, step)}
     lacking = [
         line
         for line in record.pending(
             lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
         )
-        if line.line not in asked
+        if line.line not in to_ask
     ]
     if not settings.batch_keep_on_floor:
         return lacking, []
@@ -296,12 +292,10 @@ def _keyed_to_place(
     )
 
 
-def location_keys_to_replace(context: bpy.types.Context) -> str:
-    """What Batch Keyframe asks before it runs: the lines keyed before without the root's
-    location that Translation or Keep on Floor now keys whose frames hold a root location key
-    (the animator's, or one keyed for the other setting, edited since or not) that placing
-    them changes; "" when none (or when there is no telling now: what stops the batch is said
-    when it runs)."""
+def replace_location_keys_question(context: bpy.types.Context) -> str:
+    """The Batch Keyframe confirmation when placing keyed lines (``_keyed_to_place``) would
+    change root location keys already at their frames; "" when none, or when there is no
+    telling now (what stops the batch is said when it runs)."""
     settings = context.scene.chatpose
     target = target_armature(context)
     if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
@@ -313,12 +307,13 @@ def location_keys_to_replace(context: bpy.types.Context) -> str:
     except (live.UserError, ValueError):
         return ""
     frames = np.array([line.frame for line in to_place], dtype=np.int64)
-    keyed = frames[location_keyed_at(target, frames)] if len(frames) else frames
+    keyed = frames[location_keyed_at(target, frames)]
     if not len(keyed):
         return ""
     on_floor = settings.batch_keep_on_floor
     placed = placed_translations(target, keyed, on_floor=on_floor)
-    count = int((np.abs(placed - root_places(target, keyed)).max(axis=1) > 1e-4).sum())
+    moved = np.abs(placed - root_places(target, keyed))
+    count = int((moved.max(axis=1) > _SAME_PLACE_M).sum())
     if not count:
         return ""
     if on_floor:
@@ -333,10 +328,21 @@ def location_keys_to_replace(context: bpy.types.Context) -> str:
     )
 
 
-def _save_placed(target, record, to_place, to_record, gone, settings) -> None:
-    """Keys the root's location of the lines ``to_place`` (``batch_store.place_keyed_lines``),
-    records those and ``to_record`` with the settings, and saves the record, when that or
-    forgetting the lines ``gone`` changed it."""
+_SAME_PLACE_M = 1e-4  # a root location key this close to where placing puts it is unchanged
+
+
+def _place_and_save(
+    target: bpy.types.Object,
+    record: BatchRecord,
+    to_place: Sequence[PendingLine],
+    to_record: Sequence[PendingLine],
+    settings,
+    *,
+    forgot_lines: bool,
+) -> None:
+    """Keys the root's location of ``to_place`` (``batch_store.place_keyed_lines``), records
+    those and ``to_record`` with the settings, and saves the record when that, or lines no
+    longer in the text being forgotten (``forgot_lines``), changed it."""
     translation, on_floor = settings.batch_translation, settings.batch_keep_on_floor
     if to_place:
         record = place_keyed_lines(
@@ -346,7 +352,7 @@ def _save_placed(target, record, to_place, to_record, gone, settings) -> None:
         record = record.recorded_lines(
             ((line.line, line.text, line.frame) for line in to_record), translation, on_floor
         )
-    if to_place or to_record or gone:
+    if to_place or to_record or forgot_lines:
         save_record(target, record)
 
 

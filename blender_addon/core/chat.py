@@ -12,7 +12,7 @@ chat does not overflow the model's context.
 
 The service keeps nothing between requests: a conversation's image goes again with every turn
 (LLaVA puts it in the first user message). A chat turn sent without an image of its own takes
-the newest one of the exchanges kept (``conversation_image``), so that "now raise her left
+the newest one of the exchanges kept (``conversation_image_index``), so that "now raise her left
 arm" still sees the photo it follows up on; its exchange keeps it too, so the photo goes on
 with the turns after it.
 """
@@ -41,7 +41,7 @@ class Message:
     text: str
     attachment: str = ""  # e.g. "viewport image", "image: photo.png" (what was sent, named)
     poses: int = 0  # how many poses the reply carried
-    has_image: bool = False  # the image sent with it is kept (chat mode), for later turns
+    image_kept: bool = False  # the image sent with it is kept (chat mode), for later turns
 
 
 def clean_text(text: str, max_chars: int = DEFAULT_LIMITS.max_text_chars) -> str:
@@ -93,7 +93,7 @@ def history_turns(
             i += 2
         else:
             i += 1
-    limit = min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
+    limit = _pair_limit(max_pairs)
     kept: list[tuple[str, str]] = []
     used = 0
     for user, assistant in reversed(pairs):
@@ -110,27 +110,32 @@ def history_turns(
     return tuple(turns)
 
 
-def conversation_image(
+def conversation_image_index(
     messages: Sequence[Message], *, max_pairs: int = DEFAULT_MAX_PAIRS
 ) -> int | None:
     """The index of the user message whose image goes with a chat turn that has none of its
-    own: the newest that sent one among the last ``max_pairs`` answered exchanges (as
-    ``history_turns`` pairs them), an image-only one included; None when none of them sent
-    one. Its ``has_image`` says whether the image is kept: one that is not (sent in pose mode,
-    unpacked since) is not made up for with an older one, which the latest turns are not
-    about."""
-    limit = min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
+    own: the newest that sent one among the last ``max_pairs`` answered exchanges, whatever
+    their length (``history_turns`` may leave a long or image-only one out); None when none
+    of them sent one. Its ``image_kept`` says whether the image is kept: one that is not
+    (sent in pose mode, unpacked since) is not made up for with an older one, which the
+    latest turns are not about."""
+    limit = _pair_limit(max_pairs)
     pairs = 0
     i = len(messages) - 1
     while i > 0 and pairs < limit:
         if messages[i].role == ASSISTANT and messages[i - 1].role == USER:
-            if messages[i - 1].has_image or messages[i - 1].attachment:
+            if messages[i - 1].image_kept or messages[i - 1].attachment:
                 return i - 1
             pairs += 1
             i -= 2
         else:
             i -= 1
     return None
+
+
+def _pair_limit(max_pairs: int) -> int:
+    """``max_pairs``, within 0 and the protocol's history limit (in pairs)."""
+    return min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)
 
 
 def wrap(text: str, width: int) -> list[str]:

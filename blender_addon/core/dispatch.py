@@ -48,7 +48,7 @@ class PoseJob:
     keep_on_floor: bool = False  # the others placed on the floor (blender.posing.placed_on_floor)
     attachment: str = ""  # "viewport image", "image: photo.jpg"
     chat_image: bytes = b""  # a chat turn's own image, kept in the history for the turns after
-    image_again: tuple[str, int] | None = None  # the kept Image (name, session id) sent again
+    resent_image: tuple[str, int] | None = None  # the kept Image (name, session id) sent again
     spacing: float = 1.0  # metres between people of one answer
 
 

@@ -1196,7 +1196,7 @@ def test_a_chat_turn_without_an_image_sends_the_chat_s_image_again_kept_in_the_f
     settings.prompt = "copy her pose"
     assert bpy.ops.chatpose.pose_from_image(filepath=str(photo)) == {"FINISHED"}
     drive(idle)
-    assert [m.has_image for m in props.history_messages(bpy.context.scene)] == [False] * 4 + [
+    assert [m.image_kept for m in props.history_messages(bpy.context.scene)] == [False] * 4 + [
         True,
         False,
     ]
@@ -1216,7 +1216,7 @@ def test_a_chat_turn_without_an_image_sends_the_chat_s_image_again_kept_in_the_f
         assert item.prompt == prompt and item.images == (photo.read_bytes(),)
     assert [turn.text for turn in item.history][0] == "now raise her left arm"
     follow_up = props.history_messages(bpy.context.scene)[-2]
-    assert follow_up.attachment == "image: ref.png" and follow_up.has_image
+    assert follow_up.attachment == "image: ref.png" and follow_up.image_kept
     assert len({m.image for m in settings.history if m.image is not None}) == 1  # packed once
 
     other = tmp_path / "boxer.png"
@@ -1247,8 +1247,9 @@ def test_a_refused_image_sent_again_says_it_is_the_chat_s_and_how_to_go_on(armat
         use_service(server.address)
         scene = bpy.context.scene
         photo = encode_png(np.full((20, 30, 3), 128))  # kept by an earlier service's chat
+        kept = props.pack_chat_image(photo, "image: ref.png")
         props.append_history(
-            scene, chat.exchange("copy her", "Sure, <POSE>.", attachment="image: ref.png"), photo
+            scene, chat.exchange("copy her", "Sure, <POSE>.", attachment="image: ref.png"), kept
         )
         scene.chatpose.chat_mode, scene.chatpose.prompt = True, "now raise her left arm"
         bpy.ops.chatpose.send()
@@ -2274,11 +2275,11 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     text.write("\nbow")  # a line not keyed yet
 
     settings.batch_keep_on_floor = True
-    assert sending.location_keys_to_replace(bpy.context) == ""  # none of the animator's
+    assert sending.replace_location_keys_question(bpy.context) == ""  # none of the animator's
     assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
     message = live.last_message()[0]
     assert "1 lines to key" in message and "(2 keyed before)" in message
-    assert "2 line(s) keyed before without Keep on Floor are put on the floor as they" in message
+    assert "2 line(s) keyed before without Keep on Floor are put on the floor from their" in message
     drive(idle)
     assert "all 3 lines keyed" in live.last_message()[0]
     assert [item.prompt for item in backend.items[2:]] == ["bow"]  # the others not asked again
@@ -2309,7 +2310,7 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     batch_store.save_record(  # keyed on the floor, not with Translation
         armature, batch_store.load_record(armature).recorded_lines([(1, "sit", 11)], False, True)
     )
-    assert sending.location_keys_to_replace(bpy.context).startswith(
+    assert sending.replace_location_keys_question(bpy.context).startswith(
         "1 line(s) keyed before have root location keys at their frames that Translation "
     )  # the jump, keyed by hand on a line placed before
 
@@ -2327,7 +2328,7 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
     root.location = (1.0, 0.0, 2.0)
     root.keyframe_insert("location", frame=11)  # the animator's own place for the second line
     settings.batch_translation = True
-    assert sending.location_keys_to_replace(bpy.context) == (
+    assert sending.replace_location_keys_question(bpy.context) == (
         "1 line(s) keyed before have root location keys at their frames that Translation "
         "replaces with the rest location (their rotations are kept)"
     )
@@ -2343,7 +2344,7 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
         bpy.context.scene.frame_set(frame)
         assert tuple(root.location) == pytest.approx((0.0, 0.0, 0.0))  # at rest: the origin
     assert all(e.translation and not e.on_floor for e in batch_store.load_record(armature).entries)
-    assert sending.location_keys_to_replace(bpy.context) == ""
+    assert sending.replace_location_keys_question(bpy.context) == ""
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):

@@ -102,22 +102,22 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
 def test_a_chat_turn_without_an_image_takes_the_newest_one_of_the_exchanges_kept():
     def photo(prompt, reply="ok"):
         user, answer = chat.exchange(prompt, reply, attachment="image: photo.png")
-        return [dataclasses.replace(user, has_image=True), answer]
+        return [dataclasses.replace(user, image_kept=True), answer]
 
     messages = [*photo(""), *_history(("now raise her left arm", "Sure, <POSE>."))]
-    assert chat.conversation_image(messages) == 0  # an image-only exchange included
+    assert chat.conversation_image_index(messages) == 0  # an image-only exchange included
     messages = [*photo("first"), *photo("second"), *_history(("wave", "ok"))]
-    assert chat.conversation_image(messages) == 2  # the newest
-    assert chat.conversation_image(messages, max_pairs=1) is None  # beyond the kept exchanges
-    assert chat.conversation_image(messages, max_pairs=2) == 2
+    assert chat.conversation_image_index(messages) == 2  # the newest
+    assert chat.conversation_image_index(messages, max_pairs=1) is None  # beyond the kept exchanges
+    assert chat.conversation_image_index(messages, max_pairs=2) == 2
     # The newest image not kept (sent in pose mode): that one, not an older one.
     not_kept = [*photo("first"), *chat.exchange("like him", "ok", attachment="image: b.png")]
-    assert chat.conversation_image(not_kept) == 2 and not not_kept[2].has_image
+    assert chat.conversation_image_index(not_kept) == 2 and not not_kept[2].image_kept
     failed = chat.exchange("copy this", "no service", attachment="viewport image", failed=True)
-    unanswered = dataclasses.replace(failed[0], has_image=True)
-    assert chat.conversation_image([unanswered, failed[1]]) is None  # never answered
-    assert chat.conversation_image([unanswered]) is None
-    assert chat.conversation_image(_history(("a", "A"), ("b", "B"))) is None
+    unanswered = dataclasses.replace(failed[0], image_kept=True)
+    assert chat.conversation_image_index([unanswered, failed[1]]) is None  # never answered
+    assert chat.conversation_image_index([unanswered]) is None
+    assert chat.conversation_image_index(_history(("a", "A"), ("b", "B"))) is None
 
 
 def test_clean_text_keeps_blender_strings_safe():

@@ -96,7 +96,7 @@ def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):
 
 
 def test_a_chat_answer_counts_the_history_left_out_in_turns(backend, tiny_model, monkeypatch):
-    reply = ChatReply("Sure.", [], history_left_out=3)  # the model counts exchanges
+    reply = ChatReply("Sure.", [], exchanges_left_out=3)  # the model counts exchanges
     monkeypatch.setattr(tiny_model, "chat", lambda *args, **kwargs: reply)
     history = (Turn("user", "sit"), Turn("assistant", "ok")) * 4
     answer = backend.answer_chat(WorkItem("now stand", history=history, mode="chat"))

@@ -422,7 +422,7 @@ def test_chat_leaves_out_the_oldest_turns_that_do_not_fit_the_context(tiny_model
     )
     assert force.start == length(kept)  # the prompt generate was given
     assert reply.text == "Sure, it is <POSE>." and len(reply.poses) == 1
-    assert reply.history_left_out == len(history) - len(kept)  # exchanges: the client is told
+    assert reply.exchanges_left_out == len(history) - len(kept)  # exchanges: the client is told
 
 
 def test_a_chat_message_longer_than_the_context_is_a_typed_error(tiny_model):

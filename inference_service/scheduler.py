@@ -359,7 +359,12 @@ class Scheduler:
             self._send(request.client, reply)
             return
         reply = BatchItemReply(
-            request.request_id, task.index, request.total, answer.text, answer.poses
+            request.request_id,
+            task.index,
+            request.total,
+            answer.text,
+            answer.poses,
+            answer.truncated,
         )
         request.answered += 1
         request.completed += self._send(request.client, reply)

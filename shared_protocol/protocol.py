@@ -340,7 +340,8 @@ class PoseReply:
 
 @dataclass(frozen=True)
 class BatchItemReply:
-    """The answer to prompt `index` of a batch of `total`, sent as soon as it is ready."""
+    """The answer to prompt `index` of a batch of `total`, sent as soon as it is ready.
+    `truncated`, as a PoseReply's: a chat-mode item cut at the service's limit of new tokens."""
 
     op: ClassVar[str] = "batch_item"
     id: str
@@ -348,18 +349,20 @@ class BatchItemReply:
     total: int
     text: str
     poses: tuple[Pose, ...] = ()
+    truncated: bool = False
 
     def __post_init__(self) -> None:
         _freeze(self, "poses")
 
     def _body(self) -> dict:
-        return {
+        body = {
             "ok": True,
             "index": self.index,
             "total": self.total,
             "text": self.text,
             "poses": _poses_out(self.poses),
         }
+        return {**body, "truncated": True} if self.truncated else body
 
 
 @dataclass(frozen=True)
@@ -826,6 +829,7 @@ def _decode_batch_item_reply(header, rid, images, limits) -> BatchItemReply:
         total=total,
         text=header.get("text", _string, max_chars=limits.max_text_chars),
         poses=_poses(header, limits),
+        truncated=header.get("truncated", _boolean, default=False),
     )
 
 

@@ -103,6 +103,7 @@ REPLIES = [
     PoseReply("r5", "Sitting, as before.", (pose(5),), history_left_out=6),
     BatchItemReply("b1", 2, 3, "jump", (pose(4, "jump"),)),
     BatchItemReply("b1", 0, 1, "", ()),
+    BatchItemReply("b2", 0, 2, "Well, a tired person would first", truncated=True),
     BatchDoneReply("b1", 3, 2),
     CancelReply("c1", "b1", True),
     CancelReply("c2", "gone", False),

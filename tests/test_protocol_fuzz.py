@@ -61,7 +61,7 @@ SEEDS = [
             StatusReply("s", "model", "cpu", "float32", 2, 1.5, "0.1.0", True, 4),
             PoseReply("r", "two", (_pose(1), _pose(2))),
             PoseReply("r", "chat", truncated=True, history_left_out=2),  # optional fields too
-            BatchItemReply("b", 1, 2, "x", (_pose(3),)),
+            BatchItemReply("b", 1, 2, "x", (_pose(3),), truncated=True),
             BatchDoneReply("b", 2, 1),
             CancelReply("c", "b", True),
             ErrorReply("b", "batch", ErrorCode.TIMEOUT, "slow", 1),

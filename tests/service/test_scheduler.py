@@ -106,6 +106,17 @@ def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one
     scheduler.stop()
 
 
+def test_a_chat_mode_batch_item_cut_at_the_token_limit_says_so(backend, collected):
+    scheduler = make(backend, collected, max_batch=8, max_wait_ms=0)
+    scheduler.submit_batch(b"A", BatchRequest("a", ["ramble on", "sit"], mode="chat"))
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    items = sorted(
+        (r for _, r in collected.replies if isinstance(r, BatchItemReply)), key=lambda r: r.index
+    )
+    assert [item.truncated for item in items] == [True, False]
+    scheduler.stop()
+
+
 def test_cancel_client_drops_queued_and_waiting_work_silently(backend, collected):
     scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
     backend.hold()

@@ -163,9 +163,11 @@ def _frames(entries) -> str:
     return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
 
 
-def start_batch(context: bpy.types.Context) -> BatchRun:
-    """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
-    target armature. The returned run is already ended when nothing was pending."""
+def _checked_batch(
+    context: bpy.types.Context,
+) -> tuple[bpy.types.Object, list[tuple[int, str]], str]:
+    """(target, numbered lines, label) of the batch Batch Keyframe would send; UserError naming what
+    refuses it before anything is sent or keyed."""
     settings = context.scene.chatpose
     if live.dispatcher().batch_running:
         raise live.UserError("A batch is running: cancel it or wait for it to finish")
@@ -188,6 +190,15 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
                 refuse_locked(target, pose_channels(target, False))
                 hint = " (Keep on Floor keys it: turn that off to key the rotations alone)"
         raise live.UserError(f"Batch not sent: {exc}{hint}") from None
+    return target, numbered, label
+
+
+def start_batch(context: bpy.types.Context) -> BatchRun:
+    """Plans and sends a batch for the lines of the scene's batch source not keyed yet on the
+    target armature. The returned run is already ended when nothing was pending."""
+    settings = context.scene.chatpose
+    target, numbered, label = _checked_batch(context)
+    lines = [prompt for _, prompt in numbered]
     try:
         record = load_record(target)
     except ValueError as exc:
@@ -294,16 +305,15 @@ def _keyed_to_place(
 
 def replace_location_keys_question(context: bpy.types.Context) -> str:
     """The Batch Keyframe confirmation when placing keyed lines (``_keyed_to_place``) would
-    change root location keys already at their frames; "" when none, or when there is no
-    telling now (what stops the batch is said when it runs)."""
+    change root location keys already at their frames; "" when none, or when the batch is
+    refused (said when it runs, not after a question)."""
     settings = context.scene.chatpose
-    target = target_armature(context)
-    if target is None or not (settings.batch_translation or settings.batch_keep_on_floor):
+    if not (settings.batch_translation or settings.batch_keep_on_floor):
         return ""
     try:
-        numbered, _ = read_batch_lines(context)
-        record = load_record(target)
-        to_place, _ = _keyed_to_place(record, [prompt for _, prompt in numbered], settings)
+        target, numbered, _ = _checked_batch(context)
+        lines = [prompt for _, prompt in numbered]
+        to_place, _ = _keyed_to_place(load_record(target), lines, settings)
     except (live.UserError, ValueError):
         return ""
     frames = np.array([line.frame for line in to_place], dtype=np.int64)

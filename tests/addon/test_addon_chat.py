@@ -2332,6 +2332,12 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
         "1 line(s) keyed before have root location keys at their frames that Translation "
         "replaces with the rest location (their rotations are kept)"
     )
+    location = next(c for c in action_fcurves(armature) if c.data_path.endswith("location"))
+    location.lock = True  # the batch is refused: said at once, not after the question
+    assert sending.replace_location_keys_question(bpy.context) == ""
+    with pytest.raises(RuntimeError, match="Batch not sent: .*pelvis.* is locked"):
+        bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT")
+    location.lock = False
     # Background Blender shows no dialog: its confirmation runs the batch at once.
     assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
     message = live.last_message()[0]

@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from shared_protocol.protocol import (
 # Waiting for the service to answer at all; once it answers that its model is loading, it is
 # waited for as long as the load takes (the demo model takes seconds, a 13B one minutes).
 READY_TIMEOUT_S = 180.0
+LOADING_NOTE_EVERY_S = 30.0  # how often a long load is said, so that a hung one shows
 STOP_TIMEOUT_S = 15.0
 
 
@@ -181,7 +183,7 @@ class LocalService:
             return None if state.alive else f"chatpose-serve {state.describe()}"
 
         try:
-            return client.wait_serving(timeout_s, gone=gone, while_loading=True)
+            return client.wait_serving(timeout_s, gone=gone, loading=loading_notes(_say))
         except ProtocolError as exc:
             state = self.process.poll()
             if not state.alive and state.returncode == EXIT_CONFIG:  # not the service's failure
@@ -189,6 +191,27 @@ class LocalService:
                     f"chatpose-serve {state.describe()} (log: {self.log_path})"
                 ) from None
             raise DemoError(f"{exc} (log: {self.log_path})") from None
+
+
+def loading_notes(
+    say: Callable[[str], None], every_s: float = LOADING_NOTE_EVERY_S
+) -> Callable[[str], None]:
+    """What `Client.wait_serving` calls with each `busy` reply while the model loads: says so
+    to ``say`` every ``every_s`` seconds, and how to stop waiting."""
+    started = time.monotonic()
+    next_note = started + every_s
+
+    def note(_message: str) -> None:
+        nonlocal next_note
+        now = time.monotonic()
+        if now >= next_note:
+            next_note = now + every_s
+            say(
+                f"chatpose-serve is still loading the model ({now - started:.0f} s so far); "
+                "Ctrl-C stops the demo"
+            )
+
+    return note
 
 
 def ask(client: Client, script: DemoScript, reference: bytes, timeout_s: float) -> list[Answer]:

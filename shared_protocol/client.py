@@ -301,12 +301,13 @@ class Client:
         timeout_s: float,
         *,
         gone: Callable[[], str | None] = lambda: None,
-        while_loading: bool = False,
+        loading: Callable[[str], None] | None = None,
     ) -> StatusReply:
         """The service's status once it serves: asked again while nothing listens yet or the
         model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`
-        (`while_loading`: after `timeout_s` without a `busy` reply either, so a service seen
-        loading is waited for as long as it takes: a 13B model takes minutes), or
+        (with `loading`: after `timeout_s` without a `busy` reply either, so a service seen
+        loading is waited for as long as it takes, a 13B model takes minutes, and each `busy`
+        message goes to `loading`, to say so), or
         ProtocolError(unreachable) once `gone()` says why it never will (a service process
         that exited) or at once on a HandshakeRefused; any other error reply as a
         ProtocolError of its code."""
@@ -331,7 +332,8 @@ class Client:
                 return reply
             if reply.code != ErrorCode.BUSY:
                 raise ProtocolError(reply.code, reply.message)
-            if while_loading:
+            if loading is not None:
+                loading(reply.message)
                 deadline = time.monotonic() + timeout_s
             time.sleep(0.2)  # loading: it answers at once
 

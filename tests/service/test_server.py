@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from inference_service import server as server_module
 from inference_service.backend import ModelBackend
+from inference_service.demo import loading_notes
 from inference_service.keys import make_keys
 from inference_service.scheduler import Answer
 from inference_service.server import (
@@ -157,7 +158,19 @@ def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():
             threading.Timer(1.5, server.attach, (backend, backend.info)).start()
             with pytest.raises(ProtocolError, match="did not serve within 0.5 s"):
                 client.wait_serving(0.5)
-            assert client.wait_serving(0.5, while_loading=True).model == "scripted"
+            messages, said = [], []
+            demo_notes = loading_notes(said.append, every_s=0.3)  # what the demo says
+
+            def loading(message):
+                messages.append(message)
+                demo_notes(message)
+
+            assert client.wait_serving(0.5, loading=loading).model == "scripted"
+            assert messages and messages[-1].startswith("the model is still loading (")
+            assert 1 <= len(said) < len(messages)  # a note every 0.3 s, not one a reply
+            assert said[0] == (
+                "chatpose-serve is still loading the model (0 s so far); Ctrl-C stops the demo"
+            )
             reply = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
             assert isinstance(reply, PoseReply)
             assert_answers(backend, "wave", reply.poses)

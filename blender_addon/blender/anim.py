@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import bpy
+import numpy as np
 
 Channel = tuple[str, str, int]  # (bone name, property, array index)
 
@@ -123,6 +124,14 @@ def action_time(obj: bpy.types.Object, frame: float) -> float:
     if anim is None or not anim.use_tweak_mode:
         return frame
     return anim.nla_tweak_strip_time_to_scene(frame, invert=True)
+
+
+def action_times(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
+    """``action_time`` of each of ``frames``, (N,) float64; out of tweak mode, the frames."""
+    anim = obj.animation_data
+    if anim is None or not anim.use_tweak_mode:
+        return np.asarray(frames, dtype=np.float64).reshape(-1)
+    return np.array([action_time(obj, frame) for frame in frames], dtype=np.float64)
 
 
 def scene_time(obj: bpy.types.Object, frame: float) -> float:

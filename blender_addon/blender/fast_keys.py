@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import bpy
 import numpy as np
 
-from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
+from .anim import Channel, action_times, bone_data_path, fcurve_map, refuse_locked
 
 _FRAME_MATCH = 0.01  # Blender's own (BEZT_BINARYSEARCH_THRESH): one key per frame
 
@@ -62,7 +62,7 @@ def write_keys(
         return
     refuse_locked(obj, channels)  # before _ensure_fcurves keys anything
     fcurves = _ensure_fcurves(obj, channels, float(frames[0]))
-    frames = np.array([action_time(obj, frame) for frame in frames.tolist()])
+    frames = action_times(obj, frames)
     for (bone, prop, index), row in zip(channels, values, strict=True):
         fcurve = fcurves[(bone_data_path(bone, prop), index)]
         _write_curve(fcurve, frames, row)

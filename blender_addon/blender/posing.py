@@ -29,7 +29,7 @@ from ..core.posing import (
     root_location,
     translation_from_root_location,
 )
-from .anim import Channel, action_time, bone_data_path, fcurve_map, refuse_locked
+from .anim import Channel, action_times, bone_data_path, fcurve_map, refuse_locked
 from .armature import bone_names, rest_joints, rig_geometry
 
 
@@ -307,7 +307,7 @@ def channel_values(fcurves, pbone, prop: str, frames: Sequence[float] | None) ->
         return np.array([current], dtype=np.float64)
     values = np.tile(np.array(current, dtype=np.float64), (len(frames), 1))
     path = bone_data_path(pbone.name, prop)
-    times = [action_time(pbone.id_data, frame) for frame in frames]
+    times = action_times(pbone.id_data, frames)
     for k in range(len(current)):
         curve = fcurves.get((path, k))
         if curve is not None and (len(curve.keyframe_points) or len(curve.sampled_points)):
@@ -389,7 +389,7 @@ def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndar
     """(N,) whether the root's location has a key, on any axis, at each scene frame."""
     path = bone_data_path(bone_names(obj)[0], "location")
     fcurves = fcurve_map(obj)
-    times = np.array([action_time(obj, frame) for frame in frames], dtype=np.float64)
+    times = action_times(obj, frames)
     keyed = np.zeros(len(times), dtype=bool)
     for k in range(3):
         curve = fcurves.get((path, k))

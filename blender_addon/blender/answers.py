@@ -20,6 +20,7 @@ from ..core.dispatch import (
     BatchLineReady,
     PoseAnswered,
     PoseFailed,
+    PoseJob,
     StatusAnswered,
     StatusFailed,
 )
@@ -85,14 +86,10 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     poses = reply.poses
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
-        if job.chat_image:
-            image = pack_chat_image(job.chat_image, job.attachment)
-        else:  # the chat's image, sent again (None: removed since)
-            image = job.resent_image and find(bpy.data.images, *job.resent_image)
         append_history(
             scene,
             chat.exchange(job.prompt, reply.text, attachment=job.attachment, poses=len(poses)),
-            image or None,
+            _kept_image(job),
         )
     # The exchange is a step of its own, before the poses': undoing a pose the animator does
     # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
@@ -206,20 +203,32 @@ def find(collection, name: str, uid: int | None):
     return next((item for item in collection if item.session_uid == uid), None)
 
 
+def _kept_image(job: PoseJob) -> bpy.types.Image | None:
+    """The image a chat turn's exchange keeps for the turns after it: its own, packed, or the
+    chat's that it sent again (None: it sent none, or that one was removed since)."""
+    if job.chat_image:
+        return pack_chat_image(job.chat_image, job.attachment)
+    return (job.resent_image and find(bpy.data.images, *job.resent_image)) or None
+
+
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
     message = outcome.message + _why_unreachable(outcome.code)
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
-    if job.resent_image and message.startswith((job.attachment, "images")):
+    image_refused = bool(job.attachment) and message.startswith((job.attachment, "images"))
+    if job.resent_image and image_refused:
         message += (
-            f" ({job.attachment} is the chat's image, sent again with every chat turn: Clear "
-            "History, or pose mode, to go on without it)"
+            f" ({job.attachment} is the chat's image, sent again with this turn; the turns "
+            "after it go without it)"
         )
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
+        # Kept for its prompt, given back, to go with it again; not when it is what failed.
         append_history(
-            scene, chat.exchange(job.prompt, message, attachment=job.attachment, failed=True)
+            scene,
+            chat.exchange(job.prompt, message, attachment=job.attachment, failed=True),
+            None if image_refused else _kept_image(job),
         )
         give_prompt_back(scene, job.prompt)
         feedback.push_undo("chat")

@@ -65,8 +65,8 @@ def send_pose(
                 image_note = f", with {label} of the chat"
             else:
                 image_note = (
-                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
-                    "removed since): attach it again for the model to see it"
+                    f"; the chat's {label} is not kept (refused, sent in pose mode, or "
+                    "unpacked or removed since): attach it again for the model to see it"
                 )
     frame = None
     if settings.insert_keyframe:

@@ -115,18 +115,19 @@ def conversation_image_index(
 ) -> int | None:
     """The index of the user message whose image goes with a chat turn that has none of its
     own: the newest that sent one among the last ``max_pairs`` answered exchanges, whatever
-    their length (``history_turns`` may leave a long or image-only one out); None when none
-    of them sent one. Its ``image_kept`` says whether the image is kept: one that is not
-    (sent in pose mode, unpacked since) is not made up for with an older one, which the
-    latest turns are not about."""
+    their length (``history_turns`` may leave a long or image-only one out), or a failed
+    exchange after them (sending its prompt again, given back, is about its image); None when
+    none of them sent one. Its ``image_kept`` says whether the image is kept: one that is not
+    (sent in pose mode, refused, unpacked since) is not made up for with an older one, which
+    the latest turns are not about."""
     limit = _pair_limit(max_pairs)
     pairs = 0
     i = len(messages) - 1
     while i > 0 and pairs < limit:
-        if messages[i].role == ASSISTANT and messages[i - 1].role == USER:
+        if messages[i].role in (ASSISTANT, ERROR) and messages[i - 1].role == USER:
             if messages[i - 1].image_kept or messages[i - 1].attachment:
                 return i - 1
-            pairs += 1
+            pairs += messages[i].role == ASSISTANT
             i -= 2
         else:
             i -= 1

@@ -1226,7 +1226,10 @@ def test_a_chat_turn_without_an_image_sends_the_chat_s_image_again_kept_in_the_f
     drive(idle)
     settings.chat_mode, settings.prompt = True, "now sit"
     assert bpy.ops.chatpose.send() == {"FINISHED"}
-    assert "the chat's image: boxer.png is not kept (sent in pose mode" in live.last_message()[0]
+    assert (
+        "the chat's image: boxer.png is not kept (refused, sent in pose mode"
+        in (live.last_message()[0])
+    )
     drive(idle)
     assert backend.items[-1].images == ()  # not the older photo, which the chat is no longer on
     assert bpy.ops.chatpose.clear_history() == {"FINISHED"}
@@ -1257,13 +1260,49 @@ def test_a_refused_image_sent_again_says_it_is_the_chat_s_and_how_to_go_on(armat
         message = live.last_message()[0]
         assert message.startswith("Request failed (unsupported_input): images: ")
         assert message.endswith(
-            "(image: ref.png is the chat's image, sent again with every chat turn: Clear "
-            "History, or pose mode, to go on without it)"
+            "(image: ref.png is the chat's image, sent again with this turn; the turns after "
+            "it go without it)"
         )
+        assert scene.chatpose.prompt == "now raise her left arm"  # given back: sent again
+        bpy.ops.chatpose.send()
+        assert "the chat's image: ref.png is not kept (refused" in live.last_message()[0]
+        drive(idle)
+        answered = props.history_messages(scene)[-2:]
+        assert [m.role for m in answered] == ["user", "assistant"]  # answered, no image sent
+        assert not answered[0].attachment and not answered[0].image_kept
     finally:
         backend.release()
         server.stop()
         thread.join(5)
+
+
+def test_a_chat_turn_s_own_image_goes_again_with_its_prompt_given_back_not_an_older_one(
+    armature, scripted_service, tmp_path
+):
+    address, backend = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    woman, boxer = tmp_path / "woman.png", tmp_path / "boxer.png"
+    woman.write_bytes(encode_png(np.full((20, 30, 3), 128)))
+    boxer.write_bytes(encode_png(np.full((20, 30, 3), 40)))
+    settings.chat_mode, settings.prompt = True, "copy her pose"
+    bpy.ops.chatpose.pose_from_image(filepath=str(woman))
+    drive(idle)
+    backend.hold()
+    settings.prompt = "now copy the boxer"
+    bpy.ops.chatpose.pose_from_image(filepath=str(boxer))
+    bpy.ops.chatpose.cancel()
+    drive(lambda: live.last_message()[0].startswith("Cancelled"))
+    backend.release()
+    drive(idle)
+    assert settings.prompt == "now copy the boxer"  # given back, to send again
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    assert "with image: boxer.png of the chat" in live.last_message()[0]  # not the woman's
+    drive(idle)
+    assert (backend.items[-1].prompt, backend.items[-1].images) == (
+        "now copy the boxer",
+        (boxer.read_bytes(),),
+    )
 
 
 # --- failures -------------------------------------------------------------------------------

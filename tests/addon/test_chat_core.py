@@ -113,10 +113,14 @@ def test_a_chat_turn_without_an_image_takes_the_newest_one_of_the_exchanges_kept
     # The newest image not kept (sent in pose mode): that one, not an older one.
     not_kept = [*photo("first"), *chat.exchange("like him", "ok", attachment="image: b.png")]
     assert chat.conversation_image_index(not_kept) == 2 and not not_kept[2].image_kept
+    # A failed exchange's image (its prompt given back, sent again): that one, kept or not.
     failed = chat.exchange("copy this", "no service", attachment="viewport image", failed=True)
+    assert chat.conversation_image_index([*messages, *failed]) == 6 and not failed[0].image_kept
     unanswered = dataclasses.replace(failed[0], image_kept=True)
-    assert chat.conversation_image_index([unanswered, failed[1]]) is None  # never answered
-    assert chat.conversation_image_index([unanswered]) is None
+    assert chat.conversation_image_index([*messages, unanswered, failed[1]]) == 6
+    text_only = chat.exchange("sit", "no service", failed=True)  # passed over, not counted
+    assert chat.conversation_image_index([*messages, *text_only], max_pairs=2) == 2
+    assert chat.conversation_image_index([unanswered]) is None  # no answer yet
     assert chat.conversation_image_index(_history(("a", "A"), ("b", "B"))) is None
 
 

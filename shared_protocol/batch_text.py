@@ -9,6 +9,7 @@ UTF-8, or UTF-16 with a byte order mark (`decode_text`).
 from __future__ import annotations
 
 import os
+import re
 
 COMMENT = "#"
 # Byte order marks: Windows' Notepad saves "Unicode" as UTF-16 with one; UTF-8 may carry one too.
@@ -65,14 +66,20 @@ def decode_text(data: bytes) -> str:
     return text
 
 
+# What `str.strip` takes, and marks that show nothing: a byte order mark (zero-width no-break
+# space), a zero-width space, a word joiner.
+_LINE_EDGES = re.compile(r"^[\s\ufeff\u200b\u2060]+|[\s\ufeff\u200b\u2060]+$")
+
+
 def prompt_lines(text: str) -> list[tuple[int, str]]:
     """Each prompt of ``text`` with its line number in the text (from 1), in order.
 
     Lines end where Blender's Text Editor and other editors end them, at ``\n``, ``\r\n`` or
     ``\r``; not where ``str.splitlines`` also would (a form feed, Word's line separator
     ``\u2028``), which would split one line the user sees into two prompts and move every frame
-    after it. A byte order mark at the start is no part of the first line: Blender's Text
-    keeps the one of a file it loads, unseen, and `str.strip` keeps it too."""
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    lines = ((number, line.strip()) for number, line in enumerate(text.split("\n"), 1))
+    after it. Byte order marks and zero-width spaces around a line are no part of it: Blender's
+    Text keeps a loaded file's mark, unseen, files joined with `cat` hold one on a later line
+    (its `#` note would become a prompt), and `str.strip` keeps them."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = ((number, _LINE_EDGES.sub("", line)) for number, line in enumerate(text.split("\n"), 1))
     return [(number, line) for number, line in lines if line and not line.startswith(COMMENT)]

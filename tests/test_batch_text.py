@@ -35,12 +35,17 @@ def test_lines_end_where_an_editor_ends_them_not_at_every_unicode_separator():
     ]
 
 
-def test_a_byte_order_mark_kept_in_the_text_is_no_part_of_the_first_line():
+def test_byte_order_marks_and_zero_width_spaces_are_no_part_of_a_line():
     # Blender's Text datablock keeps the mark of a file it loads; a heading after it stays a
     # comment, and the first prompt keeps frame 1.
     assert prompt_lines("\ufeff# shot 12\nwave hello\nkneel") == [(2, "wave hello"), (3, "kneel")]
     assert prompt_lines("\ufeff\nwave") == [(2, "wave")]
     assert prompt_lines("\ufeffwave") == [(1, "wave")]
+    # Files saved with a mark, joined (`cat shot1.txt shot2.txt`): a later heading stays one,
+    # and a line that shows nothing is no prompt, so no frame moves.
+    joined = "\ufeff# shot 1\nwave hello\n\ufeff# shot 2\n\u200b\nsit down \ufeff\n\u2060 \u200bbow"
+    assert prompt_lines(joined) == [(2, "wave hello"), (5, "sit down"), (6, "bow")]
+    assert prompt_lines("wave\u200bhello") == [(1, "wave\u200bhello")]  # inside: the user's
 
 
 def test_files_are_utf8_or_utf16_with_a_byte_order_mark():

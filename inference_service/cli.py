@@ -555,30 +555,28 @@ def _queues_fewer(reply, asked: Sequence) -> bool:
 def _earlier_answers(
     args: argparse.Namespace, lines: Sequence[tuple[int, str]]
 ) -> tuple[Path | None, dict[int, Pose], float | None]:
-    """For --resume: the earlier file that answers the most lines (FILE.partial.npz, written by
-    a batch cut short, or --out itself), its poses by the line each answers, and its frame
-    rate."""
+    """For --resume: the earlier file to go on from, its poses by the line each answers, and
+    its frame rate. FILE.partial.npz when it fits the prompts, even with fewer answers: it
+    holds the newest run's (one without --resume is refused while it is there), which may be
+    a new model's, asked again on purpose; else --out itself."""
     found = [path for path in (_partial_path(args.out), args.out) if path.exists()]
     if not found:
         _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
         return None, {}, None
-    best, refusals = None, []
+    refusals = []
     for path in found:
         # A run without --resume is refused while the partial file is there (_batch).
         start_over = f"delete {path}" if path != args.out else "run without --resume"
         try:
             answered, fps = _answers_in(path, lines, args.file, start_over)
-        except CommandError as exc:  # another file may still fit
+        except CommandError as exc:  # --out may still fit
             refusals.append(exc)
             continue
-        if best is None or len(answered) > len(best[1]):
-            best = (path, answered, fps)
-    if best is None:
-        raise refusals[0]
-    for refusal in refusals:  # said, so that the other file's use is no surprise
-        _report(f"chatpose batch: {refusal} (not used)")
-    _report(f"resuming {best[0]}: {len(best[1])} of {len(lines)} lines answered there")
-    return best
+        for refusal in refusals:  # said, so that the other file's use is no surprise
+            _report(f"chatpose batch: {refusal} (not used)")
+        _report(f"resuming {path}: {len(answered)} of {len(lines)} lines answered there")
+        return path, answered, fps
+    raise refusals[0]
 
 
 def _drop_answered_partial(

@@ -542,7 +542,7 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     assert Motion.load_npz(out_file).labels == motion.labels
 
 
-def test_resume_takes_the_file_with_the_most_answers_and_never_replaces_out_when_cut(
+def test_resume_goes_on_from_the_newest_run_s_partial_file_and_never_replaces_out_when_cut(
     address, backend, capsys, tmp_path, monkeypatch
 ):
     prompts, out_file, argv = shots(tmp_path, "wave\nsit down\nbow\n", address)
@@ -555,10 +555,11 @@ def test_resume_takes_the_file_with_the_most_answers_and_never_replaces_out_when
     partial = tmp_path / "anim.partial.npz"
     assert code == cli.EXIT_INTERRUPTED and Motion.load_npz(partial).labels == ("wave",)
 
-    with monkeypatch.context() as patch:  # --out answers more lines than the partial file
+    # --out answers more lines, but of an older run: the rerun (a new model, say) goes on.
+    with monkeypatch.context() as patch:
         ctrl_c_after(4, patch)
         code, _, err = run(capsys, *argv, "--resume", "--fps", "60")
-    assert code == cli.EXIT_INTERRUPTED and f"resuming {out_file}: 3 of 5" in err
+    assert code == cli.EXIT_INTERRUPTED and f"resuming {partial}: 1 of 5" in err
     assert out_file.read_bytes() == finished  # cut short: the user's file stays as it was
     assert Motion.load_npz(partial).labels == ("wave", "sit down", "bow", "clap")
 

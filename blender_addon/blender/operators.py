@@ -257,11 +257,19 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
         scene = context.scene
         rate = playback_rate(scene.render.fps, scene.render.fps_base)
-        timing = (
-            f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at {rate:g} fps"
-            if self.set_scene and len(frames) > 1
-            else ""
-        )
+        timing = ""
+        if self.set_scene and len(frames) > 1:
+            timing = (
+                f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at "
+                f"{rate:g} fps"
+            )
+            preview = (scene.frame_preview_start, scene.frame_preview_end)
+            if scene.use_preview_range and not preview[0] <= frames[0] <= frames[-1] <= preview[1]:
+                timing += (
+                    f", but its preview range ({preview[0]}-{preview[1]}) is on and plays "
+                    "instead: turn it off in the Timeline to see the motion"
+                )
+                level = "WARNING"
         self.report(
             {level}, f"Keyed {len(frames)} poses on {obj.name}{timing}{earlier}{unused_model}"
         )

@@ -497,6 +497,16 @@ def test_importing_one_pose_leaves_the_scenes_rate_and_range_and_a_motion_says_i
     assert bpy.ops.chatpose.import_npz(filepath=str(clip), start_frame=10) == {"FINISHED"}
     assert (scene.render.fps, scene.frame_start, scene.frame_end) == (60, 10, 17)
     assert "; the scene now plays frames 10-17 at 60 fps" in capfd.readouterr().out
+    scene.use_preview_range = True  # the animator's loop, elsewhere: it plays, not the motion
+    scene.frame_preview_start, scene.frame_preview_end = 100, 120
+    assert bpy.ops.chatpose.import_npz(filepath=str(clip), start_frame=10) == {"FINISHED"}
+    assert (
+        "; the scene now plays frames 10-17 at 60 fps, but its preview range (100-120) is on "
+        "and plays instead: turn it off in the Timeline to see the motion"
+    ) in capfd.readouterr().out
+    scene.frame_preview_start, scene.frame_preview_end = 1, 50  # the motion within it
+    assert bpy.ops.chatpose.import_npz(filepath=str(clip), start_frame=10) == {"FINISHED"}
+    assert "preview range" not in capfd.readouterr().out
 
 
 def test_npz_import_export_round_trip(blender, tmp_path):

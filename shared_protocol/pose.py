@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +46,7 @@ _MOTION_KEYS = (
     "labels",
     "smpl_hands",
     "trans_offset",
+    "up_axis",
 )
 # What a written file holds for SMPL-H readers (AMASS's own tools, HumanML3D): 156 pose numbers
 # (52 joints: the body's 22, then 30 finger joints, at rest here), 16 betas, 8 DMPLs (zero).
@@ -339,6 +340,7 @@ class Motion:
             arrays["labels"] = np.array(self.labels, dtype=str)
         if z_up:  # for load_npz: the body it was written for, whatever body reads it
             arrays["trans_offset"] = offset
+        arrays["up_axis"] = np.array("Z" if z_up else "Y")  # read so, whatever load_npz is told
         _write_atomically(path, lambda stream: write_npz(stream, arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
@@ -353,18 +355,19 @@ class Motion:
     @classmethod
     def load_npz(cls, path: str | os.PathLike, *, z_up: bool = True, rest_joints=None) -> Motion:
         """Reads an AMASS-layout file, Z-up as AMASS's own (the inverse of `save_npz`;
-        `z_up=False`: a file in the SMPL body frame); raises ValueError naming the file and the
-        bad entry. `trans` is read for the body of `rest_joints` (`amass_trans_offset`), or for
-        the one a file written here names (its `trans_offset`): its J0, unturned in `trans`,
-        would otherwise move the body across the floor by the difference between the two
-        bodies' pelvises (22 cm between the built-in skeleton's and SMPL's). A file without
-        `trans` says nothing of where the body is: its pelvis stays at rest, as in the body
-        frame (taking its `trans` as zero in AMASS's would sink the body into the floor)."""
-        try:
+        `z_up=False`: a file in the SMPL body frame; a file written here is read in the frame
+        it says, `written_z_up`); raises ValueError naming the file and the bad entry. `trans`
+        is read for the body of `rest_joints` (`amass_trans_offset`), or for the one a file
+        written here names (its `trans_offset`): its J0, unturned in `trans`, would otherwise
+        move the body across the floor by the difference between the two bodies' pelvises
+        (22 cm between the built-in skeleton's and SMPL's). A file without `trans` says
+        nothing of where the body is: its pelvis stays at rest, as in the body frame (taking
+        its `trans` as zero in AMASS's would sink the body into the floor)."""
+        with _read_errors_named(path):
             with open_npz(path) as data:
                 arrays = {k: npz_member(data, k) for k in _MOTION_KEYS if k in data}
                 motion = cls._from_arrays(arrays)
-            if not z_up:
+            if not _says_z_up(arrays, z_up):
                 return motion
             if "trans" not in arrays:
                 return motion.turned(Z_UP_FROM_SMPL.T)
@@ -373,12 +376,6 @@ class Motion:
                 written_for = amass_trans_offset(rest_joints)
             offset = motion.translation - _finite_array(written_for, "trans_offset", (3,))
             return dataclasses.replace(motion, translation=offset).turned(Z_UP_FROM_SMPL.T)
-        except FileNotFoundError:
-            raise
-        except ValueError as exc:
-            raise ValueError(f"{os.fspath(path)}: {exc}") from None
-        except NPZ_READ_ERRORS as exc:
-            raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
 
     @classmethod
     def _from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Motion:
@@ -455,6 +452,39 @@ def _labels(value: np.ndarray) -> tuple[str, ...]:
     if value.ndim != 1:
         raise ValueError(f"labels: expected one string per frame, got shape {value.shape}")
     return tuple(_text(item, "labels") for item in value)
+
+
+def written_z_up(path: str | os.PathLike) -> bool | None:
+    """Whether a motion file written here is Z-up (None: it does not say, as a file from
+    elsewhere does not); ValueError when it cannot be read."""
+    with _read_errors_named(path), open_npz(path) as data:
+        arrays = {k: npz_member(data, k) for k in ("up_axis", "trans_offset") if k in data}
+        return _says_z_up(arrays, None)
+
+
+@contextlib.contextmanager
+def _read_errors_named(path: str | os.PathLike) -> Iterator[None]:
+    """A motion file's read errors as ValueError naming the file (FileNotFoundError as is)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)}: {exc}") from None
+    except NPZ_READ_ERRORS as exc:
+        raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
+
+
+def _says_z_up(arrays: Mapping[str, np.ndarray], otherwise: bool | None) -> bool | None:
+    """A file's frame as it says (`up_axis`; written before that, a Z-up one alone holds
+    `trans_offset`), else ``otherwise``: exported with Z-up off and imported with it on, a
+    motion lay on its back."""
+    if "up_axis" in arrays:
+        axis = _text(arrays["up_axis"], "up_axis")
+        if axis not in ("Y", "Z"):
+            raise ValueError(f"up_axis: expected 'Y' or 'Z', got {axis!r}")
+        return axis == "Z"
+    return True if "trans_offset" in arrays else otherwise
 
 
 def _text(value: np.ndarray, name: str) -> str:

@@ -21,6 +21,7 @@ from shared_protocol.pose import (
     Pose,
     amass_trans_offset,
     check_writable,
+    written_z_up,
 )
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
@@ -153,6 +154,33 @@ def test_motion_npz_round_trip_in_amass_layout(tmp_path):
     np.testing.assert_array_equal(loaded.betas, np.arange(16) / 10)
     motion.save_npz(path, z_up=False)  # a file in the SMPL body frame, read as one
     assert Motion.load_npz(path, z_up=False).poses() == poses
+
+
+def test_a_file_written_here_is_read_in_the_frame_it_says_whatever_the_reader_is_told(tmp_path):
+    rng = np.random.default_rng(5)
+    motion = Motion.from_poses([random_pose(rng) for _ in range(3)], fps=30.0)
+    path = tmp_path / "take.npz"
+    for z_up in (False, True):
+        motion.save_npz(path, z_up=z_up)
+        assert written_z_up(path) is z_up
+        for told in (False, True):  # read back as written, not lying on its back
+            loaded = Motion.load_npz(path, z_up=told)
+            np.testing.assert_allclose(loaded.axis_angle, motion.axis_angle, atol=1e-9)
+            np.testing.assert_allclose(loaded.translation, motion.translation, atol=1e-12)
+    with np.load(path) as data:  # Z-up, as written before `up_axis`: its trans_offset says so
+        arrays = {k: data[k] for k in data.files if k != "up_axis"}
+    np.savez(path, **arrays)
+    assert written_z_up(path) is True
+    np.testing.assert_allclose(Motion.load_npz(path, z_up=False).axis_angle, motion.axis_angle)
+    del arrays["trans_offset"]  # a file from elsewhere says nothing: the reader's option
+    np.savez(path, **arrays)
+    assert written_z_up(path) is None
+    assert not np.allclose(Motion.load_npz(path, z_up=False).axis_angle, motion.axis_angle)
+    np.savez(path, **arrays, up_axis=np.array("X"))
+    with pytest.raises(ValueError, match=r"take\.npz: up_axis: expected 'Y' or 'Z', got 'X'"):
+        written_z_up(path)
+    with pytest.raises(ValueError, match=r"take\.npz: up_axis: expected 'Y' or 'Z', got 'X'"):
+        Motion.load_npz(path)
 
 
 def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from shared_protocol.pose import Motion, Pose
+from shared_protocol.pose import Motion, Pose, written_z_up
 
 from ..core.timeline import MAX_FRAME, frames_for, keeps_timing, playback_rate
 from ..preferences import preferred_smpl_model
@@ -227,6 +227,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         try:
             # Read first: a file that does not load leaves the scene as it was, nor one too long.
             motion = Motion.load_npz(self.filepath, z_up=self.z_up)
+            said_z_up = written_z_up(self.filepath)
             if len(motion) == 0:  # a new take of nothing would replace what plays now
                 raise ValueError(f"{self.filepath}: the motion holds no frames")
             frames_for(len(motion), self.start_frame, self.frame_step)
@@ -254,6 +255,10 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         level = "WARNING" if unused_model else "INFO"
+        frame = ""
+        if said_z_up is not None and said_z_up != self.z_up:  # exported here with the other
+            written = "Z-up (AMASS)" if said_z_up else "in SMPL's frame, +Y up (Z-up off)"
+            frame = f"; the file says it was written {written}, and was read so"
         earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
         scene = context.scene
         rate = playback_rate(scene.render.fps, scene.render.fps_base)
@@ -271,7 +276,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                 )
                 level = "WARNING"
         self.report(
-            {level}, f"Keyed {len(frames)} poses on {obj.name}{timing}{earlier}{unused_model}"
+            {level},
+            f"Keyed {len(frames)} poses on {obj.name}{frame}{timing}{earlier}{unused_model}",
         )
         return {"FINISHED"}
 

@@ -545,6 +545,31 @@ def test_npz_operators_round_trip(blender, tmp_path):
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
 
 
+def test_a_file_exported_in_smpl_s_frame_imports_upright_with_z_up_on_and_says_so(
+    blender, tmp_path, capfd
+):
+    source, out = tmp_path / "in.npz", tmp_path / "smpl_frame.npz"
+    original = motion(3, seed=7)
+    original.save_npz(source)
+    assert bpy.ops.chatpose.import_npz(filepath=str(source)) == {"FINISHED"}
+    assert "the file says" not in capfd.readouterr().out  # as it was told
+    obj = bpy.context.active_object
+    assert bpy.ops.chatpose.export_npz(filepath=str(out), z_up=False) == {"FINISHED"}
+    bpy.ops.object.select_all(action="DESELECT")
+    bpy.context.view_layer.objects.active = None  # onto a new armature
+    assert bpy.ops.chatpose.import_npz(filepath=str(out)) == {"FINISHED"}  # Z-up (AMASS) on
+    assert (
+        "; the file says it was written in SMPL's frame, +Y up (Z-up off), and was read so"
+        in capfd.readouterr().out
+    )
+    again = bpy.context.active_object
+    assert again != obj
+    for frame in (1, 2, 3):
+        np.testing.assert_allclose(
+            read_pose(again, frame).axis_angle, read_pose(obj, frame).axis_angle, atol=1e-5
+        )
+
+
 def test_an_import_with_no_armature_makes_one_at_the_3d_cursor(blender, tmp_path):
     source = tmp_path / "in.npz"
     motion(2, seed=6).save_npz(source)

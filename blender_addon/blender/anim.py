@@ -115,31 +115,34 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
             raise LockedCurveError(f"the F-curve of {bone} {prop} {reason} to key this pose")
 
 
-def action_time(obj: bpy.types.Object, frame: float) -> float:
-    """A scene frame as the time of the object's action. The two differ while the object is in
-    NLA tweak mode: the strip being edited may start elsewhere, be scaled or repeat. Keys
-    written straight into F-curves, and F-curves read at a frame, need the action's time;
-    ``keyframe_insert`` maps it by itself."""
+def tweaking(obj: bpy.types.Object) -> bool:
+    """Whether the object is in NLA tweak mode, where its action's time is not the scene's:
+    the strip being edited may start elsewhere, be scaled or repeat."""
     anim = obj.animation_data
-    if anim is None or not anim.use_tweak_mode:
+    return anim is not None and anim.use_tweak_mode
+
+
+def action_time(obj: bpy.types.Object, frame: float) -> float:
+    """A scene frame as the time of the object's action (``tweaking``). Keys written straight
+    into F-curves, and F-curves read at a frame, need the action's time; ``keyframe_insert``
+    maps it by itself."""
+    if not tweaking(obj):
         return frame
-    return anim.nla_tweak_strip_time_to_scene(frame, invert=True)
+    return obj.animation_data.nla_tweak_strip_time_to_scene(frame, invert=True)
 
 
 def action_times(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
     """``action_time`` of each of ``frames``, (N,) float64; out of tweak mode, the frames."""
-    anim = obj.animation_data
-    if anim is None or not anim.use_tweak_mode:
+    if not tweaking(obj):
         return np.asarray(frames, dtype=np.float64).reshape(-1)
     return np.array([action_time(obj, frame) for frame in frames], dtype=np.float64)
 
 
 def scene_time(obj: bpy.types.Object, frame: float) -> float:
     """The action's time ``frame`` as a scene frame (``action_time``'s inverse)."""
-    anim = obj.animation_data
-    if anim is None or not anim.use_tweak_mode:
+    if not tweaking(obj):
         return frame
-    return anim.nla_tweak_strip_time_to_scene(frame)
+    return obj.animation_data.nla_tweak_strip_time_to_scene(frame)
 
 
 def start_new_take(obj: bpy.types.Object, name: str) -> str | None:

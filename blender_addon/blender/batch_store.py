@@ -26,7 +26,7 @@ from ..core.batch_record import (
     with_entries_appended,
 )
 from ..core.posing import root_location
-from .anim import action_time, has_no_slot, scene_time, take_fcurves
+from .anim import action_time, has_no_slot, scene_time, take_fcurves, tweaking
 from .armature import rig_geometry
 from .fast_keys import write_keys
 from .keyframes import write_pose_keys
@@ -53,11 +53,6 @@ _unsettled: set[tuple[int, str, str | None]] = set()
 _last: tuple[str, BatchRecord] | None = None
 
 
-def _tweaking(obj: bpy.types.Object) -> bool:
-    anim = obj.animation_data
-    return anim is not None and anim.use_tweak_mode
-
-
 def load_record(obj: bpy.types.Object) -> BatchRecord:
     """The record of the object's current action (empty when it has none), in scene frames;
     ValueError when the stored value is not a record (e.g. edited by hand): the caller decides
@@ -67,11 +62,11 @@ def load_record(obj: bpy.types.Object) -> BatchRecord:
     if action is None:
         return BatchRecord()
     stored = action.get(name)
-    if _last is not None and _last[0] == stored and not _tweaking(obj):
+    if _last is not None and _last[0] == stored and not tweaking(obj):
         return _last[1]
     record = BatchRecord.from_json(stored)
     record = record.with_frames(lambda frame: round(scene_time(obj, frame)))
-    if isinstance(stored, str) and not _tweaking(obj):
+    if isinstance(stored, str) and not tweaking(obj):
         _last = (stored, record)
     return record
 
@@ -83,7 +78,7 @@ def save_record(obj: bpy.types.Object, record: BatchRecord) -> None:
     action, name = _holder(obj)
     if action is None:
         return
-    if _tweaking(obj):
+    if tweaking(obj):
         record = record.with_frames(lambda frame: _action_frame(action_time(obj, frame)))
         action[name] = record.to_json()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -12,8 +13,8 @@ import numpy as np
 from shared_protocol.pose import Motion, Pose
 
 from ..core.posing import bone_quaternions, root_location
-from ..core.timeline import frames_for, keyed_frame_list, motion_frames, playback_rate
-from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time, take_fcurves
+from ..core.timeline import ON_FRAME, frames_for, keyed_frame_list, motion_frames, playback_rate
+from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time, take_fcurves, tweaking
 from .armature import bone_names, rest_joints, rig_geometry
 from .fast_keys import write_keys
 from .posing import (
@@ -135,7 +136,15 @@ def keyed_frames(obj: bpy.types.Object) -> list[int]:
     # Read in one go per curve: a point at a time, a 6,000-frame take's 600,000 keys took a
     # second before export could start.
     distinct = np.unique(np.concatenate(times)) if times else ()
-    return keyed_frame_list(scene_time(obj, float(t)) for t in distinct)
+    frames = [scene_time(obj, float(t)) for t in distinct]
+    try:
+        return keyed_frame_list(frames)
+    except ValueError:
+        if not tweaking(obj):
+            raise
+    # A scaled or repeated strip puts the action's keys between the scene's frames (snapping
+    # them there would move the action's off its own): every frame it spans, as it plays.
+    return list(range(math.ceil(min(frames) - ON_FRAME), math.floor(max(frames) + ON_FRAME) + 1))
 
 
 def _point_times(points) -> np.ndarray:

@@ -29,6 +29,7 @@ from ..core.posing import (
     root_location,
     translation_from_root_location,
 )
+from ..core.timeline import ON_FRAME
 from .anim import Channel, action_times, bone_data_path, fcurve_map, refuse_locked
 from .armature import bone_names, rest_joints, rig_geometry
 
@@ -382,9 +383,6 @@ def read_pose_arrays(
     return axis_angle, translations
 
 
-_ON_FRAME = 1e-3  # a key this close to a time is at it
-
-
 def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
     """(N,) whether the root's location has a key, on any axis, at each scene frame."""
     path = bone_data_path(bone_names(obj)[0], "location")
@@ -400,6 +398,6 @@ def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndar
         points.foreach_get("co", co)
         key_times = np.sort(co[0::2].astype(np.float64))
         # The first key at or after time - tolerance: keyed there when within the tolerance.
-        at = np.minimum(np.searchsorted(key_times, times - _ON_FRAME), len(key_times) - 1)
-        keyed |= np.abs(key_times[at] - times) < _ON_FRAME
+        at = np.minimum(np.searchsorted(key_times, times - ON_FRAME), len(key_times) - 1)
+        keyed |= np.abs(key_times[at] - times) < ON_FRAME
     return keyed

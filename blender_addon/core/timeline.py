@@ -29,11 +29,14 @@ def frames_for(count: int, start: int, step: int = 1) -> list[int]:
     return [start + i * step for i in range(count)]
 
 
+ON_FRAME = 1e-3  # a key this close to a frame is at it
+
+
 def keyed_frame_list(frames: Iterable[float]) -> list[int]:
     """Sorted distinct whole frames of keyframe positions. A key between frames is a ValueError
     naming it: a motion holds whole frames, and rounding would move or drop that pose."""
     frames = sorted(set(frames))
-    between = [f for f in frames if abs(f - round(f)) > 1e-3]
+    between = [f for f in frames if abs(f - round(f)) > ON_FRAME]
     if between:
         raise ValueError(
             f"a key lies between frames (at {between[0]:g}); snap the keys to whole frames "

@@ -422,6 +422,24 @@ def test_keys_land_on_their_scene_frames_in_nla_tweak_mode(blender):
         assert fk_error(obj, pose) < FK_TOLERANCE
 
 
+def test_a_scaled_strip_in_tweak_mode_exports_every_frame_it_plays(blender, tmp_path):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    key_poses(obj, [random_pose(k) for k in range(4)], [1, 2, 3, 4])
+    anim = obj.animation_data
+    strip = anim.nla_tracks.new().strips.new("take", 1, anim.action)
+    anim.action = None
+    strip.scale = 1.5  # the take's keys play at scene frames 1, 2.5, 4, 5.5
+    anim.use_tweak_mode = True
+    assert keyed_frames(obj) == [1, 2, 3, 4, 5]  # not refused: snapping would move the take's
+    assert bpy.ops.chatpose.export_npz(filepath=str(tmp_path / "take.npz")) == {"FINISHED"}
+    back = Motion.load_npz(tmp_path / "take.npz")
+    assert len(back) == 5
+    for k, frame in enumerate(range(1, 6)):  # as the scene plays it
+        np.testing.assert_allclose(back.axis_angle[k], read_pose(obj, frame).axis_angle, atol=1e-5)
+    for k, pose in ((0, random_pose(0)), (3, random_pose(2))):  # the keys at frames 1 and 4
+        np.testing.assert_allclose(back.axis_angle[k], pose.axis_angle, atol=1e-5)
+
+
 def test_only_pose_channels_count_as_keyed_frames(blender):
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     pelvis = obj.pose.bones["pelvis"]

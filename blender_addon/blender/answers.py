@@ -211,24 +211,32 @@ def _kept_image(job: PoseJob) -> bpy.types.Image | None:
     return (job.resent_image and find(bpy.data.images, *job.resent_image)) or None
 
 
+def failed_turn_image(job: PoseJob, message: str) -> bpy.types.Image | None:
+    """The image a failed (or unanswered) turn's exchange keeps, so that its prompt, given
+    back, goes with it again; none when the image is what the service refused."""
+    return None if _image_refused(job, message) else _kept_image(job)
+
+
+def _image_refused(job: PoseJob, message: str) -> bool:
+    return bool(job.attachment) and message.startswith((job.attachment, "images"))
+
+
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
     message = outcome.message + _why_unreachable(outcome.code)
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
-    image_refused = bool(job.attachment) and message.startswith((job.attachment, "images"))
-    if job.resent_image and image_refused:
+    if job.resent_image and _image_refused(job, message):
         message += (
             f" ({job.attachment} is the chat's image, sent again with this turn; the turns "
             "after it go without it)"
         )
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
-        # Kept for its prompt, given back, to go with it again; not when it is what failed.
         append_history(
             scene,
             chat.exchange(job.prompt, message, attachment=job.attachment, failed=True),
-            None if image_refused else _kept_image(job),
+            failed_turn_image(job, message),
         )
         give_prompt_back(scene, job.prompt)
         feedback.push_undo("chat")

@@ -97,8 +97,12 @@ def keep_unanswered_prompts(why: str) -> bool:
 
 def keep_unanswered(scene: bpy.types.Scene, job, why: str) -> None:
     """Keeps an unanswered prompt as a failed request keeps its prompt: in the chat history,
-    saying ``why``, and back in the prompt field where that is empty."""
-    append_history(scene, chat.exchange(job.prompt, why, attachment=job.attachment, failed=True))
+    saying ``why``, with its image, and back in the prompt field where that is empty."""
+    append_history(
+        scene,
+        chat.exchange(job.prompt, why, attachment=job.attachment, failed=True),
+        answers.failed_turn_image(job, why),
+    )
     answers.give_prompt_back(scene, job.prompt)
 
 
@@ -137,9 +141,13 @@ def _on_save_post(*_args) -> None:
         if scene is None:
             continue
         history = scene.chatpose.history
+        packed = {m.image for m in list(history)[length:] if m.image is not None}
         while len(history) > length:
             history.remove(len(history) - 1)
         scene.chatpose.prompt = prompt
+        for image in packed:  # for the file alone: the answer, when it comes, keeps its own
+            if image.users == 0:
+                bpy.data.images.remove(image)
 
 
 FILE_HANDLERS = (

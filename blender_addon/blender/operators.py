@@ -197,7 +197,8 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     )
     z_up: bpy.props.BoolProperty(
         name="Z-up (AMASS)",
-        description="The file is Z-up, as AMASS's motions are; off: in SMPL's own frame, +Y up",
+        description="The file is Z-up, as AMASS's motions are; off: in SMPL's own frame, +Y up. "
+        "A file exported here says which, and is read so",
         default=True,
     )
     new_take: bpy.props.BoolProperty(

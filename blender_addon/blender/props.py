@@ -213,9 +213,22 @@ def append_history(scene: bpy.types.Scene, messages, image: bpy.types.Image | No
         history[first].image = image
 
 
+_CHAT_IMAGE_PREFIX = "ChatPose "
+
+
 def pack_chat_image(data: bytes, label: str) -> bpy.types.Image:
-    """PNG or JPEG bytes a chat turn sent, as a Blender image packed into the .blend file."""
-    image = bpy.data.images.new(f"ChatPose {label or 'image'}", 1, 1)
+    """PNG or JPEG bytes a chat turn sent, as a Blender image packed into the .blend file;
+    one already packed with the same bytes (a turn sent again) rather than a copy."""
+    for image in bpy.data.images:
+        packed = image.packed_file
+        if (
+            image.name.startswith(_CHAT_IMAGE_PREFIX)
+            and packed is not None
+            and packed.size == len(data)
+            and bytes(packed.data) == data
+        ):
+            return image
+    image = bpy.data.images.new(f"{_CHAT_IMAGE_PREFIX}{label or 'image'}", 1, 1)
     image.pack(data=data, data_len=len(data))
     image.source = "FILE"  # read from the packed bytes, not the 1x1 made here
     return image

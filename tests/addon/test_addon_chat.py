@@ -1304,6 +1304,29 @@ def test_a_chat_turn_s_own_image_goes_again_with_its_prompt_given_back_not_an_ol
         (boxer.read_bytes(),),
     )
 
+    def chat_images():
+        return sorted(image.name for image in bpy.data.images if image.name.startswith("ChatPose"))
+
+    assert chat_images() == ["ChatPose image: boxer.png", "ChatPose image: woman.png"]  # once each
+    backend.hold()  # a turn still waiting when the file is saved (and Blender quits)
+    settings.prompt = "and now the woman"
+    bpy.ops.chatpose.pose_from_image(filepath=str(woman))
+    path = str(tmp_path / "waiting.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    assert settings.prompt == "" and chat_images() == [  # taken back: the answer still comes
+        "ChatPose image: boxer.png",
+        "ChatPose image: woman.png",
+    ]
+    backend.release()
+    drive(idle)
+    assert len(chat_images()) == 2  # the woman's photo answered again: packed once still
+    bpy.ops.wm.open_mainfile(filepath=path)
+    settings = bpy.context.scene.chatpose
+    assert settings.prompt == "and now the woman"  # kept in the file, with its image
+    assert bpy.ops.chatpose.send() == {"FINISHED"}
+    drive(idle)
+    assert backend.items[-1].images == (woman.read_bytes(),)
+
 
 # --- failures -------------------------------------------------------------------------------
 

@@ -556,27 +556,21 @@ def _earlier_answers(
     args: argparse.Namespace, lines: Sequence[tuple[int, str]]
 ) -> tuple[Path | None, dict[int, Pose], float | None]:
     """For --resume: the earlier file to go on from, its poses by the line each answers, and
-    its frame rate. FILE.partial.npz when it fits the prompts, even with fewer answers: it
+    its frame rate. FILE.partial.npz when it is there, even with fewer answers than --out: it
     holds the newest run's (one without --resume is refused while it is there), which may be
-    a new model's, asked again on purpose; else --out itself."""
-    found = [path for path in (_partial_path(args.out), args.out) if path.exists()]
-    if not found:
+    a new model's, asked again on purpose; refused when it does not fit the prompts (a run cut
+    short would write over it). Else --out itself."""
+    partial = _partial_path(args.out)
+    if partial.exists():  # a run without --resume is refused while it is there (_batch)
+        path, start_over = partial, f"move or delete {partial}"
+    elif args.out.exists():
+        path, start_over = args.out, "run without --resume"
+    else:
         _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
         return None, {}, None
-    refusals = []
-    for path in found:
-        # A run without --resume is refused while the partial file is there (_batch).
-        start_over = f"delete {path}" if path != args.out else "run without --resume"
-        try:
-            answered, fps = _answers_in(path, lines, args.file, start_over)
-        except CommandError as exc:  # --out may still fit
-            refusals.append(exc)
-            continue
-        for refusal in refusals:  # said, so that the other file's use is no surprise
-            _report(f"chatpose batch: {refusal} (not used)")
-        _report(f"resuming {path}: {len(answered)} of {len(lines)} lines answered there")
-        return path, answered, fps
-    raise refusals[0]
+    answered, fps = _answers_in(path, lines, args.file, start_over)
+    _report(f"resuming {path}: {len(answered)} of {len(lines)} lines answered there")
+    return path, answered, fps
 
 
 def _drop_answered_partial(
@@ -589,7 +583,7 @@ def _drop_answered_partial(
     if not partial.exists():
         return
     try:
-        answered = _answers_in(partial, lines, args.file, f"delete {partial}")[0]
+        answered = _answers_in(partial, lines, args.file, f"move or delete {partial}")[0]
     except CommandError:
         answered = None  # from another prompt file, or edited since: not this run's to judge
     if answered is not None and answered.keys() <= poses.keys():

@@ -588,9 +588,11 @@ def test_a_finished_batch_removes_a_partial_file_it_answers_and_keeps_one_it_doe
     assert not partial.exists()
 
     Motion.from_poses([pose_for("explode")]).save_npz(partial)  # not a label of this file
-    code, _, err = run(capsys, *argv, "--resume")
-    assert code == cli.EXIT_OK and "not used" in err and f"resuming {out_file}: 2 of 2" in err
-    assert partial.exists() and f"{partial} is kept" in err
+    kept = partial.read_bytes()
+    code, _, err = run(capsys, *argv, "--resume")  # a run cut short would write over it
+    assert code == cli.EXIT_BAD_INPUT and partial.read_bytes() == kept
+    assert f"frame 1 of {partial} ('explode') answers no line of {prompts} in order" in err
+    assert f"was edited since, move or delete {partial} to start over" in err
 
 
 def test_resume_refuses_a_file_whose_frames_the_prompts_no_longer_give(

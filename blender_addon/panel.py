@@ -173,9 +173,10 @@ class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
             _wrapped(layout, settings.problem, _chars_per_line(context), "ERROR")
         line = live.service_line()
         if line:
-            _wrapped(layout, line, _chars_per_line(context), "CHECKMARK")
+            icon = "ERROR" if line.startswith(live.UNAVAILABLE) else "CHECKMARK"
+            _wrapped(layout, line, _chars_per_line(context), icon)
         layout.operator("chatpose.service_status", icon="FILE_REFRESH")
-        draw_local_service(layout)
+        draw_local_service(layout, _chars_per_line(context))
 
 
 class VIEW3D_PT_chatpose_files(bpy.types.Panel):  # noqa: N801

@@ -13,6 +13,7 @@ from shared_protocol.client import DEFAULT_ADDRESS
 
 from .core.chat import DEFAULT_MAX_PAIRS, wrap
 from .core.netpolicy import address_problem, curve_problem
+from .core.paths import unquoted
 from .core.paths import user_data_dir as _user_data_dir
 from .core.smpl_model import SmplModel, load_smpl_model
 
@@ -144,8 +145,9 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         draw_local_service(box)
 
 
-def draw_local_service(layout) -> None:
-    """Start/Stop buttons and the local service's state (preferences and the panel)."""
+def draw_local_service(layout, width: int = 70) -> None:
+    """Start/Stop buttons and the local service's state, in lines of ``width`` characters
+    (preferences and the panel), and a button opening its log once one was started here."""
     from .blender import live, local_service
 
     state = local_service.local_service_state()
@@ -156,10 +158,11 @@ def draw_local_service(layout) -> None:
     text = state.describe()
     if state.alive and live.waiting_for_service():
         text += ", loading the model..."
-    if live.service_process().pid is not None:  # one started here: where its output is
-        text += f"; log: {live.service_process().log_path}"
-    for i, line in enumerate(wrap(f"Local service: {text}", 70)):
+    for i, line in enumerate(wrap(f"Local service: {text}", width)):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
+    if live.service_process().pid is not None:  # one started here: where its output is
+        log = live.service_process().log_path
+        layout.operator("wm.path_open", text="Open Log", icon="TEXT").filepath = log
 
 
 def online_access() -> bool:
@@ -225,7 +228,9 @@ def preferred_smpl_model(context: bpy.types.Context | None = None) -> SmplModel 
 
 def absolute_path(path: str) -> str:
     """A file path setting as an absolute path ("//" is the .blend's folder, "~" the user's
-    home); empty stays so, and so does a bare program name (found on PATH)."""
+    home; quotes pasted around it removed); empty stays so, and so does a bare program name
+    (found on PATH)."""
+    path = unquoted(path)
     return os.path.expanduser(bpy.path.abspath(path)) if path else ""
 
 

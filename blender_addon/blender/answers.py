@@ -59,6 +59,8 @@ def apply_outcome(outcome) -> None:
                 f"{status.model} on {status.device} ({status.dtype}), "
                 f"chatpose {status.version}, images: {status.max_images}"
             )
+            local = live.service_process().instance
+            live.state.service_line_instance = local if status.instance == local else None
             if not outcome.job.probe:
                 feedback.notify(f"Service: {live.state.service_line}")
             elif status.instance in (None, live.service_process().instance):  # None: an older one
@@ -69,7 +71,8 @@ def apply_outcome(outcome) -> None:
         case StatusFailed():
             if not outcome.job.probe:
                 message = outcome.message + _why_unreachable(outcome.code)
-                live.state.service_line = f"unavailable: {message}"
+                live.state.service_line = f"{live.UNAVAILABLE}{message}"
+                live.state.service_line_instance = None
                 feedback.notify(f"Service: {message}", "ERROR")
         case BatchLineReady():
             _batch_lines([outcome])

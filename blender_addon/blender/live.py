@@ -33,6 +33,7 @@ class State:
     message: str = ""
     level: str = "INFO"  # INFO, WARNING, ERROR
     service_line: str = ""  # what the last status check said
+    service_line_instance: str | None = None  # the local service's it was, if it was
     waiting_ready: bool = False  # a local service was started and has not answered yet
     local_address: str = ""  # where the local service was started to listen
     stopping: bool = False  # the local service was asked to stop and is still there
@@ -71,7 +72,17 @@ def last_message() -> tuple[str, str]:
     return state.message, state.level
 
 
+UNAVAILABLE = "unavailable: "  # how service_line says a status check failed
+
+
 def service_line() -> str:
+    """What the last status check said; "" once the local service it was of has exited,
+    stopped or been started again: it no longer holds."""
+    checked = state.service_line_instance
+    if checked is not None:
+        process = service_process()
+        if process.instance != checked or not process.poll().alive:
+            return ""
     return state.service_line
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+def unquoted(path: str) -> str:
+    """A path setting without the quotes around it that a pasted path may have (Windows
+    Explorer's "Copy as path" adds them), and without spaces at its ends."""
+    path = path.strip()
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "\"'":
+        return path[1:-1].strip()
+    return path
+
+
 def is_extension_package(package: str | None) -> bool:
     """True when the add-on runs as a Blender 4.2+ extension (``bl_ext.<repo>.<id>``)."""
     return bool(package) and package.startswith("bl_ext.") and package.count(".") >= 2

@@ -132,7 +132,7 @@ class ProcessState:
                     "chatpose-blender[service]: pick the project's .venv/bin/python "
                     "(.venv\\Scripts\\python.exe on Windows)"
                 )
-            elif "unrecognized arguments" in self.last_line:  # an older service than add-on
+            elif "unrecognized arguments: --" in self.last_line:  # an option it predates
                 text += (
                     "; the service installed for that Python is older than this add-on: "
                     "update it (git pull, then make setup)"
@@ -156,6 +156,11 @@ def _killed_by(signum: int) -> str:
 QUANTIZATION_FLAGS = {"none": (), "8bit": ("--load-in-8bit",), "4bit": ("--load-in-4bit",)}
 
 
+# Programs beside the environment's python that the Python setting is easily given instead:
+# run with `-m inference_service.serve`, they fail with usage errors that point elsewhere.
+_NOT_PYTHON = ("chatpose", "pip")
+
+
 def serve_command(
     python: str, checkpoint: str, bind: str, device: str = "auto", quantization: str = "none"
 ) -> list[str]:
@@ -176,6 +181,12 @@ def serve_command(
         )
     if not resolved or not os.path.isfile(resolved):
         raise ServiceProcessError(f"Python interpreter {python!r} not found")
+    program = os.path.basename(resolved).lower().removesuffix(".exe")
+    if program.startswith(_NOT_PYTHON):
+        raise ServiceProcessError(
+            f"{python!r} is the {program} program, not a Python interpreter; pick the python "
+            "beside it (bin/python, or Scripts\\python.exe on Windows)"
+        )
     resolved = os.path.abspath(resolved)  # the service runs in its log folder (`start`)
     checkpoint = checkpoint.strip()
     if not checkpoint:

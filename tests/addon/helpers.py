@@ -46,9 +46,10 @@ class FakeLayout:
     """Stands in for UILayout in draw tests: records operators, properties and labels, and
     checks that every property drawn exists on its data."""
 
-    def __init__(self, calls: list, buttons: list | None = None):
+    def __init__(self, calls: list, buttons: list | None = None, icons: list | None = None):
         self.calls = calls
         self.buttons = [] if buttons is None else buttons  # (idname, text, properties)
+        self.icons = [] if icons is None else icons  # (label text, its icon)
         self.enabled = True
         self.active = True
 
@@ -70,6 +71,7 @@ class FakeLayout:
 
     def label(self, **kwargs):
         self.calls.append(("label", kwargs.get("text")))
+        self.icons.append((kwargs.get("text"), kwargs.get("icon", "NONE")))
 
     def progress(self, **kwargs):
         self.calls.append(("progress", kwargs.get("factor")))
@@ -92,12 +94,13 @@ def linked_from_library(datablock, library):
     return getattr(target, data)[0]
 
 
-def draw_panels(panels, context, buttons: list | None = None) -> list:
+def draw_panels(panels, context, buttons: list | None = None, icons: list | None = None) -> list:
     """Draws each panel class with a FakeLayout; the calls of all of them, in order. With
-    ``buttons``, each operator button drawn is added to it: (idname, text, its properties)."""
+    ``buttons``, each operator button drawn is added to it: (idname, text, its properties);
+    with ``icons``, each label: (text, icon)."""
     calls: list = []
     for cls in panels:
-        cls.draw(type("P", (), {"layout": FakeLayout(calls, buttons)})(), context)
+        cls.draw(type("P", (), {"layout": FakeLayout(calls, buttons, icons)})(), context)
     return calls
 
 

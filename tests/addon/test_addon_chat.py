@@ -1848,8 +1848,28 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
     import os
     import signal
 
+    def service_panel():
+        buttons, icons = [], []
+        draw_panels([panel.VIEW3D_PT_chatpose_service], bpy.context, buttons, icons)
+        return buttons, icons
+
+    bpy.ops.chatpose.service_status()
+    drive(idle)
+    buttons, icons = service_panel()
+    assert ("scripted on cpu (float32), chatpose", "CHECKMARK") in icons
+    [log] = [properties.filepath for name, _, properties in buttons if name == "wm.path_open"]
+    assert log == live.service_process().log_path  # Open Log, not a path past the panel's edge
     os.kill(live.service_process().pid, signal.SIGKILL)  # as a crash, past its own handlers
     drive(lambda: local_service.local_service_state().state == "exited")
+    _, icons = service_panel()
+    assert not [text for text, _ in icons if text.startswith("scripted on cpu")]  # it was
+    assert icons[1] == ("Local service: exited: killed by", "ERROR")
+    assert all(len(text) <= panel._chars_per_line(bpy.context) for text, _ in icons[1:])
+    bpy.ops.chatpose.service_status()
+    drive(idle)
+    assert live.last_message() == (live.last_message()[0], "ERROR")
+    _, icons = service_panel()
+    assert icons[1][0].startswith("unavailable: no service") and icons[1][1] == "ERROR"
     bpy.context.scene.chatpose.prompt = "after the crash"
     bpy.ops.chatpose.send()
     drive(idle)

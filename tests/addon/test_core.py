@@ -408,6 +408,13 @@ def test_user_data_dir_uses_extension_path_only_for_extensions():
         calls.append((package, create))
         return f"/ext/{package}"
 
+    # Windows Explorer's "Copy as path" quotes what it copies; a quote inside is the path's.
+    assert paths.unquoted(' "C:\\ChatPose\\.venv\\Scripts\\python.exe" ') == (
+        "C:\\ChatPose\\.venv\\Scripts\\python.exe"
+    )
+    assert paths.unquoted("'/opt/chatpose/ckpt'") == "/opt/chatpose/ckpt"
+    assert paths.unquoted("/opt/it's here") == "/opt/it's here"
+    assert paths.unquoted("\"/opt/x'") == "\"/opt/x'" and paths.unquoted('"') == '"'
     assert paths.is_extension_package("bl_ext.user_default.chatpose")
     assert not paths.is_extension_package("chatpose")
     assert not paths.is_extension_package("blender_addon")

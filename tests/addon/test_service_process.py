@@ -106,6 +106,10 @@ def test_serve_command_names_what_is_missing(tmp_path, monkeypatch):
         serve_command(sys.executable, " ", "tcp://127.0.0.1:5555")
     with pytest.raises(ServiceProcessError, match="does not exist"):
         serve_command(sys.executable, str(tmp_path / "ckpt"), "tcp://127.0.0.1:5555")
+    for program in ("chatpose-serve", "chatpose", "pip3.exe"):  # beside python, picked instead
+        (tmp_path / program).write_text("")
+        with pytest.raises(ServiceProcessError, match=f"is the {program.removesuffix('.exe')} "):
+            serve_command(str(tmp_path / program), str(tmp_path), "tcp://127.0.0.1:5555")
     (tmp_path / "chatpose.json").write_text("{}")  # a file of the checkpoint, picked
     with pytest.raises(ServiceProcessError, match=r"chatpose\.json' is a file; set its folder"):
         serve_command(sys.executable, str(tmp_path / "chatpose.json"), "tcp://127.0.0.1:5555")
@@ -214,6 +218,11 @@ def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
     assert "older than this add-on: update it (git pull, then make setup)" in described
     Path(manager.log_path).unlink()  # read once: the panel polls on every redraw
     assert manager.poll().describe() == described
+    # Another program's usage error is not the service's age: no update advised.
+    usage = "import sys; sys.exit('prog: error: unrecognized arguments: -m inference_service')"
+    manager.start([sys.executable, "-c", usage])
+    wait_for(lambda: manager.poll().state == EXITED, 30)
+    assert "older than this add-on" not in manager.poll().describe()
 
 
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):

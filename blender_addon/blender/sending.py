@@ -205,15 +205,24 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise live.UserError(
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
-    gone = record.past_the_end(len(lines))
-    notes = ""
-    if gone:  # lines deleted from the text: forget them (once the run starts), keys left alone
-        record = record.without_lines(entry.line for entry in gone)
-        notes = (
-            f"; {len(gone)} recorded line(s) are no longer in the text, their keys (frame "
-            f"{_frames(gone)}) are left as they are"
-        )
     start, step = settings.batch_start, settings.batch_step
+    new_frames = set(frames_for(len(lines), start, step))
+    gone = record.past_the_end(len(lines))  # lines deleted from the text
+    moved = record.moved(lines, start, step)  # Start or Step changed: keyed at new frames
+    # Entries whose old frame another line now goes on, whose key replaces theirs. Forgotten
+    # (once the run starts) with the deleted lines': a run stopped before keying them again
+    # would leave two entries at one frame, and count a line keyed that is not.
+    overwritten = sorted(
+        (entry for entry in (*gone, *moved) if entry.frame in new_frames), key=lambda e: e.frame
+    )
+    forgotten = {entry.line for entry in (*gone, *overwritten)}
+    record = record.without_lines(forgotten)
+    notes = ""
+    if gone:
+        notes = f"; {len(gone)} recorded line(s) are no longer in the text"
+        gone_kept = [entry for entry in gone if entry.frame not in new_frames]
+        if gone_kept:
+            notes += f", their keys (frame {_frames(gone_kept)}) are left as they are"
     pending = record.pending(lines, start, step)
     to_place, to_record = _keyed_to_place(record, lines, settings)
     if to_place:
@@ -224,22 +233,19 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
             else f"; {len(to_place)} line(s) keyed before without Translation get the root's "
             "location keyed at rest, not asked again"
         )
-    moved = record.moved(lines, settings.batch_start, settings.batch_step)
-    if moved:  # Start or Step changed: keyed again at the new frames
-        new_frames = set(frames_for(len(lines), settings.batch_start, settings.batch_step))
-        replaced = [entry for entry in moved if entry.frame in new_frames]
-        kept = [entry for entry in moved if entry.frame not in new_frames]
+    if moved:
         notes += (
             f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
             "at their new frames"
         )
-        if replaced:
-            notes += (
-                f"; other lines now go where {len(replaced)} old key(s) are (frame "
-                f"{_frames(replaced)}), and replace them"
-            )
-        if kept:
-            notes += f"; the old keys at frame {_frames(kept)} are left as they are"
+    if overwritten:
+        notes += (
+            f"; other lines now go where {len(overwritten)} old key(s) are (frame "
+            f"{_frames(overwritten)}), and replace them"
+        )
+    moved_kept = [entry for entry in moved if entry.frame not in new_frames]
+    if moved_kept:
+        notes += f"; the old keys at frame {_frames(moved_kept)} are left as they are"
     run = BatchRun(
         armature=target.name,
         source=label,
@@ -256,7 +262,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
-        _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(gone))
+        _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(forgotten))
         feedback.set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{notes}"
         )
@@ -267,7 +273,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
-    _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(gone))
+    _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(forgotten))
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""

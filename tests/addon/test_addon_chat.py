@@ -2506,6 +2506,39 @@ def test_a_new_step_keys_the_lines_again_and_names_the_keys_left_behind(armature
     assert_pose(armature, pose_for("ccc"), frame=21)  # the old key, left as it was
 
 
+def test_a_line_whose_old_key_another_line_replaced_is_keyed_again_when_start_goes_back(
+    armature, scripted_service, monkeypatch
+):
+    _, backend = scripted_service
+    text = _keyed_batch(scripted_service, "a\nbb\nccc")  # frames 1, 11, 21
+    settings = bpy.context.scene.chatpose
+    settings.batch_start = 11  # frames 11, 21, 31: 'a' replaces the key 'bb' had at 11
+    monkeypatch.setattr(backend, "failing_prompt", "bb")  # and the run keys no 'bb'
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    monkeypatch.undo()
+    assert_pose(armature, pose_for("a"), frame=11)
+    settings.batch_start = 1  # back: 'bb' is not keyed at 11 any more, so it is asked again
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    assert "all 3 lines keyed" in live.last_message()[0]
+    for frame, prompt in ((1, "a"), (11, "bb"), (21, "ccc")):
+        assert_pose(armature, pose_for(prompt), frame)
+    assert batch_store.load_record(armature).labels(text.as_string().split("\n")) == {
+        1: "a",
+        11: "bb",
+        21: "ccc",
+    }
+
+    text.clear()
+    text.write("a\nbb")  # 'ccc' deleted, and the step halved: 'bb' goes where 'ccc' was keyed
+    settings.batch_step = 20
+    bpy.ops.chatpose.batch_keyframe()
+    message = live.last_message()[0]
+    assert "1 recorded line(s) are no longer in the text;" in message  # its key not left
+    assert "other lines now go where 1 old key(s) are (frame 21), and replace them" in message
+
+
 def test_a_person_made_with_nothing_active_leaves_nothing_active(armature, scripted_service):
     # The new person stayed active: Tab, the N panel and the Properties editor went to it.
     address, _ = scripted_service

@@ -63,7 +63,7 @@ def apply_outcome(outcome) -> None:
             live.state.service_line_instance = local if status.instance == local else None
             if not outcome.job.probe:
                 feedback.notify(f"Service: {live.state.service_line}")
-            elif status.instance in (None, live.service_process().instance):  # None: an older one
+            elif status.instance in (None, local):  # None: an older service
                 live.state.waiting_ready = False
                 feedback.notify(f"Local service ready: {live.state.service_line}")
             # Else another service listens there, where ours is failing to (it exits, and

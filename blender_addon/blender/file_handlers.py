@@ -141,11 +141,11 @@ def _on_save_post(*_args) -> None:
         if scene is None:
             continue
         history = scene.chatpose.history
-        packed = {m.image for m in list(history)[length:] if m.image is not None}
+        kept_images = {m.image for m in list(history)[length:] if m.image is not None}
         while len(history) > length:
             history.remove(len(history) - 1)
         scene.chatpose.prompt = prompt
-        for image in packed:  # for the file alone: the answer, when it comes, keeps its own
+        for image in kept_images:  # packed for the file alone: the answer will keep its own
             if image.users == 0:
                 bpy.data.images.remove(image)
 

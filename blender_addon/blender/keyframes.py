@@ -142,8 +142,8 @@ def keyed_frames(obj: bpy.types.Object) -> list[int]:
     except ValueError:
         if not tweaking(obj):
             raise
-    # A scaled or repeated strip puts the action's keys between the scene's frames (snapping
-    # them there would move the action's off its own): every frame it spans, as it plays.
+    # A scaled strip puts the action's whole-frame keys between the scene's frames, and
+    # snapping them in the scene would move them off the action's: every frame it spans.
     return list(range(math.ceil(min(frames) - ON_FRAME), math.floor(max(frames) + ON_FRAME) + 1))
 
 

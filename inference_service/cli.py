@@ -326,6 +326,8 @@ def _report(text: str) -> None:
     code must still say what happened."""
     if sys.stderr is None:
         return
+    # A file name that is not UTF-8 is kept as surrogates, which a strict stream refuses.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     try:
         print(text, file=sys.stderr)
     except OSError:
@@ -408,17 +410,18 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
     if args.local:
         request = PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)
         # Before the model loads, with the image's header too (pillow: installed with it).
-        return _refusal(request, args.image, check_images=True) or _local_reply(args, images, mode)
+        return _refusal(request, check_images=True) or _local_reply(args, images, mode)
     with _client(args) as client:
         request = PoseRequest(
             client.new_id(), args.text, images=images, mode=mode, timeout_ms=_waits_ms(args)
         )
-        return _refusal(request, args.image) or _first_reply(client, request, args.timeout)
+        return _refusal(request) or _first_reply(client, request, args.timeout)
 
 
-def _refusal(request: PoseRequest, image: Path | None, check_images: bool = False):
+def _refusal(request: PoseRequest, check_images: bool = False):
     """The service's own checks of a request (a blank prompt, the size limits; with
-    ``check_images``, each image's header): the error reply it would send, or None."""
+    ``check_images``, each image's header): the error reply it would send, or None, its
+    message naming the request's field as the service's does."""
     try:
         decode_request(encode_request(request))
     except ProtocolError as exc:
@@ -430,7 +433,7 @@ def _refusal(request: PoseRequest, image: Path | None, check_images: bool = Fals
 
     for index, data in enumerate(request.images):
         try:
-            check_image(data, f"--image {image}" if image else f"images[{index}]")
+            check_image(data, f"images[{index}]")
         except BadImageError as exc:
             return ErrorReply(request.id, "pose", ErrorCode.BAD_IMAGE, str(exc))
     return None

@@ -60,7 +60,8 @@ def decode_image(
         stored_width = image.width
         span = image.size if box is None else (box.side, box.side)
         factor = _reduction(span, min_side)
-        if factor > 1 and image.format == "JPEG":
+        # A camera's JPEG with a preview picture opens as MPO: the same decoder.
+        if factor > 1 and image.format in ("JPEG", "MPO"):
             image.draft(None, (max(1, image.width // factor), max(1, image.height // factor)))
         image.load()  # decode now: truncated files fail here, not inside the model
         draft_ratio = image.width / stored_width  # what the JPEG draft reduced the pixels by

@@ -888,11 +888,14 @@ def test_local_mode_checks_an_image_before_it_loads_a_model(capsys, tmp_path, mo
     from inference_service import serve
 
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")  # loading would fail
-    damaged = tmp_path / "damaged.png"
+    # A name that is not UTF-8 (unzipped from a Windows archive, say) cannot go into JSON:
+    # the reply names the request's field, as the service's does, and stderr names the file.
+    damaged = tmp_path / os.fsdecode(b"caf\xe9.png")
     damaged.write_bytes(PNG[:8] + b"not the rest of a PNG")
     code, out, err = run(capsys, "pose", "", "--image", str(damaged), "--local", "--json")
-    assert code == cli.EXIT_BAD_INPUT and f"--image {damaged}: not a decodable" in err
-    assert json.loads(out)["error"]["code"] == "bad_image"
+    assert code == cli.EXIT_BAD_INPUT and "caf\\udce9.png: not a decodable" in err
+    error = json.loads(out)["error"]
+    assert error["code"] == "bad_image" and error["message"].startswith("images[0]: not a")
 
 
 def test_local_mode_that_cannot_load_its_model_says_why_in_one_line(

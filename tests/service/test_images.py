@@ -251,3 +251,15 @@ def test_a_large_picture_is_reduced_to_a_few_times_the_model_s_size(fmt):
     assert np.abs(as_seen[0] - as_seen[1]).max() < 3
     small = decode_image(image_bytes((1, 2, 3), size=(200, 150)), min_side=64)
     assert small.size == (200, 150)  # under twice the model's size: as it is
+
+
+def test_a_camera_jpeg_with_a_preview_is_reduced_while_decoding_as_a_plain_one_is():
+    # Cameras add a small preview picture (MPF), and Pillow opens those files as MPO.
+    picture = Image.fromarray(np.full((1000, 1500, 3), 90, np.uint8))
+    plain, camera = io.BytesIO(), io.BytesIO()
+    picture.save(plain, "JPEG")
+    picture.save(camera, "MPO", save_all=True, append_images=[picture.resize((150, 100))])
+    assert Image.open(camera).format == "MPO"
+    # The decoder's own reduction (by 4) leaves more than the whole-factor reduce (by 7) would.
+    assert decode_image(plain.getvalue(), min_side=64).size == (375, 250)
+    assert decode_image(camera.getvalue(), min_side=64).size == (375, 250)

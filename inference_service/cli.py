@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import tempfile
@@ -25,8 +24,10 @@ import numpy as np
 
 from inference_service.commands import (
     EXIT_INTERRUPTED,
+    EXIT_USAGE,
     device_argument,
     interrupts_deferred,
+    positive_float,
     stops_as_interrupts,
     utf8_output,
 )
@@ -57,7 +58,6 @@ from shared_protocol.protocol import (
 from shared_protocol.skeleton import JOINT_NAMES
 
 EXIT_OK = 0
-EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_NOT_BUILT = 3
 EXIT_BAD_INPUT = 4
 EXIT_UNREACHABLE = 5
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive_float,
         default=60.0,
         metavar="S",
         help="seconds to wait for an answer (default 60)",
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive_float,
         default=120.0,
         metavar="S",
         help="seconds to wait for an answer",
@@ -222,19 +222,9 @@ def _address(text: str) -> str:
 
 def _frame_rate(text: str) -> float:
     low, high = FPS_RANGE
-    value = _positive(text)
+    value = positive_float(text)
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"expected a frame rate from {low:g} to {high:g}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

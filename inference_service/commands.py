@@ -9,6 +9,7 @@ import argparse
 import codecs
 import contextlib
 import io
+import math
 import re
 import signal
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
 
 
+EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C, which SIGTERM and SIGHUP give here too
 # What asks a command to stop besides Ctrl-C: `kill`, a scheduler's preemption (SIGTERM); a
 # closed terminal (SIGHUP); on Windows, Ctrl+Break (SIGBREAK; a closed console window sends it
@@ -40,6 +42,28 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of 0 or more (0 often meaning "none" or "at the end")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (a rate, a time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

@@ -58,33 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
-    parser.add_argument("--max-batch", type=positive_int, default=8, help="largest micro-batch")
+    parser.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=8,
+        help="largest micro-batch (default %(default)s)",
+    )
     parser.add_argument(
         "--max-wait-ms",
         type=_wait_ms,
         default=2.0,
-        help=f"how long a micro-batch waits to fill (0 to {MAX_WAIT_MS:g})",
+        help=f"how long a micro-batch waits to fill (0 to {MAX_WAIT_MS:g}; default %(default)s)",
     )
     parser.add_argument(
-        "--max-queue", type=positive_int, default=1024, help="items waiting, at most"
+        "--max-queue",
+        type=positive_int,
+        default=1024,
+        help="items waiting, at most (default %(default)s)",
     )
     parser.add_argument(
         "--max-queued-mb",
         type=positive_int,
         default=256,
-        help="MiB of images and text waiting, at most (256)",
+        help="MiB of images and text waiting, at most (default %(default)s)",
     )
     parser.add_argument(
         "--timeout-ms",
         type=positive_int,
         default=120_000,
-        help="deadline of requests that set none",
+        help="deadline of requests that set none (default %(default)s)",
     )
     parser.add_argument(
         "--max-new-tokens",
         type=positive_int,
         default=256,
-        help="bound on a chat reply's length (at most the model's limit, 512)",
+        help="bound on a chat reply's length (default %(default)s; at most 512)",
     )
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")

@@ -30,7 +30,10 @@ from pathlib import Path
 from inference_service.commands import (
     DEVICE_HELP,
     EXIT_INTERRUPTED,
+    EXIT_USAGE,
     device_argument,
+    non_negative_int,
+    positive_float,
     positive_int,
     stops_as_interrupts,
     utf8_output,
@@ -39,22 +42,7 @@ from inference_service.errors import ChatPoseError, ModelOutOfMemoryError
 from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
 EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
-EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 4
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _mix(text: str) -> tuple[float, float, float]:
@@ -90,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         " [frame=upright|camera] [crop=auto|hmr|pixels|none]"
         " | llava CONVERSATIONS.json [poses=NPZ] [images=DIR] [missing=error|skip]"
         " [z_up=true|false]"
-        " | corpus CORPUS.npz [split=train]; repeatable",
+        " | corpus CORPUS.npz [split=train|val|test|all]; posescript, pairs and corpus also"
+        " take [phrasing=mixed|release|chat] (docs/training.md); repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
@@ -98,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step"
     )
-    parser.add_argument("--lr", type=_positive_float, default=2e-4)
+    parser.add_argument("--lr", type=positive_float, default=2e-4)
     parser.add_argument(
         "--adapter-lr",
         type=float,
@@ -124,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "input names the action of the examples that carry one (the synthetic corpus's action "
         "phrasings); the logged loss includes it (default 0: off)",
     )
-    parser.add_argument("--warmup-steps", type=_non_negative_int, default=0)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
     parser.add_argument(
         "--lr-schedule",
         choices=("constant", "linear"),  # loop.LR_SCHEDULES
@@ -146,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "image:text:VQA = 2:1:1)",
     )
     parser.add_argument(
-        "--save-every", type=_non_negative_int, default=100, help="checkpoint period (0: at end)"
+        "--save-every", type=non_negative_int, default=100, help="checkpoint period (0: at end)"
     )
     parser.add_argument(
-        "--keep-last", type=_non_negative_int, default=0, help="checkpoints kept (0: all)"
+        "--keep-last", type=non_negative_int, default=0, help="checkpoints kept (0: all)"
     )
     parser.add_argument("--log-every", type=positive_int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument(
         "--head-init",

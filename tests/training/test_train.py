@@ -474,9 +474,13 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
     with pytest.raises(ValueError, match="steps must be at least 1"):
         loop.TrainConfig(base=base, out=tmp_path, steps=0)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        train_cli.main([*argv, *spec, "--seed", "-1"])
-    assert info.value.code == 2 and "--seed: expected 0 or more, got -1" in capsys.readouterr().err
+    for option, value, expected in [
+        ("--seed", "-1", "a whole number of 0 or more, got '-1'"),
+        ("--lr", "abc", "a positive number, got 'abc'"),  # not argparse's "invalid _name value"
+    ]:
+        with pytest.raises(SystemExit) as info:
+            train_cli.main([*argv, *spec, option, value])
+        assert info.value.code == 2 and f"{option}: expected {expected}" in capsys.readouterr().err
     for name, text in [("huge.json", '{"0": ' + "9" * 5000 + "}"), ("deep.json", "[" * 100000)]:
         (tmp_path / name).write_text(text, encoding="utf-8")
         bad = ["--data", "posescript", str(tmp_path / name), f"poses={tmp_path / 'p.npz'}"]

@@ -66,8 +66,8 @@ Role = Literal["user", "assistant"]
 class ErrorCode(StrEnum):
     """Why a request failed. Closed: a decoder rejects any code not listed here.
 
-    `ErrorCode.BUSY == "busy"`; `.meaning` says what each code means (PROTOCOL.md has the
-    same table). `UNREACHABLE` is client-side only and is never sent on the wire.
+    `ErrorCode.BUSY == "busy"`; PROTOCOL.md's table says what each code means.
+    `UNREACHABLE` is client-side only and is never sent on the wire.
     """
 
     BAD_JSON = "bad_json"
@@ -87,44 +87,9 @@ class ErrorCode(StrEnum):
     UNREACHABLE = "unreachable"
 
     @property
-    def meaning(self) -> str:
-        return _MEANINGS[self]
-
-    @property
     def on_wire(self) -> bool:
         """False for codes that a client makes up itself and that are never sent."""
         return self is not ErrorCode.UNREACHABLE
-
-
-_MEANINGS = {
-    ErrorCode.BAD_JSON: "Frame 0 is not strict UTF-8 JSON: bad UTF-8 or syntax, NaN or "
-    "Infinity, a number out of range, a repeated key, or nesting too deep.",
-    ErrorCode.BAD_SCHEMA: "Valid JSON, wrong shape: a header that is not an object, a missing "
-    "field, a wrong type, a value out of range or not allowed, or frames that do not match "
-    "the header.",
-    ErrorCode.UNSUPPORTED_PROTOCOL: "The header's `protocol` is not 1.",
-    ErrorCode.UNKNOWN_OP: "`op` names no operation of protocol v1.",
-    ErrorCode.TOO_LARGE: "A limit was exceeded: header bytes, frames, images, bytes per image, "
-    "characters of text or id, history turns, batch items or poses.",
-    ErrorCode.BAD_IMAGE: "An image frame is empty or does not start like a PNG or JPEG file, "
-    "or the server could not decode it.",
-    ErrorCode.EMPTY_PROMPT: "Nothing to answer: a pose request with a blank prompt and no "
-    "image, or a batch with no prompts or a blank one.",
-    ErrorCode.UNSUPPORTED_INPUT: "Well-formed input the loaded model cannot take, e.g. images "
-    "for a text-only model or more images than it accepts.",
-    ErrorCode.BUSY: "The server's queue has no room for the request (the message gives how "
-    "much waits and the limit), or its model is still loading. Retry later.",
-    ErrorCode.TIMEOUT: "The request's `timeout_ms` passed before its work started (server), "
-    "or no answer came in time over a live connection (client).",
-    ErrorCode.CANCELLED: "A cancel request stopped this request or batch.",
-    ErrorCode.MODEL_ERROR: "The model ran but its output could not be made into a reply, "
-    "e.g. no pose came out in pose mode.",
-    ErrorCode.SHUTTING_DOWN: "The server is stopping: it takes no new work, and work that had "
-    "not started gets this error (work already running is finished and sent).",
-    ErrorCode.INTERNAL_ERROR: "An unexpected failure inside the server (a bug).",
-    ErrorCode.UNREACHABLE: "Client side only, never sent: no connection to the server could be "
-    "made (it is down, or refused the client's CURVE keys).",
-}
 
 
 class ProtocolError(Exception):

@@ -851,13 +851,12 @@ def test_encoders_refuse_the_wrong_kind_of_message():
         encode_request({"op": "status"})
 
 
-def test_error_codes_are_closed_and_each_has_a_meaning():
+def test_error_codes_are_closed():
     assert {c.value for c in ErrorCode} == {
         "bad_json", "bad_schema", "unsupported_protocol", "unknown_op", "too_large", "bad_image",
         "empty_prompt", "unsupported_input", "busy", "timeout", "cancelled", "model_error",
         "shutting_down", "internal_error", "unreachable",
     }  # fmt: skip
-    assert all(len(code.meaning) > 20 for code in ErrorCode)
     assert [c for c in ErrorCode if not c.on_wire] == [ErrorCode.UNREACHABLE]
     assert ErrorCode.BUSY == "busy" and str(ErrorCode.BUSY) == "busy"
 

@@ -251,10 +251,3 @@ def rotation_distance(a, b) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64).reshape(-1, 24, 3)
     b = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(-1, 24, 3), a.shape)
     return mpjre(a, b, joints=range(1, 24))
-
-
-def joint_distance(a, b, no_root: bool = True) -> np.ndarray:
-    """MPJPE (mm) between poses a (N, 24, 3) and b (N or 1, 24, 3), pelvis-relative; with
-    `no_root` the global orientations are zeroed first (the body's own shape only)."""
-    ja, jb = _joints(a, no_root), _joints(b, no_root)
-    return np.linalg.norm(ja - jb, axis=-1).mean(axis=-1) * 1000.0

@@ -58,6 +58,7 @@ from inference_service.checkpoint import (
 )
 from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts
 from inference_service.errors import CheckpointError
+from inference_service.files import unwritable, write_failure
 from inference_service.loading import (
     refuse_custom_code,
     save_processor,
@@ -108,8 +109,6 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         not destination.is_dir() or any(p != writing for p in destination.iterdir())
     ):
         raise CheckpointError(f"{destination}: exists and is not empty")
-    from inference_service.training.loop import unwritable
-
     if problem := unwritable(writing.parent):  # now, not once the weights are in memory
         raise CheckpointError(f"{destination}: {problem}")
     if not vision_tower.is_dir():
@@ -216,11 +215,17 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
             writing.rmdir()
         else:
             os.replace(writing, destination)
-    except BaseException:  # a 13B model's copy is not left behind
+    except BaseException as exc:  # a 13B model's copy is not left behind
         for path in (writing, *moved):
             shutil.rmtree(path, ignore_errors=True)
             with contextlib.suppress(OSError):
                 path.unlink()  # a file, which rmtree leaves
+        if problem := write_failure(exc):  # the libraries' own words for a full disk
+            raise CheckpointError(
+                f"{destination}: could not be written (a full disk?): {problem}"
+            ) from exc
+        if isinstance(exc, OSError):  # "[Errno 28] No space left on device": but where?
+            raise CheckpointError(f"{destination}: could not be written: {exc}") from exc
         raise
     _report_unused(weights)
     return destination

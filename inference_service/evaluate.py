@@ -951,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option, path in (("--out", args.out), ("--markdown", markdown)):
         if checkpoint in path.expanduser().resolve().parents:  # its chatpose.json, say
             parser.error(f"{option}: {path} is inside the checkpoint; write the report elsewhere")
-    from inference_service.training.loop import unwritable, write_text_atomically
+    from inference_service.files import unwritable, write_text_atomically
 
     for option, path in (("--out", args.out), ("--markdown", markdown)):
         # Now: a report that cannot be written once evaluated would lose hours of work.
@@ -1115,7 +1115,7 @@ def _measured_line(report: dict) -> str:
 
 def _rescued(report_json: str) -> str:
     """Where the JSON report went when --out could not take it, said as a clause."""
-    from inference_service.training.loop import write_text_atomically
+    from inference_service.files import write_text_atomically
 
     rescue = Path(tempfile.gettempdir()) / f"chatpose-report-{os.getpid()}.json"
     try:

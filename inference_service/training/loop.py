@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -69,6 +68,7 @@ from inference_service.checkpoint import (
     share_as_umask_allows,
 )
 from inference_service.errors import CheckpointError
+from inference_service.files import sync, unwritable, write_failure, write_text_atomically
 from inference_service.loading import (
     apply_adapter,
     check_gpu_memory,
@@ -661,49 +661,6 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
-    """Why `folder` could not be made or written in, or None: the nearest folder on its path
-    that exists must be a folder, writable. Asked before long work that ends in writing there
-    (a run's --out, evaluate's report), which makes the rest of the path only then. `files`,
-    to be written there by `write_text_atomically`: their temporary files' names must fit the
-    disk's longest name."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == folder and not existing.is_dir():
-        return f"{folder} is a file, not a folder"
-    if not existing.is_dir():
-        return f"{existing} is a file, so {folder} cannot be made"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing}"
-    try:
-        longest = os.pathconf(existing, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
-        return None
-    for name in (_temporary_path(file).name for file in files):
-        if len(os.fsencode(name)) > longest:
-            return f"a name too long for this disk ({name}, at most {longest} bytes)"
-    return None
-
-
-def _temporary_path(path: Path) -> Path:
-    """Where `write_text_atomically` writes `path` first."""
-    return path.with_name(f".{path.name}.tmp")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file beside it, synced and renamed over it: a full
-    disk or a power cut leaves the earlier file whole, never a part of either."""
-    tmp = _temporary_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _sync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _run_files(out: Path) -> list[str]:
     """What a run has written into `out`."""
     names = (LATEST_NAME, LOG_NAME, DIVERGED_NAME, "base", ".base.tmp")
@@ -785,10 +742,7 @@ def save_checkpoint(
         _write_checkpoint(tmp, step, tm, optimizer, names, base_model, state_extra)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        problem = str(exc).strip().split("\n")[0]
-        if isinstance(exc, (RuntimeError, SafetensorError)) and any(
-            sign in problem for sign in _WRITE_FAILURES
-        ):
+        if problem := write_failure(exc):
             raise OSError(
                 f"{final}: the checkpoint could not be written (a full disk?): {problem}"
             ) from exc
@@ -797,23 +751,10 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_text_atomically(out / LATEST_NAME, final.name + "\n")
-    _sync(out)
+    sync(out)
     if keep_last:
         prune_checkpoints(out, keep_last, final)
     return final
-
-
-# How torch's and safetensors' RuntimeErrors say that a write fell short (a full disk, a
-# folder gone); other RuntimeErrors are bugs, left with their traceback.
-_WRITE_FAILURES = (
-    "unexpected pos",
-    "iostream error",
-    "file write failed",
-    "Parent directory",
-    "No space",
-    "os error",
-    "IoError",
-)
 
 
 def _write_checkpoint(
@@ -854,7 +795,7 @@ def _write_checkpoint(
     }
     torch.save(state, tmp / STATE_NAME)
     share_as_umask_allows(tmp)
-    _sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
+    sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
 
 
 def _copy_base(base_dir: Path, out: Path) -> None:
@@ -889,24 +830,6 @@ def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
     )
     for old in steps[: max(0, len(steps) - (keep_last - 1))]:
         shutil.rmtree(old)
-
-
-def _sync(path: Path, *, tree: bool = False) -> None:
-    """fsync the file or folder `path`, with `tree` every file and folder in it as well (not
-    following links). Windows syncs only a file opened for writing, and has no folder handles
-    to sync (its renames are written through)."""
-    paths = [path]
-    if tree:
-        paths += sorted(p for p in path.rglob("*") if not p.is_symlink())
-    for item in paths:
-        folder = item.is_dir()
-        if folder and os.name == "nt":
-            continue
-        fd = os.open(item, os.O_RDONLY if folder else os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _keeps_base_head(

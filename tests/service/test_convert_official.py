@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import AddedToken
 from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel
@@ -475,17 +476,34 @@ def test_a_conversion_stopped_by_sigterm_leaves_nothing_behind(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (CheckpointError("the converted tokenizer reads it otherwise"), "reads it otherwise"),
+        # A full disk, as safetensors, the tokenizers library and Python say it.
+        (
+            SafetensorError("Error while serializing: I/O error: No space left (os error 28)"),
+            "could not be written (a full disk?): Error while serializing",
+        ),
+        (Exception("No space left on device (os error 28)"), "written (a full disk?): No space"),
+        (OSError(28, "No space left on device"), "could not be written: [Errno 28] No space"),
+    ],
+)
 def test_a_conversion_that_fails_while_writing_leaves_nothing_behind(
-    release, tmp_path, monkeypatch
+    release, tmp_path, monkeypatch, capsys, failure, message
 ):
     source, clip, _ = release
 
-    def differs(*args):
-        raise CheckpointError("the converted tokenizer reads it otherwise")
+    def fails(*args):
+        raise failure
 
-    monkeypatch.setattr(convert_official, "_check_saved_tokenizer", differs)
-    with pytest.raises(CheckpointError, match="reads it otherwise"):
-        convert(source, tmp_path / "out", clip)
+    monkeypatch.setattr(convert_official, "_check_saved_tokenizer", fails)
+    out = tmp_path / "out"
+    assert main([str(source), str(out), "--vision-tower", str(clip)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    # a write failure is named by the folder (the libraries name no path)
+    assert (f"convert_official: {out}: could not" in err) == ("written" in message)
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary folder
 
 

@@ -1,0 +1,95 @@
+"""Writing files that hours of work end in (checkpoints, reports): asked before the work
+whether they can be written, written whole or not at all, and a failed write told apart from
+a bug. No torch here (safetensors' error type only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+# How torch's, safetensors' and the tokenizers library's errors say that a write fell short (a
+# full disk, a folder gone): torch and safetensors raise RuntimeError for it, tokenizers a bare
+# Exception. Other errors of those types are bugs, left with their traceback.
+_WRITE_FAILURES = (
+    "unexpected pos",
+    "iostream error",
+    "file write failed",
+    "Parent directory",
+    "No space",
+    "os error",
+    "IoError",
+)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The first line of `exc` when it is a library's way of saying a write fell short,
+    else None."""
+    problem = str(exc).strip().split("\n")[0]
+    raised_for_writes = isinstance(exc, (RuntimeError, SafetensorError)) or type(exc) is Exception
+    if raised_for_writes and any(sign in problem for sign in _WRITE_FAILURES):
+        return problem
+    return None
+
+
+def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
+    """Why `folder` could not be made or written in, or None: the nearest folder on its path
+    that exists must be a folder, writable. Asked before long work that ends in writing there
+    (a run's --out, evaluate's report), which makes the rest of the path only then. `files`,
+    to be written there by `write_text_atomically`: their temporary files' names must fit the
+    disk's longest name."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not existing.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not existing.is_dir():
+        return f"{existing} is a file, so {folder} cannot be made"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    try:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return None
+    for name in (_temporary_path(file).name for file in files):
+        if len(os.fsencode(name)) > longest:
+            return f"a name too long for this disk ({name}, at most {longest} bytes)"
+    return None
+
+
+def _temporary_path(path: Path) -> Path:
+    """Where `write_text_atomically` writes `path` first."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it, synced and renamed over it: a full
+    disk or a power cut leaves the earlier file whole, never a part of either."""
+    tmp = _temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        sync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sync(path: Path, *, tree: bool = False) -> None:
+    """fsync the file or folder `path`, with `tree` every file and folder in it as well (not
+    following links). Windows syncs only a file opened for writing, and has no folder handles
+    to sync (its renames are written through)."""
+    paths = [path]
+    if tree:
+        paths += sorted(p for p in path.rglob("*") if not p.is_symlink())
+    for item in paths:
+        folder = item.is_dir()
+        if folder and os.name == "nt":
+            continue
+        fd = os.open(item, os.O_RDONLY if folder else os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -29,6 +29,7 @@ from inference_service.commands import (
     interrupts_deferred,
     positive_float,
     stops_as_interrupts,
+    user_path,
     utf8_output,
 )
 from shared_protocol import __version__
@@ -144,12 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection.add_argument(
         "--curve-secret-key",
-        type=Path,
+        type=user_path,
         metavar="FILE",
         help="for a service with CURVE keys: your NAME.key_secret (docs/security.md)",
     )
     connection.add_argument(
-        "--curve-server-key", type=Path, metavar="FILE", help="with it: the server's server.key"
+        "--curve-server-key",
+        type=user_path,
+        metavar="FILE",
+        help="with it: the server's server.key",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="what the person should do (may be left out with --image)",
     )
-    pose.add_argument("--image", type=Path, metavar="FILE", help="a PNG or JPEG reference")
+    pose.add_argument("--image", type=user_path, metavar="FILE", help="a PNG or JPEG reference")
     pose.add_argument("--chat", action="store_true", help="a free reply instead of a pose only")
     pose.add_argument(
         "--json",
@@ -171,12 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pose.add_argument("--out", type=_npz_file, metavar="FILE.npz", help="write AMASS-layout .npz")
     pose.add_argument("--local", action="store_true", help="run the model in this process")
-    pose.add_argument("--checkpoint", type=Path, help="with --local (default: the demo model)")
+    pose.add_argument("--checkpoint", type=user_path, help="with --local (default: the demo model)")
 
     batch = commands.add_parser(
         "batch", parents=[connection], help="one prompt per line (# lines are notes)"
     )
-    batch.add_argument("file", type=Path, metavar="FILE.txt")
+    batch.add_argument("file", type=user_path, metavar="FILE.txt")
     batch.add_argument("--out", type=_npz_file, metavar="FILE.npz", required=True)
     batch.add_argument(
         "--fps", type=_frame_rate, help="frames per second (30; with --resume, the earlier file's)"
@@ -191,10 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", parents=[connection], help="the service's status")
     demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
     demo.add_argument(
-        "--checkpoint", type=Path, help="the model to serve (default: the bundled demo model)"
+        "--checkpoint", type=user_path, help="the model to serve (default: the bundled demo model)"
     )
     demo.add_argument(
-        "--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)"
+        "--out", type=user_path, default=Path("demo_output"), help="output folder (demo_output)"
     )
     demo.add_argument("--size", type=int, default=256, help="panel pixels, 32 to 2048 (256)")
     demo.add_argument(
@@ -833,7 +837,7 @@ def _npz_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} names a folder; name a .npz file in it")
     if not text.lower().endswith(".npz"):  # else `--out shots.txt` would write over notes
         raise argparse.ArgumentTypeError(f"{text} is not a .npz file name; the poses go into one")
-    return Path(text)
+    return user_path(text)
 
 
 def _check_writable(path: Path, inputs: Sequence[Path] = (), also: Sequence[Path] = ()) -> None:

@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
 
@@ -32,6 +33,11 @@ def device_argument(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def user_path(text: str) -> Path:
+    """A path argument, `~` expanded: the shell leaves `--checkpoint=~/model` as it is."""
+    return Path(text).expanduser()
 
 
 def positive_int(text: str) -> int:

@@ -56,7 +56,7 @@ from inference_service.checkpoint import (
     share_as_umask_allows,
     work_offline,
 )
-from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts
+from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts, user_path
 from inference_service.errors import CheckpointError
 from inference_service.files import unwritable, write_failure
 from inference_service.loading import (
@@ -126,6 +126,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
             f"{source}: already a ChatPose checkpoint ({CONFIG_NAME}); chatpose-serve "
             "--checkpoint loads it as it is"
         )
+    _check_source_folder(source)
     refuse_lfs_pointers(source)
     refuse_lfs_pointers(vision_tower)
     official = _read_config(source / "config.json")
@@ -263,6 +264,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mm_projector_type": (str,),
     "mm_vision_select_feature": (str,),
 }
+
+
+def _check_source_folder(source: Path) -> None:
+    """SRC must be the release's own folder, the one holding its config.json: a mistake
+    (its parent, a Hugging Face cache's top, one weights file) is named with where to look."""
+    if source.is_file():
+        raise CheckpointError(f"{source}: a file; SRC is the release's folder (its config.json)")
+    if not source.is_dir() or (source / "config.json").is_file():
+        return  # the config's reading names a missing folder
+    below = sorted(p.parent for p in source.glob("*/config.json"))
+    below += sorted(p.parent for p in source.glob("snapshots/*/config.json"))  # a Hub cache
+    shown = ", ".join(str(folder) for folder in below[:3]) + (", ..." if len(below) > 3 else "")
+    hint = f"; folders in it that hold one: {shown}" if below else " (SRC is the release's folder)"
+    raise CheckpointError(f"{source}: no config.json{hint}")
 
 
 def _read_config(path: Path) -> dict:
@@ -493,14 +508,18 @@ def _pose_head(weights: dict[str, torch.Tensor], source: Path, hidden_size: int)
 def _quiet_load_report():
     """Keeps transformers from listing the weights it did not load: for a full CLIP folder (the
     usual download) that is its whole text model, about 200 lines. The vision tower's own
-    missing weights are checked and named instead."""
-    logger = transformers_logging.get_logger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    missing weights are checked and named instead. The tensor-parallel check is quieted too:
+    transformers runs it, listing every layer "not sharded", once that report is quiet."""
+    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    loggers = [transformers_logging.get_logger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _processor(tokenizer, vision_config: CLIPVisionConfig, select_strategy: str) -> LlavaProcessor:
@@ -575,11 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m inference_service.convert_official",
         description="Convert the official ChatPose release to this project's checkpoint format.",
     )
-    parser.add_argument("source", type=Path, metavar="SRC", help="the release's directory")
-    parser.add_argument("destination", type=Path, metavar="DST", help="new checkpoint directory")
+    parser.add_argument("source", type=user_path, metavar="SRC", help="the release's directory")
+    parser.add_argument(
+        "destination", type=user_path, metavar="DST", help="new checkpoint directory"
+    )
     parser.add_argument(
         "--vision-tower",
-        type=Path,
+        type=user_path,
         required=True,
         metavar="DIR",
         help="a local CLIP vision model directory (the release names, not ships, it)",

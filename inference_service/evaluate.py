@@ -62,6 +62,7 @@ from inference_service.commands import (
     device_argument,
     positive_int,
     stops_as_interrupts,
+    user_path,
 )
 from inference_service.errors import ModelOutOfMemoryError
 from inference_service.metrics import accuracy_interval, evaluate_poses
@@ -888,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and right; or on the examples of any training data format: the poses of their "
         "answers against the mean pose (and TF-IDF) of --fit data.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=user_path, required=True)
     parser.add_argument(
         "--data",
         nargs="+",
@@ -909,13 +910,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "poses themselves)",
     )
     parser.add_argument(
-        "--pairs", type=Path, help="a render_pairs output directory (images), or its pairs.npz"
+        "--pairs", type=user_path, help="a render_pairs output directory (images), or its pairs.npz"
     )
     parser.add_argument(
         "--split", choices=("train", "val", "test", "all"), help="the corpus's (default test)"
     )
-    parser.add_argument("--out", type=Path, default=Path("report.json"))
-    parser.add_argument("--markdown", type=Path, help="also write the tables (default OUT.md)")
+    parser.add_argument("--out", type=user_path, default=Path("report.json"))
+    parser.add_argument("--markdown", type=user_path, help="also write the tables (default OUT.md)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
         "--limit",

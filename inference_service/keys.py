@@ -18,6 +18,8 @@ from pathlib import Path
 
 import zmq.auth
 
+from inference_service.commands import user_path
+
 
 class KeysError(ValueError):
     """A key directory or client name that cannot be used; the message says why."""
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("directory", type=Path)
+    parser.add_argument("directory", type=user_path)
     parser.add_argument(
         "--client",
         action="append",

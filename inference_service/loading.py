@@ -69,18 +69,27 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
             "torch); use --device cpu or auto, or a CUDA build of torch (README, Setup in detail)"
         )
     count = torch.cuda.device_count()
-    if torch_device.index is None:
-        # A bare "cuda" is the current device for torch, but cuda:$LOCAL_RANK for transformers'
-        # device_map: named, the model and what is put beside it share one card.
-        torch_device = torch.device("cuda", torch.cuda.current_device())
-    if torch_device.index >= count:
+    if torch_device.index is not None and torch_device.index >= count:
         raise UnsupportedInputError(
             f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
             f"cuda:{count - 1}"
         )
-    # bf16 in hardware from compute capability 8.0 (Ampere); older cards (V100, T4) only
-    # emulate it, far slower than their float16.
-    native_bf16 = torch.cuda.get_device_capability(torch_device) >= (8, 0)
+    try:
+        if torch_device.index is None:
+            # A bare "cuda" is the current device for torch, but cuda:$LOCAL_RANK for
+            # transformers' device_map: named, the model and what is put beside it share one.
+            torch_device = torch.device("cuda", torch.cuda.current_device())
+        # bf16 in hardware from compute capability 8.0 (Ampere); older cards (V100, T4) only
+        # emulate it, far slower than their float16.
+        native_bf16 = torch.cuda.get_device_capability(torch_device) >= (8, 0)
+        torch.cuda.mem_get_info(torch_device)  # the card's context: a busy card fails here
+    except RuntimeError as exc:  # torch's AcceleratorError too: a card there but not usable
+        problem = str(exc).strip().split("\n")[0]
+        raise UnsupportedInputError(
+            f"device {device!r} cannot be used ({problem}): nvidia-smi shows who holds it (a "
+            "card in exclusive mode takes one process); choose another with --device cuda:N, "
+            "or --device cpu"
+        ) from None
     return torch_device, torch.bfloat16 if native_bf16 else torch.float16
 
 
@@ -99,7 +108,7 @@ def quantization_config(
     try:
         import bitsandbytes  # noqa: F401  (only to check it is installed)
     except ImportError as exc:
-        flag = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+        flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"  # as the user typed it
         raise MissingDependencyError(
             f"{flag} needs the 'bitsandbytes' package, which is not installed "
             f"(pip install bitsandbytes)"

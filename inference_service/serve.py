@@ -19,6 +19,7 @@ from .commands import (
     catchable_signals,
     device_argument,
     positive_int,
+    user_path,
 )
 from .errors import ChatPoseError
 from .scheduler import MAX_WAIT_MS
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chatpose-serve", description="Serve a ChatPose checkpoint over ZeroMQ."
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="checkpoint directory (default: the bundled demo model)"
+        "--checkpoint",
+        type=user_path,
+        help="checkpoint directory (default: the bundled demo model)",
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
@@ -98,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--load-in-4bit", action="store_true", help="needs bitsandbytes")
     quantize.add_argument("--load-in-8bit", action="store_true", help="needs bitsandbytes")
     parser.add_argument(
-        "--curve-secret-key", type=Path, help="the server's CURVE key pair file (docs/security.md)"
+        "--curve-secret-key",
+        type=user_path,
+        help="the server's CURVE key pair file (docs/security.md)",
     )
     parser.add_argument(
-        "--curve-clients", type=Path, help="folder of authorised clients' CURVE public keys"
+        "--curve-clients", type=user_path, help="folder of authorised clients' CURVE public keys"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument(

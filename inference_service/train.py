@@ -36,6 +36,7 @@ from inference_service.commands import (
     positive_float,
     positive_int,
     stops_as_interrupts,
+    user_path,
     utf8_output,
 )
 from inference_service.errors import ChatPoseError, ModelOutOfMemoryError
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a ChatPose checkpoint: LoRA on the LLM, the pose token's "
         "embedding rows and the SMPL head (vision tower and projector frozen).",
     )
-    parser.add_argument("--base", type=Path, required=True, help="checkpoint directory to train")
+    parser.add_argument(
+        "--base", type=user_path, required=True, help="checkpoint directory to train"
+    )
     parser.add_argument(
         "--data",
         nargs="+",
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         " | corpus CORPUS.npz [split=train|val|test|all]; posescript, pairs and corpus also"
         " take [phrasing=mixed|release|chat] (docs/training.md); repeatable",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=user_path, required=True, help="output directory")
     parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument(

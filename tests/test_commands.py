@@ -34,6 +34,27 @@ def test_every_command_takes_each_device_form(command):
         assert COMMANDS[command](device).device == device
 
 
+def test_every_path_argument_expands_a_tilde_the_shell_left(monkeypatch, tmp_path):
+    # The shell expands `~` only at a word's start: `--checkpoint=~/model` reaches us as it is.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = tmp_path / "m"
+    parsed = {
+        "chatpose-serve": serve.build_parser().parse_args(
+            ["--checkpoint=~/m", "--curve-secret-key=~/m", "--curve-clients=~/m"]
+        ),
+        "chatpose pose": cli.build_parser().parse_args(
+            ["pose", "x", "--image=~/m", "--out=~/m/a.npz", "--checkpoint=~/m"]
+        ),
+        "train": train.build_parser().parse_args(
+            ["--base=~/m", "--out=~/m", "--data", "corpus", "c.npz"]
+        ),
+    }
+    serve_args, pose_args, train_args = parsed.values()
+    assert serve_args.checkpoint == serve_args.curve_secret_key == serve_args.curve_clients == home
+    assert pose_args.image == pose_args.checkpoint == home and pose_args.out == home / "a.npz"
+    assert train_args.base == train_args.out == home
+
+
 def test_sigterm_stops_as_ctrl_c_and_its_handler_is_given_back():
     outside = []  # SIGTERM's handler outside the block (the default would end pytest)
     previous = signal.signal(signal.SIGTERM, lambda number, frame: outside.append(number))

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 
@@ -408,6 +409,24 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     missing_clip = ["--vision-tower", str(tmp_path / "no-clip")]
     assert main([str(source), str(tmp_path / "ok2"), *missing_clip]) == 1
     assert "no-clip: no such folder" in capsys.readouterr().err
+
+
+def test_a_source_that_is_not_the_release_s_folder_says_where_to_look(release, tmp_path):
+    source, clip, _ = release
+    cache = tmp_path / "models--YaoFeng--CHATPOSE-V0"  # the top of a Hugging Face cache
+    (cache / "snapshots").mkdir(parents=True)
+    (cache / "snapshots" / "0123abc").symlink_to(source, target_is_directory=True)
+    cases = [
+        (source.parent, f"no config.json; folders in it that hold one: {clip}, {source}"),
+        (cache, f"no config.json; folders in it that hold one: {cache / 'snapshots' / '0123abc'}"),
+        (tmp_path / "empty", "no config.json (SRC is the release's folder)"),
+        (source / "model.safetensors", "a file; SRC is the release's folder"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for given, message in cases:
+        with pytest.raises(CheckpointError, match=re.escape(f"{given}: {message}")):
+            convert(given, tmp_path / "out", clip)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_destination_through_a_link_or_named_dot_or_tilde_is_written(

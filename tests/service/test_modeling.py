@@ -796,7 +796,8 @@ def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, mo
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
     cuda = (torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(loading, "select_device", lambda device: cuda)
-    with pytest.raises(MissingDependencyError, match=f"{flag} needs the 'bitsandbytes' package"):
+    option = "--" + flag.replace("_", "-")  # as chatpose-serve and evaluate take it
+    with pytest.raises(MissingDependencyError, match=f"{option} needs the 'bitsandbytes' package"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda", **{flag: True})
 
 
@@ -829,6 +830,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)  # not asked
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (8 << 30, 80 << 30))
     # Named: transformers would put a bare "cuda" on cuda:$LOCAL_RANK, torch on the current one.
     assert loading.select_device("auto") == (torch.device("cuda:0"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -836,6 +838,15 @@ def test_device_choice(monkeypatch):
     assert loading.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
     with pytest.raises(UnsupportedInputError, match=r"'cuda:7': this machine has 2 CUDA device"):
         loading.select_device("cuda:7")
+
+    def busy(device):  # a card in exclusive-process mode that another process holds
+        raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy\nmore")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", busy)
+    with pytest.raises(UnsupportedInputError) as refused:
+        loading.select_device("cuda:1")
+    assert str(refused.value).startswith("device 'cuda:1' cannot be used (CUDA error: CUDA-")
+    assert "more" not in str(refused.value) and "--device cpu" in str(refused.value)
 
 
 class Activations:

@@ -39,6 +39,8 @@ from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, Und
 from shared_protocol.pose import FPS_RANGE, Motion, Pose, check_writable
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
+    JPEG_MAGIC,
+    PNG_MAGIC,
     BatchDoneReply,
     BatchItemReply,
     BatchRequest,
@@ -805,7 +807,7 @@ def _read_image(path: Path) -> bytes:
         raise CommandError(
             EXIT_BAD_INPUT, f"--image: cannot read {path} ({exc.strerror})"
         ) from None
-    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
         raise CommandError(EXIT_BAD_INPUT, f"--image: {path} is not a PNG or JPEG file")
     if len(data) > limit:
         raise CommandError(

@@ -65,6 +65,7 @@ from inference_service.loading import (
     settle_special_tokens,
 )
 from inference_service.pose_head import PoseHead
+from inference_service.prompts import IMAGE_TOKEN, IMAGE_WRAPPERS
 
 # Official name prefix -> transformers LlavaForConditionalGeneration name prefix.
 RENAMES = {
@@ -79,14 +80,12 @@ HEAD_PREFIXES = ("model.text_hidden_fcs.0.", "text_hidden_fcs.0.")
 # Saved by the release but not needed: the vision tower comes from CLIP_DIR, SMPL-X buffers
 # belong to its renderer, rotary frequencies are recomputed.
 IGNORED = ("model.vision_tower.", "model.smplx.", "rotary_emb.inv_freq")
-IMAGE_TOKEN = "<image>"
 # LLaVA's `mm_vision_select_feature` -> transformers' `vision_feature_select_strategy`.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 # The release's prompts always wrap an image in these (its main_chat.py: `--use_mm_start_end`,
 # default True), whatever `mm_use_im_start_end` in its config.json (LLaVA-1.5's false) says.
 # The conversion wraps when the tokenizer has them: a checkpoint trained so must hold both, as
-# its merged embeddings were saved with them.
-IMAGE_WRAPPERS = ("<im_start>", "<im_end>")
+# its merged embeddings were saved with them (prompts.IMAGE_WRAPPERS).
 # The release's body model is SMPL-X, of which it uses 21 body joints; its text data put SMPL-H
 # finger joints in SMPL's hand slots (22, 23), which therefore mean nothing for an SMPL hand.
 RELEASE_POSED_JOINTS = 22

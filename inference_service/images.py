@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from inference_service.errors import BadImageError
-from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO, MAX_IMAGE_PIXELS
+from shared_protocol.protocol import MAX_IMAGE_ASPECT_RATIO, MAX_IMAGE_PIXELS, PNG_MAGIC
 
 # The formats the protocol promises; anything else is refused rather than guessed at.
 ACCEPTED_FORMATS = ("PNG", "JPEG")
@@ -174,9 +174,9 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
 def _check_structure(data: bytes, field: str) -> None:
     """BadImageError for a file whose header parts or scans would cost Pillow seconds; each
     limit is far above what an encoder writes. Anything else is left to Pillow."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data.startswith(PNG_MAGIC):
         _check_png(data, field)
-    elif data.startswith(b"\xff\xd8"):
+    elif data.startswith(b"\xff\xd8"):  # the start-of-image marker, all Pillow asks of a JPEG
         _check_jpeg(data, field)
 
 

@@ -56,6 +56,7 @@ from inference_service.errors import (
 from inference_service.images import decode_image
 from inference_service.pose_head import PoseHead, decode_pose
 from inference_service.prompts import (
+    IMAGE_WRAPPERS,
     POSE_MARKER,
     Exchange,
     build_prompt,
@@ -200,7 +201,7 @@ class ChatPoseModel:
                 f"{self.image_token} is {image_token_id} (a config of another tokenizer?)"
             )
         if config.mm_use_im_start_end:
-            for token in ("<im_start>", "<im_end>"):
+            for token in IMAGE_WRAPPERS:
                 if token not in self.tokenizer.get_vocab():
                     raise CheckpointError(
                         f"chatpose.json sets mm_use_im_start_end but the tokenizer has no {token}"

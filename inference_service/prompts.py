@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 from shared_protocol.protocol import POSE_MARKER  # noqa: F401 - how replies write a pose token
 
+# The image's place in the text, one token per image (the checkpoints this project writes, as
+# transformers' Llava reads them), and what wraps it with chatpose.json's mm_use_im_start_end.
+IMAGE_TOKEN = "<image>"
+IMAGE_WRAPPERS = ("<im_start>", "<im_end>")
+
 
 @dataclass(frozen=True)
 class ConversationTemplate:
@@ -64,7 +69,8 @@ def image_prefix(count: int, image_token: str, use_im_start_end: bool) -> str:
     """The markers that open the first user message: one per image, then a newline."""
     if count == 0:
         return ""
-    marker = f"<im_start>{image_token}<im_end>" if use_im_start_end else image_token
+    start, end = IMAGE_WRAPPERS
+    marker = f"{start}{image_token}{end}" if use_im_start_end else image_token
     return marker * count + "\n"
 
 

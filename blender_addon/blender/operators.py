@@ -10,7 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Motion, Pose, written_z_up
 
-from ..core.timeline import MAX_FRAME, frames_for, keeps_timing, playback_rate
+from ..core.timeline import MAX_FRAME, frames_for, keeps_timing
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, start_new_take
 from .armature import (
@@ -262,7 +262,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             frame = f"; the file says it was written {written}, and was read so"
         earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
         scene = context.scene
-        rate = playback_rate(scene.render.fps, scene.render.fps_base)
+        rate = scene_fps(scene)
         timing = ""
         if self.set_scene and len(frames) > 1:
             timing = (

@@ -13,7 +13,7 @@ from mathutils import Matrix
 
 from shared_protocol.pose import Pose
 
-from ..core.placement import extra_person_name, person_location
+from ..core.placement import DEFAULT_SPACING_M, extra_person_name, person_location
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, refuse_locked
 from .armature import (
@@ -228,7 +228,7 @@ def apply_people(
     frame: int | None = None,
     use_translation: bool = True,
     on_floor: bool = False,
-    spacing: float = 1.0,
+    spacing: float = DEFAULT_SPACING_M,
     key_options: frozenset[str] = frozenset(),
 ) -> PeopleResult:
     """Pose 0 on ``target``, pose k on ``<target>.person<k+1>`` (made on demand); each keyed at

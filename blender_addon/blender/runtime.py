@@ -1,12 +1,13 @@
-"""The add-on's timer, which applies what the service sends back on the main thread, and the
-add-on's register and unregister.
+"""The add-on's timer, which applies what the service sends back on the main thread; its
+register and unregister add and remove the file handlers.
 
 Nothing waits for the service. Operators queue requests and return (``sending``,
 ``local_service``); ``timer_tick`` (a ``bpy.app.timers`` callback, every ``TICK_INTERVAL_S``
 while anything is in flight, removed when idle) takes the session's events and applies them
 (``answers``): poses onto armatures, exchanges into the scene's chat history, batch lines keyed
-and recorded one by one. Each tick applies results for at most ``TICK_BUDGET_S`` (always at
-least one), the rest on the next tick, so a burst of 256 batch items cannot freeze the UI.
+and recorded in groups (up to ``MAX_LINES_PER_GROUP`` a pass). Each tick applies results for at
+most ``TICK_BUDGET_S`` (always at least one), the rest on the next tick, so a burst of 256
+batch items cannot freeze the UI.
 
 Undo: results arrive outside any operator, so after applying a pose (or at the end of a batch)
 the timer makes one undo step itself (``feedback.push_undo``, when Blender has an undo stack),
@@ -37,9 +38,8 @@ PROBE_INTERVAL_S = 1.0
 # Batch lines keyed in one pass at most: about 7 ms and a third of a millisecond a line after a
 # long animation (docs/benchmarks.md), so that a pass stays near the timer's budget. Where
 # keying is slower (lines between the keys of a long animation: 2 to 3 ms a line), the next
-# pass takes fewer (``lines_within_budget``), to key within GROUP_BUDGET_S.
+# pass takes fewer (``lines_within_budget``), to key within TICK_BUDGET_S.
 MAX_LINES_PER_GROUP = 32
-GROUP_BUDGET_S = TICK_BUDGET_S
 # Fewer lines than this a pass would key a long batch far slower (one line a pass: ten times)
 # for little: a pass has a fixed part too.
 MIN_LINES_PER_GROUP = 8
@@ -185,13 +185,13 @@ def _next_outcome():
 
 
 def lines_within_budget(keyed: int, seconds: float) -> int:
-    """How many batch lines the next pass may key to stay within ``GROUP_BUDGET_S``, given
+    """How many batch lines the next pass may key to stay within ``TICK_BUDGET_S``, given
     that ``keyed`` took ``seconds``: from ``MIN_LINES_PER_GROUP`` to ``MAX_LINES_PER_GROUP``.
     It aims at four fifths of the budget: a pass costs a part that does not shrink with its
     lines, so fewer lines save less than their share."""
     if seconds <= 0:
         return MAX_LINES_PER_GROUP
-    fitting = int(keyed * 0.8 * GROUP_BUDGET_S / seconds)
+    fitting = int(keyed * 0.8 * TICK_BUDGET_S / seconds)
     return max(min(MIN_LINES_PER_GROUP, MAX_LINES_PER_GROUP), min(MAX_LINES_PER_GROUP, fitting))
 
 

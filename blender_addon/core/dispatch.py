@@ -21,6 +21,7 @@ from shared_protocol.protocol import ErrorCode, PoseReply, StatusReply, Turn
 
 from .batch_plan import BatchRun
 from .batch_record import PendingLine
+from .placement import DEFAULT_SPACING_M
 from .session import (
     BatchFinished,
     BatchItem,
@@ -49,7 +50,7 @@ class PoseJob:
     attachment: str = ""  # "viewport image", "image: photo.jpg"
     chat_image: bytes = b""  # a chat turn's own image, kept in the history for the turns after
     resent_image: tuple[str, int] | None = None  # the kept Image (name, session id) sent again
-    spacing: float = 1.0  # metres between people of one answer
+    spacing: float = DEFAULT_SPACING_M  # metres between people of one answer
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,11 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from inference_service.checkpoint import ChatPoseConfig, share_as_umask_allows
 from inference_service.pose_head import PoseHead
 from inference_service.prompts import (
+    IMAGE_TOKEN,
     LLAVA_V1,
     POSE_MARKER,
 )
 
-IMAGE_TOKEN = "<image>"
 POSE_TOKEN = POSE_MARKER
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", IMAGE_TOKEN, POSE_TOKEN)
 

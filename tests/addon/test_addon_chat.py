@@ -93,7 +93,7 @@ def test_one_timer_call_applies_answers_for_its_budget_then_yields(blender, monk
 
 def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
     """Lines keyed slowly (1.5 ms each here): 32 in one call held Blender for 48 ms. After a
-    group over GROUP_BUDGET_S the next takes as many as fit in four fifths of it, and never
+    group over TICK_BUDGET_S the next takes as many as fit in four fifths of it, and never
     fewer than MIN_LINES_PER_GROUP (a pass's fixed part stays)."""
     from blender_addon.core.dispatch import BatchLineReady
 
@@ -112,9 +112,9 @@ def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
     backlog.extend(BatchLineReady(run, i, None, f"line {i}", ()) for i in range(80))
     while backlog:
         runtime.timer_tick()
-    per_group = int(0.8 * runtime.GROUP_BUDGET_S / 0.0015)  # aiming below the budget
+    per_group = int(0.8 * runtime.TICK_BUDGET_S / 0.0015)  # aiming below the budget
     assert groups[0] == runtime.MAX_LINES_PER_GROUP and sum(groups) == 80
-    assert set(groups[1:-1]) == {per_group} and 0.0015 * per_group <= runtime.GROUP_BUDGET_S
+    assert set(groups[1:-1]) == {per_group} and 0.0015 * per_group <= runtime.TICK_BUDGET_S
     assert runtime.lines_within_budget(1, 0.0005) == runtime.MAX_LINES_PER_GROUP  # fast again
     # A fixed part over the budget (lines between 5,000 keys): one line a pass was 10x slower.
     assert runtime.lines_within_budget(32, 10.0) == runtime.MIN_LINES_PER_GROUP

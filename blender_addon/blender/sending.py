@@ -14,7 +14,7 @@ from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_bat
 
 from ..core import chat
 from ..core.batch_plan import BatchRun, check_lines
-from ..core.batch_record import BatchRecord, PendingLine
+from ..core.batch_record import BatchRecord, Rerun, plan_rerun
 from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from . import feedback, live, runtime
@@ -159,10 +159,6 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
     return lines, label
 
 
-def _frames(entries) -> str:
-    return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
-
-
 def _checked_batch(
     context: bpy.types.Context,
 ) -> tuple[bpy.types.Object, list[tuple[int, str]], str]:
@@ -205,47 +201,8 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise live.UserError(
             f"The batch record on {target.name} is damaged ({exc}); use Clear Batch Record"
         ) from None
-    start, step = settings.batch_start, settings.batch_step
-    new_frames = set(frames_for(len(lines), start, step))
-    gone = record.past_the_end(len(lines))  # lines deleted from the text
-    moved = record.moved(lines, start, step)  # Start or Step changed: keyed at new frames
-    # Entries whose old frame another line now goes on, whose key replaces theirs. Forgotten
-    # (once the run starts) with the deleted lines': a run stopped before keying them again
-    # would leave two entries at one frame, and count a line keyed that is not.
-    overwritten = sorted(
-        (entry for entry in (*gone, *moved) if entry.frame in new_frames), key=lambda e: e.frame
-    )
-    forgotten = {entry.line for entry in (*gone, *overwritten)}
-    record = record.without_lines(forgotten)
-    notes = ""
-    if gone:
-        notes = f"; {len(gone)} recorded line(s) are no longer in the text"
-        gone_kept = [entry for entry in gone if entry.frame not in new_frames]
-        if gone_kept:
-            notes += f", their keys (frame {_frames(gone_kept)}) are left as they are"
-    pending = record.pending(lines, start, step)
-    to_place, to_record = _keyed_to_place(record, lines, settings)
-    if to_place:
-        notes += (
-            f"; {len(to_place)} line(s) keyed before without Keep on Floor are put on the floor "
-            "from their current keys, not asked again"
-            if settings.batch_keep_on_floor
-            else f"; {len(to_place)} line(s) keyed before without Translation get the root's "
-            "location keyed at rest, not asked again"
-        )
-    if moved:
-        notes += (
-            f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
-            "at their new frames"
-        )
-    if overwritten:
-        notes += (
-            f"; other lines now go where {len(overwritten)} old key(s) are (frame "
-            f"{_frames(overwritten)}), and replace them"
-        )
-    moved_kept = [entry for entry in moved if entry.frame not in new_frames]
-    if moved_kept:
-        notes += f"; the old keys at frame {_frames(moved_kept)} are left as they are"
+    plan = _rerun(record, lines, settings)
+    pending, notes = plan.pending, plan.notes
     run = BatchRun(
         armature=target.name,
         source=label,
@@ -262,7 +219,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         run.root_places = dict(zip((line.frame for line in pending), places, strict=True))
     if not pending:
         live.dispatcher().start_batch(None, run)  # records it as the last run, sends nothing
-        _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(forgotten))
+        _place_and_save(target, plan, settings)
         feedback.set_message(
             f"All {len(lines)} lines of {label} are keyed on {target.name} already{notes}"
         )
@@ -273,7 +230,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Batch not sent: {exc}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
-    _place_and_save(target, record, to_place, to_record, settings, forgot_lines=bool(forgotten))
+    _place_and_save(target, plan, settings)
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
@@ -285,32 +242,19 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     return run
 
 
-def _keyed_to_place(
-    record: BatchRecord, lines: Sequence[str], settings
-) -> tuple[list[PendingLine], list[PendingLine]]:
-    """Lines keyed before without a setting that is now on (Translation, Keep on Floor),
-    split into (to_place: their root's location gets keyed from their keys; to_record: on the
-    floor already, only recorded with Translation)."""
-    start, step = settings.batch_start, settings.batch_step
-    to_ask = {line.line for line in record.pending(lines, start, step)}
-    lacking = [
-        line
-        for line in record.pending(
-            lines, start, step, settings.batch_translation, settings.batch_keep_on_floor
-        )
-        if line.line not in to_ask
-    ]
-    if not settings.batch_keep_on_floor:
-        return lacking, []
-    on_floor = [record.entry(line.line).on_floor for line in lacking]
-    return (
-        [line for line, placed in zip(lacking, on_floor, strict=True) if not placed],
-        [line for line, placed in zip(lacking, on_floor, strict=True) if placed],
+def _rerun(record: BatchRecord, lines: Sequence[str], settings) -> Rerun:
+    return plan_rerun(
+        record,
+        lines,
+        settings.batch_start,
+        settings.batch_step,
+        translation=settings.batch_translation,
+        keep_on_floor=settings.batch_keep_on_floor,
     )
 
 
 def replace_location_keys_question(context: bpy.types.Context) -> str:
-    """The Batch Keyframe confirmation when placing keyed lines (``_keyed_to_place``) would
+    """The Batch Keyframe confirmation when placing keyed lines (``Rerun.to_place``) would
     change root location keys already at their frames; "" when none, or when the batch is
     refused (said when it runs, not after a question)."""
     settings = context.scene.chatpose
@@ -319,7 +263,7 @@ def replace_location_keys_question(context: bpy.types.Context) -> str:
     try:
         target, numbered, _ = _checked_batch(context)
         lines = [prompt for _, prompt in numbered]
-        to_place, _ = _keyed_to_place(load_record(target), lines, settings)
+        to_place = _rerun(load_record(target), lines, settings).to_place
     except (live.UserError, ValueError):
         return ""
     frames = np.array([line.frame for line in to_place], dtype=np.int64)
@@ -347,28 +291,21 @@ def replace_location_keys_question(context: bpy.types.Context) -> str:
 _SAME_PLACE_M = 1e-4  # a root location key this close to where placing puts it is unchanged
 
 
-def _place_and_save(
-    target: bpy.types.Object,
-    record: BatchRecord,
-    to_place: Sequence[PendingLine],
-    to_record: Sequence[PendingLine],
-    settings,
-    *,
-    forgot_lines: bool,
-) -> None:
-    """Keys the root's location of ``to_place`` (``batch_store.place_keyed_lines``), records
-    those and ``to_record`` with the settings, and saves the record when that, or lines no
-    longer in the text being forgotten (``forgot_lines``), changed it."""
+def _place_and_save(target: bpy.types.Object, plan: Rerun, settings) -> None:
+    """Keys the root's location of the plan's lines to place
+    (``batch_store.place_keyed_lines``), records those and the ones to record with the
+    settings, and saves the record when that, or forgetting lines, changed it."""
     translation, on_floor = settings.batch_translation, settings.batch_keep_on_floor
-    if to_place:
+    record = plan.record
+    if plan.to_place:
         record = place_keyed_lines(
-            target, record, to_place, use_translation=translation, on_floor=on_floor
+            target, record, plan.to_place, use_translation=translation, on_floor=on_floor
         )
-    if to_record:
+    if plan.to_record:
         record = record.recorded_lines(
-            ((line.line, line.text, line.frame) for line in to_record), translation, on_floor
+            ((line.line, line.text, line.frame) for line in plan.to_record), translation, on_floor
         )
-    if to_place or to_record or forgot_lines:
+    if plan.to_place or plan.to_record or plan.forgotten:
         save_record(target, record)
 
 

@@ -258,6 +258,84 @@ class BatchRecord:
         return cls._of({e.line: e for e in entries})
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """What a Batch Keyframe run over the text's lines makes of the armature's record."""
+
+    record: BatchRecord  # without the entries ``forgotten`` (saved once the run starts)
+    forgotten: frozenset[int]  # lines deleted from the text, or whose frame another now takes
+    pending: list[PendingLine]  # to ask the service for
+    to_place: list[PendingLine]  # keyed before without a setting now on: the root's location
+    # is keyed from their keys, not asked again (``blender.batch_store.place_keyed_lines``)
+    to_record: list[PendingLine]  # on the floor already: only recorded with the settings
+    notes: str  # for the run's message: each part starts with "; "
+
+
+def plan_rerun(
+    record: BatchRecord,
+    lines: Sequence[str],
+    start: int,
+    step: int,
+    *,
+    translation: bool,
+    keep_on_floor: bool,
+) -> Rerun:
+    """What a run of ``lines`` keyed from ``start`` every ``step`` frames does with ``record``:
+    entries of deleted lines and of lines whose old frame another line now goes on are
+    forgotten (a run stopped before keying them again would leave two entries at one frame,
+    and count a line keyed that is not); the rest is ``pending`` or placed from its keys."""
+    new_frames = set(frames_for(len(lines), start, step))
+    gone = record.past_the_end(len(lines))  # lines deleted from the text
+    moved = record.moved(lines, start, step)  # Start or Step changed: keyed at new frames
+    overwritten = sorted(
+        (entry for entry in (*gone, *moved) if entry.frame in new_frames), key=lambda e: e.frame
+    )
+    forgotten = frozenset(entry.line for entry in (*gone, *overwritten))
+    record = record.without_lines(forgotten)
+    pending = record.pending(lines, start, step)
+    asked = {line.line for line in pending}
+    lacking = [  # keyed, but without a setting now on
+        line
+        for line in record.pending(lines, start, step, translation, keep_on_floor)
+        if line.line not in asked
+    ]
+    placed = [keep_on_floor and record.entry(line.line).on_floor for line in lacking]
+    to_place = [line for line, on_floor in zip(lacking, placed, strict=True) if not on_floor]
+    to_record = [line for line, on_floor in zip(lacking, placed, strict=True) if on_floor]
+    notes = ""
+    if gone:
+        notes = f"; {len(gone)} recorded line(s) are no longer in the text"
+        gone_kept = [entry for entry in gone if entry.frame not in new_frames]
+        if gone_kept:
+            notes += f", their keys (frame {_frame_list(gone_kept)}) are left as they are"
+    if to_place:
+        notes += (
+            f"; {len(to_place)} line(s) keyed before without Keep on Floor are put on the floor "
+            "from their current keys, not asked again"
+            if keep_on_floor
+            else f"; {len(to_place)} line(s) keyed before without Translation get the root's "
+            "location keyed at rest, not asked again"
+        )
+    if moved:
+        notes += (
+            f"; Start or Step changed since {len(moved)} line(s) were keyed, so they are keyed "
+            "at their new frames"
+        )
+    if overwritten:
+        notes += (
+            f"; other lines now go where {len(overwritten)} old key(s) are (frame "
+            f"{_frame_list(overwritten)}), and replace them"
+        )
+    moved_kept = [entry for entry in moved if entry.frame not in new_frames]
+    if moved_kept:
+        notes += f"; the old keys at frame {_frame_list(moved_kept)} are left as they are"
+    return Rerun(record, forgotten, pending, to_place, to_record, notes)
+
+
+def _frame_list(entries: Sequence[Entry]) -> str:
+    return ", ".join(str(e.frame) for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
+
+
 _SEPARATORS = (",", ":")
 _END = "]}"  # of to_json's text: the entries are its last member
 

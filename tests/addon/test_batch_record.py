@@ -11,6 +11,7 @@ from blender_addon.core.batch_record import (
     Entry,
     PendingLine,
     line_hash,
+    plan_rerun,
     with_entries_appended,
 )
 from shared_protocol.batch_text import prompt_lines
@@ -214,3 +215,38 @@ def test_entries_past_the_end_of_a_shorter_text():
     record = BatchRecord().recorded_lines([(0, "a", 1), (2, "c", 21), (3, "d", 31)])
     assert [e.line for e in record.past_the_end(3)] == [3]
     assert record.past_the_end(4) == ()
+
+
+def test_a_rerun_forgets_lines_deleted_or_whose_frame_another_line_takes():
+    # Keyed every 10 frames: a at 1, b at 11, c at 21, d at 31, e at 41; then Step 20 and
+    # e deleted: b goes to 21 (c's old frame), c to 41 (e's), d to 61.
+    record = BatchRecord().recorded_lines([(i, text, 1 + 10 * i) for i, text in enumerate("abcde")])
+    plan = plan_rerun(record, list("abcd"), 1, 20, translation=False, keep_on_floor=False)
+    # c's old frame is b's now, e's (deleted) is c's: both entries go; b and d keep theirs
+    # until keyed again (their old frames 11 and 31 hold no other line's pose).
+    assert plan.forgotten == {2, 4}
+    assert [e.line for e in plan.record.entries] == [0, 1, 3]
+    assert [(p.line, p.frame) for p in plan.pending] == [(1, 21), (2, 41), (3, 61)]
+    assert plan.to_place == plan.to_record == []
+    assert "; 1 recorded line(s) are no longer in the text;" in plan.notes  # e, its key replaced
+    assert "; Start or Step changed since 3 line(s) were keyed" in plan.notes
+    assert "; other lines now go where 2 old key(s) are (frame 21, 41), and replace them" in (
+        plan.notes
+    )
+    assert plan.notes.endswith("; the old keys at frame 11, 31 are left as they are")
+
+
+def test_a_rerun_with_keep_on_floor_places_lines_keyed_without_it_and_asks_nothing():
+    record = (
+        BatchRecord()
+        .recorded_lines([(0, "kneel", 1)])
+        .recorded_lines([(1, "sit", 11)], translation=True, on_floor=True)
+    )
+    lines = ["kneel", "sit", "jump"]
+    plan = plan_rerun(record, lines, 1, 10, translation=False, keep_on_floor=True)
+    assert [p.line for p in plan.pending] == [2]  # only the new line is asked
+    assert [p.line for p in plan.to_place] == [0] and plan.to_record == []
+    assert "1 line(s) keyed before without Keep on Floor are put on the floor" in plan.notes
+    plan = plan_rerun(record, lines, 1, 10, translation=True, keep_on_floor=False)
+    assert [p.line for p in plan.to_place] == [0]  # its root's location is keyed at rest
+    assert "without Translation get the root's location keyed at rest" in plan.notes

@@ -12,6 +12,7 @@ from .blender import live
 from .blender.armature import find_smpl_armature
 from .blender.props import history_messages, target_armature, target_problem
 from .core import chat
+from .preferences import draw_local_service, service_settings
 
 _LEVEL_ICONS = {"INFO": "INFO", "WARNING": "ERROR", "ERROR": "CANCEL"}
 
@@ -162,8 +163,6 @@ class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
     bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
-        from .preferences import draw_local_service, service_settings
-
         layout = self.layout
         settings = service_settings(context)
         keys = ", CURVE keys" if settings.client_key else ""

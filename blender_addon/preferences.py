@@ -148,7 +148,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
 def draw_local_service(layout, width: int = 70) -> None:
     """Start/Stop buttons and the local service's state, in lines of ``width`` characters
     (preferences and the panel), and a button opening its log once one was started here."""
-    from .blender import live, local_service
+    from .blender import live, local_service  # here: the add-on's bpy modules import this one
 
     state = local_service.local_service_state()
     row = layout.row(align=True)

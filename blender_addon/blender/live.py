@@ -19,6 +19,7 @@ from ..core.dispatch import BusyError, Dispatcher, PoseJob
 from ..core.netpolicy import curve_keys
 from ..core.service_process import ServiceProcess
 from ..core.session import Service
+from ..preferences import service_settings, user_data_dir
 
 
 class UserError(Exception):
@@ -61,8 +62,6 @@ def dispatcher() -> Dispatcher:
 
 def service_process() -> ServiceProcess:
     if state.process is None:
-        from ..preferences import user_data_dir
-
         state.process = ServiceProcess(user_data_dir())
     return state.process
 
@@ -118,8 +117,6 @@ SEND_ERRORS = (ProtocolError, BusyError, AddressError)
 
 def service_for(context) -> Service:
     """The service to ask, from the preferences; UserError when it cannot be asked."""
-    from ..preferences import service_settings
-
     settings = service_settings(context)
     if settings.problem:
         raise UserError(settings.problem)

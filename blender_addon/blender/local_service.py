@@ -17,12 +17,11 @@ from ..core.service_process import (
     log_name_for,
     serve_command,
 )
+from ..preferences import absolute_path, get_preferences, service_settings
 from . import feedback, live, runtime
 
 
 def start_service(context: bpy.types.Context) -> None:
-    from ..preferences import absolute_path, get_preferences, service_settings
-
     prefs = get_preferences(context)
     if prefs is None:
         raise live.UserError("The add-on's preferences are not available")

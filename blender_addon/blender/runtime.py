@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import bpy
 
 from ..core.dispatch import BatchLineReady
+from ..preferences import service_settings
 from . import answers, feedback, file_handlers, live
 
 TICK_INTERVAL_S = 0.05
@@ -214,8 +215,6 @@ def watch_local_service() -> None:
         described = process_state.describe()
         feedback.notify(f"Local service {described}; its log: {log}", "ERROR", popup=True)
         return
-    from ..preferences import service_settings
-
     address = service_settings(bpy.context).address
     if address != live.state.local_address:  # the probe would ask elsewhere, and wait for ever
         live.state.waiting_ready = False

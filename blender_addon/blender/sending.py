@@ -17,6 +17,7 @@ from ..core.batch_plan import BatchRun, check_lines
 from ..core.batch_record import BatchRecord, Rerun, plan_rerun
 from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
+from ..preferences import absolute_path, get_preferences
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
 from .batch_store import TakePin, load_record, place_keyed_lines, save_record
@@ -29,8 +30,6 @@ def send_pose(
 ) -> PoseJob:
     """Queues a pose (or chat) request with the scene's settings; UserError when it
     cannot be sent (no armature, bad address, input the protocol refuses)."""
-    from ..preferences import get_preferences
-
     scene = context.scene
     settings = scene.chatpose
     target = target_armature(context)
@@ -133,8 +132,6 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
             raise live.UserError("Pick a text datablock with one prompt per line")
         content, label = text.as_string(), f"text '{text.name}'"
     else:
-        from ..preferences import absolute_path
-
         path = absolute_path(settings.batch_file)
         if not settings.batch_file:
             raise live.UserError("Pick a .txt file with one prompt per line")

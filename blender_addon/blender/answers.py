@@ -5,12 +5,14 @@ batch's end reported."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bpy
 import numpy as np
 
-from shared_protocol.protocol import ErrorCode
+from shared_protocol.pose import Pose
+from shared_protocol.protocol import ErrorCode, PoseReply
 
 from ..core import batch_plan, chat
 from ..core.batch_plan import BatchRun
@@ -88,16 +90,6 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     job, reply = outcome.job, outcome.reply
     poses = reply.poses
     scene = find(bpy.data.scenes, job.scene, job.scene_uid)
-    if scene is not None:
-        append_history(
-            scene,
-            chat.exchange(job.prompt, reply.text, attachment=job.attachment, poses=len(poses)),
-            _kept_image(job),
-        )
-    # The exchange is a step of its own, before the poses': undoing a pose the animator does
-    # not want keeps it, and chat mode's context with it. Pushed once what the answer does is
-    # known, so that a refused answer, its prompt given back, is one step.
-    chat_step = (lambda: feedback.push_undo("chat")) if scene is not None else (lambda: None)
     cut = (
         "; the reply was cut at the service's limit of new tokens (chatpose-serve "
         "--max-new-tokens), before the model ended it"
@@ -111,38 +103,19 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         else ""
     )
     if not poses:
-        chat_step()  # else the next undo would take the reply away
+        _record_exchange(scene, job, reply, problem=None)
         text = f"Reply without a pose: {chat.clean_text(reply.text)[:120]}{cut}{unseen}"
         feedback.notify(text, "WARNING" if cut else "INFO")
         return
     try:
-        target = find(bpy.data.objects, job.armature, job.armature_uid)
-        problem = _armature_problem(job.armature, target)
-        if problem is not None:
-            problem += "; the answer was not applied"
-        frame, unkeyed = job.frame, ""
-        # The model's poses carry no translation: the location is then neither set nor keyed,
-        # unless Keep on Floor places them.
-        # A locked location leaves that person off the floor (apply_people says so).
-        own = job.use_translation and any(p.translation is not None for p in poses)
-        if problem is None and frame is not None:
-            try:  # before any change
-                refuse_locked_people(target, len(poses), own)
-            except LockedCurveError as exc:
-                if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
-                    frame, unkeyed = None, f"; not keyed (Auto Keying): {exc}"
-                else:
-                    problem = f"the answer was not applied to {target.name!r}: {exc}"
-    except BaseException:
-        chat_step()
+        target, problem, frame, unkeyed = _where_to_apply(job, poses)
+    except BaseException as exc:  # the prompt and its answer are not lost with it
+        _record_exchange(scene, job, reply, problem=f"the answer was not applied ({exc})")
         raise
+    _record_exchange(scene, job, reply, problem)
     if problem is not None:
-        if scene is not None:
-            give_prompt_back(scene, job.prompt)
-        chat_step()
         feedback.notify(f"{problem[0].upper()}{problem[1:]}", "ERROR", popup=True)
         return
-    chat_step()
     try:
         result = apply_people(
             bpy.context,
@@ -182,6 +155,52 @@ def _pose_answered(outcome: PoseAnswered) -> None:
     if cut:
         text, level = text + cut, "WARNING"
     feedback.notify(text + unseen, level)
+
+
+def _record_exchange(
+    scene: bpy.types.Scene | None, job: PoseJob, reply: PoseReply, problem: str | None
+) -> None:
+    """The answer's exchange in the scene's chat history, an undo step of its own before the
+    poses': undoing a pose the animator does not want keeps it, and chat mode's context with
+    it. An answer not applied (``problem``: its armature gone, a locked channel) is a failed
+    exchange, which the next turns do not send as context, and its prompt is given back."""
+    if scene is None:
+        return
+    if problem is None:
+        exchange = chat.exchange(
+            job.prompt, reply.text, attachment=job.attachment, poses=len(reply.poses)
+        )
+        append_history(scene, exchange, _kept_image(job))
+    else:
+        exchange = chat.exchange(job.prompt, problem, attachment=job.attachment, failed=True)
+        append_history(scene, exchange, failed_turn_image(job, problem))
+        give_prompt_back(scene, job.prompt)
+    feedback.push_undo("chat")
+
+
+def _where_to_apply(
+    job: PoseJob, poses: Sequence[Pose]
+) -> tuple[bpy.types.Object | None, str | None, int | None, str]:
+    """(target, problem, frame, unkeyed) for an answer's poses: the armature they go on, why
+    they cannot (None when they can), the frame to key them at (None: posed unkeyed, and
+    ``unkeyed`` says why). Found before anything changes."""
+    target = find(bpy.data.objects, job.armature, job.armature_uid)
+    problem = _armature_problem(job.armature, target)
+    if problem is not None:
+        return target, f"{problem}; the answer was not applied", job.frame, ""
+    if job.frame is None:
+        return target, None, None, ""
+    # The model's poses carry no translation: the location is then neither set nor keyed,
+    # unless Keep on Floor places them. A locked location leaves that person off the floor
+    # (apply_people says so).
+    own = job.use_translation and any(p.translation is not None for p in poses)
+    try:
+        refuse_locked_people(target, len(poses), own)
+    except LockedCurveError as exc:
+        if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
+            return target, None, None, f"; not keyed (Auto Keying): {exc}"
+        return target, f"the answer was not applied to {target.name!r}: {exc}", job.frame, ""
+    return target, None, job.frame, ""
 
 
 def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:

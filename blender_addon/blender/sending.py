@@ -43,7 +43,7 @@ def send_pose(
     history = ()
     chat_image = b""  # this turn's own image, kept with its exchange
     resent_image = None  # or the chat's kept image, sent again
-    image_note = ""
+    image_note = context_note = ""
     if settings.chat_mode:
         # The history holds an exchange once its answer is in: a turn sent before would go
         # without the one before it, and the model would answer it blind.
@@ -52,6 +52,11 @@ def send_pose(
         pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
         messages = history_messages(scene)
         history = chat.history_turns(messages, max_pairs=pairs)
+        if too_long := chat.too_long_for_context(messages, max_pairs=pairs):
+            context_note = (
+                f"; {too_long} of the chat's latest exchanges too long for its context "
+                f"({chat.DEFAULT_MAX_CHARS:,} characters) not sent"
+            )
         if images:
             chat_image = images[0]  # the add-on sends one
         elif (index := chat.conversation_image_index(messages, max_pairs=pairs)) is not None:
@@ -95,7 +100,7 @@ def send_pose(
         raise live.UserError(f"Not sent: {exc}") from None
     runtime.ensure_timer()
     what = f"'{prompt}'" if prompt else "the image"
-    feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note})")
+    feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
     return job
 
 

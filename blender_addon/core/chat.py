@@ -77,10 +77,35 @@ def history_turns(
     A user message followed by an assistant message is a pair; anything else (an error reply,
     a stray message) is skipped. From the newest pair backwards, pairs are kept while there are
     at most ``max_pairs`` of them (and the protocol's history limit) and their texts total at
-    most ``max_chars`` characters: a pair too long for what is left is left out, and the older
-    ones that fit still go (one long exchange would otherwise cut off all context). Pairs with
-    an empty side carry nothing and are skipped.
+    most ``max_chars`` characters: a pair too long for what is left is left out
+    (``too_long_for_context`` counts them), and the older ones that fit still go (one long
+    exchange would otherwise cut off all context). Pairs with an empty side carry nothing and
+    are skipped.
     """
+    kept, _ = _context_pairs(messages, max_pairs, max_chars)
+    turns: list[Turn] = []
+    for user, assistant in reversed(kept):
+        turns += [Turn(USER, user), Turn(ASSISTANT, assistant)]
+    return tuple(turns)
+
+
+def too_long_for_context(
+    messages: Sequence[Message],
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> int:
+    """How many of the latest ``max_pairs`` answered exchanges ``history_turns`` leaves out
+    for their length: the user is told, as a follow-up to one of them goes without it."""
+    _, skipped = _context_pairs(messages, max_pairs, max_chars)
+    return skipped
+
+
+def _context_pairs(
+    messages: Sequence[Message], max_pairs: int, max_chars: int
+) -> tuple[list[tuple[str, str]], int]:
+    """(the pairs sent, newest first; how many of the latest ``max_pairs`` were left out for
+    their length)."""
     pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(messages):
@@ -95,19 +120,17 @@ def history_turns(
             i += 1
     limit = _pair_limit(max_pairs)
     kept: list[tuple[str, str]] = []
-    used = 0
-    for user, assistant in reversed(pairs):
+    used = skipped = 0
+    for age, (user, assistant) in enumerate(reversed(pairs)):
         if len(kept) >= limit:
             break
         size = len(user) + len(assistant)
         if used + size > max_chars:
+            skipped += age < limit
             continue
         kept.append((user, assistant))
         used += size
-    turns: list[Turn] = []
-    for user, assistant in reversed(kept):
-        turns += [Turn(USER, user), Turn(ASSISTANT, assistant)]
-    return tuple(turns)
+    return kept, skipped
 
 
 def conversation_image_index(

@@ -302,6 +302,27 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     assert backend.items[-1].history == () and backend.items[-1].mode == "pose"
 
 
+def test_a_chat_turn_says_which_exchanges_are_too_long_for_its_context(armature, scripted_service):
+    address, backend = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    props.append_history(scene, chat.exchange("wave", "sure, it is <POSE>.", poses=1))
+    props.append_history(scene, chat.exchange("x" * 5000, "y" * 1200, poses=1))  # a long brief
+    scene.chatpose.chat_mode = True
+    scene.chatpose.prompt = "now raise the other arm"
+    bpy.ops.chatpose.send()
+    message = live.last_message()[0]
+    assert message.endswith(
+        "(chat mode; 1 of the chat's latest exchanges too long for its context (6,000 "
+        "characters) not sent)"
+    ), message
+    drive(idle)
+    assert backend.items[-1].history == (
+        Turn("user", "wave"),
+        Turn("assistant", "sure, it is <POSE>."),
+    )
+
+
 def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)
@@ -682,6 +703,12 @@ def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, sc
     assert "The armature 'SMPL' is gone; the answer was not applied" in live.last_message()[0]
     assert set(bpy.data.objects) == objects  # nothing posed, nothing made beside it
     assert bpy.context.scene.chatpose.prompt == "for a rig about to go"  # to send again
+    # A failed exchange: chat mode's next turns do not tell the model it was answered.
+    history = props.history_messages(bpy.context.scene)
+    assert [(m.role, m.text) for m in history] == [
+        ("user", "for a rig about to go"),
+        ("error", "the armature 'SMPL' is gone; the answer was not applied"),
+    ]
 
 
 def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scripted_service):

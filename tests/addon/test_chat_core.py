@@ -96,6 +96,11 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
     latest_long = _history(("raise the left arm", "ok"), ("x" * 5000, "y" * 1200))
     turns = chat.history_turns(latest_long, max_chars=6000)
     assert [t.text for t in turns] == ["raise the left arm", "ok"]
+    # ... and the user is told of it (a follow-up to it goes without it).
+    assert chat.too_long_for_context(latest_long, max_chars=6000) == 1
+    assert chat.too_long_for_context(long, max_chars=4000) == 1  # an older one, as latest
+    assert chat.too_long_for_context(long, max_pairs=1, max_chars=4000) == 0  # beyond Chat Context
+    assert chat.too_long_for_context(latest_long, max_pairs=0) == 0
     assert chat.history_turns(messages, max_pairs=0) == ()
 
 

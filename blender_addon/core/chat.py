@@ -163,11 +163,40 @@ def _pair_limit(max_pairs: int) -> int:
 
 
 def wrap(text: str, width: int) -> list[str]:
-    """``text`` broken into lines of at most ``width`` characters (panel labels do not wrap)."""
+    """``text`` broken into lines of at most ``width`` columns (panel labels do not wrap): a
+    character is a column, an East Asian wide one (Chinese, Japanese, most emoji) two, as
+    Blender's font draws them about twice as wide."""
     width = max(8, width)
     lines: list[str] = []
     for paragraph in text.splitlines() or [""]:
-        lines += textwrap.wrap(paragraph, width, break_long_words=True) or [""]
+        if any(_is_wide(c) for c in paragraph):
+            lines += _wrap_wide(paragraph, width) or [""]
+        else:
+            lines += textwrap.wrap(paragraph, width, break_long_words=True) or [""]
+    return lines
+
+
+def _is_wide(character: str) -> bool:
+    return unicodedata.east_asian_width(character) in ("W", "F")
+
+
+def _wrap_wide(paragraph: str, width: int) -> list[str]:
+    """``wrap`` for a paragraph with wide characters: a word of narrow ones at the last space
+    before it, wide ones between any two (Chinese and Japanese have no spaces between words)."""
+    lines: list[str] = []
+    line, used = "", 0
+    for character in paragraph:
+        size = 2 if _is_wide(character) else 1
+        if used + size > width and line.strip():
+            cut = line.rfind(" ") if size == 1 else -1
+            head, line = (line[:cut], line[cut + 1 :]) if cut > 0 else (line, "")
+            lines.append(head.rstrip())
+            used = sum(2 if _is_wide(c) else 1 for c in line)
+        if line or not character.isspace():  # no line starts with a space
+            line += character
+            used += size
+    if line.strip():
+        lines.append(line.rstrip())
     return lines
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import textwrap
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -149,6 +151,23 @@ def test_display_lines_wrap_and_keep_the_end():
     answer = chat.Message(chat.ASSISTANT, "She waves <POSE>, he bows <POSE>.", poses=2)
     (line,) = chat.display_lines([answer], width=80, max_lines=5)
     assert line[1] == "ChatPose: She waves [pose 1], he bows [pose 2]. [2 poses]"
+
+
+def test_wide_characters_take_two_columns_of_a_line():
+    # Blender's font draws Chinese, Japanese and emoji about twice as wide as Latin letters:
+    # counted as one, a line of them ran past the panel's edge and was clipped.
+    def columns(line: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+
+    japanese = "ChatPose: 疲れた人はどのように立ちますか？肩を落として、頭を少し下げて立ちます。"
+    lines = chat.wrap(japanese, 20)
+    assert "".join(lines) == japanese  # broken between characters: nothing lost or added
+    assert lines[0] == "ChatPose: 疲れた人は" and all(columns(line) <= 20 for line in lines)
+    mixed = chat.wrap("You: make it more dramatic 🎭🔥 please, with both arms raised 🙌", 20)
+    assert mixed == ["You: make it more", "dramatic 🎭🔥", "please, with both", "arms raised 🙌"]
+    assert chat.wrap("no wide characters here at all", 12) == textwrap.wrap(
+        "no wide characters here at all", 12
+    )
 
 
 def test_display_lines_wrap_only_the_messages_they_show(monkeypatch):

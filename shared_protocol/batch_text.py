@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from shared_protocol.protocol import INVISIBLE_MARKS
+
 COMMENT = "#"
 # Byte order marks: Windows' Notepad saves "Unicode" as UTF-16 with one; UTF-8 may carry one too.
 _ENCODINGS_BY_MARK = (
@@ -66,9 +68,8 @@ def decode_text(data: bytes) -> str:
     return text
 
 
-# What `str.strip` takes, and marks that show nothing: a byte order mark (zero-width no-break
-# space), a zero-width space, a word joiner.
-_LINE_EDGES = re.compile(r"^[\s\ufeff\u200b\u2060]+|[\s\ufeff\u200b\u2060]+$")
+# What `str.strip` takes, and marks that show nothing.
+_LINE_EDGES = re.compile(f"^[\\s{INVISIBLE_MARKS}]+|[\\s{INVISIBLE_MARKS}]+$")
 
 
 def prompt_lines(text: str) -> list[tuple[int, str]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -48,6 +49,17 @@ MAX_IMAGE_ASPECT_RATIO = 20
 # The most pixels the server decodes (`bad_image` past it): Pillow's own guard against
 # decompression bombs, kept so that a client can say so before it sends a picture.
 MAX_IMAGE_PIXELS = 89_478_485
+
+
+# Marks that show nothing, which `str.strip` keeps and pasted text brings: a byte order mark
+# (zero-width no-break space), zero-width space, non-joiner and joiner, word joiner.
+INVISIBLE_MARKS = "\ufeff\u200b\u200c\u200d\u2060"
+_BLANK = re.compile(f"[\\s{INVISIBLE_MARKS}]*")
+
+
+def is_blank(text: str) -> bool:
+    """Whether a prompt shows nothing to answer: whitespace and ``INVISIBLE_MARKS`` only."""
+    return _BLANK.fullmatch(text) is not None
 
 
 def readable_text(text: str) -> str:
@@ -726,7 +738,7 @@ def _decode_pose_request(header, rid, images, limits) -> PoseRequest:
     turns = header.get("history", _array, default=[], max_items=limits.max_history_turns)
     history = tuple(_turn(value, path, limits) for path, value in turns)
     mode, timeout_ms = _mode_and_timeout(header, limits)
-    if not prompt.strip() and not images:
+    if is_blank(prompt) and not images:
         raise _fail(ErrorCode.EMPTY_PROMPT, "prompt", "is blank and no image is attached")
     return PoseRequest(rid, prompt, tuple(images), history, mode, timeout_ms)
 
@@ -737,7 +749,7 @@ def _decode_batch_request(header, rid, images, limits) -> BatchRequest:
         raise _fail(ErrorCode.EMPTY_PROMPT, "prompts", "holds no prompts")
     prompts = tuple(_string(v, path, max_chars=limits.max_prompt_chars) for path, v in items)
     for (path, _), prompt in zip(items, prompts, strict=True):
-        if not prompt.strip():
+        if is_blank(prompt):
             raise _fail(ErrorCode.EMPTY_PROMPT, path, "is blank")
     mode, timeout_ms = _mode_and_timeout(header, limits)
     return BatchRequest(rid, prompts, mode, timeout_ms)

@@ -284,6 +284,13 @@ REQUEST_ERRORS = [
     ("prompt not text", frames_of(request(prompt=["x"])), ErrorCode.BAD_SCHEMA, "prompt"),
     ("empty prompt", frames_of(request(prompt="")), ErrorCode.EMPTY_PROMPT, "prompt"),
     ("blank prompt", frames_of(request(prompt=" \n\t ")), ErrorCode.EMPTY_PROMPT, "prompt"),
+    # Marks that show nothing (pasted text brings them), which str.strip keeps.
+    (
+        "invisible prompt",
+        frames_of(request(prompt="\u200b \ufeff\u2060\u200d")),
+        ErrorCode.EMPTY_PROMPT,
+        "prompt",
+    ),
     ("prompt too long", frames_of(request(prompt="x" * 8001)), ErrorCode.TOO_LARGE, "prompt"),
     (
         "lone surrogate",
@@ -363,6 +370,12 @@ REQUEST_ERRORS = [
     (
         "batch blank prompt",
         frames_of(request("batch", prompts=["sit", " "])),
+        ErrorCode.EMPTY_PROMPT,
+        "prompts[1]",
+    ),
+    (
+        "batch invisible prompt",
+        frames_of(request("batch", prompts=["sit", "\u200b"])),
         ErrorCode.EMPTY_PROMPT,
         "prompts[1]",
     ),

@@ -11,6 +11,7 @@ import bpy
 import numpy as np
 
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
+from shared_protocol.protocol import is_blank
 
 from ..core import chat
 from ..core.batch_plan import BatchRun, check_lines
@@ -36,7 +37,7 @@ def send_pose(
     if target is None:
         raise live.UserError(target_problem(context))
     prompt = prompt.strip()
-    if not prompt and not images:
+    if is_blank(prompt) and not images:
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"

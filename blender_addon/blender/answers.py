@@ -89,7 +89,7 @@ def apply_outcome(outcome) -> None:
 def _pose_answered(outcome: PoseAnswered) -> None:
     job, reply = outcome.job, outcome.reply
     poses = reply.poses
-    scene = find(bpy.data.scenes, job.scene, job.scene_uid)
+    scene = find_by_uid(bpy.data.scenes, job.scene, job.scene_uid)
     cut = (
         "; the reply was cut at the service's limit of new tokens (chatpose-serve "
         "--max-new-tokens), before the model ended it"
@@ -184,7 +184,7 @@ def _where_to_apply(
     """(target, problem, frame, unkeyed) for an answer's poses: the armature they go on, why
     they cannot (None when they can), the frame to key them at (None: posed unkeyed, and
     ``unkeyed`` says why). Found before anything changes."""
-    target = find(bpy.data.objects, job.armature, job.armature_uid)
+    target = find_by_uid(bpy.data.objects, job.armature, job.armature_uid)
     problem = _armature_problem(job.armature, target)
     if problem is not None:
         return target, f"{problem}; the answer was not applied", job.frame, ""
@@ -213,7 +213,7 @@ def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
     return None
 
 
-def find(collection, name: str, uid: int | None):
+def find_by_uid(collection, name: str, uid: int | None):
     """A request's armature or scene in `collection` (bpy.data.objects, .scenes): by session
     id, so that renaming it (or naming another one like it) while the answer is on its way
     changes nothing; by name without one."""
@@ -230,7 +230,7 @@ def _kept_image(job: PoseJob) -> bpy.types.Image | None:
     chat's that it sent again (None: it sent none, or that one was removed since)."""
     if job.chat_image:
         return pack_chat_image(job.chat_image, job.attachment)
-    return (job.resent_image and find(bpy.data.images, *job.resent_image)) or None
+    return (job.resent_image and find_by_uid(bpy.data.images, *job.resent_image)) or None
 
 
 def failed_turn_image(job: PoseJob, message: str) -> bpy.types.Image | None:
@@ -253,7 +253,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
             f" ({job.attachment} is the chat's image, sent again with this turn; the turns "
             "after it go without it)"
         )
-    scene = find(bpy.data.scenes, job.scene, job.scene_uid)
+    scene = find_by_uid(bpy.data.scenes, job.scene, job.scene_uid)
     if scene is not None:
         append_history(
             scene,
@@ -310,7 +310,7 @@ def _local_service_log() -> str:
 def _batch_lines(outcomes: list[BatchLineReady]) -> None:
     """Keys and records lines of one run (keys first, then the record: see batch_store)."""
     run = outcomes[0].run
-    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    obj = find_by_uid(bpy.data.objects, run.armature, run.armature_uid)
     problem = _batch_target_problem(run, obj)
     if problem is None and run.take is not None:
         problem = run.take.moved(obj)
@@ -360,7 +360,7 @@ def _batch_target_problem(run: BatchRun, obj: bpy.types.Object | None) -> str | 
 def _settle_batch(run: BatchRun) -> None:
     """What keying a run's lines left for later (``batch_store.settle_batch_keys``): done at
     its end, and before the file is saved or the add-on disabled during it."""
-    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    obj = find_by_uid(bpy.data.objects, run.armature, run.armature_uid)
     settle_batch_keys(obj if obj is not None and not is_deleted(obj) else None)
 
 
@@ -372,7 +372,7 @@ def settle_running_batch() -> None:
 
 
 def _batch_ended(run: BatchRun) -> None:
-    obj = find(bpy.data.objects, run.armature, run.armature_uid)
+    obj = find_by_uid(bpy.data.objects, run.armature, run.armature_uid)
     with contextlib.suppress(ValueError):  # a damaged record: the next run reports it
         _settle_batch(run)  # every take it keyed, its own moved away or not
     if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):

@@ -177,7 +177,7 @@ class CHATPOSE_OT_cancel(bpy.types.Operator):  # noqa: N801
         return live.busy()
 
     def execute(self, context):
-        if not sending.cancel():
+        if not sending.cancel_all():
             self.report({"INFO"}, "Nothing to cancel")
         return {"FINISHED"}
 

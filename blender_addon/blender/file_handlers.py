@@ -88,7 +88,7 @@ def keep_unanswered_prompts(why: str) -> bool:
     in its scene's history, saying ``why``; whether there was one."""
     kept = False
     for job, reason in unanswered(why):
-        scene = answers.find(bpy.data.scenes, job.scene, job.scene_uid)
+        scene = answers.find_by_uid(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is not None:
             keep_unanswered(scene, job, reason)
             kept = True
@@ -120,7 +120,7 @@ def _on_save_pre(filepath: str = "", *_args) -> None:
         return
     live.state.restore_after_save.clear()
     for job, why in unanswered(UNANSWERED_AT_SAVE):
-        scene = answers.find(bpy.data.scenes, job.scene, job.scene_uid)
+        scene = answers.find_by_uid(bpy.data.scenes, job.scene, job.scene_uid)
         if scene is None:
             continue
         settings = scene.chatpose
@@ -137,7 +137,7 @@ def _on_save_post(*_args) -> None:
         return
     while live.state.restore_after_save:
         name, uid, length, prompt = live.state.restore_after_save.pop()
-        scene = answers.find(bpy.data.scenes, name, uid)
+        scene = answers.find_by_uid(bpy.data.scenes, name, uid)
         if scene is None:
             continue
         history = scene.chatpose.history

@@ -323,7 +323,7 @@ def cancel_request(request_id: str) -> bool:
     return True
 
 
-def cancel() -> int:
+def cancel_all() -> int:
     """Cancels the running batch and the pose requests in flight; how many were cancelled."""
     d = live.state.dispatcher
     if d is None:

@@ -90,9 +90,7 @@ class BatchLineReady:
     ``run.item_keyed(line)`` (or ``run.item_failed(line, message)`` when keying failed)."""
 
     run: BatchRun
-    index: int
     line: PendingLine
-    text: str
     poses: tuple[Pose, ...]
 
 
@@ -316,7 +314,7 @@ class Dispatcher:
             if not event.poses:
                 run.item_failed(line, "the answer held no pose")
                 return [BatchLineFailed(run, line, "the answer held no pose")]
-            return [BatchLineReady(run, event.index, line, event.text, event.poses)]
+            return [BatchLineReady(run, line, event.poses)]
         if isinstance(event, RequestFailed) and not event.final:
             line = run.line_for(event.index)
             if line is None:

@@ -60,17 +60,13 @@ class PoseResult:
 @dataclass(frozen=True)
 class BatchItem:
     request_id: str
-    index: int
-    total: int
-    text: str
+    index: int  # of the prompt in its request
     poses: tuple[Pose, ...]
 
 
 @dataclass(frozen=True)
 class BatchFinished:
     request_id: str
-    total: int
-    completed: int
 
 
 @dataclass(frozen=True)
@@ -233,10 +229,10 @@ class Session:
                 self._in_flight.pop(reply.id)
                 return [StatusResult(reply.id, reply)]
             case BatchItemReply():
-                return [BatchItem(reply.id, reply.index, reply.total, reply.text, reply.poses)]
+                return [BatchItem(reply.id, reply.index, reply.poses)]
             case BatchDoneReply():
                 self._in_flight.pop(reply.id)
-                return [BatchFinished(reply.id, reply.total, reply.completed)]
+                return [BatchFinished(reply.id)]
             case UndecodableReply():  # the service goes on unless told: a batch's other items
                 self._in_flight.pop(reply.id)
                 self._ask_to_cancel(reply.id)

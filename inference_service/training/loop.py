@@ -1119,38 +1119,8 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             raise TrainingError(
                 f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
             )
-    model_source = checkpoint
-    if resume_from is not None and config.train_base:
-        # The whole model was saved: resume from its weights.
-        model_source = Checkpoint.open(resume_from)
-        adapter_dir, head_path = None, resume_from / HEAD_NAME
-    elif resume_from is not None:
-        adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
-    else:
-        adapter_dir = checkpoint.adapter_dir
-        keep_head = _keeps_base_head(config, checkpoint, examples, sampler)
-        head_path = checkpoint.head_path if keep_head else None
-    tm = load_training_model(model_source, config, adapter_dir, head_path)
-
-    positions = _max_positions(tm.model)
-    if config.max_length and config.max_length > positions:  # the service would refuse them
-        raise TrainingError(
-            f"--max-length {config.max_length}: this model reads at most {positions} tokens "
-            "(its max_position_embeddings); longer examples could not be served"
-        )
-    max_length = config.max_length or positions
-    actions = sorted({e.action for e in examples if e.action}) if config.action_weight else []
-    if config.action_weight and not actions:
-        print("note: --action-weight does nothing: no example names an action", file=sys.stderr)
-    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length, actions)
-    encoded, problems = [], []
-    for example in examples:  # every bad record at once, not one a model load
-        try:
-            encoded.append(encoder.encode(example))
-        except DatasetError as exc:
-            problems.append(str(exc))
-    _refuse_examples(problems)
-    _check_encoder(encoder, examples, encoded)
+    tm, head_path = _model_to_train(config, checkpoint, resume_from, examples, sampler)
+    encoder, encoded = _encoded_examples(tm, config, examples)
 
     if state is not None:
         tm.head.load_state_dict(state["head"])
@@ -1161,7 +1131,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
         if head_path is not None and tm.head_input_shift is not None:
             tm.unfold_head_input_shift()
 
-    if actions:
+    if actions := encoder.actions:
         tm.action_classifier = torch.nn.Linear(tm.head[0].in_features, len(actions))
         tm.action_classifier.to(tm.device)
         if state is not None and state.get("action_classifier") is not None:
@@ -1175,20 +1145,8 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             raise TrainingError(
                 f"{resume_from}: the trainable parameters differ from the saved run's"
             )
-        optimizer.load_state_dict(state["optimizer"])
-        for group, scale in zip(optimizer.param_groups, (1.0, adapter_scale), strict=False):
-            group["lr_scale"] = scale  # this run's rates (a resume may lower --lr), not the saved
-        start = state["step"]
+        start = _resumed(state, config, tm, optimizer, adapter_scale, sampler)
         _forget_logged_steps_after(out, start)
-        for _ in range(start * config.grad_accum):
-            sampler.next_batch()
-        torch.set_rng_state(state["torch_rng"])
-        cuda_rng = state["cuda_rng"]
-        if isinstance(cuda_rng, list):  # saved by earlier runs: every card's, by index
-            card = tm.device.index or 0
-            cuda_rng = cuda_rng[card] if card < len(cuda_rng) else None
-        if tm.device.type == "cuda" and cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, tm.device)
     # Only now, with the data, the model and the device ready: a run that fails to start
     # leaves --out as it found it.
     out.mkdir(parents=True, exist_ok=True)
@@ -1229,30 +1187,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
-            totals = np.zeros(3)
-            for _ in range(config.grad_accum):
-                try:
-                    batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
-                except DatasetError as exc:  # an image file removed or changed since it was read
-                    kept = (
-                        f"the last checkpoint {last_saved} is kept; with the file as it was, "
-                        "--resume continues from it"
-                        if last_saved is not None
-                        else "no checkpoint was saved yet"
-                    )
-                    raise DatasetError(f"step {step}: {exc}; training stopped, {kept}") from None
-                terms = tm.forward(
-                    batch.to(tm.device, tm.dtype),
-                    config.text_weight,
-                    config.pose_weight,
-                    config.action_weight,
-                )
-                figures = terms.floats()
-                if not all(math.isfinite(x) for x in figures):
-                    raise _stopped(out, step, _diverged(step, "loss", figures, last_saved))
-                if terms.total.requires_grad:  # a head-only run on a batch without poses
-                    (terms.total / config.grad_accum).backward()
-                totals += np.array(figures) / config.grad_accum
+            totals = _accumulated_gradients(tm, config, encoder, encoded, sampler, step, last_saved)
             norm = torch.nn.utils.clip_grad_norm_(
                 params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             )
@@ -1289,6 +1224,119 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
                 window_start += time.perf_counter() - saving  # steps/s counts training only
                 tqdm.write(f"saved {last_saved}", file=sys.stderr)
     return TrainResult(config.steps, last_saved, losses)
+
+
+def _model_to_train(
+    config: TrainConfig,
+    checkpoint: Checkpoint,
+    resume_from: Path | None,
+    examples: Sequence[Example],
+    sampler: MixedSampler,
+) -> tuple[TrainingModel, Path | None]:
+    """The model as the run starts it: the base with its adapter, or a resumed run's saved
+    one; and the SMPL head it starts from (None: a fresh one)."""
+    model_source = checkpoint
+    if resume_from is not None and config.train_base:
+        # The whole model was saved: resume from its weights.
+        model_source = Checkpoint.open(resume_from)
+        adapter_dir, head_path = None, resume_from / HEAD_NAME
+    elif resume_from is not None:
+        adapter_dir, head_path = resume_from / "adapter", resume_from / HEAD_NAME
+    else:
+        adapter_dir = checkpoint.adapter_dir
+        keep_head = _keeps_base_head(config, checkpoint, examples, sampler)
+        head_path = checkpoint.head_path if keep_head else None
+    return load_training_model(model_source, config, adapter_dir, head_path), head_path
+
+
+def _encoded_examples(
+    tm: TrainingModel, config: TrainConfig, examples: Sequence[Example]
+) -> tuple[Encoder, list[EncodedExample]]:
+    """Every example as the model reads it, checked all at once (every bad record named, not
+    one a model load), with the actions the auxiliary action loss tells apart."""
+    positions = _max_positions(tm.model)
+    if config.max_length and config.max_length > positions:  # the service would refuse them
+        raise TrainingError(
+            f"--max-length {config.max_length}: this model reads at most {positions} tokens "
+            "(its max_position_embeddings); longer examples could not be served"
+        )
+    max_length = config.max_length or positions
+    actions = sorted({e.action for e in examples if e.action}) if config.action_weight else []
+    if config.action_weight and not actions:
+        print("note: --action-weight does nothing: no example names an action", file=sys.stderr)
+    encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, max_length, actions)
+    encoded, problems = [], []
+    for example in examples:
+        try:
+            encoded.append(encoder.encode(example))
+        except DatasetError as exc:
+            problems.append(str(exc))
+    _refuse_examples(problems)
+    _check_encoder(encoder, examples, encoded)
+    return encoder, encoded
+
+
+def _resumed(
+    state: dict,
+    config: TrainConfig,
+    tm: TrainingModel,
+    optimizer: torch.optim.Optimizer,
+    adapter_scale: float,
+    sampler: MixedSampler,
+) -> int:
+    """Puts the optimizer, the sampler and the random generators where the saved run left
+    them, so that the resumed steps are the ones it would have taken; the step it is at."""
+    optimizer.load_state_dict(state["optimizer"])
+    for group, scale in zip(optimizer.param_groups, (1.0, adapter_scale), strict=False):
+        group["lr_scale"] = scale  # this run's rates (a resume may lower --lr), not the saved
+    for _ in range(state["step"] * config.grad_accum):
+        sampler.next_batch()
+    torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state["cuda_rng"]
+    if isinstance(cuda_rng, list):  # saved by earlier runs: every card's, by index
+        card = tm.device.index or 0
+        cuda_rng = cuda_rng[card] if card < len(cuda_rng) else None
+    if tm.device.type == "cuda" and cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, tm.device)
+    return state["step"]
+
+
+def _accumulated_gradients(
+    tm: TrainingModel,
+    config: TrainConfig,
+    encoder: Encoder,
+    encoded: Sequence[EncodedExample],
+    sampler: MixedSampler,
+    step: int,
+    last_saved: Path | None,
+) -> np.ndarray:
+    """The gradients of one optimizer step, over ``config.grad_accum`` batches; returns the
+    step's mean (total, text, pose) losses. A NaN stops the run (``_stopped``)."""
+    totals = np.zeros(3)
+    for _ in range(config.grad_accum):
+        try:
+            batch = encoder.collate([encoded[i] for i in sampler.next_batch()])
+        except DatasetError as exc:  # an image file removed or changed since it was read
+            kept = (
+                f"the last checkpoint {last_saved} is kept; with the file as it was, "
+                "--resume continues from it"
+                if last_saved is not None
+                else "no checkpoint was saved yet"
+            )
+            raise DatasetError(f"step {step}: {exc}; training stopped, {kept}") from None
+        terms = tm.forward(
+            batch.to(tm.device, tm.dtype),
+            config.text_weight,
+            config.pose_weight,
+            config.action_weight,
+        )
+        figures = terms.floats()
+        if not all(math.isfinite(x) for x in figures):
+            raise _stopped(config.out, step, _diverged(step, "loss", figures, last_saved))
+        if terms.total.requires_grad:  # a head-only run on a batch without poses
+            (terms.total / config.grad_accum).backward()
+        totals += np.array(figures) / config.grad_accum
+    return totals
 
 
 HEAD_SHIFT_EXAMPLES = 256

@@ -109,7 +109,7 @@ def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
     run = object()  # one run's lines, in a row
     backlog = live.state.backlog
     backlog.clear()
-    backlog.extend(BatchLineReady(run, i, None, f"line {i}", ()) for i in range(80))
+    backlog.extend(BatchLineReady(run, None, ()) for _ in range(80))
     while backlog:
         runtime.timer_tick()
     per_group = int(0.8 * runtime.TICK_BUDGET_S / 0.0015)  # aiming below the budget

@@ -596,8 +596,8 @@ def test_a_key_file_copied_over_the_same_path_gets_a_new_session(dispatcher, mad
     assert len(made) == 2 and made[0].closed
 
 
-def _items(request_id, count, total, start=0):
-    return [BatchItem(request_id, i, total, "ok", (POSE,)) for i in range(start, start + count)]
+def _items(request_id, count):
+    return [BatchItem(request_id, i, (POSE,)) for i in range(count)]
 
 
 def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatcher, made):
@@ -607,9 +607,9 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     assert session.sent[0][1] == "batch" and len(session.sent[0][2]) == 256
     assert dispatcher.batch_running
     session.events = [
-        *_items(first, 255, 256),
+        *_items(first, 255),
         RequestFailed(first, ErrorCode.MODEL_ERROR, "no pose", index=255),
-        BatchFinished(first, 256, 255),
+        BatchFinished(first),
     ]
     outcomes = dispatcher.tick()
     ready = [o for o in outcomes if isinstance(o, BatchLineReady)]
@@ -620,7 +620,7 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     assert kind == "batch" and prompts == [f"prompt {i}" for i in range(256, 300)]
     for outcome in ready:
         run.item_keyed(outcome.line)
-    session.events = [*_items(second_id, 44, 44), BatchFinished(second_id, 44, 44)]
+    session.events = [*_items(second_id, 44), BatchFinished(second_id)]
     outcomes = dispatcher.tick()
     assert isinstance(outcomes[-1], BatchEnded) and run.state == batch_plan.FINISHED
     for outcome in outcomes[:-1]:
@@ -649,8 +649,8 @@ def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatc
         request_id, _, prompts = session.sent[-1]
         assert prompts == [f"prompt {i}" for i in range(sent, sent + len(prompts))]
         assert len(prompts) <= 64
-        session.events = [*_items(request_id, len(prompts), len(prompts))]
-        session.events.append(BatchFinished(request_id, len(prompts), len(prompts)))
+        session.events = [*_items(request_id, len(prompts))]
+        session.events.append(BatchFinished(request_id))
         for outcome in dispatcher.tick():
             if isinstance(outcome, BatchLineReady):
                 run.item_keyed(outcome.line)
@@ -673,7 +673,7 @@ def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
     with pytest.raises(BusyError):
         dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), BatchRun("SMPL", "t", [], 0))
     assert dispatcher.cancel_batch() and made[0].cancelled == [batch_id]
-    made[0].events = [*_items(batch_id, 2, 10), RequestFailed(batch_id, ErrorCode.CANCELLED, "x")]
+    made[0].events = [*_items(batch_id, 2), RequestFailed(batch_id, ErrorCode.CANCELLED, "x")]
     outcomes = dispatcher.tick()
     assert [type(o) for o in outcomes] == [BatchLineReady, BatchLineReady, BatchEnded]
     assert run.state == batch_plan.CANCELLED
@@ -693,7 +693,7 @@ def test_cancel_all_with_forget_drops_the_answers(dispatcher, made):
     batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
     assert dispatcher.cancel_all(forget=True) == 2
     assert run.closed and run.state == batch_plan.FAILED and not dispatcher.batch_running
-    made[0].events = _items(batch_id, 3, 3)
+    made[0].events = _items(batch_id, 3)
     assert dispatcher.tick() == []
 
 

@@ -881,7 +881,7 @@ def markdown_summary(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference_service.evaluate",
         description="Evaluate a ChatPose checkpoint on a synthetic-corpus split (and rendered "
@@ -936,21 +936,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also the ceiling of reading the captions perfectly, from N sample poses "
         "(200000: about 3 minutes)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from inference_service.checkpoint import work_offline
 
     work_offline()  # before transformers is imported: no request to the Hub, ever
     data, fit = _data_specs(parser, args)
-    args.out = args.out.expanduser()  # the shell leaves `--out=~/report.json` as it is
-    markdown = (args.markdown or args.out.with_suffix(".md")).expanduser()
+    markdown = args.markdown or args.out.with_suffix(".md")
     # os.path.isdir: a name too long for the disk is no folder (Path's raises), and is said below.
     if args.out.suffix != ".json" or os.path.isdir(args.out):
         parser.error(f"--out: name a .json file for the report, got {args.out}")
     if markdown == args.out or markdown.suffix != ".md" or os.path.isdir(markdown):
         parser.error(f"--markdown: name a .md file other than --out, got {markdown}")
-    checkpoint = Path(args.checkpoint).expanduser().resolve()
+    checkpoint = args.checkpoint.resolve()
     for option, path in (("--out", args.out), ("--markdown", markdown)):
-        if checkpoint in path.expanduser().resolve().parents:  # its chatpose.json, say
+        if checkpoint in path.resolve().parents:  # its chatpose.json, say
             parser.error(f"{option}: {path} is inside the checkpoint; write the report elsewhere")
     from inference_service.files import unwritable, write_text_atomically
 

@@ -14,7 +14,7 @@ COMMANDS = {
     "train": lambda device: train.build_parser().parse_args(
         ["--base", "b", "--out", "o", "--data", "corpus", "c.npz", "--device", device]
     ),
-    "evaluate": lambda device: evaluate.main(
+    "evaluate": lambda device: evaluate.build_parser().parse_args(
         ["--checkpoint", "nowhere", "--data", "corpus", "c.npz", "--device", device]
     ),
 }
@@ -28,7 +28,7 @@ def test_every_command_refuses_a_mistyped_device_as_it_reads_its_arguments(comma
     assert "expected auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["chatpose demo", "chatpose-serve", "train"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_takes_each_device_form(command):
     for device in ("auto", "cpu", "cuda", "cuda:1"):
         assert COMMANDS[command](device).device == device

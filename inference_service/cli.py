@@ -38,6 +38,7 @@ from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_bat
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import FPS_RANGE, Motion, Pose, check_writable
 from shared_protocol.protocol import (
+    BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
     JPEG_MAGIC,
     PNG_MAGIC,
@@ -462,6 +463,7 @@ def _batch(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_client(args)) if sendable else None
             start, size = 0, DEFAULT_LIMITS.max_batch_items
+            busy_tries = 0  # in a row: another client's work fills the queue
             while start < len(sendable):
                 chunk = batch_chunks([prompt for _, prompt in sendable[start:]], size)[0]
                 asked = sendable[start : start + len(chunk)]
@@ -475,6 +477,14 @@ def _batch(args: argparse.Namespace) -> int:
                     if _queues_fewer(reply, asked):  # asked again, in halves
                         start, size = start - len(asked), len(asked) // 2
                         break
+                    if _refused_busy(reply) and busy_tries < len(BUSY_RETRY_DELAYS_S):
+                        delay = BUSY_RETRY_DELAYS_S[busy_tries]
+                        busy_tries += 1
+                        _report(f"chatpose batch: {reply.message}; asking again in {delay:g} s")
+                        time.sleep(delay)  # Ctrl-C stops it as any wait
+                        start -= len(asked)
+                        break
+                    busy_tries = 0
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         number, prompt = asked[reply.index]
                         # Labelled with its line's prompt, which --resume matches it by.
@@ -549,6 +559,12 @@ def _queues_fewer(reply, asked: Sequence) -> bool:
         and reply.code == ErrorCode.TOO_LARGE
         and len(asked) > 1
     )
+
+
+def _refused_busy(reply) -> bool:
+    """The service refused a whole request as busy: its queue is full (other clients' work),
+    or its model is still loading. Nothing of it was answered."""
+    return isinstance(reply, ErrorReply) and reply.index is None and reply.code == ErrorCode.BUSY
 
 
 def _earlier_answers(

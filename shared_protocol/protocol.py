@@ -1012,6 +1012,12 @@ def encode_request(message: Request, limits: Limits = DEFAULT_LIMITS) -> list[by
     return frames
 
 
+# How long a batch run waits before sending a request again that the service refused whole as
+# `busy` (its queue full with other clients' work, or its model loading): a delay a try, then
+# it gives up, after 90 s in all.
+BUSY_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0, 15.0)
+
+
 def batch_chunks(
     prompts: Sequence[str], max_items: int | None = None, limits: Limits = DEFAULT_LIMITS
 ) -> list[range]:
@@ -1043,6 +1049,7 @@ def encode_reply(message: Reply, limits: Limits = DEFAULT_LIMITS) -> list[bytes]
 
 
 __all__ = [
+    "BUSY_RETRY_DELAYS_S",
     "DEFAULT_LIMITS",
     "batch_chunks",
     "JPEG_MAGIC",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared_protocol.protocol import DEFAULT_LIMITS, batch_chunks
+from shared_protocol.protocol import BUSY_RETRY_DELAYS_S, DEFAULT_LIMITS, batch_chunks
 
 from .batch_record import PendingLine
 
@@ -67,6 +67,10 @@ class BatchRun:
     reason: str = ""  # why a run failed, or why the add-on stopped it (`stop`)
     requests: int = 0  # batch requests sent
     closed: bool = False  # the bpy side has applied the end of the run
+    # When the request the service refused as busy is sent again (the dispatcher's clock), and
+    # how many it refused so in a row.
+    retry_at: float | None = None
+    busy_tries: int = 0
     _chunks: list[list[PendingLine]] = field(default_factory=list, repr=False)
     _chunk: int = -1
     _keyed: set[int] = field(default_factory=set, repr=False)
@@ -121,6 +125,8 @@ class BatchRun:
             text += f", {len(self._failed)} failed"
         if self.state == CANCELLING:
             text += " (cancelling)"
+        elif self.retry_at is not None:
+            text += " (the service is busy: asking again shortly)"
         return text
 
     # --- requests -------------------------------------------------------------------------
@@ -130,6 +136,7 @@ class BatchRun:
         run is stopping)."""
         if self.state != RUNNING or self._chunk + 1 >= len(self._chunks):
             return None
+        self.retry_at = None
         self._chunk += 1
         self.requests += 1
         return [line.text for line in self._chunks[self._chunk]]
@@ -180,6 +187,7 @@ class BatchRun:
         """The current request ended normally; True when another chunk is to be sent (call
         ``next_prompts``), False when the run has ended."""
         more = self._chunk + 1 < len(self._chunks)
+        self.busy_tries = 0
         if self.state == RUNNING and more:
             return True
         self.state = FAILED if self.reason else CANCELLED if more else FINISHED
@@ -200,6 +208,19 @@ class BatchRun:
         rest = [line for chunk in self._chunks[self._chunk :] for line in chunk]
         self._chunks[self._chunk :] = split(rest, self.chunk_size)
         self._chunk -= 1
+        return True
+
+    def ask_again_later(self, now: float) -> bool:
+        """The service refused the current request whole as busy (other clients' work fills
+        its queue, or its model is loading): True when it is to be sent again from
+        ``retry_at`` on (``BUSY_RETRY_DELAYS_S`` after ``now``); False once the run has waited
+        them all, or when it is stopping."""
+        tries = self.busy_tries
+        if self.state != RUNNING or tries >= len(BUSY_RETRY_DELAYS_S) or self._chunk < 0:
+            return False
+        self.retry_at = now + BUSY_RETRY_DELAYS_S[tries]
+        self.busy_tries += 1
+        self._chunk -= 1  # next_prompts gives it again
         return True
 
     def request_cancelled(self) -> None:

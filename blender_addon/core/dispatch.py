@@ -12,6 +12,7 @@ Nothing here blocks: the session never does, and sending only queues a message.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import ErrorCode, PoseReply, StatusReply, Turn
 
-from .batch_plan import BatchRun
+from .batch_plan import RUNNING, BatchRun
 from .batch_record import PendingLine
 from .placement import DEFAULT_SPACING_M
 from .session import (
@@ -138,8 +139,13 @@ def _key_files_stamp(curve: ClientCurveKeys | None) -> tuple | None:
 
 
 class Dispatcher:
-    def __init__(self, make_session: Callable[..., Session] = Session):
+    def __init__(
+        self,
+        make_session: Callable[..., Session] = Session,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._make_session = make_session
+        self._clock = clock
         self._session: Session | None = None
         self._keys_stamp: tuple | None = None  # the key files the session read, as they were
         self._jobs: dict[str, PoseJob | StatusJob | BatchRun] = {}
@@ -287,6 +293,14 @@ class Dispatcher:
             if job is None:
                 continue  # forgotten (file loaded) or not ours
             outcomes += self._on_event(event, job)
+        run = self.batch
+        if run is not None and run.retry_at is not None and not run.ended:
+            if run.state != RUNNING:  # cancelled or stopped while it waited: nothing in flight
+                run.retry_at = None
+                run.request_cancelled()
+                outcomes.append(BatchEnded(run))
+            elif self._clock() >= run.retry_at:
+                outcomes += self._send_next_chunk(run)
         return outcomes
 
     def _on_event(self, event, job) -> list[Outcome]:
@@ -329,6 +343,8 @@ class Dispatcher:
         if isinstance(event, RequestFailed):
             if event.code == ErrorCode.TOO_LARGE and run.ask_in_smaller_requests():
                 return self._send_next_chunk(run)
+            if event.code == ErrorCode.BUSY and run.ask_again_later(self._clock()):
+                return []  # sent again by tick
             if event.code == ErrorCode.CANCELLED:
                 run.request_cancelled()
             else:

@@ -48,6 +48,7 @@ from blender_addon.core.session import (
 from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
+    BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
     JPEG_MAGIC,
     PNG_MAGIC,
@@ -665,6 +666,54 @@ def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatc
     half.next_prompts()
     half.item_keyed(half.line_for(0))
     assert not half.ask_in_smaller_requests()
+
+
+def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(made):
+    # Other clients' work fills the service's queue (or its model loads): the request is sent
+    # again after a wait, not the run ended at a 'busy' that says to try again shortly.
+    now = [0.0]
+
+    def make(address, timeout_s, curve=None):
+        made.append(FakeSession(address, timeout_s, curve))
+        return made[-1]
+
+    dispatcher = Dispatcher(make, clock=lambda: now[0])
+    run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
+    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
+    session = made[0]
+    full = "the queue is too full for these 256 prompt(s): 900 wait; try again shortly"
+    session.events = [RequestFailed(first, ErrorCode.BUSY, full)]
+    assert dispatcher.tick() == [] and run.state == batch_plan.RUNNING
+    assert len(session.sent) == 1 and run.status_text().endswith("asking again shortly)")
+    now[0] = 0.9
+    assert dispatcher.tick() == [] and len(session.sent) == 1  # not before its second
+    now[0] = 1.0
+    dispatcher.tick()
+    again, _, prompts = session.sent[1]
+    assert prompts == [f"prompt {i}" for i in range(256)] and run.retry_at is None
+    session.events = [*_items(again, 256), BatchFinished(again)]
+    for outcome in dispatcher.tick():
+        if isinstance(outcome, BatchLineReady):
+            run.item_keyed(outcome.line)
+    assert run.keyed == 256 and session.sent[2][2] == [f"prompt {i}" for i in range(256, 300)]
+    # Busy for as long as it waits (BUSY_RETRY_DELAYS_S, 90 s in all): the run ends, saying why.
+    for _ in range(len(BUSY_RETRY_DELAYS_S) + 1):
+        request_id = session.sent[-1][0]
+        session.events = [RequestFailed(request_id, ErrorCode.BUSY, full)]
+        outcomes = dispatcher.tick()
+        now[0] += 60.0
+        outcomes += dispatcher.tick()
+    assert isinstance(outcomes[-1], BatchEnded) and run.state == batch_plan.FAILED
+    assert f"stopped: {full}" in run.summary() and len(session.sent) == 3 + 9
+    # Cancelled while it waits (nothing in flight to cancel): it ends on the next tick.
+    waiting = BatchRun("SMPL", "t", _pending(3), total_lines=3)
+    run.close()
+    request_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), waiting)
+    session.events = [RequestFailed(request_id, ErrorCode.BUSY, full)]
+    dispatcher.tick()
+    assert dispatcher.cancel_batch()
+    [ended] = dispatcher.tick()
+    assert ended.run is waiting and waiting.state == batch_plan.CANCELLED
 
 
 def test_cancel_a_batch_and_a_dead_service(dispatcher, made):

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -19,10 +20,12 @@ from inference_service import cli
 from inference_service.scheduler import Answer
 from inference_service.server import Server
 from shared_protocol.batch_text import MAX_FILE_BYTES
+from shared_protocol.client import Client
 from shared_protocol.pose import Motion
 from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
+    BatchRequest,
     PoseReply,
     StatusReply,
     decode_request,
@@ -1025,6 +1028,45 @@ def test_batch_to_a_service_that_queues_fewer_than_a_protocol_batch(backend, cap
     assert code == cli.EXIT_OK, err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
     assert "line" not in err  # no line failed
+
+
+def test_a_batch_the_queue_has_no_room_for_yet_waits_and_asks_again(
+    backend, capsys, tmp_path, monkeypatch
+):
+    # Another client's 256 prompts fill chatpose-serve --max-queue 300: the run's request is
+    # refused as busy, and it asks again once that work is done, rather than end there.
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, max_queue=300)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    other = Client(server.address)
+    backend.hold()
+    others = BatchRequest(other.new_id(), [f"other {i}" for i in range(256)])
+    other_run = threading.Thread(target=other.request, args=(others, TIMEOUT_S), daemon=True)
+    other_run.start()
+    assert backend.entered.wait(TIMEOUT_S)  # its prompts are queued
+    waits = []
+
+    def sleep(seconds):  # the wait before asking again: the other client's run ends meanwhile
+        waits.append(seconds)
+        backend.release()
+        other_run.join(TIMEOUT_S)
+
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+    prompts = tmp_path / "poses.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(100)))
+    out_file = tmp_path / "poses.npz"
+    try:
+        code, _, err = run(
+            capsys, "batch", str(prompts), "--out", str(out_file), "--address", server.address
+        )
+    finally:
+        backend.release()
+        other.close()
+        server.stop()
+        thread.join(TIMEOUT_S)
+    assert code == cli.EXIT_OK, err
+    assert waits == [1.0] and "queues at most 300" in err and "asking again in 1 s" in err
+    assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(100))
 
 
 def test_batch_of_an_empty_file(address, capsys, tmp_path):

@@ -4,8 +4,9 @@ The scheduler knows nothing of sockets. Requests come in through `submit_pose`,
 `submit_batch` and `cancel` (called by the server's I/O thread); every reply goes out through
 the `emit(client, reply)` callback, from whichever thread produced it.
 
-- Pose-mode work from all clients is grouped, in arrival order, into micro-batches of up to
-  `max_batch` items, waiting at most `max_wait_ms` for a batch to fill. Chat-mode work runs alone.
+- Pose-mode work from all clients is grouped into micro-batches of up to `max_batch` items,
+  waiting at most `max_wait_ms` for a batch to fill: the oldest task, then a task of each
+  client in turn. Chat-mode work runs alone.
 - A `batch` request keeps at most `max_batch` of its items queued at a time, so a long batch
   from one client interleaves with other clients' requests instead of starving them.
 - Deadlines: an item that has not started by its deadline gets a `timeout` error. Work that has
@@ -492,7 +493,21 @@ class Scheduler:
             return group
 
     def _take_pose_tasks(self, limit: int) -> list[_Task]:
-        taken = [t for t in self._queue if t.item.mode == "pose"][:limit]
+        """Up to `limit` pose-mode tasks, a client's at a time in turn (each client's in
+        arrival order): a script with hundreds of pose requests in flight shares the
+        micro-batches with the other clients rather than have them wait behind all of it."""
+        by_client: dict[ClientId, deque[_Task]] = {}
+        for task in self._queue:
+            if task.item.mode == "pose":
+                by_client.setdefault(task.request.client, deque()).append(task)
+        taken: list[_Task] = []
+        while by_client and len(taken) < limit:
+            for client, tasks in list(by_client.items()):
+                taken.append(tasks.popleft())
+                if not tasks:
+                    del by_client[client]
+                if len(taken) == limit:
+                    break
         for task in taken:
             self._queue.remove(task)
         return taken

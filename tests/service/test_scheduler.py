@@ -89,6 +89,24 @@ def test_a_long_batch_does_not_starve_another_client(backend, collected):
     scheduler.stop()
 
 
+def test_many_pose_requests_from_one_client_do_not_starve_another(backend, collected):
+    # A script with 40 pose requests in flight: another client's one is in the next
+    # micro-batch, not behind all 40.
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    for i in range(40):
+        scheduler.submit_pose(b"A", PoseRequest(f"a{i}", f"a{i}"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.submit_pose(b"B", PoseRequest("b", "b's only prompt"))
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == 41)
+    assert "b's only prompt" in backend.groups[1], backend.groups
+    assert [p for group in backend.groups for p in group if p != "b's only prompt"] == [
+        f"a{i}" for i in range(40)
+    ]  # A's own in the order it sent them
+    scheduler.stop()
+
+
 def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
     backend, collected
 ):

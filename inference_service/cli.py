@@ -480,6 +480,8 @@ def _batch(args: argparse.Namespace) -> int:
                     if _refused_busy(reply) and busy_tries < len(BUSY_RETRY_DELAYS_S):
                         delay = BUSY_RETRY_DELAYS_S[busy_tries]
                         busy_tries += 1
+                        if _on_terminal():
+                            _report("")  # past the progress bar's line
                         _report(f"chatpose batch: {reply.message}; asking again in {delay:g} s")
                         time.sleep(delay)  # Ctrl-C stops it as any wait
                         start -= len(asked)

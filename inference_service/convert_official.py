@@ -588,7 +588,7 @@ def _report_unused(weights: dict[str, torch.Tensor]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference_service.convert_official",
         description="Convert the official ChatPose release to this project's checkpoint format.",
@@ -609,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
         default="[SEG]",
         help="the release's pose token string (default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work_offline()  # nothing is downloaded: SRC and CLIP_DIR are local folders
     try:
         with stops_as_interrupts():  # a closed terminal, `kill`: the copy is removed too

@@ -17,7 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared_protocol.protocol import POSE_MARKER  # noqa: F401 - how replies write a pose token
+from shared_protocol.protocol import (
+    POSE_MARKER,  # noqa: F401 - how replies write a pose token
+    trimmed,
+)
 
 # The image's place in the text, one token per image (the checkpoints this project writes, as
 # transformers' Llava reads them), and what wraps it with chatpose.json's mm_use_im_start_end.
@@ -156,7 +159,7 @@ def pose_exchange(
     """(question, answer) for a pose request in `wording` (a key of WORDINGS); the answer
     holds exactly one `pose_token`."""
     words = WORDINGS[wording]
-    text = (description or "").strip()
+    text = trimmed(description or "")  # pasted marks that show nothing are no description
     if not text and not has_image:
         raise ValueError("a pose request needs a description, an image, or both")
     if not has_image:

@@ -9,9 +9,8 @@ UTF-8, or UTF-16 with a byte order mark (`decode_text`).
 from __future__ import annotations
 
 import os
-import re
 
-from shared_protocol.protocol import INVISIBLE_MARKS
+from shared_protocol.protocol import trimmed
 
 COMMENT = "#"
 # Byte order marks: Windows' Notepad saves "Unicode" as UTF-16 with one; UTF-8 may carry one too.
@@ -68,10 +67,6 @@ def decode_text(data: bytes) -> str:
     return text
 
 
-# What `str.strip` takes, and marks that show nothing.
-_LINE_EDGES = re.compile(f"^[\\s{INVISIBLE_MARKS}]+|[\\s{INVISIBLE_MARKS}]+$")
-
-
 def prompt_lines(text: str) -> list[tuple[int, str]]:
     """Each prompt of ``text`` with its line number in the text (from 1), in order.
 
@@ -82,5 +77,5 @@ def prompt_lines(text: str) -> list[tuple[int, str]]:
     Text keeps a loaded file's mark, unseen, files joined with `cat` hold one on a later line
     (its `#` note would become a prompt), and `str.strip` keeps them."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = ((number, _LINE_EDGES.sub("", line)) for number, line in enumerate(text.split("\n"), 1))
+    lines = ((number, trimmed(line)) for number, line in enumerate(text.split("\n"), 1))
     return [(number, line) for number, line in lines if line and not line.startswith(COMMENT)]

@@ -54,12 +54,17 @@ MAX_IMAGE_PIXELS = 89_478_485
 # Marks that show nothing, which `str.strip` keeps and pasted text brings: a byte order mark
 # (zero-width no-break space), zero-width space, non-joiner and joiner, word joiner.
 INVISIBLE_MARKS = "\ufeff\u200b\u200c\u200d\u2060"
-_BLANK = re.compile(f"[\\s{INVISIBLE_MARKS}]*")
+_EDGES = re.compile(f"^[\\s{INVISIBLE_MARKS}]+|[\\s{INVISIBLE_MARKS}]+$")
+
+
+def trimmed(text: str) -> str:
+    """``text`` without the whitespace and ``INVISIBLE_MARKS`` at its ends."""
+    return _EDGES.sub("", text)
 
 
 def is_blank(text: str) -> bool:
     """Whether a prompt shows nothing to answer: whitespace and ``INVISIBLE_MARKS`` only."""
-    return _BLANK.fullmatch(text) is not None
+    return not trimmed(text)
 
 
 def readable_text(text: str) -> str:

@@ -5,8 +5,9 @@ import signal
 
 import pytest
 
-from inference_service import cli, evaluate, serve, train
+from inference_service import cli, convert_official, evaluate, serve, train
 from inference_service.commands import interrupts_deferred, stops_as_interrupts
+from inference_service.training.datasets import parse_data_spec
 
 COMMANDS = {
     "chatpose demo": lambda device: cli.build_parser().parse_args(["demo", "--device", device]),
@@ -48,11 +49,22 @@ def test_every_path_argument_expands_a_tilde_the_shell_left(monkeypatch, tmp_pat
         "train": train.build_parser().parse_args(
             ["--base=~/m", "--out=~/m", "--data", "corpus", "c.npz"]
         ),
+        "chatpose batch": cli.build_parser().parse_args(["batch", "~/m", "--out=~/m/a.npz"]),
+        "evaluate": evaluate.build_parser().parse_args(
+            ["--checkpoint=~/m", "--data", "corpus", "c.npz", "--out=~/m", "--pairs=~/m"]
+        ),
+        "convert": convert_official.build_parser().parse_args(["~/m", "~/m", "--vision-tower=~/m"]),
     }
-    serve_args, pose_args, train_args = parsed.values()
+    serve_args, pose_args, train_args, batch_args, evaluate_args, convert_args = parsed.values()
     assert serve_args.checkpoint == serve_args.curve_secret_key == serve_args.curve_clients == home
     assert pose_args.image == pose_args.checkpoint == home and pose_args.out == home / "a.npz"
     assert train_args.base == train_args.out == home
+    assert batch_args.file == home and batch_args.out == home / "a.npz"
+    assert evaluate_args.checkpoint == evaluate_args.out == evaluate_args.pairs == home
+    assert convert_args.source == convert_args.destination == convert_args.vision_tower == home
+    # --data's paths, which zsh leaves as they are after `=`
+    spec = parse_data_spec(["posescript", "~/m", "poses=~/m", "ids=~/m"])
+    assert spec.path == spec.options["poses"] == spec.options["ids"] == str(home)
 
 
 def test_sigterm_stops_as_ctrl_c_and_its_handler_is_given_back():

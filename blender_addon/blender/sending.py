@@ -11,7 +11,7 @@ import bpy
 import numpy as np
 
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
-from shared_protocol.protocol import is_blank
+from shared_protocol.protocol import trimmed
 
 from ..core import chat
 from ..core.batch_plan import BatchRun, check_lines
@@ -36,8 +36,8 @@ def send_pose(
     target = target_armature(context)
     if target is None:
         raise live.UserError(target_problem(context))
-    prompt = prompt.strip()
-    if is_blank(prompt) and not images:
+    prompt = trimmed(prompt)  # marks pasted with it are no description of an image either
+    if not prompt and not images:
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"

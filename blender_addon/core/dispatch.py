@@ -268,11 +268,16 @@ class Dispatcher:
         how many requests were cancelled, not counting the add-on's own probes."""
         if self._session is None:
             return 0
-        if self.batch is not None and not self.batch.ended:
-            self.batch.cancel()
+        # A run waiting to ask again (the service was busy) has no request in flight: it is
+        # one cancelled all the same, and ends on the next tick.
+        run = self.batch
+        waiting = run is not None and run.state == RUNNING and run.retry_at is not None
+        if run is not None and not run.ended:
+            run.cancel()
         for request_id in list(self._jobs):
             self._session.cancel(request_id)
         count = sum(not (isinstance(job, StatusJob) and job.probe) for job in self._jobs.values())
+        count += waiting
         if forget:
             if self.batch is not None:  # the old file's: no panel of the new one shows it
                 if not self.batch.ended:

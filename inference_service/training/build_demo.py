@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference_service.commands import user_path
 from inference_service.evaluate import jsonable
 from shared_protocol.arrays import write_npz
 
@@ -1333,14 +1334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps (the preset's by default)")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=user_path,
         help="the packed checkpoint (default: the shipped demo_checkpoint for the demo preset "
         "as it is, else WORK/checkpoint)",
     )
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="intermediate files")
+    parser.add_argument("--work", type=user_path, default=DEFAULT_WORK, help="intermediate files")
     parser.add_argument(
         "--docs",
-        type=Path,
+        type=user_path,
         help="docs folder to write the results into (default: docs/ for the demo preset as it "
         "is, else none)",
     )

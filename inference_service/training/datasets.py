@@ -1292,11 +1292,15 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+_PATH_OPTIONS = ("poses", "amass", "index", "ids", "images")
+
+
 def parse_data_spec(words: Sequence[str]) -> DataSpec:
     """["posescript", "captions.json", "poses=poses.npz"] -> DataSpec; ValueError if bad."""
     if len(words) < 2:
         raise ValueError("--data needs a format and a path: --data FORMAT PATH [KEY=VALUE ...]")
     fmt, path, *rest = words
+    path = os.path.expanduser(path)  # zsh leaves `poses=~/p.npz` as it is, and bash `--x=~`
     if fmt not in FORMAT_OPTIONS:
         raise ValueError(f"unknown data format {fmt!r}; known: {', '.join(FORMAT_OPTIONS)}")
     options = {}
@@ -1311,7 +1315,7 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
             raise ValueError(f"--data {fmt}: {key}= given twice")
         if not value:  # an unset shell variable, say: it would mean the working folder
             raise ValueError(f"--data {fmt}: {key}= has no value")
-        options[key] = value
+        options[key] = os.path.expanduser(value) if key in _PATH_OPTIONS else value
     if fmt == "posescript":
         if ("poses" in options) == ("amass" in options) or ("amass" in options) != (
             "index" in options

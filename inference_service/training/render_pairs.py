@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_service.commands import positive_int
+from inference_service.commands import positive_int, user_path
 from shared_protocol.arrays import write_npz
 from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
@@ -344,12 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m inference_service.training.render_pairs",
         description="Render image-pose pairs of the add-on's mannequin with Workbench.",
     )
-    parser.add_argument("out", type=Path, help="output directory (pairs.npz, images/)")
+    parser.add_argument("out", type=user_path, help="output directory (pairs.npz, images/)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--corpus", type=Path, help="a synthetic-corpus .npz: its poses")
+    source.add_argument("--corpus", type=user_path, help="a synthetic-corpus .npz: its poses")
     source.add_argument(
         "--poses",
-        type=Path,
+        type=user_path,
         help="an AMASS-layout .npz; optional arrays: names (N,) file names, views (N, 4) yaw, "
         "pitch, distance scale, background of each camera",
     )

@@ -54,6 +54,7 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from inference_service.checkpoint import ChatPoseConfig, share_as_umask_allows
+from inference_service.commands import user_path
 from inference_service.pose_head import PoseHead
 from inference_service.prompts import (
     IMAGE_TOKEN,
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m inference_service.training.scaffold",
         description="Write a fresh small LLaVA-family ChatPose checkpoint (random weights).",
     )
-    parser.add_argument("out", type=Path, help="checkpoint directory to create")
+    parser.add_argument("out", type=user_path, help="checkpoint directory to create")
     parser.add_argument("--size", choices=sorted(SIZES), default="demo")
     parser.add_argument(
         "--texts",

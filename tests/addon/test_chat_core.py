@@ -714,6 +714,15 @@ def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(made):
     assert dispatcher.cancel_batch()
     [ended] = dispatcher.tick()
     assert ended.run is waiting and waiting.state == batch_plan.CANCELLED
+    # ... and the panel's Cancel (cancel_all) counts it, not saying "Nothing to cancel".
+    waiting.close()
+    again = BatchRun("SMPL", "t", _pending(3), total_lines=3)
+    request_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), again)
+    session.events = [RequestFailed(request_id, ErrorCode.BUSY, full)]
+    dispatcher.tick()
+    assert dispatcher.cancel_all() == 1
+    [ended] = dispatcher.tick()
+    assert ended.run.state == batch_plan.CANCELLED
 
 
 def test_cancel_a_batch_and_a_dead_service(dispatcher, made):

@@ -92,6 +92,13 @@ def test_empty_pose_request_is_refused():
         pose_exchange("   ", has_image=False)
 
 
+def test_marks_that_show_nothing_are_no_description_of_an_image():
+    # Pasted with the prompt (a zero-width space, a byte order mark), as whitespace is.
+    assert pose_exchange("\u200b \ufeff", has_image=True) == pose_exchange("", has_image=True)
+    question, _ = pose_exchange("\u200bThe woman on the left\u2060", has_image=True)
+    assert question.startswith("The woman on the left. ")
+
+
 def test_unknown_template_is_named():
     assert get_template("llava_v1") is LLAVA_V1
     with pytest.raises(ValueError, match="'vicuna'"):

@@ -13,7 +13,7 @@ import math
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
@@ -42,34 +42,29 @@ def user_path(text: str) -> Path:
 
 def positive_int(text: str) -> int:
     """An argument that counts something: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+    return _number(text, int, lambda value: value >= 1, "a whole number of at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """A whole number of 0 or more (0 often meaning "none" or "at the end")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
-    return value
+    return _number(text, int, lambda value: value >= 0, "a whole number of 0 or more")
 
 
 def positive_float(text: str) -> float:
     """A finite number above 0 (a rate, a time)."""
+    fits = lambda value: math.isfinite(value) and value > 0  # noqa: E731
+    return _number(text, float, fits, "a positive number")
+
+
+def _number(text: str, parse: Callable, fits: Callable, expected: str):
+    """`text` read by `parse` (int, float), refused as argparse refuses a value when it does
+    not read or does not `fit`, saying what was `expected`."""
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        value = None
+    if value is None or not fits(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 

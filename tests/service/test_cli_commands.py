@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import tempfile
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,15 +45,33 @@ def backend() -> ScriptedBackend:
     return ScriptedBackend()
 
 
-@pytest.fixture
-def address(backend):
-    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0)
+@contextlib.contextmanager
+def serving(backend, **options):
+    """A chatpose service of `backend` on a free port (`options`: Server's, --max-queue...)."""
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server.address
-    backend.release()
-    server.stop()
-    thread.join(TIMEOUT_S)
+    try:
+        yield server
+    finally:
+        backend.release()
+        server.stop()
+        thread.join(TIMEOUT_S)
+
+
+@pytest.fixture
+def address(backend):
+    with serving(backend) as server:
+        yield server.address
+
+
+def run_batch(capsys, tmp_path, count: int, address: str) -> tuple[int, str, Path]:
+    """`chatpose batch` of `count` prompts "pose 0", "pose 1"...: (exit code, stderr, --out)."""
+    prompts = tmp_path / "poses.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(count)))
+    out_file = tmp_path / "poses.npz"
+    code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
+    return code, err, out_file
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -1000,31 +1020,16 @@ def test_demo_out_that_cannot_be_a_folder_is_bad_input(capsys, tmp_path):
 
 
 def test_batch_longer_than_one_protocol_batch(address, capsys, tmp_path):
-    prompts = tmp_path / "long.txt"
-    prompts.write_text("\n".join(f"pose {i}" for i in range(300)))
-    out_file = tmp_path / "long.npz"
-    code, _, _ = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
-    assert code == cli.EXIT_OK
+    code, err, out_file = run_batch(capsys, tmp_path, 300, address)
+    assert code == cli.EXIT_OK, err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
 
 
 def test_batch_to_a_service_that_queues_fewer_than_a_protocol_batch(backend, capsys, tmp_path):
     # chatpose-serve --max-queue 100 refuses a request of 256 prompts outright (it would never
     # fit): the batch asks in smaller requests instead of failing every line.
-    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, max_queue=100)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    prompts = tmp_path / "long.txt"
-    prompts.write_text("\n".join(f"pose {i}" for i in range(300)))
-    out_file = tmp_path / "long.npz"
-    try:
-        code, _, err = run(
-            capsys, "batch", str(prompts), "--out", str(out_file), "--address", server.address
-        )
-    finally:
-        backend.release()
-        server.stop()
-        thread.join(TIMEOUT_S)
+    with serving(backend, max_queue=100) as server:
+        code, err, out_file = run_batch(capsys, tmp_path, 300, server.address)
     assert code == cli.EXIT_OK, err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(300))
     assert "line" not in err  # no line failed
@@ -1035,35 +1040,22 @@ def test_a_batch_the_queue_has_no_room_for_yet_waits_and_asks_again(
 ):
     # Another client's 256 prompts fill chatpose-serve --max-queue 300: the run's request is
     # refused as busy, and it asks again once that work is done, rather than end there.
-    server = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0, max_queue=300)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    other = Client(server.address)
-    backend.hold()
-    others = BatchRequest(other.new_id(), [f"other {i}" for i in range(256)])
-    other_run = threading.Thread(target=other.request, args=(others, TIMEOUT_S), daemon=True)
-    other_run.start()
-    assert backend.entered.wait(TIMEOUT_S)  # its prompts are queued
     waits = []
+    with serving(backend, max_queue=300) as server, Client(server.address) as other:
+        backend.hold()
+        others = BatchRequest(other.new_id(), [f"other {i}" for i in range(256)])
+        other_run = threading.Thread(target=other.request, args=(others, TIMEOUT_S), daemon=True)
+        other_run.start()
+        assert backend.entered.wait(TIMEOUT_S)  # its prompts are queued
 
-    def sleep(seconds):  # the wait before asking again: the other client's run ends meanwhile
-        waits.append(seconds)
-        backend.release()
-        other_run.join(TIMEOUT_S)
+        def sleep(seconds):  # the wait before asking again: the other client's run ends
+            waits.append(seconds)
+            backend.release()
+            other_run.join(TIMEOUT_S)
 
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
-    prompts = tmp_path / "poses.txt"
-    prompts.write_text("\n".join(f"pose {i}" for i in range(100)))
-    out_file = tmp_path / "poses.npz"
-    try:
-        code, _, err = run(
-            capsys, "batch", str(prompts), "--out", str(out_file), "--address", server.address
-        )
-    finally:
-        backend.release()
-        other.close()
-        server.stop()
-        thread.join(TIMEOUT_S)
+        clock = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
+        monkeypatch.setattr(cli, "time", clock)
+        code, err, out_file = run_batch(capsys, tmp_path, 100, server.address)
     assert code == cli.EXIT_OK, err
     assert waits == [1.0] and "queues at most 300" in err and "asking again in 1 s" in err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(100))

@@ -159,7 +159,7 @@ def _refuse_off_centre(pixels: np.ndarray, what: str) -> None:
     if shows_nothing(centre_square(pixels)):
         raise CaptureError(
             f"the character is outside the middle of {what}: the model sees only its middle "
-            "square (as wide as the picture is high); bring the character to the middle"
+            "square (its shorter side's size); bring the character to the middle"
         )
 
 

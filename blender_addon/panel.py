@@ -10,7 +10,7 @@ import bpy
 
 from .blender import live
 from .blender.armature import find_smpl_armature
-from .blender.props import history_messages, target_armature, target_problem
+from .blender.props import checked_target, history_messages
 from .core import chat
 from .preferences import draw_local_service, service_settings
 
@@ -40,13 +40,13 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
         layout = self.layout
         settings = context.scene.chatpose
         layout.prop(settings, "target", icon="OUTLINER_OB_ARMATURE")
-        target = target_armature(context)
+        target, problem = checked_target(context)
         row = layout.row(align=True)
         row.operator("chatpose.create_armature", icon="ARMATURE_DATA")
         if target is not None:
             row.operator("chatpose.rest_pose", icon="LOOP_BACK", text="")
-        if target is None:
-            _wrapped(layout, target_problem(context), _chars_per_line(context), "ERROR")
+        if problem:
+            _wrapped(layout, problem, _chars_per_line(context), "ERROR")
         elif settings.target is None:
             layout.label(text=f"Using the selected {target.name}", icon="RESTRICT_SELECT_OFF")
         message, level = live.last_message()

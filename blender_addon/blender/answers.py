@@ -219,7 +219,9 @@ def find_by_uid(collection, name: str, uid: int | None):
     changes nothing; by name without one."""
     if uid is None:
         return collection.get(name)
-    named = collection.get(name)  # not renamed, as a rule: no scan of every object
+    # Not renamed, as a rule: the name's lookup (Blender's own, in C) spares a Python loop
+    # over every object reading each one's session id.
+    named = collection.get(name)
     if named is not None and named.session_uid == uid:
         return named
     return next((item for item in collection if item.session_uid == uid), None)

@@ -17,7 +17,7 @@ from ..core.images import read_reference_image
 from . import feedback, live, local_service, sending
 from .batch_store import clear_record
 from .capture import CaptureError, capture_viewport
-from .props import clear_history, target_armature, target_problem
+from .props import checked_target, clear_history, target_armature
 
 
 def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
@@ -35,10 +35,10 @@ def _run(op: bpy.types.Operator, fn, *args) -> set[str]:
 class _NeedsTarget:
     @classmethod
     def poll(cls, context):
-        if target_armature(context) is None:
-            cls.poll_message_set(target_problem(context))
-            return False
-        return True
+        _, problem = checked_target(context)
+        if problem:
+            cls.poll_message_set(problem)
+        return not problem
 
 
 # Sending is an undo step, as any action the user takes: it drops the steps they undid, so

@@ -25,7 +25,7 @@ from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
 from .live import UserError
 from .posing import apply_pose, auto_key_options
-from .props import target_armature, target_problem
+from .props import checked_target, target_armature
 from .sending import read_batch_lines
 
 
@@ -153,8 +153,9 @@ class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
 
     @classmethod
     def poll(cls, context):
-        if target_armature(context) is None:  # the panel's Target, as an answer goes there
-            cls.poll_message_set(target_problem(context))
+        _, problem = checked_target(context)  # the panel's Target, as an answer goes there
+        if problem:
+            cls.poll_message_set(problem)
             return False
         return context.mode in {"OBJECT", "POSE"}
 

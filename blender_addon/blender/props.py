@@ -157,7 +157,14 @@ def target_armature(context: bpy.types.Context) -> bpy.types.Object | None:
     """The armature requests pose: the scene's Target when set, else the selected SMPL
     armature. None when that is not an SMPL armature whose changes the file keeps
     (`target_problem` says why)."""
-    return None if target_problem(context) else _candidate(context)
+    return checked_target(context)[0]
+
+
+def checked_target(context: bpy.types.Context) -> tuple[bpy.types.Object | None, str | None]:
+    """(``target_armature``, ``target_problem``) in one look, for what needs both on every
+    redraw (the panel, the operators' polls): each look checks the rig's bones."""
+    problem = target_problem(context)
+    return (None, problem) if problem else (_candidate(context), None)
 
 
 def target_problem(context: bpy.types.Context) -> str | None:

@@ -218,5 +218,20 @@ def display_lines(messages: Sequence[Message], width: int, max_lines: int) -> li
             extras.append(f"{message.poses} pose{'s' if message.poses != 1 else ''}")
         suffix = f" [{', '.join(extras)}]" if extras else ""
         text = f"{head}: {readable_text(message.text) or '(no text)'}{suffix}"
-        out[:0] = [(message.role, line) for line in wrap(text, width)]
+        out[:0] = [(message.role, line) for line in wrap(_tail(text, max_lines * width), width)]
     return out[-max_lines:]
+
+
+def _tail(text: str, characters: int) -> str:
+    """The end of a long message that fills more than ``characters`` columns, what the panel
+    shows of it, so that a redraw does not wrap the whole of a pasted 8,000-character prompt:
+    from a line's start, which wraps as the whole does; in one long paragraph, from a word's
+    start (its lines may break elsewhere than the whole's would)."""
+    if len(text) <= 8 * characters:
+        return text
+    tail = text[-2 * characters :]
+    line = tail.find("\n")
+    if 0 <= line < characters:
+        return tail[line + 1 :]
+    word = tail.find(" ")
+    return tail[word + 1 :] if 0 <= word < characters else tail

@@ -690,6 +690,25 @@ def test_a_deleted_target_is_named_and_nothing_is_sent(armature, scripted_servic
     assert not bpy.ops.chatpose.send.poll() and not bpy.ops.chatpose.batch_keyframe.poll()
 
 
+def test_deleted_means_in_no_scene_whether_shown_hidden_or_in_another_scene(armature):
+    from blender_addon.blender.armature import is_deleted
+
+    assert not is_deleted(armature)  # shown: answered without a walk of every object
+    armature.hide_set(True)
+    assert not is_deleted(armature)  # hidden: in the scene all the same
+    armature.hide_set(False)
+    other = bpy.data.scenes.new("Other")
+    other.collection.objects.link(armature)
+    bpy.context.scene.collection.objects.unlink(armature)
+    assert not is_deleted(armature)  # in a scene the window does not show
+    other.collection.objects.unlink(armature)
+    assert is_deleted(armature)
+    bpy.context.scene.collection.objects.link(armature)
+    bpy.data.scenes.remove(other)
+    delete_in_viewport(armature)
+    assert is_deleted(armature)
+
+
 def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

@@ -171,6 +171,18 @@ def test_wide_characters_take_two_columns_of_a_line():
     )
 
 
+def test_display_lines_wrap_only_the_end_of_a_long_message_they_show(monkeypatch):
+    pasted = " ".join(f"word{i}" for i in range(8000))  # 8,000 words, 70,000 characters
+    history = [chat.Message(chat.USER, pasted)]
+    wrapped = []
+    wrap = chat.wrap
+    monkeypatch.setattr(chat, "wrap", lambda text, width: wrapped.append(text) or wrap(text, width))
+    lines = [line for _, line in chat.display_lines(history, width=30, max_lines=12)]
+    assert len(wrapped[0]) <= 2 * 12 * 30  # not the 70,000 characters
+    assert len(lines) == 12 and all(len(line) <= 30 for line in lines)
+    assert pasted.endswith(" " + " ".join(lines))  # its end, whole words
+
+
 def test_display_lines_wrap_only_the_messages_they_show(monkeypatch):
     history = [chat.Message(chat.USER, f"pose {i} " + "word " * 40) for i in range(5_000)]
     everything = chat.display_lines(history, width=30, max_lines=10**9)

@@ -93,13 +93,18 @@ def set_status_text(text: str | None) -> None:
 
 
 def update_status_bar() -> None:
+    """The running batch's progress in the status bar, set when it (or a window's workspace)
+    changed: each timer call would otherwise redraw every window's status bar."""
     run = live.current_batch()
     if run is not None and not run.closed:
-        set_status_text(run.status_text())
-        live.state.status_bar = True
+        wm = bpy.context.window_manager
+        shown = (run.status_text(), tuple(w.workspace.name for w in wm.windows) if wm else ())
+        if live.state.status_bar != shown:
+            set_status_text(shown[0])
+            live.state.status_bar = shown
     elif live.state.status_bar:
         set_status_text(None)
-        live.state.status_bar = False
+        live.state.status_bar = None
 
 
 _pushing_undo = False

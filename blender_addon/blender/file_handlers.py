@@ -39,7 +39,7 @@ def _on_load_post(*_args) -> None:
     live.state.backlog.clear()
     if live.state.status_bar:
         feedback.set_status_text(None)
-        live.state.status_bar = False
+        live.state.status_bar = None
     dropped = [
         f"{in_flight} request(s) in flight were cancelled" if in_flight else "",
         f"{received} answer(s) not yet applied were dropped" if received else "",

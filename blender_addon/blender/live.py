@@ -39,7 +39,7 @@ class State:
     local_address: str = ""  # where the local service was started to listen
     stopping: bool = False  # the local service was asked to stop and is still there
     next_probe: float = 0.0
-    status_bar: bool = False
+    status_bar: tuple | None = None  # (text, each window's workspace) the status bar shows
     # Popups a timer tick asked for, shown as one when it ends (None: outside a tick): a
     # service that dies with five requests in flight is one popup, not five.
     popups: list | None = None

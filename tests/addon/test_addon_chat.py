@@ -1742,6 +1742,10 @@ def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     assert ("progress", 0.0) in calls and "chatpose.cancel" in [n for k, n in calls]
     assert not bpy.ops.chatpose.batch_keyframe.poll()  # one batch at a time
     assert status_bar[-1] == "ChatPose batch: 0/20 lines keyed on SMPL"
+    shown = len(status_bar)
+    for _ in range(3):
+        runtime.timer_tick()
+    assert len(status_bar) == shown  # unchanged: not set (and redrawn) on every timer call
     backend.release()
     drive(idle)
     assert status_bar[-1] is None  # cleared at the end

@@ -526,12 +526,18 @@ def made():
 
 
 @pytest.fixture
-def dispatcher(made):
+def now():
+    """The dispatcher's clock, which a test moves on: [seconds]."""
+    return [0.0]
+
+
+@pytest.fixture
+def dispatcher(made, now):
     def make(address, timeout_s, curve=None):
         made.append(FakeSession(address, timeout_s, curve))
         return made[-1]
 
-    return Dispatcher(make)
+    return Dispatcher(make, clock=lambda: now[0])
 
 
 def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
@@ -680,16 +686,9 @@ def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatc
     assert not half.ask_in_smaller_requests()
 
 
-def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(made):
+def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(dispatcher, made, now):
     # Other clients' work fills the service's queue (or its model loads): the request is sent
     # again after a wait, not the run ended at a 'busy' that says to try again shortly.
-    now = [0.0]
-
-    def make(address, timeout_s, curve=None):
-        made.append(FakeSession(address, timeout_s, curve))
-        return made[-1]
-
-    dispatcher = Dispatcher(make, clock=lambda: now[0])
     run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
     first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
     session = made[0]

@@ -650,15 +650,21 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     assert not dispatcher.batch_running
 
 
+def _first_request_refused(dispatcher, made, code: ErrorCode, message: str):
+    """A 300-line run whose first request the service refused whole, the run going on:
+    (the run, its session)."""
+    run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
+    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
+    made[0].events = [RequestFailed(first, code, message)]
+    assert dispatcher.tick() == [] and run.state == batch_plan.RUNNING
+    return run, made[0]
+
+
 def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatcher, made):
     # chatpose-serve --max-queue 100 refuses a request of 256 prompts whole (it would never fit
     # its queue): the run asks again in halves, not failing every line.
-    run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
-    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
-    session = made[0]
     refusal = "256 prompts; this service queues at most 100 prompts (chatpose-serve --max-queue)"
-    session.events = [RequestFailed(first, ErrorCode.TOO_LARGE, refusal)]
-    assert dispatcher.tick() == [] and run.state == batch_plan.RUNNING
+    run, session = _first_request_refused(dispatcher, made, ErrorCode.TOO_LARGE, refusal)
     second, _, prompts = session.sent[1]
     assert prompts == [f"prompt {i}" for i in range(128)]
     session.events = [RequestFailed(second, ErrorCode.TOO_LARGE, refusal)]
@@ -689,12 +695,8 @@ def test_a_batch_to_a_service_that_queues_fewer_asks_in_smaller_requests(dispatc
 def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(dispatcher, made, now):
     # Other clients' work fills the service's queue (or its model loads): the request is sent
     # again after a wait, not the run ended at a 'busy' that says to try again shortly.
-    run = BatchRun("SMPL", "t", _pending(300), total_lines=300)
-    first = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
-    session = made[0]
     full = "the queue is too full for these 256 prompt(s): 900 wait; try again shortly"
-    session.events = [RequestFailed(first, ErrorCode.BUSY, full)]
-    assert dispatcher.tick() == [] and run.state == batch_plan.RUNNING
+    run, session = _first_request_refused(dispatcher, made, ErrorCode.BUSY, full)
     assert len(session.sent) == 1 and run.status_text().endswith("asking again shortly)")
     now[0] = 0.9
     assert dispatcher.tick() == [] and len(session.sent) == 1  # not before its second

@@ -269,11 +269,10 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     assert [job.prompt for job in live.pending_jobs()] == ["two people dancing"]
     drive(idle)
 
-    expected = pose_for("two people dancing")
     second = bpy.data.objects["SMPL.person2"]
-    assert_pose(armature, expected)
-    assert_pose(second, expected)
-    assert_pose(second, expected, frame=7)
+    assert_pose(armature, pose_for("two people dancing"))  # the first person on the target
+    assert_pose(second, pose_for("two people dancing (second person)"))
+    assert_pose(second, pose_for("two people dancing (second person)"), frame=7)
     np.testing.assert_allclose(second.location, (3.0, 1.0, armature.location.z), atol=1e-6)
     assert bpy.context.view_layer.objects.active == armature  # selection left as it was
     messages = props.history_messages(scene)
@@ -289,7 +288,7 @@ def test_chat_mode_sends_the_history_and_several_people_get_armatures(armature, 
     drive(idle)
     assert len(bpy.data.objects) == objects
     assert second.location.x == 10.0 and "(new)" not in live.last_message()[0]
-    assert_pose(second, pose_for("again"))
+    assert_pose(second, pose_for("again (second person)"))
     assert backend.items[-1].history == (
         Turn("user", "two people dancing"),
         Turn("assistant", messages[1].text),
@@ -613,7 +612,9 @@ def test_a_person_whose_root_location_is_locked_leaves_the_others_on_the_floor(
     assert "'SMPL.person2' not put on the floor (Keep on Floor): " in message
     assert "'SMPL' not put" not in message
     assert _above_floor(armature) == pytest.approx(0.0, abs=1e-5)
-    assert_pose(second, pose_for(prompt), frame=1)  # keyed all the same, off the floor
+    assert_pose(
+        second, pose_for(f"{prompt} (second person)"), frame=1
+    )  # keyed all the same, off the floor
 
 
 def test_a_locked_channel_on_an_extra_person_is_named_as_its(armature, scripted_service):

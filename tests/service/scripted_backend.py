@@ -10,6 +10,7 @@ either.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,8 +36,14 @@ def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
 
 
 def pose_for(prompt: str) -> Pose:
-    """A pose that encodes its prompt, so a reply shows which request it answers."""
-    return Pose(np.full((24, 3), (len(prompt) % 97) / 100.0), label=prompt)
+    """A pose that encodes its prompt, so a reply shows which request it answers: every joint
+    turned by the prompt's length in hundredths of a radian, and the right hand (a leaf: no
+    joint moves with it) by a hash of the whole prompt, so that prompts of one length ("run",
+    "bow") differ too."""
+    rotations = np.full((24, 3), (len(prompt) % 97) / 100.0)
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()
+    rotations[23] = np.frombuffer(digest[:3], np.uint8) / 255.0 - 0.5
+    return Pose(rotations, label=prompt)
 
 
 class Holdable:
@@ -94,7 +101,9 @@ class ScriptedBackend(Holdable):
         answer = self._run(item)
         seen = len(item.history) if self.context_turns is None else self.context_turns
         left_out = max(0, len(item.history) - seen)
-        return Answer(f"Here you go: {answer.text}", answer.poses * 2, history_left_out=left_out)
+        # Two people, each their own pose, so that a test sees which armature got which.
+        poses = (*answer.poses, pose_for(f"{item.prompt} (second person)"))
+        return Answer(f"Here you go: {answer.text}", poses, history_left_out=left_out)
 
 
 class HeldModelBackend(Holdable):

@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import time
+import types
 from pathlib import Path
 
 import bpy
@@ -2309,6 +2310,14 @@ def test_the_batch_record_is_not_cleared_while_a_batch_runs(armature, scripted_s
     assert len(batch_store.load_record(armature).entries) == 4
     assert bpy.ops.chatpose.clear_batch_record() == {"FINISHED"}
     assert not batch_store.load_record(armature).entries
+
+
+def test_the_file_counts_as_saved_when_blender_says_it_holds_no_changes(monkeypatch):
+    # What the next test stands in for: background Blender's file is "changed" at all times.
+    for dirty in (False, True):
+        fake = types.SimpleNamespace(data=types.SimpleNamespace(is_dirty=dirty))
+        monkeypatch.setattr(answers, "bpy", fake)
+        assert answers._file_saved() is not dirty
 
 
 def test_a_file_saved_while_a_batch_runs_is_marked_changed_again(

@@ -103,6 +103,10 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
     assert chat.too_long_for_context(latest_long, max_chars=6000) == 1
     assert chat.too_long_for_context(long, max_chars=4000) == 1  # an older one, as latest
     assert chat.too_long_for_context(long, max_pairs=1, max_chars=4000) == 0  # beyond Chat Context
+    # Only the latest Chat Context exchanges count: the newest and the one before it too long,
+    # one exchange of context (the oldest, which fits, goes): 1, not 2.
+    two_long = _history(("short", "reply"), ("a" * 5000, "b"), ("x" * 5000, "y"))
+    assert chat.too_long_for_context(two_long, max_pairs=1, max_chars=4000) == 1
     assert chat.too_long_for_context(latest_long, max_pairs=0) == 0
     assert chat.history_turns(messages, max_pairs=0) == ()
 

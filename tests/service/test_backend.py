@@ -323,7 +323,13 @@ def test_a_client_gone_while_the_model_loads_is_forgotten_without_a_scheduler():
 
     server = Server(None, None, f"tcp://127.0.0.1:{free_port()}")
     try:
+        for client in (b"gone", b"stays"):  # a reply each waiting, a request each logged
+            server._held.append([client, b"reply"])
+            server._received[(client, "r1")] = [(0.0, "pose")]
+        server._stalled_since[b"gone"] = 0.0
         server._drop_client(b"gone")  # what an unreachable client's reply leads to
+        assert [frames[0] for frames in server._held] == [b"stays"]
+        assert list(server._received) == [(b"stays", "r1")] and not server._stalled_since
     finally:
         server.close()
 

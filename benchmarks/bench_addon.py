@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     others = load.others()
     facts = {
-        "CPU": f"{benchlib.cpu_model()}, {os.cpu_count()} logical cores",
+        "CPU": f"{benchlib.cpu_name()}, {os.cpu_count()} logical cores",
         "Blender": f"bpy {bpy.app.version_string} (headless, background mode)",
         "python": platform.python_version(),
         "torch": f"{benchlib.torch.__version__}, the service on the CPU (its own process)",

@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from PIL import Image
 from transformers.utils import logging as hf_logging
 
 from inference_service.modeling_chatpose import ChatPoseModel
+from inference_service.training.build_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -197,18 +197,9 @@ def image_bytes() -> bytes:
 # --- facts reported with every figure ---------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else "unknown"
-
-
 def machine_facts(model: ChatPoseModel) -> dict[str, str]:
     facts = {
-        "CPU": f"{cpu_model()}, {os.cpu_count()} logical cores",
+        "CPU": f"{cpu_name()}, {os.cpu_count()} logical cores",
         "torch threads": f"{torch.get_num_threads()} intra-op",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -410,6 +410,23 @@ def test_a_run_the_add_on_stops_ends_failed_whatever_the_service_says(service_sa
     assert "1 failed (prompt 2 (frame 2))." in run.summary()  # the reason is said once
 
 
+def test_failures_are_counted_shown_five_at_most_and_dropped_once_keyed():
+    run = BatchRun("SMPL", "t", _pending(8), total_lines=8)
+    run.next_prompts()
+    for i in range(7):
+        run.item_failed(run.line_for(i), "no pose")
+    assert run.status_text().endswith("0/8 lines keyed on SMPL, 7 failed")
+    run.item_keyed(run.line_for(0))  # sent again by hand, say, and keyed: no longer failed
+    assert "1/8 lines keyed on SMPL, 6 failed" in run.status_text()
+    run.stop("the armature 'SMPL' is gone")
+    run.stop("the service went away")  # the first reason is the one the run ended for
+    assert run.request_finished() is False
+    summary = run.summary()
+    assert summary.startswith("Batch from t stopped: the armature 'SMPL' is gone.")
+    shown = ", ".join(f"prompt {i} (frame {i})" for i in range(2, 7))
+    assert f"6 failed ({shown} ...: no pose)." in summary
+
+
 def test_a_run_with_nothing_pending_is_done_at_once():
     run = BatchRun("SMPL", "t", [], total_lines=4)
     assert run.next_prompts() is None and run.request_finished() is False

@@ -524,8 +524,10 @@ class Scheduler:
             else:
                 request = group[0].request
                 outcomes = [self._backend.answer_chat(items[0], stop=lambda: request.ended)]
-            if len(outcomes) != len(items) or not all(isinstance(o, Answer) for o in outcomes):
+            if len(outcomes) != len(items):
                 raise RuntimeError(f"the backend gave {len(outcomes)} answers for {len(items)}")
+            if wrong := [o for o in outcomes if not isinstance(o, Answer)]:
+                raise RuntimeError(f"the backend gave a {type(wrong[0]).__name__} as an answer")
         except Exception as exc:
             # Retried below, not here: the error's frames hold the failed batch's memory (GPU
             # memory, after an out-of-memory error) until this block lets it go.

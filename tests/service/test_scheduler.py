@@ -193,13 +193,26 @@ def test_the_one_by_one_retry_runs_after_the_failed_batch_lets_its_memory_go(col
     assert collected.of()[-1] == BatchDoneReply("a", total=3, completed=3)
 
 
-class MiscountingBackend(ScriptedBackend):
+class MisbehavingBackend(ScriptedBackend):
+    """A backend bug: `answers(items)` instead of one Answer per item."""
+
+    def __init__(self, answers) -> None:
+        super().__init__()
+        self.answers = answers
+
     def answer_poses(self, items):
-        return []  # a backend bug: no answers at all
+        return self.answers(items)
 
 
-def test_a_misbehaving_backend_gives_model_errors_and_the_worker_lives_on(collected):
-    scheduler = make(MiscountingBackend(), collected, max_batch=1, max_wait_ms=0)
+@pytest.mark.parametrize(
+    ("answers", "said"),
+    [
+        (lambda items: [], "gave 0 answers for 1"),
+        (lambda items: [None] * len(items), "gave a NoneType as an answer"),  # the count right
+    ],
+)
+def test_a_misbehaving_backend_gives_model_errors_and_the_worker_lives_on(collected, answers, said):
+    scheduler = make(MisbehavingBackend(answers), collected, max_batch=1, max_wait_ms=0)
     scheduler.submit_pose(b"A", PoseRequest("1", "first"))
     scheduler.submit_pose(b"A", PoseRequest("2", "second"))
     collected.wait_for(lambda rs: len(rs) == 2)
@@ -208,7 +221,7 @@ def test_a_misbehaving_backend_gives_model_errors_and_the_worker_lives_on(collec
         ("1", ErrorCode.MODEL_ERROR),
         ("2", ErrorCode.MODEL_ERROR),
     ]
-    assert "gave 0 answers for 1" in collected.of()[0].message
+    assert said in collected.of()[0].message
 
 
 class FailingClock:

@@ -171,6 +171,46 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
     assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
+def test_a_second_person_whose_name_a_mesh_holds_is_left_out_and_named(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    bpy.context.scene.chatpose.chat_mode = True  # two people: SMPL and SMPL.person2
+    mesh = bpy.data.objects.new("SMPL.person2", bpy.data.meshes.new("taken"))
+    bpy.context.scene.collection.objects.link(mesh)
+    bpy.context.scene.chatpose.prompt = "two dancers"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert_pose(armature, pose_for("two dancers"))  # the first person still posed
+    message, level = live.last_message()
+    assert "Applied 1 pose(s) to SMPL" in message and level == "WARNING"
+    assert "not applied: SMPL.person2 (the name is taken)" in message
+    assert bpy.data.objects["SMPL.person2"] == mesh and mesh.type == "MESH"
+
+
+def test_an_answer_that_cannot_be_placed_is_a_failed_exchange_and_its_prompt_comes_back(
+    armature, scripted_service, monkeypatch
+):
+    address, _ = scripted_service
+    use_service(address)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in finding the armature")
+
+    monkeypatch.setattr(answers, "_where_to_apply", broken)
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "a bug in finding the armature" in live.last_message()[0]
+    history = props.history_messages(bpy.context.scene)
+    assert [(m.role, m.text) for m in history] == [
+        ("user", "wave"),
+        ("error", "the answer was not applied (a bug in finding the armature)"),
+    ]
+    assert bpy.context.scene.chatpose.prompt == "wave"  # to send again
+
+
 def test_a_reply_cut_at_the_service_s_token_limit_says_so(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)

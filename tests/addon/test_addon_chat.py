@@ -171,9 +171,7 @@ def test_an_answer_that_fails_half_way_is_one_undo_step_of_its_own(
     assert steps == ["chat", "answer"]  # the exchange, then the posed target with the rest
 
 
-def test_a_second_person_whose_name_a_mesh_holds_is_left_out_and_named(
-    armature, scripted_service
-):
+def test_a_second_person_whose_name_a_mesh_holds_is_left_out_and_named(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)
     bpy.context.scene.chatpose.chat_mode = True  # two people: SMPL and SMPL.person2

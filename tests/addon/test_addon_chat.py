@@ -1614,6 +1614,29 @@ def test_a_file_saved_with_an_answer_to_come_keeps_its_prompt(armature, scripted
     np.testing.assert_allclose(read_pose(bpy.data.objects[name]).axis_angle, 0, atol=1e-6)
 
 
+def test_an_image_request_saved_before_its_answer_keeps_its_image_in_the_file_alone(
+    armature, scripted_service, tmp_path
+):
+    address, backend = scripted_service
+    use_service(address)
+    backend.hold()
+    bpy.context.scene.chatpose.chat_mode = True  # a chat turn's image is kept for the next
+    reference = tmp_path / "ref.png"
+    reference.write_bytes(encode_png(np.full((20, 30, 3), 128)))
+    images = set(bpy.data.images)
+    bpy.ops.chatpose.pose_from_image(filepath=str(reference))
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "saved.blend"))
+    # Packed for the file, then let go: the answer keeps the image it is given.
+    assert set(bpy.data.images) == images
+    backend.release()
+    drive(idle)
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "saved.blend"))
+    user, said = props.history_messages(bpy.context.scene)
+    assert (user.attachment, said.text) == ("image: ref.png", file_handlers.UNANSWERED_AT_SAVE)
+    [kept] = [m.image for m in bpy.context.scene.chatpose.history if m.image is not None]
+    assert tuple(kept.size) == (30, 20)
+
+
 def test_a_failed_save_and_the_startup_file_leave_the_scene_as_it_was(
     armature, scripted_service, tmp_path
 ):

@@ -26,9 +26,10 @@ body's orientation in a frame that turns with the camera about the vertical axis
 (gravity, not the camera's up: the camera's pitch is not part of it), +Z the horizontal
 direction from the body towards the camera. So a body seen from straight in front has zero yaw,
 exactly like the text poses (PoseScript's convention: zero yaw, facing +Z), and a body seen
-from 30° to its left faces 30° to the right of the viewer: `camera_relative(pose, yaw)` =
-R_y(−yaw) · G₀. In Blender terms: the armature the add-on poses faces −Y, i.e. the front view
-(numpad 1); a pose from an image therefore faces the front view as the person faced the camera.
+from 30° to its left is turned 30° to its own right, the viewer's left:
+`camera_relative(pose, yaw)` = R_y(−yaw) · G₀. In Blender terms: the armature the add-on
+poses faces −Y, i.e. the front view (numpad 1); a pose from an image therefore faces the front
+view as the person faced the camera.
 
 Output layout (what `datasets.read_image_pose_pairs` reads, `--data pairs OUT/pairs.npz`):
 

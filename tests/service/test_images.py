@@ -253,6 +253,55 @@ def test_a_large_picture_is_reduced_to_a_few_times_the_model_s_size(fmt):
     assert small.size == (200, 150)  # under twice the model's size: as it is
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA"])
+def test_a_large_png_is_reduced_before_it_is_turned_upright_and_made_rgb(mode, monkeypatch):
+    # A review: a 9000 x 9000 RGBA PNG took 7 s and 2 GB made RGB at its full size first.
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (600, 900, len(mode)), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(axis=2) if mode == "L" else pixels, mode).save(buffer, "PNG")
+    full = decode_image(buffer.getvalue())
+    made_rgb = []
+    as_rgb = images._as_rgb
+    monkeypatch.setattr(
+        images, "_as_rgb", lambda image: made_rgb.append(image.size) or as_rgb(image)
+    )
+    reduced = decode_image(buffer.getvalue(), min_side=64)
+    assert made_rgb == [reduced.size] == [(225, 150)]  # by 4, its short side 2-4 times 64
+    as_seen = [np.asarray(i.resize((96, 64), Image.BICUBIC), float) for i in (full, reduced)]
+    assert np.abs(as_seen[0] - as_seen[1]).mean() < 2
+
+
+def test_a_reduced_png_keeps_the_colour_stored_under_transparent_pixels_out():
+    rgba = np.zeros((512, 512, 4), np.uint8)
+    rgba[..., 1] = 255  # green stored under the transparent half
+    rgba[:, :258] = (0, 0, 255, 255)  # opaque blue: two columns into the last block of 4
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    reduced = np.asarray(decode_image(buffer.getvalue(), min_side=64)).astype(float)
+    assert reduced.shape == (128, 128, 3)
+    backdrop = np.array(images.TRANSPARENT_BACKDROP)
+    np.testing.assert_array_equal(reduced[:, :64], np.broadcast_to([0, 0, 255], (128, 64, 3)))
+    np.testing.assert_allclose(
+        reduced[:, 64],
+        np.broadcast_to(0.5 * np.array([0, 0, 255]) + 0.5 * backdrop, (128, 3)),
+        atol=1,
+    )  # no green in it
+    np.testing.assert_array_equal(reduced[:, 65:], np.broadcast_to(backdrop, (128, 63, 3)))
+
+
+def test_a_box_of_a_large_png_is_cut_from_the_reduced_picture_where_it_lies():
+    pixels = np.zeros((800, 1200, 3), np.uint8)
+    pixels[200:600, 500:900] = (255, 0, 0)  # a red square, the box around it
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    box = images.CropBox(center_x=700, center_y=400, side=400)
+    cut = decode_image(buffer.getvalue(), box=box)
+    reduced = decode_image(buffer.getvalue(), min_side=64, box=box)
+    assert cut.size == (400, 400) and reduced.size == (133, 133)  # reduced by 3
+    assert (np.asarray(reduced)[2:-2, 2:-2] == (255, 0, 0)).all()
+
+
 def test_a_camera_jpeg_with_a_preview_is_reduced_while_decoding_as_a_plain_one_is():
     # Cameras add a small preview picture (MPF), and Pillow opens those files as MPO.
     picture = Image.fromarray(np.full((1000, 1500, 3), 90, np.uint8))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -159,7 +159,7 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the protocol's, whatever Pillow's d
 def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadImageError(f"{field}: expected bytes, got {type(data).__name__}")
-    _check_structure(bytes(data), field)
+    data = _check_structure(bytes(data), field)
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; treat that as an error too.
@@ -192,13 +192,26 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
         raise BadImageError(f"{field}: not a decodable PNG or JPEG ({problem})") from exc
 
 
-def _check_structure(data: bytes, field: str) -> None:
+def _check_structure(data: bytes, field: str) -> bytes:
     """BadImageError for a file whose header parts or scans would cost Pillow seconds; each
-    limit is far above what an encoder writes. Anything else is left to Pillow."""
+    limit is far above what an encoder writes. Anything else is left to Pillow. Returns what
+    Pillow is given: a PNG without its compressed text (``_check_png``)."""
     if data.startswith(PNG_MAGIC):
-        _check_png(data, field)
-    elif data.startswith(b"\xff\xd8"):  # the start-of-image marker, all Pillow asks of a JPEG
+        return _without(data, _check_png(data, field))
+    if data.startswith(b"\xff\xd8"):  # the start-of-image marker, all Pillow asks of a JPEG
         _check_jpeg(data, field)
+    return data
+
+
+def _without(data: bytes, spans: Sequence[tuple[int, int]]) -> bytes:
+    """`data` with the (start, end) `spans`, in order, cut out."""
+    if not spans:
+        return data
+    kept, start = [], 0
+    for cut_from, cut_to in spans:
+        kept.append(data[start:cut_from])
+        start = cut_to
+    return b"".join([*kept, data[start:]])
 
 
 _PIXEL_CHUNKS = (b"IDAT", b"fdAT")  # an image's pixels, an animation frame's
@@ -206,10 +219,14 @@ _PIXEL_CHUNKS = (b"IDAT", b"fdAT")  # an image's pixels, an animation frame's
 _PNG_PIXEL_CHUNK_BYTES = 4096
 
 
-def _check_png(data: bytes, field: str) -> None:
+def _check_png(data: bytes, field: str) -> list[tuple[int, int]]:
     """Every chunk up to the end, or to an animation's second frame: Pillow reads the ones
-    after the pixels too, one by one, but stops there when (by its rules) it is animated."""
+    after the pixels too, one by one, but stops there when (by its rules) it is animated.
+    Returns where the compressed text chunks are: Pillow inflates each, up to 64 MB in all
+    (67 KB of them held the server's I/O thread for a third of a second), and the model reads
+    no metadata."""
     offset, parts, chunks, profiles = 8, 0, 0, 0
+    compressed_text = []
     most_chunks = MAX_HEADER_PARTS + len(data) // _PNG_PIXEL_CHUNK_BYTES
     frames: int | None = None  # acTL's frame count; 0 for a second or an invalid acTL
     frame_before_pixels = False
@@ -217,10 +234,10 @@ def _check_png(data: bytes, field: str) -> None:
         kind = data[offset + 4 : offset + 8]
         pixels_seen = chunks > parts
         if kind == b"IEND":
-            return
+            return compressed_text
         if kind == b"fcTL" and pixels_seen:
             if frames and (frames > 1 or not frame_before_pixels):  # Pillow's is_animated
-                return
+                return compressed_text
         elif kind == b"fcTL":
             frame_before_pixels = True
         elif kind == b"acTL" and not pixels_seen:
@@ -237,7 +254,21 @@ def _check_png(data: bytes, field: str) -> None:
             profiles += 1
             if profiles > 1:
                 raise BadImageError(f"{field}: more than one colour profile (PNG iCCP chunk)")
-        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
+        end = offset + 12 + int.from_bytes(data[offset : offset + 4], "big")
+        if _compressed_text(data, offset, end):
+            compressed_text.append((offset, end))
+        offset = end
+    return compressed_text
+
+
+def _compressed_text(data: bytes, offset: int, end: int) -> bool:
+    """Whether the PNG chunk at `offset` is compressed text: a zTXt, or an iTXt whose flag
+    after its keyword says compressed."""
+    kind = data[offset + 4 : offset + 8]
+    if kind == b"zTXt":
+        return True
+    keyword_end = data.find(b"\0", offset + 8, end)
+    return kind == b"iTXt" and keyword_end >= 0 and data[keyword_end + 1 : keyword_end + 2] == b"\1"
 
 
 # A marker: 0xFF, any fill bytes (more 0xFF), then its code. In a scan's data a 0xFF is

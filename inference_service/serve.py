@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if io is not None:
             io.join()
         return _start_failed(exc)
+    # The model's objects (torch's and transformers', some hundred thousand) are never
+    # garbage, but every full collection walked them all: a 1 MB request header of nested
+    # lists took the I/O thread 1.2 s to decode, 0.2 s with them frozen.
+    gc.freeze()
     server.attach(backend, backend.info)
     if parent is not None:
         parent.serving(server.stop)

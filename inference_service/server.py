@@ -652,8 +652,13 @@ class Server:
             self.close()
             log.info("stopped", extra={"event": "stop"})
 
-    def _drain_requests(self, budget: int = 256) -> None:
-        for _ in range(budget):  # bounded so replies keep flowing under a flood
+    def _drain_requests(self, budget: int = 256, budget_s: float = 0.05) -> None:
+        """Handles the requests waiting, `budget` of them or for `budget_s` at most, so that
+        replies keep flowing under a flood of them, or of costly ones."""
+        until = time.monotonic() + budget_s
+        for _ in range(budget):
+            if time.monotonic() > until:
+                return
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -619,6 +619,44 @@ def test_a_client_that_floods_and_reads_nothing_is_dropped_before_the_stall_time
         server.close()
 
 
+@scripted_only
+def test_the_io_thread_stops_reading_requests_after_its_time_so_replies_go_out(
+    backend, monkeypatch
+):
+    # A review: 60 costly request headers (1.6 s each to decode) held every reply for 95 s.
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    now = [time.monotonic()]
+    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
+    decoded = server._decoded
+
+    def costly(frames):
+        now[0] += 0.03
+        return decoded(frames)
+
+    monkeypatch.setattr(server, "_decoded", costly)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(server.address)
+    try:
+        for k in range(4):
+            sock.send_multipart([f'{{"protocol": 1, "op": "status", "id": "s{k}"}}'.encode()])
+        time.sleep(0.3)  # all four are in the server's socket
+
+        def one_turn() -> list[str]:
+            server._drain_requests()
+            server._forward_replies()
+            replies = []
+            while sock.poll(300):
+                replies.append(decode_reply(sock.recv_multipart()).id)
+            return replies
+
+        # Two requests a turn (0.06 s, past its 0.05 s), then the replies go out.
+        assert [one_turn(), one_turn()] == [["s0", "s1"], ["s2", "s3"]]
+    finally:
+        sock.close()
+        server.close()
+
+
 def test_thousands_of_malformed_messages_then_a_valid_request(running, backend):
     rng = random.Random(7)
     valid = [b'{"protocol": 1, "op": "pose", "id": "x", "prompt": "hi"}']

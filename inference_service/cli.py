@@ -97,7 +97,8 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
   {EXIT_UNREACHABLE}  no service at the address
   {EXIT_TIMEOUT}  the service did not answer in time
-  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled)
+  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled), or gave
+      no pose for --out
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM, SIGHUP, Ctrl+Break); a batch writes what was
       answered
   {EXIT_CLOSED_OUTPUT}  stdout closed early (`| head`); --out was written before printing"""
@@ -145,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="seconds to wait for an answer (default 60)",
+    )
+    connection.add_argument(
+        "--wait",
+        type=positive_float,
+        metavar="S",
+        help="wait up to S seconds for the service to serve: one just started, or loading its "
+        "model (by default a service not there within 2 s, or loading, is an error)",
     )
     connection.add_argument(
         "--curve-secret-key",
@@ -340,7 +348,7 @@ def _on_terminal() -> bool:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _serving_client(args) as client:
         request = StatusRequest(client.new_id())
         reply = _checked(_first_reply(client, request, args.timeout), StatusReply)
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
@@ -380,7 +388,10 @@ def _pose(args: argparse.Namespace) -> int:
     # file that cannot be written must not cost the reply.
     unwritten = None
     if args.out and not reply.poses:  # a chat reply may hold none: keep what --out holds
-        _report(f"the reply holds no pose; {args.out} was not written")
+        # Not a success: a script going on to read --out would read an older run's file.
+        unwritten = CommandError(
+            EXIT_SERVICE_ERROR, f"the reply holds no pose; {args.out} was not written"
+        )
     elif args.out:
         try:
             _write_motion(args.out, list(reply.poses), fps=30.0)
@@ -408,7 +419,7 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
         request = PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)
         # Before the model loads, with the image's header too (pillow: installed with it).
         return _refusal(request, check_images=True) or _local_reply(args, images, mode)
-    with _client(args) as client:
+    with _serving_client(args) as client:
         request = PoseRequest(
             client.new_id(), args.text, images=images, mode=mode, timeout_ms=_waits_ms(args)
         )
@@ -461,11 +472,14 @@ def _batch(args: argparse.Namespace) -> int:
     finished = stopped = False
     try:
         with contextlib.ExitStack() as stack:
-            client = stack.enter_context(_client(args)) if sendable else None
+            client = stack.enter_context(_serving_client(args)) if sendable else None
             start, size = 0, DEFAULT_LIMITS.max_batch_items
             busy_tries = 0  # in a row: another client's work fills the queue
             while start < len(sendable):
-                chunk = batch_chunks([prompt for _, prompt in sendable[start:]], size)[0]
+                # The next chunk holds `size` prompts at most: looking further made a file of
+                # 100,000 lines take 40 s to split.
+                ahead = sendable[start : start + size]
+                chunk = batch_chunks([prompt for _, prompt in ahead], size)[0]
                 asked = sendable[start : start + len(chunk)]
                 start += len(asked)
                 request = BatchRequest(
@@ -549,7 +563,7 @@ def _batch(args: argparse.Namespace) -> int:
 def _waits_ms(args: argparse.Namespace) -> int:
     """--timeout as a request's timeout_ms: the service drops work not started by the time
     this command stops waiting, and keeps work it still waits for (not its own default)."""
-    return max(1, min(int(args.timeout * 1000), DEFAULT_LIMITS.max_timeout_ms))
+    return max(1, int(min(args.timeout * 1000, DEFAULT_LIMITS.max_timeout_ms)))
 
 
 def _queues_fewer(reply, asked: Sequence) -> bool:
@@ -761,6 +775,19 @@ def _checkpoint(args: argparse.Namespace) -> Path:
             "`make demo-model` (docs/evaluation.md), or pass --checkpoint",
         )
     raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
+
+
+def _serving_client(args: argparse.Namespace) -> Client:
+    """`_client`, once the service serves when --wait asks for it (a script that has just
+    started chatpose-serve)."""
+    client = _client(args)
+    if args.wait is not None:
+        try:
+            client.wait_serving(args.wait)
+        except BaseException:
+            client.close()
+            raise
+    return client
 
 
 def _first_reply(client: Client, request, timeout_s: float):

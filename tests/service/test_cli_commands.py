@@ -87,6 +87,24 @@ def test_status(address, capsys):
     assert "images    up to 1 per request" in out
 
 
+def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
+    # A script that has just started chatpose-serve: the model loads for a while.
+    server = Server(None, None, "tcp://127.0.0.1:*", max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, _, err = run(capsys, "pose", "wave", "--address", server.address)
+        assert code == cli.EXIT_SERVICE_ERROR and "the model is still loading" in err
+        threading.Timer(1.0, server.attach, (backend, backend.info)).start()
+        code, out, _ = run(capsys, "pose", "wave", "--address", server.address, "--wait", "30")
+        assert code == cli.EXIT_OK and "pose 1 of 1" in out
+    finally:
+        server.stop()
+        thread.join(TIMEOUT_S)
+    code, _, err = run(capsys, "status", "--address", server.address, "--wait", "0.5")
+    assert code == cli.EXIT_TIMEOUT and "did not serve within 0.5 s" in err
+
+
 def run_against(capsys, answers, *argv) -> tuple[int, str, str, list]:
     """Runs the command against a stand-in service that takes one request and sends back the
     header frames `answers(request)` gives; (exit code, stdout, stderr, requests taken)."""
@@ -211,7 +229,9 @@ def test_pose_json_and_npz(address, capsys, tmp_path):
     assert pose.label == "bow" and "wrote 1 pose(s)" in err
 
 
-@pytest.mark.parametrize(("timeout", "asked_ms"), [("1.5", 1500), ("1e9", 3_600_000)])
+@pytest.mark.parametrize(
+    ("timeout", "asked_ms"), [("1.5", 1500), ("1e9", 3_600_000), ("1e308", 3_600_000)]
+)
 def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, timeout, asked_ms):
     # Without it, a request the command had given up on still ran once its turn came.
     argv = ("pose", "hi", "--timeout", timeout)
@@ -696,7 +716,8 @@ def test_a_chat_reply_without_a_pose_leaves_out_as_it_was(
     code, out, err = run(
         capsys, "pose", "hi", "--chat", "--out", str(out_file), "--address", address
     )
-    assert code == cli.EXIT_OK and "Hello! What pose?" in out
+    # Printed, but no success: a script reading --out next would read an older run's file.
+    assert code == cli.EXIT_SERVICE_ERROR and "Hello! What pose?" in out
     assert f"the reply holds no pose; {out_file} was not written" in err
     assert out_file.read_bytes() == b"the user's"
 

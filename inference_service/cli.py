@@ -374,7 +374,8 @@ def _pose(args: argparse.Namespace) -> int:
         _check_writable(args.out, inputs=[args.image] if args.image else [])
     images = (_read_image(args.image),) if args.image else ()
     mode = "chat" if args.chat else "pose"
-    answer = _pose_reply(args, images, mode)  # no reply (unreachable, timed out): raises
+    # No reply (unreachable, timed out): raises.
+    answer = _image_refusal(images) or _pose_reply(args, images, mode)
     # A script reading stdout gets the service's error reply too (not one made up here for a
     # reply that did not decode).
     if args.json and isinstance(answer, ErrorReply) and not isinstance(answer, UndecodableReply):
@@ -852,14 +853,22 @@ def _read_image(path: Path) -> bytes:
         raise CommandError(
             EXIT_BAD_INPUT, f"--image: cannot read {path} ({exc.strerror})"
         ) from None
-    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
-        raise CommandError(EXIT_BAD_INPUT, f"--image: {path} is not a PNG or JPEG file")
-    if len(data) > limit:
-        raise CommandError(
-            EXIT_BAD_INPUT,
-            f"--image: {path} is larger than {limit >> 20} MiB, the most an image may be",
-        )
     return data
+
+
+def _image_refusal(images: tuple[bytes, ...]) -> ErrorReply | None:
+    """The error reply the service would give an image that is no PNG or JPEG, or too large,
+    before anything is sent (or a model loaded); None when there is none."""
+    for k, data in enumerate(images):
+        limit = DEFAULT_LIMITS.max_image_bytes
+        if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+            problem = ErrorCode.BAD_IMAGE, f"images[{k}]: not a PNG or JPEG file"
+        elif len(data) > limit:
+            problem = ErrorCode.TOO_LARGE, f"images[{k}]: larger than {limit >> 20} MiB"
+        else:
+            continue
+        return ErrorReply(LOCAL_ID, "pose", *problem)
+    return None
 
 
 def _read_prompts(path: Path) -> list[tuple[int, str]]:

@@ -273,21 +273,29 @@ def _huge_png(folder):
 
 
 @pytest.mark.parametrize(
-    ("setup", "message"),
+    ("setup", "message", "code"),
     [
-        (lambda d: None, "cannot read"),
-        (lambda d: (d / "ref.png").write_text("hello"), "is not a PNG or JPEG file"),
-        (_huge_png, "is larger than 16 MiB, the most an image may be"),  # not read whole
+        (lambda d: None, "cannot read", None),
+        (lambda d: (d / "ref.png").write_text("hello"), "ref.png: not a PNG or JPEG", "bad_image"),
+        (_huge_png, "ref.png: larger than 16 MiB", "too_large"),  # not read whole
         # Refused by the service, which names its field: said of the file the user gave.
-        (lambda d: (d / "ref.png").write_bytes(png_header(40_000, 40_000)), "ref.png: too many"),
+        (
+            lambda d: (d / "ref.png").write_bytes(png_header(40_000, 40_000)),
+            "ref.png: too many",
+            "bad_image",
+        ),
     ],
 )
-def test_pose_with_a_bad_image_file(address, capsys, tmp_path, setup, message):
+def test_pose_with_a_bad_image_file(address, capsys, tmp_path, setup, message, code):
     setup(tmp_path)
-    code, _, err = run(
-        capsys, "pose", "x", "--image", str(tmp_path / "ref.png"), "--address", address
-    )
-    assert code == cli.EXIT_BAD_INPUT and message in err
+    image = str(tmp_path / "ref.png")
+    exit_code, out, err = run(capsys, "pose", "x", "--image", image, "--address", address)
+    assert exit_code == cli.EXIT_BAD_INPUT and message in err and out == ""
+    # --json: the error reply on stdout whoever found it, this command or the service (none
+    # for a file that could not be read: no request was made).
+    exit_code, out, _ = run(capsys, "pose", "x", "--image", image, "--address", address, "--json")
+    assert exit_code == cli.EXIT_BAD_INPUT
+    assert (json.loads(out)["error"]["code"] if out else None) == code
 
 
 def test_empty_prompt_is_bad_input(address, capsys):

@@ -524,6 +524,9 @@ def _batch(args: argparse.Namespace) -> int:
             if _on_terminal() and sendable:
                 _report("")  # past the progress bar's line
             answered_all = len(poses) == len(lines)
+            # A file another run wrote at --out meanwhile is as much the user's as one there
+            # before: a run cut short does not replace it.
+            out_existed = out_existed or (saved.path == args.out and saved.appeared())
             out = _batch_destination(args.out, finished, answered_all, resumed_from, out_existed)
             written = None
             if not finished and len(poses) == earlier and resumed_from is not None:
@@ -674,16 +677,40 @@ class _SavedProgress:
         """`count`: the answers a resumed run starts with, in a file already."""
         self.path, self.count, self.failed = path, count, False
         self.due = time.monotonic() + PROGRESS_SAVE_S
+        self.expected = _file_identity(path)  # what is there: a resumed file, or none
+
+    def appeared(self) -> bool:
+        """Whether another program (another batch) wrote `path` since this run looked."""
+        found = _file_identity(self.path)
+        return found is not None and found != self.expected
 
     def offer(self, poses: dict[int, Pose], fps: float) -> None:
         if self.failed or len(poses) == self.count or time.monotonic() < self.due:
             return
+        if self.appeared():
+            self.failed = True
+            _report(
+                f"chatpose batch: {self.path} was written by another program meanwhile; the "
+                "answers are kept here and written at the end"
+            )
+            return
         try:
             _write_motion(self.path, [poses[i] for i in sorted(poses)], fps)
+            self.expected = _file_identity(self.path)
         except CommandError as exc:
             self.failed = True
             _report(f"chatpose batch: {exc}; the answers are kept here and written at the end")
         self.count, self.due = len(poses), time.monotonic() + PROGRESS_SAVE_S
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file at `path` from another written there since (each write replaces it
+    with a new one); None when there is none."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns, found.st_size
 
 
 def _line_ranges(numbers: Sequence[int]) -> str:

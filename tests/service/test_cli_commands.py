@@ -545,6 +545,33 @@ def shots(tmp_path, text: str, address: str) -> tuple:
     return prompts, out_file, ["batch", str(prompts), "--out", str(out_file), "--address", address]
 
 
+@pytest.mark.parametrize("saves_progress", [False, True])
+def test_a_batch_cut_short_keeps_an_out_another_run_wrote_meanwhile(
+    address, capsys, tmp_path, monkeypatch, saves_progress
+):
+    # A review: a second batch on the same --out, cut short, replaced the first one's file.
+    prompts, out_file, argv = shots(tmp_path, "wave\nsit\nbow\n", address)
+    if saves_progress:
+        monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
+    progress = cli._progress
+
+    def another_run_writes_out(done: int, total: int) -> None:
+        progress(done, total)
+        if done == 1:  # after this run's first save, when it saves its progress
+            out_file.write_bytes(b"another run's")
+        if done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_progress", another_run_writes_out)
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_INTERRUPTED and out_file.read_bytes() == b"another run's"
+    partial = tmp_path / "anim.partial.npz"
+    assert f"wrote 2 of 3 poses to {partial}" in err
+    assert Motion.load_npz(partial).labels == ("wave", "sit")
+    said = "anim.npz was written by another program meanwhile"
+    assert (said in err) == saves_progress
+
+
 def test_a_resumed_batch_saves_its_progress_only_once_it_has_new_answers(
     address, capsys, tmp_path, monkeypatch
 ):

@@ -367,7 +367,7 @@ class Motion:
             with open_npz(path) as data:
                 arrays = {k: npz_member(data, k) for k in _MOTION_KEYS if k in data}
                 motion = cls._from_arrays(arrays)
-            if not _says_z_up(arrays, z_up):
+            if not says_z_up(arrays, z_up):
                 return motion
             if "trans" not in arrays:
                 return motion.turned(Z_UP_FROM_SMPL.T)
@@ -459,7 +459,7 @@ def written_z_up(path: str | os.PathLike) -> bool | None:
     elsewhere does not); ValueError when it cannot be read."""
     with _read_errors_named(path), open_npz(path) as data:
         arrays = {k: npz_member(data, k) for k in ("up_axis", "trans_offset") if k in data}
-        return _says_z_up(arrays, None)
+        return says_z_up(arrays, None)
 
 
 @contextlib.contextmanager
@@ -475,7 +475,7 @@ def _read_errors_named(path: str | os.PathLike) -> Iterator[None]:
         raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({exc})") from None
 
 
-def _says_z_up(arrays: Mapping[str, np.ndarray], otherwise: bool | None) -> bool | None:
+def says_z_up(arrays: Mapping[str, np.ndarray], otherwise: bool | None) -> bool | None:
     """A file's frame as it says (`up_axis`; written before that, a Z-up one alone holds
     `trans_offset`), else ``otherwise``: exported with Z-up off and imported with it on, a
     motion lay on its back."""

@@ -63,7 +63,7 @@ from inference_service.prompts import (
     Exchange,
     pose_exchange,
 )
-from shared_protocol.pose import camera_to_upright, smpl_poses
+from shared_protocol.pose import camera_to_upright, says_z_up, smpl_poses
 from shared_protocol.rotations import (
     axis_angle_to_matrix,
     matrix_to_axis_angle,
@@ -673,11 +673,21 @@ def _in_body_frame(
     poses: np.ndarray,
     z_up: bool | None,
     path: Path,
+    arrays: Mapping[str, np.ndarray],
     options: tuple[str, str] = ("z_up=true", "z_up=false"),
 ) -> np.ndarray:
-    """(N, 24, 3) poses of a file in the SMPL body frame: turned upright with `z_up`; with
-    `z_up` unsaid, DatasetError when most bodies stand along +Z, which would train every
-    pose lying down, naming the two `options` that say which it is."""
+    """(N, 24, 3) poses of a file in the SMPL body frame: turned upright with `z_up`, or as
+    the file's `up_axis` says (the motions this project writes); with neither, DatasetError
+    when most bodies stand along +Z, which would train every pose lying down, naming the two
+    `options` that say which it is. A majority cannot tell a file of lying bodies."""
+    says = _says_z_up(arrays, path)
+    if z_up is not None and says is not None and z_up != says:
+        turn, keep = options
+        raise DatasetError(
+            f"{path}: its up_axis says {'Z' if says else 'Y'}, but {turn if z_up else keep} "
+            "says otherwise; leave z_up= out to take the file's word"
+        )
+    z_up = says if z_up is None else z_up
     if z_up is None and _mostly_up_along(poses, WORLD_UP_Z):
         turn, keep = options
         raise DatasetError(
@@ -686,6 +696,15 @@ def _in_body_frame(
             f"{keep} if they are meant so"
         )
     return z_up_to_y_up_zero_yaw(poses) if z_up and len(poses) else poses
+
+
+def _says_z_up(arrays: Mapping[str, np.ndarray], path: Path) -> bool | None:
+    """Whether a pose file says it is Z-up (`up_axis`, as `Motion.save_npz` writes it); None
+    when it does not say."""
+    try:
+        return says_z_up(arrays, None)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
 
 
 # Where a body's up axis points when it stands in AMASS's Z-up world, and in HMR's camera frame.
@@ -826,7 +845,8 @@ def read_posescript(
     `ids`: a JSON list of pose ids (PoseScript's `train_ids*.json`, ...): only their captions.
     `z_up`: the poses are raw AMASS (Z-up world); their global orientation is then
     converted as the release's PoseScript loader does (`z_up_to_y_up_zero_yaw`). None (not
-    said): a DatasetError if most bodies stand along +Z, which would train them lying down.
+    said): as the file's `up_axis` says (the motions chatpose and the add-on write), else a
+    DatasetError if most bodies stand along +Z, which would train them lying down.
     """
     captions_path = Path(captions)
     data = read_json(captions_path)
@@ -862,6 +882,7 @@ def read_posescript(
         pose_ids = list(found)
         pose_array = np.stack([found[p] for p in pose_ids]) if found else np.zeros((0, 24, 3))
         z_up = True if z_up is None else z_up
+        arrays = {}
     else:
         poses_path = Path(poses)
         arrays = _read_npz(poses_path)
@@ -872,7 +893,7 @@ def read_posescript(
         else:
             pose_ids = [str(row) for row in range(len(pose_array))]
             lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
-    pose_array = _in_body_frame(pose_array, z_up, poses_path)
+    pose_array = _in_body_frame(pose_array, z_up, poses_path, arrays)
     rows: dict[str, int] = {}
     for row, pose_id in enumerate(pose_ids):
         if pose_id in rows:
@@ -969,6 +990,22 @@ def read_image_pose_pairs(
                 f"without a pose ({flag} 0)",
                 file=sys.stderr,
             )
+    # Z-up poses (AMASS's world, the motions chatpose and the add-on write) would train every
+    # body lying down; and their heading is the world's, not relative to the camera.
+    z_up_world = (
+        "its up_axis says Z"
+        if _says_z_up(arrays, poses_path)
+        else "most bodies stand along +Z"
+        if camera_frame is None and len(rows) and _mostly_up_along(pose_array[rows], WORLD_UP_Z)
+        else None
+    )
+    if z_up_world:
+        raise DatasetError(
+            f"{poses_path}: {z_up_world}, as in AMASS's Z-up world (and in the motions chatpose "
+            "and the add-on export): an image's pose is upright with +Y up, its heading "
+            "relative to the camera's (docs/evaluation.md); convert them so"
+            + ("" if _says_z_up(arrays, poses_path) else ", or add frame=upright if they are")
+        )
     if camera_frame:
         pose_array[:, 0] = camera_to_upright(pose_array[:, 0])
     elif camera_frame is None and len(rows) and _mostly_up_along(pose_array[rows], CAMERA_UP):
@@ -1053,7 +1090,7 @@ def read_llava_conversations(
     if poses is not None:
         poses_path = Path(poses)
         arrays = _read_npz(poses_path)
-        pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path)
+        pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path, arrays)
         if "ids" not in arrays:
             raise DatasetError(f"{poses_path}: no 'ids' array (the conversation id of each frame)")
         ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)

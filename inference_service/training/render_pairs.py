@@ -358,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--z-up",
         action=argparse.BooleanOptionalAction,
         help="--poses stand along +Z, as AMASS's files and the motions chatpose exports: turn "
-        "them upright (--no-z-up: they are meant so); a file mostly standing along +Z is "
-        "refused unless one is given",
+        "them upright (--no-z-up: they are meant so); by default as the file's up_axis says, "
+        "and a file that does not say, mostly standing along +Z, is refused",
     )
     parser.add_argument("--split", default="train", help="corpus split (default train)")
     parser.add_argument("--count", type=positive_int, help="at most this many records of the split")
@@ -388,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 read_pose_array(args.poses, arrays),
                 args.z_up,
                 args.poses,
+                arrays,
                 options=("--z-up", "--no-z-up"),
             )
             if args.count is not None:

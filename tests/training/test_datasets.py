@@ -248,6 +248,41 @@ def test_bodies_standing_along_z_need_z_up_said(tmp_path):
     np.testing.assert_allclose(up, [0, 1, 0], atol=1e-9)
 
 
+def test_a_motion_file_that_says_it_is_z_up_is_read_so_even_of_lying_bodies(tmp_path):
+    # A review: bodies lying on the floor, exported Z-up (up_axis "Z"), are not mostly
+    # standing along +Z: read as Y-up, every one trained standing.
+    lying = POSES.copy()
+    lying[:, 0] = 0.0  # in the body frame: on its back, along the floor (Y-up, +Y its up)
+    lying[:, 0, 0] = -np.pi / 2
+    motion = Motion.from_poses([Pose(p) for p in lying])
+    motion.save_npz(tmp_path / "floor.npz")  # Z-up, as chatpose and the add-on export
+    assert Motion.load_npz(tmp_path / "floor.npz").poses()[1].axis_angle[0] == pytest.approx(
+        lying[1, 0]
+    )
+    captions = write_json(tmp_path / "c.json", {"1": "lying on the back"})
+    (read,) = read_posescript(captions, tmp_path / "floor.npz")
+    body_up = axis_angle_to_matrix(read.pose[0])[:, 1]
+    np.testing.assert_allclose(body_up, axis_angle_to_matrix(lying[1, 0])[:, 1], atol=1e-6)
+    with pytest.raises(DatasetError, match=r"floor\.npz: its up_axis says Z, but z_up=false"):
+        read_posescript(captions, tmp_path / "floor.npz", z_up=False)
+    # Image-pose pairs take poses upright and relative to the camera: a Z-up file is refused,
+    # and so is one whose bodies mostly stand along +Z, unless frame= says they are meant so.
+    (tmp_path / "a.png").write_bytes(png())
+    names = np.array(["a.png"] * len(POSES))
+    motion.save_npz(tmp_path / "pairs.npz", z_up=True)
+    with np.load(tmp_path / "pairs.npz") as stored:
+        arrays = dict(stored)
+    np.savez(tmp_path / "pairs.npz", images=names, **arrays)
+    with pytest.raises(DatasetError, match=r"pairs\.npz: its up_axis says Z.*convert them so$"):
+        read_image_pose_pairs(tmp_path / "pairs.npz")
+    standing_in_z = POSES.copy()
+    standing_in_z[:, 0] = [np.pi / 2, 0, 0]
+    write_npz(tmp_path / "pairs.npz", standing_in_z, images=names)
+    with pytest.raises(DatasetError, match=r"most bodies stand along \+Z.*frame=upright if"):
+        read_image_pose_pairs(tmp_path / "pairs.npz")
+    assert len(load_data(parse_data_spec(["pairs", str(tmp_path / "pairs.npz"), "frame=upright"])))
+
+
 def test_z_up_conversion_of_an_upright_amass_body():
     # An upright AMASS body facing -Y (AMASS's usual start) has root rotation +90 deg about X;
     # it becomes the identity; turned about the vertical axis, it still becomes the identity.

@@ -117,7 +117,15 @@ def _shadowed_shared_protocol() -> str | None:
 
     imported = os.path.realpath(shared_protocol.__file__)
     if imported == os.path.realpath(ours.locate_file("shared_protocol/__init__.py")):
-        return None
+        changed = _changed_files(ours)
+        if not changed:
+            return None
+        return (
+            f"ChatPose's shared_protocol files were changed since it was installed "
+            f"({', '.join(changed)}): another extension with a package of that name replaces "
+            "them in the extensions' shared folder. Reinstall ChatPose, and disable that "
+            "extension or ask its makers to rename their package"
+        )
     folder = os.path.dirname(os.path.dirname(imported))
     return (
         f"ChatPose brings its own shared_protocol ({ours.version}), but Blender's Python "
@@ -125,6 +133,25 @@ def _shadowed_shared_protocol() -> str | None:
         f"for a legacy install?): remove it (`{sys.executable} -m pip uninstall "
         "chatpose-shared-protocol` if pip installed it), then restart Blender"
     )
+
+
+def _changed_files(dist) -> list[str]:
+    """The Python files of the installed wheel `dist` whose contents are not those its RECORD
+    lists (missing ones too)."""
+    import base64
+    import hashlib
+
+    changed = []
+    for file in dist.files or ():
+        if file.suffix != ".py" or file.hash is None or file.hash.mode != "sha256":
+            continue
+        try:
+            digest = hashlib.sha256(dist.locate_file(file).read_bytes()).digest()
+        except OSError:
+            digest = b""
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != file.hash.value:
+            changed.append(str(file))
+    return changed
 
 
 def unregister() -> None:

@@ -391,6 +391,13 @@ def test_zip_installs_as_an_extension(built, tmp_path):
         bpy.ops.extensions.package_install_files(
             filepath=sys.argv[2], repo="user_default", enable_on_install=True)
         assert addon_utils.check_extension("bl_ext.user_default.chatpose")  # still the first
+        # Another extension's wheel with a package of the same name, synced into the
+        # extensions' shared folder after this one's (at Blender's start), replaces its files:
+        # named when registering, not run on a mix of two vendors' code.
+        with open(sys.modules["shared_protocol"].__file__, "a") as stream:
+            stream.write("\\n# another vendor's\\n")
+        chatpose = sys.modules["bl_ext.user_default.chatpose"]
+        print("REFUSED:", chatpose._shadowed_shared_protocol())
         print("INSTALLED-OK")
         """
     )
@@ -403,6 +410,9 @@ def test_zip_installs_as_an_extension(built, tmp_path):
     )  # fmt: skip
     assert "INSTALLED-OK" in proc.stdout, proc.stdout + proc.stderr
     assert "doesn't meet the minimum supported version (5.1.0)" in proc.stdout + proc.stderr
+    refusal = proc.stdout.split("REFUSED: ")[1]
+    assert "shared_protocol files were changed since it was installed" in refusal
+    assert "(shared_protocol/__init__.py): another extension" in refusal
 
 
 @pytest.mark.parametrize("pip_installed", [True, False], ids=["pip", "a-bare-folder"])

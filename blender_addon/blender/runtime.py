@@ -246,7 +246,16 @@ def unregister() -> None:
             handlers.remove(handler)
     if live.state.status_bar:
         feedback.set_status_text(None)
+    d = live.state.dispatcher
+    stopped = d.batch if d is not None and d.batch_running else None
     answers.settle_running_batch()
+    if stopped is not None and stopped.keyed:  # else undo, then redo, loses its keys
+        feedback.push_undo("batch")
+        print(
+            f"ChatPose: the batch from {stopped.source} stopped (the add-on was disabled): "
+            f"{stopped.keyed} lines keyed on {stopped.armature}, {stopped.remaining} still to "
+            "key; run Batch Keyframe again for the rest"
+        )
     # Answers not applied: their prompts are kept, to send again; in an undo step of their
     # own, which also marks a file saved just before as changed.
     if file_handlers.keep_unanswered_prompts(file_handlers.UNANSWERED_AT_DISABLE):

@@ -2105,6 +2105,31 @@ def test_prompts_not_answered_when_the_add_on_is_disabled_are_kept(
     assert scene.chatpose.prompt in kept  # one back to send
 
 
+def test_disabling_the_add_on_mid_batch_keeps_the_lines_keyed_in_an_undo_step(
+    armature, scripted_service, monkeypatch, capsys
+):
+    import addon_utils
+
+    address, _ = scripted_service
+    use_service(address)
+    settings = bpy.context.scene.chatpose
+    text = bpy.data.texts.new("moves")
+    text.write("\n".join(f"pose {i}" for i in range(12)))
+    settings.batch_source, settings.batch_text = "TEXT", text
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)  # keyed a few at a time
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: live.current_batch().keyed >= 4)
+    keyed = live.current_batch().keyed
+    steps = []
+    monkeypatch.setattr(feedback, "push_undo", steps.append)
+    addon_utils.disable(ADDON, default_set=True)
+    assert steps == ["batch"]  # without it, undo then redo lost every key of the run
+    said = capsys.readouterr().out
+    assert f"stopped (the add-on was disabled): {keyed} lines keyed on SMPL, " in said
+    addon_utils.enable(ADDON, default_set=True)
+
+
 def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
     import addon_utils
 

@@ -149,13 +149,13 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
         return super().poll(context)
 
     def invoke(self, context, event):
-        replaced = sending.replace_location_keys_question(context)
+        replaced = sending.replace_keys_question(context)
         if not replaced:
             return self.execute(context)
         return context.window_manager.invoke_confirm(
             self,
             event,
-            title="Replace Root Location Keys?",
+            title="Replace Keys?",
             message=replaced,
             confirm_text="Batch Keyframe",
             icon="WARNING",

@@ -385,12 +385,18 @@ def read_pose_arrays(
 
 def location_keyed_at(obj: bpy.types.Object, frames: Sequence[float]) -> np.ndarray:
     """(N,) whether the root's location has a key, on any axis, at each scene frame."""
-    path = bone_data_path(bone_names(obj)[0], "location")
+    return keyed_at(obj, frames, root_location_channels(obj))
+
+
+def keyed_at(
+    obj: bpy.types.Object, frames: Sequence[float], channels: Sequence[Channel]
+) -> np.ndarray:
+    """(N,) whether any of ``channels`` has a key at each scene frame."""
     fcurves = fcurve_map(obj)
     times = action_times(obj, frames)
     keyed = np.zeros(len(times), dtype=bool)
-    for k in range(3):
-        curve = fcurves.get((path, k))
+    for name, prop, k in channels:
+        curve = fcurves.get((bone_data_path(name, prop), k))
         points = curve.keyframe_points if curve is not None else ()
         if not len(points):
             continue

@@ -22,7 +22,7 @@ from ..preferences import absolute_path, get_preferences
 from . import feedback, live, runtime
 from .anim import LockedCurveError, refuse_locked
 from .batch_store import TakePin, load_record, place_keyed_lines, save_record
-from .posing import location_keyed_at, placed_translations, pose_channels, root_places
+from .posing import keyed_at, location_keyed_at, placed_translations, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
 
 
@@ -256,20 +256,48 @@ def _rerun(record: BatchRecord, lines: Sequence[str], settings) -> Rerun:
     )
 
 
-def replace_location_keys_question(context: bpy.types.Context) -> str:
-    """The Batch Keyframe confirmation when placing keyed lines (``Rerun.to_place``) would
-    change root location keys already at their frames; "" when none, or when the batch is
-    refused (said when it runs, not after a question)."""
+def replace_keys_question(context: bpy.types.Context) -> str:
+    """The Batch Keyframe confirmation when the run would replace keys it did not make: the
+    animator's at the frames of lines to key, or root location keys that placing keyed lines
+    (``Rerun.to_place``) changes; "" when none, or when the batch is refused (said when it
+    runs, not after a question)."""
     settings = context.scene.chatpose
-    if not (settings.batch_translation or settings.batch_keep_on_floor):
-        return ""
     try:
         target, numbered, _ = _checked_batch(context)
-        lines = [prompt for _, prompt in numbered]
-        to_place = _rerun(load_record(target), lines, settings).to_place
+        record = load_record(target)
+        plan = _rerun(record, [prompt for _, prompt in numbered], settings)
     except (live.UserError, ValueError):
         return ""
-    frames = np.array([line.frame for line in to_place], dtype=np.int64)
+    questions = [
+        _replaced_keys(target, plan, record, settings),
+        _replaced_location_keys(target, plan, settings),
+    ]
+    return ". ".join(filter(None, questions))
+
+
+def _replaced_keys(target: bpy.types.Object, plan: Rerun, record: BatchRecord, settings) -> str:
+    """What the plan's lines to key replace of keys no batch made, at their frames."""
+    own = {entry.frame for entry in record.entries}  # replacing a changed line's key is asked for
+    frames = [line.frame for line in plan.pending if line.frame not in own]
+    if not frames:
+        return ""
+    keys_location = settings.batch_translation or settings.batch_keep_on_floor
+    keyed = keyed_at(target, frames, pose_channels(target, keys_location))
+    taken = [frame for frame, there in zip(frames, keyed, strict=True) if there]
+    if not taken:
+        return ""
+    shown = ", ".join(str(frame) for frame in taken[:5]) + (", ..." if len(taken) > 5 else "")
+    return (
+        f"{len(taken)} line(s) go on frames where {target.name} has keys no batch made (frame "
+        f"{shown}): they replace them (Undo brings them back)"
+    )
+
+
+def _replaced_location_keys(target: bpy.types.Object, plan: Rerun, settings) -> str:
+    """What placing the plan's keyed lines changes of root location keys at their frames."""
+    if not (settings.batch_translation or settings.batch_keep_on_floor):
+        return ""
+    frames = np.array([line.frame for line in plan.to_place], dtype=np.int64)
     keyed = frames[location_keyed_at(target, frames)]
     if not len(keyed):
         return ""

@@ -2503,7 +2503,7 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     text.write("\nbow")  # a line not keyed yet
 
     settings.batch_keep_on_floor = True
-    assert sending.replace_location_keys_question(bpy.context) == ""  # none of the animator's
+    assert sending.replace_keys_question(bpy.context) == ""  # none of the animator's
     assert bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT") == {"FINISHED"}
     message = live.last_message()[0]
     assert "1 lines to key" in message and "(2 keyed before)" in message
@@ -2538,9 +2538,11 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
     batch_store.save_record(  # keyed on the floor, not with Translation
         armature, batch_store.load_record(armature).recorded_lines([(1, "sit", 11)], False, True)
     )
-    assert sending.replace_location_keys_question(bpy.context).startswith(
-        "1 line(s) keyed before have root location keys at their frames that Translation "
-    )  # the jump, keyed by hand on a line placed before
+    question = sending.replace_keys_question(bpy.context)
+    # The record cleared: lines 1 and 3's keys are no batch's now, and the jump keyed by hand
+    # on the line placed before.
+    assert question.startswith("2 line(s) go on frames where SMPL has keys no batch made")
+    assert ". 1 line(s) keyed before have root location keys at their frames that " in question
 
 
 def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_keys(
@@ -2556,13 +2558,13 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
     root.location = (1.0, 0.0, 2.0)
     root.keyframe_insert("location", frame=11)  # the animator's own place for the second line
     settings.batch_translation = True
-    assert sending.replace_location_keys_question(bpy.context) == (
+    assert sending.replace_keys_question(bpy.context) == (
         "1 line(s) keyed before have root location keys at their frames that Translation "
         "replaces with the rest location (their rotations are kept)"
     )
     location = next(c for c in action_fcurves(armature) if c.data_path.endswith("location"))
     location.lock = True  # the batch is refused: said at once, not after the question
-    assert sending.replace_location_keys_question(bpy.context) == ""
+    assert sending.replace_keys_question(bpy.context) == ""
     with pytest.raises(RuntimeError, match="Batch not sent: .*pelvis.* is locked"):
         bpy.ops.chatpose.batch_keyframe("INVOKE_DEFAULT")
     location.lock = False
@@ -2578,7 +2580,32 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
         bpy.context.scene.frame_set(frame)
         assert tuple(root.location) == pytest.approx((0.0, 0.0, 0.0))  # at rest: the origin
     assert all(e.translation and not e.on_floor for e in batch_store.load_record(armature).entries)
-    assert sending.replace_location_keys_question(bpy.context) == ""
+    assert sending.replace_keys_question(bpy.context) == ""
+
+
+def test_a_batch_asks_before_replacing_keys_no_batch_made(armature, scripted_service):
+    # A review: a first run replaced the animator's key at a line's frame without a word.
+    address, _ = scripted_service
+    use_service(address)
+    text = batch_of("walk\nrun\nbow", step=10)  # frames 1, 11 and 21
+    hand = random_pose(3, translation=False)
+    apply_pose(armature, hand, frame=11)  # the animator's key
+    apply_pose(armature, hand, frame=15)  # one between the lines: not replaced
+    assert sending.replace_keys_question(bpy.context) == (
+        "1 line(s) go on frames where SMPL has keys no batch made (frame 11): they replace "
+        "them (Undo brings them back)"
+    )
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    assert_pose(armature, pose_for("run"), 11)
+    assert_pose(armature, hand, 15)
+    # A line edited: its own key at its frame is replaced, as a rerun does, without asking.
+    text.from_string("walk\njog\nbow")
+    assert sending.replace_keys_question(bpy.context) == ""
+    bpy.context.scene.chatpose.batch_start = 5  # frames 5, 15, 25: the key at 15 is in the way
+    assert sending.replace_keys_question(bpy.context).startswith(
+        "1 line(s) go on frames where SMPL has keys no batch made (frame 15)"
+    )
 
 
 def test_a_run_whose_connection_ends_after_its_last_line_is_keyed_is_done(armature):

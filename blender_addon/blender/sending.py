@@ -276,8 +276,9 @@ def replace_keys_question(context: bpy.types.Context) -> str:
 
 
 def _replaced_keys(target: bpy.types.Object, plan: Rerun, record: BatchRecord, settings) -> str:
-    """What the plan's lines to key replace of keys no batch made, at their frames."""
-    own = {entry.frame for entry in record.entries}  # replacing a changed line's key is asked for
+    """What the plan's lines to key replace at their frames of keys its record does not hold
+    (the animator's, another text's batch's, one whose record was cleared)."""
+    own = {entry.frame for entry in record.entries}  # a line edited since: its key, replaced
     frames = [line.frame for line in plan.pending if line.frame not in own]
     if not frames:
         return ""
@@ -288,8 +289,8 @@ def _replaced_keys(target: bpy.types.Object, plan: Rerun, record: BatchRecord, s
         return ""
     shown = ", ".join(str(frame) for frame in taken[:5]) + (", ..." if len(taken) > 5 else "")
     return (
-        f"{len(taken)} line(s) go on frames where {target.name} has keys no batch made (frame "
-        f"{shown}): they replace them (Undo brings them back)"
+        f"{len(taken)} line(s) go on frames where {target.name} has keys not keyed from these "
+        f"lines (frame {shown}): they replace them (Undo brings them back)"
     )
 
 

@@ -2539,9 +2539,9 @@ def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it
         armature, batch_store.load_record(armature).recorded_lines([(1, "sit", 11)], False, True)
     )
     question = sending.replace_keys_question(bpy.context)
-    # The record cleared: lines 1 and 3's keys are no batch's now, and the jump keyed by hand
+    # The record cleared: lines 1 and 3's keys are not recorded now, and the jump keyed by hand
     # on the line placed before.
-    assert question.startswith("2 line(s) go on frames where SMPL has keys no batch made")
+    assert question.startswith("2 line(s) go on frames where SMPL has keys not keyed from these")
     assert ". 1 line(s) keyed before have root location keys at their frames that " in question
 
 
@@ -2592,8 +2592,8 @@ def test_a_batch_asks_before_replacing_keys_no_batch_made(armature, scripted_ser
     apply_pose(armature, hand, frame=11)  # the animator's key
     apply_pose(armature, hand, frame=15)  # one between the lines: not replaced
     assert sending.replace_keys_question(bpy.context) == (
-        "1 line(s) go on frames where SMPL has keys no batch made (frame 11): they replace "
-        "them (Undo brings them back)"
+        "1 line(s) go on frames where SMPL has keys not keyed from these lines (frame 11): they "
+        "replace them (Undo brings them back)"
     )
     bpy.ops.chatpose.batch_keyframe()
     drive(idle)
@@ -2604,7 +2604,7 @@ def test_a_batch_asks_before_replacing_keys_no_batch_made(armature, scripted_ser
     assert sending.replace_keys_question(bpy.context) == ""
     bpy.context.scene.chatpose.batch_start = 5  # frames 5, 15, 25: the key at 15 is in the way
     assert sending.replace_keys_question(bpy.context).startswith(
-        "1 line(s) go on frames where SMPL has keys no batch made (frame 15)"
+        "1 line(s) go on frames where SMPL has keys not keyed from these lines (frame 15)"
     )
 
 

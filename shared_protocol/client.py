@@ -238,6 +238,13 @@ class Client:
         """Closes the socket; closing again (or after a failed `reset`) does nothing."""
         if self._socket.closed:
             return
+        # Events not read yet first: a socket retrying an address where nothing listens sends
+        # a few a second, and with some two thousand waiting ZeroMQ's I/O thread blocks on the
+        # next, holding the lock that disabling the monitor waits for, and Python's with it
+        # (Blender hung for good on quitting, after five idle minutes without a service).
+        with contextlib.suppress(zmq.ZMQError):
+            while self._monitor.poll(0):
+                self._monitor.recv_multipart(zmq.NOBLOCK)
         with contextlib.suppress(zmq.ZMQError):
             self._socket.disable_monitor()
         self._monitor.close()

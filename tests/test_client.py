@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -42,6 +46,32 @@ def test_a_client_sends_within_its_own_limits_not_the_defaults(context):
     with Client("tcp://127.0.0.1:9", context=context) as client:
         with pytest.raises(ProtocolError, match="256"):
             client.send(BatchRequest(client.new_id(), ("wave",) * 300))
+
+
+def test_closing_after_a_long_wait_with_no_service_there_returns():
+    # A review: a socket retries an address where nothing listens a few times a second, and
+    # its monitor's unread events filled up in five minutes; closing it then hung the process
+    # for good, holding the GIL (Blender on quitting). A subprocess, timed out from outside;
+    # retries every millisecond fill the monitor in a few seconds.
+    code = textwrap.dedent(
+        """
+        import time
+        import zmq
+        from shared_protocol.client import Client
+        context = zmq.Context()
+        context.setsockopt(zmq.RECONNECT_IVL, 1)
+        client = Client("tcp://127.0.0.1:9", context=context)
+        time.sleep(5)
+        client.close()
+        context.term()
+        print("CLOSED")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "CLOSED", result.stderr
 
 
 def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):

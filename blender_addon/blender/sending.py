@@ -51,7 +51,7 @@ def send_pose(
         refuse_chat_turn_yet(scene)
         prefs = get_preferences(context)
         pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
-        messages = history_messages(scene)
+        messages, first = _chat_context(scene, pairs)
         history = chat.history_turns(messages, max_pairs=pairs)
         if too_long := chat.too_long_for_context(messages, max_pairs=pairs):
             context_note = (
@@ -63,7 +63,7 @@ def send_pose(
         elif (index := chat.conversation_image_index(messages, max_pairs=pairs)) is not None:
             label = messages[index].attachment or "image"
             if messages[index].image_kept:
-                message = scene.chatpose.history[index]
+                message = scene.chatpose.history[first + index]
                 images = [history_image(message)]
                 resent_image = (message.image.name, message.image.session_uid)
                 attachment = label  # shown in the history again
@@ -103,6 +103,19 @@ def send_pose(
     what = f"'{prompt}'" if prompt else "the image"
     feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
     return job
+
+
+def _chat_context(scene: bpy.types.Scene, pairs: int) -> tuple[list[chat.Message], int]:
+    """(the chat history's latest messages, enough for a chat turn's context of ``pairs``
+    exchanges; the index of the first of them in the history): reading all of a long chat
+    through Blender's properties took 190 ms for 6,000 messages."""
+    total = len(scene.chatpose.history)
+    last = 4 * pairs + 8
+    while True:
+        messages = history_messages(scene, last=last)
+        if len(messages) == total or chat.holds_context(messages, max_pairs=pairs):
+            return messages, total - len(messages)
+        last *= 2
 
 
 def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:

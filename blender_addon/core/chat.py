@@ -157,6 +157,17 @@ def conversation_image_index(
     return None
 
 
+def holds_context(messages: Sequence[Message], *, max_pairs: int = DEFAULT_MAX_PAIRS) -> bool:
+    """Whether the latest ``messages`` of a history (a tail of it) hold all that a chat turn
+    reads of it: more answered exchanges than ``max_pairs``, so that ``history_turns``,
+    ``too_long_for_context`` and ``conversation_image_index`` stop within them."""
+    answered = sum(
+        first.role == USER and second.role == ASSISTANT
+        for first, second in zip(messages, messages[1:], strict=False)
+    )
+    return answered > _pair_limit(max_pairs)
+
+
 def _pair_limit(max_pairs: int) -> int:
     """``max_pairs``, within 0 and the protocol's history limit (in pairs)."""
     return min(max(0, max_pairs), DEFAULT_LIMITS.max_history_turns // 2)

@@ -150,14 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         return _start_failed(exc)
     # The model's objects (torch's and transformers', some hundred thousand) are never
     # garbage, but every full collection walked them all: a 1 MB request header of nested
-    # lists took the I/O thread 1.2 s to decode, 0.2 s with them frozen.
+    # lists took the I/O thread 1.2 s to decode, 0.2 s with them frozen. Let go at the end:
+    # frozen, cycles that hold a module (bpy's, in a test process) outlive the interpreter.
     gc.freeze()
-    server.attach(backend, backend.info)
-    if parent is not None:
-        parent.serving(server.stop)
-    while io.is_alive():
-        io.join(0.5)  # with a timeout: the signal handlers run between
-    return 0 if io.failure is None else _io_failed(server, io)
+    try:
+        server.attach(backend, backend.info)
+        if parent is not None:
+            parent.serving(server.stop)
+        while io.is_alive():
+            io.join(0.5)  # with a timeout: the signal handlers run between
+        return 0 if io.failure is None else _io_failed(server, io)
+    finally:
+        gc.unfreeze()
 
 
 def _io_failed(server: Server, io: _IoThread) -> int:

@@ -20,7 +20,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
@@ -101,10 +101,19 @@ class ClientCurveKeys:
 
     client_secret_file: Path
     server_public_file: Path
+    # The keys as `loaded` read them: a client made with these uses them, and reads no file
+    # again (which may be slow, on a share, or changed since).
+    keys: tuple[bytes, bytes, bytes] | None = field(default=None, compare=False, repr=False)
+
+    def loaded(self) -> ClientCurveKeys:
+        """These files' keys, read now (ValueError as `load`), kept with them."""
+        return replace(self, keys=self.load())
 
     def load(self) -> tuple[bytes, bytes, bytes]:
         """(the client's public key, its secret key, the server's public key); ValueError
         naming the file that is missing, unreadable or not the key it should be."""
+        if self.keys is not None:
+            return self.keys
         public, secret = _read_key(self.client_secret_file, "client")
         if secret is None:
             raise ValueError(

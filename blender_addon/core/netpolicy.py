@@ -57,6 +57,6 @@ def curve_keys(client_key: str, server_key: str) -> ClientCurveKeys | None:
         raise ValueError(problem)
     if not client_key:
         return None
-    keys = ClientCurveKeys(Path(client_key), Path(server_key))
-    keys.load()  # a bad key would otherwise show only as "no service at ..."
-    return keys
+    # Read now: a bad key would otherwise show only as "no service at ...". Kept: the session
+    # made with them reads no file again.
+    return ClientCurveKeys(Path(client_key), Path(server_key)).loaded()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from blender_addon.core import mannequin, netpolicy, paths, posing, rig_spec, smpl_model, timeline
+from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.rotations import axis_angle_to_matrix
 from shared_protocol.skeleton import (
@@ -390,6 +391,16 @@ def test_curve_keys_are_read_and_named_when_they_cannot_be(tmp_path):
     assert keys.client_secret_file == tmp_path / "animator.key_secret"
     public, secret_key, server_public = keys.load()
     assert len(public) == len(secret_key) == len(server_public) == 40  # Z85 keys
+    # Read once: the session made with them reads no file again (a review: a key file
+    # changed between two reads escaped Send as a traceback; on a slow share each read waits).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("animator.key_secret", "server.key"):
+        (tmp_path / name).rename(moved / name)
+    assert keys.load() == (public, secret_key, server_public)
+    assert keys == ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key")
+    for name in ("animator.key_secret", "server.key"):
+        (moved / name).rename(tmp_path / name)
     with pytest.raises(ValueError, match="set both the Client Key and the Server Key"):
         netpolicy.curve_keys(secret, "")
     with pytest.raises(ValueError, match="the client key .*nope.* cannot be read"):

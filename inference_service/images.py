@@ -222,11 +222,12 @@ _PNG_PIXEL_CHUNK_BYTES = 4096
 def _check_png(data: bytes, field: str) -> list[tuple[int, int]]:
     """Every chunk up to the end, or to an animation's second frame: Pillow reads the ones
     after the pixels too, one by one, but stops there when (by its rules) it is animated.
-    Returns where the compressed text chunks are: Pillow inflates each, up to 64 MB in all
-    (67 KB of them held the server's I/O thread for a third of a second), and the model reads
-    no metadata."""
+    Returns where the compressed text chunks are that Pillow need not read: it inflates each,
+    up to 64 MB in all (67 KB of them held the server's I/O thread for a third of a second),
+    and of their metadata only the first of each that may say the orientation is read."""
     offset, parts, chunks, profiles = 8, 0, 0, 0
     compressed_text = []
+    orientation_kept: set[bytes] = set()
     most_chunks = MAX_HEADER_PARTS + len(data) // _PNG_PIXEL_CHUNK_BYTES
     frames: int | None = None  # acTL's frame count; 0 for a second or an invalid acTL
     frame_before_pixels = False
@@ -255,20 +256,29 @@ def _check_png(data: bytes, field: str) -> list[tuple[int, int]]:
             if profiles > 1:
                 raise BadImageError(f"{field}: more than one colour profile (PNG iCCP chunk)")
         end = offset + 12 + int.from_bytes(data[offset : offset + 4], "big")
-        if _compressed_text(data, offset, end):
+        keyword = _compressed_text_keyword(data, offset, end)
+        if keyword in _ORIENTATION_KEYWORDS and keyword not in orientation_kept:
+            orientation_kept.add(keyword)
+        elif keyword is not None:
             compressed_text.append((offset, end))
         offset = end
     return compressed_text
 
 
-def _compressed_text(data: bytes, offset: int, end: int) -> bool:
-    """Whether the PNG chunk at `offset` is compressed text: a zTXt, or an iTXt whose flag
-    after its keyword says compressed."""
+# Compressed text Pillow reads the orientation from (`getexif`): ImageMagick's EXIF, and XMP.
+_ORIENTATION_KEYWORDS = {b"Raw profile type exif", b"Raw profile type APP1", b"XML:com.adobe.xmp"}
+
+
+def _compressed_text_keyword(data: bytes, offset: int, end: int) -> bytes | None:
+    """The keyword of the PNG chunk at `offset` when it is compressed text (a zTXt, or an
+    iTXt whose flag after its keyword says compressed), else None."""
     kind = data[offset + 4 : offset + 8]
-    if kind == b"zTXt":
-        return True
     keyword_end = data.find(b"\0", offset + 8, end)
-    return kind == b"iTXt" and keyword_end >= 0 and data[keyword_end + 1 : keyword_end + 2] == b"\1"
+    if kind not in (b"zTXt", b"iTXt") or keyword_end < 0:
+        return None
+    if kind == b"iTXt" and data[keyword_end + 1 : keyword_end + 2] != b"\1":
+        return None
+    return data[offset + 8 : keyword_end]
 
 
 # A marker: 0xFF, any fill bytes (more 0xFF), then its code. In a scan's data a 0xFF is

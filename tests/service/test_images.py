@@ -168,7 +168,7 @@ def test_compressed_png_text_is_not_inflated():
     at = png.index(b"IDAT") - 4
     inflating = zlib.compress(b"a" * 2**20, 9)
     text = [png_chunk(b"zTXt", b"k%d\x00\x00" % k + inflating) for k in range(70)]
-    text.append(png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + inflating))
+    text.append(png_chunk(b"iTXt", b"Description\x00\x01\x00\x00\x00" + inflating))
     text.append(png_chunk(b"tEXt", b"Software\x00any"))
     with_text = png[:at] + b"".join(text) + png[at:]
     assert len(with_text) < 100_000
@@ -178,6 +178,28 @@ def test_compressed_png_text_is_not_inflated():
     # What Pillow itself makes of them: every chunk inflated, until it gives up.
     with pytest.raises(ValueError, match="Too much memory used in text chunks"):
         Image.open(io.BytesIO(with_text)).load()
+
+
+@pytest.mark.parametrize("where", ["ImageMagick's EXIF", "compressed XMP"])
+def test_a_png_s_orientation_in_compressed_text_is_still_read(where):
+    # A review: cutting every compressed text chunk laid such a portrait on its side.
+    landscape = image_bytes((200, 0, 0), size=(80, 40))
+    at = landscape.index(b"IDAT") - 4
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown a quarter turn clockwise
+    if where == "ImageMagick's EXIF":
+        raw = f"\nexif\n{len(exif.tobytes()):8d}\n{exif.tobytes().hex()}\n".encode()
+        body = b"Raw profile type exif\x00\x00" + zlib.compress(raw)
+        kind = b"zTXt"
+    else:
+        xmp = (
+            b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+            b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+            b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+        )
+        body, kind = b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(xmp), b"iTXt"
+    tagged = landscape[:at] + png_chunk(kind, body) + landscape[at:]
+    assert decode_image(tagged).size == (40, 80)
 
 
 def test_a_phone_s_portrait_reaches_the_model_standing(monkeypatch):

@@ -69,7 +69,7 @@ STALLED_CLIENT_S = 120.0
 # reads none would grow the service's memory, and every turn of the I/O loop, without bound.
 # A batch is at most 256 replies; a client that reads at all never comes near.
 MAX_HELD_REPLIES = 10_000
-RECEIVE_AHEAD = 64
+RECEIVE_AHEAD = 8
 _instances = itertools.count()
 
 
@@ -330,7 +330,8 @@ class Server:
         self._router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
         # Requests read off each connection ahead of the I/O thread, at most (libzmq's default
         # is 1,000, each up to 9 frames of 16 MiB): a client sending more waits in its own
-        # queue, not in the service's memory.
+        # queue, not in the service's memory (60 requests of 16 MiB behind a busy I/O thread
+        # took 1 GB; now 128 MB). A client has a few in flight: a request, a status, a cancel.
         self._router.rcvhwm = RECEIVE_AHEAD
         self._router.linger = 1000
         self._router.ipv6 = is_ipv6(bind)

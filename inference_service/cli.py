@@ -364,6 +364,8 @@ def _status(args: argparse.Namespace) -> int:
 def _pose(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.local:
         raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
+    if args.wait is not None and args.local:
+        raise CommandError(EXIT_USAGE, "--wait waits for a service; --local needs none")
     try:
         args.text.encode("utf-8")
     except UnicodeEncodeError:  # Python keeps a non-UTF-8 argument's bytes as surrogates

@@ -325,19 +325,35 @@ class Client:
         loading is waited for as long as it takes, a 13B model takes minutes, and each `busy`
         message goes to `loading`, to say so), or
         ProtocolError(unreachable) once `gone()` says why it never will (a service process
-        that exited) or at once on a HandshakeRefused; any other error reply as a
-        ProtocolError of its code."""
+        that exited), when nothing listened there all the time, or at once on a
+        HandshakeRefused; any other error reply as a ProtocolError of its code."""
         deadline = time.monotonic() + timeout_s
+        reached = False
         while True:
             why = gone()
             if why:
                 raise ProtocolError(ErrorCode.UNREACHABLE, why)
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0 and not reached:
+                raise ProtocolError(
+                    ErrorCode.UNREACHABLE,
+                    f"no service at {self.address} within {timeout_s:g} s; is chatpose-serve "
+                    "running?",
+                )
+            if left <= 0:
                 raise ProtocolError(
                     ErrorCode.TIMEOUT, f"{self.address} did not serve within {timeout_s:g} s"
                 )
+            if not self.wait_connected(min(left, 0.2)):  # not past the time given
+                if self.refusal:
+                    raise HandshakeRefused(
+                        ErrorCode.UNREACHABLE,
+                        f"{self.address} refused the connection: {self.refusal}",
+                    )
+                continue
+            reached = True
             try:
-                reply = self.request(StatusRequest(self.new_id()), timeout_s=2.0)
+                reply = self.request(StatusRequest(self.new_id()), timeout_s=min(2.0, left))
             except HandshakeRefused:
                 raise
             except ProtocolError as exc:

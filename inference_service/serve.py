@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # garbage, but every full collection walked them all: a 1 MB request header of nested
     # lists took the I/O thread 1.2 s to decode, 0.2 s with them frozen. Let go at the end:
     # frozen, cycles that hold a module (bpy's, in a test process) outlive the interpreter.
+    gc.collect()  # what loading left as garbage is freed, not frozen with the rest
     gc.freeze()
     try:
         server.attach(backend, backend.info)

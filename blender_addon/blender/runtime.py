@@ -252,9 +252,9 @@ def unregister() -> None:
     if stopped is not None and stopped.keyed:  # else undo, then redo, loses its keys
         feedback.push_undo("batch")
         print(
-            f"ChatPose: the batch from {stopped.source} stopped (the add-on was disabled): "
-            f"{stopped.keyed} lines keyed on {stopped.armature}, {stopped.remaining} still to "
-            "key; run Batch Keyframe again for the rest"
+            f"ChatPose: the batch from {stopped.source} stopped (the add-on was disabled, or "
+            f"Blender quit): {stopped.keyed} lines keyed on {stopped.armature}, "
+            f"{stopped.remaining} still to key; Batch Keyframe keys the rest"
         )
     # Answers not applied: their prompts are kept, to send again; in an undo step of their
     # own, which also marks a file saved just before as changed.

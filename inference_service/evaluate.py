@@ -893,21 +893,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         nargs="+",
+        action="append",
         metavar="WORD",
         required=True,
         help="FORMAT PATH [KEY=VALUE ...]: corpus CORPUS.npz, the synthetic corpus "
         "(baselines fit on its train split); or any format `python -m inference_service.train "
         "--data` reads (posescript, pairs, llava), with its options: posescript CAPTIONS.json "
         "poses=POSES.npz ids=TEST_IDS.json, "
-        "say (asked in the service's own words unless phrasing= says otherwise)",
+        "say (asked in the service's own words unless phrasing= says otherwise); given "
+        "again, the examples of each (not with corpus)",
     )
     parser.add_argument(
         "--fit",
         nargs="+",
+        action="append",
         metavar="WORD",
         help="FORMAT PATH [KEY=VALUE ...], with --data other than corpus: the data the model "
         "trained on, to fit the mean pose and TF-IDF baselines on (else the mean of the scored "
-        "poses themselves)",
+        "poses themselves); given again, on all of them; corpus CORPUS.npz split=train too",
     )
     parser.add_argument(
         "--pairs", type=user_path, help="a render_pairs output directory (images), or its pairs.npz"
@@ -945,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from inference_service.checkpoint import work_offline
 
     work_offline()  # before transformers is imported: no request to the Hub, ever
-    data, fit = _data_specs(parser, args)
+    specs, fit = _data_specs(parser, args)
     markdown = args.markdown or args.out.with_suffix(".md")
     # os.path.isdir: a name too long for the disk is no folder (Path's raises), and is said below.
     if args.out.suffix != ".json" or os.path.isdir(args.out):
@@ -971,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with stops_as_interrupts():  # a closed terminal, `kill`: said as Ctrl-C is
-            report = _evaluated(args, data, fit)
+            report = _evaluated(args, specs, fit)
     except KeyboardInterrupt:
         print("interrupted; no report was written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -1007,20 +1010,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _data_specs(
     parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[DataSpec, DataSpec | None]:
-    """--data and --fit, checked with the options that go with their formats."""
+) -> tuple[list[DataSpec], list[DataSpec]]:
+    """--data and --fit, each given once or more, checked with the options that go with their
+    formats."""
     try:
-        data = parse_data_spec(args.data)
-        fit = parse_data_spec(args.fit) if args.fit else None
+        specs = [parse_data_spec(words) for words in args.data]
+        fit = [parse_data_spec(words) for words in args.fit or ()]
     except ValueError as exc:
         parser.error(str(exc))
-    if data.format == "corpus":
+    data = specs[0]
+    if any(spec.format == "corpus" for spec in specs):
+        if len(specs) > 1:
+            parser.error("--data corpus CORPUS.npz is scored alone: give it without other --data")
         if data.options:  # the corpus's own options are the ones below
             parser.error("--data corpus CORPUS.npz takes no KEY=VALUE: --split picks the split")
-        if fit is not None:
+        if fit:
             parser.error("--fit goes with other --data than corpus: a corpus fits on its train")
         args.split = args.split or "test"
-        return data, None
+        return specs, []
     for option, given in (
         ("--pairs", args.pairs),
         ("--caption-oracle", args.caption_oracle),
@@ -1031,23 +1038,35 @@ def _data_specs(
                 f"{option} goes with --data corpus; --data {data.format} picks its examples "
                 "with its own options (posescript: ids=SPLIT_IDS.json)"
             )
-    if fit is not None and fit.format == "corpus":
-        parser.error("--fit corpus: give --data corpus to score a corpus; --fit reads the others")
-    return data, fit
+    return specs, fit
 
 
-def _read_examples(spec: DataSpec, wording: str, limit: int | None = None) -> list[Example]:
-    """A spec's examples, asked in the service's own words (`wording`, the checkpoint's) unless
-    its phrasing= says otherwise."""
-    if "phrasing" in FORMAT_OPTIONS[spec.format]:
-        spec = dataclasses.replace(spec, options={"phrasing": "release", **spec.options})
-    return load_data(spec, wording=wording)[:limit]
+def _read_examples(
+    specs: Sequence[DataSpec], wording: str, limit: int | None = None
+) -> list[Example]:
+    """The specs' examples, the first `limit` of them, asked in the service's own words
+    (`wording`, the checkpoint's) unless a spec's phrasing= says otherwise."""
+    examples: list[Example] = []
+    for spec in specs:
+        if "phrasing" in FORMAT_OPTIONS[spec.format]:
+            spec = dataclasses.replace(spec, options={"phrasing": "release", **spec.options})
+        left = None if limit is None else limit - len(examples)
+        if left == 0:
+            break
+        examples += load_data(spec, wording=wording, limit=left)
+    return examples
 
 
-def _evaluated(args: argparse.Namespace, data: DataSpec, fit: DataSpec | None) -> dict:
+def _described(specs: Sequence[DataSpec]) -> str:
+    """What a report says it measured: the specs with absolute paths."""
+    return " + ".join(spec.absolute().describe() for spec in specs)
+
+
+def _evaluated(args: argparse.Namespace, specs: list[DataSpec], fit: list[DataSpec]) -> dict:
     """`evaluate` or `evaluate_examples` as the command asked for it, the report saying what
     it measured: absolute paths, the limit, device and quantization, and when."""
     quantization = {"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit}
+    data = specs[0]
     if data.format == "corpus":
         report = evaluate(
             args.checkpoint,
@@ -1065,7 +1084,7 @@ def _evaluated(args: argparse.Namespace, data: DataSpec, fit: DataSpec | None) -
         from inference_service.checkpoint import Checkpoint
 
         config = Checkpoint.open(args.checkpoint).config
-        examples = _read_examples(data, config.prompt_wording, args.limit)
+        examples = _read_examples(specs, config.prompt_wording, args.limit)
         for example in examples:  # before the model loads: minutes for a large one
             if len(example.images) > config.max_images:
                 raise ValueError(
@@ -1075,9 +1094,9 @@ def _evaluated(args: argparse.Namespace, data: DataSpec, fit: DataSpec | None) -
         report = evaluate_examples(
             args.checkpoint,
             examples,
-            data=data.describe(),
-            fit=_read_examples(fit, config.prompt_wording) if fit else (),
-            fit_data=fit.describe() if fit else None,
+            data=_described(specs),
+            fit=_read_examples(fit, config.prompt_wording),
+            fit_data=_described(fit) if fit else None,
             batch_size=args.batch_size,
             device=args.device,
             quantization=quantization,

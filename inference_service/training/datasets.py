@@ -1319,6 +1319,15 @@ class DataSpec:
         extra = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.format} {self.path}{extra}"
 
+    def absolute(self) -> DataSpec:
+        """The spec with its paths made absolute: what a report records, to be traced back
+        from anywhere."""
+        options = {
+            key: str(Path(value).resolve()) if key in _PATH_OPTIONS else value
+            for key, value in self.options.items()
+        }
+        return DataSpec(self.format, str(Path(self.path).resolve()), options)
+
 
 # format -> the options it takes (beyond "phrasing" for pose formats)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -1374,17 +1383,20 @@ def parse_data_spec(words: Sequence[str]) -> DataSpec:
     return DataSpec(fmt, path, options)
 
 
-def load_data(spec: DataSpec, seed: int = 0, wording: str = "paper") -> list[Example]:
+def load_data(
+    spec: DataSpec, seed: int = 0, wording: str = "paper", limit: int | None = None
+) -> list[Example]:
     """Read the examples one `DataSpec` names, the service's questions in `wording` (the base
-    checkpoint's); DatasetError if the files are malformed or hold none (a file given for
-    training that adds nothing is a mistake to say, not to skip)."""
-    examples = _read_spec(spec, seed, wording)
+    checkpoint's), the first `limit` of them (image pairs past it are not read); DatasetError
+    if the files are malformed or hold none (a file given for training that adds nothing is a
+    mistake to say, not to skip)."""
+    examples = _read_spec(spec, seed, wording, limit)[:limit]
     if not examples:
         raise DatasetError(f"--data {spec.describe()}: holds no examples")
     return examples
 
 
-def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
+def _read_spec(spec: DataSpec, seed: int, wording: str, limit: int | None) -> list[Example]:
     options = spec.options
     phrasing = options.get("phrasing", "mixed")
     if phrasing not in PHRASING_MODES:
@@ -1415,6 +1427,7 @@ def _read_spec(spec: DataSpec, seed: int, wording: str) -> list[Example]:
             phrasing=phrasing,
             seed=seed,
             wording=wording,
+            limit=limit,
         )
     if spec.format == "llava":
         return read_llava_conversations(

@@ -438,6 +438,17 @@ def test_image_pose_pairs(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(examples[1].pose, POSES[1])
 
 
+def test_image_pairs_past_a_limit_are_not_read(tmp_path):
+    # A review: evaluate --limit 2 read (and refused) a broken image at frame 11.
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    names = np.array(["a.png", "a.png", "broken.png"])
+    spec = parse_data_spec(["pairs", str(write_npz(tmp_path / "p.npz", POSES[:3], images=names))])
+    assert len(load_data(spec, limit=2)) == 2
+    with pytest.raises(DatasetError, match=r"frame 2: .*broken\.png"):
+        load_data(spec)
+
+
 def test_read_images_are_files_read_again_when_used(tmp_path):
     # A run holds the images' names, not their bytes (tens of GB at the paper's scale).
     for name in ("a.png", "b.png", "c.png"):

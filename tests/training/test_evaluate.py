@@ -352,7 +352,7 @@ def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
         (["posescript", "c.json", "poses=p.npz"], ["--split", "val"], "--split goes with --data "
          "corpus; --data posescript picks its examples with its own options"),
         (["llava", "c.json"], ["--pairs", "pairs"], "--pairs goes with --data corpus"),
-        (["llava", "c.json"], ["--fit", "corpus", "corpus.npz"], "--fit corpus: give --data"),
+        (["corpus", "corpus.npz"], ["--data", "llava", "c.json"], "is scored alone"),
     ],
 )  # fmt: skip
 def test_bad_data_options_are_refused(tiny, capsys, data, extra, message):
@@ -401,6 +401,25 @@ def test_any_training_data_is_scored_against_the_data_the_model_trained_on(tiny,
     assert markdown.startswith(f"Checkpoint `{checkpoint.resolve()}` on `posescript ")
     assert ", its first 5 examples, the baselines fitted on `posescript " in markdown
     assert "### Poses (5 in 5 examples)" in markdown and "| text_to_pose | 5 | TF-IDF" in markdown
+    # --data and --fit given again: all of them (a second one replaced the first, silently); a
+    # corpus's split to fit on too; the paths recorded absolute, to be found from anywhere.
+    more = _posescript(tmp_path / "more", [r for r in records if r.split == "val"][:3])
+    relative = [more[0], os.path.relpath(more[1]), *more[2:]]
+    code = ev.main(["--checkpoint", str(checkpoint), "--data", *test, "--data", *relative,
+                    "--fit", "corpus", str(root / "corpus.npz"), "split=train",
+                    "--out", str(out), "--limit", "8"])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text(), parse_constant=_no_nan)
+    assert report["examples"] == 8 and report["data"] == " ".join(test) + " + " + " ".join(more)
+    assert report["fit"] == f"corpus {root / 'corpus.npz'} split=train"
+    text = report["poses"]["by_kind"]["text_to_pose"]
+    assert text["mean_pose"] != pytest.approx(expected)  # other poses scored
+    true = np.stack(
+        [r.pose for r in records if r.split == "test"][:6]
+        + [r.pose for r in records if r.split == "val"][:2]
+    )
+    corpus_mean = np.broadcast_to(mean_pose(fit_poses), true.shape)
+    assert text["mean_pose"] == pytest.approx(ev._metrics(corpus_mean, true))
 
 
 def test_without_fit_data_the_mean_pose_is_the_scored_poses_own_and_said_so(tiny, tmp_path):

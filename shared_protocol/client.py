@@ -71,7 +71,9 @@ HANDSHAKE_REFUSALS = {
 # After these ZeroMQ does not try that connection again: the socket stays without one.
 _FINAL_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 # EVENT_CLOSED: a connection attempt failed (nothing listens): an earlier refusal is old news.
-_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+_MONITORED = (
+    zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+)
 for _event in HANDSHAKE_REFUSALS:
     _MONITORED |= _event
 
@@ -177,6 +179,7 @@ class Client:
         sock.ipv6 = is_ipv6(self.address)
         self._monitor = sock.get_monitor_socket(_MONITORED)
         self._connected = False
+        self._reached = False  # a TCP connection is open, handshaken or not
         self._drops = 0  # connections lost: replies still owed on them never come
         self._refusal_event: int | None = None  # the HANDSHAKE_REFUSALS event of the last one
         try:
@@ -213,15 +216,39 @@ class Client:
             return None
         return HANDSHAKE_REFUSALS[self._refusal_event][self._keys is None]
 
+    @property
+    def silent_listener(self) -> bool:
+        """Whether something took the connection but has not answered ZeroMQ's handshake:
+        another program (a web server) on the port, not chatpose-serve."""
+        self._read_monitor()
+        return self._reached and not self._connected
+
+    def no_service_message(self, waited_s: float) -> str:
+        """What to say when no connection came within `waited_s`."""
+        if self.silent_listener:
+            return (
+                f"something listens at {self.address} but did not answer as chatpose-serve "
+                f"within {waited_s:g} s (another program holds that port?)"
+            )
+        return (
+            f"no service at {self.address} (no connection within {waited_s:g} s); is "
+            "chatpose-serve running?"
+        )
+
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event in HANDSHAKE_REFUSALS:
                 self._refusal_event = event
                 continue
+            if event == zmq.EVENT_CONNECTED:
+                self._reached = True
+                continue
             if event == zmq.EVENT_CLOSED:
                 self._refusal_event = None
+                self._reached = False
                 continue
+            self._reached &= event != zmq.EVENT_DISCONNECTED
             # Only a connection that completed its handshake carried requests: one refused
             # at the handshake (wrong CURVE keys) is no service, not a service gone away.
             self._drops += event == zmq.EVENT_DISCONNECTED and self._connected
@@ -335,11 +362,7 @@ class Client:
                 raise ProtocolError(ErrorCode.UNREACHABLE, why)
             left = deadline - time.monotonic()
             if left <= 0 and not reached:
-                raise ProtocolError(
-                    ErrorCode.UNREACHABLE,
-                    f"no service at {self.address} within {timeout_s:g} s; is chatpose-serve "
-                    "running?",
-                )
+                raise ProtocolError(ErrorCode.UNREACHABLE, self.no_service_message(timeout_s))
             if left <= 0:
                 raise ProtocolError(
                     ErrorCode.TIMEOUT, f"{self.address} did not serve within {timeout_s:g} s"
@@ -376,7 +399,7 @@ class Client:
         absent."""
         connect_s = CONNECT_TIMEOUT_S
         if not self.wait_connected(connect_s):
-            refusal = self.refusal
+            refusal, unreached = self.refusal, self.no_service_message(connect_s)
             self.reset()
             if refusal:
                 raise HandshakeRefused(
@@ -386,11 +409,7 @@ class Client:
                     op=request.op,
                 )
             raise ProtocolError(
-                ErrorCode.UNREACHABLE,
-                f"no service at {self.address} (no connection within {connect_s:g} s); "
-                "is chatpose-serve running?",
-                request_id=request.id,
-                op=request.op,
+                ErrorCode.UNREACHABLE, unreached, request_id=request.id, op=request.op
             )
         drops = self.drops
         self.send(request)

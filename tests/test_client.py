@@ -74,6 +74,24 @@ def test_closing_after_a_long_wait_with_no_service_there_returns():
     assert result.stdout.strip() == "CLOSED", result.stderr
 
 
+def test_another_program_on_the_port_is_told_from_no_service(context):
+    # A review: a web server on the port was "no service at ...; is chatpose-serve running?",
+    # while chatpose-serve said the address was in use: a newcomer went round in a circle.
+    import socket
+
+    with socket.socket() as listener:  # takes connections, says nothing (as HTTP waits)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        with Client(address, context=context) as client:
+            with pytest.raises(ProtocolError) as silent:
+                client.request(StatusRequest(client.new_id()), timeout_s=1.0)
+    assert silent.value.code == ErrorCode.UNREACHABLE
+    assert silent.value.message.startswith(
+        f"something listens at {address} but did not answer as chatpose-serve within 2 s"
+    )
+
+
 def test_closing_twice_or_on_leaving_a_with_block_is_harmless(context):
     with Client("tcp://127.0.0.1:9", context=context) as client:
         client.close()
@@ -237,7 +255,7 @@ def test_waiting_for_a_service_ends_when_it_is_gone_or_the_time_is_up(context):
         # Nothing listened all the time: no service, as a request says; within the time given
         # (a status request's own 2 s wait overshot it).
         assert late.value.code == ErrorCode.UNREACHABLE
-        assert "no service at tcp://127.0.0.1:9 within 0.5 s" in late.value.message
+        assert "no service at tcp://127.0.0.1:9 (no connection within 0.5 s)" in late.value.message
         assert time.monotonic() - started < 1.5
 
 

@@ -271,6 +271,12 @@ class Session:
                         f"{self.address} refused the connection: {refusal} (the Client Key and "
                         "the Server Key in the add-on's preferences)"
                     )
+                elif self._client.silent_listener:
+                    message = (
+                        f"something listens at {self.address} but does not answer as "
+                        "chatpose-serve: another program holds that port? (the address is set "
+                        "in the add-on's preferences)"
+                    )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"
                     message = (

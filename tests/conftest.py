@@ -43,3 +43,11 @@ def read_only(monkeypatch):
         monkeypatch.setattr(os, "access", denied)
 
     return make
+
+
+def pytest_runtest_makereport(item, call):
+    """A Ctrl-C that lands inside a Blender operator comes out as the test's RuntimeError
+    (bpy turns the KeyboardInterrupt into one): the run stops there, as at any other Ctrl-C,
+    not at the end of the suite."""
+    if call.excinfo is not None and "KeyboardInterrupt" in str(call.excinfo.value):
+        item.session.shouldstop = "interrupted (Ctrl-C inside a Blender operator)"

@@ -23,6 +23,7 @@ NUMPY2_TESTS := tests/test_pose.py tests/test_protocol.py tests/test_protocol_fu
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
+	@command -v $(PYTHON) > /dev/null || { echo "make: $(PYTHON) not found: install Python 3.11 (bpy 4.5 needs it), or name one with PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	index="$(TORCH_INDEX)"; \
 	if [ -z "$$index" ] && [ -n "$(CONSTRAINTS)" ] && [ "$$(uname -s)" = Linux ]; then \

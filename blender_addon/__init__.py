@@ -127,6 +127,13 @@ def _shadowed_shared_protocol() -> str | None:
             "extension or ask its makers to rename their package"
         )
     folder = os.path.dirname(os.path.dirname(imported))
+    if os.path.isfile(os.path.join(folder, "pyproject.toml")):
+        return (
+            f"ChatPose brings its own shared_protocol ({ours.version}), but Blender's Python "
+            f"imports the one of a source checkout, {folder}, which is on its path (PYTHONPATH, "
+            "or the folder Blender was started in): start Blender from another folder, or "
+            "without that PYTHONPATH"
+        )
     return (
         f"ChatPose brings its own shared_protocol ({ours.version}), but Blender's Python "
         f"imports another copy, from {folder}, which comes first on its path (one installed "

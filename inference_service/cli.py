@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=120.0,
         metavar="S",
-        help="seconds to wait for an answer",
+        help="seconds to wait for an answer (default 120)",
     )
     return parser
 
@@ -286,9 +286,10 @@ def missing_service_package(exc: ModuleNotFoundError) -> str:
     """What to say when the model's packages are not installed."""
     module = (exc.name or "").partition(".")[0]
     package = _PACKAGE_OF_MODULE.get(module, module)
+    others = ", ".join(p for p in ("torch", "transformers", "pillow") if p != package)
     return (
         f"this runs the model here, which needs the '{package}' package and the service's "
-        "others (torch, transformers, pillow): in the project's folder, pip install "
+        f"others ({others}): in the project's folder, pip install "
         "'.[service]' (a client-only install has status, pose and batch against a running "
         "service)"
     )

@@ -415,17 +415,17 @@ def test_zip_installs_as_an_extension(built, tmp_path):
     assert "(shared_protocol/__init__.py): another extension" in refusal
 
 
-@pytest.mark.parametrize("pip_installed", [True, False], ids=["pip", "a-bare-folder"])
-def test_an_older_shared_protocol_in_blenders_python_is_named_not_used(
-    built, tmp_path, pip_installed
-):
+@pytest.mark.parametrize("kind", ["pip", "a-bare-folder", "a-checkout"])
+def test_an_older_shared_protocol_in_blenders_python_is_named_not_used(built, tmp_path, kind):
     """A copy pip-installed into Blender's own Python (as a legacy install has it), or a
     folder on PYTHONPATH, comes before the extension's wheels on sys.path: the add-on ran on
     its old code, unseen."""
     stale = tmp_path / "site-packages"
     (stale / "shared_protocol").mkdir(parents=True)
     (stale / "shared_protocol" / "__init__.py").write_text('__version__ = "0.0.1"\n')
-    if pip_installed:
+    if kind == "a-checkout":  # Blender started in a clone of the project (its folder on the path)
+        (stale / "pyproject.toml").write_text("[project]\nname = 'chatpose-blender'\n")
+    if kind == "pip":
         dist_info = stale / "chatpose_shared_protocol-0.0.1.dist-info"
         dist_info.mkdir()
         (dist_info / "METADATA").write_text(
@@ -455,6 +455,9 @@ def test_an_older_shared_protocol_in_blenders_python_is_named_not_used(
     output = proc.stdout + proc.stderr
     assert "NOT-ENABLED" in proc.stdout, output
     refusal = proc.stdout.split("REFUSED: ")[1]
+    if kind == "a-checkout":
+        assert f"imports the one of a source checkout, {stale}, which is on its path" in refusal
+        return
     assert "but Blender's Python imports another copy, from " + str(stale) in refusal, output
     assert "-m pip uninstall chatpose-shared-protocol` if pip installed it), then" in refusal
 

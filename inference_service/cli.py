@@ -72,6 +72,10 @@ LOCAL_ID = "local"  # the request id of --local's replies: no service numbered t
 # A batch's answers are also written this often while it runs, so that one killed outright
 # keeps them (_SavedProgress).
 PROGRESS_SAVE_S = 30.0
+# How often a batch whose stderr is a log, not a terminal, says how far it is: a farm's log
+# showed nothing for hours.
+PROGRESS_LOG_S = 30.0
+_progress_log_due = [0.0]
 
 _EXIT_FOR_CODE = {
     ErrorCode.UNREACHABLE: EXIT_UNREACHABLE,
@@ -473,6 +477,7 @@ def _batch(args: argparse.Namespace) -> int:
     out_existed = args.out.exists()
     progress_path = _batch_destination(args.out, False, False, resumed_from, out_existed)
     saved = _SavedProgress(progress_path, earlier)
+    _progress_log_due[0] = time.monotonic() + PROGRESS_LOG_S
     finished = stopped = False
     try:
         with contextlib.ExitStack() as stack:
@@ -997,7 +1002,12 @@ def _print_pose_reply(reply: PoseReply) -> None:
 
 
 def _progress(done: int, total: int) -> None:
-    if not _on_terminal():  # a log file gets the summary alone, not a line per answer
+    """A progress bar on a terminal; in a log, a line every PROGRESS_LOG_S, not one an answer."""
+    if not _on_terminal():
+        now = time.monotonic()
+        if now >= _progress_log_due[0]:
+            _report(f"chatpose batch: {done} of {total} lines answered")
+            _progress_log_due[0] = now + PROGRESS_LOG_S
         return
     width = 30
     filled = width * done // total

@@ -574,6 +574,20 @@ def test_a_batch_cut_short_keeps_an_out_another_run_wrote_meanwhile(
     assert (said in err) == saves_progress
 
 
+def test_a_batch_logged_to_a_file_says_how_far_it_is_now_and_then(
+    address, capsys, tmp_path, monkeypatch
+):
+    # A review: with stderr a log, not a terminal, a batch said nothing for hours.
+    _, _, argv = shots(tmp_path, "wave\nsit\nbow\n", address)
+    assert run(capsys, *argv)[2].count("lines answered") == 0  # short: the summary alone
+    monkeypatch.setattr(cli, "PROGRESS_LOG_S", 0.0)
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_OK
+    assert [line for line in err.splitlines() if "lines answered" in line] == [
+        f"chatpose batch: {k} of 3 lines answered" for k in (1, 2, 3)
+    ]
+
+
 def test_a_resumed_batch_saves_its_progress_only_once_it_has_new_answers(
     address, capsys, tmp_path, monkeypatch
 ):

@@ -285,6 +285,9 @@ def _last_checkpoint(out: Path) -> str:
         latest = latest_checkpoint(out) if out.is_dir() else None
     except TrainingError:
         latest = None
+    if latest is None and out.is_dir() and any(out.iterdir()):
+        # Its log would refuse the same command again: said now.
+        return f"no checkpoint was saved yet (delete {out} to start again, or choose another --out)"
     if latest is None:
         return "no checkpoint was saved yet"
     return f"the last checkpoint is {latest}; --resume continues from it"

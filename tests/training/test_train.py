@@ -992,6 +992,15 @@ def test_a_stop_names_the_checkpoint_to_resume_from(base, tmp_path, monkeypatch,
     assert "Traceback" not in err
 
 
+def test_a_stop_before_the_first_checkpoint_says_how_to_start_again(tmp_path):
+    # A review: the folder's log refused the same command again, which only then said why.
+    assert train_cli._last_checkpoint(tmp_path / "never made") == "no checkpoint was saved yet"
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert train_cli._last_checkpoint(tmp_path) == (
+        f"no checkpoint was saved yet (delete {tmp_path} to start again, or choose another --out)"
+    )
+
+
 def test_a_resume_forgets_the_logged_steps_it_will_run_again(tmp_path):
     lines = [json.dumps({"step": s, "loss": 0.1}) for s in range(1, 8)]
     (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')

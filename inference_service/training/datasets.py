@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -698,6 +699,11 @@ def _in_body_frame(
     return z_up_to_y_up_zero_yaw(poses) if z_up and len(poses) else poses
 
 
+# A pose marker mistyped (its case, spaces): read as chat text, it would train the model to
+# write it.
+_NEAR_MARKER = re.compile(r"<\s*pose\s*>", re.IGNORECASE)
+
+
 def _says_z_up(arrays: Mapping[str, np.ndarray], path: Path) -> bool | None:
     """Whether a pose file says it is Z-up (`up_axis`, as `Motion.save_npz` writes it); None
     when it does not say."""
@@ -1122,6 +1128,10 @@ def read_llava_conversations(
         ):
             raise DatasetError(f"{where}: 'image' must be a file name or a list of file names")
         turns = _llava_turns(record.get("conversations"), where, images=len(image_names))
+        near = [m[0] for _, answer in turns for m in _NEAR_MARKER.finditer(answer)]
+        if any(found != POSE_MARKER for found in near):  # it would train as chat text
+            found = next(found for found in near if found != POSE_MARKER)
+            raise DatasetError(f"{where}: a gpt turn holds {found!r}, not the marker {POSE_MARKER}")
         markers = sum(answer.count(POSE_MARKER) for _, answer in turns)
         targets: list[np.ndarray] = []
         if markers:

@@ -782,6 +782,8 @@ def _conv(*turns, **fields):
         (_conv("hi", "yo", " ", "x", id="a"), "turn 2: empty human message"),
         (_conv("hi <POSE>", "yo", id="a"), r"turn 0: <POSE> in a human turn"),
         (_conv("hi", "it is <POSE>.", id="a"), "contain <POSE> but no poses file"),
+        (_conv("hi", "it is <pose>.", id="a"), r"a gpt turn holds '<pose>', not the marker <POSE>"),
+        (_conv("hi", "< POSE >", id="a"), r"holds '< POSE >', not the marker"),
         (
             _conv("<image>\nhi", "yo", id="a", image="missing.png"),
             "image file .*missing.png not found",

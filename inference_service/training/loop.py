@@ -1015,10 +1015,10 @@ def _resume_point(config: TrainConfig, checkpoint: Checkpoint) -> Path | None:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
             raise TrainingError(f"--resume: {out} holds no checkpoint to resume from")
-    elif out.is_dir() and any(_run_files(out)):
+    elif out.is_dir() and ((out / CONFIG_NAME).is_file() or any(_run_files(out))):
         # A run's files, even of one stopped before its first checkpoint: its base/ copy
-        # would otherwise be taken for this run's --base.
-        files = ", ".join(sorted(_run_files(out)))
+        # would otherwise be taken for this run's --base. A checkpoint (a run's step-N too).
+        files = ", ".join(sorted(_run_files(out))) or CONFIG_NAME
         base = config.base.expanduser().resolve()
         if out.expanduser().resolve() in (base, *base.parents):
             raise TrainingError(

@@ -800,6 +800,13 @@ def test_an_out_that_holds_the_base_is_refused_without_being_called_a_stopped_ru
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'copy'} is a checkpoint (it holds chatpose.json)" in err
     assert "delete" not in err
+    # A run's own step-N checkpoint (an adapter, no base/): a run nested in it was made, which
+    # the outer run's --keep-last could delete later (the training review).
+    run = tmp_path / "run"
+    assert train_cli.main(["--base", str(base), "--out", str(run), *common]) == 0
+    step = next(run.glob("step-*"))
+    assert train_cli.main(["--base", str(base), "--out", str(step), *common]) == 2
+    assert f"--out {step} is a checkpoint (it holds chatpose.json)" in capsys.readouterr().err
 
 
 def test_copy_base_into_a_folder_inside_the_base_is_refused_before_anything_is_copied(

@@ -67,6 +67,7 @@ EXIT_BAD_INPUT = 4
 EXIT_UNREACHABLE = 5
 EXIT_TIMEOUT = 6
 EXIT_SERVICE_ERROR = 7
+EXIT_BUSY = 8  # worth asking again later, unlike 7
 EXIT_CLOSED_OUTPUT = 141  # the shell's code for SIGPIPE: stdout closed (`| head`)
 LOCAL_ID = "local"  # the request id of --local's replies: no service numbered them
 # A batch's answers are also written this often while it runs, so that one killed outright
@@ -80,6 +81,7 @@ _progress_log_due = [0.0]
 _EXIT_FOR_CODE = {
     ErrorCode.UNREACHABLE: EXIT_UNREACHABLE,
     ErrorCode.TIMEOUT: EXIT_TIMEOUT,
+    ErrorCode.BUSY: EXIT_BUSY,
     **{
         code: EXIT_BAD_INPUT
         for code in (
@@ -101,8 +103,10 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_BAD_INPUT}  bad input: a prompt, image or file the service (or this command) refused
   {EXIT_UNREACHABLE}  no service at the address
   {EXIT_TIMEOUT}  the service did not answer in time
-  {EXIT_SERVICE_ERROR}  the service failed (model error, busy, shutting down, cancelled), or gave
-      no pose for --out
+  {EXIT_SERVICE_ERROR}  the service failed (model error, shutting down, cancelled), or gave no
+      pose for --out
+  {EXIT_BUSY}  the service is busy (other users' work fills its queue, or its model is still
+      loading): ask again later, or with --wait
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM, SIGHUP, Ctrl+Break); a batch writes what was
       answered
   {EXIT_CLOSED_OUTPUT}  stdout closed early (`| head`); --out was written before printing"""

@@ -94,7 +94,7 @@ def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
     thread.start()
     try:
         code, _, err = run(capsys, "pose", "wave", "--address", server.address)
-        assert code == cli.EXIT_SERVICE_ERROR and "the model is still loading" in err
+        assert code == cli.EXIT_BUSY and "the model is still loading" in err  # to ask again
         threading.Timer(1.0, server.attach, (backend, backend.info)).start()
         code, out, _ = run(capsys, "pose", "wave", "--address", server.address, "--wait", "30")
         assert code == cli.EXIT_OK and "pose 1 of 1" in out

@@ -20,9 +20,9 @@ import bpy
 from shared_protocol.pose import Pose
 
 from ..core.batch_record import (
-    RECORD_PROPERTY,
     BatchRecord,
     PendingLine,
+    record_property,
     with_entries_appended,
 )
 from ..core.posing import root_location
@@ -39,7 +39,7 @@ def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
     anim = obj.animation_data
     action = anim.action if anim is not None and not has_no_slot(obj) else None
     slot = getattr(anim, "action_slot", None) if action is not None else None
-    return action, RECORD_PROPERTY if slot is None else f"{RECORD_PROPERTY}:{slot.identifier}"
+    return action, record_property(None if slot is None else slot.identifier)
 
 
 # The takes batch lines were keyed into whose handles are not computed yet (settle_batch_keys):

@@ -52,6 +52,20 @@ from .timeline import frames_for
 
 RECORD_PROPERTY = "chatpose_batch_record"
 RECORD_VERSION = 1
+_MAX_PROPERTY_NAME_BYTES = 63  # Blender's custom property names
+
+
+def record_property(slot_identifier: str | None) -> str:
+    """The custom property of the action that holds the record of the slot named
+    ``slot_identifier`` (None: an action without slots). A slot of a long armature name would
+    make a name past Blender's 63 bytes, which refused every line of a batch: it is named by
+    a digest of the identifier then."""
+    if slot_identifier is None:
+        return RECORD_PROPERTY
+    name = f"{RECORD_PROPERTY}:{slot_identifier}"
+    if len(name.encode("utf-8")) <= _MAX_PROPERTY_NAME_BYTES:
+        return name
+    return f"{RECORD_PROPERTY}:{hashlib.sha1(slot_identifier.encode('utf-8')).hexdigest()}"
 
 
 def line_hash(line: str) -> str:

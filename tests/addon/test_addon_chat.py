@@ -2583,6 +2583,20 @@ def test_translation_keys_lines_keyed_without_it_at_rest_asking_first_over_own_k
     assert sending.replace_keys_question(bpy.context) == ""
 
 
+def test_a_batch_keys_an_armature_of_a_long_name(armature, scripted_service):
+    # A review: past 39 characters the record's property name passed Blender's 63 bytes, and
+    # every line failed ("the length of IDProperty names is limited to 63 characters").
+    address, _ = scripted_service
+    use_service(address)
+    armature.name = "Shot010_CharacterRig_MainDancer_Performance_Take03"
+    batch_of("walk\nrun")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    assert "all 2 lines keyed" in live.last_message()[0]
+    assert_pose(armature, pose_for("run"), 2)
+    assert len(batch_store.load_record(armature).entries) == 2
+
+
 def test_a_batch_asks_before_replacing_keys_no_batch_made(armature, scripted_service):
     # A review: a first run replaced the animator's key at a line's frame without a word.
     address, _ = scripted_service

@@ -12,6 +12,7 @@ from blender_addon.core.batch_record import (
     PendingLine,
     line_hash,
     plan_rerun,
+    record_property,
     with_entries_appended,
 )
 from shared_protocol.batch_text import prompt_lines
@@ -108,6 +109,15 @@ def test_changing_start_or_step_makes_lines_pending():
     assert [e.frame for e in record.moved(lines, start=1, step=5)] == [11, 21, 31]
     assert record.moved(lines, start=1, step=10) == ()
     assert record.moved(lines[:2], start=1, step=5) == (record.entry(1),)  # only lines kept
+
+
+def test_a_record_s_property_name_fits_blender_s_63_bytes_whatever_the_slot_s_name():
+    assert record_property(None) == "chatpose_batch_record"
+    assert record_property("OBSMPL") == "chatpose_batch_record:OBSMPL"
+    long_names = ["OB" + "Shot010_CharacterRig_MainDancer_Performance_Take03", "OB" + "é" * 30]
+    names = [record_property(slot) for slot in long_names]
+    assert all(len(name.encode()) <= 63 for name in names) and len(set(names)) == 2
+    assert names[0] == record_property(long_names[0])  # found again by it
 
 
 def test_json_layout_and_round_trip():

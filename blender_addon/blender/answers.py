@@ -386,7 +386,9 @@ def _batch_ended(run: BatchRun) -> None:
                 )
             )
     run.close()
-    if run.keyed:
+    # Not for an armature the user deleted: its step would come after the delete's, and the
+    # first Ctrl+Z would then change nothing visible before the next brought it back.
+    if run.keyed and obj is not None and not is_deleted(obj):
         feedback.push_undo("batch")
     if run.state == batch_plan.FAILED and run.remaining:  # else the summary says done: it is
         level, popup = "ERROR", True

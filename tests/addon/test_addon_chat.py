@@ -2250,6 +2250,26 @@ def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
     assert bpy.context.scene.chatpose.prompt == "for a rig about to change"  # to send again
 
 
+def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s(
+    armature, scripted_service, monkeypatch
+):
+    # A review: the run's step came after the user's delete, and the first Ctrl+Z changed
+    # nothing visible; the next brought the armature back.
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(12)))
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: live.current_batch().keyed >= 4)
+    steps = []
+    monkeypatch.setattr(feedback, "push_undo", steps.append)
+    delete_in_viewport(armature)
+    drive(idle)
+    assert "the armature 'SMPL' is gone" in live.last_message()[0]
+    assert "batch" not in steps
+
+
 @pytest.mark.parametrize("change", ["armature renamed", "take renamed", "bone renamed"])
 def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, monkeypatch, change):
     address, _ = scripted_service

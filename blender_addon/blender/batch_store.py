@@ -224,10 +224,20 @@ class TakePin:
 
     def moved(self, obj: bpy.types.Object) -> str | None:
         """Why the run's next keys would go into another take than its own, or None. With no
-        action now (undone, pushed down to the NLA) they make a new take and replace nothing."""
+        action now they would make a new take: fine when the run's own is gone (undone), not
+        when it is still there (pushed down to the NLA, tweak mode left, unassigned), where the
+        run's first lines are: a rerun in the new take asked them again, and the end said
+        "done" with lines still to key."""
         action, uid, slot = _action_and_slot(obj)
         if action is None:
-            return None
+            kept = self.action is not None and bpy.data.actions.get(self.action) is not None
+            if not kept:
+                return None
+            return (
+                f"the take '{self.action}' this run was keying is no longer the armature's "
+                "action (pushed down to the NLA, or tweak mode left?): its lines so far are "
+                "there; make it the action again (Tab into its strip) to key the rest there"
+            )
         same = self.action is not None and (uid == self.uid or action == self.action)
         if same and self.slot in (None, slot):
             return None

@@ -2497,13 +2497,18 @@ def test_a_take_the_armature_leaves_during_a_batch_gets_its_handles_too(
     drive(lambda: len(batch_store.load_record(armature).entries) >= 4)
     anim = armature.animation_data
     first, slot = anim.action, getattr(anim, "action_slot", None)
-    if change == "pushed down":  # the NLA's Push Down: the run goes on in a new take
+    if change == "pushed down":  # the NLA's Push Down: the run stops, its lines in the strip
         anim.nla_tracks.new().strips.new(first.name, 1, first)
         anim.action = None
     else:  # another take assigned: the run stops, its lines kept in its own take
         anim.action = bpy.data.actions.new("other")
     drive(idle)
     assert _handles_settled(curves=take_fcurves(first, slot))
+    message = live.last_message()[0]
+    assert "stopped: " in message and f"the take '{first.name}'" in message
+    # A review: pushed down, the run went on in a new take; its end said "done" with lines
+    # still to key, and a rerun keyed the first lines again there.
+    assert anim.action is None or anim.action.name == "other"
 
 
 def test_lines_keyed_without_keep_on_floor_are_put_on_the_floor_as_keyed_when_it_is_on(

@@ -39,6 +39,9 @@ from shared_protocol.protocol import INSTANCE_ENV
 
 SERVE_MODULE = "inference_service.serve"
 STOP_GRACE_S = 5.0
+# What quitting Blender waits for a service still finishing its work, before it is killed: a
+# quit held for the whole grace time looked hung, and the service keeps nothing of its work.
+QUIT_WAIT_S = 1.0
 LOG_NAME = "chatpose-serve.log"
 _TAIL_BYTES = 8192
 _MAX_LINE_CHARS = 300
@@ -431,7 +434,7 @@ def _register_atexit() -> None:
         _atexit_registered = True
 
 
-def stop_all(timeout_s: float = STOP_GRACE_S) -> None:
+def stop_all(timeout_s: float = QUIT_WAIT_S) -> None:
     """Stops every live process started by a ServiceProcess (Blender quitting)."""
     for manager in list(_live):
         try:

@@ -22,6 +22,7 @@ from shared_protocol.pose import Pose
 from ..core.batch_record import (
     BatchRecord,
     PendingLine,
+    former_record_properties,
     record_property,
     with_entries_appended,
 )
@@ -36,10 +37,30 @@ from .posing import placed_translations, root_location_channels
 def _holder(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str]:
     """The action holding the object's record, and the record's property name there; no
     action while the object has no slot in its action (nothing there is its own yet)."""
+    action, name, _ = _holder_and_former(obj)
+    return action, name
+
+
+def _holder_and_former(obj: bpy.types.Object) -> tuple[bpy.types.Action | None, str, tuple]:
+    """`_holder`, and the names an older record of the slot may have there."""
     anim = obj.animation_data
     action = anim.action if anim is not None and not has_no_slot(obj) else None
     slot = getattr(anim, "action_slot", None) if action is not None else None
-    return action, record_property(None if slot is None else slot.identifier)
+    if slot is None:
+        return action, record_property(None), ()
+    former = former_record_properties(slot.identifier, len(action.slots))
+    return action, record_property(slot.handle), former
+
+
+def _stored(obj: bpy.types.Object) -> str | None:
+    """The object's record as stored: under its name, else under a former one."""
+    action, name, former = _holder_and_former(obj)
+    if action is None:
+        return None
+    for key in (name, *former):
+        if key in action:
+            return action[key]
+    return None
 
 
 # The takes batch lines were keyed into whose handles are not computed yet (settle_batch_keys):
@@ -58,10 +79,9 @@ def load_record(obj: bpy.types.Object) -> BatchRecord:
     ValueError when the stored value is not a record (e.g. edited by hand): the caller decides
     whether to clear it."""
     global _last
-    action, name = _holder(obj)
-    if action is None:
+    stored = _stored(obj)
+    if stored is None:
         return BatchRecord()
-    stored = action.get(name)
     if _last is not None and _last[0] == stored and not tweaking(obj):
         return _last[1]
     record = BatchRecord.from_json(stored)
@@ -75,9 +95,12 @@ def save_record(obj: bpy.types.Object, record: BatchRecord) -> None:
     """Stores ``record`` (in scene frames) on the object's current action. Without an action
     nothing is keyed, so there is nothing to record."""
     global _last
-    action, name = _holder(obj)
+    action, name, former = _holder_and_former(obj)
     if action is None:
         return
+    for key in former:  # moved to its own name
+        if key in action:
+            del action[key]
     if tweaking(obj):
         record = record.with_frames(lambda frame: _action_frame(action_time(obj, frame)))
         action[name] = record.to_json()
@@ -95,9 +118,10 @@ def _action_frame(time: float) -> int | float:
 
 def clear_record(obj: bpy.types.Object) -> None:
     """Forget what was keyed in the current action: the next run keys every line again."""
-    action, name = _holder(obj)
-    if action is not None and name in action:
-        del action[name]
+    action, name, former = _holder_and_former(obj)
+    for key in (name, *former) if action is not None else ():
+        if key in action:
+            del action[key]
 
 
 def key_batch_lines(
@@ -194,8 +218,7 @@ def settle_batch_keys(obj: bpy.types.Object | None = None) -> None:
         for fcurve in take_fcurves(action, slot):
             fcurve.update()
     _unsettled.clear()
-    action, name = _holder(obj) if obj is not None else (None, "")
-    if action is not None and name in action:
+    if obj is not None and _stored(obj) is not None:
         save_record(obj, load_record(obj))
 
 

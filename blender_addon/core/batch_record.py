@@ -55,17 +55,28 @@ RECORD_VERSION = 1
 _MAX_PROPERTY_NAME_BYTES = 63  # Blender's custom property names
 
 
-def record_property(slot_identifier: str | None) -> str:
-    """The custom property of the action that holds the record of the slot named
-    ``slot_identifier`` (None: an action without slots). A slot of a long armature name would
-    make a name past Blender's 63 bytes, which refused every line of a batch: it is named by
-    a digest of the identifier then."""
-    if slot_identifier is None:
-        return RECORD_PROPERTY
-    name = f"{RECORD_PROPERTY}:{slot_identifier}"
-    if len(name.encode("utf-8")) <= _MAX_PROPERTY_NAME_BYTES:
-        return name
-    return f"{RECORD_PROPERTY}:{hashlib.sha1(slot_identifier.encode('utf-8')).hexdigest()}"
+def record_property(slot_handle: int | None) -> str:
+    """The custom property of the action that holds the record of its slot ``slot_handle``
+    (None: an action without slots, before Blender 4.4). By the handle, which a rename of the
+    slot keeps, and short: a name from the slot's identifier passed Blender's 63 bytes for a
+    long armature name, which refused every line of a batch."""
+    return RECORD_PROPERTY if slot_handle is None else f"{RECORD_PROPERTY}:#{slot_handle}"
+
+
+def former_record_properties(slot_identifier: str | None, slot_count: int) -> tuple[str, ...]:
+    """Where an older record of that slot may be, read when ``record_property`` holds none
+    (and moved there when written): by the slot's identifier, as this add-on wrote it before;
+    and, in an action of one slot, without one, as written by Blender 4.2 and 4.3, whose
+    actions 4.4 gives a slot when it opens the file."""
+    names = []
+    if slot_identifier is not None:
+        name = f"{RECORD_PROPERTY}:{slot_identifier}"
+        if len(name.encode("utf-8")) > _MAX_PROPERTY_NAME_BYTES:
+            name = f"{RECORD_PROPERTY}:{hashlib.sha1(slot_identifier.encode()).hexdigest()}"
+        names.append(name)
+        if slot_count == 1:
+            names.append(RECORD_PROPERTY)
+    return tuple(names)
 
 
 def line_hash(line: str) -> str:

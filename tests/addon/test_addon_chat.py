@@ -2622,6 +2622,37 @@ def test_a_batch_keys_an_armature_of_a_long_name(armature, scripted_service):
     assert len(batch_store.load_record(armature).entries) == 2
 
 
+@pytest.mark.parametrize("change", ["slot renamed", "a record of Blender 4.2"])
+def test_a_record_is_found_after_a_slot_rename_and_from_before_slots(
+    armature, scripted_service, change
+):
+    # The record review: a rename of the action's slot lost the record (named by the slot's
+    # identifier), and so did opening a file keyed in 4.2 or 4.3 (no slots then) in 4.4+;
+    # the next run asked the service for every line again and offered to replace the keys.
+    address, backend = scripted_service
+    use_service(address)
+    batch_of("walk\nrun\nbow")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    action = armature.animation_data.action
+    slot = armature.animation_data.action_slot
+    if change == "slot renamed":
+        slot.name_display = "Hero"
+    else:  # as 4.4 opens a file of 4.2: the record without a slot's name, one slot
+        [name] = [key for key in action.keys() if key.startswith("chatpose_batch_record")]
+        action["chatpose_batch_record"] = action[name]
+        del action[name]
+    asked = len(backend.items)
+    assert sending.replace_keys_question(bpy.context) == ""
+    bpy.ops.chatpose.batch_keyframe()
+    assert "All 3 lines of text 'moves' are keyed on SMPL already" in live.last_message()[0]
+    assert len(backend.items) == asked
+    batch_store.save_record(armature, batch_store.load_record(armature))  # written: moved
+    assert [key for key in action.keys() if key.startswith("chatpose_batch_record")] == [
+        f"chatpose_batch_record:#{slot.handle}"
+    ]
+
+
 def test_a_batch_asks_before_replacing_keys_no_batch_made(armature, scripted_service):
     # A review: a first run replaced the animator's key at a line's frame without a word.
     address, _ = scripted_service

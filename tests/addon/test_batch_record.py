@@ -10,6 +10,7 @@ from blender_addon.core.batch_record import (
     BatchRecord,
     Entry,
     PendingLine,
+    former_record_properties,
     line_hash,
     plan_rerun,
     record_property,
@@ -111,13 +112,18 @@ def test_changing_start_or_step_makes_lines_pending():
     assert record.moved(lines[:2], start=1, step=5) == (record.entry(1),)  # only lines kept
 
 
-def test_a_record_s_property_name_fits_blender_s_63_bytes_whatever_the_slot_s_name():
-    assert record_property(None) == "chatpose_batch_record"
-    assert record_property("OBSMPL") == "chatpose_batch_record:OBSMPL"
+def test_a_record_s_property_is_named_by_its_slot_s_handle_and_found_where_it_was_before():
+    assert record_property(None) == "chatpose_batch_record"  # Blender 4.2, 4.3: no slots
+    assert record_property(2**31 - 1) == "chatpose_batch_record:#2147483647"  # 33 bytes
+    assert former_record_properties("OBSMPL", 2) == ("chatpose_batch_record:OBSMPL",)
+    # In an action of one slot, 4.2's record (4.4 gives its actions a slot when it opens them).
+    assert former_record_properties("OBLegacy Slot", 1) == (
+        "chatpose_batch_record:OBLegacy Slot",
+        "chatpose_batch_record",
+    )
     long_names = ["OB" + "Shot010_CharacterRig_MainDancer_Performance_Take03", "OB" + "é" * 30]
-    names = [record_property(slot) for slot in long_names]
+    names = [former_record_properties(slot, 2)[0] for slot in long_names]
     assert all(len(name.encode()) <= 63 for name in names) and len(set(names)) == 2
-    assert names[0] == record_property(long_names[0])  # found again by it
 
 
 def test_json_layout_and_round_trip():

@@ -91,12 +91,12 @@ class ChatPoseSceneSettings(bpy.types.PropertyGroup):
         default=False,
     )
     person_spacing: bpy.props.FloatProperty(
-        name="Spacing",
-        description="Distance along X between the armatures of several people in one answer",
+        name="Spacing (m)",
+        description="Distance along X between the armatures of several people in one answer, "
+        "in metres of the character (a rig in centimetres counts 100 units a metre)",
         default=DEFAULT_SPACING_M,
         min=0.0,
         soft_max=5.0,
-        unit="LENGTH",
     )
     history: bpy.props.CollectionProperty(type=ChatPoseMessage)
     history_lines: bpy.props.IntProperty(

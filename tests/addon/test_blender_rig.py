@@ -431,6 +431,27 @@ def test_a_second_person_beside_a_y_up_rig_stands_as_it_does(blender):
     np.testing.assert_allclose(posed(person, JOINT_NAMES), posed(target, names), atol=1e-5)
 
 
+@pytest.mark.parametrize("units", ["metres", "centimetres at scale 1", "centimetres at 0.01"])
+def test_people_are_spaced_in_the_character_s_metres(blender, units):
+    # The names review: in a centimetre scene, a rig in centimetres at scale 1 got its second
+    # person 1 cm away, inside the first.
+    from blender_addon.blender.people import apply_people
+
+    scale = 1.0 if units == "metres" else 100.0
+    target = create_smpl_armature(
+        bpy.context, rest_joints_smpl=DEFAULT_REST_JOINTS * scale, with_mesh=False
+    )
+    if units == "centimetres at 0.01":  # a centimetre FBX imported into a metre scene
+        target.scale = (0.01,) * 3
+    bpy.context.view_layer.update()
+    pose = random_pose(321, translation=False)
+    result = apply_people(bpy.context, target, [pose, pose], spacing=1.5)
+    person = bpy.data.objects[result.created[0]]
+    step = 1.5 * (100.0 if units == "centimetres at scale 1" else 1.0)
+    moved = np.array(person.matrix_world.translation) - np.array(target.matrix_world.translation)
+    np.testing.assert_allclose(moved, (step, 0.0, 0.0), atol=1e-5)
+
+
 def test_a_rig_whose_bones_carry_an_fbx_namespace_is_posed_exactly(blender):
     names = tuple("SMPL:m_avg_" + name for name in SMPL_CAPITALISED_NAMES)
     obj = _limb_aligned_rig(names=names)

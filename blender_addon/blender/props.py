@@ -176,6 +176,15 @@ def target_problem(context: bpy.types.Context) -> str | None:
             return f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
         return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
     if is_deleted(obj):
+        instancer = next(
+            (o for c in obj.users_collection for o in c.users_dupli_group if o.users_scene), None
+        )
+        if instancer is not None:  # in no scene, but not deleted: a character's instance
+            return (
+                f"The Target {obj.name!r} is in no scene, only shown through the collection "
+                f"instance {instancer.name!r}: link it into a scene (or make the instance a "
+                "library override) to pose it, or pick another Target"
+            )
         return (
             f"The Target {obj.name!r} was deleted: pick another armature as Target, or clear "
             "Target to use the selected SMPL armature"

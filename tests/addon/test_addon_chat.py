@@ -749,6 +749,21 @@ def test_deleted_means_in_no_scene_whether_shown_hidden_or_in_another_scene(arma
     assert is_deleted(armature)
 
 
+def test_a_target_shown_only_through_a_collection_instance_is_not_called_deleted(armature):
+    # The names review: "The Target 'SMPL' was deleted" for a character instanced in the shot.
+    character = bpy.data.collections.new("Character")
+    character.objects.link(armature)
+    bpy.context.scene.collection.objects.unlink(armature)
+    instance = bpy.data.objects.new("Character instance", None)
+    instance.instance_type, instance.instance_collection = "COLLECTION", character
+    bpy.context.scene.collection.objects.link(instance)
+    problem = props.target_problem(bpy.context)
+    assert problem.startswith(
+        "The Target 'SMPL' is in no scene, only shown through the collection instance "
+        "'Character instance': link it into a scene"
+    )
+
+
 def test_an_answer_for_an_armature_deleted_meanwhile_is_not_applied(armature, scripted_service):
     address, backend = scripted_service
     use_service(address)

@@ -8,6 +8,7 @@ import numpy as np
 from shared_protocol.skeleton import JOINT_NAMES, smpl_to_blender
 
 from ..core.mannequin import PARTS, MeshData
+from ..core.placement import suffixed_name
 from ..core.smpl_model import SmplModel
 
 _MIN_WEIGHT = 1e-4
@@ -44,11 +45,25 @@ def _skinned_mesh_object(
     return obj
 
 
+MANNEQUIN, SMPL_BODY = "_mannequin", "_body"  # what a body's name adds to its armature's
+
+
+def body_name(armature_name: str, kind: str) -> str:
+    """The name of an armature's body mesh of ``kind`` (MANNEQUIN, SMPL_BODY): a long armature
+    name is shortened to fit, not cut by Blender into one like a person's name."""
+    return suffixed_name(armature_name, kind)
+
+
 def create_mannequin(
     context: bpy.types.Context, arm_obj: bpy.types.Object, data: MeshData
 ) -> bpy.types.Object:
     obj = _skinned_mesh_object(
-        context, arm_obj, f"{arm_obj.name}_mannequin", data.vertices, data.faces, data.weights
+        context,
+        arm_obj,
+        body_name(arm_obj.name, MANNEQUIN),
+        data.vertices,
+        data.faces,
+        data.weights,
     )
     mesh = obj.data
     for part in PARTS:
@@ -75,7 +90,7 @@ def create_smpl_body(
     return _skinned_mesh_object(
         context,
         arm_obj,
-        f"{arm_obj.name}_body",
+        body_name(arm_obj.name, SMPL_BODY),
         smpl_to_blender(model.vertices),
         model.faces,
         model.weights,

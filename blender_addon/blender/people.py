@@ -24,6 +24,7 @@ from .armature import (
     rest_joints,
     upright,
 )
+from .meshes import MANNEQUIN, SMPL_BODY, body_name
 from .posing import apply_pose, overridden_bones, placed_on_floor, pose_channels, root_places
 
 
@@ -158,7 +159,12 @@ def _copy_person(made: bpy.types.Object, name: str) -> bpy.types.Object:
     for child in made.children:
         mesh = child.copy()
         mesh.data = child.data.copy()
-        mesh.name = mesh.data.name = child.name.replace(made.name, name, 1)
+        kind = next(
+            (k for k in (MANNEQUIN, SMPL_BODY) if child.name == body_name(made.name, k)), None
+        )
+        mesh.name = mesh.data.name = (
+            body_name(name, kind) if kind else child.name.replace(made.name, name, 1)
+        )
         mesh.parent = obj
         for modifier in mesh.modifiers:
             if modifier.type == "ARMATURE":

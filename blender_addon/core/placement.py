@@ -22,14 +22,18 @@ def extra_person_name(target_name: str, k: int) -> str:
     for the second person."""
     if k < 1:
         raise ValueError(f"k: the target itself is person 0; expected >= 1, got {k}")
-    suffix = f".person{k + 1}"
-    # Blender cuts names at 63 bytes: a long target name is shortened, not the suffix, so the
-    # same person is found again by its name. Shortened, it ends in a hash of the whole name:
-    # two targets alike in their first 55 bytes ("..._Pair_A", "..._Pair_B") shared a person.
-    room = MAX_NAME_BYTES - len(suffix)
-    whole = target_name.encode("utf-8")
+    return suffixed_name(target_name, f".person{k + 1}")
+
+
+def suffixed_name(name: str, suffix: str) -> str:
+    """``name + suffix`` within Blender's 63 bytes for a name. Blender cuts a longer one, suffix
+    and all: ``name`` is shortened instead, so that what is named so is found again by it, and
+    ends in a hash of the whole name: two targets alike in their first 55 bytes
+    ("..._Pair_A", "..._Pair_B") shared a person."""
+    room = MAX_NAME_BYTES - len(suffix.encode("utf-8"))
+    whole = name.encode("utf-8")
     if len(whole) <= room:
-        return target_name + suffix
+        return name + suffix
     mark = "~" + hashlib.sha1(whole).hexdigest()[:6]
     base = whole[: room - len(mark)].decode("utf-8", errors="ignore")
     return base + mark + suffix

@@ -431,6 +431,22 @@ def test_a_second_person_beside_a_y_up_rig_stands_as_it_does(blender):
     np.testing.assert_allclose(posed(person, JOINT_NAMES), posed(target, names), atol=1e-5)
 
 
+def test_the_bodies_of_long_named_people_are_named_after_them_within_63_bytes(blender):
+    # The names review: "<63-byte name>_mannequin" was cut by Blender into the armature's own
+    # name, renamed "...~0ec86b.perso", and the third person's copy "...~0ec86b.person".
+    from blender_addon.blender.meshes import MANNEQUIN, body_name
+    from blender_addon.blender.people import apply_people
+
+    name = "Shot010_CharacterRig_MainDancer_Performance_Take03_Pair_A"  # 57 bytes
+    target = create_smpl_armature(bpy.context, name=name, with_mesh=True)
+    pose = random_pose(322, translation=False)
+    result = apply_people(bpy.context, target, [pose, pose, pose])
+    for armature in (target, *(bpy.data.objects[n] for n in result.created)):
+        [mesh] = armature.children
+        assert mesh.name == body_name(armature.name, MANNEQUIN) and len(mesh.name.encode()) <= 63
+        assert mesh.name.endswith("_mannequin")
+
+
 @pytest.mark.parametrize("units", ["metres", "centimetres at scale 1", "centimetres at 0.01"])
 def test_people_are_spaced_in_the_character_s_metres(blender, units):
     # The names review: in a centimetre scene, a rig in centimetres at scale 1 got its second

@@ -253,11 +253,13 @@ class TakePin:
         "done" with lines still to key."""
         action, uid, slot = _action_and_slot(obj)
         if action is None:
-            kept = self.action is not None and bpy.data.actions.get(self.action) is not None
-            if not kept:
+            # By its id first: renamed, then pushed down, it was taken for undone.
+            own = next((a for a in bpy.data.actions if a.session_uid == self.uid), None)
+            own = own or (bpy.data.actions.get(self.action) if self.action else None)
+            if own is None:
                 return None
             return (
-                f"the take '{self.action}' this run was keying is no longer the armature's "
+                f"the take '{own.name}' this run was keying is no longer the armature's "
                 "action (pushed down to the NLA, or tweak mode left?): its lines so far are "
                 "there; make it the action again (Tab into its strip) to key the rest there"
             )

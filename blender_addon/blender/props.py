@@ -176,9 +176,9 @@ def target_problem(context: bpy.types.Context) -> str | None:
             return f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
         return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
     if is_deleted(obj):
-        instancer = next(
-            (o for c in obj.users_collection for o in c.users_dupli_group if o.users_scene), None
-        )
+        holders = set(obj.users_collection)  # and the collections they are in: Character/Rig
+        holders |= {c for c in bpy.data.collections if holders & set(c.children_recursive)}
+        instancer = next((o for c in holders for o in c.users_dupli_group if o.users_scene), None)
         if instancer is not None:  # in no scene, but not deleted: a character's instance
             return (
                 f"The Target {obj.name!r} is in no scene, only shown through the collection "

@@ -751,8 +751,9 @@ def test_deleted_means_in_no_scene_whether_shown_hidden_or_in_another_scene(arma
 
 def test_a_target_shown_only_through_a_collection_instance_is_not_called_deleted(armature):
     # The names review: "The Target 'SMPL' was deleted" for a character instanced in the shot.
-    character = bpy.data.collections.new("Character")
-    character.objects.link(armature)
+    character, rig = bpy.data.collections.new("Character"), bpy.data.collections.new("Rig")
+    character.children.link(rig)  # as characters are: the rig in a child collection
+    rig.objects.link(armature)
     bpy.context.scene.collection.objects.unlink(armature)
     instance = bpy.data.objects.new("Character instance", None)
     instance.instance_type, instance.instance_collection = "COLLECTION", character
@@ -2497,7 +2498,7 @@ def test_a_batch_s_keys_have_their_handles_at_its_end_and_in_a_file_saved_during
     assert _handles_settled(armature)
 
 
-@pytest.mark.parametrize("change", ["pushed down", "swapped"])
+@pytest.mark.parametrize("change", ["pushed down", "renamed and pushed down", "swapped"])
 def test_a_take_the_armature_leaves_during_a_batch_gets_its_handles_too(
     armature, scripted_service, monkeypatch, change
 ):
@@ -2512,7 +2513,9 @@ def test_a_take_the_armature_leaves_during_a_batch_gets_its_handles_too(
     drive(lambda: len(batch_store.load_record(armature).entries) >= 4)
     anim = armature.animation_data
     first, slot = anim.action, getattr(anim, "action_slot", None)
-    if change == "pushed down":  # the NLA's Push Down: the run stops, its lines in the strip
+    if change == "renamed and pushed down":  # a second review: taken for undone, it went on
+        first.name = "Hero_walk_v2"
+    if change != "swapped":  # the NLA's Push Down: the run stops, its lines in the strip
         anim.nla_tracks.new().strips.new(first.name, 1, first)
         anim.action = None
     else:  # another take assigned: the run stops, its lines kept in its own take

@@ -227,8 +227,9 @@ class Client:
         """What to say when no connection came within `waited_s`."""
         if self.silent_listener:
             return (
-                f"something listens at {self.address} but did not answer as chatpose-serve "
-                f"within {waited_s:g} s (another program holds that port?)"
+                f"something takes connections at {self.address} but did not complete ZeroMQ's "
+                f"handshake within {waited_s:g} s: another program on that port, or a "
+                "chatpose-serve that is stopped or hung?"
             )
         return (
             f"no service at {self.address} (no connection within {waited_s:g} s); is "
@@ -334,9 +335,11 @@ class Client:
     # --- blocking conveniences, for the command line and tests ---------------------------------
     # They serve one request at a time: replies to any other request are dropped.
 
-    def request(self, request: Request, timeout_s: float) -> Reply:
+    def request(
+        self, request: Request, timeout_s: float, connect_s: float = CONNECT_TIMEOUT_S
+    ) -> Reply:
         """Sends and waits for the final reply; raises ProtocolError(unreachable | timeout)."""
-        replies = list(self.stream(request, timeout_s))
+        replies = list(self.stream(request, timeout_s, connect_s))
         return replies[-1]
 
     def wait_serving(
@@ -376,7 +379,8 @@ class Client:
                 continue
             reached = True
             try:
-                reply = self.request(StatusRequest(self.new_id()), timeout_s=min(2.0, left))
+                wait = min(CONNECT_TIMEOUT_S, left)  # a service gone meanwhile: not past it
+                reply = self.request(StatusRequest(self.new_id()), wait, connect_s=wait)
             except HandshakeRefused:
                 raise
             except ProtocolError as exc:
@@ -390,14 +394,14 @@ class Client:
             if loading is not None:
                 loading(reply.message)
                 deadline = time.monotonic() + timeout_s
-            time.sleep(0.2)  # loading: it answers at once
+            time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))  # loading: answers at once
 
-    def stream(self, request: Request, timeout_s: float) -> Iterator[Reply]:
+    def stream(
+        self, request: Request, timeout_s: float, connect_s: float = CONNECT_TIMEOUT_S
+    ) -> Iterator[Reply]:
         """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait
         for each reply, so a long batch lives as long as items keep coming. The connection has
-        its own wait (CONNECT_TIMEOUT_S): a short `timeout_s` must not call a live service
-        absent."""
-        connect_s = CONNECT_TIMEOUT_S
+        its own wait (`connect_s`): a short `timeout_s` must not call a live service absent."""
         if not self.wait_connected(connect_s):
             refusal, unreached = self.refusal, self.no_service_message(connect_s)
             self.reset()

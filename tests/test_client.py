@@ -88,7 +88,8 @@ def test_another_program_on_the_port_is_told_from_no_service(context):
                 client.request(StatusRequest(client.new_id()), timeout_s=1.0)
     assert silent.value.code == ErrorCode.UNREACHABLE
     assert silent.value.message.startswith(
-        f"something listens at {address} but did not answer as chatpose-serve within 2 s"
+        f"something takes connections at {address} but did not complete ZeroMQ's handshake "
+        "within 2 s: another program on that port, or a chatpose-serve that is stopped"
     )
 
 

@@ -273,9 +273,10 @@ class Session:
                     )
                 elif self._client.silent_listener:
                     message = (
-                        f"something listens at {self.address} but does not answer as "
-                        "chatpose-serve: another program holds that port? (the address is set "
-                        "in the add-on's preferences)"
+                        f"something takes connections at {self.address} but does not complete "
+                        "ZeroMQ's handshake: another program on that port, or a chatpose-serve "
+                        "that is stopped or hung? (the address is set in the add-on's "
+                        "preferences)"
                     )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"

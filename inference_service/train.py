@@ -279,15 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _last_checkpoint(out: Path) -> str:
-    from inference_service.training.loop import TrainingError, latest_checkpoint
+    from inference_service.training.loop import TrainingError, latest_checkpoint, run_files
 
     try:
         latest = latest_checkpoint(out) if out.is_dir() else None
     except TrainingError:
         latest = None
-    if latest is None and out.is_dir() and any(out.iterdir()):
-        # Its log would refuse the same command again: said now.
-        return f"no checkpoint was saved yet (delete {out} to start again, or choose another --out)"
+    ours = run_files(out) if latest is None and out.is_dir() else []
+    if ours:  # they would refuse the same command again: said now
+        return (
+            f"no checkpoint was saved yet (delete {', '.join(sorted(ours))} from {out} to start "
+            "again, or choose another --out)"
+        )
     if latest is None:
         return "no checkpoint was saved yet"
     return f"the last checkpoint is {latest}; --resume continues from it"

@@ -49,5 +49,9 @@ def pytest_runtest_makereport(item, call):
     """A Ctrl-C that lands inside a Blender operator comes out as the test's RuntimeError
     (bpy turns the KeyboardInterrupt into one): the run stops there, as at any other Ctrl-C,
     not at the end of the suite."""
-    if call.excinfo is not None and "KeyboardInterrupt" in str(call.excinfo.value):
+    excinfo = call.excinfo
+    if excinfo is None or not excinfo.errisinstance(RuntimeError):
+        return
+    text = str(excinfo.value)  # "Error: Python: Traceback ...\nKeyboardInterrupt\nLocation: ..."
+    if text.startswith("Error: Python: Traceback") and "\nKeyboardInterrupt\n" in text:
         item.session.shouldstop = "interrupted (Ctrl-C inside a Blender operator)"

@@ -661,7 +661,7 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def _run_files(out: Path) -> list[str]:
+def run_files(out: Path) -> list[str]:
     """What a run has written into `out`."""
     names = (LATEST_NAME, LOG_NAME, DIVERGED_NAME, "base", ".base.tmp")
     return [p.name for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
@@ -1015,10 +1015,10 @@ def _resume_point(config: TrainConfig, checkpoint: Checkpoint) -> Path | None:
         resume_from = latest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
             raise TrainingError(f"--resume: {out} holds no checkpoint to resume from")
-    elif out.is_dir() and ((out / CONFIG_NAME).is_file() or any(_run_files(out))):
+    elif out.is_dir() and ((out / CONFIG_NAME).is_file() or any(run_files(out))):
         # A run's files, even of one stopped before its first checkpoint: its base/ copy
         # would otherwise be taken for this run's --base. A checkpoint (a run's step-N too).
-        files = ", ".join(sorted(_run_files(out))) or CONFIG_NAME
+        files = ", ".join(sorted(run_files(out))) or CONFIG_NAME
         base = config.base.expanduser().resolve()
         if out.expanduser().resolve() in (base, *base.parents):
             raise TrainingError(

@@ -1003,8 +1003,10 @@ def test_a_stop_before_the_first_checkpoint_says_how_to_start_again(tmp_path):
     # A review: the folder's log refused the same command again, which only then said why.
     assert train_cli._last_checkpoint(tmp_path / "never made") == "no checkpoint was saved yet"
     (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (tmp_path / "notes.txt").write_text("the user's, beside the run")  # not to be deleted
     assert train_cli._last_checkpoint(tmp_path) == (
-        f"no checkpoint was saved yet (delete {tmp_path} to start again, or choose another --out)"
+        f"no checkpoint was saved yet (delete train_log.jsonl from {tmp_path} to start again, "
+        "or choose another --out)"
     )
 
 

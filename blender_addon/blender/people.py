@@ -110,7 +110,7 @@ def person_armature(
         return obj, False
     # Spacing is in the character's metres: a rig in centimetres (100 units a metre, at
     # scale 1) put the next person 1 cm away, inside the first.
-    spacing *= armature_units(target) * target.matrix_world.to_scale().x
+    spacing *= armature_units(target) * abs(target.matrix_world.to_scale().x)  # mirrored: < 0
     if made is not None:
         obj = _copy_person(made, name)
         obj.location = person_location(target.matrix_world.translation, k, spacing)

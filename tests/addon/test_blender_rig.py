@@ -447,18 +447,22 @@ def test_the_bodies_of_long_named_people_are_named_after_them_within_63_bytes(bl
         assert mesh.name.endswith("_mannequin")
 
 
-@pytest.mark.parametrize("units", ["metres", "centimetres at scale 1", "centimetres at 0.01"])
+@pytest.mark.parametrize(
+    "units", ["metres", "metres, mirrored", "centimetres at scale 1", "centimetres at 0.01"]
+)
 def test_people_are_spaced_in_the_character_s_metres(blender, units):
     # The names review: in a centimetre scene, a rig in centimetres at scale 1 got its second
     # person 1 cm away, inside the first.
     from blender_addon.blender.people import apply_people
 
-    scale = 1.0 if units == "metres" else 100.0
+    scale = 1.0 if units.startswith("metres") else 100.0
     target = create_smpl_armature(
         bpy.context, rest_joints_smpl=DEFAULT_REST_JOINTS * scale, with_mesh=False
     )
     if units == "centimetres at 0.01":  # a centimetre FBX imported into a metre scene
         target.scale = (0.01,) * 3
+    elif units == "metres, mirrored":  # Blender gives a mirrored matrix's scale negative
+        target.scale = (1.0, -1.0, 1.0)
     bpy.context.view_layer.update()
     pose = random_pose(321, translation=False)
     result = apply_people(bpy.context, target, [pose, pose], spacing=1.5)

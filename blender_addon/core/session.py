@@ -21,9 +21,12 @@ restarted service with no Blender restart.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+import zmq
 
 from shared_protocol.client import (
     CONNECT_TIMEOUT_S,
@@ -131,7 +134,12 @@ class Session:
         self.curve = curve
         self.connect_timeout_s = connect_timeout_s
         self._clock = clock
-        self._client = Client(address, curve=curve)
+        # A context of its own, not pyzmq's shared one: a socket retrying an address where
+        # nothing listens, unwatched while Blender idles, blocks its context's I/O thread after
+        # some minutes (its monitor full), and with it every other socket on that context (a
+        # pipeline script's, another add-on's in the same Blender).
+        self._context = zmq.Context()
+        self._client = Client(address, curve=curve, context=self._context)
         self._in_flight: dict[str, _InFlight] = {}
         self._was_connected = False
         self._drops_seen = 0  # the client's lost connections while nothing was in flight
@@ -146,6 +154,9 @@ class Session:
         for request_id in self._in_flight:
             self._client.abandon(request_id)
         self._client.close()
+        # In a thread: terminating waits while the cancels above are sent (a fraction of a
+        # second), which Blender's main thread should not.
+        threading.Thread(target=self._context.term, name="chatpose-zmq-end", daemon=True).start()
 
     # --- requests -------------------------------------------------------------------------------
 

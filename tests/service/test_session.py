@@ -137,6 +137,20 @@ def test_closing_a_session_asks_the_service_to_stop_what_is_in_flight():
         router.close(linger=0)
 
 
+def test_a_session_s_sockets_live_apart_from_pyzmq_s_shared_context():
+    # The long-session review: an idle add-on's socket, retrying an address with no service,
+    # filled its monitor in some minutes and blocked the shared context's I/O thread: a script
+    # in the same Blender, on zmq.Context.instance(), could connect nowhere.
+    session = Session("tcp://127.0.0.1:9", timeout_s=TIMEOUT_S)  # nothing listens there
+    shared = zmq.Context.instance()
+    assert session._client._context is not shared
+    session.close()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not session._context.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session._context.closed and not shared.closed  # ended, in a thread of its own
+
+
 def test_answers_that_came_before_the_service_went_away_are_all_read():
     # Read 64 a tick, the rest were dropped with the socket when the tick found the service
     # gone: the batch failed as "went away", its answers in hand.

@@ -439,7 +439,11 @@ class Server:
             if not entries:
                 del self._received[(client, reply.id)]
         failed = isinstance(reply, ErrorReply)
-        log.info(
+        # A status answered is at debug: the add-on asks every 2 s while it waits, and a
+        # farm's log grew by 40,000 such lines a day for each animator.
+        level = logging.DEBUG if op == "status" and not failed else logging.INFO
+        log.log(
+            level,
             "request done",
             extra={
                 "event": "request",

@@ -426,6 +426,18 @@ def test_the_same_id_twice_in_flight_is_refused(running, backend, caplog):
     assert sorted((r.id, r.ok) for r in done) == [(request.id, False)] * 2 + [(request.id, True)]
 
 
+def test_a_status_answered_is_logged_at_debug_a_pose_at_info(running, caplog):
+    caplog.set_level(logging.DEBUG, logger="inference_service.server")
+    with running.client() as client:
+        status = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+        pose = client.request(PoseRequest(client.new_id(), "wave"), TIMEOUT_S)
+    logged = lambda: {  # noqa: E731
+        r.id: r.levelno for r in caplog.records if getattr(r, "event", None) == "request"
+    }
+    wait_until(lambda: len(logged()) == 2)
+    assert logged() == {status.id: logging.DEBUG, pose.id: logging.INFO}
+
+
 @scripted_only
 def test_oversized_messages_get_too_large_and_past_the_transport_cap_are_cut_off(backend):
     limits = Limits(max_header_bytes=2_000, max_image_bytes=10_000, max_images=1, max_frames=2)

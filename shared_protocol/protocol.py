@@ -52,8 +52,13 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 
 # Marks that show nothing, which `str.strip` keeps and pasted text brings: a byte order mark
-# (zero-width no-break space), zero-width space, non-joiner and joiner, word joiner.
-INVISIBLE_MARKS = "\ufeff\u200b\u200c\u200d\u2060"
+# (zero-width no-break space), zero-width space, non-joiner and joiner, word joiner, soft
+# hyphen, and the marks that set the direction of right-to-left text (left-to-right and
+# Arabic marks, embeddings, overrides and isolates).
+INVISIBLE_MARKS = (
+    "\ufeff\u200b\u200c\u200d\u2060\u00ad"
+    "\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 _EDGES = re.compile(f"^[\\s{INVISIBLE_MARKS}]+|[\\s{INVISIBLE_MARKS}]+$")
 
 

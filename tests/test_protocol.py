@@ -291,6 +291,13 @@ REQUEST_ERRORS = [
         ErrorCode.EMPTY_PROMPT,
         "prompt",
     ),
+    # A soft hyphen, and the direction marks that text copied from a right-to-left page brings.
+    (
+        "direction marks prompt",
+        frames_of(request(prompt="\u00ad\u200e\u200f\u061c\u202a\u202c\u2066\u2069")),
+        ErrorCode.EMPTY_PROMPT,
+        "prompt",
+    ),
     ("prompt too long", frames_of(request(prompt="x" * 8001)), ErrorCode.TOO_LARGE, "prompt"),
     (
         "lone surrogate",

@@ -26,6 +26,11 @@ MAX_HEADER_PARTS = 1000
 MAX_JPEG_SCANS = 100
 
 
+# How far a picture's pixels may stray from one colour and still show nothing: the 8 levels of
+# the add-on's test of a blank viewport (`core.images.shows_nothing`).
+FLAT_TOLERANCE = 8
+
+
 def check_image(data: bytes, field: str = "image") -> None:
     """Reads only the header: the format and the pixel count. Cheap enough for the server's
     I/O thread, so a wrong format or a decompression bomb is refused before any work starts.
@@ -82,6 +87,17 @@ def decode_image(
 # Modes reduced as they are decoded; the others (a palette, 16-bit grey, a transparent
 # colour) are converted at full size first, as they are rarely large.
 _REDUCED_AS_DECODED = {"RGB": "RGB", "L": "L", "RGBA": "RGBa", "LA": "La"}
+
+
+def refuse_flat(image: Image.Image, field: str = "image") -> None:
+    """BadImageError for a picture of one flat colour (a blank, a 1 x 1 image, a cut-out
+    whose alpha is 0 everywhere, laid on the backdrop): it shows no body, and a pose guessed
+    from it would be noise that lands on the character as if it were an answer."""
+    if all(high - low <= FLAT_TOLERANCE for low, high in image.getextrema()):
+        raise BadImageError(
+            f"{field}: shows one flat colour and no body (a blank picture, or one whose "
+            "pixels are all transparent); pick a picture of the person to pose"
+        )
 
 
 def _reduced(image: Image.Image, factor: int) -> Image.Image:

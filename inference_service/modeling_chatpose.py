@@ -53,7 +53,7 @@ from inference_service.errors import (
     ModelOutOfMemoryError,
     UnsupportedInputError,
 )
-from inference_service.images import decode_image
+from inference_service.images import decode_image, refuse_flat
 from inference_service.pose_head import PoseHead, decode_pose
 from inference_service.prompts import (
     IMAGE_WRAPPERS,
@@ -553,10 +553,12 @@ class ChatPoseModel:
             raise UnsupportedInputError(
                 f"{len(images)} images given; this model takes at most {self.config.max_images}"
             )
-        return [
-            decode_image(data, f"images[{k}]", min_side=self.config.image_size)
-            for k, data in enumerate(images)
-        ]
+        decoded = []
+        for k, data in enumerate(images):
+            image = decode_image(data, f"images[{k}]", min_side=self.config.image_size)
+            refuse_flat(image, f"images[{k}]")
+            decoded.append(image)
+        return decoded
 
     def _check_text(self, text: str, field: str) -> None:
         # A literal image marker would be expanded into image tokens with no image behind them.

@@ -1,5 +1,6 @@
 import contextlib
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from inference_service import loading, modeling_chatpose
+from inference_service import images, loading, modeling_chatpose
 from inference_service.errors import (
     BadImageError,
     CheckpointError,
@@ -447,6 +449,41 @@ def test_bad_image_bytes_raise_a_typed_error(tiny_model):
         tiny_model.predict_poses([PosePrompt(TEXT), PosePrompt(images=(b"\x89PNG broken",))])
     with pytest.raises(BadImageError, match=r"^images\[0\]: not a decodable PNG or JPEG"):
         tiny_model.chat("What is this?", [b"not an image"])  # named as the request names it
+
+
+def edged(grey: int, step: int) -> Image.Image:
+    """Grey with a corner `step` lighter."""
+    picture = Image.new("L", (40, 30), grey)
+    picture.paste(grey + step, (0, 0, 4, 4))
+    return picture
+
+
+def png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "picture",
+    [
+        Image.new("RGBA", (40, 30), (255, 0, 0, 0)),  # a cut-out exported with no alpha at all
+        Image.new("RGB", (1, 1), (90, 40, 200)),
+        Image.new("RGB", (40, 30), (255, 255, 255)),
+        edged(200, images.FLAT_TOLERANCE),  # a JPEG's noise on a blank wall
+    ],
+    ids=["transparent", "one pixel", "white", "near flat"],
+)
+def test_a_picture_of_one_flat_colour_is_refused_not_answered(tiny_model, picture):
+    # A pose guessed from it would be noise, applied as if it were an answer.
+    data = png_of(picture)
+    with pytest.raises(BadImageError, match=r"^images\[0\]: shows one flat colour and no body"):
+        tiny_model.predict_poses([PosePrompt(images=(data,))])
+    with pytest.raises(BadImageError, match=r"^images\[0\]: shows one flat colour"):
+        tiny_model.chat("Who is this?", [data])
+    # A picture with anything in it still gets its pose: one grey step past the tolerance.
+    shown = png_of(edged(200, images.FLAT_TOLERANCE + 1))
+    assert tiny_model.predict_poses([PosePrompt(images=(shown,))])[0].shape == (24, 3)
 
 
 def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, monkeypatch):

@@ -142,6 +142,8 @@ _RENDER_SETTINGS = (
     "resolution_x",
     "resolution_y",
     "resolution_percentage",
+    "pixel_aspect_x",
+    "pixel_aspect_y",
     "filepath",
     "use_compositing",
     "use_sequencer",
@@ -200,18 +202,22 @@ def render_camera_snapshot(scene: bpy.types.Scene, max_side: int = SNAPSHOT_MAX_
     # Setting file_format back to OPEN_EXR resets its colour space (ACEScg -> Linear Rec.709).
     linear = getattr(settings, "linear_colorspace_settings", None)
     saved_linear = linear.name if linear is not None else None
-    # The frame's shape, not its size: a render at 1 % of 1920 x 1080 is still sent at max_side.
-    _refuse_thin(render.resolution_x, render.resolution_y, "the camera's frame", "")
-    long = max(render.resolution_x, render.resolution_y)
-    scale = max_side / long
-    width = max(1, round(render.resolution_x * scale))
-    height = max(1, round(render.resolution_y * scale))
+    # The frame's shape as the camera shows it, not its size: a render at 1 % of 1920 x 1080 is
+    # still sent at max_side, and non-square pixels (anamorphic work) become square ones, as the
+    # service reads them (kept, the body came out stretched).
+    shown_x = render.resolution_x * render.pixel_aspect_x
+    shown_y = render.resolution_y * render.pixel_aspect_y
+    _refuse_thin(round(shown_x), round(shown_y), "the camera's frame", "")
+    scale = max_side / max(shown_x, shown_y)
+    width = max(1, round(shown_x * scale))
+    height = max(1, round(shown_y * scale))
     with tempfile.TemporaryDirectory(prefix="chatpose-snapshot-") as folder:
         path = os.path.join(folder, "snapshot.png")
         try:
             render.engine = "BLENDER_WORKBENCH"
             render.resolution_x, render.resolution_y = width, height
             render.resolution_percentage = 100
+            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
             render.filepath = path
             render.use_compositing = render.use_sequencer = False
             render.use_border = render.use_multiview = False

@@ -1090,6 +1090,33 @@ def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(bl
         render_camera_snapshot(bpy.context.scene)
 
 
+def test_a_camera_snapshot_of_non_square_pixels_shows_the_frame_as_the_camera_does(blender):
+    # An anamorphic scene's pixel aspect was kept: the picture, read with square pixels by
+    # the service, showed the body stretched twice as tall, its head and feet cut off.
+    import io
+
+    from PIL import Image
+
+    create_smpl_armature(bpy.context, with_mesh=True)
+    _add_camera()
+    render = bpy.context.scene.render
+
+    def snapshot():
+        with Image.open(io.BytesIO(render_camera_snapshot(bpy.context.scene))) as image:
+            return np.asarray(image.convert("L"), dtype=float)
+
+    render.resolution_x, render.resolution_y = 1920, 1080
+    square = snapshot()
+    render.resolution_x, render.pixel_aspect_x = 960, 2.0  # the same frame, pixels twice as wide
+    anamorphic = snapshot()
+    assert anamorphic.shape == square.shape == (189, 336)
+    assert np.abs(anamorphic - square).mean() < 2.0  # the same picture
+    assert render.resolution_x == 960 and render.pixel_aspect_x == 2.0  # put back
+    render.pixel_aspect_x, render.pixel_aspect_y = 1.0, 25.0  # shown 960 x 27,000
+    with pytest.raises(CaptureError, match="960 x 27000 pixels, more than 20 times as long"):
+        render_camera_snapshot(bpy.context.scene)
+
+
 def test_no_camera_snapshot_while_the_user_s_render_runs(blender, monkeypatch):
     from blender_addon.blender import capture
 

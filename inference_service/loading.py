@@ -146,6 +146,32 @@ def ensure_pose_token(tokenizer, model: torch.nn.Module, token: str) -> int:
     return token_id
 
 
+# This project's pose token and the official release's.
+KNOWN_POSE_TOKENS = ("<POSE>", "[SEG]")
+
+
+def check_pose_token_known(tokenizer, pose_token: str, checkpoint) -> None:
+    """For a pose token the tokenizer lacks and no `adapter/` trained (`ensure_pose_token`
+    adds it with a row no training has seen): CheckpointError when the tokenizer has the other
+    known pose token (chatpose.json left at its default, or mistyped, for a release's
+    `[SEG]`), else a warning. Either way the poses would be read at a token the model never
+    learnt: plausible, and wrong."""
+    if pose_token in tokenizer.get_vocab() or checkpoint.adapter_dir is not None:
+        return
+    if known := [token for token in KNOWN_POSE_TOKENS if token in tokenizer.get_vocab()]:
+        raise CheckpointError(
+            f"chatpose.json: pose_token is {pose_token!r}, which the tokenizer lacks, but it "
+            f"has {known[0]!r}: set pose_token to {known[0]!r} if that is the model's pose token"
+        )
+    log.warning(
+        "%s: the tokenizer has no pose token %r (chatpose.json's pose_token); it is added "
+        "with an embedding row no training has seen, and no adapter/ brings a trained one: "
+        "unless the model learnt its poses at this new token, they will be wrong",
+        checkpoint.base_dir,
+        pose_token,
+    )
+
+
 def check_pose_token(tokenizer, pose_token_id: int, config, image_token: str) -> None:
     """CheckpointError when chatpose.json's pose token cannot mark the state the head reads: a
     token the tokenizer uses for something else (padding: a short row of a batch would read a
@@ -172,6 +198,26 @@ def check_pose_token(tokenizer, pose_token_id: int, config, image_token: str) ->
                 f"answer {answer!r} (tokenized, it appears {ids.count(pose_token_id)} times); "
                 "give the pose a token of its own (the release's: <POSE>)"
             )
+    _warn_if_space_before_release_token(tokenizer, pose_token_id, ids, config.pose_token)
+
+
+def _warn_if_space_before_release_token(tokenizer, pose_token_id: int, ids, pose_token) -> None:
+    """The release read its pose at "▁is" before "[SEG]" (`convert_official` keeps it so). A
+    base converted otherwise (llava-hf's scripts) may keep the space as a token of its own,
+    whose state the head would read instead: plausible poses, wrong."""
+    at = ids.index(pose_token_id)
+    if pose_token != "[SEG]" or at == 0:
+        return
+    before = tokenizer.convert_ids_to_tokens(ids[at - 1])
+    if not tokenizer.convert_tokens_to_string([before]).strip():
+        log.warning(
+            "the tokenizer reads a whitespace token %r before %s, where the official release "
+            "read the word before it: a release converted other than by convert_official "
+            "would give wrong poses (convert the release with python -m "
+            "inference_service.convert_official)",
+            before,
+            pose_token,
+        )
 
 
 SERVE_ON_GPU = "run it on a GPU (--device cuda, with --load-in-8bit or --load-in-4bit for less)"
@@ -337,8 +383,8 @@ def load_base(
     """
     refuse_lfs_pointers(base_dir)
     check_base_files(base_dir)
+    check_model_type(base_dir / "config.json")  # first: a language model alone lacks the rest
     check_tokenizer_files(base_dir)
-    check_model_type(base_dir / "config.json")
     try:
         # trust_remote_code=False: a checkpoint's own Python (`auto_map`) is never run, and
         # transformers does not ask on stdin whether to run it (the add-on's stdin is a pipe).
@@ -406,12 +452,29 @@ TOKENIZER_FILES = (
 )
 
 
+# The files an image processor's settings are read from (save_pretrained writes the first,
+# older transformers the second): transformers' error without them sends the user to the Hub.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
 def check_tokenizer_files(base_dir: Path) -> None:
-    """CheckpointError naming tokenizer.json when `base_dir` holds no tokenizer vocabulary."""
-    if not any((Path(base_dir) / name).is_file() for name in TOKENIZER_FILES):
+    """CheckpointError naming the file that `base_dir` lacks of those its tokenizer and image
+    processor are read from: a vocabulary, the tokenizer's settings, the processor's."""
+    base_dir = Path(base_dir)
+    if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
-            f"{Path(base_dir) / TOKENIZER_FILES[0]}: file not found (the tokenizer's vocabulary: "
+            f"{base_dir / TOKENIZER_FILES[0]}: file not found (the tokenizer's vocabulary: "
             "tokenizer.json, or a SentencePiece tokenizer.model, as save_pretrained writes it)"
+        )
+    if not (base_dir / "tokenizer_config.json").is_file():
+        raise CheckpointError(
+            f"{base_dir / 'tokenizer_config.json'}: file not found (the tokenizer's settings: "
+            "its special tokens, as save_pretrained writes them)"
+        )
+    if not any((base_dir / name).is_file() for name in PROCESSOR_FILES):
+        raise CheckpointError(
+            f"{base_dir / PROCESSOR_FILES[0]}: file not found (the image processor's settings, "
+            "as the processor's save_pretrained writes them)"
         )
 
 

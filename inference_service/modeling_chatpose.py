@@ -176,8 +176,12 @@ class ChatPoseModel:
         head: PoseHead,
         config: ChatPoseConfig,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+        refuse_flat_images: bool = False,
     ):
         self.model = model.eval()
+        # The service refuses a picture of one flat colour (`images.refuse_flat`): an answer
+        # from it would be a guess. Training and evaluation take what their data holds.
+        self.refuse_flat_images = refuse_flat_images
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Right padding keeps every row's positions as if it were alone, so a batched row gives
@@ -206,7 +210,7 @@ class ChatPoseModel:
                     raise CheckpointError(
                         f"chatpose.json sets mm_use_im_start_end but the tokenizer has no {token}"
                     )
-        _check_image_size(processor, config.image_size)
+        _check_image_size(processor, model.config, config.image_size)
         lm_width = model.config.text_config.hidden_size
         if config.hidden_size != lm_width:  # else every request fails in the head's first layer
             raise CheckpointError(
@@ -229,6 +233,7 @@ class ChatPoseModel:
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+        refuse_flat_images: bool = False,
     ) -> ChatPoseModel:
         """Load a checkpoint directory (docs/checkpoints.md), from local files only.
 
@@ -260,6 +265,7 @@ class ChatPoseModel:
         # rows for it in the resized embeddings.
         pose_token = checkpoint.config.pose_token
         loading.check_vocabulary(processor.tokenizer, model, pose_token, checkpoint.base_dir)
+        loading.check_pose_token_known(processor.tokenizer, pose_token, checkpoint)
         try:  # a model that barely fits: each step below puts a little more on the card
             loading.ensure_pose_token(processor.tokenizer, model, pose_token)
             if checkpoint.adapter_dir is not None:
@@ -274,7 +280,14 @@ class ChatPoseModel:
                         "memory"
                     ) from None
             head = PoseHead.load(checkpoint.head_path, checkpoint.config)
-            return cls(model, processor, head, checkpoint.config, max_new_tokens_limit)
+            return cls(
+                model,
+                processor,
+                head,
+                checkpoint.config,
+                max_new_tokens_limit,
+                refuse_flat_images,
+            )
         except torch.OutOfMemoryError:
             raise ModelError(
                 f"{path}: out of GPU memory setting up the loaded model (its pose token, its "
@@ -556,7 +569,8 @@ class ChatPoseModel:
         decoded = []
         for k, data in enumerate(images):
             image = decode_image(data, f"images[{k}]", min_side=self.config.image_size)
-            refuse_flat(image, f"images[{k}]")
+            if self.refuse_flat_images:
+                refuse_flat(image, f"images[{k}]")
             decoded.append(image)
         return decoded
 
@@ -612,13 +626,18 @@ def _cache_keyword(backbone: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _check_image_size(processor, image_size: int) -> None:
+def _check_image_size(processor, model_config, image_size: int) -> None:
+    """CheckpointError when chatpose.json, the image processor and the vision tower disagree on
+    the picture's size: text would be answered, and every image request fail in the tower."""
     crop = getattr(processor.image_processor, "crop_size", None)
-    if crop is None:
-        return
-    sides = {crop["height"], crop["width"]}
-    if sides != {image_size}:
+    if crop is not None and {crop["height"], crop["width"]} != {image_size}:
         raise CheckpointError(
             f"chatpose.json says image_size {image_size} but the image processor crops to "
             f"{crop['height']}x{crop['width']}"
+        )
+    tower = getattr(getattr(model_config, "vision_config", None), "image_size", None)
+    if isinstance(tower, int) and tower != image_size:
+        raise CheckpointError(
+            f"base/config.json: the vision tower takes {tower}x{tower} pictures, but chatpose.json "
+            f"and the image processor say {image_size} (a processor of another tower?)"
         )

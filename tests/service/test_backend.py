@@ -21,7 +21,7 @@ from PIL import Image
 
 from inference_service import serve
 from inference_service.backend import ModelBackend, paired_turns
-from inference_service.errors import UnsupportedInputError
+from inference_service.errors import BadImageError, UnsupportedInputError
 from inference_service.keys import make_keys
 from inference_service.modeling_chatpose import ChatReply, PosePrompt
 from inference_service.scheduler import WorkItem
@@ -73,6 +73,14 @@ def test_paired_turns():
 @pytest.fixture(scope="module")
 def backend(tiny_model) -> ModelBackend:
     return ModelBackend(tiny_model, "tiny", max_new_tokens=8)
+
+
+def test_the_service_s_backend_refuses_a_picture_of_one_flat_colour(tiny_checkpoint):
+    blank = io.BytesIO()
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(blank, format="PNG")  # a cut-out, no alpha
+    served = ModelBackend.from_checkpoint(tiny_checkpoint, device="cpu")
+    with pytest.raises(BadImageError, match="shows one flat colour"):
+        served.answer_poses([WorkItem("", images=(blank.getvalue(),))])
 
 
 def test_backend_answers_are_the_models_poses(backend, tiny_model, monkeypatch):

@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import re
 import shutil
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AddedToken, AutoTokenizer, LlavaForConditionalGeneration
 
 from inference_service import images, loading, modeling_chatpose
 from inference_service.errors import (
@@ -170,6 +171,83 @@ def test_pose_token_is_added_when_missing_and_found_by_id(tiny_checkpoint, tiny_
     assert tiny_model.model.get_input_embeddings().weight.shape[0] == len(tiny_model.tokenizer)
     ids = tiny_model.tokenizer("it is <POSE>.", add_special_tokens=False).input_ids
     assert ids.count(tiny_model.pose_token_id) == 1
+
+
+def _checkpoint_with_tokens(root, tokens, **config_fields):
+    tokenizer = tiny_llava.build_tokenizer()
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    processor = tiny_llava.build_processor(tokenizer)
+    model = tiny_llava.build_llava(tokenizer)
+    return tiny_llava.write_checkpoint(
+        root, model, processor, tiny_llava.build_head(), **config_fields
+    )
+
+
+def test_a_pose_token_no_training_has_seen_is_refused_or_warned_of(
+    tiny_checkpoint, tmp_path, caplog
+):
+    # A release's [SEG] model with chatpose.json's pose_token left at its default (or mistyped)
+    # loaded with a new, untrained <POSE> row: plausible poses, wrong, and nothing said.
+    release = _checkpoint_with_tokens(tmp_path / "release", ["[SEG]"])
+    named = r"pose_token is '<POSE>', which the tokenizer lacks, but it has '\[SEG\]'"
+    with pytest.raises(CheckpointError, match=named):
+        ChatPoseModel.from_checkpoint(release, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="inference_service.loading"):
+        ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu")  # no pose token at all
+    assert "the tokenizer has no pose token '<POSE>'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference_service.loading"):
+        ChatPoseModel.from_checkpoint(
+            _checkpoint_with_tokens(tmp_path / "own", ["<POSE>"]), device="cpu"
+        )
+    assert not caplog.text
+
+
+def test_a_space_token_before_the_release_s_pose_token_is_warned_of(tmp_path, caplog):
+    # A release converted other than by convert_official: "is", "▁", "[SEG]", and the head
+    # reads the space's state, not the word's the release trained on.
+    spaced = _checkpoint_with_tokens(tmp_path / "spaced", ["[SEG]"], pose_token="[SEG]")
+    with caplog.at_level(logging.WARNING, logger="inference_service.loading"):
+        ChatPoseModel.from_checkpoint(spaced, device="cpu")
+    assert "reads a whitespace token 'Ġ' before [SEG]" in caplog.text
+    caplog.clear()
+    stripped = AddedToken("[SEG]", lstrip=True, rstrip=True, normalized=False, special=True)
+    converted = _checkpoint_with_tokens(tmp_path / "converted", [stripped], pose_token="[SEG]")
+    with caplog.at_level(logging.WARNING, logger="inference_service.loading"):
+        ChatPoseModel.from_checkpoint(converted, device="cpu")
+    assert not caplog.text
+
+
+def test_a_vision_tower_of_another_picture_size_than_its_processor_is_refused(tmp_path):
+    # It loaded, answered text, and failed every image request inside the tower.
+    tokenizer = tiny_llava.build_tokenizer()
+    tower = tiny_llava.vision_config(image_size=2 * tiny_llava.IMAGE_SIZE)
+    model = tiny_llava.build_llava(tokenizer, vision=tower)
+    root = tiny_llava.write_checkpoint(
+        tmp_path / "c", model, tiny_llava.build_processor(tokenizer), tiny_llava.build_head()
+    )
+    side = 2 * tiny_llava.IMAGE_SIZE
+    with pytest.raises(CheckpointError, match=rf"vision tower takes {side}x{side} pictures"):
+        ChatPoseModel.from_checkpoint(root, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "missing, named",
+    [
+        (
+            "tokenizer_config.json",
+            "tokenizer_config.json: file not found (the tokenizer's settings",
+        ),
+        ("processor_config.json", "processor_config.json: file not found (the image processor's"),
+    ],
+)
+def test_a_base_without_its_tokenizer_or_processor_settings_names_the_file(
+    tiny_checkpoint, tmp_path, missing, named
+):
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "c")
+    (root / "base" / missing).unlink()
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        ChatPoseModel.from_checkpoint(root, device="cpu")
 
 
 def test_a_git_lfs_pointer_or_a_tokenizer_longer_than_the_embeddings_is_named_at_load(
@@ -476,14 +554,18 @@ def png_of(image: Image.Image) -> bytes:
 )
 def test_a_picture_of_one_flat_colour_is_refused_not_answered(tiny_model, picture):
     # A pose guessed from it would be noise, applied as if it were an answer.
+    parts = (tiny_model.model, tiny_model.processor, tiny_model.head, tiny_model.config)
+    serving = ChatPoseModel(*parts, refuse_flat_images=True)  # as the service loads it
     data = png_of(picture)
     with pytest.raises(BadImageError, match=r"^images\[0\]: shows one flat colour and no body"):
-        tiny_model.predict_poses([PosePrompt(images=(data,))])
+        serving.predict_poses([PosePrompt(images=(data,))])
     with pytest.raises(BadImageError, match=r"^images\[0\]: shows one flat colour"):
-        tiny_model.chat("Who is this?", [data])
+        serving.chat("Who is this?", [data])
     # A picture with anything in it still gets its pose: one grey step past the tolerance.
     shown = png_of(edged(200, images.FLAT_TOLERANCE + 1))
-    assert tiny_model.predict_poses([PosePrompt(images=(shown,))])[0].shape == (24, 3)
+    assert serving.predict_poses([PosePrompt(images=(shown,))])[0].shape == (24, 3)
+    # Training and evaluation read their data as it is.
+    assert tiny_model.predict_poses([PosePrompt(images=(data,))])[0].shape == (24, 3)
 
 
 def test_a_large_picture_is_reduced_before_the_processor_holds_it(tiny_model, monkeypatch):

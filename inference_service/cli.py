@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 import tempfile
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         metavar="S",
         help="wait up to S seconds for the service to serve: one just started, or loading its "
-        "model (by default a service not there within 2 s, or loading, is an error)",
+        "model, or with its queue full of other users' work (by default a service not there "
+        "within 2 s, loading, or busy, is an error)",
     )
     connection.add_argument(
         "--curve-secret-key",
@@ -431,11 +433,20 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
         request = PoseRequest(LOCAL_ID, args.text, images=images, mode=mode)
         # Before the model loads, with the image's header too (pillow: installed with it).
         return _refusal(request, check_images=True) or _local_reply(args, images, mode)
+    # --wait covers a full queue too: other users' work, asked again until the wait is up.
+    waited_until = None if args.wait is None else time.monotonic() + args.wait
     with _serving_client(args) as client:
-        request = PoseRequest(
-            client.new_id(), args.text, images=images, mode=mode, timeout_ms=_waits_ms(args)
-        )
-        return _refusal(request) or _first_reply(client, request, args.timeout)
+        for tries in itertools.count():
+            request = PoseRequest(
+                client.new_id(), args.text, images=images, mode=mode, timeout_ms=_waits_ms(args)
+            )
+            reply = _refusal(request) or _first_reply(client, request, args.timeout)
+            left = 0.0 if waited_until is None else waited_until - time.monotonic()
+            if not _refused_busy(reply) or left <= 0:
+                return reply
+            delay = BUSY_RETRY_DELAYS_S[min(tries, len(BUSY_RETRY_DELAYS_S) - 1)]
+            _report(f"chatpose pose: {reply.message}; asking again in {min(delay, left):.3g} s")
+            time.sleep(min(delay, left))
 
 
 def _refusal(request: PoseRequest, check_images: bool = False):

@@ -130,6 +130,9 @@ MAX_WAIT_MS = 1000.0
 # The first wait after a failure of the scheduler itself; it doubles while failures repeat,
 # up to a second.
 FAILURE_BACKOFF_S = 0.005
+# How long a stopping service lets the micro-batch running finish before it answers its
+# requests `shutting_down` and exits.
+STOP_WAIT_S = 30.0
 
 
 class Scheduler:
@@ -209,7 +212,7 @@ class Scheduler:
             self._expire_locked()
 
     def stop(
-        self, timeout_s: float = 30.0, while_waiting: Callable[[], None] | None = None
+        self, timeout_s: float = STOP_WAIT_S, while_waiting: Callable[[], None] | None = None
     ) -> None:
         """Finishes the micro-batch in flight; everything else gets `shutting_down`. If that
         micro-batch is still running after `timeout_s`, its requests get `shutting_down` too
@@ -250,7 +253,8 @@ class Scheduler:
     ) -> None:
         with self._lock:
             if self._stopping:
-                self._emit_error(client, request_id, op, ErrorCode.SHUTTING_DOWN, "shutting down")
+                message = "the service is stopping: ask again once it has been started again"
+                self._emit_error(client, request_id, op, ErrorCode.SHUTTING_DOWN, message)
                 return
             if (client, request_id) in self._requests:
                 message = f"id: request {request_id!r} is already in flight"

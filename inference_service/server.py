@@ -56,7 +56,7 @@ from shared_protocol.protocol import (
 
 from .errors import BadImageError
 from .images import check_image
-from .scheduler import Backend, ClientId, ModelInfo, Scheduler
+from .scheduler import STOP_WAIT_S, Backend, ClientId, ModelInfo, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +543,16 @@ class Server:
             self._answer_while_loading(client, request)
             return
         match request:
+            case StatusRequest() if self._stop.is_set():
+                # Not its usual status: a restart would find the address taken, and every
+                # request is refused, while the last work runs.
+                message = (
+                    f"the service is stopping: the work running finishes (up to {STOP_WAIT_S:.0f}"
+                    " s), then it exits and frees its address"
+                )
+                self._emit(
+                    client, ErrorReply(request.id, "status", ErrorCode.SHUTTING_DOWN, message)
+                )
             case StatusRequest():
                 self._emit(client, self._status(request.id))
             case CancelRequest():
@@ -657,6 +667,10 @@ class Server:
             # Requests that come while the last micro-batch runs get `shutting_down`, not
             # silence until their client's timeout.
             if scheduler is not None:
+                log.info(
+                    "stopping: new requests are refused, the work running finishes",
+                    extra={"event": "stopping"},
+                )
                 scheduler.stop(while_waiting=serve_once)
             self._forward_replies()  # the last answers and the shutting_down errors
             self.close()

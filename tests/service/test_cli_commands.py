@@ -29,6 +29,7 @@ from shared_protocol.protocol import (
     BatchItemReply,
     BatchRequest,
     PoseReply,
+    PoseRequest,
     StatusReply,
     decode_request,
     encode_reply,
@@ -1131,6 +1132,46 @@ def test_a_batch_the_queue_has_no_room_for_yet_waits_and_asks_again(
     assert code == cli.EXIT_OK, err
     assert waits == [1.0] and "queues at most 300" in err and "asking again in 1 s" in err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(100))
+
+
+def test_pose_with_wait_asks_again_while_the_queue_is_full(backend, capsys, monkeypatch):
+    # The help says a busy service is asked again with --wait: it exited 8 at once when other
+    # users' work filled the queue, as --wait covered only a model loading.
+    waits = []
+    with serving(backend, max_queue=3) as server, Client(server.address) as other:
+
+        def fill_the_queue():  # one request running, held, and three queued behind it
+            backend.entered.clear()
+            backend.hold()
+            other.send(PoseRequest(other.new_id(), "running"))
+            assert backend.entered.wait(TIMEOUT_S)
+            other.send(BatchRequest(other.new_id(), ["queued 1", "queued 2", "queued 3"]))
+            deadline = time.monotonic() + TIMEOUT_S
+            while server.scheduler.queue_depth < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        fill_the_queue()
+        code, _, err = run(capsys, "pose", "wave", "--address", server.address)
+        assert code == cli.EXIT_BUSY and "queues at most 3" in err  # without --wait: at once
+
+        def sleep(seconds):  # the wait before asking again: the other client's work ends
+            waits.append(seconds)
+            if len(waits) == 2:
+                backend.release()
+
+        monkeypatch.setattr(
+            cli, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
+        )
+        code, out, err = run(capsys, "pose", "wave", "--address", server.address, "--wait", "60")
+        assert code == cli.EXIT_OK and "pose 1 of 1" in out
+        assert waits == [1.0, 2.0] and "queues at most 3" in err and "asking again in 1 s" in err
+
+        monkeypatch.setattr(cli, "time", time)
+        fill_the_queue()
+        started = time.monotonic()
+        code, _, err = run(capsys, "pose", "wave", "--address", server.address, "--wait", "0.5")
+        assert code == cli.EXIT_BUSY and "queues at most 3" in err  # no longer than the wait
+        assert time.monotonic() - started < 0.5 + 2 * 2.0  # its last try, then none
 
 
 def test_batch_of_an_empty_file(address, capsys, tmp_path):

@@ -319,7 +319,8 @@ def test_an_answer_that_breaks_a_protocol_limit_gets_a_model_error():
         served.stop()
 
 
-def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
+def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend, caplog):
+    caplog.set_level(logging.INFO, logger="inference_service.server")
     served = Running(backend, max_batch=1, max_wait_ms=0)
     backend.hold()
     client = served.client()
@@ -336,6 +337,12 @@ def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend):
     client.send(late)
     replies = {r.id: r for r in _collect(client, until=lambda r: r.id == late.id)}
     assert replies[late.id].code == ErrorCode.SHUTTING_DOWN
+    assert "ask again once it has been started again" in replies[late.id].message
+    # Its status says so too: it looked healthy, while a restart found the address taken.
+    status = client.request(StatusRequest(client.new_id()), TIMEOUT_S)
+    assert isinstance(status, ErrorReply) and status.code == ErrorCode.SHUTTING_DOWN
+    assert "the work running finishes (up to 30 s), then it exits" in status.message
+    assert "stopping: new requests are refused" in caplog.text  # said when it begins
     backend.release()
     served.thread.join(TIMEOUT_S)
     assert not served.thread.is_alive()

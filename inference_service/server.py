@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import math
 import os
@@ -286,6 +287,14 @@ def _instance_token() -> str:
     return uuid.uuid4().hex
 
 
+def _reply_id(frames: list[bytes]) -> str | None:
+    """The request id a reply's frames (client, header) answer, for the log."""
+    try:
+        return json.loads(frames[1]).get("id")
+    except (ValueError, AttributeError, IndexError):
+        return None
+
+
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (
@@ -482,7 +491,11 @@ class Server:
                 full[client] += 1
                 self._held.append(frames)
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH)
-                log.warning("client unreachable; dropping its work", extra={"error": str(exc)})
+                # Named: its "request done" line was logged when the reply was queued.
+                log.warning(
+                    "client unreachable; dropping its work",
+                    extra={"error": str(exc), "undelivered": _reply_id(frames)},
+                )
                 gone.add(client)
                 self._drop_client(client)
         now = time.monotonic()

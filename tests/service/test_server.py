@@ -8,6 +8,7 @@ tested deterministically. Tests of the scripted backend's own failures run on it
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import random
@@ -615,6 +616,29 @@ class _FullPipe:
 
     def close(self, linger=None):
         pass
+
+
+class _GonePeer(_FullPipe):
+    """A ROUTER whose client has gone (ROUTER_MANDATORY: EHOSTUNREACH)."""
+
+    def send_multipart(self, frames, flags=0):
+        raise zmq.ZMQError(errno.EHOSTUNREACH)
+
+
+@scripted_only
+def test_a_reply_that_could_not_be_delivered_is_named_in_the_log(backend, caplog):
+    # Its "request done" line, logged when the reply was queued, said ok; the warning that
+    # followed named neither the request nor what became of its reply.
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    router, server._router = server._router, _GonePeer()
+    try:
+        server._emit(b"gone", PoseReply("chat-7", "Sure.", ()))
+        server._forward_replies()
+        [warning] = [r for r in caplog.records if r.getMessage().startswith("client unreachable")]
+        assert warning.undelivered == "chat-7"
+    finally:
+        server._router = router
+        server.close()
 
 
 @scripted_only

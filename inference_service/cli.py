@@ -59,6 +59,7 @@ from shared_protocol.protocol import (
     encode_request,
     error_reply_for,
     readable_text,
+    timeout_ms_within,
 )
 from shared_protocol.skeleton import JOINT_NAMES
 
@@ -588,9 +589,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _waits_ms(args: argparse.Namespace) -> int:
-    """--timeout as a request's timeout_ms: the service drops work not started by the time
-    this command stops waiting, and keeps work it still waits for (not its own default)."""
-    return max(1, int(min(args.timeout * 1000, DEFAULT_LIMITS.max_timeout_ms)))
+    """--timeout as a request's timeout_ms (`timeout_ms_within`): the service keeps work this
+    command still waits for (not its own default), and drops the rest."""
+    return timeout_ms_within(args.timeout)
 
 
 def _queues_fewer(reply, asked: Sequence) -> bool:

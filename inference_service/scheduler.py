@@ -310,7 +310,11 @@ class Scheduler:
         for task in [t for t in self._queue if t.deadline <= now]:
             self._queue.remove(task)
             task.request.queued -= 1
-            self._fail_item(task, ErrorCode.TIMEOUT, "the deadline passed before it ran")
+            message = (
+                f"not started within {task.request.timeout_s:g} s (its timeout): the model was "
+                "busy with other work"
+            )
+            self._fail_item(task, ErrorCode.TIMEOUT, message)
 
     def _refill(self, request: _Request) -> None:
         """Queues the request's next items, up to its window; each deadline starts now. A

@@ -1022,6 +1022,15 @@ def encode_request(message: Request, limits: Limits = DEFAULT_LIMITS) -> list[by
     return frames
 
 
+def timeout_ms_within(wait_s: float, limits: Limits = DEFAULT_LIMITS) -> int:
+    """A request's `timeout_ms` for a client that waits `wait_s` for its answer: the service
+    drops work not started by then. A little less (a tenth, at most a second), so that the
+    service's own `timeout` reply, saying that other work held the model, comes before the
+    client stops waiting; at most the protocol's limit."""
+    wait_ms = wait_s * 1000
+    return max(1, int(min(wait_ms - min(wait_ms / 10, 1000), limits.max_timeout_ms)))
+
+
 # How long a batch run waits before sending a request again that the service refused whole as
 # `busy` (its queue full with other clients' work, or its model loading): a delay a try, then
 # it gives up, after 90 s in all.

@@ -51,6 +51,7 @@ from shared_protocol.protocol import (
     StatusReply,
     StatusRequest,
     Turn,
+    timeout_ms_within,
 )
 
 
@@ -177,13 +178,13 @@ class Session:
             tuple(images),
             tuple(history),
             mode,
-            timeout_ms=int(self.timeout_s * 1000),
+            timeout_ms=timeout_ms_within(self.timeout_s),
         )
         return self._send(request)
 
     def request_batch(self, prompts: Sequence[str]) -> str:
         request = BatchRequest(
-            self._client.new_id(), tuple(prompts), timeout_ms=int(self.timeout_s * 1000)
+            self._client.new_id(), tuple(prompts), timeout_ms=timeout_ms_within(self.timeout_s)
         )
         return self._send(request)
 

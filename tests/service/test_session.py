@@ -228,6 +228,23 @@ def test_a_stuck_service_times_out_and_the_next_request_still_works(address, bac
     session.close()
 
 
+def test_a_request_held_up_by_other_work_says_so_when_its_time_is_up(address, backend):
+    # It sent its whole timeout as timeout_ms, so its own timer always ended first: "no
+    # answer within 1 s", never that another animator's work held the model.
+    other = Session(address, timeout_s=TIMEOUT_S)
+    backend.hold()
+    other.request_pose("running")
+    assert backend.entered.wait(TIMEOUT_S)
+    session = Session(address, timeout_s=1.0)
+    request_id = session.request_pose("queued")
+    [failure] = run_until(session, final_for(request_id))
+    assert failure.code == ErrorCode.TIMEOUT
+    assert "not started within 0.9 s (its timeout): the model was busy" in failure.message
+    backend.release()
+    session.close()
+    other.close()
+
+
 def test_a_cancel_that_cannot_be_queued_still_fails_its_request_in_time(
     address, backend, monkeypatch
 ):

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arrays import NPZ_READ_ERRORS, finite_array, npz_member, open_npz, write_npz
-from .rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from .rotations import (
+    axis_angle_to_matrix,
+    axis_angle_to_quaternion,
+    matrix_to_axis_angle,
+    quaternion_to_axis_angle,
+    slerp,
+)
 from .skeleton import DEFAULT_REST_JOINTS, NUM_JOINTS, SMPL_TO_BLENDER
 
 POSE_LAYOUT = "smpl24_axis_angle"
@@ -302,6 +308,36 @@ class Motion:
             gender=gender,
             betas=np.zeros(10) if betas is None else betas,
             labels=tuple(labels) if any(labels) else None,
+        )
+
+    def resampled_length(self, fps: float) -> int:
+        """How many frames `resampled(fps)` has: those at or before the last frame's time."""
+        if len(self) < 2:
+            return len(self)
+        return math.floor((len(self) - 1) * fps / self.fps + 1e-9) + 1
+
+    def resampled(self, fps: float) -> Motion:
+        """The motion at another frame rate over the same time, starting at its first frame:
+        each new frame's joint rotations interpolated (slerp) and its translation too
+        (linearly) between the two frames around its time; its label the nearest frame's. A
+        120 fps capture keyed at 24 fps plays at its own speed."""
+        if len(self) < 2 or fps == self.fps:
+            return dataclasses.replace(self, fps=fps)
+        times = np.arange(self.resampled_length(fps)) * (self.fps / fps)  # in frames of self
+        before = np.minimum(times.astype(int), len(self) - 2)
+        fraction = times - before  # in [0, 1]
+        rotations = axis_angle_to_quaternion(self.axis_angle)
+        between = slerp(rotations[before], rotations[before + 1], fraction[:, None])
+        t = fraction[:, None]
+        translation = (1 - t) * self.translation[before] + t * self.translation[before + 1]
+        nearest = np.rint(times).astype(int)
+        labels = None if self.labels is None else tuple(self.labels[k] for k in nearest)
+        return dataclasses.replace(
+            self,
+            axis_angle=quaternion_to_axis_angle(between),
+            translation=translation,
+            fps=fps,
+            labels=labels,
         )
 
     def poses(self) -> list[Pose]:

@@ -41,6 +41,7 @@ __all__ = [
     "quaternion_to_matrix",
     "rotation_6d_to_matrix",
     "rotation_angle",
+    "slerp",
 ]
 
 # Max |RᵀR − I| and |det R − 1| accepted for a rotation matrix: loose enough for float32 output.
@@ -216,6 +217,25 @@ def quaternion_to_axis_angle(quaternion) -> np.ndarray:
     """(..., 4) quaternion (w, x, y, z), any non-zero norm -> (..., 3) axis-angle in [0, π]."""
     q = _validated_quaternion(quaternion, "quaternion")
     return _quat_to_aa(_canonical(q))
+
+
+def slerp(start, end, fraction) -> np.ndarray:
+    """(..., 4) unit quaternions from `start` to `end` (..., 4) at `fraction` (0 at start, 1 at
+    end; broadcast against their leading dimensions), at a constant rate along the shorter arc
+    (q and −q are the one rotation); canonical, w >= 0."""
+    q0 = _canonical(_validated_quaternion(start, "start"))
+    q1 = _validated_quaternion(end, "end")
+    t = finite_array(fraction, "fraction", ())[..., None]
+    cos = np.sum(q0 * q1, axis=-1, keepdims=True)
+    q1 = np.where(cos < 0, -q1, q1)
+    angle = np.arccos(np.clip(np.abs(cos), 0.0, 1.0))
+    sin = np.sin(angle)
+    near = sin < _SMALL_ANGLE  # nearly the same rotation: the straight line is as good
+    safe = np.where(near, 1.0, sin)
+    w0 = np.where(near, 1.0 - t, np.sin((1.0 - t) * angle) / safe)
+    w1 = np.where(near, t, np.sin(t * angle) / safe)
+    q = w0 * q0 + w1 * q1
+    return _canonical(q / np.linalg.norm(q, axis=-1, keepdims=True))
 
 
 def matrix_to_quaternion(matrix) -> np.ndarray:

@@ -611,3 +611,24 @@ def test_a_long_motion_held_still_loads_back(tmp_path):
     still = Motion(np.zeros((200_000, 24, 3)), np.zeros((200_000, 3)), fps=120.0)
     still.save_npz(tmp_path / "still.npz")
     assert len(Motion.load_npz(tmp_path / "still.npz")) == 200_000
+
+
+def test_a_motion_resampled_keeps_its_timing_and_interpolates_between_frames():
+    turns = np.linspace(0.0, 1.2, 13)  # one joint turning about z, 0.1 rad a frame, at 120 fps
+    axis_angle = np.zeros((13, 24, 3))
+    axis_angle[:, 16, 2] = turns
+    walk = np.stack([np.linspace(0.0, 1.2, 13), np.zeros(13), np.zeros(13)], axis=-1)
+    labels = tuple(f"f{k}" for k in range(13))
+    motion = Motion(axis_angle, walk, fps=120.0, labels=labels)
+    down = motion.resampled(24.0)  # every fifth frame, exactly
+    assert (len(down), down.fps, down.labels) == (3, 24.0, ("f0", "f5", "f10"))
+    np.testing.assert_allclose(down.axis_angle, motion.axis_angle[::5], atol=1e-12)
+    up = motion.resampled(240.0)  # a new frame halfway between each two
+    assert len(up) == 25 == motion.resampled_length(240.0)
+    np.testing.assert_allclose(up.axis_angle[1::2, 16, 2], turns[:-1] + 0.05, atol=1e-12)
+    np.testing.assert_allclose(up.translation[1::2, 0], walk[:-1, 0] + 0.05, atol=1e-12)
+    # Rates of no whole ratio: frames at or before the motion's last instant, 0.1 s in.
+    assert len(motion.resampled(29.97)) == motion.resampled_length(29.97) == 3
+    assert len(motion.resampled(1000.0)) == 101
+    still = Motion(axis_angle[:1], walk[:1], fps=120.0)
+    assert len(still.resampled(24.0)) == 1 and still.resampled(24.0).fps == 24.0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.spatial.transform import Rotation
+from scipy.spatial.transform import Rotation, Slerp
 
 from shared_protocol import rotations as rot
 
@@ -360,3 +360,23 @@ def test_geodesic_distance_bad_input(a, b, name):
 def test_6d_decode_of_huge_columns_is_still_a_rotation():
     m = rot.rotation_6d_to_matrix(np.array([1e200, 0.0, 0.0, 0.0, 1e200, 0.0]))
     np.testing.assert_allclose(m, np.eye(3))
+
+
+def test_slerp_matches_scipy_s_and_takes_the_shorter_arc():
+    rng = np.random.default_rng(7)
+    start, end = Rotation.random(50, random_state=1), Rotation.random(50, random_state=2)
+    fractions = rng.uniform(0, 1, 50)
+    wxyz = lambda r: np.roll(r.as_quat(), 1, axis=-1)  # noqa: E731  scipy's is (x, y, z, w)
+    got = rot.slerp(wxyz(start), wxyz(end), fractions)
+    for k in range(50):
+        expected = Slerp([0, 1], Rotation.concatenate([start[k], end[k]]))(fractions[k])
+        angle = (Rotation.from_quat(np.roll(got[k], -1)) * expected.inv()).magnitude()
+        assert angle < 1e-9
+    # -q is q: the way from it is as short, not a turn the long way round.
+    np.testing.assert_allclose(rot.slerp(wxyz(start), -wxyz(end), fractions), got, atol=1e-12)
+    canonical_start = wxyz(start) * np.sign(wxyz(start)[:, :1])
+    np.testing.assert_allclose(rot.slerp(wxyz(start), wxyz(end), 0.0), canonical_start, atol=1e-12)
+    same = rot.slerp([1, 0, 0, 0], [1, 0, 0, 1e-9], 0.5)  # nearly one rotation: no 0 / 0
+    assert np.isfinite(same).all() and abs(np.linalg.norm(same) - 1) < 1e-12
+    with pytest.raises(ValueError, match="fraction"):
+        rot.slerp([1, 0, 0, 0], [0, 1, 0, 0], np.nan)

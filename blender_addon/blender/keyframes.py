@@ -202,11 +202,13 @@ def import_npz(
     use_translation: bool = True,
     scene: bpy.types.Scene | None = None,
     z_up: bool = True,
+    resample_fps: float | None = None,
 ) -> tuple[Motion, list[int]]:
-    """Loads an AMASS-layout .npz and keys it; with ``scene``, sets its frame rate (to the
-    nearest whole fps with a matching base) and frame range to the motion, unless the motion
-    is one pose: that has no rate, and a range of one frame would stop the scene's other
-    animation playing.
+    """Loads an AMASS-layout .npz and keys it, resampled to ``resample_fps`` if given (the
+    scene's rate over ``step``); with ``scene``, sets its frame range to the motion, and its
+    frame rate too (to the nearest whole fps with a matching base) unless resampled, unless
+    the motion is one pose: that has no rate, and a range of one frame would stop the scene's
+    other animation playing.
 
     A Z-up file is AMASS's world: its translation puts the pelvis there (SMPL adds it to the
     rest pelvis: ``amass_trans_offset``), its floor (z = 0) under the armature's rest pose (at
@@ -214,11 +216,14 @@ def import_npz(
     stands. With ``z_up`` False the file is in the SMPL body frame and holds this project's
     translations: the pelvis's offset from its rest position."""
     motion = Motion.load_npz(path, z_up=z_up, rest_joints=rest_joints(obj))
+    if resample_fps is not None:
+        motion = motion.resampled(resample_fps)
     frames = key_motion(obj, motion, start, step, use_translation=use_translation)
     if scene is not None and len(frames) > 1:
-        playback = motion.fps * step
-        scene.render.fps = max(1, round(playback))
-        scene.render.fps_base = scene.render.fps / playback
+        if resample_fps is None:
+            playback = motion.fps * step
+            scene.render.fps = max(1, round(playback))
+            scene.render.fps_base = scene.render.fps / playback
         scene.frame_start, scene.frame_end = frames[0], frames[-1]
     return motion, frames
 

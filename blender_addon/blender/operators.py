@@ -12,7 +12,7 @@ from shared_protocol.pose import Motion, Pose, written_z_up
 
 from ..core.timeline import MAX_FRAME, frames_for, keeps_timing
 from ..preferences import preferred_smpl_model
-from .anim import LockedCurveError, start_new_take
+from .anim import LockedCurveError, action_fcurves, start_new_take
 from .armature import (
     armature_meant,
     create_smpl_armature,
@@ -193,8 +193,16 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     use_translation: bpy.props.BoolProperty(name="Translation", default=True)
     set_scene: bpy.props.BoolProperty(
         name="Set Scene Rate and Range",
-        description="Set the scene's frame rate and range to the motion",
+        description="Set the scene's frame rate (unless resampled) and range to the motion",
         default=True,
+    )
+    resample: bpy.props.BoolProperty(
+        name="Resample to Scene Rate",
+        description="Key the motion at the scene's frame rate (a key every Frame Step frames), "
+        "its poses interpolated between the file's, so that it plays at its own speed in the "
+        "scene's rate (a 120 fps capture in a 24 fps shot). Off: a key for each frame of the "
+        "file",
+        default=False,
     )
     z_up: bpy.props.BoolProperty(
         name="Z-up (AMASS)",
@@ -226,13 +234,18 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             return {"CANCELLED"}
         unused_model = ""
         kept = None
+        rate_before = scene_fps(context.scene)
+        resample_to = rate_before / self.frame_step if self.resample else None
+        keyed_before = obj is not None and bool(action_fcurves(obj))
         try:
             # Read first: a file that does not load leaves the scene as it was, nor one too long.
             motion = Motion.load_npz(self.filepath, z_up=self.z_up)
             said_z_up = written_z_up(self.filepath)
+            file_fps = motion.fps
             if len(motion) == 0:  # a new take of nothing would replace what plays now
                 raise ValueError(f"{self.filepath}: the motion holds no frames")
-            frames_for(len(motion), self.start_frame, self.frame_step)
+            count = len(motion) if resample_to is None else motion.resampled_length(resample_to)
+            frames_for(count, self.start_frame, self.frame_step)
             if context.mode == "EDIT_ARMATURE":  # its bones are not the ones posing reads
                 ensure_object_mode(context)
             if obj is None:
@@ -252,6 +265,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                 use_translation=self.use_translation,
                 scene=context.scene if self.set_scene else None,
                 z_up=self.z_up,
+                resample_fps=resample_to,
             )
         except (ValueError, FileNotFoundError) as exc:
             self.report({"ERROR"}, str(exc))
@@ -265,8 +279,25 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         scene = context.scene
         rate = scene_fps(scene)
         timing = ""
+        if resample_to is not None and len(frames) > 1:
+            timing = f"; resampled from {file_fps:g} to {resample_to:g} fps"
+        playback = file_fps * self.frame_step
+        if not self.set_scene and resample_to is None and abs(playback / rate - 1) > 1e-3:
+            pace = "slower" if playback > rate else "faster"
+            timing += (
+                f"; the file is at {file_fps:g} fps and the scene plays {rate:g}: a key for each "
+                f"of its frames plays it {max(playback, rate) / min(playback, rate):.3g} times "
+                f"{pace} (Resample to Scene Rate keys it at the scene's rate)"
+            )
+            level = "WARNING"
+        if keyed_before and not self.new_take and abs(rate / rate_before - 1) > 1e-3:
+            timing += (
+                f"; the scene's rate went from {rate_before:g} to {rate:g} fps, and the take's "
+                "other keys play at it too (Resample to Scene Rate keeps the scene's rate)"
+            )
+            level = "WARNING"
         if self.set_scene and len(frames) > 1:
-            timing = (
+            timing += (
                 f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at "
                 f"{rate:g} fps"
             )

@@ -527,6 +527,41 @@ def test_importing_one_pose_leaves_the_scenes_rate_and_range_and_a_motion_says_i
     assert "preview range" not in capfd.readouterr().out
 
 
+def test_a_motion_at_another_rate_than_the_scene_s_is_resampled_or_warned_of(
+    blender, tmp_path, capfd
+):
+    # A 120 fps capture in a 24 fps shot was keyed a frame per frame, 5x slow, and the scene's
+    # rate switched under keys already there, without a word; nothing could bring it to 24.
+    scene = bpy.context.scene
+    scene.render.fps, scene.render.fps_base = 24, 1.0
+    capture = tmp_path / "capture.npz"
+    motion(11, seed=4, fps=120.0).save_npz(capture)
+    assert bpy.ops.chatpose.import_npz(filepath=str(capture), resample=True) == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert keyed_frames(obj) == [1, 2, 3]  # 0.1 s: its frames 0, 5 and 10
+    for frame, k in ((1, 0), (2, 5), (3, 10)):
+        expected = motion(11, seed=4, fps=120.0).axis_angle[k]
+        np.testing.assert_allclose(read_pose(obj, frame).axis_angle, expected, atol=1e-5)
+    assert (scene.render.fps, scene.render.fps_base, scene.frame_end) == (24, 1.0, 3)
+    assert "; resampled from 120 to 24 fps" in capfd.readouterr().out
+
+    kept = dict(set_scene=False, new_take=False, start_frame=20)
+    assert bpy.ops.chatpose.import_npz(filepath=str(capture), **kept) == {"FINISHED"}
+    said = capfd.readouterr().out
+    assert (
+        said.startswith("Warning:")
+        and (
+            "the file is at 120 fps and the scene plays 24: a key for each of its frames plays it "
+            "5 times slower (Resample to Scene Rate keys it at the scene's rate)"
+        )
+        in said
+    )
+    # A clip at 30 fps after it, in the same take: the scene switches, and says what that does.
+    assert bpy.ops.chatpose.import_npz(filepath=str(capture), new_take=False) == {"FINISHED"}
+    said = capfd.readouterr().out
+    assert "the scene's rate went from 24 to 120 fps, and the take's other keys play at it" in said
+
+
 def test_npz_import_export_round_trip(blender, tmp_path):
     source = tmp_path / "in.npz"
     original = motion(8, seed=3, fps=60.0)

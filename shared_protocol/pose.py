@@ -525,6 +525,8 @@ def says_z_up(arrays: Mapping[str, np.ndarray], otherwise: bool | None) -> bool 
 
 def _text(value: np.ndarray, name: str) -> str:
     """AMASS writes strings as numpy unicode or bytes scalars."""
+    if value.dtype.kind in "US" and value.size != 1:
+        raise ValueError(f"{name}: expected one string, got {value.size} (shape {value.shape})")
     if value.dtype.kind == "U":
         return str(value.item())
     if value.dtype.kind == "S":

@@ -418,6 +418,10 @@ def test_motion_reads_real_amass_variants(tmp_path):
             {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "gender": np.array(1.0)},
             "gender: expected a string",
         ),
+        (
+            {"poses": np.zeros((2, 72)), "mocap_framerate": 30.0, "gender": ["male", "female"]},
+            r"gender: expected one string, got 2 \(shape \(2,\)\)",
+        ),
     ],
 )
 def test_motion_load_names_the_file_and_the_bad_entry(tmp_path, arrays, message):

@@ -10,7 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import Motion, Pose, written_z_up
 
-from ..core.timeline import MAX_FRAME, frames_for, keeps_timing
+from ..core.timeline import MAX_FRAME, MAX_IMPORTED_POSES, frames_for, keeps_timing
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, action_fcurves, start_new_take
 from .armature import (
@@ -245,6 +245,13 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             if len(motion) == 0:  # a new take of nothing would replace what plays now
                 raise ValueError(f"{self.filepath}: the motion holds no frames")
             count = len(motion) if resample_to is None else motion.resampled_length(resample_to)
+            if count > MAX_IMPORTED_POSES:
+                raise ValueError(
+                    f"{self.filepath}: {count:,} poses to key, more than the "
+                    f"{MAX_IMPORTED_POSES:,} one import keys (Blender would stop for minutes "
+                    "and could run out of memory): cut the file, or Resample to Scene Rate at a "
+                    "lower rate"
+                )
             frames_for(count, self.start_frame, self.frame_step)
             if context.mode == "EDIT_ARMATURE":  # its bones are not the ones posing reads
                 ensure_object_mode(context)

@@ -12,6 +12,10 @@ from shared_protocol.pose import FPS_RANGE
 # played, and far past them (2^24) float32 keys no longer hold whole frames, so two lines would
 # share one key while the batch record says each has its own.
 MAX_FRAME = 1_048_574
+# The most poses one import keys: keying runs on Blender's main thread, and 200,000 took 23 s
+# and 3 GB (a million would take minutes and some 15 GB, enough to have Blender killed). An
+# hour of capture at 24 fps is 86,400.
+MAX_IMPORTED_POSES = 100_000
 
 
 def frames_for(count: int, start: int, step: int = 1) -> list[int]:

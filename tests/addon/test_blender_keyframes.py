@@ -684,6 +684,15 @@ def test_import_of_a_bad_file_reports_an_error(blender, tmp_path):
     with pytest.raises(RuntimeError, match="end at frame 1048576; Blender's frames go"):
         bpy.ops.chatpose.import_npz(filepath=str(long), start_frame=1_048_574)
     assert list(bpy.data.objects) == []  # nor for one that does not fit the timeline
+    # Nor for one Blender would key for minutes, and could run out of memory keying.
+    np.savez(long, poses=np.zeros((100_001, 72)), mocap_framerate=np.array(30.0))
+    with pytest.raises(RuntimeError, match="long.npz: 100,001 poses to key, more than the 100,000"):
+        bpy.ops.chatpose.import_npz(filepath=str(long))
+    assert list(bpy.data.objects) == []
+    resampled = dict(resample=True, frame_step=2)  # at 12 fps in a 24 fps scene: 40,001 poses
+    bpy.context.scene.render.fps, bpy.context.scene.render.fps_base = 24, 1.0
+    with pytest.raises(RuntimeError, match="end at frame 1048576"):  # counted resampled
+        bpy.ops.chatpose.import_npz(filepath=str(long), start_frame=968_576, **resampled)
     # A frame rate no scene can take is refused before any key is written.
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     fast = tmp_path / "fast.npz"

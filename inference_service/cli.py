@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         type=positive_float,
         metavar="S",
-        help="wait up to S seconds for the service to serve: one just started, or loading its "
-        "model, or with its queue full of other users' work (by default a service not there "
-        "within 2 s, loading, or busy, is an error)",
+        help="wait up to S seconds for the service to serve: one just started, loading its "
+        "model, restarting, or with its queue full of other users' work (by default a service "
+        "not there within 2 s, loading, stopping or busy, is an error)",
     )
     connection.add_argument(
         "--curve-secret-key",

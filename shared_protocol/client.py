@@ -350,7 +350,8 @@ class Client:
         loading: Callable[[str], None] | None = None,
     ) -> StatusReply:
         """The service's status once it serves: asked again while nothing listens yet or the
-        model still loads (a `busy` reply). ProtocolError(timeout) after `timeout_s`
+        model still loads (a `busy` reply), or the service there is stopping (a restart may take
+        its place: `shutting_down`). ProtocolError(timeout) after `timeout_s`
         (with `loading`: after `timeout_s` without a `busy` reply either, so a service seen
         loading is waited for as long as it takes, a 13B model takes minutes, and each `busy`
         message goes to `loading`, to say so), or
@@ -359,6 +360,7 @@ class Client:
         HandshakeRefused; any other error reply as a ProtocolError of its code."""
         deadline = time.monotonic() + timeout_s
         reached = False
+        stopping = ""  # a service seen stopping: a restart may take its place
         while True:
             why = gone()
             if why:
@@ -368,7 +370,8 @@ class Client:
                 raise ProtocolError(ErrorCode.UNREACHABLE, self.no_service_message(timeout_s))
             if left <= 0:
                 raise ProtocolError(
-                    ErrorCode.TIMEOUT, f"{self.address} did not serve within {timeout_s:g} s"
+                    ErrorCode.TIMEOUT,
+                    f"{self.address} did not serve within {timeout_s:g} s{stopping}",
                 )
             if not self.wait_connected(min(left, 0.2)):  # not past the time given
                 if self.refusal:
@@ -389,6 +392,10 @@ class Client:
                 continue
             if isinstance(reply, StatusReply):
                 return reply
+            if reply.code == ErrorCode.SHUTTING_DOWN:
+                stopping = " (the service there was stopping)"
+                time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
+                continue
             if reply.code != ErrorCode.BUSY:
                 raise ProtocolError(reply.code, reply.message)
             if loading is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from shared_protocol.pose import Motion, Pose, written_z_up
+from shared_protocol.pose import FPS_RANGE, Motion, Pose, written_z_up
 
 from ..core.timeline import MAX_FRAME, MAX_IMPORTED_POSES, frames_for, keeps_timing
 from ..preferences import preferred_smpl_model
@@ -175,6 +175,19 @@ class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
+def _same_rate(a: float, b: float) -> bool:
+    """Rates that play a motion at the same speed, give or take NTSC's 0.1 % (29.97 for 30):
+    a frame in a thousand, which no eye tells apart."""
+    return abs(a / b - 1) < 0.005
+
+
+def _pace(playback: float, rate: float) -> str:
+    """How a motion at `playback` fps keyed a frame per frame plays in a `rate` fps scene."""
+    ratio = max(playback, rate) / min(playback, rate)
+    how = "slower" if playback > rate else "faster"
+    return f"{(ratio - 1) * 100:.0f} % {how}" if ratio < 2 else f"{ratio:.3g} times {how}"
+
+
 class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     """Key an AMASS-layout .npz motion on the SMPL armature (a new one if none is selected)"""
 
@@ -218,6 +231,21 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         default=True,
     )
 
+    def _resampled_rate(self, scene_rate: float, poses: int) -> float | None:
+        """The rate to resample the motion to (None: not resampled; a single pose has no
+        rate); ValueError for one no motion file holds, before the scene is changed."""
+        if not self.resample or poses < 2:
+            return None
+        rate = scene_rate / self.frame_step
+        low, high = FPS_RANGE
+        if not low <= rate <= high:
+            raise ValueError(
+                f"Resample to Scene Rate: the scene's {scene_rate:.5g} fps, a key every "
+                f"{self.frame_step} frames, is {rate:.5g} fps; a motion's rate is from {low:g} "
+                f"to {high:g} fps: change the Frame Step"
+            )
+        return rate
+
     def execute(self, context):
         obj = find_smpl_armature(context)
         meant = armature_meant(context.active_object)  # the rig itself, or its mesh
@@ -235,7 +263,6 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         unused_model = ""
         kept = None
         rate_before = scene_fps(context.scene)
-        resample_to = rate_before / self.frame_step if self.resample else None
         keyed_before = obj is not None and bool(action_fcurves(obj))
         try:
             # Read first: a file that does not load leaves the scene as it was, nor one too long.
@@ -244,6 +271,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             file_fps = motion.fps
             if len(motion) == 0:  # a new take of nothing would replace what plays now
                 raise ValueError(f"{self.filepath}: the motion holds no frames")
+            resample_to = self._resampled_rate(rate_before, len(motion))
             count = len(motion) if resample_to is None else motion.resampled_length(resample_to)
             if count > MAX_IMPORTED_POSES:
                 raise ValueError(
@@ -286,21 +314,20 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         scene = context.scene
         rate = scene_fps(scene)
         timing = ""
-        if resample_to is not None and len(frames) > 1:
-            timing = f"; resampled from {file_fps:g} to {resample_to:g} fps"
+        if resample_to is not None and not _same_rate(file_fps, resample_to):
+            timing = f"; resampled from {file_fps:.5g} to {resample_to:.5g} fps"
         playback = file_fps * self.frame_step
-        if not self.set_scene and resample_to is None and abs(playback / rate - 1) > 1e-3:
-            pace = "slower" if playback > rate else "faster"
+        if not (self.set_scene or resample_to or len(frames) < 2 or _same_rate(playback, rate)):
             timing += (
-                f"; the file is at {file_fps:g} fps and the scene plays {rate:g}: a key for each "
-                f"of its frames plays it {max(playback, rate) / min(playback, rate):.3g} times "
-                f"{pace} (Resample to Scene Rate keys it at the scene's rate)"
+                f"; the file is at {file_fps:.5g} fps and the scene plays {rate:.5g}: a key for "
+                f"each of its frames plays it {_pace(playback, rate)} (Resample to Scene Rate "
+                "keys it at the scene's rate)"
             )
             level = "WARNING"
-        if keyed_before and not self.new_take and abs(rate / rate_before - 1) > 1e-3:
+        if keyed_before and not self.new_take and not _same_rate(rate, rate_before):
             timing += (
-                f"; the scene's rate went from {rate_before:g} to {rate:g} fps, and the take's "
-                "other keys play at it too (Resample to Scene Rate keeps the scene's rate)"
+                f"; the scene's rate went from {rate_before:.5g} to {rate:.5g} fps, and the "
+                "take's other keys play at it too (Resample to Scene Rate keeps the scene's rate)"
             )
             level = "WARNING"
         if self.set_scene and len(frames) > 1:

@@ -556,10 +556,27 @@ def test_a_motion_at_another_rate_than_the_scene_s_is_resampled_or_warned_of(
         )
         in said
     )
-    # A clip at 30 fps after it, in the same take: the scene switches, and says what that does.
+    # The clip again, in the same take: the scene switches, and says what that does.
     assert bpy.ops.chatpose.import_npz(filepath=str(capture), new_take=False) == {"FINISHED"}
     said = capfd.readouterr().out
     assert "the scene's rate went from 24 to 120 fps, and the take's other keys play at it" in said
+
+    # NTSC's 0.1 % is no difference to speak of; a quarter is, said as such; one pose has no rate.
+    scene.render.fps, scene.render.fps_base = 30, 1.001
+    thirty, one = tmp_path / "thirty.npz", tmp_path / "one.npz"
+    motion(4, seed=5, fps=30.0).save_npz(thirty)
+    motion(1, seed=6, fps=30.0).save_npz(one)  # as `chatpose pose --out` writes it
+    assert bpy.ops.chatpose.import_npz(filepath=str(thirty), set_scene=False) == {"FINISHED"}
+    scene.render.fps, scene.render.fps_base = 24, 1.0
+    assert bpy.ops.chatpose.import_npz(filepath=str(one), set_scene=False) == {"FINISHED"}
+    assert "Warning" not in capfd.readouterr().out
+    assert bpy.ops.chatpose.import_npz(filepath=str(thirty), set_scene=False) == {"FINISHED"}
+    assert "plays it 25 % slower" in capfd.readouterr().out
+    # A rate to resample to that no motion has is refused before the scene changes.
+    takes = set(bpy.data.actions)
+    with pytest.raises(RuntimeError, match="the scene's 24 fps, a key every 100000 frames, is"):
+        bpy.ops.chatpose.import_npz(filepath=str(capture), resample=True, frame_step=100_000)
+    assert set(bpy.data.actions) == takes and bpy.context.active_object == obj
 
 
 def test_npz_import_export_round_trip(blender, tmp_path):

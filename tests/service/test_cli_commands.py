@@ -108,6 +108,38 @@ def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
     assert code == cli.EXIT_UNREACHABLE and f"no service at {server.address} (no connection" in err
 
 
+def test_wait_asks_through_a_restart_of_the_service(backend, capsys):
+    # A supervised restart: the old service finishes its running work, then a new one binds.
+    # --wait gave up at once on the old one's shutting_down.
+    old = Server(backend, backend.info, "tcp://127.0.0.1:*", max_wait_ms=0)
+    threading.Thread(target=old.serve_forever, daemon=True).start()
+    backend.hold()
+    with Client(old.address) as other:
+        other.send(PoseRequest(other.new_id(), "running"))  # held: the old one keeps its port
+        assert backend.entered.wait(TIMEOUT_S)
+        old.stop()
+        code, _, err = run(capsys, "status", "--address", old.address)
+        assert code == cli.EXIT_SERVICE_ERROR and "the service is stopping" in err
+        code, _, err = run(capsys, "status", "--address", old.address, "--wait", "0.5")
+        assert code == cli.EXIT_TIMEOUT and "(the service there was stopping)" in err
+        new = []
+
+        def restart():
+            backend.release()  # the running work ends, and with it the old service
+            while True:
+                try:
+                    new.append(Server(backend, backend.info, old.address, max_wait_ms=0))
+                    break
+                except Exception:  # the old one still holds the port
+                    time.sleep(0.05)
+            threading.Thread(target=new[0].serve_forever, daemon=True).start()
+
+        threading.Timer(0.5, restart).start()
+        code, out, err = run(capsys, "status", "--address", old.address, "--wait", "30")
+    assert code == cli.EXIT_OK, err
+    new[0].stop()
+
+
 def run_against(capsys, answers, *argv) -> tuple[int, str, str, list]:
     """Runs the command against a stand-in service that takes one request and sends back the
     header frames `answers(request)` gives; (exit code, stdout, stderr, requests taken)."""

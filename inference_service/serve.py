@@ -302,8 +302,19 @@ def _load_backend(args: argparse.Namespace):
     """The model of `args.checkpoint` (the demo's without one), loaded: minutes for a large one."""
     from .backend import ModelBackend
 
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    quantization = "4-bit" if args.load_in_4bit else "8-bit" if args.load_in_8bit else "none"
+    log.info(  # said before the minutes it may take, for the admin watching the log
+        "loading the model",
+        extra={
+            "event": "loading",
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "device": args.device,
+            "quantization": quantization,
+        },
+    )
     return ModelBackend.from_checkpoint(
-        args.checkpoint or DEMO_CHECKPOINT,
+        checkpoint,
         device=args.device,
         load_in_4bit=args.load_in_4bit,
         load_in_8bit=args.load_in_8bit,

@@ -297,10 +297,12 @@ def _reply_id(frames: list[bytes]) -> str | None:
 
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
     if exc.errno == errno.EADDRINUSE:
+        # The same host: an admin serving the network on 0.0.0.0 must not be sent to loopback.
+        host = bind.rsplit(":", 1)[0] if bind.startswith("tcp://") else "tcp://127.0.0.1"
         return (
             f"cannot listen on {bind}: the address is already in use. Is another chatpose-serve "
             "running there (`chatpose status --address ADDRESS` tells)? Stop it, or choose "
-            "another port with --bind tcp://127.0.0.1:PORT."
+            f"another port with --bind {host}:PORT."
         )
     return f"cannot listen on {bind}: {exc}"
 
@@ -635,6 +637,7 @@ class Server:
                 "address": self.address,
                 "model": info.model,
                 "device": info.device,
+                "dtype": info.dtype,
                 **self._curve_fields(),
             },
         )

@@ -209,6 +209,15 @@ def test_chatpose_serve_process_serves_and_stops_on_a_signal_or_when_its_stdin_c
     events = [json.loads(line) for line in process.stderr.read().splitlines()]  # only JSON
     names = [e.get("event") for e in events]
     assert names[0] == "listening" and "start" in names and names[-1] == "stop"  # then loaded
+    # What an admin watching a load of minutes needs: which model, where, in what precision.
+    [loading] = [e for e in events if e.get("event") == "loading"]
+    assert (loading["checkpoint"], loading["device"], loading["quantization"]) == (
+        str(tiny_checkpoint.resolve()),
+        "cpu",
+        "none",
+    )
+    [started] = [e for e in events if e.get("event") == "start"]
+    assert started["dtype"] == "float32" and started["device"] == "cpu"
     timed = [e for e in events if e.get("event") == "request" and e["op"] == "pose"]
     assert timed and timed[0]["ok"] is True and timed[0]["ms"] >= 0
 

@@ -760,6 +760,18 @@ def test_unreachable_service_is_reported_quickly_and_clearly():
 def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
     with pytest.raises(ServerConfigError, match="already in use"):
         Server(backend, backend.info, running.address)
+    # Another port on the same host: an admin serving the network was sent to loopback.
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(
+            ServerConfigError, match=r"another port with --bind tcp://0\.0\.0\.0:PORT"
+        ):
+            check_address_free(f"tcp://0.0.0.0:{port}")  # as chatpose-serve checks first
+    finally:
+        taken.close()
 
 
 @scripted_only

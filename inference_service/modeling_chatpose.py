@@ -159,6 +159,14 @@ def _request_entry(method: Callable) -> Callable:
                 return method(self, *args, **kwargs)
         except torch.OutOfMemoryError as error:
             error.__traceback__ = None  # its frames hold the failed pass's tensors
+            # The client hears only that it ran out; the admin's log keeps torch's figures.
+            log.warning(
+                "out of GPU memory in %s (%s); chatpose-serve's --max-batch, "
+                "--max-new-tokens, or --load-in-8bit / --load-in-4bit need less",
+                method.__name__,
+                (str(error).splitlines() or ["no detail"])[0],
+                extra={"event": "out_of_memory"},
+            )
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # for other processes on the card, too
         raise ModelOutOfMemoryError("out of GPU memory: send fewer or shorter requests")

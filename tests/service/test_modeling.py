@@ -975,7 +975,7 @@ class Activations:
 @pytest.mark.parametrize("where", ["_backbone", "_encode", "head"])
 @pytest.mark.parametrize("path", ["pose", "chat"])
 def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_let_go(
-    tiny_model, monkeypatch, where, path
+    tiny_model, monkeypatch, caplog, where, path
 ):
     failed_pass = []
 
@@ -999,6 +999,10 @@ def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_le
         run()
     assert raised.value.__cause__ is None and raised.value.__context__ is None
     assert failed_pass and failed_pass[0]() is None  # freed before the error reached the caller
+    # The admin's log keeps what torch said, which the client's message leaves out.
+    assert "(CUDA out of memory. Tried to allocate 2.00 GiB); chatpose-serve's --max-batch" in (
+        caplog.text
+    )
 
 
 # --- checkpoints that must load offline, or be refused by name ---------------------------------

@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     kept = [name for name in names if name not in made]
     print(f"keys in {args.directory}: made {', '.join(made) or 'no new client'}", end="")
     print(f"; kept the existing keys of {', '.join(kept)}" if kept else "")
+    authorized = args.directory / "authorized_clients"
+    for name in kept:
+        if not (authorized / f"{name}.key").exists():  # revoked: kept keys would not let it in
+            print(
+                f"note: {name} is not authorized (no authorized_clients/{name}.key: revoked); to "
+                f"give it a new key pair, delete {args.directory / (name + '.key_secret')} and "
+                "run this again",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -18,6 +18,23 @@ def test_running_it_again_keeps_every_key_and_adds_new_clients(tmp_path):
     assert (tmp_path / "authorized_clients" / "lighter.key").exists()
 
 
+def test_a_revoked_client_run_again_is_said_to_be_revoked_and_can_get_a_new_pair(tmp_path, capsys):
+    # Revoked as security.md says, then run again: "kept the existing keys", exit 0, and the
+    # client still refused, with nothing said.
+    keys.main([str(tmp_path), "--client", "animator3"])
+    old = (tmp_path / "animator3.key_secret").read_bytes()
+    (tmp_path / "authorized_clients" / "animator3.key").unlink()
+    capsys.readouterr()
+    assert keys.main([str(tmp_path), "--client", "animator3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: animator3 is not authorized (no authorized_clients/animator3.key: revoked)" in err
+    (tmp_path / "animator3.key_secret").unlink()  # as the note says
+    assert keys.main([str(tmp_path), "--client", "animator3"]) == 0
+    assert "made animator3" in capsys.readouterr().out
+    assert (tmp_path / "authorized_clients" / "animator3.key").exists()
+    assert (tmp_path / "animator3.key_secret").read_bytes() != old
+
+
 def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
     tmp_path.chmod(0o755)  # a folder others may read, as a shared one is
     create = keys.zmq.auth.create_certificates

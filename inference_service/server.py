@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,10 +152,12 @@ class AuthorizedClients:
 
     REFUSALS_LOGGED_EVERY_S = 10.0
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.folder = folder
         self._files: dict[str, tuple[tuple, bytes | None]] = {}  # name: (stat stamp, key)
-        self._refused, self._said_at = 0, -math.inf
+        self._clock = clock
+        self._refusals_lock = threading.Lock()  # the authenticator's thread, and the I/O one
+        self._refused, self._said_at, self._last_key = 0, -math.inf, b""
         self._said: str | None = None  # the last problem logged, said once
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -199,19 +202,29 @@ class AuthorizedClients:
             self._said = text
 
     def _log_refusal(self, key: bytes) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._said_at < self.REFUSALS_LOGGED_EVERY_S:
-            return
+        with self._refusals_lock:
+            self._refused += 1
+            self._last_key = key
+        self.log_refusals()
+
+    def log_refusals(self) -> None:
+        """Logs the refusals not logged yet, unless a line went out less than
+        REFUSALS_LOGGED_EVERY_S ago; the I/O thread calls it too, so that knocks after a
+        logged one are said once that time is up, not only at the next knock."""
+        with self._refusals_lock:
+            now = self._clock()
+            if not self._refused or now - self._said_at < self.REFUSALS_LOGGED_EVERY_S:
+                return
+            refused, key = self._refused, self._last_key
+            self._refused, self._said_at = 0, now
         log.warning(
             "refused %d client handshake(s) with a key not among the authorized clients in %s "
             "(the last: %s...)",
-            self._refused,
+            refused,
             self.folder,
             key[:8].decode("ascii", "replace"),
             extra={"event": "client_refused"},
         )
-        self._refused, self._said_at = 0, now
 
 
 def check_bind(bind: str, curve: CurveKeys | None) -> None:
@@ -676,6 +689,8 @@ class Server:
                 serve_once()
                 if self.scheduler is not None:
                     self.scheduler.expire()
+                if self._clients is not None:
+                    self._clients.log_refusals()
         finally:
             with self._attach_lock:
                 self._serving = False  # a model that loads now is not started

@@ -29,6 +29,7 @@ from inference_service.demo import loading_notes
 from inference_service.keys import make_keys
 from inference_service.scheduler import Answer
 from inference_service.server import (
+    AuthorizedClients,
     CurveKeys,
     Server,
     ServerConfigError,
@@ -920,6 +921,26 @@ def test_clients_added_or_revoked_while_the_service_runs_count_from_their_next_c
         assert caplog.text.count("client handshake(s) with a key") == 1
     finally:
         served.stop()
+
+
+def test_refusals_after_a_logged_one_are_logged_once_their_time_is_up(tmp_path, caplog):
+    # A knock within 10 s of a logged one was counted, and never said unless another came
+    # more than 10 s later.
+    now = [0.0]
+    clients = AuthorizedClients(tmp_path, clock=lambda: now[0])
+    clients.callback("*", b"A" * 40)
+    clients.callback("*", b"B" * 40)  # within the 10 s: counted
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(said) == 1 and said[0].startswith("refused 1 client handshake(s)")
+    now[0] = 9.0
+    clients.log_refusals()  # as the I/O thread asks, every turn
+    assert sum(r.getMessage().startswith("refused") for r in caplog.records) == 1
+    now[0] = 10.5
+    clients.log_refusals()
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")][-1]
+    assert last.startswith("refused 1 client handshake(s)") and "(the last: BBBBBBBB...)" in last
+    clients.log_refusals()  # nothing new: nothing said
+    assert sum(r.getMessage().startswith("refused") for r in caplog.records) == 2
 
 
 class SlowScripted(ScriptedBackend):

@@ -250,12 +250,14 @@ def check_gpu_memory(
     """A ModelOutOfMemoryError, before loading, when the weights alone need more than the card
     has free: a full load would fail midway, and a quantized one is reported by transformers as
     a failed weight conversion, as if the checkpoint were broken. `bits`: 8 or 4 for a
-    quantized load (counted for every weight: the vision side left in `dtype` is small)."""
-    needed = weights_bytes(base_dir, dtype)
+    quantized load."""
+    needed = weights_bytes(base_dir, dtype, bits)
     if needed is None:
         return
-    if bits:
-        needed = needed * bits // (8 * dtype.itemsize)
+    if bits == 4:  # already the least
+        advice = "use a card with more memory free (other processes on it hold some)"
+    elif bits == 8:
+        advice = "--load-in-4bit needs less, or use a card with more memory"
     free, _ = torch.cuda.mem_get_info(device)
     if needed <= free:
         return
@@ -266,22 +268,35 @@ def check_gpu_memory(
     )
 
 
-def weights_bytes(base_dir: Path, dtype: torch.dtype) -> int | None:
-    """What the base model's safetensors weights take in `dtype`, from their headers alone;
-    None for weights in another format, or whose headers do not read (`check_base_files`
-    names those)."""
+# Weights a quantized load keeps in its dtype besides UNQUANTIZED_MODULES: bitsandbytes
+# quantizes linear layers only, and the token embeddings are none (13B: 0.16B weights).
+_NOT_LINEAR = ("embed_tokens",)
+
+
+def weights_bytes(base_dir: Path, dtype: torch.dtype, bits: int | None = None) -> int | None:
+    """What the base model's safetensors weights take in `dtype`, from their headers alone,
+    the language model's linear weights in `bits` when quantized (8 or 4: the vision side, the
+    output layer, the embeddings, norms and biases stay in `dtype`, some 1.3 GB of a 13B
+    model); None for weights in another format, or whose headers do not read
+    (`check_base_files` names those)."""
     files = sorted(Path(base_dir).glob("*.safetensors"))
     if not files:
         return None
-    elements = 0
+    kept = [re.compile(pattern.removeprefix(".*")) for pattern in UNQUANTIZED_MODULES]
+    full, quantized = 0, 0
     try:
         for file in files:
             with safe_open(file, framework="pt") as weights:
                 for name in weights.keys():
-                    elements += math.prod(weights.get_slice(name).get_shape())
+                    shape = weights.get_slice(name).get_shape()
+                    linear = len(shape) == 2 and not any(part in name for part in _NOT_LINEAR)
+                    if bits and linear and not any(p.search(name) for p in kept):
+                        quantized += math.prod(shape)
+                    else:
+                        full += math.prod(shape)
     except (OSError, SafetensorError):
         return None
-    return elements * dtype.itemsize
+    return full * dtype.itemsize + quantized * (bits or 8 * dtype.itemsize) // 8
 
 
 def check_base_files(base_dir: Path) -> None:

@@ -60,6 +60,7 @@ from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts, us
 from inference_service.errors import CheckpointError
 from inference_service.files import unwritable, write_failure
 from inference_service.loading import (
+    free_host_memory,
     refuse_custom_code,
     save_processor,
     settle_special_tokens,
@@ -309,6 +310,7 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"{source}: no *.safetensors or pytorch_model*.bin weight files")
     _check_shards(source, files)
+    _check_host_memory(files)
     for file in files:
         try:
             if file.suffix == ".safetensors":
@@ -318,6 +320,20 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
         except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{file}: cannot read the weights ({exc})") from exc
     return weights
+
+
+def _check_host_memory(files: list[Path]) -> None:
+    """CheckpointError, before reading, when the weights (one copy, as the release stores
+    them) need more memory than the machine has free: the system would kill the conversion
+    part way, with no word on why (Python's MemoryError rarely comes first on Linux)."""
+    needed = sum(file.stat().st_size for file in files)
+    free = free_host_memory()
+    if free is not None and needed > free:
+        raise CheckpointError(
+            f"the weights take about {needed / 1e9:.1f} GB of memory to convert, and this "
+            f"machine has {free / 1e9:.1f} GB free: close other programs, or convert on a "
+            "machine with more memory"
+        )
 
 
 def _check_shards(source: Path, files: list[Path]) -> None:

@@ -537,6 +537,20 @@ def test_a_conversion_out_of_memory_says_how_much_it_holds(release, tmp_path, mo
     assert "out of memory: the conversion holds one copy of the weights" in capsys.readouterr().err
 
 
+def test_a_machine_with_less_memory_free_than_the_weights_is_told_before_reading(
+    release, tmp_path, monkeypatch, capsys
+):
+    # The system kills the conversion part way, with no word (MemoryError rarely comes first).
+    source, clip, _ = release
+    weights = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    monkeypatch.setattr(convert_official, "free_host_memory", lambda: weights - 1)
+    read = []
+    monkeypatch.setattr(convert_official, "load_file", lambda *a: read.append(a) or {})
+    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+    assert "GB of memory to convert, and this machine has" in capsys.readouterr().err
+    assert not read and not (tmp_path / "out").exists()
+
+
 def test_wrong_pose_token_is_reported(release, tmp_path):
     source, clip, _ = release
     with pytest.raises(CheckpointError, match="no pose token '<POSE>'"):

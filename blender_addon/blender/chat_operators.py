@@ -98,8 +98,10 @@ class CHATPOSE_OT_pose_from_image(_NeedsTarget, bpy.types.Operator, ImportHelper
     bl_label = "Pose from Image"
     bl_options = SENDING_OPTIONS
 
+    # .jfif and .jpe: JPEGs as some browsers save them (Chrome on Windows, "Save image as").
     filter_glob: bpy.props.StringProperty(
-        default="*.png;*.jpg;*.jpeg;*.PNG;*.JPG;*.JPEG", options={"HIDDEN"}
+        default="*.png;*.jpg;*.jpeg;*.jfif;*.jpe;*.PNG;*.JPG;*.JPEG;*.JFIF;*.JPE",
+        options={"HIDDEN"},
     )
 
     def execute(self, context):

@@ -178,6 +178,8 @@ class ModelPredictor:
         # quantization: load_in_4bit / load_in_8bit, as chatpose-serve takes them
         self.model = ChatPoseModel.from_checkpoint(checkpoint, device=device, **quantization)
         self.batch_size = batch_size
+        # What ran, for the report: "auto" was CUDA or the CPU, in some precision.
+        self.device = f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')})"
 
     def _run(self, requests) -> np.ndarray:
         out = self._in_batches(requests, self.model.predict_poses)
@@ -346,6 +348,7 @@ def evaluate(
     tfidf = TfidfRetrieval([r.caption for r in train], train_poses)
     report: dict = {
         "checkpoint": str(checkpoint),
+        "device": getattr(predictor, "device", device),
         "corpus": str(corpus),
         "split": split,
         "pairs": str(pairs) if pairs is not None else None,
@@ -600,6 +603,7 @@ def evaluate_examples(
     overall = by_kind["all"]
     report: dict = {
         "checkpoint": str(checkpoint),
+        "device": getattr(predictor, "device", device),
         "data": data,
         "fit": fit_data,
         "examples": len(posed),
@@ -1106,7 +1110,6 @@ def _evaluated(args: argparse.Namespace, specs: list[DataSpec], fit: list[DataSp
         if report.get(key) is not None:
             report[key] = str(Path(report[key]).expanduser().resolve())
     report["limit"] = args.limit
-    report["device"] = args.device
     report["quantization"] = next((k for k, on in quantization.items() if on), None)
     report["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     return report

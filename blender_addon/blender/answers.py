@@ -265,7 +265,7 @@ def _pose_failed(outcome: PoseFailed) -> None:
         give_prompt_back(scene, job.prompt)
         feedback.push_undo("chat")
     if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
-        feedback.notify(f"Cancelled: {job.prompt or job.attachment or 'the request'}")
+        feedback.notify(f"Cancelled: {chat.preview(job.prompt or job.attachment or 'the request')}")
         return
     feedback.notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 

@@ -45,7 +45,7 @@ def _on_load_post(*_args) -> None:
         f"{received} answer(s) not yet applied were dropped" if received else "",
     ]
     if in_flight or received:
-        asked = "; ".join(repr(p[:60]) for p in prompts[:3] if p) + (
+        asked = "; ".join(chat.preview(p) for p in prompts[:3] if p) + (
             ", ..." if len(prompts) > 3 else ""
         )
         said = f" (asked: {asked})" if asked else ""

@@ -100,7 +100,7 @@ def send_pose(
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Not sent: {exc}") from None
     runtime.ensure_timer()
-    what = f"'{prompt}'" if prompt else "the image"
+    what = chat.preview(prompt) if prompt else "the image"
     feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
     return job
 
@@ -128,7 +128,7 @@ def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
     if not asked and not came:
         return
     job = (asked or came)[0]
-    named = repr((job.prompt or job.attachment)[:60])
+    named = chat.preview(job.prompt or job.attachment)
     if asked:
         raise live.UserError(
             f"Waiting for the answer to {named}: a chat turn goes with the exchanges before "
@@ -361,7 +361,9 @@ def cancel_request(request_id: str) -> bool:
     job = d.cancel_request(request_id) if d is not None else None
     if job is None:
         return False
-    feedback.set_message(f"Cancelling {(job.prompt or job.attachment or 'the request')[:60]!r}...")
+    feedback.set_message(
+        f"Cancelling {chat.preview(job.prompt or job.attachment or 'the request')}..."
+    )
     return True
 
 

@@ -55,6 +55,12 @@ def clean_text(text: str, max_chars: int = DEFAULT_LIMITS.max_text_chars) -> str
     return kept.strip()[:max_chars]
 
 
+def preview(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, cut to `limit` characters (an ellipsis marks the cut): a
+    pasted brief of 8,000 characters filled the panel's message box, 215 lines of it."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "\u2026")
+
+
 def exchange(
     prompt: str, reply: str, *, attachment: str = "", poses: int = 0, failed: bool = False
 ) -> tuple[Message, Message]:

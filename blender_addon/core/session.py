@@ -234,6 +234,11 @@ class Session:
             return []  # a cancel's reply, or a late answer to a request already given up
         flight.deadline = self._clock() + self.timeout_s
         match reply:
+            case PoseReply() if flight.cancelled:
+                # Answered before the cancel reached the service: the user said no all the same.
+                self._in_flight.pop(reply.id)
+                message = "cancelled (the answer had come; it is not applied)"
+                return [RequestFailed(reply.id, ErrorCode.CANCELLED, message)]
             case PoseReply():
                 self._in_flight.pop(reply.id)
                 return [PoseResult(reply.id, reply)]

@@ -915,8 +915,26 @@ def test_the_user_s_own_cancel_is_no_error_and_gives_the_prompt_back(armature, s
     drive(lambda: live.last_message()[0].startswith("Cancelled"))
     backend.release()
     drive(idle)
-    assert live.last_message() == ("Cancelled: never mind", "INFO")
+    assert live.last_message() == ("Cancelled: 'never mind'", "INFO")
     assert bpy.context.scene.chatpose.prompt == "never mind"  # to send again
+
+
+def test_a_long_prompt_is_shown_cut_in_the_messages_and_given_back_whole(
+    armature, scripted_service
+):
+    # A pasted brief of 8,000 characters filled the panel's message box (215 lines) and the
+    # Info report, from Send until the next message, and again when cancelled.
+    brief = "raise the arm slowly, " * 360
+    _send_while_held(scripted_service, brief)
+    said = live.last_message()[0]
+    assert said.startswith("Asked the service for 'raise the arm slowly, ") and len(said) < 120
+    bpy.ops.chatpose.cancel()
+    drive(lambda: live.last_message()[0].startswith("Cancelled"))
+    said = live.last_message()[0]
+    assert said.endswith("\u2026'") and len(said) < 80
+    scripted_service[1].release()
+    drive(idle)
+    assert bpy.context.scene.chatpose.prompt == brief.strip()
 
 
 def test_one_waiting_request_is_cancelled_from_its_row_and_the_other_goes_on(

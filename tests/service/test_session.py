@@ -29,6 +29,7 @@ from shared_protocol.protocol import (
     BatchItemReply,
     CancelRequest,
     ErrorCode,
+    PoseReply,
     ProtocolError,
     decode_request,
     encode_reply,
@@ -263,6 +264,29 @@ def test_a_cancel_that_cannot_be_queued_still_fails_its_request_in_time(
     assert failure.code == ErrorCode.TIMEOUT
     backend.release()
     session.close()
+
+
+def test_an_answer_that_comes_after_cancel_is_a_cancelled_request_not_a_pose():
+    # The service had answered before the cancel reached it: the pose was applied all the
+    # same, and the chat turn stored, although the user had pressed Cancel.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=TIMEOUT_S)
+    try:
+        request_id = session.request_pose("wave")
+        assert router.poll(TIMEOUT_S * 1000)
+        peer, *frames = router.recv_multipart()
+        session.cancel(request_id)  # pressed now; the answer is already on its way
+        answer = PoseReply(request_id, "Sure, <POSE>.", (pose_for("wave"),))
+        router.send_multipart([peer, *encode_reply(answer)])
+        [failure] = run_until(session, final_for(request_id))
+        assert isinstance(failure, RequestFailed) and failure.code == ErrorCode.CANCELLED
+        assert "the answer had come; it is not applied" in failure.message
+        assert not session.busy
+    finally:
+        session.close()
+        router.close()
 
 
 def test_a_cancel_a_hung_service_never_confirms_ends_the_request_after_a_grace_time():

@@ -157,17 +157,25 @@ def apply_pose(
         root.location = tuple(location)
     if frame is not None:
         keyed, options = False, set(key_options)  # bpy takes a set, not a frozenset
+        # The key type the animator set (Breakdown, say), as Blender's own inserts take it.
+        keytype = bpy.context.scene.tool_settings.keyframe_type
         for name in filter(None, names):
             pbone = pbones[name]
             path = rotation_data_path(pbone.rotation_mode)
-            keyed |= pbone.keyframe_insert(path, frame=frame, group=name, options=options)
+            keyed |= pbone.keyframe_insert(
+                path, frame=frame, group=name, options=options, keytype=keytype
+            )
         if use_translation:
             root = pbones[names[0]]
-            keyed |= root.keyframe_insert("location", frame=frame, group=names[0], options=options)
+            keyed |= root.keyframe_insert(
+                "location", frame=frame, group=names[0], options=options, keytype=keytype
+            )
         result.keyed_frame = frame if keyed else None
         now = bpy.context.scene.frame_current
-        if frame != now:  # the playhead shows its own frame: keying it must not take the answer
-            _show_animation_at(obj, now, use_translation)
+        # The playhead shows its own frame: keying it must not take the answer. At the answer's
+        # own frame the answer shows, but not over the bone locations and scales the rig keys
+        # there (a key set next would write the answer's 1.0 over the animator's 1.3).
+        _show_animation_at(obj, now, use_translation, answer_shown=frame == now)
     return result
 
 
@@ -230,15 +238,19 @@ def auto_key_options(context: bpy.types.Context) -> frozenset[str]:
     return frozenset(options)
 
 
-def _show_animation_at(obj: bpy.types.Object, frame: int, use_translation: bool) -> None:
+def _show_animation_at(
+    obj: bpy.types.Object, frame: int, use_translation: bool, *, answer_shown: bool = False
+) -> None:
     """Puts what posing changed back to what the animation gives at ``frame``: the channels
-    a pose is keyed on, and the bones' animated locations and scales."""
+    a pose is keyed on (unless ``answer_shown``), and the bones' animated locations and
+    scales."""
     fcurves = fcurve_map(obj)
     pbones = obj.pose.bones
     names = list(filter(None, bone_names(obj)))
     posed = [(bone, prop) for bone, prop, _ in pose_channels(obj, use_translation)]
     others = [(name, prop) for name in names for prop in ("location", "scale")]
-    for name, prop in dict.fromkeys(posed + others):
+    channels = [c for c in others if c not in posed] if answer_shown else posed + others
+    for name, prop in dict.fromkeys(channels):
         pbone = pbones[name]
         setattr(pbone, prop, channel_values(fcurves, pbone, prop, [frame])[0])
 

@@ -147,6 +147,17 @@ def test_a_pose_keyed_at_another_frame_leaves_the_playhead_showing_its_animation
     np.testing.assert_allclose(read_pose(obj, 10).axis_angle, animated.axis_angle, atol=1e-5)
     apply_pose(obj, random_pose(4), frame=10)  # at the playhead: shown
     np.testing.assert_allclose(read_pose(obj).axis_angle, random_pose(4).axis_angle, atol=1e-5)
+    # ...but not over the scale the animator keys there: shown as 1.0, the next key at frame
+    # 10 (I, Whole Character) wrote it over their own.
+    assert tuple(spine.scale) == pytest.approx(grown)
+
+
+def test_an_answer_is_keyed_with_the_animator_s_key_type(blender):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.scene.tool_settings.keyframe_type = "BREAKDOWN"
+    apply_pose(obj, random_pose(1), frame=5)  # as Blender's own inserts key, and Auto Keying
+    types = {point.type for fc in action_fcurves(obj) for point in fc.keyframe_points}
+    assert types == {"BREAKDOWN"}
 
 
 def curves(obj) -> dict[tuple[str, int], np.ndarray]:

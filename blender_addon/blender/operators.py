@@ -10,7 +10,14 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import FPS_RANGE, Motion, Pose, written_z_up
 
-from ..core.timeline import MAX_FRAME, MAX_IMPORTED_POSES, frames_for, keeps_timing
+from ..core.timeline import (
+    MAX_FRAME,
+    MAX_IMPORTED_POSES,
+    frames_for,
+    keeps_timing,
+    pace,
+    same_rate,
+)
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, action_fcurves, start_new_take
 from .armature import (
@@ -175,19 +182,6 @@ class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
-def _same_rate(a: float, b: float) -> bool:
-    """Rates that play a motion at the same speed, give or take NTSC's 0.1 % (29.97 for 30):
-    a frame in a thousand, which no eye tells apart."""
-    return abs(a / b - 1) < 0.005
-
-
-def _pace(playback: float, rate: float) -> str:
-    """How a motion at `playback` fps keyed a frame per frame plays in a `rate` fps scene."""
-    ratio = max(playback, rate) / min(playback, rate)
-    how = "slower" if playback > rate else "faster"
-    return f"{(ratio - 1) * 100:.0f} % {how}" if ratio < 2 else f"{ratio:.3g} times {how}"
-
-
 class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
     """Key an AMASS-layout .npz motion on the SMPL armature (a new one if none is selected)"""
 
@@ -314,17 +308,17 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         scene = context.scene
         rate = scene_fps(scene)
         timing = ""
-        if resample_to is not None and not _same_rate(file_fps, resample_to):
+        if resample_to is not None and not same_rate(file_fps, resample_to):
             timing = f"; resampled from {file_fps:.5g} to {resample_to:.5g} fps"
         playback = file_fps * self.frame_step
-        if not (self.set_scene or resample_to or len(frames) < 2 or _same_rate(playback, rate)):
+        if not (self.set_scene or resample_to or len(frames) < 2 or same_rate(playback, rate)):
             timing += (
                 f"; the file is at {file_fps:.5g} fps and the scene plays {rate:.5g}: a key for "
-                f"each of its frames plays it {_pace(playback, rate)} (Resample to Scene Rate "
+                f"each of its frames plays it {pace(playback, rate)} (Resample to Scene Rate "
                 "keys it at the scene's rate)"
             )
             level = "WARNING"
-        if keyed_before and not self.new_take and not _same_rate(rate, rate_before):
+        if keyed_before and not self.new_take and not same_rate(rate, rate_before):
             timing += (
                 f"; the scene's rate went from {rate_before:.5g} to {rate:.5g} fps, and the "
                 "take's other keys play at it too (Resample to Scene Rate keeps the scene's rate)"

@@ -74,6 +74,19 @@ def motion_frames(keyed: list[int], scene_fps: float) -> tuple[list[int], float]
     return list(frames), scene_fps / step
 
 
+def same_rate(a: float, b: float) -> bool:
+    """Rates that play a motion at the same speed, give or take NTSC's 0.1 % (29.97 for 30):
+    a frame in a thousand, which no eye tells apart."""
+    return abs(a / b - 1) < 0.005
+
+
+def pace(playback: float, rate: float) -> str:
+    """How a motion at `playback` fps, keyed a frame per frame, plays in a `rate` fps scene."""
+    ratio = max(playback, rate) / min(playback, rate)
+    how = "slower" if playback > rate else "faster"
+    return f"{(ratio - 1) * 100:.0f} % {how}" if ratio < 2 else f"{ratio:.3g} times {how}"
+
+
 def keeps_timing(frames: list[int]) -> bool:
     """Whether ``motion_frames``' frames are evenly spaced, so a file at one rate keeps the time
     between them (not so when it fell back to uneven keys alone)."""

@@ -482,6 +482,14 @@ def test_timeline():
     assert timeline.keeps_timing(list(range(1, 12101))) and timeline.keeps_timing([7])
 
 
+def test_rates_that_play_alike_and_how_another_plays():
+    assert timeline.same_rate(30.0, 30 / 1.001) and timeline.same_rate(24 / 1.001, 24.0)  # NTSC
+    assert not timeline.same_rate(30.0, 24.0) and not timeline.same_rate(25.0, 24.0)
+    assert timeline.pace(30.0, 24.0) == "25 % slower"  # a 30 fps file a key a frame at 24
+    assert timeline.pace(24.0, 30.0) == "25 % faster"
+    assert timeline.pace(120.0, 24.0) == "5 times slower"
+
+
 def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
     from blender_addon.core.rig_spec import (
         BONE_NAMINGS,

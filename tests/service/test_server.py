@@ -571,14 +571,15 @@ def _send_batches(client: Client, count: int) -> list[BatchRequest]:
 
 @scripted_only
 def test_a_client_that_reads_slowly_gets_every_reply(backend, monkeypatch):
-    monkeypatch.setattr(server_module, "STALLED_CLIENT_S", 0.4)
+    # Its pipe fills (4 messages), so most replies are held and sent again turn by turn.
+    # Staying under the stall limit while slow is the next test's, on a clock it sets: a
+    # limit short enough to pass here in wall time failed on a loaded 2-core machine.
     served = _small_pipes_server(backend, monkeypatch)
     context = _SmallPipes()
     try:
         with Client(served.address, context=context) as client:
             batches = _send_batches(client, 1)
-            time.sleep(0.2)  # not reading, then slowly for longer than the stall limit: each
-            # turn takes a few replies, so it is not dropped
+            time.sleep(0.2)  # not reading: the pipe fills
             replies = []
             while (reply := client.poll(1000)) is not None:
                 replies.append(reply)
@@ -589,6 +590,53 @@ def test_a_client_that_reads_slowly_gets_every_reply(backend, monkeypatch):
     finally:
         served.stop()
         context.term()
+
+
+class _SlowReader:
+    """A ROUTER whose client takes one reply each time it is given room."""
+
+    def __init__(self) -> None:
+        self.room = 0
+        self.taken: list[bytes] = []
+
+    def send_multipart(self, frames, flags=0):
+        if not self.room:
+            raise zmq.Again()
+        self.room -= 1
+        self.taken.append(frames[-1])
+
+    def close(self, linger=None):
+        pass
+
+
+@scripted_only
+def test_a_client_slower_in_all_than_the_stall_limit_is_kept_while_it_reads(
+    backend, monkeypatch, caplog
+):
+    now = [1000.0]
+    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    router, server._router = server._router, _SlowReader()
+    try:
+        status = StatusReply("s", "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+        for _ in range(6):
+            server._emit(b"slow", status)
+        server._forward_replies()  # reads nothing yet: its replies wait from here
+        for _ in range(6):  # 6 turns, half the limit apart: 3 limits in all
+            now[0] += server_module.STALLED_CLIENT_S / 2
+            server._router.room = 1
+            server._forward_replies()
+        assert len(server._router.taken) == 6 and not server._held
+        assert "client stopped reading" not in caplog.text
+        for _ in range(6):
+            server._emit(b"slow", status)
+        server._forward_replies()
+        now[0] += server_module.STALLED_CLIENT_S + 1  # then it stops: dropped
+        server._forward_replies()
+        assert "client stopped reading" in caplog.text and not server._held
+    finally:
+        server._router = router
+        server.close()
 
 
 @scripted_only

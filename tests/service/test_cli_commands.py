@@ -35,7 +35,7 @@ from shared_protocol.protocol import (
     encode_reply,
 )
 
-from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for
+from .scripted_backend import TIMEOUT_S, ScriptedBackend, curve_service, pose_for, wait_until
 from .tiny_llava import image_bytes, png_header
 
 PNG = image_bytes((200, 100, 50))
@@ -1203,6 +1203,7 @@ def test_pose_with_wait_asks_again_while_the_queue_is_full(backend, capsys, monk
             waits.append(seconds)
             if len(waits) == 2:
                 backend.release()
+                wait_until(lambda: server.scheduler.queue_depth == 0)  # before it asks again
 
         monkeypatch.setattr(
             cli, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)

@@ -87,13 +87,23 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
+def mode_problem(mode: str) -> str | None:
+    """Why poses cannot go on in ``mode`` (an Edit or paint mode), or None."""
+    if mode in {"OBJECT", "POSE"}:
+        return None
+    return f"Leave {mode.replace('_', ' ').title()} mode first (poses go on in Object or Pose Mode)"
+
+
 class _NeedsArmature:
     @classmethod
     def poll(cls, context):
         if find_smpl_armature(context) is None:
             cls.poll_message_set("Select an SMPL armature (or create one)")
             return False
-        return context.mode in {"OBJECT", "POSE"}
+        problem = mode_problem(context.mode)
+        if problem is not None:
+            cls.poll_message_set(problem)
+        return problem is None
 
 
 class _ChangesArmature(_NeedsArmature):
@@ -161,10 +171,10 @@ class CHATPOSE_OT_rest_pose(bpy.types.Operator):  # noqa: N801
     @classmethod
     def poll(cls, context):
         _, problem = checked_target(context)  # the panel's Target, as an answer goes there
+        problem = problem or mode_problem(context.mode)
         if problem:
             cls.poll_message_set(problem)
-            return False
-        return context.mode in {"OBJECT", "POSE"}
+        return not problem
 
     def execute(self, context):
         import numpy as np

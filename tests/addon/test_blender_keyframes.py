@@ -1132,6 +1132,20 @@ def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
 
 
+def test_buttons_greyed_in_edit_mode_say_why(blender):
+    # They were greyed with no word: the tooltip said nothing of the mode.
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.view_layer.objects.active = obj
+    bpy.ops.object.mode_set(mode="EDIT")
+    try:
+        for operator in (bpy.ops.chatpose.rest_pose, bpy.ops.chatpose.export_npz):
+            with pytest.raises(RuntimeError, match="Leave Edit Armature mode first"):
+                operator()
+    finally:
+        bpy.ops.object.mode_set(mode="OBJECT")
+    assert bpy.ops.chatpose.rest_pose.poll()
+
+
 @pytest.mark.parametrize("mode", ["QUATERNION", "XYZ"])
 def test_a_pose_keyed_away_from_the_playhead_carries_on_from_the_animation_there(blender, mode):
     import math

@@ -115,6 +115,24 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
             raise LockedCurveError(f"the F-curve of {bone} {prop} {reason} to key this pose")
 
 
+def muted_note(obj: bpy.types.Object, channels: Iterable[Channel]) -> str | None:
+    """A note naming the bones whose keys on ``channels`` do not play, their F-curve being
+    muted (Blender keys a muted curve all the same, without a word), or None."""
+    fcurves = fcurve_map(obj)
+    muted: list[str] = []
+    for bone, prop, index in channels:
+        fcurve = fcurves.get((bone_data_path(bone, prop), index))
+        if fcurve is not None and fcurve.mute and bone not in muted:
+            muted.append(bone)
+    if not muted:
+        return None
+    more = f" and {len(muted) - 4} more" if len(muted) > 4 else ""
+    return (
+        f"on {obj.name!r}, F-curves of {', '.join(muted[:4])}{more} are muted: the keys went "
+        "into them and do not play until they are unmuted"
+    )
+
+
 def tweaking(obj: bpy.types.Object) -> bool:
     """Whether the object is in NLA tweak mode, where its action's time is not the scene's:
     the strip being edited may start elsewhere, be scaled or repeat."""

@@ -28,11 +28,11 @@ from ..core.dispatch import (
 )
 from ..core.service_process import EXITED
 from . import feedback, live
-from .anim import LockedCurveError
+from .anim import LockedCurveError, muted_note
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
-from .posing import auto_key_options, placed_on_floor
+from .posing import auto_key_options, placed_on_floor, pose_channels
 from .props import append_history, pack_chat_image
 
 
@@ -397,5 +397,10 @@ def _batch_ended(run: BatchRun) -> None:
     else:
         level, popup = "INFO", False
     summary = run.summary() + (_local_service_exit() if run.state == batch_plan.FAILED else "")
+    if run.keyed and obj is not None and not is_deleted(obj):
+        keys_location = run.use_translation or run.keep_on_floor
+        if muted := muted_note(obj, pose_channels(obj, keys_location)):
+            summary += f"; {muted}"
+            level = "WARNING" if level == "INFO" else level
     feedback.notify(summary, level, popup=popup)
     feedback.update_status_bar()

@@ -19,7 +19,7 @@ from ..core.timeline import (
     same_rate,
 )
 from ..preferences import preferred_smpl_model
-from .anim import LockedCurveError, action_fcurves, start_new_take
+from .anim import LockedCurveError, action_fcurves, muted_note, start_new_take
 from .armature import (
     armature_meant,
     create_smpl_armature,
@@ -31,7 +31,7 @@ from .armature import (
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
 from .live import UserError
-from .posing import apply_pose, auto_key_options
+from .posing import apply_pose, auto_key_options, pose_channels
 from .props import checked_target, target_armature
 from .sending import read_batch_lines
 
@@ -346,6 +346,9 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                     "instead: turn it off in the Timeline to see the motion"
                 )
                 level = "WARNING"
+        muted = muted_note(obj, pose_channels(obj, self.use_translation))
+        if muted:
+            timing, level = f"{timing}; {muted}", "WARNING"
         self.report(
             {level},
             f"Keyed {len(frames)} poses on {obj.name}{frame}{timing}{earlier}{unused_model}",

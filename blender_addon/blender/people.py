@@ -15,7 +15,7 @@ from shared_protocol.pose import Pose
 
 from ..core.placement import DEFAULT_SPACING_M, extra_person_name, person_location
 from ..preferences import preferred_smpl_model
-from .anim import LockedCurveError, refuse_locked
+from .anim import LockedCurveError, muted_note, refuse_locked
 from .armature import (
     armature_units,
     create_smpl_armature,
@@ -277,6 +277,8 @@ def apply_people(
         if applied.keyed_frame is not None:
             result.keyed_frame = applied.keyed_frame
         result.armatures.append(obj.name)
+        if frame is not None and (muted := muted_note(obj, pose_channels(obj, own or floor))):
+            result.notes.append(muted)
         if overridden := overridden_bones(obj):
             more = f" and {len(overridden) - 4} more" if len(overridden) > 4 else ""
             result.notes.append(

@@ -20,7 +20,7 @@ from ..core.dispatch import PoseJob
 from ..core.timeline import frames_for
 from ..preferences import absolute_path, get_preferences
 from . import feedback, live, runtime
-from .anim import LockedCurveError, refuse_locked
+from .anim import LockedCurveError, muted_note, refuse_locked
 from .batch_store import TakePin, load_record, place_keyed_lines, save_record
 from .posing import keyed_at, location_keyed_at, placed_translations, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
@@ -250,9 +250,12 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
+    keys_location = run.use_translation or run.keep_on_floor
+    muted = muted_note(target, pose_channels(target, keys_location))
     feedback.set_message(
         f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
-        f"in {run.planned_requests} request(s){notes}"
+        f"in {run.planned_requests} request(s){notes}" + (f"; {muted}" if muted else ""),
+        "WARNING" if muted else "INFO",
     )
     feedback.update_status_bar()
     return run

@@ -377,6 +377,31 @@ def test_auto_keying_keys_an_answer_at_the_current_frame(armature, scripted_serv
     assert_pose(armature, pose_for("keyed by auto keying"))
 
 
+def test_keys_into_muted_f_curves_are_named(armature, scripted_service):
+    # Blender keys a muted F-curve without a word: the answer was "keyed", and never played.
+    address, _ = scripted_service
+    use_service(address)
+    key_poses(armature, [random_pose(1)], [1])
+    for fcurve in action_fcurves(armature):
+        fcurve.mute = '"left_knee"' in fcurve.data_path
+    scene = bpy.context.scene
+    scene.frame_set(5)
+    scene.chatpose.insert_keyframe = True
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message, level = live.last_message()
+    assert "keyed at frame 5" in message and level == "WARNING"
+    assert "F-curves of left_knee are muted: the keys went into them" in message
+    batch_of("kneel\nsit down", start=10, step=5)
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    assert "F-curves of left_knee are muted" in live.last_message()[0]  # said before it runs
+    drive(idle)
+    message, level = live.last_message()
+    assert "all 2 lines keyed" in message and level == "WARNING"
+    assert "F-curves of left_knee are muted" in message
+
+
 def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scripted_service):
     # The model answers joint rotations alone: a walk keyed on the pelvis keeps its path.
     address, _ = scripted_service

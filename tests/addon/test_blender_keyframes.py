@@ -1132,6 +1132,18 @@ def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
 
 
+def test_an_import_into_muted_f_curves_says_they_do_not_play(blender, tmp_path, capfd):
+    obj = create_smpl_armature(bpy.context, with_mesh=False)
+    bpy.context.view_layer.objects.active = obj
+    key_poses(obj, [random_pose(1)], [1])
+    for fcurve in action_fcurves(obj):
+        fcurve.mute = fcurve.data_path.endswith(".location")
+    path = tmp_path / "take.npz"
+    motion(2, seed=3).save_npz(path)
+    bpy.ops.chatpose.import_npz(filepath=str(path), new_take=False, use_translation=True)
+    assert "F-curves of pelvis are muted: the keys went into them" in capfd.readouterr().out
+
+
 def test_buttons_greyed_in_edit_mode_say_why(blender):
     # They were greyed with no word: the tooltip said nothing of the mode.
     obj = create_smpl_armature(bpy.context, with_mesh=False)

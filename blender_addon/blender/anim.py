@@ -133,6 +133,23 @@ def muted_note(obj: bpy.types.Object, channels: Iterable[Channel]) -> str | None
     )
 
 
+def animated(obj: bpy.types.Object, channels: Iterable[Channel]) -> bool:
+    """Whether the animation sets any of ``channels`` at each frame change (an unmuted F-curve
+    with keys or samples, or an NLA track): a pose set on them unkeyed is then put back."""
+    anim = obj.animation_data
+    if anim is None:
+        return False
+    if any(not track.mute and len(track.strips) for track in anim.nla_tracks):
+        return True
+    fcurves = fcurve_map(obj)
+    for bone, prop, index in channels:
+        fcurve = fcurves.get((bone_data_path(bone, prop), index))
+        if fcurve is not None and not fcurve.mute:
+            if len(fcurve.keyframe_points) or len(fcurve.sampled_points):
+                return True
+    return False
+
+
 def tweaking(obj: bpy.types.Object) -> bool:
     """Whether the object is in NLA tweak mode, where its action's time is not the scene's:
     the strip being edited may start elsewhere, be scaled or repeat."""

@@ -28,7 +28,7 @@ from ..core.dispatch import (
 )
 from ..core.service_process import EXITED
 from . import feedback, live
-from .anim import LockedCurveError, muted_note
+from .anim import LockedCurveError, animated, muted_note
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
 from .batch_store import key_batch_lines, load_record, settle_batch_keys
 from .people import apply_people, refuse_locked_people
@@ -144,6 +144,11 @@ def _pose_answered(outcome: PoseAnswered) -> None:
         )
     level = "WARNING" if unkeyed else "INFO"
     text += unkeyed
+    if frame is None and not unkeyed and animated(target, pose_channels(target, False)):
+        text += (
+            f"; not keyed: {target.name}'s animation puts its own pose back at the next frame "
+            "change (Insert Keyframe or Auto Keying keys an answer)"
+        )
     if result.skipped:
         text += f"; not applied: {', '.join(result.skipped)} (the name is taken)"
         level = "WARNING"
@@ -397,7 +402,7 @@ def _batch_ended(run: BatchRun) -> None:
     else:
         level, popup = "INFO", False
     summary = run.summary() + (_local_service_exit() if run.state == batch_plan.FAILED else "")
-    if run.keyed and obj is not None and not is_deleted(obj):
+    if run.keyed and _batch_target_problem(run, obj) is None:
         keys_location = run.use_translation or run.keep_on_floor
         if muted := muted_note(obj, pose_channels(obj, keys_location)):
             summary += f"; {muted}"

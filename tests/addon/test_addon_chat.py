@@ -402,6 +402,26 @@ def test_keys_into_muted_f_curves_are_named(armature, scripted_service):
     assert "F-curves of left_knee are muted" in message
 
 
+def test_an_unkeyed_answer_on_an_animated_rig_says_the_next_frame_change_takes_it(
+    armature, scripted_service
+):
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    scene.chatpose.insert_keyframe = False
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "not keyed" not in live.last_message()[0]  # nothing animates it: the pose stays
+    key_poses(armature, [random_pose(1), random_pose(2)], [1, 20])
+    scene.chatpose.prompt = "wave again"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message, level = live.last_message()
+    assert "not keyed: SMPL's animation puts its own pose back at the next frame change" in message
+    assert level == "INFO"  # trying poses before keying one is the usual way
+
+
 def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scripted_service):
     # The model answers joint rotations alone: a walk keyed on the pelvis keeps its path.
     address, _ = scripted_service

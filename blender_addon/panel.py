@@ -170,7 +170,7 @@ class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801
         layout.label(text=text, icon="URL")
         if settings.problem:
             _wrapped(layout, settings.problem, _chars_per_line(context), "ERROR")
-        line = live.service_line()
+        line = live.service_line(settings.address)
         if line:
             icon = "ERROR" if line.startswith(live.UNAVAILABLE) else "CHECKMARK"
             _wrapped(layout, line, _chars_per_line(context), icon)

@@ -156,6 +156,8 @@ def draw_local_service(layout, width: int = 70) -> None:
     row.operator("chatpose.service_stop", icon="PAUSE")
     icon = {"running": "CHECKMARK", "exited": "ERROR"}.get(state.state, "DOT")
     text = state.describe()
+    if state.alive:
+        text += f" on {live.state.local_address}"
     if state.alive and live.waiting_for_service():
         text += ", loading the model..."
     for i, line in enumerate(wrap(f"Local service: {text}", width)):

@@ -603,8 +603,8 @@ class Server:
             return
         waited = time.monotonic() - self._started
         message = (
-            f"the model is still loading ({waited:.0f} s so far); try again once the service "
-            "answers status"
+            f"the model is still loading ({waited:.0f} s so far); send it again once it has "
+            "loaded (status says when it serves)"
         )
         self._emit(client, ErrorReply(request.id, request.op, ErrorCode.BUSY, message, None))
 

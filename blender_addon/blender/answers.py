@@ -63,11 +63,13 @@ def apply_outcome(outcome) -> None:
             )
             local = live.service_process().instance
             live.state.service_line_instance = local if status.instance == local else None
+            live.state.service_line_address = outcome.job.address
             if not outcome.job.probe:
                 feedback.notify(f"Service: {live.state.service_line}")
             elif status.instance in (None, local):  # None: an older service
                 live.state.waiting_ready = False
                 feedback.notify(f"Local service ready: {live.state.service_line}")
+                live.state.message_of_ready_local = True
             # Else another service listens there, where ours is failing to (it exits, and
             # runtime.watch_local_service says why).
         case StatusFailed():
@@ -75,6 +77,7 @@ def apply_outcome(outcome) -> None:
                 message = outcome.message + _why_unreachable(outcome.code)
                 live.state.service_line = f"{live.UNAVAILABLE}{message}"
                 live.state.service_line_instance = None
+                live.state.service_line_address = outcome.job.address
                 feedback.notify(f"Service: {message}", "ERROR")
         case BatchLineReady():
             _batch_lines([outcome])
@@ -290,9 +293,21 @@ def _why_unreachable(code: ErrorCode) -> str:
         return _local_service_log()
     if code != ErrorCode.UNREACHABLE:
         return ""
+    live.state.service_line_address = ""  # what the last check said no longer holds
     if live.state.waiting_ready:
         return " (the local service is still starting; try again when it is ready)"
-    return _local_service_exit()
+    return _local_service_exit() or _local_service_elsewhere()
+
+
+def _local_service_elsewhere() -> str:
+    """Where the local service started here listens, when that is not the address asked."""
+    process, asked = live.state.process, live.dispatcher().address
+    if process is None or not process.poll().alive or live.state.local_address == asked:
+        return ""
+    return (
+        f" (the local service started here listens on {live.state.local_address}: set that "
+        "Service Address again, or Stop it and Start it on this one)"
+    )
 
 
 def _local_service_exit() -> str:

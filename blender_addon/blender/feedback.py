@@ -14,6 +14,7 @@ from . import live
 
 def set_message(text: str, level: str = "INFO", *, popup: bool = False) -> None:
     live.state.message, live.state.level = text, level
+    live.state.message_of_ready_local = False
     if level != "INFO":
         print(f"ChatPose {level.lower()}: {text}")
     if popup and live.state.popups is not None:

@@ -33,8 +33,10 @@ class State:
     backlog: deque = field(default_factory=deque)
     message: str = ""
     level: str = "INFO"  # INFO, WARNING, ERROR
+    message_of_ready_local: bool = False  # the message says the local service is ready
     service_line: str = ""  # what the last status check said
     service_line_instance: str | None = None  # the local service's it was, if it was
+    service_line_address: str = ""  # the address it was of
     waiting_ready: bool = False  # a local service was started and has not answered yet
     local_address: str = ""  # where the local service was started to listen
     stopping: bool = False  # the local service was asked to stop and is still there
@@ -67,16 +69,28 @@ def service_process() -> ServiceProcess:
 
 
 def last_message() -> tuple[str, str]:
-    """(text, level) of the last thing the add-on had to say."""
+    """(text, level) of the last thing the add-on had to say; when that was the local
+    service's being ready and it has exited since (while Blender was idle: nothing else
+    watches it then), how it ended."""
+    if state.message_of_ready_local and state.process is not None:
+        process_state = state.process.poll()
+        if not process_state.alive:
+            return (
+                f"Local service {process_state.describe()}; its log: {state.process.log_path}",
+                "ERROR",
+            )
     return state.message, state.level
 
 
 UNAVAILABLE = "unavailable: "  # how service_line says a status check failed
 
 
-def service_line() -> str:
-    """What the last status check said; "" once the local service it was of has exited,
-    stopped or been started again: it no longer holds."""
+def service_line(address: str) -> str:
+    """What the last status check said of the service at ``address``; "" when it was of
+    another address, or once the local service it was of has exited, stopped or been started
+    again: it no longer holds."""
+    if address != state.service_line_address:
+        return ""
     checked = state.service_line_instance
     if checked is not None:
         process = service_process()

@@ -59,6 +59,9 @@ def start_service(context: bpy.types.Context) -> None:
             argv, env=child_environment(dict(os.environ)), log_name=log_name_for(address)
         )
     except ServiceProcessError as exc:
+        where = live.state.local_address
+        if live.service_process().poll().alive and where != address:
+            exc = f"{exc} on {where}: Stop it to start one on {address}"
         raise live.UserError(f"Local service not started: {exc}") from None
     live.state.waiting_ready = True
     live.state.local_address = address

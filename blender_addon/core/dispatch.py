@@ -57,6 +57,7 @@ class PoseJob:
 @dataclass(frozen=True)
 class StatusJob:
     probe: bool = False  # sent by the add-on itself, waiting for a starting local service
+    address: str = ""  # the service asked: what its answer is of
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,11 @@ class Dispatcher:
         return self._session
 
     @property
+    def address(self) -> str:
+        """The address of the service asked last ("" before any request)."""
+        return self._session.address if self._session is not None else ""
+
+    @property
     def busy(self) -> bool:
         return self._session is not None and self._session.busy
 
@@ -203,7 +209,7 @@ class Dispatcher:
     def request_status(self, service: Service, *, probe: bool = False) -> str:
         session = self._session_for(service)
         request_id = session.request_status()
-        self._jobs[request_id] = StatusJob(probe)
+        self._jobs[request_id] = StatusJob(probe, service.address)
         return request_id
 
     def start_batch(self, service: Service | None, run: BatchRun) -> str | None:

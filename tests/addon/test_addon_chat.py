@@ -2063,6 +2063,59 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
         live.service_process().stop(wait=True)
 
 
+def _service_panel_text() -> str:
+    icons: list = []
+    draw_panels([panel.VIEW3D_PT_chatpose_service], bpy.context, [], icons)
+    return " ".join(text for text, _ in icons)
+
+
+def test_the_service_panel_and_failures_name_the_address_the_local_service_listens_on(
+    armature, local_scripted
+):
+    # Once the Service Address changed, every Send failed with "no service at" the new one
+    # while the panel showed the old address's model under it with a check mark, and Start
+    # said "already running" without saying where.
+    address, _ = local_scripted
+    bpy.ops.chatpose.service_status()
+    drive(idle)
+    assert "scripted on cpu" in _service_panel_text()
+    assert f"running (pid {live.service_process().pid}) on {address}" in _service_panel_text()
+    other = f"tcp://127.0.0.1:{free_port()}"
+    use_service(other)
+    assert "scripted on cpu" not in _service_panel_text()  # it was of the address before
+    with pytest.raises(RuntimeError, match=f"already running .* on {address}: Stop it to start"):
+        bpy.ops.chatpose.service_start()
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = live.last_message()[0]
+    assert f"no service at {other}" in message
+    assert f"(the local service started here listens on {address}: set that" in message
+    use_service(address)
+    bpy.ops.chatpose.service_status()
+    drive(idle)
+    assert "scripted on cpu" in _service_panel_text()
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "listens on" not in live.last_message()[0]
+
+
+def test_a_ready_message_does_not_outlive_the_local_service(armature, local_scripted):
+    # Killed while Blender was idle (the system's OOM killer), the panel still said "Local
+    # service ready" until the next Send failed.
+    import os
+    import signal
+
+    os.kill(live.service_process().pid, signal.SIGKILL)
+    drive(lambda: not live.service_process().poll().alive)
+    message, level = live.last_message()
+    assert message.startswith("Local service exited: killed by SIGKILL") and level == "ERROR"
+    assert message.endswith(f"its log: {live.service_process().log_path}")
+    feedback.set_message("something else")
+    assert live.last_message() == ("something else", "INFO")
+
+
 def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature, local_scripted):
     import os
     import signal

@@ -81,6 +81,11 @@ def _problem(address: str, bind: bool) -> str | None:
             return "this ZeroMQ has no ipc:// (pyzmq's Windows builds); use tcp://127.0.0.1:PORT"
         return None
     if not address.startswith("tcp://"):
+        scheme, sep, rest = address.partition("://")
+        if not sep and address:  # host:port as a browser or ssh takes it
+            return f"unknown transport; did you mean 'tcp://{address}'?"
+        if scheme.lower() in ("tcp", "ipc"):  # ZeroMQ reads the transport case by case
+            return f"unknown transport; did you mean '{scheme.lower()}://{rest}'?"
         return "unknown transport"
     host, port = _tcp_host_port(address)
     if not host:

@@ -31,7 +31,9 @@ def test_well_formed_addresses_pass_unchanged(address):
     ("address", "reason"),
     [
         ("", "unknown transport"),
-        ("127.0.0.1:5555", "unknown transport"),
+        ("127.0.0.1:5555", "unknown transport; did you mean 'tcp://127.0.0.1:5555'?"),
+        ("localhost:5555", "did you mean 'tcp://localhost:5555'?"),
+        ("TCP://127.0.0.1:5555", "did you mean 'tcp://127.0.0.1:5555'?"),
         ("http://127.0.0.1:5555", "unknown transport"),
         ("tcp://127.0.0.1:5555 ", "contains a space"),
         (" tcp://127.0.0.1:5555", "contains a space"),

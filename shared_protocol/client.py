@@ -70,6 +70,10 @@ HANDSHAKE_REFUSALS = {
 }
 # After these ZeroMQ does not try that connection again: the socket stays without one.
 _FINAL_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# A connection closed at its handshake counts once ZeroMQ's next try (100 ms on) is closed
+# too: a starting chatpose-serve's check that its port is free (a socket bound for a moment)
+# closes the one connection it takes, and the service listens there right after.
+_NO_DETAIL_REFUSALS_COUNTED = 2
 # EVENT_CLOSED: a connection attempt failed (nothing listens): an earlier refusal is old news.
 _MONITORED = (
     zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
@@ -182,6 +186,7 @@ class Client:
         self._reached = False  # a TCP connection is open, handshaken or not
         self._drops = 0  # connections lost: replies still owed on them never come
         self._refusal_event: int | None = None  # the HANDSHAKE_REFUSALS event of the last one
+        self._refusals = 0  # refusals in a row: connections closed at their handshake
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:  # a host name ZeroMQ cannot take, an over-long ipc path
@@ -214,6 +219,9 @@ class Client:
         self._read_monitor()
         if self._refusal_event is None:
             return None
+        if self._refusal_event not in _FINAL_REFUSALS:
+            if self._refusals < _NO_DETAIL_REFUSALS_COUNTED:
+                return None
         return HANDSHAKE_REFUSALS[self._refusal_event][self._keys is None]
 
     @property
@@ -241,12 +249,13 @@ class Client:
             event = recv_monitor_message(self._monitor)["event"]
             if event in HANDSHAKE_REFUSALS:
                 self._refusal_event = event
+                self._refusals += 1
                 continue
             if event == zmq.EVENT_CONNECTED:
                 self._reached = True
                 continue
             if event == zmq.EVENT_CLOSED:
-                self._refusal_event = None
+                self._refusal_event, self._refusals = None, 0
                 self._reached = False
                 continue
             self._reached &= event != zmq.EVENT_DISCONNECTED
@@ -255,7 +264,7 @@ class Client:
             self._drops += event == zmq.EVENT_DISCONNECTED and self._connected
             self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if self._connected:
-                self._refusal_event = None
+                self._refusal_event, self._refusals = None, 0
 
     def wait_connected(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -632,7 +632,7 @@ def test_failures_come_back_as_outcomes(dispatcher, made):
     ]
     assert dispatcher.tick() == [
         PoseFailed(JOB, ErrorCode.UNREACHABLE, "no service"),
-        StatusFailed(StatusJob(probe=False), ErrorCode.UNREACHABLE, "no service"),
+        StatusFailed(StatusJob(False, "tcp://127.0.0.1:5555"), ErrorCode.UNREACHABLE, "no service"),
     ]
 
 

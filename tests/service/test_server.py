@@ -7,6 +7,7 @@ tested deterministically. Tests of the scripted backend's own failures run on it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -140,6 +141,47 @@ def test_a_server_gives_back_the_instance_it_was_started_with(monkeypatch, caplo
     usable = given.isascii() and len(given) <= 64
     assert instance == given if usable else re.fullmatch("[0-9a-f]{32}", instance)
     assert (f"{INSTANCE_ENV} is not a token" in caplog.text) != usable
+
+
+def test_waiting_for_a_starting_service_outlasts_the_check_that_its_port_is_free():
+    # chatpose-serve checks its port by binding it for a moment (check_address_free): a
+    # client already waiting there met that socket, which closed its connection at the
+    # handshake, and gave up at once ("it has CURVE keys and this client none"): the demo
+    # failed so on a loaded machine. Here a listener closes the first connection mid-
+    # handshake as that check does; ZeroMQ's next try waits unanswered in its backlog for a
+    # while, then reaches the service through it.
+    backend = ScriptedBackend()
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def copy(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def check_then_pass_on():
+        connection, _ = listener.accept()
+        connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")  # closed mid-handshake
+        connection.close()
+        time.sleep(0.6)  # longer than the client's first look at its connection
+        connection, _ = listener.accept()
+        service = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
+        threading.Thread(target=copy, args=(connection, service), daemon=True).start()
+        copy(service, connection)
+
+    threading.Thread(target=check_then_pass_on, daemon=True).start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", context=zmq.Context.instance()) as client:
+            assert client.wait_serving(TIMEOUT_S).model == "scripted"
+    finally:
+        server.stop()
+        serving.join(TIMEOUT_S)
+        listener.close()
 
 
 def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():

@@ -42,6 +42,9 @@ def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
     disk's longest name."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # to a place that is not there (a drive not mounted)
+            target = os.readlink(existing)
+            return f"{existing} is a link to {target}, which does not exist"
         existing = existing.parent
     if existing == folder and not existing.is_dir():
         return f"{folder} is a file, not a folder"

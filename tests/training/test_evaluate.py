@@ -508,7 +508,9 @@ def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys,
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["under a file", "read-only", "markdown read-only"])
+@pytest.mark.parametrize(
+    "where", ["under a file", "read-only", "markdown read-only", "through a broken link"]
+)
 def test_a_report_that_cannot_be_written_is_refused_before_any_work(
     tiny, tmp_path, monkeypatch, capsys, read_only, where
 ):
@@ -523,6 +525,11 @@ def test_a_report_that_cannot_be_written_is_refused_before_any_work(
     if where == "under a file":
         out = tmp_path / "a file" / "r.json"
         option, path, problem = "--out", out, f"{tmp_path / 'a file'} is a file"
+    elif where == "through a broken link":  # a drive not mounted: it evaluated, then failed
+        (tmp_path / "drive").symlink_to(tmp_path / "not mounted")
+        out = tmp_path / "drive" / "reports" / "r.json"
+        option, path = "--out", out
+        problem = f"{tmp_path / 'drive'} is a link to {tmp_path / 'not mounted'}, which does not"
     elif where == "read-only":
         out = locked / "reports" / "r.json"
         option, path, problem = "--out", out, f"cannot write in {locked}"

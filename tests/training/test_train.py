@@ -763,6 +763,9 @@ def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tm
     under_a_file = tmp_path / "file" / "run" / "1"  # found before the model loads
     assert train_cli.main([*common, "--out", str(under_a_file)]) == train_cli.EXIT_USAGE
     assert f"--out: {tmp_path / 'file'} is a file, so {under_a_file}" in capsys.readouterr().err
+    (tmp_path / "drive").symlink_to(tmp_path / "not mounted")  # once loaded: "File exists"
+    assert train_cli.main([*common, "--out", str(tmp_path / "drive" / "run")]) == 2
+    assert "is a link to" in capsys.readouterr().err
     for flag, value in (("--lr", "inf"), ("--mix", "inf:1:1"), ("--mix", "nan:1:1")):
         with pytest.raises(SystemExit) as info:
             train_cli.main([*common, "--out", str(tmp_path / "o"), flag, value])

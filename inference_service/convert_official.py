@@ -56,7 +56,7 @@ from inference_service.checkpoint import (
     share_as_umask_allows,
     work_offline,
 )
-from inference_service.commands import EXIT_INTERRUPTED, stops_as_interrupts, user_path
+from inference_service.commands import EXIT_INTERRUPTED, EXIT_USAGE, stops_as_interrupts, user_path
 from inference_service.errors import CheckpointError
 from inference_service.files import unwritable, write_failure
 from inference_service.loading import (
@@ -639,14 +639,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"convert_official: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE  # as every command here refuses its input
     except MemoryError:
         print(
             "convert_official: out of memory: the conversion holds one copy of the weights "
             "(a 13B release: about 26 GB, as the release stores them)",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_USAGE
     config = ChatPoseConfig.load(written)
     wrapped = "wrapped in <im_start>...<im_end>" if config.mm_use_im_start_end else "not wrapped"
     print(

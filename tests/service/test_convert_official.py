@@ -395,19 +395,19 @@ def test_a_config_field_of_the_wrong_type_is_named(release, tmp_path, field, val
 def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp_path, capsys):
     source, clip, _ = release
     assert (
-        main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+        main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 2
     )
     assert "config.json: file not found" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "file").write_text("x")
-    assert main([str(source), str(tmp_path / "full"), "--vision-tower", str(clip)]) == 1
+    assert main([str(source), str(tmp_path / "full"), "--vision-tower", str(clip)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert main([str(source), str(tmp_path / "ok"), "--vision-tower", str(clip)]) == 0
     assert (tmp_path / "ok" / "chatpose.json").is_file()
     said = capsys.readouterr().out
     assert "images wrapped in <im_start>...<im_end>; joints 22 to 23 at rest" in said
     missing_clip = ["--vision-tower", str(tmp_path / "no-clip")]
-    assert main([str(source), str(tmp_path / "ok2"), *missing_clip]) == 1
+    assert main([str(source), str(tmp_path / "ok2"), *missing_clip]) == 2
     assert "no-clip: no such folder" in capsys.readouterr().err
 
 
@@ -518,7 +518,7 @@ def test_a_conversion_that_fails_while_writing_leaves_nothing_behind(
 
     monkeypatch.setattr(convert_official, "_check_saved_tokenizer", fails)
     out = tmp_path / "out"
-    assert main([str(source), str(out), "--vision-tower", str(clip)]) == 1
+    assert main([str(source), str(out), "--vision-tower", str(clip)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     # a write failure is named by the folder (the libraries name no path)
@@ -533,7 +533,7 @@ def test_a_conversion_out_of_memory_says_how_much_it_holds(release, tmp_path, mo
         raise MemoryError
 
     monkeypatch.setattr(convert_official, "_read_weights", exhausted)
-    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 2
     assert "out of memory: the conversion holds one copy of the weights" in capsys.readouterr().err
 
 
@@ -546,7 +546,7 @@ def test_a_machine_with_less_memory_free_than_the_weights_is_told_before_reading
     monkeypatch.setattr(convert_official, "free_host_memory", lambda: weights - 1)
     read = []
     monkeypatch.setattr(convert_official, "load_file", lambda *a: read.append(a) or {})
-    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 1
+    assert main([str(source), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 2
     assert "GB of memory to convert, and this machine has" in capsys.readouterr().err
     assert not read and not (tmp_path / "out").exists()
 
@@ -655,5 +655,5 @@ def test_the_converter_works_offline_whatever_the_environment_said(
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", "x"]) == 1
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--vision-tower", "x"]) == 2
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE

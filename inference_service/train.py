@@ -40,7 +40,6 @@ from inference_service.commands import (
     utf8_output,
 )
 from inference_service.errors import ChatPoseError, ModelOutOfMemoryError
-from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
 
 EXIT_DIVERGED = 3  # not 1: Python exits 1 on an unexpected error (a bug), with its traceback
 EXIT_OUT_OF_MEMORY = 4
@@ -200,9 +199,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work_offline()  # before transformers is imported: no request to the Hub, ever
     # Imported here so that --help works without loading torch.
-    import torch
+    try:
+        import torch
 
-    from inference_service.training.loop import TrainConfig, TrainingDiverged, TrainingError, train
+        from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
+        from inference_service.training.loop import (
+            TrainConfig,
+            TrainingDiverged,
+            TrainingError,
+            train,
+        )
+    except ModuleNotFoundError as exc:  # a client-only install (`pip install .`)
+        from inference_service.cli import missing_service_package
+
+        print(f"error: {missing_service_package(exc)}", file=sys.stderr)
+        return EXIT_USAGE
 
     try:
         specs: list[DataSpec] = [parse_data_spec(words) for words in args.data]

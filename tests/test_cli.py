@@ -42,6 +42,9 @@ for package in {missing!r}:  # as on a `pip install .` machine
     sys.modules[package] = None
 from inference_service import cli, entry_points
 command = {argv!r}
+if command[:1] == ["train"]:  # python -m inference_service.train
+    from inference_service import train
+    sys.exit(train.main(command[1:]))
 sys.exit(cli.main(command) if command else entry_points.chatpose_serve())
 """
 CLIENT_PACKAGES = ("torch", "PIL", "transformers")
@@ -54,8 +57,9 @@ CLIENT_PACKAGES = ("torch", "PIL", "transformers")
         ([], ("torch", "transformers")),  # imported by chatpose-serve's main(), not its module
         (["pose", "wave", "--local"], CLIENT_PACKAGES),
         (["demo", "--out", "OUT"], CLIENT_PACKAGES),
+        (["train", "--base", "OUT", "--out", "OUT", "--data", "corpus", "OUT"], CLIENT_PACKAGES),
     ],
-    ids=["chatpose-serve", "chatpose-serve with pillow", "pose --local", "demo"],
+    ids=["chatpose-serve", "chatpose-serve with pillow", "pose --local", "demo", "train"],
 )
 def test_a_client_only_install_names_the_missing_package_not_a_traceback(argv, missing, tmp_path):
     argv = [str(tmp_path / "out") if word == "OUT" else word for word in argv]

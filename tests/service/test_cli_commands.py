@@ -275,6 +275,20 @@ def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, ti
     assert [request.timeout_ms for request in taken] == [asked_ms]  # at most the longest
 
 
+@contextlib.contextmanager
+def stopped_client_clock():
+    """The client's own waits never run out (its clock stands still): which of two timeouts
+    comes first must not depend on how late a loaded machine runs each side."""
+    import shared_protocol.client as client_module
+
+    still = types.SimpleNamespace(
+        monotonic=lambda: 0.0, monotonic_ns=time.monotonic_ns, sleep=time.sleep
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client_module, "time", still)
+        yield
+
+
 def test_a_pose_held_up_by_other_work_says_so_when_its_time_is_up(backend, capsys):
     # The command's own wait ended first, as it sent its whole --timeout: "no answer within
     # 2 s", never that other users' work held the model.
@@ -283,7 +297,8 @@ def test_a_pose_held_up_by_other_work_says_so_when_its_time_is_up(backend, capsy
         other.send(PoseRequest(other.new_id(), "running"))
         assert backend.entered.wait(TIMEOUT_S)
         argv = ("pose", "wave", "--address", server.address, "--timeout", "1")
-        code, _, err = run(capsys, *argv)
+        with stopped_client_clock():  # its 1 s never ends: only the service's 0.9 s can
+            code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_TIMEOUT
     assert "not started within 0.9 s (its timeout): the model was busy with other work" in err
 
@@ -1285,7 +1300,9 @@ def test_a_slow_service_times_out(address, backend, capsys):
     assert out == ""  # no reply came: --json prints none (an error reply is the service's)
     assert time.monotonic() - started < 10
     # Behind that one, still running: the service's own timeout reply comes first.
-    code, out, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.5", "--json")
+    with stopped_client_clock():
+        argv = ("pose", "wave", "--address", address, "--timeout", "0.5", "--json")
+        code, out, err = run(capsys, *argv)
     assert code == cli.EXIT_TIMEOUT and json.loads(out)["error"]["code"] == "timeout"
     # Shorter than a connection takes: still a timeout of the service that is there.
     code, _, err = run(capsys, "pose", "wave", "--address", address, "--timeout", "0.0001")

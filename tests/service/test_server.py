@@ -390,7 +390,10 @@ def test_shutdown_finishes_the_running_work_and_fails_the_rest(backend, caplog):
     backend.release()
     served.thread.join(TIMEOUT_S)
     assert not served.thread.is_alive()
-    replies |= {r.id: r for r in _collect(client, until=None, quiet_s=0.5)}
+    while not {running_request.id, queued_request.id} <= replies.keys():  # sent before it ended
+        reply = client.poll(TIMEOUT_S * 1000)
+        assert reply is not None, f"no reply came; so far {replies!r}"
+        replies[reply.id] = reply
     client.close()
     assert_answers(backend, "already running", replies[running_request.id].poses)
     assert replies[queued_request.id].code == ErrorCode.SHUTTING_DOWN
@@ -623,7 +626,9 @@ def test_a_client_that_reads_slowly_gets_every_reply(backend, monkeypatch):
             batches = _send_batches(client, 1)
             time.sleep(0.2)  # not reading: the pipe fills
             replies = []
-            while (reply := client.poll(1000)) is not None:
+            while not replies or not isinstance(replies[-1], BatchDoneReply):
+                reply = client.poll(TIMEOUT_S * 1000)
+                assert reply is not None, f"no reply came after {len(replies)}"
                 replies.append(reply)
                 time.sleep(0.002)
         done = {r.id: r.completed for r in replies if isinstance(r, BatchDoneReply)}
@@ -1114,7 +1119,11 @@ def test_requests_are_logged_as_structured_events(running, caplog):
     assert raw.poll(TIMEOUT_S * 1000)
     assert decode_reply(raw.recv_multipart()).code == ErrorCode.EMPTY_PROMPT
     raw.close()
-    done = [r for r in caplog.records if getattr(r, "event", None) == "request"]
-    assert [(r.op, r.ok) for r in done] == [("pose", True)]
+
+    def done():  # logged by the worker once the reply is on its way: maybe after it came
+        return [r for r in caplog.records if getattr(r, "event", None) == "request"]
+
+    wait_until(lambda: done())
+    assert [(r.op, r.ok) for r in done()] == [("pose", True)]
     [bad] = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
     assert bad.code == "empty_prompt" and bad.detail

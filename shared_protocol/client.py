@@ -15,6 +15,7 @@ service goes away, and the last items of a batch would be lost.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import os
 import struct
@@ -27,7 +28,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from .address import AddressError, check_address, is_ipv6
+from .address import AddressError, check_address, is_ipv6, tcp_host_port
 from .protocol import (
     DEFAULT_LIMITS,
     CancelRequest,
@@ -87,6 +88,14 @@ for _event in HANDSHAKE_REFUSALS:
 _DROP_CHECK_MS = 200
 # How long ZeroMQ may go on sending the cancel of a request given up on, once its socket closed.
 _ABANDON_LINGER_MS = 200
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class HandshakeRefused(ProtocolError):
@@ -239,10 +248,15 @@ class Client:
                 f"handshake within {waited_s:g} s: another program on that port, or a "
                 "chatpose-serve that is stopped or hung?"
             )
-        return (
+        text = (
             f"no service at {self.address} (no connection within {waited_s:g} s); is "
             "chatpose-serve running?"
         )
+        host = (tcp_host_port(self.address) or ("",))[0]
+        if host and host.lower() != "localhost" and not _is_ip(host):
+            # ZeroMQ says nothing of a name it cannot resolve: it only never connects.
+            text += f" Is {host!r} a name this machine resolves and can reach?"
+        return text
 
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):

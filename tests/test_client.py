@@ -257,7 +257,15 @@ def test_waiting_for_a_service_ends_when_it_is_gone_or_the_time_is_up(context):
         # (a status request's own 2 s wait overshot it).
         assert late.value.code == ErrorCode.UNREACHABLE
         assert "no service at tcp://127.0.0.1:9 (no connection within 0.5 s)" in late.value.message
+        assert "resolves" not in late.value.message  # an address, not a name
         assert time.monotonic() - started < 1.5
+    # ZeroMQ says nothing of a host name it cannot resolve: it only never connects.
+    with Client("tcp://gpu-box.invalid:5555", context=context) as client:
+        with pytest.raises(ProtocolError) as unresolved:
+            client.wait_serving(0.3)
+    assert "Is 'gpu-box.invalid' a name this machine resolves and can reach?" in str(
+        unresolved.value
+    )
 
 
 def test_waiting_for_a_service_that_refuses_the_keys_names_the_refusal_at_once(context, tmp_path):

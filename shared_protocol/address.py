@@ -82,10 +82,13 @@ def _problem(address: str, bind: bool) -> str | None:
         return None
     if not address.startswith("tcp://"):
         scheme, sep, rest = address.partition("://")
+        meant = None
         if not sep and address:  # host:port as a browser or ssh takes it
-            return f"unknown transport; did you mean 'tcp://{address}'?"
-        if scheme.lower() in ("tcp", "ipc"):  # ZeroMQ reads the transport case by case
-            return f"unknown transport; did you mean '{scheme.lower()}://{rest}'?"
+            meant = f"tcp://{address}"
+        elif scheme.lower() in ("tcp", "ipc"):  # ZeroMQ reads the transport case by case
+            meant = f"{scheme.lower()}://{rest}"
+        if meant is not None and _problem(meant, bind) is None:
+            return f"unknown transport; did you mean {meant!r}?"
         return "unknown transport"
     host, port = _tcp_host_port(address)
     if not host:

@@ -384,6 +384,7 @@ class Client:
         deadline = time.monotonic() + timeout_s
         reached = False
         stopping = ""  # a service seen stopping: a restart may take its place
+        asked_again = False
         while True:
             why = gone()
             if why:
@@ -397,6 +398,13 @@ class Client:
                     f"{self.address} did not serve within {timeout_s:g} s{stopping}",
                 )
             if not self.wait_connected(min(left, 0.2)):  # not past the time given
+                if self.refusal and not asked_again:
+                    # Once more, on a fresh socket: a starting chatpose-serve's check that its
+                    # port is free (a socket without its keys, bound for a moment) may have
+                    # refused the keys of the one connection it took.
+                    asked_again = True
+                    self.reset()
+                    continue
                 if self.refusal:
                     raise HandshakeRefused(
                         ErrorCode.UNREACHABLE,

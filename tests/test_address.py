@@ -34,6 +34,11 @@ def test_well_formed_addresses_pass_unchanged(address):
         ("127.0.0.1:5555", "unknown transport; did you mean 'tcp://127.0.0.1:5555'?"),
         ("localhost:5555", "did you mean 'tcp://localhost:5555'?"),
         ("TCP://127.0.0.1:5555", "did you mean 'tcp://127.0.0.1:5555'?"),
+        # No suggestion that is wrong itself.
+        ("tcp:/127.0.0.1:5555", "unknown transport (expected"),
+        ("/tmp/chatpose.sock", "unknown transport (expected"),
+        ("127.0.0.1", "unknown transport (expected"),
+        ("IPC://rel/path", "unknown transport (expected"),
         ("http://127.0.0.1:5555", "unknown transport"),
         ("tcp://127.0.0.1:5555 ", "contains a space"),
         (" tcp://127.0.0.1:5555", "contains a space"),

@@ -128,19 +128,26 @@ def muted_note(obj: bpy.types.Object, channels: Iterable[Channel]) -> str | None
         return None
     more = f" and {len(muted) - 4} more" if len(muted) > 4 else ""
     return (
-        f"on {obj.name!r}, F-curves of {', '.join(muted[:4])}{more} are muted: the keys went "
-        "into them and do not play until they are unmuted"
+        f"on {obj.name!r}, F-curves of {', '.join(muted[:4])}{more} are muted: keys go into "
+        "them and do not play until they are unmuted"
     )
 
 
 def animated(obj: bpy.types.Object, channels: Iterable[Channel]) -> bool:
     """Whether the animation sets any of ``channels`` at each frame change (an unmuted F-curve
-    with keys or samples, or an NLA track): a pose set on them unkeyed is then put back."""
+    with keys or samples, or a strip's action with a curve on one, muted or not: Blender puts
+    what the NLA animates back to its default then): a pose set on them unkeyed is put back."""
     anim = obj.animation_data
     if anim is None:
         return False
-    if any(not track.mute and len(track.strips) for track in anim.nla_tracks):
-        return True
+    channels = list(channels)
+    paths = {bone_data_path(bone, prop) for bone, prop, _ in channels}
+    strips = [s for track in anim.nla_tracks for s in track.strips] if anim.use_nla else []
+    for strip in strips:
+        if strip.action is not None:
+            curves = take_fcurves(strip.action, getattr(strip, "action_slot", None))
+            if any(fcurve.data_path in paths for fcurve in curves):
+                return True
     fcurves = fcurve_map(obj)
     for bone, prop, index in channels:
         fcurve = fcurves.get((bone_data_path(bone, prop), index))

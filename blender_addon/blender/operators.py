@@ -87,11 +87,22 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
+# context.mode's names as Blender's mode menu says them, where they differ.
+_MODE_NAMES = {
+    "PAINT_WEIGHT": "Weight Paint",
+    "PAINT_VERTEX": "Vertex Paint",
+    "PAINT_TEXTURE": "Texture Paint",
+    "PAINT_GREASE_PENCIL": "Draw",
+}
+
+
 def mode_problem(mode: str) -> str | None:
     """Why poses cannot go on in ``mode`` (an Edit or paint mode), or None."""
     if mode in {"OBJECT", "POSE"}:
         return None
-    return f"Leave {mode.replace('_', ' ').title()} mode first (poses go on in Object or Pose Mode)"
+    name = "Edit" if mode.startswith("EDIT") else _MODE_NAMES.get(mode)
+    name = name or mode.replace("_", " ").title()
+    return f"Leave {name} Mode first (poses go on in Object or Pose Mode)"
 
 
 class _NeedsArmature:

@@ -277,7 +277,8 @@ def apply_people(
         if applied.keyed_frame is not None:
             result.keyed_frame = applied.keyed_frame
         result.armatures.append(obj.name)
-        if frame is not None and (muted := muted_note(obj, pose_channels(obj, own or floor))):
+        keyed = applied.keyed_frame is not None  # not under Auto Keying's Replace mode, say
+        if keyed and (muted := muted_note(obj, pose_channels(obj, own or floor))):
             result.notes.append(muted)
         if overridden := overridden_bones(obj):
             more = f" and {len(overridden) - 4} more" if len(overridden) > 4 else ""

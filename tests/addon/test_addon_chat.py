@@ -392,7 +392,20 @@ def test_keys_into_muted_f_curves_are_named(armature, scripted_service):
     drive(idle)
     message, level = live.last_message()
     assert "keyed at frame 5" in message and level == "WARNING"
-    assert "F-curves of left_knee are muted: the keys went into them" in message
+    assert "F-curves of left_knee are muted: keys go into them" in message
+    scene.chatpose.insert_keyframe = False  # Auto Keying, Replace: nothing at frame 7 to replace
+    scene.tool_settings.use_keyframe_insert_auto = True
+    scene.tool_settings.auto_keying_mode = "REPLACE_KEYS"
+    try:
+        scene.frame_set(7)
+        scene.chatpose.prompt = "wave"
+        bpy.ops.chatpose.send()
+        drive(idle)
+    finally:
+        scene.tool_settings.use_keyframe_insert_auto = False
+        scene.tool_settings.auto_keying_mode = "ADD_REPLACE_KEYS"
+    message = live.last_message()[0]
+    assert "not keyed at frame 7" in message and "muted" not in message  # no key went in
     batch_of("kneel\nsit down", start=10, step=5)
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     assert "F-curves of left_knee are muted" in live.last_message()[0]  # said before it runs
@@ -413,6 +426,11 @@ def test_an_unkeyed_answer_on_an_animated_rig_says_the_next_frame_change_takes_i
     bpy.ops.chatpose.send()
     drive(idle)
     assert "not keyed" not in live.last_message()[0]  # nothing animates it: the pose stays
+    armature.keyframe_insert("location", frame=1)  # the object's own move: not its pose
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "not keyed" not in live.last_message()[0]
     key_poses(armature, [random_pose(1), random_pose(2)], [1, 20])
     scene.chatpose.prompt = "wave again"
     bpy.ops.chatpose.send()
@@ -420,6 +438,21 @@ def test_an_unkeyed_answer_on_an_animated_rig_says_the_next_frame_change_takes_i
     message, level = live.last_message()
     assert "not keyed: SMPL's animation puts its own pose back at the next frame change" in message
     assert level == "INFO"  # trying poses before keying one is the usual way
+    # In the NLA, as a strip: the same; muted too (Blender puts what it animates at rest).
+    anim = armature.animation_data
+    strip = anim.nla_tracks.new().strips.new("take", 1, anim.action)
+    anim.action = None
+    for mute in (False, True):
+        strip.mute = mute
+        scene.chatpose.prompt = "wave"
+        bpy.ops.chatpose.send()
+        drive(idle)
+        assert "animation puts its own pose back" in live.last_message()[0]
+    anim.use_nla = False  # the NLA off: nothing animates the rig
+    scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert "not keyed" not in live.last_message()[0]
 
 
 def test_an_answer_leaves_the_character_where_its_animation_has_it(armature, scripted_service):

@@ -277,12 +277,16 @@ def test_a_pose_asks_the_service_to_drop_work_it_would_start_too_late(capsys, ti
 
 @contextlib.contextmanager
 def stopped_client_clock():
-    """The client's own waits never run out (its clock stands still): which of two timeouts
-    comes first must not depend on how late a loaded machine runs each side."""
+    """The client's own waits do not run out (its clock stands still) for TIMEOUT_S: which of
+    two timeouts comes first must not depend on how late a loaded machine runs each side.
+    Then its clock jumps on: a reply that never comes fails the test, not hangs it."""
     import shared_protocol.client as client_module
 
+    until = time.monotonic() + TIMEOUT_S
     still = types.SimpleNamespace(
-        monotonic=lambda: 0.0, monotonic_ns=time.monotonic_ns, sleep=time.sleep
+        monotonic=lambda: 0.0 if time.monotonic() < until else 1e9,
+        monotonic_ns=time.monotonic_ns,
+        sleep=time.sleep,
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(client_module, "time", still)

@@ -184,6 +184,29 @@ def test_waiting_for_a_starting_service_outlasts_the_check_that_its_port_is_free
         listener.close()
 
 
+def test_waiting_with_keys_outlasts_the_port_check_of_a_service_with_keys(tmp_path):
+    # That check's socket has no keys: a keyed client it took was refused for good ("one
+    # side has CURVE keys and the other has none"), and gave up, though the service that
+    # listened there right after has the keys the client expects.
+    make_keys(tmp_path, ["animator"])
+    check = zmq.Context.instance().socket(zmq.ROUTER)
+    port = check.bind_to_random_port("tcp://127.0.0.1")
+    keys = ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key")
+    backend = ScriptedBackend()
+    curve = CurveKeys(tmp_path / "server.key_secret", tmp_path / "authorized_clients")
+    with Client(f"tcp://127.0.0.1:{port}", context=zmq.Context.instance(), curve=keys) as client:
+        wait_until(lambda: client.refusal is not None)  # for good: ZeroMQ tries no more
+        check.close(linger=0)
+        server = Server(backend, backend.info, f"tcp://127.0.0.1:{port}", curve=curve)
+        serving = threading.Thread(target=server.serve_forever, daemon=True)
+        serving.start()
+        try:
+            assert client.wait_serving(TIMEOUT_S).model == "scripted"
+        finally:
+            server.stop()
+            serving.join(TIMEOUT_S)
+
+
 def test_a_server_listens_while_its_model_loads_and_serves_once_it_has_one():
     backend = ScriptedBackend()
     server = Server(None, None, "tcp://127.0.0.1:*")  # bound before the model loads

@@ -7,7 +7,7 @@ from __future__ import annotations
 import bpy
 
 from ..core import chat
-from ..core.dispatch import BatchLineReady, PoseAnswered, PoseFailed
+from ..core.dispatch import PoseAnswered, PoseFailed
 from . import answers, feedback, live
 from .props import append_history
 
@@ -35,7 +35,6 @@ def _on_load_post(*_args) -> None:
     in_flight = d.cancel_all(forget=True)
     # Answers that came but were not applied yet.
     received = answers.count_answers(live.state.backlog)
-    lines = sum(isinstance(o, BatchLineReady) for o in live.state.backlog)
     live.state.backlog.clear()
     if live.state.status_bar:
         feedback.set_status_text(None)
@@ -50,10 +49,10 @@ def _on_load_post(*_args) -> None:
         )
         said = f" (asked: {asked})" if asked else ""
         if run is not None:  # its record says what is keyed: a rerun there keys the rest
+            # Not the run's counts: the file loaded holds the lines keyed when it was saved.
             said += (
-                f"; the batch from {run.source} on {run.armature} stopped with {run.remaining} of "
-                f"{run.total_lines} lines still to key"
-                + (f" ({lines} of them answered, not yet keyed)" if lines else "")
+                f"; the batch from {run.source} on {run.armature} stopped: Batch Keyframe in "
+                "this file keys the lines it lacks (those keyed since it was saved are not in it)"
             )
         feedback.set_message(
             f"A file was loaded: {' and '.join(filter(None, dropped))}{said}", "WARNING"

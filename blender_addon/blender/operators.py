@@ -19,6 +19,7 @@ from ..core.timeline import (
     same_rate,
 )
 from ..preferences import preferred_smpl_model
+from . import live
 from .anim import LockedCurveError, action_fcurves, muted_note, start_new_take
 from .armature import (
     armature_meant,
@@ -30,7 +31,6 @@ from .armature import (
 )
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
-from .live import UserError
 from .posing import apply_pose, auto_key_options, pose_channels
 from .props import checked_target, target_armature
 from .sending import read_batch_lines
@@ -275,6 +275,15 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
             return {"CANCELLED"}
+        run = live.current_batch() if live.batch_running() else None
+        if obj is not None and not self.new_take and run is not None:
+            if run.armature_uid == obj.session_uid:  # its keys and the run's would mix
+                self.report(
+                    {"ERROR"},
+                    f"Not imported: a batch is keying {obj.name}'s take; cancel it, or import "
+                    "as a New Take",
+                )
+                return {"CANCELLED"}
         unused_model = ""
         kept = None
         rate_before = scene_fps(context.scene)
@@ -421,7 +430,7 @@ def _batch_labels(context: bpy.types.Context, obj: bpy.types.Object) -> dict[int
     try:
         numbered, _ = read_batch_lines(context)
         return load_record(obj).labels([text for _, text in numbered])
-    except (UserError, ValueError):  # no batch text, or a damaged record: no labels
+    except (live.UserError, ValueError):  # no batch text, or a damaged record: no labels
         return {}
 
 

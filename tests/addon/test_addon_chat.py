@@ -1867,6 +1867,22 @@ def test_a_status_reply_waiting_alone_is_not_counted_as_an_answer(armature, scri
     drive(idle)
 
 
+def test_an_import_into_the_take_a_batch_keys_is_refused(armature, scripted_service, tmp_path):
+    # Its keys replaced the batch's, which the record still counted, and the batch's next
+    # lines went over the import's: "all 12 lines keyed" on a take of both.
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(12)))
+    assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+    path = tmp_path / "take.npz"
+    Motion.from_poses([random_pose(i) for i in range(3)], fps=30.0).save_npz(path)
+    with pytest.raises(RuntimeError, match="a batch is keying SMPL's take; cancel it, or import"):
+        bpy.ops.chatpose.import_npz(filepath=str(path), new_take=False)
+    drive(idle)
+    assert "all 12 lines keyed" in live.last_message()[0]
+    assert bpy.ops.chatpose.import_npz(filepath=str(path), new_take=False) == {"FINISHED"}
+
+
 def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature, scripted_service):
     address, _ = scripted_service
     use_service(address)
@@ -1880,7 +1896,7 @@ def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature
     bpy.ops.wm.read_homefile(use_empty=True)  # before the timer keyed them
     message = live.last_message()[0]
     assert "4 answer(s) not yet applied were dropped" in message
-    assert "the batch from text 'moves' on SMPL stopped with 4 of 4 lines still to key" in message
+    assert "the batch from text 'moves' on SMPL stopped: Batch Keyframe in this file" in message
     assert live.current_batch() is None  # the new file's panel shows no batch of the old
     drive(idle)
     assert "SMPL" not in bpy.data.objects

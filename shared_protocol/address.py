@@ -46,10 +46,24 @@ def is_loopback(address: str) -> bool:
     host = _tcp_host_port(address)[0]
     if host.lower() == "localhost":
         return True
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
+
+
+def host_name(address: str) -> str | None:
+    """The host of a well-formed tcp connection address when it is a name to resolve (not an
+    IP address, not `localhost`), else None."""
+    host_port = tcp_host_port(address)
+    if host_port is None or host_port[0].lower() == "localhost" or _ip(host_port[0]):
+        return None
+    return host_port[0]
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
 
 
 def is_ipv6(address: str) -> bool:
@@ -121,11 +135,7 @@ def _host_problem(written: str) -> str | None:
     if any(c in (written[1:-1] if bracketed else written) for c in "[]"):
         return f"host {written!r}: unbalanced brackets"
     if bracketed:
-        try:
-            ipaddress.ip_address(written[1:-1])
-        except ValueError:
-            return f"host {written!r} is not an IP address"
-        return None
+        return None if _ip(written[1:-1]) else f"host {written!r} is not an IP address"
     if ":" in written:
         return f"host {written!r}: an IPv6 address goes in brackets, [{written}]"
     parts = written.split(".")

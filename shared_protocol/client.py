@@ -15,7 +15,6 @@ service goes away, and the last items of a batch would be lost.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
 import os
 import struct
@@ -28,7 +27,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from .address import AddressError, check_address, is_ipv6, tcp_host_port
+from .address import AddressError, check_address, host_name, is_ipv6
 from .protocol import (
     DEFAULT_LIMITS,
     CancelRequest,
@@ -88,14 +87,6 @@ for _event in HANDSHAKE_REFUSALS:
 _DROP_CHECK_MS = 200
 # How long ZeroMQ may go on sending the cancel of a request given up on, once its socket closed.
 _ABANDON_LINGER_MS = 200
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class HandshakeRefused(ProtocolError):
@@ -252,8 +243,7 @@ class Client:
             f"no service at {self.address} (no connection within {waited_s:g} s); is "
             "chatpose-serve running?"
         )
-        host = (tcp_host_port(self.address) or ("",))[0]
-        if host and host.lower() != "localhost" and not _is_ip(host):
+        if host := host_name(self.address):
             # ZeroMQ says nothing of a name it cannot resolve: it only never connects.
             text += f" Is {host!r} a name this machine resolves and can reach?"
         return text

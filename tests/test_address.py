@@ -3,7 +3,7 @@
 import pytest
 import zmq
 
-from shared_protocol.address import AddressError, check_address, is_ipv6, is_loopback
+from shared_protocol.address import AddressError, check_address, host_name, is_ipv6, is_loopback
 from shared_protocol.client import Client
 
 
@@ -152,3 +152,19 @@ def test_ipv6_addresses_are_told_apart():
     assert not any(
         is_ipv6(a) for a in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "ipc:///tmp/x:y")
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "name"),
+    [
+        ("tcp://gpu-box:5555", "gpu-box"),
+        ("tcp://gpu-box.studio.lan:5555", "gpu-box.studio.lan"),
+        ("tcp://localhost:5555", None),
+        ("tcp://127.0.0.1:5555", None),
+        ("tcp://[::1]:5555", None),
+        ("ipc:///tmp/chatpose.sock", None),
+        ("gpu-box:5555", None),  # not an address at all
+    ],
+)
+def test_host_name_is_only_a_name_to_resolve(address, name):
+    assert host_name(address) == name

@@ -33,6 +33,7 @@ from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
 from .posing import apply_pose, auto_key_options, pose_channels
 from .props import checked_target, target_armature
+from .runtime import POSING_MODES, mode_name
 from .sending import read_batch_lines
 
 
@@ -87,22 +88,11 @@ class CHATPOSE_OT_create_armature(bpy.types.Operator):  # noqa: N801
         return {"FINISHED"}
 
 
-# context.mode's names as Blender's mode menu says them, where they differ.
-_MODE_NAMES = {
-    "PAINT_WEIGHT": "Weight Paint",
-    "PAINT_VERTEX": "Vertex Paint",
-    "PAINT_TEXTURE": "Texture Paint",
-    "PAINT_GREASE_PENCIL": "Draw",
-}
-
-
 def mode_problem(mode: str) -> str | None:
     """Why poses cannot go on in ``mode`` (an Edit or paint mode), or None."""
-    if mode in {"OBJECT", "POSE"}:
+    if mode in POSING_MODES:
         return None
-    name = "Edit" if mode.startswith("EDIT") else _MODE_NAMES.get(mode)
-    name = name or mode.replace("_", " ").title()
-    return f"Leave {name} Mode first (poses go on in Object or Pose Mode)"
+    return f"Leave {mode_name(mode)} Mode first (poses go on in Object or Pose Mode)"
 
 
 class _NeedsArmature:

@@ -119,6 +119,24 @@ _TOOLS_THAT_PUT_BACK = {
 }
 
 
+POSING_MODES = frozenset({"OBJECT", "POSE"})
+
+# context.mode's names as Blender's mode menu says them, where they differ.
+_MODE_NAMES = {
+    "PAINT_WEIGHT": "Weight Paint",
+    "PAINT_VERTEX": "Vertex Paint",
+    "PAINT_TEXTURE": "Texture Paint",
+    "PAINT_GREASE_PENCIL": "Draw",
+}
+
+
+def mode_name(mode: str) -> str:
+    """``context.mode`` as the mode menu names it: "Edit" for every edit mode."""
+    if mode.startswith("EDIT"):
+        return "Edit"
+    return _MODE_NAMES.get(mode) or mode.replace("_", " ").title()
+
+
 def why_answers_wait(
     mode: str, interface_locked: bool, running_tools: Sequence[str], can_redo: bool = False
 ) -> str | None:
@@ -133,8 +151,8 @@ def why_answers_wait(
     must not change from a timer. While the user has undone steps (`can_redo`), an answer's
     undo step would drop them for good. Other modal tools (an add-on's that runs all session
     long) do not hold answers back."""
-    if mode not in {"OBJECT", "POSE"}:
-        return f"leave {mode.replace('_', ' ').title()} mode to apply them"
+    if mode not in POSING_MODES:
+        return f"leave {mode_name(mode)} Mode to apply them"
     for editor, what in _TOOLS_THAT_PUT_BACK.items():
         if any(tool.lower().startswith((f"{editor}_ot_", f"{editor}.")) for tool in running_tools):
             return f"they are applied when the {what} ends"

@@ -285,7 +285,7 @@ def test_a_chat_turn_waits_for_a_pose_mode_answer_and_one_that_came_and_waits_sa
     backend.release()
     drive(lambda: "waiting: leave Edit" in live.last_message()[0])
     with pytest.raises(RuntimeError, match=r"The answer to 'a tired person standing' came and "
-                       r"waits \(leave Edit Armature mode"):  # fmt: skip
+                       r"waits \(leave Edit Mode"):  # fmt: skip
         bpy.ops.chatpose.send()
     bpy.ops.object.mode_set(mode="OBJECT")
     drive(idle)
@@ -884,7 +884,8 @@ def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scr
     [
         ("POSE", False, [], None),
         ("OBJECT", False, ["SCREENCAST_OT_keys"], None),  # an add-on's all-session tool
-        ("EDIT_MESH", False, [], "leave Edit Mesh mode to apply them"),
+        ("EDIT_MESH", False, [], "leave Edit Mode to apply them"),
+        ("PAINT_WEIGHT", False, [], "leave Weight Paint Mode to apply them"),  # as its menu
         ("POSE", False, ["TRANSFORM_OT_rotate"], "they are applied when the transform ends"),
         # Sliders that put their starting keys back at every move would erase a batch's keys.
         ("POSE", False, ["GRAPH_OT_smooth"], "they are applied when the Graph Editor tool ends"),
@@ -939,7 +940,7 @@ def test_answers_wait_while_the_user_edits_a_mesh(armature, scripted_service):
     bpy.ops.object.mode_set(mode="EDIT")
     bpy.context.scene.chatpose.prompt = "two people"
     bpy.ops.chatpose.send()
-    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mode" in live.last_message()[0])
     assert bpy.context.mode == "EDIT_MESH"  # the user's edit session goes on
     assert "SMPL.person2" not in bpy.data.objects
     bpy.ops.object.mode_set(mode="OBJECT")
@@ -1847,7 +1848,7 @@ def test_loading_a_file_names_the_answers_that_waited(armature, scripted_service
     bpy.ops.object.mode_set(mode="EDIT")  # the answer waits for Object mode
     bpy.context.scene.chatpose.prompt = "waits"
     bpy.ops.chatpose.send()
-    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mode" in live.last_message()[0])
     bpy.ops.object.mode_set(mode="OBJECT")
     bpy.ops.wm.read_homefile(use_empty=True)  # before the timer applied it
     assert "1 answer(s) not yet applied were dropped (asked: 'waits')" in live.last_message()[0]
@@ -1861,7 +1862,7 @@ def test_a_status_reply_waiting_alone_is_not_counted_as_an_answer(armature, scri
     bpy.ops.mesh.primitive_cube_add()
     bpy.ops.object.mode_set(mode="EDIT")
     bpy.ops.chatpose.service_status()
-    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mode" in live.last_message()[0])
     assert live.last_message()[0].startswith("waiting: ")  # not "0 answer(s) waiting"
     bpy.ops.object.mode_set(mode="OBJECT")
     drive(idle)
@@ -1890,7 +1891,7 @@ def test_loading_a_file_names_a_batch_whose_lines_waited_and_forgets_it(armature
     bpy.ops.chatpose.batch_keyframe()
     bpy.ops.mesh.primitive_cube_add()
     bpy.ops.object.mode_set(mode="EDIT")  # the lines wait for Object mode
-    drive(lambda: "waiting: leave Edit Mesh mode" in live.last_message()[0])
+    drive(lambda: "waiting: leave Edit Mode" in live.last_message()[0])
     drive(lambda: live.current_batch().ended)  # the service has answered every line
     bpy.ops.object.mode_set(mode="OBJECT")
     bpy.ops.wm.read_homefile(use_empty=True)  # before the timer keyed them

@@ -285,7 +285,7 @@ def give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
         scene.chatpose.prompt = prompt
 
 
-def _why_unreachable(code: ErrorCode) -> str:
+def _why_unreachable(code: ErrorCode | None) -> str:
     """What the local service started here says about a failure: still loading, or how it
     ended, for an unreachable service; where its log is, for an internal error (whose message
     says "see the service log"); "" otherwise."""
@@ -416,7 +416,9 @@ def _batch_ended(run: BatchRun) -> None:
         level, popup = "WARNING", False
     else:
         level, popup = "INFO", False
-    summary = run.summary() + (_local_service_exit() if run.state == batch_plan.FAILED else "")
+    summary = run.summary()
+    if run.state == batch_plan.FAILED:
+        summary += _why_unreachable(run.failure_code) or _local_service_exit()
     if run.keyed and _batch_target_problem(run, obj) is None:
         keys_location = run.use_translation or run.keep_on_floor
         if muted := muted_note(obj, pose_channels(obj, keys_location)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared_protocol.protocol import BUSY_RETRY_DELAYS_S, DEFAULT_LIMITS, batch_chunks
+from shared_protocol.protocol import BUSY_RETRY_DELAYS_S, DEFAULT_LIMITS, ErrorCode, batch_chunks
 
 from .batch_record import PendingLine
 
@@ -65,6 +65,7 @@ class BatchRun:
     chunk_size: int = MAX_BATCH_ITEMS
     state: str = RUNNING
     reason: str = ""  # why a run failed, or why the add-on stopped it (`stop`)
+    failure_code: ErrorCode | None = None  # the service's code for ``reason``, when it gave one
     requests: int = 0  # batch requests sent
     closed: bool = False  # the bpy side has applied the end of the run
     # When the request the service refused as busy is sent again (the dispatcher's clock), and
@@ -226,9 +227,10 @@ class BatchRun:
     def request_cancelled(self) -> None:
         self.state = FAILED if self.reason else CANCELLED
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, code: ErrorCode | None = None) -> None:
         self.state = FAILED
         self.reason = reason
+        self.failure_code = code
 
     def close(self) -> None:
         self.closed = True

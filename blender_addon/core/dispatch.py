@@ -359,7 +359,7 @@ class Dispatcher:
             if event.code == ErrorCode.CANCELLED:
                 run.request_cancelled()
             else:
-                run.fail(event.message)
+                run.fail(event.message, event.code)
             return [BatchEnded(run)]
         return []
 

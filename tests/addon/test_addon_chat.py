@@ -2141,6 +2141,12 @@ def test_the_service_panel_and_failures_name_the_address_the_local_service_liste
     message = live.last_message()[0]
     assert f"no service at {other}" in message
     assert f"(the local service started here listens on {address}: set that" in message
+    batch_of("walk\nrun")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    message = live.last_message()[0]
+    assert message.startswith("Batch from text 'moves' stopped: no service at")
+    assert f"(the local service started here listens on {address}: set that" in message
     use_service(address)
     bpy.ops.chatpose.service_status()
     drive(idle)

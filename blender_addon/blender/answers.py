@@ -215,6 +215,9 @@ def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
     """Why a request's armature (``name`` when it went out; ``obj`` now) cannot be posed: the
     user deleted it, or changed it into something that is no SMPL armature; None when it can."""
     if obj is None or is_deleted(obj):
+        now = bpy.data.objects.get(name)
+        if now is not None and now != obj and not is_deleted(now):  # the user made another
+            return f"the armature {name!r} it went out for was deleted; this {name!r} is another"
         return f"the armature {name!r} is gone"
     if not is_smpl_armature(obj):
         return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"

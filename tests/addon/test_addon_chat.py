@@ -2485,6 +2485,28 @@ def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s
     assert "batch" not in steps
 
 
+def test_a_batch_whose_armature_is_replaced_by_one_of_its_name_says_so(
+    armature, scripted_service, monkeypatch
+):
+    # A review: it said "'SMPL' is gone" with an 'SMPL' in the viewport.
+    address, _ = scripted_service
+    use_service(address)
+    batch_of("\n".join(f"pose {i}" for i in range(12)))
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()
+    drive(lambda: live.current_batch().keyed >= 4)
+    bpy.context.scene.chatpose.target = None
+    bpy.data.objects.remove(armature)
+    assert create_smpl_armature(bpy.context, with_mesh=False).name == "SMPL"
+    drive(idle)
+    message = live.last_message()[0]
+    assert (
+        "stopped: the armature 'SMPL' it went out for was deleted; this 'SMPL' is another"
+        in message
+    )
+
+
 @pytest.mark.parametrize("change", ["armature renamed", "take renamed", "bone renamed"])
 def test_a_batch_names_its_armature_as_it_is_now(armature, scripted_service, monkeypatch, change):
     address, _ = scripted_service

@@ -231,13 +231,14 @@ class Client:
         self._read_monitor()
         return self._reached and not self._connected
 
-    def no_service_message(self, waited_s: float) -> str:
-        """What to say when no connection came within `waited_s`."""
+    def no_service_message(self, waited_s: float, where_set: str = "") -> str:
+        """What to say when no connection came within `waited_s`; `where_set` (" (the address
+        is set in ...)") follows it, where the caller's users change the address."""
         if self.silent_listener:
             return (
                 f"something takes connections at {self.address} but did not complete ZeroMQ's "
                 f"handshake within {waited_s:g} s: another program on that port, or a "
-                "chatpose-serve that is stopped or hung?"
+                f"chatpose-serve that is stopped or hung?{where_set}"
             )
         text = (
             f"no service at {self.address} (no connection within {waited_s:g} s); is "
@@ -246,7 +247,7 @@ class Client:
         if host := host_name(self.address):
             # ZeroMQ says nothing of a name it cannot resolve: it only never connects.
             text += f" Is {host!r} a name this machine resolves and can reach?"
-        return text
+        return text + where_set
 
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):

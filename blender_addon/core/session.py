@@ -288,18 +288,10 @@ class Session:
                         f"{self.address} refused the connection: {refusal} (the Client Key and "
                         "the Server Key in the add-on's preferences)"
                     )
-                elif self._client.silent_listener:
-                    message = (
-                        f"something takes connections at {self.address} but does not complete "
-                        "ZeroMQ's handshake: another program on that port, or a chatpose-serve "
-                        "that is stopped or hung? (the address is set in the add-on's "
-                        "preferences)"
-                    )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"
-                    message = (
-                        f"no service at {self.address}; is chatpose-serve running? (the "
-                        f"{where} set in the add-on's preferences)"
+                    message = self._client.no_service_message(
+                        self.connect_timeout_s, f" (the {where} set in the add-on's preferences)"
                     )
                 return self._fail_all(ErrorCode.UNREACHABLE, message)
             return []

@@ -192,6 +192,19 @@ def test_no_service_fails_clearly_without_blocking():
     session.close()
 
 
+def test_no_service_at_a_host_name_asks_whether_the_name_resolves():
+    # A review: the add-on's message lacked the command line's question, its own copy of it.
+    session = Session("tcp://no-such-host.invalid:6399", timeout_s=30, connect_timeout_s=0.3)
+    request_id = session.request_pose("wave")
+    [failure] = run_until(session, final_for(request_id), timeout_s=10)
+    assert failure.message == (
+        "no service at tcp://no-such-host.invalid:6399 (no connection within 0.3 s); is "
+        "chatpose-serve running? Is 'no-such-host.invalid' a name this machine resolves and can "
+        "reach? (the address is set in the add-on's preferences)"
+    )
+    session.close()
+
+
 def test_a_service_that_stopped_while_idle_is_not_called_gone_during_the_request(backend):
     # Blender's timer stops when nothing is in flight: the session last saw the service
     # connected. The next request used to fail at its first tick, "went away during the

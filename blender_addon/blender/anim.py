@@ -86,6 +86,21 @@ def why_not_keyable(fcurve: bpy.types.FCurve) -> str | None:
     return None
 
 
+def linked_action_problem(obj: bpy.types.Object, so: str) -> str | None:
+    """Why the object's action cannot be changed (``so``: what that stops): it is linked from
+    a library file; None when it is not. Its remedy is a copy, not Make Local, which would cut
+    a library override off from its library."""
+    anim = obj.animation_data
+    action = anim.action if anim is not None else None
+    if action is None or action.library is None:
+        return None
+    return (
+        f"the action {action.name!r} is linked from {action.library.filepath}, so {so}; give "
+        f"{obj.name} an action of its own (the Action editor's New Action button beside the "
+        "action's name makes a copy)"
+    )
+
+
 def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
     """LockedCurveError naming the first of ``channels`` whose F-curve Blender would not key
     (`why_not_keyable`), or the object's action when it is linked from a library file. Checked
@@ -93,14 +108,8 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
     a linked action, with only a line on the console, which would leave a pose half keyed, or
     not keyed while the add-on said it was; keys written straight into a sampled curve damage
     it."""
-    anim = obj.animation_data
-    action = anim.action if anim is not None else None
-    if action is not None and action.library is not None:
-        raise LockedCurveError(
-            f"the action {action.name!r} is linked from {action.library.filepath}, so keys "
-            f"cannot go into it; make it local (Object > Relations > Make Local) or give "
-            f"{obj.name} an action of its own"
-        )
+    if problem := linked_action_problem(obj, "keys cannot go into it"):
+        raise LockedCurveError(problem)
     fcurves = fcurve_map(obj)
     groups = {fc.group.name: fc.group for fc in fcurves.values() if fc.group is not None}
     for bone, prop, index in channels:

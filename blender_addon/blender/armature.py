@@ -57,6 +57,42 @@ def linked_problem(obj: bpy.types.Object) -> str | None:
     )
 
 
+def missing_library(obj: bpy.types.Object) -> str | None:
+    """Why ``obj`` shows no rig: the library file it, or its armature, comes from (directly or
+    through a library override) was not found when this file was opened, and Blender put an
+    empty stand-in there; None when nothing it stands on is missing."""
+    for block in (obj, obj.data):
+        override = block.override_library if block is not None else None
+        for source in (block, override.reference if override is not None else None):
+            if source is not None and source.is_missing and source.library is not None:
+                return (
+                    f"{obj.name!r} comes from {source.library.filepath}, which was not found "
+                    "when this file was opened: find it (File > External Data > Find Missing "
+                    "Files, or Relocate the library in the Outliner's Blender File view)"
+                )
+    return None
+
+
+def instance_problem(obj: bpy.types.Object | None) -> str | None:
+    """Why ``obj``, an instance of a collection that holds an armature (a character put in a
+    shot), does not pose that armature; None when ``obj`` is no such instance."""
+    is_instance = obj is not None and obj.instance_type == "COLLECTION"
+    collection = obj.instance_collection if is_instance else None
+    if collection is None or not any(o.type == "ARMATURE" for o in collection.all_objects):
+        return None
+    if collection.library is not None:
+        remedy = "make a library override of it (Object > Library Override > Make) and pose that"
+    else:
+        remedy = (
+            "pose the armature in the collection itself (link the collection into the scene, "
+            "or Object > Apply > Make Instances Real)"
+        )
+    return (
+        f"{obj.name!r} is an instance of the collection {collection.name!r}, which shows its "
+        f"armature but does not pose it: {remedy}"
+    )
+
+
 def bone_names(obj: bpy.types.Object) -> tuple[str | None, ...]:
     """The armature's names for the 24 SMPL bones, in SMPL joint order; None for a hand an
     SMPL-H or SMPL-X rig does not have (``rig_spec.smpl_bone_names``)."""

@@ -15,6 +15,7 @@ from bpy_extras.io_utils import ImportHelper
 
 from ..core.images import read_reference_image
 from . import feedback, live, local_service, sending
+from .anim import linked_action_problem
 from .batch_store import clear_record
 from .capture import CaptureError, capture_viewport
 from .props import checked_target, clear_history, target_armature
@@ -216,6 +217,10 @@ class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa:
 
     def execute(self, context):
         obj = target_armature(context)
+        # Cleared in memory only, it would be back when the file is opened again.
+        if problem := linked_action_problem(obj, "its batch record cannot be cleared"):
+            self.report({"ERROR"}, problem[0].upper() + problem[1:])
+            return {"CANCELLED"}
         clear_record(obj)
         self.report({"INFO"}, f"Batch record of {obj.name} cleared")
         return {"FINISHED"}

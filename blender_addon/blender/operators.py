@@ -26,7 +26,9 @@ from .armature import (
     create_smpl_armature,
     ensure_object_mode,
     find_smpl_armature,
+    instance_problem,
     linked_problem,
+    missing_library,
     why_not_smpl,
 )
 from .batch_store import load_record
@@ -258,9 +260,15 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             # Not a new SMPL rig beside the one the user meant: say why theirs is not one.
             self.report(
                 {"ERROR"},
-                f"Not imported: {meant.name!r} is not an SMPL armature: {why_not_smpl(meant)}. "
-                "Select an SMPL armature, or nothing to import onto a new one",
+                f"Not imported: {missing_library(meant)}"
+                if missing_library(meant)
+                else f"Not imported: {meant.name!r} is not an SMPL armature: "
+                f"{why_not_smpl(meant)}. Select an SMPL armature, or nothing to import onto a "
+                "new one",
             )
+            return {"CANCELLED"}
+        if obj is None and (problem := instance_problem(context.active_object)):
+            self.report({"ERROR"}, f"Not imported: {problem}")  # not onto a new rig beside it
             return {"CANCELLED"}
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")

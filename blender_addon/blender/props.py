@@ -11,9 +11,11 @@ from ..core.timeline import MAX_FRAME
 from .armature import (
     armature_meant,
     find_smpl_armature,
+    instance_problem,
     is_deleted,
     is_smpl_armature,
     linked_problem,
+    missing_library,
     why_not_smpl,
 )
 
@@ -173,8 +175,14 @@ def target_problem(context: bpy.types.Context) -> str | None:
     if obj is None:
         rig = armature_meant(context.active_object)
         if rig is not None:
-            return f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
-        return "No SMPL armature: pick a target or create one (Create SMPL Armature)"
+            return (
+                missing_library(rig) or f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
+            )
+        return instance_problem(context.active_object) or (
+            "No SMPL armature: pick a target or create one (Create SMPL Armature)"
+        )
+    if missing := missing_library(obj):  # not deleted, nor some other armature: unread
+        return f"The Target {missing}"
     if is_deleted(obj):
         holders = set(obj.users_collection)  # and the collections they are in: Character/Rig
         holders |= {c for c in bpy.data.collections if holders & set(c.children_recursive)}

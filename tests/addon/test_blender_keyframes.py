@@ -1114,11 +1114,20 @@ def test_keys_are_refused_when_the_action_is_linked_from_a_library(blender, tmp_
     obj = create_smpl_armature(bpy.context, with_mesh=False)
     take = linked_from_library(bpy.data.actions.new("take"), tmp_path / "takes.blend")
     obj.animation_data_create().action = take
-    with pytest.raises(LockedCurveError, match="the action 'take' is linked from .*takes.blend"):
+    with pytest.raises(
+        LockedCurveError, match="the action 'take' is linked from .*takes.blend"
+    ) as exc:
         apply_pose(obj, random_pose(1), frame=5)
+    # A review: Make Local, which it offered, cuts a library override off from its library.
+    assert "Make Local" not in str(exc.value) and "New Action button" in str(exc.value)
     with pytest.raises(LockedCurveError, match="is linked from"):
         key_poses(obj, [random_pose(2), random_pose(3)], [1, 2])
     assert keyed_frames(obj) == []
+    # Cleared in memory, the record would come back when the file is opened again.
+    obj.data["chatpose_rig"] = obj.data.get("chatpose_rig", 1)
+    bpy.context.scene.chatpose.target = obj
+    with pytest.raises(RuntimeError, match="so its batch record cannot be cleared"):
+        bpy.ops.chatpose.clear_batch_record()
 
 
 def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
@@ -1130,6 +1139,78 @@ def test_a_linked_armature_is_not_posed_by_the_operators(blender, tmp_path):
     assert bpy.ops.chatpose.export_npz.poll()  # reading its keys is fine
     with pytest.raises(RuntimeError, match="Not imported: 'Rig' is linked from .*rigs.blend"):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
+
+
+def _character_library(path) -> None:
+    """A library file with the collection "Chars" holding the SMPL armature "Rig"."""
+    chars = bpy.data.collections.new("Chars")
+    bpy.context.scene.collection.children.link(chars)
+    layers = bpy.context.view_layer.layer_collection
+    bpy.context.view_layer.active_layer_collection = layers.children["Chars"]
+    create_smpl_armature(bpy.context, name="Rig", with_mesh=False)
+    bpy.data.libraries.write(str(path), {chars}, fake_user=True)
+    bpy.ops.wm.read_homefile(use_empty=True)
+
+
+def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path):
+    # A review: an override whose library went missing was "not an SMPL armature (it has no
+    # bone pelvis ...)", and a linked Target "was deleted"; neither was.
+    from blender_addon.blender.props import target_problem
+
+    library = tmp_path / "characters.blend"
+    _character_library(library)
+    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
+        linked.collections = ["Chars"]
+    scene = bpy.context.scene
+    scene.collection.children.link(linked.collections[0])
+    bpy.context.view_layer.update()
+    linked.collections[0].override_hierarchy_create(scene, bpy.context.view_layer)
+    scene.collection.children.unlink(linked.collections[0])
+    shot = tmp_path / "shot.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
+    library.unlink()
+    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    [override] = [o for o in bpy.data.objects if o.override_library is not None]
+    bpy.context.view_layer.objects.active = override
+    missing = "'Rig' comes from //characters.blend, which was not found when this file was opened"
+    assert target_problem(bpy.context).startswith(missing)
+    with pytest.raises(RuntimeError, match=f"Not imported: {missing}"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
+    [stand_in] = [o for o in bpy.data.objects if o.library is not None]
+    bpy.context.scene.chatpose.target = stand_in
+    assert target_problem(bpy.context).startswith(f"The Target {missing}")
+
+
+@pytest.mark.parametrize("library", [False, True])
+def test_a_character_s_collection_instance_is_not_taken_for_no_armature(blender, tmp_path, library):
+    # A review: with the instance selected (what a click on the character selects), Import made
+    # a new SMPL armature at the cursor, and the panel said to create one.
+    from blender_addon.blender.props import target_problem
+
+    if library:
+        _character_library(tmp_path / "characters.blend")
+        with bpy.data.libraries.load(str(tmp_path / "characters.blend"), link=True) as (_, linked):
+            linked.collections = ["Chars"]
+        chars = linked.collections[0]
+    else:
+        chars = bpy.data.collections.new("Chars")
+        create_smpl_armature(bpy.context, name="Rig", with_mesh=False)
+        for collection in bpy.data.objects["Rig"].users_collection:
+            collection.objects.unlink(bpy.data.objects["Rig"])
+        chars.objects.link(bpy.data.objects["Rig"])
+    instance = bpy.data.objects.new("Hero", None)
+    instance.instance_type, instance.instance_collection = "COLLECTION", chars
+    bpy.context.scene.collection.objects.link(instance)
+    bpy.context.view_layer.objects.active = instance
+    remedy = "make a library override of it" if library else "link the collection into the scene"
+    problem = target_problem(bpy.context)
+    assert (
+        problem.startswith("'Hero' is an instance of the collection 'Chars'") and remedy in problem
+    )
+    objects = len(bpy.data.objects)
+    with pytest.raises(RuntimeError, match="Not imported: 'Hero' is an instance of the collection"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
+    assert len(bpy.data.objects) == objects  # no new armature beside the character
 
 
 def test_an_import_into_muted_f_curves_says_they_do_not_play(blender, tmp_path, capfd):

@@ -76,6 +76,10 @@ def send_pose(
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
+        try:  # found now, not once the service has computed the answer (extra people later)
+            refuse_locked(target, pose_channels(target, False))
+        except LockedCurveError as exc:
+            raise live.UserError(f"Not sent: {exc}") from None
     auto_key = not settings.insert_keyframe and scene.tool_settings.use_keyframe_insert_auto
     if auto_key:  # as Blender's own tools key a pose
         frame = scene.frame_current

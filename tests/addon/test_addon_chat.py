@@ -632,13 +632,22 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
     scene = bpy.context.scene
     apply_pose(armature, pose_for("rest"), frame=1)  # an animated rig, one curve locked
     knee = 'pose.bones["left_knee"].rotation_quaternion'
-    next(c for c in action_fcurves(armature) if c.data_path == knee).lock = True
+    curve = next(c for c in action_fcurves(armature) if c.data_path == knee)
+    curve.lock = True
     scene.tool_settings.use_keyframe_insert_auto = keying == "Auto Keying"
     scene.chatpose.insert_keyframe = keying == "Insert Keyframe"
     steps = []
     monkeypatch.setattr(feedback, "push_undo", steps.append)
     scene.chatpose.prompt = "with a locked knee"
-    bpy.ops.chatpose.send()
+    if keying == "Insert Keyframe":  # refused before the service computes it (a review)
+        with pytest.raises(RuntimeError, match="Not sent: the F-curve of left_knee .* locked"):
+            bpy.ops.chatpose.send()
+        assert scene.chatpose.prompt == "with a locked knee" and not live.pending_jobs()
+        curve.lock = False  # and locked while the answer is on its way:
+        bpy.ops.chatpose.send()
+        curve.lock = True
+    else:
+        bpy.ops.chatpose.send()
     drive(idle)
     message = live.last_message()[0]
     if keying == "Auto Keying":  # posed, as Blender's own Auto Keying poses a locked rig

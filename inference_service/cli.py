@@ -37,7 +37,7 @@ from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
-from shared_protocol.pose import FPS_RANGE, Motion, Pose, check_writable
+from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose, check_writable
 from shared_protocol.protocol import (
     BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
@@ -409,7 +409,7 @@ def _pose(args: argparse.Namespace) -> int:
         )
     elif args.out:
         try:
-            _write_motion(args.out, list(reply.poses), fps=30.0)
+            _write_motion(args.out, list(reply.poses), fps=DEFAULT_FPS)
             _report(f"wrote {len(reply.poses)} pose(s) to {args.out}")
         except CommandError as exc:
             unwritten = exc
@@ -482,7 +482,7 @@ def _batch(args: argparse.Namespace) -> int:
             "pose: add --resume to go on from them, or delete it to start over",
         )
     resumed_from, poses, fps = _earlier_answers(args, lines) if args.resume else (None, {}, None)
-    fps = args.fps or fps or 30.0
+    fps = args.fps or fps or DEFAULT_FPS
     earlier = len(poses)
     failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why it got no pose
     limit = DEFAULT_LIMITS.max_prompt_chars

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference_service.serve import EXIT_CONFIG
+from inference_service.commands import EXIT_USAGE
 from shared_protocol.client import Client
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
@@ -186,7 +186,7 @@ class LocalService:
             return client.wait_serving(timeout_s, gone=gone, loading=loading_notes(_say))
         except ProtocolError as exc:
             state = self.process.poll()
-            if not state.alive and state.returncode == EXIT_CONFIG:  # not the service's failure
+            if not state.alive and state.returncode == EXIT_USAGE:  # not the service's failure
                 raise DemoConfigError(
                     f"chatpose-serve {state.describe()} (log: {self.log_path})"
                 ) from None

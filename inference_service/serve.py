@@ -17,6 +17,7 @@ from .checkpoint import work_offline
 from .commands import (
     DEVICE_HELP,
     EXIT_INTERRUPTED,
+    EXIT_USAGE,
     catchable_signals,
     device_argument,
     positive_int,
@@ -35,7 +36,6 @@ from .server import (
 
 log = logging.getLogger("chatpose.serve")
 
-EXIT_CONFIG = 2  # bad arguments, an unsafe bind, a checkpoint that does not load
 EXIT_FAILED = 1  # the server failed while serving (a bug), as a traceback exits
 # The bundled demo checkpoint, served when no --checkpoint is given.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
@@ -193,7 +193,7 @@ def _start_failed(exc: BaseException) -> int:
     """The exit code of a start that failed with `exc`, its message said; anything else (a bug)
     is raised again."""
     if isinstance(exc, ModuleNotFoundError):
-        from .cli import EXIT_USAGE, missing_service_package
+        from .cli import missing_service_package
 
         print(f"chatpose-serve: {missing_service_package(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -201,7 +201,7 @@ def _start_failed(exc: BaseException) -> int:
         if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
             log.error(str(exc), extra={"event": "config_error"})
         print(f"chatpose-serve: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE  # bad arguments, an unsafe bind, a checkpoint that does not load
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while the model loads: nothing to finish
         log.info("interrupted while loading", extra={"event": "stop"})
         return EXIT_INTERRUPTED

@@ -315,13 +315,9 @@ def _local_service_elsewhere() -> str:
 
 def _local_service_exit() -> str:
     """Why the local service started here is gone, to add to a failure; "" when it is not."""
-    if live.state.process is None:
+    if live.state.process is None or live.state.process.poll().state != EXITED:
         return ""
-    process = live.state.process
-    process_state = process.poll()
-    if process_state.state != EXITED:
-        return ""
-    return f" (the local service {process_state.describe()}; its log: {process.log_path})"
+    return f" (the local service {live.local_service_ended()})"
 
 
 def _local_service_log() -> str:

@@ -73,13 +73,16 @@ def last_message() -> tuple[str, str]:
     service's being ready and it has exited since (while Blender was idle: nothing else
     watches it then), how it ended."""
     if state.message_of_ready_local and state.process is not None:
-        process_state = state.process.poll()
-        if not process_state.alive:
-            return (
-                f"Local service {process_state.describe()}; its log: {state.process.log_path}",
-                "ERROR",
-            )
+        if not state.process.poll().alive:
+            return f"Local service {local_service_ended()}", "ERROR"
     return state.message, state.level
+
+
+def local_service_ended() -> str:
+    """How the local service started here ended, and where its log is: "exited with code 1;
+    its log: PATH"."""
+    process = service_process()
+    return f"{process.poll().describe()}; its log: {process.log_path}"
 
 
 UNAVAILABLE = "unavailable: "  # how service_line says a status check failed

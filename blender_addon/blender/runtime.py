@@ -229,9 +229,7 @@ def watch_local_service() -> None:
     process_state = live.service_process().poll()
     if not process_state.alive:
         live.state.waiting_ready = False
-        log = live.service_process().log_path
-        described = process_state.describe()
-        feedback.notify(f"Local service {described}; its log: {log}", "ERROR", popup=True)
+        feedback.notify(f"Local service {live.local_service_ended()}", "ERROR", popup=True)
         return
     address = service_settings(bpy.context).address
     if address != live.state.local_address:  # the probe would ask elsewhere, and wait for ever

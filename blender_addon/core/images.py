@@ -130,7 +130,7 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
 
-def encode_png(pixels, *, flip_vertical: bool = False, level: int = 6) -> bytes:
+def encode_png(pixels, *, flip_vertical: bool = False) -> bytes:
     """An 8-bit PNG of ``pixels`` (H, W, 3) RGB or (H, W, 4) RGBA, values 0-255.
 
     ``flip_vertical`` for pixels read from a GPU framebuffer, whose first row is the bottom.
@@ -150,7 +150,7 @@ def encode_png(pixels, *, flip_vertical: bool = False, level: int = 6) -> bytes:
         (
             PNG_MAGIC,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes())),
             _chunk(b"IEND", b""),
         )
     )

@@ -256,7 +256,7 @@ def test_chatpose_serve_that_loses_its_stdin_while_loading_exits_at_once(tiny_ch
 def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
     if "--bind" not in argv:  # not the default port: a service the user runs may hold it
         argv = [*argv, "--bind", f"tcp://127.0.0.1:{free_port()}"]
-    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert serve.main(argv) == serve.EXIT_USAGE
     assert message in capsys.readouterr().err
 
 
@@ -298,7 +298,7 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
         str(tmp_path / clients),
     ]
     # A checkpoint that does not exist: the keys are named first, before any loading.
-    assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_CONFIG
+    assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_USAGE
     assert message in capsys.readouterr().err
 
 
@@ -358,7 +358,7 @@ def test_a_client_gone_while_the_model_loads_is_forgotten_without_a_scheduler():
 
 def test_serve_without_a_checkpoint_names_the_missing_demo(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")
-    assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_CONFIG
+    assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_USAGE
     assert "make demo-model" in capsys.readouterr().err
 
 
@@ -369,7 +369,7 @@ def test_a_start_up_error_is_said_once_on_a_terminal_and_logged_for_a_log_reader
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     # A port of its own: the default one may be taken on the machine (it binds first).
     argv = ["--checkpoint", str(tmp_path / "none"), "--bind", f"tcp://127.0.0.1:{free_port()}"]
-    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert serve.main(argv) == serve.EXIT_USAGE
     lines = capsys.readouterr().err.splitlines()
     plain = f"chatpose-serve: --checkpoint: {tmp_path / 'none'} does not exist"
     if terminal:
@@ -383,7 +383,7 @@ def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys
         port = taken.bind_to_random_port("tcp://127.0.0.1")
         # The checkpoint does not exist: the address is checked before it is even looked at.
         argv = ["--bind", f"tcp://127.0.0.1:{port}", "--checkpoint", str(tmp_path / "none")]
-        assert serve.main(argv) == serve.EXIT_CONFIG
+        assert serve.main(argv) == serve.EXIT_USAGE
     err = capsys.readouterr().err
     assert "already in use" in err and "--bind" in err
 
@@ -391,7 +391,7 @@ def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys
 def test_serve_rejects_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
     (tmp_path / "chatpose.json").write_text("{not json")
     argv = ["--checkpoint", str(tmp_path), "--bind", f"tcp://127.0.0.1:{free_port()}"]
-    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert serve.main(argv) == serve.EXIT_USAGE
     assert "chatpose.json" in capsys.readouterr().err
 
 
@@ -421,5 +421,5 @@ def test_serve_works_offline_whatever_the_environment_said(monkeypatch, tmp_path
         monkeypatch.setenv(name, "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     argv = ["--checkpoint", str(tmp_path / "none"), "--bind", f"tcp://127.0.0.1:{free_port()}"]
-    assert serve.main(argv) == serve.EXIT_CONFIG
+    assert serve.main(argv) == serve.EXIT_USAGE
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE

@@ -164,6 +164,10 @@ class Scheduler:
         self._clock = clock
         self._lock = threading.Condition()
         self._queue: deque[_Task] = deque()
+        # When each client with work queued last had a micro-batch start with its task
+        # (`_take_next`): clients take turns.
+        self._turn = 0
+        self._last_turn: dict[ClientId, int] = {}
         self._requests: dict[RequestKey, _Request] = {}
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name="chatpose-scheduler", daemon=True)
@@ -487,7 +491,7 @@ class Scheduler:
                     return None
                 self._lock.wait()
                 self._expire_locked()
-            taken.append(self._queue.popleft())
+            taken.append(self._take_next())
             if taken[0].item.mode != "pose":
                 return taken
             group = taken
@@ -499,6 +503,18 @@ class Scheduler:
                     break
                 self._lock.wait(remaining)
             return group
+
+    def _take_next(self) -> _Task:
+        """The oldest task of the client whose turn came longest ago (a client with none on
+        record first): one with hundreds of chat turns in flight, seconds each on a large
+        model, would otherwise hold up every other client behind all of them."""
+        waiting = {task.request.client for task in self._queue}
+        self._last_turn = {c: n for c, n in self._last_turn.items() if c in waiting}
+        task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, -1))
+        self._queue.remove(task)
+        self._turn += 1
+        self._last_turn[task.request.client] = self._turn
+        return task
 
     def _take_pose_tasks(self, limit: int) -> list[_Task]:
         """Up to `limit` pose-mode tasks, a client's at a time in turn (each client's in

@@ -107,6 +107,24 @@ def test_many_pose_requests_from_one_client_do_not_starve_another(backend, colle
     scheduler.stop()
 
 
+def test_many_chat_turns_from_one_client_do_not_starve_another(backend, collected):
+    # A review: chat tasks were taken first in, first out, so a script's 300 chat turns in
+    # flight held every other client behind all of them (seconds each on a 13B model).
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    for i in range(20):
+        scheduler.submit_pose(b"A", PoseRequest(f"a{i}", f"a{i}", mode="chat"))
+    assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs
+    scheduler.submit_pose(b"B", PoseRequest("b", "b's only prompt"))
+    scheduler.submit_pose(b"C", PoseRequest("c", "c's turn", mode="chat"))
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == 22)
+    order = [reply.id for reply in collected.of()]
+    assert order[:3] == ["a0", "b", "c"], order  # each after the one turn that ran
+    assert [i for i in order if i.startswith("a")] == [f"a{i}" for i in range(20)]
+    scheduler.stop()
+
+
 def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
     backend, collected
 ):

@@ -37,6 +37,8 @@ from shared_protocol.address import AddressError, check_address, is_ipv6, is_loo
 from shared_protocol.client import DEFAULT_ADDRESS, is_curve_key
 from shared_protocol.protocol import (
     DEFAULT_LIMITS,
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
     INSTANCE_ENV,
     BatchRequest,
     CancelReply,
@@ -352,6 +354,9 @@ class Server:
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not drops
         self._router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
+        # A client gone silent (a laptop asleep, a dropped flow) is let go, and its work with it.
+        self._router.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
+        self._router.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
         # Requests read off each connection ahead of the I/O thread, at most (libzmq's default
         # is 1,000, each up to 9 frames of 16 MiB): a client sending more waits in its own
         # queue, not in the service's memory (60 requests of 16 MiB behind a busy I/O thread

@@ -30,6 +30,8 @@ from zmq.utils.monitor import recv_monitor_message
 from .address import AddressError, check_address, host_name, is_ipv6
 from .protocol import (
     DEFAULT_LIMITS,
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
     CancelRequest,
     ErrorCode,
     ErrorReply,
@@ -176,6 +178,7 @@ class Client:
         # A reply is one header frame: a larger frame from whatever listens there is cut off
         # unread (and its connection dropped) before it can fill Blender's memory.
         sock.setsockopt(zmq.MAXMSGSIZE, self._limits.max_header_bytes + 4096)
+        sock.heartbeat_ivl, sock.heartbeat_timeout = HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
         if self._keys is not None:
             public, secret, server_public = self._keys
             sock.curve_publickey, sock.curve_secretkey = public, secret

@@ -33,6 +33,11 @@ MODES = ("pose", "chat")
 ROLES = ("user", "assistant")
 REQUEST_OPS = ("status", "pose", "batch", "cancel")
 REPLY_OPS = ("status", "pose", "batch_item", "batch_done", "cancel")
+# ZeroMQ heartbeats both sides send on every connection: a connection that answers none within
+# the timeout is closed (and the client's connects again), so a flow a firewall or NAT forgot
+# without a word, or a peer that vanished, is not waited on until every request times out.
+HEARTBEAT_INTERVAL_MS = 5_000
+HEARTBEAT_TIMEOUT_MS = 15_000
 # The environment variable a program starting a service sets to a token of its own, which the
 # service's status replies give back as `instance`.
 INSTANCE_ENV = "CHATPOSE_INSTANCE"

@@ -275,8 +275,8 @@ class Session:
             self._was_connected = connected
             return self._fail_all(
                 ErrorCode.UNREACHABLE,
-                f"the service at {self.address} went away during the request; "
-                "start it again and retry",
+                f"the service at {self.address} went away during the request (it stopped, or "
+                "the network dropped the connection); retry, or start it again",
             )
         self._was_connected = connected
         if not connected:

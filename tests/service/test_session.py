@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from blender_addon.core.session import (
     StatusResult,
 )
 from inference_service.server import Server
+from shared_protocol import client as client_module
 from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
@@ -429,3 +432,68 @@ def test_a_service_restarted_between_two_ticks_fails_its_requests_at_once():
     finally:
         process.kill()
         session.close()
+
+
+class _ForgetfulProxy:
+    """A TCP proxy to ``target`` that, once ``forget()`` is called, passes nothing more on the
+    connections open then and closes none of them: a firewall or NAT that dropped an idle
+    flow without a word. Connections made after it pass."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._forgotten: set[socket.socket] = set()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def forget(self) -> None:
+        self._forgotten |= self._open
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._open |= {downstream, upstream}
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
+
+    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if source not in self._forgotten:
+                    sink.sendall(data)
+        self._open.discard(source)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in list(self._open):
+            sock.close()
+
+
+def test_a_connection_a_firewall_dropped_without_a_word_is_replaced(address, monkeypatch):
+    # A review: every request after the flow was dropped timed out, until Blender restarted.
+    # Heartbeats (shortened here) close a connection that answers none, and the client's
+    # socket connects again.
+    monkeypatch.setattr(client_module, "HEARTBEAT_INTERVAL_MS", 100)
+    monkeypatch.setattr(client_module, "HEARTBEAT_TIMEOUT_MS", 300)
+    proxy = _ForgetfulProxy(address)
+    session = Session(proxy.address, timeout_s=2, connect_timeout_s=2)
+    try:
+        first = session.request_pose("wave")
+        [answer] = run_until(session, final_for(first))
+        assert isinstance(answer, PoseResult)
+        proxy.forget()
+        lost = session.request_pose("wave")
+        [failure] = run_until(session, final_for(lost))
+        assert isinstance(failure, RequestFailed)  # the heartbeat's end of it, or its timeout
+        again = session.request_pose("wave")
+        [answer] = run_until(session, final_for(again))
+        assert isinstance(answer, PoseResult), answer
+    finally:
+        session.close()
+        proxy.close()

@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         metavar="S",
         help="wait up to S seconds for the service to serve: one just started, loading its "
-        "model, restarting, or with its queue full of other users' work (by default a service "
-        "not there within 2 s, loading, stopping or busy, is an error)",
+        "model, restarting (batch: in the middle of a run too, the lines answered kept), or "
+        "with its queue full of other users' work (by default a service not there within 2 s, "
+        "loading, stopping or busy, is an error)",
     )
     connection.add_argument(
         "--curve-secret-key",
@@ -500,6 +501,7 @@ def _batch(args: argparse.Namespace) -> int:
             client = stack.enter_context(_serving_client(args)) if sendable else None
             start, size = 0, DEFAULT_LIMITS.max_batch_items
             busy_tries = 0  # in a row: another client's work fills the queue
+            restarts = 0  # in a row, with no answer between them
             while start < len(sendable):
                 # The next chunk holds `size` prompts at most: looking further made a file of
                 # 100,000 lines take 40 s to split.
@@ -510,7 +512,14 @@ def _batch(args: argparse.Namespace) -> int:
                 request = BatchRequest(
                     client.new_id(), [prompt for _, prompt in asked], timeout_ms=_waits_ms(args)
                 )
-                for reply in client.stream(request, args.timeout):
+                # With --wait, a service that stops mid-run (a restart) is waited for.
+                waits_through = args.wait is not None and restarts < MAX_RESTARTS_WAITED
+                gone = None
+                for reply in _until_gone(client.stream(request, args.timeout), waits_through):
+                    if isinstance(reply, ServiceGone):
+                        gone = reply.message
+                        break
+                    restarts = 0
                     if isinstance(reply, BatchDoneReply):
                         continue  # every line it held is already counted
                     if _queues_fewer(reply, asked):  # asked again, in halves
@@ -538,6 +547,19 @@ def _batch(args: argparse.Namespace) -> int:
                         _checked(reply, BatchItemReply)
                     saved.offer(poses, fps)
                     _progress(len(poses) + len(failures), len(lines))
+                if gone is not None:  # the lines not answered yet, asked again once it serves
+                    restarts += 1
+                    if _on_terminal():
+                        _report("")  # past the progress bar's line
+                    waiting = f"waiting up to {args.wait:g} s for it to serve again"
+                    _report(f"chatpose batch: {gone}; {waiting}")
+                    sendable = [
+                        (number, prompt)
+                        for number, prompt in sendable[start - len(asked) :]
+                        if number not in poses and number not in failures
+                    ]
+                    start = 0
+                    client.wait_serving(args.wait)
         finished = True
     except BaseException:
         stopped = True  # its message, printed last, says why
@@ -603,6 +625,35 @@ def _queues_fewer(reply, asked: Sequence) -> bool:
         and reply.code == ErrorCode.TOO_LARGE
         and len(asked) > 1
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceGone:
+    """The service stopped answering a request: it went away, or said it is stopping."""
+
+    message: str
+
+
+# Restarts one batch waits through in a row (`--wait`) with no answer between them: a service
+# that fails as it starts is not waited for again and again.
+MAX_RESTARTS_WAITED = 3
+
+
+def _until_gone(replies, waits_through: bool):
+    """``replies`` as they come; with ``waits_through``, a service that goes away or says it
+    is stopping ends them with a ServiceGone instead of an error (the replies that came before
+    are kept)."""
+    try:
+        for reply in replies:
+            if waits_through and isinstance(reply, ErrorReply):
+                if reply.index is None and reply.code == ErrorCode.SHUTTING_DOWN:
+                    yield ServiceGone(reply.message)
+                    return
+            yield reply
+    except ProtocolError as exc:
+        if not waits_through or exc.code != ErrorCode.UNREACHABLE:
+            raise
+        yield ServiceGone(exc.message)
 
 
 def _refused_busy(reply) -> bool:

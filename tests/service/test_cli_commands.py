@@ -28,6 +28,8 @@ from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
     BatchRequest,
+    ErrorCode,
+    ErrorReply,
     PoseReply,
     PoseRequest,
     StatusReply,
@@ -138,6 +140,62 @@ def test_wait_asks_through_a_restart_of_the_service(backend, capsys):
         code, out, err = run(capsys, "status", "--address", old.address, "--wait", "30")
     assert code == cli.EXIT_OK, err
     new[0].stop()
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_batch_wait_waits_through_a_restart_in_the_middle_of_a_run(backend, capsys, tmp_path, how):
+    # The studio review: a routine restart ended every batch with --wait ("the service is
+    # shutting down", exit 7; or "went away", exit 5), which --wait's help says it waits for.
+    new = []
+    old = zmq.Context.instance().socket(zmq.ROUTER)  # the service before the restart
+    address = f"tcp://127.0.0.1:{old.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def end_old():
+        """Answers the batch's first three lines; then says it is stopping and goes, or is
+        gone without a word (killed)."""
+        while True:
+            assert old.poll(TIMEOUT_S * 1000)
+            peer, *frames = old.recv_multipart()
+            request = decode_request(frames)
+            if isinstance(request, BatchRequest):
+                break
+            status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+            old.send_multipart([peer, *encode_reply(status)])
+        for k in range(3):
+            answer = BatchItemReply(request.id, k, len(request.prompts), "", (pose_for("x"),))
+            old.send_multipart([peer, *encode_reply(answer)])
+        if how == "stopped":
+            stopping = ErrorReply(
+                request.id, "batch", ErrorCode.SHUTTING_DOWN, "the service is shutting down"
+            )
+            old.send_multipart([peer, *encode_reply(stopping)])
+        time.sleep(0.2)
+        old.close(linger=0)
+
+    def restart():
+        end_old()
+        while True:
+            try:
+                new.append(Server(backend, backend.info, address, max_wait_ms=0))
+                break
+            except Exception:  # the old one still holds the port
+                time.sleep(0.05)
+        threading.Thread(target=new[0].serve_forever, daemon=True).start()
+
+    threading.Thread(target=restart).start()
+    prompts = tmp_path / "poses.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(40)))
+    out_file = tmp_path / "poses.npz"
+    argv = ["batch", str(prompts), "--out", str(out_file), "--address", address]
+    try:
+        code, _, err = run(capsys, *argv, "--wait", "30")
+    finally:
+        wait_until(lambda: new)
+        new[0].stop()
+    assert code == cli.EXIT_OK, err
+    said = "the service is shutting down" if how == "stopped" else "went away"
+    assert said in err and "waiting up to 30 s for it to serve again" in err
+    assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(40))
 
 
 def run_against(capsys, answers, *argv) -> tuple[int, str, str, list]:

@@ -347,7 +347,15 @@ class Client:
         try:
             return decode_reply(frames, self._limits)
         except ProtocolError as err:
-            return UndecodableReply(err.request_id, err.op, err.code, f"bad reply: {err}", None)
+            message = f"bad reply: {err}"
+            if err.code == ErrorCode.UNSUPPORTED_PROTOCOL:  # one side updated, not the other
+                message = (
+                    f"the service at {self.address} speaks another version of the protocol "
+                    f"({err.message.removeprefix('protocol: ')}): install one release of "
+                    "ChatPose for Blender on both sides (the add-on or chatpose, and "
+                    "chatpose-serve's machine)"
+                )
+            return UndecodableReply(err.request_id, err.op, err.code, message, None)
 
     # --- blocking conveniences, for the command line and tests ---------------------------------
     # They serve one request at a time: replies to any other request are dropped.
@@ -417,6 +425,8 @@ class Client:
                 continue
             if isinstance(reply, StatusReply):
                 return reply
+            if isinstance(reply, UndecodableReply):  # a fault there, as any request's reply
+                raise ProtocolError(ErrorCode.INTERNAL_ERROR, reply.message)
             if reply.code == ErrorCode.SHUTTING_DOWN:
                 stopping = " (the service there was stopping)"
                 time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,41 @@ def test_a_reply_that_names_no_request_is_a_bad_reply_not_a_timeout(context, ans
     serving.join()
     service.close(linger=0)
     assert reply.message.startswith("bad reply: ") and time.monotonic() - started < 10
+
+
+def test_a_service_of_another_protocol_version_is_named_so(context):
+    # The studio review: "bad reply: unsupported_protocol: protocol: version 2 is not
+    # supported; this side speaks 1", naming neither side nor what to do; exit 7 for status
+    # and 4 for status --wait.
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_in_version_2():
+        while service.poll(2000):
+            peer, header, *_ = service.recv_multipart()
+            request = json.loads(header)
+            reply = {"protocol": 2, "id": request["id"], "op": "status", "ok": True}
+            service.send_multipart([peer, json.dumps(reply).encode()])
+
+    serving = threading.Thread(target=answer_in_version_2)
+    serving.start()
+    address = f"tcp://127.0.0.1:{port}"
+    expected = (
+        f"the service at {address} speaks another version of the protocol (version 2 is not "
+        "supported; this side speaks 1): install one release of ChatPose for Blender on both "
+        "sides"
+    )
+    try:
+        with Client(address, context=context) as client:
+            reply = client.request(StatusRequest(client.new_id()), timeout_s=30)
+            assert reply.message.startswith(expected)
+            with pytest.raises(ProtocolError) as error:
+                client.wait_serving(10)
+            assert error.value.code == ErrorCode.INTERNAL_ERROR  # as any reply that won't decode
+            assert error.value.message.startswith(expected)
+    finally:
+        serving.join()
+        service.close(linger=0)
 
 
 def failed_status_request(context, serve, timeout_s: float) -> tuple[ProtocolError, str]:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     names = args.clients or ["client"]
+    server_kept = (args.directory / "server.key_secret").exists()
     try:
         made = make_keys(args.directory, names)
     except (KeysError, OSError) as exc:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = [name for name in names if name not in made]
     print(f"keys in {args.directory}: made {', '.join(made) or 'no new client'}", end="")
     print(f"; kept the existing keys of {', '.join(kept)}" if kept else "")
+    if not server_kept:  # new: every client needs it, those given an older one too
+        print(f"new server key pair: give {args.directory / 'server.key'} to every client")
     authorized = args.directory / "authorized_clients"
     for name in kept:
         if not (authorized / f"{name}.key").exists():  # revoked: kept keys would not let it in

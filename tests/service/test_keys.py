@@ -35,6 +35,21 @@ def test_a_revoked_client_run_again_is_said_to_be_revoked_and_can_get_a_new_pair
     assert (tmp_path / "animator3.key_secret").read_bytes() != old
 
 
+def test_a_new_server_key_pair_is_said_to_go_to_every_client(tmp_path, capsys):
+    # The studio review: replaced as security.md says, the new server key went unmentioned.
+    assert keys.main([str(tmp_path), "--client", "animator"]) == 0
+    said = f"new server key pair: give {tmp_path / 'server.key'} to every client"
+    assert said in capsys.readouterr().out
+    assert keys.main([str(tmp_path), "--client", "animator"]) == 0
+    assert "new server key pair" not in capsys.readouterr().out  # kept: nothing to hand out
+    old = (tmp_path / "server.key").read_bytes()
+    (tmp_path / "server.key").unlink()
+    (tmp_path / "server.key_secret").unlink()
+    assert keys.main([str(tmp_path), "--client", "animator"]) == 0
+    assert said in capsys.readouterr().out
+    assert (tmp_path / "server.key").read_bytes() != old
+
+
 def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
     tmp_path.chmod(0o755)  # a folder others may read, as a shared one is
     create = keys.zmq.auth.create_certificates

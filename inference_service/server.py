@@ -312,12 +312,15 @@ def _reply_id(frames: list[bytes]) -> str | None:
 
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
     if exc.errno == errno.EADDRINUSE:
-        # The same host: an admin serving the network on 0.0.0.0 must not be sent to loopback.
-        host = bind.rsplit(":", 1)[0] if bind.startswith("tcp://") else "tcp://127.0.0.1"
+        if bind.startswith("tcp://"):
+            # The same host: an admin serving the network on 0.0.0.0 must not be sent to loopback.
+            other = f"another port with --bind {bind.rsplit(':', 1)[0]}:PORT"
+        else:
+            other = "another path with --bind ipc://PATH"
         return (
             f"cannot listen on {bind}: the address is already in use. Is another chatpose-serve "
-            "running there (`chatpose status --address ADDRESS` tells)? Stop it, or choose "
-            f"another port with --bind {host}:PORT."
+            f"running there (`chatpose status --address ADDRESS` tells)? Stop it, or choose "
+            f"{other}."
         )
     return f"cannot listen on {bind}: {exc}"
 

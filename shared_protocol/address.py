@@ -47,7 +47,9 @@ def is_loopback(address: str) -> bool:
     if host.lower() == "localhost":
         return True
     ip = _ip(host)
-    return ip is not None and ip.is_loopback
+    # ::ffff:127.0.0.1, IPv4's loopback written as IPv6: Python 3.11 calls it no loopback.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip is not None and (ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def host_name(address: str) -> str | None:

@@ -111,6 +111,8 @@ def test_ipc_is_refused_where_zeromq_has_none(monkeypatch):
         ("tcp://localhost:5555", True),
         ("tcp://LOCALHOST:5555", True),
         ("tcp://[::1]:5555", True),
+        ("tcp://[::ffff:127.0.0.1]:5555", True),  # IPv4's loopback, written as IPv6
+        ("tcp://[::ffff:192.168.1.20]:5555", False),
         ("tcp://lo;127.0.0.1:5555", True),
         ("tcp://127.0.0.1:*", True),
         ("ipc:///tmp/chatpose.sock", True),

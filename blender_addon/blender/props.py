@@ -188,10 +188,14 @@ def target_problem(context: bpy.types.Context) -> str | None:
         holders |= {c for c in bpy.data.collections if holders & set(c.children_recursive)}
         instancer = next((o for c in holders for o in c.users_dupli_group if o.users_scene), None)
         if instancer is not None:  # in no scene, but not deleted: a character's instance
+            remedy = (  # linked into a scene, a linked rig would be refused next: not ours
+                "make the instance a library override"
+                if obj.library is not None
+                else "link it into a scene (or make the instance a library override)"
+            )
             return (
                 f"The Target {obj.name!r} is in no scene, only shown through the collection "
-                f"instance {instancer.name!r}: link it into a scene (or make the instance a "
-                "library override) to pose it, or pick another Target"
+                f"instance {instancer.name!r}: {remedy} to pose it, or pick another Target"
             )
         return (
             f"The Target {obj.name!r} was deleted: pick another armature as Target, or clear "

@@ -1181,6 +1181,24 @@ def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path
     assert target_problem(bpy.context).startswith(f"The Target {missing}")
 
 
+def test_a_linked_target_shown_through_an_instance_is_told_to_be_overridden(blender, tmp_path):
+    # A review: "link it into a scene" led a linked rig to the next refusal (linked: lost on
+    # saving); an override is what poses it.
+    from blender_addon.blender.props import target_problem
+
+    _character_library(tmp_path / "characters.blend")
+    with bpy.data.libraries.load(str(tmp_path / "characters.blend"), link=True) as (_, linked):
+        linked.collections = ["Chars"]
+    instance = bpy.data.objects.new("Hero", None)
+    instance.instance_type, instance.instance_collection = "COLLECTION", linked.collections[0]
+    bpy.context.scene.collection.objects.link(instance)
+    bpy.context.scene.chatpose.target = bpy.data.objects["Rig"]
+    assert target_problem(bpy.context) == (
+        "The Target 'Rig' is in no scene, only shown through the collection instance 'Hero': "
+        "make the instance a library override to pose it, or pick another Target"
+    )
+
+
 @pytest.mark.parametrize("library", [False, True])
 def test_a_character_s_collection_instance_is_not_taken_for_no_armature(blender, tmp_path, library):
     # A review: with the instance selected (what a click on the character selects), Import made

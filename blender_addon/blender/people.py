@@ -89,7 +89,7 @@ def person_armature(
     ``made``: a person already created for ``target`` in this answer, copied rather than
     built again."""
     name = extra_person_name(target.name, k)
-    obj = bpy.data.objects.get(name)
+    obj = bpy.data.objects.get(name) or _copied_with(target, k)
     if obj is not None:
         if not is_smpl_armature(obj):
             return None, False
@@ -146,6 +146,17 @@ def person_armature(
     )
     _move_beside(obj, target)
     return obj, True
+
+
+def _copied_with(target: bpy.types.Object, k: int) -> bpy.types.Object | None:
+    """The person for pose ``k`` that Blender copied with a copied target, naming both anew
+    with one number ("SMPL.001", "SMPL.person2.001": a scene's Full Copy, an Append, Shift+D
+    of both), when it is in the target's scenes; None for none."""
+    base, dot, number = target.name.rpartition(".")
+    if not (dot and number.isdigit()):
+        return None
+    obj = bpy.data.objects.get(f"{extra_person_name(base, k)}.{number}")
+    return obj if obj is not None and _in_scenes_of(obj, target) else None
 
 
 def _copy_person(made: bpy.types.Object, name: str) -> bpy.types.Object:

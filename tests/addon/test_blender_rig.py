@@ -239,6 +239,30 @@ def test_an_answer_that_makes_a_person_keeps_pose_mode_without_leaving_it(blende
     assert bpy.context.mode == "POSE" and bpy.context.view_layer.objects.active == target
 
 
+@pytest.mark.parametrize("made", ["built", "copied"])
+def test_a_scene_s_full_copy_poses_its_own_copy_of_each_person(blender, made):
+    # A review: Blender named the copies "SMPL.001" and "SMPL.person2.001", and the copy's next
+    # answer made a "SMPL.001.person2" on the very spot of its copied second person.
+    from blender_addon.blender import people
+
+    target = create_smpl_armature(bpy.context, with_mesh=False)
+    poses = [random_pose(k) for k in range(3 if made == "copied" else 2)]  # 3: one copied
+    people.apply_people(bpy.context, target, poses)
+    original = set(bpy.data.objects)
+    with bpy.context.temp_override(scene=bpy.context.scene):
+        bpy.ops.scene.new(type="FULL_COPY")
+    copies = {o.name: o for o in set(bpy.data.objects) - original}
+    result = people.apply_people(bpy.context, copies["SMPL.001"], poses[::-1])
+    assert result.created == []
+    expected = ["SMPL.001", "SMPL.person2.001"] + (["SMPL.person3.001"] if made == "copied" else [])
+    assert result.armatures[: len(expected)] == expected
+    np.testing.assert_allclose(
+        read_pose(copies["SMPL.person2.001"]).axis_angle, poses[::-1][1].axis_angle, atol=1e-5
+    )
+    again = people.apply_people(bpy.context, target, poses)  # the original's stay its own
+    assert again.armatures[:2] == ["SMPL", "SMPL.person2"] and again.created == []
+
+
 def test_a_person_that_fails_to_build_leaves_nothing_holding_its_name(blender, monkeypatch):
     from blender_addon.blender import armature, people
 

@@ -124,6 +124,9 @@ class _Task:
     deadline: float = field(default=0.0)
 
 
+# Clients whose last turn the scheduler remembers (`_take_next`), at most: each connection is a
+# client, and a day of command lines makes thousands.
+MAX_TURNS_KEPT = 4096
 # The longest a micro-batch may wait to fill: every lone request waits this long, and a wait
 # past threading.TIMEOUT_MAX (inf, say) overflows, failing every micro-batch.
 MAX_WAIT_MS = 1000.0
@@ -207,6 +210,7 @@ class Scheduler:
     def cancel_client(self, client: ClientId) -> None:
         """Drops all work of a client that can no longer be reached, without replying."""
         with self._lock:
+            self._last_turn.pop(client, None)
             for request in [r for r in self._requests.values() if r.client == client]:
                 self._forget(request)
 
@@ -508,12 +512,20 @@ class Scheduler:
         """The oldest task of the client whose turn came longest ago (a client with none on
         record first): one with hundreds of chat turns in flight, seconds each on a large
         model, would otherwise hold up every other client behind all of them."""
-        waiting = {task.request.client for task in self._queue}
-        self._last_turn = {c: n for c, n in self._last_turn.items() if c in waiting}
         task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, -1))
         self._queue.remove(task)
         self._turn += 1
         self._last_turn[task.request.client] = self._turn
+        if len(self._last_turn) > MAX_TURNS_KEPT:
+            # The oldest turns first: those clients would come first on their return anyway.
+            # A client that waits for each answer has none queued between them, and keeps its
+            # turn all the same: forgotten, it would come before every client with work queued.
+            waiting = {task.request.client for task in self._queue}
+            for client in sorted(self._last_turn, key=self._last_turn.get):
+                if len(self._last_turn) <= MAX_TURNS_KEPT // 2:
+                    break
+                if client not in waiting:
+                    del self._last_turn[client]
         return task
 
     def _take_pose_tasks(self, limit: int) -> list[_Task]:

@@ -125,6 +125,42 @@ def test_many_chat_turns_from_one_client_do_not_starve_another(backend, collecte
     scheduler.stop()
 
 
+def test_clients_that_wait_for_each_answer_do_not_starve_one_with_work_queued(collected):
+    # The diff review: a client with nothing queued between two requests lost its turn's
+    # record, came first on its next, and two such clients shut out a third's queued turns.
+    answered: list[str] = []
+    next_turn = {b"C": 0, b"D": 0}
+    on_the_way: list[tuple[bytes, str]] = []  # sent once answered; here while the next runs
+
+    class Asking(RecordingBackend):
+        def answer_chat(self, item, stop=None):
+            while on_the_way:
+                client, turn = on_the_way.pop(0)
+                scheduler.submit_pose(client, PoseRequest(turn, turn, mode="chat"))
+            return super().answer_chat(item, stop=stop)
+
+    def ask_again(client: bytes, reply) -> None:  # C and D send their next turn once answered
+        collected(client, reply)
+        answered.append(reply.id)
+        if client in next_turn and next_turn[client] < 30:
+            next_turn[client] += 1
+            on_the_way.append((client, f"{client.decode()}{next_turn[client]}"))
+
+    backend = Asking()
+    scheduler = make(backend, ask_again, max_batch=4, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_pose(b"C", PoseRequest("C0", "C0", mode="chat"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.submit_pose(b"D", PoseRequest("D0", "D0", mode="chat"))
+    for i in range(3):
+        scheduler.submit_pose(b"A", PoseRequest(f"A{i}", f"A{i}", mode="chat"))
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == 65)
+    # A's turns come in turn with theirs, not after all 62 of them.
+    assert [answered.index(f"A{i}") for i in range(3)] == [2, 5, 8], answered[:10]
+    scheduler.stop()
+
+
 def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
     backend, collected
 ):

@@ -76,6 +76,7 @@ def send_pose(
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
+    if settings.insert_keyframe and mode == "pose":  # a chat turn may answer in words alone
         try:  # found now, not once the service has computed the answer (extra people later)
             refuse_locked(target, pose_channels(target, False))
         except LockedCurveError as exc:

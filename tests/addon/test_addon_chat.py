@@ -660,6 +660,22 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
         assert steps == ["chat"]  # one step: the exchange and the prompt given back
 
 
+def test_a_chat_turn_is_sent_with_insert_keyframe_and_a_locked_curve(armature, scripted_service):
+    # The diff review: the check before sending refused a question whose answer holds words
+    # alone; a pose in the answer is still refused when it comes (the test above).
+    address, _ = scripted_service
+    use_service(address)
+    scene = bpy.context.scene
+    apply_pose(armature, pose_for("rest"), frame=1)
+    knee = 'pose.bones["left_knee"].rotation_quaternion'
+    next(c for c in action_fcurves(armature) if c.data_path == knee).lock = True
+    scene.chatpose.chat_mode = scene.chatpose.insert_keyframe = True
+    scene.chatpose.prompt = "ramble about a tired person"  # the scripted model: words alone
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert live.last_message()[0].startswith("Reply without a pose")
+
+
 def _two_dancers(scripted_service) -> bpy.types.Object:
     """The armature of the second person of a chat answer, keyed at frame 1 (chat mode's
     scripted answers hold two people: SMPL and SMPL.person2)."""

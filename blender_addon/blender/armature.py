@@ -61,12 +61,14 @@ def missing_library(obj: bpy.types.Object) -> str | None:
     """Why ``obj`` shows no rig: the library file it, or its armature, comes from (directly or
     through a library override) was not found when this file was opened, and Blender put an
     empty stand-in there; None when nothing it stands on is missing."""
-    for block in (obj, obj.data):
+    shown = obj.instance_collection if obj.instance_type == "COLLECTION" else None
+    for block in (obj, obj.data, shown):
         override = block.override_library if block is not None else None
         for source in (block, override.reference if override is not None else None):
             if source is not None and source.is_missing and source.library is not None:
+                where = f"shows {source.name!r} from" if block is shown else "comes from"
                 return (
-                    f"{obj.name!r} comes from {source.library.filepath}, which was not found "
+                    f"{obj.name!r} {where} {source.library.filepath}, which was not found "
                     "when this file was opened: find it (File > External Data > Find Missing "
                     "Files, or Relocate the library in the Outliner's Blender File view)"
                 )
@@ -78,14 +80,14 @@ def instance_problem(obj: bpy.types.Object | None) -> str | None:
     shot), does not pose that armature; None when ``obj`` is no such instance."""
     is_instance = obj is not None and obj.instance_type == "COLLECTION"
     collection = obj.instance_collection if is_instance else None
-    if collection is None or not any(o.type == "ARMATURE" for o in collection.all_objects):
+    if collection is None or not any(is_smpl_armature(o) for o in collection.all_objects):
         return None
     if collection.library is not None:
         remedy = "make a library override of it (Object > Library Override > Make) and pose that"
     else:
         remedy = (
-            "pose the armature in the collection itself (link the collection into the scene, "
-            "or Object > Apply > Make Instances Real)"
+            "select the armature in the collection itself (link the collection into the scene "
+            "if it is in none, or Object > Apply > Make Instances Real)"
         )
     return (
         f"{obj.name!r} is an instance of the collection {collection.name!r}, which shows its "

@@ -22,19 +22,15 @@ from ..preferences import preferred_smpl_model
 from . import live
 from .anim import LockedCurveError, action_fcurves, muted_note, start_new_take
 from .armature import (
-    armature_meant,
     create_smpl_armature,
     ensure_object_mode,
     find_smpl_armature,
-    instance_problem,
     linked_problem,
-    missing_library,
-    why_not_smpl,
 )
 from .batch_store import load_record
 from .keyframes import export_npz, import_npz, placement_left_out, scene_fps
 from .posing import apply_pose, auto_key_options, pose_channels
-from .props import checked_target, target_armature
+from .props import checked_target, selection_problem, target_armature
 from .runtime import POSING_MODES, mode_name
 from .sending import read_batch_lines
 
@@ -255,20 +251,13 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
 
     def execute(self, context):
         obj = find_smpl_armature(context)
-        meant = armature_meant(context.active_object)  # the rig itself, or its mesh
-        if obj is None and meant is not None:
+        if obj is None and (problem := selection_problem(context.active_object)):
             # Not a new SMPL rig beside the one the user meant: say why theirs is not one.
             self.report(
                 {"ERROR"},
-                f"Not imported: {missing_library(meant)}"
-                if missing_library(meant)
-                else f"Not imported: {meant.name!r} is not an SMPL armature: "
-                f"{why_not_smpl(meant)}. Select an SMPL armature, or nothing to import onto a "
+                f"Not imported: {problem}. Select an SMPL armature, or nothing to import onto a "
                 "new one",
             )
-            return {"CANCELLED"}
-        if obj is None and (problem := instance_problem(context.active_object)):
-            self.report({"ERROR"}, f"Not imported: {problem}")  # not onto a new rig beside it
             return {"CANCELLED"}
         if obj is not None and linked_problem(obj) is not None:
             self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")

@@ -173,15 +173,11 @@ def target_problem(context: bpy.types.Context) -> str | None:
     """Why there is no armature to pose, or None."""
     obj = _candidate(context)
     if obj is None:
-        rig = armature_meant(context.active_object)
-        if rig is not None:
-            return (
-                missing_library(rig) or f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
-            )
-        return instance_problem(context.active_object) or (
+        return selection_problem(context.active_object) or (
             "No SMPL armature: pick a target or create one (Create SMPL Armature)"
         )
-    if missing := missing_library(obj):  # not deleted, nor some other armature: unread
+    unread = is_deleted(obj) or not is_smpl_armature(obj)
+    if unread and (missing := missing_library(obj)):  # not deleted, nor another armature
         return f"The Target {missing}"
     if is_deleted(obj):
         holders = set(obj.users_collection)  # and the collections they are in: Character/Rig
@@ -207,6 +203,18 @@ def target_problem(context: bpy.types.Context) -> str | None:
             "one, or clear Target to use the selected SMPL armature"
         )
     return linked_problem(obj)  # what is put on a linked object is not saved
+
+
+def selection_problem(active: bpy.types.Object | None) -> str | None:
+    """Why the selected object gives no SMPL armature to pose: it is, or shows, one whose
+    library file is missing; it is an armature (or a mesh of one) that is no SMPL one; it is
+    a collection instance of a character. None when it is none of those."""
+    if active is None:
+        return None
+    rig = armature_meant(active)
+    if rig is not None:
+        return missing_library(rig) or f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
+    return missing_library(active) or instance_problem(active)
 
 
 def _candidate(context: bpy.types.Context) -> bpy.types.Object | None:

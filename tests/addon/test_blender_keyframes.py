@@ -1181,6 +1181,64 @@ def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path
     assert target_problem(bpy.context).startswith(f"The Target {missing}")
 
 
+@pytest.mark.parametrize("selected", ["the linked rig", "the character's instance"])
+def test_a_selection_whose_library_file_is_missing_is_named_so(blender, tmp_path, selected):
+    # The diff review: the rig's stand-in (an empty) and the instance of the character's
+    # (now empty) collection gave "No SMPL armature", and Import made a rig beside them.
+    from blender_addon.blender.props import target_problem
+
+    library = tmp_path / "characters.blend"
+    _character_library(library)
+    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
+        linked.collections = ["Chars"]
+    if selected == "the linked rig":
+        bpy.context.scene.collection.objects.link(linked.collections[0].objects["Rig"])
+    else:
+        instance = bpy.data.objects.new("Hero", None)
+        instance.instance_type, instance.instance_collection = "COLLECTION", linked.collections[0]
+        bpy.context.scene.collection.objects.link(instance)
+    shot = tmp_path / "shot.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
+    library.unlink()
+    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    name = "Rig" if selected == "the linked rig" else "Hero"
+    bpy.context.view_layer.objects.active = bpy.data.objects[name]
+    where = "comes from" if name == "Rig" else "shows 'Chars' from"
+    missing = f"'{name}' {where} //characters.blend, which was not found when this file was opened"
+    assert target_problem(bpy.context).startswith(missing)
+    objects = len(bpy.data.objects)
+    with pytest.raises(RuntimeError, match=f"Not imported: {missing}"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "any.npz"))
+    assert len(bpy.data.objects) == objects
+
+
+def test_an_override_whose_library_file_is_missing_but_whose_rig_is_whole_is_posed(
+    blender, tmp_path
+):
+    # The diff review: its armature data made local, it still has its 24 bones, and was
+    # refused all the same (as "The Target", though it was only selected).
+    from blender_addon.blender.props import target_problem
+
+    library = tmp_path / "characters.blend"
+    _character_library(library)
+    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
+        linked.collections = ["Chars"]
+    scene = bpy.context.scene
+    scene.collection.children.link(linked.collections[0])
+    bpy.context.view_layer.update()
+    linked.collections[0].override_hierarchy_create(scene, bpy.context.view_layer)
+    scene.collection.children.unlink(linked.collections[0])
+    [override] = [o for o in bpy.data.objects if o.override_library is not None]
+    override.data = override.data.copy()  # local armature data: the rig needs no library
+    shot = tmp_path / "shot.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
+    library.unlink()
+    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    [override] = [o for o in bpy.data.objects if o.override_library is not None]
+    bpy.context.view_layer.objects.active = override
+    assert target_problem(bpy.context) is None
+
+
 def test_a_linked_target_shown_through_an_instance_is_told_to_be_overridden(blender, tmp_path):
     # A review: "link it into a scene" led a linked rig to the next refusal (linked: lost on
     # saving); an override is what poses it.

@@ -36,8 +36,9 @@ REPLY_OPS = ("status", "pose", "batch_item", "batch_done", "cancel")
 # ZeroMQ heartbeats both sides send on every connection: a connection that answers none within
 # the timeout is closed (and the client's connects again), so a flow a firewall or NAT forgot
 # without a word, or a peer that vanished, is not waited on until every request times out.
-HEARTBEAT_INTERVAL_MS = 5_000
-HEARTBEAT_TIMEOUT_MS = 15_000
+# A process paused longer (Ctrl-Z, a debugger, a laptop asleep) loses its connection too.
+HEARTBEAT_INTERVAL_MS = 10_000
+HEARTBEAT_TIMEOUT_MS = 60_000
 # The environment variable a program starting a service sets to a token of its own, which the
 # service's status replies give back as `instance`.
 INSTANCE_ENV = "CHATPOSE_INSTANCE"

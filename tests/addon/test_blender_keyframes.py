@@ -1239,6 +1239,20 @@ def test_an_override_whose_library_file_is_missing_but_whose_rig_is_whole_is_pos
     assert target_problem(bpy.context) is None
 
 
+def test_an_instance_of_a_collection_without_an_smpl_armature_is_no_character(blender):
+    # The diff review: it was told to make a library override "and pose that", of a rig the
+    # add-on cannot pose either.
+    from blender_addon.blender.props import target_problem
+
+    props = bpy.data.collections.new("Props")
+    props.objects.link(bpy.data.objects.new("Crane", bpy.data.armatures.new("Crane")))
+    instance = bpy.data.objects.new("Crane instance", None)
+    instance.instance_type, instance.instance_collection = "COLLECTION", props
+    bpy.context.scene.collection.objects.link(instance)
+    bpy.context.view_layer.objects.active = instance
+    assert target_problem(bpy.context).startswith("No SMPL armature")
+
+
 def test_a_linked_target_shown_through_an_instance_is_told_to_be_overridden(blender, tmp_path):
     # A review: "link it into a scene" led a linked rig to the next refusal (linked: lost on
     # saving); an override is what poses it.

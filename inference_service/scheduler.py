@@ -419,7 +419,12 @@ class Scheduler:
             self._emit(client, reply)
             return True
         except ProtocolError as err:
-            log.warning("could not encode the reply to request %r: %s", reply.id, err)
+            log.warning(
+                "could not encode the reply to request %r: %s",
+                reply.id,
+                err,
+                extra={"event": "reply_unencodable"},
+            )
             if isinstance(reply, PoseReply | BatchItemReply):
                 index = reply.index if isinstance(reply, BatchItemReply) else None
                 op = "pose" if index is None else "batch"
@@ -435,7 +440,11 @@ class Scheduler:
                 if safe != reply.message:
                     self._send(client, dataclasses.replace(reply, message=safe))
         except Exception:  # a reply that cannot be sent must not stop the scheduler
-            log.exception("could not emit a reply for request %r", getattr(reply, "id", None))
+            log.exception(
+                "could not emit a reply for request %r",
+                getattr(reply, "id", None),
+                extra={"event": "reply_failed"},
+            )
         return False
 
     # --- the worker thread --------------------------------------------------------------------
@@ -454,7 +463,7 @@ class Scheduler:
             # too. A dead worker would leave the service up but silent, every request after it
             # answered "the deadline passed" until a restart.
             except BaseException as exc:
-                log.exception("the scheduler failed")
+                log.exception("the scheduler failed", extra={"event": "scheduler_failed"})
                 self._end_after_failure(taken, exc)
                 failures = min(failures + 1, 10)  # 2**1024 would overflow, and kill it
                 with self._lock:
@@ -587,7 +596,7 @@ def _as_model_error(exc: Exception) -> ChatPoseError:
         log.warning("model error", extra={"event": "model_error", "error": str(exc)})
     if isinstance(exc, ChatPoseError):
         return exc
-    log.exception("model error", exc_info=exc)
+    log.exception("model error", exc_info=exc, extra={"event": "model_error"})
     return ModelError(f"the model failed: {type(exc).__name__}: {exc}")
 
 

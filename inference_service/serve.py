@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import logs
@@ -21,6 +22,7 @@ from .commands import (
     catchable_signals,
     device_argument,
     positive_int,
+    stops_as_interrupts,
     user_path,
 )
 from .errors import ChatPoseError
@@ -120,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _serve(build_parser().parse_args(argv))
+    finally:
+        logs.flush()  # the log's last lines, written before the process ends
+
+
+def _serve(args: argparse.Namespace) -> int:
     work_offline()  # before transformers is imported: no request to the Hub, ever
     server = io = None
     try:  # transformers and torch, imported by these, are not in a client-only install
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         server = _listening_server(args)
         io = _IoThread(server)
         io.start()
-        backend = _load_backend(args)
+        with stops_as_interrupts():  # SIGTERM's default would end it without a log line
+            backend = _load_backend(args)
         if not io.is_alive():  # the I/O loop died while the model loaded: no clean start
             return _io_failed(server, io)
         # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread;
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def _io_failed(server: Server, io: _IoThread) -> int:
     """The exit of a service whose I/O loop died (a bug): not a clean one."""
     server.close()  # if it died before closing: an open socket would hold the exit
+    logs.flush()  # the plain line last, as the add-on shows it
     print(f"chatpose-serve: the server failed: {io.failure!r}; see the log", file=sys.stderr)
     return EXIT_FAILED
 
@@ -200,6 +210,7 @@ def _start_failed(exc: BaseException) -> int:
     if isinstance(exc, (ServerConfigError, ChatPoseError)):
         if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
             log.error(str(exc), extra={"event": "config_error"})
+            logs.flush()  # the plain line last, as the add-on shows it
         print(f"chatpose-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE  # bad arguments, an unsafe bind, a checkpoint that does not load
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while the model loads: nothing to finish
@@ -239,6 +250,7 @@ class ParentWatch:
             self._gone = True
             stop = self._stop
         if stop is None:
+            logs.flush()  # the line above, written before the process ends
             self._exit_now(0)
         else:
             stop()
@@ -246,19 +258,27 @@ class ParentWatch:
 
 class SignalStop:
     """The SIGINT/SIGTERM/SIGHUP handler: the first signal stops the server cleanly (the batch that
-    is running finishes, up to 30 s); a second one exits at once."""
+    is running finishes, up to 30 s); a second one exits at once, unless it comes within
+    `SAME_STOP_S` of the first: `timeout` and process managers send one stop to the process and
+    then to its group, twice within milliseconds."""
 
-    def __init__(self, stop, exit_now=os._exit):
+    SAME_STOP_S = 1.0
+
+    def __init__(self, stop, exit_now=os._exit, clock=time.monotonic):
         self._stop = stop
         self._exit_now = exit_now
-        self._signalled = False
+        self._clock = clock
+        self._signalled_at: float | None = None
 
     def __call__(self, signum: int, _frame=None) -> None:
-        if self._signalled:
+        if self._signalled_at is not None:
+            if self._clock() - self._signalled_at < self.SAME_STOP_S:
+                return
             log.warning("second signal: exiting now", extra={"event": "forced_stop"})
+            logs.flush()
             self._exit_now(128 + signum)
             return
-        self._signalled = True
+        self._signalled_at = self._clock()
         self._stop()
 
 

@@ -170,7 +170,9 @@ class AuthorizedClients:
                 self._log_refusal(key)
             return allowed
         except Exception:  # noqa: BLE001 (a bug here must not end the authenticator)
-            log.exception("checking a client's key failed; it is refused")
+            log.exception(
+                "checking a client's key failed; it is refused", extra={"event": "client_refused"}
+            )
             return False
 
     def _read_changes(self) -> None:
@@ -517,7 +519,11 @@ class Server:
                 # Named: its "request done" line was logged when the reply was queued.
                 log.warning(
                     "client unreachable; dropping its work",
-                    extra={"error": str(exc), "undelivered": _reply_id(frames)},
+                    extra={
+                        "event": "client_gone",
+                        "error": str(exc),
+                        "undelivered": _reply_id(frames),
+                    },
                 )
                 gone.add(client)
                 self._drop_client(client)
@@ -529,13 +535,19 @@ class Server:
             if now - since > STALLED_CLIENT_S:
                 log.warning(
                     "client stopped reading; dropping its work",
-                    extra={"error": f"its replies waited {now - since:.0f} s"},
+                    extra={
+                        "event": "client_stalled",
+                        "error": f"its replies waited {now - since:.0f} s",
+                    },
                 )
                 self._drop_client(client)
             elif full[client] > MAX_HELD_REPLIES:
                 log.warning(
                     "client stopped reading; dropping its work",
-                    extra={"error": f"{full[client]} replies waited for it"},
+                    extra={
+                        "event": "client_stalled",
+                        "error": f"{full[client]} replies waited for it",
+                    },
                 )
                 self._drop_client(client)
 
@@ -732,7 +744,9 @@ class Server:
                 if request is not None:
                     self._dispatch(frames[0], request)
             except Exception:  # one request must never take the server down
-                log.exception("internal error while handling a request")
+                log.exception(
+                    "internal error while handling a request", extra={"event": "internal_error"}
+                )
                 # Under the request's id when it decoded: its client is waiting for that one.
                 rid, op = (request.id, request.op) if request is not None else (None, None)
                 message = "internal error; see the service log"

@@ -7,12 +7,14 @@ import gc
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -303,18 +305,31 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
 
 
 def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
-    calls = []
-    handler = serve.SignalStop(lambda: calls.append("stop"), lambda code: calls.append(code))
+    calls, now = [], [0.0]
+    handler = serve.SignalStop(
+        lambda: calls.append("stop"), lambda code: calls.append(code), clock=lambda: now[0]
+    )
     handler(signal.SIGTERM)
     assert calls == ["stop"]
+    now[0] = 0.01
+    handler(signal.SIGTERM)  # the same stop, sent by `timeout` to the process, then its group
+    assert calls == ["stop"]
+    now[0] = 5.0
     handler(signal.SIGINT)  # the user presses Ctrl-C again while the last batch runs
     assert calls == ["stop", 128 + signal.SIGINT]
 
-    def interrupted(args):
-        raise KeyboardInterrupt  # Ctrl-C while the model loads
 
-    monkeypatch.setattr(serve, "_load_backend", interrupted)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_model_loads_is_logged(monkeypatch, capfd, signum):
+    # The daemon review: SIGTERM's default ended it without a line, as SIGINT did not.
+    def stopped(args):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises in here
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(serve, "_load_backend", stopped)
     assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_INTERRUPTED
+    assert '"event": "stop"' in capfd.readouterr().err
 
 
 def test_a_server_that_fails_while_serving_is_no_clean_exit(monkeypatch, capsys):

@@ -1,0 +1,100 @@
+"""The service's log: JSON lines, written by a thread of their own so that a reader that stops
+reading never holds up the service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from inference_service import logs
+
+
+class StalledReader:
+    """A stderr whose reader stopped reading: a write waits until `read_again`; the first
+    `failing` writes fail part way (a full disk)."""
+
+    def __init__(self, failing: int = 0):
+        self.written: list[str] = []
+        self.reading = threading.Event()
+        self.failing = failing
+
+    def write(self, text: str) -> None:
+        self.reading.wait()
+        if self.failing:
+            self.failing -= 1
+            self.written.append(text[:10])
+            raise OSError(28, "No space left on device")
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[str]:
+        return "".join(self.written).splitlines()
+
+
+def record(message: str, **fields) -> logging.LogRecord:
+    entry = logging.LogRecord("chatpose.test", logging.INFO, "", 0, message, None, None)
+    entry.__dict__.update(fields)
+    return entry
+
+
+def test_a_reader_that_stops_reading_loses_lines_counted_and_holds_nothing_up():
+    # The daemon review: `chatpose-serve 2>&1 | (sleep 40; cat)` froze the service, status and
+    # SIGTERM included, once 64 KiB of lines filled the pipe.
+    reader = StalledReader()
+    writer = logs.LineWriter(reader, max_waiting=5)
+    started = time.monotonic()
+    for k in range(50):
+        writer.emit(record(f"request {k}", event="request"))
+    assert time.monotonic() - started < 5  # none waited for the reader
+    reader.reading.set()
+    writer.flush()  # what waited, written
+    writer.emit(record("after", event="request"))
+    writer.flush()
+    lines = [json.loads(line) for line in reader.lines()]
+    messages = [line["msg"] for line in lines]
+    # Five waiting (and one in the write, perhaps); the rest dropped, then said.
+    kept = messages.index(f"{50 - len(messages) + 2} log lines dropped: nothing read them in time")
+    assert kept in (5, 6) and messages[:kept] == [f"request {k}" for k in range(kept)]
+    assert lines[kept]["event"] == "log_lines_dropped" and messages[kept + 1 :] == ["after"]
+    writer.close()
+
+
+def test_a_line_cut_by_a_full_disk_does_not_join_the_next():
+    # The daemon review: the next line after a full disk was glued to the cut one.
+    reader = StalledReader(failing=1)
+    reader.reading.set()
+    writer = logs.LineWriter(reader)
+    writer.emit(record("cut", event="request"))
+    writer.emit(record("whole", event="request"))
+    writer.flush()
+    assert json.loads(reader.lines()[-1])["msg"] == "whole"
+    writer.close()
+
+
+def test_every_line_names_an_event():
+    line = json.loads(logs.JsonLines().format(record("a library's words")))
+    assert line["event"] == "chatpose.test" and line["msg"] == "a library's words"
+    line = json.loads(logs.JsonLines().format(record("served", event="start")))
+    assert line["event"] == "start"
+
+
+def test_a_flush_waits_for_a_stalled_reader_once(monkeypatch):
+    # The end of the process flushes more than once (the service, then logging's own exit):
+    # each waited its two seconds on a reader that never read again.
+    monkeypatch.setattr(logs, "FLUSH_WAIT_S", 0.2)
+    reader = StalledReader()
+    writer = logs.LineWriter(reader)
+    writer.emit(record("stuck", event="request"))
+    started = time.monotonic()
+    writer.flush()
+    assert time.monotonic() - started >= 0.2
+    monkeypatch.setattr(logs, "FLUSH_WAIT_S", 30.0)  # what a second wait would take
+    started = time.monotonic()
+    writer.flush()
+    writer.close()
+    assert time.monotonic() - started < 15
+    reader.reading.set()

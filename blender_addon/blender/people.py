@@ -4,6 +4,7 @@ its own SMPL armature beside it (see ``core.placement``)."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,15 @@ from .armature import (
 )
 from .meshes import MANNEQUIN, SMPL_BODY, body_name
 from .posing import apply_pose, overridden_bones, placed_on_floor, pose_channels, root_places
+
+# A target's people are found by their names ("SMPL.person2"). Copied together (a scene's Full
+# Copy, an Append, Shift+D), Blender names both anew, each on its own ("SMPL.002",
+# "SMPL.person2.001"); these properties find the copy's people then: a target's id, and its
+# person's target id and pose. A string, not a pointer, which would keep a deleted target in the
+# file; a copy shares it with the original, and is told apart by scene and by name.
+TARGET_ID = "chatpose_target_id"
+PERSON_OF = "chatpose_person_of"
+PERSON_INDEX = "chatpose_person_index"
 
 
 @dataclass
@@ -115,6 +125,7 @@ def person_armature(
         obj = _copy_person(made, name)
         obj.location = person_location(target.matrix_world.translation, k, spacing)
         _move_beside(obj, target)
+        _mark_person(obj, target, k)
         return obj, True
     skeleton = rest_joints(target)
     try:
@@ -145,18 +156,34 @@ def person_armature(
         obj.location, world.to_quaternion() @ stands, world.to_scale() * armature_units(target)
     )
     _move_beside(obj, target)
+    _mark_person(obj, target, k)
     return obj, True
 
 
+def _mark_person(obj: bpy.types.Object, target: bpy.types.Object, k: int) -> None:
+    if TARGET_ID not in target:
+        target[TARGET_ID] = uuid.uuid4().hex
+    obj[PERSON_OF], obj[PERSON_INDEX] = target[TARGET_ID], k
+
+
 def _copied_with(target: bpy.types.Object, k: int) -> bpy.types.Object | None:
-    """The person for pose ``k`` that Blender copied with a copied target, naming both anew
-    with one number ("SMPL.001", "SMPL.person2.001": a scene's Full Copy, an Append, Shift+D
-    of both), when it is in the target's scenes; None for none."""
-    base, dot, number = target.name.rpartition(".")
-    if not (dot and number.isdigit()):
+    """The person for pose ``k`` that Blender copied with a copied target under a name of its
+    own: the one made for the target's id, in the target's scenes, and not another target's of
+    that id by name (the original's, in the same scene after Shift+D); None for none, or when
+    there are several (a duplicate kept aside as well): a new one is made, as before copies
+    were found."""
+    target_id = target.get(TARGET_ID)
+    if target_id is None:
         return None
-    obj = bpy.data.objects.get(f"{extra_person_name(base, k)}.{number}")
-    return obj if obj is not None and _in_scenes_of(obj, target) else None
+    owners = [o for o in bpy.data.objects if o.get(TARGET_ID) == target_id and o != target]
+    named = {extra_person_name(owner.name, k) for owner in owners}
+    found = [
+        obj
+        for obj in bpy.data.objects
+        if obj.get(PERSON_OF) == target_id and obj.get(PERSON_INDEX) == k and obj.name not in named
+    ]
+    found = [obj for obj in found if _in_scenes_of(obj, target)]
+    return found[0] if len(found) == 1 else None
 
 
 def _copy_person(made: bpy.types.Object, name: str) -> bpy.types.Object:

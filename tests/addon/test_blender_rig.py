@@ -263,6 +263,36 @@ def test_a_scene_s_full_copy_poses_its_own_copy_of_each_person(blender, made):
     assert again.armatures[:2] == ["SMPL", "SMPL.person2"] and again.created == []
 
 
+def _duplicated(*objects) -> list:
+    """Shift+D of ``objects`` together, as Blender names the copies: each name on its own."""
+    copies = [obj.copy() for obj in objects]
+    for copy in copies:
+        bpy.context.scene.collection.objects.link(copy)
+    return copies
+
+
+def test_people_are_not_taken_from_another_target_by_their_copies_names(blender):
+    # The late review: a person found by "the same copy number" took the user's duplicate of
+    # SMPL's person for the new SMPL.001's, and missed SMPL.002's copied one (SMPL.person2.001).
+    from blender_addon.blender import people
+
+    poses = [random_pose(k) for k in range(2)]
+    first = create_smpl_armature(bpy.context, with_mesh=False)
+    people.apply_people(bpy.context, first, poses)
+    [kept_aside] = _duplicated(bpy.data.objects["SMPL.person2"])  # a duplicate kept aside
+    second = create_smpl_armature(bpy.context, with_mesh=False)
+    assert (kept_aside.name, second.name) == ("SMPL.person2.001", "SMPL.001")
+    result = people.apply_people(bpy.context, second, poses)
+    assert result.created == ["SMPL.001.person2"]  # not the user's duplicate
+    bpy.data.objects.remove(kept_aside)
+    third, its_person = _duplicated(first, bpy.data.objects["SMPL.person2"])  # both together
+    assert (third.name, its_person.name) == ("SMPL.002", "SMPL.person2.001")  # numbered apart
+    result = people.apply_people(bpy.context, third, poses[::-1])
+    assert result.created == [] and result.armatures == ["SMPL.002", "SMPL.person2.001"]
+    again = people.apply_people(bpy.context, first, poses)
+    assert again.armatures == ["SMPL", "SMPL.person2"] and again.created == []
+
+
 def test_a_person_that_fails_to_build_leaves_nothing_holding_its_name(blender, monkeypatch):
     from blender_addon.blender import armature, people
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
@@ -11,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import logs
@@ -19,6 +21,7 @@ from .commands import (
     DEVICE_HELP,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    STOP_SIGNALS,
     catchable_signals,
     device_argument,
     positive_int,
@@ -152,10 +155,12 @@ def _serve(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP", "SIGBREAK"))):
             signal.signal(signum, on_signal)
     except BaseException as exc:
-        if server is not None:
-            server.stop()
-        if io is not None:
-            io.join()
+        # Stopping already: the same stop sent again (to the process, then its group) waits.
+        with _stops_ignored() if isinstance(exc, KeyboardInterrupt) else contextlib.nullcontext():
+            if server is not None:
+                server.stop()
+            if io is not None:
+                io.join()
         return _start_failed(exc)
     # The model's objects (torch's and transformers', some hundred thousand) are never
     # garbage, but every full collection walked them all: a 1 MB request header of nested
@@ -172,6 +177,17 @@ def _serve(args: argparse.Namespace) -> int:
         return 0 if io.failure is None else _io_failed(server, io)
     finally:
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _stops_ignored() -> Iterator[None]:
+    stops = catchable_signals(("SIGINT", *STOP_SIGNALS))
+    previous = {n: signal.signal(n, signal.SIG_IGN) for n in stops}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _io_failed(server: Server, io: _IoThread) -> int:
@@ -202,6 +218,7 @@ class _IoThread(threading.Thread):
 def _start_failed(exc: BaseException) -> int:
     """The exit code of a start that failed with `exc`, its message said; anything else (a bug)
     is raised again."""
+    logs.flush()  # the plain line below comes last, as the add-on shows the last line
     if isinstance(exc, ModuleNotFoundError):
         from .cli import missing_service_package
 
@@ -210,7 +227,7 @@ def _start_failed(exc: BaseException) -> int:
     if isinstance(exc, (ServerConfigError, ChatPoseError)):
         if not sys.stderr.isatty():  # for a log reader; on a terminal the plain line says it
             log.error(str(exc), extra={"event": "config_error"})
-            logs.flush()  # the plain line last, as the add-on shows it
+            logs.flush()
         print(f"chatpose-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE  # bad arguments, an unsafe bind, a checkpoint that does not load
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while the model loads: nothing to finish

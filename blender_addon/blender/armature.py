@@ -62,7 +62,8 @@ def missing_library(obj: bpy.types.Object) -> str | None:
     through a library override) was not found when this file was opened, and Blender put an
     empty stand-in there; None when nothing it stands on is missing."""
     shown = obj.instance_collection if obj.instance_type == "COLLECTION" else None
-    for block in (obj, obj.data, shown):
+    data = obj.data if obj.type == "ARMATURE" else None  # a table's missing mesh: no rig's
+    for block in (obj, data, shown):
         override = block.override_library if block is not None else None
         for source in (block, override.reference if override is not None else None):
             if source is not None and source.is_missing and source.library is not None:

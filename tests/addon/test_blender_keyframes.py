@@ -1212,6 +1212,25 @@ def test_a_selection_whose_library_file_is_missing_is_named_so(blender, tmp_path
     assert len(bpy.data.objects) == objects
 
 
+def test_a_prop_whose_mesh_library_is_missing_is_no_rig_s_problem(blender, tmp_path):
+    # The late review: a table whose mesh came from a missing file refused Import ("'Table'
+    # comes from ..."), where nothing of a rig was missing.
+    from blender_addon.blender.props import target_problem
+
+    library = tmp_path / "props.blend"
+    bpy.data.libraries.write(str(library), {bpy.data.meshes.new("TableMesh")}, fake_user=True)
+    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
+        linked.meshes = ["TableMesh"]
+    table = bpy.data.objects.new("Table", linked.meshes[0])
+    bpy.context.scene.collection.objects.link(table)
+    shot = tmp_path / "shot.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
+    library.unlink()
+    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    bpy.context.view_layer.objects.active = bpy.data.objects["Table"]
+    assert target_problem(bpy.context).startswith("No SMPL armature")
+
+
 def test_an_override_whose_library_file_is_missing_but_whose_rig_is_whole_is_posed(
     blender, tmp_path
 ):

@@ -332,6 +332,32 @@ def test_a_stop_while_the_model_loads_is_logged(monkeypatch, capfd, signum):
     assert '"event": "stop"' in capfd.readouterr().err
 
 
+def test_the_same_stop_sent_again_while_loading_stops_once(monkeypatch):
+    # The late review: the second of two signals while the model loaded met the default
+    # handler again (SIGTERM's ends the process: exit 143, no line). Ctrl-C here, whose
+    # default would raise out of main.
+    listening = serve._listening_server
+
+    def stopped_twice(args):
+        server = listening(args)
+        stop = server.stop
+
+        def stop_after_a_second_signal():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # a handler runs in here
+            stop()
+
+        server.stop = stop_after_a_second_signal
+        return server
+
+    def loading(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve, "_listening_server", stopped_twice)
+    monkeypatch.setattr(serve, "_load_backend", loading)
+    assert serve.main(["--bind", f"tcp://127.0.0.1:{free_port()}"]) == serve.EXIT_INTERRUPTED
+
+
 def test_a_server_that_fails_while_serving_is_no_clean_exit(monkeypatch, capsys):
     from inference_service import server as server_module
 

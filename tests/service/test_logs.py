@@ -56,10 +56,12 @@ def test_a_reader_that_stops_reading_loses_lines_counted_and_holds_nothing_up():
     writer.flush()
     lines = [json.loads(line) for line in reader.lines()]
     messages = [line["msg"] for line in lines]
-    # Five waiting (and one in the write, perhaps); the rest dropped, then said.
-    kept = messages.index(f"{50 - len(messages) + 2} log lines dropped: nothing read them in time")
-    assert kept in (5, 6) and messages[:kept] == [f"request {k}" for k in range(kept)]
-    assert lines[kept]["event"] == "log_lines_dropped" and messages[kept + 1 :] == ["after"]
+    # Lines kept in order; the rest dropped and said, once there was room (more than once when
+    # the writer freed a place while they were logged); none lost uncounted.
+    kept = [m for m in messages[:-1] if m.startswith("request")]
+    assert kept == [f"request {k}" for k in range(len(kept))] and messages[-1] == "after"
+    dropped = [line["dropped"] for line in lines if line["event"] == "log_lines_dropped"]
+    assert dropped and len(kept) + sum(dropped) == 50
     writer.close()
 
 

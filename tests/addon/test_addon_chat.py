@@ -2490,11 +2490,8 @@ def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
     assert bpy.context.scene.chatpose.prompt == "for a rig about to change"  # to send again
 
 
-def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s(
-    armature, scripted_service, monkeypatch
-):
-    # A review: the run's step came after the user's delete, and the first Ctrl+Z changed
-    # nothing visible; the next brought the armature back.
+def _batch_part_keyed(scripted_service, monkeypatch) -> None:
+    """A batch of 12 lines, keyed 2 a tick, 4 or more of them keyed."""
     address, _ = scripted_service
     use_service(address)
     batch_of("\n".join(f"pose {i}" for i in range(12)))
@@ -2502,6 +2499,14 @@ def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     bpy.ops.chatpose.batch_keyframe()
     drive(lambda: live.current_batch().keyed >= 4)
+
+
+def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s(
+    armature, scripted_service, monkeypatch
+):
+    # A review: the run's step came after the user's delete, and the first Ctrl+Z changed
+    # nothing visible; the next brought the armature back.
+    _batch_part_keyed(scripted_service, monkeypatch)
     steps = []
     monkeypatch.setattr(feedback, "push_undo", steps.append)
     delete_in_viewport(armature)
@@ -2514,13 +2519,7 @@ def test_a_batch_whose_armature_is_replaced_by_one_of_its_name_says_so(
     armature, scripted_service, monkeypatch
 ):
     # A review: it said "'SMPL' is gone" with an 'SMPL' in the viewport.
-    address, _ = scripted_service
-    use_service(address)
-    batch_of("\n".join(f"pose {i}" for i in range(12)))
-    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)
-    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
-    bpy.ops.chatpose.batch_keyframe()
-    drive(lambda: live.current_batch().keyed >= 4)
+    _batch_part_keyed(scripted_service, monkeypatch)
     bpy.context.scene.chatpose.target = None
     bpy.data.objects.remove(armature)
     assert create_smpl_armature(bpy.context, with_mesh=False).name == "SMPL"

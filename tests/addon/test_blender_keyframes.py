@@ -1152,12 +1152,18 @@ def _character_library(path) -> None:
     bpy.ops.wm.read_homefile(use_empty=True)
 
 
-def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path):
-    # A review: an override whose library went missing was "not an SMPL armature (it has no
-    # bone pelvis ...)", and a linked Target "was deleted"; neither was.
-    from blender_addon.blender.props import target_problem
+def _reopened_without(library) -> None:
+    """The open file saved beside ``library``, ``library`` deleted, and the file opened again:
+    a shot whose character's file went missing."""
+    shot = library.with_name("shot.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
+    library.unlink()
+    bpy.ops.wm.open_mainfile(filepath=str(shot))
 
-    library = tmp_path / "characters.blend"
+
+def _overridden_character(library) -> bpy.types.Object:
+    """The armature of a library override of `_character_library`'s character, written to
+    ``library``, as a studio's shot holds it."""
     _character_library(library)
     with bpy.data.libraries.load(str(library), link=True) as (_, linked):
         linked.collections = ["Chars"]
@@ -1166,10 +1172,18 @@ def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path
     bpy.context.view_layer.update()
     linked.collections[0].override_hierarchy_create(scene, bpy.context.view_layer)
     scene.collection.children.unlink(linked.collections[0])
-    shot = tmp_path / "shot.blend"
-    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
-    library.unlink()
-    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    [override] = [o for o in bpy.data.objects if o.override_library is not None]
+    return override
+
+
+def test_a_character_whose_library_file_is_missing_is_named_so(blender, tmp_path):
+    # A review: an override whose library went missing was "not an SMPL armature (it has no
+    # bone pelvis ...)", and a linked Target "was deleted"; neither was.
+    from blender_addon.blender.props import target_problem
+
+    library = tmp_path / "characters.blend"
+    _overridden_character(library)
+    _reopened_without(library)
     [override] = [o for o in bpy.data.objects if o.override_library is not None]
     bpy.context.view_layer.objects.active = override
     missing = "'Rig' comes from //characters.blend, which was not found when this file was opened"
@@ -1197,10 +1211,7 @@ def test_a_selection_whose_library_file_is_missing_is_named_so(blender, tmp_path
         instance = bpy.data.objects.new("Hero", None)
         instance.instance_type, instance.instance_collection = "COLLECTION", linked.collections[0]
         bpy.context.scene.collection.objects.link(instance)
-    shot = tmp_path / "shot.blend"
-    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
-    library.unlink()
-    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    _reopened_without(library)
     name = "Rig" if selected == "the linked rig" else "Hero"
     bpy.context.view_layer.objects.active = bpy.data.objects[name]
     where = "comes from" if name == "Rig" else "shows 'Chars' from"
@@ -1223,10 +1234,7 @@ def test_a_prop_whose_mesh_library_is_missing_is_no_rig_s_problem(blender, tmp_p
         linked.meshes = ["TableMesh"]
     table = bpy.data.objects.new("Table", linked.meshes[0])
     bpy.context.scene.collection.objects.link(table)
-    shot = tmp_path / "shot.blend"
-    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
-    library.unlink()
-    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    _reopened_without(library)
     bpy.context.view_layer.objects.active = bpy.data.objects["Table"]
     assert target_problem(bpy.context).startswith("No SMPL armature")
 
@@ -1239,20 +1247,9 @@ def test_an_override_whose_library_file_is_missing_but_whose_rig_is_whole_is_pos
     from blender_addon.blender.props import target_problem
 
     library = tmp_path / "characters.blend"
-    _character_library(library)
-    with bpy.data.libraries.load(str(library), link=True) as (_, linked):
-        linked.collections = ["Chars"]
-    scene = bpy.context.scene
-    scene.collection.children.link(linked.collections[0])
-    bpy.context.view_layer.update()
-    linked.collections[0].override_hierarchy_create(scene, bpy.context.view_layer)
-    scene.collection.children.unlink(linked.collections[0])
-    [override] = [o for o in bpy.data.objects if o.override_library is not None]
+    override = _overridden_character(library)
     override.data = override.data.copy()  # local armature data: the rig needs no library
-    shot = tmp_path / "shot.blend"
-    bpy.ops.wm.save_as_mainfile(filepath=str(shot))
-    library.unlink()
-    bpy.ops.wm.open_mainfile(filepath=str(shot))
+    _reopened_without(library)
     [override] = [o for o in bpy.data.objects if o.override_library is not None]
     bpy.context.view_layer.objects.active = override
     assert target_problem(bpy.context) is None

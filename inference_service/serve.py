@@ -161,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
                 server.stop()
             if io is not None:
                 io.join()
-        return _start_failed(exc)
+            return _start_failed(exc)
     # The model's objects (torch's and transformers', some hundred thousand) are never
     # garbage, but every full collection walked them all: a 1 MB request header of nested
     # lists took the I/O thread 1.2 s to decode, 0.2 s with them frozen. Let go at the end:

@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # their own with nothing else (numpy 2.3 moved a private function it used: every .npz failed).
 NUMPY2_VENV := .venv-numpy2
 NUMPY2_STAMP := $(NUMPY2_VENV)/.installed
-NUMPY2_TESTS := tests/test_pose.py tests/test_protocol.py tests/test_protocol_fuzz.py \
+NUMPY2_TESTS := tests/test_pose.py tests/test_batch_requests.py tests/test_protocol.py tests/test_protocol_fuzz.py \
 	tests/test_rotations.py tests/test_skeleton.py tests/test_batch_text.py
 
 .PHONY: setup test demo lint clean

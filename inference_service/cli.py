@@ -35,6 +35,7 @@ from inference_service.commands import (
 )
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
+from shared_protocol.batch_requests import BatchRequests
 from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose, check_writable
@@ -53,7 +54,6 @@ from shared_protocol.protocol import (
     ProtocolError,
     StatusReply,
     StatusRequest,
-    batch_chunks,
     decode_request,
     encode_reply,
     encode_request,
@@ -499,16 +499,10 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(_serving_client(args)) if sendable else None
-            start, size = 0, DEFAULT_LIMITS.max_batch_items
-            busy_tries = 0  # in a row: another client's work fills the queue
+            plan = BatchRequests([prompt for _, prompt in sendable])
             restarts = 0  # in a row, with no answer between them
-            while start < len(sendable):
-                # The next chunk holds `size` prompts at most: looking further made a file of
-                # 100,000 lines take 40 s to split.
-                ahead = sendable[start : start + size]
-                chunk = batch_chunks([prompt for _, prompt in ahead], size)[0]
-                asked = sendable[start : start + len(chunk)]
-                start += len(asked)
+            while (positions := plan.next()) is not None:
+                asked = sendable[positions.start : positions.stop]
                 request = BatchRequest(
                     client.new_id(), [prompt for _, prompt in asked], timeout_ms=_waits_ms(args)
                 )
@@ -522,19 +516,16 @@ def _batch(args: argparse.Namespace) -> int:
                     restarts = 0
                     if isinstance(reply, BatchDoneReply):
                         continue  # every line it held is already counted
-                    if _queues_fewer(reply, asked):  # asked again, in halves
-                        start, size = start - len(asked), len(asked) // 2
+                    if _queues_fewer(reply) and plan.in_smaller_requests():
                         break
-                    if _refused_busy(reply) and busy_tries < len(BUSY_RETRY_DELAYS_S):
-                        delay = BUSY_RETRY_DELAYS_S[busy_tries]
-                        busy_tries += 1
+                    delay = plan.delay_before_again() if _refused_busy(reply) else None
+                    if delay is not None:
                         if _on_terminal():
                             _report("")  # past the progress bar's line
                         _report(f"chatpose batch: {reply.message}; asking again in {delay:g} s")
                         time.sleep(delay)  # Ctrl-C stops it as any wait
-                        start -= len(asked)
                         break
-                    busy_tries = 0
+                    plan.taken()
                     if isinstance(reply, BatchItemReply) and reply.poses:
                         number, prompt = asked[reply.index]
                         # Labelled with its line's prompt, which --resume matches it by.
@@ -555,10 +546,10 @@ def _batch(args: argparse.Namespace) -> int:
                     _report(f"chatpose batch: {gone}; {waiting}")
                     sendable = [
                         (number, prompt)
-                        for number, prompt in sendable[start - len(asked) :]
+                        for number, prompt in sendable[positions.start :]
                         if number not in poses and number not in failures
                     ]
-                    start = 0
+                    plan = BatchRequests([prompt for _, prompt in sendable], plan.size)
                     client.wait_serving(args.wait)
         finished = True
     except BaseException:
@@ -616,14 +607,11 @@ def _waits_ms(args: argparse.Namespace) -> int:
     return timeout_ms_within(args.timeout)
 
 
-def _queues_fewer(reply, asked: Sequence) -> bool:
-    """The service refused a whole batch request of several prompts as more than its queue
-    holds (chatpose-serve --max-queue): fewer a request would fit."""
+def _queues_fewer(reply) -> bool:
+    """The service refused a whole batch request as more than its queue holds
+    (chatpose-serve --max-queue): fewer prompts a request may fit."""
     return (
-        isinstance(reply, ErrorReply)
-        and reply.index is None
-        and reply.code == ErrorCode.TOO_LARGE
-        and len(asked) > 1
+        isinstance(reply, ErrorReply) and reply.index is None and reply.code == ErrorCode.TOO_LARGE
     )
 
 

@@ -2,8 +2,8 @@
 the run has come.
 
 ``batch_record.pending`` says which lines still need a key; a run sends them as ``batch``
-requests of at most ``MAX_BATCH_ITEMS`` prompts each (the protocol's limit), one after the
-other, and keeps count as the items stream in. Each item is keyed and recorded by the caller
+requests (``shared_protocol.batch_requests``, as `chatpose batch` does), one after the other,
+and keeps count as the items stream in. Each item is keyed and recorded by the caller
 as it arrives, so whatever ends the run (done, cancelled, the service gone) leaves the record
 telling exactly which lines are keyed: the next run sends only the rest.
 
@@ -13,13 +13,12 @@ States: ``running`` -> (``cancelling`` ->) ``finished`` | ``cancelled`` | ``fail
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
-from shared_protocol.protocol import BUSY_RETRY_DELAYS_S, DEFAULT_LIMITS, ErrorCode, batch_chunks
+from shared_protocol.batch_requests import MAX_BATCH_ITEMS, BatchRequests
+from shared_protocol.protocol import DEFAULT_LIMITS, ErrorCode
 
 from .batch_record import PendingLine
-
-MAX_BATCH_ITEMS = DEFAULT_LIMITS.max_batch_items
 
 RUNNING = "running"
 CANCELLING = "cancelling"
@@ -27,13 +26,6 @@ FINISHED = "finished"
 CANCELLED = "cancelled"
 FAILED = "failed"
 ENDED = (FINISHED, CANCELLED, FAILED)
-
-
-def split(lines: Sequence[PendingLine], size: int = MAX_BATCH_ITEMS) -> list[list[PendingLine]]:
-    """Consecutive chunks of at most ``size`` lines, in order, each within the protocol's
-    header size (``batch_chunks``)."""
-    chunks = batch_chunks([line.text for line in lines], size)
-    return [list(lines[chunk.start : chunk.stop]) for chunk in chunks]
 
 
 @dataclass
@@ -62,29 +54,30 @@ class BatchRun:
     # Each prompt's line in its text (blank and # lines are no prompts), for messages; without
     # them a prompt is named by its count.
     line_numbers: Sequence[int] = ()
-    chunk_size: int = MAX_BATCH_ITEMS
+    chunk_size: InitVar[int] = MAX_BATCH_ITEMS  # prompts a request at most
     state: str = RUNNING
     reason: str = ""  # why a run failed, or why the add-on stopped it (`stop`)
     failure_code: ErrorCode | None = None  # the service's code for ``reason``, when it gave one
-    requests: int = 0  # batch requests sent
     closed: bool = False  # the bpy side has applied the end of the run
-    # When the request the service refused as busy is sent again (the dispatcher's clock), and
-    # how many it refused so in a row.
+    # When the request the service refused as busy is sent again (the dispatcher's clock).
     retry_at: float | None = None
-    busy_tries: int = 0
-    _chunks: list[list[PendingLine]] = field(default_factory=list, repr=False)
-    _chunk: int = -1
+    _plan: BatchRequests = field(init=False, repr=False)
     _keyed: set[int] = field(default_factory=set, repr=False)
     _failed: dict[int, tuple[PendingLine, str]] = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        self._chunks = split(self.pending, self.chunk_size)
+    def __post_init__(self, chunk_size: int) -> None:
+        self._plan = BatchRequests([line.text for line in self.pending], chunk_size)
 
     # --- progress -------------------------------------------------------------------------
 
     @property
     def planned_requests(self) -> int:
-        return len(self._chunks)
+        return self._plan.planned
+
+    @property
+    def requests(self) -> int:
+        """Batch requests sent."""
+        return self._plan.sent
 
     @property
     def keyed(self) -> int:
@@ -135,19 +128,16 @@ class BatchRun:
     def next_prompts(self) -> list[str] | None:
         """Moves on to the next chunk and returns its prompts; None when there is none (or the
         run is stopping)."""
-        if self.state != RUNNING or self._chunk + 1 >= len(self._chunks):
+        request = self._plan.next() if self.state == RUNNING else None
+        if request is None:
             return None
         self.retry_at = None
-        self._chunk += 1
-        self.requests += 1
-        return [line.text for line in self._chunks[self._chunk]]
+        return [self.pending[position].text for position in request]
 
     def line_for(self, index: int) -> PendingLine | None:
         """The line that item ``index`` of the current request answers (None if out of range)."""
-        if not 0 <= self._chunk < len(self._chunks):
-            return None
-        chunk = self._chunks[self._chunk]
-        return chunk[index] if 0 <= index < len(chunk) else None
+        request = self._plan.current
+        return self.pending[request[index]] if 0 <= index < len(request) else None
 
     # --- events ---------------------------------------------------------------------------
 
@@ -187,8 +177,8 @@ class BatchRun:
     def request_finished(self) -> bool:
         """The current request ended normally; True when another chunk is to be sent (call
         ``next_prompts``), False when the run has ended."""
-        more = self._chunk + 1 < len(self._chunks)
-        self.busy_tries = 0
+        more = self._plan.more
+        self._plan.taken()
         if self.state == RUNNING and more:
             return True
         self.state = FAILED if self.reason else CANCELLED if more else FINISHED
@@ -199,29 +189,21 @@ class BatchRun:
         (chatpose-serve --max-queue): its lines and the rest are split again into requests half
         its size, to be sent from ``next_prompts`` on. False when it held one line, or when any
         of its lines was already answered (the refusal is then about something else)."""
-        if not 0 <= self._chunk < len(self._chunks):
-            return False
-        current = self._chunks[self._chunk]
+        current = [self.pending[position] for position in self._plan.current]
         answered = any(line.line in self._keyed or line.line in self._failed for line in current)
-        if len(current) < 2 or answered or self.state != RUNNING:
+        if answered or self.state != RUNNING:
             return False
-        self.chunk_size = len(current) // 2
-        rest = [line for chunk in self._chunks[self._chunk :] for line in chunk]
-        self._chunks[self._chunk :] = split(rest, self.chunk_size)
-        self._chunk -= 1
-        return True
+        return self._plan.in_smaller_requests()
 
     def ask_again_later(self, now: float) -> bool:
         """The service refused the current request whole as busy (other clients' work fills
         its queue, or its model is loading): True when it is to be sent again from
         ``retry_at`` on (``BUSY_RETRY_DELAYS_S`` after ``now``); False once the run has waited
         them all, or when it is stopping."""
-        tries = self.busy_tries
-        if self.state != RUNNING or tries >= len(BUSY_RETRY_DELAYS_S) or self._chunk < 0:
+        delay = self._plan.delay_before_again() if self.state == RUNNING else None
+        if delay is None:
             return False
-        self.retry_at = now + BUSY_RETRY_DELAYS_S[tries]
-        self.busy_tries += 1
-        self._chunk -= 1  # next_prompts gives it again
+        self.retry_at = now + delay  # next_prompts gives it again
         return True
 
     def request_cancelled(self) -> None:

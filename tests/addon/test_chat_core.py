@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from blender_addon.core import batch_plan, chat, placement
-from blender_addon.core.batch_plan import BatchRun, check_lines, split
+from blender_addon.core.batch_plan import BatchRun, check_lines
 from blender_addon.core.batch_record import BatchRecord, PendingLine
 from blender_addon.core.dispatch import (
     BatchEnded,
@@ -350,20 +350,6 @@ def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before
 
 def _pending(n: int, start: int = 1, step: int = 1) -> list[PendingLine]:
     return BatchRecord().pending([f"prompt {i}" for i in range(n)], start, step)
-
-
-def test_split_caps_each_request_at_the_protocol_limit():
-    lines = _pending(600)
-    chunks = split(lines)
-    assert [len(c) for c in chunks] == [256, 256, 88]
-    assert [line for c in chunks for line in c] == lines
-    assert split([], 256) == []
-    with pytest.raises(ValueError):
-        split(lines, 0)
-    # Long prompts are split by the protocol's header size before 256 of them fill a request.
-    long_lines = BatchRecord().pending([f"{i} " + "x" * 7000 for i in range(200)], 1, 1)
-    chunks = split(long_lines)
-    assert len(chunks) > 1 and [line for c in chunks for line in c] == long_lines
 
 
 def test_a_run_walks_its_chunks_and_counts_by_line():

@@ -55,7 +55,7 @@ class ModelBackend:
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options) -> ModelBackend:
         max_new_tokens = options.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        model = ChatPoseModel.from_checkpoint(path, refuse_flat_images=True, **options)
+        model = ChatPoseModel.from_checkpoint(path, refuse_guesses=True, **options)
         return cls(model, Path(path).resolve().name, max_new_tokens)
 
     def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:

@@ -184,12 +184,13 @@ class ChatPoseModel:
         head: PoseHead,
         config: ChatPoseConfig,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
-        refuse_flat_images: bool = False,
+        refuse_guesses: bool = False,
     ):
         self.model = model.eval()
-        # The service refuses a picture of one flat colour (`images.refuse_flat`): an answer
-        # from it would be a guess. Training and evaluation take what their data holds.
-        self.refuse_flat_images = refuse_flat_images
+        # The service refuses what an answer would only guess from: a picture of one flat
+        # colour (`images.refuse_flat`), a prompt of words the tokenizer does not know and no
+        # picture (`_check_known_words`). Training and evaluation take what their data holds.
+        self.refuse_guesses = refuse_guesses
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Right padding keeps every row's positions as if it were alone, so a batched row gives
@@ -241,7 +242,7 @@ class ChatPoseModel:
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
-        refuse_flat_images: bool = False,
+        refuse_guesses: bool = False,
     ) -> ChatPoseModel:
         """Load a checkpoint directory (docs/checkpoints.md), from local files only.
 
@@ -294,7 +295,7 @@ class ChatPoseModel:
                 head,
                 checkpoint.config,
                 max_new_tokens_limit,
-                refuse_flat_images,
+                refuse_guesses,
             )
         except torch.OutOfMemoryError:
             raise ModelError(
@@ -343,6 +344,8 @@ class ChatPoseModel:
         for request in requests:
             decoded = self._decode_images(request.images)
             self._check_text(request.text or "", "prompt")
+            if not decoded:
+                self._check_known_words(request.text or "", "prompt")
             try:
                 question, answer = pose_exchange(
                     request.text, bool(decoded), self.config.pose_token, self.config.prompt_wording
@@ -440,6 +443,8 @@ class ChatPoseModel:
         if not prompt.strip() and not decoded:
             raise EmptyPromptError("a chat message needs text, an image, or both")
         self._check_text(prompt, "prompt")
+        if not decoded:
+            self._check_known_words(prompt, "prompt")
         for index, turn in enumerate(history):  # named as the request's turns are numbered
             self._check_text(turn.user, f"history[{2 * index}].text")
             self._check_text(turn.assistant, f"history[{2 * index + 1}].text")
@@ -577,7 +582,7 @@ class ChatPoseModel:
         decoded = []
         for k, data in enumerate(images):
             image = decode_image(data, f"images[{k}]", min_side=self.config.image_size)
-            if self.refuse_flat_images:
+            if self.refuse_guesses:
                 refuse_flat(image, f"images[{k}]")
             decoded.append(image)
         return decoded
@@ -587,6 +592,22 @@ class ChatPoseModel:
         if self.image_token in text:
             raise UnsupportedInputError(
                 f"{field}: must not contain the image marker {self.image_token!r}"
+            )
+
+    def _check_known_words(self, text: str, field: str) -> None:
+        """With ``refuse_guesses``: an error for text whose every token is the tokenizer's
+        unknown one (a language or script the model was not trained on), which the model
+        would answer with the same pose whatever it says. A tokenizer with no unknown token
+        (byte fallback, as Llama's) reads every text."""
+        unknown = self.tokenizer.unk_token_id
+        if not self.refuse_guesses or unknown is None or not text.strip():
+            return
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and all(token == unknown for token in ids):
+            raise UnsupportedInputError(
+                f"{field}: this model knows none of its words, so its answer would ignore "
+                "them; ask in the language the model was trained on (the bundled demo "
+                "model: English)"
             )
 
     def _image_markers(self, count: int) -> str:

@@ -158,6 +158,16 @@ def template_texts() -> list[str]:
     return [*_BASE_TEXTS, *phrasing_texts()]
 
 
+# Text as typed or pasted (a web page's no-break space, an input method's full-width letters
+# and ideographic space, a zero-width space between words) reads as the plain text the corpus
+# is: NFKC folds the wide and no-break forms, a zero-width space parts words as a space does,
+# joiners go, and every run of white space is one space, which `_BIND_SIDES` needs.
+_PLAIN_TEXT = [
+    normalizers.NFKC(),
+    normalizers.Replace(Regex("\u200b"), " "),
+    normalizers.Replace(Regex("[\u200c\u200d\u2060\ufeff]"), ""),
+    normalizers.Replace(Regex(r"\s+"), " "),
+]
 # A side word and the word after it become one word ("left arm" -> "left_arm"): the demo's LM
 # reads its prompt as a bag of words (build_demo.condition_base), and bound like this "the left
 # arm and the right knee" and "the right arm and the left knee" are different bags.
@@ -169,7 +179,8 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer trained on `texts` plus the template texts: lower case, each word
     and punctuation mark of the training text one token (the `vocab_size` most frequent), a side
-    word bound to the word after it (`_BIND_SIDES`), and `<unk>` for a word never seen.
+    word bound to the word after it (`_BIND_SIDES`), and `<unk>` for a word never seen; text
+    pasted with other spaces or wide letters reads as typed (`_PLAIN_TEXT`).
 
     Whole words, because the demo model learns its language from its corpus alone: the subword
     pieces of a word it never saw mislead it ("unbend" -> "un", "bend"), where `<unk>` says
@@ -178,7 +189,9 @@ def build_tokenizer(
     A BOS is prepended as Llama's does; the pad token is `<unk>` as in the ChatPose release.
     """
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), _BIND_SIDES])
+    tokenizer.normalizer = normalizers.Sequence(
+        [*_PLAIN_TEXT, normalizers.Lowercase(), _BIND_SIDES]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("_", " "), decoders.WordPiece(cleanup=True)]

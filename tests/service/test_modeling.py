@@ -567,7 +567,7 @@ def png_of(image: Image.Image) -> bytes:
 def test_a_picture_of_one_flat_colour_is_refused_not_answered(tiny_model, picture):
     # A pose guessed from it would be noise, applied as if it were an answer.
     parts = (tiny_model.model, tiny_model.processor, tiny_model.head, tiny_model.config)
-    serving = ChatPoseModel(*parts, refuse_flat_images=True)  # as the service loads it
+    serving = ChatPoseModel(*parts, refuse_guesses=True)  # as the service loads it
     data = png_of(picture)
     with pytest.raises(BadImageError, match=r"^images\[0\]: shows one flat colour and no body"):
         serving.predict_poses([PosePrompt(images=(data,))])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
 from inference_service.checkpoint import Checkpoint
+from inference_service.errors import UnsupportedInputError
 from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
+from inference_service.serve import DEMO_CHECKPOINT
 from inference_service.training import scaffold
 from inference_service.training.scaffold import SIZES
 
@@ -47,6 +52,46 @@ def test_the_tokenizer_reads_whole_lower_case_words_with_sides_bound():
     assert tokenizer.decode(one, skip_special_tokens=True) == (
         "the left arm is up and the right knee is bent"
     )
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "raise your left\u00a0arm",  # a web page's or Word's no-break space
+        "raise your left\u3000arm",  # an input method's ideographic space
+        "ｒａｉｓｅ ｙｏｕｒ ｌｅｆｔ ａｒｍ",  # full-width letters
+        "raise your left\u200barm",  # a zero-width space between words
+        "raise\tyour  left\n arm",  # tabs, a doubled space, a line break
+        "raise your le\u200dft arm",  # a joiner inside a word
+    ],
+)
+def test_text_pasted_with_other_spaces_or_wide_letters_reads_as_typed(pasted):
+    # The no-break space lost the side: "left" and an unknown word, a near-neutral pose.
+    typed = "raise your left arm"
+    tokenizer = scaffold.build_tokenizer([typed])
+    assert tokenizer.tokenize(pasted) == tokenizer.tokenize(typed) == ["raise", "your", "left_arm"]
+    shipped = PreTrainedTokenizerFast(tokenizer_file=str(DEMO_CHECKPOINT / "base/tokenizer.json"))
+    assert shipped.tokenize(pasted) == shipped.tokenize(typed)
+
+
+def test_a_prompt_of_words_the_model_never_saw_is_refused_by_the_service(tmp_path):
+    # Every word <unk>: the answer would be the same pose whatever the prompt says.
+    root = scaffold.scaffold_checkpoint(tmp_path / "ckpt", "tiny", texts=["raise the left arm"])
+    serving = ChatPoseModel.from_checkpoint(root, device="cpu", refuse_guesses=True)
+    for prompt in ["左腕を上げてください", "поднимите левую руку", "x" * 500]:
+        with pytest.raises(UnsupportedInputError, match="^prompt: this model knows none of its"):
+            serving.predict_poses([PosePrompt(prompt)])
+        with pytest.raises(UnsupportedInputError, match="^prompt: this model knows none of its"):
+            serving.chat(prompt, max_new_tokens=2)
+    # One known word, or a picture to read, is enough; training and evaluation take all.
+    assert len(serving.predict_poses([PosePrompt("左腕を上げて: left arm")])) == 1
+    pixels = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    picture = buffer.getvalue()
+    assert len(serving.predict_poses([PosePrompt("左腕を上げて", (picture,))])) == 1
+    evaluating = ChatPoseModel.from_checkpoint(root, device="cpu")
+    assert len(evaluating.predict_poses([PosePrompt("左腕を上げてください")])) == 1
 
 
 def test_same_seed_same_weights_and_refuses_nonempty_out(tmp_path):

@@ -209,6 +209,27 @@ def test_wide_characters_take_two_columns_of_a_line():
     )
 
 
+def test_lines_break_between_characters_as_the_reader_sees_them():
+    # A family emoji is four joined by zero-width joiners, a flag two regional letters, an
+    # "é" typed on a Mac a letter and its accent: a line started with a bare joiner or accent.
+    family, flags, accented = "👨\u200d👩\u200d👧\u200d👦", "🇯🇵🇫🇷", "cafe\u0301"
+    lines = chat.wrap(f"家族 {family} " * 4, 10)
+    assert lines == [f"家族 {family} 家", f"族 {family}"] * 2
+    assert chat.wrap(f"abcdefg{flags} and more", 8) == ["abcdefg", flags, "and more"]
+    assert chat.wrap(f"{accented} " * 4, 8) == [accented] * 4
+
+
+def test_a_preview_shows_text_as_written_and_cuts_between_characters():
+    # repr() showed a Persian prompt's non-joiners and a French one's no-break spaces as
+    # escapes ("\u200c", "\xa0"), and the 60-character cut could halve a flag.
+    persian, french = "می\u200cخواهم دست\u200cها را بالا ببرم", "«\u00a0lève le bras\u00a0»"
+    assert chat.preview(persian) == f"'{persian}'" and chat.preview(french) == f"'{french}'"
+    assert chat.preview("x" * 58 + "🇯🇵🇫🇷") == "'" + "x" * 58 + "\u2026'"
+    assert chat.preview("x" * 57 + "🇯🇵🇫🇷") == "'" + "x" * 57 + "🇯🇵\u2026'"
+    assert chat.preview("wave\nthen\x00bow") == "'wave\\nthen\\x00bow'"  # one line, as repr
+    assert chat.preview("it's") == '"it\'s"' and chat.preview("x" * 60) == "'" + "x" * 60 + "'"
+
+
 def test_display_lines_wrap_only_the_end_of_a_long_message_they_show(monkeypatch):
     pasted = " ".join(f"word{i}" for i in range(8000))  # 8,000 words, 70,000 characters
     history = [chat.Message(chat.USER, pasted)]

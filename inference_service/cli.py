@@ -36,7 +36,12 @@ from inference_service.commands import (
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
 from shared_protocol.batch_requests import BatchRequests
-from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
+from shared_protocol.batch_text import (
+    FileTooLargeError,
+    prompt_lines,
+    read_batch_file,
+    unreadable,
+)
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
 from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose, check_writable
 from shared_protocol.protocol import (
@@ -968,7 +973,7 @@ def _read_prompts(path: Path) -> list[tuple[int, str]]:
     except OSError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise CommandError(EXIT_BAD_INPUT, f"cannot read {path} as UTF-8 text ({exc})") from None
+        raise CommandError(EXIT_BAD_INPUT, f"{path} {unreadable(exc)}") from None
     except FileTooLargeError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"{path} is {exc}") from None
     lines = prompt_lines(text)

@@ -3,7 +3,7 @@
 One prompt per line, stripped of the white space around it. A blank line, or one whose first
 character that is not white space is ``#`` (a heading or a note: "# shot 12, the proposal"), is
 no prompt: it is not sent and not counted, so the frames follow the prompts alone. A file is
-UTF-8, or UTF-16 with a byte order mark (`decode_text`).
+UTF-8, or UTF-16 or UTF-32 with a byte order mark (`decode_text`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ COMMENT = "#"
 # Byte order marks: Windows' Notepad saves "Unicode" as UTF-16 with one; UTF-8 may carry one too.
 _ENCODINGS_BY_MARK = (
     (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),  # before UTF-16's, which begins it
+    (b"\x00\x00\xfe\xff", "utf-32"),
     (b"\xff\xfe", "utf-16"),
     (b"\xfe\xff", "utf-16"),
 )
@@ -45,26 +47,39 @@ def read_batch_file(path) -> str:
 
 
 def decode_text(data: bytes) -> str:
-    """A batch file's text: UTF-8, or UTF-16 when it starts with a byte order mark (the mark
-    is no part of the first prompt). UnicodeDecodeError for anything else, and for a NUL
-    character, which a text file without a mark in UTF-16 (every other byte) is full of."""
+    """A batch file's text: UTF-8, or UTF-16 or UTF-32 when it starts with a byte order mark
+    (the mark is no part of the first prompt). UnicodeDecodeError for anything else, and for a
+    NUL character, which a text file without a mark in UTF-16 (every other byte) is full of;
+    `unreadable` says it for people."""
     encoding = next((name for mark, name in _ENCODINGS_BY_MARK if data.startswith(mark)), "utf-8")
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:  # the line, which an editor shows, not only the byte
-        line = data[: exc.start].decode(encoding, errors="replace").count("\n") + 1
+        before = data[: exc.start].decode(encoding, errors="replace")
         raise UnicodeDecodeError(
-            encoding, data, exc.start, exc.end, f"{exc.reason} on line {line}"
+            encoding, data, exc.start, exc.end, f"{exc.reason} on line {_line_at(before)}"
         ) from None
     if "\0" in text:  # valid UTF-8, but no prompt holds one, and labels would lose it
         at = text.index("\0")
-        line = text.count("\n", 0, at) + 1
-        width = 2 if encoding == "utf-16" else 1  # bytes of the NUL
-        start = len(data) - len(text[at:].encode("utf-16-le" if width == 2 else "utf-8"))
+        unit = {"utf-16": "utf-16-le", "utf-32": "utf-32-le"}.get(encoding, "utf-8")
+        width = len("\0".encode(unit))  # bytes of the NUL
+        start = len(data) - len(text[at:].encode(unit))
         hint = ": UTF-16 without a byte order mark?" if encoding == "utf-8" else ""
-        reason = f"a NUL character on line {line}{hint}"
+        reason = f"a NUL character on line {_line_at(text[:at])}{hint}"
         raise UnicodeDecodeError(encoding, data, start, start + width, reason)
     return text
+
+
+def unreadable(error: UnicodeDecodeError) -> str:
+    """What a `decode_text` error says of a file, after its name, wherever it is shown."""
+    name = {"utf-16": "UTF-16", "utf-32": "UTF-32"}.get(error.encoding, "UTF-8")
+    return f"is not {name} text ({error.reason}): save it as UTF-8 (a text editor's Save As)"
+
+
+def _line_at(text_before: str) -> int:
+    """The line, counted as `prompt_lines` counts them, that the text after ``text_before``
+    starts on."""
+    return text_before.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
 
 
 def prompt_lines(text: str) -> list[tuple[int, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared_protocol.batch_text import decode_text, prompt_lines
+from shared_protocol.batch_text import decode_text, prompt_lines, unreadable
 
 
 def test_prompts_are_stripped_lines_numbered_as_in_the_file():
@@ -55,6 +55,8 @@ def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
         b"\xef\xbb\xbf" + text.encode("utf-8"),
         text.encode("utf-16"),  # Notepad's "Unicode": little-endian, with its mark
         b"\xfe\xff" + text.encode("utf-16-be"),
+        text.encode("utf-32"),  # its mark begins with UTF-16's: it read as a NUL on line 1
+        b"\x00\x00\xfe\xff" + text.encode("utf-32-be"),
     ):
         assert decode_text(data) == text
     with pytest.raises(UnicodeDecodeError, match="on line 1$") as error:
@@ -64,6 +66,22 @@ def test_files_are_utf8_or_utf16_with_a_byte_order_mark():
         decode_text("wave\nsit\ncafé\n".encode("latin-1"))  # the line an editor shows
     with pytest.raises(UnicodeDecodeError, match="on line 2$"):
         decode_text("a\n".encode("utf-16") + b"\x00\xd8")  # a lone surrogate, line 2
+    # Lines end at a lone CR too (an old Mac's files), as prompt_lines counts them: line 1 before.
+    with pytest.raises(UnicodeDecodeError, match="on line 3$"):
+        decode_text("wave\rsit\r\ncafé\r".encode("latin-1"))
+    with pytest.raises(UnicodeDecodeError, match="NUL character on line 2$"):
+        decode_text("wave\rsit\0".encode("utf-16"))
+
+
+def test_an_unreadable_file_is_said_one_way_with_its_remedy():
+    for data, said in (
+        ("café!".encode("latin-1"), "is not UTF-8 text (invalid continuation byte on line 1)"),
+        ("a\n".encode("utf-16") + b"\x00\xd8", "is not UTF-16 text (unexpected end of data"),
+    ):
+        with pytest.raises(UnicodeDecodeError) as error:
+            decode_text(data)
+        assert unreadable(error.value).startswith(said)
+        assert unreadable(error.value).endswith(": save it as UTF-8 (a text editor's Save As)")
 
 
 def test_a_nul_character_is_refused_naming_its_line():

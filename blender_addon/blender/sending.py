@@ -10,7 +10,12 @@ from collections.abc import Sequence
 import bpy
 import numpy as np
 
-from shared_protocol.batch_text import FileTooLargeError, prompt_lines, read_batch_file
+from shared_protocol.batch_text import (
+    FileTooLargeError,
+    prompt_lines,
+    read_batch_file,
+    unreadable,
+)
 from shared_protocol.protocol import trimmed
 
 from ..core import chat
@@ -155,6 +160,11 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         if text is None:
             raise live.UserError("Pick a text datablock with one prompt per line")
         content, label = text.as_string(), f"text '{text.name}'"
+        if content.startswith(("\xff\xfe", "\xfe\xff")):  # a byte order mark read as Latin-1
+            raise live.UserError(
+                f"{label} holds a UTF-16 file, which Blender's Text Editor reads garbled: set "
+                "Source to File and pick the file, or save it as UTF-8"
+            )
     else:
         path = absolute_path(settings.batch_file)
         if not settings.batch_file:
@@ -164,7 +174,7 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         except FileNotFoundError:
             raise live.UserError(f"{path}: no such file") from None
         except UnicodeDecodeError as exc:
-            raise live.UserError(f"{path} is not UTF-8 text ({exc.reason})") from None
+            raise live.UserError(f"{path} {unreadable(exc)}") from None
         except FileTooLargeError as exc:
             raise live.UserError(f"{path} is {exc}") from None
         except OSError as exc:

@@ -2406,6 +2406,19 @@ def test_file_settings_take_the_home_folder_as_typed(blender, tmp_path, monkeypa
     )
 
 
+def test_a_utf16_file_opened_in_the_text_editor_is_refused_not_keyed_garbled(blender, tmp_path):
+    # Blender reads Notepad's "Unicode" as Latin-1 and drops its NULs: the '# shot 1' heading
+    # became the prompt 'ÿþ# shot 1', and every frame after it moved.
+    shots = tmp_path / "shots.txt"
+    shots.write_bytes("# shot 1\r\nraise your left arm\r\n".encode("utf-16"))
+    settings = bpy.context.scene.chatpose
+    settings.batch_source, settings.batch_text = "TEXT", bpy.data.texts.load(str(shots))
+    with pytest.raises(live.UserError, match="text 'shots.txt' holds a UTF-16 file, which"):
+        sending.read_batch_lines(bpy.context)
+    settings.batch_source, settings.batch_file = "FILE", str(shots)  # the remedy it names
+    assert sending.read_batch_lines(bpy.context) == ([(2, "raise your left arm")], "shots.txt")
+
+
 def test_batch_lines_from_a_txt_file(blender, tmp_path):
     settings = bpy.context.scene.chatpose
     settings.batch_source = "FILE"
@@ -2421,7 +2434,7 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
         sending.read_batch_lines(bpy.context)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 pose\n".encode("latin-1"))
     settings.batch_file = str(tmp_path / "latin1.txt")
-    with pytest.raises(live.UserError, match="is not UTF-8 text"):
+    with pytest.raises(live.UserError, match="is not UTF-8 text .* save it as UTF-8"):
         sending.read_batch_lines(bpy.context)
     with open(tmp_path / "take.mov", "wb") as file:  # picked by mistake: refused unread
         file.truncate(MAX_FILE_BYTES + 1)

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -710,7 +711,12 @@ def _answers_in(
     answered: dict[int, Pose] = {}
     remaining = iter(lines)
     for frame, pose in enumerate(motion.poses(), 1):
-        number = next((n for n, prompt in remaining if prompt == pose.label), None)
+        # The same text in Unicode's composed or decomposed form ("é" typed on a Mac, or
+        # saved again by another editor) looks the same and is the same prompt.
+        label = unicodedata.normalize("NFC", pose.label or "")
+        number = next(
+            (n for n, prompt in remaining if unicodedata.normalize("NFC", prompt) == label), None
+        )
         if number is None:
             raise CommandError(
                 EXIT_BAD_INPUT,

@@ -759,6 +759,19 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     assert Motion.load_npz(out_file).labels == motion.labels
 
 
+def test_resume_matches_a_line_saved_again_in_another_unicode_form(
+    address, backend, capsys, tmp_path
+):
+    # "café" typed on a Mac (e and a combining accent), then saved again composed by another
+    # editor: the same text to the eye, refused as "answers no line" before.
+    prompts, out_file, argv = shots(tmp_path, "cafe\u0301 pose\nwave\n", address)
+    assert run(capsys, *argv)[0] == cli.EXIT_OK
+    prompts.write_text("caf\u00e9 pose\nwave\nbow\n")
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_OK and f"resuming {out_file}: 2 of 3 lines answered there" in err
+    assert len(Motion.load_npz(out_file).labels) == 3
+
+
 def test_resume_goes_on_from_the_newest_run_s_partial_file_and_never_replaces_out_when_cut(
     address, backend, capsys, tmp_path, monkeypatch
 ):

@@ -88,7 +88,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         items=[
             ("auto", "Auto", "CUDA when available, else CPU"),
             ("cpu", "CPU", ""),
-            ("cuda", "CUDA", "The GPU below"),
+            ("cuda", "CUDA", "The GPU set beside it"),
         ],
         default="auto",
     )

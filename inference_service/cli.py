@@ -858,7 +858,9 @@ def _client(args: argparse.Namespace) -> Client:
         return Client(args.address, curve=curve)
     except AddressError as exc:  # well formed, but not one ZeroMQ takes
         raise CommandError(EXIT_USAGE, f"--address: {exc}") from None
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:  # a key file, named
+        raise CommandError(EXIT_BAD_INPUT, str(exc)) from None
+    except OSError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"the CURVE key files cannot be read ({exc})") from None
 
 

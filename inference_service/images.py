@@ -184,8 +184,8 @@ def _opened(data: bytes, field: str = "image") -> Iterator[Image.Image]:
                 width, height = image.size
                 if max(width, height) > MAX_IMAGE_ASPECT_RATIO * max(1, min(width, height)):
                     raise BadImageError(
-                        f"{field}: {width} x {height} pixels is more than {MAX_IMAGE_ASPECT_RATIO} "
-                        "times as long as it is wide; crop it"
+                        f"{field}: {width} x {height} pixels, its long side more than "
+                        f"{MAX_IMAGE_ASPECT_RATIO} times its short side; crop it"
                     )
                 yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

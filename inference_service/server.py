@@ -623,8 +623,7 @@ class Server:
             return
         waited = time.monotonic() - self._started
         message = (
-            f"the model is still loading ({waited:.0f} s so far); send it again once it has "
-            "loaded (status says when it serves)"
+            f"the model is still loading ({waited:.0f} s so far); ask again once it has loaded"
         )
         self._emit(client, ErrorReply(request.id, request.op, ErrorCode.BUSY, message, None))
 

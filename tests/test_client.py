@@ -349,6 +349,17 @@ def test_a_key_file_holding_no_curve_key_is_named_before_any_socket(tmp_path, co
         keys.load()
 
 
+def test_a_missing_key_file_is_named_missing(tmp_path):
+    # ZeroMQ's words for it, "Invalid certificate file", blamed a file that is not there.
+    from shared_protocol.client import ClientCurveKeys
+
+    keys = ClientCurveKeys(tmp_path / "me.key_secret", tmp_path / "server.key")
+    with pytest.raises(
+        ValueError, match=r"^the client key .*me\.key_secret cannot be read: no such file$"
+    ):
+        keys.load()
+
+
 def test_a_request_given_up_on_is_cancelled_so_the_service_stops_its_work(context):
     # The service learns a client has gone only when a reply to it cannot be sent: a chat
     # turn or a batch given up on (a timeout, Ctrl-C) ran to its end, holding up every other

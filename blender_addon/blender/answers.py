@@ -78,7 +78,9 @@ def apply_outcome(outcome) -> None:
                 live.state.service_line = f"{live.UNAVAILABLE}{message}"
                 live.state.service_line_instance = None
                 live.state.service_line_address = outcome.job.address
-                feedback.notify(f"Service: {message}", "ERROR")
+                # A model still loading is no failure: the service is there, and will serve.
+                level = "WARNING" if outcome.code == ErrorCode.BUSY else "ERROR"
+                feedback.notify(f"Service: {message}", level)
         case BatchLineReady():
             _batch_lines([outcome])
         case BatchLines():

@@ -166,12 +166,12 @@ def _refuse_off_centre(pixels: np.ndarray, what: str) -> None:
 
 
 def _refuse_thin(width: int, height: int, what: str, remedy: str) -> None:
-    """CaptureError for a picture more than ``MAX_IMAGE_ASPECT_RATIO`` times as long as it is
-    wide, which the service refuses."""
+    """CaptureError for a picture whose long side is more than ``MAX_IMAGE_ASPECT_RATIO``
+    times its short side, which the service refuses."""
     if max(width, height) > MAX_IMAGE_ASPECT_RATIO * min(width, height):
         raise CaptureError(
-            f"{what} is {width} x {height} pixels, more than {MAX_IMAGE_ASPECT_RATIO} times as "
-            "long as it is wide; the service takes no such picture"
+            f"{what} is {width} x {height} pixels, its long side more than "
+            f"{MAX_IMAGE_ASPECT_RATIO} times its short side; the service takes no such picture"
             + (f": {remedy}" if remedy else "")
         )
 

@@ -132,6 +132,12 @@ def busy() -> bool:
 SEND_ERRORS = (ProtocolError, BusyError, AddressError)
 
 
+def send_problem(exc: Exception) -> str:
+    """What one of ``SEND_ERRORS`` says for a message: a protocol error without its code (an
+    animator reads "the prompt has ...", not "too_large: ...")."""
+    return exc.message if isinstance(exc, ProtocolError) else str(exc)
+
+
 def service_for(context) -> Service:
     """The service to ask, from the preferences; UserError when it cannot be asked."""
     settings = service_settings(context)

@@ -313,7 +313,10 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
                 z_up=self.z_up,
                 resample_fps=resample_to,
             )
-        except (ValueError, FileNotFoundError) as exc:
+        except FileNotFoundError:
+            self.report({"ERROR"}, f"Not imported: {self.filepath}: no such file")
+            return {"CANCELLED"}
+        except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         level = "WARNING" if unused_model else "INFO"
@@ -386,7 +389,12 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
                 obj, self.filepath, scene_fps(context.scene), z_up=self.z_up, labels=labels
             )
         except (OSError, ValueError) as exc:
-            self.report({"ERROR"}, f"Could not write {self.filepath}: {exc}")
+            folder = Path(self.filepath).absolute().parent
+            if not folder.is_dir():  # else the error names a temporary file beside it
+                why = f"the folder {folder} does not exist"
+            else:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.report({"ERROR"}, f"Could not write {self.filepath}: {why}")
             return {"CANCELLED"}
         labelled = sum(bool(label) for label in motion.labels or ())
         said = f", {labelled} labelled with their batch line's prompt" if labelled else ""

@@ -108,7 +108,7 @@ def send_pose(
     try:
         live.dispatcher().send_pose(service, job, images, history)
     except live.SEND_ERRORS as exc:
-        raise live.UserError(f"Not sent: {exc}") from None
+        raise live.UserError(f"Not sent: {live.send_problem(exc)}") from None
     runtime.ensure_timer()
     what = chat.preview(prompt) if prompt else "the image"
     feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
@@ -259,7 +259,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     try:
         live.dispatcher().start_batch(service, run)
     except live.SEND_ERRORS as exc:
-        raise live.UserError(f"Batch not sent: {exc}") from None
+        raise live.UserError(f"Batch not sent: {live.send_problem(exc)}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
     _place_and_save(target, plan, settings)
     runtime.ensure_timer()
@@ -401,6 +401,6 @@ def request_status(context: bpy.types.Context) -> None:
     try:
         live.dispatcher().request_status(service)
     except live.SEND_ERRORS as exc:
-        raise live.UserError(f"Not asked: {exc}") from None
+        raise live.UserError(f"Not asked: {live.send_problem(exc)}") from None
     runtime.ensure_timer()
     feedback.set_message(f"Asking {service.address} for its status...")

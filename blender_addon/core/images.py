@@ -55,12 +55,12 @@ def check_reference_image(data: bytes, name: str = "image") -> str:
         if width * height > MAX_IMAGE_PIXELS:
             raise ValueError(
                 f"{name} is {width} x {height} pixels; the service decodes at most "
-                f"{MAX_IMAGE_PIXELS:,}: downscale it"
+                f"{MAX_IMAGE_PIXELS:,} pixels: downscale it"
             )
         if max(width, height) > MAX_IMAGE_ASPECT_RATIO * max(1, min(width, height)):
             raise ValueError(
-                f"{name} is {width} x {height} pixels, more than {MAX_IMAGE_ASPECT_RATIO} times "
-                "as long as it is wide; crop it"
+                f"{name} is {width} x {height} pixels, its long side more than "
+                f"{MAX_IMAGE_ASPECT_RATIO} times its short side; crop it"
             )
     return kind
 

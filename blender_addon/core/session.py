@@ -285,8 +285,9 @@ class Session:
                 refusal = self._client.refusal
                 if refusal:  # with keys or without, each refusal may come of them
                     message = (
-                        f"{self.address} refused the connection: {refusal} (the Client Key and "
-                        "the Server Key in the add-on's preferences)"
+                        f"{self.address} refused the connection: {refusal}; check the add-on's "
+                        "preferences: the Service Address, and the Client Key and the Server Key "
+                        "if the service has CURVE keys"
                     )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"

@@ -38,6 +38,7 @@ from blender_addon.blender.keyframes import key_poses, keyed_frames
 from blender_addon.blender.live import UserError
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.core import batch_plan, batch_record, chat, mannequin
+from blender_addon.core.dispatch import StatusFailed, StatusJob
 from blender_addon.core.images import encode_png, png_size
 from blender_addon.core.service_process import ServiceProcess, last_line, serve_command
 from shared_protocol.batch_text import MAX_FILE_BYTES
@@ -1092,6 +1093,16 @@ def _cancel_buttons() -> list:
     return [(op, text, vars(props)) for op, text, props in buttons if "cancel" in op]
 
 
+def test_check_service_says_a_model_still_loading_as_a_warning_not_an_error(blender):
+    # The service is there and will serve: an ERROR (red) said it had failed.
+    loading = "the model is still loading (3 s so far); ask again once it has loaded"
+    job = StatusJob(False, "tcp://127.0.0.1:5555")
+    answers.apply_outcome(StatusFailed(job, ErrorCode.BUSY, loading))
+    assert live.last_message() == (f"Service: {loading}", "WARNING")
+    answers.apply_outcome(StatusFailed(job, ErrorCode.MODEL_ERROR, "it failed"))
+    assert live.last_message() == ("Service: it failed", "ERROR")
+
+
 def test_check_service_while_the_old_address_is_busy_is_a_message(armature, scripted_service):
     address, backend = _send_while_held(scripted_service)
     use_service(f"tcp://127.0.0.1:{free_port()}")
@@ -1208,7 +1219,7 @@ def test_a_camera_snapshot_takes_the_frame_s_shape_not_the_user_s_render_size(bl
     assert png_size(data) == (336, 189)  # the whole frame, at the snapshot's size
     assert render.resolution_percentage == 1 and render.use_border and render.use_multiview
     render.resolution_x, render.resolution_y = 10000, 400
-    with pytest.raises(CaptureError, match="10000 x 400 pixels, more than 20 times as long"):
+    with pytest.raises(CaptureError, match="10000 x 400 pixels, its long side more than 20 times"):
         render_camera_snapshot(bpy.context.scene)
 
 
@@ -1235,7 +1246,7 @@ def test_a_camera_snapshot_of_non_square_pixels_shows_the_frame_as_the_camera_do
     assert np.abs(anamorphic - square).mean() < 2.0  # the same picture
     assert render.resolution_x == 960 and render.pixel_aspect_x == 2.0  # put back
     render.pixel_aspect_x, render.pixel_aspect_y = 1.0, 25.0  # shown 960 x 27,000
-    with pytest.raises(CaptureError, match="960 x 27000 pixels, more than 20 times as long"):
+    with pytest.raises(CaptureError, match="960 x 27000 pixels, its long side more than 20 times"):
         render_camera_snapshot(bpy.context.scene)
 
 
@@ -1630,6 +1641,11 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     with pytest.raises(RuntimeError, match="Not sent: ZeroMQ cannot connect to"):
         bpy.ops.chatpose.send()
     assert live.pending_jobs() == []
+    # What the protocol refuses, said without its code ("Not sent: too_large: prompt: ...").
+    use_service(f"tcp://127.0.0.1:{free_port()}")
+    bpy.context.scene.chatpose.prompt = "x" * 8001
+    with pytest.raises(RuntimeError, match=r"Error: Not sent: prompt: has 8001 characters; the limit"):
+        bpy.ops.chatpose.send()
 
 
 @pytest.fixture
@@ -1666,7 +1682,10 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     drive(idle)
     message = live.last_message()[0]
     assert f"{address} refused the connection: the server key given" in message
-    assert "(the Client Key and the Server Key in the add-on's preferences)" in message
+    assert message.endswith(
+        "; check the add-on's preferences: the Service Address, and the Client Key and the "
+        "Server Key if the service has CURVE keys"
+    )
     # A file that is no key, or one key alone: named when sending, nothing sent.
     prefs.curve_server_key = str(keys / "authorized_clients")
     with pytest.raises(RuntimeError, match="the server key .*authorized_clients cannot be read"):
@@ -1683,8 +1702,8 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     assert re.search(
         "refused the connection: (one side has CURVE keys and the other has none|what listens "
         "there closed the connection at the handshake: it has CURVE keys and this client none, "
-        "or it is not chatpose-serve) \\(the Client Key and the Server Key in the add-on's "
-        "preferences\\)$",
+        "or it is not chatpose-serve); check the add-on's preferences: the Service Address, "
+        "and the Client Key and the Server Key if the service has CURVE keys$",
         live.last_message()[0],
     )
     prefs.curve_client_key = str(keys / "animator.key_secret")

@@ -624,6 +624,12 @@ def test_npz_operators_round_trip(blender, tmp_path):
     assert back.fps == pytest.approx(30.0)
     np.testing.assert_allclose(back.axis_angle, original.axis_angle, atol=1e-5)
     np.testing.assert_allclose(back.translation, original.translation, atol=1e-5)
+    # Said of the file or folder the user named: Python's words named a hidden temporary file.
+    missing = tmp_path / "nowhere" / "x.npz"
+    with pytest.raises(RuntimeError, match=f"Could not write {missing}: the folder .*nowhere does"):
+        bpy.ops.chatpose.export_npz(filepath=str(missing))
+    with pytest.raises(RuntimeError, match=r"Not imported: .*gone\.npz: no such file$"):
+        bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "gone.npz"))
 
 
 def test_a_file_exported_in_smpl_s_frame_imports_upright_with_z_up_on_and_says_so(

@@ -1644,7 +1644,7 @@ def test_requests_that_cannot_be_sent_are_reported_at_once(blender, monkeypatch)
     # What the protocol refuses, said without its code ("Not sent: too_large: prompt: ...").
     use_service(f"tcp://127.0.0.1:{free_port()}")
     bpy.context.scene.chatpose.prompt = "x" * 8001
-    with pytest.raises(RuntimeError, match=r"Error: Not sent: prompt: has 8001 characters; the limit"):
+    with pytest.raises(RuntimeError, match="Error: Not sent: prompt: has 8001 characters"):
         bpy.ops.chatpose.send()
 
 

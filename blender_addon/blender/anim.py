@@ -121,7 +121,31 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
         else:
             reason = None
         if reason:
-            raise LockedCurveError(f"the F-curve of {bone} {prop} {reason} to key this pose")
+            channel = channel_label(prop, index)
+            raise LockedCurveError(f"the {channel} channel of {bone} {reason} to key this pose")
+
+
+# What the Graph Editor and the Dope Sheet call a transform property's channels.
+_PROPERTY_LABELS = {
+    "location": "Location",
+    "rotation_quaternion": "Quaternion Rotation",
+    "rotation_euler": "Euler Rotation",
+    "rotation_axis_angle": "Axis-Angle Rotation",
+    "scale": "Scale",
+}
+
+
+def property_label(prop: str) -> str:
+    """A transform property as the animator reads it: "rotation_euler" -> "Euler Rotation"."""
+    return _PROPERTY_LABELS.get(prop) or prop.replace("_", " ").title()
+
+
+def channel_label(prop: str, index: int) -> str:
+    """One channel of a transform property as the Graph Editor lists it: "W Quaternion
+    Rotation", "X Location"."""
+    axes = "WXYZ" if prop in ("rotation_quaternion", "rotation_axis_angle") else "XYZ"
+    name = property_label(prop)
+    return f"{axes[index]} {name}" if 0 <= index < len(axes) else name
 
 
 def muted_note(obj: bpy.types.Object, channels: Iterable[Channel]) -> str | None:

@@ -14,7 +14,15 @@ from shared_protocol.pose import Motion, Pose
 
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import ON_FRAME, frames_for, keyed_frame_list, motion_frames, playback_rate
-from .anim import action_fcurves, bone_data_path, fcurve_map, scene_time, take_fcurves, tweaking
+from .anim import (
+    action_fcurves,
+    bone_data_path,
+    fcurve_map,
+    property_label,
+    scene_time,
+    take_fcurves,
+    tweaking,
+)
 from .armature import bone_names, rest_joints, rig_geometry
 from .fast_keys import write_keys
 from .posing import (
@@ -278,14 +286,14 @@ def _what_moves(item: bpy.types.Object) -> str:
     for what, fcurves in takes:
         moving = {fc.data_path for fc in fcurves if _moves(fc)}
         if moving:
-            return f"{what} its {', '.join(sorted(moving))}"
+            return f"{what} its {', '.join(property_label(p) for p in sorted(moving))}"
     driven = {
         driver.data_path
         for driver in (animation.drivers if animation else ())
         if not driver.mute and driver.data_path in _OBJECT_TRANSFORM
     }
     if driven:
-        return f"a driver sets its {', '.join(sorted(driven))}"
+        return f"a driver sets its {', '.join(property_label(p) for p in sorted(driven))}"
     for constraint in item.constraints:
         if (
             constraint.type not in _HOLDING_CONSTRAINTS

@@ -641,7 +641,7 @@ def test_a_locked_channel_leaves_an_auto_keyed_answer_unkeyed_and_refuses_an_ask
     monkeypatch.setattr(feedback, "push_undo", steps.append)
     scene.chatpose.prompt = "with a locked knee"
     if keying == "Insert Keyframe":  # refused before the service computes it (a review)
-        with pytest.raises(RuntimeError, match="Not sent: the F-curve of left_knee .* locked"):
+        with pytest.raises(RuntimeError, match="Not sent: the .* channel of left_knee is locked"):
             bpy.ops.chatpose.send()
         assert scene.chatpose.prompt == "with a locked knee" and not live.pending_jobs()
         curve.lock = False  # and locked while the answer is on its way:
@@ -2599,7 +2599,7 @@ def test_a_locked_curve_stops_a_batch_before_the_service_computes_it(
     knee = 'pose.bones["left_knee"].rotation_quaternion'
     [curve] = [c for c in action_fcurves(armature) if c.data_path == knee][:1]
     curve.lock = True
-    with pytest.raises(RuntimeError, match="Batch not sent: .*left_knee .* is locked"):
+    with pytest.raises(RuntimeError, match="Batch not sent: .* channel of left_knee is locked"):
         bpy.ops.chatpose.batch_keyframe()
     assert backend.batch_sizes == []
 

@@ -20,6 +20,12 @@ from shared_protocol.protocol import DEFAULT_LIMITS, ErrorCode
 
 from .batch_record import PendingLine
 
+# What the service refuses a line for that the line's own text causes: the same text is
+# refused again.
+REFUSED_FOR_THE_TEXT = frozenset(
+    {ErrorCode.EMPTY_PROMPT, ErrorCode.TOO_LARGE, ErrorCode.UNSUPPORTED_INPUT, ErrorCode.BAD_SCHEMA}
+)
+
 RUNNING = "running"
 CANCELLING = "cancelling"
 FINISHED = "finished"
@@ -64,6 +70,7 @@ class BatchRun:
     _plan: BatchRequests = field(init=False, repr=False)
     _keyed: set[int] = field(default_factory=set, repr=False)
     _failed: dict[int, tuple[PendingLine, str]] = field(default_factory=dict, repr=False)
+    _refused_texts: set[int] = field(default_factory=set, repr=False)  # of the failed lines
 
     def __post_init__(self, chunk_size: int) -> None:
         self._plan = BatchRequests([line.text for line in self.pending], chunk_size)
@@ -156,9 +163,15 @@ class BatchRun:
         self._keyed.difference_update(lost)
         return len(lost)
 
-    def item_failed(self, line: PendingLine, message: str) -> None:
+    def item_failed(self, line: PendingLine, message: str, code: ErrorCode | None = None) -> None:
+        """``line`` got no key, for ``message``; ``code``: the service's, when it refused the
+        line (one refused for its text fails again until it is edited)."""
         if line.line not in self._keyed:
             self._failed[line.line] = (line, message)
+            if code in REFUSED_FOR_THE_TEXT:
+                self._refused_texts.add(line.line)
+            else:
+                self._refused_texts.discard(line.line)
 
     def cancel(self) -> None:
         if self.state == RUNNING:
@@ -241,7 +254,19 @@ class BatchRun:
             more = " ..." if len(failed) > 5 else ""
             why = "" if failed[0][1] == self.reason else f": {failed[0][1]}"  # said above
             parts.append(f"{len(failed)} failed ({shown}{more}{why}).")
-        parts.append("Run Batch Keyframe again to key the rest (nothing is keyed twice).")
+        refused = len(self._refused_texts & self._failed.keys())
+        if refused == left:  # only lines that would fail again as they are
+            parts.append(
+                f"Edit the line{'s' if refused != 1 else ''} the service refused, then run "
+                f"Batch Keyframe again to key {'them' if refused != 1 else 'it'} (nothing is "
+                "keyed twice)."
+            )
+        else:
+            edit = " (edit the lines the service refused first: they fail again as they are)"
+            parts.append(
+                f"Run Batch Keyframe again to key the rest{edit if refused else ''} (nothing is "
+                "keyed twice)."
+            )
         return " ".join(parts)
 
 

@@ -344,7 +344,7 @@ class Dispatcher:
             line = run.line_for(event.index)
             if line is None:
                 return []
-            run.item_failed(line, event.message)
+            run.item_failed(line, event.message, event.code)
             return [BatchLineFailed(run, line, event.message)]
         self._jobs.pop(event.request_id, None)
         if isinstance(event, BatchFinished):

@@ -496,6 +496,36 @@ def test_failed_lines_are_named_by_their_line_in_the_text_and_their_frame():
     assert "1 failed (prompt 2 (frame 2): no)" in plain.summary()
 
 
+def test_lines_refused_for_their_text_are_to_be_edited_not_only_run_again():
+    # "Run Batch Keyframe again" sent the same line, and it was refused the same way.
+    unknown = "prompt: this model knows none of its words"
+    run = BatchRun("SMPL", "text 't'", _pending(3), total_lines=3, line_numbers=[1, 2, 3])
+    run.next_prompts()
+    run.item_keyed(run.line_for(0))
+    run.item_failed(run.line_for(1), unknown, ErrorCode.UNSUPPORTED_INPUT)
+    run.item_failed(run.line_for(2), "out of memory", ErrorCode.MODEL_ERROR)
+    run.request_finished()
+    assert run.summary().endswith(
+        "Run Batch Keyframe again to key the rest (edit the lines the service refused first: "
+        "they fail again as they are) (nothing is keyed twice)."
+    )
+    run.item_failed(run.line_for(2), unknown, ErrorCode.UNSUPPORTED_INPUT)  # only those left
+    assert run.summary().endswith(
+        "Edit the lines the service refused, then run Batch Keyframe again to key them "
+        "(nothing is keyed twice)."
+    )
+    run.item_keyed(run.line_for(2))
+    assert run.summary().endswith("Edit the line the service refused, then run Batch Keyframe "
+                                  "again to key it (nothing is keyed twice).")  # fmt: skip
+    cut = BatchRun("SMPL", "t", _pending(2), total_lines=2)
+    cut.next_prompts()
+    cut.item_failed(cut.line_for(0), "the service went away", ErrorCode.UNREACHABLE)
+    cut.request_cancelled()
+    assert cut.summary().endswith(
+        "Run Batch Keyframe again to key the rest (nothing is keyed twice)."
+    )
+
+
 # --- placement ------------------------------------------------------------------------------
 
 

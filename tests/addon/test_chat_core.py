@@ -721,7 +721,7 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     assert dispatcher.batch_running
     session.events = [
         *_items(first, 255),
-        RequestFailed(first, ErrorCode.MODEL_ERROR, "no pose", index=255),
+        RequestFailed(first, ErrorCode.UNSUPPORTED_INPUT, "prompt: no word known", index=255),
         BatchFinished(first),
     ]
     outcomes = dispatcher.tick()
@@ -739,6 +739,7 @@ def test_a_batch_streams_lines_and_sends_its_chunks_one_after_the_other(dispatch
     for outcome in outcomes[:-1]:
         run.item_keyed(outcome.line)
     assert run.keyed == 299 and run.remaining == 1
+    assert "Edit the line the service refused, then run" in run.summary()  # the code was kept
     assert dispatcher.batch_running  # until the bpy side has shown the end
     run.close()
     assert not dispatcher.batch_running

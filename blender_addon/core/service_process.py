@@ -140,8 +140,24 @@ class ProcessState:
                     "; the service installed for that Python is older than this add-on: "
                     "update it (git pull, then make setup)"
                 )
+            elif named := [f"{o} is {s}" for o, s in _SET_IN_PREFERENCES if o in self.last_line]:
+                # chatpose-serve names its own options; the add-on started it from these.
+                text += f"; in the add-on's preferences (Local Service), {', '.join(named)}"
+            elif "8-bit loading need a CUDA device" in self.last_line:  # Device Auto, no GPU
+                text += (
+                    "; set Weights to As Stored in the add-on's preferences (Local Service), "
+                    "or run the service on a machine with a GPU"
+                )
             return text
         return "stopped"
+
+
+# chatpose-serve's options the add-on sets from its preferences, by the settings' names.
+_SET_IN_PREFERENCES = (
+    ("--device", "Device (and GPU)"),
+    ("--load-in-8bit", "Weights: 8-bit"),
+    ("--load-in-4bit", "Weights: 4-bit"),
+)
 
 
 def _killed_by(signum: int) -> str:

@@ -20,6 +20,7 @@ from blender_addon.core.service_process import (
     EXITED,
     RUNNING,
     STOPPED,
+    ProcessState,
     ServiceProcess,
     ServiceProcessError,
     address_in_use,
@@ -223,6 +224,31 @@ def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
     manager.start([sys.executable, "-c", usage])
     wait_for(lambda: manager.poll().state == EXITED, 30)
     assert "older than this add-on" not in manager.poll().describe()
+
+
+@pytest.mark.parametrize(
+    ("last_line", "hint"),
+    [
+        (
+            "chatpose-serve: device 'cuda:0' requested but CUDA is not available (no GPU, or a "
+            "CPU build of torch); use --device cpu or auto, or a CUDA build of torch",
+            "; in the add-on's preferences (Local Service), --device is Device (and GPU)",
+        ),
+        (
+            "chatpose-serve: --load-in-8bit needs the 'bitsandbytes' package",
+            "; in the add-on's preferences (Local Service), --load-in-8bit is Weights: 8-bit",
+        ),
+        (
+            "chatpose-serve: 4-bit and 8-bit loading need a CUDA device",
+            "; set Weights to As Stored in the add-on's preferences (Local Service), or run the "
+            "service on a machine with a GPU",
+        ),
+    ],
+)
+def test_a_start_refused_for_an_option_names_the_preference_that_set_it(last_line, hint):
+    # The animator set Device and Weights in the preferences, and never typed --device.
+    described = ProcessState(EXITED, returncode=2, last_line=last_line).describe()
+    assert described == f"exited with code 2: {last_line}{hint}"
 
 
 def test_start_stop_and_kill_after_the_grace_time(tmp_path):

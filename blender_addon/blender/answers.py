@@ -255,7 +255,7 @@ def failed_turn_image(job: PoseJob, message: str) -> bpy.types.Image | None:
 
 
 def _image_refused(job: PoseJob, message: str) -> bool:
-    return bool(job.attachment) and message.startswith((job.attachment, "images"))
+    return chat.refuses_image(job.attachment, message)
 
 
 def _pose_failed(outcome: PoseFailed) -> None:

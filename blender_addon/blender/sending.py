@@ -73,10 +73,15 @@ def send_pose(
                 resent_image = (message.image.name, message.image.session_uid)
                 attachment = label  # shown in the history again
                 image_note = f", with {label} of the chat"
+            elif _refused_there(messages, index):
+                image_note = (
+                    f"; the service refused the chat's {label} (its failed exchange says why), "
+                    "so this turn goes without it"
+                )
             else:
                 image_note = (
-                    f"; the chat's {label} is not kept (refused, sent in pose mode, or "
-                    "unpacked or removed since): attach it again for the model to see it"
+                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
+                    "removed since): attach it again for the model to see it"
                 )
     frame = None
     if settings.insert_keyframe:
@@ -148,6 +153,16 @@ def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
     raise live.UserError(
         f"The answer to {named} came and waits ({why}): a chat turn goes with the exchanges "
         "before it, so send this once it is applied"
+    )
+
+
+def _refused_there(messages: list[chat.Message], index: int) -> bool:
+    """Whether the exchange of the user message at ``index`` failed for its image."""
+    reply = messages[index + 1] if index + 1 < len(messages) else None
+    return (
+        reply is not None
+        and reply.role == chat.ERROR
+        and chat.refuses_image(messages[index].attachment, reply.text)
     )
 
 

@@ -113,6 +113,12 @@ def _is_regional(character: str) -> bool:
     return "\U0001f1e6" <= character <= "\U0001f1ff"
 
 
+def refuses_image(attachment: str, failure: str) -> bool:
+    """Whether a failed turn's message is the service refusing the image it sent (named by
+    its ``attachment``, or the request's field)."""
+    return bool(attachment) and failure.startswith((attachment, "images"))
+
+
 def exchange(
     prompt: str, reply: str, *, attachment: str = "", poses: int = 0, failed: bool = False
 ) -> tuple[Message, Message]:

@@ -126,7 +126,16 @@ _MODE_NAMES = {
     "PAINT_WEIGHT": "Weight Paint",
     "PAINT_VERTEX": "Vertex Paint",
     "PAINT_TEXTURE": "Texture Paint",
+    "PARTICLE": "Particle Edit",
+    "SCULPT_CURVES": "Sculpt",
     "PAINT_GREASE_PENCIL": "Draw",
+    "PAINT_GPENCIL": "Draw",
+    "SCULPT_GREASE_PENCIL": "Sculpt",
+    "SCULPT_GPENCIL": "Sculpt",
+    "WEIGHT_GREASE_PENCIL": "Weight Paint",
+    "WEIGHT_GPENCIL": "Weight Paint",
+    "VERTEX_GREASE_PENCIL": "Vertex Paint",
+    "VERTEX_GPENCIL": "Vertex Paint",
 }
 
 

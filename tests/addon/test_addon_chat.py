@@ -912,6 +912,8 @@ def test_a_reply_stays_in_the_history_through_the_user_s_next_undo(armature, scr
         ("OBJECT", False, ["SCREENCAST_OT_keys"], None),  # an add-on's all-session tool
         ("EDIT_MESH", False, [], "leave Edit Mode to apply them"),
         ("PAINT_WEIGHT", False, [], "leave Weight Paint Mode to apply them"),  # as its menu
+        ("WEIGHT_GREASE_PENCIL", False, [], "leave Weight Paint Mode to apply them"),
+        ("PARTICLE", False, [], "leave Particle Edit Mode to apply them"),
         ("POSE", False, ["TRANSFORM_OT_rotate"], "they are applied when the transform ends"),
         # Sliders that put their starting keys back at every move would erase a batch's keys.
         ("POSE", False, ["GRAPH_OT_smooth"], "they are applied when the Graph Editor tool ends"),

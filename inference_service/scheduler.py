@@ -170,7 +170,7 @@ class Scheduler:
         # When each client with work queued last had a micro-batch start with its task
         # (`_take_next`): clients take turns.
         self._turn = 0
-        self._last_turn: dict[ClientId, int] = {}
+        self._last_turn: dict[ClientId, float] = {}
         self._requests: dict[RequestKey, _Request] = {}
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name="chatpose-scheduler", daemon=True)
@@ -303,6 +303,11 @@ class Scheduler:
                 client, request_id, op, timeout_s, deque(enumerate(items)), len(items), mode
             )
             self._requests[request.key] = request
+            # A client new to the scheduler takes its turn after those that had theirs longer
+            # ago, before the one that had the last: counted first, a stream of new connections
+            # (each command line is one) kept a chat turn, which runs only when `_take_next`
+            # picks it, waiting as long as they came.
+            self._last_turn.setdefault(client, self._turn - 0.5)
             if request.total == 0:  # an empty batch is answered at once
                 self._finish_if_done(request)
                 return
@@ -518,17 +523,17 @@ class Scheduler:
             return group
 
     def _take_next(self) -> _Task:
-        """The oldest task of the client whose turn came longest ago (a client with none on
-        record first): one with hundreds of chat turns in flight, seconds each on a large
-        model, would otherwise hold up every other client behind all of them."""
-        task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, -1))
+        """The oldest task of the client whose turn came longest ago (a new client's counts
+        from its first request): one with hundreds of chat turns in flight, seconds each on a
+        large model, would otherwise hold up every other client behind all of them."""
+        # A client forgotten with work still to queue (past MAX_TURNS_KEPT) counts as now.
+        task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, self._turn))
         self._queue.remove(task)
         self._turn += 1
         self._last_turn[task.request.client] = self._turn
         if len(self._last_turn) > MAX_TURNS_KEPT:
-            # The oldest turns first: those clients would come first on their return anyway.
-            # A client that waits for each answer has none queued between them, and keeps its
-            # turn all the same: forgotten, it would come before every client with work queued.
+            # The oldest turns first, of clients with nothing queued: one that returns counts
+            # as new. A client with work queued keeps its place.
             waiting = {task.request.client for task in self._queue}
             for client in sorted(self._last_turn, key=self._last_turn.get):
                 if len(self._last_turn) <= MAX_TURNS_KEPT // 2:

@@ -1398,7 +1398,9 @@ def test_the_viewport_is_drawn_offscreen_and_read_back_upright(blender, monkeypa
     unused = FakeGPU()
     monkeypatch.setitem(sys.modules, "gpu", unused.module)
     thin = types.SimpleNamespace(width=1920, height=90)
-    with pytest.raises(CaptureError, match="the 3D viewport is 1920 x 90 pixels, more than 20"):
+    with pytest.raises(
+        CaptureError, match="the 3D viewport is 1920 x 90 pixels, its long side more than 20"
+    ):
         draw_viewport(bpy.context, thin, space)
     assert unused.calls == []  # nothing drawn
 

@@ -161,6 +161,32 @@ def test_clients_that_wait_for_each_answer_do_not_starve_one_with_work_queued(co
     scheduler.stop()
 
 
+def test_a_chat_turn_waits_for_no_more_than_the_clients_that_came_before_it(collected):
+    # The soak review: each new connection (every command line is one) counted as never
+    # served and came first, so a chat turn, which runs only when it is picked, waited 40 s
+    # while others kept connecting.
+    arrivals = iter(range(10))
+
+    class Churning(RecordingBackend):  # a new client connects during every micro-batch
+        def answer_poses(self, items):
+            if (i := next(arrivals, None)) is not None:
+                scheduler.submit_pose(f"new{i}".encode(), PoseRequest(f"n{i}", f"n{i}"))
+            return super().answer_poses(items)
+
+    backend = Churning()
+    scheduler = make(backend, collected, max_batch=1, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_pose(b"A", PoseRequest("a0", "a0"))
+    assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs; new0 connects
+    scheduler.submit_pose(b"A", PoseRequest("a1", "a1", mode="chat"))
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == 12)
+    order = [reply.id for reply in collected.of()]
+    assert order[:3] == ["a0", "n0", "a1"], order  # after the one that came before it
+    assert [i for i in order if i.startswith("n")] == [f"n{i}" for i in range(10)]
+    scheduler.stop()
+
+
 def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
     backend, collected
 ):

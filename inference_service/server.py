@@ -73,6 +73,10 @@ STALLED_CLIENT_S = 120.0
 # reads none would grow the service's memory, and every turn of the I/O loop, without bound.
 # A batch is at most 256 replies; a client that reads at all never comes near.
 MAX_HELD_REPLIES = 10_000
+# Clients found gone that the I/O thread remembers, the latest: replies the model queued for
+# one before its work was dropped are dropped without a second "client_gone" line. ZeroMQ
+# names each connection anew, so no later client is taken for one of them.
+GONE_CLIENTS_KEPT = 1024
 RECEIVE_AHEAD = 8
 _instances = itertools.count()
 
@@ -390,6 +394,7 @@ class Server:
         # (the I/O thread's own: no lock).
         self._held: deque[list[bytes]] = deque()
         self._stalled_since: dict[ClientId, float] = {}
+        self._gone: dict[ClientId, None] = {}  # in the order found, at most GONE_CLIENTS_KEPT
         # When and what each request in flight came in as, for its "request done" line. A list:
         # a request reusing an id in flight (refused, or a status or cancel) is answered at once,
         # so the newest entry under a key is always the one a final reply ends.
@@ -500,10 +505,9 @@ class Server:
         pending, self._held = [*self._held, *replies], deque()  # a client's replies in order
         full: Counter[ClientId] = Counter()  # clients whose pipe is full: replies held
         took: set[ClientId] = set()  # clients that took a reply this turn: reading, if slowly
-        gone: set[ClientId] = set()
         for frames in pending:
             client = frames[0]
-            if client in gone:
+            if client in self._gone:
                 continue
             if client in full:  # after one that waits, so that none overtakes it
                 self._held.append(frames)
@@ -525,7 +529,9 @@ class Server:
                         "undelivered": _reply_id(frames),
                     },
                 )
-                gone.add(client)
+                self._gone[client] = None
+                if len(self._gone) > GONE_CLIENTS_KEPT:
+                    del self._gone[next(iter(self._gone))]
                 self._drop_client(client)
         now = time.monotonic()
         self._stalled_since = {

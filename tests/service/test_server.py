@@ -755,6 +755,16 @@ def test_a_reply_that_could_not_be_delivered_is_named_in_the_log(backend, caplog
         server._forward_replies()
         [warning] = [r for r in caplog.records if r.getMessage().startswith("client unreachable")]
         assert warning.undelivered == "chat-7"
+        # Replies the model queued before its work was dropped: no second line (the soak
+        # review: 2,000 clients that left mid-batch wrote 2,704 of them).
+        server._emit(b"gone", PoseReply("chat-8", "Sure.", ()))
+        server._forward_replies()
+        gone = [r for r in caplog.records if r.getMessage().startswith("client unreachable")]
+        assert len(gone) == 1
+        for k in range(server_module.GONE_CLIENTS_KEPT + 1):  # only the latest are kept
+            server._emit(f"gone {k}".encode(), PoseReply("x", "Sure.", ()))
+        server._forward_replies()
+        assert len(server._gone) == server_module.GONE_CLIENTS_KEPT and b"gone" not in server._gone
     finally:
         server._router = router
         server.close()

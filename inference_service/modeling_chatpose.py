@@ -443,7 +443,7 @@ class ChatPoseModel:
         if not prompt.strip() and not decoded:
             raise EmptyPromptError("a chat message needs text, an image, or both")
         self._check_text(prompt, "prompt")
-        if not decoded:
+        if not decoded and not history:  # "again" or "more" is answered from the history
             self._check_known_words(prompt, "prompt")
         for index, turn in enumerate(history):  # named as the request's turns are numbered
             self._check_text(turn.user, f"history[{2 * index}].text")
@@ -596,9 +596,9 @@ class ChatPoseModel:
 
     def _check_known_words(self, text: str, field: str) -> None:
         """With ``refuse_guesses``: an error for text whose every token is the tokenizer's
-        unknown one (a language or script the model was not trained on), which the model
-        would answer with the same pose whatever it says. A tokenizer with no unknown token
-        (byte fallback, as Llama's) reads every text."""
+        unknown one (words the model never saw, another language), which the model would
+        answer with the same pose whatever it says. A tokenizer with no unknown token (byte
+        fallback, as Llama's) reads every text."""
         unknown = self.tokenizer.unk_token_id
         if not self.refuse_guesses or unknown is None or not text.strip():
             return
@@ -606,8 +606,8 @@ class ChatPoseModel:
         if ids and all(token == unknown for token in ids):
             raise UnsupportedInputError(
                 f"{field}: this model knows none of its words, so its answer would ignore "
-                "them; ask in the language the model was trained on (the bundled demo "
-                "model: English)"
+                "them; say it in words it was trained on (the bundled demo model knows plain "
+                "English about poses: raise, bend, kneel, sit, squat, wave, the left arm ...)"
             )
 
     def _image_markers(self, count: int) -> str:

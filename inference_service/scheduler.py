@@ -527,14 +527,16 @@ class Scheduler:
         from its first request): one with hundreds of chat turns in flight, seconds each on a
         large model, would otherwise hold up every other client behind all of them."""
         # A client forgotten with work still to queue (past MAX_TURNS_KEPT) counts as now.
-        task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, self._turn))
+        new = self._turn - 0.5  # what `_submit` records for a new client: none is missing
+        task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, new))
         self._queue.remove(task)
         self._turn += 1
         self._last_turn[task.request.client] = self._turn
         if len(self._last_turn) > MAX_TURNS_KEPT:
-            # The oldest turns first, of clients with nothing queued: one that returns counts
-            # as new. A client with work queued keeps its place.
-            waiting = {task.request.client for task in self._queue}
+            # The oldest turns first, of clients with no request in flight: one that returns
+            # counts as new. A client with work in flight (queued, running, or still to be
+            # queued from its batch) keeps its place.
+            waiting = {request.client for request in self._requests.values()}
             for client in sorted(self._last_turn, key=self._last_turn.get):
                 if len(self._last_turn) <= MAX_TURNS_KEPT // 2:
                     break

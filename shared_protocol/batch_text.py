@@ -28,6 +28,10 @@ _ENCODINGS_BY_MARK = (
 MAX_FILE_BYTES = 32 * 1024 * 1024
 
 
+class NulCharacterError(UnicodeDecodeError):
+    """A batch file's text that decoded, but holds a NUL character (``decode_text``)."""
+
+
 class FileTooLargeError(ValueError):
     """A batch file larger than MAX_FILE_BYTES."""
 
@@ -64,16 +68,23 @@ def decode_text(data: bytes) -> str:
         unit = {"utf-16": "utf-16-le", "utf-32": "utf-32-le"}.get(encoding, "utf-8")
         width = len("\0".encode(unit))  # bytes of the NUL
         start = len(data) - len(text[at:].encode(unit))
-        hint = ": UTF-16 without a byte order mark?" if encoding == "utf-8" else ""
-        reason = f"a NUL character on line {_line_at(text[:at])}{hint}"
-        raise UnicodeDecodeError(encoding, data, start, start + width, reason)
+        reason = f"a NUL character on line {_line_at(text[:at])}"
+        raise NulCharacterError(encoding, data, start, start + width, reason)
     return text
 
 
 def unreadable(error: UnicodeDecodeError) -> str:
     """What a `decode_text` error says of a file, after its name, wherever it is shown."""
+    save = "save it as UTF-8 (a text editor's Save As)"
+    if isinstance(error, NulCharacterError):
+        if error.encoding == "utf-8":  # one between every letter: UTF-16 without its mark
+            return (
+                f"holds {error.reason}: if it is UTF-16 without a byte order mark, {save}; "
+                "else remove the character"
+            )
+        return f"holds {error.reason}: remove the character"
     name = {"utf-16": "UTF-16", "utf-32": "UTF-32"}.get(error.encoding, "UTF-8")
-    return f"is not {name} text ({error.reason}): save it as UTF-8 (a text editor's Save As)"
+    return f"is not {name} text ({error.reason}): {save}"
 
 
 def _line_at(text_before: str) -> int:

@@ -133,9 +133,9 @@ class ClientCurveKeys:
 
 
 def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:
-    if not Path(path).exists():  # ZeroMQ would say "Invalid certificate file", as of its text
-        raise ValueError(f"the {whose} key {path} cannot be read: no such file")
     try:
+        if not Path(path).exists():  # ZeroMQ would say "Invalid certificate file", as of its text
+            raise ValueError("no such file")
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError, IndexError) as exc:  # IndexError: a key line without "="
         raise ValueError(f"the {whose} key {path} cannot be read ({exc})") from None

@@ -95,6 +95,8 @@ def test_a_nul_character_is_refused_naming_its_line():
         with pytest.raises(UnicodeDecodeError, match=f"NUL character on line {line}") as error:
             decode_text(data)
         assert error.value.start == at and data[at] == 0
-        assert ("without a byte order mark" in str(error.value)) == (
-            error.value.encoding == "utf-8"
-        )
+        said = unreadable(error.value)  # no "save it as UTF-8" for a stray NUL in UTF-16
+        assert said.startswith(f"holds a NUL character on line {line}: ")
+        utf8 = error.value.encoding == "utf-8"
+        assert ("if it is UTF-16 without a byte order mark, save it as UTF-8" in said) == utf8
+        assert said.endswith("remove the character")

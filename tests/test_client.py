@@ -355,9 +355,13 @@ def test_a_missing_key_file_is_named_missing(tmp_path):
 
     keys = ClientCurveKeys(tmp_path / "me.key_secret", tmp_path / "server.key")
     with pytest.raises(
-        ValueError, match=r"^the client key .*me\.key_secret cannot be read: no such file$"
+        ValueError, match=r"^the client key .*me\.key_secret cannot be read \(no such file\)$"
     ):
         keys.load()
+    # A key's text pasted where its path goes: a name too long, said, not raised as OSError.
+    pasted = ClientCurveKeys(tmp_path / ("public-key = " + "x" * 300), tmp_path / "server.key")
+    with pytest.raises(ValueError, match=r"^the client key .* cannot be read \(.*too long"):
+        pasted.load()
 
 
 def test_a_request_given_up_on_is_cancelled_so_the_service_stops_its_work(context):

@@ -390,8 +390,10 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
             )
         except (OSError, ValueError) as exc:
             folder = Path(self.filepath).absolute().parent
-            if not folder.is_dir():  # else the error names a temporary file beside it
+            if not folder.exists():  # else the error names a temporary file beside it
                 why = f"the folder {folder} does not exist"
+            elif not folder.is_dir():
+                why = f"{folder} is a file, not a folder"
             else:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.report({"ERROR"}, f"Could not write {self.filepath}: {why}")

@@ -177,7 +177,8 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         content, label = text.as_string(), f"text '{text.name}'"
         if content.startswith(("\xff\xfe", "\xfe\xff")):  # a byte order mark read as Latin-1
             raise live.UserError(
-                f"{label} holds a UTF-16 file, which Blender's Text Editor reads garbled: set "
+                f"{label} holds a UTF-16 or UTF-32 file, which Blender's Text Editor reads "
+                "garbled: set "
                 "Source to File and pick the file, or save it as UTF-8"
             )
     else:

@@ -74,8 +74,13 @@ def preview(text: str, limit: int = 60) -> str:
 
 
 def _is_control(character: str) -> bool:
-    """A character that would break a message's line or show as nothing at all."""
-    return unicodedata.category(character) in ("Cc", "Zl", "Zp")
+    """A character that would break a message's line, reorder its text (bidirectional
+    overrides and isolates), or is no character at all (a lone surrogate)."""
+    return (
+        unicodedata.category(character) in ("Cc", "Zl", "Zp", "Cs")
+        or "\u202a" <= character <= "\u202e"
+        or "\u2066" <= character <= "\u2069"
+    )
 
 
 _ZERO_WIDTH_JOINER = "\u200d"

@@ -2436,7 +2436,7 @@ def test_a_utf16_file_opened_in_the_text_editor_is_refused_not_keyed_garbled(ble
     shots.write_bytes("# shot 1\r\nraise your left arm\r\n".encode("utf-16"))
     settings = bpy.context.scene.chatpose
     settings.batch_source, settings.batch_text = "TEXT", bpy.data.texts.load(str(shots))
-    with pytest.raises(live.UserError, match="text 'shots.txt' holds a UTF-16 file, which"):
+    with pytest.raises(live.UserError, match="text 'shots.txt' holds a UTF-16 or UTF-32 file"):
         sending.read_batch_lines(bpy.context)
     settings.batch_source, settings.batch_file = "FILE", str(shots)  # the remedy it names
     assert sending.read_batch_lines(bpy.context) == ([(2, "raise your left arm")], "shots.txt")

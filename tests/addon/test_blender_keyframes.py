@@ -628,6 +628,9 @@ def test_npz_operators_round_trip(blender, tmp_path):
     missing = tmp_path / "nowhere" / "x.npz"
     with pytest.raises(RuntimeError, match=f"Could not write {missing}: the folder .*nowhere does"):
         bpy.ops.chatpose.export_npz(filepath=str(missing))
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(RuntimeError, match=r"Could not write .*: .*a file is a file, not a folder"):
+        bpy.ops.chatpose.export_npz(filepath=str(tmp_path / "a file" / "x.npz"))
     with pytest.raises(RuntimeError, match=r"Not imported: .*gone\.npz: no such file$"):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "gone.npz"))
 

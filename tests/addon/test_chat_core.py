@@ -227,6 +227,7 @@ def test_a_preview_shows_text_as_written_and_cuts_between_characters():
     assert chat.preview("x" * 58 + "🇯🇵🇫🇷") == "'" + "x" * 58 + "\u2026'"
     assert chat.preview("x" * 57 + "🇯🇵🇫🇷") == "'" + "x" * 57 + "🇯🇵\u2026'"
     assert chat.preview("wave\nthen\x00bow") == "'wave\\nthen\\x00bow'"  # one line, as repr
+    assert chat.preview("abc\u202edef\ud800") == "'abc\\u202edef\\ud800'"  # no reordering
     assert chat.preview("it's") == '"it\'s"' and chat.preview("x" * 60) == "'" + "x" * 60 + "'"
 
 

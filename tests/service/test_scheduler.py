@@ -187,6 +187,28 @@ def test_a_chat_turn_waits_for_no_more_than_the_clients_that_came_before_it(coll
     scheduler.stop()
 
 
+def test_a_client_keeps_its_turn_past_the_clients_kept_while_its_batch_is_in_flight(
+    backend, collected, monkeypatch
+):
+    # The diff review: past MAX_TURNS_KEPT, a chat-mode batch's client, whose one queued task
+    # had just been taken, was forgotten at its own turn, and then came after every other.
+    monkeypatch.setattr(scheduler_module, "MAX_TURNS_KEPT", 8)
+    scheduler = make(backend, collected, max_batch=1, max_wait_ms=0)
+    backend.hold()
+    scheduler.submit_batch(b"A", BatchRequest("a", [f"talk {i}" for i in range(4)], mode="chat"))
+    assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs
+    for c in range(12):
+        for k in range(3):
+            scheduler.submit_pose(f"c{c}".encode(), PoseRequest(f"c{c}-{k}", f"c{c}-{k}"))
+    backend.release()
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    answers = [r for _, r in collected.replies if isinstance(r, PoseReply | BatchItemReply)]
+    order = [f"a{r.index}" if isinstance(r, BatchItemReply) else r.id for r in answers]
+    turns = [order.index(f"a{i}") for i in range(4)]
+    assert all(b - a <= 14 for a, b in zip(turns, turns[1:], strict=False)), order  # 12 clients
+    scheduler.stop()
+
+
 def test_a_chat_mode_batch_keeps_one_item_queued_so_another_client_waits_for_one_turn(
     backend, collected
 ):

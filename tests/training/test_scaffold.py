@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import UnsupportedInputError
 from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
+from inference_service.prompts import Exchange
 from inference_service.serve import DEMO_CHECKPOINT
 from inference_service.training import scaffold
 from inference_service.training.scaffold import SIZES
@@ -83,6 +84,11 @@ def test_a_prompt_of_words_the_model_never_saw_is_refused_by_the_service(tmp_pat
             serving.predict_poses([PosePrompt(prompt)])
         with pytest.raises(UnsupportedInputError, match="^prompt: this model knows none of its"):
             serving.chat(prompt, max_new_tokens=2)
+    with pytest.raises(UnsupportedInputError, match="say it in words it was trained on"):
+        serving.predict_poses([PosePrompt("dance")])  # English it never saw, named so
+    # A chat turn goes with its history ("again", "more"), which the model reads.
+    earlier = (Exchange("raise the left arm", "sure, it is <POSE>."),)
+    assert serving.chat("もう一度", history=earlier, max_new_tokens=2).text is not None
     # One known word, or a picture to read, is enough; training and evaluation take all.
     assert len(serving.predict_poses([PosePrompt("左腕を上げて: left arm")])) == 1
     pixels = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)

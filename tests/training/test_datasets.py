@@ -699,7 +699,7 @@ def test_image_pose_pairs_errors(tmp_path):
         read_image_pose_pairs(broken)
     Image.new("RGB", (400, 2)).save(tmp_path / "thin.png")  # a good PNG the model cannot use
     thin = write_npz(tmp_path / "t.npz", POSES[:1], images=np.array(["thin.png"]))
-    with pytest.raises(DatasetError, match=r"t\.npz: frame 0: .*thin\.png: 400 x 2 pixels, its long"):
+    with pytest.raises(DatasetError, match=r"t\.npz: frame 0: .*thin\.png: 400 x 2 pixels, its"):
         read_image_pose_pairs(thin)
     nul = write_npz(tmp_path / "z.npz", POSES[:1], images=np.array(["a\0.png"]))
     with pytest.raises(DatasetError, match=r"z\.npz: frame 0: 'a\\x00\.png' is not a file name"):

@@ -52,14 +52,16 @@ def test_a_reader_that_stops_reading_loses_lines_counted_and_holds_nothing_up():
     assert time.monotonic() - started < 5  # none waited for the reader
     reader.reading.set()
     writer.flush()  # what waited, written
-    writer.emit(record("after", event="request"))
+    for later in ("after", "and after"):  # said once: a count kept would come before each
+        writer.emit(record(later, event="request"))
     writer.flush()
     lines = [json.loads(line) for line in reader.lines()]
     messages = [line["msg"] for line in lines]
     # Lines kept in order; the rest dropped and said, once there was room (more than once when
     # the writer freed a place while they were logged); none lost uncounted.
-    kept = [m for m in messages[:-1] if m.startswith("request")]
-    assert kept == [f"request {k}" for k in range(len(kept))] and messages[-1] == "after"
+    kept = [m for m in messages[:-2] if m.startswith("request")]
+    assert kept == [f"request {k}" for k in range(len(kept))]
+    assert messages[-2:] == ["after", "and after"]
     dropped = [line["dropped"] for line in lines if line["event"] == "log_lines_dropped"]
     assert dropped and len(kept) + sum(dropped) == 50
     writer.close()
@@ -72,8 +74,9 @@ def test_a_line_cut_by_a_full_disk_does_not_join_the_next():
     writer = logs.LineWriter(reader)
     writer.emit(record("cut", event="request"))
     writer.emit(record("whole", event="request"))
+    writer.emit(record("and the next", event="request"))  # no blank line before it
     writer.flush()
-    assert json.loads(reader.lines()[-1])["msg"] == "whole"
+    assert [json.loads(line)["msg"] for line in reader.lines()[1:]] == ["whole", "and the next"]
     writer.close()
 
 
@@ -100,3 +103,22 @@ def test_a_flush_waits_for_a_stalled_reader_once(monkeypatch):
     writer.close()
     assert time.monotonic() - started < 15
     reader.reading.set()
+
+
+def test_a_flush_waits_again_once_a_stalled_reader_reads(monkeypatch):
+    # Not waiting after one stall is for a reader that never reads again; one that recovers
+    # gets the process's last lines, the plain one that must come after them too.
+    monkeypatch.setattr(logs, "FLUSH_WAIT_S", 0.2)
+    reader = StalledReader()
+    writer = logs.LineWriter(reader)
+    writer.emit(record("stuck", event="request"))
+    writer.flush()  # in vain
+    reader.reading.set()
+    deadline = time.monotonic() + 10
+    while not writer._writes and time.monotonic() < deadline:  # the stuck line goes out
+        time.sleep(0.01)
+    monkeypatch.setattr(logs, "FLUSH_WAIT_S", 30.0)
+    writer.emit(record("the last", event="stop"))
+    writer.flush()
+    assert json.loads(reader.lines()[-1])["msg"] == "the last"
+    writer.close()

@@ -21,6 +21,7 @@ import zmq
 from inference_service import cli
 from inference_service.scheduler import Answer
 from inference_service.server import Server
+from shared_protocol import batch_requests as shared_batch_requests
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.client import Client
 from shared_protocol.pose import Motion
@@ -196,6 +197,117 @@ def test_batch_wait_waits_through_a_restart_in_the_middle_of_a_run(backend, caps
     said = "the service is shutting down" if how == "stopped" else "went away"
     assert said in err and "waiting up to 30 s for it to serve again" in err
     assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(40))
+
+
+class Restarting:
+    """A stand-in service that answers each batch request by `answered(request number)` of
+    its lines and then says it is stopping (a restart), except the last `plays` runs out of,
+    answered whole; after each restart, `busy` (its model loading) for `loading_s`. Status
+    requests it answers at once (busy too while loading)."""
+
+    def __init__(self, answered, plays: int, loading_s: float = 0.0):
+        self.answered, self.plays, self.loading_s = answered, plays, loading_s
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.batches = 0
+        self.loads_until = 0.0
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _send(self, peer, reply) -> None:
+        self.router.send_multipart([peer, *encode_reply(reply)])
+
+    def _serve(self) -> None:
+        while self.running:
+            if not self.router.poll(50):
+                continue
+            peer, *frames = self.router.recv_multipart()
+            request = decode_request(frames)
+            if time.monotonic() < self.loads_until:
+                self._send(peer, ErrorReply(request.id, request.op, ErrorCode.BUSY, "loading"))
+            elif not isinstance(request, BatchRequest):
+                status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+                self._send(peer, status)
+            else:
+                count = len(request.prompts)
+                last = self.batches >= self.plays
+                for k in range(count if last else self.answered(self.batches)):
+                    self._send(peer, BatchItemReply(request.id, k, count, "", (pose_for("x"),)))
+                self.batches += 1
+                if last:
+                    self._send(peer, BatchDoneReply(request.id, count, count))
+                    continue
+                stopping = "the service is shutting down"
+                self._send(peer, ErrorReply(request.id, "batch", ErrorCode.SHUTTING_DOWN, stopping))
+                self.loads_until = time.monotonic() + self.loading_s
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(TIMEOUT_S)
+        self.router.close(linger=0)
+
+
+@pytest.mark.parametrize(
+    ("answered", "plays", "loading_s", "exit_code", "waits"),
+    [
+        (lambda n: 1, 5, 0.0, cli.EXIT_OK, 5),  # a line answered between restarts: all waited
+        (lambda n: 0, 9, 0.0, cli.EXIT_SERVICE_ERROR, 3),  # none: 3 in a row, then it ends
+        (lambda n: 1, 1, 2.0, cli.EXIT_OK, 1),  # a restart whose model loads past the busy waits
+    ],
+    ids=["apart", "in a row", "loading"],
+)
+def test_batch_wait_counts_restarts_in_a_row_and_waits_for_the_model_to_load(
+    capsys, tmp_path, monkeypatch, answered, plays, loading_s, exit_code, waits
+):
+    # The mutation review: one restart was all the tests had; the limit of 3 in a row, its
+    # reset by an answer, and the wait for a restarted model to load went untested.
+    monkeypatch.setattr(shared_batch_requests, "BUSY_RETRY_DELAYS_S", (0.05,))
+    service = Restarting(answered, plays, loading_s)
+    prompts = tmp_path / "poses.txt"
+    prompts.write_text("\n".join(f"pose {i}" for i in range(10)))
+    out_file = tmp_path / "poses.npz"
+    argv = ["batch", str(prompts), "--out", str(out_file), "--address", service.address]
+    try:
+        code, _, err = run(capsys, *argv, "--wait", "30")
+    finally:
+        service.close()
+    assert code == exit_code, err
+    assert err.count("waiting up to 30 s for it to serve again") == waits
+    if exit_code == cli.EXIT_OK:
+        assert Motion.load_npz(out_file).labels == tuple(f"pose {i}" for i in range(10))
+
+
+def test_batch_wait_does_not_take_a_service_that_stopped_answering_for_a_restart(capsys, tmp_path):
+    # A timeout is no restart: waiting "for it to serve again" would ask it again and again.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def take_and_keep():
+        while True:
+            if not router.poll(TIMEOUT_S * 1000):
+                return
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            if isinstance(request, BatchRequest):
+                return  # taken, never answered
+            status = StatusReply(request.id, "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+            router.send_multipart([peer, *encode_reply(status)])
+
+    thread = threading.Thread(target=take_and_keep, daemon=True)
+    thread.start()
+    prompts = tmp_path / "poses.txt"
+    prompts.write_text("wave\nbow\n")
+    argv = ["batch", str(prompts), "--out", str(tmp_path / "p.npz"), "--address", address]
+    try:
+        code, _, err = run(capsys, *argv, "--wait", "30", "--timeout", "1")
+    finally:
+        thread.join(TIMEOUT_S)
+        router.close(linger=0)
+    assert code == cli.EXIT_TIMEOUT, err
+    assert "serve again" not in err
 
 
 def run_against(capsys, answers, *argv) -> tuple[int, str, str, list]:

@@ -249,9 +249,11 @@ def test_a_scene_s_full_copy_poses_its_own_copy_of_each_person(blender, made):
     poses = [random_pose(k) for k in range(3 if made == "copied" else 2)]  # 3: one copied
     people.apply_people(bpy.context, target, poses)
     original = set(bpy.data.objects)
-    with bpy.context.temp_override(scene=bpy.context.scene):
-        bpy.ops.scene.new(type="FULL_COPY")
+    for _ in range(2):  # two copies: SMPL.person2.002 is SMPL.person2.001's twin elsewhere
+        with bpy.context.temp_override(scene=bpy.data.scenes[0]):
+            bpy.ops.scene.new(type="FULL_COPY")
     copies = {o.name: o for o in set(bpy.data.objects) - original}
+    assert bpy.data.objects["SMPL.person2.002"].users_scene[0] != copies["SMPL.001"].users_scene[0]
     result = people.apply_people(bpy.context, copies["SMPL.001"], poses[::-1])
     assert result.created == []
     expected = ["SMPL.001", "SMPL.person2.001"] + (["SMPL.person3.001"] if made == "copied" else [])
@@ -291,6 +293,15 @@ def test_people_are_not_taken_from_another_target_by_their_copies_names(blender)
     assert result.created == [] and result.armatures == ["SMPL.002", "SMPL.person2.001"]
     again = people.apply_people(bpy.context, first, poses)
     assert again.armatures == ["SMPL", "SMPL.person2"] and again.created == []
+    # A duplicate of the person kept aside, then the target copied with its person: two
+    # copies of that person; neither is taken for the copy's (a new one is made, as before).
+    [aside] = _duplicated(bpy.data.objects["SMPL.person2"])
+    fourth, its_person = _duplicated(first, bpy.data.objects["SMPL.person2"])
+    held = read_pose(aside).axis_angle
+    result = people.apply_people(bpy.context, fourth, poses[::-1])
+    assert result.created == [f"{fourth.name}.person2"]
+    np.testing.assert_allclose(read_pose(aside).axis_angle, held)  # the user's, left alone
+    np.testing.assert_allclose(read_pose(its_person).axis_angle, held)
 
 
 def test_a_person_that_fails_to_build_leaves_nothing_holding_its_name(blender, monkeypatch):

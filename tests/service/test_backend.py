@@ -190,6 +190,7 @@ def test_chatpose_serve_process_serves_and_stops_on_a_signal_or_when_its_stdin_c
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_stops_by_default,  # under nohup the service rightly keeps SIGHUP ignored
     )
     try:
         with Client(address, context=zmq.Context.instance()) as client:
@@ -319,8 +320,27 @@ def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
     assert calls == ["stop", 128 + signal.SIGINT]
 
 
+def _stops_by_default() -> None:
+    """The stop signals as a shell started from a terminal leaves them, whatever the tests
+    were started under (`nohup`, `&` in a script: ignored, which the service leaves so)."""
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+@pytest.fixture
+def stops_by_default():
+    """`_stops_by_default` for this process, put back afterwards (SIGINT: Python's own)."""
+    numbers = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    _stops_by_default()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_while_the_model_loads_is_logged(monkeypatch, capfd, signum):
+def test_a_stop_while_the_model_loads_is_logged(monkeypatch, capfd, signum, stops_by_default):
     # The daemon review: SIGTERM's default ended it without a line, as SIGINT did not.
     def stopped(args):
         os.kill(os.getpid(), signum)

@@ -670,7 +670,9 @@ def _earlier_answers(
     elif args.out.exists():
         path, start_over = args.out, "run without --resume"
     else:
-        _report(f"chatpose batch: nothing to resume ({args.out} has no earlier answers)")
+        _report(
+            f"chatpose batch: nothing to resume ({args.out} is not there yet): asking every line"
+        )
         return None, {}, None
     answered, fps = _answers_in(path, lines, args.file, start_over)
     _report(f"resuming {path}: {len(answered)} of {len(lines)} lines answered there")

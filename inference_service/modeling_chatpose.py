@@ -169,7 +169,12 @@ def _request_entry(method: Callable) -> Callable:
             )
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # for other processes on the card, too
-        raise ModelOutOfMemoryError("out of GPU memory: send fewer or shorter requests")
+        # Retried alone when it ran in a micro-batch (the scheduler): this request alone did
+        # not fit, so what the client can change is its own length.
+        raise ModelOutOfMemoryError(
+            "the service ran out of GPU memory for this request: a shorter prompt or chat may "
+            "fit; its log says which of its settings need less"
+        )
 
     return guarded
 

@@ -59,7 +59,7 @@ def apply_outcome(outcome) -> None:
             status = outcome.status
             live.state.service_line = (
                 f"{status.model} on {status.device} ({status.dtype}), "
-                f"chatpose {status.version}, images: {status.max_images}"
+                f"chatpose {status.version}, {_images_taken(status.max_images)}"
             )
             local = live.service_process().instance
             live.state.service_line_instance = local if status.instance == local else None
@@ -89,6 +89,10 @@ def apply_outcome(outcome) -> None:
             pass  # counted by the run; reported when it ends
         case BatchEnded():
             _batch_ended(outcome.run)
+
+
+def _images_taken(count: int) -> str:
+    return f"up to {count} image{'s' if count != 1 else ''} a request" if count else "no images"
 
 
 def _pose_answered(outcome: PoseAnswered) -> None:

@@ -1014,7 +1014,7 @@ def test_out_of_gpu_memory_anywhere_becomes_a_model_error_after_its_memory_is_le
         (tiny_model.model, "generate") if where == "model.generate" else (tiny_model, where)
     )
     monkeypatch.setattr(owner, name, exhausted)
-    with pytest.raises(ModelError, match="out of GPU memory: send fewer") as raised:
+    with pytest.raises(ModelError, match="GPU memory for this request: a shorter") as raised:
         run()
     assert raised.value.__cause__ is None and raised.value.__context__ is None
     assert failed_pass and failed_pass[0]() is None  # freed before the error reached the caller

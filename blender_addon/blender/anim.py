@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 import bpy
 import numpy as np
 
+from ..core.chat import quoted
+
 Channel = tuple[str, str, int]  # (bone name, property, array index)
 
 
@@ -74,7 +76,7 @@ def why_not_keyable(fcurve: bpy.types.FCurve) -> str | None:
     if fcurve.lock:
         return "is locked; unlock it"
     if fcurve.group is not None and fcurve.group.lock:
-        return f"is in the locked channel group {fcurve.group.name!r}; unlock the group"
+        return f"is in the locked channel group {quoted(fcurve.group.name)}; unlock the group"
     if len(fcurve.sampled_points):
         return "holds samples, not keys; turn them into keys (Graph Editor: Samples to Keys)"
     for modifier in fcurve.modifiers:
@@ -95,8 +97,8 @@ def linked_action_problem(obj: bpy.types.Object, so: str) -> str | None:
     if action is None or action.library is None:
         return None
     return (
-        f"the action {action.name!r} is linked from {action.library.filepath}, so {so}; give "
-        f"{obj.name} an action of its own (the Action editor's New Action button beside the "
+        f"the action {quoted(action.name)} is linked from {action.library.filepath}, so {so}; "
+        f"give {obj.name} an action of its own (the Action editor's New Action button beside the "
         "action's name makes a copy)"
     )
 
@@ -117,7 +119,7 @@ def refuse_locked(obj: bpy.types.Object, channels: Iterable[Channel]) -> None:
         if fcurve is not None:
             reason = why_not_keyable(fcurve)
         elif (group := groups.get(bone)) is not None and group.lock:  # where a new one goes
-            reason = f"would go into the locked channel group {bone!r}; unlock the group"
+            reason = f"would go into the locked channel group {quoted(bone)}; unlock the group"
         else:
             reason = None
         if reason:
@@ -161,8 +163,8 @@ def muted_note(obj: bpy.types.Object, channels: Iterable[Channel]) -> str | None
         return None
     more = f" and {len(muted) - 4} more" if len(muted) > 4 else ""
     return (
-        f"on {obj.name!r}, F-curves of {', '.join(muted[:4])}{more} are muted: keys go into "
-        "them and do not play until they are unmuted"
+        f"on {quoted(obj.name)}, F-curves of {', '.join(muted[:4])}{more} are muted: keys go "
+        "into them and do not play until they are unmuted"
     )
 
 

@@ -16,6 +16,7 @@ from shared_protocol.protocol import ErrorCode, PoseReply
 
 from ..core import batch_plan, chat
 from ..core.batch_plan import BatchRun
+from ..core.chat import quoted
 from ..core.dispatch import (
     BatchEnded,
     BatchLineFailed,
@@ -213,7 +214,7 @@ def _where_to_apply(
     except LockedCurveError as exc:
         if job.auto_key:  # posed as Blender's Auto Keying poses it: unkeyed
             return target, None, None, f"; not keyed (Auto Keying): {exc}"
-        return target, f"the answer was not applied to {target.name!r}: {exc}", job.frame, ""
+        return target, f"the answer was not applied to {quoted(target.name)}: {exc}", job.frame, ""
     return target, None, job.frame, ""
 
 
@@ -223,10 +224,13 @@ def _armature_problem(name: str, obj: bpy.types.Object | None) -> str | None:
     if obj is None or is_deleted(obj):
         now = bpy.data.objects.get(name)
         if now is not None and now != obj and not is_deleted(now):  # the user made another
-            return f"the armature {name!r} it went out for was deleted; this {name!r} is another"
-        return f"the armature {name!r} is gone"
+            return (
+                f"the armature {quoted(name)} it went out for was deleted; this "
+                f"{quoted(name)} is another"
+            )
+        return f"the armature {quoted(name)} is gone"
     if not is_smpl_armature(obj):
-        return f"the armature {obj.name!r} is no longer an SMPL armature: {why_not_smpl(obj)}"
+        return f"the armature {quoted(obj.name)} is no longer an SMPL armature: {why_not_smpl(obj)}"
     return None
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.skeleton import PARENTS, SMPL_TO_BLENDER, smpl_to_blender
 
+from ..core.chat import quoted
 from ..core.mannequin import mannequin_mesh
 from ..core.rig_spec import (
     RIG_PROPERTY,
@@ -52,8 +53,8 @@ def linked_problem(obj: bpy.types.Object) -> str | None:
     if obj.library is None:
         return None
     return (
-        f"{obj.name!r} is linked from {obj.library.filepath}, so poses put on it would be lost "
-        "on saving: make a library override (Object > Library Override > Make) and pose that"
+        f"{quoted(obj.name)} is linked from {obj.library.filepath}, so poses put on it would be "
+        "lost on saving: make a library override (Object > Library Override > Make) and pose that"
     )
 
 
@@ -67,9 +68,9 @@ def missing_library(obj: bpy.types.Object) -> str | None:
         override = block.override_library if block is not None else None
         for source in (block, override.reference if override is not None else None):
             if source is not None and source.is_missing and source.library is not None:
-                where = f"shows {source.name!r} from" if block is shown else "comes from"
+                where = f"shows {quoted(source.name)} from" if block is shown else "comes from"
                 return (
-                    f"{obj.name!r} {where} {source.library.filepath}, which was not found "
+                    f"{quoted(obj.name)} {where} {source.library.filepath}, which was not found "
                     "when this file was opened: find it (File > External Data > Find Missing "
                     "Files, or Relocate the library in the Outliner's Blender File view)"
                 )
@@ -91,8 +92,8 @@ def instance_problem(obj: bpy.types.Object | None) -> str | None:
             "if it is in none, or Object > Apply > Make Instances Real)"
         )
     return (
-        f"{obj.name!r} is an instance of the collection {collection.name!r}, which shows its "
-        f"armature but does not pose it: {remedy}"
+        f"{quoted(obj.name)} is an instance of the collection {quoted(collection.name)}, which "
+        f"shows its armature but does not pose it: {remedy}"
     )
 
 
@@ -101,7 +102,7 @@ def bone_names(obj: bpy.types.Object) -> tuple[str | None, ...]:
     SMPL-H or SMPL-X rig does not have (``rig_spec.smpl_bone_names``)."""
     names = smpl_bone_names(obj.data.bones.keys())
     if names is None:
-        raise ValueError(f"{obj.name!r} is not an SMPL armature")
+        raise ValueError(f"{quoted(obj.name)} is not an SMPL armature")
     return names
 
 

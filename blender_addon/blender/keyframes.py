@@ -12,6 +12,7 @@ import numpy as np
 
 from shared_protocol.pose import Motion, Pose
 
+from ..core.chat import quoted
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import ON_FRAME, frames_for, keyed_frame_list, motion_frames, playback_rate
 from .anim import (
@@ -282,7 +283,7 @@ def _what_moves(item: bpy.types.Object) -> str:
             if (strip.action, slot) not in seen:  # one take in many strips is read once
                 seen.add((strip.action, slot))
                 fcurves = take_fcurves(strip.action, slot or None)
-                takes.append((f"the NLA strip {strip.name!r} changes", fcurves))
+                takes.append((f"the NLA strip {quoted(strip.name)} changes", fcurves))
     for what, fcurves in takes:
         moving = {fc.data_path for fc in fcurves if _moves(fc)}
         if moving:
@@ -301,7 +302,7 @@ def _what_moves(item: bpy.types.Object) -> str:
             and constraint.influence > 0.0
             and constraint.is_valid  # one without its target does nothing
         ):
-            return f"its constraint {constraint.name!r} moves it"
+            return f"its constraint {quoted(constraint.name)} moves it"
     return ""
 
 

@@ -10,6 +10,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import FPS_RANGE, Motion, Pose, written_z_up
 
+from ..core.chat import quoted
 from ..core.timeline import (
     MAX_FRAME,
     MAX_IMPORTED_POSES,
@@ -324,7 +325,7 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         if said_z_up is not None and said_z_up != self.z_up:  # exported here with the other
             written = "Z-up (AMASS)" if said_z_up else "in SMPL's frame, +Y up (Z-up off)"
             frame = f"; the file says it was written {written}, and was read so"
-        earlier = f"; its earlier animation is kept in the action {kept!r}" if kept else ""
+        earlier = f"; its earlier animation is kept in the action {quoted(kept)}" if kept else ""
         scene = context.scene
         rate = scene_fps(scene)
         timing = ""

@@ -14,6 +14,7 @@ from mathutils import Matrix
 
 from shared_protocol.pose import Pose
 
+from ..core.chat import quoted
 from ..core.placement import DEFAULT_SPACING_M, extra_person_name, person_location
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, muted_note, refuse_locked
@@ -305,7 +306,9 @@ def apply_people(
         floor = on_floor and not (use_translation and pose.translation is not None)
         if floor and frame is not None and (locked := _location_locked(obj)):
             floor = False
-            result.notes.append(f"{obj.name!r} not put on the floor (Keep on Floor): {locked}")
+            result.notes.append(
+                f"{quoted(obj.name)} not put on the floor (Keep on Floor): {locked}"
+            )
         if floor:
             places = root_places(obj, None if frame is None else [frame])
             (pose,) = placed_on_floor(obj, [pose], places)
@@ -321,8 +324,8 @@ def apply_people(
         if overridden := overridden_bones(obj):
             more = f" and {len(overridden) - 4} more" if len(overridden) > 4 else ""
             result.notes.append(
-                f"on {obj.name!r}, {', '.join(overridden[:4])}{more} decide those bones, not the "
-                "answer set on their channels"
+                f"on {quoted(obj.name)}, {', '.join(overridden[:4])}{more} decide those bones, "
+                "not the answer set on their channels"
             )
         result.non_quaternion_bones += applied.non_quaternion_bones
     return result

@@ -20,6 +20,7 @@ from mathutils import Euler, Quaternion
 from shared_protocol.pose import Pose
 from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_axis_angle
 
+from ..core.chat import quoted
 from ..core.posing import (
     axis_angle_from_bone_quaternions,
     bone_quaternions,
@@ -279,7 +280,7 @@ def overridden_bones(obj: bpy.types.Object) -> list[str]:
             for bone in reached:
                 if bone.name in smpl:
                     on = "" if bone == pbone else f" on {pbone.name}"
-                    why.setdefault(bone.name, f"the constraint {constraint.name!r}{on}")
+                    why.setdefault(bone.name, f"the constraint {quoted(constraint.name)}{on}")
     animation = obj.animation_data
     for driver in animation.drivers if animation else ():
         if driver.mute or not driver.driver.is_valid:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bpy
 
 from ..core import chat
+from ..core.chat import quoted
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
 from .armature import (
@@ -190,16 +191,16 @@ def target_problem(context: bpy.types.Context) -> str | None:
                 else "link it into a scene (or make the instance a library override)"
             )
             return (
-                f"The Target {obj.name!r} is in no scene, only shown through the collection "
-                f"instance {instancer.name!r}: {remedy} to pose it, or pick another Target"
+                f"The Target {quoted(obj.name)} is in no scene, only shown through the collection "
+                f"instance {quoted(instancer.name)}: {remedy} to pose it, or pick another Target"
             )
         return (
-            f"The Target {obj.name!r} was deleted: pick another armature as Target, or clear "
+            f"The Target {quoted(obj.name)} was deleted: pick another armature as Target, or clear "
             "Target to use the selected SMPL armature"
         )
     if not is_smpl_armature(obj):
         return (
-            f"The Target {obj.name!r} is not an SMPL armature ({why_not_smpl(obj)}): pick "
+            f"The Target {quoted(obj.name)} is not an SMPL armature ({why_not_smpl(obj)}): pick "
             "one, or clear Target to use the selected SMPL armature"
         )
     return linked_problem(obj)  # what is put on a linked object is not saved
@@ -213,7 +214,9 @@ def selection_problem(active: bpy.types.Object | None) -> str | None:
         return None
     rig = armature_meant(active)
     if rig is not None:
-        return missing_library(rig) or f"{rig.name!r} is not an SMPL armature: {why_not_smpl(rig)}"
+        if problem := missing_library(rig):
+            return problem
+        return f"{quoted(rig.name)} is not an SMPL armature: {why_not_smpl(rig)}"
     return missing_library(active) or instance_problem(active)
 
 

@@ -69,6 +69,13 @@ def preview(text: str, limit: int = 60) -> str:
                 break
             kept.append(cluster)
         text = "".join(kept) + "\u2026"
+    return quoted(text)
+
+
+def quoted(text: str) -> str:
+    """A name, a path or a prompt in quotes for a message: as written, where repr would
+    escape a Persian name's non-joiners and double a Windows path's backslashes; only control
+    characters, lone surrogates and bidirectional overrides escaped."""
     quote = '"' if "'" in text and '"' not in text else "'"  # as repr chooses
     return quote + "".join(repr(c)[1:-1] if _is_control(c) else c for c in text) + quote
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from shared_protocol.address import tcp_host_port
 from shared_protocol.protocol import INSTANCE_ENV
 
+from .chat import quoted
+
 SERVE_MODULE = "inference_service.serve"
 STOP_GRACE_S = 5.0
 # What quitting Blender waits for a service still finishing its work, before it is killed: a
@@ -195,15 +197,15 @@ def serve_command(
     resolved = python if os.path.sep in python else shutil.which(python)  # a bare name: PATH
     if resolved and os.path.isdir(resolved):  # the environment's folder, or its bin
         raise ServiceProcessError(
-            f"Python interpreter {python!r} is a folder; pick the python program in it "
+            f"Python interpreter {quoted(python)} is a folder; pick the python program in it "
             "(bin/python, or python.exe on Windows)"
         )
     if not resolved or not os.path.isfile(resolved):
-        raise ServiceProcessError(f"Python interpreter {python!r} not found")
+        raise ServiceProcessError(f"Python interpreter {quoted(python)} not found")
     program = os.path.basename(resolved).lower().removesuffix(".exe")
     if program.startswith(_NOT_PYTHON):
         raise ServiceProcessError(
-            f"{python!r} is the {program} program, not a Python interpreter; pick the python "
+            f"{quoted(python)} is the {program} program, not a Python interpreter; pick the python "
             "beside it (bin/python, or Scripts\\python.exe on Windows)"
         )
     resolved = os.path.abspath(resolved)  # the service runs in its log folder (`start`)
@@ -214,11 +216,11 @@ def serve_command(
     checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
     if os.path.isfile(checkpoint):  # a file of it picked in the file browser, say
         raise ServiceProcessError(
-            f"checkpoint {checkpoint!r} is a file; set its folder "
-            f"({os.path.dirname(checkpoint)!r}, if it holds chatpose.json)"
+            f"checkpoint {quoted(checkpoint)} is a file; set its folder "
+            f"({quoted(os.path.dirname(checkpoint))}, if it holds chatpose.json)"
         )
     if not os.path.isdir(checkpoint):
-        raise ServiceProcessError(f"checkpoint directory {checkpoint!r} does not exist")
+        raise ServiceProcessError(f"checkpoint directory {quoted(checkpoint)} does not exist")
     return [
         resolved,
         "-m",

@@ -228,6 +228,9 @@ def test_a_preview_shows_text_as_written_and_cuts_between_characters():
     assert chat.preview("x" * 57 + "🇯🇵🇫🇷") == "'" + "x" * 57 + "🇯🇵\u2026'"
     assert chat.preview("wave\nthen\x00bow") == "'wave\\nthen\\x00bow'"  # one line, as repr
     assert chat.preview("abc\u202edef\ud800") == "'abc\\u202edef\\ud800'"  # no reordering
+    # Names and paths too: repr doubled a Windows path's backslashes.
+    assert chat.quoted("C:\\Program Files\\python.exe") == "'C:\\Program Files\\python.exe'"
+    assert chat.quoted("Ελένη 👩\u200d🦰") == "'Ελένη 👩\u200d🦰'"
     assert chat.preview("it's") == '"it\'s"' and chat.preview("x" * 60) == "'" + "x" * 60 + "'"
 
 

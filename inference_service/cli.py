@@ -853,7 +853,11 @@ def _client(args: argparse.Namespace) -> Client:
     curve = None
     if secret is not None:
         for flag, path in (("--curve-secret-key", secret), ("--curve-server-key", server)):
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as exc:  # a key's text pasted for its path: a name too long
+                raise CommandError(EXIT_BAD_INPUT, f"{flag}: {path} ({exc.strerror})") from None
+            if not found:
                 raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
         curve = ClientCurveKeys(secret, server)
     try:

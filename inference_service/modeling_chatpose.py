@@ -448,7 +448,7 @@ class ChatPoseModel:
         if not prompt.strip() and not decoded:
             raise EmptyPromptError("a chat message needs text, an image, or both")
         self._check_text(prompt, "prompt")
-        if not decoded and not history:  # "again" or "more" is answered from the history
+        if not decoded:  # with history too: "again" reads as "dance" to a model that knows neither
             self._check_known_words(prompt, "prompt")
         for index, turn in enumerate(history):  # named as the request's turns are numbered
             self._check_text(turn.user, f"history[{2 * index}].text")
@@ -600,15 +600,17 @@ class ChatPoseModel:
             )
 
     def _check_known_words(self, text: str, field: str) -> None:
-        """With ``refuse_guesses``: an error for text whose every token is the tokenizer's
-        unknown one (words the model never saw, another language), which the model would
-        answer with the same pose whatever it says. A tokenizer with no unknown token (byte
-        fallback, as Llama's) reads every text."""
+        """With ``refuse_guesses``: an error for text of which the tokenizer knows no word
+        (words the model never saw, another language; punctuation is no word: "dance." reads
+        as "dance"), which the model would answer with the same pose whatever it says. A
+        tokenizer with no unknown token (byte fallback, as Llama's) reads every text."""
         unknown = self.tokenizer.unk_token_id
         if not self.refuse_guesses or unknown is None or not text.strip():
             return
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids and all(token == unknown for token in ids):
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        known = [t for i, t in zip(ids, tokens, strict=True) if i != unknown and _has_word(t)]
+        if unknown in ids and not known:  # punctuation alone, every word known, is no guess
             raise UnsupportedInputError(
                 f"{field}: this model knows none of its words, so its answer would ignore "
                 "them; say it in words it was trained on (the bundled demo model knows plain "
@@ -651,6 +653,11 @@ class ChatPoseModel:
         marker = re.escape(POSE_MARKER)
         text = re.sub(rf"(?<=[A-Za-z0-9]){marker}", f" {POSE_MARKER}", text)
         return re.sub(rf"{marker}(?=[A-Za-z0-9])", f"{POSE_MARKER} ", text).strip()
+
+
+def _has_word(token: str) -> bool:
+    """Whether a token holds a letter or a digit (not punctuation alone)."""
+    return any(character.isalnum() for character in token)
 
 
 def _cache_keyword(backbone: torch.nn.Module) -> str:

@@ -116,7 +116,11 @@ class CurveKeys:
             raise ServerConfigError(
                 f"--curve-secret-key: {secret_file} holds keys that are not 40 Z85 characters"
             )
-        if not clients.is_dir():
+        try:
+            folder = clients.is_dir()
+        except OSError as exc:  # a name too long, a folder it may not look into
+            raise ServerConfigError(f"--curve-clients: {clients} ({exc.strerror})") from None
+        if not folder:
             raise ServerConfigError(
                 f"--curve-clients: {clients} is not a folder (of the clients' public .key files)"
             )

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
+
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+
+
+def stop_signals_by_default() -> None:
+    """The stop signals as a shell started from a terminal leaves them, whatever the tests
+    were started under (`nohup`, `&` in a script: ignored, which the commands leave so)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
+
+
+@pytest.fixture
+def stops_by_default():
+    """`stop_signals_by_default` for this process, put back afterwards (SIGINT: Python's
+    own handler, which raises KeyboardInterrupt)."""
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    stop_signals_by_default()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")

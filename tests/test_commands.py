@@ -80,7 +80,7 @@ def test_sigterm_stops_as_ctrl_c_and_its_handler_is_given_back():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_stop_during_a_deferred_block_comes_after_it():
+def test_a_stop_during_a_deferred_block_comes_after_it(stops_by_default):
     finished = []
     with pytest.raises(KeyboardInterrupt), interrupts_deferred():
         os.kill(os.getpid(), signal.SIGINT)

@@ -390,13 +390,7 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
                 obj, self.filepath, scene_fps(context.scene), z_up=self.z_up, labels=labels
             )
         except (OSError, ValueError) as exc:
-            folder = Path(self.filepath).absolute().parent
-            if not folder.exists():  # else the error names a temporary file beside it
-                why = f"the folder {folder} does not exist"
-            elif not folder.is_dir():
-                why = f"{folder} is a file, not a folder"
-            else:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            why = _write_problem(exc, self.filepath)
             self.report({"ERROR"}, f"Could not write {self.filepath}: {why}")
             return {"CANCELLED"}
         labelled = sum(bool(label) for label in motion.labels or ())
@@ -420,6 +414,20 @@ class CHATPOSE_OT_export_npz(_NeedsArmature, bpy.types.Operator, ExportHelper): 
         else:
             self.report({"INFO"}, written)
         return {"FINISHED"}
+
+
+def _write_problem(exc: Exception, path: str) -> str:
+    """Why a file could not be written at ``path``, said of the folder the user chose: the
+    error itself names a temporary file beside it."""
+    folder = Path(path).absolute().parent
+    try:
+        if not folder.exists():
+            return f"the folder {folder} does not exist"
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+    except OSError:  # a name too long to look up: what the error says is all there is
+        pass
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def _batch_labels(context: bpy.types.Context, obj: bpy.types.Object) -> dict[int, str]:

@@ -631,6 +631,9 @@ def test_npz_operators_round_trip(blender, tmp_path):
     (tmp_path / "a file").write_text("")
     with pytest.raises(RuntimeError, match=r"Could not write .*: .*a file is a file, not a folder"):
         bpy.ops.chatpose.export_npz(filepath=str(tmp_path / "a file" / "x.npz"))
+    too_long = tmp_path / ("x" * 300) / "x.npz"  # no traceback: the name said too long
+    with pytest.raises(RuntimeError, match=r"Could not write .*: File name too long"):
+        bpy.ops.chatpose.export_npz(filepath=str(too_long))
     with pytest.raises(RuntimeError, match=r"Not imported: .*gone\.npz: no such file$"):
         bpy.ops.chatpose.import_npz(filepath=str(tmp_path / "gone.npz"))
 

@@ -40,6 +40,7 @@ from shared_protocol.protocol import (
     StatusRequest,
     Turn,
 )
+from tests.conftest import stop_signals_by_default
 
 TIMEOUT_S = 30.0
 
@@ -190,7 +191,7 @@ def test_chatpose_serve_process_serves_and_stops_on_a_signal_or_when_its_stdin_c
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_stops_by_default,  # under nohup the service rightly keeps SIGHUP ignored
+        preexec_fn=stop_signals_by_default,  # under nohup the service keeps SIGHUP ignored
     )
     try:
         with Client(address, context=zmq.Context.instance()) as client:
@@ -270,6 +271,7 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
         ("garbage.key_secret", "authorized_clients", "is not a readable CURVE key file"),
         ("server.key", "authorized_clients", "holds a public key only"),
         ("server.key_secret", "server.key", "is not a folder"),
+        ("server.key_secret", "x" * 300, "File name too long"),  # a key's text for a path
         ("server.key_secret", "empty", "holds no client public key"),
         ("short.key_secret", "authorized_clients", "not 40 Z85 characters"),
         # Z85 characters whose value is past 32 bits: a traceback from struct at start-up.
@@ -318,25 +320,6 @@ def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
     now[0] = 5.0
     handler(signal.SIGINT)  # the user presses Ctrl-C again while the last batch runs
     assert calls == ["stop", 128 + signal.SIGINT]
-
-
-def _stops_by_default() -> None:
-    """The stop signals as a shell started from a terminal leaves them, whatever the tests
-    were started under (`nohup`, `&` in a script: ignored, which the service leaves so)."""
-    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_DFL)
-
-
-@pytest.fixture
-def stops_by_default():
-    """`_stops_by_default` for this process, put back afterwards (SIGINT: Python's own)."""
-    numbers = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.getsignal(number) for number in numbers}
-    _stops_by_default()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    for number, handler in previous.items():
-        signal.signal(number, handler)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -1136,7 +1136,7 @@ def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
 
 @pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
 def test_a_second_stop_while_the_answers_are_written_waits_for_the_file(
-    address, capsys, tmp_path, monkeypatch, second
+    address, capsys, tmp_path, monkeypatch, second, stops_by_default
 ):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\nbow\n")
@@ -1525,6 +1525,9 @@ def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
         missing = [keys[0], str(tmp_path / "nope"), *keys[2:]]
         code, _, err = run(capsys, "status", "--address", address, *missing)
         assert code == cli.EXIT_BAD_INPUT and "--curve-secret-key: no key file at" in err
+        pasted = [keys[0], "public-key = " + "x" * 300, *keys[2:]]  # a key's text, not its path
+        code, _, err = run(capsys, "status", "--address", address, *pasted)
+        assert code == cli.EXIT_BAD_INPUT and "File name too long" in err
         public = [keys[0], str(tmp_path / "authorized_clients" / "animator.key"), *keys[2:]]
         code, _, err = run(capsys, "status", "--address", address, *public)
         assert code == cli.EXIT_BAD_INPUT and "holds no secret key" in err

@@ -84,11 +84,14 @@ def test_a_prompt_of_words_the_model_never_saw_is_refused_by_the_service(tmp_pat
             serving.predict_poses([PosePrompt(prompt)])
         with pytest.raises(UnsupportedInputError, match="^prompt: this model knows none of its"):
             serving.chat(prompt, max_new_tokens=2)
-    with pytest.raises(UnsupportedInputError, match="say it in words it was trained on"):
-        serving.predict_poses([PosePrompt("dance")])  # English it never saw, named so
-    # A chat turn goes with its history ("again", "more"), which the model reads.
+    for never_seen in ("dance", "dance.", "Dance!"):  # English it never saw; punctuation no word
+        with pytest.raises(UnsupportedInputError, match="say it in words it was trained on"):
+            serving.predict_poses([PosePrompt(never_seen)])
+    # With history too: "again" is as unknown as "dance", and would answer the same.
     earlier = (Exchange("raise the left arm", "sure, it is <POSE>."),)
-    assert serving.chat("もう一度", history=earlier, max_new_tokens=2).text is not None
+    with pytest.raises(UnsupportedInputError, match="this model knows none of its words"):
+        serving.chat("もう一度", history=earlier, max_new_tokens=2)
+    assert len(serving.predict_poses([PosePrompt(".")])) == 1  # every token known: no guess
     # One known word, or a picture to read, is enough; training and evaluation take all.
     assert len(serving.predict_poses([PosePrompt("左腕を上げて: left arm")])) == 1
     pixels = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)

@@ -107,6 +107,14 @@ def test_many_pose_requests_from_one_client_do_not_starve_another(backend, colle
     scheduler.stop()
 
 
+def _answered_once_released(backend, collected, count: int) -> list[str]:
+    """The ids of the replies, in the order they came, once the held backend has answered
+    ``count`` requests."""
+    backend.release()
+    collected.wait_for(lambda rs: len(rs) == count)
+    return [reply.id for reply in collected.of()]
+
+
 def test_many_chat_turns_from_one_client_do_not_starve_another(backend, collected):
     # A review: chat tasks were taken first in, first out, so a script's 300 chat turns in
     # flight held every other client behind all of them (seconds each on a 13B model).
@@ -117,9 +125,7 @@ def test_many_chat_turns_from_one_client_do_not_starve_another(backend, collecte
     assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs
     scheduler.submit_pose(b"B", PoseRequest("b", "b's only prompt"))
     scheduler.submit_pose(b"C", PoseRequest("c", "c's turn", mode="chat"))
-    backend.release()
-    collected.wait_for(lambda rs: len(rs) == 22)
-    order = [reply.id for reply in collected.of()]
+    order = _answered_once_released(backend, collected, 22)
     assert order[:3] == ["a0", "b", "c"], order  # each after the one turn that ran
     assert [i for i in order if i.startswith("a")] == [f"a{i}" for i in range(20)]
     scheduler.stop()
@@ -179,9 +185,7 @@ def test_a_chat_turn_waits_for_no_more_than_the_clients_that_came_before_it(coll
     scheduler.submit_pose(b"A", PoseRequest("a0", "a0"))
     assert backend.entered.wait(TIMEOUT_S)  # A's first turn runs; new0 connects
     scheduler.submit_pose(b"A", PoseRequest("a1", "a1", mode="chat"))
-    backend.release()
-    collected.wait_for(lambda rs: len(rs) == 12)
-    order = [reply.id for reply in collected.of()]
+    order = _answered_once_released(backend, collected, 12)
     assert order[:3] == ["a0", "n0", "a1"], order  # after the one that came before it
     assert [i for i in order if i.startswith("n")] == [f"n{i}" for i in range(10)]
     scheduler.stop()

@@ -526,8 +526,9 @@ class Scheduler:
         """The oldest task of the client whose turn came longest ago (a new client's counts
         from its first request): one with hundreds of chat turns in flight, seconds each on a
         large model, would otherwise hold up every other client behind all of them."""
-        # A client forgotten with work still to queue (past MAX_TURNS_KEPT) counts as now.
-        new = self._turn - 0.5  # what `_submit` records for a new client: none is missing
+        # `_submit` records every client, and a client with work in flight is never pruned:
+        # the default (a new client's) only keeps a lookup that should not miss from raising.
+        new = self._turn - 0.5
         task = min(self._queue, key=lambda t: self._last_turn.get(t.request.client, new))
         self._queue.remove(task)
         self._turn += 1

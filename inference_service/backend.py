@@ -12,7 +12,7 @@ from pathlib import Path
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import Turn
 
-from .errors import UnsupportedInputError
+from .errors import ChatPoseError, UnsupportedInputError
 from .modeling_chatpose import DEFAULT_MAX_NEW_TOKENS, ChatPoseModel, PosePrompt
 from .prompts import POSE_MARKER, Exchange, pose_exchange
 from .scheduler import Answer, ModelInfo, WorkItem
@@ -58,13 +58,29 @@ class ModelBackend:
         model = ChatPoseModel.from_checkpoint(path, refuse_guesses=True, **options)
         return cls(model, Path(path).resolve().name, max_new_tokens)
 
-    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
-        requests = [PosePrompt(item.prompt or None, item.images) for item in items]
-        poses = self.model.predict_poses(requests)
-        return [
-            Answer(self._forced_answer(item), (Pose(pose, label=item.prompt or None),))
-            for item, pose in zip(items, poses, strict=True)
-        ]
+    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer | ChatPoseError]:
+        """One pass over the items; a prompt the model knows no word of is refused on its own
+        (`check_known_words`), so that a batch file's unknown line does not send every line
+        of its micro-batch through the scheduler's one-by-one retry."""
+        refused: dict[int, ChatPoseError] = {}
+        for k, item in enumerate(items):
+            if not item.images:
+                try:
+                    self.model.check_known_words(item.prompt, "prompt")
+                except ChatPoseError as exc:
+                    refused[k] = exc
+        asked = [item for k, item in enumerate(items) if k not in refused]
+        poses = iter(
+            self.model.predict_poses([PosePrompt(i.prompt or None, i.images) for i in asked])
+        )
+        answers: list[Answer | ChatPoseError] = []
+        for k, item in enumerate(items):
+            if k in refused:
+                answers.append(refused[k])
+                continue
+            pose = Pose(next(poses), label=item.prompt or None)
+            answers.append(Answer(self._forced_answer(item), (pose,)))
+        return answers
 
     def _forced_answer(self, item: WorkItem) -> str:
         """The answer the fast path teacher-forces, as the reply text."""

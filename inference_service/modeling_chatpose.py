@@ -194,7 +194,7 @@ class ChatPoseModel:
         self.model = model.eval()
         # The service refuses what an answer would only guess from: a picture of one flat
         # colour (`images.refuse_flat`), a prompt of words the tokenizer does not know and no
-        # picture (`_check_known_words`). Training and evaluation take what their data holds.
+        # picture (`check_known_words`). Training and evaluation take what their data holds.
         self.refuse_guesses = refuse_guesses
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -350,7 +350,7 @@ class ChatPoseModel:
             decoded = self._decode_images(request.images)
             self._check_text(request.text or "", "prompt")
             if not decoded:
-                self._check_known_words(request.text or "", "prompt")
+                self.check_known_words(request.text or "", "prompt")
             try:
                 question, answer = pose_exchange(
                     request.text, bool(decoded), self.config.pose_token, self.config.prompt_wording
@@ -449,7 +449,7 @@ class ChatPoseModel:
             raise EmptyPromptError("a chat message needs text, an image, or both")
         self._check_text(prompt, "prompt")
         if not decoded:  # with history too: "again" reads as "dance" to a model that knows neither
-            self._check_known_words(prompt, "prompt")
+            self.check_known_words(prompt, "prompt")
         for index, turn in enumerate(history):  # named as the request's turns are numbered
             self._check_text(turn.user, f"history[{2 * index}].text")
             self._check_text(turn.assistant, f"history[{2 * index + 1}].text")
@@ -599,7 +599,7 @@ class ChatPoseModel:
                 f"{field}: must not contain the image marker {self.image_token!r}"
             )
 
-    def _check_known_words(self, text: str, field: str) -> None:
+    def check_known_words(self, text: str, field: str) -> None:
         """With ``refuse_guesses``: an error for text of which the tokenizer knows no word
         (words the model never saw, another language; punctuation is no word: "dance." reads
         as "dance"), which the model would answer with the same pose whatever it says. A

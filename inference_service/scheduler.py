@@ -83,9 +83,10 @@ class ModelInfo:
 class Backend(Protocol):
     """What the scheduler needs from a model."""
 
-    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer]:
-        """Pose-mode items, answered together in one batched pass. Raises ChatPoseError for
-        failures that have a protocol error code."""
+    def answer_poses(self, items: Sequence[WorkItem]) -> list[Answer | ChatPoseError]:
+        """Pose-mode items, answered together in one batched pass; an item refused for its
+        own input may be answered by its error, the others still in that pass. Raises
+        ChatPoseError for failures of the pass that have a protocol error code."""
         ...
 
     def answer_chat(self, item: WorkItem, stop: Callable[[], bool]) -> Answer:
@@ -579,7 +580,7 @@ class Scheduler:
                 outcomes = [self._backend.answer_chat(items[0], stop=lambda: request.ended)]
             if len(outcomes) != len(items):
                 raise RuntimeError(f"the backend gave {len(outcomes)} answers for {len(items)}")
-            if wrong := [o for o in outcomes if not isinstance(o, Answer)]:
+            if wrong := [o for o in outcomes if not isinstance(o, Answer | ChatPoseError)]:
                 raise RuntimeError(f"the backend gave a {type(wrong[0]).__name__} as an answer")
         except Exception as exc:
             # Retried below, not here: the error's frames hold the failed batch's memory (GPU

@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 from inference_service import scheduler as scheduler_module
-from inference_service.errors import ModelError
+from inference_service.errors import ModelError, UnsupportedInputError
 from inference_service.scheduler import Answer, Scheduler
 from shared_protocol.protocol import (
     BatchDoneReply,
@@ -329,6 +329,30 @@ def test_a_misbehaving_backend_gives_model_errors_and_the_worker_lives_on(collec
         ("2", ErrorCode.MODEL_ERROR),
     ]
     assert said in collected.of()[0].message
+
+
+def test_an_item_the_backend_refuses_on_its_own_leaves_the_others_in_its_pass(collected):
+    # An unknown-word line refused as the whole pass's error sent every line of its
+    # micro-batch through the one-by-one retry: single-request speed for such a batch file.
+    def refuse_the_odd(items):
+        answers = ScriptedBackend.answer_poses(backend, items)
+        return [
+            UnsupportedInputError("prompt: unknown") if item.prompt.endswith("odd") else answer
+            for item, answer in zip(items, answers, strict=True)
+        ]
+
+    backend = MisbehavingBackend(refuse_the_odd)
+    backend.hold()
+    scheduler = make(backend, collected, max_batch=4, max_wait_ms=0)
+    scheduler.submit_pose(b"A", PoseRequest("first", "first"))
+    assert backend.entered.wait(TIMEOUT_S)
+    scheduler.submit_batch(b"B", BatchRequest("b", ["one", "two odd", "three", "four"]))
+    backend.release()
+    collected.wait_for(lambda rs: any(isinstance(r, BatchDoneReply) for r in rs))
+    scheduler.stop()
+    errors = [(r.index, r.code) for _, r in collected.replies if isinstance(r, ErrorReply)]
+    assert errors == [(1, ErrorCode.UNSUPPORTED_INPUT)]
+    assert backend.batch_sizes == [1, 4]  # "first", then the batch's four in one pass
 
 
 class FailingClock:

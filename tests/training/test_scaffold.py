@@ -10,10 +10,12 @@ import pytest
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from inference_service.backend import ModelBackend
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import UnsupportedInputError
 from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.prompts import Exchange
+from inference_service.scheduler import WorkItem
 from inference_service.serve import DEMO_CHECKPOINT
 from inference_service.training import scaffold
 from inference_service.training.scaffold import SIZES
@@ -92,6 +94,15 @@ def test_a_prompt_of_words_the_model_never_saw_is_refused_by_the_service(tmp_pat
     with pytest.raises(UnsupportedInputError, match="this model knows none of its words"):
         serving.chat("もう一度", history=earlier, max_new_tokens=2)
     assert len(serving.predict_poses([PosePrompt(".")])) == 1  # every token known: no guess
+    # The service's backend refuses such a line on its own, the others in the same pass.
+    passes = []
+    predict = serving.predict_poses
+    serving.predict_poses = lambda requests: passes.append(len(requests)) or predict(requests)
+    lines = [WorkItem("raise the left arm"), WorkItem("dance"), WorkItem("raise the arm")]
+    answers = ModelBackend(serving, "tiny").answer_poses(lines)
+    assert [type(a).__name__ for a in answers] == ["Answer", "UnsupportedInputError", "Answer"]
+    assert passes == [2]
+    del serving.predict_poses
     # One known word, or a picture to read, is enough; training and evaluation take all.
     assert len(serving.predict_poses([PosePrompt("左腕を上げて: left arm")])) == 1
     pixels = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)

@@ -178,8 +178,7 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         if content.startswith(("\xff\xfe", "\xfe\xff")):  # a byte order mark read as Latin-1
             raise live.UserError(
                 f"{label} holds a UTF-16 or UTF-32 file, which Blender's Text Editor reads "
-                "garbled: set "
-                "Source to File and pick the file, or save it as UTF-8"
+                "garbled: set Source to File and pick the file, or save it as UTF-8"
             )
     else:
         path = absolute_path(settings.batch_file)

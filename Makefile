@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 NUMPY2_VENV := .venv-numpy2
 NUMPY2_STAMP := $(NUMPY2_VENV)/.installed
 NUMPY2_TESTS := tests/test_pose.py tests/test_batch_requests.py tests/test_protocol.py tests/test_protocol_fuzz.py \
-	tests/test_rotations.py tests/test_skeleton.py tests/test_batch_text.py
+	tests/test_rotations.py tests/test_skeleton.py tests/test_batch_text.py tests/test_safe_files.py
 
 .PHONY: setup test demo lint clean
 

@@ -44,7 +44,7 @@ from shared_protocol.batch_text import (
     unreadable,
 )
 from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
-from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose, check_writable
+from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
@@ -67,6 +67,7 @@ from shared_protocol.protocol import (
     readable_text,
     timeout_ms_within,
 )
+from shared_protocol.safe_files import check_writable
 from shared_protocol.skeleton import JOINT_NAMES
 
 EXIT_OK = 0

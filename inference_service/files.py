@@ -10,6 +10,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from shared_protocol.safe_files import temporary_name, write_atomically
+
 # How torch's, safetensors' and the tokenizers library's errors say that a write fell short (a
 # full disk, a folder gone): torch and safetensors raise RuntimeError for it, tokenizers a bare
 # Exception. Other errors of those types are bugs, left with their traceback.
@@ -56,28 +58,15 @@ def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
         longest = os.pathconf(existing, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # Windows has no pathconf
         return None
-    for name in (_temporary_path(file).name for file in files):
+    for name in (temporary_name(file.name) for file in files):
         if len(os.fsencode(name)) > longest:
             return f"a name too long for this disk ({name}, at most {longest} bytes)"
     return None
 
 
-def _temporary_path(path: Path) -> Path:
-    """Where `write_text_atomically` writes `path` first."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file beside it, synced and renamed over it: a full
-    disk or a power cut leaves the earlier file whole, never a part of either."""
-    tmp = _temporary_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        sync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` in UTF-8, whole or not at all (`write_atomically`)."""
+    write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def sync(path: Path, *, tree: bool = False) -> None:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import math
 import os
-import secrets
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +26,7 @@ from .rotations import (
     quaternion_to_axis_angle,
     slerp,
 )
+from .safe_files import write_atomically
 from .skeleton import DEFAULT_REST_JOINTS, NUM_JOINTS, SMPL_TO_BLENDER
 
 POSE_LAYOUT = "smpl24_axis_angle"
@@ -377,7 +375,7 @@ class Motion:
         if z_up:  # for load_npz: the body it was written for, whatever body reads it
             arrays["trans_offset"] = offset
         arrays["up_axis"] = np.array("Z" if z_up else "Y")  # read so, whatever load_npz is told
-        _write_atomically(path, lambda stream: write_npz(stream, arrays))
+        write_atomically(path, lambda stream: write_npz(stream, arrays))
 
     def turned(self, turn: np.ndarray) -> Motion:
         """This motion in a frame turned by the rotation matrix `turn`: its global orientations
@@ -532,82 +530,3 @@ def _text(value: np.ndarray, name: str) -> str:
     if value.dtype.kind == "S":
         return value.item().decode("utf-8", errors="replace")
     raise ValueError(f"{name}: expected a string, got an array of {value.dtype}")
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """OSError, as writing would raise it, when `save_npz` could not write `path`: a folder
-    that is missing or may not be written, a name too long once the temporary file's suffix
-    is added. Checked by making that temporary file and removing it again."""
-    target, _ = _writable_target(path)
-    temporary, descriptor = _new_temporary(target)
-    os.close(descriptor)
-    os.unlink(temporary)
-
-
-def _writable_target(path: str | os.PathLike) -> tuple[str, bool]:
-    """The file `path` names, through any link, and whether it exists. OSError for one that
-    may not be written, or is no regular file (a device behind a link, which the rename
-    would replace)."""
-    target = os.path.realpath(path)
-    existing = os.path.exists(target)
-    if existing and not os.path.isfile(target):
-        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-    if existing and not os.access(target, os.W_OK):
-        if _on_read_only_file_system(target):  # what writing would say, not a permission
-            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
-        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-    return target, existing
-
-
-def _on_read_only_file_system(path: str) -> bool:
-    if not hasattr(os, "statvfs"):  # Windows has no read-only mounts to tell apart
-        return False
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def _new_temporary(target: str) -> tuple[str, int]:
-    """A new file beside `target`, named after it, and its open descriptor."""
-    folder, name = os.path.split(target)
-    while True:
-        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            return temporary, os.open(temporary, flags, 0o666)  # the umask applies, as open's
-        except FileExistsError:
-            continue
-
-
-def _write_atomically(path: str | os.PathLike, write) -> None:
-    """`write(stream)` into a temporary file beside `path`, then the file takes its name: a
-    write that fails (a full disk, Ctrl-C) leaves whatever `path` held before as it was. As
-    `open(path, "wb")` would: a link is written through to its target, a file that may not be
-    written is refused (and so is a device or a folder), a new file gets the umask's mode and
-    an old one keeps its own."""
-    target, existing = _writable_target(path)
-    temporary, descriptor = _new_temporary(target)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:  # a name would get ".npz" from np.savez
-            write(stream)
-        if existing:
-            os.chmod(temporary, os.stat(target).st_mode & 0o777)
-        try:
-            os.replace(temporary, target)
-        except PermissionError:
-            if sys.platform != "win32":
-                raise
-            # Windows replaces no file that another program holds open ("Access is denied").
-            raise PermissionError(
-                errno.EACCES,
-                "not replaced: open in another program? (Windows cannot replace an open file; "
-                "close it there or save under another name)",
-                os.fspath(path),
-            ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.chmod(temporary, 0o600)  # Windows will not remove a read-only file
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

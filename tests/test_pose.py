@@ -20,10 +20,10 @@ from shared_protocol.pose import (
     Motion,
     Pose,
     amass_trans_offset,
-    check_writable,
     written_z_up,
 )
 from shared_protocol.rotations import axis_angle_to_matrix
+from shared_protocol.safe_files import check_writable
 from shared_protocol.skeleton import DEFAULT_REST_JOINTS
 
 

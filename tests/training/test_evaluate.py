@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from inference_service import evaluate as ev
+from inference_service import files
 from inference_service.checkpoint import Checkpoint, CheckpointError
 from inference_service.errors import ModelOutOfMemoryError
 from inference_service.metrics import mpjpe
@@ -591,15 +592,16 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     monkeypatch.setattr(ev, "evaluate", lambda *args, **kwargs: report)
     assert ev.main(argv) == 0
     earlier = {path: path.read_text() for path in (out, out.with_suffix(".md"))}
-    write_text = Path.write_text
+    write_atomically = files.write_atomically
 
-    def disk_full(path, text, *args, **kwargs):
-        if path.parent != tmp_path:
-            return write_text(path, text, *args, **kwargs)
-        write_text(path, text[: len(text) // 2], *args, **kwargs)
+    def fills_the_disk(stream):
+        stream.write(b'{"half": ')
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    def disk_full(path, write):
+        write_atomically(path, fills_the_disk if path.parent == tmp_path else write)
+
+    monkeypatch.setattr(files, "write_atomically", disk_full)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
     (tmp_path / "temporary").mkdir()
     assert ev.main(argv) == 2
@@ -614,12 +616,10 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     assert {path: path.read_text() for path in earlier} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no leftovers
 
-    def markdown_disk_full(path, text, *args, **kwargs):
-        if ".md" in path.name:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_text(path, text, *args, **kwargs)
+    def markdown_disk_full(path, write):
+        write_atomically(path, fills_the_disk if path.suffix == ".md" else write)
 
-    monkeypatch.setattr(Path, "write_text", markdown_disk_full)
+    monkeypatch.setattr(files, "write_atomically", markdown_disk_full)
     assert ev.main(argv) == 2  # the JSON written, the tables not: said so
     assert f"No space left on device); {out} was written; its bars" in capsys.readouterr().err
     # Asked of the train split, the phrasings are the training ones: not called held-out.

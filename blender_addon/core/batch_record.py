@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -80,7 +81,10 @@ def former_record_properties(slot_identifier: str | None, slot_count: int) -> tu
 
 
 def line_hash(line: str) -> str:
-    return hashlib.sha256(line.strip().encode("utf-8")).hexdigest()[:16]
+    """The line's text as the record knows it: the same for a line saved again in Unicode's
+    other form ("é" as one character or as "e" and its accent), which reads the same."""
+    text = unicodedata.normalize("NFC", line.strip())
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 
@@ -93,6 +94,17 @@ def test_blank_lines_comments_and_whitespace_change_nothing():
     assert record.pending(prompts(more_blanks), 1, 10) == []
     notes = "# shot 12\n" + TEXT.replace("kneel", "  # the proposal\nkneel")
     assert record.pending(prompts(notes), 1, 10) == []
+
+
+def test_a_text_saved_again_in_unicode_s_other_form_is_still_keyed():
+    # macOS and some editors write "é" as "e" and a combining accent; it reads the same.
+    lines = ["plié with the arms in second", "relevé on both feet"]
+    record, _ = run(BatchRecord(), lines)
+    decomposed = [unicodedata.normalize("NFD", line) for line in lines]
+    assert decomposed != lines
+    assert record.pending(decomposed, 1, 10) == []
+    assert record.labels(decomposed) == {1: decomposed[0], 11: decomposed[1]}
+    assert record.pending(["relevé on one foot", lines[1]], 1, 10) != []  # an edit still counts
 
 
 def test_inserted_line_moves_later_lines_to_new_frames():

@@ -10,7 +10,6 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from shared_protocol.pose import FPS_RANGE, Motion, Pose, written_z_up
 
-from ..core.chat import quoted
 from ..core.timeline import (
     MAX_FRAME,
     MAX_IMPORTED_POSES,
@@ -19,6 +18,7 @@ from ..core.timeline import (
     pace,
     same_rate,
 )
+from ..core.wording import quoted
 from ..preferences import preferred_smpl_model
 from . import live
 from .anim import LockedCurveError, action_fcurves, muted_note, start_new_take
@@ -250,28 +250,62 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
             )
         return rate
 
-    def execute(self, context):
-        obj = find_smpl_armature(context)
+    def _refusal(self, context, obj: bpy.types.Object | None) -> str | None:
+        """Why the motion may not be imported onto `obj` (None: a new rig), or None."""
         if obj is None and (problem := selection_problem(context.active_object)):
             # Not a new SMPL rig beside the one the user meant: say why theirs is not one.
-            self.report(
-                {"ERROR"},
-                f"Not imported: {problem}. Select an SMPL armature, or nothing to import onto a "
-                "new one",
-            )
-            return {"CANCELLED"}
-        if obj is not None and linked_problem(obj) is not None:
-            self.report({"ERROR"}, f"Not imported: {linked_problem(obj)}")
-            return {"CANCELLED"}
+            return f"{problem}. Select an SMPL armature, or nothing to import onto a new one"
+        if obj is not None and (problem := linked_problem(obj)) is not None:
+            return problem
         run = live.current_batch() if live.batch_running() else None
         if obj is not None and not self.new_take and run is not None:
             if run.armature_uid == obj.session_uid:  # its keys and the run's would mix
-                self.report(
-                    {"ERROR"},
-                    f"Not imported: a batch is keying {obj.name}'s take; cancel it, or import "
-                    "as a New Take",
+                return f"a batch is keying {obj.name}'s take; cancel it, or import as a New Take"
+        return None
+
+    def _timing(
+        self, scene, frames, file_fps: float, resample_to: float | None, rate_before: float,
+        keyed_before: bool,
+    ) -> tuple[str, bool]:  # fmt: skip
+        """What the report says of the motion's rate and the scene's range, and whether that
+        is a warning: a motion that will not play at its own speed, or out of sight."""
+        rate = scene_fps(scene)
+        timing, warn = "", False
+        if resample_to is not None and not same_rate(file_fps, resample_to):
+            timing = f"; resampled from {file_fps:.5g} to {resample_to:.5g} fps"
+        playback = file_fps * self.frame_step
+        if not (self.set_scene or resample_to or len(frames) < 2 or same_rate(playback, rate)):
+            timing += (
+                f"; the file is at {file_fps:.5g} fps and the scene plays {rate:.5g}: a key for "
+                f"each of its frames plays it {pace(playback, rate)} (Resample to Scene Rate "
+                "keys it at the scene's rate)"
+            )
+            warn = True
+        if keyed_before and not self.new_take and not same_rate(rate, rate_before):
+            timing += (
+                f"; the scene's rate went from {rate_before:.5g} to {rate:.5g} fps, and the "
+                "take's other keys play at it too (Resample to Scene Rate keeps the scene's rate)"
+            )
+            warn = True
+        if self.set_scene and len(frames) > 1:
+            timing += (
+                f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at "
+                f"{rate:g} fps"
+            )
+            preview = (scene.frame_preview_start, scene.frame_preview_end)
+            if scene.use_preview_range and not preview[0] <= frames[0] <= frames[-1] <= preview[1]:
+                timing += (
+                    f", but its preview range ({preview[0]}-{preview[1]}) is on and plays "
+                    "instead: turn it off in the Timeline to see the motion"
                 )
-                return {"CANCELLED"}
+                warn = True
+        return timing, warn
+
+    def execute(self, context):
+        obj = find_smpl_armature(context)
+        if (refusal := self._refusal(context, obj)) is not None:
+            self.report({"ERROR"}, f"Not imported: {refusal}")
+            return {"CANCELLED"}
         unused_model = ""
         kept = None
         rate_before = scene_fps(context.scene)
@@ -320,46 +354,18 @@ class CHATPOSE_OT_import_npz(bpy.types.Operator, ImportHelper):  # noqa: N801
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        level = "WARNING" if unused_model else "INFO"
         frame = ""
         if said_z_up is not None and said_z_up != self.z_up:  # exported here with the other
             written = "Z-up (AMASS)" if said_z_up else "in SMPL's frame, +Y up (Z-up off)"
             frame = f"; the file says it was written {written}, and was read so"
         earlier = f"; its earlier animation is kept in the action {quoted(kept)}" if kept else ""
-        scene = context.scene
-        rate = scene_fps(scene)
-        timing = ""
-        if resample_to is not None and not same_rate(file_fps, resample_to):
-            timing = f"; resampled from {file_fps:.5g} to {resample_to:.5g} fps"
-        playback = file_fps * self.frame_step
-        if not (self.set_scene or resample_to or len(frames) < 2 or same_rate(playback, rate)):
-            timing += (
-                f"; the file is at {file_fps:.5g} fps and the scene plays {rate:.5g}: a key for "
-                f"each of its frames plays it {pace(playback, rate)} (Resample to Scene Rate "
-                "keys it at the scene's rate)"
-            )
-            level = "WARNING"
-        if keyed_before and not self.new_take and not same_rate(rate, rate_before):
-            timing += (
-                f"; the scene's rate went from {rate_before:.5g} to {rate:.5g} fps, and the "
-                "take's other keys play at it too (Resample to Scene Rate keeps the scene's rate)"
-            )
-            level = "WARNING"
-        if self.set_scene and len(frames) > 1:
-            timing += (
-                f"; the scene now plays frames {scene.frame_start}-{scene.frame_end} at "
-                f"{rate:g} fps"
-            )
-            preview = (scene.frame_preview_start, scene.frame_preview_end)
-            if scene.use_preview_range and not preview[0] <= frames[0] <= frames[-1] <= preview[1]:
-                timing += (
-                    f", but its preview range ({preview[0]}-{preview[1]}) is on and plays "
-                    "instead: turn it off in the Timeline to see the motion"
-                )
-                level = "WARNING"
+        timing, warn = self._timing(
+            context.scene, frames, file_fps, resample_to, rate_before, keyed_before
+        )
         muted = muted_note(obj, pose_channels(obj, self.use_translation))
         if muted:
-            timing, level = f"{timing}; {muted}", "WARNING"
+            timing, warn = f"{timing}; {muted}", True
+        level = "WARNING" if warn or unused_model else "INFO"
         self.report(
             {level},
             f"Keyed {len(frames)} poses on {obj.name}{frame}{timing}{earlier}{unused_model}",

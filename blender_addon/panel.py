@@ -11,7 +11,7 @@ import bpy
 from .blender import live
 from .blender.armature import find_smpl_armature
 from .blender.props import checked_target, history_messages
-from .core import chat
+from .core import chat, wording
 from .preferences import draw_local_service, service_settings
 
 _LEVEL_ICONS = {"INFO": "INFO", "WARNING": "ERROR", "ERROR": "CANCEL"}
@@ -25,7 +25,7 @@ def _chars_per_line(context) -> int:
 
 
 def _wrapped(layout, text: str, width: int, icon: str = "NONE") -> None:
-    for i, line in enumerate(chat.wrap(text, width)):
+    for i, line in enumerate(wording.wrap(text, width)):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 

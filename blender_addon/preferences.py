@@ -11,11 +11,12 @@ import bpy
 
 from shared_protocol.client import DEFAULT_ADDRESS
 
-from .core.chat import DEFAULT_MAX_PAIRS, wrap
+from .core.chat import DEFAULT_MAX_PAIRS
 from .core.netpolicy import address_problem, curve_problem
 from .core.paths import unquoted
 from .core.paths import user_data_dir as _user_data_dir
 from .core.smpl_model import SmplModel, load_smpl_model
+from .core.wording import wrap
 
 # The add-on's package: "bl_ext.<repo>.chatpose" as an extension, "chatpose" as a legacy
 # add-on, "blender_addon" in the tests. AddonPreferences must use it as bl_idname.

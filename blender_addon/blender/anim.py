@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import bpy
 import numpy as np
 
-from ..core.chat import quoted
+from ..core.wording import quoted
 
 Channel = tuple[str, str, int]  # (bone name, property, array index)
 

@@ -14,9 +14,8 @@ import numpy as np
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import ErrorCode, PoseReply
 
-from ..core import batch_plan, chat
+from ..core import batch_plan, chat, wording
 from ..core.batch_plan import BatchRun
-from ..core.chat import quoted
 from ..core.dispatch import (
     BatchEnded,
     BatchLineFailed,
@@ -28,6 +27,7 @@ from ..core.dispatch import (
     StatusFailed,
 )
 from ..core.service_process import EXITED
+from ..core.wording import quoted
 from . import feedback, live
 from .anim import LockedCurveError, animated, muted_note
 from .armature import is_deleted, is_smpl_armature, why_not_smpl
@@ -286,7 +286,9 @@ def _pose_failed(outcome: PoseFailed) -> None:
         give_prompt_back(scene, job.prompt)
         feedback.push_undo("chat")
     if outcome.code == ErrorCode.CANCELLED:  # the user's own Cancel: said, not alarmed
-        feedback.notify(f"Cancelled: {chat.preview(job.prompt or job.attachment or 'the request')}")
+        feedback.notify(
+            f"Cancelled: {wording.preview(job.prompt or job.attachment or 'the request')}"
+        )
         return
     feedback.notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
 

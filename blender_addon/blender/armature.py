@@ -11,7 +11,6 @@ import numpy as np
 from shared_protocol.pose import SOLE_DEPTH
 from shared_protocol.skeleton import PARENTS, SMPL_TO_BLENDER, smpl_to_blender
 
-from ..core.chat import quoted
 from ..core.mannequin import mannequin_mesh
 from ..core.rig_spec import (
     RIG_PROPERTY,
@@ -25,6 +24,7 @@ from ..core.rig_spec import (
     units_per_metre,
 )
 from ..core.smpl_model import SmplModel
+from ..core.wording import quoted
 from .meshes import create_mannequin, create_smpl_body
 
 

@@ -8,7 +8,7 @@ import contextlib
 
 import bpy
 
-from ..core import chat
+from ..core import wording
 from . import live
 
 
@@ -50,7 +50,7 @@ def show_popup(text: str, level: str) -> None:
     wm = bpy.context.window_manager
     if wm is None or not wm.windows:
         return
-    lines = chat.wrap(text, 80)
+    lines = wording.wrap(text, 80)
 
     def draw(self, _context):
         for line in lines:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bpy
 
-from ..core import chat
+from ..core import chat, wording
 from ..core.dispatch import PoseAnswered, PoseFailed
 from . import answers, feedback, live
 from .props import append_history
@@ -44,7 +44,7 @@ def _on_load_post(*_args) -> None:
         f"{received} answer(s) not yet applied were dropped" if received else "",
     ]
     if in_flight or received:
-        asked = "; ".join(chat.preview(p) for p in prompts[:3] if p) + (
+        asked = "; ".join(wording.preview(p) for p in prompts[:3] if p) + (
             ", ..." if len(prompts) > 3 else ""
         )
         said = f" (asked: {asked})" if asked else ""

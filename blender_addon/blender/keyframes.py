@@ -12,9 +12,9 @@ import numpy as np
 
 from shared_protocol.pose import Motion, Pose
 
-from ..core.chat import quoted
 from ..core.posing import bone_quaternions, root_location
 from ..core.timeline import ON_FRAME, frames_for, keyed_frame_list, motion_frames, playback_rate
+from ..core.wording import quoted
 from .anim import (
     action_fcurves,
     bone_data_path,

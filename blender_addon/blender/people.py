@@ -14,8 +14,8 @@ from mathutils import Matrix
 
 from shared_protocol.pose import Pose
 
-from ..core.chat import quoted
 from ..core.placement import DEFAULT_SPACING_M, extra_person_name, person_location
+from ..core.wording import quoted
 from ..preferences import preferred_smpl_model
 from .anim import LockedCurveError, muted_note, refuse_locked
 from .armature import (

@@ -20,7 +20,6 @@ from mathutils import Euler, Quaternion
 from shared_protocol.pose import Pose
 from shared_protocol.rotations import axis_angle_to_quaternion, quaternion_to_axis_angle
 
-from ..core.chat import quoted
 from ..core.posing import (
     axis_angle_from_bone_quaternions,
     bone_quaternions,
@@ -31,6 +30,7 @@ from ..core.posing import (
     translation_from_root_location,
 )
 from ..core.timeline import ON_FRAME
+from ..core.wording import quoted
 from .anim import Channel, action_times, bone_data_path, fcurve_map, refuse_locked
 from .armature import bone_names, rest_joints, rig_geometry
 

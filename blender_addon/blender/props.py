@@ -6,9 +6,9 @@ from __future__ import annotations
 import bpy
 
 from ..core import chat
-from ..core.chat import quoted
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
+from ..core.wording import quoted
 from .armature import (
     armature_meant,
     find_smpl_armature,

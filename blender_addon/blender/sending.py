@@ -18,7 +18,7 @@ from shared_protocol.batch_text import (
 )
 from shared_protocol.protocol import trimmed
 
-from ..core import chat
+from ..core import chat, wording
 from ..core.batch_plan import BatchRun, check_lines
 from ..core.batch_record import BatchRecord, Rerun, plan_rerun
 from ..core.dispatch import PoseJob
@@ -115,7 +115,7 @@ def send_pose(
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Not sent: {live.send_problem(exc)}") from None
     runtime.ensure_timer()
-    what = chat.preview(prompt) if prompt else "the image"
+    what = wording.preview(prompt) if prompt else "the image"
     feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
     return job
 
@@ -143,7 +143,7 @@ def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
     if not asked and not came:
         return
     job = (asked or came)[0]
-    named = chat.preview(job.prompt or job.attachment)
+    named = wording.preview(job.prompt or job.attachment)
     if asked:
         raise live.UserError(
             f"Waiting for the answer to {named}: a chat turn goes with the exchanges before "
@@ -395,7 +395,7 @@ def cancel_request(request_id: str) -> bool:
     if job is None:
         return False
     feedback.set_message(
-        f"Cancelling {chat.preview(job.prompt or job.attachment or 'the request')}..."
+        f"Cancelling {wording.preview(job.prompt or job.attachment or 'the request')}..."
     )
     return True
 

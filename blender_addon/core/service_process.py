@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from shared_protocol.address import tcp_host_port
 from shared_protocol.protocol import INSTANCE_ENV
 
-from .chat import quoted
+from .wording import quoted
 
 SERVE_MODULE = "inference_service.serve"
 STOP_GRACE_S = 5.0

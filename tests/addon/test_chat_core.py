@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blender_addon.core import batch_plan, chat, placement
+from blender_addon.core import batch_plan, chat, placement, wording
 from blender_addon.core.batch_plan import BatchRun, check_lines
 from blender_addon.core.batch_record import BatchRecord, PendingLine
 from blender_addon.core.dispatch import (
@@ -199,12 +199,12 @@ def test_wide_characters_take_two_columns_of_a_line():
         return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
 
     japanese = "ChatPose: 疲れた人はどのように立ちますか？肩を落として、頭を少し下げて立ちます。"
-    lines = chat.wrap(japanese, 20)
+    lines = wording.wrap(japanese, 20)
     assert "".join(lines) == japanese  # broken between characters: nothing lost or added
     assert lines[0] == "ChatPose: 疲れた人は" and all(columns(line) <= 20 for line in lines)
-    mixed = chat.wrap("You: make it more dramatic 🎭🔥 please, with both arms raised 🙌", 20)
+    mixed = wording.wrap("You: make it more dramatic 🎭🔥 please, with both arms raised 🙌", 20)
     assert mixed == ["You: make it more", "dramatic 🎭🔥", "please, with both", "arms raised 🙌"]
-    assert chat.wrap("no wide characters here at all", 12) == textwrap.wrap(
+    assert wording.wrap("no wide characters here at all", 12) == textwrap.wrap(
         "no wide characters here at all", 12
     )
 
@@ -213,32 +213,34 @@ def test_lines_break_between_characters_as_the_reader_sees_them():
     # A family emoji is four joined by zero-width joiners, a flag two regional letters, an
     # "é" typed on a Mac a letter and its accent: a line started with a bare joiner or accent.
     family, flags, accented = "👨\u200d👩\u200d👧\u200d👦", "🇯🇵🇫🇷", "cafe\u0301"
-    lines = chat.wrap(f"家族 {family} " * 4, 10)
+    lines = wording.wrap(f"家族 {family} " * 4, 10)
     assert lines == [f"家族 {family} 家", f"族 {family}"] * 2
-    assert chat.wrap(f"abcdefg{flags} and more", 8) == ["abcdefg", flags, "and more"]
-    assert chat.wrap(f"{accented} " * 4, 8) == [accented] * 4
+    assert wording.wrap(f"abcdefg{flags} and more", 8) == ["abcdefg", flags, "and more"]
+    assert wording.wrap(f"{accented} " * 4, 8) == [accented] * 4
 
 
 def test_a_preview_shows_text_as_written_and_cuts_between_characters():
     # repr() showed a Persian prompt's non-joiners and a French one's no-break spaces as
     # escapes ("\u200c", "\xa0"), and the 60-character cut could halve a flag.
     persian, french = "می\u200cخواهم دست\u200cها را بالا ببرم", "«\u00a0lève le bras\u00a0»"
-    assert chat.preview(persian) == f"'{persian}'" and chat.preview(french) == f"'{french}'"
-    assert chat.preview("x" * 58 + "🇯🇵🇫🇷") == "'" + "x" * 58 + "\u2026'"
-    assert chat.preview("x" * 57 + "🇯🇵🇫🇷") == "'" + "x" * 57 + "🇯🇵\u2026'"
-    assert chat.preview("wave\nthen\x00bow") == "'wave\\nthen\\x00bow'"  # one line, as repr
-    assert chat.preview("abc\u202edef\ud800") == "'abc\\u202edef\\ud800'"  # no reordering
+    assert wording.preview(persian) == f"'{persian}'" and wording.preview(french) == f"'{french}'"
+    assert wording.preview("x" * 58 + "🇯🇵🇫🇷") == "'" + "x" * 58 + "\u2026'"
+    assert wording.preview("x" * 57 + "🇯🇵🇫🇷") == "'" + "x" * 57 + "🇯🇵\u2026'"
+    assert wording.preview("wave\nthen\x00bow") == "'wave\\nthen\\x00bow'"  # one line, as repr
+    assert wording.preview("abc\u202edef\ud800") == "'abc\\u202edef\\ud800'"  # no reordering
     # Names and paths too: repr doubled a Windows path's backslashes.
-    assert chat.quoted("C:\\Program Files\\python.exe") == "'C:\\Program Files\\python.exe'"
-    assert chat.quoted("Ελένη 👩\u200d🦰") == "'Ελένη 👩\u200d🦰'"
-    assert chat.preview("it's") == '"it\'s"' and chat.preview("x" * 60) == "'" + "x" * 60 + "'"
+    assert wording.quoted("C:\\Program Files\\python.exe") == "'C:\\Program Files\\python.exe'"
+    assert wording.quoted("Ελένη 👩\u200d🦰") == "'Ελένη 👩\u200d🦰'"
+    assert (
+        wording.preview("it's") == '"it\'s"' and wording.preview("x" * 60) == "'" + "x" * 60 + "'"
+    )
 
 
 def test_display_lines_wrap_only_the_end_of_a_long_message_they_show(monkeypatch):
     pasted = " ".join(f"word{i}" for i in range(8000))  # 8,000 words, 70,000 characters
     history = [chat.Message(chat.USER, pasted)]
     wrapped = []
-    wrap = chat.wrap
+    wrap = wording.wrap
     monkeypatch.setattr(chat, "wrap", lambda text, width: wrapped.append(text) or wrap(text, width))
     lines = [line for _, line in chat.display_lines(history, width=30, max_lines=12)]
     assert len(wrapped[0]) <= 2 * 12 * 30  # not the 70,000 characters
@@ -250,7 +252,7 @@ def test_display_lines_wrap_only_the_messages_they_show(monkeypatch):
     history = [chat.Message(chat.USER, f"pose {i} " + "word " * 40) for i in range(5_000)]
     everything = chat.display_lines(history, width=30, max_lines=10**9)
     wrapped = []
-    wrap = chat.wrap
+    wrap = wording.wrap
     monkeypatch.setattr(chat, "wrap", lambda text, width: wrapped.append(text) or wrap(text, 30))
     assert chat.display_lines(history, width=30, max_lines=12) == everything[-12:]
     assert len(wrapped) == 2  # the last two messages hold the 12 lines shown

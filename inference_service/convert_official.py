@@ -98,6 +98,44 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     half checkpoint."""
     source, vision_tower = source.expanduser(), vision_tower.expanduser()
     destination = destination.expanduser().resolve()
+    writing = _checked_folders(source, destination, vision_tower)
+    official = _read_config(source / "config.json")
+    weights = _read_weights(source)
+    _refuse_unmerged_lora(weights, source)  # before its base weights are missed under it
+    tokenizer = _read_tokenizer(source, pose_token)
+    model = _llava_model(official, weights, tokenizer, source, vision_tower)
+    head = _pose_head(weights, source, hidden_size=official["hidden_size"])
+    vision_config = model.config.vision_config
+    processor = _processor(tokenizer, vision_config, model.config.vision_feature_select_strategy)
+    config = ChatPoseConfig(
+        hidden_size=official["hidden_size"],
+        head_hidden_size=head[0].out_features,
+        pose_token=pose_token,
+        image_size=vision_config.image_size,
+        mm_use_im_start_end=set(IMAGE_WRAPPERS) <= set(tokenizer.get_vocab()),
+        posed_joints=RELEASE_POSED_JOINTS,
+        # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
+        # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
+        pose_orientation="camera",
+        prompt_wording="release",  # its training code's questions, not the paper's
+    )
+
+    def write(folder: Path) -> None:
+        base = folder / "base"
+        model.save_pretrained(base)
+        save_processor(processor, base)
+        _check_saved_tokenizer(base, source, tokenizer, pose_token)
+        head.save(folder / "pose_head.safetensors")
+        config.save(folder)
+
+    _write_whole(writing, destination, write)
+    _report_unused(weights)
+    return destination
+
+
+def _checked_folders(source: Path, destination: Path, vision_tower: Path) -> Path:
+    """The temporary folder the checkpoint is written into, once the folders given are
+    checked (before the weights are read: a 13B model takes minutes to load)."""
     # An empty folder the user made (a link's target, a mount, ".") is kept, and filled from a
     # temporary folder inside it, on its disk; a new one is a temporary folder renamed.
     writing = (
@@ -129,22 +167,22 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     _check_source_folder(source)
     refuse_lfs_pointers(source)
     refuse_lfs_pointers(vision_tower)
-    official = _read_config(source / "config.json")
-    weights = _read_weights(source)
-    _refuse_unmerged_lora(weights, source)  # before its base weights are missed under it
-    tokenizer = _read_tokenizer(source, pose_token)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    wraps_images = set(IMAGE_WRAPPERS) <= set(tokenizer.get_vocab())
+    return writing
 
+
+def _llava_model(
+    official: dict, weights: dict, tokenizer, source: Path, vision_tower: Path
+) -> LlavaForConditionalGeneration:
+    """Transformers' LLaVA model holding the release's language model and projector and the
+    CLIP vision tower's weights, checked to fit it exactly."""
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower, local_files_only=True)
     _check_vision_size(official, vision_config, source, vision_tower)
     embed = _required(weights, "model.embed_tokens.weight", source)
-    dtype = embed.dtype
     vocab_size = max(embed.shape[0], len(tokenizer))
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=_llama_config(official, vocab_size, tokenizer),
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         vision_feature_layer=official.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy=SELECT_FEATURE[
@@ -156,7 +194,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     state = _language_and_projector(weights, source, vocab_size)
     with _quiet_load_report():
         vision, loading = CLIPVisionModel.from_pretrained(
-            vision_tower, local_files_only=True, dtype=dtype, output_loading_info=True
+            vision_tower, local_files_only=True, dtype=embed.dtype, output_loading_info=True
         )
     if loading["missing_keys"]:  # transformers would start them at random, with a notice
         raise CheckpointError(
@@ -180,33 +218,20 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         raise CheckpointError(
             f"{source} with {vision_tower}: the weights do not fit ({exc})"
         ) from None
-    head = _pose_head(weights, source, hidden_size=official["hidden_size"])
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
+
+def _write_whole(writing: Path, destination: Path, write) -> None:
+    """`write(writing)`, then `writing` becomes `destination` (or, when that is the user's
+    empty folder, what it holds moves into it): nothing of a failed write is left behind."""
     if writing.exists():  # left by a run that was killed
         shutil.rmtree(writing)
     moved = []  # into the user's folder, when one was given
     try:
-        base = writing / "base"
-        model.save_pretrained(base)
-        processor = _processor(tokenizer, vision_config, config.vision_feature_select_strategy)
-        save_processor(processor, base)
-        _check_saved_tokenizer(base, source, tokenizer, pose_token)
-        head.save(writing / "pose_head.safetensors")
-        ChatPoseConfig(
-            hidden_size=official["hidden_size"],
-            head_hidden_size=head[0].out_features,
-            pose_token=pose_token,
-            image_size=vision_config.image_size,
-            mm_use_im_start_end=wraps_images,
-            posed_joints=RELEASE_POSED_JOINTS,
-            # Its image targets are HMR 2.0's, in the camera's frame, and its PoseScript loader
-            # turns the text ones into it too (Rx(+90°) after AMASS's Z-up root: a half turn).
-            pose_orientation="camera",
-            prompt_wording="release",  # its training code's questions, not the paper's
-        ).save(writing)
+        write(writing)
         share_as_umask_allows(writing)
         if writing.parent == destination:
             # chatpose.json last: a folder without it is not taken for a checkpoint.
@@ -228,8 +253,6 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         if isinstance(exc, OSError):  # "[Errno 28] No space left on device": but where?
             raise CheckpointError(f"{destination}: could not be written: {exc}") from exc
         raise
-    _report_unused(weights)
-    return destination
 
 
 def _check_vision_size(official: dict, vision_config, source: Path, vision_tower: Path) -> None:

@@ -68,6 +68,15 @@ class PoseHead(nn.Sequential):
         head.load_state_dict({name: t.float() for name, t in state.items()})
         return head.eval()
 
+    def start_at(self, rotations_6d) -> None:
+        """Make the last layer's bias `rotations_6d` (144 numbers, a pose in the head's 6D
+        layout): the mean pose of the data a fresh head trains on. Its first answers are then
+        near that pose, and it learns the deviations from it; from a random bias, the L1 loss
+        on 6D rotations settles with some joints half a turn off, for good."""
+        bias = self[2].bias
+        with torch.no_grad():
+            bias.copy_(torch.as_tensor(np.asarray(rotations_6d), dtype=bias.dtype).view(-1))
+
     def save(self, path: str | Path) -> None:
         save_file(
             {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()},

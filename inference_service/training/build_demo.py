@@ -409,20 +409,15 @@ def scaffold(work: Path, corpus: Path, preset: Preset, seed: int) -> Path:
 
 
 def head_at_mean_pose(checkpoint: Path, poses: np.ndarray) -> None:
-    """Make the checkpoint's SMPL head start at the mean pose of `poses`: the last layer's bias
-    is the mean pose's 6D rotations, so the first predictions are near the mean-pose baseline
-    and training learns the deviations from it (from a random head a 6D output needs thousands
-    of steps just to find upright). Training starts from this head with `--head-init base`."""
-    import torch
-
+    """Make the checkpoint's SMPL head start at the mean pose of `poses` (`PoseHead.start_at`),
+    as a fresh head in training does; every stage trains it on with `--head-init base`."""
     from inference_service.checkpoint import HEAD_NAME, ChatPoseConfig
     from inference_service.pose_head import PoseHead
     from inference_service.training.baselines import mean_pose_6d
 
     config = ChatPoseConfig.load(checkpoint)
     head = PoseHead.load(checkpoint / HEAD_NAME, config)
-    with torch.no_grad():
-        head[2].bias.copy_(torch.as_tensor(mean_pose_6d(poses), dtype=torch.float32))
+    head.start_at(mean_pose_6d(poses))
     head.save(checkpoint / HEAD_NAME)
 
 

@@ -10,8 +10,8 @@ What is trained (the paper, Sec. 3.2):
   token starts with no meaning). Only that row is trained and saved (2 x H numbers in the
   adapter), not the whole embedding matrices as `modules_to_save` would (2 x 32000 x 5120
   numbers for a 13B LLaVA); the service merges it like the LoRA weights;
-- the SMPL head, from a fresh seeded initialisation (or, with head_init "base", from the base
-  checkpoint's head).
+- the SMPL head, from a fresh seeded initialisation that answers the mean pose of the
+  training data (or, with head_init "base", from the base checkpoint's head).
 
 With `train_base` (not the paper's recipe; for a base that was never trained) the base's own
 weights train instead of LoRA, and checkpoints hold the whole model in `step-N/base/`: "all" of
@@ -82,6 +82,7 @@ from inference_service.loading import (
     select_device,
 )
 from inference_service.pose_head import PoseHead
+from inference_service.training.baselines import mean_pose_6d
 from inference_service.training.datasets import (
     KINDS,
     DatasetError,
@@ -847,8 +848,8 @@ def _keeps_base_head(
         keep = trained
         if not trained:
             print(
-                f"note: the SMPL head starts fresh: {checkpoint.root} is not a training output "
-                "(--head-init base keeps its head)",
+                f"note: the SMPL head starts fresh, at the training data's mean pose: "
+                f"{checkpoint.root} is not a training output (--head-init base keeps its head)",
                 file=sys.stderr,
             )
     else:
@@ -1246,7 +1247,11 @@ def _model_to_train(
         adapter_dir = checkpoint.adapter_dir
         keep_head = _keeps_base_head(config, checkpoint, examples, sampler)
         head_path = checkpoint.head_path if keep_head else None
-    return load_training_model(model_source, config, adapter_dir, head_path), head_path
+    tm = load_training_model(model_source, config, adapter_dir, head_path)
+    if head_path is None:
+        posed = [pose for e in examples if e.kind in sampler.kinds for pose in e.poses]
+        tm.head.start_at(mean_pose_6d(np.stack(posed)))
+    return tm, head_path
 
 
 def _encoded_examples(

@@ -58,8 +58,7 @@ class TowerPoseModel(torch.nn.Module):
             torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
         )
         self.head = PoseHead(hidden, hidden)
-        with torch.no_grad():  # start at the mean pose, as build_demo.head_at_mean_pose does
-            self.head[2].bias.copy_(torch.as_tensor(mean_pose_6d(poses), dtype=torch.float32))
+        self.head.start_at(mean_pose_6d(poses))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         states = self.tower(pixel_values, output_hidden_states=True).hidden_states

@@ -125,3 +125,34 @@ def test_camera_frame_orientations_turn_upright():
     np.testing.assert_allclose(camera_to_upright(np.array([np.pi, 0.0, 0.0])), 0.0, atol=1e-12)
     bowing = np.array([[np.pi + 0.3, 0.0, 0.0], [np.pi, 0.0, 0.0]])  # a bow of 0.3 rad; upright
     np.testing.assert_allclose(camera_to_upright(bowing), [[0.3, 0, 0], [0, 0, 0]], atol=1e-12)
+
+
+def test_a_head_started_at_the_mean_pose_fits_every_joint_the_right_way_up():
+    # From its random bias, L1 on 6D rotations settled with joints half a turn off (24 to 58
+    # of these 240 over four seeds) and stayed so; from the mean pose it finds them all.
+    from inference_service.training.baselines import mean_pose_6d
+    from inference_service.training.losses import (
+        axis_angle_to_matrix_torch,
+        pose_l1_loss,
+        rotation_6d_to_matrix_torch,
+    )
+
+    torch.manual_seed(0)
+    poses = np.random.default_rng(0).normal(size=(10, 24, 3)) * 0.4
+    states, targets = torch.randn(10, 64), torch.as_tensor(poses, dtype=torch.float32)
+    head = PoseHead(64, 64)
+    head.start_at(mean_pose_6d(poses))
+    with torch.no_grad():  # its first answer, for any input, is near the mean pose
+        first = rotation_6d_to_matrix_torch(head(torch.zeros(1, 64)).view(24, 6))
+        mean = rotation_6d_to_matrix_torch(torch.as_tensor(mean_pose_6d(poses)).view(24, 6))
+        torch.testing.assert_close(first, mean.float(), atol=0.3, rtol=0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=2e-4, weight_decay=0)
+    for _ in range(1000):
+        optimizer.zero_grad()
+        pose_l1_loss(head(states), targets).backward()
+        optimizer.step()
+    with torch.no_grad():
+        fitted = rotation_6d_to_matrix_torch(head(states).view(10, 24, 6))
+        relative = fitted.transpose(-1, -2) @ axis_angle_to_matrix_torch(targets)
+        cosine = (relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    assert float(cosine.min()) > 0.5  # every joint within 60 degrees (none half a turn off)

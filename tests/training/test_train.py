@@ -30,6 +30,7 @@ from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import Exchange, pose_exchange
 from inference_service.training import loop
+from inference_service.training.baselines import mean_pose_6d
 from inference_service.training.datasets import DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
 from inference_service.training.losses import IGNORE_INDEX
@@ -1511,3 +1512,10 @@ def test_an_image_changed_during_a_run_stops_it_and_keeps_the_last_checkpoint(
     assert re.search(r"step 2: .*png: the image file changed after the training data was read", err)
     assert "the last checkpoint" in err and "step-000001 is kept" in err
     assert loop.latest_checkpoint(out).name == "step-000001"
+
+
+def test_a_fresh_head_starts_at_the_mean_pose_of_the_poses_it_trains_on(base, examples, tmp_path):
+    # Text only: the image examples' poses, which the mix never draws, count for nothing.
+    run = loop.train(settings(base, tmp_path / "run", steps=1, lr=1e-12, mix=(1, 0, 0)), examples)
+    bias = load_file(run.checkpoint / "pose_head.safetensors")["2.bias"].numpy()
+    np.testing.assert_allclose(bias, mean_pose_6d(POSES[:4]), atol=1e-4)

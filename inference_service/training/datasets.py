@@ -805,7 +805,8 @@ _AMASS_OLD_NAMES = {new: old for old, new in AMASS_RENAMED.items()}
 
 
 def _amass_sequence(amass: Path, sequence: str) -> Path | None:
-    folder, _, rest = sequence.replace("\\", "/").partition("/")
+    parts = [part for part in sequence.replace("\\", "/").split("/") if part not in ("", ".")]
+    folder, rest = parts[0] if parts else "", "/".join(parts[1:])  # "./BMLrub/..." as "BMLrub/..."
     for name in (folder, AMASS_RENAMED.get(folder), _AMASS_OLD_NAMES.get(folder)):
         if name is not None and (amass / name / rest).is_file():
             return amass / name / rest

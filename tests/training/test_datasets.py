@@ -131,7 +131,7 @@ def _posescript_release(root):
         write_npz(root / "amass" / name, frames, trans=np.zeros((len(frames), 3)))
     index = {
         "0": ["AMASS", "CMU/01/01_01_poses.npz", 4],
-        "1": ["AMASS", "BioMotionLab_NTroje/s1/walk_poses.npz", 1],  # the folder's older name
+        "1": ["AMASS", "./BioMotionLab_NTroje/s1/walk_poses.npz", 1],  # the folder's older name
         "2": ["AMASS", "HumanEva/S1/box_poses.npz", 0],  # a dataset not downloaded
         "3": ["AMASS", "HDM05/bk/jump_poses.npz", 1],  # the newer name; on disk, the older
     }

@@ -340,19 +340,44 @@ def unused_kinds(kinds: Sequence[str], mix: Sequence[float]) -> list[str]:
     ]
 
 
-def fingerprint(examples: Sequence[Example]) -> str:
-    """A hash of every example's content: resume refuses different data."""
+def fingerprint(examples: Sequence[Example]) -> tuple[str, list[list]]:
+    """A hash of every example's content, which resume compares (different data, or the same
+    in another order, would make another run); and for each data file in turn, [its name, its
+    examples, their hash], from which a refused resume says which file differs."""
     digest = hashlib.sha256()
+    files: dict[str, list] = {}  # by name: [examples, their digest]
     for example in examples:
         parts = [example.kind, example.question, example.answer]
         parts += [f"{t.user}\x00{t.assistant}" for t in example.history]
-        digest.update("\x1f".join(parts).encode("utf-8"))
-        for image in example.images:
-            digest.update(image_sha256(image))
-        for pose in example.poses:
-            digest.update(np.ascontiguousarray(pose, dtype=np.float64).tobytes())
-        digest.update(b"\x1e")
-    return digest.hexdigest()
+        content = ["\x1f".join(parts).encode("utf-8")]
+        content += [image_sha256(image) for image in example.images]
+        content += [np.ascontiguousarray(p, dtype=np.float64).tobytes() for p in example.poses]
+        content.append(b"\x1e")
+        name = Path(example.source.rsplit("#", 1)[0]).name
+        file = files.setdefault(name, [0, hashlib.sha256()])
+        file[0] += 1
+        for chunk in content:
+            digest.update(chunk)
+            file[1].update(chunk)
+    return digest.hexdigest(), [[n, count, d.hexdigest()] for n, (count, d) in files.items()]
+
+
+def _data_change(then: list[list], now: list[list]) -> str:
+    """How the data files `now` (`fingerprint`'s second part) differ from those of the run."""
+    if sorted(then) == sorted(now):
+        order = ", ".join(name for name, _, _ in then)
+        return f"the same files in another order: give --data in the run's order ({order})"
+    counts_then = {name: (count, digest) for name, count, digest in then}
+    counts_now = {name: (count, digest) for name, count, digest in now}
+    for name, (count, digest) in counts_then.items():
+        if name not in counts_now:
+            return f"{name} ({count:,} examples) is no longer among them"
+        if counts_now[name][0] != count:
+            return f"{name} gives {counts_now[name][0]:,} examples, and gave {count:,}"
+        if counts_now[name][1] != digest:
+            return f"{name}'s examples changed"
+    added = next((name for name in counts_now if name not in counts_then), None)
+    return f"{added} was not among them" if added else "their examples come in another order"
 
 
 def base_fingerprint(checkpoint: Checkpoint) -> str:
@@ -1104,7 +1129,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
         print(f"note: the mix leaves out {note}", file=sys.stderr)
     # Now, not once the model has loaded: it refuses a mix that leaves nothing to train on.
     sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
-    data_hash = fingerprint(examples)
+    data_hash, data_files = fingerprint(examples)
     if not config.train_base:  # LoRA trains: an adapter already there sets its shape
         existing = resume_from / "adapter" if resume_from is not None else checkpoint.adapter_dir
         config = _with_adapter_shape(config, existing, note=resume_from is None)
@@ -1115,7 +1140,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             state = load_state(resume_from)
         except TrainingError as exc:
             raise TrainingError(f"{exc}{_earlier_one(resume_from)}") from None
-        _check_resume(config, state, data_hash, checkpoint, resume_from)
+        _check_resume(config, state, (data_hash, data_files), checkpoint, resume_from)
         if state["step"] >= config.steps:
             raise TrainingError(
                 f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
@@ -1159,6 +1184,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
     state_extra = {
         "run": config.run_settings(),
         "data_fingerprint": data_hash,
+        "data_files": data_files,
         "base_fingerprint": base_fingerprint(checkpoint),
         "base_weights": base_weights_sample(checkpoint),
     }
@@ -1462,7 +1488,11 @@ def _lower(key: str, value: float, saved: float) -> bool:
 
 
 def _check_resume(
-    config: TrainConfig, state: dict, data_hash: str, checkpoint: Checkpoint, path: Path
+    config: TrainConfig,
+    state: dict,
+    data: tuple[str, list[list]],
+    checkpoint: Checkpoint,
+    path: Path,
 ) -> None:
     sampled = state.get("base_weights")  # none in runs saved before it was sampled
     if sampled is not None and sampled != base_weights_sample(checkpoint):
@@ -1500,8 +1530,12 @@ def _check_resume(
                 f"--resume: {key} is {value!r} but the run in {path} used {saved[key]!r}; "
                 f"resume with the same settings{after_nan}"
             )
-    if state.get("data_fingerprint") != data_hash:
-        raise TrainingError(f"--resume: the training data differ from those of the run in {path}")
+    if state.get("data_fingerprint") != data[0]:
+        files = state.get("data_files")  # none in runs saved before it was kept
+        change = f": {_data_change(files, data[1])}" if files else ""
+        raise TrainingError(
+            f"--resume: the training data differ from those of the run in {path}{change}"
+        )
 
 
 def _refuse_examples(problems: Iterable[str], shown: int = 3) -> None:

@@ -65,20 +65,37 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def examples():
     text = [
-        Example("text_to_pose", *pose_exchange(c, False), poses=(POSES[i],), source=f"t{i}")
+        Example(
+            "text_to_pose",
+            *pose_exchange(c, False),
+            poses=(POSES[i],),
+            source=f"data/text.json#{i}",
+        )
         for i, c in enumerate(CAPTIONS)
     ]
     image = [
-        Example("image_to_pose", *pose_exchange(None, True), images=(img,), poses=(POSES[4 + i],))
+        Example(
+            "image_to_pose",
+            *pose_exchange(None, True),
+            images=(img,),
+            poses=(POSES[4 + i],),
+            source=f"data/pairs.npz#{i}",
+        )
         for i, img in enumerate((RED, BLUE))
     ]
     chat = [
-        Example("chat", "Hello, who are you?", "I am an assistant that knows about poses."),
+        Example(
+            "chat",
+            "Hello, who are you?",
+            "I am an assistant that knows about poses.",
+            source="chat.json#0",
+        ),
         Example(
             "chat",
             "And now show me a pose.",
             "Here it is: <POSE>.",
             history=(Exchange("What can you do?", "I can chat about human poses."),),
+            source="chat.json#1",
         ),
     ]
     return text + image + chat
@@ -211,6 +228,10 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), examples[:-1])
     with pytest.raises(loop.TrainingError, match="ask for more --steps"):
         loop.train(settings(base, tmp_path / "b", resume=True, **common), examples)
+    swapped = [*examples[4:6], *examples[:4], *examples[6:]]  # the image file given first
+    with pytest.raises(loop.TrainingError, match="the same files in another order") as refused:
+        loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), swapped)
+    assert "(text.json, pairs.npz, chat.json)" in str(refused.value)
     with pytest.raises(loop.TrainingError, match="no checkpoint to resume from"):
         loop.train(settings(base, tmp_path / "c", resume=True), examples)
 
@@ -1519,3 +1540,20 @@ def test_a_fresh_head_starts_at_the_mean_pose_of_the_poses_it_trains_on(base, ex
     run = loop.train(settings(base, tmp_path / "run", steps=1, lr=1e-12, mix=(1, 0, 0)), examples)
     bias = load_file(run.checkpoint / "pose_head.safetensors")["2.bias"].numpy()
     np.testing.assert_allclose(bias, mean_pose_6d(POSES[:4]), atol=1e-4)
+
+
+def test_a_refused_resume_names_the_data_file_that_differs(examples):
+    _, then = loop.fingerprint(examples)
+    text, image, chat = examples[:4], examples[4:6], examples[6:]
+    changed = dataclasses.replace(text[0], question="a man raising one arm")
+    cases = {
+        "chat.json (2 examples) is no longer among them": text + image,
+        "text.json gives 3 examples, and gave 4": text[1:] + image + chat,
+        "text.json's examples changed": [changed, *text[1:]] + image + chat,
+        "more.json was not among them": [
+            *examples,
+            dataclasses.replace(chat[0], source="more.json#0"),
+        ],
+    }
+    for change, data in cases.items():
+        assert loop._data_change(then, loop.fingerprint(data)[1]) == change

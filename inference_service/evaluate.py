@@ -735,6 +735,14 @@ def _oracle_line(text: dict, oracle: str) -> str:
     return "Its reduction vs the mean pose (all captions): " + ", ".join(parts) + "."
 
 
+def _shown(bar: dict) -> Callable[[float], str]:
+    """How `bar`'s figures are written: reductions and accuracies in percent, distances in
+    their unit."""
+    name = bar["bar"]
+    percent = "reduction" in name or "accuracy" in name or "left/right" in name
+    return _pct if percent else _fmt
+
+
 def _bars_table(bars: Sequence[dict]) -> list[str]:
     lines = [
         "### Quality bars",
@@ -743,10 +751,7 @@ def _bars_table(bars: Sequence[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for item in bars:
-        percent = (
-            "reduction" in item["bar"] or "accuracy" in item["bar"] or "left/right" in item["bar"]
-        )
-        show = _pct if percent else _fmt
+        show = _shown(item)
         low, high = item.get("interval", (None, None))
         interval = f"{_pct(low)} – {_pct(high)}" if low is not None else ""
         lines.append(
@@ -1000,10 +1005,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = f"{written[0]} was written" if written else _rescued(report_json)
         print(f"error: cannot write the report ({exc}); {kept}; its bars follow", file=sys.stderr)
     for item in report["bars"]:
-        status = "pass" if item["pass"] else "FAIL"
-        ceiling = f", ceiling {item['ceiling']:.3f}" if "ceiling" in item else ""
+        status, show = "pass" if item["pass"] else "FAIL", _shown(item)
+        ceiling = f", ceiling {show(item['ceiling'])}" if "ceiling" in item else ""
         print(
-            f"{status}  {item['bar']}: {item['value']:.3f} (bar {item['threshold']:.3f}{ceiling})",
+            f"{status}  {item['bar']}: {show(item['value'])} (bar {show(item['threshold'])}"
+            f"{ceiling})",
             file=sys.stderr,
         )
     if len(written) < 2:

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import tempfile
 import time
@@ -227,7 +228,14 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     for heading in ("Text to pose", "Paraphrases", "Mannequin images", "Left and right",
                     "Quality bars", "95 % interval"):  # fmt: skip
         assert heading in markdown
-    assert "FAIL" in capsys.readouterr().err  # an untrained model fails the bars
+    err = capsys.readouterr().err
+    assert "FAIL" in err  # an untrained model fails the bars
+    # Each in the report's units, as the Markdown gives them: percent, and millimetres.
+    assert re.search(
+        r"text: PA-MPJPE \(mm\) reduction vs mean pose: -?[\d.]+ % \(bar 40.0 %\)", err
+    )
+    assert re.search(r"paraphrases: top-1 action accuracy: [\d.]+ % \(bar 75.0 %\)", err)
+    assert re.search(r"below TF-IDF retrieval \([\d.]+\): [\d.]+ \(bar [\d.]+\)\n", err)
 
 
 def _no_nan(constant: str):

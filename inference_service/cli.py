@@ -885,6 +885,13 @@ def _checkpoint(args: argparse.Namespace) -> Path:
             f"the bundled demo model is missing from {checkpoint}; rebuild it with "
             "`make demo-model` (docs/evaluation.md), or pass --checkpoint",
         )
+    from .checkpoint import Checkpoint, CheckpointError
+
+    if checkpoint.is_dir():  # what it is instead: a training run's folder, with its last step
+        try:
+            Checkpoint.open(checkpoint)
+        except CheckpointError as exc:
+            raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: {exc}") from None
     raise CommandError(EXIT_BAD_INPUT, f"--checkpoint: no checkpoint at {checkpoint}")
 
 

@@ -318,7 +318,10 @@ def evaluate(
 
     log = log or (lambda message: None)
     started = time.perf_counter()
-    records = load_corpus(corpus)
+    try:
+        records = load_corpus(corpus)
+    except FileNotFoundError:
+        raise ValueError(f"{corpus}: file not found") from None
     train = [r for r in records if r.split == "train"]
     chosen = [r for r in records if split == "all" or r.split == split]
     if limit is not None:

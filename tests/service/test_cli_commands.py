@@ -1510,6 +1510,14 @@ def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
 def test_local_mode_without_a_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(tmp_path / "none"))
     assert code == cli.EXIT_BAD_INPUT and "--checkpoint: no checkpoint at" in err
+    # `train --out`'s folder: its checkpoints are its step folders, as chatpose-serve says.
+    run_folder = tmp_path / "run"
+    (run_folder / "step-000100").mkdir(parents=True)
+    (run_folder / "step-000100" / "chatpose.json").write_text("{}")
+    code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(run_folder))
+    assert code == cli.EXIT_BAD_INPUT
+    assert "a training run's folder, not a checkpoint; its checkpoints are its step" in err
+    assert f"the last {run_folder / 'step-000100'}" in err
 
 
 def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):

@@ -326,6 +326,13 @@ def test_damaged_pairs_are_named_before_the_model_loads(tiny, tmp_path, capsys, 
         assert len(ev.read_image_pairs(broken, limit=1)[0]) == 1
 
 
+def test_a_corpus_that_is_not_there_is_named_as_training_names_it(tiny, tmp_path, capsys):
+    _, checkpoint, _ = tiny
+    missing = tmp_path / "corpus.npz"
+    assert ev.main(["--checkpoint", str(checkpoint), "--data", "corpus", str(missing)]) == 2
+    assert f"error: {missing}: file not found\n" in capsys.readouterr().err
+
+
 def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
     root, checkpoint, _ = tiny
     out = root / "oracle.json"

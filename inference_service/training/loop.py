@@ -1127,6 +1127,13 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
     kinds = [example.kind for example in examples]
     for note in unused_kinds(kinds, config.mix):
         print(f"note: the mix leaves out {note}", file=sys.stderr)
+    if config.warmup_steps > config.steps:
+        print(
+            f"note: --warmup-steps {config.warmup_steps} is more than --steps {config.steps}: "
+            f"the run ends in its warmup, its learning rate rising to "
+            f"{learning_rate(config, config.steps):.3g}, not --lr {config.lr:g}",
+            file=sys.stderr,
+        )
     # Now, not once the model has loaded: it refuses a mix that leaves nothing to train on.
     sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
     data_hash, data_files = fingerprint(examples)

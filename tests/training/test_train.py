@@ -351,6 +351,16 @@ def _write_data(root):
     ]
 
 
+def test_a_run_shorter_than_its_warmup_says_so(base, examples, tmp_path, capsys):
+    loop.train(settings(base, tmp_path / "run", steps=2, warmup_steps=50), examples)
+    assert (
+        "note: --warmup-steps 50 is more than --steps 2: the run ends in its warmup, its "
+        "learning rate rising to 4e-05, not --lr 0.001"
+    ) in capsys.readouterr().err
+    loop.train(settings(base, tmp_path / "long", steps=2, warmup_steps=2), examples)
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, examples, tmp_path):
     run = tmp_path / "run"
     common = dict(warmup_steps=2, lr_schedule="linear", log_every=1, save_every=0)

@@ -1095,7 +1095,9 @@ def test_encoding_labels_exactly_the_answers(base, examples):
         )
 
     short = Encoder(processor, config, pose_id, 20)
-    with pytest.raises(DatasetError, match="t0: .* tokens, more than the maximum length 20"):
+    with pytest.raises(
+        DatasetError, match=r"data/text\.json#0: .* tokens, more than the maximum length 20"
+    ):
         short.encode(examples[0])
     two_images = Example("image_to_pose", "q", "<POSE>", images=(RED, BLUE), poses=(POSES[0],))
     with pytest.raises(DatasetError, match="2 images; .* max_images=1"):
@@ -1119,7 +1121,8 @@ def test_records_the_model_cannot_take_are_all_named_and_image_counts_before_it_
     with pytest.raises(DatasetError) as refused:  # tokens: after the model loads, all at once
         loop.train(settings(base, tmp_path / "b", max_length=20), examples)
     assert re.match(
-        r"\d+ examples cannot be trained on: t0: \d+ tokens, more than", str(refused.value)
+        r"\d+ examples cannot be trained on: data/text\.json#0: \d+ tokens, more than",
+        str(refused.value),
     )
 
 

@@ -39,6 +39,9 @@ def test_a_request_refused_as_more_than_the_queue_holds_goes_again_in_halves():
     assert _sent(plan) == [range(0, 64), range(64, 128), range(128, 192), range(192, 256),
                            range(256, 300)]  # fmt: skip
     assert plan.size == 64
+    odd = BatchRequests([f"prompt {i}" for i in range(5)])
+    odd.next()
+    assert odd.in_smaller_requests() and odd.next() == range(0, 2)  # half of 5, rounded down
     single = BatchRequests(["wave"])
     assert not single.in_smaller_requests()  # nothing sent yet
     single.next()

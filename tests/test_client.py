@@ -19,7 +19,9 @@ from shared_protocol.protocol import (
     ErrorCode,
     Limits,
     ProtocolError,
+    StatusReply,
     StatusRequest,
+    encode_reply,
 )
 
 
@@ -27,7 +29,7 @@ from shared_protocol.protocol import (
 def context():
     context = zmq.Context()
     yield context
-    context.term()
+    context.destroy(linger=0)  # sockets a failed test left open too: term() would wait for ever
 
 
 def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):
@@ -141,6 +143,67 @@ def test_a_reply_that_names_no_request_is_a_bad_reply_not_a_timeout(context, ans
     serving.join()
     service.close(linger=0)
     assert reply.message.startswith("bad reply: ") and time.monotonic() - started < 10
+
+
+def _serving(context, answer):
+    """A ROUTER on a free loopback port whose thread answers each request's header with the
+    frames `answer(request header)` gives, until 2 s pass without one; (address, stop)."""
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve():
+        while service.poll(2000):
+            peer, header, *_ = service.recv_multipart()
+            for frame in answer(json.loads(header)):
+                service.send_multipart([peer, frame])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+
+    def stop():
+        thread.join()
+        service.close(linger=0)
+
+    return f"tcp://127.0.0.1:{port}", stop
+
+
+def _status(request_id: str) -> bytes:
+    reply = StatusReply(request_id, "demo", "cpu", "float32", 0, 0.0, "0.1.0", False, 0)
+    return encode_reply(reply)[0]
+
+
+def test_a_late_reply_to_an_earlier_request_is_not_taken_for_this_one_s(context):
+    # A reply to a request given up on (timed out) may come while the next one waits.
+    address, stop = _serving(
+        context, lambda request: [_status("earlier-1"), _status(request["id"])]
+    )
+    try:
+        with Client(address, context=context) as client:
+            request = StatusRequest(client.new_id())
+            assert client.request(request, timeout_s=10).id == request.id
+    finally:
+        stop()
+
+
+def test_waiting_for_a_loading_model_waits_again_from_each_word_that_it_loads(context):
+    # A 13B model loads for minutes: each "loading" reply starts the wait over.
+    started = time.monotonic()
+
+    def loading_for_two_seconds(request):
+        if time.monotonic() - started < 2.0:
+            busy = {"code": "busy", "message": "loading the model"}
+            return [json.dumps({"protocol": 1, "id": request["id"], "op": "status",
+                                "ok": False, "error": busy}).encode()]  # fmt: skip
+        return [_status(request["id"])]
+
+    address, stop = _serving(context, loading_for_two_seconds)
+    words = []
+    try:
+        with Client(address, context=context) as client:
+            assert isinstance(client.wait_serving(1.0, loading=words.append), StatusReply)
+    finally:
+        stop()
+    assert words and words[0] == "loading the model"
 
 
 def test_a_service_of_another_protocol_version_is_named_so(context):

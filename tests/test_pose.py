@@ -536,6 +536,12 @@ def test_the_largest_allowed_values_round_trip(tmp_path):
     motion = Motion(angle, np.full((1, 3), 1e4), fps=1000.0)
     motion.save_npz(tmp_path / "edge.npz", z_up=False)
     assert Motion.load_npz(tmp_path / "edge.npz", z_up=False).fps == 1000.0
+    assert Motion(angle, np.zeros((1, 3)), fps=0.001).fps == 0.001  # the slowest rate too
+    angle[0, 5] = [1500.0, 0.0, 0.0]  # just past the limit
+    with pytest.raises(ValueError, match="axis_angle: rotations of up to 1000 rad, got 1500"):
+        Motion(angle, np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="axis_angle: rotations of up to 1000 rad, got 1500"):
+        Pose(angle[0])
 
 
 @pytest.mark.parametrize(
@@ -636,3 +642,21 @@ def test_a_motion_resampled_keeps_its_timing_and_interpolates_between_frames():
     assert len(motion.resampled(1000.0)) == 101
     still = Motion(axis_angle[:1], walk[:1], fps=120.0)
     assert len(still.resampled(24.0)) == 1 and still.resampled(24.0).fps == 24.0
+    np.testing.assert_allclose(down.translation, walk[::5], atol=1e-12)
+
+
+def test_a_resampled_frame_lies_between_the_two_frames_around_it_nearest_the_one_it_is_near():
+    # A motion that stops: a new frame is interpolated, never extrapolated past a turn.
+    still = np.zeros((3, 24, 3))
+    stops = Motion(still, [[0.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0]], fps=30.0, labels=("a", "b", "c"))
+    at_40 = stops.resampled(40.0)  # times 0, 0.75 and 1.5 frames
+    np.testing.assert_allclose(at_40.translation[:, 0], [0.0, 0.75, 1.0], atol=1e-12)
+    assert at_40.labels == ("a", "b", "c")  # the nearest frame's prompt
+    step = Motion(still[:2], [[0.0, 0, 0], [1.0, 0, 0]], fps=30.0)
+    np.testing.assert_allclose(step.resampled(60.0).translation[:, 0], [0.0, 0.5, 1.0])
+
+
+def test_a_resample_between_ntsc_rates_keeps_the_last_frame():
+    # 22 frames of 1/59.94 s are 11 of 1/29.97 s exactly; float rounding must not lose one.
+    motion = Motion(np.zeros((23, 24, 3)), np.zeros((23, 3)), fps=59.94)
+    assert motion.resampled_length(29.97) == len(motion.resampled(29.97)) == 12

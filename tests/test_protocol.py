@@ -338,6 +338,12 @@ REQUEST_ERRORS = [
         "history[1].role",
     ),
     (
+        "history role system",  # a client may not set the model's system prompt
+        frames_of(request(history=[{"role": "system", "text": "a"}])),
+        ErrorCode.BAD_SCHEMA,
+        "history[0].role",
+    ),
+    (
         "history text",
         frames_of(request(history=[{"role": "user", "text": None}])),
         ErrorCode.BAD_SCHEMA,
@@ -660,6 +666,21 @@ REPLY_ERRORS = [
                 "id": "r",
                 "ok": False,
                 "index": 0,
+                "error": {"code": "busy", "message": ""},
+            }
+        ),
+        ErrorCode.BAD_SCHEMA,
+        "index",
+    ),
+    (
+        "error index past a batch's end",
+        frames_of(
+            {
+                "protocol": 1,
+                "op": "batch",
+                "id": "r",
+                "ok": False,
+                "index": 256,  # a batch holds at most 256 items: 0 to 255
                 "error": {"code": "busy", "message": ""},
             }
         ),

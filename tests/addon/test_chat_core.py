@@ -143,6 +143,10 @@ def test_history_keeps_the_latest_pairs_within_the_limits():
     assert chat.too_long_for_context(two_long, max_pairs=1, max_chars=4000) == 1
     assert chat.too_long_for_context(latest_long, max_pairs=0) == 0
     assert chat.history_turns(messages, max_pairs=0) == ()
+    # A pair exactly as long as the limit fits; an answer with no text carries nothing.
+    assert len(chat.history_turns(_history(("abc", "def")), max_chars=6)) == 2
+    assert chat.history_turns(_history(("abc", "def")), max_chars=5) == ()
+    assert chat.history_turns([chat.Message("user", "hi"), chat.Message("assistant", "")]) == ()
 
 
 def test_a_chat_turn_without_an_image_takes_the_newest_one_of_the_exchanges_kept():
@@ -372,6 +376,10 @@ def test_a_reference_image_the_service_would_refuse_for_its_size_is_named_before
     huge = png[:16] + struct.pack(">II", 12_000, 8_400) + png[24:]  # a 0.1 MB picture of 100 MP
     with pytest.raises(ValueError, match=r"12000 x 8400 pixels; the service decodes at most"):
         check_reference_image(huge, "huge.png")
+    # Exactly 20 times as long as it is wide: the service takes it, so the add-on sends it.
+    assert check_reference_image(png[:16] + struct.pack(">II", 2000, 100) + png[24:]) == "png"
+    with pytest.raises(ValueError, match=r"2001 x 100 pixels, its long side more than 20"):
+        check_reference_image(png[:16] + struct.pack(">II", 2001, 100) + png[24:])
 
 
 # --- batch planning -------------------------------------------------------------------------
@@ -502,6 +510,23 @@ def test_failed_lines_are_named_by_their_line_in_the_text_and_their_frame():
     assert "1 failed (prompt 2 (frame 2): no)" in plain.summary()
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        ErrorCode.EMPTY_PROMPT,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNSUPPORTED_INPUT,  # a prompt the model knows no word of
+        ErrorCode.BAD_SCHEMA,
+    ],
+)
+def test_each_refusal_of_a_line_s_own_text_asks_for_an_edit(code):
+    run = BatchRun("SMPL", "text 't'", _pending(1), total_lines=1, line_numbers=[1])
+    run.next_prompts()
+    run.item_failed(run.line_for(0), "refused", code)
+    run.request_finished()
+    assert "Edit the line the service refused, then run Batch Keyframe" in run.summary()
+
+
 def test_lines_refused_for_their_text_are_to_be_edited_not_only_run_again():
     # "Run Batch Keyframe again" sent the same line, and it was refused the same way.
     unknown = "prompt: this model knows none of its words"
@@ -553,6 +578,7 @@ def test_people_get_names_and_places_beside_the_target():
     a, b = (placement.extra_person_name(pair.format(side), 1) for side in "AB")
     assert a != b and len(a.encode()) == len(b.encode()) == 63
     assert a == placement.extra_person_name(pair.format("A"), 1)  # found again by it
+    assert placement.suffixed_name("x" * 55, ".person2") == "x" * 55 + ".person2"  # 63 bytes
 
 
 def test_continuous_quaternions_follow_the_previous_sign():

@@ -403,6 +403,9 @@ def test_curve_keys_are_read_and_named_when_they_cannot_be(tmp_path):
         (moved / name).rename(tmp_path / name)
     with pytest.raises(ValueError, match="set both the Client Key and the Server Key"):
         netpolicy.curve_keys(secret, "")
+    for one_of_them in ((secret, ""), ("", server)):
+        assert "set both" in netpolicy.curve_problem(*one_of_them)
+    assert netpolicy.curve_problem("", "") is None
     with pytest.raises(ValueError, match="the client key .*nope.* cannot be read"):
         netpolicy.curve_keys(str(tmp_path / "nope"), server)
     with pytest.raises(ValueError, match="holds no secret key: the client key is the NAME"):
@@ -470,6 +473,8 @@ def test_timeline():
     assert timeline.motion_frames([1, 3, 5], 30.0) == ([1, 3, 5], 15.0)
     assert timeline.motion_frames([1, 11, 21, 26], 24.0) == ([1, 6, 11, 16, 21, 26], 4.8)
     assert timeline.motion_frames([1, 2, 5], 30.0) == ([1, 2, 3, 4, 5], 30.0)
+    # Gaps of 3, 3 and 2: every frame, not every second one (which would skip the key at 4).
+    assert timeline.motion_frames([1, 4, 7, 9], 30.0) == (list(range(1, 10)), 30.0)
     assert timeline.motion_frames([7], 24.0) == ([7], 24.0)
     assert timeline.motion_frames([], 24.0) == ([], 24.0)
     assert timeline.motion_frames([1, 2, 50_000], 24.0) == ([1, 2, 50_000], 24.0)  # stray key
@@ -500,6 +505,9 @@ def test_smpl_bones_are_found_under_each_naming_rigs_use_and_never_a_mix():
 
     for naming in BONE_NAMINGS:
         assert smpl_bone_names([*naming, "m_avg_root", "jaw"]) == naming
+        for joint, bone in zip(JOINT_NAMES, naming, strict=True):  # each side its own
+            assert joint.startswith("left_") == ("L_" in bone or bone.startswith("left_"))
+            assert joint.startswith("right_") == ("R_" in bone or bone.startswith("right_"))
     assert smpl_bone_names(["f_avg_" + n for n in SMPL_CAPITALISED_NAMES])[0] == "f_avg_Pelvis"
     mixed = [*JOINT_NAMES[:12], *SMPL_CAPITALISED_NAMES[12:]]
     assert smpl_bone_names(mixed) is None

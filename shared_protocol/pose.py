@@ -438,7 +438,7 @@ class Motion:
                 betas=_betas(
                     arrays.get("betas", np.zeros(10)), written_here="smpl_hands" in arrays
                 ),
-                labels=_labels(arrays["labels"]) if "labels" in arrays else None,
+                labels=_labels(arrays["labels"], frames) if "labels" in arrays else None,
             )
         except ValueError as exc:  # named by the file's keys, not the Motion's fields
             field_name, _, why = str(exc).partition(":")
@@ -482,9 +482,11 @@ def _betas(value: np.ndarray, written_here: bool) -> np.ndarray:
     return value
 
 
-def _labels(value: np.ndarray) -> tuple[str, ...]:
-    if value.ndim != 1:
-        raise ValueError(f"labels: expected one string per frame, got shape {value.shape}")
+def _labels(value: np.ndarray, frames: int) -> tuple[str, ...]:
+    if value.shape != (frames,):  # before a tuple of millions of strings is made of it
+        raise ValueError(
+            f"labels: expected {frames} strings, one per frame, got shape {value.shape}"
+        )
     return tuple(_text(item, "labels") for item in value)
 
 

@@ -530,6 +530,17 @@ def test_motion_load_refuses_pickled_objects_and_junk(tmp_path, monkeypatch):
         Motion.load_npz(renamed)
 
 
+def test_labels_that_are_not_one_per_frame_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    # 100 million one-letter labels fit in a 389 KB file: reading them took 80 s and 1.4 GB.
+    many = np.full(100_000, "a")
+    np.savez(tmp_path / "many.npz", poses=np.zeros((2, 72)), mocap_framerate=30.0, labels=many)
+    read = []
+    monkeypatch.setattr(pose_module, "_text", lambda value, name: read.append(name) or "")
+    with pytest.raises(ValueError, match=r"labels: expected 2 strings, one per frame, got shape"):
+        Motion.load_npz(tmp_path / "many.npz")
+    assert "labels" not in read
+
+
 def test_the_largest_allowed_values_round_trip(tmp_path):
     angle = np.zeros((1, 24, 3))
     angle[0, 5] = [1000.0, 0.0, 0.0]

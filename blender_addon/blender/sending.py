@@ -5,6 +5,7 @@ sent."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 
 import bpy
@@ -184,6 +185,11 @@ def read_batch_lines(context: bpy.types.Context) -> tuple[list[tuple[int, str]],
         path = absolute_path(settings.batch_file)
         if not settings.batch_file:
             raise live.UserError("Pick a .txt file with one prompt per line")
+        if os.path.exists(path) and not os.path.isfile(path):  # read, a pipe would hang Blender
+            raise live.UserError(
+                f"{path} is not a file (a folder, a device or a pipe): pick a .txt file with one "
+                "prompt per line"
+            )
         try:
             content = read_batch_file(path)
         except FileNotFoundError:

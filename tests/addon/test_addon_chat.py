@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import socket
 import sys
@@ -2468,6 +2469,13 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
     settings.batch_file = str(tmp_path / "blank.txt")
     with pytest.raises(live.UserError, match="blank.txt has no prompts"):
         sending.read_batch_lines(bpy.context)
+    # A .blend from elsewhere may name a pipe or a terminal: reading would wait for ever.
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.txt")
+        for path in (tmp_path / "pipe.txt", tmp_path):
+            settings.batch_file = str(path)
+            with pytest.raises(live.UserError, match="is not a file .*a pipe.*: pick a .txt"):
+                sending.read_batch_lines(bpy.context)
 
 
 def batch_of(lines: str, start: int = 1, step: int = 1) -> bpy.types.Text:

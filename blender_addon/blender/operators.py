@@ -143,7 +143,7 @@ class CHATPOSE_OT_apply_pose(_ChangesArmature, bpy.types.Operator):  # noqa: N80
     def execute(self, context):
         try:
             pose = Pose.from_dict(json.loads(self.pose_json))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             self.report({"ERROR"}, f"Not a pose: {exc}")
             return {"CANCELLED"}
         obj = find_smpl_armature(context)

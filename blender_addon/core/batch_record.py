@@ -256,7 +256,7 @@ class BatchRecord:
             return cls()
         try:
             data = json.loads(text)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # nested deeper than Python goes
             raise ValueError(f"batch record: not JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
             raise ValueError(f"batch record: expected an object with version {RECORD_VERSION}")

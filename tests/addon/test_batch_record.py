@@ -172,6 +172,7 @@ def test_json_layout_and_round_trip():
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": "1"}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": NaN}]}',
         '{"version": 1, "entries": [{"line": 0, "hash": "a", "frame": 1, "translation": 1}]}',
+        "[" * 100_000 + "]" * 100_000,  # a crafted .blend's: JSON nested past Python's stack
     ],
 )
 def test_bad_json_is_a_value_error(text):

@@ -141,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         parent = ParentWatch(sys.stdin.fileno()) if args.stop_with_stdin else None
         # Listening before the model loads (minutes for a large one): a client is told it is
         # loading, not that there is no service.
+        raise_open_file_limit()
         server = _listening_server(args)
         io = _IoThread(server)
         io.start()
@@ -177,6 +178,25 @@ def _serve(args: argparse.Namespace) -> int:
         return 0 if io.failure is None else _io_failed(server, io)
     finally:
         gc.unfreeze()
+
+
+# Open files the service asks for at most: each client connection is one. Desktops start a
+# process at 256 (macOS) or 1,024 (most Linux), which silent connections fill in seconds.
+OPEN_FILES_WANTED = 65_536
+
+
+def raise_open_file_limit() -> None:
+    """The soft limit on open files raised towards the hard one (no limit on Windows, and no
+    say there): as many clients as the system lets one process have."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # macOS caps it below its hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 @contextlib.contextmanager

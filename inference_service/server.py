@@ -78,6 +78,10 @@ MAX_HELD_REPLIES = 10_000
 # names each connection anew, so no later client is taken for one of them.
 GONE_CLIENTS_KEPT = 1024
 RECEIVE_AHEAD = 8
+# A connection that has not finished ZeroMQ's handshake (with CURVE, proved its key) in this
+# time is closed: anyone who can reach the port could otherwise hold file descriptors open
+# with silent connections, libzmq's default 30 s each, until no client could connect.
+HANDSHAKE_TIMEOUT_MS = 5_000
 _instances = itertools.count()
 
 
@@ -370,6 +374,7 @@ class Server:
         # A client gone silent (a laptop asleep, a dropped flow) is let go, and its work with it.
         self._router.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
         self._router.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+        self._router.handshake_ivl = HANDSHAKE_TIMEOUT_MS
         # Requests read off each connection ahead of the I/O thread, at most (libzmq's default
         # is 1,000, each up to 9 frames of 16 MiB): a client sending more waits in its own
         # queue, not in the service's memory (60 requests of 16 MiB behind a busy I/O thread

@@ -15,6 +15,9 @@ import logging
 import random
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -1160,3 +1163,47 @@ def test_requests_are_logged_as_structured_events(running, caplog):
     assert [(r.op, r.ok) for r in done()] == [("pose", True)]
     [bad] = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
     assert bad.code == "empty_prompt" and bad.detail
+
+
+@scripted_only
+def test_a_connection_that_never_says_who_it_is_is_closed(backend, monkeypatch):
+    # Held open by the thousand, silent connections left authorised clients no descriptors.
+    import socket
+
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT_MS", 300)
+    served = Running(backend)
+    try:
+        port = int(served.address.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as silent:
+            started = time.monotonic()
+            while silent.recv(4096):  # ZeroMQ's greeting, then the close
+                pass
+            assert time.monotonic() - started < 5.0
+        with served.client() as client:  # clients that greet are served as ever
+            assert isinstance(
+                client.request(StatusRequest(client.new_id()), TIMEOUT_S), StatusReply
+            )
+    finally:
+        served.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no open-file limit to raise on Windows")
+def test_the_service_raises_its_open_file_limit_to_what_the_system_allows():
+    # Run apart: it changes the process's limit. Started at a desktop's 256.
+    script = textwrap.dedent(
+        """
+        import resource
+        from inference_service.serve import OPEN_FILES_WANTED, raise_open_file_limit
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raise_open_file_limit()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = OPEN_FILES_WANTED
+        expected = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        print(soft == expected, soft, hard)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.startswith("True"), result.stdout

@@ -82,7 +82,51 @@ RECEIVE_AHEAD = 8
 # time is closed: anyone who can reach the port could otherwise hold file descriptors open
 # with silent connections, libzmq's default 30 s each, until no client could connect.
 HANDSHAKE_TIMEOUT_MS = 5_000
+# Refused requests logged at most, each window; the rest counted and said in one line: a
+# client sending malformed requests as fast as it is answered wrote 4 MB of log a second.
+BAD_REQUESTS_LOGGED = 20
+BAD_REQUEST_WINDOW_S = 10.0
 _instances = itertools.count()
+
+
+class _BadRequestLog:
+    """Logs refused requests, `BAD_REQUESTS_LOGGED` a window at most; those past it are
+    counted, and the count is logged once the window is over (`flush`, each I/O turn)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._window_start = -math.inf
+        self._logged = self._unlogged = 0
+
+    def refused(self, err: ProtocolError) -> None:
+        self.flush()
+        if self._logged >= BAD_REQUESTS_LOGGED:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        log.info(
+            "bad request",
+            extra={
+                "event": "bad_request",
+                "code": err.code.value,
+                "field": err.field,
+                "detail": err.message,
+            },
+        )
+
+    def flush(self) -> None:
+        """A new window once the last is over, saying how many its lines left out."""
+        now = self._clock()
+        if now - self._window_start < BAD_REQUEST_WINDOW_S:
+            return
+        if self._unlogged:
+            log.warning(
+                "%d more bad requests in %g s, not logged one by one",
+                self._unlogged,
+                BAD_REQUEST_WINDOW_S,
+                extra={"event": "bad_requests_not_logged", "count": self._unlogged},
+            )
+        self._window_start, self._logged, self._unlogged = now, 0, 0
 
 
 class ServerConfigError(Exception):
@@ -361,6 +405,7 @@ class Server:
         check_bind(bind, curve)
         _refuse_a_live_ipc_socket(bind)
         self._instance = _instance_token()
+        self._bad_requests = _BadRequestLog()
         self._info = info
         self._limits = limits
         self._started = time.monotonic()
@@ -585,15 +630,7 @@ class Server:
         try:
             request = decode_request(content, self._limits)
         except ProtocolError as err:
-            log.info(
-                "bad request",
-                extra={
-                    "event": "bad_request",
-                    "code": err.code.value,
-                    "field": err.field,
-                    "detail": err.message,
-                },
-            )
+            self._bad_requests.refused(err)
             self._emit(client, error_reply_for(err), decoded=False)
             return None
         with self._received_lock:
@@ -725,6 +762,7 @@ class Server:
                     self.scheduler.expire()
                 if self._clients is not None:
                     self._clients.log_refusals()
+                self._bad_requests.flush()
         finally:
             with self._attach_lock:
                 self._serving = False  # a model that loads now is not started

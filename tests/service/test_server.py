@@ -1207,3 +1207,29 @@ def test_the_service_raises_its_open_file_limit_to_what_the_system_allows():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.startswith("True"), result.stdout
+
+
+def test_malformed_requests_are_logged_twenty_a_window_and_the_rest_counted(caplog):
+    # One client sending them as fast as it was answered wrote 4 MB of log a second.
+    now = [0.0]
+    bad = server_module._BadRequestLog(clock=lambda: now[0])
+    error = ProtocolError(ErrorCode.BAD_JSON, "header is not JSON", field="header")
+    caplog.set_level(logging.INFO, logger=server_module.log.name)
+    for _ in range(server_module.BAD_REQUESTS_LOGGED + 5):
+        bad.refused(error)
+    lines = [r for r in caplog.records if r.name == server_module.log.name]
+    assert [r.getMessage() for r in lines] == ["bad request"] * server_module.BAD_REQUESTS_LOGGED
+    assert lines[0].detail == "header is not JSON" and lines[0].code == "bad_json"
+    caplog.clear()
+    now[0] += server_module.BAD_REQUEST_WINDOW_S / 2
+    bad.flush()  # the window is not over
+    assert not caplog.records
+    now[0] += server_module.BAD_REQUEST_WINDOW_S / 2
+    bad.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "5 more bad requests in 10 s, not logged one by one"
+    ]
+    assert caplog.records[0].count == 5
+    caplog.clear()
+    bad.refused(error)  # a new window: logged again
+    assert [r.getMessage() for r in caplog.records] == ["bad request"]

@@ -1151,13 +1151,14 @@ def _measured_line(report: dict) -> str:
 
 def _rescued(report_json: str) -> str:
     """Where the JSON report went when --out could not take it, said as a clause."""
-    from inference_service.files import write_text_atomically
-
-    rescue = Path(tempfile.gettempdir()) / f"chatpose-report-{os.getpid()}.json"
-    try:
-        write_text_atomically(rescue, report_json)
+    rescue = None
+    try:  # a new file of a name no one could foresee: a shared folder's link is not followed
+        descriptor, rescue = tempfile.mkstemp(prefix="chatpose-report-", suffix=".json")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(report_json)
     except OSError as exc:
-        return f"nor could {rescue} ({exc.strerror})"
+        where = rescue or f"a new file in {tempfile.gettempdir()}"
+        return f"nor could {where} ({exc.strerror})"
     return f"the JSON report is in {rescue} instead"
 
 

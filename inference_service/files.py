@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from shared_protocol.safe_files import temporary_name, write_atomically
+from shared_protocol.safe_files import check_writable, temporary_name, write_atomically
 
 # How torch's, safetensors' and the tokenizers library's errors say that a write fell short (a
 # full disk, a folder gone): torch and safetensors raise RuntimeError for it, tokenizers a bare
@@ -41,7 +41,8 @@ def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
     that exists must be a folder, writable. Asked before long work that ends in writing there
     (a run's --out, evaluate's report), which makes the rest of the path only then. `files`,
     to be written there by `write_text_atomically`: their temporary files' names must fit the
-    disk's longest name."""
+    disk's longest name, and one there already must be a file that may be written (through a
+    link, to a folder that is there)."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # to a place that is not there (a drive not mounted)
@@ -54,6 +55,12 @@ def unwritable(folder: Path, files: Sequence[Path] = ()) -> str | None:
         return f"{existing} is a file, so {folder} cannot be made"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write in {existing}"
+    for file in files:
+        if os.path.lexists(file):  # asked as the write will: a link's target, a read-only file
+            try:
+                check_writable(file)
+            except OSError as exc:
+                return f"{file}: {exc.strerror or exc}"
     try:
         longest = os.pathconf(existing, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # Windows has no pathconf

@@ -525,7 +525,15 @@ def test_bad_arguments_are_refused_before_any_work(tiny, extra, message, capsys,
 
 
 @pytest.mark.parametrize(
-    "where", ["under a file", "read-only", "markdown read-only", "through a broken link"]
+    "where",
+    [
+        "under a file",
+        "read-only",
+        "markdown read-only",
+        "through a broken link",
+        "a link to a missing folder",
+        "a link to a device",
+    ],
 )
 def test_a_report_that_cannot_be_written_is_refused_before_any_work(
     tiny, tmp_path, monkeypatch, capsys, read_only, where
@@ -546,6 +554,14 @@ def test_a_report_that_cannot_be_written_is_refused_before_any_work(
         out = tmp_path / "drive" / "reports" / "r.json"
         option, path = "--out", out
         problem = f"{tmp_path / 'drive'} is a link to {tmp_path / 'not mounted'}, which does not"
+    elif where == "a link to a missing folder":  # it is written through, as open would
+        out = tmp_path / "r.json"
+        out.symlink_to(tmp_path / "gone" / "r.json")
+        option, path, problem = "--out", out, "No such file or directory"
+    elif where == "a link to a device":
+        out = tmp_path / "r.json"
+        out.symlink_to(os.devnull)
+        option, path, problem = "--out", out, "not a regular file"
     elif where == "read-only":
         out = locked / "reports" / "r.json"
         option, path, problem = "--out", out, f"cannot write in {locked}"
@@ -619,8 +635,12 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     monkeypatch.setattr(files, "write_atomically", disk_full)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
     (tmp_path / "temporary").mkdir()
+    planted = tmp_path / "temporary" / f"chatpose-report-{os.getpid()}.json"
+    planted.symlink_to(tmp_path / "victim.txt")  # another user's link, at a name foreseen
     assert ev.main(argv) == 2
-    rescued = tmp_path / "temporary" / f"chatpose-report-{os.getpid()}.json"
+    planted.unlink()
+    assert not (tmp_path / "victim.txt").exists()
+    [rescued] = (tmp_path / "temporary").glob("chatpose-report-*.json")
     err = capsys.readouterr().err
     assert "error: cannot write the report" in err
     assert f"; the JSON report is in {rescued} instead; its bars follow" in err

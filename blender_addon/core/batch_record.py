@@ -83,7 +83,16 @@ def former_record_properties(slot_identifier: str | None, slot_count: int) -> tu
 def line_hash(line: str) -> str:
     """The line's text as the record knows it: the same for a line saved again in Unicode's
     other form ("é" as one character or as "e" and its accent), which reads the same."""
-    text = unicodedata.normalize("NFC", line.strip())
+    return _hash(unicodedata.normalize("NFC", line.strip()))
+
+
+def _holds(stored: str, line: str) -> bool:
+    """Whether the hash `stored` is of `line`: as `line_hash` gives it, or as records written
+    before it normalised gave it (the line's text as it was)."""
+    return stored == line_hash(line) or stored == _hash(line.strip())
+
+
+def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -165,7 +174,7 @@ class BatchRecord:
         e = self.entry(line)
         return (
             e is not None
-            and e.hash == line_hash(text)
+            and _holds(e.hash, text)
             and e.frame == frame
             and (e.translation or not translation)
             and (e.on_floor or not on_floor)
@@ -194,7 +203,7 @@ class BatchRecord:
         return {
             round(e.frame): lines[e.line]
             for e in self.entries
-            if e.line < len(lines) and e.hash == line_hash(lines[e.line])
+            if e.line < len(lines) and _holds(e.hash, lines[e.line])
         }
 
     # --- updates (a new record each time) ---------------------------------------------------

@@ -182,7 +182,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 # Open files the service asks for at most: each client connection is one. Desktops start a
 # process at 256 (macOS) or 1,024 (most Linux), which silent connections fill in seconds.
-OPEN_FILES_WANTED = 65_536
+# macOS refuses more than its kern.maxfilesperproc (10,240 by default) whatever the hard
+# limit says: the next is asked for then.
+OPEN_FILES_WANTED = (65_536, 10_240, 4_096)
 
 
 def raise_open_file_limit() -> None:
@@ -193,10 +195,16 @@ def raise_open_file_limit() -> None:
     except ImportError:  # Windows
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):  # macOS caps it below its hard limit
+    for wanted in OPEN_FILES_WANTED:
+        if hard != resource.RLIM_INFINITY:
+            wanted = min(wanted, hard)
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
+        try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 @contextlib.contextmanager

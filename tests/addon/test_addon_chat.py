@@ -5,12 +5,14 @@ chatpose-serve with the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import socket
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -2471,11 +2473,22 @@ def test_batch_lines_from_a_txt_file(blender, tmp_path):
         sending.read_batch_lines(bpy.context)
     # A .blend from elsewhere may name a pipe or a terminal: reading would wait for ever.
     if hasattr(os, "mkfifo"):
-        os.mkfifo(tmp_path / "pipe.txt")
-        for path in (tmp_path / "pipe.txt", tmp_path):
-            settings.batch_file = str(path)
-            with pytest.raises(live.UserError, match="is not a file .*a pipe.*: pick a .txt"):
-                sending.read_batch_lines(bpy.context)
+        pipe = tmp_path / "pipe.txt"
+        os.mkfifo(pipe)
+
+        def end_a_read_that_waits():  # read, the pipe would hang the test, not fail it
+            with contextlib.suppress(OSError):  # no reader: nothing to end
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+        ender = threading.Timer(5.0, end_a_read_that_waits)
+        ender.start()
+        try:
+            for path in (pipe, tmp_path):
+                settings.batch_file = str(path)
+                with pytest.raises(live.UserError, match="is not a file .*a pipe.*: pick a .txt"):
+                    sending.read_batch_lines(bpy.context)
+        finally:
+            ender.cancel()
 
 
 def batch_of(lines: str, start: int = 1, step: int = 1) -> bpy.types.Text:

@@ -342,10 +342,10 @@ def unused_kinds(kinds: Sequence[str], mix: Sequence[float]) -> list[str]:
 
 def fingerprint(examples: Sequence[Example]) -> tuple[str, list[list]]:
     """A hash of every example's content, which resume compares (different data, or the same
-    in another order, would make another run); and for each data file in turn, [its name, its
-    examples, their hash], from which a refused resume says which file differs."""
+    in another order, would make another run); and for each data file in turn, [its path as
+    given, its examples, their hash], from which a refused resume says which file differs."""
     digest = hashlib.sha256()
-    files: dict[str, list] = {}  # by name: [examples, their digest]
+    files: dict[str, list] = {}  # by path: [examples, their digest]
     for example in examples:
         parts = [example.kind, example.question, example.answer]
         parts += [f"{t.user}\x00{t.assistant}" for t in example.history]
@@ -353,8 +353,8 @@ def fingerprint(examples: Sequence[Example]) -> tuple[str, list[list]]:
         content += [image_sha256(image) for image in example.images]
         content += [np.ascontiguousarray(p, dtype=np.float64).tobytes() for p in example.poses]
         content.append(b"\x1e")
-        name = Path(example.source.rsplit("#", 1)[0]).name
-        file = files.setdefault(name, [0, hashlib.sha256()])
+        path = example.source.rsplit("#", 1)[0] or "examples from no file"
+        file = files.setdefault(path, [0, hashlib.sha256()])
         file[0] += 1
         for chunk in content:
             digest.update(chunk)
@@ -363,21 +363,32 @@ def fingerprint(examples: Sequence[Example]) -> tuple[str, list[list]]:
 
 
 def _data_change(then: list[list], now: list[list]) -> str:
-    """How the data files `now` (`fingerprint`'s second part) differ from those of the run."""
-    if sorted(then) == sorted(now):
-        order = ", ".join(name for name, _, _ in then)
+    """How the data files `now` (`fingerprint`'s second part) differ from those of the run:
+    told apart by their content, named by their paths (or their names, given from another
+    folder)."""
+    digests_then, digests_now = [f[2] for f in then], [f[2] for f in now]
+    if sorted(digests_then) == sorted(digests_now):
+        if digests_then == digests_now:  # only through the API: examples mixed otherwise
+            return "the same files, their examples interleaved otherwise"
+        order = ", ".join(path for path, _, _ in then)
         return f"the same files in another order: give --data in the run's order ({order})"
-    counts_then = {name: (count, digest) for name, count, digest in then}
-    counts_now = {name: (count, digest) for name, count, digest in now}
-    for name, (count, digest) in counts_then.items():
-        if name not in counts_now:
-            return f"{name} ({count:,} examples) is no longer among them"
-        if counts_now[name][0] != count:
-            return f"{name} gives {counts_now[name][0]:,} examples, and gave {count:,}"
-        if counts_now[name][1] != digest:
-            return f"{name}'s examples changed"
-    added = next((name for name in counts_now if name not in counts_then), None)
-    return f"{added} was not among them" if added else "their examples come in another order"
+    for path, count, digest in then:
+        if digest in digests_now:
+            continue
+        same = [f for f in now if f[0] == path] or [
+            f for f in now if Path(f[0]).name == Path(path).name and f[2] not in digests_then
+        ]
+        if not same:
+            return f"{path} ({_examples(count)}) is no longer among them"
+        if same[0][1] != count:
+            return f"{path} gives {_examples(same[0][1])}, and gave {count:,}"
+        return f"{path}'s examples changed"
+    added = next((path for path, _, digest in now if digest not in digests_then), None)
+    return f"{added} was not among them" if added else "a file is given more times than it was"
+
+
+def _examples(count: int) -> str:
+    return f"{count:,} example{'' if count == 1 else 's'}"
 
 
 def base_fingerprint(checkpoint: Checkpoint) -> str:

@@ -231,7 +231,7 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
     swapped = [*examples[4:6], *examples[:4], *examples[6:]]  # the image file given first
     with pytest.raises(loop.TrainingError, match="the same files in another order") as refused:
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), swapped)
-    assert "(text.json, pairs.npz, chat.json)" in str(refused.value)
+    assert "(data/text.json, data/pairs.npz, chat.json)" in str(refused.value)
     with pytest.raises(loop.TrainingError, match="no checkpoint to resume from"):
         loop.train(settings(base, tmp_path / "c", resume=True), examples)
 
@@ -1559,14 +1559,28 @@ def test_a_refused_resume_names_the_data_file_that_differs(examples):
     _, then = loop.fingerprint(examples)
     text, image, chat = examples[:4], examples[4:6], examples[6:]
     changed = dataclasses.replace(text[0], question="a man raising one arm")
-    cases = {
-        "chat.json (2 examples) is no longer among them": text + image,
-        "text.json gives 3 examples, and gave 4": text[1:] + image + chat,
-        "text.json's examples changed": [changed, *text[1:]] + image + chat,
-        "more.json was not among them": [
-            *examples,
-            dataclasses.replace(chat[0], source="more.json#0"),
-        ],
-    }
-    for change, data in cases.items():
+    elsewhere = [dataclasses.replace(e, source=f"/runs/{e.source}") for e in [changed, *text[1:]]]
+    cases = [
+        ("chat.json (2 examples) is no longer among them", text + image),
+        ("data/text.json gives 3 examples, and gave 4", text[1:] + image + chat),
+        ("data/text.json gives 1 example, and gave 4", text[:1] + image + chat),
+        ("data/text.json's examples changed", [changed, *text[1:]] + image + chat),
+        (
+            "more.json was not among them",
+            [*examples, dataclasses.replace(chat[0], source="more.json#0")],
+        ),
+        # Given from another folder, it is found by its name.
+        ("data/text.json's examples changed", elsewhere + image + chat),
+        # Swapped, files are told apart by their content, whatever their names.
+        (
+            "the same files in another order: give --data in the run's order "
+            "(data/text.json, data/pairs.npz, chat.json)",
+            image + text + chat,
+        ),
+        (
+            "the same files, their examples interleaved otherwise",
+            [text[0], image[0], *text[1:], *image[1:], *chat],
+        ),
+    ]
+    for change, data in cases:
         assert loop._data_change(then, loop.fingerprint(data)[1]) == change

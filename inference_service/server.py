@@ -114,14 +114,15 @@ class _BadRequestLog:
             },
         )
 
-    def flush(self) -> None:
-        """A new window once the last is over, saying how many its lines left out."""
+    def flush(self, final: bool = False) -> None:
+        """A new window once the last is over (or, `final`, at once), saying how many its
+        lines left out."""
         now = self._clock()
-        if now - self._window_start < BAD_REQUEST_WINDOW_S:
+        if now - self._window_start < BAD_REQUEST_WINDOW_S and not final:
             return
         if self._unlogged:
             log.warning(
-                "%d more bad requests in %g s, not logged one by one",
+                "%d more bad request(s) in %g s, not logged one by one",
                 self._unlogged,
                 BAD_REQUEST_WINDOW_S,
                 extra={"event": "bad_requests_not_logged", "count": self._unlogged},
@@ -777,6 +778,7 @@ class Server:
                 scheduler.stop(while_waiting=serve_once)
             self._forward_replies()  # the last answers and the shutting_down errors
             self.close()
+            self._bad_requests.flush(final=True)
             log.info("stopped", extra={"event": "stop"})
 
     def _drain_requests(self, budget: int = 256, budget_s: float = 0.05) -> None:

@@ -1249,9 +1249,16 @@ def test_malformed_requests_are_logged_twenty_a_window_and_the_rest_counted(capl
     now[0] += server_module.BAD_REQUEST_WINDOW_S / 2
     bad.flush()
     assert [r.getMessage() for r in caplog.records] == [
-        "5 more bad requests in 10 s, not logged one by one"
+        "5 more bad request(s) in 10 s, not logged one by one"
     ]
     assert caplog.records[0].count == 5
     caplog.clear()
     bad.refused(error)  # a new window: logged again
     assert [r.getMessage() for r in caplog.records] == ["bad request"]
+    for _ in range(server_module.BAD_REQUESTS_LOGGED):
+        bad.refused(error)
+    caplog.clear()
+    bad.flush(final=True)  # the service stops: what was not said yet is said now
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 more bad request(s) in 10 s, not logged one by one"
+    ]

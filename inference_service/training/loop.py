@@ -1471,7 +1471,7 @@ def _forget_logged_steps_after(out: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the interruption
-    path.write_text("".join(kept), encoding="utf-8")
+    write_text_atomically(path, "".join(kept))  # a full disk keeps the whole log
 
 
 def _figures(total: float, ce: float, pose: float) -> str:

@@ -73,6 +73,9 @@ STALLED_CLIENT_S = 120.0
 # reads none would grow the service's memory, and every turn of the I/O loop, without bound.
 # A batch is at most 256 replies; a client that reads at all never comes near.
 MAX_HELD_REPLIES = 10_000
+# Replies all such clients may have waiting, together: many connections each under the cap
+# above would hold that much memory (about 19 MB) each. Past it, the one holding the most goes.
+MAX_HELD_REPLIES_IN_ALL = 50_000
 # Clients found gone that the I/O thread remembers, the latest: replies the model queued for
 # one before its work was dropped are dropped without a second "client_gone" line. ZeroMQ
 # names each connection anew, so no later client is taken for one of them.
@@ -611,6 +614,18 @@ class Server:
                     },
                 )
                 self._drop_client(client)
+        while len(self._held) > MAX_HELD_REPLIES_IN_ALL:
+            held = Counter(frames[0] for frames in self._held)
+            client, count = held.most_common(1)[0]
+            log.warning(
+                "client stopped reading; dropping its work",
+                extra={
+                    "event": "client_stalled",
+                    "error": f"{count} replies waited for it, the most of {len(self._held)} "
+                    "waiting for clients that do not read",
+                },
+            )
+            self._drop_client(client)
 
     def _drop_client(self, client: ClientId) -> None:
         """Forgets a client that can no longer be reached: its work, its replies not yet sent,

@@ -21,6 +21,7 @@ import textwrap
 import threading
 import time
 import types
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -790,6 +791,28 @@ def test_a_client_that_floods_and_reads_nothing_is_dropped_before_the_stall_time
         assert [frames[0] for frames in server._held] == [b"at the cap"] * 50  # kept, in order
         dropped = [r for r in caplog.records if r.getMessage().startswith("client stopped")]
         assert [r.error for r in dropped] == ["51 replies waited for it"]
+    finally:
+        server._router = router
+        server.close()
+
+
+@scripted_only
+def test_clients_that_read_nothing_hold_so_many_replies_in_all_at_most(
+    backend, monkeypatch, caplog
+):
+    # Each under its own cap, many such connections held that much memory each.
+    monkeypatch.setattr(server_module, "MAX_HELD_REPLIES_IN_ALL", 100)
+    server = Server(backend, backend.info, "tcp://127.0.0.1:*")
+    router, server._router = server._router, _FullPipe()
+    try:
+        status = StatusReply("s", "m", "cpu", "float32", 0, 1.0, "1", False, 0)
+        for client, count in ((b"a", 40), (b"b", 45), (b"c", 30)):
+            for _ in range(count):
+                server._emit(client, status)
+        server._forward_replies()
+        assert Counter(frames[0] for frames in server._held) == {b"a": 40, b"c": 30}
+        [dropped] = [r for r in caplog.records if r.getMessage().startswith("client stopped")]
+        assert dropped.error.startswith("45 replies waited for it, the most of 115 waiting")
     finally:
         server._router = router
         server.close()

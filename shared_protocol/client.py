@@ -460,6 +460,8 @@ class Client:
                 ErrorCode.UNREACHABLE, unreached, request_id=request.id, op=request.op
             )
         drops = self.drops
+        if not self._connected:  # lost since it was seen, and counted: this request's is gone
+            drops -= 1
         self.send(request)
         finished = False
         try:

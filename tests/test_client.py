@@ -185,6 +185,30 @@ def test_a_late_reply_to_an_earlier_request_is_not_taken_for_this_one_s(context)
         stop()
 
 
+def test_a_service_gone_just_after_the_connection_was_seen_is_unreachable_at_once(
+    context, monkeypatch
+):
+    # Lost between the look at the connection and the count of drops, it waited the whole
+    # timeout: the lost connection was counted as one before the request.
+    service = context.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    with Client(f"tcp://127.0.0.1:{port}", context=context) as client:
+        seen = client.wait_connected
+
+        def then_gone(timeout_s):
+            assert seen(timeout_s)
+            service.close(linger=0)
+            time.sleep(0.5)  # the drop reaches the client's monitor
+            return True
+
+        monkeypatch.setattr(client, "wait_connected", then_gone)
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as gone:
+            client.request(StatusRequest(client.new_id()), timeout_s=8)
+    assert gone.value.code == ErrorCode.UNREACHABLE and "went away" in gone.value.message
+    assert time.monotonic() - started < 4
+
+
 def test_waiting_for_a_loading_model_waits_again_from_each_word_that_it_loads(context):
     # A 13B model loads for minutes: each "loading" reply starts the wait over.
     started = time.monotonic()

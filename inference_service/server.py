@@ -78,7 +78,8 @@ MAX_HELD_REPLIES = 10_000
 MAX_HELD_REPLIES_IN_ALL = 50_000
 # Clients found gone that the I/O thread remembers, the latest: replies the model queued for
 # one before its work was dropped are dropped without a second "client_gone" line. ZeroMQ
-# names each connection anew, so no later client is taken for one of them.
+# names each connection anew, unless the client names itself (ZMQ_ROUTING_ID): one that
+# comes back under its name is forgotten as gone at its first request.
 GONE_CLIENTS_KEPT = 1024
 RECEIVE_AHEAD = 8
 # A connection that has not finished ZeroMQ's handshake (with CURVE, proved its key) in this
@@ -807,6 +808,7 @@ class Server:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._gone.pop(frames[0], None)  # a client that names itself, back: answered again
             request = None
             try:
                 request = self._decoded(frames)

@@ -59,6 +59,7 @@ from shared_protocol.protocol import (
     StatusReply,
     StatusRequest,
     decode_reply,
+    encode_request,
 )
 
 from .scripted_backend import (
@@ -1285,3 +1286,38 @@ def test_malformed_requests_are_logged_twenty_a_window_and_the_rest_counted(capl
     assert [r.getMessage() for r in caplog.records] == [
         "1 more bad request(s) in 10 s, not logged one by one"
     ]
+
+
+@scripted_only
+def test_a_client_that_names_itself_is_answered_again_when_it_comes_back(backend):
+    # ZeroMQ names each connection anew, unless the client sets its own routing id: after one
+    # reply to it was lost, it was never answered again under that name.
+    served = Running(backend, max_wait_ms=0)
+    context = zmq.Context.instance()
+
+    def named() -> zmq.Socket:
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTING_ID, b"blender-ws-7")
+        sock.connect(served.address)
+        return sock
+
+    try:
+        backend.hold()
+        first = named()
+        first.send_multipart(encode_request(PoseRequest("1", "wave")))
+        assert backend.entered.wait(TIMEOUT_S)
+        first.close()  # gone while the model runs: its reply cannot be sent
+        time.sleep(0.3)
+        backend.release()
+        deadline = time.monotonic() + TIMEOUT_S
+        while b"blender-ws-7" not in served.server._gone and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b"blender-ws-7" in served.server._gone
+        again = named()
+        again.send_multipart(encode_request(StatusRequest("2")))
+        assert again.poll(int(TIMEOUT_S * 1000)), "no reply to the client back under its name"
+        assert decode_reply(again.recv_multipart()).id == "2"
+        again.close()
+    finally:
+        served.stop()

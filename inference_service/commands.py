@@ -83,10 +83,11 @@ def utf8_output(stream) -> None:
 
 
 @contextlib.contextmanager
-def stops_as_interrupts() -> Iterator[None]:
+def stops_as_interrupts(after=None) -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal, `kill`, a scheduler's preemption) stop the block
     as Ctrl-C does, so that the command still says where its work is, and keeps it (their
-    default ends the process on the spot)."""
+    default ends the process on the spot). `after`: their handler once the block has ended
+    without an error, set in place of the interrupt (no moment with the default between)."""
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield
         return
@@ -95,11 +96,13 @@ def stops_as_interrupts() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = {n: signal.signal(n, interrupt) for n in catchable_signals(STOP_SIGNALS)}
+    ended = False
     try:
         yield
+        ended = True
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, after if ended and after is not None else handler)
 
 
 @contextlib.contextmanager

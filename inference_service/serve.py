@@ -145,16 +145,16 @@ def _serve(args: argparse.Namespace) -> int:
         server = _listening_server(args)
         io = _IoThread(server)
         io.start()
-        with stops_as_interrupts():  # SIGTERM's default would end it without a log line
+        # Once loaded, a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread; so
+        # does the terminal it was started in closing (SIGHUP), unless `nohup` started it, and
+        # on Windows Ctrl+Break (SIGBREAK). Set as loading ends: SIGTERM's default between the
+        # two would end it without a log line.
+        on_signal = SignalStop(server.stop)
+        with stops_as_interrupts(after=on_signal):
             backend = _load_backend(args)
+        signal.signal(signal.SIGINT, on_signal)
         if not io.is_alive():  # the I/O loop died while the model loaded: no clean start
             return _io_failed(server, io)
-        # From here on a Ctrl-C stops the server cleanly (as SIGTERM), not the main thread;
-        # so does the terminal it was started in closing (SIGHUP), unless `nohup` started it,
-        # and on Windows Ctrl+Break (SIGBREAK).
-        on_signal = SignalStop(server.stop)
-        for signum in (signal.SIGINT, signal.SIGTERM, *catchable_signals(("SIGHUP", "SIGBREAK"))):
-            signal.signal(signum, on_signal)
     except BaseException as exc:
         # Stopping already: the same stop sent again (to the process, then its group) waits.
         with _stops_ignored() if isinstance(exc, KeyboardInterrupt) else contextlib.nullcontext():

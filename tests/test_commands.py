@@ -80,6 +80,25 @@ def test_sigterm_stops_as_ctrl_c_and_its_handler_is_given_back():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_block_that_ends_may_hand_its_stops_to_the_next_handler_with_no_default_between():
+    # chatpose-serve: the stop that ends a load handed SIGTERM back to its default, which
+    # killed the service without a log line if one came before its own handler was set.
+    outside, after = [], []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: outside.append(number))
+    try:
+        with stops_as_interrupts(after=lambda number, frame: after.append(number)):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert after == [signal.SIGTERM] and outside == []
+        signal.signal(signal.SIGTERM, lambda number, frame: outside.append(number))
+        with pytest.raises(ValueError), stops_as_interrupts(after=after.append):
+            raise ValueError("the load failed")  # then the handler before it is given back
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert outside == [signal.SIGTERM] and after == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_stop_during_a_deferred_block_comes_after_it(stops_by_default):
     finished = []
     with pytest.raises(KeyboardInterrupt), interrupts_deferred():

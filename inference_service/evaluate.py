@@ -1156,9 +1156,11 @@ def _rescued(report_json: str) -> str:
         descriptor, rescue = tempfile.mkstemp(prefix="chatpose-report-", suffix=".json")
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             stream.write(report_json)
-    except OSError as exc:
-        where = rescue or f"a new file in {tempfile.gettempdir()}"
-        return f"nor could {where} ({exc.strerror})"
+    except OSError as exc:  # a full disk there too, or no temporary folder at all
+        if rescue is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(rescue)  # not a part of the report left behind
+        return f"nor could a file in the temporary folder ({exc.strerror or exc})"
     return f"the JSON report is in {rescue} instead"
 
 

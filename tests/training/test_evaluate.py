@@ -612,6 +612,19 @@ def test_a_run_stopped_by_a_signal_says_so_without_a_traceback(tiny, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def _full_disk_stream(descriptor, *args, **kwargs):
+    stream = open(descriptor, *args, **kwargs)  # noqa: SIM115 (closed by its caller's with)
+    write = stream.write
+
+    def half_then_full(text):
+        write(text[: len(text) // 2])
+        stream.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream.write = half_then_full
+    return stream
+
+
 def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     tiny, tmp_path, monkeypatch, capsys
 ):
@@ -646,6 +659,13 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     assert f"; the JSON report is in {rescued} instead; its bars follow" in err
     assert json.loads(rescued.read_text())["bars"] == ev.jsonable(report)["bars"]
     rescued.unlink()
+    # The temporary folder full too: said, and no part of a report left there.
+    monkeypatch.setattr(os, "fdopen", _full_disk_stream)
+    assert ev.main(argv) == 2
+    assert "; nor could a file in the temporary folder (No space left on device)" in (
+        capsys.readouterr().err
+    )
+    assert list((tmp_path / "temporary").iterdir()) == []
     (tmp_path / "temporary").rmdir()
     monkeypatch.undo()
     assert {path: path.read_text() for path in earlier} == earlier

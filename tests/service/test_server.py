@@ -814,6 +814,12 @@ def test_clients_that_read_nothing_hold_so_many_replies_in_all_at_most(
         assert Counter(frames[0] for frames in server._held) == {b"a": 40, b"c": 30}
         [dropped] = [r for r in caplog.records if r.getMessage().startswith("client stopped")]
         assert dropped.error.startswith("45 replies waited for it, the most of 115 waiting")
+        server._drop_clients([b"a", b"c"])
+        for k in range(60):  # many thin ones, 2 each: 20 over, so 10 dropped in one pass
+            for _ in range(2):
+                server._emit(f"thin {k}".encode(), status)
+        server._forward_replies()
+        assert len(server._held) == 100 and len({f[0] for f in server._held}) == 50
     finally:
         server._router = router
         server.close()
@@ -1097,6 +1103,10 @@ def test_refusals_after_a_logged_one_are_logged_once_their_time_is_up(tmp_path, 
     assert last.startswith("refused 1 client handshake(s)") and "(the last: BBBBBBBB...)" in last
     clients.log_refusals()  # nothing new: nothing said
     assert sum(r.getMessage().startswith("refused") for r in caplog.records) == 2
+    clients.callback("*", b"C" * 40)  # within the 10 s again, and the service stops
+    clients.log_refusals(final=True)
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")][-1]
+    assert last.startswith("refused 1 client handshake(s)") and "(the last: CCCCCCCC...)" in last
 
 
 class SlowScripted(ScriptedBackend):

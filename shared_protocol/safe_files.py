@@ -1,7 +1,7 @@
 """Writing a file whole or not at all: into a new temporary file beside it, synced, then
 renamed over it, so that a failed write (a full disk, Ctrl-C, a power cut) leaves what was
-there before. Standard library only: the add-on, the command line and the service's training
-and evaluation all write their files this way."""
+there before. Standard library only: motions (the add-on's export, the command line's --out),
+training's `latest` and log, evaluation's reports."""
 
 from __future__ import annotations
 

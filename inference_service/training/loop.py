@@ -51,6 +51,7 @@ import pickle
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,28 +364,31 @@ def fingerprint(examples: Sequence[Example]) -> tuple[str, list[list]]:
 
 
 def _data_change(then: list[list], now: list[list]) -> str:
-    """How the data files `now` (`fingerprint`'s second part) differ from those of the run:
-    told apart by their content, named by their paths (or their names, given from another
-    folder)."""
-    digests_then, digests_now = [f[2] for f in then], [f[2] for f in now]
-    if sorted(digests_then) == sorted(digests_now):
-        if digests_then == digests_now:  # only through the API: examples mixed otherwise
-            return "the same files, their examples interleaved otherwise"
-        order = ", ".join(path for path, _, _ in then)
-        return f"the same files in another order: give --data in the run's order ({order})"
-    for path, count, digest in then:
-        if digest in digests_now:
+    """How the data files `now` (`fingerprint`'s second part) differ from those of the run,
+    named by the run's paths: files are told apart by their content, a changed one found by
+    its path, or by its name when given from another folder."""
+    order = ", ".join(path for path, _, _ in then)
+    gone = Counter(f[2] for f in then) - Counter(f[2] for f in now)
+    new = Counter(f[2] for f in now) - Counter(f[2] for f in then)
+    if not gone and not new:
+        return f"the same examples in another order: give --data in the run's order ({order})"
+    paths_now = {f[0] for f in now}
+    # A file left out before one whose path is still given (two of the same content).
+    for path, count, digest in sorted(then, key=lambda f: f[0] in paths_now):
+        if not gone[digest]:
             continue
-        same = [f for f in now if f[0] == path] or [
-            f for f in now if Path(f[0]).name == Path(path).name and f[2] not in digests_then
+        gone[digest] -= 1
+        changed = [f for f in now if new[f[2]] and f[0] == path] or [
+            f for f in now if new[f[2]] and Path(f[0]).name == Path(path).name
         ]
-        if not same:
+        if not changed:
             return f"{path} ({_examples(count)}) is no longer among them"
-        if same[0][1] != count:
-            return f"{path} gives {_examples(same[0][1])}, and gave {count:,}"
+        if changed[0][1] != count:
+            return f"{path} gives {_examples(changed[0][1])}, and gave {count:,}"
         return f"{path}'s examples changed"
-    added = next((path for path, _, digest in now if digest not in digests_then), None)
-    return f"{added} was not among them" if added else "a file is given more times than it was"
+    paths_then = {f[0] for f in then}
+    added = next(f[0] for f in sorted(now, key=lambda f: f[0] in paths_then) if new[f[2]])
+    return f"{added} was not among them"
 
 
 def _examples(count: int) -> str:

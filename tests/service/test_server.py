@@ -1240,7 +1240,10 @@ def test_the_service_raises_its_open_file_limit_to_what_the_system_allows():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     soft, hard = (int(n) for n in result.stdout.split())
-    assert soft > 256 and (soft == hard or soft >= 4096)
+    if sys.platform == "darwin":  # its kernel's cap lies below the hard limit
+        assert soft > 256
+    else:
+        assert soft == (65_536 if hard == -1 else min(hard, 65_536))
 
 
 def test_on_macos_the_open_file_limit_is_raised_to_what_its_kernel_takes(monkeypatch):

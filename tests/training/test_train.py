@@ -229,7 +229,7 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
     with pytest.raises(loop.TrainingError, match="ask for more --steps"):
         loop.train(settings(base, tmp_path / "b", resume=True, **common), examples)
     swapped = [*examples[4:6], *examples[:4], *examples[6:]]  # the image file given first
-    with pytest.raises(loop.TrainingError, match="the same files in another order") as refused:
+    with pytest.raises(loop.TrainingError, match="the same examples in another order") as refused:
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), swapped)
     assert "(data/text.json, data/pairs.npz, chat.json)" in str(refused.value)
     with pytest.raises(loop.TrainingError, match="no checkpoint to resume from"):
@@ -1573,14 +1573,19 @@ def test_a_refused_resume_names_the_data_file_that_differs(examples):
         ("data/text.json's examples changed", elsewhere + image + chat),
         # Swapped, files are told apart by their content, whatever their names.
         (
-            "the same files in another order: give --data in the run's order "
+            "the same examples in another order: give --data in the run's order "
             "(data/text.json, data/pairs.npz, chat.json)",
             image + text + chat,
         ),
         (
-            "the same files, their examples interleaved otherwise",
+            "the same examples in another order: give --data in the run's order "
+            "(data/text.json, data/pairs.npz, chat.json)",
             [text[0], image[0], *text[1:], *image[1:], *chat],
         ),
     ]
     for change, data in cases:
         assert loop._data_change(then, loop.fingerprint(data)[1]) == change
+    # Two files of the same content, one left out: the one no longer given is named.
+    twins = [["a.json", 3, "same"], ["b.json", 3, "same"]]
+    assert loop._data_change(twins, twins[:1]) == "b.json (3 examples) is no longer among them"
+    assert loop._data_change(twins[:1], twins) == "b.json was not among them"

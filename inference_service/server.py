@@ -74,7 +74,8 @@ STALLED_CLIENT_S = 120.0
 # A batch is at most 256 replies; a client that reads at all never comes near.
 MAX_HELD_REPLIES = 10_000
 # Replies all such clients may have waiting, together: many connections each under the cap
-# above would hold that much memory (about 19 MB) each. Past it, the one holding the most goes.
+# above would hold that much memory (about 19 MB) each. Past it, those holding the most go,
+# until the rest are under it.
 MAX_HELD_REPLIES_IN_ALL = 50_000
 # Clients found gone that the I/O thread remembers, the latest: replies the model queued for
 # one before its work was dropped are dropped without a second "client_gone" line. ZeroMQ

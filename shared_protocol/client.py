@@ -446,7 +446,12 @@ class Client:
         """Sends and yields the replies to it until the final one. `timeout_s` bounds the wait
         for each reply, so a long batch lives as long as items keep coming. The connection has
         its own wait (`connect_s`): a short `timeout_s` must not call a live service absent."""
-        if not self.wait_connected(connect_s):
+        connected = self.wait_connected(connect_s)
+        drops = self.drops  # a connection lost from here on is this request's
+        if connected and not self._connected:  # lost since it was seen, and counted
+            connected = self.wait_connected(connect_s)  # a restarted service takes it
+            drops = self.drops
+        if not connected:
             refusal, unreached = self.refusal, self.no_service_message(connect_s)
             self.reset()
             if refusal:
@@ -459,9 +464,6 @@ class Client:
             raise ProtocolError(
                 ErrorCode.UNREACHABLE, unreached, request_id=request.id, op=request.op
             )
-        drops = self.drops
-        if not self._connected:  # lost since it was seen, and counted: this request's is gone
-            drops -= 1
         self.send(request)
         finished = False
         try:

@@ -600,42 +600,28 @@ class Server:
         self._stalled_since = {
             c: now if c in took else self._stalled_since.get(c, now) for c in full
         }
-        for client, since in list(self._stalled_since.items()):
+        # Dropped together: one at a time, each a pass over every held reply, 20,000 stalled
+        # clients held the I/O thread 5 s.
+        stalled: dict[ClientId, str] = {}
+        for client, since in self._stalled_since.items():
             if now - since > STALLED_CLIENT_S:
-                log.warning(
-                    "client stopped reading; dropping its work",
-                    extra={
-                        "event": "client_stalled",
-                        "error": f"its replies waited {now - since:.0f} s",
-                    },
-                )
-                self._drop_client(client)
+                stalled[client] = f"its replies waited {now - since:.0f} s"
             elif full[client] > MAX_HELD_REPLIES:
-                log.warning(
-                    "client stopped reading; dropping its work",
-                    extra={
-                        "event": "client_stalled",
-                        "error": f"{full[client]} replies waited for it",
-                    },
-                )
-                self._drop_client(client)
-        excess = len(self._held) - MAX_HELD_REPLIES_IN_ALL
-        if excess > 0:  # counted once: one drop at a time over 50,000 clients took seconds
-            dropped = []
-            for client, count in Counter(frames[0] for frames in self._held).most_common():
-                if excess <= 0:
-                    break
-                log.warning(
-                    "client stopped reading; dropping its work",
-                    extra={
-                        "event": "client_stalled",
-                        "error": f"{count} replies waited for it, the most of "
-                        f"{len(self._held)} waiting for clients that do not read",
-                    },
-                )
-                dropped.append(client)
-                excess -= count
-            self._drop_clients(dropped)
+                stalled[client] = f"{full[client]} replies waited for it"
+        left = Counter(frames[0] for frames in self._held if frames[0] not in stalled)
+        excess = over = sum(left.values()) - MAX_HELD_REPLIES_IN_ALL
+        for client, count in left.most_common():
+            if excess <= 0:
+                break
+            stalled[client] = f"{count} replies waited for it, with {over} too many in all"
+            excess -= count
+        for why in stalled.values():
+            log.warning(
+                "client stopped reading; dropping its work",
+                extra={"event": "client_stalled", "error": why},
+            )
+        if stalled:
+            self._drop_clients(list(stalled))
 
     def _drop_client(self, client: ClientId) -> None:
         self._drop_clients([client])

@@ -568,6 +568,7 @@ class Server:
         pending, self._held = [*self._held, *replies], deque()  # a client's replies in order
         full: Counter[ClientId] = Counter()  # clients whose pipe is full: replies held
         took: set[ClientId] = set()  # clients that took a reply this turn: reading, if slowly
+        gone_now: list[ClientId] = []
         for frames in pending:
             client = frames[0]
             if client in self._gone:
@@ -595,13 +596,14 @@ class Server:
                 self._gone[client] = None
                 if len(self._gone) > GONE_CLIENTS_KEPT:
                     del self._gone[next(iter(self._gone))]
-                self._drop_client(client)
+                gone_now.append(client)  # its later replies are skipped above
+        # Dropped together: one at a time, each a pass over every held reply, 20,000 stalled
+        # clients held the I/O thread 5 s (and 5,000 gone ones, 6 s).
+        self._drop_clients(gone_now)
         now = time.monotonic()
         self._stalled_since = {
             c: now if c in took else self._stalled_since.get(c, now) for c in full
         }
-        # Dropped together: one at a time, each a pass over every held reply, 20,000 stalled
-        # clients held the I/O thread 5 s.
         stalled: dict[ClientId, str] = {}
         for client, since in self._stalled_since.items():
             if now - since > STALLED_CLIENT_S:
@@ -620,8 +622,7 @@ class Server:
                 "client stopped reading; dropping its work",
                 extra={"event": "client_stalled", "error": why},
             )
-        if stalled:
-            self._drop_clients(list(stalled))
+        self._drop_clients(list(stalled))
 
     def _drop_client(self, client: ClientId) -> None:
         self._drop_clients([client])
@@ -630,6 +631,8 @@ class Server:
         """Forgets clients that can no longer be reached: their work, their replies not yet
         sent, and their requests' log entries (which only a final reply would remove)."""
         gone = set(clients)
+        if not gone:
+            return
         self._held = deque(frames for frames in self._held if frames[0] not in gone)
         for client in gone:
             self._stalled_since.pop(client, None)

@@ -208,6 +208,12 @@ class Client:
         self._read_monitor()
         return self._connected
 
+    def connection_state(self) -> tuple[bool, int]:
+        """(`connected`, `drops`) from one look: read apart, a connection lost between them
+        is counted and not seen lost, or seen lost and not counted."""
+        self._read_monitor()
+        return self._connected, self._drops
+
     @property
     def drops(self) -> int:
         """Connections this socket has lost: a reply owed on one of them never comes, even if
@@ -447,10 +453,11 @@ class Client:
         for each reply, so a long batch lives as long as items keep coming. The connection has
         its own wait (`connect_s`): a short `timeout_s` must not call a live service absent."""
         connected = self.wait_connected(connect_s)
-        drops = self.drops  # a connection lost from here on is this request's
-        if connected and not self._connected:  # lost since it was seen, and counted
-            connected = self.wait_connected(connect_s)  # a restarted service takes it
-            drops = self.drops
+        up, drops = self.connection_state()  # a connection lost from here on is this request's
+        deadline = time.monotonic() + connect_s
+        while connected and not up:  # lost since it was seen, and counted: wait for the next
+            connected = self.wait_connected(max(0.0, deadline - time.monotonic()))
+            up, drops = self.connection_state()
         if not connected:
             refusal, unreached = self.refusal, self.no_service_message(connect_s)
             self.reset()

@@ -206,8 +206,7 @@ class Session:
 
     def _send(self, request: Request) -> str:
         if not self._in_flight:  # a connection lost before this request costs it nothing
-            self._drops_seen = self._client.drops
-            self._was_connected = self._client.connected
+            self._was_connected, self._drops_seen = self._client.connection_state()
         self._client.send(request)  # encodes first: bad input raises here, before anything queues
         now = self._clock()
         self._in_flight[request.id] = _InFlight(request, now, now + self.timeout_s)

@@ -796,11 +796,12 @@ class Server:
                 )
                 scheduler.stop(while_waiting=serve_once)
             self._forward_replies()  # the last answers and the shutting_down errors
-            # What was counted and not said yet, before anything else can fail.
-            self._bad_requests.flush(final=True)
-            if self._clients is not None:
-                self._clients.log_refusals(final=True)
-            self.close()
+            self._bad_requests.flush(final=True)  # counted and not said yet
+            try:
+                self.close()
+            finally:  # once the authenticator has stopped: no knock comes after it
+                if self._clients is not None:
+                    self._clients.log_refusals(final=True)
             log.info("stopped", extra={"event": "stop"})
 
     def _drain_requests(self, budget: int = 256, budget_s: float = 0.05) -> None:

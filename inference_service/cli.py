@@ -480,132 +480,166 @@ def _refusal(request: PoseRequest, check_images: bool = False):
 
 
 def _batch(args: argparse.Namespace) -> int:
-    lines = _read_prompts(args.file)  # (line number in the file, prompt)
-    partial = _partial_path(args.out)
-    _check_writable(args.out, inputs=[args.file], also=[partial])
-    if partial.exists() and not args.resume:  # a run cut short again would write over it
-        raise CommandError(
-            EXIT_BAD_INPUT,
-            f"{partial} holds the answers of a batch cut short or left with lines without a "
-            "pose: add --resume to go on from them, or delete it to start over",
-        )
-    resumed_from, poses, fps = _earlier_answers(args, lines) if args.resume else (None, {}, None)
-    fps = args.fps or fps or DEFAULT_FPS
-    earlier = len(poses)
-    failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why it got no pose
-    limit = DEFAULT_LIMITS.max_prompt_chars
-    for number, prompt in lines:  # the service would refuse the whole request for one of them
-        if number not in poses and len(prompt) > limit:
-            failures[number] = (ErrorCode.TOO_LARGE, f"{len(prompt)} characters; at most {limit}")
-    sendable = [(n, prompt) for n, prompt in lines if n not in poses and n not in failures]
-    out_existed = args.out.exists()
-    progress_path = _batch_destination(args.out, False, False, resumed_from, out_existed)
-    saved = _SavedProgress(progress_path, earlier)
-    _progress_log_due[0] = time.monotonic() + PROGRESS_LOG_S
-    finished = stopped = False
+    run = _BatchRun(args)
+    finished = False
     try:
-        with contextlib.ExitStack() as stack:
-            client = stack.enter_context(_serving_client(args)) if sendable else None
-            plan = BatchRequests([prompt for _, prompt in sendable])
-            restarts = 0  # in a row, with no answer between them
-            while (positions := plan.next()) is not None:
-                asked = sendable[positions.start : positions.stop]
-                request = BatchRequest(
-                    client.new_id(), [prompt for _, prompt in asked], timeout_ms=_waits_ms(args)
-                )
-                # With --wait, a service that stops mid-run (a restart) is waited for.
-                waits_through = args.wait is not None and restarts < MAX_RESTARTS_WAITED
-                gone = None
-                for reply in _until_gone(client.stream(request, args.timeout), waits_through):
-                    if isinstance(reply, ServiceGone):
-                        gone = reply.message
-                        break
-                    restarts = 0
-                    if isinstance(reply, BatchDoneReply):
-                        continue  # every line it held is already counted
-                    if _queues_fewer(reply) and plan.in_smaller_requests():
-                        break
-                    delay = plan.delay_before_again() if _refused_busy(reply) else None
-                    if delay is not None:
-                        if _on_terminal():
-                            _report("")  # past the progress bar's line
-                        _report(f"chatpose batch: {reply.message}; asking again in {delay:g} s")
-                        time.sleep(delay)  # Ctrl-C stops it as any wait
-                        break
-                    plan.taken()
-                    if isinstance(reply, BatchItemReply) and reply.poses:
-                        number, prompt = asked[reply.index]
-                        # Labelled with its line's prompt, which --resume matches it by.
-                        poses[number] = dataclasses.replace(reply.poses[0], label=prompt)
-                    elif isinstance(reply, ErrorReply) and reply.index is not None:
-                        failures[asked[reply.index][0]] = (reply.code, reply.message)
-                    elif isinstance(reply, ErrorReply):
-                        _checked(reply, BatchItemReply)  # the whole request failed
-                    elif not isinstance(reply, BatchItemReply):  # it would end the stream
-                        _checked(reply, BatchItemReply)
-                    saved.offer(poses, fps)
-                    _progress(len(poses) + len(failures), len(lines))
-                if gone is not None:  # the lines not answered yet, asked again once it serves
-                    restarts += 1
-                    if _on_terminal():
-                        _report("")  # past the progress bar's line
-                    waiting = f"waiting up to {args.wait:g} s for it to serve again"
-                    _report(f"chatpose batch: {gone}; {waiting}")
-                    sendable = [
-                        (number, prompt)
-                        for number, prompt in sendable[positions.start :]
-                        if number not in poses and number not in failures
-                    ]
-                    plan = BatchRequests([prompt for _, prompt in sendable], plan.size)
-                    client.wait_serving(args.wait)
+        run.ask_every_line()
         finished = True
-    except BaseException:
-        stopped = True  # its message, printed last, says why
-        raise
     finally:  # what was answered is written, and what was not is named, even half-way
         # A second Ctrl-C, or a `kill`, while the answers are written would lose them all.
         with interrupts_deferred():
-            if _on_terminal() and sendable:
-                _report("")  # past the progress bar's line
-            answered_all = len(poses) == len(lines)
-            # A file another run wrote at --out meanwhile is as much the user's as one there
-            # before: a run cut short does not replace it.
-            out_existed = out_existed or (saved.path == args.out and saved.appeared())
-            out = _batch_destination(args.out, finished, answered_all, resumed_from, out_existed)
-            written = None
-            if not finished and len(poses) == earlier and resumed_from is not None:
-                _report(f"no new answers; {resumed_from} is kept as it was")
-            elif poses:
-                written = _write_or_rescue(out, [poses[i] for i in sorted(poses)], fps)
-            elif finished:  # every line failed: the errors below say why
-                _report(f"no line got a pose; {args.out} was not written")
-            if written is not None:
-                gaps = (
-                    " (a frame per answered line, in file order)" if len(poses) < len(lines) else ""
+            run.write_answers(finished)
+    return run.exit_code()
+
+
+class _BatchRun:
+    """One `chatpose batch`: the prompt file's lines, the pose or the error each got so far
+    (by line number), and where the answers go."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.lines = _read_prompts(args.file)  # (line number in the file, prompt)
+        partial = _partial_path(args.out)
+        _check_writable(args.out, inputs=[args.file], also=[partial])
+        if partial.exists() and not args.resume:  # a run cut short again would write over it
+            raise CommandError(
+                EXIT_BAD_INPUT,
+                f"{partial} holds the answers of a batch cut short or left with lines without "
+                "a pose: add --resume to go on from them, or delete it to start over",
+            )
+        self.resumed_from, self.poses, fps = (
+            _earlier_answers(args, self.lines) if args.resume else (None, {}, None)
+        )
+        self.fps = args.fps or fps or DEFAULT_FPS
+        self.earlier = len(self.poses)  # answered by the file resumed
+        self.failures: dict[int, tuple[ErrorCode, str]] = {}  # by line number: why no pose
+        limit = DEFAULT_LIMITS.max_prompt_chars
+        for number, prompt in self.lines:  # the service would refuse the whole request
+            if number not in self.poses and len(prompt) > limit:
+                message = f"{len(prompt)} characters; at most {limit}"
+                self.failures[number] = (ErrorCode.TOO_LARGE, message)
+        self.sendable = self._not_answered(self.lines)
+        self.out_existed = args.out.exists()
+        self.saved = _SavedProgress(
+            _batch_destination(args.out, False, False, self.resumed_from, self.out_existed),
+            self.earlier,
+        )
+        self.restarts = 0  # waited through in a row, with no answer between them
+        self.out: Path | None = None  # where the answers belong, once the run ends
+        self.written: Path | None = None  # where they went, if anywhere
+        _progress_log_due[0] = time.monotonic() + PROGRESS_LOG_S
+
+    def _not_answered(self, lines: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        return [
+            (n, prompt) for n, prompt in lines if n not in self.poses and n not in self.failures
+        ]
+
+    def ask_every_line(self) -> None:
+        """Asks the service for the lines without an answer, in requests as large as it takes."""
+        if not self.sendable:
+            return
+        with _serving_client(self.args) as client:
+            plan = BatchRequests([prompt for _, prompt in self.sendable])
+            while (positions := plan.next()) is not None:
+                asked = self.sendable[positions.start : positions.stop]
+                request = BatchRequest(
+                    client.new_id(),
+                    [prompt for _, prompt in asked],
+                    timeout_ms=_waits_ms(self.args),
                 )
-                kept = (
-                    f"; {args.out} is kept as it was" if written != args.out and out_existed else ""
-                )
-                _report(f"wrote {len(poses)} of {len(lines)} poses to {written}{gaps}{kept}")
-            if finished and written == args.out:
-                _drop_answered_partial(args, lines, poses)
-            for number, (code, message) in sorted(failures.items()):
-                _report(f"chatpose batch: line {number}: {code.value}: {message}")
-            unanswered = [n for n, _ in lines if n not in poses and n not in failures]
-            if unanswered and not (stopped and len(poses) == earlier == 0):  # else the cause is all
-                resumable = written is not None or resumed_from is not None
-                hint = "the same command with --resume asks only the lines without a pose"
-                if written not in (None, out):  # --resume reads `out`, not the rescue file
-                    hint = f"move {written} to {out}; then {hint}"
-                hint = f" ({hint})"
-                _report(
-                    f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}"
-                )
-    if poses and written != out:  # the answers are elsewhere, or lost: not where asked for
-        return EXIT_BAD_INPUT
-    if unanswered:  # finished, yet the service left lines without a pose or an error
-        return EXIT_SERVICE_ERROR
-    return exit_code_for_all([code for code, _ in failures.values()])
+                # With --wait, a service that stops mid-run (a restart) is waited for.
+                waits_through = self.args.wait is not None and self.restarts < MAX_RESTARTS_WAITED
+                replies = _until_gone(client.stream(request, self.args.timeout), waits_through)
+                gone = self._take_replies(replies, plan, asked)
+                if gone is not None:  # the lines not answered yet, asked again once it serves
+                    self.restarts += 1
+                    if _on_terminal():
+                        _report("")  # past the progress bar's line
+                    waiting = f"waiting up to {self.args.wait:g} s for it to serve again"
+                    _report(f"chatpose batch: {gone}; {waiting}")
+                    self.sendable = self._not_answered(self.sendable[positions.start :])
+                    plan = BatchRequests([prompt for _, prompt in self.sendable], plan.size)
+                    client.wait_serving(self.args.wait)
+
+    def _take_replies(self, replies, plan: BatchRequests, asked: list[tuple[int, str]]):
+        """Takes one request's replies until it ends, or is to be sent again (smaller, or
+        after a wait); the ServiceGone message when the service went away meanwhile."""
+        for reply in replies:
+            if isinstance(reply, ServiceGone):
+                return reply.message
+            self.restarts = 0
+            if isinstance(reply, BatchDoneReply):
+                continue  # every line it held is already counted
+            if _queues_fewer(reply) and plan.in_smaller_requests():
+                return None
+            delay = plan.delay_before_again() if _refused_busy(reply) else None
+            if delay is not None:
+                if _on_terminal():
+                    _report("")  # past the progress bar's line
+                _report(f"chatpose batch: {reply.message}; asking again in {delay:g} s")
+                time.sleep(delay)  # Ctrl-C stops it as any wait
+                return None
+            plan.taken()
+            if isinstance(reply, BatchItemReply) and reply.poses:
+                number, prompt = asked[reply.index]
+                # Labelled with its line's prompt, which --resume matches it by.
+                self.poses[number] = dataclasses.replace(reply.poses[0], label=prompt)
+            elif isinstance(reply, ErrorReply) and reply.index is not None:
+                self.failures[asked[reply.index][0]] = (reply.code, reply.message)
+            elif not isinstance(reply, BatchItemReply):  # the whole request failed, or ended
+                _checked(reply, BatchItemReply)
+            self.saved.offer(self.poses, self.fps)
+            _progress(len(self.poses) + len(self.failures), len(self.lines))
+        return None
+
+    def write_answers(self, finished: bool) -> None:
+        """Writes the answers where they belong (or, for a run cut short, where they keep the
+        user's files), and says what was written and which lines got no pose, and why."""
+        args, poses = self.args, self.poses
+        if _on_terminal() and self.sendable:
+            _report("")  # past the progress bar's line
+        answered_all = len(poses) == len(self.lines)
+        # A file another run wrote at --out meanwhile is as much the user's as one there
+        # before: a run cut short does not replace it.
+        out_existed = self.out_existed or (self.saved.path == args.out and self.saved.appeared())
+        self.out = _batch_destination(
+            args.out, finished, answered_all, self.resumed_from, out_existed
+        )
+        if not finished and len(poses) == self.earlier and self.resumed_from is not None:
+            _report(f"no new answers; {self.resumed_from} is kept as it was")
+        elif poses:
+            self.written = _write_or_rescue(self.out, [poses[i] for i in sorted(poses)], self.fps)
+        elif finished:  # every line failed: the errors below say why
+            _report(f"no line got a pose; {args.out} was not written")
+        if self.written is not None:
+            gaps = " (a frame per answered line, in file order)" if not answered_all else ""
+            kept = (
+                f"; {args.out} is kept as it was"
+                if self.written != args.out and out_existed
+                else ""
+            )
+            _report(f"wrote {len(poses)} of {len(self.lines)} poses to {self.written}{gaps}{kept}")
+        if finished and self.written == args.out:
+            _drop_answered_partial(args, self.lines, poses)
+        for number, (code, message) in sorted(self.failures.items()):
+            _report(f"chatpose batch: line {number}: {code.value}: {message}")
+        unanswered = [n for n, _ in self._not_answered(self.lines)]
+        stopped_before_any = not finished and len(poses) == self.earlier == 0
+        if unanswered and not stopped_before_any:  # else the cause, said last, is all
+            resumable = self.written is not None or self.resumed_from is not None
+            hint = "the same command with --resume asks only the lines without a pose"
+            if self.written not in (None, self.out):  # --resume reads `out`, not the rescue
+                hint = f"move {self.written} to {self.out}; then {hint}"
+            hint = f" ({hint})"
+            _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}")
+
+    def exit_code(self) -> int:
+        """For a run that ended (`write_answers` has run)."""
+        if self.poses and self.written != self.out:  # elsewhere, or lost: not where asked for
+            return EXIT_BAD_INPUT
+        if self._not_answered(self.lines):  # finished, yet lines got neither pose nor error
+            return EXIT_SERVICE_ERROR
+        return exit_code_for_all([code for code, _ in self.failures.values()])
 
 
 def _waits_ms(args: argparse.Namespace) -> int:

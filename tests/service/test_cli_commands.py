@@ -865,7 +865,8 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     np.testing.assert_allclose(motion.axis_angle[3], pose_for("clap").axis_angle, atol=1e-9)
 
     sent = sum(backend.batch_sizes)
-    code, _, err = run(capsys, *argv[:4], "--resume", "--address", "tcp://127.0.0.1:9")
+    nobody = ("--address", "tcp://127.0.0.1:9", "--wait", "5")  # not even waited for
+    code, _, err = run(capsys, *argv[:4], "--resume", *nobody)
     assert code == cli.EXIT_OK, err  # every line answered: no service needed
     assert sum(backend.batch_sizes) == sent
     assert Motion.load_npz(out_file).labels == motion.labels

@@ -1135,11 +1135,62 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
         hf_logging.disable_progress_bar()  # gets the lines alone
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = config.out
     resume_from = _resume_point(config, checkpoint)
     select_device(config.device)  # and the GPU asked for is there, before the data loads
     examples = _examples_for(config, checkpoint, examples)
     kinds = [example.kind for example in examples]
+    _note_settings(config, kinds)
+    # Now, not once the model has loaded: it refuses a mix that leaves nothing to train on.
+    sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
+    data_hash, data_files = fingerprint(examples)
+    if not config.train_base:  # LoRA trains: an adapter already there sets its shape
+        existing = resume_from / "adapter" if resume_from is not None else checkpoint.adapter_dir
+        config = _with_adapter_shape(config, existing, note=resume_from is None)
+    state = None
+    if resume_from is not None:
+        state = _saved_state(config, checkpoint, resume_from, (data_hash, data_files))
+
+    tm, head_path = _model_to_train(config, checkpoint, resume_from, examples, sampler)
+    encoder, encoded = _encoded_examples(tm, config, examples)
+    _set_up_heads(tm, config, state, encoder, encoded, head_path)
+    named = tm.named_trainable()
+    optimizer, adapter_scale = _optimizer(config, named)
+    run = _Run(config, tm, encoder, encoded, sampler, optimizer, named)
+    start = 0
+    if state is not None:
+        if state["param_names"] != run.names():
+            raise TrainingError(
+                f"{resume_from}: the trainable parameters differ from the saved run's"
+            )
+        start = _resumed(state, config, tm, optimizer, adapter_scale, sampler)
+        _forget_logged_steps_after(config.out, start)
+    # Only now, with the data, the model and the device ready: a run that fails to start
+    # leaves --out as it found it.
+    config.out.mkdir(parents=True, exist_ok=True)
+    run.base_model = str(checkpoint.base_dir.resolve())
+    if config.copy_base:
+        if not (config.out / "base").exists():
+            _copy_base(checkpoint.base_dir, config.out)
+        run.base_model = "../base"
+    run.state_extra = {
+        "run": config.run_settings(),
+        "data_fingerprint": data_hash,
+        "data_files": data_files,
+        "base_fingerprint": base_fingerprint(checkpoint),
+        "base_weights": base_weights_sample(checkpoint),
+    }
+    print(
+        f"training {sum(p.numel() for _, p in named):,} parameters on {len(examples)} examples "
+        f"({', '.join(f'{k} {kinds.count(k)}' for k in KINDS)}), steps {start + 1}..{config.steps}"
+        f", device {tm.device.type}",
+        file=sys.stderr,
+    )
+    return _run_steps(run, start, resume_from)
+
+
+def _note_settings(config: TrainConfig, kinds: Sequence[str]) -> None:
+    """Says which settings do not do what they may seem to: a mix that leaves out the data
+    given, a warmup longer than the run."""
     for note in unused_kinds(kinds, config.mix):
         print(f"note: the mix leaves out {note}", file=sys.stderr)
     if config.warmup_steps > config.steps:
@@ -1149,27 +1200,34 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             f"{learning_rate(config, config.steps):.3g}, not --lr {config.lr:g}",
             file=sys.stderr,
         )
-    # Now, not once the model has loaded: it refuses a mix that leaves nothing to train on.
-    sampler = MixedSampler(kinds, config.mix, config.batch_size, config.seed)
-    data_hash, data_files = fingerprint(examples)
-    if not config.train_base:  # LoRA trains: an adapter already there sets its shape
-        existing = resume_from / "adapter" if resume_from is not None else checkpoint.adapter_dir
-        config = _with_adapter_shape(config, existing, note=resume_from is None)
 
-    state = None
-    if resume_from is not None:
-        try:
-            state = load_state(resume_from)
-        except TrainingError as exc:
-            raise TrainingError(f"{exc}{_earlier_one(resume_from)}") from None
-        _check_resume(config, state, (data_hash, data_files), checkpoint, resume_from)
-        if state["step"] >= config.steps:
-            raise TrainingError(
-                f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
-            )
-    tm, head_path = _model_to_train(config, checkpoint, resume_from, examples, sampler)
-    encoder, encoded = _encoded_examples(tm, config, examples)
 
+def _saved_state(
+    config: TrainConfig, checkpoint: Checkpoint, resume_from: Path, data: tuple[str, list]
+) -> dict:
+    """The training state --resume goes on from, once it is known to fit this run."""
+    try:
+        state = load_state(resume_from)
+    except TrainingError as exc:
+        raise TrainingError(f"{exc}{_earlier_one(resume_from)}") from None
+    _check_resume(config, state, data, checkpoint, resume_from)
+    if state["step"] >= config.steps:
+        raise TrainingError(
+            f"--resume: {resume_from} is at step {state['step']}; ask for more --steps"
+        )
+    return state
+
+
+def _set_up_heads(
+    tm: TrainingModel,
+    config: TrainConfig,
+    state: dict | None,
+    encoder: Encoder,
+    encoded: Sequence[EncodedExample],
+    head_path: Path | None,
+) -> None:
+    """The SMPL head as the resumed run left it, or its input centred on this data; and the
+    action classifier, when the data names actions."""
     if state is not None:
         tm.head.load_state_dict(state["head"])
         shift = state["head_input_shift"]  # saved on the CPU; the run may be on CUDA
@@ -1178,51 +1236,53 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
         tm.head_input_shift = _head_input_shift(tm, encoder, encoded, config)
         if head_path is not None and tm.head_input_shift is not None:
             tm.unfold_head_input_shift()
-
     if actions := encoder.actions:
         tm.action_classifier = torch.nn.Linear(tm.head[0].in_features, len(actions))
         tm.action_classifier.to(tm.device)
         if state is not None and state.get("action_classifier") is not None:
             tm.action_classifier.load_state_dict(state["action_classifier"])
-    named = tm.named_trainable()
-    names = [name for name, _ in named]
-    optimizer, adapter_scale = _optimizer(config, named)
-    start = 0
-    if state is not None:
-        if state["param_names"] != names:
-            raise TrainingError(
-                f"{resume_from}: the trainable parameters differ from the saved run's"
-            )
-        start = _resumed(state, config, tm, optimizer, adapter_scale, sampler)
-        _forget_logged_steps_after(out, start)
-    # Only now, with the data, the model and the device ready: a run that fails to start
-    # leaves --out as it found it.
-    out.mkdir(parents=True, exist_ok=True)
-    base_model = str(checkpoint.base_dir.resolve())
-    if config.copy_base:
-        if not (out / "base").exists():
-            _copy_base(checkpoint.base_dir, out)
-        base_model = "../base"
-    state_extra = {
-        "run": config.run_settings(),
-        "data_fingerprint": data_hash,
-        "data_files": data_files,
-        "base_fingerprint": base_fingerprint(checkpoint),
-        "base_weights": base_weights_sample(checkpoint),
-    }
-    last_saved = resume_from
-    diverged_at = _diverged_step(out)
-    print(
-        f"training {sum(p.numel() for _, p in named):,} parameters on {len(examples)} examples "
-        f"({', '.join(f'{k} {kinds.count(k)}' for k in KINDS)}), steps {start + 1}..{config.steps}"
-        f", device {tm.device.type}",
-        file=sys.stderr,
-    )
 
+
+@dataclass
+class _Run:
+    """What a run's steps need, once its data, model and optimizer are ready."""
+
+    config: TrainConfig
+    tm: TrainingModel
+    encoder: Encoder
+    encoded: Sequence[EncodedExample]
+    sampler: MixedSampler
+    optimizer: torch.optim.AdamW
+    named: list[tuple[str, torch.nn.Parameter]]  # what it trains
+    base_model: str = ""  # what the run's checkpoints name as their base
+    state_extra: dict = field(default_factory=dict)  # what each checkpoint's state records
+
+    def names(self) -> list[str]:
+        """Of the parameters trained, as checkpoints save them."""
+        return [name for name, _ in self.named]
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            self.config.out,
+            step,
+            self.tm,
+            self.optimizer,
+            self.names(),
+            self.base_model,
+            self.state_extra,
+            self.config.keep_last,
+        )
+
+
+def _run_steps(run: _Run, start: int, last_saved: Path | None) -> TrainResult:
+    """The optimizer steps after ``start``, with the progress bar, the log and the periodic
+    checkpoints; a NaN stops the run, keeping ``last_saved`` (or the latest saved since)."""
+    config, tm, optimizer, out = run.config, run.tm, run.optimizer, run.config.out
+    diverged_at = _diverged_step(out)
     losses: list[tuple[int, float, float, float]] = []
     window: list[tuple[float, float, float]] = []
     window_start = time.perf_counter()
-    params = [p for _, p in named]
+    params = [p for _, p in run.named]
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -1236,7 +1296,9 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
-            totals = _accumulated_gradients(tm, config, encoder, encoded, sampler, step, last_saved)
+            totals = _accumulated_gradients(
+                tm, config, run.encoder, run.encoded, run.sampler, step, last_saved
+            )
             norm = torch.nn.utils.clip_grad_norm_(
                 params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             )
@@ -1252,14 +1314,9 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
             window.append(tuple(totals))
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - window_start
-                _log(
-                    out,
-                    step,
-                    config.steps,
-                    np.mean(window, axis=0),
-                    len(window) / elapsed,
-                    optimizer.param_groups[0]["lr"],
-                )
+                rate = len(window) / elapsed
+                lr = optimizer.param_groups[0]["lr"]
+                _log(out, step, config.steps, np.mean(window, axis=0), rate, lr)
                 window, window_start = [], time.perf_counter()
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 if not all(
@@ -1267,9 +1324,7 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
                 ):
                     raise _stopped(out, step, _diverged(step, "weights", tuple(totals), last_saved))
                 saving = time.perf_counter()
-                last_saved = save_checkpoint(
-                    out, step, tm, optimizer, names, base_model, state_extra, config.keep_last
-                )
+                last_saved = run.save(step)
                 window_start += time.perf_counter() - saving  # steps/s counts training only
                 tqdm.write(f"saved {last_saved}", file=sys.stderr)
     return TrainResult(config.steps, last_saved, losses)

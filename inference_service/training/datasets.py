@@ -868,46 +868,11 @@ def read_posescript(
     if (poses is None) == (amass is None) or (amass is None) != (index is None):
         raise ValueError("read_posescript: give either poses, or amass and index")
     if amass is not None:
-        poses_path = Path(index)
-        found, missing = read_amass_poses(poses_path, Path(amass), data)
-        if missing:
-            count = sum(len(v) for v in missing.values())
-            first = next(iter(missing))
-            what = (
-                f"{count} pose id(s) of {captions_path} ({next(iter(missing.values()))[0]!r} "
-                f"first) are in {len(missing)} AMASS sequence(s) not found under {amass} (such "
-                f"as {first})"
-            )
-            if not skip_missing:
-                raise DatasetError(
-                    f"{poses_path}: {what}; add those AMASS datasets, or missing=skip to leave "
-                    "their captions out"
-                )
-            print(f"note: left out: {what}", file=sys.stderr)
-            data = {pose_id: value for pose_id, value in data.items() if pose_id in found}
-        lookup_error = f"no such pose id in {poses_path}"
-        pose_ids = list(found)
-        pose_array = np.stack([found[p] for p in pose_ids]) if found else np.zeros((0, 24, 3))
-        z_up = True if z_up is None else z_up
-        arrays = {}
+        table = _amass_pose_table(Path(index), Path(amass), data, captions_path, skip_missing)
+        data = {pose_id: value for pose_id, value in data.items() if pose_id in table.rows}
+        table.array = _in_body_frame(table.array, True if z_up is None else z_up, table.path, {})
     else:
-        poses_path = Path(poses)
-        arrays = _read_npz(poses_path)
-        pose_array = read_pose_array(poses_path, arrays)
-        if "ids" in arrays:
-            pose_ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
-            lookup_error = f"no such pose in {poses_path} (its 'ids' array)"
-        else:
-            pose_ids = [str(row) for row in range(len(pose_array))]
-            lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
-    pose_array = _in_body_frame(pose_array, z_up, poses_path, arrays)
-    rows: dict[str, int] = {}
-    for row, pose_id in enumerate(pose_ids):
-        if pose_id in rows:
-            raise DatasetError(
-                f"{poses_path}: 'ids' has {pose_id!r} twice (frames {rows[pose_id]} and {row})"
-            )
-        rows[pose_id] = row
+        table = _npz_pose_table(Path(poses), z_up)
     phraser = Phraser(phrasing, seed, wording)
     examples = []
     for pose_id, value in data.items():
@@ -915,8 +880,8 @@ def read_posescript(
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise DatasetError(f"{where}: expected a caption or a non-empty list of captions")
-        if pose_id not in rows:
-            raise DatasetError(f"{where}: {lookup_error}")
+        if pose_id not in table.rows:
+            raise DatasetError(f"{where}: {table.lookup_error}")
         for number, text in enumerate(texts):
             if not text.strip() or not text.strip().rstrip(".!?,;: "):
                 raise DatasetError(f"{where}: caption {number} is empty")
@@ -931,11 +896,71 @@ def read_posescript(
                     "text_to_pose",
                     question,
                     answer,
-                    poses=(pose_array[rows[pose_id]],),
+                    poses=(table.array[table.rows[pose_id]],),
                     source=f"{captions_path}#{pose_id}[{number}]",
                 )
             )
     return examples
+
+
+@dataclass
+class _PoseTable:
+    """Poses by id, in the body frame: what a PoseScript caption's id is looked up in."""
+
+    path: Path  # the file that gave them, which errors name
+    array: np.ndarray  # (N, 24, 3) axis-angle
+    rows: dict[str, int]  # pose id -> row of `array`
+    lookup_error: str  # why an id not in `rows` is not there
+
+    @classmethod
+    def of(cls, path: Path, array: np.ndarray, ids: Sequence[str], lookup_error: str):
+        rows: dict[str, int] = {}
+        for row, pose_id in enumerate(ids):
+            if pose_id in rows:
+                raise DatasetError(
+                    f"{path}: 'ids' has {pose_id!r} twice (frames {rows[pose_id]} and {row})"
+                )
+            rows[pose_id] = row
+        return cls(path, array, rows, lookup_error)
+
+
+def _npz_pose_table(poses_path: Path, z_up: bool | None) -> _PoseTable:
+    """An AMASS-layout .npz's poses, by its `ids` array, else by frame index."""
+    arrays = _read_npz(poses_path)
+    pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path, arrays)
+    if "ids" in arrays:
+        pose_ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
+        lookup_error = f"no such pose in {poses_path} (its 'ids' array)"
+    else:
+        pose_ids = [str(row) for row in range(len(pose_array))]
+        lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
+    return _PoseTable.of(poses_path, pose_array, pose_ids, lookup_error)
+
+
+def _amass_pose_table(
+    index: Path, amass: Path, captions: dict, captions_path: Path, skip_missing: bool
+) -> _PoseTable:
+    """The poses of the captions' ids, from the AMASS folder through PoseScript's index (Z-up,
+    as AMASS has them); refused when some are in sequences not there, unless
+    ``skip_missing``."""
+    found, missing = read_amass_poses(index, amass, captions)
+    if missing:
+        count = sum(len(v) for v in missing.values())
+        first = next(iter(missing))
+        what = (
+            f"{count} pose id(s) of {captions_path} ({next(iter(missing.values()))[0]!r} "
+            f"first) are in {len(missing)} AMASS sequence(s) not found under {amass} (such "
+            f"as {first})"
+        )
+        if not skip_missing:
+            raise DatasetError(
+                f"{index}: {what}; add those AMASS datasets, or missing=skip to leave "
+                "their captions out"
+            )
+        print(f"note: left out: {what}", file=sys.stderr)
+    pose_ids = list(found)
+    pose_array = np.stack([found[p] for p in pose_ids]) if found else np.zeros((0, 24, 3))
+    return _PoseTable.of(index, pose_array, pose_ids, f"no such pose id in {index}")
 
 
 def read_image_pose_pairs(
@@ -975,28 +1000,74 @@ def read_image_pose_pairs(
             f"{poses_path}: no 'images' (or 'imgname') array, one image file name per frame"
         )
     names = _string_array(arrays, key, poses_path, len(pose_array))
-    rows = range(len(names))
-    # 4DHumans' and SPIN's files: frames without a true pose say so.
+    rows = _frames_with_poses(arrays, len(names), poses_path)
+    _make_upright(pose_array, rows, arrays, poses_path, camera_frame)
+    rows = rows[:limit]
+    units = box_units(arrays, crop)
+    boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
+    phraser = Phraser(phrasing, seed, wording)
+    examples = []
+    _announce_images(len(rows), poses_path)
+    for row in rows:
+        name = names[row]
+        where = f"{poses_path}: frame {row}"
+        if not name.strip():
+            raise DatasetError(f"{where}: empty image file name")
+        image, size = _read_image(folder, name, where)
+        if boxes is not None:
+            _check_box(boxes[row], size, units, crop, where, image.path)
+            image = ImageFile(image.path, image.sha256, boxes[row])
+        question, answer = phraser.image()
+        examples.append(
+            Example(
+                "image_to_pose",
+                question,
+                answer,
+                images=(image,),
+                poses=(pose_array[row],),
+                source=f"{poses_path}#{row}",
+            )
+        )
+    return examples
+
+
+def _frames_with_poses(arrays: dict, frames: int, poses_path: Path) -> Sequence[int]:
+    """The frames of an image/pose file that hold a pose: 4DHumans' and SPIN's files flag
+    those without a true one."""
     flag = next((key for key in ("has_body_pose", "has_smpl") if key in arrays), None)
-    if flag is not None:
-        flags = arrays[flag]
-        if flags.shape != (len(names),) or flags.dtype.kind not in "biuf":
-            raise DatasetError(
-                f"{poses_path}: '{flag}' must be (N,) number flags, got {flags.dtype} {flags.shape}"
-            )
-        if flags.dtype.kind == "f" and not np.isfinite(flags).all():  # else read as 0: no pose
-            bad = int(np.flatnonzero(~np.isfinite(flags))[0])
-            raise DatasetError(
-                f"{poses_path}: frame {bad}: '{flag}' is {flags[bad]}, not a number (the flags "
-                "are 0, no pose, or 1)"
-            )
-        rows = np.flatnonzero(flags > 0)
-        if len(rows) < len(names):
-            print(
-                f"note: {poses_path}: left out {len(names) - len(rows)} of {len(names)} frames "
-                f"without a pose ({flag} 0)",
-                file=sys.stderr,
-            )
+    if flag is None:
+        return range(frames)
+    flags = arrays[flag]
+    if flags.shape != (frames,) or flags.dtype.kind not in "biuf":
+        raise DatasetError(
+            f"{poses_path}: '{flag}' must be (N,) number flags, got {flags.dtype} {flags.shape}"
+        )
+    if flags.dtype.kind == "f" and not np.isfinite(flags).all():  # else read as 0: no pose
+        bad = int(np.flatnonzero(~np.isfinite(flags))[0])
+        raise DatasetError(
+            f"{poses_path}: frame {bad}: '{flag}' is {flags[bad]}, not a number (the flags "
+            "are 0, no pose, or 1)"
+        )
+    rows = np.flatnonzero(flags > 0)
+    if len(rows) < frames:
+        print(
+            f"note: {poses_path}: left out {frames - len(rows)} of {frames} frames "
+            f"without a pose ({flag} 0)",
+            file=sys.stderr,
+        )
+    return rows
+
+
+def _make_upright(
+    pose_array: np.ndarray,
+    rows: Sequence[int],
+    arrays: dict,
+    poses_path: Path,
+    camera_frame: bool | None,
+) -> None:
+    """Turns an image/pose file's global orientations from HMR's camera frame into the upright
+    one, in place, when ``camera_frame`` says so; refuses poses in a frame they cannot train
+    in (`read_image_pose_pairs`)."""
     # Z-up poses (AMASS's world, the motions chatpose and the add-on write) would train every
     # body lying down; and their heading is the world's, not relative to the camera.
     z_up_world = (
@@ -1029,33 +1100,6 @@ def read_image_pose_pairs(
             "as it is and silences this",
             file=sys.stderr,
         )
-    rows = rows[:limit]
-    units = box_units(arrays, crop)
-    boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
-    phraser = Phraser(phrasing, seed, wording)
-    examples = []
-    _announce_images(len(rows), poses_path)
-    for row in rows:
-        name = names[row]
-        where = f"{poses_path}: frame {row}"
-        if not name.strip():
-            raise DatasetError(f"{where}: empty image file name")
-        image, size = _read_image(folder, name, where)
-        if boxes is not None:
-            _check_box(boxes[row], size, units, crop, where, image.path)
-            image = ImageFile(image.path, image.sha256, boxes[row])
-        question, answer = phraser.image()
-        examples.append(
-            Example(
-                "image_to_pose",
-                question,
-                answer,
-                images=(image,),
-                poses=(pose_array[row],),
-                source=f"{poses_path}#{row}",
-            )
-        )
-    return examples
 
 
 def read_llava_conversations(
@@ -1093,17 +1137,7 @@ def read_llava_conversations(
     data = read_json(json_path)
     if not isinstance(data, list):
         raise DatasetError(f"{json_path}: expected a JSON list of conversations")
-    by_id: dict[str, list[np.ndarray]] | None = None
-    if poses is not None:
-        poses_path = Path(poses)
-        arrays = _read_npz(poses_path)
-        pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path, arrays)
-        if "ids" not in arrays:
-            raise DatasetError(f"{poses_path}: no 'ids' array (the conversation id of each frame)")
-        ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
-        by_id = {}
-        for row, conversation_id in enumerate(ids):
-            by_id.setdefault(conversation_id, []).append(pose_array[row])
+    by_id = None if poses is None else _poses_by_conversation(Path(poses), z_up)
     seen: set[str] = set()
     examples = []
     left_out: list[str] = []  # why each conversation left out by skip_missing was
@@ -1119,37 +1153,9 @@ def read_llava_conversations(
         if by_id is not None and conversation_id in seen:
             raise DatasetError(f"{where}: id used twice; poses are matched by id")
         seen.add(conversation_id)
-        image_names = record.get("image")
-        if image_names is None:
-            image_names = []
-        elif isinstance(image_names, str):
-            image_names = [image_names]
-        if not isinstance(image_names, list) or not all(
-            isinstance(n, str) and n.strip() for n in image_names
-        ):
-            raise DatasetError(f"{where}: 'image' must be a file name or a list of file names")
+        image_names = _llava_image_names(record.get("image"), where)
         turns = _llava_turns(record.get("conversations"), where, images=len(image_names))
-        near = [m[0] for _, answer in turns for m in _NEAR_MARKER.finditer(answer)]
-        if any(found != POSE_MARKER for found in near):  # it would train as chat text
-            found = next(found for found in near if found != POSE_MARKER)
-            raise DatasetError(f"{where}: a gpt turn holds {found!r}, not the marker {POSE_MARKER}")
-        markers = sum(answer.count(POSE_MARKER) for _, answer in turns)
-        targets: list[np.ndarray] = []
-        if markers:
-            if by_id is None:
-                raise DatasetError(
-                    f"{where}: gpt turns contain {POSE_MARKER} but no poses file was given"
-                )
-            targets = by_id.get(conversation_id, [])
-            if len(targets) != markers:
-                raise DatasetError(
-                    f"{where}: {markers} {POSE_MARKER} markers but {len(targets)} poses with "
-                    f"this id in {poses}"
-                )
-        elif by_id is not None and conversation_id in by_id:
-            raise DatasetError(
-                f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
-            )
+        targets = _llava_pose_targets(turns, by_id, conversation_id, where, poses)
         try:
             image_files = tuple(_read_image(folder, name, where)[0] for name in image_names)
         except DatasetError as exc:
@@ -1186,6 +1192,59 @@ def read_llava_conversations(
                 f"{poses}: poses for conversation id {unused[0]!r}, which is not in {json_path}"
             )
     return examples
+
+
+def _poses_by_conversation(poses_path: Path, z_up: bool | None) -> dict[str, list[np.ndarray]]:
+    """A LLaVA conversation file's poses, by the conversation id each frame names, in file
+    order."""
+    arrays = _read_npz(poses_path)
+    pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path, arrays)
+    if "ids" not in arrays:
+        raise DatasetError(f"{poses_path}: no 'ids' array (the conversation id of each frame)")
+    ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
+    by_id: dict[str, list[np.ndarray]] = {}
+    for row, conversation_id in enumerate(ids):
+        by_id.setdefault(conversation_id, []).append(pose_array[row])
+    return by_id
+
+
+def _llava_image_names(value: object, where: str) -> list[str]:
+    """A LLaVA record's `image`: none, a file name, or a list of them."""
+    names = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DatasetError(f"{where}: 'image' must be a file name or a list of file names")
+    return names
+
+
+def _llava_pose_targets(
+    turns: list[tuple[str, str]],
+    by_id: dict[str, list[np.ndarray]] | None,
+    conversation_id: str,
+    where: str,
+    poses: object,
+) -> list[np.ndarray]:
+    """The poses a conversation's `<POSE>` markers stand for, one each, in order; refused
+    when they and the poses file's frames for it do not match one to one."""
+    near = [m[0] for _, answer in turns for m in _NEAR_MARKER.finditer(answer)]
+    if any(found != POSE_MARKER for found in near):  # it would train as chat text
+        found = next(found for found in near if found != POSE_MARKER)
+        raise DatasetError(f"{where}: a gpt turn holds {found!r}, not the marker {POSE_MARKER}")
+    markers = sum(answer.count(POSE_MARKER) for _, answer in turns)
+    if not markers:
+        if by_id is not None and conversation_id in by_id:
+            raise DatasetError(
+                f"{where}: {poses} has poses for this conversation but it has no {POSE_MARKER}"
+            )
+        return []
+    if by_id is None:
+        raise DatasetError(f"{where}: gpt turns contain {POSE_MARKER} but no poses file was given")
+    targets = by_id.get(conversation_id, [])
+    if len(targets) != markers:
+        raise DatasetError(
+            f"{where}: {markers} {POSE_MARKER} markers but {len(targets)} poses with "
+            f"this id in {poses}"
+        )
+    return targets
 
 
 def _llava_turns(conversations: object, where: str, images: int) -> list[tuple[str, str]]:

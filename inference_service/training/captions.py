@@ -121,43 +121,78 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
     )
     if rest.shape != (NUM_JOINTS, 3):
         raise ValueError(f"rest_joints: expected shape (24, 3), got {rest.shape}")
-    p, g = forward_kinematics(aa, rest)
-    facts: list[Fact] = []
+    body = _Body.of(aa, rest)
+    facts = [*_posture_facts(body), *_torso_facts(body), *_arm_facts(body), *_leg_facts(body)]
+    return _ordered(_merge(facts))
+
+
+@dataclass(frozen=True)
+class _Body:
+    """What every group of facts measures a pose by: its joints' positions ``p`` and global
+    rotations ``g``, each part's height above the lowest joint, the parts on the ground, the
+    knees' bends and the torso's incline."""
+
+    p: np.ndarray
+    g: np.ndarray
+    rest: np.ndarray
+    height: dict[str, float]
+    touching: set[str]
+    knee_flex: dict[str, float]
+    pitch: float  # degrees, > 0 leaning forward
+    roll: float  # degrees, > 0 to the left
+    upside_down: bool
+
+    @classmethod
+    def of(cls, aa: np.ndarray, rest: np.ndarray) -> _Body:
+        p, g = forward_kinematics(aa, rest)
+        ground = float(p[:, 1].min())
+        height = {
+            "pelvis": p[_PELVIS, 1] - ground,
+            "head": p[_HEAD, 1] - ground,
+        }
+        for side, j in _J.items():
+            height[f"{side}_foot"] = min(p[j["ankle"], 1], p[j["foot"], 1]) - ground
+            height[f"{side}_knee"] = p[j["knee"], 1] - ground
+            height[f"{side}_hand"] = min(p[j["wrist"], 1], p[j["hand"], 1]) - ground
+        # Torso incline relative to the rest skeleton's own (its neck is ~4° behind the pelvis
+        # and ~1° to its right).
+        torso = p[_NECK] - p[_PELVIS]
+        rest_torso = rest[_NECK] - rest[_PELVIS]
+        pitch = math.degrees(
+            math.atan2(torso[2], torso[1]) - math.atan2(rest_torso[2], rest_torso[1])
+        )
+        # Sideways: the angle out of the body's sagittal plane (poses have zero yaw, so that
+        # plane is world YZ at any bend), not atan2(x, y), which past the horizontal turns the
+        # rest neck's small offset into a large angle.
+        roll = math.degrees(_elevation(torso, 0) - _elevation(rest_torso, 0))
+        below_horizontal = -math.degrees(_elevation(torso, 1))  # > 0 the torso points down
+        return cls(
+            p=p,
+            g=g,
+            rest=rest,
+            height=height,
+            touching={part for part, h in height.items() if h < GROUND_CONTACT},
+            knee_flex={
+                s: _flexion(p, rest, j["hip"], j["knee"], j["ankle"]) for s, j in _J.items()
+            },
+            pitch=pitch,
+            roll=roll,
+            upside_down=below_horizontal > UPSIDE_DOWN,
+        )
+
+    def down(self, part: str) -> list[str]:
+        """The sides whose ``part`` (knee, foot, hand) is on the ground."""
+        return [s for s in ("left", "right") if f"{s}_{part}" in self.touching]
+
+
+def _posture_facts(body: _Body) -> list[Fact]:
+    """Kneeling, hands on the ground, standing on one leg, sitting, crouching."""
+    p, height, facts = body.p, body.height, []
     add = facts.append
-
-    ground = float(p[:, 1].min())
-    height = {
-        "pelvis": p[_PELVIS, 1] - ground,
-        "head": p[_HEAD, 1] - ground,
-    }
-    for side, j in _J.items():
-        height[f"{side}_foot"] = min(p[j["ankle"], 1], p[j["foot"], 1]) - ground
-        height[f"{side}_knee"] = p[j["knee"], 1] - ground
-        height[f"{side}_hand"] = min(p[j["wrist"], 1], p[j["hand"], 1]) - ground
-    touching = {part for part, h in height.items() if h < GROUND_CONTACT}
-
-    # --- posture and ground ---------------------------------------------------------------
-    knees_down = [s for s in ("left", "right") if f"{s}_knee" in touching]
-    feet_down = [s for s in ("left", "right") if f"{s}_foot" in touching]
-    hands_down = [s for s in ("left", "right") if f"{s}_hand" in touching]
-    # Torso incline relative to the rest skeleton's own (its neck is ~4° behind the pelvis and
-    # ~1° to its right).
-    torso = p[_NECK] - p[_PELVIS]
-    rest_torso = rest[_NECK] - rest[_PELVIS]
-    pitch = math.degrees(
-        math.atan2(torso[2], torso[1]) - math.atan2(rest_torso[2], rest_torso[1])
-    )  # > 0 leaning forward
-    # Sideways: the angle out of the body's sagittal plane (poses have zero yaw, so that plane
-    # is world YZ at any bend), not atan2(x, y), which past the horizontal turns the rest
-    # neck's small offset into a large angle.
-    roll = math.degrees(_elevation(torso, 0) - _elevation(rest_torso, 0))  # > 0 to the left
-    below_horizontal = -math.degrees(_elevation(torso, 1))  # > 0 the torso points down
-    upside_down = below_horizontal > UPSIDE_DOWN
-    upright = abs(pitch) < 35 and abs(roll) < 35
-
+    knees_down, feet_down = body.down("knee"), body.down("foot")
     for side in knees_down:
         add(Fact("kneel", side, "on the knee", 0.95))
-    for side in hands_down:
+    for side in body.down("hand"):
         add(Fact("ground", side, "hand on the ground", 0.9))
     if len(feet_down) == 1 and not knees_down:
         lifted = _OTHER[feet_down[0]]
@@ -170,16 +205,23 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         if p[j["knee"], 1] > p[j["hip"], 1] - 0.12 and p[j["knee"], 2] > p[j["hip"], 2] + 0.15:
             thighs_level.append(side)
             add(Fact("thigh", side, "raised", 0.55))
-    knee_flex = {s: _flexion(p, rest, j["hip"], j["knee"], j["ankle"]) for s, j in _J.items()}
-    sitting = len(thighs_level) == 2 and upright and min(knee_flex.values()) > 60 and not knees_down
+    upright = abs(body.pitch) < 35 and abs(body.roll) < 35
+    bent_knees = min(body.knee_flex.values()) > 60
+    sitting = len(thighs_level) == 2 and upright and bent_knees and not knees_down
     low = height["pelvis"] < CROUCH_HEIGHT
+    torso_up = p[_NECK, 1] - p[_PELVIS, 1] > 0
     if sitting and not low:
         add(Fact("posture", "", "sitting", 0.9))
-    elif not knees_down and low and torso[1] > 0 and pitch > -20:
+    elif not knees_down and low and torso_up and body.pitch > -20:
         add(Fact("posture", "", "crouching", 0.85))
+    return facts
 
-    # --- torso and head -------------------------------------------------------------------
-    if upside_down:
+
+def _torso_facts(body: _Body) -> list[Fact]:
+    """The torso's incline and twist, and where the head turns."""
+    g, pitch, roll, facts = body.g, body.pitch, body.roll, []
+    add = facts.append
+    if body.upside_down:
         add(Fact("torso", "", "upside down", 0.9))
     elif pitch > 60:
         add(Fact("torso", "", "bent over", 0.9))
@@ -187,7 +229,7 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         add(Fact("torso", "", "leaning forward", 0.8))
     elif pitch < -15:
         add(Fact("torso", "", "leaning back", 0.8))
-    if not upside_down and abs(roll) > 15:
+    if not body.upside_down and abs(roll) > 15:
         add(Fact("torso_side", "left" if roll > 0 else "right", "leaning", 0.75))
 
     chest_in_pelvis = g[_PELVIS].T @ g[_SPINE3] @ _Z
@@ -202,8 +244,13 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
         add(Fact("head_pitch", "", "looking down", 0.55))
     elif face[1] > 0.35:
         add(Fact("head_pitch", "", "looking up", 0.55))
+    return facts
 
-    # --- arms and hands -------------------------------------------------------------------
+
+def _arm_facts(body: _Body) -> list[Fact]:
+    """Each arm's bend, height and direction, where each hand is, and the hands together."""
+    p, g, rest, facts = body.p, body.g, body.rest, []
+    add = facts.append
     chest = p[_SPINE3]
     head_centre = p[_HEAD] + g[_HEAD] @ np.array([0.0, HEAD_CENTRE, 0.0])
     crown = head_centre[1] + HEAD_RADIUS  # the top of the head's height
@@ -248,10 +295,15 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
     dy = p[20, 1] - p[21, 1]
     if abs(dy) > 0.3:
         add(Fact("hand_higher", "left" if dy > 0 else "right", "higher", 0.35))
+    return facts
 
-    # --- legs and feet --------------------------------------------------------------------
+
+def _leg_facts(body: _Body) -> list[Fact]:
+    """Each knee's bend, and where the feet stand."""
+    p, facts = body.p, []
+    add = facts.append
     for side in ("left", "right"):
-        value, sal = _bend_value(knee_flex[side])
+        value, sal = _bend_value(body.knee_flex[side])
         add(Fact("knee", side, value, sal))
     ankle_gap = abs(float(p[7, 0] - p[8, 0]))  # sideways: one foot ahead is "foot_front"
     if ankle_gap > FEET_APART:
@@ -259,8 +311,7 @@ def pose_facts(axis_angle, rest_joints=None) -> list[Fact]:
     dz = min(p[7, 2], p[10, 2]) - min(p[8, 2], p[11, 2])
     if abs(dz) > FOOT_IN_FRONT:
         add(Fact("foot_front", "left" if dz > 0 else "right", "in front", 0.6))
-
-    return _ordered(_merge(facts))
+    return facts
 
 
 # Kinds that describe one side each and may merge into "both".

@@ -1181,23 +1181,12 @@ def build(
     )
     if report := stop("corpus", None):
         return report
-    reused = []
-    pairs = {}
-    needs_renders = STOP_POINTS.index(stop_after or "answer") >= STOP_POINTS.index("tower")
-    for split, count, split_seed in (
-        ("train", preset.train_images, seed),
-        ("test", preset.test_images, seed + 1),
-    ):
-        name, settings = f"render {split} pairs", (split, count, split_seed, preset.image_size)
-        if not needs_renders:
-            pairs[split] = None
-        elif reuse_renders and renders_match(work, corpus, *settings):
-            pairs[split] = work / f"pairs_{split}"
-            log(f"stage {name}: reusing {pairs[split]} (nothing that decides it changed)")
-            reused.append(name)
-        else:
-            pairs[split] = stages.run(name, render, work, corpus, *settings)
-    train_pairs, test_pairs = pairs["train"], pairs["test"]
+    train_pairs = test_pairs = None
+    reused: list[str] = []
+    if STOP_POINTS.index(stop_after or "answer") >= STOP_POINTS.index("tower"):  # uses them
+        train_pairs, test_pairs, reused = _render_stages(
+            stages, work, corpus, preset, seed, reuse_renders
+        )
     base = stages.run("scaffold", scaffold, work, corpus, preset, seed)
     if report := stop("scaffold", base):
         return report
@@ -1239,11 +1228,6 @@ def build(
     drift = check_pack(trained, packed, corpus)
     log(f"packed checkpoint agrees with the trained one to {drift:.2f} mm")
     report = stages.run("evaluate", evaluate, work, packed, corpus, test_pairs)
-    train_log = [
-        json.loads(line)
-        for line in (work / "run" / "train_log.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
     info = {
         "command": command
         or f"python -m inference_service.training.build_demo --preset {preset_name}",
@@ -1256,6 +1240,63 @@ def build(
         "date": time.strftime("%Y-%m-%d"),
         "seconds": dict(stages.seconds),
         "reused": reused,
+        **_stage_info(work, preset, steps, stages, corpus, train_pairs),
+        "bars": report["bars"],
+    }
+    if tower is not None:
+        info["tower"] = tower
+
+    def finish_info() -> None:
+        info["seconds"] = dict(stages.seconds)
+        info["seconds_total"] = round(time.perf_counter() - total_start, 1)
+        info["size_mb"] = directory_size(packed) / 1e6
+
+    info["size_mb"] = 0.0
+    _write_build_info(packed, info)  # first, so that the size counts it
+    if docs is not None:
+        from inference_service.evaluate import markdown_summary
+
+        entries = stages.run("examples", examples, work, packed, test_pairs, docs / "images")
+        finish_info()
+        write_docs(docs, report, entries, info, markdown_summary(report))
+    finish_info()
+    _write_build_info(packed, info)
+    log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
+    log_bars(report)
+    return info
+
+
+def _render_stages(
+    stages: Stages, work: Path, corpus: Path, preset: Preset, seed: int, reuse_renders: bool
+) -> tuple[Path, Path, list[str]]:
+    """The train and test renders' folders, and the render stages reused (`reuse_renders`
+    and `renders_match`)."""
+    folders, reused = [], []
+    for split, count, split_seed in (
+        ("train", preset.train_images, seed),
+        ("test", preset.test_images, seed + 1),
+    ):
+        name, settings = f"render {split} pairs", (split, count, split_seed, preset.image_size)
+        if reuse_renders and renders_match(work, corpus, *settings):
+            folders.append(work / f"pairs_{split}")
+            log(f"stage {name}: reusing {folders[-1]} (nothing that decides it changed)")
+            reused.append(name)
+        else:
+            folders.append(stages.run(name, render, work, corpus, *settings))
+    return folders[0], folders[1], reused
+
+
+def _stage_info(
+    work: Path, preset: Preset, steps: int, stages: Stages, corpus: Path, train_pairs: Path
+) -> dict:
+    """build_info.json's figures of the training stages: steps, batch sizes, time a step,
+    and the train stage's data and final loss."""
+    train_log = [
+        json.loads(line)
+        for line in (work / "run" / "train_log.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    info = {
         "train": {
             "steps": steps,
             "batch_size": preset.batch_size,
@@ -1263,8 +1304,7 @@ def build(
             "seconds_per_step": stages.seconds["train"] / steps,
             "examples": _count_examples(corpus, train_pairs),
             "final_loss": train_log[-1] if train_log else None,
-        },
-        "bars": report["bars"],
+        }
     }
     for stage, stage_steps, batch_size in (
         ("words", preset.word_steps, preset.word_batch_size),
@@ -1278,25 +1318,11 @@ def build(
                 "batch_size": batch_size,
                 "seconds_per_step": stages.seconds[stage] / stage_steps,
             }
-    if tower is not None:
-        info["tower"] = tower
-    info["size_mb"] = 0.0
-    (packed / "build_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
-    if docs is not None:
-        from inference_service.evaluate import markdown_summary
-
-        entries = stages.run("examples", examples, work, packed, test_pairs, docs / "images")
-        info["seconds"] = dict(stages.seconds)
-        info["seconds_total"] = round(time.perf_counter() - total_start, 1)
-        info["size_mb"] = directory_size(packed) / 1e6
-        write_docs(docs, report, entries, info, markdown_summary(report))
-    info["seconds"] = dict(stages.seconds)
-    info["seconds_total"] = round(time.perf_counter() - total_start, 1)
-    info["size_mb"] = directory_size(packed) / 1e6
-    (packed / "build_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
-    log(f"done in {info['seconds_total'] / 60:.1f} min: {packed} ({info['size_mb']:.1f} MB)")
-    log_bars(report)
     return info
+
+
+def _write_build_info(packed: Path, info: dict) -> None:
+    (packed / "build_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
 
 
 def cpu_name() -> str:

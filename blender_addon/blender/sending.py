@@ -5,6 +5,7 @@ sent."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -47,43 +48,7 @@ def send_pose(
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
-    history = ()
-    chat_image = b""  # this turn's own image, kept with its exchange
-    resent_image = None  # or the chat's kept image, sent again
-    image_note = context_note = ""
-    if settings.chat_mode:
-        # The history holds an exchange once its answer is in: a turn sent before would go
-        # without the one before it, and the model would answer it blind.
-        refuse_chat_turn_yet(scene)
-        prefs = get_preferences(context)
-        pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
-        messages, first = _chat_context(scene, pairs)
-        history = chat.history_turns(messages, max_pairs=pairs)
-        if too_long := chat.too_long_for_context(messages, max_pairs=pairs):
-            context_note = (
-                f"; {too_long} of the chat's latest exchanges too long for its context "
-                f"({chat.DEFAULT_MAX_CHARS:,} characters) not sent"
-            )
-        if images:
-            chat_image = images[0]  # the add-on sends one
-        elif (index := chat.conversation_image_index(messages, max_pairs=pairs)) is not None:
-            label = messages[index].attachment or "image"
-            if messages[index].image_kept:
-                message = scene.chatpose.history[first + index]
-                images = [history_image(message)]
-                resent_image = (message.image.name, message.image.session_uid)
-                attachment = label  # shown in the history again
-                image_note = f", with {label} of the chat"
-            elif _refused_there(messages, index):
-                image_note = (
-                    f"; the service refused the chat's {label} (its failed exchange says why), "
-                    "so this turn goes without it"
-                )
-            else:
-                image_note = (
-                    f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
-                    "removed since): attach it again for the model to see it"
-                )
+    turn = _chat_turn(context, images, attachment) if settings.chat_mode else _Turn(images)
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
@@ -106,19 +71,77 @@ def send_pose(
         auto_key=auto_key,
         use_translation=settings.use_translation,
         keep_on_floor=settings.keep_on_floor,
-        attachment=attachment,
-        chat_image=chat_image,
-        resent_image=resent_image,
+        attachment=turn.attachment or attachment,
+        chat_image=turn.chat_image,
+        resent_image=turn.resent_image,
         spacing=settings.person_spacing,
     )
     try:
-        live.dispatcher().send_pose(service, job, images, history)
+        live.dispatcher().send_pose(service, job, turn.images, turn.history)
     except live.SEND_ERRORS as exc:
         raise live.UserError(f"Not sent: {live.send_problem(exc)}") from None
     runtime.ensure_timer()
     what = wording.preview(prompt) if prompt else "the image"
-    feedback.set_message(f"Asked the service for {what} ({mode} mode{image_note}{context_note})")
+    feedback.set_message(f"Asked the service for {what} ({mode} mode{turn.notes})")
     return job
+
+
+@dataclasses.dataclass(frozen=True)
+class _Turn:
+    """What a request sends besides its prompt: its images and, for a chat turn, the chat's
+    context."""
+
+    images: Sequence[bytes]
+    history: tuple = ()  # the chat's earlier exchanges, as the protocol sends them
+    chat_image: bytes = b""  # this turn's own image, kept with its exchange
+    resent_image: tuple[str, int] | None = None  # or the chat's kept image, sent again
+    attachment: str = ""  # the label of the chat's image sent again, shown with the turn
+    notes: str = ""  # for the status line: what of the chat's context went, or did not
+
+
+def _chat_turn(context: bpy.types.Context, images: Sequence[bytes], attachment: str) -> _Turn:
+    """A chat turn's context: the latest exchanges that fit, and this turn's image or else
+    the chat's kept one sent again; UserError while an earlier turn is still answered."""
+    scene = context.scene
+    # The history holds an exchange once its answer is in: a turn sent before would go
+    # without the one before it, and the model would answer it blind.
+    refuse_chat_turn_yet(scene)
+    prefs = get_preferences(context)
+    pairs = prefs.history_pairs if prefs is not None else chat.DEFAULT_MAX_PAIRS
+    messages, first = _chat_context(scene, pairs)
+    history = chat.history_turns(messages, max_pairs=pairs)
+    context_note = ""
+    if too_long := chat.too_long_for_context(messages, max_pairs=pairs):
+        context_note = (
+            f"; {too_long} of the chat's latest exchanges too long for its context "
+            f"({chat.DEFAULT_MAX_CHARS:,} characters) not sent"
+        )
+    if images:
+        return _Turn(images, history, chat_image=images[0], notes=context_note)  # one at most
+    index = chat.conversation_image_index(messages, max_pairs=pairs)
+    if index is None:
+        return _Turn(images, history, notes=context_note)
+    label = messages[index].attachment or "image"
+    if messages[index].image_kept:
+        message = scene.chatpose.history[first + index]
+        return _Turn(
+            [history_image(message)],
+            history,
+            resent_image=(message.image.name, message.image.session_uid),
+            attachment=label,  # shown in the history again
+            notes=f", with {label} of the chat{context_note}",
+        )
+    if _refused_there(messages, index):
+        image_note = (
+            f"; the service refused the chat's {label} (its failed exchange says why), "
+            "so this turn goes without it"
+        )
+    else:
+        image_note = (
+            f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
+            "removed since): attach it again for the model to see it"
+        )
+    return _Turn(images, history, notes=image_note + context_note)
 
 
 def _chat_context(scene: bpy.types.Scene, pairs: int) -> tuple[list[chat.Message], int]:

@@ -475,19 +475,9 @@ def contact_sheet(
 # --- the whole demo -----------------------------------------------------------------------------
 
 
-def run_demo(
-    checkpoint: Path,
-    out: Path,
-    *,
-    script: DemoScript | None = None,
-    size: int = 256,
-    device: str = "cpu",
-    timeout_s: float = 120.0,
-) -> DemoResult:
-    """Runs every step (module docstring); raises DemoError or ProtocolError on a failure,
-    after stopping the service."""
-    script = script or DemoScript()
-    checkpoint, out = Path(checkpoint), Path(out)
+def _check_setup(checkpoint: Path) -> None:
+    """DemoError or DemoSetupError, before anything starts, for what the demo cannot run
+    without: the checkpoint, headless Blender, the service's packages, the add-on."""
     if not (checkpoint / "chatpose.json").is_file():
         raise DemoError(f"no checkpoint at {checkpoint} (chatpose.json missing)")
     try:
@@ -513,6 +503,22 @@ def run_demo(
         ensure_addon_importable()
     except ImportError as exc:  # installed from a wheel: the add-on ships apart (a Blender zip)
         raise DemoSetupError(str(exc)) from None
+
+
+def run_demo(
+    checkpoint: Path,
+    out: Path,
+    *,
+    script: DemoScript | None = None,
+    size: int = 256,
+    device: str = "cpu",
+    timeout_s: float = 120.0,
+) -> DemoResult:
+    """Runs every step (module docstring); raises DemoError or ProtocolError on a failure,
+    after stopping the service."""
+    script = script or DemoScript()
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_setup(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     service = LocalService(checkpoint, out, device)
     result = DemoResult(

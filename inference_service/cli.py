@@ -43,7 +43,13 @@ from shared_protocol.batch_text import (
     read_batch_file,
     unreadable,
 )
-from shared_protocol.client import DEFAULT_ADDRESS, Client, ClientCurveKeys, UndecodableReply
+from shared_protocol.client import (
+    DEFAULT_ADDRESS,
+    Client,
+    ClientCurveKeys,
+    UndecodableReply,
+    secret_key_exposure,
+)
 from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
     BUSY_RETRY_DELAYS_S,
@@ -894,6 +900,8 @@ def _client(args: argparse.Namespace) -> Client:
                 raise CommandError(EXIT_BAD_INPUT, f"{flag}: {path} ({exc.strerror})") from None
             if not found:
                 raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
+        if exposure := secret_key_exposure(secret):
+            _report(f"chatpose: warning: --curve-secret-key: {exposure}")
         curve = ClientCurveKeys(secret, server)
     try:
         return Client(args.address, curve=curve)
@@ -988,7 +996,10 @@ def _local_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str)
             "chatpose-serve's: start the service with them and send this without --local",
         ) from None
     try:
-        answer = backend.answer_chat(item) if mode == "chat" else backend.answer_poses([item])[0]
+        if mode == "chat":
+            answer = backend.answer_chat(item)
+        elif isinstance(answer := backend.answer_poses([item])[0], ChatPoseError):
+            raise answer  # refused on its own, as in a batch (no word the model knows)
     except ChatPoseError as exc:  # what the service would reply
         return ErrorReply(LOCAL_ID, "pose", exc.code, str(exc))
     return PoseReply(LOCAL_ID, answer.text, answer.poses, answer.truncated, answer.history_left_out)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared_protocol.client import secret_key_exposure
+
 from . import logs
 from .checkpoint import work_offline
 from .commands import (
@@ -335,6 +337,8 @@ def _listening_server(args: argparse.Namespace) -> Server:
     check_bind(args.bind, curve)
     if curve is not None:
         curve.load()
+        if exposure := secret_key_exposure(curve.server_secret_file):
+            log.warning(f"--curve-secret-key: {exposure}", extra={"event": "key_exposed"})
     check_address_free(args.bind)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if not checkpoint.exists():

@@ -624,9 +624,6 @@ class Server:
             )
         self._drop_clients(list(stalled))
 
-    def _drop_client(self, client: ClientId) -> None:
-        self._drop_clients([client])
-
     def _drop_clients(self, clients: Sequence[ClientId]) -> None:
         """Forgets clients that can no longer be reached: their work, their replies not yet
         sent, and their requests' log entries (which only a final reply would remove)."""

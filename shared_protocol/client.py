@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -130,6 +131,24 @@ class ClientCurveKeys:
             )
         server_public, _ = _read_key(self.server_public_file, "server")
         return public, secret, server_public
+
+
+def secret_key_exposure(path: str | os.PathLike) -> str | None:
+    """What is wrong with a secret key file that other users of this machine may read (its
+    group's or others' permission bits, on POSIX), as a warning naming the fix; None for one
+    only its owner reads, or where permissions do not say (Windows, a file not there)."""
+    if os.name != "posix":
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    return (
+        f"{path} can be read by other users of this machine (mode {stat.S_IMODE(mode):o}): any "
+        f"of them can use its key; make it yours alone with chmod 600 {path}"
+    )
 
 
 def _read_key(path: Path, whose: str) -> tuple[bytes, bytes | None]:

@@ -39,7 +39,6 @@ from shared_protocol.protocol import (
     BatchDoneReply,
     BatchItemReply,
     BatchRequest,
-    CancelReply,
     CancelRequest,
     ErrorCode,
     ErrorReply,
@@ -257,8 +256,6 @@ class Session:
                 if reply.index is None:
                     self._in_flight.pop(reply.id)
                 return [RequestFailed(reply.id, reply.code, reply.message, reply.index)]
-            case CancelReply():
-                return []
         return []
 
     def _check_connection(self) -> list[Event]:

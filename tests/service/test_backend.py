@@ -307,6 +307,25 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_serve_warns_of_a_secret_key_other_users_may_read(tmp_path, capsys):
+    make_keys(tmp_path, ["animator"])  # owner-only, as it makes them
+    secret = tmp_path / "server.key_secret"
+    argv = [
+        "--curve-secret-key",
+        str(secret),
+        "--curve-clients",
+        str(tmp_path / "authorized_clients"),
+    ]
+    assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_USAGE
+    assert "can be read by other users" not in capsys.readouterr().err
+    secret.chmod(0o644)  # copied with a tool that does not keep permissions
+    assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "can be read by other users of this machine (mode 644)" in err
+    assert f"chmod 600 {secret}" in err and '"event": "key_exposed"' in err
+
+
 def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):
     calls, now = [], [0.0]
     handler = serve.SignalStop(
@@ -393,7 +412,7 @@ def test_a_client_gone_while_the_model_loads_is_forgotten_without_a_scheduler():
             server._held.append([client, b"reply"])
             server._received[(client, "r1")] = [(0.0, "pose")]
         server._stalled_since[b"gone"] = 0.0
-        server._drop_client(b"gone")  # what an unreachable client's reply leads to
+        server._drop_clients([b"gone"])  # what an unreachable client's reply leads to
         assert [frames[0] for frames in server._held] == [b"stays"]
         assert list(server._received) == [(b"stays", "r1")] and not server._stalled_since
     finally:

@@ -1508,6 +1508,13 @@ def test_local_mode_runs_the_model_in_process(tiny_checkpoint, capsys):
     assert "Loading weights" not in err  # no progress bar into what is not a terminal
 
 
+def test_local_mode_refuses_a_prompt_the_model_knows_no_word_of(capsys):
+    # The README's example of a refused prompt: a traceback with --local before.
+    code, out, err = run(capsys, "pose", "dance", "--local")  # the demo model
+    assert code == cli.EXIT_BAD_INPUT and out == ""
+    assert err.startswith("chatpose pose: prompt: this model knows none of its words")
+
+
 def test_local_mode_without_a_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "pose", "x", "--local", "--checkpoint", str(tmp_path / "none"))
     assert code == cli.EXIT_BAD_INPUT and "--checkpoint: no checkpoint at" in err
@@ -1527,8 +1534,14 @@ def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
         "--curve-server-key", str(tmp_path / "server.key"),
     ]  # fmt: skip
     with curve_service(tmp_path) as address:
-        code, out, _ = run(capsys, "pose", "wave", "--address", address, *keys)
+        code, out, err = run(capsys, "pose", "wave", "--address", address, *keys)
         assert code == cli.EXIT_OK and "pose 1 of 1" in out
+        assert "warning" not in err
+        if os.name == "posix":  # a secret key others may read works, and is warned of
+            (tmp_path / "animator.key_secret").chmod(0o640)
+            code, _, err = run(capsys, "status", "--address", address, *keys)
+            assert code == cli.EXIT_OK
+            assert "warning: --curve-secret-key:" in err and "(mode 640)" in err
         code, _, err = run(capsys, "status", "--address", address, *keys[:2])
         assert code == cli.EXIT_USAGE and "go together" in err
         missing = [keys[0], str(tmp_path / "nope"), *keys[2:]]

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import bpy
 
-from shared_protocol.client import DEFAULT_ADDRESS
+from shared_protocol.client import DEFAULT_ADDRESS, secret_key_exposure
 
 from .core.chat import DEFAULT_MAX_PAIRS
 from .core.netpolicy import address_problem, curve_problem
@@ -126,9 +126,13 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         layout.prop(self, "service_address")
         layout.prop(self, "curve_client_key")
         layout.prop(self, "curve_server_key")
-        problem = service_settings(context).problem
-        if problem:
-            for i, line in enumerate(wrap(problem, 70)):
+        settings = service_settings(context)
+        # A secret key others may read: usable, and said here where it is set.
+        warning = settings.problem or (
+            settings.client_key and secret_key_exposure(settings.client_key)
+        )
+        if warning:
+            for i, line in enumerate(wrap(warning, 70)):
                 layout.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
         layout.prop(self, "request_timeout")
         layout.prop(self, "history_pairs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import bpy
 import numpy as np
@@ -818,6 +819,31 @@ def test_panel_and_preferences_draw(blender):
     labels = " ".join(n for k, n in calls if k == "label" and n)  # the problem, wrapped
     reason = "online access is off" if not bpy.app.online_access else "needs CURVE keys"
     assert "tcp://10.1.2.3:5555 is not on this machine" in labels and reason in labels
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_path):
+    from blender_addon import preferences
+    from inference_service.keys import make_keys
+
+    make_keys(tmp_path, ["animator"])
+    prefs = preferences.get_preferences()
+    prefs.curve_client_key = str(tmp_path / "animator.key_secret")
+    prefs.curve_server_key = str(tmp_path / "server.key")
+
+    def labels():
+        calls = []
+        preferences.ChatPosePreferences.draw(
+            type("P", (), {"layout": FakeLayout(calls), "service_device": "cpu"})(), bpy.context
+        )
+        return " ".join(n for k, n in calls if k == "label" and n)
+
+    try:
+        assert "other users" not in labels()  # owner-only, as made
+        (tmp_path / "animator.key_secret").chmod(0o644)
+        assert "can be read by other users of this machine (mode 644)" in labels()
+    finally:
+        prefs.curve_client_key = prefs.curve_server_key = ""
 
 
 # --- the user's SMPL model file ------------------------------------------------------------------

@@ -541,7 +541,8 @@ class _BatchRun:
         ]
 
     def ask_every_line(self) -> None:
-        """Asks the service for the lines without an answer, in requests as large as it takes."""
+        """Asks the service for the lines without an answer, in requests of as many lines as it
+        takes (`BatchRequests` halves them for a service whose queue holds fewer)."""
         if not self.sendable:
             return
         with _serving_client(self.args) as client:

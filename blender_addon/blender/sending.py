@@ -48,7 +48,11 @@ def send_pose(
         raise live.UserError("Type a prompt first")
     service = live.service_for(context)
     mode = "chat" if settings.chat_mode else "pose"
-    turn = _chat_turn(context, images, attachment) if settings.chat_mode else _Turn(images)
+    turn = (
+        _chat_turn(context, images, attachment)
+        if settings.chat_mode
+        else _Turn(images, attachment=attachment)
+    )
     frame = None
     if settings.insert_keyframe:
         frame = scene.frame_current if settings.key_current_frame else settings.key_frame
@@ -71,7 +75,7 @@ def send_pose(
         auto_key=auto_key,
         use_translation=settings.use_translation,
         keep_on_floor=settings.keep_on_floor,
-        attachment=turn.attachment or attachment,
+        attachment=turn.attachment,
         chat_image=turn.chat_image,
         resent_image=turn.resent_image,
         spacing=settings.person_spacing,
@@ -95,7 +99,7 @@ class _Turn:
     history: tuple = ()  # the chat's earlier exchanges, as the protocol sends them
     chat_image: bytes = b""  # this turn's own image, kept with its exchange
     resent_image: tuple[str, int] | None = None  # or the chat's kept image, sent again
-    attachment: str = ""  # the label of the chat's image sent again, shown with the turn
+    attachment: str = ""  # the label of its image, shown with the exchange
     notes: str = ""  # for the status line: what of the chat's context went, or did not
 
 
@@ -116,11 +120,11 @@ def _chat_turn(context: bpy.types.Context, images: Sequence[bytes], attachment: 
             f"; {too_long} of the chat's latest exchanges too long for its context "
             f"({chat.DEFAULT_MAX_CHARS:,} characters) not sent"
         )
-    if images:
-        return _Turn(images, history, chat_image=images[0], notes=context_note)  # one at most
+    if images:  # the add-on sends one at most
+        return _Turn(images, history, images[0], attachment=attachment, notes=context_note)
     index = chat.conversation_image_index(messages, max_pairs=pairs)
     if index is None:
-        return _Turn(images, history, notes=context_note)
+        return _Turn(images, history, attachment=attachment, notes=context_note)
     label = messages[index].attachment or "image"
     if messages[index].image_kept:
         message = scene.chatpose.history[first + index]
@@ -128,7 +132,7 @@ def _chat_turn(context: bpy.types.Context, images: Sequence[bytes], attachment: 
             [history_image(message)],
             history,
             resent_image=(message.image.name, message.image.session_uid),
-            attachment=label,  # shown in the history again
+            attachment=label,  # shown with this exchange too
             notes=f", with {label} of the chat{context_note}",
         )
     if _refused_there(messages, index):
@@ -141,7 +145,7 @@ def _chat_turn(context: bpy.types.Context, images: Sequence[bytes], attachment: 
             f"; the chat's {label} is not kept (sent in pose mode, or unpacked or "
             "removed since): attach it again for the model to see it"
         )
-    return _Turn(images, history, notes=image_note + context_note)
+    return _Turn(images, history, attachment=attachment, notes=image_note + context_note)
 
 
 def _chat_context(scene: bpy.types.Scene, pairs: int) -> tuple[list[chat.Message], int]:

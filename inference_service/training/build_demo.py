@@ -1240,8 +1240,9 @@ def build(
         "date": time.strftime("%Y-%m-%d"),
         "seconds": dict(stages.seconds),
         "reused": reused,
-        **_stage_info(work, preset, steps, stages, corpus, train_pairs),
+        "train": _train_stage_info(work, preset, steps, stages, corpus, train_pairs),
         "bars": report["bars"],
+        **_other_stage_info(preset, stages),
     }
     if tower is not None:
         info["tower"] = tower
@@ -1286,26 +1287,30 @@ def _render_stages(
     return folders[0], folders[1], reused
 
 
-def _stage_info(
+def _train_stage_info(
     work: Path, preset: Preset, steps: int, stages: Stages, corpus: Path, train_pairs: Path
 ) -> dict:
-    """build_info.json's figures of the training stages: steps, batch sizes, time a step,
-    and the train stage's data and final loss."""
+    """build_info.json's figures of the train stage: steps, batch size, time a step, its data
+    and final loss."""
     train_log = [
         json.loads(line)
         for line in (work / "run" / "train_log.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    info = {
-        "train": {
-            "steps": steps,
-            "batch_size": preset.batch_size,
-            "mix": preset.mix,
-            "seconds_per_step": stages.seconds["train"] / steps,
-            "examples": _count_examples(corpus, train_pairs),
-            "final_loss": train_log[-1] if train_log else None,
-        }
+    return {
+        "steps": steps,
+        "batch_size": preset.batch_size,
+        "mix": preset.mix,
+        "seconds_per_step": stages.seconds["train"] / steps,
+        "examples": _count_examples(corpus, train_pairs),
+        "final_loss": train_log[-1] if train_log else None,
     }
+
+
+def _other_stage_info(preset: Preset, stages: Stages) -> dict:
+    """build_info.json's figures of the other training stages that ran: steps, batch size,
+    time a step."""
+    info = {}
     for stage, stage_steps, batch_size in (
         ("words", preset.word_steps, preset.word_batch_size),
         ("align", preset.align_steps, preset.vision_batch_size),

@@ -868,9 +868,8 @@ def read_posescript(
     if (poses is None) == (amass is None) or (amass is None) != (index is None):
         raise ValueError("read_posescript: give either poses, or amass and index")
     if amass is not None:
-        table = _amass_pose_table(Path(index), Path(amass), data, captions_path, skip_missing)
+        table = _amass_pose_table(Path(index), Path(amass), data, captions_path, skip_missing, z_up)
         data = {pose_id: value for pose_id, value in data.items() if pose_id in table.rows}
-        table.array = _in_body_frame(table.array, True if z_up is None else z_up, table.path, {})
     else:
         table = _npz_pose_table(Path(poses), z_up)
     phraser = Phraser(phrasing, seed, wording)
@@ -927,22 +926,28 @@ class _PoseTable:
 def _npz_pose_table(poses_path: Path, z_up: bool | None) -> _PoseTable:
     """An AMASS-layout .npz's poses, by its `ids` array, else by frame index."""
     arrays = _read_npz(poses_path)
-    pose_array = _in_body_frame(read_pose_array(poses_path, arrays), z_up, poses_path, arrays)
+    pose_array = read_pose_array(poses_path, arrays)
     if "ids" in arrays:
         pose_ids = _string_array(arrays, "ids", poses_path, len(pose_array), ints_ok=True)
         lookup_error = f"no such pose in {poses_path} (its 'ids' array)"
     else:
         pose_ids = [str(row) for row in range(len(pose_array))]
         lookup_error = f"no such pose in {poses_path} (frames 0..{len(pose_array) - 1})"
+    pose_array = _in_body_frame(pose_array, z_up, poses_path, arrays)
     return _PoseTable.of(poses_path, pose_array, pose_ids, lookup_error)
 
 
 def _amass_pose_table(
-    index: Path, amass: Path, captions: dict, captions_path: Path, skip_missing: bool
+    index: Path,
+    amass: Path,
+    captions: dict,
+    captions_path: Path,
+    skip_missing: bool,
+    z_up: bool | None,
 ) -> _PoseTable:
     """The poses of the captions' ids, from the AMASS folder through PoseScript's index (Z-up,
-    as AMASS has them); refused when some are in sequences not there, unless
-    ``skip_missing``."""
+    as AMASS has them, unless ``z_up`` says otherwise); refused when some are in sequences
+    not there, unless ``skip_missing``."""
     found, missing = read_amass_poses(index, amass, captions)
     if missing:
         count = sum(len(v) for v in missing.values())
@@ -960,6 +965,7 @@ def _amass_pose_table(
         print(f"note: left out: {what}", file=sys.stderr)
     pose_ids = list(found)
     pose_array = np.stack([found[p] for p in pose_ids]) if found else np.zeros((0, 24, 3))
+    pose_array = _in_body_frame(pose_array, True if z_up is None else z_up, index, {})
     return _PoseTable.of(index, pose_array, pose_ids, f"no such pose id in {index}")
 
 
@@ -1001,7 +1007,7 @@ def read_image_pose_pairs(
         )
     names = _string_array(arrays, key, poses_path, len(pose_array))
     rows = _frames_with_poses(arrays, len(names), poses_path)
-    _make_upright(pose_array, rows, arrays, poses_path, camera_frame)
+    _turn_upright_or_refuse(pose_array, rows, arrays, poses_path, camera_frame)
     rows = rows[:limit]
     units = box_units(arrays, crop)
     boxes = None if units is None else _crop_boxes(poses_path, arrays, len(names), rows, units)
@@ -1058,7 +1064,7 @@ def _frames_with_poses(arrays: dict, frames: int, poses_path: Path) -> Sequence[
     return rows
 
 
-def _make_upright(
+def _turn_upright_or_refuse(
     pose_array: np.ndarray,
     rows: Sequence[int],
     arrays: dict,

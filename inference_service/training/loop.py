@@ -1155,10 +1155,9 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
     _set_up_heads(tm, config, state, encoder, encoded, head_path)
     named = tm.named_trainable()
     optimizer, adapter_scale = _optimizer(config, named)
-    run = _Run(config, tm, encoder, encoded, sampler, optimizer, named)
     start = 0
     if state is not None:
-        if state["param_names"] != run.names():
+        if state["param_names"] != [name for name, _ in named]:
             raise TrainingError(
                 f"{resume_from}: the trainable parameters differ from the saved run's"
             )
@@ -1167,18 +1166,19 @@ def _train(config: TrainConfig, examples: Sequence[Example] | None) -> TrainResu
     # Only now, with the data, the model and the device ready: a run that fails to start
     # leaves --out as it found it.
     config.out.mkdir(parents=True, exist_ok=True)
-    run.base_model = str(checkpoint.base_dir.resolve())
+    base_model = str(checkpoint.base_dir.resolve())
     if config.copy_base:
         if not (config.out / "base").exists():
             _copy_base(checkpoint.base_dir, config.out)
-        run.base_model = "../base"
-    run.state_extra = {
+        base_model = "../base"
+    state_extra = {
         "run": config.run_settings(),
         "data_fingerprint": data_hash,
         "data_files": data_files,
         "base_fingerprint": base_fingerprint(checkpoint),
         "base_weights": base_weights_sample(checkpoint),
     }
+    run = _Run(config, tm, encoder, encoded, sampler, optimizer, named, base_model, state_extra)
     print(
         f"training {sum(p.numel() for _, p in named):,} parameters on {len(examples)} examples "
         f"({', '.join(f'{k} {kinds.count(k)}' for k in KINDS)}), steps {start + 1}..{config.steps}"
@@ -1254,8 +1254,8 @@ class _Run:
     sampler: MixedSampler
     optimizer: torch.optim.AdamW
     named: list[tuple[str, torch.nn.Parameter]]  # what it trains
-    base_model: str = ""  # what the run's checkpoints name as their base
-    state_extra: dict = field(default_factory=dict)  # what each checkpoint's state records
+    base_model: str  # what the run's checkpoints name as their base
+    state_extra: dict  # what each checkpoint's state records besides the training state
 
     def names(self) -> list[str]:
         """Of the parameters trained, as checkpoints save them."""

@@ -25,7 +25,7 @@ def _chars_per_line(context) -> int:
 
 
 def _wrapped(layout, text: str, width: int, icon: str = "NONE") -> None:
-    for i, line in enumerate(wording.wrap(text, width)):
+    for i, line in enumerate(wording.message_lines(text, width)):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 

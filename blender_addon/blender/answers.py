@@ -269,8 +269,12 @@ def _image_refused(job: PoseJob, message: str) -> bool:
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
     message = outcome.message + _why_unreachable(outcome.code)
+    if outcome.code == ErrorCode.UNREACHABLE and _local_service_starting():
+        # All there is to say: "no service at ..., is chatpose-serve running?" contradicts it.
+        message = "the local service is still starting (loading its model); send again once ready"
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
+    message = message.removeprefix("prompt: ")  # the protocol's field: the user typed it
     if job.resent_image and _image_refused(job, message):
         message += (
             f" ({job.attachment} is the chat's image, sent again with this turn; the turns "
@@ -290,7 +294,8 @@ def _pose_failed(outcome: PoseFailed) -> None:
             f"Cancelled: {wording.preview(job.prompt or job.attachment or 'the request')}"
         )
         return
-    feedback.notify(f"Request failed ({outcome.code.value}): {message}", "ERROR", popup=True)
+    what = f", {wording.preview(job.prompt, 40)}" if job.prompt else ""  # an image's is named
+    feedback.notify(f"Not answered{what}: {message}", "ERROR", popup=True)
 
 
 def give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
@@ -301,17 +306,30 @@ def give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
 
 
 def _why_unreachable(code: ErrorCode | None) -> str:
-    """What the local service started here says about a failure: still loading, or how it
-    ended, for an unreachable service; where its log is, for an internal error (whose message
-    says "see the service log"); "" otherwise."""
+    """What the local service started here says about a failure: for an unreachable service
+    at its address, that it is still loading or how it ended, and else where it listens
+    instead; where its log is, for an internal error (whose message says "see the service
+    log"); "" otherwise."""
     if code == ErrorCode.INTERNAL_ERROR:
         return _local_service_log()
     if code != ErrorCode.UNREACHABLE:
         return ""
     live.state.service_line_address = ""  # what the last check said no longer holds
+    if not _local_service_asked():
+        return _local_service_elsewhere()
     if live.state.waiting_ready:
         return " (the local service is still starting; try again when it is ready)"
-    return _local_service_exit() or _local_service_elsewhere()
+    return _local_service_exit()
+
+
+def _local_service_asked() -> bool:
+    """Whether the address asked is where the local service started here listens: another
+    service's failure says nothing of it (it was blamed on a local service exited before)."""
+    return live.state.process is not None and live.state.local_address == live.dispatcher().address
+
+
+def _local_service_starting() -> bool:
+    return live.state.waiting_ready and _local_service_asked()
 
 
 def _local_service_elsewhere() -> str:
@@ -429,7 +447,8 @@ def _batch_ended(run: BatchRun) -> None:
         level, popup = "INFO", False
     summary = run.summary()
     if run.state == batch_plan.FAILED:
-        summary += _why_unreachable(run.failure_code) or _local_service_exit()
+        exited = _local_service_exit() if _local_service_asked() else ""
+        summary += _why_unreachable(run.failure_code) or exited
     if run.keyed and _batch_target_problem(run, obj) is None:
         keys_location = run.use_translation or run.keep_on_floor
         if muted := muted_note(obj, pose_channels(obj, keys_location)):

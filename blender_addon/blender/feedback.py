@@ -50,7 +50,7 @@ def show_popup(text: str, level: str) -> None:
     wm = bpy.context.window_manager
     if wm is None or not wm.windows:
         return
-    lines = wording.wrap(text, 80)
+    lines = wording.message_lines(text, 80)
 
     def draw(self, _context):
         for line in lines:

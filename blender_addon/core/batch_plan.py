@@ -245,8 +245,8 @@ class BatchRun:
             parts = [f"Batch from {self.source} stopped: {self.reason}."]
         elif self.state == CANCELLED:
             parts = [f"Batch from {self.source} cancelled."]
-        else:
-            parts = [f"Batch from {self.source} done."]
+        else:  # answered, but not every line keyed: not "done"
+            parts = [f"Batch from {self.source}:"]
         parts.append(f"{keyed}; {left} of {self.total_lines} still to key.")
         failed = self.failed_lines
         if failed:

@@ -255,7 +255,14 @@ class Session:
             case ErrorReply():
                 if reply.index is None:
                     self._in_flight.pop(reply.id)
-                return [RequestFailed(reply.id, reply.code, reply.message, reply.index)]
+                message = reply.message
+                if reply.code == ErrorCode.TIMEOUT:  # said in the timeout the user set, not in
+                    # the request's own, a little shorter (`timeout_ms_within`)
+                    message = (
+                        f"not started within {self.timeout_s:g} s: the service was busy with "
+                        "other work (the timeout is set in the add-on's preferences)"
+                    )
+                return [RequestFailed(reply.id, reply.code, message, reply.index)]
         return []
 
     def _check_connection(self) -> list[Event]:

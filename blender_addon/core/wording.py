@@ -93,6 +93,19 @@ def wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+MAX_MESSAGE_LINES = 8
+
+
+def message_lines(text: str, width: int, max_lines: int = MAX_MESSAGE_LINES) -> list[str]:
+    """`wrap`, at most ``max_lines`` lines, for the panel's message and a popup: a model's
+    crash text of thousands of characters filled both (50 lines of a popup). What is cut is
+    in Blender's Info editor, whose reports keep messages whole."""
+    lines = wrap(text, width)
+    if len(lines) <= max_lines:
+        return lines
+    return [*lines[: max_lines - 1], "\u2026 (cut here: the Info editor shows it all)"]
+
+
 def _columns(cluster: str) -> int:
     wide = any(unicodedata.east_asian_width(c) in ("W", "F") for c in cluster)
     return 2 if wide or _is_regional(cluster[0]) else 1

@@ -1442,7 +1442,7 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
     assert bpy.ops.chatpose.pose_from_image(filepath=str(damaged)) == {"FINISHED"}
     drive(idle)
     assert live.last_message() == (
-        "Request failed (bad_image): image: half synced.png: not a PNG or JPEG image",
+        "Not answered: image: half synced.png: not a PNG or JPEG image",
         "ERROR",
     )
 
@@ -1524,7 +1524,7 @@ def test_a_refused_image_sent_again_says_it_is_the_chat_s_and_how_to_go_on(armat
         bpy.ops.chatpose.send()
         drive(idle)
         message = live.last_message()[0]
-        assert message.startswith("Request failed (unsupported_input): images: ")
+        assert message.startswith("Not answered, 'now raise her left arm': images: ")
         assert message.endswith(
             "(image: ref.png is the chat's image, sent again with this turn; the turns after "
             "it go without it)"
@@ -2117,10 +2117,23 @@ def test_requests_that_fail_together_make_one_popup(armature, monkeypatch):
         bpy.ops.chatpose.send()
     drive(idle)
     [(text, level)] = shown  # the three failed in one tick
-    assert level == "ERROR" and text.startswith("Request failed (unreachable): no service at")
+    assert level == "ERROR" and text.startswith("Not answered, 'wave': no service at")
     # The failures are in the chat history, undone as such (its Undo History name).
     assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_chat_step"
     assert text.endswith("(and 2 more: see the history and the Info editor)")
+
+
+def test_a_refused_prompt_is_named_in_the_user_s_words(armature, scripted_service):
+    # "Request failed (unsupported_input): prompt: ..." named the protocol's error code and
+    # field, not the prompt the user typed.
+    use_service(scripted_service[0])
+    bpy.context.scene.chatpose.prompt = "zzxq"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    assert live.last_message() == (
+        "Not answered, 'zzxq': this model knows none of its words",
+        "ERROR",
+    )
 
 
 def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
@@ -2139,6 +2152,14 @@ def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
         message = live.last_message()[0]
         assert message.startswith("Service: no service at ")
         assert message.endswith("(the local service is still starting; try again when it is ready)")
+        bpy.context.scene.chatpose.prompt = "wave"
+        bpy.ops.chatpose.send()  # no "no service at ...; is chatpose-serve running?" before it
+        drive(lambda: "Not answered" in live.last_message()[0])
+        assert live.last_message() == (
+            "Not answered, 'wave': the local service is still starting (loading its model); "
+            "send again once ready",
+            "ERROR",
+        )
     finally:
         live.service_process().stop(wait=True)
 
@@ -2256,6 +2277,19 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
     assert "no service at" in message
     assert "(the local service exited: killed by SIGKILL, which the system" in message
     assert message.endswith(f"; its log: {live.service_process().log_path})")
+    # Another service's failure says nothing of it: its log was named for a remote one's.
+    use_service(f"tcp://127.0.0.1:{free_port()}")
+    bpy.context.scene.chatpose.prompt = "elsewhere"
+    bpy.ops.chatpose.send()
+    drive(idle)
+    message = live.last_message()[0]
+    assert message.startswith("Not answered, 'elsewhere': no service at")
+    assert "local service" not in message
+    batch_of("walk\nrun")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    message = live.last_message()[0]
+    assert "stopped: no service at" in message and "local service" not in message
 
 
 def test_start_and_stop_the_local_service_from_blender(

@@ -213,6 +213,16 @@ def test_wide_characters_take_two_columns_of_a_line():
     )
 
 
+def test_a_long_message_is_cut_to_a_few_lines_for_the_panel_and_a_popup():
+    # A model's crash text of 4,000 characters filled the panel and a popup (50 lines).
+    short = "Not answered, 'wave': the service stopped"
+    assert wording.message_lines(short, 80) == [short]
+    crash = "the model failed: RuntimeError: " + "a frame of the traceback " * 160
+    lines = wording.message_lines(crash, 80)
+    assert len(lines) == wording.MAX_MESSAGE_LINES and lines[:-1] == wording.wrap(crash, 80)[:7]
+    assert lines[-1] == "\u2026 (cut here: the Info editor shows it all)"
+
+
 def test_lines_break_between_characters_as_the_reader_sees_them():
     # A family emoji is four joined by zero-width joiners, a flag two regional letters, an
     # "é" typed on a Mac a letter and its accent: a line started with a bare joiner or accent.
@@ -536,6 +546,8 @@ def test_lines_refused_for_their_text_are_to_be_edited_not_only_run_again():
     run.item_failed(run.line_for(1), unknown, ErrorCode.UNSUPPORTED_INPUT)
     run.item_failed(run.line_for(2), "out of memory", ErrorCode.MODEL_ERROR)
     run.request_finished()
+    # Not "done.": lines are still to key.
+    assert run.summary().startswith("Batch from text 't': 1 line keyed on SMPL; 2 of 3 still")
     assert run.summary().endswith(
         "Run Batch Keyframe again to key the rest (edit the lines the service refused first: "
         "they fail again as they are) (nothing is keyed twice)."

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from inference_service.backend import ModelBackend
-from inference_service.errors import BadImageError
+from inference_service.errors import BadImageError, UnsupportedInputError
 from inference_service.scheduler import Answer, ModelInfo, WorkItem
 from inference_service.server import CurveKeys, Server
 from shared_protocol.pose import Pose
@@ -69,8 +69,8 @@ class Holdable:
 
 class ScriptedBackend(Holdable):
     """Answers each prompt with `pose_for(prompt)`; 'explode' raises, 'rant' raises with a
-    message longer than the protocol allows, a 'corrupt' image is bad; in chat, 'ramble' is
-    answered cut at the token limit before its pose."""
+    message longer than the protocol allows, 'zzxq' is a word it does not know, a 'corrupt'
+    image is bad; in chat, 'ramble' is answered cut at the token limit before its pose."""
 
     info = ModelInfo("scripted", "cpu", "float32", supports_images=True, max_images=1)
     failing_prompt = "explode"  # a batch line the model fails on, and the error code it gets
@@ -84,6 +84,8 @@ class ScriptedBackend(Holdable):
             raise RuntimeError("the model exploded")
         if "rant" in item.prompt:  # past the protocol's length, and not valid UTF-8 either
             raise RuntimeError("the model ranted about /models/\udcff: " + "on and on " * 7000)
+        if item.prompt == "zzxq":  # as ChatPoseModel.check_known_words says it
+            raise UnsupportedInputError("prompt: this model knows none of its words")
         if any(b"corrupt" in image for image in item.images):
             raise BadImageError("images[0]: not a PNG or JPEG image")
         return Answer(f"Sure, it is <POSE>. ({item.prompt})", (pose_for(item.prompt),))

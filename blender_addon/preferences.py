@@ -29,8 +29,8 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
 
     service_address: bpy.props.StringProperty(
         name="Service Address",
-        description="ZeroMQ address of chatpose-serve; addresses off this machine need "
-        "Blender's online access",
+        description="Where the ChatPose service listens, as tcp://host:port; an address off "
+        "this machine needs Blender's online access and CURVE keys",
         default=DEFAULT_ADDRESS,
     )
     curve_client_key: bpy.props.StringProperty(

@@ -35,6 +35,28 @@ def image_kind(data: bytes) -> str | None:
     return None
 
 
+# What an animator may pick instead of a PNG or JPEG, named by its first bytes: (offset, bytes).
+_OTHER_PICTURES = {
+    "WebP": ((8, b"WEBP"),),
+    "GIF": ((0, b"GIF8"),),
+    "HEIC": ((4, b"ftypheic"), (4, b"ftypheix"), (4, b"ftypmif1")),
+    "AVIF": ((4, b"ftypavif"),),
+    "TIFF": ((0, b"II*\x00"), (0, b"MM\x00*")),
+    "BMP": ((0, b"BM"),),
+    "Photoshop": ((0, b"8BPS"),),
+    "OpenEXR": ((0, b"v/1\x01"),),
+}
+
+
+def other_picture_kind(data: bytes) -> str | None:
+    """The name of a picture format ChatPose does not take that ``data`` is in, if it is one
+    of the usual ones (what a phone or an image editor saves)."""
+    for kind, signatures in _OTHER_PICTURES.items():
+        if any(data[offset : offset + len(magic)] == magic for offset, magic in signatures):
+            return kind
+    return None
+
+
 def check_reference_image(data: bytes, name: str = "image") -> str:
     """The kind of a reference image ("png" or "jpeg"); ValueError with a sentence for the
     user when it is empty, too large for the protocol, not a PNG or JPEG file, or of a size
@@ -45,10 +67,9 @@ def check_reference_image(data: bytes, name: str = "image") -> str:
         raise ValueError(_too_large(name, len(data)))
     kind = image_kind(data)
     if kind is None:
-        raise ValueError(
-            f"{name} is not a PNG or JPEG file (it starts with {data[:8].hex(' ')}); "
-            "save it as PNG or JPEG first"
-        )
+        other = other_picture_kind(data)
+        what = f"a {other} picture" if other else "not a PNG or JPEG picture"
+        raise ValueError(f"{name} is {what}: save it as PNG or JPEG first")
     size = header_size(data)
     if size is not None:
         width, height = size

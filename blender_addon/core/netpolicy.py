@@ -25,8 +25,8 @@ def address_problem(address: str, online_access: bool, has_keys: bool = False) -
     ``has_keys``: CURVE keys are set (``curve_problem`` says whether they are complete)."""
     try:
         check_address(address)
-    except AddressError as exc:
-        return str(exc)
+    except AddressError as exc:  # where to fix it: the user may not know the setting's name
+        return f"Service Address (the add-on's preferences): {exc}"
     if is_loopback(address):
         return None
     if not online_access:

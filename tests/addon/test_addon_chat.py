@@ -1425,9 +1425,11 @@ def test_pose_from_viewport_and_from_image_send_the_picture(blender, scripted_se
 
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"GIF89a not a png")
-    with pytest.raises(RuntimeError, match="photo.png is not a PNG or JPEG file"):
+    with pytest.raises(
+        RuntimeError, match="photo.png is a GIF picture: save it as PNG or JPEG first"
+    ):
         bpy.ops.chatpose.pose_from_image(filepath=str(bad))
-    assert "photo.png is not a PNG or JPEG file" in live.last_message()[0]
+    assert "photo.png is a GIF picture" in live.last_message()[0]
     assert len(backend.items) == 1  # nothing was sent
 
     good = tmp_path / "ref.png"

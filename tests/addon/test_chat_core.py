@@ -337,8 +337,16 @@ def test_reference_images_are_checked_by_their_bytes(tmp_path):
     png = encode_png(np.zeros((2, 2, 3)))
     assert check_reference_image(png) == "png"
     assert check_reference_image(JPEG_MAGIC + b"\xe0rest") == "jpeg"
-    with pytest.raises(ValueError, match="not a PNG or JPEG file .*47 49 46 38"):
+    # Named by what it is, not by its first bytes in hex ("47 49 46 38"), which told an
+    # animator nothing.
+    with pytest.raises(ValueError, match="^anim.gif is a GIF picture: save it as PNG or JPEG"):
         check_reference_image(b"GIF89a..", "anim.gif")
+    phone = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00"
+    with pytest.raises(ValueError, match="^IMG_0001.HEIC is a HEIC picture"):
+        check_reference_image(phone, "IMG_0001.HEIC")
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 "
+    with pytest.raises(ValueError, match="is a WebP picture"):
+        check_reference_image(webp, "ref.webp")
     with pytest.raises(ValueError, match="is empty"):
         check_reference_image(b"")
     with pytest.raises(ValueError, match="up to 16 MiB"):

@@ -261,19 +261,19 @@ class Client:
         self._read_monitor()
         return self._reached and not self._connected
 
-    def no_service_message(self, waited_s: float, where_set: str = "") -> str:
-        """What to say when no connection came within `waited_s`; `where_set` (" (the address
-        is set in ...)") follows it, where the caller's users change the address."""
+    def no_service_message(
+        self, waited_s: float, where_set: str = "", what_to_do: str = "is chatpose-serve running?"
+    ) -> str:
+        """What to say when no connection came within `waited_s`, ending with ``what_to_do``;
+        `where_set` (" (the address is set in ...)") follows it, where the caller's users
+        change the address."""
         if self.silent_listener:
             return (
                 f"something takes connections at {self.address} but did not complete ZeroMQ's "
                 f"handshake within {waited_s:g} s: another program on that port, or a "
                 f"chatpose-serve that is stopped or hung?{where_set}"
             )
-        text = (
-            f"no service at {self.address} (no connection within {waited_s:g} s); is "
-            "chatpose-serve running?"
-        )
+        text = f"no service at {self.address} (no connection within {waited_s:g} s); {what_to_do}"
         if host := host_name(self.address):
             # ZeroMQ says nothing of a name it cannot resolve: it only never connects.
             text += f" Is {host!r} a name this machine resolves and can reach?"

@@ -295,7 +295,11 @@ class Session:
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"
                     message = self._client.no_service_message(
-                        self.connect_timeout_s, f" (the {where} set in the add-on's preferences)"
+                        self.connect_timeout_s,
+                        f" (the {where} set in the add-on's preferences)",
+                        # What an animator can do, not the service's command line.
+                        "is the service running? Start Local Service (the Service panel) "
+                        "starts one on this machine.",
                     )
                 return self._fail_all(ErrorCode.UNREACHABLE, message)
             return []

@@ -1619,7 +1619,7 @@ def test_a_service_that_is_down_is_a_clear_error_without_a_hang(armature, report
     assert live.pending_jobs() and bpy.context.scene.chatpose.prompt == ""
     drive(idle, timeout_s=10)  # the 2 s connect timeout, not the 60 s request timeout
     message, level = live.last_message()
-    assert level == "ERROR" and "is chatpose-serve running?" in message
+    assert level == "ERROR" and "is the service running? Start Local Service" in message
     assert reports[-1] == ("ERROR", message)  # in Blender's reports too, not only the panel
     assert props.history_messages(bpy.context.scene)[-1].role == "error"
     assert bpy.context.scene.chatpose.prompt == "wave"  # back, to send again

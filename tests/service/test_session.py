@@ -191,7 +191,8 @@ def test_no_service_fails_clearly_without_blocking():
     session = Session(f"tcp://127.0.0.1:{free_port()}", timeout_s=30, connect_timeout_s=0.3)
     request_id = session.request_pose("wave")
     [failure] = run_until(session, final_for(request_id), timeout_s=10)  # not its 30 s timeout
-    assert failure.code == ErrorCode.UNREACHABLE and "is chatpose-serve running?" in failure.message
+    assert failure.code == ErrorCode.UNREACHABLE
+    assert "is the service running? Start Local Service (the Service panel)" in failure.message
     session.close()
 
 
@@ -201,9 +202,10 @@ def test_no_service_at_a_host_name_asks_whether_the_name_resolves():
     request_id = session.request_pose("wave")
     [failure] = run_until(session, final_for(request_id), timeout_s=10)
     assert failure.message == (
-        "no service at tcp://no-such-host.invalid:6399 (no connection within 0.3 s); is "
-        "chatpose-serve running? Is 'no-such-host.invalid' a name this machine resolves and can "
-        "reach? (the address is set in the add-on's preferences)"
+        "no service at tcp://no-such-host.invalid:6399 (no connection within 0.3 s); is the "
+        "service running? Start Local Service (the Service panel) starts one on this machine. "
+        "Is 'no-such-host.invalid' a name this machine resolves and can reach? (the address is "
+        "set in the add-on's preferences)"
     )
     session.close()
 
@@ -226,7 +228,7 @@ def test_a_service_that_stopped_while_idle_is_not_called_gone_during_the_request
         request_id = session.request_pose("wave again")
         [failure] = run_until(session, final_for(request_id), timeout_s=10)
         assert failure.code == ErrorCode.UNREACHABLE
-        assert "is chatpose-serve running?" in failure.message, failure.message
+        assert "is the service running? Start Local Service" in failure.message, failure.message
     finally:
         session.close()
 

@@ -44,6 +44,29 @@ from .test_backend import free_port
 SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
 
 
+@pytest.fixture(autouse=True)
+def sessions_left_open(monkeypatch):
+    """Ends the sessions a failed test left open: each has a ZeroMQ context of its own, and
+    one collected later, in another test, waited in term() for ever and hung the run."""
+    made, closed = [], []
+    init, close = Session.__init__, Session.close
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    def closing(self):
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(Session, "__init__", recorded)
+    monkeypatch.setattr(Session, "close", closing)
+    yield
+    for session in made:
+        if not any(session is done for done in closed):
+            session._context.destroy(linger=0)
+
+
 def run_until(session: Session, done, timeout_s: float = TIMEOUT_S) -> list:
     """Ticks like Blender's timer would; each tick must return at once: it only ever polls
     the socket with a zero timeout (checked on the client it uses)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import NamedTuple
 
 import bpy
@@ -128,9 +129,7 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         layout.prop(self, "curve_server_key")
         settings = service_settings(context)
         # A secret key others may read: usable, and said here where it is set.
-        warning = settings.problem or (
-            settings.client_key and secret_key_exposure(settings.client_key)
-        )
+        warning = settings.problem or (settings.client_key and _key_exposure(settings.client_key))
         if warning:
             for i, line in enumerate(wrap(warning, 70)):
                 layout.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
@@ -148,6 +147,19 @@ class ChatPosePreferences(bpy.types.AddonPreferences):
         if self.service_device != "cpu":
             box.prop(self, "service_quantization")
         draw_local_service(box)
+
+
+_KEY_CHECK_S = 10.0  # how long what a key file's permissions said holds, for the redraws
+_key_checks: dict[str, tuple[float, str | None]] = {}
+
+
+def _key_exposure(path: str) -> str | None:
+    """`secret_key_exposure`, looked at once per _KEY_CHECK_S, not on each of the panel's
+    redraws (a file on a slow network share would hold up each)."""
+    checked = _key_checks.get(path)
+    if checked is None or time.monotonic() - checked[0] > _KEY_CHECK_S:
+        checked = _key_checks[path] = (time.monotonic(), secret_key_exposure(path))
+    return checked[1]
 
 
 def draw_local_service(layout, width: int = 70) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shlex
 import stat
 import struct
 import time
@@ -147,7 +148,7 @@ def secret_key_exposure(path: str | os.PathLike) -> str | None:
         return None
     return (
         f"{path} can be read by other users of this machine (mode {stat.S_IMODE(mode):o}): any "
-        f"of them can use its key; make it yours alone with chmod 600 {path}"
+        f"of them can use its key; make it yours alone with chmod 600 {shlex.quote(str(path))}"
     )
 
 

@@ -75,7 +75,7 @@ def apply_outcome(outcome) -> None:
             # runtime.watch_local_service says why).
         case StatusFailed():
             if not outcome.job.probe:
-                message = outcome.message + _why_unreachable(outcome.code)
+                message = _failure_text(outcome.message, outcome.code)
                 live.state.service_line = f"{live.UNAVAILABLE}{message}"
                 live.state.service_line_instance = None
                 live.state.service_line_address = outcome.job.address
@@ -268,13 +268,9 @@ def _image_refused(job: PoseJob, message: str) -> bool:
 
 def _pose_failed(outcome: PoseFailed) -> None:
     job = outcome.job
-    message = outcome.message + _why_unreachable(outcome.code)
-    if outcome.code == ErrorCode.UNREACHABLE and _local_service_starting():
-        # All there is to say: "no service at ..., is chatpose-serve running?" contradicts it.
-        message = "the local service is still starting (loading its model); send again once ready"
+    message = _failure_text(outcome.message, outcome.code)
     if job.attachment and message.startswith("images[0]: "):  # the user knows it by its name
         message = f"{job.attachment}: {message.removeprefix('images[0]: ')}"
-    message = message.removeprefix("prompt: ")  # the protocol's field: the user typed it
     if job.resent_image and _image_refused(job, message):
         message += (
             f" ({job.attachment} is the chat's image, sent again with this turn; the turns "
@@ -305,11 +301,23 @@ def give_prompt_back(scene: bpy.types.Scene, prompt: str) -> None:
         scene.chatpose.prompt = prompt
 
 
+LOCAL_SERVICE_STARTING = "the local service is still starting (loading its model)"
+
+
+def _failure_text(message: str, code: ErrorCode | None) -> str:
+    """A failure's message with what the local service started here says of it; for one at
+    its address while it starts, that alone: "no service at ...; Start Local Service" would
+    contradict it."""
+    if code == ErrorCode.UNREACHABLE and _local_service_starting():
+        live.state.service_line_address = ""  # what the last check said no longer holds
+        return f"{LOCAL_SERVICE_STARTING}; try again once it is ready"
+    return message + _why_unreachable(code)
+
+
 def _why_unreachable(code: ErrorCode | None) -> str:
     """What the local service started here says about a failure: for an unreachable service
-    at its address, that it is still loading or how it ended, and else where it listens
-    instead; where its log is, for an internal error (whose message says "see the service
-    log"); "" otherwise."""
+    at its address, how it ended, and else where it listens instead; where its log is, for an
+    internal error (whose message says "see the service log"); "" otherwise."""
     if code == ErrorCode.INTERNAL_ERROR:
         return _local_service_log()
     if code != ErrorCode.UNREACHABLE:
@@ -317,8 +325,6 @@ def _why_unreachable(code: ErrorCode | None) -> str:
     live.state.service_line_address = ""  # what the last check said no longer holds
     if not _local_service_asked():
         return _local_service_elsewhere()
-    if live.state.waiting_ready:
-        return " (the local service is still starting; try again when it is ready)"
     return _local_service_exit()
 
 
@@ -329,7 +335,9 @@ def _local_service_asked() -> bool:
 
 
 def _local_service_starting() -> bool:
-    return live.state.waiting_ready and _local_service_asked()
+    """Started here, at the address asked, not ready yet, and not exited (which the timer may
+    not have seen yet)."""
+    return live.state.waiting_ready and _local_service_asked() and live.state.process.poll().alive
 
 
 def _local_service_elsewhere() -> str:
@@ -445,6 +453,8 @@ def _batch_ended(run: BatchRun) -> None:
         level, popup = "WARNING", False
     else:
         level, popup = "INFO", False
+    if run.failure_code == ErrorCode.UNREACHABLE and _local_service_starting():
+        run.reason = LOCAL_SERVICE_STARTING  # not "no service at ...; Start Local Service"
     summary = run.summary()
     if run.state == batch_plan.FAILED:
         exited = _local_service_exit() if _local_service_asked() else ""

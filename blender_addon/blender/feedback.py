@@ -15,7 +15,7 @@ from . import live
 def set_message(text: str, level: str = "INFO", *, popup: bool = False) -> None:
     live.state.message, live.state.level = text, level
     live.state.message_of_ready_local = False
-    if level != "INFO":
+    if level != "INFO" or len(text) > wording.LONG_MESSAGE_CHARS:  # cut where it is shown
         print(f"ChatPose {level.lower()}: {text}")
     if popup and live.state.popups is not None:
         live.state.popups.append(text)

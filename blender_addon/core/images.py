@@ -35,22 +35,31 @@ def image_kind(data: bytes) -> str | None:
     return None
 
 
-# What an animator may pick instead of a PNG or JPEG, named by its first bytes: (offset, bytes).
+# What an animator may pick instead of a PNG or JPEG, named by its first bytes: (offset, bytes),
+# with the article its name takes.
 _OTHER_PICTURES = {
-    "WebP": ((8, b"WEBP"),),
-    "GIF": ((0, b"GIF8"),),
-    "HEIC": ((4, b"ftypheic"), (4, b"ftypheix"), (4, b"ftypmif1")),
-    "AVIF": ((4, b"ftypavif"),),
-    "TIFF": ((0, b"II*\x00"), (0, b"MM\x00*")),
-    "BMP": ((0, b"BM"),),
-    "Photoshop": ((0, b"8BPS"),),
-    "OpenEXR": ((0, b"v/1\x01"),),
+    "a WebP": ((8, b"WEBP"),),
+    "a GIF": ((0, b"GIF87a"), (0, b"GIF89a")),
+    "a TIFF": ((0, b"II*\x00"), (0, b"MM\x00*")),
+    "a Photoshop": ((0, b"8BPS"),),
+    "an OpenEXR": ((0, b"v/1\x01"),),
 }
+# The major brand of an ISO media file (`ftyp` at byte 4): Apple's photos are HEIC.
+_HEIF_BRANDS = {
+    b"avif": "an AVIF", b"avis": "an AVIF",
+    b"heic": "a HEIC", b"heix": "a HEIC", b"hevc": "a HEIC", b"hevx": "a HEIC",
+    b"heim": "a HEIC", b"heis": "a HEIC", b"mif1": "a HEIF", b"msf1": "a HEIF",
+}  # fmt: skip
+_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the bitmap header's own size, at byte 14
 
 
 def other_picture_kind(data: bytes) -> str | None:
-    """The name of a picture format ChatPose does not take that ``data`` is in, if it is one
-    of the usual ones (what a phone or an image editor saves)."""
+    """ "a GIF", "an AVIF"...: the picture format ChatPose does not take that ``data`` is in,
+    if it is one of the usual ones (what a phone or an image editor saves)."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return _HEIF_BRANDS[data[8:12]]
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "a BMP"  # a text that starts with "BM" is none
     for kind, signatures in _OTHER_PICTURES.items():
         if any(data[offset : offset + len(magic)] == magic for offset, magic in signatures):
             return kind
@@ -68,7 +77,7 @@ def check_reference_image(data: bytes, name: str = "image") -> str:
     kind = image_kind(data)
     if kind is None:
         other = other_picture_kind(data)
-        what = f"a {other} picture" if other else "not a PNG or JPEG picture"
+        what = f"{other} picture" if other else "not a PNG or JPEG picture"
         raise ValueError(f"{name} is {what}: save it as PNG or JPEG first")
     size = header_size(data)
     if size is not None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import zmq
 
+from shared_protocol.address import is_loopback
 from shared_protocol.client import (
     CONNECT_TIMEOUT_S,
     Client,
@@ -115,6 +116,7 @@ MAX_REPLIES_PER_TICK = 64
 class _InFlight:
     request: Request
     sent_at: float
+    timeout_s: float  # the wait it was sent with (the setting may change meanwhile)
     deadline: float
     cancelled: bool = False  # by the user: its end comes at the latest CANCEL_GRACE_S later
 
@@ -208,7 +210,7 @@ class Session:
             self._was_connected, self._drops_seen = self._client.connection_state()
         self._client.send(request)  # encodes first: bad input raises here, before anything queues
         now = self._clock()
-        self._in_flight[request.id] = _InFlight(request, now, now + self.timeout_s)
+        self._in_flight[request.id] = _InFlight(request, now, self.timeout_s, now + self.timeout_s)
         return request.id
 
     # --- the timer's work -----------------------------------------------------------------------
@@ -230,7 +232,7 @@ class Session:
         flight = self._in_flight.get(reply.id) if reply.id is not None else None
         if flight is None:
             return []  # a cancel's reply, or a late answer to a request already given up
-        flight.deadline = self._clock() + self.timeout_s
+        flight.deadline = self._clock() + flight.timeout_s
         match reply:
             case PoseReply() if flight.cancelled:
                 # Answered before the cancel reached the service: the user said no all the same.
@@ -255,11 +257,12 @@ class Session:
             case ErrorReply():
                 if reply.index is None:
                     self._in_flight.pop(reply.id)
-                message = reply.message
+                # The protocol's field the service names first: the user knows what they typed.
+                message = reply.message.removeprefix("prompt: ")
                 if reply.code == ErrorCode.TIMEOUT:  # said in the timeout the user set, not in
                     # the request's own, a little shorter (`timeout_ms_within`)
                     message = (
-                        f"not started within {self.timeout_s:g} s: the service was busy with "
+                        f"not started within {flight.timeout_s:g} s: the service was busy with "
                         "other work (the timeout is set in the add-on's preferences)"
                     )
                 return [RequestFailed(reply.id, reply.code, message, reply.index)]
@@ -297,9 +300,12 @@ class Session:
                     message = self._client.no_service_message(
                         self.connect_timeout_s,
                         f" (the {where} set in the add-on's preferences)",
-                        # What an animator can do, not the service's command line.
+                        # What an animator can do, not the service's command line; Start
+                        # Local Service takes only an address on this machine.
                         "is the service running? Start Local Service (the Service panel) "
-                        "starts one on this machine.",
+                        "starts one on this machine"
+                        if is_loopback(self.address)
+                        else "is the service running there?",
                     )
                 return self._fail_all(ErrorCode.UNREACHABLE, message)
             return []
@@ -313,7 +319,7 @@ class Session:
                 continue
             self._ask_to_cancel(request_id)  # free the service
             message = (
-                f"no answer from {self.address} within {self.timeout_s:g} s "
+                f"no answer from {self.address} within {flight.timeout_s:g} s "
                 "(the timeout is set in the add-on's preferences)"
             )
             failures.append(RequestFailed(request_id, ErrorCode.TIMEOUT, message))

@@ -98,12 +98,16 @@ MAX_MESSAGE_LINES = 8
 
 def message_lines(text: str, width: int, max_lines: int = MAX_MESSAGE_LINES) -> list[str]:
     """`wrap`, at most ``max_lines`` lines, for the panel's message and a popup: a model's
-    crash text of thousands of characters filled both (50 lines of a popup). What is cut is
-    in Blender's Info editor, whose reports keep messages whole."""
+    crash text of thousands of characters filled both (50 lines of a popup). A message too
+    long for them is printed whole to the console (`feedback.set_message`)."""
     lines = wrap(text, width)
     if len(lines) <= max_lines:
         return lines
-    return [*lines[: max_lines - 1], "\u2026 (cut here: the Info editor shows it all)"]
+    return [*lines[: max_lines - 1], *wrap(CUT_MARK, width)]
+
+
+CUT_MARK = "\u2026 (cut; in full in the console)"
+LONG_MESSAGE_CHARS = 150  # past what Blender's status bar shows, or a few panel lines
 
 
 def _columns(cluster: str) -> int:

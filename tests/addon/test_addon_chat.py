@@ -2136,6 +2136,12 @@ def test_a_refused_prompt_is_named_in_the_user_s_words(armature, scripted_servic
         "Not answered, 'zzxq': this model knows none of its words",
         "ERROR",
     )
+    batch_of("wave\nzzxq")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)
+    message = live.last_message()[0]
+    assert message.startswith("Batch from text 'moves': 1 line keyed on SMPL; 1 of 2 still to key.")
+    assert "1 failed (line 2 (frame " in message and "): this model knows none of its" in message
 
 
 def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
@@ -2151,17 +2157,22 @@ def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
         assert bpy.ops.chatpose.service_start() == {"FINISHED"}
         assert bpy.ops.chatpose.service_status() == {"FINISHED"}
         drive(lambda: live.last_message()[1] == "ERROR")
-        message = live.last_message()[0]
-        assert message.startswith("Service: no service at ")
-        assert message.endswith("(the local service is still starting; try again when it is ready)")
+        # Not "no service at ...; Start Local Service ..." as well, which contradicts it.
+        starting = "the local service is still starting (loading its model)"
+        assert live.last_message()[0] == f"Service: {starting}; try again once it is ready"
         bpy.context.scene.chatpose.prompt = "wave"
-        bpy.ops.chatpose.send()  # no "no service at ...; is chatpose-serve running?" before it
+        bpy.ops.chatpose.send()
         drive(lambda: "Not answered" in live.last_message()[0])
         assert live.last_message() == (
-            "Not answered, 'wave': the local service is still starting (loading its model); "
-            "send again once ready",
+            f"Not answered, 'wave': {starting}; try again once it is ready",
             "ERROR",
         )
+        batch_of("walk\nrun")
+        bpy.ops.chatpose.batch_keyframe()
+        drive(lambda: "stopped" in live.last_message()[0])
+        message = live.last_message()[0]
+        assert message.startswith(f"Batch from text 'moves' stopped: {starting}. 0 lines keyed")
+        assert "no service" not in message and "Start Local Service" not in message
     finally:
         live.service_process().stop(wait=True)
 

@@ -841,6 +841,8 @@ def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_pa
     try:
         assert "other users" not in labels()  # owner-only, as made
         (tmp_path / "animator.key_secret").chmod(0o644)
+        assert "other users" not in labels()  # looked at again after _KEY_CHECK_S, not each redraw
+        preferences._key_checks.clear()
         assert "can be read by other users of this machine (mode 644)" in labels()
     finally:
         prefs.curve_client_key = prefs.curve_server_key = ""

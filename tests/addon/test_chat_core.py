@@ -220,7 +220,8 @@ def test_a_long_message_is_cut_to_a_few_lines_for_the_panel_and_a_popup():
     crash = "the model failed: RuntimeError: " + "a frame of the traceback " * 160
     lines = wording.message_lines(crash, 80)
     assert len(lines) == wording.MAX_MESSAGE_LINES and lines[:-1] == wording.wrap(crash, 80)[:7]
-    assert lines[-1] == "\u2026 (cut here: the Info editor shows it all)"
+    assert lines[-1] == "\u2026 (cut; in full in the console)" == wording.CUT_MARK
+    assert len(wording.message_lines(crash, 20)) == wording.MAX_MESSAGE_LINES + 1  # mark wraps
 
 
 def test_lines_break_between_characters_as_the_reader_sees_them():
@@ -347,6 +348,13 @@ def test_reference_images_are_checked_by_their_bytes(tmp_path):
     webp = b"RIFF\x10\x00\x00\x00WEBPVP8 "
     with pytest.raises(ValueError, match="is a WebP picture"):
         check_reference_image(webp, "ref.webp")
+    with pytest.raises(ValueError, match="is an AVIF picture"):
+        check_reference_image(b"\x00\x00\x00\x1cftypavis\x00\x00", "clip.avif")
+    bmp = b"BM" + bytes(12) + (40).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="is a BMP picture"):
+        check_reference_image(bmp, "scan.bmp")
+    with pytest.raises(ValueError, match="notes.png is not a PNG or JPEG picture"):
+        check_reference_image(b"BMX tricks, and more notes", "notes.png")  # "BM" alone
     with pytest.raises(ValueError, match="is empty"):
         check_reference_image(b"")
     with pytest.raises(ValueError, match="up to 16 MiB"):

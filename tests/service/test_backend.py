@@ -309,21 +309,17 @@ def test_serve_checks_curve_keys_before_loading_a_model(tmp_path, capsys, secret
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_serve_warns_of_a_secret_key_other_users_may_read(tmp_path, capsys):
-    make_keys(tmp_path, ["animator"])  # owner-only, as it makes them
-    secret = tmp_path / "server.key_secret"
-    argv = [
-        "--curve-secret-key",
-        str(secret),
-        "--curve-clients",
-        str(tmp_path / "authorized_clients"),
-    ]
+    keys = tmp_path / "My Keys"
+    make_keys(keys, ["animator"])  # owner-only, as it makes them
+    secret = keys / "server.key_secret"
+    argv = ["--curve-secret-key", str(secret), "--curve-clients", str(keys / "authorized_clients")]
     assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_USAGE
     assert "can be read by other users" not in capsys.readouterr().err
     secret.chmod(0o644)  # copied with a tool that does not keep permissions
     assert serve.main([*argv, "--checkpoint", "/no/such/dir"]) == serve.EXIT_USAGE
     err = capsys.readouterr().err
     assert "can be read by other users of this machine (mode 644)" in err
-    assert f"chmod 600 {secret}" in err and '"event": "key_exposed"' in err
+    assert f"chmod 600 '{secret}'" in err and '"event": "key_exposed"' in err  # to paste
 
 
 def test_serve_stops_cleanly_on_one_signal_and_at_once_on_a_second(monkeypatch):

@@ -24,8 +24,11 @@ def _chars_per_line(context) -> int:
     return max(20, int(width / (7.0 * scale)) - 4)
 
 
-def _wrapped(layout, text: str, width: int, icon: str = "NONE") -> None:
-    for i, line in enumerate(wording.message_lines(text, width)):
+def _wrapped(layout, text: str, width: int, icon: str = "NONE", cut: bool = False) -> None:
+    """``text`` in lines of ``width``; with ``cut``, a message's few lines at most
+    (`wording.message_lines`: `feedback.set_message` printed it whole)."""
+    lines = wording.message_lines(text, width) if cut else wording.wrap(text, width)
+    for i, line in enumerate(lines):
         layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 
@@ -52,7 +55,8 @@ class VIEW3D_PT_chatpose(bpy.types.Panel):  # noqa: N801
         message, level = live.last_message()
         if message:
             box = layout.box()
-            _wrapped(box, message, _chars_per_line(context), _LEVEL_ICONS.get(level, "INFO"))
+            icon = _LEVEL_ICONS.get(level, "INFO")
+            _wrapped(box, message, _chars_per_line(context), icon, cut=True)
 
 
 class VIEW3D_PT_chatpose_chat(bpy.types.Panel):  # noqa: N801

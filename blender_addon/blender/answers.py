@@ -75,12 +75,13 @@ def apply_outcome(outcome) -> None:
             # runtime.watch_local_service says why).
         case StatusFailed():
             if not outcome.job.probe:
+                starting = outcome.code == ErrorCode.UNREACHABLE and _local_service_starting()
                 message = _failure_text(outcome.message, outcome.code)
                 live.state.service_line = f"{live.UNAVAILABLE}{message}"
                 live.state.service_line_instance = None
                 live.state.service_line_address = outcome.job.address
                 # A model still loading is no failure: the service is there, and will serve.
-                level = "WARNING" if outcome.code == ErrorCode.BUSY else "ERROR"
+                level = "WARNING" if outcome.code == ErrorCode.BUSY or starting else "ERROR"
                 feedback.notify(f"Service: {message}", level)
         case BatchLineReady():
             _batch_lines([outcome])

@@ -304,7 +304,7 @@ class Session:
                         # Local Service takes only an address on this machine.
                         "is the service running? Start Local Service (the Service panel) "
                         "starts one on this machine"
-                        if is_loopback(self.address)
+                        if is_loopback(self.address) and not self.curve  # it has no keys
                         else "is the service running there?",
                     )
                 return self._fail_all(ErrorCode.UNREACHABLE, message)

@@ -821,6 +821,24 @@ def test_panel_and_preferences_draw(blender):
     assert "tcp://10.1.2.3:5555 is not on this machine" in labels and reason in labels
 
 
+def test_only_the_panel_s_message_is_cut_not_a_problem_it_states(blender):
+    # A Target problem of 278 characters in a narrow sidebar ended "(cut; in full in the
+    # console)", where it was never printed: only a message (set_message prints it) is cut.
+    from blender_addon import panel
+    from blender_addon.core import wording
+
+    problem = "The Target 'Armature' is not an SMPL armature " * 8
+    calls: list = []
+    panel._wrapped(FakeLayout(calls), problem, 24, "ERROR")
+    shown = [text for kind, text in calls if kind == "label"]
+    assert shown == wording.wrap(problem, 24) and len(shown) > wording.MAX_MESSAGE_LINES
+    calls.clear()
+    panel._wrapped(FakeLayout(calls), problem, 24, "ERROR", cut=True)
+    shown = [text for kind, text in calls if kind == "label"]
+    mark = wording.wrap(wording.CUT_MARK, 24)  # two lines at this width
+    assert shown[-len(mark) :] == mark and len(shown) == wording.MAX_MESSAGE_LINES - 1 + len(mark)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_path):
     from blender_addon import preferences

@@ -210,6 +210,22 @@ def test_bad_input_is_refused_before_anything_is_sent(address):
     session.close()
 
 
+def test_no_service_with_curve_keys_does_not_suggest_the_local_service(tmp_path):
+    # Start Local Service refuses to start with CURVE keys set: the review found it suggested.
+    from inference_service.keys import make_keys
+    from shared_protocol.client import ClientCurveKeys
+
+    make_keys(tmp_path, ["animator"])
+    keys = ClientCurveKeys(tmp_path / "animator.key_secret", tmp_path / "server.key").loaded()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    session = Session(address, timeout_s=30, connect_timeout_s=0.3, curve=keys)
+    request_id = session.request_pose("wave")
+    [failure] = run_until(session, final_for(request_id), timeout_s=10)
+    assert "is the service running there?" in failure.message
+    assert "Start Local Service" not in failure.message
+    session.close()
+
+
 def test_no_service_fails_clearly_without_blocking():
     session = Session(f"tcp://127.0.0.1:{free_port()}", timeout_s=30, connect_timeout_s=0.3)
     request_id = session.request_pose("wave")

@@ -404,16 +404,18 @@ class Client:
     ) -> StatusReply:
         """The service's status once it serves: asked again while nothing listens yet or the
         model still loads (a `busy` reply), or the service there is stopping (a restart may take
-        its place: `shutting_down`). ProtocolError(timeout) after `timeout_s`
-        (with `loading`: after `timeout_s` without a `busy` reply either, so a service seen
-        loading is waited for as long as it takes, a 13B model takes minutes, and each `busy`
-        message goes to `loading`, to say so), or
+        its place: `shutting_down`). ProtocolError(timeout) after `timeout_s`, or (busy) when
+        the service was still loading its model then, saying so (with `loading`: after
+        `timeout_s` without a `busy` reply either, so a service seen loading is waited for as
+        long as it takes, a 13B model takes minutes, and each `busy` message goes to
+        `loading`, to say so), or
         ProtocolError(unreachable) once `gone()` says why it never will (a service process
         that exited), when nothing listened there all the time, or at once on a
         HandshakeRefused; any other error reply as a ProtocolError of its code."""
         deadline = time.monotonic() + timeout_s
         reached = False
         stopping = ""  # a service seen stopping: a restart may take its place
+        still_loading = ""  # its last `busy` reply: a slow load is no hung service
         asked_again = False
         while True:
             why = gone()
@@ -422,6 +424,11 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 and not reached:
                 raise ProtocolError(ErrorCode.UNREACHABLE, self.no_service_message(timeout_s))
+            if left <= 0 and still_loading:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"{self.address} did not serve within {timeout_s:g} s: {still_loading}",
+                )
             if left <= 0:
                 raise ProtocolError(
                     ErrorCode.TIMEOUT,
@@ -455,6 +462,7 @@ class Client:
                 return reply
             if isinstance(reply, UndecodableReply):  # a fault there, as any request's reply
                 raise ProtocolError(ErrorCode.INTERNAL_ERROR, reply.message)
+            still_loading = reply.message if reply.code == ErrorCode.BUSY else ""
             if reply.code == ErrorCode.SHUTTING_DOWN:
                 stopping = " (the service there was stopping)"
                 time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))

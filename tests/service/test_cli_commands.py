@@ -99,6 +99,10 @@ def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
     try:
         code, _, err = run(capsys, "pose", "wave", "--address", server.address)
         assert code == cli.EXIT_BUSY and "the model is still loading" in err  # to ask again
+        # A --wait that ends while it loads is no hung service (exit 6): busy, and says so.
+        code, _, err = run(capsys, "status", "--address", server.address, "--wait", "0.5")
+        assert code == cli.EXIT_BUSY
+        assert f"{server.address} did not serve within 0.5 s: the model is still loading" in err
         threading.Timer(1.0, server.attach, (backend, backend.info)).start()
         code, out, _ = run(capsys, "pose", "wave", "--address", server.address, "--wait", "30")
         assert code == cli.EXIT_OK and "pose 1 of 1" in out

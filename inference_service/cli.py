@@ -901,17 +901,19 @@ def _client(args: argparse.Namespace) -> Client:
                 raise CommandError(EXIT_BAD_INPUT, f"{flag}: {path} ({exc.strerror})") from None
             if not found:
                 raise CommandError(EXIT_BAD_INPUT, f"{flag}: no key file at {path}")
-        if exposure := secret_key_exposure(secret):
-            _report(f"chatpose: warning: --curve-secret-key: {exposure}")
         curve = ClientCurveKeys(secret, server)
     try:
-        return Client(args.address, curve=curve)
+        client = Client(args.address, curve=curve)
     except AddressError as exc:  # well formed, but not one ZeroMQ takes
         raise CommandError(EXIT_USAGE, f"--address: {exc}") from None
     except ValueError as exc:  # a key file, named
         raise CommandError(EXIT_BAD_INPUT, str(exc)) from None
     except OSError as exc:
         raise CommandError(EXIT_BAD_INPUT, f"the CURVE key files cannot be read ({exc})") from None
+    # Once it is known to be a secret key: not "chmod 600" for a public key given in its place.
+    if secret is not None and (exposure := secret_key_exposure(secret)):
+        _report(f"chatpose: warning: --curve-secret-key: {exposure}")
+    return client
 
 
 def _checkpoint(args: argparse.Namespace) -> Path:

@@ -41,6 +41,8 @@ def make_keys(directory: Path, client_names: list[str]) -> list[str]:
     authorized.mkdir(exist_ok=True)
     if not (directory / "server.key_secret").exists():  # never replace a key clients trust
         _create(directory, "server")
+    else:
+        _check_server_keys(directory)
     made = []
     for name in client_names:
         if (directory / f"{name}.key_secret").exists() or (authorized / f"{name}.key").exists():
@@ -49,6 +51,27 @@ def make_keys(directory: Path, client_names: list[str]) -> list[str]:
         shutil.move(public, authorized / public.name)
         made.append(name)
     return made
+
+
+def _check_server_keys(directory: Path) -> None:
+    """The server's key pair kept: KeysError for one that is no key pair (this tool keeps it,
+    so that running it again would change nothing); its public half written again when it
+    went missing (every client needs it)."""
+    secret_file, public_file = directory / "server.key_secret", directory / "server.key"
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError, IndexError):  # IndexError: a key line without "="
+        public = secret = None
+    if secret is None:
+        raise KeysError(
+            f"{secret_file} is not a CURVE key pair; it is kept, as clients may trust it: move "
+            "it away and run this again for a new server key pair (every client then needs "
+            "the new server.key)"
+        )
+    if not public_file.exists():
+        public_file.write_text(f'curve\n    public-key = "{public.decode()}"\n')
+        public_file.chmod(0o644)
+        print(f"wrote {public_file} again, from {secret_file.name}")
 
 
 def _create(directory: Path, name: str) -> Path:

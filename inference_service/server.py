@@ -156,11 +156,14 @@ class CurveKeys:
         otherwise refuse every client, with nothing but a line in pyzmq's log to say why."""
         secret_file, clients = self.server_secret_file, self.authorized_clients_dir
         try:
+            if not secret_file.exists():  # ZeroMQ's "Invalid certificate file" says otherwise
+                raise ServerConfigError(f"--curve-secret-key: no file at {secret_file}")
             public, secret = zmq.auth.load_certificate(secret_file)
         except (OSError, ValueError, IndexError) as exc:
             raise ServerConfigError(
                 f"--curve-secret-key: {secret_file} is not a readable CURVE key file ({exc}); "
-                "make keys with python -m inference_service.keys DIR"
+                "move it away and run python -m inference_service.keys on its folder for a new "
+                "key pair"
             ) from None
         if secret is None:
             raise ServerConfigError(
@@ -377,6 +380,14 @@ def _reply_id(frames: list[bytes]) -> str | None:
         return None
 
 
+def _local_end(bind: str) -> str:
+    """Where a client on this machine reaches a --bind address: a wildcard host is reached
+    through loopback."""
+    for wildcard in ("://*:", "://0.0.0.0:", "://[::]:"):
+        bind = bind.replace(wildcard, "://127.0.0.1:")
+    return bind
+
+
 def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
     if exc.errno == errno.EADDRINUSE:
         if bind.startswith("tcp://"):
@@ -386,7 +397,8 @@ def _bind_failure(bind: str, exc: zmq.ZMQError) -> str:
             other = "another path with --bind ipc://PATH"
         return (
             f"cannot listen on {bind}: the address is already in use. Is another chatpose-serve "
-            f"running there (`chatpose status --address ADDRESS` tells)? Stop it, or choose "
+            f"running there (`chatpose status --address {_local_end(bind)}` tells)? Stop it, or "
+            f"choose "
             f"{other}."
         )
     return f"cannot listen on {bind}: {exc}"

@@ -137,14 +137,18 @@ class ClientCurveKeys:
 def secret_key_exposure(path: str | os.PathLike) -> str | None:
     """What is wrong with a secret key file that other users of this machine may read (its
     group's or others' permission bits, on POSIX), as a warning naming the fix; None for one
-    only its owner reads, or where permissions do not say (Windows, a file not there)."""
+    only its owner reads, where permissions do not say (Windows, a file not there), or for a
+    file that holds no secret key (a public key given in its place, which all may read)."""
     if os.name != "posix":
         return None
     try:
         mode = os.stat(path).st_mode
+        if not mode & (stat.S_IRGRP | stat.S_IROTH):
+            return None
+        with open(path, "rb") as file:
+            if b"secret-key" not in file.read(4096):
+                return None
     except OSError:
-        return None
-    if not mode & (stat.S_IRGRP | stat.S_IROTH):
         return None
     return (
         f"{path} can be read by other users of this machine (mode {stat.S_IMODE(mode):o}): any "

@@ -269,6 +269,8 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
     [
         ("authorized_clients", "authorized_clients", "is not a readable CURVE key file"),
         ("garbage.key_secret", "authorized_clients", "is not a readable CURVE key file"),
+        ("garbage.key_secret", "authorized_clients", "move it away and run python -m inference"),
+        ("nope.key_secret", "authorized_clients", "--curve-secret-key: no file at"),
         ("server.key", "authorized_clients", "holds a public key only"),
         ("server.key_secret", "server.key", "is not a folder"),
         ("server.key_secret", "x" * 300, "File name too long"),  # a key's text for a path

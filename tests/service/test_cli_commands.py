@@ -1557,6 +1557,7 @@ def test_commands_reach_a_service_with_curve_keys(capsys, tmp_path):
         public = [keys[0], str(tmp_path / "authorized_clients" / "animator.key"), *keys[2:]]
         code, _, err = run(capsys, "status", "--address", address, *public)
         assert code == cli.EXIT_BAD_INPUT and "holds no secret key" in err
+        assert "chmod" not in err  # a public key, readable by all as it should be
 
 
 def test_local_mode_works_offline_whatever_the_environment_said(capsys, tmp_path, monkeypatch):

@@ -50,6 +50,37 @@ def test_a_new_server_key_pair_is_said_to_go_to_every_client(tmp_path, capsys):
     assert (tmp_path / "server.key").read_bytes() != old
 
 
+def test_a_damaged_server_key_is_named_and_a_lost_public_half_written_again(tmp_path, capsys):
+    # chatpose-serve said "make keys with python -m inference_service.keys", which kept the
+    # damaged file and said nothing: a circle.
+    assert keys.main([str(tmp_path)]) == 0
+    public = (tmp_path / "server.key").read_text()
+    (tmp_path / "server.key").unlink()  # given away, and lost here
+    capsys.readouterr()
+    assert keys.main([str(tmp_path)]) == 0
+    assert f"wrote {tmp_path / 'server.key'} again" in capsys.readouterr().out
+    assert _public_key(tmp_path / "server.key") == _public_key_of(public)
+    (tmp_path / "server.key_secret").write_text("junk")
+    assert keys.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "server.key_secret is not a CURVE key pair; it is kept" in err
+    assert "move it away and run this again" in err
+
+
+def _public_key(path: Path) -> bytes:
+    import zmq.auth
+
+    return zmq.auth.load_certificate(path)[0]
+
+
+def _public_key_of(text: str) -> bytes:
+    return next(
+        line.split("=", 1)[1].strip().strip('"').encode()
+        for line in text.splitlines()
+        if "public-key" in line
+    )
+
+
 def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
     tmp_path.chmod(0o755)  # a folder others may read, as a shared one is
     create = keys.zmq.auth.create_certificates

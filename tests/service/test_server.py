@@ -956,8 +956,9 @@ def test_unreachable_service_is_reported_quickly_and_clearly():
 
 @scripted_only
 def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
-    with pytest.raises(ServerConfigError, match="already in use"):
+    with pytest.raises(ServerConfigError, match="already in use") as refused:
         Server(backend, backend.info, running.address)
+    assert f"(`chatpose status --address {running.address}` tells)" in str(refused.value)
     # Another port on the same host: an admin serving the network was sent to loopback.
     taken = socket.socket()
     taken.bind(("0.0.0.0", 0))
@@ -966,8 +967,10 @@ def test_an_address_in_use_is_a_config_error_not_a_crash(running, backend):
     try:
         with pytest.raises(
             ServerConfigError, match=r"another port with --bind tcp://0\.0\.0\.0:PORT"
-        ):
+        ) as refused:
             check_address_free(f"tcp://0.0.0.0:{port}")  # as chatpose-serve checks first
+        # Where a client here asks it: a wildcard host is no address to connect to.
+        assert f"--address tcp://127.0.0.1:{port}`" in str(refused.value)
     finally:
         taken.close()
 

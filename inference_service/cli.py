@@ -412,6 +412,8 @@ def _pose(args: argparse.Namespace) -> int:
         # The service names the request's field; the user gave a file.
         message = f"--image {args.image}{answer.message.removeprefix('images[0]')}"
         answer = dataclasses.replace(answer, message=message)
+    if isinstance(answer, ErrorReply) and answer.code == ErrorCode.TIMEOUT:
+        answer = dataclasses.replace(answer, message=_busy_timeout(args))
     reply = _checked(answer, PoseReply)
     # The file first: a reader that closes stdout early (`| head`) must not cost it; and a
     # file that cannot be written must not cost the reply.
@@ -592,7 +594,9 @@ class _BatchRun:
                 # Labelled with its line's prompt, which --resume matches it by.
                 self.poses[number] = dataclasses.replace(reply.poses[0], label=prompt)
             elif isinstance(reply, ErrorReply) and reply.index is not None:
-                self.failures[asked[reply.index][0]] = (reply.code, reply.message)
+                busy = reply.code == ErrorCode.TIMEOUT
+                message = _busy_timeout(self.args) if busy else reply.message
+                self.failures[asked[reply.index][0]] = (reply.code, message)
             elif not isinstance(reply, BatchItemReply):  # the whole request failed, or ended
                 _checked(reply, BatchItemReply)
             self.saved.offer(self.poses, self.fps)
@@ -647,6 +651,15 @@ class _BatchRun:
         if self._not_answered(self.lines):  # finished, yet lines got neither pose nor error
             return EXIT_SERVICE_ERROR
         return exit_code_for_all([code for code, _ in self.failures.values()])
+
+
+def _busy_timeout(args: argparse.Namespace) -> str:
+    """The service's `timeout` reply in this command's terms: it says the request's own wait,
+    a tenth less than --timeout (`_waits_ms`), a number the user did not give."""
+    return (
+        f"not started within --timeout {args.timeout:g} s: the service was busy with other "
+        "work; raise --timeout, or ask again later"
+    )
 
 
 def _waits_ms(args: argparse.Namespace) -> int:

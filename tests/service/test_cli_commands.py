@@ -478,7 +478,8 @@ def test_a_pose_held_up_by_other_work_says_so_when_its_time_is_up(backend, capsy
         with stopped_client_clock():  # its 1 s never ends: only the service's 0.9 s can
             code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_TIMEOUT
-    assert "not started within 0.9 s (its timeout): the model was busy with other work" in err
+    # In the --timeout given, not the request's own 0.9 s (a tenth less).
+    assert "not started within --timeout 1 s: the service was busy with other work" in err
 
 
 def test_a_batch_asks_the_service_to_wait_as_long_as_the_command(capsys, tmp_path):
@@ -494,6 +495,22 @@ def test_a_batch_asks_the_service_to_wait_as_long_as_the_command(capsys, tmp_pat
     argv = ("batch", str(prompts), "--out", str(tmp_path / "a.npz"), "--timeout", "300")
     code, _, _, taken = run_against(capsys, answered, *argv)
     assert code == cli.EXIT_OK and [request.timeout_ms for request in taken] == [299_000]
+
+
+def test_a_batch_line_not_started_in_time_is_said_in_the_command_s_timeout(capsys, tmp_path):
+    # "not started within 269.1 s (its timeout)" after --timeout 300: the request's own wait.
+    prompts = tmp_path / "shots.txt"
+    prompts.write_text("wave\n")
+
+    def expired(request) -> list[bytes]:
+        message = "not started within 269.1 s (its timeout): the model was busy with other work"
+        late = ErrorReply(request.id, "batch", ErrorCode.TIMEOUT, message, index=0)
+        return [encode_reply(late)[0], encode_reply(BatchDoneReply(request.id, 1, 0))[0]]
+
+    argv = ("batch", str(prompts), "--out", str(tmp_path / "a.npz"), "--timeout", "300")
+    code, _, err, _ = run_against(capsys, expired, *argv)
+    assert code == cli.EXIT_TIMEOUT
+    assert "line 1: timeout: not started within --timeout 300 s: the service was busy" in err
 
 
 def test_pose_with_an_image(address, capsys, tmp_path):

@@ -236,8 +236,9 @@ class Checkpoint:
     @classmethod
     def open(cls, root: str | Path) -> "Checkpoint":
         root = Path(root).expanduser()
-        if not root.is_dir():
-            raise CheckpointError(f"{root}: not a directory")
+        if not root.is_dir():  # "not a directory" was said of a path that is not there at all
+            what = "a file, not a checkpoint's folder" if root.exists() else "no such folder"
+            raise CheckpointError(f"{root}: {what}")
         if not (root / CONFIG_NAME).exists():
             steps = sorted(p.name for p in root.glob("step-*") if (p / CONFIG_NAME).is_file())
             if steps:  # `train --out`'s folder: each step-N in it is a checkpoint

@@ -50,6 +50,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -329,7 +330,11 @@ def evaluate(
     if not train:
         raise ValueError(f"{corpus}: no train records to fit the baselines on")
     if not chosen:
-        raise ValueError(f"{corpus}: no records in split {split!r}")
+        held = Counter(r.split for r in records)
+        holds = ", ".join(f"{name} {count}" for name, count in sorted(held.items()))
+        raise ValueError(
+            f"{corpus}: no records in split {split!r} (--split, default test); it holds {holds}"
+        )
     image_pairs = None if pairs is None else read_image_pairs(pairs, limit)  # before the model
     warnings = []  # what makes the figures mean less than their headings say
     if split in ("train", "all"):

@@ -134,8 +134,10 @@ def test_open_reports_missing_parts(tmp_path):
     (tmp_path / "pose_head.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pose_head.safetensors: file not found"):
         Checkpoint.open(tmp_path)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="nowhere: no such folder"):
         Checkpoint.open(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="chatpose.json: a file, not a checkpoint's folder"):
+        Checkpoint.open(tmp_path / "chatpose.json")
 
 
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1842767\n"

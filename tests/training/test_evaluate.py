@@ -333,6 +333,17 @@ def test_a_corpus_that_is_not_there_is_named_as_training_names_it(tiny, tmp_path
     assert f"error: {missing}: file not found\n" in capsys.readouterr().err
 
 
+def test_a_split_the_corpus_lacks_names_the_flag_and_what_it_holds(tiny, tmp_path, capsys):
+    from inference_service.training.corpus import generate_corpus, save_corpus
+
+    _, checkpoint, _ = tiny
+    corpus = tmp_path / "train_only.npz"
+    save_corpus(generate_corpus(0, 12, val_fraction=0, test_fraction=0), corpus)
+    assert ev.main(["--checkpoint", str(checkpoint), "--data", "corpus", str(corpus)]) == 2
+    err = capsys.readouterr().err  # the split came from a default the user never typed
+    assert "no records in split 'test' (--split, default test); it holds train 12" in err
+
+
 def test_the_caption_oracle_joins_the_report_on_request(tiny, capsys):
     root, checkpoint, _ = tiny
     out = root / "oracle.json"

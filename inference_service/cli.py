@@ -459,10 +459,18 @@ def _pose_reply(args: argparse.Namespace, images: tuple[bytes, ...], mode: str):
             )
             reply = _refusal(request) or _first_reply(client, request, args.timeout)
             left = 0.0 if waited_until is None else waited_until - time.monotonic()
-            if not _refused_busy(reply) or left <= 0:
+            if not _refused_busy(reply):
                 return reply
+            busy = reply.message.removesuffix("; try again shortly")  # this command will, or
+            if left <= 0:  # says how
+                more = (
+                    "; add --wait S to ask again for up to S s"
+                    if args.wait is None
+                    else f"; still so after --wait {args.wait:g} s"
+                )
+                return dataclasses.replace(reply, message=busy + more)
             delay = BUSY_RETRY_DELAYS_S[min(tries, len(BUSY_RETRY_DELAYS_S) - 1)]
-            _report(f"chatpose pose: {reply.message}; asking again in {min(delay, left):.3g} s")
+            _report(f"chatpose pose: {busy}; asking again in {min(delay, left):.3g} s")
             time.sleep(min(delay, left))
 
 

@@ -1422,6 +1422,7 @@ def test_pose_with_wait_asks_again_while_the_queue_is_full(backend, capsys, monk
         fill_the_queue()
         code, _, err = run(capsys, "pose", "wave", "--address", server.address)
         assert code == cli.EXIT_BUSY and "queues at most 3" in err  # without --wait: at once
+        assert err.rstrip().endswith("; add --wait S to ask again for up to S s")
 
         def sleep(seconds):  # the wait before asking again: the other client's work ends
             waits.append(seconds)
@@ -1435,12 +1436,14 @@ def test_pose_with_wait_asks_again_while_the_queue_is_full(backend, capsys, monk
         code, out, err = run(capsys, "pose", "wave", "--address", server.address, "--wait", "60")
         assert code == cli.EXIT_OK and "pose 1 of 1" in out
         assert waits == [1.0, 2.0] and "queues at most 3" in err and "asking again in 1 s" in err
+        assert "try again shortly" not in err  # it does, and says when
 
         monkeypatch.setattr(cli, "time", time)
         fill_the_queue()
         started = time.monotonic()
         code, _, err = run(capsys, "pose", "wave", "--address", server.address, "--wait", "0.5")
         assert code == cli.EXIT_BUSY and "queues at most 3" in err  # no longer than the wait
+        assert err.rstrip().endswith("; still so after --wait 0.5 s")
         assert time.monotonic() - started < 0.5 + 2 * 2.0  # its last try, then none
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from shared_protocol.client import secret_key_exposure
 
 from . import logs
-from .checkpoint import work_offline
+from .checkpoint import Checkpoint, work_offline
 from .commands import (
     DEVICE_HELP,
     EXIT_INTERRUPTED,
@@ -30,7 +30,7 @@ from .commands import (
     stops_as_interrupts,
     user_path,
 )
-from .errors import ChatPoseError
+from .errors import ChatPoseError, CheckpointError
 from .scheduler import MAX_WAIT_MS
 from .server import (
     DEFAULT_BIND,
@@ -348,6 +348,11 @@ def _listening_server(args: argparse.Namespace) -> Server:
                 "`make demo-model`, or pass --checkpoint DIR"
             )
         raise ServerConfigError(f"--checkpoint: {checkpoint} does not exist")
+    try:  # its layout, before listening: a file or another folder was refused after a load
+        Checkpoint.open(checkpoint)
+    except CheckpointError as exc:
+        flag = "--checkpoint" if args.checkpoint is not None else "the bundled demo checkpoint"
+        raise ServerConfigError(f"{flag}: {exc}") from None
     from .modeling_chatpose import MAX_NEW_TOKENS_LIMIT  # imports torch
 
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:  # else every chat request would be refused

@@ -253,6 +253,12 @@ def test_chatpose_serve_that_loses_its_stdin_while_loading_exits_at_once(tiny_ch
         (["--bind", "garbage", "--checkpoint", "."], "'garbage' is not a ZeroMQ address"),
         (["--bind", "inproc://x", "--checkpoint", "."], "inproc reaches only this process"),
         (["--checkpoint", "/no/such/dir"], "/no/such/dir does not exist"),
+        # Refused before listening (a load started and stopped first): a file, another folder.
+        (
+            ["--checkpoint", str(serve.DEMO_CHECKPOINT / "chatpose.json")],
+            "chatpose.json: a file, not a checkpoint's folder",
+        ),
+        (["--checkpoint", str(serve.DEMO_CHECKPOINT / "base")], "base: not a ChatPose checkpoint"),
         (["--curve-clients", "."], "go together"),
         (["--max-new-tokens", "2000"], "--max-new-tokens: at most 512, got 2000"),
     ],
@@ -261,7 +267,8 @@ def test_serve_refuses_bad_configuration_clearly(argv, message, capsys):
     if "--bind" not in argv:  # not the default port: a service the user runs may hold it
         argv = [*argv, "--bind", f"tcp://127.0.0.1:{free_port()}"]
     assert serve.main(argv) == serve.EXIT_USAGE
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "listening" not in err
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from shared_protocol.client import Client
+from shared_protocol.client import Client, secret_key_exposure
 from shared_protocol.protocol import (
     BatchRequest,
     ErrorCode,
@@ -30,6 +31,22 @@ def context():
     context = zmq.Context()
     yield context
     context.destroy(linger=0)  # sockets a failed test left open too: term() would wait for ever
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_secret_key_its_group_or_others_may_read_is_warned_of(tmp_path, mode):
+    key = tmp_path / "animator.key_secret"
+    key.write_text('curve\n    public-key = "x"\n    secret-key = "y"\n')
+    key.chmod(0o600)
+    assert secret_key_exposure(key) is None
+    key.chmod(mode)
+    assert f"(mode {mode:o})" in secret_key_exposure(key)
+    public = tmp_path / "server.key"  # all may read a public key
+    public.write_text('curve\n    public-key = "x"\n')
+    public.chmod(mode)
+    assert secret_key_exposure(public) is None
+    assert secret_key_exposure(tmp_path / "typo.key_secret") is None  # named elsewhere
 
 
 def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):

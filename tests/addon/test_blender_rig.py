@@ -857,6 +857,9 @@ def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_pa
         return " ".join(n for k, n in calls if k == "label" and n)
 
     try:
+        prefs.curve_client_key = str(tmp_path / "typo.key_secret")  # not there: still drawn
+        assert "other users" not in labels()
+        prefs.curve_client_key = str(tmp_path / "animator.key_secret")
         assert "other users" not in labels()  # owner-only, as made
         (tmp_path / "animator.key_secret").chmod(0o644)
         assert "other users" not in labels()  # looked at again after _KEY_CHECK_S, not each redraw

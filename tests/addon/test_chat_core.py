@@ -222,6 +222,8 @@ def test_a_long_message_is_cut_to_a_few_lines_for_the_panel_and_a_popup():
     assert len(lines) == wording.MAX_MESSAGE_LINES and lines[:-1] == wording.wrap(crash, 80)[:7]
     assert lines[-1] == "\u2026 (cut; in full in the console)" == wording.CUT_MARK
     assert len(wording.message_lines(crash, 20)) == wording.MAX_MESSAGE_LINES + 1  # mark wraps
+    exact = " ".join(wording.wrap(crash, 80)[: wording.MAX_MESSAGE_LINES])  # fits: not cut
+    assert wording.message_lines(exact, 80) == wording.wrap(exact, 80)
 
 
 def test_lines_break_between_characters_as_the_reader_sees_them():
@@ -355,6 +357,12 @@ def test_reference_images_are_checked_by_their_bytes(tmp_path):
         check_reference_image(bmp, "scan.bmp")
     with pytest.raises(ValueError, match="notes.png is not a PNG or JPEG picture"):
         check_reference_image(b"BMX tricks, and more notes", "notes.png")  # "BM" alone
+    mp4 = b"\x00\x00\x00\x18ftypisom" + bytes(40)  # ISO media, but no picture's brand
+    with pytest.raises(ValueError, match="clip.mp4 is not a PNG or JPEG picture"):
+        check_reference_image(mp4, "clip.mp4")
+    for tiff in (b"II*\x00", b"MM\x00*"):  # either byte order
+        with pytest.raises(ValueError, match="scan.tif is a TIFF picture"):
+            check_reference_image(tiff + bytes(40), "scan.tif")
     with pytest.raises(ValueError, match="is empty"):
         check_reference_image(b"")
     with pytest.raises(ValueError, match="up to 16 MiB"):

@@ -600,6 +600,11 @@ def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys
     assert "line 3: too_large: 9000 characters; at most 8000" in err
     assert "wrote 2 of 3 poses to" in err and "(a frame per answered line, in file order)" in err
     assert Motion.load_npz(out_file).labels == ("wave", "bow")
+    at_limit = tmp_path / "at_limit.txt"
+    at_limit.write_text("y" * 8000 + "\n")  # at the limit: sent, and answered
+    argv = ("batch", str(at_limit), "--out", str(tmp_path / "one.npz"), "--address", address)
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_OK, err
     prompts.write_text("explode\n" + "x" * 9000 + "\n")  # every line fails
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
     assert code == cli.EXIT_SERVICE_ERROR and "no line got a pose; " in err

@@ -286,6 +286,26 @@ def test_a_stuck_service_times_out_and_the_next_request_still_works(address, bac
     session.close()
 
 
+def test_a_request_waits_the_timeout_it_was_sent_with(address, backend):
+    # The setting raised while it runs: the request still gives up at its own 2 s, and says so.
+    now = [0.0]
+    backend.hold()
+    session = Session(address, timeout_s=2.0, clock=lambda: now[0])
+    request_id = session.request_pose("held")
+    try:
+        assert backend.entered.wait(TIMEOUT_S)  # running: the service will not time it out
+        session.timeout_s = 600
+        now[0] = 1.9
+        assert not [e for e in session.tick() if e.request_id == request_id]
+        now[0] = 2.1
+        [failure] = run_until(session, final_for(request_id))
+        assert failure.code == ErrorCode.TIMEOUT
+        assert f"no answer from {address} within 2 s" in failure.message
+    finally:
+        backend.release()
+        session.close()
+
+
 def test_a_request_held_up_by_other_work_says_so_when_its_time_is_up(address, backend):
     # It sent its whole timeout as timeout_ms, so its own timer always ended first: "no
     # answer within 1 s", never that another animator's work held the model.

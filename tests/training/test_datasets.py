@@ -522,6 +522,11 @@ def test_4dhumans_pairs_leave_out_frames_without_a_pose(tmp_path, capsys):
     np.testing.assert_array_equal(examples[1].pose, POSES[2])
     err = capsys.readouterr().err
     assert "left out 1 of 3 frames without a pose (has_body_pose 0)" in err
+    flags = dict(np.load(path))
+    flags["has_body_pose"] = np.array([1.0, 1.0])  # one short: frames would be dropped unsaid
+    np.savez(path, **flags)
+    with pytest.raises(DatasetError, match=r"'has_body_pose' must be \(N,\) number flags"):
+        read_image_pose_pairs(path)
 
 
 def halves(size=(100, 60)) -> Image.Image:
@@ -868,6 +873,10 @@ def test_llava_pose_pairing_errors(tmp_path):
     stray = write_npz(tmp_path / "stray.npz", POSES[:2], ids=np.array(["a", "zzz"]))
     with pytest.raises(DatasetError, match=r"stray\.npz: poses for conversation id 'zzz'"):
         read_llava_conversations(path, poses=stray)
+    chat = write_json(tmp_path / "chat.json", [_conv("hello", "hi", id="a")])
+    one = write_npz(tmp_path / "a.npz", POSES[:1], ids=np.array(["a"]))
+    with pytest.raises(DatasetError, match=r"has poses for this conversation but it has no <POSE>"):
+        read_llava_conversations(chat, poses=one)  # it would train without them
     no_ids = write_npz(tmp_path / "noids.npz", POSES[:1])
     with pytest.raises(DatasetError, match=r"noids\.npz: no 'ids' array"):
         read_llava_conversations(path, poses=no_ids)

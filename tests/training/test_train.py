@@ -361,6 +361,12 @@ def test_a_run_shorter_than_its_warmup_says_so(base, examples, tmp_path, capsys)
     assert "warmup" not in capsys.readouterr().err
 
 
+def test_a_mix_that_leaves_out_data_given_says_so(base, examples, tmp_path, capsys):
+    text = [e for e in examples if e.kind == "text_to_pose"]
+    loop.train(settings(base, tmp_path / "run", steps=1, mix=(1, 1, 0)), text)
+    assert "note: the mix leaves out image_to_pose (no examples)" in capsys.readouterr().err
+
+
 def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, examples, tmp_path):
     run = tmp_path / "run"
     common = dict(warmup_steps=2, lr_schedule="linear", log_every=1, save_every=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import zmq.auth
 
 from inference_service.commands import user_path
+from shared_protocol.client import is_curve_key
 
 
 class KeysError(ValueError):
@@ -58,17 +59,18 @@ def _check_server_keys(directory: Path) -> None:
     so that running it again would change nothing); its public half written again when it
     went missing (every client needs it)."""
     secret_file, public_file = directory / "server.key_secret", directory / "server.key"
-    try:
-        public, secret = zmq.auth.load_certificate(secret_file)
-    except (OSError, ValueError, IndexError):  # IndexError: a key line without "="
-        public = secret = None
-    if secret is None:
+    try:  # an OSError (not readable by this user) is said as it is: the pair may be fine
+        secret = zmq.auth.load_certificate(secret_file)[1]
+    except (ValueError, IndexError):  # IndexError: a key line without "="
+        secret = None
+    if secret is None or not is_curve_key(secret):
         raise KeysError(
             f"{secret_file} is not a CURVE key pair; it is kept, as clients may trust it: move "
             "it away and run this again for a new server key pair (every client then needs "
             "the new server.key)"
         )
-    if not public_file.exists():
+    if not public_file.exists() and not public_file.is_symlink():  # never through a link
+        public = zmq.curve_public(secret)  # the secret's own, whatever its file says besides
         public_file.write_text(f'curve\n    public-key = "{public.decode()}"\n')
         public_file.chmod(0o644)
         print(f"wrote {public_file} again, from {secret_file.name}")

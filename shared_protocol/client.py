@@ -143,8 +143,8 @@ def secret_key_exposure(path: str | os.PathLike) -> str | None:
         return None
     try:
         mode = os.stat(path).st_mode
-        if not mode & (stat.S_IRGRP | stat.S_IROTH):
-            return None
+        if not stat.S_ISREG(mode) or not mode & (stat.S_IRGRP | stat.S_IROTH):
+            return None  # not opened unless a file: a pipe there would block (the add-on's UI)
         with open(path, "rb") as file:
             if b"secret-key" not in file.read(4096):
                 return None
@@ -439,6 +439,7 @@ class Client:
                     f"{self.address} did not serve within {timeout_s:g} s{stopping}",
                 )
             if not self.wait_connected(min(left, 0.2)):  # not past the time given
+                still_loading = ""  # gone since: no longer known to be loading
                 if self.refusal and not asked_again:
                     # Once more, on a fresh socket: a starting chatpose-serve's check that its
                     # port is free (a socket without its keys, bound for a moment) may have
@@ -461,6 +462,7 @@ class Client:
             except ProtocolError as exc:
                 if exc.code not in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                     raise
+                still_loading = ""  # no answer: gone or hung, no longer known to be loading
                 continue
             if isinstance(reply, StatusReply):
                 return reply

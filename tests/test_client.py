@@ -47,6 +47,12 @@ def test_a_secret_key_its_group_or_others_may_read_is_warned_of(tmp_path, mode):
     public.chmod(mode)
     assert secret_key_exposure(public) is None
     assert secret_key_exposure(tmp_path / "typo.key_secret") is None  # named elsewhere
+    pipe = tmp_path / "pipe.key_secret"
+    os.mkfifo(pipe, mode)  # opened, it would block (the add-on's preferences, drawn)
+    looked = threading.Thread(target=secret_key_exposure, args=(pipe,), daemon=True)
+    looked.start()
+    looked.join(5)
+    assert not looked.is_alive() and secret_key_exposure(pipe) is None
 
 
 def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):

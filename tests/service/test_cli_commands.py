@@ -103,6 +103,11 @@ def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
         code, _, err = run(capsys, "status", "--address", server.address, "--wait", "0.5")
         assert code == cli.EXIT_BUSY
         assert f"{server.address} did not serve within 0.5 s: the model is still loading" in err
+        gone = Server(None, None, "tcp://127.0.0.1:*", max_wait_ms=0)  # loads, then goes away
+        threading.Thread(target=gone.serve_forever, daemon=True).start()
+        threading.Timer(0.5, gone.stop).start()
+        code, _, err = run(capsys, "status", "--address", gone.address, "--wait", "2")
+        assert code != cli.EXIT_BUSY and "still loading" not in err  # no longer known to be
         threading.Timer(1.0, server.attach, (backend, backend.info)).start()
         code, out, _ = run(capsys, "pose", "wave", "--address", server.address, "--wait", "30")
         assert code == cli.EXIT_OK and "pose 1 of 1" in out

@@ -60,11 +60,35 @@ def test_a_damaged_server_key_is_named_and_a_lost_public_half_written_again(tmp_
     assert keys.main([str(tmp_path)]) == 0
     assert f"wrote {tmp_path / 'server.key'} again" in capsys.readouterr().out
     assert _public_key(tmp_path / "server.key") == _public_key_of(public)
+    (tmp_path / "server.key").unlink()
+    (tmp_path / "server.key").symlink_to(tmp_path / "elsewhere.key")  # dangling: not followed
+    assert keys.main([str(tmp_path)]) == 0
+    assert not (tmp_path / "elsewhere.key").exists()
+    (tmp_path / "server.key").unlink()
+    secret = (tmp_path / "server.key_secret").read_text()
+    wrong = secret.replace(_public_key_of(public).decode(), "0" * 40)  # another public line
+    (tmp_path / "server.key_secret").write_text(wrong)
+    assert keys.main([str(tmp_path)]) == 0
+    assert _public_key(tmp_path / "server.key") == _public_key_of(public)  # the secret's own
     (tmp_path / "server.key_secret").write_text("junk")
     assert keys.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "server.key_secret is not a CURVE key pair; it is kept" in err
     assert "move it away and run this again" in err
+
+
+def test_a_server_key_this_user_cannot_read_is_not_called_damaged(tmp_path, capsys, monkeypatch):
+    # Run as another user, or without sudo: "move it away for a new pair" would lock every
+    # client out of a pair that is fine.
+    assert keys.main([str(tmp_path)]) == 0
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(keys.zmq.auth, "load_certificate", denied)
+    assert keys.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "not a CURVE key pair" not in err
 
 
 def _public_key(path: Path) -> bytes:

@@ -663,7 +663,14 @@ class _BatchRun:
 
 def _busy_timeout(args: argparse.Namespace) -> str:
     """The service's `timeout` reply in this command's terms: it says the request's own wait,
-    a tenth less than --timeout (`_waits_ms`), a number the user did not give."""
+    a tenth less than --timeout (`_waits_ms`), a number the user did not give; or, past the
+    longest wait a request may ask for, that one."""
+    longest_s = DEFAULT_LIMITS.max_timeout_ms / 1000
+    if args.timeout > longest_s:  # raising --timeout would change nothing
+        return (
+            f"not started within {longest_s:g} s, the longest a request may wait: the service "
+            "was busy with other work; ask again later"
+        )
     return (
         f"not started within --timeout {args.timeout:g} s: the service was busy with other "
         "work; raise --timeout, or ask again later"

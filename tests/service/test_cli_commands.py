@@ -516,6 +516,11 @@ def test_a_batch_line_not_started_in_time_is_said_in_the_command_s_timeout(capsy
     code, _, err, _ = run_against(capsys, expired, *argv)
     assert code == cli.EXIT_TIMEOUT
     assert "line 1: timeout: not started within --timeout 300 s: the service was busy" in err
+    # Past the longest wait a request may ask for, raising --timeout changes nothing.
+    longer = ("batch", str(prompts), "--out", str(tmp_path / "b.npz"), "--timeout", "7200")
+    code, _, err, _ = run_against(capsys, expired, *longer)
+    assert "not started within 3600 s, the longest a request may wait" in err
+    assert "raise --timeout" not in err
 
 
 def test_pose_with_an_image(address, capsys, tmp_path):

@@ -69,11 +69,21 @@ def _check_server_keys(directory: Path) -> None:
             "it away and run this again for a new server key pair (every client then needs "
             "the new server.key)"
         )
-    if not public_file.exists() and not public_file.is_symlink():  # never through a link
+    if public_file.is_symlink() and not public_file.exists():  # never written through a link
+        print(
+            f"note: {public_file} is a link to nothing; remove it and run this again to write "
+            "the file"
+        )
+    elif not public_file.exists():
         public = zmq.curve_public(secret)  # the secret's own, whatever its file says besides
         public_file.write_text(f'curve\n    public-key = "{public.decode()}"\n')
         public_file.chmod(0o644)
         print(f"wrote {public_file} again, from {secret_file.name}")
+    elif not public_file.is_file():
+        print(
+            f"note: {public_file} is not a file, and every client needs it: remove it and run "
+            "this again"
+        )
 
 
 def _create(directory: Path, name: str) -> Path:
@@ -105,11 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     names = args.clients or ["client"]
-    server_kept = (args.directory / "server.key_secret").exists()
     try:
+        server_kept = (args.directory / "server.key_secret").exists()
         made = make_keys(args.directory, names)
-    except (KeysError, OSError) as exc:
+    except KeysError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the keys of another user (their folder is theirs alone)
+        print(
+            f"error: cannot use {exc.filename or args.directory} ({exc.strerror}): run this as "
+            "the user whose keys they are",
+            file=sys.stderr,
+        )
+        return 2
+    except zmq.ZMQError as exc:  # a libzmq without CURVE
+        print(f"error: this ZeroMQ cannot make CURVE keys ({exc})", file=sys.stderr)
         return 2
     kept = [name for name in names if name not in made]
     print(f"keys in {args.directory}: made {', '.join(made) or 'no new client'}", end="")

@@ -462,7 +462,8 @@ class Client:
             except ProtocolError as exc:
                 if exc.code not in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                     raise
-                still_loading = ""  # no answer: gone or hung, no longer known to be loading
+                if exc.code == ErrorCode.UNREACHABLE or wait >= CONNECT_TIMEOUT_S:
+                    still_loading = ""  # gone, or no answer in a real wait: not known loading
                 continue
             if isinstance(reply, StatusReply):
                 return reply

@@ -275,6 +275,29 @@ def test_waiting_for_a_loading_model_waits_again_from_each_word_that_it_loads(co
     assert words and words[0] == "loading the model"
 
 
+def test_a_loading_service_whose_last_answer_is_late_is_still_said_to_load(context):
+    # The last status request before the deadline has a sliver of the wait: no answer in it
+    # is no sign the service went away, and a live load ended "did not serve" (exit 6).
+    asked = []
+
+    def busy_and_late_once(request):
+        asked.append(request["id"])
+        if len(asked) == 2:
+            return []  # answered after the deadline
+        busy = {"code": "busy", "message": "loading the model"}
+        return [json.dumps({"protocol": 1, "id": request["id"], "op": "status",
+                            "ok": False, "error": busy}).encode()]  # fmt: skip
+
+    address, stop = _serving(context, busy_and_late_once)
+    try:
+        with Client(address, context=context) as client:
+            with pytest.raises(ProtocolError) as raised:
+                client.wait_serving(0.3)
+    finally:
+        stop()
+    assert raised.value.code == ErrorCode.BUSY and "loading the model" in raised.value.message
+
+
 def test_a_service_of_another_protocol_version_is_named_so(context):
     # The studio review: "bad reply: unsupported_protocol: protocol: version 2 is not
     # supported; this side speaks 1", naming neither side nor what to do; exit 7 for status

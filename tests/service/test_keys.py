@@ -62,8 +62,12 @@ def test_a_damaged_server_key_is_named_and_a_lost_public_half_written_again(tmp_
     assert _public_key(tmp_path / "server.key") == _public_key_of(public)
     (tmp_path / "server.key").unlink()
     (tmp_path / "server.key").symlink_to(tmp_path / "elsewhere.key")  # dangling: not followed
+    capsys.readouterr()
     assert keys.main([str(tmp_path)]) == 0
     assert not (tmp_path / "elsewhere.key").exists()
+    assert (
+        "server.key is a link to nothing; remove it and run this again" in capsys.readouterr().out
+    )
     (tmp_path / "server.key").unlink()
     secret = (tmp_path / "server.key_secret").read_text()
     wrong = secret.replace(_public_key_of(public).decode(), "0" * 40)  # another public line
@@ -89,6 +93,7 @@ def test_a_server_key_this_user_cannot_read_is_not_called_damaged(tmp_path, caps
     assert keys.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Permission denied" in err and "not a CURVE key pair" not in err
+    assert "run this as the user whose keys they are" in err
 
 
 def _public_key(path: Path) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import bpy
 import numpy as np
@@ -839,8 +840,24 @@ def test_only_the_panel_s_message_is_cut_not_a_problem_it_states(blender):
     assert shown[-len(mark) :] == mark and len(shown) == wording.MAX_MESSAGE_LINES - 1 + len(mark)
 
 
+def test_the_panel_cuts_a_long_last_message(blender):
+    # A model's crash text of 4,000 characters filled the sidebar.
+    from blender_addon import panel
+    from blender_addon.blender import feedback
+    from blender_addon.core import wording
+
+    feedback.set_message("the model failed: " + "a frame of the traceback " * 160, "ERROR")
+    try:
+        calls = draw_panels([panel.VIEW3D_PT_chatpose], bpy.context)
+    finally:
+        feedback.set_message("")
+    shown = [text for kind, text in calls if kind == "label" and text]
+    assert "(cut;" in " ".join(shown)
+    assert sum("traceback" in text for text in shown) < wording.MAX_MESSAGE_LINES
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_path):
+def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_path, monkeypatch):
     from blender_addon import preferences
     from inference_service.keys import make_keys
 
@@ -863,7 +880,8 @@ def test_preferences_warn_of_a_client_secret_key_others_may_read(blender, tmp_pa
         assert "other users" not in labels()  # owner-only, as made
         (tmp_path / "animator.key_secret").chmod(0o644)
         assert "other users" not in labels()  # looked at again after _KEY_CHECK_S, not each redraw
-        preferences._key_checks.clear()
+        later = time.monotonic() + 11  # past the 10 s a look holds
+        monkeypatch.setattr(preferences.time, "monotonic", lambda: later)
         assert "can be read by other users of this machine (mode 644)" in labels()
     finally:
         prefs.curve_client_key = prefs.curve_server_key = ""

@@ -164,6 +164,36 @@ def _sideways_tilt(pose) -> float:
     return tilt(forward_kinematics(pose)[0]) - tilt(DEFAULT_REST_JOINTS)
 
 
+def test_sitting_needs_an_upright_torso_and_both_knees_bent():
+    # A seated pose tipped 40 degrees sideways, or with one leg straight, is no "sitting".
+    from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+
+    def postures(pose):
+        return [f.value for f in pose_facts(pose) if f.kind == "posture"]
+
+    seated = np.asarray(A.get_action("sit").sample(np.random.default_rng(0), 0.0))
+    assert postures(seated) == ["sitting"]
+    tipped = seated.copy()
+    roll = axis_angle_to_matrix(np.array([0.0, 0.0, np.radians(40)]))
+    tipped[0] = matrix_to_axis_angle(roll @ axis_angle_to_matrix(seated[0]))
+    facts = {(f.kind, f.value) for f in pose_facts(tipped)}
+    assert ("thigh", "raised") in facts and "sitting" not in postures(tipped)
+    one_leg_straight = seated.copy()
+    one_leg_straight[5] = 0.0  # the right knee
+    facts = {(f.kind, f.value) for f in pose_facts(one_leg_straight)}
+    assert ("thigh", "raised") in facts and "sitting" not in postures(one_leg_straight)
+
+
+def test_an_upside_down_body_is_not_also_said_to_lean_sideways():
+    from shared_protocol.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+
+    pose = np.zeros((24, 3))
+    tilt = axis_angle_to_matrix(np.array([0.0, 0.0, np.radians(30)]))
+    pose[0] = matrix_to_axis_angle(tilt @ axis_angle_to_matrix(np.array([np.radians(160), 0, 0])))
+    torso = [(f.kind, f.value) for f in pose_facts(pose) if f.kind.startswith("torso")]
+    assert torso == [("torso", "upside down")]
+
+
 def test_sideways_lean_is_a_true_sideways_tilt_at_any_bend():
     # The rest skeleton folded forward at the hips, with no sideways tilt at all: past the
     # horizontal the rest neck's small offset to the right once read as a lean to the right.

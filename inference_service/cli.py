@@ -84,6 +84,7 @@ EXIT_TIMEOUT = 6
 EXIT_SERVICE_ERROR = 7
 EXIT_BUSY = 8  # worth asking again later, unlike 7
 EXIT_CLOSED_OUTPUT = 141  # the shell's code for SIGPIPE: stdout closed (`| head`)
+DEFAULT_TIMEOUT_S = 60.0
 LOCAL_ID = "local"  # the request id of --local's replies: no service numbered them
 # A batch's answers are also written this often while it runs, so that one killed outright
 # keeps them (_SavedProgress).
@@ -157,18 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"chatpose {__version__}")
     connection = argparse.ArgumentParser(add_help=False)
+    # Their defaults are set once parsed (_service_flags): --local must see what was given.
     connection.add_argument(
         "--address",
         type=_address,
-        default=DEFAULT_ADDRESS,
         help=f"the service's address (default {DEFAULT_ADDRESS})",
     )
     connection.add_argument(
         "--timeout",
         type=positive_float,
-        default=60.0,
         metavar="S",
-        help="seconds to wait for an answer (default 60)",
+        help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT_S:g})",
     )
     connection.add_argument(
         "--wait",
@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "else --out)",
     )
 
-    commands.add_parser("status", parents=[connection], help="the service's status")
+    status = commands.add_parser("status", parents=[connection], help="the service's status")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the service's reply as JSON, an error reply too (for health checks)",
+    )
     demo = commands.add_parser("demo", help="what `make demo` runs: the whole system, end to end")
     demo.add_argument(
         "--checkpoint", type=user_path, help="the model to serve (default: the bundled demo model)"
@@ -282,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
     }[args.command]
     try:
+        _service_flags(args)
         with stops_as_interrupts():  # SIGTERM, SIGHUP: as Ctrl-C, with its message and code
             code = command(args)
             _flush_output()  # here, where a closed stdout is caught, not at exit
@@ -301,6 +307,36 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (`| head`): what it wanted, it has
         _silence_output()
         return EXIT_CLOSED_OUTPUT
+
+
+# The flags of a service's connection, which `pose --local` (no service) refuses rather than
+# ignores: a script's --address or --timeout would otherwise seem to have been used.
+_SERVICE_FLAGS = {
+    "address": "--address",
+    "timeout": "--timeout",
+    "wait": "--wait",
+    "curve_secret_key": "--curve-secret-key",
+    "curve_server_key": "--curve-server-key",
+}
+
+
+def _service_flags(args: argparse.Namespace) -> None:
+    """Refuses service flags given with --local; else sets the defaults of those not given."""
+    if args.command == "demo":  # its own --timeout; it starts its service
+        return
+    if getattr(args, "local", False):
+        given = [flag for dest, flag in _SERVICE_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            verb = "is" if len(given) == 1 else "are"
+            raise CommandError(
+                EXIT_USAGE,
+                f"{' and '.join(given)} {verb} for a service; --local runs the model in this "
+                "process and needs none",
+            )
+    if args.address is None:
+        args.address = DEFAULT_ADDRESS
+    if args.timeout is None:
+        args.timeout = DEFAULT_TIMEOUT_S
 
 
 # Modules whose package is named otherwise on the package index.
@@ -376,7 +412,13 @@ def _on_terminal() -> bool:
 def _status(args: argparse.Namespace) -> int:
     with _serving_client(args) as client:
         request = StatusRequest(client.new_id())
-        reply = _checked(_first_reply(client, request, args.timeout), StatusReply)
+        reply = _first_reply(client, request, args.timeout)
+    answered = isinstance(reply, (StatusReply, ErrorReply))
+    if args.json and answered and not isinstance(reply, UndecodableReply):
+        _out(encode_reply(reply)[0].decode("utf-8"))
+    reply = _checked(reply, StatusReply)
+    if args.json:
+        return EXIT_OK
     images = f"up to {reply.max_images}" if reply.supports_images else "no"
     _out(f"service   {args.address}")
     _out(f"model     {reply.model} on {reply.device} ({reply.dtype})")
@@ -390,8 +432,6 @@ def _status(args: argparse.Namespace) -> int:
 def _pose(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.local:
         raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
-    if args.wait is not None and args.local:
-        raise CommandError(EXIT_USAGE, "--wait waits for a service; --local needs none")
     try:
         args.text.encode("utf-8")
     except UnicodeEncodeError:  # Python keeps a non-UTF-8 argument's bytes as surrogates

@@ -91,6 +91,38 @@ def test_status(address, capsys):
     assert "images    up to 1 per request" in out
 
 
+def test_status_as_json(backend, capsys):
+    with serving(backend) as server:
+        code, out, _ = run(capsys, "status", "--address", server.address, "--json")
+    reply = json.loads(out)
+    assert code == cli.EXIT_OK
+    assert (reply["op"], reply["model"], reply["device"]) == ("status", "scripted", "cpu")
+    loading = Server(None, None, "tcp://127.0.0.1:*", max_wait_ms=0)  # a health check's "not yet"
+    thread = threading.Thread(target=loading.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, out, err = run(capsys, "status", "--address", loading.address, "--json")
+    finally:
+        loading.stop()
+        thread.join(TIMEOUT_S)
+    reply = json.loads(out)
+    assert code == cli.EXIT_BUSY and (reply["ok"], reply["error"]["code"]) == (False, "busy")
+    assert "the model is still loading" in err
+
+
+def test_local_refuses_the_flags_of_a_service(capsys):
+    # Given with --local, they would seem used: a script's --timeout 5 that never applied.
+    code, _, err = run(capsys, "pose", "wave", "--local", "--wait", "5")
+    assert code == cli.EXIT_USAGE
+    assert "--wait is for a service; --local runs the model in this process" in err
+    code, _, err = run(capsys, "pose", "wave", "--local", "--address", "tcp://10.0.0.1:5555")
+    assert code == cli.EXIT_USAGE and "--address is for a service" in err
+    code, _, err = run(
+        capsys, "pose", "wave", "--timeout", "5", "--local", "--curve-server-key", "k"
+    )
+    assert code == cli.EXIT_USAGE and "--timeout and --curve-server-key are for a service" in err
+
+
 def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
     # A script that has just started chatpose-serve: the model loads for a while.
     server = Server(None, None, "tcp://127.0.0.1:*", max_wait_ms=0)
@@ -114,8 +146,6 @@ def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
     finally:
         server.stop()
         thread.join(TIMEOUT_S)
-    code, _, err = run(capsys, "pose", "wave", "--local", "--wait", "5")
-    assert code == cli.EXIT_USAGE and "--wait waits for a service; --local needs none" in err
     code, _, err = run(capsys, "status", "--address", server.address, "--wait", "0.5")
     assert code == cli.EXIT_UNREACHABLE and f"no service at {server.address} (no connection" in err
 

@@ -114,6 +114,14 @@ class LineWriter(logging.Handler):
         super().close()
 
 
+def line_now(logger: str, level: int, message: str, event: str) -> str:
+    """One JSON line, formatted as the handler would, for a process whose logging is not set up
+    yet (argparse's refusals come before it)."""
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    record.event = event
+    return JsonLines().format(record)
+
+
 def flush() -> None:
     """The lines logged so far written (within FLUSH_WAIT_S): before a plain line that must come
     after them, and at the end."""

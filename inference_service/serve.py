@@ -58,10 +58,20 @@ def _wait_ms(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals also as a `config_error` JSON line for a log reader, as the service's
+    other start-up refusals are; argparse's plain lines come last (the add-on shows the last)."""
+
+    def error(self, message: str):
+        if not sys.stderr.isatty():
+            line = logs.line_now(log.name, logging.ERROR, message, "config_error")
+            with contextlib.suppress(OSError, ValueError):
+                print(line, file=sys.stderr, flush=True)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chatpose-serve", description="Serve a ChatPose checkpoint over ZeroMQ."
-    )
+    parser = _Parser(prog="chatpose-serve", description="Serve a ChatPose checkpoint over ZeroMQ.")
     parser.add_argument(
         "--checkpoint",
         type=user_path,

@@ -446,6 +446,25 @@ def test_a_start_up_error_is_said_once_on_a_terminal_and_logged_for_a_log_reader
         assert '"event": "config_error"' in lines[0] and lines[1:] == [plain]
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_bad_argument_is_logged_for_a_log_reader_too(monkeypatch, capsys, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    with pytest.raises(SystemExit) as stop:
+        serve.main(["--max-batch", "0"])
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == serve.EXIT_USAGE
+    assert lines[-1] == (
+        "chatpose-serve: error: argument --max-batch: expected a whole number of at least 1, "
+        "got '0'"
+    )
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    if terminal:
+        assert logged == []
+    else:
+        assert [(e["level"], e["event"]) for e in logged] == [("error", "config_error")]
+        assert logged[0]["msg"] == lines[-1].removeprefix("chatpose-serve: error: ")
+
+
 def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys):
     with zmq.Context() as context, context.socket(zmq.ROUTER) as taken:
         port = taken.bind_to_random_port("tcp://127.0.0.1")

@@ -448,6 +448,39 @@ def test_a_finished_batch_with_a_line_left_without_a_pose_does_not_exit_0(capsys
     assert f"{out_file} is kept as it was" in err
 
 
+def test_a_batch_with_no_pose_written_does_not_suggest_resume(capsys, tmp_path):
+    # Nothing was written, so there is nothing for --resume to go on from.
+    prompts, out_file = tmp_path / "shots.txt", tmp_path / "anim.npz"
+    prompts.write_text("wave\nbow\n")
+
+    def none_with_a_pose(request) -> list[bytes]:
+        done = BatchDoneReply(request.id, total=2, completed=2)
+        return [encode_reply(BatchItemReply(request.id, i, 2, "no pose"))[0] for i in (0, 1)] + [
+            encode_reply(done)[0]
+        ]
+
+    code, _, err, _ = run_against(
+        capsys, none_with_a_pose, "batch", str(prompts), "--out", str(out_file)
+    )
+    assert (
+        code == cli.EXIT_SERVICE_ERROR and f"no line got a pose; {out_file} was not written" in err
+    )
+    assert err.rstrip().endswith("chatpose batch: not answered: lines 1-2")
+    assert not out_file.exists()
+
+
+def test_a_resumed_batch_that_got_nothing_new_still_says_how_to_go_on(backend, capsys, tmp_path):
+    # The service had gone: the lines still without a pose are asked by --resume again.
+    with serving(backend) as server:
+        gone = server.address
+    prompts, out_file, argv = shots(tmp_path, "wave\nsit\nbow\n", gone)
+    Motion.from_poses([pose_for("wave")]).save_npz(out_file)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == cli.EXIT_UNREACHABLE and f"no new answers; {out_file} is kept as it was" in err
+    resume = "the same command with --resume asks only the lines without a pose"
+    assert f"not answered: lines 2-3 ({resume})" in err
+
+
 def test_a_timeout_of_years_is_waited_in_steps_not_overflowed(address, capsys):
     code, out, _ = run(capsys, "status", "--address", address, "--timeout", "1e9")
     assert code == cli.EXIT_OK and "scripted on cpu" in out
@@ -916,8 +949,9 @@ def test_resume_asks_only_the_lines_a_batch_cut_short_left(
     with monkeypatch.context() as patch:
         ctrl_c_after(2, patch)
         code, _, err = run(capsys, *argv, "--fps", "24")
-    assert code == cli.EXIT_INTERRUPTED and "not answered: lines 5-6" in err  # the file's lines
-    assert "with --resume asks only" in err
+    assert code == cli.EXIT_INTERRUPTED  # the file's lines, and how to go on (nothing to move)
+    resume = "the same command with --resume asks only the lines without a pose"
+    assert f"not answered: lines 5-6 ({resume})" in err
 
     sent = sum(backend.batch_sizes)
     code, _, err = run(capsys, *argv, "--resume")

@@ -11,8 +11,8 @@ Add more clients with --client NAME; each one's public key lands in authorized_c
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,17 +40,22 @@ def make_keys(directory: Path, client_names: list[str]) -> list[str]:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     authorized = directory / "authorized_clients"
     authorized.mkdir(exist_ok=True)
+    pairs = []  # (secret file, public file) of each pair to make
     if not (directory / "server.key_secret").exists():  # never replace a key clients trust
-        _create(directory, "server")
+        pairs.append((directory / "server.key_secret", directory / "server.key"))
     else:
         _check_server_keys(directory)
     made = []
     for name in client_names:
         if (directory / f"{name}.key_secret").exists() or (authorized / f"{name}.key").exists():
             continue  # that user already has a key: a new one would lock them out
-        public = _create(directory, name)
-        shutil.move(public, authorized / public.name)
-        made.append(name)
+        if name not in made:
+            pairs.append((directory / f"{name}.key_secret", authorized / f"{name}.key"))
+            made.append(name)
+    for path in (path for pair in pairs for path in pair):  # all, before any key is written
+        _check_new_key_file(path)
+    for secret_file, public_file in pairs:
+        _create(secret_file, public_file)
     return made
 
 
@@ -75,9 +80,8 @@ def _check_server_keys(directory: Path) -> None:
             "the file"
         )
     elif not public_file.exists():
-        public = zmq.curve_public(secret)  # the secret's own, whatever its file says besides
-        public_file.write_text(f'curve\n    public-key = "{public.decode()}"\n')
-        public_file.chmod(0o644)
+        # The secret's own public key, whatever its file says besides.
+        _write_key(public_file, zmq.curve_public(secret))
         print(f"wrote {public_file} again, from {secret_file.name}")
     elif not public_file.is_file():
         print(
@@ -86,17 +90,69 @@ def _check_server_keys(directory: Path) -> None:
         )
 
 
-def _create(directory: Path, name: str) -> Path:
-    # Made owner-only from the start: a chmod after writing leaves the secret key readable by
-    # others for a moment in a folder that already was.
-    umask = os.umask(0o077)
+def _check_new_key_file(path: Path) -> None:
+    """KeysError for a place a new key file cannot go: a link, dangling or not (a key written
+    through one planted there lands wherever it points), or something other than a file."""
+    if path.is_symlink():
+        raise KeysError(
+            f"{path} is a link (to {os.readlink(path)}), and a new key is never written "
+            "through one: remove the link and run this again"
+        )
+    if path.exists() and not path.is_file():
+        raise KeysError(f"{path} is not a file: remove it and run this again")
+
+
+def _create(secret_file: Path, public_file: Path) -> None:
+    """A new key pair: the pair in `secret_file`, its public half in `public_file` (both
+    checked by `_check_new_key_file`)."""
+    public, secret = zmq.curve_keypair()
+    # A public half left without its secret (a server.key of a pair deleted) belongs to no
+    # key any more: it is replaced, as the new one must be handed out.
+    public_file.unlink(missing_ok=True)
+    _write_key(secret_file, public, secret)
+    _write_key(public_file, public)
+
+
+# As zmq.auth.create_certificates writes them (what zmq.auth.load_certificate and czmq read),
+# with a new file only.
+_SECRET_BANNER = """\
+#   ****  Generated on {now} by python -m inference_service.keys  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+"""
+_PUBLIC_BANNER = """\
+#   ****  Generated on {now} by python -m inference_service.keys  ****
+#   ZeroMQ CURVE Public Certificate
+#   Exchange securely, or use a secure mechanism to verify the contents
+#   of this file after exchange.
+
+"""
+
+
+def _write_key(path: Path, public: bytes, secret: bytes | None = None) -> None:
+    """A new key file at `path`: owner-only for a secret key from the moment it exists (a chmod
+    after writing leaves it readable by others for a moment in a folder that already was),
+    readable by all for a public one. Never through a link, nor over a file that is there:
+    O_EXCL refuses both, even one put there after `_create` looked (KeysError)."""
+    mode = 0o644 if secret is None else 0o600
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        public, secret = zmq.auth.create_certificates(directory, name)
-    finally:
-        os.umask(umask)
-    Path(secret).chmod(0o600)
-    Path(public).chmod(0o644)  # public: every client and the server read it
-    return Path(public)
+        descriptor = os.open(path, flags, mode)
+    except FileExistsError:
+        raise KeysError(
+            f"{path} appeared while this ran (a link or a file), and a new key is never written "
+            "through or over one: remove it if it is not a key of yours and run this again"
+        ) from None
+    now = datetime.datetime.now()
+    text = (_PUBLIC_BANNER if secret is None else _SECRET_BANNER).format(now=now)
+    text += f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+    if secret is not None:
+        text += f'    secret-key = "{secret.decode()}"\n'
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        if hasattr(os, "fchmod"):
+            os.fchmod(descriptor, mode)  # the umask may have taken bits of a public key's mode
+        file.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
 """`python -m inference_service.keys`: keys are made once, kept private, and never replaced."""
 
+import os
 import stat
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 
 from inference_service import keys
 
@@ -112,21 +115,78 @@ def _public_key_of(text: str) -> bytes:
 
 def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
     tmp_path.chmod(0o755)  # a folder others may read, as a shared one is
-    create = keys.zmq.auth.create_certificates
-    modes_while_written = []
+    opened = os.open
+    modes_when_made = {}
 
-    def create_and_look(directory, name):  # what others could read the moment it is written
-        public, secret = create(directory, name)
-        modes_while_written.append(stat.S_IMODE(Path(secret).stat().st_mode))
-        return public, secret
+    def open_and_look(path, flags, mode=0o777, **kwargs):  # what others could read at once
+        descriptor = opened(path, flags, mode, **kwargs)
+        if str(path).endswith(".key_secret"):
+            modes_when_made[Path(path).name] = stat.S_IMODE(os.fstat(descriptor).st_mode)
+        return descriptor
 
-    monkeypatch.setattr(keys.zmq.auth, "create_certificates", create_and_look)
-    keys.make_keys(tmp_path, ["animator"])
-    assert modes_while_written == [0o600, 0o600]
+    monkeypatch.setattr(keys.os, "open", open_and_look)
+    umask = os.umask(0)  # not counted on: a umask that takes nothing away
+    try:
+        keys.make_keys(tmp_path, ["animator"])
+    finally:
+        os.umask(umask)
+        monkeypatch.undo()
+    assert modes_when_made == {"server.key_secret": 0o600, "animator.key_secret": 0o600}
     for name in ("server.key_secret", "animator.key_secret"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     for public in ("server.key", "authorized_clients/animator.key"):
         assert stat.S_IMODE((tmp_path / public).stat().st_mode) == 0o644
+
+
+def test_the_key_files_read_back_as_zeromq_reads_them(tmp_path):
+    keys.make_keys(tmp_path, ["animator"])
+    for secret_file, public_file in [
+        (tmp_path / "server.key_secret", tmp_path / "server.key"),
+        (tmp_path / "animator.key_secret", tmp_path / "authorized_clients" / "animator.key"),
+    ]:
+        public, secret = zmq.auth.load_certificate(secret_file)
+        assert zmq.curve_public(secret) == public
+        assert zmq.auth.load_certificate(public_file) == (public, None)
+    animator = zmq.auth.load_certificate(tmp_path / "animator.key_secret")[0]
+    assert zmq.auth.load_certificates(tmp_path / "authorized_clients") == {animator: True}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="links made without privileges")
+@pytest.mark.parametrize(
+    ("planted", "points_at_a_file"),
+    [
+        ("server.key_secret", False),
+        ("server.key", False),
+        ("server.key", True),  # its file was overwritten with the public key
+        ("animator.key_secret", False),
+        ("authorized_clients/animator.key", False),
+    ],
+)
+def test_a_new_key_is_never_written_through_a_link(tmp_path, capsys, planted, points_at_a_file):
+    # zmq.auth.create_certificates opened each name and followed a link there: one planted as
+    # server.key_secret took the new secret key wherever it pointed, and nothing was said.
+    folder = tmp_path / "keys"
+    (folder / "authorized_clients").mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    if points_at_a_file:
+        target.write_text("someone's file\n")
+    link = folder / planted
+    link.symlink_to(target)
+    assert keys.main([str(folder), "--client", "animator"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {link} is a link (to {target}), and a new key is never written" in err
+    assert "remove the link and run this again" in err
+    if points_at_a_file:
+        assert target.read_text() == "someone's file\n"
+    else:
+        assert not target.exists()
+    if planted.startswith("server"):  # refused before either half is written
+        assert [path.name for path in folder.iterdir() if not path.is_symlink()] == [
+            "authorized_clients"
+        ]
+    link.unlink()  # as the error says
+    assert keys.main([str(folder), "--client", "animator"]) == 0
+    assert (folder / "authorized_clients" / "animator.key").is_file()
 
 
 @pytest.mark.parametrize("name", ["server", "a/b", "", "../x"])
@@ -142,3 +202,15 @@ def test_a_file_where_the_folder_goes_is_an_error(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert keys.main([str(tmp_path / "f")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="links made without privileges")
+def test_a_link_where_one_client_s_key_goes_makes_no_key_at_all(tmp_path, capsys):
+    (tmp_path / "lighter.key_secret").symlink_to(tmp_path / "elsewhere")
+    assert keys.main([str(tmp_path), "--client", "animator", "--client", "lighter"]) == 2
+    assert "lighter.key_secret is a link" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.rglob("*") if not path.is_symlink()) == [
+        "authorized_clients"
+    ]
+    # A name given twice is made once.
+    assert keys.make_keys(tmp_path / "other", ["animator", "animator"]) == ["animator"]

@@ -142,14 +142,22 @@ def secret_key_exposure(path: str | os.PathLike) -> str | None:
     if os.name != "posix":
         return None
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode) or not mode & (stat.S_IRGRP | stat.S_IROTH):
-            return None  # not opened unless a file: a pipe there would block (the add-on's UI)
-        with open(path, "rb") as file:
-            if b"secret-key" not in file.read(4096):
-                return None
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a pipe or a device named as the key: not even opened
+        # Opened without waiting, and looked at as opened: a pipe put in the file's place since
+        # would block the caller (the add-on's UI, drawn) until something wrote to it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return None
+    with os.fdopen(descriptor, "rb") as file:  # a regular file's reads never wait
+        try:
+            mode = os.fstat(descriptor).st_mode
+            if not stat.S_ISREG(mode) or not mode & (stat.S_IRGRP | stat.S_IROTH):
+                return None
+            if b"secret-key" not in file.read(4096):
+                return None
+        except OSError:
+            return None
     return (
         f"{path} can be read by other users of this machine (mode {stat.S_IMODE(mode):o}): any "
         f"of them can use its key; make it yours alone with chmod 600 {shlex.quote(str(path))}"

@@ -55,6 +55,34 @@ def test_a_secret_key_its_group_or_others_may_read_is_warned_of(tmp_path, mode):
     assert not looked.is_alive() and secret_key_exposure(pipe) is None
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_key_swapped_for_a_pipe_after_its_look_is_not_waited_on(tmp_path, monkeypatch):
+    # The file was looked at (os.stat), then opened by its name: a pipe put there between the
+    # two blocked the caller, the add-on's preferences being drawn, until something wrote to it.
+    pipe = tmp_path / "animator.key_secret"
+    os.mkfifo(pipe, 0o644)
+    looked_at = tmp_path / "before.key_secret"  # what was there when it was looked at
+    looked_at.write_text('curve\n    secret-key = "y"\n')
+    looked_at.chmod(0o644)
+    real_stat = os.stat
+
+    def stat_before_the_swap(path, *args, **kwargs):
+        return real_stat(looked_at if str(path) == str(pipe) else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_before_the_swap)
+    answers = []
+    looked = threading.Thread(target=lambda: answers.append(secret_key_exposure(pipe)), daemon=True)
+    looked.start()
+    looked.join(5)
+    monkeypatch.undo()
+    if looked.is_alive():  # let it go: a writer opens the pipe
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        looked.join(5)
+        pytest.fail("secret_key_exposure waited on a pipe")
+    assert answers == [None]  # no file: nothing said
+    assert "(mode 644)" in secret_key_exposure(looked_at)
+
+
 def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):
     client = Client("tcp://127.0.0.1:9", context=context)  # nothing listens on port 9
     with pytest.raises(ProtocolError) as raised:

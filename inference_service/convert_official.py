@@ -143,9 +143,13 @@ def _checked_folders(source: Path, destination: Path, vision_tower: Path) -> Pat
         if destination.is_dir()
         else destination.parent / f".{destination.name}.tmp"
     )
-    if destination.exists() and (
-        not destination.is_dir() or any(p != writing for p in destination.iterdir())
-    ):
+    if destination.exists() and not destination.is_dir():
+        what = "a file, not a folder" if destination.is_file() else "not a folder"
+        raise CheckpointError(
+            f"{destination}: {what}; DST is the folder the checkpoint is written to (a new "
+            "one, or an empty one)"
+        )
+    if destination.exists() and any(p != writing for p in destination.iterdir()):
         raise CheckpointError(f"{destination}: exists and is not empty")
     if problem := unwritable(writing.parent):  # now, not once the weights are in memory
         raise CheckpointError(f"{destination}: {problem}")
@@ -305,6 +309,7 @@ def _check_source_folder(source: Path) -> None:
 
 def _read_config(path: Path) -> dict:
     official = read_json_object(path)
+    _refuse_transformers_layout(official, path)
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if name not in official:
             raise CheckpointError(f"{path}: missing field '{name}'")
@@ -325,6 +330,31 @@ def _read_config(path: Path) -> dict:
             f"got {feature!r}"
         )
     return official
+
+
+def _refuse_transformers_layout(official: dict, path: Path) -> None:
+    """CheckpointError for a config.json that transformers wrote (a LLaVA of the Hugging Face
+    Hub, llava-hf/...): its language model's settings are nested in `text_config`, where the
+    release, in original LLaVA's layout, has them at the top; "missing field 'hidden_size'"
+    said nothing of that."""
+    architectures = official.get("architectures")
+    nested = isinstance(official.get("text_config"), dict) or (
+        isinstance(architectures, list)
+        and any(str(name).endswith("ForConditionalGeneration") for name in architectures)
+    )
+    if not nested or "hidden_size" in official:
+        return
+    kind = official.get("model_type")
+    named = f" {kind}" if isinstance(kind, str) and kind else ""
+    raise CheckpointError(
+        f"{path}: a Hugging Face transformers{named} checkpoint (its language model's settings "
+        "in text_config), not the official ChatPose release, which this converts. The release "
+        "(YaoFeng/CHATPOSE-V0) is in original LLaVA's layout: a config.json with the Llama "
+        "fields at its top (hidden_size, intermediate_size, num_hidden_layers, "
+        "num_attention_heads) and mm_vision_tower, and weights named model.embed_tokens.*, "
+        "model.layers.*, lm_head.*, model.mm_projector.* and model.text_hidden_fcs.* (the SMPL "
+        "pose head)"
+    )
 
 
 def _read_weights(source: Path) -> dict[str, torch.Tensor]:

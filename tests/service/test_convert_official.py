@@ -411,6 +411,37 @@ def test_command_line_reports_errors_and_refuses_a_full_destination(release, tmp
     assert "no-clip: no such folder" in capsys.readouterr().err
 
 
+def test_a_destination_that_is_a_file_is_called_a_file(release, tmp_path, capsys):
+    # It was "exists and is not empty", as a full folder is.
+    source, clip, _ = release
+    (tmp_path / "ckpt").write_text("notes\n")
+    assert main([str(source), str(tmp_path / "ckpt"), "--vision-tower", str(clip)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ckpt'}: a file, not a folder; DST is the folder" in err
+    assert "not empty" not in err
+    assert (tmp_path / "ckpt").read_text() == "notes\n"
+
+
+def test_a_hugging_face_llava_folder_is_named_as_one_with_what_the_release_holds(
+    release, tmp_path, capsys
+):
+    # A transformers LLaVA (llava-hf/..., or a converted checkpoint's base/) was refused with
+    # "missing field 'hidden_size'", as if the release's config.json lacked a field.
+    source, clip, reference = release
+    hugging_face = reference / "base"  # what LlavaForConditionalGeneration.save_pretrained wrote
+    assert json.loads((hugging_face / "config.json").read_text())["model_type"] == "llava"
+    assert main([str(hugging_face), str(tmp_path / "out"), "--vision-tower", str(clip)]) == 2
+    err = capsys.readouterr().err
+    assert "missing field" not in err
+    assert (
+        f"{hugging_face / 'config.json'}: a Hugging Face transformers llava checkpoint (its "
+        "language model's settings in text_config), not the official ChatPose release" in err
+    )
+    for named in ("hidden_size", "mm_vision_tower", "model.mm_projector.*", "text_hidden_fcs"):
+        assert named in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_source_that_is_not_the_release_s_folder_says_where_to_look(release, tmp_path):
     source, clip, _ = release
     cache = tmp_path / "models--YaoFeng--CHATPOSE-V0"  # the top of a Hugging Face cache

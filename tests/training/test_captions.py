@@ -102,6 +102,17 @@ def test_whole_body_relations():
     assert not any(side == "left" and kind.startswith("hand") for kind, side, _ in salute)
 
 
+def test_a_low_body_leaning_back_is_not_said_to_crouch():
+    # A crouch bends forward over the feet; low and tipped back is another posture.
+    squat = canonical("squat")
+    for back, crouching in ((0.3, True), (0.4, False)):  # torso pitch -13° and -23°
+        pose = squat.copy()
+        pose[[3, 6, 9], 0] -= back  # the three spine joints bent backwards
+        facts = facts_of(pose)
+        assert (("posture", "", "crouching") in facts) == crouching, back
+        assert (("torso", "", "leaning back") in facts) != crouching, back
+
+
 def test_mirrored_pose_swaps_the_sides():
     swap = {"left": "right", "right": "left", "both": "both", "": ""}
     for name in ("raise_left_arm", "kneel_on_left_knee", "stand_on_left_leg", "wave_left_hand"):

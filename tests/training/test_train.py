@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference_service import loading
+from inference_service import files, loading
 from inference_service import train as train_cli
 from inference_service.checkpoint import Checkpoint
 from inference_service.errors import ChatPoseError, CheckpointError, ModelError
@@ -475,23 +475,24 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         return real_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    lower = [*argv, "--resume", "--steps", "6", "--lr", "1e-4", "--adapter-lr", "5e-5"]
+    # To the step that gave the NaN and no further: past it all the same.
+    lower = [*argv, "--resume", "--steps", "5", "--lr", "1e-4", "--adapter-lr", "5e-5"]
     assert train_cli.main(lower) == 0
     err = capsys.readouterr().err
     assert "note: --resume with lr 0.0001; the run in " in err and "used 0.0002" in err
     assert "note: --resume with adapter_lr 5e-05; the run in " in err
-    assert "steps 5..6" in err and "step 6/6" in err
-    assert rates == [[1e-4, 5e-5], [1e-4, 5e-5]]  # the head's and the adapter's, both lowered
+    assert "step 5/5" in err
+    assert rates == [[1e-4, 5e-5]]  # the head's and the adapter's, both lowered
     assert not (out / loop.DIVERGED_NAME).exists()  # past the NaN: a plain run again
     resumed = [*argv, "--resume", "--steps", "7", "--lr", "5e-5"]
     assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # no NaN to get past: as it was
     assert "--resume: lr is 5e-05 but the run" in capsys.readouterr().err
     logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
-    assert logged == [1, 2, 3, 4, 5, 6]  # step 5 of the diverged run is not logged twice
-    assert json.loads((out / "step-000006" / "chatpose.json").read_text())["base_model"] == (
+    assert logged == [1, 2, 3, 4, 5]  # step 5 of the diverged run is not logged twice
+    assert json.loads((out / "step-000005" / "chatpose.json").read_text())["base_model"] == (
         "../base"
     )
-    served = ChatPoseModel.from_checkpoint(out / "step-000006", device="cpu")
+    served = ChatPoseModel.from_checkpoint(out / "step-000005", device="cpu")
     assert np.isfinite(served.predict_poses([PosePrompt("standing")])[0]).all()
 
 
@@ -873,6 +874,29 @@ def test_the_checkpoint_before_a_damaged_one_is_found_by_its_step_not_its_name(t
     assert loop._earlier_one(tmp_path / "elsewhere") == ""
     (tmp_path / "step-²").mkdir()  # a digit to str.isdigit, not to int()
     assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
+
+
+def test_a_resume_that_cannot_rewrite_its_log_keeps_the_whole_log(tmp_path, monkeypatch):
+    # The lines past the resumed step are dropped by writing the log again: on a full disk
+    # that write fails, and must not leave the log cut short.
+    log = tmp_path / loop.LOG_NAME
+    log.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3, 4)))
+    before = log.read_text()
+    write_atomically = files.write_atomically
+
+    def fills_the_disk(stream):
+        stream.write(b'{"step"')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        files, "write_atomically", lambda path, _: write_atomically(path, fills_the_disk)
+    )
+    with pytest.raises(OSError, match="No space"):
+        loop._forget_logged_steps_after(tmp_path, 2)
+    assert log.read_text() == before
+    monkeypatch.undo()
+    loop._forget_logged_steps_after(tmp_path, 2)
+    assert [json.loads(line)["step"] for line in log.open()] == [1, 2]
 
 
 def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):

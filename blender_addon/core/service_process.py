@@ -125,8 +125,9 @@ class ProcessState:
             return f"stopping (pid {self.pid})"
         if self.state == EXITED:
             if self.returncode is not None and self.returncode < 0:  # POSIX: by a signal
-                killed = _killed_by(-self.returncode)
-                return f"exited: {killed}; its last output: {self.last_line or '-'}"
+                # Not its last output: a line the loading model wrote before the kill would be
+                # read as the cause. Where its log is, the callers say (Open Log, "its log:").
+                return f"exited: {_killed_by(-self.returncode)}"
             text = f"exited with code {self.returncode}"
             if not self.last_line:
                 return text
@@ -168,8 +169,9 @@ def _killed_by(signum: int) -> str:
     except ValueError:
         name = f"signal {signum}"
     if signum == getattr(signal, "SIGKILL", None):  # what the kernel's out-of-memory killer sends
-        return f"killed by {name}, which the system sends when memory runs out"
-    return f"killed by {name}"
+        # A likely cause, not a known one: a user's `kill -9` sends it too.
+        return f"killed ({name}); often the system ran out of memory"
+    return f"killed ({name})"
 
 
 # chatpose-serve's options for the weights' precision on a GPU (bitsandbytes): a 13B model

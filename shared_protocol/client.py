@@ -65,11 +65,12 @@ HANDSHAKE_REFUSALS = {
     # client's hello (another server key), a service that noticed the keys on one side only
     # before the client did (which side notices first is a race), or a program that is not a
     # ZeroMQ service at all.
+    # ZeroMQ cannot tell these apart: the likeliest first, the others after it.
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "the server key given is not this service's, or it has no CURVE keys, or what listens "
-        "there is not chatpose-serve",
-        "what listens there closed the connection at the handshake: it has CURVE keys and this "
-        "client none, or it is not chatpose-serve",
+        "most likely, the server key given is not this service's. Other causes: the service "
+        "has no CURVE keys; what listens there is not chatpose-serve",
+        "most likely, the service has CURVE keys and this client has none. Other cause: what "
+        "listens there is not chatpose-serve",
     ),
 }
 # After these ZeroMQ does not try that connection again: the socket stays without one.

@@ -291,9 +291,8 @@ class Session:
                 refusal = self._client.refusal
                 if refusal:  # with keys or without, each refusal may come of them
                     message = (
-                        f"{self.address} refused the connection: {refusal}; check the add-on's "
-                        "preferences: the Service Address, and the Client Key and the Server Key "
-                        "if the service has CURVE keys"
+                        f"{self.address} refused the connection: {refusal}. Check the Service "
+                        "Address, Client Key and Server Key in the add-on's preferences"
                     )
                 else:
                     where = "address and its CURVE keys are" if self.curve else "address is"

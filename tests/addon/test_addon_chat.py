@@ -1690,10 +1690,12 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     send("wave")
     drive(idle)
     message = live.last_message()[0]
-    assert f"{address} refused the connection: the server key given" in message
-    assert message.endswith(
-        "; check the add-on's preferences: the Service Address, and the Client Key and the "
-        "Server Key if the service has CURVE keys"
+    # The likeliest cause first, the others after it, and what to check, each said apart.
+    assert message == (
+        f"Not answered, 'wave': {address} refused the connection: most likely, the server key "
+        "given is not this service's. Other causes: the service has no CURVE keys; what "
+        "listens there is not chatpose-serve. Check the Service Address, Client Key and "
+        "Server Key in the add-on's preferences"
     )
     # A file that is no key, or one key alone: named when sending, nothing sent.
     prefs.curve_server_key = str(keys / "authorized_clients")
@@ -1709,10 +1711,10 @@ def test_a_service_with_curve_keys_is_reached_with_the_keys_set_in_the_preferenc
     # Which side sees the mismatch first is a race: ZeroMQ then says so, or only that the
     # service closed the connection (shared_protocol.client.HANDSHAKE_REFUSALS).
     assert re.search(
-        "refused the connection: (one side has CURVE keys and the other has none|what listens "
-        "there closed the connection at the handshake: it has CURVE keys and this client none, "
-        "or it is not chatpose-serve); check the add-on's preferences: the Service Address, "
-        "and the Client Key and the Server Key if the service has CURVE keys$",
+        "refused the connection: (one side has CURVE keys and the other has none|most likely, "
+        "the service has CURVE keys and this client has none. Other cause: what listens there "
+        r"is not chatpose-serve)\. Check the Service Address, Client Key and Server Key in the "
+        "add-on's preferences$",
         live.last_message()[0],
     )
     prefs.curve_client_key = str(keys / "animator.key_secret")

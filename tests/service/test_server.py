@@ -1066,7 +1066,7 @@ def test_curve_lets_in_only_authorised_clients(backend, tmp_path):
             (wrong_server, "the server key given is not this service's"),
             # Which side notices first that the keys are on one side only is a race: either
             # way the message says so.
-            (None, ("one side has CURVE keys and the other", "it has CURVE keys and this client")),
+            (None, ("one side has CURVE keys and the other", "has CURVE keys and this client has")),
         ]:
             with served.client(curve=keys) as client, pytest.raises(ProtocolError) as info:
                 client.request(StatusRequest(client.new_id()), timeout_s=1.0)

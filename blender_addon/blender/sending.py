@@ -173,15 +173,10 @@ def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
     job = (asked or came)[0]
     named = wording.preview(job.prompt or job.attachment)
     if asked:
-        raise live.UserError(
-            f"Waiting for the answer to {named}: a chat turn goes with the exchanges before "
-            "it, so send this once that answer is in"
-        )
+        raise live.UserError(f"Wait for the answer to {named}, then send this")
     why = runtime.why_answers_wait_now() or "it is applied on the next tick"
-    raise live.UserError(
-        f"The answer to {named} came and waits ({why}): a chat turn goes with the exchanges "
-        "before it, so send this once it is applied"
-    )
+    # Not in brackets: some of the reasons hold brackets of their own.
+    raise live.UserError(f"The answer to {named} is not applied yet: {why}. Send this once it is")
 
 
 def _refused_there(messages: list[chat.Message], index: int) -> bool:

@@ -264,8 +264,11 @@ def test_a_chat_turn_waits_for_the_answer_before_it_to_go_with_it(armature, scri
     settings.prompt = "how would a tired person stand?"
     bpy.ops.chatpose.send()
     settings.prompt = "now make them sit"
-    with pytest.raises(RuntimeError, match="Waiting for the answer to 'how would a tired person"):
+    with pytest.raises(RuntimeError) as refused:
         bpy.ops.chatpose.send()
+    assert str(refused.value).splitlines()[-1] == "Error: " + (
+        "Wait for the answer to 'how would a tired person stand?', then send this"
+    )
     assert settings.prompt == "now make them sit"  # kept, to send once the answer is in
     backend.release()
     drive(idle)
@@ -283,14 +286,17 @@ def test_a_chat_turn_waits_for_a_pose_mode_answer_and_one_that_came_and_waits_sa
     settings = bpy.context.scene.chatpose
     settings.chat_mode = True
     settings.prompt = "now make them sit"
-    with pytest.raises(RuntimeError, match="Waiting for the answer to 'a tired person standing'"):
+    with pytest.raises(RuntimeError, match="Wait for the answer to 'a tired person standing', "):
         bpy.ops.chatpose.send()
     bpy.ops.object.mode_set(mode="EDIT")  # the answer comes, and waits to be applied
     backend.release()
     drive(lambda: "waiting: leave Edit" in live.last_message()[0])
-    with pytest.raises(RuntimeError, match=r"The answer to 'a tired person standing' came and "
-                       r"waits \(leave Edit Mode"):  # fmt: skip
+    with pytest.raises(RuntimeError) as refused:
         bpy.ops.chatpose.send()
+    assert str(refused.value).splitlines()[-1] == "Error: " + (
+        "The answer to 'a tired person standing' is not applied yet: leave Edit Mode to apply "
+        "them. Send this once it is"
+    )
     bpy.ops.object.mode_set(mode="OBJECT")
     drive(idle)
     assert bpy.ops.chatpose.send() == {"FINISHED"}

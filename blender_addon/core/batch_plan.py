@@ -231,10 +231,11 @@ class BatchRun:
         self.closed = True
 
     def _where(self, line: PendingLine) -> str:
-        """Where a line is, as the user finds it: its line in the text and its frame."""
+        """Where a line is, as the user finds it: its line in the text and its frame (no
+        brackets: the summary lists these in brackets of its own)."""
         if line.line < len(self.line_numbers):
-            return f"line {self.line_numbers[line.line]} (frame {line.frame})"
-        return f"prompt {line.line + 1} (frame {line.frame})"
+            return f"line {self.line_numbers[line.line]} at frame {line.frame}"
+        return f"prompt {line.line + 1} at frame {line.frame}"
 
     def summary(self) -> str:
         keyed = f"{self.keyed} line{'s' if self.keyed != 1 else ''} keyed on {self.armature}"
@@ -253,7 +254,8 @@ class BatchRun:
             shown = ", ".join(self._where(line) for line, _ in failed[:5])
             more = " ..." if len(failed) > 5 else ""
             why = "" if failed[0][1] == self.reason else f": {failed[0][1]}"  # said above
-            parts.append(f"{len(failed)} failed ({shown}{more}{why}).")
+            # The reason after the brackets, not in them: it often holds brackets of its own.
+            parts.append(f"{len(failed)} failed ({shown}{more}){why}.")
         refused = len(self._refused_texts & self._failed.keys())
         if refused == left:  # only lines that would fail again as they are
             parts.append(
@@ -262,11 +264,8 @@ class BatchRun:
                 "keyed twice)."
             )
         else:
-            edit = " (edit the lines the service refused first: they fail again as they are)"
-            parts.append(
-                f"Run Batch Keyframe again to key the rest{edit if refused else ''} (nothing is "
-                "keyed twice)."
-            )
+            edit = "Edit the lines the service refused, then run" if refused else "Run"
+            parts.append(f"{edit} Batch Keyframe again to key the rest (nothing is keyed twice).")
         return " ".join(parts)
 
 

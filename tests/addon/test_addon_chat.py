@@ -2149,7 +2149,7 @@ def test_a_refused_prompt_is_named_in_the_user_s_words(armature, scripted_servic
     drive(idle)
     message = live.last_message()[0]
     assert message.startswith("Batch from text 'moves': 1 line keyed on SMPL; 1 of 2 still to key.")
-    assert "1 failed (line 2 (frame " in message and "): this model knows none of its" in message
+    assert "1 failed (line 2 at frame " in message and "): this model knows none of its" in message
 
 
 def test_a_check_while_the_local_service_loads_says_it_is_still_starting(

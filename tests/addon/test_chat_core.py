@@ -441,7 +441,7 @@ def test_a_run_walks_its_chunks_and_counts_by_line():
     assert (run.keyed, run.remaining, len(run.failed_lines)) == (299, 1, 1)
     summary = run.summary()
     assert "299 lines keyed on SMPL; 1 of 300 still to key" in summary
-    assert "1 failed (prompt 257 (frame 257): model_error: no pose)" in summary
+    assert "1 failed (prompt 257 at frame 257): model_error: no pose." in summary
     assert "again" in summary
 
 
@@ -498,7 +498,7 @@ def test_a_run_the_add_on_stops_ends_failed_whatever_the_service_says(service_sa
         run.request_cancelled()
     assert run.state == batch_plan.FAILED and run.next_prompts() is None
     assert run.summary().startswith(f"Batch from text 't' stopped: {reason}.")
-    assert "1 failed (prompt 2 (frame 2))." in run.summary()  # the reason is said once
+    assert "1 failed (prompt 2 at frame 2)." in run.summary()  # the reason is said once
 
 
 def test_failures_are_counted_shown_five_at_most_and_dropped_once_keyed():
@@ -514,8 +514,8 @@ def test_failures_are_counted_shown_five_at_most_and_dropped_once_keyed():
     assert run.request_finished() is False
     summary = run.summary()
     assert summary.startswith("Batch from t stopped: the armature 'SMPL' is gone.")
-    shown = ", ".join(f"prompt {i} (frame {i})" for i in range(2, 7))
-    assert f"6 failed ({shown} ...: no pose)." in summary
+    shown = ", ".join(f"prompt {i} at frame {i}" for i in range(2, 7))
+    assert f"6 failed ({shown} ...): no pose." in summary
 
 
 def test_a_run_with_nothing_pending_is_done_at_once():
@@ -537,11 +537,39 @@ def test_failed_lines_are_named_by_their_line_in_the_text_and_their_frame():
     run.item_keyed(run.line_for(0))
     run.item_failed(run.line_for(1), "the model exploded")
     run.item_failed(run.line_for(2), "the model exploded")
-    assert "2 failed (line 5 (frame 11), line 6 (frame 21): the model exploded)" in run.summary()
+    assert "2 failed (line 5 at frame 11, line 6 at frame 21): the model exploded." in run.summary()
     plain = BatchRun("SMPL", "t", _pending(2), total_lines=2)
     plain.next_prompts()
     plain.item_failed(plain.line_for(1), "no")
-    assert "1 failed (prompt 2 (frame 2): no)" in plain.summary()
+    assert "1 failed (prompt 2 at frame 2): no." in plain.summary()
+
+
+def _bracket_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_a_summary_holds_no_brackets_in_brackets():
+    # "2 failed (line 5 (frame 11), line 6 (frame 21): no answer ... (the timeout ...))" and
+    # "... the rest (edit the lines ... first: ...) (nothing is keyed twice)" were hard to read.
+    timeout = "no answer from tcp://127.0.0.1:5 within 30 s (the timeout is set in preferences)"
+    run = BatchRun("SMPL", "text 't'", _pending(3), total_lines=3, line_numbers=[2, 5, 6])
+    run.next_prompts()
+    run.item_failed(run.line_for(0), timeout, ErrorCode.TIMEOUT)
+    run.item_failed(run.line_for(1), timeout, ErrorCode.TIMEOUT)
+    run.item_failed(run.line_for(2), "this model knows none of its words", ErrorCode.BAD_SCHEMA)
+    run.request_finished()
+    summary = run.summary()
+    assert _bracket_depth(summary) == 1, summary
+    assert summary == (
+        "Batch from text 't': 0 lines keyed on SMPL; 3 of 3 still to key. 3 failed (line 2 at "
+        f"frame 1, line 5 at frame 2, line 6 at frame 3): {timeout}. Edit the lines the "
+        "service refused, then run Batch Keyframe again to key the rest (nothing is keyed "
+        "twice)."
+    )
 
 
 @pytest.mark.parametrize(
@@ -573,8 +601,8 @@ def test_lines_refused_for_their_text_are_to_be_edited_not_only_run_again():
     # Not "done.": lines are still to key.
     assert run.summary().startswith("Batch from text 't': 1 line keyed on SMPL; 2 of 3 still")
     assert run.summary().endswith(
-        "Run Batch Keyframe again to key the rest (edit the lines the service refused first: "
-        "they fail again as they are) (nothing is keyed twice)."
+        "Edit the lines the service refused, then run Batch Keyframe again to key the rest "
+        "(nothing is keyed twice)."
     )
     run.item_failed(run.line_for(2), unknown, ErrorCode.UNSUPPORTED_INPUT)  # only those left
     assert run.summary().endswith(

@@ -169,9 +169,10 @@ def _killed_by(signum: int) -> str:
     except ValueError:
         name = f"signal {signum}"
     if signum == getattr(signal, "SIGKILL", None):  # what the kernel's out-of-memory killer sends
-        # A likely cause, not a known one: a user's `kill -9` sends it too.
-        return f"killed ({name}); often the system ran out of memory"
-    return f"killed ({name})"
+        # A likely cause, not a known one: a user's `kill -9` sends it too. No brackets: a
+        # failure adds this in brackets ("(the local service exited: ...)").
+        return f"killed by {name}; often the system ran out of memory"
+    return f"killed by {name}"
 
 
 # chatpose-serve's options for the weights' precision on a GPU (bitsandbytes): a 13B model

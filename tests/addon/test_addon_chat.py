@@ -2264,7 +2264,7 @@ def test_a_ready_message_does_not_outlive_the_local_service(armature, local_scri
     drive(lambda: not live.service_process().poll().alive)
     message, level = live.last_message()
     assert message == (
-        "Local service exited: killed (SIGKILL); often the system ran out of memory; "
+        "Local service exited: killed by SIGKILL; often the system ran out of memory; "
         f"its log: {live.service_process().log_path}"
     )
     assert level == "ERROR"
@@ -2293,7 +2293,7 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
     assert not [text for text, _ in icons if text.startswith("scripted on cpu")]  # it was
     text = " ".join(text for text, _ in icons[1:])
     assert text.startswith(
-        "Local service: exited: killed (SIGKILL); often the system ran out of memory"
+        "Local service: exited: killed by SIGKILL; often the system ran out of memory"
     )
     assert icons[1][1] == "ERROR"
     assert all(len(text) <= panel._chars_per_line(bpy.context) for text, _ in icons[1:])
@@ -2307,8 +2307,10 @@ def test_a_request_that_finds_the_local_service_gone_says_how_it_ended(armature,
     drive(idle)
     message = live.last_message()[0]
     assert "no service at" in message
-    assert "(the local service exited: killed (SIGKILL); often the system ran out" in message
-    assert message.endswith(f"; its log: {live.service_process().log_path})")
+    assert message.endswith(
+        " (the local service exited: killed by SIGKILL; often the system ran out of memory; "
+        f"its log: {live.service_process().log_path})"
+    )
     # Another service's failure says nothing of it: its log was named for a remote one's.
     use_service(f"tcp://127.0.0.1:{free_port()}")
     bpy.context.scene.chatpose.prompt = "elsewhere"

@@ -206,7 +206,7 @@ def test_a_service_killed_by_the_system_is_not_reported_as_its_last_line(tmp_pat
     # A likely cause, said as one; not the line it wrote before the kill (the callers name
     # its log instead), which reads as the reason.
     assert (
-        manager.poll().describe() == "exited: killed (SIGKILL); often the system ran out of memory"
+        manager.poll().describe() == "exited: killed by SIGKILL; often the system ran out of memory"
     )
 
 

@@ -20,7 +20,7 @@ from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import ErrorCode, PoseReply, StatusReply, Turn
 
-from .batch_plan import RUNNING, BatchRun
+from .batch_plan import CANCELLING, RUNNING, BatchRun
 from .batch_record import PendingLine
 from .placement import DEFAULT_SPACING_M
 from .session import (
@@ -32,6 +32,10 @@ from .session import (
     Session,
     StatusResult,
 )
+
+# A batch request refused whole for the service's queue (chatpose-serve --max-queue): asked
+# again smaller, or later, while the run goes on.
+_QUEUE_REFUSALS = (ErrorCode.TOO_LARGE, ErrorCode.BUSY)
 
 
 @dataclass(frozen=True)
@@ -356,7 +360,11 @@ class Dispatcher:
                 return self._send_next_chunk(run)
             if event.code == ErrorCode.BUSY and run.ask_again_later(self._clock()):
                 return []  # sent again by tick
-            if event.code == ErrorCode.CANCELLED:
+            if event.code == ErrorCode.CANCELLED or (
+                # Refused whole for the service's queue (--max-queue) after the user pressed
+                # Cancel: nothing of it was done, and the run ends as the user asked.
+                event.code in _QUEUE_REFUSALS and run.state == CANCELLING
+            ):
                 run.request_cancelled()
             else:
                 run.fail(event.message, event.code)

@@ -929,6 +929,35 @@ def test_a_batch_the_service_is_too_busy_for_is_sent_again_later(dispatcher, mad
     assert ended.run.state == batch_plan.CANCELLED
 
 
+@pytest.mark.parametrize(
+    ("code", "refusal"),
+    [
+        (ErrorCode.TOO_LARGE, "256 prompts; this service queues at most 100 (--max-queue)"),
+        (ErrorCode.BUSY, "the queue is too full for these 256 prompt(s) (--max-queue)"),
+    ],
+)
+def test_a_cancel_wins_over_a_queue_refusal_that_crossed_it(dispatcher, made, code, refusal):
+    # Cancel pressed while the service's refusal of the request whole (its --max-queue) was on
+    # its way: the run ended "stopped: ... --max-queue", in the service's words, not the user's.
+    run = BatchRun("SMPL", "text 't'", _pending(300), total_lines=300)
+    batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)
+    assert dispatcher.cancel_batch()
+    made[0].events = [RequestFailed(batch_id, code, refusal)]
+    [ended] = dispatcher.tick()
+    assert ended == BatchEnded(run) and run.state == batch_plan.CANCELLED
+    assert len(made[0].sent) == 1  # not asked again, smaller or later
+    assert run.summary().startswith("Batch from text 't' cancelled. 0 lines keyed on SMPL")
+    assert "max-queue" not in run.summary()
+    # The add-on's own stop still says why it stopped.
+    run.close()
+    stopped = BatchRun("SMPL", "text 't'", _pending(300), total_lines=300)
+    batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), stopped)
+    stopped.stop("the armature 'SMPL' is gone")
+    made[0].events = [RequestFailed(batch_id, code, refusal)]
+    dispatcher.tick()
+    assert stopped.summary().startswith("Batch from text 't' stopped: the armature 'SMPL' is")
+
+
 def test_cancel_a_batch_and_a_dead_service(dispatcher, made):
     run = BatchRun("SMPL", "t", _pending(10), total_lines=10)
     batch_id = dispatcher.start_batch(Service("tcp://127.0.0.1:5555", 30.0), run)

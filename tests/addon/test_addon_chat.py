@@ -2189,6 +2189,53 @@ def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
         live.service_process().stop(wait=True)
 
 
+def test_a_local_service_that_exited_while_loading_is_not_said_to_be_still_starting(
+    armature, monkeypatch, tmp_path
+):
+    # Exited, and a failure at its address comes before the timer has seen it go (in the same
+    # tick): "still starting; try again once it is ready" would have the user wait for it.
+    monkeypatch.setattr(runtime, "watch_local_service", lambda: None)  # it has not looked yet
+    address = f"tcp://127.0.0.1:{free_port()}"
+    _start_local_service(monkeypatch, tmp_path, address, "import sys; sys.exit('no model here')")
+    deadline = time.monotonic() + 30
+    while local_service.local_service_state().alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert live.waiting_for_service()  # as the timer left it
+    bpy.ops.chatpose.service_status()
+    drive(lambda: live.last_message()[0].startswith("Service: "))
+    message, level = live.last_message()
+    assert "still starting" not in message and level == "ERROR"
+    assert message.startswith(f"Service: no service at {address}")
+    assert message.endswith(
+        " (the local service exited with code 1: no model here; its log: "
+        f"{live.service_process().log_path})"
+    )
+
+
+def test_a_failure_at_another_address_is_not_blamed_on_the_local_service_starting(
+    armature, monkeypatch, tmp_path
+):
+    # The local service loads on one address, and a request to another finds nothing there:
+    # that says nothing of the local one. (The timer ends the wait once the Service Address
+    # changes; until it has looked, the failure must not say "still starting" either.)
+    monkeypatch.setattr(runtime, "watch_local_service", lambda: None)  # it has not looked yet
+    started_on = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        _start_local_service(monkeypatch, tmp_path, started_on, "import time; time.sleep(60)")
+        elsewhere = f"tcp://127.0.0.1:{free_port()}"
+        use_service(elsewhere)
+        assert live.waiting_for_service() and local_service.local_service_state().alive
+        bpy.ops.chatpose.service_status()
+        drive(lambda: live.last_message()[0].startswith("Service: "))
+        message, level = live.last_message()
+        assert "still starting" not in message and level == "ERROR"
+        assert message.startswith(f"Service: no service at {elsewhere}")
+        assert f"(the local service started here listens on {started_on}: set that" in message
+    finally:
+        live.service_process().stop(wait=True)
+
+
 def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
     armature, monkeypatch, tmp_path
 ):

@@ -306,6 +306,35 @@ def test_a_request_waits_the_timeout_it_was_sent_with(address, backend):
         session.close()
 
 
+def test_each_answer_gives_a_batch_again_the_wait_it_was_sent_with():
+    # Each item that comes resets the batch's deadline: to its own 2 s, not to the setting
+    # raised (or lowered) since, which the next request goes with.
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    now = [0.0]
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=2.0, clock=lambda: now[0])
+    try:
+        batch_id = session.request_batch(["wave", "bow"])
+        assert router.poll(TIMEOUT_S * 1000)
+        peer, *_ = router.recv_multipart()
+        session.timeout_s = 600
+        now[0] = 1.5
+        item = BatchItemReply(batch_id, 0, 2, "", (pose_for("wave"),))
+        router.send_multipart([peer, *encode_reply(item)])
+        events = run_until(session, lambda events: events)
+        assert [type(e) for e in events] == [BatchItem]
+        now[0] = 3.4  # 1.9 s after the item
+        assert session.tick() == []
+        now[0] = 3.6
+        [failure] = session.tick()
+        assert (failure.request_id, failure.code) == (batch_id, ErrorCode.TIMEOUT)
+        assert failure.message.startswith(f"no answer from tcp://127.0.0.1:{port} within 2 s")
+    finally:
+        session.close()
+        router.close()
+
+
 def test_a_request_held_up_by_other_work_says_so_when_its_time_is_up(address, backend):
     # It sent its whole timeout as timeout_ms, so its own timer always ended first: "no
     # answer within 1 s", never that another animator's work held the model.

@@ -90,6 +90,12 @@ def _check_server_keys(directory: Path) -> None:
         )
 
 
+def _has_client_keys(directory: Path) -> bool:
+    """Whether `directory` holds a client's key: its pair, or a public key authorised."""
+    secrets = (p for p in directory.glob("*.key_secret") if p.name != "server.key_secret")
+    return any(secrets) or any((directory / "authorized_clients").glob("*.key"))
+
+
 def _check_new_key_file(path: Path) -> None:
     """KeysError for a place a new key file cannot go: a link, dangling or not (a key written
     through one planted there lands wherever it points), or something other than a file."""
@@ -167,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         dest="clients",
         metavar="NAME",
-        help="a client key pair to make (default: one named 'client')",
+        help="a client key pair to make (default: one named 'client' in a folder that has no "
+        "client keys yet)",
     )
     args = parser.parse_args(argv)
-    names = args.clients or ["client"]
     try:
+        # Run again on a folder in use (to write a lost server.key, or a new server pair), it
+        # authorises nobody new unless asked to.
+        names = args.clients or ([] if _has_client_keys(args.directory) else ["client"])
         server_kept = (args.directory / "server.key_secret").exists()
         made = make_keys(args.directory, names)
     except KeysError as exc:

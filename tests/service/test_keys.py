@@ -53,6 +53,26 @@ def test_a_new_server_key_pair_is_said_to_go_to_every_client(tmp_path, capsys):
     assert (tmp_path / "server.key").read_bytes() != old
 
 
+def test_run_again_without_client_names_it_authorises_nobody_new(tmp_path, capsys):
+    # Run again to write a lost server.key, or a new server pair, it made and authorised a
+    # client named 'client' that nobody asked for.
+    assert keys.main([str(tmp_path)]) == 0  # a new folder: one client, as the help says
+    assert "made client" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "authorized_clients").iterdir()) == ["client.key"]
+    studio = tmp_path / "studio"
+    assert keys.main([str(studio), "--client", "animator1"]) == 0
+    (studio / "server.key").unlink()
+    assert keys.main([str(studio)]) == 0
+    assert "made no new client" in capsys.readouterr().out
+    assert (studio / "server.key").is_file()
+    for path in (studio / "server.key", studio / "server.key_secret"):  # a new server pair
+        path.unlink()
+    (studio / "authorized_clients" / "animator1.key").unlink()  # and animator1 revoked
+    assert keys.main([str(studio)]) == 0
+    assert not (studio / "client.key_secret").exists()
+    assert list((studio / "authorized_clients").iterdir()) == []
+
+
 def test_a_damaged_server_key_is_named_and_a_lost_public_half_written_again(tmp_path, capsys):
     # chatpose-serve said "make keys with python -m inference_service.keys", which kept the
     # damaged file and said nothing: a circle.

@@ -19,7 +19,7 @@ chatpose.json, base/, pose_head.safetensors. `inference_service.train` then trai
 
 Presets (`SIZES`): "tiny" for tests (about 150 k parameters) and "demo": hidden 256, 1 layer,
 attention biases, 64 px images in one patch; 3.2 M parameters (13 MB of float32 safetensors)
-with the demo corpus's 629-word vocabulary, 5.0 M at the full 4096-token one
+with the demo corpus's 627-word vocabulary, 5.0 M at the full 4096-token one
 (docs/training.md).
 """
 

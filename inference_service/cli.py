@@ -432,6 +432,11 @@ def _status(args: argparse.Namespace) -> int:
 def _pose(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.local:
         raise CommandError(EXIT_USAGE, "--checkpoint names the model for --local; add --local")
+    if not args.text and args.image is None:  # a first try with nothing to ask: the usage
+        raise CommandError(
+            EXIT_USAGE,
+            'say what the person should do (chatpose pose "TEXT"), give --image FILE, or both',
+        )
     try:
         args.text.encode("utf-8")
     except UnicodeEncodeError:  # Python keeps a non-UTF-8 argument's bytes as surrogates

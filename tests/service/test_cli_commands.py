@@ -1315,6 +1315,8 @@ def test_local_mode_checks_the_prompt_before_it_loads_a_model(capsys, tmp_path, 
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "not-built")  # loading would fail
     code, _, err = run(capsys, "pose", "   ", "--local")
     assert code == cli.EXIT_BAD_INPUT and "prompt: is blank and no image is attached" in err
+    code, _, err = run(capsys, "pose", "--local")  # nothing asked at all: how to ask
+    assert code == cli.EXIT_USAGE and 'say what the person should do (chatpose pose "TEXT")' in err
     code, _, err = run(capsys, "pose", "x" * 9000, "--local")
     assert code == cli.EXIT_BAD_INPUT and "the limit is 8000" in err
 

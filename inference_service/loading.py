@@ -51,27 +51,29 @@ LOAD_ERRORS = (
 
 
 def select_device(device: str) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype for `device` as --device takes it (every command that loads a
+    model has that flag, so its refusals name it)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch_device = torch.device(device)
     except RuntimeError:
         raise UnsupportedInputError(
-            f"device must be auto, cpu or cuda[:N], got {device!r}"
+            f"--device must be auto, cpu or cuda[:N], got {device!r}"
         ) from None
     if torch_device.type == "cpu":
         return torch_device, torch.float32
     if torch_device.type != "cuda":
-        raise UnsupportedInputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        raise UnsupportedInputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if not torch.cuda.is_available():
         raise UnsupportedInputError(
-            f"device {device!r} requested but CUDA is not available (no GPU, or a CPU build of "
-            "torch); use --device cpu or auto, or a CUDA build of torch (README, Setup in detail)"
+            f"--device {device}: CUDA is not available here (no GPU, or a CPU build of torch); "
+            "use --device cpu or auto, or a CUDA build of torch (README, Setup in detail)"
         )
     count = torch.cuda.device_count()
     if torch_device.index is not None and torch_device.index >= count:
         raise UnsupportedInputError(
-            f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
             f"cuda:{count - 1}"
         )
     try:
@@ -86,7 +88,7 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
     except RuntimeError as exc:  # torch's AcceleratorError too: a card there but not usable
         problem = str(exc).strip().split("\n")[0]
         raise UnsupportedInputError(
-            f"device {device!r} cannot be used ({problem}): nvidia-smi shows who holds it (a "
+            f"--device {device} cannot be used ({problem}): nvidia-smi shows who holds it (a "
             "card in exclusive mode takes one process); choose another with --device cuda:N, "
             "or --device cpu"
         ) from None

@@ -259,7 +259,11 @@ class ChatPoseModel:
         checkpoint = Checkpoint.open(path)
         torch_device, dtype = loading.select_device(device)
         if (load_in_4bit or load_in_8bit) and torch_device.type != "cuda":
-            raise UnsupportedInputError("4-bit and 8-bit loading need a CUDA device")
+            flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"  # as the user typed it
+            raise UnsupportedInputError(
+                f"{flag}: 4-bit and 8-bit loading need a CUDA device, and this runs on the "
+                f"{torch_device.type} (--device)"
+            )
         quantization = loading.quantization_config(load_in_4bit, load_in_8bit, dtype)
         if torch_device.type == "cuda" and torch_device.index is not None:
             # Kernels that run on "the current device" (bitsandbytes') must find this one.

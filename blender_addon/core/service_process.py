@@ -143,14 +143,14 @@ class ProcessState:
                     "; the service installed for that Python is older than this add-on: "
                     "update it (git pull, then make setup)"
                 )
-            elif named := [f"{o} is {s}" for o, s in _SET_IN_PREFERENCES if o in self.last_line]:
-                # chatpose-serve names its own options; the add-on started it from these.
-                text += f"; in the add-on's preferences (Local Service), {', '.join(named)}"
             elif "8-bit loading need a CUDA device" in self.last_line:  # Device Auto, no GPU
                 text += (
                     "; set Weights to As Stored in the add-on's preferences (Local Service), "
                     "or run the service on a machine with a GPU"
                 )
+            elif named := [f"{o} is {s}" for o, s in _SET_IN_PREFERENCES if o in self.last_line]:
+                # chatpose-serve names its own options; the add-on started it from these.
+                text += f"; in the add-on's preferences (Local Service), {', '.join(named)}"
             return text
         return "stopped"
 

@@ -231,8 +231,8 @@ def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
     ("last_line", "hint"),
     [
         (
-            "chatpose-serve: device 'cuda:0' requested but CUDA is not available (no GPU, or a "
-            "CPU build of torch); use --device cpu or auto, or a CUDA build of torch",
+            "chatpose-serve: --device cuda:0: CUDA is not available here (no GPU, or a CPU "
+            "build of torch); use --device cpu or auto, or a CUDA build of torch",
             "; in the add-on's preferences (Local Service), --device is Device (and GPU)",
         ),
         (
@@ -240,7 +240,8 @@ def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):
             "; in the add-on's preferences (Local Service), --load-in-8bit is Weights: 8-bit",
         ),
         (
-            "chatpose-serve: 4-bit and 8-bit loading need a CUDA device",
+            "chatpose-serve: --load-in-4bit: 4-bit and 8-bit loading need a CUDA device, and this "
+            "runs on the cpu (--device)",
             "; set Weights to As Stored in the add-on's preferences (Local Service), or run the "
             "service on a machine with a GPU",
         ),

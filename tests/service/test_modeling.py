@@ -930,11 +930,11 @@ def test_an_adapter_that_lacks_tensors_or_has_a_bad_config_is_refused(lora_check
 def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, monkeypatch, flag):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     # On the CPU the device is what is missing first: installing bitsandbytes would not help.
-    with pytest.raises(UnsupportedInputError, match="4-bit and 8-bit loading need a CUDA device"):
+    option = "--" + flag.replace("_", "-")  # as chatpose-serve and evaluate take it
+    with pytest.raises(UnsupportedInputError, match=f"{option}: 4-bit and 8-bit loading need a"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
     cuda = (torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(loading, "select_device", lambda device: cuda)
-    option = "--" + flag.replace("_", "-")  # as chatpose-serve and evaluate take it
     with pytest.raises(MissingDependencyError, match=f"{option} needs the 'bitsandbytes' package"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cuda", **{flag: True})
 
@@ -958,7 +958,7 @@ def test_quantization_leaves_the_vision_side_and_the_output_layer_as_they_are():
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert loading.select_device("auto") == (torch.device("cpu"), torch.float32)
-    with pytest.raises(UnsupportedInputError, match="CUDA is not available"):
+    with pytest.raises(UnsupportedInputError, match="--device cuda: CUDA is not available"):
         loading.select_device("cuda")
     with pytest.raises(UnsupportedInputError, match="auto, cpu or cuda"):
         loading.select_device("tpu")
@@ -974,7 +974,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert loading.select_device("cuda") == (torch.device("cuda:1"), torch.float16)
     assert loading.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
-    with pytest.raises(UnsupportedInputError, match=r"'cuda:7': this machine has 2 CUDA device"):
+    with pytest.raises(UnsupportedInputError, match=r"--device cuda:7: this machine has 2 CUDA"):
         loading.select_device("cuda:7")
 
     def busy(device):  # a card in exclusive-process mode that another process holds
@@ -983,7 +983,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", busy)
     with pytest.raises(UnsupportedInputError) as refused:
         loading.select_device("cuda:1")
-    assert str(refused.value).startswith("device 'cuda:1' cannot be used (CUDA error: CUDA-")
+    assert str(refused.value).startswith("--device cuda:1 cannot be used (CUDA error: CUDA-")
     assert "more" not in str(refused.value) and "--device cpu" in str(refused.value)
 
 

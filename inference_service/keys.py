@@ -37,6 +37,11 @@ def make_keys(directory: Path, client_names: list[str]) -> list[str]:
             )
     if directory.exists() and not directory.is_dir():
         raise KeysError(f"{directory} is a file, not a folder")
+    if directory.is_symlink() and not directory.exists():  # not made through a link
+        raise KeysError(
+            f"{directory} is a link to {os.readlink(directory)}, which is not there: make that "
+            "folder first, or name another"
+        )
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     authorized = directory / "authorized_clients"
     authorized.mkdir(exist_ok=True)

@@ -225,6 +225,18 @@ def test_a_file_where_the_folder_goes_is_an_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="links made without privileges")
+def test_a_keys_folder_that_links_to_nothing_is_named_as_such(tmp_path, capsys):
+    # It said "cannot use ... (File exists): run this as the user whose keys they are".
+    (tmp_path / "keys").symlink_to(tmp_path / "secure" / "keys")
+    assert keys.main([str(tmp_path / "keys")]) == 2
+    err = capsys.readouterr().err
+    assert f"is a link to {tmp_path / 'secure' / 'keys'}, which is not there" in err
+    assert not (tmp_path / "secure").exists()
+    (tmp_path / "secure" / "keys").mkdir(parents=True)  # as it says: the link is then used
+    assert keys.main([str(tmp_path / "keys")]) == 0
+    assert (tmp_path / "secure" / "keys" / "server.key_secret").is_file()
+
+
 def test_a_link_where_one_client_s_key_goes_makes_no_key_at_all(tmp_path, capsys):
     (tmp_path / "lighter.key_secret").symlink_to(tmp_path / "elsewhere")
     assert keys.main([str(tmp_path), "--client", "animator", "--client", "lighter"]) == 2

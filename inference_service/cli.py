@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask only the lines that a batch cut short left unanswered (its FILE.partial.npz, "
         "else --out)",
+    )
+    batch.add_argument(
+        "--json",
+        action="store_true",
+        help="print a summary as JSON once the run ends, cut short too: where the poses went, "
+        "and each line's outcome by its number in the file",
     )
 
     status = commands.add_parser("status", parents=[connection], help="the service's status")
@@ -550,6 +557,8 @@ def _batch(args: argparse.Namespace) -> int:
         # A second Ctrl-C, or a `kill`, while the answers are written would lose them all.
         with interrupts_deferred():
             run.write_answers(finished)
+            if args.json:
+                _out(json.dumps(run.summary(finished)))
     return run.exit_code()
 
 
@@ -696,6 +705,20 @@ class _BatchRun:
                 hint = f"move {self.written} to {self.out}; then {hint}"
             hint = f" ({hint})"
             _report(f"chatpose batch: not answered: {_line_ranges(unanswered)}{hint * resumable}")
+
+    def summary(self, finished: bool) -> dict:
+        """What `--json` prints once `write_answers` has run."""
+        return {
+            "finished": finished,
+            "lines": len(self.lines),
+            "written": None if self.written is None else str(self.written),
+            "posed": sorted(self.poses),
+            "failed": [
+                {"line": number, "code": code.value, "message": message}
+                for number, (code, message) in sorted(self.failures.items())
+            ],
+            "not_answered": [number for number, _ in self._not_answered(self.lines)],
+        }
 
     def exit_code(self) -> int:
         """For a run that ended (`write_answers` has run)."""

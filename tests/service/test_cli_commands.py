@@ -664,6 +664,34 @@ def test_batch_streams_writes_what_succeeded_and_names_failed_lines(
     np.testing.assert_allclose(motion.axis_angle[1], pose_for("sit down").axis_angle, atol=1e-9)
 
 
+def test_batch_json_summarises_each_line_s_outcome(address, capsys, tmp_path, monkeypatch):
+    prompts, out_file, argv = shots(tmp_path, "# act one\nwave\nexplode\n" + "x" * 9000, address)
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == cli.EXIT_SERVICE_ERROR
+    assert json.loads(out) == {
+        "finished": True,
+        "lines": 3,
+        "written": str(out_file),
+        "posed": [2],
+        "failed": [
+            {
+                "line": 3,
+                "code": "model_error",
+                "message": "the model failed: RuntimeError: the model exploded",
+            },
+            {"line": 4, "code": "too_large", "message": "9000 characters; at most 8000"},
+        ],
+        "not_answered": [],
+    }
+    prompts.write_text("wave\nsit\nbow\n")
+    ctrl_c_after(1, monkeypatch)  # cut short: said all the same, the rest not answered
+    code, out, _ = run(capsys, *argv, "--json")
+    summary = json.loads(out)
+    assert code == cli.EXIT_INTERRUPTED and summary["finished"] is False
+    assert (summary["posed"], summary["not_answered"]) == ([1], [2, 3])
+    assert summary["written"] == str(tmp_path / "anim.partial.npz")
+
+
 def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys, tmp_path):
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n\n" + "x" * 9000 + "\nbow\n")

@@ -593,8 +593,8 @@ def test_pose_with_an_image(address, capsys, tmp_path):
     assert code == cli.EXIT_OK and "pose 1 of 1" in out
     code, out, _ = run(capsys, "pose", "--image", str(image), "--address", address)  # no text
     assert code == cli.EXIT_OK and "pose 1 of 1" in out
-    code, _, err = run(capsys, "pose", "--address", address)  # neither: nothing to pose
-    assert code == cli.EXIT_BAD_INPUT and "prompt" in err
+    code, _, err = run(capsys, "pose", "--address", address)  # neither: how to ask
+    assert code == cli.EXIT_USAGE and "give --image FILE, or both" in err
 
 
 def _huge_png(folder):

@@ -639,13 +639,19 @@ def _bad_json(problem: str) -> ProtocolError:
     return _fail(ErrorCode.BAD_JSON, "header", problem)
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+class RepeatedKeyError(Exception):
+    """A JSON object repeats a key; ``args[0]`` is the key (the first one repeated)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``'s ``object_pairs_hook`` for JSON whose objects must not repeat a key
+    (json keeps the last silently): the object, or RepeatedKeyError."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _bad_json(f"repeats the key {_show(key)}")
+                raise RepeatedKeyError(key)
             seen.add(key)
     return obj
 
@@ -669,10 +675,12 @@ def _parse_header(data: bytes) -> dict:
     try:
         obj = json.loads(
             text,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=unique_keys,
             parse_constant=_reject_constant,
             parse_float=_finite_float,
         )
+    except RepeatedKeyError as exc:
+        raise _bad_json(f"repeats the key {_show(exc.args[0])}") from None
     except RecursionError:
         raise _bad_json("is nested too deeply") from None
     except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
@@ -1095,6 +1103,7 @@ __all__ = [
     "PoseReply",
     "PoseRequest",
     "ProtocolError",
+    "RepeatedKeyError",
     "Reply",
     "Request",
     "StatusReply",
@@ -1105,4 +1114,5 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "error_reply_for",
+    "unique_keys",
 ]

@@ -65,6 +65,7 @@ from inference_service.prompts import (
     pose_exchange,
 )
 from shared_protocol.pose import camera_to_upright, says_z_up, smpl_poses
+from shared_protocol.protocol import RepeatedKeyError, unique_keys
 from shared_protocol.rotations import (
     axis_angle_to_matrix,
     matrix_to_axis_angle,
@@ -294,32 +295,18 @@ def read_json(path: Path) -> object:
     try:
         # utf-8-sig: also what Windows editors save as UTF-8 (with a byte-order mark)
         text = path.read_text(encoding="utf-8-sig")
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from None
-    except _RepeatedKey as exc:
+    except RepeatedKeyError as exc:  # it would silently drop a record
         where = _record_with_a_repeated_key(text)
         raise DatasetError(
             f"{path}: {where}the key {exc.args[0]!r} appears more than once"
         ) from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: a 5,000-digit number
         raise DatasetError(f"{path}: not a readable JSON file ({exc})") from None
-
-
-class _RepeatedKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose repeated key would silently drop a record (json keeps the last)."""
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _RepeatedKey(key)
-        seen[key] = value
-    return seen
 
 
 class _ObjectWithRepeats(dict):

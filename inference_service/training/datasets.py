@@ -1,4 +1,4 @@
-"""Training examples and the readers for the data formats users have. numpy only (no torch).
+"""Training examples and the readers for the data formats users have. numpy and Pillow (no torch).
 
 One record type, `Example`, whatever the source:
 

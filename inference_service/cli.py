@@ -37,7 +37,7 @@ from inference_service.commands import (
 )
 from shared_protocol import __version__
 from shared_protocol.address import AddressError, check_address
-from shared_protocol.batch_requests import BatchRequests
+from shared_protocol.batch_requests import BUSY_RETRY_DELAYS_S, BatchRequests
 from shared_protocol.batch_text import (
     FileTooLargeError,
     prompt_lines,
@@ -53,7 +53,6 @@ from shared_protocol.client import (
 )
 from shared_protocol.pose import DEFAULT_FPS, FPS_RANGE, Motion, Pose
 from shared_protocol.protocol import (
-    BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
     JPEG_MAGIC,
     PNG_MAGIC,

@@ -15,11 +15,39 @@ The caller keeps the prompts' meaning (lines, frames); a request is a ``range`` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
-from .protocol import BUSY_RETRY_DELAYS_S, DEFAULT_LIMITS, batch_chunks
+from .protocol import DEFAULT_LIMITS, Limits
 
 MAX_BATCH_ITEMS = DEFAULT_LIMITS.max_batch_items
+
+# How long a batch run waits before sending a request again that the service refused whole as
+# `busy` (its queue full with other clients' work, or its model loading): a delay a try, then
+# it gives up, after 90 s in all.
+BUSY_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0, 15.0)
+
+
+def batch_chunks(
+    prompts: Sequence[str], max_items: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> list[range]:
+    """Consecutive ranges of `prompts`, in order, each small enough for one batch request: at
+    most `max_items` (default: the limit's) prompts, and a header within `max_header_bytes`
+    (long prompts fill it before 256 do)."""
+    max_items = limits.max_batch_items if max_items is None else max_items
+    if not 1 <= max_items <= limits.max_batch_items:
+        raise ValueError(f"max_items: expected 1 to {limits.max_batch_items}, got {max_items}")
+    budget = limits.max_header_bytes - 1024  # the header's other fields
+    chunks, start, size = [], 0, 0
+    for index, prompt in enumerate(prompts):
+        cost = len(json.dumps(prompt, ensure_ascii=False).encode("utf-8", "surrogatepass")) + 1
+        if index > start and (index - start == max_items or size + cost > budget):
+            chunks.append(range(start, index))
+            start, size = index, 0
+        size += cost
+    if start < len(prompts):
+        chunks.append(range(start, len(prompts)))
+    return chunks
 
 
 class BatchRequests:

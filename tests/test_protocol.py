@@ -30,7 +30,6 @@ from shared_protocol.protocol import (
     StatusReply,
     StatusRequest,
     Turn,
-    batch_chunks,
     decode_reply,
     decode_request,
     encode_reply,
@@ -936,27 +935,3 @@ def test_protocol_md_lists_every_error_code_and_limit():
         row = re.search(rf"^\| `{item.name}` \| ([^|]+) \|", text, re.M)
         assert row, item.name
         assert int(re.sub(r"[ ,_]", "", row.group(1).split("(")[0])) == default, item.name
-
-
-# --- splitting a long list of prompts into batch requests ---------------------------------------
-
-
-def test_batch_chunks_cap_items_and_header_bytes_and_every_chunk_encodes():
-    assert batch_chunks([]) == []
-    assert batch_chunks(["a"] * 600) == [range(0, 256), range(256, 512), range(512, 600)]
-    assert batch_chunks(["a"] * 5, max_items=2) == [range(0, 2), range(2, 4), range(4, 5)]
-    # 200 prompts of 7,000 characters each: far over 1 MiB in one request, so by bytes.
-    accented = [f"{i} " + "é" * 7000 for i in range(200)]
-    chunks = batch_chunks(accented)
-    assert [i for chunk in chunks for i in chunk] == list(range(200))
-    assert len(chunks) > 1 and all(len(chunk) < 256 for chunk in chunks)
-    # 300 prompts of 4,093 characters: 256 of them all but fill a header, leaving the header's
-    # other fields no room, so a chunk of 255 is what encodes.
-    filling = [f"{i:03d}" + "x" * 4090 for i in range(300)]
-    assert [len(chunk) for chunk in batch_chunks(filling)] == [255, 45]
-    for prompts in (accented, filling):
-        for chunk in batch_chunks(prompts):
-            request = BatchRequest("b", [prompts[i] for i in chunk])
-            assert len(encode_request(request)[0]) <= DEFAULT_LIMITS.max_header_bytes
-    with pytest.raises(ValueError, match="max_items: expected 1 to 256, got 0"):
-        batch_chunks(["a"], max_items=0)

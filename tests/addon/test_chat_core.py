@@ -45,10 +45,10 @@ from blender_addon.core.session import (
     Service,
     StatusResult,
 )
+from shared_protocol.batch_requests import BUSY_RETRY_DELAYS_S
 from shared_protocol.client import ClientCurveKeys
 from shared_protocol.pose import Pose
 from shared_protocol.protocol import (
-    BUSY_RETRY_DELAYS_S,
     DEFAULT_LIMITS,
     JPEG_MAGIC,
     PNG_MAGIC,

@@ -37,11 +37,10 @@ from shared_protocol.protocol import (
     decode_request,
     encode_reply,
 )
+from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from tests.service.test_backend import free_port
 
-from .scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
-from .test_backend import free_port
-
-SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
+SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from shared_protocol.rotations import (
     matrix_to_quaternion,
     quaternion_to_matrix,
 )
-from shared_protocol.skeleton import NUM_JOINTS, SMPL_TO_BLENDER, forward_kinematics
+from shared_protocol.skeleton import NUM_JOINTS, SMPL_TO_BLENDER
 
 from .mannequin import lowest_point
 from .rig_spec import SMPL_BONE_REST
@@ -117,20 +117,6 @@ def floor_translation(axis_angle, rest_joints=None, translation=None) -> np.ndar
     )
     placed[..., 1] = height
     return placed
-
-
-def expected_heads(axis_angle, rest_joints=None, translation=None, matrix_world=None):
-    """Where the pose bones' heads must be, in Blender world space, for an SMPL pose.
-
-    Forward kinematics in the SMPL frame, mapped to armature space with C, then through the
-    armature object's 4x4 ``matrix_world`` when given. (..., 24, 3).
-    """
-    positions, _ = forward_kinematics(axis_angle, rest_joints, translation)
-    heads = positions @ _C.T
-    if matrix_world is not None:
-        m = np.asarray(matrix_world, dtype=np.float64)
-        heads = heads @ m[:3, :3].T + m[:3, 3]
-    return heads
 
 
 def continuous_quaternions(quaternions, start=None) -> np.ndarray:

@@ -8,9 +8,10 @@ import bpy
 import numpy as np
 from mathutils import Euler, Matrix
 
-from blender_addon.core.posing import expected_heads
 from shared_protocol.pose import Pose
 from shared_protocol.skeleton import JOINT_NAMES
+
+from .reference import expected_heads
 
 FK_TOLERANCE = 1e-4  # metres
 

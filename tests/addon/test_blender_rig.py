@@ -25,7 +25,6 @@ from blender_addon.blender.keyframes import key_poses, keyed_frames, motion_from
 from blender_addon.blender.posing import apply_pose, read_pose
 from blender_addon.blender.props import target_problem
 from blender_addon.core.mannequin import PART_OF_BONE, PARTS
-from blender_addon.core.posing import expected_heads
 from blender_addon.core.rig_spec import (
     BONE_NAMINGS,
     RIG_PROPERTY,
@@ -46,6 +45,7 @@ from .helpers import (
     FK_TOLERANCE,
     FakeLayout,
     draw_panels,
+    expected_heads,
     fk_error,
     linked_from_library,
     random_pose,

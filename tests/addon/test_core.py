@@ -22,6 +22,7 @@ from shared_protocol.skeleton import (
 )
 
 from .conftest import ROOT
+from .reference import expected_heads
 
 
 def random_pose(seed: int, max_angle: float = np.pi / 2) -> np.ndarray:
@@ -165,7 +166,7 @@ def test_general_formula_reproduces_forward_kinematics(limb_aligned):
     for seed in range(10):
         aa, t = random_pose(seed), np.random.default_rng(seed).normal(size=3)
         np.testing.assert_allclose(
-            _chain_heads(aa, rest, t, bone_rest), posing.expected_heads(aa, rest, t), atol=1e-12
+            _chain_heads(aa, rest, t, bone_rest), expected_heads(aa, rest, t), atol=1e-12
         )
         q = posing.bone_quaternions(aa, bone_rest)
         np.testing.assert_allclose(
@@ -231,7 +232,7 @@ def test_expected_heads_go_through_matrix_world():
     world[:3, 3] = (1, 2, 3)
     positions, _ = forward_kinematics(aa)
     expected = (positions @ SMPL_TO_BLENDER.T) @ world[:3, :3].T + world[:3, 3]
-    np.testing.assert_allclose(posing.expected_heads(aa, matrix_world=world), expected)
+    np.testing.assert_allclose(expected_heads(aa, matrix_world=world), expected)
 
 
 # --- mannequin ----------------------------------------------------------------------------------

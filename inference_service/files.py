@@ -79,7 +79,8 @@ def write_text_atomically(path: Path, text: str) -> None:
 def sync(path: Path, *, tree: bool = False) -> None:
     """fsync the file or folder `path`, with `tree` every file and folder in it as well (not
     following links). Windows syncs only a file opened for writing, and has no folder handles
-    to sync (its renames are written through)."""
+    to sync (its renames are written through); elsewhere a file is opened to read, so that a
+    read-only one (a copied base model's) is synced too."""
     paths = [path]
     if tree:
         paths += sorted(p for p in path.rglob("*") if not p.is_symlink())
@@ -87,7 +88,7 @@ def sync(path: Path, *, tree: bool = False) -> None:
         folder = item.is_dir()
         if folder and os.name == "nt":
             continue
-        fd = os.open(item, os.O_RDONLY if folder else os.O_RDWR)
+        fd = os.open(item, os.O_RDWR if os.name == "nt" and not folder else os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

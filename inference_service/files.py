@@ -1,15 +1,18 @@
-"""Writing files that hours of work end in (checkpoints, reports): asked before the work
-whether they can be written, written whole or not at all, and a failed write told apart from
-a bug. No torch here (safetensors' error type only)."""
+"""Writing files and folders that hours of work end in (checkpoints, reports): asked before
+the work whether they can be written, written whole or not at all, and a failed write told
+apart from a bug. No torch here (safetensors' error type only)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from inference_service.checkpoint import CONFIG_NAME, share_as_umask_allows
 from shared_protocol.safe_files import check_writable, temporary_name, write_atomically
 
 # How torch's, safetensors' and the tokenizers library's errors say that a write fell short (a
@@ -93,3 +96,62 @@ def sync(path: Path, *, tree: bool = False) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def temporary_folder(destination: Path, *, fill: bool = False) -> Path:
+    """The folder `write_folder_whole` writes `destination` in first, on its disk: `.NAME.tmp`
+    beside it, or with `fill`, where `destination` is a folder already, `.writing.tmp` in it.
+    Always the same name, so that the next write removes what a killed one left."""
+    if fill and destination.is_dir():
+        return destination / ".writing.tmp"
+    return destination.parent / f".{destination.name}.tmp"
+
+
+def write_folder_whole(
+    destination: Path, write: Callable[[Path], object], *, fill: bool = False
+) -> None:
+    """`write(folder)` into a new, empty `temporary_folder`, which then becomes `destination`:
+    a checkpoint written whole or not at all. A write that fails, Ctrl-C included, is raised
+    as it came once all it wrote is removed (it may hold a whole model), leaving `destination`
+    as it was. Before the rename the safetensors files get the mode the umask gives
+    (`share_as_umask_allows`) and all of it is synced: a power cut leaves nothing half written
+    under the name. A folder at `destination` is removed once the new one is whole, and the
+    new one takes its place; with `fill`, it is the user's (given empty: a link's target, a
+    mount, the shell's folder), kept and filled, chatpose.json last, as a folder without it is
+    not taken for a checkpoint."""
+    temporary = temporary_folder(destination, fill=fill)
+    filling = temporary.parent == destination
+    _remove(temporary)  # left by a write that was killed
+    moved: list[Path] = []  # into the user's folder
+    try:
+        temporary.mkdir(parents=True)
+        write(temporary)
+        share_as_umask_allows(temporary)
+        sync(temporary, tree=True)
+        if filling:
+            for entry in sorted(temporary.iterdir(), key=lambda p: (p.name == CONFIG_NAME, p.name)):
+                moved.append(destination / entry.name)
+                os.replace(entry, moved[-1])
+            temporary.rmdir()
+        else:
+            if destination.exists():
+                shutil.rmtree(destination)
+            os.replace(temporary, destination)
+    except BaseException:
+        for path in (temporary, *moved):
+            _remove(path)
+        raise
+    sync(destination if filling else destination.parent)  # the renames
+
+
+def _remove(path: Path) -> None:
+    """Remove the file or folder `path`, if there, as far as it can be; a folder that copying
+    made read-only (copytree gives each its source's mode) is made writable first."""
+    if path.is_dir() and not path.is_symlink():
+        for folder, _, _ in os.walk(path):
+            with contextlib.suppress(OSError):
+                os.chmod(folder, 0o700)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -66,10 +66,15 @@ from inference_service.checkpoint import (
     HEAD_NAME,
     ChatPoseConfig,
     Checkpoint,
-    share_as_umask_allows,
 )
 from inference_service.errors import CheckpointError
-from inference_service.files import sync, unwritable, write_failure, write_text_atomically
+from inference_service.files import (
+    sync,
+    unwritable,
+    write_failure,
+    write_folder_whole,
+    write_text_atomically,
+)
 from inference_service.loading import (
     apply_adapter,
     check_gpu_memory,
@@ -772,25 +777,22 @@ def save_checkpoint(
     state_extra: dict,
     keep_last: int,
 ) -> Path:
-    """Write OUT/step-N atomically (a temporary directory renamed), then point `latest` at it.
-    A write that fails (a full disk) removes the temporary directory, which may hold a whole
-    model, and is an OSError naming the checkpoint: torch and safetensors say RuntimeError."""
+    """Write OUT/step-N whole or not at all (`write_folder_whole`), then point `latest` at it.
+    A write that fails (a full disk) leaves nothing of it, and is an OSError naming the
+    checkpoint: torch and safetensors say RuntimeError."""
     final = out / step_dir_name(step)
-    tmp = out / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+
+    def write(tmp: Path) -> None:
         _write_checkpoint(tmp, step, tm, optimizer, names, base_model, state_extra)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_folder_whole(final, write)
+    except Exception as exc:
         if problem := write_failure(exc):
             raise OSError(
                 f"{final}: the checkpoint could not be written (a full disk?): {problem}"
             ) from exc
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     write_text_atomically(out / LATEST_NAME, final.name + "\n")
     sync(out)
     if keep_last:
@@ -807,7 +809,6 @@ def _write_checkpoint(
     base_model: str,
     state_extra: dict,
 ) -> None:
-    tmp.mkdir(parents=True)
     if tm.trains_base:
         tm.model.save_pretrained(str(tmp / "base"))
         save_processor(tm.processor, tmp / "base")
@@ -835,32 +836,18 @@ def _write_checkpoint(
         **state_extra,
     }
     torch.save(state, tmp / STATE_NAME)
-    share_as_umask_allows(tmp)
-    sync(tmp, tree=True)  # on disk before `latest` names it: not half written after a power cut
 
 
 def _copy_base(base_dir: Path, out: Path) -> None:
     """`--copy-base`: the base model into OUT/base, whole or not at all (a partial copy of a
     13B model would stay on a full disk)."""
-    copying = out / ".base.tmp"
     try:
-        shutil.copytree(base_dir, copying, dirs_exist_ok=True)
-        share_as_umask_allows(copying)
-    except BaseException as exc:
-        # copytree gives each folder the source's mode, read-only ones too: made writable
-        # again, or the partial copy would stay on the full disk.
-        shutil.rmtree(copying, onerror=_removed_from_read_only_folder)
-        if isinstance(exc, shutil.Error):  # one entry per file: (source, target, why)
-            source, _, why = exc.args[0][0]
-            raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
-        raise
-    os.replace(copying, out / "base")
-
-
-def _removed_from_read_only_folder(remove, path: str, _) -> None:
-    with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(path), 0o700)
-        remove(path)
+        write_folder_whole(
+            out / "base", lambda copy: shutil.copytree(base_dir, copy, dirs_exist_ok=True)
+        )
+    except shutil.Error as exc:  # one entry per file: (source, target, why)
+        source, _, why = exc.args[0][0]
+        raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
 
 
 def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:

@@ -880,23 +880,18 @@ def load_whole(checkpoint: Path):
 
 def write_whole(source, model, processor, out: Path) -> Path:
     """`source`'s head and settings with `model` as its whole base, written to `out` (replaced)
-    through a temporary directory, so an interrupted write leaves no half checkpoint."""
-    from inference_service.checkpoint import HEAD_NAME, share_as_umask_allows
-
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    whole or not at all (`write_folder_whole`): an interrupted write leaves no half checkpoint."""
+    from inference_service.checkpoint import HEAD_NAME
+    from inference_service.files import write_folder_whole
     from inference_service.loading import save_processor
 
-    model.save_pretrained(tmp / "base")
-    save_processor(processor, tmp / "base")
-    shutil.copyfile(source.head_path, tmp / HEAD_NAME)
-    dataclasses.replace(source.config, base_model="base").save(tmp)
-    share_as_umask_allows(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder / "base")
+        save_processor(processor, folder / "base")
+        shutil.copyfile(source.head_path, folder / HEAD_NAME)
+        dataclasses.replace(source.config, base_model="base").save(folder)
+
+    write_folder_whole(out, write)
     return out
 
 

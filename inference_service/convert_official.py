@@ -24,10 +24,8 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -53,12 +51,16 @@ from inference_service.checkpoint import (
     ChatPoseConfig,
     read_json_object,
     refuse_lfs_pointers,
-    share_as_umask_allows,
     work_offline,
 )
 from inference_service.commands import EXIT_INTERRUPTED, EXIT_USAGE, stops_as_interrupts, user_path
 from inference_service.errors import CheckpointError
-from inference_service.files import unwritable, write_failure
+from inference_service.files import (
+    temporary_folder,
+    unwritable,
+    write_failure,
+    write_folder_whole,
+)
 from inference_service.loading import (
     free_host_memory,
     refuse_custom_code,
@@ -98,7 +100,7 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
     half checkpoint."""
     source, vision_tower = source.expanduser(), vision_tower.expanduser()
     destination = destination.expanduser().resolve()
-    writing = _checked_folders(source, destination, vision_tower)
+    _check_folders(source, destination, vision_tower)
     official = _read_config(source / "config.json")
     weights = _read_weights(source)
     _refuse_unmerged_lora(weights, source)  # before its base weights are missed under it
@@ -128,21 +130,17 @@ def convert(source: Path, destination: Path, vision_tower: Path, pose_token: str
         head.save(folder / "pose_head.safetensors")
         config.save(folder)
 
-    _write_whole(writing, destination, write)
+    _write_whole(destination, write)
     _report_unused(weights)
     return destination
 
 
-def _checked_folders(source: Path, destination: Path, vision_tower: Path) -> Path:
-    """The temporary folder the checkpoint is written into, once the folders given are
-    checked (before the weights are read: a 13B model takes minutes to load)."""
+def _check_folders(source: Path, destination: Path, vision_tower: Path) -> None:
+    """Checks the folders given, before the weights are read: a 13B model takes minutes to
+    load."""
     # An empty folder the user made (a link's target, a mount, ".") is kept, and filled from a
     # temporary folder inside it, on its disk; a new one is a temporary folder renamed.
-    writing = (
-        destination / ".converting.tmp"
-        if destination.is_dir()
-        else destination.parent / f".{destination.name}.tmp"
-    )
+    writing = temporary_folder(destination, fill=True)
     if destination.exists() and not destination.is_dir():
         what = "a file, not a folder" if destination.is_file() else "not a folder"
         raise CheckpointError(
@@ -171,7 +169,6 @@ def _checked_folders(source: Path, destination: Path, vision_tower: Path) -> Pat
     _check_source_folder(source)
     refuse_lfs_pointers(source)
     refuse_lfs_pointers(vision_tower)
-    return writing
 
 
 def _llava_model(
@@ -228,28 +225,13 @@ def _llava_model(
     return model
 
 
-def _write_whole(writing: Path, destination: Path, write) -> None:
-    """`write(writing)`, then `writing` becomes `destination` (or, when that is the user's
-    empty folder, what it holds moves into it): nothing of a failed write is left behind."""
-    if writing.exists():  # left by a run that was killed
-        shutil.rmtree(writing)
-    moved = []  # into the user's folder, when one was given
+def _write_whole(destination: Path, write) -> None:
+    """`write(folder)`, and the folder becomes `destination` (or, when that is the user's empty
+    folder, what it holds moves into it): nothing of a failed write is left behind
+    (`write_folder_whole`), and one that fell short is a CheckpointError naming it."""
     try:
-        write(writing)
-        share_as_umask_allows(writing)
-        if writing.parent == destination:
-            # chatpose.json last: a folder without it is not taken for a checkpoint.
-            for entry in sorted(writing.iterdir(), key=lambda p: p.name == CONFIG_NAME):
-                moved.append(destination / entry.name)
-                os.replace(entry, moved[-1])
-            writing.rmdir()
-        else:
-            os.replace(writing, destination)
-    except BaseException as exc:  # a 13B model's copy is not left behind
-        for path in (writing, *moved):
-            shutil.rmtree(path, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                path.unlink()  # a file, which rmtree leaves
+        write_folder_whole(destination, write, fill=True)
+    except Exception as exc:
         if problem := write_failure(exc):  # the libraries' own words for a full disk
             raise CheckpointError(
                 f"{destination}: could not be written (a full disk?): {problem}"

@@ -115,8 +115,9 @@ def write_folder_whole(
     as it came once all it wrote is removed (it may hold a whole model), leaving `destination`
     as it was. Before the rename the safetensors files get the mode the umask gives
     (`share_as_umask_allows`) and all of it is synced: a power cut leaves nothing half written
-    under the name. A folder at `destination` is removed once the new one is whole, and the
-    new one takes its place; with `fill`, it is the user's (given empty: a link's target, a
+    under the name. A folder at `destination` is moved aside once the new one is whole, the new
+    one takes its place, and then the old one is removed (a failure between the two puts it
+    back: never neither); with `fill`, it is the user's (given empty: a link's target, a
     mount, the shell's folder), kept and filled, chatpose.json last, as a folder without it is
     not taken for a checkpoint."""
     temporary = temporary_folder(destination, fill=fill)
@@ -134,14 +135,29 @@ def write_folder_whole(
                 os.replace(entry, moved[-1])
             temporary.rmdir()
         else:
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(temporary, destination)
+            _replace_folder(destination, temporary)
     except BaseException:
         for path in (temporary, *moved):
             _remove(path)
         raise
     sync(destination if filling else destination.parent)  # the renames
+
+
+def _replace_folder(destination: Path, new: Path) -> None:
+    """`new` renamed to `destination`, a folder there moved aside first (a folder cannot be
+    renamed onto another on Windows) and removed once `new` has its name."""
+    old = destination.parent / f".{destination.name}.old"
+    _remove(old)  # left by a write that was killed
+    if not destination.exists():
+        os.replace(new, destination)
+        return
+    os.replace(destination, old)
+    try:
+        os.replace(new, destination)
+    except BaseException:
+        os.replace(old, destination)
+        raise
+    _remove(old)
 
 
 def _remove(path: Path) -> None:

@@ -98,6 +98,27 @@ def test_a_folder_there_is_replaced_and_a_killed_write_s_leftover_is_not_kept(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
 
 
+def test_a_failure_as_the_new_folder_takes_the_old_one_s_place_keeps_the_old_one(
+    tmp_path, monkeypatch
+):
+    # Removed first and then renamed, a Ctrl-C between the two left neither folder.
+    destination = tmp_path / "packed"
+    destination.mkdir()
+    (destination / "chatpose.json").write_bytes(b"old")
+    replace = os.replace
+
+    def interrupted_renaming_the_new_one(source, target):
+        if Path(source).name == ".packed.tmp":
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_renaming_the_new_one)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_folder_whole(destination, _checkpoint)
+    assert _written(destination) == {"chatpose.json": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+
+
 def test_a_read_only_folder_written_is_removed_when_the_write_fails(tmp_path):
     def copies_then_fails(folder: Path) -> None:
         (folder / "base").mkdir()

@@ -95,10 +95,16 @@ def _check_server_keys(directory: Path) -> None:
         )
 
 
-def _has_client_keys(directory: Path) -> bool:
-    """Whether `directory` holds a client's key: its pair, or a public key authorised."""
+def _default_clients(directory: Path) -> list[str]:
+    """The clients made when none is named: 'client' in a new folder, or where 'client' has a
+    key already (kept, and said to be revoked if it is: a first run cut short); none in a
+    folder other clients use (run again to write a lost server.key, it authorises nobody)."""
+    own = (directory / "client.key_secret", directory / "authorized_clients" / "client.key")
+    if any(path.exists() or path.is_symlink() for path in own):
+        return ["client"]
     secrets = (p for p in directory.glob("*.key_secret") if p.name != "server.key_secret")
-    return any(secrets) or any((directory / "authorized_clients").glob("*.key"))
+    others = any(secrets) or any((directory / "authorized_clients").glob("*.key"))
+    return [] if others else ["client"]
 
 
 def _check_new_key_file(path: Path) -> None:
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Run again on a folder in use (to write a lost server.key, or a new server pair), it
         # authorises nobody new unless asked to.
-        names = args.clients or ([] if _has_client_keys(args.directory) else ["client"])
+        names = args.clients or _default_clients(args.directory)
         server_kept = (args.directory / "server.key_secret").exists()
         made = make_keys(args.directory, names)
     except KeysError as exc:

@@ -53,6 +53,7 @@ LOAD_ERRORS = (
 def select_device(device: str) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype for `device` as --device takes it (every command that loads a
     model has that flag, so its refusals name it)."""
+    asked = device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -87,8 +88,9 @@ def select_device(device: str) -> tuple[torch.device, torch.dtype]:
         torch.cuda.mem_get_info(torch_device)  # the card's context: a busy card fails here
     except RuntimeError as exc:  # torch's AcceleratorError too: a card there but not usable
         problem = str(exc).strip().split("\n")[0]
+        shown = device if asked == device else f"{asked}, which chose {torch_device}"
         raise UnsupportedInputError(
-            f"--device {device} cannot be used ({problem}): nvidia-smi shows who holds it (a "
+            f"--device {shown} cannot be used ({problem}): nvidia-smi shows who holds it (a "
             "card in exclusive mode takes one process); choose another with --device cuda:N, "
             "or --device cpu"
         ) from None

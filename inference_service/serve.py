@@ -63,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
     other start-up refusals are; argparse's plain lines come last (the add-on shows the last)."""
 
     def error(self, message: str):
-        if not sys.stderr.isatty():
+        if sys.stderr is not None and not sys.stderr.isatty():  # None: `2>&-`
             line = logs.line_now(log.name, logging.ERROR, message, "config_error")
             with contextlib.suppress(OSError, ValueError):
                 print(line, file=sys.stderr, flush=True)

@@ -83,6 +83,21 @@ def test_a_key_swapped_for_a_pipe_after_its_look_is_not_waited_on(tmp_path, monk
     assert "(mode 644)" in secret_key_exposure(looked_at)
 
 
+def test_a_key_s_exposure_is_judged_by_the_file_opened(tmp_path, monkeypatch):
+    # Made private between the look and the open: the open file's mode is what counts.
+    key = tmp_path / "animator.key_secret"
+    key.write_text('curve\n    secret-key = "y"\n')
+    key.chmod(0o600)
+    shared = tmp_path / "shared.key_secret"
+    shared.write_text("")
+    shared.chmod(0o644)
+    real_stat = os.stat
+    monkeypatch.setattr(
+        os, "stat", lambda path, *a, **k: real_stat(shared if str(path) == str(key) else path)
+    )
+    assert secret_key_exposure(key) is None
+
+
 def test_send_never_blocks_when_the_queue_toward_no_service_fills(context):
     client = Client("tcp://127.0.0.1:9", context=context)  # nothing listens on port 9
     with pytest.raises(ProtocolError) as raised:

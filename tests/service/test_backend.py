@@ -465,6 +465,13 @@ def test_a_bad_argument_is_logged_for_a_log_reader_too(monkeypatch, capsys, term
         assert logged[0]["msg"] == lines[-1].removeprefix("chatpose-serve: error: ")
 
 
+def test_a_bad_argument_with_stderr_closed_is_still_a_usage_error(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)  # `2>&-`
+    with pytest.raises(SystemExit) as stop:
+        serve.main(["--max-batch", "0"])
+    assert stop.value.code == serve.EXIT_USAGE
+
+
 def test_serve_names_an_address_in_use_before_loading_any_model(tmp_path, capsys):
     with zmq.Context() as context, context.socket(zmq.ROUTER) as taken:
         port = taken.bind_to_random_port("tcp://127.0.0.1")

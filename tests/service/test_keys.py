@@ -53,6 +53,19 @@ def test_a_new_server_key_pair_is_said_to_go_to_every_client(tmp_path, capsys):
     assert (tmp_path / "server.key").read_bytes() != old
 
 
+def test_run_again_without_client_names_still_says_client_is_not_authorised(tmp_path, capsys):
+    # A first run cut short (authorized_clients/ read-only), then run again as it was.
+    assert keys.main([str(tmp_path)]) == 0
+    (tmp_path / "authorized_clients" / "client.key").unlink()
+    capsys.readouterr()
+    assert keys.main([str(tmp_path)]) == 0
+    assert "note: client is not authorized" in capsys.readouterr().err
+    (tmp_path / "client.key_secret").unlink()
+    (tmp_path / "authorized_clients" / "client.key").symlink_to(tmp_path / "nowhere")
+    assert keys.main([str(tmp_path)]) == 2  # its place is a link: named, not passed over
+    assert "client.key is a link (to " in capsys.readouterr().err
+
+
 def test_run_again_without_client_names_it_authorises_nobody_new(tmp_path, capsys):
     # Run again to write a lost server.key, or a new server pair, it made and authorised a
     # client named 'client' that nobody asked for.
@@ -156,6 +169,39 @@ def test_secret_keys_are_readable_by_their_owner_only(tmp_path, monkeypatch):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     for public in ("server.key", "authorized_clients/animator.key"):
         assert stat.S_IMODE((tmp_path / public).stat().st_mode) == 0o644
+
+
+def test_a_public_key_is_readable_by_all_whatever_the_umask(tmp_path):
+    umask = os.umask(0o077)  # a careful user's: it would leave server.key theirs alone
+    try:
+        keys.make_keys(tmp_path, ["animator"])
+    finally:
+        os.umask(umask)
+    for public in ("server.key", "authorized_clients/animator.key"):
+        assert stat.S_IMODE((tmp_path / public).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "server.key_secret").stat().st_mode) == 0o600
+
+
+def test_a_server_secret_key_deleted_alone_gets_a_new_pair(tmp_path, capsys):
+    # security.md: delete the secret key to replace the pair; its old public half goes too.
+    assert keys.main([str(tmp_path)]) == 0
+    old = (tmp_path / "server.key").read_bytes()
+    (tmp_path / "server.key_secret").unlink()
+    assert keys.main([str(tmp_path)]) == 0
+    assert "new server key pair" in capsys.readouterr().out
+    assert (tmp_path / "server.key").read_bytes() != old
+    assert _public_key(tmp_path / "server.key") == _public_key_of(
+        (tmp_path / "server.key_secret").read_text()
+    )
+
+
+def test_a_link_planted_after_the_look_is_not_written_through(tmp_path, monkeypatch):
+    # Looked at, then a link put where the key goes: the open itself refuses it.
+    monkeypatch.setattr(keys, "_check_new_key_file", lambda path: None)
+    (tmp_path / "server.key_secret").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(keys.KeysError, match="appeared while this ran"):
+        keys.make_keys(tmp_path, [])
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_the_key_files_read_back_as_zeromq_reads_them(tmp_path):

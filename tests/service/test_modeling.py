@@ -984,6 +984,8 @@ def test_device_choice(monkeypatch):
     with pytest.raises(UnsupportedInputError) as refused:
         loading.select_device("cuda:1")
     assert str(refused.value).startswith("--device cuda:1 cannot be used (CUDA error: CUDA-")
+    with pytest.raises(UnsupportedInputError, match=r"^--device auto, which chose cuda:1 cannot"):
+        loading.select_device("auto")  # what was typed, and what it became
     assert "more" not in str(refused.value) and "--device cpu" in str(refused.value)
 
 

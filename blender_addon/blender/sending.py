@@ -176,7 +176,10 @@ def refuse_chat_turn_yet(scene: bpy.types.Scene) -> None:
         raise live.UserError(f"Wait for the answer to {named}, then send this")
     why = runtime.why_answers_wait_now() or "it is applied on the next tick"
     # Not in brackets: some of the reasons hold brackets of their own.
-    raise live.UserError(f"The answer to {named} is not applied yet: {why}. Send this once it is")
+    raise live.UserError(
+        f"Answers that came wait, the one to {named} among them: {why}. Send this once it is "
+        "applied"
+    )
 
 
 def _refused_there(messages: list[chat.Message], index: int) -> bool:

@@ -294,8 +294,8 @@ def test_a_chat_turn_waits_for_a_pose_mode_answer_and_one_that_came_and_waits_sa
     with pytest.raises(RuntimeError) as refused:
         bpy.ops.chatpose.send()
     assert str(refused.value).splitlines()[-1] == "Error: " + (
-        "The answer to 'a tired person standing' is not applied yet: leave Edit Mode to apply "
-        "them. Send this once it is"
+        "Answers that came wait, the one to 'a tired person standing' among them: leave Edit "
+        "Mode to apply them. Send this once it is applied"
     )
     bpy.ops.object.mode_set(mode="OBJECT")
     drive(idle)

@@ -249,13 +249,15 @@ class BatchRun:
         else:  # answered, but not every line keyed: not "done"
             parts = [f"Batch from {self.source}:"]
         parts.append(f"{keyed}; {left} of {self.total_lines} still to key.")
-        failed = self.failed_lines
-        if failed:
-            shown = ", ".join(self._where(line) for line, _ in failed[:5])
-            more = " ..." if len(failed) > 5 else ""
-            why = "" if failed[0][1] == self.reason else f": {failed[0][1]}"  # said above
+        by_reason: dict[str, list[PendingLine]] = {}  # in the order they first failed
+        for line, reason in self.failed_lines:
+            by_reason.setdefault(reason, []).append(line)
+        for reason, lines in by_reason.items():  # each line under its own reason
+            shown = ", ".join(self._where(line) for line in lines[:5])
+            more = " ..." if len(lines) > 5 else ""
+            why = "" if reason == self.reason else f": {reason}"  # said above
             # The reason after the brackets, not in them: it often holds brackets of its own.
-            parts.append(f"{len(failed)} failed ({shown}{more}){why}.")
+            parts.append(f"{len(lines)} failed ({shown}{more}){why}.")
         refused = len(self._refused_texts & self._failed.keys())
         if refused == left:  # only lines that would fail again as they are
             parts.append(

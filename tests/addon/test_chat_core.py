@@ -516,6 +516,12 @@ def test_failures_are_counted_shown_five_at_most_and_dropped_once_keyed():
     assert summary.startswith("Batch from t stopped: the armature 'SMPL' is gone.")
     shown = ", ".join(f"prompt {i} at frame {i}" for i in range(2, 7))
     assert f"6 failed ({shown} ...): no pose." in summary
+    five = BatchRun("SMPL", "t", _pending(5), total_lines=5)
+    five.next_prompts()
+    for i in range(5):
+        five.item_failed(five.line_for(i), "no pose")
+    shown = ", ".join(f"prompt {i} at frame {i}" for i in range(1, 6))
+    assert f"5 failed ({shown}): no pose." in five.summary()  # all of them shown: no "..."
 
 
 def test_a_run_with_nothing_pending_is_done_at_once():
@@ -564,11 +570,11 @@ def test_a_summary_holds_no_brackets_in_brackets():
     run.request_finished()
     summary = run.summary()
     assert _bracket_depth(summary) == 1, summary
-    assert summary == (
-        "Batch from text 't': 0 lines keyed on SMPL; 3 of 3 still to key. 3 failed (line 2 at "
-        f"frame 1, line 5 at frame 2, line 6 at frame 3): {timeout}. Edit the lines the "
-        "service refused, then run Batch Keyframe again to key the rest (nothing is keyed "
-        "twice)."
+    assert summary == (  # each line under its own reason, not all under the first's
+        "Batch from text 't': 0 lines keyed on SMPL; 3 of 3 still to key. 2 failed (line 2 at "
+        f"frame 1, line 5 at frame 2): {timeout}. 1 failed (line 6 at frame 3): this model "
+        "knows none of its words. Edit the lines the service refused, then run Batch Keyframe "
+        "again to key the rest (nothing is keyed twice)."
     )
 
 

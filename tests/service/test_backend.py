@@ -461,7 +461,9 @@ def test_a_bad_argument_is_logged_for_a_log_reader_too(monkeypatch, capsys, term
     if terminal:
         assert logged == []
     else:
-        assert [(e["level"], e["event"]) for e in logged] == [("error", "config_error")]
+        assert [(e["level"], e["event"], e["logger"]) for e in logged] == [
+            ("error", "config_error", "chatpose.serve")
+        ]
         assert logged[0]["msg"] == lines[-1].removeprefix("chatpose-serve: error: ")
 
 

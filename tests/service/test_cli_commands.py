@@ -121,6 +121,11 @@ def test_local_refuses_the_flags_of_a_service(capsys):
         capsys, "pose", "wave", "--timeout", "5", "--local", "--curve-server-key", "k"
     )
     assert code == cli.EXIT_USAGE and "--timeout and --curve-server-key are for a service" in err
+    code, _, err = run(capsys, "pose", "wave", "--local", "--curve-secret-key", "k")
+    assert code == cli.EXIT_USAGE and "--curve-secret-key is for a service" in err
+    parsed = cli.build_parser().parse_args(["pose", "wave"])
+    cli._service_flags(parsed)  # without --local: the defaults the help names
+    assert (parsed.address, parsed.timeout) == ("tcp://127.0.0.1:5555", 60.0)
 
 
 def test_wait_asks_once_the_service_has_loaded_its_model(backend, capsys):
@@ -399,9 +404,19 @@ def _batch_item(request) -> bytes:
         (["status"], _pose_reply, "bad reply: 'pose' where 'status' was asked for"),
         (["pose", "hi"], _status_reply, "bad reply: 'status' where 'pose' was asked for"),
         (["pose", "hi", "--json"], lambda request: b"not json at all", "bad reply"),
+        (["status", "--json"], _status_with_a_number_for_model, "model"),
+        (["status", "--json"], _pose_reply, "bad reply: 'pose' where 'status' was asked for"),
         (["pose", "hi"], _batch_item, "bad reply: 'batch_item' where 'pose' was asked for"),
     ],
-    ids=["bad-field", "pose-for-status", "status-for-pose", "json-of-no-reply", "item-for-pose"],
+    ids=[
+        "bad-field",
+        "pose-for-status",
+        "status-for-pose",
+        "json-of-no-reply",
+        "json-status-bad-field",
+        "json-pose-for-status",
+        "item-for-pose",
+    ],
 )
 def test_a_reply_that_does_not_decode_is_the_service_s_fault_not_the_user_s(
     capsys, argv, answer, message
@@ -690,6 +705,21 @@ def test_batch_json_summarises_each_line_s_outcome(address, capsys, tmp_path, mo
     assert code == cli.EXIT_INTERRUPTED and summary["finished"] is False
     assert (summary["posed"], summary["not_answered"]) == ([1], [2, 3])
     assert summary["written"] == str(tmp_path / "anim.partial.npz")
+
+
+def test_batch_json_in_file_order_on_resume_and_null_when_nothing_was_written(
+    address, capsys, tmp_path
+):
+    prompts, out_file, argv = shots(tmp_path, "explode\n", address)
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == cli.EXIT_SERVICE_ERROR and json.loads(out)["written"] is None
+    prompts.write_text("wave\nexplode\nbow\n")  # lines 1 and 3 kept beside --out
+    run(capsys, *argv)
+    prompts.write_text("wave\nsit\nbow\n")  # line 2 edited, and asked again
+    code, out, _ = run(capsys, *argv, "--resume", "--json")
+    summary = json.loads(out)
+    assert code == cli.EXIT_OK and summary["written"] == str(out_file)
+    assert summary["posed"] == [1, 2, 3]  # the resumed lines came first
 
 
 def test_a_batch_line_over_the_prompt_limit_fails_alone(address, backend, capsys, tmp_path):

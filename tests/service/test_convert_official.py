@@ -442,6 +442,24 @@ def test_a_hugging_face_llava_folder_is_named_as_one_with_what_the_release_holds
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("config", "transformers"),
+    [
+        ({"text_config": {"hidden_size": 8}}, True),  # either mark of transformers' layout
+        ({"architectures": ["LlavaForConditionalGeneration"]}, True),
+        ({"architectures": ["LlavaLlamaForCausalLM"]}, False),  # the release's own, cut short
+        ({"text_config": {}, "hidden_size": 8}, False),  # the Llama fields at the top: read on
+    ],
+)
+def test_a_config_is_told_apart_by_where_its_llama_fields_are(tmp_path, config, transformers):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llava", **config}))
+    with pytest.raises(CheckpointError) as refused:
+        convert_official._read_config(path)
+    assert ("a Hugging Face transformers llava checkpoint" in str(refused.value)) == transformers
+    assert ("missing field" in str(refused.value)) != transformers
+
+
 def test_a_source_that_is_not_the_release_s_folder_says_where_to_look(release, tmp_path):
     source, clip, _ = release
     cache = tmp_path / "models--YaoFeng--CHATPOSE-V0"  # the top of a Hugging Face cache

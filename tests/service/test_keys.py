@@ -66,6 +66,19 @@ def test_run_again_without_client_names_still_says_client_is_not_authorised(tmp_
     assert "client.key is a link (to " in capsys.readouterr().err
 
 
+def test_which_folders_get_a_client_when_none_is_named(tmp_path):
+    keys.make_keys(tmp_path, [])  # the server's pair alone: no client yet
+    assert keys._default_clients(tmp_path) == ["client"]
+    (tmp_path / "authorized_clients" / "animator.key").write_text("")  # its secret handed out
+    assert keys._default_clients(tmp_path) == []
+
+
+def test_a_folder_where_a_key_goes_is_named(tmp_path, capsys):
+    (tmp_path / "server.key").mkdir(parents=True)
+    assert keys.main([str(tmp_path)]) == 2
+    assert f"{tmp_path / 'server.key'} is not a file: remove it" in capsys.readouterr().err
+
+
 def test_run_again_without_client_names_it_authorises_nobody_new(tmp_path, capsys):
     # Run again to write a lost server.key, or a new server pair, it made and authorised a
     # client named 'client' that nobody asked for.

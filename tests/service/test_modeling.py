@@ -931,7 +931,7 @@ def test_quantization_without_bitsandbytes_names_the_package(tiny_checkpoint, mo
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     # On the CPU the device is what is missing first: installing bitsandbytes would not help.
     option = "--" + flag.replace("_", "-")  # as chatpose-serve and evaluate take it
-    with pytest.raises(UnsupportedInputError, match=f"{option}: 4-bit and 8-bit loading need a"):
+    with pytest.raises(UnsupportedInputError, match=f"{option}: .* and this runs on the cpu"):
         ChatPoseModel.from_checkpoint(tiny_checkpoint, device="cpu", **{flag: True})
     cuda = (torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(loading, "select_device", lambda device: cuda)
@@ -960,7 +960,7 @@ def test_device_choice(monkeypatch):
     assert loading.select_device("auto") == (torch.device("cpu"), torch.float32)
     with pytest.raises(UnsupportedInputError, match="--device cuda: CUDA is not available"):
         loading.select_device("cuda")
-    with pytest.raises(UnsupportedInputError, match="auto, cpu or cuda"):
+    with pytest.raises(UnsupportedInputError, match="^--device must be auto, cpu or cuda"):
         loading.select_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     capability = {0: (9, 0), 1: (7, 0)}  # an H100 and a V100, which only emulates bf16
@@ -974,7 +974,9 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert loading.select_device("cuda") == (torch.device("cuda:1"), torch.float16)
     assert loading.select_device("cuda:1") == (torch.device("cuda:1"), torch.float16)
-    with pytest.raises(UnsupportedInputError, match=r"--device cuda:7: this machine has 2 CUDA"):
+    with pytest.raises(
+        UnsupportedInputError, match=r"--device cuda:7: .* 2 CUDA .*cuda:0 to cuda:1$"
+    ):
         loading.select_device("cuda:7")
 
     def busy(device):  # a card in exclusive-process mode that another process holds

@@ -208,6 +208,11 @@ def test_a_service_killed_by_the_system_is_not_reported_as_its_last_line(tmp_pat
     assert (
         manager.poll().describe() == "exited: killed by SIGKILL; often the system ran out of memory"
     )
+    manager.start(SLEEPER)
+    wait_for(lambda: manager.poll().state != EXITED)
+    os.kill(manager.pid, signal.SIGHUP)  # signal 1: the return code -1, a signal all the same
+    wait_for(lambda: manager.poll().state == EXITED)
+    assert manager.poll().describe() == "exited: killed by SIGHUP"
 
 
 def test_a_service_older_than_the_add_on_is_named_as_what_to_update(tmp_path):

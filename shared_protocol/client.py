@@ -415,16 +415,19 @@ class Client:
         gone: Callable[[], str | None] = lambda: None,
         loading: Callable[[str], None] | None = None,
     ) -> StatusReply:
-        """The service's status once it serves: asked again while nothing listens yet or the
-        model still loads (a `busy` reply), or the service there is stopping (a restart may take
-        its place: `shutting_down`). ProtocolError(timeout) after `timeout_s`, or (busy) when
-        the service was still loading its model then, saying so (with `loading`: after
-        `timeout_s` without a `busy` reply either, so a service seen loading is waited for as
-        long as it takes, a 13B model takes minutes, and each `busy` message goes to
-        `loading`, to say so), or
-        ProtocolError(unreachable) once `gone()` says why it never will (a service process
-        that exited), when nothing listened there all the time, or at once on a
-        HandshakeRefused; any other error reply as a ProtocolError of its code."""
+        """The service's status once it serves. Asks again while
+        - nothing listens there yet;
+        - its model still loads (a `busy` reply). With `loading`, each such message goes to it
+          and the wait starts again, so a model seen loading is waited for as long as it takes
+          (a 13B model takes minutes);
+        - the service there is stopping (`shutting_down`): a restart may take its place.
+
+        Else a ProtocolError:
+        - unreachable: at once once `gone()` says why it never will serve (a service process
+          that exited), or on a HandshakeRefused; after `timeout_s` when nothing listened;
+        - busy: after `timeout_s` when its model was still loading then, saying so;
+        - timeout: after `timeout_s` otherwise;
+        - any other error reply's code."""
         deadline = time.monotonic() + timeout_s
         reached = False
         stopping = ""  # a service seen stopping: a restart may take its place
@@ -435,18 +438,8 @@ class Client:
             if why:
                 raise ProtocolError(ErrorCode.UNREACHABLE, why)
             left = deadline - time.monotonic()
-            if left <= 0 and not reached:
-                raise ProtocolError(ErrorCode.UNREACHABLE, self.no_service_message(timeout_s))
-            if left <= 0 and still_loading:
-                raise ProtocolError(
-                    ErrorCode.BUSY,
-                    f"{self.address} did not serve within {timeout_s:g} s: {still_loading}",
-                )
             if left <= 0:
-                raise ProtocolError(
-                    ErrorCode.TIMEOUT,
-                    f"{self.address} did not serve within {timeout_s:g} s{stopping}",
-                )
+                raise self._not_serving(timeout_s, reached, still_loading, stopping)
             if not self.wait_connected(min(left, 0.2)):  # not past the time given
                 still_loading = ""  # gone since: no longer known to be loading
                 if self.refusal and not asked_again:
@@ -489,6 +482,18 @@ class Client:
                 loading(reply.message)
                 deadline = time.monotonic() + timeout_s
             time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))  # loading: answers at once
+
+    def _not_serving(
+        self, timeout_s: float, reached: bool, still_loading: str, stopping: str
+    ) -> ProtocolError:
+        """Why `wait_serving` ended without a status after `timeout_s`: nothing listened, its
+        model was still loading (its last `busy` message), or no answer came."""
+        if not reached:
+            return ProtocolError(ErrorCode.UNREACHABLE, self.no_service_message(timeout_s))
+        served = f"{self.address} did not serve within {timeout_s:g} s"
+        if still_loading:
+            return ProtocolError(ErrorCode.BUSY, f"{served}: {still_loading}")
+        return ProtocolError(ErrorCode.TIMEOUT, f"{served}{stopping}")
 
     def stream(
         self, request: Request, timeout_s: float, connect_s: float = CONNECT_TIMEOUT_S

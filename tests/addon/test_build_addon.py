@@ -397,7 +397,9 @@ def test_zip_installs_as_an_extension(built, tmp_path):
         with open(sys.modules["shared_protocol"].__file__, "a") as stream:
             stream.write("\\n# another vendor's\\n")
         chatpose = sys.modules["bl_ext.user_default.chatpose"]
-        print("REFUSED:", chatpose._shadowed_shared_protocol())
+        from bl_ext.user_default.chatpose.core import install_check
+        folder = os.path.dirname(chatpose.__file__)
+        print("REFUSED:", install_check.shadowed_shared_protocol(chatpose.__package__, folder))
         print("INSTALLED-OK")
         """
     )

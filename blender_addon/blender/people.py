@@ -102,32 +102,54 @@ def person_armature(
     name = extra_person_name(target.name, k)
     obj = bpy.data.objects.get(name) or _copied_with(target, k)
     if obj is not None:
-        if not is_smpl_armature(obj):
-            return None, False
-        problem = linked_problem(obj)
-        if problem is not None:  # posed, it would lose the pose on saving
-            if notes is not None:
-                notes.append(problem)
-            return None, False
-        # Where the user put it, hidden or not; out of the target's scenes, back beside it,
-        # with its body (a bare skeleton, its body left out, looked lost): nothing else of
-        # the user's parented to it.
-        if not _in_scenes_of(obj, target):
-            for item in (obj, *(c for c in obj.children if _is_body_of(c, obj))):
-                if not _in_scenes_of(item, target):
-                    for collection in _collections_beside(target):
-                        if item.name not in collection.objects:
-                            collection.objects.link(item)
-        return obj, False
+        return _existing_person(obj, target, notes), False
     # Spacing is in the character's metres: a rig in centimetres (100 units a metre, at
     # scale 1) put the next person 1 cm away, inside the first.
     spacing *= armature_units(target) * abs(target.matrix_world.to_scale().x)  # mirrored: < 0
+    location = person_location(target.matrix_world.translation, k, spacing)
     if made is not None:
         obj = _copy_person(made, name)
-        obj.location = person_location(target.matrix_world.translation, k, spacing)
-        _move_beside(obj, target)
-        _mark_person(obj, target, k)
-        return obj, True
+        obj.location = location
+    else:
+        obj = _new_person(context, target, name, location, notes)
+    _move_beside(obj, target)
+    _mark_person(obj, target, k)
+    return obj, True
+
+
+def _existing_person(
+    obj: bpy.types.Object, target: bpy.types.Object, notes: list[str] | None
+) -> bpy.types.Object | None:
+    """The person ``obj`` made earlier for ``target``, back in the target's scenes; None when it
+    is not an SMPL armature, or a linked one (posed, it would lose the pose on saving)."""
+    if not is_smpl_armature(obj):
+        return None
+    problem = linked_problem(obj)
+    if problem is not None:
+        if notes is not None:
+            notes.append(problem)
+        return None
+    # Where the user put it, hidden or not; out of the target's scenes, back beside it, with
+    # its body (a bare skeleton, its body left out, looked lost): nothing else of the user's
+    # parented to it.
+    if not _in_scenes_of(obj, target):
+        for item in (obj, *(c for c in obj.children if _is_body_of(c, obj))):
+            if not _in_scenes_of(item, target):
+                for collection in _collections_beside(target):
+                    if item.name not in collection.objects:
+                        collection.objects.link(item)
+    return obj
+
+
+def _new_person(
+    context: bpy.types.Context,
+    target: bpy.types.Object,
+    name: str,
+    location,
+    notes: list[str] | None,
+) -> bpy.types.Object:
+    """A new armature named ``name`` at ``location`` with the target's skeleton, facing as it
+    faces, with the SMPL body when the preferred model fits its bones, else the mannequin."""
     skeleton = rest_joints(target)
     try:
         model = preferred_smpl_model()
@@ -142,7 +164,7 @@ def person_armature(
             context,
             name=name,
             rest_joints_smpl=skeleton,
-            location=person_location(target.matrix_world.translation, k, spacing),
+            location=location,
             on_ground=False,
             with_mesh=True,
             model=model,
@@ -156,9 +178,7 @@ def person_armature(
     obj.matrix_world = Matrix.LocRotScale(
         obj.location, world.to_quaternion() @ stands, world.to_scale() * armature_units(target)
     )
-    _move_beside(obj, target)
-    _mark_person(obj, target, k)
-    return obj, True
+    return obj
 
 
 def _mark_person(obj: bpy.types.Object, target: bpy.types.Object, k: int) -> None:

@@ -157,20 +157,7 @@ def apply_pose(
         location = root_location(pose.translation, rig.location_frame, rig.units_per_metre)
         root.location = tuple(location)
     if frame is not None:
-        keyed, options = False, set(key_options)  # bpy takes a set, not a frozenset
-        # The key type the animator set (Breakdown, say), as Blender's own inserts take it.
-        keytype = bpy.context.scene.tool_settings.keyframe_type
-        for name in filter(None, names):
-            pbone = pbones[name]
-            path = rotation_data_path(pbone.rotation_mode)
-            keyed |= pbone.keyframe_insert(
-                path, frame=frame, group=name, options=options, keytype=keytype
-            )
-        if use_translation:
-            root = pbones[names[0]]
-            keyed |= root.keyframe_insert(
-                "location", frame=frame, group=names[0], options=options, keytype=keytype
-            )
+        keyed = _key_pose(obj, names, frame, key_options, use_translation)
         result.keyed_frame = frame if keyed else None
         now = bpy.context.scene.frame_current
         # The playhead shows its own frame: keying it must not take the answer. At the answer's
@@ -178,6 +165,32 @@ def apply_pose(
         # there (a key set next would write the answer's 1.0 over the animator's 1.3).
         _show_animation_at(obj, now, use_translation, answer_shown=frame == now)
     return result
+
+
+def _key_pose(
+    obj: bpy.types.Object,
+    names: Sequence[str | None],
+    frame: int,
+    key_options: frozenset[str],
+    use_translation: bool,
+) -> bool:
+    """Keys the rotation of every SMPL bone of ``obj`` (``names``: by SMPL joint, None for one
+    the rig lacks) at ``frame``, and the root's location with ``use_translation``; whether
+    any key went in."""
+    pbones, keyed, options = obj.pose.bones, False, set(key_options)  # bpy takes a set
+    # The key type the animator set (Breakdown, say), as Blender's own inserts take it.
+    keytype = bpy.context.scene.tool_settings.keyframe_type
+    for name in filter(None, names):
+        pbone = pbones[name]
+        path = rotation_data_path(pbone.rotation_mode)
+        keyed |= pbone.keyframe_insert(
+            path, frame=frame, group=name, options=options, keytype=keytype
+        )
+    if use_translation:
+        keyed |= pbones[names[0]].keyframe_insert(
+            "location", frame=frame, group=names[0], options=options, keytype=keytype
+        )
+    return keyed
 
 
 def root_places(obj: bpy.types.Object, frames: Sequence[int] | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
-from inference_service import cli
+from inference_service import batch_command, cli
 from inference_service.scheduler import Answer
 from inference_service.server import Server
 from shared_protocol import batch_requests as shared_batch_requests
@@ -749,14 +749,14 @@ def test_an_interrupted_batch_keeps_its_poses_and_names_every_line_without_one(
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\n" + "x" * 9000 + "\nsit down\nbow\nclap\n")
     out_file = tmp_path / "anim.npz"
-    progress = cli._progress
+    progress = batch_command._progress
 
     def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
         progress(done, total)
         if done == 3:  # the over-long line, then wave and sit down
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
+    monkeypatch.setattr(batch_command, "_progress", ctrl_c_on_the_second_answer)
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
     assert code == cli.EXIT_INTERRUPTED
     assert "wrote 2 of 5 poses" in err
@@ -806,7 +806,7 @@ def test_pose_json_still_prints_the_reply_when_out_cannot_be_written(
     def disk_full(path, poses, fps):
         raise cli.CommandError(cli.EXIT_BAD_INPUT, f"--out: cannot write {path} (disk full)")
 
-    monkeypatch.setattr(cli, "_write_motion", disk_full)
+    monkeypatch.setattr(cli, "write_motion", disk_full)
     out_file = tmp_path / "pose.npz"
     code, out, err = run(
         capsys, "pose", "bow", "--json", "--out", str(out_file), "--address", address
@@ -824,16 +824,16 @@ def test_answers_whose_out_cannot_be_written_are_kept_in_the_temporary_folder(
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\nbow\n")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    progress = cli._progress
+    progress = batch_command._progress
 
     def folder_removed_meanwhile(done: int, total: int) -> None:
         progress(done, total)
         folder.rmdir()  # the first answer in: the rest must still be kept somewhere
-        monkeypatch.setattr(cli, "_progress", progress)
+        monkeypatch.setattr(batch_command, "_progress", progress)
         if cut_short:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", folder_removed_meanwhile)
+    monkeypatch.setattr(batch_command, "_progress", folder_removed_meanwhile)
     argv = ["batch", str(prompts), "--out", str(folder / "anim.npz"), "--address", address]
     code, _, err = run(capsys, *argv)
     rescued = tmp_path / f"anim.rescued-{os.getpid()}.npz"
@@ -855,7 +855,7 @@ def test_a_running_batch_keeps_its_answers_on_disk_for_a_kill_nothing_can_catch(
     address, capsys, tmp_path, monkeypatch, out_existed
 ):
     # SIGKILL, the OOM killer, a power cut: no `finally` writes the answers then.
-    monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
+    monkeypatch.setattr(batch_command, "PROGRESS_SAVE_S", 0.0)
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\nbow\n")
     out_file = tmp_path / "anim.npz"
@@ -863,13 +863,13 @@ def test_a_running_batch_keeps_its_answers_on_disk_for_a_kill_nothing_can_catch(
         out_file.write_bytes(b"the user's own")
     on_disk = out_file.with_name("anim.partial.npz") if out_existed else out_file
     seen = []
-    progress = cli._progress
+    progress = batch_command._progress
 
     def look_on_disk(done: int, total: int) -> None:
         progress(done, total)
         seen.append(Motion.load_npz(on_disk).labels)
 
-    monkeypatch.setattr(cli, "_progress", look_on_disk)
+    monkeypatch.setattr(batch_command, "_progress", look_on_disk)
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
     assert code == cli.EXIT_OK, err
     assert seen == [("wave",), ("wave", "sit down"), ("wave", "sit down", "bow")]
@@ -888,14 +888,14 @@ def test_a_batch_cut_short_never_replaces_the_file_the_user_has(
     finished = out_file.read_bytes()
     assert Motion.load_npz(out_file).labels == ("wave", "sit down", "bow")
 
-    progress = cli._progress
+    progress = batch_command._progress
 
     def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
         progress(done, total)
         if done == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
+    monkeypatch.setattr(batch_command, "_progress", ctrl_c_on_the_second_answer)
     code, _, err = run(capsys, "batch", str(prompts), "--out", str(out_file), "--address", address)
     assert code == cli.EXIT_INTERRUPTED
     partial = tmp_path / "anim.partial.npz"
@@ -922,14 +922,14 @@ def test_a_batch_with_failed_lines_never_replaces_the_file_the_user_has(address,
 
 def ctrl_c_after(answers: int, monkeypatch) -> None:
     """Ctrl-C in `chatpose batch` once `answers` lines have their answer."""
-    progress = cli._progress
+    progress = batch_command._progress
 
     def interrupted(done: int, total: int) -> None:
         progress(done, total)
         if done == answers:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", interrupted)
+    monkeypatch.setattr(batch_command, "_progress", interrupted)
 
 
 def shots(tmp_path, text: str, address: str) -> tuple:
@@ -946,8 +946,8 @@ def test_a_batch_cut_short_keeps_an_out_another_run_wrote_meanwhile(
     # A review: a second batch on the same --out, cut short, replaced the first one's file.
     prompts, out_file, argv = shots(tmp_path, "wave\nsit\nbow\n", address)
     if saves_progress:
-        monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
-    progress = cli._progress
+        monkeypatch.setattr(batch_command, "PROGRESS_SAVE_S", 0.0)
+    progress = batch_command._progress
 
     def another_run_writes_out(done: int, total: int) -> None:
         progress(done, total)
@@ -956,7 +956,7 @@ def test_a_batch_cut_short_keeps_an_out_another_run_wrote_meanwhile(
         if done == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", another_run_writes_out)
+    monkeypatch.setattr(batch_command, "_progress", another_run_writes_out)
     code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_INTERRUPTED and out_file.read_bytes() == b"another run's"
     partial = tmp_path / "anim.partial.npz"
@@ -972,7 +972,7 @@ def test_a_batch_logged_to_a_file_says_how_far_it_is_now_and_then(
     # A review: with stderr a log, not a terminal, a batch said nothing for hours.
     _, _, argv = shots(tmp_path, "wave\nsit\nbow\n", address)
     assert run(capsys, *argv)[2].count("lines answered") == 0  # short: the summary alone
-    monkeypatch.setattr(cli, "PROGRESS_LOG_S", 0.0)
+    monkeypatch.setattr(batch_command, "PROGRESS_LOG_S", 0.0)
     code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_OK
     assert [line for line in err.splitlines() if "lines answered" in line] == [
@@ -986,7 +986,7 @@ def test_a_resumed_batch_saves_its_progress_only_once_it_has_new_answers(
     # A partial file the run did not need would refuse the next run without --resume.
     prompts, out_file, argv = shots(tmp_path, "wave\nexplode\n", address)
     Motion.from_poses([pose_for("wave")]).save_npz(out_file)  # line 1 answered already
-    monkeypatch.setattr(cli, "PROGRESS_SAVE_S", 0.0)
+    monkeypatch.setattr(batch_command, "PROGRESS_SAVE_S", 0.0)
     ctrl_c_after(2, monkeypatch)  # the model fails line 2: nothing new, then Ctrl-C
     code, _, err = run(capsys, *argv, "--resume")
     assert code == cli.EXIT_INTERRUPTED and f"no new answers; {out_file} is kept" in err
@@ -1278,14 +1278,14 @@ def test_a_batch_stopped_by_sigterm_writes_what_was_answered(
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\nbow\n")
     out_file = tmp_path / "anim.npz"
-    progress = cli._progress
+    progress = batch_command._progress
 
     def terminated_on_the_second_answer(done: int, total: int) -> None:
         progress(done, total)
         if done == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # `kill`, or the terminal closing (SIGHUP)
 
-    monkeypatch.setattr(cli, "_progress", terminated_on_the_second_answer)
+    monkeypatch.setattr(batch_command, "_progress", terminated_on_the_second_answer)
     code, err, killed = batch_with_sigterm_watched(capsys, prompts, out_file, address)
     assert killed == []  # the batch's own handler took it
     assert code == cli.EXIT_INTERRUPTED
@@ -1300,7 +1300,7 @@ def test_a_second_stop_while_the_answers_are_written_waits_for_the_file(
     prompts = tmp_path / "shots.txt"
     prompts.write_text("wave\nsit down\nbow\n")
     out_file = tmp_path / "anim.npz"
-    progress, write = cli._progress, cli._write_motion
+    progress, write = batch_command._progress, batch_command.write_motion
 
     def ctrl_c_on_the_second_answer(done: int, total: int) -> None:
         progress(done, total)
@@ -1311,8 +1311,8 @@ def test_a_second_stop_while_the_answers_are_written_waits_for_the_file(
         os.kill(os.getpid(), getattr(signal, second))
         write(path, poses, fps)
 
-    monkeypatch.setattr(cli, "_progress", ctrl_c_on_the_second_answer)
-    monkeypatch.setattr(cli, "_write_motion", stopped_again_while_writing)
+    monkeypatch.setattr(batch_command, "_progress", ctrl_c_on_the_second_answer)
+    monkeypatch.setattr(batch_command, "write_motion", stopped_again_while_writing)
     code, err, killed = batch_with_sigterm_watched(capsys, prompts, out_file, address)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert killed == []  # the batch's own handler took it, and waited for the file
@@ -1345,7 +1345,7 @@ def test_a_batch_under_nohup_outlives_its_terminal_and_a_closed_one_still_gets_i
             monkeypatch.setattr(sys, "stderr", ClosedTerminal())
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress", terminal_closes_on_the_second_answer)
+    monkeypatch.setattr(batch_command, "_progress", terminal_closes_on_the_second_answer)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts it
     try:
         code = cli.main(["batch", str(prompts), "--out", str(out_file), "--address", address])
@@ -1433,8 +1433,8 @@ def test_demo_without_its_setup_is_a_usage_error(capsys, tmp_path, monkeypatch):
 
 
 def test_line_ranges_read_as_a_person_writes_them():
-    assert cli._line_ranges([9, 3, 4, 5]) == "lines 3-5, 9"
-    assert cli._line_ranges([7]) == "line 7"
+    assert batch_command._line_ranges([9, 3, 4, 5]) == "lines 3-5, 9"
+    assert batch_command._line_ranges([7]) == "line 7"
 
 
 def test_a_batch_whose_prompts_fill_more_than_one_header(address, backend, capsys, tmp_path):
@@ -1535,7 +1535,7 @@ def test_a_batch_the_queue_has_no_room_for_yet_waits_and_asks_again(
             other_run.join(TIMEOUT_S)
 
         clock = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
-        monkeypatch.setattr(cli, "time", clock)
+        monkeypatch.setattr(batch_command, "time", clock)
         code, err, out_file = run_batch(capsys, tmp_path, 100, server.address)
     assert code == cli.EXIT_OK, err
     assert waits == [1.0] and "queues at most 300" in err and "asking again in 1 s" in err

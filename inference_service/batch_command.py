@@ -57,7 +57,6 @@ PROGRESS_SAVE_S = 30.0
 # How often a batch whose stderr is a log, not a terminal, says how far it is: a farm's log
 # showed nothing for hours.
 PROGRESS_LOG_S = 30.0
-_progress_log_due = [0.0]
 # Restarts one batch waits through in a row (`--wait`) with no answer between them: a service
 # that fails as it starts is not waited for again and again.
 MAX_RESTARTS_WAITED = 3
@@ -113,7 +112,7 @@ class _BatchRun:
         self.restarts = 0  # waited through in a row, with no answer between them
         self.out: Path | None = None  # where the answers belong, once the run ends
         self.written: Path | None = None  # where they went, if anywhere
-        _progress_log_due[0] = time.monotonic() + PROGRESS_LOG_S
+        self.log_due = time.monotonic() + PROGRESS_LOG_S  # a log's next line on how far it is
 
     def _not_answered(self, lines: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
         return [
@@ -178,8 +177,17 @@ class _BatchRun:
             elif not isinstance(reply, BatchItemReply):  # the whole request failed, or ended
                 checked(reply, BatchItemReply)
             self.saved.offer(self.poses, self.fps)
-            _progress(len(self.poses) + len(self.failures), len(self.lines))
+            self._say_progress()
         return None
+
+    def _say_progress(self) -> None:
+        """A progress bar on a terminal (`_progress`); in a log, a line every PROGRESS_LOG_S,
+        not one an answer."""
+        done, total = len(self.poses) + len(self.failures), len(self.lines)
+        if not on_terminal() and (now := time.monotonic()) >= self.log_due:
+            report(f"chatpose batch: {done} of {total} lines answered")
+            self.log_due = now + PROGRESS_LOG_S
+        _progress(done, total)
 
     def write_answers(self, finished: bool) -> None:
         """Writes the answers where they belong (or, for a run cut short, where they keep the
@@ -464,12 +472,9 @@ def _write_or_rescue(path: Path, poses: list[Pose], fps: float) -> Path | None:
 
 
 def _progress(done: int, total: int) -> None:
-    """A progress bar on a terminal; in a log, a line every PROGRESS_LOG_S, not one an answer."""
+    """The progress bar, after each answer, drawn on a terminal only (`_BatchRun._say_progress`
+    says how far it is in a log)."""
     if not on_terminal():
-        now = time.monotonic()
-        if now >= _progress_log_due[0]:
-            report(f"chatpose batch: {done} of {total} lines answered")
-            _progress_log_due[0] = now + PROGRESS_LOG_S
         return
     width = 30
     filled = width * done // total

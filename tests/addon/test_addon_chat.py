@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import types
-from pathlib import Path
 
 import bpy
 import numpy as np
@@ -47,12 +46,10 @@ from blender_addon.core.service_process import ServiceProcess, last_line, serve_
 from shared_protocol.batch_text import MAX_FILE_BYTES
 from shared_protocol.pose import Motion, Pose
 from shared_protocol.protocol import ErrorCode, Turn
-from tests.service.scripted_backend import ScriptedBackend, pose_for
+from tests.service.scripted_backend import SCRIPTED_SERVER, ScriptedBackend, pose_for
 
 from .conftest import ADDON
 from .helpers import draw_panels, drive, free_port, idle, random_pose, use_service
-
-SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import bpy
 import numpy as np
@@ -27,11 +24,10 @@ from blender_addon.core.session import Session
 from blender_addon.core.timeline import frames_for
 from shared_protocol.client import Client
 from shared_protocol.protocol import PoseRequest
-from tests.service.scripted_backend import pose_for
+from tests.service.scripted_backend import pose_for, start_scripted_server
 
 from .helpers import drive, free_port, idle, start_tiny_service, use_service
 
-SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 TIMEOUT_S = 30.0
 
 
@@ -182,17 +178,6 @@ def test_a_batch_cancelled_then_resumed_keys_every_line_once(
 
 
 # --- a service that dies mid-batch ----------------------------------------------------------
-
-
-def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPTED_SERVER), address, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout.readline().strip() == "ready"
-    return process
 
 
 def test_a_service_killed_mid_batch_then_restarted(armature, keyed_lines, reports):

@@ -6,11 +6,8 @@ import contextlib
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import zmq
@@ -37,10 +34,13 @@ from shared_protocol.protocol import (
     decode_request,
     encode_reply,
 )
-from tests.service.scripted_backend import TIMEOUT_S, ScriptedBackend, pose_for
+from tests.service.scripted_backend import (
+    TIMEOUT_S,
+    ScriptedBackend,
+    pose_for,
+    start_scripted_server,
+)
 from tests.service.test_backend import free_port
-
-SCRIPTED_SERVER = Path(__file__).resolve().parents[1] / "service" / "scripted_server.py"
 
 
 @pytest.fixture(autouse=True)
@@ -464,17 +464,6 @@ def test_an_undecodable_batch_item_fails_the_batch_and_stops_it_on_the_service()
     finally:
         session.close()
         router.close()
-
-
-def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPTED_SERVER), address, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout.readline().strip() == "ready"
-    return process
 
 
 def test_the_service_killed_mid_batch_then_restarted():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,8 @@ from inference_service.server import CurveKeys, Server
 from shared_protocol.pose import Pose
 
 TIMEOUT_S = 10.0
+# The scripted service in a process of its own: one a test can kill, and start again.
+SCRIPTED_SERVER = Path(__file__).resolve().parent / "scripted_server.py"
 
 
 def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
@@ -148,3 +152,15 @@ def curve_service(key_dir: Path, client: str = "animator") -> Iterator[str]:
     finally:
         server.stop()
         thread.join(TIMEOUT_S)
+
+
+def start_scripted_server(address: str, *extra: str) -> subprocess.Popen:
+    """`scripted_server.py` serving at `address`, once it says it is ready."""
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPTED_SERVER), address, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    return process

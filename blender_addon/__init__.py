@@ -45,9 +45,31 @@ def register() -> None:
     stale = install_check.shadowed_shared_protocol(__package__, os.path.dirname(__file__))
     if stale:
         raise ImportError(stale)
+    other = _other_copy_registered()
+    if other:  # before the add-on's modules are imported: they may not fit the other's
+        raise ImportError(other)
     from . import registration
 
     registration.register()
+
+
+def _other_copy_registered() -> str | None:
+    """Why this copy must not register, or None: another copy of ChatPose (the legacy install
+    beside the extension, say) is enabled. Both would own the same panels and scene settings,
+    and disabling either would break the other. Looked up by the settings class's name, with
+    nothing of this copy imported."""
+    import bpy
+
+    from .core.install_check import SETTINGS_CLASS
+
+    other = bpy.types.PropertyGroup.bl_rna_get_subclass_py(SETTINGS_CLASS)
+    package = other.__module__.removesuffix(".blender.props") if other is not None else None
+    if package is None or package == __package__:
+        return None
+    return (
+        f"another copy of ChatPose is enabled ({package}): disable it in Preferences > "
+        "Add-ons (and remove it, if it is the legacy install), then enable this one"
+    )
 
 
 def unregister() -> None:

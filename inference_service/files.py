@@ -120,6 +120,8 @@ def write_folder_whole(
     back: never neither); with `fill`, it is the user's (given empty: a link's target, a
     mount, the shell's folder), kept and filled, chatpose.json last, as a folder without it is
     not taken for a checkpoint."""
+    if destination.exists() and not destination.is_dir():  # before the work, not after it
+        raise NotADirectoryError(f"{destination}: a file is there, not a folder; move it away")
     temporary = temporary_folder(destination, fill=fill)
     filling = temporary.parent == destination
     _remove(temporary)  # left by a write that was killed
@@ -140,7 +142,8 @@ def write_folder_whole(
         for path in (temporary, *moved):
             _remove(path)
         raise
-    sync(destination if filling else destination.parent)  # the renames
+    with contextlib.suppress(PermissionError):  # a folder others may write to but not read
+        sync(destination if filling else destination.parent)  # the renames
 
 
 def _replace_folder(destination: Path, new: Path) -> None:
@@ -155,7 +158,10 @@ def _replace_folder(destination: Path, new: Path) -> None:
     try:
         os.replace(new, destination)
     except BaseException:
-        os.replace(old, destination)
+        if destination.exists():  # the new one has the name (a Ctrl-C just after): done
+            _remove(old)
+        else:
+            os.replace(old, destination)
         raise
     _remove(old)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bpy
 
-from ..core import chat
+from ..core import chat, install_check
 from ..core.placement import DEFAULT_SPACING_M
 from ..core.timeline import MAX_FRAME
 from ..core.wording import quoted
@@ -47,7 +47,7 @@ class ChatPoseMessage(bpy.types.PropertyGroup):
 
 
 # Its name in Blender, by which a copy of the add-on finds another copy's (`register`).
-SETTINGS_CLASS = "ChatPoseSceneSettings"
+SETTINGS_CLASS = install_check.SETTINGS_CLASS
 
 
 class ChatPoseSceneSettings(bpy.types.PropertyGroup):

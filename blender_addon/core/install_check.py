@@ -13,6 +13,9 @@ import sys
 
 from .paths import is_extension_package
 
+# The scene settings' class, by whose module another enabled copy of the add-on is found.
+SETTINGS_CLASS = "ChatPoseSceneSettings"
+
 
 def forget_imported_shared_protocol(package: str) -> None:
     """An extension updated in a running Blender gets its new wheels installed, but a module

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import bpy
@@ -90,7 +91,7 @@ def test_register_and_unregister_cleanly_twice(blender):
     addon_utils.enable(ADDON, default_set=True)  # for the fixture's teardown
 
 
-def test_a_second_copy_of_the_add_on_is_refused_and_leaves_the_first_working(blender):
+def test_a_second_copy_of_the_add_on_is_refused_and_leaves_the_first_working(blender, monkeypatch):
     # The legacy install left enabled beside the extension: both registered, and disabling
     # the legacy one deleted the scene settings the extension's panels and operators use.
     import addon_utils  # importable once bpy is imported
@@ -106,8 +107,13 @@ def test_a_second_copy_of_the_add_on_is_refused_and_leaves_the_first_working(ble
     bpy.utils.register_class(other)
     bpy.types.Scene.chatpose = bpy.props.PointerProperty(type=other)
     try:
+        # Named before this copy's modules are imported, which may not fit the other's
+        # shared_protocol: here, one that would fail.
+        monkeypatch.setitem(sys.modules, "blender_addon.registration", None)
+        monkeypatch.delattr(blender_addon, "registration")
         with pytest.raises(ImportError, match=r"another copy of ChatPose is enabled \(bl_ext"):
             blender_addon.register()
+        monkeypatch.undo()
         props.unregister()  # as this copy's unregister would: the other's settings stay
         assert hasattr(bpy.types.Scene, "chatpose")
     finally:

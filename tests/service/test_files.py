@@ -119,6 +119,48 @@ def test_a_failure_as_the_new_folder_takes_the_old_one_s_place_keeps_the_old_one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
 
 
+def test_a_ctrl_c_just_after_the_new_folder_has_its_name_stays_a_ctrl_c(tmp_path, monkeypatch):
+    # Putting the old one back onto the new one failed (not empty): an OSError, not Ctrl-C.
+    destination = tmp_path / "packed"
+    destination.mkdir()
+    (destination / "chatpose.json").write_bytes(b"old")
+    replace = os.replace
+
+    def interrupted_once_renamed(source, target):
+        replace(source, target)
+        if Path(source).name == ".packed.tmp":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_once_renamed)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_folder_whole(destination, _checkpoint)
+    assert _written(destination)["chatpose.json"] == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # the old one is gone
+
+
+def test_a_file_where_the_folder_goes_is_refused_before_the_work(tmp_path):
+    destination = tmp_path / "packed"
+    destination.write_bytes(b"the user's")
+    written = []
+    with pytest.raises(NotADirectoryError, match="a file is there, not a folder"):
+        files.write_folder_whole(destination, written.append)
+    assert written == [] and destination.read_bytes() == b"the user's"
+
+
+def test_a_folder_others_may_write_to_but_not_read_is_written_into(tmp_path, monkeypatch):
+    # Its own sync (of the renames) cannot open it: the checkpoint is whole all the same.
+    sync = files.sync
+
+    def unreadable_parent(path, **kwargs):
+        if path == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        sync(path, **kwargs)
+
+    monkeypatch.setattr(files, "sync", unreadable_parent)
+    files.write_folder_whole(tmp_path / "packed", _checkpoint)
+    assert _written(tmp_path / "packed")["chatpose.json"] == b"{}"
+
+
 def test_a_read_only_folder_written_is_removed_when_the_write_fails(tmp_path):
     def copies_then_fails(folder: Path) -> None:
         (folder / "base").mkdir()

@@ -72,11 +72,12 @@ def timer_tick() -> float | None:
             feedback.set_message(waiting, "WARNING")
             feedback.redraw()
     state.popups = []
+    last_took = 0.0  # the next outcome is taken to cost what the last one did
     with feedback.window_override():
         while (
             state.backlog
             and not deferred
-            and (applied == 0 or time.perf_counter() - started < TICK_BUDGET_S)
+            and (applied == 0 or time.perf_counter() - started + last_took <= TICK_BUDGET_S)
         ):
             outcome = _next_outcome()
             applied += 1
@@ -90,6 +91,7 @@ def timer_tick() -> float | None:
             except Exception as exc:
                 traceback.print_exc()
                 feedback.notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
+            last_took = time.perf_counter() - began
     popups, state.popups = state.popups, None
     if popups:
         feedback.show_popup(feedback.one_popup(popups), "ERROR")

@@ -113,13 +113,13 @@ def write_folder_whole(
     """`write(folder)` into a new, empty `temporary_folder`, which then becomes `destination`:
     a checkpoint written whole or not at all. A write that fails, Ctrl-C included, is raised
     as it came once all it wrote is removed (it may hold a whole model), leaving `destination`
-    as it was. Before the rename the safetensors files get the mode the umask gives
-    (`share_as_umask_allows`) and all of it is synced: a power cut leaves nothing half written
-    under the name. A folder at `destination` is moved aside once the new one is whole, the new
-    one takes its place, and then the old one is removed (a failure between the two puts it
-    back: never neither); with `fill`, it is the user's (given empty: a link's target, a
-    mount, the shell's folder), kept and filled, chatpose.json last, as a folder without it is
-    not taken for a checkpoint."""
+    as it was (past the rename, a Ctrl-C leaves the new one there). Before the rename the
+    safetensors files get the mode the umask gives (`share_as_umask_allows`) and all of it is
+    synced: a power cut leaves nothing half written under the name. A folder at `destination`
+    is moved aside once the new one is whole, the new one takes its place, and then the old
+    one is removed (a failure between the two puts it back: never neither); with `fill`, it is
+    the user's (given empty: a link's target, a mount, the shell's folder), kept and filled,
+    chatpose.json last, as a folder without it is not taken for a checkpoint."""
     if destination.exists() and not destination.is_dir():  # before the work, not after it
         raise NotADirectoryError(f"{destination}: a file is there, not a folder; move it away")
     temporary = temporary_folder(destination, fill=fill)
@@ -158,7 +158,7 @@ def _replace_folder(destination: Path, new: Path) -> None:
     try:
         os.replace(new, destination)
     except BaseException:
-        if destination.exists():  # the new one has the name (a Ctrl-C just after): done
+        if not os.path.lexists(new):  # renamed (a Ctrl-C just after): the new one is in place
             _remove(old)
         else:
             os.replace(old, destination)

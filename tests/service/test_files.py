@@ -138,6 +138,27 @@ def test_a_ctrl_c_just_after_the_new_folder_has_its_name_stays_a_ctrl_c(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # the old one is gone
 
 
+def test_a_rename_that_fails_keeps_the_old_folder_whatever_took_the_name(tmp_path, monkeypatch):
+    # Another writer's folder at the name meanwhile: the old one was taken for replaced, and
+    # removed with the new one, leaving neither.
+    destination = tmp_path / "packed"
+    destination.mkdir()
+    (destination / "chatpose.json").write_bytes(b"old")
+    replace = os.replace
+
+    def another_writer_first(source, target):
+        if Path(source).name == ".packed.tmp":
+            (destination / "other").mkdir(parents=True)
+            raise OSError(39, "Directory not empty", str(source))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", another_writer_first)
+    with pytest.raises(OSError):
+        files.write_folder_whole(destination, _checkpoint)
+    kept = [p for p in tmp_path.rglob("chatpose.json") if p.read_bytes() == b"old"]
+    assert kept, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+
 def test_a_file_where_the_folder_goes_is_refused_before_the_work(tmp_path):
     destination = tmp_path / "packed"
     destination.write_bytes(b"the user's")

@@ -147,7 +147,7 @@ class CHATPOSE_OT_batch_keyframe(_NeedsTarget, bpy.types.Operator):  # noqa: N80
     @classmethod
     def poll(cls, context):
         if live.dispatcher().batch_running:
-            cls.poll_message_set("A batch is running")
+            cls.poll_message_set(live.dispatcher().batch.running_text())
             return False
         return super().poll(context)
 
@@ -211,7 +211,7 @@ class CHATPOSE_OT_clear_batch_record(_NeedsTarget, bpy.types.Operator):  # noqa:
     @classmethod
     def poll(cls, context):
         if live.dispatcher().batch_running:  # it records each line it keys
-            cls.poll_message_set("A batch is running: cancel it first")
+            cls.poll_message_set(f"{live.dispatcher().batch.running_text()}: cancel it first")
             return False
         return super().poll(context)
 

@@ -243,7 +243,8 @@ def _checked_batch(
     refuses it before anything is sent or keyed."""
     settings = context.scene.chatpose
     if live.dispatcher().batch_running:
-        raise live.UserError("A batch is running: cancel it or wait for it to finish")
+        running = live.dispatcher().batch.running_text()
+        raise live.UserError(f"{running}: cancel it or wait for it to finish")
     target = target_armature(context)
     if target is None:
         raise live.UserError(target_problem(context))

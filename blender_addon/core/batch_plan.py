@@ -120,6 +120,11 @@ class BatchRun:
     def message(self) -> str:
         return self.summary() if self.ended else self.status_text()
 
+    def running_text(self) -> str:
+        """What another Batch Keyframe is told: which run holds it back, wherever it runs (the
+        panel of another scene shows none of it)."""
+        return f"A batch from {self.source} is running on {self.armature}"
+
     def status_text(self) -> str:
         text = f"ChatPose batch: {self.done}/{self.total_lines} lines keyed on {self.armature}"
         if self._failed:

@@ -15,7 +15,7 @@ import bpy
 import numpy as np
 import pytest
 
-from blender_addon.blender import answers, batch_store, live, props
+from blender_addon.blender import answers, batch_store, live, props, sending
 from blender_addon.blender.armature import create_smpl_armature
 from blender_addon.blender.keyframes import keyed_frames
 from blender_addon.blender.posing import read_pose
@@ -151,6 +151,9 @@ def test_a_batch_cancelled_then_resumed_keys_every_line_once(
     assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
     run = live.current_batch()
     assert [len(p) for p in batch_requests] == [256]
+    # Another Batch Keyframe, from this scene or another, is told which run holds it back.
+    with pytest.raises(live.UserError, match=r"^A batch from text '.*' is running on SMPL: "):
+        sending._checked_batch(bpy.context)
     drive(lambda: run.keyed >= 1)
     assert bpy.ops.chatpose.cancel() == {"FINISHED"}
     drive(idle)

@@ -260,9 +260,11 @@ class BatchRun:
         for reason, lines in by_reason.items():  # each line under its own reason
             shown = ", ".join(self._where(line) for line in lines[:5])
             more = " ..." if len(lines) > 5 else ""
-            why = "" if reason == self.reason else f": {reason}"  # said above
+            if reason == self.reason:  # what stopped the run (its armature gone): said above
+                parts.append(f"{len(lines)} answered but not keyed ({shown}{more}).")
+                continue
             # The reason after the brackets, not in them: it often holds brackets of its own.
-            parts.append(f"{len(lines)} failed ({shown}{more}){why}.")
+            parts.append(f"{len(lines)} failed ({shown}{more}): {reason}.")
         refused = len(self._refused_texts & self._failed.keys())
         if refused == left:  # only lines that would fail again as they are
             parts.append(

@@ -498,7 +498,8 @@ def test_a_run_the_add_on_stops_ends_failed_whatever_the_service_says(service_sa
         run.request_cancelled()
     assert run.state == batch_plan.FAILED and run.next_prompts() is None
     assert run.summary().startswith(f"Batch from text 't' stopped: {reason}.")
-    assert "1 failed (prompt 2 at frame 2)." in run.summary()  # the reason is said once
+    # The reason said once: its line was answered, and not keyed for it (no service failure).
+    assert "1 answered but not keyed (prompt 2 at frame 2)." in run.summary()
 
 
 def test_failures_are_counted_shown_five_at_most_and_dropped_once_keyed():

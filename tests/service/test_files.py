@@ -98,21 +98,32 @@ def test_a_folder_there_is_replaced_and_a_killed_write_s_leftover_is_not_kept(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
 
 
-def test_a_failure_as_the_new_folder_takes_the_old_one_s_place_keeps_the_old_one(
-    tmp_path, monkeypatch
-):
-    # Removed first and then renamed, a Ctrl-C between the two left neither folder.
+def _replacing_an_old_checkpoint(tmp_path, monkeypatch, renaming_the_new_one) -> Path:
+    """`packed` holding an old checkpoint, and os.replace calling ``renaming_the_new_one(rename)``
+    in place of the rename that gives the new folder its name (``rename()`` does it)."""
     destination = tmp_path / "packed"
     destination.mkdir()
     (destination / "chatpose.json").write_bytes(b"old")
     replace = os.replace
 
-    def interrupted_renaming_the_new_one(source, target):
+    def faulted(source, target):
         if Path(source).name == ".packed.tmp":
-            raise KeyboardInterrupt
-        replace(source, target)
+            renaming_the_new_one(lambda: replace(source, target))
+        else:
+            replace(source, target)
 
-    monkeypatch.setattr(os, "replace", interrupted_renaming_the_new_one)
+    monkeypatch.setattr(os, "replace", faulted)
+    return destination
+
+
+def test_a_failure_as_the_new_folder_takes_the_old_one_s_place_keeps_the_old_one(
+    tmp_path, monkeypatch
+):
+    # Removed first and then renamed, a Ctrl-C between the two left neither folder.
+    def interrupted(rename):
+        raise KeyboardInterrupt
+
+    destination = _replacing_an_old_checkpoint(tmp_path, monkeypatch, interrupted)
     with pytest.raises(KeyboardInterrupt):
         files.write_folder_whole(destination, _checkpoint)
     assert _written(destination) == {"chatpose.json": b"old"}
@@ -121,17 +132,11 @@ def test_a_failure_as_the_new_folder_takes_the_old_one_s_place_keeps_the_old_one
 
 def test_a_ctrl_c_just_after_the_new_folder_has_its_name_stays_a_ctrl_c(tmp_path, monkeypatch):
     # Putting the old one back onto the new one failed (not empty): an OSError, not Ctrl-C.
-    destination = tmp_path / "packed"
-    destination.mkdir()
-    (destination / "chatpose.json").write_bytes(b"old")
-    replace = os.replace
+    def interrupted_once_renamed(rename):
+        rename()
+        raise KeyboardInterrupt
 
-    def interrupted_once_renamed(source, target):
-        replace(source, target)
-        if Path(source).name == ".packed.tmp":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", interrupted_once_renamed)
+    destination = _replacing_an_old_checkpoint(tmp_path, monkeypatch, interrupted_once_renamed)
     with pytest.raises(KeyboardInterrupt):
         files.write_folder_whole(destination, _checkpoint)
     assert _written(destination)["chatpose.json"] == b"{}"
@@ -141,18 +146,11 @@ def test_a_ctrl_c_just_after_the_new_folder_has_its_name_stays_a_ctrl_c(tmp_path
 def test_a_rename_that_fails_keeps_the_old_folder_whatever_took_the_name(tmp_path, monkeypatch):
     # Another writer's folder at the name meanwhile: the old one was taken for replaced, and
     # removed with the new one, leaving neither.
-    destination = tmp_path / "packed"
-    destination.mkdir()
-    (destination / "chatpose.json").write_bytes(b"old")
-    replace = os.replace
+    def another_writer_first(rename):
+        (tmp_path / "packed" / "other").mkdir(parents=True)
+        raise OSError(39, "Directory not empty", ".packed.tmp")
 
-    def another_writer_first(source, target):
-        if Path(source).name == ".packed.tmp":
-            (destination / "other").mkdir(parents=True)
-            raise OSError(39, "Directory not empty", str(source))
-        replace(source, target)
-
-    monkeypatch.setattr(os, "replace", another_writer_first)
+    destination = _replacing_an_old_checkpoint(tmp_path, monkeypatch, another_writer_first)
     with pytest.raises(OSError):
         files.write_folder_whole(destination, _checkpoint)
     kept = [p for p in tmp_path.rglob("chatpose.json") if p.read_bytes() == b"old"]

@@ -147,7 +147,7 @@ class VIEW3D_PT_chatpose_batch(bpy.types.Panel):  # noqa: N801
         row.prop(settings, "batch_keep_on_floor")
         run = live.current_batch()
         if run is not None and not run.closed:
-            layout.progress(factor=run.fraction, type="BAR", text=run.status_text())
+            layout.progress(factor=run.fraction, type="BAR", text=live.batch_progress(run))
             layout.operator("chatpose.cancel", icon="CANCEL")
         else:
             row = layout.row(align=True)

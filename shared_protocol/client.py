@@ -356,6 +356,11 @@ class Client:
 
     # --- non-blocking pieces, for an event loop such as Blender's timers ----------------------
 
+    def check(self, request: Request) -> None:
+        """Raises the ProtocolError `send` would for this request's own content (a prompt too
+        long, an image too large), without sending it."""
+        encode_request(request, self._limits)
+
     def send(self, request: Request) -> None:
         """Queues the request; it goes out as soon as a connection exists. Never blocks: when
         ZeroMQ's queue is full (a thousand messages toward a service that is not taking them),

@@ -68,7 +68,7 @@ def apply_outcome(outcome) -> None:
             if not outcome.job.probe:
                 feedback.notify(f"Service: {live.state.service_line}")
             elif status.instance in (None, local):  # None: an older service
-                live.state.waiting_ready = False
+                live.local_service_ready()
                 feedback.notify(f"Local service ready: {live.state.service_line}")
                 live.state.message_of_ready_local = True
             # Else another service listens there, where ours is failing to (it exits, and

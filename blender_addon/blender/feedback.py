@@ -99,7 +99,10 @@ def update_status_bar() -> None:
     run = live.current_batch()
     if run is not None and not run.closed:
         wm = bpy.context.window_manager
-        shown = (run.status_text(), tuple(w.workspace.name for w in wm.windows) if wm else ())
+        shown = (
+            live.batch_progress(run),
+            tuple(w.workspace.name for w in wm.windows) if wm else (),
+        )
         if live.state.status_bar != shown:
             set_status_text(shown[0])
             live.state.status_bar = shown

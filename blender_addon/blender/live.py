@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from shared_protocol.address import AddressError
-from shared_protocol.protocol import ProtocolError
+from shared_protocol.protocol import ErrorCode, ProtocolError
 
 from ..core.batch_plan import BatchRun
 from ..core.dispatch import BusyError, Dispatcher, PoseJob
@@ -106,8 +106,37 @@ def waiting_for_service() -> bool:
     return state.waiting_ready
 
 
+def wait_for_local_service(address: str) -> None:
+    """A local service was started on ``address``: until it answers, pose and batch requests
+    to it wait, unsent (``Dispatcher.hold_for``)."""
+    state.waiting_ready, state.local_address = True, address
+    dispatcher().hold_for(address)
+
+
+def local_service_ready() -> None:
+    """The local service answered: the requests that waited for it go."""
+    state.waiting_ready = False
+    dispatcher().release_held()
+
+
+def stop_waiting_for_local_service(code: ErrorCode, message: str) -> None:
+    """The wait for the local service ends without it (it exited, was stopped, or the Service
+    Address changed): the requests that waited for it fail with ``message``."""
+    state.waiting_ready = False
+    if state.dispatcher is not None:
+        state.dispatcher.fail_held(code, message)
+
+
 def current_batch() -> BatchRun | None:
     return state.dispatcher.batch if state.dispatcher is not None else None
+
+
+def batch_progress(run: BatchRun) -> str:
+    """The run's progress line, for the panel and the status bar; while its request waits for
+    the local service to load its model, saying so."""
+    if state.dispatcher is not None and state.dispatcher.holding:
+        return f"{run.status_text()} (waiting for the local service to load its model)"
+    return run.status_text()
 
 
 def pending_jobs() -> list[PoseJob]:

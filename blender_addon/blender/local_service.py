@@ -9,6 +9,7 @@ import time
 import bpy
 
 from shared_protocol.address import AddressError, check_address, is_loopback
+from shared_protocol.protocol import ErrorCode
 
 from ..core.service_process import (
     ServiceProcessError,
@@ -63,8 +64,7 @@ def start_service(context: bpy.types.Context) -> None:
         if live.service_process().poll().alive and where != address:
             exc = f"{exc} on {where}: Stop it to start one on {address}"
         raise live.UserError(f"Local service not started: {exc}") from None
-    live.state.waiting_ready = True
-    live.state.local_address = address
+    live.wait_for_local_service(address)
     live.state.next_probe = time.monotonic() + 0.5
     live.state.service_line = ""
     runtime.ensure_timer()
@@ -75,7 +75,10 @@ def stop_service(*, wait: bool = False) -> None:
     if live.state.process is None:
         return
     process_state = live.state.process.stop(wait=wait)
-    live.state.waiting_ready = False
+    if live.state.waiting_ready:
+        live.stop_waiting_for_local_service(
+            ErrorCode.CANCELLED, "cancelled: the local service was stopped before it was ready"
+        )
     live.state.stopping = process_state.alive
     if process_state.alive:
         runtime.ensure_timer()  # polls it, so that one that ignores the request is killed in time

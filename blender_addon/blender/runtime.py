@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import bpy
 
+from shared_protocol.protocol import ErrorCode
+
 from ..core.dispatch import BatchLineReady
 from ..preferences import service_settings
 from . import answers, feedback, file_handlers, live
@@ -239,12 +241,18 @@ def watch_local_service() -> None:
         return
     process_state = live.service_process().poll()
     if not process_state.alive:
-        live.state.waiting_ready = False
+        live.stop_waiting_for_local_service(
+            ErrorCode.UNREACHABLE, "not sent: the local service it waited for did not start"
+        )
         feedback.notify(f"Local service {live.local_service_ended()}", "ERROR", popup=True)
         return
     address = service_settings(bpy.context).address
     if address != live.state.local_address:  # the probe would ask elsewhere, and wait for ever
-        live.state.waiting_ready = False
+        live.stop_waiting_for_local_service(
+            ErrorCode.UNREACHABLE,
+            f"not sent: it waited for the local service on {live.state.local_address}, and the "
+            f"Service Address is now {address}; send it again",
+        )
         feedback.notify(
             f"The Service Address is now {address}; the local service started on "
             f"{live.state.local_address} goes on there (Stop it, or set that address again)",

@@ -86,7 +86,13 @@ def send_pose(
         raise live.UserError(f"Not sent: {live.send_problem(exc)}") from None
     runtime.ensure_timer()
     what = wording.preview(prompt) if prompt else "the image"
-    feedback.set_message(f"Asked the service for {what} ({mode} mode{turn.notes})")
+    if live.dispatcher().holding:
+        feedback.set_message(
+            f"The local service is loading its model: {what} ({mode} mode{turn.notes}) is "
+            "sent once it is ready"
+        )
+    else:
+        feedback.set_message(f"Asked the service for {what} ({mode} mode{turn.notes})")
     return job
 
 
@@ -314,9 +320,10 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     note = f" ({skipped} keyed before)" if skipped else ""
     keys_location = run.use_translation or run.keep_on_floor
     muted = muted_note(target, pose_channels(target, keys_location))
+    held = "; sent once the local service has loaded its model" if live.dispatcher().holding else ""
     feedback.set_message(
         f"Batch from {label}: {len(pending)} lines to key on {target.name}{note}, "
-        f"in {run.planned_requests} request(s){notes}" + (f"; {muted}" if muted else ""),
+        f"in {run.planned_requests} request(s){notes}{held}" + (f"; {muted}" if muted else ""),
         "WARNING" if muted else "INFO",
     )
     feedback.update_status_bar()

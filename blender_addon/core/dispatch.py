@@ -155,6 +155,7 @@ class Dispatcher:
         self._keys_stamp: tuple | None = None  # the key files the session read, as they were
         self._jobs: dict[str, PoseJob | StatusJob | BatchRun] = {}
         self.batch: BatchRun | None = None  # the current (or last) batch run
+        self._starting_address = ""  # a service starting there: requests to it wait (`hold_for`)
 
     # --- the session ----------------------------------------------------------------------
 
@@ -177,8 +178,37 @@ class Dispatcher:
             self._session = self._make_session(
                 service.address, service.timeout_s, curve=service.curve
             )
+            if service.address == self._starting_address:
+                self._session.hold()
         self._session.timeout_s = service.timeout_s
         return self._session
+
+    # --- a service that is starting (the local service, loading its model) ----------------------
+
+    def hold_for(self, address: str) -> None:
+        """Pose and batch requests to ``address`` wait in the session, unsent, until
+        `release_held` or `fail_held`: the service there is starting."""
+        self._starting_address = address
+        if self._session is not None and self._session.address == address:
+            self._session.hold()
+
+    def release_held(self) -> None:
+        """The service is ready: the requests that waited for it go now."""
+        self._starting_address = ""
+        if self._session is not None and self._session.holding:
+            self._session.release()
+
+    def fail_held(self, code: ErrorCode, message: str) -> None:
+        """The service will not be ready, or not where they were to go: the requests that
+        waited for it fail (on the next tick) with ``message``."""
+        self._starting_address = ""
+        if self._session is not None and self._session.holding:
+            self._session.fail_held(code, message)
+
+    @property
+    def holding(self) -> bool:
+        """Requests wait for a service that is starting (the panel says so)."""
+        return self._session is not None and self._session.holding
 
     @property
     def address(self) -> str:

@@ -14,6 +14,9 @@ Failures are events too, never exceptions out of `tick()`:
   the time between two replies); a reply that comes later is ignored;
 - a reply that does not decode (a service or protocol bug): its request fails with the
   decoder's message, and the service is told to cancel it (a batch would otherwise go on).
+While a service is starting (`hold`), pose and batch requests wait here unsent, their timeouts
+not running, until it is ready (`release`) or will not come (`fail_held`): sent at once, they
+would fail as unreachable before it listens, or as busy while it loads its model.
 After a lost connection the client's socket is replaced, so the next request reaches a
 restarted service with no Blender restart.
 """
@@ -119,6 +122,7 @@ class _InFlight:
     timeout_s: float  # the wait it was sent with (the setting may change meanwhile)
     deadline: float
     cancelled: bool = False  # by the user: its end comes at the latest CANCEL_GRACE_S later
+    held: bool = False  # not sent yet: waiting for a service that is starting (`hold`)
 
 
 class Session:
@@ -145,15 +149,21 @@ class Session:
         self._in_flight: dict[str, _InFlight] = {}
         self._was_connected = False
         self._drops_seen = 0  # the client's lost connections while nothing was in flight
+        self._holding = False
+        self._ended_here: list[Event] = []  # ends of held requests, for the next tick
 
     @property
     def busy(self) -> bool:
-        return bool(self._in_flight)
+        return bool(self._in_flight or self._ended_here)
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
 
     def close(self) -> None:
         """Closes the connection, asking the service to stop what is still in flight: it
         would otherwise compute it for no one (the add-on disabled, say)."""
-        for request_id in self._in_flight:
+        for request_id in self._sent():
             self._client.abandon(request_id)
         self._client.close()
         # In a thread: terminating waits while the cancels above are sent (a fraction of a
@@ -194,7 +204,10 @@ class Session:
         from the service, or from here after CANCEL_GRACE_S if the service does not answer (a
         hung one would otherwise keep the request, and the user, waiting for its timeout)."""
         flight = self._in_flight.get(request_id)
-        if flight is not None:
+        if flight is not None and flight.held:  # never sent: nothing to tell the service
+            self._in_flight.pop(request_id)
+            self._ended_here.append(RequestFailed(request_id, ErrorCode.CANCELLED, "cancelled"))
+        elif flight is not None:
             self._ask_to_cancel(request_id)
             deadline = min(flight.deadline, self._clock() + CANCEL_GRACE_S)
             self._in_flight[request_id] = replace(flight, deadline=deadline, cancelled=True)
@@ -205,8 +218,48 @@ class Session:
         with contextlib.suppress(ProtocolError):
             self._client.send(CancelRequest(self._client.new_id(), request_id))
 
+    # --- a service that is starting -------------------------------------------------------------
+
+    def hold(self) -> None:
+        """From now on pose and batch requests wait here, unsent (their input checked at once
+        all the same), until `release` or `fail_held`; status requests still go, to learn when
+        the service is ready."""
+        self._holding = True
+
+    def release(self) -> None:
+        """Sends the requests held, in the order they were made, each with its whole timeout
+        from now; one the socket will not take fails on the next tick."""
+        self._holding = False
+        for request_id, flight in list(self._in_flight.items()):
+            if not flight.held:
+                continue
+            del self._in_flight[request_id]
+            try:
+                self._send(flight.request)
+            except ProtocolError as exc:
+                self._ended_here.append(RequestFailed(request_id, exc.code, exc.message))
+
+    def fail_held(self, code: ErrorCode, message: str) -> None:
+        """Fails the requests held (on the next tick): the service they wait for will not
+        come, or not where they were to go."""
+        self._holding = False
+        for request_id, flight in list(self._in_flight.items()):
+            if flight.held:
+                del self._in_flight[request_id]
+                self._ended_here.append(RequestFailed(request_id, code, message))
+
+    def _sent(self) -> dict[str, _InFlight]:
+        return {rid: flight for rid, flight in self._in_flight.items() if not flight.held}
+
     def _send(self, request: Request) -> str:
-        if not self._in_flight:  # a connection lost before this request costs it nothing
+        if self._holding and not isinstance(request, StatusRequest):
+            self._client.check(request)  # bad input is said now, not once the service is up
+            now = self._clock()
+            self._in_flight[request.id] = _InFlight(
+                request, now, self.timeout_s, now + self.timeout_s, held=True
+            )
+            return request.id
+        if not self._sent():  # a connection lost before this request costs it nothing
             self._was_connected, self._drops_seen = self._client.connection_state()
         self._client.send(request)  # encodes first: bad input raises here, before anything queues
         now = self._clock()
@@ -218,7 +271,7 @@ class Session:
     def tick(self) -> list[Event]:
         """What happened since the last tick, up to `MAX_REPLIES_PER_TICK` replies (the rest
         wait in the socket for the next tick); never blocks."""
-        events: list[Event] = []
+        events, self._ended_here = self._ended_here, []
         for _ in range(MAX_REPLIES_PER_TICK):
             if (reply := self._client.poll(0)) is None:
                 # Only once every reply that came is read: a service gone (or a deadline
@@ -269,7 +322,8 @@ class Session:
         return []
 
     def _check_connection(self) -> list[Event]:
-        if not self._in_flight:
+        sent = self._sent()
+        if not sent:
             self._was_connected = self._client.connected
             return []
         now = self._clock()
@@ -286,7 +340,7 @@ class Session:
             )
         self._was_connected = connected
         if not connected:
-            oldest = min(f.sent_at for f in self._in_flight.values())
+            oldest = min(f.sent_at for f in sent.values())
             if now - oldest >= self.connect_timeout_s:
                 refusal = self._client.refusal
                 if refusal:  # with keys or without, each refusal may come of them
@@ -308,7 +362,7 @@ class Session:
                     )
                 return self._fail_all(ErrorCode.UNREACHABLE, message)
             return []
-        expired = [request_id for request_id, f in self._in_flight.items() if f.deadline <= now]
+        expired = [request_id for request_id, f in sent.items() if f.deadline <= now]
         failures = []
         for request_id in expired:
             flight = self._in_flight.pop(request_id)
@@ -325,10 +379,11 @@ class Session:
         return failures
 
     def _fail_all(self, code: ErrorCode, message: str) -> list[Event]:
-        """Fails every request in flight and starts over with a fresh socket: replies to them
-        could no longer be told from replies to new requests after a reconnect."""
-        failed = [RequestFailed(request_id, code, message) for request_id in self._in_flight]
-        self._in_flight.clear()
+        """Fails every request sent and starts over with a fresh socket: replies to them could
+        no longer be told from replies to new requests after a reconnect. Held ones wait on."""
+        failed = [RequestFailed(request_id, code, message) for request_id in self._sent()]
+        for event in failed:
+            del self._in_flight[event.request_id]
         self._client.reset()
         self._drops_seen = 0  # the fresh socket's count
         return failed

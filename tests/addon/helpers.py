@@ -76,6 +76,7 @@ class FakeLayout:
 
     def progress(self, **kwargs):
         self.calls.append(("progress", kwargs.get("factor")))
+        self.calls.append(("progress text", kwargs.get("text")))
 
     def separator(self, **_):
         pass

@@ -2151,41 +2151,109 @@ def test_a_refused_prompt_is_named_in_the_user_s_words(armature, scripted_servic
     assert "1 failed (line 2 at frame " in message and "): this model knows none of its" in message
 
 
+def _ticks_for(seconds: float) -> None:
+    """Runs the timer as Blender would for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    drive(lambda: time.monotonic() >= deadline)
+
+
 def test_a_check_while_the_local_service_loads_says_it_is_still_starting(
     armature, monkeypatch, tmp_path
 ):
-    use_service(f"tcp://127.0.0.1:{free_port()}")
-    prefs = preferences.get_preferences()
-    prefs.service_python, prefs.service_checkpoint = sys.executable, str(tmp_path)
-    loading = [sys.executable, "-c", "import time; time.sleep(60)"]  # a model that takes its time
-    monkeypatch.setattr(local_service, "serve_command", lambda *args: loading)
-    live.state.process = ServiceProcess(str(tmp_path / "logs"))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    loading = "import time; time.sleep(60)"  # a model that takes its time
+    _start_local_service(monkeypatch, tmp_path, address, loading)
     try:
-        assert bpy.ops.chatpose.service_start() == {"FINISHED"}
         assert bpy.ops.chatpose.service_status() == {"FINISHED"}
         drive(lambda: live.last_message()[0].startswith("Service: "))
         # Not "no service at ...; Start Local Service ..." as well, which contradicts it; and
         # a warning, as a model still loading is: it is no failure.
-        starting = "the local service is still starting (loading its model)"
         assert live.last_message() == (
-            f"Service: {starting}; try again once it is ready",
+            "Service: the local service is still starting (loading its model); try again once "
+            "it is ready",
             "WARNING",
         )
-        bpy.context.scene.chatpose.prompt = "wave"
-        bpy.ops.chatpose.send()
-        drive(lambda: "Not answered" in live.last_message()[0])
-        assert live.last_message() == (
-            f"Not answered, 'wave': {starting}; try again once it is ready",
-            "ERROR",
-        )
-        batch_of("walk\nrun")
-        bpy.ops.chatpose.batch_keyframe()
-        drive(lambda: "stopped" in live.last_message()[0])
-        message = live.last_message()[0]
-        assert message.startswith(f"Batch from text 'moves' stopped: {starting}. 0 lines keyed")
-        assert "no service" not in message and "Start Local Service" not in message
     finally:
         live.service_process().stop(wait=True)
+
+
+def test_a_send_and_a_batch_while_the_local_service_loads_wait_until_it_is_stopped(
+    armature, monkeypatch, tmp_path
+):
+    # They failed 3 s later, "the local service is still starting; try again once it is ready".
+    address = f"tcp://127.0.0.1:{free_port()}"
+    _start_local_service(monkeypatch, tmp_path, address, "import time; time.sleep(60)")
+    try:
+        scene = bpy.context.scene
+        scene.chatpose.prompt = "wave"
+        assert bpy.ops.chatpose.send() == {"FINISHED"}
+        assert live.last_message()[0] == (
+            "The local service is loading its model: 'wave' (pose mode) is sent once it is ready"
+        )
+        batch_of("walk\nrun")
+        assert bpy.ops.chatpose.batch_keyframe() == {"FINISHED"}
+        assert live.last_message()[0].endswith("; sent once the local service has loaded its model")
+        _ticks_for(4)  # past the 3 s in which a service must be found
+        assert [job.prompt for job in live.pending_jobs()] == ["wave"]
+        assert live.batch_running() and live.current_batch().keyed == 0
+        calls = draw_panels(panel.CLASSES, bpy.context)
+        assert ("label", "Waiting: wave") in calls
+        progress = "ChatPose batch: 0/2 lines keyed on SMPL (waiting for the local service"
+        assert any(kind == "progress text" and text.startswith(progress) for kind, text in calls)
+
+        bpy.ops.chatpose.service_stop()
+        drive(idle)
+        [*_, asked, answer] = props.history_messages(scene)
+        assert (asked.text, answer.text) == (
+            "wave",
+            "cancelled: the local service was stopped before it was ready",
+        )
+        assert scene.chatpose.prompt == "wave"  # to send again
+        assert live.current_batch().summary().startswith("Batch from text 'moves' cancelled")
+    finally:
+        live.service_process().stop(wait=True)
+
+
+def test_a_send_and_a_batch_while_the_local_service_loads_go_once_it_is_ready(
+    armature, monkeypatch, tmp_path
+):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    slow_start = (  # listens 4 s after it starts: past the 3 s in which a service must be found
+        f"import runpy, sys, time; time.sleep(4); sys.argv = ['serve', {address!r}]; "
+        f"runpy.run_path({str(SCRIPTED_SERVER)!r}, run_name='__main__')"
+    )
+    _start_local_service(monkeypatch, tmp_path, address, slow_start)
+    try:
+        bpy.context.scene.chatpose.prompt = "wave"
+        bpy.ops.chatpose.send()
+        batch_of("walk\nrun")
+        bpy.ops.chatpose.batch_keyframe()
+        drive(lambda: not live.waiting_for_service() and idle(), timeout_s=30)
+        assert live.current_batch().summary() == (
+            "Batch from text 'moves' done: 2 lines keyed on SMPL; all 2 lines keyed"
+        )
+        [*_, asked, answer] = props.history_messages(bpy.context.scene)
+        assert (asked.role, asked.text, answer.role) == (chat.USER, "wave", chat.ASSISTANT)
+        assert answer.poses  # answered, not failed
+    finally:
+        live.service_process().stop(wait=True)
+
+
+def test_a_send_waiting_for_a_local_service_that_exits_fails_saying_how_it_ended(
+    armature, monkeypatch, tmp_path
+):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    exits = "import sys, time; time.sleep(1); sys.exit('no model here')"
+    _start_local_service(monkeypatch, tmp_path, address, exits)
+    bpy.context.scene.chatpose.prompt = "wave"
+    bpy.ops.chatpose.send()
+    drive(idle, timeout_s=30)
+    assert live.last_message() == (
+        "Not answered, 'wave': not sent: the local service it waited for did not start (the "
+        f"local service exited with code 1: no model here; its log: "
+        f"{live.service_process().log_path})",
+        "ERROR",
+    )
 
 
 def test_a_local_service_that_exited_while_loading_is_not_said_to_be_still_starting(
@@ -2243,6 +2311,8 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
     started_on = f"tcp://127.0.0.1:{free_port()}"
     try:
         _start_local_service(monkeypatch, tmp_path, started_on, "import time; time.sleep(60)")
+        bpy.context.scene.chatpose.prompt = "wave"
+        bpy.ops.chatpose.send()  # held for the local service
         elsewhere = f"tcp://127.0.0.1:{free_port()}"
         use_service(elsewhere)
         drive(lambda: not live.state.waiting_ready)
@@ -2252,6 +2322,12 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
             "WARNING",
         )
         assert local_service.local_service_state().alive
+        drive(idle)  # what was held for it is not sent there, nor to the new address
+        assert live.last_message() == (
+            f"Not answered, 'wave': not sent: it waited for the local service on {started_on}, "
+            f"and the Service Address is now {elsewhere}; send it again",
+            "ERROR",
+        )
     finally:
         live.service_process().stop(wait=True)
 

@@ -677,6 +677,19 @@ class FakeSession:
         self.closed = False
         self._ids = 0
         self._open: set[str] = set()
+        self.holding = False
+        self.held_ends: list[str] = []  # "released", or the code held requests failed with
+
+    def hold(self):
+        self.holding = True
+
+    def release(self):
+        self.holding = False
+        self.held_ends.append("released")
+
+    def fail_held(self, code, message):
+        self.holding = False
+        self.held_ends.append(code)
 
     def _id(self, *request) -> str:
         self._ids += 1
@@ -753,6 +766,26 @@ def test_pose_and_status_answers_come_back_with_their_jobs(dispatcher, made):
     assert outcomes[0] == PoseAnswered(JOB, PoseReply(pose_id, "Sure.", (POSE, POSE)))
     assert isinstance(outcomes[1], StatusAnswered) and outcomes[1].job.probe
     assert len(outcomes) == 2 and dispatcher.pending_jobs() == []
+
+
+def test_requests_to_a_starting_service_are_held_by_its_session_until_it_is_ready(dispatcher, made):
+    starting, other = Service("tcp://127.0.0.1:5555", 30.0), Service("tcp://127.0.0.1:6", 30.0)
+    dispatcher.hold_for(starting.address)  # before any session: the one made for it holds
+    dispatcher.send_pose(starting, JOB)
+    assert made[0].holding and dispatcher.holding
+    dispatcher.release_held()
+    assert made[0].held_ends == ["released"] and not dispatcher.holding
+    made[0].events = [PoseResult(made[0].sent[0][0], PoseReply("r", "", (POSE,)))]
+    dispatcher.tick()
+    dispatcher.hold_for(starting.address)  # a session already there holds from now on
+    assert made[0].holding
+    dispatcher.fail_held(ErrorCode.UNREACHABLE, "it did not start")
+    assert made[0].held_ends == ["released", ErrorCode.UNREACHABLE]
+    dispatcher.hold_for(starting.address)
+    dispatcher.send_pose(other, JOB)  # a session for another address holds nothing
+    assert not made[1].holding and not dispatcher.holding
+    dispatcher.release_held()  # and has nothing to release
+    assert made[1].held_ends == []
 
 
 def test_cancel_all_counts_the_user_s_requests_not_the_add_on_s_probes(dispatcher, made):

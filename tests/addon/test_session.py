@@ -209,6 +209,85 @@ def test_bad_input_is_refused_before_anything_is_sent(address):
     session.close()
 
 
+def test_requests_held_for_a_starting_service_go_once_it_is_ready(backend):
+    # Send right after Start Local Service failed 3 s later, "no service at", before the
+    # service listened (then "busy" while its model loaded).
+    now = [0.0]
+    address = f"tcp://127.0.0.1:{free_port()}"
+    session = Session(address, timeout_s=2.0, connect_timeout_s=0.3, clock=lambda: now[0])
+    session.hold()
+    pose_id = session.request_pose("wave")
+    batch_id = session.request_batch(["walk", "run"])
+    with pytest.raises(ProtocolError) as info:  # its own input is checked now all the same
+        session.request_pose("   ")
+    assert info.value.code == ErrorCode.EMPTY_PROMPT
+    time.sleep(0.6)  # past the connect timeout, and then the request timeout, with no service
+    now[0] = 10.0
+    assert session.tick() == [] and session.busy
+    server = Server(backend, backend.info, address, max_batch=4, max_wait_ms=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        session.release()
+        events = run_until(session, lambda es: final_for(pose_id)(es) and final_for(batch_id)(es))
+        assert [e.reply.poses for e in events if isinstance(e, PoseResult)] == [(pose_for("wave"),)]
+        assert sorted(e.index for e in events if isinstance(e, BatchItem)) == [0, 1]
+        assert not session.busy
+    finally:
+        session.close()
+        server.stop()
+        thread.join(TIMEOUT_S)
+
+
+def test_held_requests_are_sent_nowhere_until_released_and_their_timeout_starts_then():
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    now = [0.0]
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=2.0, clock=lambda: now[0])
+    try:
+        session.hold()
+        held = session.request_pose("wave")
+        status = session.request_status()  # not held: it asks whether the service is ready
+        assert router.poll(5_000)
+        assert decode_request(router.recv_multipart()[1:]).id == status
+        assert not router.poll(300)
+        now[0] = 100.0  # waiting costs a held request none of its time
+        session.release()
+        assert router.poll(5_000)
+        assert decode_request(router.recv_multipart()[1:]).id == held
+        now[0] = 101.9
+        assert not [e for e in session.tick() if e.request_id == held]
+        now[0] = 102.1
+        [failure] = [e for e in run_until(session, final_for(held)) if e.request_id == held]
+        assert failure.code == ErrorCode.TIMEOUT
+    finally:
+        session.close()
+        router.close(linger=0)
+
+
+def test_held_requests_cancelled_or_failed_end_on_the_next_tick_unsent():
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    session = Session(f"tcp://127.0.0.1:{port}", timeout_s=30)
+    try:
+        session.hold()
+        cancelled = session.request_pose("wave")
+        failing = session.request_batch(["walk", "run"])
+        session.cancel(cancelled)
+        assert session.tick() == [RequestFailed(cancelled, ErrorCode.CANCELLED, "cancelled")]
+        session.fail_held(ErrorCode.UNREACHABLE, "the service it waited for did not start")
+        assert not session.holding and session.busy  # its end is still to be told
+        assert session.tick() == [
+            RequestFailed(failing, ErrorCode.UNREACHABLE, "the service it waited for did not start")
+        ]
+        assert not session.busy
+        session.release()  # nothing held any more: nothing goes
+        assert not router.poll(300), "a cancelled or failed request was sent"
+    finally:
+        session.close()
+        router.close(linger=0)
+
+
 def test_no_service_with_curve_keys_does_not_suggest_the_local_service(tmp_path):
     # Start Local Service refuses to start with CURVE keys set: the review found it suggested.
     from inference_service.keys import make_keys

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bpy
 
 from .blender import live
+from .blender.answers import find_by_uid
 from .blender.armature import find_smpl_armature
 from .blender.props import checked_target, history_messages
 from .core import chat, wording
@@ -146,15 +147,26 @@ class VIEW3D_PT_chatpose_batch(bpy.types.Panel):  # noqa: N801
         row.prop(settings, "batch_translation")
         row.prop(settings, "batch_keep_on_floor")
         run = live.current_batch()
+        elsewhere = _scene_elsewhere(run, context.scene) if run is not None else None
         if run is not None and not run.closed:
-            layout.progress(factor=run.fraction, type="BAR", text=live.batch_progress(run))
+            text = live.batch_progress(run) + (f" in scene '{elsewhere}'" if elsewhere else "")
+            layout.progress(factor=run.fraction, type="BAR", text=text)
             layout.operator("chatpose.cancel", icon="CANCEL")
         else:
             row = layout.row(align=True)
             row.operator("chatpose.batch_keyframe", icon="KEYINGSET")
             row.operator("chatpose.clear_batch_record", icon="X", text="")
-            if run is not None:
+            if run is not None and elsewhere is None:  # another scene's last run is not this one's
                 _wrapped(layout, run.summary(), _chars_per_line(context), "INFO")
+
+
+def _scene_elsewhere(run, scene: bpy.types.Scene) -> str | None:
+    """The name of the scene the run's armature is in when this scene does not hold it; None
+    when it does, or when the armature is gone (its run's summary says so)."""
+    obj = find_by_uid(bpy.data.objects, run.armature, run.armature_uid)
+    if obj is None or scene.objects.get(obj.name) == obj:
+        return None
+    return next((other.name for other in obj.users_scene), None)
 
 
 class VIEW3D_PT_chatpose_service(bpy.types.Panel):  # noqa: N801

@@ -121,8 +121,7 @@ class BatchRun:
         return self.summary() if self.ended else self.status_text()
 
     def running_text(self) -> str:
-        """What another Batch Keyframe is told: which run holds it back, wherever it runs (the
-        panel of another scene shows none of it)."""
+        """What another Batch Keyframe is told: which run holds it back, wherever it runs."""
         return f"A batch from {self.source} is running on {self.armature}"
 
     def status_text(self) -> str:

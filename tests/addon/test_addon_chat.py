@@ -2033,6 +2033,35 @@ def test_the_panel_draws_every_state(armature, scripted_service, monkeypatch):
     assert any(k == "label" and n and "all 20 lines keyed" in n for k, n in calls)
 
 
+def test_another_scene_s_batch_panel_names_the_scene_of_the_run_and_not_its_summary(
+    armature, scripted_service
+):
+    # The stress review: the second scene's panel showed the first scene's run as its own.
+    address, backend = scripted_service
+    use_service(address)
+    window = bpy.context.window_manager.windows[0]
+    home = window.scene
+    batch_of("walk\nrun")
+    backend.hold()
+    bpy.ops.chatpose.batch_keyframe()
+    window.scene = bpy.data.scenes.new("Other")
+    try:
+        calls = draw_panels([panel.VIEW3D_PT_chatpose_batch], bpy.context)
+        assert (
+            "progress text",
+            "ChatPose batch: 0/2 lines keyed on SMPL in scene 'Scene'",
+        ) in calls
+        assert ("operator", "chatpose.cancel") in calls  # it can be stopped from here too
+        backend.release()
+        drive(idle)
+        calls = draw_panels([panel.VIEW3D_PT_chatpose_batch], bpy.context)
+        assert not any(kind == "label" and "keyed" in text for kind, text in calls), calls
+    finally:
+        window.scene = home
+    calls = draw_panels([panel.VIEW3D_PT_chatpose_batch], bpy.context)
+    assert any(kind == "label" and "all 2 lines keyed" in text for kind, text in calls), calls
+
+
 def _start_local_service(monkeypatch, tmp_path, address: str, code: str) -> None:
     """Start Local Service on ``address`` with ``python -c code`` standing in for
     chatpose-serve."""

@@ -5,17 +5,21 @@ the run has come.
 requests (``shared_protocol.batch_requests``, as `chatpose batch` does), one after the other,
 and keeps count as the items stream in. Each item is keyed and recorded by the caller
 as it arrives, so whatever ends the run (done, cancelled, the service gone) leaves the record
-telling exactly which lines are keyed: the next run sends only the rest.
+telling exactly which lines are keyed: the next run sends only the rest. An undo during the run
+takes back the lines keyed since the step it goes back to (the run makes its step when it
+ends); the run keeps each line's pose, to key those again (``recheck``, ``lines_to_key_again``).
 
 States: ``running`` -> (``cancelling`` ->) ``finished`` | ``cancelled`` | ``failed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import InitVar, dataclass, field
+from functools import cached_property
 
 from shared_protocol.batch_requests import MAX_BATCH_ITEMS, BatchRequests
+from shared_protocol.pose import Pose
 from shared_protocol.protocol import DEFAULT_LIMITS, ErrorCode
 
 from .batch_record import PendingLine
@@ -69,6 +73,11 @@ class BatchRun:
     retry_at: float | None = None
     _plan: BatchRequests = field(init=False, repr=False)
     _keyed: set[int] = field(default_factory=set, repr=False)
+    # Lines keyed, then taken back by an undo (the record no longer holds them).
+    _taken_back: set[int] = field(default_factory=set, repr=False)
+    # The service's pose of each line answered, by line: what a line taken back is keyed from
+    # again (a reference to the decoded answer, under 1 KB a line).
+    _poses: dict[int, Pose] = field(default_factory=dict, repr=False)
     _failed: dict[int, tuple[PendingLine, str]] = field(default_factory=dict, repr=False)
     _refused_texts: set[int] = field(default_factory=set, repr=False)  # of the failed lines
 
@@ -89,6 +98,11 @@ class BatchRun:
     @property
     def keyed(self) -> int:
         return len(self._keyed)
+
+    @property
+    def taken_back(self) -> int:
+        """Lines keyed, then taken back by an undo, not keyed again yet."""
+        return len(self._taken_back)
 
     @property
     def failed_lines(self) -> list[tuple[PendingLine, str]]:
@@ -128,6 +142,8 @@ class BatchRun:
         text = f"ChatPose batch: {self.done}/{self.total_lines} lines keyed on {self.armature}"
         if self._failed:
             text += f", {len(self._failed)} failed"
+        if self._taken_back:
+            text += f", {len(self._taken_back)} taken back by an undo"
         if self.state == CANCELLING:
             text += " (cancelling)"
         elif self.retry_at is not None:
@@ -152,24 +168,51 @@ class BatchRun:
 
     # --- events ---------------------------------------------------------------------------
 
+    def item_answered(self, line: PendingLine, pose: Pose) -> None:
+        """The service answered ``line`` with ``pose``, kept to key it again should an undo take
+        it back."""
+        self._poses[line.line] = pose
+
     def item_keyed(self, line: PendingLine) -> None:
         """``line`` was keyed and recorded."""
         self._failed.pop(line.line, None)
+        self._taken_back.discard(line.line)
         self._keyed.add(line.line)
 
     def recheck(self, recorded: Callable[[PendingLine], bool]) -> int:
-        """Forgets keyed lines that ``recorded`` (the armature's record) no longer holds, as
-        after an undo in the middle of the run, so that the summary counts what is there.
-        Returns how many."""
-        lost = [
-            line.line for line in self.pending if line.line in self._keyed and not recorded(line)
-        ]
-        self._keyed.difference_update(lost)
+        """After an undo or redo: keyed lines that ``recorded`` (the armature's record) no
+        longer holds are taken back, to be keyed again from their answers
+        (``lines_to_key_again``); lines taken back that it holds again (a redo brought them
+        back) are keyed. So the counts say what is there. Returns how many lines it took back.
+        (A line reported keyed without its answer, which only a test does, is only forgotten.)"""
+        lost = {line.line for line in self._lines(sorted(self._keyed)) if not recorded(line)}
+        back = {line.line for line in self._lines(sorted(self._taken_back)) if recorded(line)}
+        self._keyed -= lost
+        self._taken_back -= back
+        self._keyed |= back
+        self._taken_back |= lost & self._poses.keys()
         return len(lost)
+
+    def lines_to_key_again(self, most: int) -> list[tuple[PendingLine, Pose]]:
+        """Up to ``most`` of the lines taken back, first lines first, each with the service's
+        pose, to key again; they count as neither keyed nor taken back until the caller
+        reports them (``item_keyed``, ``item_failed``)."""
+        lines = self._lines(sorted(self._taken_back)[:most]) if self._taken_back else []
+        self._taken_back.difference_update(line.line for line in lines)
+        return [(line, self._poses[line.line]) for line in lines]
+
+    def _lines(self, numbers: Iterable[int]) -> list[PendingLine]:
+        """The pending lines of these line numbers, in their order."""
+        return [self._pending_by_line[number] for number in numbers]
+
+    @cached_property
+    def _pending_by_line(self) -> dict[int, PendingLine]:  # made after the first undo only
+        return {line.line: line for line in self.pending}
 
     def item_failed(self, line: PendingLine, message: str, code: ErrorCode | None = None) -> None:
         """``line`` got no key, for ``message``; ``code``: the service's, when it refused the
         line (one refused for its text fails again until it is edited)."""
+        self._taken_back.discard(line.line)
         if line.line not in self._keyed:
             self._failed[line.line] = (line, message)
             if code in REFUSED_FOR_THE_TEXT:
@@ -207,7 +250,10 @@ class BatchRun:
         its size, to be sent from ``next_prompts`` on. False when it held one line, or when any
         of its lines was already answered (the refusal is then about something else)."""
         current = [self.pending[position] for position in self._plan.current]
-        answered = any(line.line in self._keyed or line.line in self._failed for line in current)
+        answered = any(
+            line.line in self._keyed or line.line in self._taken_back or line.line in self._failed
+            for line in current
+        )
         if answered or self.state != RUNNING:
             return False
         return self._plan.in_smaller_requests()
@@ -253,6 +299,10 @@ class BatchRun:
         else:  # answered, but not every line keyed: not "done"
             parts = [f"Batch from {self.source}:"]
         parts.append(f"{keyed}; {left} of {self.total_lines} still to key.")
+        if self._taken_back:
+            taken = len(self._taken_back)
+            lines_were = f"{taken} lines it keyed were" if taken != 1 else "1 line it keyed was"
+            parts.append(f"{lines_were} taken back by an undo.")
         by_reason: dict[str, list[PendingLine]] = {}  # in the order they first failed
         for line, reason in self.failed_lines:
             by_reason.setdefault(reason, []).append(line)

@@ -373,6 +373,7 @@ class Dispatcher:
             if not event.poses:
                 run.item_failed(line, "the answer held no pose")
                 return [BatchLineFailed(run, line, "the answer held no pose")]
+            run.item_answered(line, event.poses[0])
             return [BatchLineReady(run, line, event.poses)]
         if isinstance(event, RequestFailed) and not event.final:
             line = run.line_for(event.index)

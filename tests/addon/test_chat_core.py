@@ -457,6 +457,49 @@ def test_recheck_forgets_keyed_lines_the_record_no_longer_holds():
     assert run.recheck(lambda line: True) == 0
 
 
+def test_lines_an_undo_takes_back_are_keyed_again_from_their_answers_and_a_redo_counts_them():
+    run = BatchRun("SMPL", "text 'moves'", _pending(12), total_lines=12)
+    run.next_prompts()
+    poses = [Pose(np.full((24, 3), i / 100)) for i in range(12)]
+    for i in range(6):
+        run.item_answered(run.line_for(i), poses[i])
+        run.item_keyed(run.line_for(i))
+    assert run.recheck(lambda line: line.line < 2) == 4  # an undo took lines 2-5 back
+    assert (run.keyed, run.taken_back, run.remaining) == (2, 4, 10)
+    assert "2/12 lines keyed on SMPL, 4 taken back by an undo" in run.status_text()
+    assert run.recheck(lambda line: line.line < 3) == 0  # a redo brought line 2 back
+    assert (run.keyed, run.taken_back) == (3, 3)
+    again = run.lines_to_key_again(2)  # first lines first, each with its answer
+    assert [(line.line, line.frame) for line, _ in again] == [(3, 4), (4, 5)]
+    assert [pose for _, pose in again] == poses[3:5]
+    assert (run.keyed, run.taken_back) == (3, 1)  # being keyed: neither, until reported
+    for line, _ in again:
+        run.item_keyed(line)
+    (last, _), *more = run.lines_to_key_again(2)
+    assert not more and run.lines_to_key_again(2) == []
+    run.item_failed(last, "could not key it (locked)")
+    assert (run.keyed, run.taken_back, len(run.failed_lines)) == (5, 0, 1)
+
+
+def test_a_run_s_summary_says_how_many_lines_an_undo_took_back():
+    run = BatchRun("SMPL", "text 'moves'", _pending(4), total_lines=4)
+    run.next_prompts()
+    for i in range(4):
+        run.item_answered(run.line_for(i), Pose(np.zeros((24, 3))))
+        run.item_keyed(run.line_for(i))
+    assert run.request_finished() is False and "all 4 lines keyed" in run.summary()
+    run.recheck(lambda line: line.line == 0)  # the run's own step undone, but for line 0
+    assert run.summary() == (
+        "Batch from text 'moves': 1 line keyed on SMPL; 3 of 4 still to key. 3 lines it keyed "
+        "were taken back by an undo. Run Batch Keyframe again to key the rest (nothing is keyed "
+        "twice)."
+    )
+    run.recheck(lambda line: line.line != 3)
+    assert "1 line it keyed was taken back by an undo." in run.summary()
+    run.recheck(lambda line: True)  # redone
+    assert "done: 4 lines keyed on SMPL; all 4 lines keyed" in run.summary()
+
+
 def test_cancel_between_chunks_sends_nothing_more():
     run = BatchRun("SMPL", "f.txt", _pending(300), total_lines=310)  # 10 keyed before
     assert run.already_keyed == 10

@@ -16,6 +16,7 @@ from shared_protocol.protocol import ErrorCode, PoseReply
 
 from ..core import batch_plan, chat, wording
 from ..core.batch_plan import BatchRun
+from ..core.batch_record import BatchRecord
 from ..core.dispatch import (
     BatchEnded,
     BatchLineFailed,
@@ -437,23 +438,14 @@ def _batch_ended(run: BatchRun) -> None:
         _settle_batch(run)  # every take it keyed, its own moved away or not
     if _batch_target_problem(run, obj) is None and (run.take is None or not run.take.moved(obj)):
         with contextlib.suppress(ValueError):
-            record = load_record(obj)
-            run.recheck(
-                lambda line: record.is_keyed(
-                    line.line, line.text, line.frame, run.use_translation, run.keep_on_floor
-                )
-            )
+            _recheck(run, load_record(obj))
     run.close()
     # Not for an armature the user deleted: its step would come after the delete's, and the
     # first Ctrl+Z would then change nothing visible before the next brought it back.
     if run.keyed and obj is not None and not is_deleted(obj):
         feedback.push_undo("batch")
-    if run.state == batch_plan.FAILED and run.remaining:  # else the summary says done: it is
-        level, popup = "ERROR", True
-    elif run.remaining:
-        level, popup = "WARNING", False
-    else:
-        level, popup = "INFO", False
+    level = _summary_level(run)
+    popup = level == "ERROR"
     if run.failure_code == ErrorCode.UNREACHABLE and _local_service_starting():
         run.reason = LOCAL_SERVICE_STARTING  # not "no service at ...; Start Local Service"
     summary = run.summary()
@@ -467,3 +459,67 @@ def _batch_ended(run: BatchRun) -> None:
             level = "WARNING" if level == "INFO" else level
     feedback.notify(summary, level, popup=popup)
     feedback.update_status_bar()
+
+
+_SEVERITY = ("INFO", "WARNING", "ERROR")
+
+
+def _summary_level(run: BatchRun) -> str:
+    """How the end of a run is told: an error when it stopped with lines to key (a popup), a
+    warning when it left lines for later, else information (its summary says done: it is)."""
+    if run.state == batch_plan.FAILED and run.remaining:
+        return "ERROR"
+    return "WARNING" if run.remaining else "INFO"
+
+
+def run_keying_again() -> BatchRun | None:
+    """The run still going on (not closed) with lines an undo took back: the timer keys them
+    again (``runtime._next_outcome``), before the lines still to come."""
+    run = live.current_batch()
+    return run if run is not None and not run.closed and run.taken_back else None
+
+
+def recount_after_undo() -> None:
+    """After an undo or redo (the timer's first call after ``runtime``'s handler marked it):
+    the last run's counts made true again from its armature's record (``BatchRun.recheck``).
+    A run makes its undo step only when it ends, so an undo of one of the user's steps in
+    between goes back past the lines keyed since the step before: those count as taken back,
+    and while the run goes on the timer keys them again from their answers
+    (``run_keying_again``), once answers may be applied (not while the user can redo); a redo
+    that brings them back counts them keyed. A run that has ended keys nothing more: the
+    message that told its end is corrected (the batch panel shows ``run.summary()`` as it is).
+
+    The record is read, not the keys: it is undone with them (both on the action, written in
+    the same timer call, with no undo step between), costs one parse where reading every
+    bone's curve at every frame would cost the whole animation, and says which lines the run
+    keyed, whatever the animator keyed at those frames."""
+    run = live.current_batch()
+    if run is None:
+        return
+    obj = find_by_uid(bpy.data.objects, run.armature, run.armature_uid)
+    if obj is not None and run.take is not None and run.take.moved(obj):
+        return  # it shows another take now, whose record says nothing of the run's lines
+    told = run.summary()
+    try:
+        record = load_record(obj) if obj is not None else BatchRecord()  # undone out of the file
+    except ValueError:  # a damaged record: the run's end, or the next run, reports it
+        return
+    _recheck(run, record)
+    summary = run.summary()
+    message = live.state.message
+    if run.closed and summary != told and message.startswith(told):
+        added = message[len(told) :]  # what the end said past the summary (muted channels, ...)
+        level = _summary_level(run)
+        if added and _SEVERITY.index(live.state.level) > _SEVERITY.index(level):
+            level = live.state.level
+        feedback.set_message(summary + added, level)
+        feedback.redraw()
+
+
+def _recheck(run: BatchRun, record: BatchRecord) -> None:
+    """The run's counts as ``record`` (its armature's) has its lines (``BatchRun.recheck``)."""
+    run.recheck(
+        lambda line: record.is_keyed(
+            line.line, line.text, line.frame, run.use_translation, run.keep_on_floor
+        )
+    )

@@ -51,6 +51,8 @@ class State:
     saves_running: int = 0  # a handler of another add-on may save (a backup) within a save
     # Batch lines the next pass keys at most (runtime.lines_within_budget); None: not measured.
     lines_per_group: int | None = None
+    # An undo or redo since the timer's last call, which may have taken back a batch's lines.
+    undone: bool = False
 
 
 state = State()

@@ -13,7 +13,10 @@ Undo: results arrive outside any operator, so after applying a pose (or at the e
 the timer makes one undo step itself (``feedback.push_undo``, when Blender has an undo stack),
 as the last operation; an answer is two undo steps, its exchange in the chat history and then
 its poses (Ctrl+Z takes the pose back and keeps the exchange); one batch run is one undo step.
-An undo step drops the steps the user undid, so while they can redo, answers wait.
+An undo step drops the steps the user undid, so while they can redo, answers wait. An undo
+while a batch runs goes back past the lines keyed since the step it loads: the undo and redo
+handlers mark it, and the timer's next call recounts the run and keys those lines again
+(``answers.recount_after_undo``, ``answers.run_keying_again``).
 
 What all this shares is ``live.state``; ``file_handlers`` deal with file loads and saves in
 between.
@@ -65,7 +68,17 @@ def timer_tick() -> float | None:
             traceback.print_exc()
             feedback.notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
     applied = 0
-    deferred = state.backlog and why_answers_wait_now()
+    last_took = 0.0  # the next outcome is taken to cost what the last one did
+    if state.undone:  # first, as an outcome of its own: it may find lines to key again
+        state.undone = False
+        began = time.perf_counter()
+        try:
+            answers.recount_after_undo()
+        except Exception as exc:  # as below: the timer must go on
+            traceback.print_exc()
+            feedback.notify(f"ChatPose could not recount the batch after an undo: {exc}", "ERROR")
+        applied, last_took = 1, time.perf_counter() - began
+    deferred = _work_waiting() and why_answers_wait_now()
     if deferred:
         # 0 when only a status reply or a batch's end waits.
         count = answers.count_answers(state.backlog)
@@ -74,10 +87,9 @@ def timer_tick() -> float | None:
             feedback.set_message(waiting, "WARNING")
             feedback.redraw()
     state.popups = []
-    last_took = 0.0  # the next outcome is taken to cost what the last one did
     with feedback.window_override():
         while (
-            state.backlog
+            _work_waiting()
             and not deferred
             and (applied == 0 or time.perf_counter() - started + last_took <= TICK_BUDGET_S)
         ):
@@ -105,7 +117,7 @@ def timer_tick() -> float | None:
         feedback.notify(f"ChatPose could not check the local service: {exc}", "ERROR")
     if applied:
         feedback.redraw()
-    if state.backlog and not deferred:
+    if _work_waiting() and not deferred:
         return 0.001
     if live.busy() or state.waiting_ready or state.stopping:
         return TICK_INTERVAL_S
@@ -197,15 +209,26 @@ def _can_redo() -> bool:
         return False
 
 
+def _work_waiting() -> bool:
+    """Outcomes to apply, or batch lines an undo took back to key again."""
+    return bool(live.state.backlog) or answers.run_keying_again() is not None
+
+
 def _next_outcome():
-    """The next outcome of the backlog; batch lines of one run that wait next to each other
-    come as one ``answers.BatchLines`` group, keyed in one pass."""
+    """The next outcome to apply: first the lines an undo took back from the running batch, as
+    one ``answers.BatchLines`` group, keyed again from their answers (before its end, which
+    waits in the backlog); else the backlog's next, where batch lines of one run that wait
+    next to each other come as one group, keyed in one pass."""
+    most = min(live.state.lines_per_group or MAX_LINES_PER_GROUP, MAX_LINES_PER_GROUP)
+    run = answers.run_keying_again()
+    if run is not None:
+        again = run.lines_to_key_again(most)
+        return answers.BatchLines([BatchLineReady(run, line, (pose,)) for line, pose in again])
     backlog = live.state.backlog
     first = backlog.popleft()
     if not isinstance(first, BatchLineReady):
         return first
     group = [first]
-    most = min(live.state.lines_per_group or MAX_LINES_PER_GROUP, MAX_LINES_PER_GROUP)
     while (
         backlog
         and len(group) < most
@@ -266,8 +289,26 @@ def watch_local_service() -> None:
             d.request_status(live.service_for(bpy.context), probe=True)
 
 
+@bpy.app.handlers.persistent
+def _on_undo_or_redo(*_args) -> None:
+    """An undo or redo loaded the file as a step saved it: a batch run's lines keyed since then
+    (it makes its own step when it ends) may be gone, or back. Only marked here, with the timer
+    running: its next call recounts the run and keys them again (``answers.recount_after_undo``),
+    as it keys any line, within its budget and not while the user can redo."""
+    if live.current_batch() is not None:
+        live.state.undone = True
+        ensure_timer()
+
+
+HANDLERS = (
+    *file_handlers.FILE_HANDLERS,
+    (bpy.app.handlers.undo_post, _on_undo_or_redo),
+    (bpy.app.handlers.redo_post, _on_undo_or_redo),
+)
+
+
 def register() -> None:
-    for handlers, handler in file_handlers.FILE_HANDLERS:
+    for handlers, handler in HANDLERS:
         if handler not in handlers:
             handlers.append(handler)
 
@@ -276,7 +317,7 @@ def unregister() -> None:
     """Stops the timer, closes the session and stops a local service started here."""
     if bpy.app.timers.is_registered(timer_tick):
         bpy.app.timers.unregister(timer_tick)
-    for handlers, handler in file_handlers.FILE_HANDLERS:
+    for handlers, handler in HANDLERS:
         if handler in handlers:
             handlers.remove(handler)
     if live.state.status_bar:

@@ -124,6 +124,51 @@ def test_batch_lines_slow_to_key_are_keyed_fewer_a_call(blender, monkeypatch):
     assert runtime.lines_within_budget(32, 10.0) == runtime.MIN_LINES_PER_GROUP
 
 
+def test_lines_an_undo_took_back_are_keyed_again_first_in_groups_within_the_budget(
+    blender, monkeypatch
+):
+    """Keyed again as lines that arrive are (1.5 ms a line here), before the run's end waiting
+    in the backlog."""
+    from blender_addon.core.batch_record import BatchRecord
+    from blender_addon.core.dispatch import BatchEnded, Dispatcher
+
+    clock, applied = [100.0], []
+
+    def key(outcome):
+        if isinstance(outcome, answers.BatchLines):
+            applied.append([item.line.line for item in outcome.items])
+            for item in outcome.items:
+                item.run.item_keyed(item.line)
+        else:
+            applied.append(outcome)
+        clock[0] += 0.0015 * len(getattr(outcome, "items", ()))
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(answers, "apply_outcome", key)
+    monkeypatch.setattr(runtime, "why_answers_wait_now", lambda: None)
+    monkeypatch.setattr(live.state, "dispatcher", Dispatcher())
+    monkeypatch.setattr(live.state, "lines_per_group", None)
+    pending = BatchRecord().pending([f"pose {i}" for i in range(100)], 1)
+    run = live.state.dispatcher.batch = batch_plan.BatchRun("SMPL", "text", pending, 100)
+    run.next_prompts()
+    for i in range(100):
+        run.item_answered(run.line_for(i), pose_for(f"pose {i}"))
+        run.item_keyed(run.line_for(i))
+    run.recheck(lambda line: line.line >= 80)  # an undo took back the first 80
+    live.state.backlog.append(BatchEnded(run))
+    calls = []
+    while live.state.backlog:
+        began = clock[0]
+        runtime.timer_tick()
+        calls.append(clock[0] - began)
+    groups = [len(group) for group in applied[:-1]]
+    per_group = int(0.8 * runtime.TICK_BUDGET_S / 0.0015)
+    assert groups[0] == runtime.MAX_LINES_PER_GROUP and set(groups[1:-1]) == {per_group}
+    assert [line for group in applied[:-1] for line in group] == list(range(80))
+    assert applied[-1] == BatchEnded(run) and (run.keyed, run.taken_back) == (100, 0)
+    assert max(calls[1:]) <= runtime.TICK_BUDGET_S  # the first: one group, as ever
+
+
 # --- the chat history -----------------------------------------------------------------------
 
 
@@ -2720,8 +2765,9 @@ def batch_of(lines: str, start: int = 1, step: int = 1) -> bpy.types.Text:
     return text
 
 
-def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service, monkeypatch):
-    address, _ = scripted_service
+def _twelve_lines_keyed_two_a_call(address, monkeypatch) -> None:
+    """A batch of 12 lines "pose 0" ... "pose 11" keyed at frames 1 to 12, two lines a timer
+    call, after two undo steps of the user's (the text, then the settings)."""
     use_service(address)
     settings = bpy.context.scene.chatpose
     text = bpy.data.texts.new("moves")
@@ -2733,18 +2779,83 @@ def test_an_undo_in_the_middle_of_a_batch_is_counted(armature, scripted_service,
     monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)  # one group of two lines a call
     monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
     bpy.ops.chatpose.batch_keyframe()
+
+
+def _assert_every_line_keyed(lines: int) -> None:
+    """Each line "pose i" keyed at frame i + 1 on 'SMPL', with the service's pose, and in the
+    record of its action. Looked up anew: an undo leaves references from before invalid."""
+    obj = bpy.data.objects["SMPL"]
+    assert keyed_frames(obj) == list(range(1, lines + 1))
+    for i in range(lines):
+        assert_pose(obj, pose_for(f"pose {i}"), i + 1)
+    record = batch_store.load_record(obj)
+    assert all(record.is_keyed(i, f"pose {i}", i + 1) for i in range(lines))
+
+
+def test_lines_an_undo_takes_back_during_a_batch_are_keyed_again(
+    armature, scripted_service, monkeypatch, reports
+):
+    # The run makes its undo step when it ends: an undo in between went back past the lines
+    # keyed since the step before, and the run ended with them missing ("4 of 12 still to
+    # key"), for a rerun to key.
+    _twelve_lines_keyed_two_a_call(scripted_service[0], monkeypatch)
     drive(lambda: live.current_batch().keyed >= 4)
-    bpy.ops.ed.undo()  # Ctrl+Z while the batch runs: the keys of the last group go
+    run = live.current_batch()
+    keyed = run.keyed
+    bpy.ops.ed.undo()  # Ctrl+Z while the batch runs: back past the lines keyed so far
     drive(lambda: "waiting: you have undone steps" in live.last_message()[0])
+    # Counted as they are, and not keyed again while the user can redo.
+    assert (run.keyed, run.remaining) == (0, 12)
+    assert run.taken_back == keyed
+    assert f"0/12 lines keyed on SMPL, {keyed} taken back by an undo" in run.status_text()
+    assert keyed_frames(bpy.data.objects["SMPL"]) == []
     bpy.ops.ed.undo_push(message="a change")  # the batch goes on after the user's next change
     drive(idle)
-    message = live.last_message()[0]
-    assert "still to key" in message and "all 12 lines keyed" not in message, message
-    assert live.current_batch().state == batch_plan.FINISHED  # an undo stops nothing
-    bpy.ops.chatpose.batch_keyframe()  # the next run keys exactly what is missing
-    drive(idle)
-    assert "all 12 lines keyed" in live.last_message()[0]
+    assert run.state == batch_plan.FINISHED and (run.keyed, run.taken_back) == (12, 0)
+    summaries = [text for _, text in reports if text.startswith("Batch from")]
+    assert summaries == ["Batch from text 'moves' done: 12 lines keyed on SMPL; all 12 lines keyed"]
+    _assert_every_line_keyed(12)
+    # The run's own undo step holds every line: undoing a change made after it keeps them.
     assert bpy.context.window_manager.operators[-1].bl_idname == "CHATPOSE_OT_batch_step"
+    bpy.context.scene.frame_current = 30
+    bpy.ops.ed.undo_push(message="after the batch")
+    bpy.ops.ed.undo()
+    assert bpy.context.scene.frame_current != 30
+    _assert_every_line_keyed(12)
+
+
+def test_lines_a_redo_brings_back_during_a_batch_are_not_keyed_twice(
+    armature, scripted_service, monkeypatch, reports
+):
+    _twelve_lines_keyed_two_a_call(scripted_service[0], monkeypatch)
+    drive(lambda: live.current_batch().keyed >= 4)
+    run = live.current_batch()
+    bpy.context.scene.frame_current = 40
+    bpy.ops.ed.undo_push(message="a change")  # holds the lines keyed so far
+    in_the_step = run.keyed
+    drive(lambda: run.keyed >= in_the_step + 2)
+    keying = []
+    original = batch_store.key_batch_lines
+    monkeypatch.setattr(
+        answers,
+        "key_batch_lines",
+        lambda obj, items, **kw: (
+            keying.append([line.line for line, _ in items]),
+            original(obj, items, **kw),
+        )[1],
+    )
+    bpy.ops.ed.undo()  # the change undone: back past every line keyed
+    drive(lambda: "waiting: you have undone steps" in live.last_message()[0])
+    assert run.keyed == 0 and keyed_frames(bpy.data.objects["SMPL"]) == []
+    bpy.ops.ed.redo()  # the change again: the lines keyed before it come back with it
+    drive(idle)
+    assert bpy.context.scene.frame_current == 40
+    assert run.state == batch_plan.FINISHED and run.keyed == 12
+    keyed_again = sorted(line for group in keying for line in group)
+    assert keyed_again == list(range(in_the_step, 12))  # those the redo brought back: not again
+    summaries = [text for _, text in reports if text.startswith("Batch from")]
+    assert summaries == ["Batch from text 'moves' done: 12 lines keyed on SMPL; all 12 lines keyed"]
+    _assert_every_line_keyed(12)
 
 
 def test_an_answer_for_an_armature_changed_meanwhile_names_it_as_it_is_now(
@@ -2789,6 +2900,38 @@ def test_a_batch_whose_armature_is_deleted_makes_no_undo_step_after_the_delete_s
     drive(idle)
     assert "the armature 'SMPL' is gone" in live.last_message()[0]
     assert "batch" not in steps
+
+
+def test_a_stopped_batch_s_armature_brought_back_by_an_undo_is_told_without_its_lines(
+    armature, scripted_service, monkeypatch
+):
+    # The armature deleted mid-batch came back with an undo without the lines keyed before
+    # the delete (they were in no undo step), and the panel still said they were keyed.
+    bpy.ops.ed.undo_push(message="set up")  # the undo system started, as in Blender's UI
+    _batch_part_keyed(scripted_service, monkeypatch)
+    delete_in_viewport(armature)
+    bpy.ops.ed.undo_push(message="Delete")  # as the operator's own step in Blender's UI
+    drive(idle)
+    run = live.current_batch()
+    keyed = run.keyed
+    told = f"{keyed} lines keyed on SMPL; {12 - keyed} of 12 still to key."
+    assert "the armature 'SMPL' is gone" in live.last_message()[0] and told in run.summary()
+    bpy.ops.ed.undo()  # the delete undone
+    drive(idle)
+    assert keyed_frames(bpy.data.objects["SMPL"]) == []
+    message, level = live.last_message()
+    for said in (message, run.summary()):  # the message box and the batch panel
+        assert said.startswith("Batch from text 'moves' stopped: the armature 'SMPL' is gone.")
+        assert (
+            f"0 lines keyed on SMPL; 12 of 12 still to key. {keyed} lines it keyed were taken "
+            "back by an undo." in said
+        )
+        assert said.endswith("Run Batch Keyframe again to key the rest (nothing is keyed twice).")
+    assert level == "ERROR"
+    bpy.ops.ed.redo()  # deleted again, with its lines
+    drive(idle)
+    assert told in live.last_message()[0] and told in run.summary()
+    assert "taken back" not in run.summary()
 
 
 def test_a_batch_whose_armature_is_replaced_by_one_of_its_name_says_so(

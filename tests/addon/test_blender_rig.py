@@ -74,15 +74,16 @@ def test_register_and_unregister_cleanly_twice(blender):
         assert bpy.ops.chatpose.create_armature.get_rna_type() is not None
         assert all(cls.is_registered for cls in registration.CLASSES)
         assert len(bpy.context.scene.chatpose.history) == 0
-        assert all(h in handlers for handlers, h in file_handlers.FILE_HANDLERS)
+        assert all(h in handlers for handlers, h in runtime.HANDLERS)
         assert file_handlers._on_save_pre in bpy.app.handlers.save_pre
+        assert runtime._on_undo_or_redo in bpy.app.handlers.undo_post
         runtime.ensure_timer()
         blender_addon.unregister()
         assert not hasattr(bpy.types, "VIEW3D_PT_chatpose")
         assert not any(cls.is_registered for cls in registration.CLASSES)
         assert not hasattr(bpy.types.Scene, "chatpose")
         assert not bpy.app.timers.is_registered(runtime.timer_tick)
-        assert not any(h in handlers for handlers, h in file_handlers.FILE_HANDLERS)
+        assert not any(h in handlers for handlers, h in runtime.HANDLERS)
     for _ in range(2):  # and as Blender does it, with preferences
         assert addon_utils.enable(ADDON, default_set=True) is not None
         assert bpy.context.preferences.addons[ADDON].preferences.service_address

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,7 +66,13 @@ from inference_service.commands import (
     user_path,
 )
 from inference_service.errors import ModelOutOfMemoryError
-from inference_service.metrics import accuracy_interval, evaluate_poses
+from inference_service.evaluation_report import (
+    METRIC_LABELS,
+    METRIC_NAMES,
+    figure_format,
+    report_markdown,
+)
+from inference_service.metrics import accuracy_interval, evaluate_poses, reduction
 from inference_service.training.actions import ACTIONS, SUBJECTS
 from inference_service.training.baselines import (
     ActionClassifier,
@@ -86,22 +92,6 @@ from inference_service.training.datasets import (
 )
 from shared_protocol.arrays import open_npz
 
-METRIC_NAMES = (
-    "pa_mpjpe_mm",
-    "mpjpe_mm",
-    "mpjre_deg",
-    "pa_mpjpe_mm_no_root",
-    "mpjpe_mm_no_root",
-    "mpjre_deg_no_root",
-)
-METRIC_LABELS = {
-    "pa_mpjpe_mm": "PA-MPJPE (mm)",
-    "mpjpe_mm": "MPJPE (mm)",
-    "mpjre_deg": "MPJRE (°)",
-    "pa_mpjpe_mm_no_root": "PA-MPJPE, no root",
-    "mpjpe_mm_no_root": "MPJPE, no root",
-    "mpjre_deg_no_root": "MPJRE, no root",
-}
 # Quality bars (docs/evaluation.md).
 REDUCTION_BAR = 0.40  # at least 40 % below the mean pose
 PARAPHRASE_BAR = 0.75  # top-1 accuracy of held-out phrasings
@@ -162,10 +152,6 @@ def _per_cluster_mean(correct: np.ndarray, clusters: Sequence) -> float:
     for right, cluster in zip(correct.tolist(), clusters, strict=True):
         by_cluster.setdefault(cluster, []).append(right)
     return float(np.mean([np.mean(v) for v in by_cluster.values()])) if by_cluster else math.nan
-
-
-def _reduction(model: float, baseline: float) -> float:
-    return 1.0 - model / baseline if baseline > 0 else math.nan
 
 
 class ModelPredictor:
@@ -426,7 +412,7 @@ def _text_to_pose(
         "count": len(chosen),
         "by_caption": by_kind,
         "reduction_vs_mean_pose": {
-            m: _reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
+            m: reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
         },
     }
 
@@ -531,7 +517,7 @@ def _images(predictor, image_pairs, average, sided, canonical, log) -> tuple[dic
         "model": model_metrics,
         "mean_pose": mean_metrics,
         "reduction_vs_mean_pose": {
-            m: _reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
+            m: reduction(model_metrics[m], mean_metrics[m]) for m in METRIC_NAMES
         },
     }
     picked = [i for i, a in enumerate(actions) if a in sided]
@@ -621,7 +607,7 @@ def evaluate_examples(
             "count": len(true),
             "by_kind": by_kind,
             "reduction_vs_mean_pose": {
-                m: _reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
+                m: reduction(overall["model"][m], overall["mean_pose"][m]) for m in METRIC_NAMES
             },
         },
     }
@@ -682,7 +668,7 @@ def quality_bars(report: dict) -> list[dict]:
             REDUCTION_BAR,
         )
         if "caption_oracle" in overall:  # how far these captions let any model go
-            bars[-1]["ceiling"] = _reduction(
+            bars[-1]["ceiling"] = reduction(
                 overall["caption_oracle"][metric], overall["mean_pose"][metric]
             )
         bar(
@@ -710,192 +696,6 @@ def quality_bars(report: dict) -> list[dict]:
             block = report["left_right"][key]
             bar(f"left/right: {key}", block["model"], LEFT_RIGHT_BAR, interval=block["interval"])
     return bars
-
-
-# --- markdown ------------------------------------------------------------------------------
-
-
-def _fmt(value: float, digits: int = 1) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:.{digits}f}"
-    )
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f} %"
-
-
-def _reduction_line(title: str, section: dict) -> str:
-    reductions = section["reduction_vs_mean_pose"]
-    return (
-        f"{title}: "
-        + ", ".join(f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in METRIC_NAMES)
-        + "."
-    )
-
-
-def _oracle_line(text: dict, oracle: str) -> str:
-    overall = text["by_caption"]["all"]
-    reductions = {m: _reduction(overall[oracle][m], overall["mean_pose"][m]) for m in METRIC_NAMES}
-    parts = (f"{METRIC_LABELS[m]} {_pct(reductions[m])}" for m in ("pa_mpjpe_mm", "mpjre_deg"))
-    return "Its reduction vs the mean pose (all captions): " + ", ".join(parts) + "."
-
-
-def _shown(bar: dict) -> Callable[[float], str]:
-    """How `bar`'s figures are written: reductions and accuracies in percent, distances in
-    their unit."""
-    name = bar["bar"]
-    percent = "reduction" in name or "accuracy" in name or "left/right" in name
-    return _pct if percent else _fmt
-
-
-def _bars_table(bars: Sequence[dict]) -> list[str]:
-    lines = [
-        "### Quality bars",
-        "",
-        "| bar | value | 95 % interval | threshold | |",
-        "|---|---|---|---|---|",
-    ]
-    for item in bars:
-        show = _shown(item)
-        low, high = item.get("interval", (None, None))
-        interval = f"{_pct(low)} – {_pct(high)}" if low is not None else ""
-        lines.append(
-            f"| {item['bar']} | {show(item['value'])} | {interval} | {show(item['threshold'])} | "
-            f"{'pass' if item['pass'] else '**FAIL**'} |"
-        )
-    return lines
-
-
-def _metrics_table(
-    first: str, groups: Iterable[tuple[str, dict]], titles: dict[str, str]
-) -> list[str]:
-    """A table of the metrics of each predictor in `titles` that a group's block holds, the
-    groups (label, block) one after the other."""
-    lines = [
-        f"| {first} | n | predictor | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
-        "|---|---|---|" + "---|" * len(METRIC_NAMES),
-    ]
-    for label, block in groups:
-        for key in [key for key in titles if key in block]:
-            values = " | ".join(_fmt(block[key][m]) for m in METRIC_NAMES)
-            lines.append(f"| {label} | {block['count']} | {titles[key]} | {values} |")
-    return lines
-
-
-def examples_markdown(report: dict) -> str:
-    """An `evaluate_examples` report's tables as Markdown."""
-    lines = [f"**Warning:** {warning}.\n" for warning in report["warnings"]]
-    poses = report["poses"]
-    without = report["without_pose"]
-    skipped = f"; {without} examples without a pose left out" if without else ""
-    lines += [f"### Poses ({poses['count']} in {report['examples']} examples{skipped})", ""]
-    titles = {"model": "**model**", "tfidf": "TF-IDF retrieval", "mean_pose": "mean pose"}
-    lines += _metrics_table("example kind", poses["by_kind"].items(), titles)
-    lines += ["", _reduction_line("Reduction vs the mean pose (all poses)", poses), ""]
-    lines += _bars_table(report["bars"])
-    return "\n".join(lines) + "\n"
-
-
-def markdown_summary(report: dict) -> str:
-    """The report's tables as Markdown (what docs/evaluation.md shows)."""
-    lines = [f"**Warning:** {warning}.\n" for warning in report.get("warnings", ())]
-    text = report["text_to_pose"]
-    lines += [f"### Text to pose ({report['split']} split, {text['count']} captions)", ""]
-    titles = {
-        "model": "**model**",
-        "tfidf": "TF-IDF retrieval",
-        "mean_pose": "mean pose",
-        "action_oracle": "oracle: the action's mean pose",
-        "caption_oracle": "oracle: the caption read perfectly",
-    }
-    kinds = (("all", "all"), ("action", "action phrasing"), ("auto", "automatic"))
-    groups = [(label, text["by_caption"][kind]) for kind, label in kinds]
-    lines += _metrics_table("caption kind", groups, titles)
-    lines += [
-        "",
-        _reduction_line("Reduction vs the mean pose (all captions)", text),
-        "",
-        "The oracle knows which named action each pose comes from (a label no model sees, "
-        "also for automatic captions of action poses) and answers that action's mean training "
-        "pose, or the overall mean for poses of no action: a bound on how far the named "
-        "actions let a predictor go below the mean pose. " + _oracle_line(text, "action_oracle"),
-        "",
-    ]
-    if "caption_oracle" in text["by_caption"]["all"]:
-        lines += [
-            "The caption oracle reads every caption perfectly: the action oracle on the action "
-            "phrasings, and on the automatic captions the mean of many sample poses with the "
-            "same caption facts (`baselines.CaptionOracle`): a ceiling for any model of these "
-            "captions. " + _oracle_line(text, "caption_oracle"),
-            "",
-        ]
-    # Asked of the train split, the phrasings and poses are the ones the model trained on.
-    held_out = "training" if report["split"] == "train" else "held-out"
-    para = report["paraphrases"]
-    lines += [
-        f"### Paraphrases ({para['count']} {held_out} prompts of {para['actions']} named actions)",
-        "",
-        "| predictor | top-1 action accuracy |",
-        "|---|---|",
-        f"| **model** | {_pct(para['top1']['model'])} (each phrasing once: "
-        f"{_pct(para['top1_per_phrasing'])}) |",
-        f"| TF-IDF retrieval | {_pct(para['top1']['tfidf'])} |",
-        f"| mean pose | {_pct(para['top1']['mean_pose'])} |",
-        f"| chance | {_pct(para['chance'])} |",
-        f"| oracle (a true pose of the action) | {_pct(para['top1']['oracle'])} |",
-        "",
-    ]
-    if para["confusions"]:
-        top = list(para["confusions"].items())[:6]
-        lines += ["Most frequent confusions: " + "; ".join(f"{k} ({v})" for k, v in top) + ".", ""]
-    if "images" in report:
-        images = report["images"]
-        lines += [
-            f"### Mannequin images ({images['count']} {held_out} poses, random cameras)",
-            "",
-            "| predictor | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
-            "|---|" + "---|" * len(METRIC_NAMES),
-        ]
-        for key in ("model", "mean_pose"):
-            values = " | ".join(_fmt(images[key][m]) for m in METRIC_NAMES)
-            lines.append(f"| {titles[key]} | {values} |")
-        lines += [
-            "",
-            _reduction_line("Reduction vs the mean pose", images),
-            "",
-        ]
-    lr = report["left_right"]
-    lines += [
-        "### Left and right",
-        "",
-        "| input | n | model | TF-IDF retrieval | oracle |",
-        "|---|---|---|---|---|",
-    ]
-    for key, label in (("text", f"text ({held_out} phrasings)"), ("images", "images")):
-        if key in lr:
-            block = lr[key]
-            lines.append(
-                f"| {label} | {block['count']} | {_pct(block['model'])} | "
-                f"{_pct(block.get('tfidf', math.nan))} | {_pct(block['oracle'])} |"
-            )
-    lines += ["", "Per action pair (model, text / images):", ""]
-    lines += ["| pair | text | images |", "|---|---|---|"]
-    image_pairs = lr.get("images", {}).get("per_pair", {})
-    for pair, value in lr["text"]["per_pair"].items():
-        lines.append(f"| {pair} | {_pct(value)} | {_pct(image_pairs.get(pair, math.nan))} |")
-    lines += ["", *_bars_table(report["bars"])]
-    above = [item for item in report["bars"] if item.get("ceiling", math.inf) < item["threshold"]]
-    if above:
-        lines += [
-            "",
-            "Above the caption oracle's ceiling, so out of reach of any model of these captions: "
-            + "; ".join(f"{item['bar']} (ceiling {_pct(item['ceiling'])})" for item in above)
-            + ".",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1004,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Each whole or not at all: a full disk never cuts an earlier report short.
         for path, text in (
             (args.out, report_json),
-            (markdown, f"{_measured_line(report)}\n\n{_summary(report)}"),
+            (markdown, report_markdown(report)),
         ):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(path, text)
@@ -1013,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = f"{written[0]} was written" if written else _rescued(report_json)
         print(f"error: cannot write the report ({exc}); {kept}; its bars follow", file=sys.stderr)
     for item in report["bars"]:
-        status, show = "pass" if item["pass"] else "FAIL", _shown(item)
+        status, show = "pass" if item["pass"] else "FAIL", figure_format(item)
         ceiling = f", ceiling {show(item['ceiling'])}" if "ceiling" in item else ""
         print(
             f"{status}  {item['bar']}: {show(item['value'])} (bar {show(item['threshold'])}"
@@ -1131,27 +931,6 @@ def _evaluated(args: argparse.Namespace, specs: list[DataSpec], fit: list[DataSp
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _summary(report: dict) -> str:
-    return markdown_summary(report) if "text_to_pose" in report else examples_markdown(report)
-
-
-def _measured_line(report: dict) -> str:
-    """What a report measured, as the first line of its Markdown."""
-    if "poses" in report:  # evaluate_examples'
-        limit = f", its first {report['limit']} examples" if report["limit"] else ""
-        fit = f"`{report['fit']}`" if report["fit"] else "the scored poses themselves"
-        return (
-            f"Checkpoint `{report['checkpoint']}` on `{report['data']}`{limit}, the baselines "
-            f"fitted on {fit}; device {report['device']}, {report['date']}."
-        )
-    limit = f", its first {report['limit']} records" if report["limit"] else ""
-    pairs = f" and the image pairs {report['pairs']}" if report["pairs"] else ""
-    return (
-        f"Checkpoint `{report['checkpoint']}` on the {report['split']} split of "
-        f"`{report['corpus']}`{limit}{pairs}; device {report['device']}, {report['date']}."
-    )
 
 
 def _rescued(report_json: str) -> str:

@@ -51,6 +51,7 @@ __all__ = [
     "pa_mpjpe",
     "pa_mpjpe_from_joints",
     "procrustes_align",
+    "reduction",
 ]
 
 MM_PER_METRE = 1000.0
@@ -312,6 +313,12 @@ def evaluate_poses(
             pred, true, ignore_global_orient=ignore, unit="rad_x100", joints=joints
         )
     return PoseMetrics(**values)
+
+
+def reduction(model: float, baseline: float) -> float:
+    """How far ``model``'s figure is below ``baseline``'s, as a fraction of it (0.4: 40 %
+    lower); NaN without a positive baseline."""
+    return 1.0 - model / baseline if baseline > 0 else math.nan
 
 
 def accuracy_interval(correct, clusters=None, z: float = 1.96) -> tuple[float, float]:

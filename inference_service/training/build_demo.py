@@ -914,7 +914,7 @@ def check_pack(original: Path, packed: Path, corpus: Path, tolerance_mm: float =
 
 def evaluate(work: Path, packed: Path, corpus: Path, pairs: Path) -> dict:
     from inference_service.evaluate import evaluate as run_evaluation
-    from inference_service.evaluate import markdown_summary
+    from inference_service.evaluation_report import markdown_summary
 
     # On the CPU wherever the build runs: a GPU's bfloat16 would give other figures.
     report = run_evaluation(packed, corpus, split="test", pairs=pairs, device="cpu", log=log)
@@ -938,7 +938,7 @@ def stage_report(
     the tower stage the images still reach the LM through the scaffold's projector: the tower's
     own figure is its loss, `learn_tower`'s log.)"""
     from inference_service.evaluate import evaluate as run_evaluation
-    from inference_service.evaluate import markdown_summary
+    from inference_service.evaluation_report import markdown_summary
 
     summary = {
         "stopped_after": stage,
@@ -1250,7 +1250,7 @@ def build(
     info["size_mb"] = 0.0
     _write_build_info(packed, info)  # first, so that the size counts it
     if docs is not None:
-        from inference_service.evaluate import markdown_summary
+        from inference_service.evaluation_report import markdown_summary
 
         entries = stages.run("examples", examples, work, packed, test_pairs, docs / "images")
         finish_info()

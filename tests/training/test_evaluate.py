@@ -21,6 +21,7 @@ from inference_service import evaluate as ev
 from inference_service import files
 from inference_service.checkpoint import Checkpoint, CheckpointError
 from inference_service.errors import ModelOutOfMemoryError
+from inference_service.evaluation_report import METRIC_NAMES, markdown_summary
 from inference_service.metrics import mpjpe
 from inference_service.training.actions import ACTIONS
 from inference_service.training.baselines import (
@@ -206,7 +207,7 @@ def test_the_command_writes_a_report_with_every_section(tiny, capsys):
     assert 0.0 <= report["paraphrases"]["top1_per_phrasing"] <= 1.0
     text = report["text_to_pose"]["by_caption"]["all"]
     assert set(text) == {"count", "model", "mean_pose", "tfidf", "action_oracle"}
-    assert set(text["model"]) == set(ev.METRIC_NAMES)
+    assert set(text["model"]) == set(METRIC_NAMES)
     assert report["paraphrases"]["top1"]["oracle"] > 0.8
     assert report["left_right"]["text"]["oracle"] == 1.0
     assert report["left_right"]["images"]["count"] == 2
@@ -689,7 +690,7 @@ def test_a_report_cut_short_by_a_full_disk_leaves_the_earlier_one_whole(
     assert ev.main(argv) == 2  # the JSON written, the tables not: said so
     assert f"No space left on device); {out} was written; its bars" in capsys.readouterr().err
     # Asked of the train split, the phrasings are the training ones: not called held-out.
-    trained_on = ev.markdown_summary(dict(report, split="train"))
+    trained_on = markdown_summary(dict(report, split="train"))
     assert "training prompts" in trained_on and "held-out" not in trained_on
 
 

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
     parser.add_argument(
         "--lr-schedule",
-        choices=("constant", "linear"),  # loop.LR_SCHEDULES
+        choices=("constant", "linear"),  # config.LR_SCHEDULES
         default="constant",
         help="after the warmup: constant, or falling linearly towards zero over the remaining "
         "steps, the last at lr / their number (LISA's WarmupDecayLR, which ChatPose trains with)",
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-base",
         nargs="?",
         const="all",
-        # loop.TRAIN_BASE_SCOPES
+        # config.TRAIN_BASE_SCOPES
         choices=("all", "embeddings", "context", "vision", "projector", "lm_head"),
         help="train the base's own weights instead of LoRA, and save whole models: every "
         "weight (all, the default; language model, projector, vision tower), the language "
@@ -202,13 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
+        from inference_service.training.config import TrainConfig, TrainingDiverged, TrainingError
         from inference_service.training.datasets import DatasetError, DataSpec, parse_data_spec
-        from inference_service.training.loop import (
-            TrainConfig,
-            TrainingDiverged,
-            TrainingError,
-            train,
-        )
+        from inference_service.training.loop import train
     except ModuleNotFoundError as exc:  # a client-only install (`pip install .`)
         from inference_service.cli import missing_service_package
 
@@ -290,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _last_checkpoint(out: Path) -> str:
-    from inference_service.training.loop import TrainingError, latest_checkpoint, run_files
+    from inference_service.training.config import TrainingError
+    from inference_service.training.loop import latest_checkpoint, run_files
 
     try:
         latest = latest_checkpoint(out) if out.is_dir() else None

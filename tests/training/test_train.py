@@ -31,6 +31,13 @@ from inference_service.pose_head import decode_pose
 from inference_service.prompts import Exchange, pose_exchange
 from inference_service.training import loop
 from inference_service.training.baselines import mean_pose_6d
+from inference_service.training.config import (
+    HEAD_INITS,
+    LR_SCHEDULES,
+    TRAIN_BASE_SCOPES,
+    TrainConfig,
+    TrainingError,
+)
 from inference_service.training.datasets import DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
 from inference_service.training.losses import IGNORE_INDEX
@@ -114,7 +121,7 @@ def settings(base, out, **overrides):
         log_every=3,
         device="cpu",
     )
-    return loop.TrainConfig(**{**values, **overrides})
+    return TrainConfig(**{**values, **overrides})
 
 
 def test_training_lowers_loss_and_the_checkpoint_serves(base, examples, tmp_path, capsys):
@@ -220,19 +227,19 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
     state = torch.load(resumed.checkpoint / loop.STATE_NAME, weights_only=True)
     assert state["step"] == 6
 
-    with pytest.raises(loop.TrainingError, match="already holds a training run"):
+    with pytest.raises(TrainingError, match="already holds a training run"):
         loop.train(settings(base, tmp_path / "b", steps=9, **common), examples)
-    with pytest.raises(loop.TrainingError, match="batch_size is 4 but the run"):
+    with pytest.raises(TrainingError, match="batch_size is 4 but the run"):
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True), examples)
-    with pytest.raises(loop.TrainingError, match="the training data differ"):
+    with pytest.raises(TrainingError, match="the training data differ"):
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), examples[:-1])
-    with pytest.raises(loop.TrainingError, match="ask for more --steps"):
+    with pytest.raises(TrainingError, match="ask for more --steps"):
         loop.train(settings(base, tmp_path / "b", resume=True, **common), examples)
     swapped = [*examples[4:6], *examples[:4], *examples[6:]]  # the image file given first
-    with pytest.raises(loop.TrainingError, match="the same examples in another order") as refused:
+    with pytest.raises(TrainingError, match="the same examples in another order") as refused:
         loop.train(settings(base, tmp_path / "b", steps=9, resume=True, **common), swapped)
     assert "(data/text.json, data/pairs.npz, chat.json)" in str(refused.value)
-    with pytest.raises(loop.TrainingError, match="no checkpoint to resume from"):
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
         loop.train(settings(base, tmp_path / "c", resume=True), examples)
 
 
@@ -249,9 +256,7 @@ def test_a_run_resumes_from_its_base_moved_elsewhere_but_not_from_another_base(
     shutil.copytree(moved, other)
     config = json.loads((other / "chatpose.json").read_text())
     (other / "chatpose.json").write_text(json.dumps({**config, "max_images": 2}))
-    with pytest.raises(
-        loop.TrainingError, match=f"base is '{other}' but the run .* used '{moved}'"
-    ):
+    with pytest.raises(TrainingError, match=f"base is '{other}' but the run .* used '{moved}'"):
         loop.train(settings(other, tmp_path / "run", steps=4, resume=True), examples)
     # Another model of the same sizes, saved over the base in its folder or moved in its place.
     weights = next((moved / "base").glob("*.safetensors"))
@@ -263,9 +268,7 @@ def test_a_run_resumes_from_its_base_moved_elsewhere_but_not_from_another_base(
     for base_now in (moved, tmp_path / "moved again"):
         if base_now != moved:
             shutil.move(moved, base_now)
-        with pytest.raises(
-            loop.TrainingError, match="weights of the base .* are not those the run"
-        ):
+        with pytest.raises(TrainingError, match="weights of the base .* are not those the run"):
             loop.train(settings(base_now, tmp_path / "run", steps=4, resume=True), examples)
 
 
@@ -376,7 +379,7 @@ def test_a_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(base, ex
     np.testing.assert_allclose(logged, [5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-9)
     constant = loop.train(settings(base, tmp_path / "constant", steps=3, warmup_steps=2), examples)
     assert [loop.learning_rate(settings(base, run), step) for step in (1, 5)] == [1e-3, 1e-3]
-    with pytest.raises(loop.TrainingError, match="lr_schedule is 'linear' but the run"):
+    with pytest.raises(TrainingError, match="lr_schedule is 'linear' but the run"):
         loop.train(
             settings(base, constant.checkpoint.parent, steps=6, resume=True, **common), examples
         )
@@ -511,7 +514,7 @@ def test_cli_reports_bad_data_and_arguments(base, tmp_path, capsys):
         train_cli.main([*argv, "--data", "xml", "f.xml"])
     assert info.value.code == 2 and "unknown data format 'xml'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be at least 1"):
-        loop.TrainConfig(base=base, out=tmp_path, steps=0)
+        TrainConfig(base=base, out=tmp_path, steps=0)
     capsys.readouterr()
     for option, value, expected in [
         ("--seed", "-1", "a whole number of 0 or more, got '-1'"),
@@ -659,7 +662,7 @@ def test_a_file_system_that_cannot_lock_runs_unguarded_rather_than_refuse(tmp_pa
 
 
 def test_a_home_folder_written_as_the_shell_leaves_it_is_expanded():
-    config = loop.TrainConfig(base="~/models/chatpose", out="~/runs/mine", data=[])
+    config = TrainConfig(base="~/models/chatpose", out="~/runs/mine", data=[])
     assert config.base == Path.home() / "models" / "chatpose"
     assert config.out == Path.home() / "runs" / "mine"
 
@@ -681,7 +684,7 @@ def test_a_mix_that_leaves_nothing_to_train_on_is_refused_before_the_model_loads
 ):
     monkeypatch.setattr(loop, "load_training_model", _raise(AssertionError("loaded")))
     text = [e for e in examples if e.kind == "text_to_pose"]
-    with pytest.raises(loop.TrainingError, match="no examples to train on"):
+    with pytest.raises(TrainingError, match="no examples to train on"):
         loop.train(settings(base, tmp_path / "run", mix=(0, 1, 1)), text)
     assert not (tmp_path / "run").exists()
 
@@ -694,7 +697,7 @@ def test_a_fresh_head_with_no_pose_in_the_mix_is_refused_before_the_model_loads(
     chat = [e for e in examples if not e.poses]  # chat only, as a LLaVA file without <POSE>
     no_pose_kind = [(chat, {}), (examples, {"mix": (0, 0, 1)})]
     for data, options in no_pose_kind + [(chat, {"head_init": "fresh"})]:
-        with pytest.raises(loop.TrainingError) as info:
+        with pytest.raises(TrainingError) as info:
             loop.train(settings(base, tmp_path / "run", **options), data)
         message = str(info.value)
         assert "no example the mix draws carries a pose" in message
@@ -782,7 +785,7 @@ def test_numbers_that_would_silently_change_training_are_refused(
     base, tmp_path, field, value, message
 ):
     with pytest.raises(ValueError, match=re.escape(message)):
-        loop.TrainConfig(base=base, out=tmp_path, **{field: value})
+        TrainConfig(base=base, out=tmp_path, **{field: value})
 
 
 def test_cli_refuses_an_out_with_a_stopped_run_and_numbers_that_are_not(base, tmp_path, capsys):
@@ -858,7 +861,7 @@ def test_copy_base_into_a_folder_inside_the_base_is_refused_before_anything_is_c
     own = tmp_path / "base"
     shutil.copytree(base, own)
     out = Checkpoint.open(own).base_dir / "runs" / "ft"
-    with pytest.raises(loop.TrainingError, match="--copy-base: --out .* lies inside the base"):
+    with pytest.raises(TrainingError, match="--copy-base: --out .* lies inside the base"):
         loop.train(settings(own, out, steps=1, copy_base=True), examples)
     assert not out.exists()
 
@@ -1176,7 +1179,7 @@ def test_sampler_follows_the_mix_and_the_seed():
         drawn = [kinds[i] for _ in range(20_000) for i in odd.next_batch()]
         shares = [drawn.count(kind) / len(drawn) for kind in loop.KINDS]
         np.testing.assert_allclose(shares, np.array(mix) / sum(mix), atol=0.006)
-    with pytest.raises(loop.TrainingError, match="no examples to train on"):
+    with pytest.raises(TrainingError, match="no examples to train on"):
         loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
 
 
@@ -1280,7 +1283,7 @@ def test_auto_keeps_the_head_of_a_training_output_and_a_fresh_one_must_train(
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5)
     # A head that starts fresh and has no pose loss would be saved random.
     untrained = settings(base, tmp_path / "four", steps=1, train_base="lm_head", pose_weight=0.0)
-    with pytest.raises(loop.TrainingError, match="--pose-weight 0 trains no SMPL head"):
+    with pytest.raises(TrainingError, match="--pose-weight 0 trains no SMPL head"):
         loop.train(untrained, examples)
     assert not (tmp_path / "four").exists()
 
@@ -1362,7 +1365,7 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
     np.testing.assert_allclose(
         [x[1:] for x in resumed.losses], [x[1:] for x in straight.losses[2:]], rtol=1e-5
     )
-    with pytest.raises(loop.TrainingError, match="train_base is None but the run"):
+    with pytest.raises(TrainingError, match="train_base is None but the run"):
         loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
     # A run saved when train_base was a flag resumes under its scope's name.
     newest = tmp_path / "b" / (tmp_path / "b" / "latest").read_text().strip()
@@ -1514,7 +1517,7 @@ def test_the_action_loss_trains_a_classifier_that_is_resumed_and_never_exported(
         [x[1:] for x in straight.losses[len(first.losses) :]],
         rtol=1e-5,
     )
-    with pytest.raises(loop.TrainingError, match="action_weight is 0.5 but the run"):
+    with pytest.raises(TrainingError, match="action_weight is 0.5 but the run"):
         loop.train(
             settings(
                 base, tmp_path / "b", steps=15, resume=True, **{**common, "action_weight": 0.5}
@@ -1532,9 +1535,9 @@ def test_the_action_loss_trains_a_classifier_that_is_resumed_and_never_exported(
 def test_the_command_line_offers_exactly_the_loops_choices():
     # train.py mirrors these by hand so that `--help` needs no torch; this keeps them equal.
     actions = {a.dest: a for a in train_cli.build_parser()._actions}
-    assert tuple(actions["train_base"].choices) == tuple(s for s in loop.TRAIN_BASE_SCOPES if s)
-    assert tuple(actions["lr_schedule"].choices) == loop.LR_SCHEDULES
-    assert tuple(actions["head_init"].choices) == loop.HEAD_INITS
+    assert tuple(actions["train_base"].choices) == tuple(s for s in TRAIN_BASE_SCOPES if s)
+    assert tuple(actions["lr_schedule"].choices) == LR_SCHEDULES
+    assert tuple(actions["head_init"].choices) == HEAD_INITS
 
 
 def test_the_help_is_written_in_utf8_whatever_the_system_code_page():

@@ -2,7 +2,7 @@
 
 One record type, `Example`, whatever the source:
 
-- `kind`: "text_to_pose", "image_to_pose" or "chat" (decides the batch mix, see loop.py);
+- `kind`: "text_to_pose", "image_to_pose" or "chat" (decides the batch mix, see sampling.py);
 - `question`: the user message (no image marker: images go in `images`, and the prompt builder
   puts one marker per image at the start of the first user message, as LLaVA does);
 - `answer`: the assistant's answer; a pose is written as `POSE_MARKER` ("<POSE>"), replaced by

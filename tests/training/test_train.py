@@ -38,9 +38,10 @@ from inference_service.training.config import (
     TrainConfig,
     TrainingError,
 )
-from inference_service.training.datasets import DatasetError, Example, ImageFile
+from inference_service.training.datasets import KINDS, DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
 from inference_service.training.losses import IGNORE_INDEX
+from inference_service.training.sampling import MixedSampler
 from inference_service.training.scaffold import scaffold_checkpoint
 from shared_protocol.rotations import axis_angle_to_matrix
 
@@ -1161,7 +1162,7 @@ def test_records_the_model_cannot_take_are_all_named_and_image_counts_before_it_
 
 def test_sampler_follows_the_mix_and_the_seed():
     kinds = ["text_to_pose"] * 3 + ["image_to_pose"] * 5 + ["chat"] * 2
-    sampler = loop.MixedSampler(kinds, (1, 2, 1), 8, seed=1)
+    sampler = MixedSampler(kinds, (1, 2, 1), 8, seed=1)
     batches = [sampler.next_batch() for _ in range(5)]
     for batch in batches:
         assert [kinds[i] for i in batch] == ["text_to_pose"] * 2 + ["image_to_pose"] * 4 + [
@@ -1169,18 +1170,18 @@ def test_sampler_follows_the_mix_and_the_seed():
         ] * 2
     image_draws = [i for batch in batches for i in batch if kinds[i] == "image_to_pose"]
     assert sorted(image_draws[:5]) == [3, 4, 5, 6, 7]  # each kind is walked before repeating
-    again = loop.MixedSampler(kinds, (1, 2, 1), 8, seed=1)
+    again = MixedSampler(kinds, (1, 2, 1), 8, seed=1)
     assert [again.next_batch() for _ in range(5)] == batches
-    no_chat = loop.MixedSampler(kinds[:8], (1, 2, 1), 3, seed=0)
+    no_chat = MixedSampler(kinds[:8], (1, 2, 1), 3, seed=0)
     assert all(len(no_chat.next_batch()) == 3 for _ in range(4))
     # A batch the ratio does not divide: over many batches, the shares are the ratio's.
     for mix, size in (((1, 2, 1), 3), ((1, 1, 3), 3), ((1, 1, 1), 2)):
-        odd = loop.MixedSampler(kinds, mix, size, seed=2)
+        odd = MixedSampler(kinds, mix, size, seed=2)
         drawn = [kinds[i] for _ in range(20_000) for i in odd.next_batch()]
-        shares = [drawn.count(kind) / len(drawn) for kind in loop.KINDS]
+        shares = [drawn.count(kind) / len(drawn) for kind in KINDS]
         np.testing.assert_allclose(shares, np.array(mix) / sum(mix), atol=0.006)
     with pytest.raises(TrainingError, match="no examples to train on"):
-        loop.MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
+        MixedSampler(["chat"], (1, 1, 0), 2, seed=0)
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])

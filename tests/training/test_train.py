@@ -40,6 +40,7 @@ from inference_service.training.config import (
 )
 from inference_service.training.datasets import KINDS, DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
+from inference_service.training.fingerprints import data_change, fingerprint
 from inference_service.training.losses import IGNORE_INDEX
 from inference_service.training.sampling import MixedSampler
 from inference_service.training.scaffold import scaffold_checkpoint
@@ -1590,7 +1591,7 @@ def test_a_fresh_head_starts_at_the_mean_pose_of_the_poses_it_trains_on(base, ex
 
 
 def test_a_refused_resume_names_the_data_file_that_differs(examples):
-    _, then = loop.fingerprint(examples)
+    _, then = fingerprint(examples)
     text, image, chat = examples[:4], examples[4:6], examples[6:]
     changed = dataclasses.replace(text[0], question="a man raising one arm")
     elsewhere = [dataclasses.replace(e, source=f"/runs/{e.source}") for e in [changed, *text[1:]]]
@@ -1618,8 +1619,8 @@ def test_a_refused_resume_names_the_data_file_that_differs(examples):
         ),
     ]
     for change, data in cases:
-        assert loop._data_change(then, loop.fingerprint(data)[1]) == change
+        assert data_change(then, fingerprint(data)[1]) == change
     # Two files of the same content, one left out: the one no longer given is named.
     twins = [["a.json", 3, "same"], ["b.json", 3, "same"]]
-    assert loop._data_change(twins, twins[:1]) == "b.json (3 examples) is no longer among them"
-    assert loop._data_change(twins[:1], twins) == "b.json was not among them"
+    assert data_change(twins, twins[:1]) == "b.json (3 examples) is no longer among them"
+    assert data_change(twins[:1], twins) == "b.json was not among them"

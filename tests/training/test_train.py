@@ -29,7 +29,7 @@ from inference_service.images import CropBox
 from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
 from inference_service.pose_head import decode_pose
 from inference_service.prompts import Exchange, pose_exchange
-from inference_service.training import loop
+from inference_service.training import loop, training_model
 from inference_service.training.baselines import mean_pose_6d
 from inference_service.training.config import (
     HEAD_INITS,
@@ -41,9 +41,10 @@ from inference_service.training.config import (
 from inference_service.training.datasets import KINDS, DatasetError, Example, ImageFile
 from inference_service.training.encoding import Encoder
 from inference_service.training.fingerprints import data_change, fingerprint
-from inference_service.training.losses import IGNORE_INDEX
+from inference_service.training.losses import IGNORE_INDEX, LossTerms
 from inference_service.training.sampling import MixedSampler
 from inference_service.training.scaffold import scaffold_checkpoint
+from inference_service.training.training_model import load_training_model
 from shared_protocol.rotations import axis_angle_to_matrix
 
 RNG = np.random.default_rng(0)
@@ -165,7 +166,7 @@ def test_training_lowers_loss_and_the_checkpoint_serves(base, examples, tmp_path
     assert not torch.allclose(trained_row, original.get_input_embeddings().weight[pose_id])
 
     # The training forward reads the same hidden state as the service's fast path.
-    tm = loop.load_training_model(
+    tm = load_training_model(
         Checkpoint.open(base),
         settings(base, out),
         result.checkpoint / "adapter",
@@ -439,14 +440,14 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         *("--adapter-lr", "1e-4"),  # the head at --lr (2e-4), the adapter at 1e-4
     ]
     calls = []
-    real_loss, real_save = loop.chatpose_loss, loop.save_checkpoint
+    real_loss, real_save = training_model.chatpose_loss, loop.save_checkpoint
     snapshots = {}
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         terms = real_loss(*args, **kwargs)
         if len(calls) == 5:
-            return loop.LossTerms(terms.total * float("nan"), terms.ce, terms.pose_l1)
+            return LossTerms(terms.total * float("nan"), terms.ce, terms.pose_l1)
         return terms
 
     def recording_save(*args, **kwargs):
@@ -454,7 +455,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
         snapshots[path.name] = _snapshot(path)
         return path
 
-    monkeypatch.setattr(loop, "chatpose_loss", poisoned)
+    monkeypatch.setattr(training_model, "chatpose_loss", poisoned)
     monkeypatch.setattr(loop, "save_checkpoint", recording_save)
     assert train_cli.main(argv) == train_cli.EXIT_DIVERGED
     err = capsys.readouterr().err
@@ -468,7 +469,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
 
     assert (out / loop.DIVERGED_NAME).is_file()
 
-    monkeypatch.setattr(loop, "chatpose_loss", real_loss)
+    monkeypatch.setattr(training_model, "chatpose_loss", real_loss)
     higher = [*argv, "--resume", "--steps", "6", "--lr", "1e-3"]
     assert train_cli.main(higher) == train_cli.EXIT_USAGE  # after a NaN: lower only
     assert "lr is 0.001 but the run" in capsys.readouterr().err
@@ -1188,34 +1189,38 @@ def test_sampler_follows_the_mix_and_the_seed():
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_training_does_not_run_in_float16(base, monkeypatch, capsys, bf16, expected):
     # A card before compute capability 8.0 serves in float16; training has no loss scaling.
-    monkeypatch.setattr(loop, "select_device", lambda _: (torch.device("cpu"), torch.float16))
+    monkeypatch.setattr(
+        training_model, "select_device", lambda _: (torch.device("cpu"), torch.float16)
+    )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: bf16)
-    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    tm = load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     assert tm.dtype == expected
     assert tm.model.get_input_embeddings().weight.dtype == expected
     # The base's own weights, trained in bfloat16, have no float32 copy: said, not silent.
     trains_base = settings(base, "unused", train_base="embeddings")
-    loop.load_training_model(Checkpoint.open(base), trains_base, None, None)
+    load_training_model(Checkpoint.open(base), trains_base, None, None)
     said = "note: --train-base trains the base's own weights in bfloat16" in capsys.readouterr().err
     assert said == (expected == torch.bfloat16)
 
 
 def test_training_loads_the_base_straight_onto_its_device_after_a_memory_check(base, monkeypatch):
     loaded = []
-    load = loop.load_base
+    load = training_model.load_base
     monkeypatch.setattr(
-        loop, "load_base", lambda path, **options: loaded.append(options) or load(path, **options)
+        training_model,
+        "load_base",
+        lambda path, **options: loaded.append(options) or load(path, **options),
     )
-    loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     assert loaded[-1]["device_map"] == "cpu"  # not loaded into memory, then moved
     # On the CPU, a model larger than the memory free is named before the system kills the run.
     monkeypatch.setattr(loading, "free_host_memory", lambda: 1024)
     with pytest.raises(ModelError, match=r"GB free; train it on a GPU \(--device cuda\)$"):
-        loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+        load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
 
 
 def test_the_saved_head_reads_raw_states_as_the_trained_one_read_centred_ones(base, examples):
-    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    tm = load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)
     batch = encoder.collate([encoder.encode(e) for e in examples[:4]])
     shift = tm.mean_pose_state([batch])
@@ -1235,7 +1240,7 @@ def test_batches_train_on_an_image_file_cropped_to_its_box(base, tmp_path):
     photo.save(tmp_path / "photo.png")
     digest = hashlib.sha256((tmp_path / "photo.png").read_bytes()).hexdigest()
     boxed = ImageFile(tmp_path / "photo.png", digest, CropBox(100, 20, 40))
-    tm = loop.load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
+    tm = load_training_model(Checkpoint.open(base), settings(base, "unused"), None, None)
     encoder = Encoder(tm.processor, tm.config, tm.pose_token_id, 512)
 
     def pixels(image):
@@ -1333,7 +1338,7 @@ def test_adapter_lr_zero_trains_the_head_alone(base, examples, tmp_path):
     lora_b = [k for k in adapter if "lora_B" in k]
     assert lora_b and all(adapter[k].abs().sum() == 0 for k in lora_b)  # still as initialised
     head = load_file(result.checkpoint / "pose_head.safetensors")
-    fresh = loop.load_training_model(
+    fresh = load_training_model(
         Checkpoint.open(base), settings(base, "unused"), None, None
     ).head.state_dict()
     assert any(not torch.allclose(head[k], fresh[k]) for k in head)

@@ -286,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _last_checkpoint(out: Path) -> str:
+    from inference_service.training.checkpoints import latest_checkpoint, run_files
     from inference_service.training.config import TrainingError
-    from inference_service.training.loop import latest_checkpoint, run_files
 
     try:
         latest = latest_checkpoint(out) if out.is_dir() else None

@@ -1,15 +1,5 @@
 """The training loop: LoRA on the LLM, the pose token's rows and the SMPL head; checkpoints,
 exact resume and a stop on NaN. The command line is `python -m inference_service.train`.
-
-Output directory:
-
-    OUT/step-000100/     a checkpoint `chatpose-serve` loads as it is: chatpose.json (whose
-                         base_model is the base's absolute path, or "../base" with copy_base),
-                         adapter/, pose_head.safetensors, and training_state.pt (optimizer
-                         state, step, RNG state, the run's settings) for resume
-    OUT/latest           the name of the newest complete checkpoint ("step-000100")
-    OUT/base/            a copy of the base model, with copy_base only
-    OUT/train_log.jsonl  the logged loss figures
 """
 
 from __future__ import annotations
@@ -20,7 +10,6 @@ import errno
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -33,31 +22,26 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from inference_service.checkpoint import (
-    CONFIG_NAME,
-    HEAD_NAME,
-    Checkpoint,
-)
+from inference_service.checkpoint import CONFIG_NAME, HEAD_NAME, Checkpoint
 from inference_service.errors import CheckpointError
-from inference_service.files import (
-    sync,
-    unwritable,
-    write_failure,
-    write_folder_whole,
-    write_text_atomically,
-)
-from inference_service.loading import (
-    save_processor,
-    select_device,
-)
+from inference_service.files import unwritable, write_folder_whole, write_text_atomically
+from inference_service.loading import select_device
 from inference_service.training.baselines import mean_pose_6d
-from inference_service.training.config import TrainConfig, TrainingDiverged, TrainingError
-from inference_service.training.datasets import (
-    KINDS,
-    DatasetError,
-    Example,
-    load_data,
+from inference_service.training.checkpoints import (
+    DIVERGED_NAME,
+    LATEST_NAME,
+    LOG_NAME,
+    STATE_NAME,
+    earlier_one,
+    latest_checkpoint,
+    load_state,
+    run_files,
+    save_checkpoint,
+    step_dir_name,
+    steps_before,
 )
+from inference_service.training.config import TrainConfig, TrainingDiverged, TrainingError
+from inference_service.training.datasets import KINDS, DatasetError, Example, load_data
 from inference_service.training.encoding import EncodedExample, Encoder
 from inference_service.training.fingerprints import (
     base_fingerprint,
@@ -68,12 +52,7 @@ from inference_service.training.fingerprints import (
 from inference_service.training.sampling import MixedSampler, unused_kinds
 from inference_service.training.training_model import TrainingModel, load_training_model
 
-STATE_NAME = "training_state.pt"
-LATEST_NAME = "latest"
 LOCK_NAME = ".lock"  # held by the run that writes the folder
-LOG_NAME = "train_log.jsonl"
-DIVERGED_NAME = "diverged.json"  # in OUT while a run stopped on a NaN has not got past it
-STATE_FORMAT = 1
 
 
 @dataclass
@@ -81,264 +60,6 @@ class TrainResult:
     step: int  # the last completed step
     checkpoint: Path | None  # the newest checkpoint written
     losses: list[tuple[int, float, float, float]]  # (step, total, ce, pose_l1) of this process
-
-
-def _with_adapter_shape(config: TrainConfig, adapter_dir: Path | None, note: bool) -> TrainConfig:
-    """`config` with the LoRA rank, alpha and dropout of the adapter in `adapter_dir`, which
-    trains on as it is (the --lora-* options shape a new adapter only), so that the run records
-    what it trains; `note`: say so when the options asked for another shape."""
-    path = adapter_dir / "adapter_config.json" if adapter_dir is not None else None
-    if path is None or not path.is_file():
-        return config
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        shape = {
-            "lora_rank": int(saved["r"]),
-            "lora_alpha": int(saved["lora_alpha"]),
-            "lora_dropout": float(saved.get("lora_dropout", 0.0)),
-        }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable LoRA adapter config ({exc})") from None
-    asked = {key: getattr(config, key) for key in shape}
-    if note and asked != shape:
-        print(
-            f"note: {adapter_dir} holds a LoRA adapter of rank {shape['lora_rank']}, alpha "
-            f"{shape['lora_alpha']}, dropout {shape['lora_dropout']}, which trains on as it is; "
-            "--lora-rank, --lora-alpha and --lora-dropout shape a new adapter only",
-            file=sys.stderr,
-        )
-    return dataclasses.replace(config, **shape)
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def run_files(out: Path) -> list[str]:
-    """What a run has written into `out`."""
-    names = (LATEST_NAME, LOG_NAME, DIVERGED_NAME, "base", ".base.tmp")
-    return [p.name for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    latest = out / LATEST_NAME
-    if not latest.is_file():
-        return None
-    try:
-        path = out / latest.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrainingError(
-            f"{latest}: not a readable checkpoint pointer ({exc}); write the name of one of "
-            f"the step-* folders of {out} into it"
-        ) from None
-    if not _is_complete(path):
-        raise TrainingError(
-            f"{latest} names {path}, which is not a complete checkpoint{_earlier_one(path)}"
-        )
-    return path
-
-
-def _is_complete(path: Path) -> bool:
-    weights = (path / "adapter").is_dir() or (path / "base").is_dir()
-    return (path / STATE_NAME).is_file() and (path / HEAD_NAME).is_file() and weights
-
-
-def _earlier_one(path: Path) -> str:
-    """How to resume from the newest complete checkpoint before the damaged `path`, or ""."""
-    earlier = [(n, name) for n, name in _steps_before(path) if _is_complete(path.parent / name)]
-    if not earlier:
-        return ""
-    latest = path.parent / LATEST_NAME
-    return f"; to resume from the one before it, write {max(earlier)[1]} into {latest}"
-
-
-def _steps_before(path: Path) -> list[tuple[int, str]]:
-    """(N, name) of the step-N folders beside the step folder `path` that come before it."""
-    step = _step_of(path)
-    if step is None:
-        return []
-    return [
-        (number, p.name)
-        for p in path.parent.glob("step-*")
-        if (number := _step_of(p)) is not None and number < step and p.is_dir()
-    ]
-
-
-def _step_of(path: Path) -> int | None:
-    """N of a step-N folder, as a number: past 999,999 steps the names no longer sort."""
-    number = path.name.removeprefix("step-")
-    return int(number) if number.isascii() and number.isdigit() and number != path.name else None
-
-
-def save_checkpoint(
-    out: Path,
-    step: int,
-    tm: TrainingModel,
-    optimizer: torch.optim.Optimizer,
-    names: list[str],
-    base_model: str,
-    state_extra: dict,
-    keep_last: int,
-) -> Path:
-    """Write OUT/step-N whole or not at all (`write_folder_whole`), then point `latest` at it.
-    A write that fails (a full disk) leaves nothing of it, and is an OSError naming the
-    checkpoint: torch and safetensors say RuntimeError."""
-    final = out / step_dir_name(step)
-
-    def write(tmp: Path) -> None:
-        _write_checkpoint(tmp, step, tm, optimizer, names, base_model, state_extra)
-
-    try:
-        write_folder_whole(final, write)
-    except Exception as exc:
-        if problem := write_failure(exc):
-            raise OSError(
-                f"{final}: the checkpoint could not be written (a full disk?): {problem}"
-            ) from exc
-        raise
-    write_text_atomically(out / LATEST_NAME, final.name + "\n")
-    sync(out)
-    if keep_last:
-        prune_checkpoints(out, keep_last, final)
-    return final
-
-
-def _write_checkpoint(
-    tmp: Path,
-    step: int,
-    tm: TrainingModel,
-    optimizer: torch.optim.Optimizer,
-    names: list[str],
-    base_model: str,
-    state_extra: dict,
-) -> None:
-    if tm.trains_base:
-        tm.model.save_pretrained(str(tmp / "base"))
-        save_processor(tm.processor, tmp / "base")
-        base_model = "base"
-    else:
-        tm.model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
-    tm.exported_head().save(tmp / HEAD_NAME)
-    dataclasses.replace(tm.config, base_model=base_model).save(tmp)
-    state = {
-        "format": STATE_FORMAT,
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "param_names": names,
-        # The head as trained (exactly, for resume) and the shift it is trained with.
-        "head": {k: v.detach().cpu() for k, v in tm.head.state_dict().items()},
-        "head_input_shift": None if tm.head_input_shift is None else tm.head_input_shift.cpu(),
-        "action_classifier": (
-            None
-            if tm.action_classifier is None
-            else {k: v.detach().cpu() for k, v in tm.action_classifier.state_dict().items()}
-        ),
-        "torch_rng": torch.get_rng_state(),
-        # The training card's alone: a resume on a machine with other cards restores it there.
-        "cuda_rng": torch.cuda.get_rng_state(tm.device) if tm.device.type == "cuda" else None,
-        **state_extra,
-    }
-    torch.save(state, tmp / STATE_NAME)
-
-
-def _copy_base(base_dir: Path, out: Path) -> None:
-    """`--copy-base`: the base model into OUT/base, whole or not at all (a partial copy of a
-    13B model would stay on a full disk)."""
-    try:
-        write_folder_whole(
-            out / "base", lambda copy: shutil.copytree(base_dir, copy, dirs_exist_ok=True)
-        )
-    except shutil.Error as exc:  # one entry per file: (source, target, why)
-        source, _, why = exc.args[0][0]
-        raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
-
-
-def prune_checkpoints(out: Path, keep_last: int, newest: Path) -> None:
-    """Delete all but the `keep_last` newest step-N folders of `out`, `newest` among them."""
-    steps = sorted(
-        (p for p in out.glob("step-*") if p.is_dir() and p != newest and _step_of(p) is not None),
-        key=_step_of,  # by number: step-1000000 comes after step-999999
-    )
-    for old in steps[: max(0, len(steps) - (keep_last - 1))]:
-        shutil.rmtree(old)
-
-
-def _keeps_base_head(
-    config: TrainConfig,
-    checkpoint: Checkpoint,
-    examples: Sequence[Example],
-    sampler: MixedSampler,
-) -> bool:
-    """Whether the run starts from the base's SMPL head (`--head-init`). `auto` keeps the head
-    of a training output (an adapter, or a training state: a `--train-base` run saves none),
-    and trains a fresh one on any other base, as the paper does. A fresh head must train: it
-    needs the pose loss, and poses in the examples of the kinds `sampler` draws."""
-    if config.head_init == "auto":
-        trained = checkpoint.adapter_dir is not None or (checkpoint.root / STATE_NAME).is_file()
-        keep = trained
-        if not trained:
-            print(
-                f"note: the SMPL head starts fresh, at the training data's mean pose: "
-                f"{checkpoint.root} is not a training output (--head-init base keeps its head)",
-                file=sys.stderr,
-            )
-    else:
-        keep = config.head_init == "base"
-    if not keep and config.pose_weight == 0:
-        raise TrainingError(
-            "--pose-weight 0 trains no SMPL head, and this one would start fresh: the "
-            "checkpoint would give random poses; add --head-init base to keep the base's head"
-        )
-    if not keep and not any(e.poses for e in examples if e.kind in sampler.kinds):
-        raise TrainingError(
-            f"no example the mix draws carries a pose (it draws {', '.join(sampler.kinds)}), so "
-            "the SMPL head, which would start fresh, never trains: the checkpoint would give "
-            "random poses; add --head-init base to keep the base's head, or give data with poses"
-        )
-    return keep
-
-
-def load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: unsafe
-        raise TrainingError(
-            f"{path / STATE_NAME}: not a training state this project wrote, or a damaged one"
-        ) from None
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise TrainingError(f"{path / STATE_NAME}: cannot read the training state ({exc})") from exc
-    if not isinstance(state, dict):
-        raise TrainingError(f"{path / STATE_NAME}: not a training state: a {type(state).__name__}")
-    if state.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{path / STATE_NAME}: unknown format {state.get('format')!r}")
-    for key, kinds in _STATE_FIELDS.items():
-        if key not in state:
-            raise TrainingError(f"{path / STATE_NAME}: damaged: it has no {key!r}")
-        if not isinstance(state[key], kinds) or isinstance(state[key], bool):
-            raise TrainingError(
-                f"{path / STATE_NAME}: damaged: {key!r} is a {type(state[key]).__name__}"
-            )
-    if state["step"] < 0:
-        raise TrainingError(f"{path / STATE_NAME}: damaged: step {state['step']}")
-    return state
-
-
-# What `save_checkpoint` writes into the training state, and the types a resume reads.
-_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "step": int,
-    "optimizer": dict,
-    "param_names": list,
-    "head": dict,
-    "head_input_shift": (torch.Tensor, type(None)),
-    "torch_rng": torch.Tensor,
-    "cuda_rng": (torch.Tensor, list, type(None)),
-}
-
-
-# --- the loop ---------------------------------------------------------------------------------
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -595,6 +316,33 @@ def _note_settings(config: TrainConfig, kinds: Sequence[str]) -> None:
         )
 
 
+def _with_adapter_shape(config: TrainConfig, adapter_dir: Path | None, note: bool) -> TrainConfig:
+    """`config` with the LoRA rank, alpha and dropout of the adapter in `adapter_dir`, which
+    trains on as it is (the --lora-* options shape a new adapter only), so that the run records
+    what it trains; `note`: say so when the options asked for another shape."""
+    path = adapter_dir / "adapter_config.json" if adapter_dir is not None else None
+    if path is None or not path.is_file():
+        return config
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        shape = {
+            "lora_rank": int(saved["r"]),
+            "lora_alpha": int(saved["lora_alpha"]),
+            "lora_dropout": float(saved.get("lora_dropout", 0.0)),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable LoRA adapter config ({exc})") from None
+    asked = {key: getattr(config, key) for key in shape}
+    if note and asked != shape:
+        print(
+            f"note: {adapter_dir} holds a LoRA adapter of rank {shape['lora_rank']}, alpha "
+            f"{shape['lora_alpha']}, dropout {shape['lora_dropout']}, which trains on as it is; "
+            "--lora-rank, --lora-alpha and --lora-dropout shape a new adapter only",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(config, **shape)
+
+
 def _saved_state(
     config: TrainConfig, checkpoint: Checkpoint, resume_from: Path, data: tuple[str, list]
 ) -> dict:
@@ -602,7 +350,7 @@ def _saved_state(
     try:
         state = load_state(resume_from)
     except TrainingError as exc:
-        raise TrainingError(f"{exc}{_earlier_one(resume_from)}") from None
+        raise TrainingError(f"{exc}{earlier_one(resume_from)}") from None
     _check_resume(config, state, data, checkpoint, resume_from)
     if state["step"] >= config.steps:
         raise TrainingError(
@@ -634,6 +382,18 @@ def _set_up_heads(
         tm.action_classifier.to(tm.device)
         if state is not None and state.get("action_classifier") is not None:
             tm.action_classifier.load_state_dict(state["action_classifier"])
+
+
+def _copy_base(base_dir: Path, out: Path) -> None:
+    """`--copy-base`: the base model into OUT/base, whole or not at all (a partial copy of a
+    13B model would stay on a full disk)."""
+    try:
+        write_folder_whole(
+            out / "base", lambda copy: shutil.copytree(base_dir, copy, dirs_exist_ok=True)
+        )
+    except shutil.Error as exc:  # one entry per file: (source, target, why)
+        source, _, why = exc.args[0][0]
+        raise OSError(f"--copy-base: cannot copy {source} into {out} ({why})") from None
 
 
 @dataclass
@@ -748,6 +508,41 @@ def _model_to_train(
         posed = [pose for e in examples if e.kind in sampler.kinds for pose in e.poses]
         tm.head.start_at(mean_pose_6d(np.stack(posed)))
     return tm, head_path
+
+
+def _keeps_base_head(
+    config: TrainConfig,
+    checkpoint: Checkpoint,
+    examples: Sequence[Example],
+    sampler: MixedSampler,
+) -> bool:
+    """Whether the run starts from the base's SMPL head (`--head-init`). `auto` keeps the head
+    of a training output (an adapter, or a training state: a `--train-base` run saves none),
+    and trains a fresh one on any other base, as the paper does. A fresh head must train: it
+    needs the pose loss, and poses in the examples of the kinds `sampler` draws."""
+    if config.head_init == "auto":
+        trained = checkpoint.adapter_dir is not None or (checkpoint.root / STATE_NAME).is_file()
+        keep = trained
+        if not trained:
+            print(
+                f"note: the SMPL head starts fresh, at the training data's mean pose: "
+                f"{checkpoint.root} is not a training output (--head-init base keeps its head)",
+                file=sys.stderr,
+            )
+    else:
+        keep = config.head_init == "base"
+    if not keep and config.pose_weight == 0:
+        raise TrainingError(
+            "--pose-weight 0 trains no SMPL head, and this one would start fresh: the "
+            "checkpoint would give random poses; add --head-init base to keep the base's head"
+        )
+    if not keep and not any(e.poses for e in examples if e.kind in sampler.kinds):
+        raise TrainingError(
+            f"no example the mix draws carries a pose (it draws {', '.join(sampler.kinds)}), so "
+            "the SMPL head, which would start fresh, never trains: the checkpoint would give "
+            "random poses; add --head-init base to keep the base's head, or give data with poses"
+        )
+    return keep
 
 
 def _encoded_examples(
@@ -887,7 +682,7 @@ def _diverged(step: int, what: str, figures, last_saved: Path | None) -> str:
         kept = "no checkpoint was saved yet"
     elif what != "weights" and last_saved.name == step_dir_name(step - 1):
         # Its weights gave this loss or gradient: a resume meets the same batch with them.
-        earlier = [name for _, name in sorted(_steps_before(last_saved))]
+        earlier = [name for _, name in sorted(steps_before(last_saved))]
         instead = (
             f"write the name of an earlier one ({', '.join(earlier)}) into "
             f"{last_saved.parent / LATEST_NAME} and --resume with {lower}"

@@ -23,7 +23,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference_service import files, loading
 from inference_service import train as train_cli
-from inference_service.checkpoint import Checkpoint
+from inference_service.checkpoint import HEAD_NAME, Checkpoint
 from inference_service.errors import ChatPoseError, CheckpointError, ModelError
 from inference_service.images import CropBox
 from inference_service.modeling_chatpose import ChatPoseModel, PosePrompt
@@ -31,6 +31,16 @@ from inference_service.pose_head import decode_pose
 from inference_service.prompts import Exchange, pose_exchange
 from inference_service.training import loop, training_model
 from inference_service.training.baselines import mean_pose_6d
+from inference_service.training.checkpoints import (
+    DIVERGED_NAME,
+    LOG_NAME,
+    STATE_NAME,
+    earlier_one,
+    latest_checkpoint,
+    load_state,
+    prune_checkpoints,
+    step_dir_name,
+)
 from inference_service.training.config import (
     HEAD_INITS,
     LR_SCHEDULES,
@@ -227,7 +237,7 @@ def test_resume_continues_exactly_where_it_stopped(base, examples, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    state = torch.load(resumed.checkpoint / loop.STATE_NAME, weights_only=True)
+    state = torch.load(resumed.checkpoint / STATE_NAME, weights_only=True)
     assert state["step"] == 6
 
     with pytest.raises(TrainingError, match="already holds a training run"):
@@ -293,7 +303,7 @@ def test_a_cuda_run_resumes_on_cuda_and_saves_its_state_on_the_cpu(base, example
     loop.train(settings(base, tmp_path / "run", steps=3, **common), examples)
     resumed = loop.train(settings(base, tmp_path / "run", resume=True, **common), examples)
     assert resumed.losses[0][0] == 4 and np.isfinite(resumed.losses[-1][1])
-    state = torch.load(resumed.checkpoint / loop.STATE_NAME, weights_only=True)
+    state = torch.load(resumed.checkpoint / STATE_NAME, weights_only=True)
     tensors = [state["head_input_shift"], *state["head"].values()]
     assert all(t.device.type == "cpu" for t in tensors), "a CPU machine must read the state"
 
@@ -308,7 +318,7 @@ def test_continue_from_a_trained_checkpoint_and_a_pose_token_new_to_the_base(
     asked = settings(first.checkpoint, tmp_path / "two", steps=2, lora_rank=16, lora_alpha=64)
     again = loop.train(asked, examples)
     assert "holds a LoRA adapter of rank 8, alpha 16" in capsys.readouterr().err
-    recorded = loop.load_state(again.checkpoint)["run"]
+    recorded = load_state(again.checkpoint)["run"]
     assert (recorded["lora_rank"], recorded["lora_alpha"]) == (8, 16)
     saved = json.loads((again.checkpoint / "adapter" / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"]) == (8, 16)
@@ -398,8 +408,8 @@ def test_keep_last_goes_by_step_number_and_checkpoints_are_synced_to_disk(
     base, examples, tmp_path, monkeypatch
 ):
     for step in (999_998, 1_000_000, 1_000_001):  # by name, step-1000000 sorts first
-        (tmp_path / loop.step_dir_name(step)).mkdir()
-    loop.prune_checkpoints(tmp_path, 2, tmp_path / loop.step_dir_name(1_000_001))
+        (tmp_path / step_dir_name(step)).mkdir()
+    prune_checkpoints(tmp_path, 2, tmp_path / step_dir_name(1_000_001))
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1000000", "step-1000001"]
 
     synced = []
@@ -409,20 +419,20 @@ def test_keep_last_goes_by_step_number_and_checkpoints_are_synced_to_disk(
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         fsync(fd)
 
-    monkeypatch.setattr(loop.os, "fsync", recording)
+    monkeypatch.setattr(os, "fsync", recording)
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").symlink_to(tmp_path / "gone.txt")  # the user's, dangling
     loop.train(settings(base, out, steps=4, save_every=2), examples)
-    state = str(out / ".step-000004.tmp" / loop.STATE_NAME)
+    state = str(out / ".step-000004.tmp" / STATE_NAME)
     assert state in synced and str(out) in synced  # the state, then the renames
-    assert str(out / "step-000002" / loop.STATE_NAME) not in synced  # saved ones, once
+    assert str(out / "step-000002" / STATE_NAME) not in synced  # saved ones, once
 
 
 def test_a_run_that_recorded_its_lora_options_as_given_still_resumes(base, examples, tmp_path):
     out = tmp_path / "run"
     first = loop.train(settings(base, out, steps=3, save_every=3), examples)
-    path = first.checkpoint / loop.STATE_NAME
+    path = first.checkpoint / STATE_NAME
     state = torch.load(path, weights_only=True)
     state["run"]["lora_rank"] = 16  # what the trainer recorded before the adapter's shape
     torch.save(state, path)
@@ -467,7 +477,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert (out / "latest").read_text().strip() == "step-000004"
     assert _snapshot(out / "step-000004") == snapshots["step-000004"]
 
-    assert (out / loop.DIVERGED_NAME).is_file()
+    assert (out / DIVERGED_NAME).is_file()
 
     monkeypatch.setattr(training_model, "chatpose_loss", real_loss)
     higher = [*argv, "--resume", "--steps", "6", "--lr", "1e-3"]
@@ -489,7 +499,7 @@ def test_cli_nan_stops_keeps_last_checkpoint_then_resumes(base, tmp_path, monkey
     assert "note: --resume with adapter_lr 5e-05; the run in " in err
     assert "step 5/5" in err
     assert rates == [[1e-4, 5e-5]]  # the head's and the adapter's, both lowered
-    assert not (out / loop.DIVERGED_NAME).exists()  # past the NaN: a plain run again
+    assert not (out / DIVERGED_NAME).exists()  # past the NaN: a plain run again
     resumed = [*argv, "--resume", "--steps", "7", "--lr", "5e-5"]
     assert train_cli.main(resumed) == train_cli.EXIT_USAGE  # no NaN to get past: as it was
     assert "--resume: lr is 5e-05 but the run" in capsys.readouterr().err
@@ -719,13 +729,13 @@ def test_the_data_are_asked_in_the_base_s_prompt_wording(base, tmp_path, monkeyp
     config = json.loads((released / "chatpose.json").read_text())
     (released / "chatpose.json").write_text(json.dumps({**config, "prompt_wording": "release"}))
     questions = []
-    encode = loop.Encoder.encode
+    encode = Encoder.encode
 
     def recording(self, example):
         questions.append((example.question, example.answer))
         return encode(self, example)
 
-    monkeypatch.setattr(loop.Encoder, "encode", recording)
+    monkeypatch.setattr(Encoder, "encode", recording)
     data = _write_data(tmp_path)
     argv = ["--base", str(released), *data, "--out", str(tmp_path / "run"), "--steps", "1"]
     assert train_cli.main([*argv, "--device", "cpu", "--lora-rank", "4"]) == 0
@@ -873,19 +883,19 @@ def test_the_checkpoint_before_a_damaged_one_is_found_by_its_step_not_its_name(t
     # Past 999,999 steps the names have seven digits: as text, step-999999 sorts after them.
     for name in ("step-999998", "step-999999", "step-1000000", "step-1000001"):
         (tmp_path / name / "adapter").mkdir(parents=True)
-        (tmp_path / name / loop.STATE_NAME).write_bytes(b"")
-        (tmp_path / name / loop.HEAD_NAME).write_bytes(b"")
-    assert "write step-1000000 into" in loop._earlier_one(tmp_path / "step-1000001")
-    assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
-    assert loop._earlier_one(tmp_path / "elsewhere") == ""
+        (tmp_path / name / STATE_NAME).write_bytes(b"")
+        (tmp_path / name / HEAD_NAME).write_bytes(b"")
+    assert "write step-1000000 into" in earlier_one(tmp_path / "step-1000001")
+    assert "write step-999999 into" in earlier_one(tmp_path / "step-1000000")
+    assert earlier_one(tmp_path / "elsewhere") == ""
     (tmp_path / "step-²").mkdir()  # a digit to str.isdigit, not to int()
-    assert "write step-999999 into" in loop._earlier_one(tmp_path / "step-1000000")
+    assert "write step-999999 into" in earlier_one(tmp_path / "step-1000000")
 
 
 def test_a_resume_that_cannot_rewrite_its_log_keeps_the_whole_log(tmp_path, monkeypatch):
     # The lines past the resumed step are dropped by writing the log again: on a full disk
     # that write fails, and must not leave the log cut short.
-    log = tmp_path / loop.LOG_NAME
+    log = tmp_path / LOG_NAME
     log.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3, 4)))
     before = log.read_text()
     write_atomically = files.write_atomically
@@ -923,7 +933,7 @@ def test_a_diverged_run_names_only_checkpoints_it_still_has(tmp_path):
     (tmp_path / "step-²").mkdir()  # a digit to str.isdigit, not to int()
     message = loop._diverged(1_000_001, "loss", nan, tmp_path / "step-1000000")
     assert "(step-000002, step-000004, step-999999)" in message
-    loop.prune_checkpoints(tmp_path, 2, tmp_path / "step-1000000")
+    prune_checkpoints(tmp_path, 2, tmp_path / "step-1000000")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-999999", "step-²"]
 
 
@@ -1324,11 +1334,11 @@ def test_gradient_checkpointing_trains_the_same_run(base, examples, tmp_path, mo
 
 def test_centring_is_on_by_default_and_kept_across_a_resume(base, examples, tmp_path):
     loop.train(settings(base, tmp_path / "run", steps=3), examples)
-    state = torch.load(tmp_path / "run" / "step-000003" / loop.STATE_NAME, weights_only=True)
+    state = torch.load(tmp_path / "run" / "step-000003" / STATE_NAME, weights_only=True)
     assert state["head_input_shift"] is not None and state["head_input_shift"].abs().sum() > 0
     assert state["run"]["center_head_input"] is True
     loop.train(settings(base, tmp_path / "raw", steps=3, center_head_input=False), examples)
-    raw = torch.load(tmp_path / "raw" / "step-000003" / loop.STATE_NAME, weights_only=True)
+    raw = torch.load(tmp_path / "raw" / "step-000003" / STATE_NAME, weights_only=True)
     assert raw["head_input_shift"] is None
 
 
@@ -1376,9 +1386,9 @@ def test_train_base_trains_every_weight_and_saves_whole_models(base, examples, t
         loop.train(settings(base, tmp_path / "b", steps=6, resume=True), examples)
     # A run saved when train_base was a flag resumes under its scope's name.
     newest = tmp_path / "b" / (tmp_path / "b" / "latest").read_text().strip()
-    state = torch.load(newest / loop.STATE_NAME, weights_only=True)
+    state = torch.load(newest / STATE_NAME, weights_only=True)
     state["run"]["train_base"] = True
-    torch.save(state, newest / loop.STATE_NAME)
+    torch.save(state, newest / STATE_NAME)
     loop.train(settings(base, tmp_path / "b", steps=5, train_base="all", resume=True), examples)
     with pytest.raises(ValueError, match="would train nothing"):
         settings(base, tmp_path / "bad", train_base="all", adapter_lr=0.0)
@@ -1511,7 +1521,7 @@ def test_the_action_loss_trains_a_classifier_that_is_resumed_and_never_exported(
     action_ce = [total - pose for _, total, _, pose in straight.losses]
     assert all(ce > 0 for ce in action_ce)
     assert np.mean(action_ce[-3:]) < np.mean(action_ce[:3]) - 0.1
-    state = torch.load(straight.checkpoint / loop.STATE_NAME, weights_only=True)
+    state = torch.load(straight.checkpoint / STATE_NAME, weights_only=True)
     assert state["action_classifier"]["weight"].shape[0] == 2  # "kneel" and "up"
     assert not any(
         "action" in key for key in load_file(straight.checkpoint / "pose_head.safetensors")
@@ -1585,7 +1595,7 @@ def test_an_image_changed_during_a_run_stops_it_and_keeps_the_last_checkpoint(
     err = capsys.readouterr().err
     assert re.search(r"step 2: .*png: the image file changed after the training data was read", err)
     assert "the last checkpoint" in err and "step-000001 is kept" in err
-    assert loop.latest_checkpoint(out).name == "step-000001"
+    assert latest_checkpoint(out).name == "step-000001"
 
 
 def test_a_fresh_head_starts_at_the_mean_pose_of_the_poses_it_trains_on(base, examples, tmp_path):

@@ -1,5 +1,10 @@
-"""The training loop: LoRA on the LLM, the pose token's rows and the SMPL head; checkpoints,
-exact resume and a stop on NaN. The command line is `python -m inference_service.train`.
+"""The training loop (`train`): a run from its settings to its last checkpoint, with exact
+resume, a stop on NaN, the log and the lock on OUT. The command line is
+`python -m inference_service.train`.
+
+Its parts: `config` (`TrainConfig`, the errors), `sampling` (the batch mix), `training_model`
+(what trains: LoRA, the pose token's rows and the SMPL head; the forward pass), `checkpoints`
+(OUT's layout, saving, the training state) and `fingerprints` (what a resume compares).
 """
 
 from __future__ import annotations

@@ -124,6 +124,17 @@ def clear_record(obj: bpy.types.Object) -> None:
             del action[key]
 
 
+def give_a_take(obj: bpy.types.Object) -> None:
+    """Gives ``obj`` an action to key into when it has none, as Blender's first key would
+    ("<object>Action"). Batch Keyframe calls it before it returns, so that its undo step holds
+    the action: made by the run's first keys, after that step, an undo (Ctrl+Z while the run
+    goes on) crashed Blender. Memfile undo keeps an object unchanged between the two steps as
+    it is in memory, its animation data pointing at the action the undo freed."""
+    anim = obj.animation_data or obj.animation_data_create()
+    if anim.action is None:
+        anim.action = bpy.data.actions.new(f"{obj.name}Action")
+
+
 def key_batch_lines(
     obj: bpy.types.Object,
     items: Sequence[tuple[PendingLine, Pose]],

@@ -28,7 +28,7 @@ from ..core.timeline import frames_for
 from ..preferences import absolute_path, get_preferences
 from . import feedback, live, runtime
 from .anim import LockedCurveError, muted_note, refuse_locked
-from .batch_store import TakePin, load_record, place_keyed_lines, save_record
+from .batch_store import TakePin, give_a_take, load_record, place_keyed_lines, save_record
 from .posing import keyed_at, location_keyed_at, placed_translations, pose_channels, root_places
 from .props import history_image, history_messages, target_armature, target_problem
 
@@ -297,6 +297,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         armature_uid=target.session_uid,
         take=TakePin.at_start(target),
         line_numbers=[number for number, _ in numbered],
+        keyed_before=plan.keyed_before,
     )
     if run.keep_on_floor and pending:
         places = root_places(target, [line.frame for line in pending])
@@ -315,6 +316,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
         raise live.UserError(f"Batch not sent: {live.send_problem(exc)}") from None
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
     _place_and_save(target, plan, settings)
+    give_a_take(target)
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""

@@ -64,6 +64,8 @@ class BatchRun:
     # Each prompt's line in its text (blank and # lines are no prompts), for messages; without
     # them a prompt is named by its count.
     line_numbers: Sequence[int] = ()
+    # The text's lines keyed by earlier runs (not pending): an undo may take them back too.
+    keyed_before: Sequence[PendingLine] = ()
     chunk_size: InitVar[int] = MAX_BATCH_ITEMS  # prompts a request at most
     state: str = RUNNING
     reason: str = ""  # why a run failed, or why the add-on stopped it (`stop`)
@@ -75,6 +77,9 @@ class BatchRun:
     _keyed: set[int] = field(default_factory=set, repr=False)
     # Lines keyed, then taken back by an undo (the record no longer holds them).
     _taken_back: set[int] = field(default_factory=set, repr=False)
+    # Lines keyed by earlier runs that an undo took back: the run has no answer to key them
+    # from, and a rerun keys them.
+    _undone_before: set[int] = field(default_factory=set, repr=False)
     # The service's pose of each line answered, by line: what a line taken back is keyed from
     # again (a reference to the decoded answer, under 1 KB a line).
     _poses: dict[int, Pose] = field(default_factory=dict, repr=False)
@@ -110,8 +115,9 @@ class BatchRun:
 
     @property
     def already_keyed(self) -> int:
-        """Lines keyed by earlier runs (not pending when this one started)."""
-        return self.total_lines - len(self.pending)
+        """Lines keyed by earlier runs (not pending when this one started), less those an undo
+        took back since."""
+        return self.total_lines - len(self.pending) - len(self._undone_before)
 
     @property
     def done(self) -> int:
@@ -183,7 +189,9 @@ class BatchRun:
         """After an undo or redo: keyed lines that ``recorded`` (the armature's record) no
         longer holds are taken back, to be keyed again from their answers
         (``lines_to_key_again``); lines taken back that it holds again (a redo brought them
-        back) are keyed. So the counts say what is there. Returns how many lines it took back.
+        back) are keyed; lines keyed by earlier runs (``keyed_before``) that it no longer holds
+        are counted still to key. So the counts say what is there. Returns how many lines it
+        took back.
         (A line reported keyed without its answer, which only a test does, is only forgotten.)"""
         lost = {line.line for line in self._lines(sorted(self._keyed)) if not recorded(line)}
         back = {line.line for line in self._lines(sorted(self._taken_back)) if recorded(line)}
@@ -191,6 +199,7 @@ class BatchRun:
         self._taken_back -= back
         self._keyed |= back
         self._taken_back |= lost & self._poses.keys()
+        self._undone_before = {line.line for line in self.keyed_before if not recorded(line)}
         return len(lost)
 
     def lines_to_key_again(self, most: int) -> list[tuple[PendingLine, Pose]]:
@@ -303,6 +312,10 @@ class BatchRun:
             taken = len(self._taken_back)
             lines_were = f"{taken} lines it keyed were" if taken != 1 else "1 line it keyed was"
             parts.append(f"{lines_were} taken back by an undo.")
+        if self._undone_before:
+            undone = len(self._undone_before)
+            plural = "s" if undone != 1 else ""
+            parts.append(f"{undone} line{plural} keyed before this run taken back by an undo.")
         by_reason: dict[str, list[PendingLine]] = {}  # in the order they first failed
         for line, reason in self.failed_lines:
             by_reason.setdefault(reason, []).append(line)

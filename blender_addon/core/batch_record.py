@@ -307,6 +307,7 @@ class Rerun:
     # is keyed from their keys, not asked again (``blender.batch_store.place_keyed_lines``)
     to_record: list[PendingLine]  # on the floor already: only recorded with the settings
     notes: str  # for the run's message: each part starts with "; "
+    keyed_before: list[PendingLine]  # the lines not pending: keyed (placed or not) already
 
 
 def plan_rerun(
@@ -322,7 +323,8 @@ def plan_rerun(
     entries of deleted lines and of lines whose old frame another line now goes on are
     forgotten (a run stopped before keying them again would leave two entries at one frame,
     and count a line keyed that is not); the rest is ``pending`` or placed from its keys."""
-    new_frames = set(frames_for(len(lines), start, step))
+    frames = frames_for(len(lines), start, step)
+    new_frames = set(frames)
     gone = record.past_the_end(len(lines))  # lines deleted from the text
     moved = record.moved(lines, start, step)  # Start or Step changed: keyed at new frames
     overwritten = sorted(
@@ -332,6 +334,11 @@ def plan_rerun(
     record = record.without_lines(forgotten)
     pending = record.pending(lines, start, step)
     asked = {line.line for line in pending}
+    keyed_before = [
+        PendingLine(i, text, frame)
+        for i, (text, frame) in enumerate(zip(lines, frames, strict=True))
+        if i not in asked
+    ]
     lacking = [  # keyed, but without a setting now on
         line
         for line in record.pending(lines, start, step, translation, keep_on_floor)
@@ -367,7 +374,7 @@ def plan_rerun(
     moved_kept = [entry for entry in moved if entry.frame not in new_frames]
     if moved_kept:
         notes += f"; the old keys at frame {_frame_list(moved_kept)} are left as they are"
-    return Rerun(record, forgotten, pending, to_place, to_record, notes)
+    return Rerun(record, forgotten, pending, to_place, to_record, notes, keyed_before)
 
 
 def _frame_list(entries: Sequence[Entry]) -> str:

@@ -2824,6 +2824,55 @@ def test_lines_an_undo_takes_back_during_a_batch_are_keyed_again(
     _assert_every_line_keyed(12)
 
 
+@pytest.mark.parametrize("animation_data", [False, True])
+def test_ctrl_z_of_batch_keyframe_s_own_step_while_it_runs_does_not_crash_blender(
+    armature, scripted_service, monkeypatch, animation_data
+):
+    # The undo review: Batch Keyframe's undo step (pushed once it returns, as the UI does)
+    # held no action, the run's first keys made one, and Ctrl+Z then left the armature,
+    # unchanged between the two steps and so kept as it was, pointing at the freed action:
+    # Blender crashed (a segfault ends this test run).
+    if animation_data:  # an armature whose action was unassigned: the same
+        armature.animation_data_create()
+    _twelve_lines_keyed_two_a_call(scripted_service[0], monkeypatch)
+    bpy.ops.ed.undo_push(message="Batch Keyframe")
+    drive(lambda: live.current_batch().keyed >= 4)
+    bpy.ops.ed.undo()
+    bpy.ops.ed.undo_push(message="a change")
+    drive(idle)
+    _assert_every_line_keyed(12)
+
+
+def test_an_undo_past_an_earlier_run_s_step_counts_its_lines_still_to_key(
+    armature, scripted_service, monkeypatch
+):
+    # The undo review: the second run ended "done ... all 12 lines keyed" with the first
+    # run's six lines undone (the run checked only the lines it keyed itself).
+    use_service(scripted_service[0])
+    text = batch_of("\n".join(f"pose {i}" for i in range(6)))
+    bpy.ops.ed.undo_push(message="text")
+    bpy.ops.chatpose.batch_keyframe()
+    drive(idle)  # lines 0-5 keyed, in the run's own undo step
+    text.clear()
+    text.write("\n".join(f"pose {i}" for i in range(12)))
+    bpy.ops.ed.undo_push(message="text of 12")
+    monkeypatch.setattr(runtime, "TICK_BUDGET_S", 0.0)
+    monkeypatch.setattr(runtime, "MAX_LINES_PER_GROUP", 2)
+    bpy.ops.chatpose.batch_keyframe()  # lines 6-11
+    drive(lambda: live.current_batch().keyed >= 2)
+    bpy.ops.ed.undo()
+    bpy.ops.ed.undo()  # back past the first run's step: its lines are gone
+    bpy.ops.ed.undo_push(message="a change")
+    drive(idle)
+    assert keyed_frames(bpy.data.objects["SMPL"]) == list(range(7, 13))
+    assert live.last_message() == (
+        "Batch from text 'moves': 6 lines keyed on SMPL; 6 of 12 still to key. 6 lines keyed "
+        "before this run taken back by an undo. Run Batch Keyframe again to key the rest "
+        "(nothing is keyed twice).",
+        "WARNING",
+    )
+
+
 def test_lines_a_redo_brings_back_during_a_batch_are_not_keyed_twice(
     armature, scripted_service, monkeypatch, reports
 ):

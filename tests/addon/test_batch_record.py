@@ -262,6 +262,7 @@ def test_a_rerun_forgets_lines_deleted_or_whose_frame_another_line_takes():
     assert [e.line for e in plan.record.entries] == [0, 1, 3]
     assert [(p.line, p.frame) for p in plan.pending] == [(1, 21), (2, 41), (3, 61)]
     assert plan.to_place == plan.to_record == []
+    assert [(p.line, p.text, p.frame) for p in plan.keyed_before] == [(0, "a", 1)]
     assert "; 1 recorded line(s) are no longer in the text;" in plan.notes  # e, its key replaced
     assert "; Start or Step changed since 3 line(s) were keyed" in plan.notes
     assert "; other lines now go where 2 old key(s) are (frame 21, 41), and replace them" in (

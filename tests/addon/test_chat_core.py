@@ -457,6 +457,18 @@ def test_recheck_forgets_keyed_lines_the_record_no_longer_holds():
     assert run.recheck(lambda line: True) == 0
 
 
+def test_recheck_counts_lines_of_earlier_runs_the_record_no_longer_holds_still_to_key():
+    lines = _pending(12)
+    run = BatchRun("SMPL", "text 'moves'", lines[6:], total_lines=12, keyed_before=lines[:6])
+    assert run.already_keyed == 6
+    run.recheck(lambda line: line.line >= 2)  # an undo past the run that keyed lines 0 and 1
+    assert (run.already_keyed, run.remaining) == (4, 8)
+    assert "2 lines keyed before this run taken back by an undo." in run.summary()
+    run.recheck(lambda line: True)  # a redo brings them back
+    assert (run.already_keyed, run.remaining) == (6, 6)
+    assert "before this run" not in run.summary()
+
+
 def test_lines_an_undo_takes_back_are_keyed_again_from_their_answers_and_a_redo_counts_them():
     run = BatchRun("SMPL", "text 'moves'", _pending(12), total_lines=12)
     run.next_prompts()

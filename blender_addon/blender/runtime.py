@@ -327,6 +327,7 @@ def unregister() -> None:
     answers.settle_running_batch()
     if stopped is not None and stopped.keyed:  # else undo, then redo, loses its keys
         feedback.push_undo("batch")
+    if stopped is not None and (stopped.keyed or stopped.taken_back):
         print(
             f"ChatPose: the batch from {stopped.source} stopped (the add-on was disabled, or "
             f"Blender quit): {stopped.keyed} lines keyed on {stopped.armature}, "

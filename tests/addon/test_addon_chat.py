@@ -2660,6 +2660,24 @@ def test_disabling_the_add_on_mid_batch_keeps_the_lines_keyed_in_an_undo_step(
     addon_utils.enable(ADDON, default_set=True)
 
 
+def test_disabling_the_add_on_with_every_line_of_a_batch_undone_says_the_batch_stopped(
+    armature, scripted_service, monkeypatch, capsys
+):
+    # The undo review: with the lines keyed so far all taken back by an undo (none keyed),
+    # the run ended without a word.
+    import addon_utils
+
+    _twelve_lines_keyed_two_a_call(scripted_service[0], monkeypatch)
+    drive(lambda: live.current_batch().keyed >= 4)
+    bpy.ops.ed.undo()
+    runtime.timer_tick()  # the recount: every line keyed so far taken back
+    assert live.current_batch().keyed == 0 and live.current_batch().taken_back
+    addon_utils.disable(ADDON, default_set=True)
+    said = capsys.readouterr().out
+    assert "Blender quit): 0 lines keyed on SMPL, 12 still to key; Batch Keyframe keys" in said
+    addon_utils.enable(ADDON, default_set=True)
+
+
 def test_unregister_kills_a_local_service_that_does_not_stop(blender, tmp_path):
     import addon_utils
 

@@ -337,9 +337,14 @@ def _local_service_asked() -> bool:
 
 
 def _local_service_starting() -> bool:
-    """Started here, at the address asked, not ready yet, and not exited (which the timer may
-    not have seen yet)."""
-    return live.state.waiting_ready and _local_service_asked() and live.state.process.poll().alive
+    """Started here, at the address asked (and still set), not ready yet, and not exited (which
+    the timer may not have seen yet)."""
+    return (
+        live.state.waiting_ready
+        and not live.state.address_left_local
+        and _local_service_asked()
+        and live.state.process.poll().alive
+    )
 
 
 def _local_service_elsewhere() -> str:

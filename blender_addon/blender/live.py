@@ -38,6 +38,7 @@ class State:
     service_line_instance: str | None = None  # the local service's it was, if it was
     service_line_address: str = ""  # the address it was of
     waiting_ready: bool = False  # a local service was started and has not answered yet
+    address_left_local: bool = False  # meanwhile, the Service Address was set to another
     local_address: str = ""  # where the local service was started to listen
     stopping: bool = False  # the local service was asked to stop and is still there
     next_probe: float = 0.0
@@ -112,6 +113,7 @@ def wait_for_local_service(address: str) -> None:
     """A local service was started on ``address``: until it answers, pose and batch requests
     to it wait, unsent (``Dispatcher.hold_for``)."""
     state.waiting_ready, state.local_address = True, address
+    state.address_left_local = False
     dispatcher().hold_for(address)
 
 

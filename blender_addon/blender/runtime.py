@@ -34,7 +34,7 @@ import bpy
 
 from shared_protocol.protocol import ErrorCode
 
-from ..core.dispatch import BatchLineReady
+from ..core.dispatch import BatchLineReady, StatusAnswered, StatusFailed
 from ..preferences import service_settings
 from . import answers, feedback, file_handlers, live
 
@@ -61,13 +61,16 @@ def timer_tick() -> float | None:
     while anything is in flight. Tests call it directly (headless Blender runs no timers)."""
     started = time.perf_counter()
     state = live.state
+    statuses = []
     if state.dispatcher is not None:
         try:
-            state.backlog.extend(state.dispatcher.tick())
+            for outcome in state.dispatcher.tick():
+                is_status = isinstance(outcome, (StatusAnswered, StatusFailed))
+                (statuses if is_status else state.backlog).append(outcome)
         except Exception as exc:  # never let an exception unregister the timer silently
             traceback.print_exc()
             feedback.notify(f"ChatPose could not read the service's answers: {exc}", "ERROR")
-    applied = 0
+    applied = len(statuses)
     last_took = 0.0  # the next outcome is taken to cost what the last one did
     if state.undone:  # first, as an outcome of its own: it may find lines to key again
         state.undone = False
@@ -77,10 +80,10 @@ def timer_tick() -> float | None:
         except Exception as exc:  # as below: the timer must go on
             traceback.print_exc()
             feedback.notify(f"ChatPose could not recount the batch after an undo: {exc}", "ERROR")
-        applied, last_took = 1, time.perf_counter() - began
+        applied, last_took = applied + 1, time.perf_counter() - began
     deferred = _work_waiting() and why_answers_wait_now()
     if deferred:
-        # 0 when only a status reply or a batch's end waits.
+        # 0 when only a batch's end waits.
         count = answers.count_answers(state.backlog)
         waiting = f"{count} answer(s) waiting: {deferred}" if count else f"waiting: {deferred}"
         if state.message != waiting:  # said once, not redrawn on every tick
@@ -88,6 +91,10 @@ def timer_tick() -> float | None:
             feedback.redraw()
     state.popups = []
     with feedback.window_override():
+        # Status answers change no scene data: applied at once, even while other answers wait
+        # (in Edit Mode, say), so that a local service's readiness lets what was held for it go.
+        for outcome in statuses:
+            _apply(outcome)
         while (
             _work_waiting()
             and not deferred
@@ -96,15 +103,10 @@ def timer_tick() -> float | None:
             outcome = _next_outcome()
             applied += 1
             began = time.perf_counter()
-            try:
-                answers.apply_outcome(outcome)
-                if isinstance(outcome, answers.BatchLines):
-                    state.lines_per_group = lines_within_budget(
-                        len(outcome.items), time.perf_counter() - began
-                    )
-            except Exception as exc:
-                traceback.print_exc()
-                feedback.notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
+            if _apply(outcome) and isinstance(outcome, answers.BatchLines):
+                state.lines_per_group = lines_within_budget(
+                    len(outcome.items), time.perf_counter() - began
+                )
             last_took = time.perf_counter() - began
     popups, state.popups = state.popups, None
     if popups:
@@ -209,6 +211,17 @@ def _can_redo() -> bool:
         return False
 
 
+def _apply(outcome) -> bool:
+    """Applies one outcome; False when that failed (said, and the timer goes on)."""
+    try:
+        answers.apply_outcome(outcome)
+    except Exception as exc:
+        traceback.print_exc()
+        feedback.notify(f"ChatPose could not apply an answer: {exc}", "ERROR")
+        return False
+    return True
+
+
 def _work_waiting() -> bool:
     """Outcomes to apply, or batch lines an undo took back to key again."""
     return bool(live.state.backlog) or answers.run_keying_again() is not None
@@ -252,8 +265,8 @@ def lines_within_budget(keyed: int, seconds: float) -> int:
 
 def watch_local_service() -> None:
     """While the local service stops, kills it once its grace time is over; while it loads,
-    says when it exited or the Service Address changed, and asks it for its status (a probe)
-    until it answers."""
+    says when it exited or the Service Address changed (and waits for it again once the address
+    is set back), and asks it for its status (a probe) until it answers."""
     if live.state.stopping:
         process_state = live.service_process().poll()  # kills it once the grace time is over
         if not process_state.alive:
@@ -270,19 +283,25 @@ def watch_local_service() -> None:
         feedback.notify(f"Local service {live.local_service_ended()}", "ERROR", popup=True)
         return
     address = service_settings(bpy.context).address
-    if address != live.state.local_address:  # the probe would ask elsewhere, and wait for ever
-        live.stop_waiting_for_local_service(
-            ErrorCode.UNREACHABLE,
-            f"not sent: it waited for the local service on {live.state.local_address}, and the "
-            f"Service Address is now {address}; send it again",
-        )
-        feedback.notify(
-            f"The Service Address is now {address}; the local service started on "
-            f"{live.state.local_address} goes on there (Stop it, or set that address again)",
-            "WARNING",
-        )
-        return
     d = live.dispatcher()
+    if address != live.state.local_address:  # the probe would ask elsewhere: none until back
+        if not live.state.address_left_local:
+            live.state.address_left_local = True
+            d.fail_held(
+                ErrorCode.UNREACHABLE,
+                f"not sent: it waited for the local service on {live.state.local_address}, and "
+                f"the Service Address is now {address}",
+            )
+            feedback.notify(
+                f"The Service Address is now {address}; the local service started on "
+                f"{live.state.local_address} goes on there (Stop it, or set that address again)",
+                "WARNING",
+            )
+        return
+    if live.state.address_left_local:  # set again, as advised: wait for it again
+        live.state.address_left_local = False
+        d.hold_for(address)
+        feedback.notify("The Service Address is the local service's again; it is loading its model")
     if time.monotonic() >= live.state.next_probe and not d.status_in_flight(probe=True):
         live.state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         with contextlib.suppress(live.UserError, *live.SEND_ERRORS):

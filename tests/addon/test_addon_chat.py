@@ -2313,6 +2313,31 @@ def test_a_send_and_a_batch_while_the_local_service_loads_go_once_it_is_ready(
         live.service_process().stop(wait=True)
 
 
+def test_a_batch_waiting_for_the_local_service_goes_once_it_is_ready_even_in_edit_mode(
+    armature, monkeypatch, tmp_path
+):
+    # The hold's review: the service's ready answer waited to be applied with the others,
+    # so nothing was sent until the user left Edit Mode (and "ready" was said once a second).
+    address = f"tcp://127.0.0.1:{free_port()}"
+    slow_start = (
+        f"import runpy, sys, time; time.sleep(2); sys.argv = ['serve', {address!r}]; "
+        f"runpy.run_path({str(SCRIPTED_SERVER)!r}, run_name='__main__')"
+    )
+    _start_local_service(monkeypatch, tmp_path, address, slow_start)
+    try:
+        batch_of("walk\nrun")
+        bpy.ops.chatpose.batch_keyframe()
+        bpy.ops.object.mode_set(mode="EDIT")
+        # Sent once ready, answered, and the answers wait to be keyed.
+        drive(lambda: len(live.state.backlog) >= 2, timeout_s=30)
+        assert live.last_message()[0].startswith("2 answer(s) waiting: leave Edit Mode")
+        bpy.ops.object.mode_set(mode="OBJECT")
+        drive(idle)
+        assert live.current_batch().summary().endswith("all 2 lines keyed")
+    finally:
+        live.service_process().stop(wait=True)
+
+
 def test_a_send_waiting_for_a_local_service_that_exits_fails_saying_how_it_ended(
     armature, monkeypatch, tmp_path
 ):
@@ -2377,11 +2402,12 @@ def test_a_failure_at_another_address_is_not_blamed_on_the_local_service_startin
         live.service_process().stop(wait=True)
 
 
-def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
+def test_a_service_address_changed_while_the_local_service_loads_stops_and_resumes_the_wait(
     armature, monkeypatch, tmp_path
 ):
     # The readiness check asked the new address: "loading the model..." for ever, and every
-    # failure called the local service "still starting".
+    # failure called the local service "still starting". Then (the hold's review) the address
+    # set back as advised left requests unheld: they failed as the model still loading.
     started_on = f"tcp://127.0.0.1:{free_port()}"
     try:
         _start_local_service(monkeypatch, tmp_path, started_on, "import time; time.sleep(60)")
@@ -2389,7 +2415,7 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
         bpy.ops.chatpose.send()  # held for the local service
         elsewhere = f"tcp://127.0.0.1:{free_port()}"
         use_service(elsewhere)
-        drive(lambda: not live.state.waiting_ready)
+        drive(lambda: live.last_message()[0].startswith("The Service Address is now"))
         assert live.last_message() == (
             f"The Service Address is now {elsewhere}; the local service started on {started_on} "
             "goes on there (Stop it, or set that address again)",
@@ -2399,9 +2425,16 @@ def test_a_service_address_changed_while_the_local_service_loads_ends_the_wait(
         drive(idle)  # what was held for it is not sent there, nor to the new address
         assert live.last_message() == (
             f"Not answered, 'wave': not sent: it waited for the local service on {started_on}, "
-            f"and the Service Address is now {elsewhere}; send it again",
+            f"and the Service Address is now {elsewhere}",
             "ERROR",
         )
+        use_service(started_on)  # set again, as the warning advises
+        drive(lambda: "again" in live.last_message()[0])
+        assert live.last_message()[0] == (
+            "The Service Address is the local service's again; it is loading its model"
+        )
+        bpy.ops.chatpose.send()
+        assert live.last_message()[0].startswith("The local service is loading its model: 'wave'")
     finally:
         live.service_process().stop(wait=True)
 

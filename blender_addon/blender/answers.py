@@ -48,7 +48,7 @@ class BatchLines:
 def count_answers(backlog) -> int:
     """How many of the outcomes waiting are answers to a request (a batch's end or a status
     reply is none)."""
-    return sum(not isinstance(o, (BatchEnded, StatusAnswered, StatusFailed)) for o in backlog)
+    return sum(not isinstance(o, BatchEnded) for o in backlog)
 
 
 def apply_outcome(outcome) -> None:

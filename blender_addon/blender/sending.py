@@ -317,6 +317,7 @@ def start_batch(context: bpy.types.Context) -> BatchRun:
     # Not before: a run that did not start would lose its note and leave keys no undo step has.
     _place_and_save(target, plan, settings)
     give_a_take(target)
+    run.take = run.take.kept(target)  # the take made for it is its own
     runtime.ensure_timer()
     skipped = run.already_keyed
     note = f" ({skipped} keyed before)" if skipped else ""
